@@ -1,0 +1,41 @@
+# Set-up and the two commands of the README's Quickstart. Both are idempotent:
+# the virtual environment is made once and reused while pyproject.toml is unchanged.
+PYTHON ?= python3
+VENV ?= .venv
+# This machine's pip finds a local CPU wheel of torch 2.13.0; installing it first means
+# the project's own range (torch>=2.5) is already satisfied and nothing larger is fetched.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test env test-env bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.runtime: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.runtime
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+env: $(VENV)/.runtime
+test-env: $(VENV)/.test
+
+demo: env
+	$(BIN)/qkv demo
+
+test: test-env
+	$(BIN)/python -m pytest -q
+
+bench: env
+	$(BIN)/python benchmarks/attention.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache
