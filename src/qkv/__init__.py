@@ -1,0 +1,22 @@
+"""qkv: transformer attention, exactly.
+
+The functional core (DESIGN.md):
+
+    out = qkv.attention(q, k, v, *, mask=None, causal=False, window=None, scale=None,
+                        score_mod=None, dropout_p=0.0, backend="auto")
+    out, lse = qkv.attention_with_lse(q, k, v, ...)
+    probs = qkv.attention_weights(q, k, ...)
+    out = qkv.reference_attention(q, k, v, ...)
+"""
+
+from .core import attention, attention_weights, attention_with_lse, reference_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "attention_with_lse",
+    "attention_weights",
+    "reference_attention",
+    "__version__",
+]

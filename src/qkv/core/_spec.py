@@ -1,0 +1,376 @@
+"""Validation of attention arguments and the one shared meaning of every constraint.
+
+`build_spec` checks the public arguments once, at the boundary, and returns an
+`AttentionSpec`. Every backend asks the spec the same two questions for a block of query
+rows [i0, i1) and key columns [j0, j1):
+
+- `kv_range(i0, i1)`: which keys can any of these rows see at all (causal and window
+  bands, so backends skip empty blocks);
+- `constraints(i0, i1, j0, j1)`: the bool "may attend" mask and the additive bias of the
+  block, both broadcastable to (B, Hq, i1 - i0, j1 - j0), or None where nothing applies;
+
+and `apply_score_mod` for score functions. The reference evaluates them on the whole
+grid, the tiled backend block by block, so the meaning of a mask cannot differ between
+backends.
+
+Conventions (DESIGN.md): causal and windows are aligned to the bottom right, so query i
+sits at key position i + (Lk - Lq); mask functions and score functions receive raw
+indices b, h, q_idx, kv_idx as broadcastable integer tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Validated attention arguments. Shapes: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)."""
+
+    B: int
+    Hq: int
+    Hkv: int
+    Lq: int
+    Lk: int
+    D: int
+    Dv: int
+    scale: float
+    causal: bool
+    # (left, right) reach of the band around each query's diagonal; None = unbounded.
+    left: Optional[int]
+    right: Optional[int]
+    bool_mask: Optional[Tensor]  # 4-D, broadcastable to (B, Hq, Lq, Lk), True = may attend
+    float_mask: Optional[Tensor]  # 4-D, broadcastable to (B, Hq, Lq, Lk), added to scores
+    mask_mod: Optional[MaskMod]
+    block_mask: object  # a qkv.BlockMask (sparse layouts), or None
+    score_mod: Optional[ScoreMod]
+    dropout_p: float
+
+    @property
+    def groups(self) -> int:
+        """Query heads per key/value head (1 = multi-head, Hq = multi-query)."""
+        return self.Hq // self.Hkv
+
+    @property
+    def offset(self) -> int:
+        """Key position of query 0's diagonal (bottom-right alignment)."""
+        return self.Lk - self.Lq
+
+    @property
+    def banded(self) -> bool:
+        return self.left is not None or self.right is not None
+
+    @property
+    def has_dense_constraints(self) -> bool:
+        """True if any constraint other than the causal/window band applies."""
+        return (
+            self.bool_mask is not None
+            or self.float_mask is not None
+            or self.mask_mod is not None
+            or self.block_mask is not None
+        )
+
+    # ----------------------------------------------------------------- the band
+    def kv_range(self, i0: int, i1: int) -> tuple[int, int]:
+        """Keys [lo, hi) that rows [i0, i1) may see under causal/window; lo >= hi if none."""
+        lo, hi = 0, self.Lk
+        if self.left is not None:
+            lo = max(lo, i0 + self.offset - self.left)
+        if self.right is not None:
+            hi = min(hi, i1 - 1 + self.offset + self.right + 1)
+        return lo, hi
+
+    def band_mask(self, i0: int, i1: int, j0: int, j1: int, device) -> Optional[Tensor]:
+        """Bool (i1-i0, j1-j0) band mask of the block, or None if the band covers it whole."""
+        if not self.banded:
+            return None
+        full = True
+        if self.left is not None and j0 < i1 - 1 + self.offset - self.left:
+            full = False
+        if self.right is not None and j1 - 1 > i0 + self.offset + self.right:
+            full = False
+        if full:
+            return None
+        pos = torch.arange(i0, i1, device=device).unsqueeze(1) + self.offset  # (bq, 1)
+        kv = torch.arange(j0, j1, device=device).unsqueeze(0)  # (1, bk)
+        allowed = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=device)
+        if self.left is not None:
+            allowed &= kv >= pos - self.left
+        if self.right is not None:
+            allowed &= kv <= pos + self.right
+        return allowed
+
+    # ------------------------------------------------------------ block queries
+    def index_grid(self, i0: int, i1: int, j0: int, j1: int, device):
+        """Broadcastable (b, h, q_idx, kv_idx) index tensors of a block, for mask and score functions."""
+        b = torch.arange(self.B, device=device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        h = torch.arange(self.Hq, device=device).view(1, -1, 1, 1)  # (1, Hq, 1, 1)
+        q_idx = torch.arange(i0, i1, device=device).view(1, 1, -1, 1)  # (1, 1, bq, 1)
+        kv_idx = torch.arange(j0, j1, device=device).view(1, 1, 1, -1)  # (1, 1, 1, bk)
+        return b, h, q_idx, kv_idx
+
+    def constraints(
+        self, i0: int, i1: int, j0: int, j1: int, device
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(allowed, bias) of the block; each broadcastable to (B, Hq, i1-i0, j1-j0) or None."""
+        allowed = self.band_mask(i0, i1, j0, j1, device)
+        if self.bool_mask is not None:
+            allowed = _and(allowed, _slice(self.bool_mask, i0, i1, j0, j1))
+        if self.mask_mod is not None:
+            got = _call_mask_mod(self.mask_mod, *self.index_grid(i0, i1, j0, j1, device))
+            allowed = _and(allowed, got)
+        if self.block_mask is not None:
+            got = self.block_mask.dense_block(i0, i1, j0, j1, device=device)
+            allowed = _and(allowed, got)
+        bias = None
+        if self.float_mask is not None:
+            bias = _slice(self.float_mask, i0, i1, j0, j1)
+        return allowed, bias
+
+    def apply_score_mod(self, scores: Tensor, i0: int, j0: int) -> Tensor:
+        """scores (B, Hq, bq, bk) of the block starting at (i0, j0) -> modified scores."""
+        if self.score_mod is None:
+            return scores
+        bq, bk = scores.shape[-2], scores.shape[-1]
+        grid = self.index_grid(i0, i0 + bq, j0, j0 + bk, scores.device)
+        out = self.score_mod(scores, *grid)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"score_mod must return a tensor; got {type(out).__name__}")
+        if out.shape != scores.shape:
+            try:
+                out = out.expand(scores.shape).contiguous()
+            except RuntimeError:
+                raise ValueError(
+                    f"score_mod returned shape {_shape(out)}, which does not broadcast to the "
+                    f"scores' shape {_shape(scores)}; build the result from `score` and the index tensors"
+                ) from None
+        return out.to(scores.dtype)
+
+
+def _slice(m: Tensor, i0: int, i1: int, j0: int, j1: int) -> Tensor:
+    """Rows [i0, i1) and columns [j0, j1) of a 4-D mask whose last two dims may be 1."""
+    if m.shape[-2] != 1:
+        m = m[..., i0:i1, :]
+    if m.shape[-1] != 1:
+        m = m[..., j0:j1]
+    return m
+
+
+def _and(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a & b
+
+
+def _call_mask_mod(fn: MaskMod, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    out = fn(b, h, q_idx, kv_idx)
+    if isinstance(out, bool):
+        out = torch.tensor(out, device=q_idx.device)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"a mask function must return a bool tensor; got {type(out).__name__}. "
+            "Write it with tensor operations, e.g. `lambda b, h, q, k: q >= k`"
+        )
+    if out.dtype != torch.bool:
+        raise TypeError(
+            f"a mask function must return a bool tensor; got dtype {out.dtype}. "
+            "Compare indices (q >= k) rather than computing numbers"
+        )
+    return out
+
+
+# ------------------------------------------------------------------ validation
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; attention needs float64, float32, bfloat16 or "
+            f"float16. Convert it first, e.g. {name}.float()"
+        )
+    if t.dim() != 4:
+        hint = f"; for one sequence and one head use {name}[None, None]" if t.dim() == 2 else ""
+        hint = f"; add a batch dimension with {name}.unsqueeze(0)" if t.dim() == 3 else hint
+        raise ValueError(
+            f"{name} must be 4-D (batch, heads, seq, head_dim); got shape {_shape(t)}{hint}"
+        )
+
+
+def _normalise_mask(mask: Tensor, target: tuple[int, int, int, int], dtype) -> Tensor:
+    if mask.dim() > 4:
+        raise ValueError(
+            f"mask has shape {_shape(mask)}; it must broadcast to (B, Hq, Lq, Lk) = {target}"
+        )
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    for i, (got, want) in enumerate(zip(m.shape, target)):
+        if got != want and got != 1:
+            names = ("B", "Hq", "Lq", "Lk")
+            raise ValueError(
+                f"mask has shape {_shape(mask)}, which does not broadcast to (B, Hq, Lq, Lk) = "
+                f"{target}: dimension {names[i]} is {got}, expected {want} or 1. A key-padding "
+                f"mask has shape (B, 1, 1, Lk)"
+            )
+    return m
+
+
+def _normalise_window(window, causal: bool) -> tuple[Optional[int], Optional[int]]:
+    if window is None:
+        left = right = None
+    elif isinstance(window, numbers.Integral) and not isinstance(window, bool):
+        left, right = int(window), (0 if causal else int(window))
+    elif isinstance(window, (tuple, list)) and len(window) == 2:
+        left, right = window
+        for name, w in (("left", left), ("right", right)):
+            if w is not None and (not isinstance(w, numbers.Integral) or isinstance(w, bool)):
+                raise TypeError(f"window {name} must be an int or None; got {w!r}")
+        left = None if left is None else int(left)
+        right = None if right is None else int(right)
+    else:
+        raise TypeError(
+            f"window must be an int w or a (left, right) pair of ints; got {window!r}"
+        )
+    for name, w in (("left", left), ("right", right)):
+        if w is not None and w < 0:
+            raise ValueError(
+                f"window {name} must be >= 0; got {window!r}. window=(left, right) counts keys "
+                "before and after each query's position"
+            )
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
+def build_spec(
+    q,
+    k,
+    v,
+    *,
+    mask=None,
+    causal: bool = False,
+    window=None,
+    scale=None,
+    score_mod=None,
+    dropout_p: float = 0.0,
+) -> AttentionSpec:
+    """Check the public arguments and return their normalised form (raises ValueError/TypeError)."""
+    _check_tensor("q", q)
+    _check_tensor("k", k)
+    if v is not None:
+        _check_tensor("v", v)
+    tensors = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    dtypes = {t.dtype for _, t in tensors}
+    if len(dtypes) != 1:
+        got = ", ".join(f"{n}={t.dtype}" for n, t in tensors)
+        raise TypeError(f"q, k and v must share one dtype; got {got}. Cast them to the same dtype")
+    devices = {t.device for _, t in tensors}
+    if len(devices) != 1:
+        got = ", ".join(f"{n} on {t.device}" for n, t in tensors)
+        raise ValueError(f"q, k and v must be on one device; got {got}")
+
+    B, Hq, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"q has batch {B} but k has batch {Bk}: q {_shape(q)}, k {_shape(k)}")
+    if Dk != D:
+        raise ValueError(
+            f"q and k must share head_dim (the last dimension) to be dot-multiplied; got "
+            f"q {_shape(q)} and k {_shape(k)}"
+        )
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            f"got Hq={Hq} query heads and Hkv={Hkv} key/value heads; Hq must be a multiple of "
+            f"Hkv (Hkv == Hq: multi-head, Hkv < Hq: grouped-query, Hkv == 1: multi-query)"
+        )
+    Dv = D
+    if v is not None:
+        if tuple(v.shape[:3]) != (B, Hkv, Lk):
+            raise ValueError(
+                f"v must match k in batch, heads and length: k {_shape(k)}, v {_shape(v)}; "
+                f"expected v of shape ({B}, {Hkv}, {Lk}, Dv)"
+            )
+        Dv = v.shape[3]
+    if min(B, Hq, D) == 0:
+        raise ValueError(f"q has an empty dimension: {_shape(q)}")
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a number; got {type(scale).__name__}")
+    elif not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite; got {scale}")
+    scale = float(scale)
+
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be True or False; got {causal!r}")
+    left, right = _normalise_window(window, causal)
+
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a number in [0, 1); got {dropout_p!r}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+
+    if score_mod is not None and not callable(score_mod):
+        raise TypeError(
+            f"score_mod must be a function (score, b, h, q_idx, kv_idx) -> score; got "
+            f"{type(score_mod).__name__}"
+        )
+
+    target = (B, Hq, Lq, Lk)
+    bool_mask = float_mask = mask_mod = block_mask = None
+    if mask is None:
+        pass
+    elif isinstance(mask, Tensor):
+        if mask.device != q.device:
+            raise ValueError(f"mask is on {mask.device} but q is on {q.device}; move it with .to(q.device)")
+        if mask.dtype == torch.bool:
+            bool_mask = _normalise_mask(mask, target, q.dtype)
+        elif mask.dtype.is_floating_point:
+            float_mask = _normalise_mask(mask, target, q.dtype)
+        else:
+            raise TypeError(
+                f"mask has dtype {mask.dtype}; use a bool mask (True = may attend) or a float "
+                "mask added to the scores (0 or -inf). For 0/1 integers use mask.bool()"
+            )
+    elif _is_block_mask(mask):
+        block_mask = mask
+        mask.check_compatible(B, Hq, Lq, Lk)
+    elif callable(mask):
+        mask_mod = mask
+    else:
+        raise TypeError(
+            f"mask must be a bool or float tensor, a qkv.BlockMask or a mask function "
+            f"mask_mod(b, h, q_idx, kv_idx); got {type(mask).__name__}"
+        )
+
+    return AttentionSpec(
+        B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, scale=scale, causal=causal,
+        left=left, right=right, bool_mask=bool_mask, float_mask=float_mask,
+        mask_mod=mask_mod, block_mask=block_mask, score_mod=score_mod,
+        dropout_p=float(dropout_p),
+    )
+
+
+def _is_block_mask(obj) -> bool:
+    # Imported lazily: BlockMask lives in qkv.masks, which builds on the core.
+    try:
+        from qkv.masks import BlockMask
+    except ImportError:  # pragma: no cover - masks module absent
+        return False
+    return isinstance(obj, BlockMask)

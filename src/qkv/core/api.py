@@ -1,0 +1,208 @@
+"""The public attention functions: validation, backend registry and dispatch.
+
+Every backend is a module-like object with one shared signature:
+
+    forward(q, k, v, spec, *, need_lse) -> (out, lse or None)
+    unsupported(spec, q, need_lse) -> None, or a sentence naming what it cannot do and
+                                      which backend can
+
+Adding a backend means writing one module and calling `register_backend`. `auto` picks
+the fastest exact path that honours every argument, and never falls back silently to a
+path whose memory grows with the square of the length.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import reference, sdpa, tiled
+from ._spec import AttentionSpec, build_spec
+
+_BACKENDS: dict[str, SimpleNamespace] = {}
+# Extra rules for `auto`, tried in order before the default choice: each returns a
+# backend name or None (later backends such as decode and sparse add theirs here).
+_AUTO_RULES: list[Callable[[AttentionSpec, Tensor, bool], Optional[str]]] = []
+
+
+def register_backend(name: str, forward: Callable, unsupported: Callable, auto_rule: Optional[Callable] = None) -> None:
+    """Make `backend=name` available; `auto_rule(spec, q, need_lse)` may claim cases for auto."""
+    _BACKENDS[name] = SimpleNamespace(name=name, forward=forward, unsupported=unsupported)
+    if auto_rule is not None:
+        _AUTO_RULES.append(auto_rule)
+
+
+register_backend("reference", reference.forward, reference.unsupported)
+register_backend("sdpa", sdpa.forward, sdpa.unsupported)
+register_backend("tiled", tiled.forward, tiled.unsupported)
+
+
+def backends() -> list[str]:
+    """The backend names `attention(..., backend=...)` accepts, besides "auto"."""
+    return sorted(_BACKENDS)
+
+
+def choose_backend(spec: AttentionSpec, q: Tensor, need_lse: bool) -> str:
+    """The backend `auto` runs for these arguments."""
+    for rule in _AUTO_RULES:
+        name = rule(spec, q, need_lse)
+        if name is not None and _BACKENDS[name].unsupported(spec, q, need_lse) is None:
+            return name
+    if sdpa.unsupported(spec, q, need_lse) is None and sdpa.mask_entries(spec) <= sdpa.AUTO_MAX_MASK_ENTRIES:
+        return "sdpa"
+    reason = tiled.unsupported(spec, q, need_lse)
+    if reason is None:
+        return "tiled"
+    raise ValueError(f"no linear-memory backend honours these arguments: {reason}")
+
+
+def _run(q, k, v, spec: AttentionSpec, backend: str, need_lse: bool):
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string; got {type(backend).__name__}")
+    if backend == "auto":
+        backend = choose_backend(spec, q, need_lse)
+    elif backend not in _BACKENDS:
+        known = ", ".join(repr(b) for b in ["auto"] + backends())
+        raise ValueError(f"unknown backend {backend!r}; choose one of {known}")
+    impl = _BACKENDS[backend]
+    reason = impl.unsupported(spec, q, need_lse)
+    if reason is not None:
+        raise ValueError(reason)
+    return impl.forward(q, k, v, spec, need_lse=need_lse)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask=None,
+    causal: bool = False,
+    window=None,
+    scale: Optional[float] = None,
+    score_mod=None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> Tensor:
+    """Scaled dot-product attention: softmax(q k^T * scale + constraints) v.
+
+    Args:
+        q: queries (B, Hq, Lq, D).
+        k: keys (B, Hkv, Lk, D); Hq must be a multiple of Hkv (grouped-query when smaller).
+        v: values (B, Hkv, Lk, Dv).
+        mask: bool tensor broadcastable to (B, Hq, Lq, Lk), True = may attend (key padding is
+            (B, 1, 1, Lk)); or a float tensor of that broadcast shape added to the scores; or a
+            `qkv.BlockMask`; or a function mask_mod(b, h, q_idx, kv_idx) -> bool tensor.
+        causal: query i sees key j when j <= i + (Lk - Lq) (aligned bottom right).
+        window: int w or (left, right): query i sees keys i+(Lk-Lq)-left .. i+(Lk-Lq)+right;
+            an int w means (w, w), or (w, 0) with causal=True. None in a pair = unbounded.
+        scale: multiplies the scores; default 1/sqrt(D).
+        score_mod: function (score, b, h, q_idx, kv_idx) -> score applied before the softmax;
+            it receives broadcastable index tensors, score of shape (B, Hq, lq, lk).
+        dropout_p: probability of dropping each attention weight (kept ones scaled 1/(1-p)).
+        backend: "auto", or one of `qkv.core.api.backends()`.
+
+    Returns:
+        out (B, Hq, Lq, Dv) in q's dtype. Rows that may attend to nothing are zeros.
+    """
+    spec = build_spec(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
+                      score_mod=score_mod, dropout_p=dropout_p)
+    out, _ = _run(q, k, v, spec, backend, need_lse=False)
+    return out
+
+
+def attention_with_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask=None,
+    causal: bool = False,
+    window=None,
+    scale: Optional[float] = None,
+    score_mod=None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """`attention` plus the log-sum-exp of each row's scores.
+
+    Arguments as for `attention`. Returns (out, lse): out (B, Hq, Lq, Dv) in q's dtype and
+    lse (B, Hq, Lq) float32, the natural log of the softmax denominator (scale, score_mod
+    and float mask included); -inf for a row that may attend to nothing. Both are
+    differentiable, so partial results can be merged exactly: out = sum_r exp(lse_r - lse) out_r.
+    """
+    out, lse = attention_with_lse_exact(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
+                                        score_mod=score_mod, dropout_p=dropout_p, backend=backend)
+    return out, lse.float()
+
+
+def attention_with_lse_exact(q, k, v, *, mask=None, causal=False, window=None, scale=None,
+                             score_mod=None, dropout_p=0.0, backend="auto") -> tuple[Tensor, Tensor]:
+    """As `attention_with_lse`, but lse stays in the compute dtype (float64 for float64 inputs).
+
+    For merging partial results in float64 without losing precision (ring attention).
+    """
+    spec = build_spec(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
+                      score_mod=score_mod, dropout_p=dropout_p)
+    return _run(q, k, v, spec, backend, need_lse=True)
+
+
+def attention_weights(
+    q: Tensor,
+    k: Tensor,
+    *,
+    mask=None,
+    causal: bool = False,
+    window=None,
+    scale: Optional[float] = None,
+    score_mod=None,
+) -> Tensor:
+    """The attention weights softmax(q k^T * scale + constraints).
+
+    Arguments as for `attention` (no values, no dropout). q (B, Hq, Lq, D), k (B, Hkv, Lk, D)
+    -> probs (B, Hq, Lq, Lk) in q's dtype; each row sums to 1 over the keys it may see, or is
+    all zeros if it may see none. Materialises the full matrix: for long inputs pass only the
+    query rows you need together with a mask that places them.
+    """
+    spec = build_spec(q, k, None, mask=mask, causal=causal, window=window, scale=scale, score_mod=score_mod)
+    return reference.weights(q, k, spec)
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask=None,
+    causal: bool = False,
+    window=None,
+    scale: Optional[float] = None,
+    score_mod=None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """The plain reference (the specification): materialises the scores; usable in float64.
+
+    Arguments and result as for `attention`. `scale=1.0` reproduces the seed's numpy sample.
+    """
+    spec = build_spec(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
+                      score_mod=score_mod, dropout_p=dropout_p)
+    out, _ = reference.forward(q, k, v, spec, need_lse=False)
+    return out
+
+
+def _load_optional_backends() -> None:
+    """Backends in their own modules (sparse, decode) register themselves when imported."""
+    import importlib
+
+    for name in ("sparse", "decode"):
+        try:
+            importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{name}":
+                raise
+
+
+_load_optional_backends()

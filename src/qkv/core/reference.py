@@ -1,0 +1,93 @@
+"""The reference: attention exactly as the seeds describe it, and the specification of qkv.
+
+scores = q . k^T * scale (Vaswani et al., 2017, "Attention Is All You Need", eq. 1), then the
+score function, the additive mask and the bool constraints, then a max-subtracted softmax
+and the weighted sum of values. It materialises the full score matrix, so it refuses
+sizes above `MAX_SCORE_BYTES` and names the tiled backend instead of exhausting memory.
+
+Low precision (bfloat16, float16) is computed in float32 and rounded once at the end;
+float64 stays float64. A row that may attend to nothing gets weights 0, output 0, lse -inf.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._spec import AttentionSpec
+
+# The reference refuses to build a score matrix larger than this (bytes, in compute dtype).
+MAX_SCORE_BYTES = 2 * 1024**3
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_size(spec: AttentionSpec, dtype: torch.dtype, what: str = "the reference backend") -> None:
+    itemsize = torch.finfo(compute_dtype(dtype)).bits // 8
+    nbytes = spec.B * spec.Hq * spec.Lq * spec.Lk * itemsize
+    if nbytes > MAX_SCORE_BYTES:
+        raise ValueError(
+            f"{what} would build a score matrix of B*Hq*Lq*Lk = {spec.B}*{spec.Hq}*{spec.Lq}*"
+            f"{spec.Lk} entries ({nbytes / 1024**3:.1f} GiB, limit {MAX_SCORE_BYTES / 1024**3:.0f} "
+            "GiB). Use backend='tiled' (memory linear in length) or fewer query rows"
+        )
+
+
+def softmax_stats(q: Tensor, k: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
+    """Probabilities and lse of the whole grid.
+
+    q (B, Hq, Lq, D), k (B, Hkv, Lk, D) -> probs (B, Hq, Lq, Lk), lse (B, Hq, Lq), both in the
+    compute dtype. Differentiable in q and k through ordinary autograd.
+    """
+    ct = compute_dtype(q.dtype)
+    k = k.repeat_interleave(spec.groups, dim=1)  # (B, Hq, Lk, D): query head h uses kv head h // G
+    scores = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * spec.scale  # (B, Hq, Lq, Lk)
+    scores = spec.apply_score_mod(scores, 0, 0)
+    allowed, bias = spec.constraints(0, spec.Lq, 0, spec.Lk, q.device)
+    if bias is not None:
+        scores = scores + bias.to(ct)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)  # (B, Hq, Lq, 1)
+    # A row with nothing to attend to has max -inf; subtract 0 instead so it stays -inf, not NaN.
+    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max).detach()
+    unnorm = torch.exp(scores - row_max)  # (B, Hq, Lq, Lk)
+    row_sum = unnorm.sum(dim=-1, keepdim=True)  # (B, Hq, Lq, 1)
+    probs = unnorm / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    lse = (torch.log(row_sum) + row_max).squeeze(-1)  # (B, Hq, Lq); -inf where row_sum == 0
+    return probs, lse
+
+
+def dropout(probs: Tensor, p: float) -> Tensor:
+    """Drop each weight with probability p and scale the kept ones by 1/(1-p)."""
+    if p == 0.0:
+        return probs
+    keep = torch.rand(probs.shape, device=probs.device) >= p
+    return probs * keep / (1.0 - p)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv), lse (B, Hq, Lq)."""
+    check_size(spec, q.dtype)
+    probs, lse = softmax_stats(q, k, spec)
+    probs = dropout(probs, spec.dropout_p)
+    v = v.repeat_interleave(spec.groups, dim=1)  # (B, Hq, Lk, Dv)
+    out = torch.matmul(probs, v.to(probs.dtype))  # (B, Hq, Lq, Dv)
+    return out.to(q.dtype), (lse if need_lse else None)
+
+
+def weights(q: Tensor, k: Tensor, spec: AttentionSpec) -> Tensor:
+    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D) -> probs (B, Hq, Lq, Lk) in q's dtype."""
+    check_size(spec, q.dtype, what="attention_weights")
+    probs, _ = softmax_stats(q, k, spec)
+    return probs.to(q.dtype)
+
+
+def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
+    """The reference honours every argument; only size can stop it (checked in forward)."""
+    return None

@@ -1,0 +1,273 @@
+"""Tiled exact attention in PyTorch: the FlashAttention-2 algorithm.
+
+Dao, 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+Partitioning", Algorithms 1 (forward) and 2 (backward). Queries are cut into blocks of
+`block_q` rows, keys and values into blocks of `block_k`; for each query block a running
+row maximum `row_max`, running denominator `row_sum` and output accumulator `acc` are
+updated block by block (online softmax, Milakov & Gimelshein, 2018), so memory grows
+linearly in length. The backward pass recomputes each block's probabilities from the saved
+lse instead of storing them, so training memory is linear too.
+
+Blocks that the causal/window band excludes are skipped; blocks it covers whole are
+computed without any mask. All arithmetic is float32 (float64 for float64 inputs).
+Grouped-query heads are handled by folding the G query heads of one key/value head into
+the rows of a block, so keys and values are never copied per query head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from ._spec import AttentionSpec
+from .reference import compute_dtype
+
+# Target number of score entries (rows x B x heads x keys) in one block: large enough that
+# each matrix product is efficient, small enough that a block stays in the last-level cache
+# range and memory stays far below the inputs at long lengths.
+_BLOCK_ENTRIES = 1 << 21
+_override: Optional[tuple[int, int]] = None
+
+
+@contextlib.contextmanager
+def block_sizes(block_q: int, block_k: int) -> Iterator[None]:
+    """Force the tile sizes (tests use tiny tiles to exercise many blocks and ragged edges)."""
+    global _override
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block sizes must be >= 1; got block_q={block_q}, block_k={block_k}")
+    previous, _override = _override, (int(block_q), int(block_k))
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def choose_blocks(spec: AttentionSpec) -> tuple[int, int]:
+    """(block_q, block_k) for these sizes: keys in blocks of up to 1024, queries to fill the budget."""
+    if _override is not None:
+        return _override
+    rows = spec.B * spec.Hq
+    block_k = min(spec.Lk, 1024) if spec.Lk > 0 else 1
+    block_q = max(16, _BLOCK_ENTRIES // max(1, rows * block_k))
+    block_q = min(spec.Lq, 1 << (block_q.bit_length() - 1))  # a power of two, at most Lq
+    return max(block_q, 1), max(block_k, 1)
+
+
+def _dropout_keep(seed: int, qb: int, kb: int, shape, p: float, device) -> Tensor:
+    """The same keep-mask for block (qb, kb) in forward and backward, from one seed."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + qb * 65_537 + kb) % (1 << 63))
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def _scores(
+    spec: AttentionSpec, q_blk: Tensor, k_blk: Tensor, i0: int, i1: int, j0: int, j1: int, grad_mod: bool
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Scaled, modified and masked scores of one block.
+
+    q_blk (B, Hkv, G*bq, D) already multiplied by scale, k_blk (B, Hkv, bk, D)
+    -> scores (B, Hkv, G*bq, bk), and for the backward pass (raw, modified) so the score
+    function's gradient can be taken.
+    """
+    B, Hkv, G = spec.B, spec.Hkv, spec.groups
+    bq, bk = i1 - i0, j1 - j0
+    s = torch.matmul(q_blk, k_blk.transpose(-1, -2))  # (B, Hkv, G*bq, bk)
+    raw = modded = None
+    if spec.score_mod is not None:
+        s4 = s.view(B, Hkv * G, bq, bk)  # (B, Hq, bq, bk); head h = hkv * G + g
+        if grad_mod:
+            raw = s4.detach().requires_grad_()
+            with torch.enable_grad():
+                modded = spec.apply_score_mod(raw, i0, j0)
+            # A copy: the softmax below works in place, and autograd still needs `modded`.
+            s = modded.detach().reshape(B, Hkv, G * bq, bk).clone()
+        else:
+            s = spec.apply_score_mod(s4, i0, j0).reshape(B, Hkv, G * bq, bk)
+    allowed, bias = spec.constraints(i0, i1, j0, j1, s.device)
+    if bias is not None or allowed is not None:
+        s4 = s.view(B, Hkv * G, bq, bk)  # (B, Hq, bq, bk)
+        if bias is not None:
+            s4 += bias.to(s.dtype)
+        if allowed is not None:
+            s4.masked_fill_(~allowed, float("-inf"))
+    return s, raw, modded
+
+
+def _q_block(q: Tensor, spec: AttentionSpec, i0: int, i1: int, ct: torch.dtype) -> Tensor:
+    """q[:, :, i0:i1] scaled, as (B, Hkv, G*bq, D): the G query heads of each kv head stacked."""
+    blk = q[:, :, i0:i1].to(ct) * spec.scale  # (B, Hq, bq, D)
+    return blk.reshape(spec.B, spec.Hkv, spec.groups * (i1 - i0), spec.D)  # (B, Hkv, G*bq, D)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: int) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq)."""
+    ct = compute_dtype(q.dtype)
+    B, Hq, Hkv, G, Lq, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.Dv
+    block_q, block_k = choose_blocks(spec)
+    out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Lq, dtype=ct, device=q.device)
+    keep_scale = 1.0 / (1.0 - spec.dropout_p)
+    for qb, i0 in enumerate(range(0, Lq, block_q)):
+        i1 = min(i0 + block_q, Lq)
+        rows = G * (i1 - i0)
+        q_blk = _q_block(q, spec, i0, i1, ct)  # (B, Hkv, G*bq, D)
+        row_max = torch.full((B, Hkv, rows, 1), float("-inf"), dtype=ct, device=q.device)
+        row_sum = torch.zeros(B, Hkv, rows, 1, dtype=ct, device=q.device)
+        acc = torch.zeros(B, Hkv, rows, Dv, dtype=ct, device=q.device)
+        lo, hi = spec.kv_range(i0, i1)
+        for j0 in range(max(lo, 0) // block_k * block_k, hi, block_k):
+            j1 = min(j0 + block_k, spec.Lk)
+            k_blk = k[:, :, j0:j1].to(ct)  # (B, Hkv, bk, D)
+            v_blk = v[:, :, j0:j1].to(ct)  # (B, Hkv, bk, Dv)
+            s, _, _ = _scores(spec, q_blk, k_blk, i0, i1, j0, j1, grad_mod=False)
+            new_max = torch.maximum(row_max, s.amax(dim=-1, keepdim=True))  # (B, Hkv, rows, 1)
+            # Rows that have seen only -inf keep a reference of 0 so exp() gives 0, not NaN.
+            safe_max = new_max.masked_fill(torch.isneginf(new_max), 0.0)
+            alpha = torch.exp(row_max - safe_max)  # rescales what was accumulated so far
+            p = s.sub_(safe_max).exp_()  # (B, Hkv, rows, bk), in place over the scores
+            row_sum.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
+            if spec.dropout_p > 0.0:
+                keep = _dropout_keep(seed, qb, j0 // block_k, p.shape, spec.dropout_p, q.device)
+                p = p * keep * keep_scale
+            acc.mul_(alpha).add_(torch.matmul(p, v_blk))  # (B, Hkv, rows, Dv)
+            row_max = new_max
+        safe_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+        out_blk = (acc / safe_sum).view(B, Hkv, G, i1 - i0, Dv).reshape(B, Hq, i1 - i0, Dv)
+        out[:, :, i0:i1] = out_blk.to(q.dtype)
+        blk_lse = (row_max.masked_fill(torch.isneginf(row_max), 0.0) + torch.log(row_sum))
+        lse[:, :, i0:i1] = blk_lse.view(B, Hkv, G, i1 - i0).reshape(B, Hq, i1 - i0)
+    return out, lse
+
+
+def _backward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
+    spec: AttentionSpec, seed: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) with each block's probabilities recomputed from lse (FA-2, Alg. 2)."""
+    ct = compute_dtype(q.dtype)
+    B, Hq, Hkv, G, Lq, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.D, spec.Dv
+    block_q, block_k = choose_blocks(spec)
+    dq = torch.zeros(B, Hq, Lq, D, dtype=ct, device=q.device)
+    dk = torch.zeros(B, Hkv, spec.Lk, D, dtype=ct, device=q.device)
+    dv = torch.zeros(B, Hkv, spec.Lk, Dv, dtype=ct, device=q.device)
+    # delta_i = rowsum(dO_i * O_i) - dlse_i: the softmax Jacobian's row term, lse's gradient folded in.
+    delta = (d_out.to(ct) * out.to(ct)).sum(dim=-1)  # (B, Hq, Lq)
+    if d_lse is not None:
+        delta = delta - d_lse.to(ct)
+    # Rows with lse = -inf attended to nothing; +inf makes their recomputed probabilities 0.
+    lse_safe = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    keep_scale = 1.0 / (1.0 - spec.dropout_p)
+    for qb, i0 in enumerate(range(0, Lq, block_q)):
+        i1 = min(i0 + block_q, Lq)
+        bq, rows = i1 - i0, G * (i1 - i0)
+        q_blk = _q_block(q, spec, i0, i1, ct)  # (B, Hkv, rows, D), scaled
+        do_blk = d_out[:, :, i0:i1].to(ct).reshape(B, Hkv, rows, Dv)  # (B, Hkv, rows, Dv)
+        lse_blk = lse_safe[:, :, i0:i1].reshape(B, Hkv, rows, 1)  # (B, Hkv, rows, 1)
+        delta_blk = delta[:, :, i0:i1].reshape(B, Hkv, rows, 1)  # (B, Hkv, rows, 1)
+        dq_blk = torch.zeros(B, Hkv, rows, D, dtype=ct, device=q.device)
+        lo, hi = spec.kv_range(i0, i1)
+        for j0 in range(max(lo, 0) // block_k * block_k, hi, block_k):
+            j1 = min(j0 + block_k, spec.Lk)
+            k_blk = k[:, :, j0:j1].to(ct)  # (B, Hkv, bk, D)
+            v_blk = v[:, :, j0:j1].to(ct)  # (B, Hkv, bk, Dv)
+            s, raw, modded = _scores(spec, q_blk, k_blk, i0, i1, j0, j1, grad_mod=True)
+            p = s.sub_(lse_blk).exp_()  # (B, Hkv, rows, bk): the forward's probabilities
+            dp = torch.matmul(do_blk, v_blk.transpose(-1, -2))  # (B, Hkv, rows, bk)
+            if spec.dropout_p > 0.0:
+                keep = _dropout_keep(seed, qb, j0 // block_k, p.shape, spec.dropout_p, q.device)
+                z = keep * keep_scale
+                dv[:, :, j0:j1] += torch.matmul((p * z).transpose(-1, -2), do_blk)
+                dp.mul_(z)
+            else:
+                dv[:, :, j0:j1] += torch.matmul(p.transpose(-1, -2), do_blk)  # (B, Hkv, bk, Dv)
+            ds = p.mul_(dp.sub_(delta_blk))  # (B, Hkv, rows, bk): dL/d(scores after the mods)
+            if raw is not None:
+                (ds_raw,) = torch.autograd.grad(modded, raw, ds.view(B, Hq, bq, j1 - j0))
+                ds = ds_raw.reshape(B, Hkv, rows, j1 - j0)
+            dq_blk += torch.matmul(ds, k_blk)  # (B, Hkv, rows, D)
+            dk[:, :, j0:j1] += torch.matmul(ds.transpose(-1, -2), q_blk)  # q_blk carries the scale
+        dq[:, :, i0:i1] = dq_blk.view(B, Hkv, G, bq, D).reshape(B, Hq, bq, D) * spec.scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _TiledAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec, seed):
+        out, lse = _forward(q, k, v, spec, seed)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec, ctx.seed = spec, seed
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if d_out is None:
+            d_out = torch.zeros_like(out)
+        dq, dk, dv = _backward(q, k, v, out, lse, d_out, d_lse, ctx.spec, ctx.seed)
+        return dq, dk, dv, None, None
+
+
+def _captured_grad_tensors(fn) -> list[Tensor]:
+    """Tensors that require grad captured by a score function (closures, defaults, partials)."""
+    found: list[Tensor] = []
+    seen: set[int] = set()
+
+    def visit(obj, depth: int) -> None:
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, Tensor):
+            if obj.requires_grad:
+                found.append(obj)
+        elif isinstance(obj, torch.nn.Module):
+            found.extend(p for p in obj.parameters() if p.requires_grad)
+        elif isinstance(obj, (list, tuple)):
+            for x in obj:
+                visit(x, depth + 1)
+        elif callable(obj):
+            for cell in getattr(obj, "__closure__", None) or ():
+                try:
+                    visit(cell.cell_contents, depth + 1)
+                except ValueError:  # empty cell
+                    pass
+            for x in getattr(obj, "__defaults__", None) or ():
+                visit(x, depth + 1)
+            for x in getattr(obj, "args", ()) if hasattr(obj, "func") else ():
+                visit(x, depth + 1)
+            if hasattr(obj, "__self__"):
+                visit(obj.__self__, depth + 1)
+
+    visit(fn, 0)
+    return found
+
+
+def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
+    """Why the tiled backend cannot honour these arguments, or None if it can."""
+    if torch.is_grad_enabled():
+        if spec.float_mask is not None and spec.float_mask.requires_grad:
+            return (
+                "the tiled backend does not compute gradients for a float mask that requires grad; "
+                "use backend='reference' or 'sdpa', or pass mask.detach()"
+            )
+        if spec.score_mod is not None and _captured_grad_tensors(spec.score_mod):
+            return (
+                "the tiled backend does not compute gradients for tensors captured by score_mod "
+                "(a learned bias, say); use backend='reference', or detach them"
+            )
+    return None
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv), lse (B, Hq, Lq)."""
+    seed = 0
+    if spec.dropout_p > 0.0:
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = _TiledAttention.apply(q, k, v, spec, seed)
+    else:
+        out, lse = _forward(q, k, v, spec, seed)
+    return out, (lse if need_lse else None)
