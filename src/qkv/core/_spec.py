@@ -125,16 +125,19 @@ class AttentionSpec:
         return b, h, q_idx, kv_idx
 
     def constraints(
-        self, i0: int, i1: int, j0: int, j1: int, device
+        self, i0: int, i1: int, j0: int, j1: int, device, use_block_mask: bool = True
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """(allowed, bias) of the block; each broadcastable to (B, Hq, i1-i0, j1-j0) or None."""
+        """(allowed, bias) of the block; each broadcastable to (B, Hq, i1-i0, j1-j0) or None.
+
+        use_block_mask=False skips the BlockMask where the caller knows the block is full.
+        """
         allowed = self.band_mask(i0, i1, j0, j1, device)
         if self.bool_mask is not None:
             allowed = _and(allowed, _slice(self.bool_mask, i0, i1, j0, j1))
         if self.mask_mod is not None:
             got = _call_mask_mod(self.mask_mod, *self.index_grid(i0, i1, j0, j1, device))
             allowed = _and(allowed, got)
-        if self.block_mask is not None:
+        if self.block_mask is not None and use_block_mask:
             got = self.block_mask.dense_block(i0, i1, j0, j1, device=device)
             allowed = _and(allowed, got)
         bias = None

@@ -17,8 +17,8 @@ the rows of a block, so keys and values are never copied per query head.
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -57,6 +57,34 @@ def choose_blocks(spec: AttentionSpec) -> tuple[int, int]:
     return max(block_q, 1), max(block_k, 1)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Which key blocks each query block visits.
+
+    `kv_blocks(qb, i0, i1)` yields (j0, j1, check_block_mask) for query block number qb,
+    rows [i0, i1): the key columns [j0, j1) to visit, and whether a BlockMask (if any) must
+    be evaluated there (False where the block is known to be full). Blocks not yielded
+    are skipped: the caller guarantees every score there is masked out.
+    """
+
+    block_q: int
+    block_k: int
+    kv_blocks: Callable[[int, int, int], Iterable[tuple[int, int, bool]]]
+
+
+def band_plan(spec: AttentionSpec, block_q: Optional[int] = None, block_k: Optional[int] = None) -> Plan:
+    """The plan of the tiled backend: every key block the causal/window band reaches."""
+    if block_q is None or block_k is None:
+        block_q, block_k = choose_blocks(spec)
+
+    def kv_blocks(qb: int, i0: int, i1: int):
+        lo, hi = spec.kv_range(i0, i1)
+        for j0 in range(max(lo, 0) // block_k * block_k, hi, block_k):
+            yield j0, min(j0 + block_k, spec.Lk), True
+
+    return Plan(block_q, block_k, kv_blocks)
+
+
 def _dropout_keep(seed: int, qb: int, kb: int, shape, p: float, device) -> Tensor:
     """The same keep-mask for block (qb, kb) in forward and backward, from one seed."""
     gen = torch.Generator(device=device)
@@ -65,7 +93,8 @@ def _dropout_keep(seed: int, qb: int, kb: int, shape, p: float, device) -> Tenso
 
 
 def _scores(
-    spec: AttentionSpec, q_blk: Tensor, k_blk: Tensor, i0: int, i1: int, j0: int, j1: int, grad_mod: bool
+    spec: AttentionSpec, q_blk: Tensor, k_blk: Tensor, i0: int, i1: int, j0: int, j1: int, grad_mod: bool,
+    check_block_mask: bool = True,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Scaled, modified and masked scores of one block.
 
@@ -87,7 +116,7 @@ def _scores(
             s = modded.detach().reshape(B, Hkv, G * bq, bk).clone()
         else:
             s = spec.apply_score_mod(s4, i0, j0).reshape(B, Hkv, G * bq, bk)
-    allowed, bias = spec.constraints(i0, i1, j0, j1, s.device)
+    allowed, bias = spec.constraints(i0, i1, j0, j1, s.device, use_block_mask=check_block_mask)
     if bias is not None or allowed is not None:
         s4 = s.view(B, Hkv * G, bq, bk)  # (B, Hq, bq, bk)
         if bias is not None:
@@ -103,11 +132,17 @@ def _q_block(q: Tensor, spec: AttentionSpec, i0: int, i1: int, ct: torch.dtype) 
     return blk.reshape(spec.B, spec.Hkv, spec.groups * (i1 - i0), spec.D)  # (B, Hkv, G*bq, D)
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: int) -> tuple[Tensor, Tensor]:
-    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq)."""
+def block_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: int = 0,
+                  plan: Optional[Plan] = None) -> tuple[Tensor, Tensor]:
+    """The forward pass without autograd (FA-2, Alg. 1).
+
+    q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv) in q's
+    dtype, lse (B, Hq, Lq) in the compute dtype. `plan` defaults to `band_plan(spec)`.
+    """
     ct = compute_dtype(q.dtype)
     B, Hq, Hkv, G, Lq, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.Dv
-    block_q, block_k = choose_blocks(spec)
+    plan = plan or band_plan(spec)
+    block_q, block_k = plan.block_q, plan.block_k
     out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Lq, dtype=ct, device=q.device)
     keep_scale = 1.0 / (1.0 - spec.dropout_p)
@@ -118,12 +153,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: int) ->
         row_max = torch.full((B, Hkv, rows, 1), float("-inf"), dtype=ct, device=q.device)
         row_sum = torch.zeros(B, Hkv, rows, 1, dtype=ct, device=q.device)
         acc = torch.zeros(B, Hkv, rows, Dv, dtype=ct, device=q.device)
-        lo, hi = spec.kv_range(i0, i1)
-        for j0 in range(max(lo, 0) // block_k * block_k, hi, block_k):
-            j1 = min(j0 + block_k, spec.Lk)
+        for j0, j1, check in plan.kv_blocks(qb, i0, i1):
             k_blk = k[:, :, j0:j1].to(ct)  # (B, Hkv, bk, D)
             v_blk = v[:, :, j0:j1].to(ct)  # (B, Hkv, bk, Dv)
-            s, _, _ = _scores(spec, q_blk, k_blk, i0, i1, j0, j1, grad_mod=False)
+            s, _, _ = _scores(spec, q_blk, k_blk, i0, i1, j0, j1, grad_mod=False, check_block_mask=check)
             new_max = torch.maximum(row_max, s.amax(dim=-1, keepdim=True))  # (B, Hkv, rows, 1)
             # Rows that have seen only -inf keep a reference of 0 so exp() gives 0, not NaN.
             safe_max = new_max.masked_fill(torch.isneginf(new_max), 0.0)
@@ -143,14 +176,20 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: int) ->
     return out, lse
 
 
-def _backward(
+def block_backward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
-    spec: AttentionSpec, seed: int,
+    spec: AttentionSpec, seed: int = 0, plan: Optional[Plan] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv) with each block's probabilities recomputed from lse (FA-2, Alg. 2)."""
+    """Gradients (dq, dk, dv) with each block's probabilities recomputed from lse (FA-2, Alg. 2).
+
+    out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) are those of the whole softmax row: passing the
+    merged out and lse of several key shards gives each shard's exact share of the
+    gradient (ring attention). d_out like out; d_lse like lse, or None.
+    """
     ct = compute_dtype(q.dtype)
     B, Hq, Hkv, G, Lq, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.D, spec.Dv
-    block_q, block_k = choose_blocks(spec)
+    plan = plan or band_plan(spec)
+    block_q, block_k = plan.block_q, plan.block_k
     dq = torch.zeros(B, Hq, Lq, D, dtype=ct, device=q.device)
     dk = torch.zeros(B, Hkv, spec.Lk, D, dtype=ct, device=q.device)
     dv = torch.zeros(B, Hkv, spec.Lk, Dv, dtype=ct, device=q.device)
@@ -169,12 +208,10 @@ def _backward(
         lse_blk = lse_safe[:, :, i0:i1].reshape(B, Hkv, rows, 1)  # (B, Hkv, rows, 1)
         delta_blk = delta[:, :, i0:i1].reshape(B, Hkv, rows, 1)  # (B, Hkv, rows, 1)
         dq_blk = torch.zeros(B, Hkv, rows, D, dtype=ct, device=q.device)
-        lo, hi = spec.kv_range(i0, i1)
-        for j0 in range(max(lo, 0) // block_k * block_k, hi, block_k):
-            j1 = min(j0 + block_k, spec.Lk)
+        for j0, j1, check in plan.kv_blocks(qb, i0, i1):
             k_blk = k[:, :, j0:j1].to(ct)  # (B, Hkv, bk, D)
             v_blk = v[:, :, j0:j1].to(ct)  # (B, Hkv, bk, Dv)
-            s, raw, modded = _scores(spec, q_blk, k_blk, i0, i1, j0, j1, grad_mod=True)
+            s, raw, modded = _scores(spec, q_blk, k_blk, i0, i1, j0, j1, grad_mod=True, check_block_mask=check)
             p = s.sub_(lse_blk).exp_()  # (B, Hkv, rows, bk): the forward's probabilities
             dp = torch.matmul(do_blk, v_blk.transpose(-1, -2))  # (B, Hkv, rows, bk)
             if spec.dropout_p > 0.0:
@@ -196,10 +233,10 @@ def _backward(
 
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec, seed):
-        out, lse = _forward(q, k, v, spec, seed)
+    def forward(ctx, q, k, v, spec, seed, plan):
+        out, lse = block_forward(q, k, v, spec, seed, plan)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec, ctx.seed = spec, seed
+        ctx.spec, ctx.seed, ctx.plan = spec, seed, plan
         return out, lse
 
     @staticmethod
@@ -207,8 +244,8 @@ class _TiledAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if d_out is None:
             d_out = torch.zeros_like(out)
-        dq, dk, dv = _backward(q, k, v, out, lse, d_out, d_lse, ctx.spec, ctx.seed)
-        return dq, dk, dv, None, None
+        dq, dk, dv = block_backward(q, k, v, out, lse, d_out, d_lse, ctx.spec, ctx.seed, ctx.plan)
+        return dq, dk, dv, None, None, None
 
 
 def _captured_grad_tensors(fn) -> list[Tensor]:
@@ -261,13 +298,18 @@ def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]
     return None
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv), lse (B, Hq, Lq)."""
+def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, plan: Plan, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """Differentiable tiled attention following `plan` (the engine shared with the sparse backend)."""
     seed = 0
     if spec.dropout_p > 0.0:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _TiledAttention.apply(q, k, v, spec, seed)
+        out, lse = _TiledAttention.apply(q, k, v, spec, seed, plan)
     else:
-        out, lse = _forward(q, k, v, spec, seed)
+        out, lse = block_forward(q, k, v, spec, seed, plan)
     return out, (lse if need_lse else None)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv), lse (B, Hq, Lq)."""
+    return run(q, k, v, spec, band_plan(spec), need_lse=need_lse)
