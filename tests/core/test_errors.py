@@ -1,0 +1,68 @@
+"""Bad arguments raise ValueError/TypeError whose message quotes what was observed and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkv
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.zeros(*shape, dtype=dtype)
+
+
+Q, K, V = _t(2, 8, 5, 16), _t(2, 4, 7, 16), _t(2, 4, 7, 16)
+
+
+@pytest.mark.parametrize("call,exc,pattern", [
+    (lambda: qkv.attention(Q, K, _t(2, 4, 6, 16)), ValueError, r"expected v of shape \(2, 4, 7, Dv\)"),
+    (lambda: qkv.attention(Q, _t(2, 3, 7, 16), _t(2, 3, 7, 16)), ValueError, r"Hq=8 query heads and Hkv=3 key/value heads; Hq must be a multiple of Hkv"),
+    (lambda: qkv.attention(Q, _t(2, 4, 7, 8), V), ValueError, r"share head_dim.*\(2, 8, 5, 16\).*\(2, 4, 7, 8\)"),
+    (lambda: qkv.attention(Q, _t(3, 4, 7, 16), _t(3, 4, 7, 16)), ValueError, r"q has batch 2 but k has batch 3"),
+    (lambda: qkv.attention(_t(5, 16), K, V), ValueError, r"must be 4-D .* got shape \(5, 16\).*q\[None, None\]"),
+    (lambda: qkv.attention(_t(8, 5, 16), K, V), ValueError, r"got shape \(8, 5, 16\).*unsqueeze\(0\)"),
+    (lambda: qkv.attention(Q.long(), K, V), TypeError, r"dtype torch.int64.*q.float\(\)"),
+    (lambda: qkv.attention(Q, K.double(), V), TypeError, r"share one dtype.*k=torch.float64"),
+    (lambda: qkv.attention(Q.numpy(), K, V), TypeError, r"q must be a torch.Tensor; got ndarray"),
+    (lambda: qkv.attention(Q, K, V, backend="flash"), ValueError, r"unknown backend 'flash'; choose one of 'auto'"),
+    (lambda: qkv.attention(Q, K, V, mask=torch.ones(2, 8, 5, 6, dtype=torch.bool)), ValueError,
+     r"mask has shape \(2, 8, 5, 6\).*dimension Lk is 6, expected 7 or 1"),
+    (lambda: qkv.attention(Q, K, V, mask=torch.ones(2, 3, 5, 7, dtype=torch.bool)), ValueError, r"dimension Hq is 3, expected 8 or 1"),
+    (lambda: qkv.attention(Q, K, V, mask=torch.ones(1, 1, 1, 1, 7, dtype=torch.bool)), ValueError, r"must broadcast to"),
+    (lambda: qkv.attention(Q, K, V, mask=torch.ones(2, 1, 1, 7, dtype=torch.int64)), TypeError, r"mask has dtype torch.int64.*mask.bool\(\)"),
+    (lambda: qkv.attention(Q, K, V, mask="causal"), TypeError, r"mask must be a bool or float tensor.*got str"),
+    (lambda: qkv.attention(Q, K, V, mask=lambda b, h, q, k: q - k), TypeError, r"mask function must return a bool tensor; got dtype torch.int64"),
+    (lambda: qkv.attention(Q, K, V, window=-1), ValueError, r"window left must be >= 0; got -1"),
+    (lambda: qkv.attention(Q, K, V, window=(1, 2, 3)), TypeError, r"window must be an int w or a \(left, right\) pair"),
+    (lambda: qkv.attention(Q, K, V, window=2.5), TypeError, r"window must be an int"),
+    (lambda: qkv.attention(Q, K, V, causal=1), TypeError, r"causal must be True or False"),
+    (lambda: qkv.attention(Q, K, V, scale=float("nan")), ValueError, r"scale must be finite"),
+    (lambda: qkv.attention(Q, K, V, scale="0.5"), TypeError, r"scale must be a number"),
+    (lambda: qkv.attention(Q, K, V, dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\); got 1.0"),
+    (lambda: qkv.attention(Q, K, V, score_mod=3), TypeError, r"score_mod must be a function"),
+    (lambda: qkv.attention(Q, K, V, score_mod=lambda s, *_: s[..., :1, :1].sum(-1)), ValueError, r"score_mod returned shape"),
+    (lambda: qkv.attention(Q, K, V, score_mod=lambda s, *_: s, backend="sdpa"), ValueError, r"sdpa backend cannot apply a score_mod; use backend='tiled'"),
+    (lambda: qkv.attention_with_lse(Q, K, V, backend="sdpa"), ValueError, r"does not return the lse; use backend='tiled'"),
+    (lambda: qkv.attention(Q, K, V, backend=3), TypeError, r"backend must be a string"),
+    (lambda: qkv.attention_weights(Q, _t(2, 4, 7, 8)), ValueError, r"share head_dim"),
+])
+def test_bad_arguments(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_tiled_refuses_gradients_it_cannot_compute():
+    bias = torch.zeros(1, 1, 5, 7, requires_grad=True)
+    q, k, v = (torch.randn_like(t).requires_grad_() for t in (Q, K, V))
+    with pytest.raises(ValueError, match="float mask that requires grad; use backend='reference'"):
+        qkv.attention(q, k, v, mask=bias, backend="tiled")
+    table = torch.zeros(8, requires_grad=True)
+    with pytest.raises(ValueError, match="tensors captured by score_mod"):
+        qkv.attention(q, k, v, score_mod=lambda s, b, h, i, j: s + table[h], backend="tiled")
+    # Without gradients there is nothing to refuse.
+    with torch.no_grad():
+        qkv.attention(q, k, v, score_mod=lambda s, b, h, i, j: s + table[h], backend="tiled")
+    # The reference honours both, and so does auto (through sdpa for the mask).
+    qkv.attention(q, k, v, mask=bias, backend="reference").sum().backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
