@@ -1,0 +1,142 @@
+"""The block-sparse backend: the FlashAttention-2 engine visiting only non-empty blocks.
+
+The layout follows FlexAttention's BlockMask (Dong et al., 2024, "Flex Attention: A
+Programming Model for Generating Optimized Attention Kernels"); the arithmetic is the
+tiled engine's (Dao, 2023, "FlashAttention-2"), reused unchanged through a `tiled.Plan`:
+
+- tiles are the BlockMask's blocks (block_q x block_k);
+- for query block i the plan visits the key blocks that are non-empty for some (b, h);
+  a block full for every (b, h) is computed without evaluating the mask function
+  (`check_block_mask=False`), any other visited block evaluates it there (`dense_block`);
+- blocks empty for every (b, h) are never touched, in forward or backward, so time and
+  the backward's recomputation grow with the number of non-empty blocks, not Lq * Lk.
+
+When the layout differs between batch rows or heads, the plan visits the union over (b, h)
+and evaluates the mask wherever a block is not full for all of them: still exact, since
+the mask function decides each element; only the skipped work is smaller than it could be.
+
+Every other argument (causal, window, bool and float masks, score_mod, dropout, grouped
+heads, lse) is honoured by the engine itself through the spec. A mask function passed with
+backend="sparse" is turned into a BlockMask first (cached per function and shape).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import tiled
+from ._spec import AttentionSpec
+from .api import register_backend
+
+# `auto` sends a mask function to this backend when it is at least this long (Lq * Lk) and
+# at least this share of blocks is empty; a BlockMask always goes here.
+AUTO_MIN_ENTRIES = 1 << 20
+AUTO_MIN_SPARSITY = 50.0
+DEFAULT_BLOCK = 128
+
+_BUILT: "OrderedDict[tuple, object]" = OrderedDict()  # mask function + shape -> BlockMask
+_BUILT_MAX = 16
+
+
+def block_mask_for(spec: AttentionSpec, device=None):
+    """The BlockMask of the spec: the one given, or one built (and cached) from a mask function."""
+    if spec.block_mask is not None:
+        return spec.block_mask
+    if spec.mask_mod is None:
+        return None
+    from qkv.masks import block_mask
+
+    fn = spec.mask_mod
+    # Cached by identity (the BlockMask keeps the function alive, so the id stays unique).
+    key = (id(fn), spec.B, spec.Hq, spec.Lq, spec.Lk, str(device))
+    hit = _BUILT.get(key)
+    if hit is not None and hit.mask_mod is fn:
+        _BUILT.move_to_end(key)
+        return hit
+    bm = block_mask(fn, spec.B, spec.Hq, spec.Lq, spec.Lk, block_size=DEFAULT_BLOCK, device=device)
+    _BUILT[key] = bm
+    while len(_BUILT) > _BUILT_MAX:
+        _BUILT.popitem(last=False)
+    return bm
+
+
+def _rows(bm) -> list[list[tuple[int, bool]]]:
+    """Per query block: [(key block, full for every (b, h))] of the blocks non-empty for some (b, h)."""
+    cached = bm._cache.get("rows")
+    if cached is not None:
+        return cached
+    states = bm.block_states()  # (Bm, Hm, nq, nk): 0 empty, 1 partial, 2 full
+    visit = (states != 0).flatten(0, 1).any(0)  # (nq, nk)
+    full_all = (states == 2).flatten(0, 1).all(0)  # (nq, nk)
+    rows: list[list[tuple[int, bool]]] = [[] for _ in range(states.shape[2])]
+    for (qb, kb), full in zip(visit.nonzero().tolist(), full_all[visit].tolist()):
+        rows[qb].append((kb, full))
+    bm._cache["rows"] = rows
+    return rows
+
+
+def make_plan(spec: AttentionSpec, bm) -> tiled.Plan:
+    """The tiled engine's plan for this BlockMask, intersected with the causal/window band."""
+    rows = _rows(bm)
+    bq, bk = bm.block_q, bm.block_k
+    Lk = spec.Lk
+
+    def kv_blocks(qb: int, i0: int, i1: int):
+        lo, hi = spec.kv_range(i0, i1)  # the band: keys outside it are masked anyway
+        for kb, full in rows[qb]:
+            j0, j1 = kb * bk, min(kb * bk + bk, Lk)
+            if j1 <= lo or j0 >= hi:
+                continue
+            yield j0, j1, not full
+
+    return tiled.Plan(bq, bk, kv_blocks)
+
+
+def sparse_spec(spec: AttentionSpec, bm) -> AttentionSpec:
+    """The spec with the mask function replaced by its BlockMask (so full blocks skip it)."""
+    if spec.block_mask is bm and spec.mask_mod is None:
+        return spec
+    return dataclasses.replace(spec, mask_mod=None, block_mask=bm)
+
+
+def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
+    """Why the sparse backend cannot honour these arguments, or None if it can."""
+    if spec.block_mask is None and spec.mask_mod is None:
+        return (
+            "the sparse backend needs mask= a qkv.BlockMask or a mask function (see qkv.masks); "
+            "for causal/window bands or tensor masks use backend='tiled' or 'sdpa'"
+        )
+    reason = tiled.unsupported(spec, q, need_lse)
+    if reason is not None:
+        return reason.replace("the tiled backend", "the sparse backend (the tiled engine)")
+    return None
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv), lse (B, Hq, Lq)."""
+    reason = unsupported(spec, q, need_lse)
+    if reason is not None:
+        raise ValueError(reason)
+    bm = block_mask_for(spec, device=q.device)
+    spec = sparse_spec(spec, bm)
+    return tiled.run(q, k, v, spec, make_plan(spec, bm), need_lse=need_lse)
+
+
+def auto_rule(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
+    """auto: a BlockMask always runs here; a named mask pattern when long and sparse enough."""
+    if spec.block_mask is not None:
+        return "sparse"
+    fn = spec.mask_mod
+    if fn is None or getattr(fn, "classify", None) is None or spec.Lq * spec.Lk < AUTO_MIN_ENTRIES:
+        return None  # only patterns with a block classifier are cheap to lay out on the fly
+    if block_mask_for(spec, device=q.device).sparsity() >= AUTO_MIN_SPARSITY:
+        return "sparse"
+    return None
+
+
+register_backend("sparse", forward, unsupported, auto_rule)
