@@ -10,6 +10,8 @@ The functional core (DESIGN.md):
 """
 
 from .core import attention, attention_weights, attention_with_lse, reference_attention
+from . import masks
+from .masks import BlockMask, block_mask
 
 __version__ = "0.1.0"
 
@@ -18,5 +20,8 @@ __all__ = [
     "attention_with_lse",
     "attention_weights",
     "reference_attention",
+    "BlockMask",
+    "block_mask",
+    "masks",
     "__version__",
 ]
