@@ -1,0 +1,312 @@
+"""Exact ring attention across processes, with gradients.
+
+Liu, Zaharia & Abbeel, 2023, "Ring Attention with Blockwise Transformers for Near-Infinite
+Context": each rank holds one shard of the sequence; the key/value shards travel around
+the ring of ranks while every rank attends its queries to the shard it holds, so no rank
+ever holds more than two key/value shards. The partial results of the shards are merged
+exactly through their log-sum-exp (the online softmax of FlashAttention), in float32
+(float64 for float64 inputs). The zigzag layout balances causal work (ring-flash-attention;
+Brandon et al., 2023, "Striped Attention").
+
+Per ring step each rank first posts the send of the shard it holds and the receive of the
+next one (torch.distributed.batch_isend_irecv), then computes on the shard it holds with
+the tiled engine (qkv.core.tiled.block_forward / block_backward), then waits: the
+transfer overlaps the computation.
+
+Backward: the keys and values travel the ring again; each rank recomputes its blocks from
+the merged lse and adds this shard's share of dk/dv into an accumulator that travels with
+them (one step behind), so after P steps every rank receives the full gradient of its own
+shard. Grouped-query heads: only the Hkv key/value heads travel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qkv.core._spec import build_spec
+from qkv.core.reference import compute_dtype
+from qkv.core.tiled import block_backward, block_forward
+
+from ._comm import DEFAULT_TIMEOUT, Ring, all_gather_meta, make_ring
+from ._layout import LAYOUTS, check_layout, shard_positions, step_work
+
+_GRAD_TAG = 2  # message tags: 0, 1 for k, v; 2, 3 for dk, dv
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+@dataclass(frozen=True)
+class _Opts:
+    ring: Ring
+    layout: str
+    causal: bool
+    scale: float
+
+
+def _check_local(q: Tensor, k: Tensor, v: Tensor, layout: str, ring: Ring) -> None:
+    # The single-rank checks (dtypes, 4-D, heads, head_dim) are the core's.
+    build_spec(q, k, v)
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(
+            f"ring attention shards q, k and v of one sequence alike; got local lengths "
+            f"Lq={q.shape[2]} (q {_shape(q)}) and Lk={k.shape[2]} (k {_shape(k)}). Shard all three "
+            f"with qkv.distributed.shard(x, rank, world_size, layout=...)"
+        )
+    if layout == "zigzag" and q.shape[2] % 2:
+        raise ValueError(
+            f"the zigzag layout gives each rank two equal chunks, so the local length must be "
+            f"even; got {q.shape[2]} on rank {ring.rank}. Cut a sequence whose length is a "
+            f"multiple of 2P={2 * ring.size}, or use layout='contiguous'"
+        )
+
+
+_META_NAMES = ("B", "Hq", "Hkv", "L_local", "D", "Dv", "dtype", "causal", "layout", "scale")
+
+
+def _check_across_ranks(q: Tensor, k: Tensor, v: Tensor, o: _Opts) -> None:
+    """All ranks must pass shards of one shape and the same options, or the ring would hang."""
+    meta = [*q.shape[:2], k.shape[1], q.shape[2], q.shape[3], v.shape[3], _DTYPES.index(q.dtype),
+            float(o.causal), LAYOUTS.index(o.layout), o.scale]
+    every = all_gather_meta(o.ring, meta, q.device)
+    for r, theirs in enumerate(every):
+        if theirs != every[0]:
+            diff = [
+                f"{n}: rank 0 has {_show(n, a)}, rank {r} has {_show(n, b)}"
+                for n, a, b in zip(_META_NAMES, every[0], theirs) if a != b
+            ]
+            raise ValueError(
+                "ring attention needs the same shard shapes and options on every rank; "
+                + "; ".join(diff)
+                + ". Shard one sequence with qkv.distributed.shard(...) and pass the same "
+                "causal/layout/scale everywhere"
+            )
+
+
+def _show(name: str, x: float):
+    if name == "dtype":
+        return str(_DTYPES[int(x)])
+    if name == "layout":
+        return repr(LAYOUTS[int(x)])
+    if name == "causal":
+        return bool(x)
+    return x if name == "scale" else int(x)
+
+
+def _merge(out_acc: Tensor, lse_acc: Tensor, out_s: Tensor, lse_s: Tensor) -> None:
+    """In place: fold a shard's (out_s, lse_s) into the running (out_acc, lse_acc).
+
+    out (B, Hq, n, Dv), lse (B, Hq, n), all in the compute dtype. Rows that have seen
+    nothing yet (lse -inf on both sides) stay 0 / -inf, never NaN.
+    """
+    lse_new = torch.logaddexp(lse_acc, lse_s)  # (B, Hq, n)
+    safe = lse_new.masked_fill(torch.isneginf(lse_new), 0.0)
+    w_old = torch.exp(lse_acc - safe).unsqueeze(-1)  # (B, Hq, n, 1)
+    w_new = torch.exp(lse_s - safe).unsqueeze(-1)  # (B, Hq, n, 1)
+    out_acc.mul_(w_old).add_(out_s * w_new)
+    lse_acc.copy_(lse_new)
+
+
+def _receive_buffers(k: Tensor, v: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
+    """Two (k, v) buffers received into on alternate steps, never the caller's k and v.
+
+    At step s a rank sends the shard it holds and receives into buffer s % 2, which is
+    not the one being sent; the caller's tensors are only ever sent (autograd saves them).
+    """
+    n = min(size - 1, 2)
+    return [(torch.empty_like(k), torch.empty_like(v)) for _ in range(n)]
+
+
+def _ring_forward(q: Tensor, k: Tensor, v: Tensor, o: _Opts) -> tuple[Tensor, Tensor]:
+    """Local shards -> (out, lse) of the local queries against the whole sequence, compute dtype."""
+    ring, ct = o.ring, compute_dtype(q.dtype)
+    B, Hq, L, _ = q.shape
+    q_ct = q.to(ct)  # (B, Hq, L, D)
+    out = torch.zeros(B, Hq, L, v.shape[3], dtype=ct, device=q.device)  # (B, Hq, L, Dv)
+    lse = torch.full((B, Hq, L), float("-inf"), dtype=ct, device=q.device)  # (B, Hq, L)
+    k_cur, v_cur = k.contiguous(), v.contiguous()
+    bufs = _receive_buffers(k_cur, v_cur, ring.size)
+    for step in range(ring.size):
+        src = (ring.rank - step) % ring.size
+        works = None
+        if step < ring.size - 1:  # post the next transfer before computing on this shard
+            k_nxt, v_nxt = bufs[step % 2]
+            works = ring.exchange([k_cur, v_cur], [k_nxt, v_nxt])
+        w = step_work(o.layout, o.causal, ring.rank, src, ring.size, L)
+        if w is not None:
+            qs = q_ct[:, :, w.q0:w.q1]  # (B, Hq, lq, D)
+            ks = k_cur[:, :, w.k0:w.k1].to(ct)  # (B, Hkv, lk, D)
+            vs = v_cur[:, :, w.k0:w.k1].to(ct)  # (B, Hkv, lk, Dv)
+            spec = build_spec(qs, ks, vs, causal=w.causal, scale=o.scale)
+            out_s, lse_s = block_forward(qs, ks, vs, spec)
+            _merge(out[:, :, w.q0:w.q1], lse[:, :, w.q0:w.q1], out_s, lse_s)
+        if works is not None:
+            ring.wait(works, f"receiving the key/value shard of rank {(src - 1) % ring.size} "
+                             f"(forward step {step + 1} of {ring.size})")
+            k_cur, v_cur = k_nxt, v_nxt
+    return out, lse
+
+
+def _ring_backward(q, k, v, out, lse, d_out, d_lse, o: _Opts) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the local shards from the merged out/lse (compute dtype) and upstream grads."""
+    ring, ct = o.ring, compute_dtype(q.dtype)
+    B, Hq, L, D = q.shape
+    q_ct, d_out = q.to(ct), d_out.to(ct)
+    dq = torch.zeros(B, Hq, L, D, dtype=ct, device=q.device)  # (B, Hq, L, D)
+    k_cur, v_cur = k.contiguous(), v.contiguous()
+    bufs = _receive_buffers(k_cur, v_cur, ring.size)
+    # The travelling dk/dv accumulators (compute dtype), double buffered: one is being sent
+    # while the other receives.
+    dk_acc = torch.zeros(k.shape, dtype=ct, device=k.device)  # (B, Hkv, L, D)
+    dv_acc = torch.zeros(v.shape, dtype=ct, device=v.device)  # (B, Hkv, L, Dv)
+    dk_in, dv_in = torch.empty_like(dk_acc), torch.empty_like(dv_acc)
+    grad_works = None
+    for step in range(ring.size):
+        src = (ring.rank - step) % ring.size
+        kv_works = None
+        if step < ring.size - 1:
+            k_nxt, v_nxt = bufs[step % 2]
+            kv_works = ring.exchange([k_cur, v_cur], [k_nxt, v_nxt])
+        w = step_work(o.layout, o.causal, ring.rank, src, ring.size, L)
+        dk_s = dv_s = None
+        if w is not None:
+            sl = slice(w.q0, w.q1)
+            qs = q_ct[:, :, sl]  # (B, Hq, lq, D)
+            ks = k_cur[:, :, w.k0:w.k1].to(ct)  # (B, Hkv, lk, D)
+            vs = v_cur[:, :, w.k0:w.k1].to(ct)  # (B, Hkv, lk, Dv)
+            spec = build_spec(qs, ks, vs, causal=w.causal, scale=o.scale)
+            dl = None if d_lse is None else d_lse[:, :, sl]
+            dq_s, dk_s, dv_s = block_backward(qs, ks, vs, out[:, :, sl], lse[:, :, sl], d_out[:, :, sl], dl, spec)
+            dq[:, :, sl] += dq_s
+        if step > 0:  # the accumulator for shard `src`, holding the shares of the ranks before us
+            ring.wait(grad_works, f"receiving the key/value gradients of rank {(src - 1) % ring.size}'s "
+                                  f"predecessor chain (backward step {step + 1} of {ring.size})")
+            dk_acc, dk_in, dv_acc, dv_in = dk_in, dk_acc, dv_in, dv_acc
+        if dk_s is not None:
+            dk_acc[:, :, w.k0:w.k1] += dk_s
+            dv_acc[:, :, w.k0:w.k1] += dv_s
+        if ring.size > 1:  # pass the accumulator on; the last hop brings our own shard's total home
+            grad_works = ring.exchange([dk_acc, dv_acc], [dk_in, dv_in], tag=_GRAD_TAG)
+        if kv_works is not None:
+            ring.wait(kv_works, f"receiving the key/value shard of rank {(src - 1) % ring.size} "
+                                f"(backward step {step + 1} of {ring.size})")
+            k_cur, v_cur = k_nxt, v_nxt
+    if ring.size > 1:
+        ring.wait(grad_works, "receiving this shard's key/value gradients back (end of backward)")
+        dk_acc, dv_acc = dk_in, dv_in
+    return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, opts):
+        out, lse = _ring_forward(q, k, v, opts)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.opts = opts
+        ctx.set_materialize_grads(False)
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if d_out is None:
+            d_out = torch.zeros_like(out)
+        dq, dk, dv = _ring_backward(q, k, v, out, lse, d_out, d_lse, ctx.opts)
+        return dq, dk, dv, None
+
+
+def ring_attention_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, group=None, layout: str = "zigzag",
+    scale: Optional[float] = None, timeout: float = DEFAULT_TIMEOUT, check_shards: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Like `ring_attention`, also returning lse (B, Hq, L_local) of the local rows (float32,
+    float64 for float64 inputs), differentiable."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be True or False; got {causal!r}")
+    check_layout(layout)
+    ring = make_ring(group, timeout)
+    _check_local(q, k, v, layout, ring)
+    spec = build_spec(q, k, v, scale=scale)
+    opts = _Opts(ring, layout, causal, spec.scale)
+    if check_shards and ring.size > 1:
+        _check_across_ranks(q, k, v, opts)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _RingAttention.apply(q, k, v, opts)
+    out, lse = _ring_forward(q, k, v, opts)
+    return out.to(q.dtype), lse
+
+
+def ring_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, group=None, layout: str = "zigzag",
+    scale: Optional[float] = None, timeout: float = DEFAULT_TIMEOUT, check_shards: bool = True,
+) -> Tensor:
+    """Exact attention over a sequence sharded across the ranks of `group`, differentiable.
+
+    Every rank of the group calls this collectively with its own shard:
+
+    - q (B, Hq, L_local, D), k (B, Hkv, L_local, D), v (B, Hkv, L_local, Dv); Hq a multiple
+      of Hkv (grouped-query heads: only the Hkv heads travel). The same shapes on every rank.
+    - causal: each token sees itself and the tokens before it in the *global* sequence.
+    - group: the process group whose ranks, in group-rank order, hold the sequence (None =
+      the default group).
+    - layout: "zigzag" (rank r holds chunks r and 2P-1-r of 2P; L_local even; balanced
+      causal work) or "contiguous" (rank r holds piece r of P). Shard and unshard with
+      `qkv.distributed.shard` / `unshard`.
+    - scale: score scale, default 1/sqrt(D).
+    - timeout: seconds any wait on a peer may take before raising RingAttentionError.
+    - check_shards: one small all_gather that checks every rank passes the same shapes and
+      options (a clear ValueError instead of a hang); turn off to save a collective.
+
+    Returns out (B, Hq, L_local, Dv) in q's dtype: this rank's rows of
+    attention(full_q, full_k, full_v, causal=causal), in this rank's layout.
+    """
+    out, _ = ring_attention_with_lse(q, k, v, causal=causal, group=group, layout=layout, scale=scale,
+                                     timeout=timeout, check_shards=check_shards)
+    return out
+
+
+@dataclass(frozen=True)
+class RingAttention:
+    """An attention function with `qkv.attention`'s signature that runs ring attention.
+
+    The adapter for layers (MultiHeadAttention): hand it to a layer in place of
+    `qkv.attention` and the layer's q, k, v (already sharded by the caller) are attended
+    across the whole sequence. Arguments the ring does not support raise, never ignored.
+
+        attn = RingAttention(group=None, layout="zigzag")
+        out = attn(q, k, v, causal=True)           # q, k, v: (B, H, L_local, D) shards
+        pos = attn.positions(q.shape[2])           # global positions, for rotary embeddings
+    """
+
+    group: object = None
+    layout: str = "zigzag"
+    timeout: float = DEFAULT_TIMEOUT
+
+    def __post_init__(self):
+        check_layout(self.layout)
+
+    def __call__(self, q, k, v, *, mask=None, causal=False, window=None, scale=None, score_mod=None,
+                 dropout_p=0.0, backend="auto"):
+        unsupported = [f"{n}={x!r}" for n, x, default in (
+            ("mask", mask, None), ("window", window, None), ("score_mod", score_mod, None),
+            ("dropout_p", dropout_p, 0.0)) if not (x is default or x == default)]
+        if backend not in ("auto", "ring"):
+            unsupported.append(f"backend={backend!r}")
+        if unsupported:
+            raise ValueError(
+                f"ring attention supports causal and scale only; got {', '.join(unsupported)}. "
+                f"Use qkv.attention on one process for masks, windows, score_mod or dropout"
+            )
+        return ring_attention(q, k, v, causal=causal, group=self.group, layout=self.layout,
+                              scale=scale, timeout=self.timeout)
+
+    def positions(self, local_len: int) -> Tensor:
+        """Global positions (L_local,) of this rank's tokens, for position embeddings."""
+        ring = make_ring(self.group, self.timeout)
+        return shard_positions(local_len * ring.size, ring.rank, ring.size, layout=self.layout)
