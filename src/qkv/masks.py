@@ -453,7 +453,21 @@ def global_tokens(positions) -> MaskMod:
     """
     lut = _positions("positions", positions)
     desc = f"global_tokens({positions if isinstance(positions, numbers.Integral) else lut.nonzero().flatten().tolist()})"
-    return _named(or_masks(_position_set(lut, "q", "global_q"), _position_set(lut, "kv", "global_kv")), desc)
+    gq, gk = _position_set(lut, "q", "global_q"), _position_set(lut, "kv", "global_kv")
+
+    def fn(b, h, q_idx, kv_idx):
+        return gq(b, h, q_idx, kv_idx) | gk(b, h, q_idx, kv_idx)
+
+    def classify(b, h, q0, q1, k0, k1):
+        # exact: a block is full iff all its rows or all its columns are global, empty iff
+        # none is; otherwise a non-global row meets a non-global column (False) and a global
+        # row or column gives a True.
+        fq, eq, _ = gq.classify(b, h, q0, q1, k0, k1)
+        fk, ek, _ = gk.classify(b, h, q0, q1, k0, k1)
+        full, empty = fq | fk, eq & ek
+        return full, empty, ~full & ~empty
+
+    return _Pattern(fn, classify, desc)
 
 
 def longformer(window: int, global_positions) -> MaskMod:
