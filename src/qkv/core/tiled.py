@@ -26,10 +26,12 @@ from torch import Tensor
 from ._spec import AttentionSpec
 from .reference import compute_dtype
 
-# Target number of score entries (rows x B x heads x keys) in one block: large enough that
-# each matrix product is efficient, small enough that a block stays in the last-level cache
-# range and memory stays far below the inputs at long lengths.
-_BLOCK_ENTRIES = 1 << 21
+# Target number of score entries (B x heads x rows x keys) in one block: large enough that
+# each matrix product is efficient and Python's per-block cost is amortised, small enough
+# (4 MiB in float32) that a block stays near the cache. Measured on a 2-core AVX-512 CPU
+# (block-size sweep in docs/benchmarks.md).
+_BLOCK_ENTRIES = 1 << 20
+_MAX_BLOCK_Q = 256
 _override: Optional[tuple[int, int]] = None
 
 
@@ -47,14 +49,19 @@ def block_sizes(block_q: int, block_k: int) -> Iterator[None]:
 
 
 def choose_blocks(spec: AttentionSpec) -> tuple[int, int]:
-    """(block_q, block_k) for these sizes: keys in blocks of up to 1024, queries to fill the budget."""
+    """(block_q, block_k) for these sizes.
+
+    Keys in blocks of 512, or 256 under a causal/window band (narrower blocks waste less
+    work on the diagonal); query rows as many as fill the block budget, a power of two
+    between 16 and 256.
+    """
     if _override is not None:
         return _override
     rows = spec.B * spec.Hq
-    block_k = min(spec.Lk, 1024) if spec.Lk > 0 else 1
-    block_q = max(16, _BLOCK_ENTRIES // max(1, rows * block_k))
-    block_q = min(spec.Lq, 1 << (block_q.bit_length() - 1))  # a power of two, at most Lq
-    return max(block_q, 1), max(block_k, 1)
+    block_k = max(1, min(spec.Lk, 256 if spec.banded else 512))
+    block_q = max(16, min(_MAX_BLOCK_Q, _BLOCK_ENTRIES // max(1, rows * block_k)))
+    block_q = 1 << (block_q.bit_length() - 1)  # round down to a power of two
+    return max(1, min(block_q, spec.Lq)), block_k
 
 
 @dataclass(frozen=True)
@@ -146,28 +153,36 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: in
     out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Lq, dtype=ct, device=q.device)
     keep_scale = 1.0 / (1.0 - spec.dropout_p)
+    # Without dropout the row sum rides along as a column of ones appended to v: one matrix
+    # product p @ [v, 1] gives the weighted values and the row sum, saving a pass over p.
+    ride_along = spec.dropout_p == 0.0
+    k_c = k.to(ct)  # (B, Hkv, Lk, D); upcast once, not once per query block
+    v_c = v.to(ct)  # (B, Hkv, Lk, Dv)
+    if ride_along:
+        v_c = torch.cat([v_c, v_c.new_ones(B, Hkv, spec.Lk, 1)], dim=-1)  # (B, Hkv, Lk, Dv+1)
     for qb, i0 in enumerate(range(0, Lq, block_q)):
         i1 = min(i0 + block_q, Lq)
         rows = G * (i1 - i0)
         q_blk = _q_block(q, spec, i0, i1, ct)  # (B, Hkv, G*bq, D)
         row_max = torch.full((B, Hkv, rows, 1), float("-inf"), dtype=ct, device=q.device)
-        row_sum = torch.zeros(B, Hkv, rows, 1, dtype=ct, device=q.device)
-        acc = torch.zeros(B, Hkv, rows, Dv, dtype=ct, device=q.device)
+        row_sum = None if ride_along else torch.zeros(B, Hkv, rows, 1, dtype=ct, device=q.device)
+        acc = torch.zeros(B, Hkv, rows, v_c.shape[-1], dtype=ct, device=q.device)
         for j0, j1, check in plan.kv_blocks(qb, i0, i1):
-            k_blk = k[:, :, j0:j1].to(ct)  # (B, Hkv, bk, D)
-            v_blk = v[:, :, j0:j1].to(ct)  # (B, Hkv, bk, Dv)
+            k_blk, v_blk = k_c[:, :, j0:j1], v_c[:, :, j0:j1]  # (B, Hkv, bk, D), (B, Hkv, bk, Dv[+1])
             s, _, _ = _scores(spec, q_blk, k_blk, i0, i1, j0, j1, grad_mod=False, check_block_mask=check)
             new_max = torch.maximum(row_max, s.amax(dim=-1, keepdim=True))  # (B, Hkv, rows, 1)
             # Rows that have seen only -inf keep a reference of 0 so exp() gives 0, not NaN.
             safe_max = new_max.masked_fill(torch.isneginf(new_max), 0.0)
             alpha = torch.exp(row_max - safe_max)  # rescales what was accumulated so far
             p = s.sub_(safe_max).exp_()  # (B, Hkv, rows, bk), in place over the scores
-            row_sum.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
-            if spec.dropout_p > 0.0:
+            if not ride_along:
+                row_sum.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
                 keep = _dropout_keep(seed, qb, j0 // block_k, p.shape, spec.dropout_p, q.device)
                 p = p * keep * keep_scale
-            acc.mul_(alpha).add_(torch.matmul(p, v_blk))  # (B, Hkv, rows, Dv)
+            acc.mul_(alpha).add_(torch.matmul(p, v_blk))  # (B, Hkv, rows, Dv[+1])
             row_max = new_max
+        if ride_along:
+            acc, row_sum = acc[..., :Dv], acc[..., Dv:]  # (B, Hkv, rows, Dv), (B, Hkv, rows, 1)
         safe_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
         out_blk = (acc / safe_sum).view(B, Hkv, G, i1 - i0, Dv).reshape(B, Hq, i1 - i0, Dv)
         out[:, :, i0:i1] = out_blk.to(q.dtype)
@@ -200,6 +215,7 @@ def block_backward(
     # Rows with lse = -inf attended to nothing; +inf makes their recomputed probabilities 0.
     lse_safe = lse.masked_fill(torch.isneginf(lse), float("inf"))
     keep_scale = 1.0 / (1.0 - spec.dropout_p)
+    k_c, v_c = k.to(ct), v.to(ct)  # upcast once, not once per query block
     for qb, i0 in enumerate(range(0, Lq, block_q)):
         i1 = min(i0 + block_q, Lq)
         bq, rows = i1 - i0, G * (i1 - i0)
@@ -209,8 +225,7 @@ def block_backward(
         delta_blk = delta[:, :, i0:i1].reshape(B, Hkv, rows, 1)  # (B, Hkv, rows, 1)
         dq_blk = torch.zeros(B, Hkv, rows, D, dtype=ct, device=q.device)
         for j0, j1, check in plan.kv_blocks(qb, i0, i1):
-            k_blk = k[:, :, j0:j1].to(ct)  # (B, Hkv, bk, D)
-            v_blk = v[:, :, j0:j1].to(ct)  # (B, Hkv, bk, Dv)
+            k_blk, v_blk = k_c[:, :, j0:j1], v_c[:, :, j0:j1]  # (B, Hkv, bk, D), (B, Hkv, bk, Dv)
             s, raw, modded = _scores(spec, q_blk, k_blk, i0, i1, j0, j1, grad_mod=True, check_block_mask=check)
             p = s.sub_(lse_blk).exp_()  # (B, Hkv, rows, bk): the forward's probabilities
             dp = torch.matmul(do_blk, v_blk.transpose(-1, -2))  # (B, Hkv, rows, bk)

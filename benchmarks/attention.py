@@ -1,0 +1,169 @@
+"""Benchmark of the attention core against torch's own SDPA, measured in the same run.
+
+For each dtype, causal or not, and length: the best-of-N forward time of torch's
+F.scaled_dot_product_attention and of qkv's backends, each also as a speed ratio
+(torch SDPA time / backend time: 1.0 = as fast as torch, 0.5 = half as fast). Then the
+peak memory of the tiled backend, measured in a fresh subprocess as the growth of the
+process's resident set beyond its inputs and output. Prints tables and writes JSON.
+
+    python benchmarks/attention.py                       # the table in docs/benchmarks.md
+    python benchmarks/attention.py --lengths 1024 2048 --repeats 2 --memory-lengths 16384
+    python benchmarks/attention.py --tiles               # block-size sweep of the tiled backend
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import qkv
+from qkv.core import tiled
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_speed(args) -> list[dict]:
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        for causal in (False, True):
+            for L in args.lengths:
+                gen = torch.Generator().manual_seed(0)
+                q, k, v = (torch.randn(args.batch, args.heads, L, args.dim, generator=gen).to(dtype) for _ in range(3))
+                repeats = args.repeats if L <= 8192 else max(1, args.repeats - 1)
+                with torch.inference_mode():
+                    t_torch = best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), repeats)
+                    row = {"dtype": dtype_name, "causal": causal, "L": L, "torch_sdpa_s": t_torch}
+                    for backend in args.backends:
+                        t = best_time(lambda: qkv.attention(q, k, v, causal=causal, backend=backend), repeats)
+                        row[f"{backend}_s"] = t
+                        row[f"{backend}_ratio"] = t_torch / t
+                rows.append(row)
+                cells = "  ".join(f"{b} {row[b + '_s']:.4f}s ({row[b + '_ratio']:.2f}x)" for b in args.backends)
+                print(f"  measured {dtype_name} causal={causal} L={L}: torch {t_torch:.4f}s  {cells}", file=sys.stderr, flush=True)
+    return rows
+
+
+_MEMORY_CHILD = r"""
+import resource, sys, torch, qkv
+L, H, D, causal, backend, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5], getattr(torch, sys.argv[6])
+torch.manual_seed(0)
+q, k, v = (torch.randn(1, H, L, D, dtype=dtype) for _ in range(3))
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+base = rss()
+with torch.inference_mode():
+    out = qkv.attention(q, k, v, causal=causal, backend=backend)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+extra = peak - base - out.numel() * out.element_size()
+print(extra, q.numel() * q.element_size() * 4)
+"""
+
+
+def bench_memory(args) -> list[dict]:
+    rows = []
+    for L in args.memory_lengths:
+        for backend in ("tiled", "sdpa"):
+            t0 = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, "-c", _MEMORY_CHILD, str(L), str(args.heads), str(args.dim), "1", backend, "float32"],
+                capture_output=True, text=True,
+            )
+            if proc.returncode != 0:
+                print(proc.stderr, file=sys.stderr)
+                raise SystemExit(f"memory run failed for L={L} backend={backend}")
+            extra, io_bytes = (int(x) for x in proc.stdout.split())
+            rows.append({"L": L, "backend": backend, "causal": True, "dtype": "float32",
+                         "extra_bytes": extra, "inputs_and_output_bytes": io_bytes,
+                         "seconds": time.perf_counter() - t0})
+            print(f"  memory L={L} {backend}: {extra / 2**20:.0f} MiB beyond inputs and output", file=sys.stderr, flush=True)
+    return rows
+
+
+def bench_tiles(args) -> None:
+    L = args.lengths[0] if args.lengths else 4096
+    q, k, v = (torch.randn(args.batch, args.heads, L, args.dim) for _ in range(3))
+    print(f"\nTiled block-size sweep, L={L}, float32: speed ratio against torch SDPA\n")
+    print("| causal | " + " | ".join(f"{bq}x{bk}" for bq, bk in TILE_GRID) + " |")
+    print("|---|" + "---|" * len(TILE_GRID))
+    for causal in (False, True):
+        with torch.inference_mode():
+            t_torch = best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), args.repeats)
+            cells = []
+            for bq, bk in TILE_GRID:
+                with tiled.block_sizes(bq, bk):
+                    cells.append(t_torch / best_time(lambda: qkv.attention(q, k, v, causal=causal, backend="tiled"), args.repeats))
+        print(f"| {causal} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+
+
+TILE_GRID = [(64, 512), (128, 256), (128, 512), (256, 256), (256, 512), (512, 512), (256, 1024), (1024, 1024)]
+
+
+def print_tables(speed: list[dict], memory: list[dict], args) -> None:
+    print(f"\nForward time, B={args.batch}, H={args.heads}, D={args.dim}; ratio = torch SDPA time / qkv time "
+          f"(best of {args.repeats}; {torch.get_num_threads()} threads, torch {torch.__version__})\n")
+    head = "| dtype | causal | L | torch SDPA | " + " | ".join(f"qkv {b}" for b in args.backends) + " |"
+    print(head)
+    print("|" + "---|" * (3 + 1 + len(args.backends)))
+    for r in speed:
+        cells = " | ".join(f"{r[b + '_s'] * 1e3:.1f} ms ({r[b + '_ratio']:.2f}x)" for b in args.backends)
+        print(f"| {r['dtype']} | {r['causal']} | {r['L']} | {r['torch_sdpa_s'] * 1e3:.1f} ms | {cells} |")
+    if memory:
+        print(f"\nPeak memory beyond inputs and output, causal float32 forward, B=1, H={args.heads}, D={args.dim}\n")
+        print("| L | backend | extra memory | inputs + output |")
+        print("|---|---|---|---|")
+        for r in memory:
+            print(f"| {r['L']} | {r['backend']} | {r['extra_bytes'] / 2**20:.0f} MiB | {r['inputs_and_output_bytes'] / 2**20:.0f} MiB |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    p.add_argument("--backends", nargs="+", default=["auto", "tiled"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--memory-lengths", type=int, nargs="*", default=[16384, 65536])
+    p.add_argument("--json", default="benchmarks/results/attention.json", help="where to write the results")
+    p.add_argument("--tiles", action="store_true", help="only sweep the tiled backend's block sizes")
+    args = p.parse_args(argv)
+    if args.tiles:
+        bench_tiles(args)
+        return 0
+    speed = bench_speed(args)
+    memory = bench_memory(args) if args.memory_lengths else []
+    print_tables(speed, memory, args)
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "machine": platform.processor() or platform.machine(),
+                   "threads": torch.get_num_threads(), "torch": torch.__version__, "speed": speed, "memory": memory}, f, indent=1)
+    os.replace(tmp, args.json)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
