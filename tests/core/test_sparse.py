@@ -1,0 +1,244 @@
+"""The sparse backend against the float64 reference (outputs and dq, dk, dv) by the tolerance
+rule, against FlexAttention as a peer on forward outputs, and the count of blocks it visits."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import qkv
+from qkv import masks as M
+from qkv.core import api, sparse
+from tolerance import FWD_FACTOR, GRAD_FACTOR, assert_within_rule
+
+# (B, Hq, Hkv, Lq, Lk, D): ragged lengths, Lq != Lk both ways, GQA and MQA
+SHAPES = {
+    "gqa-ragged": (2, 4, 2, 133, 133, 32),
+    "mqa-short-q": (1, 4, 1, 70, 151, 16),
+    "mha-short-k": (1, 2, 2, 151, 90, 16),
+}
+BLOCK = (32, 16)
+
+
+def _patterns(Lq, Lk):
+    off = Lk - Lq
+    return {
+        "causal": M.causal(offset=off),
+        "window": M.sliding_window(20, offset=off),
+        "causal-window": M.causal_sliding_window(24, offset=off),
+        "dilated": M.dilated_sliding_window(6, 3),
+        "strided": M.strided(16),
+        "fixed": M.fixed(24, 3),
+        "longformer": M.longformer(10, [0, 50]),
+        "bigbird": M.bigbird(max(Lq, Lk), block=16, num_random_blocks=2, seed=7),
+        "document-causal": M.document([40, 0, 23, 50], causal=True),
+        "prefix-lm": M.prefix_lm(30),
+        "window-or-global": M.or_masks(M.sliding_window(8), M.global_tokens(3)),
+        "user-fn": lambda b, h, q, k: ((q + 2 * k + h) % 5 != 0) & (k <= q + 30),
+    }
+
+
+def _inputs(shape, dtype, seed=0):
+    B, Hq, Hkv, Lq, Lk, D = shape
+    g = torch.Generator().manual_seed(seed)
+    ts = [torch.randn(*s, generator=g, dtype=torch.float64) for s in
+          ((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D), (B, Hq, Lq, D))]
+    return [t.to(dtype) for t in ts]
+
+
+def _compare(shape, dtype, fast_kwargs, ref_kwargs, what, grads=True):
+    """Sparse run vs plain same-dtype reference vs float64 reference; one shared upstream gradient."""
+    q, k, v, up = _inputs(shape, dtype)
+    runs = {}
+    for name, xs, fn, kw in (
+        ("fast", (q, k, v), lambda *a, **kw: qkv.attention(*a, backend="sparse", **kw), fast_kwargs),
+        ("plain", (q, k, v), qkv.reference_attention, ref_kwargs),
+        ("exact", tuple(t.double() for t in (q, k, v)), qkv.reference_attention, ref_kwargs),
+    ):
+        xs = [x.detach().clone().requires_grad_(grads) for x in xs]
+        out = fn(*xs, **kw)
+        g = torch.autograd.grad(out, xs, up.to(out.dtype)) if grads else ()
+        runs[name] = (out, g)
+    assert_within_rule(runs["fast"][0], runs["plain"][0], runs["exact"][0], factor=FWD_FACTOR, what=f"{what} out")
+    for i, n in enumerate(("dq", "dk", "dv") if grads else ()):
+        assert_within_rule(runs["fast"][1][i], runs["plain"][1][i], runs["exact"][1][i], factor=GRAD_FACTOR, what=f"{what} {n}")
+
+
+PATTERN_NAMES = sorted(_patterns(1, 1))
+
+
+@pytest.mark.parametrize("pattern", PATTERN_NAMES)
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_patterns_float32(pattern, shape):
+    B, Hq, Hkv, Lq, Lk, D = SHAPES[shape]
+    fn = _patterns(Lq, Lk)[pattern]
+    bm = qkv.block_mask(fn, B, Hq, Lq, Lk, block_size=BLOCK)  # user-fn depends on h
+    _compare(SHAPES[shape], torch.float32, {"mask": bm}, {"mask": fn}, f"{pattern}/{shape}")
+
+
+@pytest.mark.parametrize("pattern", ["causal-window", "document-causal", "longformer", "user-fn"])
+def test_patterns_bfloat16(pattern):
+    shape = SHAPES["gqa-ragged"]
+    fn = _patterns(shape[3], shape[4])[pattern]
+    bm = qkv.block_mask(fn, shape[0], shape[1], shape[3], shape[4], block_size=BLOCK)
+    _compare(shape, torch.bfloat16, {"mask": bm}, {"mask": fn}, f"{pattern}/bf16")
+
+
+def test_mask_function_with_backend_sparse_builds_and_caches_block_mask():
+    shape = SHAPES["gqa-ragged"]
+    fn = M.sliding_window(12)
+    _compare(shape, torch.float32, {"mask": fn}, {"mask": fn}, "mask_mod")
+    spec = api.build_spec(*_inputs(shape, torch.float32)[:3], mask=fn)
+    assert sparse.block_mask_for(spec) is sparse.block_mask_for(spec)
+
+
+def test_layout_differs_per_batch_and_head():
+    shape = (2, 4, 2, 100, 100, 16)
+    fn = lambda b, h, q, k: (k <= q + 7 * h - 10) & ((b == 0) | (k >= q - 20))  # noqa: E731
+    bm = qkv.block_mask(fn, 2, 4, 100, 100, block_size=16)
+    assert bm.kv_num_blocks.shape[:2] == (2, 4)
+    _compare(shape, torch.float32, {"mask": bm}, {"mask": fn}, "per-(b,h) layout")
+
+
+_G = torch.Generator().manual_seed(2)
+_TABLE = torch.randn(97, 113, generator=_G)  # (Lq, Lk) for the tensor-backed cases below
+
+OTHER_ARGS = {
+    "causal": {"causal": True},
+    "window": {"window": (9, 4)},
+    "alibi": {"score_mod": M.alibi(4)},
+    "soft-cap": {"score_mod": M.soft_cap(0.5), "scale": 2.0},
+    "relative-bias": {"score_mod": M.relative_position_bias(torch.randn(4, 9, generator=_G), 4)},
+    # `mask=` takes one thing: a float mask rides along as a bias looked up by index
+    "float-bias": {"score_mod": lambda s, b, h, q, k: s + _TABLE[q, k].to(s.dtype)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_ARGS))
+def test_other_arguments_combine_with_block_mask(name):
+    shape = (1, 4, 2, 97, 113, 16)
+    fn = M.sliding_window(30, offset=16)
+    bm = qkv.block_mask(fn, 1, 4, 97, 113, block_size=BLOCK)
+    extra = OTHER_ARGS[name]
+    _compare(shape, torch.float32, {"mask": bm, **extra}, {"mask": fn, **extra}, name)
+
+
+def test_bool_tensor_mask_combined_through_and_masks():
+    keep = _TABLE > -0.5  # (Lq, Lk), a bool mask indexed by the mask function
+    fn = M.and_masks(M.sliding_window(30, offset=16), lambda b, h, q, k: keep[q, k])
+    bm = qkv.block_mask(fn, 1, 1, 97, 113, block_size=BLOCK)
+    _compare((1, 4, 2, 97, 113, 16), torch.float32, {"mask": bm}, {"mask": fn}, "bool table")
+
+
+def test_lse_and_float64():
+    shape = (1, 2, 2, 80, 80, 16)
+    q, k, v, _ = _inputs(shape, torch.float64)
+    fn = M.document([30, 50], causal=True)
+    bm = qkv.block_mask(fn, 1, 1, 80, 80, block_size=16)
+    out, lse = qkv.attention_with_lse(q, k, v, mask=bm, backend="sparse")
+    ref, ref_lse = qkv.attention_with_lse(q, k, v, mask=fn, backend="reference")
+    assert torch.allclose(out, ref, atol=1e-12) and torch.allclose(lse, ref_lse, atol=1e-6)
+
+
+def test_empty_rows_give_zeros_and_finite_grads():
+    fn = M.document([20, 20])  # rows 40.. see nothing
+    bm = qkv.block_mask(fn, 1, 1, 64, 64, block_size=16)
+    q, k, v, up = [t.requires_grad_() for t in _inputs((1, 2, 2, 64, 64, 8), torch.float32)]
+    out, lse = qkv.attention_with_lse(q, k, v, mask=bm, backend="sparse")
+    assert (out[:, :, 40:] == 0).all() and torch.isneginf(lse[:, :, 40:]).all()
+    grads = torch.autograd.grad(out, (q, k, v), up.detach())
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_dropout_runs_and_is_reproducible():
+    q, k, v, _ = _inputs((1, 2, 2, 64, 64, 8), torch.float32)
+    bm = qkv.block_mask(M.causal(), 1, 1, 64, 64, block_size=16)
+    torch.manual_seed(5)
+    a = qkv.attention(q, k, v, mask=bm, dropout_p=0.3, backend="sparse")
+    torch.manual_seed(5)
+    b = qkv.attention(q, k, v, mask=bm, dropout_p=0.3, backend="sparse")
+    plain = qkv.attention(q, k, v, mask=bm, backend="sparse")
+    assert torch.equal(a, b) and not torch.allclose(a, plain)
+
+
+def test_auto_picks_sparse_for_block_masks_and_long_sparse_patterns():
+    q, k, v, _ = _inputs((1, 2, 2, 64, 64, 8), torch.float32)
+    bm = qkv.block_mask(M.causal(), 1, 1, 64, 64, block_size=16)
+    assert api.choose_backend(api.build_spec(q, k, v, mask=bm), q, False) == "sparse"
+    long_q = torch.zeros(1, 1, 2048, 8)
+    assert api.choose_backend(api.build_spec(long_q, long_q, long_q, mask=M.sliding_window(64)), long_q, False) == "sparse"
+    short = api.build_spec(q, k, v, mask=M.sliding_window(4))
+    assert api.choose_backend(short, q, False) != "sparse"
+
+
+def test_sparse_without_a_mask_names_other_backends():
+    q, k, v, _ = _inputs((1, 2, 2, 16, 16, 8), torch.float32)
+    with pytest.raises(ValueError, match="backend='tiled'"):
+        qkv.attention(q, k, v, causal=True, backend="sparse")
+
+
+def test_visits_only_non_empty_blocks():
+    L = 512
+    fn = M.sliding_window(32)
+    bm = qkv.block_mask(fn, 1, 1, L, L, block_size=32)
+    q, k, v, _ = _inputs((1, 2, 2, L, L, 8), torch.float32)
+    spec = sparse.sparse_spec(api.build_spec(q, k, v, mask=bm), bm)
+    plan = sparse.make_plan(spec, bm)
+    visited = [(qb, j0, check) for qb, i0 in enumerate(range(0, L, 32)) for j0, _, check in plan.kv_blocks(qb, i0, min(i0 + 32, L))]
+    nq = L // 32
+    # window 32 = one block: key blocks qb-1, qb, qb+1; the diagonal one full, its neighbours partial
+    assert len(visited) == 3 * nq - 2 < nq * nq, f"visited {len(visited)} of {nq * nq} blocks"
+    checked = sum(c for _, _, c in visited)
+    assert checked == bm.counts()["partial"] == 2 * nq - 2, "the mask must be evaluated only in partial blocks"
+    # the band of causal=True removes the upper blocks on top of the layout
+    spec_c = sparse.sparse_spec(api.build_spec(q, k, v, mask=bm, causal=True), bm)
+    plan_c = sparse.make_plan(spec_c, bm)
+    n_c = sum(1 for qb, i0 in enumerate(range(0, L, 32)) for _ in plan_c.kv_blocks(qb, i0, i0 + 32))
+    assert n_c == 2 * nq - 1
+
+
+# ------------------------------------------------------------------ FlexAttention as a peer
+flex = pytest.importorskip("torch.nn.attention.flex_attention")
+
+
+@pytest.mark.parametrize("pattern", ["causal", "window", "document-causal", "prefix-lm", "longformer", "user-fn"])
+def test_forward_matches_flex_attention(pattern):
+    B, Hq, Hkv, L, D = 1, 4, 2, 200, 16
+    fn = _patterns(L, L)[pattern]
+    q, k, v, _ = _inputs((B, Hq, Hkv, L, L, D), torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fbm = flex.create_block_mask(fn, B, Hq, L, L, device="cpu", _compile=False)
+        ref = flex.flex_attention(q, k, v, block_mask=fbm, enable_gqa=True)
+    ours = qkv.attention(q, k, v, mask=qkv.block_mask(fn, B, Hq, L, L, block_size=32), backend="sparse")
+    err = (ours - ref).abs().max().item()
+    assert err < 1e-5, f"{pattern}: differs from FlexAttention by {err:.2e}"
+
+
+# ------------------------------------------------------------------ property tests
+def _random_mask(kind: str, seed: int, L: int):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "band":
+        lo = int(torch.randint(-30, 30, (1,), generator=g))
+        width = int(torch.randint(0, 60, (1,), generator=g))
+        return lambda b, h, q, k: (q - k >= lo) & (q - k <= lo + width)
+    if kind == "blocks":
+        cell = int(torch.randint(5, 40, (1,), generator=g))
+        n = -(-L // cell)
+        table = torch.rand(n, n, generator=g) < 0.3  # (n, n) random cells
+        return lambda b, h, q, k: table[q // cell, k // cell]
+    lengths = torch.randint(0, 50, (8,), generator=g).tolist()
+    return M.document(lengths, causal=bool(seed % 2))
+
+
+@pytest.mark.parametrize("kind", ["band", "blocks", "documents"])
+@pytest.mark.parametrize("seed", range(4))
+def test_random_masks_match_reference(kind, seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    Lq = int(torch.randint(20, 160, (1,), generator=g))
+    block = (int(torch.randint(4, 40, (1,), generator=g)), int(torch.randint(4, 40, (1,), generator=g)))
+    fn = _random_mask(kind, seed, Lq)
+    bm = qkv.block_mask(fn, 1, 1, Lq, Lq, block_size=block)
+    _compare((1, 2, 1, Lq, Lq, 16), torch.float32, {"mask": bm}, {"mask": fn}, f"{kind}/{seed} L={Lq} block={block}")
