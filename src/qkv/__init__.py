@@ -10,6 +10,7 @@ The functional core (DESIGN.md):
 """
 
 from .core import attention, attention_weights, attention_with_lse, reference_attention
+from .models import load  # models -> nn -> core; cheap: tokenizers/safetensors load lazily
 from . import masks
 from .masks import BlockMask, block_mask
 
@@ -20,6 +21,7 @@ __all__ = [
     "attention_with_lse",
     "attention_weights",
     "reference_attention",
+    "load",
     "BlockMask",
     "block_mask",
     "masks",

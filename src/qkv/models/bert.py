@@ -1,0 +1,358 @@
+"""BERT-family encoder (Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional
+Transformers for Language Understanding"), loading Hugging Face `BertModel` folders, and
+sentence embeddings as Sentence-BERT (Reimers & Gurevych 2019) computes them.
+
+Post-LayerNorm blocks: x = LN(x + Attn(x)); x = LN(x + FFN(x)); learned absolute and
+token-type embeddings. Module names are Hugging Face's except the attention projections,
+which are one fused `qkv_proj` in `attention.self` (plus its `out_proj`); `hf_plan` is the
+one pure function that maps checkpoint names onto them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn import LearnedPositions, MultiHeadAttention
+from .checkpoint import ModelError, Piece, Plan
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30522  # tokens in the vocabulary
+    hidden_size: int = 768  # E
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072  # feed-forward inner size
+    hidden_act: str = "gelu"  # "gelu" (erf), "gelu_new"/"gelu_pytorch_tanh" (tanh), "relu", "silu"
+    max_position_embeddings: int = 512  # learned absolute positions
+    type_vocab_size: int = 2  # segment (token type) embeddings
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1  # active only in training mode
+    attention_probs_dropout_prob: float = 0.1  # active only in training mode
+    pad_token_id: int = 0
+    position_embedding_type: str = "absolute"  # only "absolute" is supported
+    add_pooling_layer: bool = True  # BertModel's tanh pooler over [CLS]; set from the checkpoint's keys
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "BertConfig":
+        """Take the fields qkv uses from a Hugging Face config.json dict."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        if cfg.position_embedding_type != "absolute":
+            raise ModelError(
+                f"position_embedding_type={cfg.position_embedding_type!r} is not supported; qkv's BERT "
+                f"supports 'absolute' positions only"
+            )
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ModelError(f"hidden_size={cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}")
+        activation(cfg.hidden_act)  # reject unknown activations at load time
+        return cfg
+
+
+def activation(name: str):
+    """The activation function named in a Hugging Face config."""
+    table = {
+        "gelu": F.gelu,
+        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+        "relu": F.relu,
+        "silu": F.silu,
+        "swish": F.silu,
+    }
+    if name not in table:
+        raise ModelError(f"activation {name!r} in config.json is not supported; qkv supports {', '.join(sorted(table))}")
+    return table[name]
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.position_embeddings = LearnedPositions(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor]) -> Tensor:
+        L = input_ids.shape[1]
+        pos = torch.arange(L, device=input_ids.device)  # (L,)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)  # (B, L, E)
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertAttentionOutput(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        # HF's attention.self.{query,key,value} and attention.output.dense live here, fused.
+        self.self = MultiHeadAttention(c.hidden_size, c.num_attention_heads, dropout=c.attention_probs_dropout_prob)
+        self.output = BertAttentionOutput(c)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        return self.output.LayerNorm(x + self.output.dropout(self.self(x, mask=mask)))
+
+
+class BertDense(nn.Module):
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.dense = nn.Linear(n_in, n_out)
+
+
+class BertOutput(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(c)
+        self.intermediate = BertDense(c.hidden_size, c.intermediate_size)
+        self.output = BertOutput(c)
+        self._act = activation(c.hidden_act)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        x = self.attention(x, mask)  # (B, L, E)
+        h = self.output.dense(self._act(self.intermediate.dense(x)))  # (B, L, E)
+        return self.output.LayerNorm(x + self.output.dropout(h))
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
+
+
+class BertModel(nn.Module):
+    """The BERT encoder. `forward` gives the last hidden states; `encode` sentence embeddings.
+
+    Attributes set by `qkv.load`: `tokenizer` (a qkv Tokenizer) and `pooling` (a
+    `SentencePooling` read from the folder's sentence-transformers files, or mean pooling).
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertDense(config.hidden_size, config.hidden_size) if config.add_pooling_layer else None
+        self.tokenizer: Optional[Tokenizer] = None
+        self.pooling = SentencePooling()
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                token_type_ids: Optional[Tensor] = None) -> Tensor:
+        """Last hidden states.
+
+        Args:
+            input_ids: (B, L) int64 token ids.
+            attention_mask: (B, L) bool or 0/1, True/1 for real tokens, False/0 for padding.
+            token_type_ids: (B, L) segment ids (default all 0).
+
+        Returns:
+            (B, L, E). Rows at padded positions are computed but meaningless.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
+        L = input_ids.shape[1]
+        if L > self.config.max_position_embeddings:
+            raise ModelError(
+                f"input has {L} tokens but this model has {self.config.max_position_embeddings} positions; "
+                f"shorten or truncate it"
+            )
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}; got {tuple(attention_mask.shape)}")
+            keep = attention_mask.bool()
+            if not bool(keep.all()):
+                mask = keep[:, None, None, :]  # (B, 1, 1, L): key padding, True = may attend
+        x = self.embeddings(input_ids, token_type_ids)  # (B, L, E)
+        for layer in self.encoder.layer:
+            x = layer(x, mask)
+        return x
+
+    def pooler_output(self, hidden: Tensor) -> Tensor:
+        """BertModel's pooler: tanh(dense(hidden[:, 0])). hidden (B, L, E) -> (B, E)."""
+        if self.pooler is None:
+            raise ModelError("this checkpoint has no pooler weights (pooler.dense); use sentence pooling (encode)")
+        return torch.tanh(self.pooler.dense(hidden[:, 0]))
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], *, batch_size: int = 32, truncate: bool = False,
+               normalize: Optional[bool] = None) -> Tensor:
+        """Sentence embeddings with the pooling (and normalisation) the folder prescribes.
+
+        Args:
+            texts: N non-empty strings (or one string).
+            batch_size: texts per forward pass (texts are sorted by length to pad little).
+            truncate: cut texts longer than the model's limit instead of raising.
+            normalize: override the folder's normalisation (None = as prescribed).
+
+        Returns:
+            (N, E) float32 embeddings, in the order of `texts`.
+        """
+        if self.tokenizer is None:
+            raise ModelError("this model has no tokenizer; load it with qkv.load(folder)")
+        if isinstance(texts, str):
+            texts = [texts]
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive; got {batch_size}")
+        batch = self.tokenizer(texts, truncate=truncate, max_length=self.pooling.max_length(self))
+        order = torch.argsort(batch.lengths, descending=True, stable=True)
+        out = torch.empty(len(texts), self.config.hidden_size, dtype=torch.float32)
+        device = self.embeddings.word_embeddings.weight.device
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            n = int(batch.lengths[idx].max())
+            ids = batch.input_ids[idx, :n].to(device)  # (b, n)
+            mask = batch.attention_mask[idx, :n].to(device)  # (b, n)
+            hidden = self(ids, mask)  # (b, n, E)
+            out[idx] = self.pooling(hidden, mask, normalize=normalize).float().cpu()
+        return out
+
+    def similarity(self, first: str, others: Sequence[str], *, truncate: bool = False) -> Tensor:
+        """Cosine similarity of `first` with each of `others` -> (len(others),) float32."""
+        if isinstance(others, str):
+            others = [others]
+        emb = self.encode([first, *others], truncate=truncate, normalize=True)  # (1 + M, E)
+        return emb[1:] @ emb[0]
+
+
+@dataclass(frozen=True)
+class SentencePooling:
+    """Sentence-BERT pooling read from modules.json and 1_Pooling/config.json.
+
+    mode: "mean" (default for a plain BERT folder), "cls", "max", "mean_sqrt_len", "lasttoken".
+    normalize: L2-normalise (a `Normalize` module in modules.json).
+    max_seq_length: from sentence_bert_config.json, the length the model was trained with.
+    """
+
+    mode: str = "mean"
+    normalize: bool = False
+    max_seq_length: Optional[int] = None
+
+    def max_length(self, model: BertModel) -> int:
+        limit = model.config.max_position_embeddings
+        return min(limit, self.max_seq_length) if self.max_seq_length else limit
+
+    def __call__(self, hidden: Tensor, mask: Tensor, *, normalize: Optional[bool] = None) -> Tensor:
+        """hidden (B, L, E), mask (B, L) bool -> (B, E)."""
+        m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        if self.mode == "mean" or self.mode == "mean_sqrt_len":
+            count = m.sum(dim=1).clamp(min=1e-9)  # (B, 1)
+            pooled = (hidden * m).sum(dim=1) / (count if self.mode == "mean" else count.sqrt())
+        elif self.mode == "cls":
+            pooled = hidden[:, 0]
+        elif self.mode == "max":
+            pooled = hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(dim=1).values
+        elif self.mode == "lasttoken":
+            last = mask.long().sum(dim=1) - 1  # (B,)
+            pooled = hidden[torch.arange(hidden.shape[0]), last]
+        else:  # rejected by from_folder; kept for direct construction
+            raise ModelError(f"unknown pooling mode {self.mode!r}")
+        if self.normalize if normalize is None else normalize:
+            pooled = F.normalize(pooled, p=2, dim=1)
+        return pooled
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "SentencePooling":
+        """Read the sentence-transformers description of a folder; mean pooling if there is none."""
+        modules_path = folder / "modules.json"
+        max_seq = None
+        sbert = folder / "sentence_bert_config.json"
+        if sbert.is_file():
+            max_seq = json.loads(sbert.read_text(encoding="utf-8")).get("max_seq_length")
+        if not modules_path.is_file():
+            return cls(max_seq_length=max_seq)
+        modules = json.loads(modules_path.read_text(encoding="utf-8"))
+        mode, normalize = "mean", False
+        for m in modules:
+            kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+            if kind == "Transformer":
+                continue
+            if kind == "Normalize":
+                normalize = True
+            elif kind == "Pooling":
+                cfg_path = folder / m.get("path", "") / "config.json"
+                if not cfg_path.is_file():
+                    raise FileNotFoundError(f"modules.json names a Pooling module but {cfg_path} is missing; copy it from the model's source")
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+                on = [k[len("pooling_mode_"):] for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
+                on = ["mean" if k == "mean_tokens" else "max" if k == "max_tokens" else
+                      "cls" if k == "cls_token" else "mean_sqrt_len" if k == "mean_sqrt_len_tokens" else k for k in on]
+                if len(on) != 1 or on[0] not in ("mean", "max", "cls", "mean_sqrt_len", "lasttoken"):
+                    raise ModelError(
+                        f"{cfg_path} asks for pooling {on}; qkv supports exactly one of mean, max, cls, "
+                        f"mean_sqrt_len, lasttoken"
+                    )
+                mode = on[0]
+            else:
+                raise ModelError(
+                    f"modules.json in {str(folder)!r} lists a {m.get('type')} module, which qkv does not run; "
+                    f"qkv supports Transformer, Pooling and Normalize"
+                )
+        return cls(mode=mode, normalize=normalize, max_seq_length=max_seq)
+
+
+def hf_plan(c: BertConfig) -> Plan:
+    """Checkpoint names of a Hugging Face BertModel -> qkv parameter names (pure).
+
+    query/key/value are concatenated into `attention.self.qkv_proj`; `attention.output.dense`
+    becomes `attention.self.out_proj`. Everything else keeps its name.
+    """
+    E, I = c.hidden_size, c.intermediate_size
+    plan: dict[str, tuple[Piece, ...]] = {}
+
+    def same(name: str, shape: tuple) -> None:
+        plan[name] = (Piece(name, shape),)
+
+    same("embeddings.word_embeddings.weight", (c.vocab_size, E))
+    same("embeddings.position_embeddings.weight", (c.max_position_embeddings, E))
+    same("embeddings.token_type_embeddings.weight", (c.type_vocab_size, E))
+    same("embeddings.LayerNorm.weight", (E,))
+    same("embeddings.LayerNorm.bias", (E,))
+    for i in range(c.num_hidden_layers):
+        p = f"encoder.layer.{i}."
+        for kind, shape in (("weight", (E, E)), ("bias", (E,))):
+            plan[p + f"attention.self.qkv_proj.{kind}"] = tuple(
+                Piece(p + f"attention.self.{n}.{kind}", shape) for n in ("query", "key", "value"))
+            plan[p + f"attention.self.out_proj.{kind}"] = (Piece(p + f"attention.output.dense.{kind}", shape),)
+            same(p + f"attention.output.LayerNorm.{kind}", (E,))
+            same(p + f"output.LayerNorm.{kind}", (E,))
+        same(p + "intermediate.dense.weight", (I, E))
+        same(p + "intermediate.dense.bias", (I,))
+        same(p + "output.dense.weight", (E, I))
+        same(p + "output.dense.bias", (E,))
+    if c.add_pooling_layer:
+        same("pooler.dense.weight", (E, E))
+        same("pooler.dense.bias", (E,))
+    return plan
+
+
+def hf_ignored(c: BertConfig) -> dict:
+    """Checkpoint buffers that are not weights: older BertModel checkpoints store position_ids."""
+    return {"embeddings.position_ids": (1, c.max_position_embeddings)}

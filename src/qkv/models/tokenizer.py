@@ -1,0 +1,204 @@
+"""Tokenisation through the Hugging Face `tokenizers` library, from a model folder's files.
+
+Reads tokenizer.json when the folder has one; otherwise builds a WordPiece tokenizer from
+vocab.txt (BERT, Devlin et al. 2019) or a byte-level BPE from vocab.json + merges.txt
+(GPT-2, Radford et al. 2019). The folder's own padding and truncation settings are switched
+off: qkv pads each batch to its longest text and truncates only when asked, so a text that is
+too long is an error that says so, not a silent cut.
+
+Every token keeps the index of the word it came from (`word_ids`, None for special tokens),
+so views can gather attention from tokens back to words.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .checkpoint import ModelError, find_in_folder
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A tokenised batch of N texts padded on the right to length L.
+
+    input_ids: (N, L) int64 token ids (pad id where padded).
+    attention_mask: (N, L) bool, True for real tokens.
+    word_ids: N lists of L entries: the index of the word each token came from within its
+        text, None for special and padding tokens.
+    tokens: N lists of the token strings (without padding).
+    offsets: N lists of (start, end) character spans of each token in its text (without padding).
+    truncated: N bools, True where the text was cut to fit.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    word_ids: list[list[Optional[int]]]
+    tokens: list[list[str]]
+    offsets: list[list[tuple[int, int]]]
+    truncated: list[bool]
+
+    @property
+    def lengths(self) -> Tensor:
+        """(N,) int64 number of real tokens per text."""
+        return self.attention_mask.sum(dim=1)
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with qkv's checks on input and length.
+
+    Args:
+        backend: the `tokenizers.Tokenizer`.
+        max_length: the longest token sequence the model accepts (its positions), or None.
+        pad_id: id used for padding (masked out, so any valid id works).
+        source: where it was read from, for messages.
+    """
+
+    def __init__(self, backend, *, max_length: Optional[int] = None, pad_id: int = 0, source: str = "tokenizer"):
+        self.backend = backend
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        self.max_length = max_length
+        self.pad_id = pad_id
+        self.source = source
+
+    @classmethod
+    def from_folder(cls, folder: Union[str, Path], *, max_length: Optional[int] = None,
+                    pad_id: Optional[int] = None) -> "Tokenizer":
+        """Read the tokenizer files of a Hugging Face folder (see the module docstring)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        folder = Path(folder)
+        path = find_in_folder(folder, "tokenizer.json")
+        if path is not None:
+            try:
+                backend = HFTokenizer.from_file(str(path))
+            except Exception as exc:
+                raise ModelError(f"{path} could not be read by the tokenizers library ({exc}); download it again") from None
+            source = str(path)
+        elif find_in_folder(folder, "vocab.txt") is not None:
+            from tokenizers.implementations import BertWordPieceTokenizer
+
+            cfg = _read_json(folder / "tokenizer_config.json")
+            backend = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=bool(cfg.get("do_lower_case", True)))._tokenizer
+            source = str(folder / "vocab.txt")
+        elif find_in_folder(folder, "vocab.json") and find_in_folder(folder, "merges.txt"):
+            from tokenizers.implementations import ByteLevelBPETokenizer
+
+            backend = ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))._tokenizer
+            source = str(folder / "vocab.json")
+        else:
+            raise FileNotFoundError(
+                f"model folder {str(folder)!r} has no tokenizer: expected tokenizer.json, or vocab.txt (BERT), "
+                f"or vocab.json + merges.txt (GPT-2); copy them from the model's source"
+            )
+        if pad_id is None:
+            pad_id = _guess_pad_id(backend)
+        return cls(backend, max_length=max_length, pad_id=pad_id, source=source)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self.backend.token_to_id(token)
+
+    def __call__(self, texts: Union[str, Sequence[str]], *, truncate: bool = False,
+                 max_length: Optional[int] = None, add_special_tokens: bool = True) -> Batch:
+        """Tokenise texts into a padded batch.
+
+        Args:
+            texts: one text or a list of N texts (each non-empty).
+            truncate: cut texts longer than the limit instead of raising.
+            max_length: the limit in tokens, special tokens included (default: the model's).
+            add_special_tokens: add [CLS]/[SEP] or the like as the folder's tokenizer prescribes.
+
+        Returns:
+            a `Batch` with input_ids and attention_mask of shape (N, L), L the longest text.
+        """
+        texts = check_texts(texts)
+        limit = self.max_length if max_length is None else max_length
+        encs = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        too_long = [i for i, e in enumerate(encs) if limit is not None and len(e.ids) > limit]
+        truncated = [False] * len(texts)
+        if too_long:
+            if not truncate:
+                i = too_long[0]
+                more = f" (and {len(too_long) - 1} more)" if len(too_long) > 1 else ""
+                raise ModelError(
+                    f"text {i}{more} has {len(encs[i].ids)} tokens but this model takes at most {limit}; "
+                    f"shorten it, or pass truncate=True to keep the first {limit} tokens"
+                )
+            self.backend.enable_truncation(limit)
+            try:
+                cut = self.backend.encode_batch([texts[i] for i in too_long], add_special_tokens=add_special_tokens)
+            finally:
+                self.backend.no_truncation()
+            for i, e in zip(too_long, cut):
+                encs[i] = e
+                truncated[i] = True
+        empty = [i for i, e in enumerate(encs) if len(e.ids) == 0]
+        if empty:
+            raise ModelError(f"text {empty[0]} gives no tokens at all; pass text the tokenizer can represent")
+        n, L = len(encs), max(len(e.ids) for e in encs)
+        ids = torch.full((n, L), self.pad_id, dtype=torch.int64)  # (N, L)
+        mask = torch.zeros(n, L, dtype=torch.bool)  # (N, L)
+        for i, e in enumerate(encs):
+            ids[i, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.int64)
+            mask[i, : len(e.ids)] = True
+        word_ids = [list(e.word_ids) + [None] * (L - len(e.ids)) for e in encs]
+        return Batch(ids, mask, word_ids, [list(e.tokens) for e in encs], [list(e.offsets) for e in encs], truncated)
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """One text -> its token ids (no length check, no padding)."""
+        return list(self.backend.encode(check_texts(text)[0], add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
+        """Token ids (a list or a 1-D tensor) -> text."""
+        if isinstance(ids, Tensor):
+            if ids.dim() != 1:
+                raise ValueError(f"decode takes one sequence of ids (1-D); got shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, max_length={self.max_length})"
+
+
+def check_texts(texts) -> list[str]:
+    """Normalise one text or a list of texts, rejecting empty input with a clear message."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"texts must be a string or a list of strings; got {type(texts).__name__}")
+    if len(texts) == 0:
+        raise ModelError("no texts given; pass at least one non-empty string")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"text {i} must be a string; got {type(t).__name__}")
+        if not t.strip():
+            raise ModelError(f"text {i} is empty; pass a non-empty string (or drop it from the list)")
+    return list(texts)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _guess_pad_id(backend) -> int:
+    padding = backend.padding
+    if padding and padding.get("pad_id") is not None:
+        return int(padding["pad_id"])
+    for token in ("[PAD]", "<pad>", "<|endoftext|>", "</s>"):
+        tid = backend.token_to_id(token)
+        if tid is not None:
+            return tid
+    return 0

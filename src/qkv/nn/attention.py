@@ -1,0 +1,165 @@
+"""Multi-head attention as a module: projections around the functional core.
+
+Vaswani et al. 2017, "Attention Is All You Need" (multi-head attention, self- and
+cross-attention); grouped-query attention after Ainslie et al. 2023 (GQA) and multi-query
+after Shazeer 2019 (MQA). All attention arithmetic is `qkv.attention`; this module only
+projects, splits heads, rotates (RoPE), appends to a KV cache and merges heads.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core import attention
+from .cache import KVCache
+from .positions import apply_rotary
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with optional GQA/MQA, cross-attention, RoPE and a KV cache.
+
+    Args:
+        embed_dim: E, the size of the query input (and of the output).
+        num_heads: Hq, query heads.
+        num_kv_heads: Hkv, key/value heads (default Hq; 1 = multi-query; must divide Hq).
+        head_dim: D per head (default E // Hq).
+        kdim, vdim: sizes of the key and value inputs for cross-attention (default E).
+        bias: bias on the q/k/v projections.
+        out_bias: bias on the output projection (default: `bias`).
+        out_proj: False leaves heads merged but unprojected (output size Hq * D).
+        dropout: dropout on the attention weights, active in training mode only.
+        scale: score scale (default 1/sqrt(D)).
+        fused: one (Hq + 2 Hkv) * D projection `qkv_proj` instead of `q_proj`/`k_proj`/`v_proj`;
+            only possible when kdim == vdim == E. Default: fuse where the sizes allow.
+        interleaved_rotary: RoPE layout (False = Llama's halves, True = RoFormer's pairs).
+
+    Parameters: `qkv_proj` (fused) or `q_proj`, `k_proj`, `v_proj`; `out_proj`. Weights follow
+    nn.Linear: (out_features, in_features).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, kdim: Optional[int] = None, vdim: Optional[int] = None,
+                 bias: bool = True, out_bias: Optional[bool] = None, out_proj: bool = True,
+                 dropout: float = 0.0, scale: Optional[float] = None, fused: Optional[bool] = None,
+                 interleaved_rotary: bool = False):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads must be a positive multiple of num_kv_heads; got num_heads={num_heads}, "
+                f"num_kv_heads={num_kv_heads}"
+            )
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(
+                    f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; pass head_dim explicitly"
+                )
+            head_dim = embed_dim // num_heads
+        kdim = embed_dim if kdim is None else kdim
+        vdim = embed_dim if vdim is None else vdim
+        can_fuse = kdim == embed_dim and vdim == embed_dim
+        if fused is None:
+            fused = can_fuse
+        elif fused and not can_fuse:
+            raise ValueError(
+                f"a fused QKV projection needs kdim == vdim == embed_dim; got embed_dim={embed_dim}, "
+                f"kdim={kdim}, vdim={vdim}; pass fused=False"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        self.embed_dim, self.kdim, self.vdim = embed_dim, kdim, vdim
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.dropout = dropout
+        self.scale = scale
+        self.fused = fused
+        self.interleaved_rotary = interleaved_rotary
+        q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
+        self._split = [q_out, kv_out, kv_out]
+        if fused:
+            self.qkv_proj = nn.Linear(embed_dim, q_out + 2 * kv_out, bias=bias)
+        else:
+            self.q_proj = nn.Linear(embed_dim, q_out, bias=bias)
+            self.k_proj = nn.Linear(kdim, kv_out, bias=bias)
+            self.v_proj = nn.Linear(vdim, kv_out, bias=bias)
+        self.out_proj = nn.Linear(q_out, embed_dim, bias=bias if out_bias is None else out_bias) if out_proj else None
+
+    def _project(self, x: Tensor, key: Optional[Tensor], value: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """-> q (B, Lq, Hq*D), k (B, Lk, Hkv*D), v (B, Lk, Hkv*D)."""
+        if self.fused:
+            if key is None and value is None:
+                return self.qkv_proj(x).split(self._split, dim=-1)
+            # Cross-attention with a fused weight: slice it, rows [q | k | v].
+            w, b = self.qkv_proj.weight, self.qkv_proj.bias
+            wq, wk, wv = w.split(self._split, dim=0)
+            bq, bk, bv = b.split(self._split) if b is not None else (None, None, None)
+            key = x if key is None else key
+            value = key if value is None else value
+            return F.linear(x, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        key = x if key is None else key
+        value = key if value is None else value
+        return self.q_proj(x), self.k_proj(key), self.v_proj(value)
+
+    def forward(
+        self,
+        x: Tensor,
+        key: Optional[Tensor] = None,
+        value: Optional[Tensor] = None,
+        *,
+        mask=None,
+        causal: bool = False,
+        window=None,
+        score_mod: Optional[Callable] = None,
+        rotary: Optional[tuple[Tensor, Tensor]] = None,
+        cache: Optional[KVCache] = None,
+        layer: int = 0,
+        backend: str = "auto",
+    ) -> Tensor:
+        """Attend from `x` to itself (self-attention) or to `key`/`value` (cross-attention).
+
+        Args:
+            x: (B, Lq, E) query input.
+            key: (B, Lk, kdim) key input for cross-attention; None = self-attention on x.
+            value: (B, Lk, vdim) value input; None = `key` (or x).
+            mask: as `qkv.attention`'s mask, over (B, Hq, Lq, Lk_total) where Lk_total includes
+                cached keys; a key padding mask is (B, 1, 1, Lk_total), True = may attend.
+            causal: bottom-right aligned causal masking (a chunk of new tokens against a cache
+                sees the whole cache and its own past).
+            window, score_mod, backend: passed to `qkv.attention`.
+            rotary: (cos, sin) from `RotaryEmbedding` for the positions of these Lq tokens,
+                (Lq, D) or (B, 1, Lq, D); applied to q and k before caching (self-attention).
+            cache: a KVCache; this step's keys and values are appended to `layer` and attention
+                runs over everything stored.
+            layer: which cache layer this module owns.
+
+        Returns:
+            (B, Lq, E), or (B, Lq, Hq*D) without an output projection.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be (B, L, E={self.embed_dim}); got {tuple(x.shape)}")
+        B, Lq, _ = x.shape
+        q, k, v = self._project(x, key, value)
+        Lk = k.shape[1]
+        q = q.view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, Lq, D)
+        k = k.view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
+        v = v.view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
+        if rotary is not None:
+            cos, sin = rotary
+            q = apply_rotary(q, cos, sin, interleaved=self.interleaved_rotary)
+            k = apply_rotary(k, cos, sin, interleaved=self.interleaved_rotary)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, n + Lk, D)
+        # With one query, bottom-right causal masking allows every key: skip building the band.
+        out = attention(
+            q, k, v, mask=mask, causal=causal and Lq > 1, window=window, scale=self.scale,
+            score_mod=score_mod, dropout_p=self.dropout if self.training else 0.0, backend=backend,
+        )  # (B, Hq, Lq, D)
+        out = out.transpose(1, 2).reshape(B, Lq, self.num_heads * self.head_dim)  # (B, Lq, Hq*D)
+        return self.out_proj(out) if self.out_proj is not None else out
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, fused={self.fused}, dropout={self.dropout}")

@@ -1,0 +1,96 @@
+"""Fixtures: tiny random GPT-2 and Llama folders saved by transformers (the referee), with a
+word-level tokenizer trained offline on a few sentences, and the bundled MiniLM folder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SENTENCES = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "attention is all you need",
+    "queries keys and values",
+    "the quick brown fox jumps over the lazy dog",
+]
+
+
+def save_word_tokenizer(folder) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<s>", "</s>"]))
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def tiny_gpt2_config(**kw):
+    from transformers import GPT2Config
+
+    base = dict(vocab_size=64, n_positions=48, n_embd=32, n_layer=2, n_head=4, bos_token_id=2, eos_token_id=None,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    base.update(kw)
+    return GPT2Config(**base)
+
+
+def tiny_llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, bos_token_id=2, eos_token_id=None,
+                rope_theta=500.0)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def build_folder(folder, kind: str, seed: int = 0, **kw):
+    """Save a random transformers model of `kind` ("gpt2"/"llama") into folder; return it."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(tiny_gpt2_config(**kw))
+    else:
+        model = LlamaForCausalLM(tiny_llama_config(**kw))
+        with torch.no_grad():  # random RMSNorm weights, so a wrong norm cannot hide behind ones
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.uniform_(0.5, 1.5)
+    model.eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    save_word_tokenizer(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def gpt2_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpt2")
+    return folder, build_folder(folder, "gpt2")
+
+
+@pytest.fixture(scope="session")
+def llama_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    return folder, build_folder(folder, "llama")
+
+
+@pytest.fixture(scope="session")
+def minilm_folder():
+    from qkv.models import bundled_path
+
+    try:
+        return bundled_path("minilm")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_folder):
+    import qkv
+
+    return qkv.load("minilm")

@@ -1,0 +1,126 @@
+"""GPT-2 and Llama against transformers on tiny random checkpoints: logits, greedy
+generation, and KV-cache decoding against recomputing the whole sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkv
+from conftest import build_folder
+
+KINDS = ["gpt2", "llama"]
+
+
+@pytest.fixture(params=KINDS)
+def pair(request, gpt2_folder, llama_folder):
+    folder, ref = gpt2_folder if request.param == "gpt2" else llama_folder
+    return qkv.load(folder), ref
+
+
+def _ids(B=2, L=11, V=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, V, (B, L), generator=g)
+
+
+def test_logits_match_transformers(pair):
+    model, ref = pair
+    ids = _ids()
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = model(ids)
+    err = (got - want).abs().max().item()
+    assert err < 1e-5, f"max |logits - transformers| = {err:.2e}"
+
+
+def test_greedy_generation_matches_transformers(pair):
+    model, ref = pair
+    ids = _ids(B=1, L=5, seed=3)
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(ids))
+    got = model.generate(ids, max_new_tokens=20)
+    assert got.shape == (1, 25)
+    assert torch.equal(got, want), f"qkv {got.tolist()} vs transformers {want.tolist()}"
+
+
+def test_cache_decoding_equals_recompute(pair):
+    """A prompt, then a chunk of 3, then single tokens, with a cache smaller than the total
+    (so it grows): each step's logits equal those of the full sequence recomputed."""
+    model, _ = pair
+    ids = _ids(B=2, L=12, seed=5)
+    with torch.no_grad():
+        full = model(ids)  # (B, 12, V)
+        cache = model.new_cache(2, capacity=4)
+        parts = [model(ids[:, :5], cache=cache), model(ids[:, 5:8], cache=cache)]
+        parts += [model(ids[:, i:i + 1], cache=cache) for i in range(8, 12)]
+    stepped = torch.cat(parts, dim=1)
+    assert cache.length == 12 and cache.capacity >= 12
+    err = (stepped - full).abs().max().item()
+    assert err < 1e-5, f"max |cached - recomputed| = {err:.2e}"
+
+
+def test_padding_mask_in_batch(pair):
+    """A right-padded row gives the same logits at its real positions as when run alone."""
+    model, _ = pair
+    ids = _ids(B=2, L=9, seed=7)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 6:] = False
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask)
+        alone = model(ids[1:, :6])
+    err = (batched[1, :6] - alone[0]).abs().max().item()
+    assert err < 1e-5, f"padded row differs from the row alone by {err:.2e}"
+
+
+def test_sampling_is_seeded_and_respects_top_k(pair):
+    model, _ = pair
+    ids = _ids(B=1, L=4, seed=9)
+    a = model.generate(ids, max_new_tokens=8, temperature=0.8, top_k=5, top_p=0.9, seed=123)
+    b = model.generate(ids, max_new_tokens=8, temperature=0.8, top_k=5, top_p=0.9, seed=123)
+    assert torch.equal(a, b)
+    one = model.generate(ids, max_new_tokens=6, temperature=1.0, top_k=1, seed=7)
+    assert torch.equal(one, model.generate(ids, max_new_tokens=6)), "top_k=1 must equal greedy"
+
+
+def test_generate_from_text_and_eos_stop(pair):
+    model, _ = pair
+    out = model.generate("the cat sat", max_new_tokens=4)
+    assert out.shape == (1, 3 + 4)
+    text = model.complete("the cat sat", max_new_tokens=3)
+    assert isinstance(text, str)
+    first = int(out[0, 3])
+    stopped = model.generate(out[:, :3], max_new_tokens=4, eos_token_id=first)
+    assert stopped.shape == (1, 4), "generation stops at the eos token"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_beyond_positions_is_a_clear_error(kind, gpt2_folder, llama_folder):
+    model = qkv.load((gpt2_folder if kind == "gpt2" else llama_folder)[0])
+    limit = 48 if kind == "gpt2" else 64
+    with pytest.raises(ValueError, match="positions"):
+        model.generate(_ids(B=1, L=limit - 2), max_new_tokens=5)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(_ids(B=1, L=3), temperature=-1.0)
+
+
+def test_llama_variants_tied_bias_mqa(tmp_path):
+    """Tied embeddings, attention/MLP biases, multi-query heads, head_dim != E/H, llama3 RoPE."""
+    ref = build_folder(tmp_path, "llama", seed=2, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+                       num_key_value_heads=1, head_dim=16,
+                       rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0,
+                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 16})
+    model = qkv.load(tmp_path)
+    ids = _ids(B=2, L=40)
+    with torch.no_grad():
+        err = (model(ids) - ref(ids).logits).abs().max().item()
+    assert err < 1e-5, f"max |logits - transformers| = {err:.2e}"
+
+
+def test_gpt2_inverse_layer_scaling(tmp_path):
+    ref = build_folder(tmp_path, "gpt2", seed=4, scale_attn_by_inverse_layer_idx=True, activation_function="gelu")
+    model = qkv.load(tmp_path)
+    ids = _ids(B=1, L=10)
+    with torch.no_grad():
+        err = (model(ids) - ref(ids).logits).abs().max().item()
+    assert err < 1e-5, f"max |logits - transformers| = {err:.2e}"
