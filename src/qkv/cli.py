@@ -42,6 +42,36 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_similarity(sub) -> None:
+    p = sub.add_parser(
+        "similarity",
+        help="cosine similarity of the first sentence with each of the others (sentence embeddings)",
+        description="Embed the sentences with a sentence-embedding model (default: the bundled "
+        "all-MiniLM-L6-v2, mean pooling and normalisation as its folder prescribes) and print the "
+        "cosine similarity of the first sentence with each of the others.",
+    )
+    p.add_argument("sentences", nargs="+", metavar="SENTENCE", help="the first sentence, then the others")
+    p.add_argument("--model", default="minilm", metavar="NAME_OR_PATH",
+                   help="a bundled model name or a BERT-family Hugging Face folder (default: minilm)")
+    p.add_argument("--truncate", action="store_true", help="cut sentences longer than the model's limit")
+
+    def run(args) -> int:
+        from .models import BertModel, load
+
+        if len(args.sentences) < 2:
+            raise UserError("give at least two sentences: the first is compared with each of the others")
+        model = load(args.model)
+        if not isinstance(model, BertModel):
+            raise UserError(f"{args.model!r} is a {type(model).__name__}; similarity needs a BERT-family encoder")
+        sims = model.similarity(args.sentences[0], args.sentences[1:], truncate=args.truncate)
+        print(f"similarity to: {args.sentences[0]}")
+        for s, text in zip(sims.tolist(), args.sentences[1:]):
+            print(f"{s:7.4f}  {text}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qkv",
@@ -50,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qkv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(sub)
+    _add_similarity(sub)
     return parser
 
 
