@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--common-len", type=int, default=8192, help="length at which every P is compared")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2, help="GQA: only these heads travel")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--json", default="benchmarks/results/ring.json")
     args = p.parse_args(argv)

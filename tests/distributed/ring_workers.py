@@ -142,6 +142,11 @@ def _cases(rank, world, *, cases, results):
         q, k, v, g_out, g_lse = make_inputs(case)
         loc = [qd.shard(t, rank, world, layout=lay).requires_grad_() for t in (q, k, v)]
         before = [t.detach().clone() for t in loc]
+        from qkv.distributed import ring as ring_mod
+
+        # piece_rows: merge each step's partial output in pieces of this many query rows.
+        rows = case.get("piece_rows") or 1 << 30
+        ring_mod._PIECE_ENTRIES = case["B"] * case["Hq"] * case["Dv"] * rows
         tiles = case.get("tiles")
         with tiled.block_sizes(*tiles) if tiles else _null():
             out, lse = qd.ring_attention_with_lse(*loc, causal=case["causal"], layout=lay, timeout=30)

@@ -1,7 +1,7 @@
 """Ring attention on 2 and 4 gloo processes equals single-process attention (tolerance rule).
 
 Each launch runs a list of cases (causal or not, zigzag and contiguous, odd local lengths,
-GQA/MQA, float64/float32/bfloat16, tiny tiles) and returns every rank's shards of out, lse
+GQA/MQA, float64/float32/bfloat16/float16, tiny tiles, partial outputs merged in pieces) and returns every rank's shards of out, lse
 and the gradients; here they are unsharded and compared, by the Foundation issue's rule,
 with the float64 reference, the plain reference in the test dtype setting the bound.
 """
@@ -24,7 +24,7 @@ def _case(N, layout, causal, *, Hq=2, Hkv=2, D=8, Dv=8, B=1, dtype="float32", se
 
 CASES = {
     2: [
-        _case(14, "contiguous", True, Hq=4, Hkv=2),  # local length 7 (odd), GQA
+        _case(14, "contiguous", True, Hq=4, Hkv=2, piece_rows=3),  # local length 7 (odd), GQA
         _case(18, "contiguous", False, D=5, Dv=7, dtype="float64", seed=1),  # local 9, Dv != D
         _case(20, "zigzag", True, Hq=4, Hkv=1, seed=2, tiles=(3, 4)),  # chunks of 5 (odd), MQA, many tiles
         _case(12, "zigzag", False, B=2, seed=3),
@@ -32,7 +32,7 @@ CASES = {
         _case(64, "zigzag", True, D=16, Dv=16, dtype="bfloat16", seed=5),
     ],
     4: [
-        _case(40, "zigzag", True, Hq=4, Hkv=2, seed=6),  # chunks of 5
+        _case(40, "zigzag", True, Hq=4, Hkv=2, seed=6, piece_rows=3),  # chunks of 5, ragged pieces
         _case(36, "contiguous", True, seed=7),  # local 9
         _case(24, "zigzag", False, Hq=3, Hkv=1, D=6, Dv=6, dtype="float64", seed=8),
         _case(56, "zigzag", True, Hq=2, Hkv=1, seed=9, tiles=(4, 3)),

@@ -34,6 +34,9 @@ from qkv.core.tiled import block_backward, block_forward
 from ._comm import DEFAULT_TIMEOUT, Ring, all_gather_meta, make_ring
 from ._layout import LAYOUTS, check_layout, shard_positions, step_work
 
+# Partial outputs of one ring step are produced and merged in pieces of at most this many
+# entries (B * Hq * rows * Dv), so they never cost a second copy of the output.
+_PIECE_ENTRIES = 1 << 21
 _GRAD_TAG = 2  # message tags: 0, 1 for k, v; 2, 3 for dk, dv
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -109,8 +112,25 @@ def _merge(out_acc: Tensor, lse_acc: Tensor, out_s: Tensor, lse_s: Tensor) -> No
     safe = lse_new.masked_fill(torch.isneginf(lse_new), 0.0)
     w_old = torch.exp(lse_acc - safe).unsqueeze(-1)  # (B, Hq, n, 1)
     w_new = torch.exp(lse_s - safe).unsqueeze(-1)  # (B, Hq, n, 1)
-    out_acc.mul_(w_old).add_(out_s * w_new)
+    out_acc.mul_(w_old).addcmul_(out_s, w_new)
     lse_acc.copy_(lse_new)
+
+
+def _row_pieces(w, rows: int):
+    """Split a step's block into pieces of at most `rows` query rows: (q0, q1, k0, k1, causal).
+
+    Merging piece by piece keeps the partial output of a step at `rows` rows instead of the
+    whole shard. A piece [a, b) of a causal (diagonal) block keeps the keys up to b, so
+    bottom-right alignment still puts query a on key a.
+    """
+    if w is None:
+        return
+    for a in range(w.q0, w.q1, rows):
+        b = min(a + rows, w.q1)
+        if w.causal:
+            yield a, b, w.k0, w.k0 + (b - w.q0), True
+        else:
+            yield a, b, w.k0, w.k1, False
 
 
 def _receive_buffers(k: Tensor, v: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
@@ -132,6 +152,7 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, o: _Opts) -> tuple[Tensor, Te
     lse = torch.full((B, Hq, L), float("-inf"), dtype=ct, device=q.device)  # (B, Hq, L)
     k_cur, v_cur = k.contiguous(), v.contiguous()
     bufs = _receive_buffers(k_cur, v_cur, ring.size)
+    rows = max(1, _PIECE_ENTRIES // (B * Hq * v.shape[3]))
     for step in range(ring.size):
         src = (ring.rank - step) % ring.size
         works = None
@@ -139,13 +160,13 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, o: _Opts) -> tuple[Tensor, Te
             k_nxt, v_nxt = bufs[step % 2]
             works = ring.exchange([k_cur, v_cur], [k_nxt, v_nxt])
         w = step_work(o.layout, o.causal, ring.rank, src, ring.size, L)
-        if w is not None:
-            qs = q_ct[:, :, w.q0:w.q1]  # (B, Hq, lq, D)
-            ks = k_cur[:, :, w.k0:w.k1].to(ct)  # (B, Hkv, lk, D)
-            vs = v_cur[:, :, w.k0:w.k1].to(ct)  # (B, Hkv, lk, Dv)
-            spec = build_spec(qs, ks, vs, causal=w.causal, scale=o.scale)
-            out_s, lse_s = block_forward(qs, ks, vs, spec)
-            _merge(out[:, :, w.q0:w.q1], lse[:, :, w.q0:w.q1], out_s, lse_s)
+        for q0, q1, k0, k1, causal in _row_pieces(w, rows):
+            qs = q_ct[:, :, q0:q1]  # (B, Hq, lq, D)
+            ks = k_cur[:, :, k0:k1].to(ct)  # (B, Hkv, lk, D)
+            vs = v_cur[:, :, k0:k1].to(ct)  # (B, Hkv, lk, Dv)
+            spec = build_spec(qs, ks, vs, causal=causal, scale=o.scale)
+            out_s, lse_s = block_forward(qs, ks, vs, spec)  # (B, Hq, lq, Dv), (B, Hq, lq)
+            _merge(out[:, :, q0:q1], lse[:, :, q0:q1], out_s, lse_s)
         if works is not None:
             ring.wait(works, f"receiving the key/value shard of rank {(src - 1) % ring.size} "
                              f"(forward step {step + 1} of {ring.size})")
