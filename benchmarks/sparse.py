@@ -1,0 +1,183 @@
+"""Block-sparse attention on CPU: qkv's sparse backend vs dense SDPA with a bool mask vs
+FlexAttention, measured in one run (issue 5).
+
+    .venv/bin/python benchmarks/sparse.py                 # the table of docs/benchmarks.md
+    .venv/bin/python benchmarks/sparse.py --quick         # 4k and 8k only, no FlexAttention
+
+B=1, H=8, D=64. Times are medians of a few repetitions after one warm-up call; "first
+call" is what a user waits for the first result: building the block mask plus the first
+forward, including torch.compile for FlexAttention. FlexAttention has no backward on CPU
+(and runs unfused, materialising every score, without torch.compile), so only its
+compiled forward is timed. Prints a Markdown table and writes JSON next to it (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import qkv
+from qkv import masks as M
+
+B, H, D = 1, 8, 64
+
+
+def timeit(fn, reps: int, warmup: bool = True) -> float:
+    if warmup:
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def patterns(L: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    lengths, total = [], 0
+    while total < L:  # documents of 512..4096 tokens packed into one row
+        n = min(int(torch.randint(512, 4097, (1,), generator=g)), L - total)
+        lengths.append(n)
+        total += n
+    return {
+        "causal window 256": M.causal_sliding_window(256),
+        "global 16 + window 256": M.longformer(256, 16),
+        "packed documents, causal": M.document(lengths, causal=True),
+    }
+
+
+def run_case(name, fn, L, dtype, reps, sdpa_max, sdpa_bwd_max, flex_at, flex_state) -> dict:
+    row = {"pattern": name, "L": L, "dtype": str(dtype).replace("torch.", "")}
+    gen = torch.Generator().manual_seed(L)
+    q, k, v = (torch.randn(B, H, L, D, generator=gen).to(dtype) for _ in range(3))
+    up = torch.randn(B, H, L, D, generator=gen).to(dtype)
+
+    t = time.perf_counter()
+    bm = qkv.block_mask(fn, None, None, L, L, block_size=128)
+    row["build_s"] = time.perf_counter() - t
+    qkv.attention(q, k, v, mask=bm, backend="sparse")
+    row["qkv_first_s"] = time.perf_counter() - t
+    row["sparsity_%"] = bm.sparsity()
+    row["qkv_fwd_s"] = timeit(lambda: qkv.attention(q, k, v, mask=bm, backend="sparse"), reps)
+
+    def qkv_fb():
+        qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+        torch.autograd.grad(qkv.attention(qs, ks, vs, mask=bm, backend="sparse"), (qs, ks, vs), up)
+
+    row["qkv_fwdbwd_s"] = timeit(qkv_fb, max(1, reps // 2))
+
+    if L <= sdpa_max:
+        dense = M.dense_mask(fn, 1, 1, L, L)  # (1, 1, L, L) bool
+        # one cold call each: the dense kernels run for seconds, so warm-up matters little
+        row["sdpa_fwd_s"] = timeit(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), 1, warmup=False)
+        if L <= sdpa_bwd_max:
+            def sdpa_fb():
+                qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=dense)
+                torch.autograd.grad(out, (qs, ks, vs), up)
+
+            row["sdpa_fwdbwd_s"] = timeit(sdpa_fb, 1, warmup=False)
+        del dense
+
+    if L in flex_at and flex_state.get("ok", True):
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            if "fn" not in flex_state:
+                flex_state["fn"] = torch.compile(flex_attention)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t = time.perf_counter()
+                fbm = create_block_mask(fn, None, None, L, L, device="cpu")
+                flex_state["fn"](q, k, v, block_mask=fbm)
+                row["flex_first_s"] = time.perf_counter() - t
+                row["flex_fwd_s"] = timeit(lambda: flex_state["fn"](q, k, v, block_mask=fbm), reps)
+        except Exception as exc:  # compile unavailable: report, do not hide
+            flex_state["ok"] = False
+            flex_state["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return row
+
+
+def fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def ratio(a, b):
+    return "-" if a is None or b is None else f"{a / b:.1f}x"
+
+
+def table(rows) -> str:
+    lines = [
+        "| pattern | L | dtype | sparsity | qkv fwd s | SDPA fwd s | SDPA/qkv | Flex fwd s | Flex/qkv | "
+        "qkv fwd+bwd s | SDPA fwd+bwd s | SDPA/qkv | qkv first call s | Flex first call s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        g = r.get
+        lines.append(
+            f"| {r['pattern']} | {r['L']} | {r['dtype']} | {r['sparsity_%']:.1f}% | {fmt(g('qkv_fwd_s'))} | "
+            f"{fmt(g('sdpa_fwd_s'))} | {ratio(g('sdpa_fwd_s'), g('qkv_fwd_s'))} | {fmt(g('flex_fwd_s'))} | "
+            f"{ratio(g('flex_fwd_s'), g('qkv_fwd_s'))} | {fmt(g('qkv_fwdbwd_s'))} | {fmt(g('sdpa_fwdbwd_s'))} | "
+            f"{ratio(g('sdpa_fwdbwd_s'), g('qkv_fwdbwd_s'))} | {fmt(g('qkv_first_s'))} | {fmt(g('flex_first_s'), 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sdpa-max", type=int, default=16384, help="longest L for dense SDPA forward")
+    ap.add_argument("--sdpa-bwd-max", type=int, default=8192, help="longest L for dense SDPA forward+backward")
+    ap.add_argument("--flex-at", type=int, nargs="*", default=[16384], help="lengths at which FlexAttention runs")
+    ap.add_argument("--bf16-at", type=int, nargs="*", default=[16384], help="lengths with a bfloat16 window row")
+    ap.add_argument("--quick", action="store_true", help="4k and 8k, no FlexAttention")
+    ap.add_argument("--json", default=None, help="write the rows here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.lengths, args.flex_at, args.bf16_at = [4096, 8192], [], []
+
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    bm = qkv.block_mask(M.causal_sliding_window(256), None, None, 131072, block_size=128)
+    build_128k = time.perf_counter() - t
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"BlockMask build, causal window 256 at L=131072: {build_128k * 1000:.1f} ms "
+          f"({bm.num_blocks[0]}x{bm.num_blocks[1]} blocks, sparsity {bm.sparsity():.2f}%)")
+
+    rows, flex_state = [], {}
+    for L in args.lengths:
+        for name, fn in patterns(L).items():
+            only_window = name.startswith("causal window")
+            if L > 32768 and not only_window:
+                continue  # the growth series runs to 64k for the window only
+            row = run_case(name, fn, L, torch.float32, args.reps, args.sdpa_max, args.sdpa_bwd_max,
+                           args.flex_at, flex_state)
+            rows.append(row)
+            print(row, flush=True)
+            if only_window and L in args.bf16_at:
+                row = run_case(name, fn, L, torch.bfloat16, args.reps, args.sdpa_max, 0, [], flex_state)
+                rows.append(row)
+                print(row, flush=True)
+    if "error" in flex_state:
+        print("FlexAttention compile failed:", flex_state["error"])
+    print()
+    print(table(rows))
+    win = [r for r in rows if r["pattern"].startswith("causal window") and r["dtype"] == "float32"]
+    growth = [f"{b['L'] // 1024}k/{a['L'] // 1024}k {b['qkv_fwd_s'] / a['qkv_fwd_s']:.2f}x" for a, b in zip(win, win[1:])]
+    print("\nqkv forward time per doubling of L (causal window 256):", ", ".join(growth))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"build_128k_s": build_128k, "rows": rows, "flex": flex_state.get("error", "ok")}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
