@@ -86,6 +86,9 @@ class MultiHeadAttention(nn.Module):
             self.k_proj = nn.Linear(kdim, kv_out, bias=bias)
             self.v_proj = nn.Linear(vdim, kv_out, bias=bias)
         self.out_proj = nn.Linear(q_out, embed_dim, bias=bias if out_bias is None else out_bias) if out_proj else None
+        # A qkv.inspect Recorder, called with (module, q, k, v, **constraints) before attention; it
+        # only reads them, so outputs are identical with and without it.
+        self.recorder = None
 
     def _project(self, x: Tensor, key: Optional[Tensor], value: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """-> q (B, Lq, Hq*D), k (B, Lk, Hkv*D), v (B, Lk, Hkv*D)."""
@@ -153,8 +156,11 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, n + Lk, D)
         # With one query, bottom-right causal masking allows every key: skip building the band.
+        causal = causal and Lq > 1
+        if self.recorder is not None:  # qkv.inspect observes what attention is about to see
+            self.recorder(self, q, k, v, mask=mask, causal=causal, window=window, scale=self.scale, score_mod=score_mod)
         out = attention(
-            q, k, v, mask=mask, causal=causal and Lq > 1, window=window, scale=self.scale,
+            q, k, v, mask=mask, causal=causal, window=window, scale=self.scale,
             score_mod=score_mod, dropout_p=self.dropout if self.training else 0.0, backend=backend,
         )  # (B, Hq, Lq, D)
         out = out.transpose(1, 2).reshape(B, Lq, self.num_heads * self.head_dim)  # (B, Lq, Hq*D)
