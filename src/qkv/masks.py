@@ -60,6 +60,7 @@ __all__ = [
     "BlockMask",
     "block_mask",
     "dense_mask",
+    "unknown_fraction",
     "and_masks",
     "or_masks",
     "not_mask",
@@ -869,17 +870,7 @@ def block_mask(mask_mod: MaskMod, B: Optional[int] = 1, H: Optional[int] = 1, Lq
     bq, bk = _block_size(block_size)
     nq, nk = -(-Lq // bq), -(-Lk // bk)
 
-    b = torch.arange(B).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    h = torch.arange(H).view(1, -1, 1, 1)  # (1, H, 1, 1)
-    q0 = (torch.arange(nq) * bq).view(1, 1, -1, 1)  # (1, 1, nq, 1)
-    k0 = (torch.arange(nk) * bk).view(1, 1, 1, -1)  # (1, 1, 1, nk)
-    q1, k1 = (q0 + bq).clamp(max=Lq), (k0 + bk).clamp(max=Lk)
-
-    zero = torch.zeros(1, 1, nq, nk, dtype=torch.bool)
-    got = _classes_of(mask_mod, b, h, q0, q1, k0, k1)
-    full, empty, partial = torch.broadcast_tensors(*(got if got is not None else (zero, zero, zero)), zero)[:3]
-    full, empty, partial = full.clone(), empty.clone(), partial.clone()  # (Bc, Hc, nq, nk)
-
+    full, empty, partial = _classify(mask_mod, B, H, Lq, Lk, bq, bk)  # (Bc, Hc, nq, nk) each
     unknown = ~(full | empty | partial)
     if bool(unknown.any()):
         full, empty, partial = _evaluate_unknown(mask_mod, unknown, full, empty, partial, B, H, Lq, Lk, bq, bk, device)
@@ -894,6 +885,35 @@ def block_mask(mask_mod: MaskMod, B: Optional[int] = 1, H: Optional[int] = 1, Lq
     kv_num, kv_idx = compact(partial)
     full_num, full_idx = compact(full)
     return BlockMask(mask_mod, B, H, Lq, Lk, bq, bk, kv_num, kv_idx, full_num, full_idx)
+
+
+def _classify(mask_mod, B: int, H: int, Lq: int, Lk: int, bq: int, bk: int) -> Classes:
+    """Stage 1: the labels a pattern's classifier is certain of, without evaluating elements.
+
+    Returns (full, empty, partial) bool (Bc, Hc, nq, nk); blocks with no label are unknown.
+    """
+    nq, nk = -(-Lq // bq), -(-Lk // bk)
+    b = torch.arange(B).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    h = torch.arange(H).view(1, -1, 1, 1)  # (1, H, 1, 1)
+    q0 = (torch.arange(nq) * bq).view(1, 1, -1, 1)  # (1, 1, nq, 1)
+    k0 = (torch.arange(nk) * bk).view(1, 1, 1, -1)  # (1, 1, 1, nk)
+    q1, k1 = (q0 + bq).clamp(max=Lq), (k0 + bk).clamp(max=Lk)
+    zero = torch.zeros(1, 1, nq, nk, dtype=torch.bool)
+    got = _classes_of(mask_mod, b, h, q0, q1, k0, k1)
+    full, empty, partial = torch.broadcast_tensors(*(got if got is not None else (zero, zero, zero)), zero)[:3]
+    return full.clone(), empty.clone(), partial.clone()
+
+
+def unknown_fraction(mask_mod: MaskMod, B: int, H: int, Lq: int, Lk: int, block_size=128) -> float:
+    """Share of blocks whose label needs evaluating the function (0 for exact named patterns).
+
+    Cheap (no element is evaluated); `auto` uses it to decide whether building a BlockMask
+    on the fly pays.
+    """
+    bq, bk = _block_size(block_size)
+    full, empty, partial = _classify(mask_mod, B, H, Lq, Lk, bq, bk)
+    unknown = ~(full | empty | partial)
+    return float(unknown.float().mean()) if unknown.numel() else 0.0
 
 
 def _evaluate_unknown(mask_mod, unknown, full, empty, partial, B, H, Lq, Lk, bq, bk, device):

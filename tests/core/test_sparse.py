@@ -242,3 +242,11 @@ def test_random_masks_match_reference(kind, seed):
     fn = _random_mask(kind, seed, Lq)
     bm = qkv.block_mask(fn, 1, 1, Lq, Lq, block_size=block)
     _compare((1, 2, 1, Lq, Lq, 16), torch.float32, {"mask": bm}, {"mask": fn}, f"{kind}/{seed} L={Lq} block={block}")
+
+
+def test_auto_leaves_patterns_that_need_element_evaluation():
+    long_q = torch.zeros(1, 1, 2048, 8)
+    user = M.or_masks(M.sliding_window(64), lambda b, h, q, k: (q * k) % 7 == 0)
+    assert M.unknown_fraction(user, 1, 1, 2048, 2048) > 0.5
+    assert api.choose_backend(api.build_spec(long_q, long_q, long_q, mask=user), long_q, False) != "sparse"
+    assert M.unknown_fraction(M.sliding_window(64), 1, 1, 2048, 2048) == 0.0

@@ -37,6 +37,7 @@ from .api import register_backend
 # at least this share of blocks is empty; a BlockMask always goes here.
 AUTO_MIN_ENTRIES = 1 << 20
 AUTO_MIN_SPARSITY = 50.0
+AUTO_MAX_UNKNOWN = 0.05  # share of blocks a pattern's classifier may leave to evaluation
 DEFAULT_BLOCK = 128
 
 _BUILT: "OrderedDict[tuple, object]" = OrderedDict()  # mask function + shape -> BlockMask
@@ -134,6 +135,10 @@ def auto_rule(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
     fn = spec.mask_mod
     if fn is None or getattr(fn, "classify", None) is None or spec.Lq * spec.Lk < AUTO_MIN_ENTRIES:
         return None  # only patterns with a block classifier are cheap to lay out on the fly
+    from qkv.masks import unknown_fraction
+
+    if unknown_fraction(fn, spec.B, spec.Hq, spec.Lq, spec.Lk, DEFAULT_BLOCK) > AUTO_MAX_UNKNOWN:
+        return None  # most blocks would need evaluating the function element by element
     if block_mask_for(spec, device=q.device).sparsity() >= AUTO_MIN_SPARSITY:
         return "sparse"
     return None
