@@ -72,6 +72,87 @@ def _add_similarity(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_explain(sub) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="which words a word attends to inside a model, per layer and head",
+        description="Run a model on TEXT and show its attention: for the --focus word, the weights "
+        "it gives each word per layer (mean over heads, or one --head) with a heat strip, and the heads "
+        "that attend most sharply; without --focus, the map of one layer. --png, --html and --json "
+        "write the same result as a picture, one offline HTML page, or data.",
+    )
+    p.add_argument("text", help="the sentence to explain, e.g. \"The cat sat on the mat.\"")
+    p.add_argument("--focus", metavar="WORD", help="the word whose attention to show (first match, case-insensitive)")
+    p.add_argument("--model", default="minilm", metavar="NAME_OR_PATH",
+                   help="a bundled model name or a Hugging Face model folder (default: minilm)")
+    p.add_argument("--layer", type=int, metavar="L", help="show only this layer (0-based)")
+    p.add_argument("--head", type=int, metavar="H", help="show this head instead of the mean over heads")
+    p.add_argument("--method", choices=["raw", "rollout", "value-norm"], default="raw",
+                   help="raw weights; attention rollout (Abnar & Zuidema 2020); value-weighted norms "
+                   "(Kobayashi et al. 2020). Default: raw")
+    p.add_argument("--level", choices=["word", "token"], default="word",
+                   help="merge sub-word tokens into words (default) or show tokens")
+    p.add_argument("--hide-special", action="store_true",
+                   help="hide [CLS], [SEP], BOS and renormalise the rows to 1")
+    p.add_argument("--rows", choices=["all", "focus"], default="all",
+                   help="record every query row (default) or only the focus word's: for long inputs")
+    p.add_argument("--compare", metavar="TEXT", help="a second sentence of the same length: per-head "
+                   "Jensen-Shannon divergence of the focus rows and the largest change")
+    p.add_argument("--png", metavar="FILE", help="write a PNG (needs matplotlib: pip install 'qkv[viz]')")
+    p.add_argument("--html", metavar="FILE", help="write one self-contained, offline HTML page")
+    p.add_argument("--json", metavar="FILE", help="write the result as JSON (format qkv.explain/1)")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                   help="shade table cells (default: when printing to a terminal and NO_COLOR is unset)")
+    p.add_argument("--truncate", action="store_true", help="cut text longer than the model accepts")
+
+    def run(args) -> int:
+        from .inspect import explain
+        from .inspect.terminal import render_compare, render_focus, render_overview
+
+        if not args.text.strip():
+            raise UserError('the text is empty; give a sentence, e.g. qkv explain "The cat sat on the mat." --focus cat')
+        if args.rows == "focus" and not args.focus:
+            raise UserError("--rows focus needs --focus WORD")
+        if args.compare is not None and not args.focus:
+            raise UserError("--compare needs --focus WORD (the word whose rows are compared)")
+        for flag in ("png", "html", "json"):
+            path = getattr(args, flag)
+            if path is not None:
+                folder = os.path.dirname(os.path.abspath(path))
+                if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                    raise UserError(f"cannot write --{flag} {path!r}: the folder {folder!r} does not exist or is not writable")
+        result = explain(args.text, args.model, focus=args.focus, rows=args.rows, truncate=args.truncate)
+        if args.layer is not None and not 0 <= args.layer < result.num_layers:
+            raise UserError(f"--layer {args.layer} does not exist: the model has layers 0..{result.num_layers - 1}")
+        if args.head is not None and not 0 <= args.head < result.num_heads:
+            raise UserError(f"--head {args.head} does not exist: the model has heads 0..{result.num_heads - 1}")
+        color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+        view = dict(method=args.method, level=args.level, hide_special=args.hide_special)
+        if args.focus:
+            print(render_focus(result, args.focus, layer=args.layer, head=args.head, color=color, **view))
+        else:
+            print(render_overview(result, layer=args.layer, head=args.head, color=color, **view))
+        if args.compare is not None:
+            other = explain(args.compare, args.model, truncate=args.truncate)
+            print(render_compare(result, other, result.compare(other, args.focus, args.level), args.focus, args.level))
+        options = dict(view, focus=args.focus)
+        if args.json:
+            result.save_json(args.json, **options)
+            print(f"wrote {args.json}")
+        if args.html:
+            result.save_html(args.html, **options)
+            print(f"wrote {args.html}")
+        if args.png:
+            try:
+                result.save_png(args.png, layer=args.layer, head=args.head, **options)
+            except ImportError as exc:
+                raise UserError(str(exc)) from None
+            print(f"wrote {args.png}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qkv",
@@ -81,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(sub)
     _add_similarity(sub)
+    _add_explain(sub)
     return parser
 
 
@@ -92,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (UserError, ValueError, TypeError, OSError) as exc:
         if os.environ.get("QKV_DEBUG"):
             raise
         print(f"qkv {args.command}: error: {exc}", file=sys.stderr)

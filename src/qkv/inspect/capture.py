@@ -1,0 +1,166 @@
+"""Capture of queries, keys and values inside qkv's attention layer, whatever backend ran.
+
+A `Recorder` is attached to every `qkv.nn.MultiHeadAttention` of a model. The layer hands it
+the queries, keys and values it is about to pass to `qkv.attention`, with the same
+constraint arguments; the recorder keeps only what was asked for (layers, heads, query
+rows) and never changes a tensor, so inspected outputs are bit-identical. Weights are
+recomputed afterwards from the recorded rows with `qkv.attention_weights`, so the fast path
+stays fast, and a 4,000-token input can be explained for one focus word without building
+every full map.
+
+The constraints of the selected rows (causal band, window, masks, mask functions) are taken
+from the core's own `AttentionSpec.constraints`, row by row, so the recomputed weights mean
+exactly what the forward pass computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..core import attention_weights
+from ..core._spec import build_spec
+
+
+@dataclass
+class Record:
+    """What one attention layer saw, restricted to the selected heads and query rows.
+
+    q: (B, nh, nr, D) selected query heads and rows; k: (B, nh, Lk, D) and v: (B, nh, Lk, Dv),
+    the key/value head each selected query head reads (grouped-query heads resolved);
+    mask: float (B or 1, nh or 1, nr, Lk), 0 where attending is allowed and -inf elsewhere,
+    plus any additive bias; heads, rows: the indices selected; fv_norm: (B, nh, Lk) norms
+    ||v_j W_O^h|| of each value after the output projection (Kobayashi et al., 2020), or None.
+    """
+
+    layer: int
+    name: str
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Tensor
+    scale: float
+    score_mod: Optional[Callable]
+    heads: Tensor
+    rows: Tensor
+    num_heads: int
+    num_kv_heads: int
+    fv_norm: Optional[Tensor] = None
+
+    def weights(self) -> Tensor:
+        """(B, nh, nr, Lk) attention weights of the selected heads and rows, float32 or float64."""
+        q = self.q if self.q.dtype == torch.float64 else self.q.float()
+        k = self.k.to(q.dtype)
+        return attention_weights(q, k, mask=self.mask.to(q.dtype), scale=self.scale, score_mod=self.score_mod)
+
+    def scores(self) -> Tensor:
+        """(B, nh, nr, Lk) the scaled scores q.k * scale before the softmax (no mask applied)."""
+        q = self.q if self.q.dtype == torch.float64 else self.q.float()
+        return torch.matmul(q, self.k.to(q.dtype).transpose(-1, -2)) * self.scale
+
+
+@dataclass
+class Recorder:
+    """Which layers, heads and query rows to record; None = all.
+
+    Attach with `attach(model)`; every `MultiHeadAttention` in the model, in module order,
+    becomes one layer index. `records` holds one `Record` per recorded call.
+    """
+
+    layers: Optional[Sequence[int]] = None
+    heads: Optional[Sequence[int]] = None
+    rows: Optional[Sequence[int]] = None
+    with_values: bool = True
+    records: list[Record] = field(default_factory=list)
+    _layer_of: dict = field(default_factory=dict, repr=False)
+
+    def attach(self, model: torch.nn.Module) -> "Recorder":
+        from ..nn import MultiHeadAttention
+
+        found = [(name, m) for name, m in model.named_modules() if isinstance(m, MultiHeadAttention)]
+        if not found:
+            raise ValueError(
+                f"{type(model).__name__} has no qkv MultiHeadAttention layers to inspect; explain works on "
+                "models built from qkv.nn"
+            )
+        for index, (name, module) in enumerate(found):
+            self._layer_of[id(module)] = (index, name)
+            module.recorder = self
+        self._modules = [m for _, m in found]
+        return self
+
+    def detach(self) -> None:
+        for module in getattr(self, "_modules", []):
+            module.recorder = None
+        self._modules = []
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layer_of)
+
+    def __call__(self, module, q: Tensor, k: Tensor, v: Tensor, *, mask=None, causal=False, window=None,
+                 scale=None, score_mod=None) -> None:
+        """Called by the layer with q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)."""
+        layer, name = self._layer_of[id(module)]
+        if self.layers is not None and layer not in self.layers:
+            return
+        with torch.no_grad():
+            spec = build_spec(q, k, v, mask=mask, causal=causal, window=window, scale=scale, score_mod=score_mod)
+            B, Hq, Lq, _ = q.shape
+            heads = torch.arange(Hq) if self.heads is None else torch.as_tensor(list(self.heads), dtype=torch.long)
+            rows = torch.arange(Lq) if self.rows is None else torch.as_tensor(list(self.rows), dtype=torch.long)
+            if heads.numel() and (heads.min() < 0 or heads.max() >= Hq):
+                raise ValueError(f"head {heads.max().item()} does not exist: layer {layer} has heads 0..{Hq - 1}")
+            if rows.numel() and (rows.min() < 0 or rows.max() >= Lq):
+                raise ValueError(f"row {rows.max().item()} does not exist: the input has {Lq} tokens")
+            kv_heads = heads // spec.groups  # the key/value head each selected query head reads
+            q_sel = q[:, heads][:, :, rows].detach().clone()  # (B, nh, nr, D)
+            k_sel = k[:, kv_heads].detach().clone()  # (B, nh, Lk, D)
+            v_sel = v[:, kv_heads].detach().clone()  # (B, nh, Lk, Dv)
+            mask_rows = [self._row_mask(spec, int(r), heads, q.device) for r in rows]
+            mask_sel = torch.cat(mask_rows, dim=2) if mask_rows else torch.zeros(1, 1, 0, spec.Lk)  # (.., nr, Lk)
+            fv_norm = self._fv_norm(module, v_sel, heads) if self.with_values else None
+        mod = None
+        if score_mod is not None:
+            # Indices of the selected heads and rows map back to the layer's own.
+            def mod(s, b, h, qi, kj, _f=score_mod, _h=heads, _r=rows):
+                return _f(s, b, _h.to(h.device)[h], _r.to(qi.device)[qi], kj)
+        self.records.append(Record(
+            layer=layer, name=name, q=q_sel, k=k_sel, v=v_sel if self.with_values else v_sel[..., :0],
+            mask=mask_sel, scale=spec.scale, score_mod=mod, heads=heads, rows=rows,
+            num_heads=Hq, num_kv_heads=spec.Hkv, fv_norm=fv_norm,
+        ))
+
+    @staticmethod
+    def _row_mask(spec, r: int, heads: Tensor, device) -> Tensor:
+        """Float (B or 1, nh or 1, 1, Lk) mask of query row r: bias, and -inf where not allowed."""
+        allowed, bias = spec.constraints(r, r + 1, 0, spec.Lk, device)
+        out = torch.zeros(1, 1, 1, spec.Lk, device=device)
+        if bias is not None:
+            out = out + bias.to(torch.float32).reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        if allowed is not None:
+            out = out.masked_fill(~allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape)), float("-inf"))
+        if out.shape[1] != 1:
+            out = out[:, heads]  # (B, nh, 1, Lk)
+        return out
+
+    @staticmethod
+    def _fv_norm(module, v_sel: Tensor, heads: Tensor) -> Optional[Tensor]:
+        """(B, nh, Lk) ||v_j W_O^h||: each value after the output projection's slice for head h."""
+        out_proj = getattr(module, "out_proj", None)
+        if out_proj is None:
+            return None
+        D = v_sel.shape[-1]
+        w = out_proj.weight.detach()  # (E, Hq * D)
+        w_heads = w.view(w.shape[0], -1, D)[:, heads].transpose(0, 1)  # (nh, E, D)
+        fv = torch.matmul(v_sel.to(w.dtype), w_heads.transpose(-1, -2).unsqueeze(0))  # (B, nh, Lk, E)
+        return fv.norm(dim=-1).float()

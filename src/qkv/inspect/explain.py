@@ -1,0 +1,426 @@
+"""`qkv.explain`: which words a word looks at inside a real model, per layer and head.
+
+Runs the model once with a `Recorder` on its attention layers, recomputes the weights
+from the recorded queries and keys (`qkv.attention_weights`), and offers the analyses of
+`qkv.inspect.analysis` at token or word level: raw weights, attention rollout (Abnar &
+Zuidema, 2020), value-weighted norms (Kobayashi et al., 2020), entropy per head, word
+merging (Clark et al., 2019), and the comparison of two sentences.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import analysis
+from .capture import Record, Recorder
+
+METHODS = ("raw", "rollout", "value-norm")
+LEVELS = ("word", "token")
+FORMAT = "qkv.explain/1"
+
+_MODEL_CACHE: dict = {}
+
+
+def _load_model(model):
+    """A model object as it is, or a bundled name / folder path loaded once and kept."""
+    if not isinstance(model, (str, os.PathLike)):
+        return model, getattr(model, "name", type(model).__name__)
+    key = str(model)
+    if key not in _MODEL_CACHE:
+        from ..models import load
+
+        _MODEL_CACHE[key] = load(key)
+    return _MODEL_CACHE[key], key
+
+
+@dataclass
+class Steps:
+    """The seed's three steps for one query token in one head, with real numbers.
+
+    labels: the n key tokens; query (D,); keys (n, D); scores (n,) = q.k * scale before the
+    softmax (-inf where masked); weights (n,) after it; values (n, Dv); output (Dv,) = the
+    weighted sum of the values (before the output projection).
+    """
+
+    layer: int
+    head: int
+    token: int
+    labels: list[str]
+    query: Tensor
+    keys: Tensor
+    scale: float
+    scores: Tensor
+    weights: Tensor
+    values: Tensor
+    output: Tensor
+
+    def __str__(self) -> str:
+        lines = [f"layer {self.layer}, head {self.head}, query token {self.labels[self.token]!r} "
+                 f"(scale {self.scale:.4f})", f"{'key':>14} {'q.k*scale':>10} {'weight':>8}"]
+        for label, s, w in zip(self.labels, self.scores.tolist(), self.weights.tolist()):
+            lines.append(f"{label[:14]:>14} {s:>10.4f} {w:>8.4f}")
+        head = ", ".join(f"{x:.4f}" for x in self.output[:6].tolist())
+        lines.append(f"output = sum_j weight_j * v_j = [{head}, ...] ({self.output.numel()} values)")
+        return "\n".join(lines)
+
+
+@dataclass
+class ExplainResult:
+    """What `qkv.explain` found. Token-level tensors; views at word level through the methods.
+
+    tokens: the n token strings; special: which are special tokens ([CLS], [SEP], BOS);
+    words: the words of the text; word_of_token: the word index of each token (None for
+    special tokens); records: one `Record` per attention layer (queries, keys, values of the
+    recorded heads and rows); rows: the recorded query rows (None = all).
+    """
+
+    text: str
+    model_name: str
+    tokens: list[str]
+    special: list[bool]
+    words: list[str]
+    word_of_token: list[Optional[int]]
+    records: list[Record]
+    rows: Optional[list[int]] = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def num_layers(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.records[0].heads.numel())
+
+    @property
+    def attentions(self) -> Tensor:
+        """(layers, heads, tokens, tokens) float32 weights; each row sums to 1 over the keys it may see."""
+        if self.rows is not None:
+            raise ValueError(
+                "only the focus rows were recorded (rows='focus'); use focus_rows(), or explain again "
+                "with rows='all' to get every full map"
+            )
+        if "attentions" not in self._cache:
+            self._cache["attentions"] = torch.stack([r.weights()[0].float() for r in self.records])
+        return self._cache["attentions"]
+
+    def units(self, level: str = "word", hide_special: bool = False):
+        """(labels, special flags, unit of each token) at `level`; specials are units of their own."""
+        _check_choice("level", level, LEVELS)
+        if level == "token":
+            labels, special, unit_of = list(self.tokens), list(self.special), list(range(len(self.tokens)))
+        else:
+            labels, special, unit_of, seen = [], [], [], {}
+            for t, w in enumerate(self.word_of_token):
+                key = ("w", w) if w is not None else ("t", t)
+                if key not in seen:
+                    seen[key] = len(labels)
+                    labels.append(self.words[w] if w is not None else self.tokens[t])
+                    special.append(w is None)
+                unit_of.append(seen[key])
+        return labels, special, unit_of
+
+    def labels(self, level: str = "word", hide_special: bool = False) -> list[str]:
+        labels, special, _ = self.units(level)
+        return [lab for lab, s in zip(labels, special) if not (hide_special and s)]
+
+    # ---------------------------------------------------------------- analyses
+    def maps(self, method: str = "raw", level: str = "word", hide_special: bool = False) -> Tensor:
+        """(layers, heads, n, n) maps at `level`; for rollout heads = 1 (heads averaged first).
+
+        raw: attention weights. rollout: attention rollout with the residual term, up to each
+        layer. value-norm: ||alpha_ij f(v_j)||, not normalised. Special tokens are hidden
+        after the analysis, and rows renormalised to 1 (raw, rollout).
+        """
+        _check_choice("method", method, METHODS)
+        if method == "raw":
+            maps = self.attentions
+        elif method == "rollout":
+            maps = analysis.rollout(self.attentions.double().mean(dim=1)).float().unsqueeze(1)  # (L, 1, n, n)
+        else:
+            maps = torch.stack([analysis.value_norms(r.weights()[0].float(), self._fv_norm(r)) for r in self.records])
+        labels, special, unit_of = self.units(level)
+        if level == "word":
+            maps = analysis.merge_units(maps, unit_of, len(labels))
+        if hide_special:
+            maps = analysis.drop_and_renormalise(maps, [not s for s in special], renormalise=method != "value-norm")
+        return maps
+
+    def focus_rows(self, focus: Union[str, int], method: str = "raw", level: str = "word",
+                   hide_special: bool = False) -> Tensor:
+        """(layers, heads, n) the focus unit's row of every layer and head (works with rows='focus')."""
+        index = self.focus_index(focus, level)
+        if self.rows is None:
+            unit_index = index
+            if hide_special:
+                _, special, _ = self.units(level)
+                unit_index = index - sum(special[:index])
+            return self.maps(method, level, hide_special)[:, :, unit_index]
+        if method == "rollout":
+            raise ValueError("rollout needs every row of every layer; explain again with rows='all'")
+        labels, special, unit_of = self.units(level)
+        token_rows = [t for t, u in enumerate(unit_of) if u == index]
+        pos = [self.rows.index(t) for t in token_rows]
+        rows = []
+        for r in self.records:
+            w = r.weights()[0].float()[:, pos]  # (H, pieces, n_tokens)
+            if method == "value-norm":
+                w = analysis.value_norms(w, self._fv_norm(r))
+            rows.append(w)
+        rows = torch.stack(rows)  # (L, H, pieces, n_tokens)
+        onehot = torch.zeros(len(unit_of), len(labels))
+        onehot[torch.arange(len(unit_of)), torch.as_tensor(unit_of)] = 1.0
+        rows = (rows @ onehot).mean(dim=2)  # keys summed per unit, query pieces averaged -> (L, H, m)
+        if hide_special:
+            keep = torch.tensor([not s for s in special])
+            rows = rows[..., keep]
+            if method != "value-norm":
+                total = rows.sum(-1, keepdim=True)
+                rows = torch.where(total > 0, rows / total.clamp_min(1e-30), rows)
+        return rows
+
+    def entropy(self, level: str = "token") -> Tensor:
+        """(layers, heads) mean entropy in nats of each head's rows: low = focused."""
+        return analysis.entropy(self.maps("raw", level)).mean(dim=-1)
+
+    def sharpest_heads(self, focus: Union[str, int], k: int = 5, level: str = "word", hide_special: bool = False):
+        """The k (layer, head) pairs whose focus row has the lowest entropy, with their top words."""
+        rows = self.focus_rows(focus, "raw", level, hide_special)  # (L, H, n)
+        ent = analysis.entropy(rows)  # (L, H)
+        labels = self.labels(level, hide_special)
+        order = torch.argsort(ent.flatten())[:k]
+        out = []
+        for flat in order.tolist():
+            layer, head = divmod(flat, rows.shape[1])
+            top = torch.argsort(rows[layer, head], descending=True)[:3].tolist()
+            out.append({"layer": layer, "head": int(self.records[layer].heads[head]), "entropy": float(ent[layer, head]),
+                        "top": [{"label": labels[j], "weight": float(rows[layer, head, j])} for j in top]})
+        return out
+
+    def steps(self, focus: Union[str, int], layer: int, head: int) -> Steps:
+        """The three steps of the seeds for the focus word's first token in one head."""
+        index = self.focus_index(focus, "token") if isinstance(focus, int) else self._first_token(focus)
+        rec = self._record(layer)
+        h = self._head_position(rec, head)
+        if self.rows is not None:
+            if index not in self.rows:
+                raise ValueError(f"token {index} was not recorded; recorded rows: {self.rows}")
+            r = self.rows.index(index)
+        else:
+            r = index
+        scores = rec.scores()[0, h, r]  # (n,)
+        masked = scores + rec.mask[0 if rec.mask.shape[0] == 1 else 0, 0 if rec.mask.shape[1] == 1 else h, r].to(scores.dtype)
+        weights = rec.weights()[0, h, r]
+        values = rec.v[0, h].to(weights.dtype)
+        return Steps(layer=layer, head=head, token=index, labels=list(self.tokens), query=rec.q[0, h, r].float(),
+                     keys=rec.k[0, h].float(), scale=rec.scale, scores=masked, weights=weights, values=values,
+                     output=weights @ values)
+
+    def compare(self, other: "ExplainResult", focus: Union[str, int, None] = None, level: str = "word") -> dict:
+        """Per-head difference maps (self - other) and, with a focus, the Jensen-Shannon
+        divergence (bits) of the focus rows per layer and head. Both must have the same labels count."""
+        a, b = self.maps("raw", level), other.maps("raw", level)
+        if a.shape != b.shape:
+            raise ValueError(
+                f"the two sentences have {a.shape[-1]} and {b.shape[-1]} {level}s (or different models); "
+                f"difference maps need sentences of the same length, e.g. one word swapped"
+            )
+        out = {"difference": a - b, "labels": (self.labels(level), other.labels(level))}
+        if focus is not None:
+            i = self.focus_index(focus, level)
+            out["jsd"] = analysis.jensen_shannon(a[:, :, i], b[:, :, i])  # (L, H)
+        return out
+
+    # ---------------------------------------------------------------- lookups
+    def focus_index(self, focus: Union[str, int], level: str = "word") -> int:
+        """Index of a word (first match, case-insensitive, punctuation ignored) or a unit index."""
+        labels, special, _ = self.units(level)
+        if isinstance(focus, int) and not isinstance(focus, bool):
+            if not 0 <= focus < len(labels):
+                raise ValueError(f"focus index {focus} is out of range: the text has {len(labels)} {level}s")
+            return focus
+        if not isinstance(focus, str) or not focus.strip():
+            raise ValueError("focus must be a word of the text or an index")
+        want = _norm(focus)
+        for i, (label, s) in enumerate(zip(labels, special)):
+            if not s and _norm(label) == want:
+                return i
+        if level == "token":  # a word given at token level: its first token
+            try:
+                return self._first_token(focus)
+            except ValueError:
+                pass
+        shown = ", ".join(repr(w) for w, s in zip(labels, special) if not s)
+        raise ValueError(f"focus word {focus!r} is not in the text; its {level}s are: {shown}")
+
+    def _first_token(self, focus: str) -> int:
+        w = self.focus_index(focus, "word")
+        _, _, unit_of = self.units("word")
+        return unit_of.index(w)
+
+    def _record(self, layer: int) -> Record:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} does not exist: the model has layers 0..{self.num_layers - 1}")
+        return self.records[layer]
+
+    @staticmethod
+    def _head_position(rec: Record, head: int) -> int:
+        hits = (rec.heads == head).nonzero()
+        if not hits.numel():
+            raise ValueError(f"head {head} does not exist or was not recorded: heads {rec.heads.tolist()}")
+        return int(hits[0, 0])
+
+    def _fv_norm(self, rec: Record) -> Tensor:
+        if rec.fv_norm is None:
+            raise ValueError("value-norm needs the layer's values and output projection; this layer has none")
+        return rec.fv_norm[0]
+
+    # ---------------------------------------------------------------- output
+    def to_dict(self, method: str = "raw", level: str = "word", hide_special: bool = False,
+                focus: Union[str, int, None] = None, layer: Optional[int] = None, head: Optional[int] = None) -> dict:
+        """The JSON-ready form "qkv.explain/1" that the HTML and PNG renderers draw."""
+        maps = self.maps(method, level, hide_special)
+        if layer is not None:
+            self._record(layer)
+        head_names = ["rollout"] if method == "rollout" else [str(int(h)) for h in self.records[0].heads]
+        labels, special, _ = self.units(level)
+        if hide_special:
+            labels = [lab for lab, s in zip(labels, special) if not s]
+            special = [False] * len(labels)
+        data = {
+            "format": FORMAT, "model": self.model_name, "text": self.text, "method": method, "level": level,
+            "labels": labels, "special": special, "layers": self.num_layers, "heads": len(head_names),
+            "head_names": head_names, "maps": _round(maps), "normalised": method != "value-norm",
+            "focus": None, "entropy": _round(self.entropy(level)),
+            "selected": {"layer": layer, "head": head},
+        }
+        if focus is not None:
+            index = self.focus_index(focus, level)
+            if hide_special:
+                index -= sum(self.units(level)[1][:index])
+            data["focus"] = {
+                "index": index, "label": labels[index],
+                "per_layer": _round(maps[:, :, index].mean(dim=1)),
+                "sharpest_heads": self.sharpest_heads(focus, 5, level, hide_special),
+            }
+        return data
+
+    def save_json(self, path, **options) -> None:
+        _atomic_write(path, json.dumps(self.to_dict(**options), ensure_ascii=False))
+
+    def save_html(self, path, **options) -> None:
+        from .html import write_html
+
+        write_html(self.to_dict(**options), path)
+
+    def save_png(self, path, *, layer: Optional[int] = None, head: Optional[int] = None, **options) -> None:
+        from .png import render_png
+
+        render_png(self.to_dict(**options), path, layer=layer, head=head)
+
+
+def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, layers: Optional[Sequence[int]] = None,
+            heads: Optional[Sequence[int]] = None, rows: str = "all", truncate: bool = False) -> ExplainResult:
+    """Run `model` on `text` and record its attention.
+
+    Args:
+        text: the input text.
+        model: a bundled name ("minilm"), a model folder path, or a model from `qkv.load`.
+        focus: a word of the text (or a word index), needed with rows="focus".
+        layers, heads: record only these (indices); None = all.
+        rows: "all" records every query row; "focus" only the focus word's tokens, so a long
+            input can be explained for one word without building every full map.
+        truncate: cut text longer than the model's positions instead of raising.
+
+    Returns:
+        an `ExplainResult`. The model's outputs are not changed by the recording.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("text is empty; give a sentence to explain, e.g. \"The cat sat on the mat.\"")
+    _check_choice("rows", rows, ("all", "focus"))
+    model, name = _load_model(model)
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError(f"model {name!r} has no tokenizer; explain needs one to turn text into tokens")
+    batch = tok([text], truncate=truncate)
+    ids, attention_mask = batch.input_ids, batch.attention_mask
+    tokens = batch.tokens[0]
+    word_of_token = batch.word_ids[0]
+    offsets = batch.offsets[0]
+    special = [w is None for w in word_of_token]
+    words = _words(text, word_of_token, offsets)
+
+    record_rows = None
+    if rows == "focus":
+        if focus is None:
+            raise ValueError("rows='focus' needs a focus word")
+        probe = ExplainResult(text, name, tokens, special, words, word_of_token, records=[])
+        w = probe.focus_index(focus, "word")
+        _, _, unit_of = probe.units("word")
+        record_rows = [t for t, u in enumerate(unit_of) if u == w]
+
+    recorder = Recorder(layers=layers, heads=heads, rows=record_rows).attach(model)
+    try:
+        with torch.no_grad():
+            model(ids, attention_mask=attention_mask)
+    finally:
+        recorder.detach()
+    result = ExplainResult(text, name, tokens, special, words, word_of_token, recorder.records, rows=record_rows)
+    if not result.records:
+        raise ValueError(f"no layer was recorded: layers {list(layers or [])} do not exist "
+                         f"(the model has {recorder.num_layers} attention layers)")
+    if focus is not None:
+        result.focus_index(focus, "word")  # a missing focus word is reported now, with the words
+    return result
+
+
+def _words(text: str, word_of_token, offsets) -> list[str]:
+    spans: dict[int, list[int]] = {}
+    for w, (start, end) in zip(word_of_token, offsets):
+        if w is None:
+            continue
+        span = spans.setdefault(w, [start, end])
+        span[0], span[1] = min(span[0], start), max(span[1], end)
+    return [text[spans[w][0]:spans[w][1]] for w in sorted(spans)]
+
+
+def _norm(word: str) -> str:
+    stripped = re.sub(r"[^\w]", "", word.lower())
+    return stripped or word.lower()
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _round(t: Tensor, digits: int = 5):
+    return torch.round(t.float(), decimals=digits).tolist()
+
+
+def _atomic_write(path, text: str) -> None:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {path!r}: the folder {folder!r} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".qkv-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise ValueError(f"cannot write {path!r}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,114 @@
+"""Terminal rendering of an explanation: compact tables with a heat strip.
+
+Without colour (a pipe, a file, NO_COLOR set) the strip is drawn with block characters
+" ▁▂▃▄▅▆▇█"; with colour, each cell's background also shades with its weight.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def _strip(row: list[float]) -> str:
+    top = max(row) if row and max(row) > 0 else 1.0
+    return "".join(_BLOCKS[min(len(_BLOCKS) - 1, int(round(x / top * (len(_BLOCKS) - 1))))] for x in row)
+
+
+def _cell(x: float, top: float, width: int, color: bool, digits: int) -> str:
+    text = f"{x:.{digits}f}".rjust(width)
+    if not color:
+        return text
+    level = 0 if top <= 0 else x / top
+    shade = 232 + int(round(level * 23))  # the 24-step grey ramp of 256-colour terminals
+    fg = 16 if level > 0.55 else 255
+    return f"\x1b[48;5;{shade}m\x1b[38;5;{fg}m{text}\x1b[0m"
+
+
+def _label(s: str, width: int) -> str:
+    return (s if len(s) <= width else s[: width - 1] + "…").rjust(width)
+
+
+def render_focus(result, focus, *, method: str = "raw", level: str = "word", hide_special: bool = False,
+                 layer: Optional[int] = None, head: Optional[int] = None, color: bool = False,
+                 top_heads: int = 5) -> str:
+    """The focus word's attention per layer (mean over heads, or one head), and its sharpest heads."""
+    labels = result.labels(level, hide_special)
+    rows = result.focus_rows(focus, method, level, hide_special)  # (L, H, n)
+    index = result.focus_index(focus, level)
+    focus_label = result.units(level)[0][index]
+    if head is not None:
+        if method == "rollout":
+            raise ValueError("rollout averages the heads; drop --head or use --method raw")
+        h = result._head_position(result.records[0], head)
+        per_layer, what = rows[:, h], f"head {head}"
+    else:
+        per_layer, what = rows.mean(dim=1), ("rollout of the mean over heads" if method == "rollout" else "mean over heads")
+    layers = range(per_layer.shape[0]) if layer is None else [layer]
+    if layer is not None:
+        result._record(layer)
+    width = max(6, min(10, max(len(lab) for lab in labels) + 1))
+    digits = 2 if method != "value-norm" else 1
+    method_name = {"raw": "attention weights", "rollout": "attention rollout", "value-norm": "value-weighted norms ||a f(v)||"}[method]
+    lines = [
+        f"{result.text!r} on {result.model_name}: {result.num_layers} layers x {result.num_heads} heads, "
+        f"{method_name}, {level} level" + (", special tokens hidden" if hide_special else ""),
+        f"from {focus_label!r} to each {level} ({what})",
+        "",
+        "layer " + "".join(_label(lab, width) for lab in labels) + "  strip",
+    ]
+    for lay in layers:
+        row = per_layer[lay].tolist()
+        top = max(row) if row else 0.0
+        lines.append(f"{lay:>5} " + "".join(_cell(x, top, width, color, digits) for x in row) + "  " + _strip(row))
+    if method == "raw" and head is None and top_heads:
+        lines += ["", f"sharpest heads for {focus_label!r} (lowest entropy of its row):"]
+        for item in result.sharpest_heads(focus, top_heads, level, hide_special):
+            if layer is not None and item["layer"] != layer:
+                continue
+            tops = " · ".join(f"{t['label']} {t['weight']:.2f}" for t in item["top"])
+            lines.append(f"  layer {item['layer']} head {item['head']:<3} entropy {item['entropy']:.2f} nats   {tops}")
+    return "\n".join(lines)
+
+
+def render_overview(result, *, method: str = "raw", level: str = "word", hide_special: bool = False,
+                    layer: Optional[int] = None, head: Optional[int] = None, color: bool = False) -> str:
+    """Without a focus word: for one layer (default the last), each word's row as a table."""
+    maps = result.maps(method, level, hide_special)  # (L, H, n, n)
+    labels = result.labels(level, hide_special)
+    lay = maps.shape[0] - 1 if layer is None else layer
+    result._record(lay)
+    if head is not None:
+        grid, what = maps[lay, result._head_position(result.records[lay], head)], f"head {head}"
+    else:
+        grid, what = maps[lay].mean(dim=0), "mean over heads"
+    width = max(6, min(10, max(len(lab) for lab in labels) + 1))
+    digits = 2 if method != "value-norm" else 1
+    lines = [f"{result.text!r} on {result.model_name}: layer {lay}, {what}, {method}, {level} level; rows attend to columns",
+             "", " " * width + "".join(_label(lab, width) for lab in labels) + "  strip"]
+    for i, lab in enumerate(labels):
+        row = grid[i].tolist()
+        top = max(row) if row else 0.0
+        lines.append(_label(lab, width) + "".join(_cell(x, top, width, color, digits) for x in row) + "  " + _strip(row))
+    ent = result.entropy("token")
+    lines += ["", "entropy per head (nats, low = focused), layers x heads:"]
+    for lay_i in range(ent.shape[0]):
+        lines.append(f"{lay_i:>5} " + " ".join(f"{x:4.2f}" for x in ent[lay_i].tolist()))
+    return "\n".join(lines)
+
+
+def render_compare(a, b, comparison: dict, focus, level: str = "word") -> str:
+    """Jensen-Shannon divergence of the focus rows per layer and head between two sentences."""
+    jsd = comparison["jsd"]  # (L, H)
+    label = a.units(level)[0][a.focus_index(focus, level)]
+    lines = ["", f"comparison with {b.text!r}: Jensen-Shannon divergence (bits) of {label!r}'s row, layers x heads"]
+    for lay in range(jsd.shape[0]):
+        lines.append(f"{lay:>5} " + " ".join(f"{x:4.2f}" for x in jsd[lay].tolist()) + f"   max {jsd[lay].max().item():.2f}")
+    diff = comparison["difference"].abs().amax(dim=(-1, -2))  # (L, H)
+    flat = int(torch.argmax(diff))
+    lay, head = divmod(flat, diff.shape[1])
+    lines.append(f"largest change in any weight: layer {lay} head {head} ({diff[lay, head].item():.2f})")
+    return "\n".join(lines)
