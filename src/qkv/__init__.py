@@ -7,12 +7,18 @@ The functional core (DESIGN.md):
     out, lse = qkv.attention_with_lse(q, k, v, ...)
     probs = qkv.attention_weights(q, k, ...)
     out = qkv.reference_attention(q, k, v, ...)
+
+Models and views of their attention:
+
+    model = qkv.load("minilm")                       # the bundled all-MiniLM-L6-v2
+    result = qkv.explain("The cat sat on the mat.", focus="cat")
 """
 
 from .core import attention, attention_weights, attention_with_lse, reference_attention
 from .models import load  # models -> nn -> core; cheap: tokenizers/safetensors load lazily
 from . import masks
 from .masks import BlockMask, block_mask
+from .inspect import ExplainResult, explain  # inspect observes models through the attention layer
 
 __version__ = "0.1.0"
 
@@ -25,5 +31,7 @@ __all__ = [
     "BlockMask",
     "block_mask",
     "masks",
+    "explain",
+    "ExplainResult",
     "__version__",
 ]
