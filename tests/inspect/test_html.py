@@ -1,0 +1,213 @@
+"""The offline HTML page of `qkv explain`: self-contained, escaped, well-formed input checks.
+
+The renderer consumes only the "qkv.explain/1" dict, so these tests build one from random
+Dirichlet rows; no model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+
+import numpy as np
+import pytest
+
+from qkv.inspect.html import render_html, write_html
+
+MALICIOUS_LABEL = "<script>alert(1)</script>"
+MALICIOUS_TEXT = 'The cat </script><b>x</b> sat on the "mat" & été\u2028.'
+
+
+def make_data(n_words: int = 8, layers: int = 3, heads: int = 4, *, seed: int = 0, method: str = "raw",
+              focus: int | None = 2) -> dict:
+    """A synthetic "qkv.explain/1" dict: Dirichlet rows, one malicious label, special ends."""
+    rng = np.random.default_rng(seed)
+    base = ["the", "cat", MALICIOUS_LABEL, "sat", "on", "the", "mat", "été", "\u2028", "'q\""]
+    words = [base[i % len(base)] if i < len(base) else f"w{i}" for i in range(n_words)]
+    labels = ["[CLS]", *words, "[SEP]"]
+    n = len(labels)
+    maps = rng.dirichlet(np.full(n, 0.3), size=(layers, heads, n))  # (L, H, n, n), rows sum to 1
+    if method == "value-norm":
+        maps = maps * rng.uniform(0.5, 4.0, size=(layers, heads, n, 1))
+    entropy = -(maps * np.log(np.clip(maps, 1e-12, None))).sum(-1).mean(-1)  # (L, H)
+    data = {
+        "format": "qkv.explain/1",
+        "model": "synthetic",
+        "text": MALICIOUS_TEXT,
+        "method": method,
+        "level": "word",
+        "labels": labels,
+        "special": [lab in ("[CLS]", "[SEP]") for lab in labels],
+        "layers": layers,
+        "heads": heads,
+        "head_names": [str(h) for h in range(heads)],
+        "maps": maps.tolist(),
+        "normalised": method != "value-norm",
+        "focus": None,
+        "entropy": entropy.tolist(),
+    }
+    if focus is not None:
+        rows = maps[:, :, focus, :]  # (L, H, n)
+        ent = -(rows * np.log(np.clip(rows, 1e-12, None))).sum(-1)  # (L, H)
+        order = np.argsort(ent, axis=None)[:5]
+        sharpest = []
+        for flat in order:
+            lay, head = divmod(int(flat), heads)
+            top = np.argsort(-rows[lay, head])[:3]
+            sharpest.append({
+                "layer": lay, "head": head, "entropy": float(ent[lay, head]),
+                "top": [{"label": labels[j], "weight": float(rows[lay, head, j])} for j in top],
+            })
+        data["focus"] = {
+            "index": focus,
+            "label": labels[focus],
+            "per_layer": rows.mean(1).tolist(),
+            "sharpest_heads": sharpest,
+        }
+    return data
+
+
+def embedded_json(page: str) -> dict:
+    m = re.search(r'<script type="application/json" id="qkv-data">(.*?)</script>', page, re.S)
+    assert m, "the page has no embedded JSON block"
+    return json.loads(m.group(1))
+
+
+def test_page_is_self_contained():
+    page = render_html(make_data())
+    assert page.startswith("<!DOCTYPE html>")
+    low = page.lower()
+    assert "http://" not in low and "https://" not in low, "the page names a network address"
+    assert "//" + "cdn" not in low
+    assert not re.search(r"<script[^>]*\bsrc\s*=", low), "the page loads an external script"
+    assert "<link" not in low, "the page has a <link> element"
+    assert "@import" not in low and "url(" not in low, "the page's CSS refers to an outside resource"
+    assert "<img" not in low and "<iframe" not in low
+    # Exactly the two inline scripts: the JSON data and the page script.
+    assert len(re.findall(r"<script\b", low)) == 2
+    assert "content-security-policy" in low and "default-src 'none'" in page
+
+
+def test_user_text_is_escaped():
+    page = render_html(make_data())
+    assert MALICIOUS_LABEL not in page
+    assert "</script><b>x</b>" not in page
+    assert "<b>x" not in page
+    assert "\u2028" not in page and "\u2029" not in page
+    # The title is HTML-escaped, the JSON block \u-escaped.
+    assert "&lt;/script&gt;&lt;b&gt;x&lt;/b&gt;" in page
+    assert "\\u003cscript\\u003ealert(1)\\u003c/script\\u003e" in page
+    # Every </script> in the page closes one of the two script elements.
+    assert page.lower().count("</script>") == 2
+
+
+def test_embedded_json_round_trips():
+    data = make_data(seed=3)
+    got = embedded_json(render_html(data))
+    for key in ("format", "model", "text", "method", "level", "labels", "special", "head_names", "focus", "entropy"):
+        assert got[key] == data[key], key
+    maps = np.asarray(data["maps"])
+    err = np.abs(np.asarray(got["maps"]) - maps).max()
+    # 6 significant digits: relative error <= 5e-6 of each weight.
+    assert err <= 5e-6 * maps.max(), f"embedded weights differ by {err:.3g}"
+
+
+def test_non_ascii_is_kept_readable():
+    page = render_html(make_data())
+    assert "été" in page  # written as UTF-8, not \u-escaped
+    assert '<meta charset="utf-8">' in page
+
+
+def test_marker_in_text_is_not_substituted():
+    data = make_data()
+    data["text"] = "@@STYLE@@ @@SCRIPT@@ @@DATA@@"
+    page = render_html(data)
+    assert embedded_json(page)["text"] == data["text"]
+    assert page.count("@@STYLE@@") == 2  # once in <title>, once in the JSON
+
+
+@pytest.mark.parametrize("method", ["rollout", "value-norm"])
+def test_other_methods_render(method):
+    data = make_data(method=method, focus=None)
+    if method == "rollout":
+        data["maps"] = [[np.mean(layer, axis=0).tolist()] for layer in data["maps"]]
+        data["head_names"] = ["rollout"]
+        data["entropy"] = [[0.5] for _ in data["maps"]]
+    got = embedded_json(render_html(data))
+    assert got["method"] == method and len(got["maps"][0]) == len(data["head_names"])
+
+
+def test_numpy_maps_are_accepted():
+    data = make_data()
+    data["maps"] = np.asarray(data["maps"])
+    assert embedded_json(render_html(data))["labels"] == data["labels"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(format="qkv.explain/9"), "format"),
+        (lambda d: d.pop("labels"), "labels"),
+        (lambda d: d.update(labels=[]), "labels"),
+        (lambda d: d.update(head_names=["0"]), "head_names"),
+        (lambda d: d["maps"][1][0].pop(), r"maps'\]\[1\]\[0\]"),
+        (lambda d: d["maps"][0][0][0].__setitem__(0, float("nan")), "non-finite"),
+        (lambda d: d["focus"].update(index=99), "focus"),
+        (lambda d: d.update(special=[True]), "special"),
+    ],
+)
+def test_malformed_data_is_refused(change, message):
+    data = make_data()
+    change(data)
+    with pytest.raises(ValueError, match=message):
+        render_html(data)
+
+
+def test_not_a_dict():
+    with pytest.raises(TypeError, match="to_dict"):
+        render_html([1, 2, 3])
+
+
+def test_write_html_is_atomic(tmp_path):
+    target = tmp_path / "page.html"
+    target.write_text("old")
+    out = write_html(make_data(), target)
+    assert out == target
+    assert target.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html"], "a temporary file was left behind"
+
+
+def test_write_html_missing_directory(tmp_path):
+    target = tmp_path / "no" / "such" / "page.html"
+    with pytest.raises(OSError, match=re.escape(str(target))):
+        write_html(make_data(), target)
+
+
+def test_write_html_onto_directory(tmp_path):
+    with pytest.raises(OSError, match="directory"):
+        write_html(make_data(), tmp_path)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere")
+def test_write_html_read_only_directory(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        with pytest.raises(OSError, match="ro/page.html"):
+            write_html(make_data(), ro / "page.html")
+    finally:
+        ro.chmod(stat.S_IRWXU)
+
+
+def test_large_input_renders_quickly():
+    import time
+
+    data = make_data(n_words=198, layers=2, heads=2, focus=5)
+    t0 = time.perf_counter()
+    page = render_html(data)
+    elapsed = time.perf_counter() - t0
+    assert len(embedded_json(page)["labels"]) == 200
+    assert elapsed < 5, f"render_html took {elapsed:.1f} s for 200 labels"
