@@ -124,3 +124,14 @@ def test_gpt2_inverse_layer_scaling(tmp_path):
     with torch.no_grad():
         err = (model(ids) - ref(ids).logits).abs().max().item()
     assert err < 1e-5, f"max |logits - transformers| = {err:.2e}"
+
+
+def test_batch_of_texts_of_different_lengths_is_left_padded(pair):
+    """Each prompt of a padded batch continues exactly as it does alone."""
+    model, _ = pair
+    texts = ["the cat sat on the mat", "a dog", "attention is all you need"]
+    together = model.generate(texts, max_new_tokens=6)
+    assert together.shape[0] == 3
+    for i, text in enumerate(texts):
+        alone = model.generate(text, max_new_tokens=6)
+        assert torch.equal(together[i, -6:], alone[0, -6:]), f"text {i} continues differently in a batch"

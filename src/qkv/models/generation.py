@@ -44,12 +44,13 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> Non
 @torch.inference_mode()
 def generate(model, input_ids: Tensor, *, max_new_tokens: int = 20, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-             eos_token_id: Optional[int] = None, max_length: int) -> Tensor:
+             eos_token_id: Optional[int] = None, attention_mask: Optional[Tensor] = None,
+             max_length: int) -> Tensor:
     """Extend each row of `input_ids` by up to `max_new_tokens` tokens.
 
     Args:
         model: a decoder with `new_cache`, `hidden` and `logits`.
-        input_ids: (B, L) int64 prompts, all of the same length L (no padding).
+        input_ids: (B, L) int64 prompts; shorter ones padded on the left (see attention_mask).
         max_new_tokens: tokens to add.
         temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature).
         top_k: sample only among the k most likely tokens.
@@ -57,6 +58,8 @@ def generate(model, input_ids: Tensor, *, max_new_tokens: int = 20, temperature:
         seed: seed of a private torch.Generator, so sampling is reproducible.
         eos_token_id: a row that produces it stops; finished rows are padded with it, and
             generation ends when every row has finished.
+        attention_mask: (B, L) bool, False at left padding; positions then count real tokens
+            only, so a padded prompt continues exactly as it would alone.
         max_length: the model's positions; the prompt plus new tokens must fit.
 
     Returns:
@@ -75,13 +78,26 @@ def generate(model, input_ids: Tensor, *, max_new_tokens: int = 20, temperature:
     if temperature > 0 and seed is not None:
         gen = torch.Generator(device=input_ids.device).manual_seed(seed)
     cache = model.new_cache(B, capacity=L + max_new_tokens)
+    mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must be (B, L) = {tuple(input_ids.shape)}; got {tuple(attention_mask.shape)}")
+        mask = torch.ones(B, L + max_new_tokens, dtype=torch.bool, device=input_ids.device)  # (B, L + T)
+        mask[:, :L] = attention_mask.bool()
+        # Position of each slot = real tokens before it; padding slots get 0 (never attended).
+        all_pos = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L + T)
     out = torch.empty(B, L + max_new_tokens, dtype=torch.int64, device=input_ids.device)  # (B, L + T)
     out[:, :L] = input_ids
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     step_ids = input_ids  # (B, L) first, then (B, 1)
     n = L
     for _ in range(max_new_tokens):
-        h = model.hidden(step_ids, cache=cache)  # (B, l, E)
+        l = step_ids.shape[1]
+        if mask is None:
+            h = model.hidden(step_ids, cache=cache)  # (B, l, E)
+        else:
+            h = model.hidden(step_ids, cache=cache, attention_mask=mask[:, :n],
+                             positions=all_pos[:, n - l:n])  # (B, l, E)
         logits = model.logits(h[:, -1]).float()  # (B, V)
         if temperature == 0:
             next_id = logits.argmax(dim=-1)  # (B,)

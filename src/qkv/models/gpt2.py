@@ -121,13 +121,15 @@ class GPT2LMHeadModel(nn.Module):
         return KVCache(c.n_layer, batch, c.n_head, c.n_embd // c.n_head, capacity=capacity, dtype=w.dtype, device=w.device)
 
     def hidden(self, input_ids: Tensor, *, attention_mask: Optional[Tensor] = None,
-               cache: Optional[KVCache] = None) -> Tensor:
+               cache: Optional[KVCache] = None, positions: Optional[Tensor] = None) -> Tensor:
         """Final hidden states (after ln_f).
 
         Args:
             input_ids: (B, L) int64; with a cache, the new tokens only.
             attention_mask: (B, n + L) bool/0-1 over cached and new tokens (padding = False);
                 positions still count every slot, as Hugging Face does without position_ids.
+            positions: (B, L) int64 position of each new token (default: cache length onwards);
+                left-padded batches pass positions that count real tokens only.
             cache: a KVCache from `new_cache`; the new keys and values are appended.
 
         Returns:
@@ -142,7 +144,7 @@ class GPT2LMHeadModel(nn.Module):
                 f"sequence of {start + L} tokens exceeds this model's {self.config.n_positions} positions; "
                 f"shorten the input (or truncate it)"
             )
-        pos = torch.arange(start, start + L, device=input_ids.device)  # (L,)
+        pos = torch.arange(start, start + L, device=input_ids.device) if positions is None else positions  # (L,) | (B, L)
         mask = None
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, n + L)
@@ -161,19 +163,22 @@ class GPT2LMHeadModel(nn.Module):
         """input_ids (B, L) -> logits (B, L, V); see `hidden` for the arguments."""
         return self.logits(self.hidden(input_ids, attention_mask=attention_mask, cache=cache))
 
-    def generate(self, prompt: Union[str, Tensor], *, max_new_tokens: int = 20, temperature: float = 0.0,
+    def generate(self, prompt: Union[str, list, Tensor], *, max_new_tokens: int = 20, temperature: float = 0.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                 eos_token_id: Optional[int] = -1) -> Tensor:
-        """Extend a prompt; see `qkv.models.generation.generate`.
+                 eos_token_id: Optional[int] = -1, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """Extend prompts; see `qkv.models.generation.generate` for the sampling arguments.
 
         Args:
-            prompt: a text (tokenised with the model's tokenizer) or ids (B, L) / (L,).
+            prompt: a text or a list of texts (tokenised with the model's tokenizer; texts of
+                different lengths are padded on the left), or ids (B, L) / (L,).
             eos_token_id: -1 = the config's eos_token_id; None = never stop early.
+            attention_mask: (B, L) bool for left-padded ids (False = padding).
 
         Returns:
-            (B, L + T) int64 ids (B = 1 for a text).
+            (B, L + T) int64 ids, prompts as given (left-padded for texts of different lengths).
         """
-        return _decoder_generate(self, prompt, self.config.n_positions, max_new_tokens=max_new_tokens,
+        return _decoder_generate(self, prompt, self.config.n_positions, attention_mask=attention_mask,
+                                 max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                  eos_token_id=self.config.eos_token_id if eos_token_id == -1 else eos_token_id)
 
@@ -182,20 +187,38 @@ class GPT2LMHeadModel(nn.Module):
         return _decoder_complete(self, text, **kwargs)
 
 
-def _decoder_generate(model, prompt, max_length: int, **kwargs) -> Tensor:
-    if isinstance(prompt, str):
+def _left_pad(ids: Tensor, mask: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded (B, L) ids and mask -> the same rows padded on the left (decoders append on the right)."""
+    lengths = mask.sum(dim=1)  # (B,)
+    L = ids.shape[1]
+    out_ids = torch.full_like(ids, pad_id)
+    out_mask = torch.zeros_like(mask)
+    for i, n in enumerate(lengths.tolist()):
+        out_ids[i, L - n:] = ids[i, :n]
+        out_mask[i, L - n:] = True
+    return out_ids, out_mask
+
+
+def _decoder_generate(model, prompt, max_length: int, *, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+    if isinstance(prompt, (str, list, tuple)):
         if model.tokenizer is None:
             raise ModelError("this model has no tokenizer; pass token ids, or load it with qkv.load(folder)")
-        ids = model.tokenizer(prompt).input_ids  # (1, L)
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with token ids; texts are padded by qkv")
+        batch = model.tokenizer(prompt)  # right-padded (N, L)
+        ids, attention_mask = _left_pad(batch.input_ids, batch.attention_mask, model.tokenizer.pad_id)
     elif isinstance(prompt, Tensor):
         ids = prompt.unsqueeze(0) if prompt.dim() == 1 else prompt
+        if attention_mask is not None and attention_mask.dim() == 1:
+            attention_mask = attention_mask.unsqueeze(0)
     else:
-        raise TypeError(f"prompt must be a string or a tensor of token ids; got {type(prompt).__name__}")
+        raise TypeError(f"prompt must be a string, a list of strings or a tensor of token ids; got {type(prompt).__name__}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, ids.to(device), max_length=max_length, **kwargs)
+        mask = attention_mask.to(device).bool() if attention_mask is not None else None
+        return _generate(model, ids.to(device), max_length=max_length, attention_mask=mask, **kwargs)
     finally:
         model.train(was_training)
 
@@ -203,6 +226,8 @@ def _decoder_generate(model, prompt, max_length: int, **kwargs) -> Tensor:
 def _decoder_complete(model, text: str, **kwargs) -> str:
     if model.tokenizer is None:
         raise ModelError("this model has no tokenizer; load it with qkv.load(folder)")
+    if not isinstance(text, str):
+        raise TypeError(f"complete takes one text; got {type(text).__name__} (use generate for batches)")
     prompt = model.tokenizer(text).input_ids  # (1, L)
     out = model.generate(prompt, **kwargs)
     return model.tokenizer.decode(out[0, prompt.shape[1]:])

@@ -158,12 +158,14 @@ class LlamaForCausalLM(nn.Module):
                        dtype=w.dtype, device=w.device)
 
     def hidden(self, input_ids: Tensor, *, attention_mask: Optional[Tensor] = None,
-               cache: Optional[KVCache] = None) -> Tensor:
+               cache: Optional[KVCache] = None, positions: Optional[Tensor] = None) -> Tensor:
         """Final hidden states (after the last RMSNorm).
 
         Args:
             input_ids: (B, L) int64; with a cache, the new tokens only.
             attention_mask: (B, n + L) bool/0-1 over cached and new tokens (padding = False).
+            positions: (B, L) int64 position of each new token (default: cache length onwards);
+                left-padded batches pass positions that count real tokens only.
             cache: a KVCache from `new_cache`; new keys (rotated) and values are appended.
 
         Returns:
@@ -180,8 +182,8 @@ class LlamaForCausalLM(nn.Module):
             )
         m = self.model
         x = m.embed_tokens(input_ids)  # (B, L, E)
-        pos = torch.arange(start, start + L, device=input_ids.device)  # (L,)
-        rotary = m.rotary_emb(pos, dtype=x.dtype)  # cos, sin (L, D)
+        pos = torch.arange(start, start + L, device=input_ids.device) if positions is None else positions  # (L,) | (B, L)
+        rotary = m.rotary_emb(pos, dtype=x.dtype)  # cos, sin (L, D) or (B, 1, L, D)
         mask = None
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, n + L)
@@ -198,13 +200,14 @@ class LlamaForCausalLM(nn.Module):
         """input_ids (B, L) -> logits (B, L, V); see `hidden` for the arguments."""
         return self.logits(self.hidden(input_ids, attention_mask=attention_mask, cache=cache))
 
-    def generate(self, prompt: Union[str, Tensor], *, max_new_tokens: int = 20, temperature: float = 0.0,
+    def generate(self, prompt: Union[str, list, Tensor], *, max_new_tokens: int = 20, temperature: float = 0.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                 eos_token_id: Optional[int] = -1) -> Tensor:
+                 eos_token_id: Optional[int] = -1, attention_mask: Optional[Tensor] = None) -> Tensor:
         """Extend a prompt; arguments as `GPT2LMHeadModel.generate` (-1 = the config's first eos id)."""
         if eos_token_id == -1:
             eos_token_id = self.config.eos_ids[0] if self.config.eos_ids else None
-        return _decoder_generate(self, prompt, self.config.max_position_embeddings, max_new_tokens=max_new_tokens,
+        return _decoder_generate(self, prompt, self.config.max_position_embeddings, attention_mask=attention_mask,
+                                 max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                  eos_token_id=eos_token_id)
 
