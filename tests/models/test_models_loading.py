@@ -119,3 +119,24 @@ def test_load_in_bfloat16(gpt2_folder):
     assert model.lm_head.weight is model.transformer.wte.weight, "tied head survives meta-device loading"
     out = model.generate(torch.tensor([[4, 5, 6]]), max_new_tokens=3)
     assert out.shape == (1, 6)
+
+
+def test_sharded_safetensors_and_bpe_vocab_files(tmp_path, gpt2_folder):
+    """Weights split into shards with an index, and a GPT-2 tokenizer from vocab.json + merges.txt."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    from conftest import SENTENCES
+
+    folder = tmp_path / "sharded"
+    ref = gpt2_folder[1]
+    ref.save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(SENTENCES, vocab_size=300, min_frequency=1)
+    bpe.save_model(str(folder))
+    model = qkv.load(folder)
+    ids = torch.tensor([[5, 9, 3, 7]])
+    with torch.no_grad():
+        err = (model(ids) - ref(ids).logits).abs().max().item()
+    assert err < 1e-5, f"sharded load differs from transformers by {err:.2e}"
+    assert model.tokenizer.decode(model.tokenizer(["the cat"]).input_ids[0]).strip() == "the cat"
