@@ -2,7 +2,8 @@
 
 For P = 1, 2, 4 gloo processes on this machine (127.0.0.1, one torch thread each), the
 sequence length doubles from --start until a rank's peak RSS increase passes --budget-mib
-(a watchdog thread stops that run at once) or --cap is reached. Each (P, length) runs in
+(a watchdog thread stops that run at once) or --cap is reached, then 1.5x the last length
+that fitted is tried once. Each (P, length) runs in
 fresh processes, so one measurement cannot inherit another's allocator state. Reported:
 the longest length within the budget, the forward time there (slowest rank), the peak RSS
 increase per rank there (largest rank; shards, receive buffers, accumulators and the tiled
@@ -10,7 +11,7 @@ engine's tiles), and both at one common length (--common-len) to show memory per
 falling as ~1/P. Prints a markdown table and writes JSON.
 
     python benchmarks/ring.py                           # the table in docs/benchmarks.md
-    python benchmarks/ring.py --procs 1 2 --budget-mib 64 --cap 16384
+    python benchmarks/ring.py --procs 1 2 --budget-mib 64 --cap 16384   # a quick look
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def run_one(P: int, N: int, cfg: dict, timeout: float = 900.0):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--budget-mib", type=float, default=256.0, help="peak RSS increase allowed per process")
+    p.add_argument("--budget-mib", type=float, default=128.0, help="peak RSS increase allowed per process")
     p.add_argument("--start", type=int, default=2048, help="first sequence length (doubled each time)")
     p.add_argument("--cap", type=int, default=65536, help="longest length tried")
     p.add_argument("--common-len", type=int, default=8192, help="length at which every P is compared")
@@ -129,18 +130,22 @@ def main(argv=None) -> int:
           f"127.0.0.1, 1 thread per process, {os.cpu_count()} cores")
     rows, runs = [], []
     for P in args.procs:
-        N, best, common = args.start, None, None
+        N, best, common, refined = args.start, None, None, False
         while N <= args.cap:
             t_start = time.monotonic()
             status, sec, peak = run_one(P, N, cfg)
             runs.append({"P": P, "N": N, "status": status, "forward_s": sec, "peak_rss_mib": peak / 2**20})
             print(f"  P={P} N={N:>7}: {status:>6}  forward {sec:8.3f} s  peak RSS +{peak / 2**20:7.1f} MiB/rank"
                   f"  ({time.monotonic() - t_start:.0f} s with start-up)", flush=True)
-            if status != "ok":
+            if status == "ok":
+                best = (N, sec, peak)
+                if N == args.common_len:
+                    common = (sec, peak)
+            if refined or best is None:
                 break
-            best = (N, sec, peak)
-            if N == args.common_len:
-                common = (sec, peak)
+            if status != "ok":  # one step of refinement between the last fit and the first miss
+                N, refined = best[0] * 3 // 2, True
+                continue
             N *= 2
         capped = best is not None and best[0] * 2 > args.cap
         rows.append({"P": P, "longest": best[0] if best else 0, "capped": capped,
@@ -149,25 +154,70 @@ def main(argv=None) -> int:
                      "common_forward_s": common[0] if common else float("nan"),
                      "common_peak_rss_mib": common[1] / 2**20 if common else float("nan")})
 
-    n0 = args.common_len
+    _print_tables(rows, runs, args.budget_mib, args.common_len)
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+                   "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                   "config": cfg, "common_len": args.common_len, "rows": rows, "runs": runs}, f, indent=1)
+    os.replace(tmp, args.json)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+def _print_tables(rows, runs, budget_mib, n0) -> None:
     print()
-    print(f"| P | longest length within {args.budget_mib:g} MiB/process | tokens per rank | forward s (slowest rank) "
+    print(f"| P | longest length within {budget_mib:g} MiB/process | tokens per rank | forward s (slowest rank) "
           f"| peak RSS +MiB per rank | at N={n0}: forward s | at N={n0}: peak RSS +MiB per rank |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         longest = f"{r['longest']:,}" + (" (cap)" if r["capped"] else "")
         print(f"| {r['P']} | {longest} | {r['longest'] // r['P']:,} | {r['forward_s']:.2f} | "
               f"{r['peak_rss_mib']:.0f} | {r['common_forward_s']:.2f} | {r['common_peak_rss_mib']:.0f} |")
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-                   "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                   "config": cfg, "rows": rows, "runs": runs}, f, indent=1)
-    os.replace(tmp, args.json)
-    print(f"\nwrote {args.json}")
+    # Every measured (P, N): memory per rank at one length, read down a column, falls with P.
+    lengths = sorted({r["N"] for r in runs})
+    procs = sorted({r["P"] for r in runs})
+    cell = {(r["P"], r["N"]): r for r in runs}
+    print()
+    print("peak RSS increase per rank, MiB (forward s, slowest rank); 'over' = stopped past the budget")
+    print("| P | " + " | ".join(f"N={n:,}" for n in lengths) + " |")
+    print("|---|" + "---|" * len(lengths))
+    for P in procs:
+        cells = []
+        for n in lengths:
+            r = cell.get((P, n))
+            if r is None:
+                cells.append("")
+            elif r["status"] == "ok":
+                cells.append(f"{r['peak_rss_mib']:.0f} ({r['forward_s']:.2f} s)")
+            else:
+                cells.append(f"{r['status']} (>{r['peak_rss_mib']:.0f})" if r["status"] == "over" else r["status"])
+        print(f"| {P} | " + " | ".join(cells) + " |")
+    # The part of a rank's memory that grows with the sequence: the slope between the two
+    # longest lengths that fit, in KiB per token of the *whole* sequence (ideal: falls as 1/P).
+    print()
+    print("| P | memory per rank that grows with the sequence: KiB per token of the whole sequence | x P |")
+    print("|---|---|---|")
+    for P in procs:
+        ok = sorted(r["N"] for r in runs if r["P"] == P and r["status"] == "ok")
+        if len(ok) >= 2:
+            a, b = cell[(P, ok[-2])], cell[(P, ok[-1])]
+            slope = (b["peak_rss_mib"] - a["peak_rss_mib"]) * 1024 / (b["N"] - a["N"])
+            print(f"| {P} | {slope:.2f} (from N={a['N']:,} to {b['N']:,}) | {slope * P:.2f} |")
+
+
+def reprint(path: str) -> int:
+    """Print the tables of a saved JSON again (python benchmarks/ring.py --reprint FILE)."""
+    with open(path) as f:
+        saved = json.load(f)
+    print(f"# {saved['command']}  ({saved['machine']}, torch {saved['torch']})")
+    budget = saved["config"]["budget"] / 2**20
+    _print_tables(saved["rows"], saved["runs"], budget, saved.get("common_len", 8192))
     return 0
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--reprint":
+        sys.exit(reprint(sys.argv[2]))
     sys.exit(main())

@@ -182,21 +182,22 @@ def _mismatch(rank, world, *, results):
 
 
 def _survive_kill(rank, world, *, results, timeout):
-    """Rank world-1 is SIGKILLed by the parent; the others loop ring steps until they fail."""
+    """Every rank loops ring passes; the parent SIGKILLs rank world-1 in the middle of them."""
     import qkv.distributed as qd
 
-    q = torch.randn(1, 2, 64, 16)
+    q = torch.randn(1, 2, 256, 16)
     qd.ring_attention(q, q, q, causal=True, timeout=timeout)  # one good pass: the ring works
     results.put((rank, "msg", "ready"))
-    if rank == world - 1:
-        time.sleep(600)  # waits to be killed
     t0 = time.monotonic()
+    calls = 0
     try:
-        for _ in range(100_000):
-            qd.ring_attention(q, q, q, causal=True, timeout=timeout)
+        while time.monotonic() - t0 < 60:
+            # check_shards=False: no collective, so the fault is met in the ring's P2P waits
+            qd.ring_attention(q, q, q, causal=True, timeout=timeout, check_shards=False)
+            calls += 1
     except qd.RingAttentionError as e:
-        return {"type": type(e).__name__, "msg": str(e), "t_error": time.time(), "calls_s": time.monotonic() - t0}
-    return {"type": "none"}
+        return {"type": type(e).__name__, "msg": str(e), "t_error": time.time(), "calls": calls}
+    return {"type": "none", "calls": calls}
 
 
 def _silent_peer(rank, world, *, results, timeout):
@@ -215,5 +216,52 @@ def _silent_peer(rank, world, *, results, timeout):
     return {"type": "none"}
 
 
-JOBS = {"cases": _cases, "mismatch": _mismatch, "survive_kill": _survive_kill,
+def _mha(rank, world, *, results, layout, N):
+    """qkv.nn.MultiHeadAttention with RoPE in ring mode vs the same layer on one process.
+
+    The hook under test is one line: the layer's call to `qkv.attention` becomes a call to
+    `RingAttention(group, layout)` (here by patching the name the layer module looks up).
+    """
+    import torch.distributed as dist
+
+    import qkv.distributed as qd
+    import qkv.nn.attention as nn_attention
+    from qkv.nn import MultiHeadAttention, RotaryEmbedding
+
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 4, num_kv_heads=2).double()
+    rope = RotaryEmbedding(8)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, N, 32, generator=gen, dtype=torch.float64)  # (B, N, E)
+    g = torch.randn(2, N, 32, generator=gen, dtype=torch.float64)
+    params = list(mha.parameters())
+
+    xs = x.clone().requires_grad_()
+    ref = mha(xs, causal=True, rotary=rope(torch.arange(N), torch.float64))
+    ref.backward(g)
+    ref_w = [p.grad.clone() for p in params]
+    mha.zero_grad()
+
+    ring = qd.RingAttention(layout=layout, timeout=30)
+    original = nn_attention.attention
+    nn_attention.attention = ring  # the hook
+    try:
+        xl = qd.shard(x, rank, world, layout=layout, dim=1).requires_grad_()  # (B, N/P, E)
+        pos = ring.positions(xl.shape[1])  # global positions of the local tokens
+        out = mha(xl, causal=True, rotary=rope(pos, torch.float64))
+        out.backward(qd.shard(g, rank, world, layout=layout, dim=1))
+    finally:
+        nn_attention.attention = original
+    for p in params:  # data-parallel style: every rank holds part of each weight's gradient
+        dist.all_reduce(p.grad)
+
+    def err(a, b):
+        return (a - b).abs().max().item()
+
+    return {"out": err(out, qd.shard(ref, rank, world, layout=layout, dim=1)),
+            "dx": err(xl.grad, qd.shard(xs.grad, rank, world, layout=layout, dim=1)),
+            "dw": max(err(p.grad, r) for p, r in zip(params, ref_w))}
+
+
+JOBS = {"mha": _mha, "cases": _cases, "mismatch": _mismatch, "survive_kill": _survive_kill,
         "silent_peer": _silent_peer, "never_join": lambda *a, **k: {"type": "joined"}}

@@ -102,3 +102,11 @@ def test_mismatched_shards_raise_everywhere():
     msgs = results_ok(launch(2, "mismatch", timeout=60))
     for m in msgs:
         assert "same shard shapes" in m and "L_local: rank 0 has 6, rank 1 has 8" in m, m
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_multihead_attention_in_ring_mode(layout):
+    """A MultiHeadAttention layer (RoPE, GQA) whose attention call is RingAttention equals the layer on one process."""
+    pytest.importorskip("qkv.nn")
+    for r, errs in enumerate(results_ok(launch(2, "mha", {"layout": layout, "N": 24}, timeout=90))):
+        assert max(errs.values()) < 1e-10, f"rank {r}: max errors {errs}"

@@ -36,7 +36,7 @@ from ._layout import LAYOUTS, check_layout, shard_positions, step_work
 
 # Partial outputs of one ring step are produced and merged in pieces of at most this many
 # entries (B * Hq * rows * Dv), so they never cost a second copy of the output.
-_PIECE_ENTRIES = 1 << 21
+_PIECE_ENTRIES = 1 << 19
 _GRAD_TAG = 2  # message tags: 0, 1 for k, v; 2, 3 for dk, dv
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
