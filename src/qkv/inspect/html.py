@@ -295,7 +295,7 @@ _TEMPLATE = """<!DOCTYPE html>
     </section>
     <section id="model-panel" class="panel" aria-labelledby="model-h">
       <h2 id="model-h">Model view</h2>
-      <p class="note">Every layer and head, query rows down, key columns across. Click one to open it in the head view.</p>
+      <p class="note">Every layer and head, query rows down, key columns across (square-root colour scale). Click one to open it in the head view.</p>
       <div class="scroll"><div id="model-view"></div></div>
     </section>
   </div>
@@ -339,7 +339,8 @@ select { padding: 2px 6px; border: 1px solid var(--line); border-radius: 5px; ba
 .head-btn { border: 1px solid var(--line); background: #fff; border-radius: 5px; padding: 1px 7px; cursor: pointer; font-size: 12.5px; min-width: 26px; }
 .head-btn[aria-pressed="true"] { background: var(--accent); border-color: var(--accent); color: #fff; }
 .head-btn:focus-visible, .word:focus-visible, .thumb:focus-visible, #sharpest button:focus-visible { outline: 2px solid var(--accent); outline-offset: 1px; }
-.status { min-height: 1.4em; margin: 2px 0 6px; font-size: 13px; }
+/* Fixed height: hovering a word rewrites this line, and the words below must not move. */
+.status { height: 2.8em; overflow: hidden; display: -webkit-box; -webkit-box-orient: vertical; -webkit-line-clamp: 2; margin: 2px 0 6px; font-size: 13px; }
 #head-view { display: grid; grid-template-columns: minmax(60px, max-content) minmax(120px, 240px) minmax(60px, max-content); align-items: start; background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 6px 8px; width: max-content; max-width: 100%; overflow-x: auto; }
 .col { display: flex; flex-direction: column; }
 .word { display: block; height: var(--row); line-height: var(--row); padding: 0 6px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; max-width: 14em; border-radius: 4px; cursor: default; font-variant-numeric: tabular-nums; }
@@ -669,7 +670,7 @@ _SCRIPT = r"""
     for (var i = 0; i < n; i++) {
       var row = amap[i], s = rowScale(row), gi = Math.floor(i * m / n) * m;
       for (var j = 0; j < n; j++) {
-        var t = row[j] * s, g = gi + Math.floor(j * m / n);
+        var t = Math.sqrt(Math.min(1, row[j] * s)), g = gi + Math.floor(j * m / n);
         if (t > grid[g]) grid[g] = t; // max-pool when n > m
       }
     }
