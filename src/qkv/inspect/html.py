@@ -223,13 +223,19 @@ def write_html(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     return target
 
 
-def _atomic_write(target: Path, payload: bytes, *, what: str) -> None:
-    """Write bytes to target through a temporary file in the same directory + os.replace."""
+def _check_target(target: Path, *, what: str) -> Path:
+    """Fail early, naming the path, when target cannot be a file; returns its directory."""
     parent = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise IsADirectoryError(f"cannot write {what} to '{target}': it is a directory; give a file name")
     if not parent.is_dir():
         raise FileNotFoundError(f"cannot write {what} to '{target}': directory '{parent}' does not exist")
+    return parent
+
+
+def _atomic_write(target: Path, payload: bytes, *, what: str) -> None:
+    """Write bytes to target through a temporary file in the same directory + os.replace."""
+    parent = _check_target(target, what=what)
     tmp_name = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)

@@ -1,0 +1,245 @@
+"""A PNG picture of a `qkv explain` result ("qkv.explain/1" dict), drawn with matplotlib.
+
+Panels: (a) the focus word's attention row in every layer (mean of heads) and (b) in every
+head of the chosen layer, when the result has a focus word; (c) the token-by-token map of one
+layer and head (default: the last layer, mean of heads), words on both axes. Weights that are
+not normalised (value norms, Kobayashi et al., 2020) are coloured per row max.
+
+matplotlib is an optional dependency (`pip install 'qkv[viz]'`), imported only here, with the
+Agg canvas: no display, no pyplot state, only the fonts matplotlib ships (DejaVu Sans).
+
+    from qkv.inspect.png import render_png
+    render_png(result.to_dict(), "cat.png")                  # last layer, mean of heads
+    render_png(result.to_dict(), "l3h7.png", layer=3, head=7)
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from .html import _atomic_write, _check_data, _check_target
+
+__all__ = ["render_png"]
+
+_NEEDS = "PNG output needs matplotlib: pip install 'qkv[viz]'"
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def render_png(
+    data: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    layer: int | None = None,
+    head: int | str | None = None,
+) -> Path:
+    """Draw a "qkv.explain/1" result as a PNG and write it to `path` atomically.
+
+    Args:
+        data: the JSON-ready dict of an explain result (`to_dict()`): labels (n),
+            maps[layer][head][query][key] (n x n each), head_names, focus, ...
+        path: the PNG file to write (a temporary file in the same directory, then os.replace).
+        layer: the layer of the token-by-token map, 0 .. layers-1; None: the last layer.
+            Negative values count from the end, as in Python.
+        head: the head of that map: an index 0 .. heads-1, a name from data['head_names'],
+            or None / "mean" for the mean of heads.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+        ValueError: malformed data, or a layer or head out of range (the message gives the range).
+        OSError: the path cannot be written (the message names it).
+    """
+    n, n_layers, n_heads = _check_data(data)
+    layer_i = _pick_layer(layer, n_layers)
+    head_i = _pick_head(head, data["head_names"])
+    target = Path(path)
+    _check_target(target, what="PNG")
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(_NEEDS) from e
+    import numpy as np  # a dependency of matplotlib
+
+    maps = np.asarray(data["maps"], dtype=np.float64)  # (L, H, n, n)
+    if not np.isfinite(maps).all():
+        raise ValueError("data['maps'] holds non-finite weights; weights must be finite")
+    normalised = bool(data.get("normalised", data.get("method") != "value-norm"))
+    labels = [_tick_text(s) for s in data["labels"]]
+    special = list(data.get("special") or [False] * n)
+    focus = data.get("focus")
+
+    rc = {"text.parse_math": False} if "text.parse_math" in matplotlib.rcParams else {}
+    with matplotlib.rc_context(rc) if rc else nullcontext(), warnings.catch_warnings():
+        # Labels in scripts DejaVu Sans lacks (CJK, ...) draw as boxes rather than warn.
+        warnings.filterwarnings("ignore", message=r"Glyph .* missing from", category=UserWarning)
+        if not rc:  # old matplotlib: a '$' would start mathtext
+            labels = [s.replace("$", r"\$") for s in labels]
+        fig = Figure(layout="constrained")
+        FigureCanvasAgg(fig)
+        _draw(fig, np, data, maps, labels, special, focus, normalised, layer_i, head_i)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=150, metadata={"Software": "qkv explain"})
+    _atomic_write(target, buf.getvalue(), what="PNG")
+    return target
+
+
+def _pick_layer(layer: int | None, n_layers: int) -> int:
+    if layer is None:
+        return n_layers - 1
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(f"layer must be an int in 0..{n_layers - 1} or None, got {layer!r}")
+    if not -n_layers <= layer < n_layers:
+        raise ValueError(f"layer {layer} is out of range: this result has layers 0..{n_layers - 1}")
+    return layer % n_layers
+
+
+def _pick_head(head: int | str | None, names: list[str]) -> int | None:
+    """None means the mean of heads."""
+    if head is None or head == "mean":
+        return None
+    if isinstance(head, str):
+        if head in names:
+            return names.index(head)
+        if head.lstrip("-").isdigit():
+            head = int(head)
+        else:
+            raise ValueError(f"unknown head {head!r}: give an index 0..{len(names) - 1}, a name from {names}, or 'mean'")
+    if isinstance(head, bool) or not isinstance(head, int):
+        raise ValueError(f"head must be an int, a head name or 'mean', got {head!r}")
+    if not 0 <= head < len(names):
+        raise ValueError(f"head {head} is out of range: this result has heads 0..{len(names) - 1} (or 'mean')")
+    return head
+
+
+def _tick_text(label: str, limit: int = 16) -> str:
+    s = " ".join(_CONTROL.sub(" ", str(label)).split()) or "\u2423"  # an empty or blank label shows as ␣
+    return s if len(s) <= limit else s[: limit - 1] + "\u2026"
+
+
+def _short(text: str, limit: int = 90) -> str:
+    s = " ".join(_CONTROL.sub(" ", str(text)).split())
+    return s if len(s) <= limit else s[: limit - 1] + "\u2026"
+
+
+def _draw(fig, np, data, maps, labels, special, focus, normalised, layer, head) -> None:
+    n_layers, n_heads, n = maps.shape[0], maps.shape[1], maps.shape[2]
+    names = [str(h) for h in data["head_names"]]
+    amap = maps[layer].mean(0) if head is None else maps[layer, head]  # (n, n)
+    head_text = "mean of heads" if head is None else f"head {names[head]}"
+    if n_heads == 1:
+        head_text = names[0]
+
+    # Cell size in inches: large for a sentence, small (but legible ticks) for 200 labels.
+    cell = min(0.42, max(0.075, 6.0 / n))
+    font = min(9.0, max(4.0, cell * 72 * 0.5))
+    every = max(1, math.ceil(n / 70))  # show every k-th word on long inputs
+    with_focus = focus is not None
+    show_heads = with_focus and n_heads > 1
+
+    side = n * cell
+    left_rows = (n_layers + (n_heads if show_heads else 0)) * max(cell, 0.16)
+    width = side + (side + 1.6 if with_focus else 0) + 2.2
+    height = max(side, left_rows + (1.2 if show_heads else 0.6)) + 2.0
+    fig.set_size_inches(min(width, 40), min(height, 40))
+
+    title = f"\u201c{_short(data.get('text', ''))}\u201d"
+    sub = f"model {data.get('model')} \u00b7 method {data.get('method')} \u00b7 level {data.get('level')}"
+    fig.suptitle(f"{title}\n{sub}", fontsize=10, x=0.01, ha="left")
+
+    if with_focus:
+        gs = fig.add_gridspec(2, 2, width_ratios=[1, 1], height_ratios=[n_layers, n_heads] if show_heads else [1, 0.001])
+        ax_c = fig.add_subplot(gs[:, 1])
+        ax_a = fig.add_subplot(gs[0, 0])
+        ax_b = fig.add_subplot(gs[1, 0]) if show_heads else None
+    else:
+        ax_c, ax_a, ax_b = fig.add_subplot(1, 1, 1), None, None
+
+    fi = focus["index"] if with_focus else None
+    if with_focus:
+        per_layer = focus.get("per_layer")
+        if per_layer is None:
+            per_layer = maps[:, :, fi].mean(1)
+        per_layer = np.asarray(per_layer, dtype=np.float64)  # (L, n)
+        word = labels[fi]
+        _heatmap(ax_a, np, per_layer, normalised, font, annotate=n <= 20)
+        ax_a.set_title(f"(a) \u201c{word}\u201d \u2192 each word, per layer (mean of heads)", fontsize=max(8.0, font + 1), loc="left")
+        _ticks(ax_a, labels, special, font, every, x=True)
+        _yticks(ax_a, [f"layer {i}" for i in range(n_layers)], font, bold=layer)
+        if ax_b is not None:
+            rows = maps[layer, :, fi]  # (H, n)
+            _heatmap(ax_b, np, rows, normalised, font, annotate=n <= 14)
+            ax_b.set_title(f"(b) \u201c{word}\u201d \u2192 each word, layer {layer}, every head", fontsize=max(8.0, font + 1), loc="left")
+            _ticks(ax_b, labels, special, font, every, x=True)
+            _yticks(ax_b, [f"head {h}" for h in names], font, bold=head)
+
+    im = _heatmap(ax_c, np, amap, normalised, font, annotate=n <= 14, aspect="equal")
+    prefix = "(c) " if with_focus else ""
+    ax_c.set_title(f"{prefix}layer {layer}, {head_text}: query (row) \u2192 key (column)", fontsize=max(8.0, font + 1), loc="left")
+    _ticks(ax_c, labels, special, font, every, x=True)
+    _ticks(ax_c, labels, special, font, every, x=False)
+    ax_c.set_xlabel("key", fontsize=max(7.0, font))
+    ax_c.set_ylabel("query", fontsize=max(7.0, font))
+    if fi is not None:
+        from matplotlib.patches import Rectangle
+
+        ax_c.add_patch(Rectangle((-0.5, fi - 0.5), n, 1, fill=False, edgecolor="#d62728", linewidth=1.2))
+    bar = fig.colorbar(im, ax=ax_c, shrink=0.6, pad=0.02)
+    bar.set_label("weight" if normalised else "norm / row max", fontsize=max(7.0, font))
+    bar.ax.tick_params(labelsize=font)
+
+
+def _heatmap(ax, np, values, normalised, font, *, annotate, aspect="auto"):
+    """values (rows, n); value norms are scaled per row max for colour, printed as they are."""
+    values = np.asarray(values, dtype=np.float64)
+    if normalised:
+        colour = values
+        vmax = max(float(values.max()), 1e-12)
+    else:
+        row_max = values.max(axis=1, keepdims=True)
+        colour = np.divide(values, row_max, out=np.zeros_like(values), where=row_max > 0)
+        vmax = 1.0
+    im = ax.imshow(colour, cmap="Blues", vmin=0.0, vmax=vmax, aspect=aspect, interpolation="nearest")
+    if annotate:
+        for (i, j), v in np.ndenumerate(values):
+            text = f"{v:.2f}".lstrip("0") if v < 1 else f"{v:.1f}"
+            if text in (".00", ""):
+                continue
+            dark = colour[i, j] / vmax > 0.6
+            ax.text(j, i, text, ha="center", va="center", fontsize=font * 0.85, color="white" if dark else "#1d2330")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return im
+
+
+def _ticks(ax, labels, special, font, every, *, x):
+    idx = list(range(0, len(labels), every))
+    texts = [labels[i] for i in idx]
+    if x:
+        ax.set_xticks(idx, texts, rotation=60 if max(map(len, texts)) > 3 else 0, ha="right" if max(map(len, texts)) > 3 else "center",
+                      rotation_mode="anchor", fontsize=font)
+        tick_labels = ax.get_xticklabels()
+    else:
+        ax.set_yticks(idx, texts, fontsize=font)
+        tick_labels = ax.get_yticklabels()
+    for i, t in zip(idx, tick_labels):
+        if special[i]:
+            t.set_color("#8a93a3")
+            t.set_fontstyle("italic")
+
+
+def _yticks(ax, texts, font, *, bold):
+    ax.set_yticks(range(len(texts)), texts, fontsize=font)
+    if bold is not None:
+        ax.get_yticklabels()[bold].set_fontweight("bold")
