@@ -135,9 +135,22 @@ class BertLayer(nn.Module):
         self.output = BertOutput(c)
         self._act = activation(c.hidden_act)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-        x = self.attention(x, mask)  # (B, L, E)
-        h = self.output.dense(self._act(self.intermediate.dense(x)))  # (B, L, E)
+    def forward(self, x: Tensor, mask: Optional[Tensor], real: Optional[Tensor] = None,
+                padded_shape: tuple[int, int] = (0, 0)) -> Tensor:
+        """x (B, L, E), or (N, E) real tokens only when `real` is given.
+
+        real: (N,) flat indices of the real tokens in (B*L); attention runs on the padded
+        (B, L, E) layout, everything else only on the N real tokens (no work on padding).
+        """
+        if real is None:
+            x = self.attention(x, mask)  # (B, L, E)
+        else:
+            B, L = padded_shape
+            padded = x.new_zeros(B * L, x.shape[-1])  # (B*L, E)
+            padded[real] = x
+            a = self.attention.self(padded.view(B, L, -1), mask=mask).view(B * L, -1)[real]  # (N, E)
+            x = self.attention.output.LayerNorm(x + self.attention.output.dropout(a))  # (N, E)
+        h = self.output.dense(self._act(self.intermediate.dense(x)))  # (B, L, E) | (N, E)
         return self.output.LayerNorm(x + self.output.dropout(h))
 
 
@@ -173,7 +186,7 @@ class BertModel(nn.Module):
             token_type_ids: (B, L) segment ids (default all 0).
 
         Returns:
-            (B, L, E). Rows at padded positions are computed but meaningless.
+            (B, L, E); zeros at padded positions (padding is skipped outside attention).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
@@ -191,9 +204,19 @@ class BertModel(nn.Module):
             if not bool(keep.all()):
                 mask = keep[:, None, None, :]  # (B, 1, 1, L): key padding, True = may attend
         x = self.embeddings(input_ids, token_type_ids)  # (B, L, E)
+        if mask is None:
+            for layer in self.encoder.layer:
+                x = layer(x, None)
+            return x
+        # Unpadded: projections, feed-forward and norms see only the N real tokens.
+        B, L, E = x.shape
+        real = keep.reshape(-1).nonzero().squeeze(1)  # (N,) flat indices into B*L
+        h = x.reshape(B * L, E)[real]  # (N, E)
         for layer in self.encoder.layer:
-            x = layer(x, mask)
-        return x
+            h = layer(h, mask, real, (B, L))
+        out = h.new_zeros(B * L, E)
+        out[real] = h
+        return out.view(B, L, E)
 
     def pooler_output(self, hidden: Tensor) -> Tensor:
         """BertModel's pooler: tanh(dense(hidden[:, 0])). hidden (B, L, E) -> (B, E)."""
