@@ -70,8 +70,8 @@ class Page:
         self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.goto(path.resolve().as_uri())
-        self.page.wait_for_selector("body[data-ready=true]", timeout=20_000)
-        self.page.wait_for_selector("body[data-thumbs=ready]", timeout=20_000)
+        self.page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+        self.page.wait_for_selector("body[data-thumbs=ready]", timeout=60_000)
 
     def shown(self) -> tuple[list[str], list[float]]:
         """The `.w` texts and the data-weight attributes of the key column."""
@@ -116,6 +116,14 @@ def test_clicks_show_the_data_rows_offline(browser, tmp_path):
     after = page.shown()[0]
     assert after != before, "clicking a word did not change the highlighted weights"
     assert_row(page, maps[L - 1].mean(0)[5], "row 5, mean of heads")
+
+    # Hovering another word previews its row; leaving it shows the selected row again.
+    page.page.hover('#queries .word.q[data-index="4"]')
+    assert (page.state()["shown"], page.state()["selected"]) == ("4", "5")
+    assert_row(page, maps[L - 1].mean(0)[4], "hovered row 4")
+    page.page.hover("#head-h")
+    assert page.state()["shown"] == "5"
+    assert_row(page, maps[L - 1].mean(0)[5], "row 5 after the hover")
 
     # One head, then another layer, then a thumbnail of the model view.
     page.page.click("#head-1")
@@ -175,13 +183,14 @@ def test_two_hundred_labels_do_not_freeze(browser, tmp_path):
     t0 = time.perf_counter()
     page = Page(browser, path)
     loaded = time.perf_counter() - t0
-    assert loaded < 20, f"200 labels took {loaded:.1f} s to load and draw"
+    # Generous bounds: the machine may be shared; a frozen page takes minutes, not seconds.
+    assert loaded < 30, f"200 labels took {loaded:.1f} s to load and draw"
     t0 = time.perf_counter()
     page.page.click('#queries .word.q[data-index="150"]')
     clicked = time.perf_counter() - t0
     assert page.state()["selected"] == "150"
     assert_row(page, np.asarray(data["maps"])[1].mean(0)[150], "row 150 of 200")
-    assert clicked < 5, f"a click took {clicked:.1f} s with 200 labels"
+    assert clicked < 10, f"a click took {clicked:.1f} s with 200 labels"
     page.check_clean()
 
 
