@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--json", default="benchmarks/models.json", help="where to write the results")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
