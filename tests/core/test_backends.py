@@ -26,6 +26,7 @@ SHAPES = {
     "gqa1023": (1, 4, 2, 1023, 1023, 32, 32),
     "mha1025": (1, 2, 2, 1025, 1025, 64, 64),
     "decode1025": (2, 8, 2, 1, 1025, 64, 64),
+    "chunk16": (1, 4, 1, 16, 3000, 64, 64),
 }
 
 
@@ -77,7 +78,21 @@ def _inputs(shape, dtype, seed):
 def _tiles(backend):
     if backend == "tiled-small":
         return tiled.block_sizes(32, 64)
+    if backend == "decode":  # small cache chunks, so that several are merged
+        return _decode_chunks(256)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _decode_chunks(entries_per_row):
+    from qkv.core import decode
+
+    old = decode._CHUNK_ENTRIES
+    decode._CHUNK_ENTRIES = entries_per_row
+    try:
+        yield
+    finally:
+        decode._CHUNK_ENTRIES = old
 
 
 def _run(backend, q, k, v, kw):
@@ -127,6 +142,14 @@ def test_float32_long(shape_name, option, backend):
     if backend == "tiled-small" and shape_name != "decode1025" and option in ("dense", "bool-mask"):
         pytest.skip("covered by the causal cases; small tiles at 1k are slow in pure Python")
     _check(shape_name, option, backend, torch.float32, seed=7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("option", ["dense", "causal", "causal-window", "bool-mask", "key-padding-causal", "score-mod"])
+@pytest.mark.parametrize("shape_name", ["tiny", "decode1025", "chunk16"])
+def test_decode(shape_name, option, dtype):
+    """A few queries against a long cache: one query block, the cache in chunks."""
+    _check(shape_name, option, "decode", dtype, seed=13)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

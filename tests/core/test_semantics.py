@@ -214,3 +214,13 @@ def test_inputs_are_not_modified():
     for backend in BACKENDS:
         qkv.attention(q, k, v, causal=True, score_mod=None, backend=backend)
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), copies))
+
+
+def test_decode_backend_chunk_against_cache_and_its_limits():
+    q, k, v = _qkv(Hq=8, Hkv=2, Lq=5, Lk=3000)
+    i, j = torch.arange(5)[:, None], torch.arange(3000)[None, :]
+    expected = _dense(q, k, v.float(), j <= i + 2995)  # bottom-right: the chunk sees the cache and its past
+    torch.testing.assert_close(qkv.attention(q, k, v, causal=True, backend="decode"), expected, atol=1e-5, rtol=1e-5)
+    assert choose_backend(build_spec(q, k, v, causal=True), q, False) == "decode"
+    with pytest.raises(ValueError, match="at most 16 queries.*backend='tiled'"):
+        qkv.attention(*_qkv(Lq=17, Lk=3000), backend="decode")

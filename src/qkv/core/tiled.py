@@ -153,11 +153,15 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: in
     out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Lq, dtype=ct, device=q.device)
     keep_scale = 1.0 / (1.0 - spec.dropout_p)
-    # Without dropout the row sum rides along as a column of ones appended to v: one matrix
-    # product p @ [v, 1] gives the weighted values and the row sum, saving a pass over p.
-    ride_along = spec.dropout_p == 0.0
-    k_c = k.to(ct)  # (B, Hkv, Lk, D); upcast once, not once per query block
-    v_c = v.to(ct)  # (B, Hkv, Lk, Dv)
+    # With several query blocks every key block is read many times, so k and v are upcast
+    # once, and (without dropout) the row sum rides along as a column of ones appended to v:
+    # one product p @ [v, 1] gives the weighted values and the row sum, saving a pass over p.
+    # With a single query block (decoding) each key block is read once: upcasting per block
+    # and summing p directly avoid a full extra pass over the cache.
+    single = Lq <= block_q
+    ride_along = spec.dropout_p == 0.0 and not single
+    k_c = k if single else k.to(ct)  # (B, Hkv, Lk, D)
+    v_c = v if single else v.to(ct)  # (B, Hkv, Lk, Dv)
     if ride_along:
         v_c = torch.cat([v_c, v_c.new_ones(B, Hkv, spec.Lk, 1)], dim=-1)  # (B, Hkv, Lk, Dv+1)
     for qb, i0 in enumerate(range(0, Lq, block_q)):
@@ -168,7 +172,8 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: in
         row_sum = None if ride_along else torch.zeros(B, Hkv, rows, 1, dtype=ct, device=q.device)
         acc = torch.zeros(B, Hkv, rows, v_c.shape[-1], dtype=ct, device=q.device)
         for j0, j1, check in plan.kv_blocks(qb, i0, i1):
-            k_blk, v_blk = k_c[:, :, j0:j1], v_c[:, :, j0:j1]  # (B, Hkv, bk, D), (B, Hkv, bk, Dv[+1])
+            k_blk = k_c[:, :, j0:j1].to(ct)  # (B, Hkv, bk, D); a no-op unless upcasting per block
+            v_blk = v_c[:, :, j0:j1].to(ct)  # (B, Hkv, bk, Dv[+1])
             s, _, _ = _scores(spec, q_blk, k_blk, i0, i1, j0, j1, grad_mod=False, check_block_mask=check)
             new_max = torch.maximum(row_max, s.amax(dim=-1, keepdim=True))  # (B, Hkv, rows, 1)
             # Rows that have seen only -inf keep a reference of 0 so exp() gives 0, not NaN.
@@ -177,6 +182,7 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: in
             p = s.sub_(safe_max).exp_()  # (B, Hkv, rows, bk), in place over the scores
             if not ride_along:
                 row_sum.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
+            if spec.dropout_p > 0.0:
                 keep = _dropout_keep(seed, qb, j0 // block_k, p.shape, spec.dropout_p, q.device)
                 p = p * keep * keep_scale
             acc.mul_(alpha).add_(torch.matmul(p, v_blk))  # (B, Hkv, rows, Dv[+1])
