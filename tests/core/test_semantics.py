@@ -219,7 +219,8 @@ def test_inputs_are_not_modified():
 def test_decode_backend_chunk_against_cache_and_its_limits():
     q, k, v = _qkv(Hq=8, Hkv=2, Lq=5, Lk=3000)
     i, j = torch.arange(5)[:, None], torch.arange(3000)[None, :]
-    expected = _dense(q, k, v.float(), j <= i + 2995)  # bottom-right: the chunk sees the cache and its past
+    k4, v4 = (t.repeat_interleave(4, dim=1) for t in (k, v))  # (1, 8, 3000, 8): each query head's kv head
+    expected = _dense(q, k4, v4, j <= i + 2995)  # bottom-right: the chunk sees the cache and its past
     torch.testing.assert_close(qkv.attention(q, k, v, causal=True, backend="decode"), expected, atol=1e-5, rtol=1e-5)
     assert choose_backend(build_spec(q, k, v, causal=True), q, False) == "decode"
     with pytest.raises(ValueError, match="at most 16 queries.*backend='tiled'"):
