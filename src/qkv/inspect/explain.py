@@ -417,6 +417,9 @@ def _atomic_write(path, text: str) -> None:
     except OSError as exc:
         raise ValueError(f"cannot write {path!r}: {exc.strerror}") from None
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result is an ordinary file
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
