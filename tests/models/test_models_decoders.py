@@ -135,3 +135,21 @@ def test_batch_of_texts_of_different_lengths_is_left_padded(pair):
     for i, text in enumerate(texts):
         alone = model.generate(text, max_new_tokens=6)
         assert torch.equal(together[i, -6:], alone[0, -6:]), f"text {i} continues differently in a batch"
+
+
+def test_several_eos_ids_and_long_text_prompt(llama_folder):
+    model = qkv.load(llama_folder[0])
+    ids = _ids(B=1, L=3, seed=11)
+    out = model.generate(ids, max_new_tokens=5)
+    stop = [int(out[0, 4]), 63]  # the second generated token, plus an id that may never come
+    stopped = model.generate(ids, max_new_tokens=5, eos_token_id=stop)
+    assert stopped.shape[1] <= 5 and int(stopped[0, -1]) in stop
+    with pytest.raises(ValueError, match=r"prompt has 70 tokens.*64 positions"):
+        model.generate(" ".join(["cat"] * 70), max_new_tokens=2)
+
+
+def test_cli_similarity_rejects_a_decoder(gpt2_folder, capsys):
+    from qkv.cli import main
+
+    assert main(["similarity", "--model", str(gpt2_folder[0]), "a", "b"]) == 2
+    assert "needs a BERT-family encoder" in capsys.readouterr().err

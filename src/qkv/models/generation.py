@@ -44,7 +44,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> Non
 @torch.inference_mode()
 def generate(model, input_ids: Tensor, *, max_new_tokens: int = 20, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-             eos_token_id: Optional[int] = None, attention_mask: Optional[Tensor] = None,
+             eos_token_id=None, attention_mask: Optional[Tensor] = None,
              max_length: int) -> Tensor:
     """Extend each row of `input_ids` by up to `max_new_tokens` tokens.
 
@@ -56,8 +56,9 @@ def generate(model, input_ids: Tensor, *, max_new_tokens: int = 20, temperature:
         top_k: sample only among the k most likely tokens.
         top_p: sample only among the smallest set of tokens whose probability reaches p.
         seed: seed of a private torch.Generator, so sampling is reproducible.
-        eos_token_id: a row that produces it stops; finished rows are padded with it, and
-            generation ends when every row has finished.
+        eos_token_id: an id or a list of ids (Llama 3 has several); a row that produces one
+            stops, finished rows are padded with the first, and generation ends when every row
+            has finished.
         attention_mask: (B, L) bool, False at left padding; positions then count real tokens
             only, so a padded prompt continues exactly as it would alone.
         max_length: the model's positions; the prompt plus new tokens must fit.
@@ -74,6 +75,10 @@ def generate(model, input_ids: Tensor, *, max_new_tokens: int = 20, temperature:
             f"the prompt has {L} tokens and {max_new_tokens} new ones were asked for, but this model has "
             f"{max_length} positions; shorten the prompt or ask for at most {max(max_length - L, 0)} new tokens"
         )
+    eos = None
+    if eos_token_id is not None:
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos = torch.tensor(ids, dtype=torch.int64, device=input_ids.device) if ids else None
     gen = None
     if temperature > 0 and seed is not None:
         gen = torch.Generator(device=input_ids.device).manual_seed(seed)
@@ -104,12 +109,12 @@ def generate(model, input_ids: Tensor, *, max_new_tokens: int = 20, temperature:
         else:
             probs = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
             next_id = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (B,)
-        if eos_token_id is not None:
-            next_id = torch.where(finished, torch.full_like(next_id, eos_token_id), next_id)
-            finished |= next_id == eos_token_id
+        if eos is not None:
+            next_id = torch.where(finished, eos[0], next_id)
+            finished |= torch.isin(next_id, eos)
         out[:, n] = next_id
         n += 1
-        if eos_token_id is not None and bool(finished.all()):
+        if eos is not None and bool(finished.all()):
             break
         step_ids = next_id.unsqueeze(1)  # (B, 1)
     return out[:, :n]

@@ -205,7 +205,7 @@ def _decoder_generate(model, prompt, max_length: int, *, attention_mask: Optiona
             raise ModelError("this model has no tokenizer; pass token ids, or load it with qkv.load(folder)")
         if attention_mask is not None:
             raise ValueError("attention_mask goes with token ids; texts are padded by qkv")
-        batch = model.tokenizer(prompt)  # right-padded (N, L)
+        batch = model.tokenizer(prompt, max_length=10**9)  # right-padded (N, L); generate checks the length
         ids, attention_mask = _left_pad(batch.input_ids, batch.attention_mask, model.tokenizer.pad_id)
     elif isinstance(prompt, Tensor):
         ids = prompt.unsqueeze(0) if prompt.dim() == 1 else prompt
@@ -228,7 +228,7 @@ def _decoder_complete(model, text: str, **kwargs) -> str:
         raise ModelError("this model has no tokenizer; load it with qkv.load(folder)")
     if not isinstance(text, str):
         raise TypeError(f"complete takes one text; got {type(text).__name__} (use generate for batches)")
-    prompt = model.tokenizer(text).input_ids  # (1, L)
+    prompt = model.tokenizer(text, max_length=10**9).input_ids  # (1, L); generate checks the length
     out = model.generate(prompt, **kwargs)
     return model.tokenizer.decode(out[0, prompt.shape[1]:])
 

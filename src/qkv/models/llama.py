@@ -202,10 +202,10 @@ class LlamaForCausalLM(nn.Module):
 
     def generate(self, prompt: Union[str, list, Tensor], *, max_new_tokens: int = 20, temperature: float = 0.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                 eos_token_id: Optional[int] = -1, attention_mask: Optional[Tensor] = None) -> Tensor:
-        """Extend a prompt; arguments as `GPT2LMHeadModel.generate` (-1 = the config's first eos id)."""
-        if eos_token_id == -1:
-            eos_token_id = self.config.eos_ids[0] if self.config.eos_ids else None
+                 eos_token_id=-1, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """Extend a prompt; arguments as `GPT2LMHeadModel.generate` (-1 = the config's eos id(s))."""
+        if isinstance(eos_token_id, int) and eos_token_id == -1:
+            eos_token_id = self.config.eos_ids or None
         return _decoder_generate(self, prompt, self.config.max_position_embeddings, attention_mask=attention_mask,
                                  max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
