@@ -30,16 +30,16 @@ from .tokenizer import Tokenizer
 class BertConfig:
     vocab_size: int = 30522  # tokens in the vocabulary
     hidden_size: int = 768  # E
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
+    num_hidden_layers: int = 12  # encoder blocks
+    num_attention_heads: int = 12  # heads, D = hidden_size / heads
     intermediate_size: int = 3072  # feed-forward inner size
     hidden_act: str = "gelu"  # "gelu" (erf), "gelu_new"/"gelu_pytorch_tanh" (tanh), "relu", "silu"
     max_position_embeddings: int = 512  # learned absolute positions
     type_vocab_size: int = 2  # segment (token type) embeddings
-    layer_norm_eps: float = 1e-12
+    layer_norm_eps: float = 1e-12  # LayerNorm eps (BERT's tiny value)
     hidden_dropout_prob: float = 0.1  # active only in training mode
     attention_probs_dropout_prob: float = 0.1  # active only in training mode
-    pad_token_id: int = 0
+    pad_token_id: int = 0  # [PAD]
     position_embedding_type: str = "absolute"  # only "absolute" is supported
     add_pooling_layer: bool = True  # BertModel's tanh pooler over [CLS]; set from the checkpoint's keys
 

@@ -25,21 +25,21 @@ from .tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class GPT2Config:
-    vocab_size: int = 50257
+    vocab_size: int = 50257  # byte-level BPE vocabulary of the released GPT-2
     n_positions: int = 1024  # learned absolute positions: the longest sequence
     n_embd: int = 768  # E
-    n_layer: int = 12
-    n_head: int = 12
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads, D = n_embd / n_head
     n_inner: Optional[int] = None  # MLP inner size; None = 4 * n_embd
     activation_function: str = "gelu_new"  # tanh-approximated GELU
-    layer_norm_epsilon: float = 1e-5
+    layer_norm_epsilon: float = 1e-5  # LayerNorm eps
     resid_pdrop: float = 0.1  # dropout, training mode only
-    embd_pdrop: float = 0.1
-    attn_pdrop: float = 0.1
+    embd_pdrop: float = 0.1  # dropout on embeddings, training mode only
+    attn_pdrop: float = 0.1  # dropout on attention weights, training mode only
     scale_attn_weights: bool = True  # scores scaled by 1/sqrt(D)
     scale_attn_by_inverse_layer_idx: bool = False  # and by 1/(layer + 1) (Mistral's GPT-2 runs)
-    bos_token_id: Optional[int] = 50256
-    eos_token_id: Optional[int] = 50256
+    bos_token_id: Optional[int] = 50256  # <|endoftext|>
+    eos_token_id: Optional[int] = 50256  # generation stops here; None = never
     tie_word_embeddings: bool = True  # lm_head shares wte's weight
 
     @classmethod
@@ -48,8 +48,8 @@ class GPT2Config:
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         if d.get("add_cross_attention"):
             raise ModelError("GPT-2 checkpoints with cross-attention (add_cross_attention=true) are not supported")
-        if d.get("reorder_and_upcast_attn"):
-            pass  # a numerical detail of HF's eager path; qkv accumulates in float32 anyway
+        # reorder_and_upcast_attn is a numerical detail of HF's eager path (scores in float32);
+        # qkv.attention accumulates low precision in float32 anyway, so it needs no field.
         if cfg.n_embd % cfg.n_head:
             raise ModelError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
         activation(cfg.activation_function)

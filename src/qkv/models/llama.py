@@ -25,24 +25,24 @@ from .tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    vocab_size: int = 32000
+    vocab_size: int = 32000  # SentencePiece vocabulary of Llama 1/2
     hidden_size: int = 4096  # E
     intermediate_size: int = 11008  # SwiGLU inner size
-    num_hidden_layers: int = 32
+    num_hidden_layers: int = 32  # decoder blocks
     num_attention_heads: int = 32  # Hq
     num_key_value_heads: Optional[int] = None  # Hkv; None = Hq (no GQA)
     head_dim: Optional[int] = None  # D; None = hidden_size // num_attention_heads
     hidden_act: str = "silu"  # the gate's activation in SwiGLU
     max_position_embeddings: int = 2048  # the longest sequence qkv will run
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # RMSNorm eps
     rope_theta: float = 10000.0  # RoPE base
     rope_scaling: Optional[dict] = None  # Hugging Face rope_parameters/rope_scaling ("linear", "llama3")
     attention_bias: bool = False  # bias on q/k/v/o projections
     mlp_bias: bool = False  # bias on gate/up/down projections
-    attention_dropout: float = 0.0
+    attention_dropout: float = 0.0  # dropout on attention weights, training mode only
     tie_word_embeddings: bool = False  # lm_head shares embed_tokens' weight
-    bos_token_id: Optional[int] = 1
-    eos_token_id: Optional[Union[int, list]] = 2
+    bos_token_id: Optional[int] = 1  # <s>
+    eos_token_id: Optional[Union[int, list]] = 2  # </s>; a list for several stop ids (Llama 3)
 
     @classmethod
     def from_hf(cls, d: dict) -> "LlamaConfig":
