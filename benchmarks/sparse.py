@@ -141,7 +141,11 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16-at", type=int, nargs="*", default=[16384], help="lengths with a bfloat16 window row")
     ap.add_argument("--quick", action="store_true", help="4k and 8k, no FlexAttention")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (1 avoids OpenMP spin-wait stalls when the cores are oversubscribed)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.lengths, args.flex_at, args.bf16_at = [4096, 8192], [], []
 
