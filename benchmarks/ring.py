@@ -122,12 +122,18 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=2, help="GQA: only these heads travel")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--json", default="benchmarks/results/ring.json")
+    p.add_argument("--mmap-threshold", type=int, default=131072,
+                   help="glibc MALLOC_MMAP_THRESHOLD_ for the ranks (0: glibc's dynamic default, which "
+                        "keeps freed tiles in the heap and inflates RSS by tens of MiB)")
     args = p.parse_args(argv)
+    if args.mmap_threshold:  # read by glibc when each spawned rank starts
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     cfg = {"B": args.batch, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-           "budget": int(args.budget_mib * 2**20)}
+           "budget": int(args.budget_mib * 2**20), "malloc_mmap_threshold": args.mmap_threshold}
     print(f"ring attention, causal, zigzag, float32, B={args.batch} Hq={args.heads} Hkv={args.kv_heads} "
           f"D={args.head_dim}; budget {args.budget_mib:g} MiB peak RSS increase per process; gloo on "
-          f"127.0.0.1, 1 thread per process, {os.cpu_count()} cores")
+          f"127.0.0.1, 1 thread per process, {os.cpu_count()} cores, MALLOC_MMAP_THRESHOLD_="
+          f"{args.mmap_threshold or 'glibc default'}")
     rows, runs = [], []
     for P in args.procs:
         N, best, common, refined = args.start, None, None, False

@@ -168,8 +168,8 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, o: _Opts) -> tuple[Tensor, Te
             out_s, lse_s = block_forward(qs, ks, vs, spec)  # (B, Hq, lq, Dv), (B, Hq, lq)
             _merge(out[:, :, q0:q1], lse[:, :, q0:q1], out_s, lse_s)
         if works is not None:
-            ring.wait(works, f"receiving the key/value shard of rank {(src - 1) % ring.size} "
-                             f"(forward step {step + 1} of {ring.size})")
+            ring.wait(works, f"exchanging key/value shards with ranks {ring.prev_peer} (from) and "
+                             f"{ring.next_peer} (to) at forward step {step + 1} of {ring.size}")
             k_cur, v_cur = k_nxt, v_nxt
     return out, lse
 
@@ -206,8 +206,8 @@ def _ring_backward(q, k, v, out, lse, d_out, d_lse, o: _Opts) -> tuple[Tensor, T
             dq_s, dk_s, dv_s = block_backward(qs, ks, vs, out[:, :, sl], lse[:, :, sl], d_out[:, :, sl], dl, spec)
             dq[:, :, sl] += dq_s
         if step > 0:  # the accumulator for shard `src`, holding the shares of the ranks before us
-            ring.wait(grad_works, f"receiving the key/value gradients of rank {(src - 1) % ring.size}'s "
-                                  f"predecessor chain (backward step {step + 1} of {ring.size})")
+            ring.wait(grad_works, f"exchanging key/value gradient accumulators with ranks {ring.prev_peer} "
+                                  f"(from) and {ring.next_peer} (to) at backward step {step + 1} of {ring.size}")
             dk_acc, dk_in, dv_acc, dv_in = dk_in, dk_acc, dv_in, dv_acc
         if dk_s is not None:
             dk_acc[:, :, w.k0:w.k1] += dk_s
@@ -215,11 +215,12 @@ def _ring_backward(q, k, v, out, lse, d_out, d_lse, o: _Opts) -> tuple[Tensor, T
         if ring.size > 1:  # pass the accumulator on; the last hop brings our own shard's total home
             grad_works = ring.exchange([dk_acc, dv_acc], [dk_in, dv_in], tag=_GRAD_TAG)
         if kv_works is not None:
-            ring.wait(kv_works, f"receiving the key/value shard of rank {(src - 1) % ring.size} "
-                                f"(backward step {step + 1} of {ring.size})")
+            ring.wait(kv_works, f"exchanging key/value shards with ranks {ring.prev_peer} (from) and "
+                                f"{ring.next_peer} (to) at backward step {step + 1} of {ring.size}")
             k_cur, v_cur = k_nxt, v_nxt
     if ring.size > 1:
-        ring.wait(grad_works, "receiving this shard's key/value gradients back (end of backward)")
+        ring.wait(grad_works, f"receiving this shard's key/value gradients back from rank {ring.prev_peer} "
+                              f"(end of backward)")
         dk_acc, dv_acc = dk_in, dv_in
     return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
