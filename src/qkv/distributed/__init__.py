@@ -4,6 +4,7 @@ Liu et al., 2023, "Ring Attention with Blockwise Transformers for Near-Infinite 
 the zigzag layout after ring-flash-attention and Brandon et al., 2023, "Striped Attention".
 Runs wherever torch.distributed runs: gloo on CPUs, NCCL on GPUs.
 
+    import torch.distributed as dist
     import qkv.distributed as qd
     qd.init_process_group()                    # or torch.distributed.init_process_group
     rank, P = dist.get_rank(), dist.get_world_size()
@@ -11,7 +12,8 @@ Runs wherever torch.distributed runs: gloo on CPUs, NCCL on GPUs.
     out_loc = qd.ring_attention(q_loc, k_loc, v_loc, causal=True, layout="zigzag")
     out = qd.unshard(all_shards, layout="zigzag")      # (B, H, L, D), if you need it whole
 
-See docs/distributed.md.
+A layer calls `RingAttention(group, layout)` where it would call `qkv.attention`; see
+docs/distributed.md, and `python -m qkv.distributed.demo` under torchrun for a demo.
 """
 
 from ._comm import DEFAULT_TIMEOUT, RingAttentionError, init_process_group
