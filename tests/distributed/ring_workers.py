@@ -219,13 +219,11 @@ def _silent_peer(rank, world, *, results, timeout):
 def _mha(rank, world, *, results, layout, N):
     """qkv.nn.MultiHeadAttention with RoPE in ring mode vs the same layer on one process.
 
-    The hook under test is one line: the layer's call to `qkv.attention` becomes a call to
-    `RingAttention(group, layout)` (here by patching the name the layer module looks up).
+    The layer runs in ring mode through `MultiHeadAttention.distribute(group, layout)`.
     """
     import torch.distributed as dist
 
     import qkv.distributed as qd
-    import qkv.nn.attention as nn_attention
     from qkv.nn import MultiHeadAttention, RotaryEmbedding
 
     torch.manual_seed(0)
@@ -242,16 +240,14 @@ def _mha(rank, world, *, results, layout, N):
     ref_w = [p.grad.clone() for p in params]
     mha.zero_grad()
 
-    ring = qd.RingAttention(layout=layout, timeout=30)
-    original = nn_attention.attention
-    nn_attention.attention = ring  # the hook
+    ring = mha.distribute(layout=layout, timeout=30).attention_fn
     try:
         xl = qd.shard(x, rank, world, layout=layout, dim=1).requires_grad_()  # (B, N/P, E)
         pos = ring.positions(xl.shape[1])  # global positions of the local tokens
         out = mha(xl, causal=True, rotary=rope(pos, torch.float64))
         out.backward(qd.shard(g, rank, world, layout=layout, dim=1))
     finally:
-        nn_attention.attention = original
+        mha.attention_fn = None
     for p in params:  # data-parallel style: every rank holds part of each weight's gradient
         dist.all_reduce(p.grad)
 

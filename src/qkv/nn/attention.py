@@ -89,6 +89,9 @@ class MultiHeadAttention(nn.Module):
         # A qkv.inspect Recorder, called with (module, q, k, v, **constraints) before attention; it
         # only reads them, so outputs are identical with and without it.
         self.recorder = None
+        # None runs `qkv.attention`; `distribute()` sets a qkv.distributed.RingAttention, which has
+        # the same signature and attends across the shards of a process group.
+        self.attention_fn: Optional[Callable] = None
 
     def _project(self, x: Tensor, key: Optional[Tensor], value: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """-> q (B, Lq, Hq*D), k (B, Lk, Hkv*D), v (B, Lk, Hkv*D)."""
@@ -159,12 +162,28 @@ class MultiHeadAttention(nn.Module):
         causal = causal and Lq > 1
         if self.recorder is not None:  # qkv.inspect observes what attention is about to see
             self.recorder(self, q, k, v, mask=mask, causal=causal, window=window, scale=self.scale, score_mod=score_mod)
-        out = attention(
+        attend = attention if self.attention_fn is None else self.attention_fn
+        out = attend(
             q, k, v, mask=mask, causal=causal, window=window, scale=self.scale,
             score_mod=score_mod, dropout_p=self.dropout if self.training else 0.0, backend=backend,
         )  # (B, Hq, Lq, D)
         out = out.transpose(1, 2).reshape(B, Lq, self.num_heads * self.head_dim)  # (B, Lq, Hq*D)
         return self.out_proj(out) if self.out_proj is not None else out
+
+    def distribute(self, group=None, layout: str = "zigzag", timeout: Optional[float] = None) -> "MultiHeadAttention":
+        """Run this layer's attention as ring attention across a torch.distributed process group.
+
+        Each rank then passes its own shard of the sequence as x (B, L_local, E), cut with
+        `qkv.distributed.shard(..., layout=layout)`, and rotary positions from
+        `self.attention_fn.positions(L_local)`. `distribute(None)` with no process group
+        initialised raises when the layer runs. Returns the layer; `layer.attention_fn = None`
+        goes back to single-process attention.
+        """
+        from ..distributed import RingAttention
+
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        self.attention_fn = RingAttention(group=group, layout=layout, **kwargs)
+        return self
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
