@@ -87,10 +87,12 @@ def test_float_mask_of_minus_inf_rows(backend):
     assert torch.all(out[..., 2, :] == 0) and not torch.isnan(out).any()
 
 
-def test_no_keys_at_all():
-    q, k, v = _qkv(Lk=0)
-    out, lse = qkv.attention_with_lse(q, k, v)
-    assert out.shape == (1, 2, 6, 8) and torch.all(out == 0) and torch.isneginf(lse).all()
+@pytest.mark.parametrize("backend", ["auto", "reference", "tiled", "decode"])
+def test_no_keys_at_all(backend):
+    q, k, v = _qkv(Lq=3, Lk=0)
+    out, lse = qkv.attention_with_lse(q, k, v, backend=backend)
+    assert out.shape == (1, 2, 3, 8) and torch.all(out == 0) and torch.isneginf(lse).all()
+    assert qkv.attention_weights(q, k).shape == (1, 2, 3, 0)
 
 
 def test_key_padding_mask_equals_dropping_the_keys():

@@ -53,6 +53,8 @@ def softmax_stats(q: Tensor, k: Tensor, spec: AttentionSpec) -> tuple[Tensor, Te
         scores = scores + bias.to(ct)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
+    if spec.Lk == 0:  # nothing to attend to: weights of zero width, lse -inf
+        return scores, torch.full(scores.shape[:-1], float("-inf"), dtype=ct, device=q.device)
     row_max = scores.amax(dim=-1, keepdim=True)  # (B, Hq, Lq, 1)
     # A row with nothing to attend to has max -inf; subtract 0 instead so it stays -inf, not NaN.
     row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max).detach()
