@@ -90,6 +90,8 @@ def _add_explain(sub) -> None:
     p.add_argument("--method", choices=["raw", "rollout", "value-norm"], default="raw",
                    help="raw weights; attention rollout (Abnar & Zuidema 2020); value-weighted norms "
                    "(Kobayashi et al. 2020). Default: raw")
+    p.add_argument("--aggregate", choices=["mean", "max"], default="mean",
+                   help="how the table combines the heads of a layer (default: mean)")
     p.add_argument("--level", choices=["word", "token"], default="word",
                    help="merge sub-word tokens into words (default) or show tokens")
     p.add_argument("--hide-special", action="store_true",
@@ -128,10 +130,11 @@ def _add_explain(sub) -> None:
             raise UserError(f"--head {args.head} does not exist: the model has heads 0..{result.num_heads - 1}")
         color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
         view = dict(method=args.method, level=args.level, hide_special=args.hide_special)
+        table = dict(layer=args.layer, head=args.head, color=color, aggregate=args.aggregate)
         if args.focus:
-            print(render_focus(result, args.focus, layer=args.layer, head=args.head, color=color, **view))
+            print(render_focus(result, args.focus, **table, **view))
         else:
-            print(render_overview(result, layer=args.layer, head=args.head, color=color, **view))
+            print(render_overview(result, **table, **view))
         if args.compare is not None:
             other = explain(args.compare, args.model, truncate=args.truncate)
             print(render_compare(result, other, result.compare(other, args.focus, args.level), args.focus, args.level))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from . import tiled
@@ -47,13 +46,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
 
 
 def auto_rule(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
-    """`auto` decodes a few float32/float64 queries against a long cache here.
+    """`auto` sends single-token decode steps against a long cache here.
 
-    bfloat16/float16 stay with SDPA under `auto` for now: upcasting a chunk to float32 is
-    not yet faster than SDPA's own reduced-precision path on the machines measured.
+    Measured with benchmarks/decode.py (docs/benchmarks.md): with one query per sequence the
+    decode backend beat SDPA at every cache length, float32 and bfloat16; with 8 queries the
+    results were mixed, so chunks of several queries stay with SDPA under `auto`.
     """
-    if (spec.Lq <= MAX_QUERIES and spec.Lk >= AUTO_MIN_KEYS and spec.dropout_p == 0.0
-            and q.dtype in (torch.float32, torch.float64)):
+    if spec.Lq == 1 and spec.Lk >= AUTO_MIN_KEYS and spec.dropout_p == 0.0:
         return "decode"
     return None
 

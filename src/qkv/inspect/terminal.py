@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from .analysis import aggregate as _aggregate
+
 _BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
@@ -34,8 +36,8 @@ def _label(s: str, width: int) -> str:
 
 def render_focus(result, focus, *, method: str = "raw", level: str = "word", hide_special: bool = False,
                  layer: Optional[int] = None, head: Optional[int] = None, color: bool = False,
-                 top_heads: int = 5) -> str:
-    """The focus word's attention per layer (mean over heads, or one head), and its sharpest heads."""
+                 top_heads: int = 5, aggregate: str = "mean") -> str:
+    """The focus word's attention per layer (mean or max over heads, or one head), and its sharpest heads."""
     labels = result.labels(level, hide_special)
     rows = result.focus_rows(focus, method, level, hide_special)  # (L, H, n)
     index = result.focus_index(focus, level)
@@ -46,7 +48,8 @@ def render_focus(result, focus, *, method: str = "raw", level: str = "word", hid
         h = result._head_position(result.records[0], head)
         per_layer, what = rows[:, h], f"head {head}"
     else:
-        per_layer, what = rows.mean(dim=1), ("rollout of the mean over heads" if method == "rollout" else "mean over heads")
+        per_layer = _aggregate(rows, dim=1, how=aggregate)
+        what = "rollout of the mean over heads" if method == "rollout" else f"{aggregate} over heads"
     layers = range(per_layer.shape[0]) if layer is None else [layer]
     if layer is not None:
         result._record(layer)
@@ -75,7 +78,8 @@ def render_focus(result, focus, *, method: str = "raw", level: str = "word", hid
 
 
 def render_overview(result, *, method: str = "raw", level: str = "word", hide_special: bool = False,
-                    layer: Optional[int] = None, head: Optional[int] = None, color: bool = False) -> str:
+                    layer: Optional[int] = None, head: Optional[int] = None, color: bool = False,
+                    aggregate: str = "mean") -> str:
     """Without a focus word: for one layer (default the last), each word's row as a table."""
     maps = result.maps(method, level, hide_special)  # (L, H, n, n)
     labels = result.labels(level, hide_special)
@@ -84,7 +88,7 @@ def render_overview(result, *, method: str = "raw", level: str = "word", hide_sp
     if head is not None:
         grid, what = maps[lay, result._head_position(result.records[lay], head)], f"head {head}"
     else:
-        grid, what = maps[lay].mean(dim=0), "mean over heads"
+        grid, what = _aggregate(maps[lay], dim=0, how=aggregate), f"{aggregate} over heads"
     width = max(6, min(10, max(len(lab) for lab in labels) + 1))
     digits = 2 if method != "value-norm" else 1
     lines = [f"{result.text!r} on {result.model_name}: layer {lay}, {what}, {method}, {level} level; rows attend to columns",
