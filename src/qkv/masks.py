@@ -54,7 +54,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .core._spec import MaskMod, ScoreMod, _call_mask_mod
+from .core._spec import MaskMod, ScoreMod, _call_mask_mod, index_grid
 
 __all__ = [
     "BlockMask",
@@ -755,11 +755,7 @@ class BlockMask:
 
     # ---------------------------------------------------------------- evaluation
     def _grid(self, i0: int, i1: int, j0: int, j1: int, device):
-        b = torch.arange(self.B, device=device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        h = torch.arange(self.H, device=device).view(1, -1, 1, 1)  # (1, H, 1, 1)
-        q = torch.arange(i0, i1, device=device).view(1, 1, -1, 1)  # (1, 1, bq, 1)
-        kv = torch.arange(j0, j1, device=device).view(1, 1, 1, -1)  # (1, 1, 1, bk)
-        return b, h, q, kv
+        return index_grid(self.B, self.H, i0, i1, j0, j1, device)
 
     def dense_block(self, i0: int, i1: int, j0: int, j1: int, device=None) -> Tensor:
         """The mask function evaluated on rows [i0, i1), columns [j0, j1): bool,

@@ -118,11 +118,7 @@ class AttentionSpec:
     # ------------------------------------------------------------ block queries
     def index_grid(self, i0: int, i1: int, j0: int, j1: int, device):
         """Broadcastable (b, h, q_idx, kv_idx) index tensors of a block, for mask and score functions."""
-        b = torch.arange(self.B, device=device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        h = torch.arange(self.Hq, device=device).view(1, -1, 1, 1)  # (1, Hq, 1, 1)
-        q_idx = torch.arange(i0, i1, device=device).view(1, 1, -1, 1)  # (1, 1, bq, 1)
-        kv_idx = torch.arange(j0, j1, device=device).view(1, 1, 1, -1)  # (1, 1, 1, bk)
-        return b, h, q_idx, kv_idx
+        return index_grid(self.B, self.Hq, i0, i1, j0, j1, device)
 
     def constraints(
         self, i0: int, i1: int, j0: int, j1: int, device, use_block_mask: bool = True
@@ -163,6 +159,20 @@ class AttentionSpec:
                     f"scores' shape {_shape(scores)}; build the result from `score` and the index tensors"
                 ) from None
         return out.to(scores.dtype)
+
+
+def index_grid(B: int, H: int, i0: int, i1: int, j0: int, j1: int, device=None):
+    """The (b, h, q_idx, kv_idx) index tensors mask and score functions receive for a block.
+
+    b (B, 1, 1, 1), h (1, H, 1, 1), q_idx (1, 1, i1-i0, 1), kv_idx (1, 1, 1, j1-j0): they
+    broadcast to (B, H, i1-i0, j1-j0). Shared by every backend and by BlockMask, so a mask
+    function sees the same indices wherever it is evaluated.
+    """
+    b = torch.arange(B, device=device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    h = torch.arange(H, device=device).view(1, -1, 1, 1)  # (1, H, 1, 1)
+    q_idx = torch.arange(i0, i1, device=device).view(1, 1, -1, 1)  # (1, 1, bq, 1)
+    kv_idx = torch.arange(j0, j1, device=device).view(1, 1, 1, -1)  # (1, 1, 1, bk)
+    return b, h, q_idx, kv_idx
 
 
 def _slice(m: Tensor, i0: int, i1: int, j0: int, j1: int) -> Tensor:
