@@ -60,9 +60,19 @@ def test_tiled_refuses_gradients_it_cannot_compute():
     table = torch.zeros(8, requires_grad=True)
     with pytest.raises(ValueError, match="tensors captured by score_mod"):
         qkv.attention(q, k, v, score_mod=lambda s, b, h, i, j: s + table[h], backend="tiled")
+    # A learned tensor reached as a global (not a closure) is found too, and auto refuses it.
+    with pytest.raises(ValueError, match="tensors captured by score_mod"):
+        qkv.attention(q, k, v, score_mod=_global_bias_mod, backend="auto")
     # Without gradients there is nothing to refuse.
     with torch.no_grad():
         qkv.attention(q, k, v, score_mod=lambda s, b, h, i, j: s + table[h], backend="tiled")
     # The reference honours both, and so does auto (through sdpa for the mask).
     qkv.attention(q, k, v, mask=bias, backend="reference").sum().backward()
     assert bias.grad is not None and bias.grad.abs().sum() > 0
+
+
+_GLOBAL_BIAS = torch.zeros(8, requires_grad=True)
+
+
+def _global_bias_mod(score, b, h, q_idx, kv_idx):
+    return score + _GLOBAL_BIAS[h]

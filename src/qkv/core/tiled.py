@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from ._spec import AttentionSpec
+from ._spec import AttentionSpec, index_grid
 from .reference import compute_dtype
 
 # Target number of score entries (B x heads x rows x keys) in one block: large enough that
@@ -269,38 +269,19 @@ class _TiledAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _captured_grad_tensors(fn) -> list[Tensor]:
-    """Tensors that require grad captured by a score function (closures, defaults, partials)."""
-    found: list[Tensor] = []
-    seen: set[int] = set()
+def _score_mod_uses_grad(spec: AttentionSpec, q: Tensor) -> bool:
+    """True if the score function reads a tensor that requires grad (a learned bias, say).
 
-    def visit(obj, depth: int) -> None:
-        if id(obj) in seen or depth > 3:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, Tensor):
-            if obj.requires_grad:
-                found.append(obj)
-        elif isinstance(obj, torch.nn.Module):
-            found.extend(p for p in obj.parameters() if p.requires_grad)
-        elif isinstance(obj, (list, tuple)):
-            for x in obj:
-                visit(x, depth + 1)
-        elif callable(obj):
-            for cell in getattr(obj, "__closure__", None) or ():
-                try:
-                    visit(cell.cell_contents, depth + 1)
-                except ValueError:  # empty cell
-                    pass
-            for x in getattr(obj, "__defaults__", None) or ():
-                visit(x, depth + 1)
-            for x in getattr(obj, "args", ()) if hasattr(obj, "func") else ():
-                visit(x, depth + 1)
-            if hasattr(obj, "__self__"):
-                visit(obj.__self__, depth + 1)
-
-    visit(fn, 0)
-    return found
+    One probe call on a single score that does not require grad: its result requires grad
+    only if some tensor the function uses does, wherever that tensor lives (closure, global,
+    attribute), so the check cannot be fooled by how the function was written.
+    """
+    if spec.Lq == 0 or spec.Lk == 0:
+        return False
+    probe = torch.zeros(1, 1, 1, 1, dtype=compute_dtype(q.dtype), device=q.device)
+    with torch.enable_grad():
+        out = spec.score_mod(probe, *index_grid(1, 1, 0, 1, 0, 1, q.device))
+    return isinstance(out, Tensor) and out.requires_grad
 
 
 def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
@@ -311,7 +292,7 @@ def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]
                 "the tiled backend does not compute gradients for a float mask that requires grad; "
                 "use backend='reference' or 'sdpa', or pass mask.detach()"
             )
-        if spec.score_mod is not None and _captured_grad_tensors(spec.score_mod):
+        if spec.score_mod is not None and _score_mod_uses_grad(spec, q):
             return (
                 "the tiled backend does not compute gradients for tensors captured by score_mod "
                 "(a learned bias, say); use backend='reference', or detach them"
