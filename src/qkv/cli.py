@@ -156,6 +156,44 @@ def _add_explain(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="the attention explorer: a local web page and JSON API (needs pip install 'qkv[web]')",
+        description="Serve the attention explorer on this machine: type a sentence, see the head view, "
+        "model view and focus view, click a word, step through one head, compare two sentences. "
+        "Binds 127.0.0.1 unless --host says otherwise; the page loads nothing from other servers.",
+    )
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--model-dir", metavar="DIR",
+                   help="also offer each Hugging Face model folder under DIR, by its folder name")
+    p.add_argument("--max-queue", type=int, default=8, metavar="N",
+                   help="requests that may wait for the model; one more gets 503 (default: 8)")
+    p.add_argument("--max-chars", type=int, default=1000, metavar="N",
+                   help="the longest sentence accepted, in characters (default: 1000)")
+
+    def run(args) -> int:
+        try:
+            from .web.server import serve
+        except ImportError as exc:
+            raise UserError(f"qkv serve needs starlette and uvicorn ({exc.name or exc} is missing): "
+                            "pip install 'qkv[web]'") from None
+        if not 0 <= args.port <= 65535:
+            raise UserError(f"--port must be between 0 and 65535; got {args.port}")
+        if args.max_queue < 0:
+            raise UserError(f"--max-queue must be 0 or more; got {args.max_queue}")
+        if args.max_chars < 1:
+            raise UserError(f"--max-chars must be at least 1; got {args.max_chars}")
+        if args.model_dir is not None and not os.path.isdir(args.model_dir):
+            raise UserError(f"--model-dir {args.model_dir!r} is not a folder")
+        serve(host=args.host, port=args.port, model_dir=args.model_dir, max_queue=args.max_queue,
+              max_chars=args.max_chars)
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qkv",
@@ -166,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_similarity(sub)
     _add_explain(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -1,0 +1,353 @@
+"""What the web API does, without the web: request checking, the shared models, and the three
+operations (explain, steps, compare) as functions from a checked request to a JSON-ready dict.
+
+Nothing here imports Starlette, so it is tested directly; `qkv.web.app` puts HTTP around it.
+Every problem a request can cause is an `ApiError` (an HTTP status, a short machine code and a
+one-line message); anything else is a bug and becomes a bare JSON 500 in the app.
+
+Models are named, never located, by a request: a bundled name (`qkv.models.BUNDLED`) or the
+name of a folder found under --model-dir when the server started. No request string is ever
+joined to a path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+log = logging.getLogger("qkv.web")
+
+METHODS = ("raw", "rollout", "value-norm")
+LEVELS = ("word", "token")
+DEFAULT_MODEL = "minilm"
+# A folder under --model-dir is offered under its own name when the name is this plain.
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ApiError(Exception):
+    """A problem with one request: answered as {"error": {"status", "code", "message"}}."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def to_dict(self) -> dict:
+        return {"error": {"status": self.status, "code": self.code, "message": self.message}}
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    source: str  # "bundled" or "model-dir"
+    key: str  # what the loader is given: a bundled name or a folder found at start-up
+
+
+class ModelRegistry:
+    """The models a server offers, each loaded once (under a lock) and shared by all requests.
+
+    A model's forward pass is run under that model's own lock: explain attaches recording
+    hooks to the model, so two requests must not run the same model at once.
+    """
+
+    def __init__(self, model_dir: Optional[str | Path] = None, *, loader: Optional[Callable[[str], Any]] = None):
+        from ..models import BUNDLED
+
+        if loader is None:
+            from ..models import load as loader
+        self._loader = loader
+        self._entries: dict[str, ModelEntry] = {}
+        for name in BUNDLED:
+            if "/" not in name:
+                # Aliases of one bundled model share one loaded copy: key by what ships it.
+                self._entries[name] = ModelEntry(name, "bundled", name)
+        self._alias = {name: "bundled:" + "/".join(BUNDLED[name]) for name in self._entries}
+        if model_dir is not None:
+            root = Path(model_dir)
+            if not root.is_dir():
+                raise ValueError(f"--model-dir {str(model_dir)!r} is not a folder")
+            for folder in sorted(root.iterdir()):
+                name = folder.name
+                if not _MODEL_NAME.match(name) or name.lower() in self._entries:
+                    continue
+                if folder.is_dir() and (folder / "config.json").is_file():
+                    self._entries[name] = ModelEntry(name, "model-dir", str(folder.resolve()))
+                    self._alias[name] = "dir:" + str(folder.resolve())
+        self._loaded: dict[str, Any] = {}
+        self._load_lock = threading.Lock()
+        self._run_locks: dict[str, threading.Lock] = {}
+
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries.values())
+
+    def entry(self, name: Any) -> ModelEntry:
+        if not isinstance(name, str):
+            raise ApiError(422, "wrong_type", f"'model' must be a string (a model name); got {_type(name)}")
+        found = self._entries.get(name) or self._entries.get(name.lower())
+        if found is None or (found.source == "model-dir" and found.name != name):
+            offered = ", ".join(sorted(self._entries))
+            raise ApiError(404, "unknown_model", f"no model named {name[:80]!r}; this server offers: {offered}")
+        return found
+
+    def get(self, name: Any):
+        """(the loaded model, its run lock) for a model name; loads it on first use."""
+        entry = self.entry(name)
+        alias = self._alias[entry.name]
+        with self._load_lock:  # one load at a time; a second request for it waits, then shares it
+            if alias not in self._loaded:
+                try:
+                    self._loaded[alias] = self._loader(entry.key)
+                except Exception as exc:  # a broken folder or a missing package: the server's problem
+                    log.error("loading model %r failed: %s", entry.name, exc)
+                    raise ApiError(500, "model_unavailable",
+                                   f"the model {entry.name!r} could not be loaded on this server") from None
+                self._run_locks[alias] = threading.Lock()
+            return self._loaded[alias], self._run_locks[alias]
+
+    def loaded(self) -> list[str]:
+        return [e.name for e in self._entries.values() if self._alias[e.name] in self._loaded]
+
+
+# --------------------------------------------------------------------------- checking
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_chars: int = 1000  # characters of text (each sentence)
+    max_body: int = 64 * 1024  # bytes of a request body
+
+    def to_dict(self) -> dict:
+        return {"max_chars": self.max_chars, "max_body_bytes": self.max_body}
+
+
+def _type(x: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(x), type(x).__name__)
+
+
+class Fields:
+    """Reads the fields of one JSON object, refusing unknown fields and wrong types (422)."""
+
+    def __init__(self, body: Any, allowed: tuple[str, ...]):
+        if not isinstance(body, dict):
+            raise ApiError(422, "wrong_type", f"the request body must be a JSON object; got {_type(body)}")
+        unknown = sorted(set(body) - set(allowed))
+        if unknown:
+            raise ApiError(422, "unknown_field", f"unknown field {unknown[0]!r}; the fields are: {', '.join(allowed)}")
+        self.body = body
+
+    def _get(self, name: str, default: Any, required: bool) -> Any:
+        if name not in self.body:
+            if required:
+                raise ApiError(422, "missing_field", f"the field {name!r} is required")
+            return default
+        return self.body[name]
+
+    def text(self, name: str, limits: Limits) -> str:
+        value = self._get(name, None, True)
+        if not isinstance(value, str):
+            raise ApiError(422, "wrong_type", f"{name!r} must be a string; got {_type(value)}")
+        if not value.strip():
+            raise ApiError(422, "empty_text", f"{name!r} is empty; give a sentence, e.g. \"The cat sat on the mat.\"")
+        if len(value) > limits.max_chars:
+            raise ApiError(413, "text_too_long",
+                           f"{name!r} has {len(value)} characters; this server explains at most {limits.max_chars}")
+        return value
+
+    def string(self, name: str, default: Optional[str]) -> Optional[str]:
+        value = self._get(name, default, False)
+        if value is not None and not isinstance(value, str):
+            raise ApiError(422, "wrong_type", f"{name!r} must be a string; got {_type(value)}")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self._get(name, default, False)
+        if not isinstance(value, str):
+            raise ApiError(422, "wrong_type", f"{name!r} must be a string; got {_type(value)}")
+        if value not in choices:
+            raise ApiError(422, "bad_value", f"{name!r} must be one of {', '.join(choices)}; got {value[:40]!r}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._get(name, default, False)
+        if not isinstance(value, bool):
+            raise ApiError(422, "wrong_type", f"{name!r} must be true or false; got {_type(value)}")
+        return value
+
+    def integer(self, name: str) -> int:
+        value = self._get(name, None, True)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ApiError(422, "wrong_type", f"{name!r} must be an integer; got {_type(value)}")
+        return value
+
+    def word(self, name: str, *, required: bool) -> Optional[str | int]:
+        """A word of the text (a string) or its index at the request's level (an integer)."""
+        value = self._get(name, None, required)
+        if value is None and not required:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ApiError(422, "wrong_type", f"{name!r} must be a word (a string) or a word index (an integer); "
+                                              f"got {_type(value)}")
+        if isinstance(value, str) and not value.strip():
+            raise ApiError(422, "bad_value", f"{name!r} is empty; give a word of the text or its index")
+        if isinstance(value, str) and len(value) > 200:
+            raise ApiError(422, "bad_value", f"{name!r} is {len(value)} characters long; give one word of the text")
+        return value
+
+
+# --------------------------------------------------------------------------- operations
+
+
+class Service:
+    """The three operations over a ModelRegistry; each method runs in a worker thread."""
+
+    def __init__(self, registry: ModelRegistry, limits: Limits = Limits()):
+        self.registry = registry
+        self.limits = limits
+
+    # ------------------------------------------------------------ shared pieces
+    def _explain(self, text: str, model_name: str):
+        from ..inspect import explain
+
+        model, run_lock = self.registry.get(model_name)
+        with run_lock:
+            try:
+                result = explain(text, model)
+            except ValueError as exc:  # e.g. more tokens than the model has positions
+                raise ApiError(422, "cannot_explain", str(exc)) from None
+        result.model_name = self.registry.entry(model_name).name
+        return result
+
+    @staticmethod
+    def _unit_index(result, word: str | int, level: str, hide_special: bool) -> int:
+        """The index at `level` (all units, specials included) of a word or a shown index."""
+        labels, special, _ = result.units(level)
+        if isinstance(word, int):
+            shown = [i for i, s in enumerate(special) if not (hide_special and s)]
+            if not 0 <= word < len(shown):
+                raise ApiError(422, "unknown_word", f"word index {word} is out of range: the text has {len(shown)} "
+                                                    f"{level}s{' (special tokens hidden)' if hide_special else ''}")
+            return shown[word]
+        try:
+            return result.focus_index(word, level)
+        except ValueError as exc:
+            raise ApiError(422, "unknown_word", str(exc)) from None
+
+    def _to_dict(self, result, method: str, level: str, hide_special: bool, focus) -> dict:
+        if focus is not None:
+            index = self._unit_index(result, focus, level, hide_special)
+            _, special, _ = result.units(level)
+            if hide_special and special[index]:
+                raise ApiError(422, "unknown_word", "the focus is a special token, and special tokens are hidden")
+            focus = index
+        try:
+            return result.to_dict(method=method, level=level, hide_special=hide_special, focus=focus)
+        except ValueError as exc:
+            raise ApiError(422, "cannot_explain", str(exc)) from None
+
+    # ------------------------------------------------------------ operations
+    def explain(self, body: Any) -> dict:
+        f = Fields(body, ("text", "model", "focus", "method", "level", "hide_special"))
+        text = f.text("text", self.limits)
+        model = f.string("model", DEFAULT_MODEL)
+        focus = f.word("focus", required=False)
+        method = f.choice("method", METHODS, "raw")
+        level = f.choice("level", LEVELS, "word")
+        hide = f.boolean("hide_special", False)
+        self.registry.entry(model)  # an unknown model is reported before any work
+        result = self._explain(text, model)
+        return self._to_dict(result, method, level, hide, focus)
+
+    def steps(self, body: Any) -> dict:
+        f = Fields(body, ("text", "model", "word", "layer", "head", "level", "hide_special"))
+        text = f.text("text", self.limits)
+        model = f.string("model", DEFAULT_MODEL)
+        word = f.word("word", required=True)
+        layer = f.integer("layer")
+        head = f.integer("head")
+        level = f.choice("level", LEVELS, "word")
+        hide = f.boolean("hide_special", False)
+        self.registry.entry(model)
+        result = self._explain(text, model)
+        unit = self._unit_index(result, word, level, hide)
+        _, _, unit_of = result.units(level)
+        token = unit_of.index(unit)
+        if not 0 <= layer < result.num_layers:
+            raise ApiError(422, "unknown_layer", f"layer {layer} does not exist: the model has layers 0..{result.num_layers - 1}")
+        if not 0 <= head < result.num_heads:
+            raise ApiError(422, "unknown_head", f"head {head} does not exist: the model has heads 0..{result.num_heads - 1}")
+        s = result.steps(token, layer, head)
+        dots = s.keys @ s.query  # (n,) q.k before the scale
+        return {
+            "format": "qkv.steps/1", "model": result.model_name, "text": text,
+            "layer": layer, "head": head, "layers": result.num_layers, "heads": result.num_heads,
+            "token": s.token, "token_label": s.labels[s.token], "labels": s.labels,
+            "special": list(result.special), "scale": s.scale,
+            "query": _floats(s.query), "keys": _floats(s.keys), "dots": _floats(dots),
+            "scores": _floats(s.scores), "weights": _floats(s.weights),
+            "values": _floats(s.values), "output": _floats(s.output),
+        }
+
+    def compare(self, body: Any) -> dict:
+        f = Fields(body, ("text", "other", "model", "focus", "method", "level", "hide_special"))
+        text = f.text("text", self.limits)
+        other = f.text("other", self.limits)
+        model = f.string("model", DEFAULT_MODEL)
+        focus = f.word("focus", required=False)
+        method = f.choice("method", METHODS, "raw")
+        level = f.choice("level", LEVELS, "word")
+        hide = f.boolean("hide_special", False)
+        self.registry.entry(model)
+        a, b = self._explain(text, model), self._explain(other, model)
+        out: dict = {"format": "qkv.compare/1", "a": self._to_dict(a, method, level, hide, focus),
+                     "b": None, "same_length": False, "jsd": None, "largest": None, "note": None}
+        b_focus = focus
+        if focus is not None and isinstance(focus, str):
+            try:
+                b.focus_index(focus, level)
+            except ValueError:
+                b_focus = None  # the word is not in the other sentence: show it without a focus
+        if isinstance(focus, int) and not 0 <= focus < len(b.labels(level, hide)):
+            b_focus = None
+        out["b"] = self._to_dict(b, method, level, hide, b_focus)
+        na, nb = len(a.labels(level)), len(b.labels(level))
+        out["same_length"] = na == nb
+        if na != nb:
+            out["note"] = (f"the sentences have {na} and {nb} {level}s; the per-head divergence needs the same "
+                           "number, e.g. one word swapped")
+        elif focus is not None:
+            index = self._unit_index(a, focus, level, hide)
+            cmp = a.compare(b, index, level)
+            jsd = cmp["jsd"]  # (L, H) bits
+            out["jsd"] = _floats(jsd)
+            flat = int(jsd.flatten().argmax())
+            layer, head = divmod(flat, jsd.shape[1])
+            out["largest"] = {"layer": layer, "head": head, "jsd": float(jsd[layer, head])}
+        else:
+            out["note"] = "give a focus word to see how its attention changes (Jensen-Shannon divergence per head)"
+        return out
+
+
+def _floats(t) -> Any:
+    """Nested lists of floats; -inf / nan (a masked score) become null, which JSON can hold."""
+    def clean(x):
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x if math.isfinite(x) else None
+
+    return clean(t.double().tolist())
+
+
+def check_limits(limits: Mapping[str, int]) -> None:
+    for name, value in limits.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")

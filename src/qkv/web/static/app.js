@@ -1,0 +1,252 @@
+/* The explorer page of `qkv serve`: a form, the API (same origin only), and the shared views
+ * of explain.js (QKV.mount), plus the step-through of one word in one head.
+ * User text reaches the page only through textContent and title, never as markup. */
+(function () {
+  "use strict";
+  var el = QKV.el;
+  var $ = function (id) { return document.getElementById(id); };
+  var form = $("explain-form"), errorEl = $("error"), busyEl = $("busy");
+  var viewA = $("view-a"), viewB = $("view-b"), views = $("views");
+  var current = null; // {request, data, view}
+  var stepsSeq = 0, runSeq = 0;
+
+  function showError(msg) {
+    errorEl.textContent = msg || "";
+    errorEl.hidden = !msg;
+  }
+
+  function api(path, body) {
+    var init = body === undefined ? { method: "GET" } :
+      { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+    init.credentials = "same-origin";
+    init.cache = "no-store";
+    return fetch(path, init).then(function (r) {
+      return r.json().catch(function () { return null; }).then(function (j) {
+        if (!r.ok) {
+          var msg = j && j.error ? j.error.message : "the server answered " + r.status;
+          throw new Error(msg);
+        }
+        return j;
+      });
+    });
+  }
+
+  function request() {
+    var method = form.querySelector("input[name=method]:checked").value;
+    var req = {
+      text: $("text").value,
+      model: $("model").value || "minilm",
+      method: method,
+      level: $("level").value,
+      hide_special: $("hide-special").checked
+    };
+    var focus = $("focus").value.trim();
+    if (focus) req.focus = focus;
+    var other = $("other").value;
+    return { req: req, other: other.trim() ? other : null };
+  }
+
+  function setBusy(on, what) {
+    $("go").disabled = on;
+    busyEl.textContent = on ? what : "";
+    document.body.dataset.busy = on ? "true" : "false";
+  }
+
+  function run(keep) {
+    var r = request();
+    if (!r.req.text.trim()) { showError("Type a sentence first."); return; }
+    showError("");
+    var seq = ++runSeq;
+    setBusy(true, "Running the model\u2026");
+    document.body.dataset.ready = "false";
+    var call = r.other === null ? api("/api/explain", r.req)
+      : api("/api/compare", Object.assign({ other: r.other }, r.req));
+    call.then(function (res) {
+      if (seq !== runSeq) return;
+      var a = r.other === null ? res : res.a;
+      current = { req: r.req, data: a, view: null };
+      var before = keep || null;
+      current.view = QKV.mount(viewA, a, {
+        prefix: "",
+        onChange: onViewChange,
+        onReady: function () { viewA.dataset.drawn = "true"; }
+      });
+      if (before) restore(current.view, before, a);
+      if (r.other !== null) {
+        viewB.hidden = false;
+        views.classList.add("compare");
+        QKV.mount(viewB, res.b, { prefix: "b-" });
+        showCompare(res, a);
+      } else {
+        viewB.hidden = true;
+        while (viewB.firstChild) viewB.removeChild(viewB.firstChild);
+        views.classList.remove("compare");
+        $("compare-summary").hidden = true;
+      }
+      document.body.dataset.ready = "true";
+      onViewChange(current.view.state);
+    }).catch(function (err) {
+      if (seq !== runSeq) return;
+      showError(err.message);
+      document.body.dataset.ready = "error";
+    }).then(function () { if (seq === runSeq) setBusy(false); });
+  }
+
+  function restore(view, st, data) {
+    var layer = st.layer < data.maps.length ? st.layer : data.maps.length - 1;
+    var H = data.maps[0].length;
+    var head = (st.head === "mean" && H > 1) || (typeof st.head === "number" && st.head < H) ? st.head : (H > 1 ? "mean" : 0);
+    view.setView(layer, head);
+    if (st.selected >= 0 && st.selected < data.labels.length) view.select(st.selected);
+  }
+
+  function showCompare(res, a) {
+    var box = $("compare-summary"), table = $("jsd-table");
+    box.hidden = false;
+    while (table.firstChild) table.removeChild(table.firstChild);
+    var note = res.note || "";
+    if (res.largest) {
+      note = "Jensen-Shannon divergence (bits) between the two rows of the focus word, per layer and head. " +
+        "The largest change: layer " + res.largest.layer + ", head " + res.largest.head + " (" +
+        res.largest.jsd.toFixed(3) + " bits).";
+    }
+    $("compare-note").textContent = note;
+    if (!res.jsd) return;
+    var thead = el("thead"), tr = el("tr");
+    tr.appendChild(el("th", null, ""));
+    res.jsd[0].forEach(function (_, h) { tr.appendChild(el("th", null, "head " + h)); });
+    thead.appendChild(tr);
+    table.appendChild(thead);
+    var tbody = el("tbody");
+    res.jsd.forEach(function (row, layer) {
+      var r = el("tr");
+      r.appendChild(el("th", null, "layer " + layer));
+      row.forEach(function (v) {
+        var td = el("td", null, v.toFixed(2));
+        var rgb = QKV.heat(Math.min(1, v));
+        td.style.backgroundColor = "rgb(" + rgb.join(",") + ")";
+        td.style.color = v > 0.55 ? "#fff" : "";
+        r.appendChild(td);
+      });
+      tbody.appendChild(r);
+    });
+    table.appendChild(tbody);
+  }
+
+  // ------------------------------------------------------------------ steps
+  var stepsLayer = $("steps-layer"), stepsHead = $("steps-head");
+  function fillSelect(sel, count, label, value) {
+    if (sel.options.length !== count) {
+      while (sel.firstChild) sel.removeChild(sel.firstChild);
+      for (var i = 0; i < count; i++) {
+        var o = el("option", null, label + " " + i);
+        o.value = String(i);
+        sel.appendChild(o);
+      }
+    }
+    sel.value = String(value);
+  }
+
+  function onViewChange(st) {
+    if (!current || !current.view) return;
+    if (st.selected < 0) return;
+    var layer = st.layer;
+    var head = typeof st.head === "number" && current.data.method !== "rollout" ? st.head
+      : parseInt(stepsHead.value || "0", 10);
+    if (stepsLayer.options.length) stepsLayer.value = String(layer);
+    if (stepsHead.options.length) stepsHead.value = String(head);
+    loadSteps(st.selected, layer, head);
+  }
+
+  function loadSteps(index, layer, head) {
+    var req = current.req;
+    var seq = ++stepsSeq;
+    var body = { text: req.text, model: req.model, word: index, layer: layer, head: head, level: req.level,
+                 hide_special: req.hide_special };
+    $("steps").dataset.ready = "false";
+    api("/api/steps", body).then(function (s) {
+      if (seq !== stepsSeq) return;
+      drawSteps(s, index);
+    }).catch(function (err) {
+      if (seq !== stepsSeq) return;
+      showError(err.message);
+    });
+  }
+
+  function num(x, d) { return x === null ? "\u2212\u221e" : x.toFixed(d); }
+  function vectorText(v) { return "[" + v.map(function (x) { return num(x, 3); }).join(", ") + "]"; }
+
+  function drawSteps(s, index) {
+    var sec = $("steps");
+    sec.hidden = false;
+    sec.dataset.word = String(index);
+    sec.dataset.layer = String(s.layer);
+    sec.dataset.head = String(s.head);
+    fillSelect(stepsLayer, s.layers, "layer", s.layer);
+    fillSelect(stepsHead, s.heads, "head", s.head);
+    $("steps-word").textContent = "query token \u201c" + s.token_label + "\u201d (token " + s.token + ")";
+    $("steps-qlabel").textContent = "\u201c" + s.token_label + "\u201d";
+    $("steps-dim").textContent = String(s.query.length);
+    $("steps-query").textContent = "q = " + vectorText(s.query);
+    $("steps-scale").textContent = "1/\u221a" + s.query.length + " = " + s.scale.toFixed(4);
+    $("steps-output").textContent = "output = \u03a3\u2c7c weight\u2c7c \u00b7 v\u2c7c = " + vectorText(s.output);
+    var table = $("steps-table");
+    while (table.firstChild) table.removeChild(table.firstChild);
+    var thead = el("thead"), tr = el("tr");
+    ["key", "q\u00b7k", "\u00d7 scale = score", "softmax weight", "", "weight \u00d7 v (first 4 of " + s.values[0].length + ")"]
+      .forEach(function (h) { tr.appendChild(el("th", null, h)); });
+    thead.appendChild(tr);
+    table.appendChild(thead);
+    var tbody = el("tbody");
+    var max = Math.max.apply(null, s.weights);
+    s.labels.forEach(function (lab, j) {
+      var r = el("tr", s.special[j] ? "special" : null);
+      r.dataset.index = String(j);
+      r.dataset.weight = String(s.weights[j]);
+      r.dataset.score = s.scores[j] === null ? "-inf" : String(s.scores[j]);
+      r.appendChild(el("td", null, lab));
+      r.appendChild(el("td", null, num(s.dots[j], 4)));
+      r.appendChild(el("td", "score", num(s.scores[j], 4)));
+      r.appendChild(el("td", "weight", num(s.weights[j], 4)));
+      var bar = el("td", "bar"), fill = el("span", "barfill");
+      fill.style.width = (max > 0 ? 100 * s.weights[j] / max : 0).toFixed(1) + "%";
+      bar.appendChild(fill);
+      r.appendChild(bar);
+      var wv = s.values[j].slice(0, 4).map(function (v) { return (s.weights[j] * v).toFixed(3); });
+      r.appendChild(el("td", null, "[" + wv.join(", ") + ", \u2026]"));
+      tbody.appendChild(r);
+    });
+    table.appendChild(tbody);
+    sec.dataset.ready = "true";
+  }
+
+  function stepsFromSelects() {
+    if (!current || !current.view || current.view.state.selected < 0) return;
+    loadSteps(current.view.state.selected, parseInt(stepsLayer.value, 10), parseInt(stepsHead.value, 10));
+  }
+  stepsLayer.addEventListener("change", stepsFromSelects);
+  stepsHead.addEventListener("change", stepsFromSelects);
+
+  // ------------------------------------------------------------------ form
+  form.addEventListener("submit", function (ev) { ev.preventDefault(); run(null); });
+  Array.prototype.forEach.call(form.querySelectorAll("input[name=method]"), function (radio) {
+    radio.addEventListener("change", function () {
+      if (current) run(current.view ? current.view.state : null);
+    });
+  });
+  $("hide-special").addEventListener("change", function () { if (current) run(null); });
+  $("level").addEventListener("change", function () { if (current) run(null); });
+
+  api("/api/models").then(function (m) {
+    var sel = $("model");
+    m.models.forEach(function (entry) {
+      var o = el("option", null, entry.name + (entry.source === "bundled" ? " (bundled)" : ""));
+      o.value = entry.name;
+      sel.appendChild(o);
+    });
+    sel.value = m["default"];
+    $("text").maxLength = m.limits.max_chars;
+    $("other").maxLength = m.limits.max_chars;
+    document.body.dataset.models = "ready";
+  }).catch(function (err) { showError("cannot list the models: " + err.message); });
+})();

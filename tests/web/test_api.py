@@ -1,0 +1,471 @@
+"""The explorer's JSON API through Starlette's TestClient (httpx): the numbers are those of
+qkv.explain, and every bad request gets a 4xx JSON error that never reaches the catch-all."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from importlib import resources
+
+import httpx
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+import qkv.inspect
+from conftest import TEXT, running_server
+from qkv import cli
+from qkv.web.app import STATIC_FILES, create_app
+from qkv.web.service import ModelRegistry
+
+API_POSTS = ("/api/explain", "/api/steps", "/api/compare")
+
+
+@pytest.fixture(scope="module")
+def app(registry):
+    return create_app(registry=registry, max_chars=200, max_body=4096)
+
+
+@pytest.fixture
+def client(app):
+    before = app.state.internal_errors
+    with TestClient(app) as c:
+        yield c
+    assert app.state.internal_errors == before, "a request reached the catch-all (JSON 500)"
+
+
+def post(client, path, body):
+    return client.post(path, json=body)
+
+
+def assert_error(resp, status, code):
+    assert resp.status_code == status, f"expected {status}, got {resp.status_code}: {resp.text[:300]}"
+    assert resp.headers["content-type"].startswith("application/json")
+    err = resp.json()["error"]
+    assert err["status"] == status and err["code"] == code, err
+    assert isinstance(err["message"], str) and err["message"]
+    assert "Traceback" not in resp.text and "File \"" not in resp.text
+    return err
+
+
+def as_json(x):
+    return json.loads(json.dumps(x))
+
+
+# --------------------------------------------------------------------------- good requests
+
+
+def test_health_and_models(client):
+    h = client.get("/api/health").json()
+    assert h["status"] == "ok" and h["queue"]["waiting"] == 0
+    m = client.get("/api/models").json()
+    names = [e["name"] for e in m["models"]]
+    assert "minilm" in names and m["default"] == "minilm"
+    assert all(e["source"] == "bundled" for e in m["models"])
+    assert m["limits"] == {"max_chars": 200, "max_body_bytes": 4096}
+
+
+@pytest.mark.parametrize("options", [
+    dict(method="raw", level="word", hide_special=False, focus=None),
+    dict(method="raw", level="word", hide_special=False, focus="cat"),
+    dict(method="rollout", level="word", hide_special=True, focus="cat"),
+    dict(method="value-norm", level="token", hide_special=False, focus="mat"),
+])
+def test_explain_numbers_equal_to_dict(client, reference, options):
+    body = {"text": TEXT, "model": "minilm", **{k: v for k, v in options.items() if v is not None}}
+    resp = post(client, "/api/explain", body)
+    assert resp.status_code == 200, resp.text
+    want = as_json(reference.to_dict(**options))
+    want["model"] = "minilm"
+    got = resp.json()
+    assert got == want
+
+
+def test_explain_defaults_and_focus_index(client, reference):
+    got = post(client, "/api/explain", {"text": TEXT, "focus": 2}).json()
+    want = as_json(reference.to_dict(focus="cat"))
+    assert got["focus"] == want["focus"] and got["maps"] == want["maps"]
+
+
+def test_steps_numbers(client, reference):
+    resp = post(client, "/api/steps", {"text": TEXT, "word": "cat", "layer": 5, "head": 11})
+    assert resp.status_code == 200, resp.text
+    got = resp.json()
+    s = reference.steps("cat", 5, 11)
+    assert got["token_label"] == "cat" and got["token"] == s.token == 2
+    for name in ("query", "keys", "scores", "weights", "values", "output"):
+        np.testing.assert_allclose(got[name], getattr(s, name).double().numpy(), rtol=0, atol=1e-12, err_msg=name)
+    np.testing.assert_allclose(np.asarray(got["dots"]) * got["scale"], got["scores"], rtol=1e-5, atol=1e-6)
+    assert abs(sum(got["weights"]) - 1) < 1e-5
+    out = np.asarray(got["weights"]) @ np.asarray(got["values"])
+    np.testing.assert_allclose(out, got["output"], rtol=1e-5, atol=1e-6)
+    # the same word by its index among the shown words (hidden specials shift it)
+    by_index = post(client, "/api/steps", {"text": TEXT, "word": 1, "layer": 5, "head": 11,
+                                           "hide_special": True}).json()
+    assert by_index["weights"] == got["weights"]
+
+
+def test_compare(client, reference, registry):
+    other = "The dog sat on the mat."
+    resp = post(client, "/api/compare", {"text": TEXT, "other": other, "focus": "sat"})
+    assert resp.status_code == 200, resp.text
+    got = resp.json()
+    want_a = as_json(reference.to_dict(focus="sat"))
+    want_a["model"] = "minilm"
+    assert got["a"] == want_a
+    assert got["b"]["text"] == other and got["same_length"] is True
+    model, _ = registry.get("minilm")
+    b = qkv.inspect.explain(other, model)
+    jsd = reference.compare(b, "sat")["jsd"].double().numpy()
+    np.testing.assert_allclose(got["jsd"], jsd, rtol=0, atol=1e-12)
+    assert got["largest"]["jsd"] == pytest.approx(jsd.max())
+    # different lengths: both views, no divergence, a note
+    diff = post(client, "/api/compare", {"text": TEXT, "other": "A dog.", "focus": "cat"}).json()
+    assert diff["jsd"] is None and "same" in diff["note"] and diff["b"]["focus"] is None
+
+
+# --------------------------------------------------------------------------- bad requests
+
+BAD_BODIES = [
+    # (endpoint, body, status, code)
+    ("/api/explain", [TEXT], 422, "wrong_type"),
+    ("/api/explain", "just a string", 422, "wrong_type"),
+    ("/api/explain", {}, 422, "missing_field"),
+    ("/api/explain", {"text": 5}, 422, "wrong_type"),
+    ("/api/explain", {"text": None}, 422, "wrong_type"),
+    ("/api/explain", {"text": "   "}, 422, "empty_text"),
+    ("/api/explain", {"text": "x" * 201}, 413, "text_too_long"),
+    ("/api/explain", {"text": TEXT, "colour": "red"}, 422, "unknown_field"),
+    ("/api/explain", {"text": TEXT, "method": "attention"}, 422, "bad_value"),
+    ("/api/explain", {"text": TEXT, "method": 1}, 422, "wrong_type"),
+    ("/api/explain", {"text": TEXT, "level": "char"}, 422, "bad_value"),
+    ("/api/explain", {"text": TEXT, "hide_special": "yes"}, 422, "wrong_type"),
+    ("/api/explain", {"text": TEXT, "hide_special": 1}, 422, "wrong_type"),
+    ("/api/explain", {"text": TEXT, "focus": ["cat"]}, 422, "wrong_type"),
+    ("/api/explain", {"text": TEXT, "focus": True}, 422, "wrong_type"),
+    ("/api/explain", {"text": TEXT, "focus": "dog"}, 422, "unknown_word"),
+    ("/api/explain", {"text": TEXT, "focus": 99}, 422, "unknown_word"),
+    ("/api/explain", {"text": TEXT, "focus": -1}, 422, "unknown_word"),
+    ("/api/explain", {"text": TEXT, "focus": ""}, 422, "bad_value"),
+    ("/api/explain", {"text": TEXT, "model": 3}, 422, "wrong_type"),
+    ("/api/explain", {"text": TEXT, "model": "gpt-17"}, 404, "unknown_model"),
+    ("/api/steps", {"text": TEXT, "layer": 0, "head": 0}, 422, "missing_field"),
+    ("/api/steps", {"text": TEXT, "word": "cat", "head": 0}, 422, "missing_field"),
+    ("/api/steps", {"text": TEXT, "word": "cat", "layer": 6, "head": 0}, 422, "unknown_layer"),
+    ("/api/steps", {"text": TEXT, "word": "cat", "layer": -1, "head": 0}, 422, "unknown_layer"),
+    ("/api/steps", {"text": TEXT, "word": "cat", "layer": 0, "head": 12}, 422, "unknown_head"),
+    ("/api/steps", {"text": TEXT, "word": "cat", "layer": 0.5, "head": 0}, 422, "wrong_type"),
+    ("/api/steps", {"text": TEXT, "word": "cat", "layer": True, "head": 0}, 422, "wrong_type"),
+    ("/api/steps", {"text": TEXT, "word": "cat", "layer": "1", "head": 0}, 422, "wrong_type"),
+    ("/api/steps", {"text": TEXT, "word": "dog", "layer": 0, "head": 0}, 422, "unknown_word"),
+    ("/api/steps", {"text": TEXT, "word": 9, "layer": 0, "head": 0}, 422, "unknown_word"),
+    ("/api/steps", {"text": TEXT, "word": {"w": 1}, "layer": 0, "head": 0}, 422, "wrong_type"),
+    ("/api/compare", {"text": TEXT}, 422, "missing_field"),
+    ("/api/compare", {"text": TEXT, "other": ""}, 422, "empty_text"),
+    ("/api/compare", {"text": TEXT, "other": "y" * 500}, 413, "text_too_long"),
+    ("/api/compare", {"text": TEXT, "other": TEXT, "focus": "dog"}, 422, "unknown_word"),
+    ("/api/compare", {"text": TEXT, "other": TEXT, "model": "nope"}, 404, "unknown_model"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, code", BAD_BODIES)
+def test_bad_bodies(client, path, body, status, code):
+    assert_error(post(client, path, body), status, code)
+
+
+PATH_LIKE = ["../../etc/passwd", "/etc/passwd", "minilm/../minilm", "./minilm", "~/models/x", "C:\\models\\x",
+             "sentence-transformers/all-MiniLM-L6-v2", "file:///etc/passwd", "minilm\x00", ".", ""]
+
+
+@pytest.mark.parametrize("name", PATH_LIKE)
+@pytest.mark.parametrize("path", API_POSTS)
+def test_path_like_model_names_are_unknown(client, path, name):
+    body = {"text": TEXT, "model": name, "word": "cat", "layer": 0, "head": 0}
+    if path != "/api/steps":
+        body = {"text": TEXT, "model": name}
+    if path == "/api/compare":
+        body["other"] = TEXT
+    assert_error(post(client, path, body), 404, "unknown_model")
+
+
+@pytest.mark.parametrize("path", API_POSTS)
+@pytest.mark.parametrize("raw", [b"{", b"{'text': 'single quotes'}", b"\xff\xfe", b"", b"[" * 2000 + b"]" * 2000,
+                                 b"NaN", b'{"text": "a"} trailing'])
+def test_malformed_json(client, path, raw):
+    resp = client.post(path, content=raw, headers={"content-type": "application/json"})
+    if raw == b"NaN":  # valid to Python's parser: a number, not an object
+        assert_error(resp, 422, "wrong_type")
+    else:
+        assert_error(resp, 400, "malformed_json")
+
+
+@pytest.mark.parametrize("path", API_POSTS)
+def test_not_json_content_type(client, path):
+    resp = client.post(path, content=json.dumps({"text": TEXT}), headers={"content-type": "text/plain"})
+    assert_error(resp, 415, "unsupported_media_type")
+    resp = client.post(path, data={"text": TEXT})  # an HTML form post
+    assert_error(resp, 415, "unsupported_media_type")
+
+
+def test_body_too_large(client):
+    big = {"text": TEXT, "pad": "x" * 5000}
+    assert_error(post(client, "/api/explain", big), 413, "body_too_large")
+
+    def chunks():  # no Content-Length: the limit is counted while reading
+        yield b'{"text": "'
+        for _ in range(10):
+            yield b"y" * 1000
+        yield b'"}'
+
+    resp = client.post("/api/explain", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in resp.request.headers
+    assert_error(resp, 413, "body_too_large")
+
+
+def test_bad_content_length(client):
+    resp = client.post("/api/explain", content=b'{"text": "a"}',
+                       headers={"content-type": "application/json", "content-length": "-5"})
+    assert_error(resp, 400, "bad_request")
+
+
+def test_unknown_routes_and_methods(client):
+    assert_error(client.get("/api/nothing"), 404, "not_found")
+    assert_error(client.get("/api/explain"), 405, "method_not_allowed")
+    assert_error(client.delete("/api/models"), 405, "method_not_allowed")
+    assert_error(client.post("/", json={}), 405, "method_not_allowed")
+
+
+# --------------------------------------------------------------------------- static files
+
+
+def test_page_and_static_files(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "unsafe" not in csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+    low = page.text.lower()
+    assert "http://" not in low and "https://" not in low and "<style" not in low and "style=" not in low
+    assert "<script>" not in low, "an inline script would be refused by the CSP"
+    for name, (pkg, path, media) in STATIC_FILES.items():
+        resp = client.get(f"/static/{name}")
+        assert resp.status_code == 200 and resp.headers["content-type"] == media, name
+        assert resp.content == resources.files(pkg).joinpath(*path.split("/")).read_bytes()
+        assert b"http://" not in resp.content and b"https://" not in resp.content and b"url(" not in resp.content
+    # one renderer, two uses: the offline file inlines the very script the page is served
+    from qkv.inspect.html import _SCRIPT
+
+    assert client.get("/static/explain.js").text == _SCRIPT
+
+
+TRAVERSALS = [
+    "/static/../../etc/passwd", "/static/%2e%2e/%2e%2e/etc/passwd", "/static/..%2f..%2fetc%2fpasswd",
+    "/static/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/static//etc/passwd", "/static/explain.js/../../pyproject.toml",
+    "/static/app.js%00.png", "/static/..\\..\\etc\\passwd", "/static/index.html", "/static/",
+    "/static/__init__.py", "/static/service.py", "/static/EXPLAIN.JS", "/etc/passwd", "/static/explain.js.bak",
+]
+
+
+@pytest.mark.parametrize("path", TRAVERSALS)
+def test_unknown_static_paths_are_404(client, path):
+    assert_error(client.get(path), 404, "not_found")
+
+
+def test_raw_traversal_over_a_socket(registry):
+    """Paths exactly as sent (no client-side normalisation) to a real server."""
+    app = create_app(registry=registry)
+    with running_server(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        for path in ("/static/../../etc/passwd", "/static/../app.py", "/../../../etc/passwd",
+                     "/static/%2e%2e/%2e%2e/etc/passwd", "/static/....//....//etc/passwd"):
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 404"), (path, head[:80])
+            assert b"root:" not in body and b"import" not in body
+    assert app.state.internal_errors == 0
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+def test_catch_all_is_json_without_internals(registry, monkeypatch):
+    app = create_app(registry=registry)
+
+    def broken(*a, **k):
+        raise RuntimeError("secret /home/user/internal detail")
+
+    monkeypatch.setattr(qkv.inspect, "explain", broken)
+    with TestClient(app) as c:
+        resp = c.post("/api/explain", json={"text": TEXT})
+    err = assert_error(resp, 500, "internal")
+    assert "secret" not in resp.text and "RuntimeError" not in resp.text
+    assert "content-security-policy" in resp.headers
+    assert app.state.internal_errors == 1 and err["message"].startswith("internal error")
+
+
+def test_host_header_is_checked_when_asked(registry):
+    app = create_app(registry=registry, allowed_hosts=["127.0.0.1", "localhost"])
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/api/health").status_code == 200
+        assert_error(c.get("/api/health", headers={"host": "attacker.example"}), 400, "bad_host")
+
+
+def test_queue_full_gives_503(registry, monkeypatch):
+    """One worker, no waiting room, a slow explain: of three at once, at least one is a 503,
+    every answer is 200 or a clean 503, and /api/health answers meanwhile."""
+    real = qkv.inspect.explain
+    gate = threading.Event()
+
+    def slow(*a, **k):
+        gate.wait(10)
+        return real(*a, **k)
+
+    monkeypatch.setattr(qkv.inspect, "explain", slow)
+    app = create_app(registry=registry, max_queue=0, workers=1)
+    results = []
+    with running_server(app) as url:
+        def one():
+            r = httpx.post(url + "/api/explain", json={"text": TEXT}, timeout=30)
+            results.append(r)
+
+        threads = [threading.Thread(target=one) for _ in range(3)]
+        for t in threads:
+            t.start()
+        t0 = time.monotonic()
+        while app.state.gate.rejected < 2 and time.monotonic() - t0 < 10:
+            time.sleep(0.02)
+        health = httpx.get(url + "/api/health", timeout=5)
+        assert health.status_code == 200 and health.json()["queue"]["running"] == 1
+        gate.set()
+        for t in threads:
+            t.join(30)
+    codes = sorted(r.status_code for r in results)
+    assert codes == [200, 503, 503], codes
+    for r in results:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "busy" and r.headers["retry-after"] == "1"
+    assert app.state.internal_errors == 0
+
+
+# --------------------------------------------------------------------------- the description
+
+
+def test_openapi_describes_every_route_and_error(client, app):
+    spec = client.get("/api/openapi.json").json()
+    assert spec["openapi"].startswith("3.")
+    api_routes = {r.path for r in app.routes if r.path.startswith("/api/")}
+    assert api_routes == set(spec["paths"]), "the OpenAPI paths differ from the app's routes"
+    for path in API_POSTS:
+        responses = spec["paths"][path]["post"]["responses"]
+        observed = {"200"} | {str(s) for _, _, s, _ in BAD_BODIES} | {"400", "413", "415", "500", "503"}
+        assert observed <= set(responses), f"{path} does not document {observed - set(responses)}"
+    codes = {c for _, _, _, c in BAD_BODIES} | {"malformed_json", "body_too_large", "unsupported_media_type", "busy"}
+    text = json.dumps(spec)
+    assert all(c in text for c in codes), [c for c in codes if c not in text]
+
+
+# --------------------------------------------------------------------------- models and the CLI
+
+
+def test_model_dir_names_only(tmp_path):
+    for name in ("tiny", "minilm", "bad name", ".hidden"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "no-config").mkdir()
+    loaded = []
+    reg = ModelRegistry(tmp_path, loader=lambda key: loaded.append(key) or object())
+    names = {e.name: e.source for e in reg.entries()}
+    assert names["tiny"] == "model-dir" and names["minilm"] == "bundled"
+    assert "bad name" not in names and ".hidden" not in names and "no-config" not in names
+    reg.get("tiny")
+    reg.get("tiny")
+    assert loaded == [str((tmp_path / "tiny").resolve())], "loaded more than once, or from another place"
+    app = create_app(registry=reg)
+    with TestClient(app) as c:
+        assert {"name": "tiny", "source": "model-dir"} in c.get("/api/models").json()["models"]
+        for bad in ("TINY", "../tiny", str(tmp_path / "tiny"), "no-config", "bad name"):
+            assert_error(c.post("/api/explain", json={"text": TEXT, "model": bad}), 404, "unknown_model")
+
+
+def test_broken_model_is_a_500_without_details(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    app = create_app(model_dir=str(tmp_path))
+    with TestClient(app) as c:
+        resp = c.post("/api/explain", json={"text": TEXT, "model": "broken"})
+    err = assert_error(resp, 500, "model_unavailable")
+    assert str(tmp_path) not in resp.text and err["message"]
+    assert app.state.internal_errors == 0
+
+
+def test_models_are_loaded_once_under_concurrency():
+    calls = []
+
+    def loader(key):
+        calls.append(key)
+        time.sleep(0.2)
+        return object()
+
+    reg = ModelRegistry(loader=loader)
+    threads = [threading.Thread(target=reg.get, args=("minilm",)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reg.get("all-minilm-l6-v2")  # an alias of the same bundled model
+    assert calls == ["minilm"]
+
+
+def test_cli_serve_without_starlette(monkeypatch, capsys):
+    import sys
+
+    for mod in ("qkv.web.server", "qkv.web.app"):  # imported afresh, they meet the missing packages
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    for mod in ("starlette", "uvicorn"):
+        monkeypatch.setitem(sys.modules, mod, None)
+    assert cli.main(["serve", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'qkv[web]'" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "70000"], "--port"),
+    (["--max-queue", "-1"], "--max-queue"),
+    (["--max-chars", "0"], "--max-chars"),
+    (["--model-dir", "/no/such/folder"], "--model-dir"),
+])
+def test_cli_serve_bad_arguments(capsys, args, message):
+    assert cli.main(["serve", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_serve_prints_its_address(monkeypatch, capsys):
+    import qkv.web.server as server
+
+    seen = {}
+
+    def fake_run(self, sockets=None):
+        seen["addr"] = sockets[0].getsockname()
+
+    monkeypatch.setattr(server.uvicorn.Server, "run", fake_run)
+    monkeypatch.setattr(server, "create_app", lambda **kw: seen.setdefault("kw", kw) and _StubApp())
+    assert cli.main(["serve", "--port", "0", "--max-queue", "3"]) == 0
+    out = capsys.readouterr().out
+    host, port = seen["addr"]
+    assert host == "127.0.0.1" and f"http://127.0.0.1:{port}/" in out
+    assert seen["kw"]["max_queue"] == 3 and seen["kw"]["allowed_hosts"]
+
+
+class _StubApp:
+    class state:  # noqa: N801
+        class service:  # noqa: N801
+            class registry:  # noqa: N801
+                @staticmethod
+                def get(name):
+                    return None
