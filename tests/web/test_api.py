@@ -469,3 +469,14 @@ class _StubApp:
                 @staticmethod
                 def get(name):
                     return None
+
+
+def test_more_tokens_than_the_model_takes_is_a_422(registry):
+    app = create_app(registry=registry, max_chars=1000)
+    with TestClient(app) as c:
+        resp = c.post("/api/explain", json={"text": "\u4e2d" * 1000})  # one token per character
+        err = assert_error(resp, 422, "cannot_explain")
+        assert "512" in err["message"]
+        ok = c.post("/api/explain", json={"text": "\u4e2d" * 100})
+        assert ok.status_code == 200 and ok.headers["content-type"] == "application/json"
+    assert app.state.internal_errors == 0

@@ -234,10 +234,15 @@ def create_app(*, model_dir: Optional[str] = None, max_queue: int = 8, max_chars
             raise ApiError(400, "malformed_json", f"the body is not valid JSON: {str(exc)[:120]}") from None
 
     def operation(fn: Callable[[Any], dict]):
+        def work(body: Any) -> bytes:
+            # Serialised in the worker too: a 200-word result is tens of MB of JSON, and
+            # encoding it on the event loop would stall every other request meanwhile.
+            return json.dumps(fn(body), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
         async def endpoint(request: Request) -> Response:
             body = await read_json(request)
-            result = await gate.run(lambda: fn(body))
-            return JSONResponse(result)
+            payload = await gate.run(lambda: work(body))
+            return Response(payload, media_type="application/json")
         return endpoint
 
     async def api_error(request: Request, exc: ApiError) -> Response:
