@@ -342,6 +342,9 @@ def test_queue_full_gives_503(registry, monkeypatch):
             time.sleep(0.02)
         health = httpx.get(url + "/api/health", timeout=5)
         assert health.status_code == 200 and health.json()["queue"]["running"] == 1
+        # a bad request is answered as such at once, queue full or not
+        assert_error(httpx.post(url + "/api/explain", json={"text": 5}, timeout=5), 422, "wrong_type")
+        assert_error(httpx.post(url + "/api/explain", json={"text": TEXT, "model": "x"}, timeout=5), 404, "unknown_model")
         gate.set()
         for t in threads:
             t.join(30)

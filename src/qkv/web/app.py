@@ -75,14 +75,17 @@ class Gate:
         self.rejected = 0
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qkv-web")
         self._sem: Optional[asyncio.Semaphore] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     def stats(self) -> dict:
         return {"workers": self.workers, "max_queue": self.max_queue, "running": self.running,
                 "waiting": self.waiting, "rejected": self.rejected}
 
     async def run(self, fn: Callable[[], Any]) -> Any:
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(self.workers)
+        loop = asyncio.get_running_loop()
+        if self._sem is None or self._loop is not loop:
+            # One semaphore per event loop (a test may serve the app from several loops in turn).
+            self._sem, self._loop = asyncio.Semaphore(self.workers), loop
         sem = self._sem
         if sem.locked() and self.waiting >= self.max_queue:
             self.rejected += 1
@@ -93,7 +96,6 @@ class Gate:
             await sem.acquire()
         finally:
             self.waiting -= 1
-        loop = asyncio.get_running_loop()
         self.running += 1
 
         def done(_):
@@ -233,15 +235,17 @@ def create_app(*, model_dir: Optional[str] = None, max_queue: int = 8, max_chars
         except (ValueError, RecursionError) as exc:
             raise ApiError(400, "malformed_json", f"the body is not valid JSON: {str(exc)[:120]}") from None
 
-    def operation(fn: Callable[[Any], dict]):
-        def work(body: Any) -> bytes:
-            # Serialised in the worker too: a 200-word result is tens of MB of JSON, and
-            # encoding it on the event loop would stall every other request meanwhile.
-            return json.dumps(fn(body), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
-
+    def operation(check: Callable[[Any], Callable[[], dict]]):
         async def endpoint(request: Request) -> Response:
             body = await read_json(request)
-            payload = await gate.run(lambda: work(body))
+            job = check(body)  # a bad request is answered now, queue full or not
+
+            def work() -> bytes:
+                # Encoded in the worker too: a 200-word result is tens of MB of JSON, and
+                # encoding it on the event loop would stall every other request meanwhile.
+                return json.dumps(job(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+            payload = await gate.run(work)
             return Response(payload, media_type="application/json")
         return endpoint
 

@@ -208,7 +208,9 @@ class Fields:
 
 
 class Service:
-    """The three operations over a ModelRegistry; each method runs in a worker thread."""
+    """The three operations over a ModelRegistry. Each checks its request at once (cheap, on
+    the event loop, so a bad request is answered even when the queue is full) and returns the
+    job to run in a worker thread: `service.explain(body)()` is the answer."""
 
     def __init__(self, registry: ModelRegistry, limits: Limits = Limits()):
         self.registry = registry
@@ -255,7 +257,7 @@ class Service:
             raise ApiError(422, "cannot_explain", str(exc)) from None
 
     # ------------------------------------------------------------ operations
-    def explain(self, body: Any) -> dict:
+    def explain(self, body: Any) -> Callable[[], dict]:
         f = Fields(body, ("text", "model", "focus", "method", "level", "hide_special"))
         text = f.text("text", self.limits)
         model = f.string("model", DEFAULT_MODEL)
@@ -264,10 +266,13 @@ class Service:
         level = f.choice("level", LEVELS, "word")
         hide = f.boolean("hide_special", False)
         self.registry.entry(model)  # an unknown model is reported before any work
-        result = self._explain(text, model)
-        return self._to_dict(result, method, level, hide, focus)
 
-    def steps(self, body: Any) -> dict:
+        def run() -> dict:
+            result = self._explain(text, model)
+            return self._to_dict(result, method, level, hide, focus)
+        return run
+
+    def steps(self, body: Any) -> Callable[[], dict]:
         f = Fields(body, ("text", "model", "word", "layer", "head", "level", "hide_special"))
         text = f.text("text", self.limits)
         model = f.string("model", DEFAULT_MODEL)
@@ -277,6 +282,9 @@ class Service:
         level = f.choice("level", LEVELS, "word")
         hide = f.boolean("hide_special", False)
         self.registry.entry(model)
+        return lambda: self._steps(text, model, word, layer, head, level, hide)
+
+    def _steps(self, text, model, word, layer, head, level, hide) -> dict:
         result = self._explain(text, model)
         unit = self._unit_index(result, word, level, hide)
         _, _, unit_of = result.units(level)
@@ -297,7 +305,7 @@ class Service:
             "values": _floats(s.values), "output": _floats(s.output),
         }
 
-    def compare(self, body: Any) -> dict:
+    def compare(self, body: Any) -> Callable[[], dict]:
         f = Fields(body, ("text", "other", "model", "focus", "method", "level", "hide_special"))
         text = f.text("text", self.limits)
         other = f.text("other", self.limits)
@@ -307,6 +315,9 @@ class Service:
         level = f.choice("level", LEVELS, "word")
         hide = f.boolean("hide_special", False)
         self.registry.entry(model)
+        return lambda: self._compare(text, other, model, focus, method, level, hide)
+
+    def _compare(self, text, other, model, focus, method, level, hide) -> dict:
         a, b = self._explain(text, model), self._explain(other, model)
         out: dict = {"format": "qkv.compare/1", "a": self._to_dict(a, method, level, hide, focus),
                      "b": None, "same_length": False, "jsd": None, "largest": None, "note": None}
