@@ -483,3 +483,34 @@ def test_more_tokens_than_the_model_takes_is_a_422(registry):
         ok = c.post("/api/explain", json={"text": "\u4e2d" * 100})
         assert ok.status_code == 200 and ok.headers["content-type"] == "application/json"
     assert app.state.internal_errors == 0
+
+
+def test_qkv_serve_end_to_end(tmp_path):
+    """The real command: prints its address, answers on it, refuses a foreign Host, stops on SIGTERM."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "qkv", "serve", "--port", "0", "--max-queue", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(60)
+        assert lines and lines[0], f"no address printed; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/", lines[0])
+        assert m, lines[0]
+        url = m.group(0).rstrip("/")
+        health = httpx.get(url + "/api/health", timeout=10).json()
+        assert health["queue"]["max_queue"] == 2 and "minilm" in health["loaded_models"]
+        r = httpx.post(url + "/api/explain", json={"text": TEXT, "focus": "cat"}, timeout=30)
+        assert r.status_code == 200 and r.json()["focus"]["label"] == "cat"
+        assert_error(httpx.get(url + "/api/health", headers={"host": "rebound.example:80"}, timeout=10), 400, "bad_host")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

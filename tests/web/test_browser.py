@@ -182,6 +182,15 @@ def test_click_cat_shows_the_api_numbers(browser, server):
     st = page.state()
     assert st["selected"] == str(cat) and st["head"] == "0"
     close(page.shown(), roll[int(st["layer"]), 0, cat], "cat, rollout")
+
+    # value-norm: not normalised, numbers as the API gives them
+    page.page.check("#method-value-norm")
+    page.page.wait_for_selector("#meta b:text-is('value-norm')", timeout=30_000)
+    page.wait_ready()
+    vn = np.asarray(api(url, "/api/explain", {"text": TEXT, "method": "value-norm"})["maps"])
+    st = page.state()
+    assert (st["selected"], st["head"]) == (str(cat), "0")  # kept from the rollout view
+    close(page.shown(), vn[int(st["layer"]), 0, cat], "cat, value-norm, head 0")
     page.check_clean()
 
 
