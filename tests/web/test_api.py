@@ -15,7 +15,7 @@ import pytest
 from starlette.testclient import TestClient
 
 import qkv.inspect
-from conftest import TEXT, running_server
+from web_helpers import TEXT, reference, registry, running_server  # noqa: F401 (fixtures)
 from qkv import cli
 from qkv.web.app import STATIC_FILES, create_app
 from qkv.web.service import ModelRegistry

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import TEXT, running_server
+from web_helpers import TEXT, reference, registry, running_server  # noqa: F401 (fixtures)
 from qkv.web.app import create_app
 
 CHROMIUM = "/usr/bin/chromium"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import qkv.inspect
-from conftest import running_server
+from web_helpers import registry, running_server  # noqa: F401 (fixtures)
 from qkv.web.app import create_app
 
 _SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "web_load.py"

@@ -1,5 +1,9 @@
-"""Shared fixtures of the web tests: one loaded MiniLM for every app, and a real uvicorn server
-on a free 127.0.0.1 port, run in a thread and stopped at the end."""
+"""Fixtures and helpers of the web tests: one loaded MiniLM for every app, and a real uvicorn
+server on a free 127.0.0.1 port, run in a thread and stopped at the end.
+
+A plain module, not a conftest.py: tests/models imports its own conftest by name, and a second
+conftest module would shadow it when both folders are collected together.
+"""
 
 from __future__ import annotations
 
@@ -17,26 +21,31 @@ except ImportError as exc:  # the test extra lists them: a test set-up without t
     pytest.fail(f"the web tests need starlette, uvicorn and httpx ({exc.name} is missing): "
                 "pip install -e '.[test,viz,web]' (make test-env does this)", pytrace=False)
 
-from qkv.web.app import create_app  # noqa: E402
 from qkv.web.service import ModelRegistry  # noqa: E402
 
 TEXT = "The cat sat on the mat."
+_SHARED: dict = {}
 
 
 @pytest.fixture(scope="session")
 def registry():
-    reg = ModelRegistry()
-    reg.get("minilm")  # load once for the whole session
-    return reg
+    """One ModelRegistry with MiniLM loaded, shared by every web test of this process."""
+    if "registry" not in _SHARED:
+        reg = ModelRegistry()
+        reg.get("minilm")
+        _SHARED["registry"] = reg
+    return _SHARED["registry"]
 
 
 @pytest.fixture(scope="session")
 def reference(registry):
     """qkv.explain of TEXT on the same loaded model: the numbers the server must give."""
-    import qkv
+    if "reference" not in _SHARED:
+        import qkv
 
-    model, _ = registry.get("minilm")
-    return qkv.explain(TEXT, model)
+        model, _ = registry.get("minilm")
+        _SHARED["reference"] = qkv.explain(TEXT, model)
+    return _SHARED["reference"]
 
 
 @contextlib.contextmanager
