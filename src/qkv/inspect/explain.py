@@ -329,7 +329,8 @@ class ExplainResult:
 
 
 def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, layers: Optional[Sequence[int]] = None,
-            heads: Optional[Sequence[int]] = None, rows: str = "all", truncate: bool = False) -> ExplainResult:
+            heads: Optional[Sequence[int]] = None, rows: str = "all", truncate: bool = False,
+            name: Optional[str] = None) -> ExplainResult:
     """Run `model` on `text` and record its attention.
 
     Args:
@@ -340,6 +341,8 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
         rows: "all" records every query row; "focus" only the focus word's tokens, so a long
             input can be explained for one word without building every full map.
         truncate: cut text longer than the model's positions instead of raising.
+        name: the model's name in the result and its pictures (default: the bundled name or
+            path given, or the model's class name for a model object).
 
     Returns:
         an `ExplainResult`. The model's outputs are not changed by the recording.
@@ -347,7 +350,8 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
     if not isinstance(text, str) or not text.strip():
         raise ValueError("text is empty; give a sentence to explain, e.g. \"The cat sat on the mat.\"")
     _check_choice("rows", rows, ("all", "focus"))
-    model, name = _load_model(model)
+    model, loaded_name = _load_model(model)
+    name = loaded_name if name is None else str(name)
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError(f"model {name!r} has no tokenizer; explain needs one to turn text into tokens")
