@@ -133,6 +133,14 @@ def _add_explain(sub) -> None:
         table = dict(layer=args.layer, head=args.head, color=color, aggregate=args.aggregate)
         if args.focus:
             print(render_focus(result, args.focus, **table, **view))
+        elif result.cross_layers:  # encoder-decoder: the alignment of target words over source words
+            from .inspect.terminal import render_alignment
+
+            if args.method != "raw":
+                raise UserError(f"--method {args.method} is defined for one stack of layers; for an "
+                                "encoder-decoder model use method 'raw'")
+
+            print(render_alignment(result, level=args.level, layer=args.layer, head=args.head, color=color))
         else:
             print(render_overview(result, **table, **view))
         if args.compare is not None:
@@ -194,6 +202,154 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _check_vocabulary(model, name: str, text: str) -> None:
+    """Refuse words a word-level model has never seen (they would become [UNK])."""
+    tok = model.tokenizer
+    unk = getattr(tok.backend.model, "unk_token", None)
+    unk_id = tok.token_to_id(unk) if unk else None
+    if unk_id is None:
+        return
+    enc = tok.backend.encode(text, add_special_tokens=False)
+    bad = [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk_id]
+    if bad:
+        known = sorted(t for t in tok.backend.get_vocab() if not t.startswith("["))
+        shown = " ".join(known) if len(known) <= 80 else f"{len(known)} words"
+        raise UserError(f"{', '.join(map(repr, dict.fromkeys(bad)))} not in the vocabulary of {name!r}; it knows: {shown}")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train one of qkv's small models (recall, translate) and save it as a Hugging Face folder",
+        description="Train a small model through qkv's own attention and save config.json, "
+        "model.safetensors and tokenizer.json to --out. Deterministic for a seed; a progress bar "
+        "on stderr; checkpoints every few hundred steps, and a run stopped early resumes from its "
+        "last checkpoint when the same command is run again.",
+    )
+    p.add_argument("task", choices=["recall", "translate"],
+                   help="recall: a two-layer GPT-2 looks keys up in its prompt; translate: an "
+                   "encoder-decoder reorders words through cross-attention")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: ./qkv-TASK)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the weights and the data (default 0)")
+    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: the task's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def run(args) -> int:
+        import time
+
+        import torch
+
+        from .train import recall, translate
+
+        module = {"recall": recall, "translate": translate}[args.task]
+        steps = module.RUN.steps if args.steps is None else args.steps
+        if steps <= 0:
+            raise UserError(f"--steps must be a positive number of optimizer steps; got {steps}")
+        if args.seed < 0:
+            raise UserError(f"--seed must be >= 0; got {args.seed}")
+        out = args.out or f"qkv-{args.task}"
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise UserError(f"--out {out!r} is a file; give a folder")
+        # One thread: these models are so small that a second thread mostly waits at barriers,
+        # and on a busy machine its spinning makes a step many times slower (measured).
+        torch.set_num_threads(1)
+        start = time.perf_counter()
+        try:
+            model = module.train(out, seed=args.seed, steps=steps, progress=not args.quiet)
+        except KeyboardInterrupt:
+            print(f"qkv train: interrupted; the last checkpoint in {out} is kept: run the same command to resume",
+                  file=sys.stderr)
+            return 130
+        seconds = time.perf_counter() - start
+        acc = module.evaluate(model)
+        print(f"trained {args.task} in {seconds:.0f} s ({steps} steps, seed {args.seed}); "
+              f"held-out {module.METRIC} {100 * acc:.2f}%; saved to {out}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="extend a prompt with a decoder (GPT-2 or Llama family), greedy or sampled, with a KV cache",
+        description="Extend PROMPT with a decoder model: greedy by default, or sampled with "
+        "--temperature/--top-k/--top-p. The prompt runs once, then one cached step per new token.",
+    )
+    p.add_argument("prompt", help='the prompt, e.g. "c3 a7 k2 ? a" for the recall model')
+    p.add_argument("--model", default="recall", metavar="NAME_OR_PATH",
+                   help="a bundled decoder or a Hugging Face folder (default: recall)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="tokens to add (default: the folder's generation_config.json, else 20; "
+                   "fewer when the model's positions end sooner)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, metavar="K")
+    p.add_argument("--top-p", type=float, metavar="P")
+    p.add_argument("--seed", type=int, metavar="N", help="seed for sampling")
+
+    def run(args) -> int:
+        from .models import load
+
+        if not args.prompt.strip():
+            raise UserError('the prompt is empty; e.g. qkv generate "c3 a7 k2 ? a"')
+        model = load(args.model)
+        if not hasattr(model, "complete") or getattr(model, "tokenizer", None) is None:
+            raise UserError(f"{args.model!r} is a {type(model).__name__}; generate needs a decoder with a tokenizer")
+        _check_vocabulary(model, args.model, args.prompt)
+        limit = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+        n = len(model.tokenizer.encode(args.prompt))
+        if n >= limit:
+            raise UserError(f"the prompt has {n} tokens but {args.model!r} has {limit} positions, "
+                            f"so prompts of at most {limit - 1} tokens; shorten it")
+        new = args.max_new_tokens
+        if new is None:  # the folder's generation_config.json (Hugging Face's file), else 20
+            new = min(20, limit - n)
+            gen_file = os.path.join(str(getattr(model, "folder", "")), "generation_config.json")
+            if os.path.isfile(gen_file):
+                import json
+
+                with open(gen_file, encoding="utf-8") as f:
+                    new = min(int(json.load(f).get("max_new_tokens", new)), limit - n)
+        print(model.complete(args.prompt, max_new_tokens=new, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=args.seed).strip())
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_translate(sub) -> None:
+    p = sub.add_parser(
+        "translate",
+        help="translate English-like sentences into Qish with the bundled encoder-decoder",
+        description="Translate each SENTENCE with an encoder-decoder model (default: the bundled "
+        "'translate', trained by `qkv train translate`): greedy decoding, a KV cache for the "
+        "decoder's self-attention. Its words: see docs/trained-models.md.",
+    )
+    p.add_argument("sentences", nargs="+", metavar="SENTENCE", help='e.g. "the big red cat sees a small dog"')
+    p.add_argument("--model", default="translate", metavar="NAME_OR_PATH",
+                   help="a bundled name or a QkvSeq2Seq folder (default: translate)")
+
+    def run(args) -> int:
+        from .models import load
+
+        model = load(args.model)
+        if not getattr(model, "is_encoder_decoder", False):
+            raise UserError(f"{args.model!r} is a {type(model).__name__}; translate needs an encoder-decoder model")
+        for text in args.sentences:
+            if not text.strip():
+                raise UserError('a sentence is empty; e.g. qkv translate "the red cat sees a dog"')
+            _check_vocabulary(model, args.model, text)
+            n = len(model.tokenizer.encode(text))
+            if n > model.config.max_position_embeddings:
+                raise UserError(f"{text!r} has {n} words but {args.model!r} was trained on at most "
+                                f"{model.config.max_position_embeddings}; shorten it")
+        for text, out in zip(args.sentences, model.translate(list(args.sentences))):
+            print(out if len(args.sentences) == 1 else f"{text}  ->  {out}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qkv",
@@ -205,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_similarity(sub)
     _add_explain(sub)
     _add_serve(sub)
+    _add_train(sub)
+    _add_generate(sub)
+    _add_translate(sub)
     return parser
 
 

@@ -5,6 +5,14 @@ from the recorded queries and keys (`qkv.attention_weights`), and offers the ana
 `qkv.inspect.analysis` at token or word level: raw weights, attention rollout (Abnar &
 Zuidema, 2020), value-weighted norms (Kobayashi et al., 2020), entropy per head, word
 merging (Clark et al., 2019), and the comparison of two sentences.
+
+Encoder-decoder models (`is_encoder_decoder`) are run on the text and on their own greedy
+translation of it. Their tokens are then the source tokens followed by the target tokens,
+each target position named by the word the decoder wrote there; every layer's map is drawn
+on that joint sequence: encoder self-attention in the source block, decoder self-attention
+in the target block, and cross-attention (target rows over source columns, the alignment of
+Bahdanau et al. 2015) in the block below the source. `cross_maps` gives the cross-attention
+alone, and `to_dict` adds it as the optional "cross" field.
 """
 
 from __future__ import annotations
@@ -90,6 +98,10 @@ class ExplainResult:
     word_of_token: list[Optional[int]]
     records: list[Record]
     rows: Optional[list[int]] = None
+    # encoder-decoder models only: each record's kind ("encoder", "decoder", "cross") and the
+    # number of source tokens (the target tokens follow them)
+    roles: Optional[list[str]] = None
+    source_len: Optional[int] = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ basics
@@ -110,8 +122,40 @@ class ExplainResult:
                 "with rows='all' to get every full map"
             )
         if "attentions" not in self._cache:
-            self._cache["attentions"] = torch.stack([r.weights()[0].float() for r in self.records])
+            if self.roles is None:
+                self._cache["attentions"] = torch.stack([r.weights()[0].float() for r in self.records])
+            else:
+                self._cache["attentions"] = self._joint_attentions()
         return self._cache["attentions"]
+
+    def _joint_attentions(self) -> Tensor:
+        """Encoder-decoder: each record's (H, Lq, Lk) weights placed in the joint (H, n, n) square."""
+        n, ns = len(self.tokens), self.source_len
+        offsets = {"encoder": (0, 0), "decoder": (ns, ns), "cross": (ns, 0)}
+        out = []
+        for r, role in zip(self.records, self.roles):
+            w = r.weights()[0].float()  # (H, Lq, Lk)
+            joint = torch.zeros(w.shape[0], n, n)
+            q0, k0 = offsets[role]
+            joint[:, q0:q0 + w.shape[1], k0:k0 + w.shape[2]] = w
+            out.append(joint)
+        return torch.stack(out)  # (layers, H, n, n)
+
+    @property
+    def cross_layers(self) -> list[int]:
+        """Indices of the cross-attention layers (empty for encoder-only and decoder-only models)."""
+        return [i for i, role in enumerate(self.roles or []) if role == "cross"]
+
+    def cross_maps(self, level: str = "word"):
+        """Cross-attention alone: (source labels, target labels, (cross layers, H, target, source) weights).
+
+        Each row is one decoder step, named by the word it wrote, over the source words."""
+        if not self.cross_layers:
+            raise ValueError(f"{self.model_name} has no cross-attention; cross_maps is for encoder-decoder models")
+        maps = self.maps("raw", level)[self.cross_layers]  # (C, H, n, n)
+        labels, _, unit_of = self.units(level)
+        n_src = len(set(unit_of[:self.source_len]))
+        return labels[:n_src], labels[n_src:], maps[:, :, n_src:, :n_src]
 
     def units(self, level: str = "word", hide_special: bool = False):
         """(labels, special flags, unit of each token) at `level`; specials are units of their own."""
@@ -142,6 +186,9 @@ class ExplainResult:
         after the analysis, and rows renormalised to 1 (raw, rollout).
         """
         _check_choice("method", method, METHODS)
+        if self.roles is not None and method != "raw":
+            raise ValueError(f"{method} is defined for one stack of layers; for an encoder-decoder model use "
+                             "method 'raw'")
         if method == "raw":
             maps = self.attentions
         elif method == "rollout":
@@ -190,7 +237,12 @@ class ExplainResult:
 
     def entropy(self, level: str = "token") -> Tensor:
         """(layers, heads) mean entropy in nats of each head's rows: low = focused."""
-        return analysis.entropy(self.maps("raw", level)).mean(dim=-1)
+        maps = self.maps("raw", level)
+        ent = analysis.entropy(maps)  # (L, H, n)
+        if self.roles is None:
+            return ent.mean(dim=-1)
+        live = (maps.sum(dim=-1) > 0).float()  # rows of this layer's queries (joint layout)
+        return (ent * live).sum(dim=-1) / live.sum(dim=-1).clamp_min(1.0)
 
     def sharpest_heads(self, focus: Union[str, int], k: int = 5, level: str = "word", hide_special: bool = False):
         """The k (layer, head) pairs whose focus row has the lowest entropy, with their top words."""
@@ -208,6 +260,8 @@ class ExplainResult:
 
     def steps(self, focus: Union[str, int], layer: int, head: int) -> Steps:
         """The three steps of the seeds for the focus word's first token in one head."""
+        if self.roles is not None:
+            raise ValueError("the step-through is for encoder or decoder models; this one is an encoder-decoder")
         index = self.focus_index(focus, "token") if isinstance(focus, int) else self._first_token(focus)
         rec = self._record(layer)
         h = self._head_position(rec, head)
@@ -303,6 +357,9 @@ class ExplainResult:
             "focus": None, "entropy": _round(self.entropy(level)),
             "selected": {"layer": layer, "head": head},
         }
+        if self.cross_layers and not hide_special:
+            source, target, cross = self.cross_maps(level)
+            data["cross"] = {"layers": self.cross_layers, "source": source, "target": target, "maps": _round(cross)}
         if focus is not None:
             index = self.focus_index(focus, level)
             if hide_special:
@@ -355,6 +412,10 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError(f"model {name!r} has no tokenizer; explain needs one to turn text into tokens")
+    if getattr(model, "is_encoder_decoder", False):
+        if rows != "all":
+            raise ValueError("rows='focus' is for encoder or decoder models; explain an encoder-decoder with rows='all'")
+        return _explain_seq2seq(text, model, name, focus=focus, layers=layers, heads=heads, truncate=truncate)
     batch = tok([text], truncate=truncate)
     ids, attention_mask = batch.input_ids, batch.attention_mask
     tokens = batch.tokens[0]
@@ -384,6 +445,42 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
                          f"(the model has {recorder.num_layers} attention layers)")
     if focus is not None:
         result.focus_index(focus, "word")  # a missing focus word is reported now, with the words
+    return result
+
+
+def _explain_seq2seq(text: str, model, name: str, *, focus, layers, heads, truncate: bool) -> ExplainResult:
+    """Translate `text` greedily, then record every attention while the decoder reads its own output."""
+    tok = model.tokenizer
+    batch = tok([text], truncate=truncate)
+    src, src_mask = batch.input_ids, batch.attention_mask  # (1, Ls)
+    out = model.generate(src, attention_mask=src_mask)  # (1, 1 + T): [BOS] y1 .. [EOS]
+    dec_in, produced = out[:, :-1], out[0, 1:].tolist()  # step t reads dec_in[t] and writes produced[t]
+    word_of_token = list(batch.word_ids[0])
+    words = _words(text, word_of_token, batch.offsets[0])
+    specials = {tok.token_to_id(t) for t in ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "<s>", "</s>", "<pad>")} - {None}
+    target = [tok.backend.id_to_token(i) or str(i) for i in produced]
+    for t, i in zip(target, produced):
+        if i in specials:
+            word_of_token.append(None)
+        else:
+            word_of_token.append(len(words))
+            words.append(t)
+    tokens = list(batch.tokens[0]) + target
+    special = [w is None for w in word_of_token]
+    recorder = Recorder(layers=layers, heads=heads).attach(model)
+    try:
+        with torch.no_grad():
+            model(src, dec_in, attention_mask=src_mask)
+    finally:
+        recorder.detach()
+    if not recorder.records:
+        raise ValueError(f"no layer was recorded: layers {list(layers or [])} do not exist "
+                         f"(the model has {recorder.num_layers} attention layers)")
+    roles = [model.attention_role(r.name) for r in recorder.records]
+    result = ExplainResult(text, name, tokens, special, words, word_of_token, recorder.records,
+                           roles=roles, source_len=src.shape[1])
+    if focus is not None:
+        result.focus_index(focus, "word")
     return result
 
 

@@ -116,3 +116,33 @@ def render_compare(a, b, comparison: dict, focus, level: str = "word") -> str:
     lay, head = divmod(flat, diff.shape[1])
     lines.append(f"largest change in any weight: layer {lay} head {head} ({diff[lay, head].item():.2f})")
     return "\n".join(lines)
+
+
+def render_alignment(result, *, level: str = "word", layer: Optional[int] = None, head: Optional[int] = None,
+                     color: bool = False) -> str:
+    """Encoder-decoder models: each cross-attention layer as target words (rows) over source words
+    (columns), mean over heads or one head; the strongest source word of each row is marked."""
+    source, target, cross = result.cross_maps(level)  # (C, H, t, s)
+    layers = result.cross_layers
+    if layer is not None:
+        if layer not in layers:
+            raise ValueError(f"layer {layer} is not a cross-attention layer; those are {layers}")
+        picks = [layers.index(layer)]
+    else:
+        picks = list(range(len(layers)))
+    h = None if head is None else result._head_position(result.records[layers[0]], head)
+    width = max(6, min(10, max(len(lab) for lab in source + target) + 1))
+    lines = [f"{result.text!r} on {result.model_name}: cross-attention, target words (rows, in the order the "
+             f"decoder wrote them) over source words (columns); * = strongest"]
+    for c in picks:
+        grid = cross[c].mean(dim=0) if h is None else cross[c, h]  # (t, s)
+        what = "mean over heads" if h is None else f"head {head}"
+        lines += ["", f"layer {layers[c]} ({result.records[layers[c]].name}), {what}",
+                  " " * width + "".join(_label(lab, width) for lab in source)]
+        for i, lab in enumerate(target):
+            row = grid[i].tolist()
+            top = max(row) if row else 0.0
+            best = max(range(len(row)), key=row.__getitem__) if row else -1
+            cells = "".join(_cell(x, top, width - 1, color, 2) + ("*" if j == best else " ") for j, x in enumerate(row))
+            lines.append(_label(lab, width) + cells)
+    return "\n".join(lines)

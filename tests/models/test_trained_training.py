@@ -1,0 +1,111 @@
+"""qkv.train: short deterministic runs (no full training here): the loss falls, a seed gives the
+same weights, an interrupted run resumes to the same weights, the saved folder loads through
+`qkv.load`, and broken checkpoints or settings are refused with a clear message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkv
+from qkv.models.checkpoint import CheckpointError
+from qkv.train import TrainingError, recall, translate
+
+TASKS = {"recall": recall, "translate": translate}
+
+
+def _weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k}: max difference {(a[k] - b[k]).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_loss_falls(task, tmp_path):
+    history: list = []
+    TASKS[task].train(tmp_path / "m", steps=40, progress=False, history=history)
+    first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
+    assert len(history) == 40
+    assert last < 0.85 * first, f"{task}: loss went from {first:.3f} to {last:.3f} in 40 steps"
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_same_seed_same_weights_other_seed_differs(task, tmp_path):
+    a = _weights(TASKS[task].train(tmp_path / "a", seed=3, steps=4, progress=False))
+    b = _weights(TASKS[task].train(tmp_path / "b", seed=3, steps=4, progress=False))
+    c = _weights(TASKS[task].train(tmp_path / "c", seed=4, steps=4, progress=False))
+    _assert_same(a, b)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_interrupted_run_resumes_to_the_same_weights(task, tmp_path, monkeypatch):
+    module = TASKS[task]
+    straight = _weights(module.train(tmp_path / "straight", seed=1, steps=7, progress=False, checkpoint_every=2))
+
+    # A KeyboardInterrupt in step 6 (after checkpoints at 2 and 4) keeps the step-4 checkpoint.
+    calls = {"n": 0}
+    original = torch.nn.functional.cross_entropy
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5 * per_step:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    per_step = 3 if task == "recall" else 1  # cross_entropy calls per training step
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        module.train(out, seed=1, steps=7, progress=False, checkpoint_every=2)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", original)
+    assert (out / "checkpoint.safetensors").is_file() and not (out / "model.safetensors").exists()
+    history: list = []
+    resumed = _weights(module.train(out, seed=1, steps=7, progress=False, checkpoint_every=2, history=history))
+    assert len(history) == 3, f"resumed at step {7 - len(history)}, expected the step-4 checkpoint"
+    _assert_same(straight, resumed)
+    assert not (out / "checkpoint.safetensors").exists()  # removed once the folder is written
+
+
+def test_stopped_run_resumes_from_its_checkpoint(tmp_path):
+    straight = _weights(recall.train(tmp_path / "a", seed=2, steps=5, progress=False))
+    recall.train(tmp_path / "b", seed=2, steps=5, progress=False, stop_after=3)
+    _assert_same(straight, _weights(recall.train(tmp_path / "b", seed=2, steps=5, progress=False)))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_saved_folder_loads_with_qkv_load(task, tmp_path):
+    model = TASKS[task].train(tmp_path / "m", steps=3, progress=False)
+    names = sorted(p.name for p in (tmp_path / "m").iterdir())
+    extra = ["generation_config.json"] if task == "recall" else []
+    assert names == sorted(["config.json", "model.safetensors", "tokenizer.json"] + extra)
+    loaded = qkv.load(tmp_path / "m")
+    assert type(loaded) is type(model)
+    _assert_same({k: v for k, v in _weights(model).items()}, _weights(loaded))
+
+
+def test_corrupt_checkpoint_is_refused_clearly(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable.*delete it"):
+        recall.train(out, steps=3, progress=False)
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    recall.train(tmp_path / "m", seed=1, steps=5, progress=False, stop_after=2)
+    with pytest.raises(TrainingError, match="seed=1 \\(now 2\\)"):
+        recall.train(tmp_path / "m", seed=2, steps=5, progress=False)
+
+
+def test_translate_reference_grammar():
+    words = "the big red cat sees a small dog".split()
+    assert translate.translate_words(words) == "miro dulo raka ke vasku semi na tolven".split()
+    held = translate.held_out(50)
+    assert all(translate.is_held_out(s) for s in held)
+    train = translate.sentences(50, torch.Generator().manual_seed(0), held_out=False)
+    assert not any(translate.is_held_out(s) for s in train)
