@@ -109,3 +109,22 @@ def test_translate_reference_grammar():
     assert all(translate.is_held_out(s) for s in held)
     train = translate.sentences(50, torch.Generator().manual_seed(0), held_out=False)
     assert not any(translate.is_held_out(s) for s in train)
+
+
+def test_cli_train_writes_a_folder_with_a_progress_bar(tmp_path, capsys):
+    from qkv.cli import main
+
+    out = tmp_path / "t"
+    assert main(["train", "translate", "--out", str(out), "--steps", "3", "--seed", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "\rtranslate     3/3 [" in captured.err and "loss" in captured.err and "acc" in captured.err
+    assert captured.out.startswith("trained translate in ") and "held-out exact match" in captured.out
+    assert isinstance(qkv.load(out), translate.QkvSeq2Seq)
+
+
+def test_cli_train_refuses_a_file_as_out(tmp_path, capsys):
+    from qkv.cli import main
+
+    (tmp_path / "f").write_text("x")
+    assert main(["train", "recall", "--out", str(tmp_path / "f"), "--steps", "2"]) == 2
+    assert "is a file" in capsys.readouterr().err
