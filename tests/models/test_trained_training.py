@@ -128,3 +128,14 @@ def test_cli_train_refuses_a_file_as_out(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert main(["train", "recall", "--out", str(tmp_path / "f"), "--steps", "2"]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_cli_train_interrupted_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from qkv.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recall, "train", interrupted)
+    assert main(["train", "recall", "--out", str(tmp_path / "r"), "--steps", "2"]) == 130
+    assert "the last checkpoint in" in capsys.readouterr().err
