@@ -88,11 +88,48 @@ def render_png(
             labels = [s.replace("$", r"\$") for s in labels]
         fig = Figure(layout="constrained")
         FigureCanvasAgg(fig)
-        _draw(fig, np, data, maps, labels, special, focus, normalised, layer_i, head_i)
+        if data.get("cross"):
+            # Encoder-decoder: the picture that matters is cross-attention, an alignment of
+            # target words (rows) over source words (columns), one panel per cross layer.
+            _draw_cross(fig, np, data, head_i)
+        else:
+            _draw(fig, np, data, maps, labels, special, focus, normalised, layer_i, head_i)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=150, metadata={"Software": "qkv explain"})
     _atomic_write(target, buf.getvalue(), what="PNG")
     return target
+
+
+def _draw_cross(fig, np, data, head) -> None:
+    """Cross-attention alignments: for each cross layer, target words over source words."""
+    cross = data["cross"]
+    maps = np.asarray(cross["maps"], dtype=np.float64)  # (C, H, target, source)
+    if maps.ndim != 4 or maps.shape[2] != len(cross["target"]) or maps.shape[3] != len(cross["source"]):
+        raise ValueError("data['cross'] must hold maps of shape (cross layers, heads, len(target), len(source))")
+    if not np.isfinite(maps).all():
+        raise ValueError("data['cross']['maps'] holds non-finite weights; weights must be finite")
+    source = [_tick_text(s) for s in cross["source"]]
+    target = [_tick_text(s) for s in cross["target"]]
+    n_cross, n_heads, n_t, n_s = maps.shape
+    if head is not None and head >= n_heads:
+        raise ValueError(f"head {head} is out of range: the cross-attention layers have heads 0..{n_heads - 1}")
+    cell = min(0.42, max(0.12, 6.0 / max(n_t, n_s)))
+    font = min(9.0, max(4.0, cell * 72 * 0.5))
+    fig.set_size_inches(min(n_cross * (n_s * cell + 1.4) + 1.0, 40), min(n_t * cell + 2.4, 40))
+    what = "mean of heads" if head is None else f"head {head}"
+    fig.suptitle(f"\u201c{_short(data.get('text', ''))}\u201d  \u00b7  model {_short(str(data.get('model', '')), 40)}\n"
+                 f"cross-attention: target words (rows) over source words (columns), {what}", fontsize=9)
+    axes = fig.subplots(1, n_cross, squeeze=False)[0]
+    for i, ax in enumerate(axes):
+        grid = maps[i].mean(0) if head is None else maps[i, head]  # (target, source)
+        _heatmap(ax, np, grid, True, font, annotate=n_t * n_s <= 400, aspect="equal")
+        ax.set_title(f"cross layer {cross['layers'][i]}", fontsize=font + 1)
+        ax.set_xticks(range(n_s))
+        ax.set_xticklabels(source, rotation=60, ha="right", fontsize=font)
+        ax.set_yticks(range(n_t))
+        ax.set_yticklabels(target if i == 0 else [""] * n_t, fontsize=font)
+        ax.set_xlabel("source", fontsize=font)
+    axes[0].set_ylabel("target", fontsize=font)
 
 
 def _pick_layer(layer: int | None, n_layers: int) -> int:

@@ -516,6 +516,58 @@
       changed();
     }
 
+    // -------------------------------------------------------------- cross-attention
+    // Encoder-decoder models: each cross-attention layer as an alignment table, target words
+    // (what the decoder wrote) over source words, mean of heads.
+    if (data.cross && data.cross.maps && data.cross.maps.length) {
+      var cx = data.cross, cross = el("section", "cross panel");
+      cross.id = P + "cross";
+      cross.appendChild(el("h2", null, "Cross-attention: target words over source words"));
+      cross.appendChild(el("p", "note", "Each row is a word the decoder wrote, each column a source word; " +
+        "mean of heads. A reordering shows as weight off the diagonal."));
+      var crossSelect = el("select");
+      crossSelect.id = P + "cross-layer";
+      crossSelect.setAttribute("aria-label", "cross-attention layer");
+      cx.layers.forEach(function (ly, i) {
+        var o = el("option", null, "layer " + ly);
+        o.value = String(i);
+        crossSelect.appendChild(o);
+      });
+      cross.appendChild(crossSelect);
+      var crossWrap = el("div", "scroll"), crossTable = el("table", "cross-table");
+      crossTable.id = P + "cross-table";
+      crossWrap.appendChild(crossTable);
+      cross.appendChild(crossWrap);
+      var drawCross = function (i) {
+        while (crossTable.firstChild) crossTable.removeChild(crossTable.firstChild);
+        var heads = cx.maps[i], hr = el("tr");
+        hr.appendChild(el("th", null, ""));
+        cx.source.forEach(function (w) { var th = el("th", null, w); th.scope = "col"; hr.appendChild(th); });
+        crossTable.appendChild(hr);
+        cx.target.forEach(function (word, t) {
+          var r = el("tr"), th = el("th", null, word);
+          th.scope = "row";
+          r.appendChild(th);
+          cx.source.forEach(function (_, j) {
+            var w = 0;
+            for (var h = 0; h < heads.length; h++) w += heads[h][t][j];
+            w /= heads.length;
+            var td = el("td", null, w.toFixed(2)), rgb = heat(Math.sqrt(w));
+            td.style.backgroundColor = "rgb(" + rgb.join(",") + ")";
+            if (w > 0.45) td.style.color = "#fff";
+            td.dataset.weight = String(w);
+            r.appendChild(td);
+          });
+          crossTable.appendChild(r);
+        });
+      };
+      crossSelect.addEventListener("change", function () { drawCross(parseInt(crossSelect.value, 10)); });
+      crossSelect.value = String(cx.layers.length - 1);
+      drawCross(cx.layers.length - 1);
+      var mainEl = root.querySelector("main");
+      mainEl.insertBefore(cross, mainEl.firstChild);
+    }
+
     setView(state.layer, state.head);
     var onResize = function () { fitThumbs(); renderHeadView(); };
     window.addEventListener("resize", onResize);
