@@ -47,9 +47,8 @@ arbitrary function (and much less when it is AND-ed with a named pattern).
 
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -864,7 +863,6 @@ def block_mask(mask_mod: MaskMod, B: Optional[int] = 1, H: Optional[int] = 1, Lq
     Lq = _int("Lq", Lq)
     Lk = Lq if Lk is None else _int("Lk", Lk)
     bq, bk = _block_size(block_size)
-    nq, nk = -(-Lq // bq), -(-Lk // bk)
 
     full, empty, partial = _classify(mask_mod, B, H, Lq, Lk, bq, bk)  # (Bc, Hc, nq, nk) each
     unknown = ~(full | empty | partial)

@@ -18,44 +18,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-import pytest
 
 from qkv.inspect.html import write_html
 from test_html import MALICIOUS_LABEL, make_data
+from headless_browser import browser  # noqa: F401  (the shared fixture)
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 ALLOWED_SCHEMES = {"file", "data", "blob", "about"}
 DOCS_IMAGE = Path(__file__).resolve().parents[2] / "docs" / "images" / "explain-html.png"
-
-
-def _require_browser():
-    if os.environ.get("QKV_SKIP_BROWSER") == "1":
-        pytest.skip("QKV_SKIP_BROWSER=1: the headless-browser test of the HTML page is skipped")
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(
-            f"{CHROMIUM} is missing: run `bash scripts/install-test-browser.sh` (installs Debian's "
-            "chromium package), or set QKV_SKIP_BROWSER=1 to skip this test",
-            pytrace=False,
-        )
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("the python package playwright is missing: pip install -e '.[test]' "
-                    "(never `playwright install`: the test uses the system chromium)", pytrace=False)
-    return sync_playwright
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_playwright = _require_browser()
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 class Page:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor
 
 from . import reference, sdpa, tiled

@@ -26,7 +26,6 @@ import dataclasses
 from collections import OrderedDict
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from . import tiled

@@ -129,11 +129,7 @@ class Recorder:
             mask_rows = [self._row_mask(spec, int(r), heads, q.device) for r in rows]
             mask_sel = torch.cat(mask_rows, dim=2) if mask_rows else torch.zeros(1, 1, 0, spec.Lk)  # (.., nr, Lk)
             fv_norm = self._fv_norm(module, v_sel, heads) if self.with_values else None
-        mod = None
-        if score_mod is not None:
-            # Indices of the selected heads and rows map back to the layer's own.
-            def mod(s, b, h, qi, kj, _f=score_mod, _h=heads, _r=rows):
-                return _f(s, b, _h.to(h.device)[h], _r.to(qi.device)[qi], kj)
+        mod = None if score_mod is None else _remap_score_mod(score_mod, heads, rows)
         self.records.append(Record(
             layer=layer, name=name, q=q_sel, k=k_sel, v=v_sel if self.with_values else v_sel[..., :0],
             mask=mask_sel, scale=spec.scale, score_mod=mod, heads=heads, rows=rows,
@@ -164,3 +160,11 @@ class Recorder:
         w_heads = w.view(w.shape[0], -1, D)[:, heads].transpose(0, 1)  # (nh, E, D)
         fv = torch.matmul(v_sel.to(w.dtype), w_heads.transpose(-1, -2).unsqueeze(0))  # (B, nh, Lk, E)
         return fv.norm(dim=-1).float()
+
+
+def _remap_score_mod(score_mod, heads: Tensor, rows: Tensor):
+    """The score function seen from the recorded heads and rows: indices map back to the layer's own."""
+    def mod(s, b, h, qi, kj):
+        return score_mod(s, b, heads.to(h.device)[h], rows.to(qi.device)[qi], kj)
+
+    return mod

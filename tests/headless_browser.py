@@ -1,0 +1,48 @@
+"""Debian's headless chromium driven by Playwright, shared by every browser test.
+
+The browser is /usr/bin/chromium, installed by scripts/install-test-browser.sh; Playwright's own
+browser download is never used. Without it a browser test FAILS, telling how to install it,
+unless QKV_SKIP_BROWSER=1 is set, which skips it.
+
+    from headless_browser import browser  # noqa: F401  (a module-scoped pytest fixture)
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+# Headless flags; the background-networking ones keep chromium from calling home on its own.
+ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def require_browser():
+    """Playwright's sync_playwright, or skip (QKV_SKIP_BROWSER=1) / fail with the fix."""
+    if os.environ.get("QKV_SKIP_BROWSER") == "1":
+        pytest.skip("QKV_SKIP_BROWSER=1: the headless-browser tests are skipped")
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(
+            f"{CHROMIUM} is missing: run `bash scripts/install-test-browser.sh` (installs Debian's "
+            "chromium package), or set QKV_SKIP_BROWSER=1 to skip this test",
+            pytrace=False,
+        )
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the python package playwright is missing: pip install -e '.[test]' "
+                    "(never `playwright install`: the test uses the system chromium)", pytrace=False)
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_playwright = require_browser()
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
