@@ -226,7 +226,7 @@ def _check_tensor(name: str, t) -> None:
         )
 
 
-def _normalise_mask(mask: Tensor, target: tuple[int, int, int, int], dtype) -> Tensor:
+def _normalise_mask(mask: Tensor, target: tuple[int, int, int, int]) -> Tensor:
     if mask.dim() > 4:
         raise ValueError(
             f"mask has shape {_shape(mask)}; it must broadcast to (B, Hq, Lq, Lk) = {target}"
@@ -353,9 +353,9 @@ def build_spec(
         if mask.device != q.device:
             raise ValueError(f"mask is on {mask.device} but q is on {q.device}; move it with .to(q.device)")
         if mask.dtype == torch.bool:
-            bool_mask = _normalise_mask(mask, target, q.dtype)
+            bool_mask = _normalise_mask(mask, target)
         elif mask.dtype.is_floating_point:
-            float_mask = _normalise_mask(mask, target, q.dtype)
+            float_mask = _normalise_mask(mask, target)
         else:
             raise TypeError(
                 f"mask has dtype {mask.dtype}; use a bool mask (True = may attend) or a float "
