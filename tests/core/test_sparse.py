@@ -250,3 +250,70 @@ def test_auto_leaves_patterns_that_need_element_evaluation():
     assert M.unknown_fraction(user, 1, 1, 2048, 2048) > 0.5
     assert api.choose_backend(api.build_spec(long_q, long_q, long_q, mask=user), long_q, False) != "sparse"
     assert M.unknown_fraction(M.sliding_window(64), 1, 1, 2048, 2048) == 0.0
+
+
+# ------------------------------------------------------------------ the gathered-rows engine
+from qkv.core import gathered  # noqa: E402
+
+ENGINE_CASES = {
+    # name: (mask function of L, what the layout must contain)
+    "window": (lambda L: M.causal_sliding_window(70), "strided"),
+    "global+window": (lambda L: M.longformer(40, [0, 1, 2, 300]), "multi-run"),
+    "documents": (lambda L: M.document([100, 37, 250, 213], causal=True), "by-heads"),
+    "per-head": (lambda L: lambda b, h, q, k: (k <= q) & (k >= q - 30 - 20 * h), "strided"),
+}
+
+
+def _layout_kinds(fn, shape, block):
+    B, Hq, Hkv, Lq, Lk, D = shape
+    q, k, v, _ = _inputs(shape, torch.float32)
+    bm = qkv.block_mask(fn, B, Hq, Lq, Lk, block_size=block)
+    spec = sparse.sparse_spec(api.build_spec(q, k, v, mask=bm), bm)
+    assert gathered.supports(spec)
+    lay = gathered.layout(spec, bm, q.device)
+    return {
+        "strided": any(not c.by_heads and c.n > 1 and c.runs[0][1] > 0 for c in lay.chunks),
+        "multi-run": any(len(c.runs) > 1 and not c.by_heads for c in lay.chunks),
+        "by-heads": any(c.by_heads for c in lay.chunks),
+    }, bm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(ENGINE_CASES))
+def test_gathered_engine_paths_match_reference(name, dtype):
+    """Each batching path of the engine (strided row groups, several key runs, one row group for
+    all heads) is really taken, and gives the reference's outputs and gradients."""
+    shape = (1, 4, 2, 600, 600, 16)
+    make, kind = ENGINE_CASES[name]
+    fn = make(600)
+    kinds, bm = _layout_kinds(fn, shape, 32)
+    assert kinds[kind], f"{name}: the layout has no {kind} chunk: {kinds}"
+    _compare(shape, dtype, {"mask": bm}, {"mask": fn}, f"engine {name}")
+
+
+def test_gathered_engine_lse_and_its_gradient():
+    shape = (2, 4, 1, 300, 300, 16)
+    fn = M.longformer(25, [0, 150])
+    B, Hq, Hkv, L, _, D = shape
+    bm = qkv.block_mask(fn, B, Hq, L, L, block_size=(64, 32))
+    q, k, v, up = _inputs(shape, torch.float64)
+    w = torch.randn(B, Hq, L, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    runs = []
+    for kw in ({"mask": bm, "backend": "sparse"}, {"mask": fn, "backend": "reference"}):
+        xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out, lse = qkv.attention_with_lse(*xs, **kw)
+        loss = (out * up).sum() + (lse * w).sum()
+        runs.append((out, lse, torch.autograd.grad(loss, xs)))
+    (o1, l1, g1), (o2, l2, g2) = runs
+    assert torch.allclose(o1, o2, atol=1e-12) and torch.allclose(l1, l2, atol=1e-12)
+    for a, b, n in zip(g1, g2, "qkv"):
+        assert torch.allclose(a, b, atol=1e-10), f"d{n} differs by {(a - b).abs().max():.2e}"
+
+
+def test_gathered_engine_leaves_other_arguments_to_the_tiled_engine():
+    q, k, v, _ = _inputs((1, 2, 2, 64, 64, 8), torch.float32)
+    bm = qkv.block_mask(M.causal(), 1, 1, 64, 64, block_size=16)
+    for extra, expect in (({}, True), ({"causal": True}, True), ({"score_mod": M.soft_cap(1.0)}, False),
+                          ({"dropout_p": 0.1}, False)):
+        spec = sparse.sparse_spec(api.build_spec(q, k, v, mask=bm, **extra), bm)
+        assert gathered.supports(spec) is expect, extra

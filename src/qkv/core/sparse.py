@@ -28,7 +28,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from . import tiled
+from . import gathered, tiled
 from ._spec import AttentionSpec
 from .api import register_backend
 
@@ -124,6 +124,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
         raise ValueError(reason)
     bm = block_mask_for(spec, device=q.device)
     spec = sparse_spec(spec, bm)
+    if gathered.supports(spec):
+        return gathered.run(q, k, v, spec, bm, need_lse=need_lse)
     return tiled.run(q, k, v, spec, make_plan(spec, bm), need_lse=need_lse)
 
 
