@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sdpa-max", type=int, default=16384, help="longest L for dense SDPA forward")
     ap.add_argument("--sdpa-bwd-max", type=int, default=8192, help="longest L for dense SDPA forward+backward")
     ap.add_argument("--flex-at", type=int, nargs="*", default=[16384], help="lengths at which FlexAttention runs")
-    ap.add_argument("--bf16-at", type=int, nargs="*", default=[16384], help="lengths with a bfloat16 window row")
+    ap.add_argument("--bf16-at", type=int, nargs="*", default=[16384], help="lengths with bfloat16 rows")
     ap.add_argument("--quick", action="store_true", help="4k and 8k, no FlexAttention")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--threads", type=int, default=None,
@@ -167,8 +167,8 @@ def main(argv=None) -> None:
                            args.flex_at, flex_state)
             rows.append(row)
             print(row, flush=True)
-            if only_window and L in args.bf16_at:
-                row = run_case(name, fn, L, torch.bfloat16, args.reps, args.sdpa_max, 0, [], flex_state)
+            if L in args.bf16_at:
+                row = run_case(name, fn, L, torch.bfloat16, args.reps, args.sdpa_max, 0, args.flex_at, flex_state)
                 rows.append(row)
                 print(row, flush=True)
     if "error" in flex_state:

@@ -210,6 +210,7 @@ def _build_layout(spec: AttentionSpec, bm, device) -> Layout:
             continue
         cols_t = torch.cat(cols)  # (C,) sorted key columns this query block may see
         full_t = torch.cat(full_cols)  # (C,) True where the block is full for every (b, h)
+        block_of = torch.cat([torch.full((c.numel(),), i) for i, c in enumerate(cols)])  # (C,) block number
         rows = torch.arange(i0, i0 + n_rg * R).clamp(max=Lq - 1)  # (n_rg*R,): ragged rows repeat the last
         allowed = torch.ones(1, 1, rows.numel(), cols_t.numel(), dtype=torch.bool, device=device)
         part = (~full_t).nonzero().flatten()
@@ -236,13 +237,8 @@ def _build_layout(spec: AttentionSpec, bm, device) -> Layout:
                 continue
             # drop columns nobody in the group sees, but only whole key blocks or the two ends,
             # so the remaining runs stay few and wide
-            keep = torch.zeros_like(seen)
-            offs = 0
-            for c in cols:
-                blk = seen[offs: offs + c.numel()]
-                if bool(blk.any()):
-                    keep[offs: offs + c.numel()] = True
-                offs += c.numel()
+            blk_seen = torch.zeros(len(cols), dtype=torch.int32).index_add_(0, block_of, seen.cpu().int())  # (blocks,)
+            keep = (blk_seen > 0)[block_of]  # (C,): the whole key block if any of it is seen
             nz = seen.nonzero().flatten()
             keep[: int(nz[0])] = False
             keep[int(nz[-1]) + 1:] = False

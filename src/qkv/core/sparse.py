@@ -1,8 +1,13 @@
-"""The block-sparse backend: the FlashAttention-2 engine visiting only non-empty blocks.
+"""The block-sparse backend: attention that touches only the non-empty blocks of a BlockMask.
 
 The layout follows FlexAttention's BlockMask (Dong et al., 2024, "Flex Attention: A
-Programming Model for Generating Optimized Attention Kernels"); the arithmetic is the
-tiled engine's (Dao, 2023, "FlashAttention-2"), reused unchanged through a `tiled.Plan`:
+Programming Model for Generating Optimized Attention Kernels"). Two exact engines run it:
+
+- `gathered` (qkv/core/gathered.py) when the BlockMask (with an optional causal/window
+  band) is the only constraint: each group of query rows takes the key columns of its
+  non-empty blocks in one batched product and one fused softmax;
+- the tiled engine (Dao, 2023, "FlashAttention-2"), reused unchanged through a
+  `tiled.Plan`, for everything else (score functions, dropout):
 
 - tiles are the BlockMask's blocks (block_q x block_k);
 - for query block i the plan visits the key blocks that are non-empty for some (b, h);
