@@ -375,15 +375,27 @@ def _empty(lay: Layout, ch: Chunk, head: Optional[int], spec: AttentionSpec) -> 
     return e
 
 
-def _bmm_runs(p: Tensor, vc: Tensor, ch: Chunk, head: Optional[int]) -> Tensor:
-    """p (n or X, M, W) @ the values of every run -> (n or X, M, Dv)."""
-    w0, out = 0, None
+def _bmm_runs(p: Tensor, vc: Tensor, ch: Chunk, head: Optional[int], out: Optional[Tensor] = None) -> Tensor:
+    """p (n or X, M, W) @ the values of every run -> (n or X, M, Dv), written into `out` if given."""
+    w0 = 0
     for r, (_, _, width) in enumerate(ch.runs):
         pr = p[..., w0: w0 + width]
         vr = _run_view(vc, ch, r, head)
-        out = torch.bmm(pr, vr) if out is None else out.baddbmm_(pr, vr)
+        if r == 0:
+            out = torch.bmm(pr, vr) if out is None else torch.bmm(pr, vr, out=out)
+        else:
+            out.baddbmm_(pr, vr)
         w0 += width
     return out
+
+
+def _dst(x: Tensor, ch: Chunk, head: Optional[int]) -> Optional[Tensor]:
+    """The chunk's rows of x (X, n_groups, M, E) as a view to write into, or None if they are scattered."""
+    if head is None:
+        return x[:, ch.r0]
+    if ch.r0 is not None:
+        return x[head, ch.r0: ch.r0 + ch.n]
+    return None
 
 
 def _heads(ch: Chunk, X: int):
@@ -406,11 +418,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, lay: Layout, n
             s = _scores(lay, ch, _rows(qg, ch, head), kc, head, spec, ct)  # (n or X, G*R, W)
             m = s.amax(-1, keepdim=True) if need_lse else None  # (n or X, G*R, 1)
             p = torch.softmax(s, dim=-1)
-            o = _bmm_runs(p, vc, ch, head)  # (n or X, G*R, Dv)
+            dst = _dst(out, ch, head)
+            o = _bmm_runs(p, vc, ch, head, out=dst)  # (n or X, G*R, Dv), in place when the rows are a view
             empty = _empty(lay, ch, head, spec)
             if empty is not None:
                 o.masked_fill_(empty, 0.0)
-            _put_rows(out, ch, head, o)
+            if dst is None or o.data_ptr() != dst.data_ptr():
+                _put_rows(out, ch, head, o)
             if need_lse:
                 l_ = m - torch.log(p.amax(-1, keepdim=True))  # the largest probability is exp(max - lse)
                 if empty is not None:
