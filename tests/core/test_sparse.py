@@ -173,10 +173,31 @@ def test_auto_picks_sparse_for_block_masks_and_long_sparse_patterns():
     assert api.choose_backend(short, q, False) != "sparse"
 
 
-def test_sparse_without_a_mask_names_other_backends():
+def test_sparse_without_a_mask_or_band_names_other_backends():
     q, k, v, _ = _inputs((1, 2, 2, 16, 16, 8), torch.float32)
     with pytest.raises(ValueError, match="backend='tiled'"):
-        qkv.attention(q, k, v, causal=True, backend="sparse")
+        qkv.attention(q, k, v, backend="sparse")
+    with pytest.raises(ValueError, match="backend='tiled'"):
+        qkv.attention(q, k, v, mask=torch.ones(16, 16, dtype=torch.bool), causal=True, backend="sparse")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("band", [{"causal": True, "window": 50}, {"window": (30, 7)}, {"causal": True}])
+@pytest.mark.parametrize("shape", ["gqa-ragged", "mqa-short-q", "mha-short-k"])
+def test_band_alone_runs_on_the_gathered_engine(band, shape, dtype):
+    """causal/window without a mask: the gathered engine lays out the band by itself."""
+    _compare(SHAPES[shape], dtype, band, band, f"band {band}")
+
+
+def test_auto_sends_long_narrow_bands_to_the_gathered_engine():
+    long_q = torch.zeros(1, 2, 2048, 8)
+    pick = lambda **kw: api.choose_backend(api.build_spec(long_q, long_q, long_q, **kw), long_q, False)  # noqa: E731
+    assert pick(causal=True, window=256) == "sparse"
+    assert pick(window=(100, 100)) == "sparse"
+    assert pick(causal=True) != "sparse"  # every earlier key: not narrow
+    assert pick(causal=True, window=256, dropout_p=0.1) != "sparse"
+    step = torch.zeros(1, 2, 1, 8)
+    assert api.choose_backend(api.build_spec(step, long_q, long_q, causal=True, window=256), step, False) != "sparse"
 
 
 def test_visits_only_non_empty_blocks():

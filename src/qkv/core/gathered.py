@@ -26,7 +26,7 @@ Dropout, score functions and tensor masks are left to the tiled engine.
 
 from __future__ import annotations
 
-import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -39,12 +39,16 @@ from .reference import compute_dtype
 _MAX_ROWS = 32  # query rows per row group: narrower groups waste fewer masked columns
 _CHUNK_ENTRIES = 1 << 19  # score entries (rows x keys) per batched product: 2 MiB in float32
 _FP_WEIGHTS: dict = {}
+_BAND_ROWS = 128  # query block of a band-only layout (no BlockMask)
+_BAND_LAYOUTS: "OrderedDict[tuple, Layout]" = OrderedDict()  # band-only layouts by shape and band
+_BAND_LAYOUTS_MAX = 16
 
 
 def supports(spec: AttentionSpec) -> bool:
-    """True when this engine honours every argument (else the tiled engine runs)."""
+    """True when this engine honours every argument (else the tiled engine runs): a BlockMask
+    and/or a causal/window band, and nothing else."""
     return (
-        spec.block_mask is not None
+        (spec.block_mask is not None or spec.banded)
         and spec.mask_mod is None
         and spec.bool_mask is None
         and spec.float_mask is None
@@ -165,12 +169,20 @@ def _fingerprint(t: Tensor) -> tuple:
 
 
 def layout(spec: AttentionSpec, bm, device) -> Layout:
-    """The cached Layout of BlockMask `bm` under the spec's causal/window band."""
+    """The cached Layout of BlockMask `bm` (None: the band alone) under the spec's causal/window band."""
     key = ("gathered", spec.left, spec.right, spec.offset, spec.groups, str(device))
-    got = bm._cache.get(key)
+    cache = bm._cache if bm is not None else _BAND_LAYOUTS
+    if bm is None:
+        key = key + (spec.Lq, spec.Lk)
+    got = cache.get(key)
     if got is None:
         got = _build_layout(spec, bm, device)
-        bm._cache[key] = got
+        cache[key] = got
+        if bm is None:
+            while len(cache) > _BAND_LAYOUTS_MAX:
+                cache.popitem(last=False)
+    elif bm is None:
+        cache.move_to_end(key)
     return got
 
 
@@ -183,27 +195,34 @@ def _runs(cols: Tensor) -> list:
 
 def _build_layout(spec: AttentionSpec, bm, device) -> Layout:
     Lq, Lk = spec.Lq, spec.Lk
-    bq, bk = bm.block_q, bm.block_k
+    if bm is None:  # the causal/window band alone: one run of keys per query block
+        bq, bk, nq, Bm, Hm = _BAND_ROWS, None, -(-Lq // _BAND_ROWS), 1, 1
+    else:
+        bq, bk = bm.block_q, bm.block_k
+        states = bm.block_states()  # (Bm, Hm, nq, nk): 0 empty, 1 partial, 2 full
+        visit = (states != 0).flatten(0, 1).any(0)  # (nq, nk)
+        full_all = (states == 2).flatten(0, 1).all(0)  # (nq, nk)
+        nq, Bm, Hm = visit.shape[0], states.shape[0], states.shape[1]
     R = row_height(bq)
     n_groups = -(-Lq // R)
-    states = bm.block_states()  # (Bm, Hm, nq, nk): 0 empty, 1 partial, 2 full
-    visit = (states != 0).flatten(0, 1).any(0)  # (nq, nk)
-    full_all = (states == 2).flatten(0, 1).all(0)  # (nq, nk)
-    Bm, Hm = states.shape[:2]
     b_idx = torch.arange(Bm, device=device).view(-1, 1, 1, 1)  # (Bm, 1, 1, 1)
     h_idx = torch.arange(Hm, device=device).view(1, -1, 1, 1)  # (1, Hm, 1, 1)
 
     groups = []  # (row group, runs [(start, width)], allowed (Bm', Hm', R, W))
     empty_group = False
-    for qb in range(visit.shape[0]):
+    for qb in range(nq):
         i0, i1 = qb * bq, min(qb * bq + bq, Lq)
         lo, hi = spec.kv_range(i0, i1)
+        if bm is None:
+            spans = [(max(lo, 0), min(hi, Lk), True)]
+        else:
+            spans = [(max(kb * bk, lo), min(kb * bk + bk, Lk, hi), bool(full_all[qb, kb]))
+                     for kb in visit[qb].nonzero().flatten().tolist()]
         cols, full_cols = [], []
-        for kb in visit[qb].nonzero().flatten().tolist():
-            j0, j1 = max(kb * bk, lo), min(kb * bk + bk, Lk, hi)
+        for j0, j1, full in spans:
             if j0 < j1:
                 cols.append(torch.arange(j0, j1))
-                full_cols.append(torch.full((j1 - j0,), bool(full_all[qb, kb])))
+                full_cols.append(torch.full((j1 - j0,), full))
         n_rg = -(-(i1 - i0) // R)
         if not cols:
             empty_group = True
@@ -505,7 +524,7 @@ class _GatheredAttention(torch.autograd.Function):
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, bm, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """Differentiable attention under BlockMask `bm` (and the spec's band) on this engine."""
+    """Differentiable attention under BlockMask `bm` (None: the band alone) and the spec's band."""
     lay = layout(spec, bm, q.device)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, lse = _GatheredAttention.apply(q, k, v, spec, lay)

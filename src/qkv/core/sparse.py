@@ -41,6 +41,7 @@ from .api import register_backend
 # at least this share of blocks is empty; a BlockMask always goes here.
 AUTO_MIN_ENTRIES = 1 << 20
 AUTO_MIN_SPARSITY = 50.0
+AUTO_MAX_BAND_SHARE = 4  # a band alone goes here when each query sees at most 1/4 of the keys
 AUTO_MAX_UNKNOWN = 0.05  # share of blocks a pattern's classifier may leave to evaluation
 DEFAULT_BLOCK = 128
 
@@ -111,10 +112,11 @@ def sparse_spec(spec: AttentionSpec, bm) -> AttentionSpec:
 
 def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
     """Why the sparse backend cannot honour these arguments, or None if it can."""
-    if spec.block_mask is None and spec.mask_mod is None:
+    if spec.block_mask is None and spec.mask_mod is None and not (spec.banded and gathered.supports(spec)):
         return (
-            "the sparse backend needs mask= a qkv.BlockMask or a mask function (see qkv.masks); "
-            "for causal/window bands or tensor masks use backend='tiled' or 'sdpa'"
+            "the sparse backend needs mask= a qkv.BlockMask or a mask function (see qkv.masks), "
+            "or a causal/window band with no other mask, score_mod or dropout; "
+            "for tensor masks use backend='tiled' or 'sdpa'"
         )
     reason = tiled.unsupported(spec, q, need_lse)
     if reason is not None:
@@ -128,15 +130,29 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
     if reason is not None:
         raise ValueError(reason)
     bm = block_mask_for(spec, device=q.device)
+    if bm is None:  # a causal/window band alone
+        return gathered.run(q, k, v, spec, None, need_lse=need_lse)
     spec = sparse_spec(spec, bm)
     if gathered.supports(spec):
         return gathered.run(q, k, v, spec, bm, need_lse=need_lse)
     return tiled.run(q, k, v, spec, make_plan(spec, bm), need_lse=need_lse)
 
 
+def band_pays(spec: AttentionSpec) -> bool:
+    """A causal/window band alone, long and narrow: at least 2^20 query-key pairs, more than 16
+    queries (fewer are decode steps), and each query sees at most a quarter of the keys."""
+    if not (spec.banded and spec.block_mask is None and gathered.supports(spec)):
+        return False
+    if spec.Lq * spec.Lk < AUTO_MIN_ENTRIES or spec.Lq <= 16 or spec.left is None or spec.right is None:
+        return False
+    return spec.left + spec.right + 1 <= spec.Lk // AUTO_MAX_BAND_SHARE
+
+
 def auto_rule(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
     """auto: a BlockMask always runs here; a named mask pattern when long and sparse enough."""
     if spec.block_mask is not None:
+        return "sparse"
+    if band_pays(spec):
         return "sparse"
     fn = spec.mask_mod
     if fn is None or getattr(fn, "classify", None) is None or spec.Lq * spec.Lk < AUTO_MIN_ENTRIES:
