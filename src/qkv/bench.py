@@ -375,7 +375,7 @@ def _run_cell(case: str, dtype_name: str, L: int, cfg: BenchConfig, history: dic
     q, k, v = _inputs(cfg, case, dtype_name, L)
     B, H, Lq, D = q.shape
     row = {"case": case, "dtype": dtype_name, "L": L, "B": B, "Hq": H, "Hkv": k.shape[1], "Lq": Lq, "Lk": L,
-           "D": D, "qkv_backend": cfg.backend}
+           "D": D, "qkv_backend": cfg.backend, "load_average": (_loadavg() or [None])[0]}
     previous = history.setdefault((case, dtype_name), {})
     timers: dict[str, _Timer] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -714,6 +714,10 @@ def format_table(result: BenchResult) -> str:
     skipped = sorted({f"{name}: {r[name]['skipped']}" for r in result.rows for name in ("sdpa", "flex")
                       if "skipped" in r.get(name, {}) and not r[name]["skipped"].startswith("not requested")})
     notes = list(result.notes)
+    loads = [r["load_average"] for r in result.rows if r.get("load_average") is not None]
+    if loads:
+        notes.append(f"load average (1 min) at the start of each row: {min(loads):.1f} to {max(loads):.1f} "
+                     f"on {m.get('logical_cpus')} logical CPUs")
     if skipped:
         notes.append("not run: " + "; ".join(skipped))
     failed = [f"{r['case']} {r['dtype']} L={r['L']}" for r in result.rows if r["check"] and not r["check"]["ok"]]
