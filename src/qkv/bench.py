@@ -717,7 +717,7 @@ def format_table(result: BenchResult) -> str:
     loads = [r["load_average"] for r in result.rows if r.get("load_average") is not None]
     if loads:
         notes.append(f"load average (1 min) at the start of each row: {min(loads):.1f} to {max(loads):.1f} "
-                     f"on {m.get('logical_cpus')} logical CPUs")
+                     f"on {m.get('logical_cpus')} logical CPUs, this run's own threads included")
     if skipped:
         notes.append("not run: " + "; ".join(skipped))
     failed = [f"{r['case']} {r['dtype']} L={r['L']}" for r in result.rows if r["check"] and not r["check"]["ok"]]
