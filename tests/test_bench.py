@@ -168,6 +168,8 @@ def test_no_progress_silences_the_bar(monkeypatch, capsys):
     (["--lengths", "-128"], "-128 is not a positive length"),
     (["--decode-lengths", "0"], "--decode-lengths: 0 is not a positive length"),
     (["--dtypes", "float8"], "unknown dtype 'float8'"),
+    (["--lengths", "64", "128", "64"], "--lengths: 64 given more than once"),
+    (["--cases", "gqa", "gqa"], "--cases: gqa given more than once"),
     (["--heads", "8", "--kv-heads", "3"], "--kv-heads 3 must be positive and divide --heads 8"),
     (["--repeats", "0"], "--repeats must be a positive whole number; got 0"),
     (["--backend", "fastest"], "unknown backend 'fastest'"),
@@ -254,6 +256,16 @@ def test_threads_option_applies_during_the_run_only():
 def test_named_backend_is_timed_and_checked():
     result = bench.run(_cfg(cases=("window",), backend="tiled"), stream=io.StringIO())
     assert [r["qkv_backend"] for r in result.rows] == ["tiled", "tiled"] and result.ok
+
+
+def test_a_backend_that_refuses_a_case_is_reported_not_fatal():
+    result = bench.run(_cfg(cases=("dense", "decode"), lengths=(64,), backend="decode"), stream=io.StringIO())
+    dense, decode = result.rows
+    assert "at most 16 queries" in dense["qkv"]["skipped"] and "seconds" in dense["sdpa"]
+    assert dense["sdpa_over_qkv"] is None and dense["check"]["ok"]
+    assert "seconds" in decode["qkv"] and decode["qkv_backend"] == "decode" and decode["check"]["ok"]
+    table = bench.format_table(result)
+    assert "| dense | float32 | 64 | - | decode |" in table and "not run: qkv: the decode backend" in table
 
 
 def test_flex_unavailable_is_a_note_not_a_failure(monkeypatch):

@@ -120,6 +120,11 @@ class BenchConfig:
                 raise ValueError(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
         if not self.dtypes:
             raise ValueError(f"no dtypes given; choose from {', '.join(DTYPES)}")
+        for name in ("cases", "dtypes", "lengths", "decode_lengths"):
+            values = list(getattr(self, name) or ())
+            twice = sorted({x for x in values if values.count(x) > 1}, key=str)
+            if twice:
+                raise ValueError(f"--{name.replace('_', '-')}: {', '.join(map(str, twice))} given more than once")
         for name in ("lengths", "decode_lengths"):
             values = getattr(self, name)
             if values is None:
@@ -711,7 +716,7 @@ def format_table(result: BenchResult) -> str:
                 vals = [keyed.get((case, d, x)) for x in methods]
                 lines.append(f"| {case} | {d} | {gq['from_L']}-{gq['to_L']} | "
                              + " | ".join("-" if v is None else f"{v['exponent']:.2f}" for v in vals) + " |")
-    skipped = sorted({f"{name}: {r[name]['skipped']}" for r in result.rows for name in ("sdpa", "flex")
+    skipped = sorted({f"{name}: {r[name]['skipped']}" for r in result.rows for name in METHODS
                       if "skipped" in r.get(name, {}) and not r[name]["skipped"].startswith("not requested")})
     notes = list(result.notes)
     loads = [r["load_average"] for r in result.rows if r.get("load_average") is not None]
