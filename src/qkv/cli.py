@@ -350,6 +350,97 @@ def _add_translate(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time qkv's attention against torch SDPA (and FlexAttention): table, JSON, PNG",
+        description="Run the benchmark suite: dense, causal, sliding-window, grouped-query and decode "
+        "attention through qkv.attention, against torch's scaled_dot_product_attention (and compiled "
+        "FlexAttention with --flex) on the same inputs in the same run. Every qkv result is checked "
+        "against the float64 reference before it is timed. Prints a Markdown table of times and "
+        "ratios (peer time / qkv time) to stdout; --json writes every measurement, --png draws time "
+        "against length on log-log axes with L and L^2 guides. Peers are skipped (\"-\") where they "
+        "would exceed --max-memory-gib or --max-seconds. Exit status 1 if a qkv result is wrong.",
+    )
+    from .bench import CASES, DTYPES
+
+    p.add_argument("--cases", nargs="+", default=list(CASES), metavar="CASE",
+                   help=f"which cases, of: {' '.join(CASES)} (default: all)")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], metavar="DTYPE",
+                   help=f"of: {' '.join(DTYPES)} (default: float32 bfloat16)")
+    p.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384], metavar="L",
+                   help="sequence lengths (default: 1024 4096 16384)")
+    p.add_argument("--decode-lengths", nargs="+", type=int, metavar="L",
+                   help="cache lengths of the decode case (default: --lengths)")
+    p.add_argument("--batch", type=int, default=1, metavar="B", help="batch size (default 1)")
+    p.add_argument("--heads", type=int, default=8, metavar="H", help="query heads (default 8)")
+    p.add_argument("--kv-heads", type=int, metavar="H",
+                   help="key/value heads of the gqa and decode cases (default: heads / 4)")
+    p.add_argument("--dim", type=int, default=64, metavar="D", help="head size (default 64)")
+    p.add_argument("--window", type=int, default=256, metavar="W",
+                   help="keys before each query in the window case (default 256)")
+    p.add_argument("--repeats", type=int, default=3, metavar="N", help="timed samples per method; "
+                   "the table shows the best (default 3)")
+    p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's own choice)")
+    p.add_argument("--backend", default="auto", metavar="NAME",
+                   help="the qkv backend to time (default: auto, the one a user gets)")
+    p.add_argument("--flex", action="store_true",
+                   help="also time torch.compile(flex_attention); skipped with a note where torch.compile "
+                   "cannot run. Compilation is reported apart from the steady-state time")
+    p.add_argument("--max-seconds", type=float, default=60.0, metavar="S",
+                   help="skip a peer whose call, predicted from the previous length, would take longer (default 60)")
+    p.add_argument("--max-memory-gib", type=float, default=4.0, metavar="G",
+                   help="skip a peer that would need more memory for an L x L grid (default 4)")
+    p.add_argument("--check-rows", type=int, default=128, metavar="N",
+                   help="query rows of each result compared with the float64 reference (default 128)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random inputs (default 0)")
+    p.add_argument("--json", metavar="FILE", help="write every measurement, the machine and the command as JSON")
+    p.add_argument("--png", metavar="FILE",
+                   help="draw time against length, log-log (needs matplotlib: pip install 'qkv[viz]')")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is drawn on stderr only when stderr is a terminal)")
+
+    def run(args) -> int:
+        from . import bench
+
+        cfg = bench.BenchConfig(
+            cases=tuple(args.cases), dtypes=tuple(args.dtypes), lengths=tuple(args.lengths),
+            decode_lengths=None if args.decode_lengths is None else tuple(args.decode_lengths),
+            batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, dim=args.dim, window=args.window,
+            repeats=args.repeats, backend=args.backend, flex=args.flex, max_seconds=args.max_seconds,
+            max_memory_gib=args.max_memory_gib, check_rows=args.check_rows, seed=args.seed, threads=args.threads,
+        ).validate()
+        for flag in ("json", "png"):
+            path = getattr(args, flag)
+            if path is not None:
+                folder = os.path.dirname(os.path.abspath(path))
+                if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                    raise UserError(f"cannot write --{flag} {path!r}: the folder {folder!r} does not exist or is not writable")
+        if args.png:
+            try:
+                bench.require_matplotlib()
+            except ImportError as exc:
+                raise UserError(str(exc)) from None
+        progress = not args.no_progress and sys.stderr.isatty()
+        result = bench.run(cfg, progress=progress)
+        print(bench.format_table(result))
+        if args.json or args.png:
+            print()
+        if args.json:
+            bench.write_json(result, args.json)
+            print(f"wrote {args.json}")
+        if args.png:
+            bench.write_png(result, args.png)
+            print(f"wrote {args.png}")
+        if not result.ok:
+            print("qkv bench: a qkv result is outside the tolerance rule against the float64 reference "
+                  "(see the table's check column)", file=sys.stderr)
+            return 1
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qkv",
@@ -364,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_generate(sub)
     _add_translate(sub)
+    _add_bench(sub)
     return parser
 
 
