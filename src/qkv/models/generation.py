@@ -36,9 +36,10 @@ def process_logits(logits: Tensor, *, temperature: float, top_k: Optional[int], 
 
 
 # Default `prefill_chunk` of `generate`: prompts longer than this run through the model in
-# chunks of this many tokens. Measured with benchmarks/generation.py --prefill (see
-# docs/benchmarks.md): chunks of 512 to 4096 tokens prefill within a few percent of one pass
-# at 8k to 32k tokens, while one pass holds activations that grow with the prompt.
+# chunks of this many tokens. A 32k-token prompt into a 1024-wide Llama-family model held
+# 122 MiB of activations in chunks of 2048 against 1.5 GiB in one pass
+# (benchmarks/long_context.py), and took about 1.2x the one-pass time
+# (benchmarks/generation.py --prefill-chunks; figures in docs/benchmarks.md).
 PREFILL_CHUNK = 2048
 
 
