@@ -2,13 +2,18 @@
 top-k (Fan et al. 2018) and top-p / nucleus sampling (Holtzman et al. 2020).
 
 Shared by the decoders: each provides `new_cache(batch, capacity)`, `hidden(ids, cache=...)`
-and `logits(hidden)`. The prompt runs once through the model, filling the cache; each new token
-then costs one forward pass of a single position against the cached keys and values.
+and `logits(hidden)`. The prompt runs through the model filling the cache, in chunks of at
+most `prefill_chunk` tokens (chunked prefill, as in Agrawal et al. 2023, "SARATHI", and vLLM):
+each chunk attends causally, aligned bottom right, to the cache so far plus itself, so the
+result equals running the prompt at once while the activations of the feed-forward layers,
+projections and attention stay the size of one chunk. Each new token then costs one forward
+pass of a single position against the cached keys and values, which `qkv.attention`'s `auto`
+sends to its decode backend once the cache is long.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -30,6 +35,72 @@ def process_logits(logits: Tensor, *, temperature: float, top_k: Optional[int], 
     return logits
 
 
+# Default `prefill_chunk` of `generate`: prompts longer than this run through the model in
+# chunks of this many tokens. A 32k-token prompt into a 1024-wide Llama-family model held
+# 122 MiB of activations in chunks of 2048 against 1.5 GiB in one pass
+# (benchmarks/long_context.py), and took about 1.2x the one-pass time
+# (benchmarks/generation.py --prefill-chunks; figures in docs/benchmarks.md).
+PREFILL_CHUNK = 2048
+
+
+def check_chunk_size(chunk_size, name: str = "chunk_size") -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"{name} must be a positive int (tokens per chunk) or None (all at once); got {chunk_size!r}")
+
+
+def prefill_chunks(model, input_ids: Tensor, chunk_size: int, *, cache, attention_mask: Optional[Tensor] = None,
+                   positions: Optional[Tensor] = None) -> Iterator[Tensor]:
+    """Run `input_ids` through `model.hidden` in chunks, appending to `cache`; yield each chunk's states.
+
+    Each chunk is a call `model.hidden(chunk, cache=cache, ...)`, whose attention is causal and
+    aligned bottom right, so chunk tokens see every cached token and their own past: the
+    states and the cache equal those of one call with the whole input (up to rounding).
+
+    Args:
+        model: a decoder with `hidden(ids, cache=, attention_mask=, positions=)`.
+        input_ids: (B, L) int64 new tokens.
+        chunk_size: tokens per chunk (> 0); the last chunk may be shorter.
+        cache: the KVCache to append to (holding n tokens before the call).
+        attention_mask: (B, n + L) bool over cached and new tokens (False = padding), or None.
+        positions: (L,) or (B, L) int64 positions of the new tokens, or None (cache length onwards).
+
+    Yields:
+        (B, l, E) hidden states of each chunk of l <= chunk_size tokens, in order.
+    """
+    check_chunk_size(chunk_size)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
+    B, L = input_ids.shape
+    n = cache.length
+    if attention_mask is not None and tuple(attention_mask.shape) != (B, n + L):
+        raise ValueError(
+            f"attention_mask must be (B, cached + new) = ({B}, {n + L}) with {n} cached and {L} new tokens; "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    if positions is not None and positions.shape[-1] != L:
+        raise ValueError(f"positions must be (L,) or (B, L) with L = {L}; got {tuple(positions.shape)}")
+    for s in range(0, L, chunk_size):
+        e = min(s + chunk_size, L)
+        yield model.hidden(
+            input_ids[:, s:e], cache=cache,
+            attention_mask=None if attention_mask is None else attention_mask[:, :n + e],  # (B, n + e)
+            positions=None if positions is None else positions[..., s:e],  # (e - s,) | (B, e - s)
+        )  # (B, e - s, E)
+
+
+def chunked_hidden(model, input_ids: Tensor, chunk_size: int, *, cache=None, attention_mask: Optional[Tensor] = None,
+                   positions: Optional[Tensor] = None) -> Tensor:
+    """`model.hidden` run chunk by chunk (see `prefill_chunks`); without a cache, a temporary one.
+
+    Returns (B, L, E), the states of every chunk concatenated.
+    """
+    if cache is None:
+        cache = model.new_cache(input_ids.shape[0], capacity=max(1, input_ids.shape[1]))
+    parts = list(prefill_chunks(model, input_ids, chunk_size, cache=cache, attention_mask=attention_mask,
+                                positions=positions))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, L, E)
+
+
 def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
@@ -45,7 +116,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> Non
 def generate(model, input_ids: Tensor, *, max_new_tokens: int = 20, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
              eos_token_id=None, attention_mask: Optional[Tensor] = None,
-             max_length: int) -> Tensor:
+             prefill_chunk: Optional[int] = PREFILL_CHUNK, max_length: int) -> Tensor:
     """Extend each row of `input_ids` by up to `max_new_tokens` tokens.
 
     Args:
@@ -61,12 +132,16 @@ def generate(model, input_ids: Tensor, *, max_new_tokens: int = 20, temperature:
             has finished.
         attention_mask: (B, L) bool, False at left padding; positions then count real tokens
             only, so a padded prompt continues exactly as it would alone.
+        prefill_chunk: the prompt runs through the model in chunks of at most this many tokens
+            (chunked prefill; the same result as one pass, with activations the size of one
+            chunk); None = the whole prompt in one pass.
         max_length: the model's positions; the prompt plus new tokens must fit.
 
     Returns:
         (B, L + T) int64, T <= max_new_tokens.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_chunk_size(prefill_chunk, "prefill_chunk")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (B, L) with L >= 1; got shape {tuple(input_ids.shape)}")
     B, L = input_ids.shape
@@ -96,13 +171,17 @@ def generate(model, input_ids: Tensor, *, max_new_tokens: int = 20, temperature:
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     step_ids = input_ids  # (B, L) first, then (B, 1)
     n = L
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         l = step_ids.shape[1]
-        if mask is None:
-            h = model.hidden(step_ids, cache=cache)  # (B, l, E)
+        step_mask = None if mask is None else mask[:, :n]  # (B, n)
+        step_pos = None if mask is None else all_pos[:, n - l:n]  # (B, l)
+        if step == 0 and prefill_chunk is not None and l > prefill_chunk:
+            # Only the last chunk's states are kept: the prompt's states are never all held.
+            for h in prefill_chunks(model, step_ids, prefill_chunk, cache=cache, attention_mask=step_mask,
+                                    positions=step_pos):
+                pass  # h: (B, l_chunk, E)
         else:
-            h = model.hidden(step_ids, cache=cache, attention_mask=mask[:, :n],
-                             positions=all_pos[:, n - l:n])  # (B, l, E)
+            h = model.hidden(step_ids, cache=cache, attention_mask=step_mask, positions=step_pos)  # (B, l, E)
         logits = model.logits(h[:, -1]).float()  # (B, V)
         if temperature == 0:
             next_id = logits.argmax(dim=-1)  # (B,)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..nn import KVCache, LearnedPositions, MultiHeadAttention
 from .bert import activation
 from .checkpoint import ModelError, Piece, Plan
+from .generation import PREFILL_CHUNK, check_chunk_size, chunked_hidden
 from .generation import generate as _generate
 from .tokenizer import Tokenizer
 
@@ -121,7 +122,8 @@ class GPT2LMHeadModel(nn.Module):
         return KVCache(c.n_layer, batch, c.n_head, c.n_embd // c.n_head, capacity=capacity, dtype=w.dtype, device=w.device)
 
     def hidden(self, input_ids: Tensor, *, attention_mask: Optional[Tensor] = None,
-               cache: Optional[KVCache] = None, positions: Optional[Tensor] = None) -> Tensor:
+               cache: Optional[KVCache] = None, positions: Optional[Tensor] = None,
+               chunk_size: Optional[int] = None) -> Tensor:
         """Final hidden states (after ln_f).
 
         Args:
@@ -131,6 +133,9 @@ class GPT2LMHeadModel(nn.Module):
             positions: (B, L) int64 position of each new token (default: cache length onwards);
                 left-padded batches pass positions that count real tokens only.
             cache: a KVCache from `new_cache`; the new keys and values are appended.
+            chunk_size: run the input in chunks of this many tokens (chunked prefill: each chunk
+                attends to the cache so far and itself; without a cache, a temporary one), so
+                activations stay the size of one chunk; None = all at once. Same result.
 
         Returns:
             (B, L, E).
@@ -144,6 +149,10 @@ class GPT2LMHeadModel(nn.Module):
                 f"sequence of {start + L} tokens exceeds this model's {self.config.n_positions} positions; "
                 f"shorten the input (or truncate it)"
             )
+        check_chunk_size(chunk_size)
+        if chunk_size is not None and L > chunk_size:
+            return chunked_hidden(self, input_ids, chunk_size, cache=cache, attention_mask=attention_mask,
+                                  positions=positions)
         pos = torch.arange(start, start + L, device=input_ids.device) if positions is None else positions  # (L,) | (B, L)
         mask = None
         if attention_mask is not None and not bool(attention_mask.bool().all()):
@@ -159,13 +168,14 @@ class GPT2LMHeadModel(nn.Module):
         return self.lm_head(hidden)
 
     def forward(self, input_ids: Tensor, *, attention_mask: Optional[Tensor] = None,
-                cache: Optional[KVCache] = None) -> Tensor:
+                cache: Optional[KVCache] = None, chunk_size: Optional[int] = None) -> Tensor:
         """input_ids (B, L) -> logits (B, L, V); see `hidden` for the arguments."""
-        return self.logits(self.hidden(input_ids, attention_mask=attention_mask, cache=cache))
+        return self.logits(self.hidden(input_ids, attention_mask=attention_mask, cache=cache, chunk_size=chunk_size))
 
     def generate(self, prompt: Union[str, list, Tensor], *, max_new_tokens: int = 20, temperature: float = 0.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                 eos_token_id: Optional[int] = -1, attention_mask: Optional[Tensor] = None) -> Tensor:
+                 eos_token_id: Optional[int] = -1, attention_mask: Optional[Tensor] = None,
+                 prefill_chunk: Optional[int] = PREFILL_CHUNK) -> Tensor:
         """Extend prompts; see `qkv.models.generation.generate` for the sampling arguments.
 
         Args:
@@ -173,12 +183,14 @@ class GPT2LMHeadModel(nn.Module):
                 different lengths are padded on the left), or ids (B, L) / (L,).
             eos_token_id: -1 = the config's eos_token_id; None = never stop early.
             attention_mask: (B, L) bool for left-padded ids (False = padding).
+            prefill_chunk: the prompt fills the KV cache in chunks of at most this many tokens
+                (default 2048; the same tokens as one pass, with less memory); None = one pass.
 
         Returns:
             (B, L + T) int64 ids, prompts as given (left-padded for texts of different lengths).
         """
         return _decoder_generate(self, prompt, self.config.n_positions, attention_mask=attention_mask,
-                                 max_new_tokens=max_new_tokens,
+                                 max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                  eos_token_id=self.config.eos_token_id if eos_token_id == -1 else eos_token_id)
 

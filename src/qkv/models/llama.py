@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
 from .bert import activation
 from .checkpoint import ModelError, Piece, Plan
+from .generation import PREFILL_CHUNK, check_chunk_size, chunked_hidden
 from .gpt2 import _decoder_complete, _decoder_generate
 from .tokenizer import Tokenizer
 
@@ -81,7 +82,8 @@ class LlamaConfig:
 
 
 class LlamaRMSNorm(nn.Module):
-    """RMSNorm: x / sqrt(mean(x^2) + eps) * weight, computed in float32 as Llama does."""
+    """RMSNorm: x / sqrt(mean(x^2) + eps) * weight, computed in float32 as Llama does (float64
+    inputs stay float64, so a float64 model is an exact reference)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -89,7 +91,7 @@ class LlamaRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
+        h = x if x.dtype == torch.float64 else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -158,7 +160,8 @@ class LlamaForCausalLM(nn.Module):
                        dtype=w.dtype, device=w.device)
 
     def hidden(self, input_ids: Tensor, *, attention_mask: Optional[Tensor] = None,
-               cache: Optional[KVCache] = None, positions: Optional[Tensor] = None) -> Tensor:
+               cache: Optional[KVCache] = None, positions: Optional[Tensor] = None,
+               chunk_size: Optional[int] = None) -> Tensor:
         """Final hidden states (after the last RMSNorm).
 
         Args:
@@ -167,6 +170,9 @@ class LlamaForCausalLM(nn.Module):
             positions: (B, L) int64 position of each new token (default: cache length onwards);
                 left-padded batches pass positions that count real tokens only.
             cache: a KVCache from `new_cache`; new keys (rotated) and values are appended.
+            chunk_size: run the input in chunks of this many tokens (chunked prefill: each chunk
+                attends to the cache so far and itself; without a cache, a temporary one), so
+                activations stay the size of one chunk; None = all at once. Same result.
 
         Returns:
             (B, L, E).
@@ -180,6 +186,10 @@ class LlamaForCausalLM(nn.Module):
                 f"sequence of {start + L} tokens exceeds this model's max_position_embeddings="
                 f"{self.config.max_position_embeddings}; shorten the input (or truncate it)"
             )
+        check_chunk_size(chunk_size)
+        if chunk_size is not None and L > chunk_size:
+            return chunked_hidden(self, input_ids, chunk_size, cache=cache, attention_mask=attention_mask,
+                                  positions=positions)
         m = self.model
         x = m.embed_tokens(input_ids)  # (B, L, E)
         pos = torch.arange(start, start + L, device=input_ids.device) if positions is None else positions  # (L,) | (B, L)
@@ -196,18 +206,19 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def forward(self, input_ids: Tensor, *, attention_mask: Optional[Tensor] = None,
-                cache: Optional[KVCache] = None) -> Tensor:
+                cache: Optional[KVCache] = None, chunk_size: Optional[int] = None) -> Tensor:
         """input_ids (B, L) -> logits (B, L, V); see `hidden` for the arguments."""
-        return self.logits(self.hidden(input_ids, attention_mask=attention_mask, cache=cache))
+        return self.logits(self.hidden(input_ids, attention_mask=attention_mask, cache=cache, chunk_size=chunk_size))
 
     def generate(self, prompt: Union[str, list, Tensor], *, max_new_tokens: int = 20, temperature: float = 0.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                 eos_token_id=-1, attention_mask: Optional[Tensor] = None) -> Tensor:
+                 eos_token_id=-1, attention_mask: Optional[Tensor] = None,
+                 prefill_chunk: Optional[int] = PREFILL_CHUNK) -> Tensor:
         """Extend a prompt; arguments as `GPT2LMHeadModel.generate` (-1 = the config's eos id(s))."""
         if isinstance(eos_token_id, int) and eos_token_id == -1:
             eos_token_id = self.config.eos_ids or None
         return _decoder_generate(self, prompt, self.config.max_position_embeddings, attention_mask=attention_mask,
-                                 max_new_tokens=max_new_tokens,
+                                 max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                  eos_token_id=eos_token_id)
 

@@ -100,6 +100,14 @@ class KVCache:
         self._lengths[layer] = n + L
         return self._k[layer][:, :, :n + L], self._v[layer][:, :, :n + L]  # (B, Hkv, n+L, D|Dv)
 
+    def stored(self, layer: int) -> tuple[Tensor, Tensor]:
+        """The keys (B, Hkv, n, D) and values (B, Hkv, n, Dv) stored in `layer`: views into the
+        buffers, valid until the next update of this layer."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}); got {layer}")
+        n = self._lengths[layer]
+        return self._k[layer][:, :, :n], self._v[layer][:, :, :n]  # (B, Hkv, n, D|Dv)
+
     def crop(self, length: int) -> None:
         """Forget every token from position `length` on, in all layers (e.g. to re-run a step)."""
         if length < 0:
