@@ -42,8 +42,8 @@ from .reference import compute_dtype
 MAX_QUERIES = 16  # more new tokens than this per sequence: use the tiled backend
 AUTO_MIN_KEYS = 2048  # below this the cache is too short for the bandwidth to matter
 _CHUNK_ENTRIES = 1 << 20  # tiled fallback: score entries (B x Hq x Lq x chunk) per cache chunk
-_SEGMENT_ENTRIES = 1 << 22  # fast path: score entries (B x Hq x Lq x keys) per segment, 16 MiB in float32
-_UPCAST_BYTES = 1 << 22  # fast path: float32 bytes of one upcast chunk of keys (or values), all heads
+_SEGMENT_ENTRIES = 1 << 20  # fast path: score entries per segment (see _sizes), 4 MiB in float32
+_UPCAST_BYTES = 1 << 22  # fast path: float32 bytes of one upcast chunk of one kv head's keys (or values)
 _KQ_MAX_ROWS = 4  # up to this many rows per kv head, scores come from one batched k @ q^T
 _override: Optional[tuple[int, int]] = None
 
@@ -61,13 +61,23 @@ def split_sizes(segment: int, upcast: int) -> Iterator[None]:
         _override = previous
 
 
-def _sizes(spec: AttentionSpec) -> tuple[int, int]:
-    """(keys per segment, keys per upcast chunk) for these sizes."""
+def _sizes(spec: AttentionSpec, batched: bool) -> tuple[int, int]:
+    """(keys per segment, keys per upcast chunk) for these sizes.
+
+    A segment's scores hold up to 2^20 entries: those of all heads where they are computed
+    all at once (`batched`), those of one kv head where heads go one at a time.
+    """
     if _override is not None:
         return _override
-    segment = max(1024, _SEGMENT_ENTRIES // max(1, spec.B * spec.Hq * spec.Lq))
-    upcast = max(256, _UPCAST_BYTES // (4 * spec.B * spec.Hkv * max(spec.D, spec.Dv)))
+    rows = spec.B * spec.Hq * spec.Lq if batched else spec.groups * spec.Lq
+    segment = max(1024, _SEGMENT_ENTRIES // max(1, rows))
+    upcast = max(256, _UPCAST_BYTES // (4 * max(spec.D, spec.Dv)))
     return segment, upcast
+
+
+def _batched(M: int, k: Tensor, ct: torch.dtype) -> bool:
+    """Whether a segment's scores come from one product over all heads (else one per kv head)."""
+    return k.dtype == ct and (M <= _KQ_MAX_ROWS or not _use_onednn(k))
 
 
 # ------------------------------------------------------------------ the tiled fallback
@@ -96,60 +106,32 @@ def _onednn_linear():
 _LINEAR = _onednn_linear()
 
 
-def _per_head(fn, a: Tensor, b: Tensor) -> Tensor:
-    """fn(a[i, j], b[i, j]) for every (batch row, kv head), stacked: (B, Hkv, ...)."""
-    B, H = a.shape[:2]
-    return torch.stack([torch.stack([fn(a[i, j], b[i, j]) for j in range(H)]) for i in range(B)])
-
-
 def _use_onednn(x: Tensor) -> bool:
     return _LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
-def _scores(q_rows: Tensor, k: Tensor, ct: torch.dtype, upcast_keys: int) -> Tensor:
-    """q_rows (B, Hkv, M, D) scaled, k (B, Hkv, n, D) in any float dtype -> (B, Hkv, M, n) in ct, row-major."""
-    B, Hkv, M, _ = q_rows.shape
-    n = k.shape[2]
-    if k.dtype == ct:
-        return _scores_of(q_rows, k).contiguous()
-    # Upcast a chunk at a time into a buffer that stays in the processor's cache.
-    s = torch.empty(B, Hkv, M, n, dtype=ct, device=k.device)
-    buf = torch.empty(B, Hkv, min(n, upcast_keys), k.shape[3], dtype=ct, device=k.device)
-    for c0 in range(0, n, upcast_keys):
-        c1 = min(n, c0 + upcast_keys)
-        k_c = buf[:, :, : c1 - c0].copy_(k[:, :, c0:c1])  # (B, Hkv, c, D)
-        s[..., c0:c1] = _scores_of(q_rows, k_c)
-    return s
-
-
-def _scores_of(q_rows: Tensor, k: Tensor) -> Tensor:
-    """q_rows (B, Hkv, M, D), k (B, Hkv, n, D) of one dtype -> q_rows @ k^T (B, Hkv, M, n), maybe a transposed view."""
-    if q_rows.shape[2] > _KQ_MAX_ROWS and _use_onednn(k):
-        return _per_head(_LINEAR, q_rows, k)  # (B, Hkv, M, n)
-    # (B, Hkv, n, D) @ (B, Hkv, D, M) -> (B, Hkv, n, M): MKL's fast shape for a few rows
-    return torch.matmul(k, q_rows.transpose(-1, -2)).transpose(-1, -2)
-
-
-def _weighted_values(p: Tensor, v: Tensor, ct: torch.dtype, upcast_keys: int) -> Tensor:
-    """p (B, Hkv, M, n) in ct, v (B, Hkv, n, Dv) in any float dtype -> p @ v (B, Hkv, M, Dv) in ct."""
-    if v.dtype != ct:
-        B, Hkv, M, n = p.shape
-        o = torch.zeros(B, Hkv, M, v.shape[3], dtype=ct, device=v.device)
-        buf = torch.empty(B, Hkv, min(n, upcast_keys), v.shape[3], dtype=ct, device=v.device)
-        for c0 in range(0, n, upcast_keys):
-            c1 = min(n, c0 + upcast_keys)
-            v_c = buf[:, :, : c1 - c0].copy_(v[:, :, c0:c1])  # (B, Hkv, c, Dv)
-            o += _weighted_values(p[..., c0:c1], v_c, ct, upcast_keys)
-        return o
-    if _use_onednn(v):
-        return _per_head(lambda p_h, v_h: _LINEAR(p_h, v_h.t()), p, v)  # (B, Hkv, M, Dv)
-    return torch.matmul(p, v)
-
-
-def _rows_view(t: Tensor, Hkv: int, G: int) -> Tensor:
+def _rows_view(t: Optional[Tensor], Hkv: int, G: int) -> Optional[Tensor]:
     """A constraint broadcastable to (B, Hq, Lq, n) as one broadcastable to (B, Hkv, G, Lq, n)."""
+    if t is None:
+        return None
     t = t.view((1,) * (4 - t.dim()) + tuple(t.shape))  # (b|1, Hq|1, Lq|1, n|1)
     return t.unsqueeze(2) if t.shape[1] == 1 else t.unflatten(1, (Hkv, G))
+
+
+def _softmax_stats(s: Tensor, blocked: Optional[Tensor], bias: Optional[Tensor], G: int, Lq: int):
+    """Scores s (..., M, n) with M = G*Lq rows, modified in place -> (row max (..., M, 1),
+    row sum (..., M, 1), p = exp(s - row max) (..., M, n)). `blocked` (True = masked out) and
+    `bias` broadcast to (..., G, Lq, n)."""
+    if bias is not None or blocked is not None:
+        s5 = s.unflatten(-2, (G, Lq))  # (..., G, Lq, n): row g*Lq + i is query head g, query i
+        if bias is not None:
+            s5 += bias
+        if blocked is not None:
+            s5.masked_fill_(blocked, float("-inf"))
+    row_max = s.amax(dim=-1, keepdim=True)  # (..., M, 1)
+    # Rows that see no key here keep a reference of 0 so exp() gives 0, not NaN.
+    p = s.sub_(row_max.masked_fill(torch.isneginf(row_max), 0.0)).exp_()  # (..., M, n)
+    return row_max, p.sum(dim=-1, keepdim=True), p
 
 
 def _segment(q_rows: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, j0: int, j1: int,
@@ -157,19 +139,66 @@ def _segment(q_rows: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, j0: int,
     """Softmax statistics of keys [j0, j1): row max (B, Hkv, M, 1), row sum (B, Hkv, M, 1) and
     weighted values (B, Hkv, M, Dv), all relative to the row max (zeros where it is -inf)."""
     ct = q_rows.dtype
-    s = _scores(q_rows, k[:, :, j0:j1], ct, upcast_keys)  # (B, Hkv, M, n), row-major
-    allowed, bias = spec.constraints(0, spec.Lq, j0, j1, s.device)
-    if bias is not None or allowed is not None:
-        s5 = s.unflatten(2, (spec.groups, spec.Lq))  # (B, Hkv, G, Lq, n): row g*Lq + i is head g, query i
-        if bias is not None:
-            s5 += _rows_view(bias, spec.Hkv, spec.groups).to(ct)
-        if allowed is not None:
-            s5.masked_fill_(~_rows_view(allowed, spec.Hkv, spec.groups), float("-inf"))
-    row_max = s.amax(dim=-1, keepdim=True)  # (B, Hkv, M, 1)
-    # Rows that see no key here keep a reference of 0 so exp() gives 0, not NaN.
-    p = s.sub_(row_max.masked_fill(torch.isneginf(row_max), 0.0)).exp_()  # (B, Hkv, M, n)
-    row_sum = p.sum(dim=-1, keepdim=True)  # (B, Hkv, M, 1)
-    return row_max, row_sum, _weighted_values(p, v[:, :, j0:j1], ct, upcast_keys)
+    B, Hkv, M, _ = q_rows.shape
+    G, Lq = spec.groups, spec.Lq
+    allowed, bias = spec.constraints(0, Lq, j0, j1, q_rows.device)
+    blocked = _rows_view(None if allowed is None else ~allowed, Hkv, G)  # (b|1, Hkv|1, G|1, Lq|1, n|1)
+    bias = _rows_view(None if bias is None else bias.to(ct), Hkv, G)
+    k, v = k[:, :, j0:j1], v[:, :, j0:j1]  # (B, Hkv, n, D), (B, Hkv, n, Dv)
+    if _batched(M, k, ct):
+        # All heads at once. (B, Hkv, n, D) @ (B, Hkv, D, M): MKL's fast shape for a few rows.
+        s = torch.matmul(k, q_rows.transpose(-1, -2)).transpose(-1, -2).contiguous()  # (B, Hkv, M, n)
+        row_max, row_sum, p = _softmax_stats(s, blocked, bias, G, Lq)
+        if _use_onednn(v):
+            o = torch.stack([torch.stack([_LINEAR(p[b, h], v[b, h].t()) for h in range(Hkv)]) for b in range(B)])
+        else:
+            o = torch.matmul(p, v)  # (B, Hkv, M, Dv)
+        return row_max, row_sum, o
+    # One kv head at a time: oneDNN's products take one matrix each, and the scores of a
+    # head stay small (no big temporaries, whose fresh pages cost more than the arithmetic).
+    upcast = k.dtype != ct
+    s_buf = torch.empty(M, k.shape[2], dtype=ct, device=k.device) if upcast else None
+    parts = []
+    for b in range(B):
+        for h in range(Hkv):
+            s = _head_scores(q_rows[b, h], k[b, h], s_buf, upcast_keys)  # (M, n)
+            row_max, row_sum, p = _softmax_stats(s, _pick(blocked, b, h), _pick(bias, b, h), G, Lq)
+            parts.append((row_max, row_sum, _head_values(p, v[b, h], upcast_keys)))
+    return tuple(torch.stack(t).unflatten(0, (B, Hkv)) for t in zip(*parts))  # (B, Hkv, M, ...) each
+
+
+def _pick(t: Optional[Tensor], b: int, h: int) -> Optional[Tensor]:
+    """Batch row b, kv head h of a (b|1, Hkv|1, ...) constraint."""
+    return None if t is None else t[b if t.shape[0] > 1 else 0, h if t.shape[1] > 1 else 0]
+
+
+def _head_scores(q: Tensor, k: Tensor, out: Optional[Tensor], upcast_keys: int) -> Tensor:
+    """q (M, D) in the compute dtype, k (n, D) -> q @ k^T (M, n). A k of another dtype is upcast
+    a chunk at a time into a buffer that stays in the processor's cache, and `out` is filled."""
+    if out is None:
+        return _LINEAR(q, k) if _use_onednn(k) else q @ k.t()
+    buf = torch.empty(min(k.shape[0], upcast_keys), k.shape[1], dtype=q.dtype, device=q.device)
+    for c0 in range(0, k.shape[0], upcast_keys):
+        c1 = min(k.shape[0], c0 + upcast_keys)
+        k_c = buf[: c1 - c0].copy_(k[c0:c1])  # (c, D)
+        if q.shape[0] > _KQ_MAX_ROWS and _use_onednn(k_c):
+            out[:, c0:c1] = _LINEAR(q, k_c)
+        else:
+            out[:, c0:c1] = torch.mm(k_c, q.t()).t()  # (c, D) @ (D, M): MKL's fast shape for a few rows
+    return out
+
+
+def _head_values(p: Tensor, v: Tensor, upcast_keys: int) -> Tensor:
+    """p (M, n) in the compute dtype, v (n, Dv) -> p @ v (M, Dv), v upcast a chunk at a time."""
+    if v.dtype == p.dtype:
+        return _LINEAR(p, v.t()) if _use_onednn(v) else p @ v
+    o = torch.zeros(p.shape[0], v.shape[1], dtype=p.dtype, device=p.device)
+    buf = torch.empty(min(v.shape[0], upcast_keys), v.shape[1], dtype=p.dtype, device=p.device)
+    for c0 in range(0, v.shape[0], upcast_keys):
+        c1 = min(v.shape[0], c0 + upcast_keys)
+        v_c = buf[: c1 - c0].copy_(v[c0:c1])  # (c, Dv)
+        o += _LINEAR(p[:, c0:c1], v_c.t()) if _use_onednn(v_c) else p[:, c0:c1] @ v_c
+    return o
 
 
 def _merge(state, part):
@@ -181,6 +210,21 @@ def _merge(state, part):
     ref = row_max.masked_fill(torch.isneginf(row_max), 0.0)
     a0, a1 = torch.exp(m0 - ref), torch.exp(m1 - ref)  # (B, Hkv, M, 1) each
     return row_max, l0 * a0 + l1 * a1, o0 * a0 + o1 * a1
+
+
+def _pieces(spec: AttentionSpec, lo: int, hi: int, segment: int) -> list[tuple[int, int]]:
+    """Keys [lo, hi) as segments of at most `segment` keys.
+
+    The keys every query sees under the causal/window band (the core) are cut apart from
+    the few at its edges (the last Lq - 1 under causal), so only the edge segments build and
+    apply a band mask.
+    """
+    core_lo = lo if spec.left is None else min(hi, max(lo, spec.Lq - 1 + spec.offset - spec.left))
+    core_hi = hi if spec.right is None else max(core_lo, min(hi, spec.offset + spec.right + 1))
+    pieces = [(lo, core_lo)] if core_lo > lo else []
+    pieces += [(j0, min(core_hi, j0 + segment)) for j0 in range(core_lo, core_hi, segment)]
+    pieces += [(j0, min(hi, j0 + segment)) for j0 in range(core_hi, hi, segment)]
+    return pieces
 
 
 def _fast_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
@@ -195,10 +239,10 @@ def _fast_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple
         out = torch.zeros(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
         return out, torch.full((B, Hq, Lq), float("-inf"), dtype=ct, device=q.device)
     q_rows = (q.to(ct) * spec.scale).reshape(B, Hkv, M, D)  # (B, Hkv, G*Lq, D): row g*Lq + i
-    segment, upcast_keys = _sizes(spec)
+    segment, upcast_keys = _sizes(spec, _batched(M, k, ct))
     state = None
-    for j0 in range(lo, hi, segment):
-        state = _merge(state, _segment(q_rows, k, v, spec, j0, min(hi, j0 + segment), upcast_keys))
+    for j0, j1 in _pieces(spec, lo, hi, segment):
+        state = _merge(state, _segment(q_rows, k, v, spec, j0, j1, upcast_keys))
     row_max, row_sum, acc = state
     out = acc / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))  # (B, Hkv, M, Dv)
     lse = row_max.masked_fill(torch.isneginf(row_max), 0.0) + torch.log(row_sum)  # (B, Hkv, M, 1)
