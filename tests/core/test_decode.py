@@ -91,6 +91,7 @@ def test_default_sizes_long_cache(Lq, dtype, fast_calls, monkeypatch):
     original = decode._segment
     monkeypatch.setattr(decode, "_segment", lambda *a, **kw: segments.append(1) or original(*a, **kw))
     (q, k, v), gen = _inputs(1, 8, 2, Lq, 70_001, dtype, seed=Lq, D=64, Dv=64)
+    assert decode._sizes(qkv.core._spec.build_spec(q, k, v), batched=False)[1] < 70_001
     _check(q, k, v, causal=True)
     assert fast_calls
     if Lq == 16:
@@ -173,3 +174,22 @@ def test_split_sizes_are_checked():
     with pytest.raises(ValueError, match="split sizes must be >= 1"):
         with decode.split_sizes(0, 4):
             pass
+
+
+def test_auto_picks_decode_for_a_chunk_only_without_gradients():
+    from qkv.core import choose_backend
+    from qkv.core._spec import build_spec
+
+    def picked(Lq, Lk, requires_grad=False, **kw):
+        q = torch.zeros(1, 8, Lq, 16, requires_grad=requires_grad)
+        k = torch.zeros(1, 2, Lk, 16)
+        return choose_backend(build_spec(q, k, k, causal=True, **kw), q, False)
+
+    assert picked(1, decode.AUTO_MIN_KEYS) == "decode"
+    assert picked(8, decode.AUTO_MIN_KEYS_CHUNK) == "decode"
+    assert picked(16, decode.AUTO_MIN_KEYS_CHUNK) == "decode"
+    assert picked(8, decode.AUTO_MIN_KEYS_CHUNK - 1) != "decode"
+    assert picked(17, decode.AUTO_MIN_KEYS_CHUNK) != "decode"
+    assert picked(8, decode.AUTO_MIN_KEYS_CHUNK, requires_grad=True) != "decode"
+    assert picked(8, decode.AUTO_MIN_KEYS_CHUNK, dropout_p=0.1) != "decode"
+    assert picked(8, decode.AUTO_MIN_KEYS_CHUNK, score_mod=lambda s, b, h, i, j: s) != "decode"

@@ -11,8 +11,8 @@ inference"); a short cache is one segment, a long one with many query rows sever
 scores of one segment stay small.
 
 The arithmetic is float32 (float64 for float64 inputs), as in the reference. bfloat16 and
-float16 caches are upcast a few thousand keys at a time into a reused float32 buffer that
-stays in the processor's cache, so no float32 copy of the cache is ever made. Which matrix
+float16 caches are upcast one kv head and 4 MiB of float32 at a time into a reused buffer
+that stays in the processor's cache, so no float32 copy of the cache is ever made. Which matrix
 product runs is chosen by measurement on a 2-core AVX-512 CPU (benchmarks/decode.py,
 docs/benchmarks.md): with at most 4 rows per key/value head, one batched product of the
 keys with the queries (MKL is fast for that shape); with more rows, and for the weights
@@ -41,6 +41,7 @@ from .reference import compute_dtype
 
 MAX_QUERIES = 16  # more new tokens than this per sequence: use the tiled backend
 AUTO_MIN_KEYS = 2048  # below this the cache is too short for the bandwidth to matter
+AUTO_MIN_KEYS_CHUNK = 8192  # the same for a chunk of 2 to 16 new queries
 _CHUNK_ENTRIES = 1 << 20  # tiled fallback: score entries (B x Hq x Lq x chunk) per cache chunk
 _SEGMENT_ENTRIES = 1 << 20  # fast path: score entries per segment (see _sizes), 4 MiB in float32
 _UPCAST_BYTES = 1 << 22  # fast path: float32 bytes of one upcast chunk of one kv head's keys (or values)
@@ -276,13 +277,22 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
 
 
 def auto_rule(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
-    """`auto` sends single-token decode steps against a long cache here.
+    """`auto` sends decode steps against a long cache here.
 
-    Measured with benchmarks/decode.py (docs/benchmarks.md): with one query per sequence the
-    decode backend beat SDPA at every cache length, float32 and bfloat16; with 8 queries the
-    results were mixed, so chunks of several queries stay with SDPA under `auto`.
+    Measured with `python benchmarks/decode.py --lengths 4096 32768 131072 --queries 1 8 16`
+    (B=1, Hq=32, Hkv=8, D=128; docs/benchmarks.md): one query per sequence beat SDPA at
+    every cache length from 4096 on, 2.2x to 4.7x in float32 and 5.1x to 9.0x in bfloat16;
+    8 and 16 causal queries beat it by 2.2x to 2.7x from 32768 keys on, but only by 0.98x to
+    1.34x at 4096. So: one query from AUTO_MIN_KEYS cached keys on; up to MAX_QUERIES from
+    AUTO_MIN_KEYS_CHUNK on, when the no-grad fast path applies (no score function, no
+    dropout, no gradient wanted for q).
     """
-    if spec.Lq == 1 and spec.Lk >= AUTO_MIN_KEYS and spec.dropout_p == 0.0:
+    if spec.dropout_p > 0.0 or spec.Lq > MAX_QUERIES:
+        return None
+    if spec.Lq == 1 and spec.Lk >= AUTO_MIN_KEYS:
+        return "decode"
+    fast = spec.score_mod is None and not (torch.is_grad_enabled() and q.requires_grad)
+    if fast and spec.Lk >= AUTO_MIN_KEYS_CHUNK:
         return "decode"
     return None
 
