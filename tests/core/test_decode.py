@@ -1,0 +1,195 @@
+"""The decode backend's no-grad fast path against the float64 reference, by the tolerance rule.
+
+Caches that are empty, of length 1, shorter and longer than a segment and not a multiple of
+it; 1, 3 and 16 new queries, causal (bottom-right) or not; grouped-query and multi-head;
+float32, bfloat16 and float64; batch rows with different cache lengths (key padding); and
+the merging of segments and of upcast chunks, forced small with `decode.split_sizes`. Every
+test also checks that the fast path ran, so none passes through the tiled fallback unseen.
+(The decode backend with gradients, which runs on the tiled engine, is in test_backends.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import qkv
+from qkv.core import decode
+from tolerance import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    """Counts the calls of the fast path."""
+    calls = []
+    original = decode._fast_forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "_fast_forward", counting)
+    return calls
+
+
+def _inputs(B, Hq, Hkv, Lq, Lk, dtype, seed, D=32, Dv=24):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, Hkv, Lk, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, Hkv, Lk, Dv, generator=gen, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, k, v)], gen
+
+
+def _padding(B, Lk, gen, lengths=None):
+    """A (B, 1, 1, Lk) key-padding mask: row b sees its first lengths[b] keys."""
+    if lengths is None:
+        lengths = torch.randint(0, Lk + 1, (B,), generator=gen)
+    return (torch.arange(Lk)[None, :] < torch.as_tensor(lengths)[:, None]).view(B, 1, 1, Lk)
+
+
+def _check(q, k, v, *, sizes=None, **kw):
+    """decode (fast path, no grad) vs the same-dtype reference vs the float64 reference: out and lse."""
+    kw64 = {key: (val.double() if torch.is_tensor(val) and val.is_floating_point() else val) for key, val in kw.items()}
+    exact, exact_lse = qkv.attention_with_lse(q.double(), k.double(), v.double(), backend="reference", **kw64)
+    plain = qkv.reference_attention(q, k, v, **kw)
+    with torch.no_grad(), (decode.split_sizes(*sizes) if sizes else contextlib.nullcontext()):
+        fast, fast_lse = qkv.attention_with_lse(q, k, v, backend="decode", **kw)
+    what = f"decode {tuple(q.shape)} x {tuple(k.shape)} {q.dtype} sizes={sizes} {sorted(kw)}"
+    assert fast.dtype == q.dtype
+    assert_within_rule(fast, plain, exact, factor=FWD_FACTOR, what=what + " out")
+    assert torch.equal(torch.isneginf(fast_lse), torch.isneginf(exact_lse)), f"{what}: lse must be -inf exactly where no key is seen"
+    seen = torch.isfinite(exact_lse)
+    if seen.any():
+        err = (fast_lse.double() - exact_lse)[seen].abs().max().item()
+        assert err <= 1e-5 * max(1.0, exact_lse[seen].abs().max().item()), f"{what}: lse error {err:.2e}"
+    return fast
+
+
+# Segments of 8 keys and upcast chunks of 3: caches of 1 and 5 keys are shorter than a
+# segment, 23 is longer and not a multiple of either, 64 is a multiple of both.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Lk", [0, 1, 5, 23, 64])
+@pytest.mark.parametrize("Lq", [1, 3, 16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
+def test_small_splits(heads, causal, Lq, Lk, dtype, fast_calls):
+    Hq, Hkv = heads
+    (q, k, v), _ = _inputs(2, Hq, Hkv, Lq, Lk, dtype, seed=Lk * 31 + Lq)
+    _check(q, k, v, causal=causal, sizes=(8, 3))
+    assert fast_calls, "the fast path did not run"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Lq", [1, 3, 16])
+def test_default_sizes_long_cache(Lq, dtype, fast_calls, monkeypatch):
+    """A cache longer than the default upcast chunk (bfloat16) and, with 16 queries, than a segment."""
+    segments = []
+    original = decode._segment
+    monkeypatch.setattr(decode, "_segment", lambda *a, **kw: segments.append(1) or original(*a, **kw))
+    (q, k, v), gen = _inputs(1, 8, 2, Lq, 70_001, dtype, seed=Lq, D=64, Dv=64)
+    assert decode._sizes(qkv.core._spec.build_spec(q, k, v), batched=False)[1] < 70_001
+    _check(q, k, v, causal=True)
+    assert fast_calls
+    if Lq == 16:
+        assert len(segments) > 2, f"expected several segments of the cache, got {len(segments)}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Lq", [1, 3])
+@pytest.mark.parametrize("sizes", [None, (8, 3)], ids=["default", "small"])
+def test_rows_of_different_cache_lengths(sizes, Lq, dtype, fast_calls):
+    """A key-padding mask: row 0 sees nothing, row 1 one key, the others 17, 40 and all 50."""
+    (q, k, v), gen = _inputs(5, 8, 2, Lq, 50, dtype, seed=Lq)
+    pad = _padding(5, 50, gen, lengths=[0, 1, 17, 40, 50])
+    out = _check(q, k, v, mask=pad, causal=True, sizes=sizes)
+    assert torch.all(out[0] == 0), "a row with an empty cache attends to nothing"
+    assert fast_calls
+
+
+@pytest.mark.parametrize("option", ["window", "float-mask", "mask-mod", "bool-mask-per-head", "scale"])
+def test_other_constraints(option, fast_calls):
+    (q, k, v), gen = _inputs(2, 8, 2, 3, 41, torch.float32, seed=3)
+    kw = {
+        "window": {"window": 9, "causal": True},
+        "float-mask": {"mask": torch.randn(2, 1, 3, 41, generator=gen).masked_fill(torch.rand(2, 1, 3, 41, generator=gen) < 0.3, float("-inf"))},
+        "mask-mod": {"mask": lambda b, h, qi, kj: (kj + h + b) % 3 != 0},
+        "bool-mask-per-head": {"mask": torch.rand(2, 8, 3, 41, generator=gen) > 0.5},
+        "scale": {"scale": 0.7, "causal": True},
+    }[option]
+    _check(q, k, v, sizes=(8, 3), **kw)
+    assert fast_calls
+
+
+def test_segments_merge_exactly_in_float64(fast_calls):
+    """In float64 the merged segments equal one softmax to rounding: 1 key per segment, 1 per chunk."""
+    (q, k, v), gen = _inputs(2, 4, 2, 3, 37, torch.float64, seed=5)
+    pad = _padding(2, 37, gen, lengths=[20, 37])
+    exact = qkv.reference_attention(q, k, v, mask=pad, causal=True)
+    with torch.no_grad(), decode.split_sizes(1, 1):
+        got = qkv.attention(q, k, v, mask=pad, causal=True, backend="decode")
+    torch.testing.assert_close(got, exact, rtol=1e-12, atol=1e-12)
+    assert fast_calls
+
+
+def test_cache_that_is_a_slice_of_a_larger_buffer(fast_calls):
+    """As qkv.nn.KVCache hands it over: (B, Hkv, capacity, D) storage, the first L keys in use."""
+    (q, k, v), _ = _inputs(2, 8, 2, 1, 300, torch.bfloat16, seed=8)
+    store_k = torch.zeros(2, 2, 512, 32, dtype=torch.bfloat16)
+    store_v = torch.zeros(2, 2, 512, 24, dtype=torch.bfloat16)
+    store_k[:, :, :300], store_v[:, :, :300] = k, v
+    with torch.inference_mode():
+        got = qkv.attention(q, store_k[:, :, :300], store_v[:, :, :300], backend="decode")
+    assert torch.equal(got, qkv.attention(q, k, v, backend="decode"))
+    _check(q, store_k[:, :, :300], store_v[:, :, :300], sizes=(64, 16))
+    assert fast_calls
+
+
+def test_gradients_and_dropout_use_the_tiled_engine(fast_calls):
+    """With inputs that require grad the backend runs the tiled engine (its backward), exactly."""
+    (q, k, v), gen = _inputs(2, 8, 2, 3, 50, torch.float32, seed=2)
+    up = torch.randn(2, 8, 3, 24, generator=gen)
+    pad = _padding(2, 50, gen, lengths=[30, 50])
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    exact = qkv.reference_attention(q64, k64, v64, mask=pad, causal=True)
+    qp, kp, vp = (t.clone().requires_grad_() for t in (q, k, v))
+    plain = qkv.reference_attention(qp, kp, vp, mask=pad, causal=True)
+    qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
+    fast = qkv.attention(qf, kf, vf, mask=pad, causal=True, backend="decode")
+    assert not fast_calls, "inputs that require grad must not take the no-grad fast path"
+    assert_within_rule(fast, plain, exact, factor=FWD_FACTOR, what="decode with grad out")
+    for name, g, gp, ge in zip("qkv", grads(fast, (qf, kf, vf), up), grads(plain, (qp, kp, vp), up),
+                               grads(exact, (q64, k64, v64), up.double())):
+        assert_within_rule(g, gp, ge, factor=GRAD_FACTOR, what=f"decode d{name}")
+    with torch.no_grad():
+        qkv.attention(q, k, v, dropout_p=0.5, backend="decode")
+        qkv.attention(q, k, v, score_mod=lambda s, b, h, i, j: s * 0.5, backend="decode")
+    assert not fast_calls, "dropout and score functions run on the tiled engine"
+
+
+def test_split_sizes_are_checked():
+    with pytest.raises(ValueError, match="split sizes must be >= 1"):
+        with decode.split_sizes(0, 4):
+            pass
+
+
+def test_auto_picks_decode_for_a_chunk_only_without_gradients():
+    from qkv.core import choose_backend
+    from qkv.core._spec import build_spec
+
+    def picked(Lq, Lk, requires_grad=False, **kw):
+        q = torch.zeros(1, 8, Lq, 16, requires_grad=requires_grad)
+        k = torch.zeros(1, 2, Lk, 16)
+        return choose_backend(build_spec(q, k, k, causal=True, **kw), q, False)
+
+    assert picked(1, decode.AUTO_MIN_KEYS) == "decode"
+    assert picked(8, decode.AUTO_MIN_KEYS_CHUNK) == "decode"
+    assert picked(16, decode.AUTO_MIN_KEYS_CHUNK) == "decode"
+    assert picked(8, decode.AUTO_MIN_KEYS_CHUNK - 1) != "decode"
+    assert picked(17, decode.AUTO_MIN_KEYS_CHUNK) != "decode"
+    assert picked(8, decode.AUTO_MIN_KEYS_CHUNK, requires_grad=True) != "decode"
+    assert picked(8, decode.AUTO_MIN_KEYS_CHUNK, dropout_p=0.1) != "decode"
+    assert picked(8, decode.AUTO_MIN_KEYS_CHUNK, score_mod=lambda s, b, h, i, j: s) != "decode"
