@@ -52,7 +52,7 @@ test: test-env
 	$(BIN)/python -m pytest -q
 
 bench: env
-	$(BIN)/python benchmarks/attention.py
+	$(BIN)/qkv bench
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
