@@ -7,16 +7,17 @@ as local windows (Longformer, Beltagy et al. 2020; Mistral, Jiang et al. 2023), 
 tokens and packed documents do, all of a row group's keys fit in cache at once. This
 engine therefore takes, for every group of R query rows, the key columns its blocks
 allow (trimmed at both ends to the columns some row may see), computes all their scores
-in one batched matrix product with the mask added as a 0/-inf bias inside the product,
-applies one fused softmax, and multiplies by the values: the plain three-step attention
-of Vaswani et al. (2017) restricted to the columns that matter, with no online rescaling.
+in one batched matrix product, adds the mask as a 0/-inf bias over the columns where
+something is masked, applies one fused softmax, and multiplies by the values: the plain
+three-step attention of Vaswani et al. (2017) restricted to the columns that matter, with
+no online rescaling.
 
-Row groups with the same width and the same mask pattern are batched; when their key
-columns are contiguous ranges at a constant stride (a sliding window), the keys are read
-through a strided view without any copy, otherwise they are gathered. Mask patterns are
-deduplicated, so a window of any length stores a handful of R x W bias tiles. The layout
-(which columns, which pattern) depends only on the BlockMask and the causal/window band,
-and is cached on the BlockMask.
+Row groups with the same mask pattern whose key runs move by a constant stride (a sliding
+window) are batched, the keys read through strided views without any copy; a row group
+with no such neighbours is computed for all heads at once. Mask patterns are deduplicated,
+so a window of any length stores a handful of R x W bias tiles. The layout (which columns,
+which pattern) depends only on the BlockMask and the causal/window band; it is cached on
+the BlockMask, or for a band alone in a small module-level cache.
 
 The backward pass recomputes the probabilities from the saved log-sum-exp as FlashAttention
 does (Dao 2023, Alg. 2), row group by row group, and adds key and value gradients back at
