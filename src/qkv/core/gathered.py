@@ -88,10 +88,6 @@ class Chunk:
     def n(self) -> int:
         return self.rows.numel()
 
-    @property
-    def width(self) -> int:
-        return sum(w for _, _, w in self.runs)
-
     def columns(self, run: int, device) -> Tensor:
         """(n*W_run,) key indices of run `run`, row group after row group."""
         start, step, width = self.runs[run]
@@ -353,24 +349,38 @@ def _run_view(x: Tensor, ch: Chunk, r: int, head: Optional[int]) -> Tensor:
                          xh.storage_offset() + start * xh.stride(0))
 
 
-def _rows(x: Tensor, ch: Chunk, head: Optional[int]) -> Tensor:
-    """x (X, n_groups, M, E) -> the chunk's rows: (n, M, E) of one head, or (X, M, E) of its row group."""
+def _dst(x: Tensor, ch: Chunk, head: Optional[int]) -> Optional[Tensor]:
+    """The chunk's rows of x (X, n_groups, M, E) as a view: (n, M, E) of one head, or (X, M, E)
+    of its row group; None if the row groups are scattered."""
     if head is None:
         return x[:, ch.r0]
     if ch.r0 is not None:
         return x[head, ch.r0: ch.r0 + ch.n]
-    return x[head].index_select(0, ch.rows.to(x.device))
+    return None
+
+
+def _rows(x: Tensor, ch: Chunk, head: Optional[int]) -> Tensor:
+    """The chunk's rows of x (X, n_groups, M, E): a view, or a gathered copy when scattered."""
+    view = _dst(x, ch, head)
+    return view if view is not None else x[head].index_select(0, ch.rows.to(x.device))
 
 
 def _put_rows(x: Tensor, ch: Chunk, head: Optional[int], val: Tensor, add: bool = False) -> None:
-    """Write (or add) the chunk's rows of x (X, n_groups, M, E)."""
-    if head is None or ch.r0 is not None:
-        dst = x[:, ch.r0] if head is None else x[head, ch.r0: ch.r0 + ch.n]
-        dst.add_(val) if add else dst.copy_(val)
+    """Write (or add) val as the chunk's rows of x (X, n_groups, M, E)."""
+    view = _dst(x, ch, head)
+    if view is not None:
+        view.add_(val) if add else view.copy_(val)
     elif add:
         x[head].index_add_(0, ch.rows.to(x.device), val)
     else:
         x[head].index_copy_(0, ch.rows.to(x.device), val)
+
+
+def _for_head(t: Optional[Tensor], head: Optional[int]) -> Optional[Tensor]:
+    """A per-pattern tensor (1 or X, ...) restricted to kv head `head` (None: all heads)."""
+    if t is None or head is None or t.shape[0] == 1:
+        return t
+    return t[head: head + 1]
 
 
 def _scores(lay: Layout, ch: Chunk, qc: Tensor, kc: Tensor, head: Optional[int], spec: AttentionSpec, ct) -> Tensor:
@@ -379,20 +389,16 @@ def _scores(lay: Layout, ch: Chunk, qc: Tensor, kc: Tensor, head: Optional[int],
     parts = [torch.baddbmm(zero, qc, _run_view(kc, ch, r, head).transpose(1, 2), beta=0.0, alpha=spec.scale)
              for r in range(len(ch.runs))]  # each (n or X, G*R, W_r)
     s = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-    bias = lay.bias(ch.pattern, spec.B, spec.Hkv, spec.groups, ct)
+    bias = _for_head(lay.bias(ch.pattern, spec.B, spec.Hkv, spec.groups, ct), head)
     if bias is not None:
         pat = lay.patterns[ch.pattern]
-        if head is not None and bias.shape[0] > 1:
-            bias = bias[head: head + 1]
         s[..., pat.lo: pat.hi].add_(bias)
     return s
 
 
 def _empty(lay: Layout, ch: Chunk, head: Optional[int], spec: AttentionSpec) -> Optional[Tensor]:
-    e = lay.empty(ch.pattern, spec.B, spec.Hkv, spec.groups)
-    if e is not None and head is not None and e.shape[0] > 1:
-        e = e[head: head + 1]
-    return e
+    """Rows of the chunk that see no key: bool (1 or X, G*R, 1), or None."""
+    return _for_head(lay.empty(ch.pattern, spec.B, spec.Hkv, spec.groups), head)
 
 
 def _bmm_runs(p: Tensor, vc: Tensor, ch: Chunk, head: Optional[int], out: Optional[Tensor] = None) -> Tensor:
@@ -408,14 +414,6 @@ def _bmm_runs(p: Tensor, vc: Tensor, ch: Chunk, head: Optional[int], out: Option
         w0 += width
     return out
 
-
-def _dst(x: Tensor, ch: Chunk, head: Optional[int]) -> Optional[Tensor]:
-    """The chunk's rows of x (X, n_groups, M, E) as a view to write into, or None if they are scattered."""
-    if head is None:
-        return x[:, ch.r0]
-    if ch.r0 is not None:
-        return x[head, ch.r0: ch.r0 + ch.n]
-    return None
 
 
 def _heads(ch: Chunk, X: int):
