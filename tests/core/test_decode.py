@@ -4,7 +4,9 @@ Caches that are empty, of length 1, shorter and longer than a segment and not a 
 it; 1, 3 and 16 new queries, causal (bottom-right) or not; grouped-query and multi-head;
 float32, bfloat16 and float64; batch rows with different cache lengths (key padding); and
 the merging of segments and of upcast chunks, forced small with `decode.split_sizes`. Every
-test also checks that the fast path ran, so none passes through the tiled fallback unseen.
+test also checks that the fast path ran, so none passes through the tiled fallback unseen,
+and runs twice: on the native kernel (float32 and bfloat16 without mask functions; checked
+to have run) and on the eager segments that serve where no C++ compiler is found.
 (The decode backend with gradients, which runs on the tiled engine, is in test_backends.)
 """
 
@@ -20,6 +22,25 @@ from qkv.core import decode
 from tolerance import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+@pytest.fixture(params=["kernel", "eager"], autouse=True)
+def engine(request, monkeypatch):
+    """Every test runs twice: on the native kernel (csrc/decode_kernel.cpp) where it applies,
+    and with the kernel turned off, on the eager segments that run where no compiler is."""
+    calls = []
+    _ENGINE.update(name=request.param, calls=calls)
+    if request.param == "eager":
+        monkeypatch.setattr(decode, "_kernel_lib", lambda: None)
+        monkeypatch.setattr(decode._kernels, "warn_unavailable", lambda *a, **kw: None)
+    elif decode._kernel_lib() is None:
+        pytest.skip(f"the native decode kernel is unavailable: {decode._kernels.status('decode_kernel')}")
+    original = decode._kernel_forward
+    monkeypatch.setattr(decode, "_kernel_forward", lambda *a, **kw: calls.append(a) or original(*a, **kw))
+    return calls
+
+
+_ENGINE: dict = {}
 
 
 @pytest.fixture
@@ -56,9 +77,14 @@ def _check(q, k, v, *, sizes=None, **kw):
     kw64 = {key: (val.double() if torch.is_tensor(val) and val.is_floating_point() else val) for key, val in kw.items()}
     exact, exact_lse = qkv.attention_with_lse(q.double(), k.double(), v.double(), backend="reference", **kw64)
     plain = qkv.reference_attention(q, k, v, **kw)
+    calls, before = _ENGINE["calls"], len(_ENGINE["calls"])
     with torch.no_grad(), (decode.split_sizes(*sizes) if sizes else contextlib.nullcontext()):
         fast, fast_lse = qkv.attention_with_lse(q, k, v, backend="decode", **kw)
-    what = f"decode {tuple(q.shape)} x {tuple(k.shape)} {q.dtype} sizes={sizes} {sorted(kw)}"
+    what = f"decode {tuple(q.shape)} x {tuple(k.shape)} {q.dtype} sizes={sizes} {sorted(kw)} on {_ENGINE['name']}"
+    # The kernel takes float32 and bfloat16 caches without mask functions; the rest is eager.
+    on_kernel = _ENGINE["name"] == "kernel" and q.dtype != torch.float64 and not callable(kw.get("mask"))
+    if k.shape[2] > 0 and q.shape[2] > 0:
+        assert (len(calls) > before) == on_kernel, f"{what}: the native kernel {'did not run' if on_kernel else 'ran'}"
     assert fast.dtype == q.dtype
     assert_within_rule(fast, plain, exact, factor=FWD_FACTOR, what=what + " out")
     assert torch.equal(torch.isneginf(fast_lse), torch.isneginf(exact_lse)), f"{what}: lse must be -inf exactly where no key is seen"
@@ -90,11 +116,16 @@ def test_default_sizes_long_cache(Lq, dtype, fast_calls, monkeypatch):
     segments = []
     original = decode._segment
     monkeypatch.setattr(decode, "_segment", lambda *a, **kw: segments.append(1) or original(*a, **kw))
+    splits = []
+    original_splits = decode._kernel_splits
+    monkeypatch.setattr(decode, "_kernel_splits", lambda *a: splits.append(original_splits(*a)) or splits[-1])
     (q, k, v), gen = _inputs(1, 8, 2, Lq, 70_001, dtype, seed=Lq, D=64, Dv=64)
     assert decode._sizes(qkv.core._spec.build_spec(q, k, v), batched=False)[1] < 70_001
     _check(q, k, v, causal=True)
     assert fast_calls
-    if Lq == 16:
+    if splits:  # the kernel: 2 work items (B * Hkv), so the cache is split for the threads
+        assert splits[0] >= 2, f"expected the cache split in several pieces, got {splits[0]}"
+    elif Lq == 16:
         assert len(segments) > 2, f"expected several segments of the cache, got {len(segments)}"
 
 
@@ -193,3 +224,51 @@ def test_auto_picks_decode_for_a_chunk_only_without_gradients():
     assert picked(8, decode.AUTO_MIN_KEYS_CHUNK, requires_grad=True) != "decode"
     assert picked(8, decode.AUTO_MIN_KEYS_CHUNK, dropout_p=0.1) != "decode"
     assert picked(8, decode.AUTO_MIN_KEYS_CHUNK, score_mod=lambda s, b, h, i, j: s) != "decode"
+
+
+# ------------------------------------------------------------------ the native kernel's edges
+# Head sizes around its vector widths (16 floats; 32 bfloat16 in the dot product), rows
+# around its tiles of 4, keys around its tiles (4 and 16) and blocks (64), and layouts.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D,Dv", [(72, 24), (80, 8), (40, 200), (128, 64), (16, 1)])
+def test_head_sizes(D, Dv, dtype):
+    (q, k, v), gen = _inputs(2, 6, 2, 2, 131, dtype, seed=D + Dv, D=D, Dv=Dv)
+    _check(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Hq,Hkv,Lq", [(3, 1, 1), (5, 1, 1), (10, 2, 1), (8, 1, 16), (4, 4, 5)])
+@pytest.mark.parametrize("Lk", [3, 63, 65, 129, 1100])
+def test_rows_and_keys_around_the_tiles(Hq, Hkv, Lq, Lk, dtype):
+    (q, k, v), gen = _inputs(1, Hq, Hkv, Lq, Lk, dtype, seed=Hq * 7 + Lk, D=64, Dv=64)
+    _check(q, k, v, causal=True)
+    _check(q, k, v, causal=True, window=(40, 0), sizes=(50, 7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cache_in_sequence_major_layout(dtype):
+    """k and v as (B, L, Hkv, D) storage seen as (B, Hkv, L, D): strided heads and keys."""
+    (q, k, v), gen = _inputs(2, 8, 2, 3, 300, dtype, seed=11, D=64, Dv=48)
+    k_t, v_t = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
+    assert k_t.stride() != k.stride() and torch.equal(k_t, k)
+    pad = _padding(2, 300, gen, lengths=[123, 300])
+    _check(q, k_t, v_t, mask=pad, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masks_per_head_and_bias_in_the_cache_dtype(dtype):
+    (q, k, v), gen = _inputs(2, 8, 2, 4, 257, dtype, seed=12)
+    allowed = torch.rand(2, 8, 4, 257, generator=gen) > 0.4
+    bias = torch.randn(1, 8, 1, 257, generator=gen).to(dtype)
+    _check(q, k, v, mask=allowed)
+    _check(q, k, v, mask=bias, causal=True)
+
+
+def test_one_thread(monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        (q, k, v), gen = _inputs(1, 8, 2, 1, 5000, torch.bfloat16, seed=13, D=64, Dv=64)
+        _check(q, k, v)
+    finally:
+        torch.set_num_threads(threads)

@@ -2,23 +2,31 @@
 
 A decode step reads every cached key and value once, so its speed limit is memory
 bandwidth, not arithmetic. The grouped-query heads of each key/value head are folded into
-the rows of one matrix product (Ainslie et al., 2023, GQA), so keys and values are read
-once per key/value head and never copied per query head. The cache is cut into segments
-whose partial softmax results (row max, row sum, weighted values) are merged through their
-running max, the FlashAttention-2 online softmax (Dao, 2023) applied over the cache as in
-Flash-Decoding (Dao, Haziza, Massa and Sizov, 2023, "Flash-Decoding for long-context
-inference"); a short cache is one segment, a long one with many query rows several, so the
-scores of one segment stay small.
+the rows of one problem (Ainslie et al., 2023, GQA), so keys and values are read once per
+key/value head and never copied per query head. The cache is cut into splits whose partial
+softmax results (row max, row sum, weighted values) are merged through their running max,
+the FlashAttention-2 online softmax (Dao, 2023) applied over the cache as in Flash-Decoding
+(Dao, Haziza, Massa and Sizov, 2023, "Flash-Decoding for long-context inference").
 
-The arithmetic is float32 (float64 for float64 inputs), as in the reference. bfloat16 and
-float16 caches are upcast one kv head and 4 MiB of float32 at a time into a reused buffer
-that stays in the processor's cache, so no float32 copy of the cache is ever made. Which matrix
-product runs is chosen by measurement on a 2-core AVX-512 CPU (benchmarks/decode.py,
-docs/benchmarks.md): with at most 4 rows per key/value head, one batched product of the
-keys with the queries (MKL is fast for that shape); with more rows, and for the weights
-times the values, oneDNN's matrix product (`torch.ops.mkldnn._linear_pointwise`, one call
-per key/value head), which MKL's small-row products trail by up to 3x. Without oneDNN, or
-in float64, `torch.matmul` does everything.
+Two engines compute the same thing:
+
+- The native kernel (csrc/decode_kernel.cpp, compiled on first use by `_kernels`) takes
+  float32 and bfloat16 caches: one pass over each split in blocks of 64 keys, the scores
+  of a block, its online-softmax update and its weighted values all in registers and L1,
+  bfloat16 widened in registers (or multiplied by the AVX512-BF16 dot product where the
+  processor has one), the next block's keys prefetched while this one's values are
+  summed; work items (batch row, kv head, split) on torch's OpenMP threads. It reaches
+  70-80% of the machine's measured read bandwidth on a 2-core AVX-512 CPU
+  (benchmarks/decode.py, docs/benchmarks.md).
+- The eager segments, for float16 and float64 caches, mask functions, and machines where
+  the kernel cannot be compiled (with a warning once): matrix products per segment, in
+  float32 (float64 for float64 inputs) as in the reference. bfloat16 and float16 caches
+  are upcast one kv head and 4 MiB of float32 at a time into a reused buffer that stays in
+  the processor's cache, so no float32 copy of the cache is ever made. With at most 4 rows
+  per key/value head, one batched product of the keys with the queries (MKL is fast for
+  that shape); with more rows, and for the weights times the values, oneDNN's matrix
+  product (`torch.ops.mkldnn._linear_pointwise`, one call per key/value head). Without
+  oneDNN, or in float64, `torch.matmul` does everything.
 
 This fast path runs without autograd, dropout or score functions (the inference case:
 optionally causal, windowed or masked, e.g. by a key-padding mask for rows of different
@@ -29,12 +37,13 @@ backward pass, dropout and score functions are the tiled backend's.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from . import tiled
+from . import _kernels, tiled
 from ._spec import AttentionSpec
 from .api import register_backend
 from .reference import compute_dtype
@@ -240,6 +249,13 @@ def _fast_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple
         out = torch.zeros(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
         return out, torch.full((B, Hq, Lq), float("-inf"), dtype=ct, device=q.device)
     q_rows = (q.to(ct) * spec.scale).reshape(B, Hkv, M, D)  # (B, Hkv, G*Lq, D): row g*Lq + i
+    if _kernel_applies(q, k, v, spec):
+        lib = _kernel_lib()
+        if lib is not None:
+            q16 = q.reshape(B, Hkv, M, D).contiguous() if q.dtype == torch.bfloat16 and lib.bf16_dot else None
+            out, lse = _kernel_forward(lib, q_rows, q16, k, v, spec, lo, hi)
+            return out.to(q.dtype), lse
+        _kernels.warn_unavailable("decode_kernel", "the decode backend runs its slower eager path")
     segment, upcast_keys = _sizes(spec, _batched(M, k, ct))
     state = None
     for j0, j1 in _pieces(spec, lo, hi, segment):
@@ -248,6 +264,96 @@ def _fast_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple
     out = acc / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))  # (B, Hkv, M, Dv)
     lse = row_max.masked_fill(torch.isneginf(row_max), 0.0) + torch.log(row_sum)  # (B, Hkv, M, 1)
     return out.view(B, Hq, Lq, Dv).to(q.dtype), lse.view(B, Hq, Lq)
+
+
+# ------------------------------------------------------------------ the native kernel
+_KERNEL_KINDS = {torch.float32: 0, torch.bfloat16: 1}
+_KERNEL_MIN_KEYS_PER_SPLIT = 1024
+
+
+def _kernel_applies(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> bool:
+    """The fused kernel (csrc/decode_kernel.cpp) takes float32 and bfloat16 CPU caches whose
+    rows are contiguous, under the band and dense masks; mask and block-mask functions, and
+    other dtypes, run the eager segments."""
+    return (q.device.type == "cpu" and k.dtype in _KERNEL_KINDS and v.dtype == k.dtype
+            and k.stride(-1) == 1 and v.stride(-1) == 1
+            and spec.mask_mod is None and spec.block_mask is None)
+
+
+def _kernel_splits(items: int, keys: int, threads: int) -> int:
+    """Splits of the cache per (batch row, kv head): enough work items to keep the threads
+    busy, each of at least _KERNEL_MIN_KEYS_PER_SPLIT keys; under `split_sizes`, pieces of
+    at most its segment length."""
+    if _override is not None:
+        return max(1, -(-keys // _override[0]))
+    return max(1, min(-(-4 * threads // items), keys // _KERNEL_MIN_KEYS_PER_SPLIT))
+
+
+def _i64(values) -> "ctypes.Array":
+    return (ctypes.c_int64 * len(values))(*[int(x) for x in values])
+
+
+def _kernel_forward(lib, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Tensor, spec: AttentionSpec,
+                    lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """The decode step in one fused pass over the cache: q_rows (B, Hkv, M, D) float32 and
+    scaled; q16 the same rows unscaled in bfloat16 for a bfloat16 cache where the processor
+    has a bfloat16 dot product (else None); k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv) float32, lse
+    (B, Hq, Lq) float32. Keys [lo, hi) are cut into S splits, run as B*Hkv*S work items on
+    torch's thread count, whose partial states are merged here through their row max."""
+    B, Hq, Hkv, G, Lq, Lk, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.Lk, spec.D, spec.Dv
+    M = G * Lq
+    threads = max(1, torch.get_num_threads())
+    S = _kernel_splits(B * Hkv, hi - lo, threads)
+    q_rows = q_rows.contiguous()
+    pos = torch.arange(Lq) + spec.offset  # (Lq,) each query's diagonal key
+    row_lo = pos - spec.left if spec.left is not None else torch.zeros(Lq, dtype=torch.long)
+    row_hi = pos + spec.right + 1 if spec.right is not None else torch.full((Lq,), Lk, dtype=torch.long)
+    row_lo, row_hi = row_lo.clamp(0, Lk).contiguous(), row_hi.clamp(0, Lk).contiguous()  # (Lq,) each
+    shape = (B, Hq, Lq, Lk)
+    allow = None if spec.bool_mask is None else spec.bool_mask.expand(shape)  # strides 0 where broadcast
+    bias = None if spec.float_mask is None else spec.float_mask.to(torch.float32).expand(shape)
+    out_m = torch.empty(B, Hkv, S, M)
+    out_l = torch.empty(B, Hkv, S, M)
+    out_acc = torch.empty(B, Hkv, S, M, Dv)
+    ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    rc = lib.qkv_decode_partials(
+        _KERNEL_KINDS[k.dtype], ptr(q_rows), ptr(q16), spec.scale, ptr(k), ptr(v), _i64(k.stride()[:3]), _i64(v.stride()[:3]),
+        B, Hkv, G, Lq, D, Dv, ptr(row_lo), ptr(row_hi),
+        ptr(allow), _i64(allow.stride() if allow is not None else (0,) * 4),
+        ptr(bias), _i64(bias.stride() if bias is not None else (0,) * 4),
+        lo, hi, S, ptr(out_m), ptr(out_l), ptr(out_acc), threads)
+    if rc != 0:
+        raise RuntimeError(f"qkv decode kernel failed with code {rc}")
+    if S == 1:
+        row_max, row_sum, acc = out_m[:, :, 0], out_l[:, :, 0], out_acc[:, :, 0]  # (B, Hkv, M[, Dv])
+    else:  # merge the splits through their row max
+        row_max = out_m.amax(dim=2)  # (B, Hkv, M)
+        ref = row_max.masked_fill(torch.isneginf(row_max), 0.0)
+        w = torch.exp(out_m - ref.unsqueeze(2))  # (B, Hkv, S, M); 0 where a split saw nothing
+        row_sum = (out_l * w).sum(dim=2)  # (B, Hkv, M)
+        acc = (out_acc * w.unsqueeze(-1)).sum(dim=2)  # (B, Hkv, M, Dv)
+    out = acc / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)).unsqueeze(-1)  # (B, Hkv, M, Dv)
+    lse = row_max.masked_fill(torch.isneginf(row_max), 0.0) + torch.log(row_sum)  # (B, Hkv, M)
+    return out.view(B, Hq, Lq, Dv), lse.view(B, Hq, Lq)
+
+
+_typed: set[int] = set()
+
+
+def _kernel_lib():
+    """The compiled csrc/decode_kernel.cpp with its ctypes signatures, or None (see _kernels)."""
+    lib = _kernels.load("decode_kernel")
+    if lib is None or id(lib) in _typed:
+        return lib
+    p, i64, i64p = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
+    lib.qkv_decode_partials.restype = ctypes.c_int
+    lib.qkv_decode_partials.argtypes = [
+        ctypes.c_int, p, p, ctypes.c_float, p, p, i64p, i64p, i64, i64, i64, i64, i64, i64, p, p, p, i64p, p, i64p,
+        i64, i64, i64, p, p, p, ctypes.c_int]
+    lib.qkv_decode_has_bf16_dot.restype = ctypes.c_int
+    lib.bf16_dot = bool(lib.qkv_decode_has_bf16_dot())
+    _typed.add(id(lib))
+    return lib
 
 
 def _fast_path_applies(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> bool:

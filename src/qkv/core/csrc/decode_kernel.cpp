@@ -1,0 +1,462 @@
+// qkv decode kernel: a few query rows against a long KV cache, fused in one pass.
+//
+// The algorithm is FlashAttention-2's online softmax (Dao, 2023) over blocks of cached keys,
+// split over the cache as in Flash-Decoding (Dao, Haziza, Massa and Sizov, 2023): every
+// (batch row, kv head, cache split) is a work item that reads its keys and values once, and
+// returns its partial softmax state (row max, row sum, weighted values relative to the row
+// max); Python merges the splits through their row max. The grouped query heads of a kv head
+// are the rows of one item (Ainslie et al., 2023, GQA), so a key is read once for all of them.
+//
+// Scores are formed in float32 from a float32 query and keys that are float32 or bfloat16
+// (widened in registers: a bfloat16 is the top half of a float32), so no wider copy of the
+// cache is ever written. No torch headers: the library is plain C++17 with GCC/Clang vector
+// extensions, compiled on first use by qkv/core/_kernels.py with the machine's compiler and
+// -march=native, loaded with ctypes (which releases the GIL for the call).
+//
+// Layouts (element strides, innermost dimension contiguous):
+//   q    (B, Hkv, M, D) float32, contiguous, already multiplied by the scale; row m = g*Lq + i
+//        is query head h*G + g, query i.
+//   k    (B, Hkv, Lk, D) and v (B, Hkv, Lk, Dv), strides kst/vst = (b, h, key).
+//   allow, bias: optional (b, hq, i, j) arrays with strides ast/bst (0 where broadcast).
+//   out_m, out_l (B, Hkv, S, M) and out_acc (B, Hkv, S, M, Dv), S = nsplit.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+typedef uint32_t u16v __attribute__((vector_size(64)));
+typedef uint16_t h16u __attribute__((vector_size(32), aligned(2)));
+
+constexpr int BK = 64;  // keys per block of the online softmax
+constexpr float NEG_INF = -INFINITY;
+
+inline v16 splat(float x) { return v16{} + x; }
+
+// 16 consecutive values at p as float32: float32 (kind 0) or bfloat16 widened (kind 1).
+template <int KIND>
+inline v16 load16(const void* p) {
+  if constexpr (KIND == 0) {
+    return *(const v16u*)p;
+  } else {
+#ifdef __AVX512F__
+    // One zero-extending load and a shift (GCC 12 splits the generic conversion in halves).
+    return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
+#else
+    u16v w = __builtin_convertvector(*(const h16u*)p, u16v) << 16;
+    return (v16)w;
+#endif
+  }
+}
+
+template <int KIND>
+inline float load1(const void* p) {
+  if constexpr (KIND == 0) {
+    return *(const float*)p;
+  } else {
+    uint32_t w = uint32_t(*(const uint16_t*)p) << 16;
+    float f;
+    std::memcpy(&f, &w, 4);
+    return f;
+  }
+}
+
+template <int KIND>
+inline const void* at(const void* base, int64_t elems) {
+  return (const char*)base + elems * (KIND == 0 ? 4 : 2);
+}
+
+inline float hsum(v16 a) {
+  float s = 0.0f;
+  for (int t = 0; t < 16; ++t) s += a[t];
+  return s;
+}
+
+// Sixteen accumulators -> the sixteen sums of their lanes, in order (a tree of shuffles).
+inline v16 reduce16(const v16* a) {
+  v16 t[8], u[4], w[2];
+  for (int p = 0; p < 8; ++p)
+    t[p] = __builtin_shuffle(a[2 * p], a[2 * p + 1], i16v{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
+           __builtin_shuffle(a[2 * p], a[2 * p + 1], i16v{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  for (int p = 0; p < 4; ++p)
+    u[p] = __builtin_shuffle(t[2 * p], t[2 * p + 1], i16v{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}) +
+           __builtin_shuffle(t[2 * p], t[2 * p + 1], i16v{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31});
+  for (int p = 0; p < 2; ++p)
+    w[p] = __builtin_shuffle(u[2 * p], u[2 * p + 1], i16v{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}) +
+           __builtin_shuffle(u[2 * p], u[2 * p + 1], i16v{2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31});
+  return __builtin_shuffle(w[0], w[1], i16v{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}) +
+         __builtin_shuffle(w[0], w[1], i16v{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+}
+
+// exp(x) for x <= 0 (scores minus their running max), Cephes' expf polynomial: about 1 ulp;
+// 0 below -87.3 (where exp underflows to subnormals) and for -inf.
+inline v16 vexp(v16 x) {
+  const v16 lo = splat(-87.33654f);
+  i16v tiny = x < lo;
+  x = x < lo ? lo : x;
+  v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v16 y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
+  v16 out = y * (v16)e;
+  return tiny ? splat(0.0f) : out;
+}
+
+inline float sexp(float x) { return x == NEG_INF ? 0.0f : std::exp(x); }
+
+// Ask for the cache lines of `rows` rows of `bytes` bytes each, `stride` bytes apart.
+inline void prefetch_rows(const void* base, int64_t rows, int64_t stride, int64_t bytes) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char*)base + r * stride + o, 0, 2);
+}
+
+struct Args {
+  const float* q;
+  const uint16_t* q16;  // the same rows unscaled in bfloat16, or null
+  float qscale;
+  const void* k;
+  const void* v;
+  int64_t kst[3], vst[3];
+  int64_t B, Hkv, G, Lq, D, Dv, M;
+  const int64_t* row_lo;
+  const int64_t* row_hi;
+  const uint8_t* allow;
+  int64_t ast[4];
+  const float* bias;
+  int64_t bst[4];
+  int64_t j0, j1, nsplit, split_len;
+  float* out_m;
+  float* out_l;
+  float* out_acc;
+};
+
+// s[r*BK + c] = q[m0 + r] . k[j + c] for RM rows and RK keys, RM*RK = 16.
+template <int KIND, int RM, int RK>
+inline void scores_tile(const float* q, int64_t D, const void* k, int64_t kstride, float* s) {
+  static_assert(RM * RK == 16, "one tile is sixteen dot products");
+  v16 acc[16];
+  for (int t = 0; t < 16; ++t) acc[t] = splat(0.0f);
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    v16 qv[RM];
+    for (int r = 0; r < RM; ++r) qv[r] = *(const v16u*)(q + r * D + d);
+    for (int c = 0; c < RK; ++c) {
+      v16 kv = load16<KIND>(at<KIND>(k, c * kstride + d));
+      for (int r = 0; r < RM; ++r) acc[r * RK + c] += qv[r] * kv;
+    }
+  }
+  v16 sums = reduce16(acc);
+  if (d < D) {  // a head size that is not a multiple of 16: the rest one by one
+    for (int r = 0; r < RM; ++r)
+      for (int c = 0; c < RK; ++c)
+        for (int64_t e = d; e < D; ++e) sums[r * RK + c] += q[r * D + e] * load1<KIND>(at<KIND>(k, c * kstride + e));
+  }
+  if constexpr (RM == 1) {
+    *(v16u*)s = sums;
+  } else {
+    float lanes[16];
+    *(v16u*)lanes = sums;
+    for (int r = 0; r < RM; ++r) std::memcpy(s + r * BK, lanes + r * RK, sizeof(float) * RK);
+  }
+}
+
+#ifdef __AVX512BF16__
+// The same tile for bfloat16 queries q16 and keys, with the processor's bfloat16 dot
+// product (pairs of exact products summed in float32), times `scale`.
+template <int RM, int RK>
+inline void scores_tile_bf16(const uint16_t* q16, int64_t D, const void* k, int64_t kstride, float scale, float* s) {
+  static_assert(RM * RK == 16, "one tile is sixteen dot products");
+  v16 acc[16];
+  for (int t = 0; t < 16; ++t) acc[t] = splat(0.0f);
+  int64_t d = 0;
+  for (; d + 32 <= D; d += 32) {
+    __m512bh qv[RM];
+    for (int r = 0; r < RM; ++r) qv[r] = (__m512bh)_mm512_loadu_si512(q16 + r * D + d);
+    for (int c = 0; c < RK; ++c) {
+      __m512bh kv = (__m512bh)_mm512_loadu_si512((const uint16_t*)k + c * kstride + d);
+      for (int r = 0; r < RM; ++r) acc[r * RK + c] = (v16)_mm512_dpbf16_ps((__m512)acc[r * RK + c], qv[r], kv);
+    }
+  }
+  for (; d + 16 <= D; d += 16)
+    for (int c = 0; c < RK; ++c) {
+      v16 kv = load16<1>((const uint16_t*)k + c * kstride + d);
+      for (int r = 0; r < RM; ++r) acc[r * RK + c] += load16<1>(q16 + r * D + d) * kv;
+    }
+  v16 sums = reduce16(acc);
+  for (; d < D; ++d)
+    for (int r = 0; r < RM; ++r)
+      for (int c = 0; c < RK; ++c)
+        sums[r * RK + c] += load1<1>(q16 + r * D + d) * load1<1>((const uint16_t*)k + c * kstride + d);
+  sums *= scale;
+  if constexpr (RM == 1) {
+    *(v16u*)s = sums;
+  } else {
+    float lanes[16];
+    *(v16u*)lanes = sums;
+    for (int r = 0; r < RM; ++r) std::memcpy(s + r * BK, lanes + r * RK, sizeof(float) * RK);
+  }
+}
+#endif
+
+template <int KIND>
+inline float dot1(const float* q, int64_t D, const void* k) {
+  v16 acc = splat(0.0f);
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) acc += *(const v16u*)(q + d) * load16<KIND>(at<KIND>(k, d));
+  float x = hsum(acc);
+  for (; d < D; ++d) x += q[d] * load1<KIND>(at<KIND>(k, d));
+  return x;
+}
+
+// acc[r] (Dv) += sum over the n keys of p[r*BK + c] * v[c], for RM rows.
+// While it reads key c's values it asks for row c of `pf` (pf_n rows of pf_bytes bytes,
+// pf_stride bytes apart; the next block's keys), so the two streams are fetched evenly.
+template <int KIND, int RM>
+inline void values_tile(const float* p, const void* v, int64_t vstride, int64_t n, int64_t Dv, float* acc,
+                        const char* pf, int64_t pf_n, int64_t pf_stride, int64_t pf_bytes) {
+  for (int64_t c = n; c < pf_n; ++c) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
+  int64_t d = 0;
+  for (; d + 64 <= Dv; d += 64) {
+    v16 o[RM][4];
+    for (int r = 0; r < RM; ++r)
+      for (int t = 0; t < 4; ++t) o[r][t] = *(const v16u*)(acc + r * Dv + d + 16 * t);
+    for (int64_t c = 0; c < n; ++c) {
+      if (d == 0 && c < pf_n) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
+      const void* row = at<KIND>(v, c * vstride + d);
+      v16 vv[4];
+      for (int t = 0; t < 4; ++t) vv[t] = load16<KIND>(at<KIND>(row, 16 * t));
+      for (int r = 0; r < RM; ++r) {
+        v16 pr = splat(p[r * BK + c]);
+        for (int t = 0; t < 4; ++t) o[r][t] += pr * vv[t];
+      }
+    }
+    for (int r = 0; r < RM; ++r)
+      for (int t = 0; t < 4; ++t) *(v16u*)(acc + r * Dv + d + 16 * t) = o[r][t];
+  }
+  for (; d + 16 <= Dv; d += 16) {
+    v16 o[RM];
+    for (int r = 0; r < RM; ++r) o[r] = *(const v16u*)(acc + r * Dv + d);
+    for (int64_t c = 0; c < n; ++c) {
+      if (d == 0 && c < pf_n) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
+      v16 vv = load16<KIND>(at<KIND>(v, c * vstride + d));
+      for (int r = 0; r < RM; ++r) o[r] += splat(p[r * BK + c]) * vv;
+    }
+    for (int r = 0; r < RM; ++r) *(v16u*)(acc + r * Dv + d) = o[r];
+  }
+  if (Dv < 16)
+    for (int64_t c = 0; c < n && c < pf_n; ++c) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
+  for (; d < Dv; ++d)
+    for (int r = 0; r < RM; ++r) {
+      float x = acc[r * Dv + d];
+      for (int64_t c = 0; c < n; ++c) x += p[r * BK + c] * load1<KIND>(at<KIND>(v, c * vstride + d));
+      acc[r * Dv + d] = x;
+    }
+}
+
+// One work item: batch row b, kv head h, keys [a, e) -> its partial softmax state.
+template <int KIND>
+void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<float>& sbuf) {
+  const int64_t M = A.M, D = A.D, Dv = A.Dv;
+  const int64_t item = (b * A.Hkv + h) * A.nsplit + split;
+  float* m_out = A.out_m + item * M;
+  float* l_out = A.out_l + item * M;
+  float* acc = A.out_acc + item * M * Dv;
+  for (int64_t m = 0; m < M; ++m) m_out[m] = NEG_INF, l_out[m] = 0.0f;
+  std::memset(acc, 0, sizeof(float) * M * Dv);
+
+  int64_t a = A.j0 + split * A.split_len, e = std::min(A.j1, a + A.split_len);
+  // Keys some row may see under the band.
+  int64_t lo = e, hi = a;
+  for (int64_t i = 0; i < A.Lq; ++i) {
+    lo = std::min(lo, std::max(a, A.row_lo[i]));
+    hi = std::max(hi, std::min(e, A.row_hi[i]));
+  }
+  const float* q = A.q + (b * A.Hkv + h) * M * D;
+  const uint16_t* q16 = A.q16 ? A.q16 + (b * A.Hkv + h) * M * D : nullptr;
+  (void)q16;  // read only by the bfloat16 dot product (AVX512-BF16)
+  const void* kb = at<KIND>(A.k, b * A.kst[0] + h * A.kst[1]);
+  const void* vb = at<KIND>(A.v, b * A.vst[0] + h * A.vst[1]);
+  const int64_t ks = A.kst[2], vs = A.vst[2], esize = KIND == 0 ? 4 : 2;
+  float* s = sbuf.data();  // (M, BK) scores, then probabilities, of one block
+
+  for (int64_t j = lo; j < hi; j += BK) {
+    const int64_t n = std::min<int64_t>(BK, hi - j);
+    const void* kj = at<KIND>(kb, j * ks);
+    const void* vj = at<KIND>(vb, j * vs);
+    // Scores: rows in fours against keys in fours, then single rows against sixteen keys.
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      int64_t c = 0;
+      for (; c + 4 <= n; c += 4) {
+        if (m == 0 && j + c + 4 <= hi) prefetch_rows(at<KIND>(vj, c * vs), 4, vs * esize, Dv * esize);
+#ifdef __AVX512BF16__
+        if (KIND == 1 && q16)
+          scores_tile_bf16<4, 4>(q16 + m * D, D, at<KIND>(kj, c * ks), ks, A.qscale, s + m * BK + c);
+        else
+#endif
+          scores_tile<KIND, 4, 4>(q + m * D, D, at<KIND>(kj, c * ks), ks, s + m * BK + c);
+      }
+      for (; c < n; ++c)
+        for (int r = 0; r < 4; ++r) s[(m + r) * BK + c] = dot1<KIND>(q + (m + r) * D, D, at<KIND>(kj, c * ks));
+    }
+    for (; m < M; ++m) {
+      int64_t c = 0;
+      for (; c + 16 <= n; c += 16) {
+        if (M < 4 && j + c + 16 <= hi) prefetch_rows(at<KIND>(vj, c * vs), 16, vs * esize, Dv * esize);
+#ifdef __AVX512BF16__
+        if (KIND == 1 && q16)
+          scores_tile_bf16<1, 16>(q16 + m * D, D, at<KIND>(kj, c * ks), ks, A.qscale, s + m * BK + c);
+        else
+#endif
+          scores_tile<KIND, 1, 16>(q + m * D, D, at<KIND>(kj, c * ks), ks, s + m * BK + c);
+      }
+      for (; c < n; ++c) s[m * BK + c] = dot1<KIND>(q + m * D, D, at<KIND>(kj, c * ks));
+    }
+    // Constraints, online softmax, and the rescaled accumulators.
+    for (m = 0; m < M; ++m) {
+      float* sr = s + m * BK;
+      const int64_t g = m / A.Lq, i = m % A.Lq, hq = h * A.G + g;
+      const int64_t rlo = A.row_lo[i], rhi = A.row_hi[i];
+      if (j < rlo || j + n > rhi)
+        for (int64_t c = 0; c < n; ++c)
+          if (j + c < rlo || j + c >= rhi) sr[c] = NEG_INF;
+      if (A.allow) {
+        const uint8_t* ar = A.allow + b * A.ast[0] + hq * A.ast[1] + i * A.ast[2] + j * A.ast[3];
+        for (int64_t c = 0; c < n; ++c)
+          if (!ar[c * A.ast[3]]) sr[c] = NEG_INF;
+      }
+      if (A.bias) {
+        const float* br = A.bias + b * A.bst[0] + hq * A.bst[1] + i * A.bst[2] + j * A.bst[3];
+        for (int64_t c = 0; c < n; ++c) sr[c] += br[c * A.bst[3]];
+      }
+      float mx = NEG_INF;
+      int64_t c = 0;
+      if (n >= 16) {
+        v16 mv = *(v16u*)sr;
+        for (c = 16; c + 16 <= n; c += 16) {
+          v16 x = *(v16u*)(sr + c);
+          mv = x > mv ? x : mv;
+        }
+        for (int t = 0; t < 16; ++t) mx = mv[t] > mx ? mv[t] : mx;
+      }
+      for (; c < n; ++c) mx = sr[c] > mx ? sr[c] : mx;
+      const float old = m_out[m], now = mx > old ? mx : old;
+      if (now == NEG_INF) {  // nothing seen yet: this block adds nothing
+        for (int64_t c = 0; c < BK; ++c) sr[c] = 0.0f;
+        continue;
+      }
+      if (now > old) {
+        const float alpha = sexp(old - now);
+        l_out[m] *= alpha;
+        float* ar = acc + m * Dv;
+        for (int64_t d = 0; d < Dv; ++d) ar[d] *= alpha;
+        m_out[m] = now;
+      }
+      float sum = 0.0f;
+      c = 0;
+      v16 vs16 = splat(0.0f);
+      for (; c + 16 <= n; c += 16) {
+        v16 pv = vexp(*(v16u*)(sr + c) - now);
+        *(v16u*)(sr + c) = pv;
+        vs16 += pv;
+      }
+      sum = hsum(vs16);
+      for (; c < n; ++c) sum += (sr[c] = sexp(sr[c] - now));
+      for (; c < BK; ++c) sr[c] = 0.0f;
+      l_out[m] += sum;
+    }
+    // Weighted values, while the next block's keys are fetched.
+    const int64_t next = std::min<int64_t>(BK, std::max<int64_t>(0, hi - j - BK));
+    const char* pf = (const char*)at<KIND>(kj, BK * ks);
+    for (m = 0; m + 4 <= M; m += 4)
+      values_tile<KIND, 4>(s + m * BK, vj, vs, n, Dv, acc + m * Dv, pf, m == 0 ? next : 0, ks * esize, D * esize);
+    for (; m < M; ++m)
+      values_tile<KIND, 1>(s + m * BK, vj, vs, n, Dv, acc + m * Dv, pf, m == 0 ? next : 0, ks * esize, D * esize);
+  }
+}
+
+template <int KIND>
+void run_all(const Args& A, int nthreads) {
+  const int64_t items = A.B * A.Hkv * A.nsplit;
+  auto worker = [&](int t) {
+    std::vector<float> sbuf(A.M * BK);
+    for (int64_t it = t; it < items; it += nthreads) {
+      const int64_t split = it % A.nsplit, bh = it / A.nsplit;
+      run_item<KIND>(A, bh / A.Hkv, bh % A.Hkv, split, sbuf);
+    }
+  };
+#ifdef _OPENMP
+  // torch's own OpenMP runtime (libgomp.so.1 is already loaded by torch, and the loader
+  // reuses it), so the kernel runs on the threads torch's operators use and leave spinning.
+#pragma omp parallel num_threads(nthreads)
+  worker(omp_get_thread_num());
+#else
+  std::vector<std::thread> pool;
+  for (int t = 1; t < nthreads; ++t) pool.emplace_back(worker, t);
+  worker(0);
+  for (auto& th : pool) th.join();
+#endif
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0 on success, 1 for an unknown dtype kind. The caller checks shapes and strides.
+int qkv_decode_partials(int kind, const float* q, const uint16_t* q16, float qscale, const void* k, const void* v, const int64_t* kst,
+                        const int64_t* vst, int64_t B, int64_t Hkv, int64_t G, int64_t Lq, int64_t D, int64_t Dv,
+                        const int64_t* row_lo, const int64_t* row_hi, const uint8_t* allow, const int64_t* ast,
+                        const float* bias, const int64_t* bst, int64_t j0, int64_t j1, int64_t nsplit,
+                        float* out_m, float* out_l, float* out_acc, int nthreads) {
+  Args A;
+  A.q = q, A.q16 = q16, A.qscale = qscale, A.k = k, A.v = v;
+  for (int t = 0; t < 3; ++t) A.kst[t] = kst[t], A.vst[t] = vst[t];
+  A.B = B, A.Hkv = Hkv, A.G = G, A.Lq = Lq, A.D = D, A.Dv = Dv, A.M = G * Lq;
+  A.row_lo = row_lo, A.row_hi = row_hi;
+  A.allow = allow, A.bias = bias;
+  for (int t = 0; t < 4; ++t) A.ast[t] = allow ? ast[t] : 0, A.bst[t] = bias ? bst[t] : 0;
+  A.j0 = j0, A.j1 = j1, A.nsplit = nsplit < 1 ? 1 : nsplit;
+  A.split_len = (j1 - j0 + A.nsplit - 1) / A.nsplit;
+  if (A.split_len < 1) A.split_len = 1;
+  A.out_m = out_m, A.out_l = out_l, A.out_acc = out_acc;
+  if (nthreads < 1) nthreads = 1;
+  if (kind == 0) {
+    run_all<0>(A, nthreads);
+  } else if (kind == 1) {
+    run_all<1>(A, nthreads);
+  } else {
+    return 1;
+  }
+  return 0;
+}
+
+// The kernel's interface version, checked by the loader.
+int qkv_decode_version() { return 2; }
+
+// Whether bfloat16 scores use the processor's bfloat16 dot product (then pass q16).
+int qkv_decode_has_bf16_dot() {
+#ifdef __AVX512BF16__
+  return 1;
+#else
+  return 0;
+#endif
+}
+}
