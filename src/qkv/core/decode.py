@@ -305,20 +305,19 @@ def _kernel_forward(lib, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Te
     threads = max(1, torch.get_num_threads())
     S = _kernel_splits(B * Hkv, hi - lo, threads)
     q_rows = q_rows.contiguous()
-    pos = torch.arange(Lq) + spec.offset  # (Lq,) each query's diagonal key
-    row_lo = pos - spec.left if spec.left is not None else torch.zeros(Lq, dtype=torch.long)
-    row_hi = pos + spec.right + 1 if spec.right is not None else torch.full((Lq,), Lk, dtype=torch.long)
-    row_lo, row_hi = row_lo.clamp(0, Lk).contiguous(), row_hi.clamp(0, Lk).contiguous()  # (Lq,) each
+    # Each query's band of keys [row_lo, row_hi), from its diagonal key offset + i, in one
+    # (2 * Lq,) tensor: few small torch calls, as a decode step is short.
+    lows = [0 if spec.left is None else min(max(spec.offset + i - spec.left, 0), Lk) for i in range(Lq)]
+    highs = [Lk if spec.right is None else min(max(spec.offset + i + spec.right + 1, 0), Lk) for i in range(Lq)]
+    band = torch.tensor(lows + highs, dtype=torch.long)  # (2 * Lq,): row_lo then row_hi
     shape = (B, Hq, Lq, Lk)
     allow = None if spec.bool_mask is None else spec.bool_mask.expand(shape)  # strides 0 where broadcast
     bias = None if spec.float_mask is None else spec.float_mask.to(torch.float32).expand(shape)
-    out_m = torch.empty(B, Hkv, S, M)
-    out_l = torch.empty(B, Hkv, S, M)
-    out_acc = torch.empty(B, Hkv, S, M, Dv)
+    out_m, out_l, out_acc = torch.empty(B, Hkv, S, M), torch.empty(B, Hkv, S, M), torch.empty(B, Hkv, S, M, Dv)
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
     rc = lib.qkv_decode_partials(
         _KERNEL_KINDS[k.dtype], ptr(q_rows), ptr(q16), spec.scale, ptr(k), ptr(v), _i64(k.stride()[:3]), _i64(v.stride()[:3]),
-        B, Hkv, G, Lq, D, Dv, ptr(row_lo), ptr(row_hi),
+        B, Hkv, G, Lq, D, Dv, ptr(band), ctypes.c_void_p(band.data_ptr() + 8 * Lq),
         ptr(allow), _i64(allow.stride() if allow is not None else (0,) * 4),
         ptr(bias), _i64(bias.stride() if bias is not None else (0,) * 4),
         lo, hi, S, ptr(out_m), ptr(out_l), ptr(out_acc), threads)
@@ -332,8 +331,11 @@ def _kernel_forward(lib, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Te
         w = torch.exp(out_m - ref.unsqueeze(2))  # (B, Hkv, S, M); 0 where a split saw nothing
         row_sum = (out_l * w).sum(dim=2)  # (B, Hkv, M)
         acc = (out_acc * w.unsqueeze(-1)).sum(dim=2)  # (B, Hkv, M, Dv)
-    out = acc / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)).unsqueeze(-1)  # (B, Hkv, M, Dv)
-    lse = row_max.masked_fill(torch.isneginf(row_max), 0.0) + torch.log(row_sum)  # (B, Hkv, M)
+    # A row that saw a key has row_sum >= 1 (its largest score contributes exp(0)); one that
+    # saw none has row_sum = 0 and acc = 0, so dividing by max(row_sum, 1) gives it zeros,
+    # and its lse is -inf + log(0) = -inf.
+    out = acc / row_sum.clamp_min(1.0).unsqueeze(-1)  # (B, Hkv, M, Dv)
+    lse = row_max + torch.log(row_sum)  # (B, Hkv, M)
     return out.view(B, Hq, Lq, Dv), lse.view(B, Hq, Lq)
 
 
