@@ -211,19 +211,27 @@ def test_auto_picks_decode_for_a_chunk_only_without_gradients():
     from qkv.core import choose_backend
     from qkv.core._spec import build_spec
 
-    def picked(Lq, Lk, requires_grad=False, **kw):
-        q = torch.zeros(1, 8, Lq, 16, requires_grad=requires_grad)
-        k = torch.zeros(1, 2, Lk, 16)
+    def picked(Lq, Lk, requires_grad=False, dtype=torch.float32, **kw):
+        q = torch.zeros(1, 8, Lq, 16, requires_grad=requires_grad, dtype=dtype)
+        k = torch.zeros(1, 2, Lk, 16, dtype=dtype)
         return choose_backend(build_spec(q, k, k, causal=True, **kw), q, False)
 
-    assert picked(1, decode.AUTO_MIN_KEYS) == "decode"
-    assert picked(8, decode.AUTO_MIN_KEYS_CHUNK) == "decode"
-    assert picked(16, decode.AUTO_MIN_KEYS_CHUNK) == "decode"
-    assert picked(8, decode.AUTO_MIN_KEYS_CHUNK - 1) != "decode"
-    assert picked(17, decode.AUTO_MIN_KEYS_CHUNK) != "decode"
-    assert picked(8, decode.AUTO_MIN_KEYS_CHUNK, requires_grad=True) != "decode"
-    assert picked(8, decode.AUTO_MIN_KEYS_CHUNK, dropout_p=0.1) != "decode"
-    assert picked(8, decode.AUTO_MIN_KEYS_CHUNK, score_mod=lambda s, b, h, i, j: s) != "decode"
+    # Without gradients for q: by cache bytes on the kernel, by cache length on the eager path.
+    for dtype in (torch.float32, torch.bfloat16):
+        for Lq in (1, 8, 16):
+            if _ENGINE["name"] == "kernel":
+                least = decode.KERNEL_AUTO_MIN_BYTES[dtype][0 if Lq == 1 else 1]
+                first = -(-least // (2 * (16 + 16) * dtype.itemsize))  # keys of 2 kv heads, D = Dv = 16
+            else:
+                first = decode.AUTO_MIN_KEYS if Lq == 1 else decode.AUTO_MIN_KEYS_CHUNK
+            assert picked(Lq, first, dtype=dtype) == "decode", (dtype, Lq, first)
+            assert picked(Lq, first - 1, dtype=dtype) != "decode", (dtype, Lq, first)
+    big = 4 * decode.AUTO_MIN_KEYS_CHUNK
+    assert picked(17, big) != "decode"
+    assert picked(8, big, requires_grad=True) != "decode"
+    assert picked(1, decode.AUTO_MIN_KEYS, requires_grad=True) == "decode"  # one query: the tiled fallback
+    assert picked(8, big, dropout_p=0.1) != "decode"
+    assert picked(8, big, score_mod=lambda s, b, h, i, j: s) != "decode"
 
 
 # ------------------------------------------------------------------ the native kernel's edges

@@ -6,6 +6,8 @@ same on its eager path. (The kernel's numbers are checked in test_decode.)
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -57,3 +59,7 @@ def test_kernel_build_is_cached_atomic_and_reports_failures(tmp_path, monkeypatc
     monkeypatch.setattr(_kernels, "_loaded", {})
     assert _kernels.load("decode_kernel") is None
     assert _kernels.status("decode_kernel") == "turned off by QKV_NO_KERNELS"
+    monkeypatch.setattr(_kernels, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning
+        _kernels.warn_unavailable("decode_kernel", "eager")

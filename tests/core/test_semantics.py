@@ -224,6 +224,7 @@ def test_decode_backend_chunk_against_cache_and_its_limits():
     k4, v4 = (t.repeat_interleave(4, dim=1) for t in (k, v))  # (1, 8, 3000, 8): each query head's kv head
     expected = _dense(q, k4, v4, j <= i + 2995)  # bottom-right: the chunk sees the cache and its past
     torch.testing.assert_close(qkv.attention(q, k, v, causal=True, backend="decode"), expected, atol=1e-5, rtol=1e-5)
-    assert choose_backend(build_spec(q[:, :, :1], k, v, causal=True), q, False) == "decode"
+    one, cache = q[:, :, :1], torch.zeros(1, 2, 32768, 8)  # one new query against a long cache (4 MiB)
+    assert choose_backend(build_spec(one, cache, cache, causal=True), one, False) == "decode"
     with pytest.raises(ValueError, match="at most 16 queries.*backend='tiled'"):
         qkv.attention(*_qkv(Lq=17, Lk=3000), backend="decode")

@@ -10,7 +10,7 @@ interrupted builds never leave a broken library behind.
 
 Where no compiler is found or the build fails, `load` returns None and `status` says why;
 callers then run their eager path and warn once (never silently). `QKV_NO_KERNELS=1`
-turns the native kernels off.
+turns the native kernels off (without a warning: the user asked for it).
 """
 
 from __future__ import annotations
@@ -120,8 +120,9 @@ def status(name: str) -> str:
 
 
 def warn_unavailable(name: str, what: str) -> None:
-    """Warn once per kernel that `what` runs without its native kernel, and why."""
-    if name in _warned:
+    """Warn once per kernel that `what` runs without its native kernel, and why; not where
+    the user turned kernels off with QKV_NO_KERNELS (they asked for it)."""
+    if name in _warned or os.environ.get("QKV_NO_KERNELS", "") not in ("", "0"):
         return
     _warned.add(name)
     warnings.warn(f"qkv: the native {name} kernel is unavailable ({status(name)}); {what}",

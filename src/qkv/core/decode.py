@@ -51,6 +51,8 @@ from .reference import compute_dtype
 MAX_QUERIES = 16  # more new tokens than this per sequence: use the tiled backend
 AUTO_MIN_KEYS = 2048  # below this the cache is too short for the bandwidth to matter
 AUTO_MIN_KEYS_CHUNK = 8192  # the same for a chunk of 2 to 16 new queries
+# With the native kernel: bytes of keys and values read, (one query, a chunk of 2 to 16); see auto_rule
+KERNEL_AUTO_MIN_BYTES = {torch.float32: (3 << 20, 2 << 20), torch.bfloat16: (128 << 10, 512 << 10)}
 _CHUNK_ENTRIES = 1 << 20  # tiled fallback: score entries (B x Hq x Lq x chunk) per cache chunk
 _SEGMENT_ENTRIES = 1 << 20  # fast path: score entries per segment (see _sizes), 4 MiB in float32
 _UPCAST_BYTES = 1 << 22  # fast path: float32 bytes of one upcast chunk of one kv head's keys (or values)
@@ -387,19 +389,32 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
 def auto_rule(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
     """`auto` sends decode steps against a long cache here.
 
-    Measured with `python benchmarks/decode.py --lengths 4096 32768 131072 --queries 1 8 16`
-    (B=1, Hq=32, Hkv=8, D=128; docs/benchmarks.md): one query per sequence beat SDPA at
-    every cache length from 4096 on, 2.2x to 4.7x in float32 and 5.1x to 9.0x in bfloat16;
-    8 and 16 causal queries beat it by 2.2x to 2.7x from 32768 keys on, but only by 0.98x to
-    1.34x at 4096. So: one query from AUTO_MIN_KEYS cached keys on; up to MAX_QUERIES from
-    AUTO_MIN_KEYS_CHUNK on, when the no-grad fast path applies (no score function, no
-    dropout, no gradient wanted for q).
+    With the native kernel (float32 or bfloat16 on the CPU, no mask function, no gradient
+    for q), by the bytes of keys and values a step reads. Measured twice each with `python
+    benchmarks/decode.py --lengths 256 1024 2048 4096 --queries 1 8 16 --repeats 5`, at
+    B=1, Hq=32, Hkv=8, D=128 and with `--heads 8 --kv-heads 2 --dim 64` (docs/benchmarks.md),
+    as SDPA time / decode time: float32, one query: 0.83x-1.03x at 2 MiB of cache, 1.42x-1.55x
+    at 4 MiB, 1.76x at 8 MiB; float32, 8 or 16 queries: 0.96x-1.12x at 1 MiB, 1.08x-1.34x at
+    2 MiB; bfloat16, where SDPA is slow for one query: 1.78x-1.92x at 128 KiB; bfloat16, 8 or
+    16 queries: 0.71x-0.91x at 128 KiB, 1.38x-1.47x at 512 KiB. Hence KERNEL_AUTO_MIN_BYTES.
+
+    Without the kernel (eager segments), measured with `python benchmarks/decode.py
+    --lengths 4096 32768 131072 --queries 1 8 16` before the kernel: one query beat SDPA
+    from 4096 keys on (2.2x-4.7x float32, 5.1x-9.0x bfloat16); 8 and 16 causal queries by
+    2.2x-2.7x from 32768 keys on, but only 0.98x-1.34x at 4096. So: one query from
+    AUTO_MIN_KEYS cached keys on; up to MAX_QUERIES from AUTO_MIN_KEYS_CHUNK on, when the
+    no-grad fast path applies.
     """
-    if spec.dropout_p > 0.0 or spec.Lq > MAX_QUERIES:
+    if spec.dropout_p > 0.0 or spec.Lq > MAX_QUERIES or spec.Lk == 0:
         return None
+    fast = spec.score_mod is None and not (torch.is_grad_enabled() and q.requires_grad)
+    if (fast and q.device.type == "cpu" and q.dtype in KERNEL_AUTO_MIN_BYTES and spec.mask_mod is None
+            and spec.block_mask is None and _kernel_lib() is not None):
+        nbytes = spec.B * spec.Hkv * spec.Lk * (spec.D + spec.Dv) * q.element_size()
+        one, chunk = KERNEL_AUTO_MIN_BYTES[q.dtype]
+        return "decode" if nbytes >= (one if spec.Lq == 1 else chunk) else None
     if spec.Lq == 1 and spec.Lk >= AUTO_MIN_KEYS:
         return "decode"
-    fast = spec.score_mod is None and not (torch.is_grad_enabled() and q.requires_grad)
     if fast and spec.Lk >= AUTO_MIN_KEYS_CHUNK:
         return "decode"
     return None
