@@ -25,6 +25,7 @@ def _inputs(B, Hq, Hkv, Lq, Lk, dtype, seed, D=32, Dv=24):
 
 def test_a_missing_kernel_warns_once_and_runs_eager(monkeypatch, recwarn):
     """Without the kernel the backend says so, once, and computes the same on its eager path."""
+    monkeypatch.delenv("QKV_NO_KERNELS", raising=False)
     monkeypatch.setattr(_kernels, "_loaded", {"decode_kernel": None})
     monkeypatch.setattr(_kernels, "_why", {"decode_kernel": "no C++ compiler found (test)"})
     monkeypatch.setattr(_kernels, "_warned", set())
