@@ -13,14 +13,7 @@ import torch
 
 import qkv
 from qkv.core import _kernels, decode
-
-
-def _inputs(B, Hq, Hkv, Lq, Lk, dtype, seed, D=32, Dv=24):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
-    k = torch.randn(B, Hkv, Lk, D, generator=gen, dtype=torch.float64)
-    v = torch.randn(B, Hkv, Lk, Dv, generator=gen, dtype=torch.float64)
-    return [t.to(dtype) for t in (q, k, v)], gen
+from test_decode import _inputs
 
 
 def test_a_missing_kernel_warns_once_and_runs_eager(monkeypatch, recwarn):
