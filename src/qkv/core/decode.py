@@ -15,9 +15,11 @@ Two engines compute the same thing:
   of a block, its online-softmax update and its weighted values all in registers and L1,
   bfloat16 widened in registers (or multiplied by the AVX512-BF16 dot product where the
   processor has one), the next block's keys prefetched while this one's values are
-  summed; work items (batch row, kv head, split) on torch's OpenMP threads. It reaches
-  70-80% of the machine's measured read bandwidth on a 2-core AVX-512 CPU
-  (benchmarks/decode.py, docs/benchmarks.md).
+  summed; work items (batch row, kv head, split) on torch's OpenMP threads. On a 2-core
+  AVX-512 CPU it reads the cache at 73-88% of the memory-read bandwidth measured in the
+  same run while memory reads at about 45 GB/s, and at 59-76% when it reads at about
+  75 GB/s, where its arithmetic (64 512-bit multiply-adds per key for 4 float32 rows of
+  128) is the limit (benchmarks/decode.py, docs/benchmarks.md).
 - The eager segments, for float16 and float64 caches, mask functions, and machines where
   the kernel cannot be compiled (with a warning once): matrix products per segment, in
   float32 (float64 for float64 inputs) as in the reference. bfloat16 and float16 caches
