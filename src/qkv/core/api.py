@@ -50,7 +50,7 @@ def choose_backend(spec: AttentionSpec, q: Tensor, need_lse: bool) -> str:
         name = rule(spec, q, need_lse)
         if name is not None and _BACKENDS[name].unsupported(spec, q, need_lse) is None:
             return name
-    if sdpa.unsupported(spec, q, need_lse) is None and sdpa.mask_entries(spec) <= sdpa.AUTO_MAX_MASK_ENTRIES:
+    if sdpa.unsupported(spec, q, need_lse) is None and sdpa.mask_entries(spec, q) <= sdpa.AUTO_MAX_MASK_ENTRIES:
         return "sdpa"
     reason = tiled.unsupported(spec, q, need_lse)
     if reason is None:

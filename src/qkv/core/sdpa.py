@@ -4,8 +4,14 @@ torch.nn.functional.scaled_dot_product_attention dispatches to a fused FlashAtte
 kernel (on CPU: a tiled C++ kernel), so it is the fastest exact path wherever it can honour
 the arguments. Two differences from qkv's contract are bridged here:
 
-- its `is_causal` is aligned to the top left; qkv aligns to the bottom right, so when
-  Lq != Lk the causal band is passed as an explicit mask;
+- its `is_causal` is aligned to the top left; qkv aligns to the bottom right. A plain causal
+  chunk of Lq < Lk queries (chunked prefill) on the CPU is split without a mask: the queries
+  against the Lk - Lq prefix keys, which every query sees, and against the last Lq keys with
+  the square (top-left = bottom-right) causal mask, two calls of the fused CPU kernel merged
+  by their log-sum-exp as in blockwise/ring attention (Liu, Zaharia and Abbeel, 2023, "Ring
+  Attention with Blockwise Transformers"; FlashAttention-2's lse merge, Dao, 2023); its
+  backward is the kernel's backward of each part with the merged output and lse. Any other
+  band with Lq != Lk (windows, Lq > Lk, other devices, D != Dv) is passed as an explicit mask;
 - a row that may attend to nothing must give zeros: such rows are given one harmless key
   and their output is zeroed afterwards, which keeps gradients finite too.
 
@@ -33,9 +39,33 @@ def _needs_dense_mask(spec: AttentionSpec) -> bool:
     return spec.has_dense_constraints or (spec.banded and not band_only_causal)
 
 
-def mask_entries(spec: AttentionSpec) -> int:
-    """Entries of the mask SDPA would need: 0 when it needs none."""
-    if not _needs_dense_mask(spec):
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_cpu_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _splits_causal(spec: AttentionSpec, q: Tensor) -> bool:
+    """Whether the bottom-right causal case Lq < Lk runs as two mask-free calls (see module doc)."""
+    return (
+        spec.left is None
+        and spec.right == 0  # the causal band, from causal=True or window=(None, 0)
+        and 0 < spec.Lq < spec.Lk
+        and not spec.has_dense_constraints
+        and spec.score_mod is None
+        and spec.dropout_p == 0.0
+        and spec.D == spec.Dv  # the fused CPU kernel wants one head size for q, k and v
+        and q.device.type == "cpu"
+        and _flash_cpu is not None
+        and _flash_cpu_backward is not None
+    )
+
+
+def mask_entries(spec: AttentionSpec, q: Optional[Tensor] = None) -> int:
+    """Entries of the mask SDPA would need for these arguments: 0 when it needs none.
+
+    q (B, Hq, Lq, D) tells whether the mask-free causal split applies (it needs the CPU);
+    without it the count is the dense mask's, as if the split could not run.
+    """
+    if not _needs_dense_mask(spec) or (q is not None and _splits_causal(spec, q)):
         return 0
     b = spec.B if _varies(spec, 0) else 1
     h = spec.Hq if _varies(spec, 1) else 1
@@ -65,6 +95,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
     if reason:
         raise ValueError(reason)
     gqa = spec.Hkv != spec.Hq
+    if _splits_causal(spec, q):
+        return split_causal(q, k, v, spec.scale), None
     if not _needs_dense_mask(spec):
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=spec.dropout_p, is_causal=spec.causal, scale=spec.scale, enable_gqa=gqa
@@ -94,3 +126,80 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
     if empty_rows is not None and bool(empty_rows.any()):
         out = out.masked_fill(empty_rows, 0.0)
     return out, None
+
+
+def split_causal(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Bottom-right causal attention for 0 < Lq < Lk with no mask: prefix and square part merged by lse.
+
+    Args:
+        q: queries (B, Hq, Lq, D) on the CPU; Hq a multiple of Hkv (query head h*G + g, for
+            g < G = Hq // Hkv, uses key/value head h, as `enable_gqa` and the reference).
+        k: keys (B, Hkv, Lk, D), Lk > Lq; any strides (a KV cache's view is read in place).
+        v: values (B, Hkv, Lk, D): the fused CPU kernel needs Dv == D.
+        scale: multiplies the scores.
+
+    Returns:
+        out (B, Hq, Lq, D) in q's dtype; query i sees keys 0 .. Lk - Lq + i. Differentiable in
+        q, k and v (once: the kernel's backward has no derivative of its own).
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if not 0 < Lq < Lk or v.shape[-1] != D or Hkv == 0 or Hq % Hkv or B == 0 or q.device.type != "cpu":
+        raise ValueError(
+            f"split_causal needs CPU tensors with 0 < Lq < Lk, Dv == D, B > 0 and Hq a positive "
+            f"multiple of Hkv; got q {tuple(q.shape)} on {q.device.type}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}. Use qkv.attention(..., causal=True), which picks a path that fits"
+        )
+    return _SplitCausal.apply(q, k, v, scale)
+
+
+def _fold(t: Tensor, Hkv: int) -> Tensor:
+    """(B, Hq, Lq, X) -> (B, Hkv, G*Lq, X): query heads h*G .. h*G+G-1 become rows of kv head h."""
+    B, Hq, Lq, X = t.shape
+    return t.reshape(B, Hkv, (Hq // Hkv) * Lq, X)  # a copy only if t's heads are not contiguous
+
+
+class _SplitCausal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        B, Hq, Lq, _ = q.shape
+        Hkv, P = k.shape[1], k.shape[2] - Lq  # P >= 1 prefix keys, seen by every query
+        # 1. The prefix: no mask, so rows are independent and the G query heads of a kv head
+        #    fold into its rows; keys and values are read once per kv head, never copied.
+        out_pre, lse_pre = _flash_cpu(_fold(q, Hkv), k[:, :, :P], v[:, :, :P], 0.0, False, scale=scale)
+        out_pre = out_pre.reshape(B, Hq, Lq, -1)  # (B, Hkv, G*Lq, D) -> (B, Hq, Lq, D)
+        lse_pre = lse_pre.reshape(B, Hq, Lq)  # (B, Hkv, G*Lq) -> (B, Hq, Lq)
+        # 2. The last Lq keys: a square causal block, where top-left equals bottom-right; the
+        #    kernel maps query head h*G + g to kv head h itself.
+        out_sq, lse_sq = _flash_cpu(q, k[:, :, P:], v[:, :, P:], 0.0, True, scale=scale)
+        # The kernel's lse is float32 for bfloat16/float16 and float64 for float64; merge in
+        # it: out = sum_r exp(lse_r - lse) out_r, lse = log(exp(lse_pre) + exp(lse_sq)).
+        ct = lse_sq.dtype
+        lse = torch.logaddexp(lse_pre, lse_sq)  # (B, Hq, Lq); finite: each part has a key per row
+        out = (torch.exp(lse_pre - lse).unsqueeze(-1) * out_pre.to(ct)
+               + torch.exp(lse_sq - lse).unsqueeze(-1) * out_sq.to(ct)).to(q.dtype)  # (B, Hq, Lq, D)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        # Each part's gradient is the kernel's backward run with the *merged* out and lse: its
+        # weights exp(s - lse) are then the full softmax's restricted to the part's keys, and
+        # the row term sum(dO * O) is the full attention's (as in ring attention's backward).
+        q, k, v, out, lse = ctx.saved_tensors
+        Hkv, Lq = k.shape[1], q.shape[2]
+        P = k.shape[2] - Lq
+        grad_out = grad_out.contiguous()  # out.sum()'s gradient arrives expanded (stride 0)
+        dq_pre, dk_pre, dv_pre = _flash_cpu_backward(
+            _fold(grad_out, Hkv), _fold(q, Hkv), k[:, :, :P], v[:, :, :P], _fold(out, Hkv),
+            lse.reshape(lse.shape[0], Hkv, -1), 0.0, False, scale=ctx.scale)  # lse (B, Hkv, G*Lq)
+        dq_sq, dk_sq, dv_sq = _flash_cpu_backward(
+            grad_out, q, k[:, :, P:], v[:, :, P:], out, lse, 0.0, True, scale=ctx.scale)
+        need_q, need_k, need_v, _ = ctx.needs_input_grad
+        # The two parts of dq are summed in lse's dtype (float32 for bfloat16), rounded once.
+        dq = (dq_pre.reshape(q.shape).to(lse.dtype) + dq_sq.to(lse.dtype)).to(q.dtype) if need_q else None
+        dk = torch.cat([dk_pre, dk_sq], dim=2) if need_k else None  # (B, Hkv, Lk, D)
+        dv = torch.cat([dv_pre, dv_sq], dim=2) if need_v else None  # (B, Hkv, Lk, D)
+        return dq, dk, dv, None
