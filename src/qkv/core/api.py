@@ -45,7 +45,18 @@ def backends() -> list[str]:
 
 
 def choose_backend(spec: AttentionSpec, q: Tensor, need_lse: bool) -> str:
-    """The backend `auto` runs for these arguments."""
+    """The backend `auto` runs for these arguments.
+
+    Args:
+        spec: the validated arguments (`build_spec`); q: the queries (B, Hq, Lq, D), whose
+            device and requires_grad some rules read; need_lse: whether the lse is wanted.
+
+    In order: the first registered auto rule (decode, sparse) whose backend supports the
+    arguments; else "sdpa" where it supports them and materialises a mask of at most
+    sdpa.AUTO_MAX_MASK_ENTRIES entries (none for Lq == Lk causal or no band, and none for a
+    causal chunk Lq < Lk on the CPU, which runs as sdpa's mask-free split); else "tiled",
+    whose memory stays linear. Raises ValueError if tiled cannot honour them either.
+    """
     for rule in _AUTO_RULES:
         name = rule(spec, q, need_lse)
         if name is not None and _BACKENDS[name].unsupported(spec, q, need_lse) is None:

@@ -4,14 +4,16 @@ torch.nn.functional.scaled_dot_product_attention dispatches to a fused FlashAtte
 kernel (on CPU: a tiled C++ kernel), so it is the fastest exact path wherever it can honour
 the arguments. Two differences from qkv's contract are bridged here:
 
-- its `is_causal` is aligned to the top left; qkv aligns to the bottom right. A plain causal
-  chunk of Lq < Lk queries (chunked prefill) on the CPU is split without a mask: the queries
-  against the Lk - Lq prefix keys, which every query sees, and against the last Lq keys with
-  the square (top-left = bottom-right) causal mask, two calls of the fused CPU kernel merged
-  by their log-sum-exp as in blockwise/ring attention (Liu, Zaharia and Abbeel, 2023, "Ring
-  Attention with Blockwise Transformers"; FlashAttention-2's lse merge, Dao, 2023); its
-  backward is the kernel's backward of each part with the merged output and lse. Any other
-  band with Lq != Lk (windows, Lq > Lk, other devices, D != Dv) is passed as an explicit mask;
+- its `is_causal` is aligned to the top left; qkv aligns to the bottom right. For Lq == Lk
+  the two agree. A causal chunk of 0 < Lq < Lk queries (chunked prefill) on the CPU, with no
+  other constraint and Dv == D, runs without a mask: all queries against the Lk - Lq prefix
+  keys, which every query sees (the G query heads of a key/value head folded into its rows),
+  and against the last Lq keys with the square causal mask (there top left = bottom right),
+  two calls of the fused CPU kernel merged by their log-sum-exp as in blockwise/ring
+  attention (Liu, Zaharia and Abbeel, 2023, "Ring Attention with Blockwise Transformers";
+  FlashAttention-2's lse merge, Dao, 2023). Its backward is the kernel's backward of each
+  part given the merged output and lse. Every other band with Lq != Lk (windows, Lq > Lk,
+  other devices, Dv != D) and every mask becomes one explicit mask of (B?, H?, Lq, Lk);
 - a row that may attend to nothing must give zeros: such rows are given one harmless key
   and their output is zeroed afterwards, which keeps gradients finite too.
 
@@ -30,7 +32,8 @@ from torch import Tensor
 from ._spec import AttentionSpec
 
 # `auto` uses SDPA with a materialised mask only up to this many mask entries (Lq * Lk per
-# batch and head actually stored); above it the tiled backend keeps memory linear.
+# batch and head actually stored, see mask_entries); above it the tiled backend keeps memory
+# linear. A causal chunk that runs as the split needs no mask and counts 0.
 AUTO_MAX_MASK_ENTRIES = 1 << 24
 
 
@@ -60,10 +63,16 @@ def _splits_causal(spec: AttentionSpec, q: Tensor) -> bool:
 
 
 def mask_entries(spec: AttentionSpec, q: Optional[Tensor] = None) -> int:
-    """Entries of the mask SDPA would need for these arguments: 0 when it needs none.
+    """Entries of the mask the sdpa backend materialises for these arguments: 0 when none.
 
-    q (B, Hq, Lq, D) tells whether the mask-free causal split applies (it needs the CPU);
-    without it the count is the dense mask's, as if the split could not run.
+    Args:
+        spec: the validated arguments (shapes as in forward).
+        q: the queries (B, Hq, Lq, D); their device decides whether a causal chunk (Lq < Lk)
+            runs as the mask-free split (CPU only), which counts 0. Without q the count is
+            that of the dense bottom-right mask, as if the split could not run.
+
+    Returns:
+        B? * H? * Lq * Lk, where B and H count only if a mask varies along them.
     """
     if not _needs_dense_mask(spec) or (q is not None and _splits_causal(spec, q)):
         return 0
