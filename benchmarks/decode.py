@@ -26,10 +26,12 @@ import qkv
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def best_of_turns(fns: dict, repeats: int) -> dict:
-    """Each function once as warm-up, then `repeats` rounds of all of them in turn: best time each."""
-    for fn in fns.values():
-        fn()
+def best_of_turns(fns: dict, repeats: int, warmup: bool = True) -> dict:
+    """Each function once as warm-up (unless `warmup` is False: then the first round counts),
+    then `repeats` rounds of all of them in turn: best time each."""
+    if warmup:
+        for fn in fns.values():
+            fn()
     times = {name: float("inf") for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -33,26 +32,12 @@ import qkv
 from qkv.core import choose_backend, sdpa
 from qkv.core._spec import build_spec
 
+from decode import best_of_turns, causal_mask  # benchmarks/decode.py: this script's folder is on sys.path
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # name -> (Hq, Hkv, D), B = 1
 CONFIGS = {"large": (32, 8, 128), "small": (8, 2, 64)}
 METHODS = ["sdpa-mask", "auto", "split", "tiled"]
-
-
-def best_of_turns(fns: dict, repeats: int) -> dict:
-    """`repeats` rounds of all functions in turn (the first round warms up and counts too): best time each."""
-    times = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name] = min(times[name], time.perf_counter() - t0)
-    return times
-
-
-def causal_mask(lq: int, L: int) -> torch.Tensor:
-    """(lq, L) bool bottom-right causal mask of lq new queries against L keys (for SDPA)."""
-    return torch.arange(L)[None, :] <= torch.arange(lq)[:, None] + (L - lq)
 
 
 def main(argv=None) -> int:
@@ -100,7 +85,7 @@ def main(argv=None) -> int:
                             "tiled": lambda: qkv.attention(q, k, v, causal=True, backend="tiled"),
                         }
                         fns = {m: fns[m] for m in args.methods if not (m == "sdpa-mask" and mask is None)}
-                        times = best_of_turns(fns, args.repeats)
+                        times = best_of_turns(fns, args.repeats, warmup=False)  # the first turn counts: long calls
                         base = times.get("sdpa-mask")
 
                         def cell(m):
