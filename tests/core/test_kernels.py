@@ -57,3 +57,19 @@ def test_kernel_build_is_cached_atomic_and_reports_failures(tmp_path, monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # asked for: no warning
         _kernels.warn_unavailable("decode_kernel", "eager")
+
+
+def test_auto_looks_for_the_kernel_only_where_it_changes_the_answer(monkeypatch):
+    """An encoder's short sentence (Lq = Lk <= 16) never builds the decode kernel; a decode
+    step against a large cache does look it up."""
+    from qkv.core import choose_backend
+    from qkv.core._spec import build_spec
+
+    looked = []
+    monkeypatch.setattr(decode, "_kernel_lib", lambda: looked.append(1))  # and returns None
+    short = torch.zeros(1, 4, 8, 16)
+    choose_backend(build_spec(short, short, short), short, False)
+    assert not looked, "short self-attention must not compile the decode kernel"
+    one, cache = torch.zeros(1, 4, 1, 16), torch.zeros(1, 4, 65536, 16)  # 32 MiB of float32 keys and values
+    assert choose_backend(build_spec(one, cache, cache), one, False) == "decode"  # by length, without the kernel
+    assert looked

@@ -48,6 +48,11 @@ def cache_dir() -> Path:
     return Path(base) / "qkv" / "kernels"
 
 
+def _turned_off() -> bool:
+    """Whether the user turned the native kernels off (QKV_NO_KERNELS set, and not to 0)."""
+    return os.environ.get("QKV_NO_KERNELS", "") not in ("", "0")
+
+
 def _compiler() -> Optional[str]:
     for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
         if name and shutil.which(name):
@@ -101,7 +106,7 @@ def load(name: str) -> Optional[ctypes.CDLL]:
     with _lock:
         if name not in _loaded:
             lib = None
-            if os.environ.get("QKV_NO_KERNELS", "") not in ("", "0"):
+            if _turned_off():
                 _why[name] = "turned off by QKV_NO_KERNELS"
             else:
                 try:
@@ -122,7 +127,7 @@ def status(name: str) -> str:
 def warn_unavailable(name: str, what: str) -> None:
     """Warn once per kernel that `what` runs without its native kernel, and why; not where
     the user turned kernels off with QKV_NO_KERNELS (they asked for it)."""
-    if name in _warned or os.environ.get("QKV_NO_KERNELS", "") not in ("", "0"):
+    if name in _warned or _turned_off():
         return
     _warned.add(name)
     warnings.warn(f"qkv: the native {name} kernel is unavailable ({status(name)}); {what}",

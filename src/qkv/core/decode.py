@@ -410,16 +410,17 @@ def auto_rule(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
     if spec.dropout_p > 0.0 or spec.Lq > MAX_QUERIES or spec.Lk == 0:
         return None
     fast = spec.score_mod is None and not (torch.is_grad_enabled() and q.requires_grad)
+    by_length = (spec.Lq == 1 and spec.Lk >= AUTO_MIN_KEYS) or (fast and spec.Lk >= AUTO_MIN_KEYS_CHUNK)
     if (fast and q.device.type == "cpu" and q.dtype in KERNEL_AUTO_MIN_BYTES and spec.mask_mod is None
-            and spec.block_mask is None and _kernel_lib() is not None):
+            and spec.block_mask is None):
         nbytes = spec.B * spec.Hkv * spec.Lk * (spec.D + spec.Dv) * q.element_size()
         one, chunk = KERNEL_AUTO_MIN_BYTES[q.dtype]
-        return "decode" if nbytes >= (one if spec.Lq == 1 else chunk) else None
-    if spec.Lq == 1 and spec.Lk >= AUTO_MIN_KEYS:
-        return "decode"
-    if fast and spec.Lk >= AUTO_MIN_KEYS_CHUNK:
-        return "decode"
-    return None
+        by_bytes = nbytes >= (one if spec.Lq == 1 else chunk)
+        # The kernel is looked up (compiled on first use) only where it changes the answer,
+        # so short self-attention (an encoder's sentence of <= 16 tokens) never builds it.
+        if (by_bytes or by_length) and _kernel_lib() is not None:
+            return "decode" if by_bytes else None
+    return "decode" if by_length else None
 
 
 register_backend("decode", forward, unsupported, auto_rule)
