@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._spec import AttentionSpec
+from .tiled import merge_lse_
 
 # `auto` uses SDPA with a materialised mask only up to this many mask entries (Lq * Lk per
 # batch and head actually stored, see mask_entries); above it the tiled backend keeps memory
@@ -184,9 +185,9 @@ class _SplitCausal(torch.autograd.Function):
         # The kernel's lse is float32 for bfloat16/float16 and float64 for float64; merge in
         # it: out = sum_r exp(lse_r - lse) out_r, lse = log(exp(lse_pre) + exp(lse_sq)).
         ct = lse_sq.dtype
-        lse = torch.logaddexp(lse_pre, lse_sq)  # (B, Hq, Lq); finite: each part has a key per row
-        out = (torch.exp(lse_pre - lse).unsqueeze(-1) * out_pre.to(ct)
-               + torch.exp(lse_sq - lse).unsqueeze(-1) * out_sq.to(ct)).to(q.dtype)  # (B, Hq, Lq, D)
+        out, lse = out_pre.to(ct), lse_pre  # (B, Hq, Lq, D), (B, Hq, Lq): the kernel's, merged in place
+        merge_lse_(out, lse, out_sq.to(ct), lse_sq)
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
         return out

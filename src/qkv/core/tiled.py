@@ -252,6 +252,22 @@ def block_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def merge_lse_(out_acc: Tensor, lse_acc: Tensor, out_s: Tensor, lse_s: Tensor) -> None:
+    """In place: fold a partial result over other keys (out_s, lse_s) into (out_acc, lse_acc).
+
+    The log-sum-exp merge of FlashAttention-2's online softmax (Dao, 2023), as ring attention
+    and the sdpa backend's causal split use it: out (B, H, n, Dv), lse (B, H, n), all in the
+    compute dtype. Rows that have seen nothing yet (lse -inf on both sides) stay 0 / -inf,
+    never NaN.
+    """
+    lse_new = torch.logaddexp(lse_acc, lse_s)  # (B, H, n)
+    safe = lse_new.masked_fill(torch.isneginf(lse_new), 0.0)
+    w_old = torch.exp(lse_acc - safe).unsqueeze(-1)  # (B, H, n, 1)
+    w_new = torch.exp(lse_s - safe).unsqueeze(-1)  # (B, H, n, 1)
+    out_acc.mul_(w_old).addcmul_(out_s, w_new)
+    lse_acc.copy_(lse_new)
+
+
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec, seed, plan):

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from qkv.core._spec import build_spec
 from qkv.core.reference import compute_dtype
-from qkv.core.tiled import block_backward, block_forward
+from qkv.core.tiled import block_backward, block_forward, merge_lse_
 
 from ._comm import DEFAULT_TIMEOUT, Ring, all_gather_meta, make_ring
 from ._layout import LAYOUTS, check_layout, shard_positions, step_work
@@ -102,20 +102,6 @@ def _show(name: str, x: float):
     return x if name == "scale" else int(x)
 
 
-def _merge(out_acc: Tensor, lse_acc: Tensor, out_s: Tensor, lse_s: Tensor) -> None:
-    """In place: fold a shard's (out_s, lse_s) into the running (out_acc, lse_acc).
-
-    out (B, Hq, n, Dv), lse (B, Hq, n), all in the compute dtype. Rows that have seen
-    nothing yet (lse -inf on both sides) stay 0 / -inf, never NaN.
-    """
-    lse_new = torch.logaddexp(lse_acc, lse_s)  # (B, Hq, n)
-    safe = lse_new.masked_fill(torch.isneginf(lse_new), 0.0)
-    w_old = torch.exp(lse_acc - safe).unsqueeze(-1)  # (B, Hq, n, 1)
-    w_new = torch.exp(lse_s - safe).unsqueeze(-1)  # (B, Hq, n, 1)
-    out_acc.mul_(w_old).addcmul_(out_s, w_new)
-    lse_acc.copy_(lse_new)
-
-
 def _row_pieces(w, rows: int):
     """Split a step's block into pieces of at most `rows` query rows: (q0, q1, k0, k1, causal).
 
@@ -166,7 +152,7 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, o: _Opts) -> tuple[Tensor, Te
             vs = v_cur[:, :, k0:k1].to(ct)  # (B, Hkv, lk, Dv)
             spec = build_spec(qs, ks, vs, causal=causal, scale=o.scale)
             out_s, lse_s = block_forward(qs, ks, vs, spec)  # (B, Hq, lq, Dv), (B, Hq, lq)
-            _merge(out[:, :, q0:q1], lse[:, :, q0:q1], out_s, lse_s)
+            merge_lse_(out[:, :, q0:q1], lse[:, :, q0:q1], out_s, lse_s)
         if works is not None:
             ring.wait(works, f"exchanging key/value shards with ranks {ring.prev_peer} (from) and "
                              f"{ring.next_peer} (to) at forward step {step + 1} of {ring.size}")
