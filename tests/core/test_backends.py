@@ -209,3 +209,77 @@ def test_lse_gradient(backend):
     for name, g64, g in zip("qkv", *grads):
         err = (g.double() - g64).abs().max().item()
         assert err < 1e-4 * max(1.0, g64.abs().max().item()), f"d{name} of lse+out: error {err:.2e}"
+
+
+# ------------------------------------------------------------------ memory layouts
+# What models hand the core: a batch of B > 1, grouped-query heads, and tensors that are not
+# contiguous: (B, L, H, D).transpose(1, 2) from a projection, keys and values expanded along
+# the batch with stride 0 (one shared prompt), a cache that is a slice of a larger buffer.
+# (B, Hq, Hkv, Lq, Lk, D): lengths ragged and a multiple of the engines' row groups; Lq <= 16 for decode.
+LAYOUT_SHAPES = {"ragged": (2, 4, 2, 97, 97, 32), "aligned": (2, 4, 2, 128, 128, 32),
+                 "decode": (2, 4, 2, 9, 300, 32)}
+LAYOUT_OPTIONS = {
+    "causal": lambda Lq, Lk: {"causal": True},
+    "window": lambda Lq, Lk: {"window": (20, 5)},
+    "bool-mask": lambda Lq, Lk: {"mask": (torch.arange(Lk) % 3 != 1).expand(2, 1, Lq, Lk)},
+    "mask-mod": lambda Lq, Lk: {"mask": lambda b, h, q, k: (k <= q + Lk - Lq) & ((k + b + h) % 4 != 0)},
+    "score-mod": lambda Lq, Lk: {"score_mod": _alibi_like, "mask": lambda b, h, q, k: k <= q + Lk - Lq},
+}
+# What each backend honours (the others raise and name a backend that can: test_errors).
+LAYOUT_SUPPORT = {
+    "reference": set(LAYOUT_OPTIONS), "auto": set(LAYOUT_OPTIONS), "tiled": set(LAYOUT_OPTIONS),
+    "sdpa": set(LAYOUT_OPTIONS) - {"score-mod"},
+    "sparse": {"causal", "window", "mask-mod", "score-mod"},
+    "decode": set(LAYOUT_OPTIONS),
+}
+
+
+def _laid_out(leaf: torch.Tensor, layout: str, B: int) -> torch.Tensor:
+    """The leaf (B, L, H, D) or (1, H, L, D) as a (B, H, L, D) tensor in the given layout."""
+    if layout == "transposed":  # (B, L, H, D) -> (B, H, L, D): heads are not contiguous
+        return leaf.transpose(1, 2)
+    if layout == "expanded":  # (1, H, L, D) -> (B, H, L, D) with batch stride 0
+        return leaf.expand(B, -1, -1, -1)
+    return leaf[..., 1:]  # "sliced": every row skips its first entry, as a view of a wider buffer
+
+
+def _layout_leaves(shape, layout, dtype, seed):
+    B, Hq, Hkv, Lq, Lk, D = shape
+    gen = torch.Generator().manual_seed(seed)
+    extra = 1 if layout == "sliced" else 0
+    dims = {"transposed": lambda H, L: (B, L, H, D), "expanded": lambda H, L: (1, H, L, D),
+            "sliced": lambda H, L: (B, H, L, D + extra)}[layout]
+    leaves = [torch.randn(*dims(H, L), generator=gen, dtype=torch.float64)
+              for H, L in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk))]
+    up = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
+    return [t.to(dtype) for t in leaves], up.to(dtype)
+
+
+@pytest.mark.parametrize("lengths", ["ragged", "aligned"])
+@pytest.mark.parametrize("layout", ["transposed", "expanded", "sliced"])
+@pytest.mark.parametrize("option", list(LAYOUT_OPTIONS))
+@pytest.mark.parametrize("backend", list(LAYOUT_SUPPORT))
+def test_layouts(backend, option, layout, lengths):
+    """B = 2, GQA, non-contiguous and zero-stride inputs: outputs and gradients by the rule."""
+    if option not in LAYOUT_SUPPORT[backend]:
+        pytest.skip(f"{backend} does not honour {option} (it raises: test_errors)")
+    shape = LAYOUT_SHAPES["decode" if backend == "decode" else lengths]
+    B, Hq, Hkv, Lq, Lk, D = shape
+    leaves, up = _layout_leaves(shape, layout, torch.float32, seed=zlib.crc32(f"{option}{layout}".encode()) % 997)
+    kw = LAYOUT_OPTIONS[option](Lq, Lk)
+    results = {}
+    for name, dtype, be in (("exact", torch.float64, "reference"), ("plain", torch.float32, "reference"),
+                            ("fast", torch.float32, backend)):
+        xs = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        q, k, v = (_laid_out(x, layout, B) for x in xs)
+        assert q.shape == (B, Hq, Lq, D) and k.shape == (B, Hkv, Lk, D)
+        if name != "exact":
+            assert not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
+        fn = qkv.reference_attention if be == "reference" else (lambda *a, **k_: qkv.attention(*a, backend=be, **k_))
+        out = fn(q, k, v, **kw)
+        results[name] = (out, torch.autograd.grad(out, xs, up.to(dtype)))
+    what = f"{backend} {option} {layout}"
+    (fast, fg), (plain, pg), (exact, eg) = results["fast"], results["plain"], results["exact"]
+    assert_within_rule(fast, plain, exact, factor=FWD_FACTOR, what=what + " out")
+    for n, g, gp, ge in zip("qkv", fg, pg, eg):
+        assert_within_rule(g, gp, ge, factor=GRAD_FACTOR, what=f"{what} d{n}")

@@ -324,11 +324,12 @@ def _to_groups(x: Tensor, spec: AttentionSpec, R: int, n_groups: int, ct, zero_p
     B, Hkv, G, Lq, E = spec.B, spec.Hkv, spec.groups, x.shape[2], x.shape[-1]
     pad = n_groups * R - Lq
     if G == 1 and pad == 0:
-        return x.to(ct).contiguous().view(B * Hkv, n_groups, R, E)  # a view when no copy is needed
+        return x.to(ct).reshape(B * Hkv, n_groups, R, E)  # a view when x's rows are contiguous
     if pad:
         fill = x[:, :, -1:].expand(B, x.shape[1], pad, E)
         x = torch.cat([x, torch.zeros_like(fill) if zero_pad else fill], dim=2)  # (B, Hq, n_groups*R, E)
-    x = x.to(ct).view(B * Hkv, G, n_groups, R, E).transpose(1, 2)  # (B*Hkv, n_groups, G, R, E)
+    # reshape, not view: a model's q is (B, L, H, D).transpose(1, 2), whose heads are not contiguous
+    x = x.to(ct).reshape(B * Hkv, G, n_groups, R, E).transpose(1, 2)  # (B*Hkv, n_groups, G, R, E)
     return x.reshape(B * Hkv, n_groups, G * R, E)
 
 
