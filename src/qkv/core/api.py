@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
-from . import reference, sdpa, tiled
+from . import _finite, reference, sdpa, tiled
 from ._spec import AttentionSpec, build_spec
 
 _BACKENDS: dict[str, SimpleNamespace] = {}
@@ -27,9 +27,16 @@ _BACKENDS: dict[str, SimpleNamespace] = {}
 _AUTO_RULES: list[Callable[[AttentionSpec, Tensor, bool], Optional[str]]] = []
 
 
-def register_backend(name: str, forward: Callable, unsupported: Callable, auto_rule: Optional[Callable] = None) -> None:
-    """Make `backend=name` available; `auto_rule(spec, q, need_lse)` may claim cases for auto."""
-    _BACKENDS[name] = SimpleNamespace(name=name, forward=forward, unsupported=unsupported)
+def register_backend(name: str, forward: Callable, unsupported: Callable, auto_rule: Optional[Callable] = None,
+                     self_checking: Optional[Callable] = None) -> None:
+    """Make `backend=name` available; `auto_rule(spec, q, need_lse)` may claim cases for auto.
+
+    `self_checking(spec, q, k, v) -> bool` says when the backend checks the keys and values it
+    reads for NaN and infinity itself (calling `_finite.report`), so that the dispatch scans
+    only q for them (see core/_finite.py).
+    """
+    _BACKENDS[name] = SimpleNamespace(name=name, forward=forward, unsupported=unsupported,
+                                      self_checking=self_checking)
     if auto_rule is not None:
         _AUTO_RULES.append(auto_rule)
 
@@ -81,7 +88,8 @@ def _run(q, k, v, spec: AttentionSpec, backend: str, need_lse: bool):
     reason = impl.unsupported(spec, q, need_lse)
     if reason is not None:
         raise ValueError(reason)
-    return impl.forward(q, k, v, spec, need_lse=need_lse)
+    self_checking = impl.self_checking is not None and impl.self_checking(spec, q, k, v)
+    return _finite.guarded(impl.forward, q, k, v, spec, need_lse, self_checking=self_checking)
 
 
 def attention(
@@ -178,7 +186,13 @@ def attention_weights(
     query rows you need together with a mask that places them.
     """
     spec = build_spec(q, k, None, mask=mask, causal=causal, window=window, scale=scale, score_mod=score_mod)
-    return reference.weights(q, k, spec)
+    probs, _ = _finite.guarded(_weights, q, k, None, spec, False)
+    return probs
+
+
+def _weights(q: Tensor, k: Tensor, v: None, spec: AttentionSpec, *, need_lse: bool):
+    """reference.weights in a backend's shape, for the non-finite guard."""
+    return reference.weights(q, k, spec), None
 
 
 def reference_attention(
@@ -199,7 +213,7 @@ def reference_attention(
     """
     spec = build_spec(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
                       score_mod=score_mod, dropout_p=dropout_p)
-    out, _ = reference.forward(q, k, v, spec, need_lse=False)
+    out, _ = _finite.guarded(reference.forward, q, k, v, spec, False)
     return out
 
 

@@ -45,7 +45,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from . import _kernels, tiled
+from . import _finite, _kernels, tiled
 from ._spec import AttentionSpec
 from .api import register_backend
 from .reference import compute_dtype
@@ -149,9 +149,12 @@ def _softmax_stats(s: Tensor, blocked: Optional[Tensor], bias: Optional[Tensor],
 
 
 def _segment(q_rows: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, j0: int, j1: int,
-             upcast_keys: int) -> tuple[Tensor, Tensor, Tensor]:
+             upcast_keys: int, raw: list) -> tuple[Tensor, Tensor, Tensor]:
     """Softmax statistics of keys [j0, j1): row max (B, Hkv, M, 1), row sum (B, Hkv, M, 1) and
-    weighted values (B, Hkv, M, Dv), all relative to the row max (zeros where it is -inf)."""
+    weighted values (B, Hkv, M, Dv), all relative to the row max (zeros where it is -inf).
+
+    Appends to `raw` the sum of the raw scores (before any mask): NaN or infinite when a key
+    is (or a score overflows), for the non-finite check (core/_finite.py)."""
     ct = q_rows.dtype
     B, Hkv, M, _ = q_rows.shape
     G, Lq = spec.groups, spec.Lq
@@ -162,6 +165,7 @@ def _segment(q_rows: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, j0: int,
     if _batched(M, k, ct):
         # All heads at once. (B, Hkv, n, D) @ (B, Hkv, D, M): MKL's fast shape for a few rows.
         s = torch.matmul(k, q_rows.transpose(-1, -2)).transpose(-1, -2).contiguous()  # (B, Hkv, M, n)
+        raw.append(s.sum())
         row_max, row_sum, p = _softmax_stats(s, blocked, bias, G, Lq)
         if _use_onednn(v):
             o = torch.stack([torch.stack([_LINEAR(p[b, h], v[b, h].t()) for h in range(Hkv)]) for b in range(B)])
@@ -176,6 +180,7 @@ def _segment(q_rows: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, j0: int,
     for b in range(B):
         for h in range(Hkv):
             s = _head_scores(q_rows[b, h], k[b, h], s_buf, upcast_keys)  # (M, n)
+            raw.append(s.sum())
             row_max, row_sum, p = _softmax_stats(s, _pick(blocked, b, h), _pick(bias, b, h), G, Lq)
             parts.append((row_max, row_sum, _head_values(p, v[b, h], upcast_keys)))
     return tuple(torch.stack(t).unflatten(0, (B, Hkv)) for t in zip(*parts))  # (B, Hkv, M, ...) each
@@ -241,9 +246,10 @@ def _pieces(spec: AttentionSpec, lo: int, hi: int, segment: int) -> list[tuple[i
     return pieces
 
 
-def _fast_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
+def _fast_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
     """The segmented decode step without autograd: q (B, Hq, Lq, D), k (B, Hkv, Lk, D),
-    v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) in the compute dtype."""
+    v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) in the compute dtype,
+    and a 0-d bool tensor: whether a raw score (before masks) was NaN or infinite."""
     ct = compute_dtype(q.dtype)
     B, Hq, Hkv, G, Lq, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.D, spec.Dv
     M = G * Lq
@@ -251,23 +257,24 @@ def _fast_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple
     lo, hi = max(lo, 0), min(hi, spec.Lk)
     if hi <= lo or Lq == 0:
         out = torch.zeros(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
-        return out, torch.full((B, Hq, Lq), float("-inf"), dtype=ct, device=q.device)
+        return out, torch.full((B, Hq, Lq), float("-inf"), dtype=ct, device=q.device), torch.tensor(False)
     q_rows = (q.to(ct) * spec.scale).reshape(B, Hkv, M, D)  # (B, Hkv, G*Lq, D): row g*Lq + i
     if _kernel_applies(q, k, v, spec):
         lib = _kernel_lib()
         if lib is not None:
             q16 = q.reshape(B, Hkv, M, D).contiguous() if q.dtype == torch.bfloat16 and lib.bf16_dot else None
-            out, lse = _kernel_forward(lib, q_rows, q16, k, v, spec, lo, hi)
-            return out.to(q.dtype), lse
+            out, lse, suspect = _kernel_forward(lib, q_rows, q16, k, v, spec, lo, hi)
+            return out.to(q.dtype), lse, suspect
         _kernels.warn_unavailable("decode_kernel", "the decode backend runs its slower eager path")
     segment, upcast_keys = _sizes(spec, _batched(M, k, ct))
-    state = None
+    state, raw = None, []
     for j0, j1 in _pieces(spec, lo, hi, segment):
-        state = _merge(state, _segment(q_rows, k, v, spec, j0, j1, upcast_keys))
+        state = _merge(state, _segment(q_rows, k, v, spec, j0, j1, upcast_keys, raw))
     row_max, row_sum, acc = state
     out = acc / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))  # (B, Hkv, M, Dv)
     lse = row_max.masked_fill(torch.isneginf(row_max), 0.0) + torch.log(row_sum)  # (B, Hkv, M, 1)
-    return out.view(B, Hq, Lq, Dv).to(q.dtype), lse.view(B, Hq, Lq)
+    suspect = ~torch.isfinite(torch.stack(raw).sum())
+    return out.view(B, Hq, Lq, Dv).to(q.dtype), lse.view(B, Hq, Lq), suspect
 
 
 # ------------------------------------------------------------------ the native kernel
@@ -302,7 +309,7 @@ def _kernel_forward(lib, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Te
     """The decode step in one fused pass over the cache: q_rows (B, Hkv, M, D) float32 and
     scaled; q16 the same rows unscaled in bfloat16 for a bfloat16 cache where the processor
     has a bfloat16 dot product (else None); k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv) float32, lse
-    (B, Hq, Lq) float32. Keys [lo, hi) are cut into S splits, run as B*Hkv*S work items on
+    (B, Hq, Lq) float32, and a 0-d bool tensor: whether a raw score was NaN or infinite. Keys [lo, hi) are cut into S splits, run as B*Hkv*S work items on
     torch's thread count, whose partial states are merged here through their row max."""
     B, Hq, Hkv, G, Lq, Lk, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.Lk, spec.D, spec.Dv
     M = G * Lq
@@ -318,13 +325,14 @@ def _kernel_forward(lib, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Te
     allow = None if spec.bool_mask is None else spec.bool_mask.expand(shape)  # strides 0 where broadcast
     bias = None if spec.float_mask is None else spec.float_mask.to(torch.float32).expand(shape)
     out_m, out_l, out_acc = torch.empty(B, Hkv, S, M), torch.empty(B, Hkv, S, M), torch.empty(B, Hkv, S, M, Dv)
+    out_bad = torch.zeros(B, Hkv, S, dtype=torch.int32)  # 1 where a raw score was not finite
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
     rc = lib.qkv_decode_partials(
         _KERNEL_KINDS[k.dtype], ptr(q_rows), ptr(q16), spec.scale, ptr(k), ptr(v), _i64(k.stride()[:3]), _i64(v.stride()[:3]),
         B, Hkv, G, Lq, D, Dv, ptr(band), ctypes.c_void_p(band.data_ptr() + 8 * Lq),
         ptr(allow), _i64(allow.stride() if allow is not None else (0,) * 4),
         ptr(bias), _i64(bias.stride() if bias is not None else (0,) * 4),
-        lo, hi, S, ptr(out_m), ptr(out_l), ptr(out_acc), threads)
+        lo, hi, S, ptr(out_m), ptr(out_l), ptr(out_acc), ptr(out_bad), threads)
     if rc != 0:
         raise RuntimeError(f"qkv decode kernel failed with code {rc}")
     if S == 1:
@@ -340,7 +348,7 @@ def _kernel_forward(lib, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Te
     # and its lse is -inf + log(0) = -inf.
     out = acc / row_sum.clamp_min(1.0).unsqueeze(-1)  # (B, Hkv, M, Dv)
     lse = row_max + torch.log(row_sum)  # (B, Hkv, M)
-    return out.view(B, Hq, Lq, Dv), lse.view(B, Hq, Lq)
+    return out.view(B, Hq, Lq, Dv), lse.view(B, Hq, Lq), out_bad.any()
 
 
 _typed: set[int] = set()
@@ -355,7 +363,7 @@ def _kernel_lib():
     lib.qkv_decode_partials.restype = ctypes.c_int
     lib.qkv_decode_partials.argtypes = [
         ctypes.c_int, p, p, ctypes.c_float, p, p, i64p, i64p, i64, i64, i64, i64, i64, i64, p, p, p, i64p, p, i64p,
-        i64, i64, i64, p, p, p, ctypes.c_int]
+        i64, i64, i64, p, p, p, p, ctypes.c_int]
     lib.qkv_decode_has_bf16_dot.restype = ctypes.c_int
     lib.bf16_dot = bool(lib.qkv_decode_has_bf16_dot())
     _typed.add(id(lib))
@@ -383,7 +391,11 @@ def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]
 def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
     """q (B, Hq, Lq<=16, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv), lse (B, Hq, Lq)."""
     if _fast_path_applies(q, k, v, spec):
-        out, lse = _fast_forward(q, k, v, spec)
+        out, lse, suspect = _fast_forward(q, k, v, spec)
+        # A non-finite key or value read here, or a masked value's NaN leaking through 0 * NaN,
+        # shows as a non-finite raw score or result: the guard then recomputes by the rule.
+        # (An lse of -inf is a row that sees no key, which is honest; NaN or +inf is not.)
+        _finite.report(suspect | ~torch.isfinite(out.sum()) | torch.isnan(lse.sum()))
         return out, (lse if need_lse else None)
     return tiled.run(q, k, v, spec, plan(spec), need_lse=need_lse)
 
@@ -423,4 +435,5 @@ def auto_rule(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
     return "decode" if by_length else None
 
 
-register_backend("decode", forward, unsupported, auto_rule)
+register_backend("decode", forward, unsupported, auto_rule,
+                 self_checking=lambda spec, q, k, v: _fast_path_applies(q, k, v, spec))

@@ -19,6 +19,10 @@
 //   k    (B, Hkv, Lk, D) and v (B, Hkv, Lk, Dv), strides kst/vst = (b, h, key).
 //   allow, bias: optional (b, hq, i, j) arrays with strides ast/bst (0 where broadcast).
 //   out_m, out_l (B, Hkv, S, M) and out_acc (B, Hkv, S, M, Dv), S = nsplit.
+//   out_bad (B, Hkv, S) int32: 1 where a work item formed a score that is NaN or infinite
+//        (from a non-finite key, or an overflow) before any mask applied, so that the caller
+//        can recompute the step by qkv's rule for non-finite inputs (core/_finite.py) without
+//        reading the cache a second time.
 
 #include <cmath>
 #include <cstdint>
@@ -148,6 +152,7 @@ struct Args {
   float* out_m;
   float* out_l;
   float* out_acc;
+  int32_t* out_bad;
 };
 
 // s[r*BK + c] = q[m0 + r] . k[j + c] for RM rows and RK keys, RM*RK = 16.
@@ -298,6 +303,8 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
   const void* vb = at<KIND>(A.v, b * A.vst[0] + h * A.vst[1]);
   const int64_t ks = A.kst[2], vs = A.vst[2], esize = KIND == 0 ? 4 : 2;
   float* s = sbuf.data();  // (M, BK) scores, then probabilities, of one block
+  v16 raw_check = splat(0.0f);  // sum of x - x over raw scores: 0, or NaN once one is not finite
+  float raw_check1 = 0.0f;
 
   for (int64_t j = lo; j < hi; j += BK) {
     const int64_t n = std::min<int64_t>(BK, hi - j);
@@ -337,6 +344,14 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
       float* sr = s + m * BK;
       const int64_t g = m / A.Lq, i = m % A.Lq, hq = h * A.G + g;
       const int64_t rlo = A.row_lo[i], rhi = A.row_hi[i];
+      {
+        int64_t c = 0;
+        for (; c + 16 <= n; c += 16) {
+          v16 x = *(v16u*)(sr + c);
+          raw_check += x - x;
+        }
+        for (; c < n; ++c) raw_check1 += sr[c] - sr[c];
+      }
       if (j < rlo || j + n > rhi)
         for (int64_t c = 0; c < n; ++c)
           if (j + c < rlo || j + c >= rhi) sr[c] = NEG_INF;
@@ -347,7 +362,10 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
       }
       if (A.bias) {
         const float* br = A.bias + b * A.bst[0] + hq * A.bst[1] + i * A.bst[2] + j * A.bst[3];
-        for (int64_t c = 0; c < n; ++c) sr[c] += br[c * A.bst[3]];
+        for (int64_t c = 0; c < n; ++c) {  // a -inf entry masks the key, even a non-finite score
+          const float bc = br[c * A.bst[3]];
+          sr[c] = bc == NEG_INF ? NEG_INF : sr[c] + bc;
+        }
       }
       float mx = NEG_INF;
       int64_t c = 0;
@@ -393,6 +411,7 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
     for (; m < M; ++m)
       values_tile<KIND, 1>(s + m * BK, vj, vs, n, Dv, acc + m * Dv, pf, m == 0 ? next : 0, ks * esize, D * esize);
   }
+  A.out_bad[item] = (hsum(raw_check) + raw_check1) != 0.0f;  // NaN != 0 as well
 }
 
 template <int KIND>
@@ -427,7 +446,7 @@ int qkv_decode_partials(int kind, const float* q, const uint16_t* q16, float qsc
                         const int64_t* vst, int64_t B, int64_t Hkv, int64_t G, int64_t Lq, int64_t D, int64_t Dv,
                         const int64_t* row_lo, const int64_t* row_hi, const uint8_t* allow, const int64_t* ast,
                         const float* bias, const int64_t* bst, int64_t j0, int64_t j1, int64_t nsplit,
-                        float* out_m, float* out_l, float* out_acc, int nthreads) {
+                        float* out_m, float* out_l, float* out_acc, int32_t* out_bad, int nthreads) {
   Args A;
   A.q = q, A.q16 = q16, A.qscale = qscale, A.k = k, A.v = v;
   for (int t = 0; t < 3; ++t) A.kst[t] = kst[t], A.vst[t] = vst[t];
@@ -438,7 +457,7 @@ int qkv_decode_partials(int kind, const float* q, const uint16_t* q16, float qsc
   A.j0 = j0, A.j1 = j1, A.nsplit = nsplit < 1 ? 1 : nsplit;
   A.split_len = (j1 - j0 + A.nsplit - 1) / A.nsplit;
   if (A.split_len < 1) A.split_len = 1;
-  A.out_m = out_m, A.out_l = out_l, A.out_acc = out_acc;
+  A.out_m = out_m, A.out_l = out_l, A.out_acc = out_acc, A.out_bad = out_bad;
   if (nthreads < 1) nthreads = 1;
   if (kind == 0) {
     run_all<0>(A, nthreads);
@@ -451,7 +470,7 @@ int qkv_decode_partials(int kind, const float* q, const uint16_t* q16, float qsc
 }
 
 // The kernel's interface version, checked by the loader.
-int qkv_decode_version() { return 2; }
+int qkv_decode_version() { return 3; }
 
 // Whether bfloat16 scores use the processor's bfloat16 dot product (then pass q16).
 int qkv_decode_has_bf16_dot() {
