@@ -76,3 +76,38 @@ _GLOBAL_BIAS = torch.zeros(8, requires_grad=True)
 
 def _global_bias_mod(score, b, h, q_idx, kv_idx):
     return score + _GLOBAL_BIAS[h]
+
+
+# ------------------------------------------------------------- the user's functions
+QF, KF, VF = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+ALL_CALLS = {
+    "reference": lambda **kw: qkv.reference_attention(QF, KF, VF, **kw),
+    "weights": lambda **kw: qkv.attention_weights(QF, KF, **kw),
+    **{be: (lambda be: lambda **kw: qkv.attention(QF, KF, VF, backend=be, **kw))(be)
+       for be in ("auto", "sdpa", "tiled", "sparse", "decode")},
+}
+BAD_FUNCTIONS = {
+    # a batch of 4 for B = 1: the reference used to broadcast the output to a batch of 4
+    "mask-batch-4": ({"mask": lambda b, h, q, k: torch.ones(4, 1, 1, 1, dtype=torch.bool)},
+                     r"mask function returned shape \(4, 1, 1, 1\).*broadcast shape \(1, 2, \d+, \d+\)"),
+    "mask-5-d": ({"mask": lambda b, h, q, k: (q >= k)[None]}, r"mask function returned shape \(1, 1, 1, \d+, \d+\)"),
+    "mask-wrong-keys": ({"mask": lambda b, h, q, k: torch.ones(1, 1, 1, 3, dtype=torch.bool)},
+                        r"mask function returned shape \(1, 1, 1, 3\)"),
+    # written for scalar indices, as for flex_attention's vmap: Python's `if` on a tensor
+    "mask-scalar-if": ({"mask": lambda b, h, q, k: (q >= k) if bool(q >= k) else (q < k)},
+                       r"mask function raised RuntimeError: Boolean value of Tensor.*not scalars"),
+    "score-batch-4": ({"score_mod": lambda s, b, h, q, k: s.new_zeros(4, 1, 1, 1)},
+                      r"score_mod returned shape \(4, 1, 1, 1\)"),
+    "score-scalar-if": ({"score_mod": lambda s, b, h, q, k: s + (1.0 if q > k else 0.0)},
+                        r"score_mod raised RuntimeError.*q_idx >= kv_idx"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FUNCTIONS))
+@pytest.mark.parametrize("call", list(ALL_CALLS))
+def test_a_bad_mask_or_score_function_is_named_with_its_shape(call, name):
+    kw, pattern = BAD_FUNCTIONS[name]
+    if "score_mod" in kw and call in ("sdpa", "sparse"):
+        pattern = r"cannot apply a score_mod|sparse backend needs mask="  # refused before it is called
+    with pytest.raises(ValueError, match=pattern):
+        ALL_CALLS[call](**kw)

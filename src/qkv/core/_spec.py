@@ -147,17 +147,9 @@ class AttentionSpec:
             return scores
         bq, bk = scores.shape[-2], scores.shape[-1]
         grid = self.index_grid(i0, i0 + bq, j0, j0 + bk, scores.device)
-        out = self.score_mod(scores, *grid)
-        if not isinstance(out, Tensor):
-            raise TypeError(f"score_mod must return a tensor; got {type(out).__name__}")
+        out = call_score_mod(self.score_mod, scores, *grid)
         if out.shape != scores.shape:
-            try:
-                out = out.expand(scores.shape).contiguous()
-            except RuntimeError:
-                raise ValueError(
-                    f"score_mod returned shape {_shape(out)}, which does not broadcast to the "
-                    f"scores' shape {_shape(scores)}; build the result from `score` and the index tensors"
-                ) from None
+            out = out.expand(scores.shape).contiguous()
         return out.to(scores.dtype)
 
 
@@ -192,8 +184,44 @@ def _and(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     return a & b
 
 
+# Every call of a user's mask or score function goes through these two functions, so what it
+# returns is checked in one place, wherever it is evaluated (reference, engines, BlockMask).
+_CONVENTION = (
+    "qkv calls it with broadcastable index tensors, not scalars: b (B, 1, 1, 1), h (1, H, 1, 1), "
+    "q_idx (1, 1, rows, 1), kv_idx (1, 1, 1, keys); write it with tensor operations "
+    "(q_idx >= kv_idx, &, |, ~, torch.where) instead of Python's if/and/or, and index tensors "
+    "with them as a whole (doc[q_idx] == doc[kv_idx])"
+)
+
+
+def _user_call(what: str, fn: Callable, *args):
+    """fn(*args), with a hint about the index convention if the user's function raises."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        raise ValueError(f"the {what} raised {type(exc).__name__}: {exc}. {_CONVENTION}") from exc
+
+
+def _check_result(what: str, out: Tensor, grid: torch.Size) -> None:
+    """Refuse a result that does not broadcast to the index tensors' shape `grid`."""
+    ok = out.dim() <= len(grid)
+    if ok:
+        try:
+            ok = torch.broadcast_shapes(out.shape, grid) == grid
+        except RuntimeError:
+            ok = False
+    if not ok:
+        raise ValueError(
+            f"the {what} returned shape {_shape(out)}, but qkv evaluated it on index tensors of "
+            f"broadcast shape {tuple(grid)} (batch B, heads, query rows, keys): its result must "
+            f"broadcast to that shape, one value per (b, h, q_idx, kv_idx) or 1 along a dimension it "
+            f"does not depend on; for the whole call that is (B, Hq, Lq, Lk). {_CONVENTION}"
+        )
+
+
 def _call_mask_mod(fn: MaskMod, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-    out = fn(b, h, q_idx, kv_idx)
+    """fn(b, h, q_idx, kv_idx), checked: a bool tensor that broadcasts to the indices' shape."""
+    out = _user_call("mask function", fn, b, h, q_idx, kv_idx)
     if isinstance(out, bool):
         out = torch.tensor(out, device=q_idx.device)
     if not isinstance(out, Tensor):
@@ -206,6 +234,18 @@ def _call_mask_mod(fn: MaskMod, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Ten
             f"a mask function must return a bool tensor; got dtype {out.dtype}. "
             "Compare indices (q >= k) rather than computing numbers"
         )
+    _check_result("mask function", out, torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape))
+    return out
+
+
+def call_score_mod(fn: ScoreMod, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    """fn(score, b, h, q_idx, kv_idx), checked: a tensor that broadcasts to the scores' shape."""
+    out = _user_call("score_mod", fn, score, b, h, q_idx, kv_idx)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"score_mod must return a tensor; got {type(out).__name__}. Build it from `score`, "
+                        "e.g. `lambda score, b, h, q, k: score - 0.1 * (q - k).abs()`")
+    _check_result("score_mod", out,
+                  torch.broadcast_shapes(score.shape, b.shape, h.shape, q_idx.shape, kv_idx.shape))
     return out
 
 
