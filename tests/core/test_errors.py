@@ -111,3 +111,39 @@ def test_a_bad_mask_or_score_function_is_named_with_its_shape(call, name):
         pattern = r"cannot apply a score_mod|sparse backend needs mask="  # refused before it is called
     with pytest.raises(ValueError, match=pattern):
         ALL_CALLS[call](**kw)
+
+
+# ------------------------------------------------------------- memory before work
+def _expanded(L, H=8, D=64):
+    """A (1, H, L, D) tensor that costs D floats: every row is the same, with stride 0."""
+    return torch.randn(1, 1, 1, D).expand(1, H, L, D)
+
+
+@pytest.mark.parametrize("kw,what", [
+    ({"window": 128}, r"dense mask of 1000000000000 entries"),
+    ({"causal": True, "mask": torch.ones(1, 1, 1, 10**6, dtype=torch.bool)}, r"dense mask of"),
+    ({"mask": lambda b, h, q, k: q >= k}, r"dense mask of 8000000000000 entries"),
+    ({"dropout_p": 0.1}, r"math path for dropout on the CPU"),
+])
+def test_sdpa_refuses_a_dense_mask_that_cannot_fit_before_allocating_it(kw, what):
+    x = _expanded(10**6)
+    with pytest.raises(ValueError, match=rf"backend='sdpa' would allocate about [\d.]+ TiB for .*{what}.*free on cpu.*backend='tiled' needs about"):
+        qkv.attention(x, x, x, backend="sdpa", **kw)
+
+
+def test_reference_and_weights_refuse_before_allocating():
+    x = _expanded(10**6)
+    with pytest.raises(ValueError, match=r"score matrix of B\*Hq\*Lq\*Lk = 1\*8\*1000000\*1000000.*backend='tiled'"):
+        qkv.reference_attention(x, x, x)
+    with pytest.raises(ValueError, match=r"attention_weights would build a score matrix"):
+        qkv.attention_weights(x, x)
+
+
+def test_linear_backends_refuse_when_even_they_cannot_fit(monkeypatch):
+    from qkv.core import _memory
+
+    monkeypatch.setattr(_memory, "available", lambda device: 64 << 20)  # a machine with 64 MiB free
+    x = torch.randn(1, 8, 100_000, 64)
+    for backend in ("tiled", "sparse", "auto"):
+        with pytest.raises(ValueError, match=r"would allocate about [\d.]+ [MG]iB for upcast inputs.*64.0 MiB free.*no backend fits"):
+            qkv.attention(x, x, x, window=16, backend=backend)

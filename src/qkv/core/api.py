@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
-from . import _finite, reference, sdpa, tiled
+from . import _finite, _memory, reference, sdpa, tiled
 from ._spec import AttentionSpec, build_spec
 
 _BACKENDS: dict[str, SimpleNamespace] = {}
@@ -28,22 +28,25 @@ _AUTO_RULES: list[Callable[[AttentionSpec, Tensor, bool], Optional[str]]] = []
 
 
 def register_backend(name: str, forward: Callable, unsupported: Callable, auto_rule: Optional[Callable] = None,
-                     self_checking: Optional[Callable] = None) -> None:
+                     self_checking: Optional[Callable] = None, memory: Optional[Callable] = None) -> None:
     """Make `backend=name` available; `auto_rule(spec, q, need_lse)` may claim cases for auto.
+
+    `memory(spec, q, need_lse) -> (bytes, what)` estimates what a call allocates; a call
+    that cannot fit in the device's free memory is refused before it starts.
 
     `self_checking(spec, q, k, v) -> bool` says when the backend checks the keys and values it
     reads for NaN and infinity itself (calling `_finite.report`), so that the dispatch scans
     only q for them (see core/_finite.py).
     """
     _BACKENDS[name] = SimpleNamespace(name=name, forward=forward, unsupported=unsupported,
-                                      self_checking=self_checking)
+                                      self_checking=self_checking, memory=memory)
     if auto_rule is not None:
         _AUTO_RULES.append(auto_rule)
 
 
-register_backend("reference", reference.forward, reference.unsupported)
-register_backend("sdpa", sdpa.forward, sdpa.unsupported)
-register_backend("tiled", tiled.forward, tiled.unsupported)
+register_backend("reference", reference.forward, reference.unsupported, memory=reference.memory)
+register_backend("sdpa", sdpa.forward, sdpa.unsupported, memory=sdpa.memory)
+register_backend("tiled", tiled.forward, tiled.unsupported, memory=tiled.memory)
 
 
 def backends() -> list[str]:
@@ -88,8 +91,34 @@ def _run(q, k, v, spec: AttentionSpec, backend: str, need_lse: bool):
     reason = impl.unsupported(spec, q, need_lse)
     if reason is not None:
         raise ValueError(reason)
+    check_memory(backend, spec, q, need_lse)
     self_checking = impl.self_checking is not None and impl.self_checking(spec, q, k, v)
     return _finite.guarded(impl.forward, q, k, v, spec, need_lse, self_checking=self_checking)
+
+
+def check_memory(backend: str, spec: AttentionSpec, q: Tensor, need_lse: bool) -> None:
+    """Refuse, before anything is allocated, a call whose estimate exceeds the free memory of
+    q's device; the message gives the estimate and the backends that would fit."""
+    impl = _BACKENDS[backend]
+    if impl.memory is None:
+        return
+    need, what = impl.memory(spec, q, need_lse)
+    if need < _memory.ALWAYS_FITS:
+        return
+    free = _memory.available(q.device)
+    if free is None or need <= free:
+        return
+    fits = []
+    for name, other in _BACKENDS.items():
+        if name == backend or other.memory is None or other.unsupported(spec, q, need_lse) is not None:
+            continue
+        other_need, other_what = other.memory(spec, q, need_lse)
+        if other_need <= free:
+            fits.append(f"backend='{name}' needs about {_memory.fmt(other_need)} ({other_what})")
+    advice = ("; " + "; ".join(fits)) if fits else (
+        "; no backend fits these arguments: pass fewer query rows (or a shorter batch) per call")
+    raise ValueError(f"backend='{backend}' would allocate about {_memory.fmt(need)} for {what}, more than the "
+                     f"{_memory.fmt(free)} free on {q.device}{advice}")
 
 
 def attention(
@@ -186,6 +215,8 @@ def attention_weights(
     query rows you need together with a mask that places them.
     """
     spec = build_spec(q, k, None, mask=mask, causal=causal, window=window, scale=scale, score_mod=score_mod)
+    reference.check_size(spec, q.dtype, what="attention_weights")
+    check_memory("reference", spec, q, False)
     probs, _ = _finite.guarded(_weights, q, k, None, spec, False)
     return probs
 
@@ -213,6 +244,8 @@ def reference_attention(
     """
     spec = build_spec(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
                       score_mod=score_mod, dropout_p=dropout_p)
+    reference.check_size(spec, q.dtype)
+    check_memory("reference", spec, q, False)
     out, _ = _finite.guarded(reference.forward, q, k, v, spec, False)
     return out
 

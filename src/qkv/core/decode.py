@@ -435,5 +435,5 @@ def auto_rule(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
     return "decode" if by_length else None
 
 
-register_backend("decode", forward, unsupported, auto_rule,
+register_backend("decode", forward, unsupported, auto_rule, memory=tiled.memory,
                  self_checking=lambda spec, q, k, v: _fast_path_applies(q, k, v, spec))

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _memory
 from ._spec import AttentionSpec
 
 # The reference refuses to build a score matrix larger than this (bytes, in compute dtype).
@@ -88,6 +89,17 @@ def weights(q: Tensor, k: Tensor, spec: AttentionSpec) -> Tensor:
     check_size(spec, q.dtype, what="attention_weights")
     probs, _ = softmax_stats(q, k, spec)
     return probs.to(q.dtype)
+
+
+def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
+    """(bytes, what): the score matrix, its exponentials and the probabilities (kept once more
+    for the backward when autograd records), and k and v repeated per query head."""
+    c = _memory.compute_size(q.dtype)
+    copies = 5 if torch.is_grad_enabled() and q.requires_grad else 3
+    repeated = spec.B * spec.Hq * spec.Lk * (spec.D + spec.Dv) * c
+    need = _memory.quadratic(spec, copies, c) + repeated
+    return need, (f"a score matrix of B*Hq*Lq*Lk = {spec.B}*{spec.Hq}*{spec.Lq}*{spec.Lk} entries "
+                  f"in {compute_dtype(q.dtype)}, materialised {copies} times")
 
 
 def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:

@@ -166,4 +166,4 @@ def auto_rule(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
     return None
 
 
-register_backend("sparse", forward, unsupported, auto_rule)
+register_backend("sparse", forward, unsupported, auto_rule, memory=tiled.memory)

@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor
 
+from . import _memory
 from ._spec import AttentionSpec, index_grid
 from .reference import compute_dtype
 
@@ -298,6 +299,11 @@ def _score_mod_uses_grad(spec: AttentionSpec, q: Tensor) -> bool:
     with torch.enable_grad():
         out = spec.score_mod(probe, *index_grid(1, 1, 0, 1, 0, 1, q.device))
     return isinstance(out, Tensor) and out.requires_grad
+
+
+def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
+    """(bytes, what): linear in length (see _memory.linear)."""
+    return _memory.linear(spec, q, _BLOCK_ENTRIES), "upcast inputs, gradients and blocks, linear in length"
 
 
 def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
