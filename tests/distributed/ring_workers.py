@@ -129,6 +129,9 @@ def make_inputs(case):
 
     q, k, v = rnd(B, Hq, N, D), rnd(B, Hkv, N, D), rnd(B, Hkv, N, Dv)
     g_out, g_lse = rnd(B, Hq, N, Dv), rnd(B, Hq, N)
+    # poison: [(name, (b, h, position, column), value)], NaN or inf placed in the full tensors
+    for name, index, value in case.get("poison", ()):
+        {"q": q, "k": k, "v": v}[name][index] = value
     return q, k, v, g_out, g_lse
 
 

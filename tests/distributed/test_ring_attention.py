@@ -110,3 +110,31 @@ def test_multihead_attention_in_ring_mode(layout):
     pytest.importorskip("qkv.nn")
     for r, errs in enumerate(results_ok(launch(2, "mha", {"layout": layout, "N": 24}, timeout=90))):
         assert max(errs.values()) < 1e-10, f"rank {r}: max errors {errs}"
+
+
+# A NaN or inf in one shard: on 2 ranks, rows that see it (on any shard) are NaN, others are
+# exact; gradients NaN exactly where the single-process guard puts them (core/_finite.py).
+POISONED = [
+    _case(16, "zigzag", True, Hq=4, Hkv=2, seed=12, poison=[("k", (0, 1, 5, 2), float("nan"))]),
+    _case(16, "contiguous", True, seed=13, poison=[("v", (0, 0, 3, 1), float("inf"))]),
+    _case(16, "zigzag", False, seed=14, poison=[("q", (0, 1, 12, 0), float("nan"))]),
+    _case(16, "contiguous", True, seed=15, poison=[("v", (0, 1, 11, 0), float("nan"))]),  # rows 11.. only
+]
+
+
+def test_ring_follows_the_nonfinite_rule():
+    ranks = results_ok(launch(2, "cases", {"cases": POISONED}, timeout=150))
+    for index, case in enumerate(POISONED):
+        got = {name: qd.unshard([r[index][name] for r in ranks], layout=case["layout"])
+               for name in ("out", "lse", "dq", "dk", "dv")}
+        want = _reference(case, torch.float64)
+        what = _name(case) + f" poison={case['poison']}"
+        for name in ("out", "dq", "dk", "dv"):
+            nan_rows, want_rows = torch.isnan(got[name]).all(-1), torch.isnan(want[name]).all(-1)
+            assert torch.equal(nan_rows, want_rows), f"{what}: NaN rows of {name} differ from one process"
+            assert torch.equal(torch.isnan(got[name]).any(-1), want_rows), f"{what}: a partly NaN row in {name}"
+            ok = ~want_rows
+            err = (got[name][ok].double() - want[name][ok]).abs().max().item()
+            assert err < 1e-4, f"{what}: finite rows of {name} differ by {err:.2e}"
+        assert torch.equal(torch.isnan(got["lse"]), torch.isnan(want["lse"])), f"{what}: NaN lse rows differ"
+        assert torch.isnan(want["out"]).any() and not torch.isnan(want["out"]).all()

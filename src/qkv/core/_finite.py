@@ -102,6 +102,11 @@ def guarded(forward: Forward, q: Tensor, k: Tensor, v: Optional[Tensor], spec: A
     return _exact(forward, q, k, v, spec, need_lse)
 
 
+def all_finite(*tensors: Tensor) -> bool:
+    """Whether the tensors hold no NaN and no infinity (one synchronising read of their extremes)."""
+    return all(bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()) for t in tensors if t.numel())
+
+
 def _safe_bound(dtype: torch.dtype) -> float:
     return torch.finfo(compute_dtype(dtype)).max * _SAFE_SHARE
 

@@ -17,6 +17,11 @@ Backward: the keys and values travel the ring again; each rank recomputes its bl
 the merged lse and adds this shard's share of dk/dv into an accumulator that travels with
 them (one step behind), so after P steps every rank receives the full gradient of its own
 shard. Grouped-query heads: only the Hkv key/value heads travel.
+
+NaN and infinity follow the core's rule (qkv.core._finite): each piece runs under the same
+guard as qkv.attention, so a row that sees a non-finite key on any shard ends NaN (the lse
+merge carries it), and the backward cleans a piece that holds one, giving NaN exactly in dq
+of poisoned rows and in dk/dv of the keys they see.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from qkv.core import _finite
 from qkv.core._spec import build_spec
 from qkv.core.reference import compute_dtype
 from qkv.core.tiled import block_backward, block_forward, merge_lse_
@@ -151,7 +157,7 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, o: _Opts) -> tuple[Tensor, Te
             ks = k_cur[:, :, k0:k1].to(ct)  # (B, Hkv, lk, D)
             vs = v_cur[:, :, k0:k1].to(ct)  # (B, Hkv, lk, Dv)
             spec = build_spec(qs, ks, vs, causal=causal, scale=o.scale)
-            out_s, lse_s = block_forward(qs, ks, vs, spec)  # (B, Hq, lq, Dv), (B, Hq, lq)
+            out_s, lse_s = _finite.guarded(_tiled_piece, qs, ks, vs, spec, True)  # (B, Hq, lq, Dv), (B, Hq, lq)
             merge_lse_(out[:, :, q0:q1], lse[:, :, q0:q1], out_s, lse_s)
         if works is not None:
             ring.wait(works, f"exchanging key/value shards with ranks {ring.prev_peer} (from) and "
@@ -189,7 +195,7 @@ def _ring_backward(q, k, v, out, lse, d_out, d_lse, o: _Opts) -> tuple[Tensor, T
             vs = v_cur[:, :, w.k0:w.k1].to(ct)  # (B, Hkv, lk, Dv)
             spec = build_spec(qs, ks, vs, causal=w.causal, scale=o.scale)
             dl = None if d_lse is None else d_lse[:, :, sl]
-            dq_s, dk_s, dv_s = block_backward(qs, ks, vs, out[:, :, sl], lse[:, :, sl], d_out[:, :, sl], dl, spec)
+            dq_s, dk_s, dv_s = _piece_backward(qs, ks, vs, out[:, :, sl], lse[:, :, sl], d_out[:, :, sl], dl, spec)
             dq[:, :, sl] += dq_s
         if step > 0:  # the accumulator for shard `src`, holding the shares of the ranks before us
             ring.wait(grad_works, f"exchanging key/value gradient accumulators with ranks {ring.prev_peer} "
@@ -209,6 +215,28 @@ def _ring_backward(q, k, v, out, lse, d_out, d_lse, o: _Opts) -> tuple[Tensor, T
                               f"(end of backward)")
         dk_acc, dv_acc = dk_in, dv_in
     return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+
+
+def _tiled_piece(q: Tensor, k: Tensor, v: Tensor, spec, *, need_lse: bool) -> tuple[Tensor, Tensor]:
+    """The tiled engine's forward in a backend's shape, for the non-finite guard."""
+    return block_forward(q, k, v, spec)
+
+
+def _piece_backward(qs, ks, vs, out_s, lse_s, do_s, dl_s, spec) -> tuple[Tensor, Tensor, Tensor]:
+    """block_backward of one piece (shapes as there), by the core's rule for non-finite values:
+    rows whose merged lse is NaN (poisoned in the forward) pass no gradient through the clean
+    computation and get NaN in dq; the keys they may see get NaN in dk and dv."""
+    poisoned = torch.isnan(lse_s)  # (B, Hq, lq)
+    if _finite.all_finite(qs, ks, vs) and not bool(poisoned.any()):
+        return block_backward(qs, ks, vs, out_s, lse_s, do_s, dl_s, spec)
+    clean = [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (qs, ks, vs)]
+    rows = poisoned.unsqueeze(-1)  # (B, Hq, lq, 1)
+    dq, dk, dv = block_backward(*clean, out_s.masked_fill(rows, 0.0), lse_s.masked_fill(poisoned, float("inf")),
+                                do_s.masked_fill(rows, 0.0), None if dl_s is None else dl_s.masked_fill(poisoned, 0.0),
+                                spec)
+    seen = _finite.keys_seen(spec, poisoned).unsqueeze(-1)  # (B, Hkv, lk, 1)
+    nan = float("nan")
+    return dq.masked_fill(rows, nan), dk.masked_fill(seen, nan), dv.masked_fill(seen, nan)
 
 
 class _RingAttention(torch.autograd.Function):
