@@ -5,8 +5,9 @@ that torch's own compiled paths (torch.compile, FlexAttention) already need, wit
 `-O3 -march=native`, and loaded with ctypes, which releases the GIL during a call. The
 library is cached under `$QKV_KERNEL_CACHE` (default `$XDG_CACHE_HOME/qkv/kernels`, else
 `~/.cache/qkv/kernels`), named by a hash of the source, the compiler's version and the
-flags, written under a temporary name and then renamed, so concurrent first uses and
-interrupted builds never leave a broken library behind.
+flags, and written by qkv's one writer (`qkv._files`: a temporary file renamed into place),
+so concurrent first uses and interrupted builds never leave a broken library under the
+cache name.
 
 Where no compiler is found or the build fails, `load` returns None and `status` says why;
 callers then run their eager path and warn once (never silently). `QKV_NO_KERNELS=1`
@@ -21,11 +22,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 from typing import Optional
+
+from .. import _files
 
 _SRC = Path(__file__).with_name("csrc")
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
@@ -84,18 +86,15 @@ def _build(name: str) -> ctypes.CDLL:
     target = cache_dir() / f"{name}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            run = subprocess.run([cxx, *_FLAGS, _OPENMP, "-o", tmp, str(src)], capture_output=True, text=True, timeout=300)
+        # The compiler writes a temporary file that replaces `target` only when it is complete.
+        with _files.atomic_output(target, what=f"the compiled {name} kernel") as tmp:
+            run = subprocess.run([cxx, *_FLAGS, _OPENMP, "-o", str(tmp), str(src)], capture_output=True, text=True,
+                                 timeout=300)
             if run.returncode != 0:  # once more without OpenMP: the kernel then uses std::thread
-                run = subprocess.run([cxx, *_FLAGS, "-o", tmp, str(src)], capture_output=True, text=True, timeout=300)
+                run = subprocess.run([cxx, *_FLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True,
+                                     timeout=300)
             if run.returncode != 0:
                 raise RuntimeError(f"{os.path.basename(cxx)} failed on {src.name}: {run.stderr.strip()[-2000:]}")
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return ctypes.CDLL(str(target))
 
 

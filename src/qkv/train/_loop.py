@@ -7,18 +7,17 @@ uninterrupted run would. The learning rate is a pure function of the step (linea
 cosine decay; Loshchilov & Hutter 2017, AdamW and SGDR), so the checkpoint needs only the
 weights, the AdamW moments and the step: no scheduler and no RNG state.
 
-Files are written next to their destination and renamed over it (`os.replace`), so a run
-stopped at any moment leaves either the previous checkpoint or the new one, never half a file.
-Checkpoints are safetensors (tensors plus JSON metadata), never pickle.
+Files are written by qkv's one writer (`qkv._files`): next to their destination and renamed
+over it (`os.replace`), so a run stopped at any moment leaves either the previous checkpoint or
+the new one, never half a file. Checkpoints are safetensors (tensors plus JSON metadata), never
+pickle.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .._files import write_bytes, write_text
 from ..models.checkpoint import CheckpointError, Plan
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -69,28 +69,11 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file in path's folder, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> None:
     from safetensors.torch import save
 
     data = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(data, metadata=metadata))
+    write_bytes(path, save(data, metadata=metadata), what=f"the {path.name}")
 
 
 def export_weights(model: nn.Module, plan: Plan) -> dict[str, Tensor]:
@@ -105,12 +88,16 @@ def export_weights(model: nn.Module, plan: Plan) -> dict[str, Tensor]:
     return out
 
 
-def save_folder(out: Path, config: dict, weights: dict[str, Tensor], tokenizer) -> None:
-    """Write a Hugging Face-style folder: config.json, model.safetensors, tokenizer.json (each atomic)."""
+def save_folder(out: Path, config: dict, weights: dict[str, Tensor], tokenizer, *,
+                extra: Optional[dict[str, dict]] = None) -> None:
+    """Write a Hugging Face-style folder: config.json, model.safetensors, tokenizer.json and the
+    JSON files of `extra` (file name -> content), each whole or not at all, into `out` (a Path)."""
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / "model.safetensors", weights, {"format": "pt"})
-    atomic_write_bytes(out / "tokenizer.json", tokenizer.to_str(pretty=True).encode("utf-8"))
-    atomic_write_bytes(out / "config.json", (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+    write_text(out / "tokenizer.json", tokenizer.to_str(pretty=True), what="the tokenizer.json")
+    write_text(out / "config.json", json.dumps(config, indent=2) + "\n", what="the config.json")
+    for name, content in (extra or {}).items():
+        write_text(out / name, json.dumps(content, indent=2) + "\n", what=f"the {name}")
 
 
 class Progress:
