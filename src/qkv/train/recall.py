@@ -134,7 +134,9 @@ def train(out: Union[str, Path], *, seed: int = RUN.seed, steps: int = RUN.steps
     """Train the recall model and save it to `out` (resuming from out/checkpoint.safetensors).
 
     Args:
-        out: the folder to write (config.json, model.safetensors, tokenizer.json).
+        out: the folder to write (config.json, model.safetensors, tokenizer.json, and the
+            marker .qkv-train first): new, empty, or one that qkv train wrote; a folder holding
+            other files is refused with a TrainingError before anything is touched.
         seed: parameters and every batch follow from it: same seed and steps, same weights.
         steps: optimizer steps of `batch` prompts each (1 to 8 pairs, one count per step).
         stop_after: stop after this many steps, leaving a checkpoint (an interruption, for tests).
@@ -175,7 +177,8 @@ def save(model: GPT2LMHeadModel, out: Path) -> None:
     weights = export_weights(model, gpt2.hf_plan(model.config))
     # The answer is one token. Training prompts ask as many queries as fit, so after an answer
     # the model expects the next query, not [EOS]: generation defaults to one new token.
-    save_folder(Path(out), config, weights, build_tokenizer(), extra={"generation_config.json": GENERATION})
+    save_folder(Path(out), config, weights, build_tokenizer(), task="recall",
+                extra={"generation_config.json": GENERATION})
 
 
 def prompt_text(ids: Tensor) -> str:
