@@ -253,7 +253,7 @@ def _add_train(sub) -> None:
             raise UserError(f"--out {out!r} is a file; give a folder")
         from pathlib import Path
 
-        from .train._loop import check_folder
+        from .train._loop import check_folder, interrupted_note
 
         check_folder(Path(out))  # a folder of someone else's files: refused (a TrainingError, status 2) up front
         # One thread: these models are so small that a second thread mostly waits at barriers,
@@ -263,8 +263,8 @@ def _add_train(sub) -> None:
         try:
             model = module.train(out, seed=args.seed, steps=steps, progress=not args.quiet)
         except KeyboardInterrupt:
-            print(f"qkv train: interrupted; the last checkpoint in {out} is kept: run the same command to resume",
-                  file=sys.stderr)
+            # Read from the folder: true whether the interrupt came before the first checkpoint or after one.
+            print(f"qkv train: interrupted; {interrupted_note(Path(out))}", file=sys.stderr)
             return 130
         seconds = time.perf_counter() - start
         acc = module.evaluate(model)

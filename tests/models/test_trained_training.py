@@ -133,7 +133,8 @@ def test_cli_train_refuses_a_file_as_out(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
 
 
-def test_cli_train_interrupted_says_how_to_resume(tmp_path, capsys, monkeypatch):
+def test_cli_train_interrupted_before_a_checkpoint_says_it_starts_over(tmp_path, capsys, monkeypatch):
+    """No checkpoint exists yet: the message must not claim one is kept."""
     from qkv.cli import main
 
     def interrupted(*args, **kwargs):
@@ -141,7 +142,24 @@ def test_cli_train_interrupted_says_how_to_resume(tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(recall, "train", interrupted)
     assert main(["train", "recall", "--out", str(tmp_path / "r"), "--steps", "2"]) == 130
-    assert "the last checkpoint in" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no checkpoint was saved" in err and "starts over from step 0" in err, err
+    assert "is kept" not in err
+
+
+def test_cli_train_interrupted_after_a_checkpoint_names_its_step(tmp_path, capsys, monkeypatch):
+    from qkv.cli import main
+
+    out = tmp_path / "r"
+    recall.train(out, seed=0, steps=5, progress=False, stop_after=2)  # a checkpoint at step 2
+
+    def interrupting(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", interrupting)  # in the first resumed step
+    assert main(["train", "recall", "--out", str(out), "--steps", "5", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert f"the checkpoint of step 2 in {out} is kept: run the same command to resume" in err, err
 
 
 FOREIGN = {"config.json": b'{"model_type": "bert"}', "model.safetensors": b"weights of another model",
@@ -194,3 +212,10 @@ def test_the_bundled_folders_may_be_trained_again():
 
     for name in TASKS:
         check_folder(bundled_path(name))  # no TrainingError
+
+
+def test_interrupted_note_of_an_unreadable_checkpoint(tmp_path):
+    from qkv.train._loop import interrupted_note
+
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"half a file")
+    assert "is unreadable" in interrupted_note(tmp_path) and "delete it" in interrupted_note(tmp_path)

@@ -242,7 +242,8 @@ def train_loop(model: nn.Module, *, out: Path, schedule: Schedule, seed: int, me
         loss_fn: (model, step) -> (loss to minimise, accuracy of this batch in [0, 1]).
         name: the task ("recall", "translate"): the progress bar's label and the marker's task.
         stop_after: stop (with a checkpoint) after this many steps in total, as a run stopped
-            on purpose; an interruption (KeyboardInterrupt) keeps the last periodic checkpoint.
+            on purpose; an interruption (KeyboardInterrupt) keeps the last periodic checkpoint,
+            if one was written (`interrupted_note` says which).
         history: if given, each step's loss is appended to it.
 
     Returns:
@@ -292,6 +293,37 @@ def train_loop(model: nn.Module, *, out: Path, schedule: Schedule, seed: int, me
         _save_checkpoint(ckpt, model, opt, step, meta)
     model.eval()
     return step
+
+
+def checkpoint_step(out: Path) -> Optional[int]:
+    """The step of the checkpoint in `out` (a Path), from its header; None where there is none.
+
+    Raises:
+        CheckpointError: the checkpoint is there but unreadable.
+    """
+    from safetensors import safe_open
+
+    ckpt = out / CHECKPOINT
+    if not ckpt.is_file():
+        return None
+    try:
+        with safe_open(str(ckpt), framework="pt") as f:
+            return int((f.metadata() or {})["step"])
+    except Exception as exc:
+        raise CheckpointError(f"the checkpoint {ckpt} is unreadable ({exc}); delete it to train from the start") from None
+
+
+def interrupted_note(out: Path) -> str:
+    """What an interrupted run leaves in `out` (a Path), read from the folder, so it is true
+    wherever the interruption landed: the checkpoint's step and how to resume, or that there
+    is no checkpoint and the same command starts over."""
+    try:
+        step = checkpoint_step(out)
+    except CheckpointError as exc:
+        return str(exc)
+    if step is None:
+        return f"no checkpoint was saved in {out} yet, so the same command starts over from step 0"
+    return f"the checkpoint of step {step} in {out} is kept: run the same command to resume from it"
 
 
 def finish(out: Path) -> None:
