@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -304,6 +305,30 @@ def test_json_is_written_atomically_over_an_old_file(tmp_path):
     path.write_text("old")
     bench.write_json(result, str(path))
     assert json.loads(path.read_text())["rows"][0]["L"] == 64
+    assert [p.name for p in tmp_path.iterdir()] == ["b.json"]
+
+
+def test_json_through_a_symlink_keeps_the_link(tmp_path):
+    """The JSON goes to the link's target; the link stays a link (it used to become a file)."""
+    result = bench.run(_cfg(lengths=(64,)), stream=io.StringIO())
+    real = tmp_path / "results" / "b.json"
+    real.parent.mkdir()
+    real.write_text("old")
+    link = tmp_path / "b.json"
+    link.symlink_to(real)
+    bench.write_json(result, str(link))
+    assert link.is_symlink() and json.loads(real.read_text())["rows"][0]["L"] == 64
+    assert not [p for d in (tmp_path, real.parent) for p in d.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_cli_refuses_a_fifo_as_json_with_status_2(tmp_path, capsys):
+    """A FIFO at --json is neither replaced nor written to: one line, status 2."""
+    fifo = tmp_path / "b.json"
+    os.mkfifo(fifo)
+    assert main(["bench", *TINY, "--json", str(fifo)]) == 2
+    err = capsys.readouterr().err
+    assert f"qkv bench: error: cannot write the bench JSON to '{fifo}': it is a FIFO" in err, err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert [p.name for p in tmp_path.iterdir()] == ["b.json"]
 
 

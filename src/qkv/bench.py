@@ -38,13 +38,13 @@ and for Flex on the window). qkv itself always runs at every length asked for.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 import warnings
 import zlib
@@ -54,6 +54,8 @@ from typing import Callable, Optional, TextIO
 
 import torch
 import torch.nn.functional as F
+
+from ._files import write_bytes, write_text
 
 FORMAT = "qkv.bench/1"
 CASES = ("dense", "causal", "window", "gqa", "decode")
@@ -733,26 +735,11 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: str, write: Callable[[TextIO], None], binary: bool = False) -> None:
-    """Write through a temporary file in the same folder, then rename it over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_json(result: BenchResult, path: str) -> None:
-    """The whole run as JSON (format qkv.bench/1), written atomically."""
-    doc = result.to_dict()
-    _atomic_write(path, lambda f: (json.dump(doc, f, indent=1, allow_nan=False), f.write("\n")))
+    """The whole run as JSON (format qkv.bench/1) to `path` (str), through qkv's one writer
+    (`qkv._files`: whole or not at all; a symbolic link is written through, a non-regular
+    target refused with a FileWriteError)."""
+    write_text(path, json.dumps(result.to_dict(), indent=1, allow_nan=False) + "\n", what="the bench JSON")
 
 
 def require_matplotlib() -> None:
@@ -777,7 +764,8 @@ def _length_label(x: float, _pos=None) -> str:
 
 def write_png(result: BenchResult, path: str) -> None:
     """Time against length on log-log axes, one panel per dtype, one line per case and method,
-    with dashed guides growing as L and L^2. PNG_SIZE pixels, written atomically."""
+    with dashed guides growing as L and L^2. PNG_SIZE pixels, written to `path` (str) as
+    `write_json` writes."""
     require_matplotlib()
     import matplotlib
 
@@ -831,4 +819,6 @@ def write_png(result: BenchResult, path: str) -> None:
                  f"window={cfg.window}; torch {torch.__version__}, {result.machine.get('threads')} threads")
     fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=6, fontsize=8, frameon=False)
     fig.subplots_adjust(left=0.07, right=0.98, top=0.9, bottom=0.2, wspace=0.08)
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), binary=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write_bytes(path, buf.getvalue(), what="the bench PNG")

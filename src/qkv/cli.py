@@ -229,7 +229,8 @@ def _add_train(sub) -> None:
     p.add_argument("task", choices=["recall", "translate"],
                    help="recall: a two-layer GPT-2 looks keys up in its prompt; translate: an "
                    "encoder-decoder reorders words through cross-attention")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: ./qkv-TASK)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: ./qkv-TASK): new, empty, or one "
+                   "that qkv train wrote; a folder holding other files is refused (status 2)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the weights and the data (default 0)")
     p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: the task's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -250,6 +251,11 @@ def _add_train(sub) -> None:
         out = args.out or f"qkv-{args.task}"
         if os.path.exists(out) and not os.path.isdir(out):
             raise UserError(f"--out {out!r} is a file; give a folder")
+        from pathlib import Path
+
+        from .train._loop import check_folder, interrupted_note
+
+        check_folder(Path(out))  # a folder of someone else's files: refused (a TrainingError, status 2) up front
         # One thread: these models are so small that a second thread mostly waits at barriers,
         # and on a busy machine its spinning makes a step many times slower (measured).
         torch.set_num_threads(1)
@@ -257,8 +263,8 @@ def _add_train(sub) -> None:
         try:
             model = module.train(out, seed=args.seed, steps=steps, progress=not args.quiet)
         except KeyboardInterrupt:
-            print(f"qkv train: interrupted; the last checkpoint in {out} is kept: run the same command to resume",
-                  file=sys.stderr)
+            # Read from the folder: true whether the interrupt came before the first checkpoint or after one.
+            print(f"qkv train: interrupted; {interrupted_note(Path(out))}", file=sys.stderr)
             return 130
         seconds = time.perf_counter() - start
         acc = module.evaluate(model)

@@ -153,7 +153,21 @@ def test_cli_explain_writes_json_and_prints_the_focus_table(tmp_path, capsys):
     assert "from 'cat' to each word" in text and "sharpest heads" in text
     data = json.loads(out.read_text())
     assert data["focus"]["label"] == "cat"
-    assert not list(tmp_path.glob(".qkv-*")), "no temporary file is left behind"
+    assert [p.name for p in tmp_path.iterdir()] == ["cat.json"], "no temporary file is left behind"
+
+
+def test_save_json_writes_through_a_symlink_and_refuses_a_fifo(result, tmp_path):
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    result.save_json(link)
+    assert link.is_symlink() and json.loads(real.read_text())["format"] == "qkv.explain/1"
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match=f"cannot write JSON to '{fifo}': it is a FIFO"):
+        result.save_json(fifo)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.json", "link.json", "real.json"]
 
 
 @pytest.mark.parametrize("argv,message", [

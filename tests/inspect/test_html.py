@@ -211,3 +211,39 @@ def test_large_input_renders_quickly():
     elapsed = time.perf_counter() - t0
     assert len(embedded_json(page)["labels"]) == 200
     assert elapsed < 5, f"render_html took {elapsed:.1f} s for 200 labels"
+
+
+def test_write_html_through_a_symlink_keeps_the_link(tmp_path):
+    """The page goes to the link's target (written atomically beside it); the link stays a link."""
+    real_dir = tmp_path / "pages"
+    real_dir.mkdir()
+    real = real_dir / "real.html"
+    real.write_text("old")
+    link = tmp_path / "page.html"
+    link.symlink_to(real)
+    assert write_html(make_data(), link) == link
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert not [p for d in (tmp_path, real_dir) for p in d.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_write_html_refuses_a_fifo_or_a_device(tmp_path, kind):
+    """A FIFO or a device node at the path (or behind a link) is refused, named, and left as it is."""
+    target = tmp_path / "page.html"
+    if kind == "fifo":
+        os.mkfifo(target)
+        is_kind, words = stat.S_ISFIFO, "a FIFO"
+    else:
+        try:
+            os.mknod(target, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        except OSError as exc:
+            pytest.skip(f"cannot make a device node here: {exc}")
+        is_kind, words = stat.S_ISCHR, "a character device"
+    link = tmp_path / "link.html"
+    link.symlink_to(target)
+    for path in (target, link):
+        with pytest.raises(OSError, match=f"cannot write HTML to '{path}'.*: it is {words}"):
+            write_html(make_data(), path)
+    assert is_kind(os.lstat(target).st_mode) and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.html", "page.html"]

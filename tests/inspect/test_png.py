@@ -124,3 +124,18 @@ def test_docs_picture(tmp_path):
     if os.environ.get("QKV_UPDATE_DOCS") == "1":
         DOCS_IMAGE.parent.mkdir(parents=True, exist_ok=True)
         DOCS_IMAGE.write_bytes(path.read_bytes())
+
+
+def test_png_through_a_symlink_and_never_over_a_fifo(tmp_path):
+    """A link is written through (it stays a link); a FIFO is refused before any drawing."""
+    real = tmp_path / "real.png"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.png"
+    link.symlink_to(real)
+    render_png(make_data(n_words=4), link)
+    assert link.is_symlink() and png_size(real)
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match=f"cannot write PNG to '{fifo}': it is a FIFO"):
+        render_png(make_data(n_words=4), fifo)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.png", "link.png", "real.png"]

@@ -4,6 +4,8 @@ same weights, an interrupted run resumes to the same weights, the saved folder l
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -82,7 +84,7 @@ def test_saved_folder_loads_with_qkv_load(task, tmp_path):
     model = TASKS[task].train(tmp_path / "m", steps=3, progress=False)
     names = sorted(p.name for p in (tmp_path / "m").iterdir())
     extra = ["generation_config.json"] if task == "recall" else []
-    assert names == sorted(["config.json", "model.safetensors", "tokenizer.json"] + extra)
+    assert names == sorted([".qkv-train", "config.json", "model.safetensors", "tokenizer.json"] + extra)
     loaded = qkv.load(tmp_path / "m")
     assert type(loaded) is type(model)
     _assert_same({k: v for k, v in _weights(model).items()}, _weights(loaded))
@@ -91,6 +93,7 @@ def test_saved_folder_loads_with_qkv_load(task, tmp_path):
 def test_corrupt_checkpoint_is_refused_clearly(tmp_path):
     out = tmp_path / "m"
     out.mkdir()
+    (out / ".qkv-train").write_text('{"format": "qkv.train/1", "task": "recall"}')  # a qkv run's folder
     (out / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="unreadable.*delete it"):
         recall.train(out, steps=3, progress=False)
@@ -130,7 +133,8 @@ def test_cli_train_refuses_a_file_as_out(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
 
 
-def test_cli_train_interrupted_says_how_to_resume(tmp_path, capsys, monkeypatch):
+def test_cli_train_interrupted_before_a_checkpoint_says_it_starts_over(tmp_path, capsys, monkeypatch):
+    """No checkpoint exists yet: the message must not claim one is kept."""
     from qkv.cli import main
 
     def interrupted(*args, **kwargs):
@@ -138,4 +142,80 @@ def test_cli_train_interrupted_says_how_to_resume(tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(recall, "train", interrupted)
     assert main(["train", "recall", "--out", str(tmp_path / "r"), "--steps", "2"]) == 130
-    assert "the last checkpoint in" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no checkpoint was saved" in err and "starts over from step 0" in err, err
+    assert "is kept" not in err
+
+
+def test_cli_train_interrupted_after_a_checkpoint_names_its_step(tmp_path, capsys, monkeypatch):
+    from qkv.cli import main
+
+    out = tmp_path / "r"
+    recall.train(out, seed=0, steps=5, progress=False, stop_after=2)  # a checkpoint at step 2
+
+    def interrupting(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", interrupting)  # in the first resumed step
+    assert main(["train", "recall", "--out", str(out), "--steps", "5", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert f"the checkpoint of step 2 in {out} is kept: run the same command to resume" in err, err
+
+
+FOREIGN = {"config.json": b'{"model_type": "bert"}', "model.safetensors": b"weights of another model",
+           "tokenizer.json": b'{"version": "1.0"}'}
+
+
+def _foreign_folder(path):
+    path.mkdir()
+    for name, data in FOREIGN.items():
+        (path / name).write_bytes(data)
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in path.iterdir()}
+
+
+def test_cli_train_refuses_a_folder_of_another_model(tmp_path, capsys):
+    """--out holding files qkv did not write: status 2, the files named, nothing touched."""
+    from qkv.cli import main
+
+    out = tmp_path / "bert-base"
+    before = _foreign_folder(out)
+    assert main(["train", "translate", "--out", str(out), "--steps", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkv train: error: --out ") and "config.json, model.safetensors, tokenizer.json" in err, err
+    assert "choose another --out" in err
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_train_refuses_a_foreign_folder_and_accepts_its_own(task, tmp_path):
+    module = TASKS[task]
+    out = tmp_path / "f"
+    before = _foreign_folder(out)
+    with pytest.raises(TrainingError, match="holds files that qkv train did not write"):
+        module.train(out, steps=2, progress=False)
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+    # A marker that is not qkv's (not its JSON) does not make the folder qkv's.
+    (out / ".qkv-train").write_text("mine")
+    with pytest.raises(TrainingError, match="did not write"):
+        module.train(out, steps=2, progress=False)
+    # An empty folder, and a folder of a finished qkv run (trained again over itself), are fine.
+    (tmp_path / "empty").mkdir()
+    module.train(tmp_path / "empty", steps=2, progress=False)
+    module.train(tmp_path / "empty", steps=2, seed=1, progress=False)
+    assert json.loads((tmp_path / "empty" / ".qkv-train").read_text()) == {"format": "qkv.train/1", "task": task}
+
+
+def test_the_bundled_folders_may_be_trained_again():
+    """docs/trained-models.md trains the shipped models with --out src/qkv/models/bundled/TASK."""
+    from qkv.models import bundled_path
+    from qkv.train._loop import check_folder
+
+    for name in TASKS:
+        check_folder(bundled_path(name))  # no TrainingError
+
+
+def test_interrupted_note_of_an_unreadable_checkpoint(tmp_path):
+    from qkv.train._loop import interrupted_note
+
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"half a file")
+    assert "is unreadable" in interrupted_note(tmp_path) and "delete it" in interrupted_note(tmp_path)

@@ -5,29 +5,50 @@ that torch's own compiled paths (torch.compile, FlexAttention) already need, wit
 `-O3 -march=native`, and loaded with ctypes, which releases the GIL during a call. The
 library is cached under `$QKV_KERNEL_CACHE` (default `$XDG_CACHE_HOME/qkv/kernels`, else
 `~/.cache/qkv/kernels`), named by a hash of the source, the compiler's version and the
-flags, written under a temporary name and then renamed, so concurrent first uses and
-interrupted builds never leave a broken library behind.
+flags, and written by qkv's one writer (`qkv._files`: a temporary file renamed into place),
+so concurrent first uses and interrupted builds never leave a broken library under the
+cache name; temporary files that a killed build left behind are removed once they are older
+than any build can take.
 
-Where no compiler is found or the build fails, `load` returns None and `status` says why;
-callers then run their eager path and warn once (never silently). `QKV_NO_KERNELS=1`
-turns the native kernels off (without a warning: the user asked for it).
+A damaged cache must not kill the process: loading a truncated library can raise SIGBUS,
+and a library lacking a function fails on every call. So a build is followed by its checksum,
+`NAME.so.sha256` (sha256sum's format), written after the library; a cached library is loaded
+only when its checksum matches, and must export the functions of `EXPORTS`. A cached build
+that fails either check (or has no checksum: a build cut short, or made by an older qkv) is
+deleted and built again, once; a damaged one says so in one warning.
+
+Where no compiler is found or the build (or the rebuild) fails, `load` returns None and
+`status` says why; callers then run their eager path and warn once (never silently), naming
+the cache and `QKV_KERNEL_CACHE` where the cache is at fault. `QKV_NO_KERNELS=1` turns the
+native kernels off (without a warning: the user asked for it).
 """
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 from typing import Optional
 
+from .. import _files
+
 _SRC = Path(__file__).with_name("csrc")
+# The functions each kernel's callers use; a library without one of them is not loaded.
+EXPORTS = {"decode_kernel": ("qkv_decode_partials", "qkv_decode_has_bf16_dot", "qkv_decode_version")}
+# Temporary files of a build older than this are leftovers of a killed process: longer than
+# the two compiler runs of a build (300 s each) can take.
+_STALE_S = 900
+# The temporary names of builds by qkv before `qkv._files` (tempfile.mkstemp(prefix=".NAME-", suffix=".so")).
+_OLD_TEMP = re.compile(r"\.[a-z_]+-[a-z0-9_]{8}\.so")
+_NO_CHECKSUM = "it has no checksum"
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     _FLAGS.append("-mprefer-vector-width=512")  # use the AVX-512 registers where the CPU has them
@@ -72,8 +93,83 @@ def _cpu() -> str:
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
-def _build(name: str) -> ctypes.CDLL:
-    """Compile csrc/<name>.cpp (or reuse the cached build) and load it; raises with the reason."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _checksum_file(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _damage(lib: Path) -> Optional[str]:
+    """Why the cached library `lib` must not be loaded, or None when its checksum matches.
+    The library itself is only read, never loaded, so a truncated file cannot crash the process."""
+    try:
+        recorded = _checksum_file(lib).read_text(encoding="ascii").split()[:1]
+    except FileNotFoundError:
+        return _NO_CHECKSUM
+    except (OSError, ValueError) as exc:
+        return f"its checksum is unreadable ({exc})"
+    try:
+        actual = _sha256(lib)
+    except OSError as exc:
+        return f"it is unreadable ({exc})"
+    return None if recorded == [actual] else "its checksum does not match (the file is damaged)"
+
+
+def _discard(lib: Path) -> None:
+    """Delete a cached library and its checksum (a process that has it loaded keeps its copy)."""
+    for path in (_checksum_file(lib), lib):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _compile(cxx: str, src: Path, target: Path) -> None:
+    """Compile `src` into the library `target`, then write its checksum; raises with the reason.
+
+    The compiler writes a temporary file that replaces `target` only when it is complete (and
+    is removed if the build fails, is interrupted or the process is terminated)."""
+    with _files.atomic_output(target, what=f"the compiled {src.stem} kernel") as tmp:
+        run = subprocess.run([cxx, *_FLAGS, _OPENMP, "-o", str(tmp), str(src)], capture_output=True, text=True,
+                             timeout=300)
+        if run.returncode != 0:  # once more without OpenMP: the kernel then uses std::thread
+            run = subprocess.run([cxx, *_FLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True, timeout=300)
+        if run.returncode != 0:
+            raise RuntimeError(f"{os.path.basename(cxx)} failed on {src.name}: {run.stderr.strip()[-2000:]}")
+        digest = _sha256(tmp)  # of this build, whatever another process renames over it meanwhile
+    # After the library: a build cut short between the two leaves a library without a checksum,
+    # which the next use rebuilds.
+    _files.write_text(_checksum_file(target), f"{digest}  {target.name}\n", what=f"the checksum of {target.name}")
+
+
+def _open(name: str, lib: Path) -> ctypes.CDLL:
+    """Load `lib` with ctypes and check that it exports EXPORTS[name]; raises OSError otherwise."""
+    handle = ctypes.CDLL(str(lib))
+    missing = [fn for fn in EXPORTS.get(name, ()) if not hasattr(handle, fn)]
+    if missing:
+        # Unloaded where the C library can (dlclose), so that a rebuild at the same path is read
+        # anew rather than found among the libraries already open.
+        close = getattr(_ctypes, "dlclose", None)
+        if close is not None:
+            close(handle._handle)
+        raise OSError(f"it lacks {', '.join(missing)}")
+    return handle
+
+
+def _cache_note(folder: Path) -> str:
+    return (f"the kernel cache is {folder}, set by QKV_KERNEL_CACHE: delete the files there, or point "
+            f"QKV_KERNEL_CACHE at another folder")
+
+
+def _plan(name: str) -> tuple[str, Path, Path]:
+    """(compiler, source csrc/<name>.cpp, cached library path) of kernel `name`; the library's
+    name hashes the source, the compiler's version, the flags and the CPU."""
     src = _SRC / f"{name}.cpp"
     cxx = _compiler()
     if cxx is None:
@@ -81,22 +177,46 @@ def _build(name: str) -> ctypes.CDLL:
                            "(Debian: apt-get install g++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = src.read_bytes() + "\0".join([version, " ".join(_FLAGS), _OPENMP, _cpu()]).encode()
-    target = cache_dir() / f"{name}-{hashlib.sha256(key).hexdigest()[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            run = subprocess.run([cxx, *_FLAGS, _OPENMP, "-o", tmp, str(src)], capture_output=True, text=True, timeout=300)
-            if run.returncode != 0:  # once more without OpenMP: the kernel then uses std::thread
-                run = subprocess.run([cxx, *_FLAGS, "-o", tmp, str(src)], capture_output=True, text=True, timeout=300)
-            if run.returncode != 0:
-                raise RuntimeError(f"{os.path.basename(cxx)} failed on {src.name}: {run.stderr.strip()[-2000:]}")
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return ctypes.CDLL(str(target))
+    return cxx, src, cache_dir() / f"{name}-{hashlib.sha256(key).hexdigest()[:16]}.so"
+
+
+def _build(name: str) -> ctypes.CDLL:
+    """Compile csrc/<name>.cpp (or reuse the verified cached build) and load it; raises with the reason.
+
+    A cached build whose checksum is missing or wrong, or which does not load or lacks a
+    function of EXPORTS[name], is deleted and built again, once; a damaged one (not merely
+    without a checksum) is reported in one RuntimeWarning that names the cache."""
+    cxx, src, target = _plan(name)
+    folder = target.parent
+    _files.remove_stale_temps(folder, older_than_s=_STALE_S, also=_OLD_TEMP)
+    damaged = None
+    if target.exists():
+        damaged = _damage(target)
+        if damaged is None:
+            try:
+                return _open(name, target)
+            except OSError as exc:  # a library that matches its checksum but does not load, or lacks a function
+                damaged = f"it does not load: {exc}"
+        _discard(target)
+    before = "" if damaged is None else f"the cached build {target} was unusable ({damaged}) and "
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _compile(cxx, src, target)
+    except OSError as exc:  # the cache folder cannot be written
+        raise RuntimeError(f"{before}building {name} failed: {exc}; {_cache_note(folder)}") from None
+    except RuntimeError as exc:  # the compiler failed
+        if damaged is None:
+            raise
+        raise RuntimeError(f"{before}rebuilding it failed: {exc}; {_cache_note(folder)}") from None
+    try:
+        lib = _open(name, target)
+    except OSError as exc:
+        _discard(target)  # never keep a library that is known not to load
+        raise RuntimeError(f"{before}the {name} kernel just built does not load ({exc}); {_cache_note(folder)}") from None
+    if damaged is not None and damaged != _NO_CHECKSUM:  # expected after an upgrade: rebuilt quietly
+        warnings.warn(f"qkv: the cached native {name} kernel {target} was unusable ({damaged}); rebuilt it "
+                      f"(the kernel cache is set by QKV_KERNEL_CACHE)", RuntimeWarning, stacklevel=4)
+    return lib
 
 
 def load(name: str) -> Optional[ctypes.CDLL]:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from .._files import write_text
 from . import analysis
 from .capture import Record, Recorder
 
@@ -372,7 +372,9 @@ class ExplainResult:
         return data
 
     def save_json(self, path, **options) -> None:
-        _atomic_write(path, json.dumps(self.to_dict(**options), ensure_ascii=False))
+        """Write `to_dict(**options)` as JSON to `path` (str or path-like) through qkv's one
+        writer (`qkv._files`: whole or not at all; a non-regular target is refused)."""
+        write_text(path, json.dumps(self.to_dict(**options), ensure_ascii=False), what="JSON")
 
     def save_html(self, path, **options) -> None:
         from .html import write_html
@@ -506,25 +508,3 @@ def _check_choice(name: str, value, choices) -> None:
 
 def _round(t: Tensor, digits: int = 5):
     return torch.round(t.float(), decimals=digits).tolist()
-
-
-def _atomic_write(path, text: str) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"cannot write {path!r}: the folder {folder!r} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".qkv-", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise ValueError(f"cannot write {path!r}: {exc.strerror}") from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result is an ordinary file
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

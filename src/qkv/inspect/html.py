@@ -12,7 +12,7 @@ shows every user string with `textContent`, never as markup.
 
     from qkv.inspect.html import render_html, write_html
     page = render_html(result.to_dict())      # str: the whole document
-    write_html(result.to_dict(), "cat.html")  # atomic: temp file + os.replace
+    write_html(result.to_dict(), "cat.html")  # atomic: temp file + os.replace (qkv._files)
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from importlib import resources
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from .._files import write_text
 
 __all__ = ["render_html", "write_html"]
 
@@ -208,52 +209,23 @@ def render_html(data: Mapping[str, Any]) -> str:
 def write_html(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Render `data` (see render_html) and write it to `path` atomically.
 
-    The page goes to a temporary file in the same directory, then os.replace puts it in
-    place, so a reader never sees half a file.
+    Written by qkv's one writer (`qkv._files`): a temporary file beside the target, then
+    os.replace, so a reader never sees half a file; a symbolic link is written through (it
+    stays a link), and a target that is not a regular file (a directory, FIFO, device) is
+    refused.
 
     Returns:
         The path written.
 
     Raises:
         ValueError: malformed data.
-        OSError: the path cannot be written (its message names the path and the reason).
+        OSError: the path cannot be written (a `qkv._files.FileWriteError`, whose message
+            names the path and the reason).
     """
     page = render_html(data)
     target = Path(path)
-    _atomic_write(target, page.encode("utf-8"), what="HTML")
+    write_text(target, page, what="HTML")
     return target
-
-
-def _check_target(target: Path, *, what: str) -> Path:
-    """Fail early, naming the path, when target cannot be a file; returns its directory."""
-    parent = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise IsADirectoryError(f"cannot write {what} to '{target}': it is a directory; give a file name")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"cannot write {what} to '{target}': directory '{parent}' does not exist")
-    return parent
-
-
-def _atomic_write(target: Path, payload: bytes, *, what: str) -> None:
-    """Write bytes to target through a temporary file in the same directory + os.replace."""
-    parent = _check_target(target, what=what)
-    tmp_name = None
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-        tmp_name = None
-    except OSError as e:
-        reason = e.strerror or str(e)
-        raise OSError(e.errno, f"cannot write {what} to '{target}': {reason}", str(target)) from e
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
 
 
 _TEMPLATE = """<!DOCTYPE html>

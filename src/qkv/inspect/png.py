@@ -25,7 +25,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from .html import _atomic_write, _check_data, _check_target
+from .._files import check_target, write_bytes
+from .html import _check_data
 
 __all__ = ["render_png"]
 
@@ -45,7 +46,8 @@ def render_png(
     Args:
         data: the JSON-ready dict of an explain result (`to_dict()`): labels (n),
             maps[layer][head][query][key] (n x n each), head_names, focus, ...
-        path: the PNG file to write (a temporary file in the same directory, then os.replace).
+        path: the PNG file to write (by `qkv._files`: a temporary file beside the target, then
+            os.replace; a symbolic link is written through, a non-regular target refused).
         layer: the layer of the token-by-token map, 0 .. layers-1; None: the last layer.
             Negative values count from the end, as in Python.
         head: the head of that map: an index 0 .. heads-1, a name from data['head_names'],
@@ -57,13 +59,13 @@ def render_png(
     Raises:
         ImportError: matplotlib is not installed.
         ValueError: malformed data, or a layer or head out of range (the message gives the range).
-        OSError: the path cannot be written (the message names it).
+        OSError: the path cannot be written (a `qkv._files.FileWriteError` naming it).
     """
     n, n_layers, n_heads = _check_data(data)
     layer_i = _pick_layer(layer, n_layers)
     head_i = _pick_head(head, data["head_names"])
     target = Path(path)
-    _check_target(target, what="PNG")
+    check_target(target, what="PNG")  # before the drawing, which takes a while
     try:
         import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -96,7 +98,7 @@ def render_png(
             _draw(fig, np, data, maps, labels, special, focus, normalised, layer_i, head_i)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=150, metadata={"Software": "qkv explain"})
-    _atomic_write(target, buf.getvalue(), what="PNG")
+    write_bytes(target, buf.getvalue(), what="PNG")
     return target
 
 

@@ -5,6 +5,7 @@
 
 Both are deterministic for a seed, print a progress bar, resume from their last checkpoint and
 write Hugging Face-style folders that `qkv.load` reads (models -> nn -> core; train -> models).
+They write only into a new or empty folder, or one marked as their own (`.qkv-train`).
 """
 
 from ._loop import TrainingError

@@ -7,18 +7,23 @@ uninterrupted run would. The learning rate is a pure function of the step (linea
 cosine decay; Loshchilov & Hutter 2017, AdamW and SGDR), so the checkpoint needs only the
 weights, the AdamW moments and the step: no scheduler and no RNG state.
 
-Files are written next to their destination and renamed over it (`os.replace`), so a run
-stopped at any moment leaves either the previous checkpoint or the new one, never half a file.
-Checkpoints are safetensors (tensors plus JSON metadata), never pickle.
+Files are written by qkv's one writer (`qkv._files`): next to their destination and renamed
+over it (`os.replace`), so a run stopped at any moment leaves either the previous checkpoint or
+the new one, never half a file. Checkpoints are safetensors (tensors plus JSON metadata), never
+pickle.
+
+The output folder is qkv's own: the first thing a run writes there is the marker file
+`.qkv-train` (JSON: format and task), and a run refuses, before touching anything, a folder
+that exists, is not empty and has no marker, since its files are someone else's (another
+model's config.json and weights would be overwritten). A folder with the marker (a finished
+or interrupted run) is resumed or overwritten.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +32,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .._files import write_bytes, write_text
 from ..models.checkpoint import CheckpointError, Plan
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = "qkv.train/1"
+MARKER = ".qkv-train"  # {"format": FORMAT, "task": ...}: this folder is written by qkv train
 
 
 class TrainingError(ValueError):
@@ -69,28 +76,55 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file in path's folder, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _marker(out: Path) -> Optional[dict]:
+    """The marker of a qkv training run in `out` (a Path), or None where there is none of ours."""
+    marker = out / MARKER
+    if not marker.is_file():  # a FIFO or a folder of that name is no marker (and is never opened)
+        return None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        content = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) and content.get("format") == FORMAT else None
+
+
+def check_folder(out: Path) -> None:
+    """Refuse `out` (a Path) as a training folder unless it is missing, empty, or marked as qkv's.
+
+    Raises:
+        TrainingError: `out` is not a folder, or holds files qkv train did not write (named,
+            at most 8 of them); nothing is touched.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise TrainingError(f"--out {str(out)!r} is not a folder; give a folder")
+    names = sorted(p.name for p in out.iterdir())
+    if not names or _marker(out) is not None:
+        return
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    raise TrainingError(
+        f"--out {str(out)!r} holds files that qkv train did not write ({shown}); it writes only into a new "
+        f"or empty folder or one of its own runs (marked by {MARKER}), so nothing was touched: choose "
+        f"another --out"
+    )
+
+
+def claim_folder(out: Path, task: str) -> None:
+    """Make `out` (a Path) a qkv training folder of `task` ("recall", "translate"): check it
+    (`check_folder`), create it, and write the marker first, before any other file."""
+    check_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = {"format": FORMAT, "task": task}
+    if _marker(out) != marker:
+        write_text(out / MARKER, json.dumps(marker) + "\n", what="the training marker")
 
 
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> None:
     from safetensors.torch import save
 
     data = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(data, metadata=metadata))
+    write_bytes(path, save(data, metadata=metadata), what=f"the {path.name}")
 
 
 def export_weights(model: nn.Module, plan: Plan) -> dict[str, Tensor]:
@@ -105,12 +139,17 @@ def export_weights(model: nn.Module, plan: Plan) -> dict[str, Tensor]:
     return out
 
 
-def save_folder(out: Path, config: dict, weights: dict[str, Tensor], tokenizer) -> None:
-    """Write a Hugging Face-style folder: config.json, model.safetensors, tokenizer.json (each atomic)."""
-    out.mkdir(parents=True, exist_ok=True)
+def save_folder(out: Path, config: dict, weights: dict[str, Tensor], tokenizer, *, task: str,
+                extra: Optional[dict[str, dict]] = None) -> None:
+    """Write a Hugging Face-style folder of `task`: config.json, model.safetensors,
+    tokenizer.json and the JSON files of `extra` (file name -> content), each whole or not at
+    all, into `out` (a Path) once `claim_folder` accepts it."""
+    claim_folder(out, task)
     save_tensors(out / "model.safetensors", weights, {"format": "pt"})
-    atomic_write_bytes(out / "tokenizer.json", tokenizer.to_str(pretty=True).encode("utf-8"))
-    atomic_write_bytes(out / "config.json", (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+    write_text(out / "tokenizer.json", tokenizer.to_str(pretty=True), what="the tokenizer.json")
+    write_text(out / "config.json", json.dumps(config, indent=2) + "\n", what="the config.json")
+    for name, content in (extra or {}).items():
+        write_text(out / name, json.dumps(content, indent=2) + "\n", what=f"the {name}")
 
 
 class Progress:
@@ -201,14 +240,20 @@ def train_loop(model: nn.Module, *, out: Path, schedule: Schedule, seed: int, me
         out: the output folder; the checkpoint lives there while training runs.
         meta: the run's settings; a checkpoint whose settings differ is refused, not mixed in.
         loss_fn: (model, step) -> (loss to minimise, accuracy of this batch in [0, 1]).
+        name: the task ("recall", "translate"): the progress bar's label and the marker's task.
         stop_after: stop (with a checkpoint) after this many steps in total, as a run stopped
-            on purpose; an interruption (KeyboardInterrupt) keeps the last periodic checkpoint.
+            on purpose; an interruption (KeyboardInterrupt) keeps the last periodic checkpoint,
+            if one was written (`interrupted_note` says which).
         history: if given, each step's loss is appended to it.
 
     Returns:
         the step reached (schedule.steps unless stopped).
+
+    Raises:
+        TrainingError: `out` holds files qkv train did not write (`check_folder`), or a
+            checkpoint of a run with other settings.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, name)
     ckpt = out / CHECKPOINT
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -248,6 +293,37 @@ def train_loop(model: nn.Module, *, out: Path, schedule: Schedule, seed: int, me
         _save_checkpoint(ckpt, model, opt, step, meta)
     model.eval()
     return step
+
+
+def checkpoint_step(out: Path) -> Optional[int]:
+    """The step of the checkpoint in `out` (a Path), from its header; None where there is none.
+
+    Raises:
+        CheckpointError: the checkpoint is there but unreadable.
+    """
+    from safetensors import safe_open
+
+    ckpt = out / CHECKPOINT
+    if not ckpt.is_file():
+        return None
+    try:
+        with safe_open(str(ckpt), framework="pt") as f:
+            return int((f.metadata() or {})["step"])
+    except Exception as exc:
+        raise CheckpointError(f"the checkpoint {ckpt} is unreadable ({exc}); delete it to train from the start") from None
+
+
+def interrupted_note(out: Path) -> str:
+    """What an interrupted run leaves in `out` (a Path), read from the folder, so it is true
+    wherever the interruption landed: the checkpoint's step and how to resume, or that there
+    is no checkpoint and the same command starts over."""
+    try:
+        step = checkpoint_step(out)
+    except CheckpointError as exc:
+        return str(exc)
+    if step is None:
+        return f"no checkpoint was saved in {out} yet, so the same command starts over from step 0"
+    return f"the checkpoint of step {step} in {out} is kept: run the same command to resume from it"
 
 
 def finish(out: Path) -> None:

@@ -21,7 +21,6 @@ GPT-2 folder), trained through `qkv.attention` and its backward pass.
 
 from __future__ import annotations
 
-import json
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch import Tensor
 
 from ..models import gpt2
 from ..models.gpt2 import GPT2Config, GPT2LMHeadModel
-from ._loop import Schedule, atomic_write_bytes, export_weights, finish, init_weights, save_folder, step_generator, train_loop
+from ._loop import Schedule, export_weights, finish, init_weights, save_folder, step_generator, train_loop
 
 KEYS = string.ascii_lowercase  # 26 keys
 VALUES = string.digits  # 10 values
@@ -135,7 +134,9 @@ def train(out: Union[str, Path], *, seed: int = RUN.seed, steps: int = RUN.steps
     """Train the recall model and save it to `out` (resuming from out/checkpoint.safetensors).
 
     Args:
-        out: the folder to write (config.json, model.safetensors, tokenizer.json).
+        out: the folder to write (config.json, model.safetensors, tokenizer.json, and the
+            marker .qkv-train first): new, empty, or one that qkv train wrote; a folder holding
+            other files is refused with a TrainingError before anything is touched.
         seed: parameters and every batch follow from it: same seed and steps, same weights.
         steps: optimizer steps of `batch` prompts each (1 to 8 pairs, one count per step).
         stop_after: stop after this many steps, leaving a checkpoint (an interruption, for tests).
@@ -170,14 +171,14 @@ def train(out: Union[str, Path], *, seed: int = RUN.seed, steps: int = RUN.steps
 
 
 def save(model: GPT2LMHeadModel, out: Path) -> None:
+    """Write the recall model as a Hugging Face GPT-2 folder `out` (see `_loop.save_folder`)."""
     config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **asdict(model.config),
               "qkv_task": "recall", "qkv_lookup_head": list(LOOKUP_HEAD)}
     weights = export_weights(model, gpt2.hf_plan(model.config))
-    save_folder(Path(out), config, weights, build_tokenizer())
     # The answer is one token. Training prompts ask as many queries as fit, so after an answer
     # the model expects the next query, not [EOS]: generation defaults to one new token.
-    atomic_write_bytes(Path(out) / "generation_config.json",
-                       (json.dumps(GENERATION, indent=2) + "\n").encode("utf-8"))
+    save_folder(Path(out), config, weights, build_tokenizer(), task="recall",
+                extra={"generation_config.json": GENERATION})
 
 
 def prompt_text(ids: Tensor) -> str:

@@ -163,10 +163,12 @@ def train(out: Union[str, Path], *, seed: int = RUN.seed, steps: int = RUN.steps
 
 
 def save(model: QkvSeq2Seq, out: Path) -> None:
+    """Write the translation model as a Hugging Face-style folder `out` (see `_loop.save_folder`)."""
     from ._loop import export_weights
 
     config = {**model.config.to_hf(), "qkv_task": "translate"}
-    save_folder(Path(out), config, export_weights(model, seq2seq.hf_plan(model.config)), build_tokenizer())
+    save_folder(Path(out), config, export_weights(model, seq2seq.hf_plan(model.config)), build_tokenizer(),
+                task="translate")
 
 
 def held_out(count: int = 1000, *, seed: int = 1_000_000_007) -> list[str]:
