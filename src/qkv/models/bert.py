@@ -40,6 +40,7 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1  # active only in training mode
     pad_token_id: int = 0  # [PAD]
     position_embedding_type: str = "absolute"  # only "absolute" is supported
+    is_decoder: bool = False  # causal self-attention, as transformers runs a BertModel saved as a decoder
     add_pooling_layer: bool = True  # BertModel's tanh pooler over [CLS]; set from the checkpoint's keys
 
     @classmethod
@@ -107,9 +108,10 @@ class BertAttention(nn.Module):
         # HF's attention.self.{query,key,value} and attention.output.dense live here, fused.
         self.self = MultiHeadAttention(c.hidden_size, c.num_attention_heads, dropout=c.attention_probs_dropout_prob)
         self.output = BertAttentionOutput(c)
+        self.causal = c.is_decoder
 
     def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-        return self.output.LayerNorm(x + self.output.dropout(self.self(x, mask=mask)))
+        return self.output.LayerNorm(x + self.output.dropout(self.self(x, mask=mask, causal=self.causal)))
 
 
 class BertDense(nn.Module):
@@ -147,7 +149,8 @@ class BertLayer(nn.Module):
             B, L = padded_shape
             padded = x.new_zeros(B * L, x.shape[-1])  # (B*L, E)
             padded[real] = x
-            a = self.attention.self(padded.view(B, L, -1), mask=mask).view(B * L, -1)[real]  # (N, E)
+            a = self.attention.self(padded.view(B, L, -1), mask=mask, causal=self.attention.causal)
+            a = a.view(B * L, -1)[real]  # (N, E)
             x = self.attention.output.LayerNorm(x + self.attention.output.dropout(a))  # (N, E)
         h = self.output.dense(self._act(self.intermediate.dense(x)))  # (B, L, E) | (N, E)
         return self.output.LayerNorm(x + self.output.dropout(h))
