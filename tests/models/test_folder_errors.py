@@ -349,6 +349,26 @@ def test_sizes_beyond_the_weights_fail_fast_before_allocating(folders, monkeypat
     assert_names(exc, folder / "config.json", words)
 
 
+# ----------------------------------------------------------------------- device and dtype
+BAD_TARGETS = [
+    ({"device": "cuda"}, ValueError, "cuda"),
+    ({"device": "cuda:3"}, ValueError, "cuda:3"),
+    ({"device": "gpu"}, ValueError, "not a device torch knows"),
+    ({"device": "meta"}, ValueError, "meta"),
+    ({"dtype": torch.int64}, ValueError, "torch.int64"),
+    ({"dtype": torch.bool}, ValueError, "pass one of torch.float32"),
+    ({"dtype": "float16"}, TypeError, "dtype must be a torch.dtype"),
+]
+
+
+@pytest.mark.parametrize("kw,error,words", BAD_TARGETS, ids=[str(list(k.values())[0]) for k, _, _ in BAD_TARGETS])
+def test_unusable_device_or_dtype_is_a_clear_error(gpt2_folder, monkeypatch, kw, error, words):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without CUDA
+    with pytest.raises(error) as exc:
+        qkv.load(gpt2_folder[0], **kw)
+    assert words in str(exc.value), str(exc.value)
+
+
 # ------------------------------------------------------------------------------------- CLI
 def test_cli_prints_one_line_and_exits_2(folders, capsys):
     from qkv.cli import main

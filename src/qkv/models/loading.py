@@ -94,8 +94,8 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
     Args:
         name_or_path: a bundled name ("minilm") or the path of a Hugging Face model folder
             (config.json, model.safetensors or sharded safetensors, tokenizer files).
-        dtype: parameter dtype (float32 default; bfloat16/float16 to save memory).
-        device: where the parameters live.
+        dtype: parameter dtype (float32 default; bfloat16/float16 to save memory, float64).
+        device: where the parameters live ("cpu", "cuda", "cuda:1", "mps", a torch.device).
 
     Returns:
         the model (`BertModel`, `GPT2LMHeadModel`, `LlamaForCausalLM` or `QkvSeq2Seq`) in eval
@@ -106,9 +106,11 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
     Raises:
         FileNotFoundError: a missing folder or file. ModelError (a ValueError): anything wrong
             inside the folder, in one message naming the file, the field and the fix.
+            ValueError / TypeError: an unusable `device` or `dtype`.
     """
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"name_or_path must be a string or a Path; got {type(name_or_path).__name__}")
+    device = check_target(dtype, device)
     key = str(name_or_path)
     if key.lower() in BUNDLED and not Path(key).exists():
         folder = bundled_path(key)
@@ -161,6 +163,46 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
     if pooling is not None:
         model.pooling = pooling
     return model
+
+
+# dtypes qkv computes in; others (integers, float8, complex) are not a model's parameter dtype
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_target(dtype, device) -> torch.device:
+    """`load`'s dtype and device, checked before any file is read; the device as a torch.device.
+
+    Raises:
+        TypeError: dtype is not a torch.dtype.
+        ValueError: a dtype qkv does not compute in, a device string torch does not know, or a
+            device this machine does not have (CUDA without a GPU or a CUDA build, an index
+            beyond the GPUs, mps without Apple's backend, meta).
+    """
+    names = ", ".join(f"torch.{str(d).split('.')[-1]}" for d in DTYPES)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype ({names}); got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype} cannot hold a model's parameters; pass one of {names}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device={device!r} is not a device torch knows; pass 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    if dev.type == "meta":
+        raise ValueError("device='meta' holds no data, so weights cannot be loaded into it; pass 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device={device!r} but {why} (torch.cuda.is_available() is False); pass device='cpu'")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device={device!r} but this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}; pass one of those")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception as exc:  # each backend fails in its own way (RuntimeError, AssertionError, ...)
+            raise ValueError(f"device={device!r} cannot be used on this machine ({exc}); pass device='cpu'") from None
+    return dev
 
 
 def read_generation_config(folder: Path) -> dict:
