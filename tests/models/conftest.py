@@ -1,8 +1,10 @@
 """Fixtures: tiny random GPT-2 and Llama folders saved by transformers (the referee), with a
-word-level tokenizer trained offline on a few sentences, and the bundled MiniLM folder."""
+word-level tokenizer trained offline on a few sentences; tiny random BERT folders with a
+WordPiece vocab.txt and sentence-transformers files; and the bundled MiniLM folder."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -64,6 +66,32 @@ def build_folder(folder, kind: str, seed: int = 0, **kw):
     model.eval()
     model.save_pretrained(folder, safe_serialization=True)
     save_word_tokenizer(folder)
+    return model
+
+
+def build_bert_folder(folder, seed: int = 0, **kw):
+    """A tiny random transformers BertModel with a WordPiece vocab.txt and sentence-transformers
+    files (modules.json, 1_Pooling/config.json, sentence_bert_config.json); returns the model."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    base.update(kw)
+    model = BertModel(BertConfig(**base)).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    words = sorted({w for s in SENTENCES for w in s.split()})
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": base["hidden_size"], "pooling_mode_mean_tokens": True,
+         "pooling_mode_cls_token": False}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32}))
     return model
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qkv
+from conftest import build_bert_folder
 from qkv.models import ModelError
 
 SENTENCES = [
@@ -113,3 +114,24 @@ def test_cli_similarity_needs_two_sentences(capsys):
 
     assert main(["similarity", "only one"]) == 2
     assert "at least two" in capsys.readouterr().err
+
+
+def _bert_ids():
+    ids = torch.tensor([[2, 7, 9, 11, 13, 15, 3], [2, 8, 10, 3, 0, 0, 0]])
+    return ids, ids != 0
+
+
+def test_bert_is_decoder_runs_causally_as_transformers(tmp_path):
+    """A BertModel saved with is_decoder=true is causal in transformers; qkv used to run it
+    bidirectionally. Real tokens of a padded batch are compared."""
+    ref = build_bert_folder(tmp_path, seed=3, is_decoder=True)
+    model = qkv.load(tmp_path)
+    ids, mask = _bert_ids()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        got = model(ids, mask)
+        alone = model(ids[1:, :4])
+    err = (got[mask] - want[mask]).abs().max().item()
+    assert err < 1e-5, f"max |qkv - transformers| over real tokens = {err:.2e}"
+    assert torch.allclose(got[1, :4], alone[0], atol=1e-5), "a padded row equals the row alone"
+    assert model.config.is_decoder

@@ -96,7 +96,8 @@ def test_config_that_does_not_fit_the_weights(tmp_path, llama_folder):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["num_hidden_layers"] = 3
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="missing key.*model.layers.2"):
+    with pytest.raises(CheckpointError, match=r"num_hidden_layers=3, but the checkpoint holds 2 layer\(s\) "
+                                              r"\(model.layers.0 to model.layers.1\); set num_hidden_layers to 2"):
         qkv.load(folder)
 
 

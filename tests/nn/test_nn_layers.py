@@ -189,3 +189,10 @@ def test_learned_positions_name_the_limit():
     assert table(torch.arange(8)).shape == (8, 4)
     with pytest.raises(ValueError, match="beyond this model's 8 learned positions"):
         table(torch.arange(9))
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear"},
+                                     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}])
+def test_rope_scaling_without_its_parameters_names_them(scaling):
+    with pytest.raises(ValueError, match="needs .*factor"):
+        RotaryEmbedding(16, rope_scaling=scaling)

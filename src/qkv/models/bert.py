@@ -10,8 +10,6 @@ one pure function that maps checkpoint names onto them.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import LearnedPositions, MultiHeadAttention
-from .checkpoint import ModelError, Piece, Plan
+from .checkpoint import Dim, ModelError, Piece, Plan, json_type, inside_folder, read_json
+from .fields import EPS, NON_NEGATIVE, POSITIVE, PROBABILITY, Fields, Limit, read_dataclass, refuse_common
 from .tokenizer import Tokenizer
 
 
@@ -38,40 +37,58 @@ class BertConfig:
     layer_norm_eps: float = 1e-12  # LayerNorm eps (BERT's tiny value)
     hidden_dropout_prob: float = 0.1  # active only in training mode
     attention_probs_dropout_prob: float = 0.1  # active only in training mode
-    pad_token_id: int = 0  # [PAD]
+    pad_token_id: Optional[int] = 0  # [PAD]; the tokenizer pads, so it does not enter the math
     position_embedding_type: str = "absolute"  # only "absolute" is supported
+    is_decoder: bool = False  # causal self-attention, as transformers runs a BertModel saved as a decoder
     add_pooling_layer: bool = True  # BertModel's tanh pooler over [CLS]; set from the checkpoint's keys
 
     @classmethod
-    def from_hf(cls, d: dict) -> "BertConfig":
-        """Take the fields qkv uses from a Hugging Face config.json dict."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        if cfg.position_embedding_type != "absolute":
-            raise ModelError(
-                f"position_embedding_type={cfg.position_embedding_type!r} is not supported; qkv's BERT "
-                f"supports 'absolute' positions only"
-            )
+    def from_hf(cls, d: dict, source="config.json") -> "BertConfig":
+        """Read a Hugging Face config.json dict: every field qkv uses, typed and range-checked,
+        and the fields that change the math in ways qkv does not run refused by name
+        (docs/models.md lists every field). `source` names the file in messages."""
+        f = Fields(d, source)
+        refuse_common(f)
+        if f.get("add_cross_attention", bool, False):
+            raise f.unsupported("add_cross_attention", "qkv's BertModel has no cross-attention layers; use the "
+                                "folder of a plain BertModel (add_cross_attention false)")
+        kw = read_dataclass(cls, f, limits=_LIMITS, skip=("add_pooling_layer",))
+        if kw.get("position_embedding_type", "absolute") != "absolute":
+            raise f.unsupported("position_embedding_type", "qkv's BERT has learned absolute positions only "
+                                "(relative_key and relative_key_query add distance embeddings it does not run)")
+        cfg = cls(**kw)
         if cfg.hidden_size % cfg.num_attention_heads:
-            raise ModelError(f"hidden_size={cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}")
-        activation(cfg.hidden_act)  # reject unknown activations at load time
+            raise ModelError(f"{source}: hidden_size={cfg.hidden_size} is not divisible by num_attention_heads="
+                             f"{cfg.num_attention_heads}; correct one of them (the head size is their quotient)")
         return cfg
+
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+ACTIVATION = Limit(choices=tuple(sorted(_ACTIVATIONS)))  # the activation field of every family
 
 
 def activation(name: str):
     """The activation function named in a Hugging Face config."""
-    table = {
-        "gelu": F.gelu,
-        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-        "relu": F.relu,
-        "silu": F.silu,
-        "swish": F.silu,
-    }
-    if name not in table:
-        raise ModelError(f"activation {name!r} in config.json is not supported; qkv supports {', '.join(sorted(table))}")
-    return table[name]
+    if name not in _ACTIVATIONS:
+        raise ModelError(f"activation {name!r} in config.json is not supported; qkv supports {', '.join(sorted(_ACTIVATIONS))}")
+    return _ACTIVATIONS[name]
+
+
+# config.json ranges; a field not listed has no range beyond its type
+_LIMITS = {
+    "vocab_size": POSITIVE, "hidden_size": POSITIVE, "num_hidden_layers": POSITIVE, "num_attention_heads": POSITIVE,
+    "intermediate_size": POSITIVE, "hidden_act": ACTIVATION, "max_position_embeddings": POSITIVE,
+    "type_vocab_size": POSITIVE, "layer_norm_eps": EPS, "hidden_dropout_prob": PROBABILITY,
+    "attention_probs_dropout_prob": PROBABILITY, "pad_token_id": NON_NEGATIVE,
+}
 
 
 class BertEmbeddings(nn.Module):
@@ -107,9 +124,10 @@ class BertAttention(nn.Module):
         # HF's attention.self.{query,key,value} and attention.output.dense live here, fused.
         self.self = MultiHeadAttention(c.hidden_size, c.num_attention_heads, dropout=c.attention_probs_dropout_prob)
         self.output = BertAttentionOutput(c)
+        self.causal = c.is_decoder
 
     def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-        return self.output.LayerNorm(x + self.output.dropout(self.self(x, mask=mask)))
+        return self.output.LayerNorm(x + self.output.dropout(self.self(x, mask=mask, causal=self.causal)))
 
 
 class BertDense(nn.Module):
@@ -147,7 +165,8 @@ class BertLayer(nn.Module):
             B, L = padded_shape
             padded = x.new_zeros(B * L, x.shape[-1])  # (B*L, E)
             padded[real] = x
-            a = self.attention.self(padded.view(B, L, -1), mask=mask).view(B * L, -1)[real]  # (N, E)
+            a = self.attention.self(padded.view(B, L, -1), mask=mask, causal=self.attention.causal)
+            a = a.view(B * L, -1)[real]  # (N, E)
             x = self.attention.output.LayerNorm(x + self.attention.output.dropout(a))  # (N, E)
         h = self.output.dense(self._act(self.intermediate.dense(x)))  # (B, L, E) | (N, E)
         return self.output.LayerNorm(x + self.output.dropout(h))
@@ -301,29 +320,45 @@ class SentencePooling:
         return pooled
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "SentencePooling":
-        """Read the sentence-transformers description of a folder; mean pooling if there is none."""
-        modules_path = folder / "modules.json"
+    def from_folder(cls, folder: Path, *, hidden_size: Optional[int] = None) -> "SentencePooling":
+        """Read the sentence-transformers description of a folder; mean pooling if there is none.
+
+        Every file is read with `read_json` and its fields typed, so a broken one is a ModelError
+        naming it. `hidden_size`, if given, must equal the pooling config's word_embedding_dimension.
+        """
         max_seq = None
         sbert = folder / "sentence_bert_config.json"
         if sbert.is_file():
-            max_seq = json.loads(sbert.read_text(encoding="utf-8")).get("max_seq_length")
+            max_seq = Fields(read_json(sbert), sbert).get("max_seq_length", Optional[int], None, POSITIVE)
+        modules_path = folder / "modules.json"
         if not modules_path.is_file():
             return cls(max_seq_length=max_seq)
-        modules = json.loads(modules_path.read_text(encoding="utf-8"))
+        modules = read_json(modules_path, list)
         mode, normalize = "mean", False
-        for m in modules:
-            kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+        for i, m in enumerate(modules):
+            if not isinstance(m, dict):
+                raise ModelError(f"{modules_path}: entry {i} is {json_type(m)}; each entry must be an object with "
+                                 f"\"type\" and \"path\"; restore the file from the model's source")
+            entry = Fields(m, modules_path, prefix=f"[{i}].")
+            kind = entry.get("type", str, "").rsplit(".", 1)[-1]
             if kind == "Transformer":
                 continue
             if kind == "Normalize":
                 normalize = True
             elif kind == "Pooling":
-                cfg_path = folder / m.get("path", "") / "config.json"
+                sub = entry.get("path", str, "")
+                if not inside_folder(sub):
+                    raise entry.unsupported("path", "a module's path must be a folder inside the model folder, "
+                                            "such as \"1_Pooling\"; qkv did not open it")
+                cfg_path = folder / sub / "config.json"
                 if not cfg_path.is_file():
                     raise FileNotFoundError(f"modules.json names a Pooling module but {cfg_path} is missing; copy it from the model's source")
-                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-                on = [k[len("pooling_mode_"):] for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
+                cfg = Fields(read_json(cfg_path), cfg_path)
+                dim = cfg.get("word_embedding_dimension", Optional[int], None, POSITIVE)
+                if hidden_size is not None and dim is not None and dim != hidden_size:
+                    raise cfg.unsupported("word_embedding_dimension", f"the model's hidden_size is {hidden_size}; "
+                                          f"this pooling config belongs to another model")
+                on = [k[len("pooling_mode_"):] for k in _mode_keys(cfg) if cfg.get(k, bool)]
                 on = ["mean" if k == "mean_tokens" else "max" if k == "max_tokens" else
                       "cls" if k == "cls_token" else "mean_sqrt_len" if k == "mean_sqrt_len_tokens" else k for k in on]
                 if len(on) != 1 or on[0] not in ("mean", "max", "cls", "mean_sqrt_len", "lasttoken"):
@@ -340,21 +375,26 @@ class SentencePooling:
         return cls(mode=mode, normalize=normalize, max_seq_length=max_seq)
 
 
+def _mode_keys(cfg: Fields) -> list[str]:
+    """The pooling_mode_* fields of a sentence-transformers pooling config."""
+    return [k for k in cfg.data if k.startswith("pooling_mode_")]
+
+
 def hf_plan(c: BertConfig) -> Plan:
     """Checkpoint names of a Hugging Face BertModel -> qkv parameter names (pure).
 
     query/key/value are concatenated into `attention.self.qkv_proj`; `attention.output.dense`
     becomes `attention.self.out_proj`. Everything else keeps its name.
     """
-    E, I = c.hidden_size, c.intermediate_size
+    E, I = Dim(c.hidden_size, "hidden_size"), Dim(c.intermediate_size, "intermediate_size")
     plan: dict[str, tuple[Piece, ...]] = {}
 
     def same(name: str, shape: tuple) -> None:
         plan[name] = (Piece(name, shape),)
 
-    same("embeddings.word_embeddings.weight", (c.vocab_size, E))
-    same("embeddings.position_embeddings.weight", (c.max_position_embeddings, E))
-    same("embeddings.token_type_embeddings.weight", (c.type_vocab_size, E))
+    same("embeddings.word_embeddings.weight", (Dim(c.vocab_size, "vocab_size"), E))
+    same("embeddings.position_embeddings.weight", (Dim(c.max_position_embeddings, "max_position_embeddings"), E))
+    same("embeddings.token_type_embeddings.weight", (Dim(c.type_vocab_size, "type_vocab_size"), E))
     same("embeddings.LayerNorm.weight", (E,))
     same("embeddings.LayerNorm.bias", (E,))
     for i in range(c.num_hidden_layers):
@@ -373,6 +413,12 @@ def hf_plan(c: BertConfig) -> Plan:
         same("pooler.dense.weight", (E, E))
         same("pooler.dense.bias", (E,))
     return plan
+
+
+def hf_layers(c: BertConfig) -> list[tuple[str, int, str]]:
+    """(config field, layer count, checkpoint key prefix of each layer), checked against the
+    checkpoint's keys before planning."""
+    return [("num_hidden_layers", c.num_hidden_layers, "encoder.layer.")]
 
 
 def hf_ignored(c: BertConfig) -> dict:

@@ -9,7 +9,6 @@ GPT-2's transposed Conv1D weights `attn.c_attn` / `attn.c_proj` by `hf_plan`.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -17,11 +16,20 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import KVCache, LearnedPositions, MultiHeadAttention
-from .bert import activation
-from .checkpoint import ModelError, Piece, Plan
+from .bert import ACTIVATION, activation
+from .checkpoint import Dim, ModelError, Piece, Plan
+from .fields import EPS, NON_NEGATIVE, POSITIVE, PROBABILITY, Fields, read_dataclass, refuse_common
 from .generation import PREFILL_CHUNK, check_chunk_size, chunked_hidden
 from .generation import generate as _generate
 from .tokenizer import Tokenizer
+
+
+# config.json ranges; a field not listed has no range beyond its type
+_LIMITS = {
+    "vocab_size": POSITIVE, "n_positions": POSITIVE, "n_embd": POSITIVE, "n_layer": POSITIVE, "n_head": POSITIVE,
+    "n_inner": POSITIVE, "activation_function": ACTIVATION, "layer_norm_epsilon": EPS, "resid_pdrop": PROBABILITY,
+    "embd_pdrop": PROBABILITY, "attn_pdrop": PROBABILITY, "bos_token_id": NON_NEGATIVE, "eos_token_id": NON_NEGATIVE,
+}
 
 
 @dataclass(frozen=True)
@@ -40,20 +48,25 @@ class GPT2Config:
     scale_attn_weights: bool = True  # scores scaled by 1/sqrt(D)
     scale_attn_by_inverse_layer_idx: bool = False  # and by 1/(layer + 1) (Mistral's GPT-2 runs)
     bos_token_id: Optional[int] = 50256  # <|endoftext|>
-    eos_token_id: Optional[int] = 50256  # generation stops here; None = never
+    eos_token_id: Optional[Union[int, list[int]]] = 50256  # generation stops here (a list: at any); None = never
     tie_word_embeddings: bool = True  # lm_head shares wte's weight
 
     @classmethod
-    def from_hf(cls, d: dict) -> "GPT2Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        if d.get("add_cross_attention"):
-            raise ModelError("GPT-2 checkpoints with cross-attention (add_cross_attention=true) are not supported")
+    def from_hf(cls, d: dict, source="config.json") -> "GPT2Config":
+        """Read a Hugging Face config.json dict: every field qkv uses, typed and range-checked,
+        and the fields that change the math in ways qkv does not run refused by name
+        (docs/models.md lists every field). `source` names the file in messages."""
+        f = Fields(d, source)
+        refuse_common(f)
+        if f.get("add_cross_attention", bool, False):
+            raise f.unsupported("add_cross_attention", "qkv's GPT-2 has no cross-attention layers; use the "
+                                "folder of a plain GPT2LMHeadModel (add_cross_attention false)")
         # reorder_and_upcast_attn is a numerical detail of HF's eager path (scores in float32);
         # qkv.attention accumulates low precision in float32 anyway, so it needs no field.
+        cfg = cls(**read_dataclass(cls, f, limits=_LIMITS))
         if cfg.n_embd % cfg.n_head:
-            raise ModelError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
-        activation(cfg.activation_function)
+            raise ModelError(f"{source}: n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}; correct one "
+                             f"of them (the head size is their quotient)")
         return cfg
 
     @property
@@ -252,10 +265,10 @@ def hf_plan(c: GPT2Config, prefix: str = "transformer.") -> Plan:
     nn.Linear's (out, in). `attn.c_attn` becomes `attn.qkv_proj`, `attn.c_proj` `attn.out_proj`.
     `prefix` is "transformer." for GPT2LMHeadModel checkpoints and "" for GPT2Model ones.
     """
-    E, I, V = c.n_embd, c.inner, c.vocab_size
+    E, I, V = Dim(c.n_embd, "n_embd"), Dim(c.inner, "n_inner"), Dim(c.vocab_size, "vocab_size")
     plan: dict[str, tuple[Piece, ...]] = {
         "transformer.wte.weight": (Piece(prefix + "wte.weight", (V, E)),),
-        "transformer.wpe.weight": (Piece(prefix + "wpe.weight", (c.n_positions, E)),),
+        "transformer.wpe.weight": (Piece(prefix + "wpe.weight", (Dim(c.n_positions, "n_positions"), E)),),
         "transformer.ln_f.weight": (Piece(prefix + "ln_f.weight", (E,)),),
         "transformer.ln_f.bias": (Piece(prefix + "ln_f.bias", (E,)),),
     }
@@ -271,6 +284,12 @@ def hf_plan(c: GPT2Config, prefix: str = "transformer.") -> Plan:
     if not c.tie_word_embeddings:
         plan["lm_head.weight"] = (Piece("lm_head.weight", (V, E)),)
     return plan
+
+
+def hf_layers(c: GPT2Config, prefix: str = "transformer.") -> list[tuple[str, int, str]]:
+    """(config field, layer count, checkpoint key prefix of each layer), checked against the
+    checkpoint's keys before planning."""
+    return [("n_layer", c.n_layer, prefix + "h.")]
 
 
 def hf_ignored(c: GPT2Config, prefix: str = "transformer.") -> dict:

@@ -9,7 +9,6 @@ attention (Ainslie et al. 2023). Names are Hugging Face's; q_proj/k_proj/v_proj 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -17,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
-from .bert import activation
-from .checkpoint import ModelError, Piece, Plan
+from .bert import ACTIVATION, activation
+from .checkpoint import Dim, ModelError, Piece, Plan
+from .fields import EPS, NON_NEGATIVE, POSITIVE, POSITIVE_REAL, PROBABILITY, Fields, read_dataclass, refuse_common
 from .generation import PREFILL_CHUNK, check_chunk_size, chunked_hidden
 from .gpt2 import _decoder_complete, _decoder_generate
 from .tokenizer import Tokenizer
@@ -43,28 +43,30 @@ class LlamaConfig:
     attention_dropout: float = 0.0  # dropout on attention weights, training mode only
     tie_word_embeddings: bool = False  # lm_head shares embed_tokens' weight
     bos_token_id: Optional[int] = 1  # <s>
-    eos_token_id: Optional[Union[int, list]] = 2  # </s>; a list for several stop ids (Llama 3)
+    eos_token_id: Optional[Union[int, list[int]]] = 2  # </s>; a list for several stop ids (Llama 3)
 
     @classmethod
-    def from_hf(cls, d: dict) -> "LlamaConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        # transformers >= 5 keeps theta and scaling together in rope_parameters.
-        rope = d.get("rope_parameters") or d.get("rope_scaling")
-        if isinstance(rope, dict):
-            if "rope_theta" in rope:
-                kw["rope_theta"] = rope["rope_theta"]
-            kind = rope.get("rope_type", rope.get("type", "default"))
-            kw["rope_scaling"] = None if kind == "default" else dict(rope)
+    def from_hf(cls, d: dict, source="config.json") -> "LlamaConfig":
+        """Read a Hugging Face config.json dict: every field qkv uses, typed and range-checked,
+        and the fields that change the math in ways qkv does not run refused by name
+        (docs/models.md lists every field). `source` names the file in messages."""
+        f = Fields(d, source)
+        refuse_common(f)
+        kw = read_dataclass(cls, f, limits=_LIMITS, skip=("rope_scaling",))
+        kw.update(_read_rope(f))
         cfg = cls(**kw)
         if cfg.head_dim is None and cfg.hidden_size % cfg.num_attention_heads:
-            raise ModelError(f"hidden_size={cfg.hidden_size} is not divisible by num_attention_heads={cfg.num_attention_heads}")
+            raise ModelError(f"{source}: hidden_size={cfg.hidden_size} is not divisible by num_attention_heads="
+                             f"{cfg.num_attention_heads}; correct one of them, or set head_dim")
         if cfg.num_attention_heads % cfg.kv_heads:
             raise ModelError(
-                f"num_attention_heads={cfg.num_attention_heads} is not a multiple of num_key_value_heads={cfg.kv_heads}"
+                f"{source}: num_attention_heads={cfg.num_attention_heads} is not a multiple of num_key_value_heads="
+                f"{cfg.kv_heads}; correct one of them (each key/value head serves a whole group of query heads)"
             )
-        activation(cfg.hidden_act)
-        RotaryEmbedding(cfg.dim_per_head, cfg.rope_theta, rope_scaling=cfg.rope_scaling)  # reject bad scaling now
+        if cfg.dim_per_head % 2:
+            field = "head_dim" if cfg.head_dim is not None else "hidden_size / num_attention_heads"
+            raise ModelError(f"{source}: {field}={cfg.dim_per_head} is odd; rotary embeddings rotate pairs of "
+                             f"features, so the head size must be even; correct it")
         return cfg
 
     @property
@@ -79,6 +81,54 @@ class LlamaConfig:
     def eos_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else list(e) if isinstance(e, (list, tuple)) else [e]
+
+
+# config.json ranges; a field not listed has no range beyond its type
+_LIMITS = {
+    "vocab_size": POSITIVE, "hidden_size": POSITIVE, "intermediate_size": POSITIVE, "num_hidden_layers": POSITIVE,
+    "num_attention_heads": POSITIVE, "num_key_value_heads": POSITIVE, "head_dim": POSITIVE, "hidden_act": ACTIVATION,
+    "max_position_embeddings": POSITIVE, "rms_norm_eps": EPS, "rope_theta": POSITIVE_REAL,
+    "attention_dropout": PROBABILITY, "bos_token_id": NON_NEGATIVE, "eos_token_id": NON_NEGATIVE,
+}
+# rope types qkv computes (nn.positions.rope_inv_freq) and the parameters each one needs
+_ROPE_NEEDS = {"default": (), "linear": ("factor",),
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _read_rope(f: Fields) -> dict:
+    """rope_theta and rope_scaling from `rope_parameters` (transformers >= 5, theta inside) or
+    `rope_scaling` (older), typed; rope types qkv does not compute are refused by name."""
+    name = "rope_parameters" if f.data.get("rope_parameters") is not None else "rope_scaling"
+    rope = f.sub(name)
+    out: dict = {}
+    partial = [(g, g.get("partial_rotary_factor", float, 1.0)) for g in (f, rope) if g is not None]
+    for g, value in partial:
+        if value != 1.0:
+            raise g.unsupported("partial_rotary_factor", "Llama rotates whole heads (transformers' Llama "
+                                "cannot run a partial rotation either); remove the field or set it to 1.0")
+    if rope is None:
+        return out
+    if "rope_theta" in rope:
+        out["rope_theta"] = rope.get("rope_theta", float, limit=POSITIVE_REAL)
+    kind_field = "rope_type" if "rope_type" in rope else "type"
+    kind = rope.get(kind_field, str, "default")
+    if kind not in _ROPE_NEEDS:
+        raise rope.unsupported(kind_field, f"qkv computes the rope types {', '.join(_ROPE_NEEDS)} only; "
+                               f"other types (dynamic, yarn, longrope, ...) scale positions in ways it does not run")
+    if kind == "default":
+        out["rope_scaling"] = None
+        return out
+    scaling = {"rope_type": kind}
+    for key in _ROPE_NEEDS[kind]:
+        if key == "original_max_position_embeddings":
+            scaling[key] = rope.get(key, int, limit=POSITIVE)
+        else:
+            scaling[key] = rope.get(key, float, limit=POSITIVE_REAL)
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise rope.unsupported("high_freq_factor", f"llama3 scaling needs high_freq_factor > low_freq_factor="
+                               f"{scaling['low_freq_factor']:g} (it divides by their difference); correct them")
+    out["rope_scaling"] = scaling
+    return out
 
 
 class LlamaRMSNorm(nn.Module):
@@ -233,7 +283,8 @@ def hf_plan(c: LlamaConfig) -> Plan:
     q_proj, k_proj, v_proj are concatenated (rows q | k | v) into `self_attn.qkv_proj`;
     o_proj becomes `self_attn.out_proj`; everything else keeps its name.
     """
-    E, I, V, D = c.hidden_size, c.intermediate_size, c.vocab_size, c.dim_per_head
+    E, I = Dim(c.hidden_size, "hidden_size"), Dim(c.intermediate_size, "intermediate_size")
+    V, D = Dim(c.vocab_size, "vocab_size"), c.dim_per_head
     q_out, kv_out = c.num_attention_heads * D, c.kv_heads * D
     plan: dict[str, tuple[Piece, ...]] = {
         "model.embed_tokens.weight": (Piece("model.embed_tokens.weight", (V, E)),),
@@ -263,6 +314,12 @@ def hf_plan(c: LlamaConfig) -> Plan:
         for norm in ("input_layernorm", "post_attention_layernorm"):
             plan[p + f"{norm}.weight"] = (Piece(p + f"{norm}.weight", (E,)),)
     return plan
+
+
+def hf_layers(c: LlamaConfig) -> list[tuple[str, int, str]]:
+    """(config field, layer count, checkpoint key prefix of each layer), checked against the
+    checkpoint's keys before planning."""
+    return [("num_hidden_layers", c.num_hidden_layers, "model.layers.")]
 
 
 def hf_ignored(c: LlamaConfig) -> dict:

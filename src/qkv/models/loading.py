@@ -1,10 +1,12 @@
 """`qkv.load`: a bundled model by name, or any Hugging Face-format folder by path.
 
 The architecture comes from config.json (`architectures`, else `model_type`); each one has
-a config dataclass, a module class, and a pure `hf_plan` naming its checkpoint keys. Modules
-are built on the meta device and filled key by key from safetensors (no random init, no
-pickle). The tokenizer comes from the folder's files, and BERT folders also get the sentence
-pooling their sentence-transformers files prescribe.
+a config dataclass, a module class, and a pure `hf_plan` naming its checkpoint keys. The
+config's fields are read typed (`fields`), the plan is matched against the safetensors headers
+and the folder's other files are read, all before anything is allocated; then modules are
+built on the meta device and filled key by key from safetensors (no random init, no pickle).
+The tokenizer comes from the folder's files, and BERT folders also get the sentence pooling
+their sentence-transformers files prescribe.
 
 Bundled: "recall" and "translate" are qkv's own small models (qkv.train), in
 qkv/models/bundled/. "minilm" = sentence-transformers/all-MiniLM-L6-v2 (Wang et al. 2020, MiniLM; tuned
@@ -18,12 +20,14 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import replace
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from . import bert, gpt2, llama, seq2seq
-from .checkpoint import ModelError, load_weights, read_config, read_shapes, resolve_folder, safetensors_files
+from .checkpoint import (ModelError, check_layers, check_plan, load_weights, read_config, read_json, read_shapes,
+                         resolve_folder, safetensors_files)
+from .fields import POSITIVE, Fields
 from .tokenizer import Tokenizer
 
 # architecture name in config.json -> (module, config class, model class)
@@ -65,12 +69,14 @@ def bundled_path(name: str) -> Path:
 
 
 def architecture_of(config: dict, folder: Path) -> str:
-    archs = config.get("architectures") or []
+    f = Fields(config, folder / "config.json")
+    archs = f.get("architectures", Optional[list[str]], None) or []
+    model_type = f.get("model_type", Optional[str], None)
     for a in archs:
         if a in ARCHITECTURES:
             return a
-    if not archs and config.get("model_type") in _MODEL_TYPES:
-        return _MODEL_TYPES[config["model_type"]]
+    if not archs and model_type in _MODEL_TYPES:
+        return _MODEL_TYPES[model_type]
     seen = ", ".join(archs) if archs else f"model_type={config.get('model_type')!r}"
     raise ModelError(
         f"config.json in {str(folder)!r} names an architecture qkv cannot run ({seen}); "
@@ -81,19 +87,30 @@ def architecture_of(config: dict, folder: Path) -> str:
 def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, device="cpu"):
     """Load a model and its tokenizer.
 
+    Everything in the folder is checked before the weights are allocated: config.json's
+    fields (types, ranges, fields qkv cannot honour), the layer counts and every planned
+    shape and dtype against the safetensors headers, the tokenizer and pooling files.
+
     Args:
         name_or_path: a bundled name ("minilm") or the path of a Hugging Face model folder
             (config.json, model.safetensors or sharded safetensors, tokenizer files).
-        dtype: parameter dtype (float32 default; bfloat16/float16 to save memory).
-        device: where the parameters live.
+        dtype: parameter dtype (float32 default; bfloat16/float16 to save memory, float64).
+        device: where the parameters live ("cpu", "cuda", "cuda:1", "mps", a torch.device).
 
     Returns:
-        the model (`BertModel`, `GPT2LMHeadModel` or `LlamaForCausalLM`) in eval mode, with
-        `.tokenizer` set (None if the folder has no tokenizer files and is a decoder) and
-        `.folder` the path it came from.
+        the model (`BertModel`, `GPT2LMHeadModel`, `LlamaForCausalLM` or `QkvSeq2Seq`) in eval
+        mode, with `.tokenizer` set (None if the folder has no tokenizer files and is a
+        decoder), `.folder` the path it came from, and `.generation_config` the folder's
+        generation_config.json ({} without one).
+
+    Raises:
+        FileNotFoundError: a missing folder or file. ModelError (a ValueError): anything wrong
+            inside the folder, in one message naming the file, the field and the fix.
+            ValueError / TypeError: an unusable `device` or `dtype`.
     """
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"name_or_path must be a string or a Path; got {type(name_or_path).__name__}")
+    device = check_target(dtype, device)
     key = str(name_or_path)
     if key.lower() in BUNDLED and not Path(key).exists():
         folder = bundled_path(key)
@@ -104,10 +121,11 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
                 f"nor an existing folder; pass a bundled name or the path of a Hugging Face model folder"
             )
         folder = resolve_folder(key)
+    source = folder / "config.json"
     config_dict = read_config(folder)
     arch = architecture_of(config_dict, folder)
     module, config_cls, model_cls = ARCHITECTURES[arch]
-    config = config_cls.from_hf(config_dict)
+    config = config_cls.from_hf(config_dict, source)
     shapes = read_shapes(safetensors_files(folder))
 
     plan_args = ()
@@ -115,23 +133,84 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
         config = replace(config, add_pooling_layer=any(k.startswith("pooler.") for k in shapes))
     elif module is gpt2:
         plan_args = ("transformer." if any(k.startswith("transformer.") for k in shapes) else "",)
+    # Shapes and dtypes against the headers before anything is allocated: a config that asks
+    # for 10^7 layers or a 4e9-token vocabulary fails here, in milliseconds.
+    check_layers(module.hf_layers(config, *plan_args), shapes, source)
+    plan, ignored = module.hf_plan(config, *plan_args), module.hf_ignored(config, *plan_args)
+    check_plan(plan, shapes, ignored=ignored, source=source)
+
+    # The folder's other files, also before the weights: a broken one costs no allocation.
+    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    try:
+        tokenizer = Tokenizer.from_folder(folder, max_length=max_len)
+    except FileNotFoundError:
+        if module is bert:
+            raise
+        tokenizer = None
+    pooling = bert.SentencePooling.from_folder(folder, hidden_size=config.hidden_size) if module is bert else None
+    generation_config = read_generation_config(folder)
 
     with torch.device("meta"):
         model = model_cls(config)
     model = model.to(dtype=dtype).to_empty(device=device)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # to_empty gives tied parameters separate storage; tie them again
-    load_weights(model, module.hf_plan(config, *plan_args), shapes, ignored=module.hf_ignored(config, *plan_args))
+    load_weights(model, plan, shapes, ignored=ignored, source=source)
     model.eval()
     model.folder = folder
-
-    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    try:
-        model.tokenizer = Tokenizer.from_folder(folder, max_length=max_len)
-    except FileNotFoundError:
-        if module is bert:
-            raise
-        model.tokenizer = None
-    if module is bert:
-        model.pooling = bert.SentencePooling.from_folder(folder)
+    model.tokenizer = tokenizer
+    model.generation_config = generation_config
+    if pooling is not None:
+        model.pooling = pooling
     return model
+
+
+# dtypes qkv computes in; others (integers, float8, complex) are not a model's parameter dtype
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_target(dtype, device) -> torch.device:
+    """`load`'s dtype and device, checked before any file is read; the device as a torch.device.
+
+    Raises:
+        TypeError: dtype is not a torch.dtype.
+        ValueError: a dtype qkv does not compute in, a device string torch does not know, or a
+            device this machine does not have (CUDA without a GPU or a CUDA build, an index
+            beyond the GPUs, mps without Apple's backend, meta).
+    """
+    names = ", ".join(f"torch.{str(d).split('.')[-1]}" for d in DTYPES)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype ({names}); got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype} cannot hold a model's parameters; pass one of {names}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device={device!r} is not a device torch knows; pass 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    if dev.type == "meta":
+        raise ValueError("device='meta' holds no data, so weights cannot be loaded into it; pass 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device={device!r} but {why} (torch.cuda.is_available() is False); pass device='cpu'")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device={device!r} but this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}; pass one of those")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception as exc:  # each backend fails in its own way (RuntimeError, AssertionError, ...)
+            raise ValueError(f"device={device!r} cannot be used on this machine ({exc}); pass device='cpu'") from None
+    return dev
+
+
+def read_generation_config(folder: Path) -> dict:
+    """The folder's generation_config.json ({} if absent), read by the one JSON reader; the
+    field qkv uses (max_new_tokens, for `qkv generate`) is typed."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    data = read_json(path)
+    Fields(data, path).get("max_new_tokens", Optional[int], None, POSITIVE)
+    return data

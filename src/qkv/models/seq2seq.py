@@ -25,7 +25,17 @@ from torch import Tensor, nn
 
 from ..nn import KVCache, LearnedPositions, MultiHeadAttention
 from .checkpoint import ModelError, Piece, Plan
+from .fields import EPS, NON_NEGATIVE, POSITIVE, PROBABILITY, Fields, read_dataclass, refuse_common
 from .tokenizer import Tokenizer
+
+
+# config.json ranges; a field not listed has no range beyond its type
+_LIMITS = {
+    "vocab_size": POSITIVE, "d_model": POSITIVE, "encoder_layers": POSITIVE, "decoder_layers": POSITIVE,
+    "attention_heads": POSITIVE, "ffn_dim": POSITIVE, "max_position_embeddings": POSITIVE,
+    "max_target_positions": POSITIVE, "layer_norm_eps": EPS, "dropout": PROBABILITY,
+    "pad_token_id": NON_NEGATIVE, "bos_token_id": NON_NEGATIVE, "eos_token_id": NON_NEGATIVE,
+}
 
 
 @dataclass(frozen=True)
@@ -46,11 +56,14 @@ class Seq2SeqConfig:
     tie_word_embeddings: bool = True  # lm_head shares embed_tokens' weight
 
     @classmethod
-    def from_hf(cls, d: dict) -> "Seq2SeqConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
+    def from_hf(cls, d: dict, source="config.json") -> "Seq2SeqConfig":
+        """Read config.json: every field typed and range-checked; `source` names the file in messages."""
+        f = Fields(d, source)
+        refuse_common(f)
+        cfg = cls(**read_dataclass(cls, f, limits=_LIMITS))
         if cfg.d_model % cfg.attention_heads:
-            raise ModelError(f"d_model={cfg.d_model} is not divisible by attention_heads={cfg.attention_heads}")
+            raise ModelError(f"{source}: d_model={cfg.d_model} is not divisible by attention_heads="
+                             f"{cfg.attention_heads}; correct one of them (the head size is their quotient)")
         return cfg
 
     def to_hf(self) -> dict:
@@ -253,6 +266,13 @@ def hf_plan(c: Seq2SeqConfig) -> Plan:
     with torch.device("meta"):
         model = QkvSeq2Seq(c)
     return {name: (Piece(name, tuple(p.shape)),) for name, p in model.named_parameters()}
+
+
+def hf_layers(c: Seq2SeqConfig) -> list[tuple[str, int, str]]:
+    """(config field, layer count, checkpoint key prefix of each layer), checked against the
+    checkpoint's keys before planning (which builds the module on the meta device)."""
+    return [("encoder_layers", c.encoder_layers, "encoder.layers."),
+            ("decoder_layers", c.decoder_layers, "decoder.layers.")]
 
 
 def hf_ignored(c: Seq2SeqConfig) -> dict:

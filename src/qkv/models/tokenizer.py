@@ -12,7 +12,6 @@ so views can gather attention from tokens back to words.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -20,7 +19,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .checkpoint import ModelError, find_in_folder
+from .checkpoint import ModelError, find_in_folder, read_json
+from .fields import Fields
 
 
 @dataclass(frozen=True)
@@ -84,14 +84,25 @@ class Tokenizer:
         elif find_in_folder(folder, "vocab.txt") is not None:
             from tokenizers.implementations import BertWordPieceTokenizer
 
-            cfg = _read_json(folder / "tokenizer_config.json")
-            backend = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=bool(cfg.get("do_lower_case", True)))._tokenizer
-            source = str(folder / "vocab.txt")
+            vocab, lowercase = folder / "vocab.txt", True
+            cfg_path = folder / "tokenizer_config.json"
+            if cfg_path.is_file():
+                lowercase = Fields(read_json(cfg_path), cfg_path).get("do_lower_case", bool, True)
+            backend = _build(lambda: BertWordPieceTokenizer(str(vocab), lowercase=lowercase)._tokenizer, vocab,
+                             "a WordPiece vocabulary (one token per line, UTF-8, with [CLS], [SEP], [UNK])")
+            source = str(vocab)
         elif find_in_folder(folder, "vocab.json") and find_in_folder(folder, "merges.txt"):
             from tokenizers.implementations import ByteLevelBPETokenizer
 
-            backend = ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))._tokenizer
-            source = str(folder / "vocab.json")
+            vocab, merges = folder / "vocab.json", folder / "merges.txt"
+            table = read_json(vocab)  # a broken vocab.json is named by the JSON reader
+            bad = next((k for k, v in table.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0), None)
+            if bad is not None:
+                raise ModelError(f"{vocab}: entry {bad!r} is {table[bad]!r}; a BPE vocabulary maps each token to a "
+                                 f"non-negative integer id; restore the file from the model's source")
+            backend = _build(lambda: ByteLevelBPETokenizer(str(vocab), str(merges))._tokenizer, merges,
+                             f"the BPE merges of {vocab.name} (UTF-8, one pair of tokens of {vocab.name} per line)")
+            source = str(vocab)
         else:
             raise FileNotFoundError(
                 f"model folder {str(folder)!r} has no tokenizer: expected tokenizer.json, or vocab.txt (BERT), "
@@ -186,11 +197,13 @@ def check_texts(texts) -> list[str]:
     return list(texts)
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _build(make, path: Path, what: str):
+    """Run a `tokenizers` constructor; its errors (which name no file) become a ModelError naming `path`."""
+    try:
+        return make()
+    except Exception as exc:  # tokenizers raises plain Exception (and TypeError for a missing [SEP])
+        raise ModelError(f"{path} could not be read as {what} (tokenizers: {exc}); restore the file from the "
+                         f"model's source") from None
 
 
 def _guess_pad_id(backend) -> int:

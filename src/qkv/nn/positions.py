@@ -39,6 +39,11 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0, *, rope_scaling: Option
     # Explicit CPU device: models are built under `with torch.device("meta")`.
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))  # (D/2,)
     kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+    needs = {"linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    missing = [k for k in needs.get(kind, ()) if k not in rope_scaling]
+    if missing:
+        raise ValueError(f"rope scaling type {kind!r} needs {', '.join(missing)}; got {rope_scaling}")
     if kind == "default":
         return inv_freq, 1.0
     if kind == "linear":
