@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import qkv
+from qkv.inspect.terminal import render_overview
 from qkv.models import ModelError
 
 TEXT = "The cat sat on the mat."
@@ -43,6 +44,8 @@ CASES = {
     "layers not a list": (lambda m, r: qkv.explain(TEXT, m, layers=3), TypeError, ["layers must be a list"]),
     "compare with a string": (lambda m, r: r.compare("The dog sat on the mat."), TypeError,
                               ["other must be an ExplainResult", "got str"]),
+    "the layer table, one head of rollout": (lambda m, r: render_overview(r, method="rollout", head=3), ValueError,
+                                             ["rollout averages the heads"]),
     "the tokenizer, a lone surrogate": (lambda m, r: m.tokenizer(["fine", "\udfff"]), ModelError,
                                         ["text 1 is not valid Unicode at index 0", "U+DFFF"]),
     "the tokenizer's encode, bytes not UTF-8": (lambda m, r: m.tokenizer.encode("ab\udcff"), ModelError,
