@@ -165,18 +165,18 @@ def test_no_progress_silences_the_bar(monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--cases", "dense", "sparse"], "unknown case 'sparse'"),
-    (["--lengths", "64", "0"], "0 is not a positive length"),
-    (["--lengths", "-128"], "-128 is not a positive length"),
-    (["--decode-lengths", "0"], "--decode-lengths: 0 is not a positive length"),
+    (["--lengths", "64", "0"], "--lengths must be a positive whole number; got 0"),
+    (["--lengths", "-128"], "--lengths must be a positive whole number; got -128"),
+    (["--decode-lengths", "0"], "--decode-lengths must be a positive whole number; got 0"),
     (["--dtypes", "float8"], "unknown dtype 'float8'"),
     (["--lengths", "64", "128", "64"], "--lengths: 64 given more than once"),
     (["--cases", "gqa", "gqa"], "--cases: gqa given more than once"),
     (["--heads", "8", "--kv-heads", "3"], "--kv-heads 3 must be positive and divide --heads 8"),
     (["--repeats", "0"], "--repeats must be a positive whole number; got 0"),
     (["--backend", "fastest"], "unknown backend 'fastest'"),
-    (["--threads", "0"], "--threads must be a positive number of threads; got 0"),
-    (["--json", "/nonexistent-folder/b.json"], "cannot write --json '/nonexistent-folder/b.json'"),
-    (["--png", "/nonexistent-folder/b.png"], "cannot write --png '/nonexistent-folder/b.png'"),
+    (["--threads", "0"], "--threads must be a positive whole number; got 0"),
+    (["--json", "/nonexistent-folder/b.json"], "--json: cannot write '/nonexistent-folder/b.json'"),
+    (["--png", "/nonexistent-folder/b.png"], "--png: cannot write '/nonexistent-folder/b.png'"),
 ])
 def test_bad_arguments_exit_2_naming_the_value(argv, needle, capsys):
     assert main(["bench", *argv]) == 2
@@ -186,10 +186,9 @@ def test_bad_arguments_exit_2_naming_the_value(argv, needle, capsys):
 
 
 def test_non_integer_length_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["bench", "--lengths", "1k"])
-    assert exc.value.code == 2
-    assert "'1k'" in capsys.readouterr().err
+    assert main(["bench", "--lengths", "1k"]) == 2
+    err = capsys.readouterr().err
+    assert "'1k'" in err and err.count("\n") == 1
 
 
 def test_png_without_matplotlib_says_how_to_install(monkeypatch, tmp_path, capsys):

@@ -2,22 +2,154 @@
 
 Each subcommand is one `_add_<name>(subparsers)` function that registers its parser and sets
 `func`, the handler called with the parsed arguments; the handler returns an exit code.
-Errors a user can fix (bad arguments, missing files) are printed as one line, without a
-traceback, and exit with status 2 (set QKV_DEBUG=1 to see the traceback).
+
+Errors a user can fix are one line on stderr, without a traceback (set QKV_DEBUG=1 to see
+it), and exit status 2. They are found as early as possible:
+
+- by argparse, with the `type=` functions below: a number that is not finite or out of its
+  range (`--temperature nan`, `--top-p 2`, `--port 70000`), an output file with an empty
+  name or in a folder that does not exist;
+- then by the handler, before any model runs: the text (`check_texts`, the one check of user
+  text: empty, or bytes that are not UTF-8), combinations of flags, and, once the model is
+  loaded, what depends on it (a layer or head it lacks, a focus word not in the text, a
+  --compare sentence of another length, text longer than its positions).
+
+Handlers compute everything and write the files they were asked for before they print, so
+output to a pipe closed early (`qkv explain ... --json f | head -1`) cannot stop a file from
+being written; the command then stops quietly with status 141 (128 + SIGPIPE), as Unix tools
+do. Exit statuses: 0 success, 1 `qkv bench` found a wrong result, 2 a user error, 130
+interrupted (Ctrl+C), 141 stdout closed early.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
 from . import __version__
 
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE (13): what a shell reports for a tool stopped by a closed pipe
+
 
 class UserError(Exception):
     """An error the user can fix; printed without a traceback."""
+
+
+class _ArgumentError(Exception):
+    """A command line argparse refused; `main` prints it as one line and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised to `main` (one line, status 2) instead of printing the
+    usage and exiting; subcommand parsers are of this class too."""
+
+    def error(self, message: str):
+        # argparse says "argument --top-p: must be ..."; say "--top-p must be ...", as the handlers do
+        m = re.fullmatch(r"argument ([^\s:]+): (.*)", message, re.S)
+        if m:
+            message = f"{m[1]} {m[2]}" if m[2].startswith("must ") else f"{m[1]}: {m[2]}"
+        raise _ArgumentError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def _bounds(lo, hi, lo_open: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f"above {lo} and at most {hi}" if lo_open else f"between {lo} and {hi}"
+    if lo is not None:
+        return f"above {lo}" if lo_open else f"{lo} or more"
+    return f"at most {hi}"
+
+
+def _whole(lo: Optional[int] = None, hi: Optional[int] = None):
+    """An argparse type: a whole number from lo to hi (either may be None)."""
+
+    def whole(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if (lo is not None and n < lo) or (hi is not None and n > hi):
+            what = "a positive whole number" if (lo == 1 and hi is None) else _bounds(lo, hi)
+            raise argparse.ArgumentTypeError(f"must be {what}; got {n}")
+        return n
+
+    return whole
+
+
+def _number(lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open: bool = False):
+    """An argparse type: a finite number from lo to hi (above lo when lo_open); nan and inf are refused."""
+
+    def number(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        low = lo is not None and (x < lo or (lo_open and x == lo))
+        if not math.isfinite(x) or low or (hi is not None and x > hi):
+            raise argparse.ArgumentTypeError(f"must be a finite number, {_bounds(lo, hi, lo_open)}; got {text!r}")
+        return x
+
+    return number
+
+
+_SEED = _whole(0, 2**63 - 1)
+
+
+def _output_file(text: str) -> str:
+    """An argparse type: the path of a file to write: a name, in a folder that exists and is writable."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the file name is empty; give a path, e.g. out.json")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(text) and not os.access(text, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: it or its folder {folder!r} is not writable")
+    return text
+
+
+def _text(value, what: str) -> str:
+    """A text from the command line, through the one check of user text (qkv.models.tokenizer)."""
+    from .models.tokenizer import check_texts
+
+    try:
+        return check_texts(value, what=what)[0]
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def _distinct_files(args, flags: Sequence[str]) -> None:
+    seen: dict = {}
+    for flag in flags:
+        path = getattr(args, flag)
+        if path is None:
+            continue
+        key = os.path.realpath(path)
+        if key in seen:
+            raise UserError(f"--{seen[key]} and --{flag} name the same file {path!r}; give each its own")
+        seen[key] = flag
+
+
+def _check_length(tok, text: str, what: str, model_name: str, limit: Optional[int], truncate: bool) -> None:
+    """Text longer than the model's positions, said with the CLI's flag (the library says truncate=True)."""
+    if limit is None or truncate:
+        return
+    n = len(tok.encode(text))
+    if n > limit:
+        raise UserError(f"{what} has {n} tokens but {model_name!r} takes at most {limit}; shorten it, "
+                        f"or add --truncate to keep the first {limit}")
+
+
+# --------------------------------------------------------------------------- subcommands
 
 
 def _add_demo(sub) -> None:
@@ -28,14 +160,12 @@ def _add_demo(sub) -> None:
         "np.random.seed(42), no scaling) through qkv.reference_attention(scale=1.0), check that "
         "the numbers match, and explain what qkv does differently by default.",
     )
-    p.add_argument("--columns", type=int, default=64, metavar="N",
-                   help="columns of the final output to print (default: all 64)")
+    p.add_argument("--columns", type=_whole(1, 64), default=64, metavar="N",
+                   help="columns of the final output to print, 1 to 64 (default: all 64)")
 
     def run(args) -> int:
         from .demo import run as demo_run
 
-        if not 1 <= args.columns <= 64:
-            raise UserError(f"--columns must be between 1 and 64; got {args.columns}")
         print(demo_run(show_output_columns=args.columns))
         return 0
 
@@ -58,15 +188,19 @@ def _add_similarity(sub) -> None:
     def run(args) -> int:
         from .models import BertModel, load
 
-        if len(args.sentences) < 2:
+        sentences = [_text(s, f"sentence {i + 1}") for i, s in enumerate(args.sentences)]
+        if len(sentences) < 2:
             raise UserError("give at least two sentences: the first is compared with each of the others")
         model = load(args.model)
         if not isinstance(model, BertModel):
             raise UserError(f"{args.model!r} is a {type(model).__name__}; similarity needs a BERT-family encoder")
-        sims = model.similarity(args.sentences[0], args.sentences[1:], truncate=args.truncate)
-        print(f"similarity to: {args.sentences[0]}")
-        for s, text in zip(sims.tolist(), args.sentences[1:]):
-            print(f"{s:7.4f}  {text}")
+        limit = model.pooling.max_length(model)
+        for i, s in enumerate(sentences):
+            _check_length(model.tokenizer, s, f"sentence {i + 1}", args.model, limit, args.truncate)
+        sims = model.similarity(sentences[0], sentences[1:], truncate=args.truncate)
+        lines = [f"similarity to: {sentences[0]}"]
+        lines += [f"{s:7.4f}  {text}" for s, text in zip(sims.tolist(), sentences[1:])]
+        print("\n".join(lines))
         return 0
 
     p.set_defaults(func=run)
@@ -79,14 +213,15 @@ def _add_explain(sub) -> None:
         description="Run a model on TEXT and show its attention: for the --focus word, the weights "
         "it gives each word per layer (mean over heads, or one --head) with a heat strip, and the heads "
         "that attend most sharply; without --focus, the map of one layer. --png, --html and --json "
-        "write the same result as a picture, one offline HTML page, or data.",
+        "write the same result as a picture, one offline HTML page, or data. Every option is "
+        "checked before the model runs, and the files are written before anything is printed.",
     )
     p.add_argument("text", help="the sentence to explain, e.g. \"The cat sat on the mat.\"")
     p.add_argument("--focus", metavar="WORD", help="the word whose attention to show (first match, case-insensitive)")
     p.add_argument("--model", default="minilm", metavar="NAME_OR_PATH",
                    help="a bundled model name or a Hugging Face model folder (default: minilm)")
-    p.add_argument("--layer", type=int, metavar="L", help="show only this layer (0-based)")
-    p.add_argument("--head", type=int, metavar="H", help="show this head instead of the mean over heads")
+    p.add_argument("--layer", type=_whole(0), metavar="L", help="show only this layer (0-based)")
+    p.add_argument("--head", type=_whole(0), metavar="H", help="show this head instead of the mean over heads")
     p.add_argument("--method", choices=["raw", "rollout", "value-norm"], default="raw",
                    help="raw weights; attention rollout (Abnar & Zuidema 2020); value-weighted norms "
                    "(Kobayashi et al. 2020). Default: raw")
@@ -97,71 +232,148 @@ def _add_explain(sub) -> None:
     p.add_argument("--hide-special", action="store_true",
                    help="hide [CLS], [SEP], BOS and renormalise the rows to 1")
     p.add_argument("--rows", choices=["all", "focus"], default="all",
-                   help="record every query row (default) or only the focus word's: for long inputs")
+                   help="record every query row (default) or only the focus word's: for long inputs "
+                   "(the table only: not with --compare, --png, --html, --json or --method rollout)")
     p.add_argument("--compare", metavar="TEXT", help="a second sentence of the same length: per-head "
                    "Jensen-Shannon divergence of the focus rows and the largest change")
-    p.add_argument("--png", metavar="FILE", help="write a PNG (needs matplotlib: pip install 'qkv[viz]')")
-    p.add_argument("--html", metavar="FILE", help="write one self-contained, offline HTML page")
-    p.add_argument("--json", metavar="FILE", help="write the result as JSON (format qkv.explain/1)")
+    p.add_argument("--png", type=_output_file, metavar="FILE",
+                   help="write a PNG (needs matplotlib: pip install 'qkv[viz]')")
+    p.add_argument("--html", type=_output_file, metavar="FILE", help="write one self-contained, offline HTML page")
+    p.add_argument("--json", type=_output_file, metavar="FILE",
+                   help="write the result as JSON (format qkv.explain/1)")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                    help="shade table cells (default: when printing to a terminal and NO_COLOR is unset)")
     p.add_argument("--truncate", action="store_true", help="cut text longer than the model accepts")
 
     def run(args) -> int:
         from .inspect import explain
-        from .inspect.terminal import render_compare, render_focus, render_overview
+        from .inspect.terminal import render_alignment, render_compare, render_focus, render_overview
+        from .models import load
 
-        if not args.text.strip():
-            raise UserError('the text is empty; give a sentence, e.g. qkv explain "The cat sat on the mat." --focus cat')
-        if args.rows == "focus" and not args.focus:
-            raise UserError("--rows focus needs --focus WORD")
-        if args.compare is not None and not args.focus:
-            raise UserError("--compare needs --focus WORD (the word whose rows are compared)")
-        for flag in ("png", "html", "json"):
-            path = getattr(args, flag)
-            if path is not None:
-                folder = os.path.dirname(os.path.abspath(path))
-                if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                    raise UserError(f"cannot write --{flag} {path!r}: the folder {folder!r} does not exist or is not writable")
-        result = explain(args.text, args.model, focus=args.focus, rows=args.rows, truncate=args.truncate)
-        if args.layer is not None and not 0 <= args.layer < result.num_layers:
-            raise UserError(f"--layer {args.layer} does not exist: the model has layers 0..{result.num_layers - 1}")
-        if args.head is not None and not 0 <= args.head < result.num_heads:
-            raise UserError(f"--head {args.head} does not exist: the model has heads 0..{result.num_heads - 1}")
+        # 1. everything that needs no model
+        text = _text(args.text, "the text")
+        other = None if args.compare is None else _text(args.compare, "the --compare text")
+        _check_explain_flags(args)
+        # 2. the model, loaded but not run, and what depends on it
+        model = load(args.model)
+        _check_explain_model(args, model, text, other)
+        # 3. run, draw, write the files, and only then print
+        result = explain(text, model, focus=args.focus, rows=args.rows, truncate=args.truncate, name=args.model)
         color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
         view = dict(method=args.method, level=args.level, hide_special=args.hide_special)
         table = dict(layer=args.layer, head=args.head, color=color, aggregate=args.aggregate)
         if args.focus:
-            print(render_focus(result, args.focus, **table, **view))
+            out = [render_focus(result, args.focus, **table, **view)]
         elif result.cross_layers:  # encoder-decoder: the alignment of target words over source words
-            from .inspect.terminal import render_alignment
-
-            if args.method != "raw":
-                raise UserError(f"--method {args.method} is defined for one stack of layers; for an "
-                                "encoder-decoder model use method 'raw'")
-
-            print(render_alignment(result, level=args.level, layer=args.layer, head=args.head, color=color))
+            out = [render_alignment(result, level=args.level, layer=args.layer, head=args.head, color=color)]
         else:
-            print(render_overview(result, **table, **view))
-        if args.compare is not None:
-            other = explain(args.compare, args.model, truncate=args.truncate)
-            print(render_compare(result, other, result.compare(other, args.focus, args.level), args.focus, args.level))
+            out = [render_overview(result, **table, **view)]
+        if other is not None:
+            second = explain(other, model, truncate=args.truncate, name=args.model)
+            a, b = len(result.labels(args.level)), len(second.labels(args.level))
+            if a != b:  # an encoder-decoder's translations: their lengths are known only now
+                raise UserError(f"--compare: the translations differ in length ({a} and {b} {args.level}s with "
+                                "the source); the comparison needs the same number, e.g. one word swapped")
+            cmp = result.compare(second, args.focus, args.level)
+            out.append(render_compare(result, second, cmp, args.focus, args.level))
         options = dict(view, focus=args.focus)
         if args.json:
             result.save_json(args.json, **options)
-            print(f"wrote {args.json}")
+            out.append(f"wrote {args.json}")
         if args.html:
             result.save_html(args.html, **options)
-            print(f"wrote {args.html}")
+            out.append(f"wrote {args.html}")
         if args.png:
             try:
                 result.save_png(args.png, layer=args.layer, head=args.head, **options)
             except ImportError as exc:
                 raise UserError(str(exc)) from None
-            print(f"wrote {args.png}")
+            out.append(f"wrote {args.png}")
+        print("\n".join(out))
         return 0
 
     p.set_defaults(func=run)
+
+
+def _check_explain_flags(args) -> None:
+    """The combinations of explain's flags that cannot work, found before a model is loaded."""
+    if args.rows == "focus" and not args.focus:
+        raise UserError("--rows focus needs --focus WORD")
+    if args.compare is not None and not args.focus:
+        raise UserError("--compare needs --focus WORD (the word whose rows are compared)")
+    if args.head is not None and args.method == "rollout":
+        raise UserError("--method rollout averages the heads, so --head cannot pick one; drop --head, "
+                        "or use --method raw or value-norm")
+    if args.rows == "focus":
+        if args.method == "rollout":
+            raise UserError("--method rollout needs every row of every layer, and --rows focus records only "
+                            "the focus word's; drop --rows focus")
+        if args.compare is not None:
+            raise UserError("--compare needs every row of the maps, and --rows focus records only the focus "
+                            "word's; drop --rows focus")
+        for flag in ("json", "html", "png"):
+            if getattr(args, flag):
+                raise UserError(f"--{flag} writes the full maps, and --rows focus records only the focus word's "
+                                f"rows; drop --rows focus (or --{flag})")
+    _distinct_files(args, ("json", "html", "png"))
+    if args.png:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UserError("--png needs matplotlib: pip install 'qkv[viz]'")
+
+
+def _check_explain_model(args, model, text: str, other: Optional[str]) -> None:
+    """What depends on the loaded model, checked before it runs: its kind, layers and heads,
+    the length of the text(s), the focus word, and --compare's length."""
+    from .inspect.explain import _prepare, attention_layers
+
+    name = args.model
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise UserError(f"{name!r} has no tokenizer files; explain needs them to turn text into tokens")
+    layers = attention_layers(model)
+    if not layers:
+        raise UserError(f"{name!r} has no qkv attention layers to inspect")
+    seq2seq = bool(getattr(model, "is_encoder_decoder", False))
+    if seq2seq:
+        if args.rows == "focus":
+            raise UserError(f"--rows focus is for encoder or decoder models, and {name!r} is an "
+                            "encoder-decoder; drop --rows focus")
+        if args.method != "raw":
+            raise UserError(f"--method {args.method} is defined for one stack of layers; for an "
+                            "encoder-decoder model use --method raw (the default)")
+    n_layers, n_heads = len(layers), min(m.num_heads for _, m in layers)
+    if args.layer is not None and args.layer >= n_layers:
+        raise UserError(f"--layer {args.layer} does not exist: the model has layers 0..{n_layers - 1}")
+    if args.head is not None and args.head >= n_heads:
+        raise UserError(f"--head {args.head} does not exist: the model has heads 0..{n_heads - 1}")
+    if seq2seq and not args.focus and args.layer is not None:
+        cross = [i for i, (n, _) in enumerate(layers) if model.attention_role(n) == "cross"]
+        if args.layer not in cross:
+            raise UserError(f"--layer {args.layer} is not a cross-attention layer; those are "
+                            f"{', '.join(map(str, cross))} (without --focus, an encoder-decoder model shows "
+                            "its cross-attention)")
+    limit = getattr(tok, "max_length", None)
+    probes = []
+    for t, what in ((text, "the text"), (other, "the --compare text")):
+        if t is not None:
+            _check_length(tok, t, what, name, limit, args.truncate)
+            probes.append(_prepare(t, model, name, truncate=args.truncate)[0])
+    if args.focus and not seq2seq:  # an encoder-decoder's focus may be a word of its translation
+        try:
+            probes[0].focus_index(args.focus, "word")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    if other is not None:
+        a, b = (len(p.labels(args.level)) for p in probes)
+        if a != b:
+            shown = [len(p.labels(args.level, hide_special=True)) for p in probes]
+            if shown[0] == shown[1]:
+                shown = [a, b]
+            unit = f"{'source ' if seq2seq else ''}{args.level}s"
+            raise UserError(f"--compare needs a sentence as long as the text: the text has {shown[0]} {unit} and "
+                            f"the --compare text {shown[1]}; swap a word instead, e.g. 'cat' for 'dog'")
 
 
 def _add_serve(sub) -> None:
@@ -172,13 +384,15 @@ def _add_serve(sub) -> None:
         "model view and focus view, click a word, step through one head, compare two sentences. "
         "Binds 127.0.0.1 unless --host says otherwise; the page loads nothing from other servers.",
     )
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
+    p.add_argument("--port", type=_whole(0, 65535), default=8000,
+                   help="TCP port (default: 8000; 0 picks a free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--model-dir", metavar="DIR",
-                   help="also offer each Hugging Face model folder under DIR, by its folder name")
-    p.add_argument("--max-queue", type=int, default=8, metavar="N",
+                   help="also offer each Hugging Face model folder under DIR, by its folder name (folders "
+                   "qkv cannot load are skipped, with the reason on stderr)")
+    p.add_argument("--max-queue", type=_whole(0), default=8, metavar="N",
                    help="requests that may wait for the model; one more gets 503 (default: 8)")
-    p.add_argument("--max-chars", type=int, default=1000, metavar="N",
+    p.add_argument("--max-chars", type=_whole(1), default=1000, metavar="N",
                    help="the longest sentence accepted, in characters (default: 1000)")
 
     def run(args) -> int:
@@ -187,12 +401,6 @@ def _add_serve(sub) -> None:
         except ImportError as exc:
             raise UserError(f"qkv serve needs starlette and uvicorn ({exc.name or exc} is missing): "
                             "pip install 'qkv[web]'") from None
-        if not 0 <= args.port <= 65535:
-            raise UserError(f"--port must be between 0 and 65535; got {args.port}")
-        if args.max_queue < 0:
-            raise UserError(f"--max-queue must be 0 or more; got {args.max_queue}")
-        if args.max_chars < 1:
-            raise UserError(f"--max-chars must be at least 1; got {args.max_chars}")
         if args.model_dir is not None and not os.path.isdir(args.model_dir):
             raise UserError(f"--model-dir {args.model_dir!r} is not a folder")
         serve(host=args.host, port=args.port, model_dir=args.model_dir, max_queue=args.max_queue,
@@ -285,25 +493,26 @@ def _add_generate(sub) -> None:
     p.add_argument("prompt", help='the prompt, e.g. "c3 a7 k2 ? a" for the recall model')
     p.add_argument("--model", default="recall", metavar="NAME_OR_PATH",
                    help="a bundled decoder or a Hugging Face folder (default: recall)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N",
+    p.add_argument("--max-new-tokens", type=_whole(1), metavar="N",
                    help="tokens to add (default: the folder's generation_config.json, else 20; "
                    "fewer when the model's positions end sooner)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, metavar="K")
-    p.add_argument("--top-p", type=float, metavar="P")
-    p.add_argument("--seed", type=int, metavar="N", help="seed for sampling")
+    p.add_argument("--temperature", type=_number(0), default=0.0, metavar="T",
+                   help="0 = greedy (default); above 0 samples")
+    p.add_argument("--top-k", type=_whole(1), metavar="K", help="sample among the K most likely tokens")
+    p.add_argument("--top-p", type=_number(0, 1, lo_open=True), metavar="P",
+                   help="sample among the most likely tokens whose probabilities reach P (0 < P <= 1)")
+    p.add_argument("--seed", type=_SEED, metavar="N", help="seed for sampling (0 or more)")
 
     def run(args) -> int:
         from .models import load
 
-        if not args.prompt.strip():
-            raise UserError('the prompt is empty; e.g. qkv generate "c3 a7 k2 ? a"')
+        prompt = _text(args.prompt, "the prompt")
         model = load(args.model)
         if not hasattr(model, "complete") or getattr(model, "tokenizer", None) is None:
             raise UserError(f"{args.model!r} is a {type(model).__name__}; generate needs a decoder with a tokenizer")
-        _check_vocabulary(model, args.model, args.prompt)
+        _check_vocabulary(model, args.model, prompt)
         limit = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
-        n = len(model.tokenizer.encode(args.prompt))
+        n = len(model.tokenizer.encode(prompt))
         if n >= limit:
             raise UserError(f"the prompt has {n} tokens but {args.model!r} has {limit} positions, "
                             f"so prompts of at most {limit - 1} tokens; shorten it")
@@ -316,7 +525,10 @@ def _add_generate(sub) -> None:
 
                 with open(gen_file, encoding="utf-8") as f:
                     new = min(int(json.load(f).get("max_new_tokens", new)), limit - n)
-        print(model.complete(args.prompt, max_new_tokens=new, temperature=args.temperature, top_k=args.top_k,
+        elif n + new > limit:
+            raise UserError(f"--max-new-tokens {new} is too many: the prompt has {n} tokens and {args.model!r} "
+                            f"has {limit} positions, so at most {limit - n} new tokens")
+        print(model.complete(prompt, max_new_tokens=new, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, seed=args.seed).strip())
         return 0
 
@@ -338,19 +550,19 @@ def _add_translate(sub) -> None:
     def run(args) -> int:
         from .models import load
 
+        sentences = [_text(s, "a sentence" if len(args.sentences) == 1 else f"sentence {i + 1}")
+                     for i, s in enumerate(args.sentences)]
         model = load(args.model)
         if not getattr(model, "is_encoder_decoder", False):
             raise UserError(f"{args.model!r} is a {type(model).__name__}; translate needs an encoder-decoder model")
-        for text in args.sentences:
-            if not text.strip():
-                raise UserError('a sentence is empty; e.g. qkv translate "the red cat sees a dog"')
+        for text in sentences:
             _check_vocabulary(model, args.model, text)
             n = len(model.tokenizer.encode(text))
             if n > model.config.max_position_embeddings:
                 raise UserError(f"{text!r} has {n} words but {args.model!r} was trained on at most "
                                 f"{model.config.max_position_embeddings}; shorten it")
-        for text, out in zip(args.sentences, model.translate(list(args.sentences))):
-            print(out if len(args.sentences) == 1 else f"{text}  ->  {out}")
+        outs = model.translate(sentences)
+        print("\n".join(out if len(sentences) == 1 else f"{text}  ->  {out}" for text, out in zip(sentences, outs)))
         return 0
 
     p.set_defaults(func=run)
@@ -370,38 +582,40 @@ def _add_bench(sub) -> None:
     )
     from .bench import CASES, DTYPES
 
+    positive = _whole(1)
     p.add_argument("--cases", nargs="+", default=list(CASES), metavar="CASE",
                    help=f"which cases, of: {' '.join(CASES)} (default: all)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], metavar="DTYPE",
                    help=f"of: {' '.join(DTYPES)} (default: float32 bfloat16)")
-    p.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384], metavar="L",
+    p.add_argument("--lengths", nargs="+", type=positive, default=[1024, 4096, 16384], metavar="L",
                    help="sequence lengths (default: 1024 4096 16384)")
-    p.add_argument("--decode-lengths", nargs="+", type=int, metavar="L",
+    p.add_argument("--decode-lengths", nargs="+", type=positive, metavar="L",
                    help="cache lengths of the decode case (default: --lengths)")
-    p.add_argument("--batch", type=int, default=1, metavar="B", help="batch size (default 1)")
-    p.add_argument("--heads", type=int, default=8, metavar="H", help="query heads (default 8)")
-    p.add_argument("--kv-heads", type=int, metavar="H",
+    p.add_argument("--batch", type=positive, default=1, metavar="B", help="batch size (default 1)")
+    p.add_argument("--heads", type=positive, default=8, metavar="H", help="query heads (default 8)")
+    p.add_argument("--kv-heads", type=positive, metavar="H",
                    help="key/value heads of the gqa and decode cases (default: heads / 4)")
-    p.add_argument("--dim", type=int, default=64, metavar="D", help="head size (default 64)")
-    p.add_argument("--window", type=int, default=256, metavar="W",
+    p.add_argument("--dim", type=positive, default=64, metavar="D", help="head size (default 64)")
+    p.add_argument("--window", type=_whole(0), default=256, metavar="W",
                    help="keys before each query in the window case (default 256)")
-    p.add_argument("--repeats", type=int, default=3, metavar="N", help="timed samples per method; "
+    p.add_argument("--repeats", type=positive, default=3, metavar="N", help="timed samples per method; "
                    "the table shows the best (default 3)")
-    p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's own choice)")
+    p.add_argument("--threads", type=positive, metavar="N", help="torch threads (default: torch's own choice)")
     p.add_argument("--backend", default="auto", metavar="NAME",
                    help="the qkv backend to time (default: auto, the one a user gets)")
     p.add_argument("--flex", action="store_true",
                    help="also time torch.compile(flex_attention); skipped with a note where torch.compile "
                    "cannot run. Compilation is reported apart from the steady-state time")
-    p.add_argument("--max-seconds", type=float, default=60.0, metavar="S",
+    p.add_argument("--max-seconds", type=_number(0, lo_open=True), default=60.0, metavar="S",
                    help="skip a peer whose call, predicted from the previous length, would take longer (default 60)")
-    p.add_argument("--max-memory-gib", type=float, default=4.0, metavar="G",
+    p.add_argument("--max-memory-gib", type=_number(0, lo_open=True), default=4.0, metavar="G",
                    help="skip a peer that would need more memory for an L x L grid (default 4)")
-    p.add_argument("--check-rows", type=int, default=128, metavar="N",
+    p.add_argument("--check-rows", type=positive, default=128, metavar="N",
                    help="query rows of each result compared with the float64 reference (default 128)")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random inputs (default 0)")
-    p.add_argument("--json", metavar="FILE", help="write every measurement, the machine and the command as JSON")
-    p.add_argument("--png", metavar="FILE",
+    p.add_argument("--seed", type=_SEED, default=0, metavar="N", help="seed of the random inputs (default 0)")
+    p.add_argument("--json", type=_output_file, metavar="FILE",
+                   help="write every measurement, the machine and the command as JSON")
+    p.add_argument("--png", type=_output_file, metavar="FILE",
                    help="draw time against length, log-log (needs matplotlib: pip install 'qkv[viz]')")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is drawn on stderr only when stderr is a terminal)")
@@ -416,12 +630,7 @@ def _add_bench(sub) -> None:
             repeats=args.repeats, backend=args.backend, flex=args.flex, max_seconds=args.max_seconds,
             max_memory_gib=args.max_memory_gib, check_rows=args.check_rows, seed=args.seed, threads=args.threads,
         ).validate()
-        for flag in ("json", "png"):
-            path = getattr(args, flag)
-            if path is not None:
-                folder = os.path.dirname(os.path.abspath(path))
-                if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                    raise UserError(f"cannot write --{flag} {path!r}: the folder {folder!r} does not exist or is not writable")
+        _distinct_files(args, ("json", "png"))
         if args.png:
             try:
                 bench.require_matplotlib()
@@ -429,15 +638,16 @@ def _add_bench(sub) -> None:
                 raise UserError(str(exc)) from None
         progress = not args.no_progress and sys.stderr.isatty()
         result = bench.run(cfg, progress=progress)
-        print(bench.format_table(result))
+        out = [bench.format_table(result)]  # the files first, then the table: see the module docstring
         if args.json or args.png:
-            print()
+            out.append("")
         if args.json:
             bench.write_json(result, args.json)
-            print(f"wrote {args.json}")
+            out.append(f"wrote {args.json}")
         if args.png:
             bench.write_png(result, args.png)
-            print(f"wrote {args.png}")
+            out.append(f"wrote {args.png}")
+        print("\n".join(out))
         if not result.ok:
             print("qkv bench: a qkv result is outside the tolerance rule against the float64 reference "
                   "(see the table's check column)", file=sys.stderr)
@@ -448,7 +658,7 @@ def _add_bench(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qkv",
         description="Transformer attention, exactly: compute it, run models on it, and see it.",
     )
@@ -465,19 +675,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_closed() -> int:
+    """stdout's reader has gone (`qkv explain ... | head -1`): stop quietly, as Unix tools do when
+    SIGPIPE ends them. What is still buffered for stdout (and Python's flush at exit) goes to
+    /dev/null, so no "Exception ignored ... BrokenPipeError" follows."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. a test's capture)
+        pass
+    return EXIT_PIPE_CLOSED
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _ArgumentError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USER_ERROR
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USER_ERROR
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here when the output was buffered
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except (UserError, ValueError, TypeError, OSError) as exc:
         if os.environ.get("QKV_DEBUG"):
             raise
         print(f"qkv {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"qkv {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -175,7 +175,7 @@ def test_save_json_writes_through_a_symlink_and_refuses_a_fifo(result, tmp_path)
     (["explain", TEXT, "--focus", "dog"], "focus word 'dog' is not in the text; its words are: 'The', 'cat'"),
     (["explain", TEXT, "--focus", "cat", "--layer", "6"], "--layer 6 does not exist: the model has layers 0..5"),
     (["explain", TEXT, "--focus", "cat", "--head", "12"], "--head 12 does not exist"),
-    (["explain", TEXT, "--focus", "cat", "--html", "/nonexistent-dir/x.html"], "cannot write --html"),
+    (["explain", TEXT, "--focus", "cat", "--html", "/nonexistent-dir/x.html"], "--html: cannot write"),
     (["explain", "word " * 600, "--focus", "word"], "512"),
     (["explain", TEXT, "--model", "no-such-model"], "neither a bundled model"),
 ])

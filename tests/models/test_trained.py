@@ -120,7 +120,7 @@ def test_cli_translate(capsys):
     (["generate", "--model", "translate", "x"], "needs a decoder"),
     (["translate", "--model", "recall", "a"], "needs an encoder-decoder"),
     (["train", "recall", "--steps", "0"], "--steps must be a positive"),
-    (["explain", "--model", "translate", "the cat sees a dog", "--method", "rollout"], "use method 'raw'"),
+    (["explain", "--model", "translate", "the cat sees a dog", "--method", "rollout"], "use --method raw"),
 ])
 def test_cli_bad_input(argv, message, capsys):
     assert main(argv) == 2

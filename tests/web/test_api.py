@@ -4,6 +4,9 @@ qkv.explain, and every bad request gets a 4xx JSON error that never reaches the 
 from __future__ import annotations
 
 import json
+import logging
+import re
+import shutil
 import socket
 import threading
 import time
@@ -15,6 +18,7 @@ import pytest
 from starlette.testclient import TestClient
 
 import qkv.inspect
+import qkv.models
 from web_helpers import TEXT, reference, registry, running_server  # noqa: F401 (fixtures)
 from qkv import cli
 from qkv.web.app import STATIC_FILES, create_app
@@ -173,6 +177,38 @@ BAD_BODIES = [
 @pytest.mark.parametrize("path, body, status, code", BAD_BODIES)
 def test_bad_bodies(client, path, body, status, code):
     assert_error(post(client, path, body), status, code)
+
+
+BAD_TEXTS = ["\ud800", "a cat \udce9 here", "\udfff", "The cat\ud83d sat"]
+
+
+@pytest.mark.parametrize("text", BAD_TEXTS)
+@pytest.mark.parametrize("path, field", [(p, "text") for p in API_POSTS] + [("/api/compare", "other")])
+def test_text_that_is_not_unicode_is_a_422(client, path, field, text):
+    """A lone surrogate (JSON "\\ud800") reaches no tokenizer: 422 bad_text naming the field and the index."""
+    body = {"text": TEXT, "other": TEXT, "word": "cat", "layer": 0, "head": 0}
+    body = {k: v for k, v in body.items() if k in ("text",) or (path == "/api/compare" and k == "other")
+            or (path == "/api/steps" and k in ("word", "layer", "head"))}
+    body[field] = text
+    raw = json.dumps(body)  # ASCII, with the surrogate escaped as JSON allows
+    resp = client.post(path, content=raw, headers={"content-type": "application/json"})
+    err = assert_error(resp, 422, "bad_text")
+    assert f"'{field}' is not valid Unicode at index {text.index(next(c for c in text if 0xD800 <= ord(c) <= 0xDFFF))}" \
+        in err["message"], err
+
+
+@pytest.mark.parametrize("word", ["cat", 1, "sees"])
+def test_steps_on_an_encoder_decoder_is_a_422(client, word):
+    body = {"text": "the big red cat sees a small dog", "model": "translate", "word": word, "layer": 0, "head": 0}
+    err = assert_error(post(client, "/api/steps", body), 422, "not_supported")
+    assert "encoder-decoder" in err["message"] and "/api/explain" in err["message"]
+
+
+def test_too_many_tokens_names_the_field_not_a_python_argument(client):
+    body = {"text": TEXT, "other": "c3 " * 60, "model": "recall"}
+    err = assert_error(post(client, "/api/compare", body), 422, "cannot_explain")
+    assert re.search(r"'other' has \d+ tokens but the model 'recall' takes at most 20", err["message"]), err
+    assert "truncate" not in err["message"]
 
 
 PATH_LIKE = ["../../etc/passwd", "/etc/passwd", "minilm/../minilm", "./minilm", "~/models/x", "C:\\models\\x",
@@ -382,7 +418,7 @@ def test_model_dir_names_only(tmp_path):
         (tmp_path / name / "config.json").write_text("{}")
     (tmp_path / "no-config").mkdir()
     loaded = []
-    reg = ModelRegistry(tmp_path, loader=lambda key: loaded.append(key) or object())
+    reg = ModelRegistry(tmp_path, loader=lambda key: loaded.append(key) or object(), check=lambda folder: None)
     names = {e.name: e.source for e in reg.entries()}
     assert names["tiny"] == "model-dir" and names["minilm"] == "bundled"
     assert "bad name" not in names and ".hidden" not in names and "no-config" not in names
@@ -396,14 +432,77 @@ def test_model_dir_names_only(tmp_path):
             assert_error(c.post("/api/explain", json={"text": TEXT, "model": bad}), 404, "unknown_model")
 
 
-def test_broken_model_is_a_500_without_details(tmp_path):
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "config.json").write_text("{not json")
-    app = create_app(model_dir=str(tmp_path))
+def _model_folders(root):
+    """Folders under a --model-dir: one good (a copy of the bundled recall), the others broken as named."""
+    from qkv.models import bundled_path
+
+    good = bundled_path("recall")
+    shutil.copytree(good, root / "good")
+    broken = {
+        "bad-json": {"config.json": "{not json"},
+        "config-list": {"config.json": "[1, 2]"},
+        "config-not-utf8": {"config.json": b"\xff\xfe{}"},
+        "unknown-arch": {"config.json": json.dumps({"architectures": ["MambaForCausalLM"]})},
+        "missing-fields": {"config.json": json.dumps({"architectures": ["BertModel"], "hidden_size": 10,
+                                                      "num_attention_heads": 3})},
+        "no-weights": {"config.json": (good / "config.json").read_text(), "tokenizer.json": "{}"},
+        "pickle-only": {"config.json": (good / "config.json").read_text(), "pytorch_model.bin": b"\x80\x02"},
+        "bad-safetensors": {"config.json": (good / "config.json").read_text(), "model.safetensors": b"garbage",
+                            "tokenizer.json": "{}"},
+        "no-tokenizer": {"config.json": (good / "config.json").read_text(),
+                         "model.safetensors": (good / "model.safetensors").read_bytes()},
+        "no-config": {"model.safetensors": b""},
+        "bad name": {"config.json": (good / "config.json").read_text()},
+    }
+    for name, files in broken.items():
+        (root / name).mkdir()
+        for file, content in files.items():
+            path = root / name / file
+            path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    (root / "a-file.txt").write_text("not a folder: ignored")
+    return sorted(broken)
+
+
+def test_model_dir_offers_only_loadable_folders_and_logs_the_others(tmp_path, caplog):
+    broken = _model_folders(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="qkv.web"):
+        app = create_app(model_dir=str(tmp_path))
+    reg = app.state.service.registry
+    assert set(reg.skipped) == set(broken)
+    logged = caplog.text
+    for name in broken:
+        assert f"skipped the folder {name!r}" in logged, name
+    for words in ("not valid JSON", "MambaForCausalLM", "no weights", "pickle", "not a readable safetensors",
+                  "no tokenizer", "no config.json", "plain model name", "not UTF-8"):
+        assert words in logged, words
     with TestClient(app) as c:
-        resp = c.post("/api/explain", json={"text": TEXT, "model": "broken"})
-    err = assert_error(resp, 500, "model_unavailable")
-    assert str(tmp_path) not in resp.text and err["message"]
+        offered = {e["name"]: e["source"] for e in c.get("/api/models").json()["models"]}
+        assert offered.get("good") == "model-dir" and not set(broken) & set(offered)
+        ok = c.post("/api/explain", json={"text": "c3 a7 k2 ? a", "model": "good"})
+        assert ok.status_code == 200, ok.text
+        for name in broken:
+            err = assert_error(c.post("/api/explain", json={"text": TEXT, "model": name}), 404, "unknown_model")
+            assert str(tmp_path) not in err["message"]
+    assert app.state.internal_errors == 0
+
+
+def test_a_model_that_fails_on_first_use_is_a_500_then_no_longer_offered(tmp_path, caplog):
+    shutil.copytree(qkv.models.bundled_path("recall"), tmp_path / "late")
+    calls = []
+
+    def loader(key):
+        calls.append(key)
+        raise qkv.models.CheckpointError(f"the checkpoint in {key} does not match config.json")
+
+    app = create_app(registry=ModelRegistry(tmp_path, loader=loader))
+    with TestClient(app) as c:
+        assert "late" in [e["name"] for e in c.get("/api/models").json()["models"]]
+        with caplog.at_level(logging.ERROR, logger="qkv.web"):
+            err = assert_error(c.post("/api/explain", json={"text": TEXT, "model": "late"}), 500, "model_unavailable")
+        assert str(tmp_path) not in err["message"] and "does not match" in caplog.text
+        assert "late" not in [e["name"] for e in c.get("/api/models").json()["models"]]
+        assert_error(c.post("/api/explain", json={"text": TEXT, "model": "late"}), 500, "model_unavailable")
+    assert len(calls) == 1, "a failed model is not loaded again"
     assert app.state.internal_errors == 0
 
 

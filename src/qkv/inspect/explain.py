@@ -282,6 +282,8 @@ class ExplainResult:
     def compare(self, other: "ExplainResult", focus: Union[str, int, None] = None, level: str = "word") -> dict:
         """Per-head difference maps (self - other) and, with a focus, the Jensen-Shannon
         divergence (bits) of the focus rows per layer and head. Both must have the same labels count."""
+        if not isinstance(other, ExplainResult):
+            raise TypeError(f"other must be an ExplainResult (what qkv.explain returns); got {type(other).__name__}")
         a, b = self.maps("raw", level), other.maps("raw", level)
         if a.shape != b.shape:
             raise ValueError(
@@ -406,34 +408,31 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
     Returns:
         an `ExplainResult`. The model's outputs are not changed by the recording.
     """
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("text is empty; give a sentence to explain, e.g. \"The cat sat on the mat.\"")
+    text = _check_text(text)
     _check_choice("rows", rows, ("all", "focus"))
+    _check_focus_type(focus)
+    if rows == "focus" and focus is None:
+        raise ValueError("rows='focus' needs a focus word")
+    if not isinstance(model, (str, os.PathLike, torch.nn.Module)):
+        raise TypeError(f"model must be a bundled name, a model folder path or a model from qkv.load; "
+                        f"got {type(model).__name__}")
     model, loaded_name = _load_model(model)
     name = loaded_name if name is None else str(name)
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        raise ValueError(f"model {name!r} has no tokenizer; explain needs one to turn text into tokens")
+    _check_layers_heads(model, name, layers, heads)
     if getattr(model, "is_encoder_decoder", False):
         if rows != "all":
             raise ValueError("rows='focus' is for encoder or decoder models; explain an encoder-decoder with rows='all'")
+        _tokenizer_of(model, name)
         return _explain_seq2seq(text, model, name, focus=focus, layers=layers, heads=heads, truncate=truncate)
-    batch = tok([text], truncate=truncate)
+    probe, batch = _prepare(text, model, name, truncate=truncate)
     ids, attention_mask = batch.input_ids, batch.attention_mask
-    tokens = batch.tokens[0]
-    word_of_token = batch.word_ids[0]
-    offsets = batch.offsets[0]
-    special = [w is None for w in word_of_token]
-    words = _words(text, word_of_token, offsets)
 
     record_rows = None
-    if rows == "focus":
-        if focus is None:
-            raise ValueError("rows='focus' needs a focus word")
-        probe = ExplainResult(text, name, tokens, special, words, word_of_token, records=[])
-        w = probe.focus_index(focus, "word")
-        _, _, unit_of = probe.units("word")
-        record_rows = [t for t, u in enumerate(unit_of) if u == w]
+    if focus is not None:
+        w = probe.focus_index(focus, "word")  # a missing focus word is reported now, before the model runs
+        if rows == "focus":
+            _, _, unit_of = probe.units("word")
+            record_rows = [t for t, u in enumerate(unit_of) if u == w]
 
     recorder = Recorder(layers=layers, heads=heads, rows=record_rows).attach(model)
     try:
@@ -441,13 +440,74 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
             model(ids, attention_mask=attention_mask)
     finally:
         recorder.detach()
-    result = ExplainResult(text, name, tokens, special, words, word_of_token, recorder.records, rows=record_rows)
+    result = ExplainResult(text, name, probe.tokens, probe.special, probe.words, probe.word_of_token,
+                           recorder.records, rows=record_rows)
     if not result.records:
         raise ValueError(f"no layer was recorded: layers {list(layers or [])} do not exist "
                          f"(the model has {recorder.num_layers} attention layers)")
-    if focus is not None:
-        result.focus_index(focus, "word")  # a missing focus word is reported now, with the words
     return result
+
+
+def _check_text(text) -> str:
+    """The text explain takes: one string, checked by the tokenizer's own check (qkv.models.tokenizer)."""
+    from ..models.tokenizer import check_texts
+
+    if not isinstance(text, str):
+        hint = ("; explain takes one sentence: call it once per sentence, e.g. [qkv.explain(t) for t in texts]"
+                if isinstance(text, (list, tuple)) else "")
+        raise TypeError(f"text must be a string (the sentence to explain); got {type(text).__name__}{hint}")
+    return check_texts(text, what="the text")[0]
+
+
+def _check_focus_type(focus) -> None:
+    if focus is not None and (isinstance(focus, bool) or not isinstance(focus, (str, int))):
+        raise TypeError(f"focus must be a word of the text (a string), a word index (an int) or None; "
+                        f"got {type(focus).__name__}")
+
+
+def _tokenizer_of(model, name: str):
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError(f"model {name!r} has no tokenizer; explain needs one to turn text into tokens")
+    return tok
+
+
+def attention_layers(model) -> list:
+    """(name, module) of every qkv attention layer of `model`, in the order of explain's layer indices."""
+    from ..nn import MultiHeadAttention
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MultiHeadAttention)]
+
+
+def _check_layers_heads(model, name: str, layers, heads) -> None:
+    """Refuse layer and head indices the model lacks before it runs (the recorder would find out later)."""
+    found = attention_layers(model) if isinstance(model, torch.nn.Module) else []
+    for what, values, count in (("layers", layers, len(found)),
+                                ("heads", heads, min((m.num_heads for _, m in found), default=0))):
+        if values is None:
+            continue
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise TypeError(f"{what} must be a list of indices or None; got {type(values).__name__}")
+        values = list(values)
+        wrong = [v for v in values if isinstance(v, bool) or not isinstance(v, int)]
+        if wrong:
+            raise TypeError(f"{what} must be whole numbers; got {wrong[0]!r}")
+        if found:
+            missing = [v for v in values if not 0 <= v < count]
+            if missing:
+                raise ValueError(f"{what} {missing} do not exist: {name!r} has {what} 0..{count - 1}")
+
+
+def _prepare(text: str, model, name: str, *, truncate: bool = False):
+    """(an ExplainResult without records, the tokenizer's Batch): the tokens, words and units that
+    explain uses for `text`, found without running the model. The command line checks a focus
+    word and the length of --compare's sentence on it before anything runs."""
+    tok = _tokenizer_of(model, name)
+    batch = tok([text], truncate=truncate)
+    word_of_token = list(batch.word_ids[0])
+    special = [w is None for w in word_of_token]
+    words = _words(text, word_of_token, batch.offsets[0])
+    return ExplainResult(text, name, list(batch.tokens[0]), special, words, word_of_token, records=[]), batch
 
 
 def _explain_seq2seq(text: str, model, name: str, *, focus, layers, heads, truncate: bool) -> ExplainResult:

@@ -81,6 +81,8 @@ def render_overview(result, *, method: str = "raw", level: str = "word", hide_sp
                     layer: Optional[int] = None, head: Optional[int] = None, color: bool = False,
                     aggregate: str = "mean") -> str:
     """Without a focus word: for one layer (default the last), each word's row as a table."""
+    if head is not None and method == "rollout":
+        raise ValueError("rollout averages the heads; drop --head or use --method raw")
     maps = result.maps(method, level, hide_special)  # (L, H, n, n)
     labels = result.labels(level, hide_special)
     lay = maps.shape[0] - 1 if layer is None else layer

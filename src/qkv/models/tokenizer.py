@@ -12,6 +12,7 @@ so views can gather attention from tokens back to words.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -181,19 +182,35 @@ class Tokenizer:
         return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, max_length={self.max_length})"
 
 
-def check_texts(texts) -> list[str]:
-    """Normalise one text or a list of texts, rejecting empty input with a clear message."""
-    if isinstance(texts, str):
+def check_texts(texts, *, what: Optional[str] = None) -> list[str]:
+    """Normalise one text or a list of texts, refusing what a tokenizer cannot take, with a clear message.
+
+    The one check of user text in qkv (the tokenizer, the command line and the web service
+    call it): TypeError for something that is not a string or a list of strings; ModelError
+    (a ValueError) for no texts, an empty or blank text, or a lone surrogate (U+D800..U+DFFF):
+    what Python makes of bytes that are not UTF-8 in a command-line argument (U+DC80..U+DCFF,
+    "surrogateescape") or of a lone "\\ud800" in JSON. The message names the text and the
+    index of the first bad character. `what` names a single text in messages (e.g. "the
+    prompt"); texts of a list are "text 0", "text 1", ...
+    """
+    single = isinstance(texts, str)
+    if single:
         texts = [texts]
     if not isinstance(texts, (list, tuple)):
-        raise TypeError(f"texts must be a string or a list of strings; got {type(texts).__name__}")
+        raise TypeError(f"{what or 'texts'} must be a string or a list of strings; got {type(texts).__name__}")
     if len(texts) == 0:
         raise ModelError("no texts given; pass at least one non-empty string")
     for i, t in enumerate(texts):
+        name = what if (single and what) else f"text {i}"
         if not isinstance(t, str):
-            raise TypeError(f"text {i} must be a string; got {type(t).__name__}")
+            raise TypeError(f"{name} must be a string; got {type(t).__name__}")
         if not t.strip():
-            raise ModelError(f"text {i} is empty; pass a non-empty string (or drop it from the list)")
+            raise ModelError(f"{name} is empty; give some words" if single else
+                             f"{name} is empty; pass a non-empty string (or drop it from the list)")
+        bad = _LONE_SURROGATE.search(t)
+        if bad is not None:
+            raise ModelError(f"{name} is not valid Unicode at index {bad.start()}{_context(t, bad.start())}: "
+                             f"{_describe_surrogate(bad.group())}{_more(t)}; give text that is valid UTF-8")
     return list(texts)
 
 
@@ -204,6 +221,27 @@ def _build(make, path: Path, what: str):
     except Exception as exc:  # tokenizers raises plain Exception (and TypeError for a missing [SEP])
         raise ModelError(f"{path} could not be read as {what} (tokenizers: {exc}); restore the file from the "
                          f"model's source") from None
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _context(text: str, i: int) -> str:
+    before = _LONE_SURROGATE.sub("?", text[max(0, i - 12):i])
+    return f" (after {before!r})" if before else " (its first character)"
+
+
+def _describe_surrogate(ch: str) -> str:
+    c = ord(ch)
+    if 0xDC80 <= c <= 0xDCFF:
+        return (f"U+{c:04X} is a lone surrogate, which is how Python keeps the byte 0x{c - 0xDC00:02X} of "
+                "input that is not UTF-8")
+    return f"U+{c:04X} is a lone surrogate (half of a UTF-16 pair), not a character"
+
+
+def _more(text: str) -> str:
+    n = len(_LONE_SURROGATE.findall(text))
+    return f" ({n - 1} more such character{'s' if n > 2 else ''} follow{'' if n > 2 else 's'})" if n > 1 else ""
 
 
 def _guess_pad_id(backend) -> int:

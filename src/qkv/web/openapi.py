@@ -28,9 +28,11 @@ def _post_errors(extra: dict) -> dict:
         "413": _error("body larger than the limit (body_too_large), or a text longer than max_chars (text_too_long)"),
         "415": _error("the body is not sent as application/json (unsupported_media_type)"),
         "422": _error("a field is missing (missing_field), unknown (unknown_field), of the wrong type (wrong_type), "
-                      "or has a value not offered (bad_value); an empty text (empty_text); a word not in the text "
-                      "(unknown_word); a layer or head the model lacks (unknown_layer, unknown_head); a text the "
-                      "model cannot take, e.g. more tokens than it has positions (cannot_explain)"),
+                      "or has a value not offered (bad_value); an empty text (empty_text); a text that is not valid "
+                      "Unicode, e.g. a lone surrogate \\ud800 (bad_text); a word not in the text (unknown_word); a "
+                      "layer or head the model lacks (unknown_layer, unknown_head); a text the model cannot take, "
+                      "e.g. more tokens than it has positions (cannot_explain); the step-through asked of an "
+                      "encoder-decoder model (not_supported)"),
         "500": _error("an unexpected error (internal) or a model that could not be loaded (model_unavailable); "
                       "no details are sent"),
         "503": {**_error("the queue is full (busy); try again (see Retry-After)"),

@@ -57,9 +57,16 @@ class ModelRegistry:
 
     A model's forward pass is run under that model's own lock: explain attaches recording
     hooks to the model, so two requests must not run the same model at once.
+
+    The folders under `model_dir` are checked when the registry is made, by `check` (default
+    `check_model_folder`: cheap, no weights read); a folder it refuses is not offered, and the
+    reason is logged (the "qkv.web" logger) and kept in `skipped`. A model that passes the check
+    but fails to load on first use answers 500 model_unavailable, is logged, and is no longer
+    listed by `entries` (nor tried again).
     """
 
-    def __init__(self, model_dir: Optional[str | Path] = None, *, loader: Optional[Callable[[str], Any]] = None):
+    def __init__(self, model_dir: Optional[str | Path] = None, *, loader: Optional[Callable[[str], Any]] = None,
+                 check: Optional[Callable[[Path], Optional[str]]] = None):
         from ..models import BUNDLED
 
         if loader is None:
@@ -71,23 +78,38 @@ class ModelRegistry:
                 # Aliases of one bundled model share one loaded copy: key by what ships it.
                 self._entries[name] = ModelEntry(name, "bundled", name)
         self._alias = {name: "bundled:" + "/".join(BUNDLED[name]) for name in self._entries}
+        self.skipped: dict[str, str] = {}  # folder name -> why it is not offered
         if model_dir is not None:
             root = Path(model_dir)
             if not root.is_dir():
                 raise ValueError(f"--model-dir {str(model_dir)!r} is not a folder")
+            if check is None:
+                check = check_model_folder
             for folder in sorted(root.iterdir()):
                 name = folder.name
-                if not _MODEL_NAME.match(name) or name.lower() in self._entries:
+                if not folder.is_dir() or name.startswith("."):  # files and hidden folders (.git, .cache)
                     continue
-                if folder.is_dir() and (folder / "config.json").is_file():
-                    self._entries[name] = ModelEntry(name, "model-dir", str(folder.resolve()))
-                    self._alias[name] = "dir:" + str(folder.resolve())
+                if not _MODEL_NAME.match(name):
+                    reason = "its name is not a plain model name (letters, digits, '.', '_', '-'; at most 64)"
+                elif name.lower() in self._entries:
+                    reason = f"a bundled model is named {name.lower()!r}"
+                elif not (folder / "config.json").is_file():
+                    reason = "no config.json: not a Hugging Face model folder"
+                else:
+                    reason = check(folder)
+                if reason is not None:
+                    self.skipped[name] = reason
+                    log.warning("--model-dir: skipped the folder %r: %s", name, reason)
+                    continue
+                self._entries[name] = ModelEntry(name, "model-dir", str(folder.resolve()))
+                self._alias[name] = "dir:" + str(folder.resolve())
         self._loaded: dict[str, Any] = {}
+        self._failed: set[str] = set()
         self._load_lock = threading.Lock()
         self._run_locks: dict[str, threading.Lock] = {}
 
     def entries(self) -> list[ModelEntry]:
-        return list(self._entries.values())
+        return [e for e in self._entries.values() if e.name not in self._failed]
 
     def entry(self, name: Any) -> ModelEntry:
         if not isinstance(name, str):
@@ -102,19 +124,47 @@ class ModelRegistry:
         """(the loaded model, its run lock) for a model name; loads it on first use."""
         entry = self.entry(name)
         alias = self._alias[entry.name]
+        unavailable = ApiError(500, "model_unavailable", f"the model {entry.name!r} could not be loaded on this server")
         with self._load_lock:  # one load at a time; a second request for it waits, then shares it
+            if entry.name in self._failed:
+                raise unavailable
             if alias not in self._loaded:
                 try:
                     self._loaded[alias] = self._loader(entry.key)
                 except Exception as exc:  # a broken folder or a missing package: the server's problem
-                    log.error("loading model %r failed: %s", entry.name, exc)
-                    raise ApiError(500, "model_unavailable",
-                                   f"the model {entry.name!r} could not be loaded on this server") from None
+                    log.error("loading model %r failed: %s; it is no longer offered", entry.name, exc)
+                    self._failed.add(entry.name)
+                    raise unavailable from None
                 self._run_locks[alias] = threading.Lock()
             return self._loaded[alias], self._run_locks[alias]
 
     def loaded(self) -> list[str]:
         return [e.name for e in self._entries.values() if self._alias[e.name] in self._loaded]
+
+
+def check_model_folder(folder: Path) -> Optional[str]:
+    """Why `qkv.load` would refuse this model folder, found without reading its weights; None if
+    it looks loadable. Checks: config.json is readable JSON naming an architecture qkv runs,
+    with the fields that architecture needs; safetensors weights are there and their headers
+    readable; tokenizer files are there (explain needs them). Not checked: that the weights'
+    keys and shapes fit config.json (that needs the model built); a folder failing only that
+    is found on first use (500 model_unavailable, then no longer offered)."""
+    from ..models.checkpoint import find_in_folder, read_config, read_shapes, safetensors_files
+    from ..models.loading import ARCHITECTURES, architecture_of
+
+    try:
+        config = read_config(folder)
+        _, config_cls, _ = ARCHITECTURES[architecture_of(config, folder)]
+        config_cls.from_hf(config)
+        read_shapes(safetensors_files(folder))
+    except UnicodeDecodeError:
+        return "a file of it (config.json or a weights index) is not UTF-8 text"
+    except Exception as exc:  # whatever the loader would stumble on; the message is logged, not sent
+        return str(exc) if isinstance(exc, (ValueError, OSError)) and str(exc) else f"{type(exc).__name__}: {exc}"
+    if not (find_in_folder(folder, "tokenizer.json", "vocab.txt")
+            or (find_in_folder(folder, "vocab.json") and find_in_folder(folder, "merges.txt"))):
+        return "no tokenizer files (tokenizer.json, vocab.txt, or vocab.json + merges.txt); explain needs them"
+    return None
 
 
 # --------------------------------------------------------------------------- checking
@@ -153,6 +203,11 @@ class Fields:
         return self.body[name]
 
     def text(self, name: str, limits: Limits) -> str:
+        """A sentence: a string, not blank, not too long, and text a tokenizer can take (the one
+        check of user text, `qkv.models.tokenizer.check_texts`: no lone surrogates such as a
+        JSON "\\ud800")."""
+        from ..models.tokenizer import check_texts
+
         value = self._get(name, None, True)
         if not isinstance(value, str):
             raise ApiError(422, "wrong_type", f"{name!r} must be a string; got {_type(value)}")
@@ -161,6 +216,10 @@ class Fields:
         if len(value) > limits.max_chars:
             raise ApiError(413, "text_too_long",
                            f"{name!r} has {len(value)} characters; this server explains at most {limits.max_chars}")
+        try:
+            check_texts(value, what=repr(name))
+        except ValueError as exc:
+            raise ApiError(422, "bad_text", str(exc)) from None
         return value
 
     def string(self, name: str, default: Optional[str]) -> Optional[str]:
@@ -217,10 +276,17 @@ class Service:
         self.limits = limits
 
     # ------------------------------------------------------------ shared pieces
-    def _explain(self, text: str, model_name: str):
+    def _explain(self, text: str, model_name: str, field: str = "text"):
         from ..inspect import explain
 
         model, run_lock = self.registry.get(model_name)
+        tok = getattr(model, "tokenizer", None)
+        limit = getattr(tok, "max_length", None)
+        if limit is not None:  # said here with the field's name (the library would suggest truncate=True)
+            n = len(tok.encode(text))
+            if n > limit:
+                raise ApiError(422, "cannot_explain", f"{field!r} has {n} tokens but the model "
+                                                      f"{self.registry.entry(model_name).name!r} takes at most {limit}; shorten it")
         with run_lock:
             try:
                 result = explain(text, model)
@@ -285,6 +351,12 @@ class Service:
         return lambda: self._steps(text, model, word, layer, head, level, hide)
 
     def _steps(self, text, model, word, layer, head, level, hide) -> dict:
+        loaded, _ = self.registry.get(model)
+        if getattr(loaded, "is_encoder_decoder", False):
+            raise ApiError(422, "not_supported",
+                           f"the step-through follows one stack of layers (an encoder or a decoder); "
+                           f"{self.registry.entry(model).name!r} is an encoder-decoder: see its attention "
+                           "with /api/explain")
         result = self._explain(text, model)
         unit = self._unit_index(result, word, level, hide)
         _, _, unit_of = result.units(level)
@@ -318,7 +390,7 @@ class Service:
         return lambda: self._compare(text, other, model, focus, method, level, hide)
 
     def _compare(self, text, other, model, focus, method, level, hide) -> dict:
-        a, b = self._explain(text, model), self._explain(other, model)
+        a, b = self._explain(text, model), self._explain(other, model, "other")
         out: dict = {"format": "qkv.compare/1", "a": self._to_dict(a, method, level, hide, focus),
                      "b": None, "same_length": False, "jsd": None, "largest": None, "note": None}
         b_focus = focus
