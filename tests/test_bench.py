@@ -175,8 +175,8 @@ def test_no_progress_silences_the_bar(monkeypatch, capsys):
     (["--repeats", "0"], "--repeats must be a positive whole number; got 0"),
     (["--backend", "fastest"], "unknown backend 'fastest'"),
     (["--threads", "0"], "--threads must be a positive whole number; got 0"),
-    (["--json", "/nonexistent-folder/b.json"], "--json: cannot write '/nonexistent-folder/b.json'"),
-    (["--png", "/nonexistent-folder/b.png"], "--png: cannot write '/nonexistent-folder/b.png'"),
+    (["--json", "/nonexistent-folder/b.json"], "--json: cannot write the file to '/nonexistent-folder/b.json'"),
+    (["--png", "/nonexistent-folder/b.png"], "--png: cannot write the file to '/nonexistent-folder/b.png'"),
 ])
 def test_bad_arguments_exit_2_naming_the_value(argv, needle, capsys):
     assert main(["bench", *argv]) == 2
@@ -326,7 +326,7 @@ def test_cli_refuses_a_fifo_as_json_with_status_2(tmp_path, capsys):
     os.mkfifo(fifo)
     assert main(["bench", *TINY, "--json", str(fifo)]) == 2
     err = capsys.readouterr().err
-    assert f"qkv bench: error: cannot write the bench JSON to '{fifo}': it is a FIFO" in err, err
+    assert f"qkv bench: error: --json: cannot write the file to '{fifo}': it is a FIFO" in err, err  # before the run
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert [p.name for p in tmp_path.iterdir()] == ["b.json"]
 

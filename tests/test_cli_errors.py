@@ -156,17 +156,25 @@ OUTPUTS = [
     (["explain", TEXT, "--json", ""], "--json: the file name is empty"),
     (["explain", TEXT, "--html", " "], "--html: the file name is empty"),
     (["explain", TEXT, "--png", ""], "--png: the file name is empty"),
-    (["explain", TEXT, "--json", "{tmp}"], "is a folder"),
+    (["explain", TEXT, "--json", "{tmp}"], "it is a directory; give a file name"),
     (["explain", TEXT, "--html", "{tmp}/no/such/folder/a.html"], "--html: cannot write"),
     ([*TINY_BENCH, "--json", ""], "--json: the file name is empty"),
     ([*TINY_BENCH, "--png", ""], "--png: the file name is empty"),
     ([*TINY_BENCH, "--json", "{tmp}/b.json", "--png", "{tmp}/b.json"], "--json and --png name the same file"),
+    # what is at the path is checked as the writer will check it (qkv._files), before the run
+    (["explain", TEXT, "--json", "{tmp}/fifo"], "--json: cannot write the file to"),
+    ([*TINY_BENCH, "--json", "{tmp}/fifo"], "it is a FIFO"),
+    (["train", "recall", "--out", ""], "--out: the folder name is empty"),
 ]
 
 
 @pytest.mark.parametrize("argv, needle", OUTPUTS)
 def test_output_paths_are_checked_before_anything_runs(argv, needle, tmp_path, capsys):
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "fifo")
     one_line_error(capsys, [a.replace("{tmp}", str(tmp_path)) for a in argv], needle)
+    if (tmp_path / "fifo").exists():
+        assert (tmp_path / "fifo").is_fifo(), "the FIFO was replaced"
 
 
 # --------------------------------------------------------------------------- closed pipes

@@ -104,16 +104,25 @@ _SEED = _whole(0, 2**63 - 1)
 
 
 def _output_file(text: str) -> str:
-    """An argparse type: the path of a file to write: a name, in a folder that exists and is writable."""
+    """An argparse type: the path of a file to write, checked as the writer (qkv._files) will
+    check it, before any work: a name, not a folder, FIFO or device, in a writable folder."""
+    from ._files import FileWriteError, check_target
+
     if not text.strip():
         raise argparse.ArgumentTypeError("the file name is empty; give a path, e.g. out.json")
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
-    folder = os.path.dirname(os.path.abspath(text))
-    if not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: the folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(text) and not os.access(text, os.W_OK)):
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: it or its folder {folder!r} is not writable")
+    try:
+        final = check_target(text, what="the file")
+    except FileWriteError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not os.access(final.parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: its folder '{final.parent}' is not writable")
+    return text
+
+
+def _output_folder(text: str) -> str:
+    """An argparse type: a folder to write into (it may not exist yet); never an empty name."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the folder name is empty; give a path, e.g. --out my-model")
     return text
 
 
@@ -437,7 +446,7 @@ def _add_train(sub) -> None:
     p.add_argument("task", choices=["recall", "translate"],
                    help="recall: a two-layer GPT-2 looks keys up in its prompt; translate: an "
                    "encoder-decoder reorders words through cross-attention")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: ./qkv-TASK): new, empty, or one "
+    p.add_argument("--out", type=_output_folder, metavar="DIR", help="output folder (default: ./qkv-TASK): new, empty, or one "
                    "that qkv train wrote; a folder holding other files is refused (status 2)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the weights and the data (default 0)")
     p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: the task's)")
