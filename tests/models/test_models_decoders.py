@@ -103,6 +103,17 @@ def test_generate_beyond_positions_is_a_clear_error(kind, gpt2_folder, llama_fol
         model.generate(_ids(B=1, L=3), temperature=-1.0)
 
 
+@pytest.mark.parametrize("bad", [
+    {"temperature": float("nan")}, {"temperature": float("inf")}, {"temperature": 1.0, "top_p": float("nan")},
+    {"temperature": 1.0, "top_k": True}, {"max_new_tokens": True},
+], ids=["temperature-nan", "temperature-inf", "top-p-nan", "top-k-bool", "max-new-tokens-bool"])
+def test_sampling_settings_that_are_not_finite_numbers_are_refused(bad, gpt2_folder):
+    """NaN passed `temperature < 0` and ended in a torch RuntimeError deep in sampling."""
+    model = qkv.load(gpt2_folder[0])
+    with pytest.raises(ValueError, match=list(bad)[-1]):
+        model.generate(_ids(B=1, L=3), **{"max_new_tokens": 2, **bad})
+
+
 def test_llama_variants_tied_bias_mqa(tmp_path):
     """Tied embeddings, attention/MLP biases, multi-query heads, head_dim != E/H, llama3 RoPE."""
     ref = build_folder(tmp_path, "llama", seed=2, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,

@@ -13,6 +13,9 @@ sends to its decode backend once the cache is long.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from typing import Iterator, Optional
 
 import torch
@@ -102,14 +105,18 @@ def chunked_hidden(model, input_ids: Tensor, chunk_size: int, *, cache=None, att
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    """Refuse sampling settings that are not numbers of the right kind and range (NaN and
+    infinity included: `not 0 <= nan` holds, so each range is written to fail on them)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a number (0 = greedy); got {type(temperature).__name__}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
         raise ValueError(f"top_k must be a positive int or None; got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None; got {top_p!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be a number in (0, 1] or None; got {top_p!r}")
 
 
 @torch.inference_mode()
