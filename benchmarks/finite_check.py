@@ -1,0 +1,95 @@
+"""Benchmark of the non-finite guard (qkv/core/_finite.py): what honest NaN handling costs.
+
+Every call of qkv.attention first reads the extremes of q, k and v (one aminmax each, one
+synchronisation) to learn that they hold no NaN or infinity and that no score can overflow;
+the decode backend, whose whole step reads the cache once, checks what its kernel reads
+instead and scans only q. Compared in the same run, forward only (inference mode), B=1:
+
+- unguarded: the backend's forward called directly on a prepared spec (what qkv did before);
+- guarded: qkv.attention(..., backend=...), the guard included;
+- scan: the guard's scan alone (`_finite._scan`) on the same tensors;
+- full scan (decode rows only): what scanning k and v as well would cost there.
+
+overhead = scan / unguarded: the guard's own share of the call, measured apart from the
+attention so the machine's noise (often more than 1% between turns) does not swamp it;
+guarded/unguarded is printed too. Each method runs --repeats times in turns, best time kept.
+
+    python benchmarks/finite_check.py
+    python benchmarks/finite_check.py --lengths 4096 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+import qkv
+from qkv.core import _finite, api
+from qkv.core._spec import build_spec
+
+from decode import best_of_turns  # benchmarks/decode.py: this script's folder is on sys.path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _row(name, dtype, L, backend, q, k, v, kw, repeats, self_checking=False):
+    spec = build_spec(q, k, v, **kw)
+    impl = api._BACKENDS[backend]
+    scanned = (q,) if self_checking else (q, k, v)
+    fns = {
+        "unguarded": lambda: impl.forward(q, k, v, spec, need_lse=False),
+        "guarded": lambda: qkv.attention(q, k, v, backend=backend, **kw),
+        "scan": lambda: _finite._scan(scanned, spec),
+    }
+    if self_checking:
+        fns["full scan"] = lambda: _finite._scan((q, k, v), spec)
+    t = best_of_turns(fns, repeats)
+    full = f"{1e3 * t['full scan']:.3f} ({100 * t['full scan'] / t['unguarded']:.1f}%)" if self_checking else "-"
+    return (f"| {name} | {dtype} | {L} | {backend} | {1e3 * t['unguarded']:.2f} | {1e3 * t['guarded']:.2f} | "
+            f"{t['guarded'] / t['unguarded']:.3f} | {1e3 * t['scan']:.3f} | {100 * t['scan'] / t['unguarded']:.2f}% | {full} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096])
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--cache", type=int, default=32768, help="cache length of the decode rows")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    print(f"# CPU: {_cpu()}; torch {torch.__version__}; {torch.get_num_threads()} threads")
+    print("| case | dtype | L | backend | unguarded ms | guarded ms | guarded/unguarded | scan ms | overhead | full scan ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    H, D = args.heads, args.dim
+    with torch.inference_mode():
+        for dname in args.dtypes:
+            dtype = DTYPES[dname]
+            for L in args.lengths:
+                q, k, v = (torch.randn(1, H, L, D, dtype=dtype) for _ in range(3))
+                for case, kw in (("dense", {}), ("causal", {"causal": True})):
+                    print(_row(case, dname, L, "sdpa", q, k, v, kw, args.repeats), flush=True)
+            # one query against a long grouped-query cache: the decode backend checks itself
+            q1 = torch.randn(1, 32, 1, 128, dtype=dtype)
+            kc, vc = (torch.randn(1, 8, args.cache, 128, dtype=dtype) for _ in range(2))
+            print(_row("decode 1 query, Hq=32 Hkv=8 D=128", dname, args.cache, "decode", q1, kc, vc, {},
+                       args.repeats, self_checking=True), flush=True)
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
