@@ -215,7 +215,9 @@ def attention_weights(
     query rows you need together with a mask that places them.
     """
     spec = build_spec(q, k, None, mask=mask, causal=causal, window=window, scale=scale, score_mod=score_mod)
-    reference.check_size(spec, q.dtype, what="attention_weights")
+    reason = reference.size_error(spec, q.dtype, what="attention_weights")
+    if reason is not None:
+        raise ValueError(reason)
     check_memory("reference", spec, q, False)
     probs, _ = _finite.guarded(_weights, q, k, None, spec, False)
     return probs
@@ -244,9 +246,7 @@ def reference_attention(
     """
     spec = build_spec(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
                       score_mod=score_mod, dropout_p=dropout_p)
-    reference.check_size(spec, q.dtype)
-    check_memory("reference", spec, q, False)
-    out, _ = _finite.guarded(reference.forward, q, k, v, spec, False)
+    out, _ = _run(q, k, v, spec, "reference", need_lse=False)
     return out
 
 

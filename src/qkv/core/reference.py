@@ -28,15 +28,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_size(spec: AttentionSpec, dtype: torch.dtype, what: str = "the reference backend") -> None:
+def size_error(spec: AttentionSpec, dtype: torch.dtype, what: str = "the reference backend") -> Optional[str]:
+    """Why a score matrix of these sizes is refused (above MAX_SCORE_BYTES), or None."""
     itemsize = torch.finfo(compute_dtype(dtype)).bits // 8
     nbytes = spec.B * spec.Hq * spec.Lq * spec.Lk * itemsize
-    if nbytes > MAX_SCORE_BYTES:
-        raise ValueError(
-            f"{what} would build a score matrix of B*Hq*Lq*Lk = {spec.B}*{spec.Hq}*{spec.Lq}*"
-            f"{spec.Lk} entries ({nbytes / 1024**3:.1f} GiB, limit {MAX_SCORE_BYTES / 1024**3:.0f} "
-            "GiB). Use backend='tiled' (memory linear in length) or fewer query rows"
-        )
+    if nbytes <= MAX_SCORE_BYTES:
+        return None
+    return (
+        f"{what} would build a score matrix of B*Hq*Lq*Lk = {spec.B}*{spec.Hq}*{spec.Lq}*"
+        f"{spec.Lk} entries ({nbytes / 1024**3:.1f} GiB, limit {MAX_SCORE_BYTES / 1024**3:.0f} "
+        "GiB). Use backend='tiled' (memory linear in length) or fewer query rows"
+    )
 
 
 def softmax_stats(q: Tensor, k: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
@@ -75,8 +77,9 @@ def dropout(probs: Tensor, p: float) -> Tensor:
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv), lse (B, Hq, Lq)."""
-    check_size(spec, q.dtype)
+    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv), lse (B, Hq, Lq).
+
+    The size limit is checked by the caller, before anything runs (`unsupported`)."""
     probs, lse = softmax_stats(q, k, spec)
     probs = dropout(probs, spec.dropout_p)
     v = v.repeat_interleave(spec.groups, dim=1)  # (B, Hq, Lk, Dv)
@@ -85,8 +88,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
 
 
 def weights(q: Tensor, k: Tensor, spec: AttentionSpec) -> Tensor:
-    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D) -> probs (B, Hq, Lq, Lk) in q's dtype."""
-    check_size(spec, q.dtype, what="attention_weights")
+    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D) -> probs (B, Hq, Lq, Lk) in q's dtype (the caller
+    checks `size_error` first)."""
     probs, _ = softmax_stats(q, k, spec)
     return probs.to(q.dtype)
 
@@ -103,5 +106,5 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
 
 
 def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
-    """The reference honours every argument; only size can stop it (checked in forward)."""
-    return None
+    """The reference honours every argument; only size can stop it."""
+    return size_error(spec, q.dtype)
