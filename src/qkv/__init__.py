@@ -1,6 +1,6 @@
 """qkv: transformer attention, exactly.
 
-The functional core (DESIGN.md):
+The functional core (README.md, "The attention core"):
 
     out = qkv.attention(q, k, v, *, mask=None, causal=False, window=None, scale=None,
                         score_mod=None, dropout_p=0.0, backend="auto")

@@ -6,7 +6,7 @@ layout, the partial blocks of the sparse backend), so its meaning cannot differ 
 paths. The idea and the `BlockMask` layout follow PyTorch's FlexAttention (Dong et al., 2024,
 "Flex Attention: A Programming Model for Generating Optimized Attention Kernels").
 
-Contract (DESIGN.md):
+Contract (README.md, "The attention core"):
 
     mask_mod(b, h, q_idx, kv_idx) -> bool tensor            True = may attend
     score_mod(score, b, h, q_idx, kv_idx) -> score tensor    changes scores before softmax

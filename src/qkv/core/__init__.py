@@ -1,6 +1,6 @@
 """The functional core: exact attention with one signature and several backends.
 
-Nothing here imports from models, inspect or web (DESIGN.md: models -> nn -> core).
+Nothing here imports from models, inspect or web (README.md, "Layout": models -> nn -> core).
 """
 
 from .api import (

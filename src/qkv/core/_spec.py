@@ -13,7 +13,7 @@ and `apply_score_mod` for score functions. The reference evaluates them on the w
 grid, the tiled backend block by block, so the meaning of a mask cannot differ between
 backends.
 
-Conventions (DESIGN.md): causal and windows are aligned to the bottom right, so query i
+Conventions (README.md, "The attention core"): causal and windows are aligned to the bottom right, so query i
 sits at key position i + (Lk - Lq); mask functions and score functions receive raw
 indices b, h, q_idx, kv_idx as broadcastable integer tensors.
 """

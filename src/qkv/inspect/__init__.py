@@ -2,7 +2,7 @@
 
 `qkv.explain(text, model="minilm", ...)` runs a model with a `Recorder` on its attention
 layers and returns an `ExplainResult`. Inspect observes models through the attention layer
-and never changes their outputs (DESIGN.md: inspect observes).
+and never changes their outputs (README.md, "Layout": inspect observes).
 """
 
 from . import analysis
