@@ -30,6 +30,11 @@ Two engines compute the same thing:
   product (`torch.ops.mkldnn._linear_pointwise`, one call per key/value head). Without
   oneDNN, or in float64, `torch.matmul` does everything.
 
+Both engines check what they read for NaN and infinity as they go (a non-finite raw score,
+before any mask, or a non-finite result), so that the dispatch's non-finite guard
+(core/_finite.py) scans only the queries here: scanning the cache as well would cost as much
+as the step itself. When they see one, the guard recomputes the step by its rule.
+
 This fast path runs without autograd, dropout or score functions (the inference case:
 optionally causal, windowed or masked, e.g. by a key-padding mask for rows of different
 cache lengths). Anything else runs on the tiled engine with a one-query-block plan, so the
@@ -308,9 +313,10 @@ def _kernel_forward(lib, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Te
                     lo: int, hi: int) -> tuple[Tensor, Tensor]:
     """The decode step in one fused pass over the cache: q_rows (B, Hkv, M, D) float32 and
     scaled; q16 the same rows unscaled in bfloat16 for a bfloat16 cache where the processor
-    has a bfloat16 dot product (else None); k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv) float32, lse
-    (B, Hq, Lq) float32, and a 0-d bool tensor: whether a raw score was NaN or infinite. Keys [lo, hi) are cut into S splits, run as B*Hkv*S work items on
-    torch's thread count, whose partial states are merged here through their row max."""
+    has a bfloat16 dot product (else None); k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out
+    (B, Hq, Lq, Dv) float32, lse (B, Hq, Lq) float32, and a 0-d bool tensor: whether a raw
+    score was NaN or infinite. Keys [lo, hi) are cut into S splits, run as B*Hkv*S work items
+    on torch's thread count, whose partial states are merged here through their row max."""
     B, Hq, Hkv, G, Lq, Lk, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.Lk, spec.D, spec.Dv
     M = G * Lq
     threads = max(1, torch.get_num_threads())
