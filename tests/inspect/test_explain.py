@@ -21,11 +21,6 @@ TEXT = "The cat sat on the mat."
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    return qkv.load("minilm")
-
-
-@pytest.fixture(scope="module")
 def result(minilm):
     return explain(TEXT, minilm, focus="cat")
 
