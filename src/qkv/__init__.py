@@ -1,6 +1,6 @@
 """qkv: transformer attention, exactly.
 
-The functional core (README.md, "The attention core"):
+The functional core (README.md, "The attention core"; docs/architecture.md):
 
     out = qkv.attention(q, k, v, *, mask=None, causal=False, window=None, scale=None,
                         score_mod=None, dropout_p=0.0, backend="auto")
@@ -12,15 +12,33 @@ Models and views of their attention:
 
     model = qkv.load("minilm")                       # the bundled all-MiniLM-L6-v2
     result = qkv.explain("The cat sat on the mat.", focus="cat")
+
+`import qkv` loads the core only; the layers above it (models, inspect, masks) load on
+first use of one of their names (PEP 562 module `__getattr__`), so the core never pulls
+them in and `import qkv` stays fast.
 """
 
-from .core import attention, attention_weights, attention_with_lse, reference_attention
-from .models import load  # models -> nn -> core; cheap: tokenizers/safetensors load lazily
-from . import masks
-from .masks import BlockMask, block_mask
-from .inspect import ExplainResult, explain  # inspect observes models through the attention layer
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from .core import attention, attention_weights, attention_with_lse, reference_attention
+
+try:
+    __version__ = _version("qkv")
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
+
+# name -> (module, attribute or None for the module itself), loaded on first use
+_LAZY = {
+    "load": ("qkv.models", "load"),
+    "masks": ("qkv.masks", None),
+    "BlockMask": ("qkv.masks", "BlockMask"),
+    "block_mask": ("qkv.masks", "block_mask"),
+    "explain": ("qkv.inspect", "explain"),
+    "ExplainResult": ("qkv.inspect", "ExplainResult"),
+}
 
 __all__ = [
     "attention",
@@ -35,3 +53,18 @@ __all__ = [
     "ExplainResult",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'qkv' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
