@@ -24,83 +24,19 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from importlib import resources
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .._files import write_text
+from .schema import as_list, check_data
 
 __all__ = ["render_html", "write_html"]
-
-FORMAT = "qkv.explain/1"
 
 # Weights are embedded with 6 significant digits: the page shows 3 decimals, and a 60-word,
 # 6x12-head result stays near 2 MB instead of 4 (the JSON output keeps full precision).
 _DIGITS = 6
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_data(data: Any) -> tuple[int, int, int]:
-    """Check the parts of a "qkv.explain/1" dict that the renderers read.
-
-    Returns (n labels, layers in maps, heads in maps). Raises ValueError (TypeError for a
-    non-mapping) whose message names the field, what was found and what was expected.
-    """
-    if not isinstance(data, Mapping):
-        raise TypeError(f"expected the dict of a qkv explain result (to_dict()), got {type(data).__name__}")
-    fmt = data.get("format")
-    if fmt != FORMAT:
-        raise ValueError(f"expected data['format'] == {FORMAT!r}, got {fmt!r}")
-    for key in ("labels", "maps", "head_names", "method", "level", "model", "text"):
-        if key not in data:
-            raise ValueError(f"the explain data has no {key!r} field (format {FORMAT})")
-    labels = data["labels"]
-    if not isinstance(labels, Sequence) or isinstance(labels, str) or len(labels) == 0:
-        raise ValueError(f"data['labels'] must be a non-empty list of strings, got {labels!r:.80}")
-    if not all(isinstance(s, str) for s in labels):
-        raise ValueError("data['labels'] must contain only strings")
-    n = len(labels)
-    special = data.get("special")
-    if special is not None and len(special) != n:
-        raise ValueError(f"data['special'] has {len(special)} entries for {n} labels; give one bool per label")
-    maps = _as_list(data["maps"])
-    if len(maps) == 0:
-        raise ValueError("data['maps'] is empty; expected maps[layer][head][query][key]")
-    heads = len(_as_list(maps[0]))
-    names = data["head_names"]
-    if heads == 0 or len(names) != heads:
-        raise ValueError(
-            f"data['maps'][0] has {heads} heads but data['head_names'] has {len(names)}; "
-            "give one name per head in maps"
-        )
-    for layer, per_layer in enumerate(maps):
-        per_layer = _as_list(per_layer)
-        if len(per_layer) != heads:
-            raise ValueError(f"data['maps'][{layer}] has {len(per_layer)} heads, expected {heads} (as maps[0])")
-        for head, amap in enumerate(per_layer):
-            amap = _as_list(amap)
-            if len(amap) != n or any(len(row) != n for row in amap):
-                raise ValueError(
-                    f"data['maps'][{layer}][{head}] must be {n} x {n} (one row and column per label), "
-                    f"got {len(amap)} rows of lengths {sorted({len(r) for r in amap})[:4]}"
-                )
-    focus = data.get("focus")
-    if focus is not None:
-        index = focus.get("index")
-        if not isinstance(index, int) or not 0 <= index < n:
-            raise ValueError(f"data['focus']['index'] must be a label index in 0..{n - 1}, got {index!r}")
-        per_layer = focus.get("per_layer")
-        if per_layer is not None and (len(per_layer) != len(maps) or any(len(r) != n for r in per_layer)):
-            raise ValueError(f"data['focus']['per_layer'] must be {len(maps)} rows of {n} weights")
-    return n, len(maps), heads
-
-
-def _as_list(x: Any) -> Any:
-    """Lists pass through; numpy arrays and tensors become nested lists."""
-    return x.tolist() if hasattr(x, "tolist") and not isinstance(x, (list, tuple)) else x
 
 
 # --------------------------------------------------------------------------- JSON payload
@@ -110,11 +46,11 @@ def _maps_json(maps: Any) -> str:
     """maps[l][h][i][j] as compact JSON numbers with _DIGITS significant digits."""
     spec = f".{_DIGITS}g"
     layers = []
-    for per_layer in _as_list(maps):
+    for per_layer in as_list(maps):
         heads = []
-        for amap in _as_list(per_layer):
+        for amap in as_list(per_layer):
             rows = []
-            for row in _as_list(amap):
+            for row in as_list(amap):
                 cells = []
                 for w in row:
                     w = float(w)
@@ -179,7 +115,7 @@ def render_html(data: Mapping[str, Any]) -> str:
         ValueError: the dict is not a well-formed "qkv.explain/1" result (the message says
             which field and what was expected).
     """
-    _check_data(data)
+    check_data(data)
     payload = _payload(data)
     # The <title> is one line: control characters and line separators become spaces.
     text = " ".join(_CONTROL.sub(" ", str(data.get("text", ""))).split())

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .._files import check_target, write_bytes
-from .html import _check_data
+from .schema import check_data
 
 __all__ = ["render_png"]
 
@@ -61,7 +61,7 @@ def render_png(
         ValueError: malformed data, or a layer or head out of range (the message gives the range).
         OSError: the path cannot be written (a `qkv._files.FileWriteError` naming it).
     """
-    n, n_layers, n_heads = _check_data(data)
+    n, n_layers, _ = check_data(data)
     layer_i = _pick_layer(layer, n_layers)
     head_i = _pick_head(head, data["head_names"])
     target = Path(path)
@@ -105,9 +105,7 @@ def render_png(
 def _draw_cross(fig, np, data, head) -> None:
     """Cross-attention alignments: for each cross layer, target words over source words."""
     cross = data["cross"]
-    maps = np.asarray(cross["maps"], dtype=np.float64)  # (C, H, target, source)
-    if maps.ndim != 4 or maps.shape[2] != len(cross["target"]) or maps.shape[3] != len(cross["source"]):
-        raise ValueError("data['cross'] must hold maps of shape (cross layers, heads, len(target), len(source))")
+    maps = np.asarray(cross["maps"], dtype=np.float64)  # (C, H, target, source), shapes checked by check_data
     if not np.isfinite(maps).all():
         raise ValueError("data['cross']['maps'] holds non-finite weights; weights must be finite")
     source = [_tick_text(s) for s in cross["source"]]

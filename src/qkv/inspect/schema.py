@@ -1,0 +1,166 @@
+"""The "qkv.explain/1" JSON format, defined once as pydantic models.
+
+`ExplainResult.to_dict()` produces it; the HTML page (`qkv.inspect.html`) and the PNG picture
+(`qkv.inspect.png`) check what they are given with `check_data`; the web API (`qkv serve`)
+documents its /api/explain answer with `ExplainData`, so the OpenAPI document, the renderers'
+check and the producer agree on one definition (docs/architecture.md, "inspect").
+
+    from qkv.inspect.schema import ExplainData, check_data
+    n, layers, heads = check_data(result.to_dict())   # ValueError: one line naming the field
+
+Shapes: n labels; maps[layer][head][query][key] is (layers, heads, n, n); entropy[layer][head]
+is (layers, heads); focus.per_layer[layer][key] is (layers, n); cross.maps is (cross layers,
+heads, len(target), len(source)). Numpy arrays and tensors are accepted wherever a list is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from .explain import FORMAT, LEVELS, METHODS
+
+__all__ = ["FORMAT", "Cross", "ExplainData", "Focus", "as_list", "check_data"]
+
+T = TypeVar("T")
+
+
+def as_list(x: Any) -> Any:
+    """Lists pass through; numpy arrays and tensors become nested lists."""
+    return x.tolist() if hasattr(x, "tolist") and not isinstance(x, (list, tuple)) else x
+
+
+Array = Annotated[list[T], BeforeValidator(as_list)]  # a list, or an array that becomes one
+Matrix = Array[Array[float]]  # (rows, columns)
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TopKey(_Part):
+    label: str
+    weight: float
+
+
+class SharpHead(_Part):
+    layer: int
+    head: int
+    entropy: float = Field(description="bits of the focus row in this head")
+    top: list[TopKey] = Field(description="the keys it attends to most, largest first")
+
+
+class Focus(_Part):
+    index: int = Field(strict=True, description="the focus word's index among the labels")
+    label: str | None = None
+    per_layer: Matrix | None = Field(None, description="(layers, n): the focus row, mean of heads")
+    sharpest_heads: list[SharpHead] | None = None
+
+
+class Cross(_Part):
+    layers: list[int] = Field(description="indices of the cross-attention layers")
+    source: list[str]
+    target: list[str]
+    maps: Array[Array[Matrix]] = Field(description="(cross layers, heads, target, source)")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> Cross:
+        t, s = len(self.target), len(self.source)
+        if any(len(amap) != t or any(len(row) != s for row in amap) for layer in self.maps for amap in layer):
+            raise ValueError("data['cross'] must hold maps of shape (cross layers, heads, len(target), len(source))")
+        return self
+
+
+class Selected(_Part):
+    layer: int | None = None
+    head: int | None = None
+
+
+class ExplainData(_Part):
+    """A `qkv explain` result as JSON: what `ExplainResult.to_dict()` returns."""
+
+    format: Literal[FORMAT]
+    model: str = Field(description="the model's name")
+    text: str
+    method: Literal[METHODS]
+    level: Literal[LEVELS]
+    labels: list[str] = Field(min_length=1, description="the n words (or tokens) shown, specials included")
+    special: list[bool] | None = Field(None, description="one per label: [CLS], [SEP], BOS, ...")
+    layers: int | None = None
+    heads: int | None = None
+    head_names: list[str] = Field(description="one per head in maps (['rollout'] for rollout)")
+    maps: Array[Array[Matrix]] = Field(description="(layers, heads, n, n): maps[layer][head][query][key]")
+    normalised: bool | None = Field(None, description="rows sum to 1 (false for value-norm)")
+    focus: Focus | None = None
+    entropy: Matrix | None = Field(None, description="(layers, heads): mean row entropy")
+    selected: Selected | None = None
+    cross: Cross | None = Field(None, description="encoder-decoder models: target words over source words")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ExplainData:
+        n, maps = len(self.labels), self.maps
+        if self.special is not None and len(self.special) != n:
+            raise ValueError(f"data['special'] has {len(self.special)} entries for {n} labels; give one bool per label")
+        if not maps:
+            raise ValueError("data['maps'] is empty; expected maps[layer][head][query][key]")
+        heads = len(maps[0])
+        if heads == 0 or len(self.head_names) != heads:
+            raise ValueError(f"data['maps'][0] has {heads} heads but data['head_names'] has {len(self.head_names)}; "
+                             "give one name per head in maps")
+        for layer, per_layer in enumerate(maps):
+            if len(per_layer) != heads:
+                raise ValueError(f"data['maps'][{layer}] has {len(per_layer)} heads, expected {heads} (as maps[0])")
+            for head, amap in enumerate(per_layer):
+                if len(amap) != n or any(len(row) != n for row in amap):
+                    raise ValueError(f"data['maps'][{layer}][{head}] must be {n} x {n} (one row and column per "
+                                     f"label), got {len(amap)} rows of lengths {sorted({len(r) for r in amap})[:4]}")
+        focus = self.focus
+        if focus is not None:
+            if not 0 <= focus.index < n:
+                raise ValueError(f"data['focus']['index'] must be a label index in 0..{n - 1}, got {focus.index!r}")
+            rows = focus.per_layer
+            if rows is not None and (len(rows) != len(maps) or any(len(r) != n for r in rows)):
+                raise ValueError(f"data['focus']['per_layer'] must be {len(maps)} rows of {n} weights")
+        return self
+
+
+def check_data(data: Any) -> tuple[int, int, int]:
+    """Check a "qkv.explain/1" dict against `ExplainData`.
+
+    Args:
+        data: the dict of `ExplainResult.to_dict()`; maps (layers, heads, n, n) may be lists,
+            numpy arrays or tensors.
+
+    Returns:
+        (n labels, layers in maps, heads in maps).
+
+    Raises:
+        TypeError: `data` is not a mapping.
+        ValueError: one line naming the field, what was found and what was expected.
+    """
+    if not isinstance(data, Mapping):
+        raise TypeError(f"expected the dict of a qkv explain result (to_dict()), got {type(data).__name__}")
+    try:
+        checked = ExplainData.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ValueError(_one_line(exc.errors()[0])) from None
+    return len(checked.labels), len(checked.maps), len(checked.maps[0])
+
+
+def _one_line(err: Mapping[str, Any]) -> str:
+    """pydantic's first error as one sentence; a shape check's own message as it is."""
+    if err["type"] == "value_error":
+        return str(err["ctx"]["error"])
+    if err["type"] == "missing" and len(err["loc"]) == 1:
+        return f"the explain data has no {err['loc'][0]!r} field (format {FORMAT})"
+    where = "data" + "".join(f"[{part!r}]" for part in err["loc"])
+    return f"{where}: {err['msg']}; got {err['input']!r:.80}"
