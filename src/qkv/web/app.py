@@ -1,4 +1,4 @@
-"""The attention explorer as an ASGI app (Starlette): the page, its static files, a JSON API.
+"""The attention explorer as an ASGI app (FastAPI on Starlette): the page, its static files, a JSON API.
 
     from qkv.web.app import create_app
     app = create_app(model_dir=None, max_queue=8, max_chars=1000)   # testable without a socket
@@ -7,29 +7,37 @@ Routes: GET / (the page), GET /static/<name> (a fixed in-package mapping, never 
 by the request path), GET /api/health, GET /api/models, GET /api/openapi.json, POST /api/explain,
 POST /api/steps, POST /api/compare. Every error is JSON {"error": {"status", "code", "message"}}.
 
+The requests and answers are the pydantic models of `qkv.web.schema` (the explain answer is
+`qkv.inspect.schema.ExplainData`): FastAPI validates each request body against its model and
+generates the OpenAPI document from them, served at /api/openapi.json. FastAPI's own docs pages
+(which load scripts from a CDN) are off: the page stays offline, under its CSP.
+
 Robustness: model work runs in a small thread pool (the event loop only waits), behind a gate
 that lets `workers` requests run and at most `max_queue` wait; one more gets 503 at once. Bodies
 are read up to `max_body` bytes (413 beyond). Anything unexpected is a JSON 500 that says no more
 than "internal error" (the traceback goes to the server's log), counted in app.state.
 """
 
-from __future__ import annotations
-
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from typing import Any, Callable, Optional
+from typing import Any
 
-from starlette.applications import Starlette
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from .openapi import openapi_schema
-from .service import ApiError, Limits, ModelRegistry, Service, check_limits
+from ..inspect.explain import LEVELS, METHODS
+from ..inspect.schema import ExplainData
+from .schema import DEFAULT_MODEL, ApiError, CompareData, Limits, StepsData, api_error, error_responses, request_models
+from .service import ModelRegistry, Service, check_limits
 
 log = logging.getLogger("qkv.web")
 
@@ -59,7 +67,7 @@ def _read(package: str, name: str) -> bytes:
     return resources.files(package).joinpath(*name.split("/")).read_bytes()
 
 
-def error_response(err: ApiError, headers: Optional[dict] = None) -> JSONResponse:
+def error_response(err: ApiError, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(err.to_dict(), status_code=err.status, headers=headers)
 
 
@@ -73,8 +81,8 @@ class Gate:
         self.waiting = 0
         self.rejected = 0
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qkv-web")
-        self._sem: Optional[asyncio.Semaphore] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._sem: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def stats(self) -> dict:
         return {"workers": self.workers, "max_queue": self.max_queue, "running": self.running,
@@ -115,25 +123,17 @@ class Gate:
 
 
 class Guard:
-    """Outermost ASGI layer: security headers on every response, an optional Host check
-    (against DNS rebinding when bound to loopback), and the JSON 500 for anything unexpected."""
+    """Outermost ASGI layer: security headers on every response, and the JSON 500 for anything
+    unexpected (counted in app.state.internal_errors; the traceback goes to the server's log)."""
 
-    def __init__(self, app, *, state_holder: Callable[[], Any], allowed_hosts: Optional[list[str]] = None):
+    def __init__(self, app, *, state_holder: Callable[[], Any]):
         self.app = app
         self.state_holder = state_holder
-        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.allowed_hosts is not None:
-            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if name not in self.allowed_hosts:
-                resp = error_response(ApiError(400, "bad_host", "this server answers only to its own address"))
-                await self._send_with_headers(resp, scope, receive, send)
-                return
         started = False
 
         async def send_wrapped(message):
@@ -153,19 +153,76 @@ class Guard:
             log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
             if not started:
                 resp = error_response(ApiError(500, "internal", "internal error; the server log has the details"))
-                await self._send_with_headers(resp, scope, receive, send)
-
-    async def _send_with_headers(self, resp, scope, receive, send):
-        async def send_wrapped(message):
-            if message["type"] == "http.response.start":
-                message = dict(message, headers=list(message.get("headers", [])) + SECURITY_HEADERS)
-            await send(message)
-        await resp(scope, receive, send_wrapped)
+                await resp(scope, receive, send_wrapped)
 
 
-def create_app(*, model_dir: Optional[str] = None, max_queue: int = 8, max_chars: int = 1000,
-               max_body: int = 64 * 1024, workers: int = 1, registry: Optional[ModelRegistry] = None,
-               allowed_hosts: Optional[list[str]] = None) -> Starlette:
+class HostCheck(TrustedHostMiddleware):
+    """Starlette's Host header check (against DNS rebinding when bound to loopback), its refusal
+    answered in the API's JSON error form (400 bad_host) instead of plain text."""
+
+    def __init__(self, app, allowed_hosts: list[str]):
+        async def accepted(scope, receive, send):
+            scope["qkv.host_accepted"] = True
+            await app(scope, receive, send)
+
+        super().__init__(accepted, allowed_hosts=allowed_hosts, www_redirect=False)
+
+    async def __call__(self, scope, receive, send):
+        async def answer(message):
+            if scope.get("qkv.host_accepted") or scope["type"] != "http":
+                await send(message)
+            elif message["type"] == "http.response.start":  # the refusal: ours instead, its body dropped
+                refusal = ApiError(400, "bad_host", "this server answers only to its own address")
+                await error_response(refusal)(scope, receive, send)
+
+        await super().__call__(scope, receive, answer)
+
+
+class _ReadBody(Request):
+    """A request whose body was read and parsed already (FastAPI's custom-request pattern)."""
+
+    def __init__(self, request: Request, raw: bytes, parsed: Any):
+        super().__init__(request.scope, request.receive)
+        self._raw, self._parsed = raw, parsed
+
+    async def body(self) -> bytes:
+        return self._raw
+
+    async def json(self) -> Any:
+        return self._parsed
+
+
+async def read_json(request: Request, max_body: int) -> tuple[bytes, Any]:
+    """(the body, its JSON) of a POST: 415 unless sent as application/json, 413 beyond
+    `max_body` bytes (counted while reading), 400 for a bad Content-Length or malformed JSON."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise ApiError(415, "unsupported_media_type",
+                       f"send the body as JSON with Content-Type: application/json; got {ctype[:60]!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "bad_request", "the Content-Length header is not a number")
+        if int(declared) > max_body:
+            raise ApiError(413, "body_too_large", f"the body has {declared} bytes; the limit is {max_body}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body:
+            raise ApiError(413, "body_too_large", f"the body is over the limit of {max_body} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        return raw, json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ApiError(400, "malformed_json", "the body is not UTF-8 text") from None
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {str(exc)[:120]}") from None
+
+
+def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: int = 1000,
+               max_body: int = 64 * 1024, workers: int = 1, registry: ModelRegistry | None = None,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
     """The explorer app.
 
     Args:
@@ -186,7 +243,40 @@ def create_app(*, model_dir: Optional[str] = None, max_queue: int = 8, max_chars
     gate = Gate(workers, max_queue)
     static = {name: (_read(pkg, path), media) for name, (pkg, path, media) in STATIC_FILES.items()}
     index = _read(INDEX[0], INDEX[1])
-    schema = openapi_schema(limits)
+    ExplainRequest, StepsRequest, CompareRequest = request_models(limits)
+    fields = {"/api/explain": ExplainRequest, "/api/steps": StepsRequest, "/api/compare": CompareRequest}
+
+    class JsonRoute(APIRoute):
+        """A POST route whose body is read under the limits before FastAPI validates it."""
+
+        def get_route_handler(self) -> Callable:
+            handler = super().get_route_handler()
+
+            async def read_then_handle(request: Request) -> Response:
+                raw, parsed = await read_json(request, limits.max_body)
+                return await handler(_ReadBody(request, raw, parsed))
+            return read_then_handle
+
+    async def api_error_answer(request: Request, exc: ApiError) -> Response:
+        headers = {"retry-after": "1"} if exc.status == 503 else None
+        return error_response(exc, headers)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        message = {404: "no such page or endpoint", 405: f"{request.method} is not allowed here"}.get(
+            exc.status_code, str(exc.detail)[:200])
+        return error_response(ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), message),
+                              dict(exc.headers) if exc.headers else None)
+
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        model = fields.get(request.url.path)
+        return error_response(api_error(list(exc.errors()), list(model.model_fields) if model else []))
+
+    app = FastAPI(title="qkv attention explorer", version="1", docs_url=None, redoc_url=None, openapi_url=None,
+                  description="The JSON API of `qkv serve`. Errors are {\"error\": {status, code, message}}. "
+                              "Unknown paths answer 404 and wrong methods 405, in the same form.",
+                  exception_handlers={ApiError: api_error_answer, HTTPException: http_error,
+                                      RequestValidationError: invalid})
 
     async def page(request: Request) -> Response:
         return Response(index, media_type=INDEX[2], headers={"cache-control": "no-cache"})
@@ -198,81 +288,59 @@ def create_app(*, model_dir: Optional[str] = None, max_queue: int = 8, max_chars
         body, media = found
         return Response(body, media_type=media, headers={"cache-control": "no-cache"})
 
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "queue": gate.stats(), "loaded_models": service.registry.loaded()})
+    app.add_route("/", page, methods=["GET"], include_in_schema=False)
+    app.add_route("/static/{name}", static_file, methods=["GET"], include_in_schema=False)
+    get = {"response_model": None, "responses": error_responses(500)}
 
-    async def models(request: Request) -> Response:
+    @app.get("/api/health", summary="liveness and queue state; never waits for a model", **get)
+    async def health() -> dict:
+        return {"status": "ok", "queue": gate.stats(), "loaded_models": service.registry.loaded()}
+
+    @app.get("/api/models", summary="the models this server offers, its limits, methods and levels", **get)
+    async def models() -> dict:
         entries = [{"name": e.name, "source": e.source} for e in service.registry.entries()]
-        return JSONResponse({"models": entries, "default": "minilm", "limits": limits.to_dict(),
-                             "methods": ["raw", "rollout", "value-norm"], "levels": ["word", "token"]})
+        return {"models": entries, "default": DEFAULT_MODEL, "limits": limits.to_dict(),
+                "methods": list(METHODS), "levels": list(LEVELS)}
 
-    async def openapi(request: Request) -> Response:
-        return JSONResponse(schema)
+    @app.get("/api/openapi.json", summary="this description (OpenAPI 3.1)", **get)
+    async def openapi() -> dict:
+        return app.openapi()
 
-    async def read_json(request: Request) -> Any:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise ApiError(415, "unsupported_media_type",
-                           f"send the body as JSON with Content-Type: application/json; got {ctype[:60]!r}")
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise ApiError(400, "bad_request", "the Content-Length header is not a number")
-            if int(declared) > limits.max_body:
-                raise ApiError(413, "body_too_large", f"the body has {declared} bytes; the limit is {limits.max_body}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_body:
-                raise ApiError(413, "body_too_large", f"the body is over the limit of {limits.max_body} bytes")
-            chunks.append(chunk)
-        raw = b"".join(chunks)
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ApiError(400, "malformed_json", "the body is not UTF-8 text") from None
-        except (ValueError, RecursionError) as exc:
-            raise ApiError(400, "malformed_json", f"the body is not valid JSON: {str(exc)[:120]}") from None
+    async def answer(job: Callable[[], dict]) -> Response:
+        def work() -> bytes:
+            # Encoded in the worker too: a 200-word result is tens of MB of JSON, and
+            # encoding it on the event loop would stall every other request meanwhile.
+            return json.dumps(job(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
-    def operation(check: Callable[[Any], Callable[[], dict]]):
-        async def endpoint(request: Request) -> Response:
-            body = await read_json(request)
-            job = check(body)  # a bad request is answered now, queue full or not
+        return Response(await gate.run(work), media_type="application/json")
 
-            def work() -> bytes:
-                # Encoded in the worker too: a 200-word result is tens of MB of JSON, and
-                # encoding it on the event loop would stall every other request meanwhile.
-                return json.dumps(job(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    def post(path: str, summary: str, result: type) -> Callable:
+        errors = error_responses(400, 404, 405, 413, 415, 422, 500, 503)
 
-            payload = await gate.run(work)
-            return Response(payload, media_type="application/json")
-        return endpoint
+        def register(endpoint: Callable) -> Callable:
+            app.router.add_api_route(path, endpoint, methods=["POST"], summary=summary, response_model=None,
+                                     responses={200: {"model": result, "description": "the result"}, **errors},
+                                     route_class_override=JsonRoute)
+            return endpoint
+        return register
 
-    async def api_error(request: Request, exc: ApiError) -> Response:
-        headers = {"retry-after": "1"} if exc.status == 503 else None
-        return error_response(exc, headers)
+    @post("/api/explain", "attention maps of a sentence (ExplainResult.to_dict)", ExplainData)
+    async def explain(body: ExplainRequest) -> Response:
+        return await answer(service.explain(body))  # a bad request is answered now, queue full or not
 
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        message = {404: "no such page or endpoint", 405: f"{request.method} is not allowed here"}.get(
-            exc.status_code, str(exc.detail)[:200])
-        return error_response(ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), message),
-                              dict(exc.headers) if exc.headers else None)
+    @post("/api/steps", "the three steps for one word in one head, with real numbers", StepsData)
+    async def steps(body: StepsRequest) -> Response:
+        return await answer(service.steps(body))
 
-    routes = [
-        Route("/", page, methods=["GET"]),
-        Route("/static/{name}", static_file, methods=["GET"]),
-        Route("/api/health", health, methods=["GET"]),
-        Route("/api/models", models, methods=["GET"]),
-        Route("/api/openapi.json", openapi, methods=["GET"]),
-        Route("/api/explain", operation(service.explain), methods=["POST"]),
-        Route("/api/steps", operation(service.steps), methods=["POST"]),
-        Route("/api/compare", operation(service.compare), methods=["POST"]),
-    ]
-    app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error})
+    @post("/api/compare", "two sentences side by side, with the per-head divergence of a focus word", CompareData)
+    async def compare(body: CompareRequest) -> Response:
+        return await answer(service.compare(body))
+
     app.state.internal_errors = 0
     app.state.gate = gate
     app.state.service = service
     app.state.limits = limits
-    app.add_middleware(Guard, state_holder=lambda: app.state, allowed_hosts=allowed_hosts)  # type: ignore[arg-type]
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed_hosts=allowed_hosts)  # type: ignore[arg-type]
+    app.add_middleware(Guard, state_holder=lambda: app.state)  # type: ignore[arg-type]
     return app

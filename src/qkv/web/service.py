@@ -1,5 +1,6 @@
-"""What the web API does, without the web: request checking, the shared models, and the three
-operations (explain, steps, compare) as functions from a checked request to a JSON-ready dict.
+"""What the web API does, without the web: the shared models and the three operations
+(explain, steps, compare) as functions from a checked request (the pydantic models of
+`qkv.web.schema`) to a JSON-ready dict.
 
 Nothing here imports Starlette, so it is tested directly; `qkv.web.app` puts HTTP around it.
 Every problem a request can cause is an `ApiError` (an HTTP status, a short machine code and a
@@ -20,26 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from .schema import ApiError, Limits
+
 log = logging.getLogger("qkv.web")
 
-METHODS = ("raw", "rollout", "value-norm")
-LEVELS = ("word", "token")
-DEFAULT_MODEL = "minilm"
 # A folder under --model-dir is offered under its own name when the name is this plain.
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class ApiError(Exception):
-    """A problem with one request: answered as {"error": {"status", "code", "message"}}."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-    def to_dict(self) -> dict:
-        return {"error": {"status": self.status, "code": self.code, "message": self.message}}
 
 
 # --------------------------------------------------------------------------- models
@@ -113,7 +100,7 @@ class ModelRegistry:
 
     def entry(self, name: Any) -> ModelEntry:
         if not isinstance(name, str):
-            raise ApiError(422, "wrong_type", f"'model' must be a string (a model name); got {_type(name)}")
+            raise ApiError(422, "wrong_type", f"'model' must be a string (a model name); got {type(name).__name__}")
         found = self._entries.get(name) or self._entries.get(name.lower())
         if found is None or (found.source == "model-dir" and found.name != name):
             offered = ", ".join(sorted(self._entries))
@@ -165,102 +152,6 @@ def check_model_folder(folder: Path) -> Optional[str]:
             or (find_in_folder(folder, "vocab.json") and find_in_folder(folder, "merges.txt"))):
         return "no tokenizer files (tokenizer.json, vocab.txt, or vocab.json + merges.txt); explain needs them"
     return None
-
-
-# --------------------------------------------------------------------------- checking
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_chars: int = 1000  # characters of text (each sentence)
-    max_body: int = 64 * 1024  # bytes of a request body
-
-    def to_dict(self) -> dict:
-        return {"max_chars": self.max_chars, "max_body_bytes": self.max_body}
-
-
-def _type(x: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-            int: "an integer", float: "a number"}.get(type(x), type(x).__name__)
-
-
-class Fields:
-    """Reads the fields of one JSON object, refusing unknown fields and wrong types (422)."""
-
-    def __init__(self, body: Any, allowed: tuple[str, ...]):
-        if not isinstance(body, dict):
-            raise ApiError(422, "wrong_type", f"the request body must be a JSON object; got {_type(body)}")
-        unknown = sorted(set(body) - set(allowed))
-        if unknown:
-            raise ApiError(422, "unknown_field", f"unknown field {unknown[0]!r}; the fields are: {', '.join(allowed)}")
-        self.body = body
-
-    def _get(self, name: str, default: Any, required: bool) -> Any:
-        if name not in self.body:
-            if required:
-                raise ApiError(422, "missing_field", f"the field {name!r} is required")
-            return default
-        return self.body[name]
-
-    def text(self, name: str, limits: Limits) -> str:
-        """A sentence: a string, not blank, not too long, and text a tokenizer can take (the one
-        check of user text, `qkv.models.tokenizer.check_texts`: no lone surrogates such as a
-        JSON "\\ud800")."""
-        from ..models.tokenizer import check_texts
-
-        value = self._get(name, None, True)
-        if not isinstance(value, str):
-            raise ApiError(422, "wrong_type", f"{name!r} must be a string; got {_type(value)}")
-        if not value.strip():
-            raise ApiError(422, "empty_text", f"{name!r} is empty; give a sentence, e.g. \"The cat sat on the mat.\"")
-        if len(value) > limits.max_chars:
-            raise ApiError(413, "text_too_long",
-                           f"{name!r} has {len(value)} characters; this server explains at most {limits.max_chars}")
-        try:
-            check_texts(value, what=repr(name))
-        except ValueError as exc:
-            raise ApiError(422, "bad_text", str(exc)) from None
-        return value
-
-    def string(self, name: str, default: Optional[str]) -> Optional[str]:
-        value = self._get(name, default, False)
-        if value is not None and not isinstance(value, str):
-            raise ApiError(422, "wrong_type", f"{name!r} must be a string; got {_type(value)}")
-        return value
-
-    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
-        value = self._get(name, default, False)
-        if not isinstance(value, str):
-            raise ApiError(422, "wrong_type", f"{name!r} must be a string; got {_type(value)}")
-        if value not in choices:
-            raise ApiError(422, "bad_value", f"{name!r} must be one of {', '.join(choices)}; got {value[:40]!r}")
-        return value
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self._get(name, default, False)
-        if not isinstance(value, bool):
-            raise ApiError(422, "wrong_type", f"{name!r} must be true or false; got {_type(value)}")
-        return value
-
-    def integer(self, name: str) -> int:
-        value = self._get(name, None, True)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ApiError(422, "wrong_type", f"{name!r} must be an integer; got {_type(value)}")
-        return value
-
-    def word(self, name: str, *, required: bool) -> Optional[str | int]:
-        """A word of the text (a string) or its index at the request's level (an integer)."""
-        value = self._get(name, None, required)
-        if value is None and not required:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise ApiError(422, "wrong_type", f"{name!r} must be a word (a string) or a word index (an integer); "
-                                              f"got {_type(value)}")
-        if isinstance(value, str) and not value.strip():
-            raise ApiError(422, "bad_value", f"{name!r} is empty; give a word of the text or its index")
-        if isinstance(value, str) and len(value) > 200:
-            raise ApiError(422, "bad_value", f"{name!r} is {len(value)} characters long; give one word of the text")
-        return value
 
 
 # --------------------------------------------------------------------------- operations
@@ -323,32 +214,19 @@ class Service:
             raise ApiError(422, "cannot_explain", str(exc)) from None
 
     # ------------------------------------------------------------ operations
-    def explain(self, body: Any) -> Callable[[], dict]:
-        f = Fields(body, ("text", "model", "focus", "method", "level", "hide_special"))
-        text = f.text("text", self.limits)
-        model = f.string("model", DEFAULT_MODEL)
-        focus = f.word("focus", required=False)
-        method = f.choice("method", METHODS, "raw")
-        level = f.choice("level", LEVELS, "word")
-        hide = f.boolean("hide_special", False)
-        self.registry.entry(model)  # an unknown model is reported before any work
+    def explain(self, req) -> Callable[[], dict]:
+        """`req`: an ExplainRequest (qkv.web.schema), already validated."""
+        self.registry.entry(req.model)  # an unknown model is reported before any work
 
         def run() -> dict:
-            result = self._explain(text, model)
-            return self._to_dict(result, method, level, hide, focus)
+            result = self._explain(req.text, req.model)
+            return self._to_dict(result, req.method, req.level, req.hide_special, req.focus)
         return run
 
-    def steps(self, body: Any) -> Callable[[], dict]:
-        f = Fields(body, ("text", "model", "word", "layer", "head", "level", "hide_special"))
-        text = f.text("text", self.limits)
-        model = f.string("model", DEFAULT_MODEL)
-        word = f.word("word", required=True)
-        layer = f.integer("layer")
-        head = f.integer("head")
-        level = f.choice("level", LEVELS, "word")
-        hide = f.boolean("hide_special", False)
-        self.registry.entry(model)
-        return lambda: self._steps(text, model, word, layer, head, level, hide)
+    def steps(self, req) -> Callable[[], dict]:
+        """`req`: a StepsRequest."""
+        self.registry.entry(req.model)
+        return lambda: self._steps(req.text, req.model, req.word, req.layer, req.head, req.level, req.hide_special)
 
     def _steps(self, text, model, word, layer, head, level, hide) -> dict:
         loaded, _ = self.registry.get(model)
@@ -377,17 +255,11 @@ class Service:
             "values": _floats(s.values), "output": _floats(s.output),
         }
 
-    def compare(self, body: Any) -> Callable[[], dict]:
-        f = Fields(body, ("text", "other", "model", "focus", "method", "level", "hide_special"))
-        text = f.text("text", self.limits)
-        other = f.text("other", self.limits)
-        model = f.string("model", DEFAULT_MODEL)
-        focus = f.word("focus", required=False)
-        method = f.choice("method", METHODS, "raw")
-        level = f.choice("level", LEVELS, "word")
-        hide = f.boolean("hide_special", False)
-        self.registry.entry(model)
-        return lambda: self._compare(text, other, model, focus, method, level, hide)
+    def compare(self, req) -> Callable[[], dict]:
+        """`req`: a CompareRequest."""
+        self.registry.entry(req.model)
+        return lambda: self._compare(req.text, req.other, req.model, req.focus, req.method, req.level,
+                                     req.hide_special)
 
     def _compare(self, text, other, model, focus, method, level, hide) -> dict:
         a, b = self._explain(text, model), self._explain(other, model, "other")
