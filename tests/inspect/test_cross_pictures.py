@@ -9,7 +9,6 @@ import pytest
 import qkv
 from qkv.inspect.html import write_html
 from qkv.inspect.png import render_png
-from headless_browser import browser  # noqa: F401  (the shared headless-Chromium fixture)
 
 TEXT = "the red cat sees the big dog"
 

@@ -20,8 +20,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from qkv.inspect.html import write_html
-from test_html import MALICIOUS_LABEL, make_data
-from headless_browser import browser  # noqa: F401  (the shared fixture)
+from synthetic_explain import MALICIOUS_LABEL, make_data
 
 ALLOWED_SCHEMES = {"file", "data", "blob", "about"}
 DOCS_IMAGE = Path(__file__).resolve().parents[2] / "docs" / "images" / "explain-html.png"

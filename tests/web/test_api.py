@@ -19,10 +19,11 @@ from starlette.testclient import TestClient
 
 import qkv.inspect
 import qkv.models
-from web_helpers import TEXT, reference, registry, running_server  # noqa: F401 (fixtures)
 from qkv import cli
 from qkv.web.app import STATIC_FILES, create_app
 from qkv.web.service import ModelRegistry
+
+from .web_helpers import TEXT, running_server
 
 API_POSTS = ("/api/explain", "/api/steps", "/api/compare")
 

@@ -18,9 +18,9 @@ import httpx
 import numpy as np
 import pytest
 
-from web_helpers import TEXT, reference, registry, running_server  # noqa: F401 (fixtures)
 from qkv.web.app import create_app
-from headless_browser import browser  # noqa: F401  (the shared fixture)
+
+from .web_helpers import TEXT, running_server
 
 DOCS_IMAGE = Path(__file__).resolve().parents[2] / "docs" / "images" / "web.png"
 MALICIOUS = '<img src=x onerror=alert(1)> </script><script>alert(2)</script> "cat"'

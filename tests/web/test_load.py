@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 import qkv.inspect
-from web_helpers import registry, running_server  # noqa: F401 (fixtures)
 from qkv.web.app import create_app
+
+from .web_helpers import running_server
 
 _SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "web_load.py"
 _spec = importlib.util.spec_from_file_location("web_load", _SCRIPT)

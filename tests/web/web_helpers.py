@@ -1,9 +1,5 @@
-"""Fixtures and helpers of the web tests: one loaded MiniLM for every app, and a real uvicorn
-server on a free 127.0.0.1 port, run in a thread and stopped at the end.
-
-A plain module, not a conftest.py: tests/models imports its own conftest by name, and a second
-conftest module would shadow it when both folders are collected together.
-"""
+"""Helpers of the web tests: the sentence they explain, and a real uvicorn server on a free
+127.0.0.1 port, run in a thread and stopped at the end (the fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,41 +7,7 @@ import contextlib
 import threading
 import time
 
-import pytest
-
-try:
-    import httpx  # noqa: F401  (Starlette's TestClient)
-    import starlette  # noqa: F401
-    import uvicorn  # noqa: F401
-except ImportError as exc:  # the test extra lists them: a test set-up without them is broken
-    pytest.fail(f"the web tests need starlette, uvicorn and httpx ({exc.name} is missing): "
-                "pip install -e '.[test,viz,web]' (make test-env does this)", pytrace=False)
-
-from qkv.web.service import ModelRegistry  # noqa: E402
-
 TEXT = "The cat sat on the mat."
-_SHARED: dict = {}
-
-
-@pytest.fixture(scope="session")
-def registry():
-    """One ModelRegistry with MiniLM loaded, shared by every web test of this process."""
-    if "registry" not in _SHARED:
-        reg = ModelRegistry()
-        reg.get("minilm")
-        _SHARED["registry"] = reg
-    return _SHARED["registry"]
-
-
-@pytest.fixture(scope="session")
-def reference(registry):
-    """qkv.explain of TEXT on the same loaded model: the numbers the server must give."""
-    if "reference" not in _SHARED:
-        import qkv
-
-        model, _ = registry.get("minilm")
-        _SHARED["reference"] = qkv.explain(TEXT, model)
-    return _SHARED["reference"]
 
 
 @contextlib.contextmanager

@@ -1,10 +1,10 @@
-"""Debian's headless chromium driven by Playwright, shared by every browser test.
+"""Fixtures shared by every test folder: `browser`, Debian's headless chromium driven by Playwright.
 
 The browser is /usr/bin/chromium, installed by scripts/install-test-browser.sh; Playwright's own
 browser download is never used. Without it a browser test FAILS, telling how to install it,
 unless QKV_SKIP_BROWSER=1 is set, which skips it.
 
-    from headless_browser import browser  # noqa: F401  (a module-scoped pytest fixture)
+    def test_page(browser):  # a module-scoped fixture
 """
 
 from __future__ import annotations
