@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from qkv.inspect.html import render_html, write_html
-from synthetic_explain import MALICIOUS_LABEL, MALICIOUS_TEXT, make_data
+from synthetic_explain import MALICIOUS_LABEL, make_data
+
 
 def embedded_json(page: str) -> dict:
     m = re.search(r'<script type="application/json" id="qkv-data">(.*?)</script>', page, re.S)

@@ -410,6 +410,63 @@ def test_openapi_describes_every_route_and_error(client, app):
     assert all(c in text for c in codes), [c for c in codes if c not in text]
 
 
+def test_openapi_is_generated_from_the_models_and_keeps_its_promises(client):
+    """What the hand-written document promised, now generated from the request and answer
+    models: the request fields and which are required, no others, the choices, the server's
+    text limit, the answer formats, Retry-After on 503; and no CDN-loaded docs pages."""
+    spec = client.get("/api/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+
+    def resolve(node):
+        return schemas[node["$ref"].rsplit("/", 1)[1]] if "$ref" in node else node
+
+    for path in ("/api/health", "/api/models", "/api/openapi.json"):
+        assert set(spec["paths"][path]) == {"get"}, path
+    requests = {"/api/explain": ({"text"}, {"text", "model", "focus", "method", "level", "hide_special"},
+                                 "qkv.explain/1"),
+                "/api/steps": ({"text", "word", "layer", "head"},
+                               {"text", "model", "word", "layer", "head", "level", "hide_special"}, "qkv.steps/1"),
+                "/api/compare": ({"text", "other"}, {"text", "other", "model", "focus", "method", "level",
+                                                     "hide_special"}, "qkv.compare/1")}
+    for path, (required, fields, fmt) in requests.items():
+        op = spec["paths"][path]
+        assert set(op) == {"post"}, path
+        body = resolve(op["post"]["requestBody"]["content"]["application/json"]["schema"])
+        assert set(body["required"]) == required and set(body["properties"]) == fields, path
+        assert body["additionalProperties"] is False, path
+        props = body["properties"]
+        for name in ("text", "other"):
+            if name in props:  # the server's limit (max_chars=200 in this app), not a constant
+                assert props[name]["maxLength"] == 200 and props[name]["minLength"] == 1, (path, name)
+        if "method" in props:
+            assert props["method"]["enum"] == ["raw", "rollout", "value-norm"] and props["method"]["default"] == "raw"
+        assert props["level"]["enum"] == ["word", "token"] and props["model"]["default"] == "minilm"
+        answer = resolve(op["post"]["responses"]["200"]["content"]["application/json"]["schema"])
+        assert answer["properties"]["format"]["const"] == fmt, path
+        assert "Retry-After" in op["post"]["responses"]["503"]["headers"], path
+    explain = resolve({"$ref": "#/components/schemas/ExplainData"})
+    assert {"format", "labels", "maps", "head_names"} <= set(explain["required"])
+    assert {"focus", "entropy", "special", "normalised", "layers", "heads"} <= set(explain["properties"])
+    error = schemas["Error"]
+    assert error["required"] == ["error"] and set(resolve(error["properties"]["error"])["required"]) == {
+        "status", "code", "message"}
+    text = json.dumps(spec)
+    assert "http://" not in text and "https://" not in text
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        assert_error(client.get(path), 404, "not_found")
+
+
+def test_answers_follow_their_models(client):
+    """The documented answer models validate what the server sends."""
+    from qkv.inspect.schema import ExplainData
+    from qkv.web.schema import CompareData, StepsData
+
+    ExplainData.model_validate(post(client, "/api/explain", {"text": TEXT, "focus": "cat"}).json())
+    StepsData.model_validate(post(client, "/api/steps", {"text": TEXT, "word": "cat", "layer": 0, "head": 0}).json())
+    for other in ("The dog sat on the mat.", "A dog."):
+        CompareData.model_validate(post(client, "/api/compare", {"text": TEXT, "other": other, "focus": "sat"}).json())
+
+
 # --------------------------------------------------------------------------- models and the CLI
 
 
