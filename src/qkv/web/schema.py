@@ -115,7 +115,8 @@ def api_error(errors: list[dict], fields: list[str]) -> ApiError:
     if kind == "missing":
         return ApiError(422, "missing_field", f"the field {name!r} is required")
     if kind == "extra_forbidden":
-        return ApiError(422, "unknown_field", f"unknown field {name!r}; the fields are: {', '.join(fields)}")
+        ordered = sorted(fields, key=lambda f: f not in TEXT_FIELDS)  # the sentences first
+        return ApiError(422, "unknown_field", f"unknown field {name!r}; the fields are: {', '.join(ordered)}")
     if kind == "string_unicode":  # a lone surrogate such as JSON "\ud800": the message of the one text check
         try:
             check_texts(value, what=repr(name))
