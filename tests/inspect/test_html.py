@@ -114,6 +114,20 @@ def test_malformed_data_is_refused(change, message):
         render_html(data)
 
 
+def test_check_data_is_the_one_format_check():
+    """html and png check with qkv.inspect.schema.check_data: (n labels, layers, heads), and the
+    optional cross-attention block of encoder-decoder results checked for its shape too."""
+    from qkv.inspect.schema import check_data
+
+    data = make_data(n_words=8, layers=3, heads=4)
+    assert check_data(data) == (10, 3, 4)
+    data["cross"] = {"layers": [1], "source": ["a", "b"], "target": ["c"], "maps": [[[[0.5, 0.5]]] * 4]}
+    assert check_data(data) == (10, 3, 4)
+    data["cross"]["maps"] = [[[[1.0]]] * 4]
+    with pytest.raises(ValueError, match=r"data\['cross'\] must hold maps of shape"):
+        render_html(data)
+
+
 def test_not_a_dict():
     with pytest.raises(TypeError, match="to_dict"):
         render_html([1, 2, 3])

@@ -87,7 +87,7 @@ class ExplainData(_Part):
     method: Literal[METHODS]
     level: Literal[LEVELS]
     labels: list[str] = Field(min_length=1, description="the n words (or tokens) shown, specials included")
-    special: list[bool] | None = Field(None, description="one per label: [CLS], [SEP], BOS, ...")
+    special: Array[bool] | None = Field(None, description="one per label: [CLS], [SEP], BOS, ...")
     layers: int | None = None
     heads: int | None = None
     head_names: list[str] = Field(description="one per head in maps (['rollout'] for rollout)")
