@@ -18,6 +18,8 @@ are read up to `max_body` bytes (413 beyond). Anything unexpected is a JSON 500 
 than "internal error" (the traceback goes to the server's log), counted in app.state.
 """
 
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations, which
+# name the request classes that create_app makes for its limits.
 import asyncio
 import json
 import logging
