@@ -449,7 +449,10 @@ def _add_train(sub) -> None:
     p.add_argument("--out", type=_output_folder, metavar="DIR", help="output folder (default: ./qkv-TASK): new, empty, or one "
                    "that qkv train wrote; a folder holding other files is refused (status 2)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the weights and the data (default 0)")
-    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: the task's)")
+    p.add_argument("--size", choices=["shipped", "tiny"], default="shipped",
+                   help="shipped: the bundled model's size and run (default); tiny: a small model trained "
+                   "in seconds, the test suite's check of the same code")
+    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: the size's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def run(args) -> int:
@@ -460,7 +463,7 @@ def _add_train(sub) -> None:
         from .train import recall, translate
 
         module = {"recall": recall, "translate": translate}[args.task]
-        steps = module.RUN.steps if args.steps is None else args.steps
+        steps = module.SIZES[args.size].steps if args.steps is None else args.steps
         if steps <= 0:
             raise UserError(f"--steps must be a positive number of optimizer steps; got {steps}")
         if args.seed < 0:
@@ -478,7 +481,7 @@ def _add_train(sub) -> None:
         torch.set_num_threads(1)
         start = time.perf_counter()
         try:
-            model = module.train(out, seed=args.seed, steps=steps, progress=not args.quiet)
+            model = module.train(out, size=args.size, seed=args.seed, steps=steps, progress=not args.quiet)
         except KeyboardInterrupt:
             # Read from the folder: true whether the interrupt came before the first checkpoint or after one.
             print(f"qkv train: interrupted; {interrupted_note(Path(out))}", file=sys.stderr)
