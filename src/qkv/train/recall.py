@@ -44,6 +44,9 @@ EVAL_SEED = 1_000_000_007  # held-out samples come from this stream, never from 
 # after the matching key.
 LOOKUP_HEAD = (1, 0)
 GENERATION = {"max_new_tokens": 1}  # generation_config.json of the saved folder
+# "shipped": the bundled weights (qkv.load("recall")); "tiny": the test suite's run of the same code
+SIZES = {"shipped": Size(width=64, layers=3, heads=4, ffn=256, steps=6000, batch=64, lr=2e-3),
+         "tiny": Size(width=32, layers=2, heads=2, ffn=64, steps=40, batch=16, lr=5e-3)}
 
 
 def vocabulary() -> dict[str, int]:
@@ -61,12 +64,6 @@ def build_tokenizer():
     for t in SPECIALS[:3]:
         tok.add_special_tokens([t])
     return tok
-
-
-# "shipped": the bundled weights (qkv.load("recall")); "tiny": the test suite's run of the same code
-SIZES = {"shipped": Size(width=64, layers=3, heads=4, ffn=256, steps=6000, batch=64, lr=2e-3),
-         "tiny": Size(width=32, layers=2, heads=2, ffn=64, steps=40, batch=16, lr=5e-3)}
-METRIC = "answer accuracy"
 
 
 def model_config(size: Size = SIZES["shipped"]) -> GPT2Config:
@@ -175,6 +172,9 @@ def accuracy(model: GPT2LMHeadModel, batches: list[Tensor]) -> float:
         right += int((logits.argmax(-1) == ids[:, -1]).sum())
         total += ids.shape[0]
     return right / total
+
+
+METRIC = "answer accuracy"
 
 
 def evaluate(model: GPT2LMHeadModel, count: int = 500) -> float:

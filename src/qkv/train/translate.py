@@ -43,6 +43,9 @@ MAX_ADJECTIVES = 2
 MAX_SOURCE = 2 * (2 + MAX_ADJECTIVES) + 1  # 9 words
 HELD_OUT_EVERY = 10  # sentences with crc32 % 10 == 0 are never trained on
 LEXICON = {**ARTICLES, **NOUNS, **ADJECTIVES, **VERBS}
+# "shipped": the bundled weights (qkv.load("translate")); "tiny": the test suite's run of the same code
+SIZES = {"shipped": Size(width=64, layers=2, heads=4, ffn=256, steps=1500, batch=64, lr=2e-3),
+         "tiny": Size(width=32, layers=1, heads=2, ffn=64, steps=40, batch=16, lr=5e-3)}
 
 
 def vocabulary() -> dict[str, int]:
@@ -60,12 +63,6 @@ def build_tokenizer():
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tok.add_special_tokens(SPECIALS)
     return tok
-
-
-# "shipped": the bundled weights (qkv.load("translate")); "tiny": the test suite's run of the same code
-SIZES = {"shipped": Size(width=64, layers=2, heads=4, ffn=256, steps=1500, batch=64, lr=2e-3),
-         "tiny": Size(width=32, layers=1, heads=2, ffn=64, steps=40, batch=16, lr=5e-3)}
-METRIC = "exact match"
 
 
 def model_config(size: Size = SIZES["shipped"]) -> Seq2SeqConfig:
@@ -172,6 +169,9 @@ def exact_match(model: QkvSeq2Seq, texts: list[str]) -> float:
             words.append(inv[i])
         right += words == translate_words(text.split())
     return right / len(texts)
+
+
+METRIC = "exact match"
 
 
 def evaluate(model: QkvSeq2Seq, count: int = 1000) -> float:
