@@ -1,7 +1,9 @@
 """The `qkv` command line (also `python -m qkv`).
 
-Each subcommand is one `_add_<name>(subparsers)` function that registers its parser and sets
-`func`, the handler called with the parsed arguments; the handler returns an exit code.
+Each subcommand is one function registered with `@_command(name, help=...)`: given its parser,
+it adds the arguments and returns the handler, which is called with the parsed arguments and
+returns an exit code (None for 0); the function's docstring is the subcommand's --help
+description. A new subcommand is one such function.
 
 Errors a user can fix are one line on stderr, without a traceback (set QKV_DEBUG=1 to see
 it), and exit status 2. They are found as early as possible:
