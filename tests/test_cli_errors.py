@@ -141,6 +141,7 @@ def test_text_the_tokenizer_cannot_take_is_one_line(argv, needles, capsys):
     one_line_error(capsys, argv, *needles)
 
 
+@pytest.mark.slow
 def test_bytes_that_are_not_utf8_from_a_real_command_line():
     env = dict(os.environ, PYTHONPATH=SRC)
     proc = subprocess.run([sys.executable, "-m", "qkv", "explain", b"caf\xe9 au lait"], env=env,
@@ -210,6 +211,7 @@ def test_closed_stdout_in_process_writes_the_files_and_returns_141(tmp_path, mon
     _check_files(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("buffered", [True, False])
 def test_reader_gone_before_any_output(tmp_path, buffered):
     """The read end of stdout is closed before the command writes: exit 141, files written, stderr silent."""
@@ -226,6 +228,7 @@ def test_reader_gone_before_any_output(tmp_path, buffered):
     _check_files(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("head") is None or shutil.which("bash") is None, reason="needs bash and head")
 def test_pipe_through_head(tmp_path):
     """`qkv explain ... | head -1`: one line out, the files written, no "Broken pipe" on stderr, and

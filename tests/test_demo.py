@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import qkv
@@ -44,6 +45,7 @@ def test_demo_text_shows_the_numbers_and_the_match():
     assert "1/sqrt(64)" in text and "NaN" in text
 
 
+@pytest.mark.slow
 def test_cli_and_module_run_the_same_demo(capsys):
     assert cli.main(["demo", "--columns", "4"]) == 0
     direct = capsys.readouterr().out

@@ -1,7 +1,9 @@
 """The `qkv` command line (also `python -m qkv`).
 
-Each subcommand is one `_add_<name>(subparsers)` function that registers its parser and sets
-`func`, the handler called with the parsed arguments; the handler returns an exit code.
+Each subcommand is one function registered with `@_command(name, help=...)`: given its parser,
+it adds the arguments and returns the handler, which is called with the parsed arguments and
+returns an exit code (None for 0); the function's docstring is the subcommand's --help
+description. A new subcommand is one such function.
 
 Errors a user can fix are one line on stderr, without a traceback (set QKV_DEBUG=1 to see
 it), and exit status 2. They are found as early as possible:
@@ -157,52 +159,92 @@ def _check_length(tok, text: str, what: str, model_name: str, limit: Optional[in
         raise UserError(f"{what} has {n} tokens but {model_name!r} takes at most {limit}; shorten it, "
                         f"or add --truncate to keep the first {limit}")
 
+def _sentences(values: Sequence[str], single: str = "sentence 1") -> list[str]:
+    """The SENTENCE arguments through `_text`, each named "sentence N" in errors (`single` when alone)."""
+    return [_text(s, single if len(values) == 1 else f"sentence {i + 1}") for i, s in enumerate(values)]
+
+
+def _load(name: str, fits=None, needs: str = ""):
+    """`qkv.load(name)`, refused ("'NAME' is a CLASS; NEEDS") where `fits(model)` is false."""
+    from .models import load
+
+    model = load(name)
+    if fits is not None and not fits(model):
+        raise UserError(f"{name!r} is a {type(model).__name__}; {needs}")
+    return model
+
+
+def _write_files(args, writers: dict) -> list[str]:
+    """Write each file asked for (flag -> writer(path)), in order; returns the lines "wrote PATH"."""
+    lines = []
+    for flag, write in writers.items():
+        path = getattr(args, flag)
+        if path:
+            try:
+                write(path)
+            except ImportError as exc:  # --png without matplotlib
+                raise UserError(str(exc)) from None
+            lines.append(f"wrote {path}")
+    return lines
+
 
 # --------------------------------------------------------------------------- subcommands
 
+_COMMANDS: list = []  # (name, help, add) in the order of `qkv --help`, filled by @_command
 
-def _add_demo(sub) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="reproduce the seed article's numpy sample through qkv and explain the defaults",
-        description="Reproduce the numpy sample of the seed article (5 tokens, 64 dimensions, "
-        "np.random.seed(42), no scaling) through qkv.reference_attention(scale=1.0), check that "
-        "the numbers match, and explain what qkv does differently by default.",
-    )
+
+def _command(name: str, help: str):
+    """Register the decorated function as the subcommand `name`: given its parser, it adds the
+    arguments and returns the handler (the parsed arguments -> exit status, None for 0). Its
+    docstring is the subcommand's --help description."""
+
+    def register(add):
+        _COMMANDS.append((name, help, add))
+        return add
+
+    return register
+
+
+def _model_option(p, default: str, help: str) -> None:
+    p.add_argument("--model", default=default, metavar="NAME_OR_PATH", help=help)
+
+
+def _file_option(p, flag: str, help: str) -> None:
+    p.add_argument(f"--{flag}", type=_output_file, metavar="FILE", help=help)
+
+
+@_command("demo", help="reproduce the seed article's numpy sample through qkv and explain the defaults")
+def _demo(p):
+    """Reproduce the numpy sample of the seed article (5 tokens, 64 dimensions, np.random.seed(42),
+    no scaling) through qkv.reference_attention(scale=1.0), check that the numbers match, and
+    explain what qkv does differently by default."""
     p.add_argument("--columns", type=_whole(1, 64), default=64, metavar="N",
                    help="columns of the final output to print, 1 to 64 (default: all 64)")
 
-    def run(args) -> int:
+    def run(args):
         from .demo import run as demo_run
 
         print(demo_run(show_output_columns=args.columns))
-        return 0
 
-    p.set_defaults(func=run)
+    return run
 
 
-def _add_similarity(sub) -> None:
-    p = sub.add_parser(
-        "similarity",
-        help="cosine similarity of the first sentence with each of the others (sentence embeddings)",
-        description="Embed the sentences with a sentence-embedding model (default: the bundled "
-        "all-MiniLM-L6-v2, mean pooling and normalisation as its folder prescribes) and print the "
-        "cosine similarity of the first sentence with each of the others.",
-    )
+@_command("similarity", help="cosine similarity of the first sentence with each of the others (sentence embeddings)")
+def _similarity(p):
+    """Embed the sentences with a sentence-embedding model (default: the bundled all-MiniLM-L6-v2,
+    mean pooling and normalisation as its folder prescribes) and print the cosine similarity of
+    the first sentence with each of the others."""
     p.add_argument("sentences", nargs="+", metavar="SENTENCE", help="the first sentence, then the others")
-    p.add_argument("--model", default="minilm", metavar="NAME_OR_PATH",
-                   help="a bundled model name or a BERT-family Hugging Face folder (default: minilm)")
+    _model_option(p, "minilm", "a bundled model name or a BERT-family Hugging Face folder (default: minilm)")
     p.add_argument("--truncate", action="store_true", help="cut sentences longer than the model's limit")
 
-    def run(args) -> int:
-        from .models import BertModel, load
+    def run(args):
+        from .models import BertModel
 
-        sentences = [_text(s, f"sentence {i + 1}") for i, s in enumerate(args.sentences)]
+        sentences = _sentences(args.sentences)
         if len(sentences) < 2:
             raise UserError("give at least two sentences: the first is compared with each of the others")
-        model = load(args.model)
-        if not isinstance(model, BertModel):
-            raise UserError(f"{args.model!r} is a {type(model).__name__}; similarity needs a BERT-family encoder")
+        model = _load(args.model, lambda m: isinstance(m, BertModel), "similarity needs a BERT-family encoder")
         limit = model.pooling.max_length(model)
         for i, s in enumerate(sentences):
             _check_length(model.tokenizer, s, f"sentence {i + 1}", args.model, limit, args.truncate)
@@ -210,25 +252,20 @@ def _add_similarity(sub) -> None:
         lines = [f"similarity to: {sentences[0]}"]
         lines += [f"{s:7.4f}  {text}" for s, text in zip(sims.tolist(), sentences[1:])]
         print("\n".join(lines))
-        return 0
 
-    p.set_defaults(func=run)
+    return run
 
 
-def _add_explain(sub) -> None:
-    p = sub.add_parser(
-        "explain",
-        help="which words a word attends to inside a model, per layer and head",
-        description="Run a model on TEXT and show its attention: for the --focus word, the weights "
-        "it gives each word per layer (mean over heads, or one --head) with a heat strip, and the heads "
-        "that attend most sharply; without --focus, the map of one layer. --png, --html and --json "
-        "write the same result as a picture, one offline HTML page, or data. Every option is "
-        "checked before the model runs, and the files are written before anything is printed.",
-    )
+@_command("explain", help="which words a word attends to inside a model, per layer and head")
+def _explain(p):
+    """Run a model on TEXT and show its attention: for the --focus word, the weights it gives each
+    word per layer (mean over heads, or one --head) with a heat strip, and the heads that attend
+    most sharply; without --focus, the map of one layer. --png, --html and --json write the same
+    result as a picture, one offline HTML page, or data. Every option is checked before the model
+    runs, and the files are written before anything is printed."""
     p.add_argument("text", help="the sentence to explain, e.g. \"The cat sat on the mat.\"")
     p.add_argument("--focus", metavar="WORD", help="the word whose attention to show (first match, case-insensitive)")
-    p.add_argument("--model", default="minilm", metavar="NAME_OR_PATH",
-                   help="a bundled model name or a Hugging Face model folder (default: minilm)")
+    _model_option(p, "minilm", "a bundled model name or a Hugging Face model folder (default: minilm)")
     p.add_argument("--layer", type=_whole(0), metavar="L", help="show only this layer (0-based)")
     p.add_argument("--head", type=_whole(0), metavar="H", help="show this head instead of the mean over heads")
     p.add_argument("--method", choices=["raw", "rollout", "value-norm"], default="raw",
@@ -245,26 +282,23 @@ def _add_explain(sub) -> None:
                    "(the table only: not with --compare, --png, --html, --json or --method rollout)")
     p.add_argument("--compare", metavar="TEXT", help="a second sentence of the same length: per-head "
                    "Jensen-Shannon divergence of the focus rows and the largest change")
-    p.add_argument("--png", type=_output_file, metavar="FILE",
-                   help="write a PNG (needs matplotlib: pip install 'qkv[viz]')")
-    p.add_argument("--html", type=_output_file, metavar="FILE", help="write one self-contained, offline HTML page")
-    p.add_argument("--json", type=_output_file, metavar="FILE",
-                   help="write the result as JSON (format qkv.explain/1)")
+    _file_option(p, "png", "write a PNG (needs matplotlib: pip install 'qkv[viz]')")
+    _file_option(p, "html", "write one self-contained, offline HTML page")
+    _file_option(p, "json", "write the result as JSON (format qkv.explain/1)")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                    help="shade table cells (default: when printing to a terminal and NO_COLOR is unset)")
     p.add_argument("--truncate", action="store_true", help="cut text longer than the model accepts")
 
-    def run(args) -> int:
+    def run(args):
         from .inspect import explain
         from .inspect.terminal import render_alignment, render_compare, render_focus, render_overview
-        from .models import load
 
         # 1. everything that needs no model
         text = _text(args.text, "the text")
         other = None if args.compare is None else _text(args.compare, "the --compare text")
         _check_explain_flags(args)
         # 2. the model, loaded but not run, and what depends on it
-        model = load(args.model)
+        model = _load(args.model)
         _check_explain_model(args, model, text, other)
         # 3. run, draw, write the files, and only then print
         result = explain(text, model, focus=args.focus, rows=args.rows, truncate=args.truncate, name=args.model)
@@ -286,22 +320,12 @@ def _add_explain(sub) -> None:
             cmp = result.compare(second, args.focus, args.level)
             out.append(render_compare(result, second, cmp, args.focus, args.level))
         options = dict(view, focus=args.focus)
-        if args.json:
-            result.save_json(args.json, **options)
-            out.append(f"wrote {args.json}")
-        if args.html:
-            result.save_html(args.html, **options)
-            out.append(f"wrote {args.html}")
-        if args.png:
-            try:
-                result.save_png(args.png, layer=args.layer, head=args.head, **options)
-            except ImportError as exc:
-                raise UserError(str(exc)) from None
-            out.append(f"wrote {args.png}")
+        out += _write_files(args, {"json": lambda f: result.save_json(f, **options),
+                                   "html": lambda f: result.save_html(f, **options),
+                                   "png": lambda f: result.save_png(f, layer=args.layer, head=args.head, **options)})
         print("\n".join(out))
-        return 0
 
-    p.set_defaults(func=run)
+    return run
 
 
 def _check_explain_flags(args) -> None:
@@ -384,15 +408,11 @@ def _check_explain_model(args, model, text: str, other: Optional[str]) -> None:
             raise UserError(f"--compare needs a sentence as long as the text: the text has {shown[0]} {unit} and "
                             f"the --compare text {shown[1]}; swap a word instead, e.g. 'cat' for 'dog'")
 
-
-def _add_serve(sub) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="the attention explorer: a local web page and JSON API (needs pip install 'qkv[web]')",
-        description="Serve the attention explorer on this machine: type a sentence, see the head view, "
-        "model view and focus view, click a word, step through one head, compare two sentences. "
-        "Binds 127.0.0.1 unless --host says otherwise; the page loads nothing from other servers.",
-    )
+@_command("serve", help="the attention explorer: a local web page and JSON API (needs pip install 'qkv[web]')")
+def _serve(p):
+    """Serve the attention explorer on this machine: type a sentence, see the head view, model
+    view and focus view, click a word, step through one head, compare two sentences. Binds
+    127.0.0.1 unless --host says otherwise; the page loads nothing from other servers."""
     p.add_argument("--port", type=_whole(0, 65535), default=8000,
                    help="TCP port (default: 8000; 0 picks a free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
@@ -404,7 +424,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-chars", type=_whole(1), default=1000, metavar="N",
                    help="the longest sentence accepted, in characters (default: 1000)")
 
-    def run(args) -> int:
+    def run(args):
         try:
             from .web.server import serve
         except ImportError as exc:
@@ -414,9 +434,8 @@ def _add_serve(sub) -> None:
             raise UserError(f"--model-dir {args.model_dir!r} is not a folder")
         serve(host=args.host, port=args.port, model_dir=args.model_dir, max_queue=args.max_queue,
               max_chars=args.max_chars)
-        return 0
 
-    p.set_defaults(func=run)
+    return run
 
 
 def _check_vocabulary(model, name: str, text: str) -> None:
@@ -433,34 +452,35 @@ def _check_vocabulary(model, name: str, text: str) -> None:
         shown = " ".join(known) if len(known) <= 80 else f"{len(known)} words"
         raise UserError(f"{', '.join(map(repr, dict.fromkeys(bad)))} not in the vocabulary of {name!r}; it knows: {shown}")
 
-
-def _add_train(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train one of qkv's small models (recall, translate) and save it as a Hugging Face folder",
-        description="Train a small model through qkv's own attention and save config.json, "
-        "model.safetensors and tokenizer.json to --out. Deterministic for a seed; a progress bar "
-        "on stderr; checkpoints every few hundred steps, and a run stopped early resumes from its "
-        "last checkpoint when the same command is run again.",
-    )
+@_command("train", help="train one of qkv's small models (recall, translate) and save it as a Hugging Face folder")
+def _train(p):
+    """Train a small model through qkv's own attention and save config.json, model.safetensors and
+    tokenizer.json to --out. Deterministic for a seed; a progress bar on stderr; checkpoints every
+    few hundred steps, and a run stopped early resumes from its last checkpoint when the same
+    command is run again."""
     p.add_argument("task", choices=["recall", "translate"],
-                   help="recall: a two-layer GPT-2 looks keys up in its prompt; translate: an "
+                   help="recall: a three-layer GPT-2 looks keys up in its prompt; translate: an "
                    "encoder-decoder reorders words through cross-attention")
     p.add_argument("--out", type=_output_folder, metavar="DIR", help="output folder (default: ./qkv-TASK): new, empty, or one "
                    "that qkv train wrote; a folder holding other files is refused (status 2)")
+    p.add_argument("--size", choices=["shipped", "tiny"], default="shipped",
+                   help="shipped: the bundled model's size and run (default); tiny: a small model trained "
+                   "in seconds, the test suite's check of the same code")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the weights and the data (default 0)")
-    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: the task's)")
+    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: the size's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    def run(args) -> int:
+    def run(args):
         import time
+        from pathlib import Path
 
         import torch
 
         from .train import recall, translate
+        from .train._loop import check_folder, interrupted_note
 
         module = {"recall": recall, "translate": translate}[args.task]
-        steps = module.RUN.steps if args.steps is None else args.steps
+        steps = module.SIZES[args.size].steps if args.steps is None else args.steps
         if steps <= 0:
             raise UserError(f"--steps must be a positive number of optimizer steps; got {steps}")
         if args.seed < 0:
@@ -468,40 +488,31 @@ def _add_train(sub) -> None:
         out = args.out or f"qkv-{args.task}"
         if os.path.exists(out) and not os.path.isdir(out):
             raise UserError(f"--out {out!r} is a file; give a folder")
-        from pathlib import Path
-
-        from .train._loop import check_folder, interrupted_note
-
         check_folder(Path(out))  # a folder of someone else's files: refused (a TrainingError, status 2) up front
         # One thread: these models are so small that a second thread mostly waits at barriers,
         # and on a busy machine its spinning makes a step many times slower (measured).
         torch.set_num_threads(1)
         start = time.perf_counter()
         try:
-            model = module.train(out, seed=args.seed, steps=steps, progress=not args.quiet)
+            model = module.train(out, size=args.size, seed=args.seed, steps=steps, progress=not args.quiet)
         except KeyboardInterrupt:
             # Read from the folder: true whether the interrupt came before the first checkpoint or after one.
             print(f"qkv train: interrupted; {interrupted_note(Path(out))}", file=sys.stderr)
-            return 130
+            return EXIT_INTERRUPTED
         seconds = time.perf_counter() - start
         acc = module.evaluate(model)
         print(f"trained {args.task} in {seconds:.0f} s ({steps} steps, seed {args.seed}); "
               f"held-out {module.METRIC} {100 * acc:.2f}%; saved to {out}")
-        return 0
 
-    p.set_defaults(func=run)
+    return run
 
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser(
-        "generate",
-        help="extend a prompt with a decoder (GPT-2 or Llama family), greedy or sampled, with a KV cache",
-        description="Extend PROMPT with a decoder model: greedy by default, or sampled with "
-        "--temperature/--top-k/--top-p. The prompt runs once, then one cached step per new token.",
-    )
+@_command("generate", help="extend a prompt with a decoder (GPT-2 or Llama family), greedy or sampled, with a KV cache")
+def _generate(p):
+    """Extend PROMPT with a decoder model: greedy by default, or sampled with
+    --temperature/--top-k/--top-p. The prompt runs once, then one cached step per new token."""
     p.add_argument("prompt", help='the prompt, e.g. "c3 a7 k2 ? a" for the recall model')
-    p.add_argument("--model", default="recall", metavar="NAME_OR_PATH",
-                   help="a bundled decoder or a Hugging Face folder (default: recall)")
+    _model_option(p, "recall", "a bundled decoder or a Hugging Face folder (default: recall)")
     p.add_argument("--max-new-tokens", type=_whole(1), metavar="N",
                    help="tokens to add (default: the folder's generation_config.json, else 20; "
                    "fewer when the model's positions end sooner)")
@@ -512,13 +523,10 @@ def _add_generate(sub) -> None:
                    help="sample among the most likely tokens whose probabilities reach P (0 < P <= 1)")
     p.add_argument("--seed", type=_SEED, metavar="N", help="seed for sampling (0 or more)")
 
-    def run(args) -> int:
-        from .models import load
-
+    def run(args):
         prompt = _text(args.prompt, "the prompt")
-        model = load(args.model)
-        if not hasattr(model, "complete") or getattr(model, "tokenizer", None) is None:
-            raise UserError(f"{args.model!r} is a {type(model).__name__}; generate needs a decoder with a tokenizer")
+        model = _load(args.model, lambda m: hasattr(m, "complete") and getattr(m, "tokenizer", None) is not None,
+                      "generate needs a decoder with a tokenizer")
         _check_vocabulary(model, args.model, prompt)
         limit = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
         n = len(model.tokenizer.encode(prompt))
@@ -539,31 +547,22 @@ def _add_generate(sub) -> None:
                             f"has {limit} positions, so at most {limit - n} new tokens")
         print(model.complete(prompt, max_new_tokens=new, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, seed=args.seed).strip())
-        return 0
 
-    p.set_defaults(func=run)
+    return run
 
 
-def _add_translate(sub) -> None:
-    p = sub.add_parser(
-        "translate",
-        help="translate English-like sentences into Qish with the bundled encoder-decoder",
-        description="Translate each SENTENCE with an encoder-decoder model (default: the bundled "
-        "'translate', trained by `qkv train translate`): greedy decoding, a KV cache for the "
-        "decoder's self-attention. Its words: see docs/trained-models.md.",
-    )
+@_command("translate", help="translate English-like sentences into Qish with the bundled encoder-decoder")
+def _translate(p):
+    """Translate each SENTENCE with an encoder-decoder model (default: the bundled 'translate',
+    trained by `qkv train translate`): greedy decoding, a KV cache for the decoder's
+    self-attention. Its words: see docs/trained-models.md."""
     p.add_argument("sentences", nargs="+", metavar="SENTENCE", help='e.g. "the big red cat sees a small dog"')
-    p.add_argument("--model", default="translate", metavar="NAME_OR_PATH",
-                   help="a bundled name or a QkvSeq2Seq folder (default: translate)")
+    _model_option(p, "translate", "a bundled name or a QkvSeq2Seq folder (default: translate)")
 
-    def run(args) -> int:
-        from .models import load
-
-        sentences = [_text(s, "a sentence" if len(args.sentences) == 1 else f"sentence {i + 1}")
-                     for i, s in enumerate(args.sentences)]
-        model = load(args.model)
-        if not getattr(model, "is_encoder_decoder", False):
-            raise UserError(f"{args.model!r} is a {type(model).__name__}; translate needs an encoder-decoder model")
+    def run(args):
+        sentences = _sentences(args.sentences, single="a sentence")
+        model = _load(args.model, lambda m: getattr(m, "is_encoder_decoder", False),
+                      "translate needs an encoder-decoder model")
         for text in sentences:
             _check_vocabulary(model, args.model, text)
             n = len(model.tokenizer.encode(text))
@@ -572,23 +571,19 @@ def _add_translate(sub) -> None:
                                 f"{model.config.max_position_embeddings}; shorten it")
         outs = model.translate(sentences)
         print("\n".join(out if len(sentences) == 1 else f"{text}  ->  {out}" for text, out in zip(sentences, outs)))
-        return 0
 
-    p.set_defaults(func=run)
+    return run
 
 
-def _add_bench(sub) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="time qkv's attention against torch SDPA (and FlexAttention): table, JSON, PNG",
-        description="Run the benchmark suite: dense, causal, sliding-window, grouped-query and decode "
-        "attention through qkv.attention, against torch's scaled_dot_product_attention (and compiled "
-        "FlexAttention with --flex) on the same inputs in the same run. Every qkv result is checked "
-        "against the float64 reference before it is timed. Prints a Markdown table of times and "
-        "ratios (peer time / qkv time) to stdout; --json writes every measurement, --png draws time "
-        "against length on log-log axes with L and L^2 guides. Peers are skipped (\"-\") where they "
-        "would exceed --max-memory-gib or --max-seconds. Exit status 1 if a qkv result is wrong.",
-    )
+@_command("bench", help="time qkv's attention against torch SDPA (and FlexAttention): table, JSON, PNG")
+def _bench(p):
+    """Run the benchmark suite: dense, causal, sliding-window, grouped-query and decode attention
+    through qkv.attention, against torch's scaled_dot_product_attention (and compiled
+    FlexAttention with --flex) on the same inputs in the same run. Every qkv result is checked
+    against the float64 reference before it is timed. Prints a Markdown table of times and
+    ratios (peer time / qkv time) to stdout; --json writes every measurement, --png draws time
+    against length on log-log axes with L and L^2 guides. Peers are skipped ("-") where they
+    would exceed --max-memory-gib or --max-seconds. Exit status 1 if a qkv result is wrong."""
     from .bench import CASES, DTYPES
 
     positive = _whole(1)
@@ -622,14 +617,12 @@ def _add_bench(sub) -> None:
     p.add_argument("--check-rows", type=positive, default=128, metavar="N",
                    help="query rows of each result compared with the float64 reference (default 128)")
     p.add_argument("--seed", type=_SEED, default=0, metavar="N", help="seed of the random inputs (default 0)")
-    p.add_argument("--json", type=_output_file, metavar="FILE",
-                   help="write every measurement, the machine and the command as JSON")
-    p.add_argument("--png", type=_output_file, metavar="FILE",
-                   help="draw time against length, log-log (needs matplotlib: pip install 'qkv[viz]')")
+    _file_option(p, "json", "write every measurement, the machine and the command as JSON")
+    _file_option(p, "png", "draw time against length, log-log (needs matplotlib: pip install 'qkv[viz]')")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is drawn on stderr only when stderr is a terminal)")
 
-    def run(args) -> int:
+    def run(args):
         from . import bench
 
         cfg = bench.BenchConfig(
@@ -645,25 +638,17 @@ def _add_bench(sub) -> None:
                 bench.require_matplotlib()
             except ImportError as exc:
                 raise UserError(str(exc)) from None
-        progress = not args.no_progress and sys.stderr.isatty()
-        result = bench.run(cfg, progress=progress)
-        out = [bench.format_table(result)]  # the files first, then the table: see the module docstring
-        if args.json or args.png:
-            out.append("")
-        if args.json:
-            bench.write_json(result, args.json)
-            out.append(f"wrote {args.json}")
-        if args.png:
-            bench.write_png(result, args.png)
-            out.append(f"wrote {args.png}")
-        print("\n".join(out))
+        result = bench.run(cfg, progress=not args.no_progress and sys.stderr.isatty())
+        # the files first, then the table: see the module docstring
+        files = _write_files(args, {"json": lambda f: bench.write_json(result, f),
+                                    "png": lambda f: bench.write_png(result, f)})
+        print("\n".join([bench.format_table(result)] + ([""] + files if files else [])))
         if not result.ok:
             print("qkv bench: a qkv result is outside the tolerance rule against the float64 reference "
                   "(see the table's check column)", file=sys.stderr)
             return 1
-        return 0
 
-    p.set_defaults(func=run)
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -673,14 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"qkv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_demo(sub)
-    _add_similarity(sub)
-    _add_explain(sub)
-    _add_serve(sub)
-    _add_train(sub)
-    _add_generate(sub)
-    _add_translate(sub)
-    _add_bench(sub)
+    for name, help, add in _COMMANDS:
+        p = sub.add_parser(name, help=help, description=" ".join((add.__doc__ or "").split()))
+        p.set_defaults(func=add(p))
     return parser
 
 

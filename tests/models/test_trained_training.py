@@ -1,4 +1,5 @@
-"""qkv.train: short deterministic runs (no full training here): the loss falls, a seed gives the
+"""qkv.train at its "tiny" size (the code of `qkv train`, run in seconds; the quality the shipped
+size reaches is checked on the bundled weights, in test_trained.py): the loss falls, a seed gives the
 same weights, an interrupted run resumes to the same weights, the saved folder loads through
 `qkv.load`, and broken checkpoints or settings are refused with a clear message."""
 
@@ -16,6 +17,16 @@ from qkv.train import TrainingError, recall, translate
 TASKS = {"recall": recall, "translate": translate}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread while training, as `qkv train` sets it (these models are so small that a
+    second thread mostly waits, and on a busy machine makes a step many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _weights(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -29,7 +40,7 @@ def _assert_same(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("task", TASKS)
 def test_loss_falls(task, tmp_path):
     history: list = []
-    TASKS[task].train(tmp_path / "m", steps=40, progress=False, history=history)
+    TASKS[task].train(tmp_path / "m", steps=40, size="tiny", progress=False, history=history)
     first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
     assert len(history) == 40
     assert last < 0.85 * first, f"{task}: loss went from {first:.3f} to {last:.3f} in 40 steps"
@@ -37,9 +48,9 @@ def test_loss_falls(task, tmp_path):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_same_seed_same_weights_other_seed_differs(task, tmp_path):
-    a = _weights(TASKS[task].train(tmp_path / "a", seed=3, steps=4, progress=False))
-    b = _weights(TASKS[task].train(tmp_path / "b", seed=3, steps=4, progress=False))
-    c = _weights(TASKS[task].train(tmp_path / "c", seed=4, steps=4, progress=False))
+    a = _weights(TASKS[task].train(tmp_path / "a", seed=3, steps=4, size="tiny", progress=False))
+    b = _weights(TASKS[task].train(tmp_path / "b", seed=3, steps=4, size="tiny", progress=False))
+    c = _weights(TASKS[task].train(tmp_path / "c", seed=4, steps=4, size="tiny", progress=False))
     _assert_same(a, b)
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
@@ -47,7 +58,8 @@ def test_same_seed_same_weights_other_seed_differs(task, tmp_path):
 @pytest.mark.parametrize("task", TASKS)
 def test_interrupted_run_resumes_to_the_same_weights(task, tmp_path, monkeypatch):
     module = TASKS[task]
-    straight = _weights(module.train(tmp_path / "straight", seed=1, steps=7, progress=False, checkpoint_every=2))
+    straight = _weights(module.train(tmp_path / "straight", seed=1, steps=7, size="tiny", progress=False,
+                                     checkpoint_every=2))
 
     # A KeyboardInterrupt in step 6 (after checkpoints at 2 and 4) keeps the step-4 checkpoint.
     calls = {"n": 0}
@@ -63,25 +75,26 @@ def test_interrupted_run_resumes_to_the_same_weights(task, tmp_path, monkeypatch
     out = tmp_path / "resumed"
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        module.train(out, seed=1, steps=7, progress=False, checkpoint_every=2)
+        module.train(out, seed=1, steps=7, size="tiny", progress=False, checkpoint_every=2)
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", original)
     assert (out / "checkpoint.safetensors").is_file() and not (out / "model.safetensors").exists()
     history: list = []
-    resumed = _weights(module.train(out, seed=1, steps=7, progress=False, checkpoint_every=2, history=history))
+    resumed = _weights(module.train(out, seed=1, steps=7, size="tiny", progress=False, checkpoint_every=2,
+                                    history=history))
     assert len(history) == 3, f"resumed at step {7 - len(history)}, expected the step-4 checkpoint"
     _assert_same(straight, resumed)
     assert not (out / "checkpoint.safetensors").exists()  # removed once the folder is written
 
 
 def test_stopped_run_resumes_from_its_checkpoint(tmp_path):
-    straight = _weights(recall.train(tmp_path / "a", seed=2, steps=5, progress=False))
-    recall.train(tmp_path / "b", seed=2, steps=5, progress=False, stop_after=3)
-    _assert_same(straight, _weights(recall.train(tmp_path / "b", seed=2, steps=5, progress=False)))
+    straight = _weights(recall.train(tmp_path / "a", seed=2, steps=5, size="tiny", progress=False))
+    recall.train(tmp_path / "b", seed=2, steps=5, size="tiny", progress=False, stop_after=3)
+    _assert_same(straight, _weights(recall.train(tmp_path / "b", seed=2, steps=5, size="tiny", progress=False)))
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_saved_folder_loads_with_qkv_load(task, tmp_path):
-    model = TASKS[task].train(tmp_path / "m", steps=3, progress=False)
+    model = TASKS[task].train(tmp_path / "m", steps=3, size="tiny", progress=False)
     names = sorted(p.name for p in (tmp_path / "m").iterdir())
     extra = ["generation_config.json"] if task == "recall" else []
     assert names == sorted([".qkv-train", "config.json", "model.safetensors", "tokenizer.json"] + extra)
@@ -96,13 +109,13 @@ def test_corrupt_checkpoint_is_refused_clearly(tmp_path):
     (out / ".qkv-train").write_text('{"format": "qkv.train/1", "task": "recall"}')  # a qkv run's folder
     (out / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="unreadable.*delete it"):
-        recall.train(out, steps=3, progress=False)
+        recall.train(out, steps=3, size="tiny", progress=False)
 
 
 def test_checkpoint_of_another_run_is_refused(tmp_path):
-    recall.train(tmp_path / "m", seed=1, steps=5, progress=False, stop_after=2)
+    recall.train(tmp_path / "m", seed=1, steps=5, size="tiny", progress=False, stop_after=2)
     with pytest.raises(TrainingError, match="seed=1 \\(now 2\\)"):
-        recall.train(tmp_path / "m", seed=2, steps=5, progress=False)
+        recall.train(tmp_path / "m", seed=2, steps=5, size="tiny", progress=False)
 
 
 def test_translate_reference_grammar():
@@ -118,7 +131,7 @@ def test_cli_train_writes_a_folder_with_a_progress_bar(tmp_path, capsys):
     from qkv.cli import main
 
     out = tmp_path / "t"
-    assert main(["train", "translate", "--out", str(out), "--steps", "3", "--seed", "5"]) == 0
+    assert main(["train", "translate", "--size", "tiny", "--out", str(out), "--steps", "3", "--seed", "5"]) == 0
     captured = capsys.readouterr()
     assert "\rtranslate     3/3 [" in captured.err and "loss" in captured.err and "acc" in captured.err
     assert captured.out.startswith("trained translate in ") and "held-out exact match" in captured.out
@@ -151,13 +164,13 @@ def test_cli_train_interrupted_after_a_checkpoint_names_its_step(tmp_path, capsy
     from qkv.cli import main
 
     out = tmp_path / "r"
-    recall.train(out, seed=0, steps=5, progress=False, stop_after=2)  # a checkpoint at step 2
+    recall.train(out, seed=0, steps=5, size="tiny", progress=False, stop_after=2)  # a checkpoint at step 2
 
     def interrupting(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", interrupting)  # in the first resumed step
-    assert main(["train", "recall", "--out", str(out), "--steps", "5", "--quiet"]) == 130
+    assert main(["train", "recall", "--size", "tiny", "--out", str(out), "--steps", "5", "--quiet"]) == 130
     err = capsys.readouterr().err
     assert f"the checkpoint of step 2 in {out} is kept: run the same command to resume" in err, err
 
@@ -192,16 +205,16 @@ def test_train_refuses_a_foreign_folder_and_accepts_its_own(task, tmp_path):
     out = tmp_path / "f"
     before = _foreign_folder(out)
     with pytest.raises(TrainingError, match="holds files that qkv train did not write"):
-        module.train(out, steps=2, progress=False)
+        module.train(out, steps=2, size="tiny", progress=False)
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
     # A marker that is not qkv's (not its JSON) does not make the folder qkv's.
     (out / ".qkv-train").write_text("mine")
     with pytest.raises(TrainingError, match="did not write"):
-        module.train(out, steps=2, progress=False)
+        module.train(out, steps=2, size="tiny", progress=False)
     # An empty folder, and a folder of a finished qkv run (trained again over itself), are fine.
     (tmp_path / "empty").mkdir()
-    module.train(tmp_path / "empty", steps=2, progress=False)
-    module.train(tmp_path / "empty", steps=2, seed=1, progress=False)
+    module.train(tmp_path / "empty", steps=2, size="tiny", progress=False)
+    module.train(tmp_path / "empty", steps=2, seed=1, size="tiny", progress=False)
     assert json.loads((tmp_path / "empty" / ".qkv-train").read_text()) == {"format": "qkv.train/1", "task": task}
 
 

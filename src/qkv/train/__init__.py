@@ -1,6 +1,6 @@
 """Training qkv's own small models, which ship with the package to show attention at work.
 
-    qkv train recall      # associative recall: a two-layer GPT-2 looks a key up (recall.py)
+    qkv train recall      # associative recall: a three-layer GPT-2 looks a key up (recall.py)
     qkv train translate   # an encoder-decoder reorders words through cross-attention (translate.py)
 
 Both are deterministic for a seed, print a progress bar, resume from their last checkpoint and

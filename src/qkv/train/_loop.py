@@ -1,4 +1,4 @@
-"""The training loop shared by qkv's small models: deterministic batches, AdamW, a plain-text
+"""The training loop shared by qkv's small models: deterministic batches, AdamW, a tqdm
 progress bar, checkpoints that survive interruption, and Hugging Face-style output folders.
 
 Determinism: parameters come from `torch.manual_seed(seed)`, and the batch of step t from a
@@ -24,10 +24,9 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +56,21 @@ class Schedule:
             return self.lr * (step + 1) / self.warmup
         t = (step - self.warmup) / max(1, self.steps - self.warmup)
         return self.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+@dataclass(frozen=True)
+class Size:
+    """A task's model dimensions and the run that trains them. Each task has two (`SIZES`):
+    "shipped", the bundled weights that `qkv train TASK` reproduces, and "tiny", the test suite's,
+    which runs the same code (training, checkpoints, resume, export, `qkv.load`) in a second."""
+
+    width: int  # model width (embedding and attention)
+    layers: int  # layers (of each stack, for an encoder-decoder)
+    heads: int  # attention heads per layer
+    ffn: int  # feed-forward inner width
+    steps: int  # optimizer steps of a run (`qkv train --steps` overrides it)
+    batch: int  # examples per step
+    lr: float  # peak learning rate (AdamW)
 
 
 def init_weights(model: nn.Module, std: float = 0.02) -> None:
@@ -152,32 +166,17 @@ def save_folder(out: Path, config: dict, weights: dict[str, Tensor], tokenizer, 
         write_text(out / name, json.dumps(content, indent=2) + "\n", what=f"the {name}")
 
 
-class Progress:
-    """One line on stderr, rewritten with `\\r`: step, bar, loss, accuracy, elapsed seconds."""
+def progress_bar(name: str, total: int, start: int, *, enabled: bool = True):
+    """A tqdm bar on stderr for the steps `start..total` of task `name`, rewritten in place with
+    `\\r` at most every 0.25 s (the last state always drawn when it closes):
 
-    def __init__(self, name: str, total: int, *, enabled: bool = True, stream=None):
-        self.name, self.total, self.enabled = name, total, enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.start = time.perf_counter()
-        self.last = 0.0
-        self.shown = -1  # the step on screen
+        recall   120/6000 [--------...], loss 2.3026 acc  11.0% 00:41
 
-    def update(self, step: int, loss: float, acc: float, *, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not self.enabled or step == self.shown or (not force and now - self.last < 0.25 and step < self.total):
-            return
-        self.last, self.shown = now, step
-        width = 24
-        filled = int(width * step / max(1, self.total))
-        bar = "#" * filled + "-" * (width - filled)
-        self.stream.write(f"\r{self.name} {step:>5}/{self.total} [{bar}] loss {loss:.4f} "
-                          f"acc {100 * acc:5.1f}% {now - self.start:5.0f}s")
-        self.stream.flush()
+    `enabled=False` (`qkv train --quiet`, `progress=False`) draws nothing."""
+    from tqdm import tqdm
 
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+    return tqdm(total=total, initial=start, desc=name, disable=not enabled, file=sys.stderr, mininterval=0.25,
+                ascii="-#", bar_format="{desc} {n:>5}/{total} [{bar:24}]{postfix} {elapsed}")
 
 
 def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, meta: dict) -> None:
@@ -260,10 +259,11 @@ def train_loop(model: nn.Module, *, out: Path, schedule: Schedule, seed: int, me
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": schedule.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=schedule.lr, betas=(0.9, 0.98))
     step = _load_checkpoint(ckpt, model, opt, meta) if ckpt.exists() else 0
-    bar = Progress(name, schedule.steps, enabled=progress)
     model.train()
-    loss_value, acc = float("nan"), 0.0
-    try:
+    # An interrupt (KeyboardInterrupt) may land between the optimizer's update and `step += 1`:
+    # it propagates, keeping the last periodic checkpoint, which is whole, rather than saving a
+    # state of unknown step. The bar is closed (its last state drawn) either way.
+    with progress_bar(name, schedule.steps, step, enabled=progress) as bar:
         while step < schedule.steps:
             if stop_after is not None and step >= stop_after:
                 break
@@ -278,21 +278,60 @@ def train_loop(model: nn.Module, *, out: Path, schedule: Schedule, seed: int, me
             loss_value = float(loss.detach())
             if history is not None:
                 history.append(loss_value)
-            bar.update(step, loss_value, acc)
+            bar.set_postfix_str(f"loss {loss_value:.4f} acc {100 * acc:5.1f}%", refresh=False)
+            bar.update(1)
             if step % schedule.checkpoint_every == 0 and step < schedule.steps:
                 _save_checkpoint(ckpt, model, opt, step, meta)
-    except KeyboardInterrupt:
-        # an interrupt may land between the optimizer's update and `step += 1`: keep the last
-        # periodic checkpoint, which is whole, rather than save a state of unknown step
-        bar.close()
-        raise
-    if step > 0:
-        bar.update(step, loss_value, acc, force=True)
-    bar.close()
     if step < schedule.steps:
         _save_checkpoint(ckpt, model, opt, step, meta)
     model.eval()
     return step
+
+
+def train_task(task: str, out: Union[str, Path], sizes: dict[str, Size], build: Callable[[Size], nn.Module],
+               step_loss: Callable[[nn.Module, torch.Generator, int], tuple[Tensor, float]],
+               save: Callable[[nn.Module, Path], None], *, size: Union[str, Size] = "shipped", seed: int = 0,
+               steps: Optional[int] = None, batch: Optional[int] = None, lr: Optional[float] = None,
+               progress: bool = True, stop_after: Optional[int] = None, checkpoint_every: int = 200,
+               history: Optional[list] = None) -> nn.Module:
+    """Train the model of `task` and save it to `out` (resuming from out/checkpoint.safetensors).
+
+    Args:
+        out: the folder to write (config.json, model.safetensors, tokenizer.json, and the
+            marker .qkv-train first): new, empty, or one that qkv train wrote; a folder holding
+            other files is refused with a TrainingError before anything is touched.
+        sizes, size: the task's sizes by name, and the one to train (a name or a `Size`).
+        build: Size -> a fresh model (its parameters are then drawn from `seed`).
+        step_loss: (model, the step's generator, batch) -> (loss, accuracy of the batch).
+        save: (model, out) -> writes the finished folder.
+        seed: parameters and every batch follow from it: same seed and steps, same weights.
+        steps, batch, lr: optimizer steps of `batch` examples each, at peak learning rate `lr`
+            (each by default the size's).
+        stop_after: stop after this many steps, leaving a checkpoint (an interruption, for tests).
+        history: if given, each step's loss is appended to it.
+
+    Returns:
+        the model (eval mode); the folder is written only when all steps are done.
+    """
+    if isinstance(size, str):
+        if size not in sizes:
+            raise TrainingError(f"size {size!r} is not one of {', '.join(sizes)}")
+        size = sizes[size]
+    given = {"steps": steps, "batch": batch, "lr": lr}
+    run = replace(size, **{k: v for k, v in given.items() if v is not None})  # the size, with what the caller set
+    torch.manual_seed(seed)
+    model = build(run)
+    init_weights(model)
+    schedule = Schedule(steps=run.steps, lr=run.lr, warmup=min(100, max(1, run.steps // 10)),
+                        checkpoint_every=checkpoint_every)
+    meta = {"task": task, "seed": seed, **asdict(run)}  # a checkpoint of other settings is refused
+    reached = train_loop(model, out=Path(out), schedule=schedule, seed=seed, meta=meta,
+                         loss_fn=lambda m, step: step_loss(m, step_generator(seed, step), run.batch), name=task,
+                         progress=progress, stop_after=stop_after, history=history)
+    if reached == run.steps:
+        save(model, Path(out))
+        finish(Path(out))
+    return model
 
 
 def checkpoint_step(out: Path) -> Optional[int]:

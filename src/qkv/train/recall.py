@@ -22,9 +22,9 @@ GPT-2 folder), trained through `qkv.attention` and its backward pass.
 from __future__ import annotations
 
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..models import gpt2
 from ..models.gpt2 import GPT2Config, GPT2LMHeadModel
-from ._loop import Schedule, export_weights, finish, init_weights, save_folder, step_generator, train_loop
+from ._loop import Size, export_weights, save_folder, train_task
 
 KEYS = string.ascii_lowercase  # 26 keys
 VALUES = string.digits  # 10 values
@@ -44,6 +44,9 @@ EVAL_SEED = 1_000_000_007  # held-out samples come from this stream, never from 
 # after the matching key.
 LOOKUP_HEAD = (1, 0)
 GENERATION = {"max_new_tokens": 1}  # generation_config.json of the saved folder
+# "shipped": the bundled weights (qkv.load("recall")); "tiny": the test suite's run of the same code
+SIZES = {"shipped": Size(width=64, layers=3, heads=4, ffn=256, steps=6000, batch=64, lr=2e-3),
+         "tiny": Size(width=32, layers=2, heads=2, ffn=64, steps=40, batch=16, lr=5e-3)}
 
 
 def vocabulary() -> dict[str, int]:
@@ -63,11 +66,11 @@ def build_tokenizer():
     return tok
 
 
-def model_config() -> GPT2Config:
+def model_config(size: Size = SIZES["shipped"]) -> GPT2Config:
     V = vocabulary()
     return GPT2Config(
-        vocab_size=len(V), n_positions=2 * MAX_PAIRS + 4, n_embd=64, n_layer=3, n_head=4, n_inner=256,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=len(V), n_positions=2 * MAX_PAIRS + 4, n_embd=size.width, n_layer=size.layers, n_head=size.heads,
+        n_inner=size.ffn, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=None, eos_token_id=V["[EOS]"], tie_word_embeddings=True,
     )
 
@@ -116,58 +119,23 @@ def batch_loss(model: GPT2LMHeadModel, ids: Tensor, n_pairs: int) -> tuple[Tenso
     return loss, acc
 
 
-@dataclass(frozen=True)
-class RecallRun:
-    seed: int = 0
-    steps: int = 6000
-    batch: int = 64
-    lr: float = 2e-3
+def step_loss(model: GPT2LMHeadModel, g: torch.Generator, batch: int) -> tuple[Tensor, float]:
+    """The loss of one training step (its batches drawn from `g`): recall, plus the copy task."""
+    n = int(torch.randint(1, MAX_PAIRS + 1, (1,), generator=g))
+    q = MAX_PAIRS - n + 1  # as many queries as fit the positions: every prompt has 2 * 8 + 3 tokens
+    loss, acc = batch_loss(model, sample(n, batch, g, q), n)
+    # The copy task asks for the same circuit (find the earlier twin, read the token after it)
+    # with a dense signal; recall alone sits on a long plateau before the circuit forms.
+    return loss + copy_loss(model, *copy_batch(batch, g)), acc
 
 
-RUN = RecallRun()
-METRIC = "answer accuracy"
-
-
-def train(out: Union[str, Path], *, seed: int = RUN.seed, steps: int = RUN.steps, batch: int = RUN.batch, lr: float = RUN.lr,
-          progress: bool = True, stop_after: Optional[int] = None,
-          checkpoint_every: int = 200, history: Optional[list] = None) -> GPT2LMHeadModel:
-    """Train the recall model and save it to `out` (resuming from out/checkpoint.safetensors).
-
-    Args:
-        out: the folder to write (config.json, model.safetensors, tokenizer.json, and the
-            marker .qkv-train first): new, empty, or one that qkv train wrote; a folder holding
-            other files is refused with a TrainingError before anything is touched.
-        seed: parameters and every batch follow from it: same seed and steps, same weights.
-        steps: optimizer steps of `batch` prompts each (1 to 8 pairs, one count per step).
-        stop_after: stop after this many steps, leaving a checkpoint (an interruption, for tests).
-
-    Returns:
-        the model (eval mode); the folder is written only when all steps are done.
-    """
-    out = Path(out)
-    run = RecallRun(seed=seed, steps=steps, batch=batch, lr=lr)
-    torch.manual_seed(seed)
-    config = model_config()
-    model = GPT2LMHeadModel(config)
-    init_weights(model)
-
-    def loss_fn(m, step):
-        g = step_generator(seed, step)
-        n = int(torch.randint(1, MAX_PAIRS + 1, (1,), generator=g))
-        q = MAX_PAIRS - n + 1  # as many queries as fit the positions: every prompt has 2 * 8 + 3 tokens
-        loss, acc = batch_loss(m, sample(n, batch, g, q), n)
-        # The copy task asks for the same circuit (find the earlier twin, read the token after
-        # it) with a dense signal; recall alone sits on a long plateau before the circuit forms.
-        return loss + copy_loss(m, *copy_batch(batch, g)), acc
-
-    schedule = Schedule(steps=steps, lr=lr, warmup=min(100, max(1, steps // 10)),
-                        checkpoint_every=checkpoint_every)
-    reached = train_loop(model, out=out, schedule=schedule, seed=seed, meta={"task": "recall", **asdict(run)},
-                         loss_fn=loss_fn, name="recall", progress=progress, stop_after=stop_after, history=history)
-    if reached == steps:
-        save(model, out)
-        finish(out)
-    return model
+def train(out: Union[str, Path], **options) -> GPT2LMHeadModel:
+    """Train the recall model and save it to `out` as a Hugging Face GPT-2 folder, resuming
+    from out/checkpoint.safetensors: `size` ("shipped", "tiny" or a `Size`), `seed`, `steps`,
+    `batch`, `lr`, `progress`, `stop_after`, `checkpoint_every`, `history` as
+    `qkv.train._loop.train_task` says. Returns the model (eval mode)."""
+    return train_task("recall", out, SIZES, lambda size: GPT2LMHeadModel(model_config(size)), step_loss, save,
+                      **options)
 
 
 def save(model: GPT2LMHeadModel, out: Path) -> None:
@@ -204,6 +172,9 @@ def accuracy(model: GPT2LMHeadModel, batches: list[Tensor]) -> float:
         right += int((logits.argmax(-1) == ids[:, -1]).sum())
         total += ids.shape[0]
     return right / total
+
+
+METRIC = "answer accuracy"
 
 
 def evaluate(model: GPT2LMHeadModel, count: int = 500) -> float:

@@ -20,16 +20,16 @@ for training; accuracy is exact match of the greedy translation.
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ..models import seq2seq
 from ..models.seq2seq import QkvSeq2Seq, Seq2SeqConfig
-from ._loop import Schedule, finish, init_weights, save_folder, step_generator, train_loop
+from ._loop import Size, export_weights, save_folder, train_task
 
 ARTICLES = {"the": "ke", "a": "na"}
 NOUNS = {"cat": "miro", "dog": "vasku", "bird": "pelli", "fish": "tunna", "mouse": "skiv", "horse": "dravo",
@@ -43,6 +43,9 @@ MAX_ADJECTIVES = 2
 MAX_SOURCE = 2 * (2 + MAX_ADJECTIVES) + 1  # 9 words
 HELD_OUT_EVERY = 10  # sentences with crc32 % 10 == 0 are never trained on
 LEXICON = {**ARTICLES, **NOUNS, **ADJECTIVES, **VERBS}
+# "shipped": the bundled weights (qkv.load("translate")); "tiny": the test suite's run of the same code
+SIZES = {"shipped": Size(width=64, layers=2, heads=4, ffn=256, steps=1500, batch=64, lr=2e-3),
+         "tiny": Size(width=32, layers=1, heads=2, ffn=64, steps=40, batch=16, lr=5e-3)}
 
 
 def vocabulary() -> dict[str, int]:
@@ -62,11 +65,12 @@ def build_tokenizer():
     return tok
 
 
-def model_config() -> Seq2SeqConfig:
+def model_config(size: Size = SIZES["shipped"]) -> Seq2SeqConfig:
     V = vocabulary()
-    return Seq2SeqConfig(vocab_size=len(V), d_model=64, encoder_layers=2, decoder_layers=2, attention_heads=4,
-                         ffn_dim=256, max_position_embeddings=MAX_SOURCE, max_target_positions=MAX_SOURCE + 2,
-                         dropout=0.0, pad_token_id=V["[PAD]"], bos_token_id=V["[BOS]"], eos_token_id=V["[EOS]"])
+    return Seq2SeqConfig(vocab_size=len(V), d_model=size.width, encoder_layers=size.layers,
+                         decoder_layers=size.layers, attention_heads=size.heads, ffn_dim=size.ffn,
+                         max_position_embeddings=MAX_SOURCE, max_target_positions=MAX_SOURCE + 2, dropout=0.0,
+                         pad_token_id=V["[PAD]"], bos_token_id=V["[BOS]"], eos_token_id=V["[EOS]"])
 
 
 def translate_words(source: list[str]) -> list[str]:
@@ -123,49 +127,23 @@ def encode_pairs(texts: list[str]):
     return src_ids, src_mask, dec_in, target
 
 
-@dataclass(frozen=True)
-class TranslateRun:
-    seed: int = 0
-    steps: int = 1500
-    batch: int = 64
-    lr: float = 2e-3
+def step_loss(model: QkvSeq2Seq, g: torch.Generator, batch: int) -> tuple[Tensor, float]:
+    """The loss of one training step on `batch` training sentences drawn from `g`, and its exact match."""
+    src, mask, dec_in, target = encode_pairs(sentences(batch, g, held_out=False))
+    logits = model(src, dec_in, attention_mask=mask)  # (B, Lt, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+    ok = ((logits.argmax(-1) == target) | (target == -100)).all(dim=1)  # (B,)
+    return loss, ok.float().mean().item()
 
 
-RUN = TranslateRun()
-METRIC = "exact match"
-
-
-def train(out: Union[str, Path], *, seed: int = RUN.seed, steps: int = RUN.steps, batch: int = RUN.batch,
-          lr: float = RUN.lr, progress: bool = True, stop_after: Optional[int] = None,
-          checkpoint_every: int = 200, history: Optional[list] = None) -> QkvSeq2Seq:
-    """Train the translation model and save it to `out` (arguments as `qkv.train.recall.train`)."""
-    out = Path(out)
-    run = TranslateRun(seed=seed, steps=steps, batch=batch, lr=lr)
-    torch.manual_seed(seed)
-    model = QkvSeq2Seq(model_config())
-    init_weights(model)
-
-    def loss_fn(m, step):
-        src, mask, dec_in, target = encode_pairs(sentences(batch, step_generator(seed, step), held_out=False))
-        logits = m(src, dec_in, attention_mask=mask)  # (B, Lt, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
-        ok = ((logits.argmax(-1) == target) | (target == -100)).all(dim=1)
-        return loss, ok.float().mean().item()
-
-    schedule = Schedule(steps=steps, lr=lr, warmup=min(100, max(1, steps // 10)),
-                        checkpoint_every=checkpoint_every)
-    reached = train_loop(model, out=out, schedule=schedule, seed=seed, meta={"task": "translate", **asdict(run)},
-                         loss_fn=loss_fn, name="translate", progress=progress, stop_after=stop_after, history=history)
-    if reached == steps:
-        save(model, out)
-        finish(out)
-    return model
+def train(out: Union[str, Path], **options) -> QkvSeq2Seq:
+    """Train the translation model and save it to `out` (options as `qkv.train.recall.train`)."""
+    return train_task("translate", out, SIZES, lambda size: QkvSeq2Seq(model_config(size)), step_loss, save,
+                      **options)
 
 
 def save(model: QkvSeq2Seq, out: Path) -> None:
     """Write the translation model as a Hugging Face-style folder `out` (see `_loop.save_folder`)."""
-    from ._loop import export_weights
-
     config = {**model.config.to_hf(), "qkv_task": "translate"}
     save_folder(Path(out), config, export_weights(model, seq2seq.hf_plan(model.config)), build_tokenizer(),
                 task="translate")
@@ -191,6 +169,9 @@ def exact_match(model: QkvSeq2Seq, texts: list[str]) -> float:
             words.append(inv[i])
         right += words == translate_words(text.split())
     return right / len(texts)
+
+
+METRIC = "exact match"
 
 
 def evaluate(model: QkvSeq2Seq, count: int = 1000) -> float:
