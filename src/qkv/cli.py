@@ -428,7 +428,7 @@ def _serve(p):
         try:
             from .web.server import serve
         except ImportError as exc:
-            raise UserError(f"qkv serve needs starlette and uvicorn ({exc.name or exc} is missing): "
+            raise UserError(f"qkv serve needs fastapi and uvicorn ({exc.name or exc} is missing): "
                             "pip install 'qkv[web]'") from None
         if args.model_dir is not None and not os.path.isdir(args.model_dir):
             raise UserError(f"--model-dir {args.model_dir!r} is not a folder")
