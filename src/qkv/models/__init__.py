@@ -6,13 +6,18 @@ loaded from Hugging Face safetensors folders (models -> nn -> core).
     model = qkv.load("path/to/llama")     # any HF folder with a supported architecture
     ids = model.generate("Once upon a time", max_new_tokens=20)
     qkv.load("recall"), qkv.load("translate")   # qkv's own small models (qkv.train)
+
+GPT-2 and Llama are `CausalLM`s (decoder.py: one decoder skeleton with generation); each family
+module ends in a `Family` record (common.py) through which `load` reads its folders.
 """
 
 from .bert import BertConfig, BertModel, SentencePooling
 from .checkpoint import CheckpointError, ModelError
+from .common import Family
+from .decoder import CausalLM
 from .gpt2 import GPT2Config, GPT2LMHeadModel
 from .llama import LlamaConfig, LlamaForCausalLM
-from .loading import ARCHITECTURES, BUNDLED, bundled_path, load
+from .loading import ARCHITECTURES, BUNDLED, FAMILIES, bundled_path, load
 from .seq2seq import QkvSeq2Seq, Seq2SeqConfig
 from .tokenizer import Batch, Tokenizer
 
@@ -21,6 +26,9 @@ __all__ = [
     "bundled_path",
     "ARCHITECTURES",
     "BUNDLED",
+    "FAMILIES",
+    "Family",
+    "CausalLM",
     "BertConfig",
     "BertModel",
     "SentencePooling",

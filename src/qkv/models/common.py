@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import torch.nn.functional as F
+from torch import Tensor
 
 from .checkpoint import ModelError, Plan
 from .fields import Limit
@@ -35,6 +36,14 @@ def activation(name: str):
     if name not in _ACTIVATIONS:
         raise ModelError(f"activation {name!r} in config.json is not supported; qkv supports {', '.join(sorted(_ACTIVATIONS))}")
     return _ACTIVATIONS[name]
+
+
+def key_padding_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """attention_mask (B, Lk) bool or 0/1 (False/0 = padding) -> (B, 1, 1, Lk) bool for
+    `qkv.attention` (True = may attend); None when there is no mask or no padding."""
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        return None
+    return attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
 
 
 def _as_is(config, keys) -> tuple[Any, tuple]:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..nn import KVCache
 from .checkpoint import ModelError
+from .common import key_padding_mask
 from .generation import PREFILL_CHUNK, check_chunk_size, chunked_hidden, left_pad
 from .generation import generate as _generate
 from .tokenizer import Tokenizer
@@ -117,9 +118,7 @@ class CausalLM(nn.Module):
             return chunked_hidden(self, input_ids, chunk_size, cache=cache, attention_mask=attention_mask,
                                   positions=positions)
         pos = torch.arange(start, start + L, device=input_ids.device) if positions is None else positions  # (L,) | (B, L)
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, n + L)
+        mask = key_padding_mask(attention_mask)  # (B, 1, 1, n + L) | None
         x, rotary = self.embed(input_ids, pos)  # (B, L, E); cos, sin (L, D) | (B, 1, L, D) | None
         for block in self.blocks:
             x = block(x, mask, rotary, cache)

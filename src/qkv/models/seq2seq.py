@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..nn import KVCache, LearnedPositions, MultiHeadAttention
 from .checkpoint import ModelError, Piece, Plan
-from .common import Family
+from .common import Family, key_padding_mask
 from .fields import EPS, NON_NEGATIVE, POSITIVE, PROBABILITY, HFConfig, check_divisible
 from .tokenizer import Tokenizer
 
@@ -154,18 +154,12 @@ class QkvSeq2Seq(nn.Module):
         if Ls > self.config.max_position_embeddings:
             raise ModelError(f"the source has {Ls} tokens but this model takes at most "
                              f"{self.config.max_position_embeddings}; shorten it")
-        mask = self._key_mask(attention_mask)
+        mask = key_padding_mask(attention_mask)  # (B, 1, 1, Ls) | None
         e = self.encoder
         x = self.embed_tokens(input_ids) + e.embed_positions(torch.arange(Ls, device=input_ids.device))  # (B, Ls, E)
         for layer in e.layers:
             x = layer(x, mask)
         return e.layer_norm(x)
-
-    @staticmethod
-    def _key_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
-        if attention_mask is None or bool(attention_mask.bool().all()):
-            return None
-        return attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Ls)
 
     def decode(self, decoder_input_ids: Tensor, memory: Tensor, attention_mask: Optional[Tensor] = None,
                cache: Optional[KVCache] = None) -> Tensor:
@@ -178,7 +172,7 @@ class QkvSeq2Seq(nn.Module):
         d = self.decoder
         pos = torch.arange(start, start + Lt, device=decoder_input_ids.device)  # (Lt,)
         x = self.embed_tokens(decoder_input_ids) + d.embed_positions(pos)  # (B, Lt, E)
-        mask = self._key_mask(attention_mask)
+        mask = key_padding_mask(attention_mask)  # (B, 1, 1, Ls) | None
         for layer in d.layers:
             x = layer(x, memory, mask, cache)
         return d.layer_norm(x)
