@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import ModelError, Plan
-from .fields import Limit
+from .fields import HFConfig, Limit
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -76,7 +76,7 @@ class Family:
 
     architectures: tuple[str, ...]
     model_type: Optional[str]
-    config: type
+    config: type[HFConfig]
     model: type
     plan: Callable[..., Plan]
     layers: Callable[..., list]

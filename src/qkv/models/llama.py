@@ -77,6 +77,19 @@ class LlamaConfig(HFConfig):
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    # What a Llama-like family changes (qwen2.py, mistral.py): biases and a sliding window.
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def out_bias(self) -> bool:
+        return self.attention_bias
+
+    def window(self, layer: int) -> Optional[tuple[int, int]]:
+        """`qkv.attention`'s window of a layer's causal self-attention: (left, 0), or None = all keys."""
+        return None
+
     @property
     def eos_ids(self) -> list[int]:
         e = self.eos_token_id
@@ -160,14 +173,15 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = MultiHeadAttention(
             c.hidden_size, c.num_attention_heads, num_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
-            bias=c.attention_bias, dropout=c.attention_dropout,
+            bias=c.qkv_bias, out_bias=c.out_bias, dropout=c.attention_dropout,
         )
+        self.window = c.window(layer_idx)
         self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = LlamaMLP(c)
 
     def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor], cache: Optional[KVCache]) -> Tensor:
         """x (B, L, E), mask (B, 1, 1, n + L) or None, rotary (cos, sin) of the new positions."""
-        x = x + self.self_attn(self.input_layernorm(x), mask=mask, causal=True, rotary=rotary,
+        x = x + self.self_attn(self.input_layernorm(x), mask=mask, causal=True, window=self.window, rotary=rotary,
                                cache=cache, layer=self.layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -225,12 +239,13 @@ def hf_plan(c: LlamaConfig) -> Plan:
             Piece(p + "self_attn.v_proj.weight", (kv_out, E)),
         )
         plan[p + "self_attn.out_proj.weight"] = (Piece(p + "self_attn.o_proj.weight", (E, q_out)),)
-        if c.attention_bias:
+        if c.qkv_bias:
             plan[p + "self_attn.qkv_proj.bias"] = (
                 Piece(p + "self_attn.q_proj.bias", (q_out,)),
                 Piece(p + "self_attn.k_proj.bias", (kv_out,)),
                 Piece(p + "self_attn.v_proj.bias", (kv_out,)),
             )
+        if c.out_bias:
             plan[p + "self_attn.out_proj.bias"] = (Piece(p + "self_attn.o_proj.bias", (E,)),)
         for name, shape in (("gate_proj", (I, E)), ("up_proj", (I, E)), ("down_proj", (E, I))):
             plan[p + f"mlp.{name}.weight"] = (Piece(p + f"mlp.{name}.weight", shape),)

@@ -24,7 +24,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import bert, gpt2, llama, seq2seq
+from . import bert, gpt2, llama, mistral, qwen2, seq2seq
 from .checkpoint import (ModelError, check_layers, check_plan, load_weights, read_config, read_json, read_shapes,
                          resolve_folder, safetensors_files)
 from .common import Family
@@ -32,7 +32,7 @@ from .fields import POSITIVE, Fields
 from .tokenizer import Tokenizer
 
 # The families qkv runs; a new family is one module with a FAMILY record and one entry here.
-_FAMILIES = (bert.FAMILY, gpt2.FAMILY, llama.FAMILY, seq2seq.FAMILY)
+_FAMILIES = (bert.FAMILY, gpt2.FAMILY, llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, seq2seq.FAMILY)
 # architecture name in config.json -> its family
 FAMILIES: dict[str, Family] = {a: f for f in _FAMILIES for a in f.architectures}
 # architecture -> (family, config class, model class), the shape qkv.web reads
