@@ -1,4 +1,4 @@
-"""Real models on qkv's attention: BERT-family encoders, GPT-2 and Llama-family decoders,
+"""Real models on qkv's attention: BERT-family encoders, GPT-2, Llama, Mistral and Qwen2 decoders,
 loaded from Hugging Face safetensors folders (models -> nn -> core).
 
     model = qkv.load("minilm")            # bundled all-MiniLM-L6-v2
@@ -7,7 +7,7 @@ loaded from Hugging Face safetensors folders (models -> nn -> core).
     ids = model.generate("Once upon a time", max_new_tokens=20)
     qkv.load("recall"), qkv.load("translate")   # qkv's own small models (qkv.train)
 
-GPT-2 and Llama are `CausalLM`s (decoder.py: one decoder skeleton with generation); each family
+The decoders are `CausalLM`s (decoder.py: one decoder skeleton with generation); each family
 module ends in a `Family` record (common.py) through which `load` reads its folders.
 """
 
@@ -18,6 +18,8 @@ from .decoder import CausalLM
 from .gpt2 import GPT2Config, GPT2LMHeadModel
 from .llama import LlamaConfig, LlamaForCausalLM
 from .loading import ARCHITECTURES, BUNDLED, FAMILIES, bundled_path, load
+from .mistral import MistralConfig, MistralForCausalLM
+from .qwen2 import Qwen2Config, Qwen2ForCausalLM
 from .seq2seq import QkvSeq2Seq, Seq2SeqConfig
 from .tokenizer import Batch, Tokenizer
 
@@ -36,6 +38,10 @@ __all__ = [
     "GPT2LMHeadModel",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "MistralConfig",
+    "MistralForCausalLM",
+    "Qwen2Config",
+    "Qwen2ForCausalLM",
     "Seq2SeqConfig",
     "QkvSeq2Seq",
     "Tokenizer",

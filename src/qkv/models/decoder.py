@@ -4,7 +4,7 @@ generation (generation.py) and chunked prefill on top (docs/architecture.md, "Ad
 family").
 
 A family subclasses `CausalLM` and supplies only what differs: its config, its modules (under
-Hugging Face's names, so checkpoints map onto them by `hf_plan`) and four hooks:
+Hugging Face's names, so checkpoints map onto them by `hf_plan`) and these hooks:
 
 - `embed(input_ids, positions)` -> (x, rotary): token (and learned position) embeddings,
   and the rotary cos/sin the blocks apply (None without rotary embeddings);
@@ -13,7 +13,8 @@ Hugging Face's names, so checkpoints map onto them by `hf_plan`) and four hooks:
   may be tied to;
 - `kv_shape`: (layers, key/value heads, head size) of the KV cache.
 
-The class attribute `positions_field` names the config field that bounds the sequence.
+The class attributes `positions_field` and `positions_text` name the config field that bounds
+the sequence and how the message for a longer one says it.
 """
 
 from __future__ import annotations
@@ -42,26 +43,18 @@ class CausalLM(nn.Module):
         self.config = config
         self.tokenizer: Optional[Tokenizer] = None
 
-    # -- hooks of a family ----------------------------------------------------------------
-    def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
-        """input_ids (B, L), positions (L,) | (B, L) -> x (B, L, E), rotary (cos, sin) or None."""
-        raise NotImplementedError
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        raise NotImplementedError
-
-    @property
-    def final_norm(self) -> nn.Module:
-        raise NotImplementedError
-
-    @property
-    def token_embedding(self) -> nn.Embedding:
-        raise NotImplementedError
+    # hooks of a family (module docstring)
+    blocks: nn.ModuleList
+    final_norm: nn.Module
+    token_embedding: nn.Embedding
 
     @property
     def kv_shape(self) -> tuple[int, int, int]:
         """(layers, key/value heads, head size) of the KV cache."""
+        raise NotImplementedError
+
+    def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
+        """input_ids (B, L), positions (L,) | (B, L) -> x (B, L, E), rotary (cos, sin) or None."""
         raise NotImplementedError
 
     # -- the skeleton ---------------------------------------------------------------------

@@ -97,10 +97,10 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
         device: where the parameters live ("cpu", "cuda", "cuda:1", "mps", a torch.device).
 
     Returns:
-        the model (`BertModel`, `GPT2LMHeadModel`, `LlamaForCausalLM` or `QkvSeq2Seq`) in eval
-        mode, with `.tokenizer` set (None if the folder has no tokenizer files and is a
-        decoder), `.folder` the path it came from, and `.generation_config` the folder's
-        generation_config.json ({} without one).
+        the model (`BertModel`, a `CausalLM` such as `GPT2LMHeadModel` or `LlamaForCausalLM`,
+        or `QkvSeq2Seq`; `FAMILIES` lists them) in eval mode, with `.tokenizer` set (None if
+        the folder has no tokenizer files and is a decoder), `.folder` the path it came from,
+        and `.generation_config` the folder's generation_config.json ({} without one).
 
     Raises:
         FileNotFoundError: a missing folder or file. ModelError (a ValueError): anything wrong
