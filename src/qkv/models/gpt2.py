@@ -4,7 +4,8 @@ Unsupervised Multitask Learners"), loading Hugging Face `GPT2LMHeadModel` folder
 Pre-LayerNorm blocks: x = x + Attn(LN(x)); x = x + MLP(LN(x)); learned absolute positions;
 the LM head is tied to the token embedding. Module names are Hugging Face's; the attention
 projections are `attn.qkv_proj` / `attn.out_proj` of a qkv MultiHeadAttention, filled from
-GPT-2's transposed Conv1D weights `attn.c_attn` / `attn.c_proj` by `hf_plan`.
+GPT-2's transposed Conv1D weights `attn.c_attn` / `attn.c_proj` by `hf_plan`. The decoder
+skeleton (cache, hidden states, logits, generation) is `CausalLM` (decoder.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Models"; Llama 2/3 add grouped-query attention), loading Hugging Face `LlamaForC
 Pre-norm blocks with RMSNorm (Zhang & Sennrich 2019), a SwiGLU feed-forward (Shazeer 2020),
 rotary position embeddings (Su et al. 2021) in the Llama half-split layout, and grouped-query
 attention (Ainslie et al. 2023). Names are Hugging Face's; q_proj/k_proj/v_proj are fused into
-`self_attn.qkv_proj` and o_proj is `self_attn.out_proj`, mapped by `hf_plan`.
+`self_attn.qkv_proj` and o_proj is `self_attn.out_proj`, mapped by `hf_plan`. The decoder
+skeleton is `CausalLM` (decoder.py); Llama-like families (mistral.py, qwen2.py) subclass the
+config and change its hooks (`qkv_bias`, `out_bias`, `window`).
 """
 
 from __future__ import annotations
