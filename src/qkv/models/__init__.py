@@ -1,4 +1,4 @@
-"""Real models on qkv's attention: BERT-family encoders, GPT-2 and Llama-family decoders,
+"""Real models on qkv's attention: BERT-family encoders, GPT-2, Llama, Mistral and Qwen2 decoders,
 loaded from Hugging Face safetensors folders (models -> nn -> core).
 
     model = qkv.load("minilm")            # bundled all-MiniLM-L6-v2
@@ -6,13 +6,20 @@ loaded from Hugging Face safetensors folders (models -> nn -> core).
     model = qkv.load("path/to/llama")     # any HF folder with a supported architecture
     ids = model.generate("Once upon a time", max_new_tokens=20)
     qkv.load("recall"), qkv.load("translate")   # qkv's own small models (qkv.train)
+
+The decoders are `CausalLM`s (decoder.py: one decoder skeleton with generation); each family
+module ends in a `Family` record (common.py) through which `load` reads its folders.
 """
 
 from .bert import BertConfig, BertModel, SentencePooling
 from .checkpoint import CheckpointError, ModelError
+from .common import Family
+from .decoder import CausalLM
 from .gpt2 import GPT2Config, GPT2LMHeadModel
 from .llama import LlamaConfig, LlamaForCausalLM
-from .loading import ARCHITECTURES, BUNDLED, bundled_path, load
+from .loading import ARCHITECTURES, BUNDLED, FAMILIES, bundled_path, load
+from .mistral import MistralConfig, MistralForCausalLM
+from .qwen2 import Qwen2Config, Qwen2ForCausalLM
 from .seq2seq import QkvSeq2Seq, Seq2SeqConfig
 from .tokenizer import Batch, Tokenizer
 
@@ -21,6 +28,9 @@ __all__ = [
     "bundled_path",
     "ARCHITECTURES",
     "BUNDLED",
+    "FAMILIES",
+    "Family",
+    "CausalLM",
     "BertConfig",
     "BertModel",
     "SentencePooling",
@@ -28,6 +38,10 @@ __all__ = [
     "GPT2LMHeadModel",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "MistralConfig",
+    "MistralForCausalLM",
+    "Qwen2Config",
+    "Qwen2ForCausalLM",
     "Seq2SeqConfig",
     "QkvSeq2Seq",
     "Tokenizer",

@@ -10,7 +10,7 @@ one pure function that maps checkpoint names onto them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,12 +20,14 @@ from torch import Tensor, nn
 
 from ..nn import LearnedPositions, MultiHeadAttention
 from .checkpoint import Dim, ModelError, Piece, Plan, json_type, inside_folder, read_json
-from .fields import EPS, NON_NEGATIVE, POSITIVE, PROBABILITY, Fields, Limit, read_dataclass, refuse_common
+from .common import ACTIVATION, Family, activation
+from .fields import (EPS, NON_NEGATIVE, POSITIVE, PROBABILITY, Fields, HFConfig, check_divisible, read_dataclass,
+                     refuse_cross_attention)
 from .tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
-class BertConfig:
+class BertConfig(HFConfig):
     vocab_size: int = 30522  # tokens in the vocabulary
     hidden_size: int = 768  # E
     num_hidden_layers: int = 12  # encoder blocks
@@ -42,53 +44,24 @@ class BertConfig:
     is_decoder: bool = False  # causal self-attention, as transformers runs a BertModel saved as a decoder
     add_pooling_layer: bool = True  # BertModel's tanh pooler over [CLS]; set from the checkpoint's keys
 
+    LIMITS = {  # config.json ranges; a field not listed has no range beyond its type
+        "vocab_size": POSITIVE, "hidden_size": POSITIVE, "num_hidden_layers": POSITIVE, "num_attention_heads": POSITIVE,
+        "intermediate_size": POSITIVE, "hidden_act": ACTIVATION, "max_position_embeddings": POSITIVE,
+        "type_vocab_size": POSITIVE, "layer_norm_eps": EPS, "hidden_dropout_prob": PROBABILITY,
+        "attention_probs_dropout_prob": PROBABILITY, "pad_token_id": NON_NEGATIVE,
+    }
+
     @classmethod
-    def from_hf(cls, d: dict, source="config.json") -> "BertConfig":
-        """Read a Hugging Face config.json dict: every field qkv uses, typed and range-checked,
-        and the fields that change the math in ways qkv does not run refused by name
-        (docs/models.md lists every field). `source` names the file in messages."""
-        f = Fields(d, source)
-        refuse_common(f)
-        if f.get("add_cross_attention", bool, False):
-            raise f.unsupported("add_cross_attention", "qkv's BertModel has no cross-attention layers; use the "
-                                "folder of a plain BertModel (add_cross_attention false)")
-        kw = read_dataclass(cls, f, limits=_LIMITS, skip=("add_pooling_layer",))
+    def read_fields(cls, f: Fields) -> dict:
+        refuse_cross_attention(f, "BertModel", "BertModel")
+        kw = read_dataclass(cls, f, limits=cls.LIMITS, skip=("add_pooling_layer",))
         if kw.get("position_embedding_type", "absolute") != "absolute":
             raise f.unsupported("position_embedding_type", "qkv's BERT has learned absolute positions only "
                                 "(relative_key and relative_key_query add distance embeddings it does not run)")
-        cfg = cls(**kw)
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ModelError(f"{source}: hidden_size={cfg.hidden_size} is not divisible by num_attention_heads="
-                             f"{cfg.num_attention_heads}; correct one of them (the head size is their quotient)")
-        return cfg
+        return kw
 
-
-_ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
-ACTIVATION = Limit(choices=tuple(sorted(_ACTIVATIONS)))  # the activation field of every family
-
-
-def activation(name: str):
-    """The activation function named in a Hugging Face config."""
-    if name not in _ACTIVATIONS:
-        raise ModelError(f"activation {name!r} in config.json is not supported; qkv supports {', '.join(sorted(_ACTIVATIONS))}")
-    return _ACTIVATIONS[name]
-
-
-# config.json ranges; a field not listed has no range beyond its type
-_LIMITS = {
-    "vocab_size": POSITIVE, "hidden_size": POSITIVE, "num_hidden_layers": POSITIVE, "num_attention_heads": POSITIVE,
-    "intermediate_size": POSITIVE, "hidden_act": ACTIVATION, "max_position_embeddings": POSITIVE,
-    "type_vocab_size": POSITIVE, "layer_norm_eps": EPS, "hidden_dropout_prob": PROBABILITY,
-    "attention_probs_dropout_prob": PROBABILITY, "pad_token_id": NON_NEGATIVE,
-}
+    def check(self, source) -> None:
+        check_divisible(source, "hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
 
 
 class BertEmbeddings(nn.Module):
@@ -424,3 +397,15 @@ def hf_layers(c: BertConfig) -> list[tuple[str, int, str]]:
 def hf_ignored(c: BertConfig) -> dict:
     """Checkpoint buffers that are not weights: older BertModel checkpoints store position_ids."""
     return {"embeddings.position_ids": (1, c.max_position_embeddings)}
+
+
+def _adapt(c: BertConfig, keys) -> tuple[BertConfig, tuple]:
+    """A checkpoint with `pooler.*` weights has BertModel's pooler."""
+    return replace(c, add_pooling_layer=any(k.startswith("pooler.") for k in keys)), ()
+
+
+FAMILY = Family(
+    architectures=("BertModel",), model_type="bert", config=BertConfig, model=BertModel,
+    plan=hf_plan, layers=hf_layers, ignored=hf_ignored, adapt=_adapt, needs_tokenizer=True,
+    extras=lambda folder, c: {"pooling": SentencePooling.from_folder(folder, hidden_size=c.hidden_size)},
+)

@@ -15,7 +15,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, ClassVar, Mapping, Optional, Union
 
 from .checkpoint import ModelError, json_type
 
@@ -195,3 +195,47 @@ def refuse_common(fields: Fields) -> None:
         raise fields.unsupported(
             "pruned_heads", "pruned layers have fewer heads than the others, and qkv's layers all have "
             "num_attention_heads heads; use the unpruned model")
+
+
+def check_divisible(source, name: str, value: int, by: str, divisor: int,
+                    fix: str = "correct one of them (the head size is their quotient)") -> None:
+    """A size that must split evenly into heads: `name`=value divisible by `by`=divisor, or a ModelError."""
+    if value % divisor:
+        raise ModelError(f"{source}: {name}={value} is not divisible by {by}={divisor}; {fix}")
+
+
+def refuse_cross_attention(fields: Fields, ours: str, plain: str) -> None:
+    """add_cross_attention=true asks for decoder-to-encoder layers `ours` (e.g. "BertModel") does not have."""
+    if fields.get("add_cross_attention", bool, False):
+        raise fields.unsupported("add_cross_attention", f"qkv's {ours} has no cross-attention layers; use the "
+                                 f"folder of a plain {plain} (add_cross_attention false)")
+
+
+class HFConfig:
+    """Base of the family config dataclasses: `from_hf` reads config.json the same way for each.
+
+    A family sets `LIMITS` (field -> Limit) and may override `read_fields` (fields read by hand,
+    refusals particular to it; the default reads every dataclass field by its annotation) and
+    `check` (relations between fields, e.g. a hidden size divisible by the heads).
+    """
+
+    LIMITS: ClassVar[Mapping[str, Limit]] = {}
+
+    @classmethod
+    def from_hf(cls, d: dict, source="config.json"):
+        """Read a Hugging Face config.json dict: every field qkv uses, typed and range-checked,
+        and the fields that change the math in ways qkv does not run refused by name
+        (docs/models.md lists every field). `source` names the file in messages."""
+        f = Fields(d, source)
+        refuse_common(f)
+        cfg = cls(**cls.read_fields(f))
+        cfg.check(source)
+        return cfg
+
+    @classmethod
+    def read_fields(cls, f: Fields) -> dict:
+        """The dataclass keyword arguments from config.json (after the common refusals)."""
+        return read_dataclass(cls, f, limits=cls.LIMITS)
+
+    def check(self, source) -> None:
+        """Refuse a config whose fields are each valid but do not fit together."""

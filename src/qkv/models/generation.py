@@ -104,6 +104,18 @@ def chunked_hidden(model, input_ids: Tensor, chunk_size: int, *, cache=None, att
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, L, E)
 
 
+def left_pad(ids: Tensor, mask: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded (B, L) ids and mask -> the same rows padded on the left (decoders append on the right)."""
+    lengths = mask.sum(dim=1)  # (B,)
+    L = ids.shape[1]
+    out_ids = torch.full_like(ids, pad_id)  # (B, L)
+    out_mask = torch.zeros_like(mask)  # (B, L)
+    for i, n in enumerate(lengths.tolist()):
+        out_ids[i, L - n:] = ids[i, :n]
+        out_mask[i, L - n:] = True
+    return out_ids, out_mask
+
+
 def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
     """Refuse sampling settings that are not numbers of the right kind and range (NaN and
     infinity included: `not 0 <= nan` holds, so each range is written to fail on them)."""

@@ -4,7 +4,9 @@ Models"; Llama 2/3 add grouped-query attention), loading Hugging Face `LlamaForC
 Pre-norm blocks with RMSNorm (Zhang & Sennrich 2019), a SwiGLU feed-forward (Shazeer 2020),
 rotary position embeddings (Su et al. 2021) in the Llama half-split layout, and grouped-query
 attention (Ainslie et al. 2023). Names are Hugging Face's; q_proj/k_proj/v_proj are fused into
-`self_attn.qkv_proj` and o_proj is `self_attn.out_proj`, mapped by `hf_plan`.
+`self_attn.qkv_proj` and o_proj is `self_attn.out_proj`, mapped by `hf_plan`. The decoder
+skeleton is `CausalLM` (decoder.py); Llama-like families (mistral.py, qwen2.py) subclass the
+config and change its hooks (`qkv_bias`, `out_bias`, `window`).
 """
 
 from __future__ import annotations
@@ -16,16 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
-from .bert import ACTIVATION, activation
 from .checkpoint import Dim, ModelError, Piece, Plan
-from .fields import EPS, NON_NEGATIVE, POSITIVE, POSITIVE_REAL, PROBABILITY, Fields, read_dataclass, refuse_common
-from .generation import PREFILL_CHUNK, check_chunk_size, chunked_hidden
-from .gpt2 import _decoder_complete, _decoder_generate
-from .tokenizer import Tokenizer
+from .common import ACTIVATION, Family, activation
+from .decoder import CausalLM
+from .fields import (EPS, NON_NEGATIVE, POSITIVE, POSITIVE_REAL, PROBABILITY, Fields, HFConfig, check_divisible,
+                     read_dataclass)
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(HFConfig):
     vocab_size: int = 32000  # SentencePiece vocabulary of Llama 1/2
     hidden_size: int = 4096  # E
     intermediate_size: int = 11008  # SwiGLU inner size
@@ -45,29 +46,30 @@ class LlamaConfig:
     bos_token_id: Optional[int] = 1  # <s>
     eos_token_id: Optional[Union[int, list[int]]] = 2  # </s>; a list for several stop ids (Llama 3)
 
+    LIMITS = {  # config.json ranges; a field not listed has no range beyond its type
+        "vocab_size": POSITIVE, "hidden_size": POSITIVE, "intermediate_size": POSITIVE, "num_hidden_layers": POSITIVE,
+        "num_attention_heads": POSITIVE, "num_key_value_heads": POSITIVE, "head_dim": POSITIVE, "hidden_act": ACTIVATION,
+        "max_position_embeddings": POSITIVE, "rms_norm_eps": EPS, "rope_theta": POSITIVE_REAL,
+        "attention_dropout": PROBABILITY, "bos_token_id": NON_NEGATIVE, "eos_token_id": NON_NEGATIVE,
+    }
+
     @classmethod
-    def from_hf(cls, d: dict, source="config.json") -> "LlamaConfig":
-        """Read a Hugging Face config.json dict: every field qkv uses, typed and range-checked,
-        and the fields that change the math in ways qkv does not run refused by name
-        (docs/models.md lists every field). `source` names the file in messages."""
-        f = Fields(d, source)
-        refuse_common(f)
-        kw = read_dataclass(cls, f, limits=_LIMITS, skip=("rope_scaling",))
-        kw.update(_read_rope(f))
-        cfg = cls(**kw)
-        if cfg.head_dim is None and cfg.hidden_size % cfg.num_attention_heads:
-            raise ModelError(f"{source}: hidden_size={cfg.hidden_size} is not divisible by num_attention_heads="
-                             f"{cfg.num_attention_heads}; correct one of them, or set head_dim")
-        if cfg.num_attention_heads % cfg.kv_heads:
+    def read_fields(cls, f: Fields) -> dict:
+        return {**read_dataclass(cls, f, limits=cls.LIMITS, skip=("rope_scaling",)), **_read_rope(f)}
+
+    def check(self, source) -> None:
+        if self.head_dim is None:
+            check_divisible(source, "hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads,
+                            "correct one of them, or set head_dim")
+        if self.num_attention_heads % self.kv_heads:
             raise ModelError(
-                f"{source}: num_attention_heads={cfg.num_attention_heads} is not a multiple of num_key_value_heads="
-                f"{cfg.kv_heads}; correct one of them (each key/value head serves a whole group of query heads)"
+                f"{source}: num_attention_heads={self.num_attention_heads} is not a multiple of num_key_value_heads="
+                f"{self.kv_heads}; correct one of them (each key/value head serves a whole group of query heads)"
             )
-        if cfg.dim_per_head % 2:
-            field = "head_dim" if cfg.head_dim is not None else "hidden_size / num_attention_heads"
-            raise ModelError(f"{source}: {field}={cfg.dim_per_head} is odd; rotary embeddings rotate pairs of "
+        if self.dim_per_head % 2:
+            field = "head_dim" if self.head_dim is not None else "hidden_size / num_attention_heads"
+            raise ModelError(f"{source}: {field}={self.dim_per_head} is odd; rotary embeddings rotate pairs of "
                              f"features, so the head size must be even; correct it")
-        return cfg
 
     @property
     def kv_heads(self) -> int:
@@ -77,19 +79,25 @@ class LlamaConfig:
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    # What a Llama-like family changes (qwen2.py, mistral.py): biases and a sliding window.
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def out_bias(self) -> bool:
+        return self.attention_bias
+
+    def window(self, layer: int) -> Optional[tuple[int, int]]:
+        """`qkv.attention`'s window of a layer's causal self-attention: (left, 0), or None = all keys."""
+        return None
+
     @property
     def eos_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else list(e) if isinstance(e, (list, tuple)) else [e]
 
 
-# config.json ranges; a field not listed has no range beyond its type
-_LIMITS = {
-    "vocab_size": POSITIVE, "hidden_size": POSITIVE, "intermediate_size": POSITIVE, "num_hidden_layers": POSITIVE,
-    "num_attention_heads": POSITIVE, "num_key_value_heads": POSITIVE, "head_dim": POSITIVE, "hidden_act": ACTIVATION,
-    "max_position_embeddings": POSITIVE, "rms_norm_eps": EPS, "rope_theta": POSITIVE_REAL,
-    "attention_dropout": PROBABILITY, "bos_token_id": NON_NEGATIVE, "eos_token_id": NON_NEGATIVE,
-}
 # rope types qkv computes (nn.positions.rope_inv_freq) and the parameters each one needs
 _ROPE_NEEDS = {"default": (), "linear": ("factor",),
                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -167,13 +175,15 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = MultiHeadAttention(
             c.hidden_size, c.num_attention_heads, num_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
-            bias=c.attention_bias, dropout=c.attention_dropout,
+            bias=c.qkv_bias, out_bias=c.out_bias, dropout=c.attention_dropout,
         )
+        self.window = c.window(layer_idx)
         self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = LlamaMLP(c)
 
-    def forward(self, x: Tensor, mask, rotary, cache: Optional[KVCache]) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), mask=mask, causal=True, rotary=rotary,
+    def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor], cache: Optional[KVCache]) -> Tensor:
+        """x (B, L, E), mask (B, 1, 1, n + L) or None, rotary (cos, sin) of the new positions."""
+        x = x + self.self_attn(self.input_layernorm(x), mask=mask, causal=True, window=self.window, rotary=rotary,
                                cache=cache, layer=self.layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -187,94 +197,25 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(c.dim_per_head, c.rope_theta, rope_scaling=c.rope_scaling)
 
 
-class LlamaForCausalLM(nn.Module):
-    """A Llama-family decoder with its LM head; `generate` extends prompts with a KV cache."""
+class LlamaForCausalLM(CausalLM):
+    """A Llama-family decoder with its LM head (`CausalLM`: `forward`, `hidden`, `generate`, `complete`)."""
 
     def __init__(self, config: LlamaConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.tie_weights()
-        self.tokenizer: Optional[Tokenizer] = None
+        self.add_lm_head(config.hidden_size, config.vocab_size)
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+    def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        x = self.model.embed_tokens(input_ids)  # (B, L, E)
+        return x, self.model.rotary_emb(positions, dtype=x.dtype)  # cos, sin (L, D) or (B, 1, L, D)
 
-    def new_cache(self, batch: int, capacity: int = 256) -> KVCache:
-        """An empty KV cache for `batch` sequences, preallocated for `capacity` tokens."""
-        c = self.config
-        w = self.model.embed_tokens.weight
-        return KVCache(c.num_hidden_layers, batch, c.kv_heads, c.dim_per_head, capacity=capacity,
-                       dtype=w.dtype, device=w.device)
+    blocks = property(lambda self: self.model.layers)
+    final_norm = property(lambda self: self.model.norm)
+    token_embedding = property(lambda self: self.model.embed_tokens)
 
-    def hidden(self, input_ids: Tensor, *, attention_mask: Optional[Tensor] = None,
-               cache: Optional[KVCache] = None, positions: Optional[Tensor] = None,
-               chunk_size: Optional[int] = None) -> Tensor:
-        """Final hidden states (after the last RMSNorm).
-
-        Args:
-            input_ids: (B, L) int64; with a cache, the new tokens only.
-            attention_mask: (B, n + L) bool/0-1 over cached and new tokens (padding = False).
-            positions: (B, L) int64 position of each new token (default: cache length onwards);
-                left-padded batches pass positions that count real tokens only.
-            cache: a KVCache from `new_cache`; new keys (rotated) and values are appended.
-            chunk_size: run the input in chunks of this many tokens (chunked prefill: each chunk
-                attends to the cache so far and itself; without a cache, a temporary one), so
-                activations stay the size of one chunk; None = all at once. Same result.
-
-        Returns:
-            (B, L, E).
-        """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
-        start = cache.length if cache is not None else 0
-        L = input_ids.shape[1]
-        if start + L > self.config.max_position_embeddings:
-            raise ModelError(
-                f"sequence of {start + L} tokens exceeds this model's max_position_embeddings="
-                f"{self.config.max_position_embeddings}; shorten the input (or truncate it)"
-            )
-        check_chunk_size(chunk_size)
-        if chunk_size is not None and L > chunk_size:
-            return chunked_hidden(self, input_ids, chunk_size, cache=cache, attention_mask=attention_mask,
-                                  positions=positions)
-        m = self.model
-        x = m.embed_tokens(input_ids)  # (B, L, E)
-        pos = torch.arange(start, start + L, device=input_ids.device) if positions is None else positions  # (L,) | (B, L)
-        rotary = m.rotary_emb(pos, dtype=x.dtype)  # cos, sin (L, D) or (B, 1, L, D)
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, n + L)
-        for layer in m.layers:
-            x = layer(x, mask, rotary, cache)
-        return m.norm(x)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        """(..., E) -> (..., V)."""
-        return self.lm_head(hidden)
-
-    def forward(self, input_ids: Tensor, *, attention_mask: Optional[Tensor] = None,
-                cache: Optional[KVCache] = None, chunk_size: Optional[int] = None) -> Tensor:
-        """input_ids (B, L) -> logits (B, L, V); see `hidden` for the arguments."""
-        return self.logits(self.hidden(input_ids, attention_mask=attention_mask, cache=cache, chunk_size=chunk_size))
-
-    def generate(self, prompt: Union[str, list, Tensor], *, max_new_tokens: int = 20, temperature: float = 0.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                 eos_token_id=-1, attention_mask: Optional[Tensor] = None,
-                 prefill_chunk: Optional[int] = PREFILL_CHUNK) -> Tensor:
-        """Extend a prompt; arguments as `GPT2LMHeadModel.generate` (-1 = the config's eos id(s))."""
-        if isinstance(eos_token_id, int) and eos_token_id == -1:
-            eos_token_id = self.config.eos_ids or None
-        return _decoder_generate(self, prompt, self.config.max_position_embeddings, attention_mask=attention_mask,
-                                 max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                 eos_token_id=eos_token_id)
-
-    def complete(self, text: str, **kwargs) -> str:
-        """The text a prompt is extended with (arguments as `generate`)."""
-        return _decoder_complete(self, text, **kwargs)
+    @property
+    def kv_shape(self) -> tuple[int, int, int]:
+        return self.config.num_hidden_layers, self.config.kv_heads, self.config.dim_per_head
 
 
 def hf_plan(c: LlamaConfig) -> Plan:
@@ -300,12 +241,13 @@ def hf_plan(c: LlamaConfig) -> Plan:
             Piece(p + "self_attn.v_proj.weight", (kv_out, E)),
         )
         plan[p + "self_attn.out_proj.weight"] = (Piece(p + "self_attn.o_proj.weight", (E, q_out)),)
-        if c.attention_bias:
+        if c.qkv_bias:
             plan[p + "self_attn.qkv_proj.bias"] = (
                 Piece(p + "self_attn.q_proj.bias", (q_out,)),
                 Piece(p + "self_attn.k_proj.bias", (kv_out,)),
                 Piece(p + "self_attn.v_proj.bias", (kv_out,)),
             )
+        if c.out_bias:
             plan[p + "self_attn.out_proj.bias"] = (Piece(p + "self_attn.o_proj.bias", (E,)),)
         for name, shape in (("gate_proj", (I, E)), ("up_proj", (I, E)), ("down_proj", (E, I))):
             plan[p + f"mlp.{name}.weight"] = (Piece(p + f"mlp.{name}.weight", shape),)
@@ -330,3 +272,7 @@ def hf_ignored(c: LlamaConfig) -> dict:
     if c.tie_word_embeddings:
         out["lm_head.weight"] = (c.vocab_size, c.hidden_size)
     return out
+
+
+FAMILY = Family(architectures=("LlamaForCausalLM",), model_type="llama", config=LlamaConfig,
+                model=LlamaForCausalLM, plan=hf_plan, layers=hf_layers, ignored=hf_ignored)

@@ -1,12 +1,13 @@
 """`qkv.load`: a bundled model by name, or any Hugging Face-format folder by path.
 
-The architecture comes from config.json (`architectures`, else `model_type`); each one has
-a config dataclass, a module class, and a pure `hf_plan` naming its checkpoint keys. The
+The architecture comes from config.json (`architectures`, else `model_type`) and names a
+`Family` record (common.py): a config dataclass, a module class, a pure `hf_plan` naming its
+checkpoint keys, and the hooks that read what else the folder says. The
 config's fields are read typed (`fields`), the plan is matched against the safetensors headers
 and the folder's other files are read, all before anything is allocated; then modules are
 built on the meta device and filled key by key from safetensors (no random init, no pickle).
-The tokenizer comes from the folder's files, and BERT folders also get the sentence pooling
-their sentence-transformers files prescribe.
+The tokenizer comes from the folder's files, and a family's `extras` hook reads the rest (BERT
+folders: the sentence pooling their sentence-transformers files prescribe).
 
 Bundled: "recall" and "translate" are qkv's own small models (qkv.train), in
 qkv/models/bundled/. "minilm" = sentence-transformers/all-MiniLM-L6-v2 (Wang et al. 2020, MiniLM; tuned
@@ -18,28 +19,26 @@ sentence-transformers, which qkv does not need at run time.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from . import bert, gpt2, llama, seq2seq
+from . import bert, gpt2, llama, mistral, qwen2, seq2seq
 from .checkpoint import (ModelError, check_layers, check_plan, load_weights, read_config, read_json, read_shapes,
                          resolve_folder, safetensors_files)
+from .common import Family
 from .fields import POSITIVE, Fields
 from .tokenizer import Tokenizer
 
-# architecture name in config.json -> (module, config class, model class)
-ARCHITECTURES = {
-    "BertModel": (bert, bert.BertConfig, bert.BertModel),
-    "GPT2LMHeadModel": (gpt2, gpt2.GPT2Config, gpt2.GPT2LMHeadModel),
-    "GPT2Model": (gpt2, gpt2.GPT2Config, gpt2.GPT2LMHeadModel),  # tied head: the embedding
-    "LlamaForCausalLM": (llama, llama.LlamaConfig, llama.LlamaForCausalLM),
-    "QkvSeq2Seq": (seq2seq, seq2seq.Seq2SeqConfig, seq2seq.QkvSeq2Seq),  # qkv's own translation model
-}
+# The families qkv runs; a new family is one module with a FAMILY record and one entry here.
+_FAMILIES = (bert.FAMILY, gpt2.FAMILY, llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, seq2seq.FAMILY)
+# architecture name in config.json -> its family
+FAMILIES: dict[str, Family] = {a: f for f in _FAMILIES for a in f.architectures}
+# architecture -> (family, config class, model class), the shape qkv.web reads
+ARCHITECTURES = {a: (f, f.config, f.model) for a, f in FAMILIES.items()}
 # model_type -> architecture, for config.json files without an "architectures" list
-_MODEL_TYPES = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+_MODEL_TYPES = {f.model_type: f.architectures[0] for f in _FAMILIES if f.model_type}
 
 # bundled name -> (package that ships the files, folder inside it)
 BUNDLED = {
@@ -73,14 +72,14 @@ def architecture_of(config: dict, folder: Path) -> str:
     archs = f.get("architectures", Optional[list[str]], None) or []
     model_type = f.get("model_type", Optional[str], None)
     for a in archs:
-        if a in ARCHITECTURES:
+        if a in FAMILIES:
             return a
     if not archs and model_type in _MODEL_TYPES:
         return _MODEL_TYPES[model_type]
     seen = ", ".join(archs) if archs else f"model_type={config.get('model_type')!r}"
     raise ModelError(
         f"config.json in {str(folder)!r} names an architecture qkv cannot run ({seen}); "
-        f"qkv runs {', '.join(ARCHITECTURES)}"
+        f"qkv runs {', '.join(FAMILIES)}"
     )
 
 
@@ -98,10 +97,10 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
         device: where the parameters live ("cpu", "cuda", "cuda:1", "mps", a torch.device).
 
     Returns:
-        the model (`BertModel`, `GPT2LMHeadModel`, `LlamaForCausalLM` or `QkvSeq2Seq`) in eval
-        mode, with `.tokenizer` set (None if the folder has no tokenizer files and is a
-        decoder), `.folder` the path it came from, and `.generation_config` the folder's
-        generation_config.json ({} without one).
+        the model (`BertModel`, a `CausalLM` such as `GPT2LMHeadModel` or `LlamaForCausalLM`,
+        or `QkvSeq2Seq`; `FAMILIES` lists them) in eval mode, with `.tokenizer` set (None if
+        the folder has no tokenizer files and is a decoder), `.folder` the path it came from,
+        and `.generation_config` the folder's generation_config.json ({} without one).
 
     Raises:
         FileNotFoundError: a missing folder or file. ModelError (a ValueError): anything wrong
@@ -124,19 +123,14 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
     source = folder / "config.json"
     config_dict = read_config(folder)
     arch = architecture_of(config_dict, folder)
-    module, config_cls, model_cls = ARCHITECTURES[arch]
-    config = config_cls.from_hf(config_dict, source)
+    family = FAMILIES[arch]
+    config = family.config.from_hf(config_dict, source)
     shapes = read_shapes(safetensors_files(folder))
-
-    plan_args = ()
-    if module is bert:
-        config = replace(config, add_pooling_layer=any(k.startswith("pooler.") for k in shapes))
-    elif module is gpt2:
-        plan_args = ("transformer." if any(k.startswith("transformer.") for k in shapes) else "",)
+    config, plan_args = family.adapt(config, shapes)  # what the key names say (BERT's pooler, GPT-2's prefix)
     # Shapes and dtypes against the headers before anything is allocated: a config that asks
     # for 10^7 layers or a 4e9-token vocabulary fails here, in milliseconds.
-    check_layers(module.hf_layers(config, *plan_args), shapes, source)
-    plan, ignored = module.hf_plan(config, *plan_args), module.hf_ignored(config, *plan_args)
+    check_layers(family.layers(config, *plan_args), shapes, source)
+    plan, ignored = family.plan(config, *plan_args), family.ignored(config, *plan_args)
     check_plan(plan, shapes, ignored=ignored, source=source)
 
     # The folder's other files, also before the weights: a broken one costs no allocation.
@@ -144,14 +138,14 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
     try:
         tokenizer = Tokenizer.from_folder(folder, max_length=max_len)
     except FileNotFoundError:
-        if module is bert:
+        if family.needs_tokenizer:
             raise
         tokenizer = None
-    pooling = bert.SentencePooling.from_folder(folder, hidden_size=config.hidden_size) if module is bert else None
+    extras = family.extras(folder, config)
     generation_config = read_generation_config(folder)
 
     with torch.device("meta"):
-        model = model_cls(config)
+        model = family.model(config)
     model = model.to(dtype=dtype).to_empty(device=device)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # to_empty gives tied parameters separate storage; tie them again
@@ -160,8 +154,8 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
     model.folder = folder
     model.tokenizer = tokenizer
     model.generation_config = generation_config
-    if pooling is not None:
-        model.pooling = pooling
+    for name, value in extras.items():
+        setattr(model, name, value)
     return model
 
 

@@ -25,21 +25,13 @@ from torch import Tensor, nn
 
 from ..nn import KVCache, LearnedPositions, MultiHeadAttention
 from .checkpoint import ModelError, Piece, Plan
-from .fields import EPS, NON_NEGATIVE, POSITIVE, PROBABILITY, Fields, read_dataclass, refuse_common
+from .common import Family, key_padding_mask
+from .fields import EPS, NON_NEGATIVE, POSITIVE, PROBABILITY, HFConfig, check_divisible
 from .tokenizer import Tokenizer
 
 
-# config.json ranges; a field not listed has no range beyond its type
-_LIMITS = {
-    "vocab_size": POSITIVE, "d_model": POSITIVE, "encoder_layers": POSITIVE, "decoder_layers": POSITIVE,
-    "attention_heads": POSITIVE, "ffn_dim": POSITIVE, "max_position_embeddings": POSITIVE,
-    "max_target_positions": POSITIVE, "layer_norm_eps": EPS, "dropout": PROBABILITY,
-    "pad_token_id": NON_NEGATIVE, "bos_token_id": NON_NEGATIVE, "eos_token_id": NON_NEGATIVE,
-}
-
-
 @dataclass(frozen=True)
-class Seq2SeqConfig:
+class Seq2SeqConfig(HFConfig):
     vocab_size: int = 64  # one vocabulary for source and target words
     d_model: int = 64  # E
     encoder_layers: int = 2  # encoder blocks
@@ -55,16 +47,15 @@ class Seq2SeqConfig:
     eos_token_id: int = 3  # the decoder stops here
     tie_word_embeddings: bool = True  # lm_head shares embed_tokens' weight
 
-    @classmethod
-    def from_hf(cls, d: dict, source="config.json") -> "Seq2SeqConfig":
-        """Read config.json: every field typed and range-checked; `source` names the file in messages."""
-        f = Fields(d, source)
-        refuse_common(f)
-        cfg = cls(**read_dataclass(cls, f, limits=_LIMITS))
-        if cfg.d_model % cfg.attention_heads:
-            raise ModelError(f"{source}: d_model={cfg.d_model} is not divisible by attention_heads="
-                             f"{cfg.attention_heads}; correct one of them (the head size is their quotient)")
-        return cfg
+    LIMITS = {  # config.json ranges; a field not listed has no range beyond its type
+        "vocab_size": POSITIVE, "d_model": POSITIVE, "encoder_layers": POSITIVE, "decoder_layers": POSITIVE,
+        "attention_heads": POSITIVE, "ffn_dim": POSITIVE, "max_position_embeddings": POSITIVE,
+        "max_target_positions": POSITIVE, "layer_norm_eps": EPS, "dropout": PROBABILITY,
+        "pad_token_id": NON_NEGATIVE, "bos_token_id": NON_NEGATIVE, "eos_token_id": NON_NEGATIVE,
+    }
+
+    def check(self, source) -> None:
+        check_divisible(source, "d_model", self.d_model, "attention_heads", self.attention_heads)
 
     def to_hf(self) -> dict:
         return {"architectures": ["QkvSeq2Seq"], "model_type": "qkv_seq2seq", "is_encoder_decoder": True,
@@ -163,18 +154,12 @@ class QkvSeq2Seq(nn.Module):
         if Ls > self.config.max_position_embeddings:
             raise ModelError(f"the source has {Ls} tokens but this model takes at most "
                              f"{self.config.max_position_embeddings}; shorten it")
-        mask = self._key_mask(attention_mask)
+        mask = key_padding_mask(attention_mask)  # (B, 1, 1, Ls) | None
         e = self.encoder
         x = self.embed_tokens(input_ids) + e.embed_positions(torch.arange(Ls, device=input_ids.device))  # (B, Ls, E)
         for layer in e.layers:
             x = layer(x, mask)
         return e.layer_norm(x)
-
-    @staticmethod
-    def _key_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
-        if attention_mask is None or bool(attention_mask.bool().all()):
-            return None
-        return attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Ls)
 
     def decode(self, decoder_input_ids: Tensor, memory: Tensor, attention_mask: Optional[Tensor] = None,
                cache: Optional[KVCache] = None) -> Tensor:
@@ -187,7 +172,7 @@ class QkvSeq2Seq(nn.Module):
         d = self.decoder
         pos = torch.arange(start, start + Lt, device=decoder_input_ids.device)  # (Lt,)
         x = self.embed_tokens(decoder_input_ids) + d.embed_positions(pos)  # (B, Lt, E)
-        mask = self._key_mask(attention_mask)
+        mask = key_padding_mask(attention_mask)  # (B, 1, 1, Ls) | None
         for layer in d.layers:
             x = layer(x, memory, mask, cache)
         return d.layer_norm(x)
@@ -278,3 +263,7 @@ def hf_layers(c: Seq2SeqConfig) -> list[tuple[str, int, str]]:
 def hf_ignored(c: Seq2SeqConfig) -> dict:
     """A tied lm_head.weight may be saved as a copy of embed_tokens."""
     return {"lm_head.weight": (c.vocab_size, c.d_model)} if c.tie_word_embeddings else {}
+
+
+FAMILY = Family(architectures=("QkvSeq2Seq",), model_type=None, config=Seq2SeqConfig, model=QkvSeq2Seq,
+                plan=hf_plan, layers=hf_layers, ignored=hf_ignored)
