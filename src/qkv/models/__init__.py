@@ -17,7 +17,7 @@ from .common import Family
 from .decoder import CausalLM
 from .gpt2 import GPT2Config, GPT2LMHeadModel
 from .llama import LlamaConfig, LlamaForCausalLM
-from .loading import ARCHITECTURES, BUNDLED, FAMILIES, bundled_path, load
+from .loading import BUNDLED, FAMILIES, bundled_path, load
 from .mistral import MistralConfig, MistralForCausalLM
 from .qwen2 import Qwen2Config, Qwen2ForCausalLM
 from .seq2seq import QkvSeq2Seq, Seq2SeqConfig
@@ -26,7 +26,6 @@ from .tokenizer import Batch, Tokenizer
 __all__ = [
     "load",
     "bundled_path",
-    "ARCHITECTURES",
     "BUNDLED",
     "FAMILIES",
     "Family",

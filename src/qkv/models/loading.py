@@ -35,8 +35,6 @@ from .tokenizer import Tokenizer
 _FAMILIES = (bert.FAMILY, gpt2.FAMILY, llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, seq2seq.FAMILY)
 # architecture name in config.json -> its family
 FAMILIES: dict[str, Family] = {a: f for f in _FAMILIES for a in f.architectures}
-# architecture -> (family, config class, model class), the shape qkv.web reads
-ARCHITECTURES = {a: (f, f.config, f.model) for a, f in FAMILIES.items()}
 # model_type -> architecture, for config.json files without an "architectures" list
 _MODEL_TYPES = {f.model_type: f.architectures[0] for f in _FAMILIES if f.model_type}
 

@@ -137,12 +137,11 @@ def check_model_folder(folder: Path) -> Optional[str]:
     keys and shapes fit config.json (that needs the model built); a folder failing only that
     is found on first use (500 model_unavailable, then no longer offered)."""
     from ..models.checkpoint import find_in_folder, read_config, read_shapes, safetensors_files
-    from ..models.loading import ARCHITECTURES, architecture_of
+    from ..models.loading import FAMILIES, architecture_of
 
     try:
         config = read_config(folder)
-        _, config_cls, _ = ARCHITECTURES[architecture_of(config, folder)]
-        config_cls.from_hf(config)
+        FAMILIES[architecture_of(config, folder)].config.from_hf(config)
         read_shapes(safetensors_files(folder))
     except UnicodeDecodeError:
         return "a file of it (config.json or a weights index) is not UTF-8 text"
