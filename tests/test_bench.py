@@ -19,7 +19,7 @@ import torch
 import qkv
 from qkv import bench
 from qkv.cli import main
-from tolerance import FWD_FACTOR, rounding_term
+from qkv.testing import FWD_FACTOR, rounding_term
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = ["--lengths", "64", "128", "--repeats", "1", "--check-rows", "16", "--no-progress"]
@@ -102,7 +102,7 @@ def test_json_structure_and_every_number_positive_finite(full_run):
 
 
 def test_every_result_checked_against_float64_within_the_tolerance_rule(full_run):
-    """The bench's own check, re-derived here from tests/tolerance.py's rule."""
+    """The bench's own check, re-derived here from qkv.testing's rule."""
     _, _, _, doc, _ = full_run
     for row in doc["rows"]:
         c = row["check"]
