@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FWD_FACTOR", "GRAD_FACTOR", "rounding_term", "within_rule", "assert_within_rule", "grads"]
+__all__ = ["FWD_FACTOR", "GRAD_FACTOR", "assert_within_rule", "grads", "rounding_term", "within_rule"]
 
 FWD_FACTOR = 2.0
 GRAD_FACTOR = 3.0
