@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 from torch.utils.benchmark import timer as clock
 
-__all__ = ["Sampler", "best_of", "best_of_turns", "clock", "sample_in_turns"]
+__all__ = ["Sampler", "best_of", "best_of_turns", "best_times", "clock", "sample_in_turns"]
 
 
 class Sampler:
@@ -95,3 +95,9 @@ def best_of_turns(fns: dict, *, repeats: int, min_sample_s: float = 0.0, warmup:
 def best_of(fn: Callable[[], object], *, repeats: int, min_sample_s: float = 0.0, warmup: bool = True) -> dict:
     """`best_of_turns` of one function: its summary, best time at ["seconds"]."""
     return best_of_turns({"": fn}, repeats=repeats, min_sample_s=min_sample_s, warmup=warmup)[""]
+
+
+def best_times(fns: dict, *, repeats: int, min_sample_s: float = 0.0, warmup: bool = True) -> dict:
+    """`best_of_turns` reduced to {name: best seconds}."""
+    runs = best_of_turns(fns, repeats=repeats, min_sample_s=min_sample_s, warmup=warmup)
+    return {name: s["seconds"] for name, s in runs.items()}
