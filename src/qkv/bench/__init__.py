@@ -14,11 +14,12 @@ Peers, measured in the same run on the same inputs: torch's ``F.scaled_dot_produ
 built outside the timing), and with ``flex=True`` FlexAttention (Dong et al., 2024):
 ``torch.compile(flex_attention)`` with a ``create_block_mask`` of the same mask function.
 
-Timing (`qkv.bench.timing`, the timer the scripts in benchmarks/ share): a first call (for Flex it includes compilation: reported apart as ``first_call_s``),
-then ``repeats`` samples per method, the methods interleaved so that a burst of load on a
-shared machine hits all of them; a sample repeats a fast call until it lasts at least
-`min_sample_s` and is divided by the count. The table shows the best sample (the least noisy
-estimate on a shared machine); the JSON keeps every sample.
+Timing (`qkv.bench.timing`, the one timer the scripts in benchmarks/ share too): a first call
+(for Flex it includes compilation: reported apart as ``first_call_s``), then ``repeats``
+samples per method, the methods interleaved so that a burst of load on a shared machine hits
+all of them; a sample repeats a fast call until it lasts at least `min_sample_s` and is
+divided by the count. The table shows the best sample (the least noisy estimate on a shared
+machine); the JSON keeps every sample.
 
 Verification: every qkv result is checked before it is timed. On up to `check_rows` query
 rows spread over the sequence, it is compared with ``qkv.reference_attention`` in float64
