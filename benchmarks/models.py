@@ -135,8 +135,8 @@ def main(argv=None) -> int:
     rows = [*bench_embeddings(args), bench_decode(args)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"best of {args.repeats}")
-    print(f"| task | unit | transformers | qkv | qkv / transformers | check |")
-    print(f"|---|---|---:|---:|---:|---|")
+    print("| task | unit | transformers | qkv | qkv / transformers | check |")
+    print("|---|---|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['task']} | {r['unit']} | {r['transformers']:.1f} | {r['qkv']:.1f} | {r['ratio']:.2f}x | {r['check']} |")
     if args.json:
