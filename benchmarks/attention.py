@@ -1,7 +1,8 @@
 """Benchmark of the attention core against torch's own SDPA, measured in the same run.
 
 For each dtype, causal or not, and length: the best-of-N forward time of torch's
-F.scaled_dot_product_attention and of qkv's backends, each also as a speed ratio
+F.scaled_dot_product_attention and of qkv's backends (qkv.bench.timing: a warm-up call, then
+N samples of each method in turns), each also as a speed ratio
 (torch SDPA time / backend time: 1.0 = as fast as torch, 0.5 = half as fast). Then the
 peak memory of the tiled backend, measured in a fresh subprocess as the growth of the
 process's resident set beyond its inputs and output. Prints tables and writes JSON.
@@ -19,25 +20,16 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import qkv
+from qkv._files import write_text
+from qkv.bench.timing import best_of, best_times, clock
 from qkv.core import tiled
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def bench_speed(args) -> list[dict]:
@@ -49,13 +41,15 @@ def bench_speed(args) -> list[dict]:
                 gen = torch.Generator().manual_seed(0)
                 q, k, v = (torch.randn(args.batch, args.heads, L, args.dim, generator=gen).to(dtype) for _ in range(3))
                 repeats = args.repeats if L <= 8192 else max(1, args.repeats - 1)
+                fns = {b: (lambda b=b: qkv.attention(q, k, v, causal=causal, backend=b)) for b in args.backends}
                 with torch.inference_mode():
-                    t_torch = best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), repeats)
-                    row = {"dtype": dtype_name, "causal": causal, "L": L, "torch_sdpa_s": t_torch}
-                    for backend in args.backends:
-                        t = best_time(lambda: qkv.attention(q, k, v, causal=causal, backend=backend), repeats)
-                        row[f"{backend}_s"] = t
-                        row[f"{backend}_ratio"] = t_torch / t
+                    t = best_times({"torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), **fns},
+                                   repeats=repeats)
+                t_torch = t["torch"]
+                row = {"dtype": dtype_name, "causal": causal, "L": L, "torch_sdpa_s": t_torch}
+                for backend in args.backends:
+                    row[f"{backend}_s"] = t[backend]
+                    row[f"{backend}_ratio"] = t_torch / t[backend]
                 rows.append(row)
                 cells = "  ".join(f"{b} {row[b + '_s']:.4f}s ({row[b + '_ratio']:.2f}x)" for b in args.backends)
                 print(f"  measured {dtype_name} causal={causal} L={L}: torch {t_torch:.4f}s  {cells}", file=sys.stderr, flush=True)
@@ -83,7 +77,7 @@ def bench_memory(args) -> list[dict]:
     rows = []
     for L in args.memory_lengths:
         for backend in ("tiled", "sdpa"):
-            t0 = time.perf_counter()
+            t0 = clock()
             proc = subprocess.run(
                 [sys.executable, "-c", _MEMORY_CHILD, str(L), str(args.heads), str(args.dim), "1", backend, "float32"],
                 capture_output=True, text=True,
@@ -94,7 +88,7 @@ def bench_memory(args) -> list[dict]:
             extra, io_bytes = (int(x) for x in proc.stdout.split())
             rows.append({"L": L, "backend": backend, "causal": True, "dtype": "float32",
                          "extra_bytes": extra, "inputs_and_output_bytes": io_bytes,
-                         "seconds": time.perf_counter() - t0})
+                         "seconds": clock() - t0})
             print(f"  memory L={L} {backend}: {extra / 2**20:.0f} MiB beyond inputs and output", file=sys.stderr, flush=True)
     return rows
 
@@ -107,11 +101,12 @@ def bench_tiles(args) -> None:
     print("|---|" + "---|" * len(TILE_GRID))
     for causal in (False, True):
         with torch.inference_mode():
-            t_torch = best_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), args.repeats)
+            t_torch = best_of(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), repeats=args.repeats)
             cells = []
             for bq, bk in TILE_GRID:
                 with tiled.block_sizes(bq, bk):
-                    cells.append(t_torch / best_time(lambda: qkv.attention(q, k, v, causal=causal, backend="tiled"), args.repeats))
+                    t = best_of(lambda: qkv.attention(q, k, v, causal=causal, backend="tiled"), repeats=args.repeats)
+                cells.append(t_torch["seconds"] / t["seconds"])
         print(f"| {causal} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
 
@@ -155,11 +150,10 @@ def main(argv=None) -> int:
     memory = bench_memory(args) if args.memory_lengths else []
     print_tables(speed, memory, args)
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "machine": platform.processor() or platform.machine(),
-                   "threads": torch.get_num_threads(), "torch": torch.__version__, "speed": speed, "memory": memory}, f, indent=1)
-    os.replace(tmp, args.json)
+    write_text(args.json, json.dumps({"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+                                      "machine": platform.processor() or platform.machine(),
+                                      "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                      "speed": speed, "memory": memory}, indent=1))
     print(f"\nwrote {args.json}")
     return 0
 

@@ -5,8 +5,8 @@ For each dtype, number of new queries and cache length: the time of torch's SDPA
 measured in the same run, and the bandwidth each reaches reading the cache (bytes of K and
 V / time). The machine's memory-read bandwidth is measured in the same run, interleaved
 with the methods: a float32 sum over a buffer of as many bytes as the cache. Each figure is
-also given as a fraction of it. Every method, and the read, runs `--repeats` times in
-turns and keeps its best time, so a burst of load from elsewhere hits all of them alike.
+also given as a fraction of it. Every method, and the read, runs once to warm up, then
+`--repeats` times in turns, and keeps its best time (qkv.bench.timing), so a burst of load from elsewhere hits all of them alike.
 
     python benchmarks/decode.py
     python benchmarks/decode.py --lengths 4096 32768 --queries 1 4
@@ -16,29 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
 import qkv
+from qkv.bench.timing import best_times
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def best_of_turns(fns: dict, repeats: int, warmup: bool = True) -> dict:
-    """Each function once as warm-up (unless `warmup` is False: then the first round counts),
-    then `repeats` rounds of all of them in turn: best time each."""
-    if warmup:
-        for fn in fns.values():
-            fn()
-    times = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name] = min(times[name], time.perf_counter() - t0)
-    return times
 
 
 def causal_mask(lq: int, L: int) -> torch.Tensor:
@@ -78,12 +63,12 @@ def main(argv=None) -> int:
                     q = torch.randn(B, Hq, lq, D).to(dtype)
                     causal = lq > 1
                     sdpa_mask = causal_mask(lq, L) if causal else None
-                    times = best_of_turns({
+                    times = best_times({
                         "read": lambda: flat.sum(),
                         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, enable_gqa=True),
                         "decode": lambda: qkv.attention(q, k, v, causal=causal, backend="decode"),
                         "auto": lambda: qkv.attention(q, k, v, causal=causal),
-                    }, args.repeats)
+                    }, repeats=args.repeats)
                     picked = qkv.core.choose_backend(qkv.core._spec.build_spec(q, k, v, causal=causal), q, False)
                     read_gbs = nbytes / times["read"] / 1e9
 

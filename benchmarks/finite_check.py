@@ -12,7 +12,8 @@ instead and scans only q. Compared in the same run, forward only (inference mode
 
 overhead = scan / unguarded: the guard's own share of the call, measured apart from the
 attention so the machine's noise (often more than 1% between turns) does not swamp it;
-guarded/unguarded is printed too. Each method runs --repeats times in turns, best time kept.
+guarded/unguarded is printed too. Each method runs once to warm up, then --repeats times in
+turns, best time kept (qkv.bench.timing).
 
     python benchmarks/finite_check.py
     python benchmarks/finite_check.py --lengths 4096 --repeats 5
@@ -21,15 +22,15 @@ guarded/unguarded is printed too. Each method runs --repeats times in turns, bes
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
 import qkv
+from qkv.bench import machine_info
+from qkv.bench.timing import best_times
 from qkv.core import _finite, api
 from qkv.core._spec import build_spec
 
-from decode import best_of_turns  # benchmarks/decode.py: this script's folder is on sys.path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -45,7 +46,7 @@ def _row(name, dtype, L, backend, q, k, v, kw, repeats, self_checking=False):
     }
     if self_checking:
         fns["full scan"] = lambda: _finite._scan((q, k, v), spec)
-    t = best_of_turns(fns, repeats)
+    t = best_times(fns, repeats=repeats)
     full = f"{1e3 * t['full scan']:.3f} ({100 * t['full scan'] / t['unguarded']:.1f}%)" if self_checking else "-"
     return (f"| {name} | {dtype} | {L} | {backend} | {1e3 * t['unguarded']:.2f} | {1e3 * t['guarded']:.2f} | "
             f"{t['guarded'] / t['unguarded']:.3f} | {1e3 * t['scan']:.3f} | {100 * t['scan'] / t['unguarded']:.2f}% | {full} |")
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    print(f"# CPU: {_cpu()}; torch {torch.__version__}; {torch.get_num_threads()} threads")
+    print(f"# CPU: {machine_info()['cpu']}; torch {torch.__version__}; {torch.get_num_threads()} threads")
     print("| case | dtype | L | backend | unguarded ms | guarded ms | guarded/unguarded | scan ms | overhead | full scan ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     H, D = args.heads, args.dim
@@ -78,17 +79,6 @@ def main(argv=None) -> int:
             print(_row("decode 1 query, Hq=32 Hkv=8 D=128", dname, args.cache, "decode", q1, kc, vc, {},
                        args.repeats, self_checking=True), flush=True)
     return 0
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return os.uname().machine
 
 
 if __name__ == "__main__":

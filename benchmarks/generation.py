@@ -3,7 +3,9 @@
 For each model and cache length L: a random prompt of L tokens fills the KV cache (qkv: chunked
 prefill, `prefill_chunk` as `generate` uses by default; transformers: one forward pass with
 `use_cache=True` and `logits_to_keep=1`, as its `generate` does by default), then N new tokens
-are generated greedily, one forward pass of one position each, and timed. The step loop is
+are generated greedily, one forward pass of one position each, and timed (qkv.bench.timing: a
+first run of N tokens per side, whose tokens are compared, then --repeats runs, the sides in
+turns, best kept). The step loop is
 the same on both sides (forward one token against the cache, argmax of the last logits);
 qkv's is what `model.generate` runs. transformers uses its default attention
 (attn_implementation="sdpa") and its default cache (DynamicCache). The tokens of both sides
@@ -33,7 +35,7 @@ import os
 import platform
 import sys
 import tempfile
-import time
+from functools import partial
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -41,6 +43,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 import qkv  # noqa: E402
+from qkv._files import write_text  # noqa: E402
+from qkv.bench.timing import Sampler, best_of, clock, sample_in_turns  # noqa: E402
 from qkv.models.generation import PREFILL_CHUNK, prefill_chunks  # noqa: E402
 
 
@@ -109,16 +113,14 @@ class HFSide:
             self.cache.crop(-extra)
 
 
-def decode(side, first, n: int) -> tuple[float, list[int]]:
-    """Time n greedy steps from token `first`; the cache is put back afterwards."""
+def decode(side, first, n: int) -> list[int]:
+    """n greedy steps from token `first` (shape (1,)); the cache is put back afterwards."""
     ids, out = first, []
-    t0 = time.perf_counter()
     for _ in range(n):
-        ids = side.step(ids)
+        ids = side.step(ids)  # (1,)
         out.append(int(ids))
-    dt = time.perf_counter() - t0
     side.reset()
-    return dt, out
+    return out
 
 
 def bench_one(kind: str, L: int, args) -> dict:
@@ -131,18 +133,16 @@ def bench_one(kind: str, L: int, args) -> dict:
     if not args.no_peer:
         sides["transformers"] = HFSide(ref)
     row = {"model": kind, "config": desc, "L": L, "new_tokens": args.new_tokens, "prefill_chunk": args.chunk}
-    first, tokens, best = {}, {}, {}
+    first, tokens, samplers = {}, {}, {}
     with torch.inference_mode():
         for name, side in sides.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             first[name] = side.prefill(prompt, capacity=L + args.new_tokens + 1)
-            row[f"{name}_prefill_s"] = time.perf_counter() - t0
-            decode(side, first[name], 2)  # warm-up
-        for _ in range(args.repeats):  # alternately, so load spikes hit both sides alike
-            for name, side in sides.items():
-                dt, toks = decode(side, first[name], args.new_tokens)
-                tokens.setdefault(name, [int(first[name])] + toks)
-                best[name] = min(best.get(name, float("inf")), dt)
+            row[f"{name}_prefill_s"] = clock() - t0
+            samplers[name] = Sampler(partial(decode, side, first[name], args.new_tokens))
+            tokens[name] = [int(first[name])] + samplers[name].first()  # the warm-up run gives the tokens
+        runs = sample_in_turns(samplers, args.repeats)  # alternately, so load spikes hit both sides alike
+    best = {name: run["seconds"] for name, run in runs.items()}
     for name in sides:
         row[f"{name}_tokens_per_s"] = args.new_tokens / best[name]
     if "transformers" in sides:
@@ -167,12 +167,9 @@ def bench_prefill_chunks(args) -> list[dict]:
             side = QkvSide(ours, None)
             for chunk in args.prefill_chunks:
                 side.chunk = chunk or None
-                best = float("inf")
-                with torch.inference_mode():
-                    for _ in range(args.repeats):
-                        t0 = time.perf_counter()
-                        side.prefill(prompt, capacity=L + 1)
-                        best = min(best, time.perf_counter() - t0)
+                with torch.inference_mode():  # the first run counts: prefill calls are long
+                    best = best_of(lambda: side.prefill(prompt, capacity=L + 1), repeats=args.repeats,
+                                   warmup=False)["seconds"]
                 rows.append({"model": kind, "config": desc, "L": L, "chunk": chunk, "prefill_s": best})
                 print(f"  {kind} L={L} chunk={chunk or 'one pass'}: {best:.2f} s", file=sys.stderr, flush=True)
     return rows
@@ -233,8 +230,7 @@ def main(argv=None) -> int:
                 cells += [f"{r['transformers_prefill_s']:.2f} s", r["check"]]
             print("| " + " | ".join(cells) + " |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "args": vars(args), "rows": rows}, f, indent=1)
+        write_text(args.json, json.dumps({"header": header, "args": vars(args), "rows": rows}, indent=1))
     return 0
 
 

@@ -13,7 +13,7 @@ empty cache), records its resident set, resets the kernel's peak-RSS mark (writi
 memory beyond inputs and output = peak - resident set before the call - the bytes of the
 result (the attention output; for prefill the cache's keys and values, which the call fills).
 If the kernel refuses the reset, the process's lifetime peak (ru_maxrss) is used instead, an
-upper bound. Processes run with MALLOC_MMAP_THRESHOLD_=131072 unless --malloc-default, so
+upper bound. The time is one call's, on the clock of qkv.bench.timing. Processes run with MALLOC_MMAP_THRESHOLD_=131072 unless --malloc-default, so
 glibc gives freed tiles back instead of keeping them in its heap.
 
     python benchmarks/long_context.py                     # the figures in docs/benchmarks.md (several minutes)
@@ -30,7 +30,6 @@ import platform
 import resource
 import subprocess
 import sys
-import time
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -63,6 +62,7 @@ def child_attention(L: int, heads: int, dim: int, backend: str) -> dict:
     import torch
 
     import qkv
+    from qkv.bench.timing import clock
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, L, dim) for _ in range(3))  # (B, H, L, D) each
@@ -70,10 +70,10 @@ def child_attention(L: int, heads: int, dim: int, backend: str) -> dict:
         qkv.attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], causal=True, backend=backend)  # load kernels
     base = _rss()
     reset = _reset_peak()
-    t0 = time.perf_counter()
+    t0 = clock()
     with torch.inference_mode():
         out = qkv.attention(q, k, v, causal=True, backend=backend)  # (B, H, L, D)
-    seconds = time.perf_counter() - t0
+    seconds = clock() - t0
     peak = _peak(reset)
     out_bytes = out.numel() * out.element_size()
     from qkv.core.api import choose_backend
@@ -88,6 +88,7 @@ def child_attention(L: int, heads: int, dim: int, backend: str) -> dict:
 def child_prefill(L: int, chunk: int, layers: int) -> dict:
     import torch
 
+    from qkv.bench.timing import clock
     from qkv.models import LlamaConfig, LlamaForCausalLM
     from qkv.models.generation import prefill_chunks
 
@@ -103,14 +104,14 @@ def child_prefill(L: int, chunk: int, layers: int) -> dict:
         cache_bytes = 2 * layers * L * cfg.kv_heads * cfg.dim_per_head * 4
         base = _rss()
         reset = _reset_peak()
-        t0 = time.perf_counter()
+        t0 = clock()
         if chunk:
             for h in prefill_chunks(model, ids, chunk, cache=cache):
                 pass  # as generate: only the last chunk's states are kept
         else:
             h = model.hidden(ids, cache=cache)  # (1, L, E)
         token = model.logits(h[:, -1]).argmax(-1)
-        seconds = time.perf_counter() - t0
+        seconds = clock() - t0
     peak = _peak(reset)
     assert cache.length == L and token.shape == (1,)
     return {"case": "prefill", "L": L, "chunk": chunk, "layers": layers, "seconds": seconds,
@@ -195,9 +196,10 @@ def main(argv=None) -> int:
     if not all(r["peak_reset"] for r in rows):
         print("\n(the kernel refused to reset the peak-RSS mark: figures are lifetime peaks, upper bounds)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "args": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows},
-                      f, indent=1)
+        from qkv._files import write_text
+
+        kept = {k: v for k, v in vars(args).items() if k != "child"}
+        write_text(args.json, json.dumps({"header": header, "args": kept, "rows": rows}, indent=1))
     return 0
 
 

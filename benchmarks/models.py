@@ -10,7 +10,8 @@
    transformers, loaded by both): tokens per second of qkv's `generate` vs transformers'
    `generate(do_sample=False)`, same prompt, same number of new tokens (checked identical).
 
-Times are best-of-N wall clock, the two sides measured alternately; ratio = transformers time / qkv time (> 1: qkv is faster).
+Times are best-of-N wall clock (qkv.bench.timing: a warm-up call each, then N samples with the two
+sides in turns); ratio = transformers time / qkv time (> 1: qkv is faster).
 Prints a table and writes JSON.
 
     python benchmarks/models.py                      # the table in docs/benchmarks.md
@@ -25,7 +26,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -33,6 +33,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 import qkv  # noqa: E402
+from qkv._files import write_text  # noqa: E402
+from qkv.bench.timing import best_times  # noqa: E402
 from qkv.models import bundled_path  # noqa: E402
 
 WORDS = ("the model reads every word of a sentence and weighs it against each other word so that "
@@ -48,22 +50,6 @@ def sentences(n: int, words: int, seed: int = 0) -> list[str]:
         idx = torch.randint(len(WORDS), (count,), generator=g).tolist()
         out.append(" ".join(WORDS[i] for i in idx).capitalize() + ".")
     return out
-
-
-def best_times(fn_a, fn_b, repeats: int) -> tuple[float, float]:
-    """Best-of-N times of two functions, measured alternately so load spikes hit both alike."""
-    fn_a(), fn_b()  # warm-up
-    best_a = best_b = float("inf")
-    for _ in range(repeats):
-        for fn, which in ((fn_a, "a"), (fn_b, "b")):
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            if which == "a":
-                best_a = min(best_a, dt)
-            else:
-                best_b = min(best_b, dt)
-    return best_a, best_b
 
 
 def bench_embeddings(args) -> dict:
@@ -91,8 +77,8 @@ def bench_embeddings(args) -> dict:
         return ours.encode(texts, batch_size=64)
 
     cos = torch.nn.functional.cosine_similarity(qkv_encode(), hf_encode(), dim=1).min().item()
-    t_hf, t_qkv = best_times(hf_encode, qkv_encode, args.repeats)
-    t_hf64, t_qkv64 = best_times(hf_encode, qkv_encode_64, args.repeats)
+    t_hf, t_qkv = best_times({"hf": hf_encode, "qkv": qkv_encode}, repeats=args.repeats).values()
+    t_hf64, t_qkv64 = best_times({"hf": hf_encode, "qkv": qkv_encode_64}, repeats=args.repeats).values()
     task = f"MiniLM embeddings, 64 sentences x {n_tokens:.0f} tokens (mean)"
     return [{"task": task + ", qkv encode() default batching", "unit": "sentences/s",
              "transformers": 64 / t_hf, "qkv": 64 / t_qkv, "ratio": t_hf / t_qkv, "check": f"min cosine {cos:.6f}"},
@@ -123,7 +109,7 @@ def bench_decode(args) -> dict:
         return ours.generate(prompt, max_new_tokens=T)
 
     same = torch.equal(hf_generate(), qkv_generate())
-    t_hf, t_qkv = best_times(hf_generate, qkv_generate, args.repeats)
+    t_hf, t_qkv = best_times({"hf": hf_generate, "qkv": qkv_generate}, repeats=args.repeats).values()
     return {"task": f"GPT-2 greedy decoding, {args.layers} layers x {args.embd} wide, prompt {args.prompt}, "
                     f"{T} new tokens, batch 1",
             "unit": "tokens/s", "transformers": T / t_hf, "qkv": T / t_qkv, "ratio": t_hf / t_qkv,
@@ -149,14 +135,13 @@ def main(argv=None) -> int:
     rows = [*bench_embeddings(args), bench_decode(args)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"best of {args.repeats}")
-    print(f"| task | unit | transformers | qkv | qkv / transformers | check |")
-    print(f"|---|---|---:|---:|---:|---|")
+    print("| task | unit | transformers | qkv | qkv / transformers | check |")
+    print("|---|---|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['task']} | {r['unit']} | {r['transformers']:.1f} | {r['qkv']:.1f} | {r['ratio']:.2f}x | {r['check']} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "argv": sys.argv[1:],
-                       "rows": rows}, f, indent=2)
+        write_text(args.json, json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                          "argv": sys.argv[1:], "rows": rows}, indent=2))
     return 0
 
 

@@ -13,7 +13,8 @@ run, forward only (inference mode):
 - qkv split: sdpa.split_causal called directly;
 - qkv tiled: the linear-memory engine auto used before for the largest chunks.
 
-Each method runs --repeats times in turns (the first turn included) and keeps its best time,
+Each method runs --repeats times in turns (the first turn included) and keeps its best time
+(qkv.bench.timing),
 so a burst of load from elsewhere hits all of them alike. ratio = SDPA-with-mask time / time.
 
     python benchmarks/prefill_chunk.py
@@ -29,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 import qkv
+from qkv.bench.timing import best_times
 from qkv.core import choose_backend, sdpa
 from qkv.core._spec import build_spec
 
-from decode import best_of_turns, causal_mask  # benchmarks/decode.py: this script's folder is on sys.path
+from decode import causal_mask  # benchmarks/decode.py: this script's folder is on sys.path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # name -> (Hq, Hkv, D), B = 1
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
                             "tiled": lambda: qkv.attention(q, k, v, causal=True, backend="tiled"),
                         }
                         fns = {m: fns[m] for m in args.methods if not (m == "sdpa-mask" and mask is None)}
-                        times = best_of_turns(fns, args.repeats, warmup=False)  # the first turn counts: long calls
+                        times = best_times(fns, repeats=args.repeats, warmup=False)  # the first turn counts: long calls
                         base = times.get("sdpa-mask")
 
                         def cell(m):

@@ -5,7 +5,8 @@ sequence length doubles from --start until a rank's peak RSS increase passes --b
 (a watchdog thread stops that run at once) or --cap is reached, then 1.5x the last length
 that fitted is tried once. Each (P, length) runs in
 fresh processes, so one measurement cannot inherit another's allocator state. Reported:
-the longest length within the budget, the forward time there (slowest rank), the peak RSS
+the longest length within the budget, the forward time there (slowest rank; one call, on the
+clock of qkv.bench.timing), the peak RSS
 increase per rank there (largest rank; shards, receive buffers, accumulators and the tiled
 engine's tiles), and both at one common length (--common-len) to show memory per rank
 falling as ~1/P. Prints a markdown table and writes JSON.
@@ -41,6 +42,7 @@ def _worker(rank, P, port, N, cfg, results):
     import torch.distributed as dist
 
     import qkv.distributed as qd
+    from qkv.bench.timing import clock
     from qkv.distributed._memory import PeakRSS
 
     qd.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=P, rank=rank, timeout=600)
@@ -62,9 +64,9 @@ def _worker(rank, P, port, N, cfg, results):
         k = torch.randn(B, Hkv, L, D, generator=gen)  # (B, Hkv, L_local, D)
         v = torch.randn(B, Hkv, L, D, generator=gen)
         dist.barrier()
-        t0 = time.perf_counter()
+        t0 = clock()
         out = qd.ring_attention(q, k, v, causal=True, layout="zigzag", timeout=600)
-        seconds = time.perf_counter() - t0
+        seconds = clock() - t0
         del out, q, k, v
     if mem.peak > cfg["budget"]:
         over_budget(mem.peak)
@@ -161,13 +163,13 @@ def main(argv=None) -> int:
                      "common_peak_rss_mib": common[1] / 2**20 if common else float("nan")})
 
     _print_tables(rows, runs, args.budget_mib, args.common_len)
+    from qkv._files import write_text
+
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-                   "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                   "config": cfg, "common_len": args.common_len, "rows": rows, "runs": runs}, f, indent=1)
-    os.replace(tmp, args.json)
+    write_text(args.json, json.dumps({"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+                                      "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                                      "config": cfg, "common_len": args.common_len, "rows": rows, "runs": runs},
+                                     indent=1))
     print(f"\nwrote {args.json}")
     return 0
 

@@ -4,7 +4,7 @@ FlexAttention, measured in one run (issue 5).
     .venv/bin/python benchmarks/sparse.py                 # the table of docs/benchmarks.md
     .venv/bin/python benchmarks/sparse.py --quick         # 4k and 8k only, no FlexAttention
 
-B=1, H=8, D=64. Times are medians of a few repetitions after one warm-up call; "first
+B=1, H=8, D=64. Times are medians of a few repetitions after one warm-up call (qkv.bench.timing); "first
 call" is what a user waits for the first result: building the block mask plus the first
 forward, including torch.compile for FlexAttention. FlexAttention has no backward on CPU
 (and runs unfused, materialising every score, without torch.compile), so only its
@@ -16,28 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 import qkv
+from qkv._files import write_text
+from qkv.bench.timing import best_of, clock
 from qkv import masks as M
 
 B, H, D = 1, 8, 64
 
 
-def timeit(fn, reps: int, warmup: bool = True) -> float:
-    if warmup:
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def median_time(fn, reps: int, warmup: bool = True) -> float:
+    """The median of `reps` timed calls (qkv.bench.timing), after one warm-up call unless `warmup` is False."""
+    return best_of(fn, repeats=reps, warmup=warmup)["median_s"]
 
 
 def patterns(L: int) -> dict:
@@ -60,31 +54,31 @@ def run_case(name, fn, L, dtype, reps, sdpa_max, sdpa_bwd_max, flex_at, flex_sta
     q, k, v = (torch.randn(B, H, L, D, generator=gen).to(dtype) for _ in range(3))
     up = torch.randn(B, H, L, D, generator=gen).to(dtype)
 
-    t = time.perf_counter()
+    t = clock()
     bm = qkv.block_mask(fn, None, None, L, L, block_size=128)
-    row["build_s"] = time.perf_counter() - t
+    row["build_s"] = clock() - t
     qkv.attention(q, k, v, mask=bm, backend="sparse")
-    row["qkv_first_s"] = time.perf_counter() - t
+    row["qkv_first_s"] = clock() - t
     row["sparsity_%"] = bm.sparsity()
-    row["qkv_fwd_s"] = timeit(lambda: qkv.attention(q, k, v, mask=bm, backend="sparse"), reps)
+    row["qkv_fwd_s"] = median_time(lambda: qkv.attention(q, k, v, mask=bm, backend="sparse"), reps)
 
     def qkv_fb():
         qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
         torch.autograd.grad(qkv.attention(qs, ks, vs, mask=bm, backend="sparse"), (qs, ks, vs), up)
 
-    row["qkv_fwdbwd_s"] = timeit(qkv_fb, max(1, reps // 2))
+    row["qkv_fwdbwd_s"] = median_time(qkv_fb, max(1, reps // 2))
 
     if L <= sdpa_max:
         dense = M.dense_mask(fn, 1, 1, L, L)  # (1, 1, L, L) bool
         # one cold call each: the dense kernels run for seconds, so warm-up matters little
-        row["sdpa_fwd_s"] = timeit(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), 1, warmup=False)
+        row["sdpa_fwd_s"] = median_time(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), 1, warmup=False)
         if L <= sdpa_bwd_max:
             def sdpa_fb():
                 qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
                 out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=dense)
                 torch.autograd.grad(out, (qs, ks, vs), up)
 
-            row["sdpa_fwdbwd_s"] = timeit(sdpa_fb, 1, warmup=False)
+            row["sdpa_fwdbwd_s"] = median_time(sdpa_fb, 1, warmup=False)
         del dense
 
     if L in flex_at and flex_state.get("ok", True):
@@ -95,11 +89,11 @@ def run_case(name, fn, L, dtype, reps, sdpa_max, sdpa_bwd_max, flex_at, flex_sta
                 flex_state["fn"] = torch.compile(flex_attention)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                t = time.perf_counter()
+                t = clock()
                 fbm = create_block_mask(fn, None, None, L, L, device="cpu")
                 flex_state["fn"](q, k, v, block_mask=fbm)
-                row["flex_first_s"] = time.perf_counter() - t
-                row["flex_fwd_s"] = timeit(lambda: flex_state["fn"](q, k, v, block_mask=fbm), reps)
+                row["flex_first_s"] = clock() - t
+                row["flex_fwd_s"] = median_time(lambda: flex_state["fn"](q, k, v, block_mask=fbm), reps)
         except Exception as exc:  # compile unavailable: report, do not hide
             flex_state["ok"] = False
             flex_state["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -150,9 +144,9 @@ def main(argv=None) -> None:
         args.lengths, args.flex_at, args.bf16_at = [4096, 8192], [], []
 
     torch.manual_seed(0)
-    t = time.perf_counter()
+    t = clock()
     bm = qkv.block_mask(M.causal_sliding_window(256), None, None, 131072, block_size=128)
-    build_128k = time.perf_counter() - t
+    build_128k = clock() - t
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"BlockMask build, causal window 256 at L=131072: {build_128k * 1000:.1f} ms "
           f"({bm.num_blocks[0]}x{bm.num_blocks[1]} blocks, sparsity {bm.sparsity():.2f}%)")
@@ -179,8 +173,8 @@ def main(argv=None) -> None:
     growth = [f"{b['L'] // 1024}k/{a['L'] // 1024}k {b['qkv_fwd_s'] / a['qkv_fwd_s']:.2f}x" for a, b in zip(win, win[1:])]
     print("\nqkv forward time per doubling of L (causal window 256):", ", ".join(growth))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"build_128k_s": build_128k, "rows": rows, "flex": flex_state.get("error", "ok")}, f, indent=1)
+        write_text(args.json, json.dumps({"build_128k_s": build_128k, "rows": rows,
+                                          "flex": flex_state.get("error", "ok")}, indent=1))
 
 
 if __name__ == "__main__":

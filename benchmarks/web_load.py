@@ -208,8 +208,9 @@ def main(argv=None) -> int:
     if res.unclean:
         print(f"UNCLEAN answers: {res.unclean[:5]}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"summary": s, "env": env}, f, indent=2)
+        from qkv._files import write_text
+
+        write_text(args.json, json.dumps({"summary": s, "env": env}, indent=2))
         print(f"wrote {args.json}")
     return 0 if not res.unclean and res.sent == args.requests else 1
 

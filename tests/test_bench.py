@@ -19,7 +19,7 @@ import torch
 import qkv
 from qkv import bench
 from qkv.cli import main
-from tolerance import FWD_FACTOR, rounding_term
+from qkv.testing import FWD_FACTOR, rounding_term
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = ["--lengths", "64", "128", "--repeats", "1", "--check-rows", "16", "--no-progress"]
@@ -102,7 +102,7 @@ def test_json_structure_and_every_number_positive_finite(full_run):
 
 
 def test_every_result_checked_against_float64_within_the_tolerance_rule(full_run):
-    """The bench's own check, re-derived here from tests/tolerance.py's rule."""
+    """The bench's own check, re-derived here from qkv.testing's rule."""
     _, _, _, doc, _ = full_run
     for row in doc["rows"]:
         c = row["check"]
@@ -339,3 +339,35 @@ def test_inputs_are_deterministic():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
     assert [tuple(x.shape) for x in a] == [(1, 8, 64, 64), (1, 2, 64, 64), (1, 2, 64, 64)]
+
+
+def test_shared_timer_keeps_the_first_call_apart_and_interleaves():
+    """qkv.bench.timing, the timer of `qkv bench` and benchmarks/: first call apart, samples in turns."""
+    from qkv.bench.timing import best_of, best_of_turns
+
+    calls = []
+    runs = best_of_turns({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    for run in runs.values():
+        assert len(run["samples_s"]) == 3 and run["seconds"] == min(run["samples_s"]) and run["calls_per_sample"] == 1
+        assert run["first_call_s"] >= 0 and run["median_s"] == sorted(run["samples_s"])[1]
+    calls.clear()
+    once = best_of(lambda: calls.append("c"), repeats=2, warmup=False)  # the first call counts as a sample
+    assert calls == ["c", "c"] and once["samples_s"][0] == once["first_call_s"]
+    fast = best_of(lambda: None, repeats=1, min_sample_s=0.01)
+    assert fast["calls_per_sample"] > 1  # a fast call is repeated until a sample lasts min_sample_s
+
+
+def test_within_rule_is_the_rule_assert_within_rule_enforces():
+    from qkv.testing import assert_within_rule, within_rule
+
+    exact = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    plain = torch.tensor([1.001, -2.0])
+    ok, err, bound = within_rule(torch.tensor([1.002, -2.0]), plain, exact, factor=FWD_FACTOR)
+    assert ok and err == pytest.approx(0.002, rel=1e-4)
+    assert bound == pytest.approx(FWD_FACTOR * (plain[0].double() - 1).item() + rounding_term(exact, torch.float32))
+    bad = torch.tensor([1.003, -2.0])
+    assert not within_rule(bad, plain, exact, factor=FWD_FACTOR)[0]
+    assert not within_rule(torch.tensor([float("nan"), -2.0]), plain, exact, factor=FWD_FACTOR)[0]
+    with pytest.raises(AssertionError, match="x: error .* exceeds 2.0x the plain torch.float32"):
+        assert_within_rule(bad, plain, exact, factor=FWD_FACTOR, what="x")

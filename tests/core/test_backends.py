@@ -15,7 +15,7 @@ import torch
 
 import qkv
 from qkv.core import tiled
-from tolerance import FWD_FACTOR, GRAD_FACTOR, assert_within_rule
+from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv)
 SHAPES = {

@@ -19,7 +19,7 @@ import torch
 
 import qkv
 from qkv.core import decode
-from tolerance import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
+from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 

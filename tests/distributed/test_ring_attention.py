@@ -14,7 +14,7 @@ import torch
 import qkv
 import qkv.distributed as qd
 from ring_workers import launch, make_inputs, results_ok
-from tolerance import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
+from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
 
 
 def _case(N, layout, causal, *, Hq=2, Hkv=2, D=8, Dv=8, B=1, dtype="float32", seed=0, **extra):

@@ -15,7 +15,7 @@ from qkv.core import api
 from qkv.models import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from qkv.models.generation import PREFILL_CHUNK
 from qkv.nn import KVCache, MultiHeadAttention, RotaryEmbedding
-from tolerance import FWD_FACTOR, assert_within_rule
+from qkv.testing import FWD_FACTOR, assert_within_rule
 
 KINDS = ["gpt2", "llama"]
 V = 64
