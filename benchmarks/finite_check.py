@@ -27,7 +27,7 @@ import torch
 
 import qkv
 from qkv.core import _finite, api
-from qkv.core._spec import build_spec
+from qkv.core.spec import build_spec
 
 from decode import best_of_turns  # benchmarks/decode.py: this script's folder is on sys.path
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import qkv
 from qkv.core import choose_backend, sdpa
-from qkv.core._spec import build_spec
+from qkv.core.spec import build_spec
 
 from decode import best_of_turns, causal_mask  # benchmarks/decode.py: this script's folder is on sys.path
 

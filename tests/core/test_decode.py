@@ -120,7 +120,7 @@ def test_default_sizes_long_cache(Lq, dtype, fast_calls, monkeypatch):
     original_splits = decode._kernel_splits
     monkeypatch.setattr(decode, "_kernel_splits", lambda *a: splits.append(original_splits(*a)) or splits[-1])
     (q, k, v), gen = _inputs(1, 8, 2, Lq, 70_001, dtype, seed=Lq, D=64, Dv=64)
-    assert decode._sizes(qkv.core._spec.build_spec(q, k, v), batched=False)[1] < 70_001
+    assert decode._sizes(qkv.core.spec.build_spec(q, k, v), batched=False)[1] < 70_001
     _check(q, k, v, causal=True)
     assert fast_calls
     if splits:  # the kernel: 2 work items (B * Hkv), so the cache is split for the threads
@@ -209,7 +209,7 @@ def test_split_sizes_are_checked():
 
 def test_auto_picks_decode_for_a_chunk_only_without_gradients():
     from qkv.core import choose_backend
-    from qkv.core._spec import build_spec
+    from qkv.core.spec import build_spec
 
     def picked(Lq, Lk, requires_grad=False, dtype=torch.float32, **kw):
         q = torch.zeros(1, 8, Lq, 16, requires_grad=requires_grad, dtype=dtype)

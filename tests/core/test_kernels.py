@@ -82,7 +82,7 @@ def test_auto_looks_for_the_kernel_only_where_it_changes_the_answer(monkeypatch)
     """An encoder's short sentence (Lq = Lk <= 16) never builds the decode kernel; a decode
     step against a large cache does look it up."""
     from qkv.core import choose_backend
-    from qkv.core._spec import build_spec
+    from qkv.core.spec import build_spec
 
     looked = []
     monkeypatch.setattr(decode, "_kernel_lib", lambda: looked.append(1))  # and returns None

@@ -14,7 +14,7 @@ import torch
 
 import qkv
 from qkv.core import choose_backend, sdpa
-from qkv.core._spec import build_spec
+from qkv.core.spec import build_spec
 from tolerance import FWD_FACTOR, GRAD_FACTOR, assert_within_rule
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

@@ -7,7 +7,7 @@ import torch
 
 import qkv
 from qkv.core import choose_backend, tiled
-from qkv.core._spec import build_spec
+from qkv.core.spec import build_spec
 from qkv.core.api import attention_with_lse_exact
 
 BACKENDS = ["reference", "sdpa", "tiled"]

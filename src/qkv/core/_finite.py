@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from ._spec import AttentionSpec, _slice
+from .spec import AttentionSpec, slice_block
 from .reference import compute_dtype
 
 # Scores bounded by scale * D * max|q| * max|k| below this share of the compute dtype's
@@ -230,7 +230,7 @@ def poisoned_rows(spec: AttentionSpec, bad_q: Tensor, bad_kv: Tensor, bad_mask: 
         visible = _visible(spec, i0, i1, j0, j1, bad_q.device)  # (B, Hq, bi, bj)
         bad = bad_keys[:, :, None, j0:j1]  # (B, Hq, 1, bj)
         if bad_mask is not None:
-            bad = bad | _slice(bad_mask, i0, i1, j0, j1)
+            bad = bad | slice_block(bad_mask, i0, i1, j0, j1)
         rows[:, :, i0:i1] |= (visible & bad).any(-1)
     return rows
 

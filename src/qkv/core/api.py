@@ -19,7 +19,7 @@ from typing import Callable, Optional
 from torch import Tensor
 
 from . import _finite, _memory, reference, sdpa, tiled
-from ._spec import AttentionSpec, build_spec
+from .spec import AttentionSpec, build_spec
 
 _BACKENDS: dict[str, SimpleNamespace] = {}
 # Extra rules for `auto`, tried in order before the default choice: each returns a

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from . import _finite, _kernels, tiled
-from ._spec import AttentionSpec
+from .spec import AttentionSpec
 from .api import register_backend
 from .reference import compute_dtype
 

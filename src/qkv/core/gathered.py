@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._spec import AttentionSpec, _call_mask_mod
+from .spec import AttentionSpec, call_mask_mod
 from .reference import compute_dtype
 
 _MAX_ROWS = 32  # query rows per row group: narrower groups waste fewer masked columns
@@ -168,18 +168,16 @@ def _fingerprint(t: Tensor) -> tuple:
 def layout(spec: AttentionSpec, bm, device) -> Layout:
     """The cached Layout of BlockMask `bm` (None: the band alone) under the spec's causal/window band."""
     key = ("gathered", spec.left, spec.right, spec.offset, spec.groups, str(device))
-    cache = bm._cache if bm is not None else _BAND_LAYOUTS
-    if bm is None:
-        key = key + (spec.Lq, spec.Lk)
-    got = cache.get(key)
+    if bm is not None:
+        return bm.cached(key, lambda: _build_layout(spec, bm, device))
+    key = key + (spec.Lq, spec.Lk)
+    got = _BAND_LAYOUTS.get(key)
     if got is None:
-        got = _build_layout(spec, bm, device)
-        cache[key] = got
-        if bm is None:
-            while len(cache) > _BAND_LAYOUTS_MAX:
-                cache.popitem(last=False)
-    elif bm is None:
-        cache.move_to_end(key)
+        got = _BAND_LAYOUTS[key] = _build_layout(spec, bm, device)
+        while len(_BAND_LAYOUTS) > _BAND_LAYOUTS_MAX:
+            _BAND_LAYOUTS.popitem(last=False)
+    else:
+        _BAND_LAYOUTS.move_to_end(key)
     return got
 
 
@@ -231,7 +229,7 @@ def _build_layout(spec: AttentionSpec, bm, device) -> Layout:
         allowed = torch.ones(1, 1, rows.numel(), cols_t.numel(), dtype=torch.bool, device=device)
         part = (~full_t).nonzero().flatten()
         if part.numel():
-            got = _call_mask_mod(bm.mask_mod, b_idx, h_idx, rows.to(device).view(1, 1, -1, 1),
+            got = call_mask_mod(bm.mask_mod, b_idx, h_idx, rows.to(device).view(1, 1, -1, 1),
                                  cols_t[part].to(device).view(1, 1, 1, -1))
             got = got.reshape((1,) * (4 - got.dim()) + tuple(got.shape))
             allowed = allowed.expand(got.shape[0], got.shape[1], -1, -1).clone()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _memory
-from ._spec import AttentionSpec
+from .spec import AttentionSpec
 
 # The reference refuses to build a score matrix larger than this (bytes, in compute dtype).
 MAX_SCORE_BYTES = 2 * 1024**3

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _memory
-from ._spec import AttentionSpec
+from .spec import AttentionSpec
 from .tiled import merge_lse_
 
 # `auto` uses SDPA with a materialised mask only up to this many mask entries (Lq * Lk per

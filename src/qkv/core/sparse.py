@@ -34,7 +34,8 @@ from typing import Optional
 from torch import Tensor
 
 from . import gathered, tiled
-from ._spec import AttentionSpec
+from .block_mask import block_mask, unknown_fraction
+from .spec import AttentionSpec
 from .api import register_backend
 
 # `auto` sends a mask function to this backend when it is at least this long (Lq * Lk) and
@@ -55,8 +56,6 @@ def block_mask_for(spec: AttentionSpec, device=None):
         return spec.block_mask
     if spec.mask_mod is None:
         return None
-    from qkv.masks import block_mask
-
     fn = spec.mask_mod
     # Cached by identity (the BlockMask keeps the function alive, so the id stays unique).
     key = (id(fn), spec.B, spec.Hq, spec.Lq, spec.Lk, str(device))
@@ -73,16 +72,16 @@ def block_mask_for(spec: AttentionSpec, device=None):
 
 def _rows(bm) -> list[list[tuple[int, bool]]]:
     """Per query block: [(key block, full for every (b, h))] of the blocks non-empty for some (b, h)."""
-    cached = bm._cache.get("rows")
-    if cached is not None:
-        return cached
+    return bm.cached("rows", lambda: _build_rows(bm))
+
+
+def _build_rows(bm) -> list[list[tuple[int, bool]]]:
     states = bm.block_states()  # (Bm, Hm, nq, nk): 0 empty, 1 partial, 2 full
     visit = (states != 0).flatten(0, 1).any(0)  # (nq, nk)
     full_all = (states == 2).flatten(0, 1).all(0)  # (nq, nk)
     rows: list[list[tuple[int, bool]]] = [[] for _ in range(states.shape[2])]
     for (qb, kb), full in zip(visit.nonzero().tolist(), full_all[visit].tolist()):
         rows[qb].append((kb, full))
-    bm._cache["rows"] = rows
     return rows
 
 
@@ -157,8 +156,6 @@ def auto_rule(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
     fn = spec.mask_mod
     if fn is None or getattr(fn, "classify", None) is None or spec.Lq * spec.Lk < AUTO_MIN_ENTRIES:
         return None  # only patterns with a block classifier are cheap to lay out on the fly
-    from qkv.masks import unknown_fraction
-
     if unknown_fraction(fn, spec.B, spec.Hq, spec.Lq, spec.Lk, DEFAULT_BLOCK) > AUTO_MAX_UNKNOWN:
         return None  # most blocks would need evaluating the function element by element
     if block_mask_for(spec, device=q.device).sparsity() >= AUTO_MIN_SPARSITY:

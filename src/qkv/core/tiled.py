@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _memory
-from ._spec import AttentionSpec, index_grid
+from .spec import AttentionSpec, index_grid
 from .reference import compute_dtype
 
 # Target number of score entries (B x heads x rows x keys) in one block: large enough that

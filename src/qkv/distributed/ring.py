@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from qkv.core import _finite
-from qkv.core._spec import build_spec
+from qkv.core.spec import build_spec
 from qkv.core.reference import compute_dtype
 from qkv.core.tiled import block_backward, block_forward, merge_lse_
 
