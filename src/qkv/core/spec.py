@@ -32,9 +32,14 @@ from .block_mask import BlockMask
 from .mods import MaskMod, ScoreMod, call_mask_mod, call_score_mod, fmt_shape, index_grid
 
 __all__ = ["AttentionSpec", "build_spec", "index_grid", "call_mask_mod", "call_score_mod", "slice_block",
-           "MaskMod", "ScoreMod"]
+           "compute_dtype", "MaskMod", "ScoreMod"]
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,15 @@ class AttentionSpec:
             hi = min(hi, i1 - 1 + self.offset + self.right + 1)
         return lo, hi
 
+    def band_edges(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """(lo, hi), int64 like rows: query row i sees keys [lo_i, hi_i) under causal/window,
+        clamped to [0, Lk] with hi >= lo (lo == hi: none). The one place the band's per-row
+        arithmetic lives: engines, the non-finite guard and the native kernel's arguments use it."""
+        pos = rows + self.offset  # key position of each row's diagonal
+        lo = (pos - self.left).clamp(0, self.Lk) if self.left is not None else torch.zeros_like(pos)
+        hi = (pos + self.right + 1).clamp(0, self.Lk) if self.right is not None else torch.full_like(pos, self.Lk)
+        return lo, torch.maximum(hi, lo)
+
     def band_mask(self, i0: int, i1: int, j0: int, j1: int, device) -> Optional[Tensor]:
         """Bool (i1-i0, j1-j0) band mask of the block, or None if the band covers it whole."""
         if not self.banded:
@@ -105,14 +119,9 @@ class AttentionSpec:
             full = False
         if full:
             return None
-        pos = torch.arange(i0, i1, device=device).unsqueeze(1) + self.offset  # (bq, 1)
+        lo, hi = self.band_edges(torch.arange(i0, i1, device=device).unsqueeze(1))  # (bq, 1) each
         kv = torch.arange(j0, j1, device=device).unsqueeze(0)  # (1, bk)
-        allowed = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=device)
-        if self.left is not None:
-            allowed &= kv >= pos - self.left
-        if self.right is not None:
-            allowed &= kv <= pos + self.right
-        return allowed
+        return (kv >= lo) & (kv < hi)  # (bq, bk)
 
     # ------------------------------------------------------------ block queries
     def index_grid(self, i0: int, i1: int, j0: int, j1: int, device):

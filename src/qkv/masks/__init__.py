@@ -17,25 +17,13 @@ tensor operations (`&`, `|`, `~`, `torch.where`, indexing a lookup table), never
 on their values. q_idx and kv_idx are raw positions, aligned to the top left: pass
 `offset=Lk - Lq` to `causal`/windows to align them to the bottom right as `causal=True` does.
 
-Named patterns (each returns a mask function):
-
-- `causal`: Vaswani et al., 2017, "Attention Is All You Need" (decoder self-attention).
-- `sliding_window`, `causal_sliding_window`: Beltagy et al., 2020, "Longformer"; Jiang et
-  al., 2023, "Mistral 7B" (causal window).
-- `dilated_sliding_window`: Longformer's dilated window (Beltagy et al., 2020, sec. 3.1).
-- `strided`, `fixed`: Child et al., 2019, "Generating Long Sequences with Sparse Transformers".
-- `global_tokens`, `longformer`: global tokens plus a local window (Beltagy et al., 2020).
-- `bigbird`: global, window and random blocks (Zaheer et al., 2020, "Big Bird").
-- `document`: block-diagonal packing of several sequences into one row (as in Krell et al.,
-  2021, "Efficient Sequence Packing without Cross-contamination").
-- `prefix_lm`: bidirectional prefix, causal rest (Raffel et al., 2020, "T5", sec. 3.2.1).
-
-Score functions: `alibi` (Press et al., 2022, "Train Short, Test Long"), `soft_cap`
-(Bello et al., 2016; Gemma 2 Team, 2024), `relative_position_bias` (Shaw et al., 2018,
-"Self-Attention with Relative Position Representations"; Raffel et al., 2020).
+Named patterns (each returns a mask function, with its paper in `patterns`): `causal`,
+`sliding_window`, `causal_sliding_window`, `dilated_sliding_window`, `strided`, `fixed`,
+`global_tokens`, `longformer`, `bigbird`, `document`, `prefix_lm`. Score functions (in
+`scores`): `alibi`, `soft_cap`, `relative_position_bias`.
 
 The package's parts: `combinators` (and/or/not and the exact building blocks), `patterns`
-(the named patterns above and `dense_mask`), `scores` (score functions); `BlockMask`,
+(the named patterns and `dense_mask`), `scores` (score functions); `BlockMask`,
 `block_mask` and `unknown_fraction` are the core's (`qkv.core.block_mask`), re-exported here.
 How a BlockMask is built exactly from the patterns' block classifiers: docs/architecture.md.
 """
