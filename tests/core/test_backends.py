@@ -85,7 +85,7 @@ def _tiles(backend):
 
 @contextlib.contextmanager
 def _decode_chunks(entries_per_row):
-    from qkv.core.backends import decode
+    from qkv.core.backend import decode
 
     old = decode._CHUNK_ENTRIES
     decode._CHUNK_ENTRIES = entries_per_row

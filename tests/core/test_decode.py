@@ -19,7 +19,7 @@ import torch
 
 import qkv
 from qkv.core import _kernels
-from qkv.core.backends import decode
+from qkv.core.backend import decode
 from qkv.core.engines import decode_eager, decode_native
 from tolerance import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
 

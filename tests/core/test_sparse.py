@@ -11,7 +11,7 @@ import torch
 import qkv
 from qkv import masks as M
 from qkv.core import api
-from qkv.core.backends import sparse
+from qkv.core.backend import sparse
 from tolerance import FWD_FACTOR, GRAD_FACTOR, assert_within_rule
 
 # (B, Hq, Hkv, Lq, Lk, D): ragged lengths, Lq != Lk both ways, GQA and MQA

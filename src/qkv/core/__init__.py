@@ -14,7 +14,7 @@ from .api import (
     reference_attention,
     register_backend,
 )
-from .backends import Backend
+from .backend import Backend
 
 __all__ = [
     "attention",

@@ -1,13 +1,13 @@
 """The public attention functions: validation, the backend registry and dispatch.
 
-Every backend follows one protocol (`Backend`, backends/base.py):
+Every backend follows one protocol (`Backend`, backend/base.py):
 
     forward(q, k, v, spec, *, need_lse) -> (out, lse or None)
     unsupported(spec, q, need_lse) -> None, or a sentence naming what it cannot do and
                                       which backend can
     auto(spec, q, need_lse) -> bool    claims the arguments for `auto`, tried by priority
 
-The builtin backends are registered here from one list (`backends.BUILTIN`); adding one
+The builtin backends are registered here from one list (`backend.BUILTIN`); adding one
 means writing one module and calling `register_backend`. `auto` picks the fastest exact
 path that honours every argument, and never falls back silently to a path whose memory
 grows with the square of the length. Every call runs under the non-finite guard
@@ -21,7 +21,7 @@ from typing import Callable, Optional, Union
 from torch import Tensor
 
 from . import _finite, _memory
-from .backends import BUILTIN, Backend, reference
+from .backend import BUILTIN, Backend, reference
 from .spec import AttentionSpec, build_spec
 
 _BACKENDS: dict[str, Backend] = {b.name: b for b in BUILTIN}

@@ -1,4 +1,4 @@
-"""The engines: the arithmetic the backends run (qkv/core/backends).
+"""The engines: the arithmetic the backends run (qkv/core/backend).
 
 `flash` (the FlashAttention-2 block engine, Dao 2023, with the one merge of partial softmax
 states), `gathered` (the gathered-rows engine of block-sparse layouts), `decode_eager` and

@@ -3,7 +3,7 @@
 A backend is thin: it says what it cannot do (`unsupported`), runs (`forward`, usually by
 calling an engine of qkv/core/engines), and may claim cases for `backend="auto"` through an
 `auto` rule tried in order of `priority` (highest first). The builtin backends are listed in
-`qkv.core.backends.BUILTIN`, and any object with these attributes can be registered
+`qkv.core.backend.BUILTIN`, and any object with these attributes can be registered
 (`qkv.core.register_backend`) or passed as `attention(..., backend=obj)` (ring attention is
 one: `qkv.distributed.RingAttention`). Layout: docs/architecture.md.
 """
