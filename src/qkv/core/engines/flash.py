@@ -24,6 +24,7 @@ BlockMask, the decode backend's one query block. Layout: docs/architecture.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -291,12 +292,20 @@ def merge_lse_(out_acc: Tensor, lse_acc: Tensor, out_s: Tensor, lse_s: Tensor) -
     out, lse = finish(row_max.unsqueeze(-1), row_sum.unsqueeze(-1), acc)  # (B, H, n, Dv), (B, H, n, 1)
     out_acc.copy_(out)
     lse_acc.copy_(lse.squeeze(-1))
-class _TiledAttention(torch.autograd.Function):
+class Recomputed(torch.autograd.Function):
+    """An engine's (out, lse) made differentiable, FlashAttention-2 style (Dao, 2023, Alg. 2):
+    the forward keeps only q, k, v, out and lse; the backward recomputes the probabilities.
+
+    apply(q, k, v, spec, forward, backward): forward(q, k, v, spec) -> (out (B, Hq, Lq, Dv),
+    lse (B, Hq, Lq)) without autograd; backward(q, k, v, out, lse, d_out, d_lse, spec) ->
+    (dq, dk, dv). Used by this engine and the gathered-rows engine.
+    """
+
     @staticmethod
-    def forward(ctx, q, k, v, spec, seed, plan):
-        out, lse = block_forward(q, k, v, spec, seed, plan)
+    def forward(ctx, q, k, v, spec, forward, backward):
+        out, lse = forward(q, k, v, spec)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec, ctx.seed, ctx.plan = spec, seed, plan
+        ctx.spec, ctx.engine_backward = spec, backward
         return out, lse
 
     @staticmethod
@@ -304,7 +313,7 @@ class _TiledAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if d_out is None:
             d_out = torch.zeros_like(out)
-        dq, dk, dv = block_backward(q, k, v, out, lse, d_out, d_lse, ctx.spec, ctx.seed, ctx.plan)
+        dq, dk, dv = ctx.engine_backward(q, k, v, out, lse, d_out, d_lse, ctx.spec)
         return dq, dk, dv, None, None, None
 
 
@@ -350,7 +359,8 @@ def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, plan: Plan, *, nee
     if spec.dropout_p > 0.0:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _TiledAttention.apply(q, k, v, spec, seed, plan)
+        out, lse = Recomputed.apply(q, k, v, spec, functools.partial(block_forward, seed=seed, plan=plan),
+                                    functools.partial(block_backward, seed=seed, plan=plan))
     else:
         out, lse = block_forward(q, k, v, spec, seed, plan)
     return out, (lse if need_lse else None)

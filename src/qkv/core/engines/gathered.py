@@ -28,6 +28,7 @@ Dropout, score functions and tensor masks are left to the tiled engine
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..spec import AttentionSpec, call_mask_mod, compute_dtype
+from .flash import Recomputed
 
 _MAX_ROWS = 32  # query rows per row group: narrower groups waste fewer masked columns
 _CHUNK_ENTRIES = 1 << 19  # score entries (rows x keys) per batched product: 2 MiB in float32
@@ -500,27 +502,11 @@ def _add_keys(dx: Tensor, ch: Chunk, r: int, head: Optional[int], val: Tensor) -
         dx[head].index_add_(0, ch.columns(r, dx.device), val.reshape(-1, dx.shape[-1]))
 
 
-class _GatheredAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, spec, lay):
-        out, lse = layout_forward(q, k, v, spec, lay, need_lse=True)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec, ctx.lay = spec, lay
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if d_out is None:
-            d_out = torch.zeros_like(out)
-        dq, dk, dv = layout_backward(q, k, v, out, lse, d_out, d_lse, ctx.spec, ctx.lay)
-        return dq, dk, dv, None, None
-
-
 def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, bm, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
     """Differentiable attention under BlockMask `bm` (None: the band alone) and the spec's band."""
     lay = layout(spec, bm, q.device)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _GatheredAttention.apply(q, k, v, spec, lay)
+        out, lse = Recomputed.apply(q, k, v, spec, functools.partial(layout_forward, lay=lay, need_lse=True),
+                                    functools.partial(layout_backward, lay=lay))
         return out, (lse if need_lse else None)
     return layout_forward(q, k, v, spec, lay, need_lse)
