@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import qkv
 from qkv._files import write_text
 from qkv.bench.timing import best_of, best_times, clock
-from qkv.core import tiled
+from qkv.core.engines import flash
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -104,7 +104,7 @@ def bench_tiles(args) -> None:
             t_torch = best_of(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), repeats=args.repeats)
             cells = []
             for bq, bk in TILE_GRID:
-                with tiled.block_sizes(bq, bk):
+                with flash.block_sizes(bq, bk):
                     t = best_of(lambda: qkv.attention(q, k, v, causal=causal, backend="tiled"), repeats=args.repeats)
                 cells.append(t_torch["seconds"] / t["seconds"])
         print(f"| {causal} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")

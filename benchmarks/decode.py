@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import qkv
+import qkv.core.spec
 from qkv.bench.timing import best_times
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
                         "decode": lambda: qkv.attention(q, k, v, causal=causal, backend="decode"),
                         "auto": lambda: qkv.attention(q, k, v, causal=causal),
                     }, repeats=args.repeats)
-                    picked = qkv.core.choose_backend(qkv.core._spec.build_spec(q, k, v, causal=causal), q, False)
+                    picked = qkv.core.choose_backend(qkv.core.spec.build_spec(q, k, v, causal=causal), q, False)
                     read_gbs = nbytes / times["read"] / 1e9
 
                     def cell(t):

@@ -29,7 +29,7 @@ import qkv
 from qkv.bench import machine_info
 from qkv.bench.timing import best_times
 from qkv.core import _finite, api
-from qkv.core._spec import build_spec
+from qkv.core.spec import build_spec
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

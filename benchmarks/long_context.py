@@ -77,7 +77,7 @@ def child_attention(L: int, heads: int, dim: int, backend: str) -> dict:
     peak = _peak(reset)
     out_bytes = out.numel() * out.element_size()
     from qkv.core.api import choose_backend
-    from qkv.core._spec import build_spec
+    from qkv.core.spec import build_spec
 
     chosen = choose_backend(build_spec(q, k, v, causal=True), q, False) if backend == "auto" else backend
     return {"case": "attention", "L": L, "backend": backend, "ran": chosen, "seconds": seconds,

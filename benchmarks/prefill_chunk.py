@@ -3,7 +3,7 @@
 The chunk's Lq queries attend causally, aligned bottom right, to Lk keys (the cache, the chunk's
 own keys last). torch's SDPA aligns `is_causal` top left, so it needs the band as a dense bool
 mask (Lq, Lk); qkv's sdpa backend instead splits the chunk into the prefix keys without a mask
-and the square causal block, merged by lse (qkv.core.sdpa.split_causal). Compared in the same
+and the square causal block, merged by lse (qkv.core.backend.sdpa.split_causal). Compared in the same
 run, forward only (inference mode):
 
 - torch SDPA with the dense bottom-right mask (enable_gqa=True): the peer; skipped where the
@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 import qkv
 from qkv.bench.timing import best_times
-from qkv.core import choose_backend, sdpa
-from qkv.core._spec import build_spec
+from qkv.core import choose_backend
+from qkv.core.backend import sdpa
+from qkv.core.spec import build_spec
 
 from decode import causal_mask  # benchmarks/decode.py: this script's folder is on sys.path
 

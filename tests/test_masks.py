@@ -9,6 +9,7 @@ import torch
 
 import qkv
 from qkv import masks as M
+from qkv.core import block_mask as BM
 
 
 def _grid(Lq, Lk):
@@ -231,12 +232,12 @@ def test_named_patterns_are_classified_without_evaluating_elements(name, monkeyp
     fn = PATTERNS[name][0]
     if name in ("prefix-lm",):  # OR of two partial blocks is evaluated: only on the diagonal
         calls = []
-        real = M._evaluate_unknown
-        monkeypatch.setattr(M, "_evaluate_unknown", lambda mm, unknown, *a: calls.append(int(unknown.sum())) or real(mm, unknown, *a))
+        real = BM._evaluate_unknown
+        monkeypatch.setattr(BM, "_evaluate_unknown", lambda mm, unknown, *a: calls.append(int(unknown.sum())) or real(mm, unknown, *a))
         M.block_mask(fn, 1, 1, 4096, block_size=128)
         assert sum(calls) <= 32, f"evaluated {sum(calls)} blocks, expected at most the 32 diagonal ones"
         return
-    monkeypatch.setattr(M, "_evaluate_unknown", fail)
+    monkeypatch.setattr(BM, "_evaluate_unknown", fail)
     M.block_mask(fn, 1, 1, 4096, block_size=128)
 
 

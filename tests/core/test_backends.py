@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import qkv
-from qkv.core import tiled
+from qkv.core.engines import flash
 from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv)
@@ -77,7 +77,7 @@ def _inputs(shape, dtype, seed):
 
 def _tiles(backend):
     if backend == "tiled-small":
-        return tiled.block_sizes(32, 64)
+        return flash.block_sizes(32, 64)
     if backend == "decode":  # small cache chunks, so that several are merged
         return _decode_chunks(256)
     return contextlib.nullcontext()
@@ -85,7 +85,7 @@ def _tiles(backend):
 
 @contextlib.contextmanager
 def _decode_chunks(entries_per_row):
-    from qkv.core import decode
+    from qkv.core.backend import decode
 
     old = decode._CHUNK_ENTRIES
     decode._CHUNK_ENTRIES = entries_per_row

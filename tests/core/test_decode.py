@@ -3,7 +3,7 @@
 Caches that are empty, of length 1, shorter and longer than a segment and not a multiple of
 it; 1, 3 and 16 new queries, causal (bottom-right) or not; grouped-query and multi-head;
 float32, bfloat16 and float64; batch rows with different cache lengths (key padding); and
-the merging of segments and of upcast chunks, forced small with `decode.split_sizes`. Every
+the merging of segments and of upcast chunks, forced small with `decode_eager.split_sizes`. Every
 test also checks that the fast path ran, so none passes through the tiled fallback unseen,
 and runs twice: on the native kernel (float32 and bfloat16 without mask functions; checked
 to have run) and on the eager segments that serve where no C++ compiler is found.
@@ -18,7 +18,9 @@ import pytest
 import torch
 
 import qkv
-from qkv.core import decode
+from qkv.core import _kernels
+from qkv.core.backend import decode
+from qkv.core.engines import decode_eager, decode_native
 from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
@@ -31,12 +33,12 @@ def engine(request, monkeypatch):
     calls = []
     _ENGINE.update(name=request.param, calls=calls)
     if request.param == "eager":
-        monkeypatch.setattr(decode, "_kernel_lib", lambda: None)
-        monkeypatch.setattr(decode._kernels, "warn_unavailable", lambda *a, **kw: None)
-    elif decode._kernel_lib() is None:
-        pytest.skip(f"the native decode kernel is unavailable: {decode._kernels.status('decode_kernel')}")
-    original = decode._kernel_forward
-    monkeypatch.setattr(decode, "_kernel_forward", lambda *a, **kw: calls.append(a) or original(*a, **kw))
+        monkeypatch.setattr(decode_native, "lib", lambda: None)
+        monkeypatch.setattr(_kernels, "warn_unavailable", lambda *a, **kw: None)
+    elif decode_native.lib() is None:
+        pytest.skip(f"the native decode kernel is unavailable: {_kernels.status('decode_kernel')}")
+    original = decode_native.forward
+    monkeypatch.setattr(decode_native, "forward", lambda *a, **kw: calls.append(a) or original(*a, **kw))
     return calls
 
 
@@ -78,7 +80,7 @@ def _check(q, k, v, *, sizes=None, **kw):
     exact, exact_lse = qkv.attention_with_lse(q.double(), k.double(), v.double(), backend="reference", **kw64)
     plain = qkv.reference_attention(q, k, v, **kw)
     calls, before = _ENGINE["calls"], len(_ENGINE["calls"])
-    with torch.no_grad(), (decode.split_sizes(*sizes) if sizes else contextlib.nullcontext()):
+    with torch.no_grad(), (decode_eager.split_sizes(*sizes) if sizes else contextlib.nullcontext()):
         fast, fast_lse = qkv.attention_with_lse(q, k, v, backend="decode", **kw)
     what = f"decode {tuple(q.shape)} x {tuple(k.shape)} {q.dtype} sizes={sizes} {sorted(kw)} on {_ENGINE['name']}"
     # The kernel takes float32 and bfloat16 caches without mask functions; the rest is eager.
@@ -114,13 +116,13 @@ def test_small_splits(heads, causal, Lq, Lk, dtype, fast_calls):
 def test_default_sizes_long_cache(Lq, dtype, fast_calls, monkeypatch):
     """A cache longer than the default upcast chunk (bfloat16) and, with 16 queries, than a segment."""
     segments = []
-    original = decode._segment
-    monkeypatch.setattr(decode, "_segment", lambda *a, **kw: segments.append(1) or original(*a, **kw))
+    original = decode_eager._segment
+    monkeypatch.setattr(decode_eager, "_segment", lambda *a, **kw: segments.append(1) or original(*a, **kw))
     splits = []
-    original_splits = decode._kernel_splits
-    monkeypatch.setattr(decode, "_kernel_splits", lambda *a: splits.append(original_splits(*a)) or splits[-1])
+    original_splits = decode_native.splits
+    monkeypatch.setattr(decode_native, "splits", lambda *a: splits.append(original_splits(*a)) or splits[-1])
     (q, k, v), gen = _inputs(1, 8, 2, Lq, 70_001, dtype, seed=Lq, D=64, Dv=64)
-    assert decode._sizes(qkv.core._spec.build_spec(q, k, v), batched=False)[1] < 70_001
+    assert decode_eager._sizes(qkv.core.spec.build_spec(q, k, v), batched=False)[1] < 70_001
     _check(q, k, v, causal=True)
     assert fast_calls
     if splits:  # the kernel: 2 work items (B * Hkv), so the cache is split for the threads
@@ -160,7 +162,7 @@ def test_segments_merge_exactly_in_float64(fast_calls):
     (q, k, v), gen = _inputs(2, 4, 2, 3, 37, torch.float64, seed=5)
     pad = _padding(2, 37, gen, lengths=[20, 37])
     exact = qkv.reference_attention(q, k, v, mask=pad, causal=True)
-    with torch.no_grad(), decode.split_sizes(1, 1):
+    with torch.no_grad(), decode_eager.split_sizes(1, 1):
         got = qkv.attention(q, k, v, mask=pad, causal=True, backend="decode")
     torch.testing.assert_close(got, exact, rtol=1e-12, atol=1e-12)
     assert fast_calls
@@ -203,13 +205,13 @@ def test_gradients_and_dropout_use_the_tiled_engine(fast_calls):
 
 def test_split_sizes_are_checked():
     with pytest.raises(ValueError, match="split sizes must be >= 1"):
-        with decode.split_sizes(0, 4):
+        with decode_eager.split_sizes(0, 4):
             pass
 
 
 def test_auto_picks_decode_for_a_chunk_only_without_gradients():
     from qkv.core import choose_backend
-    from qkv.core._spec import build_spec
+    from qkv.core.spec import build_spec
 
     def picked(Lq, Lk, requires_grad=False, dtype=torch.float32, **kw):
         q = torch.zeros(1, 8, Lq, 16, requires_grad=requires_grad, dtype=dtype)

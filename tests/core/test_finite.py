@@ -256,8 +256,8 @@ def test_attention_weights_follow_the_rule(value):
 def test_finite_inputs_take_the_fast_path_unchanged():
     """Without NaN, infinity or overflow, the guard adds a scan and nothing else: the backend's
     own result comes back bit for bit."""
-    from qkv.core import sdpa
-    from qkv.core._spec import build_spec
+    from qkv.core.backend import sdpa
+    from qkv.core.spec import build_spec
 
     q, k, v = _inputs(SHAPE, torch.float32, seed=1)
     spec = build_spec(q, k, v, causal=True)

@@ -27,7 +27,8 @@ import pytest
 import torch
 
 import qkv
-from qkv.core import _kernels, decode
+from qkv.core import _kernels
+from qkv.core.engines import decode_native
 from test_decode import _inputs
 
 
@@ -37,7 +38,7 @@ def test_a_missing_kernel_warns_once_and_runs_eager(monkeypatch, recwarn):
     monkeypatch.setattr(_kernels, "_loaded", {"decode_kernel": None})
     monkeypatch.setattr(_kernels, "_why", {"decode_kernel": "no C++ compiler found (test)"})
     monkeypatch.setattr(_kernels, "_warned", set())
-    monkeypatch.setattr(decode, "_kernel_lib", lambda: _kernels.load("decode_kernel"))
+    monkeypatch.setattr(decode_native, "lib", lambda: _kernels.load("decode_kernel"))
     (q, k, v), _ = _inputs(1, 4, 2, 1, 40, torch.float32, seed=14)
     with pytest.warns(RuntimeWarning, match=r"native decode_kernel kernel is unavailable \(no C\+\+ compiler found \(test\)\)"):
         first = qkv.attention(q, k, v, backend="decode")
@@ -82,10 +83,10 @@ def test_auto_looks_for_the_kernel_only_where_it_changes_the_answer(monkeypatch)
     """An encoder's short sentence (Lq = Lk <= 16) never builds the decode kernel; a decode
     step against a large cache does look it up."""
     from qkv.core import choose_backend
-    from qkv.core._spec import build_spec
+    from qkv.core.spec import build_spec
 
     looked = []
-    monkeypatch.setattr(decode, "_kernel_lib", lambda: looked.append(1))  # and returns None
+    monkeypatch.setattr(decode_native, "lib", lambda: looked.append(1))  # and returns None
     short = torch.zeros(1, 4, 8, 16)
     choose_backend(build_spec(short, short, short), short, False)
     assert not looked, "short self-attention must not compile the decode kernel"
@@ -209,7 +210,7 @@ def test_a_failing_rebuild_falls_back_to_eager_with_one_warning(cache, monkeypat
     lib_path = cache.seed()
     lib_path.write_bytes(lib_path.read_bytes()[:1000])
     monkeypatch.setenv("CXX", _script(cache.tmp / "cxx", 'echo "cc1plus: out of memory" >&2; exit 1'))
-    monkeypatch.setattr(decode, "_typed", set())
+    monkeypatch.setattr(decode_native, "_typed", set())
     (q, k, v), _ = _inputs(1, 4, 2, 1, 40, torch.float32, seed=15)
     with pytest.warns(RuntimeWarning, match=r"native decode_kernel kernel is unavailable \(the cached build .* was "
                       r"unusable \(its checksum does not match .*\) and rebuilding it failed: cxx failed on "

@@ -1,7 +1,7 @@
 """The sdpa backend's mask-free split of a causal chunk (Lq < Lk, chunked prefill), issue 6.
 
 Bottom-right causal attention of Lq < Lk queries runs as the prefix keys without a mask plus the
-square causal block, merged by lse (qkv.core.sdpa.split_causal). Outputs and gradients against
+square causal block, merged by lse (qkv.core.backend.sdpa.split_causal). Outputs and gradients against
 the float64 reference by the rule of tests/tolerance.py; every case also counts the kernel
 calls, so that a case meant for the split cannot pass through the dense-mask path unseen and a
 case that must not split (windows, masks, D != Dv, Lq >= Lk) is seen not to.
@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import qkv
-from qkv.core import choose_backend, sdpa
-from qkv.core._spec import build_spec
+from qkv.core import choose_backend
+from qkv.core.backend import sdpa
+from qkv.core.spec import build_spec
 from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

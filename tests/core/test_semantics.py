@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import qkv
-from qkv.core import choose_backend, tiled
-from qkv.core._spec import build_spec
+from qkv.core import choose_backend
+from qkv.core.engines import flash
+from qkv.core.spec import build_spec
 from qkv.core.api import attention_with_lse_exact
 
 BACKENDS = ["reference", "sdpa", "tiled"]
@@ -52,7 +53,7 @@ def test_window_semantics(backend, window, causal, left, right):
     pos = torch.arange(7)[:, None] + (11 - 7)
     j = torch.arange(11)[None, :]
     expected = _dense(q, k, v, (j >= pos - left) & (j <= pos + right))
-    with tiled.block_sizes(2, 3):
+    with flash.block_sizes(2, 3):
         got = qkv.attention(q, k, v, window=window, causal=causal, backend=backend)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -152,7 +153,7 @@ def test_dropout_statistics(backend):
     k = torch.randn(2, 4, L, 16)
     v = torch.eye(L).expand(2, 4, L, L)
     weights = qkv.attention_weights(q, k)
-    with tiled.block_sizes(16, 16):
+    with flash.block_sizes(16, 16):
         dropped = qkv.attention(q, k, v, dropout_p=p, backend=backend)
     kept = dropped != 0
     frac = kept.float().mean().item()
@@ -165,7 +166,7 @@ def test_dropout_statistics(backend):
 
 def test_tiled_dropout_is_reproducible_and_differentiable():
     q, k, v = (t.requires_grad_() for t in _qkv(Lq=40, Lk=40))
-    with tiled.block_sizes(8, 16):
+    with flash.block_sizes(8, 16):
         torch.manual_seed(1)
         a = qkv.attention(q, k, v, dropout_p=0.3, backend="tiled")
         torch.manual_seed(1)
@@ -183,7 +184,7 @@ def test_tiled_dropout_is_reproducible_and_differentiable():
 
 def test_tiled_gradcheck_with_score_mod_and_window():
     q, k, v = (t.double().requires_grad_() for t in _qkv(Hq=4, Hkv=2, Lq=5, Lk=7, D=4))
-    with tiled.block_sizes(2, 3):
+    with flash.block_sizes(2, 3):
         assert torch.autograd.gradcheck(
             lambda a, b, c: attention_with_lse_exact(  # float64 lse: finite differences need it
                 a, b, c, window=(2, 1), score_mod=lambda s, *_: 3 * torch.tanh(s / 3), backend="tiled"),

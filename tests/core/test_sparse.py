@@ -10,7 +10,8 @@ import torch
 
 import qkv
 from qkv import masks as M
-from qkv.core import api, sparse
+from qkv.core import api
+from qkv.core.backend import sparse
 from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule
 
 # (B, Hq, Hkv, Lq, Lk, D): ragged lengths, Lq != Lk both ways, GQA and MQA
@@ -274,7 +275,7 @@ def test_auto_leaves_patterns_that_need_element_evaluation():
 
 
 # ------------------------------------------------------------------ the gathered-rows engine
-from qkv.core import gathered  # noqa: E402
+from qkv.core.engines import gathered  # noqa: E402
 
 ENGINE_CASES = {
     # name: (mask function of L, what the layout must contain)

@@ -137,7 +137,7 @@ def make_inputs(case):
 
 def _cases(rank, world, *, cases, results):
     import qkv.distributed as qd
-    from qkv.core import tiled
+    from qkv.core.engines import flash
 
     got = []
     for case in cases:
@@ -151,7 +151,7 @@ def _cases(rank, world, *, cases, results):
         rows = case.get("piece_rows") or 1 << 30
         ring_mod._PIECE_ENTRIES = case["B"] * case["Hq"] * case["Dv"] * rows
         tiles = case.get("tiles")
-        with tiled.block_sizes(*tiles) if tiles else _null():
+        with flash.block_sizes(*tiles) if tiles else _null():
             out, lse = qd.ring_attention_with_lse(*loc, causal=case["causal"], layout=lay, timeout=30)
             loss = (out.double() * qd.shard(g_out, rank, world, layout=lay).double()).sum()
             if case.get("lse_grad"):
@@ -243,14 +243,14 @@ def _mha(rank, world, *, results, layout, N):
     ref_w = [p.grad.clone() for p in params]
     mha.zero_grad()
 
-    ring = mha.distribute(layout=layout, timeout=30).attention_fn
+    ring = mha.distribute(layout=layout, timeout=30).backend
     try:
         xl = qd.shard(x, rank, world, layout=layout, dim=1).requires_grad_()  # (B, N/P, E)
         pos = ring.positions(xl.shape[1])  # global positions of the local tokens
         out = mha(xl, causal=True, rotary=rope(pos, torch.float64))
         out.backward(qd.shard(g, rank, world, layout=layout, dim=1))
     finally:
-        mha.attention_fn = None
+        mha.backend = "auto"
     for p in params:  # data-parallel style: every rank holds part of each weight's gradient
         dist.all_reduce(p.grad)
 

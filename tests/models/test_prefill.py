@@ -158,7 +158,7 @@ def test_long_prompt_default_chunking_and_decode_backend(kind, monkeypatch):
     the cache is long. (With the native kernel `auto` counts the cache's bytes, and this tiny
     model's 2k-token cache is too small to gain, so the threshold is lowered here: this tests
     the routing; the threshold is tested in tests/core/test_decode.py.)"""
-    from qkv.core import decode as decode_module
+    from qkv.core.backend import decode as decode_module
 
     monkeypatch.setattr(decode_module, "KERNEL_AUTO_MIN_BYTES", {torch.float32: (1, 1), torch.bfloat16: (1, 1)})
     model = tiny(kind, positions=PREFILL_CHUNK + 200)

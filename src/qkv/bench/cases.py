@@ -202,7 +202,7 @@ def _auto_choice(q, k, v, kwargs) -> str:
     """The backend `auto` runs for these arguments (for the table), or 'auto' if unknown."""
     try:
         from ..core import choose_backend
-        from ..core._spec import build_spec
+        from ..core.spec import build_spec
 
         return choose_backend(build_spec(q, k, v, **kwargs), q, False)
     except Exception:  # an internal detail changed: the measurement itself is unaffected

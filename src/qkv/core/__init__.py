@@ -1,6 +1,7 @@
 """The functional core: exact attention with one signature and several backends.
 
-Nothing here imports from models, inspect or web (README.md, "Layout": models -> nn -> core).
+Nothing here imports from the layers above it (masks, nn, models, inspect, web, distributed;
+tests/core/test_layering.py checks it). Layout: docs/architecture.md.
 """
 
 from .api import (
@@ -8,10 +9,12 @@ from .api import (
     attention_weights,
     attention_with_lse,
     backends,
+    check_memory,
     choose_backend,
     reference_attention,
     register_backend,
 )
+from .backend import Backend
 
 __all__ = [
     "attention",
@@ -21,4 +24,6 @@ __all__ = [
     "backends",
     "choose_backend",
     "register_backend",
+    "check_memory",
+    "Backend",
 ]

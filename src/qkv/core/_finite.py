@@ -36,8 +36,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from ._spec import AttentionSpec, _slice
-from .reference import compute_dtype
+from .spec import AttentionSpec, compute_dtype, slice_block
 
 # Scores bounded by scale * D * max|q| * max|k| below this share of the compute dtype's
 # largest value cannot overflow, even after a float mask or score function adds to them.
@@ -212,14 +211,14 @@ def poisoned_rows(spec: AttentionSpec, bad_q: Tensor, bad_kv: Tensor, bad_mask: 
         bad_q (B, Hq, Lq), bad_kv (B, Hkv, Lk): rows of q, and keys, holding a NaN or infinity.
         bad_mask: bool broadcastable to (B, Hq, Lq, Lk): float-mask entries NaN or +inf, or None.
     """
-    B, Hq, Lq, Lk = spec.B, spec.Hq, spec.Lq, spec.Lk
+    Lq, Lk = spec.Lq, spec.Lk
     rows = bad_q.clone()
     if Lk == 0 or (bad_mask is None and not bool(bad_kv.any())):
         return rows
     bad_keys = bad_kv.repeat_interleave(spec.groups, dim=1)  # (B, Hq, Lk): query head h uses kv head h // G
     if bad_mask is None and not spec.has_dense_constraints:
         # The band alone: row i sees keys [lo_i, hi_i), so count bad keys there by prefix sums.
-        lo, hi = _band_edges(spec, bad_q.device)  # (Lq,) each
+        lo, hi = spec.band_edges(torch.arange(Lq, device=bad_q.device))  # (Lq,) each
         count = torch.nn.functional.pad(bad_keys.to(torch.int64).cumsum(-1), (1, 0))  # (B, Hq, Lk + 1)
         seen_bad = count[..., hi] - count[..., lo] > 0  # (B, Hq, Lq)
         return rows | (seen_bad & (hi > lo))
@@ -230,7 +229,7 @@ def poisoned_rows(spec: AttentionSpec, bad_q: Tensor, bad_kv: Tensor, bad_mask: 
         visible = _visible(spec, i0, i1, j0, j1, bad_q.device)  # (B, Hq, bi, bj)
         bad = bad_keys[:, :, None, j0:j1]  # (B, Hq, 1, bj)
         if bad_mask is not None:
-            bad = bad | _slice(bad_mask, i0, i1, j0, j1)
+            bad = bad | slice_block(bad_mask, i0, i1, j0, j1)
         rows[:, :, i0:i1] |= (visible & bad).any(-1)
     return rows
 
@@ -243,7 +242,7 @@ def keys_seen(spec: AttentionSpec, rows: Tensor) -> Tensor:
         return seen.view(B, spec.Hkv, spec.groups, Lk).any(2)
     if not spec.has_dense_constraints:
         # The band alone: mark [lo_i, hi_i) of every marked row with a difference array.
-        lo, hi = _band_edges(spec, rows.device)  # (Lq,) each
+        lo, hi = spec.band_edges(torch.arange(Lq, device=rows.device))  # (Lq,) each
         live = (rows & (hi > lo)).to(torch.int64)  # (B, Hq, Lq)
         diff = torch.zeros(B, Hq, Lk + 1, dtype=torch.int64, device=rows.device)
         diff.scatter_add_(-1, lo.expand(B, Hq, Lq), live)
@@ -257,14 +256,6 @@ def keys_seen(spec: AttentionSpec, rows: Tensor) -> Tensor:
             visible = _visible(spec, i0, i1, j0, j1, rows.device)  # (B, Hq, bi, bj)
             seen[:, :, j0:j1] |= (visible & rows[:, :, i0:i1, None]).any(-2)
     return seen.view(B, spec.Hkv, spec.groups, Lk).any(2)  # (B, Hkv, Lk)
-
-
-def _band_edges(spec: AttentionSpec, device) -> tuple[Tensor, Tensor]:
-    """(lo, hi), each int64 (Lq,): query i sees keys [lo_i, hi_i) under the causal/window band."""
-    pos = torch.arange(spec.Lq, device=device) + spec.offset  # (Lq,)
-    lo = (pos - spec.left).clamp(0, spec.Lk) if spec.left is not None else torch.zeros_like(pos)
-    hi = (pos + spec.right + 1).clamp(0, spec.Lk) if spec.right is not None else torch.full_like(pos, spec.Lk)
-    return lo, torch.maximum(hi, lo)
 
 
 def _chunks(spec: AttentionSpec):

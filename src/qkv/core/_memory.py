@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._spec import AttentionSpec
+from .spec import AttentionSpec
 
 # Estimates below this are not compared with the free memory (reading it costs a file read).
 ALWAYS_FITS = 256 << 20

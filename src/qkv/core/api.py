@@ -1,35 +1,40 @@
-"""The public attention functions: validation, backend registry and dispatch.
+"""The public attention functions: validation, the backend registry and dispatch.
 
-Every backend is a module-like object with one shared signature:
+Every backend follows one protocol (`Backend`, backend/base.py):
 
     forward(q, k, v, spec, *, need_lse) -> (out, lse or None)
     unsupported(spec, q, need_lse) -> None, or a sentence naming what it cannot do and
                                       which backend can
+    auto(spec, q, need_lse) -> bool    claims the arguments for `auto`, tried by priority
 
-Adding a backend means writing one module and calling `register_backend`. `auto` picks
-the fastest exact path that honours every argument, and never falls back silently to a
-path whose memory grows with the square of the length.
+The builtin backends are registered here from one list (`backend.BUILTIN`); adding one
+means writing one module and calling `register_backend`. `auto` picks the fastest exact
+path that honours every argument, and never falls back silently to a path whose memory
+grows with the square of the length. Every call runs under the non-finite guard
+(core/_finite.py) and the memory check. Layout: docs/architecture.md.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from torch import Tensor
 
-from . import _finite, _memory, reference, sdpa, tiled
-from ._spec import AttentionSpec, build_spec
+from . import _finite, _memory
+from .backend import BUILTIN, Backend, reference
+from .spec import AttentionSpec, build_spec
 
-_BACKENDS: dict[str, SimpleNamespace] = {}
-# Extra rules for `auto`, tried in order before the default choice: each returns a
-# backend name or None (later backends such as decode and sparse add theirs here).
-_AUTO_RULES: list[Callable[[AttentionSpec, Tensor, bool], Optional[str]]] = []
+_BACKENDS: dict[str, Backend] = {b.name: b for b in BUILTIN}
+# Priority of a backend registered with an auto rule and no priority: after the builtin
+# special cases (sparse 40, decode 30), before the general fallbacks (sdpa 20, tiled 10).
+DEFAULT_PRIORITY = 25
 
 
 def register_backend(name: str, forward: Callable, unsupported: Callable, auto_rule: Optional[Callable] = None,
-                     self_checking: Optional[Callable] = None, memory: Optional[Callable] = None) -> None:
-    """Make `backend=name` available; `auto_rule(spec, q, need_lse)` may claim cases for auto.
+                     self_checking: Optional[Callable] = None, memory: Optional[Callable] = None, *,
+                     priority: int = DEFAULT_PRIORITY) -> None:
+    """Make `backend=name` available; `auto_rule(spec, q, need_lse)` may claim cases for auto
+    by returning True (or the backend's name), tried among the other rules by `priority`.
 
     `memory(spec, q, need_lse) -> (bytes, what)` estimates what a call allocates; a call
     that cannot fit in the device's free memory is refused before it starts.
@@ -38,15 +43,9 @@ def register_backend(name: str, forward: Callable, unsupported: Callable, auto_r
     reads for NaN and infinity itself (calling `_finite.report`), so that the dispatch scans
     only q for them (see core/_finite.py).
     """
-    _BACKENDS[name] = SimpleNamespace(name=name, forward=forward, unsupported=unsupported,
-                                      self_checking=self_checking, memory=memory)
-    if auto_rule is not None:
-        _AUTO_RULES.append(auto_rule)
-
-
-register_backend("reference", reference.forward, reference.unsupported, memory=reference.memory)
-register_backend("sdpa", sdpa.forward, sdpa.unsupported, memory=sdpa.memory)
-register_backend("tiled", tiled.forward, tiled.unsupported, memory=tiled.memory)
+    auto = None if auto_rule is None else (lambda spec, q, need_lse: auto_rule(spec, q, need_lse) in (True, name))
+    _BACKENDS[name] = Backend(name, forward, unsupported, memory=memory, self_checking=self_checking, auto=auto,
+                              priority=priority)
 
 
 def backends() -> list[str]:
@@ -61,46 +60,57 @@ def choose_backend(spec: AttentionSpec, q: Tensor, need_lse: bool) -> str:
         spec: the validated arguments (`build_spec`); q: the queries (B, Hq, Lq, D), whose
             device and requires_grad some rules read; need_lse: whether the lse is wanted.
 
-    In order: the first registered auto rule (decode, sparse) whose backend supports the
-    arguments; else "sdpa" where it supports them and materialises a mask of at most
-    sdpa.AUTO_MAX_MASK_ENTRIES entries (none for Lq == Lk causal or no band, and none for a
-    causal chunk Lq < Lk on the CPU, which runs as sdpa's mask-free split); else "tiled",
-    whose memory stays linear. Raises ValueError if tiled cannot honour them either.
+    The first backend, by descending priority, whose auto rule claims the arguments and which
+    supports them: sparse (a BlockMask, a long sparse pattern or a narrow band), decode (a few
+    queries against a long cache), sdpa (a mask of at most sdpa.AUTO_MAX_MASK_ENTRIES
+    entries), tiled (always claims; memory linear). Raises ValueError, with the reason of the
+    last backend that claimed them, if none can.
     """
-    for rule in _AUTO_RULES:
-        name = rule(spec, q, need_lse)
-        if name is not None and _BACKENDS[name].unsupported(spec, q, need_lse) is None:
-            return name
-    if sdpa.unsupported(spec, q, need_lse) is None and sdpa.mask_entries(spec, q) <= sdpa.AUTO_MAX_MASK_ENTRIES:
-        return "sdpa"
-    reason = tiled.unsupported(spec, q, need_lse)
-    if reason is None:
-        return "tiled"
+    reason = "no backend claims them"
+    for impl in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        if impl.auto is None or not impl.auto(spec, q, need_lse):
+            continue
+        reason = impl.unsupported(spec, q, need_lse)
+        if reason is None:
+            return impl.name
     raise ValueError(f"no linear-memory backend honours these arguments: {reason}")
 
 
-def _run(q, k, v, spec: AttentionSpec, backend: str, need_lse: bool):
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string; got {type(backend).__name__}")
-    if backend == "auto":
-        backend = choose_backend(spec, q, need_lse)
-    elif backend not in _BACKENDS:
-        known = ", ".join(repr(b) for b in ["auto"] + backends())
-        raise ValueError(f"unknown backend {backend!r}; choose one of {known}")
-    impl = _BACKENDS[backend]
+def _backend(backend, spec: AttentionSpec, q: Tensor, need_lse: bool):
+    """The Backend a `backend=` argument names: "auto", a registered name, or a backend object."""
+    if isinstance(backend, str):
+        if backend == "auto":
+            return _BACKENDS[choose_backend(spec, q, need_lse)]
+        if backend not in _BACKENDS:
+            known = ", ".join(repr(b) for b in ["auto"] + backends())
+            raise ValueError(f"unknown backend {backend!r}; choose one of {known}")
+        return _BACKENDS[backend]
+    if callable(getattr(backend, "forward", None)) and callable(getattr(backend, "unsupported", None)):
+        return backend
+    raise TypeError(f"backend must be a string or a backend object (qkv.core.Backend, e.g. "
+                    f"qkv.distributed.RingAttention); got {type(backend).__name__}")
+
+
+def _run(q, k, v, spec: AttentionSpec, backend, need_lse: bool):
+    impl = _backend(backend, spec, q, need_lse)
     reason = impl.unsupported(spec, q, need_lse)
     if reason is not None:
         raise ValueError(reason)
-    check_memory(backend, spec, q, need_lse)
-    self_checking = impl.self_checking is not None and impl.self_checking(spec, q, k, v)
+    check_memory(impl, spec, q, need_lse)
+    if not getattr(impl, "guarded", True):  # it applies the non-finite rule itself (ring attention)
+        return impl.forward(q, k, v, spec, need_lse=need_lse)
+    checks = getattr(impl, "self_checking", None)
+    self_checking = checks is not None and checks(spec, q, k, v)
     return _finite.guarded(impl.forward, q, k, v, spec, need_lse, self_checking=self_checking)
 
 
-def check_memory(backend: str, spec: AttentionSpec, q: Tensor, need_lse: bool) -> None:
+def check_memory(backend: Union[str, Backend], spec: AttentionSpec, q: Tensor, need_lse: bool) -> None:
     """Refuse, before anything is allocated, a call whose estimate exceeds the free memory of
-    q's device; the message gives the estimate and the backends that would fit."""
-    impl = _BACKENDS[backend]
-    if impl.memory is None:
+    q's device; the message gives the estimate and the backends that would fit. `backend`: a
+    registered name or a backend object."""
+    impl = _BACKENDS[backend] if isinstance(backend, str) else backend
+    backend = impl.name
+    if getattr(impl, "memory", None) is None:
         return
     need, what = impl.memory(spec, q, need_lse)
     if need < _memory.ALWAYS_FITS:
@@ -132,7 +142,7 @@ def attention(
     scale: Optional[float] = None,
     score_mod=None,
     dropout_p: float = 0.0,
-    backend: str = "auto",
+    backend: Union[str, Backend] = "auto",
 ) -> Tensor:
     """Scaled dot-product attention: softmax(q k^T * scale + constraints) v.
 
@@ -150,7 +160,8 @@ def attention(
         score_mod: function (score, b, h, q_idx, kv_idx) -> score applied before the softmax;
             it receives broadcastable index tensors, score of shape (B, Hq, lq, lk).
         dropout_p: probability of dropping each attention weight (kept ones scaled 1/(1-p)).
-        backend: "auto", or one of `qkv.core.api.backends()`.
+        backend: "auto", one of `qkv.core.api.backends()`, or a backend object with the same
+            protocol (`qkv.core.Backend`; e.g. `qkv.distributed.RingAttention`).
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype. Rows that may attend to nothing are zeros.
@@ -172,7 +183,7 @@ def attention_with_lse(
     scale: Optional[float] = None,
     score_mod=None,
     dropout_p: float = 0.0,
-    backend: str = "auto",
+    backend: Union[str, Backend] = "auto",
 ) -> tuple[Tensor, Tensor]:
     """`attention` plus the log-sum-exp of each row's scores.
 
@@ -249,17 +260,3 @@ def reference_attention(
     out, _ = _run(q, k, v, spec, "reference", need_lse=False)
     return out
 
-
-def _load_optional_backends() -> None:
-    """Backends in their own modules (sparse, decode) register themselves when imported."""
-    import importlib
-
-    for name in ("sparse", "decode"):
-        try:
-            importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{name}":
-                raise
-
-
-_load_optional_backends()

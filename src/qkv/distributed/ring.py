@@ -10,13 +10,17 @@ Brandon et al., 2023, "Striped Attention").
 
 Per ring step each rank first posts the send of the shard it holds and the receive of the
 next one (torch.distributed.batch_isend_irecv), then computes on the shard it holds with
-the tiled engine (qkv.core.tiled.block_forward / block_backward), then waits: the
-transfer overlaps the computation.
+the FlashAttention-2 engine (qkv.core.engines.flash.block_forward / block_backward), merges
+by its `merge_lse_`, then waits: the transfer overlaps the computation.
 
 Backward: the keys and values travel the ring again; each rank recomputes its blocks from
 the merged lse and adds this shard's share of dk/dv into an accumulator that travels with
 them (one step behind), so after P steps every rank receives the full gradient of its own
 shard. Grouped-query heads: only the Hkv key/value heads travel.
+
+`RingAttention` is a backend object (qkv.core.Backend's protocol): a layer selects it as
+it selects any backend, `attention(..., backend=RingAttention(group, layout))`. Layout:
+docs/architecture.md.
 
 NaN and infinity follow the core's rule (qkv.core._finite): each piece runs under the same
 guard as qkv.attention, so a row that sees a non-finite key on any shard ends NaN (the lse
@@ -32,10 +36,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qkv.core import _finite
-from qkv.core._spec import build_spec
-from qkv.core.reference import compute_dtype
-from qkv.core.tiled import block_backward, block_forward, merge_lse_
+from qkv.core import _finite, attention
+from qkv.core.engines.flash import block_backward, block_forward, merge_lse_
+from qkv.core.mods import fmt_shape
+from qkv.core.spec import AttentionSpec, build_spec, compute_dtype
 
 from ._comm import DEFAULT_TIMEOUT, Ring, all_gather_meta, make_ring
 from ._layout import LAYOUTS, check_layout, shard_positions, step_work
@@ -45,10 +49,6 @@ from ._layout import LAYOUTS, check_layout, shard_positions, step_work
 _PIECE_ENTRIES = 1 << 19
 _GRAD_TAG = 2  # message tags: 0, 1 for k, v; 2, 3 for dk, dv
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-
-
-def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def _check_local(q: Tensor, k: Tensor, v: Tensor, layout: str, ring: Ring) -> No
     if k.shape[2] != q.shape[2]:
         raise ValueError(
             f"ring attention shards q, k and v of one sequence alike; got local lengths "
-            f"Lq={q.shape[2]} (q {_shape(q)}) and Lk={k.shape[2]} (k {_shape(k)}). Shard all three "
+            f"Lq={q.shape[2]} (q {fmt_shape(q)}) and Lk={k.shape[2]} (k {fmt_shape(k)}). Shard all three "
             f"with qkv.distributed.shard(x, rank, world_size, layout=...)"
         )
     if layout == "zigzag" and q.shape[2] % 2:
@@ -309,40 +309,67 @@ def ring_attention(
 
 @dataclass(frozen=True)
 class RingAttention:
-    """An attention function with `qkv.attention`'s signature that runs ring attention.
+    """Ring attention as a backend object (qkv.core.Backend's protocol), and a function with
+    `qkv.attention`'s signature.
 
-    The adapter for layers (MultiHeadAttention): hand it to a layer in place of
-    `qkv.attention` and the layer's q, k, v (already sharded by the caller) are attended
-    across the whole sequence. Arguments the ring does not support raise, never ignored.
+    The adapter for layers: `MultiHeadAttention.distribute(group, layout)` sets it as the
+    layer's backend, so the layer's q, k, v (already sharded by the caller) are attended
+    across the whole sequence through `qkv.attention(..., backend=ring)`, like any backend.
+    Arguments the ring does not support raise, never ignored.
 
-        attn = RingAttention(group=None, layout="zigzag")
-        out = attn(q, k, v, causal=True)           # q, k, v: (B, H, L_local, D) shards
-        pos = attn.positions(q.shape[2])           # global positions, for rotary embeddings
+        ring = RingAttention(group=None, layout="zigzag")
+        out = qkv.attention(q, k, v, causal=True, backend=ring)  # q, k, v: (B, H, L_local, D) shards
+        out = ring(q, k, v, causal=True)                          # the same
+        pos = ring.positions(q.shape[2])           # global positions, for rotary embeddings
     """
 
     group: object = None
     layout: str = "zigzag"
     timeout: float = DEFAULT_TIMEOUT
+    # The Backend protocol: never chosen by auto; each ring piece runs under the non-finite
+    # guard itself (a guard around the whole call could not see the other ranks' keys).
+    name = "ring"
+    memory = None
+    self_checking = None
+    auto = None
+    priority = 0
+    guarded = False
 
     def __post_init__(self):
         check_layout(self.layout)
 
+    def unsupported(self, spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
+        """Why ring attention cannot honour these arguments (it takes causal and scale only), or None."""
+        window = spec.left is not None or spec.right not in (None, 0) or (spec.right == 0 and not spec.causal)
+        got = [n for n, bad in (("mask", spec.has_dense_constraints), ("window", window),
+                                ("score_mod", spec.score_mod is not None), ("dropout_p", spec.dropout_p > 0.0)) if bad]
+        return _unsupported_message(got)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool):
+        """Local shards q (B, Hq, L_local, D), k, v (B, Hkv, L_local, D|Dv) -> out (B, Hq, L_local, Dv), lse."""
+        out, lse = ring_attention_with_lse(q, k, v, causal=spec.causal, group=self.group, layout=self.layout,
+                                           scale=spec.scale, timeout=self.timeout)
+        return out, (lse if need_lse else None)
+
     def __call__(self, q, k, v, *, mask=None, causal=False, window=None, scale=None, score_mod=None,
                  dropout_p=0.0, backend="auto"):
-        unsupported = [f"{n}={x!r}" for n, x, default in (
+        got = [f"{n}={x!r}" for n, x, default in (
             ("mask", mask, None), ("window", window, None), ("score_mod", score_mod, None),
             ("dropout_p", dropout_p, 0.0)) if not (x is default or x == default)]
         if backend not in ("auto", "ring"):
-            unsupported.append(f"backend={backend!r}")
-        if unsupported:
-            raise ValueError(
-                f"ring attention supports causal and scale only; got {', '.join(unsupported)}. "
-                f"Use qkv.attention on one process for masks, windows, score_mod or dropout"
-            )
-        return ring_attention(q, k, v, causal=causal, group=self.group, layout=self.layout,
-                              scale=scale, timeout=self.timeout)
+            got.append(f"backend={backend!r}")
+        if got:
+            raise ValueError(_unsupported_message(got))
+        return attention(q, k, v, causal=causal, scale=scale, backend=self)
 
     def positions(self, local_len: int) -> Tensor:
         """Global positions (L_local,) of this rank's tokens, for position embeddings."""
         ring = make_ring(self.group, self.timeout)
         return shard_positions(local_len * ring.size, ring.rank, ring.size, layout=self.layout)
+
+
+def _unsupported_message(got: list) -> Optional[str]:
+    if not got:
+        return None
+    return (f"ring attention supports causal and scale only; got {', '.join(got)}. "
+            f"Use qkv.attention on one process for masks, windows, score_mod or dropout")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..core import attention_weights
-from ..core._spec import build_spec
+from ..core.spec import build_spec
 
 
 @dataclass

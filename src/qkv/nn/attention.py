@@ -8,12 +8,12 @@ projects, splits heads, rotates (RoPE), appends to a KV cache and merges heads.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import attention
+from ..core import Backend, attention
 from .cache import KVCache
 from .positions import apply_rotary
 
@@ -88,9 +88,10 @@ class MultiHeadAttention(nn.Module):
         # A qkv.inspect Recorder, called with (module, q, k, v, **constraints) before attention; it
         # only reads them, so outputs are identical with and without it.
         self.recorder = None
-        # None runs `qkv.attention`; `distribute()` sets a qkv.distributed.RingAttention, which has
-        # the same signature and attends across the shards of a process group.
-        self.attention_fn: Optional[Callable] = None
+        # What forward's backend="auto" runs: "auto" (qkv.attention's choice), a backend name, or
+        # a backend object; `distribute()` sets a qkv.distributed.RingAttention, which attends
+        # across the shards of a process group.
+        self.backend: Union[str, Backend] = "auto"
 
     def _project(self, x: Tensor, key: Optional[Tensor], value: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """-> q (B, Lq, Hq*D), k (B, Lk, Hkv*D), v (B, Lk, Hkv*D)."""
@@ -121,7 +122,7 @@ class MultiHeadAttention(nn.Module):
         rotary: Optional[tuple[Tensor, Tensor]] = None,
         cache: Optional[KVCache] = None,
         layer: int = 0,
-        backend: str = "auto",
+        backend: Union[str, Backend] = "auto",
     ) -> Tensor:
         """Attend from `x` to itself (self-attention) or to `key`/`value` (cross-attention).
 
@@ -133,7 +134,8 @@ class MultiHeadAttention(nn.Module):
                 cached keys; a key padding mask is (B, 1, 1, Lk_total), True = may attend.
             causal: bottom-right aligned causal masking (a chunk of new tokens against a cache
                 sees the whole cache and its own past).
-            window, score_mod, backend: passed to `qkv.attention`.
+            window, score_mod: passed to `qkv.attention`.
+            backend: passed to `qkv.attention`; "auto" means the layer's `self.backend`.
             rotary: (cos, sin) from `RotaryEmbedding` for the positions of these Lq tokens,
                 (Lq, D) or (B, 1, Lq, D); applied to q and k before caching (self-attention).
             cache: a KVCache; this step's keys and values are appended to `layer` and attention
@@ -161,10 +163,9 @@ class MultiHeadAttention(nn.Module):
         causal = causal and Lq > 1
         if self.recorder is not None:  # qkv.inspect observes what attention is about to see
             self.recorder(self, q, k, v, mask=mask, causal=causal, window=window, scale=self.scale, score_mod=score_mod)
-        attend = attention if self.attention_fn is None else self.attention_fn
-        out = attend(
-            q, k, v, mask=mask, causal=causal, window=window, scale=self.scale,
-            score_mod=score_mod, dropout_p=self.dropout if self.training else 0.0, backend=backend,
+        out = attention(
+            q, k, v, mask=mask, causal=causal, window=window, scale=self.scale, score_mod=score_mod,
+            dropout_p=self.dropout if self.training else 0.0, backend=self.backend if backend == "auto" else backend,
         )  # (B, Hq, Lq, D)
         out = out.transpose(1, 2).reshape(B, Lq, self.num_heads * self.head_dim)  # (B, Lq, Hq*D)
         return self.out_proj(out) if self.out_proj is not None else out
@@ -174,14 +175,14 @@ class MultiHeadAttention(nn.Module):
 
         Each rank then passes its own shard of the sequence as x (B, L_local, E), cut with
         `qkv.distributed.shard(..., layout=layout)`, and rotary positions from
-        `self.attention_fn.positions(L_local)`. `distribute(None)` with no process group
-        initialised raises when the layer runs. Returns the layer; `layer.attention_fn = None`
+        `self.backend.positions(L_local)`. `distribute(None)` with no process group
+        initialised raises when the layer runs. Returns the layer; `layer.backend = "auto"`
         goes back to single-process attention.
         """
         from ..distributed import RingAttention
 
         kwargs = {} if timeout is None else {"timeout": timeout}
-        self.attention_fn = RingAttention(group=group, layout=layout, **kwargs)
+        self.backend = RingAttention(group=group, layout=layout, **kwargs)
         return self
 
     def extra_repr(self) -> str:

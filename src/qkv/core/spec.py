@@ -13,9 +13,9 @@ and `apply_score_mod` for score functions. The reference evaluates them on the w
 grid, the tiled backend block by block, so the meaning of a mask cannot differ between
 backends.
 
-Conventions (README.md, "The attention core"): causal and windows are aligned to the bottom right, so query i
-sits at key position i + (Lk - Lq); mask functions and score functions receive raw
-indices b, h, q_idx, kv_idx as broadcastable integer tensors.
+Conventions (docs/architecture.md, "The contract of the core"): causal and windows are
+aligned to the bottom right, so query i sits at key position i + (Lk - Lq); mask functions
+and score functions receive raw indices b, h, q_idx, kv_idx as broadcastable integer tensors.
 """
 
 from __future__ import annotations
@@ -23,19 +23,23 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .block_mask import BlockMask
+from .mods import MaskMod, ScoreMod, call_mask_mod, call_score_mod, fmt_shape, index_grid
+
+__all__ = ["AttentionSpec", "build_spec", "index_grid", "call_mask_mod", "call_score_mod", "slice_block",
+           "compute_dtype", "MaskMod", "ScoreMod"]
+
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
-MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
-ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
-
-def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class AttentionSpec:
     bool_mask: Optional[Tensor]  # 4-D, broadcastable to (B, Hq, Lq, Lk), True = may attend
     float_mask: Optional[Tensor]  # 4-D, broadcastable to (B, Hq, Lq, Lk), added to scores
     mask_mod: Optional[MaskMod]
-    block_mask: object  # a qkv.BlockMask (sparse layouts), or None
+    block_mask: Optional[BlockMask]  # block-sparse layout (core/block_mask.py), or None
     score_mod: Optional[ScoreMod]
     dropout_p: float
 
@@ -95,6 +99,15 @@ class AttentionSpec:
             hi = min(hi, i1 - 1 + self.offset + self.right + 1)
         return lo, hi
 
+    def band_edges(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """(lo, hi), int64 like rows: query row i sees keys [lo_i, hi_i) under causal/window,
+        clamped to [0, Lk] with hi >= lo (lo == hi: none). The one place the band's per-row
+        arithmetic lives: engines, the non-finite guard and the native kernel's arguments use it."""
+        pos = rows + self.offset  # key position of each row's diagonal
+        lo = (pos - self.left).clamp(0, self.Lk) if self.left is not None else torch.zeros_like(pos)
+        hi = (pos + self.right + 1).clamp(0, self.Lk) if self.right is not None else torch.full_like(pos, self.Lk)
+        return lo, torch.maximum(hi, lo)
+
     def band_mask(self, i0: int, i1: int, j0: int, j1: int, device) -> Optional[Tensor]:
         """Bool (i1-i0, j1-j0) band mask of the block, or None if the band covers it whole."""
         if not self.banded:
@@ -106,14 +119,9 @@ class AttentionSpec:
             full = False
         if full:
             return None
-        pos = torch.arange(i0, i1, device=device).unsqueeze(1) + self.offset  # (bq, 1)
+        lo, hi = self.band_edges(torch.arange(i0, i1, device=device).unsqueeze(1))  # (bq, 1) each
         kv = torch.arange(j0, j1, device=device).unsqueeze(0)  # (1, bk)
-        allowed = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=device)
-        if self.left is not None:
-            allowed &= kv >= pos - self.left
-        if self.right is not None:
-            allowed &= kv <= pos + self.right
-        return allowed
+        return (kv >= lo) & (kv < hi)  # (bq, bk)
 
     # ------------------------------------------------------------ block queries
     def index_grid(self, i0: int, i1: int, j0: int, j1: int, device):
@@ -129,16 +137,16 @@ class AttentionSpec:
         """
         allowed = self.band_mask(i0, i1, j0, j1, device)
         if self.bool_mask is not None:
-            allowed = _and(allowed, _slice(self.bool_mask, i0, i1, j0, j1))
+            allowed = _and(allowed, slice_block(self.bool_mask, i0, i1, j0, j1))
         if self.mask_mod is not None:
-            got = _call_mask_mod(self.mask_mod, *self.index_grid(i0, i1, j0, j1, device))
+            got = call_mask_mod(self.mask_mod, *self.index_grid(i0, i1, j0, j1, device))
             allowed = _and(allowed, got)
         if self.block_mask is not None and use_block_mask:
             got = self.block_mask.dense_block(i0, i1, j0, j1, device=device)
             allowed = _and(allowed, got)
         bias = None
         if self.float_mask is not None:
-            bias = _slice(self.float_mask, i0, i1, j0, j1)
+            bias = slice_block(self.float_mask, i0, i1, j0, j1)
         return allowed, bias
 
     def apply_score_mod(self, scores: Tensor, i0: int, j0: int) -> Tensor:
@@ -153,21 +161,7 @@ class AttentionSpec:
         return out.to(scores.dtype)
 
 
-def index_grid(B: int, H: int, i0: int, i1: int, j0: int, j1: int, device=None):
-    """The (b, h, q_idx, kv_idx) index tensors mask and score functions receive for a block.
-
-    b (B, 1, 1, 1), h (1, H, 1, 1), q_idx (1, 1, i1-i0, 1), kv_idx (1, 1, 1, j1-j0): they
-    broadcast to (B, H, i1-i0, j1-j0). Shared by every backend and by BlockMask, so a mask
-    function sees the same indices wherever it is evaluated.
-    """
-    b = torch.arange(B, device=device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    h = torch.arange(H, device=device).view(1, -1, 1, 1)  # (1, H, 1, 1)
-    q_idx = torch.arange(i0, i1, device=device).view(1, 1, -1, 1)  # (1, 1, bq, 1)
-    kv_idx = torch.arange(j0, j1, device=device).view(1, 1, 1, -1)  # (1, 1, 1, bk)
-    return b, h, q_idx, kv_idx
-
-
-def _slice(m: Tensor, i0: int, i1: int, j0: int, j1: int) -> Tensor:
+def slice_block(m: Tensor, i0: int, i1: int, j0: int, j1: int) -> Tensor:
     """Rows [i0, i1) and columns [j0, j1) of a 4-D mask whose last two dims may be 1."""
     if m.shape[-2] != 1:
         m = m[..., i0:i1, :]
@@ -183,72 +177,6 @@ def _and(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
         return a
     return a & b
 
-
-# Every call of a user's mask or score function goes through these two functions, so what it
-# returns is checked in one place, wherever it is evaluated (reference, engines, BlockMask).
-_CONVENTION = (
-    "qkv calls it with broadcastable index tensors, not scalars: b (B, 1, 1, 1), h (1, H, 1, 1), "
-    "q_idx (1, 1, rows, 1), kv_idx (1, 1, 1, keys); write it with tensor operations "
-    "(q_idx >= kv_idx, &, |, ~, torch.where) instead of Python's if/and/or, and index tensors "
-    "with them as a whole (doc[q_idx] == doc[kv_idx])"
-)
-
-
-def _user_call(what: str, fn: Callable, *args):
-    """fn(*args), with a hint about the index convention if the user's function raises."""
-    try:
-        return fn(*args)
-    except Exception as exc:
-        raise ValueError(f"the {what} raised {type(exc).__name__}: {exc}. {_CONVENTION}") from exc
-
-
-def _check_result(what: str, out: Tensor, grid: torch.Size) -> None:
-    """Refuse a result that does not broadcast to the index tensors' shape `grid`."""
-    ok = out.dim() <= len(grid)
-    if ok:
-        try:
-            ok = torch.broadcast_shapes(out.shape, grid) == grid
-        except RuntimeError:
-            ok = False
-    if not ok:
-        raise ValueError(
-            f"the {what} returned shape {_shape(out)}, but qkv evaluated it on index tensors of "
-            f"broadcast shape {tuple(grid)} (batch B, heads, query rows, keys): its result must "
-            f"broadcast to that shape, one value per (b, h, q_idx, kv_idx) or 1 along a dimension it "
-            f"does not depend on; for the whole call that is (B, Hq, Lq, Lk). {_CONVENTION}"
-        )
-
-
-def _call_mask_mod(fn: MaskMod, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-    """fn(b, h, q_idx, kv_idx), checked: a bool tensor that broadcasts to the indices' shape."""
-    out = _user_call("mask function", fn, b, h, q_idx, kv_idx)
-    if isinstance(out, bool):
-        out = torch.tensor(out, device=q_idx.device)
-    if not isinstance(out, Tensor):
-        raise TypeError(
-            f"a mask function must return a bool tensor; got {type(out).__name__}. "
-            "Write it with tensor operations, e.g. `lambda b, h, q, k: q >= k`"
-        )
-    if out.dtype != torch.bool:
-        raise TypeError(
-            f"a mask function must return a bool tensor; got dtype {out.dtype}. "
-            "Compare indices (q >= k) rather than computing numbers"
-        )
-    _check_result("mask function", out, torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape))
-    return out
-
-
-def call_score_mod(fn: ScoreMod, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-    """fn(score, b, h, q_idx, kv_idx), checked: a tensor that broadcasts to the scores' shape."""
-    out = _user_call("score_mod", fn, score, b, h, q_idx, kv_idx)
-    if not isinstance(out, Tensor):
-        raise TypeError(f"score_mod must return a tensor; got {type(out).__name__}. Build it from `score`, "
-                        "e.g. `lambda score, b, h, q, k: score - 0.1 * (q - k).abs()`")
-    _check_result("score_mod", out,
-                  torch.broadcast_shapes(score.shape, b.shape, h.shape, q_idx.shape, kv_idx.shape))
-    return out
-
-
 # ------------------------------------------------------------------ validation
 def _check_tensor(name: str, t) -> None:
     if not isinstance(t, Tensor):
@@ -262,21 +190,21 @@ def _check_tensor(name: str, t) -> None:
         hint = f"; for one sequence and one head use {name}[None, None]" if t.dim() == 2 else ""
         hint = f"; add a batch dimension with {name}.unsqueeze(0)" if t.dim() == 3 else hint
         raise ValueError(
-            f"{name} must be 4-D (batch, heads, seq, head_dim); got shape {_shape(t)}{hint}"
+            f"{name} must be 4-D (batch, heads, seq, head_dim); got shape {fmt_shape(t)}{hint}"
         )
 
 
 def _normalise_mask(mask: Tensor, target: tuple[int, int, int, int]) -> Tensor:
     if mask.dim() > 4:
         raise ValueError(
-            f"mask has shape {_shape(mask)}; it must broadcast to (B, Hq, Lq, Lk) = {target}"
+            f"mask has shape {fmt_shape(mask)}; it must broadcast to (B, Hq, Lq, Lk) = {target}"
         )
     m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     for i, (got, want) in enumerate(zip(m.shape, target)):
         if got != want and got != 1:
             names = ("B", "Hq", "Lq", "Lk")
             raise ValueError(
-                f"mask has shape {_shape(mask)}, which does not broadcast to (B, Hq, Lq, Lk) = "
+                f"mask has shape {fmt_shape(mask)}, which does not broadcast to (B, Hq, Lq, Lk) = "
                 f"{target}: dimension {names[i]} is {got}, expected {want} or 1. A key-padding "
                 f"mask has shape (B, 1, 1, Lk)"
             )
@@ -340,11 +268,11 @@ def build_spec(
     B, Hq, Lq, D = q.shape
     Bk, Hkv, Lk, Dk = k.shape
     if Bk != B:
-        raise ValueError(f"q has batch {B} but k has batch {Bk}: q {_shape(q)}, k {_shape(k)}")
+        raise ValueError(f"q has batch {B} but k has batch {Bk}: q {fmt_shape(q)}, k {fmt_shape(k)}")
     if Dk != D:
         raise ValueError(
             f"q and k must share head_dim (the last dimension) to be dot-multiplied; got "
-            f"q {_shape(q)} and k {_shape(k)}"
+            f"q {fmt_shape(q)} and k {fmt_shape(k)}"
         )
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(
@@ -355,12 +283,12 @@ def build_spec(
     if v is not None:
         if tuple(v.shape[:3]) != (B, Hkv, Lk):
             raise ValueError(
-                f"v must match k in batch, heads and length: k {_shape(k)}, v {_shape(v)}; "
+                f"v must match k in batch, heads and length: k {fmt_shape(k)}, v {fmt_shape(v)}; "
                 f"expected v of shape ({B}, {Hkv}, {Lk}, Dv)"
             )
         Dv = v.shape[3]
     if min(B, Hq, D) == 0:
-        raise ValueError(f"q has an empty dimension: {_shape(q)}")
+        raise ValueError(f"q has an empty dimension: {fmt_shape(q)}")
 
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -401,7 +329,7 @@ def build_spec(
                 f"mask has dtype {mask.dtype}; use a bool mask (True = may attend) or a float "
                 "mask added to the scores (0 or -inf). For 0/1 integers use mask.bool()"
             )
-    elif _is_block_mask(mask):
+    elif isinstance(mask, BlockMask):
         block_mask = mask
         mask.check_compatible(B, Hq, Lq, Lk)
     elif callable(mask):
@@ -419,11 +347,3 @@ def build_spec(
         dropout_p=float(dropout_p),
     )
 
-
-def _is_block_mask(obj) -> bool:
-    # Imported lazily: BlockMask lives in qkv.masks, which builds on the core.
-    try:
-        from qkv.masks import BlockMask
-    except ImportError:  # pragma: no cover - masks module absent
-        return False
-    return isinstance(obj, BlockMask)

@@ -18,7 +18,8 @@ the arguments. Two differences from qkv's contract are bridged here:
   and their output is zeroed afterwards, which keeps gradients finite too.
 
 It cannot apply score functions or return the lse; asking for either raises and names the
-tiled backend.
+tiled backend. `auto` picks it where it materialises a mask of at most AUTO_MAX_MASK_ENTRIES
+entries. Layout: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _memory
-from ._spec import AttentionSpec
-from .tiled import merge_lse_
+from .. import _memory
+from ..engines.flash import merge_lse_
+from ..spec import AttentionSpec
+from .base import Backend
 
 # `auto` uses SDPA with a materialised mask only up to this many mask entries (Lq * Lk per
 # batch and head actually stored, see mask_entries); above it the tiled backend keeps memory
@@ -230,3 +232,12 @@ class _SplitCausal(torch.autograd.Function):
         dk = torch.cat([dk_pre, dk_sq], dim=2) if need_k else None  # (B, Hkv, Lk, D)
         dv = torch.cat([dv_pre, dv_sq], dim=2) if need_v else None  # (B, Hkv, Lk, D)
         return dq, dk, dv, None
+
+
+def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
+    """auto: sdpa where its mask has at most AUTO_MAX_MASK_ENTRIES entries (none for Lq == Lk
+    causal or no band, none for a causal chunk Lq < Lk on the CPU, the mask-free split)."""
+    return mask_entries(spec, q) <= AUTO_MAX_MASK_ENTRIES
+
+
+BACKEND = Backend("sdpa", forward, unsupported, memory=memory, auto=auto, priority=20)

@@ -3,11 +3,11 @@
 The layout follows FlexAttention's BlockMask (Dong et al., 2024, "Flex Attention: A
 Programming Model for Generating Optimized Attention Kernels"). Two exact engines run it:
 
-- `gathered` (qkv/core/gathered.py) when the BlockMask (with an optional causal/window
+- `gathered` (qkv/core/engines/gathered.py) when the BlockMask (with an optional causal/window
   band) is the only constraint: each group of query rows takes the key columns of its
   non-empty blocks in one batched product and one fused softmax;
-- the tiled engine (Dao, 2023, "FlashAttention-2"), reused unchanged through a
-  `tiled.Plan`, for everything else (score functions, dropout):
+- the FlashAttention-2 engine (Dao, 2023; qkv/core/engines/flash.py), reused unchanged
+  through a `flash.Plan`, for everything else (score functions, dropout):
 
 - tiles are the BlockMask's blocks (block_q x block_k);
 - for query block i the plan visits the key blocks that are non-empty for some (b, h);
@@ -22,7 +22,8 @@ the mask function decides each element; only the skipped work is smaller than it
 
 Every other argument (causal, window, bool and float masks, score_mod, dropout, grouped
 heads, lse) is honoured by the engine itself through the spec. A mask function passed with
-backend="sparse" is turned into a BlockMask first (cached per function and shape).
+backend="sparse" is turned into a BlockMask first (cached per function and shape); its tile
+plan is kept in the BlockMask's layout cache. Layout: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from typing import Optional
 
 from torch import Tensor
 
-from . import gathered, tiled
-from ._spec import AttentionSpec
-from .api import register_backend
+from ..block_mask import block_mask, unknown_fraction
+from ..engines import flash, gathered
+from ..spec import AttentionSpec
+from .base import Backend
 
 # `auto` sends a mask function to this backend when it is at least this long (Lq * Lk) and
 # at least this share of blocks is empty; a BlockMask always goes here.
@@ -55,8 +57,6 @@ def block_mask_for(spec: AttentionSpec, device=None):
         return spec.block_mask
     if spec.mask_mod is None:
         return None
-    from qkv.masks import block_mask
-
     fn = spec.mask_mod
     # Cached by identity (the BlockMask keeps the function alive, so the id stays unique).
     key = (id(fn), spec.B, spec.Hq, spec.Lq, spec.Lk, str(device))
@@ -73,20 +73,20 @@ def block_mask_for(spec: AttentionSpec, device=None):
 
 def _rows(bm) -> list[list[tuple[int, bool]]]:
     """Per query block: [(key block, full for every (b, h))] of the blocks non-empty for some (b, h)."""
-    cached = bm._cache.get("rows")
-    if cached is not None:
-        return cached
+    return bm.cached("rows", lambda: _build_rows(bm))
+
+
+def _build_rows(bm) -> list[list[tuple[int, bool]]]:
     states = bm.block_states()  # (Bm, Hm, nq, nk): 0 empty, 1 partial, 2 full
     visit = (states != 0).flatten(0, 1).any(0)  # (nq, nk)
     full_all = (states == 2).flatten(0, 1).all(0)  # (nq, nk)
     rows: list[list[tuple[int, bool]]] = [[] for _ in range(states.shape[2])]
     for (qb, kb), full in zip(visit.nonzero().tolist(), full_all[visit].tolist()):
         rows[qb].append((kb, full))
-    bm._cache["rows"] = rows
     return rows
 
 
-def make_plan(spec: AttentionSpec, bm) -> tiled.Plan:
+def make_plan(spec: AttentionSpec, bm) -> flash.Plan:
     """The tiled engine's plan for this BlockMask, intersected with the causal/window band."""
     rows = _rows(bm)
     bq, bk = bm.block_q, bm.block_k
@@ -100,7 +100,7 @@ def make_plan(spec: AttentionSpec, bm) -> tiled.Plan:
                 continue
             yield j0, j1, not full
 
-    return tiled.Plan(bq, bk, kv_blocks)
+    return flash.Plan(bq, bk, kv_blocks)
 
 
 def sparse_spec(spec: AttentionSpec, bm) -> AttentionSpec:
@@ -118,7 +118,7 @@ def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]
             "or a causal/window band with no other mask, score_mod or dropout; "
             "for tensor masks use backend='tiled' or 'sdpa'"
         )
-    reason = tiled.unsupported(spec, q, need_lse)
+    reason = flash.unsupported(spec, q, need_lse)
     if reason is not None:
         return reason.replace("the tiled backend", "the sparse backend (the tiled engine)")
     return None
@@ -135,7 +135,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
     spec = sparse_spec(spec, bm)
     if gathered.supports(spec):
         return gathered.run(q, k, v, spec, bm, need_lse=need_lse)
-    return tiled.run(q, k, v, spec, make_plan(spec, bm), need_lse=need_lse)
+    return flash.run(q, k, v, spec, make_plan(spec, bm), need_lse=need_lse)
 
 
 def band_pays(spec: AttentionSpec) -> bool:
@@ -148,22 +148,16 @@ def band_pays(spec: AttentionSpec) -> bool:
     return spec.left + spec.right + 1 <= spec.Lk // AUTO_MAX_BAND_SHARE
 
 
-def auto_rule(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
+def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     """auto: a BlockMask always runs here; a named mask pattern when long and sparse enough."""
-    if spec.block_mask is not None:
-        return "sparse"
-    if band_pays(spec):
-        return "sparse"
+    if spec.block_mask is not None or band_pays(spec):
+        return True
     fn = spec.mask_mod
     if fn is None or getattr(fn, "classify", None) is None or spec.Lq * spec.Lk < AUTO_MIN_ENTRIES:
-        return None  # only patterns with a block classifier are cheap to lay out on the fly
-    from qkv.masks import unknown_fraction
-
+        return False  # only patterns with a block classifier are cheap to lay out on the fly
     if unknown_fraction(fn, spec.B, spec.Hq, spec.Lq, spec.Lk, DEFAULT_BLOCK) > AUTO_MAX_UNKNOWN:
-        return None  # most blocks would need evaluating the function element by element
-    if block_mask_for(spec, device=q.device).sparsity() >= AUTO_MIN_SPARSITY:
-        return "sparse"
-    return None
+        return False  # most blocks would need evaluating the function element by element
+    return block_mask_for(spec, device=q.device).sparsity() >= AUTO_MIN_SPARSITY
 
 
-register_backend("sparse", forward, unsupported, auto_rule, memory=tiled.memory)
+BACKEND = Backend("sparse", forward, unsupported, memory=flash.memory, auto=auto, priority=40)

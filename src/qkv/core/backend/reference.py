@@ -7,6 +7,7 @@ sizes above `MAX_SCORE_BYTES` and names the tiled backend instead of exhausting 
 
 Low precision (bfloat16, float16) is computed in float32 and rounded once at the end;
 float64 stays float64. A row that may attend to nothing gets weights 0, output 0, lse -inf.
+Never chosen by `auto`. Layout: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -16,16 +17,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _memory
-from ._spec import AttentionSpec
+from .. import _memory
+from ..spec import AttentionSpec, compute_dtype
+from .base import Backend
 
 # The reference refuses to build a score matrix larger than this (bytes, in compute dtype).
 MAX_SCORE_BYTES = 2 * 1024**3
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def size_error(spec: AttentionSpec, dtype: torch.dtype, what: str = "the reference backend") -> Optional[str]:
@@ -108,3 +105,6 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
 def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
     """The reference honours every argument; only size can stop it."""
     return size_error(spec, q.dtype)
+
+
+BACKEND = Backend("reference", forward, unsupported, memory=memory)

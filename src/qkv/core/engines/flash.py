@@ -1,4 +1,4 @@
-"""Tiled exact attention in PyTorch: the FlashAttention-2 algorithm.
+"""The FlashAttention-2 block engine: tiled exact attention in PyTorch, and its lse merge.
 
 Dao, 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work
 Partitioning", Algorithms 1 (forward) and 2 (backward). Queries are cut into blocks of
@@ -12,20 +12,27 @@ Blocks that the causal/window band excludes are skipped; blocks it covers whole 
 computed without any mask. All arithmetic is float32 (float64 for float64 inputs).
 Grouped-query heads are handled by folding the G query heads of one key/value head into
 the rows of a block, so keys and values are never copied per query head.
+
+Partial results over disjoint keys are merged through their running max in one place,
+`merge_states` (the online softmax of Milakov & Gimelshein, 2018, "Online normalizer
+calculation for softmax"), which the decode engines, the sdpa backend's causal split and
+ring attention use through it (`merge_lse_` for results already normalised). A `Plan` says
+which key blocks each query block visits: the tiled backend's band, the sparse backend's
+BlockMask, the decode backend's one query block. Layout: docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from . import _memory
-from ._spec import AttentionSpec, index_grid
-from .reference import compute_dtype
+from .. import _memory
+from ..spec import AttentionSpec, compute_dtype, index_grid
 
 # Target number of score entries (B x heads x rows x keys) in one block: large enough that
 # each matrix product is efficient and Python's per-block cost is amortised, small enough
@@ -190,10 +197,8 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: in
             row_max = new_max
         if ride_along:
             acc, row_sum = acc[..., :Dv], acc[..., Dv:]  # (B, Hkv, rows, Dv), (B, Hkv, rows, 1)
-        safe_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-        out_blk = (acc / safe_sum).view(B, Hkv, G, i1 - i0, Dv).reshape(B, Hq, i1 - i0, Dv)
-        out[:, :, i0:i1] = out_blk.to(q.dtype)
-        blk_lse = (row_max.masked_fill(torch.isneginf(row_max), 0.0) + torch.log(row_sum))
+        out_blk, blk_lse = finish(row_max, row_sum, acc)  # (B, Hkv, rows, Dv), (B, Hkv, rows, 1)
+        out[:, :, i0:i1] = out_blk.view(B, Hkv, G, i1 - i0, Dv).reshape(B, Hq, i1 - i0, Dv).to(q.dtype)
         lse[:, :, i0:i1] = blk_lse.view(B, Hkv, G, i1 - i0).reshape(B, Hq, i1 - i0)
     return out, lse
 
@@ -253,28 +258,54 @@ def block_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def merge_states(row_max: Tensor, row_sum: Tensor, acc: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """S partial softmax states over disjoint keys, stacked along `dim`, -> their union.
+
+    A state is (row max m, row sum l = sum exp(s - m), acc = sum exp(s - m) v) of its keys;
+    row_max and row_sum (..., S, ...) and acc (..., S, ..., Dv) share `dim`. Each part is
+    rescaled to the common max: l = sum_s l_s exp(m_s - m), likewise acc. Parts that saw no
+    key (m = -inf) weigh 0, and a row no part saw stays m = -inf, l = 0, acc = 0, never NaN.
+    """
+    m = row_max.amax(dim=dim, keepdim=True)
+    w = torch.exp(row_max - m.masked_fill(torch.isneginf(m), 0.0))  # (..., S, ...): 0 where a part saw nothing
+    w_acc = w.unsqueeze(-1) if acc.dim() > w.dim() else w
+    return m.squeeze(dim), (row_sum * w).sum(dim=dim), (acc * w_acc).sum(dim=dim)
+
+
+def finish(row_max: Tensor, row_sum: Tensor, acc: Tensor) -> tuple[Tensor, Tensor]:
+    """A softmax state -> (out = acc / row_sum, lse = row_max + log(row_sum)), shapes kept:
+    a row that saw no key (row_sum 0) gets out 0 and lse -inf."""
+    out = acc / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    return out, row_max.masked_fill(torch.isneginf(row_max), 0.0) + torch.log(row_sum)
+
+
 def merge_lse_(out_acc: Tensor, lse_acc: Tensor, out_s: Tensor, lse_s: Tensor) -> None:
     """In place: fold a partial result over other keys (out_s, lse_s) into (out_acc, lse_acc).
 
-    The log-sum-exp merge of FlashAttention-2's online softmax (Dao, 2023), as ring attention
-    and the sdpa backend's causal split use it: out (B, H, n, Dv), lse (B, H, n), all in the
-    compute dtype. Rows that have seen nothing yet (lse -inf on both sides) stay 0 / -inf,
-    never NaN.
+    out (B, H, n, Dv), lse (B, H, n), all in the compute dtype (ring attention, the sdpa
+    backend's causal split): each normalised result is the state (lse, 1, out), merged by
+    `merge_states`. Rows that have seen nothing yet (lse -inf on both sides) stay 0 / -inf.
     """
-    lse_new = torch.logaddexp(lse_acc, lse_s)  # (B, H, n)
-    safe = lse_new.masked_fill(torch.isneginf(lse_new), 0.0)
-    w_old = torch.exp(lse_acc - safe).unsqueeze(-1)  # (B, H, n, 1)
-    w_new = torch.exp(lse_s - safe).unsqueeze(-1)  # (B, H, n, 1)
-    out_acc.mul_(w_old).addcmul_(out_s, w_new)
-    lse_acc.copy_(lse_new)
+    ones = torch.ones_like(lse_acc)
+    state = merge_states(torch.stack([lse_acc, lse_s]), torch.stack([ones, ones]), torch.stack([out_acc, out_s]), 0)
+    row_max, row_sum, acc = state  # (B, H, n), (B, H, n), (B, H, n, Dv)
+    out, lse = finish(row_max.unsqueeze(-1), row_sum.unsqueeze(-1), acc)  # (B, H, n, Dv), (B, H, n, 1)
+    out_acc.copy_(out)
+    lse_acc.copy_(lse.squeeze(-1))
+class Recomputed(torch.autograd.Function):
+    """An engine's (out, lse) made differentiable, FlashAttention-2 style (Dao, 2023, Alg. 2):
+    the forward keeps only q, k, v, out and lse; the backward recomputes the probabilities.
 
+    apply(q, k, v, spec, forward, backward): forward(q, k, v, spec) -> (out (B, Hq, Lq, Dv),
+    lse (B, Hq, Lq)) without autograd; backward(q, k, v, out, lse, d_out, d_lse, spec) ->
+    (dq, dk, dv). Used by this engine and the gathered-rows engine.
+    """
 
-class _TiledAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec, seed, plan):
-        out, lse = block_forward(q, k, v, spec, seed, plan)
+    def forward(ctx, q, k, v, spec, forward, backward):
+        out, lse = forward(q, k, v, spec)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec, ctx.seed, ctx.plan = spec, seed, plan
+        ctx.spec, ctx.engine_backward = spec, backward
         return out, lse
 
     @staticmethod
@@ -282,7 +313,7 @@ class _TiledAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if d_out is None:
             d_out = torch.zeros_like(out)
-        dq, dk, dv = block_backward(q, k, v, out, lse, d_out, d_lse, ctx.spec, ctx.seed, ctx.plan)
+        dq, dk, dv = ctx.engine_backward(q, k, v, out, lse, d_out, d_lse, ctx.spec)
         return dq, dk, dv, None, None, None
 
 
@@ -307,7 +338,7 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
 
 
 def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
-    """Why the tiled backend cannot honour these arguments, or None if it can."""
+    """Why this engine (and so the tiled backend) cannot honour these arguments, or None if it can."""
     if torch.is_grad_enabled():
         if spec.float_mask is not None and spec.float_mask.requires_grad:
             return (
@@ -323,17 +354,14 @@ def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, plan: Plan, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """Differentiable tiled attention following `plan` (the engine shared with the sparse backend)."""
+    """Differentiable FA-2 attention following `plan` (the tiled, sparse and decode backends' engine)."""
     seed = 0
     if spec.dropout_p > 0.0:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _TiledAttention.apply(q, k, v, spec, seed, plan)
+        out, lse = Recomputed.apply(q, k, v, spec, functools.partial(block_forward, seed=seed, plan=plan),
+                                    functools.partial(block_backward, seed=seed, plan=plan))
     else:
         out, lse = block_forward(q, k, v, spec, seed, plan)
     return out, (lse if need_lse else None)
 
-
-def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv), lse (B, Hq, Lq)."""
-    return run(q, k, v, spec, band_plan(spec), need_lse=need_lse)

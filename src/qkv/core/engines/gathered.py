@@ -22,11 +22,13 @@ the BlockMask, or for a band alone in a small module-level cache.
 The backward pass recomputes the probabilities from the saved log-sum-exp as FlashAttention
 does (Dao 2023, Alg. 2), row group by row group, and adds key and value gradients back at
 the gathered columns. Grouped-query heads are folded into the rows (Ainslie et al., 2023).
-Dropout, score functions and tensor masks are left to the tiled engine.
+Dropout, score functions and tensor masks are left to the tiled engine
+(qkv/core/engines/flash.py). Layout: docs/architecture.md.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -34,8 +36,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._spec import AttentionSpec, _call_mask_mod
-from .reference import compute_dtype
+from ..spec import AttentionSpec, call_mask_mod, compute_dtype
+from .flash import Recomputed
 
 _MAX_ROWS = 32  # query rows per row group: narrower groups waste fewer masked columns
 _CHUNK_ENTRIES = 1 << 19  # score entries (rows x keys) per batched product: 2 MiB in float32
@@ -168,18 +170,16 @@ def _fingerprint(t: Tensor) -> tuple:
 def layout(spec: AttentionSpec, bm, device) -> Layout:
     """The cached Layout of BlockMask `bm` (None: the band alone) under the spec's causal/window band."""
     key = ("gathered", spec.left, spec.right, spec.offset, spec.groups, str(device))
-    cache = bm._cache if bm is not None else _BAND_LAYOUTS
-    if bm is None:
-        key = key + (spec.Lq, spec.Lk)
-    got = cache.get(key)
+    if bm is not None:
+        return bm.cached(key, lambda: _build_layout(spec, bm, device))
+    key = key + (spec.Lq, spec.Lk)
+    got = _BAND_LAYOUTS.get(key)
     if got is None:
-        got = _build_layout(spec, bm, device)
-        cache[key] = got
-        if bm is None:
-            while len(cache) > _BAND_LAYOUTS_MAX:
-                cache.popitem(last=False)
-    elif bm is None:
-        cache.move_to_end(key)
+        got = _BAND_LAYOUTS[key] = _build_layout(spec, bm, device)
+        while len(_BAND_LAYOUTS) > _BAND_LAYOUTS_MAX:
+            _BAND_LAYOUTS.popitem(last=False)
+    else:
+        _BAND_LAYOUTS.move_to_end(key)
     return got
 
 
@@ -231,20 +231,15 @@ def _build_layout(spec: AttentionSpec, bm, device) -> Layout:
         allowed = torch.ones(1, 1, rows.numel(), cols_t.numel(), dtype=torch.bool, device=device)
         part = (~full_t).nonzero().flatten()
         if part.numel():
-            got = _call_mask_mod(bm.mask_mod, b_idx, h_idx, rows.to(device).view(1, 1, -1, 1),
+            got = call_mask_mod(bm.mask_mod, b_idx, h_idx, rows.to(device).view(1, 1, -1, 1),
                                  cols_t[part].to(device).view(1, 1, 1, -1))
             got = got.reshape((1,) * (4 - got.dim()) + tuple(got.shape))
             allowed = allowed.expand(got.shape[0], got.shape[1], -1, -1).clone()
             allowed[..., part.to(device)] = got.expand(-1, -1, rows.numel(), part.numel())
         if spec.banded:
-            pos = rows.to(device).view(-1, 1) + spec.offset  # (rows, 1)
+            row_lo, row_hi = spec.band_edges(rows.to(device).view(-1, 1))  # (rows, 1) each
             kv = cols_t.to(device).view(1, -1)  # (1, C)
-            band = torch.ones(rows.numel(), cols_t.numel(), dtype=torch.bool, device=device)
-            if spec.left is not None:
-                band &= kv >= pos - spec.left
-            if spec.right is not None:
-                band &= kv <= pos + spec.right
-            allowed = allowed & band
+            allowed = allowed & (kv >= row_lo) & (kv < row_hi)  # (Bm', Hm', rows, C)
         for g in range(n_rg):
             a = allowed[:, :, g * R:(g + 1) * R]  # (Bm', Hm', R, C)
             seen = a.any(2).flatten(0, 1).any(0)  # (C,): some row of some (b, h) may see the column
@@ -421,7 +416,8 @@ def _heads(ch: Chunk, X: int):
     return [None] if ch.by_heads else range(X)
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, lay: Layout, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
+def layout_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, lay: Layout,
+                   need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
     """No autograd. q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv)
     in q's dtype, and lse (B, Hq, Lq) in the compute dtype when need_lse."""
     ct = compute_dtype(q.dtype)
@@ -455,10 +451,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, lay: Layout, n
     return out, lse
 
 
-def backward(q, k, v, out, lse, d_out, d_lse, spec: AttentionSpec, lay: Layout) -> tuple[Tensor, Tensor, Tensor]:
+def layout_backward(q, k, v, out, lse, d_out, d_lse, spec: AttentionSpec, lay: Layout) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv), the probabilities recomputed from lse (FA-2, Alg. 2)."""
     ct = compute_dtype(q.dtype)
-    X, G, R, NG, D, Dv = spec.B * spec.Hkv, spec.groups, lay.R, lay.n_groups, spec.D, spec.Dv
+    X, R, NG, D, Dv = spec.B * spec.Hkv, lay.R, lay.n_groups, spec.D, spec.Dv
     delta = (d_out.to(ct) * out.to(ct)).sum(-1, keepdim=True)  # (B, Hq, Lq, 1): rowsum(dO * O)
     if d_lse is not None:
         delta = delta - d_lse.to(ct).unsqueeze(-1)
@@ -506,27 +502,11 @@ def _add_keys(dx: Tensor, ch: Chunk, r: int, head: Optional[int], val: Tensor) -
         dx[head].index_add_(0, ch.columns(r, dx.device), val.reshape(-1, dx.shape[-1]))
 
 
-class _GatheredAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, spec, lay):
-        out, lse = forward(q, k, v, spec, lay, need_lse=True)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec, ctx.lay = spec, lay
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if d_out is None:
-            d_out = torch.zeros_like(out)
-        dq, dk, dv = backward(q, k, v, out, lse, d_out, d_lse, ctx.spec, ctx.lay)
-        return dq, dk, dv, None, None
-
-
 def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, bm, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
     """Differentiable attention under BlockMask `bm` (None: the band alone) and the spec's band."""
     lay = layout(spec, bm, q.device)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _GatheredAttention.apply(q, k, v, spec, lay)
+        out, lse = Recomputed.apply(q, k, v, spec, functools.partial(layout_forward, lay=lay, need_lse=True),
+                                    functools.partial(layout_backward, lay=lay))
         return out, (lse if need_lse else None)
-    return forward(q, k, v, spec, lay, need_lse)
+    return layout_forward(q, k, v, spec, lay, need_lse)

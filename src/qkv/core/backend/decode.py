@@ -1,0 +1,142 @@
+"""Decode backend: a few new queries against a long KV cache.
+
+A decode step reads every cached key and value once, so its speed limit is memory
+bandwidth, not arithmetic. The grouped-query heads of each key/value head are folded into
+the rows of one problem (Ainslie et al., 2023, GQA), so keys and values are read once per
+key/value head and never copied per query head. The cache is cut into splits whose partial
+softmax results (row max, row sum, weighted values) are merged through their running max,
+the FlashAttention-2 online softmax (Dao, 2023) applied over the cache as in Flash-Decoding
+(Dao, Haziza, Massa and Sizov, 2023, "Flash-Decoding for long-context inference").
+
+Two engines compute the same thing: the native kernel (engines/decode_native.py, float32
+and bfloat16 caches on the CPU) and the eager segments (engines/decode_eager.py: float16 and
+float64 caches, mask functions, and machines where the kernel cannot be compiled, with a
+warning once). Both check what they read for NaN and infinity as they go (a non-finite raw
+score, before any mask, or a non-finite result), so that the dispatch's non-finite guard
+(core/_finite.py) scans only the queries here: scanning the cache as well would cost as much
+as the step itself. When they see one, the guard recomputes the step by its rule.
+
+This fast path runs without autograd, dropout or score functions (the inference case:
+optionally causal, windowed or masked, e.g. by a key-padding mask for rows of different
+cache lengths). Anything else runs on the tiled engine with a one-query-block plan, so the
+backward pass, dropout and score functions are the tiled backend's. Layout:
+docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _finite, _kernels
+from ..engines import decode_eager, decode_native, flash
+from ..spec import AttentionSpec, compute_dtype
+from .base import Backend
+
+MAX_QUERIES = 16  # more new tokens than this per sequence: use the tiled backend
+AUTO_MIN_KEYS = 2048  # below this the cache is too short for the bandwidth to matter
+AUTO_MIN_KEYS_CHUNK = 8192  # the same for a chunk of 2 to 16 new queries
+# With the native kernel: bytes of keys and values read, (one query, a chunk of 2 to 16); see auto
+KERNEL_AUTO_MIN_BYTES = {torch.float32: (3 << 20, 2 << 20), torch.bfloat16: (128 << 10, 512 << 10)}
+_CHUNK_ENTRIES = 1 << 20  # tiled fallback: score entries (B x Hq x Lq x chunk) per cache chunk
+
+
+def plan(spec: AttentionSpec) -> flash.Plan:
+    """All queries in one block; the cache in chunks of up to 2^20 score entries."""
+    rows = max(1, spec.B * spec.Hq * spec.Lq)
+    chunk = max(1024, _CHUNK_ENTRIES // rows)
+    return flash.band_plan(spec, block_q=max(1, spec.Lq), block_k=max(1, min(chunk, spec.Lk)))
+
+
+def _fast_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """The decode step without autograd, on the native kernel where it applies, else eager:
+    q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv) in q's dtype,
+    lse (B, Hq, Lq) in the compute dtype, and a 0-d bool tensor: whether a raw score (before masks) was NaN or infinite."""
+    ct = compute_dtype(q.dtype)
+    B, Hq, Hkv, G, Lq, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.D, spec.Dv
+    M = G * Lq
+    lo, hi = spec.kv_range(0, Lq)  # the keys the causal/window band lets any query see
+    lo, hi = max(lo, 0), min(hi, spec.Lk)
+    if hi <= lo or Lq == 0:
+        out = torch.zeros(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
+        return out, torch.full((B, Hq, Lq), float("-inf"), dtype=ct, device=q.device), torch.tensor(False)
+    q_rows = (q.to(ct) * spec.scale).reshape(B, Hkv, M, D)  # (B, Hkv, G*Lq, D): row g*Lq + i
+    if decode_native.applies(q, k, v, spec):
+        kernel = decode_native.lib()
+        if kernel is not None:
+            q16 = q.reshape(B, Hkv, M, D).contiguous() if q.dtype == torch.bfloat16 and kernel.bf16_dot else None
+            out, lse, suspect = decode_native.forward(kernel, q_rows, q16, k, v, spec, lo, hi)
+            return out.to(q.dtype), lse, suspect
+        _kernels.warn_unavailable("decode_kernel", "the decode backend runs its slower eager path")
+    out, lse, suspect = decode_eager.forward(q_rows, k, v, spec, lo, hi)  # (B, Hq, Lq, Dv), (B, Hq, Lq)
+    return out.to(q.dtype), lse, suspect
+
+
+def _fast_path_applies(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> bool:
+    if spec.dropout_p > 0.0 or spec.score_mod is not None:
+        return False
+    if torch.is_grad_enabled():
+        mask = spec.float_mask
+        if q.requires_grad or k.requires_grad or v.requires_grad or (mask is not None and mask.requires_grad):
+            return False
+    return True
+
+
+def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
+    if spec.Lq > MAX_QUERIES:
+        return (f"the decode backend takes at most {MAX_QUERIES} queries per sequence; got Lq={spec.Lq}. "
+                "Use backend='tiled' (or 'auto') for prefill")
+    return flash.unsupported(spec, q, need_lse)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """q (B, Hq, Lq<=16, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv), lse (B, Hq, Lq)."""
+    if _fast_path_applies(q, k, v, spec):
+        out, lse, suspect = _fast_forward(q, k, v, spec)
+        # A non-finite key or value read here, or a masked value's NaN leaking through 0 * NaN,
+        # shows as a non-finite raw score or result: the guard then recomputes by the rule.
+        # (An lse of -inf is a row that sees no key, which is honest; NaN or +inf is not.)
+        _finite.report(suspect | ~torch.isfinite(out.sum()) | torch.isnan(lse.sum()))
+        return out, (lse if need_lse else None)
+    return flash.run(q, k, v, spec, plan(spec), need_lse=need_lse)
+
+
+def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
+    """`auto` sends decode steps against a long cache here.
+
+    With the native kernel (float32 or bfloat16 on the CPU, no mask function, no gradient
+    for q), by the bytes of keys and values a step reads. Measured twice each with `python
+    benchmarks/decode.py --lengths 256 1024 2048 4096 --queries 1 8 16 --repeats 5`, at
+    B=1, Hq=32, Hkv=8, D=128 and with `--heads 8 --kv-heads 2 --dim 64` (docs/benchmarks.md),
+    as SDPA time / decode time: float32, one query: 0.83x-1.03x at 2 MiB of cache, 1.42x-1.55x
+    at 4 MiB, 1.76x at 8 MiB; float32, 8 or 16 queries: 0.96x-1.12x at 1 MiB, 1.08x-1.34x at
+    2 MiB; bfloat16, where SDPA is slow for one query: 1.78x-1.92x at 128 KiB; bfloat16, 8 or
+    16 queries: 0.71x-0.91x at 128 KiB, 1.38x-1.47x at 512 KiB. Hence KERNEL_AUTO_MIN_BYTES.
+
+    Without the kernel (eager segments), measured with `python benchmarks/decode.py
+    --lengths 4096 32768 131072 --queries 1 8 16` before the kernel: one query beat SDPA
+    from 4096 keys on (2.2x-4.7x float32, 5.1x-9.0x bfloat16); 8 and 16 causal queries by
+    2.2x-2.7x from 32768 keys on, but only 0.98x-1.34x at 4096. So: one query from
+    AUTO_MIN_KEYS cached keys on; up to MAX_QUERIES from AUTO_MIN_KEYS_CHUNK on, when the
+    no-grad fast path applies.
+    """
+    if spec.dropout_p > 0.0 or spec.Lq > MAX_QUERIES or spec.Lk == 0:
+        return False
+    fast = spec.score_mod is None and not (torch.is_grad_enabled() and q.requires_grad)
+    by_length = (spec.Lq == 1 and spec.Lk >= AUTO_MIN_KEYS) or (fast and spec.Lk >= AUTO_MIN_KEYS_CHUNK)
+    if (fast and q.device.type == "cpu" and q.dtype in KERNEL_AUTO_MIN_BYTES and spec.mask_mod is None
+            and spec.block_mask is None):
+        nbytes = spec.B * spec.Hkv * spec.Lk * (spec.D + spec.Dv) * q.element_size()
+        one, chunk = KERNEL_AUTO_MIN_BYTES[q.dtype]
+        by_bytes = nbytes >= (one if spec.Lq == 1 else chunk)
+        # The kernel is looked up (compiled on first use) only where it changes the answer,
+        # so short self-attention (an encoder's sentence of <= 16 tokens) never builds it.
+        if (by_bytes or by_length) and decode_native.lib() is not None:
+            return by_bytes
+    return by_length
+
+
+BACKEND = Backend("decode", forward, unsupported, memory=flash.memory, auto=auto, priority=30,
+                  self_checking=lambda spec, q, k, v: _fast_path_applies(q, k, v, spec))

@@ -1,0 +1,112 @@
+"""The decode native engine: the ctypes binding of the C++ decode kernel.
+
+The kernel (csrc/decode_kernel.cpp, compiled on first use by `qkv.core._kernels`) takes
+float32 and bfloat16 caches: one pass over each split in blocks of 64 keys, the scores of a
+block, its online-softmax update (Milakov & Gimelshein, 2018; FlashAttention-2, Dao 2023)
+and its weighted values all in registers and L1, bfloat16 widened in registers (or
+multiplied by the AVX512-BF16 dot product where the processor has one), the next block's
+keys prefetched while this one's values are summed; work items (batch row, kv head, split)
+on torch's OpenMP threads. The splits' partial states are merged here by
+`flash.merge_states`, as in Flash-Decoding (Dao, Haziza, Massa and Sizov, 2023). On a 2-core
+AVX-512 CPU it reads the cache at 73-88% of the memory-read bandwidth measured in the same
+run while memory reads at about 45 GB/s, and at 59-76% when it reads at about 75 GB/s, where
+its arithmetic (64 512-bit multiply-adds per key for 4 float32 rows of 128) is the limit
+(benchmarks/decode.py, docs/benchmarks.md). Like the eager engine it flags a non-finite raw
+score for the non-finite guard (core/_finite.py). Layout: docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _kernels
+from ..spec import AttentionSpec
+from . import decode_eager
+from .flash import finish, merge_states
+
+_KERNEL_KINDS = {torch.float32: 0, torch.bfloat16: 1}
+_KERNEL_MIN_KEYS_PER_SPLIT = 1024
+
+
+def applies(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> bool:
+    """The fused kernel (csrc/decode_kernel.cpp) takes float32 and bfloat16 CPU caches whose
+    rows are contiguous, under the band and dense masks; mask and block-mask functions, and
+    other dtypes, run the eager segments."""
+    return (q.device.type == "cpu" and k.dtype in _KERNEL_KINDS and v.dtype == k.dtype
+            and k.stride(-1) == 1 and v.stride(-1) == 1
+            and spec.mask_mod is None and spec.block_mask is None)
+
+
+def splits(items: int, keys: int, threads: int) -> int:
+    """Splits of the cache per (batch row, kv head): enough work items to keep the threads
+    busy, each of at least _KERNEL_MIN_KEYS_PER_SPLIT keys; under `split_sizes`, pieces of
+    at most its segment length."""
+    forced = decode_eager.forced_sizes()
+    if forced is not None:
+        return max(1, -(-keys // forced[0]))
+    return max(1, min(-(-4 * threads // items), keys // _KERNEL_MIN_KEYS_PER_SPLIT))
+
+
+def _i64(values) -> "ctypes.Array":
+    return (ctypes.c_int64 * len(values))(*[int(x) for x in values])
+
+
+def forward(kernel, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Tensor, spec: AttentionSpec,
+            lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The decode step in one fused pass over the cache (`kernel` from `lib()`): q_rows (B, Hkv, M, D) float32 and
+    scaled; q16 the same rows unscaled in bfloat16 for a bfloat16 cache where the processor
+    has a bfloat16 dot product (else None); k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out
+    (B, Hq, Lq, Dv) float32, lse (B, Hq, Lq) float32, and a 0-d bool tensor: whether a raw
+    score was NaN or infinite. Keys [lo, hi) are cut into S splits, run as B*Hkv*S work items
+    on torch's thread count, whose partial states are merged here through their row max."""
+    B, Hq, Hkv, G, Lq, Lk, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.Lk, spec.D, spec.Dv
+    M = G * Lq
+    threads = max(1, torch.get_num_threads())
+    S = splits(B * Hkv, hi - lo, threads)
+    q_rows = q_rows.contiguous()
+    # Each query's band of keys [row_lo, row_hi) in one (2 * Lq,) tensor: row_lo then row_hi.
+    band = torch.cat(spec.band_edges(torch.arange(Lq))).contiguous()  # (2 * Lq,) int64
+    shape = (B, Hq, Lq, Lk)
+    allow = None if spec.bool_mask is None else spec.bool_mask.expand(shape)  # strides 0 where broadcast
+    bias = None if spec.float_mask is None else spec.float_mask.to(torch.float32).expand(shape)
+    out_m, out_l, out_acc = torch.empty(B, Hkv, S, M), torch.empty(B, Hkv, S, M), torch.empty(B, Hkv, S, M, Dv)
+    out_bad = torch.zeros(B, Hkv, S, dtype=torch.int32)  # 1 where a raw score was not finite
+    ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    rc = kernel.qkv_decode_partials(
+        _KERNEL_KINDS[k.dtype], ptr(q_rows), ptr(q16), spec.scale, ptr(k), ptr(v), _i64(k.stride()[:3]), _i64(v.stride()[:3]),
+        B, Hkv, G, Lq, D, Dv, ptr(band), ctypes.c_void_p(band.data_ptr() + 8 * Lq),
+        ptr(allow), _i64(allow.stride() if allow is not None else (0,) * 4),
+        ptr(bias), _i64(bias.stride() if bias is not None else (0,) * 4),
+        lo, hi, S, ptr(out_m), ptr(out_l), ptr(out_acc), ptr(out_bad), threads)
+    if rc != 0:
+        raise RuntimeError(f"qkv decode kernel failed with code {rc}")
+    if S == 1:
+        row_max, row_sum, acc = out_m[:, :, 0], out_l[:, :, 0], out_acc[:, :, 0]  # (B, Hkv, M[, Dv])
+    else:  # merge the splits through their row max
+        row_max, row_sum, acc = merge_states(out_m, out_l, out_acc, dim=2)  # (B, Hkv, M[, Dv])
+    # A row that saw no key has row_sum = 0 and acc = 0: out 0, lse -inf.
+    out, lse = finish(row_max.unsqueeze(-1), row_sum.unsqueeze(-1), acc)  # (B, Hkv, M, Dv), (B, Hkv, M, 1)
+    return out.view(B, Hq, Lq, Dv), lse.view(B, Hq, Lq), out_bad.any()
+
+
+_typed: set[int] = set()
+
+
+def lib():
+    """The compiled csrc/decode_kernel.cpp with its ctypes signatures, or None (see _kernels)."""
+    kernel = _kernels.load("decode_kernel")
+    if kernel is None or id(kernel) in _typed:
+        return kernel
+    p, i64, i64p = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
+    kernel.qkv_decode_partials.restype = ctypes.c_int
+    kernel.qkv_decode_partials.argtypes = [
+        ctypes.c_int, p, p, ctypes.c_float, p, p, i64p, i64p, i64, i64, i64, i64, i64, i64, p, p, p, i64p, p, i64p,
+        i64, i64, i64, p, p, p, p, ctypes.c_int]
+    kernel.qkv_decode_has_bf16_dot.restype = ctypes.c_int
+    kernel.bf16_dot = bool(kernel.qkv_decode_has_bf16_dot())
+    _typed.add(id(kernel))
+    return kernel
