@@ -188,8 +188,8 @@ target = {target!r}
 kind = {kind!r}
 if kind == "html":
     from qkv.inspect.html import write_html
-    sys.path.insert(0, {tests!r})
-    from test_html import make_data
+    sys.path.insert(0, {tests_inspect!r})
+    from synthetic_explain import make_data
     write_html(make_data(), target)
 elif kind == "bench":
     from types import SimpleNamespace
@@ -212,7 +212,7 @@ def test_a_signal_during_a_write_leaves_the_old_file_and_no_temporary(tmp_path, 
     file stays, whole, and the temporary file is gone (SIGTERM used to leave it)."""
     target = tmp_path / {"html": "page.html", "bench": "b.json", "checkpoint": "checkpoint.safetensors"}[writer]
     target.write_bytes(b"the old file")
-    code = _SLOW.format(src=SRC, tests=str(Path(__file__).parent / "inspect"), target=str(target), kind=writer)
+    code = _SLOW.format(src=SRC, tests_inspect=str(Path(__file__).parent / "inspect"), target=str(target), kind=writer)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

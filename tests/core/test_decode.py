@@ -22,6 +22,7 @@ from qkv.core import _kernels
 from qkv.core.backend import decode
 from qkv.core.engines import decode_eager, decode_native
 from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
+from random_qkv import random_qkv as _inputs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
@@ -57,14 +58,6 @@ def fast_calls(monkeypatch):
 
     monkeypatch.setattr(decode, "_fast_forward", counting)
     return calls
-
-
-def _inputs(B, Hq, Hkv, Lq, Lk, dtype, seed, D=32, Dv=24):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
-    k = torch.randn(B, Hkv, Lk, D, generator=gen, dtype=torch.float64)
-    v = torch.randn(B, Hkv, Lk, Dv, generator=gen, dtype=torch.float64)
-    return [t.to(dtype) for t in (q, k, v)], gen
 
 
 def _padding(B, Lk, gen, lengths=None):

@@ -29,7 +29,7 @@ import torch
 import qkv
 from qkv.core import _kernels
 from qkv.core.engines import decode_native
-from test_decode import _inputs
+from random_qkv import random_qkv as _inputs
 
 
 def test_a_missing_kernel_warns_once_and_runs_eager(monkeypatch, recwarn):

@@ -57,3 +57,43 @@ def make_data(n_words: int = 8, layers: int = 3, heads: int = 4, *, seed: int = 
             "sharpest_heads": sharpest,
         }
     return data
+
+
+def docs_data() -> dict:
+    """'The cat sat on the mat.' with synthetic, structured heads (previous word, next word,
+    [SEP], itself, broad), for the picture in the docs until the real MiniLM one replaces it."""
+    rng = np.random.default_rng(7)
+    labels = ["[CLS]", "the", "cat", "sat", "on", "the", "mat", ".", "[SEP]"]
+    n, L, H = len(labels), 6, 12
+    idx = np.arange(n)
+    patterns = [np.eye(n, k=-1) + 0.02, np.eye(n, k=1) + 0.02, np.zeros((n, n)) + np.eye(n)[[-1] * n] * 3 + 0.05,
+                np.eye(n) * 2 + 0.1, np.ones((n, n)), np.exp(-np.abs(idx[:, None] - idx[None, :]))]
+    maps = np.empty((L, H, n, n))
+    for lay in range(L):
+        for h in range(H):
+            base = patterns[(lay * 5 + h * 7) % len(patterns)]
+            noisy = base + rng.dirichlet(np.full(n, 0.5), size=n) * 0.6
+            maps[lay, h] = noisy / noisy.sum(-1, keepdims=True)
+    maps[3:, :4, 2] = 0.02  # late heads: "cat" looks at "sat" and "mat"
+    maps[3:, :4, 2, 3] += 0.5
+    maps[3:, :4, 2, 6] += 0.3
+    maps /= maps.sum(-1, keepdims=True)
+    data = make_data(n_words=1, layers=L, heads=H, focus=None)
+    ent = -(maps * np.log(maps)).sum(-1)  # (L, H, n)
+    rows = maps[:, :, 2]
+    order = np.argsort(ent[:, :, 2], axis=None)[:5]
+    data.update(
+        model="synthetic (docs picture)", text="The cat sat on the mat.", labels=labels,
+        special=[lab in ("[CLS]", "[SEP]") for lab in labels], layers=L, heads=H,
+        head_names=[str(h) for h in range(H)], maps=maps.tolist(), entropy=ent.mean(-1).tolist(),
+        focus={
+            "index": 2, "label": "cat", "per_layer": rows.mean(1).tolist(),
+            "sharpest_heads": [
+                {"layer": int(f) // H, "head": int(f) % H, "entropy": float(ent[int(f) // H, int(f) % H, 2]),
+                 "top": [{"label": labels[j], "weight": float(rows[int(f) // H, int(f) % H, j])}
+                         for j in np.argsort(-rows[int(f) // H, int(f) % H])[:3]]}
+                for f in order
+            ],
+        },
+    )
+    return data

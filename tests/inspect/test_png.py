@@ -117,7 +117,7 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
 
 
 def test_docs_picture(tmp_path):
-    from test_html_browser import docs_data
+    from synthetic_explain import docs_data
 
     path = render_png(docs_data(), tmp_path / "explain.png")
     png_size(path)

@@ -1,98 +1,11 @@
-"""Fixtures: tiny random GPT-2 and Llama folders saved by transformers (the referee), with a
-word-level tokenizer trained offline on a few sentences; tiny random BERT folders with a
-WordPiece vocab.txt and sentence-transformers files; and the bundled MiniLM folder."""
+"""Fixtures: tiny random GPT-2 and Llama folders (built by hf_folders.py) and the bundled
+MiniLM folder, each made once per session."""
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
-import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-SENTENCES = [
-    "the cat sat on the mat",
-    "a dog ran in the park",
-    "attention is all you need",
-    "queries keys and values",
-    "the quick brown fox jumps over the lazy dog",
-]
-
-
-def save_word_tokenizer(folder) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<s>", "</s>"]))
-    tok.save(str(folder / "tokenizer.json"))
-
-
-def tiny_gpt2_config(**kw):
-    from transformers import GPT2Config
-
-    base = dict(vocab_size=64, n_positions=48, n_embd=32, n_layer=2, n_head=4, bos_token_id=2, eos_token_id=None,
-                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    base.update(kw)
-    return GPT2Config(**base)
-
-
-def tiny_llama_config(**kw):
-    from transformers import LlamaConfig
-
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, bos_token_id=2, eos_token_id=None,
-                rope_theta=500.0)
-    base.update(kw)
-    return LlamaConfig(**base)
-
-
-def build_folder(folder, kind: str, seed: int = 0, **kw):
-    """Save a random transformers model of `kind` ("gpt2"/"llama") into folder; return it."""
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    if kind == "gpt2":
-        model = GPT2LMHeadModel(tiny_gpt2_config(**kw))
-    else:
-        model = LlamaForCausalLM(tiny_llama_config(**kw))
-        with torch.no_grad():  # random RMSNorm weights, so a wrong norm cannot hide behind ones
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.uniform_(0.5, 1.5)
-    model.eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    save_word_tokenizer(folder)
-    return model
-
-
-def build_bert_folder(folder, seed: int = 0, **kw):
-    """A tiny random transformers BertModel with a WordPiece vocab.txt and sentence-transformers
-    files (modules.json, 1_Pooling/config.json, sentence_bert_config.json); returns the model."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(seed)
-    base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    base.update(kw)
-    model = BertModel(BertConfig(**base)).eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    words = sorted({w for s in SENTENCES for w in s.split()})
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]))
-    (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": base["hidden_size"], "pooling_mode_mean_tokens": True,
-         "pooling_mode_cls_token": False}))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32}))
-    return model
+from hf_folders import build_folder
 
 
 @pytest.fixture(scope="session")

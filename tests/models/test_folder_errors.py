@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qkv
-from conftest import SENTENCES, build_bert_folder, build_folder
+from hf_folders import SENTENCES, build_bert_folder, build_folder
 from qkv.models import CheckpointError, ModelError
 
 DROP = object()  # edit_json: remove the field

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qkv
-from conftest import build_bert_folder
+from hf_folders import build_bert_folder
 from qkv.models import ModelError
 
 SENTENCES = [

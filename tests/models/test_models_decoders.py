@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qkv
-from conftest import build_folder
+from hf_folders import build_folder
 
 KINDS = ["gpt2", "llama"]
 

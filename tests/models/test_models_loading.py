@@ -126,7 +126,7 @@ def test_sharded_safetensors_and_bpe_vocab_files(tmp_path, gpt2_folder):
     """Weights split into shards with an index, and a GPT-2 tokenizer from vocab.json + merges.txt."""
     from tokenizers import ByteLevelBPETokenizer
 
-    from conftest import SENTENCES
+    from hf_folders import SENTENCES
 
     folder = tmp_path / "sharded"
     ref = gpt2_folder[1]
