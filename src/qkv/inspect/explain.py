@@ -29,10 +29,7 @@ from torch import Tensor
 from .._files import write_text
 from . import analysis
 from .capture import Record, Recorder
-
-METHODS = ("raw", "rollout", "value-norm")
-LEVELS = ("word", "token")
-FORMAT = "qkv.explain/1"
+from .schema import FORMAT, LEVELS, METHODS
 
 _MODEL_CACHE: dict = {}
 

@@ -20,9 +20,11 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from .explain import FORMAT, LEVELS, METHODS
+FORMAT = "qkv.explain/1"
+METHODS = ("raw", "rollout", "value-norm")  # how a row of weights is computed (qkv.explain's `method`)
+LEVELS = ("word", "token")  # what a label is: a word (subword pieces joined) or a token
 
-__all__ = ["FORMAT", "Cross", "ExplainData", "Focus", "as_list", "check_data"]
+__all__ = ["FORMAT", "LEVELS", "METHODS", "Cross", "ExplainData", "Focus", "as_list", "check_data"]
 
 T = TypeVar("T")
 

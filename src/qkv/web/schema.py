@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-from ..inspect.explain import LEVELS, METHODS
+from ..inspect.schema import LEVELS, METHODS
 from ..inspect.schema import ExplainData
 
 DEFAULT_MODEL = "minilm"
