@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test env test-env bench clean
+.PHONY: demo test lint env test-env bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,12 @@ demo: env
 	@mkdir -p build/demo
 	$(BIN)/qkv explain "$(DEMO_TEXT)" --focus $(DEMO_FOCUS) --html build/demo/explain.html --png build/demo/explain.png
 
-test: test-env
+# Style and types first (configured in pyproject.toml): ruff over the code, mypy over the core.
+lint: test-env
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 bench: env

@@ -1,4 +1,4 @@
-"""Benchmark of the non-finite guard (qkv/core/_finite.py): what honest NaN handling costs.
+"""Benchmark of the non-finite guard (qkv/core/finite.py): what honest NaN handling costs.
 
 Every call of qkv.attention first reads the extremes of q, k and v (one aminmax each, one
 synchronisation) to learn that they hold no NaN or infinity and that no score can overflow;
@@ -7,7 +7,7 @@ instead and scans only q. Compared in the same run, forward only (inference mode
 
 - unguarded: the backend's forward called directly on a prepared spec (what qkv did before);
 - guarded: qkv.attention(..., backend=...), the guard included;
-- scan: the guard's scan alone (`_finite._scan`) on the same tensors;
+- scan: the guard's scan alone (`finite._scan`) on the same tensors;
 - full scan (decode rows only): what scanning k and v as well would cost there.
 
 overhead = scan / unguarded: the guard's own share of the call, measured apart from the
@@ -28,7 +28,7 @@ import torch
 import qkv
 from qkv.bench import machine_info
 from qkv.bench.timing import best_times
-from qkv.core import _finite, api
+from qkv.core import finite, api
 from qkv.core.spec import build_spec
 
 
@@ -42,10 +42,10 @@ def _row(name, dtype, L, backend, q, k, v, kw, repeats, self_checking=False):
     fns = {
         "unguarded": lambda: impl.forward(q, k, v, spec, need_lse=False),
         "guarded": lambda: qkv.attention(q, k, v, backend=backend, **kw),
-        "scan": lambda: _finite._scan(scanned, spec),
+        "scan": lambda: finite._scan(scanned, spec),
     }
     if self_checking:
-        fns["full scan"] = lambda: _finite._scan((q, k, v), spec)
+        fns["full scan"] = lambda: finite._scan((q, k, v), spec)
     t = best_times(fns, repeats=repeats)
     full = f"{1e3 * t['full scan']:.3f} ({100 * t['full scan'] / t['unguarded']:.1f}%)" if self_checking else "-"
     return (f"| {name} | {dtype} | {L} | {backend} | {1e3 * t['unguarded']:.2f} | {1e3 * t['guarded']:.2f} | "

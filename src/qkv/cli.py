@@ -359,7 +359,7 @@ def _check_explain_flags(args) -> None:
 def _check_explain_model(args, model, text: str, other: Optional[str]) -> None:
     """What depends on the loaded model, checked before it runs: its kind, layers and heads,
     the length of the text(s), the focus word, and --compare's length."""
-    from .inspect.explain import _prepare, attention_layers
+    from .inspect.explain import attention_layers, prepare
 
     name = args.model
     tok = getattr(model, "tokenizer", None)
@@ -392,7 +392,7 @@ def _check_explain_model(args, model, text: str, other: Optional[str]) -> None:
     for t, what in ((text, "the text"), (other, "the --compare text")):
         if t is not None:
             _check_length(tok, t, what, name, limit, args.truncate)
-            probes.append(_prepare(t, model, name, truncate=args.truncate)[0])
+            probes.append(prepare(t, model, name, truncate=args.truncate)[0])
     if args.focus and not seq2seq:  # an encoder-decoder's focus may be a word of its translation
         try:
             probes[0].focus_index(args.focus, "word")
@@ -477,7 +477,7 @@ def _train(p):
         import torch
 
         from .train import recall, translate
-        from .train._loop import check_folder, interrupted_note
+        from .train import check_folder, interrupted_note
 
         module = {"recall": recall, "translate": translate}[args.task]
         steps = module.SIZES[args.size].steps if args.steps is None else args.steps

@@ -1,6 +1,6 @@
 """NaN and infinity in, NaN out, in exactly the rows that depend on them, on every backend.
 
-The rule (core/_finite.py, docs/errors.md): a query row is poisoned when its q holds a NaN or
+The rule (core/finite.py, docs/errors.md): a query row is poisoned when its q holds a NaN or
 an infinity, or when it may see a key whose k or v row holds one, or a float-mask entry of NaN
 or +inf; its output, weights and lse are then NaN. A key a row may not see has no effect on it,
 whatever it holds (NaN, inf, or a finite value so large that its scores overflow float32).

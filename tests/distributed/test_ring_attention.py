@@ -113,7 +113,7 @@ def test_multihead_attention_in_ring_mode(layout):
 
 
 # A NaN or inf in one shard: on 2 ranks, rows that see it (on any shard) are NaN, others are
-# exact; gradients NaN exactly where the single-process guard puts them (core/_finite.py).
+# exact; gradients NaN exactly where the single-process guard puts them (core/finite.py).
 POISONED = [
     _case(16, "zigzag", True, Hq=4, Hkv=2, seed=12, poison=[("k", (0, 1, 5, 2), float("nan"))]),
     _case(16, "contiguous", True, seed=13, poison=[("v", (0, 0, 3, 1), float("inf"))]),

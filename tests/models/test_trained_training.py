@@ -221,14 +221,14 @@ def test_train_refuses_a_foreign_folder_and_accepts_its_own(task, tmp_path):
 def test_the_bundled_folders_may_be_trained_again():
     """docs/trained-models.md trains the shipped models with --out src/qkv/models/bundled/TASK."""
     from qkv.models import bundled_path
-    from qkv.train._loop import check_folder
+    from qkv.train import check_folder
 
     for name in TASKS:
         check_folder(bundled_path(name))  # no TrainingError
 
 
 def test_interrupted_note_of_an_unreadable_checkpoint(tmp_path):
-    from qkv.train._loop import interrupted_note
+    from qkv.train import interrupted_note
 
     (tmp_path / "checkpoint.safetensors").write_bytes(b"half a file")
     assert "is unreadable" in interrupted_note(tmp_path) and "delete it" in interrupted_note(tmp_path)

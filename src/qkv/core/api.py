@@ -11,7 +11,7 @@ The builtin backends are registered here from one list (`backend.BUILTIN`); addi
 means writing one module and calling `register_backend`. `auto` picks the fastest exact
 path that honours every argument, and never falls back silently to a path whose memory
 grows with the square of the length. Every call runs under the non-finite guard
-(core/_finite.py) and the memory check. Layout: docs/architecture.md.
+(core/finite.py) and the memory check. Layout: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable, Optional, Union
 
 from torch import Tensor
 
-from . import _finite, _memory
+from . import finite, _memory
 from .backend import BUILTIN, Backend, reference
 from .spec import AttentionSpec, build_spec
 
@@ -40,8 +40,8 @@ def register_backend(name: str, forward: Callable, unsupported: Callable, auto_r
     that cannot fit in the device's free memory is refused before it starts.
 
     `self_checking(spec, q, k, v) -> bool` says when the backend checks the keys and values it
-    reads for NaN and infinity itself (calling `_finite.report`), so that the dispatch scans
-    only q for them (see core/_finite.py).
+    reads for NaN and infinity itself (calling `finite.report`), so that the dispatch scans
+    only q for them (see core/finite.py).
     """
     auto = None if auto_rule is None else (lambda spec, q, need_lse: auto_rule(spec, q, need_lse) in (True, name))
     _BACKENDS[name] = Backend(name, forward, unsupported, memory=memory, self_checking=self_checking, auto=auto,
@@ -101,7 +101,7 @@ def _run(q, k, v, spec: AttentionSpec, backend, need_lse: bool):
         return impl.forward(q, k, v, spec, need_lse=need_lse)
     checks = getattr(impl, "self_checking", None)
     self_checking = checks is not None and checks(spec, q, k, v)
-    return _finite.guarded(impl.forward, q, k, v, spec, need_lse, self_checking=self_checking)
+    return finite.guarded(impl.forward, q, k, v, spec, need_lse, self_checking=self_checking)
 
 
 def check_memory(backend: Union[str, Backend], spec: AttentionSpec, q: Tensor, need_lse: bool) -> None:
@@ -230,7 +230,7 @@ def attention_weights(
     if reason is not None:
         raise ValueError(reason)
     check_memory("reference", spec, q, False)
-    probs, _ = _finite.guarded(_weights, q, k, None, spec, False)
+    probs, _ = finite.guarded(_weights, q, k, None, spec, False)
     return probs
 
 

@@ -22,7 +22,7 @@ shard. Grouped-query heads: only the Hkv key/value heads travel.
 it selects any backend, `attention(..., backend=RingAttention(group, layout))`. Layout:
 docs/architecture.md.
 
-NaN and infinity follow the core's rule (qkv.core._finite): each piece runs under the same
+NaN and infinity follow the core's rule (qkv.core.finite): each piece runs under the same
 guard as qkv.attention, so a row that sees a non-finite key on any shard ends NaN (the lse
 merge carries it), and the backward cleans a piece that holds one, giving NaN exactly in dq
 of poisoned rows and in dk/dv of the keys they see.
@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qkv.core import _finite, attention
+from qkv.core import finite, attention
 from qkv.core.engines.flash import block_backward, block_forward, merge_lse_
 from qkv.core.mods import fmt_shape
 from qkv.core.spec import AttentionSpec, build_spec, compute_dtype
@@ -157,7 +157,7 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, o: _Opts) -> tuple[Tensor, Te
             ks = k_cur[:, :, k0:k1].to(ct)  # (B, Hkv, lk, D)
             vs = v_cur[:, :, k0:k1].to(ct)  # (B, Hkv, lk, Dv)
             spec = build_spec(qs, ks, vs, causal=causal, scale=o.scale)
-            out_s, lse_s = _finite.guarded(_tiled_piece, qs, ks, vs, spec, True)  # (B, Hq, lq, Dv), (B, Hq, lq)
+            out_s, lse_s = finite.guarded(_tiled_piece, qs, ks, vs, spec, True)  # (B, Hq, lq, Dv), (B, Hq, lq)
             merge_lse_(out[:, :, q0:q1], lse[:, :, q0:q1], out_s, lse_s)
         if works is not None:
             ring.wait(works, f"exchanging key/value shards with ranks {ring.prev_peer} (from) and "
@@ -227,14 +227,14 @@ def _piece_backward(qs, ks, vs, out_s, lse_s, do_s, dl_s, spec) -> tuple[Tensor,
     rows whose merged lse is NaN (poisoned in the forward) pass no gradient through the clean
     computation and get NaN in dq; the keys they may see get NaN in dk and dv."""
     poisoned = torch.isnan(lse_s)  # (B, Hq, lq)
-    if _finite.all_finite(qs, ks, vs) and not bool(poisoned.any()):
+    if finite.all_finite(qs, ks, vs) and not bool(poisoned.any()):
         return block_backward(qs, ks, vs, out_s, lse_s, do_s, dl_s, spec)
     clean = [torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (qs, ks, vs)]
     rows = poisoned.unsqueeze(-1)  # (B, Hq, lq, 1)
     dq, dk, dv = block_backward(*clean, out_s.masked_fill(rows, 0.0), lse_s.masked_fill(poisoned, float("inf")),
                                 do_s.masked_fill(rows, 0.0), None if dl_s is None else dl_s.masked_fill(poisoned, 0.0),
                                 spec)
-    seen = _finite.keys_seen(spec, poisoned).unsqueeze(-1)  # (B, Hkv, lk, 1)
+    seen = finite.keys_seen(spec, poisoned).unsqueeze(-1)  # (B, Hkv, lk, 1)
     nan = float("nan")
     return dq.masked_fill(rows, nan), dk.masked_fill(seen, nan), dv.masked_fill(seen, nan)
 

@@ -421,7 +421,7 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
             raise ValueError("rows='focus' is for encoder or decoder models; explain an encoder-decoder with rows='all'")
         _tokenizer_of(model, name)
         return _explain_seq2seq(text, model, name, focus=focus, layers=layers, heads=heads, truncate=truncate)
-    probe, batch = _prepare(text, model, name, truncate=truncate)
+    probe, batch = prepare(text, model, name, truncate=truncate)
     ids, attention_mask = batch.input_ids, batch.attention_mask
 
     record_rows = None
@@ -495,7 +495,7 @@ def _check_layers_heads(model, name: str, layers, heads) -> None:
                 raise ValueError(f"{what} {missing} do not exist: {name!r} has {what} 0..{count - 1}")
 
 
-def _prepare(text: str, model, name: str, *, truncate: bool = False):
+def prepare(text: str, model, name: str, *, truncate: bool = False):
     """(an ExplainResult without records, the tokenizer's Batch): the tokens, words and units that
     explain uses for `text`, found without running the model. The command line checks a focus
     word and the length of --compare's sentence on it before anything runs."""

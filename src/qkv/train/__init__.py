@@ -8,6 +8,6 @@ write Hugging Face-style folders that `qkv.load` reads (models -> nn -> core; tr
 They write only into a new or empty folder, or one marked as their own (`.qkv-train`).
 """
 
-from ._loop import TrainingError
+from ._loop import TrainingError, check_folder, interrupted_note
 
-__all__ = ["TrainingError"]
+__all__ = ["TrainingError", "check_folder", "interrupted_note"]

@@ -13,7 +13,7 @@ and bfloat16 caches on the CPU) and the eager segments (engines/decode_eager.py:
 float64 caches, mask functions, and machines where the kernel cannot be compiled, with a
 warning once). Both check what they read for NaN and infinity as they go (a non-finite raw
 score, before any mask, or a non-finite result), so that the dispatch's non-finite guard
-(core/_finite.py) scans only the queries here: scanning the cache as well would cost as much
+(core/finite.py) scans only the queries here: scanning the cache as well would cost as much
 as the step itself. When they see one, the guard recomputes the step by its rule.
 
 This fast path runs without autograd, dropout or score functions (the inference case:
@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _finite, _kernels
+from .. import finite, _kernels
 from ..engines import decode_eager, decode_native, flash
 from ..spec import AttentionSpec, compute_dtype
 from .base import Backend
@@ -98,7 +98,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
         # A non-finite key or value read here, or a masked value's NaN leaking through 0 * NaN,
         # shows as a non-finite raw score or result: the guard then recomputes by the rule.
         # (An lse of -inf is a row that sees no key, which is honest; NaN or +inf is not.)
-        _finite.report(suspect | ~torch.isfinite(out.sum()) | torch.isnan(lse.sum()))
+        finite.report(suspect | ~torch.isfinite(out.sum()) | torch.isnan(lse.sum()))
         return out, (lse if need_lse else None)
     return flash.run(q, k, v, spec, plan(spec), need_lse=need_lse)
 

@@ -21,7 +21,7 @@
 //   out_m, out_l (B, Hkv, S, M) and out_acc (B, Hkv, S, M, Dv), S = nsplit.
 //   out_bad (B, Hkv, S) int32: 1 where a work item formed a score that is NaN or infinite
 //        (from a non-finite key, or an overflow) before any mask applied, so that the caller
-//        can recompute the step by qkv's rule for non-finite inputs (core/_finite.py) without
+//        can recompute the step by qkv's rule for non-finite inputs (core/finite.py) without
 //        reading the cache a second time.
 
 #include <cmath>

@@ -17,7 +17,7 @@ per key/value head, one batched product of the keys with the queries (MKL is fas
 shape); with more rows, and for the weights times the values, oneDNN's matrix product
 (`torch.ops.mkldnn._linear_pointwise`, one call per key/value head). Without oneDNN, or in
 float64, `torch.matmul` does everything. It checks the raw scores it computes for NaN and
-infinity as it goes, for the non-finite guard (core/_finite.py). Layout: docs/architecture.md.
+infinity as it goes, for the non-finite guard (core/finite.py). Layout: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def _segment(q_rows: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, j0: int,
     weighted values (B, Hkv, M, Dv), all relative to the row max (zeros where it is -inf).
 
     Appends to `raw` the sum of the raw scores (before any mask): NaN or infinite when a key
-    is (or a score overflows), for the non-finite check (core/_finite.py)."""
+    is (or a score overflows), for the non-finite check (core/finite.py)."""
     ct = q_rows.dtype
     B, Hkv, M, _ = q_rows.shape
     G, Lq = spec.groups, spec.Lq

@@ -12,7 +12,7 @@ AVX-512 CPU it reads the cache at 73-88% of the memory-read bandwidth measured i
 run while memory reads at about 45 GB/s, and at 59-76% when it reads at about 75 GB/s, where
 its arithmetic (64 512-bit multiply-adds per key for 4 float32 rows of 128) is the limit
 (benchmarks/decode.py, docs/benchmarks.md). Like the eager engine it flags a non-finite raw
-score for the non-finite guard (core/_finite.py). Layout: docs/architecture.md.
+score for the non-finite guard (core/finite.py). Layout: docs/architecture.md.
 """
 
 from __future__ import annotations
