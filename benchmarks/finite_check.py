@@ -28,9 +28,8 @@ import torch
 import qkv
 from qkv.bench import machine_info
 from qkv.bench.timing import best_times
-from qkv.core import finite, api
+from qkv.core import api, finite
 from qkv.core.spec import build_spec
-
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -28,14 +28,13 @@ import os
 
 import torch
 import torch.nn.functional as F
+from decode import causal_mask  # benchmarks/decode.py: this script's folder is on sys.path
 
 import qkv
 from qkv.bench.timing import best_times
 from qkv.core import choose_backend
 from qkv.core.backend import sdpa
 from qkv.core.spec import build_spec
-
-from decode import causal_mask  # benchmarks/decode.py: this script's folder is on sys.path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # name -> (Hq, Hkv, D), B = 1

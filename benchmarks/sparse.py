@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import qkv
+from qkv import masks as M
 from qkv._files import write_text
 from qkv.bench.timing import best_of, clock
-from qkv import masks as M
 
 B, H, D = 1, 8, 64
 

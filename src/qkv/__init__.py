@@ -21,7 +21,8 @@ them in and `import qkv` stays fast.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 from .core import attention, attention_weights, attention_with_lse, reference_attention
 

@@ -476,8 +476,7 @@ def _train(p):
 
         import torch
 
-        from .train import recall, translate
-        from .train import check_folder, interrupted_note
+        from .train import check_folder, interrupted_note, recall, translate
 
         module = {"recall": recall, "translate": translate}[args.task]
         steps = module.SIZES[args.size].steps if args.steps is None else args.steps

@@ -16,13 +16,13 @@ import contextlib
 
 import pytest
 import torch
+from random_qkv import random_qkv as _inputs
 
 import qkv
 from qkv.core import _kernels
 from qkv.core.backend import decode
 from qkv.core.engines import decode_eager, decode_native
 from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
-from random_qkv import random_qkv as _inputs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 

@@ -25,11 +25,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from random_qkv import random_qkv as _inputs
 
 import qkv
 from qkv.core import _kernels
 from qkv.core.engines import decode_native
-from random_qkv import random_qkv as _inputs
 
 
 def test_a_missing_kernel_warns_once_and_runs_eager(monkeypatch, recwarn):

@@ -7,9 +7,9 @@ import torch
 
 import qkv
 from qkv.core import choose_backend
+from qkv.core.api import attention_with_lse_exact
 from qkv.core.engines import flash
 from qkv.core.spec import build_spec
-from qkv.core.api import attention_with_lse_exact
 
 BACKENDS = ["reference", "sdpa", "tiled"]
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ring_workers import launch, make_inputs, results_ok
 
 import qkv
 import qkv.distributed as qd
-from ring_workers import launch, make_inputs, results_ok
 from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
 
 

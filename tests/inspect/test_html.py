@@ -13,9 +13,9 @@ import stat
 
 import numpy as np
 import pytest
+from synthetic_explain import MALICIOUS_LABEL, make_data
 
 from qkv.inspect.html import render_html, write_html
-from synthetic_explain import MALICIOUS_LABEL, make_data
 
 
 def embedded_json(page: str) -> dict:

@@ -18,9 +18,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
+from synthetic_explain import MALICIOUS_LABEL, docs_data, make_data
 
 from qkv.inspect.html import write_html
-from synthetic_explain import MALICIOUS_LABEL, docs_data, make_data
 
 ALLOWED_SCHEMES = {"file", "data", "blob", "about"}
 DOCS_IMAGE = Path(__file__).resolve().parents[2] / "docs" / "images" / "explain-html.png"

@@ -16,8 +16,9 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="PNG output needs matplotlib (the viz/test extras)")
 
-from qkv.inspect.png import render_png  # noqa: E402
 from synthetic_explain import make_data  # noqa: E402
+
+from qkv.inspect.png import render_png  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DOCS_IMAGE = Path(__file__).resolve().parents[2] / "docs" / "images" / "explain.png"

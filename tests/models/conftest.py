@@ -4,7 +4,6 @@ MiniLM folder, each made once per session."""
 from __future__ import annotations
 
 import pytest
-
 from hf_folders import build_folder
 
 

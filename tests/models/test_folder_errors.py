@@ -14,10 +14,10 @@ import time
 
 import pytest
 import torch
+from hf_folders import SENTENCES, build_bert_folder, build_folder
 from safetensors.torch import load_file, save_file
 
 import qkv
-from hf_folders import SENTENCES, build_bert_folder, build_folder
 from qkv.models import CheckpointError, ModelError
 
 DROP = object()  # edit_json: remove the field

@@ -3,13 +3,11 @@ sentence-transformers (the referees), plus the text-input errors."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from hf_folders import build_bert_folder
 
 import qkv
-from hf_folders import build_bert_folder
 from qkv.models import ModelError
 
 SENTENCES = [

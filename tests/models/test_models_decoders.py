@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_folders import build_folder
 
 import qkv
-from hf_folders import build_folder
 
 KINDS = ["gpt2", "llama"]
 

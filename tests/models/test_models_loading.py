@@ -124,9 +124,8 @@ def test_load_in_bfloat16(gpt2_folder):
 
 def test_sharded_safetensors_and_bpe_vocab_files(tmp_path, gpt2_folder):
     """Weights split into shards with an index, and a GPT-2 tokenizer from vocab.json + merges.txt."""
-    from tokenizers import ByteLevelBPETokenizer
-
     from hf_folders import SENTENCES
+    from tokenizers import ByteLevelBPETokenizer
 
     folder = tmp_path / "sharded"
     ref = gpt2_folder[1]

@@ -8,11 +8,18 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import qkv
-from qkv.nn import (KVCache, LearnedPositions, MultiHeadAttention, RotaryEmbedding, alibi_bias, alibi_score_mod,
-                    alibi_slopes, apply_rotary)
+from qkv.nn import (
+    KVCache,
+    LearnedPositions,
+    MultiHeadAttention,
+    RotaryEmbedding,
+    alibi_bias,
+    alibi_score_mod,
+    alibi_slopes,
+    apply_rotary,
+)
 
 
 def _close(a, b, what, tol=1e-5):

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Union
 
 from torch import Tensor
 
-from . import finite, _memory
+from . import _memory, finite
 from .backend import BUILTIN, Backend, reference
 from .spec import AttentionSpec, build_spec
 

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qkv.core import finite, attention
+from qkv.core import attention, finite
 from qkv.core.engines.flash import block_backward, block_forward, merge_lse_
 from qkv.core.mods import fmt_shape
 from qkv.core.spec import AttentionSpec, build_spec, compute_dtype

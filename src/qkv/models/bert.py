@@ -19,10 +19,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import LearnedPositions, MultiHeadAttention
-from .checkpoint import Dim, ModelError, Piece, Plan, json_type, inside_folder, read_json
+from .checkpoint import Dim, ModelError, Piece, Plan, inside_folder, json_type, read_json
 from .common import ACTIVATION, Family, activation
-from .fields import (EPS, NON_NEGATIVE, POSITIVE, PROBABILITY, Fields, HFConfig, check_divisible, read_dataclass,
-                     refuse_cross_attention)
+from .fields import (
+    EPS,
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    Fields,
+    HFConfig,
+    check_divisible,
+    read_dataclass,
+    refuse_cross_attention,
+)
 from .tokenizer import Tokenizer
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import numbers
-
 from typing import Iterator, Optional
 
 import torch

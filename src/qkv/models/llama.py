@@ -21,8 +21,17 @@ from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
 from .checkpoint import Dim, ModelError, Piece, Plan
 from .common import ACTIVATION, Family, activation
 from .decoder import CausalLM
-from .fields import (EPS, NON_NEGATIVE, POSITIVE, POSITIVE_REAL, PROBABILITY, Fields, HFConfig, check_divisible,
-                     read_dataclass)
+from .fields import (
+    EPS,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_REAL,
+    PROBABILITY,
+    Fields,
+    HFConfig,
+    check_divisible,
+    read_dataclass,
+)
 
 
 @dataclass(frozen=True)

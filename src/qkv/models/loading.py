@@ -25,8 +25,17 @@ from typing import Optional, Union
 import torch
 
 from . import bert, gpt2, llama, mistral, qwen2, seq2seq
-from .checkpoint import (ModelError, check_layers, check_plan, load_weights, read_config, read_json, read_shapes,
-                         resolve_folder, safetensors_files)
+from .checkpoint import (
+    ModelError,
+    check_layers,
+    check_plan,
+    load_weights,
+    read_config,
+    read_json,
+    read_shapes,
+    resolve_folder,
+    safetensors_files,
+)
 from .common import Family
 from .fields import POSITIVE, Fields
 from .tokenizer import Tokenizer

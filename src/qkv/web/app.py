@@ -36,8 +36,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..inspect.schema import LEVELS, METHODS
-from ..inspect.schema import ExplainData
+from ..inspect.schema import LEVELS, METHODS, ExplainData
 from .schema import DEFAULT_MODEL, ApiError, CompareData, Limits, StepsData, api_error, error_responses, request_models
 from .service import ModelRegistry, Service, check_limits
 

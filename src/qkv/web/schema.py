@@ -17,8 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-from ..inspect.schema import LEVELS, METHODS
-from ..inspect.schema import ExplainData
+from ..inspect.schema import LEVELS, METHODS, ExplainData
 
 DEFAULT_MODEL = "minilm"
 TEXT_FIELDS = ("text", "other")

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import finite, _kernels
+from .. import _kernels, finite
 from ..engines import decode_eager, decode_native, flash
 from ..spec import AttentionSpec, compute_dtype
 from .base import Backend
