@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +42,10 @@ def bench_speed(args) -> list[dict]:
                 gen = torch.Generator().manual_seed(0)
                 q, k, v = (torch.randn(args.batch, args.heads, L, args.dim, generator=gen).to(dtype) for _ in range(3))
                 repeats = args.repeats if L <= 8192 else max(1, args.repeats - 1)
-                fns = {b: (lambda b=b: qkv.attention(q, k, v, causal=causal, backend=b)) for b in args.backends}
+                fns = {"torch": partial(F.scaled_dot_product_attention, q, k, v, is_causal=causal),
+                       **{b: partial(qkv.attention, q, k, v, causal=causal, backend=b) for b in args.backends}}
                 with torch.inference_mode():
-                    t = best_times({"torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), **fns},
-                                   repeats=repeats)
+                    t = best_times(fns, repeats=repeats)
                 t_torch = t["torch"]
                 row = {"dtype": dtype_name, "causal": causal, "L": L, "torch_sdpa_s": t_torch}
                 for backend in args.backends:
@@ -101,11 +102,13 @@ def bench_tiles(args) -> None:
     print("|---|" + "---|" * len(TILE_GRID))
     for causal in (False, True):
         with torch.inference_mode():
-            t_torch = best_of(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), repeats=args.repeats)
+            t_torch = best_of(lambda causal=causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                              repeats=args.repeats)
             cells = []
             for bq, bk in TILE_GRID:
                 with flash.block_sizes(bq, bk):
-                    t = best_of(lambda: qkv.attention(q, k, v, causal=causal, backend="tiled"), repeats=args.repeats)
+                    t = best_of(lambda causal=causal: qkv.attention(q, k, v, causal=causal, backend="tiled"),
+                                repeats=args.repeats)
                 cells.append(t_torch["seconds"] / t["seconds"])
         print(f"| {causal} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -65,15 +66,15 @@ def main(argv=None) -> int:
                     causal = lq > 1
                     sdpa_mask = causal_mask(lq, L) if causal else None
                     times = best_times({
-                        "read": lambda: flat.sum(),
-                        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, enable_gqa=True),
-                        "decode": lambda: qkv.attention(q, k, v, causal=causal, backend="decode"),
-                        "auto": lambda: qkv.attention(q, k, v, causal=causal),
+                        "read": flat.sum,
+                        "sdpa": partial(F.scaled_dot_product_attention, q, k, v, attn_mask=sdpa_mask, enable_gqa=True),
+                        "decode": partial(qkv.attention, q, k, v, causal=causal, backend="decode"),
+                        "auto": partial(qkv.attention, q, k, v, causal=causal),
                     }, repeats=args.repeats)
                     picked = qkv.core.choose_backend(qkv.core.spec.build_spec(q, k, v, causal=causal), q, False)
                     read_gbs = nbytes / times["read"] / 1e9
 
-                    def cell(t):
+                    def cell(t, nbytes=nbytes, read_gbs=read_gbs):
                         gbs = nbytes / t / 1e9
                         return f"{t * 1e3:.2f} ms, {gbs:.1f} GB/s ({gbs / read_gbs:.0%})"
 

@@ -168,7 +168,7 @@ def bench_prefill_chunks(args) -> list[dict]:
             for chunk in args.prefill_chunks:
                 side.chunk = chunk or None
                 with torch.inference_mode():  # the first run counts: prefill calls are long
-                    best = best_of(lambda: side.prefill(prompt, capacity=L + 1), repeats=args.repeats,
+                    best = best_of(partial(side.prefill, prompt, capacity=L + 1), repeats=args.repeats,
                                    warmup=False)["seconds"]
                 rows.append({"model": kind, "config": desc, "L": L, "chunk": chunk, "prefill_s": best})
                 print(f"  {kind} L={L} chunk={chunk or 'one pass'}: {best:.2f} s", file=sys.stderr, flush=True)

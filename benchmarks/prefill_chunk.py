@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # name -> (Hq, Hkv, D), B = 1
 CONFIGS = {"large": (32, 8, 128), "small": (8, 2, 64)}
 METHODS = ["sdpa-mask", "auto", "split", "tiled"]
+
+
+def _cell(m, times, base, picked, before, mask_mib) -> str:
+    """One table cell: method m's time, its ratio to sdpa-mask, and for auto the backend it picked."""
+    if m not in times:
+        return f"skipped (mask {mask_mib:.0f} MiB)"
+    t = times[m]
+    s = f"{t * 1e3:.0f} ms" if t >= 0.1 else f"{t * 1e3:.1f} ms"
+    if base is not None and m != "sdpa-mask":
+        s += f" ({base / t:.2f}x)"
+    if m == "auto":
+        s += f" ({picked}; before: {before})"
+    return s
 
 
 def main(argv=None) -> int:
@@ -81,28 +95,18 @@ def main(argv=None) -> int:
                         mask_mib = Lq * Lk * q.element_size() / 2**20
                         mask = causal_mask(Lq, Lk) if mask_mib <= args.max_mask_mib else None
                         fns = {
-                            "sdpa-mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
-                            "auto": lambda: qkv.attention(q, k, v, causal=True),
-                            "split": lambda: sdpa.split_causal(q, k, v, spec.scale),
-                            "tiled": lambda: qkv.attention(q, k, v, causal=True, backend="tiled"),
+                            "sdpa-mask": partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, enable_gqa=True),
+                            "auto": partial(qkv.attention, q, k, v, causal=True),
+                            "split": partial(sdpa.split_causal, q, k, v, spec.scale),
+                            "tiled": partial(qkv.attention, q, k, v, causal=True, backend="tiled"),
                         }
                         fns = {m: fns[m] for m in args.methods if not (m == "sdpa-mask" and mask is None)}
                         times = best_times(fns, repeats=args.repeats, warmup=False)  # the first turn counts: long calls
                         base = times.get("sdpa-mask")
 
-                        def cell(m):
-                            if m not in times:
-                                return f"skipped (mask {mask_mib:.0f} MiB)"
-                            t = times[m]
-                            s = f"{t * 1e3:.0f} ms" if t >= 0.1 else f"{t * 1e3:.1f} ms"
-                            if base is not None and m != "sdpa-mask":
-                                s += f" ({base / t:.2f}x)"
-                            if m == "auto":
-                                s += f" ({picked}; before: {before})"
-                            return s
-
+                        cells = (_cell(m, times, base, picked, before, mask_mib) for m in args.methods)
                         print(f"| {cname} Hq={Hq} Hkv={Hkv} D={D} | {dname} | {Lq} | {Lk} | "
-                              + " | ".join(cell(m) for m in args.methods) + " |", flush=True)
+                              + " | ".join(cells) + " |", flush=True)
     return 0
 
 

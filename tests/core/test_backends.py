@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
+from functools import partial
 
 import pytest
 import torch
@@ -275,7 +276,7 @@ def test_layouts(backend, option, layout, lengths):
         assert q.shape == (B, Hq, Lq, D) and k.shape == (B, Hkv, Lk, D)
         if name != "exact":
             assert not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
-        fn = qkv.reference_attention if be == "reference" else (lambda *a, **k_: qkv.attention(*a, backend=be, **k_))
+        fn = qkv.reference_attention if be == "reference" else partial(qkv.attention, backend=be)
         out = fn(q, k, v, **kw)
         results[name] = (out, torch.autograd.grad(out, xs, up.to(dtype)))
     what = f"{backend} {option} {layout}"

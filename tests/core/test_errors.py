@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -83,7 +85,7 @@ QF, KF, VF = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 
 ALL_CALLS = {
     "reference": lambda **kw: qkv.reference_attention(QF, KF, VF, **kw),
     "weights": lambda **kw: qkv.attention_weights(QF, KF, **kw),
-    **{be: (lambda be: lambda **kw: qkv.attention(QF, KF, VF, backend=be, **kw))(be)
+    **{be: partial(qkv.attention, QF, KF, VF, backend=be)
        for be in ("auto", "sdpa", "tiled", "sparse", "decode")},
 }
 BAD_FUNCTIONS = {

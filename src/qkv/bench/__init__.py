@@ -135,7 +135,7 @@ def run(cfg: BenchConfig, *, progress: bool = False, stream: Optional[TextIO] = 
             for case, dtype_name, L in todo:
                 where = f"{case} {dtype_name} L={L}"
                 result.rows.append(run_cell(case, dtype_name, L, cfg, history, flex_state,
-                                            lambda what: bar.set_description_str(f"{where}: {what}")))
+                                            lambda what, where=where: bar.set_description_str(f"{where}: {what}")))
                 bar.update(1)
         bar.set_description_str("done", refresh=False)
         bar.close()

@@ -148,7 +148,7 @@ def format_table(result: BenchResult) -> str:
     rule += "---:|---|"
     lines += [head, rule]
     for r in result.rows:
-        g = lambda method, key="seconds": r.get(method, {}).get(key)  # noqa: E731
+        g = lambda method, key="seconds", r=r: r.get(method, {}).get(key)  # noqa: E731
         check = r["check"] or {}
         cells_ = [r["case"], r["dtype"], str(r["L"]), _ms(g("qkv")), r["qkv_backend"], _ms(g("sdpa")),
                   _ratio(r.get("sdpa_over_qkv"))]
