@@ -75,8 +75,8 @@ class QkvSide:
         self.cache = self.model.new_cache(prompt.shape[0], capacity=capacity)
         self.length = prompt.shape[1]
         if self.chunk:
-            for h in prefill_chunks(self.model, prompt, self.chunk, cache=self.cache):
-                pass  # keep only the last chunk's states, as generate does
+            for chunk_h in prefill_chunks(self.model, prompt, self.chunk, cache=self.cache):
+                h = chunk_h  # keep only the last chunk's states, as generate does
         else:
             h = self.model.hidden(prompt, cache=self.cache)  # (1, L, E)
         return self.model.logits(h[:, -1]).argmax(-1)  # (1,)

@@ -106,8 +106,8 @@ def child_prefill(L: int, chunk: int, layers: int) -> dict:
         reset = _reset_peak()
         t0 = clock()
         if chunk:
-            for h in prefill_chunks(model, ids, chunk, cache=cache):
-                pass  # as generate: only the last chunk's states are kept
+            for chunk_h in prefill_chunks(model, ids, chunk, cache=cache):
+                h = chunk_h  # as generate: only the last chunk's states are kept
         else:
             h = model.hidden(ids, cache=cache)  # (1, L, E)
         token = model.logits(h[:, -1]).argmax(-1)

@@ -302,7 +302,8 @@ def _explain(p):
         _check_explain_model(args, model, text, other)
         # 3. run, draw, write the files, and only then print
         result = explain(text, model, focus=args.focus, rows=args.rows, truncate=args.truncate, name=args.model)
-        color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+        color = args.color == "always" or (
+            args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
         view = dict(method=args.method, level=args.level, hide_special=args.hide_special)
         table = dict(layer=args.layer, head=args.head, color=color, aggregate=args.aggregate)
         if args.focus:
@@ -450,7 +451,8 @@ def _check_vocabulary(model, name: str, text: str) -> None:
     if bad:
         known = sorted(t for t in tok.backend.get_vocab() if not t.startswith("["))
         shown = " ".join(known) if len(known) <= 80 else f"{len(known)} words"
-        raise UserError(f"{', '.join(map(repr, dict.fromkeys(bad)))} not in the vocabulary of {name!r}; it knows: {shown}")
+        raise UserError(f"{', '.join(map(repr, dict.fromkeys(bad)))} not in the vocabulary of {name!r}; "
+                        f"it knows: {shown}")
 
 @_command("train", help="train one of qkv's small models (recall, translate) and save it as a Hugging Face folder")
 def _train(p):
@@ -461,7 +463,8 @@ def _train(p):
     p.add_argument("task", choices=["recall", "translate"],
                    help="recall: a three-layer GPT-2 looks keys up in its prompt; translate: an "
                    "encoder-decoder reorders words through cross-attention")
-    p.add_argument("--out", type=_output_folder, metavar="DIR", help="output folder (default: ./qkv-TASK): new, empty, or one "
+    p.add_argument("--out", type=_output_folder, metavar="DIR",
+                   help="output folder (default: ./qkv-TASK): new, empty, or one "
                    "that qkv train wrote; a folder holding other files is refused (status 2)")
     p.add_argument("--size", choices=["shipped", "tiny"], default="shipped",
                    help="shipped: the bundled model's size and run (default); tiny: a small model trained "

@@ -82,7 +82,8 @@ def run(show_output_columns: int = 64) -> str:
         " " + format_array(scores),
         "Attention Weights (after Softmax):",
         " " + format_array(weights),
-        "Final Attention Output:" + ("" if show_output_columns >= 64 else f" (first {show_output_columns} of 64 columns)"),
+        "Final Attention Output:"
+        + ("" if show_output_columns >= 64 else f" (first {show_output_columns} of 64 columns)"),
         " " + format_array(output[:, :show_output_columns]),
         "",
         f"qkv.reference_attention(Q, K, V, scale=1.0) gives the same output: max |difference| = {diff:.1e}"

@@ -54,7 +54,7 @@ def _compare(shape, dtype, fast_kwargs, ref_kwargs, what, grads=True):
     q, k, v, up = _inputs(shape, dtype)
     runs = {}
     for name, xs, fn, kw in (
-        ("fast", (q, k, v), lambda *a, **kw: qkv.attention(*a, backend="sparse", **kw), fast_kwargs),
+        ("fast", (q, k, v), lambda *a, **kw_: qkv.attention(*a, backend="sparse", **kw_), fast_kwargs),
         ("plain", (q, k, v), qkv.reference_attention, ref_kwargs),
         ("exact", tuple(t.double() for t in (q, k, v)), qkv.reference_attention, ref_kwargs),
     ):

@@ -104,7 +104,7 @@ def test_focus_rows_only_equal_the_full_maps(minilm, result):
     for method in ("raw", "value-norm"):
         torch.testing.assert_close(partial.focus_rows("mat", method), result.focus_rows("mat", method), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="rows='focus'"):
-        partial.attentions
+        _ = partial.attentions
 
 
 def test_the_three_steps_add_up(result):

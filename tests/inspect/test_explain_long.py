@@ -34,7 +34,7 @@ def test_a_4000_token_input_is_explained_for_one_word(long_llama):
     assert rows.shape == (2, 4, n)
     torch.testing.assert_close(rows.sum(-1), torch.ones(2, 4))
     with pytest.raises(ValueError, match="rows='focus'"):
-        result.attentions
+        _ = result.attentions
 
 
 def test_causal_focus_rows_equal_the_full_maps(long_llama):

@@ -69,7 +69,7 @@ def assert_row(page: Page, expected: np.ndarray, what: str):
 def test_clicks_show_the_data_rows_offline(browser, tmp_path):
     data = make_data(n_words=8, layers=3, heads=4, seed=1, focus=2)
     maps = np.asarray(data["maps"])  # (L, H, n, n)
-    L, H, n = maps.shape[0], maps.shape[1], maps.shape[2]
+    L = maps.shape[0]  # maps: (L, H, n, n)
     page = Page(browser, write_html(data, tmp_path / "explain.html"))
 
     # Starts on the focus word, last layer, mean of heads.

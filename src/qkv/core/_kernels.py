@@ -212,7 +212,8 @@ def _build(name: str) -> ctypes.CDLL:
         lib = _open(name, target)
     except OSError as exc:
         _discard(target)  # never keep a library that is known not to load
-        raise RuntimeError(f"{before}the {name} kernel just built does not load ({exc}); {_cache_note(folder)}") from None
+        raise RuntimeError(f"{before}the {name} kernel just built does not load ({exc}); "
+                           f"{_cache_note(folder)}") from None
     if damaged is not None and damaged != _NO_CHECKSUM:  # expected after an upgrade: rebuilt quietly
         warnings.warn(f"qkv: the cached native {name} kernel {target} was unusable ({damaged}); rebuilt it "
                       f"(the kernel cache is set by QKV_KERNEL_CACHE)", RuntimeWarning, stacklevel=4)

@@ -251,7 +251,8 @@ class ExplainResult:
         for flat in order.tolist():
             layer, head = divmod(flat, rows.shape[1])
             top = torch.argsort(rows[layer, head], descending=True)[:3].tolist()
-            out.append({"layer": layer, "head": int(self.records[layer].heads[head]), "entropy": float(ent[layer, head]),
+            out.append({"layer": layer, "head": int(self.records[layer].heads[head]),
+                        "entropy": float(ent[layer, head]),
                         "top": [{"label": labels[j], "weight": float(rows[layer, head, j])} for j in top]})
         return out
 
@@ -269,7 +270,8 @@ class ExplainResult:
         else:
             r = index
         scores = rec.scores()[0, h, r]  # (n,)
-        masked = scores + rec.mask[0 if rec.mask.shape[0] == 1 else 0, 0 if rec.mask.shape[1] == 1 else h, r].to(scores.dtype)
+        m_h = 0 if rec.mask.shape[1] == 1 else h  # a mask with one head broadcasts over heads
+        masked = scores + rec.mask[0, m_h, r].to(scores.dtype)
         weights = rec.weights()[0, h, r]
         values = rec.v[0, h].to(weights.dtype)
         return Steps(layer=layer, head=head, token=index, labels=list(self.tokens), query=rec.q[0, h, r].float(),
@@ -418,7 +420,8 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
     _check_layers_heads(model, name, layers, heads)
     if getattr(model, "is_encoder_decoder", False):
         if rows != "all":
-            raise ValueError("rows='focus' is for encoder or decoder models; explain an encoder-decoder with rows='all'")
+            raise ValueError("rows='focus' is for encoder or decoder models; "
+                             "explain an encoder-decoder with rows='all'")
         _tokenizer_of(model, name)
         return _explain_seq2seq(text, model, name, focus=focus, layers=layers, heads=heads, truncate=truncate)
     probe, batch = prepare(text, model, name, truncate=truncate)

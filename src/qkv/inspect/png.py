@@ -152,7 +152,8 @@ def _pick_head(head: int | str | None, names: list[str]) -> int | None:
         if head.lstrip("-").isdigit():
             head = int(head)
         else:
-            raise ValueError(f"unknown head {head!r}: give an index 0..{len(names) - 1}, a name from {names}, or 'mean'")
+            raise ValueError(f"unknown head {head!r}: give an index 0..{len(names) - 1}, "
+                             f"a name from {names}, or 'mean'")
     if isinstance(head, bool) or not isinstance(head, int):
         raise ValueError(f"head must be an int, a head name or 'mean', got {head!r}")
     if not 0 <= head < len(names):
@@ -196,7 +197,8 @@ def _draw(fig, np, data, maps, labels, special, focus, normalised, layer, head) 
     fig.suptitle(f"{title}\n{sub}", fontsize=10, x=0.01, ha="left")
 
     if with_focus:
-        gs = fig.add_gridspec(2, 2, width_ratios=[1, 1], height_ratios=[n_layers, n_heads] if show_heads else [1, 0.001])
+        gs = fig.add_gridspec(2, 2, width_ratios=[1, 1],
+                              height_ratios=[n_layers, n_heads] if show_heads else [1, 0.001])
         ax_c = fig.add_subplot(gs[:, 1])
         ax_a = fig.add_subplot(gs[0, 0])
         ax_b = fig.add_subplot(gs[1, 0]) if show_heads else None
@@ -211,19 +213,22 @@ def _draw(fig, np, data, maps, labels, special, focus, normalised, layer, head) 
         per_layer = np.asarray(per_layer, dtype=np.float64)  # (L, n)
         word = labels[fi]
         _heatmap(ax_a, np, per_layer, normalised, font, annotate=n <= 20)
-        ax_a.set_title(f"(a) \u201c{word}\u201d \u2192 each word, per layer (mean of heads)", fontsize=max(8.0, font + 1), loc="left")
+        ax_a.set_title(f"(a) \u201c{word}\u201d \u2192 each word, per layer (mean of heads)",
+                       fontsize=max(8.0, font + 1), loc="left")
         _ticks(ax_a, labels, special, font, every, x=True)
         _yticks(ax_a, [f"layer {i}" for i in range(n_layers)], font, bold=layer)
         if ax_b is not None:
             rows = maps[layer, :, fi]  # (H, n)
             _heatmap(ax_b, np, rows, normalised, font, annotate=n <= 14)
-            ax_b.set_title(f"(b) \u201c{word}\u201d \u2192 each word, layer {layer}, every head", fontsize=max(8.0, font + 1), loc="left")
+            ax_b.set_title(f"(b) \u201c{word}\u201d \u2192 each word, layer {layer}, every head",
+                           fontsize=max(8.0, font + 1), loc="left")
             _ticks(ax_b, labels, special, font, every, x=True)
             _yticks(ax_b, [f"head {h}" for h in names], font, bold=head)
 
     im = _heatmap(ax_c, np, amap, normalised, font, annotate=n <= 14, aspect="equal")
     prefix = "(c) " if with_focus else ""
-    ax_c.set_title(f"{prefix}layer {layer}, {head_text}: query (row) \u2192 key (column)", fontsize=max(8.0, font + 1), loc="left")
+    ax_c.set_title(f"{prefix}layer {layer}, {head_text}: query (row) \u2192 key (column)",
+                   fontsize=max(8.0, font + 1), loc="left")
     _ticks(ax_c, labels, special, font, every, x=True)
     _ticks(ax_c, labels, special, font, every, x=False)
     ax_c.set_xlabel("key", fontsize=max(7.0, font))
@@ -264,7 +269,8 @@ def _ticks(ax, labels, special, font, every, *, x):
     idx = list(range(0, len(labels), every))
     texts = [labels[i] for i in idx]
     if x:
-        ax.set_xticks(idx, texts, rotation=60 if max(map(len, texts)) > 3 else 0, ha="right" if max(map(len, texts)) > 3 else "center",
+        long_texts = max(map(len, texts)) > 3
+        ax.set_xticks(idx, texts, rotation=60 if long_texts else 0, ha="right" if long_texts else "center",
                       rotation_mode="anchor", fontsize=font)
         tick_labels = ax.get_xticklabels()
     else:

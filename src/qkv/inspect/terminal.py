@@ -55,7 +55,8 @@ def render_focus(result, focus, *, method: str = "raw", level: str = "word", hid
         result._record(layer)
     width = max(6, min(10, max(len(lab) for lab in labels) + 1))
     digits = 2 if method != "value-norm" else 1
-    method_name = {"raw": "attention weights", "rollout": "attention rollout", "value-norm": "value-weighted norms ||a f(v)||"}[method]
+    method_name = {"raw": "attention weights", "rollout": "attention rollout",
+                   "value-norm": "value-weighted norms ||a f(v)||"}[method]
     lines = [
         f"{result.text!r} on {result.model_name}: {result.num_layers} layers x {result.num_heads} heads, "
         f"{method_name}, {level} level" + (", special tokens hidden" if hide_special else ""),
@@ -93,12 +94,14 @@ def render_overview(result, *, method: str = "raw", level: str = "word", hide_sp
         grid, what = _aggregate(maps[lay], dim=0, how=aggregate), f"{aggregate} over heads"
     width = max(6, min(10, max(len(lab) for lab in labels) + 1))
     digits = 2 if method != "value-norm" else 1
-    lines = [f"{result.text!r} on {result.model_name}: layer {lay}, {what}, {method}, {level} level; rows attend to columns",
+    lines = [f"{result.text!r} on {result.model_name}: layer {lay}, {what}, {method}, {level} level; "
+             "rows attend to columns",
              "", " " * width + "".join(_label(lab, width) for lab in labels) + "  strip"]
     for i, lab in enumerate(labels):
         row = grid[i].tolist()
         top = max(row) if row else 0.0
-        lines.append(_label(lab, width) + "".join(_cell(x, top, width, color, digits) for x in row) + "  " + _strip(row))
+        lines.append(_label(lab, width) + "".join(_cell(x, top, width, color, digits) for x in row)
+                     + "  " + _strip(row))
     ent = result.entropy("token")
     lines += ["", "entropy per head (nats, low = focused), layers x heads:"]
     for lay_i in range(ent.shape[0]):
@@ -112,7 +115,8 @@ def render_compare(a, b, comparison: dict, focus, level: str = "word") -> str:
     label = a.units(level)[0][a.focus_index(focus, level)]
     lines = ["", f"comparison with {b.text!r}: Jensen-Shannon divergence (bits) of {label!r}'s row, layers x heads"]
     for lay in range(jsd.shape[0]):
-        lines.append(f"{lay:>5} " + " ".join(f"{x:4.2f}" for x in jsd[lay].tolist()) + f"   max {jsd[lay].max().item():.2f}")
+        lines.append(f"{lay:>5} " + " ".join(f"{x:4.2f}" for x in jsd[lay].tolist())
+                     + f"   max {jsd[lay].max().item():.2f}")
     diff = comparison["difference"].abs().amax(dim=(-1, -2))  # (L, H)
     flat = int(torch.argmax(diff))
     lay, head = divmod(flat, diff.shape[1])

@@ -199,7 +199,8 @@ class BertModel(nn.Module):
         mask = None
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}; got {tuple(attention_mask.shape)}")
+                raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}; "
+                                 f"got {tuple(attention_mask.shape)}")
             keep = attention_mask.bool()
             if not bool(keep.all()):
                 mask = keep[:, None, None, :]  # (B, 1, 1, L): key padding, True = may attend
@@ -334,7 +335,8 @@ class SentencePooling:
                                             "such as \"1_Pooling\"; qkv did not open it")
                 cfg_path = folder / sub / "config.json"
                 if not cfg_path.is_file():
-                    raise FileNotFoundError(f"modules.json names a Pooling module but {cfg_path} is missing; copy it from the model's source")
+                    raise FileNotFoundError(f"modules.json names a Pooling module but {cfg_path} is missing; "
+                                            "copy it from the model's source")
                 cfg = Fields(read_json(cfg_path), cfg_path)
                 dim = cfg.get("word_embedding_dimension", Optional[int], None, POSITIVE)
                 if hidden_size is not None and dim is not None and dim != hidden_size:
@@ -368,7 +370,7 @@ def hf_plan(c: BertConfig) -> Plan:
     query/key/value are concatenated into `attention.self.qkv_proj`; `attention.output.dense`
     becomes `attention.self.out_proj`. Everything else keeps its name.
     """
-    E, I = Dim(c.hidden_size, "hidden_size"), Dim(c.intermediate_size, "intermediate_size")
+    E, FF = Dim(c.hidden_size, "hidden_size"), Dim(c.intermediate_size, "intermediate_size")
     plan: dict[str, tuple[Piece, ...]] = {}
 
     def same(name: str, shape: tuple) -> None:
@@ -387,9 +389,9 @@ def hf_plan(c: BertConfig) -> Plan:
             plan[p + f"attention.self.out_proj.{kind}"] = (Piece(p + f"attention.output.dense.{kind}", shape),)
             same(p + f"attention.output.LayerNorm.{kind}", (E,))
             same(p + f"output.LayerNorm.{kind}", (E,))
-        same(p + "intermediate.dense.weight", (I, E))
-        same(p + "intermediate.dense.bias", (I,))
-        same(p + "output.dense.weight", (E, I))
+        same(p + "intermediate.dense.weight", (FF, E))
+        same(p + "intermediate.dense.bias", (FF,))
+        same(p + "output.dense.weight", (E, FF))
         same(p + "output.dense.bias", (E,))
     if c.add_pooling_layer:
         same("pooler.dense.weight", (E, E))

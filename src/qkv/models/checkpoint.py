@@ -149,7 +149,8 @@ def resolve_folder(path) -> Path:
             f"(config.json, model.safetensors, tokenizer.json) or a bundled name such as 'minilm'"
         )
     if not folder.is_dir():
-        raise FileNotFoundError(f"{str(folder)!r} is a file, not a model folder; pass the folder that holds config.json")
+        raise FileNotFoundError(f"{str(folder)!r} is a file, not a model folder; "
+                                "pass the folder that holds config.json")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"model folder {str(folder)!r} has no config.json; a Hugging Face model folder needs config.json "
@@ -200,7 +201,8 @@ def _shards(folder: Path, index: Path) -> list[Path]:
     fix = "restore the index from the model's source (save_pretrained writes it next to the shards)"
     weight_map = read_json(index, fix=fix).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        got = "is missing" if weight_map is None else f"is {json_type(weight_map)}" + (" with no entries" if weight_map in ({}, []) else "")
+        got = ("is missing" if weight_map is None
+               else f"is {json_type(weight_map)}" + (" with no entries" if weight_map in ({}, []) else ""))
         raise ModelError(
             f"{index}: field 'weight_map' {got}; it must be an object mapping each weight name to its shard "
             f"file, e.g. {{\"lm_head.weight\": \"model-00001-of-00002.safetensors\"}}; {fix}"
@@ -302,7 +304,7 @@ def check_plan(plan: Plan, shapes: Mapping[str, tuple], model: Optional[nn.Modul
             raise RuntimeError(f"internal: no checkpoint plan for parameters {unplanned}")
     missing, misshapen, not_float = [], [], []
     fields: dict[str, dict] = {}  # config field -> {"config": value, "weights": {sizes}}
-    for name, pieces in plan.items():
+    for pieces in plan.values():
         for piece in pieces:
             stored = shapes.get(piece.key)
             if stored is None:
@@ -367,7 +369,8 @@ def load_weights(model: nn.Module, plan: Plan, shapes: Mapping[str, tuple], *,
             value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             param = params[name]
             if value.shape != param.shape:
-                raise RuntimeError(f"internal: plan for {name} gives {_fmt(value.shape)}, parameter is {_fmt(param.shape)}")
+                raise RuntimeError(f"internal: plan for {name} gives {_fmt(value.shape)}, "
+                                   f"parameter is {_fmt(param.shape)}")
             param.copy_(value)
 
 

@@ -34,7 +34,8 @@ ACTIVATION = Limit(choices=tuple(sorted(_ACTIVATIONS)))  # the activation field 
 def activation(name: str):
     """The activation function named in a Hugging Face config."""
     if name not in _ACTIVATIONS:
-        raise ModelError(f"activation {name!r} in config.json is not supported; qkv supports {', '.join(sorted(_ACTIVATIONS))}")
+        raise ModelError(f"activation {name!r} in config.json is not supported; "
+                         f"qkv supports {', '.join(sorted(_ACTIVATIONS))}")
     return _ACTIVATIONS[name]
 
 

@@ -110,7 +110,8 @@ class CausalLM(nn.Module):
         if chunk_size is not None and L > chunk_size:
             return chunked_hidden(self, input_ids, chunk_size, cache=cache, attention_mask=attention_mask,
                                   positions=positions)
-        pos = torch.arange(start, start + L, device=input_ids.device) if positions is None else positions  # (L,) | (B, L)
+        pos = (torch.arange(start, start + L, device=input_ids.device)
+               if positions is None else positions)  # (L,) | (B, L)
         mask = key_padding_mask(attention_mask)  # (B, 1, 1, n + L) | None
         x, rotary = self.embed(input_ids, pos)  # (B, L, E); cos, sin (L, D) | (B, 1, L, D) | None
         for block in self.blocks:
@@ -158,7 +159,8 @@ class CausalLM(nn.Module):
             if attention_mask is not None and attention_mask.dim() == 1:
                 attention_mask = attention_mask.unsqueeze(0)  # (1, L)
         else:
-            raise TypeError(f"prompt must be a string, a list of strings or a tensor of token ids; got {type(prompt).__name__}")
+            raise TypeError("prompt must be a string, a list of strings or a tensor of token ids; "
+                            f"got {type(prompt).__name__}")
         device = next(self.parameters()).device
         was_training = self.training
         self.eval()

@@ -134,7 +134,8 @@ class Fields:
         return None if value is None else Fields(value, self.source, prefix=f"{self.prefix}{name}.", fix=self.fix)
 
 
-_NAMES = {int: ("an integer", "integers"), float: ("a finite number", "finite numbers"), bool: ("true or false", "booleans"),
+_NAMES = {int: ("an integer", "integers"), float: ("a finite number", "finite numbers"),
+          bool: ("true or false", "booleans"),
           str: ("a string", "strings"), dict: ("an object", "objects"), list: ("an array", "arrays")}
 
 

@@ -179,7 +179,8 @@ def generate(model, input_ids: Tensor, *, max_new_tokens: int = 20, temperature:
     mask = None
     if attention_mask is not None and not bool(attention_mask.all()):
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must be (B, L) = {tuple(input_ids.shape)}; got {tuple(attention_mask.shape)}")
+            raise ValueError(f"attention_mask must be (B, L) = {tuple(input_ids.shape)}; "
+                             f"got {tuple(attention_mask.shape)}")
         mask = torch.ones(B, L + max_new_tokens, dtype=torch.bool, device=input_ids.device)  # (B, L + T)
         mask[:, :L] = attention_mask.bool()
         # Position of each slot = real tokens before it; padding slots get 0 (never attended).
@@ -190,16 +191,16 @@ def generate(model, input_ids: Tensor, *, max_new_tokens: int = 20, temperature:
     step_ids = input_ids  # (B, L) first, then (B, 1)
     n = L
     for step in range(max_new_tokens):
-        l = step_ids.shape[1]
+        step_len = step_ids.shape[1]
         step_mask = None if mask is None else mask[:, :n]  # (B, n)
-        step_pos = None if mask is None else all_pos[:, n - l:n]  # (B, l)
-        if step == 0 and prefill_chunk is not None and l > prefill_chunk:
+        step_pos = None if mask is None else all_pos[:, n - step_len:n]  # (B, step_len)
+        if step == 0 and prefill_chunk is not None and step_len > prefill_chunk:
             # Only the last chunk's states are kept: the prompt's states are never all held.
-            for h in prefill_chunks(model, step_ids, prefill_chunk, cache=cache, attention_mask=step_mask,
-                                    positions=step_pos):
-                pass  # h: (B, l_chunk, E)
+            for chunk_h in prefill_chunks(model, step_ids, prefill_chunk, cache=cache, attention_mask=step_mask,
+                                          positions=step_pos):
+                h = chunk_h  # (B, l_chunk, E)
         else:
-            h = model.hidden(step_ids, cache=cache, attention_mask=step_mask, positions=step_pos)  # (B, l, E)
+            h = model.hidden(step_ids, cache=cache, attention_mask=step_mask, positions=step_pos)  # (B, step_len, E)
         logits = model.logits(h[:, -1]).float()  # (B, V)
         if temperature == 0:
             next_id = logits.argmax(dim=-1)  # (B,)

@@ -44,7 +44,8 @@ class GPT2Config(HFConfig):
     LIMITS = {  # config.json ranges; a field not listed has no range beyond its type
         "vocab_size": POSITIVE, "n_positions": POSITIVE, "n_embd": POSITIVE, "n_layer": POSITIVE, "n_head": POSITIVE,
         "n_inner": POSITIVE, "activation_function": ACTIVATION, "layer_norm_epsilon": EPS, "resid_pdrop": PROBABILITY,
-        "embd_pdrop": PROBABILITY, "attn_pdrop": PROBABILITY, "bos_token_id": NON_NEGATIVE, "eos_token_id": NON_NEGATIVE,
+        "embd_pdrop": PROBABILITY, "attn_pdrop": PROBABILITY, "bos_token_id": NON_NEGATIVE,
+        "eos_token_id": NON_NEGATIVE,
     }
 
     @classmethod
@@ -78,7 +79,8 @@ class GPT2Block(nn.Module):
     def __init__(self, c: GPT2Config, layer_idx: int):
         super().__init__()
         D = c.n_embd // c.n_head
-        scale = (D ** -0.5 if c.scale_attn_weights else 1.0) / ((layer_idx + 1) if c.scale_attn_by_inverse_layer_idx else 1)
+        scale = ((D ** -0.5 if c.scale_attn_weights else 1.0)
+                 / ((layer_idx + 1) if c.scale_attn_by_inverse_layer_idx else 1))
         self.layer_idx = layer_idx
         self.ln_1 = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
         self.attn = MultiHeadAttention(c.n_embd, c.n_head, dropout=c.attn_pdrop, scale=scale)
@@ -133,7 +135,7 @@ def hf_plan(c: GPT2Config, prefix: str = "transformer.") -> Plan:
     nn.Linear's (out, in). `attn.c_attn` becomes `attn.qkv_proj`, `attn.c_proj` `attn.out_proj`.
     `prefix` is "transformer." for GPT2LMHeadModel checkpoints and "" for GPT2Model ones.
     """
-    E, I, V = Dim(c.n_embd, "n_embd"), Dim(c.inner, "n_inner"), Dim(c.vocab_size, "vocab_size")
+    E, FF, V = Dim(c.n_embd, "n_embd"), Dim(c.inner, "n_inner"), Dim(c.vocab_size, "vocab_size")
     plan: dict[str, tuple[Piece, ...]] = {
         "transformer.wte.weight": (Piece(prefix + "wte.weight", (V, E)),),
         "transformer.wpe.weight": (Piece(prefix + "wpe.weight", (Dim(c.n_positions, "n_positions"), E)),),
@@ -145,8 +147,9 @@ def hf_plan(c: GPT2Config, prefix: str = "transformer.") -> Plan:
         for ln in ("ln_1", "ln_2"):
             for kind in ("weight", "bias"):
                 plan[ours + f"{ln}.{kind}"] = (Piece(theirs + f"{ln}.{kind}", (E,)),)
-        for mine, hf, n_in, n_out in (("attn.qkv_proj", "attn.c_attn", E, 3 * E), ("attn.out_proj", "attn.c_proj", E, E),
-                                      ("mlp.c_fc", "mlp.c_fc", E, I), ("mlp.c_proj", "mlp.c_proj", I, E)):
+        for mine, hf, n_in, n_out in (("attn.qkv_proj", "attn.c_attn", E, 3 * E),
+                                      ("attn.out_proj", "attn.c_proj", E, E),
+                                      ("mlp.c_fc", "mlp.c_fc", E, FF), ("mlp.c_proj", "mlp.c_proj", FF, E)):
             plan[ours + f"{mine}.weight"] = (Piece(theirs + f"{hf}.weight", (n_in, n_out), transpose=True),)
             plan[ours + f"{mine}.bias"] = (Piece(theirs + f"{hf}.bias", (n_out,)),)
     if not c.tie_word_embeddings:

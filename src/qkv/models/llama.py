@@ -57,7 +57,8 @@ class LlamaConfig(HFConfig):
 
     LIMITS = {  # config.json ranges; a field not listed has no range beyond its type
         "vocab_size": POSITIVE, "hidden_size": POSITIVE, "intermediate_size": POSITIVE, "num_hidden_layers": POSITIVE,
-        "num_attention_heads": POSITIVE, "num_key_value_heads": POSITIVE, "head_dim": POSITIVE, "hidden_act": ACTIVATION,
+        "num_attention_heads": POSITIVE, "num_key_value_heads": POSITIVE, "head_dim": POSITIVE,
+        "hidden_act": ACTIVATION,
         "max_position_embeddings": POSITIVE, "rms_norm_eps": EPS, "rope_theta": POSITIVE_REAL,
         "attention_dropout": PROBABILITY, "bos_token_id": NON_NEGATIVE, "eos_token_id": NON_NEGATIVE,
     }
@@ -190,7 +191,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = LlamaMLP(c)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor], cache: Optional[KVCache]) -> Tensor:
+    def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor],
+                cache: Optional[KVCache]) -> Tensor:
         """x (B, L, E), mask (B, 1, 1, n + L) or None, rotary (cos, sin) of the new positions."""
         x = x + self.self_attn(self.input_layernorm(x), mask=mask, causal=True, window=self.window, rotary=rotary,
                                cache=cache, layer=self.layer_idx)
@@ -233,7 +235,7 @@ def hf_plan(c: LlamaConfig) -> Plan:
     q_proj, k_proj, v_proj are concatenated (rows q | k | v) into `self_attn.qkv_proj`;
     o_proj becomes `self_attn.out_proj`; everything else keeps its name.
     """
-    E, I = Dim(c.hidden_size, "hidden_size"), Dim(c.intermediate_size, "intermediate_size")
+    E, FF = Dim(c.hidden_size, "hidden_size"), Dim(c.intermediate_size, "intermediate_size")
     V, D = Dim(c.vocab_size, "vocab_size"), c.dim_per_head
     q_out, kv_out = c.num_attention_heads * D, c.kv_heads * D
     plan: dict[str, tuple[Piece, ...]] = {
@@ -258,7 +260,7 @@ def hf_plan(c: LlamaConfig) -> Plan:
             )
         if c.out_bias:
             plan[p + "self_attn.out_proj.bias"] = (Piece(p + "self_attn.o_proj.bias", (E,)),)
-        for name, shape in (("gate_proj", (I, E)), ("up_proj", (I, E)), ("down_proj", (E, I))):
+        for name, shape in (("gate_proj", (FF, E)), ("up_proj", (FF, E)), ("down_proj", (E, FF))):
             plan[p + f"mlp.{name}.weight"] = (Piece(p + f"mlp.{name}.weight", shape),)
             if c.mlp_bias:
                 plan[p + f"mlp.{name}.bias"] = (Piece(p + f"mlp.{name}.bias", (shape[0],)),)

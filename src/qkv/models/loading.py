@@ -187,7 +187,8 @@ def check_target(dtype, device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device={device!r} is not a device torch knows; pass 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+        raise ValueError(f"device={device!r} is not a device torch knows; "
+                         "pass 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
     if dev.type == "meta":
         raise ValueError("device='meta' holds no data, so weights cannot be loaded into it; pass 'cpu' or 'cuda'")
     if dev.type == "cuda":

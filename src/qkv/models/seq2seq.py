@@ -180,7 +180,8 @@ class QkvSeq2Seq(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
 
-    def forward(self, input_ids: Tensor, decoder_input_ids: Tensor, *, attention_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input_ids: Tensor, decoder_input_ids: Tensor, *,
+                attention_mask: Optional[Tensor] = None) -> Tensor:
         """Source (B, Ls), target inputs (B, Lt) starting with [BOS] -> logits (B, Lt, V) (teacher forcing)."""
         memory = self.encode(input_ids, attention_mask)
         return self.logits(self.decode(decoder_input_ids, memory, attention_mask))

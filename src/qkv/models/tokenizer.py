@@ -80,7 +80,8 @@ class Tokenizer:
             try:
                 backend = HFTokenizer.from_file(str(path))
             except Exception as exc:
-                raise ModelError(f"{path} could not be read by the tokenizers library ({exc}); download it again") from None
+                raise ModelError(f"{path} could not be read by the tokenizers library ({exc}); "
+                                 "download it again") from None
             source = str(path)
         elif find_in_folder(folder, "vocab.txt") is not None:
             from tokenizers.implementations import BertWordPieceTokenizer

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 
 # ------------------------------------------------------------------------------ rotary
-def rope_inv_freq(head_dim: int, theta: float = 10000.0, *, rope_scaling: Optional[dict] = None) -> tuple[Tensor, float]:
+def rope_inv_freq(head_dim: int, theta: float = 10000.0, *,
+                  rope_scaling: Optional[dict] = None) -> tuple[Tensor, float]:
     """Inverse frequencies of RoPE, float32, and the factor cos/sin are multiplied by.
 
     Args:
@@ -37,7 +38,8 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0, *, rope_scaling: Option
     if head_dim % 2:
         raise ValueError(f"rotary embeddings need an even head dimension; got {head_dim}")
     # Explicit CPU device: models are built under `with torch.device("meta")`.
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))  # (D/2,)
+    even = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()  # (D/2,)
+    inv_freq = 1.0 / (theta ** (even / head_dim))  # (D/2,)
     kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
     needs = {"linear": ("factor",),
              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}

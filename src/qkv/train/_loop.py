@@ -216,7 +216,8 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, m
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"the checkpoint {path} does not fit this model ({exc}); delete it to start over") from None
+        raise CheckpointError(f"the checkpoint {path} does not fit this model ({exc}); "
+                              "delete it to start over") from None
     for name, p in model.named_parameters():
         st = {}
         for key in ("step", "exp_avg", "exp_avg_sq"):
@@ -349,7 +350,8 @@ def checkpoint_step(out: Path) -> Optional[int]:
         with safe_open(str(ckpt), framework="pt") as f:
             return int((f.metadata() or {})["step"])
     except Exception as exc:
-        raise CheckpointError(f"the checkpoint {ckpt} is unreadable ({exc}); delete it to train from the start") from None
+        raise CheckpointError(f"the checkpoint {ckpt} is unreadable ({exc}); "
+                              "delete it to train from the start") from None
 
 
 def interrupted_note(out: Path) -> str:

@@ -95,7 +95,9 @@ def _phrase(g: torch.Generator) -> list[str]:
     arts, adjs, nouns = list(ARTICLES), list(ADJECTIVES), list(NOUNS)
     k = int(torch.randint(0, MAX_ADJECTIVES + 1, (1,), generator=g))
     chosen = [adjs[i] for i in torch.randperm(len(adjs), generator=g)[:k].tolist()]
-    return [arts[int(torch.randint(0, 2, (1,), generator=g))]] + chosen + [nouns[int(torch.randint(0, len(nouns), (1,), generator=g))]]
+    first = arts[int(torch.randint(0, 2, (1,), generator=g))]
+    last = nouns[int(torch.randint(0, len(nouns), (1,), generator=g))]
+    return [first] + chosen + [last]
 
 
 def sentences(count: int, g: torch.Generator, *, held_out: bool) -> list[str]:

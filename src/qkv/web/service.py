@@ -161,9 +161,9 @@ class Service:
     the event loop, so a bad request is answered even when the queue is full) and returns the
     job to run in a worker thread: `service.explain(body)()` is the answer."""
 
-    def __init__(self, registry: ModelRegistry, limits: Limits = Limits()):
+    def __init__(self, registry: ModelRegistry, limits: Optional[Limits] = None):
         self.registry = registry
-        self.limits = limits
+        self.limits = limits if limits is not None else Limits()
 
     # ------------------------------------------------------------ shared pieces
     def _explain(self, text: str, model_name: str, field: str = "text"):
@@ -176,7 +176,8 @@ class Service:
             n = len(tok.encode(text))
             if n > limit:
                 raise ApiError(422, "cannot_explain", f"{field!r} has {n} tokens but the model "
-                                                      f"{self.registry.entry(model_name).name!r} takes at most {limit}; shorten it")
+                                                      f"{self.registry.entry(model_name).name!r} "
+                                                      f"takes at most {limit}; shorten it")
         with run_lock:
             try:
                 result = explain(text, model)
@@ -239,9 +240,11 @@ class Service:
         _, _, unit_of = result.units(level)
         token = unit_of.index(unit)
         if not 0 <= layer < result.num_layers:
-            raise ApiError(422, "unknown_layer", f"layer {layer} does not exist: the model has layers 0..{result.num_layers - 1}")
+            raise ApiError(422, "unknown_layer",
+                           f"layer {layer} does not exist: the model has layers 0..{result.num_layers - 1}")
         if not 0 <= head < result.num_heads:
-            raise ApiError(422, "unknown_head", f"head {head} does not exist: the model has heads 0..{result.num_heads - 1}")
+            raise ApiError(422, "unknown_head",
+                           f"head {head} does not exist: the model has heads 0..{result.num_heads - 1}")
         s = result.steps(token, layer, head)
         dots = s.keys @ s.query  # (n,) q.k before the scale
         return {

@@ -53,7 +53,8 @@ def plan(spec: AttentionSpec) -> flash.Plan:
 def _fast_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
     """The decode step without autograd, on the native kernel where it applies, else eager:
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv) in q's dtype,
-    lse (B, Hq, Lq) in the compute dtype, and a 0-d bool tensor: whether a raw score (before masks) was NaN or infinite."""
+    lse (B, Hq, Lq) in the compute dtype, and a 0-d bool tensor: whether a raw score (before masks)
+    was NaN or infinite."""
     ct = compute_dtype(q.dtype)
     B, Hq, Hkv, G, Lq, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.D, spec.Dv
     M = G * Lq

@@ -100,7 +100,8 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
     entries = mask_entries(spec, q)
     if entries:
         need += entries * (2 + _memory.itemsize(q.dtype))
-        what.append(f"a dense mask of {entries} entries (Lq*Lk = {spec.Lq}*{spec.Lk} per batch row and head it varies over)")
+        what.append(f"a dense mask of {entries} entries "
+                    f"(Lq*Lk = {spec.Lq}*{spec.Lk} per batch row and head it varies over)")
     if spec.dropout_p > 0.0 and q.device.type == "cpu":
         need += _memory.quadratic(spec, 3, max(4, _memory.itemsize(q.dtype)))
         what.append(f"torch's math path for dropout on the CPU, 3 score matrices of "

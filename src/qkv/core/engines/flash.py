@@ -353,7 +353,8 @@ def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]
     return None
 
 
-def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, plan: Plan, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
+def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, plan: Plan, *,
+        need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
     """Differentiable FA-2 attention following `plan` (the tiled, sparse and decode backends' engine)."""
     seed = 0
     if spec.dropout_p > 0.0:
