@@ -53,13 +53,15 @@ def bench_speed(args) -> list[dict]:
                     row[f"{backend}_ratio"] = t_torch / t[backend]
                 rows.append(row)
                 cells = "  ".join(f"{b} {row[b + '_s']:.4f}s ({row[b + '_ratio']:.2f}x)" for b in args.backends)
-                print(f"  measured {dtype_name} causal={causal} L={L}: torch {t_torch:.4f}s  {cells}", file=sys.stderr, flush=True)
+                print(f"  measured {dtype_name} causal={causal} L={L}: torch {t_torch:.4f}s  {cells}",
+                      file=sys.stderr, flush=True)
     return rows
 
 
 _MEMORY_CHILD = r"""
 import resource, sys, torch, qkv
-L, H, D, causal, backend, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5], getattr(torch, sys.argv[6])
+L, H, D = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+causal, backend, dtype = sys.argv[4] == "1", sys.argv[5], getattr(torch, sys.argv[6])
 torch.manual_seed(0)
 q, k, v = (torch.randn(1, H, L, D, dtype=dtype) for _ in range(3))
 def rss():
@@ -90,7 +92,8 @@ def bench_memory(args) -> list[dict]:
             rows.append({"L": L, "backend": backend, "causal": True, "dtype": "float32",
                          "extra_bytes": extra, "inputs_and_output_bytes": io_bytes,
                          "seconds": clock() - t0})
-            print(f"  memory L={L} {backend}: {extra / 2**20:.0f} MiB beyond inputs and output", file=sys.stderr, flush=True)
+            print(f"  memory L={L} {backend}: {extra / 2**20:.0f} MiB beyond inputs and output",
+                  file=sys.stderr, flush=True)
     return rows
 
 
@@ -130,11 +133,13 @@ def print_tables(speed: list[dict], memory: list[dict], args) -> None:
         print("| L | backend | extra memory | inputs + output |")
         print("|---|---|---|---|")
         for r in memory:
-            print(f"| {r['L']} | {r['backend']} | {r['extra_bytes'] / 2**20:.0f} MiB | {r['inputs_and_output_bytes'] / 2**20:.0f} MiB |")
+            print(f"| {r['L']} | {r['backend']} | {r['extra_bytes'] / 2**20:.0f} MiB | "
+                  f"{r['inputs_and_output_bytes'] / 2**20:.0f} MiB |")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     p.add_argument("--backends", nargs="+", default=["auto", "tiled"])

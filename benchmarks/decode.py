@@ -6,7 +6,8 @@ measured in the same run, and the bandwidth each reaches reading the cache (byte
 V / time). The machine's memory-read bandwidth is measured in the same run, interleaved
 with the methods: a float32 sum over a buffer of as many bytes as the cache. Each figure is
 also given as a fraction of it. Every method, and the read, runs once to warm up, then
-`--repeats` times in turns, and keeps its best time (qkv.bench.timing), so a burst of load from elsewhere hits all of them alike.
+`--repeats` times in turns, and keeps its best time (qkv.bench.timing), so a burst of load
+from elsewhere hits all of them alike.
 
     python benchmarks/decode.py
     python benchmarks/decode.py --lengths 4096 32768 --queries 1 4

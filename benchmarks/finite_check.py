@@ -48,7 +48,8 @@ def _row(name, dtype, L, backend, q, k, v, kw, repeats, self_checking=False):
     t = best_times(fns, repeats=repeats)
     full = f"{1e3 * t['full scan']:.3f} ({100 * t['full scan'] / t['unguarded']:.1f}%)" if self_checking else "-"
     return (f"| {name} | {dtype} | {L} | {backend} | {1e3 * t['unguarded']:.2f} | {1e3 * t['guarded']:.2f} | "
-            f"{t['guarded'] / t['unguarded']:.3f} | {1e3 * t['scan']:.3f} | {100 * t['scan'] / t['unguarded']:.2f}% | {full} |")
+            f"{t['guarded'] / t['unguarded']:.3f} | {1e3 * t['scan']:.3f} | "
+            f"{100 * t['scan'] / t['unguarded']:.2f}% | {full} |")
 
 
 def main(argv=None) -> int:
@@ -62,7 +63,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     print(f"# CPU: {machine_info()['cpu']}; torch {torch.__version__}; {torch.get_num_threads()} threads")
-    print("| case | dtype | L | backend | unguarded ms | guarded ms | guarded/unguarded | scan ms | overhead | full scan ms |")
+    print("| case | dtype | L | backend | unguarded ms | guarded ms | guarded/unguarded | scan ms | overhead "
+          "| full scan ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     H, D = args.heads, args.dim
     with torch.inference_mode():

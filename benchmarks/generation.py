@@ -176,7 +176,8 @@ def bench_prefill_chunks(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=["gpt2", "llama"], default=["gpt2", "llama"])
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768], help="cache lengths (prompt tokens)")
     p.add_argument("--new-tokens", type=int, default=16, help="timed new tokens per run")
@@ -184,7 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed decode runs per side (best is kept)")
     p.add_argument("--chunk", type=int, default=PREFILL_CHUNK, help="qkv prefill chunk (0 = one pass)")
     p.add_argument("--no-peer", action="store_true", help="qkv only (no transformers)")
-    p.add_argument("--prefill-chunks", type=int, nargs="+", help="only time qkv's prefill for these chunk sizes (0 = one pass)")
+    p.add_argument("--prefill-chunks", type=int, nargs="+",
+                   help="only time qkv's prefill for these chunk sizes (0 = one pass)")
     p.add_argument("--quick", action="store_true", help="1k and 8k, 2 layers, 8 new tokens, 2 repeats")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
@@ -201,7 +203,8 @@ def main(argv=None) -> int:
         print("|---|---|" + "---|" * len(chunks))
         for kind in args.models:
             for L in args.lengths:
-                cells = [next(r for r in rows if r["model"] == kind and r["L"] == L and r["chunk"] == c) for c in chunks]
+                cells = [next(r for r in rows if r["model"] == kind and r["L"] == L and r["chunk"] == c)
+                         for c in chunks]
                 print(f"| {kind} | {L} | " + " | ".join(f"{r['prefill_s']:.2f} s" for r in cells) + " |")
     else:
         rows = []
@@ -218,7 +221,8 @@ def main(argv=None) -> int:
         print(f"batch 1, float32, greedy; {args.new_tokens} new tokens after a prompt of L tokens, best of "
               f"{args.repeats}; qkv prefill in chunks of {args.chunk or 'all (one pass)'}\n")
         peer = not args.no_peer
-        print("| model | cache length | qkv tokens/s | " + ("transformers tokens/s | qkv / transformers | " if peer else "")
+        print("| model | cache length | qkv tokens/s | "
+              + ("transformers tokens/s | qkv / transformers | " if peer else "")
               + "qkv prefill | " + ("transformers prefill | check |" if peer else ""))
         print("|---|---:|---:|" + ("---:|---:|" if peer else "") + "---:|" + ("---:|---|" if peer else ""))
         for r in rows:

@@ -13,7 +13,8 @@ empty cache), records its resident set, resets the kernel's peak-RSS mark (writi
 memory beyond inputs and output = peak - resident set before the call - the bytes of the
 result (the attention output; for prefill the cache's keys and values, which the call fills).
 If the kernel refuses the reset, the process's lifetime peak (ru_maxrss) is used instead, an
-upper bound. The time is one call's, on the clock of qkv.bench.timing. Processes run with MALLOC_MMAP_THRESHOLD_=131072 unless --malloc-default, so
+upper bound. The time is one call's, on the clock of qkv.bench.timing. Processes run with
+MALLOC_MMAP_THRESHOLD_=131072 unless --malloc-default, so
 glibc gives freed tiles back instead of keeping them in its heap.
 
     python benchmarks/long_context.py                     # the figures in docs/benchmarks.md (several minutes)
@@ -130,7 +131,8 @@ def run_child(args_list: list[str], env: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="*", default=[131072], help="attention lengths")
     p.add_argument("--backends", nargs="+", default=["auto", "tiled"])
     p.add_argument("--heads", type=int, default=8)
@@ -169,7 +171,8 @@ def main(argv=None) -> int:
             for chunk in args.chunks:
                 rows.append(run_child(["prefill", str(L), str(chunk), str(args.layers)], env))
                 r = rows[-1]
-                print(f"  prefill L={L} chunk={chunk or 'one pass'}: {r['extra_bytes'] / MiB:.0f} MiB, {r['seconds']:.1f} s",
+                print(f"  prefill L={L} chunk={chunk or 'one pass'}: {r['extra_bytes'] / MiB:.0f} MiB, "
+                      f"{r['seconds']:.1f} s",
                       file=sys.stderr, flush=True)
 
     print(f"\n{header}")

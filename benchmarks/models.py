@@ -133,12 +133,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     rows = [*bench_embeddings(args), bench_decode(args)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, "
           f"best of {args.repeats}")
     print("| task | unit | transformers | qkv | qkv / transformers | check |")
     print("|---|---|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['task']} | {r['unit']} | {r['transformers']:.1f} | {r['qkv']:.1f} | {r['ratio']:.2f}x | {r['check']} |")
+        print(f"| {r['task']} | {r['unit']} | {r['transformers']:.1f} | {r['qkv']:.1f} | {r['ratio']:.2f}x "
+              f"| {r['check']} |")
     if args.json:
         write_text(args.json, json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
                                           "argv": sys.argv[1:], "rows": rows}, indent=2))

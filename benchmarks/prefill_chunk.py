@@ -95,7 +95,8 @@ def main(argv=None) -> int:
                         mask_mib = Lq * Lk * q.element_size() / 2**20
                         mask = causal_mask(Lq, Lk) if mask_mib <= args.max_mask_mib else None
                         fns = {
-                            "sdpa-mask": partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, enable_gqa=True),
+                            "sdpa-mask": partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask,
+                                                 enable_gqa=True),
                             "auto": partial(qkv.attention, q, k, v, causal=True),
                             "split": partial(sdpa.split_causal, q, k, v, spec.scale),
                             "tiled": partial(qkv.attention, q, k, v, causal=True, backend="tiled"),

@@ -71,7 +71,8 @@ def run_case(name, fn, L, dtype, reps, sdpa_max, sdpa_bwd_max, flex_at, flex_sta
     if L <= sdpa_max:
         dense = M.dense_mask(fn, 1, 1, L, L)  # (1, 1, L, L) bool
         # one cold call each: the dense kernels run for seconds, so warm-up matters little
-        row["sdpa_fwd_s"] = median_time(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), 1, warmup=False)
+        row["sdpa_fwd_s"] = median_time(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), 1,
+                                        warmup=False)
         if L <= sdpa_bwd_max:
             def sdpa_fb():
                 qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
@@ -147,7 +148,8 @@ def main(argv=None) -> None:
     t = clock()
     bm = qkv.block_mask(M.causal_sliding_window(256), None, None, 131072, block_size=128)
     build_128k = clock() - t
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}")
     print(f"BlockMask build, causal window 256 at L=131072: {build_128k * 1000:.1f} ms "
           f"({bm.num_blocks[0]}x{bm.num_blocks[1]} blocks, sparsity {bm.sparsity():.2f}%)")
 
@@ -170,7 +172,8 @@ def main(argv=None) -> None:
     print()
     print(table(rows))
     win = [r for r in rows if r["pattern"].startswith("causal window") and r["dtype"] == "float32"]
-    growth = [f"{b['L'] // 1024}k/{a['L'] // 1024}k {b['qkv_fwd_s'] / a['qkv_fwd_s']:.2f}x" for a, b in zip(win, win[1:])]
+    growth = [f"{b['L'] // 1024}k/{a['L'] // 1024}k {b['qkv_fwd_s'] / a['qkv_fwd_s']:.2f}x"
+              for a, b in zip(win, win[1:])]
     print("\nqkv forward time per doubling of L (causal window 256):", ", ".join(growth))
     if args.json:
         write_text(args.json, json.dumps({"build_128k_s": build_128k, "rows": rows,

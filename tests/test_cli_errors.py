@@ -40,7 +40,8 @@ def one_line_error(capsys, argv, *needles):
 
 EXPLAIN_COMBINATIONS = [
     # (extra argv, needles)
-    (["--focus", "cat", "--compare", "A cat."], ["--compare needs a sentence as long as the text", "7 words", "the --compare text 3"]),
+    (["--focus", "cat", "--compare", "A cat."],
+     ["--compare needs a sentence as long as the text", "7 words", "the --compare text 3"]),
     (["--focus", "cat", "--compare", "The cat sat on the mat today."], ["7 words", "the --compare text 8"]),
     (["--focus", "cat", "--compare", "The cat sat on the mat.", "--level", "token", "--truncate"], None),
     (["--focus", "cat", "--rows", "focus", "--json", "{tmp}/a.json"], ["--json", "--rows focus"]),

@@ -48,7 +48,8 @@ def test_demo_text_shows_the_numbers_and_the_match():
 def test_cli_and_module_run_the_same_demo(capsys):
     assert cli.main(["demo", "--columns", "4"]) == 0
     direct = capsys.readouterr().out
-    proc = subprocess.run([sys.executable, "-m", "qkv", "demo", "--columns", "4"], capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-m", "qkv", "demo", "--columns", "4"], capture_output=True, text=True,
+                          check=True)
     assert proc.stdout == direct
 
 

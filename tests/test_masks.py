@@ -50,11 +50,15 @@ PATTERNS = {
     "window-asym": (M.sliding_window(9, 2), lambda i, j: (j >= i - 9) & (j <= i + 2)),
     "causal-window": (M.causal_sliding_window(11), lambda i, j: (j >= i - 11) & (j <= i)),
     "dilated": (M.dilated_sliding_window(4, 3), lambda i, j: ((i - j).abs() <= 12) & ((i - j) % 3 == 0)),
-    "dilated-causal": (M.dilated_sliding_window(4, 3, causal=True), lambda i, j: (i - j >= 0) & (i - j <= 12) & ((i - j) % 3 == 0)),
+    "dilated-causal": (M.dilated_sliding_window(4, 3, causal=True),
+                       lambda i, j: (i - j >= 0) & (i - j <= 12) & ((i - j) % 3 == 0)),
     "strided": (M.strided(8), lambda i, j: (j <= i) & ((i - j < 8) | ((i - j) % 8 == 0))),
-    "global": (M.global_tokens([0, 3, 40]), lambda i, j: torch.isin(i, torch.tensor([0, 3, 40])) | torch.isin(j, torch.tensor([0, 3, 40]))),
+    "global": (M.global_tokens([0, 3, 40]),
+               lambda i, j: torch.isin(i, torch.tensor([0, 3, 40])) | torch.isin(j, torch.tensor([0, 3, 40]))),
     "global-first": (M.global_tokens(2), lambda i, j: (i < 2) | (j < 2)),
-    "longformer": (M.longformer(5, [1, 60]), lambda i, j: ((i - j).abs() <= 5) | torch.isin(i, torch.tensor([1, 60])) | torch.isin(j, torch.tensor([1, 60]))),
+    "longformer": (M.longformer(5, [1, 60]),
+                   lambda i, j: ((i - j).abs() <= 5) | torch.isin(i, torch.tensor([1, 60]))
+                   | torch.isin(j, torch.tensor([1, 60]))),
     "prefix-lm": (M.prefix_lm(13), lambda i, j: (j < 13) | (j <= i)),
 }
 
@@ -74,7 +78,8 @@ def test_fixed_pattern(block, c):
     assert torch.equal(got, _expected_fixed(70, block, c))
 
 
-@pytest.mark.parametrize("lengths,causal", [([10, 25, 7, 30], False), ([10, 25, 7, 30], True), ([5, 0, 0, 40], True), ([80], False)])
+@pytest.mark.parametrize("lengths,causal", [([10, 25, 7, 30], False), ([10, 25, 7, 30], True),
+                                            ([5, 0, 0, 40], True), ([80], False)])
 def test_document_pattern(lengths, causal):
     L = 80
     got = _dense(M.document(lengths, causal=causal), L, L)[0, 0]
@@ -97,7 +102,8 @@ def test_prefix_lm_per_batch_row():
 
 def test_bigbird_structure():
     L, blk, g, w, r = 200, 10, 1, 3, 2
-    m = _dense(M.bigbird(L, block=blk, num_global_blocks=g, num_window_blocks=w, num_random_blocks=r, seed=3), L, L)[0, 0]
+    m = _dense(M.bigbird(L, block=blk, num_global_blocks=g, num_window_blocks=w, num_random_blocks=r, seed=3),
+               L, L)[0, 0]
     n = L // blk
     cells = m.view(n, blk, n, blk)  # (row block, row, col block, col)
     table = cells.all(3).all(1)  # (n, n)
@@ -233,7 +239,8 @@ def test_named_patterns_are_classified_without_evaluating_elements(name, monkeyp
     if name in ("prefix-lm",):  # OR of two partial blocks is evaluated: only on the diagonal
         calls = []
         real = BM._evaluate_unknown
-        monkeypatch.setattr(BM, "_evaluate_unknown", lambda mm, unknown, *a: calls.append(int(unknown.sum())) or real(mm, unknown, *a))
+        monkeypatch.setattr(BM, "_evaluate_unknown",
+                            lambda mm, unknown, *a: calls.append(int(unknown.sum())) or real(mm, unknown, *a))
         M.block_mask(fn, 1, 1, 4096, block_size=128)
         assert sum(calls) <= 32, f"evaluated {sum(calls)} blocks, expected at most the 32 diagonal ones"
         return

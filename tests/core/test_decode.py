@@ -82,7 +82,8 @@ def _check(q, k, v, *, sizes=None, **kw):
         assert (len(calls) > before) == on_kernel, f"{what}: the native kernel {'did not run' if on_kernel else 'ran'}"
     assert fast.dtype == q.dtype
     assert_within_rule(fast, plain, exact, factor=FWD_FACTOR, what=what + " out")
-    assert torch.equal(torch.isneginf(fast_lse), torch.isneginf(exact_lse)), f"{what}: lse must be -inf exactly where no key is seen"
+    assert torch.equal(torch.isneginf(fast_lse), torch.isneginf(exact_lse)), \
+        f"{what}: lse must be -inf exactly where no key is seen"
     seen = torch.isfinite(exact_lse)
     if seen.any():
         err = (fast_lse.double() - exact_lse)[seen].abs().max().item()
@@ -141,7 +142,8 @@ def test_other_constraints(option, fast_calls):
     (q, k, v), gen = _inputs(2, 8, 2, 3, 41, torch.float32, seed=3)
     kw = {
         "window": {"window": 9, "causal": True},
-        "float-mask": {"mask": torch.randn(2, 1, 3, 41, generator=gen).masked_fill(torch.rand(2, 1, 3, 41, generator=gen) < 0.3, float("-inf"))},
+        "float-mask": {"mask": torch.randn(2, 1, 3, 41, generator=gen).masked_fill(
+            torch.rand(2, 1, 3, 41, generator=gen) < 0.3, float("-inf"))},
         "mask-mod": {"mask": lambda b, h, qi, kj: (kj + h + b) % 3 != 0},
         "bool-mask-per-head": {"mask": torch.rand(2, 8, 3, 41, generator=gen) > 0.5},
         "scale": {"scale": 0.7, "causal": True},

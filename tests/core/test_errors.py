@@ -19,7 +19,8 @@ Q, K, V = _t(2, 8, 5, 16), _t(2, 4, 7, 16), _t(2, 4, 7, 16)
 
 @pytest.mark.parametrize("call,exc,pattern", [
     (lambda: qkv.attention(Q, K, _t(2, 4, 6, 16)), ValueError, r"expected v of shape \(2, 4, 7, Dv\)"),
-    (lambda: qkv.attention(Q, _t(2, 3, 7, 16), _t(2, 3, 7, 16)), ValueError, r"Hq=8 query heads and Hkv=3 key/value heads; Hq must be a multiple of Hkv"),
+    (lambda: qkv.attention(Q, _t(2, 3, 7, 16), _t(2, 3, 7, 16)), ValueError,
+     r"Hq=8 query heads and Hkv=3 key/value heads; Hq must be a multiple of Hkv"),
     (lambda: qkv.attention(Q, _t(2, 4, 7, 8), V), ValueError, r"share head_dim.*\(2, 8, 5, 16\).*\(2, 4, 7, 8\)"),
     (lambda: qkv.attention(Q, _t(3, 4, 7, 16), _t(3, 4, 7, 16)), ValueError, r"q has batch 2 but k has batch 3"),
     (lambda: qkv.attention(_t(5, 16), K, V), ValueError, r"must be 4-D .* got shape \(5, 16\).*q\[None, None\]"),
@@ -30,11 +31,15 @@ Q, K, V = _t(2, 8, 5, 16), _t(2, 4, 7, 16), _t(2, 4, 7, 16)
     (lambda: qkv.attention(Q, K, V, backend="flash"), ValueError, r"unknown backend 'flash'; choose one of 'auto'"),
     (lambda: qkv.attention(Q, K, V, mask=torch.ones(2, 8, 5, 6, dtype=torch.bool)), ValueError,
      r"mask has shape \(2, 8, 5, 6\).*dimension Lk is 6, expected 7 or 1"),
-    (lambda: qkv.attention(Q, K, V, mask=torch.ones(2, 3, 5, 7, dtype=torch.bool)), ValueError, r"dimension Hq is 3, expected 8 or 1"),
-    (lambda: qkv.attention(Q, K, V, mask=torch.ones(1, 1, 1, 1, 7, dtype=torch.bool)), ValueError, r"must broadcast to"),
-    (lambda: qkv.attention(Q, K, V, mask=torch.ones(2, 1, 1, 7, dtype=torch.int64)), TypeError, r"mask has dtype torch.int64.*mask.bool\(\)"),
+    (lambda: qkv.attention(Q, K, V, mask=torch.ones(2, 3, 5, 7, dtype=torch.bool)), ValueError,
+     r"dimension Hq is 3, expected 8 or 1"),
+    (lambda: qkv.attention(Q, K, V, mask=torch.ones(1, 1, 1, 1, 7, dtype=torch.bool)), ValueError,
+     r"must broadcast to"),
+    (lambda: qkv.attention(Q, K, V, mask=torch.ones(2, 1, 1, 7, dtype=torch.int64)), TypeError,
+     r"mask has dtype torch.int64.*mask.bool\(\)"),
     (lambda: qkv.attention(Q, K, V, mask="causal"), TypeError, r"mask must be a bool or float tensor.*got str"),
-    (lambda: qkv.attention(Q, K, V, mask=lambda b, h, q, k: q - k), TypeError, r"mask function must return a bool tensor; got dtype torch.int64"),
+    (lambda: qkv.attention(Q, K, V, mask=lambda b, h, q, k: q - k), TypeError,
+     r"mask function must return a bool tensor; got dtype torch.int64"),
     (lambda: qkv.attention(Q, K, V, window=-1), ValueError, r"window left must be >= 0; got -1"),
     (lambda: qkv.attention(Q, K, V, window=(1, 2, 3)), TypeError, r"window must be an int w or a \(left, right\) pair"),
     (lambda: qkv.attention(Q, K, V, window=2.5), TypeError, r"window must be an int"),
@@ -43,9 +48,12 @@ Q, K, V = _t(2, 8, 5, 16), _t(2, 4, 7, 16), _t(2, 4, 7, 16)
     (lambda: qkv.attention(Q, K, V, scale="0.5"), TypeError, r"scale must be a number"),
     (lambda: qkv.attention(Q, K, V, dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\); got 1.0"),
     (lambda: qkv.attention(Q, K, V, score_mod=3), TypeError, r"score_mod must be a function"),
-    (lambda: qkv.attention(Q, K, V, score_mod=lambda s, *_: s[..., :1, :1].sum(-1)), ValueError, r"score_mod returned shape"),
-    (lambda: qkv.attention(Q, K, V, score_mod=lambda s, *_: s, backend="sdpa"), ValueError, r"sdpa backend cannot apply a score_mod; use backend='tiled'"),
-    (lambda: qkv.attention_with_lse(Q, K, V, backend="sdpa"), ValueError, r"does not return the lse; use backend='tiled'"),
+    (lambda: qkv.attention(Q, K, V, score_mod=lambda s, *_: s[..., :1, :1].sum(-1)), ValueError,
+     r"score_mod returned shape"),
+    (lambda: qkv.attention(Q, K, V, score_mod=lambda s, *_: s, backend="sdpa"), ValueError,
+     r"sdpa backend cannot apply a score_mod; use backend='tiled'"),
+    (lambda: qkv.attention_with_lse(Q, K, V, backend="sdpa"), ValueError,
+     r"does not return the lse; use backend='tiled'"),
     (lambda: qkv.attention(Q, K, V, backend=3), TypeError, r"backend must be a string"),
     (lambda: qkv.attention_weights(Q, _t(2, 4, 7, 8)), ValueError, r"share head_dim"),
 ])
@@ -129,7 +137,8 @@ def _expanded(L, H=8, D=64):
 ])
 def test_sdpa_refuses_a_dense_mask_that_cannot_fit_before_allocating_it(kw, what):
     x = _expanded(10**6)
-    with pytest.raises(ValueError, match=rf"backend='sdpa' would allocate about [\d.]+ TiB for .*{what}.*free on cpu.*backend='tiled' needs about"):
+    with pytest.raises(ValueError, match=rf"backend='sdpa' would allocate about [\d.]+ TiB for .*{what}"
+                                         r".*free on cpu.*backend='tiled' needs about"):
         qkv.attention(x, x, x, backend="sdpa", **kw)
 
 
@@ -147,5 +156,6 @@ def test_linear_backends_refuse_when_even_they_cannot_fit(monkeypatch):
     monkeypatch.setattr(_memory, "available", lambda device: 64 << 20)  # a machine with 64 MiB free
     x = torch.randn(1, 8, 100_000, 64)
     for backend in ("tiled", "sparse", "auto"):
-        with pytest.raises(ValueError, match=r"would allocate about [\d.]+ [MG]iB for upcast inputs.*64.0 MiB free.*no backend fits"):
+        with pytest.raises(ValueError, match=r"would allocate about [\d.]+ [MG]iB for upcast inputs"
+                                             r".*64.0 MiB free.*no backend fits"):
             qkv.attention(x, x, x, window=16, backend=backend)

@@ -40,7 +40,8 @@ def test_a_missing_kernel_warns_once_and_runs_eager(monkeypatch, recwarn):
     monkeypatch.setattr(_kernels, "_warned", set())
     monkeypatch.setattr(decode_native, "lib", lambda: _kernels.load("decode_kernel"))
     (q, k, v), _ = _inputs(1, 4, 2, 1, 40, torch.float32, seed=14)
-    with pytest.warns(RuntimeWarning, match=r"native decode_kernel kernel is unavailable \(no C\+\+ compiler found \(test\)\)"):
+    with pytest.warns(RuntimeWarning,
+                      match=r"native decode_kernel kernel is unavailable \(no C\+\+ compiler found \(test\)\)"):
         first = qkv.attention(q, k, v, backend="decode")
     qkv.attention(q, k, v, backend="decode")
     assert not [w for w in recwarn if "decode_kernel" in str(w.message)], "the warning comes once"
@@ -57,7 +58,8 @@ def test_kernel_build_is_cached_atomic_and_reports_failures(tmp_path, monkeypatc
     # the library and, written after it, its checksum (sha256sum's format)
     assert len(built) == 2 and built[0].startswith("decode_kernel-") and built[0].endswith(".so"), built
     assert built[1] == built[0] + ".sha256"
-    assert (tmp_path / "cache" / built[1]).read_text().split() == [_kernels._sha256(tmp_path / "cache" / built[0]), built[0]]
+    assert (tmp_path / "cache" / built[1]).read_text().split() == [_kernels._sha256(tmp_path / "cache" / built[0]),
+                                                                    built[0]]
     built = built[:1]
     stamp = (tmp_path / "cache" / built[0]).stat().st_mtime_ns
     _kernels._build("decode_kernel")  # found in the cache, not rebuilt
@@ -258,7 +260,8 @@ def test_a_build_terminated_midway_leaves_no_file(tmp_path):
             "from qkv.core import _kernels\n"
             "_kernels._build('decode_kernel')\n")
     env = {**os.environ, "CXX": cxx, "QKV_KERNEL_CACHE": str(folder)}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         while not flag.exists():  # the compiler has started
             assert proc.poll() is None, proc.communicate()[1]

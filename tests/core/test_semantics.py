@@ -118,7 +118,8 @@ def test_score_mod_equals_additive_bias():
     bias = -0.5 * (h + 1) * (i - j).abs().float()  # (1, 2, 6, 9)
     expected = qkv.attention(q, k, v, mask=bias, backend="reference")
     for backend in ("reference", "tiled"):
-        got = qkv.attention(q, k, v, score_mod=lambda s, b, hh, qi, kj: s - 0.5 * (hh + 1) * (qi - kj).abs(), backend=backend)
+        got = qkv.attention(q, k, v, score_mod=lambda s, b, hh, qi, kj: s - 0.5 * (hh + 1) * (qi - kj).abs(),
+                            backend=backend)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -141,7 +142,8 @@ def test_attention_weights_rows_sum_to_one_and_give_the_output():
     w = qkv.attention_weights(q, k, causal=True)
     assert w.shape == (1, 4, 6, 9)
     torch.testing.assert_close(w.sum(-1), torch.ones(1, 4, 6))
-    torch.testing.assert_close(w @ v.repeat_interleave(2, dim=1), qkv.attention(q, k, v, causal=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w @ v.repeat_interleave(2, dim=1), qkv.attention(q, k, v, causal=True),
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

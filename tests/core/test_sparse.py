@@ -64,7 +64,8 @@ def _compare(shape, dtype, fast_kwargs, ref_kwargs, what, grads=True):
         runs[name] = (out, g)
     assert_within_rule(runs["fast"][0], runs["plain"][0], runs["exact"][0], factor=FWD_FACTOR, what=f"{what} out")
     for i, n in enumerate(("dq", "dk", "dv") if grads else ()):
-        assert_within_rule(runs["fast"][1][i], runs["plain"][1][i], runs["exact"][1][i], factor=GRAD_FACTOR, what=f"{what} {n}")
+        assert_within_rule(runs["fast"][1][i], runs["plain"][1][i], runs["exact"][1][i], factor=GRAD_FACTOR,
+                           what=f"{what} {n}")
 
 
 PATTERN_NAMES = sorted(_patterns(1, 1))
@@ -169,7 +170,8 @@ def test_auto_picks_sparse_for_block_masks_and_long_sparse_patterns():
     bm = qkv.block_mask(M.causal(), 1, 1, 64, 64, block_size=16)
     assert api.choose_backend(api.build_spec(q, k, v, mask=bm), q, False) == "sparse"
     long_q = torch.zeros(1, 1, 2048, 8)
-    assert api.choose_backend(api.build_spec(long_q, long_q, long_q, mask=M.sliding_window(64)), long_q, False) == "sparse"
+    spec = api.build_spec(long_q, long_q, long_q, mask=M.sliding_window(64))
+    assert api.choose_backend(spec, long_q, False) == "sparse"
     short = api.build_spec(q, k, v, mask=M.sliding_window(4))
     assert api.choose_backend(short, q, False) != "sparse"
 
@@ -208,7 +210,8 @@ def test_visits_only_non_empty_blocks():
     q, k, v, _ = _inputs((1, 2, 2, L, L, 8), torch.float32)
     spec = sparse.sparse_spec(api.build_spec(q, k, v, mask=bm), bm)
     plan = sparse.make_plan(spec, bm)
-    visited = [(qb, j0, check) for qb, i0 in enumerate(range(0, L, 32)) for j0, _, check in plan.kv_blocks(qb, i0, min(i0 + 32, L))]
+    visited = [(qb, j0, check) for qb, i0 in enumerate(range(0, L, 32))
+               for j0, _, check in plan.kv_blocks(qb, i0, min(i0 + 32, L))]
     nq = L // 32
     # window 32 = one block: key blocks qb-1, qb, qb+1; the diagonal one full, its neighbours partial
     assert len(visited) == 3 * nq - 2 < nq * nq, f"visited {len(visited)} of {nq * nq} blocks"

@@ -1,7 +1,8 @@
 """Ring attention on 2 and 4 gloo processes equals single-process attention (tolerance rule).
 
 Each launch runs a list of cases (causal or not, zigzag and contiguous, odd local lengths,
-GQA/MQA, float64/float32/bfloat16/float16, tiny tiles, partial outputs merged in pieces) and returns every rank's shards of out, lse
+GQA/MQA, float64/float32/bfloat16/float16, tiny tiles, partial outputs merged in pieces) and
+returns every rank's shards of out, lse
 and the gradients; here they are unsharded and compared, by the Foundation issue's rule,
 with the float64 reference, the plain reference in the test dtype setting the bound.
 """

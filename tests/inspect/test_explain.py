@@ -102,7 +102,8 @@ def test_focus_rows_only_equal_the_full_maps(minilm, result):
     partial = explain(TEXT, minilm, focus="mat", rows="focus")
     assert partial.records[0].q.shape[2] == 1  # one query row recorded per layer
     for method in ("raw", "value-norm"):
-        torch.testing.assert_close(partial.focus_rows("mat", method), result.focus_rows("mat", method), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(partial.focus_rows("mat", method), result.focus_rows("mat", method),
+                                   atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="rows='focus'"):
         _ = partial.attentions
 
@@ -112,7 +113,8 @@ def test_the_three_steps_add_up(result):
     torch.testing.assert_close(torch.softmax(steps.scores, -1), steps.weights, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(steps.scores, (steps.keys @ steps.query) * steps.scale, atol=1e-5, rtol=1e-5)
     rec = result.records[2]
-    out = qkv.attention(rec.q[:, 3:4].float(), rec.k[:, 3:4].float(), rec.v[:, 3:4].float(), mask=rec.mask.float(), scale=rec.scale)
+    out = qkv.attention(rec.q[:, 3:4].float(), rec.k[:, 3:4].float(), rec.v[:, 3:4].float(),
+                        mask=rec.mask.float(), scale=rec.scale)
     torch.testing.assert_close(steps.output, out[0, 0, steps.token], atol=1e-6, rtol=1e-5)
     assert "q.k*scale" in str(steps)
 

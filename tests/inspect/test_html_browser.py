@@ -116,7 +116,8 @@ def test_clicks_show_the_data_rows_offline(browser, tmp_path):
     assert page.page.text_content(f'#queries .word.q[data-index="{bad}"]') == MALICIOUS_LABEL
     page.page.click(f'#queries .word.q[data-index="{bad}"]')
     assert page.page.text_content("#title-text") == "\u201c" + data["text"] + "\u201d"
-    assert page.page.eval_on_selector("body", "b => b.querySelectorAll('h1 b, #keys script, #queries script').length") == 0
+    assert page.page.eval_on_selector(
+        "body", "b => b.querySelectorAll('h1 b, #keys script, #queries script').length") == 0
     page.check_clean()
 
 

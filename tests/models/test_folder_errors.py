@@ -228,7 +228,8 @@ BAD_JSON_FILES = [
 ]
 
 
-@pytest.mark.parametrize("kind,name,content", BAD_JSON_FILES, ids=[f"{k}-{n}-{i}" for i, (k, n, _) in enumerate(BAD_JSON_FILES)])
+@pytest.mark.parametrize("kind,name,content", BAD_JSON_FILES,
+                         ids=[f"{k}-{n}-{i}" for i, (k, n, _) in enumerate(BAD_JSON_FILES)])
 def test_broken_json_file_is_named(folders, tmp_path, gpt2_folder, llama_folder, kind, name, content):
     if name == "model.safetensors.index.json":
         folder = tmp_path / "sharded"
@@ -257,7 +258,8 @@ BAD_TOKENIZER_FILES = [
 ]
 
 
-@pytest.mark.parametrize("name,content", BAD_TOKENIZER_FILES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD_TOKENIZER_FILES)])
+@pytest.mark.parametrize("name,content", BAD_TOKENIZER_FILES,
+                         ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD_TOKENIZER_FILES)])
 def test_corrupt_tokenizer_file_is_named(folders, name, content):
     if name == "vocab.txt":
         folder = folders("bert")

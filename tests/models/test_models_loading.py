@@ -80,7 +80,8 @@ def test_misshapen_key_is_named(tmp_path, gpt2_folder):
         sd["transformer.h.0.attn.c_attn.weight"] = sd["transformer.h.0.attn.c_attn.weight"][:, :90].contiguous()
 
     _edit_weights(folder, shrink)
-    with pytest.raises(CheckpointError, match=r"transformer.h.0.attn.c_attn.weight: checkpoint \(32, 90\), model expects \(32, 96\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"transformer.h.0.attn.c_attn.weight: checkpoint \(32, 90\), model expects \(32, 96\)"):
         qkv.load(folder)
 
 

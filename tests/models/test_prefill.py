@@ -148,7 +148,8 @@ def test_generation_left_padded_with_chunked_prefill(models, chunk):
     L = ids.shape[1]
     for b in range(ids.shape[0]):
         alone = model.generate(ids[b:b + 1, mask[b]], max_new_tokens=8, prefill_chunk=chunk)
-        assert torch.equal(got[b, L:], alone[0, -8:]), f"row {b}: {got[b, L:].tolist()} vs alone {alone[0, -8:].tolist()}"
+        assert torch.equal(got[b, L:], alone[0, -8:]), \
+            f"row {b}: {got[b, L:].tolist()} vs alone {alone[0, -8:].tolist()}"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -210,7 +211,8 @@ def test_attention_layer_fed_in_chunks_equals_one_pass(chunk):
 
     def run(layer, x, step):
         cache = KVCache(1, 2, 2, 8, capacity=3, dtype=x.dtype)
-        outs = [layer(x[:, s:s + step], causal=True, cache=cache, rotary=rope(torch.arange(s, min(s + step, 19)), x.dtype))
+        outs = [layer(x[:, s:s + step], causal=True, cache=cache,
+                      rotary=rope(torch.arange(s, min(s + step, 19)), x.dtype))
                 for s in range(0, 19, step)]
         return torch.cat(outs, dim=1)  # (B, L, E)
 

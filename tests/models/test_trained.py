@@ -48,7 +48,8 @@ def test_recall_lookup_head(recall_model):
     layer, head = recall.LOOKUP_HEAD
     assert json.loads((bundled_path("recall") / "config.json").read_text())["qkv_lookup_head"] == [layer, head]
     hits = recall.lookup_hits(recall_model, recall.held_out(200, seed=7))  # (layers, heads)
-    assert hits[layer, head] >= 0.95, f"layer {layer} head {head} lands on the pair in {hits[layer, head]:.3f}; all: {hits}"
+    assert hits[layer, head] >= 0.95, \
+        f"layer {layer} head {head} lands on the pair in {hits[layer, head]:.3f}; all: {hits}"
 
 
 def test_recall_lookup_head_through_explain(recall_model):

@@ -194,7 +194,8 @@ def test_text_that_is_not_unicode_is_a_422(client, path, field, text):
     raw = json.dumps(body)  # ASCII, with the surrogate escaped as JSON allows
     resp = client.post(path, content=raw, headers={"content-type": "application/json"})
     err = assert_error(resp, 422, "bad_text")
-    assert f"'{field}' is not valid Unicode at index {text.index(next(c for c in text if 0xD800 <= ord(c) <= 0xDFFF))}" \
+    bad_at = text.index(next(c for c in text if 0xD800 <= ord(c) <= 0xDFFF))
+    assert f"'{field}' is not valid Unicode at index {bad_at}" \
         in err["message"], err
 
 
@@ -381,7 +382,8 @@ def test_queue_full_gives_503(registry, monkeypatch):
         assert health.status_code == 200 and health.json()["queue"]["running"] == 1
         # a bad request is answered as such at once, queue full or not
         assert_error(httpx.post(url + "/api/explain", json={"text": 5}, timeout=5), 422, "wrong_type")
-        assert_error(httpx.post(url + "/api/explain", json={"text": TEXT, "model": "x"}, timeout=5), 404, "unknown_model")
+        assert_error(httpx.post(url + "/api/explain", json={"text": TEXT, "model": "x"}, timeout=5), 404,
+                     "unknown_model")
         gate.set()
         for t in threads:
             t.join(30)
@@ -655,7 +657,8 @@ def test_qkv_serve_end_to_end(tmp_path):
         reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
         reader.start()
         reader.join(60)
-        assert lines and lines[0], f"no address printed; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
+        assert lines and lines[0], \
+            f"no address printed; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
         m = re.search(r"http://127\.0\.0\.1:(\d+)/", lines[0])
         assert m, lines[0]
         url = m.group(0).rstrip("/")
@@ -663,7 +666,8 @@ def test_qkv_serve_end_to_end(tmp_path):
         assert health["queue"]["max_queue"] == 2 and "minilm" in health["loaded_models"]
         r = httpx.post(url + "/api/explain", json={"text": TEXT, "focus": "cat"}, timeout=30)
         assert r.status_code == 200 and r.json()["focus"]["label"] == "cat"
-        assert_error(httpx.get(url + "/api/health", headers={"host": "rebound.example:80"}, timeout=10), 400, "bad_host")
+        assert_error(httpx.get(url + "/api/health", headers={"host": "rebound.example:80"}, timeout=10), 400,
+                     "bad_host")
     finally:
         proc.terminate()
         try:

@@ -75,7 +75,8 @@ class Explorer:
         return self.page.eval_on_selector_all("#keys .word.k .w", "els => els.map(e => e.textContent)")
 
     def attended(self) -> np.ndarray:
-        return np.asarray(self.page.eval_on_selector_all("#attended .chip", "els => els.map(e => Number(e.dataset.weight))"))
+        return np.asarray(self.page.eval_on_selector_all(
+            "#attended .chip", "els => els.map(e => Number(e.dataset.weight))"))
 
     def state(self) -> dict:
         return self.page.eval_on_selector("#head-view", "e => Object.assign({}, e.dataset)")
@@ -99,7 +100,8 @@ def api(url: str, path: str, body: dict) -> dict:
 
 def close(shown, expected, what):
     err = np.abs(np.asarray(shown) - np.asarray(expected)).max()
-    assert err <= 1e-6, f"{what}: the page shows {np.round(shown, 4).tolist()}, the API {np.round(expected, 4).tolist()}"
+    assert err <= 1e-6, \
+        f"{what}: the page shows {np.round(shown, 4).tolist()}, the API {np.round(expected, 4).tolist()}"
 
 
 def test_click_cat_shows_the_api_numbers(browser, server):
