@@ -66,7 +66,7 @@ def choose_backend(spec: AttentionSpec, q: Tensor, need_lse: bool) -> str:
     entries), tiled (always claims; memory linear). Raises ValueError, with the reason of the
     last backend that claimed them, if none can.
     """
-    reason = "no backend claims them"
+    reason: Optional[str] = "no backend claims them"
     for impl in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
         if impl.auto is None or not impl.auto(spec, q, need_lse):
             continue
@@ -110,9 +110,10 @@ def check_memory(backend: Union[str, Backend], spec: AttentionSpec, q: Tensor, n
     registered name or a backend object."""
     impl = _BACKENDS[backend] if isinstance(backend, str) else backend
     backend = impl.name
-    if getattr(impl, "memory", None) is None:
+    memory = getattr(impl, "memory", None)
+    if memory is None:
         return
-    need, what = impl.memory(spec, q, need_lse)
+    need, what = memory(spec, q, need_lse)
     if need < _memory.ALWAYS_FITS:
         return
     free = _memory.available(q.device)

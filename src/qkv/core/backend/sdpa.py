@@ -136,6 +136,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
     if allowed is None and bias is None:  # the band covers every (query, key) pair
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=spec.dropout_p, scale=spec.scale, enable_gqa=gqa)
         return out, None
+    empty_rows: Optional[Tensor]
     if bias is not None:
         # SDPA wants a float mask in q's dtype; the bool constraints become -inf in it.
         attn_mask = bias.to(q.dtype)
@@ -143,6 +144,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
             attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
         empty_rows = torch.isneginf(attn_mask).all(dim=-1, keepdim=True)  # (.., Lq, 1)
     else:
+        assert allowed is not None  # both None returned above
         attn_mask = allowed.expand(*allowed.shape[:-2], spec.Lq, spec.Lk)  # (.., Lq, Lk)
         empty_rows = ~attn_mask.any(dim=-1, keepdim=True)  # (.., Lq, 1)
     # An empty row is shown every key (finite output and gradients) and zeroed afterwards.
@@ -194,6 +196,7 @@ class _SplitCausal(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         B, Hq, Lq, _ = q.shape
         Hkv, P = k.shape[1], k.shape[2] - Lq  # P >= 1 prefix keys, seen by every query
+        assert _flash_cpu is not None  # _splits_causal checked that the kernel exists
         # 1. The prefix: no mask, so rows are independent and the G query heads of a kv head
         #    fold into its rows; keys and values are read once per kv head, never copied.
         out_pre, lse_pre = _flash_cpu(_fold(q, Hkv), k[:, :, :P], v[:, :, :P], 0.0, False, scale=scale)
@@ -220,6 +223,7 @@ class _SplitCausal(torch.autograd.Function):
         # the row term sum(dO * O) is the full attention's (as in ring attention's backward).
         q, k, v, out, lse = ctx.saved_tensors
         Hkv, Lq = k.shape[1], q.shape[2]
+        assert _flash_cpu_backward is not None  # _splits_causal checked that the kernel exists
         P = k.shape[2] - Lq
         grad_out = grad_out.contiguous()  # out.sum()'s gradient arrives expanded (stride 0)
         dq_pre, dk_pre, dv_pre = _flash_cpu_backward(

@@ -34,7 +34,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..block_mask import block_mask, unknown_fraction
+from ..block_mask import BlockMask, block_mask, unknown_fraction
 from ..engines import flash, gathered
 from ..spec import AttentionSpec
 from .base import Backend
@@ -47,7 +47,7 @@ AUTO_MAX_BAND_SHARE = 4  # a band alone goes here when each query sees at most 1
 AUTO_MAX_UNKNOWN = 0.05  # share of blocks a pattern's classifier may leave to evaluation
 DEFAULT_BLOCK = 128
 
-_BUILT: "OrderedDict[tuple, object]" = OrderedDict()  # mask function + shape -> BlockMask
+_BUILT: "OrderedDict[tuple, BlockMask]" = OrderedDict()  # mask function + shape -> BlockMask
 _BUILT_MAX = 16
 
 

@@ -215,10 +215,16 @@ def forward(q_rows: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, lo: int,
     whether a raw score (before masks) was NaN or infinite."""
     B, Hkv, M, _ = q_rows.shape
     segment, upcast_keys = _sizes(spec, _batched(M, k, q_rows.dtype))
-    state, raw = None, []
+    state: Optional[tuple[Tensor, Tensor, Tensor]] = None
+    raw: list[Tensor] = []
     for j0, j1 in _pieces(spec, lo, hi, segment):
         part = _segment(q_rows, k, v, spec, j0, j1, upcast_keys, raw)  # (B, Hkv, M, 1), (B, Hkv, M, 1), (B, Hkv, M, Dv)
-        state = part if state is None else merge_states(*(torch.stack(pair) for pair in zip(state, part)), dim=0)
+        if state is None:
+            state = part
+        else:
+            row_max, row_sum, acc = (torch.stack(pair) for pair in zip(state, part))  # (2, ...) each
+            state = merge_states(row_max, row_sum, acc, dim=0)
+    assert state is not None  # lo < hi: at least one piece
     out, lse = finish(*state)  # (B, Hkv, M, Dv), (B, Hkv, M, 1)
     suspect = ~torch.isfinite(torch.stack(raw).sum())
     return out.view(B, spec.Hq, spec.Lq, spec.Dv), lse.view(B, spec.Hq, spec.Lq), suspect

@@ -189,6 +189,7 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: in
             alpha = torch.exp(row_max - safe_max)  # rescales what was accumulated so far
             p = s.sub_(safe_max).exp_()  # (B, Hkv, rows, bk), in place over the scores
             if not ride_along:
+                assert row_sum is not None  # made above when not riding along
                 row_sum.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
             if spec.dropout_p > 0.0:
                 keep = _dropout_keep(seed, qb, j0 // block_k, p.shape, spec.dropout_p, q.device)
@@ -197,6 +198,7 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: in
             row_max = new_max
         if ride_along:
             acc, row_sum = acc[..., :Dv], acc[..., Dv:]  # (B, Hkv, rows, Dv), (B, Hkv, rows, 1)
+        assert row_sum is not None
         out_blk, blk_lse = finish(row_max, row_sum, acc)  # (B, Hkv, rows, Dv), (B, Hkv, rows, 1)
         out[:, :, i0:i1] = out_blk.view(B, Hkv, G, i1 - i0, Dv).reshape(B, Hq, i1 - i0, Dv).to(q.dtype)
         lse[:, :, i0:i1] = blk_lse.view(B, Hkv, G, i1 - i0).reshape(B, Hq, i1 - i0)
@@ -250,6 +252,7 @@ def block_backward(
                 dv[:, :, j0:j1] += torch.matmul(p.transpose(-1, -2), do_blk)  # (B, Hkv, bk, Dv)
             ds = p.mul_(dp.sub_(delta_blk))  # (B, Hkv, rows, bk): dL/d(scores after the mods)
             if raw is not None:
+                assert modded is not None  # _scores returns both or neither
                 (ds_raw,) = torch.autograd.grad(modded, raw, ds.view(B, Hq, bq, j1 - j0))
                 ds = ds_raw.reshape(B, Hkv, rows, j1 - j0)
             dq_blk += torch.matmul(ds, k_blk)  # (B, Hkv, rows, D)
@@ -326,6 +329,7 @@ def _score_mod_uses_grad(spec: AttentionSpec, q: Tensor) -> bool:
     """
     if spec.Lq == 0 or spec.Lk == 0:
         return False
+    assert spec.score_mod is not None  # the caller checks
     probe = torch.zeros(1, 1, 1, 1, dtype=compute_dtype(q.dtype), device=q.device)
     with torch.enable_grad():
         out = spec.score_mod(probe, *index_grid(1, 1, 0, 1, 0, 1, q.device))

@@ -169,7 +169,7 @@ def _fingerprint(t: Tensor) -> tuple:
 
 def layout(spec: AttentionSpec, bm, device) -> Layout:
     """The cached Layout of BlockMask `bm` (None: the band alone) under the spec's causal/window band."""
-    key = ("gathered", spec.left, spec.right, spec.offset, spec.groups, str(device))
+    key: tuple = ("gathered", spec.left, spec.right, spec.offset, spec.groups, str(device))
     if bm is not None:
         return bm.cached(key, lambda: _build_layout(spec, bm, device))
     key = key + (spec.Lq, spec.Lk)
@@ -256,7 +256,9 @@ def _build_layout(spec: AttentionSpec, bm, device) -> Layout:
             kidx = keep.nonzero().flatten()
             groups.append(((i0 // R) + g, _runs(cols_t[kidx]), a[..., kidx.to(device)].contiguous()))
 
-    patterns, by_fp, pattern_of = [], {}, []
+    patterns: list[Tensor] = []
+    by_fp: dict[tuple, list[int]] = {}
+    pattern_of: list[int] = []
     for _, _, a in groups:  # deduplicate the masks
         fp = _fingerprint(a)
         cands = by_fp.setdefault(fp, [])
@@ -294,12 +296,12 @@ def _build_layout(spec: AttentionSpec, bm, device) -> Layout:
                         j += 1
                 else:
                     steps = None
-            for a in range(i, j, per):
-                b = min(a + per, j)
-                rows = torch.tensor([rg for rg, _ in members[a:b]])
-                runs = tuple((st, steps[r] if steps and b - a > 1 else 0, widths[r])
-                             for r, st in enumerate(members[a][1]))
-                chunks.append(Chunk(rows, _r0(rows), runs, p, by_heads=(b - a == 1)))
+            for m0 in range(i, j, per):
+                m1 = min(m0 + per, j)
+                rows = torch.tensor([rg for rg, _ in members[m0:m1]])
+                chunk_runs = tuple((st, steps[r] if steps and m1 - m0 > 1 else 0, widths[r])
+                                   for r, st in enumerate(members[m0][1]))
+                chunks.append(Chunk(rows, _r0(rows), chunk_runs, p, by_heads=(m1 - m0 == 1)))
             i = j
     return Layout(R, n_groups, chunks, compact, empty_group)
 
@@ -400,15 +402,18 @@ def _empty(lay: Layout, ch: Chunk, head: Optional[int], spec: AttentionSpec) -> 
 def _bmm_runs(p: Tensor, vc: Tensor, ch: Chunk, head: Optional[int], out: Optional[Tensor] = None) -> Tensor:
     """p (n or X, M, W) @ the values of every run -> (n or X, M, Dv), written into `out` if given."""
     w0 = 0
+    res = out
     for r, (_, _, width) in enumerate(ch.runs):
         pr = p[..., w0: w0 + width]
         vr = _run_view(vc, ch, r, head)
         if r == 0:
-            out = torch.bmm(pr, vr) if out is None else torch.bmm(pr, vr, out=out)
+            res = torch.bmm(pr, vr) if out is None else torch.bmm(pr, vr, out=out)
         else:
-            out.baddbmm_(pr, vr)
+            assert res is not None  # set by run 0
+            res.baddbmm_(pr, vr)
         w0 += width
-    return out
+    assert res is not None  # a chunk has at least one run
+    return res
 
 
 
@@ -441,12 +446,14 @@ def layout_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, lay: La
             if dst is None or o.data_ptr() != dst.data_ptr():
                 _put_rows(out, ch, head, o)
             if need_lse:
+                assert m is not None and lse is not None  # both made when need_lse
                 l_ = m - torch.log(p.amax(-1, keepdim=True))  # the largest probability is exp(max - lse)
                 if empty is not None:
                     l_.masked_fill_(empty, float("-inf"))
                 _put_rows(lse, ch, head, l_)
     out = _from_groups(out, spec, R, NG).to(q.dtype)
     if need_lse:
+        assert lse is not None
         lse = _from_groups(lse, spec, R, NG).squeeze(-1)
     return out, lse
 
@@ -474,14 +481,14 @@ def layout_backward(q, k, v, out, lse, d_out, d_lse, spec: AttentionSpec, lay: L
             qc, doc = _rows(qg, ch, head), _rows(dog, ch, head)  # (n or X, G*R, D), (n or X, G*R, Dv)
             s = _scores(lay, ch, qc, kc, head, spec, ct)
             p = s.sub_(_rows(lseg, ch, head)).exp_()  # (n or X, G*R, W): the forward's probabilities
-            w0, dp = 0, []
+            w0, dps = 0, []
             for r, (_, _, width) in enumerate(ch.runs):
                 pr = p[..., w0: w0 + width]
                 vr = _run_view(vc, ch, r, head)  # (n or X, W_r, Dv)
                 _add_keys(dv, ch, r, head, torch.bmm(pr.transpose(1, 2), doc))
-                dp.append(torch.bmm(doc, vr.transpose(1, 2)))  # (n or X, G*R, W_r)
+                dps.append(torch.bmm(doc, vr.transpose(1, 2)))  # (n or X, G*R, W_r)
                 w0 += width
-            dp = dp[0] if len(dp) == 1 else torch.cat(dp, dim=-1)
+            dp = dps[0] if len(dps) == 1 else torch.cat(dps, dim=-1)
             ds = p.mul_(dp.sub_(_rows(deltag, ch, head)))  # (n or X, G*R, W): dL/dscores
             _put_rows(dqg, ch, head, _bmm_runs(ds, kc, ch, head), add=True)
             w0 = 0
