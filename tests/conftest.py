@@ -55,3 +55,11 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that takes the `browser` fixture carries the `browser` marker
+    (`pytest -m "not browser"` runs the rest)."""
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)
