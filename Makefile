@@ -53,8 +53,9 @@ lint: test-env
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
+# The suite on every core: pytest-xdist workers, one torch thread each (tests/conftest.py).
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 bench: env
 	$(BIN)/qkv bench

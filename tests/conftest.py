@@ -46,3 +46,20 @@ def browser():
         b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         yield b
         b.close()
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker process gets one torch thread: workers run side by side,
+    one per core, instead of each spreading over every core and contending with the others."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that takes the `browser` fixture carries the `browser` marker
+    (`pytest -m "not browser"` runs the rest)."""
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)
