@@ -93,3 +93,15 @@ def build_bert_folder(folder, seed: int = 0, **kw):
          "pooling_mode_cls_token": False}))
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32}))
     return model
+
+
+def decode_in_steps(model, ids):
+    """ids (B, 12) through `model` as a prompt of 5, a chunk of 3, then single tokens, with a
+    cache of capacity 4 (so it grows) -> (logits of the steps (B, 12, V), logits of the whole
+    sequence at once (B, 12, V), the cache)."""
+    with torch.no_grad():
+        full = model(ids)  # (B, 12, V)
+        cache = model.new_cache(ids.shape[0], capacity=4)
+        parts = [model(ids[:, :5], cache=cache), model(ids[:, 5:8], cache=cache)]
+        parts += [model(ids[:, i:i + 1], cache=cache) for i in range(8, 12)]
+    return torch.cat(parts, dim=1), full, cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_folders import build_folder
+from hf_folders import build_folder, decode_in_steps
 
 import qkv
 
@@ -47,13 +47,7 @@ def test_cache_decoding_equals_recompute(pair):
     """A prompt, then a chunk of 3, then single tokens, with a cache smaller than the total
     (so it grows): each step's logits equal those of the full sequence recomputed."""
     model, _ = pair
-    ids = _ids(B=2, L=12, seed=5)
-    with torch.no_grad():
-        full = model(ids)  # (B, 12, V)
-        cache = model.new_cache(2, capacity=4)
-        parts = [model(ids[:, :5], cache=cache), model(ids[:, 5:8], cache=cache)]
-        parts += [model(ids[:, i:i + 1], cache=cache) for i in range(8, 12)]
-    stepped = torch.cat(parts, dim=1)
+    stepped, full, cache = decode_in_steps(model, _ids(B=2, L=12, seed=5))
     assert cache.length == 12 and cache.capacity >= 12
     err = (stepped - full).abs().max().item()
     assert err < 1e-5, f"max |cached - recomputed| = {err:.2e}"
