@@ -1,4 +1,4 @@
-"""Fixtures: tiny random GPT-2 and Llama folders (built by hf_folders.py) and the bundled
+"""Fixtures: tiny random GPT-2, Llama, Mistral and Qwen2 folders (built by hf_folders.py) and the bundled
 MiniLM folder, each made once per session."""
 
 from __future__ import annotations
@@ -7,16 +7,18 @@ import pytest
 from hf_folders import build_folder
 
 
-@pytest.fixture(scope="session")
-def gpt2_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gpt2")
-    return folder, build_folder(folder, "gpt2")
+def _folder_fixture(kind: str):
+    """A session fixture `{kind}_folder`: (folder, the transformers model saved in it)."""
+
+    @pytest.fixture(scope="session", name=f"{kind}_folder")
+    def folder_of_kind(tmp_path_factory):
+        folder = tmp_path_factory.mktemp(kind)
+        return folder, build_folder(folder, kind)
+
+    return folder_of_kind
 
 
-@pytest.fixture(scope="session")
-def llama_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llama")
-    return folder, build_folder(folder, "llama")
+gpt2_folder, llama_folder, mistral_folder, qwen2_folder = map(_folder_fixture, ("gpt2", "llama", "mistral", "qwen2"))
 
 
 @pytest.fixture(scope="session")

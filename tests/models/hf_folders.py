@@ -40,28 +40,38 @@ def tiny_gpt2_config(**kw):
     return GPT2Config(**base)
 
 
+LLAMA_BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, bos_token_id=2, eos_token_id=None,
+                  rope_theta=500.0)
+
+
 def tiny_llama_config(**kw):
     from transformers import LlamaConfig
 
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, bos_token_id=2, eos_token_id=None,
-                rope_theta=500.0)
-    base.update(kw)
-    return LlamaConfig(**base)
+    return LlamaConfig(**{**LLAMA_BASE, **kw})
 
 
 def build_folder(folder, kind: str, seed: int = 0, **kw):
-    """Save a random transformers model of `kind` ("gpt2"/"llama") into folder; return it."""
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+    """Save a random transformers model of `kind` into folder; return it. "gpt2", "llama", and
+    the Llama-like "mistral" (sliding window 4, shorter than the test sequences) and "qwen2"
+    (q/k/v biases). Norm weights and biases are random, so a missing or wrong one cannot hide
+    behind ones and zeros."""
+    import transformers
 
     torch.manual_seed(seed)
     if kind == "gpt2":
-        model = GPT2LMHeadModel(tiny_gpt2_config(**kw))
+        model = transformers.GPT2LMHeadModel(tiny_gpt2_config(**kw))
     else:
-        model = LlamaForCausalLM(tiny_llama_config(**kw))
-        with torch.no_grad():  # random RMSNorm weights, so a wrong norm cannot hide behind ones
+        llama = {**LLAMA_BASE, **kw}
+        if kind == "llama":
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama))
+        elif kind == "mistral":
+            model = transformers.MistralForCausalLM(transformers.MistralConfig(**{"sliding_window": 4, **llama}))
+        else:
+            model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**llama))
+        with torch.no_grad():
             for name, p in model.named_parameters():
-                if "norm" in name:
+                if "norm" in name or (kind != "llama" and name.endswith(".bias")):
                     p.uniform_(0.5, 1.5)
     model.eval()
     model.save_pretrained(folder, safe_serialization=True)

@@ -1,5 +1,6 @@
-"""GPT-2 and Llama against transformers on tiny random checkpoints: logits, greedy
-generation, and KV-cache decoding against recomputing the whole sequence."""
+"""GPT-2, Llama and the Llama-like families (Mistral with a sliding window shorter than the
+sequences, Qwen2 with q/k/v biases) against transformers on tiny random checkpoints: logits,
+greedy generation, and KV-cache decoding against recomputing the whole sequence."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from hf_folders import build_folder, decode_in_steps
 
 import qkv
 
-KINDS = ["gpt2", "llama"]
+KINDS = ["gpt2", "llama", "mistral", "qwen2"]
 
 
 @pytest.fixture(params=KINDS)
-def pair(request, gpt2_folder, llama_folder):
-    folder, ref = gpt2_folder if request.param == "gpt2" else llama_folder
+def pair(request):
+    folder, ref = request.getfixturevalue(f"{request.param}_folder")
     return qkv.load(folder), ref
 
 
@@ -88,8 +89,8 @@ def test_generate_from_text_and_eos_stop(pair):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_generate_beyond_positions_is_a_clear_error(kind, gpt2_folder, llama_folder):
-    model = qkv.load((gpt2_folder if kind == "gpt2" else llama_folder)[0])
+def test_generate_beyond_positions_is_a_clear_error(kind, request):
+    model = qkv.load(request.getfixturevalue(f"{kind}_folder")[0])
     limit = 48 if kind == "gpt2" else 64
     with pytest.raises(ValueError, match="positions"):
         model.generate(_ids(B=1, L=limit - 2), max_new_tokens=5)
