@@ -7,7 +7,7 @@ instead and scans only q. Compared in the same run, forward only (inference mode
 
 - unguarded: the backend's forward called directly on a prepared spec (what qkv did before);
 - guarded: qkv.attention(..., backend=...), the guard included;
-- scan: the guard's scan alone (`finite._scan`) on the same tensors;
+- scan: the guard's scan alone (`finite.scan`) on the same tensors;
 - full scan (decode rows only): what scanning k and v as well would cost there.
 
 overhead = scan / unguarded: the guard's own share of the call, measured apart from the
@@ -28,7 +28,7 @@ import torch
 import qkv
 from qkv.bench import machine_info
 from qkv.bench.timing import best_times
-from qkv.core import api, finite
+from qkv.core import finite, get_backend
 from qkv.core.spec import build_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -36,15 +36,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def _row(name, dtype, L, backend, q, k, v, kw, repeats, self_checking=False):
     spec = build_spec(q, k, v, **kw)
-    impl = api._BACKENDS[backend]
+    impl = get_backend(backend)
     scanned = (q,) if self_checking else (q, k, v)
     fns = {
         "unguarded": lambda: impl.forward(q, k, v, spec, need_lse=False),
         "guarded": lambda: qkv.attention(q, k, v, backend=backend, **kw),
-        "scan": lambda: finite._scan(scanned, spec),
+        "scan": lambda: finite.scan(scanned, spec),
     }
     if self_checking:
-        fns["full scan"] = lambda: finite._scan((q, k, v), spec)
+        fns["full scan"] = lambda: finite.scan((q, k, v), spec)
     t = best_times(fns, repeats=repeats)
     full = f"{1e3 * t['full scan']:.3f} ({100 * t['full scan'] / t['unguarded']:.1f}%)" if self_checking else "-"
     return (f"| {name} | {dtype} | {L} | {backend} | {1e3 * t['unguarded']:.2f} | {1e3 * t['guarded']:.2f} | "

@@ -43,7 +43,7 @@ def _worker(rank, P, port, N, cfg, results):
 
     import qkv.distributed as qd
     from qkv.bench.timing import clock
-    from qkv.distributed._memory import PeakRSS
+    from qkv.distributed.memory import PeakRSS
 
     qd.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=P, rank=rank, timeout=600)
     B, H, Hkv, D = cfg["B"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]

@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-from qkv.core import api
 from qkv.models import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from qkv.models.generation import PREFILL_CHUNK
 from qkv.nn import KVCache, MultiHeadAttention, RotaryEmbedding
@@ -164,7 +163,7 @@ def test_long_prompt_default_chunking_and_decode_backend(kind, monkeypatch):
     monkeypatch.setattr(decode_module, "KERNEL_AUTO_MIN_BYTES", {torch.float32: (1, 1), torch.bfloat16: (1, 1)})
     model = tiny(kind, positions=PREFILL_CHUNK + 200)
     ids = _ids(1, PREFILL_CHUNK + 100, seed=60)
-    decode = api._BACKENDS["decode"]
+    decode = decode_module.BACKEND
     calls = []
 
     def counting_forward(q, k, v, spec, **kw):

@@ -11,6 +11,7 @@ from .api import (
     backends,
     check_memory,
     choose_backend,
+    get_backend,
     reference_attention,
     register_backend,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "backends",
     "choose_backend",
     "register_backend",
+    "get_backend",
     "check_memory",
     "Backend",
 ]

@@ -53,6 +53,13 @@ def backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def get_backend(name: str) -> Backend:
+    """The registered backend called `name` (one of `backends()`)."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(map(repr, backends()))}")
+    return _BACKENDS[name]
+
+
 def choose_backend(spec: AttentionSpec, q: Tensor, need_lse: bool) -> str:
     """The backend `auto` runs for these arguments.
 
@@ -85,7 +92,8 @@ def _backend(backend, spec: AttentionSpec, q: Tensor, need_lse: bool):
             known = ", ".join(repr(b) for b in ["auto"] + backends())
             raise ValueError(f"unknown backend {backend!r}; choose one of {known}")
         return _BACKENDS[backend]
-    if callable(getattr(backend, "forward", None)) and callable(getattr(backend, "unsupported", None)):
+    if (isinstance(getattr(backend, "name", None), str) and callable(getattr(backend, "forward", None))
+            and callable(getattr(backend, "unsupported", None))):
         return backend
     raise TypeError(f"backend must be a string or a backend object (qkv.core.Backend, e.g. "
                     f"qkv.distributed.RingAttention); got {type(backend).__name__}")

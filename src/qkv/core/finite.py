@@ -92,7 +92,7 @@ def guarded(forward: Forward, q: Tensor, k: Tensor, v: Optional[Tensor], spec: A
     if getattr(_state, "trusted", False):
         return forward(q, k, v, spec, need_lse=need_lse)
     scanned = (q,) if self_checking else tuple(t for t in (q, k, v) if t is not None)
-    finite, bound = _scan(scanned, spec)
+    finite, bound = scan(scanned, spec)
     if finite and (self_checking or bound <= _safe_bound(q.dtype)):
         try:
             return forward(q, k, v, spec, need_lse=need_lse)
@@ -110,7 +110,7 @@ def _safe_bound(dtype: torch.dtype) -> float:
     return torch.finfo(compute_dtype(dtype)).max * _SAFE_SHARE
 
 
-def _scan(tensors: tuple, spec: AttentionSpec) -> tuple[bool, float]:
+def scan(tensors: tuple, spec: AttentionSpec) -> tuple[bool, float]:
     """(no NaN or infinity in the tensors and the float mask, bound on |score|), from one
     synchronising read of their extremes. The bound is scale * D * max|q| * max|k| when
     `tensors` starts with q and k, else 0."""

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import qkv
 import qkv.distributed as qd
 from qkv.distributed._layout import attended_pairs
-from qkv.distributed._memory import PeakRSS
+from qkv.distributed.memory import PeakRSS
 
 
 def _parser() -> argparse.ArgumentParser:

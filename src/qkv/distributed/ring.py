@@ -341,8 +341,12 @@ class RingAttention:
     def unsupported(self, spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
         """Why ring attention cannot honour these arguments (it takes causal and scale only), or None."""
         window = spec.left is not None or spec.right not in (None, 0) or (spec.right == 0 and not spec.causal)
-        got = [n for n, bad in (("mask", spec.has_dense_constraints), ("window", window),
-                                ("score_mod", spec.score_mod is not None), ("dropout_p", spec.dropout_p > 0.0)) if bad]
+        got = [f"{n}={x}" for n, x, bad in (
+            ("mask", _mask_text(spec), spec.has_dense_constraints),
+            ("window", _window_text(spec), window),
+            ("score_mod", spec.score_mod, spec.score_mod is not None),
+            ("dropout_p", spec.dropout_p, spec.dropout_p > 0.0),
+        ) if bad]
         return _unsupported_message(got)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool):
@@ -353,19 +357,31 @@ class RingAttention:
 
     def __call__(self, q, k, v, *, mask=None, causal=False, window=None, scale=None, score_mod=None,
                  dropout_p=0.0, backend="auto"):
-        got = [f"{n}={x!r}" for n, x, default in (
-            ("mask", mask, None), ("window", window, None), ("score_mod", score_mod, None),
-            ("dropout_p", dropout_p, 0.0)) if not (x is default or x == default)]
-        if backend not in ("auto", "ring"):
-            got.append(f"backend={backend!r}")
-        if got:
-            raise ValueError(_unsupported_message(got))
-        return attention(q, k, v, causal=causal, scale=scale, backend=self)
+        if not (backend is self or (isinstance(backend, str) and backend in ("auto", "ring"))):
+            raise ValueError(_unsupported_message([f"backend={backend!r}"]))
+        return attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale, score_mod=score_mod,
+                         dropout_p=dropout_p, backend=self)
 
     def positions(self, local_len: int) -> Tensor:
         """Global positions (L_local,) of this rank's tokens, for position embeddings."""
         ring = make_ring(self.group, self.timeout)
         return shard_positions(local_len * ring.size, ring.rank, ring.size, layout=self.layout)
+
+
+def _window_text(spec: AttentionSpec) -> str:
+    """The window as a user writes it: w for (w, w) or a causal (w, 0), else (left, right)."""
+    if spec.left == spec.right or (spec.causal and spec.right == 0):
+        return f"{spec.left}"
+    return f"({spec.left}, {spec.right})"
+
+
+def _mask_text(spec: AttentionSpec) -> str:
+    """The mask a spec holds, in a few words: a tensor by dtype and shape, else its type."""
+    for m in (spec.bool_mask, spec.float_mask):
+        if m is not None:
+            return f"<{str(m.dtype).replace('torch.', '')} {tuple(m.shape)}>"
+    given = spec.block_mask if spec.block_mask is not None else spec.mask_mod
+    return f"<{type(given).__name__}>"
 
 
 def _unsupported_message(got: list) -> Optional[str]:

@@ -165,10 +165,24 @@ class MultiHeadAttention(nn.Module):
             self.recorder(self, q, k, v, mask=mask, causal=causal, window=window, scale=self.scale, score_mod=score_mod)
         out = attention(
             q, k, v, mask=mask, causal=causal, window=window, scale=self.scale, score_mod=score_mod,
-            dropout_p=self.dropout if self.training else 0.0, backend=self.backend if backend == "auto" else backend,
+            dropout_p=self.dropout if self.training else 0.0, backend=self._backend_for(backend),
         )  # (B, Hq, Lq, D)
         out = out.transpose(1, 2).reshape(B, Lq, self.num_heads * self.head_dim)  # (B, Lq, Hq*D)
         return self.out_proj(out) if self.out_proj is not None else out
+
+    def _backend_for(self, backend: Union[str, Backend]) -> Union[str, Backend]:
+        """What forward's `backend` runs: "auto" means the layer's own. A layer whose own is a
+        backend object (ring attention, set by `distribute`) holds one shard of the sequence,
+        so any other backend would attend within that shard alone: refused."""
+        if isinstance(backend, str) and backend == "auto":
+            return self.backend
+        if isinstance(self.backend, str):
+            return backend
+        if backend is self.backend or backend == self.backend.name:
+            return self.backend
+        raise ValueError(f"this layer runs {self.backend.name} attention (set by distribute()), so backend={backend!r} "
+                         f"would attend within the local shard only: pass backend='auto', or set "
+                         f"layer.backend = 'auto' to attend on one process")
 
     def distribute(self, group=None, layout: str = "zigzag", timeout: Optional[float] = None) -> "MultiHeadAttention":
         """Run this layer's attention as ring attention across a torch.distributed process group.

@@ -285,16 +285,20 @@ def finish(row_max: Tensor, row_sum: Tensor, acc: Tensor) -> tuple[Tensor, Tenso
 def merge_lse_(out_acc: Tensor, lse_acc: Tensor, out_s: Tensor, lse_s: Tensor) -> None:
     """In place: fold a partial result over other keys (out_s, lse_s) into (out_acc, lse_acc).
 
-    out (B, H, n, Dv), lse (B, H, n), all in the compute dtype (ring attention, the sdpa
-    backend's causal split): each normalised result is the state (lse, 1, out), merged by
-    `merge_states`. Rows that have seen nothing yet (lse -inf on both sides) stay 0 / -inf.
+    `merge_states` for results already normalised (the state (lse, 1, out)), written in its
+    log-sum-exp form so that it works in place without stacking copies: ring attention and the
+    sdpa backend's causal split fold each piece in as it arrives. out (B, H, n, Dv), lse
+    (B, H, n), all in the compute dtype. Rows that have seen nothing yet (lse -inf on both
+    sides) stay 0 / -inf, never NaN.
     """
-    ones = torch.ones_like(lse_acc)
-    state = merge_states(torch.stack([lse_acc, lse_s]), torch.stack([ones, ones]), torch.stack([out_acc, out_s]), 0)
-    row_max, row_sum, acc = state  # (B, H, n), (B, H, n), (B, H, n, Dv)
-    out, lse = finish(row_max.unsqueeze(-1), row_sum.unsqueeze(-1), acc)  # (B, H, n, Dv), (B, H, n, 1)
-    out_acc.copy_(out)
-    lse_acc.copy_(lse.squeeze(-1))
+    lse_new = torch.logaddexp(lse_acc, lse_s)  # (B, H, n)
+    safe = lse_new.masked_fill(torch.isneginf(lse_new), 0.0)
+    w_old = torch.exp(lse_acc - safe).unsqueeze(-1)  # (B, H, n, 1)
+    w_new = torch.exp(lse_s - safe).unsqueeze(-1)  # (B, H, n, 1)
+    out_acc.mul_(w_old).addcmul_(out_s, w_new)
+    lse_acc.copy_(lse_new)
+
+
 class Recomputed(torch.autograd.Function):
     """An engine's (out, lse) made differentiable, FlashAttention-2 style (Dao, 2023, Alg. 2):
     the forward keeps only q, k, v, out and lse; the backward recomputes the probabilities.
