@@ -269,7 +269,7 @@ def test_a_backend_that_refuses_a_case_is_reported_not_fatal():
 
 
 def test_flex_unavailable_is_a_note_not_a_failure(monkeypatch):
-    monkeypatch.setattr(bench, "_flex_probe", lambda: "torch.compile cannot compile FlexAttention here: no compiler")
+    monkeypatch.setattr(bench, "flex_probe", lambda: "torch.compile cannot compile FlexAttention here: no compiler")
     result = bench.run(_cfg(lengths=(64,), flex=True), stream=io.StringIO())
     assert result.ok and result.flex == {"requested": True, "available": False,
                                          "reason": "torch.compile cannot compile FlexAttention here: no compiler"}
@@ -333,9 +333,9 @@ def test_cli_refuses_a_fifo_as_json_with_status_2(tmp_path, capsys):
 
 def test_inputs_are_deterministic():
     cfg = _cfg()
-    a = bench._inputs(cfg, "gqa", "bfloat16", 64)
-    b = bench._inputs(cfg, "gqa", "bfloat16", 64)
-    c = bench._inputs(bench.BenchConfig(seed=1), "gqa", "bfloat16", 64)
+    a = bench.inputs(cfg, "gqa", "bfloat16", 64)
+    b = bench.inputs(cfg, "gqa", "bfloat16", 64)
+    c = bench.inputs(bench.BenchConfig(seed=1), "gqa", "bfloat16", 64)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
     assert [tuple(x.shape) for x in a] == [(1, 8, 64, 64), (1, 2, 64, 64), (1, 2, 64, 64)]

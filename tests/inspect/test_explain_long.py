@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="module")
 def long_llama(tmp_path_factory):
-    from models.conftest import build_folder
+    from models.hf_folders import build_folder
 
     folder = tmp_path_factory.mktemp("llama-long")
     build_folder(folder, "llama", max_position_embeddings=8192)

@@ -1,3 +1,3 @@
 """The web tests are a package, so that their conftest.py is the module `web.conftest`: a
-conftest.py outside a package is imported as the module `conftest`, and would shadow
-tests/models/conftest.py, which tests/models imports by that name."""
+conftest.py outside a package is imported under the bare name `conftest`, which the
+conftest.py files of the other test folders share."""

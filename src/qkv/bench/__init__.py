@@ -52,15 +52,14 @@ from typing import Optional, TextIO
 import torch
 from tqdm import tqdm
 
-from .cases import flex_probe as _flex_probe
-from .cases import inputs as _inputs  # noqa: F401 (the cells' inputs, for the tests)
-from .cases import run_cell
+from .cases import flex_probe, inputs, run_cell
 from .config import CASES, DTYPES, FORMAT, METHODS, BenchConfig
 from .plot import PNG_SIZE, require_matplotlib, write_png
 from .report import BenchResult, format_table, growth, loadavg, machine_info, write_json
 
 __all__ = ["CASES", "DTYPES", "FORMAT", "METHODS", "PNG_SIZE", "BenchConfig", "BenchResult", "cells", "command_line",
-           "format_table", "growth", "machine_info", "require_matplotlib", "run", "write_json", "write_png"]
+           "flex_probe", "format_table", "growth", "inputs", "machine_info", "require_matplotlib", "run", "write_json",
+           "write_png"]
 
 
 def _progress_bar(total: int, stream: TextIO, enabled: bool) -> tqdm:
@@ -122,7 +121,7 @@ def run(cfg: BenchConfig, *, progress: bool = False, stream: Optional[TextIO] = 
         flex_state: dict = {}
         if cfg.flex:
             bar.set_description_str("checking torch.compile for FlexAttention")
-            reason = _flex_probe()
+            reason = flex_probe()
             result.flex = {"requested": True, "available": reason is None}
             if reason is not None:
                 flex_state["unavailable"] = f"skipped: {reason}"

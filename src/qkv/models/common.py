@@ -2,7 +2,7 @@
 record through which `qkv.load` finds an architecture (one record per family, no branches on
 the family in the loader; docs/architecture.md, "Adding a model family").
 
-A family module (bert.py, gpt2.py, llama.py, seq2seq.py) defines its config dataclass (an
+A family module (bert.py, gpt2.py, llama.py, mistral.py, qwen2.py, seq2seq.py) defines its config dataclass (an
 `HFConfig`, fields.py), its module, the pure weight-name plan of its checkpoints
 (`hf_plan`, `hf_layers`, `hf_ignored`) and one `FAMILY = Family(...)` that names them.
 """

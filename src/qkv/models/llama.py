@@ -102,11 +102,6 @@ class LlamaConfig(HFConfig):
         """`qkv.attention`'s window of a layer's causal self-attention: (left, 0), or None = all keys."""
         return None
 
-    @property
-    def eos_ids(self) -> list[int]:
-        e = self.eos_token_id
-        return [] if e is None else list(e) if isinstance(e, (list, tuple)) else [e]
-
 
 # rope types qkv computes (nn.positions.rope_inv_freq) and the parameters each one needs
 _ROPE_NEEDS = {"default": (), "linear": ("factor",),
