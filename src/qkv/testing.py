@@ -1,4 +1,4 @@
-"""The tolerance rule qkv's tests, `qkv bench` and the scripts in benchmarks/ check results by.
+"""The tolerance rule qkv's tests and `qkv bench` check results by.
 
 The rule follows flash-attention's tests (Dao et al., 2022: "the error of the fast path is at
 most a few times the error of the plain implementation in the same precision") and PyTorch's

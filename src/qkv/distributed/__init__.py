@@ -12,7 +12,8 @@ Runs wherever torch.distributed runs: gloo on CPUs, NCCL on GPUs.
     out_loc = qd.ring_attention(q_loc, k_loc, v_loc, causal=True, layout="zigzag")
     out = qd.unshard(all_shards, layout="zigzag")      # (B, H, L, D), if you need it whole
 
-A layer calls `RingAttention(group, layout)` where it would call `qkv.attention`; see
+`RingAttention(group, layout)` is a backend object: `qkv.attention(..., backend=ring)`, or a
+layer's own backend through `MultiHeadAttention.distribute(group, layout)`; see
 docs/distributed.md, and `python -m qkv.distributed.demo` under torchrun for a demo.
 """
 
