@@ -530,7 +530,7 @@ def _generate(p):
         model = _load(args.model, lambda m: hasattr(m, "complete") and getattr(m, "tokenizer", None) is not None,
                       "generate needs a decoder with a tokenizer")
         _check_vocabulary(model, args.model, prompt)
-        limit = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+        limit = model.max_positions  # a decoder (qkv.models.CausalLM)
         n = len(model.tokenizer.encode(prompt))
         if n >= limit:
             raise UserError(f"the prompt has {n} tokens but {args.model!r} has {limit} positions, "
