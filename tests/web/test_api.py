@@ -275,6 +275,132 @@ def test_unknown_routes_and_methods(client):
     assert_error(client.post("/", json={}), 405, "method_not_allowed")
 
 
+# --------------------------------------------------------------------------- the answers of the hand-written checks
+# The answers before the pydantic models (commit 1da6627), pinned: status, code and the message.
+
+
+def post_raw(client, path, body):
+    """`body` sent as ASCII JSON, so a lone surrogate goes as the escape "\\ud800"."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+def assert_said(resp, status, code, says):
+    err = assert_error(resp, status, code)
+    assert says in err["message"], err
+    return err
+
+
+@pytest.mark.parametrize("path", ["/api/health", "/api/models", "/api/openapi.json", "/"])
+def test_get_routes_answer_head_too(client, path):
+    """Starlette's routes answered HEAD wherever they answered GET; a 405 says Allow: GET, HEAD.
+    The document lists the GET alone."""
+    resp = client.head(path)
+    assert resp.status_code == 200 and resp.content == b"", resp.status_code
+    assert resp.headers["content-type"] == client.get(path).headers["content-type"]
+    for method in ("DELETE", "PUT", "POST"):
+        err = assert_error(client.request(method, path), 405, "method_not_allowed")
+        assert err["message"] == f"{method} is not allowed here"
+        assert set(client.request(method, path).headers["allow"].split(", ")) == {"GET", "HEAD"}
+    if path != "/":
+        assert set(client.get("/api/openapi.json").json()["paths"][path]) == {"get"}
+
+
+EXPLAIN_FIELDS = "the fields are: text, model, focus, method, level, hide_special"
+STEPS = {"text": TEXT, "word": "cat", "layer": 0, "head": 0}
+
+
+@pytest.mark.parametrize("path, body, status, code, says", [
+    # several errors: the first field in the order text, (other), model, the rest is told
+    ("/api/explain", {"text": "", "level": "x"}, 422, "empty_text", "'text' is empty"),
+    ("/api/explain", {"text": "", "model": 3}, 422, "empty_text", "'text' is empty"),
+    ("/api/explain", {"level": "x", "method": "x"}, 422, "missing_field", "the field 'text' is required"),
+    ("/api/explain", {"text": 3, "focus": "", "level": "x"}, 422, "wrong_type", "'text' must be a string; got an"),
+    ("/api/compare", {"text": "\ud800", "other": ""}, 422, "bad_text", "'text' is not valid Unicode"),
+    ("/api/steps", {"text": TEXT, "word": "", "layer": "x"}, 422, "bad_value", "'word' is empty"),
+    ("/api/steps", {"text": TEXT, "word": "cat", "layer": "x", "head": None}, 422, "wrong_type",
+     "'layer' must be an integer; got a string"),
+    # the model's name is looked at last: a null model after the other fields, an unknown one after all
+    ("/api/explain", {"text": TEXT, "model": None, "level": "x"}, 422, "bad_value", "'level' must be one of"),
+    ("/api/explain", {"text": TEXT, "model": None}, 422, "wrong_type",
+     "'model' must be a string (a model name); got null"),
+    ("/api/explain", {"text": TEXT, "model": "nope", "level": "x"}, 422, "bad_value", "'level' must be one of"),
+    ("/api/explain", {"text": TEXT, "model": 3}, 422, "wrong_type", "'model' must be a string; got an integer"),
+    # unknown fields: the first by name; the fields listed in the old order
+    ("/api/explain", {"zzz": 1, "text": TEXT, "aaa": 2}, 422, "unknown_field",
+     f"unknown field 'aaa'; {EXPLAIN_FIELDS}"),
+    ("/api/explain", {"text": "", "colour": "red", "level": "x"}, 422, "unknown_field",
+     f"unknown field 'colour'; {EXPLAIN_FIELDS}"),
+    ("/api/explain", {"text": TEXT, "zz": 1, "\udc00": 2}, 422, "unknown_field", "unknown field 'zz'"),
+    ("/api/steps", {**STEPS, "focus": 1}, 422, "unknown_field",
+     "the fields are: text, model, word, layer, head, level, hide_special"),
+    ("/api/compare", {"text": TEXT, "other": TEXT, "word": 1}, 422, "unknown_field",
+     "the fields are: text, other, model, focus, method, level, hide_special"),
+    # the messages of the choices and of a word of the wrong type
+    ("/api/explain", {"text": TEXT, "method": "x"}, 422, "bad_value",
+     "'method' must be one of raw, rollout, value-norm; got 'x'"),
+    ("/api/explain", {"text": TEXT, "method": "\ud800"}, 422, "bad_value", "'method' must be one of raw"),
+    ("/api/steps", {**STEPS, "level": "WORD"}, 422, "bad_value", "'level' must be one of word, token; got 'WORD'"),
+    ("/api/explain", {"text": TEXT, "focus": 1.5}, 422, "wrong_type",
+     "'focus' must be a word (a string) or a word index (an integer); got a number"),
+    ("/api/steps", {**STEPS, "word": None}, 422, "wrong_type",
+     "'word' must be a word (a string) or a word index (an integer); got null"),
+    ("/api/explain", {"text": TEXT, "hide_special": None}, 422, "wrong_type",
+     "'hide_special' must be true or false; got null"),
+])
+def test_the_first_error_in_the_old_order(client, path, body, status, code, says):
+    assert_said(post_raw(client, path, body), status, code, says)
+
+
+@pytest.mark.parametrize("path, body, status, code, says", [
+    ("/api/steps", {**STEPS, "layer": -1, "model": "nope"}, 404, "unknown_model", "no model named 'nope'"),
+    ("/api/explain", {"text": TEXT, "focus": -1, "model": "nope"}, 404, "unknown_model", "no model named 'nope'"),
+    ("/api/compare", {"text": TEXT, "other": TEXT, "focus": -1, "model": "nope"}, 404, "unknown_model", "'nope'"),
+    ("/api/steps", {**STEPS, "layer": -1}, 422, "unknown_layer", "layer -1 does not exist: the model has layers 0..5"),
+    ("/api/steps", {**STEPS, "layer": -1, "head": -1}, 422, "unknown_layer", "the model has layers 0..5"),
+    ("/api/steps", {**STEPS, "head": -1}, 422, "unknown_head", "head -1 does not exist: the model has heads 0..11"),
+    ("/api/steps", {**STEPS, "layer": 10**30}, 422, "unknown_layer", "the model has layers 0..5"),
+    ("/api/steps", {**STEPS, "word": -1, "layer": -1}, 422, "unknown_word",
+     "word index -1 is out of range: the text has 9 words"),
+    ("/api/steps", {**STEPS, "word": -1, "hide_special": True}, 422, "unknown_word",
+     "the text has 7 words (special tokens hidden)"),
+    ("/api/explain", {"text": TEXT, "focus": -1}, 422, "unknown_word", "word index -1 is out of range"),
+    ("/api/compare", {"text": TEXT, "other": TEXT, "focus": -1}, 422, "unknown_word", "word index -1 is out of range"),
+])
+def test_negative_indices_are_the_service_s_to_refuse(client, path, body, status, code, says):
+    """No ge=0 in the models: an unknown model is a 404 before any index, and an index is told
+    against what the text or the model has. The document still says minimum 0."""
+    assert_said(post(client, path, body), status, code, says)
+    schemas = client.get("/api/openapi.json").json()["components"]["schemas"]
+    steps = schemas["StepsRequest"]["properties"]
+    assert steps["layer"]["minimum"] == 0 and steps["head"]["minimum"] == 0
+    for word in (steps["word"], schemas["ExplainRequest"]["properties"]["focus"]):
+        assert {"type": "integer", "minimum": 0} in word["anyOf"], word
+
+
+@pytest.mark.parametrize("path, body, status, code, says", [
+    ("/api/explain", {"text": TEXT, "focus": "   "}, 422, "bad_value",
+     "'focus' is empty; give a word of the text or its index"),
+    ("/api/explain", {"text": TEXT, "focus": ""}, 422, "bad_value",
+     "'focus' is empty; give a word of the text or its index"),
+    ("/api/explain", {"text": TEXT, "focus": "   ", "model": "nope"}, 422, "bad_value", "'focus' is empty"),
+    ("/api/steps", {**STEPS, "word": " "}, 422, "bad_value", "'word' is empty; give a word of the text or its index"),
+    ("/api/compare", {"text": TEXT, "other": TEXT, "focus": "\t"}, 422, "bad_value", "'focus' is empty"),
+    ("/api/explain", {"text": TEXT, "focus": "x" * 201}, 422, "bad_value",
+     "'focus' is 201 characters long; give one word of the text"),
+    ("/api/explain", {"text": TEXT, "focus": "\ud800"}, 422, "unknown_word", "is not in the text"),
+    ("/api/explain", {"text": TEXT, "model": "\ud800"}, 404, "unknown_model", "no model named"),
+    ("/api/explain", {"text": " " * 201}, 422, "empty_text", "'text' is empty; give a sentence"),
+    ("/api/compare", {"text": TEXT, "other": "\n" * 500}, 422, "empty_text", "'other' is empty; give a sentence"),
+    ("/api/steps", {**STEPS, "text": " " * 300}, 422, "empty_text", "'text' is empty"),
+    ("/api/explain", {"text": "x" * 201 + "\ud800"}, 413, "text_too_long",
+     "'text' has 202 characters; this server explains at most 200"),
+])
+def test_blank_words_and_texts_are_told_first(client, path, body, status, code, says):
+    """A blank word is a bad value (not an unknown word), a blank text is empty however long it
+    is, a text is too long before its characters are looked at."""
+    assert_said(post_raw(client, path, body), status, code, says)
+
+
 # --------------------------------------------------------------------------- static files
 
 

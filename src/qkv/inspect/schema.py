@@ -3,7 +3,8 @@
 `ExplainResult.to_dict()` produces it; the HTML page (`qkv.inspect.html`) and the PNG picture
 (`qkv.inspect.png`) check what they are given with `check_data`; the web API (`qkv serve`)
 documents its /api/explain answer with `ExplainData`, so the OpenAPI document, the renderers'
-check and the producer agree on one definition (docs/architecture.md, "inspect").
+check and the producer agree on one definition (docs/architecture.md, "Inspect, web, and
+the rest").
 
     from qkv.inspect.schema import ExplainData, check_data
     n, layers, heads = check_data(result.to_dict())   # ValueError: one line naming the field

@@ -5,7 +5,8 @@
 
 Routes: GET / (the page), GET /static/<name> (a fixed in-package mapping, never a file looked up
 by the request path), GET /api/health, GET /api/models, GET /api/openapi.json, POST /api/explain,
-POST /api/steps, POST /api/compare. Every error is JSON {"error": {"status", "code", "message"}}.
+POST /api/steps, POST /api/compare; every GET answers HEAD too. Every error is JSON {"error":
+{"status", "code", "message"}}.
 
 The requests and answers are the pydantic models of `qkv.web.schema` (the explain answer is
 `qkv.inspect.schema.ExplainData`): FastAPI validates each request body against its model and
@@ -21,6 +22,7 @@ than "internal error" (the traceback goes to the server's log), counted in app.s
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations, which
 # name the request classes that create_app makes for its limits.
 import asyncio
+import copy
 import json
 import logging
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -179,6 +182,20 @@ class HostCheck(TrustedHostMiddleware):
         await super().__call__(scope, receive, answer)
 
 
+class GetRoute(APIRoute):
+    """A GET route that answers HEAD too, as Starlette's own routes do (a 405 elsewhere says
+    Allow: GET, HEAD); `as_documented` is the route as the OpenAPI document lists it: GET."""
+
+    def __init__(self, path: str, endpoint: Callable, **kwargs: Any):
+        super().__init__(path, endpoint, **kwargs)  # its operation id made of GET alone
+        self.methods.add("HEAD")
+
+    def as_documented(self) -> "GetRoute":
+        route = copy.copy(self)
+        route.methods = self.methods - {"HEAD"}
+        return route
+
+
 class _ReadBody(Request):
     """A request whose body was read and parsed already (FastAPI's custom-request pattern)."""
 
@@ -240,12 +257,12 @@ def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: i
     if not isinstance(max_queue, int) or max_queue < 0:
         raise ValueError(f"max_queue must be an integer >= 0; got {max_queue!r}")
     limits = Limits(max_chars=max_chars, max_body=max_body)
-    service = Service(registry if registry is not None else ModelRegistry(model_dir), limits)
+    service = Service(registry if registry is not None else ModelRegistry(model_dir))
     gate = Gate(workers, max_queue)
     static = {name: (_read(pkg, path), media) for name, (pkg, path, media) in STATIC_FILES.items()}
     index = _read(INDEX[0], INDEX[1])
     ExplainRequest, StepsRequest, CompareRequest = request_models(limits)
-    fields = {"/api/explain": ExplainRequest, "/api/steps": StepsRequest, "/api/compare": CompareRequest}
+    requests = {"/api/explain": ExplainRequest, "/api/steps": StepsRequest, "/api/compare": CompareRequest}
 
     class JsonRoute(APIRoute):
         """A POST route whose body is read under the limits before FastAPI validates it."""
@@ -270,8 +287,7 @@ def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: i
                               dict(exc.headers) if exc.headers else None)
 
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        model = fields.get(request.url.path)
-        return error_response(api_error(list(exc.errors()), list(model.model_fields) if model else []))
+        return error_response(api_error(list(exc.errors()), requests[request.url.path], exc.body))
 
     app = FastAPI(title="qkv attention explorer", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   description="The JSON API of `qkv serve`. Errors are {\"error\": {status, code, message}}. "
@@ -291,21 +307,38 @@ def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: i
 
     app.add_route("/", page, methods=["GET"], include_in_schema=False)
     app.add_route("/static/{name}", static_file, methods=["GET"], include_in_schema=False)
-    get = {"response_model": None, "responses": error_responses(500)}
 
-    @app.get("/api/health", summary="liveness and queue state; never waits for a model", **get)
+    def get(path: str, summary: str) -> Callable:
+        def register(endpoint: Callable) -> Callable:
+            app.router.add_api_route(path, endpoint, methods=["GET"], summary=summary, response_model=None,
+                                     responses=error_responses(500), route_class_override=GetRoute)
+            return endpoint
+        return register
+
+    @get("/api/health", "liveness and queue state; never waits for a model")
     async def health() -> dict:
         return {"status": "ok", "queue": gate.stats(), "loaded_models": service.registry.loaded()}
 
-    @app.get("/api/models", summary="the models this server offers, its limits, methods and levels", **get)
+    @get("/api/models", "the models this server offers, its limits, methods and levels")
     async def models() -> dict:
         entries = [{"name": e.name, "source": e.source} for e in service.registry.entries()]
         return {"models": entries, "default": DEFAULT_MODEL, "limits": limits.to_dict(),
                 "methods": list(METHODS), "levels": list(LEVELS)}
 
-    @app.get("/api/openapi.json", summary="this description (OpenAPI 3.1)", **get)
+    @get("/api/openapi.json", "this description (OpenAPI 3.1)")
     async def openapi() -> dict:
         return app.openapi()
+
+    def document() -> dict:
+        """FastAPI's document of the routes, a GET route's HEAD not listed apart (it is the GET
+        without the body; FastAPI would list it as an operation of its own, of the same id)."""
+        if app.openapi_schema is None:
+            routes = [r.as_documented() if isinstance(r, GetRoute) else r for r in app.routes]
+            app.openapi_schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                             routes=routes)
+        return app.openapi_schema
+
+    app.openapi = document  # type: ignore[method-assign]
 
     async def answer(job: Callable[[], dict]) -> Response:
         def work() -> bytes:

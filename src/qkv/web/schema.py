@@ -8,19 +8,21 @@ validation error of pydantic becomes one through `api_error`, with the codes of 
 The requests are strict (no "1" for 1, no 1 for true) and refuse unknown fields. The text
 limit is the server's, so `request_models(limits)` makes the request classes of one app.
 
-Nothing here imports Starlette or FastAPI (docs/architecture.md, "web").
+Nothing here imports Starlette or FastAPI (docs/architecture.md, "Inspect, web, and the
+rest").
 """
 
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WrapValidator
 from pydantic_core import PydanticCustomError
 
 from ..inspect.schema import LEVELS, METHODS, ExplainData
 
 DEFAULT_MODEL = "minilm"
-TEXT_FIELDS = ("text", "other")
 
 
 class ApiError(Exception):
@@ -46,100 +48,156 @@ class Limits:
 
 
 # --------------------------------------------------------------------------- requests
+# A check of the API's own raises a PydanticCustomError whose type is the API's error code and
+# whose message follows the field's name ("'text' is empty; ..."); `api_error` answers it as is.
+# The checks run before the type's own (BeforeValidator, WrapValidator), so a request is told
+# what it was told before the models: a blank text is empty whatever its length, a blank word
+# is a bad value, a too long text is too long before its characters are looked at.
+
+MAX_WORD = 200  # characters of a word given by name
 
 
-def _sentence(value: str) -> str:
-    if not value.strip():
-        raise PydanticCustomError("empty_text", "is empty; give a sentence, e.g. \"The cat sat on the mat.\"")
+def _sentence_check(max_chars: int):
+    def check(value: Any) -> Any:
+        if isinstance(value, str):  # anything else: the type's own error (wrong_type)
+            if not value.strip():
+                raise PydanticCustomError("empty_text", "is empty; give a sentence, e.g. \"The cat sat on the mat.\"")
+            if len(value) > max_chars:
+                raise PydanticCustomError("text_too_long", "has {length} characters; this server explains at most "
+                                                           "{max_chars}",
+                                          {"length": len(value), "max_chars": max_chars})
+        return value
+    return BeforeValidator(check)
+
+
+def _any_text(value: Any, handler: Callable[[Any], Any]) -> Any:
+    """A string with a lone surrogate (JSON "\\ud800") passes as it is: as a word it is no word
+    of the text (unknown_word), as a model name no model's (unknown_model)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value
+    return handler(value)
+
+
+def _word_check(value: Any) -> Any:
+    if isinstance(value, str):
+        if not value.strip():
+            raise PydanticCustomError("bad_value", "is empty; give a word of the text or its index")
+        if len(value) > MAX_WORD:
+            raise PydanticCustomError("bad_value", "is {length} characters long; give one word of the text",
+                                      {"length": len(value)})
     return value
 
 
-Word = Annotated[str, Field(min_length=1, max_length=200)] | Annotated[int, Field(ge=0)]
+# No ge=0 on the indices: the service says which ones the text or the model has (unknown_word,
+# unknown_layer, unknown_head), after the model is known; the document still says minimum 0.
+Index = Annotated[int, Field(json_schema_extra={"minimum": 0})]
+Word = Annotated[Annotated[str, Field(min_length=1, max_length=MAX_WORD)] | Index,
+                 WrapValidator(_any_text), BeforeValidator(_word_check)]  # the last runs first
 _WORD = "a word of the text (first match, case-insensitive) or its index among the shown labels at `level`"
+Model = Annotated[str, WrapValidator(_any_text),
+                  Field(description="a model name from GET /api/models (never a path)")]
+HideSpecial = Annotated[bool, Field(description="hide [CLS], [SEP], BOS and renormalise rows")]
+Method = Literal[METHODS]
+Level = Literal[LEVELS]
+_STRICT = ConfigDict(strict=True, extra="forbid")
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    model: str = Field(DEFAULT_MODEL, description="a model name from GET /api/models (never a path)")
-    level: Literal[LEVELS] = "word"
-    hide_special: bool = Field(False, description="hide [CLS], [SEP], BOS and renormalise rows")
-
-
-def request_models(limits: Limits) -> tuple[type[_Request], type[_Request], type[_Request]]:
+def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:
     """(ExplainRequest, StepsRequest, CompareRequest) for a server taking at most
-    `limits.max_chars` characters per sentence."""
+    `limits.max_chars` characters per sentence. The fields are declared in the order they are
+    checked (and listed in an unknown_field message): the sentences, the model, then the rest."""
     Text = Annotated[str, Field(min_length=1, max_length=limits.max_chars,
                                 description=f"a sentence (at most {limits.max_chars} characters)"),
-                     AfterValidator(_sentence)]
+                     _sentence_check(limits.max_chars)]
 
-    class ExplainRequest(_Request):
+    class ExplainRequest(BaseModel):
+        model_config = _STRICT
         text: Text
+        model: Model = DEFAULT_MODEL
         focus: Word | None = Field(None, description=f"the focus word (optional): {_WORD}")
-        method: Literal[METHODS] = "raw"
+        method: Method = "raw"
+        level: Level = "word"
+        hide_special: HideSpecial = False
 
-    class StepsRequest(_Request):
+    class StepsRequest(BaseModel):
+        model_config = _STRICT
         text: Text
+        model: Model = DEFAULT_MODEL
         word: Word = Field(description=_WORD)
-        layer: int = Field(ge=0)
-        head: int = Field(ge=0)
+        layer: Index
+        head: Index
+        level: Level = "word"
+        hide_special: HideSpecial = False
 
-    class CompareRequest(ExplainRequest):
+    class CompareRequest(BaseModel):
+        model_config = _STRICT
+        text: Text
         other: Text
+        model: Model = DEFAULT_MODEL
+        focus: Word | None = Field(None, description=f"the focus word (optional): {_WORD}")
+        method: Method = "raw"
+        level: Level = "word"
+        hide_special: HideSpecial = False
 
     return ExplainRequest, StepsRequest, CompareRequest
 
 
 _KINDS = {"string_type": "a string", "int_type": "an integer", "bool_type": "true or false",
-          "literal_error": "a string", "model_type": "a JSON object"}
-_UNKNOWN = {"layer": "unknown_layer", "head": "unknown_head"}
+          "literal_error": "a string"}
+_WORD_KIND = "a word (a string) or a word index (an integer)"
 
 
-def api_error(errors: list[dict], fields: list[str]) -> ApiError:
-    """The ApiError of pydantic's validation errors of a request body (loc starting "body").
+def api_error(errors: list[dict], request: type[BaseModel], body: Any) -> ApiError:
+    """The ApiError of pydantic's validation errors (loc starting "body") of `body`, the parsed
+    JSON of a request to be a `request`.
 
-    One error is told: an unknown field first, as it names the mistake best; of the errors of
-    one field (a word gives one per member of its union), one that is not of the wrong type."""
+    One error is told, as when the requests were checked by hand: a body that is not an object;
+    an unknown field (the first by name, even one pydantic cannot read, such as a lone surrogate);
+    then the first field in the declared order with an error, and of its errors (a word gives
+    one per member of its union) one that is not of the wrong type; a model that is null last,
+    as the model's name is looked at once the rest is right."""
+    from ..models.checkpoint import json_type
     from ..models.tokenizer import check_texts
 
-    errors = [dict(e, loc=tuple(e["loc"])[1:] if tuple(e["loc"])[:1] == ("body",) else tuple(e["loc"]))
-              for e in errors]
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    if not first["loc"]:
-        return ApiError(422, "wrong_type", f"the request body must be a JSON object; got {_type(first['input'])}")
+    if not isinstance(body, dict):
+        return ApiError(422, "wrong_type", f"the request body must be a JSON object; got {json_type(body)}")
+    fields = list(request.model_fields)
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        return ApiError(422, "unknown_field", f"unknown field {unknown[0]!r}; the fields are: {', '.join(fields)}")
+    errors = [dict(e, loc=tuple(e["loc"])[1:]) for e in errors
+              if tuple(e["loc"])[:1] == ("body",) and len(e["loc"]) > 1 and e["loc"][1] in fields]
+    if not errors:  # not seen: every error of a body that is an object names one of its fields
+        return ApiError(422, "bad_value", "the request body does not fit the request's fields")
+
+    def rank(e: dict) -> int:
+        return len(fields) if e["loc"][0] == "model" and e.get("input") is None else fields.index(e["loc"][0])
+
+    first = min(errors, key=rank)
     name = first["loc"][0]
     same = [e for e in errors if e["loc"][:1] == (name,)]
     err = next((e for e in same if e["type"] not in _KINDS), first)
     kind, value = err["type"], err.get("input")
+    annotation = request.model_fields[name].annotation
     if kind == "missing":
         return ApiError(422, "missing_field", f"the field {name!r} is required")
-    if kind == "extra_forbidden":
-        ordered = sorted(fields, key=lambda f: f not in TEXT_FIELDS)  # the sentences first
-        return ApiError(422, "unknown_field", f"unknown field {name!r}; the fields are: {', '.join(ordered)}")
+    if kind in ("empty_text", "text_too_long", "bad_value"):  # the API's own checks (above)
+        return ApiError(413 if kind == "text_too_long" else 422, kind, f"{name!r} {err['msg']}")
+    if typing.get_origin(annotation) is Literal and isinstance(value, str):
+        choices = ", ".join(typing.get_args(annotation))
+        return ApiError(422, "bad_value", f"{name!r} must be one of {choices}; got {value[:40]!r}")
     if kind == "string_unicode":  # a lone surrogate such as JSON "\ud800": the message of the one text check
         try:
             check_texts(value, what=repr(name))
         except ValueError as exc:
             return ApiError(422, "bad_text", str(exc))
-    if kind == "empty_text" or (kind == "string_too_short" and name in TEXT_FIELDS):
-        return ApiError(422, "empty_text", f"{name!r} is empty; give a sentence, e.g. \"The cat sat on the mat.\"")
-    if kind == "string_too_long" and name in TEXT_FIELDS:
-        return ApiError(413, "text_too_long", f"{name!r} has {len(value)} characters; this server explains at most "
-                                              f"{err['ctx']['max_length']}")
-    if kind in ("string_too_short", "string_too_long"):
-        return ApiError(422, "bad_value", f"{name!r} must be one word of the text (1 to 200 characters); "
-                                          f"got {len(value)} characters")
-    if kind == "greater_than_equal":
-        return ApiError(422, _UNKNOWN.get(name, "unknown_word"), f"{name!r} is {value}: indices count from 0")
-    if kind == "literal_error" and isinstance(value, str):
-        return ApiError(422, "bad_value", f"{name!r} must be one of {err['ctx']['expected']}; got {value[:40]!r}")
-    expected = " or ".join(dict.fromkeys(_KINDS.get(e["type"], "valid") for e in same))
-    return ApiError(422, "wrong_type", f"{name!r} must be {expected}; got {_type(value)}")
-
-
-def _type(x: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-            int: "an integer", float: "a number"}.get(type(x), type(x).__name__)
+    if name == "model" and value is None:
+        return ApiError(422, "wrong_type", f"'model' must be a string (a model name); got {json_type(value)}")
+    expected = _WORD_KIND if len(same) > 1 else _KINDS.get(kind, "valid")  # several: a word's union
+    return ApiError(422, "wrong_type", f"{name!r} must be {expected}; got {json_type(value)}")
 
 
 # --------------------------------------------------------------------------- answers

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from .schema import ApiError, Limits
+from .schema import ApiError
 
 log = logging.getLogger("qkv.web")
 
@@ -99,8 +99,10 @@ class ModelRegistry:
         return [e for e in self._entries.values() if e.name not in self._failed]
 
     def entry(self, name: Any) -> ModelEntry:
+        from ..models.checkpoint import json_type
+
         if not isinstance(name, str):
-            raise ApiError(422, "wrong_type", f"'model' must be a string (a model name); got {type(name).__name__}")
+            raise ApiError(422, "wrong_type", f"'model' must be a string (a model name); got {json_type(name)}")
         found = self._entries.get(name) or self._entries.get(name.lower())
         if found is None or (found.source == "model-dir" and found.name != name):
             offered = ", ".join(sorted(self._entries))
@@ -161,9 +163,8 @@ class Service:
     the event loop, so a bad request is answered even when the queue is full) and returns the
     job to run in a worker thread: `service.explain(body)()` is the answer."""
 
-    def __init__(self, registry: ModelRegistry, limits: Optional[Limits] = None):
+    def __init__(self, registry: ModelRegistry):
         self.registry = registry
-        self.limits = limits if limits is not None else Limits()
 
     # ------------------------------------------------------------ shared pieces
     def _explain(self, text: str, model_name: str, field: str = "text"):
