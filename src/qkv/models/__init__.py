@@ -12,6 +12,7 @@ module ends in a `Family` record (common.py) through which `load` reads its fold
 """
 
 from .bert import BertConfig, BertModel, SentencePooling
+from .bert_heads import BertForMaskedLM, BertForSequenceClassification, BertHeadConfig
 from .checkpoint import CheckpointError, ModelError
 from .common import Family
 from .decoder import CausalLM
@@ -33,6 +34,9 @@ __all__ = [
     "BertConfig",
     "BertModel",
     "SentencePooling",
+    "BertHeadConfig",
+    "BertForMaskedLM",
+    "BertForSequenceClassification",
     "GPT2Config",
     "GPT2LMHeadModel",
     "LlamaConfig",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +59,12 @@ class BertConfig(HFConfig):
         "type_vocab_size": POSITIVE, "layer_norm_eps": EPS, "hidden_dropout_prob": PROBABILITY,
         "attention_probs_dropout_prob": PROBABILITY, "pad_token_id": NON_NEGATIVE,
     }
+    READ_BY_HAND: ClassVar[tuple[str, ...]] = ("add_pooling_layer",)  # fields read_dataclass leaves alone
 
     @classmethod
     def read_fields(cls, f: Fields) -> dict:
         refuse_cross_attention(f, "BertModel", "BertModel")
-        kw = read_dataclass(cls, f, limits=cls.LIMITS, skip=("add_pooling_layer",))
+        kw = read_dataclass(cls, f, limits=cls.LIMITS, skip=cls.READ_BY_HAND)
         if kw.get("position_embedding_type", "absolute") != "absolute":
             raise f.unsupported("position_embedding_type", "qkv's BERT has learned absolute positions only "
                                 "(relative_key and relative_key_query add distance embeddings it does not run)")
@@ -165,7 +166,10 @@ class BertModel(nn.Module):
 
     Attributes set by `qkv.load`: `tokenizer` (a qkv Tokenizer) and `pooling` (a
     `SentencePooling` read from the folder's sentence-transformers files, or mean pooling).
+    `head` names the checkpoint's head (bert_heads.py); None for a plain BertModel folder.
     """
+
+    head: Optional[str] = None
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -364,17 +368,18 @@ def _mode_keys(cfg: Fields) -> list[str]:
     return [k for k in cfg.data if k.startswith("pooling_mode_")]
 
 
-def hf_plan(c: BertConfig) -> Plan:
+def hf_plan(c: BertConfig, prefix: str = "") -> Plan:
     """Checkpoint names of a Hugging Face BertModel -> qkv parameter names (pure).
 
     query/key/value are concatenated into `attention.self.qkv_proj`; `attention.output.dense`
-    becomes `attention.self.out_proj`. Everything else keeps its name.
+    becomes `attention.self.out_proj`. Everything else keeps its name, after `prefix` (the
+    heads' checkpoints, bert_heads.py, hold the encoder under "bert.").
     """
     E, FF = Dim(c.hidden_size, "hidden_size"), Dim(c.intermediate_size, "intermediate_size")
     plan: dict[str, tuple[Piece, ...]] = {}
 
     def same(name: str, shape: tuple) -> None:
-        plan[name] = (Piece(name, shape),)
+        plan[name] = (Piece(prefix + name, shape),)
 
     same("embeddings.word_embeddings.weight", (Dim(c.vocab_size, "vocab_size"), E))
     same("embeddings.position_embeddings.weight", (Dim(c.max_position_embeddings, "max_position_embeddings"), E))
@@ -385,8 +390,8 @@ def hf_plan(c: BertConfig) -> Plan:
         p = f"encoder.layer.{i}."
         for kind, shape in (("weight", (E, E)), ("bias", (E,))):
             plan[p + f"attention.self.qkv_proj.{kind}"] = tuple(
-                Piece(p + f"attention.self.{n}.{kind}", shape) for n in ("query", "key", "value"))
-            plan[p + f"attention.self.out_proj.{kind}"] = (Piece(p + f"attention.output.dense.{kind}", shape),)
+                Piece(prefix + p + f"attention.self.{n}.{kind}", shape) for n in ("query", "key", "value"))
+            plan[p + f"attention.self.out_proj.{kind}"] = (Piece(prefix + p + f"attention.output.dense.{kind}", shape),)
             same(p + f"attention.output.LayerNorm.{kind}", (E,))
             same(p + f"output.LayerNorm.{kind}", (E,))
         same(p + "intermediate.dense.weight", (FF, E))
@@ -399,15 +404,15 @@ def hf_plan(c: BertConfig) -> Plan:
     return plan
 
 
-def hf_layers(c: BertConfig) -> list[tuple[str, int, str]]:
+def hf_layers(c: BertConfig, prefix: str = "") -> list[tuple[str, int, str]]:
     """(config field, layer count, checkpoint key prefix of each layer), checked against the
     checkpoint's keys before planning."""
-    return [("num_hidden_layers", c.num_hidden_layers, "encoder.layer.")]
+    return [("num_hidden_layers", c.num_hidden_layers, prefix + "encoder.layer.")]
 
 
-def hf_ignored(c: BertConfig) -> dict:
+def hf_ignored(c: BertConfig, prefix: str = "") -> dict:
     """Checkpoint buffers that are not weights: older BertModel checkpoints store position_ids."""
-    return {"embeddings.position_ids": (1, c.max_position_embeddings)}
+    return {prefix + "embeddings.position_ids": (1, c.max_position_embeddings)}
 
 
 def _adapt(c: BertConfig, keys) -> tuple[BertConfig, tuple]:

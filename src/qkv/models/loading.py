@@ -24,7 +24,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import bert, gpt2, llama, mistral, qwen2, seq2seq
+from . import bert, bert_heads, gpt2, llama, mistral, qwen2, seq2seq
 from .checkpoint import (
     ModelError,
     check_layers,
@@ -41,7 +41,7 @@ from .fields import POSITIVE, Fields
 from .tokenizer import Tokenizer
 
 # The families qkv runs; a new family is one module with a FAMILY record and one entry here.
-_FAMILIES = (bert.FAMILY, gpt2.FAMILY, llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, seq2seq.FAMILY)
+_FAMILIES = (bert.FAMILY, *bert_heads.FAMILIES, gpt2.FAMILY, llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, seq2seq.FAMILY)
 # architecture name in config.json -> its family
 FAMILIES: dict[str, Family] = {a: f for f in _FAMILIES for a in f.architectures}
 # model_type -> architecture, for config.json files without an "architectures" list
@@ -104,10 +104,11 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
         device: where the parameters live ("cpu", "cuda", "cuda:1", "mps", a torch.device).
 
     Returns:
-        the model (`BertModel`, a `CausalLM` such as `GPT2LMHeadModel` or `LlamaForCausalLM`,
-        or `QkvSeq2Seq`; `FAMILIES` lists them) in eval mode, with `.tokenizer` set (None if
-        the folder has no tokenizer files and is a decoder), `.folder` the path it came from,
-        and `.generation_config` the folder's generation_config.json ({} without one).
+        the model (`BertModel` or a BERT with its head (bert_heads.py), a `CausalLM` such as
+        `GPT2LMHeadModel` or `LlamaForCausalLM`, or `QkvSeq2Seq`; `FAMILIES` lists them) in eval
+        mode, with `.tokenizer` set (None if the folder has no tokenizer files and is a decoder),
+        `.folder` the path it came from, and `.generation_config` the folder's
+        generation_config.json ({} without one).
 
     Raises:
         FileNotFoundError: a missing folder or file. ModelError (a ValueError): anything wrong
