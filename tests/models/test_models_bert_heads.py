@@ -239,3 +239,28 @@ def test_classifier_config_refusals(tmp_path, fields, match):
     _edit_config(tmp_path, **fields)
     with pytest.raises(ModelError, match=match):
         qkv.load(tmp_path)
+
+
+def test_masked_lm_folder_with_pooler_and_next_sentence_head_loads(tmp_path):
+    """bert-base-uncased's shape: config.json says BertForMaskedLM, the weights are
+    BertForPreTraining's (pooler, cls.seq_relationship) and store the tied decoder."""
+    ref = build_head_folder(tmp_path, "BertForPreTraining", seed=9)
+    _edit_config(tmp_path, architectures=["BertForMaskedLM"])
+    _edit(tmp_path, lambda sd: sd.update({
+        "cls.predictions.decoder.weight": sd["bert.embeddings.word_embeddings.weight"].clone(),
+        "cls.predictions.decoder.bias": sd["cls.predictions.bias"].clone()}))
+    model = qkv.load(tmp_path)
+    assert isinstance(model, BertForMaskedLM) and model.pooler is not None
+    ids, mask = _padded(model)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask.long()).prediction_logits
+        assert _max_err(model.logits(ids, mask), want, mask) < 1e-4
+    _edit(tmp_path, lambda sd: sd.update({"cls.seq_relationship.weight": torch.zeros(3, 32)}))
+    with pytest.raises(CheckpointError, match=r"cls.seq_relationship.weight: checkpoint \(3, 32\)"):
+        qkv.load(tmp_path)
+
+
+def test_explain_runs_on_a_head_model(mlm):
+    model = qkv.load(mlm[0])
+    result = qkv.explain("the cat sat on the mat", model)
+    assert len(result.tokens) == 8
