@@ -89,7 +89,7 @@ WRONG_FIELDS = [
     ("llama", "max_position_embeddings", 0),
     ("bert", "type_vocab_size", 0),
     ("bert", "hidden_act", 5),
-    ("bert", "hidden_act", "tanh"),
+    ("bert", "hidden_act", "prelu"),
     ("bert", "layer_norm_eps", float("nan")),
     ("bert", "is_decoder", "true"),
     ("bert", "vocab_size", 4e9),  # a float

@@ -58,3 +58,15 @@ def test_qwen2_sliding_window_is_refused(tmp_path):
 
     with pytest.raises(ModelError, match="use_sliding_window=true is not supported"):
         Qwen2Config.from_hf({"use_sliding_window": True}, tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_family_proof(kind, request):
+    """The shared proof of issue 17 (family_checks.py) for the families that landed first."""
+    from family_checks import check_greedy, check_left_padded_logits, check_tokenizer
+
+    folder, ref = request.getfixturevalue(f"{kind}_folder")
+    model = qkv.load(folder)
+    check_left_padded_logits(model, ref, vocab=64)
+    check_greedy(model, ref, vocab=64, window=4 if kind == "mistral" else None)
+    check_tokenizer(folder, model)

@@ -9,24 +9,48 @@ A family module (bert.py, gpt2.py, llama.py, mistral.py, qwen2.py, seq2seq.py) d
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import ModelError, Plan
 from .fields import HFConfig, Limit
 
+
+def _laplace(x: Tensor, mu: float = 0.707107, sigma: float = 0.282095) -> Tensor:
+    return 0.5 * (1.0 + torch.erf((x - mu) / (sigma * math.sqrt(2.0))))
+
+
+# transformers' ACT2FN names, each the same function (the formulas of transformers/activations.py);
+# prelu and xielu have learned parameters and are not offered.
 _ACTIVATIONS = {
     "gelu": F.gelu,
+    "gelu_python": F.gelu,
+    "gelu_10": lambda x: torch.clip(F.gelu(x), -10.0, 10.0),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_python_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "gelu_accurate": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * torch.pow(x, 3)))),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "laplace": _laplace,
+    "hardswish": F.hardswish,
+    "leaky_relu": F.leaky_relu,
+    "linear": lambda x: x,
+    "mish": F.mish,
     "relu": F.relu,
+    "relu2": lambda x: torch.square(F.relu(x)),
+    "relu6": F.relu6,
+    "sigmoid": torch.sigmoid,
     "silu": F.silu,
     "swish": F.silu,
+    "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
+    "tanh": torch.tanh,
 }
 ACTIVATION = Limit(choices=tuple(sorted(_ACTIVATIONS)))  # the activation field of every family
 

@@ -35,6 +35,12 @@ class MultiHeadAttention(nn.Module):
         fused: one (Hq + 2 Hkv) * D projection `qkv_proj` instead of `q_proj`/`k_proj`/`v_proj`;
             only possible when kdim == vdim == E. Default: fuse where the sizes allow.
         interleaved_rotary: RoPE layout (False = Llama's halves, True = RoFormer's pairs).
+        q_norm, k_norm: modules that normalise the projected queries and keys before rotary
+            embeddings and attention (Qwen3, OLMo 2, Gemma 3, Cohere, StableLM; Henry et al.
+            2020, "Query-Key Normalization for Transformers"), registered as `q_norm`/`k_norm`.
+            Each gets (B, L, H, D) per head, or (B, L, H*D) with `qk_norm_per_head=False`
+            (OLMo 2 normalises the whole projection).
+        qk_norm_per_head: see q_norm.
 
     Parameters: `qkv_proj` (fused) or `q_proj`, `k_proj`, `v_proj`; `out_proj`. Weights follow
     nn.Linear: (out_features, in_features).
@@ -44,7 +50,8 @@ class MultiHeadAttention(nn.Module):
                  head_dim: Optional[int] = None, kdim: Optional[int] = None, vdim: Optional[int] = None,
                  bias: bool = True, out_bias: Optional[bool] = None, out_proj: bool = True,
                  dropout: float = 0.0, scale: Optional[float] = None, fused: Optional[bool] = None,
-                 interleaved_rotary: bool = False):
+                 interleaved_rotary: bool = False, q_norm: Optional[nn.Module] = None,
+                 k_norm: Optional[nn.Module] = None, qk_norm_per_head: bool = True):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
@@ -85,6 +92,8 @@ class MultiHeadAttention(nn.Module):
             self.k_proj = nn.Linear(kdim, kv_out, bias=bias)
             self.v_proj = nn.Linear(vdim, kv_out, bias=bias)
         self.out_proj = nn.Linear(q_out, embed_dim, bias=bias if out_bias is None else out_bias) if out_proj else None
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.qk_norm_per_head = qk_norm_per_head
         # A qkv.inspect Recorder, called with (module, q, k, v, **constraints) before attention; it
         # only reads them, so outputs are identical with and without it.
         self.recorder = None
@@ -150,8 +159,8 @@ class MultiHeadAttention(nn.Module):
         B, Lq, _ = x.shape
         q, k, v = self._project(x, key, value)
         Lk = k.shape[1]
-        q = q.view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, Lq, D)
-        k = k.view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
+        q = self._norm(self.q_norm, q, self.num_heads).transpose(1, 2)  # (B, Hq, Lq, D)
+        k = self._norm(self.k_norm, k, self.num_kv_heads).transpose(1, 2)  # (B, Hkv, Lk, D)
         v = v.view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
         if rotary is not None:
             cos, sin = rotary
@@ -169,6 +178,16 @@ class MultiHeadAttention(nn.Module):
         )  # (B, Hq, Lq, D)
         out = out.transpose(1, 2).reshape(B, Lq, self.num_heads * self.head_dim)  # (B, Lq, Hq*D)
         return self.out_proj(out) if self.out_proj is not None else out
+
+    def _norm(self, norm: Optional[nn.Module], t: Tensor, heads: int) -> Tensor:
+        """(B, L, heads*D) projection -> (B, L, heads, D), through the q/k norm if there is one."""
+        B, L, _ = t.shape
+        if norm is not None and not self.qk_norm_per_head:
+            t = norm(t)  # (B, L, heads*D)
+        t = t.view(B, L, heads, self.head_dim)  # (B, L, heads, D)
+        if norm is not None and self.qk_norm_per_head:
+            t = norm(t)  # (B, L, heads, D)
+        return t
 
     def _backend_for(self, backend: Union[str, Backend]) -> Union[str, Backend]:
         """What forward's `backend` runs: "auto" means the layer's own. A layer whose own is a

@@ -70,7 +70,8 @@ class RotaryEmbedding(nn.Module):
     """cos/sin tables of RoPE for given positions (no parameters, nothing in the state dict).
 
     Args:
-        head_dim: D, the size of each head that is rotated.
+        head_dim: D, the size of each head that is rotated (or R < D, the rotated part of each
+            head, for a partial rotation; `apply_rotary` leaves the rest).
         theta: frequency base (10000 in RoFormer and Llama 1/2).
         rope_scaling: optional Hugging Face rope scaling dict (see `rope_inv_freq`).
         interleaved: False = Llama's half-split layout, True = RoFormer's pairs (2i, 2i+1).
@@ -126,12 +127,21 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = Fal
 
     Args:
         x: (B, H, L, D) queries or keys.
-        cos, sin: from `RotaryEmbedding`, (L, D) or (B, 1, L, D).
+        cos, sin: from `RotaryEmbedding`, (L, R) or (B, 1, L, R) with R <= D even. R < D is a
+            partial rotation (GPT-NeoX, StableLM, Phi: `partial_rotary_factor`): the first R
+            features of each head are rotated, the other D - R pass through unchanged.
         interleaved: must match the RotaryEmbedding's layout.
 
     Returns:
         (B, H, L, D), x's dtype.
     """
+    R, D = cos.shape[-1], x.shape[-1]
+    if R > D:
+        raise ValueError(f"rotary tables of size {R} do not fit heads of size {D}; build the RotaryEmbedding "
+                         f"with head_dim <= {D}")
+    if R < D:
+        part, rest = x[..., :R], x[..., R:]  # (B, H, L, R), (B, H, L, D - R)
+        return torch.cat([apply_rotary(part, cos, sin, interleaved=interleaved), rest], dim=-1)  # (B, H, L, D)
     rotated = _rotate_pairs(x) if interleaved else _rotate_half(x)
     return x * cos + rotated * sin
 

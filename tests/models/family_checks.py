@@ -1,0 +1,89 @@
+"""The proof every decoder family gives (issue 17): a qkv model loaded from a folder that
+transformers saved, against that transformers model (`ref`), on inputs that reach what the family
+adds. Each family's test module calls these on its own tiny random checkpoints:
+
+- `check_left_padded_logits`: logits within 1e-4 (float32) on a left-padded batch, real
+  positions compared (padding masked, positions counting every slot, as transformers does
+  without position_ids);
+- `check_greedy`: 20 greedy tokens identical for a short prompt, for a left-padded batch of two
+  prompts, and for a prompt longer than one prefill chunk (and longer than the sliding window,
+  where there is one);
+- `check_tokenizer`: the folder's tokenizer gives transformers' ids.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+TOLERANCE = 1e-4  # float32 logits against transformers (issue 17)
+
+
+def random_ids(B: int, L: int, vocab: int, seed: int) -> torch.Tensor:
+    """(B, L) ids in [4, vocab): clear of the word tokenizer's <unk> <pad> <s> </s>."""
+    return torch.randint(4, vocab, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(lengths: list[int], vocab: int, seed: int, pad_id: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (B, L) left-padded with pad_id, mask (B, L) int64 (0 = padding)."""
+    L = max(lengths)
+    ids = random_ids(len(lengths), L, vocab, seed)
+    mask = torch.zeros(len(lengths), L, dtype=torch.int64)
+    for b, n in enumerate(lengths):
+        mask[b, L - n:] = 1
+    return ids.masked_fill(mask == 0, pad_id), mask
+
+
+def check_left_padded_logits(model, ref, vocab: int, lengths=(13, 9, 5), seed: int = 1) -> float:
+    """qkv's logits on a left-padded batch within TOLERANCE of transformers' at real tokens; returns the error."""
+    ids, mask = left_padded(list(lengths), vocab, seed)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits  # (B, L, V)
+        got = model(ids, attention_mask=mask)
+    real = mask.bool()
+    err = (got[real] - want[real]).abs().max().item()
+    assert err < TOLERANCE, f"max |logits - transformers| = {err:.2e} on a left-padded batch"
+    return err
+
+
+def _hf_greedy(ref, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
+    with torch.no_grad():
+        return ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                            do_sample=False, pad_token_id=1, eos_token_id=None)
+
+
+def check_greedy(model, ref, vocab: int, *, window: Optional[int] = None, prefill_chunk: int = 4,
+                 new: int = 20) -> None:
+    """20 greedy tokens equal transformers': a short prompt, a left-padded batch, and a prompt
+    longer than one prefill chunk and than `window` (fed to qkv in chunks of `prefill_chunk`)."""
+    short = random_ids(1, 5, vocab, seed=3)
+    got = model.generate(short, max_new_tokens=new, eos_token_id=None)
+    want = _hf_greedy(ref, short, torch.ones_like(short), new)
+    assert torch.equal(got, want), f"short prompt: qkv {got.tolist()} vs transformers {want.tolist()}"
+
+    ids, mask = left_padded([7, 4], vocab, seed=5)
+    got = model.generate(ids, attention_mask=mask.bool(), max_new_tokens=new, eos_token_id=None)
+    want = _hf_greedy(ref, ids, mask, new)
+    assert torch.equal(got[:, -new:], want[:, -new:]), \
+        f"left-padded batch: qkv {got[:, -new:].tolist()} vs transformers {want[:, -new:].tolist()}"
+
+    L = max(3 * prefill_chunk + 1, (window or 0) + prefill_chunk + 1)
+    long = random_ids(1, L, vocab, seed=7)
+    got = model.generate(long, max_new_tokens=new, prefill_chunk=prefill_chunk, eos_token_id=None)
+    want = _hf_greedy(ref, long, torch.ones_like(long), new)
+    assert torch.equal(got, want), (f"prompt of {L} tokens in chunks of {prefill_chunk}: qkv {got[0, L:].tolist()} "
+                                    f"vs transformers {want[0, L:].tolist()}")
+
+
+def check_tokenizer(folder, model, texts=("the cat sat on the mat", "queries keys and values")) -> None:
+    """The ids of qkv's tokenizer equal those of transformers' fast tokenizer reading the same
+    tokenizer.json. (Not AutoTokenizer: transformers 5 picks a family's own class by model_type,
+    and e.g. Qwen2Tokenizer rebuilds Qwen's BPE pipeline around the file's vocabulary, which the
+    word-level test tokenizer is not.)"""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    for text in texts:
+        got = model.tokenizer(text).input_ids[0].tolist()
+        assert got == hf(text)["input_ids"], f"{text!r}: qkv {got} vs transformers {hf(text)['input_ids']}"
