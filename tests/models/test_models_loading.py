@@ -159,3 +159,18 @@ def test_runtime_path_imports_no_referee(minilm_folder):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[] []", out.stdout
+
+
+@pytest.mark.parametrize("arch,model_type,nearest", [
+    ("Qwen2MoeForCausalLM", "qwen2_moe", "Qwen2ForCausalLM"),
+    ("MistralForSequenceClassification", "mistral", "MistralForCausalLM"),
+    ("BertLMHeadModel", "bert", "BertModel"),
+    ("MambaForCausalLM", "mamba", "LlamaForCausalLM"),  # no shared stem: the first ...ForCausalLM registered
+])
+def test_unknown_architecture_names_the_nearest_family(tmp_path, gpt2_folder, arch, model_type, nearest):
+    folder = _copy(gpt2_folder[0], tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(architectures=[arch], model_type=model_type)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match=f"cannot run \\({arch}\\); the nearest family qkv runs is {nearest}; "):
+        qkv.load(folder)

@@ -19,6 +19,7 @@ sentence-transformers, which qkv does not need at run time.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Optional, Union
 
@@ -84,10 +85,41 @@ def architecture_of(config: dict, folder: Path) -> str:
     if not archs and model_type in _MODEL_TYPES:
         return _MODEL_TYPES[model_type]
     seen = ", ".join(archs) if archs else f"model_type={config.get('model_type')!r}"
+    near = nearest_architecture(archs, model_type)
+    hint = f"the nearest family qkv runs is {near}; " if near else ""
     raise ModelError(
         f"config.json in {str(folder)!r} names an architecture qkv cannot run ({seen}); "
-        f"qkv runs {', '.join(FAMILIES)}"
+        f"{hint}qkv runs {', '.join(FAMILIES)}"
     )
+
+
+def _split_architecture(name: str) -> tuple[str, str]:
+    """"Qwen2MoeForCausalLM" -> ("qwen2moe", "ForCausalLM"); a name without "For" has no task."""
+    base, sep, task = name.partition("For")
+    return base.lower().replace("_", ""), sep + task
+
+
+def nearest_architecture(archs: list[str], model_type: Optional[str]) -> Optional[str]:
+    """The architecture qkv runs that an unsupported one is most like, for refusals: the longest
+    shared name stem (at least 3 characters: Qwen2Moe -> Qwen2, GPTNeoXJapanese -> GPTNeoX),
+    then the same task (another ...ForCausalLM -> the first decoder registered); None if neither."""
+    wanted = [_split_architecture(a) for a in archs]
+    if model_type:
+        wanted.append((model_type.lower().replace("_", ""), ""))
+    best, best_len = None, 2
+    for name in FAMILIES:
+        stem, task = _split_architecture(name)
+        for w_stem, w_task in wanted:
+            n = len(os.path.commonprefix([stem, w_stem]))
+            if n > best_len or (n == best_len and best is not None and w_task == task):
+                best, best_len = name, n
+    if best is not None:
+        return best
+    for _, w_task in wanted:
+        for name in FAMILIES:
+            if w_task and _split_architecture(name)[1] == w_task:
+                return name
+    return None
 
 
 def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, device="cpu"):
