@@ -9,9 +9,10 @@ broken one is one `ModelError` that names it.
 Each architecture describes its checkpoint with one pure function `hf_plan(config)`:
 for every parameter of the qkv module, the checkpoint keys it is made of (concatenated on
 dim 0 for fused projections), their shapes, and whether they are stored transposed (GPT-2's
-Conv1D). `check_plan` compares the plan with the safetensors headers (every planned key
-exists with its exact shape and a floating-point dtype, every key of the checkpoint is used)
-before anything is allocated, and `load_weights` copies.
+Conv1D) or with their rows grouped otherwise (GPT-NeoX's per-head fused projection).
+`check_plan` compares the plan with the safetensors headers (every planned key exists with its
+exact shape and a floating-point dtype, every key of the checkpoint is used) before anything
+is allocated, and `load_weights` copies.
 """
 
 from __future__ import annotations
@@ -62,16 +63,30 @@ class Piece:
 
     key: name in the checkpoint; shape: its shape there (entries may be `Dim`s naming their
     config field); transpose: stored (in, out) as GPT-2's Conv1D, so it is transposed into
-    nn.Linear's (out, in).
+    nn.Linear's (out, in); regroup: (a, b) when the rows (dim 0, after any transpose) are
+    stored as a groups of b blocks and qkv wants b groups of a blocks (`regroup_rows`):
+    GPT-NeoX stores its fused projection per head, [q_h | k_h | v_h] for h = 0..H-1, and
+    qkv's fused `qkv_proj` holds [q | k | v], so regroup=(H, 3).
     """
 
     key: str
     shape: tuple[int, ...]
     transpose: bool = False
+    regroup: Optional[tuple[int, int]] = None
 
 
-# A plan: qkv parameter name -> pieces, concatenated along dim 0 after any transpose.
+# A plan: qkv parameter name -> pieces, concatenated along dim 0 after any transpose (and regroup).
 Plan = Mapping[str, tuple[Piece, ...]]
+
+
+def regroup_rows(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Rows (dim 0) of t stored as (a, b, n) blocks -> (b, a, n): row (i, j, r) moves to (j, i, r).
+
+    regroup_rows(t, b, a) undoes it. t: (a * b * n, ...) -> the same shape.
+    """
+    rest = t.shape[1:]
+    blocks = t.reshape(a, b, -1, *rest)  # (a, b, n, ...)
+    return blocks.transpose(0, 1).reshape(t.shape)  # (b, a, n, ...) -> (a * b * n, ...)
 
 
 class Stored(NamedTuple):
@@ -365,7 +380,8 @@ def load_weights(model: nn.Module, plan: Plan, shapes: Mapping[str, tuple], *,
             parts = []
             for piece in pieces:
                 t = handles[shapes[piece.key][1]].get_tensor(piece.key)
-                parts.append(t.t() if piece.transpose else t)
+                t = t.t() if piece.transpose else t
+                parts.append(regroup_rows(t, *piece.regroup) if piece.regroup else t)
             value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             param = params[name]
             if value.shape != param.shape:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .._files import write_bytes, write_text
-from ..models.checkpoint import CheckpointError, Plan
+from ..models.checkpoint import CheckpointError, Plan, regroup_rows
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = "qkv.train/1"
@@ -149,6 +149,7 @@ def export_weights(model: nn.Module, plan: Plan) -> dict[str, Tensor]:
         value = params[name].detach()
         sizes = [p.shape[-1] if p.transpose else p.shape[0] for p in pieces]
         for piece, part in zip(pieces, value.split(sizes, dim=0)):
+            part = regroup_rows(part, *reversed(piece.regroup)) if piece.regroup else part
             out[piece.key] = part.t().contiguous() if piece.transpose else part.contiguous()
     return out
 
