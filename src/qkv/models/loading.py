@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import bert, bert_heads, gpt2, gpt_neox, llama, mistral, opt, qwen2, seq2seq
+from . import bert, bert_heads, gemma, gemma2, gemma3, gpt2, gpt_neox, llama, mistral, opt, qwen2, seq2seq
 from .checkpoint import (
     ModelError,
     check_layers,
@@ -43,7 +43,7 @@ from .tokenizer import Tokenizer
 
 # The families qkv runs; a new family is one module with a FAMILY record and one entry here.
 _FAMILIES = (bert.FAMILY, *bert_heads.FAMILIES, gpt2.FAMILY, llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, seq2seq.FAMILY,
-             gpt_neox.FAMILY, opt.FAMILY)
+             gpt_neox.FAMILY, opt.FAMILY, gemma.FAMILY, gemma2.FAMILY, *gemma3.FAMILIES)
 # architecture name in config.json -> its family
 FAMILIES: dict[str, Family] = {a: f for f in _FAMILIES for a in f.architectures}
 # model_type -> architecture, for config.json files without an "architectures" list
