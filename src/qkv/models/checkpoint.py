@@ -62,12 +62,15 @@ class Piece:
 
     key: name in the checkpoint; shape: its shape there (entries may be `Dim`s naming their
     config field); transpose: stored (in, out) as GPT-2's Conv1D, so it is transposed into
-    nn.Linear's (out, in).
+    nn.Linear's (out, in); index: the piece is `stored[index]` (ints and slices), a part of the
+    stored tensor, e.g. one expert's rows of transformers 5's stacked expert tensors
+    (mixtral.py); () = the whole tensor. `shape` is always the whole stored shape.
     """
 
     key: str
     shape: tuple[int, ...]
     transpose: bool = False
+    index: tuple = ()
 
 
 # A plan: qkv parameter name -> pieces, concatenated along dim 0 after any transpose.
@@ -364,7 +367,9 @@ def load_weights(model: nn.Module, plan: Plan, shapes: Mapping[str, tuple], *,
         for name, pieces in plan.items():
             parts = []
             for piece in pieces:
-                t = handles[shapes[piece.key][1]].get_tensor(piece.key)
+                handle = handles[shapes[piece.key][1]]
+                # a part is read on its own (safetensors slices the file), not the whole tensor
+                t = handle.get_slice(piece.key)[piece.index] if piece.index else handle.get_tensor(piece.key)
                 parts.append(t.t() if piece.transpose else t)
             value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             param = params[name]
