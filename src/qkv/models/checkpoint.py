@@ -67,12 +67,16 @@ class Piece:
     stored as a groups of b blocks and qkv wants b groups of a blocks (`regroup_rows`):
     GPT-NeoX stores its fused projection per head, [q_h | k_h | v_h] for h = 0..H-1, and
     qkv's fused `qkv_proj` holds [q | k | v], so regroup=(H, 3).
+    index: the piece is `stored[index]` (ints and slices), a part of the
+    stored tensor, e.g. one expert's rows of transformers 5's stacked expert tensors
+    (mixtral.py); () = the whole tensor. `shape` is always the whole stored shape.
     """
 
     key: str
     shape: tuple[int, ...]
     transpose: bool = False
     regroup: Optional[tuple[int, int]] = None
+    index: tuple = ()
 
 
 # A plan: qkv parameter name -> pieces, concatenated along dim 0 after any transpose (and regroup).
@@ -379,7 +383,9 @@ def load_weights(model: nn.Module, plan: Plan, shapes: Mapping[str, tuple], *,
         for name, pieces in plan.items():
             parts = []
             for piece in pieces:
-                t = handles[shapes[piece.key][1]].get_tensor(piece.key)
+                handle = handles[shapes[piece.key][1]]
+                # a part is read on its own (safetensors slices the file), not the whole tensor
+                t = handle.get_slice(piece.key)[piece.index] if piece.index else handle.get_tensor(piece.key)
                 t = t.t() if piece.transpose else t
                 parts.append(regroup_rows(t, *piece.regroup) if piece.regroup else t)
             value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

@@ -25,7 +25,24 @@ from typing import Optional, Union
 
 import torch
 
-from . import bert, bert_heads, gemma, gemma2, gemma3, gpt2, gpt_neox, llama, mistral, opt, qwen2, seq2seq
+from . import (
+    bert,
+    bert_heads,
+    cohere,
+    gemma,
+    gemma2,
+    gemma3,
+    gpt2,
+    gpt_neox,
+    llama,
+    mistral,
+    mixtral,
+    opt,
+    qwen2,
+    seq2seq,
+    stablelm,
+    starcoder2,
+)
 from .checkpoint import (
     ModelError,
     check_layers,
@@ -42,8 +59,24 @@ from .fields import POSITIVE, Fields
 from .tokenizer import Tokenizer
 
 # The families qkv runs; a new family is one module with a FAMILY record and one entry here.
-_FAMILIES = (bert.FAMILY, *bert_heads.FAMILIES, gpt2.FAMILY, llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, seq2seq.FAMILY,
-             gpt_neox.FAMILY, opt.FAMILY, gemma.FAMILY, gemma2.FAMILY, *gemma3.FAMILIES)
+_FAMILIES = (
+    bert.FAMILY,
+    *bert_heads.FAMILIES,
+    gpt2.FAMILY,
+    llama.FAMILY,
+    mistral.FAMILY,
+    qwen2.FAMILY,
+    seq2seq.FAMILY,
+    gpt_neox.FAMILY,
+    opt.FAMILY,
+    gemma.FAMILY,
+    gemma2.FAMILY,
+    *gemma3.FAMILIES,
+    mixtral.FAMILY,
+    starcoder2.FAMILY,
+    stablelm.FAMILY,
+    cohere.FAMILY,
+)
 # architecture name in config.json -> its family
 FAMILIES: dict[str, Family] = {a: f for f in _FAMILIES for a in f.architectures}
 # model_type -> architecture, for config.json files without an "architectures" list
