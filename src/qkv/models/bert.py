@@ -64,13 +64,14 @@ class BertConfig(HFConfig):
         "attention_probs_dropout_prob": PROBABILITY, "pad_token_id": NON_NEGATIVE,
     }
     READ_BY_HAND: ClassVar[tuple[str, ...]] = ("add_pooling_layer",)  # fields read_dataclass leaves alone
+    ARCH: ClassVar[str] = "BertModel"  # the encoder's name in messages
 
     @classmethod
     def read_fields(cls, f: Fields) -> dict:
-        refuse_cross_attention(f, "BertModel", "BertModel")
+        refuse_cross_attention(f, cls.ARCH, cls.ARCH)
         kw = read_dataclass(cls, f, limits=cls.LIMITS, skip=cls.READ_BY_HAND)
         if kw.get("position_embedding_type", "absolute") != "absolute":
-            raise f.unsupported("position_embedding_type", "qkv's BERT has learned absolute positions only "
+            raise f.unsupported("position_embedding_type", f"qkv's {cls.ARCH} has learned absolute positions only "
                                 "(relative_key and relative_key_query add distance embeddings it does not run)")
         return kw
 
@@ -303,9 +304,11 @@ class EncoderModel(nn.Module):
 class BertModel(EncoderModel):
     """The BERT encoder (see `EncoderModel`), with BertModel's pooler when the checkpoint has one."""
 
+    EMBEDDINGS: ClassVar[type] = BertEmbeddings  # RoBERTa's number positions differently
+
     def __init__(self, config: BertConfig):
         super().__init__(config)
-        self.embeddings = BertEmbeddings(config)
+        self.embeddings = self.EMBEDDINGS(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertDense(config.hidden_size, config.hidden_size) if config.add_pooling_layer else None
 
@@ -473,8 +476,12 @@ def _adapt(c: BertConfig, keys) -> tuple[BertConfig, tuple]:
     return replace(c, add_pooling_layer=any(k.startswith("pooler.") for k in keys)), ()
 
 
+def pooling_extras(folder: Path, c) -> dict:
+    """`extras` of an encoder folder: the sentence pooling its sentence-transformers files prescribe."""
+    return {"pooling": SentencePooling.from_folder(folder, hidden_size=c.hidden_size)}
+
+
 FAMILY = Family(
     architectures=("BertModel",), model_type="bert", config=BertConfig, model=BertModel,
-    plan=hf_plan, layers=hf_layers, ignored=hf_ignored, adapt=_adapt, needs_tokenizer=True,
-    extras=lambda folder, c: {"pooling": SentencePooling.from_folder(folder, hidden_size=c.hidden_size)},
+    plan=hf_plan, layers=hf_layers, ignored=hf_ignored, adapt=_adapt, needs_tokenizer=True, extras=pooling_extras,
 )

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bert import BertConfig, BertModel, EncoderModel, SentencePooling, hf_ignored, hf_layers, hf_plan
+from .bert import BertConfig, BertModel, EncoderModel, hf_ignored, hf_layers, hf_plan, pooling_extras
 from .checkpoint import Dim, ModelError, Piece, Plan
 from .common import Family, activation
 from .fields import POSITIVE, PROBABILITY, Fields
@@ -251,18 +251,34 @@ class BertForSequenceClassification(SequenceClassifier, BertModel):
 
 # -- checkpoints ------------------------------------------------------------------------------
 
-def _adapt(c: BertHeadConfig, keys) -> tuple[BertHeadConfig, tuple]:
-    """The encoder's prefix ("bert.", or none for a bare encoder's names) and the pooler, from the keys."""
-    prefix = "bert." if any(k.startswith("bert.") for k in keys) else ""
-    return replace(c, add_pooling_layer=any(k.startswith(prefix + "pooler.") for k in keys)), (prefix,)
+def encoder_adapt(name: str):
+    """`adapt` of a head checkpoint whose encoder is stored under `name` ("bert.", "roberta."):
+    the prefix (`name`, or none for a bare encoder's names) and the pooler, from the keys."""
+
+    def adapt(c, keys) -> tuple:
+        prefix = name if any(k.startswith(name) for k in keys) else ""
+        return replace(c, add_pooling_layer=any(k.startswith(prefix + "pooler.") for k in keys)), (prefix,)
+
+    return adapt
 
 
-def _mlm_adapt(c: BertHeadConfig, keys) -> tuple[BertHeadConfig, tuple]:
-    """As `_adapt`, and which stored bias the decoder adds (see `BertHeadConfig.mlm_bias`)."""
-    c, args = _adapt(c, keys)
-    if not c.tie_word_embeddings and "cls.predictions.decoder.bias" in keys:
-        c = replace(c, mlm_bias="cls.predictions.decoder.bias")
-    return c, args
+_adapt = encoder_adapt("bert.")
+
+
+def mlm_adapt(adapt, decoder_bias: str):
+    """As `adapt`, and which stored bias the masked-LM decoder adds (`HeadConfig.mlm_bias`): an
+    untied decoder that stores a bias of its own (`decoder_bias`) adds that one."""
+
+    def with_bias(c, keys) -> tuple:
+        c, args = adapt(c, keys)
+        if not c.tie_word_embeddings and decoder_bias in keys:
+            c = replace(c, mlm_bias=decoder_bias)
+        return c, args
+
+    return with_bias
+
+
+_mlm_adapt = mlm_adapt(_adapt, "cls.predictions.decoder.bias")
 
 
 def _mlm_plan(c: BertHeadConfig, prefix: str = "") -> Plan:
@@ -312,8 +328,7 @@ def reported(head: dict, encoder_ignored=hf_ignored):
 
 def _extras(head: str):
     def extras(folder, c) -> dict:
-        return {"pooling": SentencePooling.from_folder(folder, hidden_size=c.hidden_size),
-                "head": head.format(n=c.num_labels)}
+        return {**pooling_extras(folder, c), "head": head.format(n=c.num_labels)}
 
     return extras
 

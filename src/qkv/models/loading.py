@@ -24,7 +24,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import bert, bert_heads, gpt2, llama, mistral, qwen2, seq2seq
+from . import bert, bert_heads, distilbert, gpt2, llama, mistral, qwen2, roberta, seq2seq
 from .checkpoint import (
     ModelError,
     check_layers,
@@ -41,7 +41,8 @@ from .fields import POSITIVE, Fields
 from .tokenizer import Tokenizer
 
 # The families qkv runs; a new family is one module with a FAMILY record and one entry here.
-_FAMILIES = (bert.FAMILY, *bert_heads.FAMILIES, gpt2.FAMILY, llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, seq2seq.FAMILY)
+_FAMILIES = (bert.FAMILY, *bert_heads.FAMILIES, *roberta.FAMILIES, *distilbert.FAMILIES, gpt2.FAMILY, llama.FAMILY,
+             mistral.FAMILY, qwen2.FAMILY, seq2seq.FAMILY)
 # architecture name in config.json -> its family
 FAMILIES: dict[str, Family] = {a: f for f in _FAMILIES for a in f.architectures}
 # model_type -> architecture, for config.json files without an "architectures" list
@@ -142,7 +143,8 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
     check_plan(plan, shapes, ignored=ignored, source=source)
 
     # The folder's other files, also before the weights: a broken one costs no allocation.
-    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    max_len = (getattr(config, "max_tokens", None) or getattr(config, "max_position_embeddings", None)
+               or getattr(config, "n_positions", None))  # the encoders' max_tokens: RoBERTa's reserve positions
     try:
         tokenizer = Tokenizer.from_folder(folder, max_length=max_len)
     except FileNotFoundError:
