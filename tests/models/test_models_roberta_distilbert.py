@@ -335,6 +335,28 @@ def test_roberta_untied_decoder_adds_its_own_bias(tmp_path):
         assert _err(model.logits(ids, mask), ref(input_ids=ids, attention_mask=mask.long()).logits, mask) < TOL
 
 
+def test_roberta_masked_lm_folder_with_pooler_and_stored_decoder_loads(tmp_path):
+    """roberta-base's shape: a RobertaForMaskedLM checkpoint that also holds the pooler and
+    stores the tied decoder (weight and bias)."""
+    from safetensors.torch import save_file
+
+    ref = build_roberta(tmp_path, "RobertaForMaskedLM", seed=10)
+    sd = load_file(tmp_path / "model.safetensors")
+    sd.update({"roberta.pooler.dense.weight": torch.randn(32, 32), "roberta.pooler.dense.bias": torch.randn(32),
+               "lm_head.decoder.weight": sd["roberta.embeddings.word_embeddings.weight"].clone(),
+               "lm_head.decoder.bias": sd["lm_head.bias"].clone()})
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model = qkv.load(tmp_path)
+    assert model.pooler is not None and model.lm_head.decoder is None
+    ids, mask = _padded(model)
+    with torch.no_grad():
+        assert _err(model.logits(ids, mask), ref(input_ids=ids, attention_mask=mask.long()).logits, mask) < TOL
+    sd["lm_head.decoder.bias"] = torch.zeros(V + 1)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"lm_head.decoder.bias: checkpoint \(65\), model expects \(64\)"):
+        qkv.load(tmp_path)
+
+
 def test_roberta_classification_logits_and_labels_match_transformers(roberta_clf, loaded):
     folder, ref = roberta_clf
     model = loaded(folder)
@@ -547,15 +569,17 @@ def test_distilbert_report_only_heads_load_the_encoder(tmp_path, arch, head_key,
         assert _err(model(ids, mask), _hidden(ref, ids, mask), mask) < TOL
 
 
-@pytest.mark.parametrize("fields, match", [
-    ({"n_heads": 5}, "dim=32 is not divisible by n_heads=5"),
-    ({"hidden_size": 48}, "hidden_size=48 is not supported: it is DistilBERT's dim by another name"),
-    ({"activation": "prelu"}, "activation=\"prelu\" is not supported"),
-    ({"dim": 48}, "dim=48 but the weights hold 32"),
-    ({"n_layers": 3}, "n_layers"),
+@pytest.mark.parametrize("arch, fields, match", [
+    ("DistilBertModel", {"n_heads": 5}, "dim=32 is not divisible by n_heads=5"),
+    ("DistilBertModel", {"hidden_size": 48}, "hidden_size=48 is not supported: it is DistilBERT's dim by another"),
+    ("DistilBertModel", {"activation": "prelu"}, "activation=\"prelu\" is not supported"),
+    ("DistilBertModel", {"dim": 48}, "dim=48 but the weights hold 32"),
+    ("DistilBertModel", {"n_layers": 3}, "n_layers=3, but the checkpoint holds 2 layer"),
+    ("DistilBertForSequenceClassification", {"problem_type": "multi_label_classification"},
+     "problem_type=.*single-label"),
 ])
-def test_distilbert_refusals(tmp_path, fields, match):
-    build_distilbert(tmp_path, seed=8)
+def test_distilbert_refusals(tmp_path, arch, fields, match):
+    build_distilbert(tmp_path, arch, seed=8)
     _edit_config(tmp_path, **fields)
     with pytest.raises(ModelError, match=match):
         qkv.load(tmp_path)
@@ -567,3 +591,11 @@ def test_cli_similarity_takes_any_encoder(roberta, distilbert, capsys):
     for folder, _ in (roberta, distilbert):
         assert main(["similarity", TEXTS[0], TEXTS[1], "--model", str(folder)]) == 0
         assert "similarity to: the cat sat on the mat ." in capsys.readouterr().out
+
+
+def test_explain_runs_on_roberta_and_distilbert(roberta_mlm, distilbert, loaded):
+    for folder, n_tokens in ((roberta_mlm[0], None), (distilbert[0], 8)):
+        model = loaded(folder)
+        result = qkv.explain("the cat sat on the mat", model)
+        assert result.tokens[0] in ("<s>", "[CLS]") and result.tokens[-1] in ("</s>", "[SEP]")
+        assert n_tokens is None or len(result.tokens) == n_tokens
