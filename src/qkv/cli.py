@@ -239,12 +239,12 @@ def _similarity(p):
     p.add_argument("--truncate", action="store_true", help="cut sentences longer than the model's limit")
 
     def run(args):
-        from .models import BertModel
+        from .models import EncoderModel
 
         sentences = _sentences(args.sentences)
         if len(sentences) < 2:
             raise UserError("give at least two sentences: the first is compared with each of the others")
-        model = _load(args.model, lambda m: isinstance(m, BertModel), "similarity needs a BERT-family encoder")
+        model = _load(args.model, lambda m: isinstance(m, EncoderModel), "similarity needs a BERT-family encoder")
         limit = model.pooling.max_length(model)
         for i, s in enumerate(sentences):
             _check_length(model.tokenizer, s, f"sentence {i + 1}", args.model, limit, args.truncate)

@@ -1,5 +1,6 @@
-"""Real models on qkv's attention: BERT-family encoders, GPT-2, Llama, Mistral and Qwen2 decoders,
-loaded from Hugging Face safetensors folders (models -> nn -> core).
+"""Real models on qkv's attention: BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa, DistilBERT),
+GPT-2, Llama, Mistral and Qwen2 decoders, loaded from Hugging Face safetensors folders
+(models -> nn -> core).
 
     model = qkv.load("minilm")            # bundled all-MiniLM-L6-v2
     emb = model.encode(["A sentence."])   # (1, 384), normalised
@@ -11,16 +12,31 @@ The decoders are `CausalLM`s (decoder.py: one decoder skeleton with generation);
 module ends in a `Family` record (common.py) through which `load` reads its folders.
 """
 
-from .bert import BertConfig, BertModel, SentencePooling
-from .bert_heads import BertForMaskedLM, BertForSequenceClassification, BertHeadConfig
+from .bert import BertConfig, BertModel, EncoderModel, SentencePooling
+from .bert_heads import BertForMaskedLM, BertForSequenceClassification, BertHeadConfig, MaskedLM, SequenceClassifier
 from .checkpoint import CheckpointError, ModelError
 from .common import Family
 from .decoder import CausalLM
+from .distilbert import (
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    DistilBertForSequenceClassification,
+    DistilBertHeadConfig,
+    DistilBertModel,
+)
 from .gpt2 import GPT2Config, GPT2LMHeadModel
 from .llama import LlamaConfig, LlamaForCausalLM
 from .loading import BUNDLED, FAMILIES, bundled_path, load
 from .mistral import MistralConfig, MistralForCausalLM
 from .qwen2 import Qwen2Config, Qwen2ForCausalLM
+from .roberta import (
+    RobertaConfig,
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+    RobertaHeadConfig,
+    RobertaModel,
+    XLMRobertaConfig,
+)
 from .seq2seq import QkvSeq2Seq, Seq2SeqConfig
 from .tokenizer import Batch, Tokenizer
 
@@ -31,12 +47,26 @@ __all__ = [
     "FAMILIES",
     "Family",
     "CausalLM",
+    "EncoderModel",
+    "MaskedLM",
+    "SequenceClassifier",
     "BertConfig",
     "BertModel",
     "SentencePooling",
     "BertHeadConfig",
     "BertForMaskedLM",
     "BertForSequenceClassification",
+    "RobertaConfig",
+    "XLMRobertaConfig",
+    "RobertaModel",
+    "RobertaHeadConfig",
+    "RobertaForMaskedLM",
+    "RobertaForSequenceClassification",
+    "DistilBertConfig",
+    "DistilBertModel",
+    "DistilBertHeadConfig",
+    "DistilBertForMaskedLM",
+    "DistilBertForSequenceClassification",
     "GPT2Config",
     "GPT2LMHeadModel",
     "LlamaConfig",

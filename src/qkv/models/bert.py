@@ -6,6 +6,10 @@ Post-LayerNorm blocks: x = LN(x + Attn(x)); x = LN(x + FFN(x)); learned absolute
 token-type embeddings. Module names are Hugging Face's except the attention projections,
 which are one fused `qkv_proj` in `attention.self` (plus its `out_proj`); `hf_plan` is the
 one pure function that maps checkpoint names onto them.
+
+`EncoderModel` is what the BERT-like encoders share (BERT here, RoBERTa in roberta.py,
+DistilBERT in distilbert.py): the forward pass that runs everything but attention on the real
+tokens only, and sentence embeddings (`encode`, `similarity`).
 """
 
 from __future__ import annotations
@@ -60,18 +64,24 @@ class BertConfig(HFConfig):
         "attention_probs_dropout_prob": PROBABILITY, "pad_token_id": NON_NEGATIVE,
     }
     READ_BY_HAND: ClassVar[tuple[str, ...]] = ("add_pooling_layer",)  # fields read_dataclass leaves alone
+    ARCH: ClassVar[str] = "BertModel"  # the encoder's name in messages
 
     @classmethod
     def read_fields(cls, f: Fields) -> dict:
-        refuse_cross_attention(f, "BertModel", "BertModel")
+        refuse_cross_attention(f, cls.ARCH, cls.ARCH)
         kw = read_dataclass(cls, f, limits=cls.LIMITS, skip=cls.READ_BY_HAND)
         if kw.get("position_embedding_type", "absolute") != "absolute":
-            raise f.unsupported("position_embedding_type", "qkv's BERT has learned absolute positions only "
+            raise f.unsupported("position_embedding_type", f"qkv's {cls.ARCH} has learned absolute positions only "
                                 "(relative_key and relative_key_query add distance embeddings it does not run)")
         return kw
 
     def check(self, source) -> None:
         check_divisible(source, "hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest input, in tokens: one learned position each."""
+        return self.max_position_embeddings
 
 
 class BertEmbeddings(nn.Module):
@@ -83,15 +93,32 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
 
+    def positions(self, input_ids: Tensor) -> Tensor:
+        """The position of each token: (L,) 0, 1, ..., L - 1 for BERT (RoBERTa's count real tokens only)."""
+        return torch.arange(input_ids.shape[1], device=input_ids.device)  # (L,)
+
     def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor]) -> Tensor:
-        L = input_ids.shape[1]
-        pos = torch.arange(L, device=input_ids.device)  # (L,)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)  # (B, L, E)
+        """input_ids (B, L), token_type_ids (B, L) or None (all 0) -> (B, L, E)."""
+        x = self.word_embeddings(input_ids) + self.position_embeddings(self.positions(input_ids))  # (B, L, E)
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
         else:
             x = x + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(x))
+
+
+def self_attention(attn: MultiHeadAttention, x: Tensor, mask: Optional[Tensor], real: Optional[Tensor],
+                   padded_shape: tuple[int, int], causal: bool = False) -> Tensor:
+    """`attn` over x (B, L, E) -> (B, L, E); or, when `real` is given, over the N real tokens
+    x (N, E) of a padded (B, L) batch (`real`: their flat indices in B*L): scattered into the
+    padded layout for attention only, gathered back -> (N, E)."""
+    if real is None:
+        return attn(x, mask=mask, causal=causal)
+    B, L = padded_shape
+    padded = x.new_zeros(B * L, x.shape[-1])  # (B*L, E)
+    padded[real] = x
+    a = attn(padded.view(B, L, -1), mask=mask, causal=causal)  # (B, L, E)
+    return a.view(B * L, -1)[real]  # (N, E)
 
 
 class BertAttentionOutput(nn.Module):
@@ -109,8 +136,11 @@ class BertAttention(nn.Module):
         self.output = BertAttentionOutput(c)
         self.causal = c.is_decoder
 
-    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-        return self.output.LayerNorm(x + self.output.dropout(self.self(x, mask=mask, causal=self.causal)))
+    def forward(self, x: Tensor, mask: Optional[Tensor], real: Optional[Tensor] = None,
+                padded_shape: tuple[int, int] = (0, 0)) -> Tensor:
+        """x (B, L, E), or (N, E) real tokens (see `self_attention`) -> the same shape."""
+        a = self_attention(self.self, x, mask, real, padded_shape, self.causal)
+        return self.output.LayerNorm(x + self.output.dropout(a))
 
 
 class BertDense(nn.Module):
@@ -142,15 +172,7 @@ class BertLayer(nn.Module):
         real: (N,) flat indices of the real tokens in (B*L); attention runs on the padded
         (B, L, E) layout, everything else only on the N real tokens (no work on padding).
         """
-        if real is None:
-            x = self.attention(x, mask)  # (B, L, E)
-        else:
-            B, L = padded_shape
-            padded = x.new_zeros(B * L, x.shape[-1])  # (B*L, E)
-            padded[real] = x
-            a = self.attention.self(padded.view(B, L, -1), mask=mask, causal=self.attention.causal)
-            a = a.view(B * L, -1)[real]  # (N, E)
-            x = self.attention.output.LayerNorm(x + self.attention.output.dropout(a))  # (N, E)
+        x = self.attention(x, mask, real, padded_shape)  # (B, L, E) | (N, E)
         h = self.output.dense(self._act(self.intermediate.dense(x)))  # (B, L, E) | (N, E)
         return self.output.LayerNorm(x + self.output.dropout(h))
 
@@ -161,24 +183,36 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
 
 
-class BertModel(nn.Module):
-    """The BERT encoder. `forward` gives the last hidden states; `encode` sentence embeddings.
+class EncoderModel(nn.Module):
+    """A BERT-like encoder (BertModel, RobertaModel, DistilBertModel). `forward` gives the last
+    hidden states; `encode` sentence embeddings; `similarity` cosine similarities.
+
+    A subclass builds `embeddings` (with `word_embeddings`) and its layers, and supplies
+    `embed(input_ids, token_type_ids) -> (B, L, E)` and `layers`, each layer called as
+    `layer(x, mask, real, padded_shape)` (see `BertLayer`); its config has `hidden_size` and
+    `max_tokens`.
 
     Attributes set by `qkv.load`: `tokenizer` (a qkv Tokenizer) and `pooling` (a
     `SentencePooling` read from the folder's sentence-transformers files, or mean pooling).
-    `head` names the checkpoint's head (bert_heads.py); None for a plain BertModel folder.
+    `head` names the checkpoint's head (bert_heads.py); None for a plain encoder folder.
     """
 
     head: Optional[str] = None
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config):
         super().__init__()
         self.config = config
-        self.embeddings = BertEmbeddings(config)
-        self.encoder = BertEncoder(config)
-        self.pooler = BertDense(config.hidden_size, config.hidden_size) if config.add_pooling_layer else None
         self.tokenizer: Optional[Tokenizer] = None
         self.pooling = SentencePooling()
+
+    def embed(self, input_ids: Tensor, token_type_ids: Optional[Tensor]) -> Tensor:
+        """input_ids (B, L), token_type_ids (B, L) or None -> embeddings (B, L, E)."""
+        raise NotImplementedError
+
+    @property
+    def layers(self) -> Sequence[nn.Module]:
+        """The encoder blocks, in order."""
+        raise NotImplementedError
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None) -> Tensor:
@@ -195,11 +229,9 @@ class BertModel(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
         L = input_ids.shape[1]
-        if L > self.config.max_position_embeddings:
-            raise ModelError(
-                f"input has {L} tokens but this model has {self.config.max_position_embeddings} positions; "
-                f"shorten or truncate it"
-            )
+        if L > self.config.max_tokens:
+            raise ModelError(f"input has {L} tokens but this model has {self.config.max_tokens} positions; "
+                             f"shorten or truncate it")
         mask = None
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
@@ -208,26 +240,25 @@ class BertModel(nn.Module):
             keep = attention_mask.bool()
             if not bool(keep.all()):
                 mask = keep[:, None, None, :]  # (B, 1, 1, L): key padding, True = may attend
-        x = self.embeddings(input_ids, token_type_ids)  # (B, L, E)
+        x = self.embed(input_ids, token_type_ids)  # (B, L, E)
         if mask is None:
-            for layer in self.encoder.layer:
+            for layer in self.layers:
                 x = layer(x, None)
             return x
         # Unpadded: projections, feed-forward and norms see only the N real tokens.
         B, L, E = x.shape
         real = keep.reshape(-1).nonzero().squeeze(1)  # (N,) flat indices into B*L
         h = x.reshape(B * L, E)[real]  # (N, E)
-        for layer in self.encoder.layer:
+        for layer in self.layers:
             h = layer(h, mask, real, (B, L))
         out = h.new_zeros(B * L, E)
         out[real] = h
         return out.view(B, L, E)
 
-    def pooler_output(self, hidden: Tensor) -> Tensor:
-        """BertModel's pooler: tanh(dense(hidden[:, 0])). hidden (B, L, E) -> (B, E)."""
-        if self.pooler is None:
-            raise ModelError("this checkpoint has no pooler weights (pooler.dense); use sentence pooling (encode)")
-        return torch.tanh(self.pooler.dense(hidden[:, 0]))
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live (inputs are moved there)."""
+        return self.embeddings.word_embeddings.weight.device
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], *, batch_size: int = 32, truncate: bool = False,
@@ -252,7 +283,7 @@ class BertModel(nn.Module):
         batch = self.tokenizer(texts, truncate=truncate, max_length=self.pooling.max_length(self))
         order = torch.argsort(batch.lengths, descending=True, stable=True)
         out = torch.empty(len(texts), self.config.hidden_size, dtype=torch.float32)
-        device = self.embeddings.word_embeddings.weight.device
+        device = self.device
         for start in range(0, len(texts), batch_size):
             idx = order[start:start + batch_size]
             n = int(batch.lengths[idx].max())
@@ -270,6 +301,31 @@ class BertModel(nn.Module):
         return emb[1:] @ emb[0]
 
 
+class BertModel(EncoderModel):
+    """The BERT encoder (see `EncoderModel`), with BertModel's pooler when the checkpoint has one."""
+
+    EMBEDDINGS: ClassVar[type] = BertEmbeddings  # RoBERTa's number positions differently
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.embeddings = self.EMBEDDINGS(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertDense(config.hidden_size, config.hidden_size) if config.add_pooling_layer else None
+
+    def embed(self, input_ids: Tensor, token_type_ids: Optional[Tensor]) -> Tensor:
+        return self.embeddings(input_ids, token_type_ids)  # (B, L, E)
+
+    @property
+    def layers(self) -> Sequence[nn.Module]:
+        return self.encoder.layer
+
+    def pooler_output(self, hidden: Tensor) -> Tensor:
+        """BertModel's pooler: tanh(dense(hidden[:, 0])). hidden (B, L, E) -> (B, E)."""
+        if self.pooler is None:
+            raise ModelError("this checkpoint has no pooler weights (pooler.dense); use sentence pooling (encode)")
+        return torch.tanh(self.pooler.dense(hidden[:, 0]))
+
+
 @dataclass(frozen=True)
 class SentencePooling:
     """Sentence-BERT pooling read from modules.json and 1_Pooling/config.json.
@@ -283,8 +339,8 @@ class SentencePooling:
     normalize: bool = False
     max_seq_length: Optional[int] = None
 
-    def max_length(self, model: BertModel) -> int:
-        limit = model.config.max_position_embeddings
+    def max_length(self, model: EncoderModel) -> int:
+        limit = model.config.max_tokens
         return min(limit, self.max_seq_length) if self.max_seq_length else limit
 
     def __call__(self, hidden: Tensor, mask: Tensor, *, normalize: Optional[bool] = None) -> Tensor:
@@ -420,8 +476,12 @@ def _adapt(c: BertConfig, keys) -> tuple[BertConfig, tuple]:
     return replace(c, add_pooling_layer=any(k.startswith("pooler.") for k in keys)), ()
 
 
+def pooling_extras(folder: Path, c) -> dict:
+    """`extras` of an encoder folder: the sentence pooling its sentence-transformers files prescribe."""
+    return {"pooling": SentencePooling.from_folder(folder, hidden_size=c.hidden_size)}
+
+
 FAMILY = Family(
     architectures=("BertModel",), model_type="bert", config=BertConfig, model=BertModel,
-    plan=hf_plan, layers=hf_layers, ignored=hf_ignored, adapt=_adapt, needs_tokenizer=True,
-    extras=lambda folder, c: {"pooling": SentencePooling.from_folder(folder, hidden_size=c.hidden_size)},
+    plan=hf_plan, layers=hf_layers, ignored=hf_ignored, adapt=_adapt, needs_tokenizer=True, extras=pooling_extras,
 )

@@ -13,6 +13,11 @@ The checkpoints hold the encoder under "bert." (`_adapt` reads the prefix from t
 Head weights qkv does not run (next-sentence prediction, token classifiers, span heads) are
 accepted with their shapes checked, not copied; `model.head` says what the checkpoint's head
 is and which methods run it.
+
+What the heads of every BERT-like encoder share is here too, and roberta.py and distilbert.py
+use it: `HeadConfig` (the head fields of config.json), `MaskedLM` (`logits`, `fill_mask`),
+`SequenceClassifier` (`logits`, `classify`), `reported` and `head_family` (the `Family` record
+of a head checkpoint).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bert import BertConfig, BertModel, SentencePooling, hf_ignored, hf_layers, hf_plan
+from .bert import BertConfig, BertModel, EncoderModel, hf_ignored, hf_layers, hf_plan, pooling_extras
 from .checkpoint import Dim, ModelError, Piece, Plan
 from .common import Family, activation
 from .fields import POSITIVE, PROBABILITY, Fields
@@ -33,21 +38,22 @@ PROBLEM_TYPES = (None, "single_label_classification")  # what `classify` compute
 
 
 @dataclass(frozen=True)
-class BertHeadConfig(BertConfig):
+class HeadConfig:
+    """The fields a checkpoint with a head adds to its encoder's config: a mixin put first,
+    `class BertHeadConfig(HeadConfig, BertConfig)`, whose class sets
+    `LIMITS = {**Encoder.LIMITS, **HEAD_LIMITS}` and `READ_BY_HAND = Encoder.READ_BY_HAND + HEAD_BY_HAND`."""
+
     id2label: tuple[str, ...] = ("LABEL_0", "LABEL_1")  # label names by id (config.json's id2label)
     problem_type: Optional[str] = None  # only single-label classification (softmax) is run
     classifier_dropout: Optional[float] = None  # active only in training mode; None = hidden_dropout_prob
     tie_word_embeddings: bool = True  # the masked-LM decoder is the word embeddings (transformers' default)
     # checkpoint key of the bias the masked-LM decoder adds; set from the keys: an untied decoder
-    # that stores its own (cls.predictions.decoder.bias) adds that one, as transformers does
-    mlm_bias: str = "cls.predictions.bias"
-
-    LIMITS = {**BertConfig.LIMITS, "classifier_dropout": PROBABILITY}
-    READ_BY_HAND: ClassVar[tuple[str, ...]] = ("add_pooling_layer", "id2label", "problem_type", "mlm_bias")
+    # that stores its own (e.g. cls.predictions.decoder.bias) adds that one, as transformers does
+    mlm_bias: str = ""
 
     @classmethod
     def read_fields(cls, f: Fields) -> dict:
-        kw = super().read_fields(f)
+        kw = super().read_fields(f)  # type: ignore[misc]  # the encoder's config, next in the MRO
         kw["id2label"] = _read_labels(f)
         problem = f.get("problem_type", Optional[str], None)
         if problem not in PROBLEM_TYPES:
@@ -60,6 +66,18 @@ class BertHeadConfig(BertConfig):
     @property
     def num_labels(self) -> int:
         return len(self.id2label)
+
+
+HEAD_LIMITS = {"classifier_dropout": PROBABILITY}
+HEAD_BY_HAND = ("id2label", "problem_type", "mlm_bias")  # read by HeadConfig.read_fields, or set from the keys
+
+
+@dataclass(frozen=True)
+class BertHeadConfig(HeadConfig, BertConfig):
+    mlm_bias: str = "cls.predictions.bias"
+
+    LIMITS = {**BertConfig.LIMITS, **HEAD_LIMITS}
+    READ_BY_HAND: ClassVar[tuple[str, ...]] = BertConfig.READ_BY_HAND + HEAD_BY_HAND
 
 
 def _read_labels(f: Fields) -> tuple[str, ...]:
@@ -113,27 +131,30 @@ class BertOnlyMLMHead(nn.Module):
         self.predictions = BertLMPredictionHead(c)
 
 
-class BertForMaskedLM(BertModel):
-    """BERT with its masked-LM head: `logits` over the vocabulary, `fill_mask`."""
+class MaskedLM(EncoderModel):
+    """An encoder with a masked-LM head: `logits` over the vocabulary, `fill_mask`. A subclass
+    supplies `mlm_logits(hidden)` and names its mask token in `MASK`."""
 
-    def __init__(self, config: BertHeadConfig):
-        super().__init__(config)
-        self.cls = BertOnlyMLMHead(config)
+    MASK = "[MASK]"
+
+    def mlm_logits(self, hidden: Tensor) -> Tensor:
+        """hidden (..., E) -> masked-LM logits (..., V)."""
+        raise NotImplementedError
 
     def logits(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                token_type_ids: Optional[Tensor] = None) -> Tensor:
         """(B, L) ids (and mask, segments, as `forward` takes them) -> (B, L, V) masked-LM logits.
         Padded positions hold the head applied to zeros; read real tokens only."""
-        hidden = self(input_ids, attention_mask, token_type_ids)  # (B, L, E)
-        return self.cls.predictions(hidden, self.embeddings.word_embeddings.weight)
+        return self.mlm_logits(self(input_ids, attention_mask, token_type_ids))  # (B, L, V)
 
     @torch.inference_mode()
     def fill_mask(self, text: str, *, top_k: int = 5, truncate: bool = False) -> list[list[tuple[str, float]]]:
-        """The most likely tokens for each mask token ([MASK]) of `text`.
+        """The most likely tokens for each mask token ([MASK], RoBERTa's <mask>) of `text`.
 
         Returns:
             one list per mask, in order, of `top_k` (token, probability) pairs, most likely
-            first; the token as the vocabulary spells it ("##s" for a word piece).
+            first; the token as the vocabulary spells it ("##s" for a word piece, "Ġcat" for
+            a byte-level BPE token after a space).
         """
         if self.tokenizer is None:
             raise ModelError("this model has no tokenizer; load it with qkv.load(folder)")
@@ -143,15 +164,14 @@ class BertForMaskedLM(BertModel):
             raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
         mask_token = self.mask_token
         mask_id = self.tokenizer.token_to_id(mask_token)
-        batch = self.tokenizer([text], truncate=truncate, max_length=self.config.max_position_embeddings)
+        batch = self.tokenizer([text], truncate=truncate, max_length=self.config.max_tokens)
         ids = batch.input_ids[:, : int(batch.lengths[0])]  # (1, L)
         where = (ids[0] == mask_id).nonzero().squeeze(1)  # (M,)
         if where.numel() == 0:
             raise ModelError(f"the text has no {mask_token} token; put {mask_token} where a word should be "
                              f"filled in, e.g. \"The cat sat on the {mask_token}.\"")
-        device = self.embeddings.word_embeddings.weight.device
-        hidden = self(ids.to(device))[0, where.to(device)]  # (M, E): the head runs on the masks only
-        probs = self.cls.predictions(hidden, self.embeddings.word_embeddings.weight).float().softmax(dim=-1)
+        hidden = self(ids.to(self.device))[0, where.to(self.device)]  # (M, E): the head runs on the masks only
+        probs = self.mlm_logits(hidden).float().softmax(dim=-1)  # (M, V)
         top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
         vocab = self.tokenizer.backend
         return [[(vocab.id_to_token(int(i)), float(p)) for p, i in zip(ps, ix)]
@@ -159,27 +179,36 @@ class BertForMaskedLM(BertModel):
 
     @property
     def mask_token(self) -> str:
-        """The tokenizer's mask token ("[MASK]"); an error if it has none."""
-        if self.tokenizer is None or self.tokenizer.token_to_id("[MASK]") is None:
-            raise ModelError("this model's tokenizer has no [MASK] token, so fill_mask cannot mark a blank; "
+        """The tokenizer's mask token (`MASK`: "[MASK]", RoBERTa's "<mask>"); an error if it has none."""
+        if self.tokenizer is None or self.tokenizer.token_to_id(self.MASK) is None:
+            raise ModelError(f"this model's tokenizer has no {self.MASK} token, so fill_mask cannot mark a blank; "
                              "use the tokenizer files saved with the model")
-        return "[MASK]"
+        return self.MASK
 
 
-class BertForSequenceClassification(BertModel):
-    """BERT with the pooler and a classifier over `config.id2label`: `logits`, `classify`."""
+class BertForMaskedLM(MaskedLM, BertModel):
+    """BERT with its masked-LM head (`cls.predictions`): `logits` over the vocabulary, `fill_mask`."""
 
     def __init__(self, config: BertHeadConfig):
-        super().__init__(replace(config, add_pooling_layer=True))
-        self.dropout = nn.Dropout(config.hidden_dropout_prob if config.classifier_dropout is None
-                                  else config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        super().__init__(config)
+        self.cls = BertOnlyMLMHead(config)
+
+    def mlm_logits(self, hidden: Tensor) -> Tensor:
+        return self.cls.predictions(hidden, self.embeddings.word_embeddings.weight)  # (..., V)
+
+
+class SequenceClassifier(EncoderModel):
+    """An encoder with a classifier over `config.id2label`: `logits`, `classify`. A subclass
+    supplies `classifier_logits(hidden)`."""
+
+    def classifier_logits(self, hidden: Tensor) -> Tensor:
+        """hidden (B, L, E) -> (B, num_labels)."""
+        raise NotImplementedError
 
     def logits(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                token_type_ids: Optional[Tensor] = None) -> Tensor:
-        """(B, L) ids (and mask, segments) -> (B, num_labels) classifier logits over [CLS]."""
-        hidden = self(input_ids, attention_mask, token_type_ids)  # (B, L, E)
-        return self.classifier(self.dropout(self.pooler_output(hidden)))
+        """(B, L) ids (and mask, segments) -> (B, num_labels) classifier logits."""
+        return self.classifier_logits(self(input_ids, attention_mask, token_type_ids))
 
     @torch.inference_mode()
     def classify(self, texts: Sequence[str], *, batch_size: int = 32,
@@ -194,8 +223,8 @@ class BertForSequenceClassification(BertModel):
             texts = [texts]
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
-        batch = self.tokenizer(texts, truncate=truncate, max_length=self.config.max_position_embeddings)
-        device = self.embeddings.word_embeddings.weight.device
+        batch = self.tokenizer(texts, truncate=truncate, max_length=self.config.max_tokens)
+        device = self.device
         out: list[tuple[str, float]] = []
         for start in range(0, len(texts), batch_size):
             ids = batch.input_ids[start:start + batch_size]
@@ -207,20 +236,49 @@ class BertForSequenceClassification(BertModel):
         return out
 
 
+class BertForSequenceClassification(SequenceClassifier, BertModel):
+    """BERT with the pooler and a classifier over `config.id2label`: `logits`, `classify`."""
+
+    def __init__(self, config: BertHeadConfig):
+        super().__init__(replace(config, add_pooling_layer=True))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if config.classifier_dropout is None
+                                  else config.classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def classifier_logits(self, hidden: Tensor) -> Tensor:
+        return self.classifier(self.dropout(self.pooler_output(hidden)))  # over [CLS]
+
+
 # -- checkpoints ------------------------------------------------------------------------------
 
-def _adapt(c: BertHeadConfig, keys) -> tuple[BertHeadConfig, tuple]:
-    """The encoder's prefix ("bert.", or none for a bare encoder's names) and the pooler, from the keys."""
-    prefix = "bert." if any(k.startswith("bert.") for k in keys) else ""
-    return replace(c, add_pooling_layer=any(k.startswith(prefix + "pooler.") for k in keys)), (prefix,)
+def encoder_adapt(name: str):
+    """`adapt` of a head checkpoint whose encoder is stored under `name` ("bert.", "roberta."):
+    the prefix (`name`, or none for a bare encoder's names) and the pooler, from the keys."""
+
+    def adapt(c, keys) -> tuple:
+        prefix = name if any(k.startswith(name) for k in keys) else ""
+        return replace(c, add_pooling_layer=any(k.startswith(prefix + "pooler.") for k in keys)), (prefix,)
+
+    return adapt
 
 
-def _mlm_adapt(c: BertHeadConfig, keys) -> tuple[BertHeadConfig, tuple]:
-    """As `_adapt`, and which stored bias the decoder adds (see `BertHeadConfig.mlm_bias`)."""
-    c, args = _adapt(c, keys)
-    if not c.tie_word_embeddings and "cls.predictions.decoder.bias" in keys:
-        c = replace(c, mlm_bias="cls.predictions.decoder.bias")
-    return c, args
+_adapt = encoder_adapt("bert.")
+
+
+def mlm_adapt(adapt, decoder_bias: str):
+    """As `adapt`, and which stored bias the masked-LM decoder adds (`HeadConfig.mlm_bias`): an
+    untied decoder that stores a bias of its own (`decoder_bias`) adds that one."""
+
+    def with_bias(c, keys) -> tuple:
+        c, args = adapt(c, keys)
+        if not c.tie_word_embeddings and decoder_bias in keys:
+            c = replace(c, mlm_bias=decoder_bias)
+        return c, args
+
+    return with_bias
+
+
+_mlm_adapt = mlm_adapt(_adapt, "cls.predictions.decoder.bias")
 
 
 def _mlm_plan(c: BertHeadConfig, prefix: str = "") -> Plan:
@@ -258,32 +316,39 @@ def _classifier_plan(c: BertHeadConfig, prefix: str = "") -> Plan:
     return plan
 
 
-def _reported(head: dict):
-    """`ignored` of a report-only head: the encoder's buffers and the head's keys -> shapes."""
+def reported(head: dict, encoder_ignored=hf_ignored):
+    """`ignored` of a report-only head: the encoder's buffers (`encoder_ignored`) and the head's
+    keys -> shapes (`head`: key -> config -> shape)."""
 
-    def ignored(c: BertHeadConfig, prefix: str = "") -> dict:
-        return {**hf_ignored(c, prefix), **{k: shape(c) for k, shape in head.items()}}
+    def ignored(c, prefix: str = "") -> dict:
+        return {**encoder_ignored(c, prefix), **{k: shape(c) for k, shape in head.items()}}
 
     return ignored
 
 
 def _extras(head: str):
-    def extras(folder, c: BertHeadConfig) -> dict:
-        return {"pooling": SentencePooling.from_folder(folder, hidden_size=c.hidden_size),
-                "head": head.format(n=c.num_labels)}
+    def extras(folder, c) -> dict:
+        return {**pooling_extras(folder, c), "head": head.format(n=c.num_labels)}
 
     return extras
 
 
+def head_family(arch: str, config: type, model, plan, layers, ignored, head: str, adapt) -> Family:
+    """The `Family` of a checkpoint with a head: `head` ("{n}" = the number of labels) becomes
+    `model.head`; the folder's sentence-transformers files its `pooling`."""
+    return Family(architectures=(arch,), model_type=None, config=config, model=model, plan=plan,
+                  layers=layers, ignored=ignored, adapt=adapt, needs_tokenizer=True, extras=_extras(head))
+
+
 def _family(arch: str, model, plan, ignored, head: str, adapt=_adapt) -> Family:
-    return Family(architectures=(arch,), model_type=None, config=BertHeadConfig, model=model, plan=plan,
-                  layers=hf_layers, ignored=ignored, adapt=adapt, needs_tokenizer=True, extras=_extras(head))
+    return head_family(arch, BertHeadConfig, model, plan, hf_layers, ignored, head, adapt)
 
 
-_TOKEN_HEAD = {"classifier.weight": lambda c: (c.num_labels, c.hidden_size),
-               "classifier.bias": lambda c: (c.num_labels,)}
-_SPAN_HEAD = {"qa_outputs.weight": lambda c: (c.num_labels, c.hidden_size),
-              "qa_outputs.bias": lambda c: (c.num_labels,)}
+# the heads loaded as "the encoder, head reported": key -> config -> shape
+TOKEN_HEAD = {"classifier.weight": lambda c: (c.num_labels, c.hidden_size),
+              "classifier.bias": lambda c: (c.num_labels,)}
+SPAN_HEAD = {"qa_outputs.weight": lambda c: (c.num_labels, c.hidden_size),
+             "qa_outputs.bias": lambda c: (c.num_labels,)}
 
 FAMILIES = (
     _family("BertForMaskedLM", BertForMaskedLM, _mlm_plan, _mlm_ignored,
@@ -293,10 +358,10 @@ FAMILIES = (
             "cls.seq_relationship is not run", _mlm_adapt),
     _family("BertForSequenceClassification", BertForSequenceClassification, _classifier_plan, hf_ignored,
             "BertForSequenceClassification: pooler and classifier over {n} labels (model.logits, model.classify)"),
-    _family("BertForTokenClassification", BertModel, hf_plan, _reported(_TOKEN_HEAD),
+    _family("BertForTokenClassification", BertModel, hf_plan, reported(TOKEN_HEAD),
             "BertForTokenClassification: its token classifier ({n} labels) is not run by qkv; the model is "
             "the encoder (model(...) hidden states, model.encode)"),
-    _family("BertForQuestionAnswering", BertModel, hf_plan, _reported(_SPAN_HEAD),
+    _family("BertForQuestionAnswering", BertModel, hf_plan, reported(SPAN_HEAD),
             "BertForQuestionAnswering: its span head (qa_outputs) is not run by qkv; the model is the encoder "
             "(model(...) hidden states, model.encode)"),
 )

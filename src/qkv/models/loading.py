@@ -29,6 +29,7 @@ from . import (
     bert,
     bert_heads,
     cohere,
+    distilbert,
     gemma,
     gemma2,
     gemma3,
@@ -39,6 +40,7 @@ from . import (
     mixtral,
     opt,
     qwen2,
+    roberta,
     seq2seq,
     stablelm,
     starcoder2,
@@ -62,6 +64,8 @@ from .tokenizer import Tokenizer
 _FAMILIES = (
     bert.FAMILY,
     *bert_heads.FAMILIES,
+    *roberta.FAMILIES,
+    *distilbert.FAMILIES,
     gpt2.FAMILY,
     llama.FAMILY,
     mistral.FAMILY,
@@ -208,7 +212,8 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
     check_plan(plan, shapes, ignored=ignored, source=source)
 
     # The folder's other files, also before the weights: a broken one costs no allocation.
-    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    max_len = (getattr(config, "max_tokens", None) or getattr(config, "max_position_embeddings", None)
+               or getattr(config, "n_positions", None))  # the encoders' max_tokens: RoBERTa's reserve positions
     try:
         tokenizer = Tokenizer.from_folder(folder, max_length=max_len)
     except FileNotFoundError:

@@ -2,9 +2,12 @@
 
 Reads tokenizer.json when the folder has one; otherwise builds a WordPiece tokenizer from
 vocab.txt (BERT, Devlin et al. 2019) or a byte-level BPE from vocab.json + merges.txt
-(GPT-2, Radford et al. 2019). The folder's own padding and truncation settings are switched
-off: qkv pads each batch to its longest text and truncates only when asked, so a text that is
-too long is an error that says so, not a silent cut.
+(GPT-2, Radford et al. 2019; RoBERTa's, Liu et al. 2019, when the folder's tokenizer_config.json
+names RobertaTokenizer or, without a tokenizer class, config.json's model_type is "roberta",
+as transformers' AutoTokenizer chooses: <s> ... </s> around each text and its special tokens).
+The folder's own padding and truncation settings are switched off: qkv pads each batch to its
+longest text and truncates only when asked, so a text that is too long is an error that says
+so, not a silent cut.
 
 Every token keeps the index of the word it came from (`word_ids`, None for special tokens),
 so views can gather attention from tokens back to words.
@@ -102,8 +105,13 @@ class Tokenizer:
             if bad is not None:
                 raise ModelError(f"{vocab}: entry {bad!r} is {table[bad]!r}; a BPE vocabulary maps each token to a "
                                  f"non-negative integer id; restore the file from the model's source")
-            backend = _build(lambda: ByteLevelBPETokenizer(str(vocab), str(merges))._tokenizer, merges,
+            roberta = _roberta_settings(folder)
+            prefix_space = roberta.get("add_prefix_space", False) if roberta else False
+            backend = _build(lambda: ByteLevelBPETokenizer(str(vocab), str(merges),
+                                                           add_prefix_space=prefix_space)._tokenizer, merges,
                              f"the BPE merges of {vocab.name} (UTF-8, one pair of tokens of {vocab.name} per line)")
+            if roberta is not None:
+                _add_roberta_specials(backend, roberta, vocab)
             source = str(vocab)
         else:
             raise FileNotFoundError(
@@ -213,6 +221,56 @@ def check_texts(texts, *, what: Optional[str] = None) -> list[str]:
             raise ModelError(f"{name} is not valid Unicode at index {bad.start()}{_context(t, bad.start())}: "
                              f"{_describe_surrogate(bad.group())}{_more(t)}; give text that is valid UTF-8")
     return list(texts)
+
+
+# RobertaTokenizer's special tokens (transformers 5.24), each a field of tokenizer_config.json
+_ROBERTA_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
+                     "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>"}
+
+
+def _roberta_settings(folder: Path) -> Optional[dict]:
+    """RobertaTokenizer's settings for a vocab.json + merges.txt folder whose tokenizer is
+    RoBERTa's, else None (GPT-2's plain byte-level BPE). As AutoTokenizer decides: the
+    `tokenizer_class` of tokenizer_config.json, else config.json's `model_type`."""
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = Fields(read_json(cfg_path), cfg_path) if cfg_path.is_file() else None
+    name = cfg.get("tokenizer_class", Optional[str], None) if cfg is not None else None
+    if name is None:
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            return None
+        model_type = Fields(read_json(config_path), config_path).get("model_type", Optional[str], None)
+        if model_type != "roberta":
+            return None
+    elif name not in ("RobertaTokenizer", "RobertaTokenizerFast"):
+        return None
+    out: dict = {"add_prefix_space": False, "trim_offsets": True, **_ROBERTA_SPECIALS}
+    if cfg is not None:
+        out["add_prefix_space"] = cfg.get("add_prefix_space", bool, False)
+        out["trim_offsets"] = cfg.get("trim_offsets", bool, True)
+        for field in _ROBERTA_SPECIALS:
+            value = cfg.get(field, Union[str, dict], out[field])
+            if isinstance(value, dict):  # older files: {"content": "<s>", "lstrip": false, ...}
+                value = Fields(value, cfg_path, prefix=f"{field}.").get("content", str)
+            out[field] = value
+    return out
+
+
+def _add_roberta_specials(backend, settings: dict, vocab: Path) -> None:
+    """Make RoBERTa's special tokens whole tokens of any text and put <s> ... </s> around each
+    text (RobertaProcessing), as RobertaTokenizer does."""
+    from tokenizers import AddedToken, processors
+
+    tokens = list(dict.fromkeys(settings[f] for f in _ROBERTA_SPECIALS))
+    missing = [t for t in tokens if backend.token_to_id(t) is None]
+    if missing:
+        raise ModelError(f"{vocab} has no {', '.join(missing)}: a RoBERTa vocabulary holds its special tokens "
+                         f"{', '.join(tokens)}; restore the file from the model's source")
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+    sep, cls = settings["sep_token"], settings["cls_token"]
+    backend.post_processor = processors.RobertaProcessing(
+        (sep, backend.token_to_id(sep)), (cls, backend.token_to_id(cls)),
+        trim_offsets=settings["trim_offsets"], add_prefix_space=settings["add_prefix_space"])
 
 
 def _build(make, path: Path, what: str):
