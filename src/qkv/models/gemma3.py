@@ -32,7 +32,7 @@ from torch import Tensor
 from ..nn import RotaryEmbedding
 from .checkpoint import Piece, Plan
 from .common import Family
-from .fields import POSITIVE, POSITIVE_REAL, Fields, HFConfig, read_dataclass
+from .fields import POSITIVE, POSITIVE_REAL, Fields, read_dataclass
 from .gemma import GemmaModel, refuse_bidirectional, scaled_embedding
 from .gemma2 import FULL, SLIDING, Gemma2Config, Gemma2DecoderLayer, Gemma2ForCausalLM
 from .gemma2 import hf_plan as gemma2_plan
@@ -163,22 +163,15 @@ def hf_plan(c: Gemma3TextConfig) -> Plan:
     return plan
 
 
-@dataclass(frozen=True)
-class Gemma3MultimodalConfig(HFConfig):
-    """Gemma3ForConditionalGeneration (model_type gemma3): refused by name."""
-
-    @classmethod
-    def read_fields(cls, f: Fields) -> dict:
-        field = "architectures" if "architectures" in f else "model_type"
-        raise f.unsupported(field, "this is a multimodal Gemma 3 checkpoint (a SigLIP vision tower and projector "
-                            "around the text decoder, weights under model.language_model.); qkv runs Gemma 3's text "
-                            "decoder, Gemma3ForCausalLM (model_type gemma3_text, e.g. gemma-3-1b), not images; use a "
-                            "Gemma3ForCausalLM folder")
+# Architectures of Gemma 3 that qkv refuses, with the reason and what runs instead (loading.py).
+REFUSED = {
+    "Gemma3ForConditionalGeneration": (
+        "this is a multimodal Gemma 3 checkpoint (a SigLIP vision tower and projector around the text decoder, "
+        "weights under model.language_model.); qkv runs Gemma 3's text decoder, Gemma3ForCausalLM (model_type "
+        "gemma3_text, e.g. gemma-3-1b), not images; use a Gemma3ForCausalLM folder"
+    ),
+}
 
 
 FAMILY = Family(architectures=("Gemma3ForCausalLM",), model_type="gemma3_text", config=Gemma3TextConfig,
                 model=Gemma3ForCausalLM, plan=hf_plan, layers=hf_layers, ignored=hf_ignored)
-MULTIMODAL = Family(architectures=("Gemma3ForConditionalGeneration",), model_type="gemma3",
-                    config=Gemma3MultimodalConfig, model=Gemma3ForCausalLM, plan=hf_plan, layers=hf_layers,
-                    ignored=hf_ignored)
-FAMILIES = (FAMILY, MULTIMODAL)

@@ -75,12 +75,14 @@ _FAMILIES = (
     opt.FAMILY,
     gemma.FAMILY,
     gemma2.FAMILY,
-    *gemma3.FAMILIES,
+    gemma3.FAMILY,
     mixtral.FAMILY,
     starcoder2.FAMILY,
     stablelm.FAMILY,
     cohere.FAMILY,
 )
+# architecture name in config.json -> why qkv does not run it and what to use instead
+REFUSED: dict[str, str] = {**gemma3.REFUSED}
 # architecture name in config.json -> its family
 FAMILIES: dict[str, Family] = {a: f for f in _FAMILIES for a in f.architectures}
 # model_type -> architecture, for config.json files without an "architectures" list
@@ -122,6 +124,9 @@ def architecture_of(config: dict, folder: Path) -> str:
             return a
     if not archs and model_type in _MODEL_TYPES:
         return _MODEL_TYPES[model_type]
+    for a in archs:
+        if a in REFUSED:
+            raise f.unsupported("architectures", REFUSED[a])
     seen = ", ".join(archs) if archs else f"model_type={config.get('model_type')!r}"
     near = nearest_architecture(archs, model_type)
     hint = f"the nearest family qkv runs is {near}; " if near else ""
