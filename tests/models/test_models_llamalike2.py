@@ -210,6 +210,21 @@ def test_glm_interleaved_rotary_matters(built, monkeypatch):
     _moves(built, "glm", halves)
 
 
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8}])
+def test_glm_scaled_rope_on_the_rotated_part(rope, built, tmp_path):
+    """Linear and llama3 scaling of the partial rotation's frequencies (R = 4 of each head of 8)."""
+    _, ref, _ = built("glm")
+    scaled = _hf("glm", rope_parameters={"rope_theta": 500.0, "partial_rotary_factor": 0.5, **rope})
+    scaled.load_state_dict(ref.state_dict())
+    scaled.save_pretrained(tmp_path, safe_serialization=True)
+    with torch.no_grad():
+        err = (qkv.load(tmp_path)(IDS) - scaled(IDS).logits).abs().max().item()
+    assert err < TOLERANCE, f"max |logits - transformers| = {err:.2e}"
+    assert (_logits(scaled) - _logits(ref)).abs().max().item() > 1e-3  # the scaling changes the result
+
+
 def test_glm4_post_norms_matter(built):
     _moves(built, "glm4", _without(built, "glm4", "post_self_attn_layernorm"))
     _moves(built, "glm4", _without(built, "glm4", "post_mlp_layernorm"))
