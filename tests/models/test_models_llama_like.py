@@ -52,12 +52,25 @@ def test_greedy_generation_with_chunked_prefill(pair):
     assert torch.equal(model.generate(ids, max_new_tokens=20, prefill_chunk=2), want)
 
 
-def test_qwen2_sliding_window_is_refused(tmp_path):
+def test_qwen2_sliding_layers_as_transformers_runs_them(tmp_path):
+    """use_sliding_window with max_window_layers=1: layers 1.. slide over 4 tokens, layer 0 does not."""
+    from family_checks import check_greedy, check_left_padded_logits
+    from hf_folders import build_folder
+
+    ref = build_folder(tmp_path, "qwen2", seed=4, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    model = qkv.load(tmp_path)
+    assert [layer.window for layer in model.blocks] == [None, (3, 0)]
+    check_left_padded_logits(model, ref, vocab=64)
+    check_greedy(model, ref, vocab=64, window=4)
+
+
+def test_qwen2_layer_types_without_a_window_are_refused(tmp_path):
     from qkv.models import ModelError
     from qkv.models.qwen2 import Qwen2Config
 
-    with pytest.raises(ModelError, match="use_sliding_window=true is not supported"):
-        Qwen2Config.from_hf({"use_sliding_window": True}, tmp_path / "config.json")
+    with pytest.raises(ModelError, match="layer_types=.*is not supported: it names sliding_attention layers"):
+        Qwen2Config.from_hf({"num_hidden_layers": 2, "layer_types": ["full_attention", "sliding_attention"]},
+                            tmp_path / "config.json")
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])

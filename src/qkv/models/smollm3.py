@@ -22,7 +22,7 @@ from .common import Family
 from .decoder import CausalLM
 from .fields import POSITIVE, Fields, Limit
 from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaRMSNorm, hf_ignored, hf_layers, hf_plan
-from .qwen3 import LAYER_TYPE, check_layer_types, layer_kinds
+from .qwen2 import LAYER_TYPE, check_layer_types, layer_kinds
 
 
 @dataclass(frozen=True)
