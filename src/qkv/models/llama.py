@@ -153,7 +153,7 @@ def _read_rope(f: Fields, cls: Optional[type] = None, *, partial: bool = False,
         kinds: rope type in the file -> the type qkv runs; default every type of _ROPE_NEEDS
             (Phi-3 allows default and longrope, and reads su and yarn as longrope).
         original: a top-level original_max_position_embeddings that replaces the rope dict's
-            (Phi-3's config does this), or None.
+            for the types llama3, yarn and longrope (Phi-3's config does this), or None.
 
     Returns:
         {"rope_theta"?, "rope_scaling", "partial_rotary_factor"?}: rope_scaling is None for the
@@ -190,9 +190,16 @@ def _read_rope(f: Fields, cls: Optional[type] = None, *, partial: bool = False,
         return out
     max_positions = f.get("max_position_embeddings", int, _default(cls, "max_position_embeddings"))
     scaling: dict = {"rope_type": kind}
+    # transformers fills in original_max_position_embeddings (from max_position_embeddings, or a
+    # top-level field where the config has one) for these types, not for aliases (Phi-3's su)
+    standard = named in ("llama3", "yarn", "longrope")
     for key, (annotation, limit, required) in _ROPE_NEEDS[kind].items():
         if key == "original_max_position_embeddings":
-            scaling[key] = original or rope.get(key, int, max_positions, limit=POSITIVE)
+            if standard and original is not None:
+                scaling[key] = original
+            else:
+                scaling[key] = (rope.get(key, int, max_positions, limit=POSITIVE) if standard
+                                else rope.get(key, int, limit=POSITIVE))
         elif required or key in rope:
             scaling[key] = rope.get(key, annotation, limit=limit)
     if kind in ("dynamic", "yarn", "longrope"):

@@ -24,7 +24,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import bert, bert_heads, gpt2, llama, mistral, qwen2, seq2seq
+from . import bert, bert_heads, gpt2, llama, mistral, phi3, qwen2, seq2seq
 from .checkpoint import (
     ModelError,
     check_layers,
@@ -41,7 +41,8 @@ from .fields import POSITIVE, Fields
 from .tokenizer import Tokenizer
 
 # The families qkv runs; a new family is one module with a FAMILY record and one entry here.
-_FAMILIES = (bert.FAMILY, *bert_heads.FAMILIES, gpt2.FAMILY, llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, seq2seq.FAMILY)
+_FAMILIES = (bert.FAMILY, *bert_heads.FAMILIES, gpt2.FAMILY, llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, seq2seq.FAMILY,
+             phi3.FAMILY)
 # architecture name in config.json -> its family
 FAMILIES: dict[str, Family] = {a: f for f in _FAMILIES for a in f.architectures}
 # model_type -> architecture, for config.json files without an "architectures" list
