@@ -283,3 +283,21 @@ def test_refused_in_a_folder(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ModelError, match=r"config\.json: rope_parameters\.short_factor=.* is not supported"):
         qkv.load(tmp_path)
+
+
+def test_texts_of_different_lengths_generate_transformers_tokens(scaled):
+    """Texts (21 and 4 tokens: one past the original length) through the tokenizer, left-padded
+    and prefilled in chunks of 4: transformers' tokens on the same padded ids."""
+    from qkv.models.generation import left_pad
+
+    _, _, ref, model = scaled
+    texts = ["the quick brown fox jumps over the lazy dog the cat sat on the mat a dog ran in the park",
+             "queries keys and values"]
+    batch = model.tokenizer(texts, max_length=10**9)
+    ids, mask = left_pad(batch.input_ids, batch.attention_mask, model.tokenizer.pad_id)
+    assert batch.lengths.tolist() == [21, 4]
+    with torch.no_grad():
+        want = ref.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=12, min_new_tokens=12,
+                            do_sample=False, pad_token_id=1, eos_token_id=None)
+    got = model.generate(texts, max_new_tokens=12, prefill_chunk=4, eos_token_id=None)
+    assert torch.equal(got[:, 21:], want[:, 21:])
