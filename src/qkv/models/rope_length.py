@@ -56,6 +56,7 @@ class LengthDependentRope:
 
     def hidden(self, input_ids: Tensor, *, attention_mask: Optional[Tensor] = None, cache=None,
                positions: Optional[Tensor] = None, chunk_size: Optional[int] = None) -> Tensor:
+        """`CausalLM.hidden`; an input run in chunks is one pass (its largest position + 1)."""
         reach = None
         check_chunk_size(chunk_size)
         if (chunk_size is not None and self._length_rotaries() and input_ids.dim() == 2
@@ -68,6 +69,7 @@ class LengthDependentRope:
                                   chunk_size=chunk_size)
 
     def generate(self, prompt, *, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+        """`CausalLM.generate`; the prompt, however it is chunked, is one pass."""
         if not self._length_rotaries():
             return super().generate(prompt, attention_mask=attention_mask, **kwargs)
         reach, slots = self._prompt_length(prompt, attention_mask)
