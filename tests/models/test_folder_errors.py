@@ -144,8 +144,8 @@ REFUSED = [
     ("gpt2", "quantization_config", {"quant_method": "gptq", "bits": 4}),
     ("llama", "quantization_config", {"quant_method": "bitsandbytes", "load_in_4bit": True}),
     ("llama", "partial_rotary_factor", 0.5),
-    ("llama", "rope_parameters", {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0}),
-    ("llama", "rope_scaling", {"type": "dynamic", "factor": 2.0}),
+    ("llama", "rope_parameters", {"rope_type": "proportional", "rope_theta": 500.0, "factor": 4.0}),
+    ("llama", "rope_scaling", {"type": "su", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4}),
 ]
 
 

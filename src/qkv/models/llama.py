@@ -11,6 +11,7 @@ config and change its hooks (`qkv_bias`, `out_bias`, `window`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -29,9 +30,11 @@ from .fields import (
     PROBABILITY,
     Fields,
     HFConfig,
+    Limit,
     check_divisible,
     read_dataclass,
 )
+from .rope_length import LengthDependentRope
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class LlamaConfig(HFConfig):
     max_position_embeddings: int = 2048  # the longest sequence qkv will run
     rms_norm_eps: float = 1e-6  # RMSNorm eps
     rope_theta: float = 10000.0  # RoPE base
-    rope_scaling: Optional[dict] = None  # Hugging Face rope_parameters/rope_scaling ("linear", "llama3")
+    rope_scaling: Optional[dict] = None  # typed rope dict (_read_rope): linear, dynamic, yarn, longrope, llama3
     attention_bias: bool = False  # bias on q/k/v/o projections
     mlp_bias: bool = False  # bias on gate/up/down projections
     attention_dropout: float = 0.0  # dropout on attention weights, training mode only
@@ -103,45 +106,123 @@ class LlamaConfig(HFConfig):
         return None
 
 
-# rope types qkv computes (nn.positions.rope_inv_freq) and the parameters each one needs
-_ROPE_NEEDS = {"default": (), "linear": ("factor",),
-               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+# rope types qkv computes (nn.positions.rope_inv_freq): each key it reads -> (type, range, required),
+# as transformers 5.24 reads them (modeling_rope_utils). original_max_position_embeddings, where a
+# type reads it, defaults to max_position_embeddings, as transformers' standardize_rope_params does.
+_ROPE_NEEDS: dict[str, dict[str, tuple]] = {
+    "default": {},
+    "linear": {"factor": (float, POSITIVE_REAL, True)},
+    "dynamic": {"factor": (float, POSITIVE_REAL, True)},
+    "yarn": {
+        "factor": (Optional[float], POSITIVE_REAL, True),  # null: max_position_embeddings / original
+        "original_max_position_embeddings": (int, POSITIVE, False),
+        "attention_factor": (Optional[float], POSITIVE_REAL, False),  # null: from factor (and mscale)
+        "beta_fast": (Optional[float], Limit(lo=0), False),  # null or 0: 32
+        "beta_slow": (Optional[float], Limit(lo=0), False),  # null or 0: 1
+        "mscale": (Optional[float], None, False),
+        "mscale_all_dim": (Optional[float], None, False),
+        "truncate": (bool, None, False),
+    },
+    "longrope": {
+        "short_factor": (list[float], POSITIVE_REAL, True),  # one per rotated pair
+        "long_factor": (list[float], POSITIVE_REAL, True),
+        "original_max_position_embeddings": (int, POSITIVE, False),
+        "factor": (Optional[float], POSITIVE_REAL, False),  # null: max_position_embeddings / original
+        "attention_factor": (Optional[float], POSITIVE_REAL, False),  # null: from factor
+    },
+    "llama3": {
+        "factor": (float, POSITIVE_REAL, True),
+        "low_freq_factor": (float, POSITIVE_REAL, True),
+        "high_freq_factor": (float, POSITIVE_REAL, True),
+        "original_max_position_embeddings": (int, POSITIVE, False),
+    },
+}
 
 
-def _read_rope(f: Fields) -> dict:
-    """rope_theta and rope_scaling from `rope_parameters` (transformers >= 5, theta inside) or
-    `rope_scaling` (older), typed; rope types qkv does not compute are refused by name."""
-    name = "rope_parameters" if f.data.get("rope_parameters") is not None else "rope_scaling"
+def _read_rope(f: Fields, cls: Optional[type] = None, *, partial: bool = False,
+               kinds: Optional[dict[str, str]] = None, original: Optional[int] = None) -> dict:
+    """rope_theta and rope_scaling from `rope_scaling` (transformers 4, with a top-level
+    rope_theta) or `rope_parameters` (transformers 5, theta inside), typed; rope types qkv does
+    not compute are refused by name. As in transformers, a non-empty rope_scaling wins.
+
+    Args:
+        f: config.json.
+        cls: the config class, whose defaults stand for absent size fields (default LlamaConfig).
+        partial: read partial_rotary_factor (top level, or in the rope dict, which wins) and
+            return it; False refuses any value but 1 (Llama rotates whole heads).
+        kinds: rope type in the file -> the type qkv runs; default every type of _ROPE_NEEDS
+            (Phi-3 allows default and longrope, and reads su and yarn as longrope).
+        original: a top-level original_max_position_embeddings that replaces the rope dict's
+            for the types llama3, yarn and longrope (Phi-3's config does this), or None.
+
+    Returns:
+        {"rope_theta"?, "rope_scaling", "partial_rotary_factor"?}: rope_scaling is None for the
+        default type, else the typed dict `RotaryEmbedding` takes, with max_position_embeddings
+        added where the type reads it (dynamic, yarn, longrope).
+    """
+    cls = cls or LlamaConfig
+    kinds = kinds or {k: k for k in _ROPE_NEEDS}
+    name = "rope_scaling" if f.get("rope_scaling", Optional[dict], None) else "rope_parameters"
     rope = f.sub(name)
     out: dict = {}
-    partial = [(g, g.get("partial_rotary_factor", float, 1.0)) for g in (f, rope) if g is not None]
-    for g, value in partial:
-        if value != 1.0:
-            raise g.unsupported("partial_rotary_factor", "Llama rotates whole heads (transformers' Llama "
-                                "cannot run a partial rotation either); remove the field or set it to 1.0")
+    # partial_rotary_factor, the share of each head that is rotated: the rope dict's, else the top level's
+    holder = rope if rope is not None and "partial_rotary_factor" in rope else f
+    rotated = holder.get("partial_rotary_factor", float, 1.0, limit=Limit(lo=0, hi=1, lo_open=True))
+    if rotated != 1.0 and not partial:
+        raise holder.unsupported("partial_rotary_factor", "Llama rotates whole heads (transformers' Llama "
+                                 "cannot run a partial rotation either); remove the field or set it to 1.0")
+    if partial:
+        out["partial_rotary_factor"] = rotated
     if rope is None:
         return out
     if "rope_theta" in rope:
         out["rope_theta"] = rope.get("rope_theta", float, limit=POSITIVE_REAL)
     kind_field = "rope_type" if "rope_type" in rope else "type"
-    kind = rope.get(kind_field, str, "default")
-    if kind not in _ROPE_NEEDS:
-        raise rope.unsupported(kind_field, f"qkv computes the rope types {', '.join(_ROPE_NEEDS)} only; "
-                               f"other types (dynamic, yarn, longrope, ...) scale positions in ways it does not run")
+    named = rope.get(kind_field, str, "default")
+    if named not in kinds:
+        runs = ", ".join(k for k in kinds if kinds[k] == k)
+        aliases = ", ".join(f"{k} as {v}" for k, v in kinds.items() if k != v)
+        raise rope.unsupported(kind_field, f"qkv runs the rope types {runs}" + (f" (and reads {aliases})" if aliases
+                               else "") + "; other types (proportional, ...) compute positions in ways it does not")
+    kind = kinds[named]
     if kind == "default":
         out["rope_scaling"] = None
         return out
-    scaling = {"rope_type": kind}
-    for key in _ROPE_NEEDS[kind]:
+    max_positions = f.get("max_position_embeddings", int, _default(cls, "max_position_embeddings"))
+    scaling: dict = {"rope_type": kind}
+    # transformers fills in original_max_position_embeddings (from max_position_embeddings, or a
+    # top-level field where the config has one) for these types, not for aliases (Phi-3's su)
+    standard = named in ("llama3", "yarn", "longrope")
+    for key, (annotation, limit, required) in _ROPE_NEEDS[kind].items():
         if key == "original_max_position_embeddings":
-            scaling[key] = rope.get(key, int, limit=POSITIVE)
-        else:
-            scaling[key] = rope.get(key, float, limit=POSITIVE_REAL)
+            if standard and original is not None:
+                scaling[key] = original
+            else:
+                scaling[key] = (rope.get(key, int, max_positions, limit=POSITIVE) if standard
+                                else rope.get(key, int, limit=POSITIVE))
+        elif required or key in rope:
+            scaling[key] = rope.get(key, annotation, limit=limit)
+    if kind in ("dynamic", "yarn", "longrope"):
+        scaling["max_position_embeddings"] = max_positions
     if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
         raise rope.unsupported("high_freq_factor", f"llama3 scaling needs high_freq_factor > low_freq_factor="
                                f"{scaling['low_freq_factor']:g} (it divides by their difference); correct them")
+    if kind == "longrope":
+        heads = f.get("num_attention_heads", int, _default(cls, "num_attention_heads"))
+        hidden = f.get("hidden_size", int, _default(cls, "hidden_size"))
+        pairs = int((f.get("head_dim", Optional[int], None) or hidden // heads) * rotated) // 2
+        for key in ("short_factor", "long_factor"):
+            if len(scaling[key]) != pairs:
+                raise rope.unsupported(key, f"longrope needs one factor per rotated pair of features, {pairs} "
+                                       f"(the rotated head size / 2), but the list holds {len(scaling[key])}; use the "
+                                       f"config.json saved with these weights")
     out["rope_scaling"] = scaling
     return out
+
+
+def _default(cls, name: str):
+    """The default of dataclass field `name` of `cls`."""
+    return next(fld.default for fld in dataclasses.fields(cls) if fld.name == name)
 
 
 class LlamaRMSNorm(nn.Module):
@@ -203,7 +284,7 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(c.dim_per_head, c.rope_theta, rope_scaling=c.rope_scaling)
 
 
-class LlamaForCausalLM(CausalLM):
+class LlamaForCausalLM(LengthDependentRope, CausalLM):
     """A Llama-family decoder with its LM head (`CausalLM`: `forward`, `hidden`, `generate`, `complete`)."""
 
     def __init__(self, config: LlamaConfig):

@@ -43,6 +43,7 @@ from . import (
     mixtral,
     olmo2,
     opt,
+    phi3,
     qwen2,
     qwen3,
     roberta,
@@ -93,6 +94,7 @@ _FAMILIES = (
     granite.FAMILY,
     glm.FAMILY,
     glm.GLM4_FAMILY,
+    phi3.FAMILY,
 )
 # architecture name in config.json -> why qkv does not run it and what to use instead
 REFUSED: dict[str, str] = {**gemma3.REFUSED}

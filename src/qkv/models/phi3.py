@@ -1,0 +1,197 @@
+"""Phi-3 decoder (Abdin et al. 2024, "Phi-3 Technical Report: A Highly Capable Language Model
+Locally on Your Phone"), loading Hugging Face `Phi3ForCausalLM` folders (Phi-3, Phi-3.5 mini,
+Phi-4-mini).
+
+A Llama (llama.py) with these differences:
+
+- the checkpoint stores q, k and v as one matrix `self_attn.qkv_proj.weight` (rows q | k | v),
+  which is `MultiHeadAttention`'s fused `qkv_proj` as it is, and gate and up as one
+  `mlp.gate_up_proj.weight` (rows gate | up), kept under that name and split in `Phi3MLP`;
+  no biases anywhere;
+- `partial_rotary_factor` (Phi-4-mini: 0.75): RoPE rotates the first int(D * factor) features
+  of each head;
+- `sliding_window`: each token attends to itself and the sliding_window - 1 before it, as in
+  Mistral (transformers 5.24's Phi3 masks it; Phi-3-mini-4k has 2047);
+- longrope scaling (Ding et al. 2024, "LongRoPE"; the 128k models): short factors up to
+  `original_max_position_embeddings`, long ones beyond (nn/positions.py). When generation
+  crosses that length, transformers' Phi3ForCausalLM drops its cache and runs the whole
+  sequence again with the long factors; `Phi3ForCausalLM.hidden` does the same;
+- dropout on each block's attention and MLP outputs (`resid_pdrop`), training mode only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..nn import RotaryEmbedding
+from .checkpoint import Dim, ModelError, Piece, Plan
+from .common import Family, activation
+from .decoder import CausalLM
+from .fields import POSITIVE, PROBABILITY, Fields, read_dataclass
+from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaRMSNorm, _read_rope, hf_layers
+
+# rope types of a Phi-3 config -> the type qkv runs: transformers' Phi3Config allows default and
+# longrope, and reads the older names su and yarn as longrope
+_PHI3_ROPE = {"default": "default", "longrope": "longrope", "su": "longrope", "yarn": "longrope"}
+
+
+@dataclass(frozen=True)
+class Phi3Config(LlamaConfig):
+    # transformers' Phi3Config defaults (Phi-3-mini-4k), for fields a config.json leaves out
+    vocab_size: int = 32064
+    hidden_size: int = 3072
+    intermediate_size: int = 8192  # the inner size of gate and of up (gate_up_proj holds both)
+    max_position_embeddings: int = 4096
+    original_max_position_embeddings: int = 4096  # trained context: longrope's switch, and where generation recomputes
+    rms_norm_eps: float = 1e-5
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[Union[int, list[int]]] = 32000
+    resid_pdrop: float = 0.0  # dropout on each block's attention and MLP outputs, training mode only
+    embd_pdrop: float = 0.0  # read typed; transformers 5.24's Phi3Model does not apply it, nor does qkv
+    sliding_window: Optional[int] = None  # a token attends to itself and the sliding_window - 1 before it
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first int(head_dim * factor) features of each head
+
+    LIMITS = {**LlamaConfig.LIMITS, "original_max_position_embeddings": POSITIVE, "resid_pdrop": PROBABILITY,
+              "embd_pdrop": PROBABILITY, "sliding_window": POSITIVE}
+
+    @classmethod
+    def read_fields(cls, f: Fields) -> dict:
+        fields = read_dataclass(cls, f, limits=cls.LIMITS, skip=("rope_scaling", "partial_rotary_factor"))
+        original = fields.get("original_max_position_embeddings", cls.original_max_position_embeddings)
+        return {**fields, **_read_rope(f, cls, partial=True, kinds=_PHI3_ROPE, original=original)}
+
+    def check(self, source) -> None:
+        super().check(source)
+        if self.rotary_dim % 2 or self.rotary_dim == 0:
+            raise ModelError(f"{source}: partial_rotary_factor={self.partial_rotary_factor:g} rotates "
+                             f"{self.rotary_dim} of the {self.dim_per_head} features of each head; rotary "
+                             f"embeddings rotate pairs, so that must be even and positive; correct the factor")
+
+    @property
+    def rotary_dim(self) -> int:
+        """R, the rotated features of each head."""
+        return int(self.dim_per_head * self.partial_rotary_factor)
+
+    qkv_bias = property(lambda self: False)  # Phi-3 has no biases (attention_bias is not a Phi-3 field)
+    out_bias = property(lambda self: False)
+
+    def window(self, layer: int) -> Optional[tuple[int, int]]:
+        return None if self.sliding_window is None else (self.sliding_window - 1, 0)
+
+
+class Phi3MLP(nn.Module):
+    """SwiGLU with gate and up in one projection: down(act(gate) * up), [gate | up] = gate_up_proj(x)."""
+
+    def __init__(self, c: Phi3Config):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self._act = activation(c.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, L, 2 FF) -> (B, L, FF) each
+        return self.down_proj(up * self._act(gate))
+
+
+class Phi3DecoderLayer(LlamaDecoderLayer):
+    """Llama's block with the fused MLP and dropout on both residual branches (training only)."""
+
+    def __init__(self, c: Phi3Config, layer_idx: int):
+        super().__init__(c, layer_idx)
+        self.mlp = Phi3MLP(c)
+        self.resid_attn_dropout = nn.Dropout(c.resid_pdrop)
+        self.resid_mlp_dropout = nn.Dropout(c.resid_pdrop)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor],
+                cache=None) -> Tensor:
+        """x (B, L, E), mask (B, 1, 1, n + L) or None, rotary (cos, sin) of the new positions, (.., R)."""
+        h = self.self_attn(self.input_layernorm(x), mask=mask, causal=True, window=self.window, rotary=rotary,
+                           cache=cache, layer=self.layer_idx)  # (B, L, E)
+        x = x + self.resid_attn_dropout(h)
+        return x + self.resid_mlp_dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Phi3Model(nn.Module):
+    def __init__(self, c: Phi3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Phi3DecoderLayer(c, i) for i in range(c.num_hidden_layers))
+        self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(c.rotary_dim, c.rope_theta, rope_scaling=c.rope_scaling)  # (.., R) tables
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """A Phi-3 decoder with its LM head (Llama's hooks over `Phi3Model`)."""
+
+    def __init__(self, config: Phi3Config):
+        CausalLM.__init__(self, config)
+        self.model = Phi3Model(config)
+        self.add_lm_head(config.hidden_size, config.vocab_size)
+
+    def hidden(self, input_ids: Tensor, *, attention_mask: Optional[Tensor] = None, cache=None,
+               positions: Optional[Tensor] = None, chunk_size: Optional[int] = None) -> Tensor:
+        """As `CausalLM.hidden`; during `generate` with longrope, the step that takes the sequence
+        past original_max_position_embeddings runs the whole sequence again from an empty cache
+        (the long factors for every position), as transformers' Phi3ForCausalLM does."""
+        run = self._generation
+        if run is None or cache is None or not self._length_rotaries():
+            return super().hidden(input_ids, attention_mask=attention_mask, cache=cache, positions=positions,
+                                  chunk_size=chunk_size)
+        n, (B, L) = cache.length, input_ids.shape
+        pos = positions if positions is not None else torch.arange(n, n + L, device=input_ids.device)
+        run.setdefault("ids", []).append(input_ids)  # every token the cache holds, to run them again
+        run.setdefault("positions", []).append(pos.expand(B, L))
+        switch = self.config.original_max_position_embeddings
+        if run["prompt"] is not None and n >= run["prompt"] and n <= switch < n + L:
+            every_id = torch.cat(run["ids"], dim=1)  # (B, n + L)
+            every_pos = None if positions is None else torch.cat(run["positions"], dim=1)  # (B, n + L)
+            cache.crop(0)
+            return super().hidden(every_id, attention_mask=attention_mask, cache=cache,
+                                  positions=every_pos)[:, -L:]  # (B, L, E)
+        return super().hidden(input_ids, attention_mask=attention_mask, cache=cache, positions=positions,
+                              chunk_size=chunk_size)
+
+
+def hf_plan(c: Phi3Config) -> Plan:
+    """Checkpoint names of a Hugging Face Phi3ForCausalLM -> qkv parameter names (pure).
+
+    The fused `self_attn.qkv_proj.weight` (rows q | k | v) is MultiHeadAttention's `qkv_proj` as
+    it is; o_proj becomes `self_attn.out_proj`; `mlp.gate_up_proj` and everything else keep
+    their names.
+    """
+    E, FF = Dim(c.hidden_size, "hidden_size"), Dim(c.intermediate_size, "intermediate_size")
+    V, D = Dim(c.vocab_size, "vocab_size"), c.dim_per_head
+    q_out, kv_out = c.num_attention_heads * D, c.kv_heads * D
+    plan: dict[str, tuple[Piece, ...]] = {
+        "model.embed_tokens.weight": (Piece("model.embed_tokens.weight", (V, E)),),
+        "model.norm.weight": (Piece("model.norm.weight", (E,)),),
+    }
+    if not c.tie_word_embeddings:
+        plan["lm_head.weight"] = (Piece("lm_head.weight", (V, E)),)
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        plan[p + "self_attn.qkv_proj.weight"] = (Piece(p + "self_attn.qkv_proj.weight", (q_out + 2 * kv_out, E)),)
+        plan[p + "self_attn.out_proj.weight"] = (Piece(p + "self_attn.o_proj.weight", (E, q_out)),)
+        plan[p + "mlp.gate_up_proj.weight"] = (Piece(p + "mlp.gate_up_proj.weight", (2 * FF, E)),)
+        plan[p + "mlp.down_proj.weight"] = (Piece(p + "mlp.down_proj.weight", (E, FF)),)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            plan[p + f"{norm}.weight"] = (Piece(p + f"{norm}.weight", (E,)),)
+    return plan
+
+
+def hf_ignored(c: Phi3Config) -> dict:
+    """Keys that are not weights: a stored RoPE inv_freq buffer per layer (older checkpoints), and
+    a tied lm_head.weight saved as a copy."""
+    out: dict = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": (c.rotary_dim // 2,)
+                 for i in range(c.num_hidden_layers)}
+    if c.tie_word_embeddings:
+        out["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    return out
+
+
+FAMILY = Family(architectures=("Phi3ForCausalLM",), model_type="phi3", config=Phi3Config,
+                model=Phi3ForCausalLM, plan=hf_plan, layers=hf_layers, ignored=hf_ignored)
