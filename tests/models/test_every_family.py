@@ -28,21 +28,22 @@ TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_he
 NOT_HF = {"QkvSeq2Seq"}  # qkv's own translator: explained in tests/inspect
 
 
-def _config(arch: str):
+def _config(arch: str, **changes):
     import transformers
 
     cls = getattr(transformers, arch).config_class
     accepted = set(inspect.signature(cls.__init__).parameters) | set(cls.attribute_map)
-    return cls(**{k: v for k, v in TINY.items() if k in accepted})
+    return cls(**{k: v for k, v in {**TINY, **changes}.items() if k in accepted})
 
 
-def _build(folder, arch: str):
+def _build(folder, arch: str, config=None):
     """A tiny random `arch` with eager attention, saved in `folder`; norm weights and biases
     re-randomised so none hides behind ones and zeros."""
     import transformers
 
     torch.manual_seed(0)
-    model = getattr(transformers, arch)._from_config(_config(arch), attn_implementation="eager").eval()
+    config = _config(arch) if config is None else config
+    model = getattr(transformers, arch)._from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name.lower() or name.endswith(".bias"):
@@ -120,3 +121,46 @@ def test_serve_model_dir_explains_every_family(folders):
         for arch in ARCHS:
             r = client.post("/api/explain", json={"text": TEXT, "model": arch})
             assert r.status_code == 200, f"{arch}: {r.status_code} {r.text[:300]}"
+
+
+# RoPE scaling on every rotary family: yarn (static: original context 16 of 64 positions) and
+# dynamic (grows past max_position_embeddings=16 while generating, up to 4 x 16). Families whose
+# rotary tables do not follow the length reached refuse both by name; Phi-3 reads yarn as
+# longrope and has its own tests (test_models_phi3.py).
+ROPE = {"yarn": (dict(max_position_embeddings=64), {"rope_type": "yarn", "factor": 4.0,
+                                                     "original_max_position_embeddings": 16}),
+        "dynamic": (dict(max_position_embeddings=16), {"rope_type": "dynamic", "factor": 4.0})}
+REFUSES_ROPE_SCALING = {"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GPTNeoXForCausalLM"}
+
+
+def _rotary_archs() -> list[str]:
+    return sorted(a for a in ARCHS if isinstance(getattr(_config(a), "rope_parameters", None), dict)
+                  and a != "Phi3ForCausalLM")
+
+
+@pytest.mark.parametrize("kind", sorted(ROPE))
+@pytest.mark.parametrize("arch", _rotary_archs())
+def test_rope_scaling_on_every_rotary_family(arch, kind, tmp_path):
+    from family_checks import TOLERANCE, check_greedy, check_left_padded_logits, random_ids
+
+    from qkv.models import ModelError
+
+    sizes, scaling = ROPE[kind]
+    # heads of 16, so a quarter rotation (GPT-NeoX, StableLM) still rotates 4 features: transformers'
+    # dynamic scaling divides by (rotated - 2)
+    config = _config(arch, hidden_size=64, head_dim=16, **sizes)
+    rope = config.rope_parameters
+    nested = "rope_type" not in rope  # Gemma 3: one entry per layer type
+    config.rope_parameters = ({t: {**r, **scaling} for t, r in rope.items()} if nested else {**rope, **scaling})
+    ref = _build(tmp_path, arch, config)
+    if arch in REFUSES_ROPE_SCALING:
+        with pytest.raises(ModelError, match=f'rope_type="{kind}" is not supported'):
+            qkv.load(tmp_path)
+        return
+    model = qkv.load(tmp_path)
+    check_left_padded_logits(model, ref, vocab=64)
+    check_greedy(model, ref, vocab=64)
+    ids = random_ids(1, 40, 64, seed=11)  # one pass past max_position_embeddings (dynamic grows)
+    with torch.no_grad():
+        err = (model(ids) - ref(input_ids=ids).logits).abs().max().item()
+    assert err < TOLERANCE, f"{arch} {kind}: max |logits - transformers| = {err:.2e} over 40 tokens"

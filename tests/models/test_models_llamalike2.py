@@ -359,8 +359,8 @@ def test_glm_refuses_a_partial_rotary_factor_out_of_range(value):
 def test_glm_refuses_rope_types_qkv_does_not_compute():
     from qkv.models.glm import GlmConfig
 
-    _refused(GlmConfig, {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5}},
-             "rope_parameters.rope_type=\"yarn\" is not supported")
+    _refused(GlmConfig, {"rope_parameters": {"rope_type": "proportional", "factor": 4.0, "partial_rotary_factor": 0.5}},
+             "rope_parameters.rope_type=\"proportional\" is not supported")
 
 
 @pytest.mark.parametrize("module, name", [("qwen3", "Qwen3Config"), ("olmo2", "Olmo2Config"),

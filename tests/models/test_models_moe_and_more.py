@@ -202,8 +202,8 @@ def test_starcoder2_window_matters(folders):
 
 @pytest.mark.parametrize("fields, message", [
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}},
-     "rope_type=\"yarn\" is not supported"),
+    ({"rope_parameters": {"rope_type": "proportional", "factor": 2.0, "rope_theta": 1e4}},
+     "rope_type=\"proportional\" is not supported"),
 ])
 def test_starcoder2_refusals(fields, message, tmp_path):
     from qkv.models.starcoder2 import Starcoder2Config
@@ -240,8 +240,8 @@ def test_stablelm_reads_partial_rotary_factor_where_transformers_does(tmp_path):
     ({"partial_rotary_factor": 0.375}, r"rotates int\(8 \* 0.375\) = 3 features of each head"),
     ({"partial_rotary_factor": 0.1}, r"= 0 features of each head"),
     ({"partial_rotary_factor": 1.5}, r"partial_rotary_factor=1.5 is out of range; it must be in \(0, 1\]"),
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
-     "rope_type=\"dynamic\" is not supported"),
+    ({"rope_parameters": {"rope_type": "proportional", "factor": 2.0, "rope_theta": 1e4}},
+     "rope_type=\"proportional\" is not supported"),
     ({"hidden_size": 30}, "hidden_size=30 is not divisible by num_attention_heads=4"),
 ])
 def test_stablelm_refusals(fields, message, tmp_path):

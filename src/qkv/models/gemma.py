@@ -28,7 +28,7 @@ from ..nn import RotaryEmbedding
 from .common import ACTIVATION, Family, activation
 from .decoder import CausalLM
 from .fields import Fields, read_dataclass
-from .llama import LlamaConfig, LlamaDecoderLayer, LlamaMLP, _read_rope, hf_ignored, hf_layers, hf_plan
+from .llama import CLASSIC_KINDS, LlamaConfig, LlamaDecoderLayer, LlamaMLP, _read_rope, hf_ignored, hf_layers, hf_plan
 
 
 def refuse_bidirectional(f: Fields, family: str) -> None:
@@ -60,7 +60,8 @@ class GemmaConfig(LlamaConfig):
     @classmethod
     def read_fields(cls, f: Fields) -> dict:
         refuse_bidirectional(f, "Gemma")
-        out = {**read_dataclass(cls, f, limits=cls.LIMITS, skip=("rope_scaling", "mlp_bias")), **_read_rope(f)}
+        out = {**read_dataclass(cls, f, limits=cls.LIMITS, skip=("rope_scaling", "mlp_bias")),
+               **_read_rope(f, kinds=CLASSIC_KINDS)}
         if out.get("hidden_act") == "gelu":
             # The released Gemma configs say "gelu" but were trained with the tanh approximation;
             # transformers 5's GemmaConfig replaces it (with a warning), and so does qkv.

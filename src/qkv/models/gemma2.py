@@ -33,7 +33,7 @@ from .checkpoint import Dim, ModelError, Piece, Plan
 from .common import ACTIVATION, Family
 from .fields import POSITIVE, POSITIVE_REAL, Fields, Limit, read_dataclass
 from .gemma import GemmaConfig, GemmaForCausalLM, GemmaMLP, GemmaRMSNorm, refuse_bidirectional
-from .llama import _read_rope, hf_ignored, hf_layers
+from .llama import CLASSIC_KINDS, _read_rope, hf_ignored, hf_layers
 from .llama import hf_plan as llama_plan
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -65,7 +65,7 @@ class Gemma2Config(GemmaConfig):
         # hidden_act: Gemma 2 configs carry it next to hidden_activation, and transformers (4 and 5) reads
         # only hidden_activation; so does qkv.
         skip = ("rope_scaling", "mlp_bias", "hidden_act")
-        return {**read_dataclass(cls, f, limits=cls.LIMITS, skip=skip), **_read_rope(f)}
+        return {**read_dataclass(cls, f, limits=cls.LIMITS, skip=skip), **_read_rope(f, kinds=CLASSIC_KINDS)}
 
     def check(self, source) -> None:
         super().check(source)

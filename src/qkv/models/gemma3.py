@@ -36,7 +36,7 @@ from .fields import POSITIVE, POSITIVE_REAL, Fields, read_dataclass
 from .gemma import GemmaModel, refuse_bidirectional, scaled_embedding
 from .gemma2 import FULL, SLIDING, Gemma2Config, Gemma2DecoderLayer, Gemma2ForCausalLM
 from .gemma2 import hf_plan as gemma2_plan
-from .llama import _ROPE_NEEDS, hf_ignored, hf_layers
+from .llama import CLASSIC_ROPE, hf_ignored, hf_layers
 
 
 @dataclass(frozen=True)
@@ -115,13 +115,13 @@ def _read_scaling(rope: Fields) -> Optional[dict]:
     """One layer type's RoPE scaling, as nn.positions.rope_inv_freq takes it (None = default)."""
     kind_field = "rope_type" if "rope_type" in rope else "type"
     kind = rope.get(kind_field, str, "default")
-    if kind not in _ROPE_NEEDS:
-        raise rope.unsupported(kind_field, f"qkv computes the rope types {', '.join(_ROPE_NEEDS)} only; other "
+    if kind not in CLASSIC_ROPE:
+        raise rope.unsupported(kind_field, f"qkv computes the rope types {', '.join(CLASSIC_ROPE)} only; other "
                                f"types (dynamic, yarn, longrope, ...) scale positions in ways it does not run")
     if kind == "default":
         return None
     scaling = {"rope_type": kind}
-    for key in _ROPE_NEEDS[kind]:
+    for key in CLASSIC_ROPE[kind]:
         int_key = key == "original_max_position_embeddings"
         scaling[key] = rope.get(key, int if int_key else float, limit=POSITIVE if int_key else POSITIVE_REAL)
     if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:

@@ -40,7 +40,7 @@ from .fields import (
     check_divisible,
     read_dataclass,
 )
-from .llama import _ROPE_NEEDS
+from .llama import CLASSIC_ROPE
 
 FRACTION = Limit(lo=0, hi=1)  # partial_rotary_factor: the share of each head that is rotated
 
@@ -126,13 +126,13 @@ def _read_rope(f: Fields) -> dict:
         return out
     kind_field = "rope_type" if "rope_type" in rope else "type"
     kind = rope.get(kind_field, str, "default")
-    if kind not in _ROPE_NEEDS:
-        raise rope.unsupported(kind_field, f"qkv computes the rope types {', '.join(_ROPE_NEEDS)} only; "
+    if kind not in CLASSIC_ROPE:
+        raise rope.unsupported(kind_field, f"qkv computes the rope types {', '.join(CLASSIC_ROPE)} only; "
                                f"other types (dynamic, yarn, longrope, ...) scale positions in ways it does not run")
     if kind == "default":
         return out
     scaling = {"rope_type": kind}
-    for key in _ROPE_NEEDS[kind]:
+    for key in CLASSIC_ROPE[kind]:
         if key == "original_max_position_embeddings":  # transformers' default: max_position_embeddings
             default = f.get("max_position_embeddings", int, GPTNeoXConfig.max_position_embeddings, POSITIVE)
             scaling[key] = rope.get(key, int, default, limit=POSITIVE)

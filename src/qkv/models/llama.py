@@ -139,6 +139,14 @@ _ROPE_NEEDS: dict[str, dict[str, tuple]] = {
 }
 
 
+# The rope types of the families whose rotary tables do not follow the length a pass reaches
+# (not a `LengthDependentRope`: Gemma, Gemma 2, Gemma 3, GPT-NeoX), and the parameters each
+# needs; dynamic, yarn and longrope are refused there.
+CLASSIC_ROPE = {"default": (), "linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+CLASSIC_KINDS = {k: k for k in CLASSIC_ROPE}  # `_read_rope(kinds=)` for those families
+
+
 def _read_rope(f: Fields, cls: Optional[type] = None, *, partial: bool = False,
                kinds: Optional[dict[str, str]] = None, original: Optional[int] = None) -> dict:
     """rope_theta and rope_scaling from `rope_scaling` (transformers 4, with a top-level
