@@ -20,7 +20,7 @@ room for `keep + max(L, slack)` tokens, so during decoding that copy comes once 
 tokens (default `keep // 4`): less than 4 tokens copied per token, while attention reads `keep`.
 
 Memory: a full layer holds every token; a windowed layer at most `keep + max(L, slack)` for a
-chunk of L (after a chunk longer than that, its buffer shrinks at the next compaction).
+chunk of L, resized to that at each compaction (so after a long chunk it shrinks back).
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class KVCache:
         drop = max(0, stored - keep)  # tokens no query of this chunk or later can see
         kept = stored - drop
         want = max(kept + L, keep + self._slack[layer])
-        if kept + L > cap or cap > 2 * want:  # too small for this chunk, or far too large after a long one
+        if cap != want:  # too small for this chunk, or larger than needed after a long one: resize while copying
             self._reallocate(layer, want, drop, stored)
         elif drop:
             for store in (self._k, self._v):
