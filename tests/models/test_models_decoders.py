@@ -49,7 +49,11 @@ def test_cache_decoding_equals_recompute(pair):
     (so it grows): each step's logits equal those of the full sequence recomputed."""
     model, _ = pair
     stepped, full, cache = decode_in_steps(model, _ids(B=2, L=12, seed=5))
-    assert cache.length == 12 and cache.capacity >= 12
+    assert cache.length == 12
+    if cache.window(0) is None:
+        assert cache.capacity >= 12  # grew
+    else:  # Mistral's window cache (window 4) kept only the last tokens, in a bounded buffer
+        assert cache.start(0) > 0 and cache.capacity <= cache.window(0) + 5
     err = (stepped - full).abs().max().item()
     assert err < 1e-5, f"max |cached - recomputed| = {err:.2e}"
 

@@ -15,6 +15,7 @@ exactly what the forward pass computed.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -49,6 +50,16 @@ class Record:
     num_heads: int
     num_kv_heads: int
     fv_norm: Optional[Tensor] = None
+    # how the layer attended, as it called qkv.attention: causal, the window (left, right) (None =
+    # unbounded), and a description of its score_mod (e.g. "soft_cap(cap=50.0)"; None = none)
+    causal: bool = False
+    window: Optional[tuple[Optional[int], Optional[int]]] = None
+    score_mod_text: Optional[str] = None
+
+    def describe(self) -> dict:
+        """{"layer", "name", "causal", "window": [left, right] or None, "score_mod": text or None}."""
+        return {"layer": self.layer, "name": self.name, "causal": self.causal,
+                "window": None if self.window is None else list(self.window), "score_mod": self.score_mod_text}
 
     def weights(self) -> Tensor:
         """(B, nh, nr, Lk) attention weights of the selected heads and rows, float32 or float64."""
@@ -133,7 +144,9 @@ class Recorder:
         self.records.append(Record(
             layer=layer, name=name, q=q_sel, k=k_sel, v=v_sel if self.with_values else v_sel[..., :0],
             mask=mask_sel, scale=spec.scale, score_mod=mod, heads=heads, rows=rows,
-            num_heads=Hq, num_kv_heads=spec.Hkv, fv_norm=fv_norm,
+            num_heads=Hq, num_kv_heads=spec.Hkv, fv_norm=fv_norm, causal=bool(causal),
+            window=_window_of(window, causal),
+            score_mod_text=None if score_mod is None else describe_function(score_mod),
         ))
 
     @staticmethod
@@ -160,6 +173,58 @@ class Recorder:
         w_heads = w.view(w.shape[0], -1, D)[:, heads].transpose(0, 1)  # (nh, E, D)
         fv = torch.matmul(v_sel.to(w.dtype), w_heads.transpose(-1, -2).unsqueeze(0))  # (B, nh, Lk, E)
         return fv.norm(dim=-1).float()
+
+
+def _window_of(window, causal: bool) -> Optional[tuple[Optional[int], Optional[int]]]:
+    """qkv.attention's `window` argument as (left, right): an int w is (w, 0) under causal, else (w, w)."""
+    if window is None:
+        return None
+    if isinstance(window, int):
+        return (window, 0 if causal else window)
+    left, right = window
+    return (None if left is None else int(left), None if right is None else int(right))
+
+
+_GENERIC_NAMES = {"<lambda>", "score_mod", "mask_mod", "mod", "fn", "f", "func", "shifted"}
+
+
+def describe_function(fn) -> str:
+    """A short text for a score or mask function, read from the function itself (no list of
+    known functions): its `description` attribute if it has one; else the name of the function
+    that built it (for a closure such as qkv.masks.soft_cap's, the factory) with the numbers,
+    strings and booleans it captured, e.g. "soft_cap(cap=50.0)". Wrappers that set `__wrapped__`
+    (functools.wraps; a windowed cache's index shift) are looked through."""
+    seen = 0
+    while getattr(fn, "__wrapped__", None) is not None and seen < 16:
+        fn, seen = fn.__wrapped__, seen + 1
+    text = getattr(fn, "description", None)
+    if isinstance(text, str) and text:
+        return text
+    if isinstance(fn, functools.partial):
+        args = [repr(a) for a in fn.args if _plain(a)] + [f"{k}={v!r}" for k, v in fn.keywords.items() if _plain(v)]
+        return f"{describe_function(fn.func).split('(')[0]}({', '.join(args)})"
+    qualname = getattr(fn, "__qualname__", None)
+    if qualname is None:  # a callable object
+        return type(fn).__name__
+    parts = qualname.split(".<locals>.")
+    name = parts[-1]
+    if len(parts) > 1 and name in _GENERIC_NAMES:
+        name = parts[-2]  # the function that built it
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    captured = []
+    if code is not None:
+        for var, cell in zip(code.co_freevars, cells):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if _plain(value):
+                captured.append(f"{var}={value!r}")
+    return f"{name}({', '.join(captured)})"
+
+
+def _plain(value) -> bool:
+    return isinstance(value, (bool, int, float, str)) and len(repr(value)) <= 40
 
 
 def _remap_score_mod(score_mod, heads: Tensor, rows: Tensor):

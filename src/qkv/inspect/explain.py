@@ -143,6 +143,14 @@ class ExplainResult:
         """Indices of the cross-attention layers (empty for encoder-only and decoder-only models)."""
         return [i for i, role in enumerate(self.roles or []) if role == "cross"]
 
+    def layer_attention(self) -> list[dict]:
+        """How each recorded layer attended, as it called `qkv.attention`: one dict per layer,
+        {"layer", "name", "causal", "window": [left, right] or None (unbounded), "score_mod":
+        a description such as "soft_cap(cap=50.0)" or None}. Read from the run, for any model
+        built on qkv.nn: a sliding window (Mistral) or soft-capping shows here, global layers
+        have window None."""
+        return [r.describe() for r in self.records]
+
     def cross_maps(self, level: str = "word"):
         """Cross-attention alone: (source labels, target labels, (cross layers, H, target, source) weights).
 
@@ -356,7 +364,7 @@ class ExplainResult:
             "labels": labels, "special": special, "layers": self.num_layers, "heads": len(head_names),
             "head_names": head_names, "maps": _round(maps), "normalised": method != "value-norm",
             "focus": None, "entropy": _round(self.entropy(level)),
-            "selected": {"layer": layer, "head": head},
+            "selected": {"layer": layer, "head": head}, "attention": self.layer_attention(),
         }
         if self.cross_layers and not hide_special:
             source, target, cross = self.cross_maps(level)

@@ -11,7 +11,12 @@ the rest").
 
 Shapes: n labels; maps[layer][head][query][key] is (layers, heads, n, n); entropy[layer][head]
 is (layers, heads); focus.per_layer[layer][key] is (layers, n); cross.maps is (cross layers,
-heads, len(target), len(source)). Numpy arrays and tensors are accepted wherever a list is.
+heads, len(target), len(source)); attention is one entry per layer of maps. Numpy arrays and
+tensors are accepted wherever a list is.
+
+Compatibility: the format name stays "qkv.explain/1" while fields are only added, each optional
+(a reader of an older file finds it absent, an older reader ignores it): `attention`, how each
+layer attended (causal, sliding window, score_mod), was added with issue 17.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ FORMAT = "qkv.explain/1"
 METHODS = ("raw", "rollout", "value-norm")  # how a row of weights is computed (qkv.explain's `method`)
 LEVELS = ("word", "token")  # what a label is: a word (subword pieces joined) or a token
 
-__all__ = ["FORMAT", "LEVELS", "METHODS", "Cross", "ExplainData", "Focus", "as_list", "check_data"]
+__all__ = ["FORMAT", "LEVELS", "METHODS", "Cross", "ExplainData", "Focus", "LayerAttention", "as_list", "check_data"]
 
 T = TypeVar("T")
 
@@ -76,6 +81,19 @@ class Cross(_Part):
         return self
 
 
+class LayerAttention(_Part):
+    """How one layer attended (added to qkv.explain/1 as the optional `attention` list)."""
+
+    layer: int = Field(strict=True, description="the model's attention layer (entry i describes maps[i])")
+    name: str | None = Field(None, description="the attention module's name in the model")
+    causal: bool | None = Field(None, description="queries see only keys at or before their position")
+    window: list[int | None] | None = Field(None, min_length=2, max_length=2, description=(
+        "[left, right]: keys a query may see before and after its position (null = unbounded); "
+        "null = no window"))
+    score_mod: str | None = Field(None, description="the score function applied before the softmax, e.g. "
+                                  "'soft_cap(cap=50.0)'; null = none")
+
+
 class Selected(_Part):
     layer: int | None = None
     head: int | None = None
@@ -100,6 +118,8 @@ class ExplainData(_Part):
     entropy: Matrix | None = Field(None, description="(layers, heads): mean row entropy")
     selected: Selected | None = None
     cross: Cross | None = Field(None, description="encoder-decoder models: target words over source words")
+    attention: list[LayerAttention] | None = Field(None, description=(
+        "one per layer of maps: its causal flag, sliding window and score_mod (absent in older files)"))
 
     @model_validator(mode="after")
     def _shapes(self) -> ExplainData:
@@ -119,6 +139,9 @@ class ExplainData(_Part):
                 if len(amap) != n or any(len(row) != n for row in amap):
                     raise ValueError(f"data['maps'][{layer}][{head}] must be {n} x {n} (one row and column per "
                                      f"label), got {len(amap)} rows of lengths {sorted({len(r) for r in amap})[:4]}")
+        if self.attention is not None and len(self.attention) != len(maps):
+            raise ValueError(f"data['attention'] has {len(self.attention)} entries for the {len(maps)} layers of "
+                             "maps; give one per layer, in the order of maps")
         focus = self.focus
         if focus is not None:
             if not 0 <= focus.index < n:

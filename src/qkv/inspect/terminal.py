@@ -34,6 +34,27 @@ def _label(s: str, width: int) -> str:
     return (s if len(s) <= width else s[: width - 1] + "…").rjust(width)
 
 
+def layer_notes(result) -> list[str]:
+    """What each recorded layer adds to plain attention, as short texts ("" for nothing): its
+    sliding window ("window (3, 0)"; "global" beside windowed layers) and score_mod."""
+    infos = result.layer_attention()
+    windowed = any(info["window"] is not None for info in infos)
+    notes = []
+    for info in infos:
+        parts = []
+        if windowed:
+            w = info["window"]
+            parts.append("global" if w is None else "window ({}, {})".format(*("-" if x is None else x for x in w)))
+        if info["score_mod"]:
+            parts.append(info["score_mod"])
+        notes.append(", ".join(parts))
+    return notes
+
+
+_LEGEND = ("window (left, right): each token sees at most `left` keys before it and `right` after it; "
+           "global: no window")
+
+
 def render_focus(result, focus, *, method: str = "raw", level: str = "word", hide_special: bool = False,
                  layer: Optional[int] = None, head: Optional[int] = None, color: bool = False,
                  top_heads: int = 5, aggregate: str = "mean") -> str:
@@ -64,10 +85,15 @@ def render_focus(result, focus, *, method: str = "raw", level: str = "word", hid
         "",
         "layer " + "".join(_label(lab, width) for lab in labels) + "  strip",
     ]
+    notes = layer_notes(result)
     for lay in layers:
         row = per_layer[lay].tolist()
         top = max(row) if row else 0.0
-        lines.append(f"{lay:>5} " + "".join(_cell(x, top, width, color, digits) for x in row) + "  " + _strip(row))
+        note = f"  {notes[lay]}" if notes[lay] else ""
+        lines.append(f"{lay:>5} " + "".join(_cell(x, top, width, color, digits) for x in row) + "  " + _strip(row)
+                     + note)
+    if any("window" in note for note in notes):
+        lines.append(_LEGEND)
     if method == "raw" and head is None and top_heads:
         lines += ["", f"sharpest heads for {focus_label!r} (lowest entropy of its row):"]
         for item in result.sharpest_heads(focus, top_heads, level, hide_special):
@@ -94,8 +120,9 @@ def render_overview(result, *, method: str = "raw", level: str = "word", hide_sp
         grid, what = _aggregate(maps[lay], dim=0, how=aggregate), f"{aggregate} over heads"
     width = max(6, min(10, max(len(lab) for lab in labels) + 1))
     digits = 2 if method != "value-norm" else 1
+    note = layer_notes(result)[lay]
     lines = [f"{result.text!r} on {result.model_name}: layer {lay}, {what}, {method}, {level} level; "
-             "rows attend to columns",
+             "rows attend to columns" + (f"; attention: {note}" if note else ""),
              "", " " * width + "".join(_label(lab, width) for lab in labels) + "  strip"]
     for i, lab in enumerate(labels):
         row = grid[i].tolist()

@@ -11,7 +11,9 @@ Hugging Face's names, so checkpoints map onto them by `hf_plan`) and these hooks
 - `blocks`: the ModuleList of blocks, each called `block(x, mask, rotary, cache)`;
 - `final_norm`: the norm after the last block; `token_embedding`: the embedding the LM head
   may be tied to;
-- `kv_shape`: (layers, key/value heads, head size) of the KV cache.
+- `kv_shape`: (layers, key/value heads, head size) of the KV cache;
+- `window_cache = True` (optional): block i caches in layer i and attends through its
+  `window`, so windowed layers get a cache that keeps only what their window reaches.
 
 The class attributes `positions_field` and `positions_text` name the config field that bounds
 the sequence and how the message for a longer one says it.
@@ -37,6 +39,10 @@ class CausalLM(nn.Module):
 
     positions_field = "max_position_embeddings"  # config field: the longest sequence
     positions_text = "{field}={n}"  # how the too-long message names that limit
+    # A family sets True when block i stores its keys in cache layer i and attends causally
+    # through its `window` attribute ((left, 0) or None), so `new_cache` may keep only the last
+    # `left` tokens of a windowed layer (Mistral; Gemma 2/3 alternate windowed and global layers).
+    window_cache = False
 
     def __init__(self, config):
         super().__init__()
@@ -72,11 +78,28 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.token_embedding.weight
 
-    def new_cache(self, batch: int, capacity: int = 256) -> KVCache:
-        """An empty KV cache for `batch` sequences, preallocated for `capacity` tokens."""
+    def cache_windows(self) -> Optional[list[Optional[int]]]:
+        """Tokens each cache layer must keep before a new one: block i's left window (None = all),
+        read from the blocks' `window` now; None (keep everything) unless the family opts in
+        with `window_cache = True`."""
+        layers = self.kv_shape[0]
+        if not self.window_cache or len(self.blocks) != layers:
+            return None
+        windows = [_left(getattr(block, "window", None)) for block in self.blocks]
+        return None if all(w is None for w in windows) else windows
+
+    def new_cache(self, batch: int, capacity: int = 256, *, windowed: bool = True) -> KVCache:
+        """An empty KV cache for `batch` sequences, preallocated for `capacity` tokens.
+
+        With `windowed` (default) and a family that opts in (`window_cache`), layers that attend
+        through a sliding window keep only the tokens it reaches (`KVCache(windows=...)`, from
+        `cache_windows()`); global layers, and every layer with `windowed=False`, keep all.
+        """
         layers, heads, head_dim = self.kv_shape
         w = self.token_embedding.weight
-        return KVCache(layers, batch, heads, head_dim, capacity=capacity, dtype=w.dtype, device=w.device)
+        windows = self.cache_windows() if windowed else None
+        return KVCache(layers, batch, heads, head_dim, capacity=capacity, dtype=w.dtype, device=w.device,
+                       windows=windows)
 
     def hidden(self, input_ids: Tensor, *, attention_mask: Optional[Tensor] = None,
                cache: Optional[KVCache] = None, positions: Optional[Tensor] = None,
@@ -181,3 +204,10 @@ class CausalLM(nn.Module):
         prompt = self.tokenizer(text, max_length=10**9).input_ids  # (1, L); generate checks the length
         out = self.generate(prompt, **kwargs)
         return self.tokenizer.decode(out[0, prompt.shape[1]:])
+
+
+def _left(window) -> Optional[int]:
+    """A block's `window` ((left, right), an int w, or None) -> tokens before a query it may see."""
+    if window is None:
+        return None
+    return int(window) if isinstance(window, int) else (None if window[0] is None else int(window[0]))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import Backend, attention
+from ..core.block_mask import BlockMask
 from .cache import KVCache
 from .positions import apply_rotary
 
@@ -148,7 +149,10 @@ class MultiHeadAttention(nn.Module):
             rotary: (cos, sin) from `RotaryEmbedding` for the positions of these Lq tokens,
                 (Lq, D) or (B, 1, Lq, D); applied to q and k before caching (self-attention).
             cache: a KVCache; this step's keys and values are appended to `layer` and attention
-                runs over everything stored.
+                runs over everything stored. A windowed cache layer (`KVCache(windows=...)`) keeps
+                only the last tokens its window reaches: `window` must look back no further, and
+                `mask` (over all n + Lk positions), a mask function or score_mod see the positions
+                of a full cache (sliced and shifted here by `cache.start(layer)`).
             layer: which cache layer this module owns.
 
         Returns:
@@ -167,7 +171,9 @@ class MultiHeadAttention(nn.Module):
             q = apply_rotary(q, cos, sin, interleaved=self.interleaved_rotary)
             k = apply_rotary(k, cos, sin, interleaved=self.interleaved_rotary)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, Hkv, n + Lk, D)
+            k, v = cache.update(layer, k, v)  # (B, Hkv, m + Lk, D): positions cache.start(layer) .. n + Lk - 1
+            if cache.window(layer) is not None:
+                mask, score_mod = _windowed_cache(cache, layer, window, mask, score_mod, k.shape[2])
         # With one query, bottom-right causal masking allows every key: skip building the band.
         causal = causal and Lq > 1
         if self.recorder is not None:  # qkv.inspect observes what attention is about to see
@@ -221,3 +227,58 @@ class MultiHeadAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, fused={self.fused}, dropout={self.dropout}")
+
+
+def _window_left(window) -> Optional[int]:
+    """How far back `qkv.attention`'s window lets a query look: w for an int, left of (left, right),
+    None when unbounded."""
+    if window is None:
+        return None
+    return window if isinstance(window, int) else window[0]
+
+
+def _windowed_cache(cache: KVCache, layer: int, window, mask, score_mod, stored: int):
+    """mask and score_mod for attention against a windowed cache layer that stores positions
+    start .. start + stored - 1 only: a tensor mask over all positions is sliced to those, a mask
+    or score function sees the positions of a full cache (kv_idx + start). Refuses a window that
+    looks back further than the cache keeps, and a BlockMask (built for the full key length)."""
+    keep = cache.window(layer)
+    left = _window_left(window)
+    if left is None or left > keep:
+        raise ValueError(
+            f"cache layer {layer} keeps only the {keep} tokens before each new one, but this attention looks back "
+            f"{'over every token' if left is None else f'{left} tokens'} (window={window!r}); pass window=({keep}, 0) "
+            f"or a narrower one, or build the cache with that layer's window None (model.new_cache(..., "
+            f"windowed=False))"
+        )
+    start = cache.start(layer)
+    if start == 0:
+        return mask, score_mod
+    if isinstance(mask, Tensor):
+        if mask.shape[-1] == start + stored:
+            mask = mask[..., start:]  # (.., Lq | 1, stored): the columns of the positions kept
+        elif mask.shape[-1] not in (1, stored):
+            raise ValueError(f"mask has {mask.shape[-1]} key columns; cache layer {layer} holds positions "
+                             f"{start}..{start + stored - 1}: give a mask over all {start + stored} positions")
+    elif isinstance(mask, BlockMask):
+        raise ValueError(f"a BlockMask is laid out for the full key length, and cache layer {layer} has dropped "
+                         f"the {start} tokens its window no longer reaches; pass a mask function or a bool mask, "
+                         f"or build the cache with windows=None")
+    elif callable(mask):
+        mask = _shift_kv(mask, start, with_score=False)
+    if score_mod is not None:
+        score_mod = _shift_kv(score_mod, start, with_score=True)
+    return mask, score_mod
+
+
+def _shift_kv(fn: Callable, start: int, *, with_score: bool) -> Callable:
+    """fn seen with the key indices of a full cache: kv_idx + start (the positions a trimmed
+    cache dropped). Keeps `__wrapped__` = fn, so qkv.inspect describes the original."""
+    if with_score:
+        def shifted(score, b, h, q_idx, kv_idx):
+            return fn(score, b, h, q_idx, kv_idx + start)
+    else:
+        def shifted(b, h, q_idx, kv_idx):
+            return fn(b, h, q_idx, kv_idx + start)
+    shifted.__wrapped__ = fn  # type: ignore[attr-defined]
+    return shifted

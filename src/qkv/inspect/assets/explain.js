@@ -123,6 +123,22 @@
     var state = { layer: L - 1, head: H > 1 ? "mean" : 0, selected: -1, hover: -1 };
     if (data.focus && typeof data.focus.index === "number") state.selected = data.focus.index;
     function headName(h) { return h === "mean" ? "mean of heads" : "head " + names[h]; }
+    // How each layer attended (the optional data.attention): its sliding window ("global" beside
+    // windowed layers) and score_mod, e.g. "window (3, 0), soft_cap(cap=50.0)"; "" for nothing.
+    var attn = Array.isArray(data.attention) && data.attention.length === L ? data.attention : null;
+    var windowed = !!attn && attn.some(function (a) { return a && Array.isArray(a.window); });
+    function layerNote(l) {
+      var a = attn && attn[l], parts = [];
+      if (!a) return "";
+      if (windowed) {
+        parts.push(Array.isArray(a.window) ? "window (" + a.window.map(function (x) {
+          return x === null ? "\u221e" : String(x);
+        }).join(", ") + ")" : "global");
+      }
+      if (typeof a.score_mod === "string" && a.score_mod) parts.push(a.score_mod);
+      return parts.join(", ");
+    }
+    function layerName(l) { var note = layerNote(l); return "layer " + l + (note ? " (" + note + ")" : ""); }
 
     var meanCache = {};
     function getMap(layer, head) {
@@ -198,7 +214,7 @@
 
     var layerSelect = $("layer-select");
     for (var l = 0; l < L; l++) {
-      var opt = el("option", null, "layer " + l);
+      var opt = el("option", null, layerName(l));
       opt.value = String(l);
       layerSelect.appendChild(opt);
     }
@@ -325,7 +341,7 @@
         }
         var parts = order.slice(0, 3).filter(function (j) { return row[j] > 0; })
           .map(function (j) { return labels[j] + " " + fmt(row[j]); });
-        statusEl.textContent = "Layer " + state.layer + ", " + headName(state.head) + ": \u201c" + labels[active] +
+        statusEl.textContent = "L" + layerName(state.layer).slice(1) + ", " + headName(state.head) + ": \u201c" + labels[active] +
           "\u201d attends most to " + (parts.length ? parts.join(", ") : "nothing (an empty row)") + ".";
       } else {
         for (var k = 0; k < n; k++) {
@@ -334,7 +350,7 @@
           kSpans[k].classList.remove("top");
           kW[k].textContent = "";
         }
-        statusEl.textContent = "Layer " + state.layer + ", " + headName(state.head) + ": all rows. Pick a word on the left.";
+        statusEl.textContent = "L" + layerName(state.layer).slice(1) + ", " + headName(state.head) + ": all rows. Pick a word on the left.";
       }
       drawLines(amap, active);
       renderAttended(amap, active);
@@ -392,7 +408,9 @@
     headOrder.forEach(function (h) { mv.appendChild(el("span", "hdr", h === "mean" ? "mean" : names[h])); });
     var queue = [];
     for (var ly = 0; ly < L; ly++) {
-      mv.appendChild(el("span", "rowhdr", "layer " + ly));
+      var rowhdr = el("span", "rowhdr", "layer " + ly);
+      if (layerNote(ly)) rowhdr.title = layerName(ly);
+      mv.appendChild(rowhdr);
       headOrder.forEach(function (h) {
         var b = el("button", "thumb");
         b.type = "button";
