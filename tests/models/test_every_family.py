@@ -22,6 +22,7 @@ TEXT = "the cat sat on the mat and the dog ran in the park"
 # hidden_size into GPT-2's n_embd and DistilBERT's dim)
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=48, max_position_embeddings=64, head_dim=8, sliding_window=4, use_sliding_window=True,
+            max_window_layers=1, no_rope_layer_interval=2,
             num_local_experts=4, num_experts_per_tok=2, hidden_dim=48, ffn_dim=48, word_embed_proj_dim=32,
             n_positions=64, attn_logit_softcapping=5.0, final_logit_softcapping=8.0, query_pre_attn_scalar=16,
             use_qk_norm=True, qk_layernorm=True, bos_token_id=2, eos_token_id=None, pad_token_id=1)
@@ -105,6 +106,35 @@ def test_cli_explain_json(arch, folders, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["format"].startswith("qkv.explain/")
     assert data["labels"] == TEXT.split() and data["layers"] == 3 and len(data["maps"]) == 3
+
+
+DECODERS = [a for a in ARCHS if a.endswith("ForCausalLM") or a == "GPT2LMHeadModel"]  # transformers can generate
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_generation_of_every_decoder(arch, folders):
+    """The shared greedy proof on every decoder, with the sliding-window caches its windowed
+    layers get (window 4: the long prompt runs past it)."""
+    from family_checks import check_greedy
+
+    folder, ref = _folder(folders, arch)
+    model = qkv.load(folder)
+    windows = [getattr(block, "window", None) for block in model.blocks]
+    cache = model.new_cache(1)
+    assert [cache.window(i) for i in range(len(windows))] == [None if w is None else w[0] for w in windows]
+    check_greedy(model, ref, vocab=64, window=4)
+
+
+def test_windowed_families_are_tested_with_windows(folders):
+    """Every family with sliding windows gets some here (so the window caches above are exercised)."""
+    windowed = set()
+    for arch in DECODERS:
+        model = qkv.load(_folder(folders, arch)[0])
+        if any(getattr(block, "window", None) for block in model.blocks):
+            windowed.add(arch)
+    assert {"MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+            "Starcoder2ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+            "SmolLM3ForCausalLM"} <= windowed, sorted(windowed)
 
 
 def test_serve_model_dir_explains_every_family(folders):

@@ -140,6 +140,7 @@ class GemmaForCausalLM(CausalLM):
     """A Gemma decoder with its (tied) LM head (`CausalLM`: `forward`, `hidden`, `generate`, `complete`)."""
 
     layer_class: type = GemmaDecoderLayer  # the block Gemma 2 and 3 replace
+    window_cache = True  # Gemma 2/3's sliding layers cache only what their window reaches; global layers all
     model_class: type = GemmaModel  # Gemma 3 adds the local layers' RoPE
 
     def __init__(self, config: GemmaConfig):

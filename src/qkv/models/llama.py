@@ -295,6 +295,10 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(LengthDependentRope, CausalLM):
     """A Llama-family decoder with its LM head (`CausalLM`: `forward`, `hidden`, `generate`, `complete`)."""
 
+    # Layers with a sliding `window` (Mistral, Mixtral, Qwen2/3, Starcoder2, SmolLM3, Phi-3) cache
+    # only the tokens it reaches; Llama's own layers have none and keep everything.
+    window_cache = True
+
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
         self.model = LlamaModel(config)

@@ -31,8 +31,6 @@ class MistralConfig(LlamaConfig):
 class MistralForCausalLM(LlamaForCausalLM):
     """A Mistral decoder with its LM head: Llama's modules, with a sliding window."""
 
-    window_cache = True  # windowed layers' caches keep only the sliding_window - 1 tokens it reaches
-
 
 FAMILY = Family(architectures=("MistralForCausalLM",), model_type="mistral", config=MistralConfig,
                 model=MistralForCausalLM, plan=hf_plan, layers=hf_layers, ignored=hf_ignored)
