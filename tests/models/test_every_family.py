@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from family_checks import random_ids
 from hf_folders import save_word_tokenizer
 
 import qkv
@@ -194,3 +195,37 @@ def test_rope_scaling_on_every_rotary_family(arch, kind, tmp_path):
     with torch.no_grad():
         err = (model(ids) - ref(input_ids=ids).logits).abs().max().item()
     assert err < TOLERANCE, f"{arch} {kind}: max |logits - transformers| = {err:.2e} over 40 tokens"
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_every_decoder_on_every_backend(arch, folders):
+    """Each decoder with every layer forced onto each backend (`MultiHeadAttention.backend`): the
+    logits equal `auto`'s within 1e-4, or the backend refuses the call by name (a ValueError:
+    e.g. sdpa and a soft-cap score_mod, decode and more than one query). reference and tiled,
+    which take every mask, window and score_mod, never refuse."""
+    from qkv.core.api import backends
+    from qkv.nn import MultiHeadAttention
+
+    folder, _ = _folder(folders, arch)
+    model = qkv.load(folder)
+    ids = random_ids(2, 13, 64, seed=2)
+    layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    with torch.no_grad():
+        want = model(ids)
+        ran = []
+        for name in backends():
+            for m in layers:
+                m.backend = name
+            try:
+                got = model(ids)
+            except ValueError as exc:
+                assert name in str(exc) or "backend" in str(exc), f"{arch} on {name}: unclear refusal: {exc}"
+                continue
+            finally:
+                for m in layers:
+                    m.backend = "auto"
+            err = (got - want).abs().max().item()
+            assert err < 1e-4, f"{arch} on {name}: max |logits - auto| = {err:.2e}"
+            ran.append(name)
+    print(arch, "ran on", ran)
+    assert {"reference", "tiled"} <= set(ran), f"{arch} ran on {ran} only"
