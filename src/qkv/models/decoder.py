@@ -7,7 +7,8 @@ A family subclasses `CausalLM` and supplies only what differs: its config, its m
 Hugging Face's names, so checkpoints map onto them by `hf_plan`) and these hooks:
 
 - `embed(input_ids, positions)` -> (x, rotary): token (and learned position) embeddings,
-  and the rotary cos/sin the blocks apply (None without rotary embeddings);
+  and the rotary cos/sin the blocks apply (None without rotary embeddings; any object the
+  family's blocks understand, e.g. Gemma 3's one (cos, sin) per layer type);
 - `blocks`: the ModuleList of blocks, each called `block(x, mask, rotary, cache)`;
 - `final_norm`: the norm after the last block; `token_embedding`: the embedding the LM head
   may be tied to;
@@ -60,7 +61,8 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
-        """input_ids (B, L), positions (L,) | (B, L) -> x (B, L, E), rotary (cos, sin) or None."""
+        """input_ids (B, L), positions (L,) | (B, L) -> x (B, L, E), rotary (cos, sin) or None
+        (or what the family's blocks take instead: Gemma 3, a (cos, sin) per layer type)."""
         raise NotImplementedError
 
     # -- the skeleton ---------------------------------------------------------------------
