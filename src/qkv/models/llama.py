@@ -418,6 +418,13 @@ def mlp_plan(prefix: str, c: LlamaConfig) -> dict[str, tuple[Piece, ...]]:
     return plan
 
 
+def norms_plan(prefix: str, E: Dim, names: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm"), *,
+               bias: bool = False) -> dict[str, tuple[Piece, ...]]:
+    """A layer's norms under their own names: each weight (E,), and each bias with `bias` (a LayerNorm)."""
+    parts = ("weight", "bias") if bias else ("weight",)
+    return kept(prefix, {f"{name}.{part}": (E,) for name in names for part in parts})
+
+
 def kept(prefix: str, shapes: dict[str, tuple]) -> dict[str, tuple[Piece, ...]]:
     """Entries that keep the checkpoint's name: prefix + name -> that key, of the given shape."""
     return {prefix + name: (Piece(prefix + name, shape),) for name, shape in shapes.items()}
@@ -435,7 +442,7 @@ def hf_plan(c: LlamaConfig) -> Plan:
         p = f"model.layers.{i}."
         plan.update(attention_plan(p, c, E, qkv_bias=c.qkv_bias, out_bias=c.out_bias))
         plan.update(mlp_plan(p, c))
-        plan.update(kept(p, {"input_layernorm.weight": (E,), "post_attention_layernorm.weight": (E,)}))
+        plan.update(norms_plan(p, E))
     return plan
 
 
