@@ -425,6 +425,13 @@ def norms_plan(prefix: str, E: Dim, names: tuple[str, ...] = ("input_layernorm",
     return kept(prefix, {f"{name}.{part}": (E,) for name in names for part in parts})
 
 
+def per_layer(c: LlamaConfig, shapes: dict[str, tuple]) -> dict[str, tuple[Piece, ...]]:
+    """Entries of every layer under their own names: "model.layers.{i}." + name, of the given shape
+    (what a family adds to a plan it builds on: q/k norms, more norms)."""
+    return {key: pieces for i in range(c.num_hidden_layers)
+            for key, pieces in kept(f"model.layers.{i}.", shapes).items()}
+
+
 def kept(prefix: str, shapes: dict[str, tuple]) -> dict[str, tuple[Piece, ...]]:
     """Entries that keep the checkpoint's name: prefix + name -> that key, of the given shape."""
     return {prefix + name: (Piece(prefix + name, shape),) for name, shape in shapes.items()}
