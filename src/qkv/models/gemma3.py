@@ -30,13 +30,13 @@ from typing import Optional
 from torch import Tensor
 
 from ..nn import RotaryEmbedding
-from .checkpoint import Piece, Plan
+from .checkpoint import Plan
 from .common import Family
 from .fields import POSITIVE, POSITIVE_REAL, Fields, read_dataclass
 from .gemma import GemmaModel, refuse_bidirectional, scaled_embedding
 from .gemma2 import FULL, SLIDING, Gemma2Config, Gemma2DecoderLayer, Gemma2ForCausalLM
 from .gemma2 import hf_plan as gemma2_plan
-from .llama import CLASSIC_ROPE, hf_ignored, hf_layers
+from .llama import CLASSIC_ROPE, hf_ignored, hf_layers, per_layer
 
 
 @dataclass(frozen=True)
@@ -155,12 +155,8 @@ def hf_plan(c: Gemma3TextConfig) -> Plan:
     """Checkpoint names of a Hugging Face Gemma3ForCausalLM -> qkv parameter names (pure): Gemma 2's
     plus each layer's self_attn.q_norm and self_attn.k_norm (D,), which keep their names inside
     `MultiHeadAttention`."""
-    plan = dict(gemma2_plan(c))
-    for i in range(c.num_hidden_layers):
-        for norm in ("q_norm", "k_norm"):
-            key = f"model.layers.{i}.self_attn.{norm}.weight"
-            plan[key] = (Piece(key, (c.dim_per_head,)),)
-    return plan
+    D = c.dim_per_head
+    return {**gemma2_plan(c), **per_layer(c, {"self_attn.q_norm.weight": (D,), "self_attn.k_norm.weight": (D,)})}
 
 
 # Architectures of Gemma 3 that qkv refuses, with the reason and what runs instead (loading.py).

@@ -291,6 +291,7 @@ class LlamaDecoderLayer(nn.Module):
 
     interleaved_rotary = False
     mlp_name = "mlp"
+    score_mod = None  # a score function `attend` passes to qkv.attention (Gemma 2's soft-cap), or None
 
     def __init__(self, c: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -319,8 +320,8 @@ class LlamaDecoderLayer(nn.Module):
 
     def attend(self, h: Tensor, mask: Optional[Tensor], rotary, cache: Optional[KVCache]) -> Tensor:
         """The causal self-attention of h (B, L, E) through this layer's window and cache -> (B, L, E)."""
-        return self.self_attn(h, mask=mask, causal=True, window=self.window, rotary=rotary, cache=cache,
-                              layer=self.layer_idx)
+        return self.self_attn(h, mask=mask, causal=True, window=self.window, score_mod=self.score_mod, rotary=rotary,
+                              cache=cache, layer=self.layer_idx)
 
     def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor],
                 cache: Optional[KVCache]) -> Tensor:
