@@ -36,7 +36,7 @@ from .fields import POSITIVE, POSITIVE_REAL, Fields, read_dataclass
 from .gemma import GemmaModel, refuse_bidirectional, scaled_embedding
 from .gemma2 import FULL, SLIDING, Gemma2Config, Gemma2DecoderLayer, Gemma2ForCausalLM
 from .gemma2 import hf_plan as gemma2_plan
-from .llama import CLASSIC_ROPE, hf_ignored, hf_layers, per_layer
+from .llama import hf_ignored, hf_layers, per_layer, read_classic_scaling
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def _read_rope_per_type(f: Fields) -> dict:
         theta = rope.get("rope_theta", Optional[float], None, POSITIVE_REAL)
         if theta is not None or old_base is not None:
             out[theta_field] = theta if theta is not None else old_base
-        out[scaling_field] = _read_scaling(rope)
+        out[scaling_field] = read_classic_scaling(rope)  # one layer type's (None = default)
     return out
 
 
@@ -109,25 +109,6 @@ def _refuse_partial(g: Fields) -> None:
     if g.get("partial_rotary_factor", float, 1.0) != 1.0:
         raise g.unsupported("partial_rotary_factor", "Gemma 3 rotates whole heads (transformers' Gemma 3 "
                             "ignores the field); remove it or set it to 1.0")
-
-
-def _read_scaling(rope: Fields) -> Optional[dict]:
-    """One layer type's RoPE scaling, as nn.positions.rope_inv_freq takes it (None = default)."""
-    kind_field = "rope_type" if "rope_type" in rope else "type"
-    kind = rope.get(kind_field, str, "default")
-    if kind not in CLASSIC_ROPE:
-        raise rope.unsupported(kind_field, f"qkv computes the rope types {', '.join(CLASSIC_ROPE)} only; other "
-                               f"types (dynamic, yarn, longrope, ...) scale positions in ways it does not run")
-    if kind == "default":
-        return None
-    scaling = {"rope_type": kind}
-    for key in CLASSIC_ROPE[kind]:
-        int_key = key == "original_max_position_embeddings"
-        scaling[key] = rope.get(key, int if int_key else float, limit=POSITIVE if int_key else POSITIVE_REAL)
-    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
-        raise rope.unsupported("high_freq_factor", f"llama3 scaling needs high_freq_factor > low_freq_factor="
-                               f"{scaling['low_freq_factor']:g} (it divides by their difference); correct them")
-    return scaling
 
 
 class Gemma3TextModel(GemmaModel):

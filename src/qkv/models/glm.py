@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from ..nn import KVCache
 from .checkpoint import Dim, ModelError, Piece, Plan
-from .common import Family, activation
+from .common import Family
 from .fields import Fields, Limit
-from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, hf_ignored, hf_layers, per_layer
+from .llama import GateUpMLP, LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, hf_ignored, hf_layers, per_layer
 from .llama import hf_plan as llama_plan
 
 GLM_EOS = [151329, 151336, 151338]  # transformers' GlmConfig stop ids when eos_token_id is null
@@ -86,18 +86,7 @@ def _without_fraction(f: Fields, rope_name: str) -> Fields:
     return Fields(data, f.source, prefix=f.prefix, fix=f.fix)
 
 
-class GlmMLP(nn.Module):
-    """SwiGLU with gate and up in one matrix: down(act(gate) * up), [gate | up] = gate_up_proj(x)."""
-
-    def __init__(self, c: GlmConfig):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-        self._act = activation(c.hidden_act)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, L, FF) each
-        return self.down_proj(up * self._act(gate))
+GlmMLP = GateUpMLP  # SwiGLU with gate and up in one matrix, gate_up_proj (rows gate | up), as Phi-3's
 
 
 class GlmDecoderLayer(LlamaDecoderLayer):

@@ -220,9 +220,7 @@ def _read_rope(f: Fields, cls: Optional[type] = None, *, partial: bool = False,
             scaling[key] = rope.get(key, annotation, limit=limit)
     if kind in ("dynamic", "yarn", "longrope"):
         scaling["max_position_embeddings"] = max_positions
-    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
-        raise rope.unsupported("high_freq_factor", f"llama3 scaling needs high_freq_factor > low_freq_factor="
-                               f"{scaling['low_freq_factor']:g} (it divides by their difference); correct them")
+    _check_llama3(rope, scaling)
     if kind == "longrope":
         heads = f.get("num_attention_heads", int, _default(cls, "num_attention_heads"))
         hidden = f.get("hidden_size", int, _default(cls, "hidden_size"))
@@ -234,6 +232,34 @@ def _read_rope(f: Fields, cls: Optional[type] = None, *, partial: bool = False,
                                        f"config.json saved with these weights")
     out["rope_scaling"] = scaling
     return out
+
+
+def read_classic_scaling(rope: Fields, original: Optional[int] = None) -> Optional[dict]:
+    """The typed rope_scaling of a family with classic RoPE (`CLASSIC_ROPE`: GPT-NeoX, Gemma 3)
+    from its rope dict: None for the default type; other types are refused by name.
+    `original`: original_max_position_embeddings where the dict has none (None: required)."""
+    kind_field = "rope_type" if "rope_type" in rope else "type"
+    kind = rope.get(kind_field, str, "default")
+    if kind not in CLASSIC_ROPE:
+        raise rope.unsupported(kind_field, f"qkv computes the rope types {', '.join(CLASSIC_ROPE)} only; other "
+                               f"types (dynamic, yarn, longrope, ...) scale positions in ways it does not run")
+    if kind == "default":
+        return None
+    scaling = {"rope_type": kind}
+    for key in CLASSIC_ROPE[kind]:
+        if key == "original_max_position_embeddings":
+            scaling[key] = (rope.get(key, int, limit=POSITIVE) if original is None
+                            else rope.get(key, int, original, limit=POSITIVE))
+        else:
+            scaling[key] = rope.get(key, float, limit=POSITIVE_REAL)
+    _check_llama3(rope, scaling)
+    return scaling
+
+
+def _check_llama3(rope: Fields, scaling: dict) -> None:
+    if scaling["rope_type"] == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise rope.unsupported("high_freq_factor", f"llama3 scaling needs high_freq_factor > low_freq_factor="
+                               f"{scaling['low_freq_factor']:g} (it divides by their difference); correct them")
 
 
 def _default(cls, name: str):
@@ -268,6 +294,21 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GateUpMLP(nn.Module):
+    """SwiGLU with gate and up in one stored matrix (Phi-3, GLM): down(act(gate) * up),
+    [gate | up] = gate_up_proj(x), no biases."""
+
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self._act = activation(c.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, L, 2 FF) -> (B, L, FF) each
+        return self.down_proj(up * self._act(gate))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -28,9 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import Dim, ModelError, Piece, Plan
-from .common import Family, activation
+from .common import Family
 from .fields import POSITIVE, PROBABILITY, Fields, read_dataclass
 from .llama import (
+    GateUpMLP,
     LlamaConfig,
     LlamaDecoderLayer,
     LlamaForCausalLM,
@@ -91,18 +92,7 @@ class Phi3Config(LlamaConfig):
         return None if self.sliding_window is None else (self.sliding_window - 1, 0)
 
 
-class Phi3MLP(nn.Module):
-    """SwiGLU with gate and up in one projection: down(act(gate) * up), [gate | up] = gate_up_proj(x)."""
-
-    def __init__(self, c: Phi3Config):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-        self._act = activation(c.hidden_act)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, L, 2 FF) -> (B, L, FF) each
-        return self.down_proj(up * self._act(gate))
+Phi3MLP = GateUpMLP  # SwiGLU with gate and up in one projection, gate_up_proj (rows gate | up)
 
 
 class Phi3DecoderLayer(LlamaDecoderLayer):
