@@ -281,16 +281,18 @@ def mlm_adapt(adapt, decoder_bias: str):
 _mlm_adapt = mlm_adapt(_adapt, "cls.predictions.decoder.bias")
 
 
+def with_head(encoder_plan: Plan, head: dict[str, tuple]) -> Plan:
+    """A head checkpoint's plan: the encoder's, and the head's weights (key -> shape) under their own names."""
+    return {**encoder_plan, **{name: (Piece(name, shape),) for name, shape in head.items()}}
+
+
 def _mlm_plan(c: BertHeadConfig, prefix: str = "") -> Plan:
     E, V = Dim(c.hidden_size, "hidden_size"), Dim(c.vocab_size, "vocab_size")
-    plan = dict(hf_plan(c, prefix))
     head = {"cls.predictions.transform.dense.weight": (E, E), "cls.predictions.transform.dense.bias": (E,),
             "cls.predictions.transform.LayerNorm.weight": (E,), "cls.predictions.transform.LayerNorm.bias": (E,)}
     if not c.tie_word_embeddings:
         head["cls.predictions.decoder.weight"] = (V, E)
-    plan.update({name: (Piece(name, shape),) for name, shape in head.items()})
-    plan["cls.predictions.bias"] = (Piece(c.mlm_bias, (V,)),)
-    return plan
+    return {**with_head(hf_plan(c, prefix), head), "cls.predictions.bias": (Piece(c.mlm_bias, (V,)),)}
 
 
 def _mlm_ignored(c: BertHeadConfig, prefix: str = "") -> dict:
@@ -310,10 +312,8 @@ def _mlm_ignored(c: BertHeadConfig, prefix: str = "") -> dict:
 
 def _classifier_plan(c: BertHeadConfig, prefix: str = "") -> Plan:
     E, N = Dim(c.hidden_size, "hidden_size"), c.num_labels
-    plan = dict(hf_plan(replace(c, add_pooling_layer=True), prefix))
-    plan["classifier.weight"] = (Piece("classifier.weight", (N, E)),)
-    plan["classifier.bias"] = (Piece("classifier.bias", (N,)),)
-    return plan
+    encoder = hf_plan(replace(c, add_pooling_layer=True), prefix)
+    return with_head(encoder, {"classifier.weight": (N, E), "classifier.bias": (N,)})
 
 
 def reported(head: dict, encoder_ignored=hf_ignored):

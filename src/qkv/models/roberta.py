@@ -47,6 +47,7 @@ from .bert_heads import (
     head_family,
     mlm_adapt,
     reported,
+    with_head,
 )
 from .checkpoint import Dim, ModelError, Piece, Plan
 from .common import Family
@@ -190,14 +191,11 @@ _mlm_adapt = mlm_adapt(_adapt, "lm_head.decoder.bias")
 
 def _mlm_plan(c: RobertaHeadConfig, prefix: str = "") -> Plan:
     E, V = Dim(c.hidden_size, "hidden_size"), Dim(c.vocab_size, "vocab_size")
-    plan = dict(hf_plan(c, prefix))
     head = {"lm_head.dense.weight": (E, E), "lm_head.dense.bias": (E,),
             "lm_head.layer_norm.weight": (E,), "lm_head.layer_norm.bias": (E,)}
     if not c.tie_word_embeddings:
         head["lm_head.decoder.weight"] = (V, E)
-    plan.update({name: (Piece(name, shape),) for name, shape in head.items()})
-    plan["lm_head.bias"] = (Piece(c.mlm_bias, (V,)),)
-    return plan
+    return {**with_head(hf_plan(c, prefix), head), "lm_head.bias": (Piece(c.mlm_bias, (V,)),)}
 
 
 def _mlm_ignored(c: RobertaHeadConfig, prefix: str = "") -> dict:
@@ -214,11 +212,8 @@ def _mlm_ignored(c: RobertaHeadConfig, prefix: str = "") -> dict:
 
 def _classifier_plan(c: RobertaHeadConfig, prefix: str = "") -> Plan:
     E, N = Dim(c.hidden_size, "hidden_size"), c.num_labels
-    plan = dict(hf_plan(c, prefix))
-    for name, shape in (("dense.weight", (E, E)), ("dense.bias", (E,)),
-                        ("out_proj.weight", (N, E)), ("out_proj.bias", (N,))):
-        plan["classifier." + name] = (Piece("classifier." + name, shape),)
-    return plan
+    return with_head(hf_plan(c, prefix), {"classifier.dense.weight": (E, E), "classifier.dense.bias": (E,),
+                                          "classifier.out_proj.weight": (N, E), "classifier.out_proj.bias": (N,)})
 
 
 def _families(name: str, config: type, head_config: type, model_type: str) -> tuple[Family, ...]:
