@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_checks import check_greedy, check_left_padded_logits, check_tokenizer, random_ids
-from hf_folders import save_word_tokenizer
+from family_checks import (
+    check_greedy,
+    check_left_padded_logits,
+    check_step_logits,
+    check_tokenizer,
+    generate_with_logits,
+    hf_greedy,
+    random_ids,
+)
+from hf_folders import randomise_norms, save_folder
 
 import qkv
 from qkv.models import ModelError
@@ -40,15 +48,7 @@ def _build(folder, config, seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.Phi3ForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    model.eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    save_word_tokenizer(folder)
-    return model
+    return save_folder(folder, randomise_norms(transformers.Phi3ForCausalLM(config)))
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
@@ -57,24 +57,6 @@ def phi3(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     ref = _build(folder, _config(**KINDS[request.param]))
     return request.param, folder, ref, qkv.load(folder)
-
-
-def _generate_with_logits(model, ids, **kwargs):
-    """model.generate's tokens and the logits of each step (B, T, V), seen through `model.logits`."""
-    seen = []
-    logits = model.logits
-    model.logits = lambda h: seen.append(logits(h)) or seen[-1]
-    try:
-        return model.generate(ids, **kwargs), torch.stack(seen, dim=1)
-    finally:
-        del model.logits
-
-
-def _hf_generate(ref, ids, mask=None, new=20):
-    with torch.no_grad():
-        return ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids) if mask is None else mask,
-                            max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=1,
-                            eos_token_id=None, output_logits=True, return_dict_in_generate=True)
 
 
 # ------------------------------------------------------------------ the shared proof
@@ -103,13 +85,7 @@ def test_generation_across_the_original_context(phi3, prompt):
     transformers' tokens and each step's logits within 1e-4. From 9 the generation crosses 16,
     where transformers drops its cache and runs the sequence again with the long factors."""
     _, _, ref, model = phi3
-    ids = random_ids(1, prompt, 64, seed=21)
-    want = _hf_generate(ref, ids)
-    got, logits = _generate_with_logits(model, ids, max_new_tokens=20, prefill_chunk=4, eos_token_id=None)
-    assert torch.equal(got, want.sequences), \
-        f"qkv {got[0, prompt:].tolist()} vs transformers {want.sequences[0, prompt:].tolist()}"
-    err = (logits - torch.stack(want.logits, dim=1)).abs().max().item()
-    assert err < 1e-4, f"max |step logits - transformers| = {err:.2e}"
+    check_step_logits(model, ref, random_ids(1, prompt, 64, seed=21))
 
 
 def test_padded_batch_generation_across_the_original_context(phi3):
@@ -119,12 +95,7 @@ def test_padded_batch_generation_across_the_original_context(phi3):
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     ids = ids.masked_fill(mask == 0, 1)
-    want = _hf_generate(ref, ids, mask)
-    got, logits = _generate_with_logits(model, ids, attention_mask=mask.bool(), max_new_tokens=20,
-                                        prefill_chunk=4, eos_token_id=None)
-    assert torch.equal(got[:, 10:], want.sequences[:, 10:])
-    err = (logits - torch.stack(want.logits, dim=1)).abs().max().item()
-    assert err < 1e-4, f"max |step logits - transformers| = {err:.2e}"
+    check_step_logits(model, ref, ids, mask)
 
 
 # ------------------------------------------------------------------ what each addition changes
@@ -179,8 +150,8 @@ def test_the_recomputed_cache_matters(tmp_path):
                       p + "self_attn.v_proj.weight": v, p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up})
     llama.load_state_dict(state)
     ids = random_ids(1, 9, 64, seed=21)
-    phi, plain = _hf_generate(ref, ids), _hf_generate(llama, ids)
-    _, logits = _generate_with_logits(model, ids, max_new_tokens=20, prefill_chunk=4, eos_token_id=None)
+    phi, plain = hf_greedy(ref, ids), hf_greedy(llama, ids)
+    _, logits = generate_with_logits(model, ids, max_new_tokens=20, prefill_chunk=4, eos_token_id=None)
     assert (logits - torch.stack(phi.logits, dim=1)).abs().max() < 1e-4
     before = ORIGINAL - 9  # steps before the switch agree; from it on the caches differ
     assert (torch.stack(plain.logits, 1)[:, :before] - torch.stack(phi.logits, 1)[:, :before]).abs().max() < 1e-4

@@ -12,8 +12,8 @@ import json
 
 import pytest
 import torch
-from family_checks import check_greedy, check_left_padded_logits, check_tokenizer, random_ids
-from hf_folders import LLAMA_BASE, save_word_tokenizer
+from family_checks import check_greedy, check_left_padded_logits, check_step_logits, check_tokenizer, random_ids
+from hf_folders import LLAMA_BASE, randomise_norms, save_folder
 
 import qkv
 from qkv.models import ModelError
@@ -45,15 +45,7 @@ def _build(folder, config, seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    model.eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    save_word_tokenizer(folder)
-    return model
+    return save_folder(folder, randomise_norms(transformers.LlamaForCausalLM(config)))
 
 
 @pytest.fixture(scope="module", params=list(ROPES))
@@ -150,17 +142,6 @@ def test_shared_proof_below_and_past_the_original_length(scaled):
     check_tokenizer(folder, model)
 
 
-def _generate_with_logits(model, ids, **kwargs):
-    """model.generate's tokens and the logits of each step (B, T, V), seen through `model.logits`."""
-    seen = []
-    logits = model.logits
-    model.logits = lambda h: seen.append(logits(h)) or seen[-1]
-    try:
-        return model.generate(ids, **kwargs), torch.stack(seen, dim=1)
-    finally:
-        del model.logits
-
-
 @pytest.mark.parametrize("prompt", [30, 16, 15])
 def test_greedy_with_chunked_prefill_across_the_original_length(scaled, prompt):
     """A prompt past, at or just below the original length, fed in chunks of 4 (the first chunks
@@ -168,16 +149,7 @@ def test_greedy_with_chunked_prefill_across_the_original_length(scaled, prompt):
     within 1e-4 of transformers' (its one pass chooses the frequencies for the whole prompt;
     chunks choosing for themselves are off by ~5e-4 here, though the tokens may agree)."""
     _, _, ref, model = scaled
-    ids = random_ids(1, prompt, 64, seed=11)
-    with torch.no_grad():
-        want = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
-                            min_new_tokens=20, do_sample=False, pad_token_id=1, eos_token_id=None,
-                            output_logits=True, return_dict_in_generate=True)
-    got, logits = _generate_with_logits(model, ids, max_new_tokens=20, prefill_chunk=4, eos_token_id=None)
-    assert torch.equal(got, want.sequences), \
-        f"qkv {got[0, prompt:].tolist()} vs transformers {want.sequences[0, prompt:].tolist()}"
-    err = (logits - torch.stack(want.logits, dim=1)).abs().max().item()
-    assert err < 1e-4, f"max |step logits - transformers| = {err:.2e}"
+    check_step_logits(model, ref, random_ids(1, prompt, 64, seed=11))
 
 
 def test_chunked_forward_equals_one_pass(scaled):
