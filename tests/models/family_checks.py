@@ -12,7 +12,9 @@ adds. Each family's test module calls these on its own tiny random checkpoints:
 - `check_step_logits` (families whose RoPE depends on the length reached): greedy tokens and
   each step's logits as transformers', the prompt fed in chunks.
 
-`hf_greedy` and `generate_with_logits` give transformers' and qkv's tokens with step logits.
+`hf_greedy` and `generate_with_logits` give transformers' and qkv's tokens with step logits. The
+encoders with heads (BERT, RoBERTa, DistilBERT) share `TEXTS`, `LABELS`, `padded_texts`,
+`masked_err` and `check_labels`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from typing import Optional
 import torch
 
 TOLERANCE = 1e-4  # float32 logits against transformers (issue 17)
+# the encoders' batch (different lengths, so it is padded) and their classifiers' labels
+TEXTS = ["the cat sat on the mat .", "a dog ran", "attention is all you need , queries keys and values",
+         "the quick brown fox jumps over the lazy dog"]
+LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 
 
 def random_ids(B: int, L: int, vocab: int, seed: int) -> torch.Tensor:
@@ -119,3 +125,25 @@ def check_tokenizer(folder, model, texts=("the cat sat on the mat", "queries key
     for text in texts:
         got = model.tokenizer(text).input_ids[0].tolist()
         assert got == hf(text)["input_ids"], f"{text!r}: qkv {got} vs transformers {hf(text)['input_ids']}"
+
+
+def padded_texts(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """TEXTS through an encoder's tokenizer: ids (B, L), attention mask (B, L) with padding."""
+    batch = model.tokenizer(TEXTS)
+    assert not bool(batch.attention_mask.all()), "the batch must contain padding"
+    return batch.input_ids, batch.attention_mask
+
+
+def masked_err(got: torch.Tensor, want: torch.Tensor, real: torch.Tensor) -> float:
+    """max |got - want| over the real (not padding) positions of (B, L, ...) tensors."""
+    return (got[real] - want[real]).abs().max().item()
+
+
+def check_labels(model, want: torch.Tensor) -> None:
+    """model.classify(TEXTS) gives the labels and probabilities of transformers' logits `want`
+    (B, labels), and not one label for all (so the comparison can fail)."""
+    probs = want.softmax(dim=-1)
+    labels = model.classify(TEXTS, batch_size=3)
+    assert [label for label, _ in labels] == [LABELS[int(i)] for i in probs.argmax(dim=-1)]
+    assert torch.allclose(torch.tensor([p for _, p in labels]), probs.max(dim=-1).values, atol=1e-5)
+    assert len({label for label, _ in labels}) > 1, "the classifier should not give one label to all"

@@ -49,6 +49,13 @@ def save_folder(folder, model):
     return model
 
 
+def edit_config(folder, **fields) -> None:
+    """Set `fields` in the folder's config.json."""
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(fields)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
 def tiny_gpt2_config(**kw):
     from transformers import GPT2Config
 
