@@ -14,7 +14,7 @@ adds. Each family's test module calls these on its own tiny random checkpoints:
 
 `hf_greedy` and `generate_with_logits` give transformers' and qkv's tokens with step logits. The
 encoders with heads (BERT, RoBERTa, DistilBERT) share `TEXTS`, `LABELS`, `padded_texts`,
-`masked_err` and `check_labels`.
+`masked_err`, `check_labels` and `check_fill_mask`.
 """
 
 from __future__ import annotations
@@ -147,3 +147,19 @@ def check_labels(model, want: torch.Tensor) -> None:
     assert [label for label, _ in labels] == [LABELS[int(i)] for i in probs.argmax(dim=-1)]
     assert torch.allclose(torch.tensor([p for _, p in labels]), probs.max(dim=-1).values, atol=1e-5)
     assert len({label for label, _ in labels}) > 1, "the classifier should not give one label to all"
+
+
+def check_fill_mask(model, ref, text: str, top_k: int) -> tuple[torch.Tensor, list]:
+    """model.fill_mask(text) gives, for each mask token of `text`, transformers' `top_k` most
+    probable tokens with their probabilities; returns (ids (1, L) of `text`, qkv's fills)."""
+    ids = model.tokenizer([text]).input_ids  # (1, L)
+    with torch.no_grad():
+        probs = ref(input_ids=ids).logits[0].softmax(dim=-1)  # (L, V)
+    where = (ids[0] == model.tokenizer.token_to_id(model.mask_token)).nonzero().squeeze(1).tolist()
+    got = model.fill_mask(text, top_k=top_k)
+    assert len(got) == len(where) == text.count(model.mask_token)
+    for fills, pos in zip(got, where):
+        top = probs[pos].topk(top_k)
+        assert [t for t, _ in fills] == [model.tokenizer.backend.id_to_token(int(i)) for i in top.indices]
+        assert torch.allclose(torch.tensor([p for _, p in fills]), top.values, atol=1e-5)
+    return ids, got

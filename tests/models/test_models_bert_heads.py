@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from family_checks import LABELS, TEXTS, check_labels, masked_err, padded_texts
+from family_checks import LABELS, TEXTS, check_fill_mask, check_labels, masked_err, padded_texts
 from hf_folders import SENTENCES, edit_config
 from safetensors.torch import load_file, save_file
 
@@ -92,15 +92,7 @@ def test_fill_mask_gives_transformers_top_tokens_and_probabilities(mlm):
     from transformers import BertTokenizer
 
     assert ids[0].tolist() == BertTokenizer(str(folder / "vocab.txt"))(text)["input_ids"], "tokenizer ids"
-    with torch.no_grad():
-        probs = ref(input_ids=ids).logits[0].softmax(dim=-1)  # (L, V)
-    where = (ids[0] == model.tokenizer.token_to_id("[MASK]")).nonzero().squeeze(1).tolist()
-    got = model.fill_mask(text, top_k=5)
-    assert len(got) == len(where) == 2
-    for fills, pos in zip(got, where):
-        top = probs[pos].topk(5)
-        assert [t for t, _ in fills] == [model.tokenizer.backend.id_to_token(int(i)) for i in top.indices]
-        assert torch.allclose(torch.tensor([p for _, p in fills]), top.values, atol=1e-5)
+    _, got = check_fill_mask(model, ref, text, top_k=5)
     assert model.fill_mask(text, top_k=1)[0][0][0] == got[0][0][0]
 
 

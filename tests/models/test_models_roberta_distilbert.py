@@ -10,7 +10,16 @@ import json
 
 import pytest
 import torch
-from family_checks import LABELS, TEXTS, check_labels, check_left_padded_logits, left_padded, masked_err, padded_texts
+from family_checks import (
+    LABELS,
+    TEXTS,
+    check_fill_mask,
+    check_labels,
+    check_left_padded_logits,
+    left_padded,
+    masked_err,
+    padded_texts,
+)
 from hf_folders import edit_config
 from safetensors.torch import load_file
 
@@ -172,6 +181,15 @@ def _hidden(ref, ids, mask, **kw):
         return _base(ref)(input_ids=ids, attention_mask=mask.long(), **kw).last_hidden_state
 
 
+def _check_masked_lm_logits(model, ref) -> None:
+    """qkv's masked-LM logits (B, L, V) within TOL of transformers' on the padded TEXTS and on a left-padded batch."""
+    ids, mask = padded_texts(model)
+    with torch.no_grad():
+        got, want = model.logits(ids, mask), ref(input_ids=ids, attention_mask=mask.long()).logits
+    assert got.shape == (len(TEXTS), ids.shape[1], V) and masked_err(got, want, mask) < TOL
+    check_left_padded_logits(lambda ids, attention_mask: model.logits(ids, attention_mask), ref, V)
+
+
 # -- RoBERTa: the encoder ---------------------------------------------------------------------
 
 def test_roberta_hidden_states_match_transformers_right_and_left_padded(roberta, loaded):
@@ -270,12 +288,7 @@ def test_roberta_masked_lm_logits_match_transformers(roberta_mlm, loaded):
     folder, ref = roberta_mlm
     model = loaded(folder)
     assert isinstance(model, RobertaForMaskedLM) and "fill_mask" in model.head
-    ids, mask = padded_texts(model)
-    with torch.no_grad():
-        want = ref(input_ids=ids, attention_mask=mask.long()).logits
-        assert model.logits(ids, mask).shape == (len(TEXTS), ids.shape[1], V)
-        assert masked_err(model.logits(ids, mask), want, mask) < TOL
-    check_left_padded_logits(lambda ids, attention_mask: model.logits(ids, attention_mask), ref, V)
+    _check_masked_lm_logits(model, ref)
 
 
 def test_roberta_masked_lm_bias_matters(tmp_path):
@@ -291,17 +304,7 @@ def test_roberta_masked_lm_bias_matters(tmp_path):
 def test_roberta_fill_mask_gives_transformers_top_tokens(roberta_mlm, loaded):
     folder, ref = roberta_mlm
     model = loaded(folder)
-    text = "the <mask> sat on the<mask> ."
-    ids = model.tokenizer([text]).input_ids
-    with torch.no_grad():
-        probs = ref(input_ids=ids).logits[0].softmax(dim=-1)  # (L, V)
-    where = (ids[0] == 4).nonzero().squeeze(1).tolist()
-    got = model.fill_mask(text, top_k=5)
-    assert len(got) == len(where) == 2
-    for fills, pos in zip(got, where):
-        top = probs[pos].topk(5)
-        assert [t for t, _ in fills] == [model.tokenizer.backend.id_to_token(int(i)) for i in top.indices]
-        assert torch.allclose(torch.tensor([p for _, p in fills]), top.values, atol=1e-5)
+    check_fill_mask(model, ref, "the <mask> sat on the<mask> .", top_k=5)
     with pytest.raises(ModelError, match="no <mask> token"):
         model.fill_mask("the cat sat")
 
@@ -478,21 +481,8 @@ def test_distilbert_masked_lm_logits_and_fill_mask(distilbert_mlm, loaded):
     folder, ref = distilbert_mlm
     model = loaded(folder)
     assert isinstance(model, DistilBertForMaskedLM) and "fill_mask" in model.head
-    ids, mask = padded_texts(model)
-    with torch.no_grad():
-        want = ref(input_ids=ids, attention_mask=mask.long()).logits
-        assert masked_err(model.logits(ids, mask), want, mask) < TOL
-    check_left_padded_logits(lambda ids, attention_mask: model.logits(ids, attention_mask), ref, V)
-    text = "the [MASK] sat on the [MASK] ."
-    ids = model.tokenizer([text]).input_ids
-    with torch.no_grad():
-        probs = ref(input_ids=ids).logits[0].softmax(dim=-1)
-    where = (ids[0] == 4).nonzero().squeeze(1).tolist()
-    got = model.fill_mask(text, top_k=3)
-    for fills, pos in zip(got, where):
-        top = probs[pos].topk(3)
-        assert [t for t, _ in fills] == [model.tokenizer.backend.id_to_token(int(i)) for i in top.indices]
-        assert torch.allclose(torch.tensor([p for _, p in fills]), top.values, atol=1e-5)
+    _check_masked_lm_logits(model, ref)
+    ids, _ = check_fill_mask(model, ref, "the [MASK] sat on the [MASK] .", top_k=3)
     with torch.no_grad():  # the comparison can fail: without the projector's bias the logits move
         saved = model.vocab_projector.bias.clone()
         model.vocab_projector.bias.zero_()
