@@ -49,6 +49,15 @@ def save_folder(folder, model):
     return model
 
 
+def save_random(folder, config, architecture: str, seed: int = 0):
+    """A random transformers `architecture` (a class name) of `config`, seeded, its norms
+    randomised (`randomise_norms`), saved into folder (`save_folder`); returns it."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return save_folder(folder, randomise_norms(getattr(transformers, architecture)(config)))
+
+
 def edit_config(folder, **fields) -> None:
     """Set `fields` in the folder's config.json."""
     cfg = json.loads((folder / "config.json").read_text())

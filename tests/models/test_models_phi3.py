@@ -18,7 +18,7 @@ from family_checks import (
     hf_greedy,
     random_ids,
 )
-from hf_folders import randomise_norms, save_folder
+from hf_folders import save_random
 
 import qkv
 from qkv.models import ModelError
@@ -44,18 +44,11 @@ def _config(**kw):
     return transformers.Phi3Config(**{**BASE, **kw})
 
 
-def _build(folder, config, seed: int = 0):
-    import transformers
-
-    torch.manual_seed(seed)
-    return save_folder(folder, randomise_norms(transformers.Phi3ForCausalLM(config)))
-
-
 @pytest.fixture(scope="module", params=list(KINDS))
 def phi3(request, tmp_path_factory):
     """(kind, folder, transformers model, qkv model)."""
     folder = tmp_path_factory.mktemp(request.param)
-    ref = _build(folder, _config(**KINDS[request.param]))
+    ref = save_random(folder, _config(**KINDS[request.param]), "Phi3ForCausalLM")
     return request.param, folder, ref, qkv.load(folder)
 
 
@@ -135,7 +128,7 @@ def test_the_recomputed_cache_matters(tmp_path):
     step logits than transformers' Phi-3, which qkv's Phi-3 matches."""
     import transformers
 
-    ref = _build(tmp_path, _config(**KINDS["mini-128k"]))
+    ref = save_random(tmp_path, _config(**KINDS["mini-128k"]), "Phi3ForCausalLM")
     model = qkv.load(tmp_path)
     sizes = {k: v for k, v in BASE.items() if k != "rope_parameters"}
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -206,7 +199,7 @@ def test_refused_by_name(fields, words):
 def test_dropout_is_training_only(tmp_path):
     """resid_pdrop and attention_dropout act in training mode only: eval logits are transformers'
     (in eval mode), training-mode logits are not."""
-    ref = _build(tmp_path, _config(resid_pdrop=0.5, attention_dropout=0.5, embd_pdrop=0.5))
+    ref = save_random(tmp_path, _config(resid_pdrop=0.5, attention_dropout=0.5, embd_pdrop=0.5), "Phi3ForCausalLM")
     model = qkv.load(tmp_path)
     ids = random_ids(1, 12, 64, seed=24)
     with torch.no_grad():

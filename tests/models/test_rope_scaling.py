@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from family_checks import check_greedy, check_left_padded_logits, check_step_logits, check_tokenizer, random_ids
-from hf_folders import LLAMA_BASE, randomise_norms, save_folder
+from hf_folders import LLAMA_BASE, save_random
 
 import qkv
 from qkv.models import ModelError
@@ -41,18 +41,11 @@ def _config(kind: str, **rope):
     return HFLlamaConfig(**{**LLAMA_BASE, "max_position_embeddings": max_pos, "rope_parameters": params})
 
 
-def _build(folder, config, seed: int = 0):
-    import transformers
-
-    torch.manual_seed(seed)
-    return save_folder(folder, randomise_norms(transformers.LlamaForCausalLM(config)))
-
-
 @pytest.fixture(scope="module", params=list(ROPES))
 def scaled(request, tmp_path_factory):
     """(kind, folder, transformers model, qkv model) of a tiny Llama with this rope type."""
     folder = tmp_path_factory.mktemp(request.param)
-    ref = _build(folder, _config(request.param))
+    ref = save_random(folder, _config(request.param), "LlamaForCausalLM")
     return request.param, folder, ref, qkv.load(folder)
 
 
@@ -184,7 +177,7 @@ def test_the_scaling_changes_the_logits(scaled):
 def test_dynamic_runs_to_factor_times_max_positions(tmp_path):
     from qkv.models.generation import PREFILL_CHUNK
 
-    _build(tmp_path, _config("dynamic"))
+    save_random(tmp_path, _config("dynamic"), "LlamaForCausalLM")
     model = qkv.load(tmp_path)
     assert model.max_positions == 64 and PREFILL_CHUNK > 64
     model(random_ids(1, 64, 64, seed=0))
@@ -247,7 +240,7 @@ def test_refused_by_name(rope, words):
 
 def test_refused_in_a_folder(tmp_path):
     """qkv.load refuses a folder whose longrope lists do not fit its heads, naming the file."""
-    _build(tmp_path, _config("linear"))
+    save_random(tmp_path, _config("linear"), "LlamaForCausalLM")
     path = tmp_path / "config.json"
     config = json.loads(path.read_text())
     config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 500.0, "short_factor": [1.0] * 8,
