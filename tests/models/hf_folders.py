@@ -31,6 +31,40 @@ def save_word_tokenizer(folder) -> None:
     tok.save(str(folder / "tokenizer.json"))
 
 
+def randomise_norms(model, *, biases: bool = False):
+    """Every norm weight of a transformers model (and with `biases` every bias) drawn from
+    U(0.5, 1.5), so a missing or misread one cannot hide behind ones and zeros; returns the model
+    in eval mode."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or (biases and name.endswith(".bias")):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def save_folder(folder, model):
+    """model saved into folder as safetensors, with the word-level tokenizer; returns the model."""
+    model.save_pretrained(folder, safe_serialization=True)
+    save_word_tokenizer(folder)
+    return model
+
+
+def save_random(folder, config, architecture: str, seed: int = 0):
+    """A random transformers `architecture` (a class name) of `config`, seeded, its norms
+    randomised (`randomise_norms`), saved into folder (`save_folder`); returns it."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return save_folder(folder, randomise_norms(getattr(transformers, architecture)(config)))
+
+
+def edit_config(folder, **fields) -> None:
+    """Set `fields` in the folder's config.json."""
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(fields)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
 def tiny_gpt2_config(**kw):
     from transformers import GPT2Config
 
@@ -69,14 +103,8 @@ def build_folder(folder, kind: str, seed: int = 0, **kw):
             model = transformers.MistralForCausalLM(transformers.MistralConfig(**{"sliding_window": 4, **llama}))
         else:
             model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**llama))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name or (kind != "llama" and name.endswith(".bias")):
-                    p.uniform_(0.5, 1.5)
-    model.eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    save_word_tokenizer(folder)
-    return model
+        randomise_norms(model, biases=kind != "llama")
+    return save_folder(folder, model.eval())
 
 
 def build_bert_folder(folder, seed: int = 0, **kw):

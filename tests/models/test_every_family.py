@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from family_checks import random_ids
-from hf_folders import save_word_tokenizer
+from hf_folders import save_folder
 
 import qkv
 from qkv.models.loading import FAMILIES
@@ -52,9 +52,7 @@ def _build(folder, arch: str, config=None):
                 p.uniform_(0.5, 1.5)
             elif p.dim() == 2 and "embed" not in name:
                 p.normal_(0.0, 0.3)
-    model.save_pretrained(folder, safe_serialization=True)
-    save_word_tokenizer(folder)
-    return model
+    return save_folder(folder, model)
 
 
 ARCHS = sorted(a for a in FAMILIES if a not in NOT_HF)

@@ -9,16 +9,14 @@ import json
 
 import pytest
 import torch
-from hf_folders import SENTENCES
+from family_checks import LABELS, TEXTS, check_fill_mask, check_labels, masked_err, padded_texts
+from hf_folders import SENTENCES, edit_config
 from safetensors.torch import load_file, save_file
 
 import qkv
 from qkv.models import BertForMaskedLM, BertForSequenceClassification, BertModel, CheckpointError, ModelError
 
 V = 64
-LABELS = {0: "negative", 1: "neutral", 2: "positive"}
-TEXTS = ["the cat sat on the mat .", "a dog ran", "attention is all you need , queries keys and values",
-         "the quick brown fox jumps over the lazy dog"]
 
 
 def build_head_folder(folder, arch: str, seed: int = 0, **kw):
@@ -68,32 +66,22 @@ pretraining = _fixture("BertForPreTraining", seed=1)
 classifier = _fixture("BertForSequenceClassification", seed=2)
 
 
-def _padded(model):
-    batch = model.tokenizer(TEXTS)
-    assert not bool(batch.attention_mask.all()), "the batch must contain padding"
-    return batch.input_ids, batch.attention_mask
-
-
-def _max_err(got, want, real):
-    return (got[real] - want[real]).abs().max().item()
-
-
 def test_masked_lm_logits_match_transformers_on_a_padded_batch(mlm):
     folder, ref = mlm
     model = qkv.load(folder)
     assert isinstance(model, BertForMaskedLM) and "fill_mask" in model.head
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask.long())
         hidden = ref.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         got = model.logits(ids, mask)
-        err = _max_err(got, want.logits, mask)
+        err = masked_err(got, want.logits, mask)
         assert got.shape == (len(TEXTS), ids.shape[1], V)
         assert err < 1e-4, f"max |qkv - transformers| masked-LM logits over real tokens = {err:.2e}"
-        assert _max_err(model(ids, mask), hidden, mask) < 1e-4, "the encoder's hidden states"
+        assert masked_err(model(ids, mask), hidden, mask) < 1e-4, "the encoder's hidden states"
         # The comparison can fail: without the head's bias the logits are off by far more than 1e-4.
         model.cls.predictions.bias.zero_()
-        assert _max_err(model.logits(ids, mask), want.logits, mask) > 1e-2
+        assert masked_err(model.logits(ids, mask), want.logits, mask) > 1e-2
 
 
 def test_fill_mask_gives_transformers_top_tokens_and_probabilities(mlm):
@@ -104,15 +92,7 @@ def test_fill_mask_gives_transformers_top_tokens_and_probabilities(mlm):
     from transformers import BertTokenizer
 
     assert ids[0].tolist() == BertTokenizer(str(folder / "vocab.txt"))(text)["input_ids"], "tokenizer ids"
-    with torch.no_grad():
-        probs = ref(input_ids=ids).logits[0].softmax(dim=-1)  # (L, V)
-    where = (ids[0] == model.tokenizer.token_to_id("[MASK]")).nonzero().squeeze(1).tolist()
-    got = model.fill_mask(text, top_k=5)
-    assert len(got) == len(where) == 2
-    for fills, pos in zip(got, where):
-        top = probs[pos].topk(5)
-        assert [t for t, _ in fills] == [model.tokenizer.backend.id_to_token(int(i)) for i in top.indices]
-        assert torch.allclose(torch.tensor([p for _, p in fills]), top.values, atol=1e-5)
+    _, got = check_fill_mask(model, ref, text, top_k=5)
     assert model.fill_mask(text, top_k=1)[0][0][0] == got[0][0][0]
 
 
@@ -139,10 +119,10 @@ def test_pretraining_checkpoint_runs_its_masked_lm_head(pretraining):
     folder, ref = pretraining
     model = qkv.load(folder)
     assert isinstance(model, BertForMaskedLM) and "seq_relationship is not run" in model.head
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask.long()).prediction_logits
-        assert _max_err(model.logits(ids, mask), want, mask) < 1e-4
+        assert masked_err(model.logits(ids, mask), want, mask) < 1e-4
 
 
 def test_untied_decoder_is_loaded_as_its_own_weight(tmp_path):
@@ -150,9 +130,9 @@ def test_untied_decoder_is_loaded_as_its_own_weight(tmp_path):
     assert "cls.predictions.decoder.weight" in load_file(tmp_path / "model.safetensors")
     model = qkv.load(tmp_path)
     assert model.cls.predictions.decoder is not None
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
-        assert _max_err(model.logits(ids, mask), ref(input_ids=ids, attention_mask=mask.long()).logits, mask) < 1e-4
+        assert masked_err(model.logits(ids, mask), ref(input_ids=ids, attention_mask=mask.long()).logits, mask) < 1e-4
 
 
 def test_classification_logits_and_labels_match_transformers(classifier):
@@ -160,20 +140,17 @@ def test_classification_logits_and_labels_match_transformers(classifier):
     model = qkv.load(folder)
     assert isinstance(model, BertForSequenceClassification) and model.config.id2label == tuple(LABELS.values())
     assert "3 labels" in model.head
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask.long()).logits  # (B, 3)
         got = model.logits(ids, mask)
         assert got.shape == want.shape == (len(TEXTS), 3)
         err = (got - want).abs().max().item()
         assert err < 1e-4, f"max |qkv - transformers| classifier logits = {err:.2e}"
-    probs = want.softmax(dim=-1)
-    labels = model.classify(TEXTS, batch_size=3)
-    assert [label for label, _ in labels] == [LABELS[int(i)] for i in probs.argmax(dim=-1)]
-    assert torch.allclose(torch.tensor([p for _, p in labels]), probs.max(dim=-1).values, atol=1e-5)
-    assert len({label for label, _ in labels}) > 1, "the random classifier should not give one label to all"
+    check_labels(model, want)
     (one,) = model.classify(TEXTS[0])  # one string, no padding
-    assert one[0] == labels[0][0] and abs(one[1] - labels[0][1]) < 1e-5
+    (first, *_) = model.classify(TEXTS, batch_size=3)
+    assert one[0] == first[0] and abs(one[1] - first[1]) < 1e-5
     with torch.no_grad():  # the comparison can fail: without the classifier's bias the logits move
         model.classifier.bias.zero_()
         assert (model.logits(ids, mask) - want).abs().max().item() > 1e-2
@@ -188,10 +165,10 @@ def test_report_only_heads_load_the_encoder(tmp_path, arch, head_key, words):
     assert head_key in load_file(tmp_path / "model.safetensors")
     model = qkv.load(tmp_path)
     assert type(model) is BertModel and model.head.startswith(arch) and words in model.head
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
         want = ref.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        assert _max_err(model(ids, mask), want, mask) < 1e-4
+        assert masked_err(model(ids, mask), want, mask) < 1e-4
 
 
 def _edit(folder, change):
@@ -199,12 +176,6 @@ def _edit(folder, change):
     sd = load_file(path)
     change(sd)
     save_file(sd, path)
-
-
-def _edit_config(folder, **fields):
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(fields)
-    (folder / "config.json").write_text(json.dumps(cfg))
 
 
 def test_missing_or_misshapen_head_weights_are_named(tmp_path):
@@ -223,7 +194,7 @@ def test_classifier_without_its_pooler_is_refused(tmp_path):
 
 def test_classifier_with_more_labels_than_id2label_is_refused(tmp_path):
     build_head_folder(tmp_path, "BertForSequenceClassification", seed=7)
-    _edit_config(tmp_path, id2label={"0": "a", "1": "b"})
+    edit_config(tmp_path, id2label={"0": "a", "1": "b"})
     with pytest.raises(CheckpointError, match=r"classifier.weight: checkpoint \(3, 32\), model expects \(2, 32\)"):
         qkv.load(tmp_path)
 
@@ -236,7 +207,7 @@ def test_classifier_with_more_labels_than_id2label_is_refused(tmp_path):
 ])
 def test_classifier_config_refusals(tmp_path, fields, match):
     build_head_folder(tmp_path, "BertForSequenceClassification", seed=8)
-    _edit_config(tmp_path, **fields)
+    edit_config(tmp_path, **fields)
     with pytest.raises(ModelError, match=match):
         qkv.load(tmp_path)
 
@@ -245,16 +216,16 @@ def test_masked_lm_folder_with_pooler_and_next_sentence_head_loads(tmp_path):
     """bert-base-uncased's shape: config.json says BertForMaskedLM, the weights are
     BertForPreTraining's (pooler, cls.seq_relationship) and store the tied decoder."""
     ref = build_head_folder(tmp_path, "BertForPreTraining", seed=9)
-    _edit_config(tmp_path, architectures=["BertForMaskedLM"])
+    edit_config(tmp_path, architectures=["BertForMaskedLM"])
     _edit(tmp_path, lambda sd: sd.update({
         "cls.predictions.decoder.weight": sd["bert.embeddings.word_embeddings.weight"].clone(),
         "cls.predictions.decoder.bias": sd["cls.predictions.bias"].clone()}))
     model = qkv.load(tmp_path)
     assert isinstance(model, BertForMaskedLM) and model.pooler is not None
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask.long()).prediction_logits
-        assert _max_err(model.logits(ids, mask), want, mask) < 1e-4
+        assert masked_err(model.logits(ids, mask), want, mask) < 1e-4
     _edit(tmp_path, lambda sd: sd.update({"cls.seq_relationship.weight": torch.zeros(3, 32)}))
     with pytest.raises(CheckpointError, match=r"cls.seq_relationship.weight: checkpoint \(3, 32\)"):
         qkv.load(tmp_path)

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from family_checks import check_greedy, check_left_padded_logits, check_tokenizer
-from hf_folders import save_word_tokenizer
+from hf_folders import save_folder
 
 import qkv
 from qkv.models import ModelError
@@ -55,9 +55,7 @@ def _build(kind: str, folder):
         for name, p in ref.named_parameters():
             if "norm" in name:
                 p.uniform_(-0.5, 0.5)
-    ref.save_pretrained(folder, safe_serialization=True)
-    save_word_tokenizer(folder)
-    return ref
+    return save_folder(folder, ref)
 
 
 def _pair_fixture(kind: str):

@@ -18,7 +18,7 @@ import copy
 import pytest
 import torch
 from family_checks import TOLERANCE, check_greedy, check_left_padded_logits, check_tokenizer, random_ids
-from hf_folders import save_word_tokenizer
+from hf_folders import save_folder
 
 import qkv
 from qkv.models import ModelError
@@ -63,9 +63,7 @@ def _build(folder, kind: str):
                 p.normal_(0.0, 0.3)  # sharp scores, values beyond their biases: what changes attention shows
             elif "embed_tokens" in name:
                 p.normal_(0.0, 1.0)  # OLMo 2's first layer reads embeddings without a norm: beyond the biases
-    model.save_pretrained(folder, safe_serialization=True)
-    save_word_tokenizer(folder)
-    return model
+    return save_folder(folder, model)
 
 
 @pytest.fixture(scope="module")
@@ -173,16 +171,18 @@ def test_smollm3_sliding_layers_matter(built):
     _moves(built, "smollm3", _same_weights(built, "smollm3", use_sliding_window=False, layer_types=None))
 
 
-def test_helium_interleaved_rotary_matters(built, monkeypatch):
-    """transformers' Helium with Llama's half-split rotation instead of its pairs."""
-    from transformers.models.helium import modeling_helium
-    from transformers.models.llama import modeling_llama
+@pytest.mark.parametrize("kind,halves", [("helium", "llama"), ("glm", "phi3")])
+def test_interleaved_rotary_matters(kind, halves, built, monkeypatch):
+    """transformers' Helium (GLM) with Llama's (Phi-3's partial) half-split rotation instead of its pairs."""
+    import importlib
 
-    _, ref, _ = built("helium")
-    monkeypatch.setattr(modeling_helium, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
-    halves = _logits(ref)
+    modeling = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+    split = importlib.import_module(f"transformers.models.{halves}.modeling_{halves}").apply_rotary_pos_emb
+    _, ref, _ = built(kind)
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", split)
+    rotated_by_halves = _logits(ref)
     monkeypatch.undo()
-    _moves(built, "helium", halves)
+    _moves(built, kind, rotated_by_halves)
 
 
 @pytest.mark.parametrize("field", ["embedding_multiplier", "residual_multiplier", "attention_multiplier",
@@ -196,18 +196,6 @@ def test_glm_partial_rotary_matters(built):
     _, _, model = built("glm")
     assert model.config.rotary_dim == 4 and model.config.dim_per_head == 8
     _moves(built, "glm", _same_weights(built, "glm", partial_rotary_factor=1.0))
-
-
-def test_glm_interleaved_rotary_matters(built, monkeypatch):
-    """transformers' GLM with Phi-3's half-split partial rotation instead of GLM's pairs."""
-    from transformers.models.glm import modeling_glm
-    from transformers.models.phi3 import modeling_phi3
-
-    _, ref, _ = built("glm")
-    monkeypatch.setattr(modeling_glm, "apply_rotary_pos_emb", modeling_phi3.apply_rotary_pos_emb)
-    halves = _logits(ref)
-    monkeypatch.undo()
-    _moves(built, "glm", halves)
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0},

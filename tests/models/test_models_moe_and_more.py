@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 from family_checks import check_greedy, check_left_padded_logits, check_tokenizer, random_ids
-from hf_folders import save_word_tokenizer
+from hf_folders import randomise_norms, save_folder
 
 import qkv
 from qkv.models import ModelError
@@ -41,18 +41,7 @@ def hf_model(kind: str, seed: int = 0, **over):
     name, fields, _ = KINDS[kind]
     torch.manual_seed(seed)
     config = getattr(transformers, f"{name}Config")(**{**BASE, **fields, **over})
-    model = getattr(transformers, f"{name}ForCausalLM")(config)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if "norm" in key or key.endswith(".bias"):  # ones and zeros would hide a missing one
-                p.uniform_(0.5, 1.5)
-    return model.eval()
-
-
-def save_folder(folder, model):
-    model.save_pretrained(folder, safe_serialization=True)
-    save_word_tokenizer(folder)
-    return folder
+    return randomise_norms(getattr(transformers, f"{name}ForCausalLM")(config), biases=True)
 
 
 def save_stacked_folder(folder, model, source):
@@ -81,8 +70,8 @@ def folders(tmp_path_factory):
                 folder, ref = get("mixtral")
                 built[kind] = save_stacked_folder(tmp_path_factory.mktemp(kind), ref, folder), ref
             else:
-                ref = hf_model(kind)
-                built[kind] = save_folder(tmp_path_factory.mktemp(kind), ref), ref
+                folder = tmp_path_factory.mktemp(kind)
+                built[kind] = folder, save_folder(folder, hf_model(kind))
         return built[kind]
 
     return get

@@ -23,7 +23,7 @@ import shutil
 import pytest
 import torch
 from family_checks import TOLERANCE, check_greedy, check_left_padded_logits, check_tokenizer, left_padded
-from hf_folders import save_word_tokenizer
+from hf_folders import randomise_norms, save_folder
 
 import qkv
 from qkv.models import ModelError
@@ -57,11 +57,7 @@ def _reference(kind: str, **changes):
     prefix, config = VARIANTS[kind]
     model = getattr(transformers, f"{prefix}ForCausalLM")(getattr(transformers, f"{prefix}Config")(
         **{**config, **changes}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                p.uniform_(0.5, 1.5)
-    return model.eval()
+    return randomise_norms(model, biases=True)
 
 
 def _like(ref, **changes):
@@ -82,10 +78,7 @@ def built(tmp_path_factory):
         if kind not in cache:
             torch.manual_seed(0)
             folder = tmp_path_factory.mktemp(kind)
-            ref = _reference(kind)
-            ref.save_pretrained(folder, safe_serialization=True)
-            save_word_tokenizer(folder)
-            cache[kind] = folder, ref
+            cache[kind] = folder, save_folder(folder, _reference(kind))
         return cache[kind]
 
     return get

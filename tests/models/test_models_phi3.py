@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_checks import check_greedy, check_left_padded_logits, check_tokenizer, random_ids
-from hf_folders import save_word_tokenizer
+from family_checks import (
+    check_greedy,
+    check_left_padded_logits,
+    check_step_logits,
+    check_tokenizer,
+    generate_with_logits,
+    hf_greedy,
+    random_ids,
+)
+from hf_folders import save_random
 
 import qkv
 from qkv.models import ModelError
@@ -36,45 +44,12 @@ def _config(**kw):
     return transformers.Phi3Config(**{**BASE, **kw})
 
 
-def _build(folder, config, seed: int = 0):
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.Phi3ForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    model.eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    save_word_tokenizer(folder)
-    return model
-
-
 @pytest.fixture(scope="module", params=list(KINDS))
 def phi3(request, tmp_path_factory):
     """(kind, folder, transformers model, qkv model)."""
     folder = tmp_path_factory.mktemp(request.param)
-    ref = _build(folder, _config(**KINDS[request.param]))
+    ref = save_random(folder, _config(**KINDS[request.param]), "Phi3ForCausalLM")
     return request.param, folder, ref, qkv.load(folder)
-
-
-def _generate_with_logits(model, ids, **kwargs):
-    """model.generate's tokens and the logits of each step (B, T, V), seen through `model.logits`."""
-    seen = []
-    logits = model.logits
-    model.logits = lambda h: seen.append(logits(h)) or seen[-1]
-    try:
-        return model.generate(ids, **kwargs), torch.stack(seen, dim=1)
-    finally:
-        del model.logits
-
-
-def _hf_generate(ref, ids, mask=None, new=20):
-    with torch.no_grad():
-        return ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids) if mask is None else mask,
-                            max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=1,
-                            eos_token_id=None, output_logits=True, return_dict_in_generate=True)
 
 
 # ------------------------------------------------------------------ the shared proof
@@ -103,13 +78,7 @@ def test_generation_across_the_original_context(phi3, prompt):
     transformers' tokens and each step's logits within 1e-4. From 9 the generation crosses 16,
     where transformers drops its cache and runs the sequence again with the long factors."""
     _, _, ref, model = phi3
-    ids = random_ids(1, prompt, 64, seed=21)
-    want = _hf_generate(ref, ids)
-    got, logits = _generate_with_logits(model, ids, max_new_tokens=20, prefill_chunk=4, eos_token_id=None)
-    assert torch.equal(got, want.sequences), \
-        f"qkv {got[0, prompt:].tolist()} vs transformers {want.sequences[0, prompt:].tolist()}"
-    err = (logits - torch.stack(want.logits, dim=1)).abs().max().item()
-    assert err < 1e-4, f"max |step logits - transformers| = {err:.2e}"
+    check_step_logits(model, ref, random_ids(1, prompt, 64, seed=21))
 
 
 def test_padded_batch_generation_across_the_original_context(phi3):
@@ -119,12 +88,7 @@ def test_padded_batch_generation_across_the_original_context(phi3):
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     ids = ids.masked_fill(mask == 0, 1)
-    want = _hf_generate(ref, ids, mask)
-    got, logits = _generate_with_logits(model, ids, attention_mask=mask.bool(), max_new_tokens=20,
-                                        prefill_chunk=4, eos_token_id=None)
-    assert torch.equal(got[:, 10:], want.sequences[:, 10:])
-    err = (logits - torch.stack(want.logits, dim=1)).abs().max().item()
-    assert err < 1e-4, f"max |step logits - transformers| = {err:.2e}"
+    check_step_logits(model, ref, ids, mask)
 
 
 # ------------------------------------------------------------------ what each addition changes
@@ -164,7 +128,7 @@ def test_the_recomputed_cache_matters(tmp_path):
     step logits than transformers' Phi-3, which qkv's Phi-3 matches."""
     import transformers
 
-    ref = _build(tmp_path, _config(**KINDS["mini-128k"]))
+    ref = save_random(tmp_path, _config(**KINDS["mini-128k"]), "Phi3ForCausalLM")
     model = qkv.load(tmp_path)
     sizes = {k: v for k, v in BASE.items() if k != "rope_parameters"}
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -179,8 +143,8 @@ def test_the_recomputed_cache_matters(tmp_path):
                       p + "self_attn.v_proj.weight": v, p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up})
     llama.load_state_dict(state)
     ids = random_ids(1, 9, 64, seed=21)
-    phi, plain = _hf_generate(ref, ids), _hf_generate(llama, ids)
-    _, logits = _generate_with_logits(model, ids, max_new_tokens=20, prefill_chunk=4, eos_token_id=None)
+    phi, plain = hf_greedy(ref, ids), hf_greedy(llama, ids)
+    _, logits = generate_with_logits(model, ids, max_new_tokens=20, prefill_chunk=4, eos_token_id=None)
     assert (logits - torch.stack(phi.logits, dim=1)).abs().max() < 1e-4
     before = ORIGINAL - 9  # steps before the switch agree; from it on the caches differ
     assert (torch.stack(plain.logits, 1)[:, :before] - torch.stack(phi.logits, 1)[:, :before]).abs().max() < 1e-4
@@ -235,7 +199,7 @@ def test_refused_by_name(fields, words):
 def test_dropout_is_training_only(tmp_path):
     """resid_pdrop and attention_dropout act in training mode only: eval logits are transformers'
     (in eval mode), training-mode logits are not."""
-    ref = _build(tmp_path, _config(resid_pdrop=0.5, attention_dropout=0.5, embd_pdrop=0.5))
+    ref = save_random(tmp_path, _config(resid_pdrop=0.5, attention_dropout=0.5, embd_pdrop=0.5), "Phi3ForCausalLM")
     model = qkv.load(tmp_path)
     ids = random_ids(1, 12, 64, seed=24)
     with torch.no_grad():

@@ -10,7 +10,17 @@ import json
 
 import pytest
 import torch
-from family_checks import check_left_padded_logits, left_padded
+from family_checks import (
+    LABELS,
+    TEXTS,
+    check_fill_mask,
+    check_labels,
+    check_left_padded_logits,
+    left_padded,
+    masked_err,
+    padded_texts,
+)
+from hf_folders import edit_config
 from safetensors.torch import load_file
 
 import qkv
@@ -27,9 +37,6 @@ from qkv.models import (
 
 V = 64
 TOL = 1e-4
-LABELS = {0: "negative", 1: "neutral", 2: "positive"}
-TEXTS = ["the cat sat on the mat .", "a dog ran", "attention is all you need , queries keys and values",
-         "the quick brown fox jumps over the lazy dog"]
 ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, as in roberta-base
 COMMON = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.2)
 ROBERTA = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
@@ -165,16 +172,6 @@ def loaded():
 
 # -- helpers ----------------------------------------------------------------------------------
 
-def _padded(model):
-    batch = model.tokenizer(TEXTS)
-    assert not bool(batch.attention_mask.all()), "the batch must contain padding"
-    return batch.input_ids, batch.attention_mask
-
-
-def _err(got, want, real) -> float:
-    return (got[real] - want[real]).abs().max().item()
-
-
 def _base(ref):
     return getattr(ref, "roberta", None) or getattr(ref, "distilbert", None) or ref
 
@@ -184,10 +181,13 @@ def _hidden(ref, ids, mask, **kw):
         return _base(ref)(input_ids=ids, attention_mask=mask.long(), **kw).last_hidden_state
 
 
-def _edit_config(folder, **fields):
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(fields)
-    (folder / "config.json").write_text(json.dumps(cfg))
+def _check_masked_lm_logits(model, ref) -> None:
+    """qkv's masked-LM logits (B, L, V) within TOL of transformers' on the padded TEXTS and on a left-padded batch."""
+    ids, mask = padded_texts(model)
+    with torch.no_grad():
+        got, want = model.logits(ids, mask), ref(input_ids=ids, attention_mask=mask.long()).logits
+    assert got.shape == (len(TEXTS), ids.shape[1], V) and masked_err(got, want, mask) < TOL
+    check_left_padded_logits(lambda ids, attention_mask: model.logits(ids, attention_mask), ref, V)
 
 
 # -- RoBERTa: the encoder ---------------------------------------------------------------------
@@ -196,13 +196,13 @@ def test_roberta_hidden_states_match_transformers_right_and_left_padded(roberta,
     folder, ref = roberta
     model = loaded(folder)
     assert type(model) is RobertaModel and model.head is None
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
-        err = _err(model(ids, mask), _hidden(ref, ids, mask), mask)
+        err = masked_err(model(ids, mask), _hidden(ref, ids, mask), mask)
     assert err < TOL, f"right-padded: max |qkv - transformers| = {err:.2e}"
     ids, mask = left_padded([13, 9, 5], V, seed=1, pad_id=1)  # pad_token_id: its positions are the padding's
     with torch.no_grad():
-        err = _err(model(ids, mask), _hidden(ref, ids, mask), mask.bool())
+        err = masked_err(model(ids, mask), _hidden(ref, ids, mask), mask.bool())
     assert err < TOL, f"left-padded: max |qkv - transformers| = {err:.2e}"
 
 
@@ -214,11 +214,11 @@ def test_roberta_position_offset_matters(roberta, loaded):
     ids, mask = left_padded([13, 9, 5], V, seed=2, pad_id=1)
     bert_positions = torch.arange(ids.shape[1]).expand_as(ids)
     want = _hidden(ref, ids, mask)
-    moved = _err(_hidden(ref, ids, mask, position_ids=bert_positions), want, mask.bool())
+    moved = masked_err(_hidden(ref, ids, mask, position_ids=bert_positions), want, mask.bool())
     assert moved > 1e-3, f"BERT's positions should change RoBERTa's states; they moved {moved:.2e}"
     with torch.no_grad():
         got = model(ids, mask)
-        assert _err(got, want, mask.bool()) < TOL
+        assert masked_err(got, want, mask.bool()) < TOL
         # a left-padded text gets the states it has alone
         alone = model(ids[2:, -5:])[0]
     assert (got[2, -5:] - alone).abs().max().item() < TOL
@@ -257,7 +257,7 @@ def test_roberta_encode_pools_as_the_folder_prescribes(roberta, loaded):
     folder, ref = roberta
     model = loaded(folder)
     assert model.pooling.mode == "mean" and model.pooling.normalize
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     m = mask.unsqueeze(-1).float()
     want = torch.nn.functional.normalize((_hidden(ref, ids, mask) * m).sum(dim=1) / m.sum(dim=1), dim=1)
     got = model.encode(TEXTS, batch_size=3)
@@ -279,7 +279,7 @@ def test_roberta_is_decoder_runs_causally_as_transformers(tmp_path):
     model = qkv.load(tmp_path)
     ids, mask = left_padded([9, 6], V, seed=3, pad_id=1)
     with torch.no_grad():
-        assert _err(model(ids, mask), _hidden(ref, ids, mask), mask.bool()) < TOL
+        assert masked_err(model(ids, mask), _hidden(ref, ids, mask), mask.bool()) < TOL
 
 
 # -- RoBERTa: heads ---------------------------------------------------------------------------
@@ -288,38 +288,23 @@ def test_roberta_masked_lm_logits_match_transformers(roberta_mlm, loaded):
     folder, ref = roberta_mlm
     model = loaded(folder)
     assert isinstance(model, RobertaForMaskedLM) and "fill_mask" in model.head
-    ids, mask = _padded(model)
-    with torch.no_grad():
-        want = ref(input_ids=ids, attention_mask=mask.long()).logits
-        assert model.logits(ids, mask).shape == (len(TEXTS), ids.shape[1], V)
-        assert _err(model.logits(ids, mask), want, mask) < TOL
-    check_left_padded_logits(lambda ids, attention_mask: model.logits(ids, attention_mask), ref, V)
+    _check_masked_lm_logits(model, ref)
 
 
 def test_roberta_masked_lm_bias_matters(tmp_path):
     ref = build_roberta(tmp_path, "RobertaForMaskedLM", seed=4)
     model = qkv.load(tmp_path)
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask.long()).logits
         model.lm_head.bias.zero_()
-        assert _err(model.logits(ids, mask), want, mask) > 1e-2
+        assert masked_err(model.logits(ids, mask), want, mask) > 1e-2
 
 
 def test_roberta_fill_mask_gives_transformers_top_tokens(roberta_mlm, loaded):
     folder, ref = roberta_mlm
     model = loaded(folder)
-    text = "the <mask> sat on the<mask> ."
-    ids = model.tokenizer([text]).input_ids
-    with torch.no_grad():
-        probs = ref(input_ids=ids).logits[0].softmax(dim=-1)  # (L, V)
-    where = (ids[0] == 4).nonzero().squeeze(1).tolist()
-    got = model.fill_mask(text, top_k=5)
-    assert len(got) == len(where) == 2
-    for fills, pos in zip(got, where):
-        top = probs[pos].topk(5)
-        assert [t for t, _ in fills] == [model.tokenizer.backend.id_to_token(int(i)) for i in top.indices]
-        assert torch.allclose(torch.tensor([p for _, p in fills]), top.values, atol=1e-5)
+    check_fill_mask(model, ref, "the <mask> sat on the<mask> .", top_k=5)
     with pytest.raises(ModelError, match="no <mask> token"):
         model.fill_mask("the cat sat")
 
@@ -330,9 +315,9 @@ def test_roberta_untied_decoder_adds_its_own_bias(tmp_path):
     assert not torch.equal(ref.lm_head.decoder.bias, ref.lm_head.bias)
     model = qkv.load(tmp_path)
     assert model.lm_head.decoder is not None and model.config.mlm_bias == "lm_head.decoder.bias"
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
-        assert _err(model.logits(ids, mask), ref(input_ids=ids, attention_mask=mask.long()).logits, mask) < TOL
+        assert masked_err(model.logits(ids, mask), ref(input_ids=ids, attention_mask=mask.long()).logits, mask) < TOL
 
 
 def test_roberta_masked_lm_folder_with_pooler_and_stored_decoder_loads(tmp_path):
@@ -348,9 +333,9 @@ def test_roberta_masked_lm_folder_with_pooler_and_stored_decoder_loads(tmp_path)
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
     model = qkv.load(tmp_path)
     assert model.pooler is not None and model.lm_head.decoder is None
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
-        assert _err(model.logits(ids, mask), ref(input_ids=ids, attention_mask=mask.long()).logits, mask) < TOL
+        assert masked_err(model.logits(ids, mask), ref(input_ids=ids, attention_mask=mask.long()).logits, mask) < TOL
     sd["lm_head.decoder.bias"] = torch.zeros(V + 1)
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelError, match=r"lm_head.decoder.bias: checkpoint \(65\), model expects \(64\)"):
@@ -362,16 +347,12 @@ def test_roberta_classification_logits_and_labels_match_transformers(roberta_clf
     model = loaded(folder)
     assert isinstance(model, RobertaForSequenceClassification) and "3 labels" in model.head
     assert model.config.id2label == tuple(LABELS.values())
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask.long()).logits  # (B, 3)
         got = model.logits(ids, mask)
     assert got.shape == want.shape == (len(TEXTS), 3) and (got - want).abs().max().item() < TOL
-    probs = want.softmax(dim=-1)
-    labels = model.classify(TEXTS, batch_size=3)
-    assert [label for label, _ in labels] == [LABELS[int(i)] for i in probs.argmax(dim=-1)]
-    assert torch.allclose(torch.tensor([p for _, p in labels]), probs.max(dim=-1).values, atol=1e-5)
-    assert len({label for label, _ in labels}) > 1, "the centred classifier should not give one label to all"
+    check_labels(model, want)
     with torch.no_grad():  # the comparison can fail: without the dense layer's bias the logits move
         model.classifier.dense.bias.zero_()
         assert (model.logits(ids, mask) - want).abs().max().item() > 1e-2
@@ -386,9 +367,9 @@ def test_roberta_report_only_heads_load_the_encoder(tmp_path, arch, head_key, wo
     assert head_key in load_file(tmp_path / "model.safetensors")
     model = qkv.load(tmp_path)
     assert type(model) is RobertaModel and model.head.startswith(arch) and words in model.head
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
-        assert _err(model(ids, mask), _hidden(ref, ids, mask), mask) < TOL
+        assert masked_err(model(ids, mask), _hidden(ref, ids, mask), mask) < TOL
 
 
 @pytest.mark.parametrize("arch", ["XLMRobertaModel", "XLMRobertaForMaskedLM"])
@@ -400,10 +381,10 @@ def test_xlm_roberta_is_roberta_by_another_name(tmp_path, arch):
     ids, mask = left_padded([11, 7], V, seed=4, pad_id=1)
     with torch.no_grad():
         if arch == "XLMRobertaModel":
-            assert _err(model(ids, mask), _hidden(ref, ids, mask), mask.bool()) < TOL
+            assert masked_err(model(ids, mask), _hidden(ref, ids, mask), mask.bool()) < TOL
         else:
             want = ref(input_ids=ids, attention_mask=mask).logits
-            assert _err(model.logits(ids, mask), want, mask.bool()) < TOL
+            assert masked_err(model.logits(ids, mask), want, mask.bool()) < TOL
 
 
 @pytest.mark.parametrize("arch, fields, match", [
@@ -417,7 +398,7 @@ def test_xlm_roberta_is_roberta_by_another_name(tmp_path, arch):
 ])
 def test_roberta_refusals(tmp_path, arch, fields, match):
     build_roberta(tmp_path, arch, seed=8)
-    _edit_config(tmp_path, **fields)
+    edit_config(tmp_path, **fields)
     with pytest.raises(ModelError, match=match):
         qkv.load(tmp_path)
 
@@ -437,13 +418,13 @@ def test_distilbert_hidden_states_match_transformers_on_a_padded_batch(distilber
     folder, ref = distilbert
     model = loaded(folder)
     assert type(model) is DistilBertModel and isinstance(model, EncoderModel) and model.head is None
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
-        err = _err(model(ids, mask), _hidden(ref, ids, mask), mask)
+        err = masked_err(model(ids, mask), _hidden(ref, ids, mask), mask)
     assert err < TOL, f"max |qkv - transformers| = {err:.2e}"
     ids, mask = left_padded([13, 9, 5], V, seed=1, pad_id=0)
     with torch.no_grad():
-        assert _err(model(ids, mask), _hidden(ref, ids, mask), mask.bool()) < TOL
+        assert masked_err(model(ids, mask), _hidden(ref, ids, mask), mask.bool()) < TOL
 
 
 def test_distilbert_tokenizer_and_encode(distilbert, loaded):
@@ -455,7 +436,7 @@ def test_distilbert_tokenizer_and_encode(distilbert, loaded):
     for text in [*TEXTS, "the [MASK] sat ."]:
         assert model.tokenizer([text]).input_ids[0].tolist() == hf(text)["input_ids"]
     assert model.pooling.mode == "cls" and not model.pooling.normalize
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     got = model.encode(TEXTS, batch_size=3)
     assert (got - _hidden(ref, ids, mask)[:, 0]).abs().max().item() < TOL
     assert model.similarity(TEXTS[0], TEXTS[1:]).shape == (3,)
@@ -468,11 +449,11 @@ def test_distilbert_activation_matters(distilbert, loaded, tmp_path):
     seed by far more than the tolerance, and qkv matches each."""
     folder, ref_gelu = distilbert
     ref_relu = build_distilbert(tmp_path, seed=0, activation="relu")
-    ids, mask = _padded(loaded(folder))
+    ids, mask = padded_texts(loaded(folder))
     want = _hidden(ref_relu, ids, mask)
-    assert _err(_hidden(ref_gelu, ids, mask), want, mask) > 1e-3
+    assert masked_err(_hidden(ref_gelu, ids, mask), want, mask) > 1e-3
     with torch.no_grad():
-        assert _err(qkv.load(tmp_path)(ids, mask), want, mask) < TOL
+        assert masked_err(qkv.load(tmp_path)(ids, mask), want, mask) < TOL
 
 
 def test_distilbert_sinusoidal_positions_are_loaded_as_stored(tmp_path):
@@ -481,9 +462,9 @@ def test_distilbert_sinusoidal_positions_are_loaded_as_stored(tmp_path):
     assert abs(table[1, 0].item() - torch.sin(torch.tensor(1.0)).item()) < 1e-6, "transformers stores the table"
     model = qkv.load(tmp_path)
     assert torch.equal(model.embeddings.position_embeddings.weight, table)
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
-        assert _err(model(ids, mask), _hidden(ref, ids, mask), mask) < TOL
+        assert masked_err(model(ids, mask), _hidden(ref, ids, mask), mask) < TOL
 
 
 def test_distilbert_bert_names_of_its_fields_are_read(tmp_path):
@@ -500,25 +481,13 @@ def test_distilbert_masked_lm_logits_and_fill_mask(distilbert_mlm, loaded):
     folder, ref = distilbert_mlm
     model = loaded(folder)
     assert isinstance(model, DistilBertForMaskedLM) and "fill_mask" in model.head
-    ids, mask = _padded(model)
-    with torch.no_grad():
-        want = ref(input_ids=ids, attention_mask=mask.long()).logits
-        assert _err(model.logits(ids, mask), want, mask) < TOL
-    check_left_padded_logits(lambda ids, attention_mask: model.logits(ids, attention_mask), ref, V)
-    text = "the [MASK] sat on the [MASK] ."
-    ids = model.tokenizer([text]).input_ids
-    with torch.no_grad():
-        probs = ref(input_ids=ids).logits[0].softmax(dim=-1)
-    where = (ids[0] == 4).nonzero().squeeze(1).tolist()
-    got = model.fill_mask(text, top_k=3)
-    for fills, pos in zip(got, where):
-        top = probs[pos].topk(3)
-        assert [t for t, _ in fills] == [model.tokenizer.backend.id_to_token(int(i)) for i in top.indices]
-        assert torch.allclose(torch.tensor([p for _, p in fills]), top.values, atol=1e-5)
+    _check_masked_lm_logits(model, ref)
+    ids, _ = check_fill_mask(model, ref, "the [MASK] sat on the [MASK] .", top_k=3)
     with torch.no_grad():  # the comparison can fail: without the projector's bias the logits move
         saved = model.vocab_projector.bias.clone()
         model.vocab_projector.bias.zero_()
-        moved = _err(model.logits(ids, torch.ones_like(ids)), ref(input_ids=ids).logits, torch.ones_like(ids).bool())
+        every = torch.ones_like(ids)
+        moved = masked_err(model.logits(ids, every), ref(input_ids=ids).logits, every.bool())
         model.vocab_projector.bias.copy_(saved)
     assert moved > 1e-2
 
@@ -528,25 +497,21 @@ def test_distilbert_untied_projector(tmp_path):
     assert "vocab_projector.weight" in load_file(tmp_path / "model.safetensors")
     model = qkv.load(tmp_path)
     assert model.vocab_projector.weight is not None
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
-        assert _err(model.logits(ids, mask), ref(input_ids=ids, attention_mask=mask.long()).logits, mask) < TOL
+        assert masked_err(model.logits(ids, mask), ref(input_ids=ids, attention_mask=mask.long()).logits, mask) < TOL
 
 
 def test_distilbert_classification_logits_and_labels(distilbert_clf, loaded):
     folder, ref = distilbert_clf
     model = loaded(folder)
     assert isinstance(model, DistilBertForSequenceClassification) and "3 labels" in model.head
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask.long()).logits
         got = model.logits(ids, mask)
     assert got.shape == (len(TEXTS), 3) and (got - want).abs().max().item() < TOL
-    probs = want.softmax(dim=-1)
-    labels = model.classify(TEXTS, batch_size=3)
-    assert [label for label, _ in labels] == [LABELS[int(i)] for i in probs.argmax(dim=-1)]
-    assert torch.allclose(torch.tensor([p for _, p in labels]), probs.max(dim=-1).values, atol=1e-5)
-    assert len({label for label, _ in labels}) > 1
+    check_labels(model, want)
     with torch.no_grad():
         model.pre_classifier.bias.zero_()
         assert (model.logits(ids, mask) - want).abs().max().item() > 1e-2
@@ -564,9 +529,9 @@ def test_distilbert_report_only_heads_load_the_encoder(tmp_path, arch, head_key,
     assert head_key in load_file(tmp_path / "model.safetensors")
     model = qkv.load(tmp_path)
     assert type(model) is DistilBertModel and model.head.startswith(arch) and words in model.head
-    ids, mask = _padded(model)
+    ids, mask = padded_texts(model)
     with torch.no_grad():
-        assert _err(model(ids, mask), _hidden(ref, ids, mask), mask) < TOL
+        assert masked_err(model(ids, mask), _hidden(ref, ids, mask), mask) < TOL
 
 
 @pytest.mark.parametrize("arch, fields, match", [
@@ -580,7 +545,7 @@ def test_distilbert_report_only_heads_load_the_encoder(tmp_path, arch, head_key,
 ])
 def test_distilbert_refusals(tmp_path, arch, fields, match):
     build_distilbert(tmp_path, arch, seed=8)
-    _edit_config(tmp_path, **fields)
+    edit_config(tmp_path, **fields)
     with pytest.raises(ModelError, match=match):
         qkv.load(tmp_path)
 

@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_checks import left_padded, random_ids
+from family_checks import hf_greedy, left_padded, random_ids
 from hf_folders import LLAMA_BASE
 
 import qkv
 
 NEW, CHUNK = 40, 4
-
-
-def _hf_greedy(ref, ids, mask):
-    with torch.no_grad():
-        return ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
-                            do_sample=False, pad_token_id=1, eos_token_id=None)
 
 
 def _watch_caches(model):
@@ -75,7 +69,7 @@ def _check_generation(model, ref, windows, seed):
             assert made[-1][0].windows == (None,) * len(windows)
         finally:
             model.window_cache = saved
-        want = _hf_greedy(ref, ids, mask)
+        want = hf_greedy(ref, ids, mask, NEW).sequences
         assert torch.equal(got, full), f"window cache {got[:, -NEW:].tolist()} vs full cache {full[:, -NEW:].tolist()}"
         assert torch.equal(got[:, -NEW:], want[:, -NEW:]), \
             f"qkv {got[:, -NEW:].tolist()} vs transformers {want[:, -NEW:].tolist()}"

@@ -12,8 +12,8 @@ import json
 
 import pytest
 import torch
-from family_checks import check_greedy, check_left_padded_logits, check_tokenizer, random_ids
-from hf_folders import LLAMA_BASE, save_word_tokenizer
+from family_checks import check_greedy, check_left_padded_logits, check_step_logits, check_tokenizer, random_ids
+from hf_folders import LLAMA_BASE, save_random
 
 import qkv
 from qkv.models import ModelError
@@ -41,26 +41,11 @@ def _config(kind: str, **rope):
     return HFLlamaConfig(**{**LLAMA_BASE, "max_position_embeddings": max_pos, "rope_parameters": params})
 
 
-def _build(folder, config, seed: int = 0):
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    model.eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    save_word_tokenizer(folder)
-    return model
-
-
 @pytest.fixture(scope="module", params=list(ROPES))
 def scaled(request, tmp_path_factory):
     """(kind, folder, transformers model, qkv model) of a tiny Llama with this rope type."""
     folder = tmp_path_factory.mktemp(request.param)
-    ref = _build(folder, _config(request.param))
+    ref = save_random(folder, _config(request.param), "LlamaForCausalLM")
     return request.param, folder, ref, qkv.load(folder)
 
 
@@ -150,17 +135,6 @@ def test_shared_proof_below_and_past_the_original_length(scaled):
     check_tokenizer(folder, model)
 
 
-def _generate_with_logits(model, ids, **kwargs):
-    """model.generate's tokens and the logits of each step (B, T, V), seen through `model.logits`."""
-    seen = []
-    logits = model.logits
-    model.logits = lambda h: seen.append(logits(h)) or seen[-1]
-    try:
-        return model.generate(ids, **kwargs), torch.stack(seen, dim=1)
-    finally:
-        del model.logits
-
-
 @pytest.mark.parametrize("prompt", [30, 16, 15])
 def test_greedy_with_chunked_prefill_across_the_original_length(scaled, prompt):
     """A prompt past, at or just below the original length, fed in chunks of 4 (the first chunks
@@ -168,16 +142,7 @@ def test_greedy_with_chunked_prefill_across_the_original_length(scaled, prompt):
     within 1e-4 of transformers' (its one pass chooses the frequencies for the whole prompt;
     chunks choosing for themselves are off by ~5e-4 here, though the tokens may agree)."""
     _, _, ref, model = scaled
-    ids = random_ids(1, prompt, 64, seed=11)
-    with torch.no_grad():
-        want = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
-                            min_new_tokens=20, do_sample=False, pad_token_id=1, eos_token_id=None,
-                            output_logits=True, return_dict_in_generate=True)
-    got, logits = _generate_with_logits(model, ids, max_new_tokens=20, prefill_chunk=4, eos_token_id=None)
-    assert torch.equal(got, want.sequences), \
-        f"qkv {got[0, prompt:].tolist()} vs transformers {want.sequences[0, prompt:].tolist()}"
-    err = (logits - torch.stack(want.logits, dim=1)).abs().max().item()
-    assert err < 1e-4, f"max |step logits - transformers| = {err:.2e}"
+    check_step_logits(model, ref, random_ids(1, prompt, 64, seed=11))
 
 
 def test_chunked_forward_equals_one_pass(scaled):
@@ -212,7 +177,7 @@ def test_the_scaling_changes_the_logits(scaled):
 def test_dynamic_runs_to_factor_times_max_positions(tmp_path):
     from qkv.models.generation import PREFILL_CHUNK
 
-    _build(tmp_path, _config("dynamic"))
+    save_random(tmp_path, _config("dynamic"), "LlamaForCausalLM")
     model = qkv.load(tmp_path)
     assert model.max_positions == 64 and PREFILL_CHUNK > 64
     model(random_ids(1, 64, 64, seed=0))
@@ -275,7 +240,7 @@ def test_refused_by_name(rope, words):
 
 def test_refused_in_a_folder(tmp_path):
     """qkv.load refuses a folder whose longrope lists do not fit its heads, naming the file."""
-    _build(tmp_path, _config("linear"))
+    save_random(tmp_path, _config("linear"), "LlamaForCausalLM")
     path = tmp_path / "config.json"
     config = json.loads(path.read_text())
     config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 500.0, "short_factor": [1.0] * 8,

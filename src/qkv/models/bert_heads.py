@@ -281,39 +281,52 @@ def mlm_adapt(adapt, decoder_bias: str):
 _mlm_adapt = mlm_adapt(_adapt, "cls.predictions.decoder.bias")
 
 
-def _mlm_plan(c: BertHeadConfig, prefix: str = "") -> Plan:
+def with_head(encoder_plan: Plan, head: dict[str, tuple]) -> Plan:
+    """A head checkpoint's plan: the encoder's, and the head's weights (key -> shape) under their own names."""
+    return {**encoder_plan, **{name: (Piece(name, shape),) for name, shape in head.items()}}
+
+
+def mlm_plan(c: HeadConfig, encoder_plan: Plan, head: str, dense: str, norm: str) -> Plan:
+    """A masked-LM checkpoint's plan (BERT's, RoBERTa's): the encoder's, and under `head` the
+    transform (`dense`, then `norm`), the decoder unless it is tied to the word embeddings, and as
+    `{head}bias` the decoder bias it adds (`c.mlm_bias`)."""
     E, V = Dim(c.hidden_size, "hidden_size"), Dim(c.vocab_size, "vocab_size")
-    plan = dict(hf_plan(c, prefix))
-    head = {"cls.predictions.transform.dense.weight": (E, E), "cls.predictions.transform.dense.bias": (E,),
-            "cls.predictions.transform.LayerNorm.weight": (E,), "cls.predictions.transform.LayerNorm.bias": (E,)}
+    shapes = {f"{dense}.weight": (E, E), f"{dense}.bias": (E,), f"{norm}.weight": (E,), f"{norm}.bias": (E,)}
     if not c.tie_word_embeddings:
-        head["cls.predictions.decoder.weight"] = (V, E)
-    plan.update({name: (Piece(name, shape),) for name, shape in head.items()})
-    plan["cls.predictions.bias"] = (Piece(c.mlm_bias, (V,)),)
-    return plan
+        shapes["decoder.weight"] = (V, E)
+    plan = with_head(encoder_plan, {head + name: shape for name, shape in shapes.items()})
+    return {**plan, head + "bias": (Piece(c.mlm_bias, (V,)),)}
+
+
+def mlm_ignored(c: HeadConfig, encoder_ignored: dict, head: str, others: Optional[dict] = None) -> dict:
+    """Accepted, shape-checked, not copied, besides the encoder's buffers: the decoder bias not
+    added (a tied decoder's is `{head}bias`; an untied decoder with a bias of its own leaves
+    `{head}bias` unused, as in transformers), `others` (key -> shape), and a tied decoder's
+    weight (the word embeddings are it)."""
+    V = c.vocab_size
+    unused_bias = ({head + "bias", head + "decoder.bias"} - {c.mlm_bias}).pop()
+    out = {**encoder_ignored, unused_bias: (V,), **(others or {})}
+    if c.tie_word_embeddings:
+        out[head + "decoder.weight"] = (V, c.hidden_size)
+    return out
+
+
+def _mlm_plan(c: BertHeadConfig, prefix: str = "") -> Plan:
+    return mlm_plan(c, hf_plan(c, prefix), "cls.predictions.", "transform.dense", "transform.LayerNorm")
 
 
 def _mlm_ignored(c: BertHeadConfig, prefix: str = "") -> dict:
-    """Accepted, shape-checked, not copied: the tied decoder (the word embeddings are it), the
-    decoder bias not added (a tied decoder's is `cls.predictions.bias`; an untied decoder with a
-    bias of its own leaves `cls.predictions.bias` unused, as in transformers), and the
-    next-sentence head of pre-training checkpoints (bert-base-uncased declares BertForMaskedLM and
-    holds it)."""
-    E, V = c.hidden_size, c.vocab_size
-    unused_bias = ({"cls.predictions.bias", "cls.predictions.decoder.bias"} - {c.mlm_bias}).pop()
-    out = {**hf_ignored(c, prefix), unused_bias: (V,),
-           "cls.seq_relationship.weight": (2, E), "cls.seq_relationship.bias": (2,)}
-    if c.tie_word_embeddings:
-        out["cls.predictions.decoder.weight"] = (V, E)
-    return out
+    """`mlm_ignored`, and the next-sentence head of pre-training checkpoints (bert-base-uncased
+    declares BertForMaskedLM and holds it)."""
+    E = c.hidden_size
+    return mlm_ignored(c, hf_ignored(c, prefix), "cls.predictions.",
+                       {"cls.seq_relationship.weight": (2, E), "cls.seq_relationship.bias": (2,)})
 
 
 def _classifier_plan(c: BertHeadConfig, prefix: str = "") -> Plan:
     E, N = Dim(c.hidden_size, "hidden_size"), c.num_labels
-    plan = dict(hf_plan(replace(c, add_pooling_layer=True), prefix))
-    plan["classifier.weight"] = (Piece("classifier.weight", (N, E)),)
-    plan["classifier.bias"] = (Piece("classifier.bias", (N,)),)
-    return plan
+    encoder = hf_plan(replace(c, add_pooling_layer=True), prefix)
+    return with_head(encoder, {"classifier.weight": (N, E), "classifier.bias": (N,)})
 
 
 def reported(head: dict, encoder_ignored=hf_ignored):

@@ -23,12 +23,13 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
-from .checkpoint import Dim, Piece, Plan
+from ..nn import KVCache, MultiHeadAttention
+from .checkpoint import Dim, Plan
 from .common import Family
-from .decoder import CausalLM
 from .fields import EPS, Fields
-from .llama import LlamaConfig, LlamaForCausalLM, LlamaMLP
+from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, hf_layers, kept
+from .llama import hf_plan as llama_plan
+from .llama import tied_head_ignored as hf_ignored
 
 
 @dataclass(frozen=True)
@@ -75,48 +76,35 @@ class CohereLayerNorm(nn.Module):
         return (self.weight.to(h.dtype) * h).to(x.dtype)
 
 
-class CohereDecoderLayer(nn.Module):
+class CohereDecoderLayer(LlamaDecoderLayer):
     """A parallel block: x + attn(ln(x)) + mlp(ln(x))."""
 
+    interleaved_rotary = True
+
     def __init__(self, c: CohereConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.input_layernorm = CohereLayerNorm(c.hidden_size, c.layer_norm_eps)
+        super().__init__(c, layer_idx)
+        del self.post_attention_layernorm  # one norm per block
+
+    @classmethod
+    def make_norm(cls, c: CohereConfig, dim) -> nn.Module:
+        return CohereLayerNorm(dim, c.layer_norm_eps)
+
+    def make_attention(self, c: CohereConfig, **extra) -> MultiHeadAttention:
         H, Hkv, D = c.num_attention_heads, c.kv_heads, c.dim_per_head
-        self.self_attn = MultiHeadAttention(
-            c.hidden_size, H, num_kv_heads=Hkv, head_dim=D, bias=c.qkv_bias, out_bias=c.out_bias,
-            dropout=c.attention_dropout, interleaved_rotary=True,
-            q_norm=CohereLayerNorm((H, D), c.layer_norm_eps) if c.use_qk_norm else None,
-            k_norm=CohereLayerNorm((Hkv, D), c.layer_norm_eps) if c.use_qk_norm else None,
-        )
-        self.window = None  # Cohere attends to every earlier token
-        self.mlp = LlamaMLP(c)
+        return super().make_attention(c, q_norm=self.make_norm(c, (H, D)) if c.use_qk_norm else None,
+                                      k_norm=self.make_norm(c, (Hkv, D)) if c.use_qk_norm else None, **extra)
 
     def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor],
                 cache: Optional[KVCache]) -> Tensor:
         """x (B, L, E), mask (B, 1, 1, n + L) or None, rotary (cos, sin) of the new positions."""
         h = self.input_layernorm(x)
-        a = self.self_attn(h, mask=mask, causal=True, window=self.window, rotary=rotary, cache=cache,
-                           layer=self.layer_idx)
-        return x + a + self.mlp(h)
-
-
-class CohereModel(nn.Module):
-    def __init__(self, c: CohereConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(CohereDecoderLayer(c, i) for i in range(c.num_hidden_layers))
-        self.norm = CohereLayerNorm(c.hidden_size, c.layer_norm_eps)
-        self.rotary_emb = RotaryEmbedding(c.dim_per_head, c.rope_theta, rope_scaling=c.rope_scaling, interleaved=True)
+        return x + self.attend(h, mask, rotary, cache) + self.mlp(h)
 
 
 class CohereForCausalLM(LlamaForCausalLM):
-    """A Cohere decoder with its LM head: Llama's hooks over Cohere's body; logits scaled."""
+    """A Cohere decoder with its LM head: Llama's skeleton and hooks over Cohere's layers; logits scaled."""
 
-    def __init__(self, config: CohereConfig):
-        CausalLM.__init__(self, config)  # not Llama's body: Cohere's
-        self.model = CohereModel(config)
-        self.add_lm_head(config.hidden_size, config.vocab_size)
+    layer_class = CohereDecoderLayer
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., E) -> (..., V), multiplied by logit_scale."""
@@ -124,54 +112,17 @@ class CohereForCausalLM(LlamaForCausalLM):
 
 
 def hf_plan(c: CohereConfig) -> Plan:
-    """Checkpoint names of a Hugging Face CohereForCausalLM -> qkv parameter names (pure).
-
-    q_proj, k_proj, v_proj are concatenated (rows q | k | v) into `self_attn.qkv_proj`; o_proj
-    becomes `self_attn.out_proj`; everything else keeps its name (q_norm, k_norm are (H, D)).
-    """
-    E, FF = Dim(c.hidden_size, "hidden_size"), Dim(c.intermediate_size, "intermediate_size")
-    V, D = Dim(c.vocab_size, "vocab_size"), c.dim_per_head
-    H, Hkv = Dim(c.num_attention_heads, "num_attention_heads"), c.kv_heads
-    q_out, kv_out = c.num_attention_heads * D, c.kv_heads * D
-    plan: dict[str, tuple[Piece, ...]] = {
-        "model.embed_tokens.weight": (Piece("model.embed_tokens.weight", (V, E)),),
-        "model.norm.weight": (Piece("model.norm.weight", (E,)),),
-    }
-    if not c.tie_word_embeddings:
-        plan["lm_head.weight"] = (Piece("lm_head.weight", (V, E)),)
+    """Checkpoint names of a Hugging Face CohereForCausalLM -> qkv parameter names (pure): Llama's
+    (llama.hf_plan), without post_attention_layernorm, and with q_norm, k_norm (H, D) under their
+    names when use_qk_norm."""
+    plan = dict(llama_plan(c))
+    H, D = Dim(c.num_attention_heads, "num_attention_heads"), c.dim_per_head
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        plan[p + "self_attn.qkv_proj.weight"] = (
-            Piece(p + "self_attn.q_proj.weight", (q_out, E)),
-            Piece(p + "self_attn.k_proj.weight", (kv_out, E)),
-            Piece(p + "self_attn.v_proj.weight", (kv_out, E)),
-        )
-        plan[p + "self_attn.out_proj.weight"] = (Piece(p + "self_attn.o_proj.weight", (E, q_out)),)
-        if c.qkv_bias:
-            plan[p + "self_attn.qkv_proj.bias"] = (
-                Piece(p + "self_attn.q_proj.bias", (q_out,)),
-                Piece(p + "self_attn.k_proj.bias", (kv_out,)),
-                Piece(p + "self_attn.v_proj.bias", (kv_out,)),
-            )
-            plan[p + "self_attn.out_proj.bias"] = (Piece(p + "self_attn.o_proj.bias", (E,)),)
+        del plan[p + "post_attention_layernorm.weight"]
         if c.use_qk_norm:
-            plan[p + "self_attn.q_norm.weight"] = (Piece(p + "self_attn.q_norm.weight", (H, D)),)
-            plan[p + "self_attn.k_norm.weight"] = (Piece(p + "self_attn.k_norm.weight", (Hkv, D)),)
-        for name, shape in (("gate_proj", (FF, E)), ("up_proj", (FF, E)), ("down_proj", (E, FF))):
-            plan[p + f"mlp.{name}.weight"] = (Piece(p + f"mlp.{name}.weight", shape),)
-        plan[p + "input_layernorm.weight"] = (Piece(p + "input_layernorm.weight", (E,)),)
+            plan.update(kept(p + "self_attn.", {"q_norm.weight": (H, D), "k_norm.weight": (c.kv_heads, D)}))
     return plan
-
-
-def hf_layers(c: CohereConfig) -> list[tuple[str, int, str]]:
-    """(config field, layer count, checkpoint key prefix of each layer), checked against the
-    checkpoint's keys before planning."""
-    return [("num_hidden_layers", c.num_hidden_layers, "model.layers.")]
-
-
-def hf_ignored(c: CohereConfig) -> dict:
-    """A tied lm_head.weight may be saved as a copy of the embeddings."""
-    return {"lm_head.weight": (c.vocab_size, c.hidden_size)} if c.tie_word_embeddings else {}
 
 
 FAMILY = Family(architectures=("CohereForCausalLM",), model_type="cohere", config=CohereConfig,

@@ -44,6 +44,7 @@ from .bert_heads import (
     SequenceClassifier,
     head_family,
     reported,
+    with_head,
 )
 from .checkpoint import Dim, Piece, Plan
 from .common import ACTIVATION, Family, activation
@@ -274,13 +275,11 @@ def _adapt(c: DistilBertHeadConfig, keys) -> tuple[DistilBertHeadConfig, tuple]:
 
 def _mlm_plan(c: DistilBertHeadConfig, prefix: str = "") -> Plan:
     E, V = Dim(c.dim, "dim"), Dim(c.vocab_size, "vocab_size")
-    plan = dict(hf_plan(c, prefix))
     head = {"vocab_transform.weight": (E, E), "vocab_transform.bias": (E,), "vocab_layer_norm.weight": (E,),
             "vocab_layer_norm.bias": (E,), "vocab_projector.bias": (V,)}
     if not c.tie_word_embeddings:
         head["vocab_projector.weight"] = (V, E)
-    plan.update({name: (Piece(name, shape),) for name, shape in head.items()})
-    return plan
+    return with_head(hf_plan(c, prefix), head)
 
 
 def _mlm_ignored(c: DistilBertHeadConfig, prefix: str = "") -> dict:
@@ -293,11 +292,8 @@ def _mlm_ignored(c: DistilBertHeadConfig, prefix: str = "") -> dict:
 
 def _classifier_plan(c: DistilBertHeadConfig, prefix: str = "") -> Plan:
     E, N = Dim(c.dim, "dim"), c.num_labels
-    plan = dict(hf_plan(c, prefix))
-    for name, shape in (("pre_classifier.weight", (E, E)), ("pre_classifier.bias", (E,)),
-                        ("classifier.weight", (N, E)), ("classifier.bias", (N,))):
-        plan[name] = (Piece(name, shape),)
-    return plan
+    return with_head(hf_plan(c, prefix), {"pre_classifier.weight": (E, E), "pre_classifier.bias": (E,),
+                                          "classifier.weight": (N, E), "classifier.bias": (N,)})
 
 
 def _family(arch: str, model, plan, ignored, says: str) -> Family:

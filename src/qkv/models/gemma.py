@@ -24,11 +24,20 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..nn import RotaryEmbedding
 from .common import ACTIVATION, Family, activation
-from .decoder import CausalLM
 from .fields import Fields, read_dataclass
-from .llama import CLASSIC_KINDS, LlamaConfig, LlamaDecoderLayer, LlamaMLP, _read_rope, hf_ignored, hf_layers, hf_plan
+from .llama import (
+    CLASSIC_KINDS,
+    LlamaConfig,
+    LlamaDecoderLayer,
+    LlamaLikeForCausalLM,
+    LlamaMLP,
+    LlamaModel,
+    _read_rope,
+    hf_ignored,
+    hf_layers,
+    hf_plan,
+)
 
 
 def refuse_bidirectional(f: Fields, family: str) -> None:
@@ -107,24 +116,21 @@ class GemmaMLP(LlamaMLP):
 
 
 class GemmaDecoderLayer(LlamaDecoderLayer):
-    """Llama's pre-norm block (same forward) with Gemma's norms and GeGLU."""
+    """Llama's pre-norm block (same forward) with Gemma's norms (the final norm's too) and GeGLU."""
 
-    def __init__(self, c: GemmaConfig, layer_idx: int):
-        super().__init__(c, layer_idx)
-        self.input_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_attention_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = GemmaMLP(c)
+    @classmethod
+    def make_norm(cls, c: GemmaConfig, dim) -> nn.Module:
+        return GemmaRMSNorm(dim, c.rms_norm_eps)
+
+    def make_mlp(self, c: GemmaConfig) -> nn.Module:
+        return GemmaMLP(c)
 
 
-class GemmaModel(nn.Module):
-    """Embeddings, blocks (`layer(config, i)`), final norm and RoPE under Hugging Face's names."""
+class GemmaModel(LlamaModel):
+    """Llama's model (embeddings, blocks `layer(config, i)`, final norm, RoPE) with Gemma's layers."""
 
     def __init__(self, c: GemmaConfig, layer: type = GemmaDecoderLayer):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(layer(c, i) for i in range(c.num_hidden_layers))
-        self.norm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(c.dim_per_head, c.rope_theta, rope_scaling=c.rope_scaling)
+        super().__init__(c, layer)
 
 
 def scaled_embedding(embedding: nn.Embedding, input_ids: Tensor) -> Tensor:
@@ -136,29 +142,17 @@ def scaled_embedding(embedding: nn.Embedding, input_ids: Tensor) -> Tensor:
     return x * scale.to(x.device)
 
 
-class GemmaForCausalLM(CausalLM):
-    """A Gemma decoder with its (tied) LM head (`CausalLM`: `forward`, `hidden`, `generate`, `complete`)."""
+class GemmaForCausalLM(LlamaLikeForCausalLM):
+    """A Gemma decoder with its (tied) LM head (`CausalLM`: `forward`, `hidden`, `generate`,
+    `complete`): Llama's skeleton without length-dependent RoPE, with scaled embeddings. Gemma 2/3's
+    sliding layers cache only what their window reaches (`window_cache`); global layers all."""
 
     layer_class: type = GemmaDecoderLayer  # the block Gemma 2 and 3 replace
-    window_cache = True  # Gemma 2/3's sliding layers cache only what their window reaches; global layers all
     model_class: type = GemmaModel  # Gemma 3 adds the local layers' RoPE
-
-    def __init__(self, config: GemmaConfig):
-        super().__init__(config)
-        self.model = self.model_class(config, self.layer_class)
-        self.add_lm_head(config.hidden_size, config.vocab_size)
 
     def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         x = scaled_embedding(self.model.embed_tokens, input_ids)  # (B, L, E)
         return x, self.model.rotary_emb(positions, dtype=x.dtype)  # cos, sin (L, D) or (B, 1, L, D)
-
-    blocks = property(lambda self: self.model.layers)
-    final_norm = property(lambda self: self.model.norm)
-    token_embedding = property(lambda self: self.model.embed_tokens)
-
-    @property
-    def kv_shape(self) -> tuple[int, int, int]:
-        return self.config.num_hidden_layers, self.config.kv_heads, self.config.dim_per_head
 
 
 # Checkpoint names are Llama's: q/k/v fused into self_attn.qkv_proj, o_proj -> out_proj, biases

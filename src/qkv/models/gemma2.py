@@ -29,11 +29,11 @@ from torch import Tensor
 
 from ..masks.scores import soft_cap
 from ..nn import KVCache, MultiHeadAttention
-from .checkpoint import Dim, ModelError, Piece, Plan
+from .checkpoint import Dim, ModelError, Plan
 from .common import ACTIVATION, Family
 from .fields import POSITIVE, POSITIVE_REAL, Fields, Limit, read_dataclass
-from .gemma import GemmaConfig, GemmaForCausalLM, GemmaMLP, GemmaRMSNorm, refuse_bidirectional
-from .llama import CLASSIC_KINDS, _read_rope, hf_ignored, hf_layers
+from .gemma import GemmaConfig, GemmaDecoderLayer, GemmaForCausalLM, refuse_bidirectional
+from .llama import CLASSIC_KINDS, _read_rope, hf_ignored, hf_layers, per_layer
 from .llama import hf_plan as llama_plan
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -100,7 +100,7 @@ class Gemma2Config(GemmaConfig):
     qk_norm = property(lambda self: False)  # Gemma 3 normalises queries and keys
 
 
-class Gemma2DecoderLayer(torch.nn.Module):
+class Gemma2DecoderLayer(GemmaDecoderLayer):
     """x + post_attn_norm(attn(input_norm(x))), then + post_ff_norm(mlp(pre_ff_norm(.))).
 
     Attributes read by other parts of qkv: `window` ((left, 0) on local layers, None on global
@@ -109,24 +109,18 @@ class Gemma2DecoderLayer(torch.nn.Module):
     """
 
     def __init__(self, c: Gemma2Config, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
+        super().__init__(c, layer_idx)
         self.layer_type = c.types[layer_idx]
-        D = c.dim_per_head
-        self.self_attn = MultiHeadAttention(
-            c.hidden_size, c.num_attention_heads, num_kv_heads=c.kv_heads, head_dim=D, bias=c.attention_bias,
-            dropout=c.attention_dropout, scale=c.query_pre_attn_scalar ** -0.5,
-            q_norm=GemmaRMSNorm(D, c.rms_norm_eps) if c.qk_norm else None,  # per head, on (B, L, Hq, D)
-            k_norm=GemmaRMSNorm(D, c.rms_norm_eps) if c.qk_norm else None,  # per head, on (B, L, Hkv, D)
-        )
-        self.window = c.window(layer_idx)
         self.attn_logit_softcapping = c.attn_softcap
         self.score_mod = soft_cap(c.attn_softcap) if c.attn_softcap is not None else None
-        self.mlp = GemmaMLP(c)
-        self.input_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_attention_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.pre_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.pre_feedforward_layernorm = self.make_norm(c, c.hidden_size)
+        self.post_feedforward_layernorm = self.make_norm(c, c.hidden_size)
+
+    def make_attention(self, c: Gemma2Config, **extra) -> MultiHeadAttention:
+        D = c.dim_per_head  # the q/k norms (Gemma 3) run per head, on (B, L, H, D)
+        return super().make_attention(c, scale=c.query_pre_attn_scalar ** -0.5,
+                                      q_norm=self.make_norm(c, D) if c.qk_norm else None,
+                                      k_norm=self.make_norm(c, D) if c.qk_norm else None, **extra)
 
     def forward(self, x: Tensor, mask: Optional[Tensor], rotary: Union[tuple[Tensor, Tensor], dict],
                 cache: Optional[KVCache]) -> Tensor:
@@ -134,9 +128,7 @@ class Gemma2DecoderLayer(torch.nn.Module):
         {layer type: (cos, sin)} where local and global layers rotate differently (Gemma 3)."""
         if isinstance(rotary, dict):
             rotary = rotary[self.layer_type]
-        a = self.self_attn(self.input_layernorm(x), mask=mask, causal=True, window=self.window,
-                           score_mod=self.score_mod, rotary=rotary, cache=cache, layer=self.layer_idx)  # (B, L, E)
-        x = x + self.post_attention_layernorm(a)
+        x = x + self.post_attention_layernorm(self.attend(self.input_layernorm(x), mask, rotary, cache))  # (B, L, E)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))  # (B, L, E)
 
 
@@ -155,13 +147,9 @@ class Gemma2ForCausalLM(GemmaForCausalLM):
 def hf_plan(c: Gemma2Config) -> Plan:
     """Checkpoint names of a Hugging Face Gemma2ForCausalLM -> qkv parameter names (pure): Gemma's
     (Llama's) plus each layer's pre_feedforward_layernorm and post_feedforward_layernorm."""
-    plan = dict(llama_plan(c))
     E = Dim(c.hidden_size, "hidden_size")
-    for i in range(c.num_hidden_layers):
-        for norm in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
-            key = f"model.layers.{i}.{norm}.weight"
-            plan[key] = (Piece(key, (E,)),)
-    return plan
+    return {**llama_plan(c), **per_layer(c, {"pre_feedforward_layernorm.weight": (E,),
+                                             "post_feedforward_layernorm.weight": (E,)})}
 
 
 FAMILY = Family(architectures=("Gemma2ForCausalLM",), model_type="gemma2", config=Gemma2Config,

@@ -30,13 +30,13 @@ from typing import Optional
 from torch import Tensor
 
 from ..nn import RotaryEmbedding
-from .checkpoint import Piece, Plan
+from .checkpoint import Plan
 from .common import Family
 from .fields import POSITIVE, POSITIVE_REAL, Fields, read_dataclass
 from .gemma import GemmaModel, refuse_bidirectional, scaled_embedding
 from .gemma2 import FULL, SLIDING, Gemma2Config, Gemma2DecoderLayer, Gemma2ForCausalLM
 from .gemma2 import hf_plan as gemma2_plan
-from .llama import CLASSIC_ROPE, hf_ignored, hf_layers
+from .llama import hf_ignored, hf_layers, per_layer, read_classic_scaling
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def _read_rope_per_type(f: Fields) -> dict:
         theta = rope.get("rope_theta", Optional[float], None, POSITIVE_REAL)
         if theta is not None or old_base is not None:
             out[theta_field] = theta if theta is not None else old_base
-        out[scaling_field] = _read_scaling(rope)
+        out[scaling_field] = read_classic_scaling(rope)  # one layer type's (None = default)
     return out
 
 
@@ -109,25 +109,6 @@ def _refuse_partial(g: Fields) -> None:
     if g.get("partial_rotary_factor", float, 1.0) != 1.0:
         raise g.unsupported("partial_rotary_factor", "Gemma 3 rotates whole heads (transformers' Gemma 3 "
                             "ignores the field); remove it or set it to 1.0")
-
-
-def _read_scaling(rope: Fields) -> Optional[dict]:
-    """One layer type's RoPE scaling, as nn.positions.rope_inv_freq takes it (None = default)."""
-    kind_field = "rope_type" if "rope_type" in rope else "type"
-    kind = rope.get(kind_field, str, "default")
-    if kind not in CLASSIC_ROPE:
-        raise rope.unsupported(kind_field, f"qkv computes the rope types {', '.join(CLASSIC_ROPE)} only; other "
-                               f"types (dynamic, yarn, longrope, ...) scale positions in ways it does not run")
-    if kind == "default":
-        return None
-    scaling = {"rope_type": kind}
-    for key in CLASSIC_ROPE[kind]:
-        int_key = key == "original_max_position_embeddings"
-        scaling[key] = rope.get(key, int if int_key else float, limit=POSITIVE if int_key else POSITIVE_REAL)
-    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
-        raise rope.unsupported("high_freq_factor", f"llama3 scaling needs high_freq_factor > low_freq_factor="
-                               f"{scaling['low_freq_factor']:g} (it divides by their difference); correct them")
-    return scaling
 
 
 class Gemma3TextModel(GemmaModel):
@@ -155,12 +136,8 @@ def hf_plan(c: Gemma3TextConfig) -> Plan:
     """Checkpoint names of a Hugging Face Gemma3ForCausalLM -> qkv parameter names (pure): Gemma 2's
     plus each layer's self_attn.q_norm and self_attn.k_norm (D,), which keep their names inside
     `MultiHeadAttention`."""
-    plan = dict(gemma2_plan(c))
-    for i in range(c.num_hidden_layers):
-        for norm in ("q_norm", "k_norm"):
-            key = f"model.layers.{i}.self_attn.{norm}.weight"
-            plan[key] = (Piece(key, (c.dim_per_head,)),)
-    return plan
+    D = c.dim_per_head
+    return {**gemma2_plan(c), **per_layer(c, {"self_attn.q_norm.weight": (D,), "self_attn.k_norm.weight": (D,)})}
 
 
 # Architectures of Gemma 3 that qkv refuses, with the reason and what runs instead (loading.py).

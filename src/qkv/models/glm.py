@@ -21,12 +21,11 @@ from typing import Optional, Union
 
 from torch import Tensor, nn
 
-from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
+from ..nn import KVCache
 from .checkpoint import Dim, ModelError, Piece, Plan
-from .common import Family, activation
-from .decoder import CausalLM
+from .common import Family
 from .fields import Fields, Limit
-from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaRMSNorm, hf_ignored, hf_layers
+from .llama import GateUpMLP, LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, hf_ignored, hf_layers, per_layer
 from .llama import hf_plan as llama_plan
 
 GLM_EOS = [151329, 151336, 151338]  # transformers' GlmConfig stop ids when eos_token_id is null
@@ -87,30 +86,17 @@ def _without_fraction(f: Fields, rope_name: str) -> Fields:
     return Fields(data, f.source, prefix=f.prefix, fix=f.fix)
 
 
-class GlmMLP(nn.Module):
-    """SwiGLU with gate and up in one matrix: down(act(gate) * up), [gate | up] = gate_up_proj(x)."""
-
-    def __init__(self, c: GlmConfig):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-        self._act = activation(c.hidden_act)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, L, FF) each
-        return self.down_proj(up * self._act(gate))
+GlmMLP = GateUpMLP  # SwiGLU with gate and up in one matrix, gate_up_proj (rows gate | up), as Phi-3's
 
 
 class GlmDecoderLayer(LlamaDecoderLayer):
-    """Llama's block with interleaved partial RoPE, q/k/v biases and the fused MLP."""
+    """Llama's block with interleaved partial RoPE (tables of the first R features), q/k/v biases
+    and the fused MLP."""
 
-    def __init__(self, c: GlmConfig, layer_idx: int):
-        super().__init__(c, layer_idx)
-        self.self_attn = MultiHeadAttention(
-            c.hidden_size, c.num_attention_heads, num_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
-            bias=c.qkv_bias, out_bias=c.out_bias, dropout=c.attention_dropout, interleaved_rotary=True,
-        )
-        self.mlp = GlmMLP(c)
+    interleaved_rotary = True
+
+    def make_mlp(self, c: GlmConfig) -> nn.Module:
+        return GlmMLP(c)
 
 
 class Glm4DecoderLayer(GlmDecoderLayer):
@@ -118,37 +104,20 @@ class Glm4DecoderLayer(GlmDecoderLayer):
 
     def __init__(self, c: GlmConfig, layer_idx: int):
         super().__init__(c, layer_idx)
-        self.post_self_attn_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_mlp_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_self_attn_layernorm = self.make_norm(c, c.hidden_size)
+        self.post_mlp_layernorm = self.make_norm(c, c.hidden_size)
 
     def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor],
                 cache: Optional[KVCache]) -> Tensor:
         """x (B, L, E), mask (B, 1, 1, n + L) or None, rotary (cos, sin) of the new positions."""
-        a = self.self_attn(self.input_layernorm(x), mask=mask, causal=True, window=self.window, rotary=rotary,
-                           cache=cache, layer=self.layer_idx)  # (B, L, E)
-        x = x + self.post_self_attn_layernorm(a)
+        x = x + self.post_self_attn_layernorm(self.attend(self.input_layernorm(x), mask, rotary, cache))  # (B, L, E)
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
-
-
-class GlmModel(nn.Module):
-    def __init__(self, c: GlmConfig, layer: type = GlmDecoderLayer):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(layer(c, i) for i in range(c.num_hidden_layers))
-        self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        # cos/sin (L, R) as f0 f0 f1 f1 ...: a frequency per pair of neighbouring features, for the first R
-        self.rotary_emb = RotaryEmbedding(c.rotary_dim, c.rope_theta, rope_scaling=c.rope_scaling, interleaved=True)
 
 
 class GlmForCausalLM(LlamaForCausalLM):
     """A GLM decoder with its LM head: Llama's skeleton and hooks, with GLM's layers."""
 
-    layer = GlmDecoderLayer
-
-    def __init__(self, config: GlmConfig):
-        CausalLM.__init__(self, config)
-        self.model = GlmModel(config, self.layer)
-        self.add_lm_head(config.hidden_size, config.vocab_size)
+    layer_class = GlmDecoderLayer
 
 
 @dataclass(frozen=True)
@@ -159,7 +128,7 @@ class Glm4Config(GlmConfig):
 class Glm4ForCausalLM(GlmForCausalLM):
     """A GLM-4 decoder with its LM head: GLM's, with post-sublayer norms."""
 
-    layer = Glm4DecoderLayer
+    layer_class = Glm4DecoderLayer
 
 
 def hf_plan(c: GlmConfig) -> Plan:
@@ -176,22 +145,11 @@ def hf_plan(c: GlmConfig) -> Plan:
 
 def glm4_plan(c: GlmConfig) -> Plan:
     """GLM's plan and the post-sublayer norms of each layer."""
-    plan = dict(hf_plan(c))
-    for i in range(c.num_hidden_layers):
-        for norm in ("post_self_attn_layernorm", "post_mlp_layernorm"):
-            key = f"model.layers.{i}.{norm}.weight"
-            plan[key] = (Piece(key, (Dim(c.hidden_size, "hidden_size"),)),)
-    return plan
-
-
-def _ignored(c: GlmConfig) -> dict:
-    """Llama's, with inv_freq buffers of the rotated part (R/2,)."""
-    out = dict(hf_ignored(c))
-    out.update({k: (c.rotary_dim // 2,) for k in out if k.endswith("inv_freq")})
-    return out
+    E = Dim(c.hidden_size, "hidden_size")
+    return {**hf_plan(c), **per_layer(c, {"post_self_attn_layernorm.weight": (E,), "post_mlp_layernorm.weight": (E,)})}
 
 
 FAMILY = Family(architectures=("GlmForCausalLM",), model_type="glm", config=GlmConfig,
-                model=GlmForCausalLM, plan=hf_plan, layers=hf_layers, ignored=_ignored)
+                model=GlmForCausalLM, plan=hf_plan, layers=hf_layers, ignored=hf_ignored)
 GLM4_FAMILY = Family(architectures=("Glm4ForCausalLM",), model_type="glm4", config=Glm4Config,
-                     model=Glm4ForCausalLM, plan=glm4_plan, layers=hf_layers, ignored=_ignored)
+                     model=Glm4ForCausalLM, plan=glm4_plan, layers=hf_layers, ignored=hf_ignored)

@@ -40,7 +40,7 @@ from .fields import (
     check_divisible,
     read_dataclass,
 )
-from .llama import CLASSIC_ROPE
+from .llama import read_classic_scaling
 
 FRACTION = Limit(lo=0, hi=1)  # partial_rotary_factor: the share of each head that is rotated
 
@@ -124,24 +124,11 @@ def _read_rope(f: Fields) -> dict:
                                 f"{used:g}) and ignores a top-level {top}; put the value meant in {name}")
     if rope is None:
         return out
-    kind_field = "rope_type" if "rope_type" in rope else "type"
-    kind = rope.get(kind_field, str, "default")
-    if kind not in CLASSIC_ROPE:
-        raise rope.unsupported(kind_field, f"qkv computes the rope types {', '.join(CLASSIC_ROPE)} only; "
-                               f"other types (dynamic, yarn, longrope, ...) scale positions in ways it does not run")
-    if kind == "default":
-        return out
-    scaling = {"rope_type": kind}
-    for key in CLASSIC_ROPE[kind]:
-        if key == "original_max_position_embeddings":  # transformers' default: max_position_embeddings
-            default = f.get("max_position_embeddings", int, GPTNeoXConfig.max_position_embeddings, POSITIVE)
-            scaling[key] = rope.get(key, int, default, limit=POSITIVE)
-        else:
-            scaling[key] = rope.get(key, float, limit=POSITIVE_REAL)
-    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
-        raise rope.unsupported("high_freq_factor", f"llama3 scaling needs high_freq_factor > low_freq_factor="
-                               f"{scaling['low_freq_factor']:g} (it divides by their difference); correct them")
-    out["rope_scaling"] = scaling
+    # original_max_position_embeddings: transformers' default is max_position_embeddings
+    scaling = read_classic_scaling(rope, f.get("max_position_embeddings", int, GPTNeoXConfig.max_position_embeddings,
+                                               POSITIVE))
+    if scaling is not None:
+        out["rope_scaling"] = scaling
     return out
 
 

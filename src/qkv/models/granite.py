@@ -15,13 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
+from ..nn import KVCache, MultiHeadAttention
 from .common import Family
-from .decoder import CausalLM
 from .fields import POSITIVE_REAL
-from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaRMSNorm, hf_ignored, hf_layers, hf_plan
+from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, hf_ignored, hf_layers, hf_plan
 
 
 @dataclass(frozen=True)
@@ -41,37 +40,22 @@ class GraniteDecoderLayer(LlamaDecoderLayer):
 
     def __init__(self, c: GraniteConfig, layer_idx: int):
         super().__init__(c, layer_idx)
-        self.self_attn = MultiHeadAttention(
-            c.hidden_size, c.num_attention_heads, num_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
-            bias=c.qkv_bias, out_bias=c.out_bias, dropout=c.attention_dropout, scale=c.attention_multiplier,
-        )
         self.residual_multiplier = c.residual_multiplier
+
+    def make_attention(self, c: GraniteConfig, **extra) -> MultiHeadAttention:
+        return super().make_attention(c, scale=c.attention_multiplier, **extra)
 
     def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor],
                 cache: Optional[KVCache]) -> Tensor:
         """x (B, L, E), mask (B, 1, 1, n + L) or None, rotary (cos, sin) of the new positions."""
-        a = self.self_attn(self.input_layernorm(x), mask=mask, causal=True, window=self.window, rotary=rotary,
-                           cache=cache, layer=self.layer_idx)  # (B, L, E)
-        x = x + a * self.residual_multiplier
+        x = x + self.attend(self.input_layernorm(x), mask, rotary, cache) * self.residual_multiplier  # (B, L, E)
         return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_multiplier
-
-
-class GraniteModel(nn.Module):
-    def __init__(self, c: GraniteConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(GraniteDecoderLayer(c, i) for i in range(c.num_hidden_layers))
-        self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(c.dim_per_head, c.rope_theta, rope_scaling=c.rope_scaling)
 
 
 class GraniteForCausalLM(LlamaForCausalLM):
     """A Granite decoder with its LM head: Llama's skeleton and hooks, with the four multipliers."""
 
-    def __init__(self, config: GraniteConfig):
-        CausalLM.__init__(self, config)
-        self.model = GraniteModel(config)
-        self.add_lm_head(config.hidden_size, config.vocab_size)
+    layer_class = GraniteDecoderLayer
 
     def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         x, rotary = super().embed(input_ids, positions)  # (B, L, E); cos, sin

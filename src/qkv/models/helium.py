@@ -20,10 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..nn import MultiHeadAttention, RotaryEmbedding
 from .checkpoint import ModelError
 from .common import Family
-from .decoder import CausalLM
 from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaRMSNorm, hf_ignored, hf_layers, hf_plan
 
 
@@ -63,35 +61,19 @@ class HeliumRMSNorm(LlamaRMSNorm):
 
 
 class HeliumDecoderLayer(LlamaDecoderLayer):
-    """Llama's block with interleaved RoPE and Helium's RMSNorm."""
+    """Llama's block with interleaved RoPE and Helium's RMSNorm (the final norm's too)."""
 
-    def __init__(self, c: HeliumConfig, layer_idx: int):
-        super().__init__(c, layer_idx)
-        self.input_layernorm = HeliumRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = MultiHeadAttention(
-            c.hidden_size, c.num_attention_heads, num_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
-            bias=c.qkv_bias, out_bias=c.out_bias, dropout=c.attention_dropout, interleaved_rotary=True,
-        )
-        self.post_attention_layernorm = HeliumRMSNorm(c.hidden_size, c.rms_norm_eps)
+    interleaved_rotary = True
 
-
-class HeliumModel(nn.Module):
-    def __init__(self, c: HeliumConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(HeliumDecoderLayer(c, i) for i in range(c.num_hidden_layers))
-        self.norm = HeliumRMSNorm(c.hidden_size, c.rms_norm_eps)
-        # cos/sin (L, D) as f0 f0 f1 f1 ...: each frequency for a pair of neighbouring features
-        self.rotary_emb = RotaryEmbedding(c.dim_per_head, c.rope_theta, rope_scaling=c.rope_scaling, interleaved=True)
+    @classmethod
+    def make_norm(cls, c: HeliumConfig, dim) -> nn.Module:
+        return HeliumRMSNorm(dim, c.rms_norm_eps)
 
 
 class HeliumForCausalLM(LlamaForCausalLM):
     """A Helium decoder with its LM head: Llama's skeleton and hooks, with Helium's layers."""
 
-    def __init__(self, config: HeliumConfig):
-        CausalLM.__init__(self, config)
-        self.model = HeliumModel(config)
-        self.add_lm_head(config.hidden_size, config.vocab_size)
+    layer_class = HeliumDecoderLayer
 
 
 FAMILY = Family(architectures=("HeliumForCausalLM",), model_type="helium", config=HeliumConfig,

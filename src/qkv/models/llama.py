@@ -6,7 +6,10 @@ rotary position embeddings (Su et al. 2021) in the Llama half-split layout, and 
 attention (Ainslie et al. 2023). Names are Hugging Face's; q_proj/k_proj/v_proj are fused into
 `self_attn.qkv_proj` and o_proj is `self_attn.out_proj`, mapped by `hf_plan`. The decoder
 skeleton is `CausalLM` (decoder.py); Llama-like families (mistral.py, qwen2.py) subclass the
-config and change its hooks (`qkv_bias`, `out_bias`, `window`).
+config and change its hooks (`qkv_bias`, `out_bias`, `window`, `rotary_dim`). Families whose
+blocks differ subclass `LlamaDecoderLayer` and override its construction hooks (`make_norm`,
+`make_attention`, `make_mlp`, `interleaved_rotary`), set it as their model's `layer_class`, and
+build their plans from the pieces of Llama's (`outer_plan`, `attention_plan`, `mlp_plan`, `kept`).
 """
 
 from __future__ import annotations
@@ -91,6 +94,11 @@ class LlamaConfig(HFConfig):
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """R, the rotated features of each head: Llama rotates whole heads (partial rotary families change it)."""
+        return self.dim_per_head
 
     # What a Llama-like family changes (qwen2.py, mistral.py): biases and a sliding window.
     @property
@@ -212,9 +220,7 @@ def _read_rope(f: Fields, cls: Optional[type] = None, *, partial: bool = False,
             scaling[key] = rope.get(key, annotation, limit=limit)
     if kind in ("dynamic", "yarn", "longrope"):
         scaling["max_position_embeddings"] = max_positions
-    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
-        raise rope.unsupported("high_freq_factor", f"llama3 scaling needs high_freq_factor > low_freq_factor="
-                               f"{scaling['low_freq_factor']:g} (it divides by their difference); correct them")
+    _check_llama3(rope, scaling)
     if kind == "longrope":
         heads = f.get("num_attention_heads", int, _default(cls, "num_attention_heads"))
         hidden = f.get("hidden_size", int, _default(cls, "hidden_size"))
@@ -226,6 +232,34 @@ def _read_rope(f: Fields, cls: Optional[type] = None, *, partial: bool = False,
                                        f"config.json saved with these weights")
     out["rope_scaling"] = scaling
     return out
+
+
+def read_classic_scaling(rope: Fields, original: Optional[int] = None) -> Optional[dict]:
+    """The typed rope_scaling of a family with classic RoPE (`CLASSIC_ROPE`: GPT-NeoX, Gemma 3)
+    from its rope dict: None for the default type; other types are refused by name.
+    `original`: original_max_position_embeddings where the dict has none (None: required)."""
+    kind_field = "rope_type" if "rope_type" in rope else "type"
+    kind = rope.get(kind_field, str, "default")
+    if kind not in CLASSIC_ROPE:
+        raise rope.unsupported(kind_field, f"qkv computes the rope types {', '.join(CLASSIC_ROPE)} only; other "
+                               f"types (dynamic, yarn, longrope, ...) scale positions in ways it does not run")
+    if kind == "default":
+        return None
+    scaling = {"rope_type": kind}
+    for key in CLASSIC_ROPE[kind]:
+        if key == "original_max_position_embeddings":
+            scaling[key] = (rope.get(key, int, limit=POSITIVE) if original is None
+                            else rope.get(key, int, original, limit=POSITIVE))
+        else:
+            scaling[key] = rope.get(key, float, limit=POSITIVE_REAL)
+    _check_llama3(rope, scaling)
+    return scaling
+
+
+def _check_llama3(rope: Fields, scaling: dict) -> None:
+    if scaling["rope_type"] == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise rope.unsupported("high_freq_factor", f"llama3 scaling needs high_freq_factor > low_freq_factor="
+                               f"{scaling['low_freq_factor']:g} (it divides by their difference); correct them")
 
 
 def _default(cls, name: str):
@@ -262,51 +296,116 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
 
 
+class GateUpMLP(nn.Module):
+    """SwiGLU with gate and up in one stored matrix (Phi-3, GLM): down(act(gate) * up),
+    [gate | up] = gate_up_proj(x), no biases."""
+
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self._act = activation(c.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, L, 2 FF) -> (B, L, FF) each
+        return self.down_proj(up * self._act(gate))
+
+
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(input_layernorm(x)), then + mlp(post_attention_layernorm(x)).
+
+    A family changes a piece through the construction hooks `__init__` calls, and keeps the
+    attribute names, which are Hugging Face's (the plans rely on them):
+
+    - `make_norm(c, dim)`: each norm of the block (a classmethod: it makes the model's final
+      norm too);
+    - `make_attention(c, **extra)`: the self-attention, Llama's `MultiHeadAttention` with the
+      family's extra arguments (q/k norms, a score scale);
+    - `make_mlp(c)`: the feed-forward, stored under `mlp_name` (Mixtral's is block_sparse_moe);
+    - `interleaved_rotary`: RoPE in RoFormer's pairs (2i, 2i+1), for the attention and the
+      model's tables, instead of Llama's halves.
+
+    A family whose forward differs (parallel residual, norms after the sublayers, scaled or
+    dropped-out branches) writes its own on `attend`, which runs the self-attention as every
+    block does.
+    """
+
+    interleaved_rotary = False
+    mlp_name = "mlp"
+    score_mod = None  # a score function `attend` passes to qkv.attention (Gemma 2's soft-cap), or None
+
     def __init__(self, c: LlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.input_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = MultiHeadAttention(
+        self.input_layernorm = self.make_norm(c, c.hidden_size)
+        self.self_attn = self.make_attention(c)
+        self.window = c.window(layer_idx)
+        self.post_attention_layernorm = self.make_norm(c, c.hidden_size)
+        setattr(self, self.mlp_name, self.make_mlp(c))
+
+    @classmethod
+    def make_norm(cls, c: LlamaConfig, dim) -> nn.Module:
+        return LlamaRMSNorm(dim, c.rms_norm_eps)
+
+    def make_attention(self, c: LlamaConfig, **extra) -> MultiHeadAttention:
+        """Grouped-query self-attention with the config's `qkv_bias` and `out_bias`; `extra`: more
+        `MultiHeadAttention` arguments."""
+        return MultiHeadAttention(
             c.hidden_size, c.num_attention_heads, num_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
             bias=c.qkv_bias, out_bias=c.out_bias, dropout=c.attention_dropout,
+            interleaved_rotary=self.interleaved_rotary, **extra,
         )
-        self.window = c.window(layer_idx)
-        self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = LlamaMLP(c)
+
+    def make_mlp(self, c: LlamaConfig) -> nn.Module:
+        return LlamaMLP(c)
+
+    def attend(self, h: Tensor, mask: Optional[Tensor], rotary, cache: Optional[KVCache]) -> Tensor:
+        """The causal self-attention of h (B, L, E) through this layer's window and cache -> (B, L, E)."""
+        return self.self_attn(h, mask=mask, causal=True, window=self.window, score_mod=self.score_mod, rotary=rotary,
+                              cache=cache, layer=self.layer_idx)
 
     def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor],
                 cache: Optional[KVCache]) -> Tensor:
         """x (B, L, E), mask (B, 1, 1, n + L) or None, rotary (cos, sin) of the new positions."""
-        x = x + self.self_attn(self.input_layernorm(x), mask=mask, causal=True, window=self.window, rotary=rotary,
-                               cache=cache, layer=self.layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.attend(self.input_layernorm(x), mask, rotary, cache)
+        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, c: LlamaConfig):
+    """Embeddings, blocks (`layer(c, i)`), the final norm (the layer's `make_norm`) and RoPE
+    under Hugging Face's names."""
+
+    def __init__(self, c: LlamaConfig, layer: type = LlamaDecoderLayer):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(c, i) for i in range(c.num_hidden_layers))
-        self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(c.dim_per_head, c.rope_theta, rope_scaling=c.rope_scaling)
+        self.layers = nn.ModuleList(layer(c, i) for i in range(c.num_hidden_layers))
+        self.norm = layer.make_norm(c, c.hidden_size)
+        # cos/sin (L, R) for the first R = rotary_dim features of each head (apply_rotary leaves
+        # the rest); interleaved: f0 f0 f1 f1 ..., a frequency per pair of neighbouring features
+        self.rotary_emb = RotaryEmbedding(c.rotary_dim, c.rope_theta, rope_scaling=c.rope_scaling,
+                                          interleaved=layer.interleaved_rotary)
 
 
-class LlamaForCausalLM(LengthDependentRope, CausalLM):
-    """A Llama-family decoder with its LM head (`CausalLM`: `forward`, `hidden`, `generate`, `complete`)."""
+class LlamaLikeForCausalLM(CausalLM):
+    """The decoder of Llama and of the families built like it: `model` (a `model_class` of
+    `layer_class` blocks) and the LM head, and `CausalLM`'s hooks read from them. A family sets
+    its block (and model) class; `LlamaForCausalLM` adds RoPE that may depend on the length
+    reached, Gemma's families (classic RoPE only) use this as it is."""
 
-    # Layers with a sliding `window` (Mistral, Mixtral, Qwen2/3, Starcoder2, SmolLM3, Phi-3) cache
-    # only the tokens it reaches; Llama's own layers have none and keep everything.
+    layer_class: type = LlamaDecoderLayer
+    model_class: type = LlamaModel
+    # Layers with a sliding `window` (Mistral, Mixtral, Qwen2/3, Starcoder2, SmolLM3, Phi-3, Gemma
+    # 2/3) cache only the tokens it reaches; layers without one keep everything.
     window_cache = True
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
-        self.model = LlamaModel(config)
+        self.model = self.model_class(config, self.layer_class)
         self.add_lm_head(config.hidden_size, config.vocab_size)
 
     def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         x = self.model.embed_tokens(input_ids)  # (B, L, E)
-        return x, self.model.rotary_emb(positions, dtype=x.dtype)  # cos, sin (L, D) or (B, 1, L, D)
+        return x, self.model.rotary_emb(positions, dtype=x.dtype)  # cos, sin (L, R) or (B, 1, L, R)
 
     blocks = property(lambda self: self.model.layers)
     final_norm = property(lambda self: self.model.norm)
@@ -317,43 +416,82 @@ class LlamaForCausalLM(LengthDependentRope, CausalLM):
         return self.config.num_hidden_layers, self.config.kv_heads, self.config.dim_per_head
 
 
+class LlamaForCausalLM(LengthDependentRope, LlamaLikeForCausalLM):
+    """A Llama-family decoder with its LM head (`CausalLM`: `forward`, `hidden`, `generate`, `complete`)."""
+
+
+def outer_plan(c: LlamaConfig, *, norm_bias: bool = False) -> dict[str, tuple[Piece, ...]]:
+    """The entries outside the layers, all under their own names: `model.embed_tokens`, the final
+    `model.norm` (and its bias, for a LayerNorm) and `lm_head` unless it is tied."""
+    E, V = Dim(c.hidden_size, "hidden_size"), Dim(c.vocab_size, "vocab_size")
+    plan = kept("model.", {"embed_tokens.weight": (V, E), "norm.weight": (E,)})
+    if norm_bias:
+        plan.update(kept("model.", {"norm.bias": (E,)}))
+    if not c.tie_word_embeddings:
+        plan.update(kept("", {"lm_head.weight": (V, E)}))
+    return plan
+
+
+def attention_plan(prefix: str, c: LlamaConfig, E: Dim, *, qkv_bias: bool,
+                   out_bias: bool) -> dict[str, tuple[Piece, ...]]:
+    """One layer's self-attention entries (`prefix`: the layer's, "model.layers.{i}."): q_proj,
+    k_proj, v_proj concatenated (rows q | k | v) into `self_attn.qkv_proj`, the weights and, with
+    `qkv_bias`, the biases; o_proj becomes `self_attn.out_proj` (its bias with `out_bias`)."""
+    p, D = prefix + "self_attn.", c.dim_per_head
+    q_out, kv_out = c.num_attention_heads * D, c.kv_heads * D
+    rows = (("q", q_out), ("k", kv_out), ("v", kv_out))
+    plan = {p + "qkv_proj.weight": tuple(Piece(p + f"{n}_proj.weight", (size, E)) for n, size in rows),
+            p + "out_proj.weight": (Piece(p + "o_proj.weight", (E, q_out)),)}
+    if qkv_bias:
+        plan[p + "qkv_proj.bias"] = tuple(Piece(p + f"{n}_proj.bias", (size,)) for n, size in rows)
+    if out_bias:
+        plan[p + "out_proj.bias"] = (Piece(p + "o_proj.bias", (E,)),)
+    return plan
+
+
+def mlp_plan(prefix: str, c: LlamaConfig) -> dict[str, tuple[Piece, ...]]:
+    """`LlamaMLP`'s entries under their own names: gate_proj, up_proj, down_proj (biases with `mlp_bias`)."""
+    E, FF = Dim(c.hidden_size, "hidden_size"), Dim(c.intermediate_size, "intermediate_size")
+    plan: dict[str, tuple[Piece, ...]] = {}
+    for name, shape in (("gate_proj", (FF, E)), ("up_proj", (FF, E)), ("down_proj", (E, FF))):
+        plan.update(kept(prefix + f"mlp.{name}.", {"weight": shape}))
+        if c.mlp_bias:
+            plan.update(kept(prefix + f"mlp.{name}.", {"bias": (shape[0],)}))
+    return plan
+
+
+def norms_plan(prefix: str, E: Dim, names: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm"), *,
+               bias: bool = False) -> dict[str, tuple[Piece, ...]]:
+    """A layer's norms under their own names: each weight (E,), and each bias with `bias` (a LayerNorm)."""
+    parts = ("weight", "bias") if bias else ("weight",)
+    return kept(prefix, {f"{name}.{part}": (E,) for name in names for part in parts})
+
+
+def per_layer(c: LlamaConfig, shapes: dict[str, tuple]) -> dict[str, tuple[Piece, ...]]:
+    """Entries of every layer under their own names: "model.layers.{i}." + name, of the given shape
+    (what a family adds to a plan it builds on: q/k norms, more norms)."""
+    return {key: pieces for i in range(c.num_hidden_layers)
+            for key, pieces in kept(f"model.layers.{i}.", shapes).items()}
+
+
+def kept(prefix: str, shapes: dict[str, tuple]) -> dict[str, tuple[Piece, ...]]:
+    """Entries that keep the checkpoint's name: prefix + name -> that key, of the given shape."""
+    return {prefix + name: (Piece(prefix + name, shape),) for name, shape in shapes.items()}
+
+
 def hf_plan(c: LlamaConfig) -> Plan:
     """Checkpoint names of a Hugging Face LlamaForCausalLM -> qkv parameter names (pure).
 
     q_proj, k_proj, v_proj are concatenated (rows q | k | v) into `self_attn.qkv_proj`;
     o_proj becomes `self_attn.out_proj`; everything else keeps its name.
     """
-    E, FF = Dim(c.hidden_size, "hidden_size"), Dim(c.intermediate_size, "intermediate_size")
-    V, D = Dim(c.vocab_size, "vocab_size"), c.dim_per_head
-    q_out, kv_out = c.num_attention_heads * D, c.kv_heads * D
-    plan: dict[str, tuple[Piece, ...]] = {
-        "model.embed_tokens.weight": (Piece("model.embed_tokens.weight", (V, E)),),
-        "model.norm.weight": (Piece("model.norm.weight", (E,)),),
-    }
-    if not c.tie_word_embeddings:
-        plan["lm_head.weight"] = (Piece("lm_head.weight", (V, E)),)
+    E = Dim(c.hidden_size, "hidden_size")
+    plan = outer_plan(c)
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        plan[p + "self_attn.qkv_proj.weight"] = (
-            Piece(p + "self_attn.q_proj.weight", (q_out, E)),
-            Piece(p + "self_attn.k_proj.weight", (kv_out, E)),
-            Piece(p + "self_attn.v_proj.weight", (kv_out, E)),
-        )
-        plan[p + "self_attn.out_proj.weight"] = (Piece(p + "self_attn.o_proj.weight", (E, q_out)),)
-        if c.qkv_bias:
-            plan[p + "self_attn.qkv_proj.bias"] = (
-                Piece(p + "self_attn.q_proj.bias", (q_out,)),
-                Piece(p + "self_attn.k_proj.bias", (kv_out,)),
-                Piece(p + "self_attn.v_proj.bias", (kv_out,)),
-            )
-        if c.out_bias:
-            plan[p + "self_attn.out_proj.bias"] = (Piece(p + "self_attn.o_proj.bias", (E,)),)
-        for name, shape in (("gate_proj", (FF, E)), ("up_proj", (FF, E)), ("down_proj", (E, FF))):
-            plan[p + f"mlp.{name}.weight"] = (Piece(p + f"mlp.{name}.weight", shape),)
-            if c.mlp_bias:
-                plan[p + f"mlp.{name}.bias"] = (Piece(p + f"mlp.{name}.bias", (shape[0],)),)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            plan[p + f"{norm}.weight"] = (Piece(p + f"{norm}.weight", (E,)),)
+        plan.update(attention_plan(p, c, E, qkv_bias=c.qkv_bias, out_bias=c.out_bias))
+        plan.update(mlp_plan(p, c))
+        plan.update(norms_plan(p, E))
     return plan
 
 
@@ -364,13 +502,16 @@ def hf_layers(c: LlamaConfig) -> list[tuple[str, int, str]]:
 
 
 def hf_ignored(c: LlamaConfig) -> dict:
-    """Keys that are not weights: older checkpoints store RoPE's inv_freq buffer per layer, and a
-    tied lm_head.weight may be saved as a copy."""
-    out: dict = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": (c.dim_per_head // 2,)
+    """Keys that are not weights: older checkpoints store RoPE's inv_freq buffer per layer (R/2,),
+    and a tied lm_head.weight may be saved as a copy."""
+    out: dict = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": (c.rotary_dim // 2,)
                  for i in range(c.num_hidden_layers)}
-    if c.tie_word_embeddings:
-        out["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-    return out
+    return {**out, **tied_head_ignored(c)}
+
+
+def tied_head_ignored(c: LlamaConfig) -> dict:
+    """A tied lm_head.weight may be saved as a copy of the embeddings."""
+    return {"lm_head.weight": (c.vocab_size, c.hidden_size)} if c.tie_word_embeddings else {}
 
 
 FAMILY = Family(architectures=("LlamaForCausalLM",), model_type="llama", config=LlamaConfig,

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
 from .checkpoint import CheckpointError, Dim, ModelError, Piece, Plan
 from .common import Family, activation
-from .decoder import CausalLM
 from .fields import NON_NEGATIVE, POSITIVE
-from .llama import LlamaForCausalLM, LlamaRMSNorm
+from .llama import LlamaDecoderLayer, LlamaForCausalLM, attention_plan, norms_plan, outer_plan
+from .llama import hf_ignored as llama_ignored
+from .llama import hf_layers as llama_layers
 from .mistral import MistralConfig
 
 
@@ -116,45 +116,19 @@ class MixtralSparseMoeBlock(nn.Module):
         return out.view(B, L, E)
 
 
-class MixtralDecoderLayer(nn.Module):
+class MixtralDecoderLayer(LlamaDecoderLayer):
     """Llama's pre-norm block (llama.py) with the mixture of experts in place of the MLP."""
 
-    def __init__(self, c: MixtralConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.input_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = MultiHeadAttention(
-            c.hidden_size, c.num_attention_heads, num_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
-            bias=False, dropout=c.attention_dropout,
-        )
-        self.window = c.window(layer_idx)
-        self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.block_sparse_moe = MixtralSparseMoeBlock(c)
+    mlp_name = "block_sparse_moe"  # the Hub's name for the block's feed-forward
 
-    def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor],
-                cache: Optional[KVCache]) -> Tensor:
-        """x (B, L, E), mask (B, 1, 1, n + L) or None, rotary (cos, sin) of the new positions."""
-        x = x + self.self_attn(self.input_layernorm(x), mask=mask, causal=True, window=self.window, rotary=rotary,
-                               cache=cache, layer=self.layer_idx)
-        return x + self.block_sparse_moe(self.post_attention_layernorm(x))
-
-
-class MixtralModel(nn.Module):
-    def __init__(self, c: MixtralConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(MixtralDecoderLayer(c, i) for i in range(c.num_hidden_layers))
-        self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(c.dim_per_head, c.rope_theta, rope_scaling=c.rope_scaling)
+    def make_mlp(self, c: MixtralConfig) -> nn.Module:
+        return MixtralSparseMoeBlock(c)
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
-    """A Mixtral decoder with its LM head: Llama's hooks (`embed`, `blocks`, ...) over Mixtral's body."""
+    """A Mixtral decoder with its LM head: Llama's skeleton and hooks, with Mixtral's layers."""
 
-    def __init__(self, config: MixtralConfig):
-        CausalLM.__init__(self, config)  # not Llama's body: Mixtral's
-        self.model = MixtralModel(config)
-        self.add_lm_head(config.hidden_size, config.vocab_size)
+    layer_class = MixtralDecoderLayer
 
 
 def hf_plan(c: MixtralConfig, moe: str = "block_sparse_moe", stacked: bool = False) -> Plan:
@@ -166,24 +140,12 @@ def hf_plan(c: MixtralConfig, moe: str = "block_sparse_moe", stacked: bool = Fal
     whose rows each expert's w1, w3 and w2 are read from.
     """
     E, FF = Dim(c.hidden_size, "hidden_size"), Dim(c.intermediate_size, "intermediate_size")
-    V, D, n = Dim(c.vocab_size, "vocab_size"), c.dim_per_head, Dim(c.num_local_experts, "num_local_experts")
-    q_out, kv_out = c.num_attention_heads * D, c.kv_heads * D
-    plan: dict[str, tuple[Piece, ...]] = {
-        "model.embed_tokens.weight": (Piece("model.embed_tokens.weight", (V, E)),),
-        "model.norm.weight": (Piece("model.norm.weight", (E,)),),
-    }
-    if not c.tie_word_embeddings:
-        plan["lm_head.weight"] = (Piece("lm_head.weight", (V, E)),)
+    n = Dim(c.num_local_experts, "num_local_experts")
+    plan = outer_plan(c)
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        plan[p + "self_attn.qkv_proj.weight"] = (
-            Piece(p + "self_attn.q_proj.weight", (q_out, E)),
-            Piece(p + "self_attn.k_proj.weight", (kv_out, E)),
-            Piece(p + "self_attn.v_proj.weight", (kv_out, E)),
-        )
-        plan[p + "self_attn.out_proj.weight"] = (Piece(p + "self_attn.o_proj.weight", (E, q_out)),)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            plan[p + f"{norm}.weight"] = (Piece(p + f"{norm}.weight", (E,)),)
+        plan.update(attention_plan(p, c, E, qkv_bias=False, out_bias=False))
+        plan.update(norms_plan(p, E))
         ours, theirs = p + "block_sparse_moe.", p + moe + "."
         plan[ours + "gate.weight"] = (Piece(theirs + "gate.weight", (n, E)),)
         for e in range(c.num_local_experts):
@@ -201,18 +163,13 @@ def hf_plan(c: MixtralConfig, moe: str = "block_sparse_moe", stacked: bool = Fal
 
 
 def hf_layers(c: MixtralConfig, moe: str = "block_sparse_moe", stacked: bool = False) -> list[tuple[str, int, str]]:
-    """(config field, layer count, checkpoint key prefix of each layer), checked against the
-    checkpoint's keys before planning (the experts are counted by `_adapt`)."""
-    return [("num_hidden_layers", c.num_hidden_layers, "model.layers.")]
+    """Llama's (the experts are counted by `_adapt`)."""
+    return llama_layers(c)
 
 
 def hf_ignored(c: MixtralConfig, moe: str = "block_sparse_moe", stacked: bool = False) -> dict:
-    """Keys that are not weights: RoPE's inv_freq in older checkpoints, a stored copy of a tied lm_head."""
-    out: dict = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": (c.dim_per_head // 2,)
-                 for i in range(c.num_hidden_layers)}
-    if c.tie_word_embeddings:
-        out["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-    return out
+    """Llama's: RoPE's inv_freq in older checkpoints, a stored copy of a tied lm_head."""
+    return llama_ignored(c)
 
 
 def _adapt(c: MixtralConfig, shapes) -> tuple[MixtralConfig, tuple]:

@@ -18,12 +18,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
-from .checkpoint import Piece, Plan
+from ..nn import KVCache, MultiHeadAttention
+from .checkpoint import Plan
 from .common import Family
-from .decoder import CausalLM
 from .fields import Fields
-from .llama import LlamaConfig, LlamaForCausalLM, LlamaMLP, LlamaRMSNorm, hf_ignored, hf_layers
+from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaRMSNorm, hf_ignored, hf_layers, per_layer
 from .llama import hf_plan as llama_plan
 
 
@@ -51,64 +50,43 @@ class Olmo2RMSNorm(LlamaRMSNorm):
         return (self.weight * h).to(x.dtype)
 
 
-class Olmo2DecoderLayer(nn.Module):
+class Olmo2DecoderLayer(LlamaDecoderLayer):
     """x + post_attention_layernorm(attn(x)), then x + post_feedforward_layernorm(mlp(x))."""
 
     def __init__(self, c: Olmo2Config, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
+        super().__init__(c, layer_idx)
+        del self.input_layernorm  # no norm before the sublayers
+        self.post_feedforward_layernorm = self.make_norm(c, c.hidden_size)
+
+    @classmethod
+    def make_norm(cls, c: Olmo2Config, dim) -> nn.Module:
+        return Olmo2RMSNorm(dim, c.rms_norm_eps)
+
+    def make_attention(self, c: Olmo2Config, **extra) -> MultiHeadAttention:
         q_size, kv_size = c.num_attention_heads * c.dim_per_head, c.kv_heads * c.dim_per_head
-        self.self_attn = MultiHeadAttention(
-            c.hidden_size, c.num_attention_heads, num_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
-            bias=c.qkv_bias, out_bias=c.out_bias, dropout=c.attention_dropout,
-            q_norm=Olmo2RMSNorm(q_size, c.rms_norm_eps), k_norm=Olmo2RMSNorm(kv_size, c.rms_norm_eps),
-            qk_norm_per_head=False,  # the norms see (B, L, Hq*D) and (B, L, Hkv*D)
-        )
-        self.window = c.window(layer_idx)
-        self.mlp = LlamaMLP(c)
-        self.post_attention_layernorm = Olmo2RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_feedforward_layernorm = Olmo2RMSNorm(c.hidden_size, c.rms_norm_eps)
+        return super().make_attention(c, q_norm=self.make_norm(c, q_size), k_norm=self.make_norm(c, kv_size),
+                                      qk_norm_per_head=False, **extra)  # the norms see (B, L, Hq*D), (B, L, Hkv*D)
 
     def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor],
                 cache: Optional[KVCache]) -> Tensor:
         """x (B, L, E), mask (B, 1, 1, n + L) or None, rotary (cos, sin) of the new positions."""
-        a = self.self_attn(x, mask=mask, causal=True, window=self.window, rotary=rotary, cache=cache,
-                           layer=self.layer_idx)  # (B, L, E)
-        x = x + self.post_attention_layernorm(a)
+        x = x + self.post_attention_layernorm(self.attend(x, mask, rotary, cache))  # (B, L, E)
         return x + self.post_feedforward_layernorm(self.mlp(x))
-
-
-class Olmo2Model(nn.Module):
-    def __init__(self, c: Olmo2Config):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Olmo2DecoderLayer(c, i) for i in range(c.num_hidden_layers))
-        self.norm = Olmo2RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(c.dim_per_head, c.rope_theta, rope_scaling=c.rope_scaling)
 
 
 class Olmo2ForCausalLM(LlamaForCausalLM):
     """An OLMo 2 decoder with its LM head: Llama's skeleton and hooks, with OLMo 2's layers."""
 
-    def __init__(self, config: Olmo2Config):
-        CausalLM.__init__(self, config)
-        self.model = Olmo2Model(config)
-        self.add_lm_head(config.hidden_size, config.vocab_size)
+    layer_class = Olmo2DecoderLayer
 
 
 def hf_plan(c: Olmo2Config) -> Plan:
     """Llama's plan (llama.hf_plan) without input_layernorm, with post_feedforward_layernorm and
     each layer's q/k norm weights over the whole projection (Hq*D,), (Hkv*D,)."""
-    plan = dict(llama_plan(c))
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        del plan[p + "input_layernorm.weight"]
-        norms = {"post_feedforward_layernorm": c.hidden_size,
-                 "self_attn.q_norm": c.num_attention_heads * c.dim_per_head,
-                 "self_attn.k_norm": c.kv_heads * c.dim_per_head}
-        for name, size in norms.items():
-            plan[p + f"{name}.weight"] = (Piece(p + f"{name}.weight", (size,)),)
-    return plan
+    plan = {k: v for k, v in llama_plan(c).items() if not k.endswith(".input_layernorm.weight")}
+    return {**plan, **per_layer(c, {"post_feedforward_layernorm.weight": (c.hidden_size,),
+                                    "self_attn.q_norm.weight": (c.num_attention_heads * c.dim_per_head,),
+                                    "self_attn.k_norm.weight": (c.kv_heads * c.dim_per_head,)})}
 
 
 FAMILY = Family(architectures=("Olmo2ForCausalLM",), model_type="olmo2", config=Olmo2Config,

@@ -27,12 +27,21 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..nn import RotaryEmbedding
 from .checkpoint import Dim, ModelError, Piece, Plan
-from .common import Family, activation
-from .decoder import CausalLM
+from .common import Family
 from .fields import POSITIVE, PROBABILITY, Fields, read_dataclass
-from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaRMSNorm, _read_rope, hf_layers
+from .llama import (
+    GateUpMLP,
+    LlamaConfig,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    _read_rope,
+    hf_ignored,
+    hf_layers,
+    kept,
+    norms_plan,
+    outer_plan,
+)
 
 # rope types of a Phi-3 config -> the type qkv runs: transformers' Phi3Config allows default and
 # longrope, and reads the older names su and yarn as longrope
@@ -83,18 +92,7 @@ class Phi3Config(LlamaConfig):
         return None if self.sliding_window is None else (self.sliding_window - 1, 0)
 
 
-class Phi3MLP(nn.Module):
-    """SwiGLU with gate and up in one projection: down(act(gate) * up), [gate | up] = gate_up_proj(x)."""
-
-    def __init__(self, c: Phi3Config):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-        self._act = activation(c.hidden_act)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, L, 2 FF) -> (B, L, FF) each
-        return self.down_proj(up * self._act(gate))
+Phi3MLP = GateUpMLP  # SwiGLU with gate and up in one projection, gate_up_proj (rows gate | up)
 
 
 class Phi3DecoderLayer(LlamaDecoderLayer):
@@ -102,35 +100,24 @@ class Phi3DecoderLayer(LlamaDecoderLayer):
 
     def __init__(self, c: Phi3Config, layer_idx: int):
         super().__init__(c, layer_idx)
-        self.mlp = Phi3MLP(c)
         self.resid_attn_dropout = nn.Dropout(c.resid_pdrop)
         self.resid_mlp_dropout = nn.Dropout(c.resid_pdrop)
+
+    def make_mlp(self, c: Phi3Config) -> nn.Module:
+        return Phi3MLP(c)
 
     def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor],
                 cache=None) -> Tensor:
         """x (B, L, E), mask (B, 1, 1, n + L) or None, rotary (cos, sin) of the new positions, (.., R)."""
-        h = self.self_attn(self.input_layernorm(x), mask=mask, causal=True, window=self.window, rotary=rotary,
-                           cache=cache, layer=self.layer_idx)  # (B, L, E)
-        x = x + self.resid_attn_dropout(h)
+        x = x + self.resid_attn_dropout(self.attend(self.input_layernorm(x), mask, rotary, cache))  # (B, L, E)
         return x + self.resid_mlp_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
-class Phi3Model(nn.Module):
-    def __init__(self, c: Phi3Config):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Phi3DecoderLayer(c, i) for i in range(c.num_hidden_layers))
-        self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(c.rotary_dim, c.rope_theta, rope_scaling=c.rope_scaling)  # (.., R) tables
-
-
 class Phi3ForCausalLM(LlamaForCausalLM):
-    """A Phi-3 decoder with its LM head (Llama's hooks over `Phi3Model`)."""
+    """A Phi-3 decoder with its LM head: Llama's skeleton and hooks over Phi-3's layers (RoPE tables
+    of the R rotated features)."""
 
-    def __init__(self, config: Phi3Config):
-        CausalLM.__init__(self, config)
-        self.model = Phi3Model(config)
-        self.add_lm_head(config.hidden_size, config.vocab_size)
+    layer_class = Phi3DecoderLayer
 
     def hidden(self, input_ids: Tensor, *, attention_mask: Optional[Tensor] = None, cache=None,
                positions: Optional[Tensor] = None, chunk_size: Optional[int] = None) -> Tensor:
@@ -164,33 +151,16 @@ def hf_plan(c: Phi3Config) -> Plan:
     their names.
     """
     E, FF = Dim(c.hidden_size, "hidden_size"), Dim(c.intermediate_size, "intermediate_size")
-    V, D = Dim(c.vocab_size, "vocab_size"), c.dim_per_head
+    D = c.dim_per_head
     q_out, kv_out = c.num_attention_heads * D, c.kv_heads * D
-    plan: dict[str, tuple[Piece, ...]] = {
-        "model.embed_tokens.weight": (Piece("model.embed_tokens.weight", (V, E)),),
-        "model.norm.weight": (Piece("model.norm.weight", (E,)),),
-    }
-    if not c.tie_word_embeddings:
-        plan["lm_head.weight"] = (Piece("lm_head.weight", (V, E)),)
+    plan = outer_plan(c)
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        plan[p + "self_attn.qkv_proj.weight"] = (Piece(p + "self_attn.qkv_proj.weight", (q_out + 2 * kv_out, E)),)
+        plan.update(kept(p + "self_attn.", {"qkv_proj.weight": (q_out + 2 * kv_out, E)}))
         plan[p + "self_attn.out_proj.weight"] = (Piece(p + "self_attn.o_proj.weight", (E, q_out)),)
-        plan[p + "mlp.gate_up_proj.weight"] = (Piece(p + "mlp.gate_up_proj.weight", (2 * FF, E)),)
-        plan[p + "mlp.down_proj.weight"] = (Piece(p + "mlp.down_proj.weight", (E, FF)),)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            plan[p + f"{norm}.weight"] = (Piece(p + f"{norm}.weight", (E,)),)
+        plan.update(kept(p + "mlp.", {"gate_up_proj.weight": (2 * FF, E), "down_proj.weight": (E, FF)}))
+        plan.update(norms_plan(p, E))
     return plan
-
-
-def hf_ignored(c: Phi3Config) -> dict:
-    """Keys that are not weights: a stored RoPE inv_freq buffer per layer (older checkpoints), and
-    a tied lm_head.weight saved as a copy."""
-    out: dict = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": (c.rotary_dim // 2,)
-                 for i in range(c.num_hidden_layers)}
-    if c.tie_word_embeddings:
-        out["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-    return out
 
 
 FAMILY = Family(architectures=("Phi3ForCausalLM",), model_type="phi3", config=Phi3Config,

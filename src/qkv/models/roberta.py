@@ -46,9 +46,12 @@ from .bert_heads import (
     encoder_adapt,
     head_family,
     mlm_adapt,
+    mlm_ignored,
+    mlm_plan,
     reported,
+    with_head,
 )
-from .checkpoint import Dim, ModelError, Piece, Plan
+from .checkpoint import Dim, ModelError, Plan
 from .common import Family
 from .fields import Fields
 
@@ -189,36 +192,17 @@ _mlm_adapt = mlm_adapt(_adapt, "lm_head.decoder.bias")
 
 
 def _mlm_plan(c: RobertaHeadConfig, prefix: str = "") -> Plan:
-    E, V = Dim(c.hidden_size, "hidden_size"), Dim(c.vocab_size, "vocab_size")
-    plan = dict(hf_plan(c, prefix))
-    head = {"lm_head.dense.weight": (E, E), "lm_head.dense.bias": (E,),
-            "lm_head.layer_norm.weight": (E,), "lm_head.layer_norm.bias": (E,)}
-    if not c.tie_word_embeddings:
-        head["lm_head.decoder.weight"] = (V, E)
-    plan.update({name: (Piece(name, shape),) for name, shape in head.items()})
-    plan["lm_head.bias"] = (Piece(c.mlm_bias, (V,)),)
-    return plan
+    return mlm_plan(c, hf_plan(c, prefix), "lm_head.", "dense", "layer_norm")
 
 
 def _mlm_ignored(c: RobertaHeadConfig, prefix: str = "") -> dict:
-    """Accepted, shape-checked, not copied: the tied decoder (the word embeddings are it) and the
-    decoder bias not added (a tied decoder's is `lm_head.bias`; an untied decoder with a bias of
-    its own leaves `lm_head.bias` unused, as in transformers)."""
-    V = c.vocab_size
-    unused_bias = ({"lm_head.bias", "lm_head.decoder.bias"} - {c.mlm_bias}).pop()
-    out = {**hf_ignored(c, prefix), unused_bias: (V,)}
-    if c.tie_word_embeddings:
-        out["lm_head.decoder.weight"] = (V, c.hidden_size)
-    return out
+    return mlm_ignored(c, hf_ignored(c, prefix), "lm_head.")
 
 
 def _classifier_plan(c: RobertaHeadConfig, prefix: str = "") -> Plan:
     E, N = Dim(c.hidden_size, "hidden_size"), c.num_labels
-    plan = dict(hf_plan(c, prefix))
-    for name, shape in (("dense.weight", (E, E)), ("dense.bias", (E,)),
-                        ("out_proj.weight", (N, E)), ("out_proj.bias", (N,))):
-        plan["classifier." + name] = (Piece("classifier." + name, shape),)
-    return plan
+    return with_head(hf_plan(c, prefix), {"classifier.dense.weight": (E, E), "classifier.dense.bias": (E,),
+                                          "classifier.out_proj.weight": (N, E), "classifier.out_proj.bias": (N,)})
 
 
 def _families(name: str, config: type, head_config: type, model_type: str) -> tuple[Family, ...]:

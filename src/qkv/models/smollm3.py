@@ -15,13 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..nn import KVCache, RotaryEmbedding
+from ..nn import KVCache
 from .common import Family
-from .decoder import CausalLM
 from .fields import POSITIVE, Fields, Limit
-from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaRMSNorm, hf_ignored, hf_layers, hf_plan
+from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, hf_ignored, hf_layers, hf_plan
 from .qwen2 import LAYER_TYPE, check_layer_types, layer_kinds
 
 
@@ -96,22 +95,10 @@ class SmolLM3DecoderLayer(LlamaDecoderLayer):
         return super().forward(x, mask, rotary if self.use_rope else None, cache)
 
 
-class SmolLM3Model(nn.Module):
-    def __init__(self, c: SmolLM3Config):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(SmolLM3DecoderLayer(c, i) for i in range(c.num_hidden_layers))
-        self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(c.dim_per_head, c.rope_theta, rope_scaling=c.rope_scaling)
-
-
 class SmolLM3ForCausalLM(LlamaForCausalLM):
     """A SmolLM3 decoder with its LM head: Llama's skeleton and hooks, with NoPE and sliding layers."""
 
-    def __init__(self, config: SmolLM3Config):
-        CausalLM.__init__(self, config)
-        self.model = SmolLM3Model(config)
-        self.add_lm_head(config.hidden_size, config.vocab_size)
+    layer_class = SmolLM3DecoderLayer
 
 
 FAMILY = Family(architectures=("SmolLM3ForCausalLM",), model_type="smollm3", config=SmolLM3Config,

@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
+from ..nn import KVCache, MultiHeadAttention
 from .checkpoint import Dim, ModelError, Piece, Plan
 from .common import ACTIVATION, Family
-from .decoder import CausalLM
 from .fields import (
     EPS,
     NON_NEGATIVE,
@@ -41,7 +40,17 @@ from .fields import (
     check_divisible,
     read_dataclass,
 )
-from .llama import LlamaForCausalLM, LlamaMLP, _read_rope
+from .llama import (
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    _read_rope,
+    attention_plan,
+    hf_layers,
+    mlp_plan,
+    norms_plan,
+    outer_plan,
+)
+from .llama import tied_head_ignored as hf_ignored
 
 FACTOR = Limit(lo=0, hi=1, lo_open=True)  # a fraction of the head that is rotated
 
@@ -117,6 +126,11 @@ class StableLmConfig(HFConfig):
     kv_heads = property(lambda self: self.num_key_value_heads)
     dim_per_head = property(lambda self: self.hidden_size // self.num_attention_heads)
     mlp_bias = property(lambda self: False)  # StableLM's MLP has no biases
+    qkv_bias = property(lambda self: self.use_qkv_bias)
+    out_bias = property(lambda self: False)  # o_proj never has a bias
+
+    def window(self, layer: int) -> Optional[tuple[int, int]]:
+        return None  # StableLM attends to every earlier token
 
     @property
     def rotary_dim(self) -> int:
@@ -136,56 +150,43 @@ class StableLmLayerNormPerHead(nn.Module):
         return torch.stack([norm(x[:, :, h]) for h, norm in enumerate(self.norms)], dim=2)  # (B, L, H, D)
 
 
-class StableLmDecoderLayer(nn.Module):
+class StableLmDecoderLayer(LlamaDecoderLayer):
     """x + attn(ln1(x)), then + mlp(ln2(x)); or, with use_parallel_residual, x + attn(ln1(x)) + mlp(ln1(x))."""
 
     def __init__(self, c: StableLmConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
+        super().__init__(c, layer_idx)
         self.use_parallel_residual = c.use_parallel_residual
-        self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        if c.use_parallel_residual:
+            self.post_attention_layernorm = None  # one norm per block
+        self.hidden_dropout = c.hidden_dropout
+
+    @classmethod
+    def make_norm(cls, c: StableLmConfig, dim) -> nn.Module:
+        return nn.LayerNorm(dim, eps=c.layer_norm_eps)
+
+    def make_attention(self, c: StableLmConfig, **extra) -> MultiHeadAttention:
         D = c.dim_per_head
         q_norm = StableLmLayerNormPerHead(D, c.num_attention_heads, c.layer_norm_eps) if c.qk_layernorm else None
         k_norm = StableLmLayerNormPerHead(D, c.kv_heads, c.layer_norm_eps) if c.qk_layernorm else None
-        self.self_attn = MultiHeadAttention(
-            c.hidden_size, c.num_attention_heads, num_kv_heads=c.kv_heads, head_dim=D, bias=c.use_qkv_bias,
-            out_bias=False, dropout=c.attention_dropout, q_norm=q_norm, k_norm=k_norm,
-        )
-        self.window = None  # StableLM attends to every earlier token
-        self.post_attention_layernorm = (None if c.use_parallel_residual
-                                         else nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps))
-        self.mlp = LlamaMLP(c)
-        self.hidden_dropout = c.hidden_dropout
+        return super().make_attention(c, q_norm=q_norm, k_norm=k_norm, **extra)
 
     def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor],
                 cache: Optional[KVCache]) -> Tensor:
         """x (B, L, E), mask (B, 1, 1, n + L) or None, rotary (cos, sin) of the new positions, (..., R)."""
         h = self.input_layernorm(x)
-        a = self.self_attn(h, mask=mask, causal=True, window=self.window, rotary=rotary, cache=cache,
-                           layer=self.layer_idx)
+        a = self.attend(h, mask, rotary, cache)
         if self.use_parallel_residual:
             return x + a + F.dropout(self.mlp(h), self.hidden_dropout, self.training)
         x = x + a
         return x + F.dropout(self.mlp(self.post_attention_layernorm(x)), self.hidden_dropout, self.training)
 
 
-class StableLmModel(nn.Module):
-    def __init__(self, c: StableLmConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(StableLmDecoderLayer(c, i) for i in range(c.num_hidden_layers))
-        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        # tables of R features: apply_rotary rotates the first R of each head, leaves the rest
-        self.rotary_emb = RotaryEmbedding(c.rotary_dim, c.rope_theta, rope_scaling=c.rope_scaling)
-
-
 class StableLmForCausalLM(LlamaForCausalLM):
-    """A StableLM decoder with its LM head: Llama's hooks over StableLM's body."""
+    """A StableLM decoder with its LM head: Llama's skeleton and hooks, with StableLM's layers
+    (LayerNorms; RoPE tables of the R rotated features, which apply_rotary applies to the first R
+    of each head)."""
 
-    def __init__(self, config: StableLmConfig):
-        CausalLM.__init__(self, config)  # not Llama's body: StableLM's
-        self.model = StableLmModel(config)
-        self.add_lm_head(config.hidden_size, config.vocab_size)
+    layer_class = StableLmDecoderLayer
 
 
 def hf_plan(c: StableLmConfig) -> Plan:
@@ -195,54 +196,21 @@ def hf_plan(c: StableLmConfig) -> Plan:
     `self_attn.qkv_proj`; o_proj becomes `self_attn.out_proj`; the per-head norms
     `self_attn.q_layernorm`/`k_layernorm` become `self_attn.q_norm`/`k_norm`.
     """
-    E, FF = Dim(c.hidden_size, "hidden_size"), Dim(c.intermediate_size, "intermediate_size")
-    V, D = Dim(c.vocab_size, "vocab_size"), c.dim_per_head
-    q_out, kv_out = c.num_attention_heads * D, c.kv_heads * D
-    plan: dict[str, tuple[Piece, ...]] = {
-        "model.embed_tokens.weight": (Piece("model.embed_tokens.weight", (V, E)),),
-        "model.norm.weight": (Piece("model.norm.weight", (E,)),),
-        "model.norm.bias": (Piece("model.norm.bias", (E,)),),
-    }
-    if not c.tie_word_embeddings:
-        plan["lm_head.weight"] = (Piece("lm_head.weight", (V, E)),)
+    E, D = Dim(c.hidden_size, "hidden_size"), c.dim_per_head
+    plan = outer_plan(c, norm_bias=True)
+    norms = ("input_layernorm",) if c.use_parallel_residual else ("input_layernorm", "post_attention_layernorm")
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        plan[p + "self_attn.qkv_proj.weight"] = (
-            Piece(p + "self_attn.q_proj.weight", (q_out, E)),
-            Piece(p + "self_attn.k_proj.weight", (kv_out, E)),
-            Piece(p + "self_attn.v_proj.weight", (kv_out, E)),
-        )
-        if c.use_qkv_bias:
-            plan[p + "self_attn.qkv_proj.bias"] = (
-                Piece(p + "self_attn.q_proj.bias", (q_out,)),
-                Piece(p + "self_attn.k_proj.bias", (kv_out,)),
-                Piece(p + "self_attn.v_proj.bias", (kv_out,)),
-            )
-        plan[p + "self_attn.out_proj.weight"] = (Piece(p + "self_attn.o_proj.weight", (E, q_out)),)
+        plan.update(attention_plan(p, c, E, qkv_bias=c.use_qkv_bias, out_bias=False))
         if c.qk_layernorm:
             for ours, theirs, heads in (("q_norm", "q_layernorm", c.num_attention_heads),
                                         ("k_norm", "k_layernorm", c.kv_heads)):
                 for h in range(heads):
                     plan[p + f"self_attn.{ours}.norms.{h}.weight"] = (
                         Piece(p + f"self_attn.{theirs}.norms.{h}.weight", (D,)),)
-        for name, shape in (("gate_proj", (FF, E)), ("up_proj", (FF, E)), ("down_proj", (E, FF))):
-            plan[p + f"mlp.{name}.weight"] = (Piece(p + f"mlp.{name}.weight", shape),)
-        norms = ("input_layernorm",) if c.use_parallel_residual else ("input_layernorm", "post_attention_layernorm")
-        for norm in norms:
-            for part in ("weight", "bias"):
-                plan[p + f"{norm}.{part}"] = (Piece(p + f"{norm}.{part}", (E,)),)
+        plan.update(mlp_plan(p, c))
+        plan.update(norms_plan(p, E, norms, bias=True))
     return plan
-
-
-def hf_layers(c: StableLmConfig) -> list[tuple[str, int, str]]:
-    """(config field, layer count, checkpoint key prefix of each layer), checked against the
-    checkpoint's keys before planning."""
-    return [("num_hidden_layers", c.num_hidden_layers, "model.layers.")]
-
-
-def hf_ignored(c: StableLmConfig) -> dict:
-    """A tied lm_head.weight may be saved as a copy of the embeddings."""
-    return {"lm_head.weight": (c.vocab_size, c.hidden_size)} if c.tie_word_embeddings else {}
 
 
 FAMILY = Family(architectures=("StableLmForCausalLM",), model_type="stablelm", config=StableLmConfig,

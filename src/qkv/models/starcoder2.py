@@ -17,12 +17,12 @@ from typing import Optional, Union
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
-from .checkpoint import Dim, Piece, Plan
+from ..nn import KVCache
+from .checkpoint import Dim, Plan
 from .common import Family, activation
-from .decoder import CausalLM
 from .fields import EPS, PROBABILITY
-from .llama import LlamaForCausalLM
+from .llama import LlamaDecoderLayer, LlamaForCausalLM, attention_plan, hf_layers, kept, norms_plan, outer_plan
+from .llama import tied_head_ignored as hf_ignored
 from .mistral import MistralConfig
 
 
@@ -69,53 +69,36 @@ class Starcoder2MLP(nn.Module):
         return F.dropout(self.c_proj(self._act(self.c_fc(x))), self.residual_dropout, self.training)
 
 
-class Starcoder2DecoderLayer(nn.Module):
+class Starcoder2DecoderLayer(LlamaDecoderLayer):
     """Pre-norm block: x + attn(ln1(x)), then + mlp(ln2(x)), with LayerNorms."""
 
     def __init__(self, c: Starcoder2Config, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_epsilon)
-        self.self_attn = MultiHeadAttention(
-            c.hidden_size, c.num_attention_heads, num_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
-            bias=c.use_bias, dropout=c.attention_dropout,
-        )
-        self.window = c.window(layer_idx)
+        super().__init__(c, layer_idx)
         self.residual_dropout = c.residual_dropout
-        self.post_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_epsilon)
-        self.mlp = Starcoder2MLP(c)
+
+    @classmethod
+    def make_norm(cls, c: Starcoder2Config, dim) -> nn.Module:
+        return nn.LayerNorm(dim, eps=c.norm_epsilon)
+
+    def make_mlp(self, c: Starcoder2Config) -> nn.Module:
+        return Starcoder2MLP(c)
 
     def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor],
                 cache: Optional[KVCache]) -> Tensor:
         """x (B, L, E), mask (B, 1, 1, n + L) or None, rotary (cos, sin) of the new positions."""
-        a = self.self_attn(self.input_layernorm(x), mask=mask, causal=True, window=self.window, rotary=rotary,
-                           cache=cache, layer=self.layer_idx)
-        x = x + F.dropout(a, self.residual_dropout, self.training)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class Starcoder2Model(nn.Module):
-    def __init__(self, c: Starcoder2Config):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Starcoder2DecoderLayer(c, i) for i in range(c.num_hidden_layers))
-        self.norm = nn.LayerNorm(c.hidden_size, eps=c.norm_epsilon)
-        self.rotary_emb = RotaryEmbedding(c.dim_per_head, c.rope_theta, rope_scaling=c.rope_scaling)
-        self.embedding_dropout = c.embedding_dropout
+        x = x + F.dropout(self.attend(self.input_layernorm(x), mask, rotary, cache), self.residual_dropout,
+                          self.training)
+        return x + self.mlp(self.post_attention_layernorm(x))  # the MLP drops out its own output
 
 
 class Starcoder2ForCausalLM(LlamaForCausalLM):
-    """A StarCoder2 decoder with its LM head: Llama's hooks over StarCoder2's body."""
+    """A StarCoder2 decoder with its LM head: Llama's skeleton and hooks over StarCoder2's layers."""
 
-    def __init__(self, config: Starcoder2Config):
-        CausalLM.__init__(self, config)  # not Llama's body: StarCoder2's
-        self.model = Starcoder2Model(config)
-        self.add_lm_head(config.hidden_size, config.vocab_size)
+    layer_class = Starcoder2DecoderLayer
 
     def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        x = self.model.embed_tokens(input_ids)  # (B, L, E)
-        x = F.dropout(x, self.model.embedding_dropout, self.training)
-        return x, self.model.rotary_emb(positions, dtype=x.dtype)  # cos, sin (L, D) or (B, 1, L, D)
+        x, rotary = super().embed(input_ids, positions)  # (B, L, E); cos, sin
+        return F.dropout(x, self.config.embedding_dropout, self.training), rotary
 
 
 def hf_plan(c: Starcoder2Config) -> Plan:
@@ -125,49 +108,16 @@ def hf_plan(c: Starcoder2Config) -> Plan:
     `self_attn.qkv_proj`; o_proj becomes `self_attn.out_proj`; everything else keeps its name.
     """
     E, FF = Dim(c.hidden_size, "hidden_size"), Dim(c.intermediate_size, "intermediate_size")
-    V, D = Dim(c.vocab_size, "vocab_size"), c.dim_per_head
-    q_out, kv_out = c.num_attention_heads * D, c.kv_heads * D
-    plan: dict[str, tuple[Piece, ...]] = {
-        "model.embed_tokens.weight": (Piece("model.embed_tokens.weight", (V, E)),),
-        "model.norm.weight": (Piece("model.norm.weight", (E,)),),
-        "model.norm.bias": (Piece("model.norm.bias", (E,)),),
-    }
-    if not c.tie_word_embeddings:
-        plan["lm_head.weight"] = (Piece("lm_head.weight", (V, E)),)
+    plan = outer_plan(c, norm_bias=True)
+    mlp = {"c_fc.weight": (FF, E), "c_proj.weight": (E, FF)}
+    if c.use_bias:
+        mlp.update({"c_fc.bias": (FF,), "c_proj.bias": (E,)})
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        plan[p + "self_attn.qkv_proj.weight"] = (
-            Piece(p + "self_attn.q_proj.weight", (q_out, E)),
-            Piece(p + "self_attn.k_proj.weight", (kv_out, E)),
-            Piece(p + "self_attn.v_proj.weight", (kv_out, E)),
-        )
-        plan[p + "self_attn.out_proj.weight"] = (Piece(p + "self_attn.o_proj.weight", (E, q_out)),)
-        plan[p + "mlp.c_fc.weight"] = (Piece(p + "mlp.c_fc.weight", (FF, E)),)
-        plan[p + "mlp.c_proj.weight"] = (Piece(p + "mlp.c_proj.weight", (E, FF)),)
-        if c.use_bias:
-            plan[p + "self_attn.qkv_proj.bias"] = (
-                Piece(p + "self_attn.q_proj.bias", (q_out,)),
-                Piece(p + "self_attn.k_proj.bias", (kv_out,)),
-                Piece(p + "self_attn.v_proj.bias", (kv_out,)),
-            )
-            plan[p + "self_attn.out_proj.bias"] = (Piece(p + "self_attn.o_proj.bias", (E,)),)
-            plan[p + "mlp.c_fc.bias"] = (Piece(p + "mlp.c_fc.bias", (FF,)),)
-            plan[p + "mlp.c_proj.bias"] = (Piece(p + "mlp.c_proj.bias", (E,)),)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            for part in ("weight", "bias"):
-                plan[p + f"{norm}.{part}"] = (Piece(p + f"{norm}.{part}", (E,)),)
+        plan.update(attention_plan(p, c, E, qkv_bias=c.use_bias, out_bias=c.use_bias))
+        plan.update(kept(p + "mlp.", mlp))
+        plan.update(norms_plan(p, E, bias=True))
     return plan
-
-
-def hf_layers(c: Starcoder2Config) -> list[tuple[str, int, str]]:
-    """(config field, layer count, checkpoint key prefix of each layer), checked against the
-    checkpoint's keys before planning."""
-    return [("num_hidden_layers", c.num_hidden_layers, "model.layers.")]
-
-
-def hf_ignored(c: Starcoder2Config) -> dict:
-    """A tied lm_head.weight may be saved as a copy of the embeddings."""
-    return {"lm_head.weight": (c.vocab_size, c.hidden_size)} if c.tie_word_embeddings else {}
 
 
 FAMILY = Family(architectures=("Starcoder2ForCausalLM",), model_type="starcoder2", config=Starcoder2Config,
