@@ -40,14 +40,14 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def by_hand(folders):
     """A Llama whose layer 0 attends through a window (2, 0) and layer 1 soft-caps its scores
-    at 0.5 (set by hand on the layers: the block's `window`, and a score_mod its attention is
-    called with)."""
+    at 0.5 (set by hand on the layers: the block's `window` and `score_mod`, which it passes to
+    its attention, as Gemma 2's layers do)."""
     model = qkv.load(folders["llama"])
     model.blocks[0].window = (2, 0)
     attn = model.blocks[1].self_attn
     with torch.no_grad():  # random init gives scores near 0.05; make them large enough for a cap at 0.5 to bite
         attn.qkv_proj.weight[:attn.num_heads * attn.head_dim] *= 40
-    attn.forward = functools.partial(attn.forward, score_mod=soft_cap(0.5))
+    model.blocks[1].score_mod = soft_cap(0.5)
     return model
 
 

@@ -48,3 +48,36 @@ def test_qk_norm_is_applied_before_attention(per_head):
     want = mha.out_proj(ref.transpose(1, 2).flatten(2))  # (B, L, E)
     assert (mha(x, causal=True) - want).abs().max().item() < 1e-12
     assert "q_norm.weight" in dict(mha.named_parameters())
+
+
+@pytest.mark.parametrize("family", ["olmo2", "cohere"])
+def test_rotation_in_float32_equals_olmo2_and_cohere(family):
+    """bfloat16 queries and keys rotated as OLMo 2 (float32 tables, float32 arithmetic) and Cohere
+    (bfloat16 tables, float32 arithmetic, interleaved pairs) rotate them: bit for bit equal to
+    transformers' own apply_rotary_pos_emb; rotating in bfloat16 (Llama's way) is not."""
+    if family == "olmo2":
+        from transformers.models.olmo2.modeling_olmo2 import apply_rotary_pos_emb
+    else:
+        from transformers.models.cohere.modeling_cohere import apply_rotary_pos_emb
+    torch.manual_seed(0)
+    E, H, D, L = 64, 4, 16, 7
+    table_dtype = torch.float32 if family == "olmo2" else torch.bfloat16
+    cos, sin = RotaryEmbedding(D, 100.0, interleaved=family == "cohere")(torch.arange(L), dtype=table_dtype)  # (L, D)
+
+    def rotated(rotary_dtype, tables):
+        mha = MultiHeadAttention(E, H, interleaved_rotary=family == "cohere", rotary_dtype=rotary_dtype).bfloat16()
+        mha.load_state_dict(reference.state_dict())
+        seen = []
+        mha.recorder = lambda module, q, k, v, **kw: seen.append((q, k))
+        mha(x, causal=True, rotary=tables)
+        return seen[0]  # (B, H, L, D) each
+
+    reference = MultiHeadAttention(E, H).bfloat16()
+    x = torch.randn(2, L, E).bfloat16()  # (B, L, E)
+    q, k, _ = reference.qkv_proj(x).split(H * D, dim=-1)  # (B, L, H*D) each
+    q, k = (t.view(2, L, H, D).transpose(1, 2) for t in (q, k))  # (B, H, L, D)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos[None], sin[None])  # cos (1, L, D) -> unsqueezed to (1, 1, L, D)
+    got_q, got_k = rotated(torch.float32, (cos, sin))
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    plain_q, _ = rotated(None, (cos.bfloat16(), sin.bfloat16()))  # Llama's way: bfloat16 tables and arithmetic
+    assert not torch.equal(plain_q, want_q), "rotating in bfloat16 gives the same bits: the test could not fail"

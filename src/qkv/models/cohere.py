@@ -92,7 +92,8 @@ class CohereDecoderLayer(LlamaDecoderLayer):
     def make_attention(self, c: CohereConfig, **extra) -> MultiHeadAttention:
         H, Hkv, D = c.num_attention_heads, c.kv_heads, c.dim_per_head
         return super().make_attention(c, q_norm=self.make_norm(c, (H, D)) if c.use_qk_norm else None,
-                                      k_norm=self.make_norm(c, (Hkv, D)) if c.use_qk_norm else None, **extra)
+                                      k_norm=self.make_norm(c, (Hkv, D)) if c.use_qk_norm else None,
+                                      rotary_dtype=torch.float32, **extra)  # rotated in float32, as Cohere does
 
     def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor],
                 cache: Optional[KVCache]) -> Tensor:

@@ -397,6 +397,8 @@ class LlamaLikeForCausalLM(CausalLM):
     # Layers with a sliding `window` (Mistral, Mixtral, Qwen2/3, Starcoder2, SmolLM3, Phi-3, Gemma
     # 2/3) cache only the tokens it reaches; layers without one keep everything.
     window_cache = True
+    # dtype of the rotary cos/sin tables: None = the model's (Llama casts them); OLMo 2 keeps float32
+    rotary_table_dtype: Optional[torch.dtype] = None
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
@@ -405,7 +407,8 @@ class LlamaLikeForCausalLM(CausalLM):
 
     def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         x = self.model.embed_tokens(input_ids)  # (B, L, E)
-        return x, self.model.rotary_emb(positions, dtype=x.dtype)  # cos, sin (L, R) or (B, 1, L, R)
+        dtype = self.rotary_table_dtype or x.dtype
+        return x, self.model.rotary_emb(positions, dtype=dtype)  # cos, sin (L, R) or (B, 1, L, R)
 
     blocks = property(lambda self: self.model.layers)
     final_norm = property(lambda self: self.model.norm)

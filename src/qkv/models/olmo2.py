@@ -64,8 +64,9 @@ class Olmo2DecoderLayer(LlamaDecoderLayer):
 
     def make_attention(self, c: Olmo2Config, **extra) -> MultiHeadAttention:
         q_size, kv_size = c.num_attention_heads * c.dim_per_head, c.kv_heads * c.dim_per_head
+        # the norms see (B, L, Hq*D), (B, L, Hkv*D); q and k are rotated in float32 by float32 tables
         return super().make_attention(c, q_norm=self.make_norm(c, q_size), k_norm=self.make_norm(c, kv_size),
-                                      qk_norm_per_head=False, **extra)  # the norms see (B, L, Hq*D), (B, L, Hkv*D)
+                                      qk_norm_per_head=False, rotary_dtype=torch.float32, **extra)
 
     def forward(self, x: Tensor, mask: Optional[Tensor], rotary: tuple[Tensor, Tensor],
                 cache: Optional[KVCache]) -> Tensor:
@@ -78,6 +79,7 @@ class Olmo2ForCausalLM(LlamaForCausalLM):
     """An OLMo 2 decoder with its LM head: Llama's skeleton and hooks, with OLMo 2's layers."""
 
     layer_class = Olmo2DecoderLayer
+    rotary_table_dtype = torch.float32  # cos/sin stay float32, as OLMo 2's rotary embedding returns them
 
 
 def hf_plan(c: Olmo2Config) -> Plan:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -42,6 +43,8 @@ class MultiHeadAttention(nn.Module):
             Each gets (B, L, H, D) per head, or (B, L, H*D) with `qk_norm_per_head=False`
             (OLMo 2 normalises the whole projection).
         qk_norm_per_head: see q_norm.
+        rotary_dtype: rotate q and k in this dtype and cast back (OLMo 2 and Cohere rotate
+            bfloat16 queries in float32); None = in their own dtype, as Llama does.
 
     Parameters: `qkv_proj` (fused) or `q_proj`, `k_proj`, `v_proj`; `out_proj`. Weights follow
     nn.Linear: (out_features, in_features).
@@ -52,7 +55,8 @@ class MultiHeadAttention(nn.Module):
                  bias: bool = True, out_bias: Optional[bool] = None, out_proj: bool = True,
                  dropout: float = 0.0, scale: Optional[float] = None, fused: Optional[bool] = None,
                  interleaved_rotary: bool = False, q_norm: Optional[nn.Module] = None,
-                 k_norm: Optional[nn.Module] = None, qk_norm_per_head: bool = True):
+                 k_norm: Optional[nn.Module] = None, qk_norm_per_head: bool = True,
+                 rotary_dtype: Optional[torch.dtype] = None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
@@ -95,6 +99,7 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(q_out, embed_dim, bias=bias if out_bias is None else out_bias) if out_proj else None
         self.q_norm, self.k_norm = q_norm, k_norm
         self.qk_norm_per_head = qk_norm_per_head
+        self.rotary_dtype = rotary_dtype
         # A qkv.inspect Recorder, called with (module, q, k, v, **constraints) before attention; it
         # only reads them, so outputs are identical with and without it.
         self.recorder = None
@@ -168,8 +173,9 @@ class MultiHeadAttention(nn.Module):
         v = v.view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Lk, D)
         if rotary is not None:
             cos, sin = rotary
-            q = apply_rotary(q, cos, sin, interleaved=self.interleaved_rotary)
-            k = apply_rotary(k, cos, sin, interleaved=self.interleaved_rotary)
+            to = self.rotary_dtype or q.dtype
+            q = apply_rotary(q.to(to), cos, sin, interleaved=self.interleaved_rotary).to(q.dtype)
+            k = apply_rotary(k.to(to), cos, sin, interleaved=self.interleaved_rotary).to(k.dtype)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, m + Lk, D): positions cache.start(layer) .. n + Lk - 1
             if cache.window(layer) is not None:
