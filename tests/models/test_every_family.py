@@ -227,3 +227,39 @@ def test_every_decoder_on_every_backend(arch, folders):
             ran.append(name)
     print(arch, "ran on", ran)
     assert {"reference", "tiled"} <= set(ran), f"{arch} ran on {ran} only"
+
+
+@pytest.mark.parametrize("arch", [a for a in _rotary_archs() if a not in REFUSES_ROPE_SCALING])
+def test_rope_dict_defaults_are_the_familys(arch):
+    """A yarn dict without original_max_position_embeddings, in a config.json without
+    max_position_embeddings: transformers fills it from the family's own default (Qwen2 32768,
+    Mistral 131072, ...), and so does qkv (it used to take Llama's 2048 for every family)."""
+    import transformers
+
+    config = getattr(transformers, arch).config_class(rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                                      "rope_theta": 10000.0})
+    want = config.rope_parameters["original_max_position_embeddings"]
+    got = FAMILIES[arch].config.from_hf({"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                                                             "rope_theta": 10000.0}})
+    assert got.rope_scaling["original_max_position_embeddings"] == want
+    assert got.rope_scaling["max_position_embeddings"] == config.max_position_embeddings
+
+
+@pytest.mark.parametrize("arch", ["GlmForCausalLM", "StableLmForCausalLM"])
+def test_partial_rotation_read_as_transformers_reads_it(arch):
+    """The rotated fraction comes from the rope dict transformers uses (a non-empty rope_scaling
+    wins over rope_parameters), and longrope's lists hold one factor per rotated pair."""
+    import transformers
+
+    fields = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+              "max_position_embeddings": 64, "partial_rotary_factor": 0.25,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 1.0},
+              "rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0, "partial_rotary_factor": 0.5}}
+    hf = getattr(transformers, arch).config_class(**fields)
+    got = FAMILIES[arch].config.from_hf(fields)
+    assert got.partial_rotary_factor == hf.rope_parameters["partial_rotary_factor"] == 0.5
+    assert got.rope_scaling["rope_type"] == "linear"
+    longrope = {"rope_type": "longrope", "rope_theta": 500.0, "partial_rotary_factor": 0.5,
+                "original_max_position_embeddings": 16, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}
+    got = FAMILIES[arch].config.from_hf({**fields, "rope_scaling": None, "rope_parameters": longrope})
+    assert got.rotary_dim == 8 and len(got.rope_scaling["long_factor"]) == got.rotary_dim // 2

@@ -156,6 +156,10 @@ def test_crop_goes_back_as_far_as_the_window_allows():
     assert cache.length == start + 3 and cache.layer_length(1) == start + 3
     torch.testing.assert_close(cache.stored(0)[0], kept[:, :, :3])
     assert cache.stored(1)[0].shape[2] == start + 3
+    cache.crop(0)  # emptying is always possible (Phi-3 runs the whole sequence again at its longrope switch)
+    assert cache.length == 0 and cache.start(0) == 0 and cache.stored(0)[0].shape[2] == 0
+    cache.update(0, torch.randn(1, HKV, 2, D), torch.randn(1, HKV, 2, D))
+    assert cache.layer_length(0) == 2 and cache.start(0) == 0
 
 
 def test_a_window_wider_than_the_cache_keeps_is_refused():

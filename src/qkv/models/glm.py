@@ -24,12 +24,11 @@ from torch import Tensor, nn
 from ..nn import KVCache
 from .checkpoint import Dim, ModelError, Piece, Plan
 from .common import Family
-from .fields import Fields, Limit
+from .fields import Fields
 from .llama import GateUpMLP, LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, hf_ignored, hf_layers, per_layer
 from .llama import hf_plan as llama_plan
 
 GLM_EOS = [151329, 151336, 151338]  # transformers' GlmConfig stop ids when eos_token_id is null
-ROTARY_FRACTION = Limit(lo=0, hi=1, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -47,18 +46,14 @@ class GlmConfig(LlamaConfig):
     eos_token_id: Optional[Union[int, list[int]]] = None  # null = GLM_EOS, as transformers sets it
     partial_rotary_factor: float = 0.5  # the rotated fraction of each head (in rope_parameters, or top level)
 
+    PARTIAL_ROTARY = True  # partial_rotary_factor: rope dict's (rope_scaling, else rope_parameters), top level, 0.5
+
     @classmethod
     def read_fields(cls, f: Fields) -> dict:
-        # partial_rotary_factor: rope_parameters' own (or rope_scaling's), else the top-level field, else 0.5
-        name = "rope_parameters" if f.data.get("rope_parameters") is not None else "rope_scaling"
-        rope = f.sub(name)
-        where = rope if rope is not None and "partial_rotary_factor" in rope else f
-        fraction = where.get("partial_rotary_factor", float, cls.partial_rotary_factor, limit=ROTARY_FRACTION)
-        out = super().read_fields(_without_fraction(f, name))  # Llama's reader refuses a partial rotation
+        out = super().read_fields(f)
         out.pop("mlp_bias", None)  # not a GLM field: its MLP never has biases
         if out.get("eos_token_id") is None:
             out["eos_token_id"] = list(GLM_EOS)
-        out["partial_rotary_factor"] = fraction
         return out
 
     def check(self, source) -> None:
@@ -76,14 +71,6 @@ class GlmConfig(LlamaConfig):
         return int(self.dim_per_head * self.partial_rotary_factor)
 
     out_bias = property(lambda self: False)  # o_proj has no bias, whatever attention_bias says
-
-
-def _without_fraction(f: Fields, rope_name: str) -> Fields:
-    """config.json without partial_rotary_factor (top level and inside the rope dict), read already."""
-    data = {k: v for k, v in f.data.items() if k != "partial_rotary_factor"}
-    if isinstance(data.get(rope_name), dict):
-        data[rope_name] = {k: v for k, v in data[rope_name].items() if k != "partial_rotary_factor"}
-    return Fields(data, f.source, prefix=f.prefix, fix=f.fix)
 
 
 GlmMLP = GateUpMLP  # SwiGLU with gate and up in one matrix, gate_up_proj (rows gate | up), as Phi-3's

@@ -69,9 +69,14 @@ class LlamaConfig(HFConfig):
         "attention_dropout": PROBABILITY, "bos_token_id": NON_NEGATIVE, "eos_token_id": NON_NEGATIVE,
     }
 
+    # True for a family that rotates only part of each head (its config has a partial_rotary_factor
+    # field, read from the rope dict first, then the top level): GLM
+    PARTIAL_ROTARY = False
+
     @classmethod
     def read_fields(cls, f: Fields) -> dict:
-        return {**read_dataclass(cls, f, limits=cls.LIMITS, skip=("rope_scaling",)), **_read_rope(f)}
+        return {**read_dataclass(cls, f, limits=cls.LIMITS, skip=("rope_scaling", "partial_rotary_factor")),
+                **_read_rope(f, cls, partial=cls.PARTIAL_ROTARY)}
 
     def check(self, source) -> None:
         if self.head_dim is None:
@@ -164,8 +169,9 @@ def _read_rope(f: Fields, cls: Optional[type] = None, *, partial: bool = False,
     Args:
         f: config.json.
         cls: the config class, whose defaults stand for absent size fields (default LlamaConfig).
-        partial: read partial_rotary_factor (top level, or in the rope dict, which wins) and
-            return it; False refuses any value but 1 (Llama rotates whole heads).
+        partial: read partial_rotary_factor (top level, or in the rope dict, which wins; else
+            the class default) and return it; False refuses any value but 1 (Llama rotates whole
+            heads). longrope's factor lists then hold one factor per rotated pair.
         kinds: rope type in the file -> the type qkv runs; default every type of _ROPE_NEEDS
             (Phi-3 allows default and longrope, and reads su and yarn as longrope).
         original: a top-level original_max_position_embeddings that replaces the rope dict's
@@ -183,7 +189,8 @@ def _read_rope(f: Fields, cls: Optional[type] = None, *, partial: bool = False,
     out: dict = {}
     # partial_rotary_factor, the share of each head that is rotated: the rope dict's, else the top level's
     holder = rope if rope is not None and "partial_rotary_factor" in rope else f
-    rotated = holder.get("partial_rotary_factor", float, 1.0, limit=Limit(lo=0, hi=1, lo_open=True))
+    fraction = _default(cls, "partial_rotary_factor", 1.0) if partial else 1.0  # the family's default
+    rotated = holder.get("partial_rotary_factor", float, fraction, limit=Limit(lo=0, hi=1, lo_open=True))
     if rotated != 1.0 and not partial:
         raise holder.unsupported("partial_rotary_factor", "Llama rotates whole heads (transformers' Llama "
                                  "cannot run a partial rotation either); remove the field or set it to 1.0")
@@ -224,7 +231,7 @@ def _read_rope(f: Fields, cls: Optional[type] = None, *, partial: bool = False,
     if kind == "longrope":
         heads = f.get("num_attention_heads", int, _default(cls, "num_attention_heads"))
         hidden = f.get("hidden_size", int, _default(cls, "hidden_size"))
-        pairs = int((f.get("head_dim", Optional[int], None) or hidden // heads) * rotated) // 2
+        pairs = int((f.get("head_dim", Optional[int], _default(cls, "head_dim")) or hidden // heads) * rotated) // 2
         for key in ("short_factor", "long_factor"):
             if len(scaling[key]) != pairs:
                 raise rope.unsupported(key, f"longrope needs one factor per rotated pair of features, {pairs} "
@@ -262,9 +269,9 @@ def _check_llama3(rope: Fields, scaling: dict) -> None:
                                f"{scaling['low_freq_factor']:g} (it divides by their difference); correct them")
 
 
-def _default(cls, name: str):
-    """The default of dataclass field `name` of `cls`."""
-    return next(fld.default for fld in dataclasses.fields(cls) if fld.name == name)
+def _default(cls, name: str, missing=None):
+    """The default of dataclass field `name` of `cls` (`missing` if the class has no such field)."""
+    return next((fld.default for fld in dataclasses.fields(cls) if fld.name == name), missing)
 
 
 class LlamaRMSNorm(nn.Module):

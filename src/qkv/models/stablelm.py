@@ -36,7 +36,6 @@ from .fields import (
     PROBABILITY,
     Fields,
     HFConfig,
-    Limit,
     check_divisible,
     read_dataclass,
 )
@@ -51,8 +50,6 @@ from .llama import (
     outer_plan,
 )
 from .llama import tied_head_ignored as hf_ignored
-
-FACTOR = Limit(lo=0, hi=1, lo_open=True)  # a fraction of the head that is rotated
 
 
 @dataclass(frozen=True)
@@ -83,28 +80,17 @@ class StableLmConfig(HFConfig):
         "vocab_size": POSITIVE, "hidden_size": POSITIVE, "intermediate_size": POSITIVE, "num_hidden_layers": POSITIVE,
         "num_attention_heads": POSITIVE, "num_key_value_heads": POSITIVE, "hidden_act": ACTIVATION,
         "max_position_embeddings": POSITIVE, "layer_norm_eps": EPS, "rope_theta": POSITIVE_REAL,
-        "partial_rotary_factor": FACTOR, "hidden_dropout": PROBABILITY, "attention_dropout": PROBABILITY,
+        "hidden_dropout": PROBABILITY, "attention_dropout": PROBABILITY,
         "bos_token_id": NON_NEGATIVE, "eos_token_id": NON_NEGATIVE,
     }
 
     @classmethod
     def read_fields(cls, f: Fields) -> dict:
-        """As Llama's (rope_parameters or rope_scaling + rope_theta), plus partial_rotary_factor,
-        which transformers reads from rope_parameters first, then from the top level."""
-        factor = cls.partial_rotary_factor
-        rope_name = "rope_parameters" if f.data.get("rope_parameters") is not None else "rope_scaling"
-        rope = f.sub(rope_name)
-        for g in (rope, f):  # the first that has it wins
-            if g is not None and "partial_rotary_factor" in g:
-                factor = g.get("partial_rotary_factor", float, limit=FACTOR)
-                break
-        # Llama's reader refuses a partial rotation, so it reads the rope fields without that one
-        data = {k: v for k, v in f.data.items() if k != "partial_rotary_factor"}
-        if rope is not None:
-            data[rope_name] = {k: v for k, v in rope.data.items() if k != "partial_rotary_factor"}
-        rest = Fields(data, f.source, prefix=f.prefix, fix=f.fix)
-        out = read_dataclass(cls, rest, limits=cls.LIMITS, skip=("rope_scaling", "partial_rotary_factor"))
-        return {**out, **_read_rope(rest), "partial_rotary_factor": factor}
+        """As Llama's (rope_scaling if non-empty, else rope_parameters, + rope_theta), plus
+        partial_rotary_factor, which transformers reads from that rope dict first, then from the
+        top level (`_read_rope(partial=True)`)."""
+        out = read_dataclass(cls, f, limits=cls.LIMITS, skip=("rope_scaling", "partial_rotary_factor"))
+        return {**out, **_read_rope(f, cls, partial=True)}
 
     def check(self, source) -> None:
         check_divisible(source, "hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)

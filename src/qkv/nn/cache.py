@@ -200,11 +200,12 @@ class KVCache:
         """Forget every token from position `length` on, in all layers (e.g. to re-run a step).
 
         A windowed layer that has dropped tokens can go back only as far as it still holds the
-        `keep` tokens before the new end; further is a ValueError and nothing is changed."""
+        `keep` tokens before the new end (or to 0, an empty cache); further is a ValueError and
+        nothing is changed."""
         if length < 0:
             raise ValueError(f"length must be >= 0; got {length}")
         for i, (n, start, keep) in enumerate(zip(self._lengths, self._starts, self._keep)):
-            if length < n and start > 0 and length - keep < start:
+            if 0 < length < n and start > 0 and length - keep < start:
                 raise ValueError(
                     f"cannot crop to {length} tokens: layer {i} keeps only its last {keep} tokens and has "
                     f"dropped those before position {start}, so it can go back to position {start + keep} at "
