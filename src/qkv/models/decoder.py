@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import KVCache
+from ..nn.attention import window_left
 from .checkpoint import ModelError
 from .common import key_padding_mask
 from .generation import PREFILL_CHUNK, check_chunk_size, chunked_hidden, left_pad
@@ -87,7 +88,7 @@ class CausalLM(nn.Module):
         layers = self.kv_shape[0]
         if not self.window_cache or len(self.blocks) != layers:
             return None
-        windows = [_left(getattr(block, "window", None)) for block in self.blocks]
+        windows = [window_left(getattr(block, "window", None)) for block in self.blocks]
         return None if all(w is None for w in windows) else windows
 
     def new_cache(self, batch: int, capacity: int = 256, *, windowed: bool = True) -> KVCache:
@@ -206,10 +207,3 @@ class CausalLM(nn.Module):
         prompt = self.tokenizer(text, max_length=10**9).input_ids  # (1, L); generate checks the length
         out = self.generate(prompt, **kwargs)
         return self.tokenizer.decode(out[0, prompt.shape[1]:])
-
-
-def _left(window) -> Optional[int]:
-    """A block's `window` ((left, right), an int w, or None) -> tokens before a query it may see."""
-    if window is None:
-        return None
-    return int(window) if isinstance(window, int) else (None if window[0] is None else int(window[0]))

@@ -235,12 +235,12 @@ class MultiHeadAttention(nn.Module):
                 f"head_dim={self.head_dim}, fused={self.fused}, dropout={self.dropout}")
 
 
-def _window_left(window) -> Optional[int]:
-    """How far back `qkv.attention`'s window lets a query look: w for an int, left of (left, right),
-    None when unbounded."""
+def window_left(window) -> Optional[int]:
+    """How far back `qkv.attention`'s window ((left, right), an int w, or None) lets a query look:
+    w for an int, left of (left, right), None when unbounded."""
     if window is None:
         return None
-    return window if isinstance(window, int) else window[0]
+    return int(window) if isinstance(window, int) else (None if window[0] is None else int(window[0]))
 
 
 def _windowed_cache(cache: KVCache, layer: int, window, mask, score_mod, stored: int):
@@ -249,7 +249,7 @@ def _windowed_cache(cache: KVCache, layer: int, window, mask, score_mod, stored:
     or score function sees the positions of a full cache (kv_idx + start). Refuses a window that
     looks back further than the cache keeps, and a BlockMask (built for the full key length)."""
     keep = cache.window(layer)
-    left = _window_left(window)
+    left = window_left(window)
     if left is None or left > keep:
         raise ValueError(
             f"cache layer {layer} keeps only the {keep} tokens before each new one, but this attention looks back "

@@ -263,11 +263,13 @@ class RotaryEmbedding(nn.Module):
         if self._on_device[0] is not inv_freq or self._on_device[1] != positions.device:
             self._on_device = (inv_freq, positions.device, inv_freq.to(positions.device))
         freqs = positions[..., None].float() * self._on_device[2]  # (L, D/2) | (B, L, D/2): one rounding, as HF
+        cos, sin = freqs.cos(), freqs.sin()  # (..., D/2): each value once (the same bits as HF's on (..., D))
+        if self._attention_scaling != 1.0:
+            cos, sin = cos * self._attention_scaling, sin * self._attention_scaling
         if self.interleaved:
-            emb = freqs.repeat_interleave(2, dim=-1)  # (..., D): f0 f0 f1 f1 ...
+            cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)  # (..., D): f0 f0 f1 f1 ...
         else:
-            emb = torch.cat([freqs, freqs], dim=-1)  # (..., D): f0 f1 ... f0 f1 ...
-        cos, sin = emb.cos() * self._attention_scaling, emb.sin() * self._attention_scaling
+            cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)  # (..., D): f0 f1 ... f0 f1 ...
         if positions.dim() == 2:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, L, D)
         return cos.to(dtype), sin.to(dtype)
