@@ -39,6 +39,10 @@ _LAZY = {
     "block_mask": ("qkv.masks", "block_mask"),
     "explain": ("qkv.inspect", "explain"),
     "ExplainResult": ("qkv.inspect", "ExplainResult"),
+    # the call shapes people already write (torch SDPA, FlashAttention varlen, partial merges)
+    "sdpa": ("qkv.core.calls", "sdpa"),
+    "varlen_attention": ("qkv.core.calls", "varlen_attention"),
+    "merge_attention": ("qkv.core.calls", "merge_attention"),
 }
 
 __all__ = [
@@ -52,6 +56,9 @@ __all__ = [
     "masks",
     "explain",
     "ExplainResult",
+    "sdpa",
+    "varlen_attention",
+    "merge_attention",
     "__version__",
 ]
 

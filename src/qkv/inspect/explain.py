@@ -395,6 +395,19 @@ class ExplainResult:
 
         render_png(self.to_dict(**options), path, layer=layer, head=head)
 
+    # ------------------------------------------------------------------ notebooks (Jupyter's display protocol)
+    def _repr_html_(self) -> str:
+        """The offline page, isolated in its own frame (qkv.inspect.notebook)."""
+        from .notebook import repr_html
+
+        return repr_html(self)
+
+    def _repr_png_(self) -> Optional[bytes]:
+        """The PNG picture where matplotlib is installed, else None (qkv.inspect.notebook)."""
+        from .notebook import repr_png
+
+        return repr_png(self)
+
 
 def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, layers: Optional[Sequence[int]] = None,
             heads: Optional[Sequence[int]] = None, rows: str = "all", truncate: bool = False,
