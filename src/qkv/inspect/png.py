@@ -11,6 +11,7 @@ Agg canvas: no display, no pyplot state, only the fonts matplotlib ships (DejaVu
     from qkv.inspect.png import render_png
     render_png(result.to_dict(), "cat.png")                  # last layer, mean of heads
     render_png(result.to_dict(), "l3h7.png", layer=3, head=7)
+    png = render_png_bytes(result.to_dict())                # the same file as bytes
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 from .._files import check_target, write_bytes
 from .schema import check_data
 
-__all__ = ["render_png"]
+__all__ = ["render_png", "render_png_bytes"]
 
 _NEEDS = "PNG output needs matplotlib: pip install 'qkv[viz]'"
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -61,11 +62,40 @@ def render_png(
         ValueError: malformed data, or a layer or head out of range (the message gives the range).
         OSError: the path cannot be written (a `qkv._files.FileWriteError` naming it).
     """
-    n, n_layers, _ = check_data(data)
+    _, n_layers, _ = check_data(data)
     layer_i = _pick_layer(layer, n_layers)
     head_i = _pick_head(head, data["head_names"])
     target = Path(path)
     check_target(target, what="PNG")  # before the drawing, which takes a while
+    write_bytes(target, _png(data, layer_i, head_i), what="PNG")
+    return target
+
+
+def render_png_bytes(
+    data: Mapping[str, Any],
+    *,
+    layer: int | None = None,
+    head: int | str | None = None,
+) -> bytes:
+    """Draw a "qkv.explain/1" result as a PNG and return the file's bytes (for Jupyter's
+    `_repr_png_`, or to send elsewhere); `render_png` writes the same bytes to a file.
+
+    Args:
+        data, layer, head: as in `render_png`.
+
+    Returns:
+        The PNG file as bytes (it starts with the PNG signature b"\\x89PNG\\r\\n\\x1a\\n").
+
+    Raises:
+        ImportError: matplotlib is not installed.
+        ValueError: malformed data, or a layer or head out of range (the message gives the range).
+    """
+    _, n_layers, _ = check_data(data)
+    return _png(data, _pick_layer(layer, n_layers), _pick_head(head, data["head_names"]))
+
+
+def _png(data: Mapping[str, Any], layer_i: int, head_i: int | None) -> bytes:
+    """The drawing, on checked data and a checked layer and head (None: the mean of heads)."""
     try:
         import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -79,7 +109,7 @@ def render_png(
         raise ValueError("data['maps'] holds non-finite weights; weights must be finite")
     normalised = bool(data.get("normalised", data.get("method") != "value-norm"))
     labels = [_tick_text(s) for s in data["labels"]]
-    special = list(data.get("special") or [False] * n)
+    special = list(data.get("special") or [False] * len(labels))
     focus = data.get("focus")
 
     rc = {"text.parse_math": False} if "text.parse_math" in matplotlib.rcParams else {}
@@ -98,8 +128,7 @@ def render_png(
             _draw(fig, np, data, maps, labels, special, focus, normalised, layer_i, head_i)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=150, metadata={"Software": "qkv explain"})
-    write_bytes(target, buf.getvalue(), what="PNG")
-    return target
+    return buf.getvalue()
 
 
 def _draw_cross(fig, np, data, head) -> None:
