@@ -56,11 +56,13 @@ from .checkpoint import (
     ModelError,
     check_layers,
     check_plan,
+    is_hub_id,
     load_weights,
     read_config,
     read_json,
     read_shapes,
     resolve_folder,
+    resolve_hub_id,
     safetensors_files,
 )
 from .common import Family
@@ -180,7 +182,27 @@ def nearest_architecture(archs: list[str], model_type: Optional[str]) -> Optiona
     return None
 
 
-def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, device="cpu"):
+def locate(name_or_path: Union[str, Path], *, local_files_only: bool = False) -> Path:
+    """The folder of a bundled name, an existing folder path, or a Hub id "org/name" (a string
+    that is no existing path) resolved through the Hugging Face cache (`resolve_hub_id`: offline
+    mode and `local_files_only` keep it to the cache, else it downloads what is missing)."""
+    key = str(name_or_path)
+    if key.lower() in BUNDLED and not Path(key).exists():
+        return bundled_path(key)
+    if not Path(key).expanduser().exists():
+        if isinstance(name_or_path, str) and is_hub_id(key):
+            return resolve_hub_id(key, local_files_only=local_files_only)
+        if "/" not in key and "\\" not in key and not key.startswith("."):
+            raise FileNotFoundError(
+                f"{key!r} is neither a bundled model ({', '.join(sorted(set(n for n in BUNDLED if '/' not in n)))}) "
+                f"nor an existing folder; pass a bundled name, the path of a Hugging Face model folder or a "
+                f"Hub id such as 'org/name'"
+            )
+    return resolve_folder(key)
+
+
+def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, device="cpu",
+         local_files_only: bool = False):
     """Load a model and its tokenizer.
 
     Everything in the folder is checked before the weights are allocated: config.json's
@@ -188,10 +210,13 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
     shape and dtype against the safetensors headers, the tokenizer and pooling files.
 
     Args:
-        name_or_path: a bundled name ("minilm") or the path of a Hugging Face model folder
-            (config.json, model.safetensors or sharded safetensors, tokenizer files).
+        name_or_path: a bundled name ("minilm"), the path of a Hugging Face model folder
+            (config.json, model.safetensors or sharded safetensors, tokenizer files), or a Hub id
+            "org/name" (`locate`: from the Hugging Face cache; downloaded when missing unless
+            offline mode, HF_HUB_OFFLINE=1, is on, as transformers does).
         dtype: parameter dtype (float32 default; bfloat16/float16 to save memory, float64).
         device: where the parameters live ("cpu", "cuda", "cuda:1", "mps", a torch.device).
+        local_files_only: resolve a Hub id from the cache only, never the network.
 
     Returns:
         the model (`BertModel` or a BERT with its head (bert_heads.py), a `CausalLM` such as
@@ -208,16 +233,7 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"name_or_path must be a string or a Path; got {type(name_or_path).__name__}")
     device = check_target(dtype, device)
-    key = str(name_or_path)
-    if key.lower() in BUNDLED and not Path(key).exists():
-        folder = bundled_path(key)
-    else:
-        if not Path(key).expanduser().exists() and "/" not in key and "\\" not in key and not key.startswith("."):
-            raise FileNotFoundError(
-                f"{key!r} is neither a bundled model ({', '.join(sorted(set(n for n in BUNDLED if '/' not in n)))}) "
-                f"nor an existing folder; pass a bundled name or the path of a Hugging Face model folder"
-            )
-        folder = resolve_folder(key)
+    folder = locate(name_or_path, local_files_only=local_files_only)
     source = folder / "config.json"
     config_dict = read_config(folder)
     arch = architecture_of(config_dict, folder)
