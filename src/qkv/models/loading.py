@@ -56,6 +56,7 @@ from .checkpoint import (
     ModelError,
     check_layers,
     check_plan,
+    find_in_folder,
     is_hub_id,
     load_weights,
     read_config,
@@ -132,6 +133,20 @@ def bundled_path(name: str) -> Path:
     raise FileNotFoundError(f"the package {package} is installed but has no {sub}/config.json; reinstall it")
 
 
+HF_INSTALL = "pip install 'qkv[hf]'"
+
+
+class ForeignArchitecture(ModelError):
+    """config.json names an architecture qkv has no native implementation of (and does not refuse
+    on purpose): `load_transformers` may run it. `architecture`: the name config.json gives;
+    `folder`: the folder it came from."""
+
+    def __init__(self, message: str, *, architecture: str, folder: Path):
+        super().__init__(message)
+        self.architecture = architecture
+        self.folder = folder
+
+
 def architecture_of(config: dict, folder: Path) -> str:
     f = Fields(config, folder / "config.json")
     archs = f.get("architectures", Optional[list[str]], None) or []
@@ -147,9 +162,11 @@ def architecture_of(config: dict, folder: Path) -> str:
     seen = ", ".join(archs) if archs else f"model_type={config.get('model_type')!r}"
     near = nearest_architecture(archs, model_type)
     hint = f"the nearest family qkv runs is {near}; " if near else ""
-    raise ModelError(
-        f"config.json in {str(folder)!r} names an architecture qkv cannot run ({seen}); "
-        f"{hint}qkv runs {', '.join(FAMILIES)}"
+    raise ForeignArchitecture(
+        f"config.json in {str(folder)!r} names an architecture qkv cannot run natively ({seen}); "
+        f"{hint}qkv runs {', '.join(FAMILIES)}; `qkv explain` and `qkv serve` run others through "
+        f"transformers ({HF_INSTALL})",
+        architecture=archs[0] if archs else str(model_type), folder=folder,
     )
 
 
@@ -324,3 +341,107 @@ def read_generation_config(folder: Path) -> dict:
     data = read_json(path)
     Fields(data, path).get("max_new_tokens", Optional[int], None, POSITIVE)
     return data
+
+
+# --------------------------------------------------------------------------- through transformers
+
+
+def transformers_available() -> bool:
+    """Whether transformers can be imported (the `hf` extra: pip install 'qkv[hf]')."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def foreign_note(architecture: str) -> str:
+    """The one line `qkv explain` and `qkv serve` say when they run a folder through transformers."""
+    return f"qkv runs {architecture} through transformers (qkv has no native implementation)"
+
+
+def check_foreign_folder(folder: Path, architecture: str) -> Optional[str]:
+    """Why `load_transformers` would refuse this folder, found without reading weights; None if it
+    looks loadable: transformers installed, not an encoder-decoder, safetensors weights, tokenizer files."""
+    if not transformers_available():
+        return f"qkv has no native implementation of {architecture}, and running it through transformers " \
+               f"needs transformers: {HF_INSTALL}"
+    config = read_config(folder)
+    if config.get("is_encoder_decoder"):
+        return _encoder_decoder_refusal(architecture)
+    read_shapes(safetensors_files(folder))
+    if not find_in_folder(folder, "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                          "sentencepiece.bpe.model"):
+        return "no tokenizer files (tokenizer.json, vocab.txt, vocab.json or a sentencepiece model); explain needs them"
+    return None
+
+
+def _encoder_decoder_refusal(architecture: str) -> str:
+    return (f"{architecture} is an encoder-decoder; explain runs transformers' encoder-only and decoder-only "
+            "models (BERT-like, GPT-like), and encoder-decoders that qkv runs natively (qkv's own 'translate')")
+
+
+def load_transformers(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, device="cpu",
+                      local_files_only: bool = False):
+    """A model folder (or Hub id) loaded by transformers instead of qkv, for explain: any encoder-only
+    or decoder-only architecture transformers knows, through its `AutoModel` classes (the class
+    config.json names when transformers has it), safetensors only, no remote code.
+
+    Returns:
+        the transformers `PreTrainedModel` in eval mode, with `.tokenizer` its fast tokenizer
+        (`AutoTokenizer`) and `.folder` the folder it came from. `qkv.explain(text, model)` runs
+        its attention through qkv ("qkv" attention implementation) and records it.
+
+    Raises:
+        ImportError: transformers is not installed (the message says `pip install 'qkv[hf]'`).
+        ModelError: an encoder-decoder, pickle-only weights, no fast tokenizer, or a folder transformers
+            refuses (its message included). FileNotFoundError: as `locate`.
+    """
+    device = check_target(dtype, device)
+    folder = locate(name_or_path, local_files_only=local_files_only)
+    config = read_config(folder)
+    archs = Fields(config, folder / "config.json").get("architectures", Optional[list[str]], None) or []
+    architecture = archs[0] if archs else str(config.get("model_type"))
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(f"qkv has no native implementation of {architecture}, and running it through "
+                          f"transformers needs transformers: {HF_INSTALL}") from None
+    if config.get("is_encoder_decoder"):
+        raise ModelError(_encoder_decoder_refusal(architecture))
+    safetensors_files(folder)  # pickle-only folders are refused here, with the reason
+    cls = getattr(transformers, architecture, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        cls = transformers.AutoModel
+    try:
+        model = cls.from_pretrained(str(folder), dtype=dtype, use_safetensors=True, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"transformers could not load {str(folder)!r} ({architecture}): {first}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"{str(folder)!r} has no fast tokenizer (tokenizer.json); explain needs one for the "
+                         "offsets of its tokens")
+    model = model.to(device).eval()
+    model.tokenizer = tokenizer
+    model.folder = folder
+    return model
+
+
+def load_for_explain(name_or_path: Union[str, Path], *, note=None, local_files_only: bool = False):
+    """`load`, or for an architecture qkv does not run natively (`ForeignArchitecture`)
+    `load_transformers`, after calling `note` (if given) with `foreign_note`'s line. Native
+    architectures always run on qkv's own models.
+
+    Raises:
+        ImportError: a foreign architecture without transformers installed (says `pip install 'qkv[hf]'`).
+    """
+    try:
+        return load(name_or_path, local_files_only=local_files_only)
+    except ForeignArchitecture as exc:
+        if not transformers_available():
+            raise ImportError(f"qkv has no native implementation of {exc.architecture}, and running it through "
+                              f"transformers needs transformers: {HF_INSTALL}") from None
+        if note is not None:
+            note(foreign_note(exc.architecture))
+        return load_transformers(exc.folder)
