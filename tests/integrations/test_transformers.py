@@ -7,14 +7,12 @@ rule of `qkv.testing` of it, measured against eager in float32 (the plain run).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
 from qkv.integrations import transformers as qkv_hf  # noqa: E402
-
 
 VOCAB = 64
 
