@@ -283,9 +283,10 @@ def test_refusals_are_clear(tiny, tmp_path):
 
 def test_load_transformers_attaches_the_tokenizer(tmp_path):
     """A folder qkv does not run natively (ELECTRA), loaded by transformers, explained without tokenizer=."""
+    from models.foreign_folders import electra_folder
     from qkv.models.loading import ForeignArchitecture, load_transformers
 
-    folder = electra_folder(tmp_path)
+    folder = electra_folder(tmp_path / "electra")
     with pytest.raises(ForeignArchitecture, match="ElectraModel") as info:
         qkv.load(folder)
     assert info.value.architecture == "ElectraModel" and "load_transformers" in str(info.value)
@@ -298,19 +299,80 @@ def test_load_transformers_attaches_the_tokenizer(tmp_path):
     assert_within_rule(r.attentions, plain, exact, factor=2, what="ELECTRA explain weights vs eager")
 
 
-def electra_folder(root):
-    """A tiny random ELECTRA discriminator folder (an architecture qkv has no family for)."""
-    import transformers
+# --------------------------------------------------------------------------- the command line
 
-    from models.hf_folders import SENTENCES
 
-    folder = root / "electra"
-    torch.manual_seed(0)
-    words = sorted({w for s in SENTENCES for w in s.split()})
-    config = transformers.ElectraConfig(vocab_size=64, embedding_size=32, hidden_size=32, num_hidden_layers=2,
-                                        num_attention_heads=4, intermediate_size=48, max_position_embeddings=40,
-                                        initializer_range=INIT)
-    transformers.ElectraModel(config).eval().save_pretrained(folder)
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    (folder / "tokenizer_config.json").write_text('{"do_lower_case": true, "tokenizer_class": "ElectraTokenizer"}')
-    return folder
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory):
+    from models.foreign_folders import electra_folder, falcon_folder
+
+    root = tmp_path_factory.mktemp("foreign")
+    return {"electra": electra_folder(root / "electra"), "falcon": falcon_folder(root / "falcon")}
+
+
+def test_the_cli_explains_a_foreign_architecture_through_transformers(foreign, capsys, tmp_path):
+    from qkv import cli
+    from qkv.models import load_transformers
+
+    folder = str(foreign["electra"])
+    out_json = tmp_path / "e.json"
+    code = cli.main(["explain", TEXT, "--model", folder, "--focus", "fox", "--json", str(out_json)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert err.splitlines() == ["qkv runs ElectraModel through transformers (qkv has no native implementation)"]
+    assert "from 'fox' to each word" in out and f"wrote {out_json}" in out
+    import json
+
+    data = json.loads(out_json.read_text())
+    expected = qkv.explain(TEXT, load_transformers(folder), focus="fox").to_dict(focus="fox")
+    assert data["labels"] == expected["labels"] and data["maps"] == expected["maps"]
+
+
+def test_the_cli_checks_a_foreign_model_before_it_runs(foreign, capsys):
+    from qkv import cli
+
+    folder = str(foreign["electra"])
+    for argv, words in ((["--layer", "2"], "--layer 2 does not exist: the model has layers 0..1"),
+                        (["--head", "4"], "--head 4 does not exist: the model has heads 0..3"),
+                        (["--focus", "zebra"], "focus word 'zebra' is not in the text"),
+                        (["--focus", "fox", "--compare", "the fox"], "--compare needs a sentence as long as")):
+        code = cli.main(["explain", TEXT, "--model", folder, *argv])
+        _, err = capsys.readouterr()
+        assert code == 2 and words in err.splitlines()[-1], err
+    code = cli.main(["explain", " ".join(["the cat"] * 30), "--model", folder])
+    _, err = capsys.readouterr()
+    assert code == 2 and "takes at most 40; shorten it, or add --truncate" in err
+
+
+def test_a_model_whose_attention_transformers_cannot_switch_is_refused(foreign, capsys):
+    from qkv import cli
+
+    code = cli.main(["explain", TEXT, "--model", str(foreign["falcon"])])
+    _, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[0].startswith("qkv runs FalconForCausalLM through transformers")
+    assert "FalconForCausalLM computes its attention in its own code" in lines[-1]
+
+
+def test_without_transformers_the_cli_says_how_to_install_it(foreign, capsys, monkeypatch):
+    import sys
+
+    from qkv import cli
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    code = cli.main(["explain", TEXT, "--model", str(foreign["electra"])])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.splitlines() == ["qkv explain: error: qkv has no native implementation of ElectraModel, and running "
+                                "it through transformers needs transformers: pip install 'qkv[hf]'"]
+
+
+def test_native_architectures_keep_qkv_s_own_models(capsys, tmp_path):
+    from models.hf_folders import build_folder
+    from qkv import cli
+
+    build_folder(tmp_path, "llama")
+    code = cli.main(["explain", TEXT, "--model", str(tmp_path), "--focus", "fox"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "through transformers" not in err and "LlamaForCausalLM" not in err
+    assert "from 'fox' to each word" in out

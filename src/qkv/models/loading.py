@@ -164,8 +164,8 @@ def architecture_of(config: dict, folder: Path) -> str:
     hint = f"the nearest family qkv runs is {near}; " if near else ""
     raise ForeignArchitecture(
         f"config.json in {str(folder)!r} names an architecture qkv cannot run natively ({seen}); "
-        f"{hint}qkv runs {', '.join(FAMILIES)}; `qkv explain` and `qkv serve` run others through "
-        f"transformers ({HF_INSTALL})",
+        f"{hint}qkv runs {', '.join(FAMILIES)}; to explain it through transformers instead, pass "
+        f"qkv.models.load_transformers(path) as the model, as `qkv explain` and `qkv serve` do ({HF_INSTALL})",
         architecture=archs[0] if archs else str(model_type), folder=folder,
     )
 
@@ -413,12 +413,18 @@ def load_transformers(name_or_path: Union[str, Path], *, dtype: torch.dtype = to
     cls = getattr(transformers, architecture, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         cls = transformers.AutoModel
+    bars = transformers.utils.logging
+    shown = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()  # the command line says one line about this load, not a progress bar
     try:
         model = cls.from_pretrained(str(folder), dtype=dtype, use_safetensors=True, local_files_only=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"transformers could not load {str(folder)!r} ({architecture}): {first}") from None
+    finally:
+        if shown:
+            bars.enable_progress_bar()
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"{str(folder)!r} has no fast tokenizer (tokenizer.json); explain needs one for the "
                          "offsets of its tokens")
