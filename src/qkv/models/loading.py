@@ -163,7 +163,7 @@ def architecture_of(config: dict, folder: Path) -> str:
     near = nearest_architecture(archs, model_type)
     hint = f"the nearest family qkv runs is {near}; " if near else ""
     raise ForeignArchitecture(
-        f"config.json in {str(folder)!r} names an architecture qkv cannot run natively ({seen}); "
+        f"config.json in {str(folder)!r} names an architecture qkv cannot run ({seen}); "
         f"{hint}qkv runs {', '.join(FAMILIES)}; to explain it through transformers instead, pass "
         f"qkv.models.load_transformers(path) as the model, as `qkv explain` and `qkv serve` do ({HF_INSTALL})",
         architecture=archs[0] if archs else str(model_type), folder=folder,
