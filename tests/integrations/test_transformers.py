@@ -478,3 +478,14 @@ def test_generation_without_padding_runs_on_the_causal_flag_alone():
     assert [c["q"].shape[2] for c in rec.calls] == [6, 6, 1, 1, 1, 1]
     assert all(c["mask"] is None for c in rec.calls)
     assert [c["causal"] for c in rec.calls] == [True, True, False, False, False, False]  # one query sees all
+
+
+def test_from_pretrained_with_attn_implementation_qkv(tmp_path):
+    tiny("mistral").save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="qkv")
+    eager = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    assert model.config._attn_implementation == "qkv"
+    ids, mask, valid = batch("mistral")
+    with torch.no_grad():
+        got, want = model(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
