@@ -250,6 +250,33 @@ def test_words_join_sub_word_tokens(tiny):
     torch.testing.assert_close(r.maps("raw", "word")[:, :, 2, 1], whole[:, :, 2:4, 1].mean(-1))
 
 
+def test_byte_level_words_drop_the_space_their_tokens_carry():
+    """GPT-2's byte-level BPE: a word's tokens cover the space before it (offsets untrimmed), and
+    the word is the text without it."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from models.hf_folders import SENTENCES, tiny_gpt2_config
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    bpe.train_from_iterator(SENTENCES, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(tiny_gpt2_config(vocab_size=300, n_positions=64)).eval()
+    text = "the quick brown fox jumps over the lazy dogs"
+    r = qkv.explain(text, model=model, tokenizer=tok, focus="dogs")
+    assert r.words == text.split() and not any(r.special)
+    assert r.tokens[-2:] == ["Ġdog", "s"] and r.word_of_token[-2:] == [8, 8]
+    n = len(r.tokens)
+    assert r.attentions.shape == (2, 4, n, n) and r.maps("raw", "word").shape == (2, 4, 9, 9)
+    assert_within_rule(r.attentions, eager_attentions(model, tok, text, torch.float32),
+                       eager_attentions(model, tok, text, torch.float64), factor=2, what="GPT-2 byte-level")
+
+
 def test_length_is_checked_and_truncate_cuts(tiny):
     model, tok = tiny("bert")  # 40 positions (build_bert_folder)
     long = " ".join(["the cat"] * 30)
