@@ -96,7 +96,7 @@ class Recorder:
         from ..nn import MultiHeadAttention
 
         found = [(name, m) for name, m in model.named_modules() if isinstance(m, MultiHeadAttention)]
-        if not found and _is_transformers_model(model):
+        if not found and is_transformers_model(model):
             from ..integrations.transformers import attention_modules
 
             found = attention_modules(model)
@@ -184,9 +184,9 @@ class Recorder:
         return fv.norm(dim=-1).float()
 
 
-# where transformers' attention modules keep their output projection W_O (Llama, Mistral, Gemma: o_proj;
-# OPT, BART, GPT-J, CodeGen: out_proj; GPT-2: c_proj; GPT-NeoX, Phi: dense; DistilBERT: out_lin; T5: o)
-_OUT_NAMES = ("out_proj", "o_proj", "c_proj", "dense", "out_lin", "wo")
+# where attention modules keep their output projection W_O: qkv's MultiHeadAttention and OPT, GPT-J,
+# CodeGen: out_proj; Llama, Mistral, Gemma: o_proj; GPT-2: c_proj; GPT-NeoX, Phi: dense; DistilBERT: out_lin
+_OUT_NAMES = ("out_proj", "o_proj", "c_proj", "dense", "out_lin")
 
 
 def output_projection(model: Optional[torch.nn.Module], name: str, module) -> Optional[Tensor]:
@@ -194,7 +194,7 @@ def output_projection(model: Optional[torch.nn.Module], name: str, module) -> Op
 
     Looked up on the module by the names above, then (BERT, RoBERTa, ELECTRA: the module is the
     "self" part of an attention block) on its parent's `output.dense`. GPT-2's Conv1D stores (in, out)
-    and is transposed. Read when needed, so the weight is the one the model holds then."""
+    and is transposed (a view of the parameter, so it follows the model's weights)."""
     layer = None
     for attr in _OUT_NAMES:
         sub = getattr(module, attr, None)
@@ -213,7 +213,8 @@ def output_projection(model: Optional[torch.nn.Module], name: str, module) -> Op
     return weight.t() if type(layer).__name__ == "Conv1D" else weight  # Conv1D: (in, out) -> (out, in)
 
 
-def _is_transformers_model(obj) -> bool:
+def is_transformers_model(obj) -> bool:
+    """Whether `obj` is a transformers `PreTrainedModel` (checked without importing transformers)."""
     return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
                for c in type(obj).__mro__)
 

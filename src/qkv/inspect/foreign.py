@@ -12,7 +12,7 @@ as `transformers`' `BatchEncoding` gives them).
 
 Value-weighted norms (Kobayashi et al., 2020) need each layer's output projection W_O; it is
 found by the names transformers' models give it (`o_proj`, `out_proj`, `c_proj`, `dense`,
-`out_lin`, `wo`, or BERT's sibling `output.dense`), see `qkv.inspect.capture.output_projection`.
+`out_lin`, or BERT's sibling `output.dense`), see `qkv.inspect.capture.output_projection`.
 
 Nothing here imports transformers at module import; `qkv.explain` comes here only when it is
 given a transformers model.
@@ -25,15 +25,10 @@ from typing import Optional
 
 import torch
 
-from .capture import Recorder
+from .capture import Recorder, is_transformers_model
 
-INSTALL = "pip install 'qkv[hf]'"
-
-
-def is_transformers_model(obj) -> bool:
-    """Whether `obj` is a transformers `PreTrainedModel` (checked without importing transformers)."""
-    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
-               for c in type(obj).__mro__)
+__all__ = ["is_transformers_model", "tokenizer_for", "max_tokens", "shape_of", "check_model", "encode",
+           "model_inputs", "record"]
 
 
 def tokenizer_for(model, tokenizer):
