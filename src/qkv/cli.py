@@ -174,6 +174,18 @@ def _load(name: str, fits=None, needs: str = ""):
     return model
 
 
+def _load_for_explain(name: str):
+    """`qkv.load(name)`, or for an architecture qkv has no native implementation of, the
+    transformers model (`qkv.models.loading.load_for_explain`), after one line on stderr; without
+    transformers installed, a user error saying how to install it."""
+    from .models.loading import load_for_explain
+
+    try:
+        return load_for_explain(name, note=lambda line: print(line, file=sys.stderr, flush=True))
+    except ImportError as exc:
+        raise UserError(str(exc)) from None
+
+
 def _write_files(args, writers: dict) -> list[str]:
     """Write each file asked for (flag -> writer(path)), in order; returns the lines "wrote PATH"."""
     lines = []
@@ -265,7 +277,9 @@ def _explain(p):
     runs, and the files are written before anything is printed."""
     p.add_argument("text", help="the sentence to explain, e.g. \"The cat sat on the mat.\"")
     p.add_argument("--focus", metavar="WORD", help="the word whose attention to show (first match, case-insensitive)")
-    _model_option(p, "minilm", "a bundled model name or a Hugging Face model folder (default: minilm)")
+    _model_option(p, "minilm", "a bundled model name, a Hugging Face model folder, or a Hub id org/name from "
+                  "the Hugging Face cache (default: minilm); architectures qkv has no native implementation of "
+                  "run through transformers (pip install 'qkv[hf]')")
     p.add_argument("--layer", type=_whole(0), metavar="L", help="show only this layer (0-based)")
     p.add_argument("--head", type=_whole(0), metavar="H", help="show this head instead of the mean over heads")
     p.add_argument("--method", choices=["raw", "rollout", "value-norm"], default="raw",
@@ -297,8 +311,9 @@ def _explain(p):
         text = _text(args.text, "the text")
         other = None if args.compare is None else _text(args.compare, "the --compare text")
         _check_explain_flags(args)
-        # 2. the model, loaded but not run, and what depends on it
-        model = _load(args.model)
+        # 2. the model, loaded but not run, and what depends on it (through transformers when qkv
+        # has no native implementation of its architecture, saying so in one line on stderr)
+        model = _load_for_explain(args.model)
         _check_explain_model(args, model, text, other)
         # 3. run, draw, write the files, and only then print
         result = explain(text, model, focus=args.focus, rows=args.rows, truncate=args.truncate, name=args.model)
@@ -360,16 +375,22 @@ def _check_explain_flags(args) -> None:
 def _check_explain_model(args, model, text: str, other: Optional[str]) -> None:
     """What depends on the loaded model, checked before it runs: its kind, layers and heads,
     the length of the text(s), the focus word, and --compare's length."""
-    from .inspect.explain import attention_layers, prepare
+    from .inspect import foreign
+    from .inspect.explain import attention_layers, model_shape, prepare
 
     name = args.model
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise UserError(f"{name!r} has no tokenizer files; explain needs them to turn text into tokens")
-    layers = attention_layers(model)
-    if not layers:
-        raise UserError(f"{name!r} has no qkv attention layers to inspect")
-    seq2seq = bool(getattr(model, "is_encoder_decoder", False))
+    through_transformers = foreign.is_transformers_model(model)
+    if through_transformers:
+        foreign.check_model(model, name)  # encoder-decoders, attention transformers cannot switch
+        layers = []
+    else:
+        layers = attention_layers(model)
+        if not layers:
+            raise UserError(f"{name!r} has no qkv attention layers to inspect")
+    seq2seq = not through_transformers and bool(getattr(model, "is_encoder_decoder", False))
     if seq2seq:
         if args.rows == "focus":
             raise UserError(f"--rows focus is for encoder or decoder models, and {name!r} is an "
@@ -377,7 +398,7 @@ def _check_explain_model(args, model, text: str, other: Optional[str]) -> None:
         if args.method != "raw":
             raise UserError(f"--method {args.method} is defined for one stack of layers; for an "
                             "encoder-decoder model use --method raw (the default)")
-    n_layers, n_heads = len(layers), min(m.num_heads for _, m in layers)
+    n_layers, n_heads = model_shape(model)
     if args.layer is not None and args.layer >= n_layers:
         raise UserError(f"--layer {args.layer} does not exist: the model has layers 0..{n_layers - 1}")
     if args.head is not None and args.head >= n_heads:
@@ -388,7 +409,7 @@ def _check_explain_model(args, model, text: str, other: Optional[str]) -> None:
             raise UserError(f"--layer {args.layer} is not a cross-attention layer; those are "
                             f"{', '.join(map(str, cross))} (without --focus, an encoder-decoder model shows "
                             "its cross-attention)")
-    limit = getattr(tok, "max_length", None)
+    limit = foreign.max_tokens(model, tok) if through_transformers else getattr(tok, "max_length", None)
     probes = []
     for t, what in ((text, "the text"), (other, "the --compare text")):
         if t is not None:
@@ -419,7 +440,8 @@ def _serve(p):
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--model-dir", metavar="DIR",
                    help="also offer each Hugging Face model folder under DIR, by its folder name (folders "
-                   "qkv cannot load are skipped, with the reason on stderr)")
+                   "qkv cannot load are skipped, with the reason on stderr; architectures qkv has no native "
+                   "implementation of run through transformers, pip install 'qkv[hf]')")
     p.add_argument("--max-queue", type=_whole(0), default=8, metavar="N",
                    help="requests that may wait for the model; one more gets 503 (default: 8)")
     p.add_argument("--max-chars", type=_whole(1), default=1000, metavar="N",

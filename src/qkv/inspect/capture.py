@@ -87,18 +87,27 @@ class Recorder:
     with_values: bool = True
     records: list[Record] = field(default_factory=list)
     _layer_of: dict = field(default_factory=dict, repr=False)
+    _out_weight: dict = field(default_factory=dict, repr=False)  # id(module) -> W_O (E, Hq * D) or None
 
     def attach(self, model: torch.nn.Module) -> "Recorder":
+        """Hook every attention layer of `model`: each qkv `MultiHeadAttention`, or for a transformers
+        model the modules `qkv.integrations.transformers.attention_modules` lists (they call the
+        recorder when the model runs with attn_implementation="qkv"). Layer i is the i-th, in order."""
         from ..nn import MultiHeadAttention
 
         found = [(name, m) for name, m in model.named_modules() if isinstance(m, MultiHeadAttention)]
+        if not found and is_transformers_model(model):
+            from ..integrations.transformers import attention_modules
+
+            found = attention_modules(model)
         if not found:
             raise ValueError(
                 f"{type(model).__name__} has no qkv MultiHeadAttention layers to inspect; explain works on "
-                "models built from qkv.nn"
+                "models built from qkv.nn and on transformers models"
             )
         for index, (name, module) in enumerate(found):
             self._layer_of[id(module)] = (index, name)
+            self._out_weight[id(module)] = output_projection(model, name, module)
             module.recorder = self
         self._modules = [m for _, m in found]
         return self
@@ -139,7 +148,7 @@ class Recorder:
             v_sel = v[:, kv_heads].detach().clone()  # (B, nh, Lk, Dv)
             mask_rows = [self._row_mask(spec, int(r), heads, q.device) for r in rows]
             mask_sel = torch.cat(mask_rows, dim=2) if mask_rows else torch.zeros(1, 1, 0, spec.Lk)  # (.., nr, Lk)
-            fv_norm = self._fv_norm(module, v_sel, heads) if self.with_values else None
+            fv_norm = self._fv_norm(module, v_sel, heads, Hq) if self.with_values else None
         mod = None if score_mod is None else _remap_score_mod(score_mod, heads, rows)
         self.records.append(Record(
             layer=layer, name=name, q=q_sel, k=k_sel, v=v_sel if self.with_values else v_sel[..., :0],
@@ -162,17 +171,52 @@ class Recorder:
             out = out[:, heads]  # (B, nh, 1, Lk)
         return out
 
-    @staticmethod
-    def _fv_norm(module, v_sel: Tensor, heads: Tensor) -> Optional[Tensor]:
-        """(B, nh, Lk) ||v_j W_O^h||: each value after the output projection's slice for head h."""
-        out_proj = getattr(module, "out_proj", None)
-        if out_proj is None:
-            return None
+    def _fv_norm(self, module, v_sel: Tensor, heads: Tensor, Hq: int) -> Optional[Tensor]:
+        """(B, nh, Lk) ||v_j W_O^h||: each value after the output projection's slice for head h, or None
+        when the layer has no output projection of Hq blocks of D columns."""
+        w = self._out_weight.get(id(module))
         D = v_sel.shape[-1]
-        w = out_proj.weight.detach()  # (E, Hq * D)
+        if w is None or w.shape[1] != Hq * D:
+            return None
+        w = w.detach()  # (E, Hq * D)
         w_heads = w.view(w.shape[0], -1, D)[:, heads].transpose(0, 1)  # (nh, E, D)
         fv = torch.matmul(v_sel.to(w.dtype), w_heads.transpose(-1, -2).unsqueeze(0))  # (B, nh, Lk, E)
         return fv.norm(dim=-1).float()
+
+
+# where attention modules keep their output projection W_O: qkv's MultiHeadAttention and OPT, GPT-J,
+# CodeGen: out_proj; Llama, Mistral, Gemma: o_proj; GPT-2: c_proj; GPT-NeoX, Phi: dense; DistilBERT: out_lin
+_OUT_NAMES = ("out_proj", "o_proj", "c_proj", "dense", "out_lin")
+
+
+def output_projection(model: Optional[torch.nn.Module], name: str, module) -> Optional[Tensor]:
+    """The output projection's weight of an attention module as nn.Linear holds it, (E, Hq * D), or None.
+
+    Looked up on the module by the names above, then (BERT, RoBERTa, ELECTRA: the module is the
+    "self" part of an attention block) on its parent's `output.dense`. GPT-2's Conv1D stores (in, out)
+    and is transposed (a view of the parameter, so it follows the model's weights)."""
+    layer = None
+    for attr in _OUT_NAMES:
+        sub = getattr(module, attr, None)
+        if isinstance(sub, torch.nn.Module) and isinstance(getattr(sub, "weight", None), Tensor):
+            layer = sub
+            break
+    if layer is None and model is not None and "." in name:
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        output = getattr(parent, "output", None)
+        sub = getattr(output, "dense", None) if isinstance(output, torch.nn.Module) else None
+        if isinstance(sub, torch.nn.Module) and isinstance(getattr(sub, "weight", None), Tensor):
+            layer = sub
+    if layer is None or layer.weight.dim() != 2:
+        return None
+    weight = layer.weight
+    return weight.t() if type(layer).__name__ == "Conv1D" else weight  # Conv1D: (in, out) -> (out, in)
+
+
+def is_transformers_model(obj) -> bool:
+    """Whether `obj` is a transformers `PreTrainedModel` (checked without importing transformers)."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
+               for c in type(obj).__mro__)
 
 
 def _window_of(window, causal: bool) -> Optional[tuple[Optional[int], Optional[int]]]:

@@ -344,7 +344,8 @@ class ExplainResult:
 
     def _fv_norm(self, rec: Record) -> Tensor:
         if rec.fv_norm is None:
-            raise ValueError("value-norm needs the layer's values and output projection; this layer has none")
+            raise ValueError(f"value-norm needs each layer's values and output projection, and qkv found no output "
+                             f"projection for layer {rec.layer} ({rec.name}); use method 'raw' or 'rollout'")
         return rec.fv_norm[0]
 
     # ---------------------------------------------------------------- output
@@ -411,19 +412,24 @@ class ExplainResult:
 
 def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, layers: Optional[Sequence[int]] = None,
             heads: Optional[Sequence[int]] = None, rows: str = "all", truncate: bool = False,
-            name: Optional[str] = None) -> ExplainResult:
+            name: Optional[str] = None, tokenizer=None) -> ExplainResult:
     """Run `model` on `text` and record its attention.
 
     Args:
         text: the input text.
-        model: a bundled name ("minilm"), a model folder path, or a model from `qkv.load`.
+        model: a bundled name ("minilm"), a model folder path or Hub id ("org/name"), a model from
+            `qkv.load`, or a transformers `PreTrainedModel` (encoder-only or decoder-only; it runs once
+            with attn_implementation "qkv", restored afterwards; `qkv.inspect.foreign`).
         focus: a word of the text (or a word index), needed with rows="focus".
         layers, heads: record only these (indices); None = all.
         rows: "all" records every query row; "focus" only the focus word's tokens, so a long
             input can be explained for one word without building every full map.
         truncate: cut text longer than the model's positions instead of raising.
         name: the model's name in the result and its pictures (default: the bundled name or
-            path given, or the model's class name for a model object).
+            path given, or the model's class name for a model object; a transformers model's
+            name_or_path).
+        tokenizer: a transformers model's fast tokenizer (AutoTokenizer); required with one, unless
+            it came from `qkv.models.load_transformers`, which attaches it. qkv's own models carry theirs.
 
     Returns:
         an `ExplainResult`. The model's outputs are not changed by the recording.
@@ -434,8 +440,16 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
     if rows == "focus" and focus is None:
         raise ValueError("rows='focus' needs a focus word")
     if not isinstance(model, (str, os.PathLike, torch.nn.Module)):
-        raise TypeError(f"model must be a bundled name, a model folder path or a model from qkv.load; "
-                        f"got {type(model).__name__}")
+        raise TypeError(f"model must be a bundled name, a model folder path, a model from qkv.load or a "
+                        f"transformers model; got {type(model).__name__}")
+    from .foreign import is_transformers_model
+
+    if is_transformers_model(model):
+        return _explain_transformers(text, model, tokenizer, focus=focus, layers=layers, heads=heads, rows=rows,
+                                     truncate=truncate, name=name)
+    if tokenizer is not None:
+        raise TypeError("tokenizer= is for transformers models; qkv's own models carry their tokenizer "
+                        "(model.tokenizer): drop tokenizer=")
     model, loaded_name = _load_model(model)
     name = loaded_name if name is None else str(name)
     _check_layers_heads(model, name, layers, heads)
@@ -447,13 +461,7 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
         return _explain_seq2seq(text, model, name, focus=focus, layers=layers, heads=heads, truncate=truncate)
     probe, batch = prepare(text, model, name, truncate=truncate)
     ids, attention_mask = batch.input_ids, batch.attention_mask
-
-    record_rows = None
-    if focus is not None:
-        w = probe.focus_index(focus, "word")  # a missing focus word is reported now, before the model runs
-        if rows == "focus":
-            _, _, unit_of = probe.units("word")
-            record_rows = [t for t, u in enumerate(unit_of) if u == w]
+    record_rows = _focus_rows(probe, focus, rows)
 
     recorder = Recorder(layers=layers, heads=heads, rows=record_rows).attach(model)
     try:
@@ -461,12 +469,46 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
             model(ids, attention_mask=attention_mask)
     finally:
         recorder.detach()
-    result = ExplainResult(text, name, probe.tokens, probe.special, probe.words, probe.word_of_token,
-                           recorder.records, rows=record_rows)
+    return _result(probe, recorder, record_rows, layers)
+
+
+def _focus_rows(probe: "ExplainResult", focus, rows: str) -> Optional[list[int]]:
+    """The token rows to record: the focus word's with rows='focus', else None (all). A missing
+    focus word is reported now, before the model runs."""
+    if focus is None:
+        return None
+    w = probe.focus_index(focus, "word")
+    if rows != "focus":
+        return None
+    _, _, unit_of = probe.units("word")
+    return [t for t, u in enumerate(unit_of) if u == w]
+
+
+def _result(probe: "ExplainResult", recorder: Recorder, record_rows, layers) -> "ExplainResult":
+    result = ExplainResult(probe.text, probe.model_name, probe.tokens, probe.special, probe.words,
+                           probe.word_of_token, recorder.records, rows=record_rows)
     if not result.records:
         raise ValueError(f"no layer was recorded: layers {list(layers or [])} do not exist "
                          f"(the model has {recorder.num_layers} attention layers)")
     return result
+
+
+def _explain_transformers(text: str, model, tokenizer, *, focus, layers, heads, rows: str, truncate: bool,
+                          name: Optional[str]) -> "ExplainResult":
+    """explain for a transformers model (qkv.inspect.foreign): its tokenizer's tokens and words, one
+    run with attn_implementation "qkv" and a Recorder on its attention modules."""
+    from . import foreign
+
+    tok = foreign.tokenizer_for(model, tokenizer)
+    if name is None:
+        name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    foreign.check_model(model, name)
+    n_layers, n_heads = foreign.shape_of(model)
+    _check_indices(name, layers, heads, n_layers, n_heads)
+    probe, enc = prepare(text, model, name, truncate=truncate, tokenizer=tok)
+    record_rows = _focus_rows(probe, focus, rows)
+    recorder = foreign.record(model, foreign.model_inputs(model, enc), layers=layers, heads=heads, rows=record_rows)
+    return _result(probe, recorder, record_rows, layers)
 
 
 def _check_text(text) -> str:
@@ -500,11 +542,23 @@ def attention_layers(model) -> list:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MultiHeadAttention)]
 
 
+def model_shape(model) -> tuple[int, int]:
+    """(attention layers, the fewest query heads of a layer) of a qkv model or a transformers model."""
+    from .foreign import is_transformers_model, shape_of
+
+    if is_transformers_model(model):
+        return shape_of(model)
+    found = attention_layers(model) if isinstance(model, torch.nn.Module) else []
+    return len(found), min((m.num_heads for _, m in found), default=0)
+
+
 def _check_layers_heads(model, name: str, layers, heads) -> None:
     """Refuse layer and head indices the model lacks before it runs (the recorder would find out later)."""
-    found = attention_layers(model) if isinstance(model, torch.nn.Module) else []
-    for what, values, count in (("layers", layers, len(found)),
-                                ("heads", heads, min((m.num_heads for _, m in found), default=0))):
+    _check_indices(name, layers, heads, *model_shape(model))
+
+
+def _check_indices(name: str, layers, heads, n_layers: int, n_heads: int) -> None:
+    for what, values, count in (("layers", layers, n_layers), ("heads", heads, n_heads)):
         if values is None:
             continue
         if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
@@ -513,16 +567,23 @@ def _check_layers_heads(model, name: str, layers, heads) -> None:
         wrong = [v for v in values if isinstance(v, bool) or not isinstance(v, int)]
         if wrong:
             raise TypeError(f"{what} must be whole numbers; got {wrong[0]!r}")
-        if found:
+        if n_layers:
             missing = [v for v in values if not 0 <= v < count]
             if missing:
                 raise ValueError(f"{what} {missing} do not exist: {name!r} has {what} 0..{count - 1}")
 
 
-def prepare(text: str, model, name: str, *, truncate: bool = False):
-    """(an ExplainResult without records, the tokenizer's Batch): the tokens, words and units that
-    explain uses for `text`, found without running the model. The command line checks a focus
-    word and the length of --compare's sentence on it before anything runs."""
+def prepare(text: str, model, name: str, *, truncate: bool = False, tokenizer=None):
+    """(an ExplainResult without records, the tokenizer's Batch (a BatchEncoding for a transformers
+    model)): the tokens, words and units that explain uses for `text`, found without running the
+    model. The command line checks a focus word and the length of --compare's sentence on it
+    before anything runs."""
+    from .foreign import encode, is_transformers_model, tokenizer_for
+
+    if is_transformers_model(model):
+        tok = tokenizer_for(model, tokenizer)
+        enc, tokens, special, words, word_of_token = encode(text, model, tok, name, truncate=truncate)
+        return ExplainResult(text, name, tokens, special, words, word_of_token, records=[]), enc
     tok = _tokenizer_of(model, name)
     batch = tok([text], truncate=truncate)
     word_of_token = list(batch.word_ids[0])

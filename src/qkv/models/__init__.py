@@ -26,7 +26,7 @@ from .distilbert import (
 )
 from .gpt2 import GPT2Config, GPT2LMHeadModel
 from .llama import LlamaConfig, LlamaForCausalLM
-from .loading import BUNDLED, FAMILIES, bundled_path, load
+from .loading import BUNDLED, FAMILIES, bundled_path, load, load_transformers
 from .mistral import MistralConfig, MistralForCausalLM
 from .qwen2 import Qwen2Config, Qwen2ForCausalLM
 from .roberta import (
@@ -42,6 +42,7 @@ from .tokenizer import Batch, Tokenizer
 
 __all__ = [
     "load",
+    "load_transformers",
     "bundled_path",
     "BUNDLED",
     "FAMILIES",

@@ -18,6 +18,7 @@ is allocated, and `load_weights` copies.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -176,6 +177,88 @@ def resolve_folder(path) -> Path:
             f"next to its weights (save one with model.save_pretrained(folder))"
         )
     return folder
+
+
+# ------------------------------------------------------------------ Hugging Face Hub ids
+
+# "org/name" as the Hub spells repository ids (huggingface_hub's validate_repo_id: word
+# characters, '-' and '.', at most 96 each side, no "--" or ".."); qkv asks for the owner.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+# the files of a repository qkv reads: config and tokenizer JSON, safetensors weights, vocab and
+# merges text, sentencepiece models. Never pickles, never code.
+HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def is_hub_id(text) -> bool:
+    """Whether `text` has the form of a Hub repository id, "org/name"."""
+    return (isinstance(text, str) and HUB_ID.fullmatch(text) is not None and "--" not in text
+            and ".." not in text and not text.endswith((".", "-")))
+
+
+def hub_offline() -> bool:
+    """Offline mode as transformers sees it: huggingface_hub's HF_HUB_OFFLINE (read from
+    HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE when huggingface_hub is imported), or either
+    variable set since."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    return bool(constants.HF_HUB_OFFLINE) or (env or "").strip().lower() in _TRUE
+
+
+def hub_cache() -> str:
+    """The Hugging Face cache folder: HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else HF_HOME/hub, read
+    now (so a variable set after huggingface_hub's import counts), else huggingface_hub's default."""
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return os.path.expandvars(os.path.expanduser(os.environ[var]))
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expandvars(os.path.expanduser(os.environ["HF_HOME"])), "hub")
+    return constants.HF_HUB_CACHE
+
+
+def resolve_hub_id(repo_id: str, *, local_files_only: bool = False) -> Path:
+    """The local snapshot folder of the Hub repository `repo_id` ("org/name"), through
+    `huggingface_hub.snapshot_download` with only the files qkv reads (`HUB_FILES`).
+
+    From the cache alone when offline mode is on (`hub_offline`) or `local_files_only`; else
+    huggingface_hub checks the Hub for the newest revision and downloads what is missing, as
+    transformers' `from_pretrained` does.
+
+    Raises:
+        FileNotFoundError: not cached and offline (or the Hub unreachable), or no such repository;
+            the message names the id, the cache, and how to fetch it.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    cache = hub_cache()
+    offline = hub_offline()
+    fetch = (f"fetch it once with network access (`hf download {repo_id}`, "
+             f"or run without HF_HUB_OFFLINE), or pass the path of a local model folder")
+    try:
+        path = snapshot_download(repo_id, cache_dir=cache, allow_patterns=list(HUB_FILES),
+                                 local_files_only=offline or local_files_only)
+    except IncompleteSnapshotError:
+        raise FileNotFoundError(f"the Hugging Face cache ({cache}) holds only part of {repo_id!r}; {fetch}") from None
+    except LocalEntryNotFoundError as exc:
+        why = ("offline mode is on (HF_HUB_OFFLINE)" if offline else "local_files_only=True" if local_files_only
+               else f"the Hub could not be reached ({type(exc.__cause__ or exc).__name__})")
+        raise FileNotFoundError(f"{repo_id!r} is neither a folder nor in the Hugging Face cache ({cache}), "
+                                f"and {why}; {fetch}") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{repo_id!r} is neither a folder nor a model on the Hugging Face Hub (or it is "
+                                "private or gated: log in with `hf auth login`)") from None
+    except HfHubHTTPError as exc:
+        raise OSError(f"the Hugging Face Hub refused {repo_id!r}: {str(exc).splitlines()[0]}") from None
+    return Path(path)
 
 
 def read_config(folder: Path) -> dict:

@@ -56,11 +56,14 @@ from .checkpoint import (
     ModelError,
     check_layers,
     check_plan,
+    find_in_folder,
+    is_hub_id,
     load_weights,
     read_config,
     read_json,
     read_shapes,
     resolve_folder,
+    resolve_hub_id,
     safetensors_files,
 )
 from .common import Family
@@ -130,6 +133,20 @@ def bundled_path(name: str) -> Path:
     raise FileNotFoundError(f"the package {package} is installed but has no {sub}/config.json; reinstall it")
 
 
+HF_INSTALL = "pip install 'qkv[hf]'"
+
+
+class ForeignArchitecture(ModelError):
+    """config.json names an architecture qkv has no native implementation of (and does not refuse
+    on purpose): `load_transformers` may run it. `architecture`: the name config.json gives;
+    `folder`: the folder it came from."""
+
+    def __init__(self, message: str, *, architecture: str, folder: Path):
+        super().__init__(message)
+        self.architecture = architecture
+        self.folder = folder
+
+
 def architecture_of(config: dict, folder: Path) -> str:
     f = Fields(config, folder / "config.json")
     archs = f.get("architectures", Optional[list[str]], None) or []
@@ -145,9 +162,11 @@ def architecture_of(config: dict, folder: Path) -> str:
     seen = ", ".join(archs) if archs else f"model_type={config.get('model_type')!r}"
     near = nearest_architecture(archs, model_type)
     hint = f"the nearest family qkv runs is {near}; " if near else ""
-    raise ModelError(
+    raise ForeignArchitecture(
         f"config.json in {str(folder)!r} names an architecture qkv cannot run ({seen}); "
-        f"{hint}qkv runs {', '.join(FAMILIES)}"
+        f"{hint}qkv runs {', '.join(FAMILIES)}; to explain it through transformers instead, pass "
+        f"qkv.models.load_transformers(path) as the model, as `qkv explain` and `qkv serve` do ({HF_INSTALL})",
+        architecture=archs[0] if archs else str(model_type), folder=folder,
     )
 
 
@@ -180,7 +199,27 @@ def nearest_architecture(archs: list[str], model_type: Optional[str]) -> Optiona
     return None
 
 
-def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, device="cpu"):
+def locate(name_or_path: Union[str, Path], *, local_files_only: bool = False) -> Path:
+    """The folder of a bundled name, an existing folder path, or a Hub id "org/name" (a string
+    that is no existing path) resolved through the Hugging Face cache (`resolve_hub_id`: offline
+    mode and `local_files_only` keep it to the cache, else it downloads what is missing)."""
+    key = str(name_or_path)
+    if key.lower() in BUNDLED and not Path(key).exists():
+        return bundled_path(key)
+    if not Path(key).expanduser().exists():
+        if isinstance(name_or_path, str) and is_hub_id(key):
+            return resolve_hub_id(key, local_files_only=local_files_only)
+        if "/" not in key and "\\" not in key and not key.startswith("."):
+            raise FileNotFoundError(
+                f"{key!r} is neither a bundled model ({', '.join(sorted(set(n for n in BUNDLED if '/' not in n)))}) "
+                f"nor an existing folder; pass a bundled name, the path of a Hugging Face model folder or a "
+                f"Hub id such as 'org/name'"
+            )
+    return resolve_folder(key)
+
+
+def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, device="cpu",
+         local_files_only: bool = False):
     """Load a model and its tokenizer.
 
     Everything in the folder is checked before the weights are allocated: config.json's
@@ -188,10 +227,13 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
     shape and dtype against the safetensors headers, the tokenizer and pooling files.
 
     Args:
-        name_or_path: a bundled name ("minilm") or the path of a Hugging Face model folder
-            (config.json, model.safetensors or sharded safetensors, tokenizer files).
+        name_or_path: a bundled name ("minilm"), the path of a Hugging Face model folder
+            (config.json, model.safetensors or sharded safetensors, tokenizer files), or a Hub id
+            "org/name" (`locate`: from the Hugging Face cache; downloaded when missing unless
+            offline mode, HF_HUB_OFFLINE=1, is on, as transformers does).
         dtype: parameter dtype (float32 default; bfloat16/float16 to save memory, float64).
         device: where the parameters live ("cpu", "cuda", "cuda:1", "mps", a torch.device).
+        local_files_only: resolve a Hub id from the cache only, never the network.
 
     Returns:
         the model (`BertModel` or a BERT with its head (bert_heads.py), a `CausalLM` such as
@@ -208,16 +250,7 @@ def load(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, 
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"name_or_path must be a string or a Path; got {type(name_or_path).__name__}")
     device = check_target(dtype, device)
-    key = str(name_or_path)
-    if key.lower() in BUNDLED and not Path(key).exists():
-        folder = bundled_path(key)
-    else:
-        if not Path(key).expanduser().exists() and "/" not in key and "\\" not in key and not key.startswith("."):
-            raise FileNotFoundError(
-                f"{key!r} is neither a bundled model ({', '.join(sorted(set(n for n in BUNDLED if '/' not in n)))}) "
-                f"nor an existing folder; pass a bundled name or the path of a Hugging Face model folder"
-            )
-        folder = resolve_folder(key)
+    folder = locate(name_or_path, local_files_only=local_files_only)
     source = folder / "config.json"
     config_dict = read_config(folder)
     arch = architecture_of(config_dict, folder)
@@ -308,3 +341,113 @@ def read_generation_config(folder: Path) -> dict:
     data = read_json(path)
     Fields(data, path).get("max_new_tokens", Optional[int], None, POSITIVE)
     return data
+
+
+# --------------------------------------------------------------------------- through transformers
+
+
+def transformers_available() -> bool:
+    """Whether transformers can be imported (the `hf` extra: pip install 'qkv[hf]')."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def foreign_note(architecture: str) -> str:
+    """The one line `qkv explain` and `qkv serve` say when they run a folder through transformers."""
+    return f"qkv runs {architecture} through transformers (qkv has no native implementation)"
+
+
+def check_foreign_folder(folder: Path, architecture: str) -> Optional[str]:
+    """Why `load_transformers` would refuse this folder, found without reading weights; None if it
+    looks loadable: transformers installed, not an encoder-decoder, safetensors weights, tokenizer files."""
+    if not transformers_available():
+        return f"qkv has no native implementation of {architecture}, and running it through transformers " \
+               f"needs transformers: {HF_INSTALL}"
+    config = read_config(folder)
+    if config.get("is_encoder_decoder"):
+        return _encoder_decoder_refusal(architecture)
+    read_shapes(safetensors_files(folder))
+    if not find_in_folder(folder, "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                          "sentencepiece.bpe.model"):
+        return "no tokenizer files (tokenizer.json, vocab.txt, vocab.json or a sentencepiece model); explain needs them"
+    return None
+
+
+def _encoder_decoder_refusal(architecture: str) -> str:
+    return (f"{architecture} is an encoder-decoder; explain runs transformers' encoder-only and decoder-only "
+            "models (BERT-like, GPT-like), and encoder-decoders that qkv runs natively (qkv's own 'translate')")
+
+
+def load_transformers(name_or_path: Union[str, Path], *, dtype: torch.dtype = torch.float32, device="cpu",
+                      local_files_only: bool = False):
+    """A model folder (or Hub id) loaded by transformers instead of qkv, for explain: any encoder-only
+    or decoder-only architecture transformers knows, through its `AutoModel` classes (the class
+    config.json names when transformers has it), safetensors only, no remote code.
+
+    Returns:
+        the transformers `PreTrainedModel` in eval mode, with `.tokenizer` its fast tokenizer
+        (`AutoTokenizer`) and `.folder` the folder it came from. `qkv.explain(text, model)` runs
+        its attention through qkv ("qkv" attention implementation) and records it.
+
+    Raises:
+        ImportError: transformers is not installed (the message says `pip install 'qkv[hf]'`).
+        ModelError: an encoder-decoder, pickle-only weights, no fast tokenizer, or a folder transformers
+            refuses (its message included). FileNotFoundError: as `locate`.
+    """
+    device = check_target(dtype, device)
+    folder = locate(name_or_path, local_files_only=local_files_only)
+    config = read_config(folder)
+    archs = Fields(config, folder / "config.json").get("architectures", Optional[list[str]], None) or []
+    architecture = archs[0] if archs else str(config.get("model_type"))
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(f"qkv has no native implementation of {architecture}, and running it through "
+                          f"transformers needs transformers: {HF_INSTALL}") from None
+    if config.get("is_encoder_decoder"):
+        raise ModelError(_encoder_decoder_refusal(architecture))
+    safetensors_files(folder)  # pickle-only folders are refused here, with the reason
+    cls = getattr(transformers, architecture, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        cls = transformers.AutoModel
+    bars = transformers.utils.logging
+    shown = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()  # the command line says one line about this load, not a progress bar
+    try:
+        model = cls.from_pretrained(str(folder), dtype=dtype, use_safetensors=True, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"transformers could not load {str(folder)!r} ({architecture}): {first}") from None
+    finally:
+        if shown:
+            bars.enable_progress_bar()
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"{str(folder)!r} has no fast tokenizer (tokenizer.json); explain needs one for the "
+                         "offsets of its tokens")
+    model = model.to(device).eval()
+    model.tokenizer = tokenizer
+    model.folder = folder
+    return model
+
+
+def load_for_explain(name_or_path: Union[str, Path], *, note=None, local_files_only: bool = False):
+    """`load`, or for an architecture qkv does not run natively (`ForeignArchitecture`)
+    `load_transformers`, after calling `note` (if given) with `foreign_note`'s line. Native
+    architectures always run on qkv's own models.
+
+    Raises:
+        ImportError: a foreign architecture without transformers installed (says `pip install 'qkv[hf]'`).
+    """
+    try:
+        return load(name_or_path, local_files_only=local_files_only)
+    except ForeignArchitecture as exc:
+        if not transformers_available():
+            raise ImportError(f"qkv has no native implementation of {exc.architecture}, and running it through "
+                              f"transformers needs transformers: {HF_INSTALL}") from None
+        if note is not None:
+            note(foreign_note(exc.architecture))
+        return load_transformers(exc.folder)

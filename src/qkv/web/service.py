@@ -57,7 +57,7 @@ class ModelRegistry:
         from ..models import BUNDLED
 
         if loader is None:
-            from ..models import load as loader
+            loader = _load_for_explain
         self._loader = loader
         self._entries: dict[str, ModelEntry] = {}
         for name in BUNDLED:
@@ -131,28 +131,53 @@ class ModelRegistry:
         return [e.name for e in self._entries.values() if self._alias[e.name] in self._loaded]
 
 
+def _load_for_explain(key: str):
+    """qkv's own model, or a transformers model for an architecture qkv does not run natively
+    (`qkv.models.loading.load_for_explain`), which is logged."""
+    from ..models.loading import load_for_explain
+
+    return load_for_explain(key, note=lambda line: log.warning("%s", line))
+
+
 def check_model_folder(folder: Path) -> Optional[str]:
     """Why `qkv.load` would refuse this model folder, found without reading its weights; None if
     it looks loadable. Checks: config.json is readable JSON naming an architecture qkv runs,
     with the fields that architecture needs; safetensors weights are there and their headers
-    readable; tokenizer files are there (explain needs them). Not checked: that the weights'
-    keys and shapes fit config.json (that needs the model built); a folder failing only that
-    is found on first use (500 model_unavailable, then no longer offered)."""
+    readable; tokenizer files are there (explain needs them). An architecture qkv has no native
+    implementation of is offered through transformers when transformers is installed and the folder
+    is not an encoder-decoder (`check_foreign_folder`; logged), else skipped with the reason (how to
+    install transformers). Not checked: that the weights' keys and shapes fit config.json (that
+    needs the model built); a folder failing only that is found on first use (500
+    model_unavailable, then no longer offered)."""
     from ..models.checkpoint import find_in_folder, read_config, read_shapes, safetensors_files
-    from ..models.loading import FAMILIES, architecture_of
+    from ..models.loading import FAMILIES, ForeignArchitecture, architecture_of, check_foreign_folder, foreign_note
 
     try:
         config = read_config(folder)
-        FAMILIES[architecture_of(config, folder)].config.from_hf(config)
+        try:
+            FAMILIES[architecture_of(config, folder)].config.from_hf(config)
+        except ForeignArchitecture as exc:
+            try:
+                reason = check_foreign_folder(folder, exc.architecture)
+            except Exception as inner:  # as below: the message is logged, not sent
+                reason = _reason(inner)
+            if reason is None:
+                log.warning("--model-dir: %s: %s", folder.name, foreign_note(exc.architecture))
+                return None
+            return reason if exc.architecture in reason else f"{exc.architecture} (through transformers): {reason}"
         read_shapes(safetensors_files(folder))
     except UnicodeDecodeError:
         return "a file of it (config.json or a weights index) is not UTF-8 text"
     except Exception as exc:  # whatever the loader would stumble on; the message is logged, not sent
-        return str(exc) if isinstance(exc, (ValueError, OSError)) and str(exc) else f"{type(exc).__name__}: {exc}"
+        return _reason(exc)
     if not (find_in_folder(folder, "tokenizer.json", "vocab.txt")
             or (find_in_folder(folder, "vocab.json") and find_in_folder(folder, "merges.txt"))):
         return "no tokenizer files (tokenizer.json, vocab.txt, or vocab.json + merges.txt); explain needs them"
     return None
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, (ValueError, OSError)) and str(exc) else f"{type(exc).__name__}: {exc}"
 
 
 # --------------------------------------------------------------------------- operations
@@ -169,10 +194,11 @@ class Service:
     # ------------------------------------------------------------ shared pieces
     def _explain(self, text: str, model_name: str, field: str = "text"):
         from ..inspect import explain
+        from ..inspect.foreign import is_transformers_model, max_tokens
 
         model, run_lock = self.registry.get(model_name)
         tok = getattr(model, "tokenizer", None)
-        limit = getattr(tok, "max_length", None)
+        limit = max_tokens(model, tok) if is_transformers_model(model) else getattr(tok, "max_length", None)
         if limit is not None:  # said here with the field's name (the library would suggest truncate=True)
             n = len(tok.encode(text))
             if n > limit:
