@@ -101,6 +101,14 @@ class ExplainResult:
     source_len: Optional[int] = None
     _cache: dict = field(default_factory=dict, repr=False)
 
+    def __repr__(self) -> str:
+        """One line: the text, the model and what was recorded (never the tensors themselves)."""
+        text = self.text if len(self.text) <= 60 else self.text[:57] + "..."
+        rows = "all rows" if self.rows is None else f"rows {self.rows}"
+        heads = self.num_heads if self.records else 0
+        return (f"ExplainResult({text!r}, model={self.model_name!r}, {len(self.tokens)} tokens, "
+                f"{self.num_layers} layers x {heads} heads, {rows})")
+
     # ------------------------------------------------------------------ basics
     @property
     def num_layers(self) -> int:
