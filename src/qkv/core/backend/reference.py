@@ -86,9 +86,39 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
 
 def weights(q: Tensor, k: Tensor, spec: AttentionSpec) -> Tensor:
     """q (B, Hq, Lq, D), k (B, Hkv, Lk, D) -> probs (B, Hq, Lq, Lk) in q's dtype (the caller
-    checks `size_error` first)."""
-    probs, _ = softmax_stats(q, k, spec)
-    return probs.to(q.dtype)
+    checks `size_error` first). Without autograd, the same probabilities in place (`_weights_in_place`)."""
+    if spec.Lk == 0 or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        probs, _ = softmax_stats(q, k, spec)
+        return probs.to(q.dtype)
+    return _weights_in_place(q, k, spec).to(q.dtype)
+
+
+def _weights_in_place(q: Tensor, k: Tensor, spec: AttentionSpec) -> Tensor:
+    """softmax_stats's probabilities when nothing needs gradients, at a third of the memory traffic:
+    grouped query heads share their key head by stacking the queries (no repeated keys), and the
+    scale, bias and constraints are applied in place on the one score matrix before a fused
+    (max-subtracted) softmax. Rows that may attend to nothing are zeros, as in softmax_stats.
+    q (B, Hq, Lq, D), k (B, Hkv, Lk, D) -> (B, Hq, Lq, Lk) in the compute dtype."""
+    ct = compute_dtype(q.dtype)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    qg = q.to(ct).reshape(B, Hkv, spec.groups * Lq, D)  # (B, Hkv, G*Lq, D): query head h = kv head h // G
+    scores = torch.matmul(qg, k.to(ct).transpose(-1, -2)).view(B, Hq, Lq, Lk)  # (B, Hq, Lq, Lk)
+    scores.mul_(spec.scale)
+    scores = spec.apply_score_mod(scores, 0, 0)
+    allowed, bias = spec.constraints(0, spec.Lq, 0, spec.Lk, q.device)
+    if bias is not None:
+        scores = scores.add_(bias.to(ct)) if torch.broadcast_shapes(bias.shape, scores.shape) == scores.shape \
+            else scores + bias.to(ct)
+    if allowed is not None:
+        scores = scores.masked_fill_(~allowed, float("-inf")) \
+            if torch.broadcast_shapes(allowed.shape, scores.shape) == scores.shape \
+            else scores.masked_fill(~allowed, float("-inf"))
+    dead = torch.isneginf(scores.amax(dim=-1, keepdim=True))  # (B, Hq, Lq, 1): rows that see no key
+    probs = torch.softmax(scores, dim=-1)  # NaN in dead rows (exp(-inf - -inf))
+    if bool(dead.any()):
+        probs.masked_fill_(dead, 0.0)
+    return probs
 
 
 def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
