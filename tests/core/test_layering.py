@@ -23,7 +23,7 @@ import qkv
 
 SRC = Path(qkv.__file__).resolve().parent.parent  # the directory holding the qkv package
 ABOVE_CORE = ("qkv.masks", "qkv.nn", "qkv.models", "qkv.inspect", "qkv.web", "qkv.train", "qkv.bench",
-              "qkv.distributed", "qkv.cli")
+              "qkv.distributed", "qkv.cli", "qkv.integrations")
 
 
 def _module_name(path: Path, root: Path) -> str:
