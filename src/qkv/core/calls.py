@@ -422,7 +422,10 @@ def merge_attention(partials: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, 
     Returns:
         (out, lse): lse = log sum_r exp(lse_r), out = sum_r exp(lse_r - lse) out_r. out in
         the outs' dtype (they must share one), lse float64 if any out or lse is float64 (so
-        float64 merges lose nothing), else float32; the arithmetic is in that dtype. A row
+        float64 merges lose nothing), else float32; the arithmetic is in that dtype.
+        (`qkv.attention_with_lse` returns lse in float32 even for float64 inputs, which
+        limits a float64 merge to about 1e-7; `qkv.core.api.attention_with_lse_exact` keeps
+        it in float64.) A row
         that no part saw gives out 0 and lse -inf, with finite gradients. Differentiable in
         every out and lse.
     """
@@ -463,5 +466,6 @@ def merge_attention(partials: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, 
     lse = torch.where(seen, m + torch.log(safe), torch.full_like(total, float("-inf")))  # (...)
     out = torch.zeros(outs[0].shape, dtype=ct, device=outs[0].device)  # (..., Dv)
     for r, part in enumerate(outs):  # a part that saw nothing (weight 0) adds 0, whatever its out holds
-        out = out + torch.where((w[r] > 0).unsqueeze(-1), (w[r] / safe).unsqueeze(-1) * part.to(ct), 0.0)
+        part = torch.where((w[r] > 0).unsqueeze(-1), part.to(ct), 0.0)  # before the product: no 0 * NaN
+        out = out + (w[r] / safe).unsqueeze(-1) * part
     return out.to(outs[0].dtype), lse

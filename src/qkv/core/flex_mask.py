@@ -16,7 +16,11 @@ and block sizes and a mask function that says exactly the above (a lookup of the
 state, the user's `mask_mod` where the block is partial), so every qkv backend, the
 reference included, computes what FlexAttention computes, with gradients and without a
 compiler. For a mask made by `create_block_mask` (the layout is the exact classification of
-`mask_mod`) that is simply `mask_mod`. The conversion is cached per FlexAttention mask
+`mask_mod`) that is simply `mask_mod`. For a layout written by hand (`from_kv_blocks`) qkv
+follows the lists as FlexAttention's compiled kernels do; FlexAttention's eager path (the
+unfused fallback without torch.compile) applies `mask_mod` alone and ignores the lists, so
+there the two FlexAttention paths differ and qkv agrees with the compiled one
+(tests/core/test_flex_blockmask.py). The conversion is cached per FlexAttention mask
 (weakly, so it dies with it) and per attention size, so the sparse backend's tile plans,
 kept in the converted mask's layout cache, are built once.
 
