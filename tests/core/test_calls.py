@@ -209,11 +209,14 @@ OPTIONS = {
 }
 
 
-@pytest.fixture(params=[16, 128], ids=["block16", "block128"])
+@pytest.fixture(params=[(16, 10**9), (128, 10**9), (16, 10)], ids=["packed-block16", "packed-block128", "mixed"])
 def varlen_block(request, monkeypatch):
-    """The varlen BlockMask's block size: 16 puts many sequence edges inside blocks."""
-    monkeypatch.setattr(calls, "_VARLEN_BLOCK", request.param)
-    return request.param
+    """The varlen BlockMask's block size (16 puts many sequence edges inside blocks) and the length
+    from which `auto` runs a sequence alone (10: the longer sequences alone, the rest packed)."""
+    block, alone = request.param
+    monkeypatch.setattr(calls, "_VARLEN_BLOCK", block)
+    monkeypatch.setattr(calls, "_VARLEN_ALONE", alone)
+    return f"{block}-{alone}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -235,7 +238,7 @@ def test_varlen_int_window_and_reference_backend(varlen_block):
     cu = _cu(lq)
     q, k, v = (t.float() for t in _randn([(55, 2, 8), (55, 2, 8), (55, 2, 8)], seed=8))
     expected = _per_sequence(q, k, v, cu, cu, window=3)
-    for backend in ("sparse", "tiled", "reference"):
+    for backend in ("auto", "sparse", "tiled", "reference"):
         got = qkv.varlen_attention(q, k, v, cu, cu, 35, 35, window=3, backend=backend)
         torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6)
 
@@ -308,22 +311,25 @@ def test_varlen_never_evaluates_the_whole_grid(monkeypatch):
     cu = _cu(lengths)
     total = sum(lengths)
     q, k, v = (t.float().requires_grad_() for t in _randn([(total, 2, 8)] * 3, seed=10))
-    out = qkv.varlen_attention(q, k, v, cu, cu, 78, 78, causal=True)
+    out = qkv.varlen_attention(q, k, v, cu, cu, 78, 78, causal=True, backend="sparse")
     out.sum().backward()
     assert sizes and max(sizes) < total * total / 4
     assert sum(sizes) < total * total / 4
 
 
-def test_varlen_dropout_distribution():
+@pytest.mark.parametrize("backend", ["sparse", "auto"])
+def test_varlen_dropout_distribution(backend, monkeypatch):
     """Equal scores and one-hot values: each entry is 0 (dropped) or 1/(l (1 - p)) (kept), and
-    entries outside a token's own sequence are always 0; the share dropped is p."""
+    entries outside a token's own sequence are always 0; the share dropped is p. With auto, the
+    two longer sequences run alone (through torch's SDPA dropout), the shortest packed."""
+    monkeypatch.setattr(calls, "_VARLEN_ALONE", 30)
     lengths, p = [40, 24, 64], 0.25
     cu = _cu(lengths)
     total = sum(lengths)
     q, k = torch.zeros(total, 4, 8), torch.randn(total, 4, 8)
     v = torch.eye(total).unsqueeze(1).expand(total, 4, total)  # (total, H, Dv = total)
     torch.manual_seed(0)
-    out = qkv.varlen_attention(q, k, v, cu, cu, 64, 64, dropout_p=p)  # (total, H, total)
+    out = qkv.varlen_attention(q, k, v, cu, cu, 64, 64, dropout_p=p, backend=backend)  # (total, H, total)
     same = _dense_oracle(lengths, lengths, False, None, None).unsqueeze(1).expand_as(out)
     assert torch.equal(out[~same], torch.zeros_like(out[~same]))
     inside = out[same]

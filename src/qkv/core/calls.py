@@ -11,12 +11,14 @@
   FlashAttention-2's variable-length call (Dao, 2023; `flash_attn_varlen_func`): sequences
   packed end to end in (total, H, D) tensors with int32 cumulative offsets, causal aligned to
   the bottom right of each sequence, `window_size=(left, right)` with -1 unbounded,
-  `softcap` as `softcap * tanh(score / softcap)` of the scaled score. It runs as one packed
-  sequence (batch 1) under a document mask (Krell et al., 2021, "Efficient Sequence Packing
-  without Cross-contamination") laid out as a BlockMask whose blocks are classified exactly
-  from the offsets (interval arithmetic; core/block_mask.py), never materialised as a
-  total x total matrix, on the block-sparse backend (core/backend/sparse.py), forward and
-  backward.
+  `softcap` as `softcap * tanh(score / softcap)` of the scaled score. The sequences run as
+  one packed row (batch 1) under a document mask (Krell et al., 2021, "Efficient Sequence
+  Packing without Cross-contamination") laid out as a BlockMask whose blocks are classified
+  exactly from the offsets (interval arithmetic; core/block_mask.py), never materialised as
+  a total x total matrix, on the block-sparse backend (core/backend/sparse.py), forward and
+  backward. With backend="auto" (the default) a sequence of at least `_VARLEN_ALONE` queries
+  and keys is instead computed alone by `attention()`, where torch's fused CPU kernel beats
+  the block engine on long dense blocks (benchmarks/varlen.py); the short ones stay packed.
 - `merge_attention(partials)`: (out, lse) pairs computed over disjoint key sets -> the exact
   (out, lse) over their union: lse = log sum_r exp(lse_r), out = sum_r exp(lse_r - lse) out_r,
   the merge of partial softmax results of blockwise and ring attention (Milakov & Gimelshein,
@@ -192,6 +194,9 @@ def _sdpa_mask(attn_mask, query: Tensor, lead: tuple, B: int, Hq: int, L: int, S
 
 # ============================================================ FlashAttention varlen
 _VARLEN_BLOCK = 128
+# With backend="auto", a sequence with at least this many queries and keys runs alone through
+# attention() (torch's fused kernel where it honours the arguments); shorter ones are packed.
+_VARLEN_ALONE = 256
 _VARLEN_MASKS: "OrderedDict[tuple, BlockMask]" = OrderedDict()  # offsets + band -> BlockMask
 _VARLEN_MASKS_MAX = 8
 
@@ -340,7 +345,7 @@ def _varlen_mask(cu_q: list[int], cu_k: list[int], left, right, block_size: int)
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                      max_seqlen_k: int, *, causal: bool = False, window=None, scale: Optional[float] = None,
                      softcap: Optional[float] = None, dropout_p: float = 0.0,
-                     backend: Union[str, Backend] = "sparse") -> Tensor:
+                     backend: Union[str, Backend] = "auto") -> Tensor:
     """FlashAttention's variable-length attention (`flash_attn_varlen_func`) on qkv's block-sparse engine.
 
     Args:
@@ -359,8 +364,12 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         softcap: if > 0, scores s (already scaled) become softcap * tanh(s / softcap); 0 or
             None: off.
         dropout_p: probability of dropping each attention weight (kept ones scaled 1/(1-p)).
-        backend: (qkv's) the backend of the packed call; "sparse" (the default) skips every
-            block outside the sequences, "reference" is the plain specification.
+        backend: (qkv's) "auto" (the default): each sequence with at least 256 queries and
+            256 keys runs alone through `qkv.attention` (torch's fused kernel where it honours
+            the arguments: a long document gains more from it than from sharing a call), the
+            others packed into one row on the block-sparse engine. Any other value runs all
+            sequences packed in one row on that backend: "sparse" (the block-sparse engine
+            alone), "tiled", or "reference" (the plain specification).
 
     Returns:
         (total_q, H, Dv) in q's dtype. A query that sees no key (an empty key sequence, or
@@ -393,17 +402,46 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             def score_mod(score, b, h, q_idx, kv_idx):
                 return cap * torch.tanh(score / cap)
 
+    kw = dict(scale=scale, score_mod=score_mod, dropout_p=dropout_p)
+    if backend != "auto":
+        return _packed(q, k, v, cu_q, cu_k, left, right, backend, kw)
+    # auto: each long sequence alone through attention() (torch's fused kernel where it honours
+    # the arguments), the short ones packed together through the block-sparse engine
+    n = len(cu_q) - 1
+    lq = [cu_q[d + 1] - cu_q[d] for d in range(n)]
+    lk = [cu_k[d + 1] - cu_k[d] for d in range(n)]
+    alone = [min(lq[d], lk[d]) >= _VARLEN_ALONE for d in range(n)]
+    if not any(alone):
+        return _packed(q, k, v, cu_q, cu_k, left, right, "sparse", kw)
+    pieces: list[Optional[Tensor]] = [None] * n
+    for d in (d for d in range(n) if alone[d]):
+        qd, kd, vd = (t[a:b].permute(1, 0, 2).unsqueeze(0) for t, a, b in  # (1, heads, l, dim)
+                      ((q, cu_q[d], cu_q[d + 1]), (k, cu_k[d], cu_k[d + 1]), (v, cu_k[d], cu_k[d + 1])))
+        pieces[d] = attention(qd, kd, vd, causal=causal, window=(left, right), **kw)[0].permute(1, 0, 2)
+    short = [d for d in range(n) if not alone[d]]
+    if short:
+        rows_q = torch.cat([torch.arange(cu_q[d], cu_q[d + 1]) for d in short]).to(q.device)  # (short_q,)
+        rows_k = torch.cat([torch.arange(cu_k[d], cu_k[d + 1]) for d in short]).to(k.device)  # (short_k,)
+        sub_q = [0] + torch.tensor([lq[d] for d in short]).cumsum(0).tolist()
+        sub_k = [0] + torch.tensor([lk[d] for d in short]).cumsum(0).tolist()
+        got = _packed(q[rows_q], k[rows_k], v[rows_k], sub_q, sub_k, left, right, "sparse", kw)  # (short_q, H, Dv)
+        for d, part in zip(short, got.split([lq[d] for d in short])):
+            pieces[d] = part
+    return torch.cat([p for p in pieces if p is not None])  # (total_q, H, Dv), sequences in order
+
+
+def _packed(q: Tensor, k: Tensor, v: Tensor, cu_q: list[int], cu_k: list[int], left, right, backend,
+            kw: dict) -> Tensor:
+    """Sequences packed in one row (batch 1) under their document BlockMask: (total_q, H, Dv)."""
     total_q, H, _ = q.shape
-    Dv = v.shape[-1]
     if total_q == 0 or k.shape[0] == 0:  # nothing to compute: every row sees no key
-        out = q.new_zeros(total_q, H, Dv)
+        out = q.new_zeros(total_q, H, v.shape[-1])
         return out + 0.0 * (q.sum() + k.sum() + v.sum()) if out.numel() else out
     bm = _varlen_mask(cu_q, cu_k, left, right, _VARLEN_BLOCK)
     q4 = q.permute(1, 0, 2).unsqueeze(0)  # (1, H, total_q, D)
     k4 = k.permute(1, 0, 2).unsqueeze(0)  # (1, Hkv, total_k, D)
     v4 = v.permute(1, 0, 2).unsqueeze(0)  # (1, Hkv, total_k, Dv)
-    out = attention(q4, k4, v4, mask=bm, scale=scale, score_mod=score_mod, dropout_p=dropout_p,
-                    backend=backend)  # (1, H, total_q, Dv)
+    out = attention(q4, k4, v4, mask=bm, backend=backend, **kw)  # (1, H, total_q, Dv)
     return out[0].permute(1, 0, 2)  # (total_q, H, Dv)
 
 
