@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import OrderedDict
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -402,7 +402,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             def score_mod(score, b, h, q_idx, kv_idx):
                 return cap * torch.tanh(score / cap)
 
-    kw = dict(scale=scale, score_mod=score_mod, dropout_p=dropout_p)
+    kw: dict[str, Any] = dict(scale=scale, score_mod=score_mod, dropout_p=dropout_p)
     if backend != "auto":
         return _packed(q, k, v, cu_q, cu_k, left, right, backend, kw)
     # auto: each long sequence alone through attention() (torch's fused kernel where it honours
