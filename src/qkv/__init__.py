@@ -8,6 +8,15 @@ The functional core (README.md, "The attention core"; docs/architecture.md):
     probs = qkv.attention_weights(q, k, ...)
     out = qkv.reference_attention(q, k, v, ...)
 
+The call shapes people already write (docs/integrations.md):
+
+    out = qkv.sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                   scale=None, enable_gqa=False)                  # torch's SDPA, exactly
+    out = qkv.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                               max_seqlen_k, causal=True)        # FlashAttention's varlen
+    out, lse = qkv.merge_attention([(out_1, lse_1), (out_2, lse_2)])  # disjoint keys -> union
+    out = qkv.attention(q, k, v, mask=create_block_mask(...))   # FlexAttention's BlockMask
+
 Models and views of their attention:
 
     model = qkv.load("minilm")                       # the bundled all-MiniLM-L6-v2

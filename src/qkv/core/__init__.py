@@ -16,6 +16,7 @@ from .api import (
     register_backend,
 )
 from .backend import Backend
+from .calls import merge_attention, sdpa, varlen_attention
 
 __all__ = [
     "attention",
@@ -28,4 +29,7 @@ __all__ = [
     "get_backend",
     "check_memory",
     "Backend",
+    "sdpa",
+    "varlen_attention",
+    "merge_attention",
 ]

@@ -161,7 +161,8 @@ def attention(
         v: values (B, Hkv, Lk, Dv).
         mask: bool tensor broadcastable to (B, Hq, Lq, Lk), True = may attend (key padding is
             (B, 1, 1, Lk)); or a float tensor of that broadcast shape added to the scores; or a
-            `qkv.BlockMask`; or a function mask_mod(b, h, q_idx, kv_idx) -> bool tensor.
+            `qkv.BlockMask` (or FlexAttention's own BlockMask from create_block_mask, read as
+            one: core/flex_mask.py); or a function mask_mod(b, h, q_idx, kv_idx) -> bool tensor.
         causal: query i sees key j when j <= i + (Lk - Lq) (aligned bottom right).
         window: int w or (left, right): query i sees keys i+(Lk-Lq)-left .. i+(Lk-Lq)+right;
             an int w means (w, w), or (w, 0) with causal=True. None in a pair = unbounded.

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .block_mask import BlockMask
+from .flex_mask import from_flex, is_flex_block_mask
 from .mods import MaskMod, ScoreMod, call_mask_mod, call_score_mod, fmt_shape, index_grid
 
 __all__ = ["AttentionSpec", "build_spec", "index_grid", "call_mask_mod", "call_score_mod", "slice_block",
@@ -332,12 +333,14 @@ def build_spec(
     elif isinstance(mask, BlockMask):
         block_mask = mask
         mask.check_compatible(B, Hq, Lq, Lk)
+    elif is_flex_block_mask(mask):  # FlexAttention's own BlockMask: read as qkv's (core/flex_mask.py)
+        block_mask = from_flex(mask, B, Hq, Lq, Lk)
     elif callable(mask):
         mask_mod = mask
     else:
         raise TypeError(
-            f"mask must be a bool or float tensor, a qkv.BlockMask or a mask function "
-            f"mask_mod(b, h, q_idx, kv_idx); got {type(mask).__name__}"
+            f"mask must be a bool or float tensor, a qkv.BlockMask, a FlexAttention BlockMask or a mask "
+            f"function mask_mod(b, h, q_idx, kv_idx); got {type(mask).__name__}"
         )
 
     return AttentionSpec(
