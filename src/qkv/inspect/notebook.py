@@ -158,9 +158,8 @@ def view(result, *, max_bytes: Optional[int] = MAX_PAGE_BYTES, **options: Any) -
 
 
 def _check(who: str, result, options: dict, max_bytes: Optional[int] = MAX_PAGE_BYTES) -> None:
-    from .explain import ExplainResult
-
-    if not isinstance(result, ExplainResult):
+    # what an ExplainResult has (checked by shape: explain.py imports this module for its _repr_ methods)
+    if not all(hasattr(result, name) for name in ("to_dict", "records", "rows", "tokens")):
         raise TypeError(f"{who} shows an ExplainResult (what qkv.explain returns); got {type(result).__name__}")
     unknown = sorted(set(options) - set(_TO_DICT))
     if unknown:
