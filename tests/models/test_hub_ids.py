@@ -97,8 +97,18 @@ def test_offline_mode_decides_whether_huggingface_hub_may_download(tmp_path, mon
     [(repo_id, kw)] = calls
     assert repo_id == "org/name" and kw["local_files_only"] is offline
     assert kw["cache_dir"] == str(tmp_path / "elsewhere")
-    assert sorted(kw["allow_patterns"]) == sorted(checkpoint.HUB_FILES)
-    assert not any(p.endswith((".bin", ".pt", ".py")) for p in kw["allow_patterns"])
+    # what huggingface_hub would fetch of a repository with code, pickles and subfolders (its own filter)
+    from huggingface_hub.utils import filter_repo_objects
+
+    repo = ["config.json", "generation_config.json", "model.safetensors", "model-00001-of-00002.safetensors",
+            "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "merges.txt",
+            "tokenizer.model", "modules.json", "1_Pooling/config.json",
+            "pytorch_model.bin", "tokenizer.py", "tokenizer.pkl", "tokenizer_model.bin", "modeling_custom.py",
+            "onnx/model.safetensors", "onnx/model.onnx", "fp16/model.safetensors", "subdir/tokenizer.json",
+            "training_args.bin", "model.ckpt", "flax_model.msgpack", "tf_model.h5", "README.md"]
+    fetched = list(filter_repo_objects(repo, allow_patterns=kw["allow_patterns"],
+                                       ignore_patterns=kw["ignore_patterns"]))
+    assert fetched == repo[:12], fetched
 
 
 def test_offline_set_after_import_counts(monkeypatch):

@@ -21,10 +21,11 @@ from .web_helpers import TEXT
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from models.foreign_folders import electra_folder
+    from models.foreign_folders import electra_folder, falcon_folder
 
     root = tmp_path_factory.mktemp("model-dir")
     electra_folder(root / "electra")
+    falcon_folder(root / "falcon")  # transformers runs it, but its attention is its own code: skipped at start
     from qkv.models import bundled_path
 
     shutil.copytree(bundled_path("recall"), root / "native")
@@ -42,7 +43,8 @@ def test_a_foreign_folder_is_offered_through_transformers(model_dir, caplog):
         app = create_app(model_dir=str(model_dir))
     reg = app.state.service.registry
     assert "electra: qkv runs ElectraModel through transformers (qkv has no native implementation)" in caplog.text
-    assert set(reg.skipped) == {"seq2seq"} and "is an encoder-decoder" in reg.skipped["seq2seq"]
+    assert set(reg.skipped) == {"seq2seq", "falcon"} and "is an encoder-decoder" in reg.skipped["seq2seq"]
+    assert "computes its attention in its own code" in reg.skipped["falcon"]
     expected = qkv.explain(TEXT, load_transformers(model_dir / "electra")).to_dict(focus="cat")
     with TestClient(app) as c:
         offered = {e["name"]: e["source"] for e in c.get("/api/models").json()["models"]}
@@ -69,7 +71,7 @@ def test_without_transformers_a_foreign_folder_is_skipped_with_how_to_install(mo
     with caplog.at_level(logging.WARNING, logger="qkv.web"):
         app = create_app(model_dir=str(model_dir))
     skipped = app.state.service.registry.skipped
-    assert set(skipped) == {"electra", "seq2seq"}
+    assert set(skipped) == {"electra", "seq2seq", "falcon"}
     assert skipped["electra"] == ("qkv has no native implementation of ElectraModel, and running it through "
                                   "transformers needs transformers: pip install 'qkv[hf]'")
     assert "skipped the folder 'electra'" in caplog.text

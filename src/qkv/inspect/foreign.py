@@ -84,9 +84,9 @@ def check_model(model, name: str) -> None:
                          "runs natively (qkv's own 'translate')")
     can_set = getattr(type(model), "_can_set_attn_implementation", None)
     if callable(can_set) and not can_set():
-        raise ValueError(f"{type(model).__name__} computes its attention in its own code rather than through "
-                         "transformers' attention interface, so qkv can neither run nor record it; explain works "
-                         "with models that take attn_implementation= (Llama, Mistral, Gemma, GPT-2, BERT, ...)")
+        from ..models.loading import own_attention_refusal
+
+        raise ValueError(own_attention_refusal(type(model).__name__))
     attention_modules(model)  # a ValueError when there are none
 
 

@@ -184,9 +184,18 @@ def resolve_folder(path) -> Path:
 # "org/name" as the Hub spells repository ids (huggingface_hub's validate_repo_id: word
 # characters, '-' and '.', at most 96 each side, no "--" or ".."); qkv asks for the owner.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-# the files of a repository qkv reads: config and tokenizer JSON, safetensors weights, vocab and
-# merges text, sentencepiece models. Never pickles, never code.
-HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*")
+# the files of a repository qkv reads, by name (huggingface_hub matches with fnmatch, whose `*`
+# also crosses "/": broad patterns would take every subfolder's copies, code and pickles):
+# config, generation config, tokenizer files, safetensors weights (one file or shards and their
+# index) and sentence-transformers' pooling files. Never pickles, never code (HUB_REFUSED).
+HUB_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+             "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+             "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+             "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "*_Pooling/config.json")
+# never fetched, even where a name above would match (a pattern's `*` crossing into a subfolder)
+HUB_REFUSED = ("*.py", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.h5", "*.msgpack", "*.onnx",
+               "*.gguf", "*/model*.safetensors", "*/tokenizer*")
 _TRUE = {"1", "on", "yes", "true"}
 
 
@@ -232,29 +241,30 @@ def resolve_hub_id(repo_id: str, *, local_files_only: bool = False) -> Path:
             the message names the id, the cache, and how to fetch it.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        IncompleteSnapshotError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    try:  # a LocalEntryNotFoundError raised for a partly cached snapshot (recent huggingface_hub only)
+        from huggingface_hub.errors import IncompleteSnapshotError
+    except ImportError:
+        IncompleteSnapshotError = None
     cache = hub_cache()
     offline = hub_offline()
-    fetch = (f"fetch it once with network access (`hf download {repo_id}`, "
-             f"or run without HF_HUB_OFFLINE), or pass the path of a local model folder")
+    where = f"no folder {repo_id!r} here ({os.getcwd()})"
+    fetch = (f"fetch it once with network access (`hf download {repo_id}`"
+             f"{', or run without HF_HUB_OFFLINE' if offline else ''}), or pass the path of a local model folder")
     try:
         path = snapshot_download(repo_id, cache_dir=cache, allow_patterns=list(HUB_FILES),
-                                 local_files_only=offline or local_files_only)
-    except IncompleteSnapshotError:
-        raise FileNotFoundError(f"the Hugging Face cache ({cache}) holds only part of {repo_id!r}; {fetch}") from None
+                                 ignore_patterns=list(HUB_REFUSED), local_files_only=offline or local_files_only)
     except LocalEntryNotFoundError as exc:
+        if IncompleteSnapshotError is not None and isinstance(exc, IncompleteSnapshotError):
+            raise FileNotFoundError(f"{where}, and the Hugging Face cache ({cache}) holds only part of the Hub "
+                                    f"model {repo_id!r}; {fetch}") from None
         why = ("offline mode is on (HF_HUB_OFFLINE)" if offline else "local_files_only=True" if local_files_only
                else f"the Hub could not be reached ({type(exc.__cause__ or exc).__name__})")
-        raise FileNotFoundError(f"{repo_id!r} is neither a folder nor in the Hugging Face cache ({cache}), "
-                                f"and {why}; {fetch}") from None
+        raise FileNotFoundError(f"{where}, and the Hub model {repo_id!r} is not in the Hugging Face cache "
+                                f"({cache}) and {why}; {fetch}") from None
     except RepositoryNotFoundError:
-        raise FileNotFoundError(f"{repo_id!r} is neither a folder nor a model on the Hugging Face Hub (or it is "
+        raise FileNotFoundError(f"{where}, and no model {repo_id!r} on the Hugging Face Hub (or it is "
                                 "private or gated: log in with `hf auth login`)") from None
     except HfHubHTTPError as exc:
         raise OSError(f"the Hugging Face Hub refused {repo_id!r}: {str(exc).splitlines()[0]}") from None

@@ -369,11 +369,23 @@ def check_foreign_folder(folder: Path, architecture: str) -> Optional[str]:
     config = read_config(folder)
     if config.get("is_encoder_decoder"):
         return _encoder_decoder_refusal(architecture)
+    import transformers
+
+    can_set = getattr(getattr(transformers, architecture, None), "_can_set_attn_implementation", None)
+    if callable(can_set) and not can_set():
+        return own_attention_refusal(architecture)
     read_shapes(safetensors_files(folder))
     if not find_in_folder(folder, "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
                           "sentencepiece.bpe.model"):
         return "no tokenizer files (tokenizer.json, vocab.txt, vocab.json or a sentencepiece model); explain needs them"
     return None
+
+
+def own_attention_refusal(architecture: str) -> str:
+    """Why a transformers model that computes attention in its own code (Falcon, Bloom) cannot be explained."""
+    return (f"{architecture} computes its attention in its own code rather than through transformers' attention "
+            "interface, so qkv can neither run nor record it; explain works with models that take "
+            "attn_implementation= (Llama, Mistral, Gemma, GPT-2, BERT, ...)")
 
 
 def _encoder_decoder_refusal(architecture: str) -> str:
