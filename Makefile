@@ -50,7 +50,7 @@ demo: env
 
 # Style and types first (configured in pyproject.toml): ruff over the code, mypy over the core.
 lint: test-env
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .  # src, tests, benchmarks and the notebooks in docs/notebooks
 	$(BIN)/mypy
 
 # The suite on every core: pytest-xdist workers, one torch thread each (tests/conftest.py).
