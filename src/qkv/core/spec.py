@@ -150,6 +150,44 @@ class AttentionSpec:
             bias = slice_block(self.float_mask, i0, i1, j0, j1)
         return allowed, bias
 
+    def rows_mask(self, rows: Tensor, heads: Optional[Tensor], device) -> Tensor:
+        """The constraints of any set of query rows, as one float mask over every key.
+
+        rows: int64 (nr,) query rows; heads: int64 (nh,) query heads, or None for all Hq.
+        Returns float32 (B or 1, nh or 1, nr, Lk): the float mask's bias where a row may attend,
+        -inf where it may not (band, bool mask, mask function, BlockMask), so that
+        `attention_weights(q[:, heads][:, :, rows], k[:, heads // groups], mask=this)` means what
+        the full call meant for those rows. What `constraints` gives for a block, for rows that
+        need not be contiguous: explain's recorder and the transformers integration's selected
+        weights use it.
+        """
+        rows = rows.to(device=device, dtype=torch.long)
+        kv = torch.arange(self.Lk, device=device)
+        allowed = None
+        if self.banded:
+            lo, hi = self.band_edges(rows.unsqueeze(1))  # (nr, 1) each
+            allowed = (kv >= lo) & (kv < hi)  # (nr, Lk)
+        if self.bool_mask is not None:
+            m = self.bool_mask
+            allowed = _and(allowed, m if m.shape[2] == 1 else m.index_select(2, rows))  # (.., nr or 1, Lk)
+        if self.mask_mod is not None:
+            b, h, _, kv_idx = self.index_grid(0, 1, 0, self.Lk, device)
+            allowed = _and(allowed, call_mask_mod(self.mask_mod, b, h, rows.view(1, 1, -1, 1), kv_idx))
+        if self.block_mask is not None:
+            got = torch.cat([self.block_mask.dense_block(r, r + 1, 0, self.Lk, device=device).expand(-1, -1, 1, -1)
+                             for r in rows.tolist()], dim=2) if rows.numel() else None  # (B|1, H|1, nr, Lk)
+            allowed = _and(allowed, got)
+        out = torch.zeros(1, 1, rows.numel(), self.Lk, device=device)  # (1, 1, nr, Lk)
+        if self.float_mask is not None:
+            m = self.float_mask
+            out = out + (m if m.shape[2] == 1 else m.index_select(2, rows)).to(torch.float32)
+        if allowed is not None:
+            allowed = allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape))  # 4-D
+            out = out.masked_fill(~allowed, float("-inf"))
+        if heads is not None and out.shape[1] != 1:
+            out = out.index_select(1, heads.to(device))  # (B|1, nh, nr, Lk)
+        return out
+
     def apply_score_mod(self, scores: Tensor, i0: int, j0: int) -> Tensor:
         """scores (B, Hq, bq, bk) of the block starting at (i0, j0) -> modified scores."""
         if self.score_mod is None:

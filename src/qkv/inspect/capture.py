@@ -9,7 +9,7 @@ stays fast, and a 4,000-token input can be explained for one focus word without 
 every full map.
 
 The constraints of the selected rows (causal band, window, masks, mask functions) are taken
-from the core's own `AttentionSpec.constraints`, row by row, so the recomputed weights mean
+from the core's own `AttentionSpec.rows_mask`, so the recomputed weights mean
 exactly what the forward pass computed.
 """
 
@@ -146,8 +146,7 @@ class Recorder:
             q_sel = q[:, heads][:, :, rows].detach().clone()  # (B, nh, nr, D)
             k_sel = k[:, kv_heads].detach().clone()  # (B, nh, Lk, D)
             v_sel = v[:, kv_heads].detach().clone()  # (B, nh, Lk, Dv)
-            mask_rows = [self._row_mask(spec, int(r), heads, q.device) for r in rows]
-            mask_sel = torch.cat(mask_rows, dim=2) if mask_rows else torch.zeros(1, 1, 0, spec.Lk)  # (.., nr, Lk)
+            mask_sel = spec.rows_mask(rows, heads, q.device)  # (B|1, nh|1, nr, Lk)
             fv_norm = self._fv_norm(module, v_sel, heads, Hq) if self.with_values else None
         mod = None if score_mod is None else _remap_score_mod(score_mod, heads, rows)
         self.records.append(Record(
@@ -157,19 +156,6 @@ class Recorder:
             window=_window_of(window, causal),
             score_mod_text=None if score_mod is None else describe_function(score_mod),
         ))
-
-    @staticmethod
-    def _row_mask(spec, r: int, heads: Tensor, device) -> Tensor:
-        """Float (B or 1, nh or 1, 1, Lk) mask of query row r: bias, and -inf where not allowed."""
-        allowed, bias = spec.constraints(r, r + 1, 0, spec.Lk, device)
-        out = torch.zeros(1, 1, 1, spec.Lk, device=device)
-        if bias is not None:
-            out = out + bias.to(torch.float32).reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-        if allowed is not None:
-            out = out.masked_fill(~allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape)), float("-inf"))
-        if out.shape[1] != 1:
-            out = out[:, heads]  # (B, nh, 1, Lk)
-        return out
 
     def _fv_norm(self, module, v_sel: Tensor, heads: Tensor, Hq: int) -> Optional[Tensor]:
         """(B, nh, Lk) ||v_j W_O^h||: each value after the output projection's slice for head h, or None

@@ -72,6 +72,7 @@ import torch
 from torch import Tensor
 
 from ..core import attention, attention_weights
+from ..core.spec import build_spec
 
 __all__ = ["NAME", "register", "is_registered", "attention_forward", "qkv_mask", "attention_modules",
            "attentions", "Selection"]
@@ -273,8 +274,7 @@ def _weights(module, q: Tensor, k: Tensor, *, mask, causal: bool, window, scale,
         return attention_weights(q, k, mask=mask, causal=causal, window=window, scale=scale, score_mod=score_mod)
     if sel._index.get(id(module)) is None:
         return None  # a layer not selected
-    B, Hq, Lq, _ = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hq, Lq, Hkv = q.shape[1], q.shape[2], k.shape[1]
     heads = _resolve("heads", sel.heads, Hq, f"layer {sel._index[id(module)]} (query heads)")
     rows = _resolve("rows", sel.rows, Lq, "this call's queries (rows)")
     if heads is None and rows is None:
@@ -285,29 +285,8 @@ def _weights(module, q: Tensor, k: Tensor, *, mask, causal: bool, window, scale,
     q_sel = q.index_select(1, heads_d).index_select(2, rows_d)  # (B, nh, nr, D)
     k_sel = k.index_select(1, heads_d // (Hq // Hkv))  # (B, nh, Lk, D): the key head each query head reads
     # The selected rows lose their place in the band, so the constraints become one explicit mask.
-    sel_mask = None
-    if mask is not None:
-        m = mask if mask.dim() == 4 else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        if m.shape[1] != 1:
-            m = m.index_select(1, heads_d)
-        if m.shape[2] != 1:
-            m = m.index_select(2, rows_d)
-        sel_mask = m  # (B or 1, nh or 1, nr or 1, Lk)
-    if causal or window is not None:
-        pos = rows_d + (Lk - Lq)  # (nr,) key position of each row's diagonal (bottom right)
-        kv = torch.arange(Lk, device=q.device)
-        band = torch.ones(len(rows), Lk, dtype=torch.bool, device=q.device)  # (nr, Lk)
-        if causal:
-            band &= kv[None, :] <= pos[:, None]
-        if window is not None:
-            band &= kv[None, :] >= pos[:, None] - window
-        band = band[None, None]  # (1, 1, nr, Lk)
-        if sel_mask is None:
-            sel_mask = band
-        elif sel_mask.dtype == torch.bool:
-            sel_mask = sel_mask & band
-        else:
-            sel_mask = sel_mask.masked_fill(~band, float("-inf"))
+    spec = build_spec(q, k, None, mask=mask, causal=causal, window=window, scale=scale, score_mod=score_mod)
+    sel_mask = spec.rows_mask(rows_d, heads_d, q.device).to(q.dtype)  # (B|1, nh|1, nr, Lk)
     mod = None
     if score_mod is not None:
         def mod(s, b, h, qi, kj):  # the score function seen from the selected heads and rows
