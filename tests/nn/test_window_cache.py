@@ -178,8 +178,12 @@ def test_block_mask_after_tokens_were_dropped_is_refused():
     cache = KVCache(1, 1, HKV, D, windows=[2], slack=1, dtype=torch.float64)
     mha(torch.randn(1, 6, E, dtype=torch.float64), causal=True, window=(2, 0), cache=cache)
     bm = qkv.block_mask(lambda b, h, q, kv: kv <= q + 6, Lq=2, Lk=8, block_size=2)
-    with pytest.raises(ValueError, match="BlockMask is laid out for the full key length"):
-        mha(torch.randn(1, 2, E, dtype=torch.float64), causal=True, window=(2, 0), mask=bm, cache=cache)
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    flex = create_block_mask(lambda b, h, q, kv: kv <= q + 6, 1, 1, 2, 8, device="cpu", BLOCK_SIZE=2)
+    for mask in (bm, flex):  # qkv's own and FlexAttention's: both laid out for all 8 positions
+        with pytest.raises(ValueError, match="is laid out for the full key length"):
+            mha(torch.randn(1, 2, E, dtype=torch.float64), causal=True, window=(2, 0), mask=mask, cache=cache)
 
 
 @pytest.mark.parametrize("windows, match", [([1], "one entry per layer"), ([-1, None], "windows\\[0\\]"),

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..core import Backend, attention
 from ..core.block_mask import BlockMask
+from ..core.flex_mask import is_flex_block_mask
 from .cache import KVCache
 from .positions import apply_rotary
 
@@ -266,10 +267,10 @@ def _windowed_cache(cache: KVCache, layer: int, window, mask, score_mod, stored:
         elif mask.shape[-1] not in (1, stored):
             raise ValueError(f"mask has {mask.shape[-1]} key columns; cache layer {layer} holds positions "
                              f"{start}..{start + stored - 1}: give a mask over all {start + stored} positions")
-    elif isinstance(mask, BlockMask):
-        raise ValueError(f"a BlockMask is laid out for the full key length, and cache layer {layer} has dropped "
-                         f"the {start} tokens its window no longer reaches; pass a mask function or a bool mask, "
-                         f"or build the cache with windows=None")
+    elif isinstance(mask, BlockMask) or is_flex_block_mask(mask):
+        raise ValueError(f"a BlockMask (qkv's or FlexAttention's) is laid out for the full key length, and cache "
+                         f"layer {layer} has dropped the {start} tokens its window no longer reaches; pass a mask "
+                         f"function or a bool mask, or build the cache with windows=None")
     elif callable(mask):
         mask = _shift_kv(mask, start, with_score=False)
     if score_mod is not None:
