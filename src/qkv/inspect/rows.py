@@ -245,8 +245,9 @@ def answer_bytes(n: int, layers: int, heads: int, view: str, rows: int = 1, k: i
     """Estimated bytes of a to_dict answer as JSON for n units, before anything runs (the web
     server's budget and docs/explain.md use it): "full" holds layers x heads x n^2 weights; "rows"
     (compact) holds 3 x layers x n (minimap and focus row), 3 x layers x heads summaries and
-    layers x heads x rows x (2k + 2) numbers of top keys; labels are counted at 16 bytes each."""
-    labels = 16 * n
+    layers x heads x rows x (2k + 2) numbers of top keys; each unit's label, flag and share of the
+    text at 32 bytes, and 4 KB for the fixed fields."""
+    labels = 32 * n + 4096
     if view == "full":
         return labels + BYTES_PER_WEIGHT * (layers * heads * n * n + 2 * layers * n + layers * heads)
     if view != "rows":
