@@ -15,15 +15,44 @@ exactly what the forward pass computed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from ..core import attention_weights
-from ..core.spec import build_spec
+from ..core.spec import AttentionSpec, build_spec
+
+
+class Cancelled(RuntimeError):
+    """The work was stopped by the `check` of an enclosing `stopping(check)` (a web request whose
+    client went away)."""
+
+
+_STOP = threading.local()
+
+
+@contextlib.contextmanager
+def stopping(check: Callable[[], bool]) -> Iterator[None]:
+    """In this thread, while the block runs, the recorder (at every layer) and every chunk loop of
+    explain call `check()` and raise `Cancelled` when it returns True."""
+    previous = getattr(_STOP, "check", None)
+    _STOP.check = check
+    try:
+        yield
+    finally:
+        _STOP.check = previous
+
+
+def check_stop() -> None:
+    """Raise `Cancelled` if this thread runs under `stopping(check)` and `check()` says stop."""
+    check = getattr(_STOP, "check", None)
+    if check is not None and check():
+        raise Cancelled("stopped: the request was cancelled")
 
 
 @dataclass
@@ -32,8 +61,9 @@ class Record:
 
     q: (B, nh, nr, D) selected query heads and rows; k: (B, nh, Lk, D) and v: (B, nh, Lk, Dv),
     the key/value head each selected query head reads (grouped-query heads resolved);
-    mask: float (B or 1, nh or 1, nr, Lk), 0 where attending is allowed and -inf elsewhere,
-    plus any additive bias; heads, rows: the indices selected; fv_norm: (B, nh, Lk) norms
+    spec: the layer's normalised constraints (`AttentionSpec`), from which `mask_for` builds
+    the float mask of any recorded rows on demand (a dense mask of every row would be n x n per
+    layer: 256 MB at 8k tokens); heads, rows: the indices selected; fv_norm: (B, nh, Lk) norms
     ||v_j W_O^h|| of each value after the output projection (Kobayashi et al., 2020), or None.
     """
 
@@ -42,7 +72,7 @@ class Record:
     q: Tensor
     k: Tensor
     v: Tensor
-    mask: Tensor
+    spec: AttentionSpec
     scale: float
     score_mod: Optional[Callable]
     heads: Tensor
@@ -55,21 +85,52 @@ class Record:
     causal: bool = False
     window: Optional[tuple[Optional[int], Optional[int]]] = None
     score_mod_text: Optional[str] = None
+    layer_score_mod: Optional[Callable] = None  # the layer's own score_mod (its indices are the layer's)
+
+    @property
+    def mask(self) -> Tensor:
+        """float (B or 1, nh or 1, nr, Lk) of every recorded row: 0 (or the additive bias) where
+        attending is allowed, -inf elsewhere. Built on demand; prefer `mask_for` for a few rows."""
+        return self.mask_for(None)
+
+    def mask_for(self, positions: Union[Tensor, Sequence[int], None]) -> Tensor:
+        """float (B or 1, nh or 1, r, Lk): the mask of the recorded rows at `positions` (indices into
+        `rows`; None = all)."""
+        rows = self.rows if positions is None else self.rows[torch.as_tensor(positions, dtype=torch.long)]
+        return self.spec.rows_mask(rows, self.heads, self.q.device)
 
     def describe(self) -> dict:
         """{"layer", "name", "causal", "window": [left, right] or None, "score_mod": text or None}."""
         return {"layer": self.layer, "name": self.name, "causal": self.causal,
                 "window": None if self.window is None else list(self.window), "score_mod": self.score_mod_text}
 
-    def weights(self) -> Tensor:
-        """(B, nh, nr, Lk) attention weights of the selected heads and rows, float32 or float64."""
-        q = self.q if self.q.dtype == torch.float64 else self.q.float()
-        k = self.k.to(q.dtype)
-        return attention_weights(q, k, mask=self.mask.to(q.dtype), scale=self.scale, score_mod=self.score_mod)
+    def weights(self, positions: Union[Tensor, Sequence[int], None] = None,
+                heads: Union[Tensor, Sequence[int], None] = None) -> Tensor:
+        """(B, nh', r, Lk) attention weights, float32 or float64, of the recorded rows at `positions`
+        (indices into `rows`; None = all) and the recorded heads at `heads` (indices into `heads`;
+        None = all). A chunk of rows costs r x Lk, never the full n x n."""
+        q, k, mask = self.q, self.k, None
+        if heads is not None:
+            hpos = torch.as_tensor(heads, dtype=torch.long)
+            q, k = q[:, hpos], k[:, hpos]  # (B, nh', nr, D), (B, nh', Lk, D)
+        if positions is not None:
+            q = q[:, :, torch.as_tensor(positions, dtype=torch.long)]  # (B, nh', r, D)
+        q = q if q.dtype == torch.float64 else q.float()
+        mask = self.mask_for(positions)  # (B|1, nh|1, r, Lk)
+        if heads is not None and mask.shape[1] != 1:
+            mask = mask[:, hpos]
+        mod = self.score_mod
+        if self.layer_score_mod is not None and (positions is not None or heads is not None):
+            sel_heads = self.heads if heads is None else self.heads[hpos]
+            sel_rows = self.rows if positions is None else self.rows[torch.as_tensor(positions, dtype=torch.long)]
+            mod = _remap_score_mod(self.layer_score_mod, sel_heads, sel_rows)
+        return attention_weights(q, k.to(q.dtype), mask=mask.to(q.dtype), scale=self.scale, score_mod=mod)
 
-    def scores(self) -> Tensor:
-        """(B, nh, nr, Lk) the scaled scores q.k * scale before the softmax (no mask applied)."""
-        q = self.q if self.q.dtype == torch.float64 else self.q.float()
+    def scores(self, positions: Union[Tensor, Sequence[int], None] = None) -> Tensor:
+        """(B, nh, r, Lk) the scaled scores q.k * scale before the softmax (no mask applied), of the
+        recorded rows at `positions` (None = all)."""
+        q = self.q if positions is None else self.q[:, :, torch.as_tensor(positions, dtype=torch.long)]
+        q = q if q.dtype == torch.float64 else q.float()
         return torch.matmul(q, self.k.to(q.dtype).transpose(-1, -2)) * self.scale
 
 
@@ -130,6 +191,7 @@ class Recorder:
     def __call__(self, module, q: Tensor, k: Tensor, v: Tensor, *, mask=None, causal=False, window=None,
                  scale=None, score_mod=None) -> None:
         """Called by the layer with q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)."""
+        check_stop()
         layer, name = self._layer_of[id(module)]
         if self.layers is not None and layer not in self.layers:
             return
@@ -146,15 +208,14 @@ class Recorder:
             q_sel = q[:, heads][:, :, rows].detach().clone()  # (B, nh, nr, D)
             k_sel = k[:, kv_heads].detach().clone()  # (B, nh, Lk, D)
             v_sel = v[:, kv_heads].detach().clone()  # (B, nh, Lk, Dv)
-            mask_sel = spec.rows_mask(rows, heads, q.device)  # (B|1, nh|1, nr, Lk)
             fv_norm = self._fv_norm(module, v_sel, heads, Hq) if self.with_values else None
         mod = None if score_mod is None else _remap_score_mod(score_mod, heads, rows)
         self.records.append(Record(
             layer=layer, name=name, q=q_sel, k=k_sel, v=v_sel if self.with_values else v_sel[..., :0],
-            mask=mask_sel, scale=spec.scale, score_mod=mod, heads=heads, rows=rows,
+            spec=spec, scale=spec.scale, score_mod=mod, heads=heads, rows=rows,
             num_heads=Hq, num_kv_heads=spec.Hkv, fv_norm=fv_norm, causal=bool(causal),
             window=_window_of(window, causal),
-            score_mod_text=None if score_mod is None else describe_function(score_mod),
+            score_mod_text=None if score_mod is None else describe_function(score_mod), layer_score_mod=score_mod,
         ))
 
     def _fv_norm(self, module, v_sel: Tensor, heads: Tensor, Hq: int) -> Optional[Tensor]:

@@ -26,10 +26,16 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .._files import write_text
+from .._files import atomic_output, write_text
 from . import analysis
+from . import rows as _rows
 from .capture import Record, Recorder
+from .rows import FULL_CELLS, TOP_K, answer_bytes
 from .schema import FORMAT, LEVELS, METHODS
+
+__all__ = ["FULL_CELLS", "ROWS", "TOP_K", "ExplainResult", "Steps", "answer_bytes", "explain"]
+
+ROWS = ("auto", "all", "focus")  # explain's `rows`: what is recorded and which view to_dict gives
 
 _MODEL_CACHE: dict = {}
 
@@ -84,7 +90,9 @@ class ExplainResult:
     tokens: the n token strings; special: which are special tokens ([CLS], [SEP], BOS);
     words: the words of the text; word_of_token: the word index of each token (None for
     special tokens); records: one `Record` per attention layer (queries, keys, values of the
-    recorded heads and rows); rows: the recorded query rows (None = all).
+    recorded heads and rows); rows: the recorded query rows (None = all); mode: explain's `rows`
+    argument ("auto", "all" or "focus"), which decides the view `to_dict` gives by default
+    (`compact_view`).
     """
 
     text: str
@@ -99,6 +107,7 @@ class ExplainResult:
     # number of source tokens (the target tokens follow them)
     roles: Optional[list[str]] = None
     source_len: Optional[int] = None
+    mode: str = "auto"
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
@@ -117,6 +126,25 @@ class ExplainResult:
     @property
     def num_heads(self) -> int:
         return int(self.records[0].heads.numel())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the recorded tensors (queries, keys, values, value norms): linear in length."""
+        return sum(t.numel() * t.element_size() for r in self.records
+                   for t in (r.q, r.k, r.v, r.fv_norm) if t is not None)
+
+    def compact_view(self, level: str = "word", hide_special: bool = False) -> bool:
+        """Whether `to_dict()` gives the compact "rows" view (docs/explain.md, "Long inputs") rather
+        than full maps: always with rows="focus", never with rows="all" or for an encoder-decoder,
+        and with rows="auto" when layers x heads x n^2 > FULL_CELLS for the n units shown."""
+        if self.roles is not None:
+            return False
+        if self.rows is not None or self.mode == "focus":
+            return True
+        if self.mode == "all" or not self.records:
+            return False
+        n = _rows.units(self, level, hide_special).n
+        return self.num_layers * self.num_heads * n * n > FULL_CELLS
 
     @property
     def attentions(self) -> Tensor:
@@ -202,12 +230,15 @@ class ExplainResult:
         if self.roles is not None and method != "raw":
             raise ValueError(f"{method} is defined for one stack of layers; for an encoder-decoder model use "
                              "method 'raw'")
+        if self.roles is None and method != "rollout":
+            if self.rows is not None:
+                _ = self.attentions  # raises: only the focus rows were recorded
+            u = _rows.units(self, level, hide_special)  # every layer built a chunk of rows at a time
+            return torch.stack([_rows.full_layer(self, layer, method, u) for layer in range(self.num_layers)])
         if method == "raw":
             maps = self.attentions
-        elif method == "rollout":
-            maps = analysis.rollout(self.attentions.double().mean(dim=1)).float().unsqueeze(1)  # (L, 1, n, n)
         else:
-            maps = torch.stack([analysis.value_norms(r.weights()[0].float(), self._fv_norm(r)) for r in self.records])
+            maps = analysis.rollout(self.attentions.double().mean(dim=1)).float().unsqueeze(1)  # (L, 1, n, n)
         labels, special, unit_of = self.units(level)
         if level == "word":
             maps = analysis.merge_units(maps, unit_of, len(labels))
@@ -217,45 +248,38 @@ class ExplainResult:
 
     def focus_rows(self, focus: Union[str, int], method: str = "raw", level: str = "word",
                    hide_special: bool = False) -> Tensor:
-        """(layers, heads, n) the focus unit's row of every layer and head (works with rows='focus')."""
+        """(layers, heads, n) the focus unit's row of every layer and head (for rollout heads = 1).
+
+        Computed from the recorded queries and keys for that row alone (works with rows='focus',
+        and at any length); a short input's full maps are used when they are already built."""
+        _check_choice("method", method, METHODS)
         index = self.focus_index(focus, level)
-        if self.rows is None:
-            unit_index = index
-            if hide_special:
-                _, special, _ = self.units(level)
-                unit_index = index - sum(special[:index])
-            return self.maps(method, level, hide_special)[:, :, unit_index]
-        if method == "rollout":
-            raise ValueError("rollout needs every row of every layer; explain again with rows='all'")
-        labels, special, unit_of = self.units(level)
-        token_rows = [t for t, u in enumerate(unit_of) if u == index]
-        pos = [self.rows.index(t) for t in token_rows]
-        rows = []
-        for r in self.records:
-            w = r.weights()[0].float()[:, pos]  # (H, pieces, n_tokens)
-            if method == "value-norm":
-                w = analysis.value_norms(w, self._fv_norm(r))
-            rows.append(w)
-        rows = torch.stack(rows)  # (L, H, pieces, n_tokens)
-        onehot = torch.zeros(len(unit_of), len(labels))
-        onehot[torch.arange(len(unit_of)), torch.as_tensor(unit_of)] = 1.0
-        rows = (rows @ onehot).mean(dim=2)  # keys summed per unit, query pieces averaged -> (L, H, m)
-        if hide_special:
-            keep = torch.tensor([not s for s in special])
-            rows = rows[..., keep]
-            if method != "value-norm":
-                total = rows.sum(-1, keepdim=True)
-                rows = torch.where(total > 0, rows / total.clamp_min(1e-30), rows)
-        return rows
+        u = _rows.units(self, level, hide_special)
+        shown = u.shown.index(index) if index in u.shown else None
+        if shown is None:
+            raise ValueError(f"the focus {focus!r} is a special token, and special tokens are hidden")
+        if self.roles is not None or (self.rows is None and not self.compact_view(level, hide_special)):
+            return self.maps(method, level, hide_special)[:, :, shown]
+        return _rows.row_maps(self, [shown], method, u)[:, :, 0]  # (L, H, n)
 
     def entropy(self, level: str = "token") -> Tensor:
         """(layers, heads) mean entropy in nats of each head's rows: low = focused."""
+        if self.roles is None:
+            return self.summaries(level)["entropy"]
         maps = self.maps("raw", level)
         ent = analysis.entropy(maps)  # (L, H, n)
         if self.roles is None:
             return ent.mean(dim=-1)
         live = (maps.sum(dim=-1) > 0).float()  # rows of this layer's queries (joint layout)
         return (ent * live).sum(dim=-1) / live.sum(dim=-1).clamp_min(1.0)
+
+    def summaries(self, level: str = "word", hide_special: bool = False) -> dict:
+        """Raw-weight summaries over every row, built a chunk of rows at a time (`qkv.inspect.rows`):
+        entropy, distance, sink (layers, heads); received, row_entropy (layers, n)."""
+        key = ("summaries", level, hide_special)
+        if key not in self._cache:
+            self._cache[key] = _rows.summaries(self, _rows.units(self, level, hide_special))
+        return self._cache[key]
 
     def sharpest_heads(self, focus: Union[str, int], k: int = 5, level: str = "word", hide_special: bool = False):
         """The k (layer, head) pairs whose focus row has the lowest entropy, with their top words."""
@@ -285,10 +309,11 @@ class ExplainResult:
             r = self.rows.index(index)
         else:
             r = index
-        scores = rec.scores()[0, h, r]  # (n,)
-        m_h = 0 if rec.mask.shape[1] == 1 else h  # a mask with one head broadcasts over heads
-        masked = scores + rec.mask[0, m_h, r].to(scores.dtype)
-        weights = rec.weights()[0, h, r]
+        scores = rec.scores([r])[0, h, 0]  # (n,)
+        mask = rec.mask_for([r])  # (B|1, nh|1, 1, n)
+        m_h = 0 if mask.shape[1] == 1 else h  # a mask with one head broadcasts over heads
+        masked = scores + mask[0, m_h, 0].to(scores.dtype)
+        weights = rec.weights([r], [h])[0, 0, 0]
         values = rec.v[0, h].to(weights.dtype)
         return Steps(layer=layer, head=head, token=index, labels=list(self.tokens), query=rec.q[0, h, r].float(),
                      keys=rec.k[0, h].float(), scale=rec.scale, scores=masked, weights=weights, values=values,
@@ -299,16 +324,20 @@ class ExplainResult:
         divergence (bits) of the focus rows per layer and head. Both must have the same labels count."""
         if not isinstance(other, ExplainResult):
             raise TypeError(f"other must be an ExplainResult (what qkv.explain returns); got {type(other).__name__}")
-        a, b = self.maps("raw", level), other.maps("raw", level)
-        if a.shape != b.shape:
+        na, nb = len(self.labels(level)), len(other.labels(level))
+        shape_a, shape_b = (self.num_layers, self.num_heads, na), (other.num_layers, other.num_heads, nb)
+        if shape_a != shape_b:
             raise ValueError(
-                f"the two sentences have {a.shape[-1]} and {b.shape[-1]} {level}s (or different models); "
+                f"the two sentences have {na} and {nb} {level}s (or different models); "
                 f"difference maps need sentences of the same length, e.g. one word swapped"
             )
-        out = {"difference": a - b, "labels": (self.labels(level), other.labels(level))}
+        out: dict = {"difference": None, "labels": (self.labels(level), other.labels(level))}
+        if not (self.compact_view(level) or other.compact_view(level)):  # long inputs: the focus rows only
+            out["difference"] = self.maps("raw", level) - other.maps("raw", level)
         if focus is not None:
             i = self.focus_index(focus, level)
-            out["jsd"] = analysis.jensen_shannon(a[:, :, i], b[:, :, i])  # (L, H)
+            out["jsd"] = analysis.jensen_shannon(self.focus_rows(i, "raw", level),
+                                                 other.focus_rows(i, "raw", level))  # (L, H)
         return out
 
     # ---------------------------------------------------------------- lookups
@@ -358,23 +387,40 @@ class ExplainResult:
 
     # ---------------------------------------------------------------- output
     def to_dict(self, method: str = "raw", level: str = "word", hide_special: bool = False,
-                focus: Union[str, int, None] = None, layer: Optional[int] = None, head: Optional[int] = None) -> dict:
-        """The JSON-ready form "qkv.explain/1" that the HTML and PNG renderers draw."""
-        maps = self.maps(method, level, hide_special)
+                focus: Union[str, int, None] = None, layer: Optional[int] = None, head: Optional[int] = None,
+                rows: Union[str, Sequence[int], None] = None, top_k: int = TOP_K) -> dict:
+        """The JSON-ready form "qkv.explain/1" that the HTML and PNG renderers draw.
+
+        rows: None = the result's default view (`compact_view`); "all" = full maps (layers, heads,
+        n, n); "focus" = the compact "rows" view shipping the focus word's row (without a focus, the
+        last word's); a list of shown unit indices = the compact view shipping those rows. The
+        compact view (docs/explain.md, "Long inputs") has no "maps": per-head summaries, a minimap
+        of the whole sequence, and each shipped row's `top_k` keys with the exact weight left out.
+        """
+        _check_choice("method", method, METHODS)
+        _check_choice("level", level, LEVELS)
         if layer is not None:
             self._record(layer)
-        head_names = ["rollout"] if method == "rollout" else [str(int(h)) for h in self.records[0].heads]
-        labels, special, _ = self.units(level)
-        if hide_special:
-            labels = [lab for lab, s in zip(labels, special) if not s]
-            special = [False] * len(labels)
-        data = {
-            "format": FORMAT, "model": self.model_name, "text": self.text, "method": method, "level": level,
-            "labels": labels, "special": special, "layers": self.num_layers, "heads": len(head_names),
-            "head_names": head_names, "maps": _round(maps), "normalised": method != "value-norm",
-            "focus": None, "entropy": _round(self.entropy(level)),
-            "selected": {"layer": layer, "head": head}, "attention": self.layer_attention(),
-        }
+        if isinstance(rows, str):
+            _check_choice("rows", rows, ("all", "focus"))
+        elif rows is not None:
+            rows = _check_rows(rows)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a whole number >= 1; got {top_k!r}")
+        compact = self.compact_view(level, hide_special) if rows is None else rows != "all"
+        if compact and self.roles is not None:
+            raise ValueError("the compact rows view is for encoder or decoder models; an encoder-decoder's "
+                             "result gives full maps (rows='all')")
+        if not compact and self.rows is not None:
+            raise ValueError("only the focus rows were recorded (rows='focus'), so there are no full maps; "
+                             "explain again with rows='all'")
+        data = self._common_dict(method, level, hide_special, layer, head)
+        if compact:
+            self._compact_dict(data, method, level, hide_special, focus, rows, top_k)
+            return data
+        maps = self.maps(method, level, hide_special)
+        data.update(view="full", maps=_round(maps), entropy=_round(self.entropy(level)))
+        labels = data["labels"]
         if self.cross_layers and not hide_special:
             source, target, cross = self.cross_maps(level)
             data["cross"] = {"layers": self.cross_layers, "source": source, "target": target, "maps": _round(cross)}
@@ -389,10 +435,120 @@ class ExplainResult:
             }
         return data
 
+    def _common_dict(self, method: str, level: str, hide_special: bool, layer, head) -> dict:
+        head_names = ["rollout"] if method == "rollout" else [str(int(h)) for h in self.records[0].heads]
+        labels, special, _ = self.units(level)
+        if hide_special:
+            labels = [lab for lab, s in zip(labels, special) if not s]
+            special = [False] * len(labels)
+        return {
+            "format": FORMAT, "model": self.model_name, "text": self.text, "method": method, "level": level,
+            "labels": labels, "special": special, "layers": self.num_layers, "heads": len(head_names),
+            "head_names": head_names, "normalised": method != "value-norm", "focus": None,
+            "selected": {"layer": layer, "head": head}, "attention": self.layer_attention(),
+        }
+
+    def _compact_dict(self, data: dict, method: str, level: str, hide_special: bool, focus, rows, top_k: int) -> None:
+        """Fill `data` with the compact "rows" view (qkv.inspect.rows)."""
+        u = _rows.units(self, level, hide_special)
+        focus_shown = None
+        if focus is not None:
+            index = self.focus_index(focus, level)
+            if index not in u.shown:
+                raise ValueError(f"the focus {focus!r} is a special token, and special tokens are hidden")
+            focus_shown = u.shown.index(index)
+        if isinstance(rows, list):
+            wrong = [r for r in rows if not 0 <= r < u.n]
+            if wrong:
+                raise ValueError(f"row {wrong[0]} does not exist: the text has {u.n} {level}s shown (0..{u.n - 1})")
+            ship = rows
+        elif focus_shown is not None:
+            ship = [focus_shown]
+        else:
+            ship = _rows.default_rows(u)
+        if self.rows is not None:  # rows='focus': only the focus word's rows can be shipped
+            _rows._positions(self, [t for i in ship for t in u.tokens_of[u.shown[i]]])
+        maps = _rows.row_maps(self, ship, method, u)  # (L, H', R, n)
+        L, H = maps.shape[0], maps.shape[1]
+        k = min(top_k, u.n)
+        data.update(view="rows", rows={"index": ship, "k": k, "top": _rows.top_keys(maps, k)},
+                    omitted={"weights": L * H * u.n * u.n - L * H * len(ship) * k, "rows": u.n - len(ship)},
+                    entropy=None, summary=None, minimap=None)
+        if self.rows is None:
+            summary = self.summaries(level, hide_special)
+            data["entropy"] = _round(summary["entropy"])
+            data["summary"] = {name: _round(summary[name]) for name in ("entropy", "distance", "sink")}
+            data["minimap"] = {"received": _round(summary["received"]), "entropy": _round(summary["row_entropy"])}
+        if focus_shown is not None:
+            per_layer = (maps[:, :, ship.index(focus_shown)] if focus_shown in ship
+                         else _rows.row_maps(self, [focus_shown], method, u)[:, :, 0])  # (L, H', n)
+            data["focus"] = {"index": focus_shown, "label": data["labels"][focus_shown],
+                             "per_layer": _round(per_layer.mean(dim=1)),
+                             "sharpest_heads": self.sharpest_heads(focus, 5, level, hide_special)}
+
+    def weights_dict(self, rows: Sequence[int], layers: Optional[Sequence[int]] = None,
+                     heads: Optional[Sequence[int]] = None, method: str = "raw", level: str = "word",
+                     hide_special: bool = False) -> dict:
+        """Full rows of some layers and heads, "qkv.weights/1", computed from the recorded queries
+        and keys (what the web page fetches one piece at a time).
+
+        rows: indices of shown units (the labels of `to_dict` with the same level and hide_special);
+        layers: layer indices (None = all); heads: head indices of the model (None = every recorded
+        head; rollout has the one head "rollout"). Returns {"format", "method", "level",
+        "hide_special", "n", "layers", "heads", "rows", "weights": (layers, heads, rows, n)}.
+        """
+        _check_choice("method", method, METHODS)
+        _check_choice("level", level, LEVELS)
+        if self.roles is not None:
+            raise ValueError("weights_dict is for encoder or decoder models; an encoder-decoder's maps come whole "
+                             "from to_dict")
+        ship = _check_rows(rows)
+        u = _rows.units(self, level, hide_special)
+        wrong = [r for r in ship if not 0 <= r < u.n]
+        if wrong:
+            raise ValueError(f"row {wrong[0]} does not exist: the text has {u.n} {level}s shown (0..{u.n - 1})")
+        layer_list = list(range(self.num_layers)) if layers is None else _check_rows(layers, "layers")
+        for layer in layer_list:
+            self._record(layer)
+        if method == "rollout":
+            if heads is not None and list(heads) not in ([], ["rollout"]):
+                raise ValueError("rollout averages the heads first; give heads=None")
+            names: list = ["rollout"]
+            positions = None
+        else:
+            names = [int(h) for h in self.records[0].heads] if heads is None else _check_rows(heads, "heads")
+            positions = [self._head_position(self.records[0], h) for h in names]
+        maps = _rows.row_maps(self, ship, method, u, layer_list, positions)  # (nl, nh, R, n)
+        return {"format": "qkv.weights/1", "method": method, "level": level, "hide_special": hide_special,
+                "n": u.n, "layers": layer_list, "heads": names, "rows": ship, "weights": _round(maps)}
+
     def save_json(self, path, **options) -> None:
         """Write `to_dict(**options)` as JSON to `path` (str or path-like) through qkv's one
-        writer (`qkv._files`: whole or not at all; a non-regular target is refused)."""
+        writer (`qkv._files`: whole or not at all; a non-regular target is refused). Full maps of
+        a long input are written one layer at a time."""
+        big = options.get("rows") == "all" or (options.get("rows") is None and self.mode == "all")
+        method = options.get("method", "raw")
+        if big and self.roles is None and method != "rollout" and self.rows is None:
+            level, hide = options.get("level", "word"), options.get("hide_special", False)
+            u = _rows.units(self, level, hide)
+            if self.num_layers * self.num_heads * u.n * u.n > FULL_CELLS:
+                self._stream_json(path, options, u)
+                return
         write_text(path, json.dumps(self.to_dict(**options), ensure_ascii=False), what="JSON")
+
+    def _stream_json(self, path, options: dict, u) -> None:
+        """Full maps as JSON, each layer computed (a chunk of rows at a time) and written in turn."""
+        method = options.get("method", "raw")
+        head = self.to_dict(**{**options, "rows": [0]})  # everything but the maps, from the compact view
+        data = self._common_dict(method, u.level, u.hide_special, options.get("layer"), options.get("head"))
+        data.update(view="full", entropy=head["entropy"])
+        if options.get("focus") is not None:
+            focus = head["focus"]
+            data["focus"] = focus
+        layers = (_rows.full_layer(self, layer, method, u) for layer in range(self.num_layers))
+        with atomic_output(path, what="JSON") as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for part in _rows.dumps_full(data, layers):
+                f.write(part)
 
     def save_html(self, path, **options) -> None:
         from .html import write_html
@@ -419,7 +575,7 @@ class ExplainResult:
 
 
 def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, layers: Optional[Sequence[int]] = None,
-            heads: Optional[Sequence[int]] = None, rows: str = "all", truncate: bool = False,
+            heads: Optional[Sequence[int]] = None, rows: str = "auto", truncate: bool = False,
             name: Optional[str] = None, tokenizer=None) -> ExplainResult:
     """Run `model` on `text` and record its attention.
 
@@ -430,8 +586,11 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
             with attn_implementation "qkv", restored afterwards; `qkv.inspect.foreign`).
         focus: a word of the text (or a word index), needed with rows="focus".
         layers, heads: record only these (indices); None = all.
-        rows: "all" records every query row; "focus" only the focus word's tokens, so a long
-            input can be explained for one word without building every full map.
+        rows: "auto" (default) records every query row (queries and keys: linear in length), and
+            `to_dict` gives full maps while layers x heads x n^2 <= FULL_CELLS, else the compact
+            "rows" view (docs/explain.md, "Long inputs"); "all" records every row and gives full
+            maps at any length (built a chunk of rows at a time); "focus" records only the focus
+            word's tokens, for one word of a very long input.
         truncate: cut text longer than the model's positions instead of raising.
         name: the model's name in the result and its pictures (default: the bundled name or
             path given, or the model's class name for a model object; a transformers model's
@@ -443,7 +602,7 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
         an `ExplainResult`. The model's outputs are not changed by the recording.
     """
     text = _check_text(text)
-    _check_choice("rows", rows, ("all", "focus"))
+    _check_choice("rows", rows, ROWS)
     _check_focus_type(focus)
     if rows == "focus" and focus is None:
         raise ValueError("rows='focus' needs a focus word")
@@ -462,7 +621,7 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
     name = loaded_name if name is None else str(name)
     _check_layers_heads(model, name, layers, heads)
     if getattr(model, "is_encoder_decoder", False):
-        if rows != "all":
+        if rows == "focus":
             raise ValueError("rows='focus' is for encoder or decoder models; "
                              "explain an encoder-decoder with rows='all'")
         _tokenizer_of(model, name)
@@ -477,7 +636,7 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
             model(ids, attention_mask=attention_mask)
     finally:
         recorder.detach()
-    return _result(probe, recorder, record_rows, layers)
+    return _result(probe, recorder, record_rows, layers, rows)
 
 
 def _focus_rows(probe: "ExplainResult", focus, rows: str) -> Optional[list[int]]:
@@ -492,9 +651,9 @@ def _focus_rows(probe: "ExplainResult", focus, rows: str) -> Optional[list[int]]
     return [t for t, u in enumerate(unit_of) if u == w]
 
 
-def _result(probe: "ExplainResult", recorder: Recorder, record_rows, layers) -> "ExplainResult":
+def _result(probe: "ExplainResult", recorder: Recorder, record_rows, layers, mode: str) -> "ExplainResult":
     result = ExplainResult(probe.text, probe.model_name, probe.tokens, probe.special, probe.words,
-                           probe.word_of_token, recorder.records, rows=record_rows)
+                           probe.word_of_token, recorder.records, rows=record_rows, mode=mode)
     if not result.records:
         raise ValueError(f"no layer was recorded: layers {list(layers or [])} do not exist "
                          f"(the model has {recorder.num_layers} attention layers)")
@@ -516,7 +675,7 @@ def _explain_transformers(text: str, model, tokenizer, *, focus, layers, heads, 
     probe, enc = prepare(text, model, name, truncate=truncate, tokenizer=tok)
     record_rows = _focus_rows(probe, focus, rows)
     recorder = foreign.record(model, foreign.model_inputs(model, enc), layers=layers, heads=heads, rows=record_rows)
-    return _result(probe, recorder, record_rows, layers)
+    return _result(probe, recorder, record_rows, layers, rows)
 
 
 def _check_text(text) -> str:
@@ -656,5 +815,18 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+def _check_rows(values, what: str = "rows") -> list[int]:
+    """A list of whole numbers (indices), else a TypeError naming `what`."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{what} must be a list of indices; got {type(values).__name__}")
+    values = list(values)
+    wrong = [v for v in values if isinstance(v, bool) or not isinstance(v, int)]
+    if wrong:
+        raise TypeError(f"{what} must be whole numbers; got {wrong[0]!r}")
+    if not values:
+        raise ValueError(f"{what} is empty; give at least one index")
+    return values
+
+
 def _round(t: Tensor, digits: int = 5):
-    return torch.round(t.float(), decimals=digits).tolist()
+    return torch.round(t.double(), decimals=digits).tolist()

@@ -16,7 +16,11 @@ tensors are accepted wherever a list is.
 
 Compatibility: the format name stays "qkv.explain/1" while fields are only added, each optional
 (a reader of an older file finds it absent, an older reader ignores it): `attention`, how each
-layer attended (causal, sliding window, score_mod), was added with issue 17.
+layer attended (causal, sliding window, score_mod), was added with issue 17. Issue 19 added the
+compact view for long inputs: `view` ("full", or "rows": then `maps` is absent and `rows`,
+`summary`, `minimap` and `omitted` say what the view holds; docs/explain.md, "Long inputs").
+Shapes there: rows.top[layer][head][row] is one `TopKeys`; summary.* (layers, heads); minimap.*
+(layers, n).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ FORMAT = "qkv.explain/1"
 METHODS = ("raw", "rollout", "value-norm")  # how a row of weights is computed (qkv.explain's `method`)
 LEVELS = ("word", "token")  # what a label is: a word (subword pieces joined) or a token
 
-__all__ = ["FORMAT", "LEVELS", "METHODS", "Cross", "ExplainData", "Focus", "LayerAttention", "as_list", "check_data"]
+__all__ = ["FORMAT", "LEVELS", "METHODS", "Cross", "ExplainData", "Focus", "LayerAttention", "Minimap", "Omitted",
+           "Rows", "Summary", "TopKeys", "as_list", "check_data"]
 
 T = TypeVar("T")
 
@@ -51,6 +56,35 @@ class _Part(BaseModel):
 class TopKey(_Part):
     label: str
     weight: float
+
+
+class TopKeys(_Part):
+    keys: list[int] = Field(description="indices of the keys given the most weight, largest first")
+    weights: Array[float] = Field(description="their weights")
+    rest: float = Field(description="the exact total weight of the keys left out")
+    left_out: int = Field(description="how many keys left out have a weight above 0")
+
+
+class Rows(_Part):
+    index: list[int] = Field(description="the query rows shipped (label indices)")
+    k: int = Field(description="keys kept per row")
+    top: list[list[list[TopKeys]]] = Field(description="(layers, heads, rows): each row's top keys")
+
+
+class Summary(_Part):
+    entropy: Matrix = Field(description="(layers, heads): mean row entropy in nats")
+    distance: Matrix = Field(description="(layers, heads): mean over rows of sum_j w_ij |i - j|, in labels")
+    sink: Matrix = Field(description="(layers, heads): mean weight on the first label")
+
+
+class Minimap(_Part):
+    received: Matrix = Field(description="(layers, n): mean over heads and rows of the weight each label receives")
+    entropy: Matrix = Field(description="(layers, n): each row's entropy, mean over heads")
+
+
+class Omitted(_Part):
+    weights: int = Field(description="weights (layer, head, query, key) not shipped")
+    rows: int = Field(description="query rows not shipped")
 
 
 class SharpHead(_Part):
@@ -112,7 +146,13 @@ class ExplainData(_Part):
     layers: int | None = None
     heads: int | None = None
     head_names: list[str] = Field(description="one per head in maps (['rollout'] for rollout)")
-    maps: Array[Array[Matrix]] = Field(description="(layers, heads, n, n): maps[layer][head][query][key]")
+    view: Literal["full", "rows"] | None = Field(None, description=(
+        "full: every map; rows: the compact view of a long input, without maps (absent in older files: full)"))
+    maps: Array[Array[Matrix]] | None = Field(None, description="(layers, heads, n, n): maps[layer][head][query][key]")
+    rows: Rows | None = Field(None, description="the compact view's shipped rows and their top keys")
+    summary: Summary | None = None
+    minimap: Minimap | None = None
+    omitted: Omitted | None = None
     normalised: bool | None = Field(None, description="rows sum to 1 (false for value-norm)")
     focus: Focus | None = None
     entropy: Matrix | None = Field(None, description="(layers, heads): mean row entropy")
@@ -126,8 +166,12 @@ class ExplainData(_Part):
         n, maps = len(self.labels), self.maps
         if self.special is not None and len(self.special) != n:
             raise ValueError(f"data['special'] has {len(self.special)} entries for {n} labels; give one bool per label")
+        if self.view == "rows":
+            self._compact_shapes(n)
+            return self
         if not maps:
-            raise ValueError("data['maps'] is empty; expected maps[layer][head][query][key]")
+            raise ValueError("data['maps'] is empty or absent; expected maps[layer][head][query][key] "
+                             "(or view 'rows' with data['rows'])")
         heads = len(maps[0])
         if heads == 0 or len(self.head_names) != heads:
             raise ValueError(f"data['maps'][0] has {heads} heads but data['head_names'] has {len(self.head_names)}; "
@@ -152,6 +196,36 @@ class ExplainData(_Part):
         return self
 
 
+    def _compact_shapes(self, n: int) -> None:
+        if self.maps is not None:
+            raise ValueError("data['maps'] must be absent in the compact view (view 'rows')")
+        if self.rows is None:
+            raise ValueError("the compact view (view 'rows') needs data['rows'] (the shipped rows and their top keys)")
+        layers, heads, count = len(self.rows.top), len(self.head_names), len(self.rows.index)
+        if not layers or any(len(per) != heads or any(len(h) != count for h in per) for per in self.rows.top):
+            raise ValueError(f"data['rows']['top'] must be (layers, {heads} heads, {count} rows)")
+        if any(not 0 <= i < n for i in self.rows.index):
+            raise ValueError(f"data['rows']['index'] must hold label indices in 0..{n - 1}")
+        parts: list[tuple[str, BaseModel | None, int]] = [("summary", self.summary, heads),
+                                                          ("minimap", self.minimap, n)]
+        for name, part, width in parts:
+            if part is None:
+                continue
+            for field in type(part).model_fields:
+                matrix = getattr(part, field)
+                if len(matrix) != layers or any(len(r) != width for r in matrix):
+                    raise ValueError(f"data['{name}']['{field}'] must be {layers} rows of {width}")
+        if self.attention is not None and len(self.attention) != layers:
+            raise ValueError(f"data['attention'] has {len(self.attention)} entries for {layers} layers")
+        focus = self.focus
+        if focus is not None:
+            if not 0 <= focus.index < n:
+                raise ValueError(f"data['focus']['index'] must be a label index in 0..{n - 1}, got {focus.index!r}")
+            if focus.per_layer is not None and (len(focus.per_layer) != layers
+                                                or any(len(r) != n for r in focus.per_layer)):
+                raise ValueError(f"data['focus']['per_layer'] must be {layers} rows of {n} weights")
+
+
 def check_data(data: Any) -> tuple[int, int, int]:
     """Check a "qkv.explain/1" dict against `ExplainData`.
 
@@ -172,6 +246,9 @@ def check_data(data: Any) -> tuple[int, int, int]:
         checked = ExplainData.model_validate(dict(data))
     except ValidationError as exc:
         raise ValueError(_one_line(exc.errors()[0])) from None
+    if checked.maps is None:  # the compact view
+        assert checked.rows is not None
+        return len(checked.labels), len(checked.rows.top), len(checked.head_names)
     return len(checked.labels), len(checked.maps), len(checked.maps[0])
 
 
