@@ -98,10 +98,6 @@ def test_characters_are_no_longer_the_limit(registry):
 
 
 def test_the_compact_view_of_a_long_text_is_small(registry):
-    from qkv.inspect.explain import ExplainResult
-
-    if not hasattr(ExplainResult, "compact_view"):
-        pytest.skip("the core's compact view is not there yet")
     app = create_app(registry=registry)
     with TestClient(app) as c:
         resp = c.post("/api/explain", json={"text": LONG, "focus": 3})

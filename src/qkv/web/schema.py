@@ -301,7 +301,7 @@ class WeightsData(BaseModel):
     method: Literal[METHODS]
     level: Literal[LEVELS]
     layers: list[int]
-    heads: list[int] = Field(description="head names (indices; [0] stands for the one rollout map)")
+    heads: list[int | str] = Field(description="head indices; [\"rollout\"] with method rollout (one map)")
     rows: list[int] = Field(description="the query rows, unit indices at `level`")
     n: int = Field(description="the number of keys (units at `level`) of each row")
     weights: list[list[list[Vector]]] = Field(description="(layers, heads, rows, n)")

@@ -190,11 +190,9 @@ def _reason(exc: Exception) -> str:
 # weights, the answer as Python objects and as JSON) and the bytes of the JSON answer. Over a
 # limit: 413 too_costly, naming the estimate, the limit and the flag of `qkv serve` that raises it.
 
-FULL_CELLS = 2**22  # the contract's qkv.inspect.explain.FULL_CELLS, until the core's is there
-JSON_FLOAT = 20  # bytes of one float32 weight in the JSON (its double repr and a comma; measured)
+JSON_FLOAT = 9  # bytes of one weight in the JSON: "0.01234," (rounded to 5 decimals; qkv.inspect.rows)
 PY_FLOAT = 32  # bytes of one float as a Python object in a list (24 + an 8-byte pointer)
-CHUNK_ROWS = 1024  # query rows whose weights are formed at once when every row is summarised
-TOP_K = 8  # keys per row in the compact view
+CHUNK = 1 << 22  # weights formed at once by the core's row chunks (qkv.inspect.rows.CHUNK_ELEMENTS)
 
 
 @dataclass(frozen=True)
@@ -223,37 +221,27 @@ def _core():
     return importlib.import_module("qkv.inspect.explain")
 
 
-def _core_answer_bytes():
-    """The core's `answer_bytes` once it is there (the contract), else None."""
-    return getattr(_core(), "answer_bytes", None)
-
-
 def full_cells(layers: int, heads: int, units: int) -> int:
     return layers * heads * units * units
 
 
 def default_view(layers: int, heads: int, units: int) -> str:
     """What rows="auto" ships: full maps while layers x heads x n x n <= FULL_CELLS, else rows."""
-    core = _core()
-    if not hasattr(core.ExplainResult, "compact_view"):
-        return "full"  # a core without the compact view ships every map
-    return "full" if full_cells(layers, heads, units) <= getattr(core, "FULL_CELLS", FULL_CELLS) else "rows"
+    return "full" if full_cells(layers, heads, units) <= _core().FULL_CELLS else "rows"
 
 
-def explain_answer_bytes(units: int, layers: int, heads: int, view: str, rows: int = 1, k: int = TOP_K) -> int:
-    """Estimated bytes of a to_dict answer: the core's `answer_bytes` when it is there, else this
-    count of its numbers (full: the maps; rows: minimap, summaries, top-k of the shipped rows)."""
-    core = _core_answer_bytes()
-    if core is not None:
-        return int(core(units, layers, heads, view, rows=rows, k=k))
-    return (_answer_numbers(units, layers, heads, view, rows, k) * JSON_FLOAT + 64 * units + 4096)
+def explain_answer_bytes(units: int, layers: int, heads: int, view: str, rows: int = 1) -> int:
+    """Estimated bytes of a to_dict answer (`qkv.inspect.explain.answer_bytes`; the model's name
+    and the text are added by the caller)."""
+    return int(_core().answer_bytes(units, layers, heads, view, rows=rows, k=_core().TOP_K))
 
 
-def _answer_numbers(units: int, layers: int, heads: int, view: str, rows: int = 1, k: int = TOP_K) -> int:
-    per_head = layers * heads
+def _answer_numbers(units: int, layers: int, heads: int, view: str, rows: int = 1) -> int:
+    """The numbers of a to_dict answer (each a Python float while the dict is built)."""
+    per_head, k = layers * heads, _core().TOP_K
     if view == "full":
-        return full_cells(layers, heads, units) + per_head + layers * units
-    return 3 * layers * units + 4 * per_head + 2 * per_head * rows * (k + 1)
+        return full_cells(layers, heads, units) + 2 * layers * units + per_head
+    return 3 * layers * units + 3 * per_head + per_head * rows * (2 * k + 2)
 
 
 def explain_cost(tokens: int, units: int, layers: int, heads: int, head_dim: int, hidden: int, *,
@@ -263,14 +251,19 @@ def explain_cost(tokens: int, units: int, layers: int, heads: int, head_dim: int
     (tokens, or the focus word's); view: "full" or "rows"; shown_heads: 1 for rollout."""
     n, R = tokens, recorded_rows
     shown = heads if shown_heads is None else shown_heads
-    recorded = layers * (heads * (R + 2 * n) * head_dim * 4 + heads * n * 4 + R * n * 4)  # q, k, v, norms, mask
+    recorded = layers * heads * ((R + 2 * n) * head_dim * 4 + n * 4)  # q, k, v, value norms (masks: on demand)
     forward = 24 * n * hidden * 4  # hidden states, q/k/v, the MLP's widening: linear in n
-    chunk = min(R, CHUNK_ROWS) * n * heads * 4 * 4  # scores, weights and temporaries of one row chunk
-    answer = explain_answer_bytes(units, layers, shown, view, shipped_rows)
+    chunk = min(R * n * heads, max(CHUNK, n * heads)) * 4 * 4  # scores, weights, mask, temporaries of a chunk
+    answer = explain_answer_bytes(units, layers, shown, view, shipped_rows) + 4 * len_of_text_bytes(n)
     objects = _answer_numbers(units, layers, shown, view, shipped_rows) * PY_FLOAT + 2 * answer  # dict, JSON
     maps = full_cells(layers, heads, n) * 4 * 3 if view == "full" else 0  # stacked weights, merged, rounded
     return Cost(tokens=n, layers=layers, heads=heads, compute=n * n * layers * heads,
                 memory=recorded + forward + chunk + maps + objects, answer=answer, view=view)
+
+
+def len_of_text_bytes(tokens: int) -> int:
+    """The text in the answer, about (it is sent once more, escaped): a few bytes a token."""
+    return 8 * tokens
 
 
 def weights_cost(tokens: int, units: int, layers: int, heads: int, picked: int, method: str) -> Cost:
@@ -279,7 +272,7 @@ def weights_cost(tokens: int, units: int, layers: int, heads: int, picked: int, 
     numbers = picked * units
     answer = numbers * JSON_FLOAT + 8 * picked + 4096
     compute = tokens * tokens * layers * heads if method == "rollout" else picked * tokens
-    work = (min(tokens, CHUNK_ROWS) * tokens * heads * 4 * 4) if method == "rollout" else picked * tokens * 4 * 4
+    work = min(tokens * tokens * heads, max(CHUNK, tokens * heads)) * 4 * 4 + picked * tokens * 4 * 4
     return Cost(tokens=tokens, layers=layers, heads=heads, compute=compute,
                 memory=work + numbers * PY_FLOAT + 2 * answer, answer=answer, view="weights")
 
@@ -380,15 +373,7 @@ def run_stoppable(stop: threading.Event, fn: Callable[[], Any]) -> Any:
 
 def result_nbytes(result) -> int:
     """Bytes the recorded tensors of an ExplainResult hold (its `nbytes` once the core has it)."""
-    size = getattr(result, "nbytes", None)
-    if isinstance(size, int):
-        return size
-    total = 0
-    for rec in result.records:
-        for t in (rec.q, rec.k, rec.v, rec.mask, rec.fv_norm):
-            if t is not None:
-                total += t.numel() * t.element_size()
-    return total
+    return int(result.nbytes)
 
 
 class Sessions:
@@ -491,16 +476,12 @@ class Service:
 
     def _explain(self, p: _Probe, *, focus=None, rows: str = "auto"):
         """Run the model (under its lock) and record; its result named as the server names it."""
-        import inspect as pyinspect
-
         from ..inspect import explain
 
         checkpoint()
-        kwargs: dict = {}
+        kwargs: dict = {"rows": rows}
         if rows == "focus":
-            kwargs = {"focus": focus, "rows": "focus"}
-        elif rows == "all" or "auto" not in str(pyinspect.signature(explain).parameters.get("rows", "")):
-            kwargs = {"rows": "all"}  # the core before its rows="auto": every row
+            kwargs["focus"] = focus
         with p.run_lock:
             checkpoint()
             try:
@@ -568,7 +549,7 @@ class Service:
                  rows: str = "auto") -> dict:
         checkpoint()
         options: dict = {"method": method, "level": level, "hide_special": hide_special, "focus": focus}
-        if rows in ("all", "focus") and _has_rows_option(result):
+        if rows in ("all", "focus"):
             options["rows"] = rows
         try:
             return result.to_dict(**options)
@@ -715,7 +696,10 @@ class Service:
             n = sum(1 for s in special if not (req.hide_special and s))
             L, H = result.num_layers, result.num_heads
             layers = list(range(L)) if req.layers is None else list(req.layers)
-            heads_all = [0] if req.method == "rollout" else [int(h) for h in result.records[0].heads]
+            if req.method == "rollout" and req.heads is not None:
+                raise ApiError(422, "bad_value", "'heads' must be left out with method rollout: it averages the "
+                                                 "heads first (one map, head \"rollout\")")
+            heads_all = [int(h) for h in result.records[0].heads]
             heads = heads_all if req.heads is None else list(req.heads)
             for name, picked, have in (("layer", layers, range(L)), ("head", heads, heads_all),
                                        ("row", req.rows, range(n))):
@@ -725,14 +709,16 @@ class Service:
                             "row": f"{n} {req.level}s" + (" (special tokens hidden)" if req.hide_special else "")}
                     raise ApiError(422, f"unknown_{name}", f"{name} {wrong[0]} does not exist: the "
                                                            f"{'model' if name != 'row' else 'text'} has {what[name]}")
-            cost = weights_cost(len(result.tokens), n, L, H, len(layers) * len(heads) * len(req.rows), req.method)
+            shown = 1 if req.method == "rollout" else len(heads)
+            cost = weights_cost(len(result.tokens), n, L, H, len(layers) * shown * len(req.rows), req.method)
             check_cost(cost, self.limits)
 
             def run() -> dict:
                 checkpoint()
                 try:
-                    out = _weights_dict(result, list(req.rows), layers, heads, req.method, req.level,
-                                        req.hide_special)
+                    out = result.weights_dict(list(req.rows), layers=layers,
+                                              heads=None if req.method == "rollout" else heads, method=req.method,
+                                              level=req.level, hide_special=req.hide_special)
                 except ValueError as exc:
                     raise ApiError(422, "cannot_explain", str(exc)) from None
                 out["session"] = req.session
@@ -741,38 +727,12 @@ class Service:
         return plan
 
 
-def _has_rows_option(result) -> bool:
-    import inspect as pyinspect
-
-    return "rows" in pyinspect.signature(result.to_dict).parameters
-
-
 def _focus_jsd(a, b, focus: int, level: str):
-    """(L, H) Jensen-Shannon divergence (bits) of the focus rows of two results of one length."""
+    """(L, H) Jensen-Shannon divergence (bits) of the focus rows of two results of one length,
+    from the rows alone (focus_rows: a chunk of rows from the recorded q/k, linear in the length)."""
     from ..inspect import analysis
 
-    if hasattr(a, "row_maps"):  # the core's rows from the recorded q/k: linear in the length
-        ra, rb = a.row_maps([focus], "raw", level, False)[:, :, 0], b.row_maps([focus], "raw", level, False)[:, :, 0]
-        return analysis.jensen_shannon(ra, rb)
-    return a.compare(b, focus, level)["jsd"]
-
-
-def _weights_dict(result, rows: list[int], layers: list[int], heads: list[int], method: str, level: str,
-                  hide_special: bool) -> dict:
-    """ExplainResult.weights_dict where the core has it; else the same from the full maps."""
-    if hasattr(result, "weights_dict"):
-        return result.weights_dict(rows, layers=layers, heads=heads, method=method, level=level,
-                                   hide_special=hide_special)
-    maps = result.maps(method, level, hide_special)  # (L, H, n, n)
-    names = [0] if method == "rollout" else [int(h) for h in result.records[0].heads]
-    pos = [names.index(h) for h in heads]
-    picked = maps[layers][:, pos][:, :, rows]  # (nl, nh, nr, n)
-    return {"format": "qkv.weights/1", "level": level, "method": method, "layers": layers, "heads": heads,
-            "rows": rows, "n": int(maps.shape[-1]), "weights": _round_list(picked)}
-
-
-def _round_list(t) -> Any:
-    return t.float().tolist()
+    return analysis.jensen_shannon(a.focus_rows(focus, "raw", level), b.focus_rows(focus, "raw", level))
 
 
 def _floats(t) -> Any:
