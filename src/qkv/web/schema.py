@@ -69,7 +69,7 @@ class Limits:
 
 # The `qkv serve` flag that raises each limit (named in a 413 too_costly).
 FLAGS = {"max_cost": "--max-cost", "max_answer": "--max-answer-mb", "max_memory": "--max-memory-mb",
-         "max_sessions": "--max-session-mb", "max_chars": "--max-chars"}
+         "max_sessions": "--max-session-mb", "max_chars": "--max-chars", "max_pick": "--max-pick"}
 
 
 # --------------------------------------------------------------------------- requests
