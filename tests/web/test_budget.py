@@ -15,7 +15,6 @@ import threading
 import time
 
 import httpx
-import pytest
 from starlette.testclient import TestClient
 
 import qkv.inspect
