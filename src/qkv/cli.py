@@ -444,8 +444,21 @@ def _serve(p):
                    "implementation of run through transformers, pip install 'qkv[hf]')")
     p.add_argument("--max-queue", type=_whole(0), default=8, metavar="N",
                    help="requests that may wait for the model; one more gets 503 (default: 8)")
-    p.add_argument("--max-chars", type=_whole(1), default=1000, metavar="N",
-                   help="the longest sentence accepted, in characters (default: 1000)")
+    p.add_argument("--max-chars", type=_whole(1), default=40_000, metavar="N",
+                   help="the longest sentence accepted, in characters (default: 40000, about 7,000 words; the "
+                   "cost limits below are the real ones)")
+    p.add_argument("--max-cost", type=_whole(1), default=2**30, metavar="N",
+                   help="attention weights one request may make the model form, tokens^2 x layers x heads "
+                   "(default: 1073741824); more gets 413 too_costly")
+    p.add_argument("--max-answer-mb", type=_whole(1), default=64, metavar="MB",
+                   help="the largest JSON answer, estimated before the work (default: 64)")
+    p.add_argument("--max-memory-mb", type=_whole(1), default=2048, metavar="MB",
+                   help="memory the running requests may hold together, by their estimates; a request that "
+                   "does not fit waits (default: 2048)")
+    p.add_argument("--max-session-mb", type=_whole(1), default=1024, metavar="MB",
+                   help="recorded results kept for /api/weights, the oldest dropped first (default: 1024)")
+    p.add_argument("--max-pick", type=_whole(1), default=64, metavar="N",
+                   help="layers, heads and rows one /api/weights request may name, each (default: 64)")
 
     def run(args):
         try:
@@ -456,7 +469,8 @@ def _serve(p):
         if args.model_dir is not None and not os.path.isdir(args.model_dir):
             raise UserError(f"--model-dir {args.model_dir!r} is not a folder")
         serve(host=args.host, port=args.port, model_dir=args.model_dir, max_queue=args.max_queue,
-              max_chars=args.max_chars)
+              max_chars=args.max_chars, max_cost=args.max_cost, max_answer_mb=args.max_answer_mb,
+              max_memory_mb=args.max_memory_mb, max_session_mb=args.max_session_mb, max_pick=args.max_pick)
 
     return run
 

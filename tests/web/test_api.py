@@ -25,7 +25,7 @@ from qkv.web.service import ModelRegistry
 
 from .web_helpers import TEXT, running_server
 
-API_POSTS = ("/api/explain", "/api/steps", "/api/compare")
+API_POSTS = ("/api/explain", "/api/steps", "/api/compare")  # /api/weights: tests/web/test_long.py
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,8 @@ def test_health_and_models(client):
     names = [e["name"] for e in m["models"]]
     assert "minilm" in names and m["default"] == "minilm"
     assert all(e["source"] == "bundled" for e in m["models"])
-    assert m["limits"] == {"max_chars": 200, "max_body_bytes": 4096}
+    assert m["limits"] == {"max_chars": 200, "max_body_bytes": 4096, "max_cost": 2**30, "max_answer_bytes": 64 * 2**20,
+                           "max_memory_bytes": 2048 * 2**20, "max_session_bytes": 1024 * 2**20, "max_pick": 64}
 
 
 @pytest.mark.parametrize("options", [
@@ -85,6 +86,7 @@ def test_explain_numbers_equal_to_dict(client, reference, options):
     want = as_json(reference.to_dict(**options))
     want["model"] = "minilm"
     got = resp.json()
+    assert isinstance(got.pop("session"), str)
     assert got == want
 
 
@@ -94,14 +96,21 @@ def test_explain_defaults_and_focus_index(client, reference):
     assert got["focus"] == want["focus"] and got["maps"] == want["maps"]
 
 
-def test_steps_numbers(client, reference):
+def test_steps_numbers(client, reference, registry):
+    """The server records only the word's rows (linear in the length): its numbers are exactly
+    those of qkv.explain(..., rows="focus"), and those of the full recording up to float32
+    rounding (one row's dot products are summed in another order than the whole matrix's)."""
     resp = post(client, "/api/steps", {"text": TEXT, "word": "cat", "layer": 5, "head": 11})
     assert resp.status_code == 200, resp.text
     got = resp.json()
-    s = reference.steps("cat", 5, 11)
-    assert got["token_label"] == "cat" and got["token"] == s.token == 2
+    model, _ = registry.get("minilm")
+    s = qkv.inspect.explain(TEXT, model, focus="cat", rows="focus").steps("cat", 5, 11)
+    full = reference.steps("cat", 5, 11)
+    assert got["token_label"] == "cat" and got["token"] == s.token == full.token == 2
     for name in ("query", "keys", "scores", "weights", "values", "output"):
         np.testing.assert_allclose(got[name], getattr(s, name).double().numpy(), rtol=0, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(got[name], getattr(full, name).double().numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
     np.testing.assert_allclose(np.asarray(got["dots"]) * got["scale"], got["scores"], rtol=1e-5, atol=1e-6)
     assert abs(sum(got["weights"]) - 1) < 1e-5
     out = np.asarray(got["weights"]) @ np.asarray(got["values"])
@@ -119,6 +128,8 @@ def test_compare(client, reference, registry):
     got = resp.json()
     want_a = as_json(reference.to_dict(focus="sat"))
     want_a["model"] = "minilm"
+    sessions = got["a"].pop("session"), got["b"].pop("session")
+    assert all(isinstance(s, str) for s in sessions) and sessions[0] != sessions[1]
     assert got["a"] == want_a
     assert got["b"]["text"] == other and got["same_length"] is True
     model, _ = registry.get("minilm")
@@ -305,7 +316,7 @@ def test_get_routes_answer_head_too(client, path):
         assert set(client.get("/api/openapi.json").json()["paths"][path]) == {"get"}
 
 
-EXPLAIN_FIELDS = "the fields are: text, model, focus, method, level, hide_special"
+EXPLAIN_FIELDS = "the fields are: text, model, focus, method, level, hide_special, rows"
 STEPS = {"text": TEXT, "word": "cat", "layer": 0, "head": 0}
 
 
@@ -550,7 +561,7 @@ def test_openapi_is_generated_from_the_models_and_keeps_its_promises(client):
 
     for path in ("/api/health", "/api/models", "/api/openapi.json"):
         assert set(spec["paths"][path]) == {"get"}, path
-    requests = {"/api/explain": ({"text"}, {"text", "model", "focus", "method", "level", "hide_special"},
+    requests = {"/api/explain": ({"text"}, {"text", "model", "focus", "method", "level", "hide_special", "rows"},
                                  "qkv.explain/1"),
                 "/api/steps": ({"text", "word", "layer", "head"},
                                {"text", "model", "word", "layer", "head", "level", "hide_special"}, "qkv.steps/1"),
@@ -572,7 +583,7 @@ def test_openapi_is_generated_from_the_models_and_keeps_its_promises(client):
         answer = resolve(op["post"]["responses"]["200"]["content"]["application/json"]["schema"])
         assert answer["properties"]["format"]["const"] == fmt, path
         assert "Retry-After" in op["post"]["responses"]["503"]["headers"], path
-    explain = resolve({"$ref": "#/components/schemas/ExplainData"})
+    explain = resolve({"$ref": "#/components/schemas/ExplainAnswer"})
     assert {"format", "labels", "head_names"} <= set(explain["required"])  # maps: absent in the compact view
     assert {"focus", "entropy", "special", "normalised", "layers", "heads"} <= set(explain["properties"])
     error = schemas["Error"]

@@ -1,11 +1,11 @@
 """The attention explorer as an ASGI app (FastAPI on Starlette): the page, its static files, a JSON API.
 
     from qkv.web.app import create_app
-    app = create_app(model_dir=None, max_queue=8, max_chars=1000)   # testable without a socket
+    app = create_app(model_dir=None, max_queue=8, max_chars=40_000)   # testable without a socket
 
 Routes: GET / (the page), GET /static/<name> (a fixed in-package mapping, never a file looked up
 by the request path), GET /api/health, GET /api/models, GET /api/openapi.json, POST /api/explain,
-POST /api/steps, POST /api/compare; every GET answers HEAD too. Every error is JSON {"error":
+POST /api/steps, POST /api/compare, POST /api/weights; every GET answers HEAD too. Every error is JSON {"error":
 {"status", "code", "message"}}.
 
 The requests and answers are the pydantic models of `qkv.web.schema` (the explain answer is
@@ -13,8 +13,11 @@ The requests and answers are the pydantic models of `qkv.web.schema` (the explai
 generates the OpenAPI document from them, served at /api/openapi.json. FastAPI's own docs pages
 (which load scripts from a CDN) are off: the page stays offline, under its CSP.
 
-Robustness: model work runs in a small thread pool (the event loop only waits), behind a gate
-that lets `workers` requests run and at most `max_queue` wait; one more gets 503 at once. Bodies
+Robustness: each request's cost is estimated before any work (qkv.web.service: weights formed,
+memory, answer bytes) and refused over the limits (413 too_costly, naming the `qkv serve` flag).
+Model work runs in a small thread pool (the event loop only waits), behind a gate that admits
+requests by their memory estimate within `max_memory_mb` and lets at most `max_queue` wait; one
+more gets 503 at once. A request whose client disconnects is stopped and frees its worker. Bodies
 are read up to `max_body` bytes (413 beyond). Anything unexpected is a JSON 500 that says no more
 than "internal error" (the traceback goes to the server's log), counted in app.state.
 """
@@ -25,6 +28,8 @@ import asyncio
 import copy
 import json
 import logging
+import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -39,9 +44,22 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..inspect.schema import LEVELS, METHODS, ExplainData
-from .schema import DEFAULT_MODEL, ApiError, CompareData, Limits, StepsData, api_error, error_responses, request_models
-from .service import ModelRegistry, Service, check_limits
+from ..inspect.schema import LEVELS, METHODS
+from .schema import (
+    DEFAULT_MAX_CHARS,
+    DEFAULT_MODEL,
+    MB,
+    ApiError,
+    CompareData,
+    ExplainAnswer,
+    Limits,
+    StepsData,
+    WeightsData,
+    api_error,
+    error_responses,
+    request_models,
+)
+from .service import Cancelled, ModelRegistry, Plan, Service, check_limits, run_stoppable
 
 log = logging.getLogger("qkv.web")
 
@@ -75,52 +93,114 @@ def error_response(err: ApiError, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(err.to_dict(), status_code=err.status, headers=headers)
 
 
-class Gate:
-    """At most `workers` jobs run (in a thread pool), at most `max_queue` wait; more: 503."""
+class ClientGone(Exception):
+    """The client disconnected while its request waited or ran; nobody reads the answer."""
 
-    def __init__(self, workers: int, max_queue: int):
+
+class Gate:
+    """Where heavy work runs: a pool of `workers` threads, admitted by memory, not by count.
+
+    A request is first planned (its model loaded, its text tokenised, its cost estimated; in a
+    small planner pool), then waits, first come first served, until its memory estimate fits in
+    `max_memory` bytes beside the requests running (a request alone always fits: one over the
+    budget was refused by its plan). At most `max_queue` requests wait (planning counts); one
+    more is answered 503 at once. A request whose client goes away leaves the queue, or, running,
+    is stopped (`stop` set: the job raises Cancelled); either way its worker and bytes come back."""
+
+    def __init__(self, workers: int, max_queue: int, max_memory: int = 2**62):
         self.workers = workers
         self.max_queue = max_queue
+        self.max_memory = max_memory
         self.running = 0
         self.waiting = 0
         self.rejected = 0
+        self.cancelled = 0
+        self.used = 0  # bytes reserved by the running requests
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qkv-web")
-        self._sem: asyncio.Semaphore | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.planner = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qkv-web-plan")
+        self._waiters: deque = deque()  # [need, future] in arrival order
 
     def stats(self) -> dict:
         return {"workers": self.workers, "max_queue": self.max_queue, "running": self.running,
-                "waiting": self.waiting, "rejected": self.rejected}
+                "waiting": self.waiting, "rejected": self.rejected, "cancelled": self.cancelled,
+                "memory_used": self.used, "max_memory": self.max_memory}
 
-    async def run(self, fn: Callable[[], Any]) -> Any:
+    def _fits(self, need: int) -> bool:
+        return self.running < self.workers and (self.running == 0 or self.used + need <= self.max_memory)
+
+    def _take(self, need: int) -> None:
+        self.running += 1
+        self.used += need
+
+    def _release(self, need: int) -> None:
+        self.running -= 1
+        self.used -= need
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            need, fut = self._waiters[0]
+            if fut.done():  # left meanwhile
+                self._waiters.popleft()
+                continue
+            if not self._fits(need):
+                return
+            self._waiters.popleft()
+            self._take(need)
+            fut.set_result(None)
+
+    @staticmethod
+    async def _unless_gone(awaitable, gone: "asyncio.Future | None"):
+        if gone is None:
+            return await awaitable
+        task = asyncio.ensure_future(awaitable)
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise ClientGone()
+
+    async def _acquire(self, need: int, gone: "asyncio.Future | None") -> None:
+        if not self._waiters and self._fits(need):
+            self._take(need)
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append([need, fut])
+        try:
+            await self._unless_gone(asyncio.shield(fut), gone)
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self._release(need)  # granted as it left: give it back
+            else:
+                fut.cancel()
+                self._wake()
+            raise
+
+    async def run(self, plan: Callable[[], Any], work: Callable[[Any], Any], gone: "asyncio.Future | None" = None,
+                  memory: Callable[[Any], int] = lambda planned: 0) -> Any:
+        """plan() in the planner pool, then work(plan()) in a worker once memory(plan()) bytes fit."""
         loop = asyncio.get_running_loop()
-        if self._sem is None or self._loop is not loop:
-            # One semaphore per event loop (a test may serve the app from several loops in turn).
-            self._sem, self._loop = asyncio.Semaphore(self.workers), loop
-        sem = self._sem
-        if sem.locked() and self.waiting >= self.max_queue:
+        idle = self.running < self.workers and not self._waiters and self.waiting == 0
+        if self.waiting >= self.max_queue and not idle:
             self.rejected += 1
             raise ApiError(503, "busy", f"the server is busy ({self.running} running, {self.waiting} waiting); "
                                         "try again in a moment")
         self.waiting += 1
         try:
-            await sem.acquire()
+            planned = await self._unless_gone(loop.run_in_executor(self.planner, plan), gone)
+            need = min(max(int(memory(planned)), 0), self.max_memory)
+            await self._acquire(need, gone)
         finally:
             self.waiting -= 1
-        self.running += 1
 
         def done(_):
             # Released when the job really ends, even if the client has gone away meanwhile.
-            def release():
-                self.running -= 1
-                sem.release()
-            loop.call_soon_threadsafe(release)
+            loop.call_soon_threadsafe(self._release, need)
 
         try:
-            future = self.executor.submit(fn)
+            future = self.executor.submit(work, planned)
         except BaseException:
-            self.running -= 1
-            sem.release()
+            self._release(need)
             raise
         future.add_done_callback(done)
         return await asyncio.wrap_future(future)
@@ -238,31 +318,46 @@ async def read_json(request: Request, max_body: int) -> tuple[bytes, Any]:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {str(exc)[:120]}") from None
 
 
-def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: int = 1000,
-               max_body: int = 64 * 1024, workers: int = 1, registry: ModelRegistry | None = None,
-               allowed_hosts: list[str] | None = None) -> FastAPI:
+def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: int = DEFAULT_MAX_CHARS,
+               max_body: int | None = None, workers: int = 2, registry: ModelRegistry | None = None,
+               allowed_hosts: list[str] | None = None, max_cost: int = Limits.max_cost,
+               max_answer_mb: int = Limits.max_answer // MB, max_memory_mb: int = Limits.max_memory // MB,
+               max_session_mb: int = Limits.max_sessions // MB, max_pick: int = Limits.max_pick) -> FastAPI:
     """The explorer app.
 
     Args:
         model_dir: a folder whose sub-folders (Hugging Face model folders) are offered by name.
         max_queue: requests that may wait for a worker; one more gets 503.
         max_chars: the longest text (per sentence) explained; longer gets 413.
-        max_body: the largest request body in bytes; larger gets 413.
-        workers: model jobs run at once (threads; torch uses every core within one job).
+        max_body: the largest request body in bytes; larger gets 413 (default: 12 x max_chars
+            + 64 KiB: two texts, each character escaped as \\uXXXX).
+        workers: jobs run at once (threads; torch uses every core within one job), within max_memory_mb.
         registry: the models (tests pass one with a stub loader); default: bundled + model_dir.
         allowed_hosts: Host header names accepted (None: any; `qkv serve` on loopback passes
             127.0.0.1, localhost and ::1).
+        max_cost: attention weights one request may make the model form (tokens^2 x layers x heads).
+        max_answer_mb: the largest JSON answer (estimated before the work).
+        max_memory_mb: what the running requests may hold together (each one's estimate).
+        max_session_mb: recorded results kept for /api/weights (an LRU by bytes).
+        max_pick: layers, heads and rows one /api/weights request may name (each).
     """
-    check_limits({"max_chars": max_chars, "max_body": max_body, "workers": workers})
+    if max_body is None and isinstance(max_chars, int):
+        max_body = 12 * max_chars + 64 * 1024
+    check_limits({"max_chars": max_chars, "max_body": max_body, "workers": workers, "max_cost": max_cost,
+                  "max_answer_mb": max_answer_mb, "max_memory_mb": max_memory_mb,
+                  "max_session_mb": max_session_mb, "max_pick": max_pick})
     if not isinstance(max_queue, int) or max_queue < 0:
         raise ValueError(f"max_queue must be an integer >= 0; got {max_queue!r}")
-    limits = Limits(max_chars=max_chars, max_body=max_body)
-    service = Service(registry if registry is not None else ModelRegistry(model_dir))
-    gate = Gate(workers, max_queue)
+    assert max_body is not None
+    limits = Limits(max_chars=max_chars, max_body=max_body, max_cost=max_cost, max_answer=max_answer_mb * MB,
+                    max_memory=max_memory_mb * MB, max_sessions=max_session_mb * MB, max_pick=max_pick)
+    service = Service(registry if registry is not None else ModelRegistry(model_dir), limits)
+    gate = Gate(workers, max_queue, limits.max_memory)
     static = {name: (_read(pkg, path), media) for name, (pkg, path, media) in STATIC_FILES.items()}
     index = _read(INDEX[0], INDEX[1])
-    ExplainRequest, StepsRequest, CompareRequest = request_models(limits)
-    requests = {"/api/explain": ExplainRequest, "/api/steps": StepsRequest, "/api/compare": CompareRequest}
+    ExplainRequest, StepsRequest, CompareRequest, WeightsRequest = request_models(limits)
+    requests = {"/api/explain": ExplainRequest, "/api/steps": StepsRequest, "/api/compare": CompareRequest,
+                "/api/weights": WeightsRequest}
 
     class JsonRoute(APIRoute):
         """A POST route whose body is read under the limits before FastAPI validates it."""
@@ -317,7 +412,8 @@ def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: i
 
     @get("/api/health", "liveness and queue state; never waits for a model")
     async def health() -> dict:
-        return {"status": "ok", "queue": gate.stats(), "loaded_models": service.registry.loaded()}
+        return {"status": "ok", "queue": gate.stats(), "loaded_models": service.registry.loaded(),
+                "sessions": service.sessions.stats()}
 
     @get("/api/models", "the models this server offers, its limits, methods and levels")
     async def models() -> dict:
@@ -340,16 +436,37 @@ def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: i
 
     app.openapi = document  # type: ignore[method-assign]
 
-    async def answer(job: Callable[[], dict]) -> Response:
-        def work() -> bytes:
-            # Encoded in the worker too: a 200-word result is tens of MB of JSON, and
-            # encoding it on the event loop would stall every other request meanwhile.
-            return json.dumps(job(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    async def answer(request: Request, planner: Callable[[], Plan]) -> Response:
+        """Plan (estimate, refuse over the limits), wait for memory, run in a worker; stopped
+        when the client disconnects meanwhile (its worker and bytes come back)."""
+        stop = threading.Event()
 
-        return Response(await gate.run(work), media_type="application/json")
+        async def watch() -> None:  # the body is read: the next message is the disconnect
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    stop.set()
+                    return
+
+        def work(plan: Plan) -> bytes:
+            # Encoded in the worker too: encoding a large answer on the event loop would stall
+            # every other request meanwhile.
+            return run_stoppable(stop, lambda: json.dumps(plan.run(), ensure_ascii=False, allow_nan=False,
+                                                          separators=(",", ":")).encode("utf-8"))
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            body = await gate.run(planner, work, watcher, memory=lambda plan: plan.cost.memory)
+        except (ClientGone, Cancelled):
+            gate.cancelled += 1
+            log.info("%s: the client went away; its job stopped", request.url.path)
+            return Response(status_code=499)  # nobody reads it
+        finally:
+            watcher.cancel()
+        return Response(body, media_type="application/json")
 
     def post(path: str, summary: str, result: type) -> Callable:
-        errors = error_responses(400, 404, 405, 413, 415, 422, 500, 503)
+        errors = error_responses(400, 404, 405, 410, 413, 415, 422, 500, 503)
 
         def register(endpoint: Callable) -> Callable:
             app.router.add_api_route(path, endpoint, methods=["POST"], summary=summary, response_model=None,
@@ -358,17 +475,23 @@ def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: i
             return endpoint
         return register
 
-    @post("/api/explain", "attention maps of a sentence (ExplainResult.to_dict)", ExplainData)
-    async def explain(body: ExplainRequest) -> Response:
-        return await answer(service.explain(body))  # a bad request is answered now, queue full or not
+    @post("/api/explain", "attention of a sentence (ExplainResult.to_dict: full maps, or the compact view of a "
+                          "long text) and the session that keeps it for /api/weights", ExplainAnswer)
+    async def explain(body: ExplainRequest, request: Request) -> Response:
+        return await answer(request, service.explain(body))  # a bad request is answered now, queue full or not
 
     @post("/api/steps", "the three steps for one word in one head, with real numbers", StepsData)
-    async def steps(body: StepsRequest) -> Response:
-        return await answer(service.steps(body))
+    async def steps(body: StepsRequest, request: Request) -> Response:
+        return await answer(request, service.steps(body))
 
     @post("/api/compare", "two sentences side by side, with the per-head divergence of a focus word", CompareData)
-    async def compare(body: CompareRequest) -> Response:
-        return await answer(service.compare(body))
+    async def compare(body: CompareRequest, request: Request) -> Response:
+        return await answer(request, service.compare(body))
+
+    @post("/api/weights", "full rows of chosen layers, heads and rows, from the recorded queries and keys of a "
+                          "session (ExplainResult.weights_dict)", WeightsData)
+    async def weights(body: WeightsRequest, request: Request) -> Response:
+        return await answer(request, service.weights(body))
 
     app.state.internal_errors = 0
     app.state.gate = gate

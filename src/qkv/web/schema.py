@@ -26,25 +26,50 @@ DEFAULT_MODEL = "minilm"
 
 
 class ApiError(Exception):
-    """A problem with one request: answered as {"error": {"status", "code", "message"}}."""
+    """A problem with one request: answered as {"error": {"status", "code", "message"}}, plus
+    "limit" ({"name", "estimate", "limit", "flag"}) when a cost estimate was over a limit."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, limit: dict | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.limit = limit
 
     def to_dict(self) -> dict:
-        return {"error": {"status": self.status, "code": self.code, "message": self.message}}
+        error: dict = {"status": self.status, "code": self.code, "message": self.message}
+        if self.limit is not None:
+            error["limit"] = self.limit
+        return {"error": error}
+
+
+MB = 2**20
+DEFAULT_MAX_CHARS = 40_000  # about 7,000 English words: the cost limits below are the real ones
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_chars: int = 1000  # characters of text (each sentence)
-    max_body: int = 64 * 1024  # bytes of a request body
+    """A server's limits (docs/web.md, "Long inputs: costs, budgets and lazy fetching"). Each
+    request's cost is estimated before it runs and refused (413 too_costly) over max_cost,
+    max_answer or max_memory; the flag of `qkv serve` that raises each is in FLAGS."""
+
+    max_chars: int = DEFAULT_MAX_CHARS  # characters of text (each sentence)
+    max_body: int = 12 * DEFAULT_MAX_CHARS + 64 * 1024  # bytes of a request body (two texts, JSON escapes)
+    max_cost: int = 2**30  # attention weights a request makes the model form: tokens^2 x layers x heads
+    max_answer: int = 64 * MB  # bytes of one JSON answer
+    max_memory: int = 2048 * MB  # bytes the requests running at once may hold (estimated)
+    max_sessions: int = 1024 * MB  # bytes of recorded results kept for /api/weights (an LRU)
+    max_pick: int = 64  # layers, heads and rows one /api/weights request may name (each)
 
     def to_dict(self) -> dict:
-        return {"max_chars": self.max_chars, "max_body_bytes": self.max_body}
+        return {"max_chars": self.max_chars, "max_body_bytes": self.max_body, "max_cost": self.max_cost,
+                "max_answer_bytes": self.max_answer, "max_memory_bytes": self.max_memory,
+                "max_session_bytes": self.max_sessions, "max_pick": self.max_pick}
+
+
+# The `qkv serve` flag that raises each limit (named in a 413 too_costly).
+FLAGS = {"max_cost": "--max-cost", "max_answer": "--max-answer-mb", "max_memory": "--max-memory-mb",
+         "max_sessions": "--max-session-mb", "max_chars": "--max-chars", "max_pick": "--max-pick"}
 
 
 # --------------------------------------------------------------------------- requests
@@ -102,11 +127,19 @@ Model = Annotated[str, WrapValidator(_any_text),
 HideSpecial = Annotated[bool, Field(description="hide [CLS], [SEP], BOS and renormalise rows")]
 Method = Literal[METHODS]
 Level = Literal[LEVELS]
+ROWS = ("auto", "all", "focus")
+Rows = Annotated[Literal[ROWS], Field(description=(
+    "auto: full maps when layers x heads x n x n is small (qkv.inspect.explain.FULL_CELLS), else the "
+    "compact view (view 'rows': summaries, minimap, top-k keys of the focus rows); all: full maps "
+    "(refused when the answer would be over the server's limit); focus: record and ship only the "
+    "focus word's rows (needs focus)"))]
+Session = Annotated[str, Field(description="the id an explain or compare answer gave (unknown or evicted: 410)")]
+Picks = Annotated[list[Index], Field(description="indices (at most the server's max_pick)")]
 _STRICT = ConfigDict(strict=True, extra="forbid")
 
 
-def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:
-    """(ExplainRequest, StepsRequest, CompareRequest) for a server taking at most
+def request_models(limits: Limits) -> tuple[type[BaseModel], ...]:
+    """(ExplainRequest, StepsRequest, CompareRequest, WeightsRequest) for a server taking at most
     `limits.max_chars` characters per sentence. The fields are declared in the order they are
     checked (and listed in an unknown_field message): the sentences, the model, then the rest."""
     Text = Annotated[str, Field(min_length=1, max_length=limits.max_chars,
@@ -121,6 +154,7 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel], ty
         method: Method = "raw"
         level: Level = "word"
         hide_special: HideSpecial = False
+        rows: Rows = "auto"
 
     class StepsRequest(BaseModel):
         model_config = _STRICT
@@ -142,11 +176,25 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel], ty
         level: Level = "word"
         hide_special: HideSpecial = False
 
-    return ExplainRequest, StepsRequest, CompareRequest
+    class WeightsRequest(BaseModel):
+        """Full rows of chosen layers, heads and query rows, computed from the recorded queries
+        and keys that an explain (or compare) kept under `session`."""
+
+        model_config = _STRICT
+        session: Session
+        rows: Picks = Field(description="query rows: unit indices at `level` (labels of the explain answer, "
+                                        "special tokens counted unless hide_special)")
+        layers: Picks | None = Field(None, description="layers (default: all)")
+        heads: Picks | None = Field(None, description="heads (default: all)")
+        method: Method = "raw"
+        level: Level = "word"
+        hide_special: HideSpecial = False
+
+    return ExplainRequest, StepsRequest, CompareRequest, WeightsRequest
 
 
 _KINDS = {"string_type": "a string", "int_type": "an integer", "bool_type": "true or false",
-          "literal_error": "a string"}
+          "literal_error": "a string", "list_type": "a list of integers"}
 _WORD_KIND = "a word (a string) or a word index (an integer)"
 
 
@@ -236,12 +284,35 @@ class Largest(BaseModel):
     jsd: float
 
 
+class ExplainAnswer(ExplainData):
+    """The "qkv.explain/1" dict of `ExplainResult.to_dict`, plus the session that keeps its
+    recorded queries and keys on the server for POST /api/weights."""
+
+    session: str | None = Field(description="the id to give POST /api/weights; null when the recorded result "
+                                            "is larger than the server keeps (max_session_bytes)")
+
+
+class WeightsData(BaseModel):
+    """Full rows of the chosen layers, heads and rows (`ExplainResult.weights_dict`)."""
+
+    model_config = ConfigDict(extra="allow")
+    format: Literal["qkv.weights/1"]
+    session: str
+    method: Literal[METHODS]
+    level: Literal[LEVELS]
+    layers: list[int]
+    heads: list[int | str] = Field(description="head indices; [\"rollout\"] with method rollout (one map)")
+    rows: list[int] = Field(description="the query rows, unit indices at `level`")
+    n: int = Field(description="the number of keys (units at `level`) of each row")
+    weights: list[list[list[Vector]]] = Field(description="(layers, heads, rows, n)")
+
+
 class CompareData(BaseModel):
     """Two sentences side by side, with the per-head divergence of a focus word."""
 
     format: Literal["qkv.compare/1"]
-    a: ExplainData
-    b: ExplainData
+    a: ExplainAnswer
+    b: ExplainAnswer
     same_length: bool
     jsd: list[Vector] | None = Field(description="(layers, heads): Jensen-Shannon divergence (bits) of the focus "
                                                     "rows; null without a focus or for sentences of different lengths")
@@ -249,10 +320,18 @@ class CompareData(BaseModel):
     note: str | None
 
 
+class LimitDetail(BaseModel):
+    name: str = Field(description="the limit: max_cost, max_answer, max_memory")
+    estimate: int = Field(description="the request's estimate (weights or bytes)")
+    limit: int = Field(description="the server's limit, in the same unit")
+    flag: str = Field(description="the `qkv serve` option that raises it")
+
+
 class ErrorDetail(BaseModel):
     status: int
     code: str
     message: str
+    limit: LimitDetail | None = Field(None, description="with too_costly: the estimate over the limit")
 
 
 class Error(BaseModel):
@@ -266,13 +345,18 @@ ERRORS = {
          "(bad_request), or a Host header that is not the server's own (bad_host)",
     404: "unknown model (code unknown_model): only names listed by GET /api/models",
     405: "a method other than POST (method_not_allowed)",
-    413: "body larger than the limit (body_too_large), or a text longer than max_chars (text_too_long)",
+    410: "the session of POST /api/weights is unknown or was evicted (session_expired): explain the text again",
+    413: "body larger than the limit (body_too_large), a text longer than max_chars (text_too_long), or a request "
+         "whose estimated cost is over a limit of the server (too_costly: the weights the model would form, "
+         "max_cost; the bytes of the answer, max_answer; the memory it would hold, max_memory; error.limit "
+         "names the estimate, the limit and the qkv serve flag that raises it)",
     415: "the body is not sent as application/json (unsupported_media_type)",
     422: "a field is missing (missing_field), unknown (unknown_field), of the wrong type (wrong_type), or has a "
          "value not offered (bad_value); an empty text (empty_text); a text that is not valid Unicode, e.g. a "
          "lone surrogate \\ud800 (bad_text); a word not in the text (unknown_word); a layer or head the model "
-         "lacks (unknown_layer, unknown_head); a text the model cannot take, e.g. more tokens than it has "
-         "positions (cannot_explain); the step-through asked of an encoder-decoder model (not_supported)",
+         "lacks (unknown_layer, unknown_head); a row the text lacks (unknown_row); a text the model cannot take, "
+         "e.g. more tokens than it has positions (cannot_explain); the step-through asked of an encoder-decoder "
+         "model (not_supported)",
     500: "an unexpected error (internal) or a model that could not be loaded (model_unavailable); no details "
          "are sent",
     503: "the queue is full (busy); try again (see Retry-After)",

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import uvicorn
 
 from .app import create_app
+from .schema import DEFAULT_MAX_CHARS
 
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "[::1]", "::1"]
 
@@ -49,10 +50,12 @@ def is_loopback(host: str) -> bool:
 
 
 def make_server(*, host: str = "127.0.0.1", port: int = 8000, model_dir: Optional[str] = None, max_queue: int = 8,
-                max_chars: int = 1000, preload: Optional[str] = "minilm", log_level: str = "warning"):
-    """(uvicorn.Server, its bound socket). `preload` loads one model before serving."""
+                max_chars: int = DEFAULT_MAX_CHARS, preload: Optional[str] = "minilm", log_level: str = "warning",
+                **limits: int):
+    """(uvicorn.Server, its bound socket). `preload` loads one model before serving; `limits`:
+    create_app's max_cost, max_answer_mb, max_memory_mb, max_session_mb, max_pick, workers."""
     allowed = LOOPBACK_NAMES if is_loopback(host) else None
-    app = create_app(model_dir=model_dir, max_queue=max_queue, max_chars=max_chars, allowed_hosts=allowed)
+    app = create_app(model_dir=model_dir, max_queue=max_queue, max_chars=max_chars, allowed_hosts=allowed, **limits)
     if preload:
         app.state.service.registry.get(preload)
     sock = bind(host, port)
@@ -61,9 +64,10 @@ def make_server(*, host: str = "127.0.0.1", port: int = 8000, model_dir: Optiona
 
 
 def serve(*, host: str = "127.0.0.1", port: int = 8000, model_dir: Optional[str] = None, max_queue: int = 8,
-          max_chars: int = 1000, echo: Callable[[str], None] = print) -> None:
-    """Serve until Ctrl+C; prints the address once it is listening."""
-    server, sock = make_server(host=host, port=port, model_dir=model_dir, max_queue=max_queue, max_chars=max_chars)
+          max_chars: int = DEFAULT_MAX_CHARS, echo: Callable[[str], None] = print, **limits: int) -> None:
+    """Serve until Ctrl+C; prints the address once it is listening. `limits`: as make_server."""
+    server, sock = make_server(host=host, port=port, model_dir=model_dir, max_queue=max_queue, max_chars=max_chars,
+                               **limits)
     echo(f"qkv serve: the attention explorer is at {url_of(sock)} (Ctrl+C stops it)")
     if not is_loopback(host):
         echo(f"qkv serve: listening on {host}, not only this machine: anyone who can reach it can use it",)

@@ -13,10 +13,13 @@ joined to a path.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import re
+import secrets
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -180,37 +183,313 @@ def _reason(exc: Exception) -> str:
     return str(exc) if isinstance(exc, (ValueError, OSError)) and str(exc) else f"{type(exc).__name__}: {exc}"
 
 
+# --------------------------------------------------------------------------- costs
+# Every request's cost is estimated before any work, from the tokenizer's count and the model's
+# shape: the attention weights the model forms (tokens^2 x layers x heads), the bytes it holds
+# at its peak (recorded q/k/v and masks, the forward's activations, the row chunks of the
+# weights, the answer as Python objects and as JSON) and the bytes of the JSON answer. Over a
+# limit: 413 too_costly, naming the estimate, the limit and the flag of `qkv serve` that raises it.
+
+JSON_FLOAT = 9  # bytes of one weight in the JSON: "0.01234," (rounded to 5 decimals; qkv.inspect.rows)
+PY_FLOAT = 32  # bytes of one float as a Python object in a list (24 + an 8-byte pointer)
+CHUNK = 1 << 22  # weights formed at once by the core's row chunks (qkv.inspect.rows.CHUNK_ELEMENTS)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A request's estimate. compute: attention weights formed; memory, answer: bytes."""
+
+    tokens: int
+    layers: int
+    heads: int
+    compute: int
+    memory: int
+    answer: int
+    view: str  # "full" or "rows" (explain), "steps", "weights", "compare"
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.tokens + other.tokens, self.layers, self.heads, self.compute + other.compute,
+                    self.memory + other.memory, self.answer + other.answer, "compare")
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "layers": self.layers, "heads": self.heads, "compute": self.compute,
+                "memory_bytes": self.memory, "answer_bytes": self.answer, "view": self.view}
+
+
+def _core():
+    """The module qkv.inspect.explain (`qkv.inspect.explain` the name is the function)."""
+    return importlib.import_module("qkv.inspect.explain")
+
+
+def full_cells(layers: int, heads: int, units: int) -> int:
+    return layers * heads * units * units
+
+
+def default_view(layers: int, heads: int, units: int) -> str:
+    """What rows="auto" ships: full maps while layers x heads x n x n <= FULL_CELLS, else rows."""
+    return "full" if full_cells(layers, heads, units) <= _core().FULL_CELLS else "rows"
+
+
+def explain_answer_bytes(units: int, layers: int, heads: int, view: str, rows: int = 1) -> int:
+    """Estimated bytes of a to_dict answer (`qkv.inspect.explain.answer_bytes`; the model's name
+    and the text are added by the caller)."""
+    return int(_core().answer_bytes(units, layers, heads, view, rows=rows, k=_core().TOP_K))
+
+
+def _answer_numbers(units: int, layers: int, heads: int, view: str, rows: int = 1) -> int:
+    """The numbers of a to_dict answer (each a Python float while the dict is built)."""
+    per_head, k = layers * heads, _core().TOP_K
+    if view == "full":
+        return full_cells(layers, heads, units) + 2 * layers * units + per_head
+    return 3 * layers * units + 3 * per_head + per_head * rows * (2 * k + 2)
+
+
+def explain_cost(tokens: int, units: int, layers: int, heads: int, head_dim: int, hidden: int, *,
+                 view: str, recorded_rows: int, shipped_rows: int = 1, shown_heads: Optional[int] = None) -> Cost:
+    """The estimate of one explain of `tokens` tokens (`units` at the level shown) on a model of
+    `layers` x `heads` heads of `head_dim`, `hidden` wide. recorded_rows: query rows recorded
+    (tokens, or the focus word's); view: "full" or "rows"; shown_heads: 1 for rollout."""
+    n, R = tokens, recorded_rows
+    shown = heads if shown_heads is None else shown_heads
+    recorded = layers * heads * ((R + 2 * n) * head_dim * 4 + n * 4)  # q, k, v, value norms (masks: on demand)
+    forward = 24 * n * hidden * 4  # hidden states, q/k/v, the MLP's widening: linear in n
+    chunk = min(R * n * heads, max(CHUNK, n * heads)) * 4 * 4  # scores, weights, mask, temporaries of a chunk
+    answer = explain_answer_bytes(units, layers, shown, view, shipped_rows) + 4 * len_of_text_bytes(n)
+    objects = _answer_numbers(units, layers, shown, view, shipped_rows) * PY_FLOAT + 2 * answer  # dict, JSON
+    maps = full_cells(layers, heads, n) * 4 * 3 if view == "full" else 0  # stacked weights, merged, rounded
+    return Cost(tokens=n, layers=layers, heads=heads, compute=n * n * layers * heads,
+                memory=recorded + forward + chunk + maps + objects, answer=answer, view=view)
+
+
+def len_of_text_bytes(tokens: int) -> int:
+    """The text in the answer, about (it is sent once more, escaped): a few bytes a token."""
+    return 8 * tokens
+
+
+def weights_cost(tokens: int, units: int, layers: int, heads: int, picked: int, method: str) -> Cost:
+    """The estimate of /api/weights: `picked` (layers x heads x rows) full rows of `units` keys,
+    from recorded q/k (rollout needs every row of every layer)."""
+    numbers = picked * units
+    answer = numbers * JSON_FLOAT + 8 * picked + 4096
+    compute = tokens * tokens * layers * heads if method == "rollout" else picked * tokens
+    work = min(tokens * tokens * heads, max(CHUNK, tokens * heads)) * 4 * 4 + picked * tokens * 4 * 4
+    return Cost(tokens=tokens, layers=layers, heads=heads, compute=compute,
+                memory=work + numbers * PY_FLOAT + 2 * answer, answer=answer, view="weights")
+
+
+def check_cost(cost: Cost, limits) -> None:
+    """413 too_costly when the estimate is over one of the server's limits (`qkv.web.schema.Limits`)."""
+    from .schema import FLAGS, MB
+
+    n, L, H = cost.tokens, cost.layers, cost.heads
+    if cost.compute > limits.max_cost:
+        what = (f"form {cost.compute:,} attention weights ({n:,} tokens squared x {L} layers x {H} heads)"
+                if cost.view != "weights" else f"form {cost.compute:,} attention weights")
+        message = (f"this request would make the model {what}; this server allows {limits.max_cost:,} per request "
+                   f"(qkv serve --max-cost N raises it); shorten the text")
+        name, estimate, limit = "max_cost", cost.compute, limits.max_cost
+    elif cost.answer > limits.max_answer:
+        hint = ("ask for fewer layers, heads or rows" if cost.view == "weights" else
+                "leave rows at \"auto\" (a compact answer for long texts) or shorten the text")
+        message = (f"the answer would be about {cost.answer / MB:,.1f} MB of JSON; this server sends at most "
+                   f"{limits.max_answer / MB:,.0f} MB (qkv serve --max-answer-mb N raises it); {hint}")
+        name, estimate, limit = "max_answer", cost.answer, limits.max_answer
+    elif cost.memory > limits.max_memory:
+        message = (f"this request would hold about {cost.memory / MB:,.0f} MB of memory; this server runs requests "
+                   f"within {limits.max_memory / MB:,.0f} MB (qkv serve --max-memory-mb N raises it); shorten "
+                   "the text")
+        name, estimate, limit = "max_memory", cost.memory, limits.max_memory
+    else:
+        return
+    raise ApiError(413, "too_costly", message, {"name": name, "estimate": int(estimate), "limit": int(limit),
+                                                 "flag": FLAGS[name]})
+
+
+def model_dims(model) -> tuple[int, int, int, int]:
+    """(attention layers, query heads, head size, hidden size) of a qkv or transformers model."""
+    from ..inspect.explain import model_shape
+
+    layers, heads = model_shape(model)
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or 1024
+    head_dim = getattr(config, "head_dim", None) or max(1, int(hidden) // max(1, heads))
+    if getattr(model, "is_encoder_decoder", False):
+        layers = max(layers, 1)
+    return max(layers, 1), max(heads, 1), int(head_dim), int(hidden)
+
+
+# --------------------------------------------------------------------------- cancellation
+
+
+class Cancelled(Exception):
+    """The client went away; the job stopped (the core's `qkv.inspect.capture.Cancelled` is one too)."""
+
+
+def _core_cancellation():
+    """(stopping, Cancelled) of the core (`qkv.inspect.capture`), or (None, None) before it has them."""
+    from ..inspect import capture
+
+    return getattr(capture, "stopping", None), getattr(capture, "Cancelled", None)
+
+
+_job = threading.local()
+
+
+def stop_requested() -> bool:
+    """Whether the job running in this thread should stop (its client went away)."""
+    stop = getattr(_job, "stop", None)
+    return stop is not None and stop.is_set()
+
+
+def checkpoint() -> None:
+    """Raise Cancelled when this thread's job should stop: between the stages of a job (the
+    core's recorder and chunk loops check within them, through `stopping`)."""
+    if stop_requested():
+        raise Cancelled("the client went away")
+
+
+def run_stoppable(stop: threading.Event, fn: Callable[[], Any]) -> Any:
+    """fn() in this worker thread, stopped (Cancelled) once `stop` is set: the core's recorder
+    and chunk loops check it through `qkv.inspect.capture.stopping`, and the stages here between."""
+    stopping, core_cancelled = _core_cancellation()
+    _job.stop = stop
+    try:
+        checkpoint()
+        if stopping is None:
+            return fn()
+        with stopping(stop.is_set):
+            return fn()
+    except Exception as exc:
+        if core_cancelled is not None and isinstance(exc, core_cancelled) and not isinstance(exc, Cancelled):
+            raise Cancelled(str(exc)) from None
+        raise
+    finally:
+        _job.stop = None
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def result_nbytes(result) -> int:
+    """Bytes the recorded tensors of an ExplainResult hold (its `nbytes` once the core has it)."""
+    return int(result.nbytes)
+
+
+class Sessions:
+    """The recorded results of the last explains, by id, in an LRU bounded by bytes (`nbytes`):
+    what POST /api/weights computes full rows from. Shared by the worker threads (a lock)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.used = 0
+        self.evicted = 0
+        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, result) -> Optional[str]:
+        """Keep `result`; its id, or None when it alone is over the budget."""
+        size = result_nbytes(result)
+        if size > self.max_bytes:
+            return None
+        sid = secrets.token_urlsafe(12)
+        with self._lock:
+            self._items[sid] = (result, size)
+            self.used += size
+            while self.used > self.max_bytes:
+                _, (_, gone) = self._items.popitem(last=False)
+                self.used -= gone
+                self.evicted += 1
+        return sid
+
+    def get(self, sid: str):
+        with self._lock:
+            found = self._items.get(sid)
+            if found is not None:
+                self._items.move_to_end(sid)
+        if found is None:
+            raise ApiError(410, "session_expired", "this session is unknown or was evicted to make room for newer "
+                                                   "ones: explain the text again (POST /api/explain) and use the "
+                                                   "session it answers")
+        return found[0]
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"count": len(self._items), "bytes": self.used, "max_bytes": self.max_bytes,
+                    "evicted": self.evicted}
+
+
 # --------------------------------------------------------------------------- operations
 
 
-class Service:
-    """The three operations over a ModelRegistry. Each checks its request at once (cheap, on
-    the event loop, so a bad request is answered even when the queue is full) and returns the
-    job to run in a worker thread: `service.explain(body)()` is the answer."""
+@dataclass
+class Plan:
+    """A checked request: its estimate, and the job that answers it (run in a worker thread)."""
 
-    def __init__(self, registry: ModelRegistry):
+    cost: Cost
+    run: Callable[[], dict]
+
+
+@dataclass
+class _Probe:
+    model: Any
+    name: str
+    run_lock: Any
+    probe: Any  # an ExplainResult without records: the tokens, words and units of the text
+    dims: tuple[int, int, int, int]
+
+
+class Service:
+    """The operations over a ModelRegistry. Each checks its request at once (cheap, on the event
+    loop, so a bad request is answered even when the queue is full), returns a planner; the
+    planner (a thread: it may load the model and tokenises) estimates the cost, refuses it over
+    the limits and returns the Plan whose job runs in a worker thread:
+    `service.explain(body)().run()` is the answer."""
+
+    def __init__(self, registry: ModelRegistry, limits=None):
+        from .schema import Limits
+
         self.registry = registry
+        self.limits = limits if limits is not None else Limits()
+        self.sessions = Sessions(self.limits.max_sessions)
 
     # ------------------------------------------------------------ shared pieces
-    def _explain(self, text: str, model_name: str, field: str = "text"):
-        from ..inspect import explain
+    def _probe(self, text: str, model_name: str, field: str = "text") -> _Probe:
+        """The text tokenised (no model run) and the model's shape; too many tokens -> 422."""
+        from ..inspect.explain import prepare
         from ..inspect.foreign import is_transformers_model, max_tokens
 
         model, run_lock = self.registry.get(model_name)
+        name = self.registry.entry(model_name).name
         tok = getattr(model, "tokenizer", None)
         limit = max_tokens(model, tok) if is_transformers_model(model) else getattr(tok, "max_length", None)
         if limit is not None:  # said here with the field's name (the library would suggest truncate=True)
             n = len(tok.encode(text))
             if n > limit:
-                raise ApiError(422, "cannot_explain", f"{field!r} has {n} tokens but the model "
-                                                      f"{self.registry.entry(model_name).name!r} "
+                raise ApiError(422, "cannot_explain", f"{field!r} has {n} tokens but the model {name!r} "
                                                       f"takes at most {limit}; shorten it")
-        with run_lock:
+        try:
+            probe, _ = prepare(text, model, name)
+        except ValueError as exc:
+            raise ApiError(422, "cannot_explain", str(exc)) from None
+        return _Probe(model, name, run_lock, probe, model_dims(model))
+
+    def _explain(self, p: _Probe, *, focus=None, rows: str = "auto"):
+        """Run the model (under its lock) and record; its result named as the server names it."""
+        from ..inspect import explain
+
+        checkpoint()
+        kwargs: dict = {"rows": rows}
+        if rows == "focus":
+            kwargs["focus"] = focus
+        with p.run_lock:
+            checkpoint()
             try:
-                result = explain(text, model)
+                result = explain(p.probe.text, p.model, **kwargs)
             except ValueError as exc:  # e.g. more tokens than the model has positions
                 raise ApiError(422, "cannot_explain", str(exc)) from None
-        result.model_name = self.registry.entry(model_name).name
+        result.model_name = p.name
+        checkpoint()
         return result
 
     @staticmethod
@@ -228,50 +507,116 @@ class Service:
         except ValueError as exc:
             raise ApiError(422, "unknown_word", str(exc)) from None
 
-    def _to_dict(self, result, method: str, level: str, hide_special: bool, focus) -> dict:
-        if focus is not None:
-            index = self._unit_index(result, focus, level, hide_special)
-            _, special, _ = result.units(level)
-            if hide_special and special[index]:
-                raise ApiError(422, "unknown_word", "the focus is a special token, and special tokens are hidden")
-            focus = index
+    def _focus(self, probe, focus, level: str, hide_special: bool) -> Optional[int]:
+        """The focus as a unit index at `level` (specials counted), checked on the probe."""
+        if focus is None:
+            return None
+        index = self._unit_index(probe, focus, level, hide_special)
+        _, special, _ = probe.units(level)
+        if hide_special and special[index]:
+            raise ApiError(422, "unknown_word", "the focus is a special token, and special tokens are hidden")
+        return index
+
+    def _explain_plan(self, p: _Probe, level: str, method: str, rows: str, focus: Optional[int]) -> Cost:
+        layers, heads, head_dim, hidden = p.dims
+        tokens = len(p.probe.tokens)
+        units = len(p.probe.units(level)[0])
+        shown = 1 if method == "rollout" else heads
+        if rows == "all":
+            view = "full"
+        elif rows == "focus":
+            view = "rows"
+        else:
+            view = default_view(layers, shown, units)
+        recorded, shipped = tokens, 1
+        if focus is not None and rows == "focus":
+            word = self._word_unit(p.probe, focus, level)
+            recorded = max(1, sum(1 for u in p.probe.units("word")[2] if u == word))  # the word's tokens
+        if getattr(p.model, "is_encoder_decoder", False):
+            tokens, units = 2 * tokens, 2 * units  # the target is as long as the source, about
+        return explain_cost(tokens, units, layers, heads, head_dim, hidden, view=view, recorded_rows=recorded,
+                            shipped_rows=shipped, shown_heads=shown)
+
+    @staticmethod
+    def _word_unit(probe, unit: int, level: str) -> int:
+        """The word-level unit index holding the unit `unit` at `level`."""
+        if level == "word":
+            return unit
+        _, _, unit_of = probe.units("word")
+        return unit_of[probe.units(level)[2].index(unit)]
+
+    def _to_dict(self, result, method: str, level: str, hide_special: bool, focus: Optional[int],
+                 rows: str = "auto") -> dict:
+        checkpoint()
+        options: dict = {"method": method, "level": level, "hide_special": hide_special, "focus": focus}
+        if rows in ("all", "focus"):
+            options["rows"] = rows
         try:
-            return result.to_dict(method=method, level=level, hide_special=hide_special, focus=focus)
+            return result.to_dict(**options)
         except ValueError as exc:
             raise ApiError(422, "cannot_explain", str(exc)) from None
 
     # ------------------------------------------------------------ operations
-    def explain(self, req) -> Callable[[], dict]:
+    def explain(self, req) -> Callable[[], Plan]:
         """`req`: an ExplainRequest (qkv.web.schema), already validated."""
         self.registry.entry(req.model)  # an unknown model is reported before any work
+        if req.rows == "focus" and req.focus is None:
+            raise ApiError(422, "bad_value", "'rows' \"focus\" needs a focus word (focus)")
 
-        def run() -> dict:
-            result = self._explain(req.text, req.model)
-            return self._to_dict(result, req.method, req.level, req.hide_special, req.focus)
-        return run
+        def plan() -> Plan:
+            p = self._probe(req.text, req.model)
+            focus = self._focus(p.probe, req.focus, req.level, req.hide_special)
+            if req.rows == "focus" and req.method == "rollout":
+                raise ApiError(422, "bad_value", "rollout needs every row of every layer: use rows \"auto\"")
+            cost = self._explain_plan(p, req.level, req.method, req.rows, focus)
+            check_cost(cost, self.limits)
 
-    def steps(self, req) -> Callable[[], dict]:
-        """`req`: a StepsRequest."""
+            def run() -> dict:
+                word_focus = None if focus is None else self._word_unit(p.probe, focus, req.level)
+                result = self._explain(p, focus=word_focus, rows=req.rows)
+                out = self._to_dict(result, req.method, req.level, req.hide_special, focus, req.rows)
+                out["session"] = self.sessions.put(result)
+                return out
+            return Plan(cost, run)
+        return plan
+
+    def steps(self, req) -> Callable[[], Plan]:
+        """`req`: a StepsRequest. Records only the word's rows: linear in the length."""
         self.registry.entry(req.model)
-        return lambda: self._steps(req.text, req.model, req.word, req.layer, req.head, req.level, req.hide_special)
 
-    def _steps(self, text, model, word, layer, head, level, hide) -> dict:
-        loaded, _ = self.registry.get(model)
-        if getattr(loaded, "is_encoder_decoder", False):
-            raise ApiError(422, "not_supported",
-                           f"the step-through follows one stack of layers (an encoder or a decoder); "
-                           f"{self.registry.entry(model).name!r} is an encoder-decoder: see its attention "
-                           "with /api/explain")
-        result = self._explain(text, model)
-        unit = self._unit_index(result, word, level, hide)
-        _, _, unit_of = result.units(level)
-        token = unit_of.index(unit)
-        if not 0 <= layer < result.num_layers:
-            raise ApiError(422, "unknown_layer",
-                           f"layer {layer} does not exist: the model has layers 0..{result.num_layers - 1}")
-        if not 0 <= head < result.num_heads:
-            raise ApiError(422, "unknown_head",
-                           f"head {head} does not exist: the model has heads 0..{result.num_heads - 1}")
+        def plan() -> Plan:
+            loaded, _ = self.registry.get(req.model)
+            if getattr(loaded, "is_encoder_decoder", False):
+                raise ApiError(422, "not_supported",
+                               f"the step-through follows one stack of layers (an encoder or a decoder); "
+                               f"{self.registry.entry(req.model).name!r} is an encoder-decoder: see its attention "
+                               "with /api/explain")
+            p = self._probe(req.text, req.model)
+            unit = self._unit_index(p.probe, req.word, req.level, req.hide_special)
+            layers, heads, head_dim, hidden = p.dims
+            if not 0 <= req.layer < layers:
+                raise ApiError(422, "unknown_layer",
+                               f"layer {req.layer} does not exist: the model has layers 0..{layers - 1}")
+            if not 0 <= req.head < heads:
+                raise ApiError(422, "unknown_head",
+                               f"head {req.head} does not exist: the model has heads 0..{heads - 1}")
+            tokens = len(p.probe.tokens)
+            cost = explain_cost(tokens, tokens, layers, heads, head_dim, hidden, view="rows", recorded_rows=1)
+            cost = Cost(tokens, layers, heads, cost.compute, cost.memory + tokens * head_dim * 2 * (PY_FLOAT + 40),
+                        tokens * (2 * head_dim + 4) * JSON_FLOAT + 64 * tokens, "steps")
+            check_cost(cost, self.limits)
+
+            def run() -> dict:
+                _, _, unit_of = p.probe.units(req.level)
+                token = unit_of.index(unit)
+                word_unit = p.probe.units("word")[2][token]
+                result = self._explain(p, focus=word_unit, rows="focus")
+                checkpoint()
+                return self._steps(result, req.text, token, req.layer, req.head)
+            return Plan(cost, run)
+        return plan
+
+    def _steps(self, result, text: str, token: int, layer: int, head: int) -> dict:
         s = result.steps(token, layer, head)
         dots = s.keys @ s.query  # (n,) q.k before the scale
         return {
@@ -284,34 +629,47 @@ class Service:
             "values": _floats(s.values), "output": _floats(s.output),
         }
 
-    def compare(self, req) -> Callable[[], dict]:
-        """`req`: a CompareRequest."""
+    def compare(self, req) -> Callable[[], Plan]:
+        """`req`: a CompareRequest. Each side as explain with rows "auto" (compact when long), with
+        its own session."""
         self.registry.entry(req.model)
-        return lambda: self._compare(req.text, req.other, req.model, req.focus, req.method, req.level,
-                                     req.hide_special)
 
-    def _compare(self, text, other, model, focus, method, level, hide) -> dict:
-        a, b = self._explain(text, model), self._explain(other, model, "other")
-        out: dict = {"format": "qkv.compare/1", "a": self._to_dict(a, method, level, hide, focus),
-                     "b": None, "same_length": False, "jsd": None, "largest": None, "note": None}
-        b_focus = focus
-        if focus is not None and isinstance(focus, str):
-            try:
-                b.focus_index(focus, level)
-            except ValueError:
-                b_focus = None  # the word is not in the other sentence: show it without a focus
-        if isinstance(focus, int) and not 0 <= focus < len(b.labels(level, hide)):
-            b_focus = None
-        out["b"] = self._to_dict(b, method, level, hide, b_focus)
+        def plan() -> Plan:
+            pa, pb = self._probe(req.text, req.model), self._probe(req.other, req.model, "other")
+            focus = self._focus(pa.probe, req.focus, req.level, req.hide_special)
+            b_focus = req.focus
+            if isinstance(b_focus, str):
+                try:
+                    pb.probe.focus_index(b_focus, req.level)
+                except ValueError:
+                    b_focus = None  # the word is not in the other sentence: show it without a focus
+            if isinstance(b_focus, int) and not 0 <= b_focus < len(pb.probe.labels(req.level, req.hide_special)):
+                b_focus = None
+            b_index = self._focus(pb.probe, b_focus, req.level, req.hide_special) if b_focus is not None else None
+            cost = (self._explain_plan(pa, req.level, req.method, "auto", focus)
+                    + self._explain_plan(pb, req.level, req.method, "auto", b_index))
+            check_cost(cost, self.limits)
+            return Plan(cost, lambda: self._compare(pa, pb, req, focus, b_index))
+        return plan
+
+    def _compare(self, pa: _Probe, pb: _Probe, req, focus: Optional[int], b_focus: Optional[int]) -> dict:
+        level, hide = req.level, req.hide_special
+        a = self._explain(pa)
+        out_a = self._to_dict(a, req.method, level, hide, focus)
+        out_a["session"] = self.sessions.put(a)
+        b = self._explain(pb)
+        out_b = self._to_dict(b, req.method, level, hide, b_focus)
+        out_b["session"] = self.sessions.put(b)
+        out: dict = {"format": "qkv.compare/1", "a": out_a, "b": out_b, "same_length": False, "jsd": None,
+                     "largest": None, "note": None}
         na, nb = len(a.labels(level)), len(b.labels(level))
         out["same_length"] = na == nb
         if na != nb:
             out["note"] = (f"the sentences have {na} and {nb} {level}s; the per-head divergence needs the same "
                            "number, e.g. one word swapped")
         elif focus is not None:
-            index = self._unit_index(a, focus, level, hide)
-            cmp = a.compare(b, index, level)
-            jsd = cmp["jsd"]  # (L, H) bits
+            checkpoint()
+            jsd = _focus_jsd(a, b, focus, level)  # (L, H) bits
             out["jsd"] = _floats(jsd)
             flat = int(jsd.flatten().argmax())
             layer, head = divmod(flat, jsd.shape[1])
@@ -319,6 +677,64 @@ class Service:
         else:
             out["note"] = "give a focus word to see how its attention changes (Jensen-Shannon divergence per head)"
         return out
+
+    def weights(self, req) -> Callable[[], Plan]:
+        """`req`: a WeightsRequest: full rows of a session's recorded result."""
+        from .schema import FLAGS
+
+        for name in ("rows", "layers", "heads"):
+            picked = getattr(req, name)
+            if picked is not None and len(picked) > self.limits.max_pick:
+                raise ApiError(413, "too_costly", f"{name!r} names {len(picked)} {name}; this server sends at most "
+                                                  f"{self.limits.max_pick} per request (ask again for the rest)",
+                               {"name": "max_pick", "estimate": len(picked), "limit": self.limits.max_pick,
+                                "flag": FLAGS["max_pick"]})
+            if picked is not None and not picked:
+                raise ApiError(422, "bad_value", f"{name!r} is empty; give at least one index, or leave it out")
+
+        def plan() -> Plan:
+            result = self.sessions.get(req.session)
+            labels, special, _ = result.units(req.level)
+            n = sum(1 for s in special if not (req.hide_special and s))
+            L, H = result.num_layers, result.num_heads
+            layers = list(range(L)) if req.layers is None else list(req.layers)
+            if req.method == "rollout" and req.heads is not None:
+                raise ApiError(422, "bad_value", "'heads' must be left out with method rollout: it averages the "
+                                                 "heads first (one map, head \"rollout\")")
+            heads_all = [int(h) for h in result.records[0].heads]
+            heads = heads_all if req.heads is None else list(req.heads)
+            for name, picked, have in (("layer", layers, range(L)), ("head", heads, heads_all),
+                                       ("row", req.rows, range(n))):
+                wrong = [i for i in picked if i not in have]
+                if wrong:
+                    what = {"layer": f"layers 0..{L - 1}", "head": f"heads {heads_all[0]}..{heads_all[-1]}",
+                            "row": f"{n} {req.level}s" + (" (special tokens hidden)" if req.hide_special else "")}
+                    raise ApiError(422, f"unknown_{name}", f"{name} {wrong[0]} does not exist: the "
+                                                           f"{'model' if name != 'row' else 'text'} has {what[name]}")
+            shown = 1 if req.method == "rollout" else len(heads)
+            cost = weights_cost(len(result.tokens), n, L, H, len(layers) * shown * len(req.rows), req.method)
+            check_cost(cost, self.limits)
+
+            def run() -> dict:
+                checkpoint()
+                try:
+                    out = result.weights_dict(list(req.rows), layers=layers,
+                                              heads=None if req.method == "rollout" else heads, method=req.method,
+                                              level=req.level, hide_special=req.hide_special)
+                except ValueError as exc:
+                    raise ApiError(422, "cannot_explain", str(exc)) from None
+                out["session"] = req.session
+                return out
+            return Plan(cost, run)
+        return plan
+
+
+def _focus_jsd(a, b, focus: int, level: str):
+    """(L, H) Jensen-Shannon divergence (bits) of the focus rows of two results of one length,
+    from the rows alone (focus_rows: a chunk of rows from the recorded q/k, linear in the length)."""
+    from ..inspect import analysis
+
+    return analysis.jensen_shannon(a.focus_rows(focus, "raw", level), b.focus_rows(focus, "raw", level))
 
 
 def _floats(t) -> Any:
