@@ -160,7 +160,7 @@ def _layer_blocks(per_layer: torch.Tensor, layers, labels: list[str], notes: lis
         lines += _wrap(f"layer {lay}   {what}{note}", width)
         lines += _wrap(text, width, "    ")
         squeezed, b = squeeze(row.tolist(), cells)
-        lines.append("    " + _strip(squeezed))
+        lines.append(("    " + _strip(squeezed)).rstrip())  # trailing blanks: weights of 0
         lines.append(("    " + _ticks(n, b, len(squeezed))).rstrip())
     return lines
 
@@ -263,7 +263,7 @@ def _long_overview(result, *, method: str, level: str, hide_special: bool, layer
     b = 1
     for lay in layers:
         squeezed, b = squeeze(summary["received"][lay].tolist(), cells)
-        lines.append(f"{lay:>5} " + _strip(squeezed))
+        lines.append((f"{lay:>5} " + _strip(squeezed)).rstrip())
     lines.append(("      " + _ticks(n, b, len(squeeze([0.0] * n, cells)[0]))).rstrip())
     at = default_rows(u)[0]
     rows = result.focus_rows(u.shown[at], method, level, hide_special)  # (L, H, n)
