@@ -291,9 +291,14 @@ def _explain(p):
                    help="merge sub-word tokens into words (default) or show tokens")
     p.add_argument("--hide-special", action="store_true",
                    help="hide [CLS], [SEP], BOS and renormalise the rows to 1")
-    p.add_argument("--rows", choices=["all", "focus"], default="all",
-                   help="record every query row (default) or only the focus word's: for long inputs "
-                   "(the table only: not with --compare, --png, --html, --json or --method rollout)")
+    p.add_argument("--rows", choices=["auto", "all", "focus"], default="auto",
+                   help="auto (default): record every query row, and write full maps while they are small "
+                   "(layers x heads x words^2 <= 4,194,304), else the compact view of a long input (summaries, "
+                   "a minimap, the focus row's top keys); all: full maps at any length; focus: record only "
+                   "the focus word's rows (not with --method rollout)")
+    p.add_argument("--top-k", type=_whole(1), default=8, metavar="K",
+                   help="keys kept per row in the compact view of a long input, in the table and the files "
+                   "(default: 8)")
     p.add_argument("--compare", metavar="TEXT", help="a second sentence of the same length: per-head "
                    "Jensen-Shannon divergence of the focus rows and the largest change")
     _file_option(p, "png", "write a PNG (needs matplotlib: pip install 'qkv[viz]')")
@@ -305,6 +310,7 @@ def _explain(p):
 
     def run(args):
         from .inspect import explain
+        from .inspect.png import save_png
         from .inspect.terminal import render_alignment, render_compare, render_focus, render_overview
 
         # 1. everything that needs no model
@@ -322,23 +328,26 @@ def _explain(p):
         view = dict(method=args.method, level=args.level, hide_special=args.hide_special)
         table = dict(layer=args.layer, head=args.head, color=color, aggregate=args.aggregate)
         if args.focus:
-            out = [render_focus(result, args.focus, **table, **view)]
+            out = [render_focus(result, args.focus, **table, **view, top_k=args.top_k)]
         elif result.cross_layers:  # encoder-decoder: the alignment of target words over source words
             out = [render_alignment(result, level=args.level, layer=args.layer, head=args.head, color=color)]
         else:
-            out = [render_overview(result, **table, **view)]
+            out = [render_overview(result, **table, **view, top_k=args.top_k)]
         if other is not None:
-            second = explain(other, model, truncate=args.truncate, name=args.model)
+            # every row of the second text is recorded (linear in length) unless --rows all asks for full maps:
+            # with --rows focus its focus unit may sit at another token, and the comparison needs only that row
+            second = explain(other, model, rows="all" if args.rows == "all" else "auto", truncate=args.truncate,
+                             name=args.model)
             a, b = len(result.labels(args.level)), len(second.labels(args.level))
             if a != b:  # an encoder-decoder's translations: their lengths are known only now
                 raise UserError(f"--compare: the translations differ in length ({a} and {b} {args.level}s with "
                                 "the source); the comparison needs the same number, e.g. one word swapped")
             cmp = result.compare(second, args.focus, args.level)
             out.append(render_compare(result, second, cmp, args.focus, args.level))
-        options = dict(view, focus=args.focus)
+        options = dict(view, focus=args.focus, top_k=args.top_k)
         out += _write_files(args, {"json": lambda f: result.save_json(f, **options),
                                    "html": lambda f: result.save_html(f, **options),
-                                   "png": lambda f: result.save_png(f, layer=args.layer, head=args.head, **options)})
+                                   "png": lambda f: save_png(result, f, layer=args.layer, head=args.head, **options)})
         print("\n".join(out))
 
     return run
@@ -353,17 +362,9 @@ def _check_explain_flags(args) -> None:
     if args.head is not None and args.method == "rollout":
         raise UserError("--method rollout averages the heads, so --head cannot pick one; drop --head, "
                         "or use --method raw or value-norm")
-    if args.rows == "focus":
-        if args.method == "rollout":
-            raise UserError("--method rollout needs every row of every layer, and --rows focus records only "
-                            "the focus word's; drop --rows focus")
-        if args.compare is not None:
-            raise UserError("--compare needs every row of the maps, and --rows focus records only the focus "
-                            "word's; drop --rows focus")
-        for flag in ("json", "html", "png"):
-            if getattr(args, flag):
-                raise UserError(f"--{flag} writes the full maps, and --rows focus records only the focus word's "
-                                f"rows; drop --rows focus (or --{flag})")
+    if args.rows == "focus" and args.method == "rollout":
+        raise UserError("--method rollout needs every row of every layer, and --rows focus records only the "
+                        "focus word's; use --rows auto (the default) or --rows all")
     _distinct_files(args, ("json", "html", "png"))
     if args.png:
         import importlib.util

@@ -5,6 +5,15 @@ head of the chosen layer, when the result has a focus word; (c) the token-by-tok
 layer and head (default: the last layer, mean of heads), words on both axes. Weights that are
 not normalised (value norms, Kobayashi et al., 2020) are coloured per row max.
 
+Long inputs stay readable and small: a map of more than MAP_CELLS words is drawn downsampled,
+each cell the max of a b x b block (said in its title), strips of more than STRIP_CELLS words
+likewise, at most MAX_TICKS labels per axis in a fixed font, and the picture is at most
+MAX_PIXELS x MAX_PIXELS at any length. The compact view of a long input ("view": "rows", no
+"maps") is drawn as strips over the whole sequence: the focus row per layer, each head's top
+keys of the shipped row in one layer, and the minimap (weight received, row entropy);
+`save_png` adds a downsampled map of one layer, built a chunk of rows at a time from the
+recorded queries and keys.
+
 matplotlib is an optional dependency (`pip install 'qkv[viz]'`), imported only here, with the
 Agg canvas: no display, no pyplot state, only the fonts matplotlib ships (DejaVu Sans).
 
@@ -29,7 +38,15 @@ from typing import Any
 from .._files import check_target, write_bytes
 from .schema import check_data
 
-__all__ = ["render_png", "render_png_bytes"]
+__all__ = ["MAX_PIXELS", "render_png", "render_png_bytes", "save_png"]
+
+DPI = 150
+MAX_PIXELS = 2400  # the picture's width and height at most, at any length
+MAX_INCHES = MAX_PIXELS / DPI
+MAX_TICKS = 40  # labels per axis at most; a longer axis shows every k-th word
+MAP_CELLS = 400  # a map of more words is drawn as blocks, each the max of b x b weights
+STRIP_CELLS = 1200  # a strip of more words is drawn as buckets, each the max of b weights
+TICK_FONT = 7.0  # the labels' size when they are subsampled (points)
 
 _NEEDS = "PNG output needs matplotlib: pip install 'qkv[viz]'"
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -94,8 +111,75 @@ def render_png_bytes(
     return _png(data, _pick_layer(layer, n_layers), _pick_head(head, data["head_names"]))
 
 
-def _png(data: Mapping[str, Any], layer_i: int, head_i: int | None) -> bytes:
-    """The drawing, on checked data and a checked layer and head (None: the mean of heads)."""
+def save_png(result, path: str | os.PathLike[str], *, layer: int | None = None, head: int | None = None,
+             method: str = "raw", level: str = "word", hide_special: bool = False, focus=None, rows=None,
+             top_k: int = 8) -> Path:
+    """Draw an `ExplainResult` as a PNG at any length and write it to `path` atomically.
+
+    A short input's full maps are drawn as `render_png(result.to_dict(...))` draws them. A long one
+    (the compact view, or full maps of more than MAP_CELLS words) is drawn from its compact dict
+    (`to_dict(rows=...)`, `top_k` keys per shipped row) plus, when every row was recorded and the
+    method is not rollout, the map of `layer` (default the last; `head` one head, else the mean)
+    downsampled to at most MAP_CELLS x MAP_CELLS blocks (each the max of its b x b weights), built
+    a chunk of rows at a time: never every full map at once.
+
+    Args:
+        result: what `qkv.explain` returned.
+        path: the PNG file to write.
+        layer, head: as in `render_png`.
+        method, level, hide_special, focus, rows, top_k: as in `ExplainResult.to_dict`.
+
+    Returns:
+        The path written.
+    """
+    from . import rows as _rows
+
+    options = dict(method=method, level=level, hide_special=hide_special, focus=focus, top_k=top_k)
+    compact = result.compact_view(level, hide_special) if rows is None else rows != "all"
+    u = _rows.units(result, level, hide_special)
+    if result.roles is not None or (not compact and u.n <= MAP_CELLS):
+        return render_png(result.to_dict(rows=rows, **options), path, layer=layer, head=head)
+    data = result.to_dict(rows=rows if compact else "focus", **options)
+    _, n_layers, _ = check_data(data)
+    layer_i = _pick_layer(layer, n_layers)
+    head_i = _pick_head(head, data["head_names"])
+    target = Path(path)
+    check_target(target, what="PNG")
+    block = None
+    if result.rows is None and method != "rollout":
+        block = _block_map(result, layer_i, head_i, method, u)
+    write_bytes(target, _png(data, layer_i, head_i, block), what="PNG")
+    return target
+
+
+def _block_map(result, layer: int, head: int | None, method: str, u) -> tuple[Any, int]:
+    """(the (m, m) map of one layer, mean of heads or one head position, each cell the max of a
+    b x b block of weights, b): built a chunk of query rows at a time (qkv.inspect.rows)."""
+    import numpy as np
+
+    from . import rows as _rows
+
+    n = u.n
+    b = max(1, math.ceil(n / MAP_CELLS))
+    m = math.ceil(n / b)
+    out = np.zeros((m, m))
+    step = max(b, (_rows.chunk_rows(result) // b) * b)  # whole blocks of rows per chunk
+    starts = np.arange(0, n, b)
+    for start in range(0, n, step):
+        rows = list(range(start, min(n, start + step)))
+        w = _rows.unit_rows(result, layer, rows, u, method, None if head is None else [head])  # (nh, r, n)
+        grid = (w.mean(dim=0) if head is None else w[0]).double().numpy()  # (r, n)
+        grid = np.maximum.reduceat(grid, starts, axis=1)  # (r, m)
+        grid = np.maximum.reduceat(grid, np.arange(0, len(rows), b), axis=0)  # (r / b, m)
+        out[start // b:start // b + grid.shape[0]] = grid
+    return out, b
+
+
+def _png(data: Mapping[str, Any], layer_i: int, head_i: int | None, block: tuple[Any, int] | None = None,
+         on_figure=None) -> bytes:
+    """The drawing, on checked data and a checked layer and head (None: the mean of heads); `block`
+    (a downsampled map, its block size) is drawn beside a compact view; `on_figure(fig)` is called
+    once it is drawn (the tests read its axes)."""
     try:
         import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -104,8 +188,9 @@ def _png(data: Mapping[str, Any], layer_i: int, head_i: int | None) -> bytes:
         raise ImportError(_NEEDS) from e
     import numpy as np  # a dependency of matplotlib
 
-    maps = np.asarray(data["maps"], dtype=np.float64)  # (L, H, n, n)
-    if not np.isfinite(maps).all():
+    compact = data.get("maps") is None
+    maps = None if compact else np.asarray(data["maps"], dtype=np.float64)  # (L, H, n, n)
+    if maps is not None and not np.isfinite(maps).all():
         raise ValueError("data['maps'] holds non-finite weights; weights must be finite")
     normalised = bool(data.get("normalised", data.get("method") != "value-norm"))
     labels = [_tick_text(s) for s in data["labels"]]
@@ -120,14 +205,18 @@ def _png(data: Mapping[str, Any], layer_i: int, head_i: int | None) -> bytes:
             labels = [s.replace("$", r"\$") for s in labels]
         fig = Figure(layout="constrained")
         FigureCanvasAgg(fig)
-        if data.get("cross"):
+        if compact:
+            _draw_rows(fig, np, data, labels, special, normalised, layer_i, head_i, block)
+        elif data.get("cross"):
             # Encoder-decoder: the picture that matters is cross-attention, an alignment of
             # target words (rows) over source words (columns), one panel per cross layer.
             _draw_cross(fig, np, data, head_i)
         else:
             _draw(fig, np, data, maps, labels, special, focus, normalised, layer_i, head_i)
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=150, metadata={"Software": "qkv explain"})
+        if on_figure is not None:
+            on_figure(fig)
+        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": "qkv explain"})
     return buf.getvalue()
 
 
@@ -144,7 +233,7 @@ def _draw_cross(fig, np, data, head) -> None:
         raise ValueError(f"head {head} is out of range: the cross-attention layers have heads 0..{n_heads - 1}")
     cell = min(0.42, max(0.12, 6.0 / max(n_t, n_s)))
     font = min(9.0, max(4.0, cell * 72 * 0.5))
-    fig.set_size_inches(min(n_cross * (n_s * cell + 1.4) + 1.0, 40), min(n_t * cell + 2.4, 40))
+    fig.set_size_inches(min(n_cross * (n_s * cell + 1.4) + 1.0, MAX_INCHES), min(n_t * cell + 2.4, MAX_INCHES))
     what = "mean of heads" if head is None else f"head {head}"
     fig.suptitle(f"\u201c{_short(data.get('text', ''))}\u201d  \u00b7  model {_short(str(data.get('model', '')), 40)}\n"
                  f"cross-attention: target words (rows) over source words (columns), {what}", fontsize=9)
@@ -208,18 +297,22 @@ def _draw(fig, np, data, maps, labels, special, focus, normalised, layer, head) 
     if n_heads == 1:
         head_text = names[0]
 
-    # Cell size in inches: large for a sentence, small (but legible ticks) for 200 labels.
+    # Cell size in inches: large for a sentence; a long input's map is drawn in blocks (b x b
+    # weights, their max) and its axes show at most MAX_TICKS labels in a fixed font.
     cell = min(0.42, max(0.075, 6.0 / n))
-    font = min(9.0, max(4.0, cell * 72 * 0.5))
-    every = max(1, math.ceil(n / 70))  # show every k-th word on long inputs
+    font = min(9.0, max(4.0, cell * 72 * 0.5)) if n <= MAX_TICKS else TICK_FONT
+    every = _every(n)
     with_focus = focus is not None
     show_heads = with_focus and n_heads > 1
+    b = max(1, math.ceil(n / MAP_CELLS))
+    if b > 1:
+        amap = _block(np, _block(np, amap, b, axis=1), b, axis=0)  # (n / b, n / b)
 
-    side = n * cell
+    side = min(n * cell, 7.0 if with_focus else 12.0)
     left_rows = (n_layers + (n_heads if show_heads else 0)) * max(cell, 0.16)
     width = side + (side + 1.6 if with_focus else 0) + 2.2
     height = max(side, left_rows + (1.2 if show_heads else 0.6)) + 2.0
-    fig.set_size_inches(min(width, 40), min(height, 40))
+    fig.set_size_inches(min(width, MAX_INCHES), min(height, MAX_INCHES))
 
     title = f"\u201c{_short(data.get('text', ''))}\u201d"
     sub = f"model {data.get('model')} \u00b7 method {data.get('method')} \u00b7 level {data.get('level')}"
@@ -241,22 +334,25 @@ def _draw(fig, np, data, maps, labels, special, focus, normalised, layer, head) 
             per_layer = maps[:, :, fi].mean(1)
         per_layer = np.asarray(per_layer, dtype=np.float64)  # (L, n)
         word = labels[fi]
-        _heatmap(ax_a, np, per_layer, normalised, font, annotate=n <= 20)
+        _heatmap(ax_a, np, _block(np, per_layer, _strip_block(n), axis=1), normalised, font, annotate=n <= 20,
+                 extent=_extent(n, n_layers))
         ax_a.set_title(f"(a) \u201c{word}\u201d \u2192 each word, per layer (mean of heads)",
                        fontsize=max(8.0, font + 1), loc="left")
         _ticks(ax_a, labels, special, font, every, x=True)
         _yticks(ax_a, [f"layer {i}" for i in range(n_layers)], font, bold=layer)
         if ax_b is not None:
             rows = maps[layer, :, fi]  # (H, n)
-            _heatmap(ax_b, np, rows, normalised, font, annotate=n <= 14)
+            _heatmap(ax_b, np, _block(np, rows, _strip_block(n), axis=1), normalised, font, annotate=n <= 14,
+                     extent=_extent(n, n_heads))
             ax_b.set_title(f"(b) \u201c{word}\u201d \u2192 each word, layer {layer}, every head",
                            fontsize=max(8.0, font + 1), loc="left")
             _ticks(ax_b, labels, special, font, every, x=True)
             _yticks(ax_b, [f"head {h}" for h in names], font, bold=head)
 
-    im = _heatmap(ax_c, np, amap, normalised, font, annotate=n <= 14, aspect="equal")
+    im = _heatmap(ax_c, np, amap, normalised, font, annotate=n <= 14, aspect="equal", extent=_extent(n, n))
     prefix = "(c) " if with_focus else ""
-    ax_c.set_title(f"{prefix}layer {layer}, {head_text}: query (row) \u2192 key (column)",
+    blocks = f"; each cell the max of {b}\u00d7{b} weights" if b > 1 else ""
+    ax_c.set_title(f"{prefix}layer {layer}, {head_text}: query (row) \u2192 key (column){blocks}",
                    fontsize=max(8.0, font + 1), loc="left")
     _ticks(ax_c, labels, special, font, every, x=True)
     _ticks(ax_c, labels, special, font, every, x=False)
@@ -271,7 +367,124 @@ def _draw(fig, np, data, maps, labels, special, focus, normalised, layer, head) 
     bar.ax.tick_params(labelsize=font)
 
 
-def _heatmap(ax, np, values, normalised, font, *, annotate, aspect="auto"):
+def _sparse(np, tops, n: int):
+    """Rows of top keys [{"keys", "weights", ...}, ...] as (R, n) weights, 0 for the keys left out."""
+    out = np.zeros((len(tops), n))
+    for r, top in enumerate(tops):
+        out[r, top["keys"]] = top["weights"]
+    return out
+
+
+def _draw_rows(fig, np, data, labels, special, normalised, layer, head, block) -> None:
+    """The compact view of a long input: strips over the whole sequence (the focus row per layer,
+    each head's top keys in `layer`, the minimap) and, with `block`, a downsampled map of `layer`."""
+    n = len(labels)
+    names = [str(h) for h in data["head_names"]]
+    top = data["rows"]["top"]  # (L, H, R) of {"keys", "weights", "rest", "left_out"}
+    n_layers, n_heads = len(top), len(names)
+    ship, k = data["rows"]["index"], data["rows"]["k"]
+    focus = data.get("focus")
+    row = focus["index"] if focus else ship[0]  # the row drawn: the focus word's, else the first shipped
+    r = ship.index(row) if row in ship else None  # its place among the shipped rows (None: not shipped)
+    word = labels[row]
+    sb = _strip_block(n)
+    per = f"; each cell the max of {sb} words" if sb > 1 else ""
+    level = data.get("level", "word")
+    panels = []  # (title, (rows, n) values, y labels, bold row, the focus column or None)
+    if focus:
+        panels.append((f"\u201c{word}\u201d (#{focus['index']}) \u2192 each {level}, per layer (mean of heads){per}",
+                       np.asarray(focus["per_layer"], dtype=np.float64), [f"layer {i}" for i in range(n_layers)],
+                       layer, focus["index"]))
+    else:
+        mean = np.mean([_sparse(np, [top[lay][h][r] for h in range(n_heads)], n) for lay in range(n_layers)], axis=1)
+        panels.append((f"\u201c{word}\u201d (#{row}): each head's top {k} keys, mean of heads, per layer (other "
+                       f"weights not drawn){per}", mean, [f"layer {i}" for i in range(n_layers)], layer, row))
+    if n_heads > 1 and r is not None:
+        panels.append((f"\u201c{word}\u201d in layer {layer}: each head's top {k} keys (other weights not drawn){per}",
+                       _sparse(np, [top[layer][h][r] for h in range(n_heads)], n), [f"head {h}" for h in names],
+                       head, row))
+    minimap = data.get("minimap")
+    if minimap:
+        panels.append((f"minimap: weight each {level} receives, mean of heads and rows, per layer{per}",
+                       np.asarray(minimap["received"], dtype=np.float64), [f"layer {i}" for i in range(n_layers)],
+                       layer, None))
+        panels.append((f"minimap: entropy of each {level}'s row (nats), mean of heads, per layer{per}",
+                       np.asarray(minimap["entropy"], dtype=np.float64), [f"layer {i}" for i in range(n_layers)],
+                       layer, None))
+    heights = [max(1.0, 0.2 * len(p[2])) + 0.7 for p in panels]
+    stack = sum(heights) + 1.3
+    width = MAX_INCHES if block is not None else 14.0
+    fig.set_size_inches(width, min(MAX_INCHES, max(stack, 8.0 if block is not None else 4.0)))
+    title = f"\u201c{_short(data.get('text', ''))}\u201d"
+    sub = (f"model {_short(str(data.get('model')), 40)} \u00b7 method {data.get('method')} \u00b7 level {level} "
+           f"\u00b7 {n:,} {level}s \u00b7 compact view (top {k} keys per row)")
+    fig.suptitle(f"{title}\n{sub}", fontsize=10, x=0.01, ha="left")
+    if block is not None:
+        gs = fig.add_gridspec(len(panels), 2, width_ratios=[1.25, 1], height_ratios=heights)
+        axes = [fig.add_subplot(gs[i, 0]) for i in range(len(panels))]
+        ax_map = fig.add_subplot(gs[:, 1])
+    else:
+        gs = fig.add_gridspec(len(panels), 1, height_ratios=heights)
+        axes = [fig.add_subplot(gs[i, 0]) for i in range(len(panels))]
+        ax_map = None
+    every = _every(n)
+    idx = list(range(0, n, every))
+    for i, (ax, (text, values, ylabels, bold, mark)) in enumerate(zip(axes, panels)):
+        letter = "abcdefgh"[i]
+        norm = normalised and not text.startswith("minimap: entropy")
+        _heatmap(ax, np, _block(np, values, sb, axis=1), norm, TICK_FONT, annotate=False,
+                 extent=_extent(n, len(ylabels)))
+        ax.set_title(f"({letter}) {text}", fontsize=8.5, loc="left")
+        _yticks(ax, ylabels, TICK_FONT, bold=bold if bold is not None and bold < len(ylabels) else None)
+        if mark is not None:
+            ax.axvline(mark, color="#d62728", linewidth=0.8)
+        if i == len(panels) - 1:
+            _ticks(ax, [f"{j} {labels[j]}" for j in range(n)], special, TICK_FONT, every, x=True)
+        else:
+            ax.set_xticks(idx, [str(j) for j in idx], fontsize=TICK_FONT - 1, rotation=90)
+    if ax_map is not None:
+        grid, b = block
+        what = "mean of heads" if head is None else f"head {names[head]}"
+        # each row coloured by its own max: a long causal map's first rows (weight 1 on few keys)
+        # would otherwise wash out every later row
+        im = _heatmap(ax_map, np, grid, False, TICK_FONT, annotate=False, aspect="equal", extent=_extent(n, n))
+        blocks = f", each cell the max of {b}\u00d7{b} weights" if b > 1 else ""
+        ax_map.set_title(f"({'abcdefgh'[len(panels)]}) layer {layer}, {what}: query (row) \u2192 key (column)"
+                         f"{blocks}", fontsize=8.5, loc="left")
+        tick_labels = [f"{j} {labels[j]}" for j in range(n)]
+        _ticks(ax_map, tick_labels, special, TICK_FONT, every, x=True)
+        _ticks(ax_map, tick_labels, special, TICK_FONT, every, x=False)
+        if focus:
+            ax_map.axhline(focus["index"], color="#d62728", linewidth=0.8)
+        bar = fig.colorbar(im, ax=ax_map, shrink=0.6, pad=0.02)
+        bar.set_label("weight / row max" if normalised else "norm / row max", fontsize=TICK_FONT)
+        bar.ax.tick_params(labelsize=TICK_FONT)
+
+
+def _every(n: int) -> int:
+    """Show every k-th label of n: at most MAX_TICKS of them."""
+    return max(1, math.ceil(n / MAX_TICKS))
+
+
+def _strip_block(n: int) -> int:
+    return max(1, math.ceil(n / STRIP_CELLS))
+
+
+def _block(np, values, b: int, axis: int):
+    """values with `axis` cut into runs of b (the last one shorter) and each run's max: a sharp
+    weight survives the downsampling, as it would not in a mean."""
+    values = np.asarray(values, dtype=np.float64)
+    if b <= 1:
+        return values
+    return np.maximum.reduceat(values, np.arange(0, values.shape[axis], b), axis=axis)
+
+
+def _extent(columns: int, rows: int) -> tuple[float, float, float, float]:
+    """imshow's extent that puts unit i at x = i and row r at y = r, whatever the downsampling."""
+    return (-0.5, columns - 0.5, rows - 0.5, -0.5)
+
+
+def _heatmap(ax, np, values, normalised, font, *, annotate, aspect="auto", extent=None):
     """values (rows, n); value norms are scaled per row max for colour, printed as they are."""
     values = np.asarray(values, dtype=np.float64)
     if normalised:
@@ -281,7 +494,7 @@ def _heatmap(ax, np, values, normalised, font, *, annotate, aspect="auto"):
         row_max = values.max(axis=1, keepdims=True)
         colour = np.divide(values, row_max, out=np.zeros_like(values), where=row_max > 0)
         vmax = 1.0
-    im = ax.imshow(colour, cmap="Blues", vmin=0.0, vmax=vmax, aspect=aspect, interpolation="nearest")
+    im = ax.imshow(colour, cmap="Blues", vmin=0.0, vmax=vmax, aspect=aspect, interpolation="nearest", extent=extent)
     if annotate:
         for (i, j), v in np.ndenumerate(values):
             text = f"{v:.2f}".lstrip("0") if v < 1 else f"{v:.1f}"

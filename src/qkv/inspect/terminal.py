@@ -2,17 +2,29 @@
 
 Without colour (a pipe, a file, NO_COLOR set) the strip is drawn with block characters
 " ▁▂▃▄▅▆▇█"; with colour, each cell's background also shades with its weight.
+
+Long inputs (more than SHORT_UNITS words, or tokens, whose table would be wider than the
+terminal) get another layout, no line of which is wider than the terminal: per layer, the top-k
+keys of the focus row with their positions, and a strip over the whole sequence, each cell the
+max of its bucket of words (a sharp peak is not averaged away), with position ticks; without a
+focus, the per-layer/head summaries (entropy, distance, sink), a minimap of the weight each word
+receives, and the last word's top keys. Short inputs print the tables as they always have.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import shutil
+import textwrap
+from typing import Optional, Sequence
 
 import torch
 
 from .analysis import aggregate as _aggregate
+from .rows import TOP_K
 
 _BLOCKS = " ▁▂▃▄▅▆▇█"
+SHORT_UNITS = 32  # inputs of at most this many words (or tokens) always print the tables
+MIN_WIDTH = 40  # the long layout never draws narrower than this, whatever the terminal says
 
 
 def _strip(row: list[float]) -> str:
@@ -51,16 +63,243 @@ def layer_notes(result) -> list[str]:
     return notes
 
 
+def terminal_width(width: Optional[int] = None) -> int:
+    """The columns to draw in: `width`, else the terminal's (shutil.get_terminal_size: COLUMNS, then
+    the terminal, then 80), never under MIN_WIDTH."""
+    columns = shutil.get_terminal_size((80, 24)).columns if width is None else int(width)
+    return max(MIN_WIDTH, columns)
+
+
+def is_long(n: int, table_width: int, width: int) -> bool:
+    """Whether a table of `n` units, `table_width` characters wide, gets the long layout."""
+    return n > SHORT_UNITS and table_width > width
+
+
+def squeeze(row: Sequence[float], cells: int) -> tuple[list[float], int]:
+    """row (n,) -> (at most `cells` values, b): the max of each run of b consecutive values, so
+    that one sharp peak survives the downsampling (a mean would flatten it by b)."""
+    n = len(row)
+    cells = max(1, cells)
+    if n <= cells:
+        return [float(x) for x in row], 1
+    b = -(-n // cells)  # ceil(n / cells): buckets of b values, the last one possibly shorter
+    t = torch.as_tensor(list(row), dtype=torch.float64)
+    pad = (-n) % b
+    if pad:
+        t = torch.cat([t, t.new_full((pad,), float("-inf"))])  # every bucket keeps >= 1 real value
+    return t.view(-1, b).amax(dim=1).tolist(), b  # (ceil(n / b),)
+
+
+def _ticks(n: int, b: int, cells: int) -> str:
+    """A line of positions under a strip of `cells` cells, each holding b units: the first unit of
+    a cell every ten or so columns, the last unit at the right end when it fits."""
+    line = [" "] * cells
+    free = 0  # the first column a new label may use
+    step = 10
+    for c in range(0, cells, step):
+        text = f"{c * b}"
+        if c >= free and c + len(text) <= cells:
+            line[c:c + len(text)] = text
+            free = c + len(text) + 1
+    last = f"{n - 1}"
+    start = cells - len(last)
+    if start >= free and (cells - 1) * b <= n - 1:
+        line[start:cells] = last
+    return "".join(line).rstrip()
+
+
+def _weight(x: float) -> str:
+    """A weight in few characters: 3 decimals, or 2 significant digits below 0.0005."""
+    return f"{x:.3f}" if x >= 0.0005 or x == 0 else f"{x:.1e}"
+
+
+def _short_label(s: str, limit: int = 14) -> str:
+    s = " ".join(str(s).split()) or "␣"
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def _wrap(text: str, width: int, indent: str = "") -> list[str]:
+    """text wrapped at spaces into lines of at most `width` characters; a no-break space (U+00A0)
+    holds an item together, and is printed as a plain space."""
+    lines = textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False)
+    return [line.replace("\u00a0", " ") for line in lines] or [""]
+
+
+def _items(row: torch.Tensor, labels: list[str], k: int) -> tuple[str, float, int]:
+    """(the top k keys of row (n,) as "#pos label weight" items, the weight of the others, how many
+    others are above 0)."""
+    k = min(k, row.numel())
+    values, index = row.topk(k)
+    live = values > 0
+    values, index = values[live], index[live]
+    text = " · ".join(f"#{j}\u00a0{_short_label(labels[j]).replace(' ', chr(0xa0))}\u00a0{_weight(w)}"
+                      for j, w in zip(index.tolist(), values.tolist()))
+    rest = max(0.0, float(row.sum() - values.sum()))
+    others = int((row > 0).sum()) - int(live.sum())
+    return text, rest, others
+
+
+def _layer_blocks(per_layer: torch.Tensor, layers, labels: list[str], notes: list[str], level: str, k: int,
+                  width: int, digits_total: bool) -> list[str]:
+    """Per layer: its top-k keys (wrapped), what they leave out, and a strip over the whole
+    sequence with position ticks. per_layer (L, n): the row of each layer."""
+    n = per_layer.shape[1]
+    cells = width - 4
+    lines = []
+    for lay in layers:
+        row = per_layer[lay]
+        text, rest, others = _items(row, labels, k)
+        kept = float(row.sum()) - rest
+        note = f"   {notes[lay]}" if notes[lay] else ""
+        what = (f"top {min(k, n)} hold {_weight(kept)}; the other {others:,} {level}s {_weight(rest)}" if digits_total
+                else f"top {min(k, n)} shown; the other {others:,} {level}s sum to {rest:.1f}")
+        lines += _wrap(f"layer {lay}   {what}{note}", width)
+        lines += _wrap(text, width, "    ")
+        squeezed, b = squeeze(row.tolist(), cells)
+        lines.append(("    " + _strip(squeezed)).rstrip())  # trailing blanks: weights of 0
+        lines.append(("    " + _ticks(n, b, len(squeezed))).rstrip())
+    return lines
+
+
+def _strip_legend(n: int, cells: int, level: str) -> str:
+    b = -(-n // max(1, cells)) if n > cells else 1
+    return (f"strips: all {n:,} {level}s, each cell the largest weight of {b} {level}s, scaled to the layer's "
+            f"largest; numbers under a strip: {level} positions")
+
+
+def _long_focus(result, focus, rows: torch.Tensor, *, method: str, level: str, hide_special: bool,
+                layer: Optional[int], head: Optional[int], top_heads: int, aggregate: str, top_k: int,
+                width: int) -> str:
+    """render_focus's layout for long inputs: rows (L, H, n) the focus row of every layer and head."""
+    labels = result.labels(level, hide_special)
+    all_labels, special, _ = result.units(level)
+    index = result.focus_index(focus, level)
+    shown = [i for i, s in enumerate(special) if not (hide_special and s)]
+    at = shown.index(index)
+    if head is not None:
+        h = result._head_position(result.records[0], head)
+        per_layer, what = rows[:, h], f"head {head}"
+    else:
+        per_layer = _aggregate(rows, dim=1, how=aggregate)
+        what = "rollout of the mean over heads" if method == "rollout" else f"{aggregate} over heads"
+    layers = range(per_layer.shape[0]) if layer is None else [layer]
+    if layer is not None:
+        result._record(layer)
+    n = len(labels)
+    method_name = {"raw": "attention weights", "rollout": "attention rollout",
+                   "value-norm": "value-weighted norms ||a f(v)||"}[method]
+    lines = _wrap(f"{_quote(result.text)} on {result.model_name}: {result.num_layers} layers x {result.num_heads} "
+                  f"heads, {method_name}, {level} level" + (", special tokens hidden" if hide_special else "")
+                  + f"; {n:,} {level}s", width)
+    lines += _wrap(f"from {all_labels[index]!r} (#{at}) to each {level} ({what}): the top {min(top_k, n)} "
+                   f"{level}s of its row, largest first, as #position {level} weight", width)
+    lines += _wrap(_strip_legend(n, width - 4, level), width)
+    lines.append("")
+    notes = layer_notes(result)
+    lines += _layer_blocks(per_layer, layers, labels, notes, level, top_k, width, method != "value-norm")
+    if any("window" in note for note in notes):
+        lines += _wrap(_LEGEND, width)
+    if method == "raw" and head is None and top_heads:
+        lines += ["", *_wrap(f"sharpest heads for {all_labels[index]!r} (lowest entropy of its row):", width)]
+        for item in result.sharpest_heads(focus, top_heads, level, hide_special):
+            if layer is not None and item["layer"] != layer:
+                continue
+            h = result._head_position(result.records[item["layer"]], item["head"])
+            text, _, _ = _items(rows[item["layer"], h], labels, 3)
+            lines += _wrap(f"layer {item['layer']} head {item['head']:<3} entropy {item['entropy']:.2f} nats   "
+                           f"{text}", width, "  ")
+    return "\n".join(lines)
+
+
+def _matrix(title: str, values: torch.Tensor, heads: list[int], names: list[str], fmt: str, layers,
+            width: int) -> list[str]:
+    """A layers x heads table under `title`, its heads split into groups that fit `width`."""
+    cell = max(len(fmt.format(x)) for x in values.flatten().tolist()) + 1
+    cell = max(cell, max(len(f"h{name}") for name in names) + 1)
+    per_line = max(1, (width - 6) // cell)
+    lines = _wrap(title, width)
+    for start in range(0, len(heads), per_line):
+        group = heads[start:start + per_line]
+        lines.append("layer " + "".join(f"h{names[h]}".rjust(cell) for h in group))
+        for lay in layers:
+            lines.append(f"{lay:>5} " + "".join(fmt.format(values[lay, h]).rjust(cell) for h in group))
+    return lines
+
+
+def _long_overview(result, *, method: str, level: str, hide_special: bool, layer: Optional[int],
+                   head: Optional[int], aggregate: str, top_k: int, width: int) -> str:
+    """render_overview's layout for long inputs: per-layer/head summaries, a minimap, and the last
+    word's top keys."""
+    from .rows import default_rows, units
+
+    u = units(result, level, hide_special)
+    labels, n = u.shown_labels(), u.n
+    summary = result.summaries(level, hide_special)
+    layers = range(result.num_layers) if layer is None else [layer]
+    if layer is not None:
+        result._record(layer)
+    names = [str(int(h)) for h in result.records[0].heads]
+    heads = list(range(len(names))) if head is None else [result._head_position(result.records[0], head)]
+    method_name = {"raw": "attention weights", "rollout": "attention rollout",
+                   "value-norm": "value-weighted norms ||a f(v)||"}[method]
+    lines = _wrap(f"{_quote(result.text)} on {result.model_name}: {result.num_layers} layers x {result.num_heads} "
+                  f"heads, {level} level" + (", special tokens hidden" if hide_special else "")
+                  + f"; {n:,} {level}s: a summary of every row (--focus WORD shows one {level}'s row)", width)
+    lines.append("")
+    lines += _matrix("mean entropy of each head's rows (nats, low = focused), raw weights:", summary["entropy"],
+                     heads, names, "{:.2f}", layers, width)
+    lines += [""] + _matrix(f"mean attention distance (sum of weight x |query - key|, in {level}s):",
+                            summary["distance"], heads, names, "{:.1f}", layers, width)
+    sink = labels[0] if labels else ""
+    lines += [""] + _matrix(f"weight on the first {level} ({sink!r}, a sink when large):", summary["sink"], heads,
+                            names, "{:.2f}", layers, width)
+    cells = width - 6
+    lines += [""] + _wrap(f"minimap: weight each {level} receives, mean over heads and rows, per layer "
+                          f"(each cell the largest of {-(-n // cells) if n > cells else 1} {level}s):", width)
+    b = 1
+    for lay in layers:
+        squeezed, b = squeeze(summary["received"][lay].tolist(), cells)
+        lines.append((f"{lay:>5} " + _strip(squeezed)).rstrip())
+    lines.append(("      " + _ticks(n, b, len(squeeze([0.0] * n, cells)[0]))).rstrip())
+    at = default_rows(u)[0]
+    rows = result.focus_rows(u.shown[at], method, level, hide_special)  # (L, H, n)
+    if head is not None and method != "rollout":
+        per_layer, what = rows[:, heads[0]], f"head {head}"
+    else:
+        per_layer = _aggregate(rows, dim=1, how=aggregate)
+        what = "rollout of the mean over heads" if method == "rollout" else f"{aggregate} over heads"
+    lines += [""] + _wrap(f"the last {level} {labels[at]!r} (#{at}): its top {min(top_k, n)} keys per layer "
+                          f"({method_name}, {what})", width)
+    lines += _layer_blocks(per_layer, layers, labels, layer_notes(result), level, top_k, width,
+                           method != "value-norm")
+    return "\n".join(lines)
+
+
 _LEGEND = ("window (left, right): each token sees at most `left` keys before it and `right` after it; "
            "global: no window")
 
 
 def render_focus(result, focus, *, method: str = "raw", level: str = "word", hide_special: bool = False,
                  layer: Optional[int] = None, head: Optional[int] = None, color: bool = False,
-                 top_heads: int = 5, aggregate: str = "mean") -> str:
-    """The focus word's attention per layer (mean or max over heads, or one head), and its sharpest heads."""
+                 top_heads: int = 5, aggregate: str = "mean", top_k: int = TOP_K,
+                 columns: Optional[int] = None) -> str:
+    """The focus word's attention per layer (mean or max over heads, or one head), and its sharpest heads.
+
+    A long input (more than SHORT_UNITS units, its table wider than `columns`, default the
+    terminal's width) shows instead, per layer, the focus row's `top_k` keys with their positions
+    and a strip over the whole sequence, every line within `columns`."""
     labels = result.labels(level, hide_special)
     rows = result.focus_rows(focus, method, level, hide_special)  # (L, H, n)
+    cols = terminal_width(columns)
+    if is_long(len(labels), 6 + len(labels) * (max(6, min(10, max(len(lab) for lab in labels) + 1)) + 1) + 2, cols):
+        if head is not None and method == "rollout":
+            raise ValueError("rollout averages the heads; drop --head or use --method raw")
+        return _long_focus(result, focus, rows, method=method, level=level, hide_special=hide_special, layer=layer,
+                           head=head, top_heads=top_heads, aggregate=aggregate, top_k=top_k, width=cols)
     index = result.focus_index(focus, level)
     focus_label = result.units(level)[0][index]
     if head is not None:
@@ -106,10 +345,19 @@ def render_focus(result, focus, *, method: str = "raw", level: str = "word", hid
 
 def render_overview(result, *, method: str = "raw", level: str = "word", hide_special: bool = False,
                     layer: Optional[int] = None, head: Optional[int] = None, color: bool = False,
-                    aggregate: str = "mean") -> str:
-    """Without a focus word: for one layer (default the last), each word's row as a table."""
+                    aggregate: str = "mean", top_k: int = TOP_K, columns: Optional[int] = None) -> str:
+    """Without a focus word: for one layer (default the last), each word's row as a table.
+
+    A long input (more than SHORT_UNITS units, its table wider than `columns`, default the
+    terminal's width) shows instead the per-layer/head summaries (entropy, distance, sink), a
+    minimap of the weight each unit receives, and the last unit's `top_k` keys per layer."""
     if head is not None and method == "rollout":
         raise ValueError("rollout averages the heads; drop --head or use --method raw")
+    cols = terminal_width(columns)
+    shown = result.labels(level, hide_special)
+    if is_long(len(shown), (len(shown) + 1) * max(6, min(10, max(len(lab) for lab in shown) + 1)) + 2, cols):
+        return _long_overview(result, method=method, level=level, hide_special=hide_special, layer=layer, head=head,
+                              aggregate=aggregate, top_k=top_k, width=cols)
     maps = result.maps(method, level, hide_special)  # (L, H, n, n)
     labels = result.labels(level, hide_special)
     lay = maps.shape[0] - 1 if layer is None else layer
@@ -136,18 +384,40 @@ def render_overview(result, *, method: str = "raw", level: str = "word", hide_sp
     return "\n".join(lines)
 
 
-def render_compare(a, b, comparison: dict, focus, level: str = "word") -> str:
-    """Jensen-Shannon divergence of the focus rows per layer and head between two sentences."""
+def render_compare(a, b, comparison: dict, focus, level: str = "word", columns: Optional[int] = None) -> str:
+    """Jensen-Shannon divergence of the focus rows per layer and head between two sentences, and the
+    largest change in any weight: of the whole maps when `comparison` has them ("difference"),
+    else (long inputs, whose maps are not built) of the focus rows. A long input's lines fit
+    `columns` (default: the terminal's width)."""
     jsd = comparison["jsd"]  # (L, H)
-    label = a.units(level)[0][a.focus_index(focus, level)]
-    lines = ["", f"comparison with {b.text!r}: Jensen-Shannon divergence (bits) of {label!r}'s row, layers x heads"]
+    index = a.focus_index(focus, level)
+    label = a.units(level)[0][index]
+    n = len(a.labels(level))
+    cols = terminal_width(columns)
+    title = f"comparison with {b.text!r}: Jensen-Shannon divergence (bits) of {label!r}'s row, layers x heads"
+    long = n > SHORT_UNITS and len(title) > cols
+    if long:
+        title = f"comparison with {_quote(b.text)}: Jensen-Shannon divergence (bits) of {label!r}'s row, layers x heads"
+    lines = [""] + (_wrap(title, cols) if long else [title])
     for lay in range(jsd.shape[0]):
         lines.append(f"{lay:>5} " + " ".join(f"{x:4.2f}" for x in jsd[lay].tolist())
                      + f"   max {jsd[lay].max().item():.2f}")
-    diff = comparison["difference"].abs().amax(dim=(-1, -2))  # (L, H)
-    flat = int(torch.argmax(diff))
-    lay, head = divmod(flat, diff.shape[1])
-    lines.append(f"largest change in any weight: layer {lay} head {head} ({diff[lay, head].item():.2f})")
+    if comparison.get("difference") is not None:
+        diff = comparison["difference"].abs().amax(dim=(-1, -2))  # (L, H)
+        flat = int(torch.argmax(diff))
+        lay, head = divmod(flat, diff.shape[1])
+        lines.append(f"largest change in any weight: layer {lay} head {head} ({diff[lay, head].item():.2f})")
+        return "\n".join(lines)
+    delta = (a.focus_rows(index, "raw", level) - b.focus_rows(index, "raw", level)).abs()  # (L, H, n)
+    per_head = delta.amax(dim=-1)  # (L, H)
+    flat = int(torch.argmax(per_head))
+    lay, head = divmod(flat, per_head.shape[1])
+    key = int(torch.argmax(delta[lay, head]))
+    keys = a.labels(level)
+    heads = [int(h) for h in a.records[lay].heads]
+    lines += _wrap(f"largest change in {label!r}'s row: layer {lay} head {heads[head]} "
+                   f"({per_head[lay, head].item():.2f}, at #{key} {keys[key]!r}); only the focus rows are "
+                   "compared", cols)
     return "\n".join(lines)
 
 
