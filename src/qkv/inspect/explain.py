@@ -556,9 +556,11 @@ class ExplainResult:
         write_html(self.to_dict(**options), path)
 
     def save_png(self, path, *, layer: Optional[int] = None, head: Optional[int] = None, **options) -> None:
-        from .png import render_png
+        """Draw the result as a PNG at any length (`qkv.inspect.png.save_png`: a long input's compact
+        view plus a block map of one layer, built a chunk of rows at a time)."""
+        from .png import save_png
 
-        render_png(self.to_dict(**options), path, layer=layer, head=head)
+        save_png(self, path, layer=layer, head=head, **options)
 
     # ------------------------------------------------------------------ notebooks (Jupyter's display protocol)
     def _repr_html_(self) -> str:
