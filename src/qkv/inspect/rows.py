@@ -201,10 +201,12 @@ def summaries(result: "ExplainResult", u: Units) -> dict[str, Tensor]:
     for layer in range(L):
         for rows in chunks(m, chunk_rows(result)):
             w = unit_rows(result, layer, rows, u)  # (H, r, m)
-            e = -torch.special.xlogy(w, w).sum(dim=-1)  # (H, r) entropy in nats, as analysis.entropy
+            h, r = w.shape[0], w.shape[1]
+            logs = w.clamp_min(torch.finfo(w.dtype).tiny).log_()  # (H, r, m); 0 log 0 counts as 0
+            e = -torch.bmm(w.reshape(h * r, 1, m), logs.view(h * r, m, 1)).view(h, r)  # (H, r) nats
             ent[layer] += e.sum(dim=1)
             gap = (pos.view(1, -1) - torch.as_tensor(rows, dtype=torch.float32).view(-1, 1)).abs()  # (r, m)
-            dist[layer] += (w * gap).sum(dim=(1, 2))
+            dist[layer] += torch.bmm(w.transpose(0, 1), gap.unsqueeze(-1)).sum(dim=(0, 2))  # (r, H, 1) -> (H,)
             sink[layer] += w[:, :, 0].sum(dim=1)
             received[layer] += w.sum(dim=1).mean(dim=0)
             row_ent[layer, rows] = e.mean(dim=0)
