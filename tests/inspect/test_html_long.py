@@ -120,7 +120,7 @@ def test_the_8k_page_in_the_browser(browser, page_8k):
     data, path = page_8k
     page = Page(browser, path)
     p = page.page
-    n, L, H = len(data["labels"]), len(data["rows"]["top"]), len(data["head_names"])
+    n, L = len(data["labels"]), len(data["rows"]["top"])
     focus = data["focus"]["index"]
     assert data["rows"]["index"] == [focus]
 
@@ -157,7 +157,7 @@ def test_the_8k_page_in_the_browser(browser, page_8k):
     # A click on the minimap picks the word under the mouse; this file does not hold its row.
     strip = p.locator("#minimap-1")
     box = strip.bounding_box()
-    p.mouse.click(box["x"] + box["width"] * 0.25, box["y"] + box["height"] / 2)
+    strip.click(position={"x": box["width"] * 0.25, "y": box["height"] / 2})
     row = int(p.get_attribute("#row-view", "data-row"))
     assert abs(row - n // 4) <= n / box["width"] + 1, f"clicked a quarter in, got row {row} of {n}"
     assert p.get_attribute("#row-view", "data-layer") == "1"
