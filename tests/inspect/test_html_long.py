@@ -61,6 +61,7 @@ def embedded(page: str) -> dict:
 def test_an_8k_token_page_is_small_and_holds_the_compact_view(page_8k):
     data, path = page_8k
     size = path.stat().st_size
+    print(f"the page of {len(data['labels'])} words: {size:,} bytes")
     assert size < 10 * MB, f"the HTML of 8k tokens is {size / MB:.1f} MB (bound: 10 MB)"
     n, L, H = len(data["labels"]), len(data["rows"]["top"]), len(data["head_names"])
     # Linear in n: labels, minimap (received, entropy) and the focus row are 3 x L x n numbers.

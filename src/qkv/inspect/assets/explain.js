@@ -682,7 +682,8 @@
     var top = data.rows.top, L = top.length, shipped = data.rows.index, K = data.rows.k || 8;
     var focus = data.focus && typeof data.focus.index === "number" ? data.focus : null;
     var fetchRows = options.fetchRows || null;
-    var state = { layer: L - 1, head: 0, selected: focus ? focus.index : shipped[0], mode: "row",
+    var startRow = focus && (fetchRows || shipped.indexOf(focus.index) >= 0) ? focus.index : shipped[0];
+    var state = { layer: L - 1, head: 0, selected: startRow, mode: "row",
                   metric: "entropy", mapMetric: "received" };
     var full = {}; // "layer:head:row" -> the whole row (fetched)
     var seq = 0;
@@ -843,9 +844,9 @@
     main.appendChild(mp);
 
     // -------------------------------------------------------------- the focus word, every layer
-    var focusStrips = [];
+    var focusStrips = [], fp = null;
     if (focus) {
-      var fp = part("section", "focus", "panel");
+      fp = part("section", "focus", "panel");
       fp.appendChild(part("h2", "focus-h", null, "Focus: " + quoted(focus.index) + " (word " + focus.index +
         "), its row in every layer"));
       fp.appendChild(el("p", "note", "Each strip is one layer: the focus word's attention row, mean of heads. " +
@@ -876,7 +877,6 @@
         ol.appendChild(li);
       });
       fp.appendChild(ol);
-      main.appendChild(fp);
     }
     function drawFocus() {
       focusStrips.forEach(function (fs) { drawStrip(fs[0], fs[1], [{ index: focus.index, color: FOCUS_MARK }]); });
@@ -954,6 +954,7 @@
     var rowView = part("div", "row-view", "row-view");
     rp.appendChild(rowView);
     main.appendChild(rp);
+    if (fp) main.appendChild(fp); // below the row: the minimap and the row it picks stay together
 
     rowGo.addEventListener("click", function () { goTo(rowInput.value); });
     rowInput.addEventListener("keydown", function (ev) { if (ev.key === "Enter") { ev.preventDefault(); goTo(rowInput.value); } });
