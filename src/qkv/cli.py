@@ -457,6 +457,8 @@ def _serve(p):
                    "does not fit waits (default: 2048)")
     p.add_argument("--max-session-mb", type=_whole(1), default=1024, metavar="MB",
                    help="recorded results kept for /api/weights, the oldest dropped first (default: 1024)")
+    p.add_argument("--max-pick", type=_whole(1), default=64, metavar="N",
+                   help="layers, heads and rows one /api/weights request may name, each (default: 64)")
 
     def run(args):
         try:
@@ -468,7 +470,7 @@ def _serve(p):
             raise UserError(f"--model-dir {args.model_dir!r} is not a folder")
         serve(host=args.host, port=args.port, model_dir=args.model_dir, max_queue=args.max_queue,
               max_chars=args.max_chars, max_cost=args.max_cost, max_answer_mb=args.max_answer_mb,
-              max_memory_mb=args.max_memory_mb, max_session_mb=args.max_session_mb)
+              max_memory_mb=args.max_memory_mb, max_session_mb=args.max_session_mb, max_pick=args.max_pick)
 
     return run
 

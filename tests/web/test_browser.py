@@ -28,7 +28,7 @@ MALICIOUS = '<img src=x onerror=alert(1)> </script><script>alert(2)</script> "ca
 
 @pytest.fixture(scope="module")
 def server(registry):
-    app = create_app(registry=registry, max_chars=1000)  # the error test below sends 1,500 characters
+    app = create_app(registry=registry, max_chars=1000)  # the error shown below is a text over the limit
     with running_server(app) as url:
         yield url, app
     assert app.state.internal_errors == 0

@@ -15,7 +15,6 @@ import threading
 import time
 
 import httpx
-import pytest
 from starlette.testclient import TestClient
 
 import qkv.inspect
@@ -209,7 +208,7 @@ def test_a_cancelled_request_stops_and_frees_its_worker(registry, monkeypatch):
         wait_for(lambda: gate.waiting == 0, "the waiting request leaving the queue")
         s.close()
         assert saw_stop.wait(30), "the running job was never told to stop"
-        wait_for(lambda: gate.running == 0, "the worker freed")
+        wait_for(lambda: gate.running == 0 and gate.cancelled == 2, "the worker freed, both requests cancelled")
         stats = httpx.get(url + "/api/health", timeout=10).json()["queue"]
         assert stats["running"] == 0 and stats["waiting"] == 0 and stats["memory_used"] == 0, stats
         assert stats["cancelled"] == 2, stats

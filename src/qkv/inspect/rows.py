@@ -98,11 +98,14 @@ def _merge(w: Tensor, u: Units, row_units: Sequence[int], group: Tensor, normali
     """Token rows (nh, T, n_tok) -> unit rows (nh, R, m_shown): keys summed per unit, query pieces
     averaged per unit (Clark et al., 2019), hidden units dropped and rows renormalised."""
     nh, T, _ = w.shape
-    if u.level != "token":
+    if u.level != "token" and len(u.labels) != len(u.unit_of):  # some word has several tokens: sum its keys
         index = torch.as_tensor(u.unit_of, dtype=torch.long)
         w = w.new_zeros(nh, T, len(u.labels)).index_add_(2, index, w)  # (nh, T, m_all)
-    counts = torch.as_tensor([len(u.tokens_of[x]) for x in row_units], dtype=w.dtype)  # (R,)
-    out = w.new_zeros(nh, len(row_units), w.shape[2]).index_add_(1, group, w) / counts.view(1, -1, 1)  # (nh, R, m)
+    if T == len(row_units):  # one token per row: nothing to average
+        out = w  # (nh, R, m)
+    else:
+        counts = torch.as_tensor([len(u.tokens_of[x]) for x in row_units], dtype=w.dtype)  # (R,)
+        out = w.new_zeros(nh, len(row_units), w.shape[2]).index_add_(1, group, w) / counts.view(1, -1, 1)
     if u.hide_special and len(u.shown) != len(u.labels):
         out = out.index_select(2, torch.as_tensor(u.shown, dtype=torch.long))  # (nh, R, m_shown)
         if normalised:
@@ -198,7 +201,7 @@ def summaries(result: "ExplainResult", u: Units) -> dict[str, Tensor]:
     for layer in range(L):
         for rows in chunks(m, chunk_rows(result)):
             w = unit_rows(result, layer, rows, u)  # (H, r, m)
-            e = analysis.entropy(w)  # (H, r)
+            e = -torch.special.xlogy(w, w).sum(dim=-1)  # (H, r) entropy in nats, as analysis.entropy
             ent[layer] += e.sum(dim=1)
             gap = (pos.view(1, -1) - torch.as_tensor(rows, dtype=torch.float32).view(-1, 1)).abs()  # (r, m)
             dist[layer] += (w * gap).sum(dim=(1, 2))
@@ -245,8 +248,9 @@ def answer_bytes(n: int, layers: int, heads: int, view: str, rows: int = 1, k: i
     """Estimated bytes of a to_dict answer as JSON for n units, before anything runs (the web
     server's budget and docs/explain.md use it): "full" holds layers x heads x n^2 weights; "rows"
     (compact) holds 3 x layers x n (minimap and focus row), 3 x layers x heads summaries and
-    layers x heads x rows x (2k + 2) numbers of top keys; labels are counted at 16 bytes each."""
-    labels = 16 * n
+    layers x heads x rows x (2k + 2) numbers of top keys; each unit's label, flag and share of the
+    text at 32 bytes, and 4 KB for the fixed fields."""
+    labels = 32 * n + 4096
     if view == "full":
         return labels + BYTES_PER_WEIGHT * (layers * heads * n * n + 2 * layers * n + layers * heads)
     if view != "rows":

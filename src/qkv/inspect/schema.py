@@ -72,7 +72,7 @@ class Rows(_Part):
 
 
 class Summary(_Part):
-    entropy: Matrix = Field(description="(layers, heads): mean row entropy in nats")
+    entropy: Matrix = Field(description="(layers, heads): mean row entropy in nats (raw weights of every head)")
     distance: Matrix = Field(description="(layers, heads): mean over rows of sum_j w_ij |i - j|, in labels")
     sink: Matrix = Field(description="(layers, heads): mean weight on the first label")
 
@@ -206,7 +206,9 @@ class ExplainData(_Part):
             raise ValueError(f"data['rows']['top'] must be (layers, {heads} heads, {count} rows)")
         if any(not 0 <= i < n for i in self.rows.index):
             raise ValueError(f"data['rows']['index'] must hold label indices in 0..{n - 1}")
-        parts: list[tuple[str, BaseModel | None, int]] = [("summary", self.summary, heads),
+        # the summaries are of the raw weights of every recorded head, even when the view shows rollout's one
+        recorded = len(self.summary.entropy[0]) if self.summary is not None and self.summary.entropy else heads
+        parts: list[tuple[str, BaseModel | None, int]] = [("summary", self.summary, recorded),
                                                           ("minimap", self.minimap, n)]
         for name, part, width in parts:
             if part is None:

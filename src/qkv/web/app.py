@@ -44,7 +44,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..inspect.schema import LEVELS, METHODS, ExplainData
+from ..inspect.schema import LEVELS, METHODS
 from .schema import (
     DEFAULT_MAX_CHARS,
     DEFAULT_MODEL,

@@ -69,7 +69,7 @@ class Limits:
 
 # The `qkv serve` flag that raises each limit (named in a 413 too_costly).
 FLAGS = {"max_cost": "--max-cost", "max_answer": "--max-answer-mb", "max_memory": "--max-memory-mb",
-         "max_sessions": "--max-session-mb", "max_chars": "--max-chars"}
+         "max_sessions": "--max-session-mb", "max_chars": "--max-chars", "max_pick": "--max-pick"}
 
 
 # --------------------------------------------------------------------------- requests
@@ -354,8 +354,9 @@ ERRORS = {
     422: "a field is missing (missing_field), unknown (unknown_field), of the wrong type (wrong_type), or has a "
          "value not offered (bad_value); an empty text (empty_text); a text that is not valid Unicode, e.g. a "
          "lone surrogate \\ud800 (bad_text); a word not in the text (unknown_word); a layer or head the model "
-         "lacks (unknown_layer, unknown_head); a row the text lacks (unknown_row); a text the model cannot take, e.g. more tokens than it has "
-         "positions (cannot_explain); the step-through asked of an encoder-decoder model (not_supported)",
+         "lacks (unknown_layer, unknown_head); a row the text lacks (unknown_row); a text the model cannot take, "
+         "e.g. more tokens than it has positions (cannot_explain); the step-through asked of an encoder-decoder "
+         "model (not_supported)",
     500: "an unexpected error (internal) or a model that could not be loaded (model_unavailable); no details "
          "are sent",
     503: "the queue is full (busy); try again (see Retry-After)",

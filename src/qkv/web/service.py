@@ -680,13 +680,15 @@ class Service:
 
     def weights(self, req) -> Callable[[], Plan]:
         """`req`: a WeightsRequest: full rows of a session's recorded result."""
+        from .schema import FLAGS
+
         for name in ("rows", "layers", "heads"):
             picked = getattr(req, name)
             if picked is not None and len(picked) > self.limits.max_pick:
                 raise ApiError(413, "too_costly", f"{name!r} names {len(picked)} {name}; this server sends at most "
                                                   f"{self.limits.max_pick} per request (ask again for the rest)",
                                {"name": "max_pick", "estimate": len(picked), "limit": self.limits.max_pick,
-                                "flag": "--max-pick"})
+                                "flag": FLAGS["max_pick"]})
             if picked is not None and not picked:
                 raise ApiError(422, "bad_value", f"{name!r} is empty; give at least one index, or leave it out")
 
