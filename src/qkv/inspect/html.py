@@ -88,6 +88,8 @@ def _escape_json_for_script(text: str) -> str:
 def _payload(data: Mapping[str, Any]) -> str:
     rest = {k: v for k, v in data.items() if k != "maps"}
     rest_json = json.dumps(rest, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_default)
+    if data.get("maps") is None:  # the compact view of a long input (view "rows"): no maps
+        return _escape_json_for_script(rest_json)
     body = '{"maps":' + _maps_json(data["maps"]) + ("," + rest_json[1:] if rest_json != "{}" else "}")
     return _escape_json_for_script(body)
 
@@ -106,7 +108,10 @@ def render_html(data: Mapping[str, Any]) -> str:
 
     Args:
         data: the JSON-ready dict of an explain result (`to_dict()`), format "qkv.explain/1":
-            labels (n), maps[layer][head][query][key] (n x n each), head_names, focus, ...
+            labels (n), maps[layer][head][query][key] (n x n each), head_names, focus, ...; or
+            the compact view of a long input (view "rows": no maps; summary (layers, heads),
+            minimap (layers, n), rows.top[layer][head][row]), drawn as a layers x heads table of
+            summaries, a strip per layer over the whole sequence and the shipped rows' top keys.
 
     Returns:
         The document as a str (UTF-8 when written). It makes no network request.

@@ -109,6 +109,7 @@
 
   function mount(root, data, options) {
     options = options || {};
+    if (data.view === "rows" || !data.maps) return mountRows(root, data, options);
     var P = options.prefix || "";
     while (root.firstChild) root.removeChild(root.firstChild);
     skeleton(root, P);
@@ -597,7 +598,545 @@
     };
   }
 
-  global.QKV = { mount: mount, heat: heat, el: el };
+  // ================================================================ the compact view
+  // A long input's "qkv.explain/1" dict with view "rows" (docs/explain.md, "Long inputs") has no
+  // maps: per layer/head summaries, a minimap of the whole sequence (layers x n), the focus row
+  // per layer, and the top keys of a few shipped rows. The page draws those; it never makes one
+  // DOM node per label (a 4k-token text has 4k labels): the sequence is drawn on canvases, and
+  // only the top keys and a few words around the chosen row are text. With options.fetchRows
+  // (the web page), any other row is fetched when it is chosen:
+  //   options.fetchRows({layers: [l, ...], head: h, rows: [r]}) -> Promise of a "qkv.weights/1"
+  //   dict, weights (layers, 1, 1, n).
+
+  // The k largest weights of a full row, largest first, and the exact total and count of the
+  // others above 0 (as the core's rows.top_keys).
+  function topKeys(row, k) {
+    var best = [], total = 0, live = 0, i;
+    for (i = 0; i < row.length; i++) {
+      var w = row[i];
+      total += w;
+      if (!(w > 0)) continue;
+      live++;
+      if (best.length < k || w > row[best[best.length - 1]]) {
+        var p = best.length;
+        while (p > 0 && row[best[p - 1]] < w) p--;
+        best.splice(p, 0, i);
+        if (best.length > k) best.pop();
+      }
+    }
+    var kept = 0;
+    best.forEach(function (j) { kept += row[j]; });
+    return { keys: best, weights: best.map(function (j) { return row[j]; }), rest: Math.max(0, total - kept),
+             left_out: live - best.length };
+  }
+
+  // Draw `values` (n numbers) on a strip canvas as wide as its box: one pixel column holds the
+  // largest value of its units (a lone peak among 8k keys stays visible); colour ~ sqrt(v / max).
+  function drawStrip(cv, values, marks) {
+    var dpr = window.devicePixelRatio || 1;
+    var cssW = Math.max(50, cv.clientWidth || (cv.parentElement && cv.parentElement.clientWidth) || 600);
+    var cssH = cv.clientHeight || 14;
+    var w = Math.max(1, Math.round(cssW * dpr)), h = Math.max(1, Math.round(cssH * dpr));
+    cv.width = w; cv.height = h;
+    var ctx = cv.getContext("2d"), n = values.length, img = ctx.createImageData(w, h), px = img.data;
+    var max = 0, i, x;
+    for (i = 0; i < n; i++) if (values[i] > max) max = values[i];
+    var col = new Float32Array(w);
+    for (i = 0; i < n; i++) {
+      var x0 = Math.floor(i * w / n), x1 = Math.max(x0 + 1, Math.floor((i + 1) * w / n));
+      for (x = x0; x < x1 && x < w; x++) if (values[i] > col[x]) col[x] = values[i];
+    }
+    for (x = 0; x < w; x++) {
+      var rgb = heat(max > 0 ? Math.sqrt(col[x] / max) : 0);
+      for (var y = 0; y < h; y++) {
+        var p = 4 * (y * w + x);
+        px[p] = rgb[0]; px[p + 1] = rgb[1]; px[p + 2] = rgb[2]; px[p + 3] = 255;
+      }
+    }
+    ctx.putImageData(img, 0, 0);
+    (marks || []).forEach(function (m) {
+      if (m.index < 0 || m.index >= n) return;
+      ctx.fillStyle = m.color;
+      var mx = Math.floor((m.index + 0.5) * w / n);
+      ctx.fillRect(Math.max(0, mx - dpr), 0, Math.max(2, 2 * dpr), h);
+    });
+  }
+  // The unit under a click or the mouse on a strip of n units.
+  function stripIndex(cv, ev, n) {
+    var box = cv.getBoundingClientRect();
+    var x = (ev.clientX - box.left) / Math.max(1, box.width);
+    return Math.max(0, Math.min(n - 1, Math.floor(x * n)));
+  }
+
+  function mountRows(root, data, options) {
+    var P = options.prefix || "";
+    while (root.firstChild) root.removeChild(root.firstChild);
+    function part(tag, name, cls, text) {
+      var e = el(tag, (name + (cls ? " " + cls : "")), text);
+      e.id = P + name;
+      return e;
+    }
+    var labels = data.labels, n = labels.length;
+    var special = data.special || labels.map(function () { return false; });
+    var names = data.head_names, H = names.length;
+    var top = data.rows.top, L = top.length, shipped = data.rows.index, K = data.rows.k || 8;
+    var focus = data.focus && typeof data.focus.index === "number" ? data.focus : null;
+    var fetchRows = options.fetchRows || null;
+    var startRow = focus && (fetchRows || shipped.indexOf(focus.index) >= 0) ? focus.index : shipped[0];
+    var state = { layer: L - 1, head: 0, selected: startRow, mode: "row",
+                  metric: "entropy", mapMetric: "received" };
+    var full = {}; // "layer:head:row" -> the whole row (fetched)
+    var seq = 0;
+    var FOCUS_MARK = "rgba(29, 35, 48, 0.9)", ROW_MARK = "rgba(214, 60, 31, 0.95)";
+    function headName(h) { return names[h] === "rollout" ? "rollout" : "head " + names[h]; }
+    function quoted(i) { return "\u201c" + labels[i] + "\u201d"; }
+
+    // -------------------------------------------------------------- header
+    var header = el("header");
+    header.appendChild(el("p", "kicker", "qkv explain \u00b7 long input"));
+    header.appendChild(part("h1", "title-text", "long-title", "\u201c" + data.text + "\u201d"));
+    var meta = part("p", "meta", "meta");
+    [["model", data.model], ["method", data.method], ["level", data.level], ["layers", String(L)],
+     ["heads", String(H === 1 ? names[0] : H)], ["words", String(n)]].forEach(function (kv, idx) {
+      if (idx) meta.appendChild(document.createTextNode(" \u00b7 "));
+      meta.appendChild(document.createTextNode(kv[0] + " "));
+      meta.appendChild(el("b", null, kv[1]));
+    });
+    header.appendChild(meta);
+    var om = data.omitted || {};
+    header.appendChild(part("p", "compact-note", "note",
+      "A long input: this view holds the summaries of every layer and head, the whole sequence as a minimap, and the top " +
+      K + " keys of " + shipped.length + " of " + n + " rows with the exact weight of the keys left out" +
+      (typeof om.weights === "number" ? " (" + om.weights.toLocaleString("en-US") + " weights not shipped)" : "") + ". " +
+      (fetchRows ? "Pick any row on the minimap or by number: the page fetches it from the server."
+                 : "Other rows are not in this file: open the text in qkv serve, or explain with --rows all.")));
+    root.appendChild(header);
+    var main = el("main", "rows-main");
+    root.appendChild(main);
+
+    // -------------------------------------------------------------- summaries: layers x heads
+    var sum = data.summary;
+    var sp = part("section", "summary-panel", "panel");
+    sp.appendChild(el("h2", null, "Layers and heads"));
+    var sumControls = el("div", "controls");
+    var metricLabel = el("label", null, "Colour by");
+    metricLabel.htmlFor = P + "summary-metric";
+    sumControls.appendChild(metricLabel);
+    var metricSel = part("select", "summary-metric");
+    [["entropy", "entropy (nats): low = focused"], ["distance", "distance: how far back it looks"],
+     ["sink", "sink: weight on the first word"]].forEach(function (m) {
+      var o = el("option", null, m[1]);
+      o.value = m[0];
+      metricSel.appendChild(o);
+    });
+    sumControls.appendChild(metricSel);
+    sp.appendChild(sumControls);
+    var sumWrap = el("div", "scroll"), sumTable = part("table", "summary-table", "focus-table summary-table");
+    sumWrap.appendChild(sumTable);
+    sp.appendChild(sumWrap);
+    var sumCells = [];
+    function drawSummary() {
+      while (sumTable.firstChild) sumTable.removeChild(sumTable.firstChild);
+      sumCells = [];
+      if (!sum) {
+        sp.appendChild(el("p", "note", "No summaries: only the focus word's rows were recorded (rows focus)."));
+        metricSel.disabled = true;
+        return;
+      }
+      var m = sum[state.metric], width = m[0].length, hi = 0;
+      m.forEach(function (r) { r.forEach(function (v) { if (v > hi) hi = v; }); });
+      var tr = el("tr");
+      tr.appendChild(el("th", null, ""));
+      for (var h = 0; h < width; h++) tr.appendChild(el("th", null, width === H ? names[h] : String(h)));
+      var thead = el("thead");
+      thead.appendChild(tr);
+      sumTable.appendChild(thead);
+      var tbody = el("tbody");
+      m.forEach(function (row, l) {
+        var r = el("tr"), th = el("th", null, "layer " + l);
+        th.scope = "row";
+        r.appendChild(th);
+        row.forEach(function (v, h) {
+          var td = el("td", "cell", v.toFixed(2)), t = hi > 0 ? v / hi : 0;
+          td.id = P + "cell-" + l + "-" + h;
+          td.dataset.layer = String(l);
+          td.dataset.head = String(h);
+          td.dataset.value = String(v);
+          td.title = "layer " + l + ", head " + h + ": " + state.metric + " " + v.toFixed(3);
+          var rgb = heat(t);
+          td.style.backgroundColor = "rgb(" + rgb.join(",") + ")";
+          td.style.color = t > 0.55 ? "#fff" : "";
+          td.addEventListener("click", function () { setView(l, width === H ? h : state.head); });
+          r.appendChild(td);
+          sumCells.push(td);
+        });
+        tbody.appendChild(r);
+      });
+      sumTable.appendChild(tbody);
+      markSummary();
+    }
+    function markSummary() {
+      sumCells.forEach(function (td) {
+        td.classList.toggle("cur", td.dataset.layer === String(state.layer) && td.dataset.head === String(state.head));
+      });
+    }
+    metricSel.addEventListener("change", function () { state.metric = metricSel.value; drawSummary(); });
+    main.appendChild(sp);
+
+    // -------------------------------------------------------------- minimap: the whole sequence
+    var mm = data.minimap;
+    var mp = part("section", "minimap-panel", "panel");
+    mp.appendChild(el("h2", null, "The whole sequence"));
+    var mmControls = el("div", "controls");
+    var mmLabel = el("label", null, "Show");
+    mmLabel.htmlFor = P + "minimap-metric";
+    mmControls.appendChild(mmLabel);
+    var mmSel = part("select", "minimap-metric");
+    [["received", "weight each word receives (mean of heads and rows)"], ["entropy", "entropy of each word's row"]]
+      .forEach(function (m) { var o = el("option", null, m[1]); o.value = m[0]; mmSel.appendChild(o); });
+    mmControls.appendChild(mmSel);
+    mp.appendChild(mmControls);
+    mp.appendChild(el("p", "note", "One strip per layer, the first word on the left, the last on the right. " +
+      "Click a place to show that word's row below" + (fetchRows ? "" : " (rows of this file only)") +
+      ". Red: the row shown; black: the focus word."));
+    var mmBox = part("div", "minimap", "minimap");
+    var mmStrips = [];
+    var mmStatus = part("p", "minimap-status", "status");
+    mmStatus.setAttribute("aria-live", "polite");
+    if (mm) {
+      for (var ml = 0; ml < L; ml++) {
+        mmBox.appendChild(el("span", "rowhdr", "layer " + ml));
+        var cv = part("canvas", "minimap-" + ml, "strip");
+        cv.dataset.layer = String(ml);
+        cv.setAttribute("role", "img");
+        cv.setAttribute("aria-label", "layer " + ml + ": the whole sequence of " + n + " words");
+        (function (layer, c) {
+          c.addEventListener("click", function (ev) {
+            var i = stripIndex(c, ev, n);
+            state.layer = layer;
+            pick(i);
+          });
+          c.addEventListener("mousemove", function (ev) {
+            var i = stripIndex(c, ev, n);
+            mmStatus.textContent = "layer " + layer + ", word " + i + " " + quoted(i) + ": " +
+              (state.mapMetric === "received" ? "receives " : "row entropy ") + fmt(mm[state.mapMetric][layer][i]);
+          });
+        })(ml, cv);
+        mmBox.appendChild(cv);
+        mmStrips.push(cv);
+      }
+    } else {
+      mmBox.appendChild(el("p", "note", "No minimap: only the focus word's rows were recorded (rows focus)."));
+    }
+    mp.appendChild(mmBox);
+    mp.appendChild(mmStatus);
+    mmSel.addEventListener("change", function () { state.mapMetric = mmSel.value; drawMinimap(); });
+    function marks() {
+      var out = [];
+      if (focus) out.push({ index: focus.index, color: FOCUS_MARK });
+      if (state.selected >= 0) out.push({ index: state.selected, color: ROW_MARK });
+      return out;
+    }
+    function drawMinimap() {
+      if (!mm) return;
+      mmStrips.forEach(function (c, l) { drawStrip(c, mm[state.mapMetric][l], marks()); });
+    }
+    main.appendChild(mp);
+
+    // -------------------------------------------------------------- the focus word, every layer
+    var focusStrips = [], fp = null;
+    if (focus) {
+      fp = part("section", "focus", "panel");
+      fp.appendChild(part("h2", "focus-h", null, "Focus: " + quoted(focus.index) + " (word " + focus.index +
+        "), its row in every layer"));
+      fp.appendChild(el("p", "note", "Each strip is one layer: the focus word's attention row, mean of heads. " +
+        "Click a strip to show that layer's row below."));
+      var fbox = el("div", "minimap");
+      (focus.per_layer || []).forEach(function (row, l) {
+        fbox.appendChild(el("span", "rowhdr", "layer " + l));
+        var c = part("canvas", "focus-strip-" + l, "strip");
+        c.dataset.layer = String(l);
+        c.addEventListener("click", function () { state.layer = l; pick(focus.index); });
+        fbox.appendChild(c);
+        focusStrips.push([c, row]);
+      });
+      fp.appendChild(fbox);
+      fp.appendChild(el("h3", null, "Sharpest heads (lowest entropy of the focus row)"));
+      var ol = part("ol", "sharpest", "sharpest");
+      (focus.sharpest_heads || []).forEach(function (sh) {
+        var li = el("li");
+        var hpos = names.indexOf(String(sh.head));
+        var b = el("button", null, "layer " + sh.layer + ", head " + sh.head);
+        b.type = "button";
+        b.addEventListener("click", function () {
+          if (sh.layer >= 0 && sh.layer < L) { state.mode = "row"; setView(sh.layer, hpos >= 0 ? hpos : state.head); pick(focus.index); }
+        });
+        li.appendChild(b);
+        var tops = (sh.top || []).map(function (t) { return t.label + " " + Number(t.weight).toFixed(2); }).join(", ");
+        li.appendChild(document.createTextNode(" entropy " + Number(sh.entropy).toFixed(2) + " nats: " + tops));
+        ol.appendChild(li);
+      });
+      fp.appendChild(ol);
+    }
+    function drawFocus() {
+      focusStrips.forEach(function (fs) { drawStrip(fs[0], fs[1], [{ index: focus.index, color: FOCUS_MARK }]); });
+    }
+
+    // -------------------------------------------------------------- one row: its top keys
+    var rp = part("section", "row-panel", "panel");
+    rp.appendChild(part("h2", "row-h", null, "One row: where a word looks"));
+    var rc = el("div", "controls");
+    var ll = el("label", null, "Layer");
+    ll.htmlFor = P + "layer-select";
+    rc.appendChild(ll);
+    var layerSelect = part("select", "layer-select");
+    for (var l0 = 0; l0 < L; l0++) {
+      var lo = el("option", null, "layer " + l0);
+      lo.value = String(l0);
+      layerSelect.appendChild(lo);
+    }
+    rc.appendChild(layerSelect);
+    rc.appendChild(part("span", "head-picker-label", "label", "Head"));
+    var picker = part("div", "head-picker");
+    picker.setAttribute("role", "group");
+    picker.setAttribute("aria-labelledby", P + "head-picker-label");
+    var headButtons = names.map(function (nm, h) {
+      var b = el("button", "head-btn", nm);
+      b.type = "button";
+      b.id = P + "head-" + h;
+      b.dataset.head = String(h);
+      b.addEventListener("click", function () { setView(state.layer, h); });
+      picker.appendChild(b);
+      return b;
+    });
+    rc.appendChild(picker);
+    rp.appendChild(rc);
+    var rc2 = el("div", "controls");
+    var rl = el("label", null, "Row (word number)");
+    rl.htmlFor = P + "row-input";
+    rc2.appendChild(rl);
+    var rowInput = part("input", "row-input", "row-input");
+    rowInput.type = "number";
+    rowInput.min = "0";
+    rowInput.max = String(n - 1);
+    rc2.appendChild(rowInput);
+    var rowGo = part("button", "row-go", "head-btn", "Show");
+    rowGo.type = "button";
+    rc2.appendChild(rowGo);
+    var prev = part("button", "row-prev", "head-btn", "\u2190 previous");
+    prev.type = "button";
+    var next = part("button", "row-next", "head-btn", "next \u2192");
+    next.type = "button";
+    rc2.appendChild(prev);
+    rc2.appendChild(next);
+    var rowSelect = part("select", "row-select");
+    rowSelect.setAttribute("aria-label", "rows in this view");
+    var o0 = el("option", null, "rows in this view\u2026");
+    o0.value = "";
+    rowSelect.appendChild(o0);
+    shipped.forEach(function (i) {
+      var o = el("option", null, "word " + i + " " + quoted(i) + (focus && i === focus.index ? " (focus)" : ""));
+      o.value = String(i);
+      rowSelect.appendChild(o);
+    });
+    rc2.appendChild(rowSelect);
+    var modeLabel = el("label", "check");
+    var modeBox = part("input", "mode-focus");
+    modeBox.type = "checkbox";
+    modeBox.disabled = !focus;
+    modeLabel.appendChild(modeBox);
+    modeLabel.appendChild(document.createTextNode(" focus rows: the focus word in every layer"));
+    rc2.appendChild(modeLabel);
+    rp.appendChild(rc2);
+    var rowStatus = part("p", "row-status", "status");
+    rowStatus.setAttribute("aria-live", "polite");
+    rp.appendChild(rowStatus);
+    var rowView = part("div", "row-view", "row-view");
+    rp.appendChild(rowView);
+    main.appendChild(rp);
+    if (fp) main.appendChild(fp); // below the row: the minimap and the row it picks stay together
+
+    rowGo.addEventListener("click", function () { goTo(rowInput.value); });
+    rowInput.addEventListener("keydown", function (ev) { if (ev.key === "Enter") { ev.preventDefault(); goTo(rowInput.value); } });
+    rowSelect.addEventListener("change", function () { if (rowSelect.value !== "") { state.mode = "row"; pick(parseInt(rowSelect.value, 10)); } });
+    prev.addEventListener("click", function () { if (state.selected > 0) pick(state.selected - 1); });
+    next.addEventListener("click", function () { if (state.selected < n - 1) pick(state.selected + 1); });
+    modeBox.addEventListener("change", function () {
+      state.mode = modeBox.checked ? "focus" : "row";
+      if (state.mode === "focus") pick(focus.index); else renderRows();
+    });
+    layerSelect.addEventListener("change", function () { setView(parseInt(layerSelect.value, 10), state.head); });
+    function goTo(value) {
+      var i = Number(value);
+      if (String(value).trim() === "" || !isFinite(i) || Math.floor(i) !== i || i < 0 || i >= n) {
+        rowStatus.textContent = "A row is a word number from 0 to " + (n - 1) + ".";
+        return;
+      }
+      state.mode = "row";
+      pick(i);
+    }
+
+    // What is known of one row now: fetched whole, or its top keys from the file, or nothing.
+    function known(layer, head, row) {
+      var f = full[layer + ":" + head + ":" + row];
+      if (f) { var t = topKeys(f, K); t.full = f; t.source = "fetched"; return t; }
+      var at = shipped.indexOf(row);
+      if (at >= 0) {
+        var s = top[layer][head][at];
+        return { keys: s.keys, weights: s.weights, rest: s.rest, left_out: s.left_out, full: null, source: "shipped" };
+      }
+      return null;
+    }
+    function rowLayers() {
+      if (state.mode !== "focus") return [state.layer];
+      var all = [];
+      for (var l = 0; l < L; l++) all.push(l);
+      return all;
+    }
+    function renderRows() { strips = []; renderRowsNow(); drawRowStrips(); }
+    function renderRowsNow() {
+      var row = state.selected, layers = rowLayers();
+      modeBox.checked = state.mode === "focus";
+      rowInput.value = row >= 0 ? String(row) : "";
+      rowSelect.value = shipped.indexOf(row) >= 0 ? String(row) : "";
+      while (rowView.firstChild) rowView.removeChild(rowView.firstChild);
+      rowView.dataset.row = String(row);
+      rowView.dataset.head = String(state.head);
+      rowView.dataset.layer = String(state.layer);
+      rowView.dataset.mode = state.mode;
+      if (row < 0) { rowView.dataset.state = "ready"; return; }
+      var ctx = el("p", "row-context");
+      ctx.id = P + "row-context";
+      var a = Math.max(0, row - 8), b = Math.min(n, row + 9);
+      if (a > 0) ctx.appendChild(document.createTextNode("\u2026 "));
+      for (var i = a; i < b; i++) {
+        ctx.appendChild(el(i === row ? "b" : "span", special[i] ? "special" : null, labels[i]));
+        ctx.appendChild(document.createTextNode(" "));
+      }
+      if (b < n) ctx.appendChild(document.createTextNode("\u2026"));
+      rowView.appendChild(ctx);
+      var missing = [];
+      layers.forEach(function (l) {
+        var k = known(l, state.head, row);
+        if (!k || !k.full) missing.push(l);
+        rowView.appendChild(rowBlock(l, state.head, row, k));
+      });
+      var what = "word " + row + " " + quoted(row) + ", " + headName(state.head) +
+        (state.mode === "focus" ? ", every layer" : ", layer " + state.layer);
+      if (fetchRows && missing.length) {
+        rowView.dataset.state = "loading";
+        rowStatus.textContent = what + ": fetching\u2026";
+        var my = ++seq, head = state.head;
+        fetchRows({ layers: missing, head: head, rows: [row] }).then(function (w) {
+          missing.forEach(function (l, i) { full[l + ":" + head + ":" + row] = w.weights[i][0][0]; });
+          if (my === seq) renderRows();
+        }, function (err) {
+          if (my !== seq) return;
+          rowView.dataset.state = "error";
+          rowStatus.textContent = what + ": " + (err && err.message ? err.message : "the server did not answer");
+        });
+        return;
+      }
+      rowView.dataset.state = "ready";
+      var k0 = known(state.layer, state.head, row);
+      rowStatus.textContent = what + (k0 ? ": attends most to " + k0.keys.slice(0, 3).map(function (j, x) {
+        return quoted(j) + " " + fmt(k0.weights[x]);
+      }).join(", ") + "." : ": this row is not in this file (it holds " + shipped.map(function (i) {
+        return "word " + i;
+      }).join(", ") + ").");
+    }
+    function rowBlock(layer, head, row, k) {
+      var blk = el("div", "row-block");
+      blk.dataset.layer = String(layer);
+      blk.dataset.head = String(head);
+      blk.dataset.row = String(row);
+      blk.dataset.source = k ? k.source : "none";
+      blk.appendChild(el("h3", null, "layer " + layer + ", " + headName(head) + ": word " + row + " " + quoted(row)));
+      if (!k) {
+        blk.appendChild(el("p", "note", fetchRows ? "Fetching\u2026" :
+          "Not in this file: it ships the top keys of " + shipped.length + " row(s); explain this word as the focus, or open the text in qkv serve."));
+        return blk;
+      }
+      var cv = el("canvas", "strip row-strip");
+      cv.setAttribute("role", "img");
+      cv.setAttribute("aria-label", "the row over the whole sequence");
+      blk.appendChild(cv);
+      var values = k.full;
+      if (!values) { values = new Array(n).fill(0); k.keys.forEach(function (j, x) { values[j] = k.weights[x]; }); }
+      var sum0 = 0;
+      values.forEach(function (v) { sum0 += v; });
+      if (k.full) blk.dataset.sum = String(sum0);
+      strips.push([cv, values, row]);
+      cv.addEventListener("click", function (ev) { pick(stripIndex(cv, ev, n)); });
+      var ol = el("ol", "row-top");
+      k.keys.forEach(function (j, x) {
+        var li = el("li", "chip" + (special[j] ? " special" : ""));
+        li.dataset.index = String(j);
+        li.dataset.weight = String(k.weights[x]);
+        li.title = labels[row] + " \u2192 " + labels[j] + " (word " + j + ") " + fmt(k.weights[x]);
+        li.appendChild(el("span", "t", labels[j]));
+        li.appendChild(el("span", "pos", "#" + j));
+        li.appendChild(el("span", "w", fmt(k.weights[x])));
+        var rgb = heat(Math.sqrt(Math.min(1, k.weights[x])) * 0.55);
+        li.style.backgroundColor = "rgb(" + rgb.join(",") + ")";
+        ol.appendChild(li);
+      });
+      blk.appendChild(ol);
+      blk.dataset.rest = String(k.rest);
+      blk.dataset.leftOut = String(k.left_out);
+      blk.appendChild(el("p", "note row-rest", "the other keys: " + k.left_out.toLocaleString("en-US") +
+        " with weight above 0, " + fmt(k.rest) + " in all" + (k.full ? "" : " (exact, from the file)")));
+      return blk;
+    }
+    var strips = [];
+    function drawRowStrips() {
+      strips = strips.filter(function (s) { return s[0].isConnected; });
+      strips.forEach(function (s) { drawStrip(s[0], s[1], [{ index: s[2], color: ROW_MARK }]); });
+    }
+
+    // -------------------------------------------------------------- view state
+    function changed() {
+      if (options.onChange) options.onChange({ layer: state.layer, head: state.head, selected: state.selected, mode: state.mode });
+    }
+    function refresh() {
+      layerSelect.value = String(state.layer);
+      headButtons.forEach(function (b) { b.setAttribute("aria-pressed", b.dataset.head === String(state.head) ? "true" : "false"); });
+      markSummary();
+      renderRows();
+      drawMinimap();
+    }
+    function setView(layer, head) {
+      state.layer = Math.max(0, Math.min(L - 1, layer));
+      state.head = typeof head === "number" && head >= 0 && head < H ? head : 0;
+      refresh();
+      changed();
+    }
+    function pick(i) {
+      state.selected = i;
+      if (state.mode === "focus" && (!focus || i !== focus.index)) state.mode = "row";
+      refresh();
+      changed();
+    }
+    drawSummary();
+    refresh();
+    drawFocus();
+    var onResize = function () { drawMinimap(); drawFocus(); drawRowStrips(); };
+    window.addEventListener("resize", onResize);
+    window.requestAnimationFrame(function () {
+      onResize();
+      root.dataset.thumbs = "ready";
+      if (options.onReady) options.onReady();
+    });
+    root.dataset.ready = "true";
+    root.dataset.view = "rows";
+    return {
+      state: state, setView: setView, select: pick, labels: labels, heads: H, layers: L, compact: true,
+      setMode: function (mode) { if (mode === "focus" && focus) { state.mode = "focus"; pick(focus.index); } else { state.mode = "row"; refresh(); } },
+      destroy: function () { window.removeEventListener("resize", onResize); }
+    };
+  }
+
+  global.QKV = { mount: mount, heat: heat, el: el, topKeys: topKeys };
 
   // The offline file: its data block is mounted at once.
   var block = document.getElementById("qkv-data");

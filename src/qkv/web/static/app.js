@@ -1,5 +1,7 @@
 /* The explorer page of `qkv serve`: a form, the API (same origin only), and the shared views
  * of explain.js (QKV.mount), plus the step-through of one word in one head.
+ * A long text comes back as the compact view (view "rows", with a "session"): the view then
+ * fetches each row it shows from POST /api/weights (fetcher below), one layer/head/row at a time.
  * User text reaches the page only through textContent and title, never as markup. */
 (function () {
   "use strict";
@@ -69,13 +71,15 @@
       current.view = QKV.mount(viewA, a, {
         prefix: "",
         onChange: onViewChange,
-        onReady: function () { viewA.dataset.drawn = "true"; }
+        onReady: function () { viewA.dataset.drawn = "true"; },
+        fetchRows: fetcher(r.req, a)
       });
+      if (current.view.compact) $("steps").hidden = true;
       if (before) restore(current.view, before, a);
       if (r.other !== null) {
         viewB.hidden = false;
         views.classList.add("compare");
-        QKV.mount(viewB, res.b, { prefix: "b-" });
+        QKV.mount(viewB, res.b, { prefix: "b-", fetchRows: fetcher(r.req, res.b) });
         showCompare(res, a);
       } else {
         viewB.hidden = true;
@@ -92,7 +96,24 @@
     }).then(function () { if (seq === runSeq) setBusy(false); });
   }
 
+  // Rows of a compact view, fetched from the session its explain answer named (evicted: 410,
+  // shown by the view as the server's message, "explain the text again").
+  function fetcher(req, data) {
+    if (data.view !== "rows" || !data.session) return null;
+    return function (q) {
+      var body = { session: data.session, layers: q.layers, rows: q.rows, method: req.method, level: req.level,
+                   hide_special: req.hide_special };
+      if (req.method !== "rollout") body.heads = [parseInt(data.head_names[q.head], 10)];
+      return api("/api/weights", body);
+    };
+  }
+
   function restore(view, st, data) {
+    if (view.compact || !data.maps) {
+      view.setView(Math.min(st.layer, view.layers - 1), typeof st.head === "number" && st.head < view.heads ? st.head : 0);
+      if (st.selected >= 0 && st.selected < data.labels.length) view.select(st.selected);
+      return;
+    }
     var layer = st.layer < data.maps.length ? st.layer : data.maps.length - 1;
     var H = data.maps[0].length;
     var head = (st.head === "mean" && H > 1) || (typeof st.head === "number" && st.head < H) ? st.head : (H > 1 ? "mean" : 0);
@@ -148,7 +169,7 @@
   }
 
   function onViewChange(st) {
-    if (!current || !current.view) return;
+    if (!current || !current.view || current.view.compact) return; // no step-through of a long text
     if (st.selected < 0) return;
     var layer = st.layer;
     var head = typeof st.head === "number" && current.data.method !== "rollout" ? st.head
