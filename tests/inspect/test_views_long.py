@@ -261,8 +261,6 @@ def test_cli_rows_focus_writes_json_and_png(folder, tmp_path, capsys, monkeypatc
     assert max(png_size(out_png.read_bytes())) <= MAX_PIXELS
 
 
-@pytest.mark.xfail(raises=KeyError, strict=False,
-                   reason="the page of a compact result is html.py's (issue 19's page work); passes once it lands")
 def test_cli_rows_focus_writes_html(folder, tmp_path, capsys):
     out_html = tmp_path / "a.html"
     argv = ["explain", long_text(4000), "--model", str(folder), "--focus", "queries", "--rows", "focus",

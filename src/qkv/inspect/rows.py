@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -28,8 +28,9 @@ from torch import Tensor
 from . import analysis
 from .capture import check_stop
 
-if TYPE_CHECKING:
-    from .explain import ExplainResult
+# An `ExplainResult` (qkv.inspect.explain, which imports this module: not imported back, to keep
+# the import graph free of cycles).
+ExplainResult = Any
 
 FULL_CELLS = 1 << 22  # rows="auto": full maps while layers x heads x n^2 <= this (about 30 MB of JSON)
 TOP_K = 8  # keys kept per shipped row in the compact view
@@ -61,7 +62,7 @@ class Units:
         return [self.labels[u] for u in self.shown]
 
 
-def units(result: "ExplainResult", level: str, hide_special: bool) -> Units:
+def units(result: ExplainResult, level: str, hide_special: bool) -> Units:
     labels, special, unit_of = result.units(level)
     shown = [u for u, s in enumerate(special) if not (hide_special and s)]
     tokens_of: list[list[int]] = [[] for _ in labels]
@@ -76,13 +77,13 @@ def chunks(count: int, size: int) -> Iterator[list[int]]:
         yield list(range(start, min(count, start + size)))
 
 
-def chunk_rows(result: "ExplainResult") -> int:
+def chunk_rows(result: ExplainResult) -> int:
     """Query units per chunk: CHUNK_ELEMENTS weights of every head over every key."""
     heads = max(1, result.num_heads)
     return max(1, CHUNK_ELEMENTS // (heads * max(1, len(result.tokens))))
 
 
-def _positions(result: "ExplainResult", tokens: Sequence[int]) -> list[int]:
+def _positions(result: ExplainResult, tokens: Sequence[int]) -> list[int]:
     """Where each token's row sits in the records (all rows recorded: the token itself)."""
     if result.rows is None:
         return list(tokens)
@@ -122,7 +123,7 @@ def _tokens_of_rows(u: Units, shown_rows: Sequence[int]) -> tuple[list[int], lis
     return row_units, tokens, group
 
 
-def unit_rows(result: "ExplainResult", layer: int, shown_rows: Sequence[int], u: Units, method: str = "raw",
+def unit_rows(result: ExplainResult, layer: int, shown_rows: Sequence[int], u: Units, method: str = "raw",
               heads: Optional[Sequence[int]] = None) -> Tensor:
     """(nh, R, m) float32 rows of one recorded layer at `u`'s level: shown_rows are indices into the
     shown units, heads indices into the layer's recorded heads (None = all). method raw or
@@ -139,7 +140,7 @@ def unit_rows(result: "ExplainResult", layer: int, shown_rows: Sequence[int], u:
     return _merge(w, u, row_units, group, normalised=method != "value-norm")
 
 
-def _times_residual(result: "ExplainResult", v: Tensor, layer: int) -> Tensor:
+def _times_residual(result: ExplainResult, v: Tensor, layer: int) -> Tensor:
     """v (T, n) float64 times layer's A~ = (0.5 A + 0.5 I) / row sums, A the head mean; chunked."""
     out = torch.zeros_like(v)
     n = v.shape[1]
@@ -153,7 +154,7 @@ def _times_residual(result: "ExplainResult", v: Tensor, layer: int) -> Tensor:
     return out
 
 
-def rollout_rows(result: "ExplainResult", shown_rows: Sequence[int], u: Units) -> Tensor:
+def rollout_rows(result: ExplainResult, shown_rows: Sequence[int], u: Units) -> Tensor:
     """(L, 1, R, m) attention rollout (Abnar & Zuidema, 2020) of the shown rows, every layer, without
     any n x n product: R_l[i] = e_i^T A~_l ... A~_1 (the rollout of `analysis.rollout`)."""
     if result.rows is not None:
@@ -170,7 +171,7 @@ def rollout_rows(result: "ExplainResult", shown_rows: Sequence[int], u: Units) -
     return torch.stack(out)  # (L, 1, R, m)
 
 
-def row_maps(result: "ExplainResult", shown_rows: Sequence[int], method: str, u: Units,
+def row_maps(result: ExplainResult, shown_rows: Sequence[int], method: str, u: Units,
              layers: Optional[Sequence[int]] = None, heads: Optional[Sequence[int]] = None) -> Tensor:
     """(nl, nh, R, m) rows of the selected layers (None = all) and heads (positions among the
     recorded heads; None = all). Rollout has one head, and its layers are all computed."""
@@ -180,13 +181,13 @@ def row_maps(result: "ExplainResult", shown_rows: Sequence[int], method: str, u:
     return torch.stack([unit_rows(result, layer, shown_rows, u, method, heads) for layer in layers])
 
 
-def full_layer(result: "ExplainResult", layer: int, method: str, u: Units) -> Tensor:
+def full_layer(result: ExplainResult, layer: int, method: str, u: Units) -> Tensor:
     """(H, m, m) the full map of one layer, built chunk of rows by chunk (raw or value-norm)."""
     parts = [unit_rows(result, layer, rows, u, method) for rows in chunks(u.n, chunk_rows(result))]
     return torch.cat(parts, dim=1)
 
 
-def summaries(result: "ExplainResult", u: Units) -> dict[str, Tensor]:
+def summaries(result: ExplainResult, u: Units) -> dict[str, Tensor]:
     """Raw-weight summaries over every shown row, one chunk of rows at a time:
     entropy (L, H): mean row entropy in nats; distance (L, H): mean over rows of sum_j w_ij |i - j|
     (in shown units); sink (L, H): mean weight on the first shown unit; received (L, m): mean over
