@@ -694,7 +694,18 @@
     // -------------------------------------------------------------- header
     var header = el("header");
     header.appendChild(el("p", "kicker", "qkv explain \u00b7 long input"));
-    header.appendChild(part("h1", "title-text", "long-title", "\u201c" + data.text + "\u201d"));
+    // A long text would fill screens as a title: its start, and the whole text folded below.
+    var TITLE_CHARS = 160;
+    var shortText = data.text.length > TITLE_CHARS ? data.text.slice(0, TITLE_CHARS).replace(/\s+\S*$/, "") + " \u2026"
+                                                   : data.text;
+    header.appendChild(part("h1", "title-text", "long-title", "\u201c" + shortText + "\u201d"));
+    if (shortText !== data.text) {
+      var fold = el("details", "full-text");
+      fold.appendChild(el("summary", null, "the whole text (" + data.text.length.toLocaleString("en-US") +
+                                           " characters)"));
+      fold.appendChild(el("p", "full-text-body", data.text));
+      header.appendChild(fold);
+    }
     var meta = part("p", "meta", "meta");
     [["model", data.model], ["method", data.method], ["level", data.level], ["layers", String(L)],
      ["heads", String(H === 1 ? names[0] : H)], ["words", String(n)]].forEach(function (kv, idx) {
