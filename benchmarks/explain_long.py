@@ -20,13 +20,14 @@ the clock runs over one call: `qkv.cli.main([...])` (model load, explain, the fi
 table printed to /dev/null) or the POST. Peak memory is that process's ru_maxrss (os.wait4),
 so it includes the imports (the "baseline" printed in the header: a process that only imports).
 A process that runs past --timeout seconds, or whose resident set passes --memory-guard MiB
-(polled every 50 ms), is killed, and its cell says so ("> 180 s", "> 4096 MiB") rather than a
+(polled every 50 ms), is killed, and its cell says so ("> 180 s", "> 6144 MiB") rather than a
 figure.
 
     python benchmarks/explain_long.py                                 # this checkout, 512 2048 8192
     python benchmarks/explain_long.py --before /work/wt-before        # old checkout, then this one, ratios
     python benchmarks/explain_long.py --src OLD --src NEW --json out.json
     python benchmarks/explain_long.py --lengths 512 --kinds web       # quick
+    python benchmarks/explain_long.py --before OLD --reuse old.json   # OLD's rows from an earlier --json run
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ def run_child(kind: str, spec: dict, src: Path, workdir: Path, timeout: float, g
             break
         time.sleep(0.05)
     proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait for it again
-    row = {"kind": kind, "wall_s": time.monotonic() - t0, "peak_mib": usage.ru_maxrss / 1024}
+    row = {"kind": kind, "wall_s": time.monotonic() - t0, "peak_mib": usage.ru_maxrss / 1024, "timeout_s": timeout,
+           "guard_mib": guard_mib}
     lines = out_file.read_text().strip().splitlines()
     if killed:
         row["killed"] = killed
@@ -226,7 +228,8 @@ def size_text(b) -> str:
 
 
 def cells(row: dict, timeout: float, guard: int) -> tuple[str, str, str]:
-    """(size, time, peak memory) as the table prints them."""
+    """(size, time, peak memory) as the table prints them (the row's own timeout and guard when it has them)."""
+    timeout, guard = row.get("timeout_s", timeout), row.get("guard_mib", guard)
     if row.get("killed") == "timeout":
         return "-", f"> {timeout:.0f} s", f"{row['peak_mib']:.0f} MiB so far"
     if row.get("killed") == "memory":
@@ -247,13 +250,17 @@ def table(rows: list[dict], timeout: float, guard: int) -> str:
 
 def ratio(old: dict, new: dict, key: str, bound: float | None) -> str:
     """old / new as 'N.Nx'; '> N.Nx' when old was cut short at `bound` (a lower bound for old)."""
+
+    def x(r: float) -> str:
+        return f"{r:.0f}x" if r >= 100 else f"{r:.1f}x" if r >= 1 else f"{r:.2f}x"
+
     if new.get("killed") or new.get("failed") or old.get("failed"):
         return "-"
     b = new[key]
     if old.get("killed"):
-        return f"> {bound / b:.1f}x" if bound and b else "-"
+        return f"> {x(bound / b)}" if bound and b else "-"
     a = old[key]
-    return f"{a / b:.1f}x" if b else "-"
+    return x(a / b) if b else "-"
 
 
 def ratio_table(old_rows: list[dict], new_rows: list[dict], timeout: float, guard: int) -> str:
@@ -261,8 +268,8 @@ def ratio_table(old_rows: list[dict], new_rows: list[dict], timeout: float, guar
            "|---|---|---|---|---|"]
     for a, b in zip(old_rows, new_rows):
         size = "-" if a.get("killed") else ratio(a, b, "bytes", None)
-        t = ratio(a, b, "seconds", timeout if a.get("killed") == "timeout" else None)
-        mem = ratio(a, b, "peak_mib", guard if a.get("killed") == "memory" else None)
+        t = ratio(a, b, "seconds", a.get("timeout_s", timeout) if a.get("killed") == "timeout" else None)
+        mem = ratio(a, b, "peak_mib", a.get("guard_mib", guard) if a.get("killed") == "memory" else None)
         if a.get("killed") == "timeout":
             mem = "-"  # a timed-out run's peak is only what it had reached
         out.append(f"| {a['kind']} | {a['tokens']} | {size} | {t} | {mem} |")
@@ -304,12 +311,15 @@ def main(argv=None) -> int:
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument("--no-focus", action="store_true", help="explain without a focus word")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds per measurement (default 180)")
-    p.add_argument("--memory-guard", type=int, default=4096, metavar="MIB",
-                   help="kill a measurement whose resident set passes this (default 4096 MiB)")
+    p.add_argument("--memory-guard", type=int, default=6144, metavar="MIB",
+                   help="kill a measurement whose resident set passes this (default 6144 MiB)")
     p.add_argument("--default-limits", action="store_true",
                    help="web: keep create_app's limits other than max_chars/max_body (default: raise every "
                    "max_* limit, so the figures show the work, not a refusal)")
     p.add_argument("--json", metavar="FILE", help="also write every row as JSON")
+    p.add_argument("--reuse", metavar="FILE",
+                   help="take the rows of a source measured before from this --json file instead of measuring "
+                   "it again (same lengths and views; e.g. the old checkout's, which takes minutes)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -332,7 +342,9 @@ def main(argv=None) -> int:
     print(f"model: random LlamaForCausalLM, 4 layers x 4 heads (head dim 16), hidden 64, 8192 positions; "
           f"focus: {'none' if args.no_focus else 'the middle word'}; timeout {args.timeout:.0f} s, "
           f"memory guard {args.memory_guard} MiB per measurement")
-    results = {}
+    results, reused = {}, {}
+    if args.reuse:
+        reused = json.loads(Path(args.reuse).read_text())["results"]
     with tempfile.TemporaryDirectory(prefix="qkv-explain-long-") as tmp:
         tmp = Path(tmp)
         vocab = words(max(args.lengths))
@@ -346,6 +358,15 @@ def main(argv=None) -> int:
         for n in args.lengths:  # the tokens are the words and <s>, as the tables say
             assert len(tok.encode(text_of(n, vocab)[0]).ids) == n, n
         for src in srcs:
+            if str(src) in reused:
+                rows = sorted((r for r in reused[str(src)] if r["tokens"] in args.lengths and r["kind"] in args.kinds),
+                              key=lambda r: (args.lengths.index(r["tokens"]), args.kinds.index(r["kind"])))
+                if len(rows) != len(args.lengths) * len(args.kinds):
+                    raise SystemExit(f"--reuse {args.reuse}: {src} lacks some of these lengths and views")
+                results[str(src)] = rows
+                print(f"\nsource: {src}: rows from {args.reuse}, not measured again")
+                print(table(rows, args.timeout, args.memory_guard))
+                continue
             base = run_child("baseline", {}, src, tmp, args.timeout, args.memory_guard)
             if base.get("failed") or base.get("killed"):
                 raise SystemExit(f"{src}: a process that only imports qkv failed: {base}")
