@@ -214,3 +214,31 @@ def test_long_inputs_are_small_and_exact(long_llama, tmp_path, words):
                                atol=2e-5, rtol=0)
     steps = result.steps(focus, layer=1, head=2)
     torch.testing.assert_close(steps.weights.double(), expected[2], atol=2e-5, rtol=0)
+
+
+def test_the_band_path_equals_the_mask_path(long_llama, monkeypatch):
+    """Runs of rows under a causal band are computed over the keys they see alone (`_band_keys`);
+    every other selection builds the mask. Both must give the same weights, with a left window and
+    with a score function that reads the query and key positions (the sliced call's key indices
+    are shifted back)."""
+    from qkv.inspect.capture import Record
+
+    model = long_llama
+    model.blocks[0].window = (5, 0)
+    model.blocks[1].score_mod = lambda s, b, h, qi, kj: s - 0.03 * (qi - kj).float() + 0.01 * h.float()
+    try:
+        result = qkv.explain(" ".join(["the cat sat on the mat"] * 12), model)
+    finally:
+        model.blocks[0].window = None
+        model.blocks[1].score_mod = None
+    n = len(result.tokens)
+    cases = [(list(range(10, 40)), None), (list(range(n)), [1, 3]), ([3, 9, 30], None), (list(range(0, 7)), [2])]
+    for rec in result.records:
+        for positions, heads in cases:
+            fast = rec.weights(positions, heads)
+            with monkeypatch.context() as m:
+                m.setattr(Record, "_band_keys", lambda self, p: None)
+                slow = rec.weights(positions, heads)
+            torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
+        assert rec._band_keys(list(range(10, 40))) is not None  # the fast path was taken
+    assert result.records[0]._band_keys(list(range(10, 40))) == (5, 40)  # the window's first key: 10 - 5

@@ -116,6 +116,9 @@ class Record:
         if positions is not None:
             q = q[:, :, torch.as_tensor(positions, dtype=torch.long)]  # (B, nh', r, D)
         q = q if q.dtype == torch.float64 else q.float()
+        band = self._band_keys(positions)
+        if band is not None:  # a run of rows under a causal band (or no constraint): only the keys it sees
+            return self._band_weights(q, k, positions, heads, *band)
         mask = self.mask_for(positions)  # (B|1, nh|1, r, Lk)
         if heads is not None and mask.shape[1] != 1:
             mask = mask[:, hpos]
@@ -125,6 +128,47 @@ class Record:
             sel_rows = self.rows if positions is None else self.rows[torch.as_tensor(positions, dtype=torch.long)]
             mod = _remap_score_mod(self.layer_score_mod, sel_heads, sel_rows)
         return attention_weights(q, k.to(q.dtype), mask=mask.to(q.dtype), scale=self.scale, score_mod=mod)
+
+    def _band_keys(self, positions) -> Optional[tuple[int, int]]:
+        """(j0, j1): the keys a run of consecutive rows can see, when the layer's only constraint is
+        the causal band (with or without a left window) or nothing at all; else None (the mask path).
+
+        Under a causal band row i sees keys [i + offset - left, i + offset], so the run [i0, i1) sees
+        [j0, j1) with j1 = i1 + offset, and the band of the sliced call, aligned bottom-right as qkv
+        aligns every band, is the same band."""
+        spec = self.spec
+        if positions is None or spec.has_dense_constraints or spec.right not in (None, 0) or \
+                (spec.right is None and spec.left is not None):
+            return None
+        pos = torch.as_tensor(positions, dtype=torch.long)
+        if pos.numel() == 0:
+            return None
+        rows = self.rows[pos]
+        i0, i1 = int(rows[0]), int(rows[-1]) + 1
+        if rows.numel() != i1 - i0 or not bool((rows == torch.arange(i0, i1)).all()):
+            return None
+        if spec.right is None:  # no band at all
+            return 0, spec.Lk
+        j1 = i1 + spec.offset
+        j0 = 0 if spec.left is None else max(0, i0 + spec.offset - spec.left)
+        if not 0 <= j0 <= j1 <= spec.Lk or j1 - j0 < i1 - i0:
+            return None
+        return j0, j1
+
+    def _band_weights(self, q: Tensor, k: Tensor, positions, heads, j0: int, j1: int) -> Tensor:
+        """weights of the rows at `positions` over keys [j0, j1) alone, placed in (B, nh', r, Lk)."""
+        spec = self.spec
+        mod = None
+        if self.layer_score_mod is not None:
+            sel_heads = self.heads if heads is None else self.heads[torch.as_tensor(heads, dtype=torch.long)]
+            mod = _remap_score_mod(self.layer_score_mod, sel_heads, self.rows[torch.as_tensor(positions)], j0)
+        causal = spec.right == 0
+        window = None if spec.left is None else (spec.left, 0)
+        w = attention_weights(q, k[:, :, j0:j1].to(q.dtype), causal=causal, window=window, scale=self.scale,
+                              score_mod=mod)  # (B, nh', r, j1 - j0)
+        if j0 == 0 and j1 == spec.Lk:
+            return w
+        return torch.nn.functional.pad(w, (j0, spec.Lk - j1))  # (B, nh', r, Lk), zeros outside the band
 
     def scores(self, positions: Union[Tensor, Sequence[int], None] = None) -> Tensor:
         """(B, nh, r, Lk) the scaled scores q.k * scale before the softmax (no mask applied), of the
@@ -318,9 +362,10 @@ def _plain(value) -> bool:
     return isinstance(value, (bool, int, float, str)) and len(repr(value)) <= 40
 
 
-def _remap_score_mod(score_mod, heads: Tensor, rows: Tensor):
-    """The score function seen from the recorded heads and rows: indices map back to the layer's own."""
+def _remap_score_mod(score_mod, heads: Tensor, rows: Tensor, key_start: int = 0):
+    """The score function seen from the recorded heads and rows (and keys from `key_start`): indices
+    map back to the layer's own."""
     def mod(s, b, h, qi, kj):
-        return score_mod(s, b, heads.to(h.device)[h], rows.to(qi.device)[qi], kj)
+        return score_mod(s, b, heads.to(h.device)[h], rows.to(qi.device)[qi], kj + key_start)
 
     return mod
