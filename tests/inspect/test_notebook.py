@@ -122,11 +122,16 @@ def test_a_large_result_gives_a_note_instead_of_megabytes(cat):
     assert notebook.repr_html(cat, max_bytes=estimate // 2, method="rollout").startswith("<iframe")
 
 
-def test_focus_rows_only_result_says_why_it_has_no_page(minilm):
+def test_focus_rows_only_result_shows_its_compact_page(minilm):
+    """rows='focus' records one word's rows: the frame holds the compact page of that word (the
+    data of to_dict(), which ships the recorded word), and the PNG draws it."""
     r = qkv.explain(SENTENCE, minilm, focus="cat", rows="focus", name="minilm")
-    note = r._repr_html_()
-    assert note.startswith('<div class="qkv-note"') and "rows=&#x27;all&#x27;" in note
-    assert r._repr_png_() is None
+    frame = r._repr_html_()
+    assert frame.startswith('<iframe class="qkv-explain"')
+    data = r.to_dict()
+    assert data["view"] == "rows" and data["focus"]["label"] == "cat" and data["rows"]["index"] == [2]
+    assert page_data(srcdoc(frame)) == json.loads(json.dumps(data))
+    assert r._repr_png_()[:8] == PNG_MAGIC
 
 
 def test_repr_png_is_the_png_file(cat, tmp_path):

@@ -157,11 +157,26 @@ def test_a_full_json_of_a_long_input_is_streamed_and_equals_to_dict(minilm, tmp_
     path = tmp_path / "full.json"
     result.save_json(path, focus="fox", hide_special=True)
     streamed = json.loads(path.read_text())
-    direct = result.to_dict(focus="fox", hide_special=True)
-    assert streamed["view"] == "full" and streamed.keys() == direct.keys()
-    torch.testing.assert_close(torch.tensor(streamed["maps"]), torch.tensor(direct["maps"]), atol=1e-5, rtol=0)
-    assert streamed["focus"]["index"] == direct["focus"]["index"]
+    direct = json.loads(json.dumps(result.to_dict(focus="fox", hide_special=True)))
+    assert streamed["view"] == "full"
     check_data(streamed)
+    _assert_same_json(streamed, direct)
+
+
+def _assert_same_json(a, b, where="data"):
+    """Two JSON values equal, numbers within 1e-5 (the streamed maps are built by another path)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_json(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_json(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, abs=1e-5), where
+    else:
+        assert a == b, where
 
 
 def test_stopping_cancels_explain_and_the_chunk_loops(minilm):
@@ -242,3 +257,66 @@ def test_the_band_path_equals_the_mask_path(long_llama, monkeypatch):
             torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
         assert rec._band_keys(list(range(10, 40))) is not None  # the fast path was taken
     assert result.records[0]._band_keys(list(range(10, 40))) == (5, 40)  # the window's first key: 10 - 5
+
+
+def test_a_word_of_many_tokens_is_computed_a_chunk_of_tokens_at_a_time(minilm, monkeypatch):
+    """WordPiece splits a made-up word into many tokens. Rows, summaries, full maps and rollout rows
+    are computed at most `chunk_rows` tokens at a time, the word's pieces averaged as they come,
+    and still equal the plain path's merged maps."""
+    from qkv.inspect import capture
+
+    word = "zqxvbnmwertyuiopasdfghjkl" * 3
+    result = qkv.explain(f"the cat saw {word} on the mat", minilm)
+    tokens_of_word = sum(1 for w in result.word_of_token if w == 3)
+    assert tokens_of_word > 20
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 12 * len(result.tokens) * 4)  # 4 tokens per chunk
+    assert rows.chunk_rows(result) == 4
+    references = {method: _reference_maps(result, method, "word", False) for method in ("raw", "value-norm", "rollout")}
+    seen = []
+    real = capture.Record.weights
+
+    def spy(self, positions=None, heads=None):
+        seen.append(len(self.rows) if positions is None else len(positions))
+        return real(self, positions, heads)
+
+    monkeypatch.setattr(capture.Record, "weights", spy)
+    for method in ("raw", "value-norm"):
+        got = result.weights_dict([4], method=method)
+        torch.testing.assert_close(torch.tensor(got["weights"], dtype=torch.float64),
+                                   references[method][:, :, [4]], atol=2e-5, rtol=0)
+    got = result.weights_dict([4], method="rollout")
+    torch.testing.assert_close(torch.tensor(got["weights"], dtype=torch.float64),
+                               references["rollout"][:, :, [4]], atol=2e-5, rtol=0)
+    s = result.summaries("word")
+    full = references["raw"]
+    torch.testing.assert_close(s["entropy"].double(), analysis.entropy(full).mean(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(result.maps("raw", "word").double(), full, atol=2e-5, rtol=0)
+    assert seen and max(seen) <= 4, f"a chunk of {max(seen)} tokens"
+
+
+def test_a_focus_only_result_ships_its_word_without_the_focus_again(minilm, tmp_path):
+    result = qkv.explain(TEXT, minilm, focus="fox", rows="focus")
+    data = result.to_dict()
+    assert data["view"] == "rows" and data["focus"]["label"] == "fox"
+    assert data["rows"]["index"] == [data["focus"]["index"]]
+    torch.testing.assert_close(torch.tensor(data["focus"]["per_layer"]),
+                               torch.tensor(qkv.explain(TEXT, minilm).to_dict(focus="fox", rows="all")
+                                            ["focus"]["per_layer"]), atol=2e-5, rtol=0)
+    result.save_json(tmp_path / "f.json")
+    result.save_html(tmp_path / "f.html")
+    assert json.loads((tmp_path / "f.json").read_text())["rows"]["index"] == data["rows"]["index"]
+
+
+def test_summaries_of_an_encoder_decoder_are_refused_by_name():
+    result = qkv.explain("The cat sat.", "translate")
+    with pytest.raises(ValueError, match="summaries are for encoder or decoder models"):
+        result.summaries()
+
+
+def test_a_missing_focus_word_lists_a_few_distinct_words(long_llama):
+    text = " ".join(f"w{i % 300}" for i in range(3000))
+    probe = EXPLAIN.prepare(text, long_llama, "llama")[0]
+    with pytest.raises(ValueError) as err:
+        probe.focus_index("nowhere")
+    message = str(err.value)
+    assert len(message) < 800 and "distinct words in all" in message and message.count("'w1'") == 1

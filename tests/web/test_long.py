@@ -204,6 +204,8 @@ def test_a_disconnected_4k_request_is_stopped_by_the_core_and_frees_its_worker(a
 class _Kept:
     def __init__(self, nbytes):
         self.nbytes = nbytes
+        self.roles = None
+        self._cache = {"attentions": object()}  # what a view built: dropped when kept
 
 
 def test_sessions_are_an_lru_bounded_by_bytes():

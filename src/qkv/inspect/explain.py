@@ -276,6 +276,9 @@ class ExplainResult:
     def summaries(self, level: str = "word", hide_special: bool = False) -> dict:
         """Raw-weight summaries over every row, built a chunk of rows at a time (`qkv.inspect.rows`):
         entropy, distance, sink (layers, heads); received, row_entropy (layers, n)."""
+        if self.roles is not None:
+            raise ValueError("summaries are for encoder or decoder models; an encoder-decoder's result gives "
+                             "its full maps (maps(), entropy())")
         key = ("summaries", level, hide_special)
         if key not in self._cache:
             self._cache[key] = _rows.summaries(self, _rows.units(self, level, hide_special))
@@ -359,7 +362,10 @@ class ExplainResult:
                 return self._first_token(focus)
             except ValueError:
                 pass
-        shown = ", ".join(repr(w) for w, s in zip(labels, special) if not s)
+        words = list(dict.fromkeys(w for w, s in zip(labels, special) if not s))  # distinct, in order
+        shown = ", ".join(repr(w) for w in words[:_LISTED])
+        if len(words) > _LISTED:
+            shown += f", ... ({len(words):,} distinct {level}s in all)"
         raise ValueError(f"focus word {focus!r} is not in the text; its {level}s are: {shown}")
 
     def _first_token(self, focus: str) -> int:
@@ -419,7 +425,9 @@ class ExplainResult:
             self._compact_dict(data, method, level, hide_special, focus, rows, top_k)
             return data
         maps = self.maps(method, level, hide_special)
-        data.update(view="full", maps=_round(maps), entropy=_round(self.entropy(level)))
+        # one (layer, head) map at a time: one list of a long input's maps would hold the GIL for seconds
+        data.update(view="full", maps=[[_round(amap) for amap in layer] for layer in maps],
+                    entropy=_round(self.entropy(level)))
         labels = data["labels"]
         if self.cross_layers and not hide_special:
             source, target, cross = self.cross_maps(level)
@@ -464,6 +472,12 @@ class ExplainResult:
             ship = rows
         elif focus_shown is not None:
             ship = [focus_shown]
+        elif self.rows is not None:  # rows='focus' without a focus given again: the recorded word
+            recorded = set(self.rows)
+            ship = [i for i, unit in enumerate(u.shown) if set(u.tokens_of[unit]) <= recorded][:1]
+            if not ship:
+                raise ValueError("no shown word has all its tokens recorded (rows='focus'); pass focus=")
+            focus, focus_shown = u.shown[ship[0]], ship[0]
         else:
             ship = _rows.default_rows(u)
         if self.rows is not None:  # rows='focus': only the focus word's rows can be shipped
@@ -541,7 +555,7 @@ class ExplainResult:
         method = options.get("method", "raw")
         head = self.to_dict(**{**options, "rows": [0]})  # everything but the maps, from the compact view
         data = self._common_dict(method, u.level, u.hide_special, options.get("layer"), options.get("head"))
-        data.update(view="full", entropy=head["entropy"])
+        data.update(view="full", entropy=_round(self.entropy(u.level)))  # as to_dict's full view
         if options.get("focus") is not None:
             focus = head["focus"]
             data["focus"] = focus
@@ -815,6 +829,9 @@ def _norm(word: str) -> str:
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+_LISTED = 40  # words a "not in the text" message lists
 
 
 def _check_rows(values, what: str = "rows") -> list[int]:

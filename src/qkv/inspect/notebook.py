@@ -32,6 +32,7 @@ import re
 from typing import Any, Optional
 
 from .html import render_html
+from .rows import answer_bytes
 
 __all__ = ["repr_html", "repr_png", "view", "View", "MAX_PAGE_BYTES"]
 
@@ -42,7 +43,7 @@ MAX_PAGE_BYTES = 4_000_000
 _BYTES_PER_WEIGHT = 8  # 6 significant digits and a comma, on average
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_TO_DICT = ("method", "level", "hide_special", "focus", "layer", "head")
+_TO_DICT = ("method", "level", "hide_special", "focus", "layer", "head", "rows", "top_k")
 
 
 def repr_html(result, *, max_bytes: Optional[int] = MAX_PAGE_BYTES, **options: Any) -> str:
@@ -54,27 +55,28 @@ def repr_html(result, *, max_bytes: Optional[int] = MAX_PAGE_BYTES, **options: A
             gives a short note naming its size and how to see it instead. None: no limit.
         **options: `result.to_dict` options: method ("raw", "rollout", "value-norm"), level
             ("word", "token"), hide_special, focus (a word or index), layer, head (the
-            layer and head shown first).
+            layer and head shown first), rows, top_k (a long input's compact view, as
+            `to_dict` gives it by default; docs/explain.md, "Long inputs").
 
     Returns:
         An HTML fragment: one `<iframe>` whose `srcdoc` holds the whole page, escaped as an
         attribute value (html.escape with quote=True), or the note (`<div class="qkv-note">`)
-        for a result too large, or one explained with rows="focus" (which has no full maps).
+        for a result too large.
 
     Raises:
         TypeError: `result` is not an ExplainResult, or an unknown option.
         ValueError: a bad option value (an unknown method, a focus word not in the text, ...).
     """
     _check("repr_html", result, options, max_bytes)
-    if result.rows is not None:
-        return _note(
-            f"Only the focus rows were recorded for \u201c{_short(result.text)}\u201d (rows='focus'), so there is "
-            "no page of full maps to show: use result.focus_rows(word), or explain again with rows='all'."
-        )
     level = options.get("level", "word")
-    n = len(result.labels(level, bool(options.get("hide_special", False))))
+    hide = bool(options.get("hide_special", False))
+    n = len(result.labels(level, hide))
     heads = 1 if options.get("method") == "rollout" else result.num_heads
-    estimate = result.num_layers * heads * n * n * _BYTES_PER_WEIGHT
+    compact = result.compact_view(level, hide) if options.get("rows") is None else options.get("rows") != "all"
+    if compact:  # a long input (or rows='focus'): the compact page, linear in the length
+        estimate = answer_bytes(n, result.num_layers, heads, "rows")
+    else:
+        estimate = result.num_layers * heads * n * n * _BYTES_PER_WEIGHT
     if max_bytes is not None and estimate > max_bytes:
         return _note(
             f"The page for \u201c{_short(result.text)}\u201d would be about {_size(estimate)} "
@@ -104,15 +106,13 @@ def repr_png(result, **options: Any) -> Optional[bytes]:
         **options: as in `repr_html` (layer and head also choose the token-by-token map).
 
     Returns:
-        The PNG file's bytes (`qkv explain --png`'s picture), or None without matplotlib, or for
-        a result explained with rows="focus" (its HTML note says why).
+        The PNG file's bytes (`qkv explain --png`'s picture; a long input's compact view), or None
+        without matplotlib.
     """
     _check("repr_png", result, options)
     try:
         import matplotlib  # noqa: F401  (the optional dependency: pip install 'qkv[viz]')
     except ImportError:
-        return None
-    if result.rows is not None:
         return None
     from .png import render_png_bytes
 

@@ -78,9 +78,25 @@ def chunks(count: int, size: int) -> Iterator[list[int]]:
 
 
 def chunk_rows(result: ExplainResult) -> int:
-    """Query units per chunk: CHUNK_ELEMENTS weights of every head over every key."""
+    """Query tokens per chunk: CHUNK_ELEMENTS weights of every head over every key."""
     heads = max(1, result.num_heads)
     return max(1, CHUNK_ELEMENTS // (heads * max(1, len(result.tokens))))
+
+
+def unit_chunks(u: Units, tokens: int) -> Iterator[list[int]]:
+    """The shown units in order, packed into runs of at most `tokens` tokens (a unit of more
+    tokens is a run of its own; `unit_rows` splits its tokens again)."""
+    run: list[int] = []
+    count = 0
+    for i, unit in enumerate(u.shown):
+        size = len(u.tokens_of[unit])
+        if run and count + size > tokens:
+            yield run
+            run, count = [], 0
+        run.append(i)
+        count += size
+    if run:
+        yield run
 
 
 def _positions(result: ExplainResult, tokens: Sequence[int]) -> list[int]:
@@ -95,18 +111,16 @@ def _positions(result: ExplainResult, tokens: Sequence[int]) -> list[int]:
     return [where[t] for t in tokens]
 
 
-def _merge(w: Tensor, u: Units, row_units: Sequence[int], group: Tensor, normalised: bool) -> Tensor:
-    """Token rows (nh, T, n_tok) -> unit rows (nh, R, m_shown): keys summed per unit, query pieces
-    averaged per unit (Clark et al., 2019), hidden units dropped and rows renormalised."""
-    nh, T, _ = w.shape
-    if u.level != "token" and len(u.labels) != len(u.unit_of):  # some word has several tokens: sum its keys
+def _merge_keys(w: Tensor, u: Units) -> Tensor:
+    """Token rows (nh, t, n_tok) -> (nh, t, m_all): the keys of a unit summed (Clark et al., 2019)."""
+    if u.level != "token" and len(u.labels) != len(u.unit_of):  # some word has several tokens
         index = torch.as_tensor(u.unit_of, dtype=torch.long)
-        w = w.new_zeros(nh, T, len(u.labels)).index_add_(2, index, w)  # (nh, T, m_all)
-    if T == len(row_units):  # one token per row: nothing to average
-        out = w  # (nh, R, m)
-    else:
-        counts = torch.as_tensor([len(u.tokens_of[x]) for x in row_units], dtype=w.dtype)  # (R,)
-        out = w.new_zeros(nh, len(row_units), w.shape[2]).index_add_(1, group, w) / counts.view(1, -1, 1)
+        return w.new_zeros(w.shape[0], w.shape[1], len(u.labels)).index_add_(2, index, w)
+    return w
+
+
+def _finish(out: Tensor, u: Units, normalised: bool) -> Tensor:
+    """Unit rows (nh, R, m_all) -> (nh, R, m_shown): hidden units dropped, rows renormalised."""
     if u.hide_special and len(u.shown) != len(u.labels):
         out = out.index_select(2, torch.as_tensor(u.shown, dtype=torch.long))  # (nh, R, m_shown)
         if normalised:
@@ -127,48 +141,71 @@ def unit_rows(result: ExplainResult, layer: int, shown_rows: Sequence[int], u: U
               heads: Optional[Sequence[int]] = None) -> Tensor:
     """(nh, R, m) float32 rows of one recorded layer at `u`'s level: shown_rows are indices into the
     shown units, heads indices into the layer's recorded heads (None = all). method raw or
-    value-norm (rollout: `rollout_rows`)."""
-    check_stop()
+    value-norm (rollout: `rollout_rows`). The rows' tokens are computed `chunk_rows` at a time
+    (a word of thousands of tokens too) and each unit's query pieces averaged as they come."""
     rec = result.records[layer]
     row_units, tokens, group = _tokens_of_rows(u, shown_rows)
-    w = rec.weights(_positions(result, tokens), heads)[0].float()  # (nh, T, n_tok)
+    positions = _positions(result, tokens)
+    fv = None
     if method == "value-norm":
         fv = result._fv_norm(rec)  # (nh_all, n_tok)
         if heads is not None:
             fv = fv[torch.as_tensor(heads, dtype=torch.long)]
-        w = analysis.value_norms(w, fv.float())
-    return _merge(w, u, row_units, group, normalised=method != "value-norm")
+    step = chunk_rows(result)
+    out = None
+    for start in range(0, len(tokens), step):
+        check_stop()
+        w = rec.weights(positions[start:start + step], heads)[0].float()  # (nh, t, n_tok)
+        if fv is not None:
+            w = analysis.value_norms(w, fv.float())
+        w = _merge_keys(w, u)  # (nh, t, m_all)
+        if len(tokens) == len(row_units) and len(tokens) <= step:  # one token per row, one chunk
+            out = w
+            break
+        if out is None:
+            out = w.new_zeros(w.shape[0], len(row_units), w.shape[2])  # (nh, R, m_all)
+        out.index_add_(1, group[start:start + step], w)
+    assert out is not None
+    if len(tokens) != len(row_units):
+        counts = torch.as_tensor([len(u.tokens_of[x]) for x in row_units], dtype=out.dtype)  # (R,)
+        out = out / counts.view(1, -1, 1)  # query pieces averaged
+    return _finish(out, u, normalised=method != "value-norm")
 
 
 def _times_residual(result: ExplainResult, v: Tensor, layer: int) -> Tensor:
-    """v (T, n) float64 times layer's A~ = (0.5 A + 0.5 I) / row sums, A the head mean; chunked."""
+    """v (R, n) float64 times layer's A~ = (0.5 A + 0.5 I) / row sums, A the head mean; chunked."""
     out = torch.zeros_like(v)
     n = v.shape[1]
     for rows in chunks(n, chunk_rows(result)):
         check_stop()
         a = result.records[layer].weights(_positions(result, rows))[0].double().mean(dim=0)  # (c, n)
         d = 0.5 * a.sum(dim=-1) + 0.5  # (c,) the row sums of 0.5 A + 0.5 I
-        scaled = v[:, rows] / d  # (T, c)
-        out += scaled @ (0.5 * a)  # (T, n)
+        scaled = v[:, rows] / d  # (R, c)
+        out += scaled @ (0.5 * a)  # (R, n)
         out[:, rows] += 0.5 * scaled
     return out
 
 
-def rollout_rows(result: ExplainResult, shown_rows: Sequence[int], u: Units) -> Tensor:
-    """(L, 1, R, m) attention rollout (Abnar & Zuidema, 2020) of the shown rows, every layer, without
-    any n x n product: R_l[i] = e_i^T A~_l ... A~_1 (the rollout of `analysis.rollout`)."""
+def rollout_rows(result: ExplainResult, shown_rows: Sequence[int], u: Units,
+                 layers: Optional[Sequence[int]] = None) -> Tensor:
+    """(nl, 1, R, m) attention rollout (Abnar & Zuidema, 2020) of the shown rows at `layers` (None =
+    every layer), without any n x n product: R_l[i] = e_i^T A~_l ... A~_1 (the rollout of
+    `analysis.rollout`). A unit's row starts as the mean of its tokens' indicator rows (the product
+    is linear, so this is the mean of their rollout rows, as a merged map's row is)."""
     if result.rows is not None:
         raise ValueError("rollout needs every row of every layer; explain again with rows='auto' or rows='all'")
     row_units, tokens, group = _tokens_of_rows(u, shown_rows)
     n = len(result.tokens)
+    counts = torch.as_tensor([len(u.tokens_of[x]) for x in row_units], dtype=torch.float64)  # (R,)
+    start = torch.zeros(len(row_units), n, dtype=torch.float64)  # (R, n)
+    start[group, torch.as_tensor(tokens, dtype=torch.long)] = 1.0 / counts[group]
     out = []
-    for layer in range(result.num_layers):
-        v = torch.zeros(len(tokens), n, dtype=torch.float64)  # (T, n)
-        v[torch.arange(len(tokens)), torch.as_tensor(tokens, dtype=torch.long)] = 1.0
+    for layer in range(result.num_layers) if layers is None else layers:
+        v = start
         for j in range(layer, -1, -1):
             v = _times_residual(result, v, j)
-        out.append(_merge(v.float().unsqueeze(0), u, row_units, group, normalised=True))  # (1, R, m)
-    return torch.stack(out)  # (L, 1, R, m)
+        out.append(_finish(_merge_keys(v.float().unsqueeze(0), u), u, normalised=True))  # (1, R, m)
+    return torch.stack(out)  # (nl, 1, R, m)
 
 
 def row_maps(result: ExplainResult, shown_rows: Sequence[int], method: str, u: Units,
@@ -177,13 +214,13 @@ def row_maps(result: ExplainResult, shown_rows: Sequence[int], method: str, u: U
     recorded heads; None = all). Rollout has one head, and its layers are all computed."""
     layers = list(range(result.num_layers)) if layers is None else list(layers)
     if method == "rollout":
-        return rollout_rows(result, shown_rows, u)[torch.as_tensor(layers, dtype=torch.long)]
+        return rollout_rows(result, shown_rows, u, layers)
     return torch.stack([unit_rows(result, layer, shown_rows, u, method, heads) for layer in layers])
 
 
 def full_layer(result: ExplainResult, layer: int, method: str, u: Units) -> Tensor:
     """(H, m, m) the full map of one layer, built chunk of rows by chunk (raw or value-norm)."""
-    parts = [unit_rows(result, layer, rows, u, method) for rows in chunks(u.n, chunk_rows(result))]
+    parts = [unit_rows(result, layer, rows, u, method) for rows in unit_chunks(u, chunk_rows(result))]
     return torch.cat(parts, dim=1)
 
 
@@ -200,7 +237,7 @@ def summaries(result: ExplainResult, u: Units) -> dict[str, Tensor]:
     ent, dist, sink = torch.zeros(L, H), torch.zeros(L, H), torch.zeros(L, H)
     received, row_ent = torch.zeros(L, m), torch.zeros(L, m)
     for layer in range(L):
-        for rows in chunks(m, chunk_rows(result)):
+        for rows in unit_chunks(u, chunk_rows(result)):
             w = unit_rows(result, layer, rows, u)  # (H, r, m)
             h, r = w.shape[0], w.shape[1]
             logs = w.clamp_min(torch.finfo(w.dtype).tiny).log_()  # (H, r, m); 0 log 0 counts as 0

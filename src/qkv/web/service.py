@@ -22,7 +22,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .schema import ApiError
 
@@ -245,20 +245,30 @@ def _answer_numbers(units: int, layers: int, heads: int, view: str, rows: int = 
 
 
 def explain_cost(tokens: int, units: int, layers: int, heads: int, head_dim: int, hidden: int, *,
-                 view: str, recorded_rows: int, shipped_rows: int = 1, shown_heads: Optional[int] = None) -> Cost:
+                 view: str, recorded_rows: int, shipped_rows: int = 1, shown_heads: Optional[int] = None,
+                 passes: Optional[int] = None) -> Cost:
     """The estimate of one explain of `tokens` tokens (`units` at the level shown) on a model of
     `layers` x `heads` heads of `head_dim`, `hidden` wide. recorded_rows: query rows recorded
-    (tokens, or the focus word's); view: "full" or "rows"; shown_heads: 1 for rollout."""
+    (tokens, or the focus word's); view: "full" or "rows"; shown_heads: 1 for rollout; passes:
+    how many times every layer's weights are formed over all rows (default `layers`: once each;
+    the compact view's rollout rows add layers (layers + 1) / 2, `rollout_passes`)."""
     n, R = tokens, recorded_rows
     shown = heads if shown_heads is None else shown_heads
     recorded = layers * heads * ((R + 2 * n) * head_dim * 4 + n * 4)  # q, k, v, value norms (masks: on demand)
     forward = 24 * n * hidden * 4  # hidden states, q/k/v, the MLP's widening: linear in n
-    chunk = min(R * n * heads, max(CHUNK, n * heads)) * 4 * 4  # scores, weights, mask, temporaries of a chunk
+    chunk = min(R * n * heads, max(CHUNK, n * heads)) * 4 * 8  # scores, weights, logs, temporaries of a chunk
     answer = explain_answer_bytes(units, layers, shown, view, shipped_rows) + 4 * len_of_text_bytes(n)
     objects = _answer_numbers(units, layers, shown, view, shipped_rows) * PY_FLOAT + 2 * answer  # dict, JSON
     maps = full_cells(layers, heads, n) * 4 * 3 if view == "full" else 0  # stacked weights, merged, rounded
-    return Cost(tokens=n, layers=layers, heads=heads, compute=n * n * layers * heads,
+    passes = layers if passes is None else passes
+    return Cost(tokens=n, layers=layers, heads=heads, compute=n * n * passes * heads,
                 memory=recorded + forward + chunk + maps + objects, answer=answer, view=view)
+
+
+def rollout_passes(layers: Sequence[int]) -> int:
+    """Passes over every row that the rollout rows of `layers` cost: layer l's row is a product
+    with the residual maps of layers l, l - 1, ..., 0 (`qkv.inspect.rows.rollout_rows`)."""
+    return sum(layer + 1 for layer in layers)
 
 
 def len_of_text_bytes(tokens: int) -> int:
@@ -266,12 +276,15 @@ def len_of_text_bytes(tokens: int) -> int:
     return 8 * tokens
 
 
-def weights_cost(tokens: int, units: int, layers: int, heads: int, picked: int, method: str) -> Cost:
+def weights_cost(tokens: int, units: int, layers: int, heads: int, picked: int, method: str,
+                 rollout_layers: Sequence[int] = ()) -> Cost:
     """The estimate of /api/weights: `picked` (layers x heads x rows) full rows of `units` keys,
-    from recorded q/k (rollout needs every row of every layer)."""
+    from recorded q/k (the rollout rows of `rollout_layers` need every row of the layers up to each,
+    `rollout_passes`)."""
     numbers = picked * units
     answer = numbers * JSON_FLOAT + 8 * picked + 4096
-    compute = tokens * tokens * layers * heads if method == "rollout" else picked * tokens
+    compute = (tokens * tokens * heads * rollout_passes(rollout_layers) if method == "rollout"
+               else picked * tokens)
     work = min(tokens * tokens * heads, max(CHUNK, tokens * heads)) * 4 * 4 + picked * tokens * 4 * 4
     return Cost(tokens=tokens, layers=layers, heads=heads, compute=compute,
                 memory=work + numbers * PY_FLOAT + 2 * answer, answer=answer, view="weights")
@@ -388,7 +401,12 @@ class Sessions:
         self._lock = threading.Lock()
 
     def put(self, result) -> Optional[str]:
-        """Keep `result`; its id, or None when it alone is over the budget."""
+        """Keep `result`; its id, or None when it alone is over the budget or is an encoder-decoder's
+        (/api/weights serves one stack of layers). What the answer's views built and cached (full
+        maps of a rollout, summaries) is dropped first: only the recorded tensors are counted and kept."""
+        if getattr(result, "roles", None) is not None:
+            return None
+        result._cache.clear()
         size = result_nbytes(result)
         if size > self.max_bytes:
             return None
@@ -517,25 +535,33 @@ class Service:
             raise ApiError(422, "unknown_word", "the focus is a special token, and special tokens are hidden")
         return index
 
-    def _explain_plan(self, p: _Probe, level: str, method: str, rows: str, focus: Optional[int]) -> Cost:
+    def _explain_plan(self, p: _Probe, level: str, method: str, rows: str, focus: Optional[int],
+                      hide_special: bool) -> Cost:
+        """The cost of an explain, for the view it will have: the view is decided here, by the core's
+        rule on the units shown (`ExplainResult.compact_view`), and `_to_dict` asks for that view."""
         layers, heads, head_dim, hidden = p.dims
         tokens = len(p.probe.tokens)
-        units = len(p.probe.units(level)[0])
+        _, special, _ = p.probe.units(level)
+        units = sum(1 for s in special if not (hide_special and s))
         shown = 1 if method == "rollout" else heads
-        if rows == "all":
+        seq2seq = bool(getattr(p.model, "is_encoder_decoder", False))
+        if rows == "all" or seq2seq:  # an encoder-decoder's result always gives full maps
             view = "full"
         elif rows == "focus":
             view = "rows"
         else:
-            view = default_view(layers, shown, units)
+            view = default_view(layers, heads, units)
         recorded, shipped = tokens, 1
         if focus is not None and rows == "focus":
             word = self._word_unit(p.probe, focus, level)
             recorded = max(1, sum(1 for u in p.probe.units("word")[2] if u == word))  # the word's tokens
-        if getattr(p.model, "is_encoder_decoder", False):
+        if seq2seq:
             tokens, units = 2 * tokens, 2 * units  # the target is as long as the source, about
+        passes = layers
+        if method == "rollout":  # full: one pass for the maps; compact: the summaries, then every layer's rows
+            passes = layers if view == "full" else layers + rollout_passes(range(layers))
         return explain_cost(tokens, units, layers, heads, head_dim, hidden, view=view, recorded_rows=recorded,
-                            shipped_rows=shipped, shown_heads=shown)
+                            shipped_rows=shipped, shown_heads=shown, passes=passes)
 
     @staticmethod
     def _word_unit(probe, unit: int, level: str) -> int:
@@ -546,11 +572,11 @@ class Service:
         return unit_of[probe.units(level)[2].index(unit)]
 
     def _to_dict(self, result, method: str, level: str, hide_special: bool, focus: Optional[int],
-                 rows: str = "auto") -> dict:
+                 view: str) -> dict:
+        """The answer in the view the plan estimated (`_explain_plan`): "full" or "rows"."""
         checkpoint()
-        options: dict = {"method": method, "level": level, "hide_special": hide_special, "focus": focus}
-        if rows in ("all", "focus"):
-            options["rows"] = rows
+        options: dict = {"method": method, "level": level, "hide_special": hide_special, "focus": focus,
+                         "rows": "all" if view == "full" else "focus"}
         try:
             return result.to_dict(**options)
         except ValueError as exc:
@@ -568,13 +594,13 @@ class Service:
             focus = self._focus(p.probe, req.focus, req.level, req.hide_special)
             if req.rows == "focus" and req.method == "rollout":
                 raise ApiError(422, "bad_value", "rollout needs every row of every layer: use rows \"auto\"")
-            cost = self._explain_plan(p, req.level, req.method, req.rows, focus)
+            cost = self._explain_plan(p, req.level, req.method, req.rows, focus, req.hide_special)
             check_cost(cost, self.limits)
 
             def run() -> dict:
                 word_focus = None if focus is None else self._word_unit(p.probe, focus, req.level)
                 result = self._explain(p, focus=word_focus, rows=req.rows)
-                out = self._to_dict(result, req.method, req.level, req.hide_special, focus, req.rows)
+                out = self._to_dict(result, req.method, req.level, req.hide_special, focus, cost.view)
                 out["session"] = self.sessions.put(result)
                 return out
             return Plan(cost, run)
@@ -646,19 +672,21 @@ class Service:
             if isinstance(b_focus, int) and not 0 <= b_focus < len(pb.probe.labels(req.level, req.hide_special)):
                 b_focus = None
             b_index = self._focus(pb.probe, b_focus, req.level, req.hide_special) if b_focus is not None else None
-            cost = (self._explain_plan(pa, req.level, req.method, "auto", focus)
-                    + self._explain_plan(pb, req.level, req.method, "auto", b_index))
+            cost_a = self._explain_plan(pa, req.level, req.method, "auto", focus, req.hide_special)
+            cost_b = self._explain_plan(pb, req.level, req.method, "auto", b_index, req.hide_special)
+            cost = cost_a + cost_b
             check_cost(cost, self.limits)
-            return Plan(cost, lambda: self._compare(pa, pb, req, focus, b_index))
+            return Plan(cost, lambda: self._compare(pa, pb, req, focus, b_index, (cost_a.view, cost_b.view)))
         return plan
 
-    def _compare(self, pa: _Probe, pb: _Probe, req, focus: Optional[int], b_focus: Optional[int]) -> dict:
+    def _compare(self, pa: _Probe, pb: _Probe, req, focus: Optional[int], b_focus: Optional[int],
+                 views: tuple[str, str]) -> dict:
         level, hide = req.level, req.hide_special
         a = self._explain(pa)
-        out_a = self._to_dict(a, req.method, level, hide, focus)
+        out_a = self._to_dict(a, req.method, level, hide, focus, views[0])
         out_a["session"] = self.sessions.put(a)
         b = self._explain(pb)
-        out_b = self._to_dict(b, req.method, level, hide, b_focus)
+        out_b = self._to_dict(b, req.method, level, hide, b_focus, views[1])
         out_b["session"] = self.sessions.put(b)
         out: dict = {"format": "qkv.compare/1", "a": out_a, "b": out_b, "same_length": False, "jsd": None,
                      "largest": None, "note": None}
@@ -712,7 +740,8 @@ class Service:
                     raise ApiError(422, f"unknown_{name}", f"{name} {wrong[0]} does not exist: the "
                                                            f"{'model' if name != 'row' else 'text'} has {what[name]}")
             shown = 1 if req.method == "rollout" else len(heads)
-            cost = weights_cost(len(result.tokens), n, L, H, len(layers) * shown * len(req.rows), req.method)
+            cost = weights_cost(len(result.tokens), n, L, H, len(layers) * shown * len(req.rows), req.method,
+                                layers)
             check_cost(cost, self.limits)
 
             def run() -> dict:
