@@ -10,6 +10,7 @@ Chromium as in tests/web/test_browser.py (QKV_SKIP_BROWSER=1 skips it).
 
 from __future__ import annotations
 
+import json
 import os
 from urllib.parse import urlparse
 
@@ -166,3 +167,34 @@ def test_compare_two_long_texts_fetches_each_side(browser, served):
     assert abs(row_b - len(b.labels()) / 2) <= 8
     assert_drawn(page.drawn("b-")[0], w, 0, 0, row_b, k)
     page.check_clean()
+
+
+def test_focus_rows_of_more_layers_than_a_request_may_name(browser, tmp_path):
+    """A server that sends one layer a request (max_pick=1), a model of 3 layers: the focus rows of
+    every layer are asked in parts, each naming one layer, and joined in order."""
+    from models.hf_folders import build_folder
+
+    root = tmp_path / "models"
+    build_folder(root / MODEL, "llama", max_position_embeddings=8192, num_hidden_layers=3)
+    app = create_app(model_dir=str(root), max_pick=1)
+    text = " ".join(TEXT.split()[-1200:])  # ends with "queries"
+    with running_server(app) as url:
+        page = Explorer(browser, url)
+        p = page.page
+        bodies: list[dict] = []
+        p.on("request", lambda r: "/api/weights" in r.url and bodies.append(json.loads(r.post_data)))
+        page.explain(text, focus="queries")
+        k = int(p.evaluate("document.querySelectorAll('#row-view .row-block .chip').length"))
+        reference = qkv.explain(text, qkv.load(root / MODEL))
+        L, focus = reference.num_layers, len(reference.labels()) - 1
+        assert L == 3
+        p.check("#mode-focus")
+        blocks = page.drawn()
+        expected = np.asarray(reference.weights_dict([focus], layers=list(range(L)), heads=[0])["weights"])[:, 0, 0]
+        assert len(blocks) == L
+        for layer, block in enumerate(blocks):
+            assert_drawn(block, expected[layer], layer, 0, focus, k)
+        assert bodies and all(len(b["layers"]) == 1 for b in bodies), bodies
+        assert {b["layers"][0] for b in bodies} == set(range(L)), "every layer was fetched, one a request"
+        page.check_clean()
+    assert app.state.internal_errors == 0

@@ -101,12 +101,26 @@
   function fetcher(req, data) {
     if (data.view !== "rows" || !data.session) return null;
     return function (q) {
-      var body = { session: data.session, layers: q.layers, rows: q.rows, method: req.method, level: req.level,
-                   hide_special: req.hide_special };
-      if (req.method !== "rollout") body.heads = [parseInt(data.head_names[q.head], 10)];
-      return api("/api/weights", body);
+      // At most the server's max_pick layers a request: a model with more layers is asked in parts,
+      // the answers joined in order.
+      var parts = [];
+      for (var i = 0; i < q.layers.length; i += maxPick) parts.push(q.layers.slice(i, i + maxPick));
+      return Promise.all(parts.map(function (layers) {
+        var body = { session: data.session, layers: layers, rows: q.rows, method: req.method, level: req.level,
+                     hide_special: req.hide_special };
+        if (req.method !== "rollout") body.heads = [parseInt(data.head_names[q.head], 10)];
+        return api("/api/weights", body);
+      })).then(function (answers) {
+        var joined = answers[0];
+        for (var j = 1; j < answers.length; j++) {
+          joined.layers = joined.layers.concat(answers[j].layers);
+          joined.weights = joined.weights.concat(answers[j].weights);
+        }
+        return joined;
+      });
     };
   }
+  var maxPick = 64; // the server's limits.max_pick, read from /api/models
 
   function restore(view, st, data) {
     if (view.compact || !data.maps) {
@@ -268,6 +282,7 @@
     sel.value = m["default"];
     $("text").maxLength = m.limits.max_chars;
     $("other").maxLength = m.limits.max_chars;
+    if (m.limits.max_pick) maxPick = m.limits.max_pick;
     document.body.dataset.models = "ready";
   }).catch(function (err) { showError("cannot list the models: " + err.message); });
 })();
