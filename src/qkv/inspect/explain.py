@@ -744,12 +744,7 @@ def _check_indices(name: str, layers, heads, n_layers: int, n_heads: int) -> Non
     for what, values, count in (("layers", layers, n_layers), ("heads", heads, n_heads)):
         if values is None:
             continue
-        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-            raise TypeError(f"{what} must be a list of indices or None; got {type(values).__name__}")
-        values = list(values)
-        wrong = [v for v in values if isinstance(v, bool) or not isinstance(v, int)]
-        if wrong:
-            raise TypeError(f"{what} must be whole numbers; got {wrong[0]!r}")
+        values = _check_rows(values, what, empty_ok=True)
         if n_layers:
             missing = [v for v in values if not 0 <= v < count]
             if missing:
@@ -834,15 +829,16 @@ def _check_choice(name: str, value, choices) -> None:
 _LISTED = 40  # words a "not in the text" message lists
 
 
-def _check_rows(values, what: str = "rows") -> list[int]:
-    """A list of whole numbers (indices), else a TypeError naming `what`."""
+def _check_rows(values, what: str = "rows", empty_ok: bool = False) -> list[int]:
+    """A list of whole numbers (indices), else a TypeError naming `what` (an empty one: a ValueError
+    unless `empty_ok`)."""
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise TypeError(f"{what} must be a list of indices; got {type(values).__name__}")
     values = list(values)
     wrong = [v for v in values if isinstance(v, bool) or not isinstance(v, int)]
     if wrong:
         raise TypeError(f"{what} must be whole numbers; got {wrong[0]!r}")
-    if not values:
+    if not values and not empty_ok:
         raise ValueError(f"{what} is empty; give at least one index")
     return values
 

@@ -165,6 +165,21 @@ def _layer_blocks(per_layer: torch.Tensor, layers, labels: list[str], notes: lis
     return lines
 
 
+def _per_layer(result, rows: torch.Tensor, *, method: str, layer: Optional[int], head: Optional[int],
+               aggregate: str) -> tuple[torch.Tensor, str, Sequence[int]]:
+    """(rows (L, n) of one head or aggregated over heads, what they are, the layers to show) from the
+    focus rows (L, H, n) of every layer and head."""
+    if head is not None:
+        h = result._head_position(result.records[0], head)
+        per_layer, what = rows[:, h], f"head {head}"
+    else:
+        per_layer = _aggregate(rows, dim=1, how=aggregate)
+        what = "rollout of the mean over heads" if method == "rollout" else f"{aggregate} over heads"
+    if layer is not None:
+        result._record(layer)
+    return per_layer, what, range(per_layer.shape[0]) if layer is None else [layer]
+
+
 def _strip_legend(n: int, cells: int, level: str) -> str:
     b = -(-n // max(1, cells)) if n > cells else 1
     return (f"strips: all {n:,} {level}s, each cell the largest weight of {b} {level}s, scaled to the layer's "
@@ -180,15 +195,7 @@ def _long_focus(result, focus, rows: torch.Tensor, *, method: str, level: str, h
     index = result.focus_index(focus, level)
     shown = [i for i, s in enumerate(special) if not (hide_special and s)]
     at = shown.index(index)
-    if head is not None:
-        h = result._head_position(result.records[0], head)
-        per_layer, what = rows[:, h], f"head {head}"
-    else:
-        per_layer = _aggregate(rows, dim=1, how=aggregate)
-        what = "rollout of the mean over heads" if method == "rollout" else f"{aggregate} over heads"
-    layers = range(per_layer.shape[0]) if layer is None else [layer]
-    if layer is not None:
-        result._record(layer)
+    per_layer, what, layers = _per_layer(result, rows, method=method, layer=layer, head=head, aggregate=aggregate)
     n = len(labels)
     method_name = {"raw": "attention weights", "rollout": "attention rollout",
                    "value-norm": "value-weighted norms ||a f(v)||"}[method]
@@ -302,17 +309,9 @@ def render_focus(result, focus, *, method: str = "raw", level: str = "word", hid
                            head=head, top_heads=top_heads, aggregate=aggregate, top_k=top_k, width=cols)
     index = result.focus_index(focus, level)
     focus_label = result.units(level)[0][index]
-    if head is not None:
-        if method == "rollout":
-            raise ValueError("rollout averages the heads; drop --head or use --method raw")
-        h = result._head_position(result.records[0], head)
-        per_layer, what = rows[:, h], f"head {head}"
-    else:
-        per_layer = _aggregate(rows, dim=1, how=aggregate)
-        what = "rollout of the mean over heads" if method == "rollout" else f"{aggregate} over heads"
-    layers = range(per_layer.shape[0]) if layer is None else [layer]
-    if layer is not None:
-        result._record(layer)
+    if head is not None and method == "rollout":
+        raise ValueError("rollout averages the heads; drop --head or use --method raw")
+    per_layer, what, layers = _per_layer(result, rows, method=method, layer=layer, head=head, aggregate=aggregate)
     width = max(6, min(10, max(len(lab) for lab in labels) + 1))
     digits = 2 if method != "value-norm" else 1
     method_name = {"raw": "attention weights", "rollout": "attention rollout",
