@@ -284,15 +284,10 @@ def ratio_table(old_rows: list[dict], new_rows: list[dict], timeout: float, guar
 
 
 def cpu_name() -> str:
-    """The CPU's model name as lscpu gives it (from /proc/cpuinfo), else the platform's."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (/proc/cpuinfo, else the platform's), as `qkv bench` reports it."""
+    from qkv.bench.report import machine_info
+
+    return machine_info()["cpu"]
 
 
 def git_head(src: Path) -> str:

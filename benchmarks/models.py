@@ -39,7 +39,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import tempfile
 
@@ -70,15 +69,10 @@ def sentences(n: int, words: int, seed: int = 0) -> list[str]:
 
 
 def cpu_name() -> str:
-    """The CPU's model name as lscpu gives it (from /proc/cpuinfo), else the platform's."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (/proc/cpuinfo, else the platform's), as `qkv bench` reports it."""
+    from qkv.bench.report import machine_info
+
+    return machine_info()["cpu"]
 
 
 def bench_embeddings(args) -> dict:
