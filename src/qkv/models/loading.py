@@ -51,6 +51,7 @@ from . import (
     smollm3,
     stablelm,
     starcoder2,
+    vit,
 )
 from .checkpoint import (
     ModelError,
@@ -98,6 +99,7 @@ _FAMILIES = (
     glm.FAMILY,
     glm.GLM4_FAMILY,
     phi3.FAMILY,
+    *vit.FAMILIES,
 )
 # architecture name in config.json -> why qkv does not run it and what to use instead
 REFUSED: dict[str, str] = {**gemma3.REFUSED}
