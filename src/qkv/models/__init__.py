@@ -1,5 +1,5 @@
 """Real models on qkv's attention: BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa, DistilBERT),
-GPT-2, Llama, Mistral and Qwen2 decoders, loaded from Hugging Face safetensors folders
+GPT-2, Llama, Mistral and Qwen2 decoders, the vision transformer (ViT), loaded from Hugging Face safetensors folders
 (models -> nn -> core).
 
     model = qkv.load("minilm")            # bundled all-MiniLM-L6-v2
@@ -39,6 +39,7 @@ from .roberta import (
 )
 from .seq2seq import QkvSeq2Seq, Seq2SeqConfig
 from .tokenizer import Batch, Tokenizer
+from .vit import ViTConfig, ViTForImageClassification, ViTModel
 
 __all__ = [
     "load",
@@ -78,6 +79,9 @@ __all__ = [
     "Qwen2ForCausalLM",
     "Seq2SeqConfig",
     "QkvSeq2Seq",
+    "ViTConfig",
+    "ViTModel",
+    "ViTForImageClassification",
     "Tokenizer",
     "Batch",
     "ModelError",

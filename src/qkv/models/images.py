@@ -166,14 +166,12 @@ def open_image(path) -> Any:
         why = "is not an image Pillow can read" if isinstance(exc, Image.UnidentifiedImageError) \
             else f"could not be decoded ({str(exc).strip() or type(exc).__name__})"
         raise ImageError(f"{str(p)!r} {why}; pass a PNG, JPEG, BMP or GIF file") from None
-    img.filename_for_messages = str(p)
     return img
 
 
 def pil_to_tensor(img, channels: int, name: str = "the image") -> Tensor:
     """A PIL image -> (C, H, W) float32 in [0, 1] with `channels` channels, or one ImageError line
     (16-bit samples, transparency, a colour image for a grayscale model, an unusual mode)."""
-    Image = _pil()
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         raise ImageError(f"{name} has {'16-bit' if mode.startswith('I;16') else '32-bit'} samples (PIL mode "
