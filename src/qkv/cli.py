@@ -491,15 +491,16 @@ def _check_vocabulary(model, name: str, text: str) -> None:
         raise UserError(f"{', '.join(map(repr, dict.fromkeys(bad)))} not in the vocabulary of {name!r}; "
                         f"it knows: {shown}")
 
-@_command("train", help="train one of qkv's small models (recall, translate) and save it as a Hugging Face folder")
+@_command("train", help="train one of qkv's small models (recall, translate, digits) and save it as a Hugging Face folder")
 def _train(p):
     """Train a small model through qkv's own attention and save config.json, model.safetensors and
-    tokenizer.json to --out. Deterministic for a seed; a progress bar on stderr; checkpoints every
+    tokenizer.json (digits: preprocessor_config.json) to --out. Deterministic for a seed; a progress bar on stderr; checkpoints every
     few hundred steps, and a run stopped early resumes from its last checkpoint when the same
     command is run again."""
-    p.add_argument("task", choices=["recall", "translate"],
+    p.add_argument("task", choices=["recall", "translate", "digits"],
                    help="recall: a three-layer GPT-2 looks keys up in its prompt; translate: an "
-                   "encoder-decoder reorders words through cross-attention")
+                   "encoder-decoder reorders words through cross-attention; digits: a small vision "
+                   "transformer reads scikit-learn's 8x8 handwritten digits")
     p.add_argument("--out", type=_output_folder, metavar="DIR",
                    help="output folder (default: ./qkv-TASK): new, empty, or one "
                    "that qkv train wrote; a folder holding other files is refused (status 2)")
@@ -516,9 +517,9 @@ def _train(p):
 
         import torch
 
-        from .train import check_folder, interrupted_note, recall, translate
+        from .train import check_folder, digits, interrupted_note, recall, translate
 
-        module = {"recall": recall, "translate": translate}[args.task]
+        module = {"recall": recall, "translate": translate, "digits": digits}[args.task]
         steps = module.SIZES[args.size].steps if args.steps is None else args.steps
         if steps <= 0:
             raise UserError(f"--steps must be a positive number of optimizer steps; got {steps}")

