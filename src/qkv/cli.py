@@ -491,12 +491,13 @@ def _check_vocabulary(model, name: str, text: str) -> None:
         raise UserError(f"{', '.join(map(repr, dict.fromkeys(bad)))} not in the vocabulary of {name!r}; "
                         f"it knows: {shown}")
 
-@_command("train", help="train one of qkv's small models (recall, translate, digits) and save it as a Hugging Face folder")
+@_command("train", help="train one of qkv's small models (recall, translate, digits) and save it as a "
+          "Hugging Face folder")
 def _train(p):
     """Train a small model through qkv's own attention and save config.json, model.safetensors and
-    tokenizer.json (digits: preprocessor_config.json) to --out. Deterministic for a seed; a progress bar on stderr; checkpoints every
-    few hundred steps, and a run stopped early resumes from its last checkpoint when the same
-    command is run again."""
+    tokenizer.json (digits: preprocessor_config.json) to --out. Deterministic for a seed; a progress
+    bar on stderr; checkpoints every few hundred steps, and a run stopped early resumes from its
+    last checkpoint when the same command is run again."""
     p.add_argument("task", choices=["recall", "translate", "digits"],
                    help="recall: a three-layer GPT-2 looks keys up in its prompt; translate: an "
                    "encoder-decoder reorders words through cross-attention; digits: a small vision "

@@ -214,5 +214,6 @@ def test_cli_train_digits(tmp_path, capsys):
     assert main(["train", "digits", "--size", "tiny", "--out", str(out), "--steps", "3", "--seed", "5"]) == 0
     captured = capsys.readouterr()
     assert "\rdigits     3/3 [" in captured.err and "loss" in captured.err and "acc" in captured.err
-    assert captured.out.startswith("trained digits in ") and "held-out accuracy (360 images, 36 per digit)" in captured.out
+    assert captured.out.startswith("trained digits in ")
+    assert "held-out accuracy (360 images, 36 per digit)" in captured.out
     assert isinstance(qkv.load(out), ViTForImageClassification)

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._files import write_text
 from ..models.images import Preprocessor
 from ..models.vit import ViTConfig, ViTForImageClassification, hf_weights
-from .._files import write_text
 from ._loop import Size, TrainingError, claim_folder, save_tensors, train_task
 
 IMAGE = 8  # the images are IMAGE x IMAGE pixels
