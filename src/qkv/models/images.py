@@ -3,9 +3,9 @@
 
 Accepted, each giving float pixels (C, H, W) in [0, 1]:
 
-- a float tensor (N, H, W) (one channel) or (N, C, H, W), or one image (H, W) / (C, H, W)
-  is not guessed at: 2-D and 3-D tensors are batches of grayscale images (N, H, W); values in
-  [0, 1]. Tensors are taken as they are: their channel count must be the model's.
+- a float tensor (N, H, W) (one channel) or (N, C, H, W), values in [0, 1]. A 3-D tensor is
+  always a batch of grayscale images, never one (C, H, W) image; a 2-D one is refused (pass
+  x[None]). Tensors are taken as they are: their channel count must be the model's.
 - a PIL image, or a path to an image file Pillow reads (PNG, JPEG, BMP, GIF, ...), 8 bits per
   sample. Decoded as the model reads them: a grayscale image for an RGB model is repeated over
   the three channels (as PIL's convert("RGB") and transformers' processors do, nothing is lost);
