@@ -616,6 +616,41 @@ def _translate(p):
     return run
 
 
+@_command("classify", help="the most probable classes of images with a vision transformer (ViT)")
+def _classify(p):
+    """Classify each IMAGE (a PNG, JPEG, ... file) with a vision transformer (default: the bundled
+    'digits', trained by `qkv train digits`; or a Hugging Face ViTForImageClassification folder,
+    whose preprocessor_config.json resizes and normalises) and print its --top classes with their
+    probabilities. What images are accepted and refused: docs/models.md, "Vision transformers"."""
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, BMP, GIF)")
+    _model_option(p, "digits", "a bundled name or a ViTForImageClassification folder (default: digits)")
+    p.add_argument("--top", type=_whole(1), default=3, metavar="K", help="classes shown per image (default: 3)")
+
+    def run(args):
+        from .models.images import open_image
+        from .models.vit import ViTForImageClassification
+
+        try:
+            images = [open_image(path) for path in args.images]  # unreadable files fail before the model loads
+        except ImportError as exc:
+            raise UserError(str(exc)) from None
+        model = _load(args.model, lambda m: isinstance(m, ViTForImageClassification),
+                      "classify needs an image classifier (ViTForImageClassification)")
+        k = min(args.top, model.config.num_labels)
+        lines = []
+        for path, image in zip(args.images, images):
+            try:
+                (top,) = model.top([image], k=k)
+            except ValueError as exc:  # the image, named by its path
+                raise UserError(f"{path}: {exc}") from None
+            if len(args.images) > 1:
+                lines.append(f"{path}:")
+            lines += [f"{'  ' if len(args.images) > 1 else ''}{prob:7.4f}  {label}" for label, prob in top]
+        print("\n".join(lines))
+
+    return run
+
+
 @_command("bench", help="time qkv's attention against torch SDPA (and FlexAttention): table, JSON, PNG")
 def _bench(p):
     """Run the benchmark suite: dense, causal, sliding-window, grouped-query and decode attention

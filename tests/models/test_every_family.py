@@ -28,6 +28,8 @@ TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_he
             n_positions=64, attn_logit_softcapping=5.0, final_logit_softcapping=8.0, query_pre_attn_scalar=16,
             use_qk_norm=True, qk_layernorm=True, bos_token_id=2, eos_token_id=None, pad_token_id=1)
 NOT_HF = {"QkvSeq2Seq"}  # qkv's own translator: explained in tests/inspect
+# image models take pixels, not text: tested in tests/models/test_vit.py (explain for images is issue 20's next part)
+IMAGE = {"ViTModel", "ViTForImageClassification"}
 
 
 def _config(arch: str, **changes):
@@ -55,7 +57,7 @@ def _build(folder, arch: str, config=None):
     return save_folder(folder, model)
 
 
-ARCHS = sorted(a for a in FAMILIES if a not in NOT_HF)
+ARCHS = sorted(a for a in FAMILIES if a not in NOT_HF | IMAGE)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@
 
 Accepted, each giving float pixels (C, H, W) in [0, 1]:
 
-- a float tensor (N, H, W) (one channel) or (N, C, H, W), or one image (H, W) / (C, H, W)
-  is not guessed at: 2-D and 3-D tensors are batches of grayscale images (N, H, W); values in
-  [0, 1]. Tensors are taken as they are: their channel count must be the model's.
+- a float tensor (N, H, W) (one channel) or (N, C, H, W), values in [0, 1]. A 3-D tensor is
+  always a batch of grayscale images, never one (C, H, W) image; a 2-D one is refused (pass
+  x[None]). Tensors are taken as they are: their channel count must be the model's.
 - a PIL image, or a path to an image file Pillow reads (PNG, JPEG, BMP, GIF, ...), 8 bits per
   sample. Decoded as the model reads them: a grayscale image for an RGB model is repeated over
   the three channels (as PIL's convert("RGB") and transformers' processors do, nothing is lost);
@@ -67,7 +67,9 @@ class Preprocessor:
     @classmethod
     def identity(cls, config) -> "Preprocessor":
         """qkv's own models: pixels in [0, 1] as they are, the model's size, no normalisation."""
-        return cls(do_resize=False, height=config.image_size, width=config.image_size)
+        C = config.num_channels
+        return cls(do_resize=False, height=config.image_size, width=config.image_size, image_mean=(0.0,) * C,
+                   image_std=(1.0,) * C)
 
     @classmethod
     def from_folder(cls, folder: Path, config) -> "Preprocessor":
@@ -107,7 +109,7 @@ class Preprocessor:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 v = [v] * C
             values = f.check(name, v, list[float])
-            if len(values) != C:
+            if len(values) != C and kw["do_normalize"]:
                 raise f.unsupported(name, f"it must have one number per channel (num_channels={C} in config.json)")
             if name == "image_std" and any(x == 0 for x in values):
                 raise f.unsupported(name, "a standard deviation of 0 would divide by zero")

@@ -130,9 +130,11 @@ class ViTEmbeddings(nn.Module):
     def __init__(self, c: ViTConfig):
         super().__init__()
         self.config = c
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size))  # (1, 1, E)
+        # transformers' initialisation (truncated normal, std 0.02), for models trained from scratch
+        self.cls_token = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, c.hidden_size), std=0.02))  # (1, 1, E)
         self.patch_embeddings = ViTPatchEmbeddings(c)
-        self.position_embeddings = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.hidden_size))  # (1, 1 + M, E)
+        self.position_embeddings = nn.Parameter(  # (1, 1 + M, E)
+            nn.init.trunc_normal_(torch.empty(1, c.num_patches + 1, c.hidden_size), std=0.02))
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
 
     def positions(self, height: int, width: int, interpolate: bool) -> Tensor:
