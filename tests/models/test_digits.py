@@ -131,14 +131,14 @@ def test_augment_follows_its_generator():
 
 
 def test_tiny_loss_falls_and_beats_chance(tmp_path):
-    """200 steps of the tiny size (about a second): a ViT sits near chance for its first
+    """300 steps of the tiny size (about a second): a ViT sits near chance for its first
     hundred steps, then the loss falls and held-out accuracy (recomputed) leaves chance (10%)."""
     history: list = []
     model = digits.train(tmp_path / "m", size="tiny", progress=False, history=history)
     first, last = sum(history[:10]) / 10, sum(history[-10:]) / 10
     assert len(history) == digits.SIZES["tiny"].steps
-    assert last < 0.95 * first, f"loss went from {first:.3f} to {last:.3f}"
-    assert digits.evaluate(model) > 0.2
+    assert last < 0.9 * first, f"loss went from {first:.3f} to {last:.3f}"
+    assert digits.evaluate(model) > 0.25
 
 
 def test_same_seed_same_weights_other_seed_differs(tmp_path):

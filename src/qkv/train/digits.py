@@ -53,7 +53,7 @@ PREPROCESSOR = Preprocessor(do_resize=False, height=IMAGE, width=IMAGE, do_resca
                             do_normalize=False, image_mean=(0.0,), image_std=(1.0,))
 # "shipped": the bundled weights (qkv.load("digits")); "tiny": the test suite's run of the same code
 SIZES = {"shipped": Size(width=64, layers=4, heads=4, ffn=128, steps=8000, batch=64, lr=2e-3),
-         "tiny": Size(width=16, layers=1, heads=2, ffn=32, steps=200, batch=32, lr=1e-2)}
+         "tiny": Size(width=32, layers=1, heads=2, ffn=64, steps=300, batch=32, lr=1e-2)}
 INSTALL = "pip install scikit-learn"
 
 
@@ -134,14 +134,11 @@ def model_config(size: Size = SIZES["shipped"]) -> ViTConfig:
 
 
 def build(size: Size) -> ViTForImageClassification:
-    """A fresh model of `size`; its class token and position embeddings are drawn N(0, 0.02)
-    (as transformers initialises them) here, since `init_weights` covers linear layers and norms."""
+    """A fresh model of `size` (its class token and position embeddings drawn as transformers
+    draws them, truncated normal with std 0.02, by the model; `init_weights` then draws the
+    linear layers and resets the norms), with the folder's identity preprocessor."""
     model = ViTForImageClassification(model_config(size))
     model.preprocessor = PREPROCESSOR
-    emb = model.vit.embeddings
-    with torch.no_grad():
-        for p in (emb.cls_token, emb.position_embeddings):
-            p.normal_(0.0, 0.02)
     return model
 
 
