@@ -529,7 +529,7 @@ def _train(p):
         out = args.out or f"qkv-{args.task}"
         if os.path.exists(out) and not os.path.isdir(out):
             raise UserError(f"--out {out!r} is a file; give a folder")
-        check_folder(Path(out))  # a folder of someone else's files: refused (a TrainingError, status 2) up front
+        check_folder(Path(out), args.task)  # someone else's files, or another task's run: refused up front
         # One thread: these models are so small that a second thread mostly waits at barriers,
         # and on a busy machine its spinning makes a step many times slower (measured).
         torch.set_num_threads(1)

@@ -217,3 +217,20 @@ def test_cli_train_digits(tmp_path, capsys):
     assert captured.out.startswith("trained digits in ")
     assert "held-out accuracy (360 images, 36 per digit)" in captured.out
     assert isinstance(qkv.load(out), ViTForImageClassification)
+
+
+def test_another_tasks_run_is_refused_before_anything_is_touched(tmp_path, capsys):
+    """A folder marked as a recall run: training digits there would leave recall's tokenizer.json
+    beside the ViT (qkv.load would attach it), so it is refused in one line, nothing touched."""
+    from qkv.cli import main
+    from qkv.train._loop import FORMAT, MARKER
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / MARKER).write_text(json.dumps({"format": FORMAT, "task": "recall"}))
+    (out / "tokenizer.json").write_text("{}")
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    assert main(["train", "digits", "--size", "tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'recall'" in err and "choose another --out" in err
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before

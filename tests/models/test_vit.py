@@ -275,6 +275,9 @@ def test_missing_pillow_names_the_extra(classifier_folder, tmp_path, monkeypatch
     ({"image_std": [0.5, 0.0, 0.5]}, "divide by zero"),
     ({"size": "big"}, "size"),
     ({"do_resize": 1}, "do_resize"),
+    ({"do_center_crop": True, "crop_pct": 0.9}, "do_center_crop"),  # another processor's step
+    ({"resample": 3}, "resample"),  # bicubic: qkv resizes bilinearly
+    ({"size": {"shortest_edge": 16}}, "size"),  # aspect-keeping resize: not what qkv does
 ])
 def test_bad_preprocessor_config_is_named(data, needle):
     with pytest.raises(qkv.models.ModelError, match=needle) as e:
@@ -338,3 +341,42 @@ def test_cli_classify_errors(classifier_folder, tmp_path, capsys):
     assert code != 0 and "needs an image classifier" in err
     code, out, err = _cli(["classify", str(rgb), "--model", str(folder), "--top", "0"], capsys)
     assert code != 0 and "--top" in err
+
+
+def test_a_grey_palette_image_is_grey(gray_folder, tmp_path):
+    """GIFs are palette images; a grey palette (R = G = B) is read as grayscale, so a grayscale
+    model takes it, with the same numbers as the same pixels saved as an L-mode PNG."""
+    model = qkv.load(gray_folder[0])
+    gray = torch.randint(0, 256, (16, 16), generator=torch.Generator().manual_seed(8), dtype=torch.uint8)
+    img = Image.fromarray(gray.numpy(), mode="L")
+    img.save(tmp_path / "g.gif")
+    img.convert("P").save(tmp_path / "p.png")
+    expected = model.classify(gray[None].float() / 255)
+    torch.testing.assert_close(model.classify(tmp_path / "g.gif"), expected)
+    torch.testing.assert_close(model.classify(tmp_path / "p.png"), model.classify(Image.open(tmp_path / "p.png")))
+    colour = Image.fromarray(torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8).numpy(), "RGB").convert("P")
+    colour.save(tmp_path / "c.png")
+    with pytest.raises(ImageError, match="colour"):
+        model.classify(tmp_path / "c.png")
+
+
+def test_a_checkpoint_with_a_stray_pooler_loads_as_transformers_loads_it(tmp_path, classifier_folder):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "with-pooler"
+    reference = build(folder)
+    weights = load_file(folder / "model.safetensors")
+    E = TINY["hidden_size"]
+    weights["vit.pooler.dense.weight"], weights["vit.pooler.dense.bias"] = torch.randn(E, E), torch.randn(E)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(qkv.load(folder)(x), reference(pixel_values=x).logits, atol=1e-4, rtol=0)
+
+
+def test_too_small_and_empty_inputs_are_named(classifier_folder):
+    model = qkv.load(classifier_folder[0])
+    with pytest.raises(ValueError, match="smaller than one"):
+        model(torch.rand(1, 3, 2, 2), interpolate_pos_encoding=True)  # a patch is 4x4
+    with pytest.raises(ValueError, match="the batch is empty"):
+        model(torch.rand(0, 3, 16, 16))

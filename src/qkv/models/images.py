@@ -10,15 +10,18 @@ Accepted, each giving float pixels (C, H, W) in [0, 1]:
   sample. Decoded as the model reads them: a grayscale image for an RGB model is repeated over
   the three channels (as PIL's convert("RGB") and transformers' processors do, nothing is lost);
   a colour image for a grayscale model is refused (which grey is the user's choice:
-  Image.open(p).convert("L")). A fully opaque alpha channel is dropped; one with any
-  transparency is refused (flatten it onto the background you mean). 16-bit images are refused.
+  Image.open(p).convert("L")). A palette image (every GIF) whose palette is all greys is read
+  as grayscale. A fully opaque alpha channel is dropped; one with any transparency is refused
+  (flatten it onto the background you mean). 16-bit images are refused (a 16-bit colour PNG
+  Pillow itself opens as 8-bit RGB).
 - a list of those, all the same size after preprocessing.
 
 Then the folder's `Preprocessor` (preprocessor_config.json, transformers' ViTImageProcessor
 fields) resizes (bilinear with antialiasing, as PIL's resample=2 does; close to but not bit-equal
-with transformers' uint8 path), rescales and normalises. Without that file (qkv's own models) the
-preprocessor is the identity: pixels in [0, 1], no resizing, so an image of another size than the
-model's is refused with one line.
+with transformers' uint8 path), rescales and normalises; other processors' steps (center crop,
+another resample, shortest-edge sizes) are refused by name. Without that file the preprocessor is
+the identity (qkv's own digits ships one that says so): pixels in [0, 1], no resizing, so an
+image of another size than the model's is refused with one line.
 """
 
 from __future__ import annotations
@@ -84,6 +87,13 @@ class Preprocessor:
         """A preprocessor_config.json dict (ViTImageProcessor's fields) checked against `config`
         (its num_channels); anything wrong is a ModelError naming the file and field."""
         f = Fields(data, source)
+        # what ViTImageProcessor does and qkv does too; other processors' steps are refused by name
+        if f.get("do_center_crop", bool, False):
+            raise f.unsupported("do_center_crop", "qkv resizes to the model's size without cropping "
+                                "(ViTImageProcessor's steps: resize, rescale, normalize)")
+        resample = f.get("resample", Any, 2)
+        if resample not in (2, None):
+            raise f.unsupported("resample", "qkv resizes bilinearly (resample 2, ViTImageProcessor's default)")
         size = f.get("size", Any, None)
         height = width = config.image_size
         if isinstance(size, dict):
@@ -91,8 +101,6 @@ class Preprocessor:
             assert s is not None
             if "height" in s or "width" in s:
                 height, width = s.get("height", int, limit=POSITIVE), s.get("width", int, limit=POSITIVE)
-            elif "shortest_edge" in s:
-                height = width = s.get("shortest_edge", int, limit=POSITIVE)
             else:
                 raise f.unsupported("size", "qkv resizes to {\"height\": H, \"width\": W}")
         elif isinstance(size, int) and not isinstance(size, bool):
@@ -134,8 +142,8 @@ class Preprocessor:
         if self.do_rescale:
             x = x * self.rescale_factor
         if self.do_normalize:
-            mean = torch.tensor(self.image_mean, dtype=x.dtype).view(1, -1, 1, 1)  # (1, C, 1, 1)
-            std = torch.tensor(self.image_std, dtype=x.dtype).view(1, -1, 1, 1)  # (1, C, 1, 1)
+            mean = torch.tensor(self.image_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)  # (1, C, 1, 1)
+            std = torch.tensor(self.image_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)  # (1, C, 1, 1)
             x = (x - mean) / std
         return x
 
@@ -171,6 +179,12 @@ def open_image(path) -> Any:
     return img
 
 
+def _grey(img) -> bool:
+    """Whether an RGB or RGBA image's three colour bands are equal everywhere (a grey image)."""
+    r, g, b = (img.getchannel(band).tobytes() for band in "RGB")
+    return r == g == b
+
+
 def pil_to_tensor(img, channels: int, name: str = "the image") -> Tensor:
     """A PIL image -> (C, H, W) float32 in [0, 1] with `channels` channels, or one ImageError line
     (16-bit samples, transparency, a colour image for a grayscale model, an unusual mode)."""
@@ -179,9 +193,12 @@ def pil_to_tensor(img, channels: int, name: str = "the image") -> Tensor:
         raise ImageError(f"{name} has {'16-bit' if mode.startswith('I;16') else '32-bit'} samples (PIL mode "
                          f"{mode}); qkv reads 8-bit images: save it with 8 bits per sample "
                          f"(e.g. Image.open(p).point(lambda v: v / 256).convert('L'))")
-    if mode == "P":  # a palette: its transparency, if any, becomes an alpha channel
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if mode in ("P", "PA"):  # a palette: its transparency, if any, becomes an alpha channel
+        img = img.convert("RGBA" if "transparency" in img.info or mode == "PA" else "RGB")
         mode = img.mode
+        if _grey(img):  # a grey palette (every GIF is a palette image): grey it stays
+            img = img.convert("LA" if mode == "RGBA" else "L")
+            mode = img.mode
     if mode == "1":
         img, mode = img.convert("L"), "L"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):

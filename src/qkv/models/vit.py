@@ -165,10 +165,13 @@ class ViTEmbeddings(nn.Module):
     def forward(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
         """pixel_values (N, C, H, W) -> tokens (N, 1 + (H/P) * (W/P), E): class token first."""
         N, _, H, W = pixel_values.shape
+        if N == 0:
+            raise ValueError("the batch is empty: pass at least one image")
+        pos = self.positions(H, W, interpolate_pos_encoding)  # (1, 1 + M, E); checks the size first
         patches = self.patch_embeddings(pixel_values)  # (N, M, E)
         cls = self.cls_token.expand(N, -1, -1)  # (N, 1, E)
         x = torch.cat([cls, patches], dim=1)  # (N, 1 + M, E)
-        return self.dropout(x + self.positions(H, W, interpolate_pos_encoding))
+        return self.dropout(x + pos)
 
 
 class ViTAttentionOutput(nn.Module):
@@ -425,7 +428,12 @@ def hf_layers(c: ViTConfig, head: bool = False) -> list[tuple[str, int, str]]:
 
 
 def hf_ignored(c: ViTConfig, head: bool = False) -> dict:
-    return {}
+    """Checkpoint keys that are not used: a ViTForImageClassification checkpoint may carry the
+    pooler of the ViTModel it was fine-tuned from (transformers loads it and ignores them too)."""
+    if not head:
+        return {}
+    width = c.pooler_output_size or c.hidden_size
+    return {"vit.pooler.dense.weight": (width, c.hidden_size), "vit.pooler.dense.bias": (width,)}
 
 
 def _adapt_model(c: ViTConfig, keys) -> tuple[ViTConfig, tuple]:

@@ -102,19 +102,27 @@ def _marker(out: Path) -> Optional[dict]:
     return content if isinstance(content, dict) and content.get("format") == FORMAT else None
 
 
-def check_folder(out: Path) -> None:
-    """Refuse `out` (a Path) as a training folder unless it is missing, empty, or marked as qkv's.
+def check_folder(out: Path, task: Optional[str] = None) -> None:
+    """Refuse `out` (a Path) as a training folder unless it is missing, empty, or marked as qkv's
+    (as a run of `task`, when given).
 
     Raises:
-        TrainingError: `out` is not a folder, or holds files qkv train did not write (named,
-            at most 8 of them); nothing is touched.
+        TrainingError: `out` is not a folder, holds files qkv train did not write (named, at
+            most 8 of them), or holds another task's run (its files would stay beside this one's:
+            a recall folder's tokenizer.json in a digits folder); nothing is touched.
     """
     if not out.exists():
         return
     if not out.is_dir():
         raise TrainingError(f"--out {str(out)!r} is not a folder; give a folder")
     names = sorted(p.name for p in out.iterdir())
-    if not names or _marker(out) is not None:
+    marker = _marker(out)
+    if marker is not None and task is not None and marker.get("task") not in (None, task):
+        raise TrainingError(
+            f"--out {str(out)!r} holds a qkv train run of {marker.get('task')!r}, not {task!r}; its files would "
+            f"stay beside this model's, so nothing was touched: choose another --out"
+        )
+    if not names or marker is not None:
         return
     shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
     raise TrainingError(
@@ -127,7 +135,7 @@ def check_folder(out: Path) -> None:
 def claim_folder(out: Path, task: str) -> None:
     """Make `out` (a Path) a qkv training folder of `task` ("recall", "translate"): check it
     (`check_folder`), create it, and write the marker first, before any other file."""
-    check_folder(out)
+    check_folder(out, task)
     out.mkdir(parents=True, exist_ok=True)
     marker = {"format": FORMAT, "task": task}
     if _marker(out) != marker:
