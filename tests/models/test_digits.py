@@ -141,41 +141,6 @@ def test_tiny_loss_falls_and_beats_chance(tmp_path):
     assert digits.evaluate(model) > 0.25
 
 
-def test_same_seed_same_weights_other_seed_differs(tmp_path):
-    a = _weights(digits.train(tmp_path / "a", seed=3, steps=4, size="tiny", progress=False))
-    b = _weights(digits.train(tmp_path / "b", seed=3, steps=4, size="tiny", progress=False))
-    c = _weights(digits.train(tmp_path / "c", seed=4, steps=4, size="tiny", progress=False))
-    _assert_same(a, b)
-    assert any(not torch.equal(a[k], c[k]) for k in a)
-
-
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    straight = _weights(digits.train(tmp_path / "straight", seed=1, steps=7, size="tiny", progress=False,
-                                     checkpoint_every=2))
-    # A KeyboardInterrupt in step 6 (after checkpoints at 2 and 4) keeps the step-4 checkpoint.
-    calls = {"n": 0}
-    original = torch.nn.functional.cross_entropy
-
-    def interrupting(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 5:  # one cross_entropy per training step
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    out = tmp_path / "resumed"
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        digits.train(out, seed=1, steps=7, size="tiny", progress=False, checkpoint_every=2)
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", original)
-    assert (out / "checkpoint.safetensors").is_file() and not (out / "model.safetensors").exists()
-    history: list = []
-    resumed = _weights(digits.train(out, seed=1, steps=7, size="tiny", progress=False, checkpoint_every=2,
-                                    history=history))
-    assert len(history) == 3, f"resumed at step {7 - len(history)}, expected the step-4 checkpoint"
-    _assert_same(straight, resumed)
-    assert not (out / "checkpoint.safetensors").exists()  # removed once the folder is written
-
-
 def test_saved_folder_loads_in_qkv_and_transformers(tmp_path):
     model = digits.train(tmp_path / "m", steps=3, size="tiny", progress=False)
     names = sorted(p.name for p in (tmp_path / "m").iterdir())

@@ -12,9 +12,11 @@ import torch
 
 import qkv
 from qkv.models.checkpoint import CheckpointError
-from qkv.train import TrainingError, recall, translate
+from qkv.train import TrainingError, digits, recall, translate
 
 TASKS = {"recall": recall, "translate": translate}
+# every trainer: determinism and resuming are the shared loop's (digits' own tests: test_digits.py)
+ALL_TASKS = {**TASKS, "digits": digits}
 
 
 @pytest.fixture(autouse=True)
@@ -46,18 +48,18 @@ def test_loss_falls(task, tmp_path):
     assert last < 0.85 * first, f"{task}: loss went from {first:.3f} to {last:.3f} in 40 steps"
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", ALL_TASKS)
 def test_same_seed_same_weights_other_seed_differs(task, tmp_path):
-    a = _weights(TASKS[task].train(tmp_path / "a", seed=3, steps=4, size="tiny", progress=False))
-    b = _weights(TASKS[task].train(tmp_path / "b", seed=3, steps=4, size="tiny", progress=False))
-    c = _weights(TASKS[task].train(tmp_path / "c", seed=4, steps=4, size="tiny", progress=False))
+    a = _weights(ALL_TASKS[task].train(tmp_path / "a", seed=3, steps=4, size="tiny", progress=False))
+    b = _weights(ALL_TASKS[task].train(tmp_path / "b", seed=3, steps=4, size="tiny", progress=False))
+    c = _weights(ALL_TASKS[task].train(tmp_path / "c", seed=4, steps=4, size="tiny", progress=False))
     _assert_same(a, b)
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", ALL_TASKS)
 def test_interrupted_run_resumes_to_the_same_weights(task, tmp_path, monkeypatch):
-    module = TASKS[task]
+    module = ALL_TASKS[task]
     straight = _weights(module.train(tmp_path / "straight", seed=1, steps=7, size="tiny", progress=False,
                                      checkpoint_every=2))
 
