@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from weight_checks import assert_same, state_copy
 
 import qkv
 from qkv.models import bundled_path
@@ -30,16 +31,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def model():
     return qkv.load("digits")
-
-
-def _weights(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k}: max difference {(a[k] - b[k]).abs().max().item():.3g}"
 
 
 def test_split_is_stratified_disjoint_and_covers_the_data_set():
@@ -147,7 +138,7 @@ def test_saved_folder_loads_in_qkv_and_transformers(tmp_path):
     assert names == [".qkv-train", "config.json", "model.safetensors", "preprocessor_config.json"]
     loaded = qkv.load(tmp_path / "m")
     assert isinstance(loaded, ViTForImageClassification)
-    _assert_same(_weights(model), _weights(loaded))
+    assert_same(state_copy(model), state_copy(loaded))
     images, _ = digits.held_out()
     torch.testing.assert_close(loaded.classify(images[:8]), model.classify(images[:8]))
     transformers = pytest.importorskip("transformers")

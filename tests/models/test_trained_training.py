@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from weight_checks import assert_same, state_copy
 
 import qkv
 from qkv.models.checkpoint import CheckpointError
@@ -29,16 +30,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _weights(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k}: max difference {(a[k] - b[k]).abs().max().item():.3g}"
-
-
 @pytest.mark.parametrize("task", TASKS)
 def test_loss_falls(task, tmp_path):
     history: list = []
@@ -50,17 +41,17 @@ def test_loss_falls(task, tmp_path):
 
 @pytest.mark.parametrize("task", ALL_TASKS)
 def test_same_seed_same_weights_other_seed_differs(task, tmp_path):
-    a = _weights(ALL_TASKS[task].train(tmp_path / "a", seed=3, steps=4, size="tiny", progress=False))
-    b = _weights(ALL_TASKS[task].train(tmp_path / "b", seed=3, steps=4, size="tiny", progress=False))
-    c = _weights(ALL_TASKS[task].train(tmp_path / "c", seed=4, steps=4, size="tiny", progress=False))
-    _assert_same(a, b)
+    a = state_copy(ALL_TASKS[task].train(tmp_path / "a", seed=3, steps=4, size="tiny", progress=False))
+    b = state_copy(ALL_TASKS[task].train(tmp_path / "b", seed=3, steps=4, size="tiny", progress=False))
+    c = state_copy(ALL_TASKS[task].train(tmp_path / "c", seed=4, steps=4, size="tiny", progress=False))
+    assert_same(a, b)
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 @pytest.mark.parametrize("task", ALL_TASKS)
-def test_interrupted_run_resumes_to_the_same_weights(task, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_samestate_copy(task, tmp_path, monkeypatch):
     module = ALL_TASKS[task]
-    straight = _weights(module.train(tmp_path / "straight", seed=1, steps=7, size="tiny", progress=False,
+    straight = state_copy(module.train(tmp_path / "straight", seed=1, steps=7, size="tiny", progress=False,
                                      checkpoint_every=2))
 
     # A KeyboardInterrupt in step 6 (after checkpoints at 2 and 4) keeps the step-4 checkpoint.
@@ -81,17 +72,17 @@ def test_interrupted_run_resumes_to_the_same_weights(task, tmp_path, monkeypatch
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", original)
     assert (out / "checkpoint.safetensors").is_file() and not (out / "model.safetensors").exists()
     history: list = []
-    resumed = _weights(module.train(out, seed=1, steps=7, size="tiny", progress=False, checkpoint_every=2,
+    resumed = state_copy(module.train(out, seed=1, steps=7, size="tiny", progress=False, checkpoint_every=2,
                                     history=history))
     assert len(history) == 3, f"resumed at step {7 - len(history)}, expected the step-4 checkpoint"
-    _assert_same(straight, resumed)
+    assert_same(straight, resumed)
     assert not (out / "checkpoint.safetensors").exists()  # removed once the folder is written
 
 
 def test_stopped_run_resumes_from_its_checkpoint(tmp_path):
-    straight = _weights(recall.train(tmp_path / "a", seed=2, steps=5, size="tiny", progress=False))
+    straight = state_copy(recall.train(tmp_path / "a", seed=2, steps=5, size="tiny", progress=False))
     recall.train(tmp_path / "b", seed=2, steps=5, size="tiny", progress=False, stop_after=3)
-    _assert_same(straight, _weights(recall.train(tmp_path / "b", seed=2, steps=5, size="tiny", progress=False)))
+    assert_same(straight, state_copy(recall.train(tmp_path / "b", seed=2, steps=5, size="tiny", progress=False)))
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -102,7 +93,7 @@ def test_saved_folder_loads_with_qkv_load(task, tmp_path):
     assert names == sorted([".qkv-train", "config.json", "model.safetensors", "tokenizer.json"] + extra)
     loaded = qkv.load(tmp_path / "m")
     assert type(loaded) is type(model)
-    _assert_same({k: v for k, v in _weights(model).items()}, _weights(loaded))
+    assert_same({k: v for k, v in state_copy(model).items()}, state_copy(loaded))
 
 
 def test_corrupt_checkpoint_is_refused_clearly(tmp_path):
