@@ -30,6 +30,8 @@ from .._files import atomic_output, write_text
 from . import analysis
 from . import rows as _rows
 from .capture import Record, Recorder
+from .image import CLASS_NAMES as _CLASS_NAMES
+from .image import ImageInfo
 from .rows import FULL_CELLS, TOP_K, answer_bytes
 from .schema import FORMAT, LEVELS, METHODS
 
@@ -108,6 +110,10 @@ class ExplainResult:
     roles: Optional[list[str]] = None
     source_len: Optional[int] = None
     mode: str = "auto"
+    # "text", or "image" for a vision transformer: then tokens are "[CLS]" and the patches "r{row}c{col}"
+    # (qkv.inspect.image), text is the image's name, and `image` holds the pixels, grid and prediction
+    modality: str = "text"
+    image: Optional[ImageInfo] = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
@@ -115,7 +121,11 @@ class ExplainResult:
         text = self.text if len(self.text) <= 60 else self.text[:57] + "..."
         rows = "all rows" if self.rows is None else f"rows {self.rows}"
         heads = self.num_heads if self.records else 0
-        return (f"ExplainResult({text!r}, model={self.model_name!r}, {len(self.tokens)} tokens, "
+        what = f"{len(self.tokens)} tokens"
+        if self.image is not None:
+            text = f"image={text}"
+            what = f"{self.image.grid[0]}x{self.image.grid[1]} patches + class token"
+        return (f"ExplainResult({text!r}, model={self.model_name!r}, {what}, "
                 f"{self.num_layers} layers x {heads} heads, {rows})")
 
     # ------------------------------------------------------------------ basics
@@ -299,6 +309,22 @@ class ExplainResult:
                         "top": [{"label": labels[j], "weight": float(rows[layer, head, j])} for j in top]})
         return out
 
+    def image_maps(self, focus: Union[str, int] = "cls", method: str = "raw",
+                   hide_special: bool = False) -> Tensor:
+        """Image results: (layers, heads, rows, columns) the focus unit's attention over the patch
+        grid (for rollout heads = 1): by default the class token's, per layer and head. The class
+        token's own column is left out, so a row sums to 1 minus the weight on the class token;
+        with hide_special the class token is hidden first and each row renormalised over the
+        patches (raw, rollout). focus: "cls", a patch "r<row>c<column>", or a unit index."""
+        if self.image is None:
+            raise ValueError("image_maps is for image results (qkv.explain(image=...)); this result is text")
+        if hide_special and self.focus_index(focus, "token") == 0:
+            raise ValueError("the class token is hidden (hide_special=True); give a patch as focus, or show it")
+        rows = self.focus_rows(focus, method, "token", hide_special)  # (L, H, n)
+        first = 0 if hide_special else 1  # the patches follow the class token
+        grid = self.image.grid
+        return rows[:, :, first:].reshape(rows.shape[0], rows.shape[1], *grid)  # (L, H, n - 1) -> (L, H, gh, gw)
+
     def steps(self, focus: Union[str, int], layer: int, head: int) -> Steps:
         """The three steps of the seeds for the focus word's first token in one head."""
         if self.roles is not None:
@@ -354,6 +380,8 @@ class ExplainResult:
         if not isinstance(focus, str) or not focus.strip():
             raise ValueError("focus must be a word of the text or an index")
         want = _norm(focus)
+        if self.image is not None and focus.strip().lower() in _CLASS_NAMES:
+            return 0  # the class token is the first token, and a unit of its own at both levels
         for i, (label, s) in enumerate(zip(labels, special)):
             if not s and _norm(label) == want:
                 return i
@@ -366,6 +394,10 @@ class ExplainResult:
         shown = ", ".join(repr(w) for w in words[:_LISTED])
         if len(words) > _LISTED:
             shown += f", ... ({len(words):,} distinct {level}s in all)"
+        if self.image is not None:
+            rows, cols = self.image.grid
+            raise ValueError(f"focus {focus!r} is not a patch of the image; name a patch as r<row>c<column> "
+                             f"(r0c0 to r{rows - 1}c{cols - 1}) or the class token as 'cls'")
         raise ValueError(f"focus word {focus!r} is not in the text; its {level}s are: {shown}")
 
     def _first_token(self, focus: str) -> int:
@@ -394,14 +426,19 @@ class ExplainResult:
     # ---------------------------------------------------------------- output
     def to_dict(self, method: str = "raw", level: str = "word", hide_special: bool = False,
                 focus: Union[str, int, None] = None, layer: Optional[int] = None, head: Optional[int] = None,
-                rows: Union[str, Sequence[int], None] = None, top_k: int = TOP_K) -> dict:
+                rows: Union[str, Sequence[int], None] = None, top_k: Optional[int] = None) -> dict:
         """The JSON-ready form "qkv.explain/1" that the HTML and PNG renderers draw.
 
         rows: None = the result's default view (`compact_view`); "all" = full maps (layers, heads,
         n, n); "focus" = the compact "rows" view shipping the focus word's row (without a focus, the
         last word's); a list of shown unit indices = the compact view shipping those rows. The
         compact view (docs/explain.md, "Long inputs") has no "maps": per-head summaries, a minimap
-        of the whole sequence, and each shipped row's `top_k` keys with the exact weight left out.
+        of the whole sequence, and each shipped row's `top_k` keys with the exact weight left out
+        (default TOP_K; for an image every key, so a shipped row draws whole over the patches).
+
+        An image result adds "modality": "image" and the "image" block (`ImageInfo.to_dict`: the
+        picture as a PNG data URL, the patch grid, the prediction); its compact view ships the
+        class token's row when no focus is given.
         """
         _check_choice("method", method, METHODS)
         _check_choice("level", level, LEVELS)
@@ -411,6 +448,8 @@ class ExplainResult:
             _check_choice("rows", rows, ("all", "focus"))
         elif rows is not None:
             rows = _check_rows(rows)
+        if top_k is None:
+            top_k = TOP_K if self.image is None else len(self.tokens)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a whole number >= 1; got {top_k!r}")
         compact = self.compact_view(level, hide_special) if rows is None else rows != "all"
@@ -449,12 +488,17 @@ class ExplainResult:
         if hide_special:
             labels = [lab for lab, s in zip(labels, special) if not s]
             special = [False] * len(labels)
-        return {
+        data = {
             "format": FORMAT, "model": self.model_name, "text": self.text, "method": method, "level": level,
             "labels": labels, "special": special, "layers": self.num_layers, "heads": len(head_names),
             "head_names": head_names, "normalised": method != "value-norm", "focus": None,
             "selected": {"layer": layer, "head": head}, "attention": self.layer_attention(),
+            "modality": self.modality,
         }
+        if self.image is not None:
+            data["image"] = self.image.to_dict(first_patch=0 if hide_special else 1,
+                                               class_token=None if hide_special else 0)
+        return data
 
     def _compact_dict(self, data: dict, method: str, level: str, hide_special: bool, focus, rows, top_k: int) -> None:
         """Fill `data` with the compact "rows" view (qkv.inspect.rows)."""
@@ -472,6 +516,8 @@ class ExplainResult:
             ship = rows
         elif focus_shown is not None:
             ship = [focus_shown]
+        elif self.image is not None and not hide_special and self.rows is None:
+            ship = [0]  # an image: the class token's row
         elif self.rows is not None:  # rows='focus' without a focus given again: the recorded word
             recorded = set(self.rows)
             ship = [i for i, unit in enumerate(u.shown) if set(u.tokens_of[unit]) <= recorded][:1]
@@ -590,17 +636,23 @@ class ExplainResult:
         return repr_png(self)
 
 
-def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, layers: Optional[Sequence[int]] = None,
-            heads: Optional[Sequence[int]] = None, rows: str = "auto", truncate: bool = False,
-            name: Optional[str] = None, tokenizer=None) -> ExplainResult:
-    """Run `model` on `text` and record its attention.
+def explain(text: Optional[str] = None, model=None, *, image=None, focus: Union[str, int, None] = None,
+            layers: Optional[Sequence[int]] = None, heads: Optional[Sequence[int]] = None, rows: str = "auto",
+            truncate: bool = False, name: Optional[str] = None, tokenizer=None,
+            interpolate_pos_encoding: bool = False) -> ExplainResult:
+    """Run `model` on `text` (or on `image`) and record its attention.
 
     Args:
-        text: the input text.
-        model: a bundled name ("minilm"), a model folder path or Hub id ("org/name"), a model from
+        text: the input text (give text or image, not both).
+        model: a bundled name, a model folder path or Hub id ("org/name"), a model from
             `qkv.load`, or a transformers `PreTrainedModel` (encoder-only or decoder-only; it runs once
-            with attn_implementation "qkv", restored afterwards; `qkv.inspect.foreign`).
-        focus: a word of the text (or a word index), needed with rows="focus".
+            with attn_implementation "qkv", restored afterwards; `qkv.inspect.foreign`). Default:
+            "minilm" for text, "digits" for an image.
+        image: one image for a vision transformer (qkv.inspect.image): a path, a PIL image, or a float
+            tensor (H, W), (C, H, W) or (1, C, H, W) in [0, 1]; resized and normalised by the model's
+            preprocessor. The units are then the class token "[CLS]" and the patches "r{row}c{col}".
+        focus: a word of the text (or a word index), needed with rows="focus"; for an image, "cls"
+            (the class token) or a patch "r3c4".
         layers, heads: record only these (indices); None = all.
         rows: "auto" (default) records every query row (queries and keys: linear in length), and
             `to_dict` gives full maps while layers x heads x n^2 <= FULL_CELLS, else the compact
@@ -613,10 +665,22 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
             name_or_path).
         tokenizer: a transformers model's fast tokenizer (AutoTokenizer); required with one, unless
             it came from `qkv.models.load_transformers`, which attaches it. qkv's own models carry theirs.
+        interpolate_pos_encoding: an image of another size than the model's runs on resampled
+            position embeddings instead of being refused (when the preprocessor does not resize).
 
     Returns:
         an `ExplainResult`. The model's outputs are not changed by the recording.
     """
+    if image is not None:
+        if text is not None:
+            raise TypeError("give text or image=, not both: explain reads one input")
+        if tokenizer is not None:
+            raise TypeError("tokenizer= is for text; an image needs none: drop tokenizer=")
+        return _explain_image(image, "digits" if model is None else model, focus=focus, layers=layers,
+                              heads=heads, rows=rows, name=name, interpolate=interpolate_pos_encoding)
+    if interpolate_pos_encoding:
+        raise TypeError("interpolate_pos_encoding is for images (explain(image=...)); drop it for text")
+    model = "minilm" if model is None else model
     text = _check_text(text)
     _check_choice("rows", rows, ROWS)
     _check_focus_type(focus)
@@ -653,6 +717,53 @@ def explain(text: str, model="minilm", *, focus: Union[str, int, None] = None, l
     finally:
         recorder.detach()
     return _result(probe, recorder, record_rows, layers, rows)
+
+
+def _explain_image(image, model, *, focus, layers, heads, rows: str, name: Optional[str],
+                   interpolate: bool) -> ExplainResult:
+    """explain for a vision transformer (qkv.inspect.image): the class token and the patches as units."""
+    from . import image as _image
+
+    _check_choice("rows", rows, ROWS)
+    _check_focus_type(focus)
+    if rows == "focus" and focus is None:
+        focus = "cls"
+    if isinstance(interpolate, bool) is False:
+        raise TypeError(f"interpolate_pos_encoding must be True or False; got {interpolate!r}")
+    from .foreign import is_transformers_model
+
+    if is_transformers_model(model):
+        raise TypeError("explain(image=...) runs qkv's own vision transformer; load the checkpoint's folder with "
+                        "qkv.load(folder) (ViTModel and ViTForImageClassification folders load natively)")
+    if not isinstance(model, (str, os.PathLike, torch.nn.Module)):
+        raise TypeError(f"model must be a bundled name, a model folder path or a model from qkv.load; "
+                        f"got {type(model).__name__}")
+    model, loaded_name = _load_model(model)
+    name = loaded_name if name is None else str(name)
+    if not _image.is_image_model(model):
+        raise ValueError(f"model {name!r} reads text, not images; explain an image with a vision transformer "
+                         f"(model='digits' or a ViT folder), or pass text")
+    _check_layers_heads(model, name, layers, heads)
+    shown, pixels, label = _image.read_image(image, model, name, interpolate)  # (1, C, H, W) each
+    P = model.config.patch_size
+    grid = (shown.shape[-2] // P, shown.shape[-1] // P)
+    patches = _image.patch_labels(*grid)
+    tokens = [_image.CLASS_TOKEN] + patches
+    probe = ExplainResult(label, name, tokens, [True] + [False] * len(patches), list(patches),
+                          [None] + list(range(len(patches))), records=[], modality="image")
+    probe.image = _image.ImageInfo(label, shown[0].float(), grid, P, list(getattr(model, "labels", [])))
+    record_rows = _focus_rows(probe, focus, rows)
+    recorder = Recorder(layers=layers, heads=heads, rows=record_rows).attach(model)
+    try:
+        with torch.no_grad():
+            out = model(pixels.to(model.device), interpolate)
+    finally:
+        recorder.detach()
+    result = _result(probe, recorder, record_rows, layers, rows)
+    if hasattr(model, "classifier"):  # ViTForImageClassification: out is (1, num_labels) logits
+        probe.image.probabilities = out[0].float().softmax(-1).cpu()
+    result.modality, result.image = "image", probe.image
+    return result
 
 
 def _focus_rows(probe: "ExplainResult", focus, rows: str) -> Optional[list[int]]:
@@ -700,7 +811,8 @@ def _check_text(text) -> str:
 
     if not isinstance(text, str):
         hint = ("; explain takes one sentence: call it once per sentence, e.g. [qkv.explain(t) for t in texts]"
-                if isinstance(text, (list, tuple)) else "")
+                if isinstance(text, (list, tuple)) else
+                "; or explain an image with image=path" if text is None else "")
         raise TypeError(f"text must be a string (the sentence to explain); got {type(text).__name__}{hint}")
     return check_texts(text, what="the text")[0]
 
@@ -714,6 +826,11 @@ def _check_focus_type(focus) -> None:
 def _tokenizer_of(model, name: str):
     tok = getattr(model, "tokenizer", None)
     if tok is None:
+        from .image import is_image_model
+
+        if is_image_model(model):
+            raise ValueError(f"model {name!r} is a vision transformer: it reads images, not text; explain an image "
+                             f"(qkv.explain(image=path, model=...); qkv explain --image FILE)")
         raise ValueError(f"model {name!r} has no tokenizer; explain needs one to turn text into tokens")
     return tok
 

@@ -20,7 +20,9 @@ layer attended (causal, sliding window, score_mod), was added with issue 17. Iss
 compact view for long inputs: `view` ("full", or "rows": then `maps` is absent and `rows`,
 `summary`, `minimap` and `omitted` say what the view holds; docs/explain.md, "Long inputs").
 Shapes there: rows.top[layer][head][row] is one `TopKeys`; summary.* (layers, heads); minimap.*
-(layers, n).
+(layers, n). Issue 20 added images: `modality` ("text" or "image") and, for an image, `image`
+(the picture as a PNG data URL, the patch grid, the prediction); labels are then "[CLS]" and the
+patches "r{row}c{col}" row by row.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ FORMAT = "qkv.explain/1"
 METHODS = ("raw", "rollout", "value-norm")  # how a row of weights is computed (qkv.explain's `method`)
 LEVELS = ("word", "token")  # what a label is: a word (subword pieces joined) or a token
 
-__all__ = ["FORMAT", "LEVELS", "METHODS", "Cross", "ExplainData", "Focus", "LayerAttention", "Minimap", "Omitted",
-           "Rows", "Summary", "TopKeys", "as_list", "check_data"]
+__all__ = ["FORMAT", "LEVELS", "METHODS", "Cross", "ExplainData", "Focus", "Image", "LayerAttention", "Minimap",
+           "Omitted", "Prediction", "Rows", "Summary", "TopKeys", "as_list", "check_data"]
 
 T = TypeVar("T")
 
@@ -128,6 +130,28 @@ class LayerAttention(_Part):
                                   "'soft_cap(cap=50.0)'; null = none")
 
 
+class Prediction(_Part):
+    label: str
+    probability: float
+
+
+class Image(_Part):
+    """An image result's picture and patch grid (added to qkv.explain/1 with issue 20)."""
+
+    name: str = Field(description="the image's file name, or 'image'")
+    grid: list[int] = Field(min_length=2, max_length=2, description="[rows, columns] of patches")
+    patch: int = Field(gt=0, description="the side of a patch in pixels")
+    size: list[int] = Field(min_length=2, max_length=2, description="[height, width] in pixels as the model saw it")
+    channels: int = Field(description="1 (grey) or 3 (RGB)")
+    pixels: str = Field(pattern=r"^data:image/png;base64,[A-Za-z0-9+/=]*$",
+                        description="the image at the model's size, before normalisation, as a PNG data URL")
+    first_patch: int = Field(ge=0, description="the label index of patch (0, 0); patch (r, c) is "
+                             "first_patch + r * columns + c")
+    class_token: int | None = Field(None, description="the class token's label index (null: hidden)")
+    prediction: list[Prediction] = Field(default_factory=list, description="the most probable classes, "
+                                         "most probable first (empty without a classifier)")
+
+
 class Selected(_Part):
     layer: int | None = None
     head: int | None = None
@@ -160,12 +184,22 @@ class ExplainData(_Part):
     cross: Cross | None = Field(None, description="encoder-decoder models: target words over source words")
     attention: list[LayerAttention] | None = Field(None, description=(
         "one per layer of maps: its causal flag, sliding window and score_mod (absent in older files)"))
+    modality: Literal["text", "image"] | None = Field(None, description="what the labels are: words or "
+                                                      "tokens of a text, or an image's patches (absent: text)")
+    image: Image | None = Field(None, description="modality 'image': the picture, its patch grid, the prediction")
 
     @model_validator(mode="after")
     def _shapes(self) -> ExplainData:
         n, maps = len(self.labels), self.maps
         if self.special is not None and len(self.special) != n:
             raise ValueError(f"data['special'] has {len(self.special)} entries for {n} labels; give one bool per label")
+        if self.modality == "image" and self.image is None:
+            raise ValueError("data['modality'] is 'image' but data['image'] (the picture and patch grid) is absent")
+        if self.image is not None:
+            rows, cols = self.image.grid
+            if self.image.first_patch + rows * cols != n:
+                raise ValueError(f"data['image'] has a {rows}x{cols} patch grid from label {self.image.first_patch}, "
+                                 f"but there are {n} labels")
         if self.view == "rows":
             self._compact_shapes(n)
             return self

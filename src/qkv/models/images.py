@@ -135,9 +135,18 @@ class Preprocessor:
     def __call__(self, x: Tensor) -> Tensor:
         """x (N, C, H, W) float in [0, 1] -> the model's pixel values (N, C, height, width) when
         resizing, else (N, C, H, W)."""
+        return self.normalise(self.resize(x))
+
+    def resize(self, x: Tensor) -> Tensor:
+        """x (N, C, H, W) float in [0, 1] -> (N, C, height, width) in [0, 1] when resizing, else x:
+        the image as the model sees it, before rescaling and normalisation (what explain draws)."""
         if self.do_resize and tuple(x.shape[-2:]) != (self.height, self.width):
             x = F.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False,
                               antialias=True).clamp(0, 1)  # (N, C, height, width)
+        return x
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """x (N, C, h, w) in [0, 1], already resized -> the model's pixel values (same shape)."""
         x = x * 255.0  # the 0..255 samples transformers' processors start from
         if self.do_rescale:
             x = x * self.rescale_factor
@@ -253,7 +262,13 @@ def _tensor_batch(x: Tensor, channels: int) -> Tensor:
 
 
 def to_pixels(images, pre: Preprocessor, config, *, interpolate: bool = False) -> Tensor:
-    """What `classify` takes -> the model's pixel values (N, C, H, W), preprocessed.
+    """What `classify` takes -> the model's pixel values (N, C, H, W), preprocessed."""
+    return pre.normalise(resized(images, pre, config, interpolate=interpolate))
+
+
+def resized(images, pre: Preprocessor, config, *, interpolate: bool = False) -> Tensor:
+    """What `classify` takes -> (N, C, H, W) in [0, 1] at the model's size: the preprocessor's
+    resize alone (`to_pixels` then rescales and normalises).
 
     Args:
         images: see the module docstring (a tensor, a PIL image, a path, or a list of those).
@@ -278,7 +293,7 @@ def to_pixels(images, pre: Preprocessor, config, *, interpolate: bool = False) -
         else:
             raise ImageError(f"{name} is a {type(item).__name__}; pass a float tensor (N, H, W) or (N, C, H, W) in "
                              f"[0, 1], a PIL image or the path of an image file")
-        batch = pre(batch)  # (n, C, h, w)
+        batch = pre.resize(batch)  # (n, C, h, w)
         size = tuple(batch.shape[-2:])
         if not interpolate and size != (config.image_size, config.image_size):
             what = f"{name} is {size[0]}x{size[1]} pixels" + (" after resizing" if pre.do_resize else "")
@@ -291,4 +306,4 @@ def to_pixels(images, pre: Preprocessor, config, *, interpolate: bool = False) -
     return torch.cat(batches)  # (N, C, H, W)
 
 
-__all__ = ["ImageError", "Preprocessor", "to_pixels", "open_image", "pil_to_tensor", "PILLOW_INSTALL"]
+__all__ = ["ImageError", "Preprocessor", "resized", "to_pixels", "open_image", "pil_to_tensor", "PILLOW_INSTALL"]
