@@ -14,7 +14,7 @@ import torch
 
 import qkv
 from qkv.inspect import analysis
-from qkv.inspect.image import ImageInfo, patch_labels, png_data_url, samples
+from qkv.inspect.image import ImageInfo, attention_distance, patch_labels, png_data_url, samples
 from qkv.inspect.schema import check_data
 from qkv.models import bundled_path
 from qkv.models.images import ImageError
@@ -199,3 +199,19 @@ def test_samples_are_held_out_digits_the_model_gets_right():
 def test_image_info_without_a_classifier():
     info = ImageInfo("x.png", torch.zeros(1, 8, 8), (4, 4), 2, [], None)
     assert info.prediction() == [] and info.num_patches == 16
+
+
+def test_attention_distance_is_the_weighted_distance_between_patch_centres(digit):
+    got = attention_distance(digit)  # (L, H)
+    att = digit.attentions.double()  # (L, H, 17, 17)
+    want = torch.zeros(4, 4, dtype=torch.float64)
+    for i in range(16):
+        for j in range(16):
+            (ri, ci), (rj, cj) = divmod(i, 4), divmod(j, 4)
+            d = 2 * ((ri - rj) ** 2 + (ci - cj) ** 2) ** 0.5  # patch side 2 pixels
+            want += att[:, :, 1 + i, 1 + j] / att[:, :, 1 + i, 1:].sum(-1) * d / 16
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="every patch's row"):
+        attention_distance(qkv.explain(image=DIGIT, model="digits", rows="focus", focus="r0c0"))
+    with pytest.raises(ValueError, match="image results"):
+        attention_distance(qkv.explain("a cat", model="minilm"))

@@ -114,6 +114,29 @@ def read_image(image, model, name: str, interpolate: bool) -> tuple[Tensor, Tens
     return shown, pre.normalise(shown), label
 
 
+def attention_distance(result) -> Tensor:
+    """(layers, heads) mean attention distance in pixels, as Dosovitskiy et al. (2021, fig. 7) measure
+    it: for each query patch, the distance between patch centres weighted by its attention over the
+    other patches (the class token's share left out, the patches' weights renormalised to 1), averaged
+    over the query patches. Small: a local head; near the image's mean patch distance: a global one.
+    result: an image `ExplainResult` with every row recorded (rows "auto" or "all")."""
+    if getattr(result, "image", None) is None:
+        raise ValueError("attention_distance is for image results (qkv.explain(image=...))")
+    if result.rows is not None:
+        raise ValueError("attention_distance needs every patch's row; explain with rows='auto' or 'all'")
+    rows, cols = result.image.grid
+    P = result.image.patch
+    r = torch.arange(rows, dtype=torch.float64).repeat_interleave(cols)  # (M,) patch rows
+    c = torch.arange(cols, dtype=torch.float64).repeat(rows)  # (M,) patch columns
+    dist = torch.sqrt((r[:, None] - r[None]) ** 2 + (c[:, None] - c[None]) ** 2) * P  # (M, M) pixels
+    out = []
+    for rec in result.records:  # one layer at a time: (H, n, n) with n = 1 + M
+        w = rec.weights()[0].double()[:, 1:, 1:]  # (H, M, M): patch queries over patch keys
+        w = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
+        out.append((w * dist).sum(-1).mean(-1))  # (H,)
+    return torch.stack(out).float()  # (layers, heads)
+
+
 def samples(folder) -> list[Path]:
     """The sample images a model folder ships in its `samples/` folder (PNG files, sorted by name;
     [] when there are none). The bundled digits model ships one held-out image of each digit,
