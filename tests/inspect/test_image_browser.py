@@ -300,3 +300,100 @@ def test_malicious_file_name_stays_text(browser, tmp_path):
         page.check_clean()
     finally:
         page.close()
+
+
+def test_keyboard_and_the_head_view_share_the_focus(browser, digit, tmp_path):
+    data = digit.to_dict()
+    maps = np.asarray(data["maps"])  # (L, H, n, n)
+    L = maps.shape[0]
+    first, (gr, gc), cls = data["image"]["first_patch"], data["image"]["grid"], data["image"]["class_token"]
+    patches = slice(first, first + gr * gc)
+    page = ImagePage(browser, write_html(data, tmp_path / "keys.html"))
+    try:
+        # A click on a patch selects it in the head view too.
+        unit = data["labels"].index("r1c1")
+        page.page.click(f'.qkv-patch[data-unit="{unit}"]')
+        assert page.page.eval_on_selector("#head-view", "e => e.dataset.selected") == str(unit)
+        # Arrow keys move the focus over the grid.
+        page.page.keyboard.press("ArrowRight")
+        assert "r1c2" in page.focus_text()
+        page.page.keyboard.press("ArrowDown")
+        assert "r2c2" in page.focus_text()
+        assert_weights(page, first, maps[L - 1].mean(0)[data["labels"].index("r2c2"), patches], "r2c2 by the keyboard")
+        page.page.keyboard.press("Escape")
+        assert "[CLS]" in page.focus_text()
+        # A word picked in the head view becomes the image's focus.
+        other = data["labels"].index("r3c3")
+        page.page.click(f'#queries .word.q[data-index="{other}"]')
+        assert "r3c3" in page.focus_text()
+        assert_weights(page, first, maps[L - 1].mean(0)[other, patches], "r3c3 from the head view")
+        page.page.click(f'#queries .word.q[data-index="{cls}"]')
+        assert "[CLS]" in page.focus_text()
+        page.check_clean()
+    finally:
+        page.close()
+
+
+def test_a_wide_image_keeps_rows_and_columns_apart(browser, tmp_path):
+    """A 8x12 picture (interpolated positions): a 4x6 grid, so a row/column mix-up shows."""
+    import torch
+
+    pixels = torch.rand(8, 12, generator=torch.Generator().manual_seed(3))  # (H, W) in [0, 1]
+    r = qkv.explain(image=pixels, model="digits", interpolate_pos_encoding=True)
+    data = r.to_dict()
+    assert data["image"]["grid"] == [4, 6]
+    grids = r.image_maps(focus="cls").mean(1)  # (L, rows, cols)
+    L = grids.shape[0]
+    page = ImagePage(browser, write_html(data, tmp_path / "wide.html"))
+    try:
+        box = page.page.eval_on_selector("img.qkv-image-picture", "e => [e.clientWidth, e.clientHeight]")
+        assert abs(box[0] / box[1] - 12 / 8) < 0.02, f"the picture is drawn {box}, not 12:8"
+        cells = page.patches()
+        assert len(cells) == 24
+        for c in cells:
+            assert abs(float(c["weight"]) - float(grids[L - 1, int(c["row"]), int(c["col"])])) <= TOL
+        # A patch's position on screen follows its row and column.
+        x, y = page.page.eval_on_selector('.qkv-patch[data-row="3"][data-col="5"]',
+                                          "e => [e.offsetLeft, e.offsetTop]")
+        assert x > 4 * y / 3 > 0
+        unit = data["labels"].index("r3c5")
+        page.page.hover(f'.qkv-patch[data-unit="{unit}"]')
+        grid = r.image_maps(focus="r3c5").mean(1)[L - 1]  # (rows, cols)
+        for c in page.patches():
+            assert abs(float(c["weight"]) - float(grid[int(c["row"]), int(c["col"])])) <= TOL
+        page.check_clean()
+    finally:
+        page.close()
+
+
+def test_a_big_rgb_vit_gives_the_compact_view(browser, tmp_path):
+    """A random RGB ViT without a classifier (transformers' ViTModel saved to a folder, as
+    tests/models/test_vit.py builds them), 2 layers x 32 heads over 16x16 patches: its result is
+    too big for full maps, so the page gets the compact view with the class token's whole row."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=32,
+                                    intermediate_size=64, image_size=64, patch_size=4, num_channels=3)
+    transformers.ViTModel(config).eval().save_pretrained(tmp_path / "vit")
+    pixels = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))  # (C, H, W) in [0, 1]
+    r = qkv.explain(image=pixels, model=str(tmp_path / "vit"))
+    data = r.to_dict()
+    assert data["view"] == "rows" and data["image"]["channels"] == 3 and data["image"]["prediction"] == []
+    grid = r.image_maps(focus="cls").mean(1)[-1]  # (16, 16): last layer, mean of heads
+    page = ImagePage(browser, write_html(data, tmp_path / "big.html"))
+    try:
+        assert page.state()["view"] == "rows"
+        cells = page.patches()
+        assert len(cells) == 256
+        for c in cells:
+            assert abs(float(c["weight"]) - float(grid[int(c["row"]), int(c["col"])])) <= TOL
+        assert page.page.eval_on_selector("img.qkv-image-picture", "e => e.complete && e.naturalWidth") == 64
+        assert "No prediction" in page.page.text_content(".qkv-image")
+        page.page.hover('.qkv-patch[data-row="5"][data-col="9"]')
+        assert "r5c9" in page.focus_text()
+        assert "qkv explain --rows all" in page.page.text_content(".qkv-image-caption")
+        page.check_clean()
+    finally:
+        page.close()

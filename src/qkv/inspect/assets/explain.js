@@ -694,7 +694,7 @@
 
     // -------------------------------------------------------------- header
     var header = el("header");
-    header.appendChild(el("p", "kicker", "qkv explain \u00b7 long input"));
+    header.appendChild(el("p", "kicker", "qkv explain \u00b7 " + (data.image ? "compact view" : "long input")));
     // A long text would fill screens as a title: its start, and the whole text folded below.
     var TITLE_CHARS = 160;
     var shortText = data.text.length > TITLE_CHARS ? data.text.slice(0, TITLE_CHARS).replace(/\s+\S*$/, "") + " \u2026"
@@ -717,7 +717,7 @@
     header.appendChild(meta);
     var om = data.omitted || {};
     header.appendChild(part("p", "compact-note", "note",
-      "A long input: this view holds the summaries of every layer and head, the whole sequence as a minimap, and the top " +
+      (data.image ? "A compact view" : "A long input") + ": this view holds the summaries of every layer and head, the whole sequence as a minimap, and the top " +
       K + " keys of " + shipped.length + " of " + n + " rows with the exact weight of the keys left out" +
       (typeof om.weights === "number" ? " (" + om.weights.toLocaleString("en-US") + " weights not shipped)" : "") + ". " +
       (fetchRows ? "Pick any row on the minimap or by number: the page fetches it from the server."
@@ -1380,11 +1380,24 @@
         cell.style.top = (r * patch * scale) + "px";
         cell.style.width = (patch * scale) + "px";
         cell.style.height = (patch * scale) + "px";
-        (function (unit) {
+        (function (unit, row, col) {
           cell.addEventListener("mouseenter", function () { setFocus(unit); });
-          cell.addEventListener("click", function () { setFocus(unit); });
           cell.addEventListener("focus", function () { setFocus(unit); });
-        })(u);
+          // A click also picks the patch in the view below (its head view or row panel).
+          cell.addEventListener("click", function () { setFocus(unit); pickBelow(unit); });
+          cell.addEventListener("keydown", function (ev) {
+            var to = null;
+            if (ev.key === "ArrowRight") to = col < gc - 1 ? unitOf(row, col + 1) : null;
+            else if (ev.key === "ArrowLeft") to = col > 0 ? unitOf(row, col - 1) : null;
+            else if (ev.key === "ArrowDown") to = row < gr - 1 ? unitOf(row + 1, col) : null;
+            else if (ev.key === "ArrowUp") to = row > 0 ? unitOf(row - 1, col) : null;
+            else if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); pickBelow(unit); return; }
+            else if (ev.key === "Escape" && cls !== null) { ev.preventDefault(); setFocus(cls); clsBtn.focus(); return; }
+            else return;
+            ev.preventDefault();
+            if (to !== null) cells[to - first].focus();
+          });
+        })(u, r, c);
         stage.appendChild(cell);
         cells.push(cell);
       }
@@ -1398,7 +1411,7 @@
     clsBtn.type = "button";
     clsBtn.disabled = cls === null;
     if (cls === null) clsBtn.title = "the class token is hidden (hide_special): explain without it to see its row";
-    clsBtn.addEventListener("click", function () { if (cls !== null) setFocus(cls); });
+    clsBtn.addEventListener("click", function () { if (cls !== null) { setFocus(cls); pickBelow(cls); } });
     focusRow.appendChild(clsBtn);
     left.appendChild(focusRow);
     body.appendChild(left);
@@ -1407,8 +1420,9 @@
     var caption = part("p", "image-caption");
     caption.setAttribute("aria-live", "polite");
     right.appendChild(caption);
-    right.appendChild(el("p", "note", "Hover a patch to see what it attends to; the colour is the weight over the " +
-      "largest patch weight of the row (square-root scale). " + (normalised ? "Rows sum to 1 over every unit." :
+    right.appendChild(el("p", "note", "Hover a patch to see what it attends to (click it to open its row below; " +
+      "arrow keys move, Esc returns to the class token). The colour is the weight over the largest patch weight " +
+      "of the row (square-root scale). " + (normalised ? "Rows sum to 1 over every unit, the class token included." :
       "Value-weighted norms are not normalised.")));
     var pred = im.prediction || [];
     if (pred.length) {
@@ -1588,6 +1602,11 @@
         else base.setView(st.layer, st.head === "mean" ? base.state.head : st.head);
       } finally { syncing = false; }
     }
+    function pickBelow(unit) {
+      syncing = true;
+      try { base.select(unit); } finally { syncing = false; }
+      lastSelected = unit;
+    }
     function setMethod(m) {
       if (!methods.some(function (x) { return x[0] === m; })) return;
       st.method = m;
@@ -1596,11 +1615,16 @@
     layerSel.addEventListener("change", function () { setView(parseInt(layerSel.value, 10), st.head); });
     methodSel.addEventListener("change", function () { setMethod(methodSel.value); });
 
+    // The view below changed its layer, head or selected unit: show the same.
+    var lastSelected = base.state.selected;
     panel = {
       follow: function (bs) {
-        // The view below changed layer or head: show the same.
         if (typeof bs.layer === "number") st.layer = bs.layer;
         if (bs.head === "mean" || typeof bs.head === "number") st.head = bs.head;
+        if (bs.selected !== lastSelected) {
+          lastSelected = bs.selected;
+          if (bs.selected === cls || isPatch(bs.selected)) st.focus = bs.selected;
+        }
         render();
       }
     };
