@@ -329,6 +329,14 @@ def test_keyboard_and_the_head_view_share_the_focus(browser, digit, tmp_path):
         assert_weights(page, first, maps[L - 1].mean(0)[other, patches], "r3c3 from the head view")
         page.page.click(f'#queries .word.q[data-index="{cls}"]')
         assert "[CLS]" in page.focus_text()
+        # The overlay slider fades the colours, not the numbers.
+        before = page.patches()
+        colour = "e => getComputedStyle(e).backgroundColor"
+        top = int(np.argmax(maps[L - 1].mean(0)[cls, patches])) + first
+        assert page.page.eval_on_selector(f'.qkv-patch[data-unit="{top}"]', colour) == "rgba(255, 96, 24, 0.78)"
+        page.page.fill("#image-opacity", "0")
+        assert page.page.eval_on_selector(f'.qkv-patch[data-unit="{top}"]', colour).endswith(", 0)")
+        assert page.patches() == before
         page.check_clean()
     finally:
         page.close()

@@ -1351,6 +1351,17 @@
     if (H > 1) headButton("mean", "mean of heads");
     for (var h0 = 0; h0 < H; h0++) headButton(h0, names[h0]);
     controls.appendChild(picker);
+    var ol = el("label", null, "Overlay");
+    ol.htmlFor = P + "image-opacity";
+    controls.appendChild(ol);
+    var opacity = part("input", "image-opacity");
+    opacity.type = "range";
+    opacity.min = "0";
+    opacity.max = "100";
+    opacity.value = "78";
+    opacity.title = "how strongly the weights cover the picture";
+    opacity.addEventListener("input", function () { render(); });
+    controls.appendChild(opacity);
     sec.appendChild(controls);
 
     var body = el("div", "qkv-image-body");
@@ -1542,6 +1553,7 @@
       clsBtn.setAttribute("aria-pressed", st.focus === cls ? "true" : "false");
       var where = "layer " + st.layer + ", " + headWords();
       var pw = row ? patchWeights(row) : null;
+      var alpha = Math.max(0, Math.min(100, Number(opacity.value) || 0)) / 100;
       cells.forEach(function (cell, k) {
         cell.classList.toggle("cur", first + k === st.focus);
         if (!pw) {
@@ -1552,7 +1564,7 @@
         }
         var w = pw.w[k], t = pw.max > 0 ? Math.sqrt(Math.max(0, w) / pw.max) : 0;
         cell.dataset.weight = w.toFixed(4);
-        cell.style.backgroundColor = "rgba(255, 96, 24, " + (0.78 * t).toFixed(3) + ")";
+        cell.style.backgroundColor = "rgba(255, 96, 24, " + (alpha * t).toFixed(3) + ")";
         cell.title = labels[first + k] + ": " + w.toFixed(4);
       });
       if (!pw) {
