@@ -405,3 +405,30 @@ def test_a_big_rgb_vit_gives_the_compact_view(browser, tmp_path):
         page.check_clean()
     finally:
         page.close()
+
+
+def test_a_failed_fetch_is_said_and_a_click_asks_again(browser, digit, tmp_path):
+    full = digit.to_dict()["maps"]  # (L, H, n, n) nested lists
+    data = digit.to_dict(rows=[0])
+    L = len(full)
+    first, (gr, gc) = data["image"]["first_patch"], data["image"]["grid"]
+    patches = slice(first, first + gr * gc)
+    page = ImagePage(browser, write_html(data, tmp_path / "fail.html"))
+    try:
+        page.page.evaluate("""([data, full]) => {
+            window.down = true;
+            QKV.mount(document.getElementById("qkv-root"), data, { fetchRows: (q) => window.down
+                ? Promise.reject(new Error("the session was evicted; explain the image again"))
+                : Promise.resolve({ weights: q.layers.map(l => [[full[l][q.head][q.rows[0]]]]) }) });
+        }""", [data, full])
+        unit = data["labels"].index("r1c0")
+        page.page.hover(f'.qkv-patch[data-unit="{unit}"]')
+        page.page.wait_for_function("document.querySelector('.qkv-image-caption').textContent.includes('evicted')")
+        assert all(p.get("weight") is None for p in page.patches())
+        page.page.evaluate("window.down = false")
+        page.page.click(f'.qkv-patch[data-unit="{unit}"]')
+        page.page.wait_for_selector('.qkv-image[data-state="ready"]')
+        assert_weights(page, first, np.asarray(full)[L - 1].mean(0)[unit, patches], "r1c0 after a retry")
+        page.check_clean()
+    finally:
+        page.close()

@@ -1395,7 +1395,12 @@
           cell.addEventListener("mouseenter", function () { setFocus(unit); });
           cell.addEventListener("focus", function () { setFocus(unit); });
           // A click also picks the patch in the view below (its head view or row panel).
-          cell.addEventListener("click", function () { setFocus(unit); pickBelow(unit); });
+          // (and asks again for a row whose fetch failed)
+          cell.addEventListener("click", function () {
+            if (failed[unit]) { delete failed[unit]; if (st.focus === unit) render(); }
+            setFocus(unit);
+            pickBelow(unit);
+          });
           cell.addEventListener("keydown", function (ev) {
             var to = null;
             if (ev.key === "ArrowRight") to = col < gc - 1 ? unitOf(row, col + 1) : null;
