@@ -220,6 +220,16 @@ def test_hidden_class_token(browser, digit, tmp_path):
         page.check_clean()
     finally:
         page.close()
+    # The compact view ships another row than the first patch's: the page starts on it.
+    compact = digit.to_dict(rows="focus", hide_special=True)
+    (shipped,) = compact["rows"]["index"]
+    page = ImagePage(browser, write_html(compact, tmp_path / "hidden-compact.html"))
+    try:
+        assert compact["labels"][shipped] in page.focus_text()
+        assert_weights(page, 0, maps[L - 1].mean(0)[shipped], "the shipped patch, hidden class token, compact")
+        page.check_clean()
+    finally:
+        page.close()
 
 
 def test_compact_view_draws_the_class_token_row(browser, digit, tmp_path):

@@ -14,6 +14,10 @@
  * numbers through toFixed. Colours are set through the CSSOM (element.style), which a
  * Content-Security-Policy without 'unsafe-inline' styles allows.
  *
+ * An image result (data.modality "image", `qkv.explain(image=...)`) gets an image panel above the
+ * views: QKV.mountImage, see "images" below for its DOM contract. QKV.mountRows(root, data, options)
+ * mounts the compact view of a long input ("rows" view) directly.
+ *
  * When the document has a JSON data block with id "qkv-data" (the offline file), the data in it
  * is mounted into #qkv-root on load.
  */
@@ -1175,7 +1179,7 @@
     var cls = typeof im.class_token === "number" ? im.class_token : null;
     var imgH = im.size[0], imgW = im.size[1];
     var compact = data.view === "rows" || !data.maps;
-    var names = data.head_names, H = names.length, L = data.layers;
+    var names = data.head_names, H = names.length, L = compact ? data.rows.top.length : data.maps.length;
     var normalised = !!data.normalised;
     var fetchRows = compact ? (options.fetchRows || null) : null;
     var canRollout = !compact && data.method === "raw" && cls !== null;
@@ -1202,6 +1206,11 @@
     function focusWords(unit) { return unit === cls ? "class token" : "patch " + unitName(unit); }
 
     var focus0 = data.focus && typeof data.focus.index === "number" ? data.focus.index : (cls !== null ? cls : first);
+    if (compact && !options.fetchRows && data.rows.index.indexOf(focus0) < 0) {
+      // Start on a unit whose row is in the file (hide_special ships other rows than the class token's).
+      var firstShipped = data.rows.index.filter(function (i) { return i === cls || (i >= first && i < first + gr * gc); })[0];
+      if (firstShipped !== undefined) focus0 = firstShipped;
+    }
     var st = {
       layer: L - 1,
       head: !compact && H > 1 ? "mean" : 0,
