@@ -332,6 +332,9 @@ def test_keyboard_and_the_head_view_share_the_focus(browser, digit, tmp_path):
         assert_weights(page, first, maps[L - 1].mean(0)[data["labels"].index("r2c2"), patches], "r2c2 by the keyboard")
         page.page.keyboard.press("Escape")
         assert "[CLS]" in page.focus_text()
+        # One patch is in the tab order (the focus's, or the first when the class token is the focus).
+        tabbable = page.page.eval_on_selector_all(".qkv-patch", "els => els.filter(e => e.tabIndex === 0).length")
+        assert tabbable == 1
         # A word picked in the head view becomes the image's focus.
         other = data["labels"].index("r3c3")
         page.page.click(f'#queries .word.q[data-index="{other}"]')

@@ -1393,7 +1393,7 @@
         cell.dataset.unit = String(u);
         cell.dataset.row = String(r);
         cell.dataset.col = String(c);
-        cell.tabIndex = 0;
+        cell.tabIndex = -1;
         cell.setAttribute("role", "button");
         cell.setAttribute("aria-label", "patch " + unitName(u));
         cell.style.left = (c * patch * scale) + "px";
@@ -1568,8 +1568,10 @@
       var where = "layer " + st.layer + ", " + headWords();
       var pw = row ? patchWeights(row) : null;
       var alpha = Math.max(0, Math.min(100, Number(opacity.value) || 0)) / 100;
+      var tabTo = isPatch(st.focus) ? st.focus - first : 0; // one patch in the tab order; arrows move
       cells.forEach(function (cell, k) {
         cell.classList.toggle("cur", first + k === st.focus);
+        cell.tabIndex = k === tabTo ? 0 : -1;
         if (!pw) {
           delete cell.dataset.weight;
           cell.style.backgroundColor = "";
