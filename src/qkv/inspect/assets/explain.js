@@ -31,6 +31,12 @@
     return e;
   }
   function fmt(w) { return w.toFixed(3); }
+  // the header's count of units: words (or tokens) of a text; an image's patches and its class token
+  function unitCount(data, n) {
+    if (!data.image) return [data.level === "token" ? "tokens" : "words", String(n)];
+    var g = data.image.grid;
+    return ["patches", g[0] + "\u00d7" + g[1] + (data.image.class_token == null ? "" : " + class token")];
+  }
   function heat(t) {
     // white -> accent blue
     t = Math.max(0, Math.min(1, t));
@@ -178,8 +184,8 @@
     // -------------------------------------------------------------- header
     $("title-text").textContent = "\u201c" + data.text + "\u201d";
     var meta = $("meta");
-    [["model", data.model], ["method", data.method], ["level", data.level],
-     ["layers", String(L)], ["heads", String(H === 1 ? names[0] : H)], ["words", String(n)]].forEach(function (kv, idx) {
+    [["model", data.model], ["method", data.method]].concat(data.image ? [] : [["level", data.level]]).concat([
+     ["layers", String(L)], ["heads", String(H === 1 ? names[0] : H)], unitCount(data, n)]).forEach(function (kv, idx) {
       if (idx) meta.appendChild(document.createTextNode(" \u00b7 "));
       meta.appendChild(document.createTextNode(kv[0] + " "));
       meta.appendChild(el("b", null, kv[1]));
@@ -712,8 +718,8 @@
       header.appendChild(fold);
     }
     var meta = part("p", "meta", "meta");
-    [["model", data.model], ["method", data.method], ["level", data.level], ["layers", String(L)],
-     ["heads", String(H === 1 ? names[0] : H)], ["words", String(n)]].forEach(function (kv, idx) {
+    [["model", data.model], ["method", data.method]].concat(data.image ? [] : [["level", data.level]]).concat([
+     ["layers", String(L)], ["heads", String(H === 1 ? names[0] : H)], unitCount(data, n)]).forEach(function (kv, idx) {
       if (idx) meta.appendChild(document.createTextNode(" \u00b7 "));
       meta.appendChild(document.createTextNode(kv[0] + " "));
       meta.appendChild(el("b", null, kv[1]));
