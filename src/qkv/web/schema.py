@@ -151,6 +151,11 @@ def _name_check(value: Any) -> Any:
         if len(value) > MAX_NAME:
             raise PydanticCustomError("bad_value", "is {length} characters long; give at most {most}",
                                       {"length": len(value), "most": MAX_NAME})
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): no name to show or send back
+            raise PydanticCustomError("bad_value", "is not valid Unicode (it holds a lone surrogate); give a name "
+                                                   "in UTF-8 text") from None
     return value
 
 
@@ -159,9 +164,9 @@ ImageData = Annotated[str, Field(description=(
     "(\"data:image/png;base64,...\", as FileReader.readAsDataURL gives) or its bare base64; at most the "
     "server's max_image_bytes and max_image_pixels (GET /api/models, image_limits). Give text, image or "
     "sample, one of them"))]
-ImageName = Annotated[str, BeforeValidator(_name_check), Field(description=(
+ImageName = Annotated[str, BeforeValidator(_name_check), Field(min_length=1, max_length=MAX_NAME, description=(
     "the uploaded image's name (shown; default \"image\")"))]
-SampleName = Annotated[str, BeforeValidator(_name_check), Field(description=(
+SampleName = Annotated[str, BeforeValidator(_name_check), Field(min_length=1, max_length=MAX_NAME, description=(
     "an image model's input: the name of one of its samples (GET /api/samples?model=...), looked up in that "
     "list (never a path)"))]
 Interpolate = Annotated[bool, Field(description=(
