@@ -6,6 +6,12 @@ model view (a layers x heads grid of small heatmaps drawn on <canvas>). Everythi
 no script, style, font or image is fetched, and a Content-Security-Policy forbids any request,
 so the file opens from disk with no network.
 
+An image result (data["modality"] == "image", `qkv.explain(image=...)`) adds an image panel above
+those views: the picture (data["image"]["pixels"], a PNG data: URL, the only image source the
+policy allows) with a heat overlay over its patch grid, the class token's attention by default,
+a patch's when the mouse is over it, the prediction, and the focus's attention in every layer and
+head. The image's name is user text like any other: escaped in <title>, shown with textContent.
+
 Safety: the data travels as JSON in a `<script type="application/json">` block with `<`, `>`,
 `&`, U+2028 and U+2029 escaped, so text such as `</script>` cannot end the block; the page
 shows every user string with `textContent`, never as markup.
@@ -112,6 +118,9 @@ def render_html(data: Mapping[str, Any]) -> str:
             the compact view of a long input (view "rows": no maps; summary (layers, heads),
             minimap (layers, n), rows.top[layer][head][row]), drawn as a layers x heads table of
             summaries, a strip per layer over the whole sequence and the shipped rows' top keys.
+            An image result also has modality "image" and the image block (name, grid [rows,
+            columns], patch P, size [H, W], pixels: a PNG data URL, first_patch, class_token,
+            prediction), drawn as the picture with its patches' weights over it.
 
     Returns:
         The document as a str (UTF-8 when written). It makes no network request.
@@ -121,10 +130,13 @@ def render_html(data: Mapping[str, Any]) -> str:
             which field and what was expected).
     """
     check_data(data)
+    _check_picture(data)
     payload = _payload(data)
     # The <title> is one line: control characters and line separators become spaces.
     text = " ".join(_CONTROL.sub(" ", str(data.get("text", ""))).split())
     short = text if len(text) <= 80 else text[:79] + "\u2026"
+    if data.get("modality") == "image":
+        short = "image " + short
     script = _SCRIPT
     # Only this exact script may run: an injected inline script would be refused by the
     # browser even if escaping ever failed.
@@ -145,6 +157,21 @@ def render_html(data: Mapping[str, Any]) -> str:
     }
     # One pass, so a marker inside the user's text is never substituted.
     return re.sub(r"@@([A-Z]+)@@", lambda m: parts[m.group(1)], _TEMPLATE)
+
+
+# The picture of an image result: a base64 PNG and nothing else (the schema checks the same), so the
+# <img src> the page sets can never name a file or a network address.
+_PICTURE = re.compile(r"data:image/png;base64,[A-Za-z0-9+/=]*")
+
+
+def _check_picture(data: Mapping[str, Any]) -> None:
+    image = data.get("image")
+    if image is None:
+        return
+    pixels = image.get("pixels") if isinstance(image, Mapping) else None
+    if not isinstance(pixels, str) or not _PICTURE.fullmatch(pixels):
+        raise ValueError("data['image']['pixels'] must be a PNG data URL ('data:image/png;base64,...'); "
+                         "build the dict with ExplainResult.to_dict()")
 
 
 def write_html(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -109,6 +109,7 @@
 
   function mount(root, data, options) {
     options = options || {};
+    if (data.image && data.modality === "image" && !options.noImage) return mountImage(root, data, options);
     if (data.view === "rows" || !data.maps) return mountRows(root, data, options);
     var P = options.prefix || "";
     while (root.firstChild) root.removeChild(root.firstChild);
@@ -693,7 +694,7 @@
 
     // -------------------------------------------------------------- header
     var header = el("header");
-    header.appendChild(el("p", "kicker", "qkv explain \u00b7 long input"));
+    header.appendChild(el("p", "kicker", "qkv explain \u00b7 " + (data.image ? "compact view" : "long input")));
     // A long text would fill screens as a title: its start, and the whole text folded below.
     var TITLE_CHARS = 160;
     var shortText = data.text.length > TITLE_CHARS ? data.text.slice(0, TITLE_CHARS).replace(/\s+\S*$/, "") + " \u2026"
@@ -716,7 +717,7 @@
     header.appendChild(meta);
     var om = data.omitted || {};
     header.appendChild(part("p", "compact-note", "note",
-      "A long input: this view holds the summaries of every layer and head, the whole sequence as a minimap, and the top " +
+      (data.image ? "A compact view" : "A long input") + ": this view holds the summaries of every layer and head, the whole sequence as a minimap, and the top " +
       K + " keys of " + shipped.length + " of " + n + " rows with the exact weight of the keys left out" +
       (typeof om.weights === "number" ? " (" + om.weights.toLocaleString("en-US") + " weights not shipped)" : "") + ". " +
       (fetchRows ? "Pick any row on the minimap or by number: the page fetches it from the server."
@@ -1147,7 +1148,514 @@
     };
   }
 
-  global.QKV = { mount: mount, heat: heat, el: el, topKeys: topKeys };
+  // ================================================================ images
+  // An image result (data.modality "image", data.image: the picture as a PNG data URL, the patch
+  // grid, the patch side, first_patch = the label index of patch (0, 0), class_token = the class
+  // token's label index or null when hidden, the prediction). mountImage mounts the usual view
+  // (head view and model view, or the compact view) and puts an image panel above it: the picture
+  // with a heat overlay of one unit's attention row over the patches, for the current layer and
+  // head (or mean of heads, or rollout). By default the unit is the class token; hovering a patch
+  // makes that patch the focus. DOM contract (qkv serve's tests rely on it):
+  //   .qkv-image                 the panel
+  //   img.qkv-image-picture      the picture
+  //   .qkv-patch                 one per patch: data-unit (label index), data-row, data-col and
+  //                              data-weight (the weight drawn on it, 4 decimals; absent when the
+  //                              focus row is not known)
+  //   .qkv-image-focus           names the focus: "[CLS] (class token)" or "r1c2 (row 1, column 2)"
+  //   .qkv-image-cls             a button: the class token becomes the focus again
+  // Full view: rows come from data.maps[layer][head][row]; compact view (data.view "rows"): from
+  // data.rows (for an image every key is shipped, so a shipped row is whole), and a row not shipped
+  // is asked of options.fetchRows when given (as mountRows does).
+  var IMAGE_SIDE = 288; // CSS pixels of the picture's longer side
+
+  function mountImage(root, data, options) {
+    var P = options.prefix || "";
+    var im = data.image, labels = data.labels, n = labels.length;
+    var gr = im.grid[0], gc = im.grid[1], patch = im.patch, first = im.first_patch;
+    var cls = typeof im.class_token === "number" ? im.class_token : null;
+    var imgH = im.size[0], imgW = im.size[1];
+    var compact = data.view === "rows" || !data.maps;
+    var names = data.head_names, H = names.length, L = data.layers;
+    var normalised = !!data.normalised;
+    var fetchRows = compact ? (options.fetchRows || null) : null;
+    var canRollout = !compact && data.method === "raw" && cls !== null;
+
+    var panel = null; // set once built: the base view's onChange may fire while it mounts
+    var syncing = false;
+    var baseOptions = {};
+    Object.keys(options).forEach(function (k) { baseOptions[k] = options[k]; });
+    baseOptions.noImage = true;
+    baseOptions.onChange = function (st) {
+      if (panel && !syncing) panel.follow(st);
+      if (options.onChange) options.onChange(st);
+    };
+    var base = mount(root, data, baseOptions);
+
+    function unitOf(r, c) { return first + r * gc + c; }
+    function patchOf(unit) { var k = unit - first; return [Math.floor(k / gc), k % gc]; }
+    function isPatch(unit) { return unit >= first && unit < first + gr * gc; }
+    function unitName(unit) {
+      if (unit === cls) return labels[unit] + " (class token)";
+      var rc = patchOf(unit);
+      return labels[unit] + " (row " + rc[0] + ", column " + rc[1] + ")";
+    }
+    function focusWords(unit) { return unit === cls ? "class token" : "patch " + unitName(unit); }
+
+    var focus0 = data.focus && typeof data.focus.index === "number" ? data.focus.index : (cls !== null ? cls : first);
+    var st = {
+      layer: L - 1,
+      head: !compact && H > 1 ? "mean" : 0,
+      method: data.method,
+      focus: focus0
+    };
+    if (compact && H > 1) st.head = "mean";
+    st.layer = base.state.layer;
+
+    // -------------------------------------------------------------- rows
+    var meanRows = {}, rollout = null, full = {}, pending = {}, failed = {}, seq = 0;
+    var shipped = compact ? data.rows.index : null;
+    function shippedRow(layer, head, unit) {
+      var at = shipped.indexOf(unit);
+      if (at < 0) return null;
+      var s = data.rows.top[layer][head][at], row = new Array(n).fill(0);
+      s.keys.forEach(function (j, x) { row[j] = s.weights[x]; });
+      row.partial = s.left_out > 0;
+      return row;
+    }
+    function headRow(layer, head, unit) {
+      if (!compact) return data.maps[layer][head][unit];
+      return full[layer + ":" + head + ":" + unit] || shippedRow(layer, head, unit);
+    }
+    function computeRollout() {
+      // rollout (Abnar & Zuidema, 2020) of the raw maps: R_l = A~_l R_{l-1}, A~ = (mean of heads + I) / 2,
+      // rows renormalised; as qkv.inspect.analysis.rollout. R: (L, n, n) as arrays of rows.
+      var out = [], cur = null, l, i, j, k, h;
+      for (l = 0; l < L; l++) {
+        var a = [];
+        for (i = 0; i < n; i++) {
+          var row = new Array(n), sum = 0;
+          for (j = 0; j < n; j++) {
+            var s = 0;
+            for (h = 0; h < H; h++) s += data.maps[l][h][i][j];
+            row[j] = 0.5 * s / H + (i === j ? 0.5 : 0);
+            sum += row[j];
+          }
+          for (j = 0; j < n; j++) row[j] = sum > 0 ? row[j] / sum : 0;
+          a.push(row);
+        }
+        if (cur === null) cur = a;
+        else {
+          var next = [];
+          for (i = 0; i < n; i++) {
+            var r = new Array(n).fill(0), ai = a[i];
+            for (k = 0; k < n; k++) {
+              var w = ai[k];
+              if (w === 0) continue;
+              var ck = cur[k];
+              for (j = 0; j < n; j++) r[j] += w * ck[j];
+            }
+            next.push(r);
+          }
+          cur = next;
+        }
+        out.push(cur);
+      }
+      return out;
+    }
+    // The focus unit's row (n weights) at a layer and head ("mean": mean of heads) under the
+    // current method, or null when it is not known (compact view, a row not shipped).
+    function rowAt(layer, head, unit, method) {
+      if (method === "rollout" && data.method !== "rollout") {
+        if (!rollout) rollout = computeRollout();
+        return rollout[layer][unit];
+      }
+      if (head !== "mean") return headRow(layer, head, unit);
+      var key = layer + ":" + unit;
+      if (meanRows[key]) return meanRows[key];
+      var out = new Array(n).fill(0), partial = false;
+      for (var h = 0; h < H; h++) {
+        var r = headRow(layer, h, unit);
+        if (!r) return null;
+        if (r.partial) partial = true;
+        for (var j = 0; j < n; j++) out[j] += r[j] / H;
+      }
+      out.partial = partial;
+      if (!compact || full[layer + ":0:" + unit] || shipped.indexOf(unit) >= 0) meanRows[key] = out;
+      return out;
+    }
+    function known(unit) { return rowAt(st.layer, st.head, unit, st.method) !== null; }
+    function fetchUnit(unit) {
+      // Every layer of the row, for each head the mean needs (or the one head shown).
+      var heads = st.head === "mean" ? names.map(function (_, h) { return h; }) : [st.head];
+      var layers = [];
+      for (var l = 0; l < L; l++) layers.push(l);
+      var key = unit + ":" + heads.join(",");
+      if (pending[key]) return;
+      pending[key] = true;
+      delete failed[unit];
+      var my = ++seq;
+      Promise.all(heads.map(function (h) {
+        return fetchRows({ layers: layers, head: h, rows: [unit] }).then(function (w) {
+          layers.forEach(function (l, i) { full[l + ":" + h + ":" + unit] = w.weights[i][0][0]; });
+        });
+      })).then(function () {
+        delete pending[key];
+        if (st.focus === unit) render();
+      }, function (err) {
+        delete pending[key];
+        failed[unit] = err && err.message ? err.message : "the server did not answer";
+        if (st.focus === unit && my === seq) render();
+      });
+    }
+
+    // -------------------------------------------------------------- the panel
+    function part(tag, name, cls2, text) {
+      var e = el(tag, "qkv-" + name + (cls2 ? " " + cls2 : ""), text);
+      e.id = P + name;
+      return e;
+    }
+    var sec = part("section", "image", "panel");
+    sec.setAttribute("aria-labelledby", P + "image-h");
+    sec.dataset.view = compact ? "rows" : "full";
+    sec.appendChild(part("h2", "image-h", null, "The image: where a unit looks"));
+    var controls = el("div", "controls");
+    var ml = el("label", null, "Method");
+    ml.htmlFor = P + "image-method";
+    controls.appendChild(ml);
+    var methodSel = part("select", "image-method");
+    var methods = [[data.method, data.method === "raw" ? "raw weights" : data.method]];
+    if (canRollout) methods.push(["rollout", "rollout (from the raw weights)"]);
+    methods.forEach(function (m) { var o = el("option", null, m[1]); o.value = m[0]; methodSel.appendChild(o); });
+    methodSel.disabled = methods.length < 2;
+    controls.appendChild(methodSel);
+    var ll = el("label", null, "Layer");
+    ll.htmlFor = P + "image-layer";
+    controls.appendChild(ll);
+    var layerSel = part("select", "image-layer");
+    for (var l0 = 0; l0 < L; l0++) { var lo = el("option", null, "layer " + l0); lo.value = String(l0); layerSel.appendChild(lo); }
+    controls.appendChild(layerSel);
+    controls.appendChild(part("span", "image-head-label", "label", "Head"));
+    var picker = part("div", "image-heads", "head-picker");
+    picker.setAttribute("role", "group");
+    picker.setAttribute("aria-labelledby", P + "image-head-label");
+    var headBtns = [];
+    function headButton(h, text) {
+      var b = el("button", "head-btn qkv-image-head", text);
+      b.type = "button";
+      b.id = P + "image-head-" + h;
+      b.dataset.head = String(h);
+      b.addEventListener("click", function () { setView(st.layer, h); });
+      picker.appendChild(b);
+      headBtns.push(b);
+    }
+    if (H > 1) headButton("mean", "mean of heads");
+    for (var h0 = 0; h0 < H; h0++) headButton(h0, names[h0]);
+    controls.appendChild(picker);
+    var ol = el("label", null, "Overlay");
+    ol.htmlFor = P + "image-opacity";
+    controls.appendChild(ol);
+    var opacity = part("input", "image-opacity");
+    opacity.type = "range";
+    opacity.min = "0";
+    opacity.max = "100";
+    opacity.value = "78";
+    opacity.title = "how strongly the weights cover the picture";
+    opacity.addEventListener("input", function () { render(); });
+    controls.appendChild(opacity);
+    sec.appendChild(controls);
+
+    var body = el("div", "qkv-image-body");
+    var left = el("div", "qkv-image-left");
+    var scale = IMAGE_SIDE / Math.max(imgH, imgW);
+    var stage = el("div", "qkv-image-stage");
+    stage.style.width = Math.round(imgW * scale) + "px";
+    stage.style.height = Math.round(imgH * scale) + "px";
+    var img = el("img", "qkv-image-picture");
+    img.id = P + "image-picture";
+    img.src = im.pixels;
+    img.alt = "the image " + im.name + " at the model's size, " + imgW + "x" + imgH + " pixels";
+    img.title = im.name;
+    img.draggable = false;
+    stage.appendChild(img);
+    var cells = [];
+    for (var r = 0; r < gr; r++) {
+      for (var c = 0; c < gc; c++) {
+        var u = unitOf(r, c), cell = el("div", "qkv-patch");
+        cell.dataset.unit = String(u);
+        cell.dataset.row = String(r);
+        cell.dataset.col = String(c);
+        cell.tabIndex = 0;
+        cell.setAttribute("role", "button");
+        cell.setAttribute("aria-label", "patch " + unitName(u));
+        cell.style.left = (c * patch * scale) + "px";
+        cell.style.top = (r * patch * scale) + "px";
+        cell.style.width = (patch * scale) + "px";
+        cell.style.height = (patch * scale) + "px";
+        (function (unit, row, col) {
+          cell.addEventListener("mouseenter", function () { setFocus(unit); });
+          cell.addEventListener("focus", function () { setFocus(unit); });
+          // A click also picks the patch in the view below (its head view or row panel).
+          cell.addEventListener("click", function () { setFocus(unit); pickBelow(unit); });
+          cell.addEventListener("keydown", function (ev) {
+            var to = null;
+            if (ev.key === "ArrowRight") to = col < gc - 1 ? unitOf(row, col + 1) : null;
+            else if (ev.key === "ArrowLeft") to = col > 0 ? unitOf(row, col - 1) : null;
+            else if (ev.key === "ArrowDown") to = row < gr - 1 ? unitOf(row + 1, col) : null;
+            else if (ev.key === "ArrowUp") to = row > 0 ? unitOf(row - 1, col) : null;
+            else if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); pickBelow(unit); return; }
+            else if (ev.key === "Escape" && cls !== null) { ev.preventDefault(); setFocus(cls); clsBtn.focus(); return; }
+            else return;
+            ev.preventDefault();
+            if (to !== null) cells[to - first].focus();
+          });
+        })(u, r, c);
+        stage.appendChild(cell);
+        cells.push(cell);
+      }
+    }
+    left.appendChild(stage);
+    var focusRow = el("div", "controls qkv-image-focus-row");
+    focusRow.appendChild(el("span", "label", "Focus"));
+    var focusEl = part("span", "image-focus");
+    focusRow.appendChild(focusEl);
+    var clsBtn = part("button", "image-cls", "head-btn", cls !== null ? "back to the class token [CLS]" : "class token hidden");
+    clsBtn.type = "button";
+    clsBtn.disabled = cls === null;
+    if (cls === null) clsBtn.title = "the class token is hidden (hide_special): explain without it to see its row";
+    clsBtn.addEventListener("click", function () { if (cls !== null) { setFocus(cls); pickBelow(cls); } });
+    focusRow.appendChild(clsBtn);
+    left.appendChild(focusRow);
+    body.appendChild(left);
+
+    var right = el("div", "qkv-image-right");
+    var caption = part("p", "image-caption");
+    caption.setAttribute("aria-live", "polite");
+    right.appendChild(caption);
+    right.appendChild(el("p", "note", "Hover a patch to see what it attends to (click it to open its row below; " +
+      "arrow keys move, Esc returns to the class token). The colour is the weight over the largest patch weight " +
+      "of the row (square-root scale). " + (normalised ? "Rows sum to 1 over every unit, the class token included." :
+      "Value-weighted norms are not normalised.")));
+    var pred = im.prediction || [];
+    if (pred.length) {
+      right.appendChild(el("h3", null, "Prediction"));
+      var pt = part("table", "image-prediction", "focus-table");
+      var ph = el("tr");
+      ["class", "probability"].forEach(function (t) { var th = el("th", null, t); th.scope = "col"; ph.appendChild(th); });
+      var phead = el("thead");
+      phead.appendChild(ph);
+      pt.appendChild(phead);
+      var pb = el("tbody");
+      pred.forEach(function (p, i) {
+        var tr = el("tr", i === 0 ? "top" : null), th = el("th", null, p.label);
+        th.scope = "row";
+        tr.appendChild(th);
+        var td = el("td", null, (100 * p.probability).toFixed(1) + "%");
+        td.dataset.probability = String(p.probability);
+        var rgb = heat(p.probability * 0.7);
+        td.style.backgroundColor = "rgb(" + rgb.join(",") + ")";
+        tr.appendChild(td);
+        pb.appendChild(tr);
+      });
+      pt.appendChild(pb);
+      right.appendChild(pt);
+    } else {
+      right.appendChild(el("p", "note", "No prediction: the model has no classifier head."));
+    }
+    body.appendChild(right);
+    sec.appendChild(body);
+
+    // The focus's row in every layer and head: one small picture each, click to show it.
+    var thumbsBox = el("div", "qkv-image-thumbs-box");
+    thumbsBox.appendChild(el("h3", null, "The focus's attention in every layer and head"));
+    var tg = part("div", "image-thumbs", "model-view");
+    var thumbHeads = [];
+    for (var th0 = 0; th0 < H; th0++) thumbHeads.push(th0);
+    if (H > 1) thumbHeads.push("mean");
+    var thumbCells = [];
+    function buildThumbs() {
+      while (tg.firstChild) tg.removeChild(tg.firstChild);
+      thumbCells = [];
+      var hs = st.method === "rollout" && data.method !== "rollout" ? ["mean"] : thumbHeads;
+      tg.style.gridTemplateColumns = "auto repeat(" + hs.length + ", max-content)";
+      tg.appendChild(el("span", "hdr", ""));
+      hs.forEach(function (h) {
+        tg.appendChild(el("span", "hdr", hs.length === 1 && h === "mean" ? "rollout" : (h === "mean" ? "mean" : names[h])));
+      });
+      for (var l = 0; l < L; l++) {
+        tg.appendChild(el("span", "rowhdr", "layer " + l));
+        hs.forEach(function (h) {
+          var b = el("button", "thumb qkv-image-thumb");
+          b.type = "button";
+          b.id = P + "image-thumb-" + l + "-" + h;
+          b.dataset.layer = String(l);
+          b.dataset.head = String(h);
+          b.title = "layer " + l + ", " + (h === "mean" ? "mean of heads" : "head " + names[h]);
+          var cv = document.createElement("canvas");
+          cv.width = gc;
+          cv.height = gr;
+          b.appendChild(cv);
+          (function (layer, head) {
+            b.addEventListener("click", function () { setView(layer, head === "mean" && hs.length === 1 ? st.head : head); });
+          })(l, h);
+          tg.appendChild(b);
+          thumbCells.push([b, cv, l, h]);
+        });
+      }
+    }
+    thumbsBox.appendChild(tg);
+    sec.appendChild(thumbsBox);
+    var builtFor = null;
+
+    function patchWeights(row) {
+      // row (n) -> the patches' weights (gr * gc) and their largest
+      var w = new Array(gr * gc), m = 0;
+      for (var k = 0; k < gr * gc; k++) { w[k] = row[first + k]; if (w[k] > m) m = w[k]; }
+      return { w: w, max: m };
+    }
+    function drawThumbs() {
+      var key = st.method;
+      if (builtFor !== key) { buildThumbs(); builtFor = key; }
+      thumbCells.forEach(function (t) {
+        var b = t[0], cv = t[1], layer = t[2], head = t[3];
+        var row = rowAt(layer, head, st.focus, st.method);
+        b.classList.toggle("cur", layer === st.layer && (String(head) === String(st.head) ||
+          (st.method === "rollout" && data.method !== "rollout")));
+        var ctx = cv.getContext("2d"), imgData = ctx.createImageData(gc, gr), px = imgData.data;
+        var pw = row ? patchWeights(row) : null;
+        for (var k = 0; k < gr * gc; k++) {
+          var t2 = pw && pw.max > 0 ? Math.sqrt(pw.w[k] / pw.max) : 0;
+          var rgb = pw ? heat(t2) : [236, 238, 242];
+          px[4 * k] = rgb[0]; px[4 * k + 1] = rgb[1]; px[4 * k + 2] = rgb[2]; px[4 * k + 3] = 255;
+        }
+        ctx.putImageData(imgData, 0, 0);
+      });
+    }
+
+    // -------------------------------------------------------------- drawing
+    function headWords() {
+      if (st.method === "rollout") return "rollout";
+      return st.head === "mean" ? "mean of heads" : "head " + names[st.head];
+    }
+    function render() {
+      var row = rowAt(st.layer, st.head, st.focus, st.method);
+      sec.dataset.layer = String(st.layer);
+      sec.dataset.head = String(st.head);
+      sec.dataset.method = st.method;
+      sec.dataset.focus = String(st.focus);
+      layerSel.value = String(st.layer);
+      methodSel.value = st.method;
+      var rolled = st.method === "rollout" && data.method !== "rollout";
+      headBtns.forEach(function (b) {
+        b.setAttribute("aria-pressed", !rolled && b.dataset.head === String(st.head) ? "true" : "false");
+        b.disabled = rolled;
+      });
+      focusEl.textContent = unitName(st.focus);
+      clsBtn.setAttribute("aria-pressed", st.focus === cls ? "true" : "false");
+      var where = "layer " + st.layer + ", " + headWords();
+      var pw = row ? patchWeights(row) : null;
+      var alpha = Math.max(0, Math.min(100, Number(opacity.value) || 0)) / 100;
+      cells.forEach(function (cell, k) {
+        cell.classList.toggle("cur", first + k === st.focus);
+        if (!pw) {
+          delete cell.dataset.weight;
+          cell.style.backgroundColor = "";
+          cell.title = labels[first + k];
+          return;
+        }
+        var w = pw.w[k], t = pw.max > 0 ? Math.sqrt(Math.max(0, w) / pw.max) : 0;
+        cell.dataset.weight = w.toFixed(4);
+        cell.style.backgroundColor = "rgba(255, 96, 24, " + (alpha * t).toFixed(3) + ")";
+        cell.title = labels[first + k] + ": " + w.toFixed(4);
+      });
+      if (!pw) {
+        sec.dataset.state = "missing";
+        if (fetchRows) {
+          if (failed[st.focus]) caption.textContent = "Focus: " + focusWords(st.focus) + ". " + failed[st.focus];
+          else {
+            sec.dataset.state = "loading";
+            caption.textContent = "Focus: " + focusWords(st.focus) + ", " + where + ": fetching its row\u2026";
+            fetchUnit(st.focus);
+          }
+        } else {
+          caption.textContent = "Focus: " + focusWords(st.focus) + ". Its row is not in this file (it holds the rows of " +
+            shipped.map(function (i) { return labels[i]; }).join(", ") + "): explain with rows='all' " +
+            "(qkv explain --rows all) to hover every patch.";
+        }
+      } else {
+        sec.dataset.state = "ready";
+        var order = pw.w.map(function (_, k) { return k; }).sort(function (a, b) { return pw.w[b] - pw.w[a]; });
+        var tops = order.slice(0, 3).filter(function (k) { return pw.w[k] > 0; }).map(function (k) {
+          return labels[first + k] + " " + fmt(pw.w[k]);
+        });
+        var text = "Focus: " + focusWords(st.focus) + ", " + where + ": attends most to " +
+          (tops.length ? tops.join(", ") : "no patch") + ".";
+        if (cls !== null) text += " The class token gets " + fmt(row[cls]) + (st.focus === cls ? " (itself)." : ".");
+        if (row.partial) text += " Only the top " + data.rows.k + " keys of this row are in the file.";
+        caption.textContent = text;
+      }
+      drawThumbs();
+    }
+
+    // -------------------------------------------------------------- state
+    function setFocus(unit) {
+      if (unit !== cls && !isPatch(unit)) return;
+      if (unit === st.focus) return;
+      st.focus = unit;
+      render();
+    }
+    function setView(layer, head) {
+      st.layer = Math.max(0, Math.min(L - 1, layer));
+      st.head = head === "mean" && H > 1 ? "mean" : (typeof head === "number" && head >= 0 && head < H ? head : st.head);
+      render();
+      // The views below follow: the head view takes "mean"; the compact view only whole heads.
+      syncing = true;
+      try {
+        if (!compact) base.setView(st.layer, st.head);
+        else base.setView(st.layer, st.head === "mean" ? base.state.head : st.head);
+      } finally { syncing = false; }
+    }
+    function pickBelow(unit) {
+      syncing = true;
+      try { base.select(unit); } finally { syncing = false; }
+      lastSelected = unit;
+    }
+    function setMethod(m) {
+      if (!methods.some(function (x) { return x[0] === m; })) return;
+      st.method = m;
+      render();
+    }
+    layerSel.addEventListener("change", function () { setView(parseInt(layerSel.value, 10), st.head); });
+    methodSel.addEventListener("change", function () { setMethod(methodSel.value); });
+
+    // The view below changed its layer, head or selected unit: show the same.
+    var lastSelected = base.state.selected;
+    panel = {
+      follow: function (bs) {
+        if (typeof bs.layer === "number") st.layer = bs.layer;
+        if (bs.head === "mean" || typeof bs.head === "number") st.head = bs.head;
+        if (bs.selected !== lastSelected) {
+          lastSelected = bs.selected;
+          if (bs.selected === cls || isPatch(bs.selected)) st.focus = bs.selected;
+        }
+        render();
+      }
+    };
+    var mainEl = root.querySelector("main");
+    if (mainEl) mainEl.insertBefore(sec, mainEl.firstChild);
+    else root.appendChild(sec);
+    render();
+    root.dataset.image = "ready";
+    base.image = {
+      state: st,
+      setView: setView,
+      setFocus: setFocus,
+      setMethod: setMethod,
+      focusClassToken: function () { if (cls !== null) setFocus(cls); }
+    };
+    return base;
+  }
+
+  global.QKV = { mount: mount, mountRows: mountRows, mountImage: mountImage, heat: heat, el: el, topKeys: topKeys };
 
   // The offline file: its data block is mounted at once.
   var block = document.getElementById("qkv-data");
