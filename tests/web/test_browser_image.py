@@ -48,9 +48,14 @@ class ImagePage(Explorer):
     def patches(self) -> list[dict]:
         return self.page.eval_on_selector_all("#view-a .qkv-patch", "els => els.map(e => Object.assign({}, e.dataset))")
 
-    def view_state(self) -> tuple[int, str, int]:
-        d = self.page.eval_on_selector("#views", "e => Object.assign({}, e.dataset)")
-        return int(d["layer"]), d["head"], int(d["selected"])
+    def picture_state(self) -> tuple[int, str, int]:
+        """(layer, head or "mean", focus unit) of the picture's overlay."""
+        d = self.page.eval_on_selector("#view-a .qkv-image", "e => Object.assign({}, e.dataset)")
+        assert d["method"] == "raw", d
+        return int(d["layer"]), d["head"], int(d["focus"])
+
+    def selected(self) -> str:
+        return self.page.eval_on_selector("#views", "e => e.dataset.selected")
 
 
 def api(url: str, path: str, body: dict) -> dict:
@@ -69,8 +74,8 @@ def drawn_row(data: dict, layer: int, head: str, unit: int) -> np.ndarray:
 
 
 def check_patches(page: ImagePage, data: dict) -> int:
-    """Every .qkv-patch's data-weight is the API's weight for the unit the view shows; returns that unit."""
-    layer, head, unit = page.view_state()
+    """Every .qkv-patch's data-weight is the API's weight for the unit the picture shows; returns that unit."""
+    layer, head, unit = page.picture_state()
     want = drawn_row(data, layer, head, unit)
     patches = page.patches()
     rows, cols = data["image"]["grid"]
@@ -99,26 +104,35 @@ def test_pick_a_sample_and_hover_a_patch(browser, server):
     data = api(url, "/api/explain", {"model": "digits", "sample": SAMPLE})
     assert page.page.get_attribute("#view-a img.qkv-image-picture", "src") == data["image"]["pixels"]
 
-    # hover the patch in row 1, column 2: it is focused, named, and the weights drawn are its row
-    page.page.hover('#view-a .qkv-patch[data-row="1"][data-col="2"]')
-    page.page.wait_for_function("document.getElementById('views').dataset.selected === '"
-                                f"{data['labels'].index('r1c2')}'", timeout=10_000)
-    assert "r1c2" in page.page.text_content("#view-a .qkv-image-focus")
-    assert check_patches(page, data) == data["labels"].index("r1c2")
+    assert check_patches(page, data) == 0  # the class token's row first
+    assert "[CLS]" in page.page.text_content("#view-a .qkv-image-focus")
 
-    # the step-through follows the patch: the API's numbers for it
-    layer, head, unit = page.view_state()
+    # hover the patch in row 1, column 2: it is focused, named, and the weights drawn are its row
+    unit = data["labels"].index("r1c2")
+    page.page.hover('#view-a .qkv-patch[data-row="1"][data-col="2"]')
+    page.page.wait_for_selector(f'#view-a .qkv-image[data-focus="{unit}"]', timeout=10_000)
+    assert "r1c2" in page.page.text_content("#view-a .qkv-image-focus")
+    assert check_patches(page, data) == unit
+
+    # the step-through follows the hovered patch: the API's numbers for it
     page.page.wait_for_selector(f'#steps[data-ready=true][data-word="{unit}"]', timeout=30_000)
-    shown_layer, shown_head = (int(page.page.get_attribute("#steps", k)) for k in ("data-layer", "data-head"))
+    shown_layer, shown_head = (int(page.page.get_attribute("#steps", k) or "") for k in ("data-layer", "data-head"))
     steps = api(url, "/api/steps", {"model": "digits", "sample": SAMPLE, "word": unit, "layer": shown_layer,
                                     "head": shown_head})
     weights = page.page.eval_on_selector_all("#steps-table tbody tr", "els => els.map(e => Number(e.dataset.weight))")
     np.testing.assert_allclose(weights, steps["weights"], atol=1e-6)
     assert steps["token_label"] == "r1c2"
 
+    # a click selects the patch in the view below too; another layer and head from the picture's controls
+    other = data["labels"].index("r3c1")
+    page.page.click('#view-a .qkv-patch[data-row="3"][data-col="1"]')
+    page.page.wait_for_function(f"document.getElementById('views').dataset.selected === '{other}'", timeout=10_000)
+    page.page.wait_for_selector(f'#steps[data-ready=true][data-word="{other}"]', timeout=30_000)
+    assert check_patches(page, data) == other
+
     # back to the class token
     page.page.click("#view-a .qkv-image-cls")
-    page.page.wait_for_function("document.getElementById('views').dataset.selected === '0'", timeout=10_000)
+    page.page.wait_for_selector('#view-a .qkv-image[data-focus="0"]', timeout=10_000)
     assert check_patches(page, data) == 0
     page.check_clean()
 
@@ -128,7 +142,7 @@ def test_upload_through_the_file_input(browser, server, tmp_path):
     page = ImagePage(browser, url)
     page.pick_model("digits")
     rng = np.random.default_rng(7)
-    name = '<b>seven</b> "x".png'  # a file name is user text: shown as text, never as markup
+    name = '<img src=x onerror=alert(1)><b>seven "x".png'  # a file name is user text: shown as text, never markup
     path = tmp_path / name
     Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8), "L").save(path)
     page.page.set_input_files("#image-file", str(path))
@@ -138,11 +152,12 @@ def test_upload_through_the_file_input(browser, server, tmp_path):
                                      base64.b64encode(raw).decode(), "image_name": name})
     assert page.page.get_attribute("#view-a img.qkv-image-picture", "src") == data["image"]["pixels"]
     assert page.page.text_content("#image-chosen") == name
-    assert page.page.eval_on_selector("body", "b => b.querySelectorAll('b').length") == 0
+    assert page.page.eval_on_selector("body", "b => b.querySelectorAll('img[src=x], [onerror]').length") == 0
+    assert page.page.eval_on_selector("#image-chosen", "e => e.children.length") == 0
+    unit = data["labels"].index("r3c0")
     page.page.hover('#view-a .qkv-patch[data-row="3"][data-col="0"]')
-    page.page.wait_for_function("document.getElementById('views').dataset.selected === '"
-                                f"{data['labels'].index('r3c0')}'", timeout=10_000)
-    check_patches(page, data)
+    page.page.wait_for_selector(f'#view-a .qkv-image[data-focus="{unit}"]', timeout=10_000)
+    assert check_patches(page, data) == unit
 
     # a colour picture for the grey digits: the server's one line, shown
     colour = tmp_path / "colour.png"

@@ -282,9 +282,34 @@
     sec.dataset.ready = "true";
   }
 
+  // An image: hovering a patch (or the class token's button) steps through that unit too, once the
+  // pointer rests on it a moment; a click selects it in the view below, which steps through it as a
+  // word's click does.
+  var hoverTimer = null;
+  viewA.addEventListener("mouseover", function (ev) {
+    var target = ev.target && ev.target.closest ? ev.target.closest(".qkv-patch[data-unit]") : null;
+    if (!target || !current || !current.view || current.view.compact || !current.data.image) return;
+    var unit = parseInt(target.dataset.unit, 10);
+    if (hoverTimer !== null) clearTimeout(hoverTimer);
+    hoverTimer = setTimeout(function () {
+      hoverTimer = null;
+      var panel = viewA.querySelector(".qkv-image");
+      var layer = panel && panel.dataset.layer ? parseInt(panel.dataset.layer, 10) : current.view.state.layer;
+      var head = panel && /^[0-9]+$/.test(panel.dataset.head || "") && current.data.method !== "rollout"
+        ? parseInt(panel.dataset.head, 10) : parseInt(stepsHead.value || "0", 10);
+      if ($("steps").dataset.word === String(unit) && $("steps").dataset.layer === String(layer) &&
+          $("steps").dataset.head === String(head)) return;
+      loadSteps(unit, layer, head);
+    }, 150);
+  });
+
   function stepsFromSelects() {
-    if (!current || !current.view || current.view.state.selected < 0) return;
-    loadSteps(current.view.state.selected, parseInt(stepsLayer.value, 10), parseInt(stepsHead.value, 10));
+    if (!current || !current.view) return;
+    var shown = $("steps").dataset.word; // an image: the unit stepped through (a hovered patch, or the selected one)
+    var unit = current.data.image && shown !== undefined && shown !== "" ? parseInt(shown, 10)
+      : current.view.state.selected;
+    if (unit < 0) return;
+    loadSteps(unit, parseInt(stepsLayer.value, 10), parseInt(stepsHead.value, 10));
   }
   stepsLayer.addEventListener("change", stepsFromSelects);
   stepsHead.addEventListener("change", stepsFromSelects);
