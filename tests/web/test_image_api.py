@@ -396,3 +396,28 @@ def test_vit_folders_are_offered_as_image_models(vit_dir):
         assert_error(c.post("/api/explain", json={"model": "vit-bare", "image": data_url(png_bytes(_grey((8, 8))))}),
                      400, "bad_image", "8x8 pixels but this model takes 16x16")
     assert app.state.internal_errors == 0
+
+
+def test_a_big_vit_answers_the_compact_view_and_its_rows(tmp_path):
+    """A ViT of 32 x 32 patches (1025 units, 2 layers x 4 heads: over FULL_CELLS) answers the compact
+    view, as qkv.explain's to_dict does; the rows of any patch come from its session (/api/weights)."""
+    from models.test_vit import build
+
+    build(tmp_path / "big", "ViTModel", image_size=128, patch_size=4, num_channels=1, seed=3)
+    img = Image.fromarray((np.random.default_rng(1).random((128, 128)) * 255).astype(np.uint8), "L")
+    app = create_app(model_dir=str(tmp_path))
+    with TestClient(app) as c:
+        got = c.post("/api/explain", json={"model": "big", "image": data_url(png_bytes(img)), "image_name": "x"})
+        assert got.status_code == 200, got.text
+        data = got.json()
+        sid = data.pop("session")
+        result = qkv.explain(image=img, model=qkv.load(tmp_path / "big"), name="big")
+        want = result.to_dict()
+        want["text"] = want["image"]["name"] = "x"
+        assert data == as_json(want) and data["view"] == "rows" and "maps" not in data
+        unit = data["labels"].index("r17c30")
+        rows = c.post("/api/weights", json={"session": sid, "rows": [unit, 0], "layers": [1], "heads": [2]})
+        assert rows.status_code == 200, rows.text
+        maps = result.maps()  # (L, H, n, n)
+        np.testing.assert_allclose(rows.json()["weights"][0][0], maps[1, 2][[unit, 0]].double().numpy(), atol=1e-5)
+    assert app.state.internal_errors == 0

@@ -442,10 +442,10 @@ def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: i
     app.add_route("/", page, methods=["GET"], include_in_schema=False)
     app.add_route("/static/{name}", static_file, methods=["GET"], include_in_schema=False)
 
-    def get(path: str, summary: str) -> Callable:
+    def get(path: str, summary: str, errors: tuple[int, ...] = (500,)) -> Callable:
         def register(endpoint: Callable) -> Callable:
             app.router.add_api_route(path, endpoint, methods=["GET"], summary=summary, response_model=None,
-                                     responses=error_responses(500), route_class_override=GetRoute)
+                                     responses=error_responses(*errors), route_class_override=GetRoute)
             return endpoint
         return register
 
@@ -465,7 +465,7 @@ def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: i
 
     @get("/api/samples", "an image model's sample images, {\"model\", \"samples\": [{\"name\", \"pixels\"}]} "
                          "(pixels: a PNG data URL); explain one with POST /api/explain {\"model\", \"sample\": name}; "
-                         "[] for a text model")
+                         "[] for a text model", errors=(404, 422, 500))
     async def samples(model: str | None = None) -> dict:
         if model is None:
             raise ApiError(422, "missing_field", "the query parameter 'model' is required: /api/samples?model=NAME")
