@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
@@ -466,7 +466,8 @@ def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: i
     @get("/api/samples", "an image model's sample images, {\"model\", \"samples\": [{\"name\", \"pixels\"}]} "
                          "(pixels: a PNG data URL); explain one with POST /api/explain {\"model\", \"sample\": name}; "
                          "[] for a text model", errors=(404, 422, 500))
-    async def samples(model: str | None = None) -> dict:
+    async def samples(model: str | None = Query(None, description="a model name from GET /api/models (required)")
+                      ) -> dict:
         if model is None:
             raise ApiError(422, "missing_field", "the query parameter 'model' is required: /api/samples?model=NAME")
         entry = service.registry.entry(model)

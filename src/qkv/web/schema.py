@@ -183,7 +183,8 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], ...]:
     `limits.max_chars` characters per sentence. The fields are declared in the order they are
     checked (and listed in an unknown_field message): the sentences, the model, then the rest."""
     Text = Annotated[str, Field(min_length=1, max_length=limits.max_chars,
-                                description=f"a sentence (at most {limits.max_chars} characters)"),
+                                description=f"a sentence (at most {limits.max_chars} characters): a text model's "
+                                            "input"),
                      _sentence_check(limits.max_chars)]
 
     # A text model reads `text`; an image model (GET /api/models, "modality": "image") `image` or
