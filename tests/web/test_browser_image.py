@@ -128,7 +128,8 @@ def test_pick_a_sample_and_hover_a_patch(browser, server):
     # a click selects the patch in the view below too; another layer and head from the picture's controls
     other = data["labels"].index("r3c1")
     page.page.click('#view-a .qkv-patch[data-row="3"][data-col="1"]')
-    page.page.wait_for_function(f"document.getElementById('views').dataset.selected === '{other}'", timeout=10_000)
+    page.page.wait_for_function(f"() => document.getElementById('views').dataset.selected === '{other}'",
+                                timeout=10_000)
     page.page.wait_for_selector(f'#steps[data-ready=true][data-word="{other}"]', timeout=30_000)
     assert check_patches(page, data) == other
 
@@ -167,6 +168,16 @@ def test_upload_through_the_file_input(browser, server, tmp_path):
     page.page.set_input_files("#image-file", str(colour))
     page.page.wait_for_selector("#error:not([hidden])", timeout=30_000)
     assert "colour (RGB) image but this model reads grayscale" in page.page.text_content("#error")
+
+    # another size: refused, then read on resampled positions once the box is ticked
+    wide = tmp_path / "wide.png"
+    Image.fromarray((rng.random((12, 10)) * 255).astype(np.uint8), "L").save(wide)
+    page.page.set_input_files("#image-file", str(wide))
+    page.page.wait_for_function("() => document.getElementById('error').textContent.indexOf('12x10 pixels') >= 0",
+                                timeout=30_000)
+    page.page.check("#interpolate")
+    page.page.wait_for_selector('#view-a .qkv-patch[data-row="5"][data-col="4"]', timeout=30_000)
+    assert page.page.is_hidden("#error") and len(page.patches()) == 30
 
     # a text model again: the sentence box is back
     page.page.select_option("#model", "minilm")

@@ -56,6 +56,7 @@
     if (focus) req.focus = focus;
     if (isImageModel()) {
       if (imageInput) IMAGE_FIELDS.forEach(function (k) { if (k in imageInput) req[k] = imageInput[k]; });
+      if ($("interpolate").checked) req.interpolate_pos_encoding = true;
       return { req: req, other: null, image: true };
     }
     req.text = $("text").value;
@@ -66,7 +67,7 @@
   // The input fields of a request (its text, or its image or sample), for the step-through.
   function inputOf(req) {
     var out = {};
-    ["text"].concat(IMAGE_FIELDS).forEach(function (k) { if (k in req) out[k] = req[k]; });
+    ["text", "interpolate_pos_encoding"].concat(IMAGE_FIELDS).forEach(function (k) { if (k in req) out[k] = req[k]; });
     return out;
   }
 
@@ -404,6 +405,7 @@
     });
   });
   $("hide-special").addEventListener("change", function () { if (current) run(null); });
+  $("interpolate").addEventListener("change", function () { if (isImageModel() && imageInput) run(null); });
   $("level").addEventListener("change", function () { if (current) run(null); });
 
   api("/api/models").then(function (m) {
