@@ -731,6 +731,8 @@ class Service:
 
         model, run_lock = self.registry.get(req.model)
         name = self.registry.entry(req.model).name
+        if not _image.is_image_model(model):  # a folder that looked like a ViT but did not load as one
+            raise ApiError(400, "wrong_input", f"the model {name!r} does not read images; send 'text'")
         if req.sample is not None:
             found = self.sample(name, req.sample)
             label, what = found.name, f"the sample {found.name!r}"
@@ -741,8 +743,6 @@ class Service:
         checkpoint()
         img = open_image_bytes(raw, self.limits, what)
         checkpoint()
-        if not _image.is_image_model(model):  # a folder that looked like a ViT but did not load as one
-            raise ApiError(400, "wrong_input", f"the model {name!r} does not read images")
         try:
             shown, _, _ = _image.read_image(img, model, name, req.interpolate_pos_encoding)  # (1, C, H, W)
         except ImageError as exc:
