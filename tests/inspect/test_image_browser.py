@@ -220,6 +220,16 @@ def test_hidden_class_token(browser, digit, tmp_path):
         page.check_clean()
     finally:
         page.close()
+    # The compact view ships another row than the first patch's: the page starts on it.
+    compact = digit.to_dict(rows="focus", hide_special=True)
+    (shipped,) = compact["rows"]["index"]
+    page = ImagePage(browser, write_html(compact, tmp_path / "hidden-compact.html"))
+    try:
+        assert compact["labels"][shipped] in page.focus_text()
+        assert_weights(page, 0, maps[L - 1].mean(0)[shipped], "the shipped patch, hidden class token, compact")
+        page.check_clean()
+    finally:
+        page.close()
 
 
 def test_compact_view_draws_the_class_token_row(browser, digit, tmp_path):
@@ -322,6 +332,9 @@ def test_keyboard_and_the_head_view_share_the_focus(browser, digit, tmp_path):
         assert_weights(page, first, maps[L - 1].mean(0)[data["labels"].index("r2c2"), patches], "r2c2 by the keyboard")
         page.page.keyboard.press("Escape")
         assert "[CLS]" in page.focus_text()
+        # One patch is in the tab order (the focus's, or the first when the class token is the focus).
+        tabbable = page.page.eval_on_selector_all(".qkv-patch", "els => els.filter(e => e.tabIndex === 0).length")
+        assert tabbable == 1
         # A word picked in the head view becomes the image's focus.
         other = data["labels"].index("r3c3")
         page.page.click(f'#queries .word.q[data-index="{other}"]')
@@ -402,6 +415,33 @@ def test_a_big_rgb_vit_gives_the_compact_view(browser, tmp_path):
         page.page.hover('.qkv-patch[data-row="5"][data-col="9"]')
         assert "r5c9" in page.focus_text()
         assert "qkv explain --rows all" in page.page.text_content(".qkv-image-caption")
+        page.check_clean()
+    finally:
+        page.close()
+
+
+def test_a_failed_fetch_is_said_and_a_click_asks_again(browser, digit, tmp_path):
+    full = digit.to_dict()["maps"]  # (L, H, n, n) nested lists
+    data = digit.to_dict(rows=[0])
+    L = len(full)
+    first, (gr, gc) = data["image"]["first_patch"], data["image"]["grid"]
+    patches = slice(first, first + gr * gc)
+    page = ImagePage(browser, write_html(data, tmp_path / "fail.html"))
+    try:
+        page.page.evaluate("""([data, full]) => {
+            window.down = true;
+            QKV.mount(document.getElementById("qkv-root"), data, { fetchRows: (q) => window.down
+                ? Promise.reject(new Error("the session was evicted; explain the image again"))
+                : Promise.resolve({ weights: q.layers.map(l => [[full[l][q.head][q.rows[0]]]]) }) });
+        }""", [data, full])
+        unit = data["labels"].index("r1c0")
+        page.page.hover(f'.qkv-patch[data-unit="{unit}"]')
+        page.page.wait_for_function("document.querySelector('.qkv-image-caption').textContent.includes('evicted')")
+        assert all(p.get("weight") is None for p in page.patches())
+        page.page.evaluate("window.down = false")
+        page.page.click(f'.qkv-patch[data-unit="{unit}"]')
+        page.page.wait_for_selector('.qkv-image[data-state="ready"]')
+        assert_weights(page, first, np.asarray(full)[L - 1].mean(0)[unit, patches], "r1c0 after a retry")
         page.check_clean()
     finally:
         page.close()

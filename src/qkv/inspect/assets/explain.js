@@ -14,6 +14,10 @@
  * numbers through toFixed. Colours are set through the CSSOM (element.style), which a
  * Content-Security-Policy without 'unsafe-inline' styles allows.
  *
+ * An image result (data.modality "image", `qkv.explain(image=...)`) gets an image panel above the
+ * views: QKV.mountImage, see "images" below for its DOM contract. QKV.mountRows(root, data, options)
+ * mounts the compact view of a long input ("rows" view) directly.
+ *
  * When the document has a JSON data block with id "qkv-data" (the offline file), the data in it
  * is mounted into #qkv-root on load.
  */
@@ -1175,7 +1179,7 @@
     var cls = typeof im.class_token === "number" ? im.class_token : null;
     var imgH = im.size[0], imgW = im.size[1];
     var compact = data.view === "rows" || !data.maps;
-    var names = data.head_names, H = names.length, L = data.layers;
+    var names = data.head_names, H = names.length, L = compact ? data.rows.top.length : data.maps.length;
     var normalised = !!data.normalised;
     var fetchRows = compact ? (options.fetchRows || null) : null;
     var canRollout = !compact && data.method === "raw" && cls !== null;
@@ -1202,6 +1206,11 @@
     function focusWords(unit) { return unit === cls ? "class token" : "patch " + unitName(unit); }
 
     var focus0 = data.focus && typeof data.focus.index === "number" ? data.focus.index : (cls !== null ? cls : first);
+    if (compact && !options.fetchRows && data.rows.index.indexOf(focus0) < 0) {
+      // Start on a unit whose row is in the file (hide_special ships other rows than the class token's).
+      var firstShipped = data.rows.index.filter(function (i) { return i === cls || (i >= first && i < first + gr * gc); })[0];
+      if (firstShipped !== undefined) focus0 = firstShipped;
+    }
     var st = {
       layer: L - 1,
       head: !compact && H > 1 ? "mean" : 0,
@@ -1384,7 +1393,7 @@
         cell.dataset.unit = String(u);
         cell.dataset.row = String(r);
         cell.dataset.col = String(c);
-        cell.tabIndex = 0;
+        cell.tabIndex = -1;
         cell.setAttribute("role", "button");
         cell.setAttribute("aria-label", "patch " + unitName(u));
         cell.style.left = (c * patch * scale) + "px";
@@ -1395,7 +1404,12 @@
           cell.addEventListener("mouseenter", function () { setFocus(unit); });
           cell.addEventListener("focus", function () { setFocus(unit); });
           // A click also picks the patch in the view below (its head view or row panel).
-          cell.addEventListener("click", function () { setFocus(unit); pickBelow(unit); });
+          // (and asks again for a row whose fetch failed)
+          cell.addEventListener("click", function () {
+            if (failed[unit]) { delete failed[unit]; if (st.focus === unit) render(); }
+            setFocus(unit);
+            pickBelow(unit);
+          });
           cell.addEventListener("keydown", function (ev) {
             var to = null;
             if (ev.key === "ArrowRight") to = col < gc - 1 ? unitOf(row, col + 1) : null;
@@ -1554,8 +1568,10 @@
       var where = "layer " + st.layer + ", " + headWords();
       var pw = row ? patchWeights(row) : null;
       var alpha = Math.max(0, Math.min(100, Number(opacity.value) || 0)) / 100;
+      var tabTo = isPatch(st.focus) ? st.focus - first : 0; // one patch in the tab order; arrows move
       cells.forEach(function (cell, k) {
         cell.classList.toggle("cur", first + k === st.focus);
+        cell.tabIndex = k === tabTo ? 0 : -1;
         if (!pw) {
           delete cell.dataset.weight;
           cell.style.backgroundColor = "";
