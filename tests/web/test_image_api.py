@@ -164,6 +164,16 @@ def test_steps_of_a_patch_and_of_the_class_token(client, word, index):
     np.testing.assert_allclose(maps[2][1][index], got["weights"], atol=1e-5)
 
 
+def test_steps_count_shown_units_with_the_class_token_hidden(client):
+    """An index is among the units shown: with hide_special, 0 is the patch r0c0 (token 1)."""
+    r = client.post("/api/steps", json={"model": "digits", "sample": SAMPLE, "word": 0, "layer": 0, "head": 3,
+                                        "hide_special": True})
+    assert r.status_code == 200, r.text
+    s = qkv.explain(image=DIGITS / "samples" / SAMPLE, model="digits").steps(1, 0, 3)
+    assert r.json()["token"] == 1 and r.json()["token_label"] == "r0c0"
+    np.testing.assert_allclose(r.json()["weights"], s.weights.double().numpy(), atol=1e-6)
+
+
 def test_a_session_gives_an_image_s_rows(client):
     first = client.post("/api/explain", json={"model": "digits", "sample": SAMPLE})
     assert first.status_code == 200
