@@ -4,7 +4,8 @@
     app = create_app(model_dir=None, max_queue=8, max_chars=40_000)   # testable without a socket
 
 Routes: GET / (the page), GET /static/<name> (a fixed in-package mapping, never a file looked up
-by the request path), GET /api/health, GET /api/models, GET /api/openapi.json, POST /api/explain,
+by the request path), GET /api/health, GET /api/models, GET /api/samples?model=NAME (an image model's
+sample images), GET /api/openapi.json, POST /api/explain (a text, or an image model's image or sample),
 POST /api/steps, POST /api/compare, POST /api/weights; every GET answers HEAD too. Every error is JSON {"error":
 {"status", "code", "message"}}.
 
@@ -35,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
@@ -350,7 +351,9 @@ def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: i
                max_body: int | None = None, workers: int = 2, registry: ModelRegistry | None = None,
                allowed_hosts: list[str] | None = None, max_cost: int = Limits.max_cost,
                max_answer_mb: int = Limits.max_answer // MB, max_memory_mb: int = Limits.max_memory // MB,
-               max_session_mb: int = Limits.max_sessions // MB, max_pick: int = Limits.max_pick) -> FastAPI:
+               max_session_mb: int = Limits.max_sessions // MB, max_pick: int = Limits.max_pick,
+               max_image_mb: int = Limits.max_image_bytes // MB,
+               max_image_pixels: int = Limits.max_image_pixels) -> FastAPI:
     """The explorer app.
 
     Args:
@@ -358,7 +361,8 @@ def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: i
         max_queue: requests that may wait for a worker; one more gets 503.
         max_chars: the longest text (per sentence) explained; longer gets 413.
         max_body: the largest request body in bytes; larger gets 413 (default: 12 x max_chars
-            + 64 KiB: two texts, each character escaped as \\uXXXX).
+            + 64 KiB: two texts, each character escaped as \\uXXXX; or more, the base64 of an image of
+            max_image_mb + 64 KiB).
         workers: jobs run at once (threads; torch uses every core within one job), within max_memory_mb.
         registry: the models (tests pass one with a stub loader); default: bundled + model_dir.
         allowed_hosts: Host header names accepted (None: any; `qkv serve` on loopback passes
@@ -368,17 +372,24 @@ def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: i
         max_memory_mb: what the running requests may hold together (each one's estimate).
         max_session_mb: recorded results kept for /api/weights (an LRU by bytes).
         max_pick: layers, heads and rows one /api/weights request may name (each).
+        max_image_mb: the largest image file an image model's request may upload (in the JSON body,
+            base64); larger gets 413 image_too_large.
+        max_image_pixels: the most pixels (width x height, read from the file's header before
+            decoding) of an uploaded image; more gets 413 image_too_large.
     """
-    if max_body is None and isinstance(max_chars, int):
-        max_body = 12 * max_chars + 64 * 1024
-    check_limits({"max_chars": max_chars, "max_body": max_body, "workers": workers, "max_cost": max_cost,
+    check_limits({"max_chars": max_chars, "workers": workers, "max_cost": max_cost,
                   "max_answer_mb": max_answer_mb, "max_memory_mb": max_memory_mb,
-                  "max_session_mb": max_session_mb, "max_pick": max_pick})
+                  "max_session_mb": max_session_mb, "max_pick": max_pick, "max_image_mb": max_image_mb,
+                  "max_image_pixels": max_image_pixels})
+    if max_body is None:
+        max_body = max(12 * max_chars, (max_image_mb * MB + 2) // 3 * 4) + 64 * 1024
+    check_limits({"max_body": max_body})
     if not isinstance(max_queue, int) or max_queue < 0:
         raise ValueError(f"max_queue must be an integer >= 0; got {max_queue!r}")
     assert max_body is not None
     limits = Limits(max_chars=max_chars, max_body=max_body, max_cost=max_cost, max_answer=max_answer_mb * MB,
-                    max_memory=max_memory_mb * MB, max_sessions=max_session_mb * MB, max_pick=max_pick)
+                    max_memory=max_memory_mb * MB, max_sessions=max_session_mb * MB, max_pick=max_pick,
+                    max_image_bytes=max_image_mb * MB, max_image_pixels=max_image_pixels)
     service = Service(registry if registry is not None else ModelRegistry(model_dir), limits)
     gate = Gate(workers, max_queue, limits.max_memory)
     static = {name: (_read(pkg, path), media) for name, (pkg, path, media) in STATIC_FILES.items()}
@@ -431,10 +442,10 @@ def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: i
     app.add_route("/", page, methods=["GET"], include_in_schema=False)
     app.add_route("/static/{name}", static_file, methods=["GET"], include_in_schema=False)
 
-    def get(path: str, summary: str) -> Callable:
+    def get(path: str, summary: str, errors: tuple[int, ...] = (500,)) -> Callable:
         def register(endpoint: Callable) -> Callable:
             app.router.add_api_route(path, endpoint, methods=["GET"], summary=summary, response_model=None,
-                                     responses=error_responses(500), route_class_override=GetRoute)
+                                     responses=error_responses(*errors), route_class_override=GetRoute)
             return endpoint
         return register
 
@@ -443,11 +454,26 @@ def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: i
         return {"status": "ok", "queue": gate.stats(), "loaded_models": service.registry.loaded(),
                 "sessions": service.sessions.stats()}
 
-    @get("/api/models", "the models this server offers, its limits, methods and levels")
+    @get("/api/models", "the models this server offers (each with its modality: \"text\" or \"image\"), its "
+                        "limits (image_limits: of an uploaded image), methods and levels")
     async def models() -> dict:
-        entries = [{"name": e.name, "source": e.source} for e in service.registry.entries()]
+        registry = service.registry
+        entries = [{"name": e.name, "source": e.source, "modality": registry.modality(e.name)}
+                   for e in registry.entries()]
         return {"models": entries, "default": DEFAULT_MODEL, "limits": limits.to_dict(),
-                "methods": list(METHODS), "levels": list(LEVELS)}
+                "image_limits": limits.image_dict(), "methods": list(METHODS), "levels": list(LEVELS)}
+
+    @get("/api/samples", "an image model's sample images, {\"model\", \"samples\": [{\"name\", \"pixels\"}]} "
+                         "(pixels: a PNG data URL); explain one with POST /api/explain {\"model\", \"sample\": name}; "
+                         "[] for a text model", errors=(404, 422, 500))
+    async def samples(model: str | None = Query(None, description="a model name from GET /api/models (required)")
+                      ) -> dict:
+        if model is None:
+            raise ApiError(422, "missing_field", "the query parameter 'model' is required: /api/samples?model=NAME")
+        entry = service.registry.entry(model)
+        found = service.registry.samples(entry.name, limits.max_image_bytes)
+        return {"model": entry.name, "modality": service.registry.modality(entry.name),
+                "samples": [{"name": s.name, "pixels": s.data_url()} for s in found]}
 
     @get("/api/openapi.json", "this description (OpenAPI 3.1)")
     async def openapi() -> dict:
@@ -502,7 +528,8 @@ def create_app(*, model_dir: str | None = None, max_queue: int = 8, max_chars: i
             return endpoint
         return register
 
-    @post("/api/explain", "attention of a sentence (ExplainResult.to_dict: full maps, or the compact view of a "
+    @post("/api/explain", "attention of a sentence, or of an image for an image model (ExplainResult.to_dict: "
+                          "full maps, or the compact view of a "
                           "long text) and the session that keeps it for /api/weights", ExplainAnswer)
     async def explain(body: ExplainRequest, request: Request) -> Response:
         return await answer(request, service.explain(body))  # a bad request is answered now, queue full or not

@@ -60,16 +60,24 @@ class Limits:
     max_memory: int = 2048 * MB  # bytes the requests running at once may hold (estimated)
     max_sessions: int = 1024 * MB  # bytes of recorded results kept for /api/weights (an LRU)
     max_pick: int = 64  # layers, heads and rows one /api/weights request may name (each)
+    max_image_bytes: int = 8 * MB  # bytes of an uploaded image file (before base64)
+    max_image_pixels: int = 4096 * 4096  # width x height of an uploaded image, read from its header
 
     def to_dict(self) -> dict:
         return {"max_chars": self.max_chars, "max_body_bytes": self.max_body, "max_cost": self.max_cost,
                 "max_answer_bytes": self.max_answer, "max_memory_bytes": self.max_memory,
                 "max_session_bytes": self.max_sessions, "max_pick": self.max_pick}
 
+    def image_dict(self) -> dict:
+        """The image limits (GET /api/models "image_limits")."""
+        return {"max_image_bytes": self.max_image_bytes, "max_image_pixels": self.max_image_pixels,
+                "formats": ["PNG", "JPEG", "BMP", "GIF"]}
+
 
 # The `qkv serve` flag that raises each limit (named in a 413 too_costly).
 FLAGS = {"max_cost": "--max-cost", "max_answer": "--max-answer-mb", "max_memory": "--max-memory-mb",
-         "max_sessions": "--max-session-mb", "max_chars": "--max-chars", "max_pick": "--max-pick"}
+         "max_sessions": "--max-session-mb", "max_chars": "--max-chars", "max_pick": "--max-pick",
+         "max_image_bytes": "--max-image-mb", "max_image_pixels": "--max-image-pixels"}
 
 
 # --------------------------------------------------------------------------- requests
@@ -133,6 +141,38 @@ Rows = Annotated[Literal[ROWS], Field(description=(
     "compact view (view 'rows': summaries, minimap, top-k keys of the focus rows); all: full maps "
     "(refused when the answer would be over the server's limit); focus: record and ship only the "
     "focus word's rows (needs focus)"))]
+MAX_NAME = 200  # characters of an image's name or a sample's name
+
+
+def _name_check(value: Any) -> Any:
+    if isinstance(value, str):
+        if not value.strip():
+            raise PydanticCustomError("bad_value", "is empty; leave it out or give a name")
+        if len(value) > MAX_NAME:
+            raise PydanticCustomError("bad_value", "is {length} characters long; give at most {most}",
+                                      {"length": len(value), "most": MAX_NAME})
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): no name to show or send back
+            raise PydanticCustomError("bad_value", "is not valid Unicode (it holds a lone surrogate); give a name "
+                                                   "in UTF-8 text") from None
+    return value
+
+
+ImageData = Annotated[str, Field(description=(
+    "an image model's input: the image file (PNG, JPEG, BMP or GIF) as a data URL "
+    "(\"data:image/png;base64,...\", as FileReader.readAsDataURL gives) or its bare base64; at most the "
+    "server's max_image_bytes and max_image_pixels (GET /api/models, image_limits). Give text, image or "
+    "sample, one of them"))]
+ImageName = Annotated[str, BeforeValidator(_name_check), Field(min_length=1, max_length=MAX_NAME, description=(
+    "the uploaded image's name (shown; default \"image\")"))]
+SampleName = Annotated[str, BeforeValidator(_name_check), Field(min_length=1, max_length=MAX_NAME, description=(
+    "an image model's input: the name of one of its samples (GET /api/samples?model=...), looked up in that "
+    "list (never a path)"))]
+Interpolate = Annotated[bool, Field(description=(
+    "an image of another size than the model's runs on resampled position embeddings instead of being "
+    "refused (for a model whose preprocessor does not resize)"))]
+MISSING_TEXT = "the field 'text' is required ('image' or 'sample' for an image model)"
 Session = Annotated[str, Field(description="the id an explain or compare answer gave (unknown or evicted: 410)")]
 Picks = Annotated[list[Index], Field(description="indices (at most the server's max_pick)")]
 _STRICT = ConfigDict(strict=True, extra="forbid")
@@ -143,28 +183,41 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], ...]:
     `limits.max_chars` characters per sentence. The fields are declared in the order they are
     checked (and listed in an unknown_field message): the sentences, the model, then the rest."""
     Text = Annotated[str, Field(min_length=1, max_length=limits.max_chars,
-                                description=f"a sentence (at most {limits.max_chars} characters)"),
+                                description=f"a sentence (at most {limits.max_chars} characters): a text model's "
+                                            "input"),
                      _sentence_check(limits.max_chars)]
 
+    # A text model reads `text`; an image model (GET /api/models, "modality": "image") `image` or
+    # `sample` instead: exactly one input is given (the service checks it against the model). The
+    # image fields come last, so that the fields are still listed (and checked) as before them.
     class ExplainRequest(BaseModel):
         model_config = _STRICT
-        text: Text
+        text: Text = Field(None)
         model: Model = DEFAULT_MODEL
-        focus: Word | None = Field(None, description=f"the focus word (optional): {_WORD}")
+        focus: Word | None = Field(None, description=f"the focus word (optional): {_WORD}; for an image "
+                                                     "a patch \"r1c2\" or the class token \"cls\"")
         method: Method = "raw"
         level: Level = "word"
         hide_special: HideSpecial = False
         rows: Rows = "auto"
+        image: ImageData = Field(None)
+        image_name: ImageName = Field(None)
+        sample: SampleName = Field(None)
+        interpolate_pos_encoding: Interpolate = False
 
     class StepsRequest(BaseModel):
         model_config = _STRICT
-        text: Text
+        text: Text = Field(None)
         model: Model = DEFAULT_MODEL
-        word: Word = Field(description=_WORD)
+        word: Word = Field(description=f"{_WORD}; for an image a patch \"r1c2\" or the class token \"cls\"")
         layer: Index
         head: Index
         level: Level = "word"
         hide_special: HideSpecial = False
+        image: ImageData = Field(None)
+        image_name: ImageName = Field(None)
+        sample: SampleName = Field(None)
+        interpolate_pos_encoding: Interpolate = False
 
     class CompareRequest(BaseModel):
         model_config = _STRICT
@@ -216,6 +269,8 @@ def api_error(errors: list[dict], request: type[BaseModel], body: Any) -> ApiErr
     unknown = sorted(set(body) - set(fields))
     if unknown:
         return ApiError(422, "unknown_field", f"unknown field {unknown[0]!r}; the fields are: {', '.join(fields)}")
+    if "sample" in fields and not {"text", "image", "sample"} & set(body):  # no input: told first, as before
+        return ApiError(422, "missing_field", MISSING_TEXT)
     errors = [dict(e, loc=tuple(e["loc"])[1:]) for e in errors
               if tuple(e["loc"])[:1] == ("body",) and len(e["loc"]) > 1 and e["loc"][1] in fields]
     if not errors:  # not seen: every error of a body that is an object names one of its fields
@@ -342,14 +397,18 @@ class Error(BaseModel):
 
 ERRORS = {
     400: "malformed JSON or a body that is not UTF-8 (code malformed_json), a bad Content-Length header "
-         "(bad_request), or a Host header that is not the server's own (bad_host)",
-    404: "unknown model (code unknown_model): only names listed by GET /api/models",
+         "(bad_request), a Host header that is not the server's own (bad_host), text for an image model or an "
+         "image for a text model (wrong_input), or an image the model cannot read: not a PNG, JPEG, BMP or GIF, "
+         "16-bit samples, transparency, colour for a grayscale model, another size than the model's (bad_image)",
+    404: "unknown model (code unknown_model): only names listed by GET /api/models; unknown sample "
+         "(unknown_sample): only names listed by GET /api/samples",
     405: "a method other than POST (method_not_allowed)",
     410: "the session of POST /api/weights is unknown or was evicted (session_expired): explain the text again",
     413: "body larger than the limit (body_too_large), a text longer than max_chars (text_too_long), or a request "
          "whose estimated cost is over a limit of the server (too_costly: the weights the model would form, "
          "max_cost; the bytes of the answer, max_answer; the memory it would hold, max_memory; error.limit "
-         "names the estimate, the limit and the qkv serve flag that raises it)",
+         "names the estimate, the limit and the qkv serve flag that raises it), or an image over the server's "
+         "max_image_bytes or max_image_pixels (image_too_large, checked before the image is decoded)",
     415: "the body is not sent as application/json (unsupported_media_type)",
     422: "a field is missing (missing_field), unknown (unknown_field), of the wrong type (wrong_type), or has a "
          "value not offered (bad_value); an empty text (empty_text); a text that is not valid Unicode, e.g. a "

@@ -53,7 +53,8 @@ def make_server(*, host: str = "127.0.0.1", port: int = 8000, model_dir: Optiona
                 max_chars: int = DEFAULT_MAX_CHARS, preload: Optional[str] = "minilm", log_level: str = "warning",
                 **limits: int):
     """(uvicorn.Server, its bound socket). `preload` loads one model before serving; `limits`:
-    create_app's max_cost, max_answer_mb, max_memory_mb, max_session_mb, max_pick, workers."""
+    create_app's max_cost, max_answer_mb, max_memory_mb, max_session_mb, max_pick, workers,
+    max_image_mb, max_image_pixels."""
     allowed = LOOPBACK_NAMES if is_loopback(host) else None
     app = create_app(model_dir=model_dir, max_queue=max_queue, max_chars=max_chars, allowed_hosts=allowed, **limits)
     if preload:

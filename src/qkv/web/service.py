@@ -13,7 +13,10 @@ joined to a path.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import importlib
+import io
 import logging
 import math
 import re
@@ -94,6 +97,8 @@ class ModelRegistry:
                 self._entries[name] = ModelEntry(name, "model-dir", str(folder.resolve()))
                 self._alias[name] = "dir:" + str(folder.resolve())
         self._loaded: dict[str, Any] = {}
+        self._modality: dict[str, str] = {}
+        self._samples: dict[str, list[Sample]] = {}
         self._failed: set[str] = set()
         self._load_lock = threading.Lock()
         self._run_locks: dict[str, threading.Lock] = {}
@@ -133,6 +138,87 @@ class ModelRegistry:
     def loaded(self) -> list[str]:
         return [e.name for e in self._entries.values() if self._alias[e.name] in self._loaded]
 
+    def folder(self, entry: ModelEntry) -> Optional[Path]:
+        """The folder a model comes from (None: a bundled model whose package is not installed)."""
+        if entry.source == "model-dir":
+            return Path(entry.key)
+        from ..models import bundled_path
+
+        try:
+            return bundled_path(entry.key)
+        except (FileNotFoundError, KeyError):
+            return None
+
+    def modality(self, name: Any) -> str:
+        """"image" for a vision transformer, else "text": decided from config.json (`folder_modality`),
+        without loading the model; kept."""
+        entry = self.entry(name)
+        if entry.name not in self._modality:
+            folder = self.folder(entry)
+            self._modality[entry.name] = "text" if folder is None else folder_modality(folder)
+        return self._modality[entry.name]
+
+    def samples(self, name: Any, max_bytes: int) -> list["Sample"]:
+        """The sample images a model's folder ships (`qkv.inspect.image.samples`: samples/*.png),
+        each read once and kept: its name and bytes. Files over `max_bytes` or not PNG are left out
+        (logged). [] for a text model or a folder without samples."""
+        entry = self.entry(name)
+        if entry.name not in self._samples:
+            found: list[Sample] = []
+            folder = self.folder(entry)
+            if folder is not None and self.modality(entry.name) == "image":
+                from ..inspect.image import samples
+
+                for path in samples(folder):
+                    try:
+                        size = path.stat().st_size
+                        data = path.read_bytes() if size <= max_bytes else b""
+                    except OSError as exc:
+                        log.warning("model %r: sample %r not readable: %s", entry.name, path.name, exc)
+                        continue
+                    if not data.startswith(PNG_SIGNATURE):
+                        log.warning("model %r: sample %r left out: %s", entry.name, path.name,
+                                    "over the image size limit" if size > max_bytes else "not a PNG file")
+                        continue
+                    found.append(Sample(path.name, data))
+            self._samples[entry.name] = found
+        return self._samples[entry.name]
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A sample image of a model: its file name (what a request names it by) and its PNG bytes."""
+
+    name: str
+    data: bytes
+
+    def data_url(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.data).decode("ascii")
+
+
+def folder_modality(folder: Path) -> str:
+    """"image" when the folder's config.json names qkv's vision transformer (an architecture of
+    `qkv.models.vit.FAMILIES`, or no architectures and model_type "vit"), else "text"; an
+    unreadable config.json is "text" (the folder check or the loader says what is wrong)."""
+    from ..models.checkpoint import read_config
+    from ..models.vit import FAMILIES
+
+    try:
+        config = read_config(folder)
+    except Exception:
+        return "text"
+    if not isinstance(config, dict):
+        return "text"
+    archs = config.get("architectures")
+    archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    vit = {a for family in FAMILIES for a in family.architectures}
+    if any(a in vit for a in archs) or (not archs and config.get("model_type") == "vit"):
+        return "image"
+    return "text"
+
 
 def _load_for_explain(key: str):
     """qkv's own model, or a transformers model for an architecture qkv does not run natively
@@ -146,12 +232,13 @@ def check_model_folder(folder: Path) -> Optional[str]:
     """Why `qkv.load` would refuse this model folder, found without reading its weights; None if
     it looks loadable. Checks: config.json is readable JSON naming an architecture qkv runs,
     with the fields that architecture needs; safetensors weights are there and their headers
-    readable; tokenizer files are there (explain needs them). An architecture qkv has no native
-    implementation of is offered through transformers when transformers is installed and the folder
-    is not an encoder-decoder (`check_foreign_folder`; logged), else skipped with the reason (how to
-    install transformers). Not checked: that the weights' keys and shapes fit config.json (that
-    needs the model built); a folder failing only that is found on first use (500
-    model_unavailable, then no longer offered)."""
+    readable; tokenizer files are there (explain needs them; a vision transformer needs none,
+    `folder_modality`). An architecture qkv has no native implementation of is offered through
+    transformers when transformers is installed and the folder is not an encoder-decoder
+    (`check_foreign_folder`; logged), else skipped with the reason (how to install transformers).
+    Not checked: that the weights' keys and shapes fit config.json (that needs the model built);
+    a folder failing only that is found on first use (500 model_unavailable, then no longer
+    offered)."""
     from ..models.checkpoint import find_in_folder, read_config, read_shapes, safetensors_files
     from ..models.loading import FAMILIES, ForeignArchitecture, architecture_of, check_foreign_folder, foreign_note
 
@@ -169,6 +256,8 @@ def check_model_folder(folder: Path) -> Optional[str]:
                 return None
             return reason if exc.architecture in reason else f"{exc.architecture} (through transformers): {reason}"
         read_shapes(safetensors_files(folder))
+        if folder_modality(folder) == "image":
+            return None  # a vision transformer reads pixels: no tokenizer
     except UnicodeDecodeError:
         return "a file of it (config.json or a weights index) is not UTF-8 text"
     except Exception as exc:  # whatever the loader would stumble on; the message is logged, not sent
@@ -181,6 +270,91 @@ def check_model_folder(folder: Path) -> Optional[str]:
 
 def _reason(exc: Exception) -> str:
     return str(exc) if isinstance(exc, (ValueError, OSError)) and str(exc) else f"{type(exc).__name__}: {exc}"
+
+
+# --------------------------------------------------------------------------- images
+# An image comes in the JSON body (never as a file on the server): "image" is a data URL
+# ("data:image/png;base64,...") or bare base64 of a PNG, JPEG, BMP or GIF file. Its size is
+# checked twice before it is decoded: its bytes (from the base64's length, then decoded) against
+# max_image_bytes, and its pixels (width x height from the file's header, Image.open reads no
+# more) against max_image_pixels; PIL's own decompression-bomb refusal (MAX_IMAGE_PIXELS) is
+# answered the same way. Only then are the pixels decoded.
+
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF")  # the decoders Pillow may use for an upload
+_DATA_URL = "data:"
+
+
+def decode_upload(data: str, limits, what: str = "'image'"):
+    """A data URL or bare base64 (the request's "image") -> its bytes, checked against
+    `limits.max_image_bytes` before and after decoding (413 image_too_large; 400 bad_image for
+    something that is not base64)."""
+    payload = data.strip()
+    if payload.startswith(_DATA_URL):
+        header, comma, payload = payload.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ApiError(400, "bad_image", f"{what} is a data URL without base64 data; send "
+                                             "\"data:image/png;base64,...\" (or the base64 text alone)")
+    payload = "".join(payload.split())  # base64 may be wrapped over lines
+    if not payload:
+        raise ApiError(400, "bad_image", f"{what} is empty; send a PNG, JPEG, BMP or GIF file as a data URL")
+    if len(payload) // 4 * 3 > limits.max_image_bytes + 3:
+        raise _too_large_bytes(len(payload) // 4 * 3, limits, what)
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "bad_image", f"{what} is not base64 text; send the file as a data URL "
+                                         "(\"data:image/png;base64,...\", as FileReader.readAsDataURL gives)") from None
+    if len(raw) > limits.max_image_bytes:
+        raise _too_large_bytes(len(raw), limits, what)
+    return raw
+
+
+def _too_large_bytes(size: int, limits, what: str) -> ApiError:
+    from .schema import FLAGS, MB
+
+    return ApiError(413, "image_too_large", f"{what} has about {size / MB:,.1f} MB; this server reads images of at "
+                                            f"most {limits.max_image_bytes / MB:,.1f} MB (qkv serve "
+                                            f"{FLAGS['max_image_bytes']} N raises it); send a smaller file",
+                    {"name": "max_image_bytes", "estimate": int(size), "limit": int(limits.max_image_bytes),
+                     "flag": FLAGS["max_image_bytes"]})
+
+
+def open_image_bytes(raw: bytes, limits, what: str = "'image'"):
+    """An image file's bytes -> a loaded PIL image (its first frame), its pixel count checked from
+    the header before any pixel is decoded (413 image_too_large); 400 bad_image when Pillow
+    cannot read it as a PNG, JPEG, BMP or GIF."""
+    from .schema import FLAGS
+
+    try:
+        from PIL import Image
+    except ImportError:  # the web extra brings Pillow
+        raise ApiError(500, "internal", "this server cannot read images: Pillow is not installed "
+                                        "(pip install 'qkv[web]')") from None
+    too_many = None
+    try:
+        img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)  # the header only
+        width, height = img.size
+        if width * height > limits.max_image_pixels:
+            too_many = width * height
+        else:
+            img.load()
+    except Image.DecompressionBombError:
+        too_many = -1
+    except Image.UnidentifiedImageError:
+        raise ApiError(400, "bad_image", f"{what} is not an image this server reads; send a PNG, JPEG, BMP or "
+                                         "GIF file") from None
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... per format
+        why = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise ApiError(400, "bad_image", f"{what} could not be decoded ({why}); send a PNG, JPEG, BMP or GIF "
+                                         "file") from None
+    if too_many is not None:
+        size = f" ({width}x{height}, {too_many:,} pixels)" if too_many > 0 else ""
+        raise ApiError(413, "image_too_large", f"{what} has too many pixels{size}; this server reads images of at "
+                                                f"most {limits.max_image_pixels:,} pixels (qkv serve "
+                                                f"{FLAGS['max_image_pixels']} N raises it); send a smaller image",
+                       {"name": "max_image_pixels", "estimate": max(too_many, 0),
+                        "limit": int(limits.max_image_pixels), "flag": FLAGS["max_image_pixels"]})
+    return img
 
 
 # --------------------------------------------------------------------------- costs
@@ -453,8 +627,10 @@ class _Probe:
     model: Any
     name: str
     run_lock: Any
-    probe: Any  # an ExplainResult without records: the tokens, words and units of the text
+    probe: Any  # an ExplainResult without records: the tokens, words and units of the text (or image)
     dims: tuple[int, int, int, int]
+    image: Any = None  # an image: (1, C, H, W) in [0, 1] at the model's size, what explain reads
+    interpolate: bool = False  # an image: interpolate_pos_encoding
 
 
 class Service:
@@ -492,9 +668,98 @@ class Service:
             raise ApiError(422, "cannot_explain", str(exc)) from None
         return _Probe(model, name, run_lock, probe, model_dims(model))
 
+    def check_input(self, req, *, images: bool = True) -> str:
+        """The request's input against its model's modality, on the event loop (cheap: no model
+        loaded): "text" or "image". 422 missing_field without one, 400 wrong_input for text to an
+        image model or an image to a text model (or to compare, `images` False)."""
+        entry = self.registry.entry(req.model)
+        modality = self.registry.modality(entry.name)
+        given = [f for f in ("text", "image", "sample") if getattr(req, f, None) is not None]
+        if modality == "image" and not images:
+            raise ApiError(400, "wrong_input", f"the model {entry.name!r} reads images, and compare takes two "
+                                               "sentences; explain one image at a time with /api/explain")
+        if not given:
+            if modality == "image":
+                raise ApiError(422, "missing_field", f"the model {entry.name!r} reads images: give 'image' (a data "
+                                                     "URL of a PNG, JPEG, BMP or GIF file) or 'sample' (a name from "
+                                                     f"GET /api/samples?model={entry.name})")
+            from .schema import MISSING_TEXT
+
+            raise ApiError(422, "missing_field", MISSING_TEXT)
+        if len(given) > 1:
+            raise ApiError(422, "bad_value", f"give one input: {' and '.join(repr(f) for f in given)} were both "
+                                             "given ('text' for a text model, 'image' or 'sample' for an image model)")
+        if modality == "image" and given == ["text"]:
+            raise ApiError(400, "wrong_input", f"the model {entry.name!r} reads images, not text: send 'image' (a "
+                                               "data URL of a PNG, JPEG, BMP or GIF file) or 'sample' (a name from "
+                                               f"GET /api/samples?model={entry.name}), or pick a text model")
+        if modality == "text" and given != ["text"]:
+            images_offered = [e.name for e in self.registry.entries() if self.registry.modality(e.name) == "image"]
+            pick = f" or pick an image model ({', '.join(images_offered)})" if images_offered else ""
+            raise ApiError(400, "wrong_input", f"the model {entry.name!r} reads text, not images: send 'text'{pick}")
+        if modality == "text" and (getattr(req, "image_name", None) is not None
+                                   or getattr(req, "interpolate_pos_encoding", False)):
+            field = "image_name" if getattr(req, "image_name", None) is not None else "interpolate_pos_encoding"
+            raise ApiError(422, "bad_value", f"{field!r} is for an image model's 'image'; leave it out with 'text'")
+        if given == ["sample"] and getattr(req, "image_name", None) is not None:
+            raise ApiError(422, "bad_value", "'image_name' names an uploaded 'image'; a sample is named by 'sample'")
+        return modality
+
+    def sample(self, model_name: str, name: str) -> Sample:
+        """A sample image of the model by its name: looked up in the model's list, never joined to a path."""
+        found = {s.name: s for s in self.registry.samples(model_name, self.limits.max_image_bytes)}
+        if name not in found:
+            entry = self.registry.entry(model_name)
+            offered = ", ".join(sorted(found)) or "none"
+            raise ApiError(404, "unknown_sample", f"the model {entry.name!r} has no sample named {name[:80]!r}; its "
+                                                  f"samples (GET /api/samples?model={entry.name}): {offered}")
+        return found[name]
+
+    def _input_probe(self, req, field: str = "text") -> _Probe:
+        """`_probe` of the request's text, or `_image_probe` of its image or sample."""
+        if getattr(req, "image", None) is None and getattr(req, "sample", None) is None:
+            return self._probe(req.text, req.model, field)
+        return self._image_probe(req)
+
+    def _image_probe(self, req) -> _Probe:
+        """The request's image decoded (sizes checked first) and read as the model reads it
+        (`qkv.inspect.image.read_image`: its preprocessor's resize; 400 bad_image with the
+        ImageError's line), and a probe of its units: the class token and the patches."""
+        from ..inspect import image as _image
+        from ..inspect.explain import ExplainResult
+        from ..models.images import ImageError
+
+        model, run_lock = self.registry.get(req.model)
+        name = self.registry.entry(req.model).name
+        if not _image.is_image_model(model):  # a folder that looked like a ViT but did not load as one
+            raise ApiError(400, "wrong_input", f"the model {name!r} does not read images; send 'text'")
+        if req.sample is not None:
+            found = self.sample(name, req.sample)
+            label, what = found.name, f"the sample {found.name!r}"
+            raw = found.data
+        else:
+            label, what = (req.image_name or "image"), "'image'"
+            raw = decode_upload(req.image, self.limits, what)
+        checkpoint()
+        img = open_image_bytes(raw, self.limits, what)
+        checkpoint()
+        try:
+            shown, _, _ = _image.read_image(img, model, name, req.interpolate_pos_encoding)  # (1, C, H, W)
+        except ImageError as exc:
+            raise ApiError(400, "bad_image", str(exc).replace("the image", what, 1)) from None
+        P = model.config.patch_size
+        grid = (shown.shape[-2] // P, shown.shape[-1] // P)
+        patches = _image.patch_labels(*grid)
+        probe = ExplainResult(label, name, [_image.CLASS_TOKEN] + patches, [True] + [False] * len(patches),
+                              list(patches), [None] + list(range(len(patches))), records=[], modality="image")
+        probe.image = _image.ImageInfo(label, shown[0].float(), grid, P, list(getattr(model, "labels", [])))
+        return _Probe(model, name, run_lock, probe, model_dims(model), image=shown,
+                      interpolate=req.interpolate_pos_encoding)
+
     def _explain(self, p: _Probe, *, focus=None, rows: str = "auto"):
         """Run the model (under its lock) and record; its result named as the server names it."""
         from ..inspect import explain
+        from ..models.images import ImageError
 
         checkpoint()
         kwargs: dict = {"rows": rows}
@@ -503,10 +768,18 @@ class Service:
         with p.run_lock:
             checkpoint()
             try:
-                result = explain(p.probe.text, p.model, **kwargs)
+                if p.image is not None:
+                    result = explain(image=p.image, model=p.model, name=p.name,
+                                     interpolate_pos_encoding=p.interpolate, **kwargs)
+                else:
+                    result = explain(p.probe.text, p.model, **kwargs)
+            except ImageError as exc:  # not seen: the probe read the same image
+                raise ApiError(400, "bad_image", str(exc)) from None
             except ValueError as exc:  # e.g. more tokens than the model has positions
                 raise ApiError(422, "cannot_explain", str(exc)) from None
         result.model_name = p.name
+        if p.image is not None:  # named as the request named it (a tensor is "image" to the core)
+            result.text = result.image.name = p.probe.text
         checkpoint()
         return result
 
@@ -584,17 +857,22 @@ class Service:
 
     # ------------------------------------------------------------ operations
     def explain(self, req) -> Callable[[], Plan]:
-        """`req`: an ExplainRequest (qkv.web.schema), already validated."""
-        self.registry.entry(req.model)  # an unknown model is reported before any work
-        if req.rows == "focus" and req.focus is None:
-            raise ApiError(422, "bad_value", "'rows' \"focus\" needs a focus word (focus)")
+        """`req`: an ExplainRequest (qkv.web.schema), already validated: a text, or for an image
+        model an image or a sample."""
+        modality = self.check_input(req)  # an unknown model or a wrong input is reported before any work
+        focus_given = req.focus
+        if req.rows == "focus" and focus_given is None:
+            if modality != "image":
+                raise ApiError(422, "bad_value", "'rows' \"focus\" needs a focus word (focus)")
+            focus_given = "cls"  # as qkv.explain(image=...) does: the class token's row
 
         def plan() -> Plan:
-            p = self._probe(req.text, req.model)
-            focus = self._focus(p.probe, req.focus, req.level, req.hide_special)
+            p = self._input_probe(req)
+            focus = self._focus(p.probe, focus_given, req.level, req.hide_special)
             if req.rows == "focus" and req.method == "rollout":
                 raise ApiError(422, "bad_value", "rollout needs every row of every layer: use rows \"auto\"")
             cost = self._explain_plan(p, req.level, req.method, req.rows, focus, req.hide_special)
+            cost = _with_image(cost, p)
             check_cost(cost, self.limits)
 
             def run() -> dict:
@@ -607,8 +885,9 @@ class Service:
         return plan
 
     def steps(self, req) -> Callable[[], Plan]:
-        """`req`: a StepsRequest. Records only the word's rows: linear in the length."""
-        self.registry.entry(req.model)
+        """`req`: a StepsRequest. Records only the word's rows: linear in the length. For an image
+        model, the word is a patch ("r1c2") or the class token ("cls"), of the image or sample given."""
+        self.check_input(req)
 
         def plan() -> Plan:
             loaded, _ = self.registry.get(req.model)
@@ -617,7 +896,7 @@ class Service:
                                f"the step-through follows one stack of layers (an encoder or a decoder); "
                                f"{self.registry.entry(req.model).name!r} is an encoder-decoder: see its attention "
                                "with /api/explain")
-            p = self._probe(req.text, req.model)
+            p = self._input_probe(req)
             unit = self._unit_index(p.probe, req.word, req.level, req.hide_special)
             layers, heads, head_dim, hidden = p.dims
             if not 0 <= req.layer < layers:
@@ -630,6 +909,7 @@ class Service:
             cost = explain_cost(tokens, tokens, layers, heads, head_dim, hidden, view="rows", recorded_rows=1)
             cost = Cost(tokens, layers, heads, cost.compute, cost.memory + tokens * head_dim * 2 * (PY_FLOAT + 40),
                         tokens * (2 * head_dim + 4) * JSON_FLOAT + 64 * tokens, "steps")
+            cost = _with_image(cost, p)
             check_cost(cost, self.limits)
 
             def run() -> dict:
@@ -638,7 +918,7 @@ class Service:
                 word_unit = p.probe.units("word")[2][token]
                 result = self._explain(p, focus=word_unit, rows="focus")
                 checkpoint()
-                return self._steps(result, req.text, token, req.layer, req.head)
+                return self._steps(result, p.probe.text, token, req.layer, req.head)
             return Plan(cost, run)
         return plan
 
@@ -657,8 +937,8 @@ class Service:
 
     def compare(self, req) -> Callable[[], Plan]:
         """`req`: a CompareRequest. Each side as explain with rows "auto" (compact when long), with
-        its own session."""
-        self.registry.entry(req.model)
+        its own session. Text models only (400 wrong_input for an image model)."""
+        self.check_input(req, images=False)
 
         def plan() -> Plan:
             pa, pb = self._probe(req.text, req.model), self._probe(req.other, req.model, "other")
@@ -756,6 +1036,16 @@ class Service:
                 return out
             return Plan(cost, run)
         return plan
+
+
+def _with_image(cost: Cost, p: _Probe) -> Cost:
+    """The cost with an image's pixels added to its memory: the picture (float32), its
+    normalised copy and the PNG written for the answer."""
+    if p.image is None:
+        return cost
+    pixels = int(p.image.numel())
+    return Cost(cost.tokens, cost.layers, cost.heads, cost.compute, cost.memory + 16 * pixels,
+                cost.answer + 2 * pixels, cost.view)
 
 
 def _focus_jsd(a, b, focus: int, level: str):

@@ -2,7 +2,11 @@
  * of explain.js (QKV.mount), plus the step-through of one word in one head.
  * A long text comes back as the compact view (view "rows", with a "session"): the view then
  * fetches each row it shows from POST /api/weights (fetcher below), one layer/head/row at a time.
- * User text reaches the page only through textContent and title, never as markup. */
+ * An image model (GET /api/models, "modality": "image") takes an image instead of a sentence: the
+ * text box gives way to a file input (the file is read in the browser and sent as a data URL in the
+ * JSON body, never stored on the server) and the model's samples as thumbnails (GET /api/samples);
+ * the answer is drawn by QKV.mount as any other, and the step-through follows the selected patch.
+ * User text (file names too) reaches the page only through textContent and title, never as markup. */
 (function () {
   "use strict";
   var el = QKV.el;
@@ -11,6 +15,11 @@
   var viewA = $("view-a"), viewB = $("view-b"), views = $("views");
   var current = null; // {request, data, view}
   var stepsSeq = 0, runSeq = 0;
+  var modality = {}; // model name -> "text" or "image"
+  var imageLimits = null; // GET /api/models image_limits
+  var imageInput = null; // the image model's input: {sample: name} or {image: data URL, image_name: file name}
+  var samplesSeq = 0;
+  var IMAGE_FIELDS = ["image", "image_name", "sample"];
 
   function showError(msg) {
     errorEl.textContent = msg || "";
@@ -33,10 +42,11 @@
     });
   }
 
+  function isImageModel() { return modality[$("model").value] === "image"; }
+
   function request() {
     var method = form.querySelector("input[name=method]:checked").value;
     var req = {
-      text: $("text").value,
       model: $("model").value || "minilm",
       method: method,
       level: $("level").value,
@@ -44,8 +54,21 @@
     };
     var focus = $("focus").value.trim();
     if (focus) req.focus = focus;
+    if (isImageModel()) {
+      if (imageInput) IMAGE_FIELDS.forEach(function (k) { if (k in imageInput) req[k] = imageInput[k]; });
+      if ($("interpolate").checked) req.interpolate_pos_encoding = true;
+      return { req: req, other: null, image: true };
+    }
+    req.text = $("text").value;
     var other = $("other").value;
-    return { req: req, other: other.trim() ? other : null };
+    return { req: req, other: other.trim() ? other : null, image: false };
+  }
+
+  // The input fields of a request (its text, or its image or sample), for the step-through.
+  function inputOf(req) {
+    var out = {};
+    ["text", "interpolate_pos_encoding"].concat(IMAGE_FIELDS).forEach(function (k) { if (k in req) out[k] = req[k]; });
+    return out;
   }
 
   function setBusy(on, what) {
@@ -56,7 +79,8 @@
 
   function run(keep) {
     var r = request();
-    if (!r.req.text.trim()) { showError("Type a sentence first."); return; }
+    if (r.image && !r.req.image && !r.req.sample) { showError("Pick a sample or upload an image first."); return; }
+    if (!r.image && !r.req.text.trim()) { showError("Type a sentence first."); return; }
     showError("");
     var seq = ++runSeq;
     setBusy(true, "Running the model\u2026");
@@ -183,6 +207,10 @@
   }
 
   function onViewChange(st) {
+    // what the view shows, for tests and scripts: its layer, head ("mean" or an index) and selected unit
+    views.dataset.layer = String(st.layer);
+    views.dataset.head = String(st.head);
+    views.dataset.selected = String(st.selected);
     if (!current || !current.view || current.view.compact) return; // no step-through of a long text
     if (st.selected < 0) return;
     var layer = st.layer;
@@ -196,8 +224,8 @@
   function loadSteps(index, layer, head) {
     var req = current.req;
     var seq = ++stepsSeq;
-    var body = { text: req.text, model: req.model, word: index, layer: layer, head: head, level: req.level,
-                 hide_special: req.hide_special };
+    var body = Object.assign(inputOf(req), { model: req.model, word: index, layer: layer, head: head,
+                                             level: req.level, hide_special: req.hide_special });
     $("steps").dataset.ready = "false";
     api("/api/steps", body).then(function (s) {
       if (seq !== stepsSeq) return;
@@ -255,12 +283,119 @@
     sec.dataset.ready = "true";
   }
 
+  // An image: hovering a patch (or the class token's button) steps through that unit too, once the
+  // pointer rests on it a moment; a click selects it in the view below, which steps through it as a
+  // word's click does.
+  var hoverTimer = null;
+  viewA.addEventListener("mouseover", function (ev) {
+    var target = ev.target && ev.target.closest ? ev.target.closest(".qkv-patch[data-unit]") : null;
+    if (!target || !current || !current.view || current.view.compact || !current.data.image) return;
+    var unit = parseInt(target.dataset.unit, 10);
+    if (hoverTimer !== null) clearTimeout(hoverTimer);
+    hoverTimer = setTimeout(function () {
+      hoverTimer = null;
+      var panel = viewA.querySelector(".qkv-image");
+      var layer = panel && panel.dataset.layer ? parseInt(panel.dataset.layer, 10) : current.view.state.layer;
+      var head = panel && /^[0-9]+$/.test(panel.dataset.head || "") && current.data.method !== "rollout"
+        ? parseInt(panel.dataset.head, 10) : parseInt(stepsHead.value || "0", 10);
+      if ($("steps").dataset.word === String(unit) && $("steps").dataset.layer === String(layer) &&
+          $("steps").dataset.head === String(head)) return;
+      loadSteps(unit, layer, head);
+    }, 150);
+  });
+
   function stepsFromSelects() {
-    if (!current || !current.view || current.view.state.selected < 0) return;
-    loadSteps(current.view.state.selected, parseInt(stepsLayer.value, 10), parseInt(stepsHead.value, 10));
+    if (!current || !current.view) return;
+    var shown = $("steps").dataset.word; // an image: the unit stepped through (a hovered patch, or the selected one)
+    var unit = current.data.image && shown !== undefined && shown !== "" ? parseInt(shown, 10)
+      : current.view.state.selected;
+    if (unit < 0) return;
+    loadSteps(unit, parseInt(stepsLayer.value, 10), parseInt(stepsHead.value, 10));
   }
   stepsLayer.addEventListener("change", stepsFromSelects);
   stepsHead.addEventListener("change", stepsFromSelects);
+
+  // ------------------------------------------------------------------ images
+  // The picker of an image model: the text rows hidden (and not required), the file input and
+  // the samples shown; a text model the other way round.
+  function setMode() {
+    var image = isImageModel();
+    $("text-row").hidden = image;
+    $("other-row").hidden = image;
+    $("text").required = !image;
+    $("image-row").hidden = !image;
+    $("samples-row").hidden = !image;
+    $("hide-special-label").textContent = image ? "hide the class token [CLS]" : "hide [CLS], [SEP]";
+    $("focus").placeholder = image ? "optional patch, e.g. r1c2" : "optional word";
+    $("steps-unit").textContent = image ? "patch" : "word";
+    document.body.dataset.modality = image ? "image" : "text";
+    if (image) loadSamples($("model").value);
+  }
+
+  function loadSamples(model) {
+    var box = $("samples"), seq = ++samplesSeq;
+    box.dataset.ready = "false";
+    while (box.firstChild) box.removeChild(box.firstChild);
+    api("/api/samples?model=" + encodeURIComponent(model)).then(function (res) {
+      if (seq !== samplesSeq) return;
+      res.samples.forEach(function (sample) {
+        var b = el("button", "sample");
+        b.type = "button";
+        b.title = sample.name;
+        b.dataset.name = sample.name;
+        b.setAttribute("aria-pressed", imageInput && imageInput.sample === sample.name ? "true" : "false");
+        var img = el("img");
+        img.src = sample.pixels; // a data: URL from the server
+        img.alt = sample.name;
+        b.appendChild(img);
+        b.addEventListener("click", function () { pickSample(sample.name); });
+        box.appendChild(b);
+      });
+      if (!res.samples.length) box.appendChild(el("span", "note", "this model has no samples; upload an image"));
+      box.dataset.ready = "true";
+    }).catch(function (err) { showError("cannot list the samples: " + err.message); });
+  }
+
+  function markSample(name) {
+    Array.prototype.forEach.call($("samples").querySelectorAll("button.sample"), function (b) {
+      b.setAttribute("aria-pressed", b.dataset.name === name ? "true" : "false");
+    });
+  }
+
+  function pickSample(name) {
+    imageInput = { sample: name };
+    markSample(name);
+    $("image-file").value = "";
+    $("image-chosen").textContent = "sample " + name;
+    run(null);
+  }
+
+  $("image-file").addEventListener("change", function () {
+    var file = this.files && this.files[0];
+    if (!file) return;
+    if (imageLimits && file.size > imageLimits.max_image_bytes) {
+      showError("\u201c" + file.name + "\u201d has " + file.size + " bytes; this server reads images of at most " +
+                imageLimits.max_image_bytes + " bytes");
+      return;
+    }
+    var reader = new FileReader();
+    reader.onload = function () {
+      imageInput = { image: String(reader.result), image_name: file.name || "image" };
+      markSample(null);
+      $("image-chosen").textContent = file.name;
+      run(null);
+    };
+    reader.onerror = function () { showError("cannot read the file \u201c" + file.name + "\u201d"); };
+    reader.readAsDataURL(file); // the bytes go in the request body only
+  });
+
+  $("model").addEventListener("change", function () {
+    if (imageInput && imageInput.sample) { // a sample is another model's; an upload is kept
+      imageInput = null;
+      $("image-chosen").textContent = "";
+    }
+    setMode();
+  });
 
   // ------------------------------------------------------------------ form
   form.addEventListener("submit", function (ev) { ev.preventDefault(); run(null); });
@@ -270,12 +405,15 @@
     });
   });
   $("hide-special").addEventListener("change", function () { if (current) run(null); });
+  $("interpolate").addEventListener("change", function () { if (isImageModel() && imageInput) run(null); });
   $("level").addEventListener("change", function () { if (current) run(null); });
 
   api("/api/models").then(function (m) {
     var sel = $("model");
     m.models.forEach(function (entry) {
-      var o = el("option", null, entry.name + (entry.source === "bundled" ? " (bundled)" : ""));
+      modality[entry.name] = entry.modality || "text";
+      var o = el("option", null, entry.name + (entry.source === "bundled" ? " (bundled)" : "") +
+                 (entry.modality === "image" ? ", images" : ""));
       o.value = entry.name;
       sel.appendChild(o);
     });
@@ -283,6 +421,8 @@
     $("text").maxLength = m.limits.max_chars;
     $("other").maxLength = m.limits.max_chars;
     if (m.limits.max_pick) maxPick = m.limits.max_pick;
+    imageLimits = m.image_limits || null;
+    setMode();
     document.body.dataset.models = "ready";
   }).catch(function (err) { showError("cannot list the models: " + err.message); });
 })();
