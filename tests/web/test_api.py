@@ -561,17 +561,19 @@ def test_openapi_is_generated_from_the_models_and_keeps_its_promises(client):
 
     for path in ("/api/health", "/api/models", "/api/openapi.json"):
         assert set(spec["paths"][path]) == {"get"}, path
-    requests = {"/api/explain": ({"text"}, {"text", "model", "focus", "method", "level", "hide_special", "rows"},
+    image = {"image", "image_name", "sample", "interpolate_pos_encoding"}  # an image model's input instead of text
+    requests = {"/api/explain": (set(), {"text", "model", "focus", "method", "level", "hide_special", "rows"} | image,
                                  "qkv.explain/1"),
-                "/api/steps": ({"text", "word", "layer", "head"},
-                               {"text", "model", "word", "layer", "head", "level", "hide_special"}, "qkv.steps/1"),
+                "/api/steps": ({"word", "layer", "head"},
+                               {"text", "model", "word", "layer", "head", "level", "hide_special"} | image,
+                               "qkv.steps/1"),
                 "/api/compare": ({"text", "other"}, {"text", "other", "model", "focus", "method", "level",
                                                      "hide_special"}, "qkv.compare/1")}
     for path, (required, fields, fmt) in requests.items():
         op = spec["paths"][path]
         assert set(op) == {"post"}, path
         body = resolve(op["post"]["requestBody"]["content"]["application/json"]["schema"])
-        assert set(body["required"]) == required and set(body["properties"]) == fields, path
+        assert set(body.get("required", [])) == required and set(body["properties"]) == fields, path
         assert body["additionalProperties"] is False, path
         props = body["properties"]
         for name in ("text", "other"):
@@ -624,7 +626,7 @@ def test_model_dir_names_only(tmp_path):
     assert loaded == [str((tmp_path / "tiny").resolve())], "loaded more than once, or from another place"
     app = create_app(registry=reg)
     with TestClient(app) as c:
-        assert {"name": "tiny", "source": "model-dir"} in c.get("/api/models").json()["models"]
+        assert {"name": "tiny", "source": "model-dir", "modality": "text"} in c.get("/api/models").json()["models"]
         for bad in ("TINY", "../tiny", str(tmp_path / "tiny"), "no-config", "bad name"):
             assert_error(c.post("/api/explain", json={"text": TEXT, "model": bad}), 404, "unknown_model")
 
