@@ -222,28 +222,28 @@ def test_png_panels_are_the_result_maps(digit):
     assert len(titles) == L * (H + 1)
     for lay in range(L):
         for h in range(H):
-            assert f"L{lay} h{h} · max {float(maps[lay, h].max()):.2f}" in titles
-        assert f"rollout to L{lay} · max {float(rollout[lay].max()):.2f}" in titles
+            assert f"L{lay} h{h} · max {float(maps[lay, h].max()):.3g}" in titles
+        assert f"rollout to L{lay} · max {float(rollout[lay].max()):.3g}" in titles
     rows, index, whole = image_rows(np, data)
     assert index == 0 and whole
     np.testing.assert_allclose(rows[:, :, 1:].reshape(maps.shape), maps.numpy(), atol=1e-5)
     # --layer and --head narrow the grid to one row, one head column (+ rollout)
     titles = _figure_titles(data, layer=2, head=1)
-    assert titles == [f"L2 h1 · max {float(maps[2, 1].max()):.2f}",
-                      f"rollout to L2 · max {float(rollout[2].max()):.2f}"]
+    assert titles == [f"L2 h1 · max {float(maps[2, 1].max()):.3g}",
+                      f"rollout to L2 · max {float(rollout[2].max()):.3g}"]
 
 
 def test_png_patch_focus_and_methods(digit, tmp_path):
     data = digit.to_dict(focus="r2c1")
     maps = digit.image_maps("r2c1")
     titles = _figure_titles(data, layer=3)
-    assert f"L3 h0 · max {float(maps[3, 0].max()):.2f}" in titles
+    assert f"L3 h0 · max {float(maps[3, 0].max()):.3g}" in titles
     ro = digit.to_dict(method="rollout")
     titles = _figure_titles(ro)
     assert len(titles) == digit.num_layers  # one rollout column, no extra
     hidden = digit.to_dict(hide_special=True, focus="r0c0")
     hm = digit.image_maps("r0c0", hide_special=True)
-    assert f"L0 h2 · max {float(hm[0, 2].max()):.2f}" in _figure_titles(hidden)
+    assert f"L0 h2 · max {float(hm[0, 2].max()):.3g}" in _figure_titles(hidden)
     assert png_size(save_png(digit, tmp_path / "vn.png", method="value-norm", focus="r1c1", layer=1))[0] > 300
     with pytest.raises(ValueError, match="give a patch"):
         save_png(digit, tmp_path / "x.png", hide_special=True)
@@ -255,7 +255,7 @@ def test_png_compact_views(digit, big, tmp_path):
     assert compact["view"] == "rows"
     maps = digit.image_maps()
     titles = _figure_titles(compact)
-    assert f"L1 h3 · max {float(maps[1, 3].max()):.2f}" in titles
+    assert f"L1 h3 · max {float(maps[1, 3].max()):.3g}" in titles
     assert png_size(save_png(digit, tmp_path / "compact.png", rows=[0]))[0] > 300
     # a ViT whose full maps are too big: compact by default, drawn from the shipped row and image_maps' rollout
     data = big.to_dict()
@@ -267,8 +267,8 @@ def test_png_compact_views(digit, big, tmp_path):
     bro = big.image_maps(method="rollout")[:, 0].double().numpy()
     titles = _figure_titles(data, rollout=bro)
     assert len(titles) == 8 * 9
-    assert f"L7 h5 · max {float(bm[7, 5].max()):.2f}" in titles
-    assert f"rollout to L7 · max {float(bro[7].max()):.2f}" in titles
+    assert f"L7 h5 · max {float(bm[7, 5].max()):.3g}" in titles
+    assert f"rollout to L7 · max {float(bro[7].max()):.3g}" in titles
 
 
 def test_png_render_from_json_round_trip(digit, tmp_path):

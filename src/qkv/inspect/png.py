@@ -707,6 +707,6 @@ def _draw_image(fig, np, data, layer, head, rollout) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
             name = f"L{lay} {title}" if title != "rollout" or h is not None else f"rollout to L{lay}"
-            ax.set_title(f"{name} \u00b7 max {top:.2f}", fontsize=font)
+            ax.set_title(f"{name} \u00b7 max {top:.3g}", fontsize=font)
             if j == 0:
                 ax.set_ylabel(f"layer {lay}", fontsize=font)

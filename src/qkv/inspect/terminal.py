@@ -533,8 +533,9 @@ def render_image(result, focus=None, *, method: str = "raw", hide_special: bool 
     background instead); under it, where the weight goes (the largest patch, the class token's own
     share). Without `layer`: one grid per layer (the `aggregate` of heads, or one `head`), plus, with
     `rollout` and a method other than rollout, the attention rollout of the last layer (Abnar &
-    Zuidema, 2020: what highlights the object). With `layer`: one grid per head of that layer (or
-    the one `head`). Grids go side by side as far as `columns` (default: the terminal's width) allows.
+    Zuidema, 2020: what highlights the object; it needs every row, so not after rows="focus"). With
+    `layer`: one grid per head of that layer (or the one `head`). Grids go side by side as far as
+    `columns` (default: the terminal's width) allows.
 
     Args:
         result: an ExplainResult with modality "image".
@@ -583,7 +584,7 @@ def render_image(result, focus=None, *, method: str = "raw", hide_special: bool 
             blocks.append((f"layer {lay} {what}", g, None if cw is None else float(cw)))
         heads_what = f"head {head}" if head is not None else f"{aggregate} over heads"
         what_line = "one grid per layer" + ("" if method == "rollout" else f" ({heads_what})")
-        if rollout and method != "rollout":
+        if rollout and method != "rollout" and result.rows is None:  # rows="focus" recorded one row: no rollout
             last = result.num_layers - 1
             ro = result.image_maps(focus, "rollout", hide_special)[last, 0]  # (gh, gw)
             ro_cls = None if hide_special else float(result.focus_rows(focus, "rollout", "token")[last, 0, 0])
