@@ -304,9 +304,10 @@ def _explain(p):
     p.add_argument("--aggregate", choices=["mean", "max"], default="mean",
                    help="how the table combines the heads of a layer (default: mean)")
     p.add_argument("--level", choices=["word", "token"], default="word",
-                   help="merge sub-word tokens into words (default) or show tokens")
+                   help="merge sub-word tokens into words (default) or show tokens (an image's patches are both)")
     p.add_argument("--hide-special", action="store_true",
-                   help="hide [CLS], [SEP], BOS and renormalise the rows to 1")
+                   help="hide [CLS], [SEP], BOS and renormalise the rows to 1 (with --image: the class token, "
+                   "so give a patch with --focus)")
     p.add_argument("--rows", choices=["auto", "all", "focus"], default="auto",
                    help="auto (default): record every query row, and write full maps while they are small "
                    "(layers x heads x words^2 <= 4,194,304), else the compact view of a long input (summaries, "

@@ -465,17 +465,18 @@ def shade(x: float, top: float) -> str:
     return _SHADES[int(round(level * (len(_SHADES) - 1)))]
 
 
-def _grid_lines(grid: torch.Tensor, color: bool) -> list[str]:
-    """grid (rows, columns) -> one line per patch row, each patch 2 characters wide, shaded by its weight
-    over the grid's max ("██" the max); with colour, the cells are blanks on the 24-step grey background."""
+def _grid_lines(grid: torch.Tensor, color: bool, cell: int = 2) -> list[str]:
+    """grid (rows, columns) -> one line per patch row, each patch `cell` characters wide (2; 1 for a
+    grid too wide for the terminal), shaded by its weight over the grid's max ("██" the max); with
+    colour, the cells are blanks on the 24-step grey background."""
     top = float(grid.max()) if grid.numel() else 0.0
     lines = []
     for row in grid.tolist():
         if color:
             levels = [0.0 if top <= 0 else max(0.0, min(1.0, x / top)) for x in row]
-            lines.append("".join(f"\x1b[48;5;{232 + int(round(v * 23))}m  \x1b[0m" for v in levels))
+            lines.append("".join(f"\x1b[48;5;{232 + int(round(v * 23))}m{' ' * cell}\x1b[0m" for v in levels))
         else:
-            lines.append("".join(shade(x, top) * 2 for x in row))
+            lines.append("".join(shade(x, top) * cell for x in row))
     return lines
 
 
@@ -604,18 +605,20 @@ def render_image(result, focus=None, *, method: str = "raw", hide_special: bool 
                                          "one grid per head" if head is None else f"head {head}")
     what = "the class token [CLS]" if index == 0 else f"patch {label}"
     lines.append(f"from {what} to each patch: {what_line}")
-    lines.append(f"each patch 2 characters, shaded {_SHADES[1:]!r} by its weight over the grid's max ('  ' none); "
+    lines.append(f"each patch {'2 characters' if 2 * gw <= terminal_width(columns) else '1 character'}, shaded "
+                 f"{_SHADES[1:]!r} by its weight over the grid's max (blank: none); "
                  "under each grid: its largest patch, the weight on the class token"
                  + ("" if own is None else f" and on {label} itself"))
     cols = terminal_width(columns)
     lines = [part for line in lines for part in _wrap(line, cols)]
     lines.append("")
     rendered, widths = [], []
+    cell = 2 if 2 * gw <= cols else 1  # a grid wider than the terminal: one character a patch
     for title, g, cw in blocks:
-        body = _grid_lines(g, color)
+        body = _grid_lines(g, color, cell)
         legend = _where(g, cw, own, digits)
         block = [title, *body, *legend]
         rendered.append(block)
-        widths.append(max(len(title), 2 * gw, *(len(x) for x in legend)))
+        widths.append(max(len(title), cell * gw, *(len(x) for x in legend)))
     lines += _side_by_side(rendered, widths, cols)
     return "\n".join(lines)
