@@ -207,3 +207,10 @@ def test_a_vit_folder(tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8), mode="RGB").save(small)
     one_line_error(capsys, ["explain", "--image", str(small), "--model", str(tmp_path / "vit")], "8x8",
                    "takes 16x16", "--interpolate")
+
+
+def test_color_always(capsys):
+    out = run(capsys, ["explain", "--image", DIGIT, "--color", "always", "--layer", "0"])
+    assert "\x1b[48;5;" in out
+    plain = run(capsys, ["explain", "--image", DIGIT, "--color", "never", "--layer", "0"])
+    assert "\x1b[" not in plain and "█" in plain

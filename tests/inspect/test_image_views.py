@@ -284,3 +284,27 @@ def test_png_render_from_json_round_trip(digit, tmp_path):
     broken = dict(data, image=dict(data["image"], pixels="data:image/png;base64,AAAA"))
     with pytest.raises(ValueError, match="pixels"):
         render_png(broken, tmp_path / "broken.png")
+
+
+def test_png_panel_draws_the_picture_the_overlay_and_the_outline(digit):
+    """Each panel: the picture at the model's size (from the dict's data URL), the focus row over
+    the patches scaled to its max on top, and the focus patch outlined."""
+    from matplotlib.patches import Rectangle
+
+    from qkv.inspect.png import _png
+
+    axes: list = []
+    _png(digit.to_dict(focus="r2c3"), 1, 0, on_figure=lambda fig: axes.extend(fig.axes))
+    assert len(axes) == 2  # head 0 and the rollout column
+    ax = axes[0]
+    picture, overlay = (np.asarray(im.get_array()) for im in ax.images)
+    np.testing.assert_allclose(picture, digit.image.pixels[0].numpy(), atol=1 / 255)  # (8, 8) grey
+    grid = digit.image_maps("r2c3")[1, 0].numpy()  # (4, 4)
+    np.testing.assert_allclose(overlay, grid / grid.max(), atol=1e-4)
+    P = digit.image.patch
+    boxes = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert [(b.get_x(), b.get_y(), b.get_width()) for b in boxes] == [(3 * P, 2 * P, P)]
+    # the class token as focus: no patch outlined
+    axes.clear()
+    _png(digit.to_dict(), 1, 0, on_figure=lambda fig: axes.extend(fig.axes))
+    assert not [p for p in axes[0].patches if isinstance(p, Rectangle)]
