@@ -14,6 +14,12 @@ keys of the shipped row in one layer, and the minimap (weight received, row entr
 `save_png` adds a downsampled map of one layer, built a chunk of rows at a time from the
 recorded queries and keys.
 
+An image result ("modality": "image") is drawn as its picture (data["image"]["pixels"], upscaled
+with nearest neighbour) with the focus unit's row over the patches overlaid (default the class
+token's; the focus patch outlined), a grid of layers (rows) x heads (columns) plus a column of the
+attention rollout up to each layer, titled with the focus and the prediction; the compact view's
+shipped row (every patch, by default) draws the same.
+
 matplotlib is an optional dependency (`pip install 'qkv[viz]'`), imported only here, with the
 Agg canvas: no display, no pyplot state, only the fonts matplotlib ships (DejaVu Sans).
 

@@ -9,6 +9,11 @@ keys of the focus row with their positions, and a strip over the whole sequence,
 max of its bucket of words (a sharp peak is not averaged away), with position ticks; without a
 focus, the per-layer/head summaries (entropy, distance, sink), a minimap of the weight each word
 receives, and the last word's top keys. Short inputs print the tables as they always have.
+
+Image results (a vision transformer's class token and patches, `qkv.explain(image=...)`) print
+as block-character heat maps over the patch grid (`render_image`): each patch two characters
+shaded " ░▒▓█" by its weight over the grid's max, one grid per layer plus the attention rollout,
+or per head of one layer, side by side as the width allows.
 """
 
 from __future__ import annotations
