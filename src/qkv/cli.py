@@ -272,14 +272,30 @@ def _similarity(p):
 def _explain(p):
     """Run a model on TEXT and show its attention: for the --focus word, the weights it gives each
     word per layer (mean over heads, or one --head) with a heat strip, and the heads that attend
-    most sharply; without --focus, the map of one layer. --png, --html and --json write the same
-    result as a picture, one offline HTML page, or data. Every option is checked before the model
-    runs, and the files are written before anything is printed."""
-    p.add_argument("text", help="the sentence to explain, e.g. \"The cat sat on the mat.\"")
-    p.add_argument("--focus", metavar="WORD", help="the word whose attention to show (first match, case-insensitive)")
-    _model_option(p, "minilm", "a bundled model name, a Hugging Face model folder, or a Hub id org/name from "
-                  "the Hugging Face cache (default: minilm); architectures qkv has no native implementation of "
-                  "run through transformers (pip install 'qkv[hf]')")
+    most sharply; without --focus, the map of one layer. With --image FILE instead of TEXT, a
+    vision transformer (default: the bundled digits) reads the image and its attention is drawn
+    over the patch grid: the prediction, then the class token's attention (or the --focus patch's,
+    e.g. r1c2) in every layer plus the attention rollout of the last layer, or every head of one
+    --layer. --png, --html and --json write the same result as a picture, one offline HTML page,
+    or data. Every option is checked before the model runs, and the files are written before
+    anything is printed."""
+    p.add_argument("text", nargs="?", help="the sentence to explain, e.g. \"The cat sat on the mat.\" "
+                   "(or --image FILE)")
+    p.add_argument("--image", metavar="FILE", help="explain an image (PNG, JPEG, BMP, GIF) with a vision transformer "
+                   "instead of a text; its units are the class token 'cls' and the patches r<row>c<column>")
+    p.add_argument("--focus", metavar="WORD", help="the word whose attention to show (first match, case-insensitive); "
+                   "with --image, 'cls' (the class token, the default) or a patch such as r1c2")
+    _model_option(p, None, "a bundled model name, a Hugging Face model folder, or a Hub id org/name from "
+                  "the Hugging Face cache (default: minilm, and digits with --image); architectures qkv has no "
+                  "native implementation of run through transformers (pip install 'qkv[hf]'); with --image, "
+                  "a vision transformer: digits or a ViT folder")
+    p.add_argument("--interpolate", action="store_true",
+                   help="with --image: run an image of another size than the model's on resampled position "
+                   "embeddings instead of refusing it")
+    p.add_argument("--steps", metavar="LAYER,HEAD", type=_layer_head,
+                   help="also print the three steps (scores q.k*scale, softmax weights, weighted sum of the "
+                   "values) of one head for the --focus word's first token (with --image: the class token "
+                   "unless --focus names a patch)")
     p.add_argument("--layer", type=_whole(0), metavar="L", help="show only this layer (0-based)")
     p.add_argument("--head", type=_whole(0), metavar="H", help="show this head instead of the mean over heads")
     p.add_argument("--method", choices=["raw", "rollout", "value-norm"], default="raw",
@@ -288,69 +304,179 @@ def _explain(p):
     p.add_argument("--aggregate", choices=["mean", "max"], default="mean",
                    help="how the table combines the heads of a layer (default: mean)")
     p.add_argument("--level", choices=["word", "token"], default="word",
-                   help="merge sub-word tokens into words (default) or show tokens")
+                   help="merge sub-word tokens into words (default) or show tokens (an image's patches are both)")
     p.add_argument("--hide-special", action="store_true",
-                   help="hide [CLS], [SEP], BOS and renormalise the rows to 1")
+                   help="hide [CLS], [SEP], BOS and renormalise the rows to 1 (with --image: the class token, "
+                   "so give a patch with --focus)")
     p.add_argument("--rows", choices=["auto", "all", "focus"], default="auto",
                    help="auto (default): record every query row, and write full maps while they are small "
                    "(layers x heads x words^2 <= 4,194,304), else the compact view of a long input (summaries, "
                    "a minimap, the focus row's top keys); all: full maps at any length; focus: record only "
                    "the focus word's rows (not with --method rollout)")
-    p.add_argument("--top-k", type=_whole(1), default=8, metavar="K",
+    p.add_argument("--top-k", type=_whole(1), default=None, metavar="K",
                    help="keys kept per row in the compact view of a long input, in the table and the files "
-                   "(default: 8)")
+                   "(default: 8; with --image every patch, so a row draws whole)")
     p.add_argument("--compare", metavar="TEXT", help="a second sentence of the same length: per-head "
-                   "Jensen-Shannon divergence of the focus rows and the largest change")
+                   "Jensen-Shannon divergence of the focus rows and the largest change (not with --image)")
     _file_option(p, "png", "write a PNG (needs matplotlib: pip install 'qkv[viz]')")
     _file_option(p, "html", "write one self-contained, offline HTML page")
     _file_option(p, "json", "write the result as JSON (format qkv.explain/1)")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                    help="shade table cells (default: when printing to a terminal and NO_COLOR is unset)")
-    p.add_argument("--truncate", action="store_true", help="cut text longer than the model accepts")
+    p.add_argument("--truncate", action="store_true", help="cut text longer than the model accepts (not with --image)")
 
     def run(args):
-        from .inspect import explain
-        from .inspect.png import save_png
-        from .inspect.terminal import render_alignment, render_compare, render_focus, render_overview
-
-        # 1. everything that needs no model
-        text = _text(args.text, "the text")
-        other = None if args.compare is None else _text(args.compare, "the --compare text")
-        _check_explain_flags(args)
-        # 2. the model, loaded but not run, and what depends on it (through transformers when qkv
-        # has no native implementation of its architecture, saying so in one line on stderr)
-        model = _load_for_explain(args.model)
-        _check_explain_model(args, model, text, other)
-        # 3. run, draw, write the files, and only then print
-        result = explain(text, model, focus=args.focus, rows=args.rows, truncate=args.truncate, name=args.model)
-        color = args.color == "always" or (
-            args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
-        view = dict(method=args.method, level=args.level, hide_special=args.hide_special)
-        table = dict(layer=args.layer, head=args.head, color=color, aggregate=args.aggregate)
-        if args.focus:
-            out = [render_focus(result, args.focus, **table, **view, top_k=args.top_k)]
-        elif result.cross_layers:  # encoder-decoder: the alignment of target words over source words
-            out = [render_alignment(result, level=args.level, layer=args.layer, head=args.head, color=color)]
-        else:
-            out = [render_overview(result, **table, **view, top_k=args.top_k)]
-        if other is not None:
-            # every row of the second text is recorded (linear in length) unless --rows all asks for full maps:
-            # with --rows focus its focus unit may sit at another token, and the comparison needs only that row
-            second = explain(other, model, rows="all" if args.rows == "all" else "auto", truncate=args.truncate,
-                             name=args.model)
-            a, b = len(result.labels(args.level)), len(second.labels(args.level))
-            if a != b:  # an encoder-decoder's translations: their lengths are known only now
-                raise UserError(f"--compare: the translations differ in length ({a} and {b} {args.level}s with "
-                                "the source); the comparison needs the same number, e.g. one word swapped")
-            cmp = result.compare(second, args.focus, args.level)
-            out.append(render_compare(result, second, cmp, args.focus, args.level))
-        options = dict(view, focus=args.focus, top_k=args.top_k)
-        out += _write_files(args, {"json": lambda f: result.save_json(f, **options),
-                                   "html": lambda f: result.save_html(f, **options),
-                                   "png": lambda f: save_png(result, f, layer=args.layer, head=args.head, **options)})
-        print("\n".join(out))
+        if (args.image is None) == (args.text is None):
+            raise UserError("give TEXT or --image FILE, not both" if args.text is not None else
+                            "give the TEXT to explain, or --image FILE to explain an image")
+        if args.model is None:
+            args.model = "digits" if args.image is not None else "minilm"
+        if args.image is not None:
+            return _explain_image(args)
+        if args.interpolate:
+            raise UserError("--interpolate is for images: drop it, or explain an image with --image FILE")
+        return _explain_text(args)
 
     return run
+
+
+def _explain_text(args) -> None:
+    """`qkv explain TEXT`."""
+    from .inspect import explain
+    from .inspect.png import save_png
+    from .inspect.terminal import render_alignment, render_compare, render_focus, render_overview
+
+    # 1. everything that needs no model
+    text = _text(args.text, "the text")
+    top_k = 8 if args.top_k is None else args.top_k
+    other = None if args.compare is None else _text(args.compare, "the --compare text")
+    _check_explain_flags(args)
+    # 2. the model, loaded but not run, and what depends on it (through transformers when qkv
+    # has no native implementation of its architecture, saying so in one line on stderr)
+    model = _load_for_explain(args.model)
+    _check_explain_model(args, model, text, other)
+    # 3. run, draw, write the files, and only then print
+    result = explain(text, model, focus=args.focus, rows=args.rows, truncate=args.truncate, name=args.model)
+    color = args.color == "always" or (
+        args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    view = dict(method=args.method, level=args.level, hide_special=args.hide_special)
+    table = dict(layer=args.layer, head=args.head, color=color, aggregate=args.aggregate)
+    if args.focus:
+        out = [render_focus(result, args.focus, **table, **view, top_k=top_k)]
+    elif result.cross_layers:  # encoder-decoder: the alignment of target words over source words
+        out = [render_alignment(result, level=args.level, layer=args.layer, head=args.head, color=color)]
+    else:
+        out = [render_overview(result, **table, **view, top_k=top_k)]
+    if other is not None:
+        # every row of the second text is recorded (linear in length) unless --rows all asks for full maps:
+        # with --rows focus its focus unit may sit at another token, and the comparison needs only that row
+        second = explain(other, model, rows="all" if args.rows == "all" else "auto", truncate=args.truncate,
+                         name=args.model)
+        a, b = len(result.labels(args.level)), len(second.labels(args.level))
+        if a != b:  # an encoder-decoder's translations: their lengths are known only now
+            raise UserError(f"--compare: the translations differ in length ({a} and {b} {args.level}s with "
+                            "the source); the comparison needs the same number, e.g. one word swapped")
+        cmp = result.compare(second, args.focus, args.level)
+        out.append(render_compare(result, second, cmp, args.focus, args.level))
+    options = dict(view, focus=args.focus, top_k=top_k)
+    out += _write_files(args, {"json": lambda f: result.save_json(f, **options),
+                               "html": lambda f: result.save_html(f, **options),
+                               "png": lambda f: save_png(result, f, layer=args.layer, head=args.head, **options)})
+    if args.steps is not None:
+        out.append(_steps_text(result, args.focus, args.steps))
+    print("\n".join(out))
+
+
+def _layer_head(text: str) -> tuple[int, int]:
+    """An argparse type: "LAYER,HEAD", two whole numbers >= 0 (e.g. 3,1)."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"must be LAYER,HEAD, two whole numbers such as 3,1; got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _steps_text(result, focus, steps: tuple[int, int]) -> str:
+    """The three steps of one head (`ExplainResult.steps`) for the focus unit, after a blank line."""
+    layer, head = steps
+    try:
+        return "\n" + str(result.steps(focus, layer, head))
+    except ValueError as exc:
+        raise UserError(f"--steps: {exc}") from None
+
+
+# flags of explain that a text needs and an image cannot use: (flag, is it set, why)
+_TEXT_ONLY = (("--compare", lambda a: a.compare is not None, "compares two sentences"),
+              ("--truncate", lambda a: a.truncate, "cuts text; an image is taken whole, at the model's size"))
+
+
+def _explain_image(args) -> None:
+    """`qkv explain --image FILE`: a vision transformer's attention over the patch grid (the class
+    token's by default), printed as block-character grids, written as PNG, HTML and JSON."""
+    from .inspect import explain
+    from .inspect.explain import model_shape
+    from .inspect.image import is_image_model
+    from .inspect.png import save_png
+    from .inspect.terminal import render_image
+    from .models.images import ImageError, open_image
+
+    # 1. everything that needs no model: the flags, then the file (readable, an image Pillow opens)
+    for flag, given, why in _TEXT_ONLY:
+        if given(args):
+            raise UserError(f"{flag} {why}; drop it with --image")
+    focus = args.focus
+    if args.hide_special and (focus is None or focus.strip().lower() in ("cls", "[cls]", "class", "class token")):
+        raise UserError("--hide-special hides the class token, whose attention is shown by default; give a patch "
+                        "with --focus (e.g. --focus r1c2), or drop --hide-special")
+    if args.head is not None and args.method == "rollout":
+        raise UserError("--method rollout averages the heads, so --head cannot pick one; drop --head, "
+                        "or use --method raw or value-norm")
+    if args.rows == "focus" and args.method == "rollout":
+        raise UserError("--method rollout needs every row of every layer, and --rows focus records only the "
+                        "focus unit's; use --rows auto (the default) or --rows all")
+    _distinct_files(args, ("json", "html", "png"))
+    if args.png:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UserError("--png needs matplotlib: pip install 'qkv[viz]'")
+    try:
+        open_image(args.image)
+    except ImportError as exc:  # no Pillow
+        raise UserError(str(exc)) from None
+    except ImageError as exc:
+        raise UserError(str(exc)) from None
+    # 2. the model, loaded but not run: a vision transformer, with the layers and heads asked for
+    model = _load_for_explain(args.model)
+    if not is_image_model(model):
+        raise UserError(f"{args.model!r} reads text; --image needs a vision transformer (--model digits or a "
+                        "ViT folder)")
+    n_layers, n_heads = model_shape(model)
+    for flag, value, count, what in (("--layer", args.layer, n_layers, "layers"),
+                                     ("--head", args.head, n_heads, "heads"),
+                                     ("--steps", None if args.steps is None else args.steps[0], n_layers, "layers"),
+                                     ("--steps", None if args.steps is None else args.steps[1], n_heads, "heads")):
+        if value is not None and value >= count:
+            shown = ",".join(map(str, args.steps)) if flag == "--steps" else value
+            raise UserError(f"{flag} {shown}: {what[:-1]} {value} does not exist: the model has {what} "
+                            f"0..{count - 1}")
+    # 3. run (the image's size and channels, and the focus patch, are checked before the model runs)
+    try:
+        result = explain(image=args.image, model=model, focus=focus, rows=args.rows, name=args.model,
+                         interpolate_pos_encoding=args.interpolate)
+    except ImageError as exc:
+        raise UserError(str(exc).replace("pass interpolate_pos_encoding=True", "add --interpolate")) from None
+    color = args.color == "always" or (
+        args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    out = [render_image(result, focus, method=args.method, hide_special=args.hide_special, layer=args.layer,
+                        head=args.head, color=color, aggregate=args.aggregate)]
+    options = dict(method=args.method, level=args.level, hide_special=args.hide_special, focus=focus,
+                   top_k=args.top_k)
+    out += _write_files(args, {"json": lambda f: result.save_json(f, **options),
+                               "html": lambda f: result.save_html(f, **options),
+                               "png": lambda f: save_png(result, f, layer=args.layer, head=args.head, **options)})
+    if args.steps is not None:
+        out.append(_steps_text(result, "cls" if focus is None else focus, args.steps))
+    print("\n".join(out))
 
 
 def _check_explain_flags(args) -> None:
@@ -359,6 +485,8 @@ def _check_explain_flags(args) -> None:
         raise UserError("--rows focus needs --focus WORD")
     if args.compare is not None and not args.focus:
         raise UserError("--compare needs --focus WORD (the word whose rows are compared)")
+    if args.steps is not None and not args.focus:
+        raise UserError("--steps needs --focus WORD (the word whose query is stepped through)")
     if args.head is not None and args.method == "rollout":
         raise UserError("--method rollout averages the heads, so --head cannot pick one; drop --head, "
                         "or use --method raw or value-norm")
@@ -382,6 +510,11 @@ def _check_explain_model(args, model, text: str, other: Optional[str]) -> None:
     name = args.model
     tok = getattr(model, "tokenizer", None)
     if tok is None:
+        from .inspect.image import is_image_model
+
+        if is_image_model(model):
+            raise UserError(f"{name!r} reads images: pass --image FILE (e.g. qkv explain --image digit.png "
+                            f"--model {name})")
         raise UserError(f"{name!r} has no tokenizer files; explain needs them to turn text into tokens")
     through_transformers = foreign.is_transformers_model(model)
     if through_transformers:
@@ -404,6 +537,14 @@ def _check_explain_model(args, model, text: str, other: Optional[str]) -> None:
         raise UserError(f"--layer {args.layer} does not exist: the model has layers 0..{n_layers - 1}")
     if args.head is not None and args.head >= n_heads:
         raise UserError(f"--head {args.head} does not exist: the model has heads 0..{n_heads - 1}")
+    if args.steps is not None:
+        if seq2seq:
+            raise UserError(f"--steps is for encoder or decoder models, and {name!r} is an encoder-decoder; "
+                            "drop --steps")
+        layer, head = args.steps
+        if layer >= n_layers or head >= n_heads:
+            raise UserError(f"--steps {layer},{head}: the model has layers 0..{n_layers - 1} and heads "
+                            f"0..{n_heads - 1}")
     if seq2seq and not args.focus and args.layer is not None:
         cross = [i for i, (n, _) in enumerate(layers) if model.attention_role(n) == "cross"]
         if args.layer not in cross:

@@ -14,6 +14,12 @@ keys of the shipped row in one layer, and the minimap (weight received, row entr
 `save_png` adds a downsampled map of one layer, built a chunk of rows at a time from the
 recorded queries and keys.
 
+An image result ("modality": "image") is drawn as its picture (data["image"]["pixels"], upscaled
+with nearest neighbour) with the focus unit's row over the patches overlaid (default the class
+token's; the focus patch outlined), a grid of layers (rows) x heads (columns) plus a column of the
+attention rollout up to each layer, titled with the focus and the prediction; the compact view's
+shipped row (every patch, by default) draws the same.
+
 matplotlib is an optional dependency (`pip install 'qkv[viz]'`), imported only here, with the
 Agg canvas: no display, no pyplot state, only the fonts matplotlib ships (DejaVu Sans).
 
@@ -67,9 +73,10 @@ def render_png(
         path: the PNG file to write (by `qkv._files`: a temporary file beside the target, then
             os.replace; a symbolic link is written through, a non-regular target refused).
         layer: the layer of the token-by-token map, 0 .. layers-1; None: the last layer.
-            Negative values count from the end, as in Python.
+            Negative values count from the end, as in Python. An image result ("modality":
+            "image") draws a grid of layers (rows) x heads (columns): None = every layer.
         head: the head of that map: an index 0 .. heads-1, a name from data['head_names'],
-            or None / "mean" for the mean of heads.
+            or None / "mean" for the mean of heads. An image result: None = every head.
 
     Returns:
         The path written.
@@ -80,7 +87,7 @@ def render_png(
         OSError: the path cannot be written (a `qkv._files.FileWriteError` naming it).
     """
     _, n_layers, _ = check_data(data)
-    layer_i = _pick_layer(layer, n_layers)
+    layer_i = _pick_layer(layer, n_layers, every=_is_image(data))
     head_i = _pick_head(head, data["head_names"])
     target = Path(path)
     check_target(target, what="PNG")  # before the drawing, which takes a while
@@ -108,12 +115,12 @@ def render_png_bytes(
         ValueError: malformed data, or a layer or head out of range (the message gives the range).
     """
     _, n_layers, _ = check_data(data)
-    return _png(data, _pick_layer(layer, n_layers), _pick_head(head, data["head_names"]))
+    return _png(data, _pick_layer(layer, n_layers, every=_is_image(data)), _pick_head(head, data["head_names"]))
 
 
 def save_png(result, path: str | os.PathLike[str], *, layer: int | None = None, head: int | None = None,
              method: str = "raw", level: str = "word", hide_special: bool = False, focus=None, rows=None,
-             top_k: int = 8) -> Path:
+             top_k: int | None = None) -> Path:
     """Draw an `ExplainResult` as a PNG at any length and write it to `path` atomically.
 
     A short input's full maps are drawn as `render_png(result.to_dict(...))` draws them. A long one
@@ -127,13 +134,24 @@ def save_png(result, path: str | os.PathLike[str], *, layer: int | None = None, 
         result: what `qkv.explain` returned.
         path: the PNG file to write.
         layer, head: as in `render_png`.
-        method, level, hide_special, focus, rows, top_k: as in `ExplainResult.to_dict`.
+        method, level, hide_special, focus, rows, top_k: as in `ExplainResult.to_dict` (top_k
+            None: 8 for a text, every patch for an image).
+
+    An image result (`qkv.explain(image=...)`) is drawn as the picture with the focus unit's
+    attention (default the class token's) overlaid, layers (rows) x heads (columns) plus a column
+    of the attention rollout up to each layer (`ExplainResult.image_maps`), in any view: the
+    compact view's shipped row holds every patch. `layer` and `head` narrow the grid to one row
+    or one head column.
 
     Returns:
         The path written.
     """
     from . import rows as _rows
 
+    if result.image is not None:
+        return _save_image_png(result, path, layer=layer, head=head, method=method, level=level,
+                               hide_special=hide_special, focus=focus, rows=rows, top_k=top_k)
+    top_k = 8 if top_k is None else top_k
     options = dict(method=method, level=level, hide_special=hide_special, focus=focus, top_k=top_k)
     compact = result.compact_view(level, hide_special) if rows is None else rows != "all"
     u = _rows.units(result, level, hide_special)
@@ -175,11 +193,12 @@ def _block_map(result, layer: int, head: int | None, method: str, u) -> tuple[An
     return out, b
 
 
-def _png(data: Mapping[str, Any], layer_i: int, head_i: int | None, block: tuple[Any, int] | None = None,
-         on_figure=None) -> bytes:
-    """The drawing, on checked data and a checked layer and head (None: the mean of heads); `block`
-    (a downsampled map, its block size) is drawn beside a compact view; `on_figure(fig)` is called
-    once it is drawn (the tests read its axes)."""
+def _png(data: Mapping[str, Any], layer_i: Any, head_i: int | None, block: tuple[Any, int] | None = None,
+         on_figure=None, rollout: Any = None) -> bytes:
+    """The drawing, on checked data and a checked layer and head (None: the mean of heads; for an
+    image, None is every layer or every head); `block` (a downsampled map, its block size) is drawn
+    beside a compact view; `rollout` (layers, rows, columns): an image's rollout grids, when the
+    result gave them; `on_figure(fig)` is called once it is drawn (the tests read its axes)."""
     try:
         import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -205,7 +224,9 @@ def _png(data: Mapping[str, Any], layer_i: int, head_i: int | None, block: tuple
             labels = [s.replace("$", r"\$") for s in labels]
         fig = Figure(layout="constrained")
         FigureCanvasAgg(fig)
-        if compact:
+        if _is_image(data):
+            _draw_image(fig, np, data, layer_i, head_i, rollout)
+        elif compact:
             _draw_rows(fig, np, data, labels, special, normalised, layer_i, head_i, block)
         elif data.get("cross"):
             # Encoder-decoder: the picture that matters is cross-attention, an alignment of
@@ -250,9 +271,11 @@ def _draw_cross(fig, np, data, head) -> None:
     axes[0].set_ylabel("target", fontsize=font)
 
 
-def _pick_layer(layer: int | None, n_layers: int) -> int:
+def _pick_layer(layer: int | None, n_layers: int, every: bool = False) -> Any:
+    """A checked layer index (negative counts from the end); None: the last layer, or with `every`
+    None (every layer: an image result's grid)."""
     if layer is None:
-        return n_layers - 1
+        return None if every else n_layers - 1
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise ValueError(f"layer must be an int in 0..{n_layers - 1} or None, got {layer!r}")
     if not -n_layers <= layer < n_layers:
@@ -528,3 +551,168 @@ def _yticks(ax, texts, font, *, bold):
     ax.set_yticks(range(len(texts)), texts, fontsize=font)
     if bold is not None:
         ax.get_yticklabels()[bold].set_fontweight("bold")
+
+
+# --------------------------------------------------------------------------- images (a ViT's patch grid)
+
+IMAGE_PANEL = 1.6  # inches per panel of an image result, at most
+OVERLAY_ALPHA = 0.55  # the heat map's opacity over the picture
+
+
+def _is_image(data: Mapping[str, Any]) -> bool:
+    return data.get("modality") == "image" and data.get("image") is not None
+
+
+def _save_image_png(result, path, *, layer, head, method, level, hide_special, focus, rows, top_k) -> Path:
+    """save_png for an image result: the dict's row of the focus unit, and the rollout column from the
+    result (`image_maps(method="rollout")`) when every row was recorded."""
+    data = result.to_dict(method=method, level=level, hide_special=hide_special, focus=focus, rows=rows, top_k=top_k)
+    _, n_layers, _ = check_data(data)
+    layer_i = _pick_layer(layer, n_layers, every=True)
+    head_i = _pick_head(head, data["head_names"])
+    if hide_special and focus is None:
+        raise ValueError("the class token is hidden (hide_special), and it is the default focus; "
+                         "give a patch as focus (e.g. 'r1c2'), or show the class token")
+    target = Path(path)
+    check_target(target, what="PNG")
+    rollout = None
+    if method != "rollout" and result.rows is None:
+        grids = result.image_maps("cls" if focus is None else focus, "rollout", hide_special)  # (L, 1, rows, cols)
+        rollout = grids[:, 0].double().numpy()  # (L, rows, cols)
+    write_bytes(target, _png(data, layer_i, head_i, rollout=rollout), what="PNG")
+    return target
+
+
+def _decode_picture(np, url: str):
+    """A "data:image/png;base64,..." URL -> (H, W) or (H, W, 3) float array in [0, 1]."""
+    import base64
+    import binascii
+
+    from matplotlib.image import imread
+
+    prefix = "data:image/png;base64,"
+    if not url.startswith(prefix):
+        raise ValueError("data['image']['pixels'] must be a PNG data URL (data:image/png;base64,...)")
+    try:
+        raw = base64.b64decode(url[len(prefix):], validate=True)
+        pic = np.asarray(imread(io.BytesIO(raw), format="png"), dtype=np.float64)
+    except (binascii.Error, ValueError, OSError, SyntaxError) as exc:
+        raise ValueError(f"data['image']['pixels'] is not a readable PNG ({exc})") from None
+    if pic.max() > 1.0:  # an 8-bit array from an imaging library that does not scale
+        pic = pic / 255.0
+    if pic.ndim == 3 and pic.shape[2] == 4:
+        pic = pic[..., :3]
+    return pic  # (H, W) or (H, W, 3)
+
+
+def _numpy_rollout(np, maps):
+    """maps (L, H, n, n) raw weights -> (L, n, n) attention rollout with the residual term, as
+    `qkv.inspect.analysis.rollout` computes it on the mean over heads."""
+    L, _, n, _ = maps.shape
+    eye = np.eye(n)
+    current = eye
+    out = []
+    for layer in range(L):
+        a = 0.5 * maps[layer].mean(axis=0) + 0.5 * eye
+        a = a / np.maximum(a.sum(axis=-1, keepdims=True), np.finfo(np.float64).tiny)
+        current = a @ current  # (n, n)
+        out.append(current)
+    return np.stack(out)
+
+
+def image_rows(np, data: Mapping[str, Any]):
+    """(the focus unit's rows (L, H, n) over every shown unit, its index among the labels, whether
+    they are whole) from a checked image dict: the full view's maps, or the compact view's shipped
+    row rebuilt from its top keys (whole when k is every unit: the default for an image). The focus
+    is data["focus"], else the class token."""
+    image = data["image"]
+    focus = data.get("focus")
+    if focus is not None:
+        index = int(focus["index"])
+    elif image.get("class_token") is not None:
+        index = int(image["class_token"])
+    else:
+        raise ValueError("the class token is hidden and no focus patch is given; give a patch as focus "
+                         "(e.g. 'r1c2'), or show the class token")
+    n = len(data["labels"])
+    if data.get("maps") is not None:
+        maps = np.asarray(data["maps"], dtype=np.float64)  # (L, H, n, n)
+        return maps[:, :, index], index, True
+    ship = list(data["rows"]["index"])
+    if index not in ship:
+        raise ValueError(f"the compact view ships rows {ship}, not the focus row {index}; draw it with that focus")
+    r = ship.index(index)
+    top = data["rows"]["top"]  # (L, H, R) of {"keys", "weights", ...}
+    rows = np.stack([_sparse(np, [top[lay][h][r] for h in range(len(top[lay]))], n) for lay in range(len(top))])
+    return rows, index, int(data["rows"]["k"]) >= n  # (L, H, n)
+
+
+def _draw_image(fig, np, data, layer, head, rollout) -> None:
+    """An image result: the picture with the focus unit's attention over its patches, layers (rows)
+    x heads (columns) plus a rollout column, each panel scaled to its own max."""
+    from matplotlib.patches import Rectangle
+
+    image = data["image"]
+    pic = _decode_picture(np, image["pixels"])  # (H, W) or (H, W, 3)
+    gh, gw = (int(x) for x in image["grid"])
+    P = int(image["patch"])
+    first = int(image["first_patch"])
+    cls = image.get("class_token")
+    rows, index, whole = image_rows(np, data)  # (L, H, n)
+    if not np.isfinite(rows).all():
+        raise ValueError("the image result holds non-finite weights; weights must be finite")
+    grids = rows[:, :, first:first + gh * gw].reshape(rows.shape[0], rows.shape[1], gh, gw)  # (L, H, gh, gw)
+    method = data.get("method", "raw")
+    names = [str(h) for h in data["head_names"]]
+    if rollout is None and method == "raw" and data.get("maps") is not None and cls is not None:
+        full = _numpy_rollout(np, np.asarray(data["maps"], dtype=np.float64))  # (L, n, n)
+        rollout = full[:, index, first:first + gh * gw].reshape(-1, gh, gw)  # (L, gh, gw)
+    if method == "rollout":
+        rollout = None  # the heads' column is the rollout already
+    layers = list(range(grids.shape[0])) if layer is None else [layer]
+    heads = list(range(grids.shape[1])) if head is None else [head]
+    columns = [(f"h{names[h]}" if method != "rollout" else "rollout", h) for h in heads]
+    if rollout is not None:
+        columns.append(("rollout", None))
+    panel = min(IMAGE_PANEL, (MAX_INCHES - 0.8) / len(columns), (MAX_INCHES - 1.4) / len(layers))
+    fig.set_size_inches(len(columns) * panel + 0.8, len(layers) * panel + 1.4)
+    font = max(5.0, min(8.0, panel * 5))
+    label = data["labels"][index]
+    what = "class token [CLS]" if cls is not None and index == cls else f"patch {_tick_text(label)} (outlined)"
+    prediction = " \u00b7 ".join(f"{_short(str(p['label']), 20)} {p['probability'] * 100:.1f}%"
+                                  for p in image.get("prediction") or [])
+    kind = {"raw": "attention weights", "rollout": "attention rollout",
+            "value-norm": "value-weighted norms"}.get(method, str(method))
+    lines = [f"\u201c{_short(str(image.get('name', '')), 60)}\u201d \u00b7 model {_short(str(data.get('model')), 40)}"
+             f" \u00b7 {kind} from the {what}"]
+    if prediction:
+        lines.append(f"prediction: {prediction}")
+    lines.append("each panel scaled to its own max" + ("" if whole else
+                                                      f"; only the top {data['rows']['k']} keys of the row drawn"))
+    fig.suptitle("\n".join(lines), fontsize=max(7.0, font + 1))
+    axes = fig.subplots(len(layers), len(columns), squeeze=False)
+    H, W = pic.shape[0], pic.shape[1]
+    own = None if cls is not None and index == cls else divmod(index - first, gw)  # the focus patch
+    for i, lay in enumerate(layers):
+        for j, (title, h) in enumerate(columns):
+            ax = axes[i][j]
+            grid = grids[lay, h] if h is not None else rollout[lay]  # (gh, gw)
+            top = float(grid.max())
+            ax.imshow(pic, cmap="gray" if pic.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest",
+                      extent=(0, W, H, 0))
+            ax.imshow(grid / top if top > 0 else grid, cmap="inferno", vmin=0.0, vmax=1.0, alpha=OVERLAY_ALPHA,
+                      interpolation="nearest", extent=(0, gw * P, gh * P, 0))
+            if max(gh, gw) <= 32:  # the patch grid's lines
+                ax.vlines([c * P for c in range(1, gw)], 0, gh * P, colors="white", linewidth=0.3, alpha=0.5)
+                ax.hlines([r * P for r in range(1, gh)], 0, gw * P, colors="white", linewidth=0.3, alpha=0.5)
+            if own is not None:
+                ax.add_patch(Rectangle((own[1] * P, own[0] * P), P, P, fill=False, edgecolor="#00e5ff",
+                                       linewidth=1.2))
+            ax.set_xlim(0, W)
+            ax.set_ylim(H, 0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            name = f"L{lay} {title}" if title != "rollout" or h is not None else f"rollout to L{lay}"
+            ax.set_title(f"{name} \u00b7 max {top:.3g}", fontsize=font)
+            if j == 0:
+                ax.set_ylabel(f"layer {lay}", fontsize=font)

@@ -9,10 +9,16 @@ keys of the focus row with their positions, and a strip over the whole sequence,
 max of its bucket of words (a sharp peak is not averaged away), with position ticks; without a
 focus, the per-layer/head summaries (entropy, distance, sink), a minimap of the weight each word
 receives, and the last word's top keys. Short inputs print the tables as they always have.
+
+Image results (a vision transformer's class token and patches, `qkv.explain(image=...)`) print
+as block-character heat maps over the patch grid (`render_image`): each patch two characters
+shaded " ░▒▓█" by its weight over the grid's max, one grid per layer plus the attention rollout,
+or per head of one layer, side by side as the width allows.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import textwrap
 from typing import Optional, Sequence
@@ -447,4 +453,177 @@ def render_alignment(result, *, level: str = "word", layer: Optional[int] = None
             best = max(range(len(row)), key=row.__getitem__) if row else -1
             cells = "".join(_cell(x, top, width - 1, color, 2) + ("*" if j == best else " ") for j, x in enumerate(row))
             lines.append(_label(lab, width) + cells)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- images (a ViT's patch grid)
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_SHADES = " ░▒▓█"  # an image grid's cell, by weight / the grid's max
+_METHOD_NAMES = {"raw": "attention weights", "rollout": "attention rollout",
+                 "value-norm": "value-weighted norms ||a f(v)||"}
+
+
+def shade(x: float, top: float) -> str:
+    """The block character of weight x in a grid whose largest weight is `top`: " ░▒▓█", from none to the max."""
+    level = 0.0 if top <= 0 else max(0.0, min(1.0, x / top))
+    return _SHADES[int(round(level * (len(_SHADES) - 1)))]
+
+
+def _grid_lines(grid: torch.Tensor, color: bool, cell: int = 2) -> list[str]:
+    """grid (rows, columns) -> one line per patch row, each patch `cell` characters wide (2; 1 for a
+    grid too wide for the terminal), shaded by its weight over the grid's max ("██" the max); with
+    colour, the cells are blanks on the 24-step grey background."""
+    top = float(grid.max()) if grid.numel() else 0.0
+    lines = []
+    for row in grid.tolist():
+        if color:
+            levels = [0.0 if top <= 0 else max(0.0, min(1.0, x / top)) for x in row]
+            lines.append("".join(f"\x1b[48;5;{232 + int(round(v * 23))}m{' ' * cell}\x1b[0m" for v in levels))
+        else:
+            lines.append("".join(shade(x, top) * cell for x in row))
+    return lines
+
+
+def _where(grid: torch.Tensor, cls_weight: Optional[float], own: Optional[tuple[int, int]], digits: int) -> list[str]:
+    """Where a grid's weight goes: its largest patch, the class token's share (or "hidden") and, for a
+    patch focus `own` (row, column), the weight on itself."""
+    cols = grid.shape[1]
+    r, c = divmod(int(torch.argmax(grid)), cols)
+    lines = [f"max r{r}c{c} {float(grid[r, c]):.{digits}f}",
+             "cls hidden" if cls_weight is None else f"cls {cls_weight:.{digits}f}"]
+    if own is not None:
+        lines.append(f"self {float(grid[own]):.{digits}f}")
+    return lines
+
+
+def _side_by_side(blocks: list[list[str]], widths: list[int], width: int, gap: int = 2) -> list[str]:
+    """Blocks of lines (each block `widths[i]` printable characters wide) placed side by side, as many
+    to a band as fit in `width`, bands one under the other."""
+    lines: list[str] = []
+    start = 0
+    while start < len(blocks):
+        used, end = widths[start], start + 1
+        while end < len(blocks) and used + gap + widths[end] <= width:
+            used += gap + widths[end]
+            end += 1
+        band, band_w = blocks[start:end], widths[start:end]
+        height = max(len(b) for b in band)
+        for i in range(height):
+            parts = []
+            for b, w in zip(band, band_w):
+                text = b[i] if i < len(b) else ""
+                visible = len(_ANSI.sub("", text))
+                parts.append(text + " " * (w - visible))
+            lines.append((" " * gap).join(parts).rstrip())
+        if end < len(blocks):
+            lines.append("")
+        start = end
+    return lines
+
+
+def _prediction_line(result, k: int = 3) -> Optional[str]:
+    top = result.image.prediction(k)
+    if not top:
+        return None
+    return "prediction: " + " · ".join(f"{p['label']} {p['probability'] * 100:.1f}%" for p in top)
+
+
+def render_image(result, focus=None, *, method: str = "raw", hide_special: bool = False,
+                 layer: Optional[int] = None, head: Optional[int] = None, color: bool = False,
+                 aggregate: str = "mean", rollout: bool = True, columns: Optional[int] = None) -> str:
+    """An image result (`qkv.explain(image=...)`) as block-character heat maps over the patch grid.
+
+    Each grid is the focus unit's row (default the class token's) over the patches, each patch two
+    characters wide, shaded " ░▒▓█" by its weight over the grid's max (with `color`, the cells' grey
+    background instead); under it, where the weight goes (the largest patch, the class token's own
+    share). Without `layer`: one grid per layer (the `aggregate` of heads, or one `head`), plus, with
+    `rollout` and a method other than rollout, the attention rollout of the last layer (Abnar &
+    Zuidema, 2020: what highlights the object; it needs every row, so not after rows="focus"). With
+    `layer`: one grid per head of that layer (or the one `head`). Grids go side by side as far as
+    `columns` (default: the terminal's width) allows.
+
+    Args:
+        result: an ExplainResult with modality "image".
+        focus: "cls" (None: the class token), a patch "r1c2", or a unit index.
+        method: "raw", "rollout" (heads = 1) or "value-norm".
+        hide_special: hide the class token and renormalise over the patches (needs a patch as focus).
+        layer, head: narrow the grids, as above; aggregate: "mean" or "max" over heads.
+    """
+    if result.image is None:
+        raise ValueError("render_image is for image results (qkv.explain(image=...)); use render_focus for text")
+    if head is not None and method == "rollout":
+        raise ValueError("rollout averages the heads; drop --head or use --method raw")
+    focus = "cls" if focus is None else focus
+    index = result.focus_index(focus, "token")
+    label = result.tokens[index]
+    grids = result.image_maps(focus, method, hide_special)  # (L, H, rows, cols); H = 1 for rollout
+    rows_full = result.focus_rows(focus, method, "token", hide_special)  # (L, H, n): column 0 the class token
+    cls_col = None if hide_special else rows_full[..., 0]  # (L, H)
+    gh, gw = result.image.grid
+    own = None if index == 0 else divmod(index - 1, gw)  # the focus patch (row, column)
+    digits = 3 if method != "value-norm" else 2
+    info = result.image
+    C, H, W = info.pixels.shape
+    lines = [f"{info.name!r} on {result.model_name}: {result.num_layers} layers x {result.num_heads} heads, "
+             f"{gh}x{gw} patches of {info.patch}x{info.patch} pixels ({W}x{H}) + class token, "
+             f"{_METHOD_NAMES[method]}" + (", class token hidden" if hide_special else "")]
+    pred = _prediction_line(result)
+    if pred:
+        lines.append(pred)
+    names = [str(int(h)) for h in result.records[0].heads]
+    blocks: list[tuple[str, torch.Tensor, Optional[float]]] = []  # (title, (gh, gw) grid, class token weight)
+
+    def pick(lay: int) -> tuple[torch.Tensor, Optional[torch.Tensor], str]:
+        if method == "rollout":
+            return grids[lay, 0], None if cls_col is None else cls_col[lay, 0], "rollout"
+        if head is not None:
+            h = result._head_position(result.records[lay], head)
+            return grids[lay, h], None if cls_col is None else cls_col[lay, h], f"h{head}"
+        g = _aggregate(grids[lay], dim=0, how=aggregate)  # (H, gh, gw) -> (gh, gw)
+        cw = None if cls_col is None else _aggregate(cls_col[lay], dim=0, how=aggregate)
+        return g, cw, aggregate
+
+    if layer is None:
+        for lay in range(result.num_layers):
+            g, cw, what = pick(lay)
+            blocks.append((f"layer {lay} {what}", g, None if cw is None else float(cw)))
+        heads_what = f"head {head}" if head is not None else f"{aggregate} over heads"
+        what_line = "one grid per layer" + ("" if method == "rollout" else f" ({heads_what})")
+        if rollout and method != "rollout" and result.rows is None:  # rows="focus" recorded one row: no rollout
+            last = result.num_layers - 1
+            ro = result.image_maps(focus, "rollout", hide_special)[last, 0]  # (gh, gw)
+            ro_cls = None if hide_special else float(result.focus_rows(focus, "rollout", "token")[last, 0, 0])
+            blocks.append((f"rollout L{last}", ro, ro_cls))
+            what_line += f", then the attention rollout up to layer {last} (mean over heads)"
+    else:
+        result._record(layer)
+        if method == "rollout":
+            g, cw, _ = pick(layer)
+            blocks.append((f"layer {layer} rollout", g, None if cw is None else float(cw)))
+        else:
+            heads = range(len(names)) if head is None else [result._head_position(result.records[layer], head)]
+            for h in heads:
+                cw = None if cls_col is None else float(cls_col[layer, h])
+                blocks.append((f"layer {layer} h{names[h]}", grids[layer, h], cw))
+        what_line = f"layer {layer}, " + ("rollout" if method == "rollout" else
+                                         "one grid per head" if head is None else f"head {head}")
+    what = "the class token [CLS]" if index == 0 else f"patch {label}"
+    lines.append(f"from {what} to each patch: {what_line}")
+    lines.append(f"each patch {'2 characters' if 2 * gw <= terminal_width(columns) else '1 character'}, shaded "
+                 f"{_SHADES[1:]!r} by its weight over the grid's max (blank: none); "
+                 "under each grid: its largest patch, the weight on the class token"
+                 + ("" if own is None else f" and on {label} itself"))
+    cols = terminal_width(columns)
+    lines = [part for line in lines for part in _wrap(line, cols)]
+    lines.append("")
+    rendered, widths = [], []
+    cell = 2 if 2 * gw <= cols else 1  # a grid wider than the terminal: one character a patch
+    for title, g, cw in blocks:
+        body = _grid_lines(g, color, cell)
+        legend = _where(g, cw, own, digits)
+        block = [title, *body, *legend]
+        rendered.append(block)
+        widths.append(max(len(title), cell * gw, *(len(x) for x in legend)))
+    lines += _side_by_side(rendered, widths, cols)
     return "\n".join(lines)
