@@ -51,8 +51,8 @@ def test_split_is_stratified_disjoint_and_covers_the_data_set():
 def test_bundled_folder_is_a_small_hf_folder():
     folder = bundled_path("digits")
     files = sorted(p.name for p in folder.iterdir())
-    assert files == [".qkv-train", "config.json", "model.safetensors", "preprocessor_config.json"], files
-    assert sum(p.stat().st_size for p in folder.iterdir()) < 3_000_000
+    assert files == [".qkv-train", "config.json", "model.safetensors", "preprocessor_config.json", "samples"], files
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 3_000_000
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["ViTForImageClassification"] and config["model_type"] == "vit"
     assert config["id2label"] == {str(i): str(i) for i in range(10)}
@@ -135,7 +135,7 @@ def test_tiny_loss_falls_and_beats_chance(tmp_path):
 def test_saved_folder_loads_in_qkv_and_transformers(tmp_path):
     model = digits.train(tmp_path / "m", steps=3, size="tiny", progress=False)
     names = sorted(p.name for p in (tmp_path / "m").iterdir())
-    assert names == [".qkv-train", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert names == [".qkv-train", "config.json", "model.safetensors", "preprocessor_config.json", "samples"]
     loaded = qkv.load(tmp_path / "m")
     assert isinstance(loaded, ViTForImageClassification)
     assert_same(state_copy(model), state_copy(loaded))
@@ -190,3 +190,22 @@ def test_another_tasks_run_is_refused_before_anything_is_touched(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'recall'" in err and "choose another --out" in err
     assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+
+
+def test_the_shipped_samples_are_what_training_writes(tmp_path):
+    """samples/ holds the first held-out image of each digit, byte for byte as `write_samples` writes them."""
+    from qkv.train.digits import held_out, write_samples
+
+    write_samples(tmp_path)
+    shipped = bundled_path("digits") / "samples"
+    names = sorted(p.name for p in shipped.iterdir())
+    assert names == [f"digit-{d}.png" for d in range(10)] == sorted(p.name for p in tmp_path.iterdir())
+    for name in names:
+        assert (shipped / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    images, digits = held_out()
+    Image = pytest.importorskip("PIL.Image")
+    for d in range(10):
+        with Image.open(shipped / f"digit-{d}.png") as img:
+            got = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float().view(8, 8) / 255
+        first = int((digits == d).nonzero()[0, 0])
+        torch.testing.assert_close(got, images[first], atol=0.5 / 255 + 1e-6, rtol=0)  # k/16 * 255 ends in .5

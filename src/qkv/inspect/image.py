@@ -14,8 +14,6 @@ the model saw it (resized, before normalisation), the patch grid and the predict
 from __future__ import annotations
 
 import base64
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..models.images import ImageError
+from ..models.images import ImageError, png_bytes
 
 CLASS_TOKEN = "[CLS]"
 CLASS_NAMES = ("cls", "[cls]", "class", "class token")  # focus words naming the class token
@@ -149,18 +147,6 @@ def samples(folder) -> list[Path]:
 
 
 def png_data_url(pixels: Tensor) -> str:
-    """(C, H, W) in [0, 1] (C = 1 or 3) -> "data:image/png;base64,..." (8-bit grey or RGB PNG; written
-    here with zlib, so the HTML page needs no imaging library and loads nothing)."""
-    C, H, W = pixels.shape
-    data = (pixels.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)  # (H, W, C)
-    raw = b"".join(b"\x00" + data[y].contiguous().numpy().tobytes() for y in range(H))  # filter 0 per row
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    colour = 0 if C == 1 else 2
-    if C not in (1, 3):
-        raise ValueError(f"a PNG of {C} channels; pass 1 (grey) or 3 (RGB)")
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, colour, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    """(C, H, W) in [0, 1] (C = 1 or 3) -> "data:image/png;base64,..." (an 8-bit grey or RGB PNG written
+    with zlib by `qkv.models.images.png_bytes`, so the HTML page needs no imaging library and loads nothing)."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(pixels)).decode("ascii")

@@ -26,6 +26,8 @@ image of another size than the model's is refused with one line.
 
 from __future__ import annotations
 
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -306,4 +308,22 @@ def resized(images, pre: Preprocessor, config, *, interpolate: bool = False) -> 
     return torch.cat(batches)  # (N, C, H, W)
 
 
-__all__ = ["ImageError", "Preprocessor", "resized", "to_pixels", "open_image", "pil_to_tensor", "PILLOW_INSTALL"]
+def png_bytes(pixels: Tensor) -> bytes:
+    """(C, H, W) float in [0, 1], C = 1 (grey) or 3 (RGB) -> the bytes of an 8-bit PNG file (one IDAT
+    chunk, filter 0 on every row; written with zlib, so no imaging library is needed)."""
+    C, H, W = pixels.shape
+    if C not in (1, 3):
+        raise ValueError(f"a PNG of {C} channels; pass 1 (grey) or 3 (RGB)")
+    data = (pixels.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)  # (H, W, C)
+    raw = b"".join(b"\x00" + data[y].contiguous().numpy().tobytes() for y in range(H))  # filter byte 0, then a row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", W, H, 8, 0 if C == 1 else 2, 0, 0, 0)  # 8 bits, grey or RGB, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
+            + chunk(b"IEND", b""))
+
+
+__all__ = ["ImageError", "Preprocessor", "png_bytes", "resized", "to_pixels", "open_image", "pil_to_tensor",
+           "PILLOW_INSTALL"]

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._files import write_text
-from ..models.images import Preprocessor
+from .._files import write_bytes, write_text
+from ..models.images import Preprocessor, png_bytes
 from ..models.vit import ViTConfig, ViTForImageClassification, hf_weights
 from ._loop import Size, TrainingError, claim_folder, save_tensors, train_task
 
@@ -181,6 +181,17 @@ def save(model: nn.Module, out: Path) -> None:
     write_text(out / "config.json", json.dumps(config, indent=2) + "\n", what="the config.json")
     write_text(out / "preprocessor_config.json", json.dumps(PREPROCESSOR.to_hf(), indent=2) + "\n",
                what="the preprocessor_config.json")
+    write_samples(out / "samples")
+
+
+def write_samples(folder: Path) -> None:
+    """samples/digit-0.png .. digit-9.png: the first held-out image of each digit (8x8 grey PNG, never
+    trained on), which `qkv serve` offers and docs/images.md draws (qkv.inspect.image.samples)."""
+    images, digits = held_out()  # (360, 8, 8), (360,)
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(len(LABELS)):
+        i = int((digits == d).nonzero()[0, 0])
+        write_bytes(folder / f"digit-{d}.png", png_bytes(images[i][None]), what="a sample image")  # (1, 8, 8)
 
 
 @torch.no_grad()
