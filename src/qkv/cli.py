@@ -601,6 +601,11 @@ def _serve(p):
                    help="recorded results kept for /api/weights, the oldest dropped first (default: 1024)")
     p.add_argument("--max-pick", type=_whole(1), default=64, metavar="N",
                    help="layers, heads and rows one /api/weights request may name, each (default: 64)")
+    p.add_argument("--max-image-mb", type=_whole(1), default=8, metavar="MB",
+                   help="the largest uploaded image file, checked before it is decoded (default: 8)")
+    p.add_argument("--max-image-pixels", type=_whole(1), default=4096 * 4096, metavar="N",
+                   help="the most pixels (width x height) of an uploaded image, read from its header before it "
+                   "is decoded (default: 16777216)")
 
     def run(args):
         try:
@@ -612,7 +617,8 @@ def _serve(p):
             raise UserError(f"--model-dir {args.model_dir!r} is not a folder")
         serve(host=args.host, port=args.port, model_dir=args.model_dir, max_queue=args.max_queue,
               max_chars=args.max_chars, max_cost=args.max_cost, max_answer_mb=args.max_answer_mb,
-              max_memory_mb=args.max_memory_mb, max_session_mb=args.max_session_mb, max_pick=args.max_pick)
+              max_memory_mb=args.max_memory_mb, max_session_mb=args.max_session_mb, max_pick=args.max_pick,
+              max_image_mb=args.max_image_mb, max_image_pixels=args.max_image_pixels)
 
     return run
 

@@ -756,11 +756,13 @@ def test_cli_serve_prints_its_address(monkeypatch, capsys):
 
     monkeypatch.setattr(server.uvicorn.Server, "run", fake_run)
     monkeypatch.setattr(server, "create_app", lambda **kw: seen.setdefault("kw", kw) and _StubApp())
-    assert cli.main(["serve", "--port", "0", "--max-queue", "3"]) == 0
+    assert cli.main(["serve", "--port", "0", "--max-queue", "3", "--max-image-mb", "2",
+                     "--max-image-pixels", "4096"]) == 0
     out = capsys.readouterr().out
     host, port = seen["addr"]
     assert host == "127.0.0.1" and f"http://127.0.0.1:{port}/" in out
     assert seen["kw"]["max_queue"] == 3 and seen["kw"]["allowed_hosts"]
+    assert (seen["kw"]["max_image_mb"], seen["kw"]["max_image_pixels"]) == (2, 4096)
 
 
 class _StubApp:
