@@ -11,6 +11,7 @@ An analysis, not a timing: it prints the Markdown tables of docs/images.md.
   up to each layer.
 
     python benchmarks/digits_heads.py            # needs scikit-learn (the test extra): the held-out images
+    python benchmarks/digits_heads.py --png docs/images/digits-rollout.png   # and the samples' rollout picture
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ INK = 0.25  # a patch whose mean intensity is above this holds part of the strok
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=360, help="held-out images to average over (default: all 360)")
+    ap.add_argument("--png", metavar="FILE", help="also draw each sample digit with its class token's rollout "
+                    "up to the last layer (needs matplotlib)")
     args = ap.parse_args()
     images, digits = held_out()  # (360, 8, 8) in [0, 1], (360,)
     images, digits = images[:args.images], digits[:args.images]
@@ -70,6 +73,41 @@ def main() -> None:
     print("|---|---|")
     for layer in range(L):
         print(f"| {layer} | {ink_roll[layer] / n:.1%} |")
+
+
+    if args.png:
+        draw_samples(model, args.png)
+        print(f"\nwrote {args.png}")
+
+
+def draw_samples(model, path: str) -> None:
+    """The ten sample digits (samples/digit-*.png): the picture, and over it the class token's attention
+    rollout up to the last layer, each scaled to its own max."""
+    from matplotlib.figure import Figure
+
+    from qkv._files import atomic_output
+    from qkv.inspect.image import samples
+    from qkv.models import bundled_path
+
+    files = samples(bundled_path("digits"))
+    fig = Figure(figsize=(2.0 * len(files), 4.4))
+    for i, f in enumerate(files):
+        r = qkv.explain(image=f, model=model)
+        picture = r.image.pixels[0].numpy()  # (8, 8)
+        roll = r.image_maps("cls", "rollout")[-1, 0]  # (4, 4): rollout up to the last layer
+        heat = (roll / roll.max()).repeat_interleave(2, 0).repeat_interleave(2, 1).numpy()  # (4, 4) -> (8, 8)
+        top = r.image.prediction(1)[0]
+        for row, (data, cmap) in enumerate(((picture, "gray"), (heat, "magma"))):
+            ax = fig.add_subplot(2, len(files), row * len(files) + i + 1)
+            ax.imshow(picture, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            if row:
+                ax.imshow(data, cmap=cmap, vmin=0, vmax=1, alpha=0.75, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f.name if not row else f"{top['label']} {top['probability']:.0%}, rollout", fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path, what="PNG") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 if __name__ == "__main__":

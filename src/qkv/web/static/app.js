@@ -325,6 +325,9 @@
     $("text").required = !image;
     $("image-row").hidden = !image;
     $("samples-row").hidden = !image;
+    // an image's patches are its words and its tokens: no choice of units to make
+    $("level").hidden = $("level-label").hidden = image;
+    if (image) $("level").value = "word";
     $("hide-special-label").textContent = image ? "hide the class token [CLS]" : "hide [CLS], [SEP]";
     $("focus").placeholder = image ? "optional patch, e.g. r1c2" : "optional word";
     $("steps-unit").textContent = image ? "patch" : "word";
