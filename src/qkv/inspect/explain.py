@@ -745,13 +745,8 @@ def _explain_image(image, model, *, focus, layers, heads, rows: str, name: Optio
                          f"(model='digits' or a ViT folder), or pass text")
     _check_layers_heads(model, name, layers, heads)
     shown, pixels, label = _image.read_image(image, model, name, interpolate)  # (1, C, H, W) each
-    P = model.config.patch_size
-    grid = (shown.shape[-2] // P, shown.shape[-1] // P)
-    patches = _image.patch_labels(*grid)
-    tokens = [_image.CLASS_TOKEN] + patches
-    probe = ExplainResult(label, name, tokens, [True] + [False] * len(patches), list(patches),
-                          [None] + list(range(len(patches))), records=[], modality="image")
-    probe.image = _image.ImageInfo(label, shown[0].float(), grid, P, list(getattr(model, "labels", [])))
+    probe = image_probe(label, shown, model, name)
+    assert probe.image is not None
     record_rows = _focus_rows(probe, focus, rows)
     recorder = Recorder(layers=layers, heads=heads, rows=record_rows).attach(model)
     try:
@@ -764,6 +759,21 @@ def _explain_image(image, model, *, focus, layers, heads, rows: str, name: Optio
         probe.image.probabilities = out[0].float().softmax(-1).cpu()
     result.modality, result.image = "image", probe.image
     return result
+
+
+def image_probe(label: str, shown: Tensor, model, name: str) -> ExplainResult:
+    """An image's ExplainResult without records: the class token and the patches of `shown` (1, C, H, W)
+    in [0, 1] at the model's size, and its ImageInfo (no prediction yet). `qkv serve` checks a focus
+    patch and estimates the cost on it before the model runs, as `prepare` does for a text."""
+    from . import image as _image
+
+    P = model.config.patch_size
+    grid = (shown.shape[-2] // P, shown.shape[-1] // P)
+    patches = _image.patch_labels(*grid)
+    probe = ExplainResult(label, name, [_image.CLASS_TOKEN] + patches, [True] + [False] * len(patches),
+                          list(patches), [None] + list(range(len(patches))), records=[], modality="image")
+    probe.image = _image.ImageInfo(label, shown[0].float(), grid, P, list(getattr(model, "labels", [])))
+    return probe
 
 
 def _focus_rows(probe: "ExplainResult", focus, rows: str) -> Optional[list[int]]:

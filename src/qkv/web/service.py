@@ -726,7 +726,7 @@ class Service:
         (`qkv.inspect.image.read_image`: its preprocessor's resize; 400 bad_image with the
         ImageError's line), and a probe of its units: the class token and the patches."""
         from ..inspect import image as _image
-        from ..inspect.explain import ExplainResult
+        from ..inspect.explain import image_probe
         from ..models.images import ImageError
 
         model, run_lock = self.registry.get(req.model)
@@ -738,7 +738,8 @@ class Service:
             label, what = found.name, f"the sample {found.name!r}"
             raw = found.data
         else:
-            label, what = (req.image_name or "image"), "'image'"
+            label = req.image_name or "image"
+            what = "'image'" if req.image_name is None else f"the image {req.image_name!r}"
             raw = decode_upload(req.image, self.limits, what)
         checkpoint()
         img = open_image_bytes(raw, self.limits, what)
@@ -747,12 +748,7 @@ class Service:
             shown, _, _ = _image.read_image(img, model, name, req.interpolate_pos_encoding)  # (1, C, H, W)
         except ImageError as exc:
             raise ApiError(400, "bad_image", str(exc).replace("the image", what, 1)) from None
-        P = model.config.patch_size
-        grid = (shown.shape[-2] // P, shown.shape[-1] // P)
-        patches = _image.patch_labels(*grid)
-        probe = ExplainResult(label, name, [_image.CLASS_TOKEN] + patches, [True] + [False] * len(patches),
-                              list(patches), [None] + list(range(len(patches))), records=[], modality="image")
-        probe.image = _image.ImageInfo(label, shown[0].float(), grid, P, list(getattr(model, "labels", [])))
+        probe = image_probe(label, shown, model, name)
         return _Probe(model, name, run_lock, probe, model_dims(model), image=shown,
                       interpolate=req.interpolate_pos_encoding)
 
