@@ -289,7 +289,8 @@ def resized(images, pre: Preprocessor, config, *, interpolate: bool = False) -> 
             batch = _tensor_batch(item, C)
         elif isinstance(item, (str, Path)):
             img = open_image(item)
-            batch = pil_to_tensor(img, C, repr(str(item)))[None]  # (1, C, H, W)
+            name = repr(str(item))  # a file is named by its path in every message
+            batch = pil_to_tensor(img, C, name)[None]  # (1, C, H, W)
         elif _is_pil(item):
             batch = pil_to_tensor(item, C, name)[None]  # (1, C, H, W)
         else:
