@@ -215,3 +215,19 @@ def test_attention_distance_is_the_weighted_distance_between_patch_centres(digit
         attention_distance(qkv.explain(image=DIGIT, model="digits", rows="focus", focus="r0c0"))
     with pytest.raises(ValueError, match="image results"):
         attention_distance(qkv.explain("a cat", model="minilm"))
+
+
+def test_a_file_is_turned_upright_as_its_exif_orientation_says(tmp_path):
+    """A photo stored on its side with EXIF Orientation 6 (turn 90 degrees clockwise to view) is
+    explained as it is viewed; without the tag, as stored."""
+    stored = torch.rand(8, 8, generator=torch.Generator().manual_seed(5))  # (H, W) with distinct halves
+    stored[:, :4] = 0
+    img = Image.fromarray((stored * 255).round().byte().numpy(), mode="L")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "side.png", exif=exif)
+    img.save(tmp_path / "plain.png")
+    side = qkv.explain(image=tmp_path / "side.png", model="digits").image.pixels[0]  # (8, 8)
+    plain = qkv.explain(image=tmp_path / "plain.png", model="digits").image.pixels[0]
+    torch.testing.assert_close(plain, stored, atol=0.5 / 255 + 1e-6, rtol=0)
+    torch.testing.assert_close(side, torch.rot90(stored, k=-1), atol=0.5 / 255 + 1e-6, rtol=0)  # clockwise

@@ -431,3 +431,21 @@ def test_a_big_vit_answers_the_compact_view_and_its_rows(tmp_path):
         maps = result.maps()  # (L, H, n, n)
         np.testing.assert_allclose(rows.json()["weights"][0][0], maps[1, 2][[unit, 0]].double().numpy(), atol=1e-5)
     assert app.state.internal_errors == 0
+
+
+def test_an_upload_is_turned_upright_as_its_exif_orientation_says(client, tmp_path):
+    """The same EXIF rule as a file given to qkv.explain: the answer equals explain of that file."""
+    stored = np.zeros((8, 8), dtype=np.uint8)
+    stored[:, 4:] = np.arange(32, dtype=np.uint8).reshape(8, 4) * 8  # (H, W): the left half blank
+    img = Image.fromarray(stored, mode="L")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side: turn 90 degrees clockwise to view
+    out = io.BytesIO()
+    img.save(out, format="PNG", exif=exif)
+    (tmp_path / "side.png").write_bytes(out.getvalue())
+    got = answer(client.post("/api/explain", json={"model": "digits", "image": data_url(out.getvalue()),
+                                                    "image_name": "side.png"}))
+    want = as_json(qkv.explain(image=tmp_path / "side.png", model="digits").to_dict())
+    assert got == want
+    upright = Image.open(io.BytesIO(base64.b64decode(got["image"]["pixels"].split(",", 1)[1])))
+    assert np.array_equal(np.asarray(upright), np.rot90(stored, k=-1))

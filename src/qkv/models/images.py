@@ -7,13 +7,15 @@ Accepted, each giving float pixels (C, H, W) in [0, 1]:
   always a batch of grayscale images, never one (C, H, W) image; a 2-D one is refused (pass
   x[None]). Tensors are taken as they are: their channel count must be the model's.
 - a PIL image, or a path to an image file Pillow reads (PNG, JPEG, BMP, GIF, ...), 8 bits per
-  sample. Decoded as the model reads them: a grayscale image for an RGB model is repeated over
-  the three channels (as PIL's convert("RGB") and transformers' processors do, nothing is lost);
-  a colour image for a grayscale model is refused (which grey is the user's choice:
-  Image.open(p).convert("L")). A palette image (every GIF) whose palette is all greys is read
-  as grayscale. A fully opaque alpha channel is dropped; one with any transparency is refused
-  (flatten it onto the background you mean). 16-bit images are refused (a 16-bit colour PNG
-  Pillow itself opens as 8-bit RGB).
+  sample. A file is turned upright as its EXIF Orientation tag says (`upright`, as
+  transformers' `load_image` does); a PIL image is taken as it is. Decoded as the model reads
+  them: a grayscale image for an RGB model is repeated over the three channels (as PIL's
+  convert("RGB") and transformers' processors do, nothing is lost); a colour image for a
+  grayscale model is refused (which grey is the user's choice: Image.open(p).convert("L")). A
+  palette image (every GIF) whose palette is all greys is read as grayscale. A fully opaque
+  alpha channel is dropped; one with any transparency is refused (flatten it onto the
+  background you mean). 16-bit images are refused (a 16-bit colour PNG Pillow itself opens as
+  8-bit RGB).
 - a list of those, all the same size after preprocessing.
 
 Then the folder's `Preprocessor` (preprocessor_config.json, transformers' ViTImageProcessor
@@ -187,7 +189,21 @@ def open_image(path) -> Any:
         why = "is not an image Pillow can read" if isinstance(exc, Image.UnidentifiedImageError) \
             else f"could not be decoded ({str(exc).strip() or type(exc).__name__})"
         raise ImageError(f"{str(p)!r} {why}; pass a PNG, JPEG, BMP or GIF file") from None
-    return img
+    return upright(img)
+
+
+def upright(img) -> Any:
+    """A PIL image turned as its EXIF Orientation tag says (a phone's photo stored on its side), as
+    transformers' `load_image` and image viewers show it; the image itself when the tag is absent or 1."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)  # 0x0112: EXIF Orientation
+    except Exception:  # an unreadable EXIF block: the image as stored
+        return img
+    if orientation in (None, 1):
+        return img
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(img)
 
 
 def _grey(img) -> bool:
@@ -327,4 +343,4 @@ def png_bytes(pixels: Tensor) -> bytes:
 
 
 __all__ = ["ImageError", "Preprocessor", "png_bytes", "resized", "to_pixels", "open_image", "pil_to_tensor",
-           "PILLOW_INSTALL"]
+           "upright", "PILLOW_INSTALL"]

@@ -354,7 +354,9 @@ def open_image_bytes(raw: bytes, limits, what: str = "'image'"):
                                                 f"{FLAGS['max_image_pixels']} N raises it); send a smaller image",
                        {"name": "max_image_pixels", "estimate": max(too_many, 0),
                         "limit": int(limits.max_image_pixels), "flag": FLAGS["max_image_pixels"]})
-    return img
+    from ..models.images import upright
+
+    return upright(img)  # as its EXIF orientation says, as an image file given to qkv explain
 
 
 # --------------------------------------------------------------------------- costs
