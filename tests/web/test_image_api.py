@@ -411,7 +411,7 @@ def test_vit_folders_are_offered_as_image_models(vit_dir):
 def test_a_big_vit_answers_the_compact_view_and_its_rows(tmp_path):
     """A ViT of 32 x 32 patches (1025 units, 2 layers x 4 heads: over FULL_CELLS) answers the compact
     view, as qkv.explain's to_dict does; the rows of any patch come from its session (/api/weights)."""
-    from models.test_vit import build
+    from models.vit_folders import build
 
     build(tmp_path / "big", "ViTModel", image_size=128, patch_size=4, num_channels=1, seed=3)
     img = Image.fromarray((np.random.default_rng(1).random((128, 128)) * 255).astype(np.uint8), "L")
@@ -425,6 +425,11 @@ def test_a_big_vit_answers_the_compact_view_and_its_rows(tmp_path):
         want = result.to_dict()
         want["text"] = want["image"]["name"] = "x"
         assert data == as_json(want) and data["view"] == "rows" and "maps" not in data
+        from qkv.web.schema import request_models
+
+        body = request_models(app.state.limits)[0](model="big", image=data_url(png_bytes(img)), image_name="x")
+        plan = app.state.service.explain(body)()
+        assert len(got.content) <= plan.cost.answer, "the answer is larger than its estimate (rows of every key)"
         unit = data["labels"].index("r17c30")
         rows = c.post("/api/weights", json={"session": sid, "rows": [unit, 0], "layers": [1], "heads": [2]})
         assert rows.status_code == 200, rows.text
@@ -449,3 +454,25 @@ def test_an_upload_is_turned_upright_as_its_exif_orientation_says(client, tmp_pa
     assert got == want
     upright = Image.open(io.BytesIO(base64.b64decode(got["image"]["pixels"].split(",", 1)[1])))
     assert np.array_equal(np.asarray(upright), np.rot90(stored, k=-1))
+
+
+def test_an_interpolated_grid_is_costed_from_the_header_before_any_pixel_is_decoded(monkeypatch):
+    """A 4096 x 4096 black PNG is 16 KB; with interpolated positions the digits model would read it as
+    2048 x 2048 patches. The cost of that grid is refused from the file's header: no pixel is decoded."""
+    from PIL import ImageFile
+
+    big = png_bytes(Image.new("L", (4096, 4096)))
+    assert len(big) < 64 * 1024
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
+    app = create_app()
+    with TestClient(app) as c:
+        err = assert_error(c.post("/api/explain", json={"model": "digits", "image": data_url(big),
+                                                        "interpolate_pos_encoding": True}), 413, "too_costly")
+        assert "4,194,305 tokens" in err["message"]
+        assert decoded == [], "the pixels were decoded before the cost was checked"
+        ok = c.post("/api/explain", json={"model": "digits", "image": data_url(png_bytes(Image.new("L", (12, 12)))),
+                                          "interpolate_pos_encoding": True})
+        assert ok.status_code == 200 and ok.json()["image"]["grid"] == [6, 6] and set(decoded) == {(12, 12)}
+    assert app.state.internal_errors == 0

@@ -319,10 +319,11 @@ def _too_large_bytes(size: int, limits, what: str) -> ApiError:
                      "flag": FLAGS["max_image_bytes"]})
 
 
-def open_image_bytes(raw: bytes, limits, what: str = "'image'"):
+def open_image_bytes(raw: bytes, limits, what: str = "'image'", before_decode: Optional[Callable] = None):
     """An image file's bytes -> a loaded PIL image (its first frame), its pixel count checked from
     the header before any pixel is decoded (413 image_too_large); 400 bad_image when Pillow
-    cannot read it as a PNG, JPEG, BMP or GIF."""
+    cannot read it as a PNG, JPEG, BMP or GIF. `before_decode(width, height)`, when given, is
+    called with the header's size before any pixel is decoded (the caller's cost check)."""
     from .schema import FLAGS
 
     try:
@@ -337,9 +338,13 @@ def open_image_bytes(raw: bytes, limits, what: str = "'image'"):
         if width * height > limits.max_image_pixels:
             too_many = width * height
         else:
+            if before_decode is not None:
+                before_decode(width, height)
             img.load()
     except Image.DecompressionBombError:
         too_many = -1
+    except ApiError:  # before_decode's refusal
+        raise
     except Image.UnidentifiedImageError:
         raise ApiError(400, "bad_image", f"{what} is not an image this server reads; send a PNG, JPEG, BMP or "
                                          "GIF file") from None
@@ -406,15 +411,17 @@ def default_view(layers: int, heads: int, units: int) -> str:
     return "full" if full_cells(layers, heads, units) <= _core().FULL_CELLS else "rows"
 
 
-def explain_answer_bytes(units: int, layers: int, heads: int, view: str, rows: int = 1) -> int:
+def explain_answer_bytes(units: int, layers: int, heads: int, view: str, rows: int = 1,
+                         k: Optional[int] = None) -> int:
     """Estimated bytes of a to_dict answer (`qkv.inspect.explain.answer_bytes`; the model's name
-    and the text are added by the caller)."""
-    return int(_core().answer_bytes(units, layers, heads, view, rows=rows, k=_core().TOP_K))
+    and the text are added by the caller). k: keys per shipped row of the compact view (default
+    TOP_K; an image's rows ship every key)."""
+    return int(_core().answer_bytes(units, layers, heads, view, rows=rows, k=_core().TOP_K if k is None else k))
 
 
-def _answer_numbers(units: int, layers: int, heads: int, view: str, rows: int = 1) -> int:
+def _answer_numbers(units: int, layers: int, heads: int, view: str, rows: int = 1, k: Optional[int] = None) -> int:
     """The numbers of a to_dict answer (each a Python float while the dict is built)."""
-    per_head, k = layers * heads, _core().TOP_K
+    per_head, k = layers * heads, _core().TOP_K if k is None else k
     if view == "full":
         return full_cells(layers, heads, units) + 2 * layers * units + per_head
     return 3 * layers * units + 3 * per_head + per_head * rows * (2 * k + 2)
@@ -422,19 +429,20 @@ def _answer_numbers(units: int, layers: int, heads: int, view: str, rows: int = 
 
 def explain_cost(tokens: int, units: int, layers: int, heads: int, head_dim: int, hidden: int, *,
                  view: str, recorded_rows: int, shipped_rows: int = 1, shown_heads: Optional[int] = None,
-                 passes: Optional[int] = None) -> Cost:
+                 passes: Optional[int] = None, k: Optional[int] = None) -> Cost:
     """The estimate of one explain of `tokens` tokens (`units` at the level shown) on a model of
     `layers` x `heads` heads of `head_dim`, `hidden` wide. recorded_rows: query rows recorded
     (tokens, or the focus word's); view: "full" or "rows"; shown_heads: 1 for rollout; passes:
     how many times every layer's weights are formed over all rows (default `layers`: once each;
-    the compact view's rollout rows add layers (layers + 1) / 2, `rollout_passes`)."""
+    the compact view's rollout rows add layers (layers + 1) / 2, `rollout_passes`); k: keys per
+    shipped row of the compact view (default TOP_K; every unit for an image)."""
     n, R = tokens, recorded_rows
     shown = heads if shown_heads is None else shown_heads
     recorded = layers * heads * ((R + 2 * n) * head_dim * 4 + n * 4)  # q, k, v, value norms (masks: on demand)
     forward = 24 * n * hidden * 4  # hidden states, q/k/v, the MLP's widening: linear in n
     chunk = min(R * n * heads, max(CHUNK, n * heads)) * 4 * 8  # scores, weights, logs, temporaries of a chunk
-    answer = explain_answer_bytes(units, layers, shown, view, shipped_rows) + 4 * len_of_text_bytes(n)
-    objects = _answer_numbers(units, layers, shown, view, shipped_rows) * PY_FLOAT + 2 * answer  # dict, JSON
+    answer = explain_answer_bytes(units, layers, shown, view, shipped_rows, k) + 4 * len_of_text_bytes(n)
+    objects = _answer_numbers(units, layers, shown, view, shipped_rows, k) * PY_FLOAT + 2 * answer  # dict, JSON
     maps = full_cells(layers, heads, n) * 4 * 3 if view == "full" else 0  # stacked weights, merged, rounded
     passes = layers if passes is None else passes
     return Cost(tokens=n, layers=layers, heads=heads, compute=n * n * passes * heads,
@@ -744,7 +752,8 @@ class Service:
             what = "'image'" if req.image_name is None else f"the image {req.image_name!r}"
             raw = decode_upload(req.image, self.limits, what)
         checkpoint()
-        img = open_image_bytes(raw, self.limits, what)
+        img = open_image_bytes(raw, self.limits, what, before_decode=lambda w, h: self._check_grid(
+            model, name, w, h, req.interpolate_pos_encoding))
         checkpoint()
         try:
             shown, _, _ = _image.read_image(img, model, name, req.interpolate_pos_encoding)  # (1, C, H, W)
@@ -753,6 +762,23 @@ class Service:
         probe = image_probe(label, shown, model, name)
         return _Probe(model, name, run_lock, probe, model_dims(model), image=shown,
                       interpolate=req.interpolate_pos_encoding)
+
+    def _check_grid(self, model, name: str, width: int, height: int, interpolate: bool) -> None:
+        """Before an upload's pixels are decoded: with interpolated positions the patch grid follows
+        the image's size, so the run's cost (every row, the view of its unit count) is checked on the
+        grid the header's size gives (413 too_costly), and a huge grid never reaches the decoder."""
+        if not interpolate:
+            return  # the model's own size: the cost is the model's, checked on the probe
+        from ..models.images import Preprocessor
+
+        pre = getattr(model, "preprocessor", None) or Preprocessor.identity(model.config)
+        h, w = (pre.height, pre.width) if pre.do_resize else (height, width)
+        P = model.config.patch_size
+        tokens = 1 + (h // P) * (w // P)
+        layers, heads, head_dim, hidden = model_dims(model)
+        cost = explain_cost(tokens, tokens, layers, heads, head_dim, hidden,
+                            view=default_view(layers, heads, tokens), recorded_rows=tokens, shipped_rows=1, k=tokens)
+        check_cost(cost, self.limits)
 
     def _explain(self, p: _Probe, *, focus=None, rows: str = "auto"):
         """Run the model (under its lock) and record; its result named as the server names it."""
@@ -831,8 +857,9 @@ class Service:
         passes = layers
         if method == "rollout":  # full: one pass for the maps; compact: the summaries, then every layer's rows
             passes = layers if view == "full" else layers + rollout_passes(range(layers))
+        k = units if p.image is not None else None  # an image's compact rows ship every key
         return explain_cost(tokens, units, layers, heads, head_dim, hidden, view=view, recorded_rows=recorded,
-                            shipped_rows=shipped, shown_heads=shown, passes=passes)
+                            shipped_rows=shipped, shown_heads=shown, passes=passes, k=k)
 
     @staticmethod
     def _word_unit(probe, unit: int, level: str) -> int:
