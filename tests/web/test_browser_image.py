@@ -216,3 +216,29 @@ def test_a_big_vit_fetches_a_hovered_patch_s_rows_from_the_server(browser, tmp_p
         assert any(u.endswith("/api/weights") for u in page.requests)
         page.check_clean()
     assert app.state.internal_errors == 0
+
+
+def test_the_step_through_keeps_its_patch_when_the_class_token_is_hidden(browser, server):
+    """Hiding the class token shifts every patch's index by one: the step-through follows its patch by
+    name (r1c2 stays r1c2), not by its old index (which would be r1c3 now)."""
+    url, _ = server
+    page = ImagePage(browser, url)
+    page.pick_model("digits")
+    page.page.click(f'#samples button.sample[data-name="{SAMPLE}"]')
+    page.wait_ready()
+    page.page.hover('#view-a .qkv-patch[data-row="1"][data-col="2"]')
+    page.page.wait_for_selector('#steps[data-ready=true][data-word="7"]', timeout=30_000)
+    page.page.mouse.move(0, 0)
+    page.page.check("#hide-special")
+    page.wait_ready()
+    page.page.wait_for_function("() => document.getElementById('steps').dataset.word === '6'", timeout=10_000)
+    layer = page.page.eval_on_selector_all("#steps-layer option", "els => els.map(e => e.value)")[0]
+    page.page.select_option("#steps-layer", layer)
+    page.page.wait_for_selector(f'#steps[data-ready=true][data-word="6"][data-layer="{layer}"]', timeout=30_000)
+    assert "r1c2" in page.page.text_content("#steps-word")
+    head = int(page.page.get_attribute("#steps", "data-head") or "")
+    steps = api(url, "/api/steps", {"model": "digits", "sample": SAMPLE, "word": "r1c2", "layer": int(layer),
+                                    "head": head, "hide_special": True})
+    weights = page.page.eval_on_selector_all("#steps-table tbody tr", "els => els.map(e => Number(e.dataset.weight))")
+    np.testing.assert_allclose(weights, steps["weights"], atol=1e-6)
+    page.check_clean()

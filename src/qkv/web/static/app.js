@@ -91,6 +91,11 @@
       if (seq !== runSeq) return;
       var a = r.other === null ? res : res.a;
       current = { req: r.req, data: a, view: null };
+      // the unit stepped through, found again by its label in the new answer (its index there differs
+      // when the class token is hidden or the image changed); gone from it, the step-through is closed
+      var steps = $("steps"), label = steps.dataset.label, again = label === undefined ? -1 : a.labels.indexOf(label);
+      if (again >= 0) steps.dataset.word = String(again);
+      else { delete steps.dataset.word; delete steps.dataset.label; steps.hidden = true; }
       var before = keep || null;
       current.view = QKV.mount(viewA, a, {
         prefix: "",
@@ -243,6 +248,7 @@
     var sec = $("steps");
     sec.hidden = false;
     sec.dataset.word = String(index);
+    sec.dataset.label = current.data.labels[index];
     sec.dataset.layer = String(s.layer);
     sec.dataset.head = String(s.head);
     fillSelect(stepsLayer, s.layers, "layer", s.layer);
