@@ -156,7 +156,7 @@ def test_bad_images_one_line(tmp_path, capsys):
     one_line_error(capsys, ["explain", "--image", str(bad["sixteen"])], "16-bit")
     one_line_error(capsys, ["explain", "--image", str(bad["alpha"])], "transparent")
     one_line_error(capsys, ["explain", "--image", str(bad["colour"])], "colour", "grayscale")
-    one_line_error(capsys, ["explain", "--image", str(bad["small"])], "4x6", "8x8")
+    one_line_error(capsys, ["explain", "--image", str(bad["small"])], "6x4 pixels", "8x8")
     one_line_error(capsys, ["explain", "--image", str(tmp_path / "missing.png")], "missing.png", "does not exist")
     one_line_error(capsys, ["explain", "--image", str(tmp_path)], "is a folder")
 

@@ -69,7 +69,7 @@ def test_interpolated_positions_equal_transformers(tmp_path, arch, size):
 
 def test_another_size_without_interpolation_is_refused_in_one_line(classifier_folder):
     model = qkv.load(classifier_folder[0])
-    with pytest.raises(ValueError, match="24x20 pixels but this model was trained on 16x16") as err:
+    with pytest.raises(ValueError, match=r"20x24 pixels \(width x height\) but this model was trained on 16x16") as err:
         model(torch.rand(1, 3, 24, 20))
     assert "\n" not in str(err.value) and "interpolate_pos_encoding=True" in str(err.value)
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):

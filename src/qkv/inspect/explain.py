@@ -124,7 +124,7 @@ class ExplainResult:
         what = f"{len(self.tokens)} tokens"
         if self.image is not None:
             text = f"image={text}"
-            what = f"{self.image.grid[0]}x{self.image.grid[1]} patches + class token"
+            what = f"{self.image.grid[1]}x{self.image.grid[0]} patches + class token"  # columns x rows
         return (f"ExplainResult({text!r}, model={self.model_name!r}, {what}, "
                 f"{self.num_layers} layers x {heads} heads, {rows})")
 

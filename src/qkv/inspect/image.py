@@ -107,7 +107,7 @@ def read_image(image, model, name: str, interpolate: bool) -> tuple[Tensor, Tens
     P = config.patch_size
     H, W = shown.shape[-2:]
     if H < P or W < P:
-        raise ImageError(f"the image is {H}x{W} pixels, smaller than one {P}x{P} patch of {name!r}; "
+        raise ImageError(f"the image is {W}x{H} pixels, smaller than one {P}x{P} patch of {name!r}; "
                          f"pass a larger image")
     return shown, pre.normalise(shown), label
 

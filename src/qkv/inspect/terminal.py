@@ -566,7 +566,7 @@ def render_image(result, focus=None, *, method: str = "raw", hide_special: bool 
     info = result.image
     C, H, W = info.pixels.shape
     lines = [f"{info.name!r} on {result.model_name}: {result.num_layers} layers x {result.num_heads} heads, "
-             f"{gh}x{gw} patches of {info.patch}x{info.patch} pixels ({W}x{H}) + class token, "
+             f"{gw}x{gh} patches of {info.patch}x{info.patch} pixels ({W}x{H}) + class token, "
              f"{_METHOD_NAMES[method]}" + (", class token hidden" if hide_special else "")]
     pred = _prediction_line(result)
     if pred:

@@ -315,7 +315,8 @@ def resized(images, pre: Preprocessor, config, *, interpolate: bool = False) -> 
         batch = pre.resize(batch)  # (n, C, h, w)
         size = tuple(batch.shape[-2:])
         if not interpolate and size != (config.image_size, config.image_size):
-            what = f"{name} is {size[0]}x{size[1]} pixels" + (" after resizing" if pre.do_resize else "")
+            # width x height, as image viewers say it
+            what = f"{name} is {size[1]}x{size[0]} pixels" + (" after resizing" if pre.do_resize else "")
             raise ImageError(f"{what} but this model takes {config.image_size}x{config.image_size}; resize it "
                              f"first (this model's preprocessor does not), or pass interpolate_pos_encoding=True")
         batches.append(batch)

@@ -149,11 +149,12 @@ class ViTEmbeddings(nn.Module):
             return pos
         if not interpolate:
             raise ValueError(
-                f"the image is {height}x{width} pixels but this model was trained on {c.image_size}x{c.image_size}; "
+                f"the image is {width}x{height} pixels (width x height) but this model was trained on "
+                f"{c.image_size}x{c.image_size}; "
                 f"resize it (model.classify resizes when the folder's preprocessor_config.json says do_resize), or "
                 f"pass interpolate_pos_encoding=True to resample the position embeddings")
         if height < c.patch_size or width < c.patch_size:
-            raise ValueError(f"the image is {height}x{width} pixels, smaller than one {c.patch_size}x{c.patch_size} "
+            raise ValueError(f"the image is {width}x{height} pixels, smaller than one {c.patch_size}x{c.patch_size} "
                              f"patch; enlarge it")
         E, g = pos.shape[-1], c.grid
         grid = pos[:, 1:].reshape(1, g, g, E).permute(0, 3, 1, 2)  # (1, g*g, E) -> (1, g, g, E) -> (1, E, g, g)

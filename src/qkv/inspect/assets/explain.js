@@ -35,7 +35,7 @@
   function unitCount(data, n) {
     if (!data.image) return [data.level === "token" ? "tokens" : "words", String(n)];
     var g = data.image.grid;
-    return ["patches", g[0] + "\u00d7" + g[1] + (data.image.class_token == null ? "" : " + class token")];
+    return ["patches", g[1] + "\u00d7" + g[0] + (data.image.class_token == null ? "" : " + class token")];
   }
   function heat(t) {
     // white -> accent blue
