@@ -154,6 +154,8 @@ def test_an_rgb_model_and_interpolated_positions(vit):
     (lambda: qkv.explain(image=torch.rand(8, 8) * 2), ImageError, "values must be in [0, 1]"),
     (lambda: qkv.explain("seven", interpolate_pos_encoding=True), TypeError, "for images"),
     (lambda: qkv.explain(), TypeError, "image=path"),
+    (lambda: qkv.explain(image=""), ImageError, "the image path is empty"),
+    (lambda: qkv.explain(image=DIGIT, focus=17), ValueError, "the image has 17 units (the class token and 16 patches)"),
 ])
 def test_bad_calls_are_one_clear_line(call, kind, needle):
     with pytest.raises(kind) as info:
@@ -176,6 +178,11 @@ def test_the_schema_refuses_an_inconsistent_image_block(digit):
         check_data({k: v for k, v in d.items() if k != "image"})
     with pytest.raises(ValueError, match="pixels"):
         check_data(dict(d, image=dict(d["image"], pixels="https://example.com/x.png")))
+    for bad, needle in [({"grid": [-1, -16]}, "greater than 0"), ({"channels": 7}, "channels"),
+                        ({"class_token": 5}, "class_token"), ({"patch": 3}, "do not fit"),
+                        ({"size": [4, 8]}, "do not fit")]:
+        with pytest.raises(ValueError, match=needle):
+            check_data(dict(d, image=dict(d["image"], **bad)))
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -375,7 +375,9 @@ class ExplainResult:
         labels, special, _ = self.units(level)
         if isinstance(focus, int) and not isinstance(focus, bool):
             if not 0 <= focus < len(labels):
-                raise ValueError(f"focus index {focus} is out of range: the text has {len(labels)} {level}s")
+                what = (f"the image has {len(labels)} units (the class token and {len(labels) - 1} patches)"
+                        if self.image is not None else f"the text has {len(labels)} {level}s")
+                raise ValueError(f"focus index {focus} is out of range: {what}")
             return focus
         if not isinstance(focus, str) or not focus.strip():
             raise ValueError("focus must be a word of the text or an index")

@@ -139,10 +139,12 @@ class Image(_Part):
     """An image result's picture and patch grid (added to qkv.explain/1 with issue 20)."""
 
     name: str = Field(description="the image's file name, or 'image'")
-    grid: list[int] = Field(min_length=2, max_length=2, description="[rows, columns] of patches")
+    grid: list[Annotated[int, Field(gt=0)]] = Field(min_length=2, max_length=2, description="[rows, columns] of "
+                                                    "patches")
     patch: int = Field(gt=0, description="the side of a patch in pixels")
-    size: list[int] = Field(min_length=2, max_length=2, description="[height, width] in pixels as the model saw it")
-    channels: int = Field(description="1 (grey) or 3 (RGB)")
+    size: list[Annotated[int, Field(gt=0)]] = Field(min_length=2, max_length=2, description="[height, width] in "
+                                                    "pixels as the model saw it")
+    channels: Literal[1, 3] = Field(description="1 (grey) or 3 (RGB)")
     pixels: str = Field(pattern=r"^data:image/png;base64,[A-Za-z0-9+/=]*$",
                         description="the image at the model's size, before normalisation, as a PNG data URL")
     first_patch: int = Field(ge=0, description="the label index of patch (0, 0); patch (r, c) is "
@@ -196,10 +198,17 @@ class ExplainData(_Part):
         if self.modality == "image" and self.image is None:
             raise ValueError("data['modality'] is 'image' but data['image'] (the picture and patch grid) is absent")
         if self.image is not None:
-            rows, cols = self.image.grid
-            if self.image.first_patch + rows * cols != n:
-                raise ValueError(f"data['image'] has a {rows}x{cols} patch grid from label {self.image.first_patch}, "
+            img = self.image
+            rows, cols = img.grid
+            if img.first_patch + rows * cols != n:
+                raise ValueError(f"data['image'] has a {rows}x{cols} patch grid from label {img.first_patch}, "
                                  f"but there are {n} labels")
+            if rows * img.patch > img.size[0] or cols * img.patch > img.size[1]:
+                raise ValueError(f"data['image']: {cols}x{rows} patches of {img.patch} pixels do not fit in a "
+                                 f"{img.size[1]}x{img.size[0]} image (width x height)")
+            if img.class_token is not None and not 0 <= img.class_token < img.first_patch:
+                raise ValueError(f"data['image']['class_token'] must be a label before the patches (0..."
+                                 f"{img.first_patch - 1}) or null; got {img.class_token}")
         if self.view == "rows":
             self._compact_shapes(n)
             return self

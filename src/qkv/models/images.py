@@ -177,6 +177,8 @@ def _is_pil(x) -> bool:
 def open_image(path) -> Any:
     """A path -> its PIL image, loaded; one ImageError line for a file Pillow cannot read."""
     Image = _pil()
+    if not str(path).strip():
+        raise ImageError("the image path is empty; pass the path of an image file (PNG, JPEG, ...)")
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{str(p)!r} does not exist; pass the path of an image file (PNG, JPEG, ...)")
