@@ -207,6 +207,14 @@ def test_a_vit_folder(tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8), mode="RGB").save(small)
     one_line_error(capsys, ["explain", "--image", str(small), "--model", str(tmp_path / "vit")], "8x8",
                    "takes 16x16", "--interpolate")
+    # a grayscale file for this RGB model: explained, its grey repeated over the channels, and said in one line
+    grey = tmp_path / "g.png"
+    Image.fromarray((np.random.default_rng(1).random((16, 16)) * 255).astype(np.uint8), mode="L").save(grey)
+    gpath = tmp_path / "g.json"
+    assert cli.main(["explain", "--image", str(grey), "--model", str(tmp_path / "vit"), "--json", str(gpath)]) == 0
+    out, err = capsys.readouterr()
+    assert "prediction:" in out and json.loads(gpath.read_text())["image"]["channels"] == 3
+    assert err.count("\n") == 1 and "is a grayscale image" in err and "repeated over the three channels" in err
 
 
 def test_color_always(capsys):

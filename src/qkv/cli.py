@@ -440,7 +440,7 @@ def _explain_image(args) -> None:
         if importlib.util.find_spec("matplotlib") is None:
             raise UserError("--png needs matplotlib: pip install 'qkv[viz]'")
     try:
-        open_image(args.image)
+        picture = open_image(args.image)
     except ImportError as exc:  # no Pillow
         raise UserError(str(exc)) from None
     except ImageError as exc:
@@ -450,6 +450,9 @@ def _explain_image(args) -> None:
     if not is_image_model(model):
         raise UserError(f"{args.model!r} reads text; --image needs a vision transformer (--model digits or a "
                         "ViT folder)")
+    if model.config.num_channels == 3 and picture.mode in ("1", "L", "LA"):  # accepted, but said in one line
+        print(f"qkv explain: note: {args.image!r} is a grayscale image; {args.model!r} reads colour (RGB) images, "
+              "so its grey is repeated over the three channels (as transformers does)", file=sys.stderr)
     n_layers, n_heads = model_shape(model)
     for flag, value, count, what in (("--layer", args.layer, n_layers, "layers"),
                                      ("--head", args.head, n_heads, "heads"),
