@@ -173,7 +173,7 @@ def test_upload_through_the_file_input(browser, server, tmp_path):
     wide = tmp_path / "wide.png"
     Image.fromarray((rng.random((12, 10)) * 255).astype(np.uint8), "L").save(wide)
     page.page.set_input_files("#image-file", str(wide))
-    page.page.wait_for_function("() => document.getElementById('error').textContent.indexOf('12x10 pixels') >= 0",
+    page.page.wait_for_function("() => document.getElementById('error').textContent.indexOf('10x12 pixels') >= 0",
                                 timeout=30_000)
     page.page.check("#interpolate")
     page.page.wait_for_selector('#view-a .qkv-patch[data-row="5"][data-col="4"]', timeout=30_000)
