@@ -5,7 +5,6 @@ closed early (`qkv explain ... | head -1`) stops the command quietly after its f
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -13,27 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from cli_checks import one_line_error
 from qkv import cli
 
 TEXT = "The cat sat on the mat."
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY_BENCH = ["bench", "--cases", "dense", "--dtypes", "float32", "--lengths", "64", "--repeats", "1",
               "--no-progress"]
-
-
-def one_line_error(capsys, argv, *needles):
-    """Run the CLI in-process; it must exit 2 with one line on stderr holding every needle, stdout empty."""
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2, f"exit {code}; stdout {out[:300]!r}; stderr {err[:300]!r}"
-    assert out == "", f"printed before failing: {out[:300]!r}"
-    assert err.count("\n") == 1 and err.startswith("qkv"), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
-    # the command line's words, not the Python API's (truncate=True, rows='focus', focus_rows())
-    assert not re.search(r"\b[a-z_]+=(True|False|'|\")|\w\(\)", err), err
-    return err
 
 
 # --------------------------------------------------------------------------- explain: one pass

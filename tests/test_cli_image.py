@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import qkv
+from cli_checks import one_line_error
 from qkv import cli
 from qkv.inspect.schema import check_data
 from qkv.models import bundled_path
@@ -24,20 +25,6 @@ def run(capsys, argv) -> str:
     out, err = capsys.readouterr()
     assert code == 0, f"exit {code}; stderr {err[:500]!r}"
     return out
-
-
-def one_line_error(capsys, argv, *needles) -> str:
-    """The CLI must exit 2 with one line on stderr holding every needle, and print nothing on stdout."""
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2, f"exit {code}; stdout {out[:300]!r}; stderr {err[:300]!r}"
-    assert out == "", f"printed before failing: {out[:300]!r}"
-    assert err.count("\n") == 1 and err.startswith("qkv"), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
-    assert "interpolate_pos_encoding" not in err and "hide_special=" not in err, err  # the API's words
-    return err
 
 
 @pytest.fixture(scope="module")

@@ -427,18 +427,7 @@ def _explain_image(args) -> None:
     if args.hide_special and (focus is None or focus.strip().lower() in ("cls", "[cls]", "class", "class token")):
         raise UserError("--hide-special hides the class token, whose attention is shown by default; give a patch "
                         "with --focus (e.g. --focus r1c2), or drop --hide-special")
-    if args.head is not None and args.method == "rollout":
-        raise UserError("--method rollout averages the heads, so --head cannot pick one; drop --head, "
-                        "or use --method raw or value-norm")
-    if args.rows == "focus" and args.method == "rollout":
-        raise UserError("--method rollout needs every row of every layer, and --rows focus records only the "
-                        "focus unit's; use --rows auto (the default) or --rows all")
-    _distinct_files(args, ("json", "html", "png"))
-    if args.png:
-        import importlib.util
-
-        if importlib.util.find_spec("matplotlib") is None:
-            raise UserError("--png needs matplotlib: pip install 'qkv[viz]'")
+    _check_view_flags(args, "unit")
     try:
         picture = open_image(args.image)
     except ImportError as exc:  # no Pillow
@@ -490,12 +479,18 @@ def _check_explain_flags(args) -> None:
         raise UserError("--compare needs --focus WORD (the word whose rows are compared)")
     if args.steps is not None and not args.focus:
         raise UserError("--steps needs --focus WORD (the word whose query is stepped through)")
+    _check_view_flags(args, "word")
+
+
+def _check_view_flags(args, unit: str) -> None:
+    """The flags of explain's views that cannot work together, for a text or an image (`unit`: what
+    the focus is, "word" or "unit"), and the files asked for (distinct, PNG's matplotlib there)."""
     if args.head is not None and args.method == "rollout":
         raise UserError("--method rollout averages the heads, so --head cannot pick one; drop --head, "
                         "or use --method raw or value-norm")
     if args.rows == "focus" and args.method == "rollout":
         raise UserError("--method rollout needs every row of every layer, and --rows focus records only the "
-                        "focus word's; use --rows auto (the default) or --rows all")
+                        f"focus {unit}'s; use --rows auto (the default) or --rows all")
     _distinct_files(args, ("json", "html", "png"))
     if args.png:
         import importlib.util

@@ -34,3 +34,15 @@ def reference(registry):
 
     model, _ = registry.get("minilm")
     return qkv.explain(TEXT, model)
+
+
+@pytest.fixture
+def client(app):
+    """A TestClient of the module's `app` fixture; the test fails if a request reached the catch-all
+    (a JSON 500: an input the API should have refused by name)."""
+    from starlette.testclient import TestClient
+
+    before = app.state.internal_errors
+    with TestClient(app) as c:
+        yield c
+    assert app.state.internal_errors == before, "a request reached the catch-all (JSON 500)"

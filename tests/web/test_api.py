@@ -33,14 +33,6 @@ def app(registry):
     return create_app(registry=registry, max_chars=200, max_body=4096)
 
 
-@pytest.fixture
-def client(app):
-    before = app.state.internal_errors
-    with TestClient(app) as c:
-        yield c
-    assert app.state.internal_errors == before, "a request reached the catch-all (JSON 500)"
-
-
 def post(client, path, body):
     return client.post(path, json=body)
 

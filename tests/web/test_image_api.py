@@ -47,14 +47,6 @@ def app():
     return create_app()
 
 
-@pytest.fixture
-def client(app):
-    before = app.state.internal_errors
-    with TestClient(app) as c:
-        yield c
-    assert app.state.internal_errors == before, "a request reached the catch-all (JSON 500)"
-
-
 def assert_error(resp, status, code, says="", asked=""):
     assert resp.status_code == status, f"expected {status}, got {resp.status_code}: {resp.text[:300]}"
     err = resp.json()["error"]
