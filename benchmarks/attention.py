@@ -1,14 +1,24 @@
 """Benchmark of the attention core against torch's own SDPA, measured in the same run.
 
-For each dtype, causal or not, and length: the best-of-N forward time of torch's
-F.scaled_dot_product_attention and of qkv's backends (qkv.bench.timing: a warm-up call, then
-N samples of each method in turns), each also as a speed ratio
-(torch SDPA time / backend time: 1.0 = as fast as torch, 0.5 = half as fast). Then the
-peak memory of the tiled backend, measured in a fresh subprocess as the growth of the
-process's resident set beyond its inputs and output. Prints tables and writes JSON.
+For each dtype, causal or not, and length: the best-of-N forward time (with --backward,
+forward plus backward) of torch's F.scaled_dot_product_attention and of qkv's backends
+(qkv.bench.timing: a warm-up call, then N samples of each method in turns), each also as a
+speed ratio (torch SDPA time / backend time: 1.0 = as fast as torch, 0.5 = half as fast).
+
+Before anything is timed, every method's output is checked against the float64 reference on
+--check-rows query rows spread over the sequence, under the tolerance rule of qkv.testing
+(qkv.bench.verify, as `qkv bench` checks); with --backward the gradients of q, k and v are
+checked too, whole, against float64 autograd of the reference (up to --check-grad-max-l: the
+reference's L x L scores in float64 are 8 x H x L^2 bytes). A result outside the rule is
+printed as such and its time is not reported as a ratio. Then the peak memory of the tiled
+backend, measured in a fresh subprocess as the growth of the process's resident set beyond its
+inputs and output. Prints tables (naming the CPU: its model and the flags that matter) and
+writes JSON.
 
     python benchmarks/attention.py                       # the table in docs/benchmarks.md
     python benchmarks/attention.py --lengths 1024 2048 --repeats 2 --memory-lengths 16384
+    python benchmarks/attention.py --backends native auto --lengths 4096 16384 --memory-lengths
+    python benchmarks/attention.py --backward --backends native tiled --lengths 4096 --memory-lengths
     python benchmarks/attention.py --tiles               # block-size sweep of the tiled backend
 """
 
@@ -28,9 +38,75 @@ import torch.nn.functional as F
 import qkv
 from qkv._files import write_text
 from qkv.bench.timing import best_of, best_times, clock
+from qkv.bench.verify import check_rows, verify
 from qkv.core.engines import flash
+from qkv.testing import GRAD_FACTOR, within_rule
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the flags that decide attention kernels' speed (from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
+    return f"{model} ({', '.join(shown) or 'no AVX-512'})"
+
+
+def _methods(q, k, v, causal: bool, backends) -> dict:
+    return {"torch": partial(F.scaled_dot_product_attention, q, k, v, is_causal=causal),
+            **{b: partial(qkv.attention, q, k, v, causal=causal, backend=b) for b in backends}}
+
+
+def _allowed(rows: torch.Tensor, L: int, causal: bool):
+    """(R, L) bool: the keys each checked row sees (None: all)."""
+    return (torch.arange(L)[None] <= rows[:, None]) if causal else None
+
+
+def _check_forward(q, k, v, causal: bool, fns: dict, n_rows: int) -> dict:
+    """{method: within the rule} of each method's forward output on n_rows sampled rows."""
+    rows = check_rows(q.shape[2], n_rows)
+    with torch.inference_mode():
+        outputs = {name: fn() for name, fn in fns.items()}
+    check = verify(q, k, v, {("qkv" if n == "torch" else n): o for n, o in outputs.items()}, rows,
+                   _allowed(rows, q.shape[2], causal))
+    return {n: bool(check["ok" if n == "torch" else f"{n}_within_rule"]) for n in fns}
+
+
+def _check_backward(q, k, v, causal: bool, fns: dict) -> dict:
+    """{method: within the rule} of each method's gradients of q, k, v (whole) against float64 autograd
+    of the reference, bounded by GRAD_FACTOR x the plain same-dtype reference's error."""
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype)
+
+    def grads(fn, *xs):
+        xs = [x.detach().requires_grad_() for x in xs]
+        out = fn(*xs)
+        return torch.autograd.grad(out, xs, g.to(out.dtype))
+
+    exact = grads(lambda a, b, c: qkv.attention(a, b, c, causal=causal, backend="reference"),
+                  q.double(), k.double(), v.double())
+    plain = grads(lambda a, b, c: qkv.attention(a, b, c, causal=causal, backend="reference"), q, k, v)
+    ok = {}
+    for name in fns:
+        if name == "torch":
+            got = grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal), q, k, v)
+        else:
+            got = grads(lambda a, b, c, name=name: qkv.attention(a, b, c, causal=causal, backend=name), q, k, v)
+        ok[name] = all(within_rule(x, p, e, factor=GRAD_FACTOR)[0] for x, p, e in zip(got, plain, exact))
+    return ok
+
+
+def _train_step(fn, q, k, v, g):
+    """One forward and backward of `fn` (a partial over q, k, v made to require grad)."""
+    out = fn()
+    out.backward(g)
+    q.grad = k.grad = v.grad = None
 
 
 def bench_speed(args) -> list[dict]:
@@ -42,17 +118,31 @@ def bench_speed(args) -> list[dict]:
                 gen = torch.Generator().manual_seed(0)
                 q, k, v = (torch.randn(args.batch, args.heads, L, args.dim, generator=gen).to(dtype) for _ in range(3))
                 repeats = args.repeats if L <= 8192 else max(1, args.repeats - 1)
-                fns = {"torch": partial(F.scaled_dot_product_attention, q, k, v, is_causal=causal),
-                       **{b: partial(qkv.attention, q, k, v, causal=causal, backend=b) for b in args.backends}}
-                with torch.inference_mode():
+                fns = _methods(q, k, v, causal, args.backends)
+                ok = _check_forward(q, k, v, causal, fns, args.check_rows)
+                if args.backward:
+                    if L <= args.check_grad_max_l:
+                        grad_ok = _check_backward(q, k, v, causal, fns)
+                        ok = {n: ok[n] and grad_ok[n] for n in ok}
+                    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+                    g = torch.randn(qg.shape, generator=gen).to(dtype)
+                    fns = {n: partial(_train_step, f, qg, kg, vg, g)
+                           for n, f in _methods(qg, kg, vg, causal, args.backends).items()}
                     t = best_times(fns, repeats=repeats)
+                else:
+                    with torch.inference_mode():
+                        t = best_times(fns, repeats=repeats)
                 t_torch = t["torch"]
-                row = {"dtype": dtype_name, "causal": causal, "L": L, "torch_sdpa_s": t_torch}
+                row = {"dtype": dtype_name, "causal": causal, "L": L, "torch_sdpa_s": t_torch,
+                       "torch_within_rule": ok["torch"], "grads_checked": bool(args.backward and
+                                                                                L <= args.check_grad_max_l)}
                 for backend in args.backends:
                     row[f"{backend}_s"] = t[backend]
                     row[f"{backend}_ratio"] = t_torch / t[backend]
+                    row[f"{backend}_within_rule"] = ok[backend]
                 rows.append(row)
-                cells = "  ".join(f"{b} {row[b + '_s']:.4f}s ({row[b + '_ratio']:.2f}x)" for b in args.backends)
+                cells = "  ".join(f"{b} {row[b + '_s']:.4f}s ({row[b + '_ratio']:.2f}x"
+                                  f"{'' if ok[b] else ', OUTSIDE THE RULE'})" for b in args.backends)
                 print(f"  measured {dtype_name} causal={causal} L={L}: torch {t_torch:.4f}s  {cells}",
                       file=sys.stderr, flush=True)
     return rows
@@ -120,13 +210,18 @@ TILE_GRID = [(64, 512), (128, 256), (128, 512), (256, 256), (256, 512), (512, 51
 
 
 def print_tables(speed: list[dict], memory: list[dict], args) -> None:
-    print(f"\nForward time, B={args.batch}, H={args.heads}, D={args.dim}; ratio = torch SDPA time / qkv time "
-          f"(best of {args.repeats}; {torch.get_num_threads()} threads, torch {torch.__version__})\n")
+    what = "Forward + backward" if args.backward else "Forward"
+    print(f"\n{what} time, B={args.batch}, H={args.heads}, D={args.dim}; ratio = torch SDPA time / qkv time "
+          f"(best of {args.repeats}; {torch.get_num_threads()} threads, torch {torch.__version__}; {cpu_name()}). "
+          f"Every output checked against float64 on {args.check_rows} rows under the tolerance rule before timing"
+          + (f"; gradients checked whole up to L={args.check_grad_max_l}" if args.backward else "") + "\n")
     head = "| dtype | causal | L | torch SDPA | " + " | ".join(f"qkv {b}" for b in args.backends) + " |"
     print(head)
     print("|" + "---|" * (3 + 1 + len(args.backends)))
     for r in speed:
-        cells = " | ".join(f"{r[b + '_s'] * 1e3:.1f} ms ({r[b + '_ratio']:.2f}x)" for b in args.backends)
+        cells = " | ".join(f"{r[b + '_s'] * 1e3:.1f} ms " + (f"({r[b + '_ratio']:.2f}x)" if r[b + "_within_rule"]
+                                                              else "(outside the tolerance rule)")
+                           for b in args.backends)
         print(f"| {r['dtype']} | {r['causal']} | {r['L']} | {r['torch_sdpa_s'] * 1e3:.1f} ms | {cells} |")
     if memory:
         print(f"\nPeak memory beyond inputs and output, causal float32 forward, B=1, H={args.heads}, D={args.dim}\n")
@@ -150,6 +245,10 @@ def main(argv=None) -> int:
     p.add_argument("--memory-lengths", type=int, nargs="*", default=[16384, 65536])
     p.add_argument("--json", default="benchmarks/results/attention.json", help="where to write the results")
     p.add_argument("--tiles", action="store_true", help="only sweep the tiled backend's block sizes")
+    p.add_argument("--backward", action="store_true", help="time forward + backward (a training step's attention)")
+    p.add_argument("--check-rows", type=int, default=64, help="query rows checked against float64 before timing")
+    p.add_argument("--check-grad-max-l", type=int, default=4096,
+                   help="with --backward, check the gradients whole against float64 up to this length")
     args = p.parse_args(argv)
     if args.tiles:
         bench_tiles(args)
@@ -159,7 +258,7 @@ def main(argv=None) -> int:
     print_tables(speed, memory, args)
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     write_text(args.json, json.dumps({"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-                                      "machine": platform.processor() or platform.machine(),
+                                      "machine": cpu_name(),
                                       "threads": torch.get_num_threads(), "torch": torch.__version__,
                                       "speed": speed, "memory": memory}, indent=1))
     print(f"\nwrote {args.json}")
