@@ -1,0 +1,489 @@
+// qkv FlashAttention-2 forward kernel for CPUs: exact attention in one pass over the keys,
+// memory linear in length.
+//
+// The algorithm is FlashAttention-2's forward (Dao, 2023, "FlashAttention-2: Faster Attention
+// with Better Parallelism and Work Partitioning", Algorithm 1): a block of query rows keeps a
+// running row maximum, a running row sum and a float32 output accumulator, and walks the key
+// blocks that the causal/window band lets it see; each block's scores S = Q K^T are formed,
+// the online softmax (Milakov & Gimelshein, 2018) rescales what was accumulated so far, and
+// P V is added. Key blocks outside the band are skipped entirely; only blocks on the band's
+// edges are masked, row by row, by qkv's band definition (AttentionSpec.band_edges): row i
+// sees keys [lo_i, hi_i), lo_i = clamp(i + offset - left, 0, Lk), hi_i = max(lo_i,
+// clamp(i + offset + right + 1, 0, Lk)), left/right -1 = unbounded.
+//
+// Work items are (batch row, kv head, block of query positions) on torch's OpenMP threads
+// (std::thread where the compiler has no OpenMP), the costliest (latest causal rows) first.
+// The grouped query heads of a kv head (GQA, Ainslie et al., 2023) are the rows of one item:
+// query head h reads kv head h / (Hq / Hkv), and a key block is read once for the whole group.
+//
+// Two phases. (1) Packing: each kv head's keys are laid out once per call in key blocks of
+// BK = 64, transposed so that the 64 keys of one head dimension are 4 contiguous vectors
+// (float32: kt[bh][block][d][64]; bfloat16 with AVX512-BF16: pairs of the head dimension
+// interleaved, kp[bh][block][d/2][64][2], the operand layout of vdpbf16ps), and the values
+// widened to float32 rows padded to a multiple of 16 (vp[bh][key][Dvp]). Zero padding makes
+// every head size 1..256 run the same vector code: the scores loop runs over d with vectors
+// over keys, the values loop over keys with vectors over the (padded) value dimension.
+// (2) Attention over the work items, from per-thread buffers (L1/L2-sized).
+//
+// Products are float32: float32 FMAs, or vdpbf16ps on bfloat16 pairs (exact products summed
+// in float32) where the compiler targets __AVX512BF16__, else bfloat16 widened to float32.
+// Scores are multiplied by `scale` after the dot product (as the reference does). bfloat16
+// outputs are rounded to nearest-even once, at the end. A row that sees no key gets out 0
+// and lse -inf. The vectors are GCC/Clang vector extensions (AVX-512 under -march=native on
+// such CPUs, narrower vectors elsewhere: the portable path is the same code).
+//
+// ABI (strides in elements, innermost stride 1; kind 0 = float32, 1 = bfloat16 bits):
+//   q (B, Hq, Lq, D) strides qst, k (B, Hkv, Lk, D) kst, v (B, Hkv, Lk, Dv) vst;
+//   out contiguous (B, Hq, Lq, Dv) of the input dtype; lse contiguous (B, Hq, Lq) float32.
+// No torch headers: plain C++17, compiled on first use by qkv/core/_kernels.py.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+constexpr int BK = 64;       // keys per block
+constexpr int NV = BK / 16;  // vectors per row of a score block
+constexpr int RM = 4;        // query rows per register tile
+constexpr int MAX_DIM = 256;
+constexpr float NEG_INF = -INFINITY;
+
+inline v16 splat(float x) { return v16{} + x; }
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t w = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &w, 4);
+  return f;
+}
+
+// Round to nearest even; a NaN stays a (quiet) NaN.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t w;
+  std::memcpy(&w, &f, 4);
+  if ((w & 0x7fffffffu) > 0x7f800000u) return uint16_t((w >> 16) | 0x40);
+  w += 0x7fffu + ((w >> 16) & 1u);
+  return uint16_t(w >> 16);
+}
+
+template <int KIND>
+inline float load1(const void* base, int64_t idx) {
+  if constexpr (KIND == 0) {
+    return ((const float*)base)[idx];
+  } else {
+    return bf16_to_f32(((const uint16_t*)base)[idx]);
+  }
+}
+
+inline float hmax(v16 a) {
+  float m = a[0];
+  for (int t = 1; t < 16; ++t) m = a[t] > m ? a[t] : m;
+  return m;
+}
+
+inline float hsum(v16 a) {
+  float s = 0.0f;
+  for (int t = 0; t < 16; ++t) s += a[t];
+  return s;
+}
+
+// exp(x) for x <= 0 (scores minus their running max), Cephes' expf polynomial: about 1 ulp;
+// 0 below -87.3 (where exp underflows to subnormals) and for -inf. As in decode_kernel.cpp.
+inline v16 vexp(v16 x) {
+  const v16 lo = splat(-87.33654f);
+  i16v tiny = x < lo;
+  x = x < lo ? lo : x;
+  v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v16 y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
+  v16 out = y * (v16)e;
+  return tiny ? splat(0.0f) : out;
+}
+
+// 64-byte aligned, uninitialised storage (every element used is written before it is read).
+template <typename T>
+struct Buffer {
+  T* p = nullptr;
+  explicit Buffer(size_t n = 0) { reset(n); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { std::free(p); }
+  void reset(size_t n) {
+    std::free(p);
+    size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+    p = bytes ? (T*)std::aligned_alloc(64, bytes) : nullptr;
+  }
+};
+
+struct Problem {
+  int kind;
+  int64_t B, Hq, Hkv, G, Lq, Lk, D, Dv;
+  const void *q, *k, *v;
+  int64_t qst[4], kst[4], vst[4];
+  float scale;
+  int64_t left, right, offset;  // left/right -1: unbounded
+  void* out;
+  float* lse;
+  // Derived.
+  bool dp;        // bfloat16 scores with vdpbf16ps (packed pairs kp), else float32 keys kt
+  int64_t nkb;    // key blocks per head, ceil(Lk / BK)
+  int64_t Dh;     // head-dimension pairs, ceil(D / 2) (dp only)
+  int64_t Dvp;    // Dv rounded up to a multiple of 16
+  int64_t bq;     // query positions per work item (its rows: G * bq)
+  int64_t nqb;    // query blocks, ceil(Lq / bq)
+  float* kt;      // [B*Hkv][nkb][D][BK]
+  uint16_t* kp;   // [B*Hkv][nkb][Dh][BK][2]
+  float* vp;      // [B*Hkv][nkb*BK][Dvp]
+
+  int64_t row_lo(int64_t i) const {
+    return left < 0 ? 0 : std::clamp<int64_t>(i + offset - left, 0, Lk);
+  }
+  int64_t row_hi(int64_t i) const {
+    const int64_t hi = right < 0 ? Lk : std::clamp<int64_t>(i + offset + right + 1, 0, Lk);
+    return std::max(hi, row_lo(i));
+  }
+};
+
+// ---------------------------------------------------------------- phase 1: packing
+
+template <int KIND>
+void pack_block(const Problem& P, int64_t x) {
+  const int64_t bh = x / P.nkb, kb = x % P.nkb, b = bh / P.Hkv, h = bh % P.Hkv;
+  const int64_t j0 = kb * BK, n = std::min<int64_t>(BK, P.Lk - j0);
+  const char* kbase = (const char*)P.k + (b * P.kst[0] + h * P.kst[1]) * (KIND == 0 ? 4 : 2);
+  const char* vbase = (const char*)P.v + (b * P.vst[0] + h * P.vst[1]) * (KIND == 0 ? 4 : 2);
+  if (P.dp) {
+    uint16_t* dst = P.kp + (bh * P.nkb + kb) * P.Dh * BK * 2;
+    for (int64_t c = 0; c < BK; ++c) {
+      const uint16_t* row = (const uint16_t*)kbase + (j0 + c) * P.kst[2];
+      for (int64_t d = 0; d < 2 * P.Dh; ++d)
+        dst[((d >> 1) * BK + c) * 2 + (d & 1)] = (c < n && d < P.D) ? row[d] : 0;
+    }
+  } else {
+    float* dst = P.kt + (bh * P.nkb + kb) * P.D * BK;
+    for (int64_t c = 0; c < BK; ++c) {
+      if (c < n) {
+        const void* row = kbase + (j0 + c) * P.kst[2] * (KIND == 0 ? 4 : 2);
+        for (int64_t d = 0; d < P.D; ++d) dst[d * BK + c] = load1<KIND>(row, d);
+      } else {
+        for (int64_t d = 0; d < P.D; ++d) dst[d * BK + c] = 0.0f;
+      }
+    }
+  }
+  float* vdst = P.vp + (bh * P.nkb * BK + j0) * P.Dvp;
+  for (int64_t c = 0; c < BK; ++c) {
+    float* r = vdst + c * P.Dvp;
+    int64_t d = 0;
+    if (c < n) {
+      const void* row = vbase + (j0 + c) * P.vst[2] * (KIND == 0 ? 4 : 2);
+      for (; d < P.Dv; ++d) r[d] = load1<KIND>(row, d);
+    }
+    for (; d < P.Dvp; ++d) r[d] = 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------- phase 2: attention
+
+// s[r][0..BK) = q[r] . keys of the block, for R rows: q (R, D) float32, kt (D, BK).
+template <int R>
+inline void scores_f32(const float* q, int64_t D, const float* kt, float* s) {
+  v16 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NV; ++t) acc[r][t] = splat(0.0f);
+  for (int64_t d = 0; d < D; ++d) {
+    v16 kv[NV];
+    for (int t = 0; t < NV; ++t) kv[t] = *(const v16*)(kt + d * BK + 16 * t);
+    for (int r = 0; r < R; ++r) {
+      const v16 qv = splat(q[r * D + d]);
+      for (int t = 0; t < NV; ++t) acc[r][t] += qv * kv[t];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NV; ++t) *(v16*)(s + r * BK + 16 * t) = acc[r][t];
+}
+
+#ifdef __AVX512BF16__
+// The same with bfloat16 pairs: q (R, 2*Dh) bfloat16 bits, kp (Dh, BK, 2).
+template <int R>
+inline void scores_bf16(const uint16_t* q, int64_t Dh, const uint16_t* kp, float* s) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < Dh; ++p) {
+    __m512bh kv[NV];
+    for (int t = 0; t < NV; ++t) kv[t] = (__m512bh)_mm512_load_si512(kp + (p * BK + 16 * t) * 2);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, q + r * 2 * Dh + 2 * p, 4);
+      const __m512bh qv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], qv, kv[t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NV; ++t) _mm512_store_ps(s + r * BK + 16 * t, acc[r][t]);
+}
+#endif
+
+// acc[r][d0 .. d0+16W) = alpha[r] * acc[r] + sum over keys c < n of p[r][c] * vp[c], R rows.
+template <int R, int W>
+inline void values_tile(const float* p, const float* vp, int64_t Dvp, int64_t n, float* acc, const float* alpha) {
+  v16 o[R][W];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < W; ++t) o[r][t] = *(const v16*)(acc + r * Dvp + 16 * t) * alpha[r];
+  for (int64_t c = 0; c < n; ++c) {
+    v16 vv[W];
+    for (int t = 0; t < W; ++t) vv[t] = *(const v16*)(vp + c * Dvp + 16 * t);
+    for (int r = 0; r < R; ++r) {
+      const v16 pr = splat(p[r * BK + c]);
+      for (int t = 0; t < W; ++t) o[r][t] += pr * vv[t];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < W; ++t) *(v16*)(acc + r * Dvp + 16 * t) = o[r][t];
+}
+
+template <int R>
+inline void values_rows(const float* p, const float* vp, int64_t Dvp, int64_t n, float* acc, const float* alpha) {
+  int64_t d = 0;
+  for (; d + 64 <= Dvp; d += 64) values_tile<R, 4>(p, vp + d, Dvp, n, acc + d, alpha);
+  switch ((Dvp - d) / 16) {
+    case 3: values_tile<R, 3>(p, vp + d, Dvp, n, acc + d, alpha); break;
+    case 2: values_tile<R, 2>(p, vp + d, Dvp, n, acc + d, alpha); break;
+    case 1: values_tile<R, 1>(p, vp + d, Dvp, n, acc + d, alpha); break;
+    default: break;
+  }
+}
+
+struct Scratch {
+  Buffer<float> qf;      // (M, D) float32 queries (float32 path)
+  Buffer<uint16_t> q16;  // (M, 2*Dh) bfloat16 queries (dp path)
+  Buffer<float> s;       // (M, BK) scores, then probabilities
+  Buffer<float> acc;     // (M, Dvp) output accumulators
+  Buffer<float> mx, sum, alpha;  // (M) running max, running sum, this block's rescale
+  Buffer<int64_t> lo, hi;        // (M) each row's visible keys
+  Scratch(const Problem& P) {
+    const int64_t M = P.G * P.bq;
+    qf.reset(P.dp ? 0 : M * P.D);
+    q16.reset(P.dp ? M * 2 * P.Dh : 0);
+    s.reset(M * BK);
+    acc.reset(M * P.Dvp);
+    mx.reset(M), sum.reset(M), alpha.reset(M + RM);
+    lo.reset(M), hi.reset(M);
+  }
+};
+
+template <int KIND>
+void run_item(const Problem& P, int64_t x, Scratch& W) {
+  // Costliest first: the last query blocks (under a causal band) come first.
+  const int64_t BH = P.B * P.Hkv, qb = P.nqb - 1 - x / BH, bh = x % BH, b = bh / P.Hkv, h = bh % P.Hkv;
+  const int64_t i0 = qb * P.bq, i1 = std::min(P.Lq, i0 + P.bq), nr = i1 - i0, M = P.G * nr;
+  const int64_t D = P.D, Dvp = P.Dvp, Dh = P.Dh;
+  // Row m = g * nr + r is query head h * G + g, position i0 + r.
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t g = m / nr, i = i0 + m % nr, hq = h * P.G + g;
+    const int64_t off = b * P.qst[0] + hq * P.qst[1] + i * P.qst[2];
+    if (P.dp) {
+      const uint16_t* src = (const uint16_t*)P.q + off;
+      uint16_t* dst = W.q16.p + m * 2 * Dh;
+      for (int64_t d = 0; d < 2 * Dh; ++d) dst[d] = d < D ? src[d] : 0;
+    } else {
+      float* dst = W.qf.p + m * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = load1<KIND>(P.q, off + d);
+    }
+    W.lo.p[m] = P.row_lo(i), W.hi.p[m] = P.row_hi(i);
+    W.mx.p[m] = NEG_INF, W.sum.p[m] = 0.0f;
+  }
+  std::memset(W.acc.p, 0, sizeof(float) * M * Dvp);
+  // Keys any row of the item sees (lo and hi grow with the row).
+  const int64_t klo = P.row_lo(i0), khi = P.row_hi(i1 - 1);
+  const int64_t full_lo = P.row_lo(i1 - 1), full_hi = P.row_hi(i0);  // keys every row sees
+  const i16v iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  float* S = W.s.p;
+  for (int64_t kb = klo / BK; kb * BK < khi; ++kb) {
+    const int64_t j0 = kb * BK;
+    // 1. Scores of the block, RM rows at a time.
+    int64_t m = 0;
+#ifdef __AVX512BF16__
+    if (P.dp) {
+      const uint16_t* kp = P.kp + (bh * P.nkb + kb) * Dh * BK * 2;
+      for (; m + RM <= M; m += RM) scores_bf16<RM>(W.q16.p + m * 2 * Dh, Dh, kp, S + m * BK);
+      for (; m < M; ++m) scores_bf16<1>(W.q16.p + m * 2 * Dh, Dh, kp, S + m * BK);
+    } else
+#endif
+    {
+      const float* kt = P.kt + (bh * P.nkb + kb) * D * BK;
+      for (; m + RM <= M; m += RM) scores_f32<RM>(W.qf.p + m * D, D, kt, S + m * BK);
+      for (; m < M; ++m) scores_f32<1>(W.qf.p + m * D, D, kt, S + m * BK);
+    }
+    // 2. Scale, the band on edge blocks, online softmax.
+    const bool edge = !(j0 >= full_lo && j0 + BK <= full_hi);
+    for (m = 0; m < M; ++m) {
+      float* sr = S + m * BK;
+      v16 x[NV];
+      for (int t = 0; t < NV; ++t) x[t] = *(v16*)(sr + 16 * t) * P.scale;
+      if (edge) {
+        const int64_t lo = W.lo.p[m] - j0, hi = W.hi.p[m] - j0;  // in block columns
+        const int32_t clo = (int32_t)std::clamp<int64_t>(lo, 0, BK), chi = (int32_t)std::clamp<int64_t>(hi, 0, BK);
+        for (int t = 0; t < NV; ++t) {
+          const i16v col = iota + 16 * t;
+          x[t] = (col < clo) | (col >= chi) ? splat(NEG_INF) : x[t];
+        }
+      }
+      v16 mv = x[0];
+      for (int t = 1; t < NV; ++t) mv = x[t] > mv ? x[t] : mv;
+      const float old = W.mx.p[m], bmax = hmax(mv), now = bmax > old ? bmax : old;
+      if (now == NEG_INF) {  // nothing seen yet: this block adds nothing
+        for (int t = 0; t < NV; ++t) *(v16*)(sr + 16 * t) = splat(0.0f);
+        W.alpha.p[m] = 1.0f;
+        continue;
+      }
+      const float alpha = old == NEG_INF ? 0.0f : std::exp(old - now);
+      v16 total = splat(0.0f);
+      for (int t = 0; t < NV; ++t) {
+        const v16 pv = vexp(x[t] - now);
+        *(v16*)(sr + 16 * t) = pv;
+        total += pv;
+      }
+      W.sum.p[m] = W.sum.p[m] * alpha + hsum(total);
+      W.mx.p[m] = now;
+      W.alpha.p[m] = alpha;
+    }
+    // 3. acc = alpha * acc + P V over the keys some row sees.
+    const int64_t n = std::min<int64_t>(BK, khi - j0);
+    const float* vp = P.vp + (bh * P.nkb * BK + j0) * Dvp;
+    for (m = 0; m + RM <= M; m += RM) values_rows<RM>(S + m * BK, vp, Dvp, n, W.acc.p + m * Dvp, W.alpha.p + m);
+    for (; m < M; ++m) values_rows<1>(S + m * BK, vp, Dvp, n, W.acc.p + m * Dvp, W.alpha.p + m);
+  }
+  // 4. out = acc / sum, lse = max + log(sum); a row that saw nothing: 0 and -inf.
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t g = m / nr, i = i0 + m % nr, hq = h * P.G + g;
+    const int64_t row = (b * P.Hq + hq) * P.Lq + i;
+    const float l = W.sum.p[m];
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    P.lse[row] = l > 0.0f ? W.mx.p[m] + std::log(l) : NEG_INF;
+    const float* a = W.acc.p + m * Dvp;
+    if (KIND == 0) {
+      float* o = (float*)P.out + row * P.Dv;
+      for (int64_t d = 0; d < P.Dv; ++d) o[d] = a[d] * inv;
+    } else {
+      uint16_t* o = (uint16_t*)P.out + row * P.Dv;
+      for (int64_t d = 0; d < P.Dv; ++d) o[d] = f32_to_bf16(a[d] * inv);
+    }
+  }
+}
+
+// fn(item, thread) for item in [0, count), items handed out one at a time.
+template <typename F>
+void parallel_for(int64_t count, int nthreads, F&& fn) {
+  if (count <= 0) return;
+  if (nthreads > count) nthreads = (int)count;
+#ifdef _OPENMP
+  // torch's own OpenMP runtime (libgomp is already loaded by torch), so the kernel runs on the
+  // threads torch's operators use.
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+  for (int64_t x = 0; x < count; ++x) fn(x, omp_get_thread_num());
+#else
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int t) {
+    for (int64_t x = next++; x < count; x = next++) fn(x, t);
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < nthreads; ++t) pool.emplace_back(worker, t);
+  worker(0);
+  for (auto& th : pool) th.join();
+#endif
+}
+
+template <int KIND>
+void run(Problem& P, int nthreads) {
+  const int64_t BH = P.B * P.Hkv;
+  Buffer<float> kt(P.dp ? 0 : BH * P.nkb * P.D * BK);
+  Buffer<uint16_t> kp(P.dp ? BH * P.nkb * P.Dh * BK * 2 : 0);
+  Buffer<float> vp(BH * P.nkb * BK * P.Dvp);
+  P.kt = kt.p, P.kp = kp.p, P.vp = vp.p;
+  parallel_for(BH * P.nkb, nthreads, [&](int64_t x, int) { pack_block<KIND>(P, x); });
+  std::vector<Scratch*> scratch(nthreads, nullptr);
+  parallel_for(BH * P.nqb, nthreads, [&](int64_t x, int t) {
+    if (!scratch[t]) scratch[t] = new Scratch(P);
+    run_item<KIND>(P, x, *scratch[t]);
+  });
+  for (Scratch* w : scratch) delete w;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0, or 1 for an unknown kind, 2 for an unsupported size (D or Dv outside 1..256, or
+// Hq not a multiple of Hkv).
+int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
+                  const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
+                  const int64_t* vst, float scale, int64_t left, int64_t right, int64_t offset, void* out,
+                  float* lse, int threads) {
+  if (kind != 0 && kind != 1) return 1;
+  if (D < 1 || D > MAX_DIM || Dv < 1 || Dv > MAX_DIM || Hkv < 1 || Hq < Hkv || Hq % Hkv != 0) return 2;
+  if (B <= 0 || Lq <= 0) return 0;
+  Problem P{};
+  P.kind = kind;
+  P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.G = Hq / Hkv, P.Lq = Lq, P.Lk = Lk < 0 ? 0 : Lk, P.D = D, P.Dv = Dv;
+  P.q = q, P.k = k, P.v = v;
+  for (int t = 0; t < 4; ++t) P.qst[t] = qst[t], P.kst[t] = kst[t], P.vst[t] = vst[t];
+  P.scale = scale, P.left = left, P.right = right, P.offset = offset;
+  P.out = out, P.lse = lse;
+#ifdef __AVX512BF16__
+  P.dp = kind == 1;
+#else
+  P.dp = false;
+#endif
+  P.nkb = (P.Lk + BK - 1) / BK;
+  P.Dh = (D + 1) / 2;
+  P.Dvp = (Dv + 15) / 16 * 16;
+  if (threads < 1) threads = 1;
+  // About 64 rows per item (the group's heads times the positions), fewer positions where
+  // that leaves too few items to keep the threads busy.
+  P.bq = std::max<int64_t>(1, 64 / P.G);
+  while (P.bq > 8 && B * Hkv * ((Lq + P.bq - 1) / P.bq) < 4 * threads) P.bq /= 2;
+  P.bq = std::min(P.bq, Lq);
+  P.nqb = (Lq + P.bq - 1) / P.bq;
+  if (kind == 0)
+    run<0>(P, threads);
+  else
+    run<1>(P, threads);
+  return 0;
+}
+
+// The kernel's interface version, checked by the binding.
+int qkv_flash_fwd_version() { return 1; }
+
+// Whether bfloat16 scores use the processor's bfloat16 dot product (vdpbf16ps).
+int qkv_flash_has_bf16_dot() {
+#ifdef __AVX512BF16__
+  return 1;
+#else
+  return 0;
+#endif
+}
+}
