@@ -44,8 +44,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
-#ifdef __AVX512BF16__
+#ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 #ifdef _OPENMP
@@ -60,11 +61,30 @@ typedef int32_t i16v __attribute__((vector_size(64)));
 
 constexpr int BK = 64;       // keys per block
 constexpr int NV = BK / 16;  // vectors per row of a score block
-constexpr int RM = 4;        // query rows per register tile
+#ifndef QKV_RM
+#define QKV_RM 6
+#endif
+constexpr int RM = QKV_RM;        // query rows per register tile (6 x 4 vectors: 24 accumulators)
 constexpr int MAX_DIM = 256;
 constexpr float NEG_INF = -INFINITY;
 
-inline v16 splat(float x) { return v16{} + x; }
+inline v16 splat(float x) {
+#ifdef __AVX512F__
+  return (v16)_mm512_set1_ps(x);
+#else
+  return v16{} + x;  // (0 + x: the vector extensions' broadcast)
+#endif
+}
+
+// Keeps a loaded vector in its register: without it GCC folds the load into each of the
+// multiply-adds that use it, loading it once per row instead of once.
+inline void in_register(v16& x) {
+#ifdef __AVX512F__
+  asm volatile("" : "+v"(x));
+#else
+  (void)x;
+#endif
+}
 
 inline float bf16_to_f32(uint16_t h) {
   uint32_t w = uint32_t(h) << 16;
@@ -92,12 +112,18 @@ inline float load1(const void* base, int64_t idx) {
 }
 
 inline float hmax(v16 a) {
+#ifdef __AVX512F__
+  return _mm512_reduce_max_ps((__m512)a);
+#endif
   float m = a[0];
   for (int t = 1; t < 16; ++t) m = a[t] > m ? a[t] : m;
   return m;
 }
 
 inline float hsum(v16 a) {
+#ifdef __AVX512F__
+  return _mm512_reduce_add_ps((__m512)a);
+#endif
   float s = 0.0f;
   for (int t = 0; t < 16; ++t) s += a[t];
   return s;
@@ -121,6 +147,30 @@ inline v16 vexp(v16 x) {
   i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
   v16 out = y * (v16)e;
   return tiny ? splat(0.0f) : out;
+}
+
+// exp(y - now) for y <= now (a score minus its row's running max): 0 for y = -inf.
+// With AVX-512 as 2^t, t = (y - now) log2(e) in one multiply-add, split t = n + r (|r| <= 1/2)
+// by vrndscaleps, 2^r by Cephes' exp2f polynomial (about 1 ulp) and 2^n applied by vscalefps:
+// ten instructions. Elsewhere vexp above.
+inline v16 exp_minus(v16 y, float now) {
+#ifdef __AVX512F__
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  __m512 t = _mm512_fmadd_ps((__m512)y, log2e, _mm512_set1_ps(-now * 1.44269504088896341f));
+  t = _mm512_max_ps(t, _mm512_set1_ps(-151.0f));  // 2^-151 rounds to 0; -inf becomes finite
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return (v16)_mm512_scalef_ps(p, n);
+#else
+  return vexp(y - now);
+#endif
 }
 
 // 64-byte aligned, uninitialised storage (every element used is written before it is read).
@@ -207,39 +257,65 @@ void pack_block(const Problem& P, int64_t x) {
 
 // ---------------------------------------------------------------- phase 2: attention
 
+// The register tiles. With AVX-512 they are written with intrinsics and each loaded vector is
+// pinned to its register (`pin`): GCC otherwise folds a load into every multiply-add that uses
+// it, reloading it once per row, and the loads, not the multiply-adds, set the pace. Elsewhere
+// the same loops in vector extensions (the portable path).
+#ifdef __AVX512F__
+typedef __m512 vreg;
+inline vreg vzero() { return _mm512_setzero_ps(); }
+inline vreg vload(const float* p) { return _mm512_load_ps(p); }
+inline vreg vbcast(float x) { return _mm512_set1_ps(x); }
+inline vreg vfma(vreg a, vreg b, vreg c) { return _mm512_fmadd_ps(a, b, c); }
+inline vreg vmul(vreg a, vreg b) { return _mm512_mul_ps(a, b); }
+inline void vstore(float* p, vreg x) { _mm512_store_ps(p, x); }
+template <typename T>
+inline void pin(T& x) { asm("" : "+v"(x)); }
+#else
+typedef v16 vreg;
+inline vreg vzero() { return splat(0.0f); }
+inline vreg vload(const float* p) { return *(const v16*)p; }
+inline vreg vbcast(float x) { return splat(x); }
+inline vreg vfma(vreg a, vreg b, vreg c) { return a * b + c; }
+inline vreg vmul(vreg a, vreg b) { return a * b; }
+inline void vstore(float* p, vreg x) { *(v16*)p = x; }
+template <typename T>
+inline void pin(T&) {}
+#endif
+
 // s[r][0..BK) = q[r] . keys of the block, for R rows: q (R, D) float32, kt (D, BK).
 template <int R>
-inline void scores_f32(const float* q, int64_t D, const float* kt, float* s) {
-  v16 acc[R][NV];
+__attribute__((noinline)) void scores_f32(const float* q, int64_t D, const float* kt, float* s) {
+  vreg acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NV; ++t) acc[r][t] = splat(0.0f);
+    for (int t = 0; t < NV; ++t) acc[r][t] = vzero();
   for (int64_t d = 0; d < D; ++d) {
-    v16 kv[NV];
-    for (int t = 0; t < NV; ++t) kv[t] = *(const v16*)(kt + d * BK + 16 * t);
+    vreg kv[NV];
+    for (int t = 0; t < NV; ++t) kv[t] = vload(kt + d * BK + 16 * t), pin(kv[t]);
     for (int r = 0; r < R; ++r) {
-      const v16 qv = splat(q[r * D + d]);
-      for (int t = 0; t < NV; ++t) acc[r][t] += qv * kv[t];
+      const vreg qv = vbcast(q[r * D + d]);
+      for (int t = 0; t < NV; ++t) acc[r][t] = vfma(qv, kv[t], acc[r][t]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NV; ++t) *(v16*)(s + r * BK + 16 * t) = acc[r][t];
+    for (int t = 0; t < NV; ++t) vstore(s + r * BK + 16 * t, acc[r][t]);
 }
 
 #ifdef __AVX512BF16__
 // The same with bfloat16 pairs: q (R, 2*Dh) bfloat16 bits, kp (Dh, BK, 2).
 template <int R>
-inline void scores_bf16(const uint16_t* q, int64_t Dh, const uint16_t* kp, float* s) {
+__attribute__((noinline)) void scores_bf16(const uint16_t* q, int64_t Dh, const uint16_t* kp, float* s) {
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t p = 0; p < Dh; ++p) {
-    __m512bh kv[NV];
-    for (int t = 0; t < NV; ++t) kv[t] = (__m512bh)_mm512_load_si512(kp + (p * BK + 16 * t) * 2);
+    __m512i kv[NV];
+    for (int t = 0; t < NV; ++t) kv[t] = _mm512_load_si512(kp + (p * BK + 16 * t) * 2), pin(kv[t]);
     for (int r = 0; r < R; ++r) {
       int32_t pair;
       std::memcpy(&pair, q + r * 2 * Dh + 2 * p, 4);
       const __m512bh qv = (__m512bh)_mm512_set1_epi32(pair);
-      for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], qv, kv[t]);
+      for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], qv, (__m512bh)kv[t]);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -247,22 +323,22 @@ inline void scores_bf16(const uint16_t* q, int64_t Dh, const uint16_t* kp, float
 }
 #endif
 
-// acc[r][d0 .. d0+16W) = alpha[r] * acc[r] + sum over keys c < n of p[r][c] * vp[c], R rows.
+// acc[r][0 .. 16W) = alpha[r] * acc[r] + sum over keys c < n of p[r][c] * vp[c], R rows.
 template <int R, int W>
-inline void values_tile(const float* p, const float* vp, int64_t Dvp, int64_t n, float* acc, const float* alpha) {
-  v16 o[R][W];
+__attribute__((noinline)) void values_tile(const float* p, const float* vp, int64_t Dvp, int64_t n, float* acc, const float* alpha) {
+  vreg o[R][W];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < W; ++t) o[r][t] = *(const v16*)(acc + r * Dvp + 16 * t) * alpha[r];
+    for (int t = 0; t < W; ++t) o[r][t] = vmul(vload(acc + r * Dvp + 16 * t), vbcast(alpha[r]));
   for (int64_t c = 0; c < n; ++c) {
-    v16 vv[W];
-    for (int t = 0; t < W; ++t) vv[t] = *(const v16*)(vp + c * Dvp + 16 * t);
+    vreg vv[W];
+    for (int t = 0; t < W; ++t) vv[t] = vload(vp + c * Dvp + 16 * t), pin(vv[t]);
     for (int r = 0; r < R; ++r) {
-      const v16 pr = splat(p[r * BK + c]);
-      for (int t = 0; t < W; ++t) o[r][t] += pr * vv[t];
+      const vreg pr = vbcast(p[r * BK + c]);
+      for (int t = 0; t < W; ++t) o[r][t] = vfma(pr, vv[t], o[r][t]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < W; ++t) *(v16*)(acc + r * Dvp + 16 * t) = o[r][t];
+    for (int t = 0; t < W; ++t) vstore(acc + r * Dvp + 16 * t, o[r][t]);
 }
 
 template <int R>
@@ -273,6 +349,21 @@ inline void values_rows(const float* p, const float* vp, int64_t Dvp, int64_t n,
     case 3: values_tile<R, 3>(p, vp + d, Dvp, n, acc + d, alpha); break;
     case 2: values_tile<R, 2>(p, vp + d, Dvp, n, acc + d, alpha); break;
     case 1: values_tile<R, 1>(p, vp + d, Dvp, n, acc + d, alpha); break;
+    default: break;
+  }
+}
+
+// f(rows, m) over rows [0, M), rows a std::integral_constant: RM at a time, then the rest in one tile.
+template <typename F>
+inline void by_tiles(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + RM <= M; m += RM) f(std::integral_constant<int, RM>{}, m);
+  switch (M - m) {
+    case 5: f(std::integral_constant<int, 5>{}, m); break;
+    case 4: f(std::integral_constant<int, 4>{}, m); break;
+    case 3: f(std::integral_constant<int, 3>{}, m); break;
+    case 2: f(std::integral_constant<int, 2>{}, m); break;
+    case 1: f(std::integral_constant<int, 1>{}, m); break;
     default: break;
   }
 }
@@ -325,22 +416,19 @@ void run_item(const Problem& P, int64_t x, Scratch& W) {
   for (int64_t kb = klo / BK; kb * BK < khi; ++kb) {
     const int64_t j0 = kb * BK;
     // 1. Scores of the block, RM rows at a time.
-    int64_t m = 0;
 #ifdef __AVX512BF16__
     if (P.dp) {
       const uint16_t* kp = P.kp + (bh * P.nkb + kb) * Dh * BK * 2;
-      for (; m + RM <= M; m += RM) scores_bf16<RM>(W.q16.p + m * 2 * Dh, Dh, kp, S + m * BK);
-      for (; m < M; ++m) scores_bf16<1>(W.q16.p + m * 2 * Dh, Dh, kp, S + m * BK);
+      by_tiles(M, [&](auto rows, int64_t m) { scores_bf16<decltype(rows)::value>(W.q16.p + m * 2 * Dh, Dh, kp, S + m * BK); });
     } else
 #endif
     {
       const float* kt = P.kt + (bh * P.nkb + kb) * D * BK;
-      for (; m + RM <= M; m += RM) scores_f32<RM>(W.qf.p + m * D, D, kt, S + m * BK);
-      for (; m < M; ++m) scores_f32<1>(W.qf.p + m * D, D, kt, S + m * BK);
+      by_tiles(M, [&](auto rows, int64_t m) { scores_f32<decltype(rows)::value>(W.qf.p + m * D, D, kt, S + m * BK); });
     }
     // 2. Scale, the band on edge blocks, online softmax.
     const bool edge = !(j0 >= full_lo && j0 + BK <= full_hi);
-    for (m = 0; m < M; ++m) {
+    for (int64_t m = 0; m < M; ++m) {
       float* sr = S + m * BK;
       v16 x[NV];
       for (int t = 0; t < NV; ++t) x[t] = *(v16*)(sr + 16 * t) * P.scale;
@@ -363,7 +451,7 @@ void run_item(const Problem& P, int64_t x, Scratch& W) {
       const float alpha = old == NEG_INF ? 0.0f : std::exp(old - now);
       v16 total = splat(0.0f);
       for (int t = 0; t < NV; ++t) {
-        const v16 pv = vexp(x[t] - now);
+        const v16 pv = exp_minus(x[t], now);
         *(v16*)(sr + 16 * t) = pv;
         total += pv;
       }
@@ -374,8 +462,9 @@ void run_item(const Problem& P, int64_t x, Scratch& W) {
     // 3. acc = alpha * acc + P V over the keys some row sees.
     const int64_t n = std::min<int64_t>(BK, khi - j0);
     const float* vp = P.vp + (bh * P.nkb * BK + j0) * Dvp;
-    for (m = 0; m + RM <= M; m += RM) values_rows<RM>(S + m * BK, vp, Dvp, n, W.acc.p + m * Dvp, W.alpha.p + m);
-    for (; m < M; ++m) values_rows<1>(S + m * BK, vp, Dvp, n, W.acc.p + m * Dvp, W.alpha.p + m);
+    by_tiles(M, [&](auto rows, int64_t m) {
+      values_rows<decltype(rows)::value>(S + m * BK, vp, Dvp, n, W.acc.p + m * Dvp, W.alpha.p + m);
+    });
   }
   // 4. out = acc / sum, lse = max + log(sum); a row that saw nothing: 0 and -inf.
   for (int64_t m = 0; m < M; ++m) {
