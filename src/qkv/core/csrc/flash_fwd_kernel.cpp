@@ -61,6 +61,9 @@ typedef int32_t i16v __attribute__((vector_size(64)));
 
 constexpr int BK = 64;       // keys per block
 constexpr int NV = BK / 16;  // vectors per row of a score block
+#ifndef QKV_ROWS
+#define QKV_ROWS 64
+#endif
 #ifndef QKV_RM
 #define QKV_RM 6
 #endif
@@ -220,8 +223,8 @@ struct Problem {
 // ---------------------------------------------------------------- phase 1: packing
 
 template <int KIND>
-void pack_block(const Problem& P, int64_t x) {
-  const int64_t bh = x / P.nkb, kb = x % P.nkb, b = bh / P.Hkv, h = bh % P.Hkv;
+void pack_block(const Problem& P, int64_t bh, int64_t kb) {
+  const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
   const int64_t j0 = kb * BK, n = std::min<int64_t>(BK, P.Lk - j0);
   const char* kbase = (const char*)P.k + (b * P.kst[0] + h * P.kst[1]) * (KIND == 0 ? 4 : 2);
   const char* vbase = (const char*)P.v + (b * P.vst[0] + h * P.vst[1]) * (KIND == 0 ? 4 : 2);
@@ -513,7 +516,9 @@ void run(Problem& P, int nthreads) {
   Buffer<uint16_t> kp(P.dp ? BH * P.nkb * P.Dh * BK * 2 : 0);
   Buffer<float> vp(BH * P.nkb * BK * P.Dvp);
   P.kt = kt.p, P.kp = kp.p, P.vp = vp.p;
-  parallel_for(BH * P.nkb, nthreads, [&](int64_t x, int) { pack_block<KIND>(P, x); });
+  // Only the key blocks some query sees (a window over a long cache leaves most of it out).
+  const int64_t kb0 = P.row_lo(0) / BK, kb1 = (P.row_hi(P.Lq - 1) + BK - 1) / BK, nb = std::max<int64_t>(0, kb1 - kb0);
+  parallel_for(BH * nb, nthreads, [&](int64_t x, int) { pack_block<KIND>(P, x / nb, kb0 + x % nb); });
   std::vector<Scratch*> scratch(nthreads, nullptr);
   parallel_for(BH * P.nqb, nthreads, [&](int64_t x, int t) {
     if (!scratch[t]) scratch[t] = new Scratch(P);
@@ -553,7 +558,7 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   if (threads < 1) threads = 1;
   // About 64 rows per item (the group's heads times the positions), fewer positions where
   // that leaves too few items to keep the threads busy.
-  P.bq = std::max<int64_t>(1, 64 / P.G);
+  P.bq = std::max<int64_t>(1, QKV_ROWS / P.G);
   while (P.bq > 8 && B * Hkv * ((Lq + P.bq - 1) / P.bq) < 4 * threads) P.bq /= 2;
   P.bq = std::min(P.bq, Lq);
   P.nqb = (Lq + P.bq - 1) / P.bq;
