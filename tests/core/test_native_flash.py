@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import zlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import torch
 import qkv
 from qkv.core import _kernels
 from qkv.core.backend import native
-from qkv.core.engines import native_flash
+from qkv.core.engines import flash, native_flash
 from qkv.core.spec import build_spec
 from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
 
@@ -197,3 +198,26 @@ def test_turned_off_kernels_are_refused_with_the_reason(monkeypatch):
     q, k, v = _inputs(1, 2, 2, 4, 4, 16, 16, torch.float32, seed=4)
     with pytest.raises(ValueError, match=r"kernel is unavailable \(turned off by QKV_NO_KERNELS\).*'tiled'"):
         qkv.attention(q, k, v, backend="native")
+
+
+def test_backward_switches_to_the_native_backward_module(monkeypatch):
+    """Where engines/native_flash_bwd.py exists its `backward` (float32 gradients) is used, cast
+    to the inputs' dtype; an lse gradient (which its interface does not take) stays on the
+    PyTorch FA-2 backward."""
+    calls = []
+
+    def backward(q, k, v, out, lse, d_out, spec):
+        calls.append(1)
+        dq, dk, dv = flash.block_backward(q.float(), k.float(), v.float(), out.float(), lse, d_out.float(), None, spec)
+        return dq, dk, dv
+
+    monkeypatch.setattr(native_flash, "native_backward_module",
+                        lambda: SimpleNamespace(backward=backward, lib=lambda: object()))
+    q, k, v = _inputs(1, 4, 2, 20, 30, 16, 8, torch.bfloat16, seed=8)
+    fast_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = qkv.attention(*fast_in, causal=True, backend="native")
+    g = torch.autograd.grad(out.float().sum(), fast_in)
+    assert calls == [1] and all(x.dtype == torch.bfloat16 for x in g)
+    _, lse = qkv.attention_with_lse(*fast_in, causal=True, backend="native")
+    torch.autograd.grad(lse.sum(), fast_in)
+    assert calls == [1], "an lse gradient runs the PyTorch backward"

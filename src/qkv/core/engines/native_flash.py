@@ -16,6 +16,9 @@ both recomputing the probabilities from the saved lse. Layout: docs/architecture
 from __future__ import annotations
 
 import ctypes
+import functools
+import importlib
+from types import ModuleType
 from typing import Optional
 
 import torch
@@ -24,11 +27,6 @@ from torch import Tensor
 from .. import _kernels
 from ..spec import AttentionSpec
 from . import flash
-
-try:  # the native backward kernel's binding, where it exists
-    from . import native_flash_bwd as _native_bwd  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the branch
-    _native_bwd = None
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1}
 MAX_DIM = 256  # largest D and Dv the kernel takes
@@ -120,6 +118,19 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tenso
     return out, lse
 
 
+@functools.lru_cache(maxsize=None)
+def native_backward_module() -> Optional[ModuleType]:
+    """engines/native_flash_bwd.py (the native backward kernel's binding) where it exists, else None;
+    imported on first use, so that it may import this module."""
+    name = f"{__package__}.native_flash_bwd"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:  # the module exists and one of its own imports failed
+            raise
+        return None
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
     return forward(q, k, v, spec)
 
@@ -127,8 +138,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tens
 def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
               spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) in the inputs' dtypes, recomputing the probabilities from lse (FA-2, Alg. 2)."""
-    if _native_bwd is not None and (d_lse is None or not bool(d_lse.any())):  # its ABI has no d_lse
-        dq, dk, dv = _native_bwd.backward(q, k, v, out, lse, d_out, spec)
+    native_bwd = native_backward_module()
+    if (native_bwd is not None and (d_lse is None or not bool(d_lse.any()))  # its ABI has no d_lse
+            and getattr(native_bwd, "lib", lambda: True)() is not None):
+        dq, dk, dv = native_bwd.backward(q, k, v, out, lse, d_out, spec)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     return flash.block_backward(q, k, v, out, lse, d_out, d_lse, spec, plan=flash.band_plan(spec))
 
