@@ -221,3 +221,17 @@ def test_backward_switches_to_the_native_backward_module(monkeypatch):
     _, lse = qkv.attention_with_lse(*fast_in, causal=True, backend="native")
     torch.autograd.grad(lse.sum(), fast_in)
     assert calls == [1], "an lse gradient runs the PyTorch backward"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_many_groups_and_empty_sizes(dtype):
+    """An explicit (even negative) scale, 16 query heads on one kv head, and no keys or no queries."""
+    q, k, v = _inputs(2, 16, 1, 33, 75, 24, 20, dtype, seed=31)
+    _check(q, k, v, f"native scale=0.3 {dtype}", scale=0.3, causal=True)
+    _check(q, k, v, f"native scale=-0.2 {dtype}", scale=-0.2, window=(10, 2))
+    q, k, v = _inputs(1, 4, 2, 5, 0, 16, 8, dtype, seed=32)
+    out, lse = qkv.attention_with_lse(q, k, v, backend="native")
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    q, k, v = _inputs(1, 4, 2, 0, 9, 16, 8, dtype, seed=33)
+    out, lse = qkv.attention_with_lse(q, k, v, backend="native")
+    assert out.shape == (1, 4, 0, 8) and lse.shape == (1, 4, 0)
