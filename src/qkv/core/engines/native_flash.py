@@ -4,7 +4,7 @@ The kernel (csrc/flash_fwd_kernel.cpp, compiled on first use by `qkv.core._kerne
 FlashAttention-2's forward (Dao, 2023, Algorithm 1) for float32 and bfloat16 CPU tensors
 under the causal/window band: work items (batch row, kv head, block of query positions) on
 torch's OpenMP threads, the grouped query heads of a kv head as rows of one item (keys read
-once per group, never copied per head), key blocks of 64 with the online softmax in float32,
+once per group, never copied per head), key blocks of 128 with the online softmax in float32,
 blocks outside the band skipped and only the band's edge blocks masked; bfloat16 scores by
 the AVX512-BF16 dot product where the processor has one. It returns out and the lse.
 
