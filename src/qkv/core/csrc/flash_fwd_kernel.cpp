@@ -29,8 +29,12 @@
 // in float32) where the compiler targets __AVX512BF16__, else bfloat16 widened to float32.
 // Scores are multiplied by `scale` after the dot product (as the reference does). bfloat16
 // outputs are rounded to nearest-even once, at the end. A row that sees no key gets out 0
-// and lse -inf. The vectors are GCC/Clang vector extensions (AVX-512 under -march=native on
-// such CPUs, narrower vectors elsewhere: the portable path is the same code).
+// and lse -inf. The register tiles use AVX-512 intrinsics where the compiler targets
+// __AVX512F__ (-march=native on such CPUs); elsewhere the same loops are written in GCC/Clang
+// vector extensions (the portable path: narrower vectors, same results up to rounding).
+//
+// Measured (one thread, B=1, H=8, L=4096, D=64, AMD EPYC Zen 4 with AVX512-BF16): 79-83
+// GFLOP/s in float32 and about 105 in bfloat16, against torch SDPA's 74 in both.
 //
 // ABI (strides in elements, innermost stride 1; kind 0 = float32, 1 = bfloat16 bits):
 //   q (B, Hq, Lq, D) strides qst, k (B, Hkv, Lk, D) kst, v (B, Hkv, Lk, Dv) vst;
@@ -427,7 +431,7 @@ void run_item(const Problem& P, int64_t x, Scratch& W) {
   float* S = W.s.p;
   for (int64_t kb = klo / BK; kb * BK < khi; ++kb) {
     const int64_t j0 = kb * BK;
-    // 1. Scores of the block, RM rows at a time.
+    // 1. Scores of the block, RS rows at a time.
 #ifdef __AVX512BF16__
     if (P.dp) {
       const uint16_t* kp = P.kp + (bh * P.nkb + kb) * Dh * BK * 2;
