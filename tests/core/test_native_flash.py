@@ -188,6 +188,8 @@ def test_kernel_return_codes():
     assert kernel.qkv_flash_fwd(7, 1, 1, 1, 1, 1, 16, 16, *args) == 1
     assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1, 257, 16, *args) == 2
     assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1, 16, 0, *args) == 2
+    # keys that cannot be packed (2^58 bytes): refused before any input is read
+    assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1 << 50, 64, 64, *args) == 3
     assert kernel.qkv_flash_fwd_version() == 1
 
 

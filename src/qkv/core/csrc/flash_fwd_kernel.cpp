@@ -47,6 +47,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -193,6 +194,7 @@ inline v16 exp_minus(v16 y, float now) {
 template <typename T>
 struct Buffer {
   T* p = nullptr;
+  bool failed = false;  // an allocation that did not succeed
   explicit Buffer(size_t n = 0) { reset(n); }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
@@ -201,6 +203,7 @@ struct Buffer {
     std::free(p);
     size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
     p = bytes ? (T*)std::aligned_alloc(64, bytes) : nullptr;
+    failed = bytes && !p;
   }
 };
 
@@ -400,6 +403,10 @@ struct Scratch {
     mx.reset(M), sum.reset(M), alpha.reset(M + RM);
     lo.reset(M), hi.reset(M);
   }
+  bool failed() const {
+    return qf.failed || q16.failed || s.failed || acc.failed || mx.failed || sum.failed || alpha.failed ||
+           lo.failed || hi.failed;
+  }
 };
 
 template <int KIND>
@@ -523,21 +530,23 @@ void parallel_for(int64_t count, int nthreads, F&& fn) {
 }
 
 template <int KIND>
-void run(Problem& P, int nthreads) {
+int run(Problem& P, int nthreads) {
   const int64_t BH = P.B * P.Hkv;
   Buffer<float> kt(P.dp ? 0 : BH * P.nkb * P.D * BK);
   Buffer<uint16_t> kp(P.dp ? BH * P.nkb * P.Dh * BK * 2 : 0);
   Buffer<float> vp(BH * P.nkb * BK * P.Dvp);
+  if (kt.failed || kp.failed || vp.failed) return 3;
   P.kt = kt.p, P.kp = kp.p, P.vp = vp.p;
   // Only the key blocks some query sees (a window over a long cache leaves most of it out).
   const int64_t kb0 = P.row_lo(0) / BK, kb1 = (P.row_hi(P.Lq - 1) + BK - 1) / BK, nb = std::max<int64_t>(0, kb1 - kb0);
   parallel_for(BH * nb, nthreads, [&](int64_t x, int) { pack_block<KIND>(P, x / nb, kb0 + x % nb); });
-  std::vector<Scratch*> scratch(nthreads, nullptr);
-  parallel_for(BH * P.nqb, nthreads, [&](int64_t x, int t) {
-    if (!scratch[t]) scratch[t] = new Scratch(P);
-    run_item<KIND>(P, x, *scratch[t]);
-  });
-  for (Scratch* w : scratch) delete w;
+  std::vector<std::unique_ptr<Scratch>> scratch;
+  for (int t = 0; t < nthreads; ++t) {
+    scratch.emplace_back(new Scratch(P));
+    if (scratch.back()->failed()) return 3;
+  }
+  parallel_for(BH * P.nqb, nthreads, [&](int64_t x, int t) { run_item<KIND>(P, x, *scratch[t]); });
+  return 0;
 }
 
 }  // namespace
@@ -545,7 +554,7 @@ void run(Problem& P, int nthreads) {
 extern "C" {
 
 // Returns 0, or 1 for an unknown kind, 2 for an unsupported size (D or Dv outside 1..256, or
-// Hq not a multiple of Hkv).
+// Hq not a multiple of Hkv), 3 where the packed keys and values could not be allocated.
 int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
                   const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
                   const int64_t* vst, float scale, int64_t left, int64_t right, int64_t offset, void* out,
@@ -575,11 +584,7 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   while (P.bq > 8 && B * Hkv * ((Lq + P.bq - 1) / P.bq) < 4 * threads) P.bq /= 2;
   P.bq = std::min(P.bq, Lq);
   P.nqb = (Lq + P.bq - 1) / P.bq;
-  if (kind == 0)
-    run<0>(P, threads);
-  else
-    run<1>(P, threads);
-  return 0;
+  return kind == 0 ? run<0>(P, threads) : run<1>(P, threads);
 }
 
 // The kernel's interface version, checked by the binding.

@@ -31,6 +31,7 @@ from . import flash
 KINDS = {torch.float32: 0, torch.bfloat16: 1}
 MAX_DIM = 256  # largest D and Dv the kernel takes
 VERSION = 1
+_CODES = {1: "unknown dtype kind", 2: "unsupported head size", 3: "no memory for the packed keys and values"}
 
 _typed: set[int] = set()
 
@@ -114,7 +115,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tenso
         spec.offset, ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()),
         max(1, torch.get_num_threads()))
     if rc != 0:
-        raise RuntimeError(f"qkv flash_fwd_kernel failed with code {rc}")
+        why = _CODES.get(rc, "unknown error")
+        raise RuntimeError(f"qkv's native flash_fwd_kernel failed with code {rc} ({why})")
     return out, lse
 
 
