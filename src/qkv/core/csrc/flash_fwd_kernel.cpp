@@ -1,0 +1,602 @@
+// qkv FlashAttention-2 forward kernel for CPUs: exact attention in one pass over the keys,
+// memory linear in length.
+//
+// The algorithm is FlashAttention-2's forward (Dao, 2023, "FlashAttention-2: Faster Attention
+// with Better Parallelism and Work Partitioning", Algorithm 1): a block of query rows keeps a
+// running row maximum, a running row sum and a float32 output accumulator, and walks the key
+// blocks that the causal/window band lets it see; each block's scores S = Q K^T are formed,
+// the online softmax (Milakov & Gimelshein, 2018) rescales what was accumulated so far, and
+// P V is added. Key blocks outside the band are skipped entirely; only blocks on the band's
+// edges are masked, row by row, by qkv's band definition (AttentionSpec.band_edges): row i
+// sees keys [lo_i, hi_i), lo_i = clamp(i + offset - left, 0, Lk), hi_i = max(lo_i,
+// clamp(i + offset + right + 1, 0, Lk)), left/right -1 = unbounded.
+//
+// Work items are (batch row, kv head, block of query positions) on torch's OpenMP threads
+// (std::thread where the compiler has no OpenMP), the costliest (latest causal rows) first.
+// The grouped query heads of a kv head (GQA, Ainslie et al., 2023) are the rows of one item:
+// query head h reads kv head h / (Hq / Hkv), and a key block is read once for the whole group.
+//
+// Two phases. (1) Packing: each kv head's keys are laid out once per call in key blocks of
+// BK = 128, transposed so that the 128 keys of one head dimension are 8 contiguous vectors
+// (float32: kt[bh][block][d][128]; bfloat16 with AVX512-BF16: pairs of the head dimension
+// interleaved, kp[bh][block][d/2][128][2], the operand layout of vdpbf16ps), and the values
+// widened to float32 rows padded to a multiple of 16 (vp[bh][key][Dvp]). Zero padding makes
+// every head size 1..256 run the same vector code: the scores loop runs over d with vectors
+// over keys, the values loop over keys with vectors over the (padded) value dimension.
+// (2) Attention over the work items, from per-thread buffers (L1/L2-sized).
+//
+// Products are float32: float32 FMAs, or vdpbf16ps on bfloat16 pairs (exact products summed
+// in float32) where the compiler targets __AVX512BF16__, else bfloat16 widened to float32.
+// Scores are multiplied by `scale` after the dot product (as the reference does). bfloat16
+// outputs are rounded to nearest-even once, at the end. A row that sees no key gets out 0
+// and lse -inf. The register tiles use AVX-512 intrinsics where the compiler targets
+// __AVX512F__ (-march=native on such CPUs); elsewhere the same loops are written in GCC/Clang
+// vector extensions (the portable path: narrower vectors, same results up to rounding).
+//
+// Measured (one thread, B=1, H=8, L=4096, D=64, causal and not, AMD EPYC Zen 4 with
+// AVX512-BF16): 83-84 GFLOP/s in float32 (torch SDPA: 72-75) and 100-109 in bfloat16 (SDPA:
+// 66-79), i.e. 1.13-1.16x SDPA in float32 and 1.38-1.53x in bfloat16.
+//
+// ABI (strides in elements, innermost stride 1; kind 0 = float32, 1 = bfloat16 bits):
+//   q (B, Hq, Lq, D) strides qst, k (B, Hkv, Lk, D) kst, v (B, Hkv, Lk, Dv) vst;
+//   out contiguous (B, Hq, Lq, Dv) of the input dtype; lse contiguous (B, Hq, Lq) float32.
+// No torch headers: plain C++17, compiled on first use by qkv/core/_kernels.py.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+// Block sizes, measured on a 2-core AVX-512 EPYC (Zen 4), one thread, B=1, H=8, L=2048, D=64:
+// keys in blocks of 128 ran 4% (float32) to 13% (bfloat16) faster than 64, and 256 slower;
+// items of 32, 64 or 128 rows and P V tiles of 4 or 6 rows were within noise. The macros
+// are for such experiments (g++ -DQKV_BK=64 ...); qkv builds with the defaults.
+#ifndef QKV_BK
+#define QKV_BK 128
+#endif
+#ifndef QKV_ROWS
+#define QKV_ROWS 64
+#endif
+#ifndef QKV_RM
+#define QKV_RM 6
+#endif
+constexpr int BK = QKV_BK;   // keys per block
+constexpr int NV = BK / 16;  // vectors per row of a score block
+constexpr int RS = 24 / NV;  // query rows per register tile of the scores (24 accumulators)
+constexpr int RM = QKV_RM;   // query rows per register tile of P V (RM x 4 vectors)
+static_assert(BK % 16 == 0 && RS >= 1 && RM >= 1 && RM <= 6, "tile sizes");
+constexpr int MAX_DIM = 256;
+constexpr float NEG_INF = -INFINITY;
+
+inline v16 splat(float x) {
+#ifdef __AVX512F__
+  return (v16)_mm512_set1_ps(x);
+#else
+  return v16{} + x;  // (0 + x: the vector extensions' broadcast)
+#endif
+}
+
+// Keeps a loaded vector in its register: without it GCC folds the load into each of the
+// multiply-adds that use it, loading it once per row instead of once.
+inline void in_register(v16& x) {
+#ifdef __AVX512F__
+  asm volatile("" : "+v"(x));
+#else
+  (void)x;
+#endif
+}
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t w = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &w, 4);
+  return f;
+}
+
+// Round to nearest even; a NaN stays a (quiet) NaN.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t w;
+  std::memcpy(&w, &f, 4);
+  if ((w & 0x7fffffffu) > 0x7f800000u) return uint16_t((w >> 16) | 0x40);
+  w += 0x7fffu + ((w >> 16) & 1u);
+  return uint16_t(w >> 16);
+}
+
+template <int KIND>
+inline float load1(const void* base, int64_t idx) {
+  if constexpr (KIND == 0) {
+    return ((const float*)base)[idx];
+  } else {
+    return bf16_to_f32(((const uint16_t*)base)[idx]);
+  }
+}
+
+inline float hmax(v16 a) {
+#ifdef __AVX512F__
+  return _mm512_reduce_max_ps((__m512)a);
+#endif
+  float m = a[0];
+  for (int t = 1; t < 16; ++t) m = a[t] > m ? a[t] : m;
+  return m;
+}
+
+inline float hsum(v16 a) {
+#ifdef __AVX512F__
+  return _mm512_reduce_add_ps((__m512)a);
+#endif
+  float s = 0.0f;
+  for (int t = 0; t < 16; ++t) s += a[t];
+  return s;
+}
+
+// exp(x) for x <= 0 (scores minus their running max), Cephes' expf polynomial: about 1 ulp;
+// 0 below -87.3 (where exp underflows to subnormals) and for -inf. As in decode_kernel.cpp.
+inline v16 vexp(v16 x) {
+  const v16 lo = splat(-87.33654f);
+  i16v tiny = x < lo;
+  x = x < lo ? lo : x;
+  v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v16 y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
+  v16 out = y * (v16)e;
+  return tiny ? splat(0.0f) : out;
+}
+
+// exp(y - now) for y <= now (a score minus its row's running max): 0 for y = -inf.
+// With AVX-512 as 2^t, t = (y - now) log2(e) in one multiply-add, split t = n + r (|r| <= 1/2)
+// by vrndscaleps, 2^r by Cephes' exp2f polynomial (about 1 ulp) and 2^n applied by vscalefps:
+// ten instructions. Elsewhere vexp above.
+inline v16 exp_minus(v16 y, float now) {
+#ifdef __AVX512F__
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  __m512 t = _mm512_fmadd_ps((__m512)y, log2e, _mm512_set1_ps(-now * 1.44269504088896341f));
+  t = _mm512_max_ps(t, _mm512_set1_ps(-151.0f));  // 2^-151 rounds to 0; -inf becomes finite
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return (v16)_mm512_scalef_ps(p, n);
+#else
+  return vexp(y - now);
+#endif
+}
+
+// 64-byte aligned, uninitialised storage (every element used is written before it is read).
+template <typename T>
+struct Buffer {
+  T* p = nullptr;
+  bool failed = false;  // an allocation that did not succeed
+  explicit Buffer(size_t n = 0) { reset(n); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { std::free(p); }
+  void reset(size_t n) {
+    std::free(p);
+    size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+    p = bytes ? (T*)std::aligned_alloc(64, bytes) : nullptr;
+    failed = bytes && !p;
+  }
+};
+
+struct Problem {
+  int kind;
+  int64_t B, Hq, Hkv, G, Lq, Lk, D, Dv;
+  const void *q, *k, *v;
+  int64_t qst[4], kst[4], vst[4];
+  float scale;
+  int64_t left, right, offset;  // left/right -1: unbounded
+  void* out;
+  float* lse;
+  // Derived.
+  bool dp;        // bfloat16 scores with vdpbf16ps (packed pairs kp), else float32 keys kt
+  int64_t nkb;    // key blocks per head, ceil(Lk / BK)
+  int64_t Dh;     // head-dimension pairs, ceil(D / 2) (dp only)
+  int64_t Dvp;    // Dv rounded up to a multiple of 16
+  int64_t bq;     // query positions per work item (its rows: G * bq)
+  int64_t nqb;    // query blocks, ceil(Lq / bq)
+  float* kt;      // [B*Hkv][nkb][D][BK]
+  uint16_t* kp;   // [B*Hkv][nkb][Dh][BK][2]
+  float* vp;      // [B*Hkv][nkb*BK][Dvp]
+
+  int64_t row_lo(int64_t i) const {
+    return left < 0 ? 0 : std::clamp<int64_t>(i + offset - left, 0, Lk);
+  }
+  int64_t row_hi(int64_t i) const {
+    const int64_t hi = right < 0 ? Lk : std::clamp<int64_t>(i + offset + right + 1, 0, Lk);
+    return std::max(hi, row_lo(i));
+  }
+};
+
+// ---------------------------------------------------------------- phase 1: packing
+
+template <int KIND>
+void pack_block(const Problem& P, int64_t bh, int64_t kb) {
+  const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
+  const int64_t j0 = kb * BK, n = std::min<int64_t>(BK, P.Lk - j0);
+  const char* kbase = (const char*)P.k + (b * P.kst[0] + h * P.kst[1]) * (KIND == 0 ? 4 : 2);
+  const char* vbase = (const char*)P.v + (b * P.vst[0] + h * P.vst[1]) * (KIND == 0 ? 4 : 2);
+  if (P.dp) {
+    uint16_t* dst = P.kp + (bh * P.nkb + kb) * P.Dh * BK * 2;
+    for (int64_t c = 0; c < BK; ++c) {
+      const uint16_t* row = (const uint16_t*)kbase + (j0 + c) * P.kst[2];
+      for (int64_t d = 0; d < 2 * P.Dh; ++d)
+        dst[((d >> 1) * BK + c) * 2 + (d & 1)] = (c < n && d < P.D) ? row[d] : 0;
+    }
+  } else {
+    float* dst = P.kt + (bh * P.nkb + kb) * P.D * BK;
+    for (int64_t c = 0; c < BK; ++c) {
+      if (c < n) {
+        const void* row = kbase + (j0 + c) * P.kst[2] * (KIND == 0 ? 4 : 2);
+        for (int64_t d = 0; d < P.D; ++d) dst[d * BK + c] = load1<KIND>(row, d);
+      } else {
+        for (int64_t d = 0; d < P.D; ++d) dst[d * BK + c] = 0.0f;
+      }
+    }
+  }
+  float* vdst = P.vp + (bh * P.nkb * BK + j0) * P.Dvp;
+  for (int64_t c = 0; c < BK; ++c) {
+    float* r = vdst + c * P.Dvp;
+    int64_t d = 0;
+    if (c < n) {
+      const void* row = vbase + (j0 + c) * P.vst[2] * (KIND == 0 ? 4 : 2);
+      for (; d < P.Dv; ++d) r[d] = load1<KIND>(row, d);
+    }
+    for (; d < P.Dvp; ++d) r[d] = 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------- phase 2: attention
+
+// The register tiles. With AVX-512 they are written with intrinsics and each loaded vector is
+// pinned to its register (`pin`): GCC otherwise folds a load into every multiply-add that uses
+// it, reloading it once per row, and the loads, not the multiply-adds, set the pace. Elsewhere
+// the same loops in vector extensions (the portable path).
+#ifdef __AVX512F__
+typedef __m512 vreg;
+inline vreg vzero() { return _mm512_setzero_ps(); }
+inline vreg vload(const float* p) { return _mm512_load_ps(p); }
+inline vreg vbcast(float x) { return _mm512_set1_ps(x); }
+inline vreg vfma(vreg a, vreg b, vreg c) { return _mm512_fmadd_ps(a, b, c); }
+inline vreg vmul(vreg a, vreg b) { return _mm512_mul_ps(a, b); }
+inline void vstore(float* p, vreg x) { _mm512_store_ps(p, x); }
+template <typename T>
+inline void pin(T& x) { asm("" : "+v"(x)); }
+#else
+typedef v16 vreg;
+inline vreg vzero() { return splat(0.0f); }
+inline vreg vload(const float* p) { return *(const v16*)p; }
+inline vreg vbcast(float x) { return splat(x); }
+inline vreg vfma(vreg a, vreg b, vreg c) { return a * b + c; }
+inline vreg vmul(vreg a, vreg b) { return a * b; }
+inline void vstore(float* p, vreg x) { *(v16*)p = x; }
+template <typename T>
+inline void pin(T&) {}
+#endif
+
+// s[r][0..BK) = q[r] . keys of the block, for R rows: q (R, D) float32, kt (D, BK).
+template <int R>
+__attribute__((noinline)) void scores_f32(const float* q, int64_t D, const float* kt, float* s) {
+  vreg acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NV; ++t) acc[r][t] = vzero();
+  for (int64_t d = 0; d < D; ++d) {
+    vreg kv[NV];
+    for (int t = 0; t < NV; ++t) kv[t] = vload(kt + d * BK + 16 * t), pin(kv[t]);
+    for (int r = 0; r < R; ++r) {
+      const vreg qv = vbcast(q[r * D + d]);
+      for (int t = 0; t < NV; ++t) acc[r][t] = vfma(qv, kv[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NV; ++t) vstore(s + r * BK + 16 * t, acc[r][t]);
+}
+
+#ifdef __AVX512BF16__
+// The same with bfloat16 pairs: q (R, 2*Dh) bfloat16 bits, kp (Dh, BK, 2).
+template <int R>
+__attribute__((noinline)) void scores_bf16(const uint16_t* q, int64_t Dh, const uint16_t* kp, float* s) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < Dh; ++p) {
+    __m512i kv[NV];
+    for (int t = 0; t < NV; ++t) kv[t] = _mm512_load_si512(kp + (p * BK + 16 * t) * 2), pin(kv[t]);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, q + r * 2 * Dh + 2 * p, 4);
+      const __m512bh qv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], qv, (__m512bh)kv[t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NV; ++t) _mm512_store_ps(s + r * BK + 16 * t, acc[r][t]);
+}
+#endif
+
+// acc[r][0 .. 16W) = alpha[r] * acc[r] + sum over keys c < n of p[r][c] * vp[c], R rows.
+template <int R, int W>
+__attribute__((noinline)) void values_tile(const float* p, const float* vp, int64_t Dvp, int64_t n, float* acc, const float* alpha) {
+  vreg o[R][W];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < W; ++t) o[r][t] = vmul(vload(acc + r * Dvp + 16 * t), vbcast(alpha[r]));
+  for (int64_t c = 0; c < n; ++c) {
+    vreg vv[W];
+    for (int t = 0; t < W; ++t) vv[t] = vload(vp + c * Dvp + 16 * t), pin(vv[t]);
+    for (int r = 0; r < R; ++r) {
+      const vreg pr = vbcast(p[r * BK + c]);
+      for (int t = 0; t < W; ++t) o[r][t] = vfma(pr, vv[t], o[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < W; ++t) vstore(acc + r * Dvp + 16 * t, o[r][t]);
+}
+
+template <int R>
+inline void values_rows(const float* p, const float* vp, int64_t Dvp, int64_t n, float* acc, const float* alpha) {
+  int64_t d = 0;
+  for (; d + 64 <= Dvp; d += 64) values_tile<R, 4>(p, vp + d, Dvp, n, acc + d, alpha);
+  switch ((Dvp - d) / 16) {
+    case 3: values_tile<R, 3>(p, vp + d, Dvp, n, acc + d, alpha); break;
+    case 2: values_tile<R, 2>(p, vp + d, Dvp, n, acc + d, alpha); break;
+    case 1: values_tile<R, 1>(p, vp + d, Dvp, n, acc + d, alpha); break;
+    default: break;
+  }
+}
+
+// f(rows, m) over rows [0, M), rows a std::integral_constant: RM at a time, then the rest in one tile.
+template <int TILE = RM, typename F>
+inline void by_tiles(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + TILE <= M; m += TILE) f(std::integral_constant<int, TILE>{}, m);
+  switch (M - m) {
+    case 5: f(std::integral_constant<int, 5>{}, m); break;
+    case 4: f(std::integral_constant<int, 4>{}, m); break;
+    case 3: f(std::integral_constant<int, 3>{}, m); break;
+    case 2: f(std::integral_constant<int, 2>{}, m); break;
+    case 1: f(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
+struct Scratch {
+  Buffer<float> qf;      // (M, D) float32 queries (float32 path)
+  Buffer<uint16_t> q16;  // (M, 2*Dh) bfloat16 queries (dp path)
+  Buffer<float> s;       // (M, BK) scores, then probabilities
+  Buffer<float> acc;     // (M, Dvp) output accumulators
+  Buffer<float> mx, sum, alpha;  // (M) running max, running sum, this block's rescale
+  Buffer<int64_t> lo, hi;        // (M) each row's visible keys
+  Scratch(const Problem& P) {
+    const int64_t M = P.G * P.bq;
+    qf.reset(P.dp ? 0 : M * P.D);
+    q16.reset(P.dp ? M * 2 * P.Dh : 0);
+    s.reset(M * BK);
+    acc.reset(M * P.Dvp);
+    mx.reset(M), sum.reset(M), alpha.reset(M + RM);
+    lo.reset(M), hi.reset(M);
+  }
+  bool failed() const {
+    return qf.failed || q16.failed || s.failed || acc.failed || mx.failed || sum.failed || alpha.failed ||
+           lo.failed || hi.failed;
+  }
+};
+
+template <int KIND>
+void run_item(const Problem& P, int64_t x, Scratch& W) {
+  // Costliest first: the last query blocks (under a causal band) come first.
+  const int64_t BH = P.B * P.Hkv, qb = P.nqb - 1 - x / BH, bh = x % BH, b = bh / P.Hkv, h = bh % P.Hkv;
+  const int64_t i0 = qb * P.bq, i1 = std::min(P.Lq, i0 + P.bq), nr = i1 - i0, M = P.G * nr;
+  const int64_t D = P.D, Dvp = P.Dvp, Dh = P.Dh;
+  // Row m = g * nr + r is query head h * G + g, position i0 + r.
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t g = m / nr, i = i0 + m % nr, hq = h * P.G + g;
+    const int64_t off = b * P.qst[0] + hq * P.qst[1] + i * P.qst[2];
+    if (P.dp) {
+      const uint16_t* src = (const uint16_t*)P.q + off;
+      uint16_t* dst = W.q16.p + m * 2 * Dh;
+      for (int64_t d = 0; d < 2 * Dh; ++d) dst[d] = d < D ? src[d] : 0;
+    } else {
+      float* dst = W.qf.p + m * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = load1<KIND>(P.q, off + d);
+    }
+    W.lo.p[m] = P.row_lo(i), W.hi.p[m] = P.row_hi(i);
+    W.mx.p[m] = NEG_INF, W.sum.p[m] = 0.0f;
+  }
+  std::memset(W.acc.p, 0, sizeof(float) * M * Dvp);
+  // Keys any row of the item sees (lo and hi grow with the row).
+  const int64_t klo = P.row_lo(i0), khi = P.row_hi(i1 - 1);
+  const int64_t full_lo = P.row_lo(i1 - 1), full_hi = P.row_hi(i0);  // keys every row sees
+  const i16v iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  float* S = W.s.p;
+  for (int64_t kb = klo / BK; kb * BK < khi; ++kb) {
+    const int64_t j0 = kb * BK;
+    // 1. Scores of the block, RS rows at a time.
+#ifdef __AVX512BF16__
+    if (P.dp) {
+      const uint16_t* kp = P.kp + (bh * P.nkb + kb) * Dh * BK * 2;
+      by_tiles<RS>(M, [&](auto rows, int64_t m) { scores_bf16<decltype(rows)::value>(W.q16.p + m * 2 * Dh, Dh, kp, S + m * BK); });
+    } else
+#endif
+    {
+      const float* kt = P.kt + (bh * P.nkb + kb) * D * BK;
+      by_tiles<RS>(M, [&](auto rows, int64_t m) { scores_f32<decltype(rows)::value>(W.qf.p + m * D, D, kt, S + m * BK); });
+    }
+    // 2. Scale, the band on edge blocks, online softmax.
+    const bool edge = !(j0 >= full_lo && j0 + BK <= full_hi);
+    for (int64_t m = 0; m < M; ++m) {
+      float* sr = S + m * BK;
+      v16 x[NV];
+      for (int t = 0; t < NV; ++t) x[t] = *(v16*)(sr + 16 * t) * P.scale;
+      if (edge) {
+        const int64_t lo = W.lo.p[m] - j0, hi = W.hi.p[m] - j0;  // in block columns
+        const int32_t clo = (int32_t)std::clamp<int64_t>(lo, 0, BK), chi = (int32_t)std::clamp<int64_t>(hi, 0, BK);
+        for (int t = 0; t < NV; ++t) {
+          const i16v col = iota + 16 * t;
+          x[t] = (col < clo) | (col >= chi) ? splat(NEG_INF) : x[t];
+        }
+      }
+      v16 mv = x[0];
+      for (int t = 1; t < NV; ++t) mv = x[t] > mv ? x[t] : mv;
+      const float old = W.mx.p[m], bmax = hmax(mv), now = bmax > old ? bmax : old;
+      if (now == NEG_INF) {  // nothing seen yet: this block adds nothing
+        for (int t = 0; t < NV; ++t) *(v16*)(sr + 16 * t) = splat(0.0f);
+        W.alpha.p[m] = 1.0f;
+        continue;
+      }
+      const float alpha = old == NEG_INF ? 0.0f : std::exp(old - now);
+      v16 total = splat(0.0f);
+      for (int t = 0; t < NV; ++t) {
+        const v16 pv = exp_minus(x[t], now);
+        *(v16*)(sr + 16 * t) = pv;
+        total += pv;
+      }
+      W.sum.p[m] = W.sum.p[m] * alpha + hsum(total);
+      W.mx.p[m] = now;
+      W.alpha.p[m] = alpha;
+    }
+    // 3. acc = alpha * acc + P V over the keys some row sees.
+    const int64_t n = std::min<int64_t>(BK, khi - j0);
+    const float* vp = P.vp + (bh * P.nkb * BK + j0) * Dvp;
+    by_tiles(M, [&](auto rows, int64_t m) {
+      values_rows<decltype(rows)::value>(S + m * BK, vp, Dvp, n, W.acc.p + m * Dvp, W.alpha.p + m);
+    });
+  }
+  // 4. out = acc / sum, lse = max + log(sum); a row that saw nothing: 0 and -inf.
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t g = m / nr, i = i0 + m % nr, hq = h * P.G + g;
+    const int64_t row = (b * P.Hq + hq) * P.Lq + i;
+    const float l = W.sum.p[m];
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    P.lse[row] = l > 0.0f ? W.mx.p[m] + std::log(l) : NEG_INF;
+    const float* a = W.acc.p + m * Dvp;
+    if (KIND == 0) {
+      float* o = (float*)P.out + row * P.Dv;
+      for (int64_t d = 0; d < P.Dv; ++d) o[d] = a[d] * inv;
+    } else {
+      uint16_t* o = (uint16_t*)P.out + row * P.Dv;
+      for (int64_t d = 0; d < P.Dv; ++d) o[d] = f32_to_bf16(a[d] * inv);
+    }
+  }
+}
+
+// fn(item, thread) for item in [0, count), items handed out one at a time.
+template <typename F>
+void parallel_for(int64_t count, int nthreads, F&& fn) {
+  if (count <= 0) return;
+  if (nthreads > count) nthreads = (int)count;
+#ifdef _OPENMP
+  // torch's own OpenMP runtime (libgomp is already loaded by torch), so the kernel runs on the
+  // threads torch's operators use.
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+  for (int64_t x = 0; x < count; ++x) fn(x, omp_get_thread_num());
+#else
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int t) {
+    for (int64_t x = next++; x < count; x = next++) fn(x, t);
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < nthreads; ++t) pool.emplace_back(worker, t);
+  worker(0);
+  for (auto& th : pool) th.join();
+#endif
+}
+
+template <int KIND>
+int run(Problem& P, int nthreads) {
+  const int64_t BH = P.B * P.Hkv;
+  Buffer<float> kt(P.dp ? 0 : BH * P.nkb * P.D * BK);
+  Buffer<uint16_t> kp(P.dp ? BH * P.nkb * P.Dh * BK * 2 : 0);
+  Buffer<float> vp(BH * P.nkb * BK * P.Dvp);
+  if (kt.failed || kp.failed || vp.failed) return 3;
+  P.kt = kt.p, P.kp = kp.p, P.vp = vp.p;
+  // Only the key blocks some query sees (a window over a long cache leaves most of it out).
+  const int64_t kb0 = P.row_lo(0) / BK, kb1 = (P.row_hi(P.Lq - 1) + BK - 1) / BK, nb = std::max<int64_t>(0, kb1 - kb0);
+  parallel_for(BH * nb, nthreads, [&](int64_t x, int) { pack_block<KIND>(P, x / nb, kb0 + x % nb); });
+  std::vector<std::unique_ptr<Scratch>> scratch;
+  for (int t = 0; t < nthreads; ++t) {
+    scratch.emplace_back(new Scratch(P));
+    if (scratch.back()->failed()) return 3;
+  }
+  parallel_for(BH * P.nqb, nthreads, [&](int64_t x, int t) { run_item<KIND>(P, x, *scratch[t]); });
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0, or 1 for an unknown kind, 2 for an unsupported size (D or Dv outside 1..256, or
+// Hq not a multiple of Hkv), 3 where the packed keys and values could not be allocated.
+int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
+                  const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
+                  const int64_t* vst, float scale, int64_t left, int64_t right, int64_t offset, void* out,
+                  float* lse, int threads) {
+  if (kind != 0 && kind != 1) return 1;
+  if (D < 1 || D > MAX_DIM || Dv < 1 || Dv > MAX_DIM || Hkv < 1 || Hq < Hkv || Hq % Hkv != 0) return 2;
+  if (B <= 0 || Lq <= 0) return 0;
+  Problem P{};
+  P.kind = kind;
+  P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.G = Hq / Hkv, P.Lq = Lq, P.Lk = Lk < 0 ? 0 : Lk, P.D = D, P.Dv = Dv;
+  P.q = q, P.k = k, P.v = v;
+  for (int t = 0; t < 4; ++t) P.qst[t] = qst[t], P.kst[t] = kst[t], P.vst[t] = vst[t];
+  P.scale = scale, P.left = left, P.right = right, P.offset = offset;
+  P.out = out, P.lse = lse;
+#ifdef __AVX512BF16__
+  P.dp = kind == 1;
+#else
+  P.dp = false;
+#endif
+  P.nkb = (P.Lk + BK - 1) / BK;
+  P.Dh = (D + 1) / 2;
+  P.Dvp = (Dv + 15) / 16 * 16;
+  if (threads < 1) threads = 1;
+  // About 64 rows per item (the group's heads times the positions), fewer positions where
+  // that leaves too few items to keep the threads busy.
+  P.bq = std::max<int64_t>(1, QKV_ROWS / P.G);
+  while (P.bq > 8 && B * Hkv * ((Lq + P.bq - 1) / P.bq) < 4 * threads) P.bq /= 2;
+  P.bq = std::min(P.bq, Lq);
+  P.nqb = (Lq + P.bq - 1) / P.bq;
+  return kind == 0 ? run<0>(P, threads) : run<1>(P, threads);
+}
+
+// The kernel's interface version, checked by the binding.
+int qkv_flash_fwd_version() { return 1; }
+
+// Whether bfloat16 scores use the processor's bfloat16 dot product (vdpbf16ps).
+int qkv_flash_has_bf16_dot() {
+#ifdef __AVX512BF16__
+  return 1;
+#else
+  return 0;
+#endif
+}
+}

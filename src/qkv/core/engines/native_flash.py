@@ -1,0 +1,157 @@
+"""The native FlashAttention-2 engine: the ctypes binding of the C++ forward kernel.
+
+The kernel (csrc/flash_fwd_kernel.cpp, compiled on first use by `qkv.core._kernels`) is
+FlashAttention-2's forward (Dao, 2023, Algorithm 1) for float32 and bfloat16 CPU tensors
+under the causal/window band: work items (batch row, kv head, block of query positions) on
+torch's OpenMP threads, the grouped query heads of a kv head as rows of one item (keys read
+once per group, never copied per head), key blocks of 128 with the online softmax in float32,
+blocks outside the band skipped and only the band's edge blocks masked; bfloat16 scores by
+the AVX512-BF16 dot product where the processor has one. It returns out and the lse.
+
+The backward pass is the native backward kernel's (engines/native_flash_bwd.py) where that
+module exists, else qkv's PyTorch FA-2 backward (flash.block_backward over the band plan),
+both recomputing the probabilities from the saved lse. Layout: docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _kernels
+from ..spec import AttentionSpec
+from . import flash
+
+KINDS = {torch.float32: 0, torch.bfloat16: 1}
+MAX_DIM = 256  # largest D and Dv the kernel takes
+VERSION = 1
+_CODES = {1: "unknown dtype kind", 2: "unsupported head size", 3: "no memory for the packed keys and values"}
+
+_typed: set[int] = set()
+
+
+def lib():
+    """The compiled csrc/flash_fwd_kernel.cpp with its ctypes signatures, or None (see _kernels)."""
+    kernel = _kernels.load("flash_fwd_kernel")
+    if kernel is None or id(kernel) in _typed:
+        return kernel
+    p, i64, i64p = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
+    kernel.qkv_flash_fwd.restype = ctypes.c_int
+    kernel.qkv_flash_fwd.argtypes = [
+        ctypes.c_int, i64, i64, i64, i64, i64, i64, i64,  # kind, B, Hq, Hkv, Lq, Lk, D, Dv
+        p, i64p, p, i64p, p, i64p,  # q, qst, k, kst, v, vst
+        ctypes.c_float, i64, i64, i64,  # scale, left, right, offset
+        p, p, ctypes.c_int]  # out, lse, threads
+    kernel.qkv_flash_fwd_version.restype = ctypes.c_int
+    kernel.qkv_flash_has_bf16_dot.restype = ctypes.c_int
+    if kernel.qkv_flash_fwd_version() != VERSION:
+        raise RuntimeError(f"qkv flash_fwd_kernel has version {kernel.qkv_flash_fwd_version()}, expected {VERSION}")
+    kernel.bf16_dot = bool(kernel.qkv_flash_has_bf16_dot())
+    _typed.add(id(kernel))
+    return kernel
+
+
+def why_not(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> Optional[str]:
+    """What of these arguments the kernel cannot take (a short phrase), or None."""
+    for t in (q, k, v):
+        if t.device.type != "cpu":
+            return f"a {t.device.type} tensor"
+    if q.dtype not in KINDS:
+        return f"{q.dtype}"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return "q, k and v of different dtypes"
+    if spec.has_dense_constraints:
+        return "a mask, mask function or block mask"
+    if spec.score_mod is not None:
+        return "a score_mod"
+    if spec.dropout_p > 0.0:
+        return "dropout"
+    if spec.D > MAX_DIM or spec.Dv > MAX_DIM:
+        return f"head size D={spec.D}, Dv={spec.Dv} above {MAX_DIM}"
+    return None
+
+
+def applies(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> bool:
+    """Whether the kernel takes these arguments: CPU tensors, float32 or bfloat16 (one dtype
+    for q, k and v), no dense constraint (mask, mask function, block mask), no score_mod, no
+    dropout, D and Dv at most 256."""
+    return why_not(q, k, v, spec) is None
+
+
+def _i64(values) -> "ctypes.Array":
+    return (ctypes.c_int64 * len(values))(*[int(x) for x in values])
+
+
+def _band(x: Optional[int]) -> int:
+    return -1 if x is None else int(x)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) on the CPU -> out (B, Hq, Lq, Dv)
+    in q's dtype, lse (B, Hq, Lq) float32 (-inf for a row that sees no key), without autograd."""
+    reason = why_not(q, k, v, spec)
+    if reason is not None:  # the backend checks first; this guards every other caller
+        raise ValueError(f"the native flash kernel cannot take {reason}")
+    kernel = lib()
+    if kernel is None:
+        raise RuntimeError(f"the native flash_fwd_kernel is unavailable ({_kernels.status('flash_fwd_kernel')})")
+    B, Hq, Lq, Dv = spec.B, spec.Hq, spec.Lq, spec.Dv
+    out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype)
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = (t.detach() for t in (q, k, v))
+    rc = kernel.qkv_flash_fwd(
+        KINDS[q.dtype], B, Hq, spec.Hkv, Lq, spec.Lk, spec.D, Dv,
+        ctypes.c_void_p(q.data_ptr()), _i64(q.stride()), ctypes.c_void_p(k.data_ptr()), _i64(k.stride()),
+        ctypes.c_void_p(v.data_ptr()), _i64(v.stride()), spec.scale, _band(spec.left), _band(spec.right),
+        spec.offset, ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()),
+        max(1, torch.get_num_threads()))
+    if rc != 0:
+        why = _CODES.get(rc, "unknown error")
+        raise RuntimeError(f"qkv's native flash_fwd_kernel failed with code {rc} ({why})")
+    return out, lse
+
+
+@functools.lru_cache(maxsize=None)
+def native_backward_module() -> Optional[ModuleType]:
+    """engines/native_flash_bwd.py (the native backward kernel's binding) where it exists, else None;
+    imported on first use, so that it may import this module."""
+    name = f"{__package__}.native_flash_bwd"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:  # the module exists and one of its own imports failed
+            raise
+        return None
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
+    return forward(q, k, v, spec)
+
+
+def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
+              spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) in the inputs' dtypes, recomputing the probabilities from lse (FA-2, Alg. 2)."""
+    native_bwd = native_backward_module()
+    if (native_bwd is not None and (d_lse is None or not bool(d_lse.any()))  # its ABI has no d_lse
+            and getattr(native_bwd, "lib", lambda: True)() is not None):
+        dq, dk, dv = native_bwd.backward(q, k, v, out, lse, d_out, spec)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return flash.block_backward(q, k, v, out, lse, d_out, d_lse, spec, plan=flash.band_plan(spec))
+
+
+def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """Attention on the kernel, differentiable (flash.Recomputed keeps q, k, v, out and lse)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = flash.Recomputed.apply(q, k, v, spec, _forward, _backward)
+    else:
+        out, lse = forward(q, k, v, spec)
+    return out, (lse if need_lse else None)

@@ -1,0 +1,239 @@
+"""The native backend (csrc/flash_fwd_kernel.cpp through engines/native_flash.py): out and lse
+against the float64 reference under the tolerance rule (qkv.testing) on fresh random inputs,
+float32 and bfloat16, multi-head, GQA and multi-query, causal and windowed bands with Lq != Lk,
+head sizes that are and are not multiples of 16, rows that see no key (out 0, lse -inf),
+strided inputs, gradients through its autograd Function, and refusals by name (other devices,
+dtypes, masks, score functions, dropout, kernels turned off). The kernel compiles once into the
+kernel cache (QKV_KERNEL_CACHE, as for the decode kernel)."""
+
+from __future__ import annotations
+
+import ctypes
+import zlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import qkv
+from qkv.core import _kernels
+from qkv.core.backend import native
+from qkv.core.engines import flash, native_flash
+from qkv.core.spec import build_spec
+from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _kernel():
+    if native_flash.lib() is None:
+        pytest.skip(f"the native flash kernel is unavailable here: {_kernels.status('flash_fwd_kernel')}")
+
+
+def _inputs(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed):
+    """Fresh random q, k, v drawn in float64 and cast, so that the float64 reference sees the
+    very values under test."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, Hkv, Lk, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, Hkv, Lk, Dv, generator=gen, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, k, v)]
+
+
+def _check(q, k, v, what, **kw):
+    """native vs the same-dtype reference vs the float64 reference: out and lse."""
+    exact, exact_lse = qkv.attention_with_lse(q.double(), k.double(), v.double(), backend="reference", **kw)
+    plain, plain_lse = qkv.attention_with_lse(q, k, v, backend="reference", **kw)
+    fast, fast_lse = qkv.attention_with_lse(q, k, v, backend="native", **kw)
+    assert fast.dtype == q.dtype and fast_lse.dtype == torch.float32
+    assert_within_rule(fast, plain, exact, factor=FWD_FACTOR, what=what + " out")
+    assert torch.equal(torch.isneginf(fast_lse), torch.isneginf(exact_lse)), \
+        f"{what}: lse must be -inf exactly where no key is seen"
+    seen = torch.isfinite(exact_lse)
+    assert_within_rule(fast_lse[seen], plain_lse[seen], exact_lse[seen], factor=FWD_FACTOR, what=what + " lse")
+    empty = ~seen
+    assert torch.all(fast[empty] == 0), f"{what}: a row that sees no key must be 0"
+    return fast, fast_lse
+
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv, causal, window): multi-head, GQA and multi-query; lengths of
+# 1, 7, 64, 130 and 257 (one key block, several, ragged), Lq below, equal to and above Lk;
+# head sizes 8, 16, 40, 64, 128 and 256.
+CASES = [
+    (1, 4, 4, 64, 64, 64, 64, False, None),
+    (2, 8, 2, 130, 257, 40, 8, True, None),
+    (1, 4, 1, 257, 130, 128, 128, False, (16, 4)),
+    (2, 4, 4, 7, 1, 16, 16, True, None),  # 6 of 7 rows see no key
+    (1, 8, 2, 1, 257, 64, 64, False, (3, 0)),
+    (1, 4, 1, 130, 130, 8, 40, False, (None, 0)),
+    (2, 4, 4, 257, 7, 16, 128, True, (3, 0)),  # most rows see no key
+    (1, 8, 2, 64, 130, 128, 16, False, (16, 4)),
+    (1, 4, 4, 1, 1, 40, 8, False, None),
+    (1, 4, 1, 70, 33, 256, 256, True, None),
+    (1, 8, 2, 257, 257, 64, 64, True, None),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_out_and_lse_follow_the_reference(case, dtype):
+    B, Hq, Hkv, Lq, Lk, D, Dv, causal, window = case
+    q, k, v = _inputs(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed=zlib.crc32(repr(case).encode()))
+    _check(q, k, v, f"native {case} {dtype}", causal=causal, window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_inputs(dtype):
+    """A (B, L, H, D) layout seen as (B, H, L, D), keys cut from wider rows, and values whose
+    last dimension is not contiguous (copied by the binding) give the same results."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 70, 8, 40, generator=gen).to(dtype).transpose(1, 2)  # (2, 8, 70, 40)
+    k = torch.randn(2, 2, 90, 56, generator=gen).to(dtype)[..., 3:43]  # (2, 2, 90, 40), rows of 56
+    v = torch.randn(2, 2, 24, 90, generator=gen).to(dtype).transpose(-1, -2)  # (2, 2, 90, 24), stride(-1) 90
+    assert not q.is_contiguous() and not k.is_contiguous() and v.stride(-1) != 1
+    fast, lse = _check(q, k, v, f"native strided {dtype}", causal=True)
+    again, lse2 = qkv.attention_with_lse(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, backend="native")
+    assert torch.equal(fast, again) and torch.equal(lse, lse2)
+
+
+def test_threads_do_not_change_the_result():
+    """Work items are independent: 1 and 2 threads give the same bits."""
+    q, k, v = _inputs(1, 8, 2, 130, 200, 64, 64, torch.float32, seed=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = qkv.attention(q, k, v, causal=True, backend="native")
+        torch.set_num_threads(2)
+        two = qkv.attention(q, k, v, causal=True, backend="native")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+GRAD_CASES = [
+    (1, 8, 2, 70, 130, 64, 40, True, None),
+    (2, 4, 1, 40, 33, 16, 64, False, (16, 4)),
+    (1, 4, 4, 20, 9, 40, 8, True, (3, 0)),  # rows that see no key: zero gradients, never NaN
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gradients_follow_the_reference(case, dtype):
+    B, Hq, Hkv, Lq, Lk, D, Dv, causal, window = case
+    q, k, v = _inputs(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed=11)
+    up = torch.randn(B, Hq, Lq, Dv, generator=torch.Generator().manual_seed(12)).to(dtype)
+    kw = dict(causal=causal, window=window)
+    exact_in = [t.double().requires_grad_() for t in (q, k, v)]
+    plain_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    fast_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    exact = qkv.attention(*exact_in, backend="reference", **kw)
+    plain = qkv.attention(*plain_in, backend="reference", **kw)
+    fast = qkv.attention(*fast_in, backend="native", **kw)
+    what = f"native grad {case} {dtype}"
+    assert_within_rule(fast, plain, exact, factor=FWD_FACTOR, what=what + " out")
+    for name, g, gp, ge in zip("qkv", grads(fast, fast_in, up), grads(plain, plain_in, up),
+                               grads(exact, exact_in, up.double())):
+        assert g.dtype == dtype
+        assert_within_rule(g, gp, ge, factor=GRAD_FACTOR, what=f"{what} d{name}")
+
+
+def test_lse_gradient_flows():
+    """The lse is differentiable too (merging partial results needs it)."""
+    q, k, v = _inputs(1, 4, 2, 33, 50, 16, 16, torch.float32, seed=21)
+    fast_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    exact_in = [t.double().requires_grad_() for t in (q, k, v)]
+    plain_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    outs = [qkv.attention_with_lse(*x, causal=True, backend=b)
+            for x, b in ((fast_in, "native"), (plain_in, "reference"), (exact_in, "reference"))]
+    losses = [(o * 0.5).sum() + (lse * 0.25).sum() for o, lse in outs]
+    gs = [torch.autograd.grad(loss, x) for loss, x in zip(losses, (fast_in, plain_in, exact_in))]
+    for name, g, gp, ge in zip("qkv", *gs):
+        assert_within_rule(g, gp, ge, factor=GRAD_FACTOR, what=f"native d{name} through out and lse")
+
+
+def _spec(q, k, v, **kw):
+    return build_spec(q, k, v, mask=kw.get("mask"), causal=False, window=None, scale=None,
+                      score_mod=kw.get("score_mod"), dropout_p=kw.get("dropout_p", 0.0))
+
+
+def test_refusals_name_what_and_which_backend():
+    q, k, v = _inputs(1, 4, 2, 8, 8, 16, 16, torch.float32, seed=1)
+    spec = _spec(q, k, v)
+    assert native.unsupported(spec, q, False) is None
+    # Another device: checked on a meta tensor (no GPU here); no CPU kernel ever sees it.
+    why = native.unsupported(spec, q.to("meta"), False)
+    assert why and "runs on CPU tensors" in why and "'sdpa'" in why
+    with pytest.raises(ValueError, match="float16.*'tiled' or 'reference'"):
+        qkv.attention(q.half(), k.half(), v.half(), backend="native")
+    with pytest.raises(ValueError, match="float64"):
+        qkv.attention(q.double(), k.double(), v.double(), backend="native")
+    with pytest.raises(ValueError, match="mask.*'tiled' or 'sparse'"):
+        qkv.attention(q, k, v, mask=torch.ones(8, 8, dtype=torch.bool).view(1, 1, 8, 8), backend="native")
+    with pytest.raises(ValueError, match="score_mod.*'tiled'"):
+        qkv.attention(q, k, v, score_mod=lambda s, b, h, i, j: s, backend="native")
+    with pytest.raises(ValueError, match="dropout"):
+        qkv.attention(q, k, v, dropout_p=0.1, backend="native")
+    big = _inputs(1, 2, 2, 3, 3, 300, 16, torch.float32, seed=2)
+    with pytest.raises(ValueError, match="up to 256.*'tiled'"):
+        qkv.attention(*big, backend="native")
+    assert native.BACKEND.auto is None, "opt-in: auto never chooses the native backend"
+
+
+def test_kernel_return_codes():
+    kernel = native_flash.lib()
+    st = (ctypes.c_int64 * 4)(0, 0, 0, 1)
+    args = [None, st, None, st, None, st, 1.0, -1, -1, 0, None, None, 1]
+    assert kernel.qkv_flash_fwd(7, 1, 1, 1, 1, 1, 16, 16, *args) == 1
+    assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1, 257, 16, *args) == 2
+    assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1, 16, 0, *args) == 2
+    # keys that cannot be packed (2^58 bytes): refused before any input is read
+    assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1 << 50, 64, 64, *args) == 3
+    assert kernel.qkv_flash_fwd_version() == 1
+
+
+def test_turned_off_kernels_are_refused_with_the_reason(monkeypatch):
+    monkeypatch.setenv("QKV_NO_KERNELS", "1")
+    monkeypatch.setattr(_kernels, "_loaded", {})
+    monkeypatch.setattr(_kernels, "_why", {})
+    q, k, v = _inputs(1, 2, 2, 4, 4, 16, 16, torch.float32, seed=4)
+    with pytest.raises(ValueError, match=r"kernel is unavailable \(turned off by QKV_NO_KERNELS\).*'tiled'"):
+        qkv.attention(q, k, v, backend="native")
+
+
+def test_backward_switches_to_the_native_backward_module(monkeypatch):
+    """Where engines/native_flash_bwd.py exists its `backward` (float32 gradients) is used, cast
+    to the inputs' dtype; an lse gradient (which its interface does not take) stays on the
+    PyTorch FA-2 backward."""
+    calls = []
+
+    def backward(q, k, v, out, lse, d_out, spec):
+        calls.append(1)
+        dq, dk, dv = flash.block_backward(q.float(), k.float(), v.float(), out.float(), lse, d_out.float(), None, spec)
+        return dq, dk, dv
+
+    monkeypatch.setattr(native_flash, "native_backward_module",
+                        lambda: SimpleNamespace(backward=backward, lib=lambda: object()))
+    q, k, v = _inputs(1, 4, 2, 20, 30, 16, 8, torch.bfloat16, seed=8)
+    fast_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = qkv.attention(*fast_in, causal=True, backend="native")
+    g = torch.autograd.grad(out.float().sum(), fast_in)
+    assert calls == [1] and all(x.dtype == torch.bfloat16 for x in g)
+    _, lse = qkv.attention_with_lse(*fast_in, causal=True, backend="native")
+    torch.autograd.grad(lse.sum(), fast_in)
+    assert calls == [1], "an lse gradient runs the PyTorch backward"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_many_groups_and_empty_sizes(dtype):
+    """An explicit (even negative) scale, 16 query heads on one kv head, and no keys or no queries."""
+    q, k, v = _inputs(2, 16, 1, 33, 75, 24, 20, dtype, seed=31)
+    _check(q, k, v, f"native scale=0.3 {dtype}", scale=0.3, causal=True)
+    _check(q, k, v, f"native scale=-0.2 {dtype}", scale=-0.2, window=(10, 2))
+    q, k, v = _inputs(1, 4, 2, 5, 0, 16, 8, dtype, seed=32)
+    out, lse = qkv.attention_with_lse(q, k, v, backend="native")
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    q, k, v = _inputs(1, 4, 2, 0, 9, 16, 8, dtype, seed=33)
+    out, lse = qkv.attention_with_lse(q, k, v, backend="native")
+    assert out.shape == (1, 4, 0, 8) and lse.shape == (1, 4, 0)
