@@ -56,7 +56,14 @@ constexpr int BQ = 64;  // query rows per block
 constexpr int BK = 64;  // keys per block
 constexpr float NEG_INF = -INFINITY;
 
-inline v16 splat(float x) { return v16{} + x; }
+// x in all lanes (v16{} + x would add +0.0 first: not an identity for -0.0, so it is kept).
+inline v16 splat(float x) {
+#ifdef __AVX512F__
+  return (v16)_mm512_set1_ps(x);
+#else
+  return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#endif
+}
 inline v16 ld(const float* p) { return *(const v16u*)p; }
 inline void st(float* p, v16 x) { *(v16u*)p = x; }
 
@@ -124,7 +131,10 @@ inline void micro(int64_t K, const float* A, int64_t as_m, int64_t as_k, const f
     for (int t = 0; t < NV; ++t) acc[r][t] = ACC ? ld(C + r * ldc + 16 * t) : splat(0.0f);
   for (int64_t k = 0; k < K; ++k) {
     v16 b[NV];
-    for (int t = 0; t < NV; ++t) b[t] = ld(B + k * ldb + 16 * t);
+    for (int t = 0; t < NV; ++t) {
+      b[t] = ld(B + k * ldb + 16 * t);
+      if constexpr (MR > 1) __asm__("" : "+v"(b[t]));  // kept in a register, not reloaded per row
+    }
     for (int r = 0; r < MR; ++r) {
       const v16 a = splat(A[r * as_m + k * as_k]);
       for (int t = 0; t < NV; ++t) acc[r][t] += a * b[t];
@@ -422,12 +432,13 @@ void run_all(Args& A, int nthreads) {
   });
 }
 
-// Splits of each (batch row, kv head)'s key blocks: 1 where there are enough items for the
-// threads, else enough for about 4 per thread, cut where the count of band tiles is even.
+// Splits of each (batch row, kv head)'s key blocks: the fewest (at most the thread count, as
+// each split costs a dQ buffer) that give the threads equal shares (a multiple of the thread
+// count) or at least 4 items each; cut where the count of band tiles is even.
 void plan_splits(Args& A, int nthreads) {
   const int64_t nkb = (A.Lk + BK - 1) / BK, items = A.B * A.Hkv;
   int64_t S = 1;
-  if (items % nthreads != 0 && items < 4 * nthreads) S = (4 * nthreads + items - 1) / items;
+  while (S < nthreads && (items * S) % nthreads != 0 && items * S < 4 * nthreads) ++S;
   if (S > nkb) S = nkb;
   if (S < 1) S = 1;
   std::vector<int64_t> work(nkb + 1, 0);  // prefix sums of tiles per key block
