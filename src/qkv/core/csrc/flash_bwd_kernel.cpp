@@ -23,8 +23,12 @@
 // (head size rounded up to 16, zeros beyond D), keys and values block by block, so every
 // product is an AVX-512 (or, without it, the compiler's vector extension) multiply-add over
 // 16 lanes and any head size 1..256 runs the same code. bfloat16 inputs are exact in float32.
-// With __AVX512BF16__ the two products of bfloat16 inputs (q k^T and dO V^T) use vdpbf16ps on
-// the raw bfloat16 values (exact products summed in float32). Outputs dq, dk, dv: float32.
+// With __AVX512BF16__ bfloat16 inputs run all five products on vdpbf16ps (pairs of exact
+// products summed in float32): q k^T and dO V^T on the raw inputs, and P^T dO, dS^T Q and dS K
+// with P and dS rounded to bfloat16 (round to nearest even), as FA-2 does on GPUs (it feeds P
+// and dS to the tensor cores in the input precision); accumulation stays float32 and the
+// gradients stay within the tolerance rule (tests/core/test_native_flash_bwd.py) at under half
+// its bound. Outputs dq, dk, dv: float32.
 //
 // Plain C++17 with GCC/Clang vector extensions (no torch headers), compiled on first use by
 // qkv/core/_kernels.py with -O3 -march=native -fopenmp, loaded with ctypes. OpenMP runs on
@@ -167,21 +171,20 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t as_m, int64_t
 }
 
 #ifdef __AVX512BF16__
-// C[m, n] = sum_k A[m, k] B[k, n] for bfloat16 A (row stride lda, K even, pairs read as one
-// 32-bit word) and B in pair-interleaved layout Bp[(k/2)*ldb2 + 2n + (k&1)] (ldb2 in uint16_t).
-template <int MR, int NV>
-inline void micro_bf16(int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp, int64_t ldb2, float* C,
-                       int64_t ldc) {
+// bfloat16 products with vdpbf16ps (pairs of exact products summed in float32): in "pair"
+// layouts a 32-bit word holds the two bfloat16 values of k = 2p and 2p + 1.
+// C[m, n] (+)= sum_p A[m*as_m + p*as_k] . B[p*ldb + n] over K2 pairs p, A and B in words.
+template <int MR, int NV, bool ACC>
+inline void micro_bf16(int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k, const uint32_t* B, int64_t ldb,
+                       float* C, int64_t ldc) {
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
-    for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 2) {
+    for (int t = 0; t < NV; ++t) acc[r][t] = ACC ? _mm512_loadu_ps(C + r * ldc + 16 * t) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < K2; ++k) {
     __m512bh b[NV];
-    for (int t = 0; t < NV; ++t) b[t] = (__m512bh)_mm512_loadu_si512(Bp + (k / 2) * ldb2 + 32 * t);
+    for (int t = 0; t < NV; ++t) b[t] = (__m512bh)_mm512_loadu_si512(B + k * ldb + 16 * t);
     for (int r = 0; r < MR; ++r) {
-      uint32_t w;
-      std::memcpy(&w, A + r * lda + k, 4);
-      const __m512bh a = (__m512bh)_mm512_set1_epi32((int)w);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32((int)A[r * as_m + k * as_k]);
       for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], a, b[t]);
     }
   }
@@ -189,11 +192,33 @@ inline void micro_bf16(int64_t K, const uint16_t* A, int64_t lda, const uint16_t
     for (int t = 0; t < NV; ++t) _mm512_storeu_ps(C + r * ldc + 16 * t, acc[r][t]);
 }
 
-// C (M x BK) = A (M x K) Bp, K even (zero-padded), bfloat16.
-void gemm_bf16(int64_t M, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp, float* C, int64_t ldc) {
+template <int MR, bool ACC>
+inline void micro_bf16_cols(int64_t N, int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k, const uint32_t* B,
+                            int64_t ldb, float* C, int64_t ldc) {
+  int64_t n = 0;
+  for (; n + 64 <= N; n += 64) micro_bf16<MR, 4, ACC>(K2, A, as_m, as_k, B + n, ldb, C + n, ldc);
+  switch ((N - n) / 16) {
+    case 3: micro_bf16<MR, 3, ACC>(K2, A, as_m, as_k, B + n, ldb, C + n, ldc); break;
+    case 2: micro_bf16<MR, 2, ACC>(K2, A, as_m, as_k, B + n, ldb, C + n, ldc); break;
+    case 1: micro_bf16<MR, 1, ACC>(K2, A, as_m, as_k, B + n, ldb, C + n, ldc); break;
+    default: break;
+  }
+}
+
+// C (M x N, N a multiple of 16) (+)= A (M x K2 pairs) B (K2 pairs x N), bfloat16 pairs.
+template <bool ACC>
+void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k, const uint32_t* B,
+               int64_t ldb, float* C, int64_t ldc) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) micro_bf16<4, BK / 16>(K, A + m * lda, lda, Bp, 2 * BK, C + m * ldc, ldc);
-  for (; m < M; ++m) micro_bf16<1, BK / 16>(K, A + m * lda, lda, Bp, 2 * BK, C + m * ldc, ldc);
+  for (; m + 4 <= M; m += 4) micro_bf16_cols<4, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m < M; ++m) micro_bf16_cols<1, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+}
+
+// Rows lo and hi (16 float32 each) rounded to bfloat16 and interleaved: 16 words (lo[t], hi[t]).
+inline __m512i pair_rows(__m512 lo, __m512 hi) {
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
+                                       5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
 }
 #endif
 
@@ -210,6 +235,9 @@ struct Args {
   float* dof;       // (B, Hq, Lq, Dvp) float32 dO
   uint16_t* q16;    // (B, Hq, Lq, Dp2) bfloat16 queries (bf16 dot product only), else null
   uint16_t* do16;   // (B, Hq, Lq, Dvp2) bfloat16 dO, else null
+  uint32_t* q2;     // (B, Hq, Lq2, Dp) words: queries 2p and 2p + 1 paired (bf16 dot product only)
+  uint32_t* do2;    // (B, Hq, Lq2, Dvp) words: dO paired likewise
+  int64_t Lq2;      // (Lq + 1) / 2
   float* delta;     // (B, Hq, Lq) rowsum(dO * O)
   float* lse_s;     // (B, Hq, Lq) lse, +inf where -inf (probabilities 0)
   float* dqp;       // (S, B, Hq, Lq, Dp) dQ accumulators per split
@@ -229,10 +257,14 @@ inline int tile_kind(const Args& A, int64_t i0, int64_t i1, int64_t j0, int64_t 
 
 struct Scratch {
   float *kf, *kt, *vt, *s, *dp, *dk, *dv;
-  uint16_t *kp, *vp;  // pair-interleaved bfloat16 K^T and V^T (bf16 dot product only)
+  // bf16 dot product only, in words of two bfloat16: kp, vp (Dp2/2 or Dvp2/2, BK) K^T and V^T
+  // paired along the head; k2 (BK/2, Dp) K paired along keys; p2, ds2 (BQ/2, BK) P and dS paired
+  // along rows; dsr (BQ, BK/2) dS paired along keys.
+  uint32_t *kp, *vp, *k2, *p2, *ds2, *dsr;
   void* mem;
   explicit Scratch(const Args& A) {
-    const int64_t n = BK * A.Dp * 3 + BK * A.Dvp * 2 + 2 * BQ * BK + (A.Dp2 + A.Dvp2) * BK / 2 + 64;
+    const int64_t n = BK * A.Dp * 3 + BK * A.Dvp * 2 + 2 * BQ * BK + (A.Dp2 + A.Dvp2) * BK / 2 + 64 +
+                      BK * A.Dp / 2 + 3 * BQ * BK / 2;
     mem = std::aligned_alloc(64, ((n * 4 + 63) / 64) * 64);
     float* p = (float*)mem;
     kf = p, p += BK * A.Dp;
@@ -242,8 +274,12 @@ struct Scratch {
     dv = p, p += BK * A.Dvp;
     s = p, p += BQ * BK;
     dp = p, p += BQ * BK;
-    kp = (uint16_t*)p, p += A.Dp2 * BK / 2;
-    vp = (uint16_t*)p;
+    kp = (uint32_t*)p, p += A.Dp2 * BK / 2;
+    vp = (uint32_t*)p, p += A.Dvp2 * BK / 2;
+    k2 = (uint32_t*)p, p += BK * A.Dp / 2;
+    p2 = (uint32_t*)p, p += BQ * BK / 2;
+    ds2 = (uint32_t*)p, p += BQ * BK / 2;
+    dsr = (uint32_t*)p;
   }
   ~Scratch() { std::free(mem); }
 };
@@ -263,8 +299,10 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
   bool done = false;
 #ifdef __AVX512BF16__
   if (KIND == 1 && A.q16) {
-    gemm_bf16(bq, A.Dp2, A.q16 + row * A.Dp2, A.Dp2, W.kp, s, BK);
-    gemm_bf16(bq, A.Dvp2, A.do16 + row * A.Dvp2, A.Dvp2, W.vp, dp, BK);
+    const uint32_t* q16 = (const uint32_t*)(A.q16 + row * A.Dp2);
+    const uint32_t* do16 = (const uint32_t*)(A.do16 + row * A.Dvp2);
+    gemm_bf16<false>(bq, BK, A.Dp2 / 2, q16, A.Dp2 / 2, 1, W.kp, BK, s, BK);     // S = Q K^T
+    gemm_bf16<false>(bq, BK, A.Dvp2 / 2, do16, A.Dvp2 / 2, 1, W.vp, BK, dp, BK);  // dP = dO V^T
     done = true;
   }
 #endif
@@ -288,6 +326,31 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
       for (int64_t c = hi > lo ? hi : lo; c < BK; ++c) sr[c] = dr[c] = 0.0f;
     }
   }
+#ifdef __AVX512BF16__
+  if (KIND == 1 && A.q16) {
+    // P and dS rounded to bfloat16 (as FA-2 does on GPUs) for the three products that take them.
+    const int64_t pairs = (bq + 1) / 2;
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t pr = 0; pr < pairs; ++pr) {
+      const float *s0 = s + 2 * pr * BK, *d0 = dp + 2 * pr * BK;
+      const bool two = 2 * pr + 1 < bq;
+      for (int c = 0; c < BK; c += 16) {
+        _mm512_storeu_si512(W.p2 + pr * BK + c, pair_rows(_mm512_loadu_ps(s0 + c), two ? _mm512_loadu_ps(s0 + BK + c) : zero));
+        _mm512_storeu_si512(W.ds2 + pr * BK + c, pair_rows(_mm512_loadu_ps(d0 + c), two ? _mm512_loadu_ps(d0 + BK + c) : zero));
+      }
+    }
+    for (int64_t r = 0; r < bq; ++r)
+      for (int c = 0; c < BK; c += 32)
+        _mm512_storeu_si512(W.dsr + r * (BK / 2) + c / 2,
+                            (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(dp + r * BK + c + 16), _mm512_loadu_ps(dp + r * BK + c)));
+    const uint32_t* do2 = A.do2 + ((b * A.Hq + hq) * A.Lq2 + i0 / 2) * Dvp;
+    const uint32_t* q2 = A.q2 + ((b * A.Hq + hq) * A.Lq2 + i0 / 2) * Dp;
+    gemm_bf16<true>(BK, Dvp, pairs, W.p2, 1, BK, do2, Dvp, W.dv, Dvp);      // dV += P^T dO
+    gemm_bf16<true>(BK, Dp, pairs, W.ds2, 1, BK, q2, Dp, W.dk, Dp);         // dK += dS^T Q
+    gemm_bf16<true>(bq, Dp, BK / 2, W.dsr, BK / 2, 1, W.k2, Dp, dq, Dp);  // dQ += dS K
+    return;
+  }
+#endif
   gemm<true>(BK, Dvp, bq, s, 1, BK, dof, Dvp, W.dv, Dvp);  // dV += P^T dO
   gemm<true>(BK, Dp, bq, dp, 1, BK, qf, Dp, W.dk, Dp);     // dK += dS^T Q
   gemm<true>(bq, Dp, BK, dp, BK, 1, W.kf, Dp, dq, Dp);     // dQ += dS K
@@ -324,12 +387,14 @@ void run_item(const Args& A, Scratch& W, int64_t b, int64_t h, int64_t split) {
         for (int64_t d = 0; d < Dvp; ++d) W.vt[d * BK + c] = vrow[d];
       }
 #ifdef __AVX512BF16__
-      if (KIND == 1 && A.q16) {  // the raw bfloat16 values, pair-interleaved: kp[(d/2)][c][d&1]
+      if (KIND == 1 && A.q16) {  // the raw bfloat16 values, paired: kp[d/2][c][d&1], k2[c/2][d][c&1]
+        uint16_t *kp = (uint16_t*)W.kp, *vp = (uint16_t*)W.vp, *k2 = (uint16_t*)W.k2;
         for (int64_t c = 0; c < BK; ++c) {
           const uint16_t* kr = c < n ? (const uint16_t*)kbase + (j0 + c) * A.kst[2] : nullptr;
           const uint16_t* vr = c < n ? (const uint16_t*)vbase + (j0 + c) * A.vst[2] : nullptr;
-          for (int64_t d = 0; d < A.Dp2; ++d) W.kp[(d / 2) * 2 * BK + 2 * c + (d & 1)] = kr && d < D ? kr[d] : 0;
-          for (int64_t d = 0; d < A.Dvp2; ++d) W.vp[(d / 2) * 2 * BK + 2 * c + (d & 1)] = vr && d < Dv ? vr[d] : 0;
+          for (int64_t d = 0; d < A.Dp2; ++d) kp[(d / 2) * 2 * BK + 2 * c + (d & 1)] = kr && d < D ? kr[d] : 0;
+          for (int64_t d = 0; d < A.Dvp2; ++d) vp[(d / 2) * 2 * BK + 2 * c + (d & 1)] = vr && d < Dv ? vr[d] : 0;
+          for (int64_t d = 0; d < Dp; ++d) k2[((c / 2) * Dp + d) * 2 + (c & 1)] = kr && d < D ? kr[d] : 0;
         }
       }
 #endif
@@ -402,8 +467,14 @@ void prepare(Args& A, int nthreads) {
       const float l = A.lse[r];
       A.lse_s[r] = l == NEG_INF ? INFINITY : l;
       if (A.q16) {
-        for (int64_t d = 0; d < A.Dp2; ++d) A.q16[r * A.Dp2 + d] = d < A.D ? ((const uint16_t*)qr)[d] : 0;
-        for (int64_t d = 0; d < A.Dvp2; ++d) A.do16[r * A.Dvp2 + d] = d < A.Dv ? ((const uint16_t*)dr)[d] : 0;
+        const uint16_t *q16 = (const uint16_t*)qr, *d16 = (const uint16_t*)dr;
+        for (int64_t d = 0; d < A.Dp2; ++d) A.q16[r * A.Dp2 + d] = d < A.D ? q16[d] : 0;
+        for (int64_t d = 0; d < A.Dvp2; ++d) A.do16[r * A.Dvp2 + d] = d < A.Dv ? d16[d] : 0;
+        // Paired rows: word (i/2, d) holds rows i & ~1 and i | 1 (zeros past D, and past Lq when odd).
+        uint16_t* q2 = (uint16_t*)(A.q2 + (bh * A.Lq2 + i / 2) * A.Dp) + (i & 1);
+        uint16_t* do2 = (uint16_t*)(A.do2 + (bh * A.Lq2 + i / 2) * A.Dvp) + (i & 1);
+        for (int64_t d = 0; d < A.Dp; ++d) q2[2 * d] = d < A.D ? q16[d] : 0;
+        for (int64_t d = 0; d < A.Dvp; ++d) do2[2 * d] = d < A.Dv ? d16[d] : 0;
       }
     }
   });
@@ -501,6 +572,10 @@ int qkv_flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   std::vector<float> qf(rows * A.Dp), dof(rows * A.Dvp), delta(rows), lse_s(rows);
   std::vector<float> dqp(A.nsplit * rows * A.Dp, 0.0f);
   std::vector<uint16_t> q16(bf16dot ? rows * A.Dp2 : 0), do16(bf16dot ? rows * A.Dvp2 : 0);
+  A.Lq2 = (Lq + 1) / 2;
+  const int64_t pairs = B * Hq * A.Lq2;
+  std::vector<uint32_t> q2(bf16dot ? pairs * A.Dp : 0), do2(bf16dot ? pairs * A.Dvp : 0);
+  A.q2 = q2.data(), A.do2 = do2.data();
   A.qf = qf.data(), A.dof = dof.data(), A.delta = delta.data(), A.lse_s = lse_s.data(), A.dqp = dqp.data();
   A.q16 = bf16dot ? q16.data() : nullptr, A.do16 = bf16dot ? do16.data() : nullptr;
   if (kind == 0)
