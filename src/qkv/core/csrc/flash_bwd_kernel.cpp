@@ -372,7 +372,7 @@ void run_item(const Args& A, Scratch& W, int64_t b, int64_t h, int64_t split) {
     const int64_t j0 = kb * BK, n = std::min<int64_t>(BK, A.Lk - j0);
     bool any = false;
     for (int64_t i0 = 0; i0 < A.Lq && !any; i0 += BQ) any = tile_kind(A, i0, std::min<int64_t>(A.Lq, i0 + BQ), j0, j0 + n) != 0;
-    if (any) {
+    if (any && !(KIND == 1 && A.q16)) {
       // Keys and values of the block: float32 rows (kf), transposed (kt, vt), zero-padded.
       for (int64_t c = 0; c < BK; ++c) {
         float* kr = W.kf + c * Dp;
@@ -390,8 +390,10 @@ void run_item(const Args& A, Scratch& W, int64_t b, int64_t h, int64_t split) {
           std::memset(vrow, 0, sizeof(float) * Dvp);
         for (int64_t d = 0; d < Dvp; ++d) W.vt[d * BK + c] = vrow[d];
       }
+    }
 #ifdef __AVX512BF16__
-      if (KIND == 1 && A.q16) {  // the raw bfloat16 values, paired: kp[d/2][c][d&1], k2[c/2][d][c&1]
+    if (any && KIND == 1 && A.q16) {  // the raw bfloat16 values, paired: kp[d/2][c][d&1], k2[c/2][d][c&1]
+      {
         uint16_t *kp = (uint16_t*)W.kp, *vp = (uint16_t*)W.vp, *k2 = (uint16_t*)W.k2;
         for (int64_t c = 0; c < BK; ++c) {
           const uint16_t* kr = c < n ? (const uint16_t*)kbase + (j0 + c) * A.kst[2] : nullptr;
@@ -401,8 +403,8 @@ void run_item(const Args& A, Scratch& W, int64_t b, int64_t h, int64_t split) {
           for (int64_t d = 0; d < Dp; ++d) k2[((c / 2) * Dp + d) * 2 + (c & 1)] = kr && d < D ? kr[d] : 0;
         }
       }
-#endif
     }
+#endif
     std::memset(W.dk, 0, sizeof(float) * BK * Dp);
     std::memset(W.dv, 0, sizeof(float) * BK * Dvp);
     if (any) {
@@ -458,7 +460,7 @@ void prepare(Args& A, int nthreads) {
       const int64_t i = r % A.Lq, bh = r / A.Lq, hq = bh % A.Hq, b = bh / A.Hq;
       const int64_t es = KIND == 0 ? 4 : 2;
       const void* qr = (const char*)A.q + (b * A.qst[0] + hq * A.qst[1] + i * A.qst[2]) * es;
-      widen_row<KIND>(qr, A.D, A.Dp, A.qf + r * A.Dp);
+      if (!A.q16) widen_row<KIND>(qr, A.D, A.Dp, A.qf + r * A.Dp);
       const void* dr = (const char*)A.dout + r * A.Dv * es;
       float* dof = A.dof + r * A.Dvp;
       widen_row<KIND>(dr, A.Dv, A.Dvp, dof);
@@ -573,7 +575,7 @@ int qkv_flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
 #ifdef __AVX512BF16__
   bf16dot = kind == 1;
 #endif
-  std::vector<float> qf(rows * A.Dp), dof(rows * A.Dvp), delta(rows), lse_s(rows);
+  std::vector<float> qf(bf16dot ? 0 : rows * A.Dp), dof(rows * A.Dvp), delta(rows), lse_s(rows);
   std::vector<float> dqp(A.nsplit * rows * A.Dp, 0.0f);
   std::vector<uint16_t> q16(bf16dot ? rows * A.Dp2 : 0), do16(bf16dot ? rows * A.Dvp2 : 0);
   A.Lq2 = (Lq + 1) / 2;
