@@ -9,7 +9,11 @@ key splits taken when there are fewer (batch, kv head) items than threads.
 
 from __future__ import annotations
 
+import ctypes
+import platform
+import subprocess
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +121,21 @@ def test_long_rows_float32():
     their float32 error within the rule (one running sum had 5x the plain reference's error)."""
     q, k, v, up = _inputs(1, 1, 1, 3072, 3072, 64, 64, torch.float32, seed=11)
     _check(q, k, v, up, {"causal": True}, "long rows float32")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 build flags")
+def test_portable_build_without_avx512(tmp_path, monkeypatch):
+    """The same source built for a CPU without AVX-512 (x86-64-v3: AVX2) gives the same gradients
+    within the rule: the portable path (GCC vector extensions, no AVX-512 or bfloat16 dot product),
+    built without OpenMP (the std::thread fallback)."""
+    cxx = _kernels._compiler()
+    assert cxx is not None  # the module's skip: the native build succeeded
+    so = tmp_path / "portable.so"
+    src = Path(_kernels.__file__).with_name("csrc") / f"{nb.NAME}.cpp"
+    run = subprocess.run([cxx, "-O2", "-march=x86-64-v3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-psabi",
+                          "-o", str(so), str(src)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    monkeypatch.setattr(nb, "lib", lambda: nb.typed(ctypes.CDLL(str(so))))
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, up = _inputs(1, 4, 2, 100, 130, 40, 24, dtype, seed=5)
+        _check(q, k, v, up, {"causal": True}, f"portable {dtype}")

@@ -140,7 +140,9 @@ inline void micro(int64_t K, const float* A, int64_t as_m, int64_t as_k, const f
     v16 b[NV];
     for (int t = 0; t < NV; ++t) {
       b[t] = ld(B + k * ldb + 16 * t);
+#ifdef __AVX512F__
       if constexpr (MR > 1) __asm__("" : "+v"(b[t]));  // kept in a register, not reloaded per row
+#endif
     }
     for (int r = 0; r < MR; ++r) {
       const v16 a = splat(A[r * as_m + k * as_k]);
@@ -169,6 +171,7 @@ template <bool ACC>
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t as_m, int64_t as_k, const float* B, int64_t ldb,
           float* C, int64_t ldc) {
   int64_t m = 0;
+  for (; m + 6 <= M; m += 6) micro_cols<6, ACC>(N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
   for (; m + 4 <= M; m += 4) micro_cols<4, ACC>(N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
   for (; m < M; ++m) micro_cols<1, ACC>(N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
 }
@@ -214,6 +217,7 @@ template <bool ACC>
 void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k, const uint32_t* B,
                int64_t ldb, float* C, int64_t ldc) {
   int64_t m = 0;
+  for (; m + 6 <= M; m += 6) micro_bf16_cols<6, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
   for (; m + 4 <= M; m += 4) micro_bf16_cols<4, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
   for (; m < M; ++m) micro_bf16_cols<1, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
 }

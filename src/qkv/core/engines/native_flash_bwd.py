@@ -31,6 +31,11 @@ def lib() -> Optional[ctypes.CDLL]:
     kernel = _kernels.load(NAME)
     if kernel is None or id(kernel) in _typed:
         return kernel
+    return typed(kernel)
+
+
+def typed(kernel: ctypes.CDLL) -> ctypes.CDLL:
+    """`kernel` (a build of csrc/flash_bwd_kernel.cpp) with the ctypes signatures of its functions."""
     p, i64, i64p = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
     kernel.qkv_flash_bwd.restype = ctypes.c_int
     kernel.qkv_flash_bwd.argtypes = [
