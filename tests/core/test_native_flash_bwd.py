@@ -139,3 +139,12 @@ def test_portable_build_without_avx512(tmp_path, monkeypatch):
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v, up = _inputs(1, 4, 2, 100, 130, 40, 24, dtype, seed=5)
         _check(q, k, v, up, {"causal": True}, f"portable {dtype}")
+
+
+@pytest.mark.parametrize("Lq, Lk", [(0, 5), (5, 0)])
+def test_empty_lengths(Lq, Lk):
+    q, k, v = torch.randn(1, 2, Lq, 16), torch.randn(1, 1, Lk, 16), torch.randn(1, 1, Lk, 8)
+    lse = torch.full((1, 2, Lq), float("-inf"))
+    dq, dk, dv = nb.backward(q, k, v, torch.zeros(1, 2, Lq, 8), lse, torch.randn(1, 2, Lq, 8), build_spec(q, k, v))
+    assert (dq.shape, dk.shape, dv.shape) == ((1, 2, Lq, 16), (1, 1, Lk, 16), (1, 1, Lk, 8))
+    assert not dq.any() and not dk.any() and not dv.any()
