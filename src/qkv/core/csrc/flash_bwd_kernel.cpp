@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 #ifdef __AVX512F__
@@ -298,8 +299,8 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
           float* dq) {
   const int64_t Dp = A.Dp, Dvp = A.Dvp, bq = i1 - i0;
   const int64_t row = (b * A.Hq + hq) * A.Lq + i0;
-  const float* qf = A.qf + row * Dp;
-  const float* dof = A.dof + row * Dvp;
+  const float* qf = A.qf ? A.qf + row * Dp : nullptr;  // float32 path only
+  const float* dof = A.dof ? A.dof + row * Dvp : nullptr;  // float32 path only
   const float* lse = A.lse_s + row;
   const float* delta = A.delta + row;
   float* s = W.s;
@@ -455,19 +456,22 @@ void parallel(int nthreads, int64_t items, F&& f) {
 
 template <int KIND>
 void prepare(Args& A, int nthreads) {
-  // Per row: float32 (and bf16 pair) copies of q and dO, delta = rowsum(dO * O), lse_s.
-  const int64_t rows = A.B * A.Hq * A.Lq;
+  // Per row: float32 (or bfloat16 and paired) copies of q and dO, delta = rowsum(dO * O),
+  // lse_s, and the row's dQ accumulators zeroed (the buffers are not initialised: each row is
+  // written here whole, on the thread that will mostly use it).
+  const int64_t rows = A.B * A.Hq * A.Lq, per = rows * A.Dp;
   const int64_t chunk = 256;
   parallel(nthreads, (rows + chunk - 1) / chunk, [&](int, int64_t it) {
-    std::vector<float> o(A.Dvp);
+    std::vector<float> o(A.Dvp), do_row(A.Dvp);
     for (int64_t r = it * chunk; r < std::min(rows, (it + 1) * chunk); ++r) {
       const int64_t i = r % A.Lq, bh = r / A.Lq, hq = bh % A.Hq, b = bh / A.Hq;
       const int64_t es = KIND == 0 ? 4 : 2;
       const void* qr = (const char*)A.q + (b * A.qst[0] + hq * A.qst[1] + i * A.qst[2]) * es;
       if (!A.q16) widen_row<KIND>(qr, A.D, A.Dp, A.qf + r * A.Dp);
       const void* dr = (const char*)A.dout + r * A.Dv * es;
-      float* dof = A.dof + r * A.Dvp;
+      float* dof = A.dof ? A.dof + r * A.Dvp : do_row.data();
       widen_row<KIND>(dr, A.Dv, A.Dvp, dof);
+      for (int64_t s = 0; s < A.nsplit; ++s) std::memset(A.dqp + s * per + r * A.Dp, 0, sizeof(float) * A.Dp);
       widen_row<KIND>((const char*)A.out + r * A.Dv * es, A.Dv, A.Dvp, o.data());
       v16 acc = splat(0.0f);
       for (int64_t d = 0; d < A.Dvp; d += 16) acc += ld(dof + d) * ld(o.data() + d);
@@ -485,6 +489,10 @@ void prepare(Args& A, int nthreads) {
         uint16_t* do2 = (uint16_t*)(A.do2 + (bh * A.Lq2 + i / 2) * A.Dvp) + (i & 1);
         for (int64_t d = 0; d < A.Dp; ++d) q2[2 * d] = d < A.D ? q16[d] : 0;
         for (int64_t d = 0; d < A.Dvp; ++d) do2[2 * d] = d < A.Dv ? d16[d] : 0;
+        if (i == A.Lq - 1 && !(i & 1)) {  // an odd length: the last pair's second row is zeros
+          for (int64_t d = 0; d < A.Dp; ++d) q2[2 * d + 1] = 0;
+          for (int64_t d = 0; d < A.Dvp; ++d) do2[2 * d + 1] = 0;
+        }
       }
     }
   });
@@ -501,11 +509,15 @@ void run_all(Args& A, int nthreads) {
     run_item<KIND>(A, *scratch[t], bh / A.Hkv, bh % A.Hkv, split);
   });
   for (auto* s : scratch) delete s;
-  // dq = scale * (sum of the splits' accumulators), cropped to D.
+  // dq = scale * (sum of the splits' accumulators), cropped to D (in place where dq was the one).
   const int64_t rows = A.B * A.Hq * A.Lq, per = rows * A.Dp, chunk = 256;
   parallel(nthreads, (rows + chunk - 1) / chunk, [&](int, int64_t it) {
     for (int64_t r = it * chunk; r < std::min(rows, (it + 1) * chunk); ++r)
       for (int64_t d = 0; d < A.D; ++d) {
+        if (A.dqp == A.dq) {
+          A.dq[r * A.D + d] *= A.scale;
+          continue;
+        }
         float x = 0.0f;
         for (int64_t s = 0; s < A.nsplit; ++s) x += A.dqp[s * per + r * A.Dp + d];
         A.dq[r * A.D + d] = A.scale * x;
@@ -579,15 +591,22 @@ int qkv_flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
 #ifdef __AVX512BF16__
   bf16dot = kind == 1;
 #endif
-  std::vector<float> qf(bf16dot ? 0 : rows * A.Dp), dof(rows * A.Dvp), delta(rows), lse_s(rows);
-  std::vector<float> dqp(A.nsplit * rows * A.Dp, 0.0f);
-  std::vector<uint16_t> q16(bf16dot ? rows * A.Dp2 : 0), do16(bf16dot ? rows * A.Dvp2 : 0);
+  // Work buffers, uninitialised (prepare writes every element that is read). dQ accumulates in
+  // dq itself where there is one split and no padding of the head.
   A.Lq2 = (Lq + 1) / 2;
   const int64_t pairs = B * Hq * A.Lq2;
-  std::vector<uint32_t> q2(bf16dot ? pairs * A.Dp : 0), do2(bf16dot ? pairs * A.Dvp : 0);
-  A.q2 = q2.data(), A.do2 = do2.data();
-  A.qf = qf.data(), A.dof = dof.data(), A.delta = delta.data(), A.lse_s = lse_s.data(), A.dqp = dqp.data();
-  A.q16 = bf16dot ? q16.data() : nullptr, A.do16 = bf16dot ? do16.data() : nullptr;
+  const bool direct = A.nsplit == 1 && A.Dp == D;
+  std::unique_ptr<float[]> qf(bf16dot ? nullptr : new float[rows * A.Dp]);
+  std::unique_ptr<float[]> dof(bf16dot ? nullptr : new float[rows * A.Dvp]);
+  std::unique_ptr<float[]> delta(new float[rows]), lse_s(new float[rows]);
+  std::unique_ptr<float[]> dqp(direct ? nullptr : new float[A.nsplit * rows * A.Dp]);
+  std::unique_ptr<uint16_t[]> q16(bf16dot ? new uint16_t[rows * A.Dp2] : nullptr);
+  std::unique_ptr<uint16_t[]> do16(bf16dot ? new uint16_t[rows * A.Dvp2] : nullptr);
+  std::unique_ptr<uint32_t[]> q2(bf16dot ? new uint32_t[pairs * A.Dp] : nullptr);
+  std::unique_ptr<uint32_t[]> do2(bf16dot ? new uint32_t[pairs * A.Dvp] : nullptr);
+  A.qf = qf.get(), A.dof = dof.get(), A.delta = delta.get(), A.lse_s = lse_s.get();
+  A.dqp = direct ? dq : dqp.get();
+  A.q16 = q16.get(), A.do16 = do16.get(), A.q2 = q2.get(), A.do2 = do2.get();
   if (kind == 0)
     run_all<0>(A, threads);
   else
