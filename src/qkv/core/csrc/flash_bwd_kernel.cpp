@@ -398,14 +398,26 @@ void run_item(const Args& A, Scratch& W, int64_t b, int64_t h, int64_t split) {
     }
 #ifdef __AVX512BF16__
     if (any && KIND == 1 && A.q16) {  // the raw bfloat16 values, paired: kp[d/2][c][d&1], k2[c/2][d][c&1]
-      {
-        uint16_t *kp = (uint16_t*)W.kp, *vp = (uint16_t*)W.vp, *k2 = (uint16_t*)W.k2;
-        for (int64_t c = 0; c < BK; ++c) {
-          const uint16_t* kr = c < n ? (const uint16_t*)kbase + (j0 + c) * A.kst[2] : nullptr;
-          const uint16_t* vr = c < n ? (const uint16_t*)vbase + (j0 + c) * A.vst[2] : nullptr;
+      uint16_t *kp = (uint16_t*)W.kp, *vp = (uint16_t*)W.vp, *k2 = (uint16_t*)W.k2;
+      for (int64_t c = 0; c < BK; ++c) {
+        const uint16_t* kr = c < n ? (const uint16_t*)kbase + (j0 + c) * A.kst[2] : nullptr;
+        const uint16_t* vr = c < n ? (const uint16_t*)vbase + (j0 + c) * A.vst[2] : nullptr;
+        if (kr && !(D & 1)) {  // whole words: one 32-bit copy per pair
+          for (int64_t w = 0; w < D / 2; ++w) std::memcpy(W.kp + w * BK + c, kr + 2 * w, 4);
+        } else {
           for (int64_t d = 0; d < A.Dp2; ++d) kp[(d / 2) * 2 * BK + 2 * c + (d & 1)] = kr && d < D ? kr[d] : 0;
+        }
+        if (vr && !(Dv & 1)) {
+          for (int64_t w = 0; w < Dv / 2; ++w) std::memcpy(W.vp + w * BK + c, vr + 2 * w, 4);
+        } else {
           for (int64_t d = 0; d < A.Dvp2; ++d) vp[(d / 2) * 2 * BK + 2 * c + (d & 1)] = vr && d < Dv ? vr[d] : 0;
-          for (int64_t d = 0; d < Dp; ++d) k2[((c / 2) * Dp + d) * 2 + (c & 1)] = kr && d < D ? kr[d] : 0;
+        }
+        uint16_t* k2c = k2 + (c / 2) * Dp * 2 + (c & 1);
+        if (kr) {
+          for (int64_t d = 0; d < D; ++d) k2c[2 * d] = kr[d];
+          for (int64_t d = D; d < Dp; ++d) k2c[2 * d] = 0;
+        } else {
+          for (int64_t d = 0; d < Dp; ++d) k2c[2 * d] = 0;
         }
       }
     }
