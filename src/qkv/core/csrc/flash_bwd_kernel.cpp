@@ -14,15 +14,19 @@
 // (batch row, kv head): it owns dK/dV of its keys AND dQ of all its grouped query heads (GQA,
 // Ainslie et al. 2023: query head h reads kv head h / G; the G heads are summed into one dK/dV
 // and no key is copied per query head), so nothing is shared and nothing is recomputed. Only
-// when there are fewer such items than a few per thread are an item's keys cut into S splits
-// of about equal work (blocks in the band), each split with a private dQ buffer; the buffers
-// are summed at the end (the "per-thread dQ buffers" alternative, at S times dQ's memory).
-// Items are taken from a shared counter (dynamic scheduling: causal items are uneven).
+// when the items cannot be shared evenly among the threads (and are fewer than 4 per thread)
+// are an item's keys cut into S <= threads splits of about equal work (tiles in the band),
+// each split with a private dQ buffer, summed at the end (the "per-thread dQ buffers"
+// alternative, at S times dQ's memory); with one split dQ accumulates in dq itself. Items are
+// taken from a shared counter (dynamic scheduling).
 //
-// Arithmetic is float32 throughout: queries and dO are widened once into padded float32 copies
-// (head size rounded up to 16, zeros beyond D), keys and values block by block, so every
-// product is an AVX-512 (or, without it, the compiler's vector extension) multiply-add over
-// 16 lanes and any head size 1..256 runs the same code. bfloat16 inputs are exact in float32.
+// Arithmetic is float32: queries and dO are widened once into padded float32 copies (head size
+// rounded up to 16, zeros beyond D), keys and values block by block, so every product is an
+// AVX-512 (or, without it, the compiler's vector extension) multiply-add over 16 lanes and any
+// head size 1..256 runs the same code; bfloat16 inputs are exact in float32. Each product's
+// sum over a block starts from zero and is added to its accumulator once, so a gradient summed
+// over thousands of rows or keys carries the rounding error of (blocks + block size) terms,
+// as SDPA's, not of one running sum (6x larger at L=4096).
 // With __AVX512BF16__ bfloat16 inputs run all five products on vdpbf16ps (pairs of exact
 // products summed in float32): q k^T and dO V^T on the raw inputs, and P^T dO, dS^T Q and dS K
 // with P and dS rounded to bfloat16 (round to nearest even), as FA-2 does on GPUs (it feeds P
@@ -127,10 +131,8 @@ inline v16 vexp(v16 x) {
   return tiny ? splat(0.0f) : out;
 }
 
-// C[m, n] (+)= sum_k A[m*as_m + k*as_k] * B[k*ldb + n] for MR rows and NV*16 columns. The sum
-// over k starts from 0 and is added to C once (ACC): a gradient summed over thousands of rows
-// or keys is a sum of per-block sums, whose float32 rounding error grows with the block count
-// plus the block size, not with the length (in one running sum: 6x SDPA's error at L=4096).
+// C[m, n] (+)= sum_k A[m*as_m + k*as_k] * B[k*ldb + n] for MR rows and NV*16 columns; the sum
+// over k starts from 0 and is added to C once (ACC), see the top of the file.
 template <int MR, int NV, bool ACC>
 inline void micro(int64_t K, const float* A, int64_t as_m, int64_t as_k, const float* B, int64_t ldb, float* C,
                   int64_t ldc) {
@@ -249,7 +251,7 @@ struct Args {
   int64_t Lq2;      // (Lq + 1) / 2
   float* delta;     // (B, Hq, Lq) rowsum(dO * O)
   float* lse_s;     // (B, Hq, Lq) lse, +inf where -inf (probabilities 0)
-  float* dqp;       // (S, B, Hq, Lq, Dp) dQ accumulators per split
+  float* dqp;       // (S, B, Hq, Lq, Dp) dQ accumulators per split (dq itself when S = 1 and Dp = D)
   int64_t nsplit;
   std::vector<int64_t> split_at;  // (nsplit + 1) key-block boundaries of the splits
   std::vector<int64_t> row_lo, row_hi;
