@@ -110,6 +110,11 @@ def test_refusals(monkeypatch):
     f = [t.float() for t in (q, k, v, up)]
     with pytest.raises(ValueError, match="bands only"):
         nb.backward(*f[:3], f[0], torch.zeros(1, 2, 8), f[3], build_spec(*f[:3], score_mod=lambda s, b, h, i, j: s))
+    meta = [t.to("meta") for t in f]  # another device: refused by name before any pointer is taken
+    with pytest.raises(ValueError, match="CPU kernel: q on meta"):
+        nb.backward(*meta[:3], meta[0], torch.zeros(1, 2, 8), meta[3], build_spec(*f[:3]))
+    with pytest.raises(ValueError, match="lse"):
+        nb.backward(*f[:3], f[0], torch.zeros(1, 2, 7), f[3], build_spec(*f[:3]))
     monkeypatch.setattr(nb, "lib", lambda: None)
     monkeypatch.setattr(_kernels, "status", lambda name: "no compiler in this test")
     with pytest.raises(RuntimeError, match="no compiler in this test"):

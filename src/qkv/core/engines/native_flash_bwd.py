@@ -77,6 +77,16 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: T
     B, Hq, Hkv, Lq, Lk, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.Lq, spec.Lk, spec.D, spec.Dv
     if not (1 <= D <= MAX_HEAD and 1 <= Dv <= MAX_HEAD):
         raise ValueError(f"the native backward takes head sizes 1..{MAX_HEAD}, not D={D}, Dv={Dv}")
+    tensors = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "d_out": d_out}
+    off_cpu = [f"{name} on {t.device}" for name, t in tensors.items() if t.device.type != "cpu"]
+    if off_cpu:  # a CPU kernel is never handed another device's memory
+        raise ValueError(f"the native backward is a CPU kernel: {', '.join(off_cpu)}")
+    shapes = {"q": (B, Hq, Lq, D), "k": (B, Hkv, Lk, D), "v": (B, Hkv, Lk, Dv), "out": (B, Hq, Lq, Dv),
+              "lse": (B, Hq, Lq), "d_out": (B, Hq, Lq, Dv)}
+    wrong = [f"{name} {tuple(tensors[name].shape)} (spec: {shape})" for name, shape in shapes.items()
+             if tuple(tensors[name].shape) != shape]
+    if wrong:
+        raise ValueError(f"the native backward's shapes do not match the spec: {', '.join(wrong)}")
     q, k, v = _rows(q), _rows(k), _rows(v)
     out = out.to(q.dtype).contiguous()
     d_out = d_out.to(q.dtype).contiguous()
