@@ -153,3 +153,16 @@ def test_empty_lengths(Lq, Lk):
     dq, dk, dv = nb.backward(q, k, v, torch.zeros(1, 2, Lq, 8), lse, torch.randn(1, 2, Lq, 8), build_spec(q, k, v))
     assert (dq.shape, dk.shape, dv.shape) == ((1, 2, Lq, 16), (1, 1, Lk, 16), (1, 1, Lk, 8))
     assert not dq.any() and not dk.any() and not dv.any()
+
+
+def test_long_value_rows_that_see_few_keys():
+    """Dv = 200 and rows that see one or two keys: dS = P (dP - delta) cancels almost exactly, so
+    dP = dO . v must carry the error of short partial sums (one running sum of 200 products
+    failed the rule on these inputs)."""
+    q, k, v, up = _inputs(1, 6, 3, 143, 34, 48, 200, torch.float32, seed=3)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # one split: the sums as they were when this failed
+    try:
+        _check(q, k, v, up, {"window": (None, 3)}, "Dv 200, few keys per row")
+    finally:
+        torch.set_num_threads(old)

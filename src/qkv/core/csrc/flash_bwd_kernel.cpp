@@ -169,14 +169,31 @@ inline void micro_cols(int64_t N, int64_t K, const float* A, int64_t as_m, int64
   }
 }
 
+// Products are summed over at most KC terms at a time, each partial sum added to C once: the
+// rounding error of a long dot product (dP = dO . v over Dv = 256, which then cancels against
+// delta) grows with KC plus K / KC terms rather than with K, as in BLAS kernels that split K.
+constexpr int64_t KC = 32;
+
+template <int MR>
+inline void micro_cols_k(bool acc, int64_t N, int64_t K, const float* A, int64_t as_m, int64_t as_k, const float* B,
+                         int64_t ldb, float* C, int64_t ldc) {
+  for (int64_t k = 0; k < K; k += KC) {
+    const int64_t kn = std::min(KC, K - k);
+    if (acc || k > 0)
+      micro_cols<MR, true>(N, kn, A + k * as_k, as_m, as_k, B + k * ldb, ldb, C, ldc);
+    else
+      micro_cols<MR, false>(N, kn, A + k * as_k, as_m, as_k, B + k * ldb, ldb, C, ldc);
+  }
+}
+
 // C (M x N, N a multiple of 16) (+)= A (M x K, element strides as_m, as_k) B (K x N, row stride ldb).
 template <bool ACC>
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t as_m, int64_t as_k, const float* B, int64_t ldb,
           float* C, int64_t ldc) {
   int64_t m = 0;
-  for (; m + 6 <= M; m += 6) micro_cols<6, ACC>(N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
-  for (; m + 4 <= M; m += 4) micro_cols<4, ACC>(N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
-  for (; m < M; ++m) micro_cols<1, ACC>(N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m + 6 <= M; m += 6) micro_cols_k<6>(ACC, N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m + 4 <= M; m += 4) micro_cols_k<4>(ACC, N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m < M; ++m) micro_cols_k<1>(ACC, N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
 }
 
 #ifdef __AVX512BF16__
@@ -215,14 +232,26 @@ inline void micro_bf16_cols(int64_t N, int64_t K2, const uint32_t* A, int64_t as
   }
 }
 
+template <int MR>
+inline void micro_bf16_cols_k(bool acc, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k,
+                              const uint32_t* B, int64_t ldb, float* C, int64_t ldc) {
+  for (int64_t k = 0; k < K2; k += KC / 2) {  // KC products: KC / 2 pairs
+    const int64_t kn = std::min(KC / 2, K2 - k);
+    if (acc || k > 0)
+      micro_bf16_cols<MR, true>(N, kn, A + k * as_k, as_m, as_k, B + k * ldb, ldb, C, ldc);
+    else
+      micro_bf16_cols<MR, false>(N, kn, A + k * as_k, as_m, as_k, B + k * ldb, ldb, C, ldc);
+  }
+}
+
 // C (M x N, N a multiple of 16) (+)= A (M x K2 pairs) B (K2 pairs x N), bfloat16 pairs.
 template <bool ACC>
 void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k, const uint32_t* B,
                int64_t ldb, float* C, int64_t ldc) {
   int64_t m = 0;
-  for (; m + 6 <= M; m += 6) micro_bf16_cols<6, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
-  for (; m + 4 <= M; m += 4) micro_bf16_cols<4, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
-  for (; m < M; ++m) micro_bf16_cols<1, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m + 6 <= M; m += 6) micro_bf16_cols_k<6>(ACC, N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m + 4 <= M; m += 4) micro_bf16_cols_k<4>(ACC, N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m < M; ++m) micro_bf16_cols_k<1>(ACC, N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
 }
 
 // Rows lo and hi (16 float32 each) rounded to bfloat16 and interleaved: 16 words (lo[t], hi[t]).
@@ -487,11 +516,11 @@ void prepare(Args& A, int nthreads) {
       widen_row<KIND>(dr, A.Dv, A.Dvp, dof);
       for (int64_t s = 0; s < A.nsplit; ++s) std::memset(A.dqp + s * per + r * A.Dp, 0, sizeof(float) * A.Dp);
       widen_row<KIND>((const char*)A.out + r * A.Dv * es, A.Dv, A.Dvp, o.data());
-      v16 acc = splat(0.0f);
-      for (int64_t d = 0; d < A.Dvp; d += 16) acc += ld(dof + d) * ld(o.data() + d);
-      float x = 0.0f;
-      for (int t = 0; t < 16; ++t) x += acc[t];
-      A.delta[r] = x;
+      // In float64: delta cancels against dP = dO . v_j, where a row sees few keys almost
+      // exactly (one key: O = v_j and dS = 0), so its own rounding must not add to dP's.
+      double x = 0.0;
+      for (int64_t d = 0; d < A.Dv; ++d) x += double(dof[d]) * double(o[d]);
+      A.delta[r] = float(x);
       const float l = A.lse[r];
       A.lse_s[r] = l == NEG_INF ? INFINITY : l;
       if (A.q16) {
