@@ -169,10 +169,12 @@ inline void micro_cols(int64_t N, int64_t K, const float* A, int64_t as_m, int64
   }
 }
 
-// Products are summed over at most KC terms at a time, each partial sum added to C once: the
-// rounding error of a long dot product (dP = dO . v over Dv = 256, which then cancels against
-// delta) grows with KC plus K / KC terms rather than with K, as in BLAS kernels that split K.
-constexpr int64_t KC = 32;
+// float32 products are summed over at most KC terms at a time, each partial sum added to C
+// once: the rounding error of a long dot product (dP = dO . v over Dv = 256, which then cancels
+// against delta where a row sees few keys) grows with KC plus K / KC terms rather than with K,
+// as in BLAS kernels that split K. (bfloat16 runs are not split: their tolerance is 2^16 times
+// wider than this error.)
+constexpr int64_t KC = 64;
 
 template <int MR>
 inline void micro_cols_k(bool acc, int64_t N, int64_t K, const float* A, int64_t as_m, int64_t as_k, const float* B,
@@ -235,13 +237,10 @@ inline void micro_bf16_cols(int64_t N, int64_t K2, const uint32_t* A, int64_t as
 template <int MR>
 inline void micro_bf16_cols_k(bool acc, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k,
                               const uint32_t* B, int64_t ldb, float* C, int64_t ldc) {
-  for (int64_t k = 0; k < K2; k += KC / 2) {  // KC products: KC / 2 pairs
-    const int64_t kn = std::min(KC / 2, K2 - k);
-    if (acc || k > 0)
-      micro_bf16_cols<MR, true>(N, kn, A + k * as_k, as_m, as_k, B + k * ldb, ldb, C, ldc);
-    else
-      micro_bf16_cols<MR, false>(N, kn, A + k * as_k, as_m, as_k, B + k * ldb, ldb, C, ldc);
-  }
+  if (acc)
+    micro_bf16_cols<MR, true>(N, K2, A, as_m, as_k, B, ldb, C, ldc);
+  else
+    micro_bf16_cols<MR, false>(N, K2, A, as_m, as_k, B, ldb, C, ldc);
 }
 
 // C (M x N, N a multiple of 16) (+)= A (M x K2 pairs) B (K2 pairs x N), bfloat16 pairs.
