@@ -38,6 +38,7 @@ CASES = {
     "diagonal-only-dead-rows": (1, 2, 2, 90, 60, 64, 32, {"window": (0, 0)}),
     "d256-dv200": (1, 2, 1, 70, 80, 256, 200, {"causal": True}),
     "d3-dv5": (1, 2, 2, 33, 21, 3, 5, {}),
+    "one-key-dv256": (2, 8, 2, 251, 1, 48, 256, {"window": (31, None)}),  # dq exactly 0: dS = P (dP - delta) = 0
 }
 
 

@@ -515,11 +515,30 @@ void prepare(Args& A, int nthreads) {
       widen_row<KIND>(dr, A.Dv, A.Dvp, dof);
       for (int64_t s = 0; s < A.nsplit; ++s) std::memset(A.dqp + s * per + r * A.Dp, 0, sizeof(float) * A.Dp);
       widen_row<KIND>((const char*)A.out + r * A.Dv * es, A.Dv, A.Dvp, o.data());
-      // In float64: delta cancels against dP = dO . v_j, where a row sees few keys almost
-      // exactly (one key: O = v_j and dS = 0), so its own rounding must not add to dP's.
-      double x = 0.0;
-      for (int64_t d = 0; d < A.Dv; ++d) x += double(dof[d]) * double(o[d]);
-      A.delta[r] = float(x);
+      // delta cancels against dP = dO . v_j, almost exactly where a row sees few keys and
+      // exactly where it sees one (O = v_j: dS = 0). The float32 path forms it with dP's own
+      // arithmetic (the micro kernel's multiply-adds in order, in KC-term partial sums), so
+      // that O = v_j gives dP - delta = 0 exactly; the bfloat16 products round differently,
+      // and there delta is formed in float64.
+      if (!A.q16) {
+        float x = 0.0f;
+        for (int64_t d0 = 0; d0 < A.Dvp; d0 += KC) {
+          float acc = 0.0f;
+          for (int64_t d = d0; d < std::min(A.Dvp, d0 + KC); ++d) {
+#ifdef __FMA__
+            acc = std::fma(dof[d], o[d], acc);  // fused, as the micro kernel's (explicit: GCC would
+#else                                           // vectorise the products and round them)
+            acc += dof[d] * o[d];
+#endif
+          }
+          x = d0 == 0 ? acc : x + acc;
+        }
+        A.delta[r] = x;
+      } else {
+        double x = 0.0;
+        for (int64_t d = 0; d < A.Dv; ++d) x += double(dof[d]) * double(o[d]);
+        A.delta[r] = float(x);
+      }
       const float l = A.lse[r];
       A.lse_s[r] = l == NEG_INF ? INFINITY : l;
       if (A.q16) {
