@@ -24,9 +24,11 @@
 // rounded up to 16, zeros beyond D), keys and values block by block, so every product is an
 // AVX-512 (or, without it, the compiler's vector extension) multiply-add over 16 lanes and any
 // head size 1..256 runs the same code; bfloat16 inputs are exact in float32. Each product's
-// sum over a block starts from zero and is added to its accumulator once, so a gradient summed
-// over thousands of rows or keys carries the rounding error of (blocks + block size) terms,
-// as SDPA's, not of one running sum (6x larger at L=4096).
+// sum over a block (and over at most 64 terms of the head) starts from zero and is added to its
+// accumulator once, so a gradient summed over thousands of rows or keys carries the rounding
+// error of (blocks + block size) terms, as SDPA's, not of one running sum (6x larger at
+// L=4096). D_i cancels against dP (exactly, in exact arithmetic, where row i sees one key), so
+// the float32 path forms it with dP's own arithmetic.
 // With __AVX512BF16__ bfloat16 inputs run all five products on vdpbf16ps (pairs of exact
 // products summed in float32): q k^T and dO V^T on the raw inputs, and P^T dO, dS^T Q and dS K
 // with P and dS rounded to bfloat16 (round to nearest even), as FA-2 does on GPUs (it feeds P
