@@ -236,23 +236,14 @@ inline void micro_bf16_cols(int64_t N, int64_t K2, const uint32_t* A, int64_t as
   }
 }
 
-template <int MR>
-inline void micro_bf16_cols_k(bool acc, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k,
-                              const uint32_t* B, int64_t ldb, float* C, int64_t ldc) {
-  if (acc)
-    micro_bf16_cols<MR, true>(N, K2, A, as_m, as_k, B, ldb, C, ldc);
-  else
-    micro_bf16_cols<MR, false>(N, K2, A, as_m, as_k, B, ldb, C, ldc);
-}
-
 // C (M x N, N a multiple of 16) (+)= A (M x K2 pairs) B (K2 pairs x N), bfloat16 pairs.
 template <bool ACC>
 void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k, const uint32_t* B,
                int64_t ldb, float* C, int64_t ldc) {
   int64_t m = 0;
-  for (; m + 6 <= M; m += 6) micro_bf16_cols_k<6>(ACC, N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
-  for (; m + 4 <= M; m += 4) micro_bf16_cols_k<4>(ACC, N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
-  for (; m < M; ++m) micro_bf16_cols_k<1>(ACC, N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m + 6 <= M; m += 6) micro_bf16_cols<6, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m + 4 <= M; m += 4) micro_bf16_cols<4, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m < M; ++m) micro_bf16_cols<1, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
 }
 
 // Rows lo and hi (16 float32 each) rounded to bfloat16 and interleaved: 16 words (lo[t], hi[t]).
