@@ -1,0 +1,673 @@
+// qkv FlashAttention-2 backward kernel for CPUs (Dao, 2023, "FlashAttention-2", Algorithm 2).
+//
+// Given q, k, v, the forward's output O and its log-sum-exp lse, and dO, it recomputes each
+// block's probabilities P = exp(scale * q k^T - lse) (never stored whole) and forms
+//   D_i = rowsum(dO_i * O_i), dV += P^T dO, dP = dO V^T, dS = P * (dP - D_i),
+//   dQ += scale * dS K, dK += scale * dS^T Q,
+// over blocks of BQ query rows and BK keys, skipping blocks outside the causal/window band
+// (AttentionSpec.band_edges: row i sees keys [lo_i, hi_i)); a row with lse = -inf saw no key
+// and gets probabilities, hence gradients, 0.
+//
+// Parallel work without atomics. FA-2 (section 3.2) parallelises its backward over key blocks,
+// each owning its dK/dV, and adds dQ with atomic adds across thread blocks. On a CPU with a few
+// cores there are far fewer threads than (batch, head) pairs, so a work item here is a whole
+// (batch row, kv head): it owns dK/dV of its keys AND dQ of all its grouped query heads (GQA,
+// Ainslie et al. 2023: query head h reads kv head h / G; the G heads are summed into one dK/dV
+// and no key is copied per query head), so nothing is shared and nothing is recomputed. Only
+// when the items cannot be shared evenly among the threads (and are fewer than 4 per thread)
+// are an item's keys cut into S <= threads splits of about equal work (tiles in the band),
+// each split with a private dQ buffer, summed at the end (the "per-thread dQ buffers"
+// alternative, at S times dQ's memory); with one split dQ accumulates in dq itself. Items are
+// taken from a shared counter (dynamic scheduling).
+//
+// Arithmetic is float32: queries and dO are widened once into padded float32 copies (head size
+// rounded up to 16, zeros beyond D), keys and values block by block, so every product is an
+// AVX-512 (or, without it, the compiler's vector extension) multiply-add over 16 lanes and any
+// head size 1..256 runs the same code; bfloat16 inputs are exact in float32. Each product's
+// sum over a block (and over at most 64 terms of the head) starts from zero and is added to its
+// accumulator once, so a gradient summed over thousands of rows or keys carries the rounding
+// error of (blocks + block size) terms, as SDPA's, not of one running sum (6x larger at
+// L=4096). D_i cancels against dP (exactly, in exact arithmetic, where row i sees one key), so
+// the float32 path forms it with dP's own arithmetic.
+// With __AVX512BF16__ bfloat16 inputs run all five products on vdpbf16ps (pairs of exact
+// products summed in float32): q k^T and dO V^T on the raw inputs, and P^T dO, dS^T Q and dS K
+// with P and dS rounded to bfloat16 (round to nearest even), as FA-2 does on GPUs (it feeds P
+// and dS to the tensor cores in the input precision); accumulation stays float32 and the
+// gradients stay within the tolerance rule (tests/core/test_native_flash_bwd.py) at under half
+// its bound. Outputs dq, dk, dv: float32.
+//
+// Plain C++17 with GCC/Clang vector extensions (no torch headers), compiled on first use by
+// qkv/core/_kernels.py with -O3 -march=native -fopenmp, loaded with ctypes. OpenMP runs on
+// torch's libgomp; without OpenMP, std::thread.
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+typedef uint32_t u16v __attribute__((vector_size(64)));
+typedef uint16_t h16u __attribute__((vector_size(32), aligned(2)));
+
+constexpr int BQ = 64;  // query rows per block
+constexpr int BK = 64;  // keys per block
+constexpr float NEG_INF = -INFINITY;
+
+// x in all lanes (v16{} + x would add +0.0 first: not an identity for -0.0, so it is kept).
+inline v16 splat(float x) {
+#ifdef __AVX512F__
+  return (v16)_mm512_set1_ps(x);
+#else
+  return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#endif
+}
+inline v16 ld(const float* p) { return *(const v16u*)p; }
+inline void st(float* p, v16 x) { *(v16u*)p = x; }
+
+inline float bf2f(uint16_t h) {
+  uint32_t w = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &w, 4);
+  return f;
+}
+
+template <int KIND>
+inline float load1(const void* base, int64_t i) {
+  if constexpr (KIND == 0)
+    return ((const float*)base)[i];
+  else
+    return bf2f(((const uint16_t*)base)[i]);
+}
+
+// n values (n any) of a row at p -> float32 at dst, zeros up to np (a multiple of 16).
+template <int KIND>
+inline void widen_row(const void* p, int64_t n, int64_t np, float* dst) {
+  int64_t d = 0;
+  if constexpr (KIND == 0) {
+    for (; d + 16 <= n; d += 16) st(dst + d, ld((const float*)p + d));
+  } else {
+    for (; d + 16 <= n; d += 16) {
+#ifdef __AVX512F__
+      st(dst + d, (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + d))), 16));
+#else
+      u16v w = __builtin_convertvector(*(const h16u*)((const uint16_t*)p + d), u16v) << 16;
+      st(dst + d, (v16)w);
+#endif
+    }
+  }
+  for (; d < n; ++d) dst[d] = load1<KIND>(p, d);
+  for (; d < np; ++d) dst[d] = 0.0f;
+}
+
+// exp(x) (Cephes' expf polynomial, about 1 ulp); 0 below -87.3 and for -inf, as the decode kernel.
+inline v16 vexp(v16 x) {
+  const v16 lo = splat(-87.33654f);
+  i16v tiny = x < lo;
+  x = x < lo ? lo : x;
+  x = x > splat(88.0f) ? splat(88.0f) : x;
+  v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v16 y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
+  v16 out = y * (v16)e;
+  return tiny ? splat(0.0f) : out;
+}
+
+// C[m, n] (+)= sum_k A[m*as_m + k*as_k] * B[k*ldb + n] for MR rows and NV*16 columns; the sum
+// over k starts from 0 and is added to C once (ACC), see the top of the file.
+template <int MR, int NV, bool ACC>
+inline void micro(int64_t K, const float* A, int64_t as_m, int64_t as_k, const float* B, int64_t ldb, float* C,
+                  int64_t ldc) {
+  v16 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NV; ++t) acc[r][t] = splat(0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    v16 b[NV];
+    for (int t = 0; t < NV; ++t) {
+      b[t] = ld(B + k * ldb + 16 * t);
+#ifdef __AVX512F__
+      if constexpr (MR > 1) __asm__("" : "+v"(b[t]));  // kept in a register, not reloaded per row
+#endif
+    }
+    for (int r = 0; r < MR; ++r) {
+      const v16 a = splat(A[r * as_m + k * as_k]);
+      for (int t = 0; t < NV; ++t) acc[r][t] += a * b[t];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NV; ++t) st(C + r * ldc + 16 * t, ACC ? ld(C + r * ldc + 16 * t) + acc[r][t] : acc[r][t]);
+}
+
+template <int MR, bool ACC>
+inline void micro_cols(int64_t N, int64_t K, const float* A, int64_t as_m, int64_t as_k, const float* B, int64_t ldb,
+                       float* C, int64_t ldc) {
+  int64_t n = 0;
+  for (; n + 64 <= N; n += 64) micro<MR, 4, ACC>(K, A, as_m, as_k, B + n, ldb, C + n, ldc);
+  switch ((N - n) / 16) {
+    case 3: micro<MR, 3, ACC>(K, A, as_m, as_k, B + n, ldb, C + n, ldc); break;
+    case 2: micro<MR, 2, ACC>(K, A, as_m, as_k, B + n, ldb, C + n, ldc); break;
+    case 1: micro<MR, 1, ACC>(K, A, as_m, as_k, B + n, ldb, C + n, ldc); break;
+    default: break;
+  }
+}
+
+// float32 products are summed over at most KC terms at a time, each partial sum added to C
+// once: the rounding error of a long dot product (dP = dO . v over Dv = 256, which then cancels
+// against delta where a row sees few keys) grows with KC plus K / KC terms rather than with K,
+// as in BLAS kernels that split K. (bfloat16 runs are not split: their tolerance is 2^16 times
+// wider than this error.)
+constexpr int64_t KC = 64;
+
+template <int MR>
+inline void micro_cols_k(bool acc, int64_t N, int64_t K, const float* A, int64_t as_m, int64_t as_k, const float* B,
+                         int64_t ldb, float* C, int64_t ldc) {
+  for (int64_t k = 0; k < K; k += KC) {
+    const int64_t kn = std::min(KC, K - k);
+    if (acc || k > 0)
+      micro_cols<MR, true>(N, kn, A + k * as_k, as_m, as_k, B + k * ldb, ldb, C, ldc);
+    else
+      micro_cols<MR, false>(N, kn, A + k * as_k, as_m, as_k, B + k * ldb, ldb, C, ldc);
+  }
+}
+
+// C (M x N, N a multiple of 16) (+)= A (M x K, element strides as_m, as_k) B (K x N, row stride ldb).
+template <bool ACC>
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t as_m, int64_t as_k, const float* B, int64_t ldb,
+          float* C, int64_t ldc) {
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) micro_cols_k<6>(ACC, N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m + 4 <= M; m += 4) micro_cols_k<4>(ACC, N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m < M; ++m) micro_cols_k<1>(ACC, N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+}
+
+#ifdef __AVX512BF16__
+// bfloat16 products with vdpbf16ps (pairs of exact products summed in float32): in "pair"
+// layouts a 32-bit word holds the two bfloat16 values of k = 2p and 2p + 1.
+// C[m, n] (+)= sum_p A[m*as_m + p*as_k] . B[p*ldb + n] over K2 pairs p, A and B in words.
+template <int MR, int NV, bool ACC>
+inline void micro_bf16(int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k, const uint32_t* B, int64_t ldb,
+                       float* C, int64_t ldc) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K2; ++k) {
+    __m512bh b[NV];
+    for (int t = 0; t < NV; ++t) b[t] = (__m512bh)_mm512_loadu_si512(B + k * ldb + 16 * t);
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32((int)A[r * as_m + k * as_k]);
+      for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], a, b[t]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NV; ++t)
+      _mm512_storeu_ps(C + r * ldc + 16 * t, ACC ? _mm512_add_ps(_mm512_loadu_ps(C + r * ldc + 16 * t), acc[r][t]) : acc[r][t]);
+}
+
+template <int MR, bool ACC>
+inline void micro_bf16_cols(int64_t N, int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k, const uint32_t* B,
+                            int64_t ldb, float* C, int64_t ldc) {
+  int64_t n = 0;
+  for (; n + 64 <= N; n += 64) micro_bf16<MR, 4, ACC>(K2, A, as_m, as_k, B + n, ldb, C + n, ldc);
+  switch ((N - n) / 16) {
+    case 3: micro_bf16<MR, 3, ACC>(K2, A, as_m, as_k, B + n, ldb, C + n, ldc); break;
+    case 2: micro_bf16<MR, 2, ACC>(K2, A, as_m, as_k, B + n, ldb, C + n, ldc); break;
+    case 1: micro_bf16<MR, 1, ACC>(K2, A, as_m, as_k, B + n, ldb, C + n, ldc); break;
+    default: break;
+  }
+}
+
+// C (M x N, N a multiple of 16) (+)= A (M x K2 pairs) B (K2 pairs x N), bfloat16 pairs.
+template <bool ACC>
+void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k, const uint32_t* B,
+               int64_t ldb, float* C, int64_t ldc) {
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) micro_bf16_cols<6, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m + 4 <= M; m += 4) micro_bf16_cols<4, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m < M; ++m) micro_bf16_cols<1, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+}
+
+// Rows lo and hi (16 float32 each) rounded to bfloat16 and interleaved: 16 words (lo[t], hi[t]).
+inline __m512i pair_rows(__m512 lo, __m512 hi) {
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
+                                       5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+#endif
+
+struct Args {
+  int64_t B, Hq, Hkv, G, Lq, Lk, D, Dv, Dp, Dvp, Dp2, Dvp2;
+  const void *q, *k, *v, *out, *dout;
+  int64_t qst[4], kst[4], vst[4];
+  const float* lse;
+  float scale;
+  int64_t left, right, offset;
+  float *dq, *dk, *dv;
+  // Work buffers.
+  float* qf;        // (B, Hq, Lq, Dp) float32 queries, zero-padded
+  float* dof;       // (B, Hq, Lq, Dvp) float32 dO
+  uint16_t* q16;    // (B, Hq, Lq, Dp2) bfloat16 queries (bf16 dot product only), else null
+  uint16_t* do16;   // (B, Hq, Lq, Dvp2) bfloat16 dO, else null
+  uint32_t* q2;     // (B, Hq, Lq2, Dp) words: queries 2p and 2p + 1 paired (bf16 dot product only)
+  uint32_t* do2;    // (B, Hq, Lq2, Dvp) words: dO paired likewise
+  int64_t Lq2;      // (Lq + 1) / 2
+  float* delta;     // (B, Hq, Lq) rowsum(dO * O)
+  float* lse_s;     // (B, Hq, Lq) lse, +inf where -inf (probabilities 0)
+  float* dqp;       // (S, B, Hq, Lq, Dp) dQ accumulators per split (dq itself when S = 1 and Dp = D)
+  int64_t nsplit;
+  std::vector<int64_t> split_at;  // (nsplit + 1) key-block boundaries of the splits
+  std::vector<int64_t> row_lo, row_hi;
+};
+
+inline int64_t clampi(int64_t x, int64_t a, int64_t b) { return x < a ? a : (x > b ? b : x); }
+
+// Query block [i0, i1) against key block [j0, j1): 0 = outside the band, 1 = partly, 2 = wholly inside.
+inline int tile_kind(const Args& A, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  // lo_i and hi_i are nondecreasing in i: the block's rows see keys [lo_i0, hi_(i1-1)) at most.
+  if (A.row_hi[i1 - 1] <= j0 || A.row_lo[i0] >= j1) return 0;
+  return (A.row_lo[i1 - 1] <= j0 && A.row_hi[i0] >= j1) ? 2 : 1;
+}
+
+struct Scratch {
+  float *kf, *kt, *vt, *s, *dp, *dk, *dv;
+  // bf16 dot product only, in words of two bfloat16: kp, vp (Dp2/2 or Dvp2/2, BK) K^T and V^T
+  // paired along the head; k2 (BK/2, Dp) K paired along keys; p2, ds2 (BQ/2, BK) P and dS paired
+  // along rows; dsr (BQ, BK/2) dS paired along keys.
+  uint32_t *kp, *vp, *k2, *p2, *ds2, *dsr;
+  void* mem;
+  explicit Scratch(const Args& A) {
+    const int64_t n = BK * A.Dp * 3 + BK * A.Dvp * 2 + 2 * BQ * BK + (A.Dp2 + A.Dvp2) * BK / 2 + 64 +
+                      BK * A.Dp / 2 + 3 * BQ * BK / 2;
+    mem = std::aligned_alloc(64, ((n * 4 + 63) / 64) * 64);
+    float* p = (float*)mem;
+    kf = p, p += BK * A.Dp;
+    kt = p, p += BK * A.Dp;
+    dk = p, p += BK * A.Dp;
+    vt = p, p += BK * A.Dvp;
+    dv = p, p += BK * A.Dvp;
+    s = p, p += BQ * BK;
+    dp = p, p += BQ * BK;
+    kp = (uint32_t*)p, p += A.Dp2 * BK / 2;
+    vp = (uint32_t*)p, p += A.Dvp2 * BK / 2;
+    k2 = (uint32_t*)p, p += BK * A.Dp / 2;
+    p2 = (uint32_t*)p, p += BQ * BK / 2;
+    ds2 = (uint32_t*)p, p += BQ * BK / 2;
+    dsr = (uint32_t*)p;
+  }
+  ~Scratch() { std::free(mem); }
+};
+
+// One query block [i0, i1) of query head hq against the loaded key block [j0, j0 + n).
+template <int KIND>
+void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t i1, int64_t j0, int64_t n, int kind,
+          float* dq) {
+  const int64_t Dp = A.Dp, Dvp = A.Dvp, bq = i1 - i0;
+  const int64_t row = (b * A.Hq + hq) * A.Lq + i0;
+  const float* qf = A.qf ? A.qf + row * Dp : nullptr;  // float32 path only
+  const float* dof = A.dof ? A.dof + row * Dvp : nullptr;  // float32 path only
+  const float* lse = A.lse_s + row;
+  const float* delta = A.delta + row;
+  float* s = W.s;
+  float* dp = W.dp;
+  bool done = false;
+#ifdef __AVX512BF16__
+  if (KIND == 1 && A.q16) {
+    const uint32_t* q16 = (const uint32_t*)(A.q16 + row * A.Dp2);
+    const uint32_t* do16 = (const uint32_t*)(A.do16 + row * A.Dvp2);
+    gemm_bf16<false>(bq, BK, A.Dp2 / 2, q16, A.Dp2 / 2, 1, W.kp, BK, s, BK);     // S = Q K^T
+    gemm_bf16<false>(bq, BK, A.Dvp2 / 2, do16, A.Dvp2 / 2, 1, W.vp, BK, dp, BK);  // dP = dO V^T
+    done = true;
+  }
+#endif
+  if (!done) {
+    gemm<false>(bq, BK, Dp, qf, Dp, 1, W.kt, BK, s, BK);     // S = Q K^T
+    gemm<false>(bq, BK, Dvp, dof, Dvp, 1, W.vt, BK, dp, BK);  // dP = dO V^T
+  }
+  const v16 sc = splat(A.scale);
+  for (int64_t r = 0; r < bq; ++r) {
+    float* sr = s + r * BK;
+    float* dr = dp + r * BK;
+    const v16 l = splat(lse[r]), dl = splat(delta[r]);
+    for (int c = 0; c < BK; c += 16) {
+      v16 p = vexp(ld(sr + c) * sc - l);
+      st(sr + c, p);
+      st(dr + c, p * (ld(dr + c) - dl));
+    }
+    if (kind == 1 || n < BK) {  // zero what row i0 + r may not see (and the padding keys)
+      const int64_t lo = clampi(A.row_lo[i0 + r] - j0, 0, BK), hi = clampi(A.row_hi[i0 + r] - j0, 0, n);
+      for (int64_t c = 0; c < lo; ++c) sr[c] = dr[c] = 0.0f;
+      for (int64_t c = hi > lo ? hi : lo; c < BK; ++c) sr[c] = dr[c] = 0.0f;
+    }
+  }
+#ifdef __AVX512BF16__
+  if (KIND == 1 && A.q16) {
+    // P and dS rounded to bfloat16 (as FA-2 does on GPUs) for the three products that take them.
+    const int64_t pairs = (bq + 1) / 2;
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t pr = 0; pr < pairs; ++pr) {
+      const float *s0 = s + 2 * pr * BK, *d0 = dp + 2 * pr * BK;
+      const bool two = 2 * pr + 1 < bq;
+      for (int c = 0; c < BK; c += 16) {
+        _mm512_storeu_si512(W.p2 + pr * BK + c, pair_rows(_mm512_loadu_ps(s0 + c), two ? _mm512_loadu_ps(s0 + BK + c) : zero));
+        _mm512_storeu_si512(W.ds2 + pr * BK + c, pair_rows(_mm512_loadu_ps(d0 + c), two ? _mm512_loadu_ps(d0 + BK + c) : zero));
+      }
+    }
+    for (int64_t r = 0; r < bq; ++r)
+      for (int c = 0; c < BK; c += 32)
+        _mm512_storeu_si512(W.dsr + r * (BK / 2) + c / 2,
+                            (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(dp + r * BK + c + 16), _mm512_loadu_ps(dp + r * BK + c)));
+    const uint32_t* do2 = A.do2 + ((b * A.Hq + hq) * A.Lq2 + i0 / 2) * Dvp;
+    const uint32_t* q2 = A.q2 + ((b * A.Hq + hq) * A.Lq2 + i0 / 2) * Dp;
+    gemm_bf16<true>(BK, Dvp, pairs, W.p2, 1, BK, do2, Dvp, W.dv, Dvp);      // dV += P^T dO
+    gemm_bf16<true>(BK, Dp, pairs, W.ds2, 1, BK, q2, Dp, W.dk, Dp);         // dK += dS^T Q
+    gemm_bf16<true>(bq, Dp, BK / 2, W.dsr, BK / 2, 1, W.k2, Dp, dq, Dp);  // dQ += dS K
+    return;
+  }
+#endif
+  gemm<true>(BK, Dvp, bq, s, 1, BK, dof, Dvp, W.dv, Dvp);  // dV += P^T dO
+  gemm<true>(BK, Dp, bq, dp, 1, BK, qf, Dp, W.dk, Dp);     // dK += dS^T Q
+  gemm<true>(bq, Dp, BK, dp, BK, 1, W.kf, Dp, dq, Dp);     // dQ += dS K
+}
+
+// One work item: batch row b, kv head h, key blocks [kb0, kb1) of split `split`.
+template <int KIND>
+void run_item(const Args& A, Scratch& W, int64_t b, int64_t h, int64_t split) {
+  const int64_t Dp = A.Dp, Dvp = A.Dvp, D = A.D, Dv = A.Dv;
+  const int64_t kb0 = A.split_at[split], kb1 = A.split_at[split + 1];
+  const void* kbase = (const char*)A.k + (b * A.kst[0] + h * A.kst[1]) * (KIND == 0 ? 4 : 2);
+  const void* vbase = (const char*)A.v + (b * A.vst[0] + h * A.vst[1]) * (KIND == 0 ? 4 : 2);
+  const int64_t es = KIND == 0 ? 4 : 2;
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const int64_t j0 = kb * BK, n = std::min<int64_t>(BK, A.Lk - j0);
+    bool any = false;
+    for (int64_t i0 = 0; i0 < A.Lq && !any; i0 += BQ) any = tile_kind(A, i0, std::min<int64_t>(A.Lq, i0 + BQ), j0, j0 + n) != 0;
+    if (any && !(KIND == 1 && A.q16)) {
+      // Keys and values of the block: float32 rows (kf), transposed (kt, vt), zero-padded.
+      for (int64_t c = 0; c < BK; ++c) {
+        float* kr = W.kf + c * Dp;
+        if (c < n)
+          widen_row<KIND>((const char*)kbase + (j0 + c) * A.kst[2] * es, D, Dp, kr);
+        else
+          std::memset(kr, 0, sizeof(float) * Dp);
+        for (int64_t d = 0; d < Dp; ++d) W.kt[d * BK + c] = kr[d];
+      }
+      float* vrow = W.dv;  // dv is zeroed below; borrowed as a one-row buffer here
+      for (int64_t c = 0; c < BK; ++c) {
+        if (c < n)
+          widen_row<KIND>((const char*)vbase + (j0 + c) * A.vst[2] * es, Dv, Dvp, vrow);
+        else
+          std::memset(vrow, 0, sizeof(float) * Dvp);
+        for (int64_t d = 0; d < Dvp; ++d) W.vt[d * BK + c] = vrow[d];
+      }
+    }
+#ifdef __AVX512BF16__
+    if (any && KIND == 1 && A.q16) {  // the raw bfloat16 values, paired: kp[d/2][c][d&1], k2[c/2][d][c&1]
+      uint16_t *kp = (uint16_t*)W.kp, *vp = (uint16_t*)W.vp, *k2 = (uint16_t*)W.k2;
+      for (int64_t c = 0; c < BK; ++c) {
+        const uint16_t* kr = c < n ? (const uint16_t*)kbase + (j0 + c) * A.kst[2] : nullptr;
+        const uint16_t* vr = c < n ? (const uint16_t*)vbase + (j0 + c) * A.vst[2] : nullptr;
+        if (kr && !(D & 1)) {  // whole words: one 32-bit copy per pair
+          for (int64_t w = 0; w < D / 2; ++w) std::memcpy(W.kp + w * BK + c, kr + 2 * w, 4);
+        } else {
+          for (int64_t d = 0; d < A.Dp2; ++d) kp[(d / 2) * 2 * BK + 2 * c + (d & 1)] = kr && d < D ? kr[d] : 0;
+        }
+        if (vr && !(Dv & 1)) {
+          for (int64_t w = 0; w < Dv / 2; ++w) std::memcpy(W.vp + w * BK + c, vr + 2 * w, 4);
+        } else {
+          for (int64_t d = 0; d < A.Dvp2; ++d) vp[(d / 2) * 2 * BK + 2 * c + (d & 1)] = vr && d < Dv ? vr[d] : 0;
+        }
+        uint16_t* k2c = k2 + (c / 2) * Dp * 2 + (c & 1);
+        if (kr) {
+          for (int64_t d = 0; d < D; ++d) k2c[2 * d] = kr[d];
+          for (int64_t d = D; d < Dp; ++d) k2c[2 * d] = 0;
+        } else {
+          for (int64_t d = 0; d < Dp; ++d) k2c[2 * d] = 0;
+        }
+      }
+    }
+#endif
+    std::memset(W.dk, 0, sizeof(float) * BK * Dp);
+    std::memset(W.dv, 0, sizeof(float) * BK * Dvp);
+    if (any) {
+      for (int64_t g = 0; g < A.G; ++g) {
+        const int64_t hq = h * A.G + g;
+        float* dqh = A.dqp + ((split * A.B + b) * A.Hq + hq) * A.Lq * Dp;
+        for (int64_t i0 = 0; i0 < A.Lq; i0 += BQ) {
+          const int64_t i1 = std::min<int64_t>(A.Lq, i0 + BQ);
+          const int kind = tile_kind(A, i0, i1, j0, j0 + n);
+          if (kind) tile<KIND>(A, W, b, hq, i0, i1, j0, n, kind, dqh + i0 * Dp);
+        }
+      }
+    }
+    // dK = scale * (sum over the group of dS^T Q), dV = sum of P^T dO, for the block's n keys.
+    float* dk = A.dk + ((b * A.Hkv + h) * A.Lk + j0) * D;
+    float* dv = A.dv + ((b * A.Hkv + h) * A.Lk + j0) * Dv;
+    for (int64_t c = 0; c < n; ++c) {
+      for (int64_t d = 0; d < D; ++d) dk[c * D + d] = A.scale * W.dk[c * Dp + d];
+      std::memcpy(dv + c * Dv, W.dv + c * Dvp, sizeof(float) * Dv);
+    }
+  }
+}
+
+template <typename F>
+void parallel(int nthreads, int64_t items, F&& f) {
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int t) {
+    for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) f(t, it);
+  };
+  if (nthreads <= 1 || items <= 1) {
+    worker(0);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+  worker(omp_get_thread_num());
+#else
+  std::vector<std::thread> pool;
+  for (int t = 1; t < nthreads; ++t) pool.emplace_back(worker, t);
+  worker(0);
+  for (auto& th : pool) th.join();
+#endif
+}
+
+template <int KIND>
+void prepare(Args& A, int nthreads) {
+  // Per row: float32 (or bfloat16 and paired) copies of q and dO, delta = rowsum(dO * O),
+  // lse_s, and the row's dQ accumulators zeroed (the buffers are not initialised: each row is
+  // written here whole, on the thread that will mostly use it).
+  const int64_t rows = A.B * A.Hq * A.Lq, per = rows * A.Dp;
+  const int64_t chunk = 256;
+  parallel(nthreads, (rows + chunk - 1) / chunk, [&](int, int64_t it) {
+    std::vector<float> o(A.Dvp), do_row(A.Dvp);
+    for (int64_t r = it * chunk; r < std::min(rows, (it + 1) * chunk); ++r) {
+      const int64_t i = r % A.Lq, bh = r / A.Lq, hq = bh % A.Hq, b = bh / A.Hq;
+      const int64_t es = KIND == 0 ? 4 : 2;
+      const void* qr = (const char*)A.q + (b * A.qst[0] + hq * A.qst[1] + i * A.qst[2]) * es;
+      if (!A.q16) widen_row<KIND>(qr, A.D, A.Dp, A.qf + r * A.Dp);
+      const void* dr = (const char*)A.dout + r * A.Dv * es;
+      float* dof = A.dof ? A.dof + r * A.Dvp : do_row.data();
+      widen_row<KIND>(dr, A.Dv, A.Dvp, dof);
+      for (int64_t s = 0; s < A.nsplit; ++s) std::memset(A.dqp + s * per + r * A.Dp, 0, sizeof(float) * A.Dp);
+      widen_row<KIND>((const char*)A.out + r * A.Dv * es, A.Dv, A.Dvp, o.data());
+      // delta cancels against dP = dO . v_j, almost exactly where a row sees few keys and
+      // exactly where it sees one (O = v_j: dS = 0). The float32 path forms it with dP's own
+      // arithmetic (the micro kernel's multiply-adds in order, in KC-term partial sums), so
+      // that O = v_j gives dP - delta = 0 exactly; the bfloat16 products round differently,
+      // and there delta is formed in float64.
+      if (!A.q16) {
+        float x = 0.0f;
+        for (int64_t d0 = 0; d0 < A.Dvp; d0 += KC) {
+          float acc = 0.0f;
+          for (int64_t d = d0; d < std::min(A.Dvp, d0 + KC); ++d) {
+#ifdef __FMA__
+            acc = std::fma(dof[d], o[d], acc);  // fused, as the micro kernel's (explicit: GCC would
+#else                                           // vectorise the products and round them)
+            acc += dof[d] * o[d];
+#endif
+          }
+          x = d0 == 0 ? acc : x + acc;
+        }
+        A.delta[r] = x;
+      } else {
+        double x = 0.0;
+        for (int64_t d = 0; d < A.Dv; ++d) x += double(dof[d]) * double(o[d]);
+        A.delta[r] = float(x);
+      }
+      const float l = A.lse[r];
+      A.lse_s[r] = l == NEG_INF ? INFINITY : l;
+      if (A.q16) {
+        const uint16_t *q16 = (const uint16_t*)qr, *d16 = (const uint16_t*)dr;
+        for (int64_t d = 0; d < A.Dp2; ++d) A.q16[r * A.Dp2 + d] = d < A.D ? q16[d] : 0;
+        for (int64_t d = 0; d < A.Dvp2; ++d) A.do16[r * A.Dvp2 + d] = d < A.Dv ? d16[d] : 0;
+        // Paired rows: word (i/2, d) holds rows i & ~1 and i | 1 (zeros past D, and past Lq when odd).
+        uint16_t* q2 = (uint16_t*)(A.q2 + (bh * A.Lq2 + i / 2) * A.Dp) + (i & 1);
+        uint16_t* do2 = (uint16_t*)(A.do2 + (bh * A.Lq2 + i / 2) * A.Dvp) + (i & 1);
+        for (int64_t d = 0; d < A.Dp; ++d) q2[2 * d] = d < A.D ? q16[d] : 0;
+        for (int64_t d = 0; d < A.Dvp; ++d) do2[2 * d] = d < A.Dv ? d16[d] : 0;
+        if (i == A.Lq - 1 && !(i & 1)) {  // an odd length: the last pair's second row is zeros
+          for (int64_t d = 0; d < A.Dp; ++d) q2[2 * d + 1] = 0;
+          for (int64_t d = 0; d < A.Dvp; ++d) do2[2 * d + 1] = 0;
+        }
+      }
+    }
+  });
+}
+
+template <int KIND>
+void run_all(Args& A, int nthreads) {
+  prepare<KIND>(A, nthreads);
+  const int64_t items = A.B * A.Hkv * A.nsplit;
+  std::vector<Scratch*> scratch(nthreads, nullptr);
+  parallel(nthreads, items, [&](int t, int64_t it) {
+    if (!scratch[t]) scratch[t] = new Scratch(A);
+    const int64_t split = it % A.nsplit, bh = it / A.nsplit;
+    run_item<KIND>(A, *scratch[t], bh / A.Hkv, bh % A.Hkv, split);
+  });
+  for (auto* s : scratch) delete s;
+  // dq = scale * (sum of the splits' accumulators), cropped to D (in place where dq was the one).
+  const int64_t rows = A.B * A.Hq * A.Lq, per = rows * A.Dp, chunk = 256;
+  parallel(nthreads, (rows + chunk - 1) / chunk, [&](int, int64_t it) {
+    for (int64_t r = it * chunk; r < std::min(rows, (it + 1) * chunk); ++r)
+      for (int64_t d = 0; d < A.D; ++d) {
+        if (A.dqp == A.dq) {
+          A.dq[r * A.D + d] *= A.scale;
+          continue;
+        }
+        float x = 0.0f;
+        for (int64_t s = 0; s < A.nsplit; ++s) x += A.dqp[s * per + r * A.Dp + d];
+        A.dq[r * A.D + d] = A.scale * x;
+      }
+  });
+}
+
+// Splits of each (batch row, kv head)'s key blocks: the fewest (at most the thread count, as
+// each split costs a dQ buffer) that give the threads equal shares (a multiple of the thread
+// count) or at least 4 items each; cut where the count of band tiles is even.
+void plan_splits(Args& A, int nthreads) {
+  const int64_t nkb = (A.Lk + BK - 1) / BK, items = A.B * A.Hkv;
+  int64_t S = 1;
+  while (S < nthreads && (items * S) % nthreads != 0 && items * S < 4 * nthreads) ++S;
+  if (S > nkb) S = nkb;
+  if (S < 1) S = 1;
+  std::vector<int64_t> work(nkb + 1, 0);  // prefix sums of tiles per key block
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    const int64_t j0 = kb * BK, j1 = std::min<int64_t>(A.Lk, j0 + BK);
+    int64_t w = 1;
+    for (int64_t i0 = 0; i0 < A.Lq; i0 += BQ) w += tile_kind(A, i0, std::min<int64_t>(A.Lq, i0 + BQ), j0, j1) != 0;
+    work[kb + 1] = work[kb] + w;
+  }
+  A.nsplit = S;
+  A.split_at.assign(S + 1, nkb);
+  A.split_at[0] = 0;
+  int64_t kb = 0;
+  for (int64_t s = 1; s < S; ++s) {
+    const int64_t target = work[nkb] * s / S;
+    while (kb < nkb && work[kb] < target) ++kb;
+    A.split_at[s] = kb;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int qkv_flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
+                  const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
+                  const int64_t* vst, const void* out, const void* dout, const float* lse, float scale, int64_t left,
+                  int64_t right, int64_t offset, float* dq, float* dk, float* dv, int threads) {
+  if (kind != 0 && kind != 1) return 1;
+  if (D < 1 || D > 256 || Dv < 1 || Dv > 256 || Hkv < 1 || Hq % Hkv != 0) return 2;
+  if (threads < 1) threads = 1;
+  Args A;
+  A.B = B, A.Hq = Hq, A.Hkv = Hkv, A.G = Hq / Hkv, A.Lq = Lq, A.Lk = Lk, A.D = D, A.Dv = Dv;
+  A.Dp = (D + 15) / 16 * 16, A.Dvp = (Dv + 15) / 16 * 16;
+  A.Dp2 = (D + 1) / 2 * 2, A.Dvp2 = (Dv + 1) / 2 * 2;
+  A.q = q, A.k = k, A.v = v, A.out = out, A.dout = dout, A.lse = lse, A.scale = scale;
+  for (int t = 0; t < 4; ++t) A.qst[t] = qst[t], A.kst[t] = kst[t], A.vst[t] = vst[t];
+  A.left = left, A.right = right, A.offset = offset;
+  A.dq = dq, A.dk = dk, A.dv = dv;
+  if (B == 0 || Hq == 0) return 0;
+  if (Lk == 0 || Lq == 0) {
+    std::memset(dq, 0, sizeof(float) * B * Hq * Lq * D);
+    std::memset(dk, 0, sizeof(float) * B * Hkv * Lk * D);
+    std::memset(dv, 0, sizeof(float) * B * Hkv * Lk * Dv);
+    return 0;
+  }
+  A.row_lo.resize(Lq), A.row_hi.resize(Lq);
+  for (int64_t i = 0; i < Lq; ++i) {
+    const int64_t pos = i + offset;
+    const int64_t lo = left < 0 ? 0 : clampi(pos - left, 0, Lk);
+    const int64_t hi = right < 0 ? Lk : clampi(pos + right + 1, 0, Lk);
+    A.row_lo[i] = lo, A.row_hi[i] = hi > lo ? hi : lo;
+  }
+  plan_splits(A, threads);
+  const int64_t rows = B * Hq * Lq;
+  bool bf16dot = false;
+#ifdef __AVX512BF16__
+  bf16dot = kind == 1;
+#endif
+  // Work buffers, uninitialised (prepare writes every element that is read). dQ accumulates in
+  // dq itself where there is one split and no padding of the head.
+  A.Lq2 = (Lq + 1) / 2;
+  const int64_t pairs = B * Hq * A.Lq2;
+  const bool direct = A.nsplit == 1 && A.Dp == D;
+  std::unique_ptr<float[]> qf(bf16dot ? nullptr : new float[rows * A.Dp]);
+  std::unique_ptr<float[]> dof(bf16dot ? nullptr : new float[rows * A.Dvp]);
+  std::unique_ptr<float[]> delta(new float[rows]), lse_s(new float[rows]);
+  std::unique_ptr<float[]> dqp(direct ? nullptr : new float[A.nsplit * rows * A.Dp]);
+  std::unique_ptr<uint16_t[]> q16(bf16dot ? new uint16_t[rows * A.Dp2] : nullptr);
+  std::unique_ptr<uint16_t[]> do16(bf16dot ? new uint16_t[rows * A.Dvp2] : nullptr);
+  std::unique_ptr<uint32_t[]> q2(bf16dot ? new uint32_t[pairs * A.Dp] : nullptr);
+  std::unique_ptr<uint32_t[]> do2(bf16dot ? new uint32_t[pairs * A.Dvp] : nullptr);
+  A.qf = qf.get(), A.dof = dof.get(), A.delta = delta.get(), A.lse_s = lse_s.get();
+  A.dqp = direct ? dq : dqp.get();
+  A.q16 = q16.get(), A.do16 = do16.get(), A.q2 = q2.get(), A.do2 = do2.get();
+  if (kind == 0)
+    run_all<0>(A, threads);
+  else
+    run_all<1>(A, threads);
+  return 0;
+}
+
+int qkv_flash_bwd_version() { return 1; }
+
+}  // extern "C"

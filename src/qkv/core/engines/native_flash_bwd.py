@@ -1,0 +1,107 @@
+"""The native FlashAttention-2 backward: the ctypes binding of csrc/flash_bwd_kernel.cpp.
+
+The kernel (compiled on first use by `qkv.core._kernels`) recomputes each block's
+probabilities from the forward's lse and forms dq, dk, dv in float32 (FlashAttention-2,
+Dao 2023, Algorithm 2), block by block under the causal/window band, for float32 and
+bfloat16 inputs; a work item is a (batch row, kv head) that owns dk/dv of its keys and dq of
+its grouped query heads, so the threads share nothing (see the kernel's comment). This module
+only prepares the arguments: `backward` is what the native autograd Function calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _kernels
+from ..spec import AttentionSpec
+
+NAME = "flash_bwd_kernel"
+KINDS = {torch.float32: 0, torch.bfloat16: 1}
+MAX_HEAD = 256  # the largest D and Dv the kernel takes
+
+_typed: set[int] = set()
+
+
+def lib() -> Optional[ctypes.CDLL]:
+    """The compiled csrc/flash_bwd_kernel.cpp with its ctypes signatures, or None (see _kernels)."""
+    kernel = _kernels.load(NAME)
+    if kernel is None or id(kernel) in _typed:
+        return kernel
+    return typed(kernel)
+
+
+def typed(kernel: ctypes.CDLL) -> ctypes.CDLL:
+    """`kernel` (a build of csrc/flash_bwd_kernel.cpp) with the ctypes signatures of its functions."""
+    p, i64, i64p = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
+    kernel.qkv_flash_bwd.restype = ctypes.c_int
+    kernel.qkv_flash_bwd.argtypes = [
+        ctypes.c_int, i64, i64, i64, i64, i64, i64, i64,  # kind, B, Hq, Hkv, Lq, Lk, D, Dv
+        p, i64p, p, i64p, p, i64p,  # q, qst, k, kst, v, vst
+        p, p, p,  # out, dout, lse
+        ctypes.c_float, i64, i64, i64,  # scale, left, right, offset
+        p, p, p, ctypes.c_int]  # dq, dk, dv, threads
+    kernel.qkv_flash_bwd_version.restype = ctypes.c_int
+    _typed.add(id(kernel))
+    return kernel
+
+
+def _i64(values) -> "ctypes.Array":
+    return (ctypes.c_int64 * len(values))(*[int(x) for x in values])
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t itself where its last stride is 1 (any other strides), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
+             spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of attention under `spec`'s band (causal/window; no other constraint) from the
+    forward's out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) (natural log, -inf = the row saw no key)
+    and d_out like out -> dq (B, Hq, Lq, D), dk (B, Hkv, Lk, D), dv (B, Hkv, Lk, Dv), float32.
+
+    q, k, v: float32 or bfloat16 CPU tensors of one dtype, any strides (copied where the last
+    is not 1). Raises RuntimeError naming the reason where the kernel cannot be loaded."""
+    kernel = lib()
+    if kernel is None:
+        raise RuntimeError(f"the native {NAME} is unavailable: {_kernels.status(NAME)}")
+    if q.dtype not in KINDS or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"the native backward takes float32 or bfloat16 q, k, v of one dtype, "
+                         f"not {q.dtype}, {k.dtype}, {v.dtype}")
+    if spec.has_dense_constraints or spec.score_mod is not None or spec.dropout_p > 0.0:
+        raise ValueError("the native backward takes causal/window bands only (no masks, score_mod or dropout)")
+    B, Hq, Hkv, Lq, Lk, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.Lq, spec.Lk, spec.D, spec.Dv
+    if not (1 <= D <= MAX_HEAD and 1 <= Dv <= MAX_HEAD):
+        raise ValueError(f"the native backward takes head sizes 1..{MAX_HEAD}, not D={D}, Dv={Dv}")
+    tensors = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "d_out": d_out}
+    off_cpu = [f"{name} on {t.device}" for name, t in tensors.items() if t.device.type != "cpu"]
+    if off_cpu:  # a CPU kernel is never handed another device's memory
+        raise ValueError(f"the native backward is a CPU kernel: {', '.join(off_cpu)}")
+    shapes = {"q": (B, Hq, Lq, D), "k": (B, Hkv, Lk, D), "v": (B, Hkv, Lk, Dv), "out": (B, Hq, Lq, Dv),
+              "lse": (B, Hq, Lq), "d_out": (B, Hq, Lq, Dv)}
+    wrong = [f"{name} {tuple(tensors[name].shape)} (spec: {shape})" for name, shape in shapes.items()
+             if tuple(tensors[name].shape) != shape]
+    if wrong:
+        raise ValueError(f"the native backward's shapes do not match the spec: {', '.join(wrong)}")
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    out = out.to(q.dtype).contiguous()
+    d_out = d_out.to(q.dtype).contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
+    dk = torch.empty(B, Hkv, Lk, D, dtype=torch.float32)
+    dv = torch.empty(B, Hkv, Lk, Dv, dtype=torch.float32)
+    left = -1 if spec.left is None else spec.left
+    right = -1 if spec.right is None else spec.right
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    rc = kernel.qkv_flash_bwd(
+        KINDS[q.dtype], B, Hq, Hkv, Lq, Lk, D, Dv,
+        ptr(q), _i64(q.stride()), ptr(k), _i64(k.stride()), ptr(v), _i64(v.stride()),
+        ptr(out), ptr(d_out), ptr(lse), spec.scale, left, right, spec.offset,
+        ptr(dq), ptr(dk), ptr(dv), max(1, torch.get_num_threads()))
+    if rc != 0:
+        raise RuntimeError(f"qkv's native flash backward kernel failed with code {rc}")
+    return dq, dk, dv
