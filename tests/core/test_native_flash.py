@@ -17,6 +17,7 @@ import torch
 
 import qkv
 from qkv.core import _kernels
+from qkv.core.api import choose_backend
 from qkv.core.backend import native
 from qkv.core.engines import flash, native_flash
 from qkv.core.spec import build_spec
@@ -178,7 +179,32 @@ def test_refusals_name_what_and_which_backend():
     big = _inputs(1, 2, 2, 3, 3, 300, 16, torch.float32, seed=2)
     with pytest.raises(ValueError, match="up to 256.*'tiled'"):
         qkv.attention(*big, backend="native")
-    assert native.BACKEND.auto is None, "opt-in: auto never chooses the native backend"
+
+
+@pytest.mark.parametrize("shape,dtype,causal,claimed", [
+    ((1, 8, 8, 1024, 1024, 64, 64), torch.float32, False, True),   # 2^20 pairs: measured 1.16x
+    ((1, 8, 8, 512, 512, 64, 64), torch.float32, False, False),    # 1.04x: too close to call a win
+    ((1, 8, 8, 512, 512, 64, 64), torch.bfloat16, True, True),     # 2^18 pairs in bfloat16
+    ((1, 8, 8, 128, 128, 64, 64), torch.bfloat16, False, False),
+    ((1, 8, 8, 1024, 1024, 128, 128), torch.float32, False, False),  # float32 D=128 without a band: parity
+    ((1, 8, 8, 1024, 1024, 128, 128), torch.float32, True, True),    # causal D=128: 1.32x
+    ((1, 8, 8, 1024, 1024, 256, 256), torch.bfloat16, False, False),  # not measured
+    ((1, 8, 2, 1024, 1024, 64, 64), torch.float32, False, False),   # grouped-query heads: not measured
+    ((1, 8, 8, 512, 2048, 64, 64), torch.float32, True, False),     # a query chunk (Lq != Lk): not measured
+])
+def test_auto_claims_only_what_was_measured(monkeypatch, shape, dtype, causal, claimed):
+    """The rule (backend/native.py's comment gives the measurements) on the CPU kind it was measured on,
+    and nothing on any other kind."""
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q = torch.zeros(B, Hq, Lq, D, dtype=dtype)
+    k, v = torch.zeros(B, Hkv, Lk, D, dtype=dtype), torch.zeros(B, Hkv, Lk, Dv, dtype=dtype)
+    spec = build_spec(q, k, v, causal=causal)
+    monkeypatch.setattr(native, "measured_cpu", lambda: True)
+    assert native.auto(spec, q, False) is claimed
+    assert (choose_backend(spec, q, False) == "native") is claimed
+    monkeypatch.setattr(native, "measured_cpu", lambda: False)
+    assert native.auto(spec, q, False) is False and choose_backend(spec, q, False) == "sdpa"
+    assert native.auto(spec, q.to("meta"), False) is False  # never a CUDA (or any other device's) tensor
 
 
 def test_kernel_return_codes():

@@ -4,15 +4,17 @@ Dao, 2023, "FlashAttention-2": the forward runs in csrc/flash_fwd_kernel.cpp (co
 first use, engines/native_flash.py), causal and windowed bands included, GQA without copying
 keys, the lse out; gradients through an autograd Function that keeps q, k, v, out and lse and
 recomputes the probabilities (the native backward kernel where it exists, else the tiled
-engine's backward). Opt-in (`backend="native"`): `auto` does not choose it. Masks, score
-functions, dropout, other dtypes and devices are refused by name, with the backend that can.
-Layout: docs/architecture.md.
+engine's backward). Masks, score functions, dropout, other dtypes and devices are refused by
+name, with the backend that can. `auto` chooses it only where it was measured to win (`auto`
+below); everywhere else `backend="native"` asks for it. Layout: docs/architecture.md.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .. import _kernels, _memory
@@ -62,4 +64,51 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
     return _memory.linear(spec, q, 1 << 16), "packed keys and values, output and gradients, linear in length"
 
 
-BACKEND = Backend("native", forward, unsupported, memory=memory, auto=None)
+# `auto`'s rule, measured on one CPU kind: an AMD EPYC (Zen 4: AVX-512 with AVX512-BF16, no AMX),
+# 2 threads, B=1, H=8, with `python benchmarks/attention.py --backends native --lengths 64 128 256
+# 512 1024 2048 --repeats 7`, `--dim 128 --lengths 1024 4096`, `--lengths 4096` and `16384`, and
+# `--backward --lengths 512 1024` and `4096` (docs/benchmarks.md, "The native kernel"). As SDPA
+# time / native time, forward: float32 D=64 0.36x-0.93x below 512 tokens, 1.04x at 512, 1.08x-1.45x
+# from 1024 on; float32 D=128 0.96x-1.01x without a band, 1.11x-1.32x causal; bfloat16 0.49x-0.92x
+# up to 128 tokens, 1.10x-2.04x from 256 on, D=128 1.36x-1.88x. Forward and backward: 1.18x-2.20x
+# at 512, 1024 and 4096 tokens. No second CPU kind was lent: on others (an Intel Xeon whose SDPA
+# runs bfloat16 on AMX tiles reaches 3x this kernel's bfloat16 rate) the rule claims nothing, and
+# neither does it for shapes not measured: a query block other than the whole sequence (Lq != Lk),
+# windows, grouped-query heads.
+AUTO_MIN_CELLS = {torch.float32: 1 << 20, torch.bfloat16: 1 << 18}  # Lq x Lk from which it wins
+AUTO_MAX_DIM = {torch.float32: 64, torch.bfloat16: 128}  # head sizes measured to win (float32 causal: 128)
+
+
+@functools.lru_cache(maxsize=1)
+def measured_cpu() -> bool:
+    """Whether this CPU is of the kind `auto`'s rule was measured on: AMD with AVX512-BF16, no AMX
+    (read from /proc/cpuinfo; False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read(1 << 16)
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return "AuthenticAMD" in info and "avx512_bf16" in flags and "amx_tile" not in flags
+
+
+def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
+    """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs, causal or unbanded, one kv head
+    per query head, head sizes up to AUTO_MAX_DIM (float32 causal: 128), on the CPU kind measured
+    (`measured_cpu`), where the kernel builds. The measurements are in the comment above."""
+    dtype = q.dtype
+    if q.device.type != "cpu" or dtype not in AUTO_MIN_CELLS:
+        return False
+    if spec.has_dense_constraints or spec.score_mod is not None or spec.dropout_p > 0.0:
+        return False
+    if spec.Lq != spec.Lk or spec.left is not None or spec.right not in (None, 0) or spec.Hq != spec.Hkv:
+        return False
+    if spec.Lq * spec.Lk < AUTO_MIN_CELLS[dtype]:
+        return False
+    max_dim = 128 if dtype == torch.float32 and spec.right == 0 else AUTO_MAX_DIM[dtype]
+    if max(spec.D, spec.Dv) > max_dim or not measured_cpu():
+        return False
+    return native_flash.lib() is not None  # built on first use, only for a call the rule claims
+
+
+BACKEND = Backend("native", forward, unsupported, memory=memory, auto=auto, priority=25)
