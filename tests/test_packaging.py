@@ -102,7 +102,9 @@ def test_the_wheel_holds_the_package_and_its_license(wheel):
     # What a user needs beyond the code, by name, so a change of the rule above cannot hide them.
     for needed in ("qkv/py.typed", "qkv/inspect/assets/explain.js", "qkv/inspect/assets/explain.css",
                    "qkv/web/static/index.html", "qkv/core/csrc/decode_kernel.cpp",
-                   "qkv/models/bundled/recall/model.safetensors", "qkv/models/bundled/translate/config.json"):
+                   "qkv/core/csrc/flash_fwd_kernel.cpp", "qkv/core/csrc/flash_bwd_kernel.cpp",
+                   "qkv/models/bundled/recall/model.safetensors", "qkv/models/bundled/translate/config.json",
+                   "qkv/models/bundled/digits/samples/digit-0.png"):
         assert needed in names, needed
     dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
     license_file = f"{dist_info}/licenses/LICENSE"
