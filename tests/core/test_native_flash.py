@@ -177,7 +177,7 @@ def test_refusals_name_what_and_which_backend():
     with pytest.raises(ValueError, match="dropout"):
         qkv.attention(q, k, v, dropout_p=0.1, backend="native")
     big = _inputs(1, 2, 2, 3, 3, 300, 16, torch.float32, seed=2)
-    with pytest.raises(ValueError, match="up to 256.*'tiled'"):
+    with pytest.raises(ValueError, match="1 to 256.*'tiled'"):
         qkv.attention(*big, backend="native")
 
 
@@ -263,3 +263,70 @@ def test_scale_many_groups_and_empty_sizes(dtype):
     q, k, v = _inputs(1, 4, 2, 0, 9, 16, 8, dtype, seed=33)
     out, lse = qkv.attention_with_lse(q, k, v, backend="native")
     assert out.shape == (1, 4, 0, 8) and lse.shape == (1, 4, 0)
+
+
+# ------------------------------------------------------------------ review findings: large logits, the guard's
+# wide run, second-order gradients, empty head sizes
+
+
+@pytest.mark.parametrize("scale", [3.0, 1e3, 1e6])
+def test_large_logits_follow_the_reference(scale):
+    """Scores far from O(1): exp(y - now) is formed from the difference, so the max key weighs 1 exactly."""
+    q, k, v = _inputs(1, 4, 2, 33, 130, 64, 24, torch.float32, seed=11)
+    _check(q, k, v, f"scale {scale}", scale=scale)
+    one, _ = qkv.attention_with_lse(q[:, :, :1], k[:, :, :1], v[:, :, :1], backend="native", scale=scale)
+    assert torch.equal(one, v[:, :, :1].repeat_interleave(2, dim=1)), "one key: the output is its value exactly"
+
+
+def test_gradients_at_large_logits_and_head_size_256():
+    """The forward's scores are summed as the backward recomputes them (pieces of 64 terms)."""
+    q, k, v = _inputs(1, 16, 1, 1, 130, 255, 256, torch.float32, seed=12)
+    g = torch.randn(1, 16, 1, 256, generator=torch.Generator().manual_seed(13), dtype=torch.float64).float()
+    xs64 = [t.double().requires_grad_() for t in (q, k, v)]
+    exact = grads(qkv.attention(*xs64, scale=3.0, backend="reference"), xs64, g.double())
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    plain = grads(qkv.attention(*xs, scale=3.0, backend="reference"), xs, g)
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    fast = grads(qkv.attention(*xs, scale=3.0, backend="native"), xs, g)
+    for name, f, p, e in zip("qkv", fast, plain, exact):
+        assert_within_rule(f, p, e, factor=GRAD_FACTOR, what=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", ["native", "auto"])
+def test_huge_finite_inputs_take_the_guards_wide_run(backend, monkeypatch):
+    """Finite scores that could overflow float32 are recomputed in float64 by the non-finite guard;
+    the native backend hands that run to the FA-2 engine instead of refusing float64."""
+    monkeypatch.setattr(native, "measured_cpu", lambda: True)
+    q = torch.randn(1, 2, 1024, 64, generator=torch.Generator().manual_seed(14)) * 1e17
+    got = qkv.attention(q, q, q, causal=True, backend=backend)
+    want = qkv.attention(q.double(), q.double(), q.double(), causal=True, backend="reference")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_second_order_gradients_are_refused_not_dropped():
+    """create_graph=True (a gradient penalty): the kernel's gradients are constants, so differentiating
+    them again raises (as torch's fused CPU SDPA does) instead of silently leaving out the second order."""
+    q, k, v = _inputs(1, 4, 2, 40, 40, 16, 16, torch.float32, seed=15)
+    xs = [t.requires_grad_() for t in (q, k, v)]
+    out = qkv.attention(*xs, causal=True, backend="native")
+    gq, = torch.autograd.grad(out.sum(), xs[0], create_graph=True)
+    first = [t.clone().detach().requires_grad_() for t in (q, k, v)]
+    want, = torch.autograd.grad(qkv.attention(*first, causal=True, backend="reference").sum(), first[0])
+    torch.testing.assert_close(gq.detach(), want, atol=1e-5, rtol=1e-4)  # the first order is right
+    assert gq.requires_grad
+    with pytest.raises(RuntimeError, match="cannot be differentiated again.*'reference'"):
+        gq.pow(2).sum().backward()
+    out = qkv.attention(*xs, causal=True, backend="native")  # mixed into a larger loss: refused too, not dropped
+    gq, = torch.autograd.grad(out.sum(), xs[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        torch.autograd.grad(out.sum() + gq.pow(2).sum(), xs)
+
+
+def test_an_empty_head_size_is_refused_and_auto_passes_it_on(monkeypatch):
+    monkeypatch.setattr(native, "measured_cpu", lambda: True)
+    q = torch.randn(1, 2, 1024, 16)
+    v = torch.randn(1, 2, 1024, 0)
+    with pytest.raises(ValueError, match="head sizes 1 to 256"):
+        qkv.attention(q, q, v, backend="native")
+    assert qkv.attention(q, q, v, causal=True).shape == (1, 2, 1024, 0)

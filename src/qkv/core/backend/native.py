@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _kernels, _memory
-from ..engines import native_flash
+from ..engines import flash, native_flash
 from ..spec import AttentionSpec
 from .base import Backend
 
@@ -39,8 +39,8 @@ def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]
         return "the native backend cannot apply a score_mod; use backend='tiled' or 'sparse'"
     if spec.dropout_p > 0.0:
         return "the native backend has no dropout; use backend='tiled' or 'sparse'"
-    if spec.D > native_flash.MAX_DIM or spec.Dv > native_flash.MAX_DIM:
-        return (f"the native backend takes head sizes up to {native_flash.MAX_DIM}; got D={spec.D}, "
+    if not (1 <= spec.D <= native_flash.MAX_DIM and 1 <= spec.Dv <= native_flash.MAX_DIM):
+        return (f"the native backend takes head sizes 1 to {native_flash.MAX_DIM}; got D={spec.D}, "
                 f"Dv={spec.Dv}: use backend='tiled'")
     if native_flash.lib() is None:
         return (f"the native backend's kernel is unavailable ({_kernels.status(_NAME)}); "
@@ -50,6 +50,10 @@ def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]
 
 def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
     """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv), lse (B, Hq, Lq)."""
+    if q.dtype == torch.float64 and q.device.type == "cpu":
+        # Only the non-finite guard's wide run gets here (float64 is refused to a caller): finite
+        # scores that could overflow float32 are recomputed in float64 by the FA-2 engine.
+        return flash.run(q, k, v, spec, flash.band_plan(spec), need_lse=need_lse)
     reason = unsupported(spec, q, need_lse)
     if reason:  # never hand the kernel what it cannot take (a CUDA tensor above all)
         raise ValueError(reason)
@@ -94,8 +98,8 @@ def measured_cpu() -> bool:
 
 def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs, causal or unbanded, one kv head
-    per query head, head sizes up to AUTO_MAX_DIM (float32 causal: 128), on the CPU kind measured
-    (`measured_cpu`), where the kernel builds. The measurements are in the comment above."""
+    per query head, head sizes up to AUTO_MAX_DIM (float32 causal: 128; with gradients: 64), on the
+    CPU kind measured (`measured_cpu`), where the kernel builds. The measurements are in the comment above."""
     dtype = q.dtype
     if q.device.type != "cpu" or dtype not in AUTO_MIN_CELLS:
         return False
@@ -103,9 +107,11 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
         return False
     if spec.Lq != spec.Lk or spec.left is not None or spec.right not in (None, 0) or spec.Hq != spec.Hkv:
         return False
-    if spec.Lq * spec.Lk < AUTO_MIN_CELLS[dtype]:
+    if spec.Lq * spec.Lk < AUTO_MIN_CELLS[dtype] or min(spec.D, spec.Dv) < 1:
         return False
     max_dim = 128 if dtype == torch.float32 and spec.right == 0 else AUTO_MAX_DIM[dtype]
+    if torch.is_grad_enabled() and q.requires_grad:
+        max_dim = 64  # forward + backward was measured at D = 64 only
     if max(spec.D, spec.Dv) > max_dim or not measured_cpu():
         return False
     return native_flash.lib() is not None  # built on first use, only for a call the rule claims

@@ -168,13 +168,15 @@ inline v16 vexp(v16 x) {
 }
 
 // exp(y - now) for y <= now (a score minus its row's running max): 0 for y = -inf.
-// With AVX-512 as 2^t, t = (y - now) log2(e) in one multiply-add, split t = n + r (|r| <= 1/2)
+// With AVX-512 as 2^t, t = (y - now) log2(e) (the difference first: y - now is exact near the max,
+// so exp is 1 exactly at y = now and a one-key row's output is its value; a multiply-add with
+// -now log2(e) would keep that product's rounding error, growing with |now|), split t = n + r (|r| <= 1/2)
 // by vrndscaleps, 2^r by Cephes' exp2f polynomial (about 1 ulp) and 2^n applied by vscalefps:
 // ten instructions. Elsewhere vexp above.
 inline v16 exp_minus(v16 y, float now) {
 #ifdef __AVX512F__
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  __m512 t = _mm512_fmadd_ps((__m512)y, log2e, _mm512_set1_ps(-now * 1.44269504088896341f));
+  __m512 t = _mm512_mul_ps(_mm512_sub_ps((__m512)y, _mm512_set1_ps(now)), log2e);
   t = _mm512_max_ps(t, _mm512_set1_ps(-151.0f));  // 2^-151 rounds to 0; -inf becomes finite
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_sub_ps(t, n);
@@ -288,6 +290,7 @@ inline vreg vload(const float* p) { return _mm512_load_ps(p); }
 inline vreg vbcast(float x) { return _mm512_set1_ps(x); }
 inline vreg vfma(vreg a, vreg b, vreg c) { return _mm512_fmadd_ps(a, b, c); }
 inline vreg vmul(vreg a, vreg b) { return _mm512_mul_ps(a, b); }
+inline vreg vadd(vreg a, vreg b) { return _mm512_add_ps(a, b); }
 inline void vstore(float* p, vreg x) { _mm512_store_ps(p, x); }
 template <typename T>
 inline void pin(T& x) { asm("" : "+v"(x)); }
@@ -298,27 +301,38 @@ inline vreg vload(const float* p) { return *(const v16*)p; }
 inline vreg vbcast(float x) { return splat(x); }
 inline vreg vfma(vreg a, vreg b, vreg c) { return a * b + c; }
 inline vreg vmul(vreg a, vreg b) { return a * b; }
+inline vreg vadd(vreg a, vreg b) { return a + b; }
 inline void vstore(float* p, vreg x) { *(v16*)p = x; }
 template <typename T>
 inline void pin(T&) {}
 #endif
 
-// s[r][0..BK) = q[r] . keys of the block, for R rows: q (R, D) float32, kt (D, BK).
+// s[r][0..BK) = q[r] . keys of the block, for R rows: q (R, D) float32, kt (D, BK). The sum over
+// D runs in pieces of 64 terms added together, as the backward kernel sums its recomputed scores
+// (flash_bwd_kernel.cpp): the lse it reads was made by the same arithmetic, so P = exp(s - lse) is
+// the forward's P (one unbroken chain over D = 256 differed by enough to break the tolerance rule
+// for dq at large logits).
 template <int R>
 __attribute__((noinline)) void scores_f32(const float* q, int64_t D, const float* kt, float* s) {
   vreg acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NV; ++t) acc[r][t] = vzero();
-  for (int64_t d = 0; d < D; ++d) {
-    vreg kv[NV];
-    for (int t = 0; t < NV; ++t) kv[t] = vload(kt + d * BK + 16 * t), pin(kv[t]);
-    for (int r = 0; r < R; ++r) {
-      const vreg qv = vbcast(q[r * D + d]);
-      for (int t = 0; t < NV; ++t) acc[r][t] = vfma(qv, kv[t], acc[r][t]);
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int64_t d1 = std::min<int64_t>(D, d0 + 64);
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < NV; ++t) acc[r][t] = vzero();
+    for (int64_t d = d0; d < d1; ++d) {
+      vreg kv[NV];
+      for (int t = 0; t < NV; ++t) kv[t] = vload(kt + d * BK + 16 * t), pin(kv[t]);
+      for (int r = 0; r < R; ++r) {
+        const vreg qv = vbcast(q[r * D + d]);
+        for (int t = 0; t < NV; ++t) acc[r][t] = vfma(qv, kv[t], acc[r][t]);
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < NV; ++t) {
+        float* out = s + r * BK + 16 * t;
+        vstore(out, d0 == 0 ? acc[r][t] : vadd(vload(out), acc[r][t]));
+      }
   }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NV; ++t) vstore(s + r * BK + 16 * t, acc[r][t]);
 }
 
 #ifdef __AVX512BF16__
