@@ -46,6 +46,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 #ifdef __AVX512F__
@@ -552,17 +554,22 @@ void prepare(Args& A, int nthreads) {
   });
 }
 
+// Returns 0, or 3 when a thread's scratch cannot be allocated (checked before any work: an
+// exception or a null buffer inside the parallel region would end the process).
 template <int KIND>
-void run_all(Args& A, int nthreads) {
+int run_all(Args& A, int nthreads) {
+  std::vector<std::unique_ptr<Scratch>> scratch(nthreads);
+  for (auto& sc : scratch) {
+    sc.reset(new (std::nothrow) Scratch(A));
+    if (!sc || !sc->mem) return 3;
+  }
   prepare<KIND>(A, nthreads);
   const int64_t items = A.B * A.Hkv * A.nsplit;
-  std::vector<Scratch*> scratch(nthreads, nullptr);
   parallel(nthreads, items, [&](int t, int64_t it) {
-    if (!scratch[t]) scratch[t] = new Scratch(A);
     const int64_t split = it % A.nsplit, bh = it / A.nsplit;
     run_item<KIND>(A, *scratch[t], bh / A.Hkv, bh % A.Hkv, split);
   });
-  for (auto* s : scratch) delete s;
+  scratch.clear();
   // dq = scale * (sum of the splits' accumulators), cropped to D (in place where dq was the one).
   const int64_t rows = A.B * A.Hq * A.Lq, per = rows * A.Dp, chunk = 256;
   parallel(nthreads, (rows + chunk - 1) / chunk, [&](int, int64_t it) {
@@ -577,6 +584,7 @@ void run_all(Args& A, int nthreads) {
         A.dq[r * A.D + d] = A.scale * x;
       }
   });
+  return 0;
 }
 
 // Splits of each (batch row, kv head)'s key blocks: the fewest (at most the thread count, as
@@ -610,10 +618,10 @@ void plan_splits(Args& A, int nthreads) {
 
 extern "C" {
 
-int qkv_flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
-                  const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
-                  const int64_t* vst, const void* out, const void* dout, const float* lse, float scale, int64_t left,
-                  int64_t right, int64_t offset, float* dq, float* dk, float* dv, int threads) {
+static int flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
+                     const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
+                     const int64_t* vst, const void* out, const void* dout, const float* lse, float scale,
+                     int64_t left, int64_t right, int64_t offset, float* dq, float* dk, float* dv, int threads) {
   if (kind != 0 && kind != 1) return 1;
   if (D < 1 || D > 256 || Dv < 1 || Dv > 256 || Hkv < 1 || Hq % Hkv != 0) return 2;
   if (threads < 1) threads = 1;
@@ -657,15 +665,27 @@ int qkv_flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   std::unique_ptr<uint16_t[]> q16(bf16dot ? new uint16_t[rows * A.Dp2] : nullptr);
   std::unique_ptr<uint16_t[]> do16(bf16dot ? new uint16_t[rows * A.Dvp2] : nullptr);
   std::unique_ptr<uint32_t[]> q2(bf16dot ? new uint32_t[pairs * A.Dp] : nullptr);
-  std::unique_ptr<uint32_t[]> do2(bf16dot ? new uint32_t[pairs * A.Dvp] : nullptr);
+  std::unique_ptr<uint32_t[]> do2(bf16dot ? new uint32_t[pairs * A.Dvp] : nullptr);  // std::bad_alloc: code 3
   A.qf = qf.get(), A.dof = dof.get(), A.delta = delta.get(), A.lse_s = lse_s.get();
   A.dqp = direct ? dq : dqp.get();
   A.q16 = q16.get(), A.do16 = do16.get(), A.q2 = q2.get(), A.do2 = do2.get();
-  if (kind == 0)
-    run_all<0>(A, threads);
-  else
-    run_all<1>(A, threads);
-  return 0;
+  return kind == 0 ? run_all<0>(A, threads) : run_all<1>(A, threads);
+}
+
+// Returns 0, 1 for an unknown kind, 2 for an unsupported head size, 3 when the work buffers cannot
+// be allocated (no exception leaves the library: it would end the process).
+int qkv_flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
+                  const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
+                  const int64_t* vst, const void* out, const void* dout, const float* lse, float scale, int64_t left,
+                  int64_t right, int64_t offset, float* dq, float* dk, float* dv, int threads) {
+  try {
+    return flash_bwd(kind, B, Hq, Hkv, Lq, Lk, D, Dv, q, qst, k, kst, v, vst, out, dout, lse, scale, left, right,
+                     offset, dq, dk, dv, threads);
+  } catch (const std::bad_alloc&) {
+    return 3;
+  } catch (const std::length_error&) {  // a vector longer than the address space
+    return 3;
+  }
 }
 
 int qkv_flash_bwd_version() { return 1; }

@@ -103,5 +103,6 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: T
         ptr(out), ptr(d_out), ptr(lse), spec.scale, left, right, spec.offset,
         ptr(dq), ptr(dk), ptr(dv), max(1, torch.get_num_threads()))
     if rc != 0:
-        raise RuntimeError(f"qkv's native flash backward kernel failed with code {rc}")
+        why = {1: "unknown dtype kind", 2: "unsupported head size", 3: "no memory for its work buffers"}.get(rc, "?")
+        raise RuntimeError(f"qkv's native flash backward kernel failed with code {rc} ({why})")
     return dq, dk, dv
