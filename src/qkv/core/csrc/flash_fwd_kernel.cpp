@@ -307,13 +307,31 @@ template <typename T>
 inline void pin(T&) {}
 #endif
 
-// s[r][0..BK) = q[r] . keys of the block, for R rows: q (R, D) float32, kt (D, BK). The sum over
-// D runs in pieces of 64 terms added together, as the backward kernel sums its recomputed scores
-// (flash_bwd_kernel.cpp): the lse it reads was made by the same arithmetic, so P = exp(s - lse) is
-// the forward's P (one unbroken chain over D = 256 differed by enough to break the tolerance rule
-// for dq at large logits).
+// s[r][0..BK) = q[r] . keys of the block, for R rows: q (R, D) float32, kt (D, BK), D <= 64: one
+// chain of multiply-adds (scores_f32_long below sums longer rows).
 template <int R>
-__attribute__((noinline)) void scores_f32(const float* q, int64_t D, const float* kt, float* s) {
+__attribute__((noinline)) void scores_f32_short(const float* q, int64_t D, const float* kt, float* s) {
+  vreg acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NV; ++t) acc[r][t] = vzero();
+  for (int64_t d = 0; d < D; ++d) {
+    vreg kv[NV];
+    for (int t = 0; t < NV; ++t) kv[t] = vload(kt + d * BK + 16 * t), pin(kv[t]);
+    for (int r = 0; r < R; ++r) {
+      const vreg qv = vbcast(q[r * D + d]);
+      for (int t = 0; t < NV; ++t) acc[r][t] = vfma(qv, kv[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NV; ++t) vstore(s + r * BK + 16 * t, acc[r][t]);
+}
+
+// The same for D > 64: the sum over D runs in pieces of 64 terms added together, as the backward
+// kernel sums its recomputed scores (flash_bwd_kernel.cpp), so the lse it reads was made by the
+// same arithmetic and P = exp(s - lse) is the forward's P (one unbroken chain over D = 256
+// differed by enough to break the tolerance rule for dq at large logits).
+template <int R>
+__attribute__((noinline)) void scores_f32_long(const float* q, int64_t D, const float* kt, float* s) {
   vreg acc[R][NV];
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
     const int64_t d1 = std::min<int64_t>(D, d0 + 64);
@@ -462,7 +480,14 @@ void run_item(const Problem& P, int64_t x, Scratch& W) {
 #endif
     {
       const float* kt = P.kt + (bh * P.nkb + kb) * D * BK;
-      by_tiles<RS>(M, [&](auto rows, int64_t m) { scores_f32<decltype(rows)::value>(W.qf.p + m * D, D, kt, S + m * BK); });
+      if (D <= 64)
+        by_tiles<RS>(M, [&](auto rows, int64_t m) {
+          scores_f32_short<decltype(rows)::value>(W.qf.p + m * D, D, kt, S + m * BK);
+        });
+      else
+        by_tiles<RS>(M, [&](auto rows, int64_t m) {
+          scores_f32_long<decltype(rows)::value>(W.qf.p + m * D, D, kt, S + m * BK);
+        });
     }
     // 2. Scale, the band on edge blocks, online softmax.
     const bool edge = !(j0 >= full_lo && j0 + BK <= full_hi);
