@@ -80,7 +80,7 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
 # neither does it for shapes not measured: a query block other than the whole sequence (Lq != Lk),
 # windows, grouped-query heads.
 AUTO_MIN_CELLS = {torch.float32: 1 << 20, torch.bfloat16: 1 << 18}  # Lq x Lk from which it wins
-AUTO_MAX_DIM = {torch.float32: 64, torch.bfloat16: 128}  # head sizes measured to win (float32 causal: 128)
+AUTO_MAX_DIM = {torch.float32: 64, torch.bfloat16: 128}  # head sizes measured to win
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,7 +98,7 @@ def measured_cpu() -> bool:
 
 def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs, causal or unbanded, one kv head
-    per query head, head sizes up to AUTO_MAX_DIM (float32 causal: 128; with gradients: 64), on the
+    per query head, head sizes up to AUTO_MAX_DIM (with gradients: 64), on the
     CPU kind measured (`measured_cpu`), where the kernel builds. The measurements are in the comment above."""
     dtype = q.dtype
     if q.device.type != "cpu" or dtype not in AUTO_MIN_CELLS:
@@ -109,7 +109,7 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
         return False
     if spec.Lq * spec.Lk < AUTO_MIN_CELLS[dtype] or min(spec.D, spec.Dv) < 1:
         return False
-    max_dim = 128 if dtype == torch.float32 and spec.right == 0 else AUTO_MAX_DIM[dtype]
+    max_dim = AUTO_MAX_DIM[dtype]
     if torch.is_grad_enabled() and q.requires_grad:
         max_dim = 64  # forward + backward was measured at D = 64 only
     if max(spec.D, spec.Dv) > max_dim or not measured_cpu():
