@@ -71,14 +71,14 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
 # `auto`'s rule, measured on one CPU kind: an AMD EPYC (Zen 4: AVX-512 with AVX512-BF16, no AMX),
 # 2 threads, B=1, H=8, with `python benchmarks/attention.py --backends native --lengths 64 128 256
 # 512 1024 2048 --repeats 7`, `--dim 128 --lengths 1024 4096`, `--lengths 4096` and `16384`, and
-# `--backward --lengths 512 1024` and `4096` (docs/benchmarks.md, "The native kernel"). As SDPA
-# time / native time, forward: float32 D=64 0.36x-0.93x below 512 tokens, 1.04x at 512, 1.08x-1.45x
-# from 1024 on; float32 D=128 0.96x-1.01x without a band, 1.11x-1.32x causal; bfloat16 0.49x-0.92x
-# up to 128 tokens, 1.10x-2.04x from 256 on, D=128 1.36x-1.88x. Forward and backward: 1.18x-2.20x
-# at 512, 1024 and 4096 tokens. No second CPU kind was lent: on others (an Intel Xeon whose SDPA
-# runs bfloat16 on AMX tiles reaches 3x this kernel's bfloat16 rate) the rule claims nothing, and
-# neither does it for shapes not measured: a query block other than the whole sequence (Lq != Lk),
-# windows, grouped-query heads.
+# `--backward --lengths 512 1024` and `4096`, twice (docs/benchmarks.md, "The native kernel"). As SDPA
+# time / native time, forward: float32 D=64 0.35x-0.80x up to 128 tokens, 0.93x-1.16x at 256,
+# 1.04x-1.71x at 512, 1.05x-1.80x from 1024 on; float32 D=128 0.81x-0.91x without a band and
+# 0.87x-1.15x causal (so not claimed); bfloat16 0.49x-1.16x up to 128 tokens, 1.10x-2.04x from 256
+# on, D=128 1.28x-1.88x. Forward and backward (D=64): 1.17x-2.30x at 512, 1024 and 4096 tokens. No
+# second CPU kind was lent: on others (an Intel Xeon whose SDPA runs bfloat16 on AMX tiles reaches
+# 3x this kernel's bfloat16 rate) the rule claims nothing, and neither does it for shapes not
+# measured: a query block other than the whole sequence (Lq != Lk), windows, grouped-query heads.
 AUTO_MIN_CELLS = {torch.float32: 1 << 20, torch.bfloat16: 1 << 18}  # Lq x Lk from which it wins
 AUTO_MAX_DIM = {torch.float32: 64, torch.bfloat16: 128}  # head sizes measured to win
 
