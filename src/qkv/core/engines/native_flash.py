@@ -133,18 +133,6 @@ def native_backward_module() -> Optional[ModuleType]:
         return None
 
 
-def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
-              spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) in the inputs' dtypes, recomputing the probabilities from lse (FA-2, Alg. 2)."""
-    native_bwd = native_backward_module()
-    if (native_bwd is not None
-            and (d_lse is None or not bool(d_lse.any()))  # its ABI has no d_lse
-            and getattr(native_bwd, "lib", lambda: True)() is not None):
-        dq, dk, dv = native_bwd.backward(q, k, v, out, lse, d_out, spec)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-    return flash.block_backward(q, k, v, out, lse, d_out, d_lse, spec, plan=flash.band_plan(spec))
-
-
 _TWICE = ("the native backend's gradients cannot be differentiated again (create_graph=True: a gradient "
           "penalty, a Hessian-vector product); use backend='reference' for higher-order gradients")
 
@@ -162,36 +150,35 @@ class FirstOrderOnly(torch.autograd.Function):
         raise RuntimeError(_TWICE)
 
 
-class Native(torch.autograd.Function):
-    """The kernel's (out, lse), differentiable once, FlashAttention-2 style: the forward keeps q, k,
-    v, out and lse; the backward recomputes the probabilities (`_backward`). Under create_graph=True
-    its gradients go through `FirstOrderOnly`, so differentiating them again raises rather than
-    silently leaving out the second order; backend="reference" takes higher-order gradients."""
+def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
+              spec: AttentionSpec) -> tuple[Tensor, ...]:
+    """(dq, dk, dv) in the inputs' dtypes, recomputing the probabilities from lse (FA-2, Alg. 2): the
+    engine backward that flash.Recomputed calls. Under create_graph=True (grad mode on here) the
+    gradients go through `FirstOrderOnly`, so differentiating them again raises rather than silently
+    leaving out the second order; backend="reference" takes higher-order gradients."""
+    twice = torch.is_grad_enabled()
+    with torch.no_grad():
+        grads: tuple[Tensor, ...] = _first_order(q, k, v, out, lse, d_out, d_lse, spec)
+    if twice:
+        grads = tuple(FirstOrderOnly.apply(g, x) if x.requires_grad else g for g, x in zip(grads, (q, k, v)))
+    return grads
 
-    @staticmethod
-    def forward(ctx, q, k, v, spec):
-        out, lse = forward(q, k, v, spec)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec = spec
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if d_out is None:
-            d_out = torch.zeros_like(out)
-        twice = torch.is_grad_enabled()  # create_graph=True
-        with torch.no_grad():
-            grads = _backward(q, k, v, out, lse, d_out, d_lse, ctx.spec)
-        if twice:
-            grads = tuple(FirstOrderOnly.apply(g, x) if x.requires_grad else g for g, x in zip(grads, (q, k, v)))
-        return (*grads, None)
+def _first_order(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
+                 spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
+    native_bwd = native_backward_module()
+    if (native_bwd is not None
+            and (d_lse is None or not bool(d_lse.any()))  # its ABI has no d_lse
+            and getattr(native_bwd, "lib", lambda: True)() is not None):
+        dq, dk, dv = native_bwd.backward(q, k, v, out, lse, d_out, spec)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return flash.block_backward(q, k, v, out, lse, d_out, d_lse, spec, plan=flash.band_plan(spec))
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """Attention on the kernel, differentiable once (`Native` keeps q, k, v, out and lse)."""
+    """Attention on the kernel, differentiable once (flash.Recomputed keeps q, k, v, out and lse)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = Native.apply(q, k, v, spec)
+        out, lse = flash.Recomputed.apply(q, k, v, spec, forward, _backward)
     else:
         out, lse = forward(q, k, v, spec)
     return out, (lse if need_lse else None)
