@@ -335,3 +335,24 @@ def test_decode_survives_a_damaged_real_build(real_build, tmp_path, damage):
     assert run.returncode == 0, (run.returncode, run.stderr[-3000:])
     assert run.stdout.startswith("ok compiled 1\n"), run.stdout
     assert "QKV_KERNEL_CACHE" in run.stdout
+
+
+def test_a_header_change_rebuilds_the_kernel(cache):
+    """A kernel that includes a csrc/ header is named by the header's bytes too: editing the header
+    builds a new library rather than loading the old one."""
+    (cache.src / "qkv_common.h").write_text("#pragma once\nconstexpr int qkv_answer = 1;\n")
+    (cache.src / "decode_kernel.cpp").write_text('#include "qkv_common.h"\n' + STUB)
+    first = _kernels._plan("decode_kernel")[2]
+    assert _kernels.load("decode_kernel") is not None and cache.builds == [first.name]
+    (cache.src / "qkv_common.h").write_text("#pragma once\nconstexpr int qkv_answer = 2;\n")
+    second = _kernels._plan("decode_kernel")[2]
+    assert second != first
+    _kernels._loaded.clear()
+    assert _kernels.load("decode_kernel") is not None and cache.builds == [first.name, second.name]
+
+
+def test_an_include_outside_csrc_is_refused_by_name(cache):
+    (cache.src / "decode_kernel.cpp").write_text('#include "../elsewhere.h"\n' + STUB)
+    (cache.tmp / "elsewhere.h").write_text("#pragma once\n")
+    assert _kernels.load("decode_kernel") is None
+    assert "includes '../elsewhere.h', which is not a header in" in _kernels.status("decode_kernel")

@@ -4,11 +4,11 @@ A kernel is plain C++17 (no torch headers), built once per machine with the C++ 
 that torch's own compiled paths (torch.compile, FlexAttention) already need, with
 `-O3 -march=native`, and loaded with ctypes, which releases the GIL during a call. The
 library is cached under `$QKV_KERNEL_CACHE` (default `$XDG_CACHE_HOME/qkv/kernels`, else
-`~/.cache/qkv/kernels`), named by a hash of the source, the compiler's version and the
-flags, and written by qkv's one writer (`qkv._files`: a temporary file renamed into place),
-so concurrent first uses and interrupted builds never leave a broken library under the
-cache name; temporary files that a killed build left behind are removed once they are older
-than any build can take.
+`~/.cache/qkv/kernels`), named by a hash of the source (with the csrc/ headers it includes
+by `#include "..."`), the compiler's version, the flags and the CPU, and written by qkv's
+one writer (`qkv._files`: a temporary file renamed into place), so concurrent first uses
+and interrupted builds never leave a broken library under the cache name; temporary files
+that a killed build left behind are removed once they are older than any build can take.
 
 A damaged cache must not kill the process: loading a truncated library can raise SIGBUS,
 and a library lacking a function fails on every call. So a build is followed by its checksum,
@@ -169,16 +169,36 @@ def _cache_note(folder: Path) -> str:
             f"QKV_KERNEL_CACHE at another folder")
 
 
+_LOCAL_INCLUDE = re.compile(rb'^\s*#\s*include\s*"([^"]+)"', re.M)
+
+
+def source_bytes(src: Path, seen: Optional[set] = None) -> bytes:
+    """The bytes of `src` followed by those of each csrc/ header it includes by `#include "..."`,
+    recursively, each once: what a build of `src` depends on, so that a header change renames the
+    cached library (a header outside csrc/ is an error: kernels include only their own)."""
+    seen = set() if seen is None else seen
+    text = src.read_bytes()
+    out = [text]
+    for match in _LOCAL_INCLUDE.finditer(text):
+        header = (src.parent / match.group(1).decode()).resolve()
+        if header.parent != _SRC.resolve() or not header.is_file():
+            raise RuntimeError(f"{src.name} includes {match.group(1).decode()!r}, which is not a header in {_SRC}")
+        if header not in seen:
+            seen.add(header)
+            out.append(b"\0" + header.name.encode() + b"\0" + source_bytes(header, seen))
+    return b"".join(out)
+
+
 def _plan(name: str) -> tuple[str, Path, Path]:
     """(compiler, source csrc/<name>.cpp, cached library path) of kernel `name`; the library's
-    name hashes the source, the compiler's version, the flags and the CPU."""
+    name hashes the source and its csrc/ headers, the compiler's version, the flags and the CPU."""
     src = _SRC / f"{name}.cpp"
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (tried $CXX, g++, c++, clang++); install g++ "
                            "(Debian: apt-get install g++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = src.read_bytes() + "\0".join([version, " ".join(_FLAGS), _OPENMP, _cpu()]).encode()
+    key = source_bytes(src) + "\0".join([version, " ".join(_FLAGS), _OPENMP, _cpu()]).encode()
     return cxx, src, cache_dir() / f"{name}-{hashlib.sha256(key).hexdigest()[:16]}.so"
 
 
