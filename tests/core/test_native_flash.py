@@ -180,7 +180,7 @@ def test_refusals_name_what_and_which_backend():
         qkv.attention(q.half(), k.half(), v.half(), backend="native")
     with pytest.raises(ValueError, match="float64"):
         qkv.attention(q.double(), k.double(), v.double(), backend="native")
-    with pytest.raises(ValueError, match="mask.*'tiled' or 'sparse'"):
+    with pytest.raises(ValueError, match="not a tensor mask; use backend='tiled' or 'sdpa'"):
         qkv.attention(q, k, v, mask=torch.ones(8, 8, dtype=torch.bool).view(1, 1, 8, 8), backend="native")
     with pytest.raises(ValueError, match="score_mod.*'tiled'"):
         qkv.attention(q, k, v, score_mod=lambda s, b, h, i, j: s, backend="native")

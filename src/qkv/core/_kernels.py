@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import _ctypes
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -93,6 +94,20 @@ def _cpu() -> str:
     except OSError:
         pass
     return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+@functools.lru_cache(maxsize=1)
+def measured_cpu() -> bool:
+    """Whether this CPU is of the kind the native FlashAttention-2 kernels' `auto` rules were measured
+    on (backend/native.py, backend/sparse.py): AMD with AVX512-BF16 and no AMX, read from
+    /proc/cpuinfo; False where it cannot be read. On other kinds those rules claim nothing."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read(1 << 16)
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return "AuthenticAMD" in info and "avx512_bf16" in flags and "amx_tile" not in flags
 
 
 def _sha256(path: Path) -> str:

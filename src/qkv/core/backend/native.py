@@ -11,15 +11,15 @@ below); everywhere else `backend="native"` asks for it. Layout: docs/architectur
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _kernels, _memory
-from ..engines import flash, native_flash
+from ..engines import flash, native_blocks, native_flash
 from ..spec import AttentionSpec
+from . import sparse
 from .base import Backend
 
 _NAME = "flash_fwd_kernel"
@@ -32,9 +32,13 @@ def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]
     if q.dtype not in native_flash.KINDS:
         return (f"the native backend takes float32 and bfloat16 tensors; got {q.dtype}: "
                 "use backend='tiled' or 'reference'")
-    if spec.has_dense_constraints:
-        return ("the native backend takes causal and window bands only, not a mask, mask function or "
-                "block mask; use backend='tiled' or 'sparse'")
+    if spec.bool_mask is not None or spec.float_mask is not None:
+        return ("the native backend takes causal and window bands and block masks (a qkv.BlockMask or a mask "
+                "function), not a tensor mask; use backend='tiled' or 'sdpa'")
+    if spec.block_mask is not None or spec.mask_mod is not None:
+        why = native_blocks.why_not(sparse.block_mask_for(spec, device=q.device))
+        if why is not None:
+            return f"the native backend cannot take {why}; or use backend='sparse'"
     if spec.score_mod is not None:
         return "the native backend cannot apply a score_mod; use backend='tiled' or 'sparse'"
     if spec.dropout_p > 0.0:
@@ -59,6 +63,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
         raise ValueError(reason)
     if k.device != q.device or v.device != q.device:
         raise ValueError("the native backend runs on CPU tensors; q, k and v must all be on the CPU")
+    if spec.mask_mod is not None:  # a mask function runs as its BlockMask (built once, cached)
+        spec = sparse.sparse_spec(spec, sparse.block_mask_for(spec, device=q.device))
     return native_flash.run(q, k, v, spec, need_lse=need_lse)
 
 
@@ -83,17 +89,9 @@ AUTO_MIN_CELLS = {torch.float32: 1 << 20, torch.bfloat16: 1 << 18}  # Lq x Lk fr
 AUTO_MAX_DIM = {torch.float32: 64, torch.bfloat16: 128}  # head sizes measured to win
 
 
-@functools.lru_cache(maxsize=1)
 def measured_cpu() -> bool:
-    """Whether this CPU is of the kind `auto`'s rule was measured on: AMD with AVX512-BF16, no AMX
-    (read from /proc/cpuinfo; False where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read(1 << 16)
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return "AuthenticAMD" in info and "avx512_bf16" in flags and "amx_tile" not in flags
+    """Whether this CPU is of the kind `auto`'s rule was measured on (`_kernels.measured_cpu`)."""
+    return _kernels.measured_cpu()
 
 
 def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:

@@ -34,8 +34,9 @@ from typing import Optional
 
 from torch import Tensor
 
+from .. import _kernels
 from ..block_mask import BlockMask, block_mask, unknown_fraction
-from ..engines import flash, gathered
+from ..engines import flash, gathered, native_blocks, native_flash
 from ..spec import AttentionSpec
 from .base import Backend
 
@@ -130,12 +131,40 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
     if reason is not None:
         raise ValueError(reason)
     bm = block_mask_for(spec, device=q.device)
+    if bm is not None:
+        spec = sparse_spec(spec, bm)
+    if native_pays(spec, q, k, v, bm):
+        return native_flash.run(q, k, v, spec, need_lse=need_lse)
     if bm is None:  # a causal/window band alone
         return gathered.run(q, k, v, spec, None, need_lse=need_lse)
-    spec = sparse_spec(spec, bm)
     if gathered.supports(spec):
         return gathered.run(q, k, v, spec, bm, need_lse=need_lse)
     return flash.run(q, k, v, spec, make_plan(spec, bm), need_lse=need_lse)
+
+
+# The sparse backend's blocks on the native FlashAttention-2 kernels (csrc/flash_fwd_kernel.cpp,
+# csrc/flash_bwd_kernel.cpp, block lists from engines/native_blocks.py), measured against the
+# gathered engine on one CPU kind (_kernels.measured_cpu: AMD EPYC, AVX512-BF16, no AMX), 2 threads,
+# B=1, H=8, D=64: RULE-MEASUREMENTS. Elsewhere the gathered engine runs, as before.
+NATIVE_MAX_DIM = 128
+
+
+def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Optional[BlockMask]) -> bool:
+    """Whether the sparse backend runs these arguments on the native kernel rather than the gathered
+    engine: float32 or bfloat16 CPU tensors, a band and/or a BlockMask with 128-key blocks and nothing
+    else, head sizes up to NATIVE_MAX_DIM, on the CPU kind measured, where the kernels build."""
+    if q.device.type != "cpu" or q.dtype not in native_flash.KINDS or not gathered.supports(spec):
+        return False
+    if max(spec.D, spec.Dv) > NATIVE_MAX_DIM or not _kernels.measured_cpu():
+        return False
+    if bm is not None and native_blocks.why_not(bm) is not None:
+        return False
+    if native_flash.why_not(q, k, v, spec) is not None:
+        return False
+    if native_flash.lib() is None:  # no compiler: the gathered engine, as on every other CPU kind
+        _kernels.warn_unavailable("flash_fwd_kernel", "block-sparse attention runs on the gathered engine")
+        return False
+    return True
 
 
 def band_pays(spec: AttentionSpec) -> bool:
