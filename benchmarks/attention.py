@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 from functools import partial
@@ -37,26 +36,13 @@ import torch.nn.functional as F
 
 import qkv
 from qkv._files import write_text
+from qkv.bench.report import cpu_name
 from qkv.bench.timing import best_of, best_times, clock
 from qkv.bench.verify import check_rows, verify
 from qkv.core.engines import flash
 from qkv.testing import GRAD_FACTOR, within_rule
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cpu_name() -> str:
-    """The CPU's model name and the flags that decide attention kernels' speed (from /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.machine())
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
-    return f"{model} ({', '.join(shown) or 'no AVX-512'})"
 
 
 def _methods(q, k, v, causal: bool, backends) -> dict:

@@ -1,5 +1,5 @@
 """Block-sparse attention on CPU: qkv's sparse backend vs dense SDPA with a bool mask vs
-FlexAttention, measured in one run (issue 5).
+FlexAttention, measured in one run (issues 5 and 21).
 
     .venv/bin/python benchmarks/sparse.py                 # the table of docs/benchmarks.md
     .venv/bin/python benchmarks/sparse.py --quick         # 4k and 8k only, no FlexAttention
@@ -8,14 +8,19 @@ B=1, H=8, D=64. Times are medians of a few repetitions after one warm-up call (q
 call" is what a user waits for the first result: building the block mask plus the first
 forward, including torch.compile for FlexAttention. FlexAttention has no backward on CPU
 (and runs unfused, materialising every score, without torch.compile), so only its
-compiled forward is timed. Prints a Markdown table and writes JSON next to it (--json).
+compiled forward is timed. "qkv" is `backend="sparse"` (its engine is named: the native
+FlashAttention-2 kernel or the gathered engine, backend/sparse.py's `native_pays`); "gathered"
+is the gathered engine run directly in the same run, so the two engines' ratio is measured
+side by side; "SDPA causal fwd+bwd" is SDPA's full causal attention without a mask (issue 21's
+reference for the window's training step). Before anything is timed, qkv's and the gathered
+engine's outputs are checked against the float64 reference on sampled rows under the tolerance
+rule (qkv.bench.verify); a failure stops the run. Prints a Markdown table and writes JSON (--json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import warnings
 
 import torch
@@ -24,7 +29,12 @@ import torch.nn.functional as F
 import qkv
 from qkv import masks as M
 from qkv._files import write_text
+from qkv.bench.report import cpu_name
 from qkv.bench.timing import best_of, clock
+from qkv.bench.verify import check_rows, verify
+from qkv.core.backend import sparse as sparse_backend
+from qkv.core.engines import gathered
+from qkv.core.spec import build_spec
 
 B, H, D = 1, 8, 64
 
@@ -48,7 +58,24 @@ def patterns(L: int) -> dict:
     }
 
 
-def run_case(name, fn, L, dtype, reps, sdpa_max, sdpa_bwd_max, flex_at, flex_state) -> dict:
+def gathered_attention(q, k, v, bm):
+    """The gathered engine alone on q, k, v under `bm` (what backend="sparse" ran before the native kernel)."""
+    spec = build_spec(q, k, v, mask=bm)
+    return gathered.run(q, k, v, spec, bm, need_lse=False)[0]
+
+
+def check(q, k, v, bm, outputs: dict, n_rows: int = 48) -> dict:
+    """Each output against float64 on `n_rows` sampled rows under the tolerance rule; raises on a failure."""
+    rows = check_rows(q.shape[2], n_rows)
+    allowed = torch.cat([bm.dense_block(int(r), int(r) + 1, 0, k.shape[2]).reshape(1, -1) for r in rows])  # (R, Lk)
+    got = verify(q, k, v, outputs, rows, allowed)
+    bad = [m for m in outputs if not got["ok" if m == "qkv" else f"{m}_within_rule"]]
+    if bad:
+        raise SystemExit(f"outside the tolerance rule: {', '.join(bad)} ({got})")
+    return got
+
+
+def run_case(name, fn, L, dtype, reps, sdpa_max, sdpa_bwd_max, flex_at, flex_state, causal_at=()) -> dict:
     row = {"pattern": name, "L": L, "dtype": str(dtype).replace("torch.", "")}
     gen = torch.Generator().manual_seed(L)
     q, k, v = (torch.randn(B, H, L, D, generator=gen).to(dtype) for _ in range(3))
@@ -57,16 +84,31 @@ def run_case(name, fn, L, dtype, reps, sdpa_max, sdpa_bwd_max, flex_at, flex_sta
     t = clock()
     bm = qkv.block_mask(fn, None, None, L, L, block_size=128)
     row["build_s"] = clock() - t
-    qkv.attention(q, k, v, mask=bm, backend="sparse")
+    first = qkv.attention(q, k, v, mask=bm, backend="sparse")
     row["qkv_first_s"] = clock() - t
     row["sparsity_%"] = bm.sparsity()
+    spec = build_spec(q, k, v, mask=bm)
+    row["engine"] = "native" if sparse_backend.native_pays(spec, q, k, v, bm) else "gathered"
+    row["max_err"] = check(q, k, v, bm, {"qkv": first, "gathered": gathered_attention(q, k, v, bm)})["qkv_max_err"]
     row["qkv_fwd_s"] = median_time(lambda: qkv.attention(q, k, v, mask=bm, backend="sparse"), reps)
+    row["gathered_fwd_s"] = median_time(lambda: gathered_attention(q, k, v, bm), reps)
 
     def qkv_fb():
         qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
         torch.autograd.grad(qkv.attention(qs, ks, vs, mask=bm, backend="sparse"), (qs, ks, vs), up)
 
+    def gathered_fb():
+        qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+        torch.autograd.grad(gathered_attention(qs, ks, vs, bm), (qs, ks, vs), up)
+
     row["qkv_fwdbwd_s"] = median_time(qkv_fb, max(1, reps // 2))
+    row["gathered_fwdbwd_s"] = median_time(gathered_fb, max(1, reps // 2))
+    if L in causal_at:
+        def causal_fb():
+            qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+            torch.autograd.grad(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), (qs, ks, vs), up)
+
+        row["sdpa_causal_fwdbwd_s"] = median_time(causal_fb, 2, warmup=False)
 
     if L <= sdpa_max:
         dense = M.dense_mask(fn, 1, 1, L, L)  # (1, 1, L, L) bool
@@ -101,27 +143,35 @@ def run_case(name, fn, L, dtype, reps, sdpa_max, sdpa_bwd_max, flex_at, flex_sta
     return row
 
 
+SHORT = {"window": "causal window 256", "longformer": "global 16 + window 256", "documents": "packed documents, causal"}
+
+
 def fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def ratio(a, b):
-    return "-" if a is None or b is None else f"{a / b:.1f}x"
+def ratio(a, b, digits=1):
+    return "-" if a is None or b is None else f"{a / b:.{digits}f}x"
 
 
 def table(rows) -> str:
     lines = [
-        "| pattern | L | dtype | sparsity | qkv fwd s | SDPA fwd s | SDPA/qkv | Flex fwd s | Flex/qkv | "
-        "qkv fwd+bwd s | SDPA fwd+bwd s | SDPA/qkv | qkv first call s | Flex first call s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| pattern | L | dtype | sparsity | qkv engine | qkv fwd s | gathered fwd s | gathered/qkv | SDPA fwd s | "
+        "SDPA/qkv | Flex fwd s | Flex/qkv | qkv fwd+bwd s | gathered fwd+bwd s | gathered/qkv | SDPA fwd+bwd s | "
+        "SDPA/qkv | SDPA causal fwd+bwd s | SDPA causal/qkv | qkv first call s | Flex first call s |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         g = r.get
         lines.append(
-            f"| {r['pattern']} | {r['L']} | {r['dtype']} | {r['sparsity_%']:.1f}% | {fmt(g('qkv_fwd_s'))} | "
+            f"| {r['pattern']} | {r['L']} | {r['dtype']} | {r['sparsity_%']:.1f}% | {r['engine']} | "
+            f"{fmt(g('qkv_fwd_s'))} | {fmt(g('gathered_fwd_s'))} | {ratio(g('gathered_fwd_s'), g('qkv_fwd_s'), 2)} | "
             f"{fmt(g('sdpa_fwd_s'))} | {ratio(g('sdpa_fwd_s'), g('qkv_fwd_s'))} | {fmt(g('flex_fwd_s'))} | "
-            f"{ratio(g('flex_fwd_s'), g('qkv_fwd_s'))} | {fmt(g('qkv_fwdbwd_s'))} | {fmt(g('sdpa_fwdbwd_s'))} | "
-            f"{ratio(g('sdpa_fwdbwd_s'), g('qkv_fwdbwd_s'))} | {fmt(g('qkv_first_s'))} | {fmt(g('flex_first_s'), 1)} |"
+            f"{ratio(g('flex_fwd_s'), g('qkv_fwd_s'), 2)} | {fmt(g('qkv_fwdbwd_s'))} | {fmt(g('gathered_fwdbwd_s'))} | "
+            f"{ratio(g('gathered_fwdbwd_s'), g('qkv_fwdbwd_s'), 2)} | {fmt(g('sdpa_fwdbwd_s'))} | "
+            f"{ratio(g('sdpa_fwdbwd_s'), g('qkv_fwdbwd_s'))} | {fmt(g('sdpa_causal_fwdbwd_s'))} | "
+            f"{ratio(g('sdpa_causal_fwdbwd_s'), g('qkv_fwdbwd_s'))} | {fmt(g('qkv_first_s'))} | "
+            f"{fmt(g('flex_first_s'), 1)} |"
         )
     return "\n".join(lines)
 
@@ -134,6 +184,10 @@ def main(argv=None) -> None:
     ap.add_argument("--sdpa-bwd-max", type=int, default=8192, help="longest L for dense SDPA forward+backward")
     ap.add_argument("--flex-at", type=int, nargs="*", default=[16384], help="lengths at which FlexAttention runs")
     ap.add_argument("--bf16-at", type=int, nargs="*", default=[16384], help="lengths with bfloat16 rows")
+    ap.add_argument("--sdpa-causal-at", type=int, nargs="*", default=[16384],
+                    help="lengths at which SDPA's full causal forward+backward (no mask) is timed, window rows only")
+    ap.add_argument("--patterns", nargs="*", default=None,
+                    help="only these patterns (window, longformer, documents); default all")
     ap.add_argument("--quick", action="store_true", help="4k and 8k, no FlexAttention")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--threads", type=int, default=None,
@@ -148,8 +202,7 @@ def main(argv=None) -> None:
     t = clock()
     bm = qkv.block_mask(M.causal_sliding_window(256), None, None, 131072, block_size=128)
     build_128k = clock() - t
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}")
     print(f"BlockMask build, causal window 256 at L=131072: {build_128k * 1000:.1f} ms "
           f"({bm.num_blocks[0]}x{bm.num_blocks[1]} blocks, sparsity {bm.sparsity():.2f}%)")
 
@@ -159,12 +212,16 @@ def main(argv=None) -> None:
             only_window = name.startswith("causal window")
             if L > 32768 and not only_window:
                 continue  # the growth series runs to 64k for the window only
+            if args.patterns and not any(SHORT[p] == name for p in args.patterns):
+                continue
+            causal_at = args.sdpa_causal_at if only_window else ()
             row = run_case(name, fn, L, torch.float32, args.reps, args.sdpa_max, args.sdpa_bwd_max,
-                           args.flex_at, flex_state)
+                           args.flex_at, flex_state, causal_at)
             rows.append(row)
             print(row, flush=True)
             if L in args.bf16_at:
-                row = run_case(name, fn, L, torch.bfloat16, args.reps, args.sdpa_max, 0, args.flex_at, flex_state)
+                row = run_case(name, fn, L, torch.bfloat16, args.reps, args.sdpa_max, 0, args.flex_at, flex_state,
+                               causal_at)
                 rows.append(row)
                 print(row, flush=True)
     if "error" in flex_state:

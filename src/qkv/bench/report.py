@@ -74,6 +74,15 @@ def _proc_value(path: str, key: str) -> Optional[str]:
         return None
 
 
+def cpu_name() -> str:
+    """The CPU's model name and the flags that decide attention kernels' speed (AVX-512, its bfloat16
+    dot product, AMX), from /proc/cpuinfo; the platform's name where there is none."""
+    model = _proc_value("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
+    flags = (_proc_value("/proc/cpuinfo", "flags") or "").split()
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
+    return f"{model} ({', '.join(shown) or 'no AVX-512'})"
+
+
 def machine_info() -> dict:
     """What the numbers were measured on."""
     cpu = _proc_value("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
