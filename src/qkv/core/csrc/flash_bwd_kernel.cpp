@@ -8,6 +8,20 @@
 // (AttentionSpec.band_edges: row i sees keys [lo_i, hi_i)); a row with lse = -inf saw no key
 // and gets probabilities, hence gradients, 0.
 //
+// Gradient through lse (attention_with_lse's second output, ring attention's merges): lse_i =
+// log sum_j exp(s_ij) has d lse_i / d s_ij = p_ij, so an incoming d_lse adds p_ij * dlse_i to
+// dS_ij: D_i - dlse_i takes D_i's place (d_lse null = 0).
+//
+// Block lists (a BlockMask's, engines/native_blocks.py; the struct QkvBlockLists below, shared
+// with the forward kernel): as FlexAttention's backward (Dong et al., 2024) walks q_indices per
+// key block, a key block of BK = 64 keys here visits only the query blocks that overlap the
+// query blocks listed for its mask key block (128 keys: two of ours) in the key-major lists.
+// Query blocks stay BQ rows from multiples of BQ, whatever the mask's bq (64, 96, 100, 256...);
+// a block that straddles mask query blocks looks each row's up (listed full, a tile, or not
+// listed: nothing seen). Blocks wholly inside the band whose rows are all listed full are
+// computed unmasked; only the others pay for masking P and dS, by 64 bits per row (band AND
+// tile bits), so keys no row sees get dK = dV = 0 and rows that see nothing dQ = 0.
+//
 // Parallel work without atomics. FA-2 (section 3.2) parallelises its backward over key blocks,
 // each owning its dK/dV, and adds dQ with atomic adds across thread blocks. On a CPU with a few
 // cores there are far fewer threads than (batch, head) pairs, so a work item here is a whole
@@ -56,6 +70,22 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+// A BlockMask's block lists (engines/native_blocks.py builds them; the forward kernel takes the
+// same struct): the field order must match the ctypes Structure QkvBlockLists there.
+struct QkvBlockLists {
+  int64_t bq, bk;        // rows and keys per mask block (bk must be 128: two of this kernel's key blocks)
+  int64_t nq, nk;        // query blocks ceil(Lq / bq), key blocks ceil(Lk / bk)
+  const int32_t* q_ptr;  // (nq + 1) CSR offsets, query-major
+  const int32_t* q_kb;   // (nnz) key block of each entry, ascending within a query block
+  const int32_t* q_tile; // (nnz) -1: every score of the block allowed for every (b, h); else tile index t
+  const int32_t* k_ptr;  // (nk + 1) the same entries, key-major
+  const int32_t* k_qb;   // (nnz) query block of each entry, ascending within a key block
+  const int32_t* k_tile; // (nnz) tile index as above
+  const uint8_t* tiles;  // (Bm, Hm, ntiles, bq, bk / 8) bits: bit (c & 7) of byte (c >> 3) of row r of tile t
+                         // set = query qb*bq + r may see key kb*bk + c (mask batch row bm, mask head hm)
+  int64_t Bm, Hm, ntiles;  // Bm is 1 or B; Hm is 1 or Hq, indexed by the query head
+};
 
 namespace {
 
@@ -261,6 +291,8 @@ struct Args {
   const void *q, *k, *v, *out, *dout;
   int64_t qst[4], kst[4], vst[4];
   const float* lse;
+  const float* d_lse;        // (B, Hq, Lq) gradient through lse, or null
+  const QkvBlockLists* bl;   // block lists of a BlockMask, or null (the band alone)
   float scale;
   int64_t left, right, offset;
   float *dq, *dk, *dv;
@@ -289,6 +321,59 @@ inline int tile_kind(const Args& A, int64_t i0, int64_t i1, int64_t j0, int64_t 
   return (A.row_lo[i1 - 1] <= j0 && A.row_hi[i0] >= j1) ? 2 : 1;
 }
 
+// A query block [i0, i1) to visit against one key block: kind 2 = no score masked (the band
+// wholly inside, all BK keys real, every row's mask block listed as full), 1 = masked row by
+// row. With block lists, rt[r] says what row i0 + r may see of the key block's mask block:
+// -1 all of it, t >= 0 the bits of tile t, -2 nothing (its mask query block is not listed).
+struct Visit {
+  int64_t i0, i1;
+  int kind;
+  int32_t rt[BQ];
+};
+
+// The query blocks key block kb (keys [kb*BK, kb*BK + n)) meets: the band's, and with block
+// lists only those overlapping a listed mask query block (the key-major list of mask key block
+// kb*BK / bk, so blocks not listed are never visited). Query blocks are BQ rows from a multiple
+// of BQ (even: the bfloat16 path pairs rows), whatever the mask's bq; a block that straddles
+// mask query blocks looks each row's up. Appends to `out` (cleared first).
+void visits(const Args& A, int64_t kb, std::vector<Visit>& out) {
+  out.clear();
+  const int64_t j0 = kb * BK, n = std::min<int64_t>(BK, A.Lk - j0);
+  auto add = [&](int64_t i0, int32_t fill) -> Visit* {
+    const int64_t i1 = std::min<int64_t>(A.Lq, i0 + BQ);
+    const int band = tile_kind(A, i0, i1, j0, j0 + n);
+    if (!band) return nullptr;
+    out.emplace_back();
+    Visit& w = out.back();
+    w.i0 = i0, w.i1 = i1, w.kind = band == 2 && n == BK ? 2 : 1;
+    for (int r = 0; r < BQ; ++r) w.rt[r] = fill;
+    return &w;
+  };
+  if (!A.bl) {
+    for (int64_t i0 = 0; i0 < A.Lq; i0 += BQ) add(i0, -1);
+    return;
+  }
+  const QkvBlockLists& L = *A.bl;
+  const int64_t J = j0 / L.bk;
+  int64_t last = -1;  // the query block of out.back(), or -1
+  Visit* cur = nullptr;
+  for (int64_t e = L.k_ptr[J]; e < L.k_ptr[J + 1]; ++e) {
+    const int64_t r0 = L.k_qb[e] * L.bq, r1 = std::min<int64_t>(A.Lq, r0 + L.bq);
+    const int32_t t = L.k_tile[e];
+    for (int64_t c = r0 / BQ; c * BQ < r1; ++c) {
+      if (c != last) {  // a new query block: every row unlisted until an entry lists it
+        last = c;
+        cur = add(c * BQ, -2);
+      }
+      if (!cur) continue;  // outside the band
+      for (int64_t i = std::max(r0, cur->i0); i < std::min(r1, cur->i1); ++i) cur->rt[i - cur->i0] = t;
+    }
+  }
+  for (Visit& w : out)
+    for (int64_t r = 0; r < w.i1 - w.i0 && w.kind == 2; ++r)
+      if (w.rt[r] != -1) w.kind = 1;
+}
+
 struct Scratch {
   float *kf, *kt, *vt, *s, *dp, *dk, *dv;
   // bf16 dot product only, in words of two bfloat16: kp, vp (Dp2/2 or Dvp2/2, BK) K^T and V^T
@@ -296,6 +381,7 @@ struct Scratch {
   // along rows; dsr (BQ, BK/2) dS paired along keys.
   uint32_t *kp, *vp, *k2, *p2, *ds2, *dsr;
   void* mem;
+  std::vector<Visit> vis;  // the query blocks of the current key block
   explicit Scratch(const Args& A) {
     const int64_t n = BK * A.Dp * 3 + BK * A.Dvp * 2 + 2 * BQ * BK + (A.Dp2 + A.Dvp2) * BK / 2 + 64 +
                       BK * A.Dp / 2 + 3 * BQ * BK / 2;
@@ -318,10 +404,30 @@ struct Scratch {
   ~Scratch() { std::free(mem); }
 };
 
-// One query block [i0, i1) of query head hq against the loaded key block [j0, j0 + n).
+// The keys of [j0, j0 + n) (bit c = key j0 + c, n <= BK = 64) that row i of query head hq
+// (batch row b) may see: its band, and with block lists its row state t (Visit::rt).
+inline uint64_t row_bits(const Args& A, int64_t b, int64_t hq, int64_t i, int64_t j0, int64_t n, int32_t t) {
+  if (t == -2) return 0;
+  const int64_t lo = clampi(A.row_lo[i] - j0, 0, BK), hi = clampi(A.row_hi[i] - j0, 0, n);
+  if (hi <= lo) return 0;
+  uint64_t m = hi - lo == 64 ? ~uint64_t(0) : ((uint64_t(1) << (hi - lo)) - 1) << lo;
+  if (t >= 0) {
+    const QkvBlockLists& L = *A.bl;
+    const int64_t bm = L.Bm == 1 ? 0 : b, hm = L.Hm == 1 ? 0 : hq;
+    // Row i % bq of tile t, from byte (j0 % bk) / 8: the 8 bytes of this key block's 64 keys.
+    const uint8_t* row = L.tiles + (((bm * L.Hm + hm) * L.ntiles + t) * L.bq + i % L.bq) * (L.bk / 8) + (j0 % L.bk) / 8;
+    uint64_t w = 0;
+    for (int x = 0; x < 8; ++x) w |= uint64_t(row[x]) << (8 * x);
+    m &= w;
+  }
+  return m;
+}
+
+// One query block [i0, i1) of query head hq against the loaded key block [j0, j0 + n); kind 1
+// masks each row's scores by row_bits (rt: the rows' states, or null for the band alone).
 template <int KIND>
 void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t i1, int64_t j0, int64_t n, int kind,
-          float* dq) {
+          const int32_t* rt, float* dq) {
   const int64_t Dp = A.Dp, Dvp = A.Dvp, bq = i1 - i0;
   const int64_t row = (b * A.Hq + hq) * A.Lq + i0;
   const float* qf = A.qf ? A.qf + row * Dp : nullptr;  // float32 path only
@@ -354,10 +460,20 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
       st(sr + c, p);
       st(dr + c, p * (ld(dr + c) - dl));
     }
-    if (kind == 1 || n < BK) {  // zero what row i0 + r may not see (and the padding keys)
-      const int64_t lo = clampi(A.row_lo[i0 + r] - j0, 0, BK), hi = clampi(A.row_hi[i0 + r] - j0, 0, n);
-      for (int64_t c = 0; c < lo; ++c) sr[c] = dr[c] = 0.0f;
-      for (int64_t c = hi > lo ? hi : lo; c < BK; ++c) sr[c] = dr[c] = 0.0f;
+    if (kind == 1) {  // zero what row i0 + r may not see (and the padding keys)
+      const uint64_t m = row_bits(A, b, hq, i0 + r, j0, n, rt ? rt[r] : -1);
+      if (m != ~uint64_t(0)) {
+#ifdef __AVX512F__
+        for (int c = 0; c < BK; c += 16) {
+          const __mmask16 keep = __mmask16(m >> c);
+          _mm512_storeu_ps(sr + c, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(sr + c)));
+          _mm512_storeu_ps(dr + c, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(dr + c)));
+        }
+#else
+        for (int c = 0; c < BK; ++c)
+          if (!((m >> c) & 1)) sr[c] = dr[c] = 0.0f;
+#endif
+      }
     }
   }
 #ifdef __AVX512BF16__
@@ -400,8 +516,8 @@ void run_item(const Args& A, Scratch& W, int64_t b, int64_t h, int64_t split) {
   const int64_t es = KIND == 0 ? 4 : 2;
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t j0 = kb * BK, n = std::min<int64_t>(BK, A.Lk - j0);
-    bool any = false;
-    for (int64_t i0 = 0; i0 < A.Lq && !any; i0 += BQ) any = tile_kind(A, i0, std::min<int64_t>(A.Lq, i0 + BQ), j0, j0 + n) != 0;
+    visits(A, kb, W.vis);
+    const bool any = !W.vis.empty();
     if (any && !(KIND == 1 && A.q16)) {
       // Keys and values of the block: float32 rows (kf), transposed (kt, vt), zero-padded.
       for (int64_t c = 0; c < BK; ++c) {
@@ -453,11 +569,8 @@ void run_item(const Args& A, Scratch& W, int64_t b, int64_t h, int64_t split) {
       for (int64_t g = 0; g < A.G; ++g) {
         const int64_t hq = h * A.G + g;
         float* dqh = A.dqp + ((split * A.B + b) * A.Hq + hq) * A.Lq * Dp;
-        for (int64_t i0 = 0; i0 < A.Lq; i0 += BQ) {
-          const int64_t i1 = std::min<int64_t>(A.Lq, i0 + BQ);
-          const int kind = tile_kind(A, i0, i1, j0, j0 + n);
-          if (kind) tile<KIND>(A, W, b, hq, i0, i1, j0, n, kind, dqh + i0 * Dp);
-        }
+        for (const Visit& w : W.vis)
+          tile<KIND>(A, W, b, hq, w.i0, w.i1, j0, n, w.kind, A.bl ? w.rt : nullptr, dqh + w.i0 * Dp);
       }
     }
     // dK = scale * (sum over the group of dS^T Q), dV = sum of P^T dO, for the block's n keys.
@@ -536,6 +649,12 @@ void prepare(Args& A, int nthreads) {
       }
       const float l = A.lse[r];
       A.lse_s[r] = l == NEG_INF ? INFINITY : l;
+      // The gradient through lse: d lse_i / d s_ij = p_ij, so dS_ij = P_ij (dP_ij - D_i + dlse_i);
+      // D_i - dlse_i replaces D_i. A row that saw no key has P = 0 (and its dlse may be anything).
+      if (l == NEG_INF)
+        A.delta[r] = 0.0f;
+      else if (A.d_lse)
+        A.delta[r] -= A.d_lse[r];
       if (A.q16) {
         const uint16_t *q16 = (const uint16_t*)qr, *d16 = (const uint16_t*)dr;
         for (int64_t d = 0; d < A.Dp2; ++d) A.q16[r * A.Dp2 + d] = d < A.D ? q16[d] : 0;
@@ -597,11 +716,10 @@ void plan_splits(Args& A, int nthreads) {
   if (S > nkb) S = nkb;
   if (S < 1) S = 1;
   std::vector<int64_t> work(nkb + 1, 0);  // prefix sums of tiles per key block
+  std::vector<Visit> vis;
   for (int64_t kb = 0; kb < nkb; ++kb) {
-    const int64_t j0 = kb * BK, j1 = std::min<int64_t>(A.Lk, j0 + BK);
-    int64_t w = 1;
-    for (int64_t i0 = 0; i0 < A.Lq; i0 += BQ) w += tile_kind(A, i0, std::min<int64_t>(A.Lq, i0 + BQ), j0, j1) != 0;
-    work[kb + 1] = work[kb] + w;
+    visits(A, kb, vis);
+    work[kb + 1] = work[kb] + 1 + int64_t(vis.size());
   }
   A.nsplit = S;
   A.split_at.assign(S + 1, nkb);
@@ -620,16 +738,22 @@ extern "C" {
 
 static int flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
                      const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
-                     const int64_t* vst, const void* out, const void* dout, const float* lse, float scale,
-                     int64_t left, int64_t right, int64_t offset, float* dq, float* dk, float* dv, int threads) {
+                     const int64_t* vst, const void* out, const void* dout, const float* lse, const float* d_lse,
+                     float scale, int64_t left, int64_t right, int64_t offset, float* dq, float* dk, float* dv,
+                     int threads, const QkvBlockLists* blocks) {
   if (kind != 0 && kind != 1) return 1;
   if (D < 1 || D > 256 || Dv < 1 || Dv > 256 || Hkv < 1 || Hq % Hkv != 0) return 2;
+  if (blocks && (blocks->bk != 2 * BK || blocks->bq < 1 || blocks->nq != (Lq + blocks->bq - 1) / blocks->bq ||
+                 blocks->nk != (Lk + blocks->bk - 1) / blocks->bk || (blocks->Bm != 1 && blocks->Bm != B) ||
+                 (blocks->Hm != 1 && blocks->Hm != Hq) || blocks->ntiles < 0))
+    return 4;
   if (threads < 1) threads = 1;
   Args A;
   A.B = B, A.Hq = Hq, A.Hkv = Hkv, A.G = Hq / Hkv, A.Lq = Lq, A.Lk = Lk, A.D = D, A.Dv = Dv;
   A.Dp = (D + 15) / 16 * 16, A.Dvp = (Dv + 15) / 16 * 16;
   A.Dp2 = (D + 1) / 2 * 2, A.Dvp2 = (Dv + 1) / 2 * 2;
   A.q = q, A.k = k, A.v = v, A.out = out, A.dout = dout, A.lse = lse, A.scale = scale;
+  A.d_lse = d_lse, A.bl = blocks;
   for (int t = 0; t < 4; ++t) A.qst[t] = qst[t], A.kst[t] = kst[t], A.vst[t] = vst[t];
   A.left = left, A.right = right, A.offset = offset;
   A.dq = dq, A.dk = dk, A.dv = dv;
@@ -672,15 +796,19 @@ static int flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, i
   return kind == 0 ? run_all<0>(A, threads) : run_all<1>(A, threads);
 }
 
+// d_lse: float32 (B, Hq, Lq) gradient through lse, or null (zero). blocks: a BlockMask's block
+// lists (key blocks of 128), or null for the band alone.
 // Returns 0, 1 for an unknown kind, 2 for an unsupported head size, 3 when the work buffers cannot
-// be allocated (no exception leaves the library: it would end the process).
+// be allocated (no exception leaves the library: it would end the process), 4 for block lists
+// that do not fit the call (key blocks other than 128, block counts or Bm/Hm that do not match).
 int qkv_flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
                   const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
-                  const int64_t* vst, const void* out, const void* dout, const float* lse, float scale, int64_t left,
-                  int64_t right, int64_t offset, float* dq, float* dk, float* dv, int threads) {
+                  const int64_t* vst, const void* out, const void* dout, const float* lse, const float* d_lse,
+                  float scale, int64_t left, int64_t right, int64_t offset, float* dq, float* dk, float* dv,
+                  int threads, const QkvBlockLists* blocks) {
   try {
-    return flash_bwd(kind, B, Hq, Hkv, Lq, Lk, D, Dv, q, qst, k, kst, v, vst, out, dout, lse, scale, left, right,
-                     offset, dq, dk, dv, threads);
+    return flash_bwd(kind, B, Hq, Hkv, Lq, Lk, D, Dv, q, qst, k, kst, v, vst, out, dout, lse, d_lse, scale, left,
+                     right, offset, dq, dk, dv, threads, blocks);
   } catch (const std::bad_alloc&) {
     return 3;
   } catch (const std::length_error&) {  // a vector longer than the address space
@@ -688,6 +816,6 @@ int qkv_flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   }
 }
 
-int qkv_flash_bwd_version() { return 1; }
+int qkv_flash_bwd_version() { return 2; }
 
 }  // extern "C"
