@@ -4,8 +4,8 @@
 BlockMask, with the call's causal/window band on top) and takes d_lse, the gradient through
 the lse output. Its dq, dk, dv from the reference's out and lse are checked against float64
 autograd of the reference under the tolerance rule (GRAD_FACTOR times the plain same-dtype
-reference's error), on fresh random inputs, float32 and bfloat16: mask query blocks of 64, 96,
-100, 128 and 256 rows (the kernel's own blocks are 64 rows), masks that vary by batch row and
+reference's error), on fresh random inputs, float32 and bfloat16: mask query blocks of 32, 64,
+75, 96, 100, 128 and 256 rows (the kernel's own blocks are 64 rows), masks that vary by batch row and
 head (Bm = B, Hm = Hq) or not, GQA, Lq != Lk, rows that see no key (zero dq, no NaN) and keys
 that no row sees (zero dk, dv). Each check also shows that it can fail: the gradients without
 the mask (or without d_lse) are outside the rule.
@@ -52,6 +52,8 @@ CASES = {
     "per-head-bq100-gqa4/1": (_per_head, 2, 4, 2, 4, 1, 333, 300, 64, 100, {}),
     "per-head-bq128": (_per_head, 1, 4, 1, 4, 2, 260, 400, 16, 128, {}),
     "per-head-bq256": (_per_head, 2, 2, 2, 2, 1, 520, 300, 48, 256, {}),
+    "per-head-bq32-gqa": (_per_head, 2, 4, 2, 4, 2, 200, 330, 32, 32, {}),  # two mask blocks per kernel block
+    "per-head-bq75-odd": (_per_head, 1, 2, 2, 2, 1, 310, 260, 20, 75, {"causal": True}),
     "dead-rows-and-keys-bq64": (_dead_rows_and_keys, 1, 1, 2, 4, 2, 300, 390, 32, 64, {}),
     "dead-rows-and-keys-bq96-causal": (_dead_rows_and_keys, 1, 1, 1, 2, 2, 300, 390, 24, 96, {"causal": True}),
     "sliding-window-bq128-band": (lambda L: masks.causal_sliding_window(100), 1, 1, 1, 4, 1, 520, 520, 64, 128,
@@ -200,3 +202,29 @@ def test_block_lists_that_do_not_fit_are_code_4():
                                 p(d_out), p(torch.zeros(1, 1, 300)), None, 0.25, -1, -1, 0,
                                 *[p(g) for g in grads], 1, ctypes.byref(struct))
     assert rc == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_blocks_not_listed_are_never_touched(dtype):
+    """NaN in the keys and values of a key block no query block lists, and in the queries and d_out of
+    a query block that lists none: the gradients elsewhere are the same bits as with clean inputs
+    (a product with a NaN key or query, even masked to P = 0, would spread it), and those keys' dk, dv
+    and those rows' dq are 0."""
+    def fn(b, h, q_idx, kv_idx):  # key block 2 (keys 256..383) and query block 0 (rows 0..63) unused
+        return (q_idx >= 64) & ((kv_idx < 256) | (kv_idx >= 384)) & (kv_idx <= q_idx + 100)
+
+    bm = qkv.block_mask(fn, 1, 1, 512, 512, block_size=(64, 128))
+    q, k, v, d_out, d_lse = _inputs(1, 2, 1, 512, 512, 32, dtype, seed=9)
+    with torch.no_grad():
+        out, lse = qkv.attention_with_lse(q, k, v, mask=bm, backend="reference")
+    spec = build_spec(q, k, v, mask=bm)
+    clean = nb.backward(q, k, v, out, lse, d_out, spec, d_lse=d_lse.float())
+    q2, k2, v2, d2 = q.clone(), k.clone(), v.clone(), d_out.clone()
+    k2[:, :, 256:384] = float("nan")
+    v2[:, :, 256:384] = float("nan")
+    q2[:, :, :64] = float("nan")
+    d2[:, :, :64] = float("nan")
+    dirty = nb.backward(q2, k2, v2, out, lse, d2, spec, d_lse=d_lse.float())
+    for name, a, b in zip("qkv", clean, dirty):
+        assert torch.equal(a, b), f"d{name} changed with NaN in blocks that are not listed"
+    assert not clean[0][:, :, :64].any() and not clean[1][:, :, 256:384].any() and not clean[2][:, :, 256:384].any()

@@ -286,6 +286,14 @@ inline __m512i pair_rows(__m512 lo, __m512 hi) {
 }
 #endif
 
+// A query block [i0, i1) to visit against one key block (see `visits`): kind 2 = no score
+// masked, 1 = masked row by row; rt: offset in Args::rts of its BQ row states, -1 for none (the
+// band alone).
+struct Step {
+  int64_t i0, i1, rt;
+  int kind;
+};
+
 struct Args {
   int64_t B, Hq, Hkv, G, Lq, Lk, D, Dv, Dp, Dvp, Dp2, Dvp2;
   const void *q, *k, *v, *out, *dout;
@@ -310,6 +318,11 @@ struct Args {
   int64_t nsplit;
   std::vector<int64_t> split_at;  // (nsplit + 1) key-block boundaries of the splits
   std::vector<int64_t> row_lo, row_hi;
+  // The walk, the same for every (batch row, head), planned once: key block kb visits
+  // steps[step_at[kb] .. step_at[kb + 1]); rts holds their row states (Visit::rt).
+  std::vector<int64_t> step_at;
+  std::vector<Step> steps;
+  std::vector<int32_t> rts;
 };
 
 inline int64_t clampi(int64_t x, int64_t a, int64_t b) { return x < a ? a : (x > b ? b : x); }
@@ -369,9 +382,61 @@ void visits(const Args& A, int64_t kb, std::vector<Visit>& out) {
       for (int64_t i = std::max(r0, cur->i0); i < std::min(r1, cur->i1); ++i) cur->rt[i - cur->i0] = t;
     }
   }
-  for (Visit& w : out)
-    for (int64_t r = 0; r < w.i1 - w.i0 && w.kind == 2; ++r)
-      if (w.rt[r] != -1) w.kind = 1;
+  // Rows of a tile whose bits for these keys are all clear for every (b, h) of the mask see
+  // nothing here (-2); rows whose bits are all set see all of them (-1), so that a block with
+  // no row left is not visited and one with every row full (in the band) runs unmasked: a
+  // mask block of 128 x 128 keys is finer in our blocks of 64 x 64.
+  const uint64_t valid = n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1;
+  const int64_t per_tile = L.bq * (L.bk / 8), per_mask = L.ntiles * per_tile;
+  size_t keep = 0;
+  for (size_t x = 0; x < out.size(); ++x) {
+    Visit& w = out[x];
+    bool none = true, full = true;
+    for (int64_t r = 0; r < w.i1 - w.i0; ++r) {
+      if (w.rt[r] >= 0) {
+        uint64_t any = 0, all = ~uint64_t(0);
+        const uint8_t* row = L.tiles + w.rt[r] * per_tile + (w.i0 + r) % L.bq * (L.bk / 8) + (j0 % L.bk) / 8;
+        for (int64_t m = 0; m < L.Bm * L.Hm; ++m) {
+          uint64_t bits = 0;
+          for (int y = 0; y < 8; ++y) bits |= uint64_t(row[m * per_mask + y]) << (8 * y);
+          any |= bits, all &= bits;
+        }
+        if (!(any & valid))
+          w.rt[r] = -2;
+        else if ((all & valid) == valid)
+          w.rt[r] = -1;
+      }
+      none = none && w.rt[r] == -2;
+      full = full && w.rt[r] == -1;
+    }
+    if (none) continue;
+    if (!full) w.kind = 1;
+    if (keep != x) out[keep] = w;
+    ++keep;
+  }
+  out.resize(keep);
+}
+
+// Plans the walk of every key block into A.step_at, A.steps and A.rts.
+void plan_steps(Args& A) {
+  const int64_t nkb = (A.Lk + BK - 1) / BK;
+  std::vector<Visit> vis;
+  A.step_at.assign(nkb + 1, 0);
+  A.steps.clear(), A.rts.clear();
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    visits(A, kb, vis);
+    for (const Visit& w : vis) {
+      bool all_full = true;
+      for (int64_t r = 0; r < w.i1 - w.i0; ++r) all_full = all_full && w.rt[r] == -1;
+      int64_t rt = -1;
+      if (!all_full) {
+        rt = int64_t(A.rts.size());
+        A.rts.insert(A.rts.end(), w.rt, w.rt + BQ);
+      }
+      A.steps.push_back(Step{w.i0, w.i1, rt, w.kind});
+    }
+    A.step_at[kb + 1] = int64_t(A.steps.size());
+  }
 }
 
 struct Scratch {
@@ -381,7 +446,6 @@ struct Scratch {
   // along rows; dsr (BQ, BK/2) dS paired along keys.
   uint32_t *kp, *vp, *k2, *p2, *ds2, *dsr;
   void* mem;
-  std::vector<Visit> vis;  // the query blocks of the current key block
   explicit Scratch(const Args& A) {
     const int64_t n = BK * A.Dp * 3 + BK * A.Dvp * 2 + 2 * BQ * BK + (A.Dp2 + A.Dvp2) * BK / 2 + 64 +
                       BK * A.Dp / 2 + 3 * BQ * BK / 2;
@@ -516,8 +580,8 @@ void run_item(const Args& A, Scratch& W, int64_t b, int64_t h, int64_t split) {
   const int64_t es = KIND == 0 ? 4 : 2;
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t j0 = kb * BK, n = std::min<int64_t>(BK, A.Lk - j0);
-    visits(A, kb, W.vis);
-    const bool any = !W.vis.empty();
+    const Step *step0 = A.steps.data() + A.step_at[kb], *step1 = A.steps.data() + A.step_at[kb + 1];
+    const bool any = step1 > step0;
     if (any && !(KIND == 1 && A.q16)) {
       // Keys and values of the block: float32 rows (kf), transposed (kt, vt), zero-padded.
       for (int64_t c = 0; c < BK; ++c) {
@@ -569,8 +633,9 @@ void run_item(const Args& A, Scratch& W, int64_t b, int64_t h, int64_t split) {
       for (int64_t g = 0; g < A.G; ++g) {
         const int64_t hq = h * A.G + g;
         float* dqh = A.dqp + ((split * A.B + b) * A.Hq + hq) * A.Lq * Dp;
-        for (const Visit& w : W.vis)
-          tile<KIND>(A, W, b, hq, w.i0, w.i1, j0, n, w.kind, A.bl ? w.rt : nullptr, dqh + w.i0 * Dp);
+        for (const Step* w = step0; w < step1; ++w)
+          tile<KIND>(A, W, b, hq, w->i0, w->i1, j0, n, w->kind, w->rt < 0 ? nullptr : A.rts.data() + w->rt,
+                     dqh + w->i0 * Dp);
       }
     }
     // dK = scale * (sum over the group of dS^T Q), dV = sum of P^T dO, for the block's n keys.
@@ -716,11 +781,7 @@ void plan_splits(Args& A, int nthreads) {
   if (S > nkb) S = nkb;
   if (S < 1) S = 1;
   std::vector<int64_t> work(nkb + 1, 0);  // prefix sums of tiles per key block
-  std::vector<Visit> vis;
-  for (int64_t kb = 0; kb < nkb; ++kb) {
-    visits(A, kb, vis);
-    work[kb + 1] = work[kb] + 1 + int64_t(vis.size());
-  }
+  for (int64_t kb = 0; kb < nkb; ++kb) work[kb + 1] = work[kb] + 1 + A.step_at[kb + 1] - A.step_at[kb];
   A.nsplit = S;
   A.split_at.assign(S + 1, nkb);
   A.split_at[0] = 0;
@@ -771,6 +832,7 @@ static int flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, i
     const int64_t hi = right < 0 ? Lk : clampi(pos + right + 1, 0, Lk);
     A.row_lo[i] = lo, A.row_hi[i] = hi > lo ? hi : lo;
   }
+  plan_steps(A);
   plan_splits(A, threads);
   const int64_t rows = B * Hq * Lq;
   bool bf16dot = false;
