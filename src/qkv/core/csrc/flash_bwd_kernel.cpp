@@ -37,7 +37,10 @@
 // Arithmetic is float32: queries and dO are widened once into padded float32 copies (head size
 // rounded up to 16, zeros beyond D), keys and values block by block, so every product is an
 // AVX-512 (or, without it, the compiler's vector extension) multiply-add over 16 lanes and any
-// head size 1..256 runs the same code; bfloat16 inputs are exact in float32. Each product's
+// head size 1..256 runs the same code (float32 queries and dO whose head size is a multiple
+// of 16 need no padding and are read in place, as bfloat16 ones with even sizes and strides
+// are on the dot-product path: no copy, no fresh pages to fault in, which at a narrow window
+// cost as much as a fifth of the time); bfloat16 inputs are exact in float32. Each product's
 // sum over a block (and over at most 64 terms of the head) starts from zero and is added to its
 // accumulator once, so a gradient summed over thousands of rows or keys carries the rounding
 // error of (blocks + block size) terms, as SDPA's, not of one running sum (6x larger at
@@ -305,10 +308,17 @@ struct Args {
   int64_t left, right, offset;
   float *dq, *dk, *dv;
   // Work buffers.
-  float* qf;        // (B, Hq, Lq, Dp) float32 queries, zero-padded
-  float* dof;       // (B, Hq, Lq, Dvp) float32 dO
+  float* qf;        // (B, Hq, Lq, Dp) float32 queries, zero-padded; null where q is read in place
+  float* dof;       // (B, Hq, Lq, Dvp) float32 dO; null where dO is read in place
+  // float32 inputs whose head size is a multiple of 16 (D == Dp, Dv == Dvp) are read in place
+  // (rows of q at its strides, dO contiguous): no copy, and no fresh pages to fault in.
+  bool q_direct, do_direct;
+  bool bf16dot;     // bfloat16 inputs on the AVX512-BF16 dot product
   uint16_t* q16;    // (B, Hq, Lq, Dp2) bfloat16 queries (bf16 dot product only), else null
   uint16_t* do16;   // (B, Hq, Lq, Dvp2) bfloat16 dO, else null
+  // Even head sizes with even strides and 4-byte aligned rows are read in place (as words of
+  // two bfloat16): q16 / do16 null.
+  bool q16_direct, do16_direct;
   uint32_t* q2;     // (B, Hq, Lq2, Dp) words: queries 2p and 2p + 1 paired (bf16 dot product only)
   uint32_t* do2;    // (B, Hq, Lq2, Dvp) words: dO paired likewise
   int64_t Lq2;      // (Lq + 1) / 2
@@ -494,24 +504,30 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
           const int32_t* rt, float* dq) {
   const int64_t Dp = A.Dp, Dvp = A.Dvp, bq = i1 - i0;
   const int64_t row = (b * A.Hq + hq) * A.Lq + i0;
-  const float* qf = A.qf ? A.qf + row * Dp : nullptr;  // float32 path only
-  const float* dof = A.dof ? A.dof + row * Dvp : nullptr;  // float32 path only
+  // float32 path only: the rows of q (row stride qld) and dO (row stride Dvp), copies or in place.
+  const float* qf = A.q_direct ? (const float*)A.q + b * A.qst[0] + hq * A.qst[1] + i0 * A.qst[2]
+                               : (A.qf ? A.qf + row * Dp : nullptr);
+  const int64_t qld = A.q_direct ? A.qst[2] : Dp;
+  const float* dof = A.do_direct ? (const float*)A.dout + row * A.Dv : (A.dof ? A.dof + row * Dvp : nullptr);
   const float* lse = A.lse_s + row;
   const float* delta = A.delta + row;
   float* s = W.s;
   float* dp = W.dp;
   bool done = false;
 #ifdef __AVX512BF16__
-  if (KIND == 1 && A.q16) {
-    const uint32_t* q16 = (const uint32_t*)(A.q16 + row * A.Dp2);
-    const uint32_t* do16 = (const uint32_t*)(A.do16 + row * A.Dvp2);
-    gemm_bf16<false>(bq, BK, A.Dp2 / 2, q16, A.Dp2 / 2, 1, W.kp, BK, s, BK);     // S = Q K^T
+  if (KIND == 1 && A.bf16dot) {
+    const uint32_t* q16 = A.q16_direct ? (const uint32_t*)((const uint16_t*)A.q + b * A.qst[0] + hq * A.qst[1] + i0 * A.qst[2])
+                                       : (const uint32_t*)(A.q16 + row * A.Dp2);
+    const int64_t q16ld = A.q16_direct ? A.qst[2] / 2 : A.Dp2 / 2;  // row stride in words
+    const uint32_t* do16 = A.do16_direct ? (const uint32_t*)((const uint16_t*)A.dout + row * A.Dv)
+                                         : (const uint32_t*)(A.do16 + row * A.Dvp2);
+    gemm_bf16<false>(bq, BK, A.Dp2 / 2, q16, q16ld, 1, W.kp, BK, s, BK);          // S = Q K^T
     gemm_bf16<false>(bq, BK, A.Dvp2 / 2, do16, A.Dvp2 / 2, 1, W.vp, BK, dp, BK);  // dP = dO V^T
     done = true;
   }
 #endif
   if (!done) {
-    gemm<false>(bq, BK, Dp, qf, Dp, 1, W.kt, BK, s, BK);     // S = Q K^T
+    gemm<false>(bq, BK, Dp, qf, qld, 1, W.kt, BK, s, BK);    // S = Q K^T
     gemm<false>(bq, BK, Dvp, dof, Dvp, 1, W.vt, BK, dp, BK);  // dP = dO V^T
   }
   const v16 sc = splat(A.scale);
@@ -541,7 +557,7 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
     }
   }
 #ifdef __AVX512BF16__
-  if (KIND == 1 && A.q16) {
+  if (KIND == 1 && A.bf16dot) {
     // P and dS rounded to bfloat16 (as FA-2 does on GPUs) for the three products that take them.
     const int64_t pairs = (bq + 1) / 2;
     const __m512 zero = _mm512_setzero_ps();
@@ -566,7 +582,7 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
   }
 #endif
   gemm<true>(BK, Dvp, bq, s, 1, BK, dof, Dvp, W.dv, Dvp);  // dV += P^T dO
-  gemm<true>(BK, Dp, bq, dp, 1, BK, qf, Dp, W.dk, Dp);     // dK += dS^T Q
+  gemm<true>(BK, Dp, bq, dp, 1, BK, qf, qld, W.dk, Dp);    // dK += dS^T Q
   gemm<true>(bq, Dp, BK, dp, BK, 1, W.kf, Dp, dq, Dp);     // dQ += dS K
 }
 
@@ -582,7 +598,7 @@ void run_item(const Args& A, Scratch& W, int64_t b, int64_t h, int64_t split) {
     const int64_t j0 = kb * BK, n = std::min<int64_t>(BK, A.Lk - j0);
     const Step *step0 = A.steps.data() + A.step_at[kb], *step1 = A.steps.data() + A.step_at[kb + 1];
     const bool any = step1 > step0;
-    if (any && !(KIND == 1 && A.q16)) {
+    if (any && !(KIND == 1 && A.bf16dot)) {
       // Keys and values of the block: float32 rows (kf), transposed (kt, vt), zero-padded.
       for (int64_t c = 0; c < BK; ++c) {
         float* kr = W.kf + c * Dp;
@@ -602,7 +618,7 @@ void run_item(const Args& A, Scratch& W, int64_t b, int64_t h, int64_t split) {
       }
     }
 #ifdef __AVX512BF16__
-    if (any && KIND == 1 && A.q16) {  // the raw bfloat16 values, paired: kp[d/2][c][d&1], k2[c/2][d][c&1]
+    if (any && KIND == 1 && A.bf16dot) {  // the raw bfloat16 values, paired: kp[d/2][c][d&1], k2[c/2][d][c&1]
       uint16_t *kp = (uint16_t*)W.kp, *vp = (uint16_t*)W.vp, *k2 = (uint16_t*)W.k2;
       for (int64_t c = 0; c < BK; ++c) {
         const uint16_t* kr = c < n ? (const uint16_t*)kbase + (j0 + c) * A.kst[2] : nullptr;
@@ -682,10 +698,14 @@ void prepare(Args& A, int nthreads) {
       const int64_t i = r % A.Lq, bh = r / A.Lq, hq = bh % A.Hq, b = bh / A.Hq;
       const int64_t es = KIND == 0 ? 4 : 2;
       const void* qr = (const char*)A.q + (b * A.qst[0] + hq * A.qst[1] + i * A.qst[2]) * es;
-      if (!A.q16) widen_row<KIND>(qr, A.D, A.Dp, A.qf + r * A.Dp);
+      if (A.qf) widen_row<KIND>(qr, A.D, A.Dp, A.qf + r * A.Dp);
       const void* dr = (const char*)A.dout + r * A.Dv * es;
-      float* dof = A.dof ? A.dof + r * A.Dvp : do_row.data();
-      widen_row<KIND>(dr, A.Dv, A.Dvp, dof);
+      const float* dof = (const float*)dr;  // in place: Dv == Dvp, float32
+      if (!A.do_direct) {
+        float* w = A.dof ? A.dof + r * A.Dvp : do_row.data();
+        widen_row<KIND>(dr, A.Dv, A.Dvp, w);
+        dof = w;
+      }
       for (int64_t s = 0; s < A.nsplit; ++s) std::memset(A.dqp + s * per + r * A.Dp, 0, sizeof(float) * A.Dp);
       widen_row<KIND>((const char*)A.out + r * A.Dv * es, A.Dv, A.Dvp, o.data());
       // delta cancels against dP = dO . v_j, almost exactly where a row sees few keys and
@@ -693,7 +713,7 @@ void prepare(Args& A, int nthreads) {
       // arithmetic (the micro kernel's multiply-adds in order, in KC-term partial sums), so
       // that O = v_j gives dP - delta = 0 exactly; the bfloat16 products round differently,
       // and there delta is formed in float64.
-      if (!A.q16) {
+      if (!A.bf16dot) {
         float x = 0.0f;
         for (int64_t d0 = 0; d0 < A.Dvp; d0 += KC) {
           float acc = 0.0f;
@@ -720,10 +740,12 @@ void prepare(Args& A, int nthreads) {
         A.delta[r] = 0.0f;
       else if (A.d_lse)
         A.delta[r] -= A.d_lse[r];
-      if (A.q16) {
+      if (A.bf16dot) {
         const uint16_t *q16 = (const uint16_t*)qr, *d16 = (const uint16_t*)dr;
-        for (int64_t d = 0; d < A.Dp2; ++d) A.q16[r * A.Dp2 + d] = d < A.D ? q16[d] : 0;
-        for (int64_t d = 0; d < A.Dvp2; ++d) A.do16[r * A.Dvp2 + d] = d < A.Dv ? d16[d] : 0;
+        if (A.q16)
+          for (int64_t d = 0; d < A.Dp2; ++d) A.q16[r * A.Dp2 + d] = d < A.D ? q16[d] : 0;
+        if (A.do16)
+          for (int64_t d = 0; d < A.Dvp2; ++d) A.do16[r * A.Dvp2 + d] = d < A.Dv ? d16[d] : 0;
         // Paired rows: word (i/2, d) holds rows i & ~1 and i | 1 (zeros past D, and past Lq when odd).
         uint16_t* q2 = (uint16_t*)(A.q2 + (bh * A.Lq2 + i / 2) * A.Dp) + (i & 1);
         uint16_t* do2 = (uint16_t*)(A.do2 + (bh * A.Lq2 + i / 2) * A.Dvp) + (i & 1);
@@ -757,12 +779,13 @@ int run_all(Args& A, int nthreads) {
   // dq = scale * (sum of the splits' accumulators), cropped to D (in place where dq was the one).
   const int64_t rows = A.B * A.Hq * A.Lq, per = rows * A.Dp, chunk = 256;
   parallel(nthreads, (rows + chunk - 1) / chunk, [&](int, int64_t it) {
-    for (int64_t r = it * chunk; r < std::min(rows, (it + 1) * chunk); ++r)
+    const int64_t r0 = it * chunk, r1 = std::min(rows, (it + 1) * chunk);
+    if (A.dqp == A.dq) {  // one split, D == Dp: dq holds the sums
+      for (int64_t x = r0 * A.D; x < r1 * A.D; ++x) A.dq[x] *= A.scale;
+      return;
+    }
+    for (int64_t r = r0; r < r1; ++r)
       for (int64_t d = 0; d < A.D; ++d) {
-        if (A.dqp == A.dq) {
-          A.dq[r * A.D + d] *= A.scale;
-          continue;
-        }
         float x = 0.0f;
         for (int64_t s = 0; s < A.nsplit; ++s) x += A.dqp[s * per + r * A.Dp + d];
         A.dq[r * A.D + d] = A.scale * x;
@@ -844,12 +867,18 @@ static int flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, i
   A.Lq2 = (Lq + 1) / 2;
   const int64_t pairs = B * Hq * A.Lq2;
   const bool direct = A.nsplit == 1 && A.Dp == D;
-  std::unique_ptr<float[]> qf(bf16dot ? nullptr : new float[rows * A.Dp]);
-  std::unique_ptr<float[]> dof(bf16dot ? nullptr : new float[rows * A.Dvp]);
+  A.q_direct = kind == 0 && A.Dp == D;
+  A.do_direct = kind == 0 && A.Dvp == Dv;
+  std::unique_ptr<float[]> qf(bf16dot || A.q_direct ? nullptr : new float[rows * A.Dp]);
+  std::unique_ptr<float[]> dof(bf16dot || A.do_direct ? nullptr : new float[rows * A.Dvp]);
   std::unique_ptr<float[]> delta(new float[rows]), lse_s(new float[rows]);
   std::unique_ptr<float[]> dqp(direct ? nullptr : new float[A.nsplit * rows * A.Dp]);
-  std::unique_ptr<uint16_t[]> q16(bf16dot ? new uint16_t[rows * A.Dp2] : nullptr);
-  std::unique_ptr<uint16_t[]> do16(bf16dot ? new uint16_t[rows * A.Dvp2] : nullptr);
+  A.bf16dot = bf16dot;
+  A.q16_direct = bf16dot && D % 2 == 0 && qst[0] % 2 == 0 && qst[1] % 2 == 0 && qst[2] % 2 == 0 &&
+                 (reinterpret_cast<uintptr_t>(q) & 3) == 0;
+  A.do16_direct = bf16dot && Dv % 2 == 0 && (reinterpret_cast<uintptr_t>(dout) & 3) == 0;  // dO is contiguous
+  std::unique_ptr<uint16_t[]> q16(bf16dot && !A.q16_direct ? new uint16_t[rows * A.Dp2] : nullptr);
+  std::unique_ptr<uint16_t[]> do16(bf16dot && !A.do16_direct ? new uint16_t[rows * A.Dvp2] : nullptr);
   std::unique_ptr<uint32_t[]> q2(bf16dot ? new uint32_t[pairs * A.Dp] : nullptr);
   std::unique_ptr<uint32_t[]> do2(bf16dot ? new uint32_t[pairs * A.Dvp] : nullptr);  // std::bad_alloc: code 3
   A.qf = qf.get(), A.dof = dof.get(), A.delta = delta.get(), A.lse_s = lse_s.get();
