@@ -369,7 +369,8 @@ void visits(const Args& A, int64_t kb, std::vector<Visit>& out) {
     out.emplace_back();
     Visit& w = out.back();
     w.i0 = i0, w.i1 = i1, w.kind = band == 2 && n == BK ? 2 : 1;
-    for (int r = 0; r < BQ; ++r) w.rt[r] = fill;
+    if (A.bl)  // (without lists rt is not read)
+      for (int r = 0; r < BQ; ++r) w.rt[r] = fill;
     return &w;
   };
   if (!A.bl) {
@@ -437,7 +438,7 @@ void plan_steps(Args& A) {
     visits(A, kb, vis);
     for (const Visit& w : vis) {
       bool all_full = true;
-      for (int64_t r = 0; r < w.i1 - w.i0; ++r) all_full = all_full && w.rt[r] == -1;
+      for (int64_t r = 0; r < w.i1 - w.i0 && A.bl; ++r) all_full = all_full && w.rt[r] == -1;
       int64_t rt = -1;
       if (!all_full) {
         rt = int64_t(A.rts.size());
