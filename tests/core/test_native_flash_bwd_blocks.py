@@ -50,7 +50,8 @@ CASES = {
     "per-head-bq64-gqa": (_per_head, 2, 4, 2, 4, 2, 300, 300, 32, 64, {}),
     "per-head-bq96": (_per_head, 2, 4, 2, 4, 4, 290, 300, 40, 96, {}),
     "per-head-bq100-gqa4/1": (_per_head, 2, 4, 2, 4, 1, 333, 300, 64, 100, {}),
-    "per-head-bq128": (_per_head, 1, 4, 1, 4, 2, 260, 400, 16, 128, {}),
+    "per-head-bq128-batch-broadcast": (_per_head, 1, 4, 2, 4, 2, 260, 400, 16, 128, {}),  # Bm = 1, Hm = Hq
+    "per-head-short-keys": (_per_head, 2, 2, 2, 2, 1, 130, 50, 16, 64, {}),  # one key block, 50 keys
     "per-head-bq256": (_per_head, 2, 2, 2, 2, 1, 520, 300, 48, 256, {}),
     "per-head-bq32-gqa": (_per_head, 2, 4, 2, 4, 2, 200, 330, 32, 32, {}),  # two mask blocks per kernel block
     "per-head-bq75-odd": (_per_head, 1, 2, 2, 2, 1, 310, 260, 20, 75, {"causal": True}),
