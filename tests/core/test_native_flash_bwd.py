@@ -113,7 +113,7 @@ def test_refusals(monkeypatch):
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         nb.backward(q, k, v, q, torch.zeros(1, 2, 8), up, spec)
     f = [t.float() for t in (q, k, v, up)]
-    with pytest.raises(ValueError, match="bands only"):
+    with pytest.raises(ValueError, match="bands and BlockMasks only"):
         nb.backward(*f[:3], f[0], torch.zeros(1, 2, 8), f[3], build_spec(*f[:3], score_mod=lambda s, b, h, i, j: s))
     meta = [t.to("meta") for t in f]  # another device: refused by name before any pointer is taken
     with pytest.raises(ValueError, match="CPU kernel: q on meta"):
@@ -181,8 +181,8 @@ import ctypes, sys
 from qkv.core.engines import native_flash_bwd as nb
 kernel = nb.lib()
 st = (ctypes.c_int64 * 4)(0, 0, 0, 1)
-rc = kernel.qkv_flash_bwd(0, 1, 1, 1, 1 << 40, 16, 16, 16, None, st, None, st, None, st, None, None, None,
-                          1.0, -1, -1, 0, None, None, None, 1)
+rc = kernel.qkv_flash_bwd(0, 1, 1, 1, 1 << 40, 16, 16, 16, None, st, None, st, None, st, None, None, None, None,
+                          1.0, -1, -1, 0, None, None, None, 1, None)
 print(rc)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -8,6 +8,20 @@
 // (AttentionSpec.band_edges: row i sees keys [lo_i, hi_i)); a row with lse = -inf saw no key
 // and gets probabilities, hence gradients, 0.
 //
+// Gradient through lse (attention_with_lse's second output, ring attention's merges): lse_i =
+// log sum_j exp(s_ij) has d lse_i / d s_ij = p_ij, so an incoming d_lse adds p_ij * dlse_i to
+// dS_ij: D_i - dlse_i takes D_i's place (d_lse null = 0).
+//
+// Block lists (a BlockMask's, engines/native_blocks.py; the struct QkvBlockLists below, shared
+// with the forward kernel): as FlexAttention's backward (Dong et al., 2024) walks q_indices per
+// key block, a key block of BK = 64 keys here visits only the query blocks that overlap the
+// query blocks listed for its mask key block (128 keys: two of ours) in the key-major lists.
+// Query blocks stay BQ rows from multiples of BQ, whatever the mask's bq (64, 96, 100, 256...);
+// a block that straddles mask query blocks looks each row's up (listed full, a tile, or not
+// listed: nothing seen). Blocks wholly inside the band whose rows are all listed full are
+// computed unmasked; only the others pay for masking P and dS, by 64 bits per row (band AND
+// tile bits), so keys no row sees get dK = dV = 0 and rows that see nothing dQ = 0.
+//
 // Parallel work without atomics. FA-2 (section 3.2) parallelises its backward over key blocks,
 // each owning its dK/dV, and adds dQ with atomic adds across thread blocks. On a CPU with a few
 // cores there are far fewer threads than (batch, head) pairs, so a work item here is a whole
@@ -23,7 +37,10 @@
 // Arithmetic is float32: queries and dO are widened once into padded float32 copies (head size
 // rounded up to 16, zeros beyond D), keys and values block by block, so every product is an
 // AVX-512 (or, without it, the compiler's vector extension) multiply-add over 16 lanes and any
-// head size 1..256 runs the same code; bfloat16 inputs are exact in float32. Each product's
+// head size 1..256 runs the same code (float32 queries and dO whose head size is a multiple
+// of 16 need no padding and are read in place, as bfloat16 ones with even sizes and strides
+// are on the dot-product path: no copy, no fresh pages to fault in, which at a narrow window
+// cost as much as a fifth of the time); bfloat16 inputs are exact in float32. Each product's
 // sum over a block (and over at most 64 terms of the head) starts from zero and is added to its
 // accumulator once, so a gradient summed over thousands of rows or keys carries the rounding
 // error of (blocks + block size) terms, as SDPA's, not of one running sum (6x larger at
@@ -56,6 +73,22 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+// A BlockMask's block lists (engines/native_blocks.py builds them; the forward kernel takes the
+// same struct): the field order must match the ctypes Structure QkvBlockLists there.
+struct QkvBlockLists {
+  int64_t bq, bk;        // rows and keys per mask block (bk must be 128: two of this kernel's key blocks)
+  int64_t nq, nk;        // query blocks ceil(Lq / bq), key blocks ceil(Lk / bk)
+  const int32_t* q_ptr;  // (nq + 1) CSR offsets, query-major
+  const int32_t* q_kb;   // (nnz) key block of each entry, ascending within a query block
+  const int32_t* q_tile; // (nnz) -1: every score of the block allowed for every (b, h); else tile index t
+  const int32_t* k_ptr;  // (nk + 1) the same entries, key-major
+  const int32_t* k_qb;   // (nnz) query block of each entry, ascending within a key block
+  const int32_t* k_tile; // (nnz) tile index as above
+  const uint8_t* tiles;  // (Bm, Hm, ntiles, bq, bk / 8) bits: bit (c & 7) of byte (c >> 3) of row r of tile t
+                         // set = query qb*bq + r may see key kb*bk + c (mask batch row bm, mask head hm)
+  int64_t Bm, Hm, ntiles;  // Bm is 1 or B; Hm is 1 or Hq, indexed by the query head
+};
 
 namespace {
 
@@ -256,19 +289,36 @@ inline __m512i pair_rows(__m512 lo, __m512 hi) {
 }
 #endif
 
+// A query block [i0, i1) to visit against one key block (see `visits`): kind 2 = no score
+// masked, 1 = masked row by row; rt: offset in Args::rts of its BQ row states, -1 for none (the
+// band alone).
+struct Step {
+  int64_t i0, i1, rt;
+  int kind;
+};
+
 struct Args {
   int64_t B, Hq, Hkv, G, Lq, Lk, D, Dv, Dp, Dvp, Dp2, Dvp2;
   const void *q, *k, *v, *out, *dout;
   int64_t qst[4], kst[4], vst[4];
   const float* lse;
+  const float* d_lse;        // (B, Hq, Lq) gradient through lse, or null
+  const QkvBlockLists* bl;   // block lists of a BlockMask, or null (the band alone)
   float scale;
   int64_t left, right, offset;
   float *dq, *dk, *dv;
   // Work buffers.
-  float* qf;        // (B, Hq, Lq, Dp) float32 queries, zero-padded
-  float* dof;       // (B, Hq, Lq, Dvp) float32 dO
+  float* qf;        // (B, Hq, Lq, Dp) float32 queries, zero-padded; null where q is read in place
+  float* dof;       // (B, Hq, Lq, Dvp) float32 dO; null where dO is read in place
+  // float32 inputs whose head size is a multiple of 16 (D == Dp, Dv == Dvp) are read in place
+  // (rows of q at its strides, dO contiguous): no copy, and no fresh pages to fault in.
+  bool q_direct, do_direct;
+  bool bf16dot;     // bfloat16 inputs on the AVX512-BF16 dot product
   uint16_t* q16;    // (B, Hq, Lq, Dp2) bfloat16 queries (bf16 dot product only), else null
   uint16_t* do16;   // (B, Hq, Lq, Dvp2) bfloat16 dO, else null
+  // Even head sizes with even strides and 4-byte aligned rows are read in place (as words of
+  // two bfloat16): q16 / do16 null.
+  bool q16_direct, do16_direct;
   uint32_t* q2;     // (B, Hq, Lq2, Dp) words: queries 2p and 2p + 1 paired (bf16 dot product only)
   uint32_t* do2;    // (B, Hq, Lq2, Dvp) words: dO paired likewise
   int64_t Lq2;      // (Lq + 1) / 2
@@ -278,6 +328,11 @@ struct Args {
   int64_t nsplit;
   std::vector<int64_t> split_at;  // (nsplit + 1) key-block boundaries of the splits
   std::vector<int64_t> row_lo, row_hi;
+  // The walk, the same for every (batch row, head), planned once: key block kb visits
+  // steps[step_at[kb] .. step_at[kb + 1]); rts holds their row states (Visit::rt).
+  std::vector<int64_t> step_at;
+  std::vector<Step> steps;
+  std::vector<int32_t> rts;
 };
 
 inline int64_t clampi(int64_t x, int64_t a, int64_t b) { return x < a ? a : (x > b ? b : x); }
@@ -287,6 +342,112 @@ inline int tile_kind(const Args& A, int64_t i0, int64_t i1, int64_t j0, int64_t 
   // lo_i and hi_i are nondecreasing in i: the block's rows see keys [lo_i0, hi_(i1-1)) at most.
   if (A.row_hi[i1 - 1] <= j0 || A.row_lo[i0] >= j1) return 0;
   return (A.row_lo[i1 - 1] <= j0 && A.row_hi[i0] >= j1) ? 2 : 1;
+}
+
+// A query block [i0, i1) to visit against one key block: kind 2 = no score masked (the band
+// wholly inside, all BK keys real, every row's mask block listed as full), 1 = masked row by
+// row. With block lists, rt[r] says what row i0 + r may see of the key block's mask block:
+// -1 all of it, t >= 0 the bits of tile t, -2 nothing (its mask query block is not listed).
+struct Visit {
+  int64_t i0, i1;
+  int kind;
+  int32_t rt[BQ];
+};
+
+// The query blocks key block kb (keys [kb*BK, kb*BK + n)) meets: the band's, and with block
+// lists only those overlapping a listed mask query block (the key-major list of mask key block
+// kb*BK / bk, so blocks not listed are never visited). Query blocks are BQ rows from a multiple
+// of BQ (even: the bfloat16 path pairs rows), whatever the mask's bq; a block that straddles
+// mask query blocks looks each row's up. Appends to `out` (cleared first).
+void visits(const Args& A, int64_t kb, std::vector<Visit>& out) {
+  out.clear();
+  const int64_t j0 = kb * BK, n = std::min<int64_t>(BK, A.Lk - j0);
+  auto add = [&](int64_t i0, int32_t fill) -> Visit* {
+    const int64_t i1 = std::min<int64_t>(A.Lq, i0 + BQ);
+    const int band = tile_kind(A, i0, i1, j0, j0 + n);
+    if (!band) return nullptr;
+    out.emplace_back();
+    Visit& w = out.back();
+    w.i0 = i0, w.i1 = i1, w.kind = band == 2 && n == BK ? 2 : 1;
+    if (A.bl)  // (without lists rt is not read)
+      for (int r = 0; r < BQ; ++r) w.rt[r] = fill;
+    return &w;
+  };
+  if (!A.bl) {
+    for (int64_t i0 = 0; i0 < A.Lq; i0 += BQ) add(i0, -1);
+    return;
+  }
+  const QkvBlockLists& L = *A.bl;
+  const int64_t J = j0 / L.bk;
+  int64_t last = -1;  // the query block of out.back(), or -1
+  Visit* cur = nullptr;
+  for (int64_t e = L.k_ptr[J]; e < L.k_ptr[J + 1]; ++e) {
+    const int64_t r0 = L.k_qb[e] * L.bq, r1 = std::min<int64_t>(A.Lq, r0 + L.bq);
+    const int32_t t = L.k_tile[e];
+    for (int64_t c = r0 / BQ; c * BQ < r1; ++c) {
+      if (c != last) {  // a new query block: every row unlisted until an entry lists it
+        last = c;
+        cur = add(c * BQ, -2);
+      }
+      if (!cur) continue;  // outside the band
+      for (int64_t i = std::max(r0, cur->i0); i < std::min(r1, cur->i1); ++i) cur->rt[i - cur->i0] = t;
+    }
+  }
+  // Rows of a tile whose bits for these keys are all clear for every (b, h) of the mask see
+  // nothing here (-2); rows whose bits are all set see all of them (-1), so that a block with
+  // no row left is not visited and one with every row full (in the band) runs unmasked: a
+  // mask block of 128 x 128 keys is finer in our blocks of 64 x 64.
+  const uint64_t valid = n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1;
+  const int64_t per_tile = L.bq * (L.bk / 8), per_mask = L.ntiles * per_tile;
+  size_t keep = 0;
+  for (size_t x = 0; x < out.size(); ++x) {
+    Visit& w = out[x];
+    bool none = true, full = true;
+    for (int64_t r = 0; r < w.i1 - w.i0; ++r) {
+      if (w.rt[r] >= 0) {
+        uint64_t any = 0, all = ~uint64_t(0);
+        const uint8_t* row = L.tiles + w.rt[r] * per_tile + (w.i0 + r) % L.bq * (L.bk / 8) + (j0 % L.bk) / 8;
+        for (int64_t m = 0; m < L.Bm * L.Hm; ++m) {
+          uint64_t bits = 0;
+          for (int y = 0; y < 8; ++y) bits |= uint64_t(row[m * per_mask + y]) << (8 * y);
+          any |= bits, all &= bits;
+        }
+        if (!(any & valid))
+          w.rt[r] = -2;
+        else if ((all & valid) == valid)
+          w.rt[r] = -1;
+      }
+      none = none && w.rt[r] == -2;
+      full = full && w.rt[r] == -1;
+    }
+    if (none) continue;
+    if (!full) w.kind = 1;
+    if (keep != x) out[keep] = w;
+    ++keep;
+  }
+  out.resize(keep);
+}
+
+// Plans the walk of every key block into A.step_at, A.steps and A.rts.
+void plan_steps(Args& A) {
+  const int64_t nkb = (A.Lk + BK - 1) / BK;
+  std::vector<Visit> vis;
+  A.step_at.assign(nkb + 1, 0);
+  A.steps.clear(), A.rts.clear();
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    visits(A, kb, vis);
+    for (const Visit& w : vis) {
+      bool all_full = true;
+      for (int64_t r = 0; r < w.i1 - w.i0 && A.bl; ++r) all_full = all_full && w.rt[r] == -1;
+      int64_t rt = -1;
+      if (!all_full) {
+        rt = int64_t(A.rts.size());
+        A.rts.insert(A.rts.end(), w.rt, w.rt + BQ);
+      }
+      A.steps.push_back(Step{w.i0, w.i1, rt, w.kind});
+    }
+    A.step_at[kb + 1] = int64_t(A.steps.size());
+  }
 }
 
 struct Scratch {
@@ -318,30 +479,56 @@ struct Scratch {
   ~Scratch() { std::free(mem); }
 };
 
-// One query block [i0, i1) of query head hq against the loaded key block [j0, j0 + n).
+// The keys of [j0, j0 + n) (bit c = key j0 + c, n <= BK = 64) that row i of query head hq
+// (batch row b) may see: its band, and with block lists its row state t (Visit::rt).
+inline uint64_t row_bits(const Args& A, int64_t b, int64_t hq, int64_t i, int64_t j0, int64_t n, int32_t t) {
+  if (t == -2) return 0;
+  const int64_t lo = clampi(A.row_lo[i] - j0, 0, BK), hi = clampi(A.row_hi[i] - j0, 0, n);
+  if (hi <= lo) return 0;
+  uint64_t m = hi - lo == 64 ? ~uint64_t(0) : ((uint64_t(1) << (hi - lo)) - 1) << lo;
+  if (t >= 0) {
+    const QkvBlockLists& L = *A.bl;
+    const int64_t bm = L.Bm == 1 ? 0 : b, hm = L.Hm == 1 ? 0 : hq;
+    // Row i % bq of tile t, from byte (j0 % bk) / 8: the 8 bytes of this key block's 64 keys.
+    const uint8_t* row = L.tiles + (((bm * L.Hm + hm) * L.ntiles + t) * L.bq + i % L.bq) * (L.bk / 8) + (j0 % L.bk) / 8;
+    uint64_t w = 0;
+    for (int x = 0; x < 8; ++x) w |= uint64_t(row[x]) << (8 * x);
+    m &= w;
+  }
+  return m;
+}
+
+// One query block [i0, i1) of query head hq against the loaded key block [j0, j0 + n); kind 1
+// masks each row's scores by row_bits (rt: the rows' states, or null for the band alone).
 template <int KIND>
 void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t i1, int64_t j0, int64_t n, int kind,
-          float* dq) {
+          const int32_t* rt, float* dq) {
   const int64_t Dp = A.Dp, Dvp = A.Dvp, bq = i1 - i0;
   const int64_t row = (b * A.Hq + hq) * A.Lq + i0;
-  const float* qf = A.qf ? A.qf + row * Dp : nullptr;  // float32 path only
-  const float* dof = A.dof ? A.dof + row * Dvp : nullptr;  // float32 path only
+  // float32 path only: the rows of q (row stride qld) and dO (row stride Dvp), copies or in place.
+  const float* qf = A.q_direct ? (const float*)A.q + b * A.qst[0] + hq * A.qst[1] + i0 * A.qst[2]
+                               : (A.qf ? A.qf + row * Dp : nullptr);
+  const int64_t qld = A.q_direct ? A.qst[2] : Dp;
+  const float* dof = A.do_direct ? (const float*)A.dout + row * A.Dv : (A.dof ? A.dof + row * Dvp : nullptr);
   const float* lse = A.lse_s + row;
   const float* delta = A.delta + row;
   float* s = W.s;
   float* dp = W.dp;
   bool done = false;
 #ifdef __AVX512BF16__
-  if (KIND == 1 && A.q16) {
-    const uint32_t* q16 = (const uint32_t*)(A.q16 + row * A.Dp2);
-    const uint32_t* do16 = (const uint32_t*)(A.do16 + row * A.Dvp2);
-    gemm_bf16<false>(bq, BK, A.Dp2 / 2, q16, A.Dp2 / 2, 1, W.kp, BK, s, BK);     // S = Q K^T
+  if (KIND == 1 && A.bf16dot) {
+    const uint32_t* q16 = A.q16_direct ? (const uint32_t*)((const uint16_t*)A.q + b * A.qst[0] + hq * A.qst[1] + i0 * A.qst[2])
+                                       : (const uint32_t*)(A.q16 + row * A.Dp2);
+    const int64_t q16ld = A.q16_direct ? A.qst[2] / 2 : A.Dp2 / 2;  // row stride in words
+    const uint32_t* do16 = A.do16_direct ? (const uint32_t*)((const uint16_t*)A.dout + row * A.Dv)
+                                         : (const uint32_t*)(A.do16 + row * A.Dvp2);
+    gemm_bf16<false>(bq, BK, A.Dp2 / 2, q16, q16ld, 1, W.kp, BK, s, BK);          // S = Q K^T
     gemm_bf16<false>(bq, BK, A.Dvp2 / 2, do16, A.Dvp2 / 2, 1, W.vp, BK, dp, BK);  // dP = dO V^T
     done = true;
   }
 #endif
   if (!done) {
-    gemm<false>(bq, BK, Dp, qf, Dp, 1, W.kt, BK, s, BK);     // S = Q K^T
+    gemm<false>(bq, BK, Dp, qf, qld, 1, W.kt, BK, s, BK);    // S = Q K^T
     gemm<false>(bq, BK, Dvp, dof, Dvp, 1, W.vt, BK, dp, BK);  // dP = dO V^T
   }
   const v16 sc = splat(A.scale);
@@ -354,14 +541,24 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
       st(sr + c, p);
       st(dr + c, p * (ld(dr + c) - dl));
     }
-    if (kind == 1 || n < BK) {  // zero what row i0 + r may not see (and the padding keys)
-      const int64_t lo = clampi(A.row_lo[i0 + r] - j0, 0, BK), hi = clampi(A.row_hi[i0 + r] - j0, 0, n);
-      for (int64_t c = 0; c < lo; ++c) sr[c] = dr[c] = 0.0f;
-      for (int64_t c = hi > lo ? hi : lo; c < BK; ++c) sr[c] = dr[c] = 0.0f;
+    if (kind == 1) {  // zero what row i0 + r may not see (and the padding keys)
+      const uint64_t m = row_bits(A, b, hq, i0 + r, j0, n, rt ? rt[r] : -1);
+      if (m != ~uint64_t(0)) {
+#ifdef __AVX512F__
+        for (int c = 0; c < BK; c += 16) {
+          const __mmask16 keep = __mmask16(m >> c);
+          _mm512_storeu_ps(sr + c, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(sr + c)));
+          _mm512_storeu_ps(dr + c, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(dr + c)));
+        }
+#else
+        for (int c = 0; c < BK; ++c)
+          if (!((m >> c) & 1)) sr[c] = dr[c] = 0.0f;
+#endif
+      }
     }
   }
 #ifdef __AVX512BF16__
-  if (KIND == 1 && A.q16) {
+  if (KIND == 1 && A.bf16dot) {
     // P and dS rounded to bfloat16 (as FA-2 does on GPUs) for the three products that take them.
     const int64_t pairs = (bq + 1) / 2;
     const __m512 zero = _mm512_setzero_ps();
@@ -386,7 +583,7 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
   }
 #endif
   gemm<true>(BK, Dvp, bq, s, 1, BK, dof, Dvp, W.dv, Dvp);  // dV += P^T dO
-  gemm<true>(BK, Dp, bq, dp, 1, BK, qf, Dp, W.dk, Dp);     // dK += dS^T Q
+  gemm<true>(BK, Dp, bq, dp, 1, BK, qf, qld, W.dk, Dp);    // dK += dS^T Q
   gemm<true>(bq, Dp, BK, dp, BK, 1, W.kf, Dp, dq, Dp);     // dQ += dS K
 }
 
@@ -400,9 +597,9 @@ void run_item(const Args& A, Scratch& W, int64_t b, int64_t h, int64_t split) {
   const int64_t es = KIND == 0 ? 4 : 2;
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t j0 = kb * BK, n = std::min<int64_t>(BK, A.Lk - j0);
-    bool any = false;
-    for (int64_t i0 = 0; i0 < A.Lq && !any; i0 += BQ) any = tile_kind(A, i0, std::min<int64_t>(A.Lq, i0 + BQ), j0, j0 + n) != 0;
-    if (any && !(KIND == 1 && A.q16)) {
+    const Step *step0 = A.steps.data() + A.step_at[kb], *step1 = A.steps.data() + A.step_at[kb + 1];
+    const bool any = step1 > step0;
+    if (any && !(KIND == 1 && A.bf16dot)) {
       // Keys and values of the block: float32 rows (kf), transposed (kt, vt), zero-padded.
       for (int64_t c = 0; c < BK; ++c) {
         float* kr = W.kf + c * Dp;
@@ -422,7 +619,7 @@ void run_item(const Args& A, Scratch& W, int64_t b, int64_t h, int64_t split) {
       }
     }
 #ifdef __AVX512BF16__
-    if (any && KIND == 1 && A.q16) {  // the raw bfloat16 values, paired: kp[d/2][c][d&1], k2[c/2][d][c&1]
+    if (any && KIND == 1 && A.bf16dot) {  // the raw bfloat16 values, paired: kp[d/2][c][d&1], k2[c/2][d][c&1]
       uint16_t *kp = (uint16_t*)W.kp, *vp = (uint16_t*)W.vp, *k2 = (uint16_t*)W.k2;
       for (int64_t c = 0; c < BK; ++c) {
         const uint16_t* kr = c < n ? (const uint16_t*)kbase + (j0 + c) * A.kst[2] : nullptr;
@@ -453,11 +650,9 @@ void run_item(const Args& A, Scratch& W, int64_t b, int64_t h, int64_t split) {
       for (int64_t g = 0; g < A.G; ++g) {
         const int64_t hq = h * A.G + g;
         float* dqh = A.dqp + ((split * A.B + b) * A.Hq + hq) * A.Lq * Dp;
-        for (int64_t i0 = 0; i0 < A.Lq; i0 += BQ) {
-          const int64_t i1 = std::min<int64_t>(A.Lq, i0 + BQ);
-          const int kind = tile_kind(A, i0, i1, j0, j0 + n);
-          if (kind) tile<KIND>(A, W, b, hq, i0, i1, j0, n, kind, dqh + i0 * Dp);
-        }
+        for (const Step* w = step0; w < step1; ++w)
+          tile<KIND>(A, W, b, hq, w->i0, w->i1, j0, n, w->kind, w->rt < 0 ? nullptr : A.rts.data() + w->rt,
+                     dqh + w->i0 * Dp);
       }
     }
     // dK = scale * (sum over the group of dS^T Q), dV = sum of P^T dO, for the block's n keys.
@@ -504,10 +699,14 @@ void prepare(Args& A, int nthreads) {
       const int64_t i = r % A.Lq, bh = r / A.Lq, hq = bh % A.Hq, b = bh / A.Hq;
       const int64_t es = KIND == 0 ? 4 : 2;
       const void* qr = (const char*)A.q + (b * A.qst[0] + hq * A.qst[1] + i * A.qst[2]) * es;
-      if (!A.q16) widen_row<KIND>(qr, A.D, A.Dp, A.qf + r * A.Dp);
+      if (A.qf) widen_row<KIND>(qr, A.D, A.Dp, A.qf + r * A.Dp);
       const void* dr = (const char*)A.dout + r * A.Dv * es;
-      float* dof = A.dof ? A.dof + r * A.Dvp : do_row.data();
-      widen_row<KIND>(dr, A.Dv, A.Dvp, dof);
+      const float* dof = (const float*)dr;  // in place: Dv == Dvp, float32
+      if (!A.do_direct) {
+        float* w = A.dof ? A.dof + r * A.Dvp : do_row.data();
+        widen_row<KIND>(dr, A.Dv, A.Dvp, w);
+        dof = w;
+      }
       for (int64_t s = 0; s < A.nsplit; ++s) std::memset(A.dqp + s * per + r * A.Dp, 0, sizeof(float) * A.Dp);
       widen_row<KIND>((const char*)A.out + r * A.Dv * es, A.Dv, A.Dvp, o.data());
       // delta cancels against dP = dO . v_j, almost exactly where a row sees few keys and
@@ -515,7 +714,7 @@ void prepare(Args& A, int nthreads) {
       // arithmetic (the micro kernel's multiply-adds in order, in KC-term partial sums), so
       // that O = v_j gives dP - delta = 0 exactly; the bfloat16 products round differently,
       // and there delta is formed in float64.
-      if (!A.q16) {
+      if (!A.bf16dot) {
         float x = 0.0f;
         for (int64_t d0 = 0; d0 < A.Dvp; d0 += KC) {
           float acc = 0.0f;
@@ -536,10 +735,18 @@ void prepare(Args& A, int nthreads) {
       }
       const float l = A.lse[r];
       A.lse_s[r] = l == NEG_INF ? INFINITY : l;
-      if (A.q16) {
+      // The gradient through lse: d lse_i / d s_ij = p_ij, so dS_ij = P_ij (dP_ij - D_i + dlse_i);
+      // D_i - dlse_i replaces D_i. A row that saw no key has P = 0 (and its dlse may be anything).
+      if (l == NEG_INF)
+        A.delta[r] = 0.0f;
+      else if (A.d_lse)
+        A.delta[r] -= A.d_lse[r];
+      if (A.bf16dot) {
         const uint16_t *q16 = (const uint16_t*)qr, *d16 = (const uint16_t*)dr;
-        for (int64_t d = 0; d < A.Dp2; ++d) A.q16[r * A.Dp2 + d] = d < A.D ? q16[d] : 0;
-        for (int64_t d = 0; d < A.Dvp2; ++d) A.do16[r * A.Dvp2 + d] = d < A.Dv ? d16[d] : 0;
+        if (A.q16)
+          for (int64_t d = 0; d < A.Dp2; ++d) A.q16[r * A.Dp2 + d] = d < A.D ? q16[d] : 0;
+        if (A.do16)
+          for (int64_t d = 0; d < A.Dvp2; ++d) A.do16[r * A.Dvp2 + d] = d < A.Dv ? d16[d] : 0;
         // Paired rows: word (i/2, d) holds rows i & ~1 and i | 1 (zeros past D, and past Lq when odd).
         uint16_t* q2 = (uint16_t*)(A.q2 + (bh * A.Lq2 + i / 2) * A.Dp) + (i & 1);
         uint16_t* do2 = (uint16_t*)(A.do2 + (bh * A.Lq2 + i / 2) * A.Dvp) + (i & 1);
@@ -573,12 +780,13 @@ int run_all(Args& A, int nthreads) {
   // dq = scale * (sum of the splits' accumulators), cropped to D (in place where dq was the one).
   const int64_t rows = A.B * A.Hq * A.Lq, per = rows * A.Dp, chunk = 256;
   parallel(nthreads, (rows + chunk - 1) / chunk, [&](int, int64_t it) {
-    for (int64_t r = it * chunk; r < std::min(rows, (it + 1) * chunk); ++r)
+    const int64_t r0 = it * chunk, r1 = std::min(rows, (it + 1) * chunk);
+    if (A.dqp == A.dq) {  // one split, D == Dp: dq holds the sums
+      for (int64_t x = r0 * A.D; x < r1 * A.D; ++x) A.dq[x] *= A.scale;
+      return;
+    }
+    for (int64_t r = r0; r < r1; ++r)
       for (int64_t d = 0; d < A.D; ++d) {
-        if (A.dqp == A.dq) {
-          A.dq[r * A.D + d] *= A.scale;
-          continue;
-        }
         float x = 0.0f;
         for (int64_t s = 0; s < A.nsplit; ++s) x += A.dqp[s * per + r * A.Dp + d];
         A.dq[r * A.D + d] = A.scale * x;
@@ -597,12 +805,7 @@ void plan_splits(Args& A, int nthreads) {
   if (S > nkb) S = nkb;
   if (S < 1) S = 1;
   std::vector<int64_t> work(nkb + 1, 0);  // prefix sums of tiles per key block
-  for (int64_t kb = 0; kb < nkb; ++kb) {
-    const int64_t j0 = kb * BK, j1 = std::min<int64_t>(A.Lk, j0 + BK);
-    int64_t w = 1;
-    for (int64_t i0 = 0; i0 < A.Lq; i0 += BQ) w += tile_kind(A, i0, std::min<int64_t>(A.Lq, i0 + BQ), j0, j1) != 0;
-    work[kb + 1] = work[kb] + w;
-  }
+  for (int64_t kb = 0; kb < nkb; ++kb) work[kb + 1] = work[kb] + 1 + A.step_at[kb + 1] - A.step_at[kb];
   A.nsplit = S;
   A.split_at.assign(S + 1, nkb);
   A.split_at[0] = 0;
@@ -620,16 +823,22 @@ extern "C" {
 
 static int flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
                      const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
-                     const int64_t* vst, const void* out, const void* dout, const float* lse, float scale,
-                     int64_t left, int64_t right, int64_t offset, float* dq, float* dk, float* dv, int threads) {
+                     const int64_t* vst, const void* out, const void* dout, const float* lse, const float* d_lse,
+                     float scale, int64_t left, int64_t right, int64_t offset, float* dq, float* dk, float* dv,
+                     int threads, const QkvBlockLists* blocks) {
   if (kind != 0 && kind != 1) return 1;
   if (D < 1 || D > 256 || Dv < 1 || Dv > 256 || Hkv < 1 || Hq % Hkv != 0) return 2;
+  if (blocks && (blocks->bk != 2 * BK || blocks->bq < 1 || blocks->nq != (Lq + blocks->bq - 1) / blocks->bq ||
+                 blocks->nk != (Lk + blocks->bk - 1) / blocks->bk || (blocks->Bm != 1 && blocks->Bm != B) ||
+                 (blocks->Hm != 1 && blocks->Hm != Hq) || blocks->ntiles < 0))
+    return 4;
   if (threads < 1) threads = 1;
   Args A;
   A.B = B, A.Hq = Hq, A.Hkv = Hkv, A.G = Hq / Hkv, A.Lq = Lq, A.Lk = Lk, A.D = D, A.Dv = Dv;
   A.Dp = (D + 15) / 16 * 16, A.Dvp = (Dv + 15) / 16 * 16;
   A.Dp2 = (D + 1) / 2 * 2, A.Dvp2 = (Dv + 1) / 2 * 2;
   A.q = q, A.k = k, A.v = v, A.out = out, A.dout = dout, A.lse = lse, A.scale = scale;
+  A.d_lse = d_lse, A.bl = blocks;
   for (int t = 0; t < 4; ++t) A.qst[t] = qst[t], A.kst[t] = kst[t], A.vst[t] = vst[t];
   A.left = left, A.right = right, A.offset = offset;
   A.dq = dq, A.dk = dk, A.dv = dv;
@@ -647,6 +856,7 @@ static int flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, i
     const int64_t hi = right < 0 ? Lk : clampi(pos + right + 1, 0, Lk);
     A.row_lo[i] = lo, A.row_hi[i] = hi > lo ? hi : lo;
   }
+  plan_steps(A);
   plan_splits(A, threads);
   const int64_t rows = B * Hq * Lq;
   bool bf16dot = false;
@@ -658,12 +868,18 @@ static int flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, i
   A.Lq2 = (Lq + 1) / 2;
   const int64_t pairs = B * Hq * A.Lq2;
   const bool direct = A.nsplit == 1 && A.Dp == D;
-  std::unique_ptr<float[]> qf(bf16dot ? nullptr : new float[rows * A.Dp]);
-  std::unique_ptr<float[]> dof(bf16dot ? nullptr : new float[rows * A.Dvp]);
+  A.q_direct = kind == 0 && A.Dp == D;
+  A.do_direct = kind == 0 && A.Dvp == Dv;
+  std::unique_ptr<float[]> qf(bf16dot || A.q_direct ? nullptr : new float[rows * A.Dp]);
+  std::unique_ptr<float[]> dof(bf16dot || A.do_direct ? nullptr : new float[rows * A.Dvp]);
   std::unique_ptr<float[]> delta(new float[rows]), lse_s(new float[rows]);
   std::unique_ptr<float[]> dqp(direct ? nullptr : new float[A.nsplit * rows * A.Dp]);
-  std::unique_ptr<uint16_t[]> q16(bf16dot ? new uint16_t[rows * A.Dp2] : nullptr);
-  std::unique_ptr<uint16_t[]> do16(bf16dot ? new uint16_t[rows * A.Dvp2] : nullptr);
+  A.bf16dot = bf16dot;
+  A.q16_direct = bf16dot && D % 2 == 0 && qst[0] % 2 == 0 && qst[1] % 2 == 0 && qst[2] % 2 == 0 &&
+                 (reinterpret_cast<uintptr_t>(q) & 3) == 0;
+  A.do16_direct = bf16dot && Dv % 2 == 0 && (reinterpret_cast<uintptr_t>(dout) & 3) == 0;  // dO is contiguous
+  std::unique_ptr<uint16_t[]> q16(bf16dot && !A.q16_direct ? new uint16_t[rows * A.Dp2] : nullptr);
+  std::unique_ptr<uint16_t[]> do16(bf16dot && !A.do16_direct ? new uint16_t[rows * A.Dvp2] : nullptr);
   std::unique_ptr<uint32_t[]> q2(bf16dot ? new uint32_t[pairs * A.Dp] : nullptr);
   std::unique_ptr<uint32_t[]> do2(bf16dot ? new uint32_t[pairs * A.Dvp] : nullptr);  // std::bad_alloc: code 3
   A.qf = qf.get(), A.dof = dof.get(), A.delta = delta.get(), A.lse_s = lse_s.get();
@@ -672,15 +888,19 @@ static int flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, i
   return kind == 0 ? run_all<0>(A, threads) : run_all<1>(A, threads);
 }
 
+// d_lse: float32 (B, Hq, Lq) gradient through lse, or null (zero). blocks: a BlockMask's block
+// lists (key blocks of 128), or null for the band alone.
 // Returns 0, 1 for an unknown kind, 2 for an unsupported head size, 3 when the work buffers cannot
-// be allocated (no exception leaves the library: it would end the process).
+// be allocated (no exception leaves the library: it would end the process), 4 for block lists
+// that do not fit the call (key blocks other than 128, block counts or Bm/Hm that do not match).
 int qkv_flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
                   const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
-                  const int64_t* vst, const void* out, const void* dout, const float* lse, float scale, int64_t left,
-                  int64_t right, int64_t offset, float* dq, float* dk, float* dv, int threads) {
+                  const int64_t* vst, const void* out, const void* dout, const float* lse, const float* d_lse,
+                  float scale, int64_t left, int64_t right, int64_t offset, float* dq, float* dk, float* dv,
+                  int threads, const QkvBlockLists* blocks) {
   try {
-    return flash_bwd(kind, B, Hq, Hkv, Lq, Lk, D, Dv, q, qst, k, kst, v, vst, out, dout, lse, scale, left, right,
-                     offset, dq, dk, dv, threads);
+    return flash_bwd(kind, B, Hq, Hkv, Lq, Lk, D, Dv, q, qst, k, kst, v, vst, out, dout, lse, d_lse, scale, left,
+                     right, offset, dq, dk, dv, threads, blocks);
   } catch (const std::bad_alloc&) {
     return 3;
   } catch (const std::length_error&) {  // a vector longer than the address space
@@ -688,6 +908,6 @@ int qkv_flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   }
 }
 
-int qkv_flash_bwd_version() { return 1; }
+int qkv_flash_bwd_version() { return 2; }
 
 }  // extern "C"

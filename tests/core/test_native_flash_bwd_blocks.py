@@ -1,0 +1,231 @@
+"""The native FlashAttention-2 backward under a BlockMask's block lists, and the gradient through lse.
+
+`native_flash_bwd.backward` walks the key-major block lists of engines/native_blocks.py (the
+BlockMask, with the call's causal/window band on top) and takes d_lse, the gradient through
+the lse output. Its dq, dk, dv from the reference's out and lse are checked against float64
+autograd of the reference under the tolerance rule (GRAD_FACTOR times the plain same-dtype
+reference's error), on fresh random inputs, float32 and bfloat16: mask query blocks of 32, 64,
+75, 96, 100, 128 and 256 rows (the kernel's own blocks are 64 rows), masks that vary by batch row and
+head (Bm = B, Hm = Hq) or not, GQA, Lq != Lk, rows that see no key (zero dq, no NaN) and keys
+that no row sees (zero dk, dv). Each check also shows that it can fail: the gradients without
+the mask (or without d_lse) are outside the rule.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import zlib
+
+import pytest
+import torch
+
+import qkv
+from qkv import masks
+from qkv.core import _kernels
+from qkv.core.engines import native_blocks
+from qkv.core.engines import native_flash_bwd as nb
+from qkv.core.spec import build_spec
+from qkv.testing import GRAD_FACTOR, assert_within_rule, within_rule
+
+pytestmark = pytest.mark.skipif(nb.lib() is None and (_kernels._compiler() is None or _kernels._turned_off()),
+                                reason=f"no native kernel: {_kernels.status(nb.NAME)}")
+
+
+def _per_head(b, h, q_idx, kv_idx):
+    """Causal, every (3 + b + 2h)-th diagonal left out, and key 130 + 7h seen by no row: differs by b and h."""
+    return (kv_idx <= q_idx) & ((q_idx - kv_idx) % (3 + b + 2 * h) != 0) & (kv_idx != 130 + 7 * h)
+
+
+def _dead_rows_and_keys(b, h, q_idx, kv_idx):
+    """Rows below 70 see nothing; keys 200..263 are seen by none; else a window of 150 keys back."""
+    return (q_idx >= 70) & ((kv_idx < 200) | (kv_idx >= 264)) & (kv_idx <= q_idx) & (kv_idx > q_idx - 150)
+
+
+def _longformer(Lq):
+    return masks.longformer(40, [0, Lq // 2])
+
+
+# name: (mask function or factory(Lq), mask B, mask H, B, Hq, Hkv, Lq, Lk, D, bq, extra band options)
+CASES = {
+    "per-head-bq64-gqa": (_per_head, 2, 4, 2, 4, 2, 300, 300, 32, 64, {}),
+    "per-head-bq96": (_per_head, 2, 4, 2, 4, 4, 290, 300, 40, 96, {}),
+    "per-head-bq100-gqa4/1": (_per_head, 2, 4, 2, 4, 1, 333, 300, 64, 100, {}),
+    "per-head-bq128-batch-broadcast": (_per_head, 1, 4, 2, 4, 2, 260, 400, 16, 128, {}),  # Bm = 1, Hm = Hq
+    "per-head-short-keys": (_per_head, 2, 2, 2, 2, 1, 130, 50, 16, 64, {}),  # one key block, 50 keys
+    "per-head-bq256": (_per_head, 2, 2, 2, 2, 1, 520, 300, 48, 256, {}),
+    "per-head-bq32-gqa": (_per_head, 2, 4, 2, 4, 2, 200, 330, 32, 32, {}),  # two mask blocks per kernel block
+    "per-head-bq75-odd": (_per_head, 1, 2, 2, 2, 1, 310, 260, 20, 75, {"causal": True}),
+    "dead-rows-and-keys-bq64": (_dead_rows_and_keys, 1, 1, 2, 4, 2, 300, 390, 32, 64, {}),
+    "dead-rows-and-keys-bq96-causal": (_dead_rows_and_keys, 1, 1, 1, 2, 2, 300, 390, 24, 96, {"causal": True}),
+    "sliding-window-bq128-band": (lambda L: masks.causal_sliding_window(100), 1, 1, 1, 4, 1, 520, 520, 64, 128,
+                                  {"window": (300, 0)}),
+    "document-bq64": (lambda L: masks.document([100, 37, 250, 60], causal=True), 1, 1, 2, 2, 1, 447, 447, 32, 64, {}),
+    "longformer-bq100": (_longformer, 1, 1, 1, 2, 2, 410, 410, 32, 100, {}),
+    "longformer-bq256-window": (_longformer, 1, 1, 1, 2, 1, 600, 600, 32, 256, {"window": (60, 20)}),
+}
+
+
+def _inputs(B, Hq, Hkv, Lq, Lk, D, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, Hkv, Lk, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, Hkv, Lk, D, generator=gen, dtype=torch.float64)
+    d_out = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
+    d_lse = torch.randn(B, Hq, Lq, generator=gen, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, k, v, d_out)] + [d_lse]
+
+
+def _reference_grads(q, k, v, d_out, d_lse, kw):
+    """Autograd of the reference in q's dtype (float64 for the exact ones) of out . d_out + lse . d_lse
+    (d_lse None: out alone); rows with lse = -inf are left out of the lse term (their lse is constant)."""
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = qkv.attention_with_lse(qs, ks, vs, backend="reference", **kw)
+    loss = (out * d_out.to(out.dtype)).sum()
+    if d_lse is not None:
+        loss = loss + torch.where(torch.isinf(lse), torch.zeros_like(lse), lse * d_lse.to(lse.dtype)).sum()
+    return torch.autograd.grad(loss, (qs, ks, vs))
+
+
+def _check(q, k, v, d_out, d_lse, kw, what, control=None):
+    """nb.backward against float64 and plain autograd of the reference, within the rule. `control`:
+    keyword changes (spec options or d_lse=None) whose gradients must NOT be within the rule."""
+    exact = _reference_grads(q.double(), k.double(), v.double(), d_out.double(), d_lse, kw)
+    plain = _reference_grads(q, k, v, d_out, d_lse, kw)
+    with torch.no_grad():
+        out, lse = qkv.attention_with_lse(q, k, v, backend="reference", **kw)
+    dl = None if d_lse is None else d_lse.float()
+    fast = nb.backward(q, k, v, out, lse, d_out, build_spec(q, k, v, **kw), d_lse=dl)
+    for name, g, gp, ge in zip("qkv", fast, plain, exact):
+        assert g.dtype == torch.float32 and g.is_contiguous()
+        assert_within_rule(g.to(q.dtype), gp, ge, factor=GRAD_FACTOR, what=f"{what} d{name}")
+    if control is not None:  # the test can fail: without the mask (or d_lse) the gradients are off
+        ckw = {**kw, **{key: val for key, val in control.items() if key != "d_lse"}}
+        cdl = None if "d_lse" in control else dl
+        wrong = nb.backward(q, k, v, out, lse, d_out, build_spec(q, k, v, **ckw), d_lse=cdl)
+        oks = [within_rule(g.to(q.dtype), gp, ge, factor=GRAD_FACTOR)[0] for g, gp, ge in zip(wrong, plain, exact)]
+        assert not all(oks), f"{what}: the control {control} passes the rule too: the check cannot fail"
+    return fast, lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_block_mask_gradients_within_rule(case, dtype):
+    fn, mB, mH, B, Hq, Hkv, Lq, Lk, D, bq, band = CASES[case]
+    mask_fn = fn if fn in (_per_head, _dead_rows_and_keys) else fn(Lq)
+    bm = qkv.block_mask(mask_fn, mB, mH, Lq, Lk, block_size=(bq, 128))
+    lists = native_blocks.block_lists(bm)
+    assert lists.bq == bq and lists.nnz > 0
+    q, k, v, d_out, _ = _inputs(B, Hq, Hkv, Lq, Lk, D, dtype, seed=zlib.crc32(case.encode()) % 1000)
+    kw = {"mask": bm, **band}
+    (dq, dk, dv), lse = _check(q, k, v, d_out, None, kw, f"{case} {dtype}", control=dict(mask=None))
+    lo, hi = build_spec(q, k, v, **band).band_edges(torch.arange(Lq))  # (Lq,) each: row i sees [lo_i, hi_i)
+    cols = torch.arange(Lk)
+    allowed = bm.to_dense().expand(B, Hq, Lq, Lk) & (cols >= lo[:, None]) & (cols < hi[:, None])  # (B, Hq, Lq, Lk)
+    dead_rows = ~allowed.any(-1)  # (B, Hq, Lq)
+    assert torch.isinf(lse[dead_rows]).all()
+    assert (dq[dead_rows] == 0).all(), "a row that sees no key has dq 0"
+    unseen = ~allowed.unflatten(1, (Hkv, Hq // Hkv)).any(2).any(2)  # (B, Hkv, Lk): keys no query row sees
+    assert (dk[unseen] == 0).all() and (dv[unseen] == 0).all(), "a key that no row sees has dk, dv 0"
+    if case.startswith("dead"):
+        assert dead_rows.any() and unseen.any()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_block_mask_key_splits_and_thread_counts(threads):
+    """One (batch, kv head) item on several threads: the keys split by listed work, each split's dq summed."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for fn in (_per_head, _dead_rows_and_keys):
+            bm = qkv.block_mask(fn, 1, 3, 300, 520, block_size=(96, 128))
+            q, k, v, d_out, d_lse = _inputs(1, 3, 1, 300, 520, 32, torch.float32, seed=threads)
+            _check(q, k, v, d_out, d_lse, {"mask": bm}, f"{threads} threads {fn.__name__}")
+    finally:
+        torch.set_num_threads(old)
+
+
+D_LSE_CASES = {
+    "band-causal-dead-rows": (2, 4, 2, 130, 70, 40, {"causal": True}, None),  # rows 0..59 see no key
+    "band-window": (1, 4, 1, 200, 200, 16, {"window": (32, 8)}, None),
+    "no-band": (1, 2, 2, 100, 150, 64, {}, None),
+    "block-mask-bq96-dead-rows-and-keys": (1, 2, 1, 300, 390, 32, {}, _dead_rows_and_keys),
+    "block-mask-per-head-bq64": (2, 4, 2, 300, 300, 32, {"causal": True}, _per_head),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(D_LSE_CASES))
+def test_gradient_through_lse_within_rule(case, dtype):
+    """A loss of out and lse together (out . d_out + lse . d_lse): d_lse's rows that see no key hold
+    random values and still give dq 0, no NaN; without d_lse the gradients are off (the control)."""
+    B, Hq, Hkv, Lq, Lk, D, band, fn = D_LSE_CASES[case]
+    kw = dict(band)
+    if fn is not None:
+        kw["mask"] = qkv.block_mask(fn, 1 if fn is _dead_rows_and_keys else B, 1 if fn is _dead_rows_and_keys else Hq,
+                                    Lq, Lk, block_size=(96 if fn is _dead_rows_and_keys else 64, 128))
+    q, k, v, d_out, d_lse = _inputs(B, Hq, Hkv, Lq, Lk, D, dtype, seed=zlib.crc32(case.encode()) % 1000)
+    (dq, _, _), lse = _check(q, k, v, d_out, d_lse, kw, f"d_lse {case} {dtype}", control={"d_lse": None})
+    dead = torch.isinf(lse)
+    if "dead" in case:
+        assert dead.any()
+    assert (dq[dead] == 0).all() and not torch.isnan(dq).any()
+
+
+def test_only_d_lse():
+    """d_out = 0 and d_lse alone: dS = P * dlse (the softmax's own lse gradient), within the rule."""
+    q, k, v, _, d_lse = _inputs(1, 2, 1, 90, 140, 32, torch.float32, seed=4)
+    _check(q, k, v, torch.zeros(1, 2, 90, 32), d_lse, {"causal": True}, "d_lse alone", control={"d_lse": None})
+
+
+def test_block_mask_refusals():
+    q, k, v, d_out, _ = _inputs(1, 2, 2, 200, 200, 16, torch.float32, seed=1)
+    lse = torch.zeros(1, 2, 200)
+    bm64 = qkv.block_mask(masks.causal(), 1, 1, 200, 200, block_size=64)  # key blocks of 64
+    with pytest.raises(ValueError, match="key blocks of 64"):
+        nb.backward(q, k, v, q, lse, d_out, build_spec(q, k, v, mask=bm64))
+    with pytest.raises(ValueError, match="BlockMasks only"):
+        nb.backward(q, k, v, q, lse, d_out, build_spec(q, k, v, mask=torch.ones(200, 200, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="d_lse"):
+        nb.backward(q, k, v, q, lse, d_out, build_spec(q, k, v), d_lse=torch.zeros(1, 2, 199))
+
+
+def test_block_lists_that_do_not_fit_are_code_4():
+    """The kernel checks the struct against the call (bk 128, block counts): code 4, not a wild read."""
+    bm = qkv.block_mask(masks.causal(), 1, 1, 200, 200)
+    lists = native_blocks.block_lists(bm)
+    q, k, v, d_out, _ = _inputs(1, 1, 1, 300, 200, 16, torch.float32, seed=2)  # Lq 300: 3 query blocks, not 2
+    st = lambda t: nb._i64(t.stride())  # noqa: E731
+    out = torch.zeros(1, 1, 300, 16)
+    grads = [torch.empty(1, 1, 300, 16), torch.empty(1, 1, 200, 16), torch.empty(1, 1, 200, 16)]
+    p = lambda t: t.data_ptr()  # noqa: E731
+    struct = lists.struct()
+    rc = nb.lib().qkv_flash_bwd(0, 1, 1, 1, 300, 200, 16, 16, p(q), st(q), p(k), st(k), p(v), st(v), p(out),
+                                p(d_out), p(torch.zeros(1, 1, 300)), None, 0.25, -1, -1, 0,
+                                *[p(g) for g in grads], 1, ctypes.byref(struct))
+    assert rc == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_blocks_not_listed_are_never_touched(dtype):
+    """NaN in the keys and values of a key block no query block lists, and in the queries and d_out of
+    a query block that lists none: the gradients elsewhere are the same bits as with clean inputs
+    (a product with a NaN key or query, even masked to P = 0, would spread it), and those keys' dk, dv
+    and those rows' dq are 0."""
+    def fn(b, h, q_idx, kv_idx):  # key block 2 (keys 256..383) and query block 0 (rows 0..63) unused
+        return (q_idx >= 64) & ((kv_idx < 256) | (kv_idx >= 384)) & (kv_idx <= q_idx + 100)
+
+    bm = qkv.block_mask(fn, 1, 1, 512, 512, block_size=(64, 128))
+    q, k, v, d_out, d_lse = _inputs(1, 2, 1, 512, 512, 32, dtype, seed=9)
+    with torch.no_grad():
+        out, lse = qkv.attention_with_lse(q, k, v, mask=bm, backend="reference")
+    spec = build_spec(q, k, v, mask=bm)
+    clean = nb.backward(q, k, v, out, lse, d_out, spec, d_lse=d_lse.float())
+    q2, k2, v2, d2 = q.clone(), k.clone(), v.clone(), d_out.clone()
+    k2[:, :, 256:384] = float("nan")
+    v2[:, :, 256:384] = float("nan")
+    q2[:, :, :64] = float("nan")
+    d2[:, :, :64] = float("nan")
+    dirty = nb.backward(q2, k2, v2, out, lse, d2, spec, d_lse=d_lse.float())
+    for name, a, b in zip("qkv", clean, dirty):
+        assert torch.equal(a, b), f"d{name} changed with NaN in blocks that are not listed"
+    assert not clean[0][:, :, :64].any() and not clean[1][:, :, 256:384].any() and not clean[2][:, :, 256:384].any()
