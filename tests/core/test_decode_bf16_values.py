@@ -115,8 +115,9 @@ def test_rule_on_bfloat16_caches(Hq, Hkv, Lq, Lk, D, Dv, sharp, kernel_calls):
 @pytest.mark.parametrize("Hq,Hkv,Lq,Lk,D,Dv", SHAPES)
 def test_float32_result_within_the_weight_rounding_bound(Hq, Hkv, Lq, Lk, D, Dv, sharp):
     """|kernel - exact| <= 2^-8 sum_j p_j |v_j| (each weight rounded to bfloat16 once) plus
-    float32 sums, per output entry: the bound of this algorithm (exact on the old float32 FMAs
-    too), which a weight paired with the wrong key or a dimension out of place would break."""
+    float32 sums, per output entry: the bound of this algorithm (which the float32 FMAs of
+    builds without AVX512-BF16 meet too), broken by a weight paired with the wrong key or a
+    dimension out of place."""
     (q, k, v), _ = _inputs(1, Hq, Hkv, Lq, Lk, D, Dv, seed=3 * Lk + Dv, sharp=sharp)
     kw = {"causal": Lq > 1}
     with torch.no_grad():
