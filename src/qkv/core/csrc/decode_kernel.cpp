@@ -9,7 +9,10 @@
 //
 // Scores are formed in float32 from a float32 query and keys that are float32 or bfloat16
 // (widened in registers: a bfloat16 is the top half of a float32), so no wider copy of the
-// cache is ever written. No torch headers: the library is plain C++17 with GCC/Clang vector
+// cache is ever written. Where the compiler targets AVX512-BF16, a bfloat16 cache runs both
+// products on vdpbf16ps (pairs of exact bfloat16 products summed in float32): the scores from
+// the bfloat16 query, and the values product from the softmax weights rounded to bfloat16,
+// as FlashAttention-2 does on GPUs (values_tile_bf16). No torch headers: the library is plain C++17 with GCC/Clang vector
 // extensions, compiled on first use by qkv/core/_kernels.py with the machine's compiler and
 // -march=native, loaded with ctypes (which releases the GIL for the call).
 //
@@ -89,7 +92,7 @@ inline float hsum(v16 a) {
 }
 
 // Sixteen accumulators -> the sixteen sums of their lanes, in order (a tree of shuffles).
-inline v16 reduce16(const v16* a) {
+__attribute__((always_inline)) inline v16 reduce16(const v16* a) {
   v16 t[8], u[4], w[2];
   for (int p = 0; p < 8; ++p)
     t[p] = __builtin_shuffle(a[2 * p], a[2 * p + 1], i16v{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
@@ -127,11 +130,14 @@ inline v16 vexp(v16 x) {
 inline float sexp(float x) { return x == NEG_INF ? 0.0f : std::exp(x); }
 
 // Ask for the cache lines of `rows` rows of `bytes` bytes each, `stride` bytes apart, into
-// L1 (locality 3): measured 5-8 points of read bandwidth above locality 2 (into L2) on the
-// 2-core AMD EPYC this was tuned on (benchmarks/decode.py), and far above no prefetch.
+// L2 (locality 1, prefetcht1). Into L1 (locality 3) the 16 KiB of a block's values and the
+// next block's 16 KiB of keys crowd a 32 KiB L1: on the 2-core AMD EPYC (Zen 4) this was
+// tuned on, one thread read a bfloat16 cache at 82-90% of a plain read's bandwidth with L2
+// prefetches against 55-62% with L1 ones and 63-73% with none (float32: 53-57% against
+// 42-43% and 35-37%), both counted in CPU time (timings on that shared machine were noise).
 inline void prefetch_rows(const void* base, int64_t rows, int64_t stride, int64_t bytes) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char*)base + r * stride + o, 0, 3);
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char*)base + r * stride + o, 0, 1);
 }
 
 struct Args {
@@ -189,7 +195,7 @@ inline void scores_tile(const float* q, int64_t D, const void* k, int64_t kstrid
 // The same tile for bfloat16 queries q16 and keys, with the processor's bfloat16 dot
 // product (pairs of exact products summed in float32), times `scale`.
 template <int RM, int RK>
-inline void scores_tile_bf16(const uint16_t* q16, int64_t D, const void* k, int64_t kstride, float scale, float* s) {
+__attribute__((always_inline)) inline void scores_tile_bf16(const uint16_t* q16, int64_t D, const void* k, int64_t kstride, float scale, float* s) {
   static_assert(RM * RK == 16, "one tile is sixteen dot products");
   v16 acc[16];
   for (int t = 0; t < 16; ++t) acc[t] = splat(0.0f);
@@ -233,20 +239,20 @@ inline float dot1(const float* q, int64_t D, const void* k) {
   return x;
 }
 
-// acc[r] (Dv) += sum over the n keys of p[r*BK + c] * v[c], for RM rows.
+// acc[r] (Dv) += sum over the n keys of p[r*BK + c] * v[c], for RM rows, dims [d0, Dv).
 // While it reads key c's values it asks for row c of `pf` (pf_n rows of pf_bytes bytes,
 // pf_stride bytes apart; the next block's keys), so the two streams are fetched evenly.
 template <int KIND, int RM>
-inline void values_tile(const float* p, const void* v, int64_t vstride, int64_t n, int64_t Dv, float* acc,
+inline void values_tile(const float* p, const void* v, int64_t vstride, int64_t n, int64_t d0, int64_t Dv, float* acc,
                         const char* pf, int64_t pf_n, int64_t pf_stride, int64_t pf_bytes) {
   for (int64_t c = n; c < pf_n; ++c) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
-  int64_t d = 0;
+  int64_t d = d0;
   for (; d + 64 <= Dv; d += 64) {
     v16 o[RM][4];
     for (int r = 0; r < RM; ++r)
       for (int t = 0; t < 4; ++t) o[r][t] = *(const v16u*)(acc + r * Dv + d + 16 * t);
     for (int64_t c = 0; c < n; ++c) {
-      if (d == 0 && c < pf_n) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
+      if (d == d0 && c < pf_n) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
       const void* row = at<KIND>(v, c * vstride + d);
       v16 vv[4];
       for (int t = 0; t < 4; ++t) vv[t] = load16<KIND>(at<KIND>(row, 16 * t));
@@ -262,13 +268,13 @@ inline void values_tile(const float* p, const void* v, int64_t vstride, int64_t 
     v16 o[RM];
     for (int r = 0; r < RM; ++r) o[r] = *(const v16u*)(acc + r * Dv + d);
     for (int64_t c = 0; c < n; ++c) {
-      if (d == 0 && c < pf_n) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
+      if (d == d0 && c < pf_n) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
       v16 vv = load16<KIND>(at<KIND>(v, c * vstride + d));
       for (int r = 0; r < RM; ++r) o[r] += splat(p[r * BK + c]) * vv;
     }
     for (int r = 0; r < RM; ++r) *(v16u*)(acc + r * Dv + d) = o[r];
   }
-  if (Dv < 16)
+  if (Dv - d0 < 16)
     for (int64_t c = 0; c < n && c < pf_n; ++c) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
   for (; d < Dv; ++d)
     for (int r = 0; r < RM; ++r) {
@@ -276,6 +282,106 @@ inline void values_tile(const float* p, const void* v, int64_t vstride, int64_t 
       for (int64_t c = 0; c < n; ++c) x += p[r * BK + c] * load1<KIND>(at<KIND>(v, c * vstride + d));
       acc[r * Dv + d] = x;
     }
+}
+
+#ifdef __AVX512BF16__
+// The values product of a bfloat16 cache on the processor's bfloat16 dot product, as
+// FlashAttention-2 does on GPUs (Dao, 2023: P is cast to 16 bits before P V): the weights p are
+// rounded to bfloat16 (nearest even), two keys' value rows are interleaved into (v[c][d],
+// v[c+1][d]) pairs, and one vdpbf16ps per row per 16 dims adds both keys' exact products
+// p[c] v[c][d] + p[c+1] v[c+1][d] to a float32 accumulator (instead of widening each row and
+// one float32 FMA per key). An odd last key is paired with a row of zeros.
+//
+// vpunpck{l,h}wd interleave within 128-bit lanes, so the two accumulators of 32 dims hold
+// them in the order the unpacks give: lo = dims {0-3, 8-11, 16-19, 24-27}, hi = the others
+// (+4); they are permuted from and back to acc's order once per block.
+template <int RM, int NH>  // NH halves of 32 dims from d
+inline void values_pairs_bf16(const uint32_t (*pw)[BK / 2], const uint16_t* v, int64_t vstride, int64_t n, int64_t d,
+                              int64_t Dv, float* acc, const char* pf, int64_t pf_n, int64_t pf_stride, int64_t pf_bytes) {
+  const __m512i to_lo = _mm512_set_epi32(27, 26, 25, 24, 19, 18, 17, 16, 11, 10, 9, 8, 3, 2, 1, 0);
+  const __m512i to_hi = _mm512_set_epi32(31, 30, 29, 28, 23, 22, 21, 20, 15, 14, 13, 12, 7, 6, 5, 4);
+  const __m512i back0 = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i back1 = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  __m512 o[RM][2 * NH];
+  for (int r = 0; r < RM; ++r)
+    for (int h = 0; h < NH; ++h) {
+      const __m512 a0 = _mm512_loadu_ps(acc + r * Dv + d + 32 * h), a1 = _mm512_loadu_ps(acc + r * Dv + d + 32 * h + 16);
+      o[r][2 * h] = _mm512_permutex2var_ps(a0, to_lo, a1);
+      o[r][2 * h + 1] = _mm512_permutex2var_ps(a0, to_hi, a1);
+    }
+  int64_t c = 0;
+  for (; c + 2 <= n; c += 2) {
+    if (c < pf_n) prefetch_rows(pf + c * pf_stride, c + 1 < pf_n ? 2 : 1, pf_stride, pf_bytes);
+    const uint16_t* r0 = v + c * vstride + d;
+    __m512bh w[2 * NH];
+    for (int h = 0; h < NH; ++h) {
+      const __m512i x = _mm512_loadu_si512(r0 + 32 * h), y = _mm512_loadu_si512(r0 + vstride + 32 * h);
+      w[2 * h] = (__m512bh)_mm512_unpacklo_epi16(x, y);
+      w[2 * h + 1] = (__m512bh)_mm512_unpackhi_epi16(x, y);
+    }
+    for (int r = 0; r < RM; ++r) {
+      const __m512bh pp = (__m512bh)_mm512_set1_epi32((int)pw[r][c / 2]);
+      for (int t = 0; t < 2 * NH; ++t) o[r][t] = _mm512_dpbf16_ps(o[r][t], pp, w[t]);
+    }
+  }
+  if (c < n) {  // the odd last key, with zeros for its pair (its p pair's second half is 0 too)
+    if (c < pf_n) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
+    const uint16_t* r0 = v + c * vstride + d;
+    __m512bh w[2 * NH];
+    for (int h = 0; h < NH; ++h) {
+      const __m512i x = _mm512_loadu_si512(r0 + 32 * h), y = _mm512_setzero_si512();
+      w[2 * h] = (__m512bh)_mm512_unpacklo_epi16(x, y);
+      w[2 * h + 1] = (__m512bh)_mm512_unpackhi_epi16(x, y);
+    }
+    for (int r = 0; r < RM; ++r) {
+      const __m512bh pp = (__m512bh)_mm512_set1_epi32((int)(pw[r][c / 2] & 0xffffu));
+      for (int t = 0; t < 2 * NH; ++t) o[r][t] = _mm512_dpbf16_ps(o[r][t], pp, w[t]);
+    }
+  }
+  for (int r = 0; r < RM; ++r)
+    for (int h = 0; h < NH; ++h) {
+      const __m512 lo = o[r][2 * h], hi = o[r][2 * h + 1];
+      _mm512_storeu_ps(acc + r * Dv + d + 32 * h, _mm512_permutex2var_ps(lo, back0, hi));
+      _mm512_storeu_ps(acc + r * Dv + d + 32 * h + 16, _mm512_permutex2var_ps(lo, back1, hi));
+    }
+}
+
+// values_tile for a bfloat16 cache: dims in pieces of 64 and 32 on the bfloat16 dot product,
+// the rest (Dv mod 32) widened to float32 by values_tile.
+template <int RM>
+inline void values_tile_bf16(const float* p, const uint16_t* v, int64_t vstride, int64_t n, int64_t Dv, float* acc,
+                             const char* pf, int64_t pf_n, int64_t pf_stride, int64_t pf_bytes) {
+  if (Dv < 32) {
+    values_tile<1, RM>(p, v, vstride, n, 0, Dv, acc, pf, pf_n, pf_stride, pf_bytes);
+    return;
+  }
+  for (int64_t c = n; c < pf_n; ++c) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
+  // pw[r][c / 2] = (p[r][c], p[r][c + 1]) rounded to bfloat16, p[r][c] in the low half: the
+  // (M, BK) block of weights, whose entries from n on are 0.
+  alignas(64) uint32_t pw[RM][BK / 2];
+  for (int r = 0; r < RM; ++r)
+    for (int c = 0; c < BK; c += 32)
+      _mm512_store_si512(pw[r] + c / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + r * BK + c + 16),
+                                                                     _mm512_loadu_ps(p + r * BK + c)));
+  int64_t d = 0;
+  for (; d + 64 <= Dv; d += 64)
+    values_pairs_bf16<RM, 2>(pw, v, vstride, n, d, Dv, acc, pf, d == 0 ? pf_n : 0, pf_stride, pf_bytes);
+  for (; d + 32 <= Dv; d += 32)
+    values_pairs_bf16<RM, 1>(pw, v, vstride, n, d, Dv, acc, pf, d == 0 ? pf_n : 0, pf_stride, pf_bytes);
+  if (d < Dv) values_tile<1, RM>(p, v, vstride, n, d, Dv, acc, pf, 0, pf_stride, pf_bytes);
+}
+#endif
+
+template <int KIND, int RM>
+inline void values_block(const float* p, const void* v, int64_t vstride, int64_t n, int64_t Dv, float* acc,
+                         const char* pf, int64_t pf_n, int64_t pf_stride, int64_t pf_bytes) {
+#ifdef __AVX512BF16__
+  if constexpr (KIND == 1) {
+    values_tile_bf16<RM>(p, (const uint16_t*)v, vstride, n, Dv, acc, pf, pf_n, pf_stride, pf_bytes);
+    return;
+  }
+#endif
+  values_tile<KIND, RM>(p, v, vstride, n, 0, Dv, acc, pf, pf_n, pf_stride, pf_bytes);
 }
 
 // One work item: batch row b, kv head h, keys [a, e) -> its partial softmax state.
@@ -407,9 +513,9 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
     const int64_t next = std::min<int64_t>(BK, std::max<int64_t>(0, hi - j - BK));
     const char* pf = (const char*)at<KIND>(kj, BK * ks);
     for (m = 0; m + 4 <= M; m += 4)
-      values_tile<KIND, 4>(s + m * BK, vj, vs, n, Dv, acc + m * Dv, pf, m == 0 ? next : 0, ks * esize, D * esize);
+      values_block<KIND, 4>(s + m * BK, vj, vs, n, Dv, acc + m * Dv, pf, m == 0 ? next : 0, ks * esize, D * esize);
     for (; m < M; ++m)
-      values_tile<KIND, 1>(s + m * BK, vj, vs, n, Dv, acc + m * Dv, pf, m == 0 ? next : 0, ks * esize, D * esize);
+      values_block<KIND, 1>(s + m * BK, vj, vs, n, Dv, acc + m * Dv, pf, m == 0 ? next : 0, ks * esize, D * esize);
   }
   A.out_bad[item] = (hsum(raw_check) + raw_check1) != 0.0f;  // NaN != 0 as well
 }

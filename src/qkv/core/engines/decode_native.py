@@ -3,16 +3,15 @@
 The kernel (csrc/decode_kernel.cpp, compiled on first use by `qkv.core._kernels`) takes
 float32 and bfloat16 caches: one pass over each split in blocks of 64 keys, the scores of a
 block, its online-softmax update (Milakov & Gimelshein, 2018; FlashAttention-2, Dao 2023)
-and its weighted values all in registers and L1, bfloat16 widened in registers (or
-multiplied by the AVX512-BF16 dot product where the processor has one), the next block's
-keys prefetched while this one's values are summed; work items (batch row, kv head, split)
-on torch's OpenMP threads. The splits' partial states are merged here by
-`flash.merge_states`, as in Flash-Decoding (Dao, Haziza, Massa and Sizov, 2023). On a 2-core
-AVX-512 CPU it reads the cache at 73-88% of the memory-read bandwidth measured in the same
-run while memory reads at about 45 GB/s, and at 59-76% when it reads at about 75 GB/s, where
-its arithmetic (64 512-bit multiply-adds per key for 4 float32 rows of 128) is the limit
-(benchmarks/decode.py, docs/benchmarks.md). Like the eager engine it flags a non-finite raw
-score for the non-finite guard (core/finite.py). Layout: docs/architecture.md.
+and its weighted values all in registers and L1, bfloat16 widened in registers (or, where
+the processor has AVX512-BF16, both products on its bfloat16 dot product: the weights
+rounded to bfloat16 before P V, as FlashAttention-2 does on GPUs), the next block's keys
+prefetched into L2 while this one's values are summed; work items (batch row, kv head,
+split) on torch's OpenMP threads. The splits' partial states are merged here by
+`flash.merge_states`, as in Flash-Decoding (Dao, Haziza, Massa and Sizov, 2023). Its share
+of the memory-read bandwidth on a 2-core AVX-512 CPU: benchmarks/decode.py and
+docs/benchmarks.md. Like the eager engine it flags a non-finite raw score for the
+non-finite guard (core/finite.py). Layout: docs/architecture.md.
 """
 
 from __future__ import annotations
