@@ -220,13 +220,13 @@ def test_auto_claims_only_what_was_measured(monkeypatch, shape, dtype, causal, c
 def test_kernel_return_codes():
     kernel = native_flash.lib()
     st = (ctypes.c_int64 * 4)(0, 0, 0, 1)
-    args = [None, st, None, st, None, st, 1.0, -1, -1, 0, None, None, 1]
+    args = [None, st, None, st, None, st, 1.0, -1, -1, 0, None, None, 1, None]
     assert kernel.qkv_flash_fwd(7, 1, 1, 1, 1, 1, 16, 16, *args) == 1
     assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1, 257, 16, *args) == 2
     assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1, 16, 0, *args) == 2
     # keys that cannot be packed (2^58 bytes): refused before any input is read
     assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1 << 50, 64, 64, *args) == 3
-    assert kernel.qkv_flash_fwd_version() == 1
+    assert kernel.qkv_flash_fwd_version() == 2
 
 
 def test_turned_off_kernels_are_refused_with_the_reason(monkeypatch):
