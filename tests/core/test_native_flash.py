@@ -344,13 +344,13 @@ def test_an_empty_head_size_is_refused_and_auto_passes_it_on(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_heads_packed_in_several_groups(dtype):
-    """Long keys at D = 256: the kernel packs and runs the kv heads a few at a time (32 MiB of packed
-    keys and values per group: one head per group in float32, three in bfloat16); every group gives
+    """Long keys: the kernel packs and runs the kv heads a few at a time (64 MiB of packed keys and
+    values per group: 5 of the 12 kv heads per group in float32, 10 in bfloat16); every group gives
     the reference's result, with a window and block lists too."""
-    q, k, v = _inputs(2, 6, 3, 64, 9000, 256, 256, dtype, seed=41)
+    q, k, v = _inputs(2, 12, 6, 64, 12000, 128, 128, dtype, seed=41)
     _check(q, k, v, f"native groups {dtype}", causal=True)
     _check(q, k, v, f"native groups window {dtype}", window=(700, 0))
-    bm = qkv.block_mask(lambda b, h, i, j: (j % 512) < 200 + 50 * h, 1, 6, 64, 9000)
+    bm = qkv.block_mask(lambda b, h, i, j: (j % 512) < 200 + 20 * h, 1, 12, 64, 12000)
     spec = build_spec(q, k, v, mask=bm)
     fast, fast_lse = native_flash.forward(q, k, v, spec)
     exact, exact_lse = qkv.attention_with_lse(q.double(), k.double(), v.double(), mask=bm, backend="reference")

@@ -745,13 +745,13 @@ void parallel_for(int64_t count, int nthreads, F&& fn) {
 
 // The kv heads are packed and run in groups of at most GROUP_BYTES of packed keys and values (at
 // least one head per group): the buffers are reused from group to group, so a long call faults in
-// fresh pages for one group, not for every head (with transparent huge pages, Buffer above). Measured
-// (window 256, L=16384, float32, one thread, thread CPU time): 4 KiB pages and one group 169 ms,
-// groups of 8 MiB 135 ms; huge pages and one group 141 ms, groups of 24 MiB 136 ms; fewer groups
-// mean fewer barriers between the packing and the attention phases, which cost most when other
-// jobs share the cores.
+// fresh pages for one group, not for every head. Measured (window 256, L=16384, B=1, H=8, D=64,
+// float32, one thread, thread CPU time): 4 KiB pages and one group 169 ms, groups of 8 MiB 135 ms;
+// huge pages (Buffer above) and one group 137-141 ms, groups of 24 to 64 MiB 134-137 ms. Each group
+// adds a barrier between the packing and the attention phases, which costs most when other jobs
+// share the cores (two threads, wall time: 8 MiB groups slower than one group), hence 64 MiB.
 #ifndef QKV_GROUP_BYTES
-#define QKV_GROUP_BYTES (int64_t(32) << 20)
+#define QKV_GROUP_BYTES (int64_t(64) << 20)
 #endif
 constexpr int64_t GROUP_BYTES = QKV_GROUP_BYTES;
 
