@@ -37,9 +37,6 @@ VERSION = 2
 _CODES = {1: "unknown dtype kind", 2: "unsupported head size", 3: "no memory for the packed keys and values",
           4: "block lists that do not fit the call"}
 
-_typed: set[int] = set()
-
-
 def lib():
     """The compiled csrc/flash_fwd_kernel.cpp with its ctypes signatures, or None (see _kernels)."""
     kernel = _kernels.load("flash_fwd_kernel")
@@ -49,7 +46,7 @@ def lib():
 def typed(kernel):
     """`kernel` (a ctypes CDLL of csrc/flash_fwd_kernel.cpp, however built) with its signatures set and
     its version checked (RuntimeError for another version)."""
-    if id(kernel) in _typed:
+    if getattr(kernel, "qkv_typed", False):  # on the object itself: an id could be reused by another library
         return kernel
     p, i64, i64p = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
     kernel.qkv_flash_fwd.restype = ctypes.c_int
@@ -63,7 +60,7 @@ def typed(kernel):
     if kernel.qkv_flash_fwd_version() != VERSION:
         raise RuntimeError(f"qkv flash_fwd_kernel has version {kernel.qkv_flash_fwd_version()}, expected {VERSION}")
     kernel.bf16_dot = bool(kernel.qkv_flash_has_bf16_dot())
-    _typed.add(id(kernel))
+    kernel.qkv_typed = True
     return kernel
 
 
@@ -77,7 +74,7 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> Optional[st
     if k.dtype != q.dtype or v.dtype != q.dtype:
         return "q, k and v of different dtypes"
     if spec.bool_mask is not None or spec.float_mask is not None or spec.mask_mod is not None:
-        return "a mask or mask function (a BlockMask it takes)"
+        return "a dense mask or mask function (it takes a BlockMask: build one with qkv.block_mask)"
     if spec.block_mask is not None:
         reason = native_blocks.why_not(spec.block_mask)
         if reason is not None:
