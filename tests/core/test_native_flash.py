@@ -357,3 +357,25 @@ def test_heads_packed_in_several_groups(dtype):
     plain, plain_lse = qkv.attention_with_lse(q, k, v, mask=bm, backend="reference")
     assert_within_rule(fast, plain, exact, factor=FWD_FACTOR, what=f"native groups blocks {dtype} out")
     assert_within_rule(fast_lse, plain_lse, exact_lse, factor=FWD_FACTOR, what=f"native groups blocks {dtype} lse")
+
+
+def test_concurrent_calls_give_the_sequential_results():
+    """The packing arena serves one call at a time (a concurrent call packs into its own buffers):
+    calls from several Python threads at once (ctypes releases the GIL) give each call's own result."""
+    import threading
+
+    cases = [_inputs(1, 4, 2, 300, 700 + 100 * i, 64, 64, torch.float32 if i % 2 else torch.bfloat16, seed=50 + i)
+             for i in range(4)]
+    want = [qkv.attention(*c, causal=True, backend="native") for c in cases]
+    got: list = [None] * len(cases)
+
+    def work(i):
+        for _ in range(3):
+            got[i] = qkv.attention(*cases[i], causal=True, backend="native")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
