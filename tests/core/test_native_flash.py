@@ -220,13 +220,13 @@ def test_auto_claims_only_what_was_measured(monkeypatch, shape, dtype, causal, c
 def test_kernel_return_codes():
     kernel = native_flash.lib()
     st = (ctypes.c_int64 * 4)(0, 0, 0, 1)
-    args = [None, st, None, st, None, st, 1.0, -1, -1, 0, None, None, 1]
+    args = [None, st, None, st, None, st, 1.0, -1, -1, 0, None, None, 1, None]
     assert kernel.qkv_flash_fwd(7, 1, 1, 1, 1, 1, 16, 16, *args) == 1
     assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1, 257, 16, *args) == 2
     assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1, 16, 0, *args) == 2
     # keys that cannot be packed (2^58 bytes): refused before any input is read
     assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1 << 50, 64, 64, *args) == 3
-    assert kernel.qkv_flash_fwd_version() == 1
+    assert kernel.qkv_flash_fwd_version() == 2
 
 
 def test_turned_off_kernels_are_refused_with_the_reason(monkeypatch):
@@ -340,3 +340,42 @@ def test_an_empty_head_size_is_refused_and_auto_passes_it_on(monkeypatch):
     with pytest.raises(ValueError, match="head sizes 1 to 256"):
         qkv.attention(q, q, v, backend="native")
     assert qkv.attention(q, q, v, causal=True).shape == (1, 2, 1024, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_heads_packed_in_several_groups(dtype):
+    """Long keys: the kernel packs and runs the kv heads a few at a time (64 MiB of packed keys and
+    values per group: 5 of the 12 kv heads per group in float32, 10 in bfloat16); every group gives
+    the reference's result, with a window and block lists too."""
+    q, k, v = _inputs(2, 12, 6, 64, 12000, 128, 128, dtype, seed=41)
+    _check(q, k, v, f"native groups {dtype}", causal=True)
+    _check(q, k, v, f"native groups window {dtype}", window=(700, 0))
+    bm = qkv.block_mask(lambda b, h, i, j: (j % 512) < 200 + 20 * h, 1, 12, 64, 12000)
+    spec = build_spec(q, k, v, mask=bm)
+    fast, fast_lse = native_flash.forward(q, k, v, spec)
+    exact, exact_lse = qkv.attention_with_lse(q.double(), k.double(), v.double(), mask=bm, backend="reference")
+    plain, plain_lse = qkv.attention_with_lse(q, k, v, mask=bm, backend="reference")
+    assert_within_rule(fast, plain, exact, factor=FWD_FACTOR, what=f"native groups blocks {dtype} out")
+    assert_within_rule(fast_lse, plain_lse, exact_lse, factor=FWD_FACTOR, what=f"native groups blocks {dtype} lse")
+
+
+def test_concurrent_calls_give_the_sequential_results():
+    """The packing arena serves one call at a time (a concurrent call packs into its own buffers):
+    calls from several Python threads at once (ctypes releases the GIL) give each call's own result."""
+    import threading
+
+    cases = [_inputs(1, 4, 2, 300, 700 + 100 * i, 64, 64, torch.float32 if i % 2 else torch.bfloat16, seed=50 + i)
+             for i in range(4)]
+    want = [qkv.attention(*c, causal=True, backend="native") for c in cases]
+    got: list = [None] * len(cases)
+
+    def work(i):
+        for _ in range(3):
+            got[i] = qkv.attention(*cases[i], causal=True, backend="native")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))

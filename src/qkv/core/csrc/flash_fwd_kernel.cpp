@@ -4,42 +4,62 @@
 // The algorithm is FlashAttention-2's forward (Dao, 2023, "FlashAttention-2: Faster Attention
 // with Better Parallelism and Work Partitioning", Algorithm 1): a block of query rows keeps a
 // running row maximum, a running row sum and a float32 output accumulator, and walks the key
-// blocks that the causal/window band lets it see; each block's scores S = Q K^T are formed,
-// the online softmax (Milakov & Gimelshein, 2018) rescales what was accumulated so far, and
-// P V is added. Key blocks outside the band are skipped entirely; only blocks on the band's
-// edges are masked, row by row, by qkv's band definition (AttentionSpec.band_edges): row i
-// sees keys [lo_i, hi_i), lo_i = clamp(i + offset - left, 0, Lk), hi_i = max(lo_i,
-// clamp(i + offset + right + 1, 0, Lk)), left/right -1 = unbounded.
+// blocks that the causal/window band (and the block lists, below) let it see; each block's
+// scores S = Q K^T are formed, the online softmax (Milakov & Gimelshein, 2018) rescales what
+// was accumulated so far, and P V is added. Key blocks outside the band are skipped entirely;
+// only blocks on the band's edges are masked, row by row, by qkv's band definition
+// (AttentionSpec.band_edges): row i sees keys [lo_i, hi_i), lo_i = clamp(i + offset - left, 0,
+// Lk), hi_i = max(lo_i, clamp(i + offset + right + 1, 0, Lk)), left/right -1 = unbounded.
+// Within a key block only the chunks of 16 keys that some row of the item sees are computed
+// (scores, softmax and P V over [c0, c1) of the 8 chunks), so a narrow band (a sliding window)
+// pays for the keys it spans rounded to 16, not to the block of 128.
+//
+// Block lists (QkvBlockLists, built by engines/native_blocks.py from a BlockMask; the layout
+// of FlexAttention's kv_indices, Dong et al., 2024): per query block of the mask, the key
+// blocks to visit, each full (no mask applied: the unmasked path) or partial with a tile of
+// bits per (mask batch row, mask head), 16 bits per 16 keys, used as the AVX-512 mask register
+// of one blend. The band applies on top. Work items never straddle two query blocks of the
+// mask (a mask block of bq rows is cut into equal pieces of at most the item size), so an item
+// walks one list; key blocks that no list names are neither packed nor read.
 //
 // Work items are (batch row, kv head, block of query positions) on torch's OpenMP threads
-// (std::thread where the compiler has no OpenMP), the costliest (latest causal rows) first.
-// The grouped query heads of a kv head (GQA, Ainslie et al., 2023) are the rows of one item:
-// query head h reads kv head h / (Hq / Hkv), and a key block is read once for the whole group.
+// (std::thread where the compiler has no OpenMP), the costliest (latest causal rows, or most
+// listed blocks) first. The grouped query heads of a kv head (GQA, Ainslie et al., 2023) are
+// the rows of one item: query head h reads kv head h / (Hq / Hkv), and a key block is read once
+// for the whole group.
 //
 // Two phases. (1) Packing: each kv head's keys are laid out once per call in key blocks of
 // BK = 128, transposed so that the 128 keys of one head dimension are 8 contiguous vectors
 // (float32: kt[bh][block][d][128]; bfloat16 with AVX512-BF16: pairs of the head dimension
-// interleaved, kp[bh][block][d/2][128][2], the operand layout of vdpbf16ps), and the values
-// widened to float32 rows padded to a multiple of 16 (vp[bh][key][Dvp]). Zero padding makes
+// interleaved, kp[bh][block][d/2][128][2], the operand layout of vdpbf16ps). Values: float32
+// rows padded to a multiple of 16 (vp[bh][key][Dvp]); bfloat16 with AVX512-BF16: pairs of
+// keys interleaved, vp2[bh][key/2][Dvp][2] (vdpbf16ps's operand for P V). Zero padding makes
 // every head size 1..256 run the same vector code: the scores loop runs over d with vectors
-// over keys, the values loop over keys with vectors over the (padded) value dimension.
+// over keys, the values loop over keys (or key pairs) with vectors over the value dimension.
 // (2) Attention over the work items, from per-thread buffers (L1/L2-sized).
 //
 // Products are float32: float32 FMAs, or vdpbf16ps on bfloat16 pairs (exact products summed
 // in float32) where the compiler targets __AVX512BF16__, else bfloat16 widened to float32.
-// Scores are multiplied by `scale` after the dot product (as the reference does). bfloat16
-// outputs are rounded to nearest-even once, at the end. A row that sees no key gets out 0
-// and lse -inf. The register tiles use AVX-512 intrinsics where the compiler targets
-// __AVX512F__ (-march=native on such CPUs); elsewhere the same loops are written in GCC/Clang
-// vector extensions (the portable path: narrower vectors, same results up to rounding).
+// Scores are multiplied by `scale` after the dot product (as the reference does). With
+// vdpbf16ps the probabilities P are rounded to bfloat16 (nearest even) for P V, as
+// FlashAttention-2 does on GPUs (and as flash_bwd_kernel.cpp does): the row sums, and so the
+// lse, are of P unrounded; the accumulators are float32. bfloat16 outputs are rounded to
+// nearest-even once, at the end. A row that sees no key gets out 0 and lse -inf. The register
+// tiles use AVX-512 intrinsics where the compiler targets __AVX512F__ (-march=native on such
+// CPUs); elsewhere the same loops are written in GCC/Clang vector extensions (the portable
+// path: narrower vectors, P V in float32, same results up to rounding).
 //
-// Measured (one thread, B=1, H=8, L=4096, D=64, causal and not, AMD EPYC Zen 4 with
-// AVX512-BF16): 83-84 GFLOP/s in float32 (torch SDPA: 72-75) and 100-109 in bfloat16 (SDPA:
-// 66-79), i.e. 1.13-1.16x SDPA in float32 and 1.38-1.53x in bfloat16.
+// Measured (AMD EPYC Zen 4 with AVX512-BF16, 2 threads, B=1, H=8, D=64, torch SDPA time / this
+// kernel's, benchmarks/attention.py, 2026-11-30): float32 1.07x (no band) and 1.19x (causal) at
+// L=4096, 1.13x and 1.20x at 16384; bfloat16 1.88x and 2.06x at 4096, 1.81x and 1.85x at 16384
+// (before P V ran on vdpbf16ps: 1.41x and 1.61x, 1.40x and 1.37x). Sliding window 256, causal,
+// L=16384: float32 0.082 s, torch.compile(flex_attention) 0.136 s (1.66x; this kernel before the
+// 16-key chunks, 32-row items and the packing arena: 0.111 s), bfloat16 0.046 s.
 //
 // ABI (strides in elements, innermost stride 1; kind 0 = float32, 1 = bfloat16 bits):
 //   q (B, Hq, Lq, D) strides qst, k (B, Hkv, Lk, D) kst, v (B, Hkv, Lk, Dv) vst;
-//   out contiguous (B, Hq, Lq, Dv) of the input dtype; lse contiguous (B, Hq, Lq) float32.
+//   out contiguous (B, Hq, Lq, Dv) of the input dtype; lse contiguous (B, Hq, Lq) float32;
+//   blocks: QkvBlockLists* or null (the band alone). Version 2 (qkv_flash_fwd_version).
 // No torch headers: plain C++17, compiled on first use by qkv/core/_kernels.py.
 
 #include <algorithm>
@@ -49,6 +69,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -58,6 +79,25 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+// The block lists of a BlockMask (engines/native_blocks.py builds them; the same struct as
+// flash_bwd_kernel.cpp's and as native_blocks.QkvBlockLists, field for field).
+struct QkvBlockLists {
+  int64_t bq, bk;          // rows and keys per mask block (bk == 128 == the kernel's key block; return code 4 otherwise)
+  int64_t nq, nk;          // query blocks ceil(Lq/bq), key blocks ceil(Lk/bk)
+  const int32_t* q_ptr;    // (nq + 1) CSR offsets, query-major
+  const int32_t* q_kb;     // (nnz) key block of each entry, ascending within a query block
+  const int32_t* q_tile;   // (nnz) -1: every score of the block allowed for every (b, h); else tile index t
+  const int32_t* k_ptr;    // (nk + 1) the same entries, key-major
+  const int32_t* k_qb;     // (nnz) query block of each entry, ascending within a key block
+  const int32_t* k_tile;   // (nnz) tile index as above
+  const uint8_t* tiles;    // (Bm, Hm, ntiles, bq, bk / 8) bits: bit (c & 7) of byte (c >> 3) of row r of tile t
+                           // set = query qb*bq + r may see key kb*bk + c (for mask batch row bm, mask head hm)
+  int64_t Bm, Hm, ntiles;  // Bm is 1 or B (b -> b if Bm == B else 0); Hm is 1 or Hq, indexed by the QUERY head
+};
 
 namespace {
 
@@ -67,22 +107,20 @@ typedef int32_t i16v __attribute__((vector_size(64)));
 
 // Block sizes, measured on a 2-core AVX-512 EPYC (Zen 4), one thread, B=1, H=8, L=2048, D=64:
 // keys in blocks of 128 ran 4% (float32) to 13% (bfloat16) faster than 64, and 256 slower;
-// items of 32, 64 or 128 rows and P V tiles of 4 or 6 rows were within noise. The macros
-// are for such experiments (g++ -DQKV_BK=64 ...); qkv builds with the defaults.
-#ifndef QKV_BK
-#define QKV_BK 128
-#endif
+// items of 32, 64 or 128 rows and P V tiles of 4 or 6 rows were within noise. The key block is
+// also the block lists' (QkvBlockLists.bk must be 128); QKV_ROWS and QKV_RM are for experiments.
 #ifndef QKV_ROWS
 #define QKV_ROWS 64
 #endif
 #ifndef QKV_RM
 #define QKV_RM 6
 #endif
-constexpr int BK = QKV_BK;   // keys per block
-constexpr int NV = BK / 16;  // vectors per row of a score block
-constexpr int RS = 24 / NV;  // query rows per register tile of the scores (24 accumulators)
+constexpr int BK = 128;      // keys per block
+constexpr int NV = BK / 16;  // chunks of 16 keys (one vector) per block
 constexpr int RM = QKV_RM;   // query rows per register tile of P V (RM x 4 vectors)
-static_assert(BK % 16 == 0 && RS >= 1 && RM >= 1 && RM <= 6, "tile sizes");
+// Query rows per register tile of the scores over NC chunks: 24 accumulators (at most 6 rows).
+constexpr int rows_for(int nc) { return 24 / nc < 6 ? 24 / nc : 6; }
+static_assert(NV == 8 && RM >= 1 && RM <= 6, "tile sizes");
 constexpr int MAX_DIM = 256;
 constexpr float NEG_INF = -INFINITY;
 
@@ -193,6 +231,8 @@ inline v16 exp_minus(v16 y, float now) {
 #endif
 }
 
+constexpr size_t HUGE_BYTES = size_t(2) << 20;
+
 // 64-byte aligned, uninitialised storage (every element used is written before it is read).
 template <typename T>
 struct Buffer {
@@ -205,9 +245,24 @@ struct Buffer {
   void reset(size_t n) {
     std::free(p);
     size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (bytes >= HUGE_BYTES) {  // transparent huge pages: a fresh buffer faults in 2 MiB at a time, not 4 KiB
+      bytes = (bytes + HUGE_BYTES - 1) / HUGE_BYTES * HUGE_BYTES;
+      p = (T*)std::aligned_alloc(HUGE_BYTES, bytes);
+      if (p) madvise(p, bytes, MADV_HUGEPAGE);
+      failed = !p;
+      return;
+    }
+#endif
     p = bytes ? (T*)std::aligned_alloc(64, bytes) : nullptr;
     failed = bytes && !p;
   }
+};
+
+// A query range of a work item: rows [i0, i1) inside one query block of the block lists (mqb;
+// -1 without lists).
+struct Item {
+  int64_t i0, i1, mqb;
 };
 
 struct Problem {
@@ -219,16 +274,20 @@ struct Problem {
   int64_t left, right, offset;  // left/right -1: unbounded
   void* out;
   float* lse;
+  const QkvBlockLists* bl;  // block lists, or null
   // Derived.
-  bool dp;        // bfloat16 scores with vdpbf16ps (packed pairs kp), else float32 keys kt
+  bool dp;        // bfloat16 with vdpbf16ps: packed key pairs kp and value pairs vp2, P rounded to bfloat16
   int64_t nkb;    // key blocks per head, ceil(Lk / BK)
   int64_t Dh;     // head-dimension pairs, ceil(D / 2) (dp only)
   int64_t Dvp;    // Dv rounded up to a multiple of 16
-  int64_t bq;     // query positions per work item (its rows: G * bq)
-  int64_t nqb;    // query blocks, ceil(Lq / bq)
-  float* kt;      // [B*Hkv][nkb][D][BK]
-  uint16_t* kp;   // [B*Hkv][nkb][Dh][BK][2]
-  float* vp;      // [B*Hkv][nkb*BK][Dvp]
+  int64_t bq;     // query positions per work item at most (its rows: G * bq)
+  std::vector<Item> items;  // query ranges, costliest first
+  // The packed keys and values of the kv heads bh0 .. bh0 + (heads per group) - 1 (slot bh - bh0):
+  int64_t bh0;
+  float* kt;      // [slot][nkb][D][BK]
+  uint16_t* kp;   // [slot][nkb][Dh][BK][2]
+  float* vp;      // [slot][nkb*BK][Dvp] (not dp)
+  uint32_t* vp2;  // [slot][nkb*BK/2][Dvp] words: bfloat16 values of keys 2w (low half) and 2w+1 (dp)
 
   int64_t row_lo(int64_t i) const {
     return left < 0 ? 0 : std::clamp<int64_t>(i + offset - left, 0, Lk);
@@ -248,24 +307,31 @@ void pack_block(const Problem& P, int64_t bh, int64_t kb) {
   const char* kbase = (const char*)P.k + (b * P.kst[0] + h * P.kst[1]) * (KIND == 0 ? 4 : 2);
   const char* vbase = (const char*)P.v + (b * P.vst[0] + h * P.vst[1]) * (KIND == 0 ? 4 : 2);
   if (P.dp) {
-    uint16_t* dst = P.kp + (bh * P.nkb + kb) * P.Dh * BK * 2;
+    uint16_t* dst = P.kp + ((bh - P.bh0) * P.nkb + kb) * P.Dh * BK * 2;
     for (int64_t c = 0; c < BK; ++c) {
       const uint16_t* row = (const uint16_t*)kbase + (j0 + c) * P.kst[2];
       for (int64_t d = 0; d < 2 * P.Dh; ++d)
         dst[((d >> 1) * BK + c) * 2 + (d & 1)] = (c < n && d < P.D) ? row[d] : 0;
     }
-  } else {
-    float* dst = P.kt + (bh * P.nkb + kb) * P.D * BK;
+    // Values in pairs of keys: word (w, d) holds keys 2w and 2w + 1 of column d (vdpbf16ps's operand).
+    uint16_t* vdst = (uint16_t*)(P.vp2 + ((bh - P.bh0) * P.nkb * BK + j0) / 2 * P.Dvp);
     for (int64_t c = 0; c < BK; ++c) {
-      if (c < n) {
-        const void* row = kbase + (j0 + c) * P.kst[2] * (KIND == 0 ? 4 : 2);
-        for (int64_t d = 0; d < P.D; ++d) dst[d * BK + c] = load1<KIND>(row, d);
-      } else {
-        for (int64_t d = 0; d < P.D; ++d) dst[d * BK + c] = 0.0f;
-      }
+      uint16_t* r = vdst + (c >> 1) * P.Dvp * 2 + (c & 1);
+      const uint16_t* row = (const uint16_t*)vbase + (j0 + c) * P.vst[2];
+      for (int64_t d = 0; d < P.Dvp; ++d) r[2 * d] = (c < n && d < P.Dv) ? row[d] : 0;
+    }
+    return;
+  }
+  float* dst = P.kt + ((bh - P.bh0) * P.nkb + kb) * P.D * BK;
+  for (int64_t c = 0; c < BK; ++c) {
+    if (c < n) {
+      const void* row = kbase + (j0 + c) * P.kst[2] * (KIND == 0 ? 4 : 2);
+      for (int64_t d = 0; d < P.D; ++d) dst[d * BK + c] = load1<KIND>(row, d);
+    } else {
+      for (int64_t d = 0; d < P.D; ++d) dst[d * BK + c] = 0.0f;
     }
   }
-  float* vdst = P.vp + (bh * P.nkb * BK + j0) * P.Dvp;
+  float* vdst = P.vp + ((bh - P.bh0) * P.nkb * BK + j0) * P.Dvp;
   for (int64_t c = 0; c < BK; ++c) {
     float* r = vdst + c * P.Dvp;
     int64_t d = 0;
@@ -307,46 +373,47 @@ template <typename T>
 inline void pin(T&) {}
 #endif
 
-// s[r][0..BK) = q[r] . keys of the block, for R rows: q (R, D) float32, kt (D, BK), D <= 64: one
-// chain of multiply-adds (scores_f32_long below sums longer rows).
-template <int R>
+// s[r][16t + c] = q[r] . key 16t + c of the block for chunks t < NC, R rows: q (R, D) float32,
+// kt (D, BK) (already offset to the first chunk), s rows of BK; D <= 64: one chain of
+// multiply-adds (scores_f32_long below sums longer rows).
+template <int R, int NC>
 __attribute__((noinline)) void scores_f32_short(const float* q, int64_t D, const float* kt, float* s) {
-  vreg acc[R][NV];
+  vreg acc[R][NC];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NV; ++t) acc[r][t] = vzero();
+    for (int t = 0; t < NC; ++t) acc[r][t] = vzero();
   for (int64_t d = 0; d < D; ++d) {
-    vreg kv[NV];
-    for (int t = 0; t < NV; ++t) kv[t] = vload(kt + d * BK + 16 * t), pin(kv[t]);
+    vreg kv[NC];
+    for (int t = 0; t < NC; ++t) kv[t] = vload(kt + d * BK + 16 * t), pin(kv[t]);
     for (int r = 0; r < R; ++r) {
       const vreg qv = vbcast(q[r * D + d]);
-      for (int t = 0; t < NV; ++t) acc[r][t] = vfma(qv, kv[t], acc[r][t]);
+      for (int t = 0; t < NC; ++t) acc[r][t] = vfma(qv, kv[t], acc[r][t]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NV; ++t) vstore(s + r * BK + 16 * t, acc[r][t]);
+    for (int t = 0; t < NC; ++t) vstore(s + r * BK + 16 * t, acc[r][t]);
 }
 
 // The same for D > 64: the sum over D runs in pieces of 64 terms added together, as the backward
 // kernel sums its recomputed scores (flash_bwd_kernel.cpp), so the lse it reads was made by the
 // same arithmetic and P = exp(s - lse) is the forward's P (one unbroken chain over D = 256
 // differed by enough to break the tolerance rule for dq at large logits).
-template <int R>
+template <int R, int NC>
 __attribute__((noinline)) void scores_f32_long(const float* q, int64_t D, const float* kt, float* s) {
-  vreg acc[R][NV];
+  vreg acc[R][NC];
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
     const int64_t d1 = std::min<int64_t>(D, d0 + 64);
     for (int r = 0; r < R; ++r)
-      for (int t = 0; t < NV; ++t) acc[r][t] = vzero();
+      for (int t = 0; t < NC; ++t) acc[r][t] = vzero();
     for (int64_t d = d0; d < d1; ++d) {
-      vreg kv[NV];
-      for (int t = 0; t < NV; ++t) kv[t] = vload(kt + d * BK + 16 * t), pin(kv[t]);
+      vreg kv[NC];
+      for (int t = 0; t < NC; ++t) kv[t] = vload(kt + d * BK + 16 * t), pin(kv[t]);
       for (int r = 0; r < R; ++r) {
         const vreg qv = vbcast(q[r * D + d]);
-        for (int t = 0; t < NV; ++t) acc[r][t] = vfma(qv, kv[t], acc[r][t]);
+        for (int t = 0; t < NC; ++t) acc[r][t] = vfma(qv, kv[t], acc[r][t]);
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int t = 0; t < NV; ++t) {
+      for (int t = 0; t < NC; ++t) {
         float* out = s + r * BK + 16 * t;
         vstore(out, d0 == 0 ? acc[r][t] : vadd(vload(out), acc[r][t]));
       }
@@ -354,24 +421,57 @@ __attribute__((noinline)) void scores_f32_long(const float* q, int64_t D, const 
 }
 
 #ifdef __AVX512BF16__
-// The same with bfloat16 pairs: q (R, 2*Dh) bfloat16 bits, kp (Dh, BK, 2).
-template <int R>
+// The same with bfloat16 pairs: q (R, 2*Dh) bfloat16 bits, kp (Dh, BK, 2) (offset to the first chunk).
+template <int R, int NC>
 __attribute__((noinline)) void scores_bf16(const uint16_t* q, int64_t Dh, const uint16_t* kp, float* s) {
-  __m512 acc[R][NV];
+  __m512 acc[R][NC];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int t = 0; t < NC; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t p = 0; p < Dh; ++p) {
-    __m512i kv[NV];
-    for (int t = 0; t < NV; ++t) kv[t] = _mm512_load_si512(kp + (p * BK + 16 * t) * 2), pin(kv[t]);
+    __m512i kv[NC];
+    for (int t = 0; t < NC; ++t) kv[t] = _mm512_load_si512(kp + (p * BK + 16 * t) * 2), pin(kv[t]);
     for (int r = 0; r < R; ++r) {
       int32_t pair;
       std::memcpy(&pair, q + r * 2 * Dh + 2 * p, 4);
       const __m512bh qv = (__m512bh)_mm512_set1_epi32(pair);
-      for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], qv, (__m512bh)kv[t]);
+      for (int t = 0; t < NC; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], qv, (__m512bh)kv[t]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NV; ++t) _mm512_store_ps(s + r * BK + 16 * t, acc[r][t]);
+    for (int t = 0; t < NC; ++t) _mm512_store_ps(s + r * BK + 16 * t, acc[r][t]);
+}
+
+// acc[r][0 .. 16W) = alpha[r] * acc[r] + sum over key pairs w < npairs of p2[r][w] . vp2[w]:
+// P rounded to bfloat16, as pairs of keys (p2 rows of BK/2 words), values vp2 (npairs, Dvp) words.
+template <int R, int W>
+__attribute__((noinline)) void values_tile_bf16(const uint32_t* p2, const uint32_t* vp2, int64_t Dvp, int64_t npairs,
+                                                float* acc, const float* alpha) {
+  __m512 o[R][W];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < W; ++t) o[r][t] = _mm512_mul_ps(_mm512_load_ps(acc + r * Dvp + 16 * t), _mm512_set1_ps(alpha[r]));
+  for (int64_t w = 0; w < npairs; ++w) {
+    __m512i vv[W];
+    for (int t = 0; t < W; ++t) vv[t] = _mm512_load_si512(vp2 + w * Dvp + 16 * t), pin(vv[t]);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh pr = (__m512bh)_mm512_set1_epi32((int32_t)p2[r * (BK / 2) + w]);
+      for (int t = 0; t < W; ++t) o[r][t] = _mm512_dpbf16_ps(o[r][t], pr, (__m512bh)vv[t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < W; ++t) _mm512_store_ps(acc + r * Dvp + 16 * t, o[r][t]);
+}
+
+template <int R>
+inline void values_rows_bf16(const uint32_t* p2, const uint32_t* vp2, int64_t Dvp, int64_t npairs, float* acc,
+                             const float* alpha) {
+  int64_t d = 0;
+  for (; d + 64 <= Dvp; d += 64) values_tile_bf16<R, 4>(p2, vp2 + d, Dvp, npairs, acc + d, alpha);
+  switch ((Dvp - d) / 16) {
+    case 3: values_tile_bf16<R, 3>(p2, vp2 + d, Dvp, npairs, acc + d, alpha); break;
+    case 2: values_tile_bf16<R, 2>(p2, vp2 + d, Dvp, npairs, acc + d, alpha); break;
+    case 1: values_tile_bf16<R, 1>(p2, vp2 + d, Dvp, npairs, acc + d, alpha); break;
+    default: break;
+  }
 }
 #endif
 
@@ -405,9 +505,10 @@ inline void values_rows(const float* p, const float* vp, int64_t Dvp, int64_t n,
   }
 }
 
-// f(rows, m) over rows [0, M), rows a std::integral_constant: RM at a time, then the rest in one tile.
+// f(rows, m) over rows [0, M), rows a std::integral_constant: TILE at a time, then the rest in one tile.
 template <int TILE = RM, typename F>
 inline void by_tiles(int64_t M, F&& f) {
+  static_assert(TILE >= 1 && TILE <= 6, "tiles of 1 to 6 rows");
   int64_t m = 0;
   for (; m + TILE <= M; m += TILE) f(std::integral_constant<int, TILE>{}, m);
   switch (M - m) {
@@ -420,34 +521,70 @@ inline void by_tiles(int64_t M, F&& f) {
   }
 }
 
+// f(nc) for nc in 1..NV as a std::integral_constant.
+template <typename F>
+inline void by_chunks(int nc, F&& f) {
+  switch (nc) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: break;
+  }
+}
+
+// Bits [a, b) of 16 (a, b clamped to [0, 16]).
+inline uint32_t range_bits(int64_t a, int64_t b) {
+  a = std::clamp<int64_t>(a, 0, 16), b = std::clamp<int64_t>(b, 0, 16);
+  return b > a ? ((1u << b) - 1u) & ~((1u << a) - 1u) : 0u;
+}
+
+// x where bit c of `bits` is set, -inf elsewhere (AVX-512: one masked blend from the mask register).
+inline v16 keep(v16 x, uint32_t bits) {
+#ifdef __AVX512F__
+  return (v16)_mm512_mask_blend_ps((__mmask16)bits, _mm512_set1_ps(NEG_INF), (__m512)x);
+#else
+  const i16v iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const i16v on = (((i16v{} + (int32_t)bits) >> iota) & 1) != 0;
+  return on ? x : splat(NEG_INF);
+#endif
+}
+
 struct Scratch {
   Buffer<float> qf;      // (M, D) float32 queries (float32 path)
   Buffer<uint16_t> q16;  // (M, 2*Dh) bfloat16 queries (dp path)
-  Buffer<float> s;       // (M, BK) scores, then probabilities
+  Buffer<float> s;       // (M, BK) scores, then probabilities (float32 path)
+  Buffer<uint32_t> p2;   // (M, BK/2) probabilities rounded to bfloat16, pairs of keys per word (dp path)
   Buffer<float> acc;     // (M, Dvp) output accumulators
   Buffer<float> mx, sum, alpha;  // (M) running max, running sum, this block's rescale
   Buffer<int64_t> lo, hi;        // (M) each row's visible keys
+  Buffer<int64_t> trow;          // (M) each row's offset in the tile bits, tile 0 (block lists)
   Scratch(const Problem& P) {
     const int64_t M = P.G * P.bq;
     qf.reset(P.dp ? 0 : M * P.D);
     q16.reset(P.dp ? M * 2 * P.Dh : 0);
     s.reset(M * BK);
+    p2.reset(P.dp ? M * BK / 2 : 0);
     acc.reset(M * P.Dvp);
     mx.reset(M), sum.reset(M), alpha.reset(M + RM);
-    lo.reset(M), hi.reset(M);
+    lo.reset(M), hi.reset(M), trow.reset(M);
   }
   bool failed() const {
-    return qf.failed || q16.failed || s.failed || acc.failed || mx.failed || sum.failed || alpha.failed ||
-           lo.failed || hi.failed;
+    return qf.failed || q16.failed || s.failed || p2.failed || acc.failed || mx.failed || sum.failed ||
+           alpha.failed || lo.failed || hi.failed || trow.failed;
   }
 };
 
 template <int KIND>
-void run_item(const Problem& P, int64_t x, Scratch& W) {
-  // Costliest first: the last query blocks (under a causal band) come first.
-  const int64_t BH = P.B * P.Hkv, qb = P.nqb - 1 - x / BH, bh = x % BH, b = bh / P.Hkv, h = bh % P.Hkv;
-  const int64_t i0 = qb * P.bq, i1 = std::min(P.Lq, i0 + P.bq), nr = i1 - i0, M = P.G * nr;
+void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
+  const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
+  const int64_t i0 = it.i0, i1 = it.i1, nr = i1 - i0, M = P.G * nr;
   const int64_t D = P.D, Dvp = P.Dvp, Dh = P.Dh;
+  const QkvBlockLists* L = P.bl;
   // Row m = g * nr + r is query head h * G + g, position i0 + r.
   for (int64_t m = 0; m < M; ++m) {
     const int64_t g = m / nr, i = i0 + m % nr, hq = h * P.G + g;
@@ -462,72 +599,115 @@ void run_item(const Problem& P, int64_t x, Scratch& W) {
     }
     W.lo.p[m] = P.row_lo(i), W.hi.p[m] = P.row_hi(i);
     W.mx.p[m] = NEG_INF, W.sum.p[m] = 0.0f;
+    if (L) {  // tile bits of (mask batch row, mask head, tile 0, row i - mqb * bq)
+      const int64_t bm = L->Bm == 1 ? 0 : b, hm = L->Hm == 1 ? 0 : hq;
+      W.trow.p[m] = ((bm * L->Hm + hm) * L->ntiles * L->bq + (i - it.mqb * L->bq)) * (BK / 8);
+    }
   }
   std::memset(W.acc.p, 0, sizeof(float) * M * Dvp);
   // Keys any row of the item sees (lo and hi grow with the row).
   const int64_t klo = P.row_lo(i0), khi = P.row_hi(i1 - 1);
   const int64_t full_lo = P.row_lo(i1 - 1), full_hi = P.row_hi(i0);  // keys every row sees
-  const i16v iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   float* S = W.s.p;
-  for (int64_t kb = klo / BK; kb * BK < khi; ++kb) {
+  // One key block kb (tile: -1, or the index of its bits), chunks of 16 keys [c0, c1).
+  auto visit = [&](int64_t kb, int32_t tile) {
     const int64_t j0 = kb * BK;
-    // 1. Scores of the block, RS rows at a time.
+    const int c0 = (int)(std::max<int64_t>(0, klo - j0) / 16);
+    const int c1 = (int)((std::min<int64_t>(BK, khi - j0) + 15) / 16);
+    // 1. Scores of the chunks, rows_for(chunks) rows at a time.
+    by_chunks(c1 - c0, [&](auto chunks) {
+      constexpr int NC = decltype(chunks)::value, RS = rows_for(NC);
 #ifdef __AVX512BF16__
-    if (P.dp) {
-      const uint16_t* kp = P.kp + (bh * P.nkb + kb) * Dh * BK * 2;
-      by_tiles<RS>(M, [&](auto rows, int64_t m) { scores_bf16<decltype(rows)::value>(W.q16.p + m * 2 * Dh, Dh, kp, S + m * BK); });
-    } else
+      if (P.dp) {
+        const uint16_t* kp = P.kp + ((bh - P.bh0) * P.nkb + kb) * Dh * BK * 2 + 32 * c0;
+        by_tiles<RS>(M, [&](auto rows, int64_t m) {
+          scores_bf16<decltype(rows)::value, NC>(W.q16.p + m * 2 * Dh, Dh, kp, S + m * BK + 16 * c0);
+        });
+        return;
+      }
 #endif
-    {
-      const float* kt = P.kt + (bh * P.nkb + kb) * D * BK;
+      const float* kt = P.kt + ((bh - P.bh0) * P.nkb + kb) * D * BK + 16 * c0;
       if (D <= 64)
         by_tiles<RS>(M, [&](auto rows, int64_t m) {
-          scores_f32_short<decltype(rows)::value>(W.qf.p + m * D, D, kt, S + m * BK);
+          scores_f32_short<decltype(rows)::value, NC>(W.qf.p + m * D, D, kt, S + m * BK + 16 * c0);
         });
       else
         by_tiles<RS>(M, [&](auto rows, int64_t m) {
-          scores_f32_long<decltype(rows)::value>(W.qf.p + m * D, D, kt, S + m * BK);
+          scores_f32_long<decltype(rows)::value, NC>(W.qf.p + m * D, D, kt, S + m * BK + 16 * c0);
         });
-    }
-    // 2. Scale, the band on edge blocks, online softmax.
+    });
+    // 2. Scale, the band on its edge blocks and the tile's bits, online softmax.
     const bool edge = !(j0 >= full_lo && j0 + BK <= full_hi);
+    const uint8_t* tbits = tile >= 0 ? L->tiles + (int64_t)tile * L->bq * (BK / 8) : nullptr;
     for (int64_t m = 0; m < M; ++m) {
       float* sr = S + m * BK;
       v16 x[NV];
-      for (int t = 0; t < NV; ++t) x[t] = *(v16*)(sr + 16 * t) * P.scale;
-      if (edge) {
-        const int64_t lo = W.lo.p[m] - j0, hi = W.hi.p[m] - j0;  // in block columns
-        const int32_t clo = (int32_t)std::clamp<int64_t>(lo, 0, BK), chi = (int32_t)std::clamp<int64_t>(hi, 0, BK);
-        for (int t = 0; t < NV; ++t) {
-          const i16v col = iota + 16 * t;
-          x[t] = (col < clo) | (col >= chi) ? splat(NEG_INF) : x[t];
+      for (int t = c0; t < c1; ++t) {
+        x[t] = *(v16*)(sr + 16 * t) * P.scale;
+        uint32_t bits = 0xffffu;
+        if (edge) bits = range_bits(W.lo.p[m] - j0 - 16 * t, W.hi.p[m] - j0 - 16 * t);
+        if (tbits) {
+          uint16_t word;
+          std::memcpy(&word, tbits + W.trow.p[m] + 2 * t, 2);  // keys 16t .. 16t + 15 of the row
+          bits &= word;
         }
+        if (bits != 0xffffu) x[t] = keep(x[t], bits);
       }
-      v16 mv = x[0];
-      for (int t = 1; t < NV; ++t) mv = x[t] > mv ? x[t] : mv;
+      v16 mv = x[c0];
+      for (int t = c0 + 1; t < c1; ++t) mv = x[t] > mv ? x[t] : mv;
       const float old = W.mx.p[m], bmax = hmax(mv), now = bmax > old ? bmax : old;
       if (now == NEG_INF) {  // nothing seen yet: this block adds nothing
-        for (int t = 0; t < NV; ++t) *(v16*)(sr + 16 * t) = splat(0.0f);
+        for (int t = c0; t < c1; ++t) {
+          if (P.dp)
+            std::memset(W.p2.p + m * (BK / 2) + 8 * t, 0, 32);
+          else
+            *(v16*)(sr + 16 * t) = splat(0.0f);
+        }
         W.alpha.p[m] = 1.0f;
         continue;
       }
       const float alpha = old == NEG_INF ? 0.0f : std::exp(old - now);
       v16 total = splat(0.0f);
-      for (int t = 0; t < NV; ++t) {
+      for (int t = c0; t < c1; ++t) {
         const v16 pv = exp_minus(x[t], now);
-        *(v16*)(sr + 16 * t) = pv;
+#ifdef __AVX512BF16__
+        if (P.dp)  // P rounded to bfloat16 for vdpbf16ps; the row sum (and so the lse) is of P unrounded
+          _mm256_store_si256((__m256i*)(W.p2.p + m * (BK / 2) + 8 * t), (__m256i)_mm512_cvtneps_pbh((__m512)pv));
+        else
+#endif
+          *(v16*)(sr + 16 * t) = pv;
         total += pv;
       }
       W.sum.p[m] = W.sum.p[m] * alpha + hsum(total);
       W.mx.p[m] = now;
       W.alpha.p[m] = alpha;
     }
-    // 3. acc = alpha * acc + P V over the keys some row sees.
-    const int64_t n = std::min<int64_t>(BK, khi - j0);
-    const float* vp = P.vp + (bh * P.nkb * BK + j0) * Dvp;
+    // 3. acc = alpha * acc + P V over the keys some row sees, [s0, s0 + n) of the block.
+    const int64_t s0 = 16 * c0, n = std::min<int64_t>(16 * c1, khi - j0) - s0;
+#ifdef __AVX512BF16__
+    if (P.dp) {
+      const uint32_t* vp2 = P.vp2 + ((bh - P.bh0) * P.nkb * BK + j0 + s0) / 2 * Dvp;
+      by_tiles(M, [&](auto rows, int64_t m) {
+        values_rows_bf16<decltype(rows)::value>(W.p2.p + m * (BK / 2) + s0 / 2, vp2, Dvp, (n + 1) / 2,
+                                                W.acc.p + m * Dvp, W.alpha.p + m);
+      });
+      return;
+    }
+#endif
+    const float* vp = P.vp + ((bh - P.bh0) * P.nkb * BK + j0 + s0) * Dvp;
     by_tiles(M, [&](auto rows, int64_t m) {
-      values_rows<decltype(rows)::value>(S + m * BK, vp, Dvp, n, W.acc.p + m * Dvp, W.alpha.p + m);
+      values_rows<decltype(rows)::value>(S + m * BK + s0, vp, Dvp, n, W.acc.p + m * Dvp, W.alpha.p + m);
     });
+  };
+  if (khi > klo) {
+    if (!L) {
+      for (int64_t kb = klo / BK; kb * BK < khi; ++kb) visit(kb, -1);
+    } else {
+      for (int64_t e = L->q_ptr[it.mqb]; e < L->q_ptr[it.mqb + 1]; ++e) {
+        const int64_t kb = L->q_kb[e];
+        if (kb * BK < khi && kb * BK + BK > klo) visit(kb, L->q_tile[e]);  // listed, and inside the band
+      }
+    }
   }
   // 4. out = acc / sum, lse = max + log(sum); a row that saw nothing: 0 and -inf.
   for (int64_t m = 0; m < M; ++m) {
@@ -569,23 +749,94 @@ void parallel_for(int64_t count, int nthreads, F&& fn) {
 #endif
 }
 
+// The kv heads are packed and run in groups of at most GROUP_BYTES of packed keys and values (at
+// least one head per group): the buffers are reused from group to group, so a long call faults in
+// fresh pages for one group, not for every head. Measured (window 256, L=16384, B=1, H=8, D=64,
+// float32, one thread, thread CPU time): 4 KiB pages and one group 169 ms, groups of 8 MiB 135 ms;
+// huge pages (Buffer above) and one group 137-141 ms, groups of 24 to 64 MiB 134-137 ms. Each group
+// adds a barrier between the packing and the attention phases, which costs most when other jobs
+// share the cores (two threads, wall time: 8 MiB groups slower than one group), hence 64 MiB.
+// The packing buffers are kept from call to call (one arena, at most GROUP_BYTES, for one call at a
+// time; a concurrent call or a larger one allocates its own): a fresh buffer costs page faults and
+// the kernel's zeroing of every page, 4% of a window-256 call at L=16384.
+struct Arena {
+  std::mutex mu;
+  Buffer<char> buf;
+  int64_t size = 0;
+};
+Arena& arena() {
+  static Arena a;
+  return a;
+}
+
+#ifndef QKV_GROUP_BYTES
+#define QKV_GROUP_BYTES (int64_t(64) << 20)
+#endif
+constexpr int64_t GROUP_BYTES = QKV_GROUP_BYTES;
+
 template <int KIND>
 int run(Problem& P, int nthreads) {
   const int64_t BH = P.B * P.Hkv;
-  Buffer<float> kt(P.dp ? 0 : BH * P.nkb * P.D * BK);
-  Buffer<uint16_t> kp(P.dp ? BH * P.nkb * P.Dh * BK * 2 : 0);
-  Buffer<float> vp(BH * P.nkb * BK * P.Dvp);
-  if (kt.failed || kp.failed || vp.failed) return 3;
-  P.kt = kt.p, P.kp = kp.p, P.vp = vp.p;
-  // Only the key blocks some query sees (a window over a long cache leaves most of it out).
-  const int64_t kb0 = P.row_lo(0) / BK, kb1 = (P.row_hi(P.Lq - 1) + BK - 1) / BK, nb = std::max<int64_t>(0, kb1 - kb0);
-  parallel_for(BH * nb, nthreads, [&](int64_t x, int) { pack_block<KIND>(P, x / nb, kb0 + x % nb); });
+  const int64_t per_head = P.dp ? P.nkb * BK * (P.Dh * 2 * 2 + P.Dvp * 2) : P.nkb * BK * (P.D + P.Dvp) * 4;
+  const int64_t hg = std::clamp<int64_t>(GROUP_BYTES / std::max<int64_t>(per_head, 1), 1, BH);
+  auto bytes = [](int64_t n) { return (n + 63) / 64 * 64; };  // each buffer 64-byte aligned in the arena
+  const int64_t kt_b = bytes(P.dp ? 0 : hg * P.nkb * P.D * BK * 4), kp_b = bytes(P.dp ? hg * P.nkb * P.Dh * BK * 4 : 0);
+  const int64_t vp_b = bytes(P.dp ? 0 : hg * P.nkb * BK * P.Dvp * 4), vp2_b = bytes(P.dp ? hg * P.nkb * BK / 2 * P.Dvp * 4 : 0);
+  const int64_t total = kt_b + kp_b + vp_b + vp2_b;
+  if (total < 0) return 3;  // sizes past int64
+  // The arena of the previous call where it is free and the packed data fits GROUP_BYTES; else fresh.
+  Arena& A = arena();
+  std::unique_lock<std::mutex> lock(A.mu, std::try_to_lock);
+  Buffer<char> fresh;
+  char* base;
+  if (lock.owns_lock() && total <= GROUP_BYTES) {
+    if (A.size < total) {
+      A.buf.reset(total);
+      A.size = A.buf.failed ? 0 : total;
+      if (A.buf.failed) return 3;
+    }
+    base = A.buf.p;
+  } else {
+    if (lock.owns_lock()) lock.unlock();
+    fresh.reset(total);
+    if (fresh.failed) return 3;
+    base = fresh.p;
+  }
+  P.kt = kt_b ? (float*)base : nullptr;
+  P.kp = kp_b ? (uint16_t*)(base + kt_b) : nullptr;
+  P.vp = vp_b ? (float*)(base + kt_b + kp_b) : nullptr;
+  P.vp2 = vp2_b ? (uint32_t*)(base + kt_b + kp_b + vp_b) : nullptr;
+  // Only the key blocks some query sees (a window over a long cache leaves most of it out; block
+  // lists leave out the blocks they do not list).
+  const int64_t kb0 = P.row_lo(0) / BK, kb1 = (P.row_hi(P.Lq - 1) + BK - 1) / BK;
+  std::vector<int64_t> blocks;
+  for (int64_t kb = kb0; kb < kb1; ++kb)
+    if (!P.bl || P.bl->k_ptr[kb + 1] > P.bl->k_ptr[kb]) blocks.push_back(kb);
+  const int64_t nb = (int64_t)blocks.size(), ni = (int64_t)P.items.size();
   std::vector<std::unique_ptr<Scratch>> scratch;
   for (int t = 0; t < nthreads; ++t) {
     scratch.emplace_back(new Scratch(P));
     if (scratch.back()->failed()) return 3;
   }
-  parallel_for(BH * P.nqb, nthreads, [&](int64_t x, int t) { run_item<KIND>(P, x, *scratch[t]); });
+  for (int64_t bh0 = 0; bh0 < BH; bh0 += hg) {
+    const int64_t nh = std::min(hg, BH - bh0);
+    P.bh0 = bh0;
+    if (nb) parallel_for(nh * nb, nthreads, [&](int64_t x, int) { pack_block<KIND>(P, bh0 + x / nb, blocks[x % nb]); });
+    parallel_for(nh * ni, nthreads, [&](int64_t x, int t) { run_item<KIND>(P, P.items[x / nh], bh0 + x % nh, *scratch[t]); });
+  }
+  return 0;
+}
+
+// Whether block lists fit the call (0) or not (4).
+int check_lists(const QkvBlockLists* L, int64_t B, int64_t Hq, int64_t Lq, int64_t Lk) {
+  if (L->bk != BK || L->bq < 1 || L->nq != (Lq + L->bq - 1) / L->bq || L->nk != (Lk + BK - 1) / BK) return 4;
+  if ((L->Bm != 1 && L->Bm != B) || (L->Hm != 1 && L->Hm != Hq) || L->ntiles < 0) return 4;
+  if (!L->q_ptr || !L->k_ptr || L->q_ptr[0] != 0 || L->q_ptr[L->nq] != L->k_ptr[L->nk]) return 4;
+  const int64_t nnz = L->q_ptr[L->nq];
+  if (nnz > 0 && (!L->q_kb || !L->q_tile)) return 4;
+  if (L->ntiles > 0 && !L->tiles) return 4;
+  for (int64_t e = 0; e < nnz; ++e)
+    if (L->q_kb[e] < 0 || L->q_kb[e] >= L->nk || L->q_tile[e] < -1 || L->q_tile[e] >= L->ntiles) return 4;
   return 0;
 }
 
@@ -594,21 +845,25 @@ int run(Problem& P, int nthreads) {
 extern "C" {
 
 // Returns 0, or 1 for an unknown kind, 2 for an unsupported size (D or Dv outside 1..256, or
-// Hq not a multiple of Hkv), 3 where the packed keys and values could not be allocated.
+// Hq not a multiple of Hkv), 3 where the packed keys and values could not be allocated, 4 for
+// block lists that do not fit the call (key blocks other than 128, counts that do not match
+// the lengths, Bm or Hm other than 1, B or 1, Hq, an index out of range).
 int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
                   const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
                   const int64_t* vst, float scale, int64_t left, int64_t right, int64_t offset, void* out,
-                  float* lse, int threads) {
+                  float* lse, int threads, const QkvBlockLists* blocks) {
   if (kind != 0 && kind != 1) return 1;
   if (D < 1 || D > MAX_DIM || Dv < 1 || Dv > MAX_DIM || Hkv < 1 || Hq < Hkv || Hq % Hkv != 0) return 2;
   if (B <= 0 || Lq <= 0) return 0;
+  if (Lk < 0) Lk = 0;
+  if (blocks && check_lists(blocks, B, Hq, Lq, Lk) != 0) return 4;
   Problem P{};
   P.kind = kind;
-  P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.G = Hq / Hkv, P.Lq = Lq, P.Lk = Lk < 0 ? 0 : Lk, P.D = D, P.Dv = Dv;
+  P.B = B, P.Hq = Hq, P.Hkv = Hkv, P.G = Hq / Hkv, P.Lq = Lq, P.Lk = Lk, P.D = D, P.Dv = Dv;
   P.q = q, P.k = k, P.v = v;
   for (int t = 0; t < 4; ++t) P.qst[t] = qst[t], P.kst[t] = kst[t], P.vst[t] = vst[t];
   P.scale = scale, P.left = left, P.right = right, P.offset = offset;
-  P.out = out, P.lse = lse;
+  P.out = out, P.lse = lse, P.bl = blocks;
 #ifdef __AVX512BF16__
   P.dp = kind == 1;
 #else
@@ -618,17 +873,32 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   P.Dh = (D + 1) / 2;
   P.Dvp = (Dv + 15) / 16 * 16;
   if (threads < 1) threads = 1;
-  // About 64 rows per item (the group's heads times the positions), fewer positions where
-  // that leaves too few items to keep the threads busy.
-  P.bq = std::max<int64_t>(1, QKV_ROWS / P.G);
+  // About 64 rows per item (the group's heads times the positions), 32 under a band bounded on
+  // both sides (a sliding window: the keys an item spans exceed a row's by its rows - 1; measured
+  // 4-8% faster at window 256, the same elsewhere), fewer positions where that leaves too few
+  // items to keep the threads busy.
+  const int64_t rows = left >= 0 && right >= 0 ? QKV_ROWS / 2 : QKV_ROWS;
+  P.bq = std::max<int64_t>(1, rows / P.G);
   while (P.bq > 8 && B * Hkv * ((Lq + P.bq - 1) / P.bq) < 4 * threads) P.bq /= 2;
   P.bq = std::min(P.bq, Lq);
-  P.nqb = (Lq + P.bq - 1) / P.bq;
+  if (!blocks) {  // blocks of bq positions, the last (under a causal band the costliest) first
+    for (int64_t qb = (Lq + P.bq - 1) / P.bq - 1; qb >= 0; --qb)
+      P.items.push_back({qb * P.bq, std::min(Lq, qb * P.bq + P.bq), -1});
+  } else {  // each query block of the lists in equal pieces of at most bq positions, most blocks listed first
+    for (int64_t mqb = blocks->nq - 1; mqb >= 0; --mqb) {
+      const int64_t r0 = mqb * blocks->bq, len = std::min(Lq, r0 + blocks->bq) - r0, pieces = (len + P.bq - 1) / P.bq;
+      for (int64_t p = 0; p < pieces; ++p) P.items.push_back({r0 + len * p / pieces, r0 + len * (p + 1) / pieces, mqb});
+    }
+    const int32_t* ptr = blocks->q_ptr;
+    std::stable_sort(P.items.begin(), P.items.end(), [ptr](const Item& a, const Item& c) {
+      return ptr[a.mqb + 1] - ptr[a.mqb] > ptr[c.mqb + 1] - ptr[c.mqb];
+    });
+  }
   return kind == 0 ? run<0>(P, threads) : run<1>(P, threads);
 }
 
 // The kernel's interface version, checked by the binding.
-int qkv_flash_fwd_version() { return 1; }
+int qkv_flash_fwd_version() { return 2; }
 
 // Whether bfloat16 scores use the processor's bfloat16 dot product (vdpbf16ps).
 int qkv_flash_has_bf16_dot() {

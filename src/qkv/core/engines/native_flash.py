@@ -6,7 +6,10 @@ under the causal/window band: work items (batch row, kv head, block of query pos
 torch's OpenMP threads, the grouped query heads of a kv head as rows of one item (keys read
 once per group, never copied per head), key blocks of 128 with the online softmax in float32,
 blocks outside the band skipped and only the band's edge blocks masked; bfloat16 scores by
-the AVX512-BF16 dot product where the processor has one. It returns out and the lse.
+the AVX512-BF16 dot product where the processor has one (and then P V too, P rounded to
+bfloat16). A BlockMask runs on the kernel as block lists (engines/native_blocks.py, the
+FlexAttention layout): only the listed key blocks are visited, full blocks without a mask, the
+partial ones masked by their tile bits. It returns out and the lse.
 
 The backward pass is the native backward kernel's (engines/native_flash_bwd.py) where that
 module exists, else qkv's PyTorch FA-2 backward (flash.block_backward over the band plan),
@@ -26,20 +29,24 @@ from torch import Tensor
 
 from .. import _kernels
 from ..spec import AttentionSpec
-from . import flash
+from . import flash, native_blocks
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1}
 MAX_DIM = 256  # largest D and Dv the kernel takes
-VERSION = 1
-_CODES = {1: "unknown dtype kind", 2: "unsupported head size", 3: "no memory for the packed keys and values"}
-
-_typed: set[int] = set()
-
+VERSION = 2
+_CODES = {1: "unknown dtype kind", 2: "unsupported head size", 3: "no memory for the packed keys and values",
+          4: "block lists that do not fit the call"}
 
 def lib():
     """The compiled csrc/flash_fwd_kernel.cpp with its ctypes signatures, or None (see _kernels)."""
     kernel = _kernels.load("flash_fwd_kernel")
-    if kernel is None or id(kernel) in _typed:
+    return None if kernel is None else typed(kernel)
+
+
+def typed(kernel):
+    """`kernel` (a ctypes CDLL of csrc/flash_fwd_kernel.cpp, however built) with its signatures set and
+    its version checked (RuntimeError for another version)."""
+    if getattr(kernel, "qkv_typed", False):  # on the object itself: an id could be reused by another library
         return kernel
     p, i64, i64p = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
     kernel.qkv_flash_fwd.restype = ctypes.c_int
@@ -47,13 +54,13 @@ def lib():
         ctypes.c_int, i64, i64, i64, i64, i64, i64, i64,  # kind, B, Hq, Hkv, Lq, Lk, D, Dv
         p, i64p, p, i64p, p, i64p,  # q, qst, k, kst, v, vst
         ctypes.c_float, i64, i64, i64,  # scale, left, right, offset
-        p, p, ctypes.c_int]  # out, lse, threads
+        p, p, ctypes.c_int, p]  # out, lse, threads, blocks (QkvBlockLists*, None: the band alone)
     kernel.qkv_flash_fwd_version.restype = ctypes.c_int
     kernel.qkv_flash_has_bf16_dot.restype = ctypes.c_int
     if kernel.qkv_flash_fwd_version() != VERSION:
         raise RuntimeError(f"qkv flash_fwd_kernel has version {kernel.qkv_flash_fwd_version()}, expected {VERSION}")
     kernel.bf16_dot = bool(kernel.qkv_flash_has_bf16_dot())
-    _typed.add(id(kernel))
+    kernel.qkv_typed = True
     return kernel
 
 
@@ -66,8 +73,12 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> Optional[st
         return f"{q.dtype}"
     if k.dtype != q.dtype or v.dtype != q.dtype:
         return "q, k and v of different dtypes"
-    if spec.has_dense_constraints:
-        return "a mask, mask function or block mask"
+    if spec.bool_mask is not None or spec.float_mask is not None or spec.mask_mod is not None:
+        return "a dense mask or mask function (it takes a BlockMask: build one with qkv.block_mask)"
+    if spec.block_mask is not None:
+        reason = native_blocks.why_not(spec.block_mask)
+        if reason is not None:
+            return reason
     if spec.score_mod is not None:
         return "a score_mod"
     if spec.dropout_p > 0.0:
@@ -79,8 +90,8 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> Optional[st
 
 def applies(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> bool:
     """Whether the kernel takes these arguments: CPU tensors, float32 or bfloat16 (one dtype
-    for q, k and v), no dense constraint (mask, mask function, block mask), no score_mod, no
-    dropout, D and Dv at most 256."""
+    for q, k and v), no dense constraint but a BlockMask of key blocks of 128 (mask, mask
+    function: no), no score_mod, no dropout, D and Dv at most 256."""
     return why_not(q, k, v, spec) is None
 
 
@@ -94,7 +105,8 @@ def _band(x: Optional[int]) -> int:
 
 def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) on the CPU -> out (B, Hq, Lq, Dv)
-    in q's dtype, lse (B, Hq, Lq) float32 (-inf for a row that sees no key), without autograd."""
+    in q's dtype, lse (B, Hq, Lq) float32 (-inf for a row that sees no key), without autograd.
+    spec.block_mask (if any) runs as its block lists, intersected with the causal/window band."""
     reason = why_not(q, k, v, spec)
     if reason is not None:  # the backend checks first; this guards every other caller
         raise ValueError(f"the native flash kernel cannot take {reason}")
@@ -108,12 +120,14 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tenso
         return out, lse
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     q, k, v = (t.detach() for t in (q, k, v))
+    lists = None if spec.block_mask is None else native_blocks.block_lists(spec.block_mask)
+    struct = None if lists is None else lists.struct()  # points into `lists`, alive until the call returns
     rc = kernel.qkv_flash_fwd(
         KINDS[q.dtype], B, Hq, spec.Hkv, Lq, spec.Lk, spec.D, Dv,
         ctypes.c_void_p(q.data_ptr()), _i64(q.stride()), ctypes.c_void_p(k.data_ptr()), _i64(k.stride()),
         ctypes.c_void_p(v.data_ptr()), _i64(v.stride()), spec.scale, _band(spec.left), _band(spec.right),
         spec.offset, ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()),
-        max(1, torch.get_num_threads()))
+        max(1, torch.get_num_threads()), None if struct is None else ctypes.byref(struct))
     if rc != 0:
         why = _CODES.get(rc, "unknown error")
         raise RuntimeError(f"qkv's native flash_fwd_kernel failed with code {rc} ({why})")
