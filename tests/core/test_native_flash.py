@@ -240,13 +240,13 @@ def test_turned_off_kernels_are_refused_with_the_reason(monkeypatch):
 
 def test_backward_switches_to_the_native_backward_module(monkeypatch):
     """Where engines/native_flash_bwd.py exists its `backward` (float32 gradients) is used, cast
-    to the inputs' dtype; an lse gradient (which its interface does not take) stays on the
-    PyTorch FA-2 backward."""
+    to the inputs' dtype, for the output's gradient and the lse's (its d_lse) alike."""
     calls = []
 
-    def backward(q, k, v, out, lse, d_out, spec):
-        calls.append(1)
-        dq, dk, dv = flash.block_backward(q.float(), k.float(), v.float(), out.float(), lse, d_out.float(), None, spec)
+    def backward(q, k, v, out, lse, d_out, spec, d_lse=None):
+        calls.append(d_lse is not None)
+        dq, dk, dv = flash.block_backward(q.float(), k.float(), v.float(), out.float(), lse, d_out.float(), d_lse,
+                                          spec)
         return dq, dk, dv
 
     monkeypatch.setattr(native_flash, "native_backward_module",
@@ -255,10 +255,10 @@ def test_backward_switches_to_the_native_backward_module(monkeypatch):
     fast_in = [t.clone().requires_grad_() for t in (q, k, v)]
     out = qkv.attention(*fast_in, causal=True, backend="native")
     g = torch.autograd.grad(out.float().sum(), fast_in)
-    assert calls == [1] and all(x.dtype == torch.bfloat16 for x in g)
+    assert calls == [False] and all(x.dtype == torch.bfloat16 for x in g)
     _, lse = qkv.attention_with_lse(*fast_in, causal=True, backend="native")
     torch.autograd.grad(lse.sum(), fast_in)
-    assert calls == [1], "an lse gradient runs the PyTorch backward"
+    assert calls == [False, True], "an lse gradient runs the native backward with its d_lse"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -181,10 +181,10 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: 
 def _first_order(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
                  spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
     native_bwd = native_backward_module()
-    if (native_bwd is not None
-            and (d_lse is None or not bool(d_lse.any()))  # its ABI has no d_lse
-            and getattr(native_bwd, "lib", lambda: True)() is not None):
-        dq, dk, dv = native_bwd.backward(q, k, v, out, lse, d_out, spec)
+    if native_bwd is not None and getattr(native_bwd, "lib", lambda: True)() is not None:
+        if d_lse is not None and not bool(d_lse.any()):
+            d_lse = None  # autograd's zeros where only the output had a gradient
+        dq, dk, dv = native_bwd.backward(q, k, v, out, lse, d_out, spec, d_lse=d_lse)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     return flash.block_backward(q, k, v, out, lse, d_out, d_lse, spec, plan=flash.band_plan(spec))
 

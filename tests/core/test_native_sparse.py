@@ -1,0 +1,123 @@
+"""Block masks on the native kernels through the backends: `backend="native"` with a BlockMask or a
+mask function, and `backend="sparse"` (and `auto`), which run their blocks and bands on the native
+kernels on the CPU kind the rule was measured on and on the gathered engine elsewhere. Every result
+against the float64 reference by the tolerance rule, gradients included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkv
+from qkv import masks as M
+from qkv.core import _kernels
+from qkv.core.api import choose_backend
+from qkv.core.backend import sparse
+from qkv.core.engines import gathered, native_flash
+from qkv.core.spec import build_spec
+from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _kernel():
+    if native_flash.lib() is None:
+        pytest.skip(f"the native kernel is unavailable: {_kernels.status('flash_fwd_kernel')}")
+
+
+def _per_head(b, h, q, k):
+    return (k <= q) & ((q - k) % (3 + h + b) != 1)
+
+
+# (name, mask function, B, Hq, Hkv, Lq, Lk, D): 128-key blocks, ragged ends, GQA, per-head tiles.
+CASES = [
+    ("window", M.causal_sliding_window(100), 1, 4, 2, 300, 300, 32),
+    ("documents", M.document([90, 0, 131, 79], causal=True), 1, 4, 4, 300, 300, 16),
+    ("longformer", M.longformer(40, [0, 200]), 2, 2, 1, 257, 257, 64),
+    ("per-head", _per_head, 2, 4, 2, 200, 330, 40),
+]
+
+
+def _inputs(B, Hq, Hkv, Lq, Lk, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D), (B, Hq, Lq, D))
+    return [torch.randn(*s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+def _against_reference(q, k, v, up, mask, backend, what):
+    """out and (dq, dk, dv) of `backend` against the plain reference and float64, by the rule."""
+    results = {}
+    for name, dt, be in (("fast", q.dtype, backend), ("plain", q.dtype, "reference"),
+                         ("exact", torch.float64, "reference")):
+        xs = [t.to(dt).detach().requires_grad_() for t in (q, k, v)]
+        out = qkv.attention(*xs, mask=mask, backend=be)
+        results[name] = (out, *grads(out, xs, up.to(dt)))
+    for i, part in enumerate(("out", "dq", "dk", "dv")):
+        assert_within_rule(results["fast"][i], results["plain"][i], results["exact"][i],
+                           factor=FWD_FACTOR if i == 0 else GRAD_FACTOR, what=f"{what} {part}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_native_backend_runs_block_masks(case, dtype):
+    name, fn, B, Hq, Hkv, Lq, Lk, D = case
+    q, k, v, up = _inputs(B, Hq, Hkv, Lq, Lk, D, dtype)
+    bm = qkv.block_mask(fn, B if name in ("per-head", "longformer") else None, Hq if name == "per-head" else None,
+                        Lq, Lk)
+    _against_reference(q, k, v, up, bm, "native", f"native {name} BlockMask")
+    _against_reference(q, k, v, up, fn, "native", f"native {name} mask function")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: c[0])
+def test_sparse_backend_on_the_native_kernel(case, dtype, monkeypatch):
+    name, fn, B, Hq, Hkv, Lq, Lk, D = case
+    monkeypatch.setattr(_kernels, "measured_cpu", lambda: True)
+    ran = []
+    run = native_flash.run
+    monkeypatch.setattr(native_flash, "run", lambda *a, **kw: ran.append(1) or run(*a, **kw))
+    q, k, v, up = _inputs(B, Hq, Hkv, Lq, Lk, D, dtype, seed=1)
+    bm = qkv.block_mask(fn, None, None, Lq, Lk)
+    _against_reference(q, k, v, up, bm, "sparse", f"sparse {name}")
+    assert ran, "the sparse backend should run a 128-key BlockMask on the native kernel on the CPU kind measured"
+
+
+def test_sparse_backend_keeps_the_gathered_engine_elsewhere(monkeypatch):
+    monkeypatch.setattr(_kernels, "measured_cpu", lambda: False)
+    monkeypatch.setattr(native_flash, "run", lambda *a, **kw: pytest.fail("the native kernel ran off the measured CPU"))
+    q, k, v, up = _inputs(1, 2, 2, 300, 300, 16, torch.float32)
+    _against_reference(q, k, v, up, qkv.block_mask(M.causal_sliding_window(50), None, None, 300, 300), "sparse",
+                       "sparse off the measured CPU")
+
+
+def test_what_the_sparse_backend_leaves_to_the_gathered_engine(monkeypatch):
+    monkeypatch.setattr(_kernels, "measured_cpu", lambda: True)
+    q, k, v, _ = _inputs(1, 2, 2, 256, 256, 16, torch.float32)
+    small = qkv.block_mask(M.causal(), None, None, 256, 256, block_size=64)
+    assert not sparse.native_pays(build_spec(q, k, v, mask=small), q, k, v, small)  # 64-key blocks
+    bm = qkv.block_mask(M.causal(), None, None, 256, 256)
+    assert sparse.native_pays(build_spec(q, k, v, mask=bm), q, k, v, bm)
+    assert not sparse.native_pays(build_spec(q, k, v, mask=bm), q.double(), k.double(), v.double(), bm)
+    wide = torch.randn(1, 2, 256, 256)
+    assert not sparse.native_pays(build_spec(wide, wide, wide, mask=bm), wide, wide, wide, bm)  # head size 256
+    scored = build_spec(q, k, v, mask=bm, score_mod=lambda s, b, h, i, j: s)
+    assert not gathered.supports(scored) and not sparse.native_pays(scored, q, k, v, bm)
+
+
+def test_auto_sends_block_masks_and_narrow_bands_to_the_kernel(monkeypatch):
+    monkeypatch.setattr(_kernels, "measured_cpu", lambda: True)
+    q = torch.randn(1, 2, 2048, 32)
+    bm = qkv.block_mask(M.causal_sliding_window(256), None, None, 2048, 2048)
+    spec = build_spec(q, q, q, mask=bm)
+    assert choose_backend(spec, q, False) == "sparse" and sparse.native_pays(spec, q, q, q, bm)
+    band = build_spec(q, q, q, causal=True, window=256)
+    assert choose_backend(band, q, False) == "sparse" and sparse.native_pays(band, q, q, q, None)
+
+
+def test_native_backend_refusals_name_the_fix():
+    q = torch.randn(1, 2, 64, 16)
+    with pytest.raises(ValueError, match="not a tensor mask; use backend='tiled' or 'sdpa'"):
+        qkv.attention(q, q, q, mask=torch.ones(1, 1, 64, 64, dtype=torch.bool), backend="native")
+    with pytest.raises(ValueError, match=r"key blocks of 32 .*block_size=128.*or use backend='sparse'"):
+        qkv.attention(q, q, q, mask=qkv.block_mask(M.causal(), None, None, 64, 64, block_size=32), backend="native")
