@@ -69,8 +69,16 @@ def test_native_backend_runs_block_masks(case, dtype):
     _against_reference(q, k, v, up, fn, "native", f"native {name} mask function")
 
 
+# What the sparse backend's rule sends to the kernel: self-attention, one kv head per query head.
+SPARSE_CASES = [
+    ("window", M.causal_sliding_window(100), 1, 4, 4, 300, 300, 32),
+    ("documents", M.document([90, 0, 131, 79], causal=True), 1, 4, 4, 300, 300, 16),
+    ("longformer", M.longformer(40, [0, 200]), 2, 2, 2, 257, 257, 64),
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: c[0])
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=lambda c: c[0])
 def test_sparse_backend_on_the_native_kernel(case, dtype, monkeypatch):
     name, fn, B, Hq, Hkv, Lq, Lk, D = case
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: True)
@@ -99,10 +107,32 @@ def test_what_the_sparse_backend_leaves_to_the_gathered_engine(monkeypatch):
     bm = qkv.block_mask(M.causal(), None, None, 256, 256)
     assert sparse.native_pays(build_spec(q, k, v, mask=bm), q, k, v, bm)
     assert not sparse.native_pays(build_spec(q, k, v, mask=bm), q.double(), k.double(), v.double(), bm)
-    wide = torch.randn(1, 2, 256, 256)
-    assert not sparse.native_pays(build_spec(wide, wide, wide, mask=bm), wide, wide, wide, bm)  # head size 256
+    wide = torch.randn(1, 2, 256, 128)
+    assert not sparse.native_pays(build_spec(wide, wide, wide, mask=bm), wide, wide, wide, bm)  # D=128: not measured
+    kv = torch.randn(1, 1, 256, 16)
+    assert not sparse.native_pays(build_spec(q, kv, kv, mask=bm), q, kv, kv, bm)  # grouped heads: not measured
+    short = qkv.block_mask(M.causal(offset=128), None, None, 128, 256)
+    assert not sparse.native_pays(build_spec(q[:, :, :128], k, v, mask=short), q[:, :, :128], k, v, short)  # Lq != Lk
+    rows64 = qkv.block_mask(M.causal(), None, None, 256, 256, block_size=(64, 128))
+    assert not sparse.native_pays(build_spec(q, k, v, mask=rows64), q, k, v, rows64)  # 64-row blocks: not measured
     scored = build_spec(q, k, v, mask=bm, score_mod=lambda s, b, h, i, j: s)
     assert not gathered.supports(scored) and not sparse.native_pays(scored, q, k, v, bm)
+
+
+@pytest.mark.parametrize("backend, measured", [("native", True), ("sparse", True), ("sparse", False)],
+                         ids=["native", "sparse-on-native", "sparse-gathered"])
+def test_a_mask_function_that_tells_heads_apart_inside_shared_block_states(backend, measured, monkeypatch):
+    """A FlexAttention BlockMask built with B=None, H=None shares its block states over heads, but its
+    mask function decides per head inside the partial blocks: every engine follows it per head."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    monkeypatch.setattr(_kernels, "measured_cpu", lambda: measured)
+
+    def by_head(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & ((q_idx - kv_idx) % (h + 2) == 0)
+
+    fbm = flex.create_block_mask(by_head, B=None, H=None, Q_LEN=256, KV_LEN=256, device="cpu", BLOCK_SIZE=128)
+    q, k, v, up = _inputs(1, 4, 4, 256, 256, 32, torch.float32, seed=3)
+    _against_reference(q, k, v, up, fbm, backend, f"{backend} per-head mask function")
 
 
 def test_auto_sends_block_masks_and_narrow_bands_to_the_kernel(monkeypatch):

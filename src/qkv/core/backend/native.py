@@ -35,8 +35,8 @@ def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]
     if spec.bool_mask is not None or spec.float_mask is not None:
         return ("the native backend takes causal and window bands and block masks (a qkv.BlockMask or a mask "
                 "function), not a tensor mask; use backend='tiled' or 'sdpa'")
-    if spec.block_mask is not None or spec.mask_mod is not None:
-        why = native_blocks.why_not(sparse.block_mask_for(spec, device=q.device))
+    if spec.block_mask is not None:  # a mask function is laid out by `forward` (never here: this runs
+        why = native_blocks.why_not(spec.block_mask)  # for every backend when memory is short)
         if why is not None:
             return f"the native backend cannot take {why}; or use backend='sparse'"
     if spec.score_mod is not None:

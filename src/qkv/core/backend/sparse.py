@@ -32,11 +32,12 @@ import dataclasses
 from collections import OrderedDict
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .. import _kernels
 from ..block_mask import BlockMask, block_mask, unknown_fraction
-from ..engines import flash, gathered, native_blocks, native_flash
+from ..engines import flash, gathered, native_blocks, native_flash, native_flash_bwd
 from ..spec import AttentionSpec
 from .base import Backend
 
@@ -146,24 +147,33 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
 # csrc/flash_bwd_kernel.cpp, block lists from engines/native_blocks.py), measured against the
 # gathered engine on one CPU kind (_kernels.measured_cpu: AMD EPYC, AVX512-BF16, no AMX), 2 threads,
 # B=1, H=8, D=64: RULE-MEASUREMENTS. Elsewhere the gathered engine runs, as before.
-NATIVE_MAX_DIM = 128
+NATIVE_MAX_DIM = 64  # measured at D = 64 only
+NATIVE_GQA = False  # grouped-query heads: not measured
 
 
 def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Optional[BlockMask]) -> bool:
-    """Whether the sparse backend runs these arguments on the native kernel rather than the gathered
-    engine: float32 or bfloat16 CPU tensors, a band and/or a BlockMask with 128-key blocks and nothing
-    else, head sizes up to NATIVE_MAX_DIM, on the CPU kind measured, where the kernels build."""
+    """Whether the sparse backend runs these arguments on the native kernels rather than the gathered
+    engine: within what was measured (above): float32 or bfloat16 CPU tensors, self-attention (Lq = Lk),
+    NATIVE_GQA, head sizes up to NATIVE_MAX_DIM, a band and/or a BlockMask of 128 x 128 blocks and
+    nothing else, on the CPU kind measured, where the kernels build (the backward too when autograd
+    records)."""
     if q.device.type != "cpu" or q.dtype not in native_flash.KINDS or not gathered.supports(spec):
         return False
-    if max(spec.D, spec.Dv) > NATIVE_MAX_DIM or not _kernels.measured_cpu():
+    if spec.Lq != spec.Lk or (spec.Hq != spec.Hkv and not NATIVE_GQA) or max(spec.D, spec.Dv) > NATIVE_MAX_DIM:
         return False
-    if bm is not None and native_blocks.why_not(bm) is not None:
+    if not _kernels.measured_cpu():
+        return False
+    if bm is not None and (bm.block_size != (native_blocks.KEY_BLOCK, native_blocks.KEY_BLOCK)
+                           or native_blocks.why_not(bm) is not None):
         return False
     if native_flash.why_not(q, k, v, spec) is not None:
         return False
-    if native_flash.lib() is None:  # no compiler: the gathered engine, as on every other CPU kind
-        _kernels.warn_unavailable("flash_fwd_kernel", "block-sparse attention runs on the gathered engine")
-        return False
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    for name, lib in (("flash_fwd_kernel", native_flash.lib),) + ((("flash_bwd_kernel", native_flash_bwd.lib),)
+                                                                 if grad else ()):
+        if lib() is None:  # no compiler: the gathered engine, as on every other CPU kind
+            _kernels.warn_unavailable(name, "block-sparse attention runs on the gathered engine")
+            return False
     return True
 
 

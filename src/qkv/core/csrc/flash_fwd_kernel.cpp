@@ -765,8 +765,11 @@ struct Arena {
   int64_t size = 0;
 };
 Arena& arena() {
-  static Arena a;
-  return a;
+  // Never destroyed (the process's exit returns the memory): a destructor run by exit() could free
+  // the buffer under a thread still inside the kernel (ctypes releases the GIL), or destroy a
+  // locked mutex.
+  static Arena* a = new Arena;
+  return *a;
 }
 
 #ifndef QKV_GROUP_BYTES

@@ -193,17 +193,21 @@ def _runs(cols: Tensor) -> list:
 def _build_layout(spec: AttentionSpec, bm, device) -> Layout:
     Lq, Lk = spec.Lq, spec.Lk
     if bm is None:  # the causal/window band alone: one run of keys per query block
-        bq, bk, nq, Bm, Hm = _BAND_ROWS, None, -(-Lq // _BAND_ROWS), 1, 1
+        bq, bk, nq = _BAND_ROWS, None, -(-Lq // _BAND_ROWS)
     else:
         bq, bk = bm.block_q, bm.block_k
         states = bm.block_states()  # (Bm, Hm, nq, nk): 0 empty, 1 partial, 2 full
         visit = (states != 0).flatten(0, 1).any(0)  # (nq, nk)
         full_all = (states == 2).flatten(0, 1).all(0)  # (nq, nk)
-        nq, Bm, Hm = visit.shape[0], states.shape[0], states.shape[1]
+        nq = visit.shape[0]
     R = row_height(bq)
     n_groups = -(-Lq // R)
-    b_idx = torch.arange(Bm, device=device).view(-1, 1, 1, 1)  # (Bm, 1, 1, 1)
-    h_idx = torch.arange(Hm, device=device).view(1, -1, 1, 1)  # (1, Hm, 1, 1)
+    # The mask function is evaluated for every batch row and head of the mask (bm.B x bm.H), not only
+    # the block states' (Bm x Hm): it may tell heads apart inside a partial block where the states do
+    # not (a FlexAttention mask built with H=None); `allowed` then has its own (Bm', Hm').
+    Bf, Hf = (1, 1) if bm is None else (bm.B, bm.H)
+    b_idx = torch.arange(Bf, device=device).view(-1, 1, 1, 1)  # (Bf, 1, 1, 1)
+    h_idx = torch.arange(Hf, device=device).view(1, -1, 1, 1)  # (1, Hf, 1, 1)
 
     groups = []  # (row group, runs [(start, width)], allowed (Bm', Hm', R, W))
     empty_group = False

@@ -15,7 +15,8 @@ C struct, `QkvBlockLists`, built here once per BlockMask and kept in its layout 
   applied exactly as `BlockMask.to_dense` applies them;
 - tiles: uint8 (Bm, Hm, ntiles, bq, bk / 8), bit (c & 7) of byte (c >> 3) of row r set when
   query qb * bq + r may see key kb * bk + c (rows and keys past the ends are 0). Bm is 1
-  (the mask does not depend on the batch row) or B; Hm is 1 or Hq, indexed by the query head.
+  (neither the block states nor the mask function's values in partial blocks depend on the
+  batch row) or B; Hm likewise 1 or Hq, indexed by the query head.
 
 The causal/window band of the call still applies on top: the kernels intersect it.
 The kernels take key blocks of `KEY_BLOCK` (128) keys, the default of `qkv.block_mask` and
@@ -32,6 +33,8 @@ import torch
 from torch import Tensor
 
 from ..block_mask import BlockMask
+from ..spec import AttentionSpec
+from . import flash
 
 KEY_BLOCK = 128  # keys per block the kernels take (their packed key block)
 MAX_TILE_BYTES = 1 << 28  # 256 MiB of tile bits: beyond that the mask is refused by name
@@ -85,10 +88,15 @@ class BlockLists:
 
 
 def tile_bytes(bm: BlockMask) -> int:
-    """Bytes the tiles of `bm` take (an upper bound, before the full blocks are left out)."""
-    states = bm.block_states()  # (Bm, Hm, nq, nk)
-    partial_somewhere = ((states != 0).flatten(0, 1).any(0) & ~(states == 2).flatten(0, 1).all(0)).sum().item()
-    return int(partial_somewhere) * states.shape[0] * states.shape[1] * bm.block_q * (bm.block_k // 8)
+    """Bytes the tiles of `bm` take at most: its partial blocks, one tile per batch row and head of the
+    mask's own shape (bm.B x bm.H: the mask function may tell them apart inside a partial block even
+    where the block states do not). Cached with the mask."""
+    def count() -> int:
+        states = bm.block_states()  # (Bm, Hm, nq, nk)
+        partial = (states != 0).flatten(0, 1).any(0) & ~(states == 2).flatten(0, 1).all(0)  # (nq, nk)
+        return int(partial.sum()) * bm.B * bm.H * bm.block_q * (bm.block_k // 8)
+
+    return bm.cached(("native_tile_bytes", KEY_BLOCK), count)
 
 
 def why_not(bm: BlockMask) -> Optional[str]:
@@ -124,17 +132,26 @@ def _build(bm: BlockMask) -> BlockLists:
     visit = (states != 0).flatten(0, 1).any(0)  # (nq, nk): non-empty for some (b, h)
     full_all = (states == 2).flatten(0, 1).all(0)  # (nq, nk): full for every (b, h)
     qb, kb = visit.nonzero(as_tuple=True)  # (nnz,) each, query-major, key blocks ascending
+    if qb.numel() >= 2**31:
+        raise ValueError(f"a BlockMask with {qb.numel()} visited blocks (the native kernels index them in int32)")
     needs_tile = ~full_all[qb, kb]  # (nnz,)
     tile_of = torch.full(qb.shape, -1, dtype=torch.int32)
     tile_of[needs_tile] = torch.arange(int(needs_tile.sum()), dtype=torch.int32)
-    tiles = torch.zeros(Bm, Hm, int(needs_tile.sum()), bq, bk // 8, dtype=torch.uint8)
-    for t, (i, j) in enumerate(zip(qb[needs_tile].tolist(), kb[needs_tile].tolist())):
+    # Each partial block's mask as the mask function gives it: it may depend on the batch row or head
+    # even where the block states are shared (a FlexAttention mask built with B=None or H=None), so the
+    # tiles have as many batch rows and heads as the states or the function's values, whichever is more.
+    blocks = []
+    for i, j in zip(qb[needs_tile].tolist(), kb[needs_tile].tolist()):
         i0, i1, j0, j1 = i * bq, min(i * bq + bq, bm.Lq), j * bk, min(j * bk + bk, bm.Lk)
-        s = states[:, :, i, j].view(Bm, Hm, 1, 1)  # (Bm, Hm, 1, 1)
-        blk = bm.dense_block(i0, i1, j0, j1).expand(bm.B, bm.H, i1 - i0, j1 - j0)[:Bm, :Hm]  # (Bm, Hm, rows, cols)
-        allowed = torch.zeros(Bm, Hm, bq, bk, dtype=torch.bool)
-        allowed[:, :, : i1 - i0, : j1 - j0] = (s == 2) | ((s == 1) & blk)
-        tiles[:, :, t] = _bits(allowed)  # (Bm, Hm, bq, bk // 8)
+        blocks.append((i, j, i1 - i0, j1 - j0, bm.dense_block(i0, i1, j0, j1)))  # bool, broadcastable
+    Bt = bm.B if Bm > 1 or any(b[4].shape[0] > 1 for b in blocks) else 1
+    Ht = bm.H if Hm > 1 or any(b[4].shape[1] > 1 for b in blocks) else 1
+    tiles = torch.zeros(Bt, Ht, len(blocks), bq, bk // 8, dtype=torch.uint8)
+    for t, (i, j, rows, cols, blk) in enumerate(blocks):
+        s = states[:, :, i, j].view(Bm, Hm, 1, 1).expand(Bt, Ht, 1, 1)  # (Bt, Ht, 1, 1)
+        allowed = torch.zeros(Bt, Ht, bq, bk, dtype=torch.bool)
+        allowed[:, :, :rows, :cols] = (s == 2) | ((s == 1) & blk.expand(Bt, Ht, rows, cols))
+        tiles[:, :, t] = _bits(allowed)  # (Bt, Ht, bq, bk // 8)
     q_ptr = torch.zeros(nq + 1, dtype=torch.int32)
     q_ptr[1:] = torch.bincount(qb, minlength=nq).cumsum(0)
     order = torch.argsort(kb * nq + qb)  # key-major, query blocks ascending
@@ -143,6 +160,23 @@ def _build(bm: BlockMask) -> BlockLists:
     return BlockLists(bq=bq, bk=bk, nq=nq, nk=nk, q_ptr=q_ptr, q_kb=kb.to(torch.int32).contiguous(),
                       q_tile=tile_of.contiguous(), k_ptr=k_ptr, k_qb=qb[order].to(torch.int32).contiguous(),
                       k_tile=tile_of[order].contiguous(), tiles=tiles.contiguous())
+
+
+def plan(lists: BlockLists, spec: AttentionSpec) -> flash.Plan:
+    """The PyTorch FA-2 engine's tile plan over the listed blocks (intersected with the band): what
+    the native backward's stand-in runs where that kernel is unavailable, so the work still grows
+    with the listed blocks, not Lq * Lk. The engine evaluates the mask on every tile it is told is
+    not full."""
+
+    def kv_blocks(qb: int, i0: int, i1: int):
+        lo, hi = spec.kv_range(i0, i1)
+        for e in range(int(lists.q_ptr[qb]), int(lists.q_ptr[qb + 1])):
+            j0 = int(lists.q_kb[e]) * lists.bk
+            j1 = min(j0 + lists.bk, spec.Lk)
+            if j1 > lo and j0 < hi:
+                yield j0, j1, int(lists.q_tile[e]) >= 0
+
+    return flash.Plan(lists.bq, lists.bk, kv_blocks)
 
 
 def dense(lists: BlockLists, B: int, Hq: int, Lq: int, Lk: int) -> Tensor:

@@ -186,7 +186,12 @@ def _first_order(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_ou
             d_lse = None  # autograd's zeros where only the output had a gradient
         dq, dk, dv = native_bwd.backward(q, k, v, out, lse, d_out, spec, d_lse=d_lse)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-    return flash.block_backward(q, k, v, out, lse, d_out, d_lse, spec, plan=flash.band_plan(spec))
+    # The native backward is unavailable (it failed to build where the forward built): the PyTorch FA-2
+    # backward, over the listed blocks only where there is a BlockMask (never every tile of the band).
+    _kernels.warn_unavailable("flash_bwd_kernel", "the native backend's gradients run on the PyTorch FA-2 backward")
+    bm = spec.block_mask
+    plan = flash.band_plan(spec) if bm is None else native_blocks.plan(native_blocks.block_lists(bm), spec)
+    return flash.block_backward(q, k, v, out, lse, d_out, d_lse, spec, plan=plan)
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:

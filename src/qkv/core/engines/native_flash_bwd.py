@@ -27,13 +27,10 @@ VERSION = 2  # qkv_flash_bwd_version(): 2 added d_lse and the block lists
 KINDS = {torch.float32: 0, torch.bfloat16: 1}
 MAX_HEAD = 256  # the largest D and Dv the kernel takes
 
-_typed: set[int] = set()
-
-
 def lib() -> Optional[ctypes.CDLL]:
     """The compiled csrc/flash_bwd_kernel.cpp with its ctypes signatures, or None (see _kernels)."""
     kernel = _kernels.load(NAME)
-    if kernel is None or id(kernel) in _typed:
+    if kernel is None or getattr(kernel, "qkv_typed", False):  # marked on the object: an id can be reused
         return kernel
     return typed(kernel)
 
@@ -52,7 +49,7 @@ def typed(kernel: ctypes.CDLL) -> ctypes.CDLL:
     kernel.qkv_flash_bwd_version.restype = ctypes.c_int
     if kernel.qkv_flash_bwd_version() != VERSION:
         raise RuntimeError(f"qkv {NAME} has version {kernel.qkv_flash_bwd_version()}, expected {VERSION}")
-    _typed.add(id(kernel))
+    kernel.qkv_typed = True  # type: ignore[attr-defined]
     return kernel
 
 
