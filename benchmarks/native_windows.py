@@ -1,0 +1,110 @@
+"""Causal windows on the native FlashAttention-2 kernels against what ran them before (issue 21).
+
+Two tables, each method timed in turns in the same run (best of N, qkv.bench.timing), every
+output checked first against the float64 reference on sampled rows under the tolerance rule
+(qkv.bench.verify):
+
+1. wide causal windows (more than a quarter of the keys: not the sparse backend's), where `auto`
+   chose `backend="sdpa"` (torch's SDPA with the window as an explicit mask) before the native
+   rule claimed them: SDPA against `backend="native"`, forward and forward+backward;
+2. grouped-query heads (8 query heads, 2 kv heads) under a causal window of 256, where the sparse
+   backend ran the gathered engine before its rule sent bands to the kernel: gathered against
+   native, forward and forward+backward.
+
+    python benchmarks/native_windows.py
+    python benchmarks/native_windows.py --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import qkv
+from qkv.bench.report import cpu_name
+from qkv.bench.timing import best_times
+from qkv.bench.verify import check_rows, verify
+from qkv.core.engines import gathered
+from qkv.core.spec import build_spec
+
+D = 64
+
+
+def _checked(q, k, v, outputs: dict, spec) -> None:
+    rows = check_rows(q.shape[2], 48)
+    lo, hi = spec.band_edges(rows.view(-1, 1))  # (R, 1) each
+    allowed = (torch.arange(k.shape[2]).view(1, -1) >= lo) & (torch.arange(k.shape[2]).view(1, -1) < hi)
+    got = verify(q, k, v, outputs, rows, allowed)
+    bad = [m for m in outputs if not got["ok" if m == "qkv" else f"{m}_within_rule"]]
+    if bad:
+        raise SystemExit(f"outside the tolerance rule: {', '.join(bad)} ({got})")
+
+
+def _train(fn, q, k, v, up):
+    def step():
+        qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+        torch.autograd.grad(fn(qs, ks, vs), (qs, ks, vs), up)
+    return step
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}; B=1, D={D}; "
+          f"best of {args.repeats} in turns; outputs checked against float64 first")
+    print("\n| dtype | L | window | Hq/Hkv | sdpa fwd ms | native fwd ms | sdpa/native | sdpa fwd+bwd ms | "
+          "native fwd+bwd ms | sdpa/native |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for dt in (torch.float32, torch.bfloat16):
+        for L, w in ((2048, 1024), (4096, 1024), (4096, 2048)):
+            print(wide_row(dt, L, w, args.repeats), flush=True)
+    print("\n| dtype | L | window | Hq/Hkv | gathered fwd ms | native fwd ms | gathered/native | gathered fwd+bwd ms | "
+          "native fwd+bwd ms | gathered/native |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for dt in (torch.float32, torch.bfloat16):
+        for L in (4096, 16384):
+            print(gqa_row(dt, L, args.repeats), flush=True)
+
+
+def _row(dt, L, w, heads, names, fns, q, k, v, up, spec, repeats) -> str:
+    """One table row: both methods checked against float64, then timed in turns, forward and training step."""
+    _checked(q, k, v, {"qkv": fns[1](q, k, v), names[0]: fns[0](q, k, v)}, spec)
+    f = best_times({n: (lambda fn=fn: fn(q, k, v)) for n, fn in zip(names, fns)}, repeats=repeats)
+    b = best_times({n: _train(fn, q, k, v, up) for n, fn in zip(names, fns)}, repeats=max(2, repeats - 1))
+    a, n = names
+    return (f"| {str(dt)[6:]} | {L} | {w} | {heads} | {f[a] * 1e3:.1f} | {f[n] * 1e3:.1f} | {f[a] / f[n]:.2f}x | "
+            f"{b[a] * 1e3:.1f} | {b[n] * 1e3:.1f} | {b[a] / b[n]:.2f}x |")
+
+
+def wide_row(dt, L: int, w: int, repeats: int) -> str:
+    """SDPA (the window as a mask: what `auto` ran before) against the native kernel, 8 heads."""
+    q, k, v, up = (torch.randn(1, 8, L, D, dtype=dt) for _ in range(4))
+    kw = dict(causal=True, window=w)
+
+    def sdpa(q, k, v):
+        return qkv.attention(q, k, v, backend="sdpa", **kw)
+
+    def native(q, k, v):
+        return qkv.attention(q, k, v, backend="native", **kw)
+
+    return _row(dt, L, w, "8/8", ("sdpa", "native"), (sdpa, native), q, k, v, up, build_spec(q, k, v, **kw), repeats)
+
+
+def gqa_row(dt, L: int, repeats: int) -> str:
+    """The gathered engine (what the sparse backend ran before) against the native kernel, 8/2 heads."""
+    q, up = (torch.randn(1, 8, L, D, dtype=dt) for _ in range(2))
+    k, v = (torch.randn(1, 2, L, D, dtype=dt) for _ in range(2))
+    kw = dict(causal=True, window=256)
+    spec = build_spec(q, k, v, **kw)
+
+    def gath(q, k, v):
+        return gathered.run(q, k, v, spec, None, need_lse=False)[0]
+
+    def native(q, k, v):
+        return qkv.attention(q, k, v, backend="native", **kw)
+
+    return _row(dt, L, 256, "8/2", ("gathered", "native"), (gath, native), q, k, v, up, spec, repeats)
+
+if __name__ == "__main__":
+    main()
