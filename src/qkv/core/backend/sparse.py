@@ -148,7 +148,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
 # gathered engine on one CPU kind (_kernels.measured_cpu: AMD EPYC, AVX512-BF16, no AMX), 2 threads,
 # B=1, D=64, with `python benchmarks/sparse.py --lengths 2048 4096 8192 --flex-at --bf16-at 2048 4096 8192
 # --sdpa-max 0 --sdpa-bwd-max 0 --sdpa-causal-at --reps 3`, the same at 16384 with FlexAttention, and
-# `python benchmarks/native_windows.py` (docs/benchmarks.md, "Sparse attention on the native kernel"):
+# `python benchmarks/native_windows.py` (docs/benchmarks.md, "The native kernel, second part"):
 # causal window 256, global 16 + window 256 and packed causal documents, H=8, 2048 to 16384 tokens,
 # gathered time / native time: forward 1.04x-1.99x in float32 and 1.77x-3.21x in bfloat16, forward and
 # backward 1.48x-2.38x and 2.04x-3.96x; grouped heads 8/2 under a causal window of 256 at 4096 and 16384
