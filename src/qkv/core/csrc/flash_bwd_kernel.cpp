@@ -12,7 +12,7 @@
 // log sum_j exp(s_ij) has d lse_i / d s_ij = p_ij, so an incoming d_lse adds p_ij * dlse_i to
 // dS_ij: D_i - dlse_i takes D_i's place (d_lse null = 0).
 //
-// Block lists (a BlockMask's, engines/native_blocks.py; the struct QkvBlockLists below, shared
+// Block lists (a BlockMask's, engines/native_blocks.py; the struct QkvBlockLists of qkv_block_lists.h, shared
 // with the forward kernel): as FlexAttention's backward (Dong et al., 2024) walks q_indices per
 // key block, a key block of BK = 64 keys here visits only the query blocks that overlap the
 // query blocks listed for its mask key block (128 keys: two of ours) in the key-major lists.
@@ -74,21 +74,7 @@
 #include <omp.h>
 #endif
 
-// A BlockMask's block lists (engines/native_blocks.py builds them; the forward kernel takes the
-// same struct): the field order must match the ctypes Structure QkvBlockLists there.
-struct QkvBlockLists {
-  int64_t bq, bk;        // rows and keys per mask block (bk must be 128: two of this kernel's key blocks)
-  int64_t nq, nk;        // query blocks ceil(Lq / bq), key blocks ceil(Lk / bk)
-  const int32_t* q_ptr;  // (nq + 1) CSR offsets, query-major
-  const int32_t* q_kb;   // (nnz) key block of each entry, ascending within a query block
-  const int32_t* q_tile; // (nnz) -1: every score of the block allowed for every (b, h); else tile index t
-  const int32_t* k_ptr;  // (nk + 1) the same entries, key-major
-  const int32_t* k_qb;   // (nnz) query block of each entry, ascending within a key block
-  const int32_t* k_tile; // (nnz) tile index as above
-  const uint8_t* tiles;  // (Bm, Hm, ntiles, bq, bk / 8) bits: bit (c & 7) of byte (c >> 3) of row r of tile t
-                         // set = query qb*bq + r may see key kb*bk + c (mask batch row bm, mask head hm)
-  int64_t Bm, Hm, ntiles;  // Bm is 1 or B; Hm is 1 or Hq, indexed by the query head
-};
+#include "qkv_block_lists.h"  // struct QkvBlockLists, shared with the other FA-2 kernel
 
 namespace {
 

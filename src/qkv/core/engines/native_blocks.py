@@ -41,7 +41,7 @@ MAX_TILE_BYTES = 1 << 28  # 256 MiB of tile bits: beyond that the mask is refuse
 
 
 class QkvBlockLists(ctypes.Structure):
-    """The C struct of both kernels (same field order as in csrc/*.cpp)."""
+    """The C struct of both kernels (same field order as in csrc/qkv_block_lists.h)."""
 
     _fields_ = [
         ("bq", ctypes.c_int64), ("bk", ctypes.c_int64),  # rows and keys per mask block
