@@ -169,3 +169,32 @@ def test_auto_claims_wide_causal_windows_on_the_measured_cpu(monkeypatch):
     assert not native.auto(both_sides, q, False)
     monkeypatch.setattr(native, "measured_cpu", lambda: False)
     assert choose_backend(wide, q, False) == "sdpa"
+
+
+def test_tiles_are_shared_where_neither_states_nor_function_tell_heads_apart():
+    """One tile per block, not one per batch row and head, for a mask that ignores them, whether a qkv
+    pattern or FlexAttention's own mask built with B=None, H=None (read for a (2, 8) call)."""
+    from qkv.core.engines import native_blocks as nb
+    from qkv.core.flex_mask import from_flex
+
+    bm = qkv.block_mask(M.causal_sliding_window(256), 4, 32, 4096, 4096)
+    assert nb.block_lists(bm).tiles.shape[:2] == (1, 1)
+    assert nb.tile_bytes(bm) == nb.block_lists(bm).tiles.numel()
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    fbm = flex.create_block_mask(lambda b, h, q, k: q >= k, B=None, H=None, Q_LEN=512, KV_LEN=512, device="cpu",
+                                 BLOCK_SIZE=128)
+    lists = nb.block_lists(from_flex(fbm, 2, 8, 512, 512))
+    assert lists.tiles.shape[:2] == (1, 1) and lists.ntiles == 4
+
+
+def test_windows_open_to_the_right_are_not_claimed(monkeypatch):
+    from qkv.core.backend import native
+
+    monkeypatch.setattr(native, "measured_cpu", lambda: True)
+    monkeypatch.setattr(_kernels, "measured_cpu", lambda: True)
+    q = torch.zeros(1, 8, 2048, 64)
+    for window in ((1024, None), (256, None), (1024, 1024)):
+        spec = build_spec(q, q, q, window=window)
+        assert not native.auto(spec, q, False), window
+    two_sided = build_spec(q, q, q, window=256)
+    assert not sparse.native_pays(two_sided, q, q, q, None)  # a two-sided band alone: not measured

@@ -129,8 +129,10 @@ def _element_mask(mask_mod, states: Tensor, bq: int, bk: int):
         st = on_device.get(q_idx.device)
         if st is None:
             st = on_device[q_idx.device] = states.to(q_idx.device)
-        bi = b.clamp(max=Bf - 1) if Bf > 1 else torch.zeros_like(b)
-        hi = h.clamp(max=Hf - 1) if Hf > 1 else torch.zeros_like(h)
+        # Size-1 indices where the states do not depend on b (h): the result then broadcasts over them
+        # unless mask_mod itself tells them apart (native_blocks sizes its tiles by that shape).
+        bi = b.clamp(max=Bf - 1) if Bf > 1 else b.new_zeros((1,) * b.dim())
+        hi = h.clamp(max=Hf - 1) if Hf > 1 else h.new_zeros((1,) * h.dim())
         s = st[bi, hi, torch.div(q_idx, bq, rounding_mode="floor"),
                torch.div(kv_idx, bk, rounding_mode="floor")]  # broadcast of the indices' shapes
         out = s == _FULL

@@ -64,7 +64,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
     if k.device != q.device or v.device != q.device:
         raise ValueError("the native backend runs on CPU tensors; q, k and v must all be on the CPU")
     if spec.mask_mod is not None:  # a mask function runs as its BlockMask (built once, cached)
-        spec = sparse.sparse_spec(spec, sparse.block_mask_for(spec, device=q.device))
+        bm = sparse.block_mask_for(spec, device=q.device)
+        spec = sparse.sparse_spec(spec, bm)
+        why = native_blocks.why_not(bm)
+        if why is not None:
+            raise ValueError(f"the native backend cannot take {why}; or use backend='sparse'")
     return native_flash.run(q, k, v, spec, need_lse=need_lse)
 
 
@@ -86,7 +90,7 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
 # 3x this kernel's bfloat16 rate) the rule claims nothing, and neither does it for shapes not
 # measured: a query block other than the whole sequence (Lq != Lk), windows open to the right,
 # grouped-query heads. After bfloat16 P V moved to vdpbf16ps (the second part of issue 21, same CPU,
-# same commands): bfloat16 1.88x-2.08x at 4096 and 16384 tokens, D=128 1.76x-2.29x; float32 unchanged.
+# same commands): bfloat16 1.88x-2.07x at 4096 and 16384 tokens, D=128 1.76x-2.29x; float32 unchanged.
 # Causal windows (window=w with causal=True; the narrow ones, at most a quarter of the keys, go to the
 # sparse backend first, which runs them on this kernel too), `python benchmarks/native_windows.py`
 # (docs/benchmarks.md): against what `auto` chose before (SDPA with the window as a mask), windows of
@@ -110,7 +114,10 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
         return False
     if spec.has_dense_constraints or spec.score_mod is not None or spec.dropout_p > 0.0:
         return False
-    if spec.Lq != spec.Lk or spec.right not in (None, 0) or spec.Hq != spec.Hkv:
+    if spec.Lq != spec.Lk or spec.Hq != spec.Hkv:
+        return False
+    if spec.right not in (None, 0) or (spec.right is None and spec.left is not None):  # measured: unbanded,
+        return False  # causal and causal windows; not windows open to the right
         return False
     if spec.Lq * spec.Lk < AUTO_MIN_CELLS[dtype] or min(spec.D, spec.Dv) < 1:
         return False

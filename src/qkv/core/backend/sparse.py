@@ -161,8 +161,8 @@ NATIVE_GQA = True  # grouped-query heads, measured under a causal window
 def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Optional[BlockMask]) -> bool:
     """Whether the sparse backend runs these arguments on the native kernels rather than the gathered
     engine: within what was measured (above): float32 or bfloat16 CPU tensors, self-attention (Lq = Lk),
-    NATIVE_GQA, head sizes up to NATIVE_MAX_DIM, a band and/or a BlockMask of 128 x 128 blocks and
-    nothing else, on the CPU kind measured, where the kernels build (the backward too when autograd
+    NATIVE_GQA, head sizes up to NATIVE_MAX_DIM, a BlockMask of 128 x 128 blocks (with any band) or a
+    causal band alone, nothing else, on the CPU kind measured, where the kernels build (the backward too when autograd
     records)."""
     if q.device.type != "cpu" or q.dtype not in native_flash.KINDS or not gathered.supports(spec):
         return False
@@ -172,6 +172,8 @@ def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Option
         return False
     if bm is not None and (bm.block_size != (native_blocks.KEY_BLOCK, native_blocks.KEY_BLOCK)
                            or native_blocks.why_not(bm) is not None):
+        return False
+    if bm is None and spec.right != 0:  # a band alone: causal windows were measured, two-sided ones not
         return False
     if native_flash.why_not(q, k, v, spec) is not None:
         return False

@@ -87,14 +87,36 @@ class BlockLists:
                              self.tiles.shape[0], self.tiles.shape[1], self.tiles.shape[2])
 
 
+def _tile_heads(bm: BlockMask, states: Tensor, i: int, j: int) -> tuple[int, int]:
+    """(Bt, Ht): the batch rows and heads the tiles need, from the block states' shape and the shape of
+    the mask function's values on the partial block (i, j): 1 where neither depends on them (the
+    function's shape is structural, the same on every block; `_build` checks it on each)."""
+    Bm, Hm = states.shape[:2]
+    blk = bm.dense_block(i * bm.block_q, min(i * bm.block_q + bm.block_q, bm.Lq),
+                         j * bm.block_k, min(j * bm.block_k + bm.block_k, bm.Lk))
+    blk = blk.reshape((1,) * (4 - blk.dim()) + tuple(blk.shape))  # (b, h, rows, cols), b and h 1 or full
+    return (bm.B if Bm > 1 or blk.shape[0] > 1 else 1), (bm.H if Hm > 1 or blk.shape[1] > 1 else 1)
+
+
+def _partial_blocks(states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(qb, kb, needs_tile): the visited blocks query-major, and which are not full for every (b, h)."""
+    visit = (states != 0).flatten(0, 1).any(0)  # (nq, nk): non-empty for some (b, h)
+    full_all = (states == 2).flatten(0, 1).all(0)  # (nq, nk): full for every (b, h)
+    qb, kb = visit.nonzero(as_tuple=True)  # (nnz,) each
+    return qb, kb, ~full_all[qb, kb]
+
+
 def tile_bytes(bm: BlockMask) -> int:
-    """Bytes the tiles of `bm` take at most: its partial blocks, one tile per batch row and head of the
-    mask's own shape (bm.B x bm.H: the mask function may tell them apart inside a partial block even
-    where the block states do not). Cached with the mask."""
+    """Bytes the tiles of `bm` take: its partial blocks, one tile per batch row and head the block states
+    or the mask function's values tell apart (probed on one partial block). Cached with the mask."""
     def count() -> int:
         states = bm.block_states()  # (Bm, Hm, nq, nk)
-        partial = (states != 0).flatten(0, 1).any(0) & ~(states == 2).flatten(0, 1).all(0)  # (nq, nk)
-        return int(partial.sum()) * bm.B * bm.H * bm.block_q * (bm.block_k // 8)
+        qb, kb, needs = _partial_blocks(states)
+        n = int(needs.sum())
+        if n == 0:
+            return 0
+        Bt, Ht = _tile_heads(bm, states, int(qb[needs][0]), int(kb[needs][0]))
+        return n * Bt * Ht * bm.block_q * (bm.block_k // 8)
 
     return bm.cached(("native_tile_bytes", KEY_BLOCK), count)
 
@@ -129,28 +151,28 @@ def _build(bm: BlockMask) -> BlockLists:
     states = bm.block_states()  # int8 (Bm, Hm, nq, nk): 0 empty, 1 partial, 2 full
     Bm, Hm, nq, nk = states.shape
     bq, bk = bm.block_q, bm.block_k
-    visit = (states != 0).flatten(0, 1).any(0)  # (nq, nk): non-empty for some (b, h)
-    full_all = (states == 2).flatten(0, 1).all(0)  # (nq, nk): full for every (b, h)
-    qb, kb = visit.nonzero(as_tuple=True)  # (nnz,) each, query-major, key blocks ascending
+    qb, kb, needs_tile = _partial_blocks(states)  # query-major, key blocks ascending
     if qb.numel() >= 2**31:
         raise ValueError(f"a BlockMask with {qb.numel()} visited blocks (the native kernels index them in int32)")
-    needs_tile = ~full_all[qb, kb]  # (nnz,)
     tile_of = torch.full(qb.shape, -1, dtype=torch.int32)
     tile_of[needs_tile] = torch.arange(int(needs_tile.sum()), dtype=torch.int32)
-    # Each partial block's mask as the mask function gives it: it may depend on the batch row or head
-    # even where the block states are shared (a FlexAttention mask built with B=None or H=None), so the
-    # tiles have as many batch rows and heads as the states or the function's values, whichever is more.
-    blocks = []
-    for i, j in zip(qb[needs_tile].tolist(), kb[needs_tile].tolist()):
+    parts = list(zip(qb[needs_tile].tolist(), kb[needs_tile].tolist()))
+    # The mask function may depend on the batch row or head inside a partial block even where the block
+    # states are shared (a FlexAttention mask built with B=None or H=None): the tiles have as many batch
+    # rows and heads as the states or the function's values, whichever is more; each block is packed
+    # into bits as soon as it is evaluated.
+    Bt, Ht = _tile_heads(bm, states, *parts[0]) if parts else (1, 1)
+    tiles = torch.zeros(Bt, Ht, len(parts), bq, bk // 8, dtype=torch.uint8)
+    for t, (i, j) in enumerate(parts):
         i0, i1, j0, j1 = i * bq, min(i * bq + bq, bm.Lq), j * bk, min(j * bk + bk, bm.Lk)
-        blocks.append((i, j, i1 - i0, j1 - j0, bm.dense_block(i0, i1, j0, j1)))  # bool, broadcastable
-    Bt = bm.B if Bm > 1 or any(b[4].shape[0] > 1 for b in blocks) else 1
-    Ht = bm.H if Hm > 1 or any(b[4].shape[1] > 1 for b in blocks) else 1
-    tiles = torch.zeros(Bt, Ht, len(blocks), bq, bk // 8, dtype=torch.uint8)
-    for t, (i, j, rows, cols, blk) in enumerate(blocks):
+        blk = bm.dense_block(i0, i1, j0, j1)
+        blk = blk.reshape((1,) * (4 - blk.dim()) + tuple(blk.shape))  # (b, h, rows, cols)
+        if (blk.shape[0] > Bt) or (blk.shape[1] > Ht):
+            raise ValueError("a mask function whose values depend on the batch row or head in some blocks only "
+                             "(the native kernels need one shape for all of them); use backend='sparse' or 'tiled'")
         s = states[:, :, i, j].view(Bm, Hm, 1, 1).expand(Bt, Ht, 1, 1)  # (Bt, Ht, 1, 1)
         allowed = torch.zeros(Bt, Ht, bq, bk, dtype=torch.bool)
-        allowed[:, :, :rows, :cols] = (s == 2) | ((s == 1) & blk.expand(Bt, Ht, rows, cols))
+        allowed[:, :, : i1 - i0, : j1 - j0] = (s == 2) | ((s == 1) & blk.expand(Bt, Ht, i1 - i0, j1 - j0))
         tiles[:, :, t] = _bits(allowed)  # (Bt, Ht, bq, bk // 8)
     q_ptr = torch.zeros(nq + 1, dtype=torch.int32)
     q_ptr[1:] = torch.bincount(qb, minlength=nq).cumsum(0)
