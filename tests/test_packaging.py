@@ -103,7 +103,7 @@ def test_the_wheel_holds_the_package_and_its_license(wheel):
     for needed in ("qkv/py.typed", "qkv/inspect/assets/explain.js", "qkv/inspect/assets/explain.css",
                    "qkv/web/static/index.html", "qkv/core/csrc/decode_kernel.cpp",
                    "qkv/core/csrc/flash_fwd_kernel.cpp", "qkv/core/csrc/flash_bwd_kernel.cpp",
-                   "qkv/core/csrc/qkv_block_lists.h",
+                   "qkv/core/csrc/qkv_block_lists.h", "qkv/core/csrc/qkv_simd.h",
                    "qkv/models/bundled/recall/model.safetensors", "qkv/models/bundled/translate/config.json",
                    "qkv/models/bundled/digits/samples/digit-0.png"):
         assert needed in names, needed

@@ -39,18 +39,14 @@
 #include <omp.h>
 #endif
 
+#include "qkv_simd.h"  // v16 and its kin, splat, vexp: shared by the kernels
+
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16v __attribute__((vector_size(64)));
-typedef uint32_t u16v __attribute__((vector_size(64)));
-typedef uint16_t h16u __attribute__((vector_size(32), aligned(2)));
 
 constexpr int BK = 64;  // keys per block of the online softmax
 constexpr float NEG_INF = -INFINITY;
 
-inline v16 splat(float x) { return v16{} + x; }
 
 // 16 consecutive values at p as float32: float32 (kind 0) or bfloat16 widened (kind 1).
 template <int KIND>
@@ -107,25 +103,6 @@ __attribute__((always_inline)) inline v16 reduce16(const v16* a) {
          __builtin_shuffle(w[0], w[1], i16v{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
 }
 
-// exp(x) for x <= 0 (scores minus their running max), Cephes' expf polynomial: about 1 ulp;
-// 0 below -87.3 (where exp underflows to subnormals) and for -inf.
-inline v16 vexp(v16 x) {
-  const v16 lo = splat(-87.33654f);
-  i16v tiny = x < lo;
-  x = x < lo ? lo : x;
-  v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v16 y = splat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
-  v16 out = y * (v16)e;
-  return tiny ? splat(0.0f) : out;
-}
 
 inline float sexp(float x) { return x == NEG_INF ? 0.0f : std::exp(x); }
 

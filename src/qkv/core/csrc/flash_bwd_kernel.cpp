@@ -75,27 +75,15 @@
 #endif
 
 #include "qkv_block_lists.h"  // struct QkvBlockLists, shared with the other FA-2 kernel
+#include "qkv_simd.h"  // v16 and its kin, splat, vexp: shared by the kernels
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16v __attribute__((vector_size(64)));
-typedef uint32_t u16v __attribute__((vector_size(64)));
-typedef uint16_t h16u __attribute__((vector_size(32), aligned(2)));
 
 constexpr int BQ = 64;  // query rows per block
 constexpr int BK = 64;  // keys per block
 constexpr float NEG_INF = -INFINITY;
 
-// x in all lanes (v16{} + x would add +0.0 first: not an identity for -0.0, so it is kept).
-inline v16 splat(float x) {
-#ifdef __AVX512F__
-  return (v16)_mm512_set1_ps(x);
-#else
-  return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
-#endif
-}
 inline v16 ld(const float* p) { return *(const v16u*)p; }
 inline void st(float* p, v16 x) { *(v16u*)p = x; }
 
@@ -134,25 +122,6 @@ inline void widen_row(const void* p, int64_t n, int64_t np, float* dst) {
   for (; d < np; ++d) dst[d] = 0.0f;
 }
 
-// exp(x) (Cephes' expf polynomial, about 1 ulp); 0 below -87.3 and for -inf, as the decode kernel.
-inline v16 vexp(v16 x) {
-  const v16 lo = splat(-87.33654f);
-  i16v tiny = x < lo;
-  x = x < lo ? lo : x;
-  x = x > splat(88.0f) ? splat(88.0f) : x;
-  v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v16 y = splat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
-  v16 out = y * (v16)e;
-  return tiny ? splat(0.0f) : out;
-}
 
 // C[m, n] (+)= sum_k A[m*as_m + k*as_k] * B[k*ldb + n] for MR rows and NV*16 columns; the sum
 // over k starts from 0 and is added to C once (ACC), see the top of the file.

@@ -84,12 +84,10 @@
 #endif
 
 #include "qkv_block_lists.h"  // struct QkvBlockLists, shared with the other FA-2 kernel
+#include "qkv_simd.h"  // v16 and its kin, splat, vexp: shared by the kernels
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16v __attribute__((vector_size(64)));
 
 // Block sizes, measured on a 2-core AVX-512 EPYC (Zen 4), one thread, B=1, H=8, L=2048, D=64:
 // keys in blocks of 128 ran 4% (float32) to 13% (bfloat16) faster than 64, and 256 slower;
@@ -110,13 +108,6 @@ static_assert(NV == 8 && RM >= 1 && RM <= 6, "tile sizes");
 constexpr int MAX_DIM = 256;
 constexpr float NEG_INF = -INFINITY;
 
-inline v16 splat(float x) {
-#ifdef __AVX512F__
-  return (v16)_mm512_set1_ps(x);
-#else
-  return v16{} + x;  // (0 + x: the vector extensions' broadcast)
-#endif
-}
 
 // Keeps a loaded vector in its register: without it GCC folds the load into each of the
 // multiply-adds that use it, loading it once per row instead of once.
@@ -171,25 +162,6 @@ inline float hsum(v16 a) {
   return s;
 }
 
-// exp(x) for x <= 0 (scores minus their running max), Cephes' expf polynomial: about 1 ulp;
-// 0 below -87.3 (where exp underflows to subnormals) and for -inf. As in decode_kernel.cpp.
-inline v16 vexp(v16 x) {
-  const v16 lo = splat(-87.33654f);
-  i16v tiny = x < lo;
-  x = x < lo ? lo : x;
-  v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v16 y = splat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
-  v16 out = y * (v16)e;
-  return tiny ? splat(0.0f) : out;
-}
 
 // exp(y - now) for y <= now (a score minus its row's running max): 0 for y = -inf.
 // With AVX-512 as 2^t, t = (y - now) log2(e) (the difference first: y - now is exact near the max,
