@@ -40,6 +40,7 @@
 #endif
 
 #include "qkv_simd.h"  // v16 and its kin, splat, vexp: shared by the kernels
+#include "qkv_threads.h"  // on_threads: shared by the kernels
 
 namespace {
 
@@ -507,17 +508,7 @@ void run_all(const Args& A, int nthreads) {
       run_item<KIND>(A, bh / A.Hkv, bh % A.Hkv, split, sbuf);
     }
   };
-#ifdef _OPENMP
-  // torch's own OpenMP runtime (libgomp.so.1 is already loaded by torch, and the loader
-  // reuses it), so the kernel runs on the threads torch's operators use and leave spinning.
-#pragma omp parallel num_threads(nthreads)
-  worker(omp_get_thread_num());
-#else
-  std::vector<std::thread> pool;
-  for (int t = 1; t < nthreads; ++t) pool.emplace_back(worker, t);
-  worker(0);
-  for (auto& th : pool) th.join();
-#endif
+  on_threads(nthreads, worker);  // torch's OpenMP threads (qkv_threads.h)
 }
 
 }  // namespace

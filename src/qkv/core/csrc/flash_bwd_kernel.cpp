@@ -76,6 +76,7 @@
 
 #include "qkv_block_lists.h"  // struct QkvBlockLists, shared with the other FA-2 kernel
 #include "qkv_simd.h"  // v16 and its kin, splat, vexp: shared by the kernels
+#include "qkv_threads.h"  // on_threads: shared by the kernels
 
 namespace {
 
@@ -630,15 +631,7 @@ void parallel(int nthreads, int64_t items, F&& f) {
     worker(0);
     return;
   }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads)
-  worker(omp_get_thread_num());
-#else
-  std::vector<std::thread> pool;
-  for (int t = 1; t < nthreads; ++t) pool.emplace_back(worker, t);
-  worker(0);
-  for (auto& th : pool) th.join();
-#endif
+  on_threads(nthreads, worker);
 }
 
 template <int KIND>
