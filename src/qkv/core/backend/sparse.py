@@ -162,8 +162,8 @@ def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Option
     """Whether the sparse backend runs these arguments on the native kernels rather than the gathered
     engine: within what was measured (above): float32 or bfloat16 CPU tensors, self-attention (Lq = Lk),
     NATIVE_GQA, head sizes up to NATIVE_MAX_DIM, a BlockMask of 128 x 128 blocks (with any band) or a
-    causal band alone, nothing else, on the CPU kind measured, where the kernels build (the backward too when autograd
-    records)."""
+    causal band alone, nothing else, on the CPU kind measured, where the kernels build (the backward
+    too when autograd records)."""
     if q.device.type != "cpu" or q.dtype not in native_flash.KINDS or not gathered.supports(spec):
         return False
     if spec.Lq != spec.Lk or (spec.Hq != spec.Hkv and not NATIVE_GQA) or max(spec.D, spec.Dv) > NATIVE_MAX_DIM:
@@ -178,11 +178,11 @@ def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Option
     if native_flash.why_not(q, k, v, spec) is not None:
         return False
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    for name, lib in (("flash_fwd_kernel", native_flash.lib),) + ((("flash_bwd_kernel", native_flash_bwd.lib),)
-                                                                 if grad else ()):
-        if lib() is None:  # no compiler: the gathered engine, as on every other CPU kind
-            _kernels.warn_unavailable(name, "block-sparse attention runs on the gathered engine")
-            return False
+    missing = ("flash_fwd_kernel" if native_flash.lib() is None
+               else "flash_bwd_kernel" if grad and native_flash_bwd.lib() is None else None)
+    if missing is not None:  # no compiler: the gathered engine, as on every other CPU kind
+        _kernels.warn_unavailable(missing, "block-sparse attention runs on the gathered engine")
+        return False
     return True
 
 
