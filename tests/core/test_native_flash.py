@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from random_qkv import random_inputs
 
 import qkv
 from native_checks import assert_out_and_lse
@@ -44,13 +45,7 @@ def test_the_kernels_build_where_a_compiler_exists():
 
 
 def _inputs(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed):
-    """Fresh random q, k, v drawn in float64 and cast, so that the float64 reference sees the
-    very values under test."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
-    k = torch.randn(B, Hkv, Lk, D, generator=gen, dtype=torch.float64)
-    v = torch.randn(B, Hkv, Lk, Dv, generator=gen, dtype=torch.float64)
-    return [t.to(dtype) for t in (q, k, v)]
+    return random_inputs(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed)  # q, k, v
 
 
 def _check(q, k, v, what, **kw):
@@ -210,6 +205,22 @@ def test_auto_claims_only_what_was_measured(monkeypatch, shape, dtype, causal, c
     monkeypatch.setattr(native, "measured_cpu", lambda: False)
     assert native.auto(spec, q, False) is False and choose_backend(spec, q, False) == "sdpa"
     assert native.auto(spec, q.to("meta"), False) is False  # never a CUDA (or any other device's) tensor
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v", "none"])
+def test_auto_sees_gradients_asked_through_any_input(monkeypatch, which):
+    """bfloat16 D=128 was measured forward only: the rule leaves it to SDPA when autograd records,
+    whichever of q, k and v requires grad (not q alone)."""
+    q = torch.zeros(1, 8, 1024, 128, dtype=torch.bfloat16)
+    k, v = torch.zeros_like(q), torch.zeros_like(q)
+    if which != "none":
+        {"q": q, "k": k, "v": v}[which].requires_grad_()
+    spec = build_spec(q, k, v, causal=True)
+    assert spec.grad is (which != "none")
+    monkeypatch.setattr(native, "measured_cpu", lambda: True)
+    assert native.auto(spec, q, False) is (which == "none")
+    with torch.no_grad():
+        assert build_spec(q, k, v, causal=True).grad is False
 
 
 def test_kernel_return_codes():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from random_qkv import random_inputs
 
 import qkv
 from qkv.core import _kernels
@@ -47,12 +48,7 @@ CASES = {
 
 
 def _inputs(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
-    k = torch.randn(B, Hkv, Lk, D, generator=gen, dtype=torch.float64)
-    v = torch.randn(B, Hkv, Lk, Dv, generator=gen, dtype=torch.float64)
-    up = torch.randn(B, Hq, Lq, Dv, generator=gen, dtype=torch.float64)
-    return [t.to(dtype) for t in (q, k, v, up)]
+    return random_inputs(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed, upstream=True)  # q, k, v, upstream
 
 
 def _check(q, k, v, up, kw, what):

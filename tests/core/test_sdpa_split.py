@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from random_qkv import random_inputs
 
 import qkv
 from qkv.core import choose_backend
@@ -49,12 +50,7 @@ def calls(monkeypatch):
 
 
 def _inputs(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
-    k = torch.randn(B, Hkv, Lk, D, generator=gen, dtype=torch.float64)
-    v = torch.randn(B, Hkv, Lk, Dv, generator=gen, dtype=torch.float64)
-    upstream = torch.randn(B, Hq, Lq, Dv, generator=gen, dtype=torch.float64)
-    return [t.to(dtype) for t in (q, k, v, upstream)]
+    return random_inputs(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed, upstream=True)  # q, k, v, upstream
 
 
 def _check(q, k, v, up, backend="sdpa", grad=(True, True, True), **kw):

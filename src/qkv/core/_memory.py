@@ -72,7 +72,7 @@ def linear(spec: AttentionSpec, q: Tensor, block_entries: int = 1 << 20) -> int:
     c = compute_size(q.dtype)
     rows = spec.B * spec.Hq * spec.Lq * (spec.D + spec.Dv)  # q and out
     keys = spec.B * spec.Hkv * spec.Lk * (spec.D + spec.Dv + 1)  # k, v (and a column of ones)
-    grad = 2 if torch.is_grad_enabled() and q.requires_grad else 1
+    grad = 2 if spec.grad else 1
     return grad * c * (rows + keys) + 4 * c * block_entries
 
 

@@ -65,6 +65,9 @@ class AttentionSpec:
     block_mask: Optional[BlockMask]  # block-sparse layout (core/block_mask.py), or None
     score_mod: Optional[ScoreMod]
     dropout_p: float
+    # Whether autograd records the call: grad mode on and q, k, v or a float mask requiring grad.
+    # Backends' rules and memory estimates read it (not q.requires_grad alone).
+    grad: bool = False
 
     @property
     def groups(self) -> int:
@@ -386,5 +389,7 @@ def build_spec(
         left=left, right=right, bool_mask=bool_mask, float_mask=float_mask,
         mask_mod=mask_mod, block_mask=block_mask, score_mod=score_mod,
         dropout_p=float(dropout_p),
+        grad=torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, float_mask)),
     )
 

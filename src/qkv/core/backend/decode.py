@@ -125,7 +125,7 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     """
     if spec.dropout_p > 0.0 or spec.Lq > MAX_QUERIES or spec.Lk == 0:
         return False
-    fast = spec.score_mod is None and not (torch.is_grad_enabled() and q.requires_grad)
+    fast = spec.score_mod is None and not spec.grad
     by_length = (spec.Lq == 1 and spec.Lk >= AUTO_MIN_KEYS) or (fast and spec.Lk >= AUTO_MIN_KEYS_CHUNK)
     if (fast and q.device.type == "cpu" and q.dtype in KERNEL_AUTO_MIN_BYTES and spec.mask_mod is None
             and spec.block_mask is None):

@@ -118,11 +118,10 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
         return False
     if spec.right not in (None, 0) or (spec.right is None and spec.left is not None):  # measured: unbanded,
         return False  # causal and causal windows; not windows open to the right
-        return False
     if spec.Lq * spec.Lk < AUTO_MIN_CELLS[dtype] or min(spec.D, spec.Dv) < 1:
         return False
     max_dim = AUTO_MAX_DIM[dtype]
-    if torch.is_grad_enabled() and q.requires_grad:
+    if spec.grad:  # autograd records (q, k or v requires grad)
         max_dim = 64  # forward + backward was measured at D = 64 only
     if max(spec.D, spec.Dv) > max_dim or not measured_cpu():
         return False

@@ -125,7 +125,7 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
     """(bytes, what): the score matrix, its exponentials and the probabilities (kept once more
     for the backward when autograd records), and k and v repeated per query head."""
     c = _memory.compute_size(q.dtype)
-    copies = 5 if torch.is_grad_enabled() and q.requires_grad else 3
+    copies = 5 if spec.grad else 3
     repeated = spec.B * spec.Hq * spec.Lk * (spec.D + spec.Dv) * c
     need = _memory.quadratic(spec, copies, c) + repeated
     return need, (f"a score matrix of B*Hq*Lq*Lk = {spec.B}*{spec.Hq}*{spec.Lq}*{spec.Lk} entries "
