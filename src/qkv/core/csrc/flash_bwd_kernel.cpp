@@ -188,7 +188,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t as_m, int64_t
   int64_t m = 0;
   for (; m + 6 <= M; m += 6) micro_cols_k<6>(ACC, N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
   for (; m + 4 <= M; m += 4) micro_cols_k<4>(ACC, N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
-  for (; m < M; ++m) micro_cols_k<1>(ACC, N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (int r = 0; r < (int)(M - m); ++r)  // the last rows (fewer than 4; an int count)
+    micro_cols_k<1>(ACC, N, K, A + (m + r) * as_m, as_m, as_k, B, ldb, C + (m + r) * ldc, ldc);
 }
 
 #ifdef __AVX512BF16__
@@ -234,7 +235,8 @@ void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m
   int64_t m = 0;
   for (; m + 6 <= M; m += 6) micro_bf16_cols<6, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
   for (; m + 4 <= M; m += 4) micro_bf16_cols<4, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
-  for (; m < M; ++m) micro_bf16_cols<1, ACC>(N, K2, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (int r = 0; r < (int)(M - m); ++r)  // the last rows (fewer than 4; an int count)
+    micro_bf16_cols<1, ACC>(N, K2, A + (m + r) * as_m, as_m, as_k, B, ldb, C + (m + r) * ldc, ldc);
 }
 
 // Rows lo and hi (16 float32 each) rounded to bfloat16 and interleaved: 16 words (lo[t], hi[t]).
