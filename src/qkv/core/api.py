@@ -65,7 +65,8 @@ def choose_backend(spec: AttentionSpec, q: Tensor, need_lse: bool) -> str:
 
     Args:
         spec: the validated arguments (`build_spec`); q: the queries (B, Hq, Lq, D), whose
-            device and requires_grad some rules read; need_lse: whether the lse is wanted.
+            device and dtype some rules read (whether autograd records: `spec.grad`); need_lse:
+            whether the lse is wanted.
 
     The first backend, by descending priority, whose auto rule claims the arguments and which
     supports them: sparse (a BlockMask, a long sparse pattern or a narrow band), decode (a few

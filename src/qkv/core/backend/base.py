@@ -26,7 +26,8 @@ class Backend:
 
     forward(q, k, v, spec, *, need_lse) -> (out (B, Hq, Lq, Dv), lse (B, Hq, Lq) or None);
     unsupported(spec, q, need_lse) -> None, or a sentence naming what it cannot do and which
-        backend can (q (B, Hq, Lq, D): device, dtype and requires_grad may matter);
+        backend can (q (B, Hq, Lq, D): device and dtype may matter; whether autograd records
+        the call, through q, k, v or a float mask, is `spec.grad`);
     memory(spec, q, need_lse) -> (bytes, what): what a call allocates, so a call that cannot
         fit is refused before it starts (None: not estimated);
     self_checking(spec, q, k, v) -> bool: the backend checks the keys and values it reads for
