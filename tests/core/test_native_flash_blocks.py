@@ -4,8 +4,10 @@ under the tolerance rule (qkv.testing) on fresh random inputs, float32 and bfloa
 are the same for every (b, h) and masks that vary per batch row and query head (tiles of Bm = B,
 Hm = Hq) under GQA (grouped heads as rows of one work item) and multi-query; query blocks of 64,
 96, 100, 128 and 256 (other than the kernel's own items); a causal or window band on top;
-Lq != Lk; rows that see no key (out 0, lse -inf); key blocks that are not listed are never read
-(NaN there changes nothing); the portable (non-AVX-512) build; refusals by name."""
+Lq != Lk; rows that see no key (out 0, lse -inf); partial blocks narrowed per work item to the keys
+its rows have bits for (odd windows, edges mid-chunk and at a chunk's first or last key, blocks
+zero for some items, heads of one item seeing different keys); key blocks that are not listed are
+never read (NaN there changes nothing); the portable (non-AVX-512) build; refusals by name."""
 
 from __future__ import annotations
 

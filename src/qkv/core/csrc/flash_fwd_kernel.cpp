@@ -12,15 +12,20 @@
 // Lk), hi_i = max(lo_i, clamp(i + offset + right + 1, 0, Lk)), left/right -1 = unbounded.
 // Within a key block only the chunks of 16 keys that some row of the item sees are computed
 // (scores, softmax and P V over [c0, c1) of the 8 chunks), so a narrow band (a sliding window)
-// pays for the keys it spans rounded to 16, not to the block of 128.
+// pays for the keys it spans rounded to 16, not to the block of 128. On a partial block of the
+// block lists (below) the same from the tile: the chunks from the first key any row of the item
+// has a bit for to the last (the OR of the item's rows of the tile), and P V over exactly those
+// keys; a block none of its rows has a bit in is skipped. A window given as a BlockMask so pays
+// what the band does.
 //
 // Block lists (QkvBlockLists, built by engines/native_blocks.py from a BlockMask; the layout
 // of FlexAttention's kv_indices, Dong et al., 2024): per query block of the mask, the key
 // blocks to visit, each full (no mask applied: the unmasked path) or partial with a tile of
 // bits per (mask batch row, mask head), 16 bits per 16 keys, used as the AVX-512 mask register
 // of one blend. The band applies on top. Work items never straddle two query blocks of the
-// mask (a mask block of bq rows is cut into equal pieces of at most the item size), so an item
-// walks one list; key blocks that no list names are neither packed nor read.
+// mask (a mask block of bq rows is cut into equal pieces of at most the item size: 32 rows where
+// at least half its listed blocks are partial, else 64), so an item walks one list; key blocks
+// that no list names are neither packed nor read.
 //
 // Work items are (batch row, kv head, block of query positions) on torch's OpenMP threads
 // (std::thread where the compiler has no OpenMP), the costliest (latest causal rows, or most
@@ -54,7 +59,12 @@
 // L=4096, 1.13x and 1.20x at 16384; bfloat16 1.88x and 2.06x at 4096, 1.81x and 1.85x at 16384
 // (before P V ran on vdpbf16ps: 1.41x and 1.61x, 1.40x and 1.37x). Sliding window 256, causal,
 // L=16384: float32 0.082 s, torch.compile(flex_attention) 0.136 s (1.66x; this kernel before the
-// 16-key chunks, 32-row items and the packing arena: 0.111 s), bfloat16 0.046 s.
+// 16-key chunks, 32-row items and the packing arena: 0.111 s), bfloat16 0.046 s. The same window
+// as a BlockMask (qkv.attention(mask=, backend="sparse"), the kernel before the narrowed partial
+// blocks and the 32-row items on the lists timed in turns with this one in one process, best of
+// 9, 2026-11-30): float32 0.097 s -> 0.082 s (1.19x; the band in the same run 0.083 s), bfloat16
+// 0.055 s -> 0.046 s (1.19x; band 0.050 s); benchmarks/sparse.py --lengths 16384 --patterns
+// window: float32 0.087 s against Flex 0.145 s (1.67x; before: 0.099-0.104 s, 1.38-1.56x).
 //
 // ABI (strides in elements, innermost stride 1; kind 0 = float32, 1 = bfloat16 bits):
 //   q (B, Hq, Lq, D) strides qst, k (B, Hkv, Lk, D) kst, v (B, Hkv, Lk, Dv) vst;
