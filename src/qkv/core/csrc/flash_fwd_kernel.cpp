@@ -64,7 +64,10 @@
 // blocks and the 32-row items on the lists timed in turns with this one in one process, best of
 // 9, 2026-11-30): float32 0.097 s -> 0.082 s (1.19x; the band in the same run 0.083 s), bfloat16
 // 0.055 s -> 0.046 s (1.19x; band 0.050 s); benchmarks/sparse.py --lengths 16384 --patterns
-// window: float32 0.087 s against Flex 0.145 s (1.67x; before: 0.099-0.104 s, 1.38-1.56x).
+// window --flex-at 16384 --bf16-at 16384, runs alternated with the kernel before: float32
+// 0.069-0.088 s in five runs (a sixth, disturbed by other jobs, 0.171 s), 1.64-2.06x Flex's time
+// in the same run; before, seven runs, 0.086-0.104 s, 1.38-1.56x in the six where Flex took
+// 0.136-0.154 s; bfloat16 0.044-0.056 s (before 0.054-0.056 s).
 //
 // ABI (strides in elements, innermost stride 1; kind 0 = float32, 1 = bfloat16 bits):
 //   q (B, Hq, Lq, D) strides qst, k (B, Hkv, Lk, D) kst, v (B, Hkv, Lk, Dv) vst;
