@@ -4,8 +4,10 @@ under the tolerance rule (qkv.testing) on fresh random inputs, float32 and bfloa
 are the same for every (b, h) and masks that vary per batch row and query head (tiles of Bm = B,
 Hm = Hq) under GQA (grouped heads as rows of one work item) and multi-query; query blocks of 64,
 96, 100, 128 and 256 (other than the kernel's own items); a causal or window band on top;
-Lq != Lk; rows that see no key (out 0, lse -inf); key blocks that are not listed are never read
-(NaN there changes nothing); the portable (non-AVX-512) build; refusals by name."""
+Lq != Lk; rows that see no key (out 0, lse -inf); partial blocks narrowed per work item to the keys
+its rows have bits for (odd windows, edges mid-chunk and at a chunk's first or last key, blocks
+zero for some items, heads of one item seeing different keys); key blocks that are not listed are
+never read (NaN there changes nothing); the portable (non-AVX-512) build; refusals by name."""
 
 from __future__ import annotations
 
@@ -87,6 +89,76 @@ def test_block_lists_follow_the_reference(case, dtype):
     assert lists.nnz < lists.nq * lists.nk or fn is _strided  # most cases leave blocks out
     q, k, v = _inputs(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed=zlib.crc32(repr(case[1:]).encode()))
     _check(q, k, v, bm, f"blocks {case[1:]} {dtype}", **band)
+
+
+def _off_diagonal(b, h, q, k):
+    """Keys q - 81 .. q - 47: both edges move with the row, and for items of a multiple of 16 rows the
+    item's first key is the last of a chunk of 16 and its last key the first of one; rows q < 47 see
+    nothing."""
+    return (k >= q - 81) & (k <= q - 47)
+
+
+def _some_items(b, h, q, k):
+    """Rows q % 128 < 40 see keys k % 256 >= 200 (bits from mid-chunk to the block's end); every row sees
+    itself except q % 7 == 3 (those of them past row 40 of their block see nothing). With query blocks of
+    128 the key blocks of the first kind are partial for the whole query block but zero for its items
+    past row 40, which skip them."""
+    return ((q % 128 < 40) & (k % 256 >= 200)) | ((k == q) & (q % 7 != 3))
+
+
+def _per_head_window(b, h, q, k):
+    """A causal window per batch row and head (23 + 61 h + 17 b keys): the grouped heads of one work item
+    see different keys, so a block's keys are those of the widest; rows q % 11 == 5 of head 2 see nothing."""
+    return (k <= q) & (q - k < 23 + 61 * h + 17 * b) & ~((h == 2) & (q % 11 == 5))
+
+
+def _two_sided(b, h, q, k):
+    """|q - k| <= 45: with causal=True on top, a causal window of 46."""
+    return (q - k <= 45) & (k - q <= 45)
+
+
+# Narrow partial blocks: the kernel computes, per work item, only the 16-key chunks of a partial block
+# that some row of the item has a bit in (a block with none is skipped), and P V over exactly the keys
+# from the first such bit to the last. (mask function, mask B, mask H, B, Hq, Hkv, Lq, Lk, D, Dv,
+# block_q, band keywords)
+NARROW_CASES = [
+    (masks.causal_sliding_window(37), 1, 1, 1, 4, 4, 600, 600, 64, 64, 128, {}),
+    (masks.causal_sliding_window(200), 1, 1, 1, 4, 2, 700, 700, 64, 64, 96, {}),  # GQA
+    (masks.causal_sliding_window(37), 1, 1, 1, 8, 1, 500, 500, 32, 32, 64, {}),  # multi-query: 8 heads a row
+    (_off_diagonal, 1, 1, 1, 2, 2, 640, 640, 40, 24, 128, {}),
+    (_off_diagonal, 1, 1, 1, 4, 2, 450, 700, 64, 64, 64, {}),  # Lq < Lk
+    (_off_diagonal, 1, 1, 1, 2, 2, 500, 500, 64, 64, 100, {}),  # items of 25 rows: edges at every offset
+    (_some_items, 1, 1, 1, 2, 1, 700, 700, 64, 64, 128, {}),
+    (_some_items, 1, 1, 2, 4, 2, 520, 520, 16, 16, 96, {}),
+    (_per_head_window, 2, 4, 2, 4, 2, 600, 600, 64, 48, 128, {}),  # Bm = B, Hm = Hq, GQA
+    (_per_head_window, 1, 4, 1, 4, 1, 400, 400, 64, 64, 64, {}),  # Hm = Hq, multi-query
+    (_two_sided, 1, 1, 1, 4, 2, 600, 600, 64, 64, 96, {"causal": True}),  # the band on top
+    (masks.causal_sliding_window(200), 1, 1, 1, 2, 2, 640, 640, 64, 64, 128, {"window": (37, 0)}),
+    (_off_diagonal, 1, 1, 1, 2, 1, 500, 500, 48, 48, 128, {"window": (60, 10)}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", NARROW_CASES,
+                         ids=lambda c: f"{getattr(c[0], '__name__', 'mask')}-{c[3:11]}-{c[11]}")
+def test_narrow_partial_blocks_follow_the_reference(case, dtype):
+    fn, mB, mH, B, Hq, Hkv, Lq, Lk, D, Dv, bq, band = case
+    bm = qkv.block_mask(fn, mB, mH, Lq, Lk, block_size=(bq, 128))
+    lists = native_blocks.block_lists(bm)
+    assert lists.ntiles > 0, "the case needs partial blocks"
+    q, k, v = _inputs(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed=zlib.crc32(repr(case[1:]).encode()))
+    _check(q, k, v, bm, f"narrow {case[1:]} {dtype}", **band)
+
+
+def test_some_items_skip_a_listed_block():
+    """_some_items really has what its test is for: a partial block whose bits are zero for some
+    32-row pieces of its query block and not for others, and rows that see no key."""
+    bm = qkv.block_mask(_some_items, 1, 1, 700, 700, block_size=(128, 128))
+    lists = native_blocks.block_lists(bm)
+    allowed = native_blocks.dense(lists, 1, 1, 700, 700)[0, 0]
+    pieces = allowed[:640, 128:256].reshape(5, 4, 32, 128).any(-1).any(-1)  # key block 1: (query block, piece)
+    assert pieces[2].tolist() == [True, True, False, False]
+    assert not allowed.any(-1).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -12,15 +12,20 @@
 // Lk), hi_i = max(lo_i, clamp(i + offset + right + 1, 0, Lk)), left/right -1 = unbounded.
 // Within a key block only the chunks of 16 keys that some row of the item sees are computed
 // (scores, softmax and P V over [c0, c1) of the 8 chunks), so a narrow band (a sliding window)
-// pays for the keys it spans rounded to 16, not to the block of 128.
+// pays for the keys it spans rounded to 16, not to the block of 128. On a partial block of the
+// block lists (below) the same from the tile: the chunks from the first key any row of the item
+// has a bit for to the last (the OR of the item's rows of the tile), and P V over exactly those
+// keys; a block none of its rows has a bit in is skipped. A window given as a BlockMask so pays
+// what the band does.
 //
 // Block lists (QkvBlockLists, built by engines/native_blocks.py from a BlockMask; the layout
 // of FlexAttention's kv_indices, Dong et al., 2024): per query block of the mask, the key
 // blocks to visit, each full (no mask applied: the unmasked path) or partial with a tile of
 // bits per (mask batch row, mask head), 16 bits per 16 keys, used as the AVX-512 mask register
 // of one blend. The band applies on top. Work items never straddle two query blocks of the
-// mask (a mask block of bq rows is cut into equal pieces of at most the item size), so an item
-// walks one list; key blocks that no list names are neither packed nor read.
+// mask (a mask block of bq rows is cut into equal pieces of at most the item size: 32 rows where
+// at least half its listed blocks are partial, else 64), so an item walks one list; key blocks
+// that no list names are neither packed nor read.
 //
 // Work items are (batch row, kv head, block of query positions) on torch's OpenMP threads
 // (std::thread where the compiler has no OpenMP), the costliest (latest causal rows, or most
@@ -54,7 +59,15 @@
 // L=4096, 1.13x and 1.20x at 16384; bfloat16 1.88x and 2.06x at 4096, 1.81x and 1.85x at 16384
 // (before P V ran on vdpbf16ps: 1.41x and 1.61x, 1.40x and 1.37x). Sliding window 256, causal,
 // L=16384: float32 0.082 s, torch.compile(flex_attention) 0.136 s (1.66x; this kernel before the
-// 16-key chunks, 32-row items and the packing arena: 0.111 s), bfloat16 0.046 s.
+// 16-key chunks, 32-row items and the packing arena: 0.111 s), bfloat16 0.046 s. The same window
+// as a BlockMask (qkv.attention(mask=, backend="sparse"), the kernel before the narrowed partial
+// blocks and the 32-row items on the lists timed in turns with this one in one process, best of
+// 9, 2026-11-30): float32 0.097 s -> 0.082 s (1.19x; the band in the same run 0.083 s), bfloat16
+// 0.055 s -> 0.046 s (1.19x; band 0.050 s); benchmarks/sparse.py --lengths 16384 --patterns
+// window --flex-at 16384 --bf16-at 16384, runs alternated with the kernel before: float32
+// 0.069-0.088 s in five runs (a sixth, disturbed by other jobs, 0.171 s), 1.64-2.06x Flex's time
+// in the same run; before, seven runs, 0.086-0.104 s, 1.38-1.56x in the six where Flex took
+// 0.136-0.154 s; bfloat16 0.044-0.056 s (before 0.054-0.056 s).
 //
 // ABI (strides in elements, innermost stride 1; kind 0 = float32, 1 = bfloat16 bits):
 //   q (B, Hq, Lq, D) strides qst, k (B, Hkv, Lk, D) kst, v (B, Hkv, Lk, Dv) vst;
@@ -570,8 +583,24 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
   // One key block kb (tile: -1, or the index of its bits), chunks of 16 keys [c0, c1).
   auto visit = [&](int64_t kb, int32_t tile) {
     const int64_t j0 = kb * BK;
-    const int c0 = (int)(std::max<int64_t>(0, klo - j0) / 16);
-    const int c1 = (int)((std::min<int64_t>(BK, khi - j0) + 15) / 16);
+    // Keys [a, z) of the block that some row of the item sees: the band's, narrowed on a partial
+    // block to the keys some row has a bit for (the OR of the item's rows of the tile: 128 bits).
+    int64_t a = std::max<int64_t>(0, klo - j0), z = std::min<int64_t>(BK, khi - j0);
+    const uint8_t* tbits = tile >= 0 ? L->tiles + (int64_t)tile * L->bq * (BK / 8) : nullptr;
+    if (tbits) {
+      uint64_t any0 = 0, any1 = 0;  // keys 0..63 and 64..127
+      for (int64_t m = 0; m < M; ++m) {
+        uint64_t w[2];
+        std::memcpy(w, tbits + W.trow.p[m], 16);
+        any0 |= w[0], any1 |= w[1];
+      }
+      if (!(any0 | any1)) return;  // no row of the item sees a key of this block
+      const int64_t first = any0 ? __builtin_ctzll(any0) : 64 + __builtin_ctzll(any1);
+      const int64_t last = any1 ? 127 - __builtin_clzll(any1) : 63 - __builtin_clzll(any0);
+      a = std::max(a, first), z = std::min(z, last + 1);
+    }
+    if (z <= a) return;
+    const int c0 = (int)(a / 16), c1 = (int)((z + 15) / 16);
     // 1. Scores of the chunks, rows_for(chunks) rows at a time.
     by_chunks(c1 - c0, [&](auto chunks) {
       constexpr int NC = decltype(chunks)::value, RS = rows_for(NC);
@@ -596,7 +625,6 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     });
     // 2. Scale, the band on its edge blocks and the tile's bits, online softmax.
     const bool edge = !(j0 >= full_lo && j0 + BK <= full_hi);
-    const uint8_t* tbits = tile >= 0 ? L->tiles + (int64_t)tile * L->bq * (BK / 8) : nullptr;
     for (int64_t m = 0; m < M; ++m) {
       float* sr = S + m * BK;
       v16 x[NV];
@@ -640,8 +668,9 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       W.mx.p[m] = now;
       W.alpha.p[m] = alpha;
     }
-    // 3. acc = alpha * acc + P V over the keys some row sees, [s0, s0 + n) of the block.
-    const int64_t s0 = 16 * c0, n = std::min<int64_t>(16 * c1, khi - j0) - s0;
+    // 3. acc = alpha * acc + P V over the keys some row sees, [s0, s0 + n) = [a, z) of the block
+    // (from an even key with vdpbf16ps, whose words hold pairs of keys; P is 0 outside [a, z)).
+    const int64_t s0 = P.dp ? a & ~int64_t(1) : a, n = z - s0;
 #ifdef __AVX512BF16__
     if (P.dp) {
       const uint32_t* vp2 = P.vp2 + ((bh - P.bh0) * P.nkb * BK + j0 + s0) / 2 * Dvp;
@@ -837,7 +866,8 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   // About 64 rows per item (the group's heads times the positions), 32 under a band bounded on
   // both sides (a sliding window: the keys an item spans exceed a row's by its rows - 1; measured
   // 4-8% faster at window 256, the same elsewhere), fewer positions where that leaves too few
-  // items to keep the threads busy.
+  // items to keep the threads busy. With block lists, 32 rows in the query blocks whose listed
+  // blocks are at least half partial (below).
   const int64_t rows = left >= 0 && right >= 0 ? QKV_ROWS / 2 : QKV_ROWS;
   P.bq = std::max<int64_t>(1, rows / P.G);
   while (P.bq > 8 && B * Hkv * ((Lq + P.bq - 1) / P.bq) < 4 * threads) P.bq /= 2;
@@ -845,9 +875,26 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   if (!blocks) {  // blocks of bq positions, the last (under a causal band the costliest) first
     for (int64_t qb = (Lq + P.bq - 1) / P.bq - 1; qb >= 0; --qb)
       P.items.push_back({qb * P.bq, std::min(Lq, qb * P.bq + P.bq), -1});
-  } else {  // each query block of the lists in equal pieces of at most bq positions, most blocks listed first
+  } else {
+    // Each query block of the lists in equal pieces of at most bq positions, most blocks listed
+    // first; 32 rows where at least half the listed blocks are partial: an item computes the chunks
+    // of a partial block that any of its rows has a bit in, and where the bits move with the row (a
+    // window's or a causal diagonal) that is about the rows' own keys plus the item's rows. Measured
+    // (this rule against items of 64 and of 32 rows in every query block, the three kernels timed
+    // in turns in one process, best of 5; B=1, H=8, D=64, 2 threads, float32 and bfloat16): causal
+    // window 256 and global 16 + window 256 at L=4096 and 16384 5-9% faster than 64 rows, as fast as
+    // 32; packed documents the same within noise; causal as a BlockMask at L=16384 (64 blocks listed
+    // per query block on average) as fast as 64 rows, where 32 rows everywhere ran 5-10% slower.
+#ifndef QKV_LIST_RULE
+#define QKV_LIST_RULE 1  // 0: items of bq positions in every query block (for experiments)
+#endif
     for (int64_t mqb = blocks->nq - 1; mqb >= 0; --mqb) {
-      const int64_t r0 = mqb * blocks->bq, len = std::min(Lq, r0 + blocks->bq) - r0, pieces = (len + P.bq - 1) / P.bq;
+      int64_t partial = 0;
+      for (int64_t e = blocks->q_ptr[mqb]; e < blocks->q_ptr[mqb + 1]; ++e) partial += blocks->q_tile[e] >= 0;
+      const int64_t listed = blocks->q_ptr[mqb + 1] - blocks->q_ptr[mqb];
+      const bool narrow = QKV_LIST_RULE && 2 * partial >= listed;
+      const int64_t bq = narrow ? std::min(P.bq, std::max<int64_t>(1, QKV_ROWS / 2 / P.G)) : P.bq;
+      const int64_t r0 = mqb * blocks->bq, len = std::min(Lq, r0 + blocks->bq) - r0, pieces = (len + bq - 1) / bq;
       for (int64_t p = 0; p < pieces; ++p) P.items.push_back({r0 + len * p / pieces, r0 + len * (p + 1) / pieces, mqb});
     }
     const int32_t* ptr = blocks->q_ptr;
