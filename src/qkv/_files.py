@@ -287,7 +287,7 @@ def remove_stale_temps(folder: PathLike, *, older_than_s: float, also: re.Patter
     Returns:
         the files removed (a missing folder has none).
     """
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
