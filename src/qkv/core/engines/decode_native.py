@@ -5,10 +5,11 @@ float32 and bfloat16 caches: one pass over each split in blocks of 64 keys, the 
 block, its online-softmax update (Milakov & Gimelshein, 2018; FlashAttention-2, Dao 2023)
 and its weighted values all in registers and L1, bfloat16 widened in registers (or, where
 the processor has AVX512-BF16, both products on its bfloat16 dot product: the weights
-rounded to bfloat16 before P V, as FlashAttention-2 does on GPUs), the next block's keys
-prefetched into L2 while this one's values are summed; work items (batch row, kv head,
-split) on torch's OpenMP threads. The splits' partial states are merged here by
-`flash.merge_states`, as in Flash-Decoding (Dao, Haziza, Massa and Sizov, 2023). Its share
+rounded to bfloat16 before P V, as FlashAttention-2 does on GPUs), each piece of the cache
+prefetched into L2 as the same piece 64 keys earlier is read; work items (batch row, kv
+head, split) handed to torch's OpenMP threads as they come free. The kernel merges the
+splits' partial states through their row max, as in Flash-Decoding (Dao, Haziza, Massa and
+Sizov, 2023), and returns out and lse (`flash.merge_states` and `flash.finish` in C++). Its share
 of the memory-read bandwidth on a 2-core AVX-512 CPU: benchmarks/decode.py and
 docs/benchmarks.md. Like the eager engine it flags a non-finite raw score for the
 non-finite guard (core/finite.py). Layout: docs/architecture.md.
@@ -25,7 +26,6 @@ from torch import Tensor
 from .. import _kernels
 from ..spec import AttentionSpec
 from . import decode_eager
-from .flash import finish, merge_states
 
 _KERNEL_KINDS = {torch.float32: 0, torch.bfloat16: 1}
 _KERNEL_MIN_KEYS_PER_SPLIT = 1024
@@ -61,9 +61,10 @@ def forward(kernel, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Tensor,
     has a bfloat16 dot product (else None); k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out
     (B, Hq, Lq, Dv) float32, lse (B, Hq, Lq) float32, and a 0-d bool tensor: whether a raw
     score was NaN or infinite. Keys [lo, hi) are cut into S splits, run as B*Hkv*S work items
-    on torch's thread count, whose partial states are merged here through their row max."""
+    on torch's thread count, whose partial states the kernel merges through their row max (as
+    `flash.merge_states` and `flash.finish` do; in C++ because after a long cache has streamed
+    through the caches each small torch operation here ran cold: 0.26 ms of a 5.4 ms step)."""
     B, Hq, Hkv, G, Lq, Lk, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.Lk, spec.D, spec.Dv
-    M = G * Lq
     threads = max(1, torch.get_num_threads())
     S = splits(B * Hkv, hi - lo, threads)
     q_rows = q_rows.contiguous()
@@ -72,25 +73,20 @@ def forward(kernel, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Tensor,
     shape = (B, Hq, Lq, Lk)
     allow = None if spec.bool_mask is None else spec.bool_mask.expand(shape)  # strides 0 where broadcast
     bias = None if spec.float_mask is None else spec.float_mask.to(torch.float32).expand(shape)
-    out_m, out_l, out_acc = torch.empty(B, Hkv, S, M), torch.empty(B, Hkv, S, M), torch.empty(B, Hkv, S, M, Dv)
-    out_bad = torch.zeros(B, Hkv, S, dtype=torch.int32)  # 1 where a raw score was not finite
+    # (B, Hkv, M, Dv) and (B, Hkv, M) with row m = g*Lq + i, query head h*G + g: (B, Hq, Lq[, Dv])
+    out, lse = torch.empty(B, Hq, Lq, Dv), torch.empty(B, Hq, Lq)
+    bad = torch.zeros((), dtype=torch.bool)  # set by the kernel where a raw score was not finite
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    rc = kernel.qkv_decode_partials(
+    rc = kernel.qkv_decode(
         _KERNEL_KINDS[k.dtype], ptr(q_rows), ptr(q16), spec.scale, ptr(k), ptr(v),
         _i64(k.stride()[:3]), _i64(v.stride()[:3]),
         B, Hkv, G, Lq, D, Dv, ptr(band), ctypes.c_void_p(band.data_ptr() + 8 * Lq),
         ptr(allow), _i64(allow.stride() if allow is not None else (0,) * 4),
         ptr(bias), _i64(bias.stride() if bias is not None else (0,) * 4),
-        lo, hi, S, ptr(out_m), ptr(out_l), ptr(out_acc), ptr(out_bad), threads)
+        lo, hi, S, ptr(out), ptr(lse), ptr(bad), threads)
     if rc != 0:
         raise RuntimeError(f"qkv decode kernel failed with code {rc}")
-    if S == 1:
-        row_max, row_sum, acc = out_m[:, :, 0], out_l[:, :, 0], out_acc[:, :, 0]  # (B, Hkv, M[, Dv])
-    else:  # merge the splits through their row max
-        row_max, row_sum, acc = merge_states(out_m, out_l, out_acc, dim=2)  # (B, Hkv, M[, Dv])
-    # A row that saw no key has row_sum = 0 and acc = 0: out 0, lse -inf.
-    out, lse = finish(row_max.unsqueeze(-1), row_sum.unsqueeze(-1), acc)  # (B, Hkv, M, Dv), (B, Hkv, M, 1)
-    return out.view(B, Hq, Lq, Dv), lse.view(B, Hq, Lq), out_bad.any()
+    return out, lse, bad
 
 
 _typed: set[int] = set()
@@ -106,6 +102,10 @@ def lib():
     kernel.qkv_decode_partials.argtypes = [
         ctypes.c_int, p, p, ctypes.c_float, p, p, i64p, i64p, i64, i64, i64, i64, i64, i64, p, p, p, i64p, p, i64p,
         i64, i64, i64, p, p, p, p, ctypes.c_int]
+    kernel.qkv_decode.restype = ctypes.c_int  # the same arguments, then out, lse, bad (uint8), threads
+    kernel.qkv_decode.argtypes = [
+        ctypes.c_int, p, p, ctypes.c_float, p, p, i64p, i64p, i64, i64, i64, i64, i64, i64, p, p, p, i64p, p, i64p,
+        i64, i64, i64, p, p, p, ctypes.c_int]
     kernel.qkv_decode_has_bf16_dot.restype = ctypes.c_int
     kernel.bf16_dot = bool(kernel.qkv_decode_has_bf16_dot())
     _typed.add(id(kernel))
