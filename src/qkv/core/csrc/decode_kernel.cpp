@@ -21,6 +21,8 @@
 //        is query head h*G + g, query i.
 //   k    (B, Hkv, Lk, D) and v (B, Hkv, Lk, Dv), strides kst/vst = (b, h, key).
 //   allow, bias: optional (b, hq, i, j) arrays with strides ast/bst (0 where broadcast).
+//   row_lo, row_hi (Lq,): query i sees keys [row_lo[i], row_hi[i]) (causal, window); both null:
+//        every query sees all of [j0, j1).
 //   out_m, out_l (B, Hkv, S, M) and out_acc (B, Hkv, S, M, Dv), S = nsplit.
 //   out_bad (B, Hkv, S) int32: 1 where a work item formed a score that is NaN or infinite
 //        (from a non-finite key, or an overflow) before any mask applied, so that the caller
@@ -411,8 +413,8 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
   // Keys some row may see under the band.
   int64_t lo = e, hi = a;
   for (int64_t i = 0; i < A.Lq; ++i) {
-    lo = std::min(lo, std::max(a, A.row_lo[i]));
-    hi = std::max(hi, std::min(e, A.row_hi[i]));
+    lo = std::min(lo, std::max(a, A.row_lo ? A.row_lo[i] : A.j0));
+    hi = std::max(hi, std::min(e, A.row_hi ? A.row_hi[i] : A.j1));
   }
   const float* q = A.q + (b * A.Hkv + h) * M * D;
   const uint16_t* q16 = A.q16 ? A.q16 + (b * A.Hkv + h) * M * D : nullptr;
@@ -421,6 +423,11 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
   const void* vb = at<KIND>(A.v, b * A.vst[0] + h * A.vst[1]);
   const int64_t ks = A.kst[2], vs = A.vst[2], esize = KIND == 0 ? 4 : 2;
   float* s = sbuf.data();  // (M, BK) scores, then probabilities, of one block
+  // The item's first PF_AHEAD keys and values, which no tile asks for (each asks PF_AHEAD keys on).
+  for (int64_t r = lo; r < std::min(hi, lo + PF_AHEAD); ++r) {
+    for (int64_t o = 0; o < D * esize; o += 64) __builtin_prefetch((const char*)kb + r * ks * esize + o, 0, 1);
+    for (int64_t o = 0; o < Dv * esize; o += 64) __builtin_prefetch((const char*)vb + r * vs * esize + o, 0, 1);
+  }
   v16 raw_check = splat(0.0f);  // sum of x - x over raw scores: 0, or NaN once one is not finite
   float raw_check1 = 0.0f;
 
@@ -462,7 +469,7 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
     for (m = 0; m < M; ++m) {
       float* sr = s + m * BK;
       const int64_t g = m / A.Lq, i = m % A.Lq, hq = h * A.G + g;
-      const int64_t rlo = A.row_lo[i], rhi = A.row_hi[i];
+      const int64_t rlo = A.row_lo ? A.row_lo[i] : A.j0, rhi = A.row_hi ? A.row_hi[i] : A.j1;
       {
         int64_t c = 0;
         for (; c + 16 <= n; c += 16) {
@@ -586,8 +593,9 @@ int qkv_decode_partials(int kind, const float* q, const uint16_t* q16, float qsc
 // = (B, Hq, Lq, Dv) float32 = acc / row_sum (0 for a row that saw no key), lse (B, Hkv, M) =
 // row_max + log(row_sum) (-inf for such a row), *bad = 1 if a work item flagged a raw score
 // that is not finite, else 0. Done here rather than in torch because after a long cache has
-// streamed through the caches every small torch operation runs cold: merging and finishing in
-// torch cost 0.26 ms of a 5.4 ms step at 32768 keys (bfloat16, B=1, Hkv=8, G=4, D=128).
+// streamed through the caches every small torch operation runs cold: engines/decode_native.py
+// spent 0.50 ms outside the kernel with the merge and the finish (and the band) in torch, 0.13 ms
+// now, of a 5-6 ms step at 32768 keys (bfloat16, B=1, Hkv=8, G=4, D=128).
 // Returns 0 on success, 1 for an unknown dtype kind.
 int qkv_decode(int kind, const float* q, const uint16_t* q16, float qscale, const void* k, const void* v, const int64_t* kst,
                const int64_t* vst, int64_t B, int64_t Hkv, int64_t G, int64_t Lq, int64_t D, int64_t Dv,
