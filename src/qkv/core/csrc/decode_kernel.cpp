@@ -409,7 +409,8 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
   for (int64_t m = 0; m < M; ++m) m_out[m] = NEG_INF, l_out[m] = 0.0f;
   std::memset(acc, 0, sizeof(float) * M * Dv);
 
-  int64_t a = A.j0 + split * A.split_len, e = std::min(A.j1, a + A.split_len);
+  // Keys [a, e) of the split; empty for a split past the end (more splits than keys).
+  int64_t a = std::min(A.j1, A.j0 + split * A.split_len), e = std::min(A.j1, a + A.split_len);
   // Keys some row may see under the band.
   int64_t lo = e, hi = a;
   for (int64_t i = 0; i < A.Lq; ++i) {
