@@ -4,8 +4,10 @@
 // split over the cache as in Flash-Decoding (Dao, Haziza, Massa and Sizov, 2023): every
 // (batch row, kv head, cache split) is a work item that reads its keys and values once, and
 // returns its partial softmax state (row max, row sum, weighted values relative to the row
-// max); Python merges the splits through their row max. The grouped query heads of a kv head
-// are the rows of one item (Ainslie et al., 2023, GQA), so a key is read once for all of them.
+// max); qkv_decode merges the splits through their row max and finishes (out, lse). The grouped
+// query heads of a kv head are the rows of one item (Ainslie et al., 2023, GQA), so a key is
+// read once for all of them. Items go to whichever thread is free; each piece of the cache is
+// prefetched into L2 as the same piece PF_AHEAD keys earlier is read (see Ahead).
 //
 // Scores are formed in float32 from a float32 query and keys that are float32 or bfloat16
 // (widened in registers: a bfloat16 is the top half of a float32), so no wider copy of the
@@ -21,15 +23,34 @@
 //        is query head h*G + g, query i.
 //   k    (B, Hkv, Lk, D) and v (B, Hkv, Lk, Dv), strides kst/vst = (b, h, key).
 //   allow, bias: optional (b, hq, i, j) arrays with strides ast/bst (0 where broadcast).
+//   row_lo, row_hi (Lq,): query i sees keys [row_lo[i], row_hi[i]) (causal, window); both null:
+//        every query sees all of [j0, j1).
 //   out_m, out_l (B, Hkv, S, M) and out_acc (B, Hkv, S, M, Dv), S = nsplit.
 //   out_bad (B, Hkv, S) int32: 1 where a work item formed a score that is NaN or infinite
 //        (from a non-finite key, or an overflow) before any mask applied, so that the caller
 //        can recompute the step by qkv's rule for non-finite inputs (core/finite.py) without
 //        reading the cache a second time.
+//   qkv_decode: out (B, Hkv, M, Dv) = (B, Hq, Lq, Dv) and lse (B, Hkv, M) float32, bad (uint8).
+//
+// Measured on a 2-core AMD EPYC (Zen 4, AVX512-BF16, a shared VM whose memory read ran at 25-49
+// GB/s from run to run), B=1, Hq=32, Hkv=8, D=128, one query, 2 threads. The kernel alone,
+// called through ctypes in turns with a float32 read of as many bytes, best of 11, before
+// (prefetches in bursts: a block's values while its scores were formed, the next block's keys
+// while its values were summed; one split per kv head, items dealt round robin) and after:
+// bfloat16 32768 keys 5.40 -> 4.66 ms (read 4.71 ms), 6.05 -> 5.52 ms (read 4.79 ms); float32
+// 32768 10.72 -> 9.12 ms (read 8.46 ms); one thread, bfloat16 8.82 -> 7.65 ms, float32 22.0
+// -> 15.0 ms. The whole step through qkv.attention, `python benchmarks/decode.py --lengths
+// 32768 131072 --queries 1 --repeats 7`, the code before and after run in turns, twice each:
+// bfloat16 32768 7.50, 7.47 ms (before) -> 6.91, 6.40 ms (after); 131072 24.17, 22.57 -> 20.38,
+// 23.43 ms; float32 32768 12.90, 16.42 -> 11.85, 11.26 ms; 131072 48.21, 47.13 -> 33.13, 38.52
+// ms. Of a 6 ms step, 0.8-1.1 ms is spent outside this kernel in Python and torch operations,
+// each slow because the cache just streamed through every cache level (see qkv_decode).
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 #ifdef __AVX512F__
@@ -107,15 +128,44 @@ __attribute__((always_inline)) inline v16 reduce16(const v16* a) {
 
 inline float sexp(float x) { return x == NEG_INF ? 0.0f : std::exp(x); }
 
-// Ask for the cache lines of `rows` rows of `bytes` bytes each, `stride` bytes apart, into
-// L2 (locality 1, prefetcht1). Into L1 (locality 3) the 16 KiB of a block's values and the
-// next block's 16 KiB of keys crowd a 32 KiB L1: on the 2-core AMD EPYC (Zen 4) this was
-// tuned on, one thread read a bfloat16 cache at 82-90% of a plain read's bandwidth with L2
-// prefetches against 55-62% with L1 ones and 63-73% with none (float32: 53-57% against
-// 42-43% and 35-37%), both counted in CPU time (timings on that shared machine were noise).
-inline void prefetch_rows(const void* base, int64_t rows, int64_t stride, int64_t bytes) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char*)base + r * stride + o, 0, 1);
+// Prefetching. Every tile that reads a piece of a cache row (keys in the scores, values in
+// the weighted sum) asks, in the same loop step, for the same bytes of the row PF_AHEAD keys
+// later (`Ahead`), into L2 (__builtin_prefetch locality 1: prefetcht2): so the keys and the
+// values streams are each requested one line per line read, at the rate the arithmetic
+// consumes them, PF_AHEAD keys (a 64-key block: 16 KiB of bfloat16 keys, as much of values)
+// ahead. On the 2-core AMD EPYC (Zen 4, in a VM) this was tuned on, the hardware prefetchers
+// do little for these two streams: with no software prefetch a bfloat16 cache ran at half
+// the speed, and prefetching one line in 2 or 4 (leaving the rest to the hardware) was as
+// slow. The earlier scheme (a block's values requested in bursts while its scores were
+// formed, the next block's keys while its values were summed) left the core's misses
+// outstanding in bursts, so the cache was read and computed on in turn rather than at once:
+// one thread, bfloat16, 32768 keys, B=1, Hkv=8, G=4, D=128, the kernel called directly:
+// 8.59-9.40 ms before, 6.40-7.02 ms with this scheme (distances 32/64/128/256 keys: 7.7, 7.0,
+// 6.6, 6.3 ms in one run and 32-key 9.0 vs 64-key 9.1 in another: flat beyond 32); L1
+// prefetches (locality 3) 1.6x slower than L2 ones; a non-temporal one (locality 0) 1.5x.
+constexpr int64_t PF_AHEAD = 64;
+
+// The prefetch target of a tile: row c of the tile asks for row c of `p` (the tile's first row
+// PF_AHEAD keys on, `stride` bytes apart) when c < n (the rows whose ahead row the work item
+// still reads); n <= 0: none.
+struct Ahead {
+  const char* p = nullptr;
+  int64_t n = 0, stride = 0;
+  // Bytes [o, o + len) of row c, a line at a time.
+  inline void ask(int64_t c, int64_t o, int64_t len) const {
+    if (c < n)
+      for (int64_t e = o; e < o + len; e += 64) __builtin_prefetch(p + c * stride + e, 0, 1);
+  }
+};
+
+// The Ahead of the rows [r0, r0 + rows) of a cache whose row 0 is `base`, `stride` bytes apart,
+// for a work item that reads rows below `hi`.
+inline Ahead ahead_of(const void* base, int64_t r0, int64_t rows, int64_t hi, int64_t stride) {
+  Ahead a;
+  a.p = (const char*)base + (r0 + PF_AHEAD) * stride;
+  a.n = std::min<int64_t>(rows, hi - r0 - PF_AHEAD);
+  a.stride = stride;
+  return a;
 }
 
 struct Args {
@@ -140,15 +190,19 @@ struct Args {
 };
 
 // s[r*BK + c] = q[m0 + r] . k[j + c] for RM rows and RK keys, RM*RK = 16.
+// Prefetches through `pf` (see Ahead) the same dims of the keys PF_AHEAD on.
 template <int KIND, int RM, int RK>
-inline void scores_tile(const float* q, int64_t D, const void* k, int64_t kstride, float* s) {
+inline void scores_tile(const float* q, int64_t D, const void* k, int64_t kstride, float* s, const Ahead& pf) {
   static_assert(RM * RK == 16, "one tile is sixteen dot products");
+  constexpr int64_t esize = KIND == 0 ? 4 : 2;
   v16 acc[16];
   for (int t = 0; t < 16; ++t) acc[t] = splat(0.0f);
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
     v16 qv[RM];
     for (int r = 0; r < RM; ++r) qv[r] = *(const v16u*)(q + r * D + d);
+    if ((d * esize) % 64 == 0)
+      for (int c = 0; c < RK; ++c) pf.ask(c, d * esize, 1);  // one line per 64 bytes read
     for (int c = 0; c < RK; ++c) {
       v16 kv = load16<KIND>(at<KIND>(k, c * kstride + d));
       for (int r = 0; r < RM; ++r) acc[r * RK + c] += qv[r] * kv;
@@ -173,7 +227,8 @@ inline void scores_tile(const float* q, int64_t D, const void* k, int64_t kstrid
 // The same tile for bfloat16 queries q16 and keys, with the processor's bfloat16 dot
 // product (pairs of exact products summed in float32), times `scale`.
 template <int RM, int RK>
-__attribute__((always_inline)) inline void scores_tile_bf16(const uint16_t* q16, int64_t D, const void* k, int64_t kstride, float scale, float* s) {
+__attribute__((always_inline)) inline void scores_tile_bf16(const uint16_t* q16, int64_t D, const void* k, int64_t kstride, float scale, float* s,
+                                                             const Ahead& pf) {
   static_assert(RM * RK == 16, "one tile is sixteen dot products");
   v16 acc[16];
   for (int t = 0; t < 16; ++t) acc[t] = splat(0.0f);
@@ -181,6 +236,7 @@ __attribute__((always_inline)) inline void scores_tile_bf16(const uint16_t* q16,
   for (; d + 32 <= D; d += 32) {
     __m512bh qv[RM];
     for (int r = 0; r < RM; ++r) qv[r] = (__m512bh)_mm512_loadu_si512(q16 + r * D + d);
+    for (int c = 0; c < RK; ++c) pf.ask(c, 2 * d, 1);  // the line of the same 32 dims PF_AHEAD keys on
     for (int c = 0; c < RK; ++c) {
       __m512bh kv = (__m512bh)_mm512_loadu_si512((const uint16_t*)k + c * kstride + d);
       for (int r = 0; r < RM; ++r) acc[r * RK + c] = (v16)_mm512_dpbf16_ps((__m512)acc[r * RK + c], qv[r], kv);
@@ -218,19 +274,18 @@ inline float dot1(const float* q, int64_t D, const void* k) {
 }
 
 // acc[r] (Dv) += sum over the n keys of p[r*BK + c] * v[c], for RM rows, dims [d0, Dv).
-// While it reads key c's values it asks for row c of `pf` (pf_n rows of pf_bytes bytes,
-// pf_stride bytes apart; the next block's keys), so the two streams are fetched evenly.
+// While it reads dims of key c's values it asks for the same dims of row c of `pf` (Ahead).
 template <int KIND, int RM>
 inline void values_tile(const float* p, const void* v, int64_t vstride, int64_t n, int64_t d0, int64_t Dv, float* acc,
-                        const char* pf, int64_t pf_n, int64_t pf_stride, int64_t pf_bytes) {
-  for (int64_t c = n; c < pf_n; ++c) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
+                        const Ahead& pf) {
+  constexpr int64_t esize = KIND == 0 ? 4 : 2;
   int64_t d = d0;
   for (; d + 64 <= Dv; d += 64) {
     v16 o[RM][4];
     for (int r = 0; r < RM; ++r)
       for (int t = 0; t < 4; ++t) o[r][t] = *(const v16u*)(acc + r * Dv + d + 16 * t);
     for (int64_t c = 0; c < n; ++c) {
-      if (d == d0 && c < pf_n) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
+      pf.ask(c, d * esize, 64 * esize);
       const void* row = at<KIND>(v, c * vstride + d);
       v16 vv[4];
       for (int t = 0; t < 4; ++t) vv[t] = load16<KIND>(at<KIND>(row, 16 * t));
@@ -246,14 +301,14 @@ inline void values_tile(const float* p, const void* v, int64_t vstride, int64_t 
     v16 o[RM];
     for (int r = 0; r < RM; ++r) o[r] = *(const v16u*)(acc + r * Dv + d);
     for (int64_t c = 0; c < n; ++c) {
-      if (d == d0 && c < pf_n) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
+      if ((d * esize) % 64 == 0) pf.ask(c, d * esize, 16 * esize);
       v16 vv = load16<KIND>(at<KIND>(v, c * vstride + d));
       for (int r = 0; r < RM; ++r) o[r] += splat(p[r * BK + c]) * vv;
     }
     for (int r = 0; r < RM; ++r) *(v16u*)(acc + r * Dv + d) = o[r];
   }
-  if (Dv - d0 < 16)
-    for (int64_t c = 0; c < n && c < pf_n; ++c) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
+  if (d < Dv)  // the last dims (Dv mod 16), one by one
+    for (int64_t c = 0; c < n; ++c) pf.ask(c, d * esize, (Dv - d) * esize);
   for (; d < Dv; ++d)
     for (int r = 0; r < RM; ++r) {
       float x = acc[r * Dv + d];
@@ -275,7 +330,7 @@ inline void values_tile(const float* p, const void* v, int64_t vstride, int64_t 
 // (+4); they are permuted from and back to acc's order once per block.
 template <int RM, int NH>  // NH halves of 32 dims from d
 inline void values_pairs_bf16(const uint32_t (*pw)[BK / 2], const uint16_t* v, int64_t vstride, int64_t n, int64_t d,
-                              int64_t Dv, float* acc, const char* pf, int64_t pf_n, int64_t pf_stride, int64_t pf_bytes) {
+                              int64_t Dv, float* acc, const Ahead& pf) {
   const __m512i to_lo = _mm512_set_epi32(27, 26, 25, 24, 19, 18, 17, 16, 11, 10, 9, 8, 3, 2, 1, 0);
   const __m512i to_hi = _mm512_set_epi32(31, 30, 29, 28, 23, 22, 21, 20, 15, 14, 13, 12, 7, 6, 5, 4);
   const __m512i back0 = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
@@ -289,7 +344,8 @@ inline void values_pairs_bf16(const uint32_t (*pw)[BK / 2], const uint16_t* v, i
     }
   int64_t c = 0;
   for (; c + 2 <= n; c += 2) {
-    if (c < pf_n) prefetch_rows(pf + c * pf_stride, c + 1 < pf_n ? 2 : 1, pf_stride, pf_bytes);
+    pf.ask(c, 2 * d, 64 * NH);  // the same dims of both keys PF_AHEAD on, before the loads
+    pf.ask(c + 1, 2 * d, 64 * NH);
     const uint16_t* r0 = v + c * vstride + d;
     __m512bh w[2 * NH];
     for (int h = 0; h < NH; ++h) {
@@ -303,7 +359,7 @@ inline void values_pairs_bf16(const uint32_t (*pw)[BK / 2], const uint16_t* v, i
     }
   }
   if (c < n) {  // the odd last key, with zeros for its pair (its p pair's second half is 0 too)
-    if (c < pf_n) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
+    pf.ask(c, 2 * d, 64 * NH);
     const uint16_t* r0 = v + c * vstride + d;
     __m512bh w[2 * NH];
     for (int h = 0; h < NH; ++h) {
@@ -328,12 +384,11 @@ inline void values_pairs_bf16(const uint32_t (*pw)[BK / 2], const uint16_t* v, i
 // the rest (Dv mod 32) widened to float32 by values_tile.
 template <int RM>
 inline void values_tile_bf16(const float* p, const uint16_t* v, int64_t vstride, int64_t n, int64_t Dv, float* acc,
-                             const char* pf, int64_t pf_n, int64_t pf_stride, int64_t pf_bytes) {
+                             const Ahead& pf) {
   if (Dv < 32) {
-    values_tile<1, RM>(p, v, vstride, n, 0, Dv, acc, pf, pf_n, pf_stride, pf_bytes);
+    values_tile<1, RM>(p, v, vstride, n, 0, Dv, acc, pf);
     return;
   }
-  for (int64_t c = n; c < pf_n; ++c) prefetch_rows(pf + c * pf_stride, 1, 0, pf_bytes);
   // pw[r][c / 2] = (p[r][c], p[r][c + 1]) rounded to bfloat16, p[r][c] in the low half: the
   // (M, BK) block of weights, whose entries from n on are 0.
   alignas(64) uint32_t pw[RM][BK / 2];
@@ -342,24 +397,22 @@ inline void values_tile_bf16(const float* p, const uint16_t* v, int64_t vstride,
       _mm512_store_si512(pw[r] + c / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + r * BK + c + 16),
                                                                      _mm512_loadu_ps(p + r * BK + c)));
   int64_t d = 0;
-  for (; d + 64 <= Dv; d += 64)
-    values_pairs_bf16<RM, 2>(pw, v, vstride, n, d, Dv, acc, pf, d == 0 ? pf_n : 0, pf_stride, pf_bytes);
-  for (; d + 32 <= Dv; d += 32)
-    values_pairs_bf16<RM, 1>(pw, v, vstride, n, d, Dv, acc, pf, d == 0 ? pf_n : 0, pf_stride, pf_bytes);
-  if (d < Dv) values_tile<1, RM>(p, v, vstride, n, d, Dv, acc, pf, 0, pf_stride, pf_bytes);
+  for (; d + 64 <= Dv; d += 64) values_pairs_bf16<RM, 2>(pw, v, vstride, n, d, Dv, acc, pf);
+  for (; d + 32 <= Dv; d += 32) values_pairs_bf16<RM, 1>(pw, v, vstride, n, d, Dv, acc, pf);
+  if (d < Dv) values_tile<1, RM>(p, v, vstride, n, d, Dv, acc, pf);
 }
 #endif
 
 template <int KIND, int RM>
 inline void values_block(const float* p, const void* v, int64_t vstride, int64_t n, int64_t Dv, float* acc,
-                         const char* pf, int64_t pf_n, int64_t pf_stride, int64_t pf_bytes) {
+                         const Ahead& pf) {
 #ifdef __AVX512BF16__
   if constexpr (KIND == 1) {
-    values_tile_bf16<RM>(p, (const uint16_t*)v, vstride, n, Dv, acc, pf, pf_n, pf_stride, pf_bytes);
+    values_tile_bf16<RM>(p, (const uint16_t*)v, vstride, n, Dv, acc, pf);
     return;
   }
 #endif
-  values_tile<KIND, RM>(p, v, vstride, n, 0, Dv, acc, pf, pf_n, pf_stride, pf_bytes);
+  values_tile<KIND, RM>(p, v, vstride, n, 0, Dv, acc, pf);
 }
 
 // One work item: batch row b, kv head h, keys [a, e) -> its partial softmax state.
@@ -373,12 +426,13 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
   for (int64_t m = 0; m < M; ++m) m_out[m] = NEG_INF, l_out[m] = 0.0f;
   std::memset(acc, 0, sizeof(float) * M * Dv);
 
-  int64_t a = A.j0 + split * A.split_len, e = std::min(A.j1, a + A.split_len);
+  // Keys [a, e) of the split; empty for a split past the end (more splits than keys).
+  int64_t a = std::min(A.j1, A.j0 + split * A.split_len), e = std::min(A.j1, a + A.split_len);
   // Keys some row may see under the band.
   int64_t lo = e, hi = a;
   for (int64_t i = 0; i < A.Lq; ++i) {
-    lo = std::min(lo, std::max(a, A.row_lo[i]));
-    hi = std::max(hi, std::min(e, A.row_hi[i]));
+    lo = std::min(lo, std::max(a, A.row_lo ? A.row_lo[i] : A.j0));
+    hi = std::max(hi, std::min(e, A.row_hi ? A.row_hi[i] : A.j1));
   }
   const float* q = A.q + (b * A.Hkv + h) * M * D;
   const uint16_t* q16 = A.q16 ? A.q16 + (b * A.Hkv + h) * M * D : nullptr;
@@ -387,6 +441,11 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
   const void* vb = at<KIND>(A.v, b * A.vst[0] + h * A.vst[1]);
   const int64_t ks = A.kst[2], vs = A.vst[2], esize = KIND == 0 ? 4 : 2;
   float* s = sbuf.data();  // (M, BK) scores, then probabilities, of one block
+  // The item's first PF_AHEAD keys and values, which no tile asks for (each asks PF_AHEAD keys on).
+  for (int64_t r = lo; r < std::min(hi, lo + PF_AHEAD); ++r) {
+    for (int64_t o = 0; o < D * esize; o += 64) __builtin_prefetch((const char*)kb + r * ks * esize + o, 0, 1);
+    for (int64_t o = 0; o < Dv * esize; o += 64) __builtin_prefetch((const char*)vb + r * vs * esize + o, 0, 1);
+  }
   v16 raw_check = splat(0.0f);  // sum of x - x over raw scores: 0, or NaN once one is not finite
   float raw_check1 = 0.0f;
 
@@ -399,13 +458,14 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
     for (; m + 4 <= M; m += 4) {
       int64_t c = 0;
       for (; c + 4 <= n; c += 4) {
-        if (m == 0 && j + c + 4 <= hi) prefetch_rows(at<KIND>(vj, c * vs), 4, vs * esize, Dv * esize);
+        // The first rows' pass over the keys prefetches them (Ahead).
+        const Ahead pf = m == 0 ? ahead_of(kb, j + c, 4, hi, ks * esize) : Ahead();
 #ifdef __AVX512BF16__
         if (KIND == 1 && q16)
-          scores_tile_bf16<4, 4>(q16 + m * D, D, at<KIND>(kj, c * ks), ks, A.qscale, s + m * BK + c);
+          scores_tile_bf16<4, 4>(q16 + m * D, D, at<KIND>(kj, c * ks), ks, A.qscale, s + m * BK + c, pf);
         else
 #endif
-          scores_tile<KIND, 4, 4>(q + m * D, D, at<KIND>(kj, c * ks), ks, s + m * BK + c);
+          scores_tile<KIND, 4, 4>(q + m * D, D, at<KIND>(kj, c * ks), ks, s + m * BK + c, pf);
       }
       for (; c < n; ++c)
         for (int r = 0; r < 4; ++r) s[(m + r) * BK + c] = dot1<KIND>(q + (m + r) * D, D, at<KIND>(kj, c * ks));
@@ -413,13 +473,13 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
     for (; m < M; ++m) {
       int64_t c = 0;
       for (; c + 16 <= n; c += 16) {
-        if (M < 4 && j + c + 16 <= hi) prefetch_rows(at<KIND>(vj, c * vs), 16, vs * esize, Dv * esize);
+        const Ahead pf = m == 0 ? ahead_of(kb, j + c, 16, hi, ks * esize) : Ahead();  // M < 4: the first pass
 #ifdef __AVX512BF16__
         if (KIND == 1 && q16)
-          scores_tile_bf16<1, 16>(q16 + m * D, D, at<KIND>(kj, c * ks), ks, A.qscale, s + m * BK + c);
+          scores_tile_bf16<1, 16>(q16 + m * D, D, at<KIND>(kj, c * ks), ks, A.qscale, s + m * BK + c, pf);
         else
 #endif
-          scores_tile<KIND, 1, 16>(q + m * D, D, at<KIND>(kj, c * ks), ks, s + m * BK + c);
+          scores_tile<KIND, 1, 16>(q + m * D, D, at<KIND>(kj, c * ks), ks, s + m * BK + c, pf);
       }
       for (; c < n; ++c) s[m * BK + c] = dot1<KIND>(q + m * D, D, at<KIND>(kj, c * ks));
     }
@@ -427,7 +487,7 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
     for (m = 0; m < M; ++m) {
       float* sr = s + m * BK;
       const int64_t g = m / A.Lq, i = m % A.Lq, hq = h * A.G + g;
-      const int64_t rlo = A.row_lo[i], rhi = A.row_hi[i];
+      const int64_t rlo = A.row_lo ? A.row_lo[i] : A.j0, rhi = A.row_hi ? A.row_hi[i] : A.j1;
       {
         int64_t c = 0;
         for (; c + 16 <= n; c += 16) {
@@ -487,23 +547,26 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
       for (; c < BK; ++c) sr[c] = 0.0f;
       l_out[m] += sum;
     }
-    // Weighted values, while the next block's keys are fetched.
-    const int64_t next = std::min<int64_t>(BK, std::max<int64_t>(0, hi - j - BK));
-    const char* pf = (const char*)at<KIND>(kj, BK * ks);
+    // Weighted values; the first rows' pass prefetches the values PF_AHEAD keys on.
+    const Ahead vpf = ahead_of(vb, j, n, hi, vs * esize);
     for (m = 0; m + 4 <= M; m += 4)
-      values_block<KIND, 4>(s + m * BK, vj, vs, n, Dv, acc + m * Dv, pf, m == 0 ? next : 0, ks * esize, D * esize);
+      values_block<KIND, 4>(s + m * BK, vj, vs, n, Dv, acc + m * Dv, m == 0 ? vpf : Ahead());
     for (; m < M; ++m)
-      values_block<KIND, 1>(s + m * BK, vj, vs, n, Dv, acc + m * Dv, pf, m == 0 ? next : 0, ks * esize, D * esize);
+      values_block<KIND, 1>(s + m * BK, vj, vs, n, Dv, acc + m * Dv, m == 0 ? vpf : Ahead());
   }
   A.out_bad[item] = (hsum(raw_check) + raw_check1) != 0.0f;  // NaN != 0 as well
 }
 
+// Work items are handed out in order, the next to whichever thread is free (an atomic
+// counter): the threads of the 2-core VM this was tuned on read different parts of a cache at
+// different speeds (one finished its fixed share of 32768 keys in 5.5 ms, the other in 6.3).
 template <int KIND>
 void run_all(const Args& A, int nthreads) {
   const int64_t items = A.B * A.Hkv * A.nsplit;
-  auto worker = [&](int t) {
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int) {
     std::vector<float> sbuf(A.M * BK);
-    for (int64_t it = t; it < items; it += nthreads) {
+    for (int64_t it = next++; it < items; it = next++) {
       const int64_t split = it % A.nsplit, bh = it / A.nsplit;
       run_item<KIND>(A, bh / A.Hkv, bh % A.Hkv, split, sbuf);
     }
@@ -543,8 +606,54 @@ int qkv_decode_partials(int kind, const float* q, const uint16_t* q16, float qsc
   return 0;
 }
 
+// The whole step: the partial states of qkv_decode_partials (kept here), merged through their
+// row max as flash.merge_states does, and finished as flash.finish does: out (B, Hkv, M, Dv)
+// = (B, Hq, Lq, Dv) float32 = acc / row_sum (0 for a row that saw no key), lse (B, Hkv, M) =
+// row_max + log(row_sum) (-inf for such a row), *bad = 1 if a work item flagged a raw score
+// that is not finite, else 0. Done here rather than in torch because after a long cache has
+// streamed through the caches every small torch operation runs cold: engines/decode_native.py
+// spent 0.50 ms outside the kernel with the merge and the finish (and the band) in torch, 0.13 ms
+// now, of a 5-6 ms step at 32768 keys (bfloat16, B=1, Hkv=8, G=4, D=128).
+// Returns 0 on success, 1 for an unknown dtype kind.
+int qkv_decode(int kind, const float* q, const uint16_t* q16, float qscale, const void* k, const void* v, const int64_t* kst,
+               const int64_t* vst, int64_t B, int64_t Hkv, int64_t G, int64_t Lq, int64_t D, int64_t Dv,
+               const int64_t* row_lo, const int64_t* row_hi, const uint8_t* allow, const int64_t* ast,
+               const float* bias, const int64_t* bst, int64_t j0, int64_t j1, int64_t nsplit,
+               float* out, float* lse, uint8_t* bad, int nthreads) {
+  const int64_t M = G * Lq, S = nsplit < 1 ? 1 : nsplit, rows = B * Hkv * M;
+  std::unique_ptr<float[]> pm(new float[B * Hkv * S * M]), pl(new float[B * Hkv * S * M]),
+      pacc(new float[B * Hkv * S * M * Dv]);
+  std::unique_ptr<int32_t[]> pbad(new int32_t[B * Hkv * S]);
+  const int rc = qkv_decode_partials(kind, q, q16, qscale, k, v, kst, vst, B, Hkv, G, Lq, D, Dv, row_lo, row_hi, allow,
+                                     ast, bias, bst, j0, j1, S, pm.get(), pl.get(), pacc.get(), pbad.get(), nthreads);
+  if (rc != 0) return rc;
+  int32_t any = 0;
+  for (int64_t t = 0; t < B * Hkv * S; ++t) any |= pbad[t];
+  *bad = any != 0;
+  for (int64_t row = 0; row < rows; ++row) {  // row = (b * Hkv + h) * M + m; split s of it at (bh * S + s) * M + m
+    const int64_t bh = row / M, m = row % M;
+    float mx = NEG_INF;
+    for (int64_t sp = 0; sp < S; ++sp) mx = std::max(mx, pm[(bh * S + sp) * M + m]);
+    float* o = out + row * Dv;
+    for (int64_t d = 0; d < Dv; ++d) o[d] = 0.0f;
+    float l = 0.0f;
+    if (mx != NEG_INF)
+      for (int64_t sp = 0; sp < S; ++sp) {
+        const int64_t at_s = (bh * S + sp) * M + m;
+        const float w = sexp(pm[at_s] - mx);  // 0 for a split that saw no key (its acc is 0)
+        l += w * pl[at_s];
+        const float* a = pacc.get() + at_s * Dv;
+        for (int64_t d = 0; d < Dv; ++d) o[d] += w * a[d];
+      }
+    if (l > 0.0f)
+      for (int64_t d = 0; d < Dv; ++d) o[d] /= l;
+    lse[row] = (mx == NEG_INF ? 0.0f : mx) + std::log(l);  // log(0) = -inf: a row that saw nothing
+  }
+  return 0;
+}
+
 // The kernel's interface version, checked by the loader.
-int qkv_decode_version() { return 3; }
+int qkv_decode_version() { return 4; }
 
 // Whether bfloat16 scores use the processor's bfloat16 dot product (then pass q16).
 int qkv_decode_has_bf16_dot() {

@@ -5,10 +5,11 @@ float32 and bfloat16 caches: one pass over each split in blocks of 64 keys, the 
 block, its online-softmax update (Milakov & Gimelshein, 2018; FlashAttention-2, Dao 2023)
 and its weighted values all in registers and L1, bfloat16 widened in registers (or, where
 the processor has AVX512-BF16, both products on its bfloat16 dot product: the weights
-rounded to bfloat16 before P V, as FlashAttention-2 does on GPUs), the next block's keys
-prefetched into L2 while this one's values are summed; work items (batch row, kv head,
-split) on torch's OpenMP threads. The splits' partial states are merged here by
-`flash.merge_states`, as in Flash-Decoding (Dao, Haziza, Massa and Sizov, 2023). Its share
+rounded to bfloat16 before P V, as FlashAttention-2 does on GPUs), each piece of the cache
+prefetched into L2 as the same piece 64 keys earlier is read; work items (batch row, kv
+head, split) handed to torch's OpenMP threads as they come free. The kernel merges the
+splits' partial states through their row max, as in Flash-Decoding (Dao, Haziza, Massa and
+Sizov, 2023), and returns out and lse (`flash.merge_states` and `flash.finish` in C++). Its share
 of the memory-read bandwidth on a 2-core AVX-512 CPU: benchmarks/decode.py and
 docs/benchmarks.md. Like the eager engine it flags a non-finite raw score for the
 non-finite guard (core/finite.py). Layout: docs/architecture.md.
@@ -25,7 +26,6 @@ from torch import Tensor
 from .. import _kernels
 from ..spec import AttentionSpec
 from . import decode_eager
-from .flash import finish, merge_states
 
 _KERNEL_KINDS = {torch.float32: 0, torch.bfloat16: 1}
 _KERNEL_MIN_KEYS_PER_SPLIT = 1024
@@ -41,13 +41,17 @@ def applies(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> bool:
 
 
 def splits(items: int, keys: int, threads: int) -> int:
-    """Splits of the cache per (batch row, kv head): enough work items to keep the threads
-    busy, each of at least _KERNEL_MIN_KEYS_PER_SPLIT keys; under `split_sizes`, pieces of
-    at most its segment length."""
+    """Splits of the cache per (batch row, kv head): about 16 work items per thread, which the
+    kernel hands to whichever thread is free, so that a thread that reads its part of the
+    cache more slowly does not hold the step up; each of at least _KERNEL_MIN_KEYS_PER_SPLIT
+    keys; under `split_sizes`, pieces of at most its segment length. (bfloat16, 32768 keys,
+    B=1, Hkv=8, G=4, D=128, 2 threads, qkv.attention against a float32 read in turns, best of
+    11, twice: 1 split 5.62-6.13 ms, 2 to 8 splits 5.43-5.84 ms; 131072 keys 20.68 against
+    20.23 ms with 4; float32 at 32768 10.84 against 10.47 ms.)"""
     forced = decode_eager.forced_sizes()
     if forced is not None:
         return max(1, -(-keys // forced[0]))
-    return max(1, min(-(-4 * threads // items), keys // _KERNEL_MIN_KEYS_PER_SPLIT))
+    return max(1, min(-(-16 * threads // items), keys // _KERNEL_MIN_KEYS_PER_SPLIT))
 
 
 def _i64(values) -> "ctypes.Array":
@@ -61,36 +65,35 @@ def forward(kernel, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Tensor,
     has a bfloat16 dot product (else None); k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out
     (B, Hq, Lq, Dv) float32, lse (B, Hq, Lq) float32, and a 0-d bool tensor: whether a raw
     score was NaN or infinite. Keys [lo, hi) are cut into S splits, run as B*Hkv*S work items
-    on torch's thread count, whose partial states are merged here through their row max."""
+    on torch's thread count, whose partial states the kernel merges through their row max (as
+    `flash.merge_states` and `flash.finish` do). Few torch operations here: after a long cache
+    has streamed through the caches each one runs cold. At 32768 keys (bfloat16, B=1, Hkv=8,
+    G=4, D=128, after a float32 read of as many bytes) this function spent 0.50 ms outside the
+    kernel with the merge, the finish and the band in torch, 0.13 ms now (a 5-6 ms step)."""
     B, Hq, Hkv, G, Lq, Lk, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.Lk, spec.D, spec.Dv
-    M = G * Lq
     threads = max(1, torch.get_num_threads())
     S = splits(B * Hkv, hi - lo, threads)
     q_rows = q_rows.contiguous()
-    # Each query's band of keys [row_lo, row_hi) in one (2 * Lq,) tensor: row_lo then row_hi.
-    band = torch.cat(spec.band_edges(torch.arange(Lq))).contiguous()  # (2 * Lq,) int64
+    # Each query's band of keys [row_lo, row_hi) in one (2 * Lq,) tensor: row_lo then row_hi;
+    # without a causal or window band, none (every query sees all of [lo, hi)).
+    band = torch.cat(spec.band_edges(torch.arange(Lq))).contiguous() if spec.banded else None  # (2 * Lq,) int64
     shape = (B, Hq, Lq, Lk)
     allow = None if spec.bool_mask is None else spec.bool_mask.expand(shape)  # strides 0 where broadcast
     bias = None if spec.float_mask is None else spec.float_mask.to(torch.float32).expand(shape)
-    out_m, out_l, out_acc = torch.empty(B, Hkv, S, M), torch.empty(B, Hkv, S, M), torch.empty(B, Hkv, S, M, Dv)
-    out_bad = torch.zeros(B, Hkv, S, dtype=torch.int32)  # 1 where a raw score was not finite
+    # (B, Hkv, M, Dv) and (B, Hkv, M) with row m = g*Lq + i, query head h*G + g: (B, Hq, Lq[, Dv])
+    out, lse = torch.empty(B, Hq, Lq, Dv), torch.empty(B, Hq, Lq)
+    bad = torch.empty((), dtype=torch.bool)  # the kernel writes it: whether a raw score was not finite
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    rc = kernel.qkv_decode_partials(
+    rc = kernel.qkv_decode(
         _KERNEL_KINDS[k.dtype], ptr(q_rows), ptr(q16), spec.scale, ptr(k), ptr(v),
         _i64(k.stride()[:3]), _i64(v.stride()[:3]),
-        B, Hkv, G, Lq, D, Dv, ptr(band), ctypes.c_void_p(band.data_ptr() + 8 * Lq),
+        B, Hkv, G, Lq, D, Dv, ptr(band), None if band is None else ctypes.c_void_p(band.data_ptr() + 8 * Lq),
         ptr(allow), _i64(allow.stride() if allow is not None else (0,) * 4),
         ptr(bias), _i64(bias.stride() if bias is not None else (0,) * 4),
-        lo, hi, S, ptr(out_m), ptr(out_l), ptr(out_acc), ptr(out_bad), threads)
+        lo, hi, S, ptr(out), ptr(lse), ptr(bad), threads)
     if rc != 0:
         raise RuntimeError(f"qkv decode kernel failed with code {rc}")
-    if S == 1:
-        row_max, row_sum, acc = out_m[:, :, 0], out_l[:, :, 0], out_acc[:, :, 0]  # (B, Hkv, M[, Dv])
-    else:  # merge the splits through their row max
-        row_max, row_sum, acc = merge_states(out_m, out_l, out_acc, dim=2)  # (B, Hkv, M[, Dv])
-    # A row that saw no key has row_sum = 0 and acc = 0: out 0, lse -inf.
-    out, lse = finish(row_max.unsqueeze(-1), row_sum.unsqueeze(-1), acc)  # (B, Hkv, M, Dv), (B, Hkv, M, 1)
-    return out.view(B, Hq, Lq, Dv), lse.view(B, Hq, Lq), out_bad.any()
+    return out, lse, bad
 
 
 _typed: set[int] = set()
@@ -106,6 +109,10 @@ def lib():
     kernel.qkv_decode_partials.argtypes = [
         ctypes.c_int, p, p, ctypes.c_float, p, p, i64p, i64p, i64, i64, i64, i64, i64, i64, p, p, p, i64p, p, i64p,
         i64, i64, i64, p, p, p, p, ctypes.c_int]
+    kernel.qkv_decode.restype = ctypes.c_int  # the same arguments, then out, lse, bad (uint8), threads
+    kernel.qkv_decode.argtypes = [
+        ctypes.c_int, p, p, ctypes.c_float, p, p, i64p, i64p, i64, i64, i64, i64, i64, i64, p, p, p, i64p, p, i64p,
+        i64, i64, i64, p, p, p, ctypes.c_int]
     kernel.qkv_decode_has_bf16_dot.restype = ctypes.c_int
     kernel.bf16_dot = bool(kernel.qkv_decode_has_bf16_dot())
     _typed.add(id(kernel))

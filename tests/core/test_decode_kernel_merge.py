@@ -1,0 +1,182 @@
+"""The native decode kernel's whole step (qkv_decode): work items handed out as threads come free,
+the cache prefetched 64 keys ahead of each read, and the splits' partial states merged and finished
+in C++ (csrc/decode_kernel.cpp) rather than by torch (flash.merge_states and flash.finish).
+
+What these tests aim at:
+- the merge: forced split counts (1 to 16, some splits shorter than a block, some past the keys
+  any row sees), key counts around the blocks of 64 and the prefetch distance of 64, grouped
+  query heads 4/1 and 8/1, masks under which whole splits and whole rows see nothing, causal and
+  window bands (a band inside one split); out and lse against the float64 reference by the
+  tolerance rule (qkv.testing), a row that sees nothing as out 0, lse -inf;
+- the same call against the kernel's partial states merged by torch (qkv_decode_partials with
+  flash.merge_states and flash.finish, the earlier path), which must agree to float32 rounding;
+- the threads: the same result, bit for bit, on 1, 2 and 3 threads (items taken in any order).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import pytest
+import torch
+from random_qkv import random_qkv
+
+import qkv
+from qkv.core import _kernels
+from qkv.core.engines import decode_native
+from qkv.core.engines.flash import finish, merge_states
+from qkv.core.spec import build_spec
+from qkv.testing import FWD_FACTOR, assert_within_rule
+
+pytestmark = pytest.mark.skipif(decode_native.lib() is None,
+                                reason=f"the native decode kernel is unavailable: {_kernels.status('decode_kernel')}")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _inputs(B, Hq, Hkv, Lq, Lk, D, dtype, seed):
+    (q, k, v), gen = random_qkv(B, Hq, Hkv, Lq, Lk, torch.float64, seed, D=D, Dv=D)
+    v = v + torch.linspace(-2.0, 2.0, D, dtype=torch.float64)  # a dimension out of place shows
+    return [t.to(dtype) for t in (q, k, v)], gen
+
+
+def _kernel_step(q, k, v, **kw):
+    """(out float32 (B, Hq, Lq, Dv), lse (B, Hq, Lq), suspect) from decode_native.forward, as the
+    decode backend calls it."""
+    spec = build_spec(q, k, v, **kw)
+    B, Hkv, G, Lq, D = spec.B, spec.Hkv, spec.groups, spec.Lq, spec.D
+    lo, hi = spec.kv_range(0, Lq)
+    lo, hi = max(lo, 0), min(hi, spec.Lk)
+    kernel = decode_native.lib()
+    q_rows = (q.float() * spec.scale).reshape(B, Hkv, G * Lq, D)
+    q16 = q.reshape(B, Hkv, G * Lq, D).contiguous() if q.dtype == torch.bfloat16 and kernel.bf16_dot else None
+    return decode_native.forward(kernel, q_rows, q16, k, v, spec, lo, hi), (spec, q_rows, q16, lo, hi)
+
+
+def _exact_lse(q, k, mask, causal, window):
+    """float64 lse (B, Hq, Lq) by definition: logsumexp of the visible scaled scores."""
+    q64, k64 = q.double(), k.double()
+    G = q.shape[1] // k.shape[1]
+    s = q64 @ k64.repeat_interleave(G, dim=1).transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, Hq, Lq, Lk)
+    Lq, Lk = s.shape[-2:]
+    i = torch.arange(Lq)[:, None] + (Lk - Lq)
+    j = torch.arange(Lk)[None, :]
+    seen = torch.ones(Lq, Lk, dtype=torch.bool)
+    if causal:
+        seen &= j <= i
+    if window is not None:
+        seen &= (j >= i - window[0]) & (j <= i + window[1])
+    if mask is not None:
+        seen = seen & mask
+    return torch.logsumexp(s.masked_fill(~seen, float("-inf")), dim=-1)
+
+
+def _padding(B, Lk, lengths):
+    """(B, 1, 1, Lk) key-padding mask: batch row b sees its first lengths[b] keys."""
+    return (torch.arange(Lk)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+
+
+# (Hq, Hkv, Lq, Lk, D): 4 and 8 rows per kv head, odd key counts around the blocks (64) and the
+# prefetch distance (64: keys 64 to 127 are the first a tile asks for ahead), a longer cache.
+SHAPES = [(4, 1, 1, 1, 64), (8, 1, 1, 63, 64), (4, 1, 1, 65, 32), (8, 1, 1, 127, 64), (4, 1, 1, 129, 128),
+          (8, 1, 2, 1001, 48), (8, 2, 1, 4099, 128), (4, 1, 3, 2113, 64)]
+
+
+@pytest.mark.parametrize("S", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("Hq,Hkv,Lq,Lk,D", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forced_splits_by_the_rule(dtype, Hq, Hkv, Lq, Lk, D, S, monkeypatch):
+    """out and lse of qkv_decode, S splits forced, against float64 by the rule; a batch row with
+    an empty cache gets out 0 and lse -inf; the masks leave later splits empty for some rows."""
+    monkeypatch.setattr(decode_native, "splits", lambda *a: S)
+    B = 3
+    (q, k, v), _ = _inputs(B, Hq, Hkv, Lq, Lk, D, dtype, seed=Lk * 7 + S)
+    lengths = [Lk, 0, max(1, Lk // 3)]  # row 1 sees nothing, row 2 only the first splits
+    mask = _padding(B, Lk, lengths)
+    causal = Lq > 1
+    (out, lse, suspect), _ = _kernel_step(q, k, v, mask=mask, causal=causal)
+    assert not bool(suspect), "finite inputs were flagged"
+    assert torch.all(out[1] == 0), "a row with an empty cache attends to nothing"
+    assert torch.all(torch.isneginf(lse[1])), "a row with an empty cache has lse -inf"
+    seen = [0, 2]
+    exact = qkv.reference_attention(q.double(), k.double(), v.double(), mask=mask, causal=causal)
+    plain = qkv.reference_attention(q, k, v, mask=mask, causal=causal)
+    assert_within_rule(out.to(dtype)[seen], plain[seen], exact[seen], factor=FWD_FACTOR,
+                       what=f"out {dtype} {Hq}/{Hkv} Lq={Lq} Lk={Lk} D={D} S={S}")
+    lse_exact = _exact_lse(q, k, mask[:, 0, 0, None, :].expand(B, Lq, Lk)[:, None], causal, None)
+    # lse in float32 from float32 (or bfloat16) scores: a few float32 roundings of |lse| plus the
+    # scores' own rounding (the plain reference's error bounds it for bfloat16).
+    scores_err = 0.0
+    err = float((lse[seen].double() - lse_exact[seen]).abs().max())
+    assert err <= 1e-5 * float(lse_exact[seen].abs().max() + 1) + scores_err, f"lse error {err:.3e}"
+
+
+@pytest.mark.parametrize("S", [1, 2, 4, 7])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", [(3, 0), (100, 0), (700, 0)], ids=["w3", "w100", "w700"])
+def test_window_bands_inside_one_split(dtype, window, S, monkeypatch):
+    """A causal window (the kernel's per-row band arrays): with 7 splits of 2048 keys a 3-key
+    window lies inside one split and all other splits see nothing."""
+    monkeypatch.setattr(decode_native, "splits", lambda *a: S)
+    (q, k, v), _ = _inputs(2, 8, 1, 4, 2048, 64, dtype, seed=S + window[0])
+    (out, lse, _), _ = _kernel_step(q, k, v, causal=True, window=window)
+    exact = qkv.reference_attention(q.double(), k.double(), v.double(), causal=True, window=window)
+    plain = qkv.reference_attention(q, k, v, causal=True, window=window)
+    assert_within_rule(out.to(dtype), plain, exact, factor=FWD_FACTOR, what=f"window {window} S={S}")
+    lse_exact = _exact_lse(q, k, None, True, window)
+    scores_err = 0.0
+    assert float((lse.double() - lse_exact).abs().max()) <= 1e-5 * float(lse_exact.abs().max() + 1) + scores_err
+
+
+def _partials_merged_by_torch(q, k, v, S, **kw):
+    """The earlier path: qkv_decode_partials, then flash.merge_states and flash.finish."""
+    (_, _, _), (spec, q_rows, q16, lo, hi) = _kernel_step(q, k, v, **kw)
+    B, Hq, Hkv, G, Lq, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.Dv
+    M = G * Lq
+    band = torch.cat(spec.band_edges(torch.arange(Lq))).contiguous()
+    m, lsum, acc = torch.empty(B, Hkv, S, M), torch.empty(B, Hkv, S, M), torch.empty(B, Hkv, S, M, Dv)
+    bad = torch.zeros(B, Hkv, S, dtype=torch.int32)
+    p = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    i64 = decode_native._i64
+    rc = decode_native.lib().qkv_decode_partials(
+        1 if k.dtype == torch.bfloat16 else 0, p(q_rows.contiguous()), p(q16), spec.scale, p(k), p(v),
+        i64(k.stride()[:3]), i64(v.stride()[:3]), B, Hkv, G, Lq, spec.D, Dv, p(band),
+        ctypes.c_void_p(band.data_ptr() + 8 * Lq), None, i64((0,) * 4), None, i64((0,) * 4), lo, hi, S,
+        p(m), p(lsum), p(acc), p(bad), 2)
+    assert rc == 0
+    row_max, row_sum, acc = merge_states(m, lsum, acc, dim=2)
+    out, lse = finish(row_max.unsqueeze(-1), row_sum.unsqueeze(-1), acc)
+    return out.view(B, Hq, Lq, Dv), lse.view(B, Hq, Lq)
+
+
+@pytest.mark.parametrize("S", [1, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_in_cpp_matches_the_torch_merge(dtype, S, monkeypatch):
+    """qkv_decode's merge and finish against the partial states merged by torch: equal to a few
+    float32 roundings (the same states, the same formulas; a wrong weight or row shows at once)."""
+    monkeypatch.setattr(decode_native, "splits", lambda *a: S)
+    (q, k, v), _ = _inputs(2, 8, 2, 2, 3001, 64, dtype, seed=S)
+    (out, lse, _), _ = _kernel_step(q, k, v, causal=True)
+    ref_out, ref_lse = _partials_merged_by_torch(q, k, v, S, causal=True)
+    torch.testing.assert_close(out, ref_out, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(lse, ref_lse, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_same_result_on_any_thread_count(dtype, monkeypatch):
+    """Work items go to whichever thread is free: the result must not depend on which took
+    which (each item's state is computed alone, and merged in split order)."""
+    monkeypatch.setattr(decode_native, "splits", lambda *a: 6)
+    (q, k, v), _ = _inputs(1, 8, 2, 1, 5000, 128, dtype, seed=3)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            (out, lse, _), _ = _kernel_step(q, k, v)
+            results.append((out, lse))
+    finally:
+        torch.set_num_threads(previous)
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
