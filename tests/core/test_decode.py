@@ -277,3 +277,25 @@ def test_one_thread(monkeypatch):
         _check(q, k, v)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_fast_paths_estimate_does_not_count_the_cache(monkeypatch):
+    """A decode step reads the cache where it lies: its estimate is the queries, output and split states,
+    so a long cache does not make every step read the free memory; with autograd it is the tiled
+    engine's (which upcasts the inputs and keeps their gradients)."""
+    from qkv.core import _memory
+    from qkv.core.spec import build_spec
+
+    q = torch.zeros(1, 32, 1, 128, dtype=torch.bfloat16)
+    k = torch.zeros(1, 8, 1, 128, dtype=torch.bfloat16).expand(1, 8, 1 << 20, 128)  # 2^20 keys, no memory
+    spec = build_spec(q, k, k)
+    need, what = decode.memory(spec, q, False)
+    assert need < _memory.ALWAYS_FITS and "partial states" in what
+    calls = []
+    monkeypatch.setattr(_memory, "available", lambda device: calls.append(device) or 1 << 40)
+    qkv.core.api.check_memory("decode", spec, q, False)
+    assert calls == []
+    qg = q.clone().requires_grad_()
+    for spec_g in (build_spec(qg, k, k), build_spec(q, k.clone().requires_grad_(), k)):
+        need_g, what_g = decode.memory(spec_g, q, False)
+        assert need_g > 2 * 8 * (1 << 20) * 256 * 4 and "upcast" in what_g  # k and v in float32, and their gradients

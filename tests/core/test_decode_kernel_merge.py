@@ -180,3 +180,26 @@ def test_same_result_on_any_thread_count(dtype, monkeypatch):
         torch.set_num_threads(previous)
     for out, lse in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["clean", "inf value seen", "nan value seen", "nan value masked", "inf key"])
+def test_the_kernel_flags_every_non_finite_result_for_the_guard(dtype, case):
+    """The flag the decode backend hands the non-finite guard (core/finite.py) comes whole from the kernel:
+    a raw score that is not finite, an output that is not finite (a value's inf or NaN, seen or leaking
+    through a masked key's 0 * NaN), or an lse that is NaN; and never for clean inputs."""
+    (q, k, v), _ = _inputs(1, 4, 2, 2, 300, 32, dtype, seed=11)
+    mask = torch.ones(1, 1, 2, 300, dtype=torch.bool)
+    mask[..., 150] = False  # key 150 masked for every row
+    if case == "inf value seen":
+        v[0, 1, 40, 3] = float("inf")
+    elif case == "nan value seen":
+        v[0, 0, 299, 0] = float("nan")
+    elif case == "nan value masked":
+        v[0, 1, 150, 5] = float("nan")
+    elif case == "inf key":
+        k[0, 0, 7, 1] = float("inf")
+    (out, lse, bad), _ = _kernel_step(q, k, v, mask=mask)
+    assert bool(bad) is (case != "clean"), case
+    if case == "clean":
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all()

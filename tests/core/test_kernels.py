@@ -100,6 +100,7 @@ def test_auto_looks_for_the_kernel_only_where_it_changes_the_answer(monkeypatch)
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 # A stand-in for csrc/decode_kernel.cpp that exports the functions (never called here).
 STUB = """extern "C" {
+int qkv_decode() { return -1; }
 int qkv_decode_partials() { return -1; }
 int qkv_decode_version() { return 2; }
 int qkv_decode_has_bf16_dot() { return 0; }
@@ -202,7 +203,8 @@ def test_a_cached_library_without_the_kernel_functions_is_rebuilt(cache):
     other.write_text(OTHER)
     subprocess.run([_kernels._compiler(), "-shared", "-fPIC", "-o", str(lib_path), str(other)], check=True)
     (cache.folder / (lib_path.name + ".sha256")).write_text(f"{_kernels._sha256(lib_path)}  {lib_path.name}\n")
-    with pytest.warns(RuntimeWarning, match="lacks qkv_decode_partials, qkv_decode_has_bf16_dot, qkv_decode_version"):
+    with pytest.warns(RuntimeWarning, match="lacks qkv_decode, qkv_decode_partials, qkv_decode_has_bf16_dot, "
+                                               "qkv_decode_version"):
         lib = _kernels.load("decode_kernel")
     assert lib is not None and lib.qkv_decode_version() == 2
     assert cache.builds == [lib_path.name] and cache.opened == [lib_path.name, lib_path.name]
@@ -231,7 +233,7 @@ def test_a_failing_rebuild_falls_back_to_eager_with_one_warning(cache, monkeypat
 def test_a_fresh_build_without_the_functions_is_not_kept(cache):
     (cache.src / "decode_kernel.cpp").write_text(OTHER)
     assert _kernels.load("decode_kernel") is None
-    assert "lacks qkv_decode_partials" in _kernels.status("decode_kernel")
+    assert "lacks qkv_decode, qkv_decode_partials" in _kernels.status("decode_kernel")
     assert "QKV_KERNEL_CACHE" in _kernels.status("decode_kernel")
     assert len(cache.builds) == 1 and _files_in(cache.folder) == []
 

@@ -53,8 +53,10 @@ def plan(spec: AttentionSpec) -> flash.Plan:
 def _fast_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
     """The decode step without autograd, on the native kernel where it applies, else eager:
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv) in q's dtype,
-    lse (B, Hq, Lq) in the compute dtype, and a 0-d bool tensor: whether a raw score (before masks)
-    was NaN or infinite."""
+    lse (B, Hq, Lq) in the compute dtype, and a 0-d bool tensor, the non-finite guard's flag:
+    whether a raw score (before masks) was NaN or infinite, or a result is (an output NaN or
+    infinite, an lse NaN: a masked value's NaN leaking through 0 * NaN). The native kernel
+    checks all of it as it finishes the rows; the eager engine's results are checked here."""
     ct = compute_dtype(q.dtype)
     B, Hq, Hkv, G, Lq, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.D, spec.Dv
     M = G * Lq
@@ -69,20 +71,32 @@ def _fast_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple
         if kernel is not None:
             q16 = q.reshape(B, Hkv, M, D).contiguous() if q.dtype == torch.bfloat16 and kernel.bf16_dot else None
             out, lse, suspect = decode_native.forward(kernel, q_rows, q16, k, v, spec, lo, hi)
-            return out.to(q.dtype), lse, suspect
+            return out.to(q.dtype), lse, suspect  # suspect: scores, outputs and lse checked by the kernel
         _kernels.warn_unavailable("decode_kernel", "the decode backend runs its slower eager path")
     out, lse, suspect = decode_eager.forward(q_rows, k, v, spec, lo, hi)  # (B, Hq, Lq, Dv), (B, Hq, Lq)
-    return out.to(q.dtype), lse, suspect
+    out = out.to(q.dtype)
+    return out, lse, suspect | ~torch.isfinite(out.sum()) | torch.isnan(lse.sum())
 
 
-def _fast_path_applies(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> bool:
-    if spec.dropout_p > 0.0 or spec.score_mod is not None:
-        return False
-    if torch.is_grad_enabled():
-        mask = spec.float_mask
-        if q.requires_grad or k.requires_grad or v.requires_grad or (mask is not None and mask.requires_grad):
-            return False
-    return True
+def _fast_path_applies(spec: AttentionSpec) -> bool:
+    """The inference case: no autograd (through q, k, v or a float mask), dropout or score function."""
+    return spec.dropout_p == 0.0 and spec.score_mod is None and not spec.grad
+
+
+_SEGMENT_BYTES = 16 << 20  # the eager engine's scores and upcast keys and values of one segment (decode_eager)
+
+
+def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
+    """(bytes, what). The fast path reads the cache where it lies: the scaled queries, the output
+    (and its cast), the lse, the native kernel's partial states per split, and the eager engine's
+    one segment at a time; not the cache's size, so a long step does not read the free memory
+    (`_memory.available`) on every call. Otherwise the tiled engine's estimate."""
+    if not _fast_path_applies(spec):
+        return flash.memory(spec, q, need_lse)
+    rows = spec.B * spec.Hq * spec.Lq  # query rows
+    parts = decode_native.splits(spec.B * spec.Hkv, max(spec.Lk, 1), torch.get_num_threads())
+    need = 4 * rows * (spec.D + 2 * spec.Dv + 1 + parts * (spec.Dv + 2)) + _SEGMENT_BYTES
+    return need, "the queries, the output and the partial states of the cache's splits"
 
 
 def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]:
@@ -94,12 +108,12 @@ def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]
 
 def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
     """q (B, Hq, Lq<=16, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv), lse (B, Hq, Lq)."""
-    if _fast_path_applies(q, k, v, spec):
+    if _fast_path_applies(spec):
         out, lse, suspect = _fast_forward(q, k, v, spec)
         # A non-finite key or value read here, or a masked value's NaN leaking through 0 * NaN,
-        # shows as a non-finite raw score or result: the guard then recomputes by the rule.
-        # (An lse of -inf is a row that sees no key, which is honest; NaN or +inf is not.)
-        finite.report(suspect | ~torch.isfinite(out.sum()) | torch.isnan(lse.sum()))
+        # shows as a non-finite raw score or result (`suspect`): the guard then recomputes by the
+        # rule. (An lse of -inf is a row that sees no key, which is honest; NaN is not.)
+        finite.report(suspect)
         return out, (lse if need_lse else None)
     return flash.run(q, k, v, spec, plan(spec), need_lse=need_lse)
 
@@ -139,5 +153,5 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     return by_length
 
 
-BACKEND = Backend("decode", forward, unsupported, memory=flash.memory, auto=auto, priority=30,
-                  self_checking=lambda spec, q, k, v: _fast_path_applies(q, k, v, spec))
+BACKEND = Backend("decode", forward, unsupported, memory=memory, auto=auto, priority=30,
+                  self_checking=lambda spec, q, k, v: _fast_path_applies(spec))

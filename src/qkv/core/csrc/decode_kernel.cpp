@@ -610,7 +610,8 @@ int qkv_decode_partials(int kind, const float* q, const uint16_t* q16, float qsc
 // row max as flash.merge_states does, and finished as flash.finish does: out (B, Hkv, M, Dv)
 // = (B, Hq, Lq, Dv) float32 = acc / row_sum (0 for a row that saw no key), lse (B, Hkv, M) =
 // row_max + log(row_sum) (-inf for such a row), *bad = 1 if a work item flagged a raw score
-// that is not finite, else 0. Done here rather than in torch because after a long cache has
+// that is not finite, or an output is not finite, or an lse is NaN or +inf (the non-finite
+// guard's checks, core/finite.py, which were three torch reductions), else 0. Done here rather than in torch because after a long cache has
 // streamed through the caches every small torch operation runs cold: engines/decode_native.py
 // spent 0.50 ms outside the kernel with the merge and the finish (and the band) in torch, 0.13 ms
 // now, of a 5-6 ms step at 32768 keys (bfloat16, B=1, Hkv=8, G=4, D=128).
@@ -629,7 +630,6 @@ int qkv_decode(int kind, const float* q, const uint16_t* q16, float qscale, cons
   if (rc != 0) return rc;
   int32_t any = 0;
   for (int64_t t = 0; t < B * Hkv * S; ++t) any |= pbad[t];
-  *bad = any != 0;
   for (int64_t row = 0; row < rows; ++row) {  // row = (b * Hkv + h) * M + m; split s of it at (bh * S + s) * M + m
     const int64_t bh = row / M, m = row % M;
     float mx = NEG_INF;
@@ -648,7 +648,11 @@ int qkv_decode(int kind, const float* q, const uint16_t* q16, float qscale, cons
     if (l > 0.0f)
       for (int64_t d = 0; d < Dv; ++d) o[d] /= l;
     lse[row] = (mx == NEG_INF ? 0.0f : mx) + std::log(l);  // log(0) = -inf: a row that saw nothing
+    float probe = 0.0f;  // 0 * x is NaN exactly when x is NaN or infinite
+    for (int64_t d = 0; d < Dv; ++d) probe += 0.0f * o[d];
+    if (probe != 0.0f || std::isnan(lse[row]) || lse[row] == -NEG_INF) any = 1;
   }
+  *bad = any != 0;
   return 0;
 }
 
