@@ -364,31 +364,30 @@ __attribute__((noinline)) void scores_f32_short(const float* q, int64_t D, const
     for (int t = 0; t < NC; ++t) vstore(s + r * BK + 16 * t, acc[r][t]);
 }
 
-// The same for D > 64: the sum over D runs in pieces of 64 terms added together, as the backward
-// kernel sums its recomputed scores (flash_bwd_kernel.cpp), so the lse it reads was made by the
-// same arithmetic and P = exp(s - lse) is the forward's P (one unbroken chain over D = 256
-// differed by enough to break the tolerance rule for dq at large logits).
+// The same for D > 64, one piece of the sum: the sum over D runs in pieces of 64 terms added
+// together, as the backward kernel sums its recomputed scores (flash_bwd_kernel.cpp), so the lse it
+// reads was made by the same arithmetic and P = exp(s - lse) is the forward's P (one unbroken chain
+// over D = 256 differed by enough to break the tolerance rule for dq at large logits). This call
+// sums terms [d0, d0 + n) (q and kt offset to d0) and stores the sum (first piece) or adds it to s.
 template <int R, int NC>
-__attribute__((noinline)) void scores_f32_long(const float* q, int64_t D, const float* kt, float* s) {
+__attribute__((noinline)) void scores_f32_piece(const float* q, int64_t D, int64_t n, const float* kt, float* s,
+                                                bool first) {
   vreg acc[R][NC];
-  for (int64_t d0 = 0; d0 < D; d0 += 64) {
-    const int64_t d1 = std::min<int64_t>(D, d0 + 64);
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < NC; ++t) acc[r][t] = vzero();
-    for (int64_t d = d0; d < d1; ++d) {
-      vreg kv[NC];
-      for (int t = 0; t < NC; ++t) kv[t] = vload(kt + d * BK + 16 * t), pin(kv[t]);
-      for (int r = 0; r < R; ++r) {
-        const vreg qv = vbcast(q[r * D + d]);
-        for (int t = 0; t < NC; ++t) acc[r][t] = vfma(qv, kv[t], acc[r][t]);
-      }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NC; ++t) acc[r][t] = vzero();
+  for (int64_t d = 0; d < n; ++d) {
+    vreg kv[NC];
+    for (int t = 0; t < NC; ++t) kv[t] = vload(kt + d * BK + 16 * t), pin(kv[t]);
+    for (int r = 0; r < R; ++r) {
+      const vreg qv = vbcast(q[r * D + d]);
+      for (int t = 0; t < NC; ++t) acc[r][t] = vfma(qv, kv[t], acc[r][t]);
     }
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < NC; ++t) {
-        float* out = s + r * BK + 16 * t;
-        vstore(out, d0 == 0 ? acc[r][t] : vadd(vload(out), acc[r][t]));
-      }
   }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NC; ++t) {
+      float* out = s + r * BK + 16 * t;
+      vstore(out, first ? acc[r][t] : vadd(vload(out), acc[r][t]));
+    }
 }
 
 #ifdef __AVX512BF16__
@@ -464,14 +463,14 @@ __attribute__((noinline)) void values_tile(const float* p, const float* vp, int6
     for (int t = 0; t < W; ++t) vstore(acc + r * Dvp + 16 * t, o[r][t]);
 }
 
+// values_tile over W = w vectors (1 to 4) of columns.
 template <int R>
-inline void values_rows(const float* p, const float* vp, int64_t Dvp, int64_t n, float* acc, const float* alpha) {
-  int64_t d = 0;
-  for (; d + 64 <= Dvp; d += 64) values_tile<R, 4>(p, vp + d, Dvp, n, acc + d, alpha);
-  switch ((Dvp - d) / 16) {
-    case 3: values_tile<R, 3>(p, vp + d, Dvp, n, acc + d, alpha); break;
-    case 2: values_tile<R, 2>(p, vp + d, Dvp, n, acc + d, alpha); break;
-    case 1: values_tile<R, 1>(p, vp + d, Dvp, n, acc + d, alpha); break;
+inline void values_cols(const float* p, const float* vp, int64_t Dvp, int64_t n, float* acc, const float* alpha, int64_t w) {
+  switch (w) {
+    case 4: values_tile<R, 4>(p, vp, Dvp, n, acc, alpha); break;
+    case 3: values_tile<R, 3>(p, vp, Dvp, n, acc, alpha); break;
+    case 2: values_tile<R, 2>(p, vp, Dvp, n, acc, alpha); break;
+    case 1: values_tile<R, 1>(p, vp, Dvp, n, acc, alpha); break;
     default: break;
   }
 }
@@ -618,10 +617,12 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
         by_tiles<RS>(M, [&](auto rows, int64_t m) {
           scores_f32_short<decltype(rows)::value, NC>(W.qf.p + m * D, D, kt, S + m * BK + 16 * c0);
         });
-      else
-        by_tiles<RS>(M, [&](auto rows, int64_t m) {
-          scores_f32_long<decltype(rows)::value, NC>(W.qf.p + m * D, D, kt, S + m * BK + 16 * c0);
-        });
+      else  // piece by piece, each piece's keys (64 x 16 NC floats: at most 32 KiB) for all the rows
+        for (int64_t d0 = 0; d0 < D; d0 += 64)
+          by_tiles<RS>(M, [&](auto rows, int64_t m) {
+            scores_f32_piece<decltype(rows)::value, NC>(W.qf.p + m * D + d0, D, std::min<int64_t>(64, D - d0),
+                                                        kt + d0 * BK, S + m * BK + 16 * c0, d0 == 0);
+          });
     });
     // 2. Scale, the band on its edge blocks and the tile's bits, online softmax.
     const bool edge = !(j0 >= full_lo && j0 + BK <= full_hi);
@@ -682,9 +683,11 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     }
 #endif
     const float* vp = P.vp + ((bh - P.bh0) * P.nkb * BK + j0 + s0) * Dvp;
-    by_tiles(M, [&](auto rows, int64_t m) {
-      values_rows<decltype(rows)::value>(S + m * BK + s0, vp, Dvp, n, W.acc.p + m * Dvp, W.alpha.p + m);
-    });
+    for (int64_t d = 0; d < Dvp; d += 64)  // 64 columns at a time (at most 32 KiB of values) for all the rows
+      by_tiles(M, [&](auto rows, int64_t m) {
+        values_cols<decltype(rows)::value>(S + m * BK + s0, vp + d, Dvp, n, W.acc.p + m * Dvp + d, W.alpha.p + m,
+                                           std::min<int64_t>(64, Dvp - d) / 16);
+      });
   };
   if (khi > klo) {
     if (!L) {
