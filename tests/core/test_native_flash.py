@@ -112,6 +112,35 @@ def test_threads_do_not_change_the_result():
     assert torch.equal(one, two)
 
 
+
+# Head sizes above 64: float32 scores summed in pieces of 64 terms, each piece over all the rows of a work
+# item, and P V 64 value columns at a time over all the rows (bfloat16 on vdpbf16ps alongside). Sizes at
+# the pieces' edges (65, 127, 128, 129, 192 + 8), the largest (256), Dv != D (fewer and more value columns
+# than D, Dv not a multiple of 16); items of 64 rows (GQA: 2 heads x 32 positions, so the score tiles of 3
+# rows leave one) and a ragged last item; unbounded, causal and windowed bands. (D, Dv, causal, window)
+WIDE_CASES = [
+    (65, 65, False, None),
+    (96, 96, True, None),
+    (127, 127, False, (40, 0)),
+    (128, 128, False, None),
+    (128, 128, True, None),
+    (129, 129, True, None),
+    (200, 200, False, (None, 0)),
+    (256, 256, False, (90, 20)),
+    (128, 40, True, None),
+    (96, 200, False, None),
+    (129, 80, False, (100, 0)),
+    (256, 17, True, None),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_head_sizes_above_64_follow_the_reference(case, dtype):
+    D, Dv, causal, window = case
+    q, k, v = _inputs(1, 4, 2, 197, 300, D, Dv, dtype, seed=zlib.crc32(repr(case).encode()))
+    _check(q, k, v, f"native D={D} Dv={Dv} {dtype}", causal=causal, window=window)
+
 GRAD_CASES = [
     (1, 8, 2, 70, 130, 64, 40, True, None),
     (2, 4, 1, 40, 33, 16, 64, False, (16, 4)),

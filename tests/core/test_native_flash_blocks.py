@@ -77,6 +77,8 @@ CASES = [
     (_strided, 1, 1, 1, 2, 2, 333, 200, 128, 128, 64, {"causal": True}),  # band on top, Lq > Lk
     (masks.causal_sliding_window(300), 1, 1, 1, 4, 2, 640, 640, 64, 64, 128, {"window": (200, 0)}),
     (_strided, 1, 1, 1, 2, 1, 130, 390, 256, 200, 128, {"window": (None, 150)}),
+    (_per_batch_and_head, 2, 4, 2, 4, 2, 520, 520, 129, 96, 100, {}),  # D > 64: scores in pieces of 64
+    (masks.document([300, 201, 199], causal=True), 1, 1, 1, 4, 2, 700, 700, 200, 136, 64, {}),
 ]
 
 
@@ -135,6 +137,9 @@ NARROW_CASES = [
     (_two_sided, 1, 1, 1, 4, 2, 600, 600, 64, 64, 96, {"causal": True}),  # the band on top
     (masks.causal_sliding_window(200), 1, 1, 1, 2, 2, 640, 640, 64, 64, 128, {"window": (37, 0)}),
     (_off_diagonal, 1, 1, 1, 2, 1, 500, 500, 48, 48, 128, {"window": (60, 10)}),
+    (_off_diagonal, 1, 1, 1, 4, 2, 450, 700, 128, 128, 64, {}),  # D > 64
+    (masks.causal_sliding_window(200), 1, 1, 1, 2, 2, 640, 640, 96, 160, 128, {"window": (37, 0)}),
+    (_per_head_window, 2, 4, 2, 4, 2, 600, 600, 256, 65, 128, {}),
 ]
 
 

@@ -41,7 +41,12 @@
 // keys interleaved, vp2[bh][key/2][Dvp][2] (vdpbf16ps's operand for P V). Zero padding makes
 // every head size 1..256 run the same vector code: the scores loop runs over d with vectors
 // over keys, the values loop over keys (or key pairs) with vectors over the value dimension.
-// (2) Attention over the work items, from per-thread buffers (L1/L2-sized).
+// (2) Attention over the work items, from per-thread buffers (L1/L2-sized). For D > 64 (float32)
+// the scores run piece by piece of 64 terms of the dot product, each piece over all the rows of
+// the item before the next (a piece of a key block is 64 x 128 floats, 32 KiB: it stays in L1 for
+// the item's rows, where the whole block, 64 KiB at D = 128, was read from L2 once per tile of 3
+// rows), and P V 64 value columns at a time over all the rows (32 KiB of values); the same
+// arithmetic as before, in another order.
 //
 // Products are float32: float32 FMAs, or vdpbf16ps on bfloat16 pairs (exact products summed
 // in float32) where the compiler targets __AVX512BF16__, else bfloat16 widened to float32.
@@ -68,6 +73,26 @@
 // 0.069-0.088 s in five runs (a sixth, disturbed by other jobs, 0.171 s), 1.64-2.06x Flex's time
 // in the same run; before, seven runs, 0.086-0.104 s, 1.38-1.56x in the six where Flex took
 // 0.136-0.154 s; bfloat16 0.044-0.056 s (before 0.054-0.056 s).
+//
+// D=128 float32 (benchmarks/attention.py --backends native --dim 128 --dtypes float32 --lengths
+// 1024 4096 --repeats 5, and --lengths 16384 --repeats 2; 2026-11-30, runs alternated with the
+// kernel before the pieces over all the rows; torch SDPA time / this kernel's):
+// no band 0.98x, 1.36x, 1.38x at L=1024 (SDPA 25.9-44.9 ms, this kernel 26.4-32.5 ms), 1.02x and
+// 0.98x at 4096 (410 and 413 ms), 1.00x at 16384 (6.62 s); causal 1.27-1.29x at 1024, 1.09x
+// (three runs) at 4096, 1.11x at 16384 (3.22 s). Before: no band 0.83-0.89x at 1024, 0.84-0.86x
+// at 4096 (481-488 ms), 0.86x at 16384 (7.88 s); causal 1.09-1.12x, 0.92-0.94x (246-251 ms),
+// 0.92x (3.92 s). So no band is at parity with SDPA, not clearly above it.
+// In one process (the builds timed in turns, best of 5, one thread, thread CPU time, L=2048, no
+// band): scores 93 ms, P V 98 ms, softmax 10 ms, packing and the rest 3 ms of 203 ms (parts timed
+// by leaving each out; SDPA 202 ms); before, 242 ms. The scores and P V run at 88-92 GFLOP/s,
+// torch's own float32 matmul of the same shapes on one thread at 84-90. Tried and not kept (no
+// gain or slower, same measurement): pieces of 32 or 16 terms (16 KiB of keys), score tiles of
+// 6 rows x 4 chunks, P V over 64 or 32 keys at a time, items of 60 or 66 rows, P V tiles of 4
+// rows, keys packed 16 keys at a time (the packing 3.2 -> 2.7 ms at L=1024, the call within
+// noise); for bfloat16 at D=128, scores in pieces of 32 or 16 pairs and P V by 64 columns over all
+// the rows (2-10% slower). D=64 and bfloat16 run the code they ran before (same benchmark, L=4096,
+// alternated: D=64 float32 1.08x and 1.17x, before 1.08x and 1.19x; bfloat16 1.99x and 2.06x,
+// before 1.92x and 2.11x; bfloat16 D=128 1.82x and 2.02x, before 1.80x and 1.93x).
 //
 // ABI (strides in elements, innermost stride 1; kind 0 = float32, 1 = bfloat16 bits):
 //   q (B, Hq, Lq, D) strides qst, k (B, Hkv, Lk, D) kst, v (B, Hkv, Lk, Dv) vst;
@@ -346,7 +371,7 @@ inline void pin(T&) {}
 
 // s[r][16t + c] = q[r] . key 16t + c of the block for chunks t < NC, R rows: q (R, D) float32,
 // kt (D, BK) (already offset to the first chunk), s rows of BK; D <= 64: one chain of
-// multiply-adds (scores_f32_long below sums longer rows).
+// multiply-adds (scores_f32_piece below sums longer rows).
 template <int R, int NC>
 __attribute__((noinline)) void scores_f32_short(const float* q, int64_t D, const float* kt, float* s) {
   vreg acc[R][NC];
@@ -364,31 +389,30 @@ __attribute__((noinline)) void scores_f32_short(const float* q, int64_t D, const
     for (int t = 0; t < NC; ++t) vstore(s + r * BK + 16 * t, acc[r][t]);
 }
 
-// The same for D > 64: the sum over D runs in pieces of 64 terms added together, as the backward
-// kernel sums its recomputed scores (flash_bwd_kernel.cpp), so the lse it reads was made by the
-// same arithmetic and P = exp(s - lse) is the forward's P (one unbroken chain over D = 256
-// differed by enough to break the tolerance rule for dq at large logits).
+// The same for D > 64, one piece of the sum: the sum over D runs in pieces of 64 terms added
+// together, as the backward kernel sums its recomputed scores (flash_bwd_kernel.cpp), so the lse it
+// reads was made by the same arithmetic and P = exp(s - lse) is the forward's P (one unbroken chain
+// over D = 256 differed by enough to break the tolerance rule for dq at large logits). This call
+// sums terms [d0, d0 + n) (q and kt offset to d0) and stores the sum (first piece) or adds it to s.
 template <int R, int NC>
-__attribute__((noinline)) void scores_f32_long(const float* q, int64_t D, const float* kt, float* s) {
+__attribute__((noinline)) void scores_f32_piece(const float* q, int64_t D, int64_t n, const float* kt, float* s,
+                                                bool first) {
   vreg acc[R][NC];
-  for (int64_t d0 = 0; d0 < D; d0 += 64) {
-    const int64_t d1 = std::min<int64_t>(D, d0 + 64);
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < NC; ++t) acc[r][t] = vzero();
-    for (int64_t d = d0; d < d1; ++d) {
-      vreg kv[NC];
-      for (int t = 0; t < NC; ++t) kv[t] = vload(kt + d * BK + 16 * t), pin(kv[t]);
-      for (int r = 0; r < R; ++r) {
-        const vreg qv = vbcast(q[r * D + d]);
-        for (int t = 0; t < NC; ++t) acc[r][t] = vfma(qv, kv[t], acc[r][t]);
-      }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NC; ++t) acc[r][t] = vzero();
+  for (int64_t d = 0; d < n; ++d) {
+    vreg kv[NC];
+    for (int t = 0; t < NC; ++t) kv[t] = vload(kt + d * BK + 16 * t), pin(kv[t]);
+    for (int r = 0; r < R; ++r) {
+      const vreg qv = vbcast(q[r * D + d]);
+      for (int t = 0; t < NC; ++t) acc[r][t] = vfma(qv, kv[t], acc[r][t]);
     }
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < NC; ++t) {
-        float* out = s + r * BK + 16 * t;
-        vstore(out, d0 == 0 ? acc[r][t] : vadd(vload(out), acc[r][t]));
-      }
   }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NC; ++t) {
+      float* out = s + r * BK + 16 * t;
+      vstore(out, first ? acc[r][t] : vadd(vload(out), acc[r][t]));
+    }
 }
 
 #ifdef __AVX512BF16__
@@ -464,14 +488,14 @@ __attribute__((noinline)) void values_tile(const float* p, const float* vp, int6
     for (int t = 0; t < W; ++t) vstore(acc + r * Dvp + 16 * t, o[r][t]);
 }
 
+// values_tile over W = w vectors (1 to 4) of columns.
 template <int R>
-inline void values_rows(const float* p, const float* vp, int64_t Dvp, int64_t n, float* acc, const float* alpha) {
-  int64_t d = 0;
-  for (; d + 64 <= Dvp; d += 64) values_tile<R, 4>(p, vp + d, Dvp, n, acc + d, alpha);
-  switch ((Dvp - d) / 16) {
-    case 3: values_tile<R, 3>(p, vp + d, Dvp, n, acc + d, alpha); break;
-    case 2: values_tile<R, 2>(p, vp + d, Dvp, n, acc + d, alpha); break;
-    case 1: values_tile<R, 1>(p, vp + d, Dvp, n, acc + d, alpha); break;
+inline void values_cols(const float* p, const float* vp, int64_t Dvp, int64_t n, float* acc, const float* alpha, int64_t w) {
+  switch (w) {
+    case 4: values_tile<R, 4>(p, vp, Dvp, n, acc, alpha); break;
+    case 3: values_tile<R, 3>(p, vp, Dvp, n, acc, alpha); break;
+    case 2: values_tile<R, 2>(p, vp, Dvp, n, acc, alpha); break;
+    case 1: values_tile<R, 1>(p, vp, Dvp, n, acc, alpha); break;
     default: break;
   }
 }
@@ -618,10 +642,12 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
         by_tiles<RS>(M, [&](auto rows, int64_t m) {
           scores_f32_short<decltype(rows)::value, NC>(W.qf.p + m * D, D, kt, S + m * BK + 16 * c0);
         });
-      else
-        by_tiles<RS>(M, [&](auto rows, int64_t m) {
-          scores_f32_long<decltype(rows)::value, NC>(W.qf.p + m * D, D, kt, S + m * BK + 16 * c0);
-        });
+      else  // piece by piece, each piece's keys (64 x 16 NC floats: at most 32 KiB) for all the rows
+        for (int64_t d0 = 0; d0 < D; d0 += 64)
+          by_tiles<RS>(M, [&](auto rows, int64_t m) {
+            scores_f32_piece<decltype(rows)::value, NC>(W.qf.p + m * D + d0, D, std::min<int64_t>(64, D - d0),
+                                                        kt + d0 * BK, S + m * BK + 16 * c0, d0 == 0);
+          });
     });
     // 2. Scale, the band on its edge blocks and the tile's bits, online softmax.
     const bool edge = !(j0 >= full_lo && j0 + BK <= full_hi);
@@ -682,9 +708,11 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     }
 #endif
     const float* vp = P.vp + ((bh - P.bh0) * P.nkb * BK + j0 + s0) * Dvp;
-    by_tiles(M, [&](auto rows, int64_t m) {
-      values_rows<decltype(rows)::value>(S + m * BK + s0, vp, Dvp, n, W.acc.p + m * Dvp, W.alpha.p + m);
-    });
+    for (int64_t d = 0; d < Dvp; d += 64)  // 64 columns at a time (at most 32 KiB of values) for all the rows
+      by_tiles(M, [&](auto rows, int64_t m) {
+        values_cols<decltype(rows)::value>(S + m * BK + s0, vp + d, Dvp, n, W.acc.p + m * Dvp + d, W.alpha.p + m,
+                                           std::min<int64_t>(64, Dvp - d) / 16);
+      });
   };
   if (khi > klo) {
     if (!L) {
