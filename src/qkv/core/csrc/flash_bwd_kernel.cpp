@@ -66,6 +66,7 @@
 #include <new>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 #include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -535,35 +536,45 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
     if (cz[sp] > ca[sp]) scores(sp * RS, std::min<int64_t>(bq, end * RS), 16 * ca[sp], 16 * cz[sp]);
     sp = end;
   }
+  // P = exp(scale S - lse) and dS = P (dP - delta) over each row's strip's chunks [c0, c1), zeros
+  // elsewhere (WHOLE: every chunk, constant bounds, as before the narrowing).
   const v16 sc = splat(A.scale);
-  for (int64_t r = 0; r < bq; ++r) {
-    float* sr = s + r * BK;
-    float* dr = dp + r * BK;
-    const int c0 = 16 * ca[r / RS], c1 = 16 * cz[r / RS];
-    const v16 l = splat(lse[r]), dl = splat(delta[r]);
-    for (int c = 0; c < c0; c += 16) st(sr + c, splat(0.0f)), st(dr + c, splat(0.0f));
-    for (int c = c1; c < BK; c += 16) st(sr + c, splat(0.0f)), st(dr + c, splat(0.0f));
-    for (int c = c0; c < c1; c += 16) {
-      v16 p = vexp(ld(sr + c) * sc - l);
-      st(sr + c, p);
-      st(dr + c, p * (ld(dr + c) - dl));
-    }
-    if (kind == 1) {  // zero what row i0 + r may not see (and the padding keys)
-      const uint64_t m = mk[r];
-      if (m != ~uint64_t(0)) {
+  auto probs = [&](auto whole) {
+    for (int64_t r = 0; r < bq; ++r) {
+      float* sr = s + r * BK;
+      float* dr = dp + r * BK;
+      const int c0 = whole ? 0 : 16 * ca[r / RS], c1 = whole ? BK : 16 * cz[r / RS];
+      const v16 l = splat(lse[r]), dl = splat(delta[r]);
+      if (!whole) {
+        for (int c = 0; c < c0; c += 16) st(sr + c, splat(0.0f)), st(dr + c, splat(0.0f));
+        for (int c = c1; c < BK; c += 16) st(sr + c, splat(0.0f)), st(dr + c, splat(0.0f));
+      }
+      for (int c = c0; c < c1; c += 16) {
+        v16 p = vexp(ld(sr + c) * sc - l);
+        st(sr + c, p);
+        st(dr + c, p * (ld(dr + c) - dl));
+      }
+      if (kind == 1) {  // zero what row i0 + r may not see (and the padding keys)
+        const uint64_t m = mk[r];
+        if (m != ~uint64_t(0)) {
 #ifdef __AVX512F__
-        for (int c = c0; c < c1; c += 16) {
-          const __mmask16 keep = __mmask16(m >> c);
-          _mm512_storeu_ps(sr + c, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(sr + c)));
-          _mm512_storeu_ps(dr + c, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(dr + c)));
-        }
+          for (int c = c0; c < c1; c += 16) {
+            const __mmask16 keep = __mmask16(m >> c);
+            _mm512_storeu_ps(sr + c, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(sr + c)));
+            _mm512_storeu_ps(dr + c, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(dr + c)));
+          }
 #else
-        for (int c = c0; c < c1; ++c)
-          if (!((m >> c) & 1)) sr[c] = dr[c] = 0.0f;
+          for (int c = c0; c < c1; ++c)
+            if (!((m >> c) & 1)) sr[c] = dr[c] = 0.0f;
 #endif
+        }
       }
     }
-  }
+  };
+  if (narrow)
+    probs(std::false_type{});
+  else
+    probs(std::true_type{});
   // The products over the computed cells: dV += P^T dO and dK += dS^T Q per run of chunks with the
   // same hull of strips [s0, s1) (rows [16 s0, 16 s1)), dQ += dS K per run of strips with the same chunks.
   int h0[NCH], h1[NCH];
