@@ -9,6 +9,12 @@ reference's error), on fresh random inputs, float32 and bfloat16: mask query blo
 head (Bm = B, Hm = Hq) or not, GQA, Lq != Lk, rows that see no key (zero dq, no NaN) and keys
 that no row sees (zero dk, dv). Each check also shows that it can fail: the gradients without
 the mask (or without d_lse) are outside the rule.
+
+Partial blocks are narrowed (strips of 16 rows over the 16-key chunks some row of the strip sees):
+odd windows as BlockMasks and as bands, bands on top of lists, strips that alternate between chunks
+(a chunk's hull of strips holds strips that did not compute it), cells off the kernel's grid that
+move with batch row and head; within the rule, through qkv.attention_with_lse end to end, and the same
+bits as a build that computes every partial block whole (-DQKV_BWD_NARROW=0).
 """
 
 from __future__ import annotations

@@ -22,6 +22,28 @@
 // computed unmasked; only the others pay for masking P and dS, by 64 bits per row (band AND
 // tile bits), so keys no row sees get dK = dV = 0 and rows that see nothing dQ = 0.
 //
+// Narrowed partial blocks (as the forward narrows its partial blocks to the keys its rows see):
+// a masked block (a band edge, a tile's bits, the last key or query block) is computed in strips
+// of 16 rows, each strip over only the 16-key chunks [ca, cz) some row of the strip sees, P and
+// dS zero in the other cells; dV and dK sum, per run of chunks, over the hull of the strips that
+// computed them, dQ, per run of strips, over their chunks. A causal diagonal or a window's far
+// edge (a triangle) is 10 of the 16 (strip, chunk) cells, a window of 256 then costs 4.25 blocks
+// of 64 keys per row instead of 5; an odd window's edge mid-block, a BlockMask's global rows or
+// keys, rows that see nothing, fewer. Only exact zeros are left out of sums that start from zero,
+// so the gradients are the same bits as whole blocks' (tests compare with a build made with
+// -DQKV_BWD_NARROW=0). Measured (an in-process A/B of the two builds, the backward alone and a
+// training step fwd+bwd by autograd, in turns, best of 7, bit-identical gradients; B=1, H=8, D=64,
+// 2 threads, AMD EPYC Zen 4 with AVX512-BF16; /tmp/ab/bwd_ab2.py, not in the repository):
+//   pattern (float32 | bfloat16)           backward          fwd+bwd
+//   causal window 256 band, L=16384        1.10x | 1.10x     1.06x | 1.08x
+//   causal window 256 BlockMask, L=16384   1.10x | 1.09x     1.07x | 1.11x
+//   global 16 + window 256, L=4096         1.19x | 1.15x     1.14x | 1.11x
+//   packed documents (causal), L=4096      1.04x | 1.02x     1.02x | 1.03x
+//   causal window 37 band, L=4096          1.41x | 1.30x     1.25x | 1.17x
+//   causal window 200 BlockMask, L=4096    1.28x | 1.27x     1.19x | 1.16x
+//   causal band, L=4096                    1.00x | 1.02x     1.01x | 0.99x  (diagonal only: within noise)
+//   no mask, L=4096                        1.00x | 1.00x     1.00x | 1.00x  (no partial block)
+//
 // Parallel work without atomics. FA-2 (section 3.2) parallelises its backward over key blocks,
 // each owning its dK/dV, and adds dQ with atomic adds across thread blocks. On a CPU with a few
 // cores there are far fewer threads than (batch, head) pairs, so a work item here is a whole
