@@ -9,12 +9,22 @@ reference's error), on fresh random inputs, float32 and bfloat16: mask query blo
 head (Bm = B, Hm = Hq) or not, GQA, Lq != Lk, rows that see no key (zero dq, no NaN) and keys
 that no row sees (zero dk, dv). Each check also shows that it can fail: the gradients without
 the mask (or without d_lse) are outside the rule.
+
+Partial blocks are narrowed (strips of 16 rows over the 16-key chunks some row of the strip sees):
+odd windows as BlockMasks and as bands, bands on top of lists, strips that alternate between chunks
+(a chunk's hull of strips holds strips that did not compute it), cells off the kernel's grid that
+move with batch row and head; within the rule, through qkv.attention_with_lse end to end, and the same
+bits as a build that computes every partial block whole (-DQKV_BWD_NARROW=0).
 """
 
 from __future__ import annotations
 
 import ctypes
+import shutil
+import subprocess
+import tempfile
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +239,133 @@ def test_blocks_not_listed_are_never_touched(dtype):
     for name, a, b in zip("qkv", clean, dirty):
         assert torch.equal(a, b), f"d{name} changed with NaN in blocks that are not listed"
     assert not clean[0][:, :, :64].any() and not clean[1][:, :, 256:384].any() and not clean[2][:, :, 256:384].any()
+
+
+# Partial blocks narrowed (the kernel's `tile`): strips of 16 rows compute only the 16-key chunks some
+# row of the strip sees; dV and dK sum per chunk over the hull of the strips that computed it, dQ per
+# strip over its chunks.
+def _alternating(b, h, q_idx, kv_idx):
+    """Strips of 16 rows that see alternately the first and the second 32 keys of each 64 (swapped by
+    h), at most 64 keys ahead: a chunk's hull of strips holds strips that did not compute it."""
+    return (((kv_idx // 32) + (q_idx // 16) + h) % 2 == 0) & (kv_idx <= q_idx + 64)
+
+
+def _cells(b, h, q_idx, kv_idx):
+    """Cells of 16 rows x 16 keys left out off the kernel's grid (rows + 5, keys + 7: edges mid-chunk)
+    in a pattern that moves with b and h, whole strips of rows out (rows that see nothing among them),
+    within keys [q - 150, q + 9]."""
+    r, c = (q_idx + 5) // 16, (kv_idx + 7) // 16
+    return ((r + c + b + h) % 3 != 0) & ((r + 2 * h) % 5 != 1) & (kv_idx <= q_idx + 9) & (kv_idx > q_idx - 150)
+
+
+def _window(n):
+    return lambda L: masks.causal_sliding_window(n)
+
+
+# name: (mask function, factory(Lq) or None for the band alone, mask B, mask H, B, Hq, Hkv, Lq, Lk, D,
+#        bq, band options, the control's options (gradients that must fail the rule))
+NARROW_CASES = {
+    "window37-mask-bq64": (_window(37), 1, 1, 1, 2, 1, 333, 333, 32, 64, {}, {"mask": None}),
+    "window200-mask-bq128-gqa": (_window(200), 1, 1, 2, 4, 2, 530, 530, 48, 128, {}, {"mask": None}),
+    "window200-mask-bq64-band-on-top": (_window(200), 1, 1, 1, 2, 2, 400, 400, 16, 64, {"window": (150, 0)},
+                                        {"window": None}),
+    "window37-band-gqa": (None, 1, 1, 1, 4, 2, 300, 300, 32, None, {"causal": True, "window": 37}, {"window": None}),
+    "window200-band-longer-keys": (None, 1, 1, 1, 2, 1, 333, 470, 24, None, {"window": (200, 0)}, {"window": None}),
+    "alternating-per-head-gqa-bq96": (_alternating, 1, 4, 2, 4, 2, 290, 310, 40, 96, {}, {"mask": None}),
+    "cells-per-head-bq100": (_cells, 2, 4, 2, 4, 4, 310, 300, 32, 100, {}, {"mask": None}),
+    "cells-bq256-band-on-top": (_cells, 2, 2, 2, 2, 1, 520, 540, 48, 256, {"window": (120, 5)}, {"mask": None}),
+}
+
+
+def _narrow_case(case, dtype):
+    fn, mB, mH, B, Hq, Hkv, Lq, Lk, D, bq, band, control = NARROW_CASES[case]
+    kw = dict(band)
+    if fn is not None:
+        mask_fn = fn if fn in (_alternating, _cells) else fn(Lq)
+        kw["mask"] = qkv.block_mask(mask_fn, mB, mH, Lq, Lk, block_size=(bq, 128))
+    q, k, v, d_out, d_lse = _inputs(B, Hq, Hkv, Lq, Lk, D, dtype, seed=zlib.crc32(case.encode()) % 1000)
+    return q, k, v, d_out, d_lse, kw, control
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(NARROW_CASES))
+def test_narrowed_partial_blocks_within_rule(case, dtype):
+    """Odd windows (37, 200: edges mid-chunk) as BlockMasks and as bands, bands on top of lists, masks
+    by batch row and head with GQA, strips and whole blocks that some query ranges do not see, rows
+    that see no key, and d_lse: within the rule, dq 0 for rows that see nothing, dk, dv 0 for keys
+    that no row sees; the control (no mask, or no window) is outside it."""
+    q, k, v, d_out, d_lse, kw, control = _narrow_case(case, dtype)
+    (dq, dk, dv), lse = _check(q, k, v, d_out, d_lse, kw, f"narrow {case} {dtype}", control=control)
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    band = {key: val for key, val in kw.items() if key != "mask"}
+    lo, hi = build_spec(q, k, v, **band).band_edges(torch.arange(Lq))
+    cols = torch.arange(Lk)
+    allowed = (cols >= lo[:, None]) & (cols < hi[:, None])  # (Lq, Lk)
+    if "mask" in kw:
+        allowed = kw["mask"].to_dense() & allowed
+    allowed = allowed.expand(B, Hq, Lq, Lk)
+    dead_rows = ~allowed.any(-1)
+    assert torch.isinf(lse[dead_rows]).all() and (dq[dead_rows] == 0).all()
+    unseen = ~allowed.unflatten(1, (Hkv, Hq // Hkv)).any(2).any(2)
+    assert (dk[unseen] == 0).all() and (dv[unseen] == 0).all()
+    if case.startswith("cells"):
+        assert dead_rows.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_narrowed_d_lse_through_attention_with_lse(dtype):
+    """The native backend end to end: a loss of qkv.attention_with_lse's out and lse under a BlockMask
+    of a window of 37 with a band on top, gradients by autograd within the rule (float64 reference);
+    without the lse term they are not."""
+    bm = qkv.block_mask(masks.causal_sliding_window(37), None, None, 300, 300, block_size=(100, 128))
+    kw = {"mask": bm, "window": (30, 0)}
+    q, k, v, d_out, d_lse = _inputs(1, 4, 2, 300, 300, 32, dtype, seed=21)
+
+    def grads(backend, x, with_lse=True):
+        xs = [t.detach().clone().requires_grad_() for t in x]
+        out, lse = qkv.attention_with_lse(*xs, backend=backend, **kw)
+        loss = (out * d_out.to(out.dtype)).sum()
+        if with_lse:
+            loss = loss + (lse * d_lse.to(lse.dtype)).sum()
+        return torch.autograd.grad(loss, xs)
+
+    exact = grads("reference", [t.double() for t in (q, k, v)])
+    plain = grads("reference", [q, k, v])
+    for name, g, gp, ge in zip("qkv", grads("native", [q, k, v]), plain, exact):
+        assert_within_rule(g, gp, ge, factor=GRAD_FACTOR, what=f"attention_with_lse d{name} {dtype}")
+    wrong = grads("native", [q, k, v], with_lse=False)
+    assert not all(within_rule(g, gp, ge, factor=GRAD_FACTOR)[0] for g, gp, ge in zip(wrong, plain, exact))
+
+
+@pytest.fixture(scope="module")
+def whole_blocks():
+    """The kernel built with QKV_BWD_NARROW=0 (every partial block computed whole), else as _kernels
+    builds it (the same flags, so the same arithmetic)."""
+    cxx = _kernels._compiler()
+    assert cxx is not None  # the module's skip: the native build succeeded
+    folder = Path(tempfile.mkdtemp(prefix="qkv-bwd-whole-"))
+    so = folder / "whole.so"
+    src = Path(_kernels.__file__).with_name("csrc") / f"{nb.NAME}.cpp"
+    run = subprocess.run([cxx, *_kernels._FLAGS, _kernels._OPENMP, "-DQKV_BWD_NARROW=0", "-o", str(so), str(src)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    yield nb.typed(ctypes.CDLL(str(so)))
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(NARROW_CASES))
+def test_narrowed_blocks_are_the_whole_blocks_bits(case, dtype, whole_blocks, monkeypatch):
+    """Narrowing leaves out only exact zeros (masked P and dS) of sums that start from zero: dq, dk, dv
+    are the same bits as the build that computes every partial block whole (a cell left out that some
+    row sees, or garbage in one that was not computed, changes them)."""
+    q, k, v, d_out, d_lse, kw, _ = _narrow_case(case, dtype)
+    with torch.no_grad():
+        out, lse = qkv.attention_with_lse(q, k, v, backend="reference", **kw)
+    spec = build_spec(q, k, v, **kw)
+    narrowed = nb.backward(q, k, v, out, lse, d_out, spec, d_lse=d_lse.float())
+    monkeypatch.setattr(nb, "lib", lambda: whole_blocks)
+    whole = nb.backward(q, k, v, out, lse, d_out, spec, d_lse=d_lse.float())
+    for name, a, b in zip("qkv", narrowed, whole):
+        assert torch.equal(a, b), f"{case} {dtype}: d{name} differs from the whole blocks' by {(a - b).abs().max()}"
