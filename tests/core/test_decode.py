@@ -295,6 +295,9 @@ def test_the_fast_paths_estimate_does_not_count_the_cache(monkeypatch):
     monkeypatch.setattr(_memory, "available", lambda device: calls.append(device) or 1 << 40)
     qkv.core.api.check_memory("decode", spec, q, False)
     assert calls == []
+    bias = torch.zeros(1, 32, 1, 1 << 20, dtype=torch.bfloat16)  # read as float32: one copy counted
+    need_m, _ = decode.memory(build_spec(q, k, k, mask=bias), q, False)
+    assert need_m == need + 4 * bias.numel()
     qg = q.clone().requires_grad_()
     for spec_g in (build_spec(qg, k, k), build_spec(q, k.clone().requires_grad_(), k)):
         need_g, what_g = decode.memory(spec_g, q, False)

@@ -217,6 +217,7 @@ def test_refusals_name_what_and_which_backend():
     ((1, 8, 8, 128, 128, 64, 64), torch.bfloat16, False, False),
     ((1, 8, 8, 1024, 1024, 128, 128), torch.float32, False, False),  # float32 D=128 without a band: parity
     ((1, 8, 8, 1024, 1024, 128, 128), torch.float32, True, True),    # causal D=128: 1.09x-1.35x
+    ((1, 8, 8, 1024, 1024, 96, 96), torch.float32, True, False),     # causal D=96: not timed
     ((1, 8, 8, 1024, 1024, 256, 256), torch.bfloat16, False, False),  # not measured
     ((1, 8, 2, 1024, 1024, 64, 64), torch.float32, False, False),   # grouped-query heads: not measured
     ((1, 8, 8, 512, 2048, 64, 64), torch.float32, True, False),     # a query chunk (Lq != Lk): not measured

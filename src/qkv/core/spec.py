@@ -65,8 +65,9 @@ class AttentionSpec:
     block_mask: Optional[BlockMask]  # block-sparse layout (core/block_mask.py), or None
     score_mod: Optional[ScoreMod]
     dropout_p: float
-    # Whether autograd records the call: grad mode on and q, k, v or a float mask requiring grad.
-    # Backends' rules and memory estimates read it (not q.requires_grad alone).
+    # Whether autograd records the call through its tensors: grad mode on and q, k, v or a float
+    # mask requiring grad (tensors a score function captures are not seen here: the tiled engine
+    # checks those itself). Backends' rules and memory estimates read it (not q.requires_grad alone).
     grad: bool = False
 
     @property

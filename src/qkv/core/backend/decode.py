@@ -96,6 +96,8 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
     rows = spec.B * spec.Hq * spec.Lq  # query rows
     parts = decode_native.splits(spec.B * spec.Hkv, max(spec.Lk, 1), torch.get_num_threads())
     need = 4 * rows * (spec.D + 2 * spec.Dv + 1 + parts * (spec.Dv + 2)) + _SEGMENT_BYTES
+    if spec.float_mask is not None and spec.float_mask.dtype != torch.float32:
+        need += 4 * spec.float_mask.numel()  # the kernel reads the mask as float32: one copy
     return need, "the queries, the output and the partial states of the cache's splits"
 
 

@@ -98,10 +98,11 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
 # forward and backward 3.20x-7.23x. float32 at D=128 after its scores ran in pieces of 64 terms over
 # all the rows of an item and P V in 64 value columns (same CPU, `--dim 128 --dtypes float32 --lengths
 # 1024 4096` and `16384`, alternated with the kernel before): causal 1.09x-1.35x (1024 to 16384 tokens),
-# so float32 causal attention is claimed up to D=128; without a band 0.98x-1.03x, parity, so not.
+# so float32 causal attention is claimed at D = Dv = 128 (sizes 65-127 were not timed); without a band
+# 0.98x-1.03x, parity, so not.
 AUTO_MIN_CELLS = {torch.float32: 1 << 20, torch.bfloat16: 1 << 18}  # Lq x Lk from which it wins
 AUTO_MAX_DIM = {torch.float32: 64, torch.bfloat16: 128}  # head sizes measured to win
-AUTO_MAX_DIM_CAUSAL = {torch.float32: 128, torch.bfloat16: 128}  # the same for plain causal attention
+AUTO_CAUSAL_DIMS = {torch.float32: (128,)}  # head sizes above AUTO_MAX_DIM measured to win causal
 
 
 def measured_cpu() -> bool:
@@ -111,8 +112,8 @@ def measured_cpu() -> bool:
 
 def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs, unbanded, causal or a causal window,
-    one kv head per query head, head sizes up to AUTO_MAX_DIM (plain causal: AUTO_MAX_DIM_CAUSAL; with
-    gradients: 64), on the CPU kind measured (`measured_cpu`), where the kernel builds. The
+    one kv head per query head, head sizes up to AUTO_MAX_DIM (plain causal: also AUTO_CAUSAL_DIMS;
+    with gradients: 64), on the CPU kind measured (`measured_cpu`), where the kernel builds. The
     measurements are in the comment above."""
     dtype = q.dtype
     if q.device.type != "cpu" or dtype not in AUTO_MIN_CELLS:
@@ -125,8 +126,9 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
         return False  # causal and causal windows; not windows open to the right
     if spec.Lq * spec.Lk < AUTO_MIN_CELLS[dtype] or min(spec.D, spec.Dv) < 1:
         return False
-    plain_causal = spec.right == 0 and spec.left is None
-    max_dim = (AUTO_MAX_DIM_CAUSAL if plain_causal else AUTO_MAX_DIM)[dtype]
+    max_dim = AUTO_MAX_DIM[dtype]
+    if spec.right == 0 and spec.left is None and spec.D == spec.Dv and spec.D in AUTO_CAUSAL_DIMS.get(dtype, ()):
+        max_dim = spec.D  # plain causal attention at a head size measured to win
     if spec.grad:  # autograd records (q, k or v requires grad)
         max_dim = 64  # forward + backward was measured at D = 64 only
     if max(spec.D, spec.Dv) > max_dim or not measured_cpu():

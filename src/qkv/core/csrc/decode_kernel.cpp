@@ -633,7 +633,11 @@ int qkv_decode(int kind, const float* q, const uint16_t* q16, float qscale, cons
   for (int64_t row = 0; row < rows; ++row) {  // row = (b * Hkv + h) * M + m; split s of it at (bh * S + s) * M + m
     const int64_t bh = row / M, m = row % M;
     float mx = NEG_INF;
-    for (int64_t sp = 0; sp < S; ++sp) mx = std::max(mx, pm[(bh * S + sp) * M + m]);
+    for (int64_t sp = 0; sp < S; ++sp) {
+      const float x = pm[(bh * S + sp) * M + m];
+      if (x != x) any = 1;  // a NaN row max (std::max would drop it): flagged here, not only by the scores' check
+      mx = std::max(mx, x);
+    }
     float* o = out + row * Dv;
     for (int64_t d = 0; d < Dv; ++d) o[d] = 0.0f;
     float l = 0.0f;

@@ -918,9 +918,9 @@ static int flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, i
   A.dq = dq, A.dk = dk, A.dv = dv;
   if (B == 0 || Hq == 0) return 0;
   if (Lk == 0 || Lq == 0) {
-    std::memset(dq, 0, sizeof(float) * B * Hq * Lq * D);
-    std::memset(dk, 0, sizeof(float) * B * Hkv * Lk * D);
-    std::memset(dv, 0, sizeof(float) * B * Hkv * Lk * Dv);
+    if (Lq) std::memset(dq, 0, sizeof(float) * B * Hq * Lq * D);  // (the pointers of empty tensors may be null)
+    if (Lk) std::memset(dk, 0, sizeof(float) * B * Hkv * Lk * D);
+    if (Lk) std::memset(dv, 0, sizeof(float) * B * Hkv * Lk * Dv);
     return 0;
   }
   A.row_lo.resize(Lq), A.row_hi.resize(Lq);

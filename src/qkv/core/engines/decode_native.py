@@ -11,8 +11,9 @@ head, split) handed to torch's OpenMP threads as they come free. The kernel merg
 splits' partial states through their row max, as in Flash-Decoding (Dao, Haziza, Massa and
 Sizov, 2023), and returns out and lse (`flash.merge_states` and `flash.finish` in C++). Its share
 of the memory-read bandwidth on a 2-core AVX-512 CPU: benchmarks/decode.py and
-docs/benchmarks.md. Like the eager engine it flags a non-finite raw score for the
-non-finite guard (core/finite.py). Layout: docs/architecture.md.
+docs/benchmarks.md. For the non-finite guard (core/finite.py) it flags a non-finite raw score,
+as the eager engine does, and also a non-finite output, a NaN row max or a NaN or +inf lse
+(which the eager engine's caller checks with torch). Layout: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def forward(kernel, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Tensor,
     scaled; q16 the same rows unscaled in bfloat16 for a bfloat16 cache where the processor
     has a bfloat16 dot product (else None); k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out
     (B, Hq, Lq, Dv) float32, lse (B, Hq, Lq) float32, and a 0-d bool tensor: whether a raw
-    score was NaN or infinite. Keys [lo, hi) are cut into S splits, run as B*Hkv*S work items
-    on torch's thread count, whose partial states the kernel merges through their row max (as
+    score was NaN or infinite, or an output is, or an lse is NaN or +inf. Keys [lo, hi) are cut
+    into S splits, run as B*Hkv*S work items on torch's thread count, whose partial states the
+    kernel merges through their row max (as
     `flash.merge_states` and `flash.finish` do). Few torch operations here: after a long cache
     has streamed through the caches each one runs cold. At 32768 keys (bfloat16, B=1, Hkv=8,
     G=4, D=128, after a float32 read of as many bytes) this function spent 0.50 ms outside the
@@ -82,7 +84,7 @@ def forward(kernel, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Tensor,
     bias = None if spec.float_mask is None else spec.float_mask.to(torch.float32).expand(shape)
     # (B, Hkv, M, Dv) and (B, Hkv, M) with row m = g*Lq + i, query head h*G + g: (B, Hq, Lq[, Dv])
     out, lse = torch.empty(B, Hq, Lq, Dv), torch.empty(B, Hq, Lq)
-    bad = torch.empty((), dtype=torch.bool)  # the kernel writes it: whether a raw score was not finite
+    bad = torch.empty((), dtype=torch.bool)  # the kernel writes it: a raw score, output or lse not finite
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
     rc = kernel.qkv_decode(
         _KERNEL_KINDS[k.dtype], ptr(q_rows), ptr(q16), spec.scale, ptr(k), ptr(v),
