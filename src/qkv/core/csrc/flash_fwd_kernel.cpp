@@ -370,26 +370,8 @@ inline void pin(T&) {}
 #endif
 
 // s[r][16t + c] = q[r] . key 16t + c of the block for chunks t < NC, R rows: q (R, D) float32,
-// kt (D, BK) (already offset to the first chunk), s rows of BK; D <= 64: one chain of
-// multiply-adds (scores_f32_piece below sums longer rows).
-template <int R, int NC>
-__attribute__((noinline)) void scores_f32_short(const float* q, int64_t D, const float* kt, float* s) {
-  vreg acc[R][NC];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NC; ++t) acc[r][t] = vzero();
-  for (int64_t d = 0; d < D; ++d) {
-    vreg kv[NC];
-    for (int t = 0; t < NC; ++t) kv[t] = vload(kt + d * BK + 16 * t), pin(kv[t]);
-    for (int r = 0; r < R; ++r) {
-      const vreg qv = vbcast(q[r * D + d]);
-      for (int t = 0; t < NC; ++t) acc[r][t] = vfma(qv, kv[t], acc[r][t]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NC; ++t) vstore(s + r * BK + 16 * t, acc[r][t]);
-}
-
-// The same for D > 64, one piece of the sum: the sum over D runs in pieces of 64 terms added
+// kt (D, BK) (already offset to the first chunk), s rows of BK; D <= 64: one piece, n = D, first.
+// For D > 64 one piece of the sum: the sum over D runs in pieces of 64 terms added
 // together, as the backward kernel sums its recomputed scores (flash_bwd_kernel.cpp), so the lse it
 // reads was made by the same arithmetic and P = exp(s - lse) is the forward's P (one unbroken chain
 // over D = 256 differed by enough to break the tolerance rule for dq at large logits). This call
@@ -640,7 +622,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       const float* kt = P.kt + ((bh - P.bh0) * P.nkb + kb) * D * BK + 16 * c0;
       if (D <= 64)
         by_tiles<RS>(M, [&](auto rows, int64_t m) {
-          scores_f32_short<decltype(rows)::value, NC>(W.qf.p + m * D, D, kt, S + m * BK + 16 * c0);
+          scores_f32_piece<decltype(rows)::value, NC>(W.qf.p + m * D, D, D, kt, S + m * BK + 16 * c0, true);
         });
       else  // piece by piece, each piece's keys (64 x 16 NC floats: at most 32 KiB) for all the rows
         for (int64_t d0 = 0; d0 < D; d0 += 64)
