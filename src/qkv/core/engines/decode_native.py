@@ -67,11 +67,11 @@ def forward(kernel, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Tensor,
     (B, Hq, Lq, Dv) float32, lse (B, Hq, Lq) float32, and a 0-d bool tensor: whether a raw
     score was NaN or infinite, or an output is, or an lse is NaN or +inf. Keys [lo, hi) are cut
     into S splits, run as B*Hkv*S work items on torch's thread count, whose partial states the
-    kernel merges through their row max (as
-    `flash.merge_states` and `flash.finish` do). Few torch operations here: after a long cache
-    has streamed through the caches each one runs cold. At 32768 keys (bfloat16, B=1, Hkv=8,
-    G=4, D=128, after a float32 read of as many bytes) this function spent 0.50 ms outside the
-    kernel with the merge, the finish and the band in torch, 0.13 ms now (a 5-6 ms step)."""
+    kernel merges through their row max (as `flash.merge_states` and `flash.finish` do). Few
+    torch operations here: after a long cache has streamed through the caches each one runs cold.
+    At 32768 keys (bfloat16, B=1, Hkv=8, G=4, D=128, after a float32 read of as many bytes) this
+    function spent 0.50 ms outside the kernel with the merge, the finish and the band in torch,
+    0.13 ms now (a 5-6 ms step)."""
     B, Hq, Hkv, G, Lq, Lk, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.Lk, spec.D, spec.Dv
     threads = max(1, torch.get_num_threads())
     S = splits(B * Hkv, hi - lo, threads)
