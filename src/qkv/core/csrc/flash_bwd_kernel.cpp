@@ -192,6 +192,17 @@ inline void micro_cols(int64_t N, int64_t K, const float* A, int64_t as_m, int64
 // wider than this error.)
 constexpr int64_t KC = 64;
 
+// f(i, end) for each maximal run [i, end) of 0..n-1 whose members are all same(i, j) as the first.
+template <class Same, class F>
+inline void for_runs(int n, Same same, F f) {
+  for (int i = 0; i < n;) {
+    int end = i + 1;
+    while (end < n && same(i, end)) ++end;
+    f(i, end);
+    i = end;
+  }
+}
+
 template <int MR>
 inline void micro_cols_k(bool acc, int64_t N, int64_t K, const float* A, int64_t as_m, int64_t as_k, const float* B,
                          int64_t ldb, float* C, int64_t ldc) {
@@ -605,6 +616,18 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
     for (int sp = 0; sp < ns; ++sp)
       if (ca[sp] <= c && c < cz[sp]) h0[c] = std::min(h0[c], sp), h1[c] = sp + 1;
   }
+  // f(c, end) for each run [c, end) of chunks with the same non-empty hull of strips;
+  // g(sp, end) for each run [sp, end) of strips with the same non-empty chunks.
+  auto chunk_runs = [&](auto f) {
+    for_runs(NCH, [&](int x, int y) { return h0[x] == h0[y] && h1[x] == h1[y]; }, [&](int c, int end) {
+      if (h1[c] > h0[c]) f(c, end);
+    });
+  };
+  auto strip_runs = [&](auto g) {
+    for_runs(ns, [&](int x, int y) { return ca[x] == ca[y] && cz[x] == cz[y]; }, [&](int sp, int end) {
+      if (cz[sp] > ca[sp]) g(sp, end);
+    });
+  };
 #ifdef __AVX512BF16__
   if (KIND == 1 && A.bf16dot) {
     // P and dS rounded to bfloat16 (as FA-2 does on GPUs) for the three products that take them.
@@ -624,49 +647,29 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
                             (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(dp + r * BK + c + 16), _mm512_loadu_ps(dp + r * BK + c)));
     const uint32_t* do2 = A.do2 + ((b * A.Hq + hq) * A.Lq2 + i0 / 2) * Dvp;
     const uint32_t* q2 = A.q2 + ((b * A.Hq + hq) * A.Lq2 + i0 / 2) * Dp;
-    for (int c = 0; c < NCH;) {
-      int end = c + 1;
-      while (end < NCH && h0[end] == h0[c] && h1[end] == h1[c]) ++end;
-      if (h1[c] > h0[c]) {
-        const int64_t k0 = 16 * c, kn = 16 * (end - c), p0 = h0[c] * RS / 2;
-        const int64_t np = (std::min<int64_t>(bq, h1[c] * RS) - h0[c] * RS + 1) / 2;
-        gemm_bf16<true>(kn, Dvp, np, W.p2 + p0 * BK + k0, 1, BK, do2 + p0 * Dvp, Dvp, W.dv + k0 * Dvp, Dvp);  // dV += P^T dO
-        gemm_bf16<true>(kn, Dp, np, W.ds2 + p0 * BK + k0, 1, BK, q2 + p0 * Dp, Dp, W.dk + k0 * Dp, Dp);       // dK += dS^T Q
-      }
-      c = end;
-    }
-    for (int sp = 0; sp < ns;) {
-      int end = sp + 1;
-      while (end < ns && ca[end] == ca[sp] && cz[end] == cz[sp]) ++end;
-      if (cz[sp] > ca[sp]) {
-        const int64_t r0 = sp * RS, r1 = std::min<int64_t>(bq, end * RS), k0 = 16 * ca[sp];
-        gemm_bf16<true>(r1 - r0, Dp, 8 * (cz[sp] - ca[sp]), W.dsr + r0 * (BK / 2) + k0 / 2, BK / 2, 1,
-                        W.k2 + k0 / 2 * Dp, Dp, dq + r0 * Dp, Dp);  // dQ += dS K
-      }
-      sp = end;
-    }
+    chunk_runs([&](int c, int end) {
+      const int64_t k0 = 16 * c, kn = 16 * (end - c), p0 = h0[c] * RS / 2;
+      const int64_t np = (std::min<int64_t>(bq, h1[c] * RS) - h0[c] * RS + 1) / 2;
+      gemm_bf16<true>(kn, Dvp, np, W.p2 + p0 * BK + k0, 1, BK, do2 + p0 * Dvp, Dvp, W.dv + k0 * Dvp, Dvp);  // dV += P^T dO
+      gemm_bf16<true>(kn, Dp, np, W.ds2 + p0 * BK + k0, 1, BK, q2 + p0 * Dp, Dp, W.dk + k0 * Dp, Dp);       // dK += dS^T Q
+    });
+    strip_runs([&](int sp, int end) {
+      const int64_t r0 = sp * RS, r1 = std::min<int64_t>(bq, end * RS), k0 = 16 * ca[sp];
+      gemm_bf16<true>(r1 - r0, Dp, 8 * (cz[sp] - ca[sp]), W.dsr + r0 * (BK / 2) + k0 / 2, BK / 2, 1,
+                      W.k2 + k0 / 2 * Dp, Dp, dq + r0 * Dp, Dp);  // dQ += dS K
+    });
     return;
   }
 #endif
-  for (int c = 0; c < NCH;) {
-    int end = c + 1;
-    while (end < NCH && h0[end] == h0[c] && h1[end] == h1[c]) ++end;
-    if (h1[c] > h0[c]) {
-      const int64_t k0 = 16 * c, kn = 16 * (end - c), r0 = h0[c] * RS, r1 = std::min<int64_t>(bq, h1[c] * RS);
-      gemm<true>(kn, Dvp, r1 - r0, s + r0 * BK + k0, 1, BK, dof + r0 * Dvp, Dvp, W.dv + k0 * Dvp, Dvp);  // dV += P^T dO
-      gemm<true>(kn, Dp, r1 - r0, dp + r0 * BK + k0, 1, BK, qf + r0 * qld, qld, W.dk + k0 * Dp, Dp);      // dK += dS^T Q
-    }
-    c = end;
-  }
-  for (int sp = 0; sp < ns;) {
-    int end = sp + 1;
-    while (end < ns && ca[end] == ca[sp] && cz[end] == cz[sp]) ++end;
-    if (cz[sp] > ca[sp]) {
-      const int64_t r0 = sp * RS, r1 = std::min<int64_t>(bq, end * RS), k0 = 16 * ca[sp];
-      gemm<true>(r1 - r0, Dp, 16 * (cz[sp] - ca[sp]), dp + r0 * BK + k0, BK, 1, W.kf + k0 * Dp, Dp, dq + r0 * Dp, Dp);  // dQ += dS K
-    }
-    sp = end;
-  }
+  chunk_runs([&](int c, int end) {
+    const int64_t k0 = 16 * c, kn = 16 * (end - c), r0 = h0[c] * RS, r1 = std::min<int64_t>(bq, h1[c] * RS);
+    gemm<true>(kn, Dvp, r1 - r0, s + r0 * BK + k0, 1, BK, dof + r0 * Dvp, Dvp, W.dv + k0 * Dvp, Dvp);  // dV += P^T dO
+    gemm<true>(kn, Dp, r1 - r0, dp + r0 * BK + k0, 1, BK, qf + r0 * qld, qld, W.dk + k0 * Dp, Dp);      // dK += dS^T Q
+  });
+  strip_runs([&](int sp, int end) {
+    const int64_t r0 = sp * RS, r1 = std::min<int64_t>(bq, end * RS), k0 = 16 * ca[sp];
+    gemm<true>(r1 - r0, Dp, 16 * (cz[sp] - ca[sp]), dp + r0 * BK + k0, BK, 1, W.kf + k0 * Dp, Dp, dq + r0 * Dp, Dp);  // dQ += dS K
+  });
 }
 
 // One work item: batch row b, kv head h, key blocks [kb0, kb1) of split `split`.
