@@ -97,8 +97,10 @@ def test_a_full_answer_is_encoded_in_pieces_and_equals_json_dumps(registry):
 
 
 def test_a_full_maps_answer_does_not_stall_health(registry):
-    """/api/health answers within 1 s while the largest full-maps answer the default limits allow
-    is computed and encoded (a real server on 127.0.0.1)."""
+    """/api/health stays live while the largest full-maps answer the default limits allow is
+    computed and encoded (a real server on 127.0.0.1): answered while it runs, each answer in
+    under half the heavy request's own time (a stalled event loop would hold health for most of
+    it; a fixed bound in seconds would measure the shared test machine, not the server)."""
     import threading
     import time
 
@@ -110,7 +112,7 @@ def test_a_full_maps_answer_does_not_stall_health(registry):
     model, _ = registry.get("minilm")
     text = "cat " * 300  # 302 tokens: 6 x 12 x 302^2 weights, about 45 MB of JSON, under 64 MB
     with running_server(app) as url, counting_forwards(model):
-        done, slowest, sizes = threading.Event(), [0.0], []
+        done, slowest, sizes, answered = threading.Event(), [0.0], [], [0]
 
         def heavy():
             try:
@@ -121,6 +123,7 @@ def test_a_full_maps_answer_does_not_stall_health(registry):
                 done.set()
 
         worker = threading.Thread(target=heavy)
+        start = time.monotonic()
         worker.start()
         deadline = time.monotonic() + 120
         with httpx.Client(timeout=10) as client:
@@ -128,7 +131,11 @@ def test_a_full_maps_answer_does_not_stall_health(registry):
                 t0 = time.monotonic()
                 assert client.get(url + "/api/health").status_code == 200
                 slowest[0] = max(slowest[0], time.monotonic() - t0)
+                answered[0] += not done.is_set()
                 time.sleep(0.02)
         worker.join(timeout=5)
+        heavy_s = time.monotonic() - start
     assert done.is_set() and sizes and sizes[0][0] == 200 and sizes[0][2] and sizes[0][1] > 30_000_000, sizes
-    assert slowest[0] < 1.0, f"/api/health took {slowest[0]:.2f} s during a full-maps answer"
+    assert answered[0] >= 3, "health was never answered while the full-maps answer ran: the test did not test it"
+    assert slowest[0] < 0.5 * heavy_s, (f"/api/health took {slowest[0]:.2f} s during a full-maps answer "
+                                        f"({heavy_s:.2f} s): the event loop was stalled")
