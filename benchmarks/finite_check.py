@@ -3,11 +3,12 @@
 Every call of qkv.attention first reads the extremes of q, k and v (one aminmax each, one
 synchronisation) to learn that they hold no NaN or infinity and that no score can overflow;
 the decode backend, whose whole step reads the cache once, checks what its kernel reads
-instead and scans only q. Compared in the same run, forward only (inference mode), B=1:
+instead, and the guard checks only q there (one sum: `finite.queries_finite`). Compared in the
+same run, forward only (inference mode), B=1:
 
 - unguarded: the backend's forward called directly on a prepared spec (what qkv did before);
 - guarded: qkv.attention(..., backend=...), the guard included;
-- scan: the guard's scan alone (`finite.scan`) on the same tensors;
+- scan: the guard's check alone on the same tensors (`finite.scan`; for decode `finite.queries_finite`);
 - full scan (decode rows only): what scanning k and v as well would cost there.
 
 overhead = scan / unguarded: the guard's own share of the call, measured apart from the
@@ -37,11 +38,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def _row(name, dtype, L, backend, q, k, v, kw, repeats, self_checking=False):
     spec = build_spec(q, k, v, **kw)
     impl = get_backend(backend)
-    scanned = (q,) if self_checking else (q, k, v)
     fns = {
         "unguarded": lambda: impl.forward(q, k, v, spec, need_lse=False),
         "guarded": lambda: qkv.attention(q, k, v, backend=backend, **kw),
-        "scan": lambda: finite.scan(scanned, spec),
+        "scan": (lambda: finite.queries_finite(q, spec)) if self_checking else (lambda: finite.scan((q, k, v), spec)),
     }
     if self_checking:
         fns["full scan"] = lambda: finite.scan((q, k, v), spec)

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from decode_partials import partials_merged_by_torch
 from random_qkv import random_qkv
 
 import qkv
 from qkv.core import _kernels
 from qkv.core.engines import decode_native
-from qkv.core.spec import build_spec
 from qkv.testing import FWD_FACTOR, assert_within_rule
 
 BF16 = torch.bfloat16
@@ -72,18 +72,10 @@ def _check_rule(q, k, v, what, **kw):
 
 
 def _kernel_float32(q, k, v, **kw):
-    """The kernel's float32 result (before the backend rounds it to bfloat16), as the decode
-    backend calls it: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> (B, Hq, Lq, Dv)."""
-    spec = build_spec(q, k, v, **kw)
-    B, Hkv, G, Lq, D = spec.B, spec.Hkv, spec.groups, spec.Lq, spec.D
-    lo, hi = spec.kv_range(0, Lq)
-    lo, hi = max(lo, 0), min(hi, spec.Lk)
-    kernel = decode_native.lib()
-    q_rows = (q.float() * spec.scale).reshape(B, Hkv, G * Lq, D)  # (B, Hkv, M, D): row g*Lq + i
-    q16 = q.reshape(B, Hkv, G * Lq, D).contiguous() if kernel.bf16_dot else None
-    out, _, suspect = decode_native.forward(kernel, q_rows, q16, k, v, spec, lo, hi)
-    assert not suspect, "finite inputs were flagged"
-    return out
+    """The kernel's float32 result before it is rounded to bfloat16: its work items on the splits
+    the decode backend uses, merged by torch: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)
+    -> (B, Hq, Lq, Dv)."""
+    return partials_merged_by_torch(q, k, v, threads=max(1, torch.get_num_threads()), **kw)[0]
 
 
 # (Hq, Hkv, Lq, Lk, D, Dv): 4 and 8 rows per kv head; key counts odd and even, around the

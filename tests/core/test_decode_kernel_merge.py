@@ -15,17 +15,16 @@ What these tests aim at:
 
 from __future__ import annotations
 
-import ctypes
 import math
 
 import pytest
 import torch
+from decode_partials import partials_merged_by_torch
 from random_qkv import random_qkv
 
 import qkv
 from qkv.core import _kernels
 from qkv.core.engines import decode_native
-from qkv.core.engines.flash import finish, merge_states
 from qkv.core.spec import build_spec
 from qkv.testing import FWD_FACTOR, assert_within_rule
 
@@ -42,16 +41,12 @@ def _inputs(B, Hq, Hkv, Lq, Lk, D, dtype, seed):
 
 
 def _kernel_step(q, k, v, **kw):
-    """(out float32 (B, Hq, Lq, Dv), lse (B, Hq, Lq), suspect) from decode_native.forward, as the
-    decode backend calls it."""
+    """(out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32, suspect) from decode_native.forward,
+    as the decode backend calls it."""
     spec = build_spec(q, k, v, **kw)
-    B, Hkv, G, Lq, D = spec.B, spec.Hkv, spec.groups, spec.Lq, spec.D
-    lo, hi = spec.kv_range(0, Lq)
+    lo, hi = spec.kv_range(0, spec.Lq)
     lo, hi = max(lo, 0), min(hi, spec.Lk)
-    kernel = decode_native.lib()
-    q_rows = (q.float() * spec.scale).reshape(B, Hkv, G * Lq, D)
-    q16 = q.reshape(B, Hkv, G * Lq, D).contiguous() if q.dtype == torch.bfloat16 and kernel.bf16_dot else None
-    return decode_native.forward(kernel, q_rows, q16, k, v, spec, lo, hi), (spec, q_rows, q16, lo, hi)
+    return decode_native.forward(decode_native.lib(), q, k, v, spec, lo, hi)
 
 
 def _exact_lse(q, k, mask, causal, window):
@@ -95,7 +90,7 @@ def test_forced_splits_by_the_rule(dtype, Hq, Hkv, Lq, Lk, D, S, monkeypatch):
     lengths = [Lk, 0, max(1, Lk // 3)]  # row 1 sees nothing, row 2 only the first splits
     mask = _padding(B, Lk, lengths)
     causal = Lq > 1
-    (out, lse, suspect), _ = _kernel_step(q, k, v, mask=mask, causal=causal)
+    out, lse, suspect = _kernel_step(q, k, v, mask=mask, causal=causal)
     assert not bool(suspect), "finite inputs were flagged"
     assert torch.all(out[1] == 0), "a row with an empty cache attends to nothing"
     assert torch.all(torch.isneginf(lse[1])), "a row with an empty cache has lse -inf"
@@ -118,7 +113,7 @@ def test_window_bands_inside_one_split(dtype, window, S, monkeypatch):
     window lies inside one split and all other splits see nothing."""
     monkeypatch.setattr(decode_native, "splits", lambda *a: S)
     (q, k, v), _ = _inputs(2, 8, 1, 4, 2048, 64, dtype, seed=S + window[0])
-    (out, lse, _), _ = _kernel_step(q, k, v, causal=True, window=window)
+    out, lse, _ = _kernel_step(q, k, v, causal=True, window=window)
     exact = qkv.reference_attention(q.double(), k.double(), v.double(), causal=True, window=window)
     plain = qkv.reference_attention(q, k, v, causal=True, window=window)
     assert_within_rule(out.to(dtype), plain, exact, factor=FWD_FACTOR, what=f"window {window} S={S}")
@@ -126,37 +121,23 @@ def test_window_bands_inside_one_split(dtype, window, S, monkeypatch):
     assert float((lse.double() - lse_exact).abs().max()) <= 1e-5 * float(lse_exact.abs().max() + 1)
 
 
-def _partials_merged_by_torch(q, k, v, S, **kw):
-    """The earlier path: qkv_decode_partials, then flash.merge_states and flash.finish."""
-    (_, _, _), (spec, q_rows, q16, lo, hi) = _kernel_step(q, k, v, **kw)
-    B, Hq, Hkv, G, Lq, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.Dv
-    M = G * Lq
-    band = torch.cat(spec.band_edges(torch.arange(Lq))).contiguous()
-    m, lsum, acc = torch.empty(B, Hkv, S, M), torch.empty(B, Hkv, S, M), torch.empty(B, Hkv, S, M, Dv)
-    bad = torch.zeros(B, Hkv, S, dtype=torch.int32)
-    p = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    i64 = decode_native._i64
-    rc = decode_native.lib().qkv_decode_partials(
-        1 if k.dtype == torch.bfloat16 else 0, p(q_rows.contiguous()), p(q16), spec.scale, p(k), p(v),
-        i64(k.stride()[:3]), i64(v.stride()[:3]), B, Hkv, G, Lq, spec.D, Dv, p(band),
-        ctypes.c_void_p(band.data_ptr() + 8 * Lq), None, i64((0,) * 4), None, i64((0,) * 4), lo, hi, S,
-        p(m), p(lsum), p(acc), p(bad), 2)
-    assert rc == 0
-    row_max, row_sum, acc = merge_states(m, lsum, acc, dim=2)
-    out, lse = finish(row_max.unsqueeze(-1), row_sum.unsqueeze(-1), acc)
-    return out.view(B, Hq, Lq, Dv), lse.view(B, Hq, Lq)
-
-
 @pytest.mark.parametrize("S", [1, 3, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_merge_in_cpp_matches_the_torch_merge(dtype, S, monkeypatch):
     """qkv_decode's merge and finish against the partial states merged by torch: equal to a few
-    float32 roundings (the same states, the same formulas; a wrong weight or row shows at once)."""
+    float32 roundings (the same states, the same formulas; a wrong weight or row shows at once),
+    and for a bfloat16 cache within one bfloat16 rounding of that float32 result (out is rounded
+    in C++; a float32 result near a rounding boundary may round either way)."""
     monkeypatch.setattr(decode_native, "splits", lambda *a: S)
     (q, k, v), _ = _inputs(2, 8, 2, 2, 3001, 64, dtype, seed=S)
-    (out, lse, _), _ = _kernel_step(q, k, v, causal=True)
-    ref_out, ref_lse = _partials_merged_by_torch(q, k, v, S, causal=True)
-    torch.testing.assert_close(out, ref_out, rtol=2e-6, atol=2e-6)
+    out, lse, _ = _kernel_step(q, k, v, causal=True)
+    ref_out, ref_lse = partials_merged_by_torch(q, k, v, S, causal=True)
+    assert out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref_out, rtol=2e-6, atol=2e-6)
+    else:
+        ulp = 2.0 ** -8 * ref_out.abs() + 1e-30  # bfloat16's unit roundoff is 2^-9: one step either way
+        assert torch.all((out.float() - ref_out).abs() <= ulp), "out is not the float32 result rounded"
     torch.testing.assert_close(lse, ref_lse, rtol=2e-6, atol=2e-6)
 
 
@@ -171,7 +152,7 @@ def test_same_result_on_any_thread_count(dtype, monkeypatch):
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            (out, lse, _), _ = _kernel_step(q, k, v)
+            out, lse, _ = _kernel_step(q, k, v)
             results.append((out, lse))
     finally:
         torch.set_num_threads(previous)
@@ -196,7 +177,59 @@ def test_the_kernel_flags_every_non_finite_result_for_the_guard(dtype, case):
         v[0, 1, 150, 5] = float("nan")
     elif case == "inf key":
         k[0, 0, 7, 1] = float("inf")
-    (out, lse, bad), _ = _kernel_step(q, k, v, mask=mask)
+    out, lse, bad = _kernel_step(q, k, v, mask=mask)
     assert bool(bad) is (case != "clean"), case
     if case == "clean":
         assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["clean", "nan query", "inf query", "-inf query, row sees nothing"])
+def test_the_kernel_flags_a_non_finite_query(case, dtype):
+    """The kernel gathers the queries itself and flags a query entry that is NaN or infinite, also in
+    a row that sees no key, of which no score is ever formed: 4 causal queries against 2 keys
+    (bottom-right: queries 0 and 1 see nothing)."""
+    (q, k, v), _ = _inputs(2, 4, 2, 4, 2, 32, dtype, seed=5)
+    if case == "nan query":
+        q[1, 3, 3, 17] = float("nan")
+    elif case == "inf query":
+        q[0, 0, 2, 0] = float("inf")
+    elif case == "-inf query, row sees nothing":
+        q[1, 2, 0, 5] = float("-inf")
+    out, lse, bad = _kernel_step(q, k, v, causal=True)
+    assert bool(bad) is (case != "clean"), case
+    assert torch.all(torch.isneginf(lse[:, :, :2])) and torch.all(out[:, :, :2] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_queries_are_read_in_place(dtype):
+    """Queries as a slice of a larger tensor (strides of heads and queries not those of a packed
+    tensor; the kernel gathers its rows through them): the same bits as the packed copy."""
+    (q, k, v), _ = _inputs(2, 8, 2, 3, 777, 64, dtype, seed=9)
+    wide = torch.randn(2, 3, 16, 5, 80).to(dtype)
+    wide[:, 1, :8, 1:4, 8:72] = q.transpose(1, 2).transpose(1, 2)  # (B, Hq, Lq, D) inside (B, 3, 16, 5, 80)
+    strided = wide[:, 1, :8, 1:4, 8:72]
+    assert not strided.is_contiguous() and torch.equal(strided, q)
+    got = _kernel_step(strided, k, v, causal=True)
+    want = _kernel_step(q.contiguous(), k, v, causal=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_bfloat16_out_is_rounded_to_nearest_even_as_torch_rounds():
+    """out for a bfloat16 cache is rounded from float32 in C++. With q = 0 every key weighs 1, so
+    each row's out is the mean of its two values, exact in float32 and often exactly half way
+    between two bfloat16 numbers (ties): it must equal torch's rounding of that mean bit for bit."""
+    gen = torch.Generator().manual_seed(2)
+    B, Hkv, G, D = 1, 16, 2, 64
+    q = torch.zeros(B, Hkv * G, 1, D, dtype=torch.bfloat16)
+    k = torch.randn(B, Hkv, 2, D, generator=gen).to(torch.bfloat16)
+    v = (torch.randn(B, Hkv, 2, D, generator=gen) * 8).to(torch.bfloat16)
+    v[0, 0, 0, :3] = torch.tensor([1.0, -1.0, 1.0e38])  # means of 1.0 and 1 + 2^-7: ties, rounded to even
+    v[0, 0, 1, :3] = torch.tensor([1.0078125, -1.0078125, 1.0e38])  # a huge mean, finite
+    out, lse, bad = _kernel_step(q, k, v)
+    mean = (v.float().sum(dim=2, keepdim=True) / 2).repeat_interleave(G, dim=1)  # (B, Hq, 1, D), exact
+    expected = mean.to(torch.bfloat16)
+    assert not bool(bad)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    ties = (mean.view(torch.int32) & 0xFFFF) == 0x8000  # float32 bits exactly half way between two bfloat16
+    assert ties.sum() >= 20, f"only {int(ties.sum())} ties: too few to test the rounding of ties"

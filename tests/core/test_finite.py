@@ -263,3 +263,62 @@ def test_finite_inputs_take_the_fast_path_unchanged():
     spec = build_spec(q, k, v, causal=True)
     direct, _ = sdpa.forward(q, k, v, spec, need_lse=False)
     assert torch.equal(qkv.attention(q, k, v, causal=True, backend="sdpa"), direct)
+
+
+@pytest.fixture
+def unchecked_backend(monkeypatch):
+    """A backend registered as self-checking that checks nothing (the float64 reference, NaN
+    turned into 0 as a fused kernel might): what it misses, only the guard's own checks of q and
+    the float mask can catch. Its name is removed again after the test."""
+    from qkv.core import api
+    from qkv.core.backend import reference
+
+    monkeypatch.setattr(api, "_BACKENDS", dict(api._BACKENDS))
+
+    def forward(q, k, v, spec, need_lse):
+        out, lse = reference.BACKEND.forward(q, k, v, spec, need_lse=need_lse)
+        return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0), lse
+
+    api.register_backend("unchecked", forward, lambda spec, q, need_lse: None,
+                         self_checking=lambda spec, q, k, v: True)
+    return "unchecked"
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_the_guard_checks_q_for_a_self_checking_backend(unchecked_backend, value):
+    """Self-checking backends check the keys and values they read; q is the guard's: a non-finite
+    query entry poisons its row (and only it) even where the backend would hide it."""
+    q, k, v = _inputs(DECODE_SHAPE, torch.float32, seed=3)
+    q[1, 2, 3, 5] = value
+    with torch.no_grad():
+        out = qkv.attention(q, k, v, causal=True, backend=unchecked_backend)
+    poisoned = torch.zeros(out.shape[:3], dtype=torch.bool)
+    poisoned[1, 2, 3] = True
+    assert torch.equal(torch.isnan(out).all(-1), poisoned) and torch.isfinite(out[~poisoned]).all()
+
+
+@pytest.mark.parametrize("value", [NAN, INF])
+def test_the_guard_checks_the_float_mask_for_a_self_checking_backend(unchecked_backend, value):
+    """A float-mask entry of NaN or +inf poisons the rows that see it, also behind a self-checking
+    backend (the guard checks the mask as it checks q)."""
+    q, k, v = _inputs(DECODE_SHAPE, torch.float32, seed=4)
+    B, Hq, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    mask = torch.zeros(B, Hq, Lq, Lk)
+    mask[0, 1, 2, 7] = value
+    with torch.no_grad():
+        out = qkv.attention(q, k, v, mask=mask, backend=unchecked_backend)
+    poisoned = torch.zeros(B, Hq, Lq, dtype=torch.bool)
+    poisoned[0, 1, 2] = True
+    assert torch.equal(torch.isnan(out).all(-1), poisoned) and torch.isfinite(out[~poisoned]).all()
+
+
+def test_finite_q_whose_sum_overflows_still_gives_the_exact_result(unchecked_backend):
+    """The guard's check of q for a self-checking backend is one sum: a finite q whose sum overflows
+    float32 reads as suspect, and the exact path then gives the right answer (nothing is poisoned)."""
+    q, k, v = _inputs(DECODE_SHAPE, torch.float32, seed=5)
+    q[0, 0, 0, :] = BIG / 2  # finite; their sum is not
+    with torch.no_grad():
+        out = qkv.attention(q, k, v, backend=unchecked_backend)
+        expected = qkv.reference_attention(q.double(), k.double(), v.double())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)

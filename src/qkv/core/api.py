@@ -40,8 +40,8 @@ def register_backend(name: str, forward: Callable, unsupported: Callable, auto_r
     that cannot fit in the device's free memory is refused before it starts.
 
     `self_checking(spec, q, k, v) -> bool` says when the backend checks the keys and values it
-    reads for NaN and infinity itself (calling `finite.report`), so that the dispatch scans
-    only q for them (see core/finite.py).
+    reads for NaN and infinity itself (calling `finite.report`), so that the dispatch checks
+    only q and a float mask for them (see core/finite.py).
     """
     auto = None if auto_rule is None else (lambda spec, q, need_lse: auto_rule(spec, q, need_lse) in (True, name))
     _BACKENDS[name] = Backend(name, forward, unsupported, memory=memory, self_checking=self_checking, auto=auto,

@@ -17,7 +17,7 @@ around every backend (the reference included), in two steps:
    benchmarks/finite_check.py measures it). Finite extremes mean no NaN or infinity anywhere,
    and bound every score by scale * D * max|q| * max|k|. A backend that reads k and v once per
    call anyway (decode, whose whole step is O(L*D)) checks what it reads instead and raises
-   `Suspect`: the scan of q alone stays cheap there.
+   `Suspect`: only q and a float mask are checked there, by one sum and one maximum.
 2. Only when the scan finds something: non-finite entries are replaced by 0, the backend runs
    on the clean inputs (`trusted()`, so self-checking backends do not raise again), and the
    poisoned rows, found through the spec's own constraints (prefix sums for a causal/window
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import threading
 from typing import Callable, Iterator, Optional
 
@@ -91,8 +92,10 @@ def guarded(forward: Forward, q: Tensor, k: Tensor, v: Optional[Tensor], spec: A
     """
     if getattr(_state, "trusted", False):
         return forward(q, k, v, spec, need_lse=need_lse)
-    scanned = (q,) if self_checking else tuple(t for t in (q, k, v) if t is not None)
-    finite, bound = scan(scanned, spec)
+    if self_checking:
+        finite, bound = queries_finite(q, spec), 0.0
+    else:
+        finite, bound = scan(tuple(t for t in (q, k, v) if t is not None), spec)
     if finite and (self_checking or bound <= _safe_bound(q.dtype)):
         try:
             return forward(q, k, v, spec, need_lse=need_lse)
@@ -104,6 +107,20 @@ def guarded(forward: Forward, q: Tensor, k: Tensor, v: Optional[Tensor], spec: A
 def all_finite(*tensors: Tensor) -> bool:
     """Whether the tensors hold no NaN and no infinity (one synchronising read of their extremes)."""
     return all(bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()) for t in tensors if t.numel())
+
+
+def queries_finite(q: Tensor, spec: AttentionSpec) -> bool:
+    """Whether q holds no NaN and no infinity and the float mask no NaN and no +inf, for a
+    self-checking backend (which needs no bound on the scores): one sum of q, and the mask's
+    maximum. A sum is NaN or infinite when an entry is; a finite q whose sum overflows reads as
+    not finite, which only sends the call down the exact path. After a decode step's cache has
+    streamed through the CPU's caches every torch operation runs cold: `scan` took 0.12-0.13 ms
+    here, this 0.04 ms (bfloat16 q, B=1, Hq=32, D=128, each call right after a 128 MiB read, best
+    of 21, twice)."""
+    if q.numel() and not math.isfinite(q.sum(dtype=torch.float32 if q.dtype == torch.float16 else None).item()):
+        return False
+    mask = spec.float_mask
+    return mask is None or not mask.numel() or float(mask.amax()) < float("inf")  # NaN and +inf fail `<`
 
 
 def _safe_bound(dtype: torch.dtype) -> float:

@@ -31,7 +31,7 @@ class Backend:
     memory(spec, q, need_lse) -> (bytes, what): what a call allocates, so a call that cannot
         fit is refused before it starts (None: not estimated);
     self_checking(spec, q, k, v) -> bool: the backend checks the keys and values it reads for
-        NaN and infinity itself (`finite.report`), so the dispatch scans only q;
+        NaN and infinity itself (`finite.report`), so the dispatch checks only q and a float mask;
     auto(spec, q, need_lse) -> bool: claims these arguments for `auto` (None: never chosen
         by auto); rules are tried by descending `priority`, and the first claiming backend
         that supports the arguments runs;

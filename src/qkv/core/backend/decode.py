@@ -13,8 +13,8 @@ and bfloat16 caches on the CPU) and the eager segments (engines/decode_eager.py:
 float64 caches, mask functions, and machines where the kernel cannot be compiled, with a
 warning once). Both check what they read for NaN and infinity as they go (a non-finite raw
 score, before any mask, or a non-finite result), so that the dispatch's non-finite guard
-(core/finite.py) scans only the queries here: scanning the cache as well would cost as much
-as the step itself. When they see one, the guard recomputes the step by its rule.
+(core/finite.py) checks only the queries (one sum) and a float mask here: scanning the
+cache as well would cost as much as the step itself. When they see one, the guard recomputes the step by its rule.
 
 This fast path runs without autograd, dropout or score functions (the inference case:
 optionally causal, windowed or masked, e.g. by a key-padding mask for rows of different
@@ -65,14 +65,12 @@ def _fast_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple
     if hi <= lo or Lq == 0:
         out = torch.zeros(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
         return out, torch.full((B, Hq, Lq), float("-inf"), dtype=ct, device=q.device), torch.tensor(False)
-    q_rows = (q.to(ct) * spec.scale).reshape(B, Hkv, M, D)  # (B, Hkv, G*Lq, D): row g*Lq + i
     if decode_native.applies(q, k, v, spec):
         kernel = decode_native.lib()
-        if kernel is not None:
-            q16 = q.reshape(B, Hkv, M, D).contiguous() if q.dtype == torch.bfloat16 and kernel.bf16_dot else None
-            out, lse, suspect = decode_native.forward(kernel, q_rows, q16, k, v, spec, lo, hi)
-            return out.to(q.dtype), lse, suspect  # suspect: scores, outputs and lse checked by the kernel
+        if kernel is not None:  # out in q's dtype; suspect: queries, scores, outputs and lse checked by the kernel
+            return decode_native.forward(kernel, q, k, v, spec, lo, hi)
         _kernels.warn_unavailable("decode_kernel", "the decode backend runs its slower eager path")
+    q_rows = (q.to(ct) * spec.scale).reshape(B, Hkv, M, D)  # (B, Hkv, G*Lq, D): row g*Lq + i
     out, lse, suspect = decode_eager.forward(q_rows, k, v, spec, lo, hi)  # (B, Hq, Lq, Dv), (B, Hq, Lq)
     out = out.to(q.dtype)
     return out, lse, suspect | ~torch.isfinite(out.sum()) | torch.isnan(lse.sum())

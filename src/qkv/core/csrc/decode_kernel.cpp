@@ -30,7 +30,8 @@
 //        (from a non-finite key, or an overflow) before any mask applied, so that the caller
 //        can recompute the step by qkv's rule for non-finite inputs (core/finite.py) without
 //        reading the cache a second time.
-//   qkv_decode: out (B, Hkv, M, Dv) = (B, Hq, Lq, Dv) and lse (B, Hkv, M) float32, bad (uint8).
+//   qkv_decode: q (B, Hq, Lq, D) as the caller holds it (strides qst), out (B, Hkv, M, Dv) =
+//        (B, Hq, Lq, Dv) in the cache's dtype and lse (B, Hkv, M) float32, bad (uint8).
 //
 // Measured on a 2-core AMD EPYC (Zen 4, AVX512-BF16, a shared VM whose memory read ran at 25-49
 // GB/s from run to run), B=1, Hq=32, Hkv=8, D=128, one query, 2 threads. The kernel alone,
@@ -96,6 +97,14 @@ inline float load1(const void* p) {
     std::memcpy(&f, &w, 4);
     return f;
   }
+}
+
+// float32 to bfloat16 as torch rounds it: to nearest, ties to even; NaN stays a (quiet) NaN.
+inline uint16_t to_bf16(float f) {
+  uint32_t w;
+  std::memcpy(&w, &f, 4);
+  if (f != f) return 0x7fc0;
+  return uint16_t((w + 0x7fffu + ((w >> 16) & 1u)) >> 16);
 }
 
 template <int KIND>
@@ -606,27 +615,51 @@ int qkv_decode_partials(int kind, const float* q, const uint16_t* q16, float qsc
   return 0;
 }
 
-// The whole step: the partial states of qkv_decode_partials (kept here), merged through their
-// row max as flash.merge_states does, and finished as flash.finish does: out (B, Hkv, M, Dv)
-// = (B, Hq, Lq, Dv) float32 = acc / row_sum (0 for a row that saw no key), lse (B, Hkv, M) =
-// row_max + log(row_sum) (-inf for such a row), *bad = 1 if a work item flagged a raw score
-// that is not finite, or an output is not finite, or an lse is NaN or +inf (the non-finite
-// guard's checks, core/finite.py, which were three torch reductions), else 0. Done here rather than in torch because after a long cache has
-// streamed through the caches every small torch operation runs cold: engines/decode_native.py
-// spent 0.50 ms outside the kernel with the merge and the finish (and the band) in torch, 0.13 ms
-// now, of a 5-6 ms step at 32768 keys (bfloat16, B=1, Hkv=8, G=4, D=128).
+// The whole step, from the queries as the caller holds them: q (B, Hq, Lq, D) float32 (kind
+// 0) or bfloat16 (kind 1, the cache's dtype), element strides qst = (b, head, query) and the
+// last dimension contiguous. Its rows are gathered into the layout of qkv_decode_partials,
+// float32 times the scale (as torch's q.float() * scale rounds) and, where bf16_dot, the
+// unscaled bfloat16 rows (a query entry that is NaN or infinite makes the raw scores of its
+// row so: every row of a work item is scored against every key it reads). The partial states
+// are merged through their row max as flash.merge_states does and finished as flash.finish
+// does: out (B, Hkv, M, Dv) = (B, Hq, Lq, Dv) in the cache's dtype (bfloat16 rounded to
+// nearest even, NaN kept, as torch's .to(torch.bfloat16)) = acc / row_sum (0 for a row that
+// saw no key), lse (B, Hkv, M) float32 = row_max + log(row_sum) (-inf for such a row), *bad = 1
+// if a raw score is not finite (a work item's flag), or an output is not
+// finite, or an lse is NaN or +inf (the non-finite guard's checks, core/finite.py), else 0.
+// Done here rather than in torch because after a long cache has streamed through the caches
+// every small torch operation runs cold: engines/decode_native.py spent 0.50 ms outside the
+// kernel with the merge and the finish (and the band) in torch, 0.13 ms with them here, and
+// the gathered queries and the output's cast took 0.08-0.10 ms more, of a 5-6 ms step at 32768
+// keys (bfloat16, B=1, Hkv=8, G=4, D=128).
 // Returns 0 on success, 1 for an unknown dtype kind.
-int qkv_decode(int kind, const float* q, const uint16_t* q16, float qscale, const void* k, const void* v, const int64_t* kst,
-               const int64_t* vst, int64_t B, int64_t Hkv, int64_t G, int64_t Lq, int64_t D, int64_t Dv,
-               const int64_t* row_lo, const int64_t* row_hi, const uint8_t* allow, const int64_t* ast,
+int qkv_decode(int kind, const void* q, const int64_t* qst, int bf16_dot, float qscale, const void* k, const void* v,
+               const int64_t* kst, const int64_t* vst, int64_t B, int64_t Hkv, int64_t G, int64_t Lq, int64_t D,
+               int64_t Dv, const int64_t* row_lo, const int64_t* row_hi, const uint8_t* allow, const int64_t* ast,
                const float* bias, const int64_t* bst, int64_t j0, int64_t j1, int64_t nsplit,
-               float* out, float* lse, uint8_t* bad, int nthreads) {
+               void* out, float* lse, uint8_t* bad, int nthreads) {
+  if (kind != 0 && kind != 1) return 1;
   const int64_t M = G * Lq, S = nsplit < 1 ? 1 : nsplit, rows = B * Hkv * M;
+  // q_rows (B, Hkv, M, D) float32 scaled, q16 the same rows unscaled in bfloat16: row
+  // (b, h, m = g*Lq + i) is query head h*G + g, query i, of q (B, Hq = Hkv*G, Lq, D).
+  std::unique_ptr<float[]> q_rows(new float[rows * D]);
+  std::unique_ptr<uint16_t[]> q16(kind == 1 && bf16_dot ? new uint16_t[rows * D] : nullptr);
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t b = row / (Hkv * M), h = row / M % Hkv, m = row % M, g = m / Lq, i = m % Lq;
+    const int64_t from = b * qst[0] + (h * G + g) * qst[1] + i * qst[2];
+    float* qr = q_rows.get() + row * D;
+    for (int64_t d = 0; d < D; ++d)
+      qr[d] = (kind == 0 ? ((const float*)q)[from + d] : load1<1>((const uint16_t*)q + from + d)) * qscale;
+    if (q16) std::memcpy(q16.get() + row * D, (const uint16_t*)q + from, D * sizeof(uint16_t));
+  }
+  float* o32 = kind == 0 ? (float*)out : nullptr;  // bfloat16: rounded from a float32 row below
+  std::unique_ptr<float[]> orow(kind == 1 ? new float[Dv] : nullptr);
   std::unique_ptr<float[]> pm(new float[B * Hkv * S * M]), pl(new float[B * Hkv * S * M]),
       pacc(new float[B * Hkv * S * M * Dv]);
   std::unique_ptr<int32_t[]> pbad(new int32_t[B * Hkv * S]);
-  const int rc = qkv_decode_partials(kind, q, q16, qscale, k, v, kst, vst, B, Hkv, G, Lq, D, Dv, row_lo, row_hi, allow,
-                                     ast, bias, bst, j0, j1, S, pm.get(), pl.get(), pacc.get(), pbad.get(), nthreads);
+  const int rc = qkv_decode_partials(kind, q_rows.get(), q16.get(), qscale, k, v, kst, vst, B, Hkv, G, Lq, D, Dv, row_lo,
+                                     row_hi, allow, ast, bias, bst, j0, j1, S, pm.get(), pl.get(), pacc.get(), pbad.get(),
+                                     nthreads);
   if (rc != 0) return rc;
   int32_t any = 0;
   for (int64_t t = 0; t < B * Hkv * S; ++t) any |= pbad[t];
@@ -638,7 +671,7 @@ int qkv_decode(int kind, const float* q, const uint16_t* q16, float qscale, cons
       if (x != x) any = 1;  // a NaN row max (std::max would drop it): flagged here, not only by the scores' check
       mx = std::max(mx, x);
     }
-    float* o = out + row * Dv;
+    float* o = o32 ? o32 + row * Dv : orow.get();
     for (int64_t d = 0; d < Dv; ++d) o[d] = 0.0f;
     float l = 0.0f;
     if (mx != NEG_INF)
@@ -655,13 +688,15 @@ int qkv_decode(int kind, const float* q, const uint16_t* q16, float qscale, cons
     float probe = 0.0f;  // 0 * x is NaN exactly when x is NaN or infinite
     for (int64_t d = 0; d < Dv; ++d) probe += 0.0f * o[d];
     if (probe != 0.0f || std::isnan(lse[row]) || lse[row] == -NEG_INF) any = 1;
+    if (!o32)
+      for (int64_t d = 0; d < Dv; ++d) ((uint16_t*)out)[row * Dv + d] = to_bf16(o[d]);
   }
   *bad = any != 0;
   return 0;
 }
 
 // The kernel's interface version, checked by the loader.
-int qkv_decode_version() { return 4; }
+int qkv_decode_version() { return 5; }
 
 // Whether bfloat16 scores use the processor's bfloat16 dot product (then pass q16).
 int qkv_decode_has_bf16_dot() {

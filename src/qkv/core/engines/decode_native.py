@@ -19,7 +19,6 @@ as the eager engine does, and also a non-finite output, a NaN row max or a NaN o
 from __future__ import annotations
 
 import ctypes
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -29,14 +28,15 @@ from ..spec import AttentionSpec
 from . import decode_eager
 
 _KERNEL_KINDS = {torch.float32: 0, torch.bfloat16: 1}
+VERSION = 5  # qkv_decode_version(): 5 takes q as the caller holds it and writes out in the cache's dtype
 _KERNEL_MIN_KEYS_PER_SPLIT = 1024
 
 
 def applies(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> bool:
-    """The fused kernel (csrc/decode_kernel.cpp) takes float32 and bfloat16 CPU caches whose
-    rows are contiguous, under the band and dense masks; mask and block-mask functions, and
-    other dtypes, run the eager segments."""
-    return (q.device.type == "cpu" and k.dtype in _KERNEL_KINDS and v.dtype == k.dtype
+    """The fused kernel (csrc/decode_kernel.cpp) takes float32 and bfloat16 CPU caches (and
+    queries of the same dtype) whose rows are contiguous, under the band and dense masks; mask
+    and block-mask functions, and other dtypes, run the eager segments."""
+    return (q.device.type == "cpu" and k.dtype in _KERNEL_KINDS and v.dtype == k.dtype and q.dtype == k.dtype
             and k.stride(-1) == 1 and v.stride(-1) == 1
             and spec.mask_mod is None and spec.block_mask is None)
 
@@ -59,23 +59,26 @@ def _i64(values) -> "ctypes.Array":
     return (ctypes.c_int64 * len(values))(*[int(x) for x in values])
 
 
-def forward(kernel, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Tensor, spec: AttentionSpec,
-            lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The decode step in one fused pass over the cache (`kernel` from `lib()`): q_rows (B, Hkv, M, D) float32 and
-    scaled; q16 the same rows unscaled in bfloat16 for a bfloat16 cache where the processor
-    has a bfloat16 dot product (else None); k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out
-    (B, Hq, Lq, Dv) float32, lse (B, Hq, Lq) float32, and a 0-d bool tensor: whether a raw
-    score was NaN or infinite, or an output is, or an lse is NaN or +inf. Keys [lo, hi) are cut
-    into S splits, run as B*Hkv*S work items on torch's thread count, whose partial states the
-    kernel merges through their row max (as `flash.merge_states` and `flash.finish` do). Few
-    torch operations here: after a long cache has streamed through the caches each one runs cold.
-    At 32768 keys (bfloat16, B=1, Hkv=8, G=4, D=128, after a float32 read of as many bytes) this
-    function spent 0.50 ms outside the kernel with the merge, the finish and the band in torch,
-    0.13 ms now (a 5-6 ms step)."""
+def forward(kernel, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, lo: int,
+            hi: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The decode step in one fused pass over the cache (`kernel` from `lib()`): q (B, Hq, Lq, D),
+    k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), all float32 or all bfloat16 -> out (B, Hq, Lq, Dv) in
+    their dtype, lse (B, Hq, Lq) float32, and a 0-d bool tensor: whether a query entry or a raw
+    score was NaN or infinite, or an output is, or an lse is NaN or +inf. The kernel gathers the
+    queries (scaled float32 rows, and the bfloat16 rows where the processor has a bfloat16 dot
+    product) and writes out in the cache's dtype itself. Keys [lo, hi) are cut into S splits, run
+    as B*Hkv*S work items on torch's thread count, whose partial states the kernel merges through
+    their row max (as `flash.merge_states` and `flash.finish` do). Few torch operations here:
+    after a long cache has streamed through the caches each one runs cold. At 32768 keys
+    (bfloat16, B=1, Hkv=8, G=4, D=128, after a float32 read of as many bytes) the step spent
+    0.50 ms outside the kernel with the merge, the finish and the band in torch, then 0.13 ms
+    here plus 0.08-0.10 ms for the caller's scaled queries and the output's cast, which the
+    kernel now does (a 5-6 ms step)."""
     B, Hq, Hkv, G, Lq, Lk, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.Lk, spec.D, spec.Dv
     threads = max(1, torch.get_num_threads())
     S = splits(B * Hkv, hi - lo, threads)
-    q_rows = q_rows.contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
     # Each query's band of keys [row_lo, row_hi) in one (2 * Lq,) tensor: row_lo then row_hi;
     # without a causal or window band, none (every query sees all of [lo, hi)).
     band = torch.cat(spec.band_edges(torch.arange(Lq))).contiguous() if spec.banded else None  # (2 * Lq,) int64
@@ -83,11 +86,11 @@ def forward(kernel, q_rows: Tensor, q16: Optional[Tensor], k: Tensor, v: Tensor,
     allow = None if spec.bool_mask is None else spec.bool_mask.expand(shape)  # strides 0 where broadcast
     bias = None if spec.float_mask is None else spec.float_mask.to(torch.float32).expand(shape)
     # (B, Hkv, M, Dv) and (B, Hkv, M) with row m = g*Lq + i, query head h*G + g: (B, Hq, Lq[, Dv])
-    out, lse = torch.empty(B, Hq, Lq, Dv), torch.empty(B, Hq, Lq)
-    bad = torch.empty((), dtype=torch.bool)  # the kernel writes it: a raw score, output or lse not finite
+    out, lse = torch.empty(B, Hq, Lq, Dv, dtype=k.dtype), torch.empty(B, Hq, Lq)
+    bad = torch.empty((), dtype=torch.bool)  # the kernel writes it: a query, raw score, output or lse not finite
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
     rc = kernel.qkv_decode(
-        _KERNEL_KINDS[k.dtype], ptr(q_rows), ptr(q16), spec.scale, ptr(k), ptr(v),
+        _KERNEL_KINDS[k.dtype], ptr(q), _i64(q.stride()[:3]), int(kernel.bf16_dot), spec.scale, ptr(k), ptr(v),
         _i64(k.stride()[:3]), _i64(v.stride()[:3]),
         B, Hkv, G, Lq, D, Dv, ptr(band), None if band is None else ctypes.c_void_p(band.data_ptr() + 8 * Lq),
         ptr(allow), _i64(allow.stride() if allow is not None else (0,) * 4),
@@ -111,11 +114,14 @@ def lib():
     kernel.qkv_decode_partials.argtypes = [
         ctypes.c_int, p, p, ctypes.c_float, p, p, i64p, i64p, i64, i64, i64, i64, i64, i64, p, p, p, i64p, p, i64p,
         i64, i64, i64, p, p, p, p, ctypes.c_int]
-    kernel.qkv_decode.restype = ctypes.c_int  # the same arguments, then out, lse, bad (uint8), threads
+    kernel.qkv_decode.restype = ctypes.c_int  # q as held, its strides, bf16_dot; then as above; out, lse, bad, threads
     kernel.qkv_decode.argtypes = [
-        ctypes.c_int, p, p, ctypes.c_float, p, p, i64p, i64p, i64, i64, i64, i64, i64, i64, p, p, p, i64p, p, i64p,
-        i64, i64, i64, p, p, p, ctypes.c_int]
+        ctypes.c_int, p, i64p, ctypes.c_int, ctypes.c_float, p, p, i64p, i64p, i64, i64, i64, i64, i64, i64, p, p, p,
+        i64p, p, i64p, i64, i64, i64, p, p, p, ctypes.c_int]
     kernel.qkv_decode_has_bf16_dot.restype = ctypes.c_int
+    kernel.qkv_decode_version.restype = ctypes.c_int
+    if kernel.qkv_decode_version() != VERSION:
+        raise RuntimeError(f"qkv decode_kernel has version {kernel.qkv_decode_version()}, expected {VERSION}")
     kernel.bf16_dot = bool(kernel.qkv_decode_has_bf16_dot())
     _typed.add(id(kernel))
     return kernel
