@@ -235,7 +235,10 @@ def test_auto_picks_decode_for_a_chunk_only_without_gradients():
 # Head sizes around its vector widths (16 floats; 32 bfloat16 in the dot product), rows
 # around its tiles of 4, keys around its tiles (4 and 16) and blocks (64), and layouts.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("D,Dv", [(72, 24), (80, 8), (40, 200), (128, 64), (16, 1)])
+# Head sizes whose last dims (D mod 16, or mod 32 on the bfloat16 dot product; Dv mod 16) run in
+# one masked step: some only that step (D < 16), some across a 64-byte line.
+@pytest.mark.parametrize("D,Dv", [(72, 24), (80, 8), (40, 200), (128, 64), (16, 1), (1, 3), (7, 15), (33, 17),
+                                  (100, 33), (130, 130)])
 def test_head_sizes(D, Dv, dtype):
     (q, k, v), gen = _inputs(2, 6, 2, 2, 131, dtype, seed=D + Dv, D=D, Dv=Dv)
     _check(q, k, v, causal=True)

@@ -17,9 +17,10 @@
 // as FlashAttention-2 does on GPUs (values_tile_bf16). A head size that is not a multiple of 16
 // (32 on the bfloat16 dot product) runs its last dims in one masked step where the compiler
 // targets AVX-512 (BW, VL), and their cache lines are prefetched as the others are: before,
-// they ran one by one and unprefetched (bfloat16, D = Dv = 72, 32768 keys, the kernel alone in
-// turns: 8.9-9.7 -> 3.7-4.1 ms; D = 80: 4.3-4.5 -> 3.3-3.5 ms; float32 D = 72: 10.9-11.3 -> 6.0-6.8
-// ms). No torch headers: the library is plain C++17 with GCC/Clang vector
+// they ran one by one and unprefetched (bfloat16, D = Dv = 72, 32768 keys, B=1, Hq=32, Hkv=8, the
+// kernel alone, the builds before and after called in turns in one process: 8.6-9.7 -> 3.4-4.1
+// ms; D = 80: 4.3-4.5 -> 3.3-3.5 ms; float32 D = 72: 10.9-11.3 -> 5.9-6.8 ms; D = 128 and float32
+// D = 80 unchanged). No torch headers: the library is plain C++17 with GCC/Clang vector
 // extensions, compiled on first use by qkv/core/_kernels.py with the machine's compiler and
 // -march=native, loaded with ctypes (which releases the GIL for the call).
 //
@@ -231,8 +232,9 @@ struct Args {
 
 // s[r*BK + c] = q[m0 + r] . k[j + c] for RM rows and RK keys, RM*RK = 16.
 // Prefetches through `pf` (see Ahead) the same dims of the keys PF_AHEAD on.
-template <int KIND, int RM, int RK>
-inline void scores_tile(const float* q, int64_t D, const void* k, int64_t kstride, float* s, const Ahead& pf) {
+template <int KIND, int RM, int RK>  // always inlined (its masked last step made GCC call it: float32 3-10% slower)
+__attribute__((always_inline)) inline void scores_tile(const float* q, int64_t D, const void* k, int64_t kstride, float* s,
+                                                       const Ahead& pf) {
   static_assert(RM * RK == 16, "one tile is sixteen dot products");
   constexpr int64_t esize = KIND == 0 ? 4 : 2;
   v16 acc[16];
