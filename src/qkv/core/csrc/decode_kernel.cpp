@@ -188,6 +188,12 @@ struct Ahead {
     if (c < n)
       for (int64_t e = o; e < o + len; e += 64) __builtin_prefetch(p + c * stride + e, 0, 1);
   }
+  // The line at byte o of row c: ask(c, o, 1) without its loop, for the bfloat16 scores tile
+  // (its step reads a line of each key): 2-6% faster on a warm cache (bfloat16, 4096 keys, the
+  // builds called in turns in one process), the same on a 32k cache streamed from memory.
+  __attribute__((always_inline)) inline void ask1(int64_t c, int64_t o) const {
+    if (c < n) __builtin_prefetch(p + c * stride + o, 0, 1);
+  }
   // Every line that holds a byte of [o, o + len) of row c: the last dims of a row (the steps
   // before them ask a line per 64 bytes from the row's start, so a row whose size is not a
   // multiple of 64 bytes leaves the line its tail reaches into to this).
@@ -291,7 +297,7 @@ __attribute__((always_inline)) inline void scores_tile_bf16(const uint16_t* q16,
   for (; d + 32 <= D; d += 32) {
     __m512bh qv[RM];
     for (int r = 0; r < RM; ++r) qv[r] = (__m512bh)_mm512_loadu_si512(q16 + r * D + d);
-    for (int c = 0; c < RK; ++c) pf.ask(c, 2 * d, 1);  // the line of the same 32 dims PF_AHEAD keys on
+    for (int c = 0; c < RK; ++c) pf.ask1(c, 2 * d);  // the line of the same 32 dims PF_AHEAD keys on
     for (int c = 0; c < RK; ++c) {
       __m512bh kv = (__m512bh)_mm512_loadu_si512((const uint16_t*)k + c * kstride + d);
       for (int r = 0; r < RM; ++r) acc[r * RK + c] = (v16)_mm512_dpbf16_ps((__m512)acc[r * RK + c], qv[r], kv);
