@@ -203,16 +203,19 @@ def test_the_kernel_flags_a_non_finite_query(case, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_strided_queries_are_read_in_place(dtype):
-    """Queries as a slice of a larger tensor (strides of heads and queries not those of a packed
-    tensor; the kernel gathers its rows through them): the same bits as the packed copy."""
+    """Queries as a slice of a larger tensor, and as the (B, Lq, Hq, D) layout a model's projection
+    gives, transposed to (B, Hq, Lq, D) (strides of heads and queries not those of a packed tensor;
+    the kernel gathers its rows through them): the same bits as the packed copy."""
     (q, k, v), _ = _inputs(2, 8, 2, 3, 777, 64, dtype, seed=9)
     wide = torch.randn(2, 3, 16, 5, 80).to(dtype)
-    wide[:, 1, :8, 1:4, 8:72] = q.transpose(1, 2).transpose(1, 2)  # (B, Hq, Lq, D) inside (B, 3, 16, 5, 80)
-    strided = wide[:, 1, :8, 1:4, 8:72]
-    assert not strided.is_contiguous() and torch.equal(strided, q)
-    got = _kernel_step(strided, k, v, causal=True)
+    wide[:, 1, :8, 1:4, 8:72] = q  # (B, Hq, Lq, D) inside (B, 3, 16, 5, 80)
+    sliced = wide[:, 1, :8, 1:4, 8:72]
+    projected = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, Lq, Hq, D) memory, (B, Hq, Lq, D) view
     want = _kernel_step(q.contiguous(), k, v, causal=True)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    for strided in (sliced, projected):
+        assert not strided.is_contiguous() and torch.equal(strided, q)
+        got = _kernel_step(strided, k, v, causal=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_bfloat16_out_is_rounded_to_nearest_even_as_torch_rounds():

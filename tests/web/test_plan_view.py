@@ -99,8 +99,8 @@ def test_a_full_answer_is_encoded_in_pieces_and_equals_json_dumps(registry):
 def test_a_full_maps_answer_does_not_stall_health(registry):
     """/api/health stays live while the largest full-maps answer the default limits allow is
     computed and encoded (a real server on 127.0.0.1): answered while it runs, each answer in
-    under half the heavy request's own time (a stalled event loop would hold health for most of
-    it; a fixed bound in seconds would measure the shared test machine, not the server)."""
+    under 0.3 of the heavy request's own time (a stalled event loop holds health for much of it;
+    a fixed bound in seconds would measure the shared test machine, not the server)."""
     import threading
     import time
 
@@ -137,5 +137,7 @@ def test_a_full_maps_answer_does_not_stall_health(registry):
         heavy_s = time.monotonic() - start
     assert done.is_set() and sizes and sizes[0][0] == 200 and sizes[0][2] and sizes[0][1] > 30_000_000, sizes
     assert answered[0] >= 3, "health was never answered while the full-maps answer ran: the test did not test it"
-    assert slowest[0] < 0.5 * heavy_s, (f"/api/health took {slowest[0]:.2f} s during a full-maps answer "
+    # One json.dumps of the whole answer (holding the interpreter's lock) stalled health for 0.53 of
+    # the request's time in each of five runs (1.5-2.5 s); encoded a row at a time, 0.12 (0.54 s).
+    assert slowest[0] < 0.3 * heavy_s, (f"/api/health took {slowest[0]:.2f} s during a full-maps answer "
                                         f"({heavy_s:.2f} s): the event loop was stalled")

@@ -122,7 +122,9 @@ inline float load1(const void* p) {
   }
 }
 
-// float32 to bfloat16 as torch rounds it: to nearest, ties to even; NaN stays a (quiet) NaN.
+// float32 to bfloat16 as torch rounds it: to nearest, ties to even (bit for bit with torch on
+// every value that is not NaN); NaN stays a quiet NaN (0x7fc0, where torch's vector path may give
+// other NaN bits: a NaN output sets the step's flag, and the guard recomputes it).
 inline uint16_t to_bf16(float f) {
   uint32_t w;
   std::memcpy(&w, &f, 4);
