@@ -14,7 +14,8 @@ float64 caches, mask functions, and machines where the kernel cannot be compiled
 warning once). Both check what they read for NaN and infinity as they go (a non-finite raw
 score, before any mask, or a non-finite result), so that the dispatch's non-finite guard
 (core/finite.py) checks only the queries (one sum) and a float mask here: scanning the
-cache as well would cost as much as the step itself. When they see one, the guard recomputes the step by its rule.
+cache as well would cost as much as the step itself. When they see one, the guard
+recomputes the step by its rule.
 
 This fast path runs without autograd, dropout or score functions (the inference case:
 optionally causal, windowed or masked, e.g. by a key-padding mask for rows of different
