@@ -15,13 +15,25 @@ memory no limit.
     python benchmarks/decode.py
     python benchmarks/decode.py --lengths 4096 32768 --queries 1 4
     python benchmarks/decode.py --lengths 4096 --dtypes bfloat16 --warm
+
+With `--march TARGET` the decode kernel is built for that target instead of the machine
+(-march=native), e.g. x86-64-v3 (AVX2: the kernel's 8-float tiles) or x86-64-v2 (SSE4.2: 4
+floats), to measure on this CPU what a CPU without AVX-512 runs; set ATEN_CPU_CAPABILITY (avx2,
+default) to run torch's own kernels, SDPA among them, with the same instructions:
+
+    ATEN_CPU_CAPABILITY=avx2 python benchmarks/decode.py --march x86-64-v3 --queries 1 8 16
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import subprocess
+import sys
+import tempfile
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +41,8 @@ import torch.nn.functional as F
 import qkv
 import qkv.core.spec
 from qkv.bench.timing import best_times
+from qkv.core import _kernels
+from qkv.core.engines import decode_native
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -36,6 +50,28 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def causal_mask(lq: int, L: int) -> torch.Tensor:
     """Bottom-right causal mask of a chunk of lq new tokens against a cache of L (for SDPA)."""
     return torch.arange(L)[None, :] <= torch.arange(lq)[:, None] + (L - lq)
+
+
+def use_kernel_built_for(march: str) -> None:
+    """Build csrc/decode_kernel.cpp with -march=`march` (OpenMP where the compiler has it) into a
+    temporary folder and make it the decode kernel of this process; exits with the compiler's
+    message when the build fails (an unknown target, no compiler)."""
+    cxx = _kernels._compiler()
+    if cxx is None:
+        sys.exit("--march: no C++ compiler found (g++, c++ or clang++; or set CXX)")
+    src = Path(_kernels.__file__).with_name("csrc") / "decode_kernel.cpp"
+    so = Path(tempfile.mkdtemp(prefix="qkv-decode-")) / f"decode_kernel-{march}.so"
+    flags = ["-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-psabi"]
+    for extra in (["-fopenmp"], []):
+        run = subprocess.run([cxx, *flags, *extra, "-o", str(so), str(src)], capture_output=True, text=True)
+        if run.returncode == 0:
+            break
+    else:
+        sys.exit(f"--march {march}: the decode kernel did not build:\n{run.stderr[-2000:]}")
+    built = ctypes.CDLL(str(so))
+    load = _kernels.load
+    _kernels.load = lambda name: built if name == "decode_kernel" else load(name)
+    decode_native._typed.clear()
 
 
 def main(argv=None) -> int:
@@ -51,13 +87,23 @@ def main(argv=None) -> int:
     p.add_argument("--warm", action="store_true",
                    help="also time qkv's decode alone, call after call (no read between): on a cache that fits in "
                         "the last-level cache, the kernel's own rate")
+    p.add_argument("--march", metavar="TARGET",
+                   help="build the decode kernel for this -march target (e.g. x86-64-v3, x86-64-v2) instead of the "
+                        "machine's (native): the tiles of a CPU without AVX-512, measured on this one")
     args = p.parse_args(argv)
+    if args.march:
+        use_kernel_built_for(args.march)
+    kernel = decode_native.lib()
+    built = ("none: the eager segments" if kernel is None else
+             f"-march={args.march or 'native'}, {kernel.vector_width}-float vectors, bfloat16 dot product: "
+             f"{'yes' if kernel.bf16_dot else 'no'}")
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"Decode step, B={args.batch}, Hq={args.heads}, Hkv={args.kv_heads}, D={args.dim}; Lq > 1 is causal "
           f"(bottom-right). ratio = SDPA time / qkv time; GB/s = bytes of K and V / time, and its share of the "
           f"memory read (float32 sum over as many bytes) measured in the same run. Best of {args.repeats} turns; "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, load average {load:.2f} at start.\n")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__} (its CPU kernels: "
+          f"{torch.backends.cpu.get_cpu_capability()}), load average {load:.2f} at start. Decode kernel: {built}.\n")
     warm_head, warm_rule = (" qkv decode, warm |", "---|") if args.warm else ("", "")
     print(f"| dtype | Lq | cache | memory read | torch SDPA | qkv decode | qkv auto (picks) |{warm_head}")
     print(f"|---|---|---|---|---|---|---|{warm_rule}")

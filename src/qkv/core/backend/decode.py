@@ -39,8 +39,14 @@ from .base import Backend
 MAX_QUERIES = 16  # more new tokens than this per sequence: use the tiled backend
 AUTO_MIN_KEYS = 2048  # below this the cache is too short for the bandwidth to matter
 AUTO_MIN_KEYS_CHUNK = 8192  # the same for a chunk of 2 to 16 new queries
-# With the native kernel: bytes of keys and values read, (one query, a chunk of 2 to 16); see auto
+# With the native kernel: bytes of keys and values read, (one query, a chunk of 2 to 16); see auto.
+# An AVX-512 build (vector width 16); the least of every width's, so it is checked first.
 KERNEL_AUTO_MIN_BYTES = {torch.float32: (3 << 20, 2 << 20), torch.bfloat16: (128 << 10, 512 << 10)}
+# Builds without AVX-512, by vector width (8: AVX2; 4: SSE, NEON); None: not measured to win.
+NARROW_KERNEL_AUTO_MIN_BYTES: dict[int, dict[torch.dtype, tuple[int, Optional[int]]]] = {
+    8: {torch.float32: (4 << 20, 16 << 20), torch.bfloat16: (256 << 10, 8 << 20)},
+    4: {torch.float32: (8 << 20, None), torch.bfloat16: (256 << 10, None)},
+}
 _CHUNK_ENTRIES = 1 << 20  # tiled fallback: score entries (B x Hq x Lq x chunk) per cache chunk
 
 
@@ -131,6 +137,19 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     2 MiB; bfloat16, where SDPA is slow for one query: 1.78x-1.92x at 128 KiB; bfloat16, 8 or
     16 queries: 0.71x-0.91x at 128 KiB, 1.38x-1.47x at 512 KiB. Hence KERNEL_AUTO_MIN_BYTES.
 
+    Builds without AVX-512 run narrower tiles (csrc/decode_kernel.cpp), measured on the same AMD
+    EPYC, twice each, with `ATEN_CPU_CAPABILITY=avx2 python benchmarks/decode.py --march x86-64-v3
+    --lengths 64 128 256 512 1024 2048 4096 32768 --queries 1 8 16 --repeats 5` (AVX2: 8 floats,
+    against SDPA held to AVX2) and the same with `ATEN_CPU_CAPABILITY=default` and `--march
+    x86-64-v2` (SSE4.2: 4 floats). AVX2: float32, one query, 0.92x-0.95x at 2 MiB, 1.35x-1.37x at
+    4 MiB; 8 or 16 queries 0.65x-0.87x at 2-4 MiB, 0.93x-1.02x at 8 MiB, 1.03x-1.45x at 16 MiB;
+    bfloat16, one query, 2.7x-3.1x from 64 keys (256 KiB); 8 or 16 queries 0.60x-1.10x up to 4
+    MiB, 1.08x-1.21x at 8 MiB. SSE: float32, one query, 0.78x-0.97x at 4 MiB, 1.40x-1.50x at 8
+    MiB; 8 or 16 queries 0.47x-1.01x up to 32 MiB (0.97x-1.37x at 256 MiB); bfloat16, one query,
+    2.4x-2.7x from 64 keys; 8 or 16 queries 0.60x-0.93x up to 16 MiB (0.88x-1.18x at 128 MiB). Hence
+    NARROW_KERNEL_AUTO_MIN_BYTES (kernel_min_bytes); a NEON build (ARM, 4 floats) takes the SSE
+    build's rule, which was not measured on ARM.
+
     Without the kernel (eager segments), measured with `python benchmarks/decode.py
     --lengths 4096 32768 131072 --queries 1 8 16` before the kernel: one query beat SDPA
     from 4096 keys on (2.2x-4.7x float32, 5.1x-9.0x bfloat16); 8 and 16 causal queries by
@@ -149,9 +168,18 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
         by_bytes = nbytes >= (one if spec.Lq == 1 else chunk)
         # The kernel is looked up (compiled on first use) only where it changes the answer,
         # so short self-attention (an encoder's sentence of <= 16 tokens) never builds it.
-        if (by_bytes or by_length) and decode_native.lib() is not None:
-            return by_bytes
+        if (by_bytes or by_length) and (kernel := decode_native.lib()) is not None:
+            least = kernel_min_bytes(q.dtype, kernel.vector_width)[0 if spec.Lq == 1 else 1]
+            return least is not None and nbytes >= least
     return by_length
+
+
+def kernel_min_bytes(dtype: torch.dtype, width: int) -> tuple[int, Optional[int]]:
+    """(one query, a chunk of 2 to 16): the bytes of keys and values from which `auto` sends a step
+    to the native kernel of this vector width (16, 8 or 4 floats); None: never (see auto)."""
+    if width >= 16:
+        return KERNEL_AUTO_MIN_BYTES[dtype]
+    return NARROW_KERNEL_AUTO_MIN_BYTES[8 if width >= 8 else 4][dtype]
 
 
 BACKEND = Backend("decode", forward, unsupported, memory=memory, auto=auto, priority=30,

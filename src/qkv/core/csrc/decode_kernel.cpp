@@ -22,7 +22,10 @@
 // ms; D = 80: 4.3-4.5 -> 3.3-3.5 ms; float32 D = 72: 10.9-11.3 -> 5.9-6.8 ms; D = 128 and float32
 // D = 80 unchanged). No torch headers: the library is plain C++17 with GCC/Clang vector
 // extensions, compiled on first use by qkv/core/_kernels.py with the machine's compiler and
-// -march=native, loaded with ctypes (which releases the GIL for the call).
+// -march=native, loaded with ctypes (which releases the GIL for the call). A build for a CPU
+// without AVX-512 (AVX2, SSE, NEON) runs the same algorithm on tiles of narrower vectors (VW floats:
+// scores_tile_narrow, values_tile_narrow), and says its width (qkv_decode_vector_width), by which
+// `auto` (backend/decode.py) chooses it.
 //
 // Layouts (element strides, innermost dimension contiguous):
 //   q    (B, Hkv, M, D) float32, contiguous, already multiplied by the scale; row m = g*Lq + i
@@ -60,8 +63,10 @@
 #include <memory>
 #include <thread>
 #include <vector>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
 #include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -196,6 +201,12 @@ struct Ahead {
   __attribute__((always_inline)) inline void ask1(int64_t c, int64_t o) const {
     if (c < n) __builtin_prefetch(p + c * stride + o, 0, 1);
   }
+  // The 64-byte pieces of row c that start in [o, o + len) (offsets from the row's start): the
+  // narrow tiles' steps, which read less than a piece each, ask for each piece once.
+  inline void ask_starts(int64_t c, int64_t o, int64_t len) const {
+    if (c < n)
+      for (int64_t e = (o + 63) & ~int64_t(63); e < o + len; e += 64) __builtin_prefetch(p + c * stride + e, 0, 1);
+  }
   // Every line that holds a byte of [o, o + len) of row c: the last dims of a row (the steps
   // before them ask a line per 64 bytes from the row's start, so a row whose size is not a
   // multiple of 64 bytes leaves the line its tail reaches into to this).
@@ -216,6 +227,171 @@ inline Ahead ahead_of(const void* base, int64_t r0, int64_t rows, int64_t hi, in
   a.stride = stride;
   return a;
 }
+
+// Narrow vectors: builds without AVX-512 (AVX and AVX2: 8 floats, 16 registers; SSE and NEON: 4).
+// The 16-float tiles below (scores_tile, values_tile) hold sixteen 16-float accumulators, which
+// such a build splits into 32 or 64 registers, more than it has: GCC spilled them to the stack and
+// took the reductions and the softmax's vectors apart lane by lane, and a decode step ran at a
+// seventh of the AVX-512 build's speed (float32, 4096 keys, B=1, Hq=32, Hkv=8, D=128, the whole
+// step: 6.3 ms against 0.82 ms, the x86-64-v3 build on the same AMD EPYC). These tiles run the
+// same products on vectors of VW floats: the sixteen dot products of a scores tile in groups of VW
+// (VW accumulators each), the values in passes of 8 accumulators; the softmax steps VW lanes at a
+// time (vexp_as). The kernel alone, 2 threads, 4096 keys, after: float32 1.0-1.1 ms (AVX-512
+// build: 0.84-0.96 ms), bfloat16 0.65-0.73 ms (0.42-0.45 ms with the bfloat16 dot product).
+#if defined(__AVX512F__)
+#define QKV_VW 16
+#elif defined(__AVX__)
+#define QKV_VW 8
+#else
+#define QKV_VW 4
+#endif
+constexpr int VW = QKV_VW;
+typedef float vw __attribute__((vector_size(4 * VW)));
+typedef float vwu __attribute__((vector_size(4 * VW), aligned(4)));
+typedef int32_t iwv __attribute__((vector_size(4 * VW)));
+typedef uint32_t uwv __attribute__((vector_size(4 * VW)));
+typedef uint16_t hwu __attribute__((vector_size(2 * VW), aligned(2)));
+
+// VW consecutive values at p as float32: float32 (kind 0) or bfloat16 widened (kind 1).
+template <int KIND>
+inline vw loadw(const void* p) {
+  if constexpr (KIND == 0) {
+    return *(const vwu*)p;
+  } else {
+#if QKV_VW == 8 && defined(__AVX2__)
+    // One zero-extending load and a shift (GCC splits the generic conversion in halves).
+    return (vw)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
+#elif QKV_VW == 4 && defined(__SSE2__)
+    // Zeros interleaved below the 4 bit patterns: each 32-bit lane is (pattern << 16).
+    return (vw)_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_loadl_epi64((const __m128i*)p));
+#elif QKV_VW == 4 && defined(__ARM_NEON)
+    return (vw)vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t*)p), 16));
+#else
+    return (vw)(__builtin_convertvector(*(const hwu*)p, uwv) << 16);
+#endif
+  }
+}
+
+// The sum of a vw's lanes, in order (hsum for 16).
+inline float hsumw(vw a) {
+  float x = 0.0f;
+  for (int t = 0; t < VW; ++t) x += a[t];
+  return x;
+}
+
+// VW accumulators -> the VW sums of their lanes, in order (reduce16's tree for 8 or 4 lanes).
+__attribute__((always_inline)) inline vw reducew(const vw* a) {
+#if QKV_VW == 8
+  vw t[4], u[2];
+  for (int p = 0; p < 4; ++p)
+    t[p] = __builtin_shuffle(a[2 * p], a[2 * p + 1], iwv{0, 1, 2, 3, 8, 9, 10, 11}) +
+           __builtin_shuffle(a[2 * p], a[2 * p + 1], iwv{4, 5, 6, 7, 12, 13, 14, 15});
+  for (int p = 0; p < 2; ++p)
+    u[p] = __builtin_shuffle(t[2 * p], t[2 * p + 1], iwv{0, 1, 4, 5, 8, 9, 12, 13}) +
+           __builtin_shuffle(t[2 * p], t[2 * p + 1], iwv{2, 3, 6, 7, 10, 11, 14, 15});
+  return __builtin_shuffle(u[0], u[1], iwv{0, 2, 4, 6, 8, 10, 12, 14}) +
+         __builtin_shuffle(u[0], u[1], iwv{1, 3, 5, 7, 9, 11, 13, 15});
+#elif QKV_VW == 4
+  vw t[2];
+  for (int p = 0; p < 2; ++p)
+    t[p] = __builtin_shuffle(a[2 * p], a[2 * p + 1], iwv{0, 1, 4, 5}) +
+           __builtin_shuffle(a[2 * p], a[2 * p + 1], iwv{2, 3, 6, 7});
+  return __builtin_shuffle(t[0], t[1], iwv{0, 2, 4, 6}) + __builtin_shuffle(t[0], t[1], iwv{1, 3, 5, 7});
+#else
+  return a[0];  // never called: the AVX-512 build's tiles reduce with reduce16
+#endif
+}
+
+// scores_tile on narrow vectors: s[r*BK + c] = q[r] . k[c] for RM rows and RK keys (RM*RK = 16), in
+// groups of VW dot products: all the rows (up to VW) by VW / GR keys, so that each key is loaded (and
+// a bfloat16 key widened) once per tile, as in scores_tile. The groups of the first rows ask for
+// their keys' lines PF_AHEAD on.
+template <int KIND, int RM, int RK>
+__attribute__((always_inline)) inline void scores_tile_narrow(const float* q, int64_t D, const void* k,
+                                                              int64_t kstride, float* s, const Ahead& pf) {
+  static_assert(RM * RK == 16 && 16 % VW == 0, "one tile is sixteen dot products");
+  constexpr int64_t esize = KIND == 0 ? 4 : 2;
+  constexpr int GR = RM < VW ? RM : VW, GC = VW / GR;  // each key read (and widened) once per group
+  static_assert(RK % GC == 0 && RM % GR == 0, "the groups tile the tile");
+  for (int r0 = 0; r0 < RM; r0 += GR)
+    for (int c0 = 0; c0 < RK; c0 += GC) {
+      vw acc[VW];
+      for (int t = 0; t < VW; ++t) acc[t] = splat_as<vw>(0.0f);
+      int64_t d = 0;
+      for (; d + VW <= D; d += VW) {
+        if (r0 == 0 && (d * esize) % 64 == 0)
+          for (int c = c0; c < c0 + GC; ++c) pf.ask(c, d * esize, 1);  // one line per 64 bytes read
+        vw qv[GR];
+        for (int r = 0; r < GR; ++r) qv[r] = *(const vwu*)(q + (r0 + r) * D + d);
+        for (int c = 0; c < GC; ++c) {
+          const vw kv = loadw<KIND>(at<KIND>(k, (c0 + c) * kstride + d));
+          for (int r = 0; r < GR; ++r) acc[r * GC + c] += qv[r] * kv;
+        }
+      }
+      if (r0 == 0 && d < D)  // a head size that is not a multiple of VW: its last dims, one by one
+        for (int c = c0; c < c0 + GC; ++c) pf.ask_lines(c, d * esize, (D - d) * esize);
+      vw sums = reducew(acc);
+      for (int r = 0; r < GR; ++r)
+        for (int c = 0; c < GC; ++c) {
+          float x = sums[r * GC + c];
+          for (int64_t e = d; e < D; ++e) x += q[(r0 + r) * D + e] * load1<KIND>(at<KIND>(k, (c0 + c) * kstride + e));
+          s[(r0 + r) * BK + c0 + c] = x;
+        }
+    }
+}
+
+// values_tile on narrow vectors: acc[r] (Dv) += sum over the n keys of p[r*BK + c] * v[c], for RM
+// rows, dims [d0, Dv): RS rows at a time, 8 / RS vectors of each per pass over the keys (the other
+// row groups read the pass's values again from L1), then one vector, then the last dims one by one.
+// The first group's passes ask for their values' lines PF_AHEAD keys on. RS is chosen by the caller
+// (values_block): on the x86-64-v3 build, a float32 step against a cache streamed from memory ran
+// fastest a row at a time (a pass reads 4 lines of each key; 4 rows at a time, a line, ran 1.3-1.5x
+// slower), a chunk of queries (compute-bound) 4 at a time, and bfloat16 2 at a time.
+template <int KIND, int RM, int RS>
+inline void values_tile_narrow(const float* p, const void* v, int64_t vstride, int64_t n, int64_t d0, int64_t Dv,
+                               float* acc, const Ahead& pf) {
+  static_assert(RM % RS == 0 && 8 % RS == 0, "row groups tile the rows");
+  constexpr int64_t esize = KIND == 0 ? 4 : 2;
+  constexpr int CH = 8 / RS;  // RS * CH = 8 accumulators
+  int64_t d = d0;
+  for (; d + CH * VW <= Dv; d += CH * VW)
+    for (int r0 = 0; r0 < RM; r0 += RS) {
+      vw o[RS][CH];
+      for (int r = 0; r < RS; ++r)
+        for (int t = 0; t < CH; ++t) o[r][t] = *(const vwu*)(acc + (r0 + r) * Dv + d + VW * t);
+      for (int64_t c = 0; c < n; ++c) {
+        if (r0 == 0) pf.ask_starts(c, d * esize, CH * VW * esize);
+        const void* row = at<KIND>(v, c * vstride + d);
+        vw vv[CH];
+        for (int t = 0; t < CH; ++t) vv[t] = loadw<KIND>(at<KIND>(row, VW * t));
+        for (int r = 0; r < RS; ++r) {
+          const vw pr = splat_as<vw>(p[(r0 + r) * BK + c]);
+          for (int t = 0; t < CH; ++t) o[r][t] += pr * vv[t];
+        }
+      }
+      for (int r = 0; r < RS; ++r)
+        for (int t = 0; t < CH; ++t) *(vwu*)(acc + (r0 + r) * Dv + d + VW * t) = o[r][t];
+    }
+  for (; d + VW <= Dv; d += VW) {
+    vw o[RM];
+    for (int r = 0; r < RM; ++r) o[r] = *(const vwu*)(acc + r * Dv + d);
+    for (int64_t c = 0; c < n; ++c) {
+      pf.ask_starts(c, d * esize, VW * esize);
+      const vw vv = loadw<KIND>(at<KIND>(v, c * vstride + d));
+      for (int r = 0; r < RM; ++r) o[r] += splat_as<vw>(p[r * BK + c]) * vv;
+    }
+    for (int r = 0; r < RM; ++r) *(vwu*)(acc + r * Dv + d) = o[r];
+  }
+  if (d < Dv)  // the last dims (Dv mod VW), one by one
+    for (int64_t c = 0; c < n; ++c) pf.ask_lines(c, d * esize, (Dv - d) * esize);
+  for (; d < Dv; ++d)
+    for (int r = 0; r < RM; ++r) {
+      float x = acc[r * Dv + d];
+      for (int64_t c = 0; c < n; ++c) x += p[r * BK + c] * load1<KIND>(at<KIND>(v, c * vstride + d));
+      acc[r * Dv + d] = x;
+    }
+}
+
 
 struct Args {
   const float* q;
@@ -244,6 +420,10 @@ template <int KIND, int RM, int RK>  // always inlined (its masked last step mad
 __attribute__((always_inline)) inline void scores_tile(const float* q, int64_t D, const void* k, int64_t kstride, float* s,
                                                        const Ahead& pf) {
   static_assert(RM * RK == 16, "one tile is sixteen dot products");
+  if constexpr (VW < 16) {  // a build without AVX-512
+    scores_tile_narrow<KIND, RM, RK>(q, D, k, kstride, s, pf);
+    return;
+  }
   constexpr int64_t esize = KIND == 0 ? 4 : 2;
   v16 acc[16];
   for (int t = 0; t < 16; ++t) acc[t] = splat(0.0f);
@@ -496,7 +676,16 @@ inline void values_tile_bf16(const float* p, const uint16_t* v, int64_t vstride,
 
 template <int KIND, int RM>
 inline void values_block(const float* p, const void* v, int64_t vstride, int64_t n, int64_t Dv, float* acc,
-                         const Ahead& pf) {
+                         const Ahead& pf, bool chunk) {
+#if QKV_VW < 16  // a build without AVX-512; chunk: more than 4 rows (a chunk of queries), compute-bound
+  if (chunk)
+    values_tile_narrow<KIND, RM, (RM % 4 == 0 ? 4 : 1)>(p, v, vstride, n, 0, Dv, acc, pf);
+  else
+    values_tile_narrow<KIND, RM, (KIND == 1 && RM % 2 == 0 ? 2 : 1)>(p, v, vstride, n, 0, Dv, acc, pf);
+  return;
+#else
+  (void)chunk;
+#endif
 #ifdef __AVX512BF16__
   if constexpr (KIND == 1) {
     values_tile_bf16<RM>(p, (const uint16_t*)v, vstride, n, Dv, acc, pf);
@@ -537,7 +726,7 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
     for (int64_t o = 0; o < D * esize; o += 64) __builtin_prefetch((const char*)kb + r * ks * esize + o, 0, 1);
     for (int64_t o = 0; o < Dv * esize; o += 64) __builtin_prefetch((const char*)vb + r * vs * esize + o, 0, 1);
   }
-  v16 raw_check = splat(0.0f);  // sum of x - x over raw scores: 0, or NaN once one is not finite
+  vw raw_check = splat_as<vw>(0.0f);  // sum of x - x over raw scores: 0, or NaN once one is not finite
   float raw_check1 = 0.0f;
 
   for (int64_t j = lo; j < hi; j += BK) {
@@ -581,8 +770,8 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
       const int64_t rlo = A.row_lo ? A.row_lo[i] : A.j0, rhi = A.row_hi ? A.row_hi[i] : A.j1;
       {
         int64_t c = 0;
-        for (; c + 16 <= n; c += 16) {
-          v16 x = *(v16u*)(sr + c);
+        for (; c + VW <= n; c += VW) {
+          vw x = *(vwu*)(sr + c);
           raw_check += x - x;
         }
         for (; c < n; ++c) raw_check1 += sr[c] - sr[c];
@@ -604,13 +793,13 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
       }
       float mx = NEG_INF;
       int64_t c = 0;
-      if (n >= 16) {
-        v16 mv = *(v16u*)sr;
-        for (c = 16; c + 16 <= n; c += 16) {
-          v16 x = *(v16u*)(sr + c);
+      if (n >= VW) {
+        vw mv = *(vwu*)sr;
+        for (c = VW; c + VW <= n; c += VW) {
+          vw x = *(vwu*)(sr + c);
           mv = x > mv ? x : mv;
         }
-        for (int t = 0; t < 16; ++t) mx = mv[t] > mx ? mv[t] : mx;
+        for (int t = 0; t < VW; ++t) mx = mv[t] > mx ? mv[t] : mx;
       }
       for (; c < n; ++c) mx = sr[c] > mx ? sr[c] : mx;
       const float old = m_out[m], now = mx > old ? mx : old;
@@ -627,13 +816,13 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
       }
       float sum = 0.0f;
       c = 0;
-      v16 vs16 = splat(0.0f);
-      for (; c + 16 <= n; c += 16) {
-        v16 pv = vexp(*(v16u*)(sr + c) - now);
-        *(v16u*)(sr + c) = pv;
-        vs16 += pv;
+      vw vsw = splat_as<vw>(0.0f);
+      for (; c + VW <= n; c += VW) {
+        vw pv = vexp_as(*(vwu*)(sr + c) - now);
+        *(vwu*)(sr + c) = pv;
+        vsw += pv;
       }
-      sum = hsum(vs16);
+      sum = hsumw(vsw);
       for (; c < n; ++c) sum += (sr[c] = sexp(sr[c] - now));
       for (; c < BK; ++c) sr[c] = 0.0f;
       l_out[m] += sum;
@@ -641,11 +830,11 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
     // Weighted values; the first rows' pass prefetches the values PF_AHEAD keys on.
     const Ahead vpf = ahead_of(vb, j, n, hi, vs * esize);
     for (m = 0; m + 4 <= M; m += 4)
-      values_block<KIND, 4>(s + m * BK, vj, vs, n, Dv, acc + m * Dv, m == 0 ? vpf : Ahead());
+      values_block<KIND, 4>(s + m * BK, vj, vs, n, Dv, acc + m * Dv, m == 0 ? vpf : Ahead(), M > 4);
     for (; m < M; ++m)
-      values_block<KIND, 1>(s + m * BK, vj, vs, n, Dv, acc + m * Dv, m == 0 ? vpf : Ahead());
+      values_block<KIND, 1>(s + m * BK, vj, vs, n, Dv, acc + m * Dv, m == 0 ? vpf : Ahead(), M > 4);
   }
-  A.out_bad[item] = (hsum(raw_check) + raw_check1) != 0.0f;  // NaN != 0 as well
+  A.out_bad[item] = (hsumw(raw_check) + raw_check1) != 0.0f;  // NaN != 0 as well
 }
 
 // Work items are handed out in order, the next to whichever thread is free (an atomic
@@ -778,7 +967,11 @@ int qkv_decode(int kind, const void* q, const int64_t* qst, int bf16_dot, float 
 }
 
 // The kernel's interface version, checked by the loader.
-int qkv_decode_version() { return 5; }
+int qkv_decode_version() { return 6; }
+
+// Floats per vector of this build's tiles: 16 with AVX-512, 8 with AVX (AVX2 builds), 4 otherwise
+// (SSE, NEON). `auto`'s rule (backend/decode.py) was measured per width.
+int qkv_decode_vector_width() { return VW; }
 
 // Whether bfloat16 scores use the processor's bfloat16 dot product (then pass q16).
 int qkv_decode_has_bf16_dot() {

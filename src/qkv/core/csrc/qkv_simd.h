@@ -1,7 +1,8 @@
 // The vector types and the two helpers every qkv kernel uses (decode_kernel.cpp, flash_fwd_kernel.cpp,
 // flash_bwd_kernel.cpp): GCC/Clang vector extensions of 16 floats, the broadcast, and exp by Cephes'
-// expf polynomial. A kernel includes this header; the kernel cache (qkv/core/_kernels.py) hashes it
-// with each kernel's source, so a change here rebuilds all three.
+// expf polynomial (on 16 floats, or on any float vector: the decode kernel's narrow builds). A kernel
+// includes this header; the kernel cache (qkv/core/_kernels.py) hashes it with each kernel's source,
+// so a change here rebuilds all three.
 #pragma once
 #include <cstdint>
 #ifdef __AVX512F__
@@ -25,26 +26,44 @@ inline v16 splat(float x) {
 #endif
 }
 
+// x in every lane of any GCC float vector V (lane by lane: exact, as splat is); v16 by splat.
+template <typename V>
+inline V splat_as(float x) {
+  if constexpr (sizeof(V) == sizeof(v16)) {
+    return (V)splat(x);
+  } else {
+    V r{};  // x in lane 0, then lane 0 everywhere (a broadcast; GCC made lane-by-lane inserts of a loop)
+    r[0] = x;
+    typedef decltype(r < r) I;
+    return __builtin_shuffle(r, I{});
+  }
+}
+
 // exp(x), Cephes' expf polynomial: about 1 ulp; 0 below -87.3 (where exp underflows to subnormals)
 // and for -inf; inputs above 88 are taken as 88. The kernels call it on scores minus their running
-// max (x <= 0).
-inline v16 vexp(v16 x) {
-  const v16 lo = splat(-87.33654f);
-  i16v tiny = x < lo;
+// max (x <= 0). On any GCC float vector V: v16 (vexp), and the decode kernel's narrower vectors in
+// builds without AVX-512.
+template <typename V>
+inline V vexp_as(V x) {
+  typedef decltype(x < x) I;  // the signed integer vector of V's lanes
+  const V lo = splat_as<V>(-87.33654f);
+  I tiny = x < lo;
   x = x < lo ? lo : x;
-  x = x > splat(88.0f) ? splat(88.0f) : x;
-  v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v16 y = splat(1.9875691500e-4f);
+  x = x > splat_as<V>(88.0f) ? splat_as<V>(88.0f) : x;
+  V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  V r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  V y = splat_as<V>(1.9875691500e-4f);
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
-  v16 out = y * (v16)e;
-  return tiny ? splat(0.0f) : out;
+  I e = (__builtin_convertvector(n, I) + 127) << 23;
+  V out = y * (V)e;
+  return tiny ? splat_as<V>(0.0f) : out;
 }
+
+inline v16 vexp(v16 x) { return vexp_as(x); }
 
 }  // namespace

@@ -1,0 +1,208 @@
+"""The native decode kernel built without AVX-512: its narrow-vector tiles.
+
+A build for a CPU without AVX-512 (csrc/decode_kernel.cpp, `VW` < 16) runs the scores and the
+values on vectors of 8 floats (AVX2: x86-64-v3) or 4 (SSE: x86-64-v2 and the x86-64 baseline;
+NEON on ARM), in tiles of its own (scores_tile_narrow, values_tile_narrow), with its own softmax
+loops and, for bfloat16, its own widening loads. The same source is built here for each of those
+targets (the machine running the tests only needs to run x86-64 code) and checked against the
+float64 reference by the tolerance rule (qkv.testing), on shapes chosen around what those tiles
+do differently:
+
+- head sizes around 4 and 8 (the tiles' last dims one by one; D < VW: only them), and value
+  sizes around the passes of 8 vectors (8 * VW dims), one vector, and the rest;
+- 1 to 3 rows per kv head (tiles of one row), 4 (one tile of 4), 5 and more (a chunk of
+  queries: rows in groups of 4 for the values, plus a row on its own);
+- key counts around the tiles (4 and 16 keys) and blocks (64), causal rows, masks, a bias;
+- float32 and bfloat16 caches, and a NaN or infinity in the cache (the step's flag and the
+  guard's recompute).
+
+Each build reports its width (qkv_decode_vector_width), so a build that silently took another path
+fails here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from random_qkv import random_qkv
+
+import qkv
+from qkv.core import _kernels
+from qkv.core.engines import decode_native
+from qkv.testing import FWD_FACTOR, assert_within_rule
+
+pytestmark = [
+    pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 build flags"),
+    pytest.mark.skipif(decode_native.lib() is None,
+                       reason=f"the native decode kernel is unavailable: {_kernels.status('decode_kernel')}"),
+]
+
+# build -> (compiler flags, the vector width it must report)
+BUILDS = {
+    "x86-64-v3": (["-march=x86-64-v3", "-fopenmp"], 8),  # AVX2 and FMA: 8 floats
+    "x86-64-v2": (["-march=x86-64-v2", "-fopenmp"], 4),  # SSE4.2: 4 floats
+    "x86-64": (["-march=x86-64"], 4),  # the baseline (SSE2), std::thread instead of OpenMP
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """build name -> the compiled library (each compiled once for the module)."""
+    cxx = _kernels._compiler()
+    assert cxx is not None  # the module's skip: the native build succeeded
+    src = Path(_kernels.__file__).with_name("csrc") / "decode_kernel.cpp"
+    folder = tmp_path_factory.mktemp("narrow")
+    libs = {}
+    for name, (flags, _) in BUILDS.items():
+        so = folder / f"decode_{name}.so"
+        run = subprocess.run([cxx, "-O2", *flags, "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-psabi",
+                              "-o", str(so), str(src)], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, f"{name}: {run.stderr[-2000:]}"
+        libs[name] = ctypes.CDLL(str(so))
+    return libs
+
+
+@pytest.fixture(params=list(BUILDS))
+def build(request, built, monkeypatch):
+    """Each narrow build in turn as the decode kernel; yields the calls of its forward."""
+    cdll = built[request.param]
+    monkeypatch.setattr(_kernels, "load", lambda name: cdll)
+    monkeypatch.setattr(decode_native, "_typed", set())
+    kernel = decode_native.lib()
+    assert kernel is cdll and not kernel.bf16_dot
+    assert kernel.vector_width == BUILDS[request.param][1], (request.param, kernel.vector_width)
+    calls = []
+    original = decode_native.forward
+    monkeypatch.setattr(decode_native, "forward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    return calls
+
+
+def _check(q, k, v, what, **kw):
+    """qkv's decode backend (no grad) against the float64 reference, by the rule."""
+    kw64 = {key: (val.double() if torch.is_tensor(val) and val.is_floating_point() else val) for key, val in kw.items()}
+    exact = qkv.reference_attention(q.double(), k.double(), v.double(), **kw64)
+    plain = qkv.reference_attention(q, k, v, **kw)
+    with torch.no_grad():
+        fast = qkv.attention(q, k, v, backend="decode", **kw)
+    assert fast.dtype == q.dtype
+    assert_within_rule(fast, plain, exact, factor=FWD_FACTOR, what=what)
+
+
+# (Hq, Hkv, Lq, Lk, D, Dv): rows per kv head M = Hq / Hkv * Lq from 1 to 24; head sizes below,
+# at and around 4 and 8 and their multiples; value sizes around 32 and 64 (8 vectors of 4 or 8),
+# a vector, and a rest.
+SHAPES = [
+    (1, 1, 1, 1, 1, 1),
+    (2, 1, 1, 70, 3, 5),
+    (3, 1, 1, 129, 12, 17),
+    (4, 1, 1, 4097, 128, 128),
+    (4, 1, 1, 1001, 33, 72),
+    (5, 1, 1, 300, 72, 40),
+    (8, 2, 1, 777, 64, 200),
+    (8, 1, 3, 2049, 96, 56),
+    (4, 4, 2, 65, 7, 9),
+    (2, 1, 3, 513, 40, 130),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Hq,Hkv,Lq,Lk,D,Dv", SHAPES)
+def test_rule(Hq, Hkv, Lq, Lk, D, Dv, dtype, build):
+    (q, k, v), _ = random_qkv(2 if Lk < 3000 else 1, Hq, Hkv, Lq, Lk, torch.float64, seed=Lk + 7 * D + Dv, D=D, Dv=Dv)
+    v = v + torch.linspace(-3.0, 3.0, Dv, dtype=torch.float64)  # a dimension out of place shows
+    q, k, v = (t.to(dtype) for t in (q * 2.0, k, v))
+    _check(q, k, v, f"{dtype} {Hq}/{Hkv} Lq={Lq} Lk={Lk} D={D} Dv={Dv}", causal=Lq > 1)
+    assert build, "the native kernel did not run"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masks_bias_and_window(dtype, build):
+    """A per-head bool mask, a float bias with -inf entries, a causal window."""
+    Hq, Lk = 8, 1001
+    (q, k, v), gen = random_qkv(2, Hq, 2, 2, Lk, dtype, seed=5, D=40, Dv=24)
+    allowed = torch.rand(2, Hq, 2, Lk, generator=gen) > 0.5
+    allowed[:, :, :, -1] = True
+    _check(q, k, v, f"{dtype} bool mask", mask=allowed)
+    bias = torch.randn(1, Hq, 1, Lk, generator=gen).masked_fill(torch.rand(1, Hq, 1, Lk, generator=gen) < 0.3,
+                                                                 float("-inf")).to(dtype)
+    _check(q, k, v, f"{dtype} bias", mask=bias, causal=True)
+    _check(q, k, v, f"{dtype} window", window=(300, 0), causal=True)
+    assert len(build) >= 3
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_finite_key(dtype, value, build):
+    """A NaN or infinity in the last key, seen by the last query only, and one outside every
+    query's window: the rows that see the bad key are NaN (the step's flag sends it to the
+    guard), every other row equals the reference on the clean cache by the rule."""
+    B, Hq, Hkv, Lq, Lk, D, Dv = 1, 8, 1, 3, 2049, 36, 20
+    (q, k, v), _ = random_qkv(B, Hq, Hkv, Lq, Lk, dtype, seed=11, D=D, Dv=Dv)
+    clean = k.clone()
+    k[0, 0, Lk - 1, 5] = value
+    k[0, 0, 10, 3] = value
+    kw = {"causal": True, "window": (1000, 0)}
+    with torch.no_grad():
+        out = qkv.attention(q, k, v, backend="decode", **kw)
+    assert build, "the native kernel did not run"
+    poisoned = torch.zeros(B, Hq, Lq, dtype=torch.bool)
+    poisoned[:, :, Lq - 1] = True
+    assert torch.equal(torch.isnan(out).all(-1), poisoned), torch.isnan(out).any(-1)
+    exact = qkv.reference_attention(q.double(), clean.double(), v.double(), **kw)
+    plain = qkv.reference_attention(q, clean, v, **kw)
+    assert_within_rule(out[~poisoned], plain[~poisoned], exact[~poisoned], factor=FWD_FACTOR,
+                       what=f"{dtype} decode, {value} in k: the rows that do not see it")
+
+
+def test_auto_claims_what_was_measured_for_the_width(build):
+    """`auto` sends a step to a narrow build only from that width's measured bytes
+    (NARROW_KERNEL_AUTO_MIN_BYTES): never a chunk of queries on 4 floats, a float32 chunk on 8
+    floats only from 16 MiB (it lost to SDPA up to 8 MiB, where the AVX-512 build's 2 MiB rule
+    would send it)."""
+    from qkv.core import choose_backend
+    from qkv.core.backend import decode
+    from qkv.core.spec import build_spec
+
+    width = decode_native.lib().vector_width  # the build fixture checked it against the build's flags
+    assert width in (8, 4)
+
+    def picked(Lq, Lk, dtype):
+        q = torch.zeros(1, 8, Lq, 16, dtype=dtype)
+        k = torch.zeros(1, 2, Lk, 16, dtype=dtype)
+        return choose_backend(build_spec(q, k, k, causal=True), q, False)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        per_key = 2 * (16 + 16) * dtype.itemsize  # bytes of keys and values per cached token
+        for Lq in (1, 8):
+            wide = decode.KERNEL_AUTO_MIN_BYTES[dtype][0 if Lq == 1 else 1]
+            least = decode.NARROW_KERNEL_AUTO_MIN_BYTES[width][dtype][0 if Lq == 1 else 1]
+            assert least is None or least >= wide, "the AVX-512 build's bytes are checked first: the least"
+            if least is None:
+                assert picked(Lq, 1 << 16, dtype) != "decode", (dtype, Lq)
+                continue
+            first = -(-least // per_key)
+            assert picked(Lq, first, dtype) == "decode", (dtype, Lq, first)
+            assert picked(Lq, first - 1, dtype) != "decode", (dtype, Lq, first)
+    assert decode.NARROW_KERNEL_AUTO_MIN_BYTES[8][torch.float32][1] > decode.KERNEL_AUTO_MIN_BYTES[torch.float32][1]
+
+
+def test_the_decode_benchmark_builds_for_a_target():
+    """`benchmarks/decode.py --march TARGET` runs its table on the kernel built for that target, says
+    so in its header, and refuses an unknown target with the compiler's message, no traceback."""
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "decode.py"
+    run = subprocess.run([sys.executable, str(script), "--march", "x86-64-v3", "--lengths", "64", "--dtypes", "float32",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Decode kernel: -march=x86-64-v3, 8-float vectors, bfloat16 dot product: no." in run.stdout, run.stdout
+    assert "| float32 | 1 | 64 |" in run.stdout, run.stdout
+    bad = subprocess.run([sys.executable, str(script), "--march", "no-such-cpu", "--lengths", "64"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0
+    assert "--march no-such-cpu: the decode kernel did not build" in bad.stderr and "Traceback" not in bad.stderr
