@@ -217,7 +217,8 @@ def test_auto_picks_decode_for_a_chunk_only_without_gradients():
     for dtype in (torch.float32, torch.bfloat16):
         for Lq in (1, 8, 16):
             if _ENGINE["name"] == "kernel":
-                least = decode.kernel_min_bytes(dtype, decode_native.lib().vector_width)[0 if Lq == 1 else 1]
+                kernel = decode_native.lib()
+                least = decode.kernel_min_bytes(dtype, kernel.vector_width, kernel.fma)[0 if Lq == 1 else 1]
                 if least is None:  # this build's rule never claims a chunk (a narrow build)
                     assert picked(Lq, 1 << 16, dtype=dtype) != "decode", (dtype, Lq)
                     continue

@@ -105,6 +105,7 @@ int qkv_decode_partials() { return -1; }
 int qkv_decode_version() { return 2; }
 int qkv_decode_has_bf16_dot() { return 0; }
 int qkv_decode_vector_width() { return 16; }
+int qkv_decode_has_fma() { return 1; }
 }
 """
 OTHER = 'extern "C" int something_else() { return 1; }\n'  # a library without the kernel's functions
@@ -205,7 +206,7 @@ def test_a_cached_library_without_the_kernel_functions_is_rebuilt(cache):
     subprocess.run([_kernels._compiler(), "-shared", "-fPIC", "-o", str(lib_path), str(other)], check=True)
     (cache.folder / (lib_path.name + ".sha256")).write_text(f"{_kernels._sha256(lib_path)}  {lib_path.name}\n")
     with pytest.warns(RuntimeWarning, match="lacks qkv_decode, qkv_decode_partials, qkv_decode_has_bf16_dot, "
-                                               "qkv_decode_version, qkv_decode_vector_width"):
+                                               "qkv_decode_version, qkv_decode_vector_width, qkv_decode_has_fma"):
         lib = _kernels.load("decode_kernel")
     assert lib is not None and lib.qkv_decode_version() == 2
     assert cache.builds == [lib_path.name] and cache.opened == [lib_path.name, lib_path.name]

@@ -161,7 +161,7 @@ def test_long_prompt_default_chunking_and_decode_backend(kind, monkeypatch):
     from qkv.core.backend import decode as decode_module
 
     monkeypatch.setattr(decode_module, "KERNEL_AUTO_MIN_BYTES", {torch.float32: (1, 1), torch.bfloat16: (1, 1)})
-    monkeypatch.setattr(decode_module, "kernel_min_bytes", lambda dtype, width: (1, 1))  # every build's
+    monkeypatch.setattr(decode_module, "kernel_min_bytes", lambda *build: (1, 1))  # every build's
     model = tiny(kind, positions=PREFILL_CHUNK + 200)
     ids = _ids(1, PREFILL_CHUNK + 100, seed=60)
     decode = decode_module.BACKEND

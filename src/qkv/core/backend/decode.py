@@ -42,7 +42,8 @@ AUTO_MIN_KEYS_CHUNK = 8192  # the same for a chunk of 2 to 16 new queries
 # With the native kernel: bytes of keys and values read, (one query, a chunk of 2 to 16); see auto.
 # An AVX-512 build (vector width 16); the least of every width's, so it is checked first.
 KERNEL_AUTO_MIN_BYTES = {torch.float32: (3 << 20, 2 << 20), torch.bfloat16: (128 << 10, 512 << 10)}
-# Builds without AVX-512, by vector width (8: AVX2; 4: SSE, NEON); None: not measured to win.
+# Builds without AVX-512, by vector width (8: AVX2, with FMA; 4: SSE, NEON, and AVX without FMA);
+# None: not measured to win.
 NARROW_KERNEL_AUTO_MIN_BYTES: dict[int, dict[torch.dtype, tuple[int, Optional[int]]]] = {
     8: {torch.float32: (4 << 20, 16 << 20), torch.bfloat16: (256 << 10, 8 << 20)},
     4: {torch.float32: (8 << 20, None), torch.bfloat16: (256 << 10, None)},
@@ -138,7 +139,8 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     16 queries: 0.71x-0.91x at 128 KiB, 1.38x-1.47x at 512 KiB. Hence KERNEL_AUTO_MIN_BYTES.
 
     Builds without AVX-512 run narrower tiles (csrc/decode_kernel.cpp), measured on the same AMD
-    EPYC, twice each, with `ATEN_CPU_CAPABILITY=avx2 python benchmarks/decode.py --march x86-64-v3
+    EPYC, twice each (once through a throwaway script loading the same builds, once by this
+    command), with `ATEN_CPU_CAPABILITY=avx2 python benchmarks/decode.py --march x86-64-v3
     --lengths 64 128 256 512 1024 2048 4096 32768 --queries 1 8 16 --repeats 5` (AVX2: 8 floats,
     against SDPA held to AVX2) and the same with `ATEN_CPU_CAPABILITY=default` and `--march
     x86-64-v2` (SSE4.2: 4 floats). AVX2: float32, one query, 0.92x-0.95x at 2 MiB, 1.35x-1.37x at
@@ -148,7 +150,11 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     MiB; 8 or 16 queries 0.47x-1.01x up to 32 MiB (0.97x-1.37x at 256 MiB); bfloat16, one query,
     2.4x-2.7x from 64 keys; 8 or 16 queries 0.60x-0.93x up to 16 MiB (0.88x-1.18x at 128 MiB). Hence
     NARROW_KERNEL_AUTO_MIN_BYTES (kernel_min_bytes); a NEON build (ARM, 4 floats) takes the SSE
-    build's rule, which was not measured on ARM.
+    build's rule, which was not measured on ARM. So does an AVX build without FMA (8 floats, e.g.
+    Sandy Bridge), measured once with `ATEN_CPU_CAPABILITY=default ... --march sandybridge
+    --lengths 64 256 512 1024 2048 4096 --queries 1 8 16`: the AVX2 rule would have sent it chunks
+    that lost (bfloat16 0.79x-0.92x at 8 MiB, float32 0.93x-1.04x at 16 MiB); the SSE rule's claims
+    won there (float32, one query, 1.58x at 8 MiB; bfloat16, one query, 2.8x-7.8x).
 
     Without the kernel (eager segments), measured with `python benchmarks/decode.py
     --lengths 4096 32768 131072 --queries 1 8 16` before the kernel: one query beat SDPA
@@ -169,17 +175,18 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
         # The kernel is looked up (compiled on first use) only where it changes the answer,
         # so short self-attention (an encoder's sentence of <= 16 tokens) never builds it.
         if (by_bytes or by_length) and (kernel := decode_native.lib()) is not None:
-            least = kernel_min_bytes(q.dtype, kernel.vector_width)[0 if spec.Lq == 1 else 1]
+            least = kernel_min_bytes(q.dtype, kernel.vector_width, kernel.fma)[0 if spec.Lq == 1 else 1]
             return least is not None and nbytes >= least
     return by_length
 
 
-def kernel_min_bytes(dtype: torch.dtype, width: int) -> tuple[int, Optional[int]]:
+def kernel_min_bytes(dtype: torch.dtype, width: int, fma: bool) -> tuple[int, Optional[int]]:
     """(one query, a chunk of 2 to 16): the bytes of keys and values from which `auto` sends a step
-    to the native kernel of this vector width (16, 8 or 4 floats); None: never (see auto)."""
+    to the native kernel of this vector width (16, 8 or 4 floats), with or without fused
+    multiply-adds; None: never (see auto). Width 8 without FMA (AVX alone) takes the rule of 4."""
     if width >= 16:
         return KERNEL_AUTO_MIN_BYTES[dtype]
-    return NARROW_KERNEL_AUTO_MIN_BYTES[8 if width >= 8 else 4][dtype]
+    return NARROW_KERNEL_AUTO_MIN_BYTES[8 if width >= 8 and fma else 4][dtype]
 
 
 BACKEND = Backend("decode", forward, unsupported, memory=memory, auto=auto, priority=30,

@@ -970,8 +970,18 @@ int qkv_decode(int kind, const void* q, const int64_t* qst, int bf16_dot, float 
 int qkv_decode_version() { return 6; }
 
 // Floats per vector of this build's tiles: 16 with AVX-512, 8 with AVX (AVX2 builds), 4 otherwise
-// (SSE, NEON). `auto`'s rule (backend/decode.py) was measured per width.
+// (SSE, NEON). `auto`'s rule (backend/decode.py) was measured per width, and for width 8 with and
+// without fused multiply-add (AVX2 has it; AVX alone, e.g. -march=sandybridge, does not).
 int qkv_decode_vector_width() { return VW; }
+
+// Whether the build's tiles run on fused multiply-adds (FMA on x86, NEON's fmla on ARM).
+int qkv_decode_has_fma() {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // Whether bfloat16 scores use the processor's bfloat16 dot product (then pass q16).
 int qkv_decode_has_bf16_dot() {

@@ -29,7 +29,7 @@ from . import decode_eager
 
 _KERNEL_KINDS = {torch.float32: 0, torch.bfloat16: 1}
 # qkv_decode_version(): 5 takes q as the caller holds it and writes out in the cache's dtype; 6 also says
-# its vector width (qkv_decode_vector_width).
+# its vector width and whether it has FMA (qkv_decode_vector_width, qkv_decode_has_fma).
 VERSION = 6
 _KERNEL_MIN_KEYS_PER_SPLIT = 1024
 
@@ -126,6 +126,8 @@ def lib():
         raise RuntimeError(f"qkv decode_kernel has version {kernel.qkv_decode_version()}, expected {VERSION}")
     kernel.bf16_dot = bool(kernel.qkv_decode_has_bf16_dot())
     kernel.qkv_decode_vector_width.restype = ctypes.c_int
-    kernel.vector_width = int(kernel.qkv_decode_vector_width())  # 16 (AVX-512), 8 (AVX2) or 4
+    kernel.vector_width = int(kernel.qkv_decode_vector_width())  # 16 (AVX-512), 8 (AVX, AVX2) or 4
+    kernel.qkv_decode_has_fma.restype = ctypes.c_int
+    kernel.fma = bool(kernel.qkv_decode_has_fma())
     _typed.add(id(kernel))
     return kernel
