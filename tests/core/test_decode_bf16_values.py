@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from decode_cases import check_last_query_poisoned, constraint_cases
 from decode_partials import partials_merged_by_torch
 from random_qkv import random_qkv
 
@@ -131,13 +132,8 @@ def test_float32_result_within_the_weight_rounding_bound(Hq, Hkv, Lq, Lk, D, Dv,
 def test_masks_and_bias(Hq, Lk, kernel_calls):
     """A per-head bool mask (keys dropped from pairs) and a float bias with -inf entries."""
     (q, k, v), gen = _inputs(2, Hq, 1, 2, Lk, 72, 40, seed=Lk, sharp=3.0)
-    allowed = torch.rand(2, Hq, 2, Lk, generator=gen) > 0.5
-    allowed[:, :, :, -1] = True  # the odd last key, seen
-    _check_rule(q, k, v, f"bf16 decode bool mask Hq={Hq} Lk={Lk}", mask=allowed)
-    bias = torch.randn(1, Hq, 1, Lk, generator=gen).masked_fill(torch.rand(1, Hq, 1, Lk, generator=gen) < 0.3,
-                                                                 float("-inf")).to(BF16)
-    _check_rule(q, k, v, f"bf16 decode bias Hq={Hq} Lk={Lk}", mask=bias, causal=True)
-    _check_rule(q, k, v, f"bf16 decode window Hq={Hq} Lk={Lk}", window=(300, 0), causal=True)
+    for what, kw in constraint_cases(gen, 2, Hq, 2, Lk, BF16):
+        _check_rule(q, k, v, f"bf16 decode {what} Hq={Hq} Lk={Lk}", **kw)
     assert len(kernel_calls) >= 3
 
 
@@ -157,14 +153,7 @@ def test_non_finite_cache_entries(where, value, kernel_calls):
     with torch.no_grad():
         out = qkv.attention(q, k, v, backend="decode", **kw)
     assert kernel_calls, "the native kernel did not run"
-    poisoned = torch.zeros(B, Hq, Lq, dtype=torch.bool)
-    poisoned[:, :, Lq - 1] = True
-    assert torch.equal(torch.isnan(out).all(-1), poisoned), torch.isnan(out).any(-1)
-    assert torch.isfinite(out[~poisoned]).all()
-    expected = qkv.reference_attention(q.double(), clean_k.double(), clean_v.double(), **kw)
-    plain = qkv.reference_attention(q, clean_k, clean_v, **kw)
-    assert_within_rule(out[~poisoned], plain[~poisoned], expected[~poisoned], factor=FWD_FACTOR,
-                       what=f"bf16 decode, {value} in {where}: the rows that do not see it")
+    check_last_query_poisoned(out, q, clean_k, clean_v, f"bf16 decode, {value} in {where}", **kw)
 
 
 _BUILDS = {

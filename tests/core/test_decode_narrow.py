@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from decode_cases import check_last_query_poisoned, constraint_cases
 from random_qkv import random_qkv
 
 import qkv
@@ -138,13 +139,8 @@ def test_masks_bias_and_window(dtype, build):
     """A per-head bool mask, a float bias with -inf entries, a causal window."""
     Hq, Lk = 8, 1001
     (q, k, v), gen = random_qkv(2, Hq, 2, 2, Lk, dtype, seed=5, D=40, Dv=24)
-    allowed = torch.rand(2, Hq, 2, Lk, generator=gen) > 0.5
-    allowed[:, :, :, -1] = True
-    _check(q, k, v, f"{dtype} bool mask", mask=allowed)
-    bias = torch.randn(1, Hq, 1, Lk, generator=gen).masked_fill(torch.rand(1, Hq, 1, Lk, generator=gen) < 0.3,
-                                                                 float("-inf")).to(dtype)
-    _check(q, k, v, f"{dtype} bias", mask=bias, causal=True)
-    _check(q, k, v, f"{dtype} window", window=(300, 0), causal=True)
+    for what, kw in constraint_cases(gen, 2, Hq, 2, Lk, dtype):
+        _check(q, k, v, f"{dtype} {what}", **kw)
     assert len(build) >= 3
 
 
@@ -163,13 +159,7 @@ def test_non_finite_key(dtype, value, build):
     with torch.no_grad():
         out = qkv.attention(q, k, v, backend="decode", **kw)
     assert build, "the native kernel did not run"
-    poisoned = torch.zeros(B, Hq, Lq, dtype=torch.bool)
-    poisoned[:, :, Lq - 1] = True
-    assert torch.equal(torch.isnan(out).all(-1), poisoned), torch.isnan(out).any(-1)
-    exact = qkv.reference_attention(q.double(), clean.double(), v.double(), **kw)
-    plain = qkv.reference_attention(q, clean, v, **kw)
-    assert_within_rule(out[~poisoned], plain[~poisoned], exact[~poisoned], factor=FWD_FACTOR,
-                       what=f"{dtype} decode, {value} in k: the rows that do not see it")
+    check_last_query_poisoned(out, q, clean, v, f"{dtype} decode, {value} in k", **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -1,0 +1,37 @@
+"""Cases shared by the decode kernel's tests (test_decode_bf16_values.py for the machine's build,
+test_decode_narrow.py for builds without AVX-512): the constraints a step is checked under, and
+the check of a step whose cache holds a non-finite entry that only the last query sees."""
+
+from __future__ import annotations
+
+import torch
+
+import qkv
+from qkv.testing import FWD_FACTOR, assert_within_rule
+
+
+def constraint_cases(gen: torch.Generator, B: int, Hq: int, Lq: int, Lk: int, dtype: torch.dtype) -> list:
+    """[(what, attention kwargs)]: a per-head bool mask (B, Hq, Lq, Lk) that keeps the last key, a
+    float bias (1, Hq, 1, Lk) in `dtype` with -inf entries (causal), a causal window of 300; drawn
+    from `gen` in that order."""
+    allowed = torch.rand(B, Hq, Lq, Lk, generator=gen) > 0.5
+    allowed[:, :, :, -1] = True  # the last key (an odd last key of a pair), seen
+    bias = torch.randn(1, Hq, 1, Lk, generator=gen).masked_fill(torch.rand(1, Hq, 1, Lk, generator=gen) < 0.3,
+                                                                 float("-inf")).to(dtype)
+    return [("bool mask", {"mask": allowed}), ("bias", {"mask": bias, "causal": True}),
+            ("window", {"window": (300, 0), "causal": True})]
+
+
+def check_last_query_poisoned(out, q, clean_k, clean_v, what: str, **kw) -> None:
+    """out (B, Hq, Lq, Dv) of a decode step whose cache held a NaN or infinity that only the last
+    query sees: that query's rows are NaN, every other row is finite and equals the reference on the
+    clean cache (clean_k (B, Hkv, Lk, D), clean_v (B, Hkv, Lk, Dv)) by the rule."""
+    B, Hq, Lq = out.shape[:3]
+    poisoned = torch.zeros(B, Hq, Lq, dtype=torch.bool)
+    poisoned[:, :, Lq - 1] = True
+    assert torch.equal(torch.isnan(out).all(-1), poisoned), torch.isnan(out).any(-1)
+    assert torch.isfinite(out[~poisoned]).all()
+    exact = qkv.reference_attention(q.double(), clean_k.double(), clean_v.double(), **kw)
+    plain = qkv.reference_attention(q, clean_k, clean_v, **kw)
+    assert_within_rule(out[~poisoned], plain[~poisoned], exact[~poisoned], factor=FWD_FACTOR,
+                       what=f"{what}: the rows that do not see it")
