@@ -1,6 +1,7 @@
 """Cases shared by the decode kernel's tests (test_decode_bf16_values.py for the machine's build,
-test_decode_narrow.py for builds without AVX-512): the constraints a step is checked under, and
-the check of a step whose cache holds a non-finite entry that only the last query sees."""
+test_decode_narrow.py for builds without AVX-512): the check of a step by the rule, the
+constraints a step is checked under, and the check of a step whose cache holds a non-finite entry
+that only the last query sees."""
 
 from __future__ import annotations
 
@@ -8,6 +9,19 @@ import torch
 
 import qkv
 from qkv.testing import FWD_FACTOR, assert_within_rule
+
+
+def check_rule(q, k, v, what: str, **kw):
+    """qkv's decode backend (no grad) on q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)
+    against the float64 reference, by the rule; returns its output (B, Hq, Lq, Dv), in q's dtype."""
+    kw64 = {key: (val.double() if torch.is_tensor(val) and val.is_floating_point() else val) for key, val in kw.items()}
+    exact = qkv.reference_attention(q.double(), k.double(), v.double(), **kw64)
+    plain = qkv.reference_attention(q, k, v, **kw)
+    with torch.no_grad():
+        fast = qkv.attention(q, k, v, backend="decode", **kw)
+    assert fast.dtype == q.dtype
+    assert_within_rule(fast, plain, exact, factor=FWD_FACTOR, what=what)
+    return fast
 
 
 def constraint_cases(gen: torch.Generator, B: int, Hq: int, Lq: int, Lk: int, dtype: torch.dtype) -> list:

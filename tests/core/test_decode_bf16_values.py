@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from decode_cases import check_last_query_poisoned, constraint_cases
+from decode_cases import check_last_query_poisoned, check_rule, constraint_cases
 from decode_partials import partials_merged_by_torch
 from random_qkv import random_qkv
 
@@ -60,18 +60,6 @@ def _inputs(B, Hq, Hkv, Lq, Lk, D, Dv, seed, sharp=1.0):
     return [t.to(BF16) for t in (q * sharp, k, v)], gen
 
 
-def _check_rule(q, k, v, what, **kw):
-    """qkv's decode backend (no grad) against the float64 reference, by the rule."""
-    kw64 = {key: (val.double() if torch.is_tensor(val) and val.is_floating_point() else val) for key, val in kw.items()}
-    exact = qkv.reference_attention(q.double(), k.double(), v.double(), **kw64)
-    plain = qkv.reference_attention(q, k, v, **kw)
-    with torch.no_grad():
-        fast = qkv.attention(q, k, v, backend="decode", **kw)
-    assert fast.dtype == BF16
-    assert_within_rule(fast, plain, exact, factor=FWD_FACTOR, what=what)
-    return fast
-
-
 def _kernel_float32(q, k, v, **kw):
     """The kernel's float32 result before it is rounded to bfloat16: its work items on the splits
     the decode backend uses, merged by torch: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)
@@ -100,7 +88,7 @@ SHAPES = [
 @pytest.mark.parametrize("Hq,Hkv,Lq,Lk,D,Dv", SHAPES)
 def test_rule_on_bfloat16_caches(Hq, Hkv, Lq, Lk, D, Dv, sharp, kernel_calls):
     (q, k, v), _ = _inputs(2 if Lk < 5000 else 1, Hq, Hkv, Lq, Lk, D, Dv, seed=Lk + D + Dv, sharp=sharp)
-    _check_rule(q, k, v, f"bf16 decode {Hq}/{Hkv} Lq={Lq} Lk={Lk} D={D} Dv={Dv} sharp={sharp}", causal=Lq > 1)
+    check_rule(q, k, v, f"bf16 decode {Hq}/{Hkv} Lq={Lq} Lk={Lk} D={D} Dv={Dv} sharp={sharp}", causal=Lq > 1)
     assert kernel_calls, "the native kernel did not run"
 
 
@@ -133,7 +121,7 @@ def test_masks_and_bias(Hq, Lk, kernel_calls):
     """A per-head bool mask (keys dropped from pairs) and a float bias with -inf entries."""
     (q, k, v), gen = _inputs(2, Hq, 1, 2, Lk, 72, 40, seed=Lk, sharp=3.0)
     for what, kw in constraint_cases(gen, 2, Hq, 2, Lk, BF16):
-        _check_rule(q, k, v, f"bf16 decode {what} Hq={Hq} Lk={Lk}", **kw)
+        check_rule(q, k, v, f"bf16 decode {what} Hq={Hq} Lk={Lk}", **kw)
     assert len(kernel_calls) >= 3
 
 
@@ -180,7 +168,7 @@ def test_builds_without_the_bfloat16_dot_product(build, tmp_path, monkeypatch, k
     assert decode_native.lib() is cdll and not cdll.bf16_dot
     for Hq, Lq, Lk, D, Dv in [(4, 1, 4097, 128, 128), (8, 3, 1001, 72, 40), (8, 1, 65, 40, 200)]:
         (q, k, v), gen = _inputs(1, Hq, 1, Lq, Lk, D, Dv, seed=Lk, sharp=3.0)
-        _check_rule(q, k, v, f"{build} bf16 {Hq}/1 Lq={Lq} Lk={Lk} D={D} Dv={Dv}", causal=Lq > 1)
+        check_rule(q, k, v, f"{build} bf16 {Hq}/1 Lq={Lq} Lk={Lk} D={D} Dv={Dv}", causal=Lq > 1)
         (q, k, v), gen = random_qkv(1, Hq, 1, Lq, Lk, torch.float32, seed=Lk, D=D, Dv=Dv)
         _check_rule_float32(q, k, v, f"{build} float32 {Hq}/1 Lq={Lq} Lk={Lk}")
     assert kernel_calls, "the native kernel did not run"

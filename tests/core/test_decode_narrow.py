@@ -31,13 +31,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from decode_cases import check_last_query_poisoned, constraint_cases
+from decode_cases import check_last_query_poisoned, check_rule, constraint_cases
 from random_qkv import random_qkv
 
 import qkv
 from qkv.core import _kernels
 from qkv.core.engines import decode_native
-from qkv.testing import FWD_FACTOR, assert_within_rule
 
 pytestmark = [
     pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 build flags"),
@@ -96,17 +95,6 @@ def build(request, built, monkeypatch):
     return calls
 
 
-def _check(q, k, v, what, **kw):
-    """qkv's decode backend (no grad) against the float64 reference, by the rule."""
-    kw64 = {key: (val.double() if torch.is_tensor(val) and val.is_floating_point() else val) for key, val in kw.items()}
-    exact = qkv.reference_attention(q.double(), k.double(), v.double(), **kw64)
-    plain = qkv.reference_attention(q, k, v, **kw)
-    with torch.no_grad():
-        fast = qkv.attention(q, k, v, backend="decode", **kw)
-    assert fast.dtype == q.dtype
-    assert_within_rule(fast, plain, exact, factor=FWD_FACTOR, what=what)
-
-
 # (Hq, Hkv, Lq, Lk, D, Dv): rows per kv head M = Hq / Hkv * Lq from 1 to 24; head sizes below,
 # at and around 4 and 8 and their multiples; value sizes around 32 and 64 (8 vectors of 4 or 8),
 # a vector, and a rest.
@@ -130,7 +118,7 @@ def test_rule(Hq, Hkv, Lq, Lk, D, Dv, dtype, build):
     (q, k, v), _ = random_qkv(2 if Lk < 3000 else 1, Hq, Hkv, Lq, Lk, torch.float64, seed=Lk + 7 * D + Dv, D=D, Dv=Dv)
     v = v + torch.linspace(-3.0, 3.0, Dv, dtype=torch.float64)  # a dimension out of place shows
     q, k, v = (t.to(dtype) for t in (q * 2.0, k, v))
-    _check(q, k, v, f"{dtype} {Hq}/{Hkv} Lq={Lq} Lk={Lk} D={D} Dv={Dv}", causal=Lq > 1)
+    check_rule(q, k, v, f"{dtype} {Hq}/{Hkv} Lq={Lq} Lk={Lk} D={D} Dv={Dv}", causal=Lq > 1)
     assert build, "the native kernel did not run"
 
 
@@ -140,7 +128,7 @@ def test_masks_bias_and_window(dtype, build):
     Hq, Lk = 8, 1001
     (q, k, v), gen = random_qkv(2, Hq, 2, 2, Lk, dtype, seed=5, D=40, Dv=24)
     for what, kw in constraint_cases(gen, 2, Hq, 2, Lk, dtype):
-        _check(q, k, v, f"{dtype} {what}", **kw)
+        check_rule(q, k, v, f"{dtype} {what}", **kw)
     assert len(build) >= 3
 
 
