@@ -45,7 +45,8 @@ _SRC = Path(__file__).with_name("csrc")
 # The functions each kernel's callers use; a library without one of them is not loaded.
 EXPORTS = {"decode_kernel": ("qkv_decode", "qkv_decode_partials", "qkv_decode_has_bf16_dot", "qkv_decode_version",
                              "qkv_decode_vector_width", "qkv_decode_has_fma"),
-           "flash_fwd_kernel": ("qkv_flash_fwd", "qkv_flash_fwd_version", "qkv_flash_has_bf16_dot"),
+           "flash_fwd_kernel": ("qkv_flash_fwd", "qkv_flash_fwd_version", "qkv_flash_has_bf16_dot",
+                                 "qkv_flash_vector_width", "qkv_flash_has_fma"),
            "flash_bwd_kernel": ("qkv_flash_bwd", "qkv_flash_bwd_version")}
 # Temporary files of a build older than this are leftovers of a killed process: longer than
 # the two compiler runs of a build (300 s each) can take.

@@ -46,9 +46,14 @@ def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]
     if not (1 <= spec.D <= native_flash.MAX_DIM and 1 <= spec.Dv <= native_flash.MAX_DIM):
         return (f"the native backend takes head sizes 1 to {native_flash.MAX_DIM}; got D={spec.D}, "
                 f"Dv={spec.Dv}: use backend='tiled'")
-    if native_flash.lib() is None:
+    kernel = native_flash.lib()
+    if kernel is None:
         return (f"the native backend's kernel is unavailable ({_kernels.status(_NAME)}); "
                 "use backend='tiled' or 'sdpa'")
+    if not kernel.fma:
+        return ("the native backend's kernel, built for this CPU, has no fused multiply-add (FMA; x86 CPUs "
+                "without AVX2): rounded before they are added, its products miss the tolerance rule at large "
+                "logits and head sizes near 256; use backend='sdpa' or 'tiled'")
     return None
 
 
@@ -133,7 +138,8 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
         max_dim = 64  # forward + backward was measured at D = 64 only
     if max(spec.D, spec.Dv) > max_dim or not measured_cpu():
         return False
-    return native_flash.lib() is not None  # built on first use, only for a call the rule claims
+    kernel = native_flash.lib()  # built on first use, only for a call the rule claims
+    return kernel is not None and kernel.vector_width == native_flash.MEASURED_WIDTH
 
 
 BACKEND = Backend("native", forward, unsupported, memory=memory, auto=auto, priority=22)  # under a user's (25)

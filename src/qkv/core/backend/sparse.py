@@ -163,7 +163,7 @@ def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Option
     engine: within what was measured (above): float32 or bfloat16 CPU tensors, self-attention (Lq = Lk),
     NATIVE_GQA, head sizes up to NATIVE_MAX_DIM, a BlockMask of 128 x 128 blocks (with any band) or a
     causal band alone, nothing else, on the CPU kind measured, where the kernels build (the backward
-    too when autograd records)."""
+    too when autograd records) with the tiles measured (native_flash.MEASURED_WIDTH)."""
     if q.device.type != "cpu" or q.dtype not in native_flash.KINDS or not gathered.supports(spec):
         return False
     if spec.Lq != spec.Lk or (spec.Hq != spec.Hkv and not NATIVE_GQA) or max(spec.D, spec.Dv) > NATIVE_MAX_DIM:
@@ -183,7 +183,7 @@ def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Option
     if missing is not None:  # no compiler: the gathered engine, as on every other CPU kind
         _kernels.warn_unavailable(missing, "block-sparse attention runs on the gathered engine")
         return False
-    return True
+    return native_flash.lib().vector_width == native_flash.MEASURED_WIDTH  # the build measured (AVX-512)
 
 
 def band_pays(spec: AttentionSpec) -> bool:

@@ -238,19 +238,7 @@ inline Ahead ahead_of(const void* base, int64_t r0, int64_t rows, int64_t hi, in
 // (VW accumulators each), the values in passes of 8 accumulators; the softmax steps VW lanes at a
 // time (vexp_as). The kernel alone, 2 threads, 4096 keys, after: float32 1.0-1.1 ms (AVX-512
 // build: 0.84-0.96 ms), bfloat16 0.65-0.73 ms (0.42-0.45 ms with the bfloat16 dot product).
-#if defined(__AVX512F__)
-#define QKV_VW 16
-#elif defined(__AVX__)
-#define QKV_VW 8
-#else
-#define QKV_VW 4
-#endif
-constexpr int VW = QKV_VW;
-typedef float vw __attribute__((vector_size(4 * VW)));
-typedef float vwu __attribute__((vector_size(4 * VW), aligned(4)));
-typedef int32_t iwv __attribute__((vector_size(4 * VW)));
-typedef uint32_t uwv __attribute__((vector_size(4 * VW)));
-typedef uint16_t hwu __attribute__((vector_size(2 * VW), aligned(2)));
+// (QKV_VW, VW and the vw types are qkv_simd.h's, shared with the FA-2 kernels.)
 
 // VW consecutive values at p as float32: float32 (kind 0) or bfloat16 widened (kind 1).
 template <int KIND>
@@ -272,12 +260,6 @@ inline vw loadw(const void* p) {
   }
 }
 
-// The sum of a vw's lanes, in order (hsum for 16).
-inline float hsumw(vw a) {
-  float x = 0.0f;
-  for (int t = 0; t < VW; ++t) x += a[t];
-  return x;
-}
 
 // VW accumulators -> the VW sums of their lanes, in order (reduce16's tree for 8 or 4 lanes).
 __attribute__((always_inline)) inline vw reducew(const vw* a) {

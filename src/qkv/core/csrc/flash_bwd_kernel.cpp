@@ -172,9 +172,48 @@ inline void micro(int64_t K, const float* A, int64_t as_m, int64_t as_k, const f
     for (int t = 0; t < NV; ++t) st(C + r * ldc + 16 * t, ACC ? ld(C + r * ldc + 16 * t) + acc[r][t] : acc[r][t]);
 }
 
+#if QKV_VW < 16
+// Builds without AVX-512 (vectors of VW = 8 or 4 floats, 16 registers): `micro` above holds MR x NV
+// 16-float accumulators, 2 or 4 registers each, more than there are (GCC spilled them, and the AVX2
+// build's backward ran at a seventh of torch's). The same sums on NW vectors of VW floats per row:
+// tiles of MR rows by NW * VW columns, each element the same chain of multiply-adds over k as in
+// `micro` (so the recomputed scores are the forward's narrow tiles' bits, flash_fwd_kernel.cpp).
+#ifndef QKV_BWD_NW
+#define QKV_BWD_NW 2  // vectors per row of a narrow tile (6 rows x 2: 12 accumulators, 2 loads, 1 broadcast)
+#endif
+constexpr int NW = QKV_BWD_NW;
+static_assert(NW >= 1 && NW <= 4, "narrow tile width");
+
+template <int MR, bool ACC>
+inline void micro_narrow(int64_t K, const float* A, int64_t as_m, int64_t as_k, const float* B, int64_t ldb, float* C,
+                         int64_t ldc) {
+  vw acc[MR][NW];
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NW; ++t) acc[r][t] = splat_as<vw>(0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    vw b[NW];
+    for (int t = 0; t < NW; ++t) b[t] = *(const vwu*)(B + k * ldb + VW * t);
+    for (int r = 0; r < MR; ++r) {
+      const vw a = splat_as<vw>(A[r * as_m + k * as_k]);
+      for (int t = 0; t < NW; ++t) acc[r][t] += a * b[t];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int t = 0; t < NW; ++t) {
+      vwu* c = (vwu*)(C + r * ldc + VW * t);
+      *c = ACC ? *c + acc[r][t] : acc[r][t];
+    }
+}
+#endif
+
 template <int MR, bool ACC>
 inline void micro_cols(int64_t N, int64_t K, const float* A, int64_t as_m, int64_t as_k, const float* B, int64_t ldb,
                        float* C, int64_t ldc) {
+#if QKV_VW < 16
+  static_assert(16 % (NW * VW) == 0, "the narrow tiles cover 16 columns exactly");
+  for (int64_t n = 0; n < N; n += NW * VW) micro_narrow<MR, ACC>(K, A, as_m, as_k, B + n, ldb, C + n, ldc);
+  return;
+#endif
   int64_t n = 0;
   for (; n + 64 <= N; n += 64) micro<MR, 4, ACC>(K, A, as_m, as_k, B + n, ldb, C + n, ldc);
   switch ((N - n) / 16) {
@@ -582,6 +621,26 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
         for (int c = 0; c < c0; c += 16) st(sr + c, splat(0.0f)), st(dr + c, splat(0.0f));
         for (int c = c1; c < BK; c += 16) st(sr + c, splat(0.0f)), st(dr + c, splat(0.0f));
       }
+#if QKV_VW < 16  // the same on vectors of VW floats, and the mask by lanes
+      {
+        const vw scw = splat_as<vw>(A.scale), lw = splat_as<vw>(lse[r]), dlw = splat_as<vw>(delta[r]);
+        const uint64_t m = kind == 1 ? mk[r] : ~uint64_t(0);
+        iwv iota{};
+        for (int t = 0; t < VW; ++t) iota[t] = t;
+        for (int c = c0; c < c1; c += VW) {
+          vw p = vexp_as<vw>(*(const vwu*)(sr + c) * scw - lw);
+          vw d = p * (*(const vwu*)(dr + c) - dlw);
+          if (m != ~uint64_t(0)) {  // zero what row i0 + r may not see (and the padding keys)
+            const iwv on = (((iwv{} + (int32_t)(uint32_t)(m >> c)) >> iota) & 1) != 0;
+            p = on ? p : splat_as<vw>(0.0f);
+            d = on ? d : splat_as<vw>(0.0f);
+          }
+          *(vwu*)(sr + c) = p;
+          *(vwu*)(dr + c) = d;
+        }
+      }
+      continue;
+#endif
       for (int c = c0; c < c1; c += 16) {
         v16 p = vexp(ld(sr + c) * sc - l);
         st(sr + c, p);

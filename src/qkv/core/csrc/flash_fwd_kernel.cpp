@@ -97,7 +97,7 @@
 // ABI (strides in elements, innermost stride 1; kind 0 = float32, 1 = bfloat16 bits):
 //   q (B, Hq, Lq, D) strides qst, k (B, Hkv, Lk, D) kst, v (B, Hkv, Lk, Dv) vst;
 //   out contiguous (B, Hq, Lq, Dv) of the input dtype; lse contiguous (B, Hq, Lq) float32;
-//   blocks: QkvBlockLists* or null (the band alone). Version 2 (qkv_flash_fwd_version).
+//   blocks: QkvBlockLists* or null (the band alone). Version 3 (qkv_flash_fwd_version).
 // No torch headers: plain C++17, compiled on first use by qkv/core/_kernels.py.
 
 #include <algorithm>
@@ -531,6 +531,82 @@ inline v16 keep(v16 x, uint32_t bits) {
 #endif
 }
 
+#if QKV_VW < 16
+// Narrow tiles: builds without AVX-512 (AVX, AVX2: vectors of 8 floats; SSE, NEON: 4; 16 registers).
+// The 16-float tiles above hold up to 24 16-float accumulators, which such a build splits into 48 or
+// 96 registers, more than it has: GCC spilled them to the stack, and the AVX2 build of this kernel
+// ran at 0.11-0.15x torch's SDPA. These run the same products on vectors of VW floats, tiles of
+// NR rows by NG vectors: the scores over VW * NG keys of the block at a time, P V over VW * NG value
+// columns. Each (row, key) score is the same chain of multiply-adds over d as the 16-float tiles'
+// (pieces of 64 terms added together), so it is the same bits as the backward kernel's recomputed
+// scores in the same build (flash_bwd_kernel.cpp's narrow gemm). Tile sizes measured on an AMD EPYC
+// (Zen 4), the x86-64-v3 and x86-64-v2 builds: see docs/benchmarks.md.
+#ifndef QKV_NR
+#define QKV_NR 4  // rows of a narrow tile
+#endif
+#ifndef QKV_NG
+#define QKV_NG 3  // vectors of a narrow tile
+#endif
+constexpr int NR = QKV_NR, NG = QKV_NG;
+static_assert(NR >= 1 && NR <= 6 && NG >= 1 && NG <= 4, "narrow tile sizes");
+
+// s[r][VW g + c] (+)= q[r] . key VW g + c, g < G, over the terms [0, n) of one piece: q (R rows of
+// stride D, offset to the piece), kt (n, BK) offset to the piece and the first key; first: store.
+template <int R, int G>
+__attribute__((noinline)) void scores_narrow(const float* q, int64_t D, int64_t n, const float* kt, float* s,
+                                             bool first) {
+  vw acc[R][G];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) acc[r][g] = splat_as<vw>(0.0f);
+  for (int64_t d = 0; d < n; ++d) {
+    vw kv[G];
+    for (int g = 0; g < G; ++g) kv[g] = *(const vw*)(kt + d * BK + VW * g);
+    for (int r = 0; r < R; ++r) {
+      const vw qv = splat_as<vw>(q[r * D + d]);
+      for (int g = 0; g < G; ++g) acc[r][g] += qv * kv[g];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) {
+      vw* out = (vw*)(s + r * BK + VW * g);
+      *out = first ? acc[r][g] : *out + acc[r][g];
+    }
+}
+
+// acc[r][0 .. VW G) = alpha[r] * acc[r] + sum over keys c < n of p[r][c] * vp[c], R rows (p rows of
+// BK, acc and vp rows of Dvp).
+template <int R, int G>
+__attribute__((noinline)) void values_narrow(const float* p, const float* vp, int64_t Dvp, int64_t n, float* acc,
+                                             const float* alpha) {
+  vw o[R][G];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) o[r][g] = *(const vw*)(acc + r * Dvp + VW * g) * splat_as<vw>(alpha[r]);
+  for (int64_t c = 0; c < n; ++c) {
+    vw vv[G];
+    for (int g = 0; g < G; ++g) vv[g] = *(const vw*)(vp + c * Dvp + VW * g);
+    for (int r = 0; r < R; ++r) {
+      const vw pr = splat_as<vw>(p[r * BK + c]);
+      for (int g = 0; g < G; ++g) o[r][g] += pr * vv[g];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) *(vw*)(acc + r * Dvp + VW * g) = o[r][g];
+}
+
+// f(g, v) over vectors [0, nv) in groups of NG (the last group smaller), g a std::integral_constant.
+template <typename F>
+inline void by_groups(int64_t nv, F&& f) {
+  int64_t v = 0;
+  for (; v + NG <= nv; v += NG) f(std::integral_constant<int, NG>{}, v);
+  switch (nv - v) {
+    case 3: f(std::integral_constant<int, 3>{}, v); break;
+    case 2: f(std::integral_constant<int, 2>{}, v); break;
+    case 1: f(std::integral_constant<int, 1>{}, v); break;
+    default: break;
+  }
+}
+#endif
+
 struct Scratch {
   Buffer<float> qf;      // (M, D) float32 queries (float32 path)
   Buffer<uint16_t> q16;  // (M, 2*Dh) bfloat16 queries (dp path)
@@ -607,7 +683,21 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     }
     if (z <= a) return;
     const int c0 = (int)(a / 16), c1 = (int)((z + 15) / 16);
-    // 1. Scores of the chunks, rows_for(chunks) rows at a time.
+    // 1. Scores of the chunks, rows_for(chunks) rows at a time (narrow builds: NR rows by NG vectors).
+#if QKV_VW < 16
+    {
+      const float* kt = P.kt + ((bh - P.bh0) * P.nkb + kb) * D * BK + 16 * c0;
+      float* S0 = S + 16 * c0;
+      for (int64_t d0 = 0; d0 < D; d0 += 64)  // pieces of 64 terms, each over all the rows
+        by_groups((c1 - c0) * (16 / VW), [&](auto g, int64_t v) {
+          by_tiles<NR>(M, [&](auto rows, int64_t m) {
+            scores_narrow<decltype(rows)::value, decltype(g)::value>(W.qf.p + m * D + d0, D,
+                                                                     std::min<int64_t>(64, D - d0), kt + d0 * BK + VW * v,
+                                                                     S0 + m * BK + VW * v, d0 == 0);
+          });
+        });
+    }
+#else
     by_chunks(c1 - c0, [&](auto chunks) {
       constexpr int NC = decltype(chunks)::value, RS = rows_for(NC);
 #ifdef __AVX512BF16__
@@ -631,8 +721,47 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
                                                         kt + d0 * BK, S + m * BK + 16 * c0, d0 == 0);
           });
     });
+#endif
     // 2. Scale, the band on its edge blocks and the tile's bits, online softmax.
     const bool edge = !(j0 >= full_lo && j0 + BK <= full_hi);
+#if QKV_VW < 16  // the same on vectors of VW keys (P.dp is false: no vdpbf16ps without AVX-512)
+    for (int64_t m = 0; m < M; ++m) {
+      constexpr int PER = 16 / VW;                 // vectors per chunk of 16 keys
+      constexpr uint32_t ALL = (1u << VW) - 1u;   // every lane
+      const int v0 = c0 * PER, v1 = c1 * PER;
+      float* sr = S + m * BK;
+      vw x[BK / VW];
+      for (int v = v0; v < v1; ++v) {
+        x[v] = *(vw*)(sr + VW * v) * P.scale;
+        uint32_t bits = ALL;
+        if (edge) bits = range_bits(W.lo.p[m] - j0 - VW * v, W.hi.p[m] - j0 - VW * v) & ALL;
+        if (tbits) {
+          uint16_t word;
+          std::memcpy(&word, tbits + W.trow.p[m] + 2 * (v / PER), 2);  // keys of the vector's chunk
+          bits &= uint32_t(word) >> (VW * (v % PER));
+        }
+        if (bits != ALL) x[v] = keepw(x[v], bits);
+      }
+      vw mv = x[v0];
+      for (int v = v0 + 1; v < v1; ++v) mv = x[v] > mv ? x[v] : mv;
+      const float old = W.mx.p[m], bmax = hmaxw(mv), now = bmax > old ? bmax : old;
+      if (now == NEG_INF) {  // nothing seen yet: this block adds nothing
+        for (int v = v0; v < v1; ++v) *(vw*)(sr + VW * v) = splat_as<vw>(0.0f);
+        W.alpha.p[m] = 1.0f;
+        continue;
+      }
+      const float alpha = old == NEG_INF ? 0.0f : std::exp(old - now);
+      vw total = splat_as<vw>(0.0f);
+      for (int v = v0; v < v1; ++v) {
+        const vw pv = vexp_as<vw>(x[v] - now);
+        *(vw*)(sr + VW * v) = pv;
+        total += pv;
+      }
+      W.sum.p[m] = W.sum.p[m] * alpha + hsumw(total);
+      W.mx.p[m] = now;
+      W.alpha.p[m] = alpha;
+    }
+#else
     for (int64_t m = 0; m < M; ++m) {
       float* sr = S + m * BK;
       v16 x[NV];
@@ -676,6 +805,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       W.mx.p[m] = now;
       W.alpha.p[m] = alpha;
     }
+#endif
     // 3. acc = alpha * acc + P V over the keys some row sees, [s0, s0 + n) = [a, z) of the block
     // (from an even key with vdpbf16ps, whose words hold pairs of keys; P is 0 outside [a, z)).
     const int64_t s0 = P.dp ? a & ~int64_t(1) : a, n = z - s0;
@@ -690,6 +820,15 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     }
 #endif
     const float* vp = P.vp + ((bh - P.bh0) * P.nkb * BK + j0 + s0) * Dvp;
+#if QKV_VW < 16  // NG vectors of columns at a time for all the rows
+    by_groups(Dvp / VW, [&](auto g, int64_t v) {
+      by_tiles<NR>(M, [&](auto rows, int64_t m) {
+        values_narrow<decltype(rows)::value, decltype(g)::value>(S + m * BK + s0, vp + VW * v, Dvp, n,
+                                                                 W.acc.p + m * Dvp + VW * v, W.alpha.p + m);
+      });
+    });
+    return;
+#endif
     for (int64_t d = 0; d < Dvp; d += 64)  // 64 columns at a time (at most 32 KiB of values) for all the rows
       by_tiles(M, [&](auto rows, int64_t m) {
         values_cols<decltype(rows)::value>(S + m * BK + s0, vp + d, Dvp, n, W.acc.p + m * Dvp + d, W.alpha.p + m,
@@ -915,8 +1054,22 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   return kind == 0 ? run<0>(P, threads) : run<1>(P, threads);
 }
 
-// The kernel's interface version, checked by the binding.
-int qkv_flash_fwd_version() { return 2; }
+// The kernel's interface version, checked by the binding (3: qkv_flash_vector_width, qkv_flash_has_fma).
+int qkv_flash_fwd_version() { return 3; }
+
+// The floats per vector of the build's tiles: 16 (AVX-512), 8 (AVX, AVX2: the narrow tiles) or 4.
+int qkv_flash_vector_width() { return VW; }
+
+// Whether the build's products run on fused multiply-adds (FMA on x86, fmla on ARM). Without them
+// each product is rounded before it is added, and the scores at large logits, and the gradients
+// at head sizes near 256, miss the tolerance rule (the binding refuses such a build by name).
+int qkv_flash_has_fma() {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // Whether bfloat16 scores use the processor's bfloat16 dot product (vdpbf16ps).
 int qkv_flash_has_bf16_dot() {

@@ -5,7 +5,7 @@
 // so a change here rebuilds all three.
 #pragma once
 #include <cstdint>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE__)
 #include <immintrin.h>
 #endif
 
@@ -31,6 +31,14 @@ template <typename V>
 inline V splat_as(float x) {
   if constexpr (sizeof(V) == sizeof(v16)) {
     return (V)splat(x);
+#ifdef __AVX__
+  } else if constexpr (sizeof(V) == 32) {
+    return (V)_mm256_set1_ps(x);  // one vbroadcastss (from memory: a load); the shuffle below took three
+#endif
+#ifdef __SSE__
+  } else if constexpr (sizeof(V) == 16) {
+    return (V)_mm_set1_ps(x);
+#endif
   } else {
     V r{};  // x in lane 0, then lane 0 everywhere (a broadcast; GCC made lane-by-lane inserts of a loop)
     r[0] = x;
@@ -65,5 +73,42 @@ inline V vexp_as(V x) {
 }
 
 inline v16 vexp(v16 x) { return vexp_as(x); }
+
+// The build's own vector: VW floats, 16 with AVX-512, 8 with AVX or AVX2, 4 elsewhere (SSE, NEON),
+// for the tiles of builds without AVX-512 (a 16-float tile there is split into two or four registers
+// per vector, and its accumulators no longer fit the 16 registers). With VW = 16, vw is v16.
+#if defined(__AVX512F__)
+#define QKV_VW 16
+#elif defined(__AVX__)
+#define QKV_VW 8
+#else
+#define QKV_VW 4
+#endif
+constexpr int VW = QKV_VW;
+typedef float vw __attribute__((vector_size(4 * VW)));
+typedef float vwu __attribute__((vector_size(4 * VW), aligned(4)));  // an unaligned load or store
+typedef int32_t iwv __attribute__((vector_size(4 * VW)));
+typedef uint32_t uwv __attribute__((vector_size(4 * VW)));
+typedef uint16_t hwu __attribute__((vector_size(2 * VW), aligned(2)));
+
+// The greatest and the sum of a vw's lanes (the sum in lane order).
+inline float hmaxw(vw a) {
+  float m = a[0];
+  for (int t = 1; t < VW; ++t) m = a[t] > m ? a[t] : m;
+  return m;
+}
+inline float hsumw(vw a) {
+  float x = 0.0f;
+  for (int t = 0; t < VW; ++t) x += a[t];
+  return x;
+}
+
+// x where bit t of `bits` is set (lane t), -inf elsewhere.
+inline vw keepw(vw x, uint32_t bits) {
+  iwv iota{};
+  for (int t = 0; t < VW; ++t) iota[t] = t;
+  const iwv on = (((iwv{} + (int32_t)bits) >> iota) & 1) != 0;
+  return on ? x : splat_as<vw>(-__builtin_inff());
+}
 
 }  // namespace

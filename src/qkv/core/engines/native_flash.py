@@ -33,7 +33,11 @@ from . import flash, native_blocks
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1}
 MAX_DIM = 256  # largest D and Dv the kernel takes
-VERSION = 2
+# The vector width of the builds `auto`'s rules (backend/native.py, backend/sparse.py) were measured
+# on: the AVX-512 build's 16-float tiles. A build for another target (the narrow tiles of CPUs without
+# AVX-512; on the measured CPU only through a compiler wrapper) is never claimed by those rules.
+MEASURED_WIDTH = 16
+VERSION = 3  # qkv_flash_fwd_version(): 3 added qkv_flash_vector_width and qkv_flash_has_fma
 _CODES = {1: "unknown dtype kind", 2: "unsupported head size", 3: "no memory for the packed keys and values",
           4: "block lists that do not fit the call"}
 
@@ -60,6 +64,10 @@ def typed(kernel):
     if kernel.qkv_flash_fwd_version() != VERSION:
         raise RuntimeError(f"qkv flash_fwd_kernel has version {kernel.qkv_flash_fwd_version()}, expected {VERSION}")
     kernel.bf16_dot = bool(kernel.qkv_flash_has_bf16_dot())
+    kernel.qkv_flash_vector_width.restype = ctypes.c_int
+    kernel.vector_width = int(kernel.qkv_flash_vector_width())  # 16 (AVX-512), 8 (AVX, AVX2) or 4
+    kernel.qkv_flash_has_fma.restype = ctypes.c_int
+    kernel.fma = bool(kernel.qkv_flash_has_fma())
     kernel.qkv_typed = True
     return kernel
 
