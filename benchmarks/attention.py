@@ -20,6 +20,12 @@ writes JSON.
     python benchmarks/attention.py --backends native auto --lengths 4096 16384 --memory-lengths
     python benchmarks/attention.py --backward --backends native tiled --lengths 4096 --memory-lengths
     python benchmarks/attention.py --tiles               # block-size sweep of the tiled backend
+    ATEN_CPU_CAPABILITY=avx2 python benchmarks/attention.py --march x86-64-v3 --backends native --memory-lengths
+
+With `--march TARGET` the native FA-2 kernels (forward and backward) are built for that target
+instead of the machine (-march=native), e.g. x86-64-v3 (AVX2: the kernels' 8-float tiles), to
+measure on one CPU what another runs (ATEN_CPU_CAPABILITY=avx2 holds torch's own kernels to AVX2
+too). `backend="native"` runs them; `auto` and the sparse backend never pick such a build.
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ import torch.nn.functional as F
 
 import qkv
 from qkv._files import write_text
+from qkv.bench.kernels import build_for
 from qkv.bench.report import cpu_name
 from qkv.bench.timing import best_of, best_times, clock
 from qkv.bench.verify import check_rows, verify
-from qkv.core.engines import flash
+from qkv.core.engines import flash, native_flash, native_flash_bwd
 from qkv.testing import GRAD_FACTOR, within_rule
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -195,10 +202,32 @@ def bench_tiles(args) -> None:
 TILE_GRID = [(64, 512), (128, 256), (128, 512), (256, 256), (256, 512), (512, 512), (256, 1024), (1024, 1024)]
 
 
+def use_kernels_built_for(march: str) -> None:
+    """Make the FA-2 kernels built for `march` (qkv.bench.kernels.build_for) the native backend's in this
+    process; exits with the compiler's message when a build fails (an unknown target, no compiler)."""
+    try:
+        fwd = native_flash.typed(build_for("flash_fwd_kernel", march))
+        bwd = native_flash_bwd.typed(build_for("flash_bwd_kernel", march))
+    except RuntimeError as e:
+        sys.exit(f"--march {march}: {e}")
+    native_flash.lib = lambda: fwd
+    native_flash_bwd.lib = lambda: bwd
+
+
+def kernel_build(march) -> str:
+    """What the native forward kernel of this process was built for, in words."""
+    kernel = native_flash.lib()
+    if kernel is None:
+        return "unavailable"
+    return (f"-march={march or 'native'}, {kernel.vector_width}-float vectors, FMA: {'yes' if kernel.fma else 'no'}, "
+            f"bfloat16 dot product: {'yes' if kernel.bf16_dot else 'no'}")
+
+
 def print_tables(speed: list[dict], memory: list[dict], args) -> None:
     what = "Forward + backward" if args.backward else "Forward"
     print(f"\n{what} time, B={args.batch}, H={args.heads}, D={args.dim}; ratio = torch SDPA time / qkv time "
-          f"(best of {args.repeats}; {torch.get_num_threads()} threads, torch {torch.__version__}; {cpu_name()}). "
+          f"(best of {args.repeats}; {torch.get_num_threads()} threads, torch {torch.__version__} (its CPU kernels: "
+          f"{torch.backends.cpu.get_cpu_capability()}); {cpu_name()}; native kernels: {kernel_build(args.march)}). "
           f"Every output checked against float64 on {args.check_rows} rows under the tolerance rule before timing"
           + (f"; gradients checked whole up to L={args.check_grad_max_l}" if args.backward else "") + "\n")
     head = "| dtype | causal | L | torch SDPA | " + " | ".join(f"qkv {b}" for b in args.backends) + " |"
@@ -235,7 +264,12 @@ def main(argv=None) -> int:
     p.add_argument("--check-rows", type=int, default=64, help="query rows checked against float64 before timing")
     p.add_argument("--check-grad-max-l", type=int, default=4096,
                    help="with --backward, check the gradients whole against float64 up to this length")
+    p.add_argument("--march", metavar="TARGET",
+                   help="build the native kernels for this -march target (e.g. x86-64-v3, x86-64-v2) instead of the "
+                        "machine's (native): the tiles of a CPU without AVX-512, measured on this one")
     args = p.parse_args(argv)
+    if args.march:
+        use_kernels_built_for(args.march)
     if args.tiles:
         bench_tiles(args)
         return 0
@@ -244,7 +278,7 @@ def main(argv=None) -> int:
     print_tables(speed, memory, args)
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     write_text(args.json, json.dumps({"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-                                      "machine": cpu_name(),
+                                      "machine": cpu_name(), "native_kernels": kernel_build(args.march),
                                       "threads": torch.get_num_threads(), "torch": torch.__version__,
                                       "speed": speed, "memory": memory}, indent=1))
     print(f"\nwrote {args.json}")

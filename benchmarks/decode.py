@@ -27,19 +27,16 @@ default) to run torch's own kernels, SDPA among them, with the same instructions
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import subprocess
 import sys
-import tempfile
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import qkv
 import qkv.core.spec
+from qkv.bench.kernels import build_for
 from qkv.bench.timing import best_times
 from qkv.core import _kernels
 from qkv.core.engines import decode_native
@@ -53,22 +50,12 @@ def causal_mask(lq: int, L: int) -> torch.Tensor:
 
 
 def use_kernel_built_for(march: str) -> None:
-    """Build csrc/decode_kernel.cpp with -march=`march` (OpenMP where the compiler has it) into a
-    temporary folder and make it the decode kernel of this process; exits with the compiler's
-    message when the build fails (an unknown target, no compiler)."""
-    cxx = _kernels._compiler()
-    if cxx is None:
-        sys.exit("--march: no C++ compiler found (g++, c++ or clang++; or set CXX)")
-    src = Path(_kernels.__file__).with_name("csrc") / "decode_kernel.cpp"
-    so = Path(tempfile.mkdtemp(prefix="qkv-decode-")) / f"decode_kernel-{march}.so"
-    flags = ["-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-psabi"]
-    for extra in (["-fopenmp"], []):
-        run = subprocess.run([cxx, *flags, *extra, "-o", str(so), str(src)], capture_output=True, text=True)
-        if run.returncode == 0:
-            break
-    else:
-        sys.exit(f"--march {march}: the decode kernel did not build:\n{run.stderr[-2000:]}")
-    built = ctypes.CDLL(str(so))
+    """Make the decode kernel built for `march` (qkv.bench.kernels.build_for) the decode kernel of this
+    process; exits with the compiler's message when the build fails (an unknown target, no compiler)."""
+    try:
+        built = build_for("decode_kernel", march)
+    except RuntimeError as e:
+        sys.exit(f"--march {march}: {e}")
     load = _kernels.load
     _kernels.load = lambda name: built if name == "decode_kernel" else load(name)
     decode_native._typed.clear()

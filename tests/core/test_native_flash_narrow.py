@@ -167,6 +167,8 @@ def test_large_logits_and_head_size_256_with_fma(built, monkeypatch):
     _use(monkeypatch, built, "x86-64-v3")
     q, k, v = random_inputs(1, 4, 2, 33, 130, 64, 24, torch.float32, seed=11)
     _check(q, k, v, "scale 1000", scale=1e3)
+    one, _ = qkv.attention_with_lse(q[:, :, :1], k[:, :, :1], v[:, :, :1], backend="native", scale=1e3)
+    assert torch.equal(one, v[:, :, :1].repeat_interleave(2, dim=1)), "one key: the output is its value exactly"
     q, k, v = random_inputs(1, 16, 1, 1, 130, 255, 256, torch.float32, seed=12)
     up = torch.randn(1, 16, 1, 256, generator=torch.Generator().manual_seed(13))
     res = {}

@@ -628,7 +628,7 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
         iwv iota{};
         for (int t = 0; t < VW; ++t) iota[t] = t;
         for (int c = c0; c < c1; c += VW) {
-          vw p = vexp_as<vw>(*(const vwu*)(sr + c) * scw - lw);
+          vw p = vexp_nonpos<vw>(*(const vwu*)(sr + c) * scw - lw);
           vw d = p * (*(const vwu*)(dr + c) - dlw);
           if (m != ~uint64_t(0)) {  // zero what row i0 + r may not see (and the padding keys)
             const iwv on = (((iwv{} + (int32_t)(uint32_t)(m >> c)) >> iota) & 1) != 0;

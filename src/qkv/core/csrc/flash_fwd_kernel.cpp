@@ -542,13 +542,20 @@ inline v16 keep(v16 x, uint32_t bits) {
 // scores in the same build (flash_bwd_kernel.cpp's narrow gemm). Tile sizes measured on an AMD EPYC
 // (Zen 4), the x86-64-v3 and x86-64-v2 builds: see docs/benchmarks.md.
 #ifndef QKV_NR
-#define QKV_NR 4  // rows of a narrow tile
+#define QKV_NR 4  // rows of a narrow scores tile
 #endif
 #ifndef QKV_NG
-#define QKV_NG 3  // vectors of a narrow tile
+#define QKV_NG 3  // vectors of a narrow scores tile
 #endif
-constexpr int NR = QKV_NR, NG = QKV_NG;
-static_assert(NR >= 1 && NR <= 6 && NG >= 1 && NG <= 4, "narrow tile sizes");
+#ifndef QKV_VNR
+#define QKV_VNR 4  // rows of a narrow P V tile
+#endif
+#ifndef QKV_VNG
+#define QKV_VNG 3  // vectors of a narrow P V tile
+#endif
+constexpr int NR = QKV_NR, NG = QKV_NG, VNR = QKV_VNR, VNG = QKV_VNG;
+static_assert(NR >= 1 && NR <= 6 && NG >= 1 && NG <= 4 && VNR >= 1 && VNR <= 6 && VNG >= 1 && VNG <= 4,
+              "narrow tile sizes");
 
 // s[r][VW g + c] (+)= q[r] . key VW g + c, g < G, over the terms [0, n) of one piece: q (R rows of
 // stride D, offset to the piece), kt (n, BK) offset to the piece and the first key; first: store.
@@ -593,11 +600,11 @@ __attribute__((noinline)) void values_narrow(const float* p, const float* vp, in
     for (int g = 0; g < G; ++g) *(vw*)(acc + r * Dvp + VW * g) = o[r][g];
 }
 
-// f(g, v) over vectors [0, nv) in groups of NG (the last group smaller), g a std::integral_constant.
-template <typename F>
+// f(g, v) over vectors [0, nv) in groups of GROUP (the last group smaller), g a std::integral_constant.
+template <int GROUP, typename F>
 inline void by_groups(int64_t nv, F&& f) {
   int64_t v = 0;
-  for (; v + NG <= nv; v += NG) f(std::integral_constant<int, NG>{}, v);
+  for (; v + GROUP <= nv; v += GROUP) f(std::integral_constant<int, GROUP>{}, v);
   switch (nv - v) {
     case 3: f(std::integral_constant<int, 3>{}, v); break;
     case 2: f(std::integral_constant<int, 2>{}, v); break;
@@ -689,7 +696,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       const float* kt = P.kt + ((bh - P.bh0) * P.nkb + kb) * D * BK + 16 * c0;
       float* S0 = S + 16 * c0;
       for (int64_t d0 = 0; d0 < D; d0 += 64)  // pieces of 64 terms, each over all the rows
-        by_groups((c1 - c0) * (16 / VW), [&](auto g, int64_t v) {
+        by_groups<NG>((c1 - c0) * (16 / VW), [&](auto g, int64_t v) {
           by_tiles<NR>(M, [&](auto rows, int64_t m) {
             scores_narrow<decltype(rows)::value, decltype(g)::value>(W.qf.p + m * D + d0, D,
                                                                      std::min<int64_t>(64, D - d0), kt + d0 * BK + VW * v,
@@ -753,7 +760,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       const float alpha = old == NEG_INF ? 0.0f : std::exp(old - now);
       vw total = splat_as<vw>(0.0f);
       for (int v = v0; v < v1; ++v) {
-        const vw pv = vexp_as<vw>(x[v] - now);
+        const vw pv = vexp_nonpos<vw>(x[v] - now);
         *(vw*)(sr + VW * v) = pv;
         total += pv;
       }
@@ -820,9 +827,9 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     }
 #endif
     const float* vp = P.vp + ((bh - P.bh0) * P.nkb * BK + j0 + s0) * Dvp;
-#if QKV_VW < 16  // NG vectors of columns at a time for all the rows
-    by_groups(Dvp / VW, [&](auto g, int64_t v) {
-      by_tiles<NR>(M, [&](auto rows, int64_t m) {
+#if QKV_VW < 16  // VNG vectors of columns at a time for all the rows
+    by_groups<VNG>(Dvp / VW, [&](auto g, int64_t v) {
+      by_tiles<VNR>(M, [&](auto rows, int64_t m) {
         values_narrow<decltype(rows)::value, decltype(g)::value>(S + m * BK + s0, vp + VW * v, Dvp, n,
                                                                  W.acc.p + m * Dvp + VW * v, W.alpha.p + m);
       });
