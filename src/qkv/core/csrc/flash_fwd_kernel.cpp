@@ -536,22 +536,24 @@ inline v16 keep(v16 x, uint32_t bits) {
 // The 16-float tiles above hold up to 24 16-float accumulators, which such a build splits into 48 or
 // 96 registers, more than it has: GCC spilled them to the stack, and the AVX2 build of this kernel
 // ran at 0.11-0.15x torch's SDPA. These run the same products on vectors of VW floats, tiles of
-// NR rows by NG vectors: the scores over VW * NG keys of the block at a time, P V over VW * NG value
-// columns. Each (row, key) score is the same chain of multiply-adds over d as the 16-float tiles'
-// (pieces of 64 terms added together), so it is the same bits as the backward kernel's recomputed
-// scores in the same build (flash_bwd_kernel.cpp's narrow gemm). Tile sizes measured on an AMD EPYC
-// (Zen 4), the x86-64-v3 and x86-64-v2 builds: see docs/benchmarks.md.
+// NR rows by NG vectors for the scores (VW * NG keys of the block at a time), VNR by VNG for P V (VW *
+// VNG value columns), at most 13-15 of the 16 registers (NEON has 32). Each (row, key) score is the
+// same chain of multiply-adds over d as the 16-float tiles' (pieces of 64 terms added together), as
+// the backward kernel's narrow gemm (flash_bwd_kernel.cpp) recomputes it. Tile sizes: the x86-64-v3
+// build on an AMD EPYC (Zen 4), float32, L=2048 and 4096, in one process with SDPA, best of 5-7:
+// 4x3, 3x4, 6x2, 5x2 and 4x2 scores and 4x3, 3x4, 6x2 P V tiles all within 0.85x-0.94x of SDPA
+// (noise); 2x4 P V slower (0.74x-0.84x); 4x4 slower still (0.62x: spilled).
 #ifndef QKV_NR
-#define QKV_NR 4  // rows of a narrow scores tile
+#define QKV_NR 3  // rows of a narrow scores tile
 #endif
 #ifndef QKV_NG
-#define QKV_NG 3  // vectors of a narrow scores tile
+#define QKV_NG 4  // vectors of a narrow scores tile (a chunk of 16 keys: 2 or 4 vectors; a block's 16 or 32)
 #endif
 #ifndef QKV_VNR
-#define QKV_VNR 4  // rows of a narrow P V tile
+#define QKV_VNR 6  // rows of a narrow P V tile
 #endif
 #ifndef QKV_VNG
-#define QKV_VNG 3  // vectors of a narrow P V tile
+#define QKV_VNG 2  // vectors of a narrow P V tile (Dvp, a multiple of 16, is an even number of vectors)
 #endif
 constexpr int NR = QKV_NR, NG = QKV_NG, VNR = QKV_VNR, VNG = QKV_VNG;
 static_assert(NR >= 1 && NR <= 6 && NG >= 1 && NG <= 4 && VNR >= 1 && VNR <= 6 && VNG >= 1 && VNG <= 4,
@@ -672,6 +674,18 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
   // One key block kb (tile: -1, or the index of its bits), chunks of 16 keys [c0, c1).
   auto visit = [&](int64_t kb, int32_t tile) {
     const int64_t j0 = kb * BK;
+#if QKV_VW < 16
+    // The next block's packed keys and values, on their way to L1 while this one is computed: the
+    // narrow tiles read a block's keys NG vectors at a time, strided by BK floats, which the hardware
+    // prefetcher misses once the head's keys and values outgrow L2 (measured: AVX2 build, float32,
+    // L=4096, no band, 0.84-0.86x SDPA without, 0.93-0.95x with; to L2 only, 0.92-0.94x).
+    if (kb + 1 < P.nkb) {
+      const char* nk = (const char*)(P.kt + ((bh - P.bh0) * P.nkb + kb + 1) * D * BK);
+      const char* nv = (const char*)(P.vp + ((bh - P.bh0) * P.nkb * BK + (kb + 1) * BK) * Dvp);
+      for (int64_t o = 0; o < D * BK * 4; o += 64) __builtin_prefetch(nk + o, 0, 3);
+      for (int64_t o = 0; o < BK * Dvp * 4; o += 64) __builtin_prefetch(nv + o, 0, 3);
+    }
+#endif
     // Keys [a, z) of the block that some row of the item sees: the band's, narrowed on a partial
     // block to the keys some row has a bit for (the OR of the item's rows of the tile: 128 bits).
     int64_t a = std::max<int64_t>(0, klo - j0), z = std::min<int64_t>(BK, khi - j0);
