@@ -216,3 +216,22 @@ def test_auto_and_the_sparse_backend_leave_narrow_builds_alone(built, monkeypatc
     _use(monkeypatch, built, name, as_if_fma=True)
     assert not native.auto(spec, q, False) and choose_backend(spec, q, False) != "native"
     assert not sparse.native_pays(sspec, q, k, v, bm)
+
+
+def test_the_attention_benchmark_builds_for_a_target(tmp_path):
+    """`benchmarks/attention.py --march TARGET` times the native backend on both kernels built for that
+    target (each output checked by the rule first), names the build in its header, and refuses an
+    unknown target with the compiler's message, no traceback."""
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "attention.py"
+    run = subprocess.run([sys.executable, str(script), "--march", "x86-64-v3", "--backends", "native", "--backward",
+                          "--lengths", "128", "--dtypes", "float32", "--repeats", "1", "--memory-lengths",
+                          "--json", str(tmp_path / "a.json")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "native kernels: -march=x86-64-v3, 8-float vectors, FMA: yes, bfloat16 dot product: no" in run.stdout
+    assert "| float32 | False | 128 |" in run.stdout and "outside the tolerance rule" not in run.stdout, run.stdout
+    bad = subprocess.run([sys.executable, str(script), "--march", "no-such-cpu", "--lengths", "64"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0
+    assert "--march no-such-cpu: the flash fwd kernel did not build" in bad.stderr and "Traceback" not in bad.stderr

@@ -118,8 +118,8 @@ def measured_cpu() -> bool:
 def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs, unbanded, causal or a causal window,
     one kv head per query head, head sizes up to AUTO_MAX_DIM (plain causal: also AUTO_CAUSAL_DIMS;
-    with gradients: 64), on the CPU kind measured (`measured_cpu`), where the kernel builds. The
-    measurements are in the comment above."""
+    with gradients: 64), on the CPU kind measured (`measured_cpu`), where the kernel builds with the
+    tiles measured (16 floats: native_flash.MEASURED_WIDTH). The measurements are in the comment above."""
     dtype = q.dtype
     if q.device.type != "cpu" or dtype not in AUTO_MIN_CELLS:
         return False

@@ -58,7 +58,7 @@
 //
 // Arithmetic is float32: queries and dO are widened once into padded float32 copies (head size
 // rounded up to 16, zeros beyond D), keys and values block by block, so every product is an
-// AVX-512 (or, without it, the compiler's vector extension) multiply-add over 16 lanes and any
+// AVX-512 multiply-add over 16 lanes (without AVX-512, micro_narrow's over 8 or 4) and any
 // head size 1..256 runs the same code (float32 queries and dO whose head size is a multiple
 // of 16 need no padding and are read in place, as bfloat16 ones with even sizes and strides
 // are on the dot-product path: no copy, no fresh pages to fault in, which at a narrow window

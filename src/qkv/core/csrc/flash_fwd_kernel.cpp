@@ -56,8 +56,12 @@
 // lse, are of P unrounded; the accumulators are float32. bfloat16 outputs are rounded to
 // nearest-even once, at the end. A row that sees no key gets out 0 and lse -inf. The register
 // tiles use AVX-512 intrinsics where the compiler targets __AVX512F__ (-march=native on such
-// CPUs); elsewhere the same loops are written in GCC/Clang vector extensions (the portable
-// path: narrower vectors, P V in float32, same results up to rounding).
+// CPUs). Elsewhere (AVX2, SSE, ARM's NEON) narrow tiles of their own (scores_narrow, values_narrow,
+// below) on vectors of 8 or 4 floats in GCC/Clang vector extensions, bfloat16 widened to float32 at
+// packing, P V in float32, the softmax's exp by vexp_nonpos, the next key block prefetched: the same
+// results up to rounding (docs/benchmarks.md, "The native kernels, sixth part": an AVX2 build runs
+// at 0.89x-1.32x SDPA, before these tiles 0.12x-0.15x). A build without fused multiply-adds is
+// refused by the binding (qkv_flash_has_fma).
 //
 // Measured (AMD EPYC Zen 4 with AVX512-BF16, 2 threads, B=1, H=8, D=64, torch SDPA time / this
 // kernel's, benchmarks/attention.py, 2026-11-30): float32 1.07x (no band) and 1.19x (causal) at
@@ -344,7 +348,7 @@ void pack_block(const Problem& P, int64_t bh, int64_t kb) {
 // The register tiles. With AVX-512 they are written with intrinsics and each loaded vector is
 // pinned to its register (`pin`): GCC otherwise folds a load into every multiply-add that uses
 // it, reloading it once per row, and the loads, not the multiply-adds, set the pace. Elsewhere
-// the same loops in vector extensions (the portable path).
+// the same loops in vector extensions; builds without AVX-512 run the narrow tiles below instead.
 #ifdef __AVX512F__
 typedef __m512 vreg;
 inline vreg vzero() { return _mm512_setzero_ps(); }
