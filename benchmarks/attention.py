@@ -210,6 +210,9 @@ def use_kernels_built_for(march: str) -> None:
         bwd = native_flash_bwd.typed(build_for("flash_bwd_kernel", march))
     except RuntimeError as e:
         sys.exit(f"--march {march}: {e}")
+    if not fwd.fma:
+        sys.exit(f"--march {march}: the kernels built for it have no fused multiply-add (FMA), and backend='native' "
+                 "refuses such a build (its products miss the tolerance rule); choose a target with FMA: x86-64-v3")
     native_flash.lib = lambda: fwd
     native_flash_bwd.lib = lambda: bwd
 
@@ -265,7 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--check-grad-max-l", type=int, default=4096,
                    help="with --backward, check the gradients whole against float64 up to this length")
     p.add_argument("--march", metavar="TARGET",
-                   help="build the native kernels for this -march target (e.g. x86-64-v3, x86-64-v2) instead of the "
+                   help="build the native kernels for this -march target (e.g. x86-64-v3: AVX2 and FMA) instead of the "
                         "machine's (native): the tiles of a CPU without AVX-512, measured on this one")
     args = p.parse_args(argv)
     if args.march:

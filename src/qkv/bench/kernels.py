@@ -31,10 +31,12 @@ def build_for(name: str, march: str) -> ctypes.CDLL:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (g++, c++ or clang++; or set CXX)")
     src = Path(_kernels.__file__).with_name("csrc") / f"{name}.cpp"
-    so = Path(tempfile.mkdtemp(prefix=f"qkv-{name}-")) / f"{name}-{march}.so"
     flags = ["-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-psabi"]
-    for extra in (["-fopenmp"], []):
-        run = subprocess.run([cxx, *flags, *extra, "-o", str(so), str(src)], capture_output=True, text=True)
-        if run.returncode == 0:
-            return ctypes.CDLL(str(so))
+    # The folder goes when the build is loaded (the loaded library stays mapped) or has failed.
+    with tempfile.TemporaryDirectory(prefix=f"qkv-{name}-") as folder:
+        so = Path(folder) / f"{name}-{march}.so"
+        for extra in (["-fopenmp"], []):
+            run = subprocess.run([cxx, *flags, *extra, "-o", str(so), str(src)], capture_output=True, text=True)
+            if run.returncode == 0:
+                return ctypes.CDLL(str(so))
     raise RuntimeError(f"the {name.replace('_', ' ')} did not build:\n{run.stderr[-2000:]}")

@@ -51,9 +51,9 @@ def unsupported(spec: AttentionSpec, q: Tensor, need_lse: bool) -> Optional[str]
         return (f"the native backend's kernel is unavailable ({_kernels.status(_NAME)}); "
                 "use backend='tiled' or 'sdpa'")
     if not kernel.fma:
-        return ("the native backend's kernel, built for this CPU, has no fused multiply-add (FMA; x86 CPUs "
-                "without AVX2): rounded before they are added, its products miss the tolerance rule at large "
-                "logits and head sizes near 256; use backend='sdpa' or 'tiled'")
+        return ("the native backend's kernel was built without fused multiply-add (FMA; x86 CPUs without AVX2 "
+                "have none): rounded before they are added, its products miss the tolerance rule at large logits "
+                "and head sizes near 256; use backend='sdpa' or 'tiled'")
     return None
 
 

@@ -61,7 +61,7 @@
 // packing, P V in float32, the softmax's exp by vexp_nonpos, the next key block prefetched: the same
 // results up to rounding (docs/benchmarks.md, "The native kernels, sixth part": an AVX2 build runs
 // at 0.89x-1.32x SDPA, before these tiles 0.12x-0.15x). A build without fused multiply-adds is
-// refused by the binding (qkv_flash_has_fma).
+// refused by the native backend (qkv_flash_has_fma).
 //
 // Measured (AMD EPYC Zen 4 with AVX512-BF16, 2 threads, B=1, H=8, D=64, torch SDPA time / this
 // kernel's, benchmarks/attention.py, 2026-11-30): float32 1.07x (no band) and 1.19x (causal) at
@@ -541,7 +541,8 @@ inline v16 keep(v16 x, uint32_t bits) {
 // 96 registers, more than it has: GCC spilled them to the stack, and the AVX2 build of this kernel
 // ran at 0.11-0.15x torch's SDPA. These run the same products on vectors of VW floats, tiles of
 // NR rows by NG vectors for the scores (VW * NG keys of the block at a time), VNR by VNG for P V (VW *
-// VNG value columns), at most 13-15 of the 16 registers (NEON has 32). Each (row, key) score is the
+// VNG value columns): 16 registers or fewer (the 3x4 scores tile: 12 accumulators, 3 key vectors kept,
+// the 4th reloaded per row; NEON has 32). Each (row, key) score is the
 // same chain of multiply-adds over d as the 16-float tiles' (pieces of 64 terms added together), as
 // the backward kernel's narrow gemm (flash_bwd_kernel.cpp) recomputes it. Tile sizes: the x86-64-v3
 // build on an AMD EPYC (Zen 4), float32, L=2048 and 4096, in one process with SDPA, best of 5-7:
@@ -683,7 +684,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     // narrow tiles read a block's keys NG vectors at a time, strided by BK floats, which the hardware
     // prefetcher misses once the head's keys and values outgrow L2 (measured: AVX2 build, float32,
     // L=4096, no band, 0.84-0.86x SDPA without, 0.93-0.95x with; to L2 only, 0.92-0.94x).
-    if (kb + 1 < P.nkb) {
+    if (kb + 1 < P.nkb && (kb + 1) * BK < khi) {  // (a block past the band is never visited)
       const char* nk = (const char*)(P.kt + ((bh - P.bh0) * P.nkb + kb + 1) * D * BK);
       const char* nv = (const char*)(P.vp + ((bh - P.bh0) * P.nkb * BK + (kb + 1) * BK) * Dvp);
       for (int64_t o = 0; o < D * BK * 4; o += 64) __builtin_prefetch(nk + o, 0, 3);
@@ -1087,7 +1088,8 @@ int qkv_flash_vector_width() { return VW; }
 
 // Whether the build's products run on fused multiply-adds (FMA on x86, fmla on ARM). Without them
 // each product is rounded before it is added, and the scores at large logits, and the gradients
-// at head sizes near 256, miss the tolerance rule (the binding refuses such a build by name).
+// at head sizes near 256, miss the tolerance rule (the native backend, backend/native.py, refuses such
+// a build by name; the sparse backend takes only the AVX-512 build).
 int qkv_flash_has_fma() {
 #if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
   return 1;

@@ -1,6 +1,8 @@
-// The vector types and the two helpers every qkv kernel uses (decode_kernel.cpp, flash_fwd_kernel.cpp,
-// flash_bwd_kernel.cpp): GCC/Clang vector extensions of 16 floats, the broadcast, and exp by Cephes'
-// expf polynomial (on 16 floats, or on any float vector: the decode kernel's narrow builds). A kernel
+// The vector types and helpers the qkv kernels share (decode_kernel.cpp, flash_fwd_kernel.cpp,
+// flash_bwd_kernel.cpp): GCC/Clang vector extensions of 16 floats, the broadcast, exp by Cephes'
+// expf polynomial (on 16 floats, or on any float vector); and the build's own width VW with its
+// vector vw (the narrow tiles of builds without AVX-512), their reductions, a lane mask and
+// vexp_nonpos (the FA-2 kernels' narrow exp). A kernel
 // includes this header; the kernel cache (qkv/core/_kernels.py) hashes it with each kernel's source,
 // so a change here rebuilds all three.
 #pragma once
@@ -75,9 +77,12 @@ inline V vexp_as(V x) {
 inline v16 vexp(v16 x) { return vexp_as(x); }
 
 // exp(x) for x <= 0 (a score minus its row's max, or its lse): 2^t, t = x log2(e), split t = n + r
-// (|r| <= 1/2), 2^r by Cephes' exp2f polynomial (about 1 ulp), 2^n put into the exponent; 0 for t
-// below -126.5 (where exp(x) is subnormal) and for -inf; exp(0) = 1 exactly; a NaN stays NaN. For
-// x up to 88 it is exp(x) as well. The FA-2 kernels' narrow builds use it (15 operations, against
+// (|r| <= 1/2), 2^r by Cephes' exp2f polynomial (about 1 ulp), 2^n put into the exponent. The
+// rounding of t grows the error with |x|, as in exp_minus's AVX-512 form: 1.5 ulp on [-1, 1], 8 ulp
+// near -10, 62 ulp (3.9e-6 relative) near -87, by a review's sweep against std::exp; the
+// probabilities so far below their row's largest weigh nothing in the output. 0 for t below -126.5
+// and for -inf (subnormal results from -87.68 to -87.34, where vexp_as gives 0); exp(0) = 1 exactly;
+// a NaN stays NaN. For x up to 88 it is exp(x) as well. The FA-2 kernels' narrow builds use it (15 operations, against
 // vexp_as's 24: no clamp above, no select); their AVX-512 builds, flash_fwd_kernel.cpp's exp_minus.
 template <typename V>
 inline V vexp_nonpos(V x) {
