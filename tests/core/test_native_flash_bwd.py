@@ -21,6 +21,7 @@ import torch
 from random_qkv import random_inputs
 
 import qkv
+from native_checks import check_large_logit_gradients
 from qkv.core import _kernels
 from qkv.core.engines import native_flash_bwd as nb
 from qkv.core.spec import build_spec
@@ -77,6 +78,11 @@ def test_gradients_within_rule(case, dtype):
     lo, hi = build_spec(q, k, v, **kw).band_edges(torch.arange(Lq))
     dead = lo == hi
     assert (dq[:, :, dead] == 0).all(), "a row that sees no key has gradient 0"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_large_logits_dv_is_exact_where_p_is_one(dtype):
+    check_large_logit_gradients(dtype, f"native {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])

@@ -32,7 +32,7 @@ from random_qkv import random_inputs
 from test_native_flash import CASES, GRAD_CASES
 
 import qkv
-from native_checks import assert_out_and_lse
+from native_checks import assert_out_and_lse, check_large_logit_gradients
 from qkv import masks
 from qkv.core import _kernels
 from qkv.core.api import choose_backend
@@ -135,6 +135,11 @@ def test_gradients_follow_the_reference(build, case, dtype):
     for name, g, gp, ge in zip("qkv", gs["fast"], gs["plain"], gs["exact"]):
         assert g.dtype == dtype
         assert_within_rule(g, gp, ge, factor=GRAD_FACTOR, what=f"{what} d{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_logits_dv_is_exact_where_p_is_one(build, dtype):
+    check_large_logit_gradients(dtype, f"{build} {dtype}")
 
 
 def _per_head(b, h, q_idx, kv_idx):

@@ -628,7 +628,9 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
         iwv iota{};
         for (int t = 0; t < VW; ++t) iota[t] = t;
         for (int c = c0; c < c1; c += VW) {
-          vw p = vexp_nonpos<vw>(*(const vwu*)(sr + c) * scw - lw);
+          vw t = *(const vwu*)(sr + c) * scw;  // the scaled score, rounded as the forward rounds it
+          keep_rounded(t);
+          vw p = vexp_nonpos<vw>(t - lw);
           vw d = p * (*(const vwu*)(dr + c) - dlw);
           if (m != ~uint64_t(0)) {  // zero what row i0 + r may not see (and the padding keys)
             const iwv on = (((iwv{} + (int32_t)(uint32_t)(m >> c)) >> iota) & 1) != 0;
@@ -642,7 +644,9 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
       continue;
 #endif
       for (int c = c0; c < c1; c += 16) {
-        v16 p = vexp(ld(sr + c) * sc - l);
+        v16 t = ld(sr + c) * sc;  // the scaled score, rounded as the forward rounds it (not fused with - l)
+        keep_rounded(t);
+        v16 p = vexp(t - l);
         st(sr + c, p);
         st(dr + c, p * (ld(dr + c) - dl));
       }
@@ -855,7 +859,7 @@ void prepare(Args& A, int nthreads) {
         for (int64_t d0 = 0; d0 < A.Dvp; d0 += KC) {
           float acc = 0.0f;
           for (int64_t d = d0; d < std::min(A.Dvp, d0 + KC); ++d) {
-#ifdef __FMA__
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
             acc = std::fma(dof[d], o[d], acc);  // fused, as the micro kernel's (explicit: GCC would
 #else                                           // vectorise the products and round them)
             acc += dof[d] * o[d];

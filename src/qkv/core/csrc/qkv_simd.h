@@ -76,6 +76,35 @@ inline V vexp_as(V x) {
 
 inline v16 vexp(v16 x) { return vexp_as(x); }
 
+// x as it is, rounded: an empty asm the compiler cannot see through, so a product held in x is not
+// fused into a later add or subtract (GCC contracts a * b - c into one multiply-add, rounding once).
+// The FA-2 backward recomputes P = exp(scale s - lse) from the scaled score the forward rounded: fused,
+// the top key of a row at scale 1000 got P = exp(the product's rounding error), not 1, and dv at
+// large logits went 870x outside the tolerance rule. Elsewhere than x86 and ARM, through memory.
+template <typename V>
+inline void keep_rounded(V& x) {
+#if defined(__AVX512F__)
+  asm("" : "+v"(x));
+#elif defined(__SSE__)
+  if constexpr (sizeof(V) <= 32) {
+    asm("" : "+x"(x));
+  } else {
+    volatile V y = x;
+    x = y;
+  }
+#elif defined(__aarch64__)
+  if constexpr (sizeof(V) <= 16) {
+    asm("" : "+w"(x));
+  } else {
+    volatile V y = x;
+    x = y;
+  }
+#else
+  volatile V y = x;
+  x = y;
+#endif
+}
+
 // exp(x) for x <= 0 (a score minus its row's max, or its lse): 2^t, t = x log2(e), split t = n + r
 // (|r| <= 1/2), 2^r by Cephes' exp2f polynomial (about 1 ulp), 2^n put into the exponent. The
 // rounding of t grows the error with |x|, as in exp_minus's AVX-512 form: 1.5 ulp on [-1, 1], 8 ulp
