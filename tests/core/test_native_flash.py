@@ -256,13 +256,13 @@ def test_auto_sees_gradients_asked_through_any_input(monkeypatch, which):
 def test_kernel_return_codes():
     kernel = native_flash.lib()
     st = (ctypes.c_int64 * 4)(0, 0, 0, 1)
-    args = [None, st, None, st, None, st, 1.0, -1, -1, 0, None, None, 1, None]
+    args = [None, st, None, st, None, st, 1.0, -1, -1, 0, None, None, 1, None, None]
     assert kernel.qkv_flash_fwd(7, 1, 1, 1, 1, 1, 16, 16, *args) == 1
     assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1, 257, 16, *args) == 2
     assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1, 16, 0, *args) == 2
     # keys that cannot be packed (2^58 bytes): refused before any input is read
     assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1 << 50, 64, 64, *args) == 3
-    assert kernel.qkv_flash_fwd_version() == native_flash.VERSION == 3
+    assert kernel.qkv_flash_fwd_version() == native_flash.VERSION == 4
 
 
 def test_turned_off_kernels_are_refused_with_the_reason(monkeypatch):
@@ -279,8 +279,9 @@ def test_backward_switches_to_the_native_backward_module(monkeypatch):
     to the inputs' dtype, for the output's gradient and the lse's (its d_lse) alike."""
     calls = []
 
-    def backward(q, k, v, out, lse, d_out, spec, d_lse=None):
+    def backward(q, k, v, out, lse, d_out, spec, d_lse=None, lse_lo=None):
         calls.append(d_lse is not None)
+        assert lse_lo is not None and lse_lo.shape == lse.shape  # the forward's low part of lse, kept
         dq, dk, dv = flash.block_backward(q.float(), k.float(), v.float(), out.float(), lse, d_out.float(), d_lse,
                                           spec)
         return dq, dk, dv

@@ -184,7 +184,7 @@ from qkv.core.engines import native_flash_bwd as nb
 kernel = nb.lib()
 st = (ctypes.c_int64 * 4)(0, 0, 0, 1)
 rc = kernel.qkv_flash_bwd(0, 1, 1, 1, 1 << 40, 16, 16, 16, None, st, None, st, None, st, None, None, None, None,
-                          1.0, -1, -1, 0, None, None, None, 1, None)
+                          1.0, -1, -1, 0, None, None, None, 1, None, None)
 print(rc)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -211,7 +211,7 @@ def test_block_lists_that_do_not_fit_are_code_4():
     struct = lists.struct()
     rc = nb.lib().qkv_flash_bwd(0, 1, 1, 1, 300, 200, 16, 16, p(q), st(q), p(k), st(k), p(v), st(v), p(out),
                                 p(d_out), p(torch.zeros(1, 1, 300)), None, 0.25, -1, -1, 0,
-                                *[p(g) for g in grads], 1, ctypes.byref(struct))
+                                *[p(g) for g in grads], 1, ctypes.byref(struct), None)
     assert rc == 4
 
 

@@ -334,6 +334,7 @@ struct Args {
   int64_t qst[4], kst[4], vst[4];
   const float* lse;
   const float* d_lse;        // (B, Hq, Lq) gradient through lse, or null
+  const float* lse_lo;       // (B, Hq, Lq) lse's low part (lse = lse + lse_lo, more bits than a float), or null
   const QkvBlockLists* bl;   // block lists of a BlockMask, or null (the band alone)
   float scale;
   int64_t left, right, offset;
@@ -555,6 +556,7 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
   const int64_t qld = A.q_direct ? A.qst[2] : Dp;
   const float* dof = A.do_direct ? (const float*)A.dout + row * A.Dv : (A.dof ? A.dof + row * Dvp : nullptr);
   const float* lse = A.lse_s + row;
+  const float* lse_lo = A.lse_lo ? A.lse_lo + row : nullptr;
   const float* delta = A.delta + row;
   float* s = W.s;
   float* dp = W.dp;
@@ -617,6 +619,9 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
       float* dr = dp + r * BK;
       const int c0 = whole ? 0 : 16 * ca[r / RS], c1 = whole ? BK : 16 * cz[r / RS];
       const v16 l = splat(lse[r]), dl = splat(delta[r]);
+      // lse's low part, subtracted after its high part (t - lse is exact near the row's max): at large
+      // logits a float lse is too coarse (ulp(26685) = 0.002: P of a row's top keys off by 1e-3).
+      const float lo = lse_lo && std::isfinite(lse[r]) ? lse_lo[r] : 0.0f;
       if (!whole) {
         for (int c = 0; c < c0; c += 16) st(sr + c, splat(0.0f)), st(dr + c, splat(0.0f));
         for (int c = c1; c < BK; c += 16) st(sr + c, splat(0.0f)), st(dr + c, splat(0.0f));
@@ -630,7 +635,7 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
         for (int c = c0; c < c1; c += VW) {
           vw t = *(const vwu*)(sr + c) * scw;  // the scaled score, rounded as the forward rounds it
           keep_rounded(t);
-          vw p = vexp_nonpos<vw>(t - lw);
+          vw p = vexp_nonpos<vw>((t - lw) - lo);
           vw d = p * (*(const vwu*)(dr + c) - dlw);
           if (m != ~uint64_t(0)) {  // zero what row i0 + r may not see (and the padding keys)
             const iwv on = (((iwv{} + (int32_t)(uint32_t)(m >> c)) >> iota) & 1) != 0;
@@ -646,7 +651,7 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
       for (int c = c0; c < c1; c += 16) {
         v16 t = ld(sr + c) * sc;  // the scaled score, rounded as the forward rounds it (not fused with - l)
         keep_rounded(t);
-        v16 p = vexp(t - l);
+        v16 p = vexp((t - l) - lo);
         st(sr + c, p);
         st(dr + c, p * (ld(dr + c) - dl));
       }
@@ -965,7 +970,7 @@ static int flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, i
                      const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
                      const int64_t* vst, const void* out, const void* dout, const float* lse, const float* d_lse,
                      float scale, int64_t left, int64_t right, int64_t offset, float* dq, float* dk, float* dv,
-                     int threads, const QkvBlockLists* blocks) {
+                     int threads, const QkvBlockLists* blocks, const float* lse_lo) {
   if (kind != 0 && kind != 1) return 1;
   if (D < 1 || D > 256 || Dv < 1 || Dv > 256 || Hkv < 1 || Hq % Hkv != 0) return 2;
   if (blocks && (blocks->bk != 2 * BK || blocks->bq < 1 || blocks->nq != (Lq + blocks->bq - 1) / blocks->bq ||
@@ -978,7 +983,7 @@ static int flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, i
   A.Dp = (D + 15) / 16 * 16, A.Dvp = (Dv + 15) / 16 * 16;
   A.Dp2 = (D + 1) / 2 * 2, A.Dvp2 = (Dv + 1) / 2 * 2;
   A.q = q, A.k = k, A.v = v, A.out = out, A.dout = dout, A.lse = lse, A.scale = scale;
-  A.d_lse = d_lse, A.bl = blocks;
+  A.d_lse = d_lse, A.bl = blocks, A.lse_lo = lse_lo;
   for (int t = 0; t < 4; ++t) A.qst[t] = qst[t], A.kst[t] = kst[t], A.vst[t] = vst[t];
   A.left = left, A.right = right, A.offset = offset;
   A.dq = dq, A.dk = dk, A.dv = dv;
@@ -1029,7 +1034,9 @@ static int flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, i
 }
 
 // d_lse: float32 (B, Hq, Lq) gradient through lse, or null (zero). blocks: a BlockMask's block
-// lists (key blocks of 128), or null for the band alone.
+// lists (key blocks of 128), or null for the band alone. lse_lo: float32 (B, Hq, Lq), the low part
+// of the forward's lse (qkv_flash_fwd's lse_lo: lse + lse_lo is the row's log-sum-exp to about 1e-7
+// absolute where a float lse keeps ulp(lse)), or null (0). Version 3 added lse_lo.
 // Returns 0, 1 for an unknown kind, 2 for an unsupported head size, 3 when the work buffers cannot
 // be allocated (no exception leaves the library: it would end the process), 4 for block lists
 // that do not fit the call (key blocks other than 128, block counts or Bm/Hm that do not match).
@@ -1037,10 +1044,10 @@ int qkv_flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
                   const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
                   const int64_t* vst, const void* out, const void* dout, const float* lse, const float* d_lse,
                   float scale, int64_t left, int64_t right, int64_t offset, float* dq, float* dk, float* dv,
-                  int threads, const QkvBlockLists* blocks) {
+                  int threads, const QkvBlockLists* blocks, const float* lse_lo) {
   try {
     return flash_bwd(kind, B, Hq, Hkv, Lq, Lk, D, Dv, q, qst, k, kst, v, vst, out, dout, lse, d_lse, scale, left,
-                     right, offset, dq, dk, dv, threads, blocks);
+                     right, offset, dq, dk, dv, threads, blocks, lse_lo);
   } catch (const std::bad_alloc&) {
     return 3;
   } catch (const std::length_error&) {  // a vector longer than the address space
@@ -1048,6 +1055,6 @@ int qkv_flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   }
 }
 
-int qkv_flash_bwd_version() { return 2; }
+int qkv_flash_bwd_version() { return 3; }
 
 }  // extern "C"

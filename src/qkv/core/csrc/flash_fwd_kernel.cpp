@@ -101,7 +101,8 @@
 // ABI (strides in elements, innermost stride 1; kind 0 = float32, 1 = bfloat16 bits):
 //   q (B, Hq, Lq, D) strides qst, k (B, Hkv, Lk, D) kst, v (B, Hkv, Lk, Dv) vst;
 //   out contiguous (B, Hq, Lq, Dv) of the input dtype; lse contiguous (B, Hq, Lq) float32;
-//   blocks: QkvBlockLists* or null (the band alone). Version 3 (qkv_flash_fwd_version).
+//   blocks: QkvBlockLists* or null (the band alone); lse_lo contiguous (B, Hq, Lq) float32 or null:
+//   lse's low part (lse + lse_lo is max + log(sum) to about 1e-7, for the backward). Version 4.
 // No torch headers: plain C++17, compiled on first use by qkv/core/_kernels.py.
 
 #include <algorithm>
@@ -274,6 +275,7 @@ struct Problem {
   int64_t left, right, offset;  // left/right -1: unbounded
   void* out;
   float* lse;
+  float* lse_lo;  // lse's low part, or null
   const QkvBlockLists* bl;  // block lists, or null
   // Derived.
   bool dp;        // bfloat16 with vdpbf16ps: packed key pairs kp and value pairs vp2, P rounded to bfloat16
@@ -877,7 +879,11 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     const int64_t row = (b * P.Hq + hq) * P.Lq + i;
     const float l = W.sum.p[m];
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    P.lse[row] = l > 0.0f ? W.mx.p[m] + std::log(l) : NEG_INF;
+    // lse = max + log(sum) in double, then rounded; its low part (what the rounding left out) for the
+    // backward, where a float lse at large logits (ulp 0.002 at 26685) would move P by up to 1e-3.
+    const double full = l > 0.0f ? double(W.mx.p[m]) + std::log(double(l)) : 0.0;
+    P.lse[row] = l > 0.0f ? float(full) : NEG_INF;
+    if (P.lse_lo) P.lse_lo[row] = l > 0.0f ? float(full - double(float(full))) : 0.0f;
     const float* a = W.acc.p + m * Dvp;
     if (KIND == 0) {
       float* o = (float*)P.out + row * P.Dv;
@@ -1016,7 +1022,7 @@ extern "C" {
 int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
                   const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
                   const int64_t* vst, float scale, int64_t left, int64_t right, int64_t offset, void* out,
-                  float* lse, int threads, const QkvBlockLists* blocks) {
+                  float* lse, int threads, const QkvBlockLists* blocks, float* lse_lo) {
   if (kind != 0 && kind != 1) return 1;
   if (D < 1 || D > MAX_DIM || Dv < 1 || Dv > MAX_DIM || Hkv < 1 || Hq < Hkv || Hq % Hkv != 0) return 2;
   if (B <= 0 || Lq <= 0) return 0;
@@ -1028,7 +1034,7 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   P.q = q, P.k = k, P.v = v;
   for (int t = 0; t < 4; ++t) P.qst[t] = qst[t], P.kst[t] = kst[t], P.vst[t] = vst[t];
   P.scale = scale, P.left = left, P.right = right, P.offset = offset;
-  P.out = out, P.lse = lse, P.bl = blocks;
+  P.out = out, P.lse = lse, P.lse_lo = lse_lo, P.bl = blocks;
 #ifdef __AVX512BF16__
   P.dp = kind == 1;
 #else
@@ -1080,8 +1086,9 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   return kind == 0 ? run<0>(P, threads) : run<1>(P, threads);
 }
 
-// The kernel's interface version, checked by the binding (3: qkv_flash_vector_width, qkv_flash_has_fma).
-int qkv_flash_fwd_version() { return 3; }
+// The kernel's interface version, checked by the binding (3: qkv_flash_vector_width, qkv_flash_has_fma;
+// 4: lse_lo).
+int qkv_flash_fwd_version() { return 4; }
 
 // The floats per vector of the build's tiles: 16 (AVX-512), 8 (AVX, AVX2: the narrow tiles) or 4.
 int qkv_flash_vector_width() { return VW; }

@@ -304,23 +304,24 @@ class Recomputed(torch.autograd.Function):
     the forward keeps only q, k, v, out and lse; the backward recomputes the probabilities.
 
     apply(q, k, v, spec, forward, backward): forward(q, k, v, spec) -> (out (B, Hq, Lq, Dv),
-    lse (B, Hq, Lq)) without autograd; backward(q, k, v, out, lse, d_out, d_lse, spec) ->
-    (dq, dk, dv). Used by this engine and the gathered-rows engine.
+    lse (B, Hq, Lq), *extra) without autograd; backward(q, k, v, out, lse, d_out, d_lse, spec,
+    *extra) -> (dq, dk, dv). `extra`: tensors the engine's backward also needs, kept with the rest
+    (the native kernel's lse_lo; none for this engine and the gathered-rows engine).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, spec, forward, backward):
-        out, lse = forward(q, k, v, spec)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse, *extra = forward(q, k, v, spec)
+        ctx.save_for_backward(q, k, v, out, lse, *extra)
         ctx.spec, ctx.engine_backward = spec, backward
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, *extra = ctx.saved_tensors
         if d_out is None:
             d_out = torch.zeros_like(out)
-        dq, dk, dv = ctx.engine_backward(q, k, v, out, lse, d_out, d_lse, ctx.spec)
+        dq, dk, dv = ctx.engine_backward(q, k, v, out, lse, d_out, d_lse, ctx.spec, *extra)
         return dq, dk, dv, None, None, None
 
 

@@ -37,7 +37,7 @@ MAX_DIM = 256  # largest D and Dv the kernel takes
 # on: the AVX-512 build's 16-float tiles. A build for another target (the narrow tiles of CPUs without
 # AVX-512; on the measured CPU only through a compiler wrapper) is never claimed by those rules.
 MEASURED_WIDTH = 16
-VERSION = 3  # qkv_flash_fwd_version(): 3 added qkv_flash_vector_width and qkv_flash_has_fma
+VERSION = 4  # qkv_flash_fwd_version(): 3 added qkv_flash_vector_width and qkv_flash_has_fma, 4 lse_lo
 _CODES = {1: "unknown dtype kind", 2: "unsupported head size", 3: "no memory for the packed keys and values",
           4: "block lists that do not fit the call"}
 
@@ -58,7 +58,8 @@ def typed(kernel):
         ctypes.c_int, i64, i64, i64, i64, i64, i64, i64,  # kind, B, Hq, Hkv, Lq, Lk, D, Dv
         p, i64p, p, i64p, p, i64p,  # q, qst, k, kst, v, vst
         ctypes.c_float, i64, i64, i64,  # scale, left, right, offset
-        p, p, ctypes.c_int, p]  # out, lse, threads, blocks (QkvBlockLists*, None: the band alone)
+        p, p, ctypes.c_int, p,  # out, lse, threads, blocks (QkvBlockLists*, None: the band alone)
+        p]  # lse_lo (B, Hq, Lq) float32, or None
     kernel.qkv_flash_fwd_version.restype = ctypes.c_int
     kernel.qkv_flash_has_bf16_dot.restype = ctypes.c_int
     if kernel.qkv_flash_fwd_version() != VERSION:
@@ -115,6 +116,21 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tenso
     """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) on the CPU -> out (B, Hq, Lq, Dv)
     in q's dtype, lse (B, Hq, Lq) float32 (-inf for a row that sees no key), without autograd.
     spec.block_mask (if any) runs as its block lists, intersected with the causal/window band."""
+    out, lse, _ = _forward(q, k, v, spec, with_lo=False)
+    return out, lse
+
+
+def forward_for_backward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """`forward`'s out and lse, and lse_lo (B, Hq, Lq) float32: lse's low part (lse + lse_lo is the
+    row's log-sum-exp to about 1e-7, where a float32 lse keeps its ulp: 0.002 at scores near 26000),
+    which the native backward subtracts after lse when it recomputes the probabilities."""
+    out, lse, lo = _forward(q, k, v, spec, with_lo=True)
+    assert lo is not None
+    return out, lse, lo
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
+             with_lo: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     reason = why_not(q, k, v, spec)
     if reason is not None:  # the backend checks first; this guards every other caller
         raise ValueError(f"the native flash kernel cannot take {reason}")
@@ -124,8 +140,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tenso
     B, Hq, Lq, Dv = spec.B, spec.Hq, spec.Lq, spec.Dv
     out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
+    lo = torch.zeros(B, Hq, Lq, dtype=torch.float32) if with_lo else None
     if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
+        return out, lse, lo
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     q, k, v = (t.detach() for t in (q, k, v))
     lists = None if spec.block_mask is None else native_blocks.block_lists(spec.block_mask)
@@ -135,11 +152,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tenso
         ctypes.c_void_p(q.data_ptr()), _i64(q.stride()), ctypes.c_void_p(k.data_ptr()), _i64(k.stride()),
         ctypes.c_void_p(v.data_ptr()), _i64(v.stride()), spec.scale, _band(spec.left), _band(spec.right),
         spec.offset, ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()),
-        max(1, torch.get_num_threads()), None if struct is None else ctypes.byref(struct))
+        max(1, torch.get_num_threads()), None if struct is None else ctypes.byref(struct),
+        None if lo is None else ctypes.c_void_p(lo.data_ptr()))
     if rc != 0:
         why = _CODES.get(rc, "unknown error")
         raise RuntimeError(f"qkv's native flash_fwd_kernel failed with code {rc} ({why})")
-    return out, lse
+    return out, lse, lo
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,26 +191,26 @@ class FirstOrderOnly(torch.autograd.Function):
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
-              spec: AttentionSpec) -> tuple[Tensor, ...]:
+              spec: AttentionSpec, lse_lo: Optional[Tensor] = None) -> tuple[Tensor, ...]:
     """(dq, dk, dv) in the inputs' dtypes, recomputing the probabilities from lse (FA-2, Alg. 2): the
     engine backward that flash.Recomputed calls. Under create_graph=True (grad mode on here) the
     gradients go through `FirstOrderOnly`, so differentiating them again raises rather than silently
     leaving out the second order; backend="reference" takes higher-order gradients."""
     twice = torch.is_grad_enabled()
     with torch.no_grad():
-        grads: tuple[Tensor, ...] = _first_order(q, k, v, out, lse, d_out, d_lse, spec)
+        grads: tuple[Tensor, ...] = _first_order(q, k, v, out, lse, d_out, d_lse, spec, lse_lo)
     if twice:
         grads = tuple(FirstOrderOnly.apply(g, x) if x.requires_grad else g for g, x in zip(grads, (q, k, v)))
     return grads
 
 
 def _first_order(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
-                 spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
+                 spec: AttentionSpec, lse_lo: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     native_bwd = native_backward_module()
     if native_bwd is not None and getattr(native_bwd, "lib", lambda: True)() is not None:
         if d_lse is not None and not bool(d_lse.any()):
             d_lse = None  # autograd's zeros where only the output had a gradient
-        dq, dk, dv = native_bwd.backward(q, k, v, out, lse, d_out, spec, d_lse=d_lse)
+        dq, dk, dv = native_bwd.backward(q, k, v, out, lse, d_out, spec, d_lse=d_lse, lse_lo=lse_lo)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     # The native backward is unavailable (it failed to build where the forward built): the PyTorch FA-2
     # backward, over the listed blocks only where there is a BlockMask (never every tile of the band).
@@ -205,7 +223,7 @@ def _first_order(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_ou
 def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
     """Attention on the kernel, differentiable once (flash.Recomputed keeps q, k, v, out and lse)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = flash.Recomputed.apply(q, k, v, spec, forward, _backward)
+        out, lse = flash.Recomputed.apply(q, k, v, spec, forward_for_backward, _backward)
     else:
         out, lse = forward(q, k, v, spec)
     return out, (lse if need_lse else None)

@@ -23,7 +23,7 @@ from ..spec import AttentionSpec
 from . import native_blocks
 
 NAME = "flash_bwd_kernel"
-VERSION = 2  # qkv_flash_bwd_version(): 2 added d_lse and the block lists
+VERSION = 3  # qkv_flash_bwd_version(): 2 added d_lse and the block lists, 3 lse_lo
 KINDS = {torch.float32: 0, torch.bfloat16: 1}
 MAX_HEAD = 256  # the largest D and Dv the kernel takes
 
@@ -45,7 +45,8 @@ def typed(kernel: ctypes.CDLL) -> ctypes.CDLL:
         p, p, p, p,  # out, dout, lse, d_lse
         ctypes.c_float, i64, i64, i64,  # scale, left, right, offset
         p, p, p, ctypes.c_int,  # dq, dk, dv, threads
-        ctypes.POINTER(native_blocks.QkvBlockLists)]  # blocks
+        ctypes.POINTER(native_blocks.QkvBlockLists),  # blocks
+        p]  # lse_lo
     kernel.qkv_flash_bwd_version.restype = ctypes.c_int
     if kernel.qkv_flash_bwd_version() != VERSION:
         raise RuntimeError(f"qkv {NAME} has version {kernel.qkv_flash_bwd_version()}, expected {VERSION}")
@@ -63,11 +64,13 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
-             spec: AttentionSpec, *, d_lse: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+             spec: AttentionSpec, *, d_lse: Optional[Tensor] = None,
+             lse_lo: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of attention under `spec`'s band (causal/window) and BlockMask (its only other
     constraint may be `spec.block_mask`, with key blocks of 128) from the forward's out
     (B, Hq, Lq, Dv) and lse (B, Hq, Lq) (natural log, -inf = the row saw no key), d_out like out
-    and d_lse like lse (the gradient through lse; None = 0) -> dq (B, Hq, Lq, D),
+    and d_lse like lse (the gradient through lse; None = 0), lse_lo like lse (lse's low part from
+    native_flash.forward_for_backward; None = 0: a float32 lse alone, as precise as its ulp) -> dq (B, Hq, Lq, D),
     dk (B, Hkv, Lk, D), dv (B, Hkv, Lk, Dv), float32. A row that saw no key gets dq 0 (whatever
     its d_out and d_lse); a key no row sees gets dk, dv 0.
 
@@ -92,13 +95,15 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: T
     if not (1 <= D <= MAX_HEAD and 1 <= Dv <= MAX_HEAD):
         raise ValueError(f"the native backward takes head sizes 1..{MAX_HEAD}, not D={D}, Dv={Dv}")
     tensors = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "d_out": d_out}
+    if d_lse is not None:
+        tensors["d_lse"] = d_lse
+    if lse_lo is not None:
+        tensors["lse_lo"] = lse_lo
     off_cpu = [f"{name} on {t.device}" for name, t in tensors.items() if t.device.type != "cpu"]
     if off_cpu:  # a CPU kernel is never handed another device's memory
         raise ValueError(f"the native backward is a CPU kernel: {', '.join(off_cpu)}")
-    if d_lse is not None:
-        tensors["d_lse"] = d_lse
     shapes = {"q": (B, Hq, Lq, D), "k": (B, Hkv, Lk, D), "v": (B, Hkv, Lk, Dv), "out": (B, Hq, Lq, Dv),
-              "lse": (B, Hq, Lq), "d_out": (B, Hq, Lq, Dv), "d_lse": (B, Hq, Lq)}
+              "lse": (B, Hq, Lq), "d_out": (B, Hq, Lq, Dv), "d_lse": (B, Hq, Lq), "lse_lo": (B, Hq, Lq)}
     wrong = [f"{name} {tuple(tensors[name].shape)} (spec: {shape})" for name, shape in shapes.items()
              if name in tensors and tuple(tensors[name].shape) != shape]
     if wrong:
@@ -108,6 +113,7 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: T
     d_out = d_out.to(q.dtype).contiguous()
     lse = lse.to(torch.float32).contiguous()
     dlse = None if d_lse is None else d_lse.to(torch.float32).contiguous()
+    lo = None if lse_lo is None else lse_lo.to(torch.float32).contiguous()
     struct = None
     if blocks is not None:
         if (blocks.nq, blocks.nk) != (-(-Lq // blocks.bq), -(-Lk // blocks.bk)):
@@ -128,7 +134,7 @@ def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: T
         ptr(q), _i64(q.stride()), ptr(k), _i64(k.stride()), ptr(v), _i64(v.stride()),
         ptr(out), ptr(d_out), ptr(lse), None if dlse is None else ptr(dlse), spec.scale, left, right, spec.offset,
         ptr(dq), ptr(dk), ptr(dv), max(1, torch.get_num_threads()),
-        None if struct is None else ctypes.byref(struct))
+        None if struct is None else ctypes.byref(struct), None if lo is None else ptr(lo))
     del blocks  # alive until here: the struct points into its tensors
     if rc != 0:
         why = {1: "unknown dtype kind", 2: "unsupported head size", 3: "no memory for its work buffers",
