@@ -60,7 +60,7 @@
 // below) on vectors of 8 or 4 floats in GCC/Clang vector extensions, bfloat16 widened to float32 at
 // packing, P V in float32, the softmax's exp by vexp_nonpos, the next key block prefetched: the same
 // results up to rounding (docs/benchmarks.md, "The native kernels, sixth part": an AVX2 build runs
-// at 0.89x-1.32x SDPA, before these tiles 0.12x-0.15x). A build without fused multiply-adds is
+// at 0.89x-1.37x SDPA, before these tiles 0.12x-0.15x). A build without fused multiply-adds is
 // refused by the native backend (qkv_flash_has_fma).
 //
 // Measured (AMD EPYC Zen 4 with AVX512-BF16, 2 threads, B=1, H=8, D=64, torch SDPA time / this
