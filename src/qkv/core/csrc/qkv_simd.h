@@ -6,6 +6,7 @@
 // includes this header; the kernel cache (qkv/core/_kernels.py) hashes it with each kernel's source,
 // so a change here rebuilds all three.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE__)
 #include <immintrin.h>
@@ -86,7 +87,12 @@ inline void keep_rounded(V& x) {
 #if defined(__AVX512F__)
   asm("" : "+v"(x));
 #elif defined(__SSE__)
-  if constexpr (sizeof(V) <= 32) {
+#ifdef __AVX__
+  constexpr size_t widest = 32;  // ymm
+#else
+  constexpr size_t widest = 16;  // xmm
+#endif
+  if constexpr (sizeof(V) <= widest) {
     asm("" : "+x"(x));
   } else {
     volatile V y = x;

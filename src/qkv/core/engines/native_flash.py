@@ -213,7 +213,9 @@ def _first_order(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_ou
         dq, dk, dv = native_bwd.backward(q, k, v, out, lse, d_out, spec, d_lse=d_lse, lse_lo=lse_lo)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     # The native backward is unavailable (it failed to build where the forward built): the PyTorch FA-2
-    # backward, over the listed blocks only where there is a BlockMask (never every tile of the band).
+    # backward, over the listed blocks only where there is a BlockMask (never every tile of the band). It
+    # takes lse alone (not lse_lo): at large logits (a float32 lse in the thousands) its P is as coarse
+    # as lse's ulp, as the native backward's was before lse_lo.
     _kernels.warn_unavailable("flash_bwd_kernel", "the native backend's gradients run on the PyTorch FA-2 backward")
     bm = spec.block_mask
     plan = flash.band_plan(spec) if bm is None else native_blocks.plan(native_blocks.block_lists(bm), spec)
@@ -221,7 +223,7 @@ def _first_order(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_ou
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """Attention on the kernel, differentiable once (flash.Recomputed keeps q, k, v, out and lse)."""
+    """Attention on the kernel, differentiable once (flash.Recomputed keeps q, k, v, out, lse and lse_lo)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, lse = flash.Recomputed.apply(q, k, v, spec, forward_for_backward, _backward)
     else:
