@@ -19,6 +19,19 @@ def assert_out_and_lse(fast, fast_lse, plain, plain_lse, exact, exact_lse, what:
     assert torch.all(fast[~seen] == 0), f"{what}: a row that sees no key must be 0"
 
 
+def check_forward(q, k, v, what: str, **kw):
+    """backend="native" against the same-dtype reference and the float64 one, out and lse by
+    assert_out_and_lse; returns the native (out, lse)."""
+    import qkv
+
+    exact, exact_lse = qkv.attention_with_lse(q.double(), k.double(), v.double(), backend="reference", **kw)
+    plain, plain_lse = qkv.attention_with_lse(q, k, v, backend="reference", **kw)
+    fast, fast_lse = qkv.attention_with_lse(q, k, v, backend="native", **kw)
+    assert fast.dtype == q.dtype
+    assert_out_and_lse(fast, fast_lse, plain, plain_lse, exact, exact_lse, what)
+    return fast, fast_lse
+
+
 def check_large_logit_gradients(dtype, what: str) -> None:
     """The native backward at scale 1000 (scores in the thousands): one key's dv is dO exactly (its P is
     1: the backward recomputes exp(scale s - lse) from the scaled score rounded as the forward rounds it,

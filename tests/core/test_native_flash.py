@@ -17,7 +17,7 @@ import torch
 from random_qkv import random_inputs
 
 import qkv
-from native_checks import assert_out_and_lse
+from native_checks import check_forward
 from qkv.core import _kernels
 from qkv.core.api import choose_backend
 from qkv.core.backend import native
@@ -48,14 +48,7 @@ def _inputs(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed):
     return random_inputs(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed)  # q, k, v
 
 
-def _check(q, k, v, what, **kw):
-    """native vs the same-dtype reference vs the float64 reference: out and lse."""
-    exact, exact_lse = qkv.attention_with_lse(q.double(), k.double(), v.double(), backend="reference", **kw)
-    plain, plain_lse = qkv.attention_with_lse(q, k, v, backend="reference", **kw)
-    fast, fast_lse = qkv.attention_with_lse(q, k, v, backend="native", **kw)
-    assert fast.dtype == q.dtype
-    assert_out_and_lse(fast, fast_lse, plain, plain_lse, exact, exact_lse, what)
-    return fast, fast_lse
+_check = check_forward  # native vs the same-dtype reference vs the float64 reference: out and lse
 
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv, causal, window): multi-head, GQA and multi-query; lengths of

@@ -957,13 +957,7 @@ int qkv_decode_version() { return 6; }
 int qkv_decode_vector_width() { return VW; }
 
 // Whether the build's tiles run on fused multiply-adds (FMA on x86, NEON's fmla on ARM).
-int qkv_decode_has_fma() {
-#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
-  return 1;
-#else
-  return 0;
-#endif
-}
+int qkv_decode_has_fma() { return QKV_FMA; }
 
 // Whether bfloat16 scores use the processor's bfloat16 dot product (then pass q16).
 int qkv_decode_has_bf16_dot() {

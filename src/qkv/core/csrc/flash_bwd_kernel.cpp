@@ -864,7 +864,7 @@ void prepare(Args& A, int nthreads) {
         for (int64_t d0 = 0; d0 < A.Dvp; d0 += KC) {
           float acc = 0.0f;
           for (int64_t d = d0; d < std::min(A.Dvp, d0 + KC); ++d) {
-#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#if QKV_FMA
             acc = std::fma(dof[d], o[d], acc);  // fused, as the micro kernel's (explicit: GCC would
 #else                                           // vectorise the products and round them)
             acc += dof[d] * o[d];

@@ -1097,13 +1097,7 @@ int qkv_flash_vector_width() { return VW; }
 // each product is rounded before it is added, and the scores at large logits, and the gradients
 // at head sizes near 256, miss the tolerance rule (the native backend, backend/native.py, refuses such
 // a build by name; the sparse backend takes only the AVX-512 build).
-int qkv_flash_has_fma() {
-#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
-  return 1;
-#else
-  return 0;
-#endif
-}
+int qkv_flash_has_fma() { return QKV_FMA; }
 
 // Whether bfloat16 scores use the processor's bfloat16 dot product (vdpbf16ps).
 int qkv_flash_has_bf16_dot() {

@@ -12,6 +12,14 @@
 #include <immintrin.h>
 #endif
 
+// Whether the build's multiply-adds are fused (FMA on x86, fmla on ARM): the kernels' exports say so
+// (qkv_decode_has_fma, qkv_flash_has_fma) and the FA-2 backward's D_i is summed with std::fma under it.
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define QKV_FMA 1
+#else
+#define QKV_FMA 0
+#endif
+
 namespace {
 
 typedef float v16 __attribute__((vector_size(64)));
