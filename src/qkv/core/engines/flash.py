@@ -154,12 +154,29 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: in
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv) in q's
     dtype, lse (B, Hq, Lq) in the compute dtype. `plan` defaults to `band_plan(spec)`.
     """
+    out, lse, _ = _forward(q, k, v, spec, seed, plan, need_lo=False)
+    return out, lse
+
+
+def forward_for_backward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: int = 0,
+                         plan: Optional[Plan] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`block_forward`'s out and lse, and lse_lo (B, Hq, Lq) in the compute dtype: lse's low part
+    (`split_lse`), which `block_backward` takes (what `Recomputed` keeps)."""
+    out, lse, lo = _forward(q, k, v, spec, seed, plan, need_lo=True)
+    assert lo is not None  # made when need_lo
+    return out, lse, lo
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: int, plan: Optional[Plan],
+             need_lo: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """block_forward, with lse_lo (B, Hq, Lq) when need_lo (else None)."""
     ct = compute_dtype(q.dtype)
     B, Hq, Hkv, G, Lq, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.Dv
     plan = plan or band_plan(spec)
     block_q, block_k = plan.block_q, plan.block_k
     out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Lq, dtype=ct, device=q.device)
+    lse_lo = torch.empty(B, Hq, Lq, dtype=ct, device=q.device) if need_lo else None
     keep_scale = 1.0 / (1.0 - spec.dropout_p)
     # With several query blocks every key block is read many times, so k and v are upcast
     # once, and (without dropout) the row sum rides along as a column of ones appended to v:
@@ -202,18 +219,24 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, seed: in
         out_blk, blk_lse = finish(row_max, row_sum, acc)  # (B, Hkv, rows, Dv), (B, Hkv, rows, 1)
         out[:, :, i0:i1] = out_blk.view(B, Hkv, G, i1 - i0, Dv).reshape(B, Hq, i1 - i0, Dv).to(q.dtype)
         lse[:, :, i0:i1] = blk_lse.view(B, Hkv, G, i1 - i0).reshape(B, Hq, i1 - i0)
-    return out, lse
+        if lse_lo is not None:
+            lo = split_lse(row_max, torch.log(row_sum), blk_lse)  # (B, Hkv, rows, 1)
+            lse_lo[:, :, i0:i1] = lo.view(B, Hkv, G, i1 - i0).reshape(B, Hq, i1 - i0)
+    return out, lse, lse_lo
 
 
 def block_backward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
-    spec: AttentionSpec, seed: int = 0, plan: Optional[Plan] = None,
+    spec: AttentionSpec, lse_lo: Optional[Tensor] = None, *, seed: int = 0, plan: Optional[Plan] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) with each block's probabilities recomputed from lse (FA-2, Alg. 2).
 
     out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) are those of the whole softmax row: passing the
     merged out and lse of several key shards gives each shard's exact share of the
-    gradient (ring attention). d_out like out; d_lse like lse, or None.
+    gradient (ring attention). d_out like out; d_lse like lse, or None. lse_lo like lse, or
+    None: lse's low part from the forward (`split_lse`), so that P = exp((s - lse) - lse_lo)
+    is as fine as the scores; without it P is only as fine as lse's ulp (0.002 at an lse of
+    26000: dv went 11x past the tolerance rule at scale 1000, docs/benchmarks.md).
     """
     ct = compute_dtype(q.dtype)
     B, Hq, Hkv, G, Lq, D, Dv = spec.B, spec.Hq, spec.Hkv, spec.groups, spec.Lq, spec.D, spec.Dv
@@ -236,12 +259,16 @@ def block_backward(
         q_blk = _q_block(q, spec, i0, i1, ct)  # (B, Hkv, rows, D), scaled
         do_blk = d_out[:, :, i0:i1].to(ct).reshape(B, Hkv, rows, Dv)  # (B, Hkv, rows, Dv)
         lse_blk = lse_safe[:, :, i0:i1].reshape(B, Hkv, rows, 1)  # (B, Hkv, rows, 1)
+        lo_blk = None if lse_lo is None else lse_lo[:, :, i0:i1].to(ct).reshape(B, Hkv, rows, 1)  # (B, Hkv, rows, 1)
         delta_blk = delta[:, :, i0:i1].reshape(B, Hkv, rows, 1)  # (B, Hkv, rows, 1)
         dq_blk = torch.zeros(B, Hkv, rows, D, dtype=ct, device=q.device)
         for j0, j1, check in plan.kv_blocks(qb, i0, i1):
             k_blk, v_blk = k_c[:, :, j0:j1], v_c[:, :, j0:j1]  # (B, Hkv, bk, D), (B, Hkv, bk, Dv)
             s, raw, modded = _scores(spec, q_blk, k_blk, i0, i1, j0, j1, grad_mod=True, check_block_mask=check)
-            p = s.sub_(lse_blk).exp_()  # (B, Hkv, rows, bk): the forward's probabilities
+            s.sub_(lse_blk)  # exact near the row's top scores (Sterbenz), where the low part matters
+            if lo_blk is not None:
+                s.sub_(lo_blk)
+            p = s.exp_()  # (B, Hkv, rows, bk): the forward's probabilities
             dp = torch.matmul(do_blk, v_blk.transpose(-1, -2))  # (B, Hkv, rows, bk)
             if spec.dropout_p > 0.0:
                 keep = _dropout_keep(seed, qb, j0 // block_k, p.shape, spec.dropout_p, q.device)
@@ -282,6 +309,21 @@ def finish(row_max: Tensor, row_sum: Tensor, acc: Tensor) -> tuple[Tensor, Tenso
     return out, row_max.masked_fill(torch.isneginf(row_max), 0.0) + torch.log(row_sum)
 
 
+def split_lse(hi: Tensor, log_sum: Tensor, lse: Tensor) -> Tensor:
+    """lse's low part: (hi + log_sum) - lse, where lse = fl(hi + log_sum) (`finish`'s sum, with hi the
+    row max, or 0 where the row max is -inf), exact by Knuth's TwoSum (TAOCP vol. 2, 4.2.2), so
+    lse + lo is max + log(sum) to log's own rounding; 0 where lse or the low part is not finite.
+
+    At large scores lse's ulp dwarfs a probability's (at an lse of 26000 a float32 lse is 0.002
+    coarse), and exp(s - lse) carries that error into every recomputed probability; the backward
+    subtracts lo after lse (the native kernel's lse_lo is the same low part). Shapes: all alike.
+    """
+    a = hi.masked_fill(~torch.isfinite(hi), 0.0)
+    bb = lse - a  # plain torch ops, each rounded once: TwoSum's steps exactly
+    lo = (a - (lse - bb)) + (log_sum - bb)
+    return lo.masked_fill(~torch.isfinite(lse) | ~torch.isfinite(lo), 0.0)
+
+
 def merge_lse_(out_acc: Tensor, lse_acc: Tensor, out_s: Tensor, lse_s: Tensor) -> None:
     """In place: fold a partial result over other keys (out_s, lse_s) into (out_acc, lse_acc).
 
@@ -306,7 +348,7 @@ class Recomputed(torch.autograd.Function):
     apply(q, k, v, spec, forward, backward): forward(q, k, v, spec) -> (out (B, Hq, Lq, Dv),
     lse (B, Hq, Lq), *extra) without autograd; backward(q, k, v, out, lse, d_out, d_lse, spec,
     *extra) -> (dq, dk, dv). `extra`: tensors the engine's backward also needs, kept with the rest
-    (the native kernel's lse_lo; none for this engine and the gathered-rows engine).
+    (lse_lo, lse's low part, for this engine and the native kernel; none for the gathered-rows engine).
     """
 
     @staticmethod
@@ -369,7 +411,8 @@ def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, plan: Plan, *,
     if spec.dropout_p > 0.0:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = Recomputed.apply(q, k, v, spec, functools.partial(block_forward, seed=seed, plan=plan),
+        out, lse = Recomputed.apply(q, k, v, spec,
+                                    functools.partial(forward_for_backward, seed=seed, plan=plan),
                                     functools.partial(block_backward, seed=seed, plan=plan))
     else:
         out, lse = block_forward(q, k, v, spec, seed, plan)

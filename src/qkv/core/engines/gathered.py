@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..spec import AttentionSpec, call_mask_mod, compute_dtype
-from .flash import Recomputed
+from .flash import Recomputed, split_lse
 
 _MAX_ROWS = 32  # query rows per row group: narrower groups waste fewer masked columns
 _CHUNK_ENTRIES = 1 << 19  # score entries (rows x keys) per batched product: 2 MiB in float32
@@ -429,6 +429,22 @@ def layout_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, lay: La
                    need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
     """No autograd. q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv)
     in q's dtype, and lse (B, Hq, Lq) in the compute dtype when need_lse."""
+    out, lse, _ = _layout_forward(q, k, v, spec, lay, need_lse, need_lo=False)
+    return out, lse
+
+
+def forward_for_backward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
+                         lay: Layout) -> tuple[Tensor, Tensor, Tensor]:
+    """`layout_forward`'s out and lse, and lse_lo (B, Hq, Lq) in the compute dtype: lse's low part
+    (flash.split_lse), which `layout_backward` takes (what `Recomputed` keeps)."""
+    out, lse, lo = _layout_forward(q, k, v, spec, lay, need_lse=True, need_lo=True)
+    assert lse is not None and lo is not None  # made when asked for
+    return out, lse, lo
+
+
+def _layout_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, lay: Layout, need_lse: bool,
+                    need_lo: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """layout_forward, with lse_lo (B, Hq, Lq) when need_lo (which needs need_lse), else None."""
     ct = compute_dtype(q.dtype)
     X, G, Dv, R, NG = spec.B * spec.Hkv, spec.groups, spec.Dv, lay.R, lay.n_groups
     qg = _to_groups(q, spec, R, NG, ct)  # (X, NG, G*R, D)
@@ -437,6 +453,7 @@ def layout_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, lay: La
     alloc = torch.zeros if lay.any_empty_group else torch.empty
     out = alloc(X, NG, G * R, Dv, dtype=ct, device=q.device)
     lse = torch.full((X, NG, G * R, 1), float("-inf"), dtype=ct, device=q.device) if need_lse else None
+    lse_lo = torch.zeros(X, NG, G * R, 1, dtype=ct, device=q.device) if need_lo else None
     for ch in lay.chunks:
         for head in _heads(ch, X):
             s = _scores(lay, ch, _rows(qg, ch, head), kc, head, spec, ct)  # (n or X, G*R, W)
@@ -451,19 +468,26 @@ def layout_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, lay: La
                 _put_rows(out, ch, head, o)
             if need_lse:
                 assert m is not None and lse is not None  # both made when need_lse
-                l_ = m - torch.log(p.amax(-1, keepdim=True))  # the largest probability is exp(max - lse)
+                log_sum = -torch.log(p.amax(-1, keepdim=True))  # the largest probability is exp(max - lse)
+                l_ = m + log_sum  # (n or X, G*R, 1)
                 if empty is not None:
                     l_.masked_fill_(empty, float("-inf"))
                 _put_rows(lse, ch, head, l_)
+                if lse_lo is not None:
+                    _put_rows(lse_lo, ch, head, split_lse(m, log_sum, l_))
     out = _from_groups(out, spec, R, NG).to(q.dtype)
     if need_lse:
         assert lse is not None
         lse = _from_groups(lse, spec, R, NG).squeeze(-1)
-    return out, lse
+    if lse_lo is not None:
+        lse_lo = _from_groups(lse_lo, spec, R, NG).squeeze(-1)
+    return out, lse, lse_lo
 
 
-def layout_backward(q, k, v, out, lse, d_out, d_lse, spec: AttentionSpec, lay: Layout) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv), the probabilities recomputed from lse (FA-2, Alg. 2)."""
+def layout_backward(q, k, v, out, lse, d_out, d_lse, spec: AttentionSpec, lse_lo: Optional[Tensor] = None, *,
+                    lay: Layout) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv), the probabilities recomputed from lse and its low part lse_lo (B, Hq, Lq)
+    (FA-2, Alg. 2; flash.block_backward says why the low part)."""
     ct = compute_dtype(q.dtype)
     X, R, NG, D, Dv = spec.B * spec.Hkv, lay.R, lay.n_groups, spec.D, spec.Dv
     delta = (d_out.to(ct) * out.to(ct)).sum(-1, keepdim=True)  # (B, Hq, Lq, 1): rowsum(dO * O)
@@ -474,6 +498,7 @@ def layout_backward(q, k, v, out, lse, d_out, d_lse, spec: AttentionSpec, lay: L
     # padding rows get dO = 0 and delta = 0, so they add nothing to dk and dv
     dog = _to_groups(d_out, spec, R, NG, ct, zero_pad=True)  # (X, NG, G*R, Dv)
     lseg = _to_groups(lse_safe, spec, R, NG, ct)  # (X, NG, G*R, 1)
+    lo_g = None if lse_lo is None else _to_groups(lse_lo.unsqueeze(-1), spec, R, NG, ct, zero_pad=True)  # like lseg
     deltag = _to_groups(delta, spec, R, NG, ct, zero_pad=True)  # (X, NG, G*R, 1)
     kc = k.to(ct).contiguous().view(X, spec.Lk, D)
     vc = v.to(ct).contiguous().view(X, spec.Lk, Dv)
@@ -484,7 +509,10 @@ def layout_backward(q, k, v, out, lse, d_out, d_lse, spec: AttentionSpec, lay: L
         for head in _heads(ch, X):
             qc, doc = _rows(qg, ch, head), _rows(dog, ch, head)  # (n or X, G*R, D), (n or X, G*R, Dv)
             s = _scores(lay, ch, qc, kc, head, spec, ct)
-            p = s.sub_(_rows(lseg, ch, head)).exp_()  # (n or X, G*R, W): the forward's probabilities
+            s.sub_(_rows(lseg, ch, head))  # exact near the row's top scores, where the low part matters
+            if lo_g is not None:
+                s.sub_(_rows(lo_g, ch, head))
+            p = s.exp_()  # (n or X, G*R, W): the forward's probabilities
             w0, dps = 0, []
             for r, (_, _, width) in enumerate(ch.runs):
                 pr = p[..., w0: w0 + width]
@@ -517,7 +545,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, bm, *, need_lse: b
     """Differentiable attention under BlockMask `bm` (None: the band alone) and the spec's band."""
     lay = layout(spec, bm, q.device)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = Recomputed.apply(q, k, v, spec, functools.partial(layout_forward, lay=lay, need_lse=True),
+        out, lse = Recomputed.apply(q, k, v, spec, functools.partial(forward_for_backward, lay=lay),
                                     functools.partial(layout_backward, lay=lay))
         return out, (lse if need_lse else None)
     return layout_forward(q, k, v, spec, lay, need_lse)

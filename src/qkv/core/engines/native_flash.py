@@ -213,13 +213,14 @@ def _first_order(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_ou
         dq, dk, dv = native_bwd.backward(q, k, v, out, lse, d_out, spec, d_lse=d_lse, lse_lo=lse_lo)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     # The native backward is unavailable (it failed to build where the forward built): the PyTorch FA-2
-    # backward, over the listed blocks only where there is a BlockMask (never every tile of the band). It
-    # takes lse alone (not lse_lo): at large logits (a float32 lse in the thousands) its P is as coarse
-    # as lse's ulp, as the native backward's was before lse_lo.
+    # backward, over the listed blocks only where there is a BlockMask (never every tile of the band),
+    # with the kernel's lse_lo (the low part flash.split_lse gives its own forward). Its scores are torch's
+    # products, not the kernel's, so at large logits (an lse in the thousands) their rounding differs
+    # from the forward's by about lse's ulp and so do its probabilities (dv 0.07 off at scale 1000).
     _kernels.warn_unavailable("flash_bwd_kernel", "the native backend's gradients run on the PyTorch FA-2 backward")
     bm = spec.block_mask
     plan = flash.band_plan(spec) if bm is None else native_blocks.plan(native_blocks.block_lists(bm), spec)
-    return flash.block_backward(q, k, v, out, lse, d_out, d_lse, spec, plan=plan)
+    return flash.block_backward(q, k, v, out, lse, d_out, d_lse, spec, lse_lo, plan=plan)
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
