@@ -217,8 +217,9 @@ def test_lse_gradient(backend):
 # contiguous: (B, L, H, D).transpose(1, 2) from a projection, keys and values expanded along
 # the batch with stride 0 (one shared prompt), a cache that is a slice of a larger buffer.
 # (B, Hq, Hkv, Lq, Lk, D): lengths ragged and a multiple of the engines' row groups; Lq <= 16 for decode.
+# "chunk": a causal chunk against a longer cache (sdpa's split_causal path).
 LAYOUT_SHAPES = {"ragged": (2, 4, 2, 97, 97, 32), "aligned": (2, 4, 2, 128, 128, 32),
-                 "decode": (2, 4, 2, 9, 300, 32)}
+                 "chunk": (2, 4, 2, 40, 300, 32), "decode": (2, 4, 2, 9, 300, 32)}
 LAYOUT_OPTIONS = {
     "causal": lambda Lq, Lk: {"causal": True},
     "window": lambda Lq, Lk: {"window": (20, 5)},
@@ -241,6 +242,10 @@ def _laid_out(leaf: torch.Tensor, layout: str, B: int) -> torch.Tensor:
         return leaf.transpose(1, 2)
     if layout == "expanded":  # (1, H, L, D) -> (B, H, L, D) with batch stride 0
         return leaf.expand(B, -1, -1, -1)
+    if layout == "strided":  # (B, H, L, 2D) -> (B, H, L, D): the last dimension at stride 2
+        return leaf[..., ::2]
+    if layout == "d-major":  # (B, H, D, L) -> (B, H, L, D): stored transposed, last-dimension stride L
+        return leaf.transpose(-1, -2)
     return leaf[..., 1:]  # "sliced": every row skips its first entry, as a view of a wider buffer
 
 
@@ -249,19 +254,21 @@ def _layout_leaves(shape, layout, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     extra = 1 if layout == "sliced" else 0
     dims = {"transposed": lambda H, L: (B, L, H, D), "expanded": lambda H, L: (1, H, L, D),
-            "sliced": lambda H, L: (B, H, L, D + extra)}[layout]
+            "sliced": lambda H, L: (B, H, L, D + extra), "strided": lambda H, L: (B, H, L, 2 * D),
+            "d-major": lambda H, L: (B, H, D, L)}[layout]
     leaves = [torch.randn(*dims(H, L), generator=gen, dtype=torch.float64)
               for H, L in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk))]
     up = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
     return [t.to(dtype) for t in leaves], up.to(dtype)
 
 
-@pytest.mark.parametrize("lengths", ["ragged", "aligned"])
-@pytest.mark.parametrize("layout", ["transposed", "expanded", "sliced"])
+@pytest.mark.parametrize("lengths", ["ragged", "aligned", "chunk"])
+@pytest.mark.parametrize("layout", ["transposed", "expanded", "sliced", "strided", "d-major"])
 @pytest.mark.parametrize("option", list(LAYOUT_OPTIONS))
 @pytest.mark.parametrize("backend", list(LAYOUT_SUPPORT))
 def test_layouts(backend, option, layout, lengths):
-    """B = 2, GQA, non-contiguous and zero-stride inputs: outputs and gradients by the rule."""
+    """B = 2, GQA, non-contiguous and zero-stride inputs (a last dimension not at stride 1 too: sdpa's
+    split_causal gave O(1)-wrong results there): outputs and gradients by the rule."""
     if option not in LAYOUT_SUPPORT[backend]:
         pytest.skip(f"{backend} does not honour {option} (it raises: test_errors)")
     shape = LAYOUT_SHAPES["decode" if backend == "decode" else lengths]

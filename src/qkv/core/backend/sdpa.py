@@ -166,7 +166,8 @@ def split_causal(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     Args:
         q: queries (B, Hq, Lq, D) on the CPU; Hq a multiple of Hkv (query head h*G + g, for
             g < G = Hq // Hkv, uses key/value head h, as `enable_gqa` and the reference).
-        k: keys (B, Hkv, Lk, D), Lk > Lq; any strides (a KV cache's view is read in place).
+        k: keys (B, Hkv, Lk, D), Lk > Lq; any strides (a KV cache's view is read in place, a last
+            dimension that is not contiguous copied).
         v: values (B, Hkv, Lk, D): the fused CPU kernel needs Dv == D.
         scale: multiplies the scores.
 
@@ -182,6 +183,10 @@ def split_causal(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
             f"multiple of Hkv; got q {tuple(q.shape)} on {q.device.type}, k {tuple(k.shape)}, "
             f"v {tuple(v.shape)}. Use qkv.attention(..., causal=True), which picks a path that fits"
         )
+    # torch's fused CPU kernel reads each row's D elements as contiguous (stride 1) and silently reads
+    # other elements when they are not (a slice t[..., ::2], keys stored (D, Lk) and transposed): O(1)
+    # wrong outputs and gradients. Such tensors are copied; any other strides are read in place.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _SplitCausal.apply(q, k, v, scale)
 
 
