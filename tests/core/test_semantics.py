@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import qkv
-from qkv.core import choose_backend
+from qkv.core import _kernels, choose_backend
 from qkv.core.api import attention_with_lse_exact
-from qkv.core.engines import flash
+from qkv.core.engines import flash, native_flash
 from qkv.core.spec import build_spec
 
 BACKENDS = ["reference", "sdpa", "tiled"]
@@ -55,6 +55,33 @@ def test_window_semantics(backend, window, causal, left, right):
     expected = _dense(q, k, v, (j >= pos - left) & (j <= pos + right))
     with flash.block_sizes(2, 3):
         got = qkv.attention(q, k, v, window=window, causal=causal, backend=backend)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+HUGE = 2**63 - 1  # sys.maxsize, "unbounded"
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["native", "auto", "decode"])
+@pytest.mark.parametrize("window,causal,left,right", [
+    (HUGE, False, None, None), ((0, HUGE), False, 0, None), ((5, 2**63), False, 5, None), (2**70, True, None, 0),
+    ((HUGE, 3), False, None, 3), ((17, 17), False, None, None), ((16, 2), False, 16, 2),
+])
+def test_window_reach_past_every_key_is_no_constraint(backend, window, causal, left, right):
+    """A reach of Lq + Lk or more (here 7 + 11 = 18) passes every key, up to sys.maxsize and past int64
+    (window=(0, sys.maxsize) gave rows of zeros on every backend; (sys.maxsize, sys.maxsize) wrong rows on
+    native and sparse; 2**70 an OverflowError or wrong rows): the hand-written band, reaches as given."""
+    if backend == "native" and native_flash.lib() is None:
+        pytest.skip(f"the native flash kernel is unavailable here: {_kernels.status('flash_fwd_kernel')}")
+    q, k, v = _qkv(Lq=7, Lk=11)
+    pos = torch.arange(7)[:, None] + (11 - 7)
+    j = torch.arange(11)[None, :]
+    allowed = torch.ones(7, 11, dtype=torch.bool)
+    if left is not None:
+        allowed &= j >= pos - left
+    if right is not None:
+        allowed &= j <= pos + right
+    expected = _dense(q, k, v, allowed)
+    got = qkv.attention(q, k, v, window=window, causal=causal, backend=backend)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
