@@ -342,3 +342,44 @@ def test_gathered_engine_leaves_other_arguments_to_the_tiled_engine():
                           ({"dropout_p": 0.1}, False)):
         spec = sparse.sparse_spec(api.build_spec(q, k, v, mask=bm, **extra), bm)
         assert gathered.supports(spec) is expect, extra
+
+
+# ------------------------------------------------------------------ mask functions with state
+@pytest.mark.parametrize("backend", ["sparse", "native", "auto"])
+@pytest.mark.parametrize("combined", [False, True], ids=["plain", "and-causal"])
+def test_a_mask_function_is_laid_out_again_on_each_call(backend, combined):
+    """A plain mask function may read state that changes between calls: each call must see the state of
+    its own time (the layout was cached by the function's identity, and the second call silently gave
+    the first mask's result on native and sparse). The same inside a combination with a pattern."""
+    if backend == "native":
+        from qkv.core import _kernels
+        from qkv.core.engines import native_flash
+
+        if native_flash.lib() is None:
+            pytest.skip(f"the native flash kernel is unavailable here: {_kernels.status('flash_fwd_kernel')}")
+    q, k, v, _ = _inputs((1, 2, 2, 300, 300, 16), torch.float32)
+    state = {"w": 400}
+
+    def near(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() <= state["w"]
+
+    fn = M.and_masks(near, M.causal()) if combined else near
+    for w in (400, 3, 40):
+        state["w"] = w
+        want = qkv.attention(q, k, v, mask=fn, backend="reference")
+        got = qkv.attention(q, k, v, mask=fn, backend=backend)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, msg=f"{backend} w={w}")
+
+
+def test_pure_patterns_keep_their_cached_layout():
+    """qkv.masks patterns (and combinations of them alone) are laid out once and reused by identity."""
+    q, k, v, _ = _inputs((1, 2, 2, 256, 256, 16), torch.float32)
+    pure = M.and_masks(M.causal(), M.sliding_window(40))
+    impure = M.and_masks(M.causal(), lambda b, h, q_idx, kv_idx: kv_idx % 2 == 0)
+    assert pure.pure and not impure.pure
+
+    def built(fn):
+        return sparse.block_mask_for(api.build_spec(q, k, v, mask=fn))
+
+    assert built(pure) is built(pure)
+    assert built(impure) is not built(impure)

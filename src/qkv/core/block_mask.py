@@ -43,19 +43,26 @@ class Pattern:
     Call it like any mask function. `classify(b, h, q0, q1, k0, k1)` receives block starts
     and exclusive ends, q0/q1 (1, 1, nq, 1) and k0/k1 (1, 1, 1, nk), and returns
     (full, empty, partial) bool tensors broadcastable to (B, H, nq, nk); a block may be
-    labelled only if the label is certain.
+    labelled only if the label is certain. `pure`: the function depends on its arguments alone
+    (qkv.masks' patterns, and combinations of pure patterns only), so its layout may be cached
+    by identity across calls; a combination that calls a plain function is not.
     """
 
-    __slots__ = ("fn", "classify", "name")
+    __slots__ = ("fn", "classify", "name", "pure")
 
-    def __init__(self, fn: MaskMod, classify: Optional[Classifier], name: str):
-        self.fn, self.classify, self.name = fn, classify, name
+    def __init__(self, fn: MaskMod, classify: Optional[Classifier], name: str, pure: bool = True):
+        self.fn, self.classify, self.name, self.pure = fn, classify, name, pure
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return self.fn(b, h, q_idx, kv_idx)
 
     def __repr__(self) -> str:
         return self.name
+
+
+def is_pure(fn) -> bool:
+    """Whether fn is a `Pattern` that depends on its arguments alone (see Pattern.pure)."""
+    return isinstance(fn, Pattern) and fn.pure
 
 
 def pattern_name(fn) -> str:

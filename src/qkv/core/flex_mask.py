@@ -115,7 +115,7 @@ def _convert(fbm, B: int, Hq: int, Lq: int, Lk: int) -> BlockMask:
     bm = BlockMask(None, B, Hq, Lq, Lk, bq, bk, kv_num, kv_idx, full_num, full_idx)  # type: ignore[arg-type]
     states = bm.block_states()  # (Bf, Hf, nq, nk) int8: 0 empty, 1 partial, 2 full
     bm.mask_mod = Pattern(_element_mask(fbm.mask_mod, states, bq, bk), None,
-                          f"flex_attention.BlockMask(mask_mod={pattern_name(fbm.mask_mod)})")
+                          f"flex_attention.BlockMask(mask_mod={pattern_name(fbm.mask_mod)})", pure=False)
     return bm
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core.block_mask import Pattern, check_mask_fn, classes_of, pattern_name
+from ..core.block_mask import Pattern, check_mask_fn, classes_of, is_pure, pattern_name
 from ..core.mods import MaskMod, call_mask_mod
 
 __all__ = ["and_masks", "or_masks", "not_mask", "diff_band", "diff_mod", "position_set", "block_table", "named"]
@@ -53,7 +53,8 @@ def and_masks(*mask_mods: MaskMod) -> MaskMod:
             empty = empty | e
         return full, empty, partial_sure & ~empty
 
-    return Pattern(fn, classify, "and_masks(" + ", ".join(pattern_name(m) for m in mask_mods) + ")")
+    return Pattern(fn, classify, "and_masks(" + ", ".join(pattern_name(m) for m in mask_mods) + ")",
+                   pure=all(is_pure(m) for m in mask_mods))
 
 
 def or_masks(*mask_mods: MaskMod) -> MaskMod:
@@ -87,7 +88,8 @@ def or_masks(*mask_mods: MaskMod) -> MaskMod:
             empty = empty & e
         return full, empty, partial_sure & ~full
 
-    return Pattern(fn, classify, "or_masks(" + ", ".join(pattern_name(m) for m in mask_mods) + ")")
+    return Pattern(fn, classify, "or_masks(" + ", ".join(pattern_name(m) for m in mask_mods) + ")",
+                   pure=all(is_pure(m) for m in mask_mods))
 
 
 def not_mask(mask_mod: MaskMod) -> MaskMod:
@@ -105,7 +107,7 @@ def not_mask(mask_mod: MaskMod) -> MaskMod:
         f, e, p = c
         return e, f, p
 
-    return Pattern(fn, classify, f"not_mask({pattern_name(mask_mod)})")
+    return Pattern(fn, classify, f"not_mask({pattern_name(mask_mod)})", pure=is_pure(mask_mod))
 
 
 
@@ -220,5 +222,5 @@ def block_table(table: Tensor, cell_q: int, cell_k: int, name: str) -> Pattern:
 
 def named(p: Pattern, name: str) -> Pattern:
     """The pattern p under another name (for reprs)."""
-    return Pattern(p.fn, p.classify, name)
+    return Pattern(p.fn, p.classify, name, p.pure)
 

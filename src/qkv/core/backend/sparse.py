@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .. import _kernels
-from ..block_mask import BlockMask, block_mask, unknown_fraction
+from ..block_mask import BlockMask, block_mask, is_pure, unknown_fraction
 from ..engines import flash, gathered, native_blocks, native_flash, native_flash_bwd
 from ..spec import AttentionSpec
 from .base import Backend
@@ -49,18 +49,32 @@ AUTO_MAX_BAND_SHARE = 4  # a band alone goes here when each query sees at most 1
 AUTO_MAX_UNKNOWN = 0.05  # share of blocks a pattern's classifier may leave to evaluation
 DEFAULT_BLOCK = 128
 
-_BUILT: "OrderedDict[tuple, BlockMask]" = OrderedDict()  # mask function + shape -> BlockMask
+_BUILT: "OrderedDict[tuple, BlockMask]" = OrderedDict()  # pure pattern + shape -> BlockMask
 _BUILT_MAX = 16
 
 
 def block_mask_for(spec: AttentionSpec, device=None):
-    """The BlockMask of the spec: the one given, or one built (and cached) from a mask function."""
+    """The BlockMask of the spec: the one given, or one built from a mask function.
+
+    A pure qkv.masks pattern's (Pattern.pure) is cached by identity across calls. A plain function may
+    read state that changes between calls (a closure, a global), so its layout is built once per call:
+    kept on the spec, which auto's rule and the backend it picks share, and never reused by a later
+    call (reusing it by identity gave the old mask's result, silently). Pass qkv.block_mask(fn, ...)
+    to lay a plain function out once for many calls.
+    """
     if spec.block_mask is not None:
         return spec.block_mask
     if spec.mask_mod is None:
         return None
     fn = spec.mask_mod
-    # Cached by identity (the BlockMask keeps the function alive, so the id stays unique).
+    if not is_pure(fn):
+        memo = spec.__dict__.get("_built_block_mask")  # (device, BlockMask) built earlier in this call
+        if memo is not None and memo[0] == str(device):
+            return memo[1]
+        bm = block_mask(fn, spec.B, spec.Hq, spec.Lq, spec.Lk, block_size=DEFAULT_BLOCK, device=device)
+        object.__setattr__(spec, "_built_block_mask", (str(device), bm))  # not a field: eq and hash ignore it
+        return bm
+    # Cached by identity (the BlockMask keeps the pattern alive, so the id stays unique).
     key = (id(fn), spec.B, spec.Hq, spec.Lq, spec.Lk, str(device))
     hit = _BUILT.get(key)
     if hit is not None and hit.mask_mod is fn:
