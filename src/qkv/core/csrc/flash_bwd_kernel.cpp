@@ -63,7 +63,7 @@
 // of 16 need no padding and are read in place, as bfloat16 ones with even sizes and strides
 // are on the dot-product path: no copy, no fresh pages to fault in, which at a narrow window
 // cost as much as a fifth of the time); bfloat16 inputs are exact in float32. Each product's
-// sum over a block (and over at most 64 terms of the head) starts from zero and is added to its
+// sum over a block (and over at most 64 terms of the head, 16 for the scores) starts from zero and is added to its
 // accumulator once, so a gradient summed over thousands of rows or keys carries the rounding
 // error of (blocks + block size) terms, as SDPA's, not of one running sum (6x larger at
 // L=4096). D_i cancels against dP (exactly, in exact arithmetic, where row i sees one key), so
@@ -230,6 +230,12 @@ inline void micro_cols(int64_t N, int64_t K, const float* A, int64_t as_m, int64
 // as in BLAS kernels that split K. (bfloat16 runs are not split: their tolerance is 2^16 times
 // wider than this error.)
 constexpr int64_t KC = 64;
+// The scores S = Q K^T in pieces of SC terms of the head, as the forward kernel sums them (its SC,
+// flash_fwd_kernel.cpp): the lse it wrote is then of these very scores, and P = exp(s - lse) is its P.
+#ifndef QKV_SC
+#define QKV_SC 16
+#endif
+constexpr int64_t SC = QKV_SC;
 
 // f(i, end) for each maximal run [i, end) of 0..n-1 whose members are all same(i, j) as the first.
 template <class Same, class F>
@@ -242,11 +248,11 @@ inline void for_runs(int n, Same same, F f) {
   }
 }
 
-template <int MR>
+template <int MR, int64_t KP = KC>
 inline void micro_cols_k(bool acc, int64_t N, int64_t K, const float* A, int64_t as_m, int64_t as_k, const float* B,
                          int64_t ldb, float* C, int64_t ldc) {
-  for (int64_t k = 0; k < K; k += KC) {
-    const int64_t kn = std::min(KC, K - k);
+  for (int64_t k = 0; k < K; k += KP) {
+    const int64_t kn = std::min(KP, K - k);
     if (acc || k > 0)
       micro_cols<MR, true>(N, kn, A + k * as_k, as_m, as_k, B + k * ldb, ldb, C, ldc);
     else
@@ -254,15 +260,16 @@ inline void micro_cols_k(bool acc, int64_t N, int64_t K, const float* A, int64_t
   }
 }
 
-// C (M x N, N a multiple of 16) (+)= A (M x K, element strides as_m, as_k) B (K x N, row stride ldb).
-template <bool ACC>
+// C (M x N, N a multiple of 16) (+)= A (M x K, element strides as_m, as_k) B (K x N, row stride ldb),
+// summed over at most KP terms at a time (KC; the scores SC, below).
+template <bool ACC, int64_t KP = KC>
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t as_m, int64_t as_k, const float* B, int64_t ldb,
           float* C, int64_t ldc) {
   int64_t m = 0;
-  for (; m + 6 <= M; m += 6) micro_cols_k<6>(ACC, N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
-  for (; m + 4 <= M; m += 4) micro_cols_k<4>(ACC, N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m + 6 <= M; m += 6) micro_cols_k<6, KP>(ACC, N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
+  for (; m + 4 <= M; m += 4) micro_cols_k<4, KP>(ACC, N, K, A + m * as_m, as_m, as_k, B, ldb, C + m * ldc, ldc);
   for (int r = 0; r < (int)(M - m); ++r)  // the last rows (fewer than 4; an int count)
-    micro_cols_k<1>(ACC, N, K, A + (m + r) * as_m, as_m, as_k, B, ldb, C + (m + r) * ldc, ldc);
+    micro_cols_k<1, KP>(ACC, N, K, A + (m + r) * as_m, as_m, as_k, B, ldb, C + (m + r) * ldc, ldc);
 }
 
 #ifdef __AVX512BF16__
@@ -601,7 +608,7 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
       return;
     }
 #endif
-    gemm<false>(r1 - r0, k1 - k0, Dp, qf + r0 * qld, qld, 1, W.kt + k0, BK, s + r0 * BK + k0, BK);
+    gemm<false, SC>(r1 - r0, k1 - k0, Dp, qf + r0 * qld, qld, 1, W.kt + k0, BK, s + r0 * BK + k0, BK);
     gemm<false>(r1 - r0, k1 - k0, Dvp, dof + r0 * Dvp, Dvp, 1, W.vt + k0, BK, dp + r0 * BK + k0, BK);
   };
   for (int sp = 0; sp < ns;) {  // strips with the same chunks in one call

@@ -41,12 +41,11 @@
 // keys interleaved, vp2[bh][key/2][Dvp][2] (vdpbf16ps's operand for P V). Zero padding makes
 // every head size 1..256 run the same vector code: the scores loop runs over d with vectors
 // over keys, the values loop over keys (or key pairs) with vectors over the value dimension.
-// (2) Attention over the work items, from per-thread buffers (L1/L2-sized). For D > 64 (float32)
-// the scores run piece by piece of 64 terms of the dot product, each piece over all the rows of
-// the item before the next (a piece of a key block is 64 x 128 floats, 32 KiB: it stays in L1 for
-// the item's rows, where the whole block, 64 KiB at D = 128, was read from L2 once per tile of 3
-// rows), and P V 64 value columns at a time over all the rows (32 KiB of values); the same
-// arithmetic as before, in another order.
+// (2) Attention over the work items, from per-thread buffers (L1/L2-sized). float32 scores run
+// piece by piece of SC = 16 terms of the dot product, each piece over all the rows of the item
+// before the next (a piece of a key block is 16 x 128 floats, 8 KiB: it stays in L1 for the item's
+// rows), each piece's sum from zero and added to the score (shorter chains of rounding: see SC);
+// P V runs 64 value columns at a time over all the rows (32 KiB of values).
 //
 // Products are float32: float32 FMAs, or vdpbf16ps on bfloat16 pairs (exact products summed
 // in float32) where the compiler targets __AVX512BF16__, else bfloat16 widened to float32.
@@ -144,6 +143,14 @@ namespace {
 #endif
 constexpr int BK = 128;      // keys per block
 constexpr int NV = BK / 16;  // chunks of 16 keys (one vector) per block
+// float32 scores are summed over the head in pieces of SC terms, each from zero, added in order (the
+// backward kernel recomputes them so: its SC). One unbroken chain of 64 multiply-adds had 1.45x the
+// rounding error of MKL's products (which torch's reference runs), and outputs missed the tolerance
+// rule in 11 of 100 random single-query calls at scale 1 (docs/benchmarks.md, the seventh part).
+#ifndef QKV_SC
+#define QKV_SC 16
+#endif
+constexpr int64_t SC = QKV_SC;
 constexpr int RM = QKV_RM;   // query rows per register tile of P V (RM x 4 vectors)
 // Query rows per register tile of the scores over NC chunks: 24 accumulators (at most 6 rows).
 constexpr int rows_for(int nc) { return 24 / nc < 6 ? 24 / nc : 6; }
@@ -376,12 +383,12 @@ inline void pin(T&) {}
 #endif
 
 // s[r][16t + c] = q[r] . key 16t + c of the block for chunks t < NC, R rows: q (R, D) float32,
-// kt (D, BK) (already offset to the first chunk), s rows of BK; D <= 64: one piece, n = D, first.
-// For D > 64 one piece of the sum: the sum over D runs in pieces of 64 terms added
-// together, as the backward kernel sums its recomputed scores (flash_bwd_kernel.cpp), so the lse it
-// reads was made by the same arithmetic and P = exp(s - lse) is the forward's P (one unbroken chain
-// over D = 256 differed by enough to break the tolerance rule for dq at large logits). This call
-// sums terms [d0, d0 + n) (q and kt offset to d0) and stores the sum (first piece) or adds it to s.
+// kt (D, BK) (already offset to the first chunk), s rows of BK; one piece of the sum: the sum over
+// D runs in pieces of SC terms added together, as the backward kernel sums its recomputed scores
+// (flash_bwd_kernel.cpp), so the lse it reads was made by the same arithmetic and P = exp(s - lse)
+// is the forward's P (one unbroken chain over D = 256 differed by enough to break the tolerance
+// rule for dq at large logits). This call sums terms [d0, d0 + n) (q and kt offset to d0) and
+// stores the sum (first piece) or adds it to s.
 template <int R, int NC>
 __attribute__((noinline)) void scores_f32_piece(const float* q, int64_t D, int64_t n, const float* kt, float* s,
                                                 bool first) {
@@ -545,7 +552,7 @@ inline v16 keep(v16 x, uint32_t bits) {
 // NR rows by NG vectors for the scores (VW * NG keys of the block at a time), VNR by VNG for P V (VW *
 // VNG value columns): 16 registers or fewer (the 3x4 scores tile: 12 accumulators, 3 key vectors kept,
 // the 4th reloaded per row; NEON has 32). Each (row, key) score is the
-// same chain of multiply-adds over d as the 16-float tiles' (pieces of 64 terms added together), as
+// same chain of multiply-adds over d as the 16-float tiles' (pieces of SC terms added together), as
 // the backward kernel's narrow gemm (flash_bwd_kernel.cpp) recomputes it. Tile sizes: the x86-64-v3
 // build on an AMD EPYC (Zen 4), float32, L=2048 and 4096, in one process with SDPA, best of 5-7:
 // 4x3, 3x4, 6x2, 5x2 and 4x2 scores and 4x3, 3x4, 6x2 P V tiles all within 0.85x-0.94x of SDPA
@@ -716,11 +723,11 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     {
       const float* kt = P.kt + ((bh - P.bh0) * P.nkb + kb) * D * BK + 16 * c0;
       float* S0 = S + 16 * c0;
-      for (int64_t d0 = 0; d0 < D; d0 += 64)  // pieces of 64 terms, each over all the rows
+      for (int64_t d0 = 0; d0 < D; d0 += SC)  // pieces of SC terms, each over all the rows
         by_groups<NG>((c1 - c0) * (16 / VW), [&](auto g, int64_t v) {
           by_tiles<NR>(M, [&](auto rows, int64_t m) {
             scores_narrow<decltype(rows)::value, decltype(g)::value>(W.qf.p + m * D + d0, D,
-                                                                     std::min<int64_t>(64, D - d0), kt + d0 * BK + VW * v,
+                                                                     std::min<int64_t>(SC, D - d0), kt + d0 * BK + VW * v,
                                                                      S0 + m * BK + VW * v, d0 == 0);
           });
         });
@@ -738,16 +745,12 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       }
 #endif
       const float* kt = P.kt + ((bh - P.bh0) * P.nkb + kb) * D * BK + 16 * c0;
-      if (D <= 64)
+      // piece by piece, each piece's keys (SC x 16 NC floats) for all the rows
+      for (int64_t d0 = 0; d0 < D; d0 += SC)
         by_tiles<RS>(M, [&](auto rows, int64_t m) {
-          scores_f32_piece<decltype(rows)::value, NC>(W.qf.p + m * D, D, D, kt, S + m * BK + 16 * c0, true);
+          scores_f32_piece<decltype(rows)::value, NC>(W.qf.p + m * D + d0, D, std::min<int64_t>(SC, D - d0),
+                                                      kt + d0 * BK, S + m * BK + 16 * c0, d0 == 0);
         });
-      else  // piece by piece, each piece's keys (64 x 16 NC floats: at most 32 KiB) for all the rows
-        for (int64_t d0 = 0; d0 < D; d0 += 64)
-          by_tiles<RS>(M, [&](auto rows, int64_t m) {
-            scores_f32_piece<decltype(rows)::value, NC>(W.qf.p + m * D + d0, D, std::min<int64_t>(64, D - d0),
-                                                        kt + d0 * BK, S + m * BK + 16 * c0, d0 == 0);
-          });
     });
 #endif
     // 2. Scale, the band on its edge blocks and the tile's bits, online softmax.
