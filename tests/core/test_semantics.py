@@ -58,6 +58,23 @@ def test_window_semantics(backend, window, causal, left, right):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "auto", "tiled", "decode"])
+@pytest.mark.parametrize("Lq,Lk", [(9, 9), (4, 11)])
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+def test_causal_with_a_scale_of_zero_or_less(backend, Lq, Lk, scale):
+    """torch's fused CPU kernels return NaN rows for is_causal with scale <= 0 (the sdpa backend's
+    causal call and its causal split for Lq < Lk, which auto picks): the hand-written band, finite."""
+    q, k, v = _qkv(Lq=Lq, Lk=Lk)
+    i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    expected = (torch.softmax(s.masked_fill(j > i + (Lk - Lq), float("-inf")), -1) @ v.double()).float()
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = qkv.attention(*xs, causal=True, scale=scale, backend=backend)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    if backend != "decode":
+        assert all(torch.isfinite(g).all() for g in torch.autograd.grad(got.sum(), xs))
+
+
 HUGE = 2**63 - 1  # sys.maxsize, "unbounded"
 
 

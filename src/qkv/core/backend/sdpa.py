@@ -42,7 +42,9 @@ AUTO_MAX_MASK_ENTRIES = 1 << 24
 
 
 def _needs_dense_mask(spec: AttentionSpec) -> bool:
-    band_only_causal = spec.causal and spec.left is None and spec.Lq == spec.Lk
+    # torch's fused CPU kernels return NaN rows for is_causal with a scale <= 0 (an explicit mask is
+    # right), so such a band is passed as a mask, and never split (_splits_causal).
+    band_only_causal = spec.causal and spec.left is None and spec.Lq == spec.Lk and spec.scale > 0
     return spec.has_dense_constraints or (spec.banded and not band_only_causal)
 
 
@@ -60,6 +62,7 @@ def _splits_causal(spec: AttentionSpec, q: Tensor) -> bool:
         and spec.score_mod is None
         and spec.dropout_p == 0.0
         and spec.D == spec.Dv  # the fused CPU kernel wants one head size for q, k and v
+        and spec.scale > 0  # its causal path returns NaN rows for a scale <= 0 (see _needs_dense_mask)
         and q.device.type == "cpu"
         and _flash_cpu is not None
         and _flash_cpu_backward is not None
