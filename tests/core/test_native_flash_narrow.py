@@ -32,7 +32,7 @@ from random_qkv import random_inputs
 from test_native_flash import CASES, GRAD_CASES
 
 import qkv
-from native_checks import check_forward, check_large_logit_gradients
+from native_checks import check_accumulation, check_forward, check_large_logit_gradients
 from qkv import masks
 from qkv.core import _kernels
 from qkv.core.api import choose_backend
@@ -135,6 +135,12 @@ def test_gradients_follow_the_reference(build, case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_large_logits_dv_is_exact_where_p_is_one(build, dtype):
     check_large_logit_gradients(dtype, f"{build} {dtype}")
+
+
+def test_long_sums_in_blocks(build):
+    """P V summed block by block, and the scores in pieces of 16 terms, in the narrow tiles too
+    (native_checks.check_accumulation)."""
+    check_accumulation(build, single_row_seeds=20)
 
 
 def _per_head(b, h, q_idx, kv_idx):

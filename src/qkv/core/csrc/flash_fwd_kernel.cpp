@@ -436,9 +436,9 @@ __attribute__((noinline)) void scores_bf16(const uint16_t* q, int64_t Dh, const 
 template <int R, int W>
 __attribute__((noinline)) void values_tile_bf16(const uint32_t* p2, const uint32_t* vp2, int64_t Dvp, int64_t npairs,
                                                 float* acc, const float* alpha) {
-  __m512 o[R][W];
+  __m512 o[R][W];  // this block's sum, from zero (see values_tile)
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < W; ++t) o[r][t] = _mm512_mul_ps(_mm512_load_ps(acc + r * Dvp + 16 * t), _mm512_set1_ps(alpha[r]));
+    for (int t = 0; t < W; ++t) o[r][t] = _mm512_setzero_ps();
   for (int64_t w = 0; w < npairs; ++w) {
     __m512i vv[W];
     for (int t = 0; t < W; ++t) vv[t] = _mm512_load_si512(vp2 + w * Dvp + 16 * t), pin(vv[t]);
@@ -448,7 +448,10 @@ __attribute__((noinline)) void values_tile_bf16(const uint32_t* p2, const uint32
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < W; ++t) _mm512_store_ps(acc + r * Dvp + 16 * t, o[r][t]);
+    for (int t = 0; t < W; ++t) {
+      float* a = acc + r * Dvp + 16 * t;
+      _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_load_ps(a), _mm512_set1_ps(alpha[r]), o[r][t]));
+    }
 }
 
 template <int R>
@@ -465,12 +468,16 @@ inline void values_rows_bf16(const uint32_t* p2, const uint32_t* vp2, int64_t Dv
 }
 #endif
 
-// acc[r][0 .. 16W) = alpha[r] * acc[r] + sum over keys c < n of p[r][c] * vp[c], R rows.
+// acc[r][0 .. 16W) = alpha[r] * acc[r] + sum over keys c < n of p[r][c] * vp[c], R rows. The block's
+// sum starts from zero and is added to the rescaled accumulator once, so an output over Lk keys carries
+// the rounding of (block + Lk / block) terms, not of one running sum over Lk: with values sharing a
+// large offset (v = 1000 + noise, 1797 keys) one running sum missed the tolerance rule in 10 of 10
+// draws at 6x the reference's error, which sums P V in MKL's blocks (docs/benchmarks.md, seventh part).
 template <int R, int W>
 __attribute__((noinline)) void values_tile(const float* p, const float* vp, int64_t Dvp, int64_t n, float* acc, const float* alpha) {
   vreg o[R][W];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < W; ++t) o[r][t] = vmul(vload(acc + r * Dvp + 16 * t), vbcast(alpha[r]));
+    for (int t = 0; t < W; ++t) o[r][t] = vzero();
   for (int64_t c = 0; c < n; ++c) {
     vreg vv[W];
     for (int t = 0; t < W; ++t) vv[t] = vload(vp + c * Dvp + 16 * t), pin(vv[t]);
@@ -480,7 +487,7 @@ __attribute__((noinline)) void values_tile(const float* p, const float* vp, int6
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < W; ++t) vstore(acc + r * Dvp + 16 * t, o[r][t]);
+    for (int t = 0; t < W; ++t) vstore(acc + r * Dvp + 16 * t, vfma(vload(acc + r * Dvp + 16 * t), vbcast(alpha[r]), o[r][t]));
 }
 
 // values_tile over W = w vectors (1 to 4) of columns.
@@ -601,9 +608,9 @@ __attribute__((noinline)) void scores_narrow(const float* q, int64_t D, int64_t 
 template <int R, int G>
 __attribute__((noinline)) void values_narrow(const float* p, const float* vp, int64_t Dvp, int64_t n, float* acc,
                                              const float* alpha) {
-  vw o[R][G];
+  vw o[R][G];  // this block's sum, from zero (see values_tile)
   for (int r = 0; r < R; ++r)
-    for (int g = 0; g < G; ++g) o[r][g] = *(const vw*)(acc + r * Dvp + VW * g) * splat_as<vw>(alpha[r]);
+    for (int g = 0; g < G; ++g) o[r][g] = splat_as<vw>(0.0f);
   for (int64_t c = 0; c < n; ++c) {
     vw vv[G];
     for (int g = 0; g < G; ++g) vv[g] = *(const vw*)(vp + c * Dvp + VW * g);
@@ -613,7 +620,10 @@ __attribute__((noinline)) void values_narrow(const float* p, const float* vp, in
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int g = 0; g < G; ++g) *(vw*)(acc + r * Dvp + VW * g) = o[r][g];
+    for (int g = 0; g < G; ++g) {
+      vw* a = (vw*)(acc + r * Dvp + VW * g);
+      *a = *a * splat_as<vw>(alpha[r]) + o[r][g];
+    }
 }
 
 // f(g, v) over vectors [0, nv) in groups of GROUP (the last group smaller), g a std::integral_constant.
