@@ -79,11 +79,23 @@ def test_fixed_pattern(block, c):
 
 
 @pytest.mark.parametrize("lengths,causal", [([10, 25, 7, 30], False), ([10, 25, 7, 30], True),
-                                            ([5, 0, 0, 40], True), ([80], False)])
+                                            ([5, 0, 0, 40], True), ([80], False), ([0], False),
+                                            ([0, 0], True)])
 def test_document_pattern(lengths, causal):
     L = 80
     got = _dense(M.document(lengths, causal=causal), L, L)[0, 0]
     assert torch.equal(got, _expected_doc(lengths, L, causal))
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled", "sparse", "native"])
+def test_documents_all_empty_see_nothing(backend):
+    """Only zero-length documents: every row sees nothing (out 0), on every backend; building the
+    BlockMask indexed a table of width 0 (IndexError) before."""
+    q = torch.randn(1, 1, 40, 8)
+    bm = qkv.block_mask(M.document([0, 0]), None, None, 40, 40)
+    assert bm.sparsity() == 100.0  # percent
+    for mask in (M.document([0]), bm):
+        assert torch.equal(qkv.attention(q, q, q, mask=mask, backend=backend), torch.zeros_like(q))
 
 
 def test_document_per_batch_row():

@@ -247,6 +247,8 @@ def document(lengths, *, causal: bool = False) -> MaskMod:
         causal: also forbid attending to later tokens inside each document.
     """
     table = _doc_table(lengths)  # (Bd, Ltot)
+    if table.shape[1] == 0:  # only empty documents: no position belongs to one (a table of width 0 cannot be indexed)
+        table = torch.full((table.shape[0], 1), _PAD_DOC, dtype=table.dtype)
     Bd, width = table.shape
 
     def ids(b: Tensor, pos: Tensor) -> Tensor:
