@@ -246,6 +246,9 @@ def _laid_out(leaf: torch.Tensor, layout: str, B: int) -> torch.Tensor:
         return leaf[..., ::2]
     if layout == "d-major":  # (B, H, D, L) -> (B, H, L, D): stored transposed, last-dimension stride L
         return leaf.transpose(-1, -2)
+    if layout == "overlapping":  # (B, H, L+1, D/2) -> (B, H, L, D): row l is rows l and l+1 (as unfold makes)
+        Bl, H, L1, half = leaf.shape
+        return leaf.as_strided((Bl, H, L1 - 1, 2 * half), (H * L1 * half, L1 * half, half, 1))
     return leaf[..., 1:]  # "sliced": every row skips its first entry, as a view of a wider buffer
 
 
@@ -255,7 +258,7 @@ def _layout_leaves(shape, layout, dtype, seed):
     extra = 1 if layout == "sliced" else 0
     dims = {"transposed": lambda H, L: (B, L, H, D), "expanded": lambda H, L: (1, H, L, D),
             "sliced": lambda H, L: (B, H, L, D + extra), "strided": lambda H, L: (B, H, L, 2 * D),
-            "d-major": lambda H, L: (B, H, D, L)}[layout]
+            "d-major": lambda H, L: (B, H, D, L), "overlapping": lambda H, L: (B, H, L + 1, D // 2)}[layout]
     leaves = [torch.randn(*dims(H, L), generator=gen, dtype=torch.float64)
               for H, L in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk))]
     up = torch.randn(B, Hq, Lq, D, generator=gen, dtype=torch.float64)
@@ -263,12 +266,13 @@ def _layout_leaves(shape, layout, dtype, seed):
 
 
 @pytest.mark.parametrize("lengths", ["ragged", "aligned", "chunk"])
-@pytest.mark.parametrize("layout", ["transposed", "expanded", "sliced", "strided", "d-major"])
+@pytest.mark.parametrize("layout", ["transposed", "expanded", "sliced", "strided", "d-major", "overlapping"])
 @pytest.mark.parametrize("option", list(LAYOUT_OPTIONS))
 @pytest.mark.parametrize("backend", list(LAYOUT_SUPPORT))
 def test_layouts(backend, option, layout, lengths):
     """B = 2, GQA, non-contiguous and zero-stride inputs (a last dimension not at stride 1 too: sdpa's
-    split_causal gave O(1)-wrong results there): outputs and gradients by the rule."""
+    split_causal gave O(1)-wrong results there; rows that overlap, which oneDNN refuses deep inside):
+    outputs and gradients by the rule."""
     if option not in LAYOUT_SUPPORT[backend]:
         pytest.skip(f"{backend} does not honour {option} (it raises: test_errors)")
     shape = LAYOUT_SHAPES["decode" if backend == "decode" else lengths]
@@ -291,3 +295,39 @@ def test_layouts(backend, option, layout, lengths):
     assert_within_rule(fast, plain, exact, factor=FWD_FACTOR, what=what + " out")
     for n, g, gp, ge in zip("qkv", fg, pg, eg):
         assert_within_rule(g, gp, ge, factor=GRAD_FACTOR, what=f"{what} d{n}")
+
+
+def _overlapping(L: int, D: int, dtype, seed: int) -> torch.Tensor:
+    """(1, 1, L, D) whose row l is the flat storage [l D/2, l D/2 + D): rows overlap by D/2 (unfold)."""
+    base = torch.randn(L * (D // 2) + D, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return base.as_strided((1, 1, L, D), (L * (D // 2), L * (D // 2), D // 2, 1))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_overlapping_rows_with_gradients_on_sdpa(backend):
+    """Keys whose rows overlap, bfloat16, a gradient for them: torch's SDPA backward raised from oneDNN
+    ("could not construct a memory descriptor using strides"); the backend copies such tensors."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 16, 32, generator=g).bfloat16()
+    v = torch.randn(1, 1, 16, 32, generator=g).bfloat16()
+    k = _overlapping(16, 32, torch.bfloat16, 1).detach().requires_grad_()
+    out = qkv.attention(q, k, v, window=(None, 4), backend=backend)
+    (dk,) = torch.autograd.grad(out.float().sum(), [k])
+    kr = k.detach().clone().requires_grad_()
+    want = qkv.attention(q, kr, v, window=(None, 4), backend="reference")
+    (dk_want,) = torch.autograd.grad(want.float().sum(), [kr])
+    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dk, dk_want, atol=5e-2, rtol=5e-2)
+
+
+def test_overlapping_rows_on_the_decode_eager_engine():
+    """Values whose rows overlap, a mask function (the decode backend's eager engine, whose oneDNN
+    products refused such strides deep inside): the reference's output."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, 16, generator=g)
+    k = torch.randn(1, 1, 2048, 16, generator=g)
+    v = _overlapping(2048, 100, torch.float32, 1)
+    mask = qkv.masks.sliding_window(300)
+    want = qkv.attention(q.double(), k.double(), v.double(), mask=mask, backend="reference")
+    got = qkv.attention(q, k, v, mask=mask, backend="decode")
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

@@ -204,6 +204,19 @@ class AttentionSpec:
         return out.to(scores.dtype)
 
 
+def rows_overlap(t: Tensor) -> bool:
+    """Whether the (rows, last dimension) matrices of t share memory between elements (an as_strided or
+    unfold view, a stride of 0): oneDNN's products (torch's SDPA backward, the decode eager engine's
+    linear) refuse such strides deep inside ("could not construct a memory descriptor")."""
+    n, d = t.shape[-2], t.shape[-1]
+    s0, s1 = t.stride(-2), t.stride(-1)
+    if n <= 1:
+        return d > 1 and s1 == 0
+    if d <= 1:
+        return s0 == 0
+    return not ((s1 >= 1 and s0 >= s1 * d) or (s0 >= 1 and s1 >= s0 * n))
+
+
 def slice_block(m: Tensor, i0: int, i1: int, j0: int, j1: int) -> Tensor:
     """Rows [i0, i1) and columns [j0, j1) of a 4-D mask whose last two dims may be 1."""
     if m.shape[-2] != 1:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .. import _memory
 from ..engines.flash import merge_lse_
-from ..spec import AttentionSpec
+from ..spec import AttentionSpec, rows_overlap
 from .base import Backend
 
 # `auto` uses SDPA with a materialised mask only up to this many mask entries (Lq * Lk per
@@ -128,6 +128,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
     if reason:
         raise ValueError(reason)
     gqa = spec.Hkv != spec.Hq
+    # Rows that share memory (as_strided, unfold) make torch's backward raise from oneDNN: copied.
+    q, k, v = (t.contiguous() if rows_overlap(t) else t for t in (q, k, v))
     if _splits_causal(spec, q):
         return split_causal(q, k, v, spec.scale), None
     if not _needs_dense_mask(spec):

@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from ..spec import AttentionSpec
+from ..spec import AttentionSpec, rows_overlap
 from .flash import finish, merge_states
 
 _SEGMENT_ENTRIES = 1 << 20  # score entries per segment (see _sizes), 4 MiB in float32
@@ -92,7 +92,8 @@ _LINEAR = _onednn_linear()
 
 
 def _use_onednn(x: Tensor) -> bool:
-    return _LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+    """oneDNN for float32 CPU tensors whose rows do not overlap (it refuses such strides)."""
+    return _LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu" and not rows_overlap(x)
 
 
 def _rows_view(t: Optional[Tensor], Hkv: int, G: int) -> Optional[Tensor]:
