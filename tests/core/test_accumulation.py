@@ -5,7 +5,7 @@ summed P V in one running sum over every key, and the forward's scores in one ch
 multiply-adds; the reference's matrix products (MKL) sum in blocks. With values sharing a large
 offset, or one query row at scale 1, that missed the tolerance rule (found by a fuzz campaign:
 docs/benchmarks.md, "The native kernels, seventh part"). Each block of keys is now summed from zero
-and added once, and the scores in pieces of 16 terms (the backward recomputes them so).
+and added once, and the scores in pieces of 32 terms (the backward recomputes them so).
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ def test_large_logits_dv_is_exact_where_p_is_one(build, dtype):
 
 
 def test_long_sums_in_blocks(build):
-    """P V summed block by block, and the scores in pieces of 16 terms, in the narrow tiles too
+    """P V summed block by block, and the scores in pieces of 32 terms, in the narrow tiles too
     (native_checks.check_accumulation)."""
     check_accumulation(build, single_row_seeds=20)
 

@@ -42,8 +42,8 @@
 // every head size 1..256 run the same vector code: the scores loop runs over d with vectors
 // over keys, the values loop over keys (or key pairs) with vectors over the value dimension.
 // (2) Attention over the work items, from per-thread buffers (L1/L2-sized). float32 scores run
-// piece by piece of SC = 16 terms of the dot product, each piece over all the rows of the item
-// before the next (a piece of a key block is 16 x 128 floats, 8 KiB: it stays in L1 for the item's
+// piece by piece of SC = 32 terms of the dot product, each piece over all the rows of the item
+// before the next (a piece of a key block is 32 x 128 floats, 16 KiB: it stays in L1 for the item's
 // rows), each piece's sum from zero and added to the score (shorter chains of rounding: see SC);
 // P V runs 64 value columns at a time over all the rows (32 KiB of values).
 //
@@ -146,9 +146,13 @@ constexpr int NV = BK / 16;  // chunks of 16 keys (one vector) per block
 // float32 scores are summed over the head in pieces of SC terms, each from zero, added in order (the
 // backward kernel recomputes them so: its SC). One unbroken chain of 64 multiply-adds had 1.45x the
 // rounding error of MKL's products (which torch's reference runs), and outputs missed the tolerance
-// rule in 11 of 100 random single-query calls at scale 1 (docs/benchmarks.md, the seventh part).
+// rule in 11 of 100 random single-query calls at scale 1 (D=64, 242 keys); pieces of 32 miss in 1 of
+// 100 (1.42x the bound) and pieces of 16 in none, but each piece reloads and stores the scores: the
+// forward ran 8.5% (D=64) and 11-15% (D=128) slower with 16, 0-1% and 2-5% with 32 (float32, L=2048
+// and 4096, the builds in turns in one process; docs/benchmarks.md, the seventh part). Keeping the
+// running sums in registers instead halves the tiles, and ran 1.65x slower.
 #ifndef QKV_SC
-#define QKV_SC 16
+#define QKV_SC 32
 #endif
 constexpr int64_t SC = QKV_SC;
 constexpr int RM = QKV_RM;   // query rows per register tile of P V (RM x 4 vectors)
