@@ -1,11 +1,10 @@
-"""Long float32 sums in the native kernels: P V over many keys and the scores' dot products.
+"""Long float32 sums in the native kernels: P V over many keys.
 
 The forward FA-2 kernel (csrc/flash_fwd_kernel.cpp) and the decode kernel (csrc/decode_kernel.cpp)
-summed P V in one running sum over every key, and the forward's scores in one chain of up to 64
-multiply-adds; the reference's matrix products (MKL) sum in blocks. With values sharing a large
-offset, or one query row at scale 1, that missed the tolerance rule (found by a fuzz campaign:
+summed P V in one running sum over every key; the reference's matrix product (MKL) sums in blocks.
+With values sharing a large offset that missed the tolerance rule (found by a fuzz campaign:
 docs/benchmarks.md, "The native kernels, seventh part"). Each block of keys is now summed from zero
-and added once, and the scores in pieces of 32 terms (the backward recomputes them so).
+and added once.
 """
 
 from __future__ import annotations

@@ -12,16 +12,21 @@ import ctypes
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Optional, Sequence
 
 from ..core import _kernels
 
 
-def build_for(name: str, march: str) -> ctypes.CDLL:
+def build_for(name: str, march: str, *, src_dir: Optional[Path] = None, defines: Sequence[str] = ()) -> ctypes.CDLL:
     """csrc/`name`.cpp built with -O3 -march=`march` (OpenMP where the compiler has it) and loaded.
 
     Args:
         name: the kernel's file name without .cpp, e.g. "decode_kernel" or "flash_fwd_kernel".
-        march: a target GCC or Clang knows, e.g. "x86-64-v3" (AVX2) or "x86-64-v2" (SSE4.2).
+        march: a target GCC or Clang knows, e.g. "x86-64-v3" (AVX2) or "x86-64-v2" (SSE4.2), or
+            "native" (as qkv builds its kernels; with -mprefer-vector-width=512 on x86, as there).
+        src_dir: the folder holding the kernel's sources (default: this qkv's csrc), e.g. another
+            revision's (benchmarks/kernels_ab.py).
+        defines: macros for the compiler, e.g. ["QKV_SC=16"] (each as -D).
 
     Raises:
         RuntimeError: no C++ compiler, or the build failed (the compiler's message, e.g. for an
@@ -30,8 +35,11 @@ def build_for(name: str, march: str) -> ctypes.CDLL:
     cxx = _kernels._compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (g++, c++ or clang++; or set CXX)")
-    src = Path(_kernels.__file__).with_name("csrc") / f"{name}.cpp"
+    src = (src_dir or Path(_kernels.__file__).with_name("csrc")) / f"{name}.cpp"
     flags = ["-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-psabi"]
+    if march == "native" and "-mprefer-vector-width=512" in _kernels._FLAGS:
+        flags.append("-mprefer-vector-width=512")
+    flags += [f"-D{d}" for d in defines]
     # The folder goes when the build is loaded (the loaded library stays mapped) or has failed.
     with tempfile.TemporaryDirectory(prefix=f"qkv-{name}-") as folder:
         so = Path(folder) / f"{name}-{march}.so"

@@ -63,7 +63,7 @@
 // of 16 need no padding and are read in place, as bfloat16 ones with even sizes and strides
 // are on the dot-product path: no copy, no fresh pages to fault in, which at a narrow window
 // cost as much as a fifth of the time); bfloat16 inputs are exact in float32. Each product's
-// sum over a block (and over at most 64 terms of the head, SC = 32 for the scores) starts from zero and is added to its
+// sum over a block (and over at most 64 terms of the head) starts from zero and is added to its
 // accumulator once, so a gradient summed over thousands of rows or keys carries the rounding
 // error of (blocks + block size) terms, as SDPA's, not of one running sum (6x larger at
 // L=4096). D_i cancels against dP (exactly, in exact arithmetic, where row i sees one key), so
@@ -233,7 +233,7 @@ constexpr int64_t KC = 64;
 // The scores S = Q K^T in pieces of SC terms of the head, as the forward kernel sums them (its SC,
 // flash_fwd_kernel.cpp): the lse it wrote is then of these very scores, and P = exp(s - lse) is its P.
 #ifndef QKV_SC
-#define QKV_SC 32
+#define QKV_SC 64
 #endif
 constexpr int64_t SC = QKV_SC;
 

@@ -42,10 +42,11 @@
 // every head size 1..256 run the same vector code: the scores loop runs over d with vectors
 // over keys, the values loop over keys (or key pairs) with vectors over the value dimension.
 // (2) Attention over the work items, from per-thread buffers (L1/L2-sized). float32 scores run
-// piece by piece of SC = 32 terms of the dot product, each piece over all the rows of the item
-// before the next (a piece of a key block is 32 x 128 floats, 16 KiB: it stays in L1 for the item's
-// rows), each piece's sum from zero and added to the score (shorter chains of rounding: see SC);
-// P V runs 64 value columns at a time over all the rows (32 KiB of values).
+// piece by piece of SC = 64 terms of the dot product, each piece over all the rows of the item
+// before the next (a piece of a key block is 64 x 128 floats, 32 KiB: it stays in L1 for the item's
+// rows, where the whole block, 64 KiB at D = 128, was read from L2 once per tile of 3 rows), each
+// piece's sum from zero and added to the score (see SC); P V runs 64 value columns at a time over
+// all the rows (32 KiB of values), each block of keys summed from zero (see values_tile).
 //
 // Products are float32: float32 FMAs, or vdpbf16ps on bfloat16 pairs (exact products summed
 // in float32) where the compiler targets __AVX512BF16__, else bfloat16 widened to float32.
@@ -144,15 +145,17 @@ namespace {
 constexpr int BK = 128;      // keys per block
 constexpr int NV = BK / 16;  // chunks of 16 keys (one vector) per block
 // float32 scores are summed over the head in pieces of SC terms, each from zero, added in order (the
-// backward kernel recomputes them so: its SC). One unbroken chain of 64 multiply-adds had 1.45x the
-// rounding error of MKL's products (which torch's reference runs), and outputs missed the tolerance
-// rule in 11 of 100 random single-query calls at scale 1 (D=64, 242 keys); pieces of 32 miss in 1 of
-// 100 (1.42x the bound) and pieces of 16 in none, but each piece reloads and stores the scores: the
-// forward ran 8.5% (D=64) and 11-15% (D=128) slower with 16, 0-1% and 2-5% with 32 (float32, L=2048
-// and 4096, the builds in turns in one process; docs/benchmarks.md, the seventh part). Keeping the
-// running sums in registers instead halves the tiles, and ran 1.65x slower.
+// backward kernel recomputes them so: its SC). At SC = 64 a head of 64 or fewer is one chain of
+// multiply-adds, the order of MKL's sgemm on this CPU (bit for bit at K <= 192, measured): the
+// reference's scores for two or more query rows. For one row the reference runs MKL's gemv, which
+// sums in another order with about 1.45x less rounding, and a one-row call at scale 1 (D=64, 242
+// keys) misses the tolerance rule in 22 of 300 draws (at most 2.1x the bound). Pieces of 32 or 16
+// cut that to 5 and 1 of 300, but part from gemm's order: at scale 1000 (D=64, 33 x 130) they miss
+// in 3 of 200 draws where SC = 64 misses in none, and the forward ran 0-5% (32) and 8.5-15% (16)
+// slower, each piece reloading and storing the scores (docs/benchmarks.md, the seventh part). An
+// experiment knob, like QKV_RM.
 #ifndef QKV_SC
-#define QKV_SC 32
+#define QKV_SC 64
 #endif
 constexpr int64_t SC = QKV_SC;
 constexpr int RM = QKV_RM;   // query rows per register tile of P V (RM x 4 vectors)
