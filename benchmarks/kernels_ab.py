@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 import qkv
-from qkv.bench.report import cpu_name
 from qkv.bench.kernels import build_for
+from qkv.bench.report import cpu_name
 from qkv.bench.timing import best_times
 from qkv.core import _kernels
 from qkv.core.engines import native_flash, native_flash_bwd
@@ -174,7 +174,8 @@ def main(argv=None) -> int:
                         fns[side] = run
                     t = best_times(fns, repeats=args.repeats)
                     b, a = t["before"], t["after"]
-                    cells = f"{b * 1e3:.2f} ms | {a * 1e3:.2f} ms | {a / b:.3f}" if ok else "outside the tolerance rule | | "
+                    cells = (f"{b * 1e3:.2f} ms | {a * 1e3:.2f} ms | {a / b:.3f}" if ok
+                             else "outside the tolerance rule | | ")
                     print(f"| {dname} | {L} | {'yes' if causal else 'no'} | {cells} |", flush=True)
     return 0
 
