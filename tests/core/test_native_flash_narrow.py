@@ -248,3 +248,27 @@ def test_the_attention_benchmark_builds_for_a_target(tmp_path):
                             "64"], capture_output=True, text=True, timeout=600)
     assert nofma.returncode != 0
     assert "no fused multiply-add (FMA)" in nofma.stderr and "Traceback" not in nofma.stderr, nofma.stderr
+
+
+def test_the_kernel_ab_benchmark():
+    """`benchmarks/kernels_ab.py` builds two revisions' FA-2 kernels (here the committed tree against itself
+    with -DQKV_SC=32 on one side), checks both by the rule and prints one row per case; a revision that is
+    not one exits naming it, without a traceback."""
+    import shutil
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    script = root / "benchmarks" / "kernels_ab.py"
+    run = subprocess.run([sys.executable, str(script), "--before", "HEAD", "--define-after", "QKV_SC=32",
+                          "--lengths", "64", "--dtypes", "float32", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "before = HEAD, after = tree -DQKV_SC=32" in run.stdout, run.stdout
+    assert "| float32 | 64 | no |" in run.stdout and "| float32 | 64 | yes |" in run.stdout, run.stdout
+    assert "outside the tolerance rule" not in run.stdout, run.stdout
+    bad = subprocess.run([sys.executable, str(script), "--before", "no-such-revision"], capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode != 0 and "'no-such-revision' is not a revision" in bad.stderr
+    assert "Traceback" not in bad.stderr, bad.stderr
