@@ -265,10 +265,7 @@ def block_backward(
         for j0, j1, check in plan.kv_blocks(qb, i0, i1):
             k_blk, v_blk = k_c[:, :, j0:j1], v_c[:, :, j0:j1]  # (B, Hkv, bk, D), (B, Hkv, bk, Dv)
             s, raw, modded = _scores(spec, q_blk, k_blk, i0, i1, j0, j1, grad_mod=True, check_block_mask=check)
-            s.sub_(lse_blk)  # exact near the row's top scores (Sterbenz), where the low part matters
-            if lo_blk is not None:
-                s.sub_(lo_blk)
-            p = s.exp_()  # (B, Hkv, rows, bk): the forward's probabilities
+            p = probabilities_(s, lse_blk, lo_blk)  # (B, Hkv, rows, bk): the forward's probabilities
             dp = torch.matmul(do_blk, v_blk.transpose(-1, -2))  # (B, Hkv, rows, bk)
             if spec.dropout_p > 0.0:
                 keep = _dropout_keep(seed, qb, j0 // block_k, p.shape, spec.dropout_p, q.device)
@@ -324,6 +321,16 @@ def split_lse(hi: Tensor, log_sum: Tensor, lse: Tensor) -> Tensor:
     return lo.masked_fill(~torch.isfinite(lse) | ~torch.isfinite(lo), 0.0)
 
 
+def probabilities_(s: Tensor, lse: Tensor, lo: Optional[Tensor]) -> Tensor:
+    """In place over the scores s (..., rows, keys): exp((s - lse) - lo), the forward's probabilities,
+    lse and lo (..., rows, 1) (lo: split_lse's low part, or None). s - lse is exact near a row's top
+    scores (Sterbenz), where the low part matters; lo is subtracted after it, not added to lse first."""
+    s.sub_(lse)
+    if lo is not None:
+        s.sub_(lo)
+    return s.exp_()
+
+
 def merge_lse_(out_acc: Tensor, lse_acc: Tensor, out_s: Tensor, lse_s: Tensor) -> None:
     """In place: fold a partial result over other keys (out_s, lse_s) into (out_acc, lse_acc).
 
@@ -348,7 +355,7 @@ class Recomputed(torch.autograd.Function):
     apply(q, k, v, spec, forward, backward): forward(q, k, v, spec) -> (out (B, Hq, Lq, Dv),
     lse (B, Hq, Lq), *extra) without autograd; backward(q, k, v, out, lse, d_out, d_lse, spec,
     *extra) -> (dq, dk, dv). `extra`: tensors the engine's backward also needs, kept with the rest
-    (lse_lo, lse's low part, for this engine and the native kernel; none for the gathered-rows engine).
+    (lse_lo, lse's low part: this engine's, the gathered-rows engine's and the native kernel's).
     """
 
     @staticmethod

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..spec import AttentionSpec, call_mask_mod, compute_dtype
-from .flash import Recomputed, split_lse
+from .flash import Recomputed, probabilities_, split_lse
 
 _MAX_ROWS = 32  # query rows per row group: narrower groups waste fewer masked columns
 _CHUNK_ENTRIES = 1 << 19  # score entries (rows x keys) per batched product: 2 MiB in float32
@@ -509,10 +509,8 @@ def layout_backward(q, k, v, out, lse, d_out, d_lse, spec: AttentionSpec, lse_lo
         for head in _heads(ch, X):
             qc, doc = _rows(qg, ch, head), _rows(dog, ch, head)  # (n or X, G*R, D), (n or X, G*R, Dv)
             s = _scores(lay, ch, qc, kc, head, spec, ct)
-            s.sub_(_rows(lseg, ch, head))  # exact near the row's top scores, where the low part matters
-            if lo_g is not None:
-                s.sub_(_rows(lo_g, ch, head))
-            p = s.exp_()  # (n or X, G*R, W): the forward's probabilities
+            lo = None if lo_g is None else _rows(lo_g, ch, head)
+            p = probabilities_(s, _rows(lseg, ch, head), lo)  # (n or X, G*R, W): the forward's probabilities
             w0, dps = 0, []
             for r, (_, _, width) in enumerate(ch.runs):
                 pr = p[..., w0: w0 + width]
