@@ -358,9 +358,10 @@ def build_spec(
         raise TypeError(f"causal must be True or False; got {causal!r}")
     left, right = _normalise_window(window, causal)
     # A reach of Lq + Lk or more passes every key (a query's diagonal is within Lk - 1 keys of key 0 and
-    # Lq - 1 of the last), so it is no constraint: None, before any engine or kernel adds it to an int64
-    # position (sys.maxsize as "unbounded" overflowed there: out 0 or wrong rows, silently).
-    left, right = (None if w is not None and w >= Lq + Lk else w for w in (left, right))
+    # Lq - 1 of the last): it is clamped to Lq + Lk, the same band, before any engine or kernel adds it to
+    # an int64 position (sys.maxsize as "unbounded" overflowed there: out 0 or wrong rows, silently). Not
+    # None: a backend that sees only a shard (ring attention) must still see that a window was given.
+    left, right = (None if w is None else min(w, Lq + Lk) for w in (left, right))
 
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a number in [0, 1); got {dropout_p!r}")
