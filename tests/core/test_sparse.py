@@ -383,3 +383,36 @@ def test_pure_patterns_keep_their_cached_layout():
 
     assert built(pure) is built(pure)
     assert built(impure) is not built(impure)
+
+
+@pytest.mark.parametrize("backend", ["sparse", "native"])
+def test_patterns_copy_the_tensors_they_are_given(backend):
+    """A pure pattern's layout is cached by identity, so it must not read a tensor its caller can change:
+    prefix_lm, position_set and block_table copy theirs (changing the caller's tensor in place gave the
+    cached layout of the old values on sparse and native, and the new values on the reference)."""
+    if backend == "native":
+        from qkv.core import _kernels
+        from qkv.core.engines import native_flash
+
+        if native_flash.lib() is None:
+            pytest.skip(f"the native flash kernel is unavailable here: {_kernels.status('flash_fwd_kernel')}")
+    from qkv.masks import combinators as C
+
+    q, k, v, _ = _inputs((1, 2, 2, 512, 512, 16), torch.float32)
+    P = torch.tensor([10])
+    lut = torch.zeros(512, dtype=torch.bool)
+    lut[:3] = True
+    table = torch.eye(4, dtype=torch.bool)
+    made = [(M.prefix_lm(P), M.prefix_lm(torch.tensor([10]))),
+            (M.or_masks(M.causal(), C.position_set(lut, "kv", "first3")),
+             M.or_masks(M.causal(), C.position_set(lut.clone(), "kv", "first3"))),
+            (C.block_table(table, 128, 128, "diag"), C.block_table(table.clone(), 128, 128, "diag"))]
+    for fn, _ in made:
+        assert fn.pure
+        qkv.attention(q, k, v, mask=fn, backend=backend)  # laid out and cached
+    P[0], lut[:] = 300, True
+    table[:] = True
+    for fn, same in made:
+        want = qkv.attention(q, k, v, mask=same, backend="reference")
+        for be in (backend, "reference"):
+            torch.testing.assert_close(qkv.attention(q, k, v, mask=fn, backend=be), want, atol=2e-6, rtol=1e-5)

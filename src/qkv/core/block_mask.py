@@ -44,13 +44,14 @@ class Pattern:
     and exclusive ends, q0/q1 (1, 1, nq, 1) and k0/k1 (1, 1, 1, nk), and returns
     (full, empty, partial) bool tensors broadcastable to (B, H, nq, nk); a block may be
     labelled only if the label is certain. `pure`: the function depends on its arguments alone
-    (qkv.masks' patterns, and combinations of pure patterns only), so its layout may be cached
-    by identity across calls; a combination that calls a plain function is not.
+    (qkv.masks' patterns, which copy the tensors they are given, and combinations of pure patterns
+    only), so its layout may be cached by identity across calls; a pattern that reads outside state
+    (a plain function it calls, a FlexAttention mask_mod) is not, the default.
     """
 
     __slots__ = ("fn", "classify", "name", "pure")
 
-    def __init__(self, fn: MaskMod, classify: Optional[Classifier], name: str, pure: bool = True):
+    def __init__(self, fn: MaskMod, classify: Optional[Classifier], name: str, pure: bool = False):
         self.fn, self.classify, self.name, self.pure = fn, classify, name, pure
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:

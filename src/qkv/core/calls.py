@@ -313,7 +313,7 @@ def _document_pattern(cu_q: list[int], cu_k: list[int], left: Optional[int], rig
         partial = single & ~full & ~empty
         return full, empty, partial
 
-    return Pattern(fn, classify, f"varlen(n={n}, window=({left}, {right}))")
+    return Pattern(fn, classify, f"varlen(n={n}, window=({left}, {right}))", pure=True)
 
 
 def varlen_mask(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *, causal: bool = False, window=None,

@@ -137,7 +137,7 @@ def diff_band(lo: Optional[int], hi: Optional[int], name: str) -> Pattern:
             empty |= dmin > hi
         return full, empty, ~full & ~empty
 
-    return Pattern(fn, classify, name)
+    return Pattern(fn, classify, name, pure=True)
 
 
 def diff_mod(m: int, r: int, name: str) -> Pattern:
@@ -154,7 +154,7 @@ def diff_mod(m: int, r: int, name: str) -> Pattern:
         full = ~empty & ((dmin == dmax) | (m == 1))
         return full, empty, ~full & ~empty
 
-    return Pattern(fn, classify, name)
+    return Pattern(fn, classify, name, pure=True)
 
 
 def _lookup(table: Tensor, idx: Tensor, fill) -> Tensor:
@@ -176,7 +176,7 @@ def _count_true(lut: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 
 def position_set(lut: Tensor, axis: str, name: str) -> Pattern:
     """Allows every (q, kv) whose q (axis="q") or kv (axis="kv") is in the set `lut` (bool (n,))."""
-    lut = lut.to(torch.bool).cpu()
+    lut = lut.to(torch.bool).cpu().clone()  # a copy: the pattern is pure (its layout cached by identity)
 
     def fn(b, h, q_idx, kv_idx):
         return _lookup(lut, q_idx if axis == "q" else kv_idx, False)
@@ -187,7 +187,7 @@ def position_set(lut: Tensor, axis: str, name: str) -> Pattern:
         full, empty = count == hi - lo, count == 0
         return full, empty, ~full & ~empty
 
-    return Pattern(fn, classify, name)
+    return Pattern(fn, classify, name, pure=True)
 
 
 def block_table(table: Tensor, cell_q: int, cell_k: int, name: str) -> Pattern:
@@ -196,7 +196,7 @@ def block_table(table: Tensor, cell_q: int, cell_k: int, name: str) -> Pattern:
     Exact classifier from 2-D prefix sums: a block is full iff every cell it touches is True
     (cells beyond the table count as False), empty iff none is.
     """
-    table = table.to(torch.bool).cpu()
+    table = table.to(torch.bool).cpu().clone()  # a copy: the pattern is pure (its layout cached by identity)
     R, C = table.shape
     pre = torch.zeros(R + 1, C + 1, dtype=torch.int64)
     pre[1:, 1:] = table.to(torch.int64).cumsum(0).cumsum(1)  # (R+1, C+1)
@@ -216,7 +216,7 @@ def block_table(table: Tensor, cell_q: int, cell_k: int, name: str) -> Pattern:
         empty = count == 0
         return full, empty, ~full & ~empty
 
-    return Pattern(fn, classify, name)
+    return Pattern(fn, classify, name, pure=True)
 
 
 

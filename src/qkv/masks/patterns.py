@@ -121,8 +121,8 @@ def fixed(block: int, c: int = 1) -> MaskMod:
         full, empty = count == k1 - k0, count == 0
         return full, empty, ~full & ~empty
 
-    same = Pattern(same_fn, same_cls, f"same_block({block})")
-    summary = Pattern(summary_fn, summary_cls, f"summary({block}, {c})")
+    same = Pattern(same_fn, same_cls, f"same_block({block})", pure=True)
+    summary = Pattern(summary_fn, summary_cls, f"summary({block}, {c})", pure=True)
     return named(and_masks(diff_band(0, None, "causal"), or_masks(same, summary)), f"fixed(block={block}, c={c})")
 
 
@@ -168,7 +168,7 @@ def global_tokens(positions) -> MaskMod:
         full, empty = fq | fk, eq & ek
         return full, empty, ~full & ~empty
 
-    return Pattern(fn, classify, desc)
+    return Pattern(fn, classify, desc, pure=True)
 
 
 def longformer(window: int, global_positions) -> MaskMod:
@@ -268,7 +268,7 @@ def document(lengths, *, causal: bool = False) -> MaskMod:
         empty = (dq1 < dk0) | (dk1 < dq0) | (dq0 == _PAD_DOC) | (dk0 == _PAD_DOC)
         return full, empty, ~full & ~empty
 
-    docs = Pattern(fn, classify, "docs")
+    docs = Pattern(fn, classify, "docs", pure=True)
     desc = f"document(lengths={lengths!r}, causal={causal})"
     if causal:
         return named(and_masks(docs, diff_band(0, None, "causal")), desc)
@@ -284,7 +284,7 @@ def prefix_lm(prefix_length) -> MaskMod:
     if isinstance(prefix_length, numbers.Integral) and not isinstance(prefix_length, bool):
         P = torch.tensor([check_int("prefix_length", prefix_length)])
     else:
-        P = torch.as_tensor(prefix_length).to(torch.int64).flatten()
+        P = torch.as_tensor(prefix_length).to(torch.int64).flatten().clone()  # a copy: the pattern is pure
         if P.numel() == 0 or bool((P < 0).any()):
             raise ValueError(f"prefix_length must be non-negative ints, one per batch row; got {prefix_length!r}")
 
@@ -300,7 +300,7 @@ def prefix_lm(prefix_length) -> MaskMod:
         full, empty = k1 - 1 < p, k0 >= p
         return full, empty, ~full & ~empty
 
-    prefix = Pattern(fn, classify, "prefix")
+    prefix = Pattern(fn, classify, "prefix", pure=True)
     return named(or_masks(prefix, diff_band(0, None, "causal")), f"prefix_lm({prefix_length!r})")
 
 
