@@ -151,9 +151,9 @@ constexpr int NV = BK / 16;  // chunks of 16 keys (one vector) per block
 // sums in another order with about 1.45x less rounding, and a one-row call at scale 1 (D=64, 242
 // keys) misses the tolerance rule in 22 of 300 draws (at most 2.1x the bound). Pieces of 32 or 16
 // cut that to 5 and 1 of 300, but part from gemm's order: at scale 1000 (D=64, 33 x 130) they miss
-// in 3 of 200 draws where SC = 64 misses in none, and the forward ran 0-5% (32) and 8.5-15% (16)
-// slower, each piece reloading and storing the scores (docs/benchmarks.md, the seventh part). An
-// experiment knob, like QKV_RM.
+// in 3 of 200 draws where SC = 64 misses in none, and the float32 forward ran 3% (32) and 10-12%
+// (16) slower at D = 64 and 128, each piece reloading and storing the scores (benchmarks/kernels_ab.py
+// --define-after QKV_SC=32; docs/benchmarks.md, the seventh part). An experiment knob, like QKV_RM.
 #ifndef QKV_SC
 #define QKV_SC 64
 #endif

@@ -498,7 +498,8 @@ def layout_backward(q, k, v, out, lse, d_out, d_lse, spec: AttentionSpec, lse_lo
     # padding rows get dO = 0 and delta = 0, so they add nothing to dk and dv
     dog = _to_groups(d_out, spec, R, NG, ct, zero_pad=True)  # (X, NG, G*R, Dv)
     lseg = _to_groups(lse_safe, spec, R, NG, ct)  # (X, NG, G*R, 1)
-    lo_g = None if lse_lo is None else _to_groups(lse_lo.unsqueeze(-1), spec, R, NG, ct, zero_pad=True)  # like lseg
+    # lse's low part like lseg, but 0 in the padding rows (their dO and delta are 0: they add nothing)
+    lo_g = None if lse_lo is None else _to_groups(lse_lo.unsqueeze(-1), spec, R, NG, ct, zero_pad=True)
     deltag = _to_groups(delta, spec, R, NG, ct, zero_pad=True)  # (X, NG, G*R, 1)
     kc = k.to(ct).contiguous().view(X, spec.Lk, D)
     vc = v.to(ct).contiguous().view(X, spec.Lk, Dv)
