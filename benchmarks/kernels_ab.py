@@ -5,7 +5,7 @@ a git revision (--before, e.g. main or a commit) and of another revision or this
 (--after, default the tree) are built with -march=native (qkv.bench.kernels.build_for; -D macros
 per side with --define-before / --define-after), each in turn made the native backend's kernels
 (FA-2 forward and backward) or, with --decode, the decode backend's kernel, checked against the
-float64 reference by the tolerance rule (out, first --check-rows query rows), and timed in turns,
+float64 reference by the tolerance rule (out, --check-rows query rows spread over the length), and timed in turns,
 best of --repeats (qkv.bench.timing), so that load from elsewhere hits both alike. Both builds must
 have the same interface version (a version change cannot be swapped in one process).
 
@@ -33,9 +33,9 @@ import qkv
 from qkv.bench.kernels import build_for
 from qkv.bench.report import cpu_name
 from qkv.bench.timing import best_times
+from qkv.bench.verify import check_rows, verify
 from qkv.core import _kernels
 from qkv.core.engines import native_flash, native_flash_bwd
-from qkv.testing import FWD_FACTOR, within_rule
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CSRC = "src/qkv/core/csrc"
@@ -71,16 +71,13 @@ def use(libs: dict) -> None:
     _kernels.load = lambda name: libs.get(name)
 
 
-def check(fn, q, k, v, causal: bool, rows: int) -> bool:
-    """fn's output within the tolerance rule on the first `rows` query rows (float64 reference)."""
+def check(fn, q, k, v, causal: bool, n_rows: int) -> bool:
+    """fn's output within the tolerance rule on n_rows sampled query rows (qkv.bench.verify)."""
+    rows = check_rows(q.shape[2], n_rows)
+    Lq, Lk = q.shape[2], k.shape[2]
+    allowed = (torch.arange(Lk)[None] <= rows[:, None] + (Lk - Lq)) if causal else None  # (R, Lk) bottom-right
     with torch.inference_mode():
-        out = fn()[:, :, :rows]
-        L, Lk = q.shape[2], k.shape[2]
-        keep = (torch.arange(Lk)[None] <= torch.arange(rows)[:, None] + (Lk - L)) if causal else None
-        kw = {"mask": keep} if keep is not None else {}
-        exact = qkv.attention(q[:, :, :rows].double(), k.double(), v.double(), backend="reference", **kw)
-        plain = qkv.attention(q[:, :, :rows], k, v, backend="reference", **kw)
-    return within_rule(out, plain, exact, factor=FWD_FACTOR)[0]
+        return bool(verify(q, k, v, {"fast": fn()}, rows, allowed)["fast_within_rule"])
 
 
 def step(q, k, v, g, causal: bool, backend: str, backward: bool) -> None:
@@ -140,7 +137,7 @@ def main(argv=None) -> int:
         print(f"# {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; before = "
               f"{label('before')}, after = {label('after')}; {'decode step' if args.decode else 'native FA-2'}"
               f"{', forward + backward' if args.backward else ''}; best of {args.repeats} in turns; every "
-              f"output checked against float64 ({args.check_rows} rows) under the tolerance rule first\n")
+              f"output checked against float64 ({args.check_rows} sampled rows) under the tolerance rule first\n")
         print("| dtype | L | causal | before | after | after / before |")
         print("|---|---|---|---|---|---|")
         for dname in args.dtypes:
@@ -168,7 +165,7 @@ def main(argv=None) -> int:
                         use(libs)
                         try:
                             if not check(partial(qkv.attention, q, k, v, causal=causal, backend=backend),
-                                         q, k, v, causal, min(args.check_rows, q.shape[2])):
+                                         q, k, v, causal, args.check_rows):
                                 failed.append(side)
                         finally:
                             _kernels.load = load
