@@ -223,7 +223,12 @@ def kernel_build(march) -> str:
     if kernel is None:
         return "unavailable"
     return (f"-march={march or 'native'}, {kernel.vector_width}-float vectors, FMA: {'yes' if kernel.fma else 'no'}, "
-            f"bfloat16 dot product: {'yes' if kernel.bf16_dot else 'no'}")
+            f"bfloat16 dot product: {'yes' if kernel.bf16_dot else 'no'}, bfloat16 forward on AMX tiles: "
+            f"{_AMX_WORDS.get(kernel.amx, kernel.amx)}")
+
+
+# native_flash's kernel.amx (csrc/qkv_amx.h) in words.
+_AMX_WORDS = {2: "yes", 1: "a software model (a test build)", 0: "no", -1: "no (Linux refused the tile data)"}
 
 
 def print_tables(speed: list[dict], memory: list[dict], args) -> None:

@@ -46,7 +46,7 @@ _SRC = Path(__file__).with_name("csrc")
 EXPORTS = {"decode_kernel": ("qkv_decode", "qkv_decode_partials", "qkv_decode_has_bf16_dot", "qkv_decode_version",
                              "qkv_decode_vector_width", "qkv_decode_has_fma"),
            "flash_fwd_kernel": ("qkv_flash_fwd", "qkv_flash_fwd_version", "qkv_flash_has_bf16_dot",
-                                 "qkv_flash_vector_width", "qkv_flash_has_fma"),
+                                 "qkv_flash_vector_width", "qkv_flash_has_fma", "qkv_flash_amx"),
            "flash_bwd_kernel": ("qkv_flash_bwd", "qkv_flash_bwd_version")}
 # Temporary files of a build older than this are leftovers of a killed process: longer than
 # the two compiler runs of a build (300 s each) can take.

@@ -63,6 +63,16 @@
 // at 0.89x-1.37x SDPA, before these tiles 0.12x-0.15x). A build without fused multiply-adds is
 // refused by the native backend (qkv_flash_has_fma).
 //
+// AMX (qkv_amx.h): where the compiler targets AMX-BF16 (-march=native on a Xeon with AMX), Linux grants
+// the tile data and the tiles pass a self-check at first use, bfloat16's two products run on tiles
+// instead of vdpbf16ps: the scores as 16-row x 16-key tiles over steps of 32 of the head (Dh rounded up
+// to 16 pairs; kp's layout is already TDPBF16PS's B operand, 16 pairs of a 16-key chunk 512 bytes
+// apart), P V as 16-row x 16-column tiles over steps of 32 keys (vp2's layout is B's too; P's bfloat16
+// words, p2, are A's), 2 x 2 accumulator tiles at a time (amx_scores, amx_values). P V runs over whole
+// pairs of chunks, the chunk so added given P = 0; each block's P V is summed from zero in the tiles and
+// added once, as elsewhere. Tested on a software model of the tiles (-DQKV_AMX_EMULATE,
+// tests/core/test_native_flash_amx.py); not yet run or timed on a processor with AMX (none was lent).
+//
 // Measured (AMD EPYC Zen 4 with AVX512-BF16, 2 threads, B=1, H=8, D=64, torch SDPA time / this
 // kernel's, benchmarks/attention.py, 2026-11-30): float32 1.07x (no band) and 1.19x (causal) at
 // L=4096, 1.13x and 1.20x at 16384; bfloat16 1.88x and 2.06x at 4096, 1.81x and 1.85x at 16384
@@ -128,6 +138,7 @@
 
 #include "qkv_block_lists.h"  // struct QkvBlockLists, shared with the other FA-2 kernel
 #include "qkv_simd.h"  // v16 and its kin, splat, vexp: shared by the kernels
+#include "qkv_amx.h"   // QKV_AMX and the tile operations (the bfloat16 products on AMX tiles)
 
 namespace {
 
@@ -293,8 +304,9 @@ struct Problem {
   const QkvBlockLists* bl;  // block lists, or null
   // Derived.
   bool dp;        // bfloat16 with vdpbf16ps: packed key pairs kp and value pairs vp2, P rounded to bfloat16
+  bool amx;       // dp's products on AMX tiles (qkv_amx.h): Dh a multiple of 16, scratch rows of 32
   int64_t nkb;    // key blocks per head, ceil(Lk / BK)
-  int64_t Dh;     // head-dimension pairs, ceil(D / 2) (dp only)
+  int64_t Dh;     // head-dimension pairs, ceil(D / 2), with AMX rounded up to 16 (a tile's) (dp only)
   int64_t Dvp;    // Dv rounded up to a multiple of 16
   int64_t bq;     // query positions per work item at most (its rows: G * bq)
   std::vector<Item> items;  // query ranges, costliest first
@@ -649,28 +661,177 @@ inline void by_groups(int64_t nv, F&& f) {
 
 struct Scratch {
   Buffer<float> qf;      // (M, D) float32 queries (float32 path)
-  Buffer<uint16_t> q16;  // (M, 2*Dh) bfloat16 queries (dp path)
-  Buffer<float> s;       // (M, BK) scores, then probabilities (float32 path)
-  Buffer<uint32_t> p2;   // (M, BK/2) probabilities rounded to bfloat16, pairs of keys per word (dp path)
+  Buffer<uint16_t> q16;  // (Mp, 2*Dh) bfloat16 queries (dp path)
+  Buffer<float> s;       // (Mp, BK) scores, then probabilities (float32 path)
+  Buffer<uint32_t> p2;   // (Mp, BK/2) probabilities rounded to bfloat16, pairs of keys per word (dp path)
+  Buffer<float> ob;      // (32, 32) one block's P V of 32 rows x 32 columns, from the tiles (AMX)
   Buffer<float> acc;     // (M, Dvp) output accumulators
   Buffer<float> mx, sum, alpha;  // (M) running max, running sum, this block's rescale
   Buffer<int64_t> lo, hi;        // (M) each row's visible keys
   Buffer<int64_t> trow;          // (M) each row's offset in the tile bits, tile 0 (block lists)
+  // Mp = M, or with AMX M rounded up to 32: a tile reads and writes 16 rows, and rows past an item's
+  // (zero at first, then an earlier item's) give sums no row uses.
   Scratch(const Problem& P) {
-    const int64_t M = P.G * P.bq;
+    const int64_t M = P.G * P.bq, Mp = P.amx ? (M + 31) / 32 * 32 : M;
     qf.reset(P.dp ? 0 : M * P.D);
-    q16.reset(P.dp ? M * 2 * P.Dh : 0);
-    s.reset(M * BK);
-    p2.reset(P.dp ? M * BK / 2 : 0);
+    q16.reset(P.dp ? Mp * 2 * P.Dh : 0);
+    s.reset(Mp * BK);
+    p2.reset(P.dp ? Mp * BK / 2 : 0);
+    ob.reset(P.amx ? 32 * 32 : 0);
     acc.reset(M * P.Dvp);
     mx.reset(M), sum.reset(M), alpha.reset(M + RM);
     lo.reset(M), hi.reset(M), trow.reset(M);
+    if (P.amx && !failed()) {
+      std::memset(q16.p, 0, sizeof(uint16_t) * Mp * 2 * P.Dh);
+      std::memset(s.p, 0, sizeof(float) * Mp * BK);
+      std::memset(p2.p, 0, sizeof(uint32_t) * Mp * BK / 2);
+    }
   }
   bool failed() const {
-    return qf.failed || q16.failed || s.failed || p2.failed || acc.failed || mx.failed || sum.failed ||
+    return qf.failed || q16.failed || s.failed || p2.failed || ob.failed || acc.failed || mx.failed || sum.failed ||
            alpha.failed || lo.failed || hi.failed || trow.failed;
   }
 };
+
+#if QKV_AMX
+// The bfloat16 products on AMX tiles (qkv_amx.h), 2 x 2 accumulators: tiles 0-3 hold the sums of
+// (row tile a, column tile b) in tile 2a + b, 4-5 two tiles of 16 rows of A, 6-7 two of B's columns.
+//
+// Scores of rows [0, 16 RT) x keys [0, 16 CT) of a block: s[r][c] = q[r] . key c over the head's Dh
+// pairs (a multiple of 16: 32 bfloat16 of the head per tile step). q rows of 2 Dh bfloat16; kp the
+// block's packed keys (Dh, BK, 2) offset to the first key (a B tile: 16 pairs x 16 keys, rows BK * 4
+// bytes apart); s rows of BK floats.
+template <int RT, int CT>
+void amx_scores_tile(const uint16_t* q, int64_t Dh, const uint16_t* kp, float* s) {
+  tile_zero<0>();
+  if constexpr (CT == 2) tile_zero<1>();
+  if constexpr (RT == 2) tile_zero<2>();
+  if constexpr (RT == 2 && CT == 2) tile_zero<3>();
+  for (int64_t p = 0; p < Dh; p += 16) {
+    tile_load<4>(q + 2 * p, 4 * Dh);
+    if constexpr (RT == 2) tile_load<5>(q + 16 * 2 * Dh + 2 * p, 4 * Dh);
+    tile_load<6>(kp + p * BK * 2, BK * 4);
+    if constexpr (CT == 2) tile_load<7>(kp + p * BK * 2 + 32, BK * 4);
+    tile_dp<0, 4, 6>();
+    if constexpr (CT == 2) tile_dp<1, 4, 7>();
+    if constexpr (RT == 2) tile_dp<2, 5, 6>();
+    if constexpr (RT == 2 && CT == 2) tile_dp<3, 5, 7>();
+  }
+  tile_store<0>(s, BK * 4);
+  if constexpr (CT == 2) tile_store<1>(s + 16, BK * 4);
+  if constexpr (RT == 2) tile_store<2>(s + 16 * BK, BK * 4);
+  if constexpr (RT == 2 && CT == 2) tile_store<3>(s + 16 * BK + 16, BK * 4);
+}
+
+// S rows [0, M) (and up to 31 rows past them) x chunks [0, nc) of 16 keys: q16 (Mp, 2 Dh), kp and S
+// offset to the first chunk.
+inline void amx_scores(const uint16_t* q16, int64_t Dh, int64_t M, const uint16_t* kp, float* S, int nc) {
+  for (int64_t m = 0; m < M; m += 32)
+    for (int t = 0; t < nc; t += 2) {
+      const uint16_t* q = q16 + m * 2 * Dh;
+      const uint16_t* k = kp + 32 * t;  // 16 keys of (pair, key, 2)
+      float* s = S + m * BK + 16 * t;
+      if (M - m > 16)
+        nc - t > 1 ? amx_scores_tile<2, 2>(q, Dh, k, s) : amx_scores_tile<2, 1>(q, Dh, k, s);
+      else
+        nc - t > 1 ? amx_scores_tile<1, 2>(q, Dh, k, s) : amx_scores_tile<1, 1>(q, Dh, k, s);
+    }
+}
+
+// o (32, 32) rows [0, 16 RT) x columns [0, 16 CT) = P V over np key pairs (a multiple of 16: 32 keys
+// per tile step): p2 rows of BK/2 words (pairs of keys), offset to the first pair; vp2 (pairs, Dvp)
+// words offset to the first pair and column (a B tile: 16 pairs x 16 columns, rows Dvp * 4 bytes apart).
+template <int RT, int CT>
+void amx_values_tile(const uint32_t* p2, const uint32_t* vp2, int64_t Dvp, int64_t np, float* o) {
+  tile_zero<0>();
+  if constexpr (CT == 2) tile_zero<1>();
+  if constexpr (RT == 2) tile_zero<2>();
+  if constexpr (RT == 2 && CT == 2) tile_zero<3>();
+  for (int64_t w = 0; w < np; w += 16) {
+    tile_load<4>(p2 + w, BK / 2 * 4);
+    if constexpr (RT == 2) tile_load<5>(p2 + 16 * (BK / 2) + w, BK / 2 * 4);
+    tile_load<6>(vp2 + w * Dvp, Dvp * 4);
+    if constexpr (CT == 2) tile_load<7>(vp2 + w * Dvp + 16, Dvp * 4);
+    tile_dp<0, 4, 6>();
+    if constexpr (CT == 2) tile_dp<1, 4, 7>();
+    if constexpr (RT == 2) tile_dp<2, 5, 6>();
+    if constexpr (RT == 2 && CT == 2) tile_dp<3, 5, 7>();
+  }
+  tile_store<0>(o, 32 * 4);
+  if constexpr (CT == 2) tile_store<1>(o + 16, 32 * 4);
+  if constexpr (RT == 2) tile_store<2>(o + 16 * 32, 32 * 4);
+  if constexpr (RT == 2 && CT == 2) tile_store<3>(o + 16 * 32 + 16, 32 * 4);
+}
+
+// acc[r] = alpha[r] acc[r] + P V for rows r < M: this block's sum from zero, added once (see values_tile),
+// 32 rows x 32 columns at a time through ob (32, 32). p2 and vp2 offset to the first pair, np pairs.
+inline void amx_values(const uint32_t* p2, const uint32_t* vp2, int64_t Dvp, int64_t np, int64_t M, float* acc,
+                       const float* alpha, float* ob) {
+  for (int64_t m = 0; m < M; m += 32)
+    for (int64_t d = 0; d < Dvp; d += 32) {
+      const uint32_t* p = p2 + m * (BK / 2);
+      const uint32_t* v = vp2 + d;
+      const bool two_cols = Dvp - d > 16;  // Dvp is a multiple of 16
+      if (M - m > 16)
+        two_cols ? amx_values_tile<2, 2>(p, v, Dvp, np, ob) : amx_values_tile<2, 1>(p, v, Dvp, np, ob);
+      else
+        two_cols ? amx_values_tile<1, 2>(p, v, Dvp, np, ob) : amx_values_tile<1, 1>(p, v, Dvp, np, ob);
+      const int64_t rows = std::min<int64_t>(32, M - m), cols = two_cols ? 32 : 16;
+      for (int64_t r = 0; r < rows; ++r) {
+        const vreg a = vbcast(alpha[m + r]);
+        for (int64_t c = 0; c < cols; c += 16) {
+          float* x = acc + (m + r) * Dvp + d + c;
+          vstore(x, vfma(vload(x), a, vload(ob + r * 32 + c)));
+        }
+      }
+    }
+}
+
+// Whether the tiles give what the kernel expects of them: amx_scores_tile<2, 2> (two steps of the head)
+// and amx_values_tile<2, 2> (two steps of keys) on small integers, whose sums are exact in float32 in
+// any order, against plain loops. Run once per process before the tiles are used: a tile configuration
+// or layout the processor reads otherwise than the model (qkv_amx.h) does is caught here, and the
+// kernel runs vdpbf16ps instead (qkv_flash_amx says -2; the binding warns).
+inline bool amx_self_check() {
+  constexpr int64_t Dh = 32, NP = 32, DV = 32;  // head pairs, key pairs, value columns
+  std::vector<uint16_t> q(32 * 2 * Dh), kp(Dh * BK * 2);
+  std::vector<uint32_t> p2(32 * BK / 2), vp2(NP * DV);
+  std::vector<float> s(32 * BK, 0.0f), o(32 * 32, 0.0f);
+  auto small = [](int64_t x) { return f32_to_bf16(float(x % 7 - 3)); };  // -3 .. 3
+  for (int64_t r = 0; r < 32; ++r)
+    for (int64_t d = 0; d < 2 * Dh; ++d) q[r * 2 * Dh + d] = small(5 * r + 3 * d + 1);
+  for (int64_t d = 0; d < 2 * Dh; ++d)
+    for (int64_t c = 0; c < BK; ++c) kp[((d >> 1) * BK + c) * 2 + (d & 1)] = small(2 * c + 5 * d);
+  for (int64_t r = 0; r < 32; ++r)
+    for (int64_t w = 0; w < BK / 2; ++w) p2[r * (BK / 2) + w] = uint32_t(small(r + 3 * w)) | uint32_t(small(2 * r + w + 4)) << 16;
+  for (int64_t w = 0; w < NP; ++w)
+    for (int64_t c = 0; c < DV; ++c) vp2[w * DV + c] = uint32_t(small(w + 2 * c)) | uint32_t(small(3 * w + c + 2)) << 16;
+  amx_begin();
+  amx_scores_tile<2, 2>(q.data(), Dh, kp.data(), s.data());
+  amx_values_tile<2, 2>(p2.data(), vp2.data(), DV, NP, o.data());
+  amx_end();
+  for (int64_t r = 0; r < 32; ++r)
+    for (int64_t c = 0; c < 32; ++c) {
+      float want = 0.0f;
+      for (int64_t d = 0; d < 2 * Dh; ++d)
+        want += bf16_to_f32(q[r * 2 * Dh + d]) * bf16_to_f32(kp[((d >> 1) * BK + c) * 2 + (d & 1)]);
+      if (s[r * BK + c] != want) return false;
+      want = 0.0f;
+      for (int64_t w = 0; w < NP; ++w)
+        for (int j = 0; j < 2; ++j)
+          want += bf16_to_f32(uint16_t(p2[r * (BK / 2) + w] >> (16 * j))) * bf16_to_f32(uint16_t(vp2[w * DV + c] >> (16 * j)));
+      if (o[r * 32 + c] != want) return false;
+    }
+  return true;
+}
+
+// Where the tiles run: QKV_AMX (2 the processor's, 1 the model), -1 Linux refused the tile data, -2 the
+// self-check failed. Decided once per process.
+inline int amx_state() {
+  static const int state = !amx_permitted() ? -1 : amx_self_check() ? QKV_AMX : -2;
+  return state;
+}
+#endif
 
 template <int KIND>
 void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
@@ -750,6 +911,11 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
         });
     }
 #else
+#if QKV_AMX
+    if (P.amx)
+      amx_scores(W.q16.p, Dh, M, P.kp + ((bh - P.bh0) * P.nkb + kb) * Dh * BK * 2 + 32 * c0, S + 16 * c0, c1 - c0);
+    else
+#endif
     by_chunks(c1 - c0, [&](auto chunks) {
       constexpr int NC = decltype(chunks)::value, RS = rows_for(NC);
 #ifdef __AVX512BF16__
@@ -857,6 +1023,24 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     // 3. acc = alpha * acc + P V over the keys some row sees, [s0, s0 + n) = [a, z) of the block
     // (from an even key with vdpbf16ps, whose words hold pairs of keys; P is 0 outside [a, z)).
     const int64_t s0 = P.dp ? a & ~int64_t(1) : a, n = z - s0;
+#if QKV_AMX
+    if (P.amx) {  // over whole pairs of chunks (32 keys, a tile step) inside the block: [e0, e1)
+      int e0 = c0, e1 = c1;
+      if ((e1 - e0) & 1) {
+        if (e1 < NV)
+          ++e1;
+        else
+          --e0;
+      }
+      for (int64_t m = 0; m < M; ++m) {  // P = 0 on the chunk so added (its words hold an earlier block's)
+        if (e0 < c0) std::memset(W.p2.p + m * (BK / 2) + 8 * e0, 0, 32);
+        if (e1 > c1) std::memset(W.p2.p + m * (BK / 2) + 8 * c1, 0, 32);
+      }
+      const uint32_t* vp2 = P.vp2 + ((bh - P.bh0) * P.nkb * BK + j0 + 16 * e0) / 2 * Dvp;
+      amx_values(W.p2.p + 8 * e0, vp2, Dvp, 8 * (e1 - e0), M, W.acc.p, W.alpha.p, W.ob.p);
+      return;
+    }
+#endif
 #ifdef __AVX512BF16__
     if (P.dp) {
       const uint32_t* vp2 = P.vp2 + ((bh - P.bh0) * P.nkb * BK + j0 + s0) / 2 * Dvp;
@@ -883,6 +1067,9 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
                                            std::min<int64_t>(64, Dvp - d) / 16);
       });
   };
+#if QKV_AMX
+  if (P.amx) amx_begin();  // this thread's tiles configured
+#endif
   if (khi > klo) {
     if (!L) {
       for (int64_t kb = klo / BK; kb * BK < khi; ++kb) visit(kb, -1);
@@ -893,6 +1080,9 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       }
     }
   }
+#if QKV_AMX
+  if (P.amx) amx_end();
+#endif
   // 4. out = acc / sum, lse = max + log(sum); a row that saw nothing: 0 and -inf.
   for (int64_t m = 0; m < M; ++m) {
     const int64_t g = m / nr, i = i0 + m % nr, hq = h * P.G + g;
@@ -1060,8 +1250,13 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
 #else
   P.dp = false;
 #endif
+#if QKV_AMX
+  P.amx = P.dp && amx_state() > 0;
+#else
+  P.amx = false;
+#endif
   P.nkb = (P.Lk + BK - 1) / BK;
-  P.Dh = (D + 1) / 2;
+  P.Dh = P.amx ? (D + 31) / 32 * 16 : (D + 1) / 2;
   P.Dvp = (Dv + 15) / 16 * 16;
   if (threads < 1) threads = 1;
   // About 64 rows per item (the group's heads times the positions), 32 under a band bounded on
@@ -1118,6 +1313,18 @@ int qkv_flash_vector_width() { return VW; }
 // at head sizes near 256, miss the tolerance rule (the native backend, backend/native.py, refuses such
 // a build by name; the sparse backend takes only the AVX-512 build).
 int qkv_flash_has_fma() { return QKV_FMA; }
+
+// Where the bfloat16 forward's products run on AMX tiles (qkv_amx.h): 2 on the processor's (the build
+// targets AMX-BF16, Linux granted the tile data and the tiles passed amx_self_check), 1 on the software
+// model (a -DQKV_AMX_EMULATE build, for tests), 0 nowhere (no tiles in this build); nowhere, the
+// vdpbf16ps tiles running instead, because Linux refused the tile data (-1) or the self-check failed (-2).
+int qkv_flash_amx() {
+#if QKV_AMX
+  return amx_state();
+#else
+  return 0;
+#endif
+}
 
 // Whether bfloat16 scores use the processor's bfloat16 dot product (vdpbf16ps).
 int qkv_flash_has_bf16_dot() {

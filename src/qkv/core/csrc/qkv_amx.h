@@ -1,0 +1,191 @@
+// AMX tiles for the FA-2 forward kernel's bfloat16 products (flash_fwd_kernel.cpp): Intel's Advanced
+// Matrix Extensions, eight tile registers of up to 16 rows x 64 bytes and TDPBF16PS, C (16 x 16
+// float32) += A (16 x 32 bfloat16) B (16 pairs x 16 columns x 2 bfloat16), the pairs of B interleaved
+// along the sum as vdpbf16ps takes them (Intel 64 and IA-32 Architectures Software Developer's Manual,
+// vol. 1 ch. 18 "Programming with Intel AMX", vol. 2 TDPBF16PS/TILELOADD/LDTILECFG; Linux's
+// Documentation/arch/x86/xstate.rst for the permission below). Every tile is configured 16 x 64 bytes.
+//
+// QKV_AMX is 2 where the compiler targets AMX-TILE and AMX-BF16 (with AVX512-BF16: -march=native on a
+// Sapphire Rapids or later Xeon) on Linux: the processor's tiles, used when the kernel asks Linux for
+// the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, once per process) and gets it; where Linux
+// refuses, the kernel runs its vdpbf16ps tiles (qkv_flash_amx says which). QKV_AMX is 1 with
+// -DQKV_AMX_EMULATE on a build with AVX512-BF16: a software model of the same five operations, so the
+// kernel's use of the tiles (the packing, the tile walk, the padding) is tested on CPUs without AMX
+// (tests/core/test_native_flash_amx.py); slow, for tests only. -DQKV_NO_AMX leaves the tiles out (0),
+// for A/B runs (benchmarks/kernels_ab.py --define-after QKV_NO_AMX=1). -DQKV_EXPECT_AMX=N stops a build
+// whose QKV_AMX is not N, and -DQKV_AMX_EMULATE_WRONG makes the model read B's pairs swapped, as a
+// processor unlike the model would: the tests' checks of the build and of the kernel's self-check.
+//
+// The model follows the Software Developer's Manual's pseudocode of TDPBF16PS: for each row m and
+// column n, two float32 sums from zero, even += a[m][2k] b[k][n][0] and odd += a[m][2k+1] b[k][n][1]
+// in order over the 16 pairs k, then c[m][n] += even + odd; each product exact in float32, each sum
+// rounded to nearest even, bfloat16 subnormal inputs read as zero and subnormal results written as
+// zero. (The Intrinsics Guide's older pseudocode sums into c directly, pair by pair; the tests hold
+// the kernel to the tolerance rule, not to bits, so either order passes.)
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__) && \
+    !defined(QKV_NO_AMX) && !defined(QKV_AMX_EMULATE)
+#define QKV_AMX 2
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#elif defined(QKV_AMX_EMULATE) && defined(__AVX512BF16__) && !defined(QKV_NO_AMX)
+#define QKV_AMX 1
+#else
+#define QKV_AMX 0
+#endif
+#if defined(QKV_EXPECT_AMX) && QKV_EXPECT_AMX != QKV_AMX
+#error "QKV_AMX differs from QKV_EXPECT_AMX (a test's check of which tiles the build has)"
+#endif
+
+#if QKV_AMX
+namespace {
+
+constexpr int TILE_ROWS = 16;   // rows of every tile
+constexpr int TILE_BYTES = 64;  // bytes per row: 16 float32, 32 bfloat16 or 16 pairs
+
+#if QKV_AMX == 2
+// LDTILECFG's 64-byte operand: palette 1, every tile used 16 rows x 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Whether Linux lets this process use the tile data (asked once; the answer holds for every thread).
+inline bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+// The calling thread's tiles configured (before its first tile operation); amx_end releases them.
+inline void amx_begin() {
+  TileConfig c;
+  std::memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) c.colsb[t] = TILE_BYTES, c.rows[t] = TILE_ROWS;
+  _tile_loadconfig(&c);
+}
+inline void amx_end() { _tile_release(); }
+
+// The intrinsics take the tile's number as a literal (GCC pastes it into the instruction).
+template <int T>
+inline void tile_load(const void* p, int64_t stride) {
+  static_assert(T >= 0 && T < 8, "tiles 0 to 7");
+  if constexpr (T == 0) _tile_loadd(0, p, stride);
+  else if constexpr (T == 1) _tile_loadd(1, p, stride);
+  else if constexpr (T == 2) _tile_loadd(2, p, stride);
+  else if constexpr (T == 3) _tile_loadd(3, p, stride);
+  else if constexpr (T == 4) _tile_loadd(4, p, stride);
+  else if constexpr (T == 5) _tile_loadd(5, p, stride);
+  else if constexpr (T == 6) _tile_loadd(6, p, stride);
+  else _tile_loadd(7, p, stride);
+}
+template <int T>
+inline void tile_store(void* p, int64_t stride) {
+  static_assert(T >= 0 && T < 4, "the accumulators are tiles 0 to 3");
+  if constexpr (T == 0) _tile_stored(0, p, stride);
+  else if constexpr (T == 1) _tile_stored(1, p, stride);
+  else if constexpr (T == 2) _tile_stored(2, p, stride);
+  else _tile_stored(3, p, stride);
+}
+template <int T>
+inline void tile_zero() {
+  static_assert(T >= 0 && T < 4, "the accumulators are tiles 0 to 3");
+  if constexpr (T == 0) _tile_zero(0);
+  else if constexpr (T == 1) _tile_zero(1);
+  else if constexpr (T == 2) _tile_zero(2);
+  else _tile_zero(3);
+}
+// Accumulator C (0 to 3) += A (4 or 5) B (6 or 7): C = 2 (A - 4) + (B - 6).
+template <int C, int A, int B>
+inline void tile_dp() {
+  static_assert(A >= 4 && A < 6 && B >= 6 && B < 8 && C == 2 * (A - 4) + (B - 6), "C = 2 (A - 4) + (B - 6)");
+  if constexpr (C == 0) _tile_dpbf16ps(0, 4, 6);
+  else if constexpr (C == 1) _tile_dpbf16ps(1, 4, 7);
+  else if constexpr (C == 2) _tile_dpbf16ps(2, 5, 6);
+  else _tile_dpbf16ps(3, 5, 7);
+}
+
+#else  // QKV_AMX == 1: the software model
+
+inline bool amx_permitted() { return true; }
+
+struct EmulatedTiles {
+  alignas(64) uint8_t t[8][TILE_ROWS][TILE_BYTES];
+};
+inline EmulatedTiles& emulated_tiles() {
+  static thread_local EmulatedTiles tiles;
+  return tiles;
+}
+inline void amx_begin() { std::memset(&emulated_tiles(), 0, sizeof(EmulatedTiles)); }
+inline void amx_end() {}
+
+template <int T>
+inline void tile_load(const void* p, int64_t stride) {
+  for (int r = 0; r < TILE_ROWS; ++r) std::memcpy(emulated_tiles().t[T][r], (const char*)p + r * stride, TILE_BYTES);
+}
+template <int T>
+inline void tile_store(void* p, int64_t stride) {
+  for (int r = 0; r < TILE_ROWS; ++r) std::memcpy((char*)p + r * stride, emulated_tiles().t[T][r], TILE_BYTES);
+}
+template <int T>
+inline void tile_zero() {
+  std::memset(emulated_tiles().t[T], 0, sizeof(emulated_tiles().t[T]));
+}
+
+// A bfloat16 as float32, a subnormal as (signed) zero.
+inline float tile_bf16(uint16_t h) {
+  if ((h & 0x7f80u) == 0) h &= 0x8000u;
+  const uint32_t w = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &w, 4);
+  return f;
+}
+// x, a subnormal as (signed) zero.
+inline float tile_ftz(float x) {
+  uint32_t w;
+  std::memcpy(&w, &x, 4);
+  if ((w & 0x7f800000u) == 0) w &= 0x80000000u;
+  std::memcpy(&x, &w, 4);
+  return x;
+}
+
+template <int C, int A, int B>
+inline void tile_dp() {
+  static_assert(A >= 4 && A < 6 && B >= 6 && B < 8 && C == 2 * (A - 4) + (B - 6), "C = 2 (A - 4) + (B - 6)");
+  EmulatedTiles& e = emulated_tiles();
+  for (int m = 0; m < TILE_ROWS; ++m) {
+    float c[16], a[32], even[16] = {}, odd[16] = {};
+    std::memcpy(c, e.t[C][m], 64);
+    for (int x = 0; x < 32; ++x) {
+      uint16_t h;
+      std::memcpy(&h, e.t[A][m] + 2 * x, 2);
+      a[x] = tile_bf16(h);
+    }
+    for (int k = 0; k < 16; ++k)
+      for (int n = 0; n < 16; ++n) {
+        uint16_t b0, b1;
+#ifndef QKV_AMX_EMULATE_WRONG
+        std::memcpy(&b0, e.t[B][k] + 4 * n, 2);
+        std::memcpy(&b1, e.t[B][k] + 4 * n + 2, 2);
+#else  // a processor that read B's pairs the other way round (the test of the kernel's self-check)
+        std::memcpy(&b0, e.t[B][k] + 4 * n + 2, 2);
+        std::memcpy(&b1, e.t[B][k] + 4 * n, 2);
+#endif
+        // Each sum rounded; the products are exact (8-bit by 8-bit significands), so a fused
+        // multiply-add rounds them the same.
+        even[n] = tile_ftz(even[n] + a[2 * k] * tile_bf16(b0));
+        odd[n] = tile_ftz(odd[n] + a[2 * k + 1] * tile_bf16(b1));
+      }
+    for (int n = 0; n < 16; ++n) c[n] = tile_ftz(c[n] + tile_ftz(even[n] + odd[n]));
+    std::memcpy(e.t[C][m], c, 64);
+  }
+}
+#endif
+
+}  // namespace
+#endif  // QKV_AMX
