@@ -1,16 +1,19 @@
-"""The native forward kernel's AMX tiles (csrc/qkv_amx.h, flash_fwd_kernel.cpp's amx_scores and
-amx_values): bfloat16's scores and P V on tiles of 16 rows, 32 bfloat16 of the head (or 32 keys) per
-step, with the head padded to a multiple of 32, work-item rows to a multiple of 32 and P V widened to
-whole pairs of 16-key chunks.
+"""The native FA-2 kernels' AMX tiles (csrc/qkv_amx.h): the forward's bfloat16 scores and P V
+(flash_fwd_kernel.cpp's amx_scores and amx_values: tiles of 16 rows, 32 bfloat16 of the head, or 32 keys,
+per step, the head padded to a multiple of 32, work-item rows to a multiple of 32, P V widened to whole
+pairs of 16-key chunks), and the backward's five bfloat16 products (flash_bwd_kernel.cpp's gemm_amx: A
+packed 32 rows at a time, transposed where P^T and dS^T are read, K padded to steps of 16 pairs).
 
 Where the CPU has no AMX (every machine these tests were written on), the kernel is built with
 -DQKV_AMX_EMULATE: the same tile walk on a software model of the five tile operations (TDPBF16PS as
-the manual's pseudocode), made the native backend's forward kernel, and checked against the float64
+the manual's pseudocode), made the native backend's kernels, and checked against the float64
 reference by the tolerance rule on the native tests' own cases: head sizes 8 to 256 and odd ones
 (padding inside a tile step), ragged lengths, GQA and multi-query (items of 5 to 64 rows: one or two
 row tiles, the second part-filled), causal and windowed bands (chunk ranges of odd length, widened at
-either end of the block), rows that see no key, BlockMasks' partial blocks, and gradients (the
-backward, on vdpbf16ps, recomputes P from the tiles' lse). A build where the CPU has AMX (-march=native
+either end of the block), rows that see no key, BlockMasks' partial blocks, and the backward's
+gradients on the backward tests' own cases (bands, BlockMasks, narrowed strips, d_lse). Each kernel
+checks the tiles against plain loops once before it uses them; a model made to read the operands
+otherwise shows that check catching it. A build where the CPU has AMX (-march=native
 defines __AMX_BF16__) runs the processor's tiles in every native test of the suite; the last test here
 makes sure it does. The real path's code is compiled here for a Sapphire Rapids target (not run).
 """
@@ -23,6 +26,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+import test_native_flash_bwd as bwd_tests
+import test_native_flash_bwd_blocks as bwd_block_tests
 import torch
 from random_qkv import random_inputs
 from test_native_flash import CASES, GRAD_CASES, WIDE_CASES
@@ -32,10 +37,10 @@ from test_native_flash_blocks import _check as check_blocks
 from test_native_flash_blocks import _inputs as block_inputs
 
 import qkv
-from native_checks import check_forward
+from native_checks import check_forward, check_large_logit_gradients
 from qkv.bench.kernels import build_for
 from qkv.core import _kernels
-from qkv.core.engines import native_flash
+from qkv.core.engines import native_flash, native_flash_bwd
 from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -55,38 +60,61 @@ def _cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
+def _build(*defines):
+    """(forward, backward) built -march=native with `defines`, typed."""
+    return (native_flash.typed(build_for("flash_fwd_kernel", "native", defines=list(defines))),
+            native_flash_bwd.typed(build_for("flash_bwd_kernel", "native", defines=list(defines))))
+
+
 @pytest.fixture(scope="module")
 def emulated():
-    """The forward kernel built -march=native -DQKV_AMX_EMULATE, typed; skipped where the CPU has no
+    """(forward, backward) built -march=native -DQKV_AMX_EMULATE; skipped where the CPU has no
     AVX512-BF16 (the tiles replace the vdpbf16ps path, which such a build does not have)."""
     default = native_flash.lib()
     if default is None or not default.bf16_dot:
         pytest.skip("the AMX path replaces the AVX512-BF16 one, which this CPU's build does not have")
-    return native_flash.typed(build_for("flash_fwd_kernel", "native", defines=["QKV_AMX_EMULATE"]))
+    return _build("QKV_AMX_EMULATE")
 
 
 @pytest.fixture
 def tiles(emulated, monkeypatch):
-    """The emulated build as the native backend's forward kernel."""
-    monkeypatch.setattr(native_flash, "lib", lambda: emulated)
-    return emulated
+    """The emulated builds as the native backend's kernels; returns the forward."""
+    monkeypatch.setattr(native_flash, "lib", lambda: emulated[0])
+    monkeypatch.setattr(native_flash_bwd, "lib", lambda: emulated[1])
+    return emulated[0]
+
+
+def _default():
+    """(forward, backward) of the build qkv makes here (-march=native, no tiles on this CPU)."""
+    return (native_flash.typed(_kernels.load("flash_fwd_kernel")),
+            native_flash_bwd.typed(_kernels.load("flash_bwd_kernel")))
 
 
 def test_the_emulated_build_reports_its_tiles(emulated):
-    assert (emulated.amx, emulated.bf16_dot, emulated.vector_width) == (1, True, 16)
+    fwd, bwd = emulated
+    assert (fwd.amx, fwd.bf16_dot, fwd.vector_width, bwd.amx) == (1, True, 16, 1)
+
+
+def _grads(q, k, v, up, **kw):
+    """out, lse and the gradients of out . up through backend="native"."""
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = qkv.attention_with_lse(*xs, backend="native", **kw)
+    return (out.detach(), lse.detach(), *torch.autograd.grad(out, xs, up))
 
 
 def test_the_tiles_run(tiles):
-    """The tiles, not the vdpbf16ps path, computed the emulated build's bfloat16 result: the two sum
-    the head in other orders (and other pairs), so lse's bits differ somewhere."""
-    q, k, v = random_inputs(1, 4, 2, 130, 257, 64, 64, torch.bfloat16, seed=1)
-    _, lse_tiles = qkv.attention_with_lse(q, k, v, backend="native")
-    default = _kernels.load("flash_fwd_kernel")
-    assert native_flash.typed(default).amx == 0
+    """The tiles, not the vdpbf16ps path, computed the emulated builds' bfloat16 results: the two sum in
+    other orders (and other pairs), so lse's and each gradient's bits differ somewhere."""
+    q, k, v, up = random_inputs(1, 4, 2, 130, 257, 64, 64, torch.bfloat16, seed=1, upstream=True)
+    with_tiles = _grads(q, k, v, up, causal=True)
+    fwd, bwd = _default()
+    assert (fwd.amx, bwd.amx) == (0, 0)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(native_flash, "lib", lambda: native_flash.typed(default))
-        _, lse_dot = qkv.attention_with_lse(q, k, v, backend="native")
-    assert not torch.equal(lse_tiles, lse_dot)
+        mp.setattr(native_flash, "lib", lambda: fwd)
+        mp.setattr(native_flash_bwd, "lib", lambda: bwd)
+        without = _grads(q, k, v, up, causal=True)
+    for name, a, b in zip(("lse", "dq", "dk", "dv"), with_tiles[1:], without[1:]):
+        assert not torch.equal(a, b), f"{name}: the same bits as the vdpbf16ps path"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
@@ -142,15 +170,31 @@ def test_gradients_follow_the_reference(tiles, case):
         assert_within_rule(g, gp, ge, factor=GRAD_FACTOR, what=f"{what} d{name}")
 
 
+@pytest.mark.parametrize("case", list(bwd_tests.CASES))
+def test_backward_follows_the_reference(tiles, case):
+    """The backward tests' cases (GQA, bands, rows that see no key, head sizes 3 to 256, one key):
+    gemm_amx with K of 1 to 128 pairs, M and N not multiples of 32, transposed A."""
+    B, Hq, Hkv, Lq, Lk, D, Dv, kw = bwd_tests.CASES[case]
+    q, k, v, up = bwd_tests._inputs(B, Hq, Hkv, Lq, Lk, D, Dv, torch.bfloat16, seed=zlib.crc32(case.encode()) % 1000)
+    bwd_tests._check(q, k, v, up, kw, f"amx {case}")
+
+
+@pytest.mark.parametrize("case", list(bwd_block_tests.NARROW_CASES)[:5])
+def test_backward_under_block_masks_and_d_lse(tiles, case):
+    q, k, v, d_out, d_lse, kw, control = bwd_block_tests._narrow_case(case, torch.bfloat16)
+    bwd_block_tests._check(q, k, v, d_out, d_lse, kw, f"amx narrow {case}", control=control)
+
+
 def test_float32_never_takes_the_tiles(tiles):
-    """float32 runs its own tiles in the emulated build too: bit for bit the default build's."""
-    q, k, v = random_inputs(1, 4, 2, 130, 257, 64, 64, torch.float32, seed=2)
-    out_tiles, lse_tiles = qkv.attention_with_lse(q, k, v, backend="native", causal=True)
-    default = native_flash.typed(_kernels.load("flash_fwd_kernel"))
+    """float32 runs its own tiles in the emulated builds too: bit for bit the default builds'."""
+    q, k, v, up = random_inputs(1, 4, 2, 130, 257, 64, 64, torch.float32, seed=2, upstream=True)
+    with_tiles = _grads(q, k, v, up, causal=True)
+    fwd, bwd = _default()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(native_flash, "lib", lambda: default)
-        out, lse = qkv.attention_with_lse(q, k, v, backend="native", causal=True)
-    assert torch.equal(out_tiles, out) and torch.equal(lse_tiles, lse)
+        mp.setattr(native_flash, "lib", lambda: fwd)
+        mp.setattr(native_flash_bwd, "lib", lambda: bwd)
+        without = _grads(q, k, v, up, causal=True)
+    assert all(torch.equal(a, b) for a, b in zip(with_tiles, without))
 
 
 def test_the_processors_tiles_compile(tmp_path):
@@ -185,18 +229,25 @@ def test_a_cpu_with_amx_runs_its_tiles():
 
 
 def test_tiles_unlike_the_model_are_caught_and_not_used(tiles):
-    """The kernel's self-check (amx_self_check, once per process) compares the tiles with plain loops before
-    it uses them: a build whose tiles read B's pairs swapped (-DQKV_AMX_EMULATE_WRONG, as a processor
-    unlike the model would) says so (-2), warns by name, and its results are the vdpbf16ps path's."""
-    with pytest.warns(RuntimeWarning, match="self-check"):
-        wrong = native_flash.typed(build_for("flash_fwd_kernel", "native",
-                                             defines=["QKV_AMX_EMULATE", "QKV_AMX_EMULATE_WRONG"]))
-    assert wrong.amx == -2
-    q, k, v = random_inputs(1, 4, 2, 130, 257, 64, 64, torch.bfloat16, seed=4)
-    default = native_flash.typed(_kernels.load("flash_fwd_kernel"))
+    """Each kernel's self-check (amx_self_check, once per library) compares the tiles with plain loops before
+    it uses them: builds whose tiles read B's pairs swapped (-DQKV_AMX_EMULATE_WRONG, as a processor unlike
+    the model would) say so (-2), warn by name, and give the vdpbf16ps path's results, bit for bit."""
+    with pytest.warns(RuntimeWarning, match="self-check") as caught:
+        fwd, bwd = _build("QKV_AMX_EMULATE", "QKV_AMX_EMULATE_WRONG")
+    assert (fwd.amx, bwd.amx) == (-2, -2)
+    assert {str(w.message).split("; ")[1].split(" runs")[0] for w in caught} == \
+        {"the native bfloat16 forward", "the native bfloat16 backward"}
+    q, k, v, up = random_inputs(1, 4, 2, 130, 257, 64, 64, torch.bfloat16, seed=4, upstream=True)
     results = []
-    for kernel in (wrong, default):
+    for pair in ((fwd, bwd), _default()):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(native_flash, "lib", lambda kernel=kernel: kernel)
-            results.append(qkv.attention_with_lse(q, k, v, backend="native", causal=True))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+            mp.setattr(native_flash, "lib", lambda pair=pair: pair[0])
+            mp.setattr(native_flash_bwd, "lib", lambda pair=pair: pair[1])
+            results.append(_grads(q, k, v, up, causal=True))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_large_logits_dv_is_exact_where_p_is_one(tiles):
+    """The backward recomputes the forward's scores on the same tiles (zero, then the same steps of 16
+    pairs): at scale 1000 one key's P is 1 exactly, so dv is dO bit for bit."""
+    check_large_logit_gradients(torch.bfloat16, "amx bfloat16")

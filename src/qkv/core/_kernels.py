@@ -47,7 +47,7 @@ EXPORTS = {"decode_kernel": ("qkv_decode", "qkv_decode_partials", "qkv_decode_ha
                              "qkv_decode_vector_width", "qkv_decode_has_fma"),
            "flash_fwd_kernel": ("qkv_flash_fwd", "qkv_flash_fwd_version", "qkv_flash_has_bf16_dot",
                                  "qkv_flash_vector_width", "qkv_flash_has_fma", "qkv_flash_amx"),
-           "flash_bwd_kernel": ("qkv_flash_bwd", "qkv_flash_bwd_version")}
+           "flash_bwd_kernel": ("qkv_flash_bwd", "qkv_flash_bwd_version", "qkv_flash_bwd_amx")}
 # Temporary files of a build older than this are leftovers of a killed process: longer than
 # the two compiler runs of a build (300 s each) can take.
 _STALE_S = 900
@@ -282,6 +282,26 @@ def status(name: str) -> str:
     """'compiled', or why the kernel is not available."""
     load(name)
     return _why[name]
+
+
+def amx_state(kernel: ctypes.CDLL, symbol: str, what: str) -> int:
+    """Where a loaded FA-2 kernel's bfloat16 products run on AMX tiles (csrc/qkv_amx.h), from its export
+    `symbol`: 2 on the processor's, 1 on a software model (a test build), 0 on none (no tiles in the build,
+    or a build of a revision from before them, without the export); -1 and -2 on none because Linux refused
+    the process the tile data or the tiles failed the kernel's self-check, each said in a warning (`what`
+    runs on the AVX512-BF16 dot product instead)."""
+    fn = getattr(kernel, symbol, None)
+    if fn is None:
+        return 0
+    fn.restype = ctypes.c_int
+    state = int(fn())
+    if state < 0:
+        why = ("Linux refused this process the AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM)" if state == -1
+               else "the AMX tiles failed the kernel's self-check (they did not compute what csrc/qkv_amx.h models)")
+        bug = ". This is a bug in qkv: please report it with your CPU's model name." if state == -2 else "."
+        warnings.warn(f"qkv: {why}; {what} runs on the AVX512-BF16 dot product instead (correct, slower){bug}",
+                      RuntimeWarning, stacklevel=3)
+    return state
 
 
 def warn_unavailable(name: str, what: str) -> None:

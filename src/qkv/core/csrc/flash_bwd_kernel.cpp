@@ -100,6 +100,7 @@
 #include "qkv_block_lists.h"  // struct QkvBlockLists, shared with the other FA-2 kernel
 #include "qkv_simd.h"  // v16 and its kin, splat, vexp: shared by the kernels
 #include "qkv_threads.h"  // on_threads: shared by the kernels
+#include "qkv_amx.h"   // QKV_AMX and the tile operations (the bfloat16 products on AMX tiles)
 
 namespace {
 
@@ -319,6 +320,95 @@ void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m
     micro_bf16_cols<1, ACC>(N, K2, A + (m + r) * as_m, as_m, as_k, B, ldb, C + (m + r) * ldc, ldc);
 }
 
+#if QKV_AMX
+// gemm_bf16 on AMX tiles (qkv_amx.h): rows [0, 16 RT) x columns [0, 16 CT) of cbuf (32 x 32 floats) =
+// ap (32 rows x K2p pairs, zero past the operand's) . B (K2 pairs x N, rows ldb words apart) offset to
+// the first column, over steps of 16 pairs: B read in place where a step has 16 pairs, the last step
+// of a K2 that is not a multiple of 16 packed with zero rows into bpack (16 x 32 words).
+template <int RT, int CT>
+void gemm_amx_tile(const uint32_t* ap, int64_t K2p, const uint32_t* B, int64_t ldb, int64_t K2, uint32_t* bpack,
+                   float* cbuf) {
+  tile_zero<0>();
+  if constexpr (CT == 2) tile_zero<1>();
+  if constexpr (RT == 2) tile_zero<2>();
+  if constexpr (RT == 2 && CT == 2) tile_zero<3>();
+  for (int64_t k0 = 0; k0 < K2p; k0 += 16) {
+    tile_load<4>(ap + k0, K2p * 4);
+    if constexpr (RT == 2) tile_load<5>(ap + 16 * K2p + k0, K2p * 4);
+    const uint32_t* b = B + k0 * ldb;
+    int64_t bld = ldb;
+    if (k0 + 16 > K2) {  // the last step, part-filled
+      for (int64_t r = 0; r < 16; ++r)
+        for (int64_t c = 0; c < 16 * CT; ++c) bpack[r * 32 + c] = k0 + r < K2 ? B[(k0 + r) * ldb + c] : 0u;
+      b = bpack, bld = 32;
+    }
+    tile_load<6>(b, bld * 4);
+    if constexpr (CT == 2) tile_load<7>(b + 16, bld * 4);
+    tile_dp<0, 4, 6>();
+    if constexpr (CT == 2) tile_dp<1, 4, 7>();
+    if constexpr (RT == 2) tile_dp<2, 5, 6>();
+    if constexpr (RT == 2 && CT == 2) tile_dp<3, 5, 7>();
+  }
+  tile_store<0>(cbuf, 32 * 4);
+  if constexpr (CT == 2) tile_store<1>(cbuf + 16, 32 * 4);
+  if constexpr (RT == 2) tile_store<2>(cbuf + 16 * 32, 32 * 4);
+  if constexpr (RT == 2 && CT == 2) tile_store<3>(cbuf + 16 * 32 + 16, 32 * 4);
+}
+
+// gemm_bf16 (same arguments, the same products summed in another order) on AMX tiles: A packed 32
+// rows at a time into 16-pair steps (zero past M and K2; a transposed A, as_k != 1, gathered), 2 x 2
+// accumulator tiles, C (+)= the tiles' sums through a 32 x 32 buffer. The calling thread's tiles must
+// be configured (amx_begin).
+template <bool ACC>
+void gemm_amx(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k, const uint32_t* B,
+              int64_t ldb, float* C, int64_t ldc) {
+  const int64_t K2p = (K2 + 15) / 16 * 16;
+  thread_local std::vector<uint32_t> apack;
+  alignas(64) uint32_t bpack[16 * 32];
+  alignas(64) float cbuf[32 * 32];
+  if ((int64_t)apack.size() < 32 * K2p) apack.resize(32 * K2p);
+  uint32_t* ap = apack.data();
+  for (int64_t m0 = 0; m0 < M; m0 += 32) {
+    const int64_t rows = std::min<int64_t>(32, M - m0);
+    if (as_k == 1) {
+      for (int64_t r = 0; r < 32; ++r)
+        for (int64_t p = 0; p < K2p; ++p) ap[r * K2p + p] = r < rows && p < K2 ? A[(m0 + r) * as_m + p] : 0u;
+    } else {
+      for (int64_t p = 0; p < K2p; ++p)
+        for (int64_t r = 0; r < 32; ++r) ap[r * K2p + p] = r < rows && p < K2 ? A[(m0 + r) * as_m + p * as_k] : 0u;
+    }
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+      const bool two_cols = N - n0 > 16;  // N is a multiple of 16
+      if (rows > 16)
+        two_cols ? gemm_amx_tile<2, 2>(ap, K2p, B + n0, ldb, K2, bpack, cbuf)
+                 : gemm_amx_tile<2, 1>(ap, K2p, B + n0, ldb, K2, bpack, cbuf);
+      else
+        two_cols ? gemm_amx_tile<1, 2>(ap, K2p, B + n0, ldb, K2, bpack, cbuf)
+                 : gemm_amx_tile<1, 1>(ap, K2p, B + n0, ldb, K2, bpack, cbuf);
+      const int64_t cols = two_cols ? 32 : 16;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; c += 16) {
+          float* out = C + (m0 + r) * ldc + n0 + c;
+          const __m512 sum = _mm512_load_ps(cbuf + r * 32 + c);
+          _mm512_storeu_ps(out, ACC ? _mm512_add_ps(_mm512_loadu_ps(out), sum) : sum);
+        }
+    }
+  }
+}
+#endif
+
+// The bfloat16 products: gemm_bf16 (vdpbf16ps), or gemm_amx where the tiles run (amx).
+template <bool ACC>
+inline void gemm_dot(bool amx, int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k,
+                     const uint32_t* B, int64_t ldb, float* C, int64_t ldc) {
+#if QKV_AMX
+  if (amx) return gemm_amx<ACC>(M, N, K2, A, as_m, as_k, B, ldb, C, ldc);
+#else
+  (void)amx;
+#endif
+  gemm_bf16<ACC>(M, N, K2, A, as_m, as_k, B, ldb, C, ldc);
+}
+
 // Rows lo and hi (16 float32 each) rounded to bfloat16 and interleaved: 16 words (lo[t], hi[t]).
 inline __m512i pair_rows(__m512 lo, __m512 hi) {
   const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
@@ -353,6 +443,7 @@ struct Args {
   // (rows of q at its strides, dO contiguous): no copy, and no fresh pages to fault in.
   bool q_direct, do_direct;
   bool bf16dot;     // bfloat16 inputs on the AVX512-BF16 dot product
+  bool amx;         // bf16dot's products on AMX tiles (gemm_amx)
   uint16_t* q16;    // (B, Hq, Lq, Dp2) bfloat16 queries (bf16 dot product only), else null
   uint16_t* do16;   // (B, Hq, Lq, Dvp2) bfloat16 dO, else null
   // Even head sizes with even strides and 4-byte aligned rows are read in place (as words of
@@ -602,8 +693,8 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
   auto scores = [&](int64_t r0, int64_t r1, int64_t k0, int64_t k1) {
 #ifdef __AVX512BF16__
     if (KIND == 1 && A.bf16dot) {
-      gemm_bf16<false>(r1 - r0, k1 - k0, A.Dp2 / 2, q16 + r0 * q16ld, q16ld, 1, W.kp + k0, BK, s + r0 * BK + k0, BK);
-      gemm_bf16<false>(r1 - r0, k1 - k0, A.Dvp2 / 2, do16 + r0 * (A.Dvp2 / 2), A.Dvp2 / 2, 1, W.vp + k0, BK,
+      gemm_dot<false>(A.amx, r1 - r0, k1 - k0, A.Dp2 / 2, q16 + r0 * q16ld, q16ld, 1, W.kp + k0, BK, s + r0 * BK + k0, BK);
+      gemm_dot<false>(A.amx, r1 - r0, k1 - k0, A.Dvp2 / 2, do16 + r0 * (A.Dvp2 / 2), A.Dvp2 / 2, 1, W.vp + k0, BK,
                        dp + r0 * BK + k0, BK);
       return;
     }
@@ -725,12 +816,12 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
     chunk_runs([&](int c, int end) {
       const int64_t k0 = 16 * c, kn = 16 * (end - c), p0 = h0[c] * RS / 2;
       const int64_t np = (std::min<int64_t>(bq, h1[c] * RS) - h0[c] * RS + 1) / 2;
-      gemm_bf16<true>(kn, Dvp, np, W.p2 + p0 * BK + k0, 1, BK, do2 + p0 * Dvp, Dvp, W.dv + k0 * Dvp, Dvp);  // dV += P^T dO
-      gemm_bf16<true>(kn, Dp, np, W.ds2 + p0 * BK + k0, 1, BK, q2 + p0 * Dp, Dp, W.dk + k0 * Dp, Dp);       // dK += dS^T Q
+      gemm_dot<true>(A.amx, kn, Dvp, np, W.p2 + p0 * BK + k0, 1, BK, do2 + p0 * Dvp, Dvp, W.dv + k0 * Dvp, Dvp);  // dV += P^T dO
+      gemm_dot<true>(A.amx, kn, Dp, np, W.ds2 + p0 * BK + k0, 1, BK, q2 + p0 * Dp, Dp, W.dk + k0 * Dp, Dp);       // dK += dS^T Q
     });
     strip_runs([&](int sp, int end) {
       const int64_t r0 = sp * RS, r1 = std::min<int64_t>(bq, end * RS), k0 = 16 * ca[sp];
-      gemm_bf16<true>(r1 - r0, Dp, 8 * (cz[sp] - ca[sp]), W.dsr + r0 * (BK / 2) + k0 / 2, BK / 2, 1,
+      gemm_dot<true>(A.amx, r1 - r0, Dp, 8 * (cz[sp] - ca[sp]), W.dsr + r0 * (BK / 2) + k0 / 2, BK / 2, 1,
                       W.k2 + k0 / 2 * Dp, Dp, dq + r0 * Dp, Dp);  // dQ += dS K
     });
     return;
@@ -926,7 +1017,13 @@ int run_all(Args& A, int nthreads) {
   const int64_t items = A.B * A.Hkv * A.nsplit;
   parallel(nthreads, items, [&](int t, int64_t it) {
     const int64_t split = it % A.nsplit, bh = it / A.nsplit;
+#if QKV_AMX
+    if (A.amx) amx_begin();  // this thread's tiles configured
+#endif
     run_item<KIND>(A, *scratch[t], bh / A.Hkv, bh % A.Hkv, split);
+#if QKV_AMX
+    if (A.amx) amx_end();
+#endif
   });
   scratch.clear();
   // dq = scale * (sum of the splits' accumulators), cropped to D (in place where dq was the one).
@@ -1027,6 +1124,11 @@ static int flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, i
   std::unique_ptr<float[]> delta(new float[rows]), lse_s(new float[rows]);
   std::unique_ptr<float[]> dqp(direct ? nullptr : new float[A.nsplit * rows * A.Dp]);
   A.bf16dot = bf16dot;
+#if QKV_AMX
+  A.amx = bf16dot && amx_state() > 0;
+#else
+  A.amx = false;
+#endif
   A.q16_direct = bf16dot && D % 2 == 0 && qst[0] % 2 == 0 && qst[1] % 2 == 0 && qst[2] % 2 == 0 &&
                  (reinterpret_cast<uintptr_t>(q) & 3) == 0;
   A.do16_direct = bf16dot && Dv % 2 == 0 && (reinterpret_cast<uintptr_t>(dout) & 3) == 0;  // dO is contiguous
@@ -1063,5 +1165,14 @@ int qkv_flash_bwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
 }
 
 int qkv_flash_bwd_version() { return 3; }
+
+// Where the bfloat16 backward's products run on AMX tiles: as qkv_flash_amx (flash_fwd_kernel.cpp).
+int qkv_flash_bwd_amx() {
+#if QKV_AMX
+  return amx_state();
+#else
+  return 0;
+#endif
+}
 
 }  // extern "C"

@@ -787,50 +787,6 @@ inline void amx_values(const uint32_t* p2, const uint32_t* vp2, int64_t Dvp, int
     }
 }
 
-// Whether the tiles give what the kernel expects of them: amx_scores_tile<2, 2> (two steps of the head)
-// and amx_values_tile<2, 2> (two steps of keys) on small integers, whose sums are exact in float32 in
-// any order, against plain loops. Run once per process before the tiles are used: a tile configuration
-// or layout the processor reads otherwise than the model (qkv_amx.h) does is caught here, and the
-// kernel runs vdpbf16ps instead (qkv_flash_amx says -2; the binding warns).
-inline bool amx_self_check() {
-  constexpr int64_t Dh = 32, NP = 32, DV = 32;  // head pairs, key pairs, value columns
-  std::vector<uint16_t> q(32 * 2 * Dh), kp(Dh * BK * 2);
-  std::vector<uint32_t> p2(32 * BK / 2), vp2(NP * DV);
-  std::vector<float> s(32 * BK, 0.0f), o(32 * 32, 0.0f);
-  auto small = [](int64_t x) { return f32_to_bf16(float(x % 7 - 3)); };  // -3 .. 3
-  for (int64_t r = 0; r < 32; ++r)
-    for (int64_t d = 0; d < 2 * Dh; ++d) q[r * 2 * Dh + d] = small(5 * r + 3 * d + 1);
-  for (int64_t d = 0; d < 2 * Dh; ++d)
-    for (int64_t c = 0; c < BK; ++c) kp[((d >> 1) * BK + c) * 2 + (d & 1)] = small(2 * c + 5 * d);
-  for (int64_t r = 0; r < 32; ++r)
-    for (int64_t w = 0; w < BK / 2; ++w) p2[r * (BK / 2) + w] = uint32_t(small(r + 3 * w)) | uint32_t(small(2 * r + w + 4)) << 16;
-  for (int64_t w = 0; w < NP; ++w)
-    for (int64_t c = 0; c < DV; ++c) vp2[w * DV + c] = uint32_t(small(w + 2 * c)) | uint32_t(small(3 * w + c + 2)) << 16;
-  amx_begin();
-  amx_scores_tile<2, 2>(q.data(), Dh, kp.data(), s.data());
-  amx_values_tile<2, 2>(p2.data(), vp2.data(), DV, NP, o.data());
-  amx_end();
-  for (int64_t r = 0; r < 32; ++r)
-    for (int64_t c = 0; c < 32; ++c) {
-      float want = 0.0f;
-      for (int64_t d = 0; d < 2 * Dh; ++d)
-        want += bf16_to_f32(q[r * 2 * Dh + d]) * bf16_to_f32(kp[((d >> 1) * BK + c) * 2 + (d & 1)]);
-      if (s[r * BK + c] != want) return false;
-      want = 0.0f;
-      for (int64_t w = 0; w < NP; ++w)
-        for (int j = 0; j < 2; ++j)
-          want += bf16_to_f32(uint16_t(p2[r * (BK / 2) + w] >> (16 * j))) * bf16_to_f32(uint16_t(vp2[w * DV + c] >> (16 * j)));
-      if (o[r * 32 + c] != want) return false;
-    }
-  return true;
-}
-
-// Where the tiles run: QKV_AMX (2 the processor's, 1 the model), -1 Linux refused the tile data, -2 the
-// self-check failed. Decided once per process.
-inline int amx_state() {
-  static const int state = !amx_permitted() ? -1 : amx_self_check() ? QKV_AMX : -2;
-  return state;
-}
 #endif
 
 template <int KIND>

@@ -187,5 +187,59 @@ inline void tile_dp() {
 }
 #endif
 
+// Whether the tiles compute what the kernels expect of them: two steps of 16 pairs into 2 x 2
+// accumulators (the kernels' tile walk: A in tiles 4-5, B in 6-7, C = 2 (A - 4) + (B - 6)), on small
+// integers whose sums are exact in float32 in any order, against plain loops. A tile configuration or
+// operand layout that the processor reads otherwise than this header models is caught here, before a
+// kernel uses the tiles.
+inline bool amx_self_check() {
+  constexpr int K2 = 32, N = 32;  // pairs of the sum, columns
+  alignas(64) uint32_t a[32 * K2], b[K2 * N];
+  alignas(64) float c[32 * N];
+  auto small = [](int64_t x) -> uint32_t {  // -3 .. 3 as a bfloat16 (exact: the float's top half)
+    const float f = float(x % 7 - 3);
+    uint32_t w;
+    std::memcpy(&w, &f, 4);
+    return w >> 16;
+  };
+  auto value = [](uint32_t h) {
+    const uint32_t w = (h & 0xffffu) << 16;
+    float f;
+    std::memcpy(&f, &w, 4);
+    return f;
+  };
+  for (int r = 0; r < 32; ++r)
+    for (int p = 0; p < K2; ++p) a[r * K2 + p] = small(5 * r + 3 * p + 1) | small(r + 2 * p + 4) << 16;
+  for (int p = 0; p < K2; ++p)
+    for (int n = 0; n < N; ++n) b[p * N + n] = small(2 * n + 5 * p) | small(3 * p + n + 2) << 16;
+  amx_begin();
+  tile_zero<0>(), tile_zero<1>(), tile_zero<2>(), tile_zero<3>();
+  for (int p = 0; p < K2; p += 16) {
+    tile_load<4>(a + p, K2 * 4);
+    tile_load<5>(a + 16 * K2 + p, K2 * 4);
+    tile_load<6>(b + p * N, N * 4);
+    tile_load<7>(b + p * N + 16, N * 4);
+    tile_dp<0, 4, 6>(), tile_dp<1, 4, 7>(), tile_dp<2, 5, 6>(), tile_dp<3, 5, 7>();
+  }
+  tile_store<0>(c, N * 4), tile_store<1>(c + 16, N * 4);
+  tile_store<2>(c + 16 * N, N * 4), tile_store<3>(c + 16 * N + 16, N * 4);
+  amx_end();
+  for (int r = 0; r < 32; ++r)
+    for (int n = 0; n < N; ++n) {
+      float want = 0.0f;
+      for (int p = 0; p < K2; ++p)
+        want += value(a[r * K2 + p]) * value(b[p * N + n]) + value(a[r * K2 + p] >> 16) * value(b[p * N + n] >> 16);
+      if (c[r * N + n] != want) return false;
+    }
+  return true;
+}
+
+// Where the tiles run: QKV_AMX (2 the processor's, 1 the model), -1 Linux refused the tile data, -2
+// the self-check failed. Decided once per process (per kernel library).
+inline int amx_state() {
+  static const int state = !amx_permitted() ? -1 : amx_self_check() ? QKV_AMX : -2;
+  return state;
+}
+
 }  // namespace
 #endif  // QKV_AMX

@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib
-import warnings
 from types import ModuleType
 from typing import Optional
 
@@ -70,19 +69,7 @@ def typed(kernel):
     kernel.vector_width = int(kernel.qkv_flash_vector_width())  # 16 (AVX-512), 8 (AVX, AVX2) or 4
     kernel.qkv_flash_has_fma.restype = ctypes.c_int
     kernel.fma = bool(kernel.qkv_flash_has_fma())
-    # Where bfloat16's products run on AMX tiles: 2 the processor's, 1 a software model (tests), 0 none in
-    # the build, -1 none because Linux refused the tile data (csrc/qkv_amx.h). A build of a revision from
-    # before the tiles (benchmarks/kernels_ab.py) has no such export: 0.
-    amx = getattr(kernel, "qkv_flash_amx", None)
-    if amx is not None:
-        amx.restype = ctypes.c_int
-    kernel.amx = int(amx()) if amx is not None else 0
-    if kernel.amx < 0:
-        why = ("Linux refused this process the AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM)" if kernel.amx == -1
-               else "the AMX tiles failed the kernel's self-check (they did not compute what csrc/qkv_amx.h models)")
-        warnings.warn(f"qkv: {why}; the native bfloat16 forward runs on the AVX512-BF16 dot product instead "
-                      "(correct, slower). A self-check failure is a bug in qkv: please report it with your CPU's "
-                      "model name.", RuntimeWarning, stacklevel=2)
+    kernel.amx = _kernels.amx_state(kernel, "qkv_flash_amx", "the native bfloat16 forward")
     kernel.qkv_typed = True
     return kernel
 

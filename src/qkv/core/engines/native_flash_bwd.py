@@ -50,6 +50,7 @@ def typed(kernel: ctypes.CDLL) -> ctypes.CDLL:
     kernel.qkv_flash_bwd_version.restype = ctypes.c_int
     if kernel.qkv_flash_bwd_version() != VERSION:
         raise RuntimeError(f"qkv {NAME} has version {kernel.qkv_flash_bwd_version()}, expected {VERSION}")
+    kernel.amx = _kernels.amx_state(kernel, "qkv_flash_bwd_amx", "the native bfloat16 backward")  # type: ignore[attr-defined]
     kernel.qkv_typed = True  # type: ignore[attr-defined]
     return kernel
 
