@@ -74,6 +74,11 @@
 // and dS to the tensor cores in the input precision); accumulation stays float32 and the
 // gradients stay within the tolerance rule (tests/core/test_native_flash_bwd.py) at under half
 // its bound. Outputs dq, dk, dv: float32.
+// With AMX (qkv_amx.h: -march=native on a Xeon with AMX-BF16, the tile data granted by Linux, the tiles'
+// self-check passed) the same five products run on tiles instead (gemm_amx: A packed 32 rows at a time
+// into steps of 16 pairs, gathered where P^T and dS^T are read, B in place; 2 x 2 accumulator tiles),
+// the same sums in another order. Tested on the software model of the tiles
+// (tests/core/test_native_flash_amx.py); not yet run or timed on a processor with AMX.
 //
 // Plain C++17 with GCC/Clang vector extensions (no torch headers), compiled on first use by
 // qkv/core/_kernels.py with -O3 -march=native -fopenmp, loaded with ctypes. OpenMP runs on
