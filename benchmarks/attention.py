@@ -218,17 +218,19 @@ def use_kernels_built_for(march: str) -> None:
 
 
 def kernel_build(march) -> str:
-    """What the native forward kernel of this process was built for, in words."""
-    kernel = native_flash.lib()
+    """What the native FA-2 kernels of this process were built for, in words."""
+    kernel, bwd = native_flash.lib(), native_flash_bwd.lib()
     if kernel is None:
         return "unavailable"
     return (f"-march={march or 'native'}, {kernel.vector_width}-float vectors, FMA: {'yes' if kernel.fma else 'no'}, "
-            f"bfloat16 dot product: {'yes' if kernel.bf16_dot else 'no'}, bfloat16 forward on AMX tiles: "
-            f"{_AMX_WORDS.get(kernel.amx, kernel.amx)}")
+            f"bfloat16 dot product: {'yes' if kernel.bf16_dot else 'no'}, bfloat16 on AMX tiles: forward "
+            f"{_AMX_WORDS.get(kernel.amx, kernel.amx)}, backward "
+            f"{_AMX_WORDS.get(getattr(bwd, 'amx', 0), 'unavailable') if bwd is not None else 'unavailable'}")
 
 
-# native_flash's kernel.amx (csrc/qkv_amx.h) in words.
-_AMX_WORDS = {2: "yes", 1: "a software model (a test build)", 0: "no", -1: "no (Linux refused the tile data)"}
+# A kernel's amx (qkv.core._kernels.amx_state, csrc/qkv_amx.h) in words.
+_AMX_WORDS = {2: "yes", 1: "a software model (a test build)", 0: "no", -1: "no (Linux refused the tile data)",
+              -2: "no (the tiles failed the self-check)"}
 
 
 def print_tables(speed: list[dict], memory: list[dict], args) -> None:
