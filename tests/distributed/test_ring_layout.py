@@ -58,8 +58,10 @@ def test_errors_before_communication():
     with pytest.raises(ValueError, match="supports causal and scale only; got window=4"):
         qd.RingAttention()(q, q, q, window=4)
     # A window wider than the shard (Lq + Lk = 16 here) is still a window of the whole sequence: refused,
-    # never read as none (build_spec clamps such a reach to Lq + Lk rather than dropping it).
-    for window, causal, text in ((16, False, "window=16"), ((100, 100), False, "window=16"),
-                                 ((16, 0), True, "window=16"), (2**70, True, "window=16")):
+    # never read as none (build_spec clamps such a reach to Lq + Lk rather than dropping it); the message
+    # names the window as given, not as clamped.
+    for window, causal, text in ((16, False, "window=16"), ((100, 100), False, "window=100"),
+                                 ((16, 0), True, "window=16"), (2**70, True, f"window={2**70}"),
+                                 ((3, 100), False, r"window=\(3, 100\)")):
         with pytest.raises(ValueError, match=f"supports causal and scale only; got {text}"):
             qd.RingAttention()(q, q, q, window=window, causal=causal)

@@ -69,6 +69,9 @@ class AttentionSpec:
     # mask requiring grad (tensors a score function captures are not seen here: the tiled engine
     # checks those itself). Backends' rules and memory estimates read it (not q.requires_grad alone).
     grad: bool = False
+    # (left, right) as given, before a reach of Lq + Lk or more was clamped to Lq + Lk (the same band):
+    # for messages that name the window (ring attention's refusal); None where build_spec did not make it.
+    reach_given: Optional[tuple] = None
 
     @property
     def groups(self) -> int:
@@ -357,6 +360,7 @@ def build_spec(
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be True or False; got {causal!r}")
     left, right = _normalise_window(window, causal)
+    reach_given = (left, right)
     # A reach of Lq + Lk or more passes every key (a query's diagonal is within Lk - 1 keys of key 0 and
     # Lq - 1 of the last): it is clamped to Lq + Lk, the same band, before any engine or kernel adds it to
     # an int64 position (sys.maxsize as "unbounded" overflowed there: out 0 or wrong rows, silently). Not
@@ -410,5 +414,6 @@ def build_spec(
         dropout_p=float(dropout_p),
         grad=torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, float_mask)),
+        reach_given=reach_given,
     )
 

@@ -369,10 +369,12 @@ class RingAttention:
 
 
 def _window_text(spec: AttentionSpec) -> str:
-    """The window as a user writes it: w for (w, w) or a causal (w, 0), else (left, right)."""
-    if spec.left == spec.right or (spec.causal and spec.right == 0):
-        return f"{spec.left}"
-    return f"({spec.left}, {spec.right})"
+    """The window as a user writes it: w for (w, w) or a causal (w, 0), else (left, right); the reach as
+    given (spec.reach_given), not as clamped to the shard's Lq + Lk."""
+    left, right = spec.reach_given if spec.reach_given is not None else (spec.left, spec.right)
+    if left == right or (spec.causal and right == 0):
+        return f"{left}"
+    return f"({left}, {right})"
 
 
 def _mask_text(spec: AttentionSpec) -> str:
