@@ -14,12 +14,16 @@ either end of the block), rows that see no key, BlockMasks' partial blocks, and 
 gradients on the backward tests' own cases (bands, BlockMasks, narrowed strips, d_lse). Each kernel
 checks the tiles against plain loops once before it uses them; a model made to read the operands
 otherwise shows that check catching it. A build where the CPU has AMX (-march=native
-defines __AMX_BF16__) runs the processor's tiles in every native test of the suite; the last test here
-makes sure it does. The real path's code is compiled here for a Sapphire Rapids target (not run).
+defines __AMX_BF16__) runs the processor's tiles in every native test of the suite;
+test_a_cpu_with_amx_runs_its_tiles makes sure it does. The processor's path itself is compiled for a
+Sapphire Rapids target, and run on tiles emulated in asm behind stand-ins for GCC's AMX headers
+(tests/core/amx_fake: the intrinsics' asm constraints as GCC's, so the optimizer treats the code as it
+would for real tiles; test_the_real_path_on_stand_in_tiles).
 """
 
 from __future__ import annotations
 
+import ctypes
 import platform
 import subprocess
 import zlib
@@ -41,6 +45,7 @@ from native_checks import check_forward, check_large_logit_gradients
 from qkv.bench.kernels import build_for
 from qkv.core import _kernels
 from qkv.core.engines import native_flash, native_flash_bwd
+from qkv.core.spec import build_spec
 from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -84,10 +89,19 @@ def tiles(emulated, monkeypatch):
     return emulated[0]
 
 
-def _default():
-    """(forward, backward) of the build qkv makes here (-march=native, no tiles on this CPU)."""
-    return (native_flash.typed(_kernels.load("flash_fwd_kernel")),
-            native_flash_bwd.typed(_kernels.load("flash_bwd_kernel")))
+@pytest.fixture(scope="module")
+def dot(emulated):
+    """(forward, backward) built -march=native -DQKV_NO_AMX: the vdpbf16ps path, whatever the CPU (on a
+    CPU with AMX the build qkv makes runs the tiles)."""
+    return _build("QKV_NO_AMX")
+
+
+def _with(pair, fn):
+    """fn() with the (forward, backward) pair as the native backend's kernels."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native_flash, "lib", lambda: pair[0])
+        mp.setattr(native_flash_bwd, "lib", lambda: pair[1])
+        return fn()
 
 
 def test_the_emulated_build_reports_its_tiles(emulated):
@@ -102,17 +116,13 @@ def _grads(q, k, v, up, **kw):
     return (out.detach(), lse.detach(), *torch.autograd.grad(out, xs, up))
 
 
-def test_the_tiles_run(tiles):
+def test_the_tiles_run(tiles, dot):
     """The tiles, not the vdpbf16ps path, computed the emulated builds' bfloat16 results: the two sum in
     other orders (and other pairs), so lse's and each gradient's bits differ somewhere."""
     q, k, v, up = random_inputs(1, 4, 2, 130, 257, 64, 64, torch.bfloat16, seed=1, upstream=True)
     with_tiles = _grads(q, k, v, up, causal=True)
-    fwd, bwd = _default()
-    assert (fwd.amx, bwd.amx) == (0, 0)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(native_flash, "lib", lambda: fwd)
-        mp.setattr(native_flash_bwd, "lib", lambda: bwd)
-        without = _grads(q, k, v, up, causal=True)
+    assert (dot[0].amx, dot[1].amx) == (0, 0)
+    without = _with(dot, lambda: _grads(q, k, v, up, causal=True))
     for name, a, b in zip(("lse", "dq", "dk", "dv"), with_tiles[1:], without[1:]):
         assert not torch.equal(a, b), f"{name}: the same bits as the vdpbf16ps path"
 
@@ -126,13 +136,15 @@ def test_out_and_lse_follow_the_reference(tiles, case):
 
 # Head sizes inside a tile step (D, Dv): 1, 3 and 33 pad the head to 32 or 64 bfloat16; 255 and 250 to 256;
 # Dv of 17 and 250 leave a single 16-column tile last. Rows: 12 grouped heads (items of 60 rows: two row
-# tiles, the second of 28), 3 (a part-filled first tile of 15 or 48 rows), and one position.
+# tiles, the second of 28), 3 (a part-filled first tile of 15 or 48 rows), one position, and an item of 40 rows
+# (a full group of 32, then one of 8).
 ODD_CASES = [
     (1, 12, 1, 37, 300, 1, 17, False, None),
     (1, 3, 1, 5, 140, 3, 250, True, None),
     (2, 6, 2, 65, 65, 33, 40, False, (20, 3)),
     (1, 4, 4, 1, 129, 255, 250, False, None),
     (1, 2, 1, 100, 260, 96, 48, True, (None, 7)),
+    (1, 8, 4, 84, 200, 64, 64, False, None),  # a last item of 40 rows: a second row group of 8
 ]
 
 
@@ -185,50 +197,61 @@ def test_backward_under_block_masks_and_d_lse(tiles, case):
     bwd_block_tests._check(q, k, v, d_out, d_lse, kw, f"amx narrow {case}", control=control)
 
 
-def test_float32_never_takes_the_tiles(tiles):
-    """float32 runs its own tiles in the emulated builds too: bit for bit the default builds'."""
+def test_float32_never_takes_the_tiles(tiles, dot):
+    """float32 runs its own tiles in the emulated builds too: bit for bit the builds' without AMX."""
     q, k, v, up = random_inputs(1, 4, 2, 130, 257, 64, 64, torch.float32, seed=2, upstream=True)
     with_tiles = _grads(q, k, v, up, causal=True)
-    fwd, bwd = _default()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(native_flash, "lib", lambda: fwd)
-        mp.setattr(native_flash_bwd, "lib", lambda: bwd)
-        without = _grads(q, k, v, up, causal=True)
+    without = _with(dot, lambda: _grads(q, k, v, up, causal=True))
     assert all(torch.equal(a, b) for a, b in zip(with_tiles, without))
 
 
-def test_the_processors_tiles_compile(tmp_path):
+@pytest.mark.parametrize("level", ["-O3", "-Os"])
+@pytest.mark.parametrize("kernel", ["flash_fwd_kernel", "flash_bwd_kernel"])
+def test_the_processors_tiles_compile(tmp_path, kernel, level):
     """The real path (the intrinsics, LDTILECFG's operand, the permission call) compiles for a Sapphire
     Rapids target, and the build says it has the processor's tiles (QKV_EXPECT_AMX stops the build
-    otherwise). Compiled only: this CPU may not run it."""
+    otherwise); QKV_NO_AMX leaves them out. Compiled only here (test_the_real_path_on_stand_in_tiles runs it)."""
     cxx = _kernels._compiler()
-    src = Path(_kernels.__file__).with_name("csrc") / "flash_fwd_kernel.cpp"
+    src = Path(_kernels.__file__).with_name("csrc") / f"{kernel}.cpp"
     probe = subprocess.run([cxx, "-march=sapphirerapids", "-E", "-x", "c++", "/dev/null"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"{cxx} does not know -march=sapphirerapids")
-    run = subprocess.run([cxx, "-O2", "-march=sapphirerapids", "-std=c++17", "-shared", "-fPIC", "-pthread",
-                          "-DQKV_EXPECT_AMX=2", "-o", str(tmp_path / "amx.so"), str(src)],
-                         capture_output=True, text=True, timeout=300)
+    flags = [level, "-march=sapphirerapids", "-std=c++17", "-shared", "-fPIC", "-pthread", "-DQKV_EXPECT_AMX=2"]
+    run = subprocess.run([cxx, *flags, "-o", str(tmp_path / "amx.so"), str(src)], capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    off = subprocess.run([cxx, "-O2", "-march=sapphirerapids", "-std=c++17", "-shared", "-fPIC", "-pthread",
-                          "-DQKV_NO_AMX", "-DQKV_EXPECT_AMX=2", "-o", str(tmp_path / "off.so"), str(src)],
+    off = subprocess.run([cxx, *flags, "-DQKV_NO_AMX", "-o", str(tmp_path / "off.so"), str(src)],
                          capture_output=True, text=True, timeout=300)
     assert off.returncode != 0 and "QKV_EXPECT_AMX" in off.stderr, "QKV_NO_AMX must leave the tiles out"
 
 
+def _native_defines() -> set[str]:
+    """The macros -march=native defines for this compiler and CPU."""
+    run = subprocess.run([_kernels._compiler(), "-march=native", "-dM", "-E", "-x", "c++", "/dev/null"],
+                         capture_output=True, text=True)
+    return {line.split()[1] for line in run.stdout.splitlines() if line.startswith("#define ")}
+
+
 @pytest.mark.skipif(not {"amx_tile", "amx_bf16", "avx512_bf16"} <= _cpu_flags(), reason="this CPU has no AMX-BF16")
 def test_a_cpu_with_amx_runs_its_tiles():
-    """On a CPU with AMX-BF16 the kernel qkv builds (-march=native) runs bfloat16 on the tiles, so the
-    native tests above this one's module check the processor's tiles; -1 names Linux's refusal."""
-    kernel = native_flash.lib()
-    assert kernel is not None and kernel.amx in (2, -1)
-    if kernel.amx == -1:
+    """On a CPU with AMX-BF16 the kernels qkv builds (-march=native) run bfloat16 on the tiles, so the
+    suite's native bfloat16 tests check the processor's tiles; -1 names Linux's refusal (a skip), -2 (the
+    tiles failed the self-check) fails."""
+    if not {"__AMX_TILE__", "__AMX_BF16__"} <= _native_defines():
+        pytest.skip(f"{_kernels._compiler()} -march=native does not target AMX here (GCC 11 or later does)")
+    fwd, bwd = native_flash.lib(), native_flash_bwd.lib()
+    assert fwd is not None and bwd is not None
+    assert fwd.amx in (2, -1) and bwd.amx in (2, -1), (fwd.amx, bwd.amx)
+    if -1 in (fwd.amx, bwd.amx):
         pytest.skip("Linux refused this process the AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM)")
     q, k, v = random_inputs(1, 4, 2, 130, 257, 64, 64, torch.bfloat16, seed=3)
     check_forward(q, k, v, "the processor's tiles", causal=True)
+    B, Hq, Hkv, Lq, Lk, D, Dv, kw = bwd_tests.CASES["gqa8/2-causal-longer-k"]
+    q, k, v, up = bwd_tests._inputs(B, Hq, Hkv, Lq, Lk, D, Dv, torch.bfloat16, seed=5)
+    bwd_tests._check(q, k, v, up, kw, "the processor's tiles, backward")
 
 
-def test_tiles_unlike_the_model_are_caught_and_not_used(tiles):
+def test_tiles_unlike_the_model_are_caught_and_not_used(tiles, dot):
     """Each kernel's self-check (amx_self_check, once per library) compares the tiles with plain loops before
     it uses them: builds whose tiles read B's pairs swapped (-DQKV_AMX_EMULATE_WRONG, as a processor unlike
     the model would) say so (-2), warn by name, and give the vdpbf16ps path's results, bit for bit."""
@@ -238,12 +261,7 @@ def test_tiles_unlike_the_model_are_caught_and_not_used(tiles):
     assert {str(w.message).split("; ")[1].split(" runs")[0] for w in caught} == \
         {"the native bfloat16 forward", "the native bfloat16 backward"}
     q, k, v, up = random_inputs(1, 4, 2, 130, 257, 64, 64, torch.bfloat16, seed=4, upstream=True)
-    results = []
-    for pair in ((fwd, bwd), _default()):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(native_flash, "lib", lambda pair=pair: pair[0])
-            mp.setattr(native_flash_bwd, "lib", lambda pair=pair: pair[1])
-            results.append(_grads(q, k, v, up, causal=True))
+    results = [_with(pair, lambda: _grads(q, k, v, up, causal=True)) for pair in ((fwd, bwd), dot)]
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
@@ -251,3 +269,105 @@ def test_large_logits_dv_is_exact_where_p_is_one(tiles):
     """The backward recomputes the forward's scores on the same tiles (zero, then the same steps of 16
     pairs): at scale 1000 one key's P is 1 exactly, so dv is dO bit for bit."""
     check_large_logit_gradients(torch.bfloat16, "amx bfloat16")
+
+
+@pytest.fixture(scope="module")
+def whole_blocks(emulated):
+    """The emulated backward built with QKV_BWD_NARROW=0 (every partial block computed whole)."""
+    return native_flash_bwd.typed(build_for("flash_bwd_kernel", "native",
+                                            defines=["QKV_AMX_EMULATE", "QKV_BWD_NARROW=0"]))
+
+
+@pytest.mark.parametrize("case", list(bwd_block_tests.NARROW_CASES))
+def test_narrowed_blocks_are_the_whole_blocks_bits(tiles, whole_blocks, case, monkeypatch):
+    """On the tiles too, narrowing leaves out only exact zeros: the narrowed strips and chunks start their
+    steps of 16 pairs where a whole block's do, so dq, dk, dv are the whole blocks' bits (steps from the
+    strip's own first pair grouped the sums otherwise: 7 of these 8 cases differed, a review found)."""
+    q, k, v, d_out, d_lse, kw, _ = bwd_block_tests._narrow_case(case, torch.bfloat16)
+    with torch.no_grad():
+        out, lse = qkv.attention_with_lse(q, k, v, backend="reference", **kw)
+    spec = build_spec(q, k, v, **kw)
+    narrowed = native_flash_bwd.backward(q, k, v, out, lse, d_out, spec, d_lse=d_lse.float())
+    monkeypatch.setattr(native_flash_bwd, "lib", lambda: whole_blocks)
+    whole = native_flash_bwd.backward(q, k, v, out, lse, d_out, spec, d_lse=d_lse.float())
+    for name, a, b in zip("qkv", narrowed, whole):
+        assert torch.equal(a, b), f"{case}: d{name} differs from the whole blocks' by {(a - b).abs().max()}"
+
+
+def test_forward_bits_do_not_depend_on_the_thread_count(tiles):
+    """P V's steps of 32 keys start at the block's first chunk, not at an item's: how the rows are cut into
+    items (which follows the thread count) does not regroup the sums (it did in 1 of 60 draws, a review
+    found)."""
+    old = torch.get_num_threads()
+    try:
+        for seed, (Lq, kw) in enumerate([(300, {"causal": True}), (257, {"window": (37, 0)}),
+                                         (200, {"window": (20, 45)}), (130, {})]):
+            q, k, v = random_inputs(1, 6, 2, Lq, Lq, 64, 48, torch.bfloat16, seed=seed)
+            runs = []
+            for threads in (1, 8):
+                torch.set_num_threads(threads)
+                runs.append(qkv.attention_with_lse(q, k, v, backend="native", **kw))
+            assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), (Lq, kw)
+    finally:
+        torch.set_num_threads(old)
+
+
+_STAND_IN = Path(__file__).with_name("amx_fake")  # GCC 12's AMX headers with the instructions emulated in asm
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory, emulated):
+    """level -> (forward, backward): the processor's path (QKV_AMX 2) built -march=native -mamx-tile
+    -mamx-bf16 against tests/core/amx_fake's stand-in headers (-DQKV_AMX_FAKE_TILES), at -O3 (as qkv
+    builds) and -Os; GCC only (the stand-ins replace GCC's header names)."""
+    cxx = _kernels._compiler()
+    if "__clang__" in _native_defines() or "__GNUC__" not in _native_defines():
+        pytest.skip(f"{cxx} is not GCC: the stand-in headers replace GCC's")
+    folder = tmp_path_factory.mktemp("amx_stand_in")
+    src = Path(_kernels.__file__).with_name("csrc")
+    libs = {}
+    for level in ("-O3", "-Os"):
+        pair = []
+        for kernel in ("flash_fwd_kernel", "flash_bwd_kernel"):
+            so = folder / f"{kernel}{level}.so"
+            run = subprocess.run([cxx, level, "-march=native", "-mamx-tile", "-mamx-bf16", "-mprefer-vector-width=512",
+                                  f"-I{_STAND_IN}", "-DQKV_AMX_FAKE_TILES", "-DQKV_EXPECT_AMX=2", "-std=c++17",
+                                  "-shared", "-fPIC", "-pthread", "-fopenmp", "-Wno-psabi", "-o", str(so),
+                                  str(src / f"{kernel}.cpp")], capture_output=True, text=True, timeout=300)
+            assert run.returncode == 0, f"{kernel} {level}: {run.stderr[-3000:]}"
+            pair.append(ctypes.CDLL(str(so)))
+        for lib in pair:
+            lib.qkv_fake_count.restype = ctypes.c_ulong
+        libs[level] = (native_flash.typed(pair[0]), native_flash_bwd.typed(pair[1]))
+    return libs
+
+
+@pytest.mark.parametrize("level", ["-O3", "-Os"])
+def test_the_real_path_on_stand_in_tiles(stand_in, level):
+    """The processor's path itself, as GCC compiles it (the intrinsics' asm constraints as in GCC 12's
+    headers), on tiles emulated in asm, one thread (the stand-ins' tiles are global): the self-checks pass
+    (2), every LDTILECFG gets the right 64 bytes (a local configuration's stores past byte 8 were dropped at
+    -Os: a review's finding, fixed by a constant), and forward, backward and BlockMask results follow the
+    reference. Any tile operation without a configuration, or with a wrong one, is a SIGILL."""
+    fwd, bwd = stand_in[level]
+    assert (fwd.amx, bwd.amx) == (2, 2)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(native_flash, "lib", lambda: fwd)
+            mp.setattr(native_flash_bwd, "lib", lambda: bwd)
+            for case in CASES[:4] + ODD_CASES[-2:]:
+                B, Hq, Hkv, Lq, Lk, D, Dv, causal, window = case
+                q, k, v = random_inputs(B, Hq, Hkv, Lq, Lk, D, Dv, torch.bfloat16, seed=zlib.crc32(repr(case).encode()))
+                check_forward(q, k, v, f"stand-in {level} {case}", causal=causal, window=window)
+            for case in ("gqa8/2-causal-longer-k", "d3-dv5", "d256-dv200"):
+                B, Hq, Hkv, Lq, Lk, D, Dv, kw = bwd_tests.CASES[case]
+                q, k, v, up = bwd_tests._inputs(B, Hq, Hkv, Lq, Lk, D, Dv, torch.bfloat16, seed=6)
+                bwd_tests._check(q, k, v, up, kw, f"stand-in {level} {case}")
+            q, k, v, d_out, d_lse, kw, control = bwd_block_tests._narrow_case("window37-mask-bq64", torch.bfloat16)
+            bwd_block_tests._check(q, k, v, d_out, d_lse, kw, f"stand-in {level} narrow", control=control)
+    finally:
+        torch.set_num_threads(old)
+    for lib in (fwd, bwd):
+        assert lib.qkv_fake_count(0) > 0 and lib.qkv_fake_count(1) == 0  # configurations: made, and none wrong

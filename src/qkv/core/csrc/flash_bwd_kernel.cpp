@@ -819,14 +819,21 @@ void tile(const Args& A, Scratch& W, int64_t b, int64_t hq, int64_t i0, int64_t 
     const uint32_t* do2 = A.do2 + ((b * A.Hq + hq) * A.Lq2 + i0 / 2) * Dvp;
     const uint32_t* q2 = A.q2 + ((b * A.Hq + hq) * A.Lq2 + i0 / 2) * Dp;
     chunk_runs([&](int c, int end) {
-      const int64_t k0 = 16 * c, kn = 16 * (end - c), p0 = h0[c] * RS / 2;
-      const int64_t np = (std::min<int64_t>(bq, h1[c] * RS) - h0[c] * RS + 1) / 2;
+      const int64_t k0 = 16 * c, kn = 16 * (end - c);
+      int64_t p0 = h0[c] * RS / 2, np = (std::min<int64_t>(bq, h1[c] * RS) - h0[c] * RS + 1) / 2;
+      if (A.amx) {  // whole steps of 16 pairs from the block's first, as a whole block's (zeros of P and dS added):
+        // the tiles' sums are then grouped as the unnarrowed block's, and the gradients the same bits
+        const int64_t pe = std::min(pairs, (p0 + np + 15) / 16 * 16);
+        p0 = p0 / 16 * 16, np = pe - p0;
+      }
       gemm_dot<true>(A.amx, kn, Dvp, np, W.p2 + p0 * BK + k0, 1, BK, do2 + p0 * Dvp, Dvp, W.dv + k0 * Dvp, Dvp);  // dV += P^T dO
       gemm_dot<true>(A.amx, kn, Dp, np, W.ds2 + p0 * BK + k0, 1, BK, q2 + p0 * Dp, Dp, W.dk + k0 * Dp, Dp);       // dK += dS^T Q
     });
     strip_runs([&](int sp, int end) {
-      const int64_t r0 = sp * RS, r1 = std::min<int64_t>(bq, end * RS), k0 = 16 * ca[sp];
-      gemm_dot<true>(A.amx, r1 - r0, Dp, 8 * (cz[sp] - ca[sp]), W.dsr + r0 * (BK / 2) + k0 / 2, BK / 2, 1,
+      // With the tiles, whole steps of 16 pairs (two chunks) from the block's first, as above.
+      const int c0 = A.amx ? ca[sp] & ~1 : ca[sp], c1 = A.amx ? (cz[sp] + 1) & ~1 : cz[sp];
+      const int64_t r0 = sp * RS, r1 = std::min<int64_t>(bq, end * RS), k0 = 16 * c0;
+      gemm_dot<true>(A.amx, r1 - r0, Dp, 8 * (c1 - c0), W.dsr + r0 * (BK / 2) + k0 / 2, BK / 2, 1,
                       W.k2 + k0 / 2 * Dp, Dp, dq + r0 * Dp, Dp);  // dQ += dS K
     });
     return;

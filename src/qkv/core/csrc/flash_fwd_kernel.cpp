@@ -69,7 +69,7 @@
 // to 16 pairs; kp's layout is already TDPBF16PS's B operand, 16 pairs of a 16-key chunk 512 bytes
 // apart), P V as 16-row x 16-column tiles over steps of 32 keys (vp2's layout is B's too; P's bfloat16
 // words, p2, are A's), 2 x 2 accumulator tiles at a time (amx_scores, amx_values). P V runs over whole
-// pairs of chunks, the chunk so added given P = 0; each block's P V is summed from zero in the tiles and
+// pairs of chunks from the block's first, a chunk so added given P = 0; each block's P V is summed from zero in the tiles and
 // added once, as elsewhere. Tested on a software model of the tiles (-DQKV_AMX_EMULATE,
 // tests/core/test_native_flash_amx.py); not yet run or timed on a processor with AMX (none was lent).
 //
@@ -980,14 +980,9 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     // (from an even key with vdpbf16ps, whose words hold pairs of keys; P is 0 outside [a, z)).
     const int64_t s0 = P.dp ? a & ~int64_t(1) : a, n = z - s0;
 #if QKV_AMX
-    if (P.amx) {  // over whole pairs of chunks (32 keys, a tile step) inside the block: [e0, e1)
-      int e0 = c0, e1 = c1;
-      if ((e1 - e0) & 1) {
-        if (e1 < NV)
-          ++e1;
-        else
-          --e0;
-      }
+    if (P.amx) {  // over whole steps of 32 keys (pairs of chunks) from the block's first: [e0, e1), so the
+      // sums are grouped the same whatever the item's rows (and so the thread count)
+      const int e0 = c0 & ~1, e1 = (c1 + 1) & ~1;
       for (int64_t m = 0; m < M; ++m) {  // P = 0 on the chunk so added (its words hold an earlier block's)
         if (e0 < c0) std::memset(W.p2.p + m * (BK / 2) + 8 * e0, 0, 32);
         if (e1 > c1) std::memset(W.p2.p + m * (BK / 2) + 8 * c1, 0, 32);

@@ -1,4 +1,4 @@
-// AMX tiles for the FA-2 forward kernel's bfloat16 products (flash_fwd_kernel.cpp): Intel's Advanced
+// AMX tiles for the FA-2 kernels' bfloat16 products (flash_fwd_kernel.cpp, flash_bwd_kernel.cpp): Intel's Advanced
 // Matrix Extensions, eight tile registers of up to 16 rows x 64 bytes and TDPBF16PS, C (16 x 16
 // float32) += A (16 x 32 bfloat16) B (16 pairs x 16 columns x 2 bfloat16), the pairs of B interleaved
 // along the sum as vdpbf16ps takes them (Intel 64 and IA-32 Architectures Software Developer's Manual,
@@ -7,14 +7,18 @@
 //
 // QKV_AMX is 2 where the compiler targets AMX-TILE and AMX-BF16 (with AVX512-BF16: -march=native on a
 // Sapphire Rapids or later Xeon) on Linux: the processor's tiles, used when the kernel asks Linux for
-// the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, once per process) and gets it; where Linux
-// refuses, the kernel runs its vdpbf16ps tiles (qkv_flash_amx says which). QKV_AMX is 1 with
+// the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, once per process) and gets it, and the tiles pass
+// amx_self_check; where Linux refuses or the check fails, the kernel runs its vdpbf16ps tiles
+// (qkv_flash_amx and qkv_flash_bwd_amx say which). QKV_AMX is 1 with
 // -DQKV_AMX_EMULATE on a build with AVX512-BF16: a software model of the same five operations, so the
 // kernel's use of the tiles (the packing, the tile walk, the padding) is tested on CPUs without AMX
 // (tests/core/test_native_flash_amx.py); slow, for tests only. -DQKV_NO_AMX leaves the tiles out (0),
 // for A/B runs (benchmarks/kernels_ab.py --define-after QKV_NO_AMX=1). -DQKV_EXPECT_AMX=N stops a build
 // whose QKV_AMX is not N, and -DQKV_AMX_EMULATE_WRONG makes the model read B's pairs swapped, as a
 // processor unlike the model would: the tests' checks of the build and of the kernel's self-check.
+// -DQKV_AMX_FAKE_TILES (with -mamx-tile -mamx-bf16 -I tests/core/amx_fake) compiles the processor's path,
+// QKV_AMX 2, against stand-ins for GCC's AMX headers that emulate the instructions in asm: the real
+// path's code, as GCC optimizes it, run on a CPU without AMX (tests/core/test_native_flash_amx.py).
 //
 // The model follows the Software Developer's Manual's pseudocode of TDPBF16PS: for each row m and
 // column n, two float32 sums from zero, even += a[m][2k] b[k][n][0] and odd += a[m][2k+1] b[k][n][1]
@@ -57,24 +61,35 @@ struct alignas(64) TileConfig {
 
 // Whether Linux lets this process use the tile data (asked once; the answer holds for every thread).
 inline bool amx_permitted() {
+#ifdef QKV_AMX_FAKE_TILES  // tests: the tiles of tests/core/amx_fake (software; no permission to ask)
+  return true;
+#endif
   static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
   return ok;
 }
 
 // The calling thread's tiles configured (before its first tile operation); amx_end releases them.
-inline void amx_begin() {
-  TileConfig c;
-  std::memset(&c, 0, sizeof c);
-  c.palette = 1;
-  for (int t = 0; t < 8; ++t) c.colsb[t] = TILE_BYTES, c.rows[t] = TILE_ROWS;
-  _tile_loadconfig(&c);
-}
+// The configuration is a constant (in .rodata), not a local: GCC 12's _tile_loadconfig tells the
+// optimizer it reads 8 bytes, so the stores that build a local configuration past byte 8 may be dropped
+// as dead (they were, at -Os, and in amx_begin compiled on its own: a review's finding), leaving the
+// tiles unconfigured.
+alignas(64) constexpr TileConfig AMX_CONFIG = {1, 0, {},
+                                               {64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0},
+                                               {16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0}};
+static_assert(sizeof(TileConfig) == 64, "LDTILECFG's operand is 64 bytes");
+inline void amx_begin() { _tile_loadconfig(&AMX_CONFIG); }
 inline void amx_end() { _tile_release(); }
+
+// A compiler barrier: GCC 12's tile loads and stores pass only the address to their asm, with no memory
+// operand (and the loads no "memory" clobber), so without it the optimizer may drop or move stores to
+// the buffers a tile then reads (P's bfloat16 words, the packed operands), or reads of what a tile wrote.
+inline void tile_fence() { asm volatile("" ::: "memory"); }
 
 // The intrinsics take the tile's number as a literal (GCC pastes it into the instruction).
 template <int T>
 inline void tile_load(const void* p, int64_t stride) {
   static_assert(T >= 0 && T < 8, "tiles 0 to 7");
+  tile_fence();
   if constexpr (T == 0) _tile_loadd(0, p, stride);
   else if constexpr (T == 1) _tile_loadd(1, p, stride);
   else if constexpr (T == 2) _tile_loadd(2, p, stride);
@@ -91,6 +106,7 @@ inline void tile_store(void* p, int64_t stride) {
   else if constexpr (T == 1) _tile_stored(1, p, stride);
   else if constexpr (T == 2) _tile_stored(2, p, stride);
   else _tile_stored(3, p, stride);
+  tile_fence();
 }
 template <int T>
 inline void tile_zero() {
