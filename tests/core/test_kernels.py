@@ -13,6 +13,7 @@ truncated library can kill the process with SIGBUS.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -360,3 +361,23 @@ def test_an_include_outside_csrc_is_refused_by_name(cache):
     (cache.tmp / "elsewhere.h").write_text("#pragma once\n")
     assert _kernels.load("decode_kernel") is None
     assert "includes '../elsewhere.h', which is not a header in" in _kernels.status("decode_kernel")
+
+
+@pytest.mark.parametrize("state, code, words", [
+    (2, 0, None), (1, 0, None), (0, 0, None),
+    (-1, errno.ENOSPC, "ENOSPC.*signal stack is too small"),
+    (-1, errno.EINVAL, "EINVAL.*before 5.16"),
+    (-2, 0, "failed the kernel's self-check.*bug in qkv"),
+])
+def test_amx_state_names_why_the_tiles_do_not_run(state, code, words):
+    """_kernels.amx_state reads a kernel's AMX exports (csrc/qkv_amx.h): the state as it is, and for the
+    states where the tiles do not run, one warning naming why (Linux's errno, or the self-check)."""
+    kernel = SimpleNamespace(qkv_flash_amx=lambda: state, qkv_flash_amx_errno=lambda: code)
+    if words is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _kernels.amx_state(kernel, "qkv_flash_amx", "the forward") == state
+    else:
+        with pytest.warns(RuntimeWarning, match=words):
+            assert _kernels.amx_state(kernel, "qkv_flash_amx", "the forward") == state
+    assert _kernels.amx_state(SimpleNamespace(), "qkv_flash_amx", "the forward") == 0  # a build from before the tiles

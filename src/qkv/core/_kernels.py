@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import _ctypes
 import ctypes
+import errno
 import functools
 import hashlib
 import os
@@ -288,16 +289,22 @@ def amx_state(kernel: ctypes.CDLL, symbol: str, what: str) -> int:
     """Where a loaded FA-2 kernel's bfloat16 products run on AMX tiles (csrc/qkv_amx.h), from its export
     `symbol`: 2 on the processor's, 1 on a software model (a test build), 0 on none (no tiles in the build,
     or a build of a revision from before them, without the export); -1 and -2 on none because Linux refused
-    the process the tile data or the tiles failed the kernel's self-check, each said in a warning (`what`
-    runs on the AVX512-BF16 dot product instead)."""
+    the process the tile data (the warning names the errno, from `symbol`_errno) or the tiles failed the
+    kernel's self-check, each said in a warning (`what` runs on the AVX512-BF16 dot product instead)."""
     fn = getattr(kernel, symbol, None)
     if fn is None:
         return 0
     fn.restype = ctypes.c_int
     state = int(fn())
     if state < 0:
-        why = ("Linux refused this process the AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM)" if state == -1
-               else "the AMX tiles failed the kernel's self-check (they did not compute what csrc/qkv_amx.h models)")
+        err = getattr(kernel, symbol + "_errno", None)
+        code = int(err()) if err is not None else 0
+        told = f": {errno.errorcode.get(code, code)}, {os.strerror(code)}" if code else ""
+        hint = {errno.EINVAL: " (a Linux kernel before 5.16, or a CPU without the state)",
+                errno.ENOSPC: " (a thread's alternate signal stack is too small for the larger signal frame)"}
+        refused = f"Linux refused this process the AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM{told})"
+        why = (refused + hint.get(code, "") if state == -1 else
+               "the AMX tiles failed the kernel's self-check (they did not compute what csrc/qkv_amx.h models)")
         bug = ". This is a bug in qkv: please report it with your CPU's model name." if state == -2 else "."
         warnings.warn(f"qkv: {why}; {what} runs on the AVX512-BF16 dot product instead (correct, slower){bug}",
                       RuntimeWarning, stacklevel=3)

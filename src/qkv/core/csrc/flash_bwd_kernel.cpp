@@ -1187,4 +1187,13 @@ int qkv_flash_bwd_amx() {
 #endif
 }
 
+// The errno of the kernel's request for the tile data, as qkv_flash_amx_errno.
+int qkv_flash_bwd_amx_errno() {
+#if QKV_AMX
+  return amx_permission_errno();
+#else
+  return 0;
+#endif
+}
+
 }  // extern "C"

@@ -1277,6 +1277,15 @@ int qkv_flash_amx() {
 #endif
 }
 
+// The errno of the kernel's request for the tile data (0: granted, or not asked: no tiles in the build).
+int qkv_flash_amx_errno() {
+#if QKV_AMX
+  return amx_permission_errno();
+#else
+  return 0;
+#endif
+}
+
 // Whether bfloat16 scores use the processor's bfloat16 dot product (vdpbf16ps).
 int qkv_flash_has_bf16_dot() {
 #ifdef __AVX512BF16__

@@ -36,6 +36,8 @@
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include <cerrno>
 #elif defined(QKV_AMX_EMULATE) && defined(__AVX512BF16__) && !defined(QKV_NO_AMX)
 #define QKV_AMX 1
 #else
@@ -60,13 +62,17 @@ struct alignas(64) TileConfig {
 };
 
 // Whether Linux lets this process use the tile data (asked once; the answer holds for every thread).
-inline bool amx_permitted() {
+// The request's errno: 0 where Linux granted it (EINVAL: a kernel before 5.16 or a CPU without the
+// state; ENOSPC: a thread's alternate signal stack too small for the larger signal frame).
+inline int amx_permission_errno() {
 #ifdef QKV_AMX_FAKE_TILES  // tests: the tiles of tests/core/amx_fake (software; no permission to ask)
-  return true;
+  return 0;
 #endif
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
-  return ok;
+  static const int err =
+      syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 0 : errno;
+  return err;
 }
+inline bool amx_permitted() { return amx_permission_errno() == 0; }
 
 // The calling thread's tiles configured (before its first tile operation); amx_end releases them.
 // The configuration is a constant (in .rodata), not a local: GCC 12's _tile_loadconfig tells the
@@ -128,6 +134,7 @@ inline void tile_dp() {
 
 #else  // QKV_AMX == 1: the software model
 
+inline int amx_permission_errno() { return 0; }
 inline bool amx_permitted() { return true; }
 
 struct EmulatedTiles {
