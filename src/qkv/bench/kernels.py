@@ -23,7 +23,8 @@ def build_for(name: str, march: str, *, src_dir: Optional[Path] = None, defines:
     Args:
         name: the kernel's file name without .cpp, e.g. "decode_kernel" or "flash_fwd_kernel".
         march: a target GCC or Clang knows, e.g. "x86-64-v3" (AVX2) or "x86-64-v2" (SSE4.2), or
-            "native" (as qkv builds its kernels; with -mprefer-vector-width=512 on x86, as there).
+            "native": with qkv's own flags (qkv.core._kernels._FLAGS: -march=native, and
+            -mprefer-vector-width=512 on x86), as qkv builds its kernels.
         src_dir: the folder holding the kernel's sources (default: this qkv's csrc), e.g. another
             revision's (benchmarks/kernels_ab.py).
         defines: macros for the compiler, e.g. ["QKV_SC=16"] (each as -D).
@@ -36,9 +37,10 @@ def build_for(name: str, march: str, *, src_dir: Optional[Path] = None, defines:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (g++, c++ or clang++; or set CXX)")
     src = (src_dir or Path(_kernels.__file__).with_name("csrc")) / f"{name}.cpp"
-    flags = ["-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-psabi"]
-    if march == "native" and "-mprefer-vector-width=512" in _kernels._FLAGS:
-        flags.append("-mprefer-vector-width=512")
+    if march == "native":  # qkv's own flags (-O3 -march=native, and -mprefer-vector-width=512 on x86)
+        flags = [*_kernels._FLAGS, "-Wno-psabi"]
+    else:
+        flags = ["-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-psabi"]
     flags += [f"-D{d}" for d in defines]
     # The folder goes when the build is loaded (the loaded library stays mapped) or has failed.
     with tempfile.TemporaryDirectory(prefix=f"qkv-{name}-") as folder:

@@ -6,9 +6,9 @@
 #define _AMXBF16INTRIN_H_INCLUDED
 #define _tile_dpbf16ps_internal(dst,src1,src2)				\
   __asm__ volatile (QKV_FAKE_NEED_CFG						\
-    "lea qkv_fake_tiles+" #dst "*1024(%%rip), %%r11\n\t"			\
-    "lea qkv_fake_tiles+" #src1 "*1024(%%rip), %%r10\n\t"			\
-    "lea qkv_fake_tiles+" #src2 "*1024(%%rip), %%r9\n\t"			\
+    QKV_FAKE_TILE(dst, "%%r11")						\
+    QKV_FAKE_TILE(src1, "%%r10")					\
+    QKV_FAKE_TILE(src2, "%%r9")						\
     "mov $0xffff, %%eax\n\tvpbroadcastd %%eax, %%zmm26\n\t"		\
     "mov $16, %%ecx\n"							\
     "1:\n\tvmovups (%%r11), %%zmm31\n\txor %%edx, %%edx\n\t"		\
@@ -23,6 +23,6 @@
     "vaddps %%zmm29, %%zmm28, %%zmm28\n\tvaddps %%zmm28, %%zmm31, %%zmm31\n\t" \
     "vmovups %%zmm31, (%%r11)\n\tadd $64, %%r11\n\tadd $64, %%r10\n\t"	\
     "dec %%ecx\n\tjnz 1b"						\
-    ::: "rax", "rcx", "rdx", "r9", "r10", "r11", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31", "cc")
+    ::: "rax", "rcx", "rdx", "r8", "r9", "r10", "r11", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31", "cc")
 #define _tile_dpbf16ps(dst,src1,src2) _tile_dpbf16ps_internal (dst,src1,src2)
 #endif
