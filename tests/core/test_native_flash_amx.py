@@ -41,12 +41,10 @@ from test_native_flash_blocks import _check as check_blocks
 from test_native_flash_blocks import _inputs as block_inputs
 
 import qkv
-from native_checks import check_forward, check_large_logit_gradients
+from native_checks import check_forward, check_gradients, check_large_logit_gradients
 from qkv.bench.kernels import build_for
 from qkv.core import _kernels
 from qkv.core.engines import native_flash, native_flash_bwd
-from qkv.core.spec import build_spec
-from qkv.testing import FWD_FACTOR, GRAD_FACTOR, assert_within_rule, grads
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 pytestmark = [
@@ -167,19 +165,7 @@ def test_block_lists_follow_the_reference(tiles, case):
 
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_gradients_follow_the_reference(tiles, case):
-    B, Hq, Hkv, Lq, Lk, D, Dv, causal, window = case
-    q, k, v = random_inputs(B, Hq, Hkv, Lq, Lk, D, Dv, torch.bfloat16, seed=11)
-    up = torch.randn(B, Hq, Lq, Dv, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
-    kw = dict(causal=causal, window=window)
-    ins = {w: [(t.double() if w == "exact" else t.clone()).requires_grad_() for t in (q, k, v)]
-           for w in ("exact", "plain", "fast")}
-    outs = {w: qkv.attention(*xs, backend="native" if w == "fast" else "reference", **kw) for w, xs in ins.items()}
-    what = f"amx grad {case}"
-    assert_within_rule(outs["fast"], outs["plain"], outs["exact"], factor=FWD_FACTOR, what=what + " out")
-    gs = {w: grads(outs[w], ins[w], up.double() if w == "exact" else up) for w in ins}
-    for name, g, gp, ge in zip("qkv", gs["fast"], gs["plain"], gs["exact"]):
-        assert g.dtype == torch.bfloat16
-        assert_within_rule(g, gp, ge, factor=GRAD_FACTOR, what=f"{what} d{name}")
+    check_gradients(case, torch.bfloat16, f"amx grad {case}", seed=11)
 
 
 @pytest.mark.parametrize("case", list(bwd_tests.CASES))
@@ -283,15 +269,7 @@ def test_narrowed_blocks_are_the_whole_blocks_bits(tiles, whole_blocks, case, mo
     """On the tiles too, narrowing leaves out only exact zeros: the narrowed strips and chunks start their
     steps of 16 pairs where a whole block's do, so dq, dk, dv are the whole blocks' bits (steps from the
     strip's own first pair grouped the sums otherwise: 7 of these 8 cases differed, a review found)."""
-    q, k, v, d_out, d_lse, kw, _ = bwd_block_tests._narrow_case(case, torch.bfloat16)
-    with torch.no_grad():
-        out, lse = qkv.attention_with_lse(q, k, v, backend="reference", **kw)
-    spec = build_spec(q, k, v, **kw)
-    narrowed = native_flash_bwd.backward(q, k, v, out, lse, d_out, spec, d_lse=d_lse.float())
-    monkeypatch.setattr(native_flash_bwd, "lib", lambda: whole_blocks)
-    whole = native_flash_bwd.backward(q, k, v, out, lse, d_out, spec, d_lse=d_lse.float())
-    for name, a, b in zip("qkv", narrowed, whole):
-        assert torch.equal(a, b), f"{case}: d{name} differs from the whole blocks' by {(a - b).abs().max()}"
+    bwd_block_tests.assert_narrowed_is_whole(case, torch.bfloat16, whole_blocks, monkeypatch)
 
 
 def test_forward_bits_do_not_depend_on_the_thread_count(tiles):

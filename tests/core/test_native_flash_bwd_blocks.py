@@ -360,6 +360,12 @@ def test_narrowed_blocks_are_the_whole_blocks_bits(case, dtype, whole_blocks, mo
     """Narrowing leaves out only exact zeros (masked P and dS) of sums that start from zero: dq, dk, dv
     are the same bits as the build that computes every partial block whole (a cell left out that some
     row sees, or garbage in one that was not computed, changes them)."""
+    assert_narrowed_is_whole(case, dtype, whole_blocks, monkeypatch)
+
+
+def assert_narrowed_is_whole(case, dtype, whole_blocks, monkeypatch) -> None:
+    """nb.backward on NARROW_CASES[case] with the backend's kernel, then with `whole_blocks` (a build with
+    QKV_BWD_NARROW=0): dq, dk, dv the same bits."""
     q, k, v, d_out, d_lse, kw, _ = _narrow_case(case, dtype)
     with torch.no_grad():
         out, lse = qkv.attention_with_lse(q, k, v, backend="reference", **kw)

@@ -32,7 +32,7 @@ from random_qkv import random_inputs
 from test_native_flash import CASES, GRAD_CASES
 
 import qkv
-from native_checks import check_accumulation, check_forward, check_large_logit_gradients
+from native_checks import check_accumulation, check_forward, check_gradients, check_large_logit_gradients
 from qkv import masks
 from qkv.core import _kernels
 from qkv.core.api import choose_backend
@@ -117,19 +117,7 @@ def test_out_and_lse_follow_the_reference(build, case, dtype):
 @pytest.mark.parametrize("case", GRAD_CASES + [(1, 4, 2, 150, 150, 24, 72, True, (40, 0))],
                          ids=lambda c: "-".join(map(str, c)))
 def test_gradients_follow_the_reference(build, case, dtype):
-    B, Hq, Hkv, Lq, Lk, D, Dv, causal, window = case
-    q, k, v = random_inputs(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed=21)
-    up = torch.randn(B, Hq, Lq, Dv, generator=torch.Generator().manual_seed(22)).to(dtype)
-    kw = dict(causal=causal, window=window)
-    ins = {w: [(t.double() if w == "exact" else t.clone()).requires_grad_() for t in (q, k, v)]
-           for w in ("exact", "plain", "fast")}
-    outs = {w: qkv.attention(*xs, backend="native" if w == "fast" else "reference", **kw) for w, xs in ins.items()}
-    what = f"{build} grad {case} {dtype}"
-    assert_within_rule(outs["fast"], outs["plain"], outs["exact"], factor=FWD_FACTOR, what=what + " out")
-    gs = {w: grads(outs[w], ins[w], up.double() if w == "exact" else up) for w in ins}
-    for name, g, gp, ge in zip("qkv", gs["fast"], gs["plain"], gs["exact"]):
-        assert g.dtype == dtype
-        assert_within_rule(g, gp, ge, factor=GRAD_FACTOR, what=f"{what} d{name}")
+    check_gradients(case, dtype, f"{build} grad {case} {dtype}", seed=21)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

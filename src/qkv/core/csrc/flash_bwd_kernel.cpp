@@ -326,44 +326,11 @@ void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m
 }
 
 #if QKV_AMX
-// gemm_bf16 on AMX tiles (qkv_amx.h): rows [0, 16 RT) x columns [0, 16 CT) of cbuf (32 x 32 floats) =
-// ap (32 rows x K2p pairs, zero past the operand's) . B (K2 pairs x N, rows ldb words apart) offset to
-// the first column, over steps of 16 pairs: B read in place where a step has 16 pairs, the last step
-// of a K2 that is not a multiple of 16 packed with zero rows into bpack (16 x 32 words).
-template <int RT, int CT>
-void gemm_amx_tile(const uint32_t* ap, int64_t K2p, const uint32_t* B, int64_t ldb, int64_t K2, uint32_t* bpack,
-                   float* cbuf) {
-  tile_zero<0>();
-  if constexpr (CT == 2) tile_zero<1>();
-  if constexpr (RT == 2) tile_zero<2>();
-  if constexpr (RT == 2 && CT == 2) tile_zero<3>();
-  for (int64_t k0 = 0; k0 < K2p; k0 += 16) {
-    tile_load<4>(ap + k0, K2p * 4);
-    if constexpr (RT == 2) tile_load<5>(ap + 16 * K2p + k0, K2p * 4);
-    const uint32_t* b = B + k0 * ldb;
-    int64_t bld = ldb;
-    if (k0 + 16 > K2) {  // the last step, part-filled
-      for (int64_t r = 0; r < 16; ++r)
-        for (int64_t c = 0; c < 16 * CT; ++c) bpack[r * 32 + c] = k0 + r < K2 ? B[(k0 + r) * ldb + c] : 0u;
-      b = bpack, bld = 32;
-    }
-    tile_load<6>(b, bld * 4);
-    if constexpr (CT == 2) tile_load<7>(b + 16, bld * 4);
-    tile_dp<0, 4, 6>();
-    if constexpr (CT == 2) tile_dp<1, 4, 7>();
-    if constexpr (RT == 2) tile_dp<2, 5, 6>();
-    if constexpr (RT == 2 && CT == 2) tile_dp<3, 5, 7>();
-  }
-  tile_store<0>(cbuf, 32 * 4);
-  if constexpr (CT == 2) tile_store<1>(cbuf + 16, 32 * 4);
-  if constexpr (RT == 2) tile_store<2>(cbuf + 16 * 32, 32 * 4);
-  if constexpr (RT == 2 && CT == 2) tile_store<3>(cbuf + 16 * 32 + 16, 32 * 4);
-}
-
-// gemm_bf16 (same arguments, the same products summed in another order) on AMX tiles: A packed 32
-// rows at a time into 16-pair steps (zero past M and K2; a transposed A, as_k != 1, gathered), 2 x 2
-// accumulator tiles, C (+)= the tiles' sums through a 32 x 32 buffer. The calling thread's tiles must
-// be configured (amx_begin).
+// gemm_bf16 (same arguments, the same products summed in another order) on AMX tiles (qkv_amx.h's
+// tile_gemm): A packed 32 rows at a time into 16-pair steps (zero past M and K2; a transposed A, as_k != 1,
+// gathered), B read in place but for a part-filled last step (packed with zero rows into bpack, 16 x 32
+// words), 2 x 2 accumulator tiles, C (+)= the tiles' sums through a 32 x 32 buffer. The calling thread's
+// tiles must be configured (amx_begin).
 template <bool ACC>
 void gemm_amx(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k, const uint32_t* B,
               int64_t ldb, float* C, int64_t ldc) {
@@ -384,13 +351,16 @@ void gemm_amx(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m,
     }
     for (int64_t n0 = 0; n0 < N; n0 += 32) {
       const bool two_cols = N - n0 > 16;  // N is a multiple of 16
-      if (rows > 16)
-        two_cols ? gemm_amx_tile<2, 2>(ap, K2p, B + n0, ldb, K2, bpack, cbuf)
-                 : gemm_amx_tile<2, 1>(ap, K2p, B + n0, ldb, K2, bpack, cbuf);
-      else
-        two_cols ? gemm_amx_tile<1, 2>(ap, K2p, B + n0, ldb, K2, bpack, cbuf)
-                 : gemm_amx_tile<1, 1>(ap, K2p, B + n0, ldb, K2, bpack, cbuf);
       const int64_t cols = two_cols ? 32 : 16;
+      const uint32_t* last = nullptr;  // a part-filled last step of 16 pairs: its rows packed, zero past K2
+      if (K2 % 16) {
+        const int64_t k0 = K2p - 16;
+        for (int64_t r = 0; r < 16; ++r)
+          for (int64_t c = 0; c < cols; ++c) bpack[r * 32 + c] = k0 + r < K2 ? B[(k0 + r) * ldb + n0 + c] : 0u;
+        last = bpack;
+      }
+      tile_gemm_of(rows > 16, two_cols, ap, K2p * 4, 64, B + n0, ldb * 4, 16 * ldb * 4, K2p / 16, cbuf, 32 * 4, last,
+                   32 * 4);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; c += 16) {
           float* out = C + (m0 + r) * ldc + n0 + c;

@@ -694,88 +694,30 @@ struct Scratch {
 };
 
 #if QKV_AMX
-// The bfloat16 products on AMX tiles (qkv_amx.h), 2 x 2 accumulators: tiles 0-3 hold the sums of
-// (row tile a, column tile b) in tile 2a + b, 4-5 two tiles of 16 rows of A, 6-7 two of B's columns.
+// The bfloat16 products on AMX tiles (qkv_amx.h's tile_gemm: 2 x 2 accumulator tiles).
 //
-// Scores of rows [0, 16 RT) x keys [0, 16 CT) of a block: s[r][c] = q[r] . key c over the head's Dh
-// pairs (a multiple of 16: 32 bfloat16 of the head per tile step). q rows of 2 Dh bfloat16; kp the
-// block's packed keys (Dh, BK, 2) offset to the first key (a B tile: 16 pairs x 16 keys, rows BK * 4
-// bytes apart); s rows of BK floats.
-template <int RT, int CT>
-void amx_scores_tile(const uint16_t* q, int64_t Dh, const uint16_t* kp, float* s) {
-  tile_zero<0>();
-  if constexpr (CT == 2) tile_zero<1>();
-  if constexpr (RT == 2) tile_zero<2>();
-  if constexpr (RT == 2 && CT == 2) tile_zero<3>();
-  for (int64_t p = 0; p < Dh; p += 16) {
-    tile_load<4>(q + 2 * p, 4 * Dh);
-    if constexpr (RT == 2) tile_load<5>(q + 16 * 2 * Dh + 2 * p, 4 * Dh);
-    tile_load<6>(kp + p * BK * 2, BK * 4);
-    if constexpr (CT == 2) tile_load<7>(kp + p * BK * 2 + 32, BK * 4);
-    tile_dp<0, 4, 6>();
-    if constexpr (CT == 2) tile_dp<1, 4, 7>();
-    if constexpr (RT == 2) tile_dp<2, 5, 6>();
-    if constexpr (RT == 2 && CT == 2) tile_dp<3, 5, 7>();
-  }
-  tile_store<0>(s, BK * 4);
-  if constexpr (CT == 2) tile_store<1>(s + 16, BK * 4);
-  if constexpr (RT == 2) tile_store<2>(s + 16 * BK, BK * 4);
-  if constexpr (RT == 2 && CT == 2) tile_store<3>(s + 16 * BK + 16, BK * 4);
-}
-
-// S rows [0, M) (and up to 31 rows past them) x chunks [0, nc) of 16 keys: q16 (Mp, 2 Dh), kp and S
-// offset to the first chunk.
+// S rows [0, M) (and up to 31 rows past them) x chunks [0, nc) of 16 keys: s[r][c] = q[r] . key c over
+// the head's Dh pairs (a multiple of 16: a tile step is 32 bfloat16 of the head). q16 (Mp, 2 Dh); kp the
+// block's packed keys (Dh, BK, 2), a B tile as it lies (16 pairs of 16 keys, rows BK * 4 bytes apart);
+// kp and S (rows of BK floats) offset to the first chunk.
 inline void amx_scores(const uint16_t* q16, int64_t Dh, int64_t M, const uint16_t* kp, float* S, int nc) {
   for (int64_t m = 0; m < M; m += 32)
-    for (int t = 0; t < nc; t += 2) {
-      const uint16_t* q = q16 + m * 2 * Dh;
-      const uint16_t* k = kp + 32 * t;  // 16 keys of (pair, key, 2)
-      float* s = S + m * BK + 16 * t;
-      if (M - m > 16)
-        nc - t > 1 ? amx_scores_tile<2, 2>(q, Dh, k, s) : amx_scores_tile<2, 1>(q, Dh, k, s);
-      else
-        nc - t > 1 ? amx_scores_tile<1, 2>(q, Dh, k, s) : amx_scores_tile<1, 1>(q, Dh, k, s);
-    }
-}
-
-// o (32, 32) rows [0, 16 RT) x columns [0, 16 CT) = P V over np key pairs (a multiple of 16: 32 keys
-// per tile step): p2 rows of BK/2 words (pairs of keys), offset to the first pair; vp2 (pairs, Dvp)
-// words offset to the first pair and column (a B tile: 16 pairs x 16 columns, rows Dvp * 4 bytes apart).
-template <int RT, int CT>
-void amx_values_tile(const uint32_t* p2, const uint32_t* vp2, int64_t Dvp, int64_t np, float* o) {
-  tile_zero<0>();
-  if constexpr (CT == 2) tile_zero<1>();
-  if constexpr (RT == 2) tile_zero<2>();
-  if constexpr (RT == 2 && CT == 2) tile_zero<3>();
-  for (int64_t w = 0; w < np; w += 16) {
-    tile_load<4>(p2 + w, BK / 2 * 4);
-    if constexpr (RT == 2) tile_load<5>(p2 + 16 * (BK / 2) + w, BK / 2 * 4);
-    tile_load<6>(vp2 + w * Dvp, Dvp * 4);
-    if constexpr (CT == 2) tile_load<7>(vp2 + w * Dvp + 16, Dvp * 4);
-    tile_dp<0, 4, 6>();
-    if constexpr (CT == 2) tile_dp<1, 4, 7>();
-    if constexpr (RT == 2) tile_dp<2, 5, 6>();
-    if constexpr (RT == 2 && CT == 2) tile_dp<3, 5, 7>();
-  }
-  tile_store<0>(o, 32 * 4);
-  if constexpr (CT == 2) tile_store<1>(o + 16, 32 * 4);
-  if constexpr (RT == 2) tile_store<2>(o + 16 * 32, 32 * 4);
-  if constexpr (RT == 2 && CT == 2) tile_store<3>(o + 16 * 32 + 16, 32 * 4);
+    for (int t = 0; t < nc; t += 2)
+      tile_gemm_of(M - m > 16, nc - t > 1, q16 + m * 2 * Dh, 4 * Dh, 64, kp + 32 * t, BK * 4, 16 * BK * 4, Dh / 16,
+                   S + m * BK + 16 * t, BK * 4);
 }
 
 // acc[r] = alpha[r] acc[r] + P V for rows r < M: this block's sum from zero, added once (see values_tile),
-// 32 rows x 32 columns at a time through ob (32, 32). p2 and vp2 offset to the first pair, np pairs.
+// 32 rows x 32 columns at a time through ob (32, 32). p2 (rows of BK/2 words) and vp2 ((pairs, Dvp) words)
+// offset to the first pair; np pairs, a multiple of 16 (a tile step is 32 keys).
 inline void amx_values(const uint32_t* p2, const uint32_t* vp2, int64_t Dvp, int64_t np, int64_t M, float* acc,
                        const float* alpha, float* ob) {
   for (int64_t m = 0; m < M; m += 32)
     for (int64_t d = 0; d < Dvp; d += 32) {
-      const uint32_t* p = p2 + m * (BK / 2);
-      const uint32_t* v = vp2 + d;
       const bool two_cols = Dvp - d > 16;  // Dvp is a multiple of 16
-      if (M - m > 16)
-        two_cols ? amx_values_tile<2, 2>(p, v, Dvp, np, ob) : amx_values_tile<2, 1>(p, v, Dvp, np, ob);
-      else
-        two_cols ? amx_values_tile<1, 2>(p, v, Dvp, np, ob) : amx_values_tile<1, 1>(p, v, Dvp, np, ob);
+      // A: P's rows of BK/2 words (pairs of keys); B: vp2's rows of Dvp words (a pair of keys each)
+      tile_gemm_of(M - m > 16, two_cols, p2 + m * (BK / 2), BK / 2 * 4, 64, vp2 + d, Dvp * 4, 16 * Dvp * 4, np / 16,
+                   ob, 32 * 4);
       const int64_t rows = std::min<int64_t>(32, M - m), cols = two_cols ? 32 : 16;
       for (int64_t r = 0; r < rows; ++r) {
         const vreg a = vbcast(alpha[m + r]);

@@ -210,8 +210,60 @@ inline void tile_dp() {
 }
 #endif
 
-// Whether the tiles compute what the kernels expect of them: two steps of 16 pairs into 2 x 2
-// accumulators (the kernels' tile walk: A in tiles 4-5, B in 6-7, C = 2 (A - 4) + (B - 6)), on small
+// C = A B on 2 x 2 accumulator tiles, the kernels' one tile walk: C's 16 RT rows x 16 CT columns of
+// float32 (rows c_stride bytes apart; the second column tile 64 bytes on, the second row tile 16 rows
+// on) = the sum over `steps` steps of A (16 RT rows of 16 pairs of bfloat16, rows a_stride bytes apart;
+// each step a_step bytes on) times B (16 pairs x 16 CT columns, rows b_stride bytes apart; each step
+// b_step bytes on; the second column tile 64 bytes on). b_last: the last step's B instead, rows
+// b_last_stride bytes apart (a packed copy, zero past the operand), or null. Tiles 0-3 hold C's (row
+// tile i, column tile j) in tile 2i + j, from zero; 4-5 A's row tiles, 6-7 B's column tiles.
+template <int RT, int CT>
+inline void tile_gemm(const void* a, int64_t a_stride, int64_t a_step, const void* b, int64_t b_stride,
+                      int64_t b_step, int64_t steps, void* c, int64_t c_stride, const void* b_last = nullptr,
+                      int64_t b_last_stride = 0) {
+  static_assert(RT >= 1 && RT <= 2 && CT >= 1 && CT <= 2, "1 or 2 row and column tiles");
+  const char* ap = (const char*)a;
+  const char* bp = (const char*)b;
+  char* cp = (char*)c;
+  tile_zero<0>();
+  if constexpr (CT == 2) tile_zero<1>();
+  if constexpr (RT == 2) tile_zero<2>();
+  if constexpr (RT == 2 && CT == 2) tile_zero<3>();
+  for (int64_t k = 0; k < steps; ++k) {
+    const char* bk = bp + k * b_step;
+    int64_t bs = b_stride;
+    if (b_last && k == steps - 1) bk = (const char*)b_last, bs = b_last_stride;
+    tile_load<4>(ap + k * a_step, a_stride);
+    if constexpr (RT == 2) tile_load<5>(ap + 16 * a_stride + k * a_step, a_stride);
+    tile_load<6>(bk, bs);
+    if constexpr (CT == 2) tile_load<7>(bk + TILE_BYTES, bs);
+    tile_dp<0, 4, 6>();
+    if constexpr (CT == 2) tile_dp<1, 4, 7>();
+    if constexpr (RT == 2) tile_dp<2, 5, 6>();
+    if constexpr (RT == 2 && CT == 2) tile_dp<3, 5, 7>();
+  }
+  tile_store<0>(cp, c_stride);
+  if constexpr (CT == 2) tile_store<1>(cp + TILE_BYTES, c_stride);
+  if constexpr (RT == 2) tile_store<2>(cp + 16 * c_stride, c_stride);
+  if constexpr (RT == 2 && CT == 2) tile_store<3>(cp + 16 * c_stride + TILE_BYTES, c_stride);
+}
+
+// tile_gemm with two row tiles where two_rows, two column tiles where two_cols.
+inline void tile_gemm_of(bool two_rows, bool two_cols, const void* a, int64_t a_stride, int64_t a_step,
+                         const void* b, int64_t b_stride, int64_t b_step, int64_t steps, void* c, int64_t c_stride,
+                         const void* b_last = nullptr, int64_t b_last_stride = 0) {
+  if (two_rows && two_cols)
+    tile_gemm<2, 2>(a, a_stride, a_step, b, b_stride, b_step, steps, c, c_stride, b_last, b_last_stride);
+  else if (two_rows)
+    tile_gemm<2, 1>(a, a_stride, a_step, b, b_stride, b_step, steps, c, c_stride, b_last, b_last_stride);
+  else if (two_cols)
+    tile_gemm<1, 2>(a, a_stride, a_step, b, b_stride, b_step, steps, c, c_stride, b_last, b_last_stride);
+  else
+    tile_gemm<1, 1>(a, a_stride, a_step, b, b_stride, b_step, steps, c, c_stride, b_last, b_last_stride);
+}
+
+// Whether the tiles compute what the kernels expect of them: tile_gemm<2, 2>, the kernels' tile walk,
+// over two steps of 16 pairs, on small
 // integers whose sums are exact in float32 in any order, against plain loops. A tile configuration or
 // operand layout that the processor reads otherwise than this header models is caught here, before a
 // kernel uses the tiles.
@@ -236,16 +288,7 @@ inline bool amx_self_check() {
   for (int p = 0; p < K2; ++p)
     for (int n = 0; n < N; ++n) b[p * N + n] = small(2 * n + 5 * p) | small(3 * p + n + 2) << 16;
   amx_begin();
-  tile_zero<0>(), tile_zero<1>(), tile_zero<2>(), tile_zero<3>();
-  for (int p = 0; p < K2; p += 16) {
-    tile_load<4>(a + p, K2 * 4);
-    tile_load<5>(a + 16 * K2 + p, K2 * 4);
-    tile_load<6>(b + p * N, N * 4);
-    tile_load<7>(b + p * N + 16, N * 4);
-    tile_dp<0, 4, 6>(), tile_dp<1, 4, 7>(), tile_dp<2, 5, 6>(), tile_dp<3, 5, 7>();
-  }
-  tile_store<0>(c, N * 4), tile_store<1>(c + 16, N * 4);
-  tile_store<2>(c + 16 * N, N * 4), tile_store<3>(c + 16 * N + 16, N * 4);
+  tile_gemm<2, 2>(a, K2 * 4, 64, b, N * 4, 16 * N * 4, K2 / 16, c, N * 4);
   amx_end();
   for (int r = 0; r < 32; ++r)
     for (int n = 0; n < N; ++n) {
