@@ -61,9 +61,9 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-// Whether Linux lets this process use the tile data (asked once; the answer holds for every thread).
-// The request's errno: 0 where Linux granted it (EINVAL: a kernel before 5.16 or a CPU without the
-// state; ENOSPC: a thread's alternate signal stack too small for the larger signal frame).
+// Linux's answer to this process's request for the tile data (asked once; the answer holds for every
+// thread): 0 where granted, else the errno (EINVAL: a kernel before 5.16 or a CPU without the state;
+// ENOSPC: a thread's alternate signal stack too small for the larger signal frame).
 inline int amx_permission_errno() {
 #ifdef QKV_AMX_FAKE_TILES  // tests: the tiles of tests/core/amx_fake (software; no permission to ask)
   return 0;
