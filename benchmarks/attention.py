@@ -225,7 +225,7 @@ def kernel_build(march) -> str:
     return (f"-march={march or 'native'}, {kernel.vector_width}-float vectors, FMA: {'yes' if kernel.fma else 'no'}, "
             f"bfloat16 dot product: {'yes' if kernel.bf16_dot else 'no'}, bfloat16 on AMX tiles: forward "
             f"{_AMX_WORDS.get(kernel.amx, kernel.amx)}, backward "
-            f"{_AMX_WORDS.get(getattr(bwd, 'amx', 0), 'unavailable') if bwd is not None else 'unavailable'}")
+            f"{_AMX_WORDS.get(bwd.amx, bwd.amx) if bwd is not None else 'unavailable'}")
 
 
 # A kernel's amx (qkv.core._kernels.amx_state, csrc/qkv_amx.h) in words.
