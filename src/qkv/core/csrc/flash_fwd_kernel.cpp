@@ -155,6 +155,14 @@ namespace {
 #endif
 constexpr int BK = 128;      // keys per block
 constexpr int NV = BK / 16;  // chunks of 16 keys (one vector) per block
+#ifndef QKV_AMX_SPAN
+#define QKV_AMX_SPAN 4
+#endif
+// With AMX and no block lists, key blocks are visited AMX_SPAN at a time (a span: blocks g AMX_SPAN to
+// g AMX_SPAN + AMX_SPAN - 1, aligned whatever the item), one online-softmax step per span (see amx_span).
+constexpr int AMX_SPAN = QKV_AMX_SPAN;
+static_assert(AMX_SPAN >= 1 && AMX_SPAN <= 8, "spans of 1 to 8 key blocks");
+constexpr int64_t AMX_SW = AMX_SPAN * BK;  // floats per row of S in a span (p2: AMX_SW / 2 words)
 // float32 scores are summed over the head in pieces of SC terms, each from zero, added in order (the
 // backward kernel recomputes them so: its SC). At SC = 64 a head of 64 or fewer is one chain of
 // multiply-adds, the order of MKL's sgemm on this CPU (bit for bit at K <= 192, measured): the
@@ -662,8 +670,9 @@ inline void by_groups(int64_t nv, F&& f) {
 struct Scratch {
   Buffer<float> qf;      // (M, D) float32 queries (float32 path)
   Buffer<uint16_t> q16;  // (Mp, 2*Dh) bfloat16 queries (dp path)
-  Buffer<float> s;       // (Mp, BK) scores, then probabilities (float32 path)
-  Buffer<uint32_t> p2;   // (Mp, BK/2) probabilities rounded to bfloat16, pairs of keys per word (dp path)
+  Buffer<float> s;       // (Mp, BK) scores, then probabilities (float32 path); AMX: (Mp, SW), SW below
+  Buffer<uint32_t> p2;   // (Mp, BK/2) probabilities rounded to bfloat16, pairs of keys per word (dp path);
+                         // AMX: (Mp, SW/2)
   Buffer<float> ob;      // (32, 32) one block's P V of 32 rows x 32 columns, from the tiles (AMX)
   Buffer<float> acc;     // (M, Dvp) output accumulators
   Buffer<float> mx, sum, alpha;  // (M) running max, running sum, this block's rescale
@@ -673,18 +682,19 @@ struct Scratch {
   // (zero at first, then an earlier item's) give sums no row uses.
   Scratch(const Problem& P) {
     const int64_t M = P.G * P.bq, Mp = P.amx ? (M + 31) / 32 * 32 : M;
+    const int64_t SW = P.amx ? AMX_SW : BK;  // a row of scores: a span's keys with AMX (amx_span)
     qf.reset(P.dp ? 0 : M * P.D);
     q16.reset(P.dp ? Mp * 2 * P.Dh : 0);
-    s.reset(Mp * BK);
-    p2.reset(P.dp ? Mp * BK / 2 : 0);
+    s.reset(Mp * SW);
+    p2.reset(P.dp ? Mp * SW / 2 : 0);
     ob.reset(P.amx ? 32 * 32 : 0);
     acc.reset(M * P.Dvp);
     mx.reset(M), sum.reset(M), alpha.reset(M + RM);
     lo.reset(M), hi.reset(M), trow.reset(M);
     if (P.amx && !failed()) {
       std::memset(q16.p, 0, sizeof(uint16_t) * Mp * 2 * P.Dh);
-      std::memset(s.p, 0, sizeof(float) * Mp * BK);
-      std::memset(p2.p, 0, sizeof(uint32_t) * Mp * BK / 2);
+      std::memset(s.p, 0, sizeof(float) * Mp * SW);
+      std::memset(p2.p, 0, sizeof(uint32_t) * Mp * SW / 2);
     }
   }
   bool failed() const {
@@ -699,25 +709,26 @@ struct Scratch {
 // S rows [0, M) (and up to 31 rows past them) x chunks [0, nc) of 16 keys: s[r][c] = q[r] . key c over
 // the head's Dh pairs (a multiple of 16: a tile step is 32 bfloat16 of the head). q16 (Mp, 2 Dh); kp the
 // block's packed keys (Dh, BK, 2), a B tile as it lies (16 pairs of 16 keys, rows BK * 4 bytes apart);
-// kp and S (rows of BK floats) offset to the first chunk.
-inline void amx_scores(const uint16_t* q16, int64_t Dh, int64_t M, const uint16_t* kp, float* S, int nc) {
+// kp and S (rows of sw floats) offset to the first chunk.
+inline void amx_scores(const uint16_t* q16, int64_t Dh, int64_t M, const uint16_t* kp, float* S, int nc,
+                       int64_t sw = BK) {
   for (int64_t m = 0; m < M; m += 32)
     for (int t = 0; t < nc; t += 2)
       tile_gemm_of(M - m > 16, nc - t > 1, q16 + m * 2 * Dh, 4 * Dh, 64, kp + 32 * t, BK * 4, 16 * BK * 4, Dh / 16,
-                   S + m * BK + 16 * t, BK * 4);
+                   S + m * sw + 16 * t, sw * 4);
 }
 
 // acc[r] = alpha[r] acc[r] + P V for rows r < M: this block's sum from zero, added once (see values_tile),
-// 32 rows x 32 columns at a time through ob (32, 32). p2 (rows of BK/2 words) and vp2 ((pairs, Dvp) words)
+// 32 rows x 32 columns at a time through ob (32, 32). p2 (rows of pw words) and vp2 ((pairs, Dvp) words)
 // offset to the first pair; np pairs, a multiple of 16 (a tile step is 32 keys).
 inline void amx_values(const uint32_t* p2, const uint32_t* vp2, int64_t Dvp, int64_t np, int64_t M, float* acc,
-                       const float* alpha, float* ob) {
+                       const float* alpha, float* ob, int64_t pw = BK / 2) {
   for (int64_t m = 0; m < M; m += 32)
     for (int64_t d = 0; d < Dvp; d += 32) {
       const bool two_cols = Dvp - d > 16;  // Dvp is a multiple of 16
       // A: P's rows of BK/2 words (pairs of keys); B: vp2's rows of Dvp words (a pair of keys each)
-      tile_gemm_of(M - m > 16, two_cols, p2 + m * (BK / 2), BK / 2 * 4, 64, vp2 + d, Dvp * 4, 16 * Dvp * 4, np / 16,
-                   ob, 32 * 4);
+      tile_gemm_of(M - m > 16, two_cols, p2 + m * pw, pw * 4, 64, vp2 + d, Dvp * 4, 16 * Dvp * 4, np / 16, ob,
+                   32 * 4);
       const int64_t rows = std::min<int64_t>(32, M - m), cols = two_cols ? 32 : 16;
       for (int64_t r = 0; r < rows; ++r) {
         const vreg a = vbcast(alpha[m + r]);
@@ -961,7 +972,72 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       });
   };
 #if QKV_AMX
+  // AMX without block lists: the key blocks AMX_SPAN at a time (a span), one online-softmax step per row
+  // per span. The row's fixed costs of a step (its max and sum across the vector, the rescale's exp, the
+  // output tiles' store and rescale in amx_values) are paid once per span, not once per block (measured:
+  // docs/benchmarks.md, "The native kernels, ninth part"). Spans start at multiples of AMX_SPAN blocks
+  // whatever the item's rows, and the chunks an item leaves out of a span are ones its rows see nothing
+  // of (P = 0, and a step of zeros adds exact zeros), so a row's bits do not depend on the items (and so
+  // on the thread count). Chunks [c0, c1) of the span's 16 AMX_SPAN are computed; S and p2 rows hold the span.
+  auto amx_span = [&](int64_t kb0, int64_t kb1) {
+    constexpr int64_t SW = AMX_SW;  // floats per row of S; p2's rows: SW / 2 words
+    const int64_t j0 = kb0 * BK;
+    const int64_t a = std::max<int64_t>(0, klo - j0), z = std::min<int64_t>((kb1 - kb0) * BK, khi - j0);
+    if (z <= a) return;
+    const int c0 = (int)(a / 16), c1 = (int)((z + 15) / 16);
+    const int e0 = c0 & ~1, e1 = (c1 + 1) & ~1;  // whole steps of 32 keys from the span's first
+    // 1. Scores, key block by key block (each block's keys packed apart).
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
+      const int f = (int)(kb - kb0) * NV, b0 = std::max(c0, f), b1 = std::min(c1, f + NV);
+      if (b1 > b0)
+        amx_scores(W.q16.p, Dh, M, P.kp + ((bh - P.bh0) * P.nkb + kb) * Dh * BK * 2 + 32 * (b0 - f), S + 16 * b0,
+                   b1 - b0, SW);
+    }
+    // 2. Scale and the band (on the chunks some row of the item does not see whole), then the online
+    // softmax over the span: the scaled scores back to S, their max; then P, rounded to bfloat16 for P V.
+    for (int64_t m = 0; m < M; ++m) {
+      float* sr = S + m * SW;
+      uint32_t* pr = W.p2.p + m * (SW / 2);
+      const int64_t lo = W.lo.p[m], hi = W.hi.p[m];
+      v16 mv = splat(NEG_INF);
+      for (int t = c0; t < c1; ++t) {
+        const int64_t jt = j0 + 16 * t;  // the chunk's first key
+        v16 x = *(v16*)(sr + 16 * t) * P.scale;
+        if (!(jt >= full_lo && jt + 16 <= full_hi)) {
+          const uint32_t bits = range_bits(lo - jt, hi - jt);
+          if (bits != 0xffffu) x = keep(x, bits);
+        }
+        *(v16*)(sr + 16 * t) = x;
+        mv = x > mv ? x : mv;
+      }
+      const float old = W.mx.p[m], bmax = hmax(mv), now = bmax > old ? bmax : old;
+      if (now == NEG_INF) {  // nothing seen yet: this span adds nothing
+        std::memset(pr + 8 * e0, 0, 32 * (e1 - e0));
+        W.alpha.p[m] = 1.0f;
+        continue;
+      }
+      const float alpha = old == NEG_INF ? 0.0f : std::exp(old - now);
+      v16 total = splat(0.0f);
+      for (int t = c0; t < c1; ++t) {  // the row sum (and so the lse) is of P unrounded
+        const v16 pv = exp_minus(*(v16*)(sr + 16 * t), now);
+        _mm256_store_si256((__m256i*)(pr + 8 * t), (__m256i)_mm512_cvtneps_pbh((__m512)pv));
+        total += pv;
+      }
+      if (e0 < c0) std::memset(pr + 8 * e0, 0, 32);  // P = 0 on the chunk a whole step adds
+      if (e1 > c1) std::memset(pr + 8 * c1, 0, 32);
+      W.sum.p[m] = W.sum.p[m] * alpha + hsum(total);
+      W.mx.p[m] = now;
+      W.alpha.p[m] = alpha;
+    }
+    // 3. acc = alpha acc + P V over the span's steps [e0, e1) (vp2's keys run on across blocks).
+    const uint32_t* vp2 = P.vp2 + ((bh - P.bh0) * P.nkb * BK + j0 + 16 * e0) / 2 * Dvp;
+    amx_values(W.p2.p + 8 * e0, vp2, Dvp, 8 * (e1 - e0), M, W.acc.p, W.alpha.p, W.ob.p, SW / 2);
+  };
   if (P.amx) amx_begin();  // this thread's tiles configured
+  if (P.amx && !L && khi > klo) {
+    for (int64_t kb0 = klo / BK / AMX_SPAN * AMX_SPAN; kb0 * BK < khi; kb0 += AMX_SPAN)
+      amx_span(kb0, std::min<int64_t>(P.nkb, kb0 + AMX_SPAN));
+  } else
 #endif
   if (khi > klo) {
     if (!L) {
