@@ -226,8 +226,54 @@ def test_auto_claims_only_what_was_measured(monkeypatch, shape, dtype, causal, c
     assert native.auto(spec, q, False) is claimed
     assert (choose_backend(spec, q, False) == "native") is claimed
     monkeypatch.setattr(native, "measured_cpu", lambda: False)
+    monkeypatch.setattr(native, "amx_cpu", lambda: False)
     assert native.auto(spec, q, False) is False and choose_backend(spec, q, False) == "sdpa"
     assert native.auto(spec, q.to("meta"), False) is False  # never a CUDA (or any other device's) tensor
+
+
+@pytest.mark.parametrize("shape,dtype,causal,grad,claimed", [
+    ((1, 8, 8, 4096, 4096, 64, 64), torch.bfloat16, False, False, True),   # 2^24 pairs: measured 1.26x
+    ((1, 8, 8, 4096, 4096, 64, 64), torch.bfloat16, True, False, True),    # 1.05x
+    ((1, 8, 8, 2048, 2048, 64, 64), torch.bfloat16, False, False, False),  # below 2^24 (1024: 0.91x)
+    ((1, 8, 8, 1024, 1024, 64, 64), torch.bfloat16, True, True, True),     # forward + backward: 1.33x
+    ((1, 8, 8, 512, 512, 64, 64), torch.bfloat16, False, True, False),     # not measured below 1024
+    ((1, 8, 8, 4096, 4096, 64, 64), torch.float32, False, False, False),   # float32 forward: 0.77x-1.16x
+    ((1, 8, 8, 1024, 1024, 64, 64), torch.float32, True, True, True),      # float32 causal training: 1.41x
+    ((1, 8, 8, 1024, 1024, 64, 64), torch.float32, False, True, False),    # without a band: 1.00x
+    ((1, 8, 8, 4096, 4096, 128, 128), torch.bfloat16, False, False, False),  # D=128: not measured here
+    ((1, 8, 8, 4096, 4096, 32, 32), torch.bfloat16, False, False, False),  # D=32 pays for 64 on the tiles
+    ((1, 8, 2, 4096, 4096, 64, 64), torch.bfloat16, False, False, False),  # grouped-query heads
+])
+def test_auto_on_the_amx_kind_claims_only_what_was_measured(monkeypatch, shape, dtype, causal, grad, claimed):
+    """The second CPU kind's rule (backend/native.py, AMX_AUTO_MIN_CELLS): an Intel Xeon with AMX, where
+    bfloat16 is claimed only while the kernels run the processor's tiles (tiles_run)."""
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q = torch.zeros(B, Hq, Lq, D, dtype=dtype, requires_grad=grad)
+    k, v = torch.zeros(B, Hkv, Lk, D, dtype=dtype), torch.zeros(B, Hkv, Lk, Dv, dtype=dtype)
+    spec = build_spec(q, k, v, causal=causal)
+    assert spec.grad is grad
+    monkeypatch.setattr(native, "measured_cpu", lambda: False)
+    monkeypatch.setattr(native, "amx_cpu", lambda: True)
+    monkeypatch.setattr(native, "tiles_run", lambda grad: True)
+    if dtype == torch.float32 and native_flash.lib().vector_width != native_flash.MEASURED_WIDTH:
+        claimed = False  # a build without AVX-512 (its own rule: test_native_flash_narrow.py)
+    assert native.auto(spec, q, False) is claimed
+    assert (choose_backend(spec, q, False) == "native") is claimed
+    monkeypatch.setattr(native, "tiles_run", lambda grad: False)  # Linux refused the tiles, say
+    assert native.auto(spec, q, False) is (claimed and dtype == torch.float32)
+    monkeypatch.setattr(native, "amx_cpu", lambda: False)
+    assert native.auto(spec, q, False) is False
+
+
+def test_tiles_run_reads_the_kernels_states():
+    """tiles_run is each kernel's AMX state read as the processor's tiles (2), nothing else."""
+    fwd = native_flash.lib()
+    from qkv.core.engines import native_flash_bwd
+
+    bwd = native_flash_bwd.lib()
+    assert native.tiles_run(False) is (fwd.amx == 2)
+    assert native.tiles_run(True) is (fwd.amx == 2 and bwd is not None and bwd.amx == 2)
+    assert native.amx_cpu() is _kernels.amx_cpu()
 
 
 @pytest.mark.parametrize("which", ["q", "k", "v", "none"])

@@ -168,6 +168,7 @@ def test_auto_claims_wide_causal_windows_on_the_measured_cpu(monkeypatch):
     assert choose_backend(narrow, q, False) == "sparse" and sparse.native_pays(narrow, q, q, q, None)
     assert not native.auto(both_sides, q, False)
     monkeypatch.setattr(native, "measured_cpu", lambda: False)
+    monkeypatch.setattr(native, "amx_cpu", lambda: False)
     assert choose_backend(wide, q, False) == "sdpa"
 
 

@@ -99,18 +99,32 @@ def _cpu() -> str:
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
-@functools.lru_cache(maxsize=1)
-def measured_cpu() -> bool:
-    """Whether this CPU is of the kind the native FlashAttention-2 kernels' `auto` rules were measured
-    on (backend/native.py, backend/sparse.py): AMD with AVX512-BF16 and no AMX, read from
-    /proc/cpuinfo; False where it cannot be read. On other kinds those rules claim nothing."""
+def _cpuinfo() -> tuple[str, list[str]]:
+    """/proc/cpuinfo's first 64 KiB and its first flags line, split; ("", []) where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read(1 << 16)
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+        return "", []
+    return info, next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+
+
+@functools.lru_cache(maxsize=1)
+def measured_cpu() -> bool:
+    """Whether this CPU is of the first kind the native FlashAttention-2 kernels' `auto` rules were
+    measured on (backend/native.py, backend/sparse.py): AMD with AVX512-BF16 and no AMX, read from
+    /proc/cpuinfo; False where it cannot be read. The second kind: `amx_cpu`. On other kinds those rules
+    claim nothing."""
+    info, flags = _cpuinfo()
     return "AuthenticAMD" in info and "avx512_bf16" in flags and "amx_tile" not in flags
+
+
+@functools.lru_cache(maxsize=1)
+def amx_cpu() -> bool:
+    """Whether this CPU is of the second kind the native backend's `auto` rule was measured on
+    (backend/native.py): an Intel Xeon with AMX-BF16 (and AVX512-BF16), read from /proc/cpuinfo."""
+    info, flags = _cpuinfo()
+    return "GenuineIntel" in info and {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags)
 
 
 def _sha256(path: Path) -> str:

@@ -90,12 +90,12 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
 # time / native time, forward: float32 D=64 0.35x-0.80x up to 128 tokens, 0.93x-1.16x at 256,
 # 1.04x-1.71x at 512, 1.05x-1.80x from 1024 on; float32 D=128 0.81x-0.91x without a band and
 # 0.87x-1.15x causal (so not claimed); bfloat16 0.49x-1.16x up to 128 tokens, 1.10x-2.04x from 256
-# on, D=128 1.28x-1.88x. Forward and backward (D=64): 1.17x-2.30x at 512, 1024 and 4096 tokens. No
-# second CPU kind was lent: on others (an Intel Xeon whose SDPA runs bfloat16 on AMX tiles reaches
-# 3x this kernel's bfloat16 rate) the rule claims nothing, and neither does it for shapes not
-# measured: a query block other than the whole sequence (Lq != Lk), windows open to the right,
-# grouped-query heads. After bfloat16 P V moved to vdpbf16ps (the second part of issue 21, same CPU,
-# same commands): bfloat16 1.88x-2.07x at 4096 and 16384 tokens, D=128 1.76x-2.29x; float32 unchanged.
+# on, D=128 1.28x-1.88x. Forward and backward (D=64): 1.17x-2.30x at 512, 1024 and 4096 tokens. On a
+# second CPU kind, an Intel Xeon with AMX, the rule of AMX_AUTO_MIN_CELLS below; on others it claims
+# nothing, and neither does it for shapes not measured: a query block other than the whole sequence
+# (Lq != Lk), windows open to the right, grouped-query heads. After bfloat16 P V moved to vdpbf16ps
+# (the second part of issue 21, same CPU, same commands): bfloat16 1.88x-2.07x at 4096 and 16384
+# tokens, D=128 1.76x-2.29x; float32 unchanged.
 # Causal windows (window=w with causal=True; the narrow ones, at most a quarter of the keys, go to the
 # sparse backend first, which runs them on this kernel too), `python benchmarks/native_windows.py`
 # (docs/benchmarks.md): against what `auto` chose before (SDPA with the window as a mask), windows of
@@ -109,6 +109,54 @@ AUTO_MIN_CELLS = {torch.float32: 1 << 20, torch.bfloat16: 1 << 18}  # Lq x Lk fr
 AUTO_MAX_DIM = {torch.float32: 64, torch.bfloat16: 128}  # head sizes measured to win
 AUTO_CAUSAL_DIMS = {torch.float32: (128,)}  # head sizes above AUTO_MAX_DIM measured to win causal
 
+# The second CPU kind (`amx_cpu`: an Intel Xeon with AMX-BF16; the session's was a 2-core KVM guest,
+# family 6 model 207, 2026-12-01), where the kernels run bfloat16's products on AMX tiles and torch's
+# SDPA runs bfloat16 on oneDNN's: 2 threads, B=1, H=8, D=64, `python benchmarks/attention.py --backends
+# native --dtypes float32 bfloat16 --lengths 256 1024 4096 16384` and `--backward --lengths 1024 4096`
+# (docs/benchmarks.md, "The native kernels, ninth part"). SDPA time / native time, forward: bfloat16
+# 0.47x-0.91x up to 1024 tokens, 1.05x-1.26x at 4096 and 16384; float32 0.71x-1.16x, below 1 at 16384
+# (not claimed). Forward and backward: bfloat16 1.09x-1.33x at 1024 and 4096 tokens; float32 causal
+# 1.41x-1.54x, without a band 0.97x-1.00x (not claimed). Only D = Dv = 64 was measured (a head of 32 or
+# fewer pays for 64 on the tiles), and only the whole band or causal (no windows). The bfloat16 claims
+# hold where the tiles run (the kernels report 2; where Linux refuses them the kernels run 4x slower).
+AMX_AUTO_MIN_CELLS = {  # (dtype, autograd records) -> Lq x Lk from which it wins on the AMX kind
+    (torch.bfloat16, False): 1 << 24,
+    (torch.bfloat16, True): 1 << 20,
+    (torch.float32, True): 1 << 20,  # causal only
+}
+AMX_AUTO_DIMS = (64,)  # head sizes measured on the AMX kind
+
+
+def amx_cpu() -> bool:
+    """Whether this CPU is of the second kind `auto`'s rule was measured on (`_kernels.amx_cpu`)."""
+    return _kernels.amx_cpu()
+
+
+def tiles_run(grad: bool) -> bool:
+    """Whether the native forward (and, with `grad`, the backward) runs bfloat16 on the processor's AMX
+    tiles (each kernel's state 2: built with them, granted the tile data by Linux, self-check passed)."""
+    from ..engines import native_flash_bwd
+
+    kernels = [native_flash.lib()] + ([native_flash_bwd.lib()] if grad else [])
+    return all(kernel is not None and getattr(kernel, "amx", 0) == 2 for kernel in kernels)
+
+
+def amx_auto(spec: AttentionSpec, q: Tensor) -> bool:
+    """auto on the AMX kind (`amx_cpu`), for the self-attention shapes `auto` admits: the rule of
+    AMX_AUTO_MIN_CELLS (the measurements are in the comment above it)."""
+    dtype, grad = q.dtype, spec.grad
+    least = AMX_AUTO_MIN_CELLS.get((dtype, grad))
+    if least is None or spec.Lq * spec.Lk < least or spec.left is not None:  # no windows measured
+        return False
+    if spec.D not in AMX_AUTO_DIMS or spec.Dv not in AMX_AUTO_DIMS:
+        return False
+    if dtype == torch.float32:  # forward + backward, causal only
+        if spec.right != 0:
+            return False
+        kernel = native_flash.lib()
+        return kernel is not None and kernel.vector_width == native_flash.MEASURED_WIDTH
+    return tiles_run(grad)
+
 
 def measured_cpu() -> bool:
     """Whether this CPU is of the kind `auto`'s rule was measured on (`_kernels.measured_cpu`)."""
@@ -118,8 +166,9 @@ def measured_cpu() -> bool:
 def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs, unbanded, causal or a causal window,
     one kv head per query head, head sizes up to AUTO_MAX_DIM (plain causal: also AUTO_CAUSAL_DIMS;
-    with gradients: 64), on the CPU kind measured (`measured_cpu`), where the kernel builds with the
-    tiles measured (16 floats: native_flash.MEASURED_WIDTH). The measurements are in the comment above."""
+    with gradients: 64), on the first CPU kind measured (`measured_cpu`), where the kernel builds with the
+    tiles measured (16 floats: native_flash.MEASURED_WIDTH); on the second (`amx_cpu`), `amx_auto`. The
+    measurements are in the comments above."""
     dtype = q.dtype
     if q.device.type != "cpu" or dtype not in AUTO_MIN_CELLS:
         return False
@@ -131,12 +180,14 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
         return False  # causal and causal windows; not windows open to the right
     if spec.Lq * spec.Lk < AUTO_MIN_CELLS[dtype] or min(spec.D, spec.Dv) < 1:
         return False
+    if not measured_cpu():
+        return amx_cpu() and amx_auto(spec, q)
     max_dim = AUTO_MAX_DIM[dtype]
     if spec.right == 0 and spec.left is None and spec.D == spec.Dv and spec.D in AUTO_CAUSAL_DIMS.get(dtype, ()):
         max_dim = spec.D  # plain causal attention at a head size measured to win
     if spec.grad:  # autograd records (q, k or v requires grad)
         max_dim = 64  # forward + backward was measured at D = 64 only
-    if max(spec.D, spec.Dv) > max_dim or not measured_cpu():
+    if max(spec.D, spec.Dv) > max_dim:
         return False
     kernel = native_flash.lib()  # built on first use, only for a call the rule claims
     return kernel is not None and kernel.vector_width == native_flash.MEASURED_WIDTH
