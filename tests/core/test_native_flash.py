@@ -243,6 +243,9 @@ def test_auto_claims_only_what_was_measured(monkeypatch, shape, dtype, causal, c
     ((1, 8, 8, 4096, 4096, 128, 128), torch.bfloat16, False, False, False),  # D=128: not measured here
     ((1, 8, 8, 4096, 4096, 32, 32), torch.bfloat16, False, False, False),  # D=32 pays for 64 on the tiles
     ((1, 8, 2, 4096, 4096, 64, 64), torch.bfloat16, False, False, False),  # grouped-query heads
+    ((1, 8, 8, 2048, 2048, 64, 64), torch.float32, 1024, False, True),     # causal window 1024: 2.64x
+    ((1, 8, 8, 2048, 2048, 64, 64), torch.bfloat16, 1024, True, True),     # its training step: 2.97x
+    ((1, 8, 8, 1024, 1024, 64, 64), torch.float32, 512, False, False),     # below 2^22 pairs
 ])
 def test_auto_on_the_amx_kind_claims_only_what_was_measured(monkeypatch, shape, dtype, causal, grad, claimed):
     """The second CPU kind's rule (backend/native.py, AMX_AUTO_MIN_CELLS): an Intel Xeon with AMX, where
@@ -250,7 +253,8 @@ def test_auto_on_the_amx_kind_claims_only_what_was_measured(monkeypatch, shape, 
     B, Hq, Hkv, Lq, Lk, D, Dv = shape
     q = torch.zeros(B, Hq, Lq, D, dtype=dtype, requires_grad=grad)
     k, v = torch.zeros(B, Hkv, Lk, D, dtype=dtype), torch.zeros(B, Hkv, Lk, Dv, dtype=dtype)
-    spec = build_spec(q, k, v, causal=causal)
+    window = None if isinstance(causal, bool) else causal  # an int: a causal window of that many keys
+    spec = build_spec(q, k, v, causal=bool(causal), window=window)
     assert spec.grad is grad
     monkeypatch.setattr(native, "measured_cpu", lambda: False)
     monkeypatch.setattr(native, "amx_cpu", lambda: True)

@@ -93,6 +93,7 @@ def test_sparse_backend_on_the_native_kernel(case, dtype, monkeypatch):
 
 def test_sparse_backend_keeps_the_gathered_engine_elsewhere(monkeypatch):
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: False)
+    monkeypatch.setattr(_kernels, "amx_cpu", lambda: False)
     monkeypatch.setattr(native_flash, "run", lambda *a, **kw: pytest.fail("the native kernel ran off the measured CPU"))
     q, k, v, up = _inputs(1, 2, 2, 300, 300, 16, torch.float32)
     _against_reference(q, k, v, up, qkv.block_mask(M.causal_sliding_window(50), None, None, 300, 300), "sparse",
@@ -126,6 +127,7 @@ def test_a_mask_function_that_tells_heads_apart_inside_shared_block_states(backe
     mask function decides per head inside the partial blocks: every engine follows it per head."""
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: measured)
+    monkeypatch.setattr(_kernels, "amx_cpu", lambda: False)
 
     def by_head(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & ((q_idx - kv_idx) % (h + 2) == 0)
@@ -133,6 +135,31 @@ def test_a_mask_function_that_tells_heads_apart_inside_shared_block_states(backe
     fbm = flex.create_block_mask(by_head, B=None, H=None, Q_LEN=256, KV_LEN=256, device="cpu", BLOCK_SIZE=128)
     q, k, v, up = _inputs(1, 4, 4, 256, 256, 32, torch.float32, seed=3)
     _against_reference(q, k, v, up, fbm, backend, f"{backend} per-head mask function")
+
+
+def test_the_amx_kind_sends_bfloat16_and_training_to_the_kernel(monkeypatch):
+    """The second CPU kind's rule (backend/sparse.py, above NATIVE_MAX_DIM: an Intel Xeon with AMX): bfloat16
+    while the processor's tiles run, float32 when autograd records, not float32's forward alone (a causal
+    window of 256 ran 0.79x-1.03x the gathered engine there); grouped heads too."""
+    monkeypatch.setattr(_kernels, "measured_cpu", lambda: False)
+    monkeypatch.setattr(_kernels, "amx_cpu", lambda: True)
+    bm = qkv.block_mask(M.causal_sliding_window(256), None, None, 1024, 1024)
+    f32 = torch.randn(1, 2, 1024, 32)
+    b16, grad = f32.bfloat16(), f32.clone().requires_grad_()
+
+    def pays(q, kv=None):
+        kv = q.detach() if kv is None else kv
+        return sparse.native_pays(build_spec(q, kv, kv, mask=bm), q, kv, kv, bm)
+
+    assert not pays(f32)
+    assert pays(grad) and pays(grad, f32)
+    for state in (2, 0, -1):  # the processor's tiles; none in the build; Linux refused them
+        monkeypatch.setattr(native_flash.lib(), "amx", state)
+        assert pays(b16) is (state == 2)
+    monkeypatch.setattr(native_flash.lib(), "amx", 2)
+    assert pays(b16, torch.randn(1, 1, 1024, 32).bfloat16())  # grouped heads
+    monkeypatch.setattr(_kernels, "amx_cpu", lambda: False)
+    assert not pays(grad) and not pays(b16)
 
 
 def test_auto_sends_block_masks_and_narrow_bands_to_the_kernel(monkeypatch):

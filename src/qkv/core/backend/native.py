@@ -117,13 +117,17 @@ AUTO_CAUSAL_DIMS = {torch.float32: (128,)}  # head sizes above AUTO_MAX_DIM meas
 # 0.47x-0.91x up to 1024 tokens, 1.05x-1.26x at 4096 and 16384; float32 0.71x-1.16x, below 1 at 16384
 # (not claimed). Forward and backward: bfloat16 1.09x-1.33x at 1024 and 4096 tokens; float32 causal
 # 1.41x-1.54x, without a band 0.97x-1.00x (not claimed). Only D = Dv = 64 was measured (a head of 32 or
-# fewer pays for 64 on the tiles), and only the whole band or causal (no windows). The bfloat16 claims
-# hold where the tiles run (the kernels report 2; where Linux refuses them the kernels run 4x slower).
+# fewer pays for 64 on the tiles). Causal windows of 1024 and 2048 at 2048 and 4096 tokens (`python
+# benchmarks/native_windows.py`, where SDPA takes the window as a mask): 2.64x-5.98x forward and
+# 2.86x-4.88x forward and backward, float32 and bfloat16, so claimed from 2^22 pairs in both. The
+# bfloat16 claims hold where the tiles run (the kernels report 2; where Linux refuses them the kernels
+# run 4x slower).
 AMX_AUTO_MIN_CELLS = {  # (dtype, autograd records) -> Lq x Lk from which it wins on the AMX kind
     (torch.bfloat16, False): 1 << 24,
     (torch.bfloat16, True): 1 << 20,
     (torch.float32, True): 1 << 20,  # causal only
 }
+AMX_AUTO_WINDOW_CELLS = 1 << 22  # causal windows, either dtype, with or without gradients
 AMX_AUTO_DIMS = (64,)  # head sizes measured on the AMX kind
 
 
@@ -145,14 +149,18 @@ def amx_auto(spec: AttentionSpec, q: Tensor) -> bool:
     """auto on the AMX kind (`amx_cpu`), for the self-attention shapes `auto` admits: the rule of
     AMX_AUTO_MIN_CELLS (the measurements are in the comment above it)."""
     dtype, grad = q.dtype, spec.grad
-    least = AMX_AUTO_MIN_CELLS.get((dtype, grad))
-    if least is None or spec.Lq * spec.Lk < least or spec.left is not None:  # no windows measured
-        return False
     if spec.D not in AMX_AUTO_DIMS or spec.Dv not in AMX_AUTO_DIMS:
         return False
-    if dtype == torch.float32:  # forward + backward, causal only
-        if spec.right != 0:
+    if spec.left is not None:  # a causal window (the only band with a left edge `auto` admits)
+        if spec.Lq * spec.Lk < AMX_AUTO_WINDOW_CELLS:
             return False
+    else:
+        least = AMX_AUTO_MIN_CELLS.get((dtype, grad))
+        if least is None or spec.Lq * spec.Lk < least:
+            return False
+        if dtype == torch.float32 and spec.right != 0:  # float32: causal training only
+            return False
+    if dtype == torch.float32:
         kernel = native_flash.lib()
         return kernel is not None and kernel.vector_width == native_flash.MEASURED_WIDTH
     return tiles_run(grad)

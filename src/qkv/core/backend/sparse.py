@@ -168,6 +168,14 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
 # backward 1.48x-2.38x and 2.04x-3.96x; grouped heads 8/2 under a causal window of 256 at 4096 and 16384
 # tokens, forward 1.63x-3.05x, forward and backward 1.51x-3.23x. Elsewhere the gathered engine runs, as
 # before; neither Lq != Lk, other block sizes nor head sizes above 64 were measured, so none is claimed.
+# On a second CPU kind (_kernels.amx_cpu: an Intel Xeon with AMX-BF16, the kernels' bfloat16 on AMX tiles;
+# a 2-core KVM guest, family 6 model 207, 2026-12-01), the same command at 4096 and 16384 tokens with
+# the rule forced on (docs/benchmarks.md, "The native kernels, ninth part"), gathered time / native time:
+# bfloat16 forward 1.58x-5.73x, forward and backward 2.00x-4.90x; float32 forward and backward
+# 1.70x-3.41x, float32 forward 0.79x-1.71x (a causal window of 256: 0.79x at 4096, 1.03x at 16384);
+# grouped heads 8/2 under a causal window of 256 (`python benchmarks/native_windows.py`): bfloat16
+# forward 2.38x-2.96x, forward and backward 2.02x-2.46x in either dtype. So there it claims bfloat16
+# (while the tiles run) and float32 when autograd records.
 NATIVE_MAX_DIM = 64  # measured at D = 64 only
 NATIVE_GQA = True  # grouped-query heads, measured under a causal window
 
@@ -177,13 +185,16 @@ def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Option
     engine: within what was measured (above): float32 or bfloat16 CPU tensors, self-attention (Lq = Lk),
     NATIVE_GQA, head sizes up to NATIVE_MAX_DIM, a BlockMask of 128 x 128 blocks (with any band) or a
     causal band alone, nothing else, on the CPU kind measured, where the kernels build (the backward
-    too when autograd records) with the tiles measured (native_flash.MEASURED_WIDTH)."""
+    too when autograd records) with the tiles measured (native_flash.MEASURED_WIDTH); on the second kind
+    (`_kernels.amx_cpu`), bfloat16 while the AMX tiles run, or float32 when autograd records."""
     if q.device.type != "cpu" or q.dtype not in native_flash.KINDS or not gathered.supports(spec):
         return False
     if spec.Lq != spec.Lk or (spec.Hq != spec.Hkv and not NATIVE_GQA) or max(spec.D, spec.Dv) > NATIVE_MAX_DIM:
         return False
-    if not _kernels.measured_cpu():
-        return False
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    amx_kind = not _kernels.measured_cpu()
+    if amx_kind and not (_kernels.amx_cpu() and (q.dtype == torch.bfloat16 or grad)):
+        return False  # the second kind's rule (above NATIVE_MAX_DIM): bfloat16, or float32 with gradients
     if bm is not None and (bm.block_size != (native_blocks.KEY_BLOCK, native_blocks.KEY_BLOCK)
                            or native_blocks.why_not(bm) is not None):
         return False
@@ -191,12 +202,14 @@ def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Option
         return False
     if native_flash.why_not(q, k, v, spec) is not None:
         return False
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     missing = ("flash_fwd_kernel" if native_flash.lib() is None
                else "flash_bwd_kernel" if grad and native_flash_bwd.lib() is None else None)
     if missing is not None:  # no compiler: the gathered engine, as on every other CPU kind
         _kernels.warn_unavailable(missing, "block-sparse attention runs on the gathered engine")
         return False
+    kernels = [native_flash.lib()] + ([native_flash_bwd.lib()] if grad else [])
+    if amx_kind and q.dtype == torch.bfloat16 and any(getattr(kn, "amx", 0) != 2 for kn in kernels):
+        return False  # measured with the processor's tiles running
     return native_flash.lib().vector_width == native_flash.MEASURED_WIDTH  # the build measured (AVX-512)
 
 

@@ -78,7 +78,9 @@
 // self-check passed) the same five products run on tiles instead (gemm_amx: A packed 32 rows at a time
 // into steps of 16 pairs, gathered where P^T and dS^T are read, B in place; 2 x 2 accumulator tiles),
 // the same sums in another order. Tested on the software model of the tiles
-// (tests/core/test_native_flash_amx.py); not yet run or timed on a processor with AMX.
+// (tests/core/test_native_flash_amx.py), and run by the whole suite on an Intel Xeon with AMX (a 2-core
+// KVM guest, family 6 model 207, 2026-12-01): forward + backward in bfloat16 2.1x-2.5x faster than the
+// vdpbf16ps path (benchmarks/kernels_ab.py --define-before QKV_NO_AMX=1 --backward, L=4096 and 16384).
 //
 // Plain C++17 with GCC/Clang vector extensions (no torch headers), compiled on first use by
 // qkv/core/_kernels.py with -O3 -march=native -fopenmp, loaded with ctypes. OpenMP runs on
@@ -326,11 +328,42 @@ void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m
 }
 
 #if QKV_AMX
+// dst (16 x 16 words, rows ds words apart) = the transpose of src (16 x 16 words, rows ss apart): four
+// rounds of interleaves (32-bit, 64-bit, then 128-bit lanes twice), 64 shuffles for 256 words.
+inline void transpose16(const uint32_t* src, int64_t ss, uint32_t* dst, int64_t ds) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * ss);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + i * ds, r[i]);
+}
+
 // gemm_bf16 (same arguments, the same products summed in another order) on AMX tiles (qkv_amx.h's
 // tile_gemm): A packed 32 rows at a time into 16-pair steps (zero past M and K2; a transposed A, as_k != 1,
-// gathered), B read in place but for a part-filled last step (packed with zero rows into bpack, 16 x 32
-// words), 2 x 2 accumulator tiles, C (+)= the tiles' sums through a 32 x 32 buffer. The calling thread's
-// tiles must be configured (amx_begin).
+// gathered, by 16 x 16 transposes where as_m = 1), B read in place but for a part-filled last step (packed
+// with zero rows into bpack, 16 x 32 words), 2 x 2 accumulator tiles. C (+)= the tiles' sums: where the
+// tiles cover whole rows of C (16 or 32 of them) straight to and from C, else through a 32 x 32 buffer;
+// with ACC the tiles start from C's values (C + step + step ..., each step's sum added in turn). Measured
+// on a Xeon with AMX (docs/benchmarks.md, "The native kernels, ninth part"): the buffer's copy and the
+// word-by-word gather were half of these products' time. The calling thread's tiles must be configured
+// (amx_begin).
 template <bool ACC>
 void gemm_amx(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m, int64_t as_k, const uint32_t* B,
               int64_t ldb, float* C, int64_t ldc) {
@@ -346,8 +379,16 @@ void gemm_amx(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m,
       for (int64_t r = 0; r < 32; ++r)
         for (int64_t p = 0; p < K2p; ++p) ap[r * K2p + p] = r < rows && p < K2 ? A[(m0 + r) * as_m + p] : 0u;
     } else {
-      for (int64_t p = 0; p < K2p; ++p)
-        for (int64_t r = 0; r < 32; ++r) ap[r * K2p + p] = r < rows && p < K2 ? A[(m0 + r) * as_m + p * as_k] : 0u;
+      for (int64_t rb = 0; rb < 32; rb += 16)
+        for (int64_t pb = 0; pb < K2p; pb += 16) {
+          if (as_m == 1 && rb + 16 <= rows && pb + 16 <= K2) {  // a whole 16 x 16 block of A^T, transposed
+            transpose16(A + m0 + rb + pb * as_k, as_k, ap + rb * K2p + pb, K2p);
+            continue;
+          }
+          for (int64_t p = pb; p < pb + 16; ++p)
+            for (int64_t r = rb; r < rb + 16; ++r)
+              ap[r * K2p + p] = r < rows && p < K2 ? A[(m0 + r) * as_m + p * as_k] : 0u;
+        }
     }
     for (int64_t n0 = 0; n0 < N; n0 += 32) {
       const bool two_cols = N - n0 > 16;  // N is a multiple of 16
@@ -359,14 +400,22 @@ void gemm_amx(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m,
           for (int64_t c = 0; c < cols; ++c) bpack[r * 32 + c] = k0 + r < K2 ? B[(k0 + r) * ldb + n0 + c] : 0u;
         last = bpack;
       }
-      tile_gemm_of(rows > 16, two_cols, ap, K2p * 4, 64, B + n0, ldb * 4, 16 * ldb * 4, K2p / 16, cbuf, 32 * 4, last,
-                   32 * 4);
+      if (rows == 16 || rows == 32) {  // whole tiles of C's rows: C itself
+        tile_gemm_of<ACC>(rows > 16, two_cols, ap, K2p * 4, 64, B + n0, ldb * 4, 16 * ldb * 4, K2p / 16,
+                          C + m0 * ldc + n0, ldc * 4, last, 32 * 4);
+        continue;
+      }
+      // Other row counts through cbuf, with the same arithmetic (with ACC the tiles start from C's rows), so
+      // an element's bits do not depend on how its rows were grouped (narrowed blocks give a whole block's).
+      if (ACC)
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < cols; c += 16)
+            _mm512_store_ps(cbuf + r * 32 + c, _mm512_loadu_ps(C + (m0 + r) * ldc + n0 + c));
+      tile_gemm_of<ACC>(rows > 16, two_cols, ap, K2p * 4, 64, B + n0, ldb * 4, 16 * ldb * 4, K2p / 16, cbuf, 32 * 4,
+                        last, 32 * 4);
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; c += 16) {
-          float* out = C + (m0 + r) * ldc + n0 + c;
-          const __m512 sum = _mm512_load_ps(cbuf + r * 32 + c);
-          _mm512_storeu_ps(out, ACC ? _mm512_add_ps(_mm512_loadu_ps(out), sum) : sum);
-        }
+        for (int64_t c = 0; c < cols; c += 16)
+          _mm512_storeu_ps(C + (m0 + r) * ldc + n0 + c, _mm512_load_ps(cbuf + r * 32 + c));
     }
   }
 }

@@ -216,8 +216,9 @@ inline void tile_dp() {
 // each step a_step bytes on) times B (16 pairs x 16 CT columns, rows b_stride bytes apart; each step
 // b_step bytes on; the second column tile 64 bytes on). b_last: the last step's B instead, rows
 // b_last_stride bytes apart (a packed copy, zero past the operand), or null. Tiles 0-3 hold C's (row
-// tile i, column tile j) in tile 2i + j, from zero; 4-5 A's row tiles, 6-7 B's column tiles.
-template <int RT, int CT>
+// tile i, column tile j) in tile 2i + j, from zero; 4-5 A's row tiles, 6-7 B's column tiles. ADD: C +=
+// A B instead, the tiles starting from C's own values (each step's sums added to them in turn).
+template <int RT, int CT, bool ADD = false>
 inline void tile_gemm(const void* a, int64_t a_stride, int64_t a_step, const void* b, int64_t b_stride,
                       int64_t b_step, int64_t steps, void* c, int64_t c_stride, const void* b_last = nullptr,
                       int64_t b_last_stride = 0) {
@@ -225,10 +226,17 @@ inline void tile_gemm(const void* a, int64_t a_stride, int64_t a_step, const voi
   const char* ap = (const char*)a;
   const char* bp = (const char*)b;
   char* cp = (char*)c;
-  tile_zero<0>();
-  if constexpr (CT == 2) tile_zero<1>();
-  if constexpr (RT == 2) tile_zero<2>();
-  if constexpr (RT == 2 && CT == 2) tile_zero<3>();
+  if constexpr (ADD) {
+    tile_load<0>(cp, c_stride);
+    if constexpr (CT == 2) tile_load<1>(cp + TILE_BYTES, c_stride);
+    if constexpr (RT == 2) tile_load<2>(cp + 16 * c_stride, c_stride);
+    if constexpr (RT == 2 && CT == 2) tile_load<3>(cp + 16 * c_stride + TILE_BYTES, c_stride);
+  } else {
+    tile_zero<0>();
+    if constexpr (CT == 2) tile_zero<1>();
+    if constexpr (RT == 2) tile_zero<2>();
+    if constexpr (RT == 2 && CT == 2) tile_zero<3>();
+  }
   for (int64_t k = 0; k < steps; ++k) {
     const char* bk = bp + k * b_step;
     int64_t bs = b_stride;
@@ -248,18 +256,19 @@ inline void tile_gemm(const void* a, int64_t a_stride, int64_t a_step, const voi
   if constexpr (RT == 2 && CT == 2) tile_store<3>(cp + 16 * c_stride + TILE_BYTES, c_stride);
 }
 
-// tile_gemm with two row tiles where two_rows, two column tiles where two_cols.
+// tile_gemm with two row tiles where two_rows, two column tiles where two_cols (ADD: C += A B).
+template <bool ADD = false>
 inline void tile_gemm_of(bool two_rows, bool two_cols, const void* a, int64_t a_stride, int64_t a_step,
                          const void* b, int64_t b_stride, int64_t b_step, int64_t steps, void* c, int64_t c_stride,
                          const void* b_last = nullptr, int64_t b_last_stride = 0) {
   if (two_rows && two_cols)
-    tile_gemm<2, 2>(a, a_stride, a_step, b, b_stride, b_step, steps, c, c_stride, b_last, b_last_stride);
+    tile_gemm<2, 2, ADD>(a, a_stride, a_step, b, b_stride, b_step, steps, c, c_stride, b_last, b_last_stride);
   else if (two_rows)
-    tile_gemm<2, 1>(a, a_stride, a_step, b, b_stride, b_step, steps, c, c_stride, b_last, b_last_stride);
+    tile_gemm<2, 1, ADD>(a, a_stride, a_step, b, b_stride, b_step, steps, c, c_stride, b_last, b_last_stride);
   else if (two_cols)
-    tile_gemm<1, 2>(a, a_stride, a_step, b, b_stride, b_step, steps, c, c_stride, b_last, b_last_stride);
+    tile_gemm<1, 2, ADD>(a, a_stride, a_step, b, b_stride, b_step, steps, c, c_stride, b_last, b_last_stride);
   else
-    tile_gemm<1, 1>(a, a_stride, a_step, b, b_stride, b_step, steps, c, c_stride, b_last, b_last_stride);
+    tile_gemm<1, 1, ADD>(a, a_stride, a_step, b, b_stride, b_step, steps, c, c_stride, b_last, b_last_stride);
 }
 
 // Whether the tiles compute what the kernels expect of them: tile_gemm<2, 2>, the kernels' tile walk,
