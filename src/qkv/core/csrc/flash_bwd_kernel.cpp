@@ -79,7 +79,7 @@
 // into steps of 16 pairs, gathered where P^T and dS^T are read, B in place; 2 x 2 accumulator tiles),
 // the same sums in another order. Tested on the software model of the tiles
 // (tests/core/test_native_flash_amx.py), and run by the whole suite on an Intel Xeon with AMX (a 2-core
-// KVM guest, family 6 model 207, 2026-12-01): forward + backward in bfloat16 2.1x-2.5x faster than the
+// KVM guest, family 6 model 207, 2026-12-01): forward + backward in bfloat16 3.3x-4.2x faster than the
 // vdpbf16ps path (benchmarks/kernels_ab.py --define-before QKV_NO_AMX=1 --backward, L=4096 and 16384).
 //
 // Plain C++17 with GCC/Clang vector extensions (no torch headers), compiled on first use by
