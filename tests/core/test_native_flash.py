@@ -241,7 +241,7 @@ def test_auto_claims_only_what_was_measured(monkeypatch, shape, dtype, causal, c
     ((1, 8, 8, 1024, 1024, 64, 64), torch.float32, True, True, True),      # float32 causal training: 1.41x
     ((1, 8, 8, 1024, 1024, 64, 64), torch.float32, False, True, False),    # without a band: 1.00x
     ((1, 8, 8, 4096, 4096, 128, 128), torch.bfloat16, False, False, False),  # D=128: not measured here
-    ((1, 8, 8, 4096, 4096, 32, 32), torch.bfloat16, False, False, False),  # D=32 pays for 64 on the tiles
+    ((1, 8, 8, 4096, 4096, 32, 32), torch.bfloat16, False, False, False),  # D=32: not measured there
     ((1, 8, 2, 4096, 4096, 64, 64), torch.bfloat16, False, False, False),  # grouped-query heads
     ((1, 8, 8, 2048, 2048, 64, 64), torch.float32, 1024, False, True),     # causal window 1024: 2.64x
     ((1, 8, 8, 2048, 2048, 64, 64), torch.bfloat16, 1024, True, True),     # its training step: 2.97x

@@ -290,6 +290,39 @@ def test_forward_bits_do_not_depend_on_the_thread_count(tiles):
         torch.set_num_threads(old)
 
 
+# Keys over several spans of four 128-key blocks (flash_fwd_kernel.cpp's amx_span): 1100 keys are three
+# spans, the last cut short at nine blocks; a causal window of 300 starts mid-span; a window of (100, 50)
+# leaves rows that saw keys in one span nothing in the next (the items' keys reach it, their own do not);
+# a query block past the keys' start (Lq < Lk, causal) begins in the second span.
+SPAN_CASES = [
+    (1, 2, 2, 1100, 1100, 64, 64, True, None),
+    (1, 4, 2, 1100, 1100, 64, 64, True, (300, 0)),
+    (1, 2, 1, 1100, 1100, 64, 32, False, (100, 50)),
+    (1, 2, 2, 300, 1100, 64, 64, True, None),
+    (1, 2, 2, 700, 1100, 16, 16, False, None),
+]
+
+
+@pytest.mark.parametrize("case", SPAN_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_spans_of_key_blocks(tiles, case):
+    """The forward over several spans against the reference, its bits the same at 1 and 8 threads (items
+    of other rows), and the gradients through it (the lse the backward reads) by the tolerance rule."""
+    B, Hq, Hkv, Lq, Lk, D, Dv, causal, window = case
+    q, k, v = random_inputs(B, Hq, Hkv, Lq, Lk, D, Dv, torch.bfloat16, seed=zlib.crc32(repr(case).encode()))
+    check_forward(q, k, v, f"amx spans {case}", causal=causal, window=window)
+    kw = {"causal": causal, "window": window}
+    old = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 8):
+            torch.set_num_threads(threads)
+            runs.append(qkv.attention_with_lse(q, k, v, backend="native", **kw))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), case
+    check_gradients(case, torch.bfloat16, f"amx span grad {case}", seed=3)
+
+
 _STAND_IN = Path(__file__).with_name("amx_fake")  # GCC 12's AMX headers with the instructions emulated in asm
 
 

@@ -140,11 +140,11 @@ def test_a_mask_function_that_tells_heads_apart_inside_shared_block_states(backe
 def test_the_amx_kind_sends_bfloat16_and_training_to_the_kernel(monkeypatch):
     """The second CPU kind's rule (backend/sparse.py, above NATIVE_MAX_DIM: an Intel Xeon with AMX): bfloat16
     while the processor's tiles run, float32 when autograd records, not float32's forward alone (a causal
-    window of 256 ran 0.79x-1.03x the gathered engine there); grouped heads too."""
+    window of 256 ran 0.79x-1.03x the gathered engine there); grouped heads too; head size 64 only."""
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: False)
     monkeypatch.setattr(_kernels, "amx_cpu", lambda: True)
     bm = qkv.block_mask(M.causal_sliding_window(256), None, None, 1024, 1024)
-    f32 = torch.randn(1, 2, 1024, 32)
+    f32 = torch.randn(1, 2, 1024, 64)
     b16, grad = f32.bfloat16(), f32.clone().requires_grad_()
 
     def pays(q, kv=None):
@@ -157,7 +157,9 @@ def test_the_amx_kind_sends_bfloat16_and_training_to_the_kernel(monkeypatch):
         monkeypatch.setattr(native_flash.lib(), "amx", state)
         assert pays(b16) is (state == 2)
     monkeypatch.setattr(native_flash.lib(), "amx", 2)
-    assert pays(b16, torch.randn(1, 1, 1024, 32).bfloat16())  # grouped heads
+    assert pays(b16, torch.randn(1, 1, 1024, 64).bfloat16())  # grouped heads
+    small = torch.randn(1, 2, 1024, 32)
+    assert not pays(small.bfloat16()) and not pays(small.requires_grad_())  # D=32: not measured there
     monkeypatch.setattr(_kernels, "amx_cpu", lambda: False)
     assert not pays(grad) and not pays(b16)
 

@@ -117,8 +117,8 @@ AUTO_CAUSAL_DIMS = {torch.float32: (128,)}  # head sizes above AUTO_MAX_DIM meas
 # 0.46x-0.92x up to 1024 tokens, 1.05x-1.26x at 4096 and 16384; float32 0.70x-1.16x, 0.77x-0.78x at 16384
 # without a band (not claimed). Forward and backward: bfloat16 1.42x-2.11x at 1024 and 4096 tokens (after
 # the backward's products went straight to and from C; 1.09x-1.33x before); float32 causal 1.15x-1.54x,
-# without a band 0.97x-1.15x (not claimed). Only D = Dv = 64 was measured (a head of 32 or
-# fewer pays for 64 on the tiles). Causal windows of 1024 and 2048 at 2048 and 4096 tokens (`python
+# without a band 0.97x-1.15x (not claimed). Only D = Dv = 64 was measured there, so no other head size
+# is claimed. Causal windows of 1024 and 2048 at 2048 and 4096 tokens (`python
 # benchmarks/native_windows.py`, where SDPA takes the window as a mask): 2.64x-5.98x forward and
 # 2.86x-4.88x forward and backward, float32 and bfloat16, so claimed from 2^22 pairs in both. The
 # bfloat16 claims hold where the tiles run (the kernels report 2; where Linux refuses them the kernels

@@ -175,8 +175,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
 # 1.70x-3.41x, float32 forward 0.79x-1.71x (a causal window of 256: 0.79x at 4096, 1.03x at 16384);
 # grouped heads 8/2 under a causal window of 256 (`python benchmarks/native_windows.py`): bfloat16
 # forward 2.38x-2.96x, forward and backward 2.02x-2.46x in either dtype. So there it claims bfloat16
-# (while the tiles run) and float32 when autograd records.
+# (while the tiles run) and float32 when autograd records, at D = Dv = 64 (the only head size timed there).
 NATIVE_MAX_DIM = 64  # measured at D = 64 only
+AMX_NATIVE_DIMS = (64,)  # the head sizes measured on the second kind
 NATIVE_GQA = True  # grouped-query heads, measured under a causal window
 
 
@@ -186,14 +187,16 @@ def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Option
     NATIVE_GQA, head sizes up to NATIVE_MAX_DIM, a BlockMask of 128 x 128 blocks (with any band) or a
     causal band alone, nothing else, on the CPU kind measured, where the kernels build (the backward
     too when autograd records) with the tiles measured (native_flash.MEASURED_WIDTH); on the second kind
-    (`_kernels.amx_cpu`), bfloat16 while the AMX tiles run, or float32 when autograd records."""
+    (`_kernels.amx_cpu`), bfloat16 while the AMX tiles run, or float32 when autograd records, at the head
+    sizes of AMX_NATIVE_DIMS."""
     if q.device.type != "cpu" or q.dtype not in native_flash.KINDS or not gathered.supports(spec):
         return False
     if spec.Lq != spec.Lk or (spec.Hq != spec.Hkv and not NATIVE_GQA) or max(spec.D, spec.Dv) > NATIVE_MAX_DIM:
         return False
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     amx_kind = not _kernels.measured_cpu()
-    if amx_kind and not (_kernels.amx_cpu() and (q.dtype == torch.bfloat16 or grad)):
+    if amx_kind and not (_kernels.amx_cpu() and (q.dtype == torch.bfloat16 or grad) and spec.D in AMX_NATIVE_DIMS
+                         and spec.Dv in AMX_NATIVE_DIMS):
         return False  # the second kind's rule (above NATIVE_MAX_DIM): bfloat16, or float32 with gradients
     if bm is not None and (bm.block_size != (native_blocks.KEY_BLOCK, native_blocks.KEY_BLOCK)
                            or native_blocks.why_not(bm) is not None):

@@ -662,7 +662,8 @@ inline uint64_t row_bits(const Args& A, int64_t b, int64_t hq, int64_t i, int64_
 // only over its chunks. A triangle of a causal diagonal or a window's far edge is 10 of the 16
 // (strip, chunk) cells; a window's edge mid-block, the last query or key block, rows that see
 // nothing (a BlockMask's) fewer still. Only exact zeros are left out of each sum (masked P and
-// dS), and each sum still starts from zero, so the gradients are the same bits as the whole
+// dS), each sum still starts from zero (with AMX: from the accumulator, in steps aligned as a whole
+// block's, the steps left out adding exact zeros), so the gradients are the same bits as the whole
 // block's. A block whose cells are all needed runs whole.
 #ifndef QKV_BWD_NARROW
 #define QKV_BWD_NARROW 1  // 0: every partial block computed whole (tests compare the two builds' bits)

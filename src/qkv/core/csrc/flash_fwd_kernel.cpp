@@ -730,7 +730,7 @@ inline void amx_values(const uint32_t* p2, const uint32_t* vp2, int64_t Dvp, int
   for (int64_t m = 0; m < M; m += 32)
     for (int64_t d = 0; d < Dvp; d += 32) {
       const bool two_cols = Dvp - d > 16;  // Dvp is a multiple of 16
-      // A: P's rows of BK/2 words (pairs of keys); B: vp2's rows of Dvp words (a pair of keys each)
+      // A: P's rows of pw words (pairs of keys); B: vp2's rows of Dvp words (a pair of keys each)
       tile_gemm_of(M - m > 16, two_cols, p2 + m * pw, pw * 4, 64, vp2 + d, Dvp * 4, 16 * Dvp * 4, np / 16, ob,
                    32 * 4);
       const int64_t rows = std::min<int64_t>(32, M - m), cols = two_cols ? 32 : 16;
@@ -982,7 +982,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
   // docs/benchmarks.md, "The native kernels, ninth part"). Spans start at multiples of AMX_SPAN blocks
   // whatever the item's rows, and the chunks an item leaves out of a span are ones its rows see nothing
   // of (P = 0, and a step of zeros adds exact zeros), so a row's bits do not depend on the items (and so
-  // on the thread count). Chunks [c0, c1) of the span's 16 AMX_SPAN are computed; S and p2 rows hold the span.
+  // on the thread count). Chunks [c0, c1) of the span's NV AMX_SPAN are computed; S and p2 rows hold the span.
   auto amx_span = [&](int64_t kb0, int64_t kb1) {
     constexpr int64_t SW = AMX_SW;  // floats per row of S; p2's rows: SW / 2 words
     const int64_t j0 = kb0 * BK;
