@@ -138,12 +138,8 @@ def amx_cpu() -> bool:
 
 
 def tiles_run(grad: bool) -> bool:
-    """Whether the native forward (and, with `grad`, the backward) runs bfloat16 on the processor's AMX
-    tiles (each kernel's state 2: built with them, granted the tile data by Linux, self-check passed)."""
-    from ..engines import native_flash_bwd
-
-    kernels = [native_flash.lib()] + ([native_flash_bwd.lib()] if grad else [])
-    return all(kernel is not None and getattr(kernel, "amx", 0) == 2 for kernel in kernels)
+    """Whether the native kernels run bfloat16 on the processor's AMX tiles (`native_flash.tiles_run`)."""
+    return native_flash.tiles_run(grad)
 
 
 def amx_auto(spec: AttentionSpec, q: Tensor) -> bool:

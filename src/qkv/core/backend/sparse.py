@@ -210,8 +210,7 @@ def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Option
     if missing is not None:  # no compiler: the gathered engine, as on every other CPU kind
         _kernels.warn_unavailable(missing, "block-sparse attention runs on the gathered engine")
         return False
-    kernels = [native_flash.lib()] + ([native_flash_bwd.lib()] if grad else [])
-    if amx_kind and q.dtype == torch.bfloat16 and any(getattr(kn, "amx", 0) != 2 for kn in kernels):
+    if amx_kind and q.dtype == torch.bfloat16 and not native_flash.tiles_run(grad):
         return False  # measured with the processor's tiles running
     return native_flash.lib().vector_width == native_flash.MEASURED_WIDTH  # the build measured (AVX-512)
 

@@ -74,6 +74,14 @@ def typed(kernel):
     return kernel
 
 
+def tiles_run(grad: bool) -> bool:
+    """Whether the forward kernel (and, with `grad`, the backward's) runs bfloat16 on the processor's AMX
+    tiles: each kernel's state 2 (built with them, granted the tile data by Linux, self-check passed)."""
+    bwd = native_backward_module() if grad else None
+    kernels = [lib()] + ([bwd.lib() if bwd is not None else None] if grad else [])
+    return all(kernel is not None and getattr(kernel, "amx", 0) == 2 for kernel in kernels)
+
+
 def why_not(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> Optional[str]:
     """What of these arguments the kernel cannot take (a short phrase), or None."""
     for t in (q, k, v):
