@@ -54,15 +54,6 @@ pytestmark = [
 ]
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((x for x in f if x.startswith("flags")), "")
-    except OSError:
-        return set()
-    return set(line.split(":", 1)[-1].split())
-
-
 def _build(*defines):
     """(forward, backward) built -march=native with `defines`, typed."""
     return (native_flash.typed(build_for("flash_fwd_kernel", "native", defines=list(defines))),
@@ -218,7 +209,8 @@ def _native_defines() -> set[str]:
     return {line.split()[1] for line in run.stdout.splitlines() if line.startswith("#define ")}
 
 
-@pytest.mark.skipif(not {"amx_tile", "amx_bf16", "avx512_bf16"} <= _cpu_flags(), reason="this CPU has no AMX-BF16")
+@pytest.mark.skipif(not {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(_kernels._cpuinfo()[1]),
+                    reason="this CPU has no AMX-BF16")
 def test_a_cpu_with_amx_runs_its_tiles():
     """On a CPU with AMX-BF16 the kernels qkv builds (-march=native) run bfloat16 on the tiles, so the
     suite's native bfloat16 tests check the processor's tiles; -1 names Linux's refusal (a skip), -2 (the

@@ -77,8 +77,10 @@ def typed(kernel):
 def tiles_run(grad: bool) -> bool:
     """Whether the forward kernel (and, with `grad`, the backward's) runs bfloat16 on the processor's AMX
     tiles: each kernel's state 2 (built with them, granted the tile data by Linux, self-check passed)."""
-    bwd = native_backward_module() if grad else None
-    kernels = [lib()] + ([bwd.lib() if bwd is not None else None] if grad else [])
+    kernels = [lib()]
+    if grad:
+        bwd = native_backward_module()
+        kernels.append(bwd.lib() if bwd is not None else None)
     return all(kernel is not None and getattr(kernel, "amx", 0) == 2 for kernel in kernels)
 
 
