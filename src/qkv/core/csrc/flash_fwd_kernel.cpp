@@ -167,6 +167,12 @@ constexpr int NV = BK / 16;  // chunks of 16 keys (one vector) per block
 constexpr int AMX_SPAN = QKV_AMX_SPAN;
 static_assert(AMX_SPAN >= 1 && AMX_SPAN <= 8, "spans of 1 to 8 key blocks");
 constexpr int64_t AMX_SW = AMX_SPAN * BK;  // floats per row of S in a span (p2: AMX_SW / 2 words)
+#ifndef QKV_AMX_REF_SLACK
+#define QKV_AMX_REF_SLACK 16
+#endif
+// How far a span's max may pass a row's reference before the step takes a new one (amx_span): P up to
+// e^16 (8.9e6) against the reference.
+constexpr float AMX_REF_SLACK = QKV_AMX_REF_SLACK;
 // float32 scores are summed over the head in pieces of SC terms, each from zero, added in order (the
 // backward kernel recomputes them so: its SC). At SC = 64 a head of 64 or fewer is one chain of
 // multiply-adds, the order of MKL's sgemm on this CPU (bit for bit at K <= 192, measured): the
@@ -1025,50 +1031,87 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
         amx_scores(W.q16.p, Dh, M, P.kp + ((bh - P.bh0) * P.nkb + kb) * Dh * BK * 2 + 32 * (b0 - f), S + 16 * b0,
                    b1 - b0, SW);
     }
-    // 2. Scale and the band (on the chunks some row of the item does not see whole), then the online
-    // softmax over the span: the scaled scores back to S, their max; then P, rounded to bfloat16 for P V.
-    for (int64_t m = 0; m < M; ++m) {
-      float* sr = S + m * SW;
-      uint32_t* pr = W.p2.p + m * (SW / 2);
-      const int64_t lo = W.lo.p[m], hi = W.hi.p[m];
-      v16 mv = splat(NEG_INF);
-      for (int t = c0; t < c1; ++t) {
-        const int64_t jt = j0 + 16 * t;  // the chunk's first key
-        v16 x = *(v16*)(sr + 16 * t) * P.scale;
-        if (!(jt >= full_lo && jt + 16 <= full_hi)) {
-          const uint32_t bits = range_bits(lo - jt, hi - jt);
-          if (bits != 0xffffu) x = keep(x, bits);
-        }
-        *(v16*)(sr + 16 * t) = x;
-        mv = x > mv ? x : mv;
+    // 2. The online softmax over the span, row by row. A row's scores are scaled and masked by the band
+    // (on the chunks some row of the item does not see whole) as they are read from S, which keeps them
+    // raw. A row with a reference (the max it took as its frame so far, W.mx) takes P = exp(x - ref)
+    // in one pass over the span, its max found on the way: where that max is at most ref +
+    // AMX_REF_SLACK, the step stands (alpha 1: acc and the sum stay in their frame; P up to
+    // e^AMX_REF_SLACK, which float32 sums and bfloat16 rounding carry at the same relative precision).
+    // Where the max is above that, or the row has no reference yet, the step runs as FA-2's: the max
+    // first, then P = exp(x - max) and alpha = exp(ref - max). Where the max is at most ref (the usual
+    // case past a row's first spans), both give the same bits. One pass instead of two over S: 0.87-0.95x
+    // the time (docs/benchmarks.md, the tenth part). The reference is the row's own history, so a row's
+    // bits still do not depend on the items (or the thread count).
+    auto scaled = [&](const float* sr, int t, int64_t lo, int64_t hi) {  // x of chunk t, -inf off the band
+      const int64_t jt = j0 + 16 * t;                                      // the chunk's first key
+      v16 x = *(const v16*)(sr + 16 * t) * P.scale;
+      if (!(jt >= full_lo && jt + 16 <= full_hi)) {
+        const uint32_t bits = range_bits(lo - jt, hi - jt);
+        if (bits != 0xffffu) x = keep(x, bits);
       }
-      const float old = W.mx.p[m], bmax = hmax(mv), now = bmax > old ? bmax : old;
-      if (now == NEG_INF) {  // nothing seen yet: this span adds nothing
-        std::memset(pr + 8 * e0, 0, 32 * (e1 - e0));
-        W.alpha.p[m] = 1.0f;
-        continue;
-      }
-      const float alpha = old == NEG_INF ? 0.0f : std::exp(old - now);
+      return x;
+    };
+    // P = exp(x - ref) of chunks [c0, c1) rounded to bfloat16 into pr, two chunks per vcvtne2ps2bf16
+    // (vcvtneps2bf16's rounding, one instruction and one store fewer per pair); the max of x into mv;
+    // returns the sum of P unrounded (in chunk order), the row sum's (and so the lse's).
+    auto p_pass = [&](const float* sr, uint32_t* pr, int64_t lo, int64_t hi, float ref, v16& mv) {
       v16 total = splat(0.0f);
-      // P of two chunks rounded by one vcvtne2ps2bf16 (the same rounding as vcvtneps2bf16's, one
-      // instruction and one store fewer per pair); the row sum (and so the lse) is of P unrounded.
       int t = c0;
       if (t & 1) {  // an odd first chunk alone (its pair's first half is outside [c0, c1))
-        const v16 pv = exp_minus_p16(*(v16*)(sr + 16 * t), now);
+        const v16 x = scaled(sr, t, lo, hi), pv = exp_minus_p16(x, ref);
+        mv = x > mv ? x : mv;
         _mm256_store_si256((__m256i*)(pr + 8 * t), (__m256i)_mm512_cvtneps_pbh((__m512)pv));
         total += pv, ++t;
       }
       for (; t + 1 < c1; t += 2) {
-        const v16 p0 = exp_minus_p16(*(v16*)(sr + 16 * t), now), p1 = exp_minus_p16(*(v16*)(sr + 16 * t + 16), now);
+        const v16 x0 = scaled(sr, t, lo, hi), x1 = scaled(sr, t + 1, lo, hi);
+        const v16 p0 = exp_minus_p16(x0, ref), p1 = exp_minus_p16(x1, ref);
+        mv = x0 > mv ? x0 : mv, mv = x1 > mv ? x1 : mv;
         _mm512_store_si512((__m512i*)(pr + 8 * t), (__m512i)_mm512_cvtne2ps_pbh((__m512)p1, (__m512)p0));
-        total += p0, total += p1;  // in order, as one chunk at a time
+        total += p0, total += p1;
       }
       if (t < c1) {
-        const v16 pv = exp_minus_p16(*(v16*)(sr + 16 * t), now);
+        const v16 x = scaled(sr, t, lo, hi), pv = exp_minus_p16(x, ref);
+        mv = x > mv ? x : mv;
         _mm256_store_si256((__m256i*)(pr + 8 * t), (__m256i)_mm512_cvtneps_pbh((__m512)pv));
         total += pv;
       }
-      if (e0 < c0) std::memset(pr + 8 * e0, 0, 32);  // P = 0 on the chunk a whole step adds
+      return total;
+    };
+    for (int64_t m = 0; m < M; ++m) {
+      const float* sr = S + m * SW;
+      uint32_t* pr = W.p2.p + m * (SW / 2);
+      const int64_t lo = W.lo.p[m], hi = W.hi.p[m];
+      const float old = W.mx.p[m];
+      float now;
+      if (old != NEG_INF) {  // one pass against the reference
+        v16 mv = splat(NEG_INF);
+        const v16 total = p_pass(sr, pr, lo, hi, old, mv);
+        now = hmax(mv);
+        if (!(now > old + AMX_REF_SLACK)) {  // the step stands (NaN scores: P NaN, as in two passes)
+          if (e0 < c0) std::memset(pr + 8 * e0, 0, 32);  // P = 0 on the chunk a whole step adds
+          if (e1 > c1) std::memset(pr + 8 * c1, 0, 32);
+          W.sum.p[m] += hsum(total);
+          W.alpha.p[m] = 1.0f;
+          continue;
+        }
+      } else {
+        v16 mv = splat(NEG_INF);
+        for (int t = c0; t < c1; ++t) {
+          const v16 x = scaled(sr, t, lo, hi);
+          mv = x > mv ? x : mv;
+        }
+        now = hmax(mv);
+        if (now == NEG_INF) {  // nothing seen yet: this span adds nothing
+          std::memset(pr + 8 * e0, 0, 32 * (e1 - e0));
+          W.alpha.p[m] = 1.0f;
+          continue;
+        }
+      }
+      const float alpha = old == NEG_INF ? 0.0f : std::exp(old - now);
+      v16 mv = splat(NEG_INF);
+      const v16 total = p_pass(sr, pr, lo, hi, now, mv);
+      if (e0 < c0) std::memset(pr + 8 * e0, 0, 32);
       if (e1 > c1) std::memset(pr + 8 * c1, 0, 32);
       W.sum.p[m] = W.sum.p[m] * alpha + hsum(total);
       W.mx.p[m] = now;
