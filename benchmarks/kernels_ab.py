@@ -13,9 +13,11 @@ have the same interface version (a version change cannot be swapped in one proce
     python benchmarks/kernels_ab.py --before main --lengths 2048 --dim 128 --backward
     python benchmarks/kernels_ab.py --before main --decode --lengths 4096 32768
     python benchmarks/kernels_ab.py --before HEAD --define-after QKV_SC=16    # one setting against the tree
+    python benchmarks/kernels_ab.py --before main --dtypes bfloat16 --lengths 16384 --window 256
 
-Shapes: B=1, H=--heads (8), D=--dim (64), no band and causal; with --decode one query, Hq=32, Hkv=8,
-D=128, against caches of --lengths keys.
+Shapes: B=1, H=--heads (8), D=--dim (64), no band and causal (with --window W, a causal window: each
+query sees itself and the W keys before it); with --decode one query, Hq=32, Hkv=8, D=128, against
+caches of --lengths keys.
 """
 
 from __future__ import annotations
@@ -71,22 +73,24 @@ def use(libs: dict) -> None:
     _kernels.load = lambda name: libs.get(name)
 
 
-def check(fn, q, k, v, causal: bool, n_rows: int) -> bool:
-    """fn's output within the tolerance rule on n_rows sampled query rows (qkv.bench.verify)."""
+def check(fn, q, k, v, causal: bool, n_rows: int, window=None) -> bool:
+    """fn's output within the tolerance rule on n_rows sampled query rows (qkv.bench.verify); causal with
+    `window` (an int): each row sees itself and the `window` keys before it."""
     rows = check_rows(q.shape[2], n_rows)
     Lq, Lk = q.shape[2], k.shape[2]
-    allowed = (torch.arange(Lk)[None] <= rows[:, None] + (Lk - Lq)) if causal else None  # (R, Lk) bottom-right
+    j, diag = torch.arange(Lk)[None], rows[:, None] + (Lk - Lq)  # (1, Lk), (R, 1): bottom-right
+    allowed = (j <= diag) & (j >= diag - (window if window is not None else Lk)) if causal else None  # (R, Lk)
     with torch.inference_mode():
         return bool(verify(q, k, v, {"fast": fn()}, rows, allowed)["fast_within_rule"])
 
 
-def step(q, k, v, g, causal: bool, backend: str, backward: bool) -> None:
+def step(q, k, v, g, causal: bool, backend: str, backward: bool, window=None) -> None:
     if not backward:
         with torch.inference_mode():
-            qkv.attention(q, k, v, causal=causal, backend=backend)
+            qkv.attention(q, k, v, causal=causal, window=window, backend=backend)
         return
     xs = [x.detach().requires_grad_() for x in (q, k, v)]
-    torch.autograd.grad(qkv.attention(*xs, causal=causal, backend=backend), xs, g)
+    torch.autograd.grad(qkv.attention(*xs, causal=causal, window=window, backend=backend), xs, g)
 
 
 def main(argv=None) -> int:
@@ -104,9 +108,15 @@ def main(argv=None) -> int:
     p.add_argument("--backward", action="store_true", help="forward + backward (not with --decode)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--check-rows", type=int, default=64)
+    p.add_argument("--window", type=int, default=None, metavar="W",
+                   help="the causal rows as a causal window of W keys before each query (not with --decode)")
     args = p.parse_args(argv)
     if args.decode and args.backward:
         p.error("--decode times one decode step: no backward")
+    if args.decode and args.window is not None:
+        p.error("--decode times one query against a whole cache: no window")
+    if args.window is not None and args.window < 0:
+        p.error(f"--window must be 0 or more, not {args.window}")
 
     names = ["decode_kernel"] if args.decode else ["flash_fwd_kernel", "flash_bwd_kernel"]
     load = _kernels.load
@@ -153,8 +163,9 @@ def main(argv=None) -> int:
                     up = torch.randn(q.shape, generator=g).to(dtype)
                     backend = "decode" if args.decode else "native"
                     fns, failed = {}, []
+                    window = args.window if causal else None
                     for side, libs in sides.items():
-                        fn = partial(step, q, k, v, up, causal, backend, args.backward)
+                        fn = partial(step, q, k, v, up, causal, backend, args.backward, window)
 
                         def run(fn=fn, libs=libs):
                             use(libs)
@@ -164,8 +175,8 @@ def main(argv=None) -> int:
                                 _kernels.load = load
                         use(libs)
                         try:
-                            if not check(partial(qkv.attention, q, k, v, causal=causal, backend=backend),
-                                         q, k, v, causal, args.check_rows):
+                            if not check(partial(qkv.attention, q, k, v, causal=causal, window=window,
+                                                 backend=backend), q, k, v, causal, args.check_rows, window):
                                 failed.append(side)
                         finally:
                             _kernels.load = load
@@ -176,7 +187,8 @@ def main(argv=None) -> int:
                         t = best_times(fns, repeats=args.repeats)
                         b, a = t["before"], t["after"]
                         cells = f"{b * 1e3:.2f} ms | {a * 1e3:.2f} ms | {a / b:.3f}"
-                    print(f"| {dname} | {L} | {'yes' if causal else 'no'} | {cells} |", flush=True)
+                    band = (f"window {window}" if window is not None else "yes") if causal else "no"
+                    print(f"| {dname} | {L} | {band} | {cells} |", flush=True)
     return 0
 
 
