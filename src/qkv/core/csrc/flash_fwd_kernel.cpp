@@ -1045,7 +1045,8 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     // first, then P = exp(x - max) and alpha = exp(ref - max). Where the max is at most ref (the usual
     // case past a row's first spans), both give the same bits. One pass instead of two over S: 0.87-0.95x
     // the time (docs/benchmarks.md, the tenth part). The reference is the row's own history, so a row's
-    // bits still do not depend on the items (or the thread count).
+    // bits still do not depend on the items (or the thread count). FlashAttention-4's kernels skip the
+    // rescale the same way until the max has grown past a threshold (Dao et al., 2025).
     auto scaled = [&](const float* sr, int t, int64_t lo, int64_t hi) {  // x of chunk t, -inf off the band
       const int64_t jt = j0 + 16 * t;                                      // the chunk's first key
       v16 x = *(const v16*)(sr + 16 * t) * P.scale;
