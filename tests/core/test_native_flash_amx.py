@@ -318,9 +318,9 @@ def test_spans_of_key_blocks(tiles, case):
 # Scores that rise or fall along the keys, for amx_span's step against a row's reference (its max so
 # far). A rise of 100 per span of 512 keys (215 over the keys) passes the reference by more than
 # AMX_REF_SLACK (2) in every span after a row's first, so each such step takes a new one (without,
-# P passes e^88 and overflows float32: a build with the slack at 1000 fails the rise of 100); so does a
-# rise of 10; a rise of 1 keeps it in most steps (P above 1 against it); a fall of 30 keeps it with P far
-# below 1. Added to random scores of about unit size.
+# P passes e^88 and overflows float32: a build with the slack at 1000 fails the rise of 100); at a rise of
+# 10 most steps take one too, and the rest keep theirs; a rise of 1 keeps it in most steps (P above 1
+# against it); a fall of 30 keeps it with P far below 1. Added to random scores of about unit size.
 RAMP_SLOPES = [100.0, 10.0, 1.0, -30.0]
 
 

@@ -171,10 +171,11 @@ constexpr int64_t AMX_SW = AMX_SPAN * BK;  // floats per row of S in a span (p2:
 #define QKV_AMX_REF_SLACK 2
 #endif
 // How far a span's max may pass a row's reference before the step takes a new one (amx_span): P up to
-// e^2 against the reference. Where scores rise along the keys (tests/core/test_native_flash_amx.py's
-// ramps), a slack of 16 left out and dq further from the float64 reference than FA-2's step (out
-// 0.25-0.36 of the rule's bound against 0.19-0.21, dq 1.3-1.8x the error); at 2 they were as before but
-// for one case, and random inputs run as fast at either (benchmarks/kernels_ab.py --define-after
+// e^2 against the reference (e^4 at most where ref + 2 rounds up, |ref| in [2^25, 2^26); past that
+// the slack is 0). Where scores rise along the keys (tests/core/test_native_flash_amx.py's ramps), a
+// slack of 16 left out and dq further from the float64 reference than FA-2's step (out 0.25-0.36 of the
+// rule's bound against 0.19-0.21, dq 1.3-1.9x the error); at 2 they were as before but for one case,
+// and random inputs run as fast at either (benchmarks/kernels_ab.py --define-after
 // QKV_AMX_REF_SLACK=2: 0.99-1.01).
 constexpr float AMX_REF_SLACK = QKV_AMX_REF_SLACK;
 // float32 scores are summed over the head in pieces of SC terms, each from zero, added in order (the
@@ -280,13 +281,15 @@ inline v16 exp_minus(v16 y, float now) {
 }
 
 #ifdef __AVX512BF16__
-// exp(y - now) for y <= now, as exp_minus but with 2^r by a polynomial of degree 5 (one multiply-add
-// fewer), for the bfloat16 kernels' P: 1 + r (c1 + r (c2 + ... + r c5)) on |r| <= 1/2, its coefficients
-// fitted for the least largest relative error (Nelder-Mead from Taylor's, on 200001 points): 1.7e-7
-// evaluated in float32 multiply-adds, against exp_minus's 8.4e-8. P's rounding to bfloat16 moves it by
-// up to 2^-9; the row sum is of P unrounded, so the lse's error grows by at most 1.7e-7 relative, within
-// its float32 rule (8 ulps at its magnitude). Degree 4 (2.9e-6) and 3 (1.0e-4) broke that rule for the lse
-// in the suite (test_native_flash.py). exp is 1 exactly at y = now (p(0) = 1), and 0 at -inf.
+// exp(y - now) for y <= now (and up to now + 2: amx_span's standing steps), as exp_minus but with 2^r by
+// a polynomial of degree 5 (one multiply-add fewer), for the bfloat16 kernels' P: 1 + r (c1 + r (c2 + ...
+// + r c5)) on |r| <= 1/2, its coefficients fitted for the least largest relative error (Nelder-Mead from
+// Taylor's, on 200001 points): 1.7e-7 evaluated in float32 multiply-adds, against exp_minus's 8e-8. P's
+// rounding to bfloat16 moves it by up to 2^-8 relative; the row sum is of P unrounded, so the lse moves
+// by at most 1.7e-7 more (absolute), within its float32 rule (8 ulps at its magnitude). Degree 3 (1.0e-4)
+// broke that rule for the lse in the suite (test_native_flash.py: 5.6e-5 against 6.0e-6), and degree 4
+// (2.9e-6) would take half of that bound on its own. exp is 1 exactly at y = now (p(0) = 1), 0 at -inf
+// and at NaN (the clamp's vmaxps returns -151 for a NaN).
 inline v16 exp_minus_p16(v16 y, float now) {
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
   __m512 t = _mm512_mul_ps(_mm512_sub_ps((__m512)y, _mm512_set1_ps(now)), log2e);
@@ -1089,11 +1092,11 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       const int64_t lo = W.lo.p[m], hi = W.hi.p[m];
       const float old = W.mx.p[m];
       float now;
-      if (old != NEG_INF) {  // one pass against the reference
+      if (std::isfinite(old)) {  // one pass against the reference (+inf: two, which give NaN as FA-2's)
         v16 mv = splat(NEG_INF);
         const v16 total = p_pass(sr, pr, lo, hi, old, mv);
         now = hmax(mv);
-        if (!(now > old + AMX_REF_SLACK)) {  // the step stands (NaN scores: P NaN, as in two passes)
+        if (!(now > old + AMX_REF_SLACK)) {  // the step stands (a NaN score: P 0 and out of the max, as in two)
           if (e0 < c0) std::memset(pr + 8 * e0, 0, 32);  // P = 0 on the chunk a whole step adds
           if (e1 > c1) std::memset(pr + 8 * c1, 0, 32);
           W.sum.p[m] += hsum(total);
@@ -1106,7 +1109,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
           const v16 x = scaled(sr, t, lo, hi);
           mv = x > mv ? x : mv;
         }
-        now = hmax(mv);
+        now = std::max(hmax(mv), old);  // old: -inf, or +inf (then alpha NaN, as FA-2's)
         if (now == NEG_INF) {  // nothing seen yet: this span adds nothing
           std::memset(pr + 8 * e0, 0, 32 * (e1 - e0));
           W.alpha.p[m] = 1.0f;
