@@ -258,53 +258,48 @@ inline float hsum(v16 a) {
 // With AVX-512 as 2^t, t = (y - now) log2(e) (the difference first: y - now is exact near the max,
 // so exp is 1 exactly at y = now and a one-key row's output is its value; a multiply-add with
 // -now log2(e) would keep that product's rounding error, growing with |now|), split t = n + r (|r| <= 1/2)
-// by vrndscaleps, 2^r by Cephes' exp2f polynomial (about 1 ulp) and 2^n applied by vscalefps:
-// ten instructions. Elsewhere vexp above.
+// by vrndscaleps, 2^r by a polynomial and 2^n applied by vscalefps: ten instructions. DEG 6: Cephes'
+// exp2f polynomial (about 1 ulp; 8e-8 relative). DEG 5, for the bfloat16 forward's P (exp_minus_p16):
+// one multiply-add fewer, 1 + r (c1 + r (c2 + ... + r c5)) with coefficients fitted for the least
+// largest relative error on |r| <= 1/2 (Nelder-Mead from Taylor's, on 200001 points): 1.7e-7 evaluated
+// in float32 multiply-adds. P's rounding to bfloat16 moves it by up to 2^-8 relative; the row sum is of P
+// unrounded, so the lse moves by at most 1.7e-7 more (absolute), within its float32 rule (8 ulps at its
+// magnitude). Degree 3 (1.0e-4) broke that rule for the lse in the suite (test_native_flash.py: 5.6e-5
+// against 6.0e-6), and degree 4 (2.9e-6) would take half of that bound on its own. Both degrees: exp is 1
+// exactly at y = now (p(0) = 1), 0 at -inf and at NaN (the clamp's vmaxps returns -151 for a NaN); y up
+// to now + 2 too (amx_span's standing steps). Without AVX-512, vexp above (DEG ignored).
+template <int DEG = 6>
 inline v16 exp_minus(v16 y, float now) {
+  static_assert(DEG == 5 || DEG == 6, "polynomials of degree 5 and 6");
 #ifdef __AVX512F__
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
   __m512 t = _mm512_mul_ps(_mm512_sub_ps((__m512)y, _mm512_set1_ps(now)), log2e);
   t = _mm512_max_ps(t, _mm512_set1_ps(-151.0f));  // 2^-151 rounds to 0; -inf becomes finite
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931472028550421e-1f));
+  __m512 p;
+  if constexpr (DEG == 6) {
+    p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931472028550421e-1f));
+  } else {
+    p = _mm512_set1_ps(0.001326472731307149f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.009671512991189957f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.05550733581185341f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.24022242426872253f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6931470036506653f));
+  }
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return (v16)_mm512_scalef_ps(p, n);
 #else
   return vexp(y - now);
 #endif
 }
-
-#ifdef __AVX512BF16__
-// exp(y - now) for y <= now (and up to now + 2: amx_span's standing steps), as exp_minus but with 2^r by
-// a polynomial of degree 5 (one multiply-add fewer), for the bfloat16 kernels' P: 1 + r (c1 + r (c2 + ...
-// + r c5)) on |r| <= 1/2, its coefficients fitted for the least largest relative error (Nelder-Mead from
-// Taylor's, on 200001 points): 1.7e-7 evaluated in float32 multiply-adds, against exp_minus's 8e-8. P's
-// rounding to bfloat16 moves it by up to 2^-8 relative; the row sum is of P unrounded, so the lse moves
-// by at most 1.7e-7 more (absolute), within its float32 rule (8 ulps at its magnitude). Degree 3 (1.0e-4)
-// broke that rule for the lse in the suite (test_native_flash.py: 5.6e-5 against 6.0e-6), and degree 4
-// (2.9e-6) would take half of that bound on its own. exp is 1 exactly at y = now (p(0) = 1), 0 at -inf
-// and at NaN (the clamp's vmaxps returns -151 for a NaN).
-inline v16 exp_minus_p16(v16 y, float now) {
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  __m512 t = _mm512_mul_ps(_mm512_sub_ps((__m512)y, _mm512_set1_ps(now)), log2e);
-  t = _mm512_max_ps(t, _mm512_set1_ps(-151.0f));  // 2^-151 rounds to 0; -inf becomes finite
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(0.001326472731307149f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.009671512991189957f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.05550733581185341f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.24022242426872253f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6931470036506653f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return (v16)_mm512_scalef_ps(p, n);
-}
-#endif
+// The bfloat16 forward's P: exp_minus of degree 5 (above).
+inline v16 exp_minus_p16(v16 y, float now) { return exp_minus<5>(y, now); }
 
 constexpr size_t HUGE_BYTES = size_t(2) << 20;
 
