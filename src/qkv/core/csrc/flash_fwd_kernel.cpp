@@ -1055,8 +1055,9 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       return x;
     };
     // P = exp(x - ref) of chunks [c0, c1) rounded to bfloat16 into pr, two chunks per vcvtne2ps2bf16
-    // (vcvtneps2bf16's rounding, one instruction and one store fewer per pair); the max of x into mv;
-    // returns the sum of P unrounded (in chunk order), the row sum's (and so the lse's).
+    // (vcvtneps2bf16's rounding, one instruction and one store fewer per pair), and P = 0 on the chunks
+    // the whole steps [e0, e1) add past them; the max of x into mv; returns the sum of P unrounded (in
+    // chunk order), the row sum's (and so the lse's).
     auto p_pass = [&](const float* sr, uint32_t* pr, int64_t lo, int64_t hi, float ref, v16& mv) {
       v16 total = splat(0.0f);
       int t = c0;
@@ -1079,6 +1080,8 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
         _mm256_store_si256((__m256i*)(pr + 8 * t), (__m256i)_mm512_cvtneps_pbh((__m512)pv));
         total += pv;
       }
+      if (e0 < c0) std::memset(pr + 8 * e0, 0, 32);
+      if (e1 > c1) std::memset(pr + 8 * c1, 0, 32);
       return total;
     };
     for (int64_t m = 0; m < M; ++m) {
@@ -1092,8 +1095,6 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
         const v16 total = p_pass(sr, pr, lo, hi, old, mv);
         now = hmax(mv);
         if (!(now > old + AMX_REF_SLACK)) {  // the step stands (a NaN score: P 0 and out of the max, as in two)
-          if (e0 < c0) std::memset(pr + 8 * e0, 0, 32);  // P = 0 on the chunk a whole step adds
-          if (e1 > c1) std::memset(pr + 8 * c1, 0, 32);
           W.sum.p[m] += hsum(total);
           W.alpha.p[m] = 1.0f;
           continue;
@@ -1114,8 +1115,6 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       const float alpha = old == NEG_INF ? 0.0f : std::exp(old - now);
       v16 mv = splat(NEG_INF);
       const v16 total = p_pass(sr, pr, lo, hi, now, mv);
-      if (e0 < c0) std::memset(pr + 8 * e0, 0, 32);
-      if (e1 > c1) std::memset(pr + 8 * c1, 0, 32);
       W.sum.p[m] = W.sum.p[m] * alpha + hsum(total);
       W.mx.p[m] = now;
       W.alpha.p[m] = alpha;
