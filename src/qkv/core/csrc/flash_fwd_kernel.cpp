@@ -151,8 +151,16 @@ namespace {
 // keys in blocks of 128 ran 4% (float32) to 13% (bfloat16) faster than 64, and 256 slower;
 // items of 32, 64 or 128 rows and P V tiles of 4 or 6 rows were within noise. The key block is
 // also the block lists' (QkvBlockLists.bk must be 128); QKV_ROWS and QKV_RM are for experiments.
+// Narrow builds (QKV_VW < 16) take items of 96 rows, sixteen of their 6-row scores tiles: on a Zen 3
+// EPYC (AVX2 only), float32, B=1, H=8, D=64, 2 threads, the builds called in turns in one process
+// (best of 11-41), with 6x2 scores tiles 96 rows ran 3-13% faster than 64 at L=1024 and 4096, causal
+// and not, and 128 rows within 3% of 96 (docs/benchmarks.md, "The native kernels, eleventh part").
 #ifndef QKV_ROWS
+#if QKV_VW < 16
+#define QKV_ROWS 96
+#else
 #define QKV_ROWS 64
+#endif
 #endif
 #ifndef QKV_RM
 #define QKV_RM 6
@@ -620,18 +628,24 @@ inline v16 keep(v16 x, uint32_t bits) {
 // 96 registers, more than it has: GCC spilled them to the stack, and the AVX2 build of this kernel
 // ran at 0.11-0.15x torch's SDPA. These run the same products on vectors of VW floats, tiles of
 // NR rows by NG vectors for the scores (VW * NG keys of the block at a time), VNR by VNG for P V (VW *
-// VNG value columns): 16 registers or fewer (the 3x4 scores tile: 12 accumulators, 3 key vectors kept,
-// the 4th reloaded per row; NEON has 32). Each (row, key) score is the
+// VNG value columns): 16 registers or fewer (the 6x2 scores tile: 12 accumulators, 2 key vectors and a
+// broadcast; NEON has 32). Each (row, key) score is the
 // same chain of multiply-adds over d as the 16-float tiles' (pieces of SC terms added together), as
 // the backward kernel's narrow gemm (flash_bwd_kernel.cpp) recomputes it. Tile sizes: the x86-64-v3
 // build on an AMD EPYC (Zen 4), float32, L=2048 and 4096, in one process with SDPA, best of 5-7:
 // 4x3, 3x4, 6x2, 5x2 and 4x2 scores and 4x3, 3x4, 6x2 P V tiles all within 0.85x-0.94x of SDPA
-// (noise); 2x4 P V slower (0.74x-0.84x); 4x4 slower still (0.62x: spilled).
+// (noise); 2x4 P V slower (0.74x-0.84x); 4x4 slower still (0.62x: spilled). On a CPU whose widest
+// vectors are AVX2's (a Zen 3 EPYC) the scores tile is 6 rows by 2 vectors: GCC keeps the 3x4
+// tile's key vectors in memory (each multiply-add reads its key vector again: 12 loads and 3
+// broadcasts per 12 multiply-adds, more than the two 256-bit loads a cycle Zen 3 has), where the
+// 6x2 tile loads 2 and broadcasts 6. Alone, on data in L1, 6x2 ran at 93-95 GFLOP/s of the core's
+// 101 against 3x4's 69-74; in the kernel, 6x2 with items of 96 rows ran 12-16% faster than 3x4 with
+// 64 (float32, L=1024 to 16384; docs/benchmarks.md, "The native kernels, eleventh part").
 #ifndef QKV_NR
-#define QKV_NR 3  // rows of a narrow scores tile
+#define QKV_NR 6  // rows of a narrow scores tile
 #endif
 #ifndef QKV_NG
-#define QKV_NG 4  // vectors of a narrow scores tile (a chunk of 16 keys: 2 or 4 vectors; a block's 16 or 32)
+#define QKV_NG 2  // vectors of a narrow scores tile (a chunk of 16 keys: 2 or 4 vectors; a block's 16 or 32)
 #endif
 #ifndef QKV_VNR
 #define QKV_VNR 6  // rows of a narrow P V tile
@@ -883,15 +897,20 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
 #endif
     // 2. Scale, the band on its edge blocks and the tile's bits, online softmax.
     const bool edge = !(j0 >= full_lo && j0 + BK <= full_hi);
-#if QKV_VW < 16  // the same on vectors of VW keys (P.dp is false: no vdpbf16ps without AVX-512)
+#if QKV_VW < 16  // the same on vectors of VW keys (P.dp is false: no vdpbf16ps without AVX-512), in
+    // two passes over the item's rows: each row's max (and alpha), then each row's P and sum. A row's
+    // exp is a long chain of dependent operations; in one pass per row a row's max waited on its scores
+    // and the next row's work waited on the exp (on a Zen 3 EPYC, float32, in turns: 0.97x-1.01x the
+    // one-pass kernel's time at L=1024 and 4096, 0.96x causal). The same bits but the sum's: its two
+    // running vectors are added by halves (hsum_pairs).
     for (int64_t m = 0; m < M; ++m) {
       constexpr int PER = 16 / VW;                 // vectors per chunk of 16 keys
       constexpr uint32_t ALL = (1u << VW) - 1u;   // every lane
       const int v0 = c0 * PER, v1 = c1 * PER;
       float* sr = S + m * BK;
-      vw x[BK / VW];
-      for (int v = v0; v < v1; ++v) {
-        x[v] = *(vw*)(sr + VW * v) * P.scale;
+      vw mv = splat_as<vw>(0.0f);
+      for (int v = v0; v < v1; ++v) {  // scaled and masked in place, and their lane-wise max
+        vw x = *(vw*)(sr + VW * v) * P.scale;
         uint32_t bits = ALL;
         if (edge) bits = range_bits(W.lo.p[m] - j0 - VW * v, W.hi.p[m] - j0 - VW * v) & ALL;
         if (tbits) {
@@ -899,26 +918,32 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
           std::memcpy(&word, tbits + W.trow.p[m] + 2 * (v / PER), 2);  // keys of the vector's chunk
           bits &= uint32_t(word) >> (VW * (v % PER));
         }
-        if (bits != ALL) x[v] = keepw(x[v], bits);
+        if (bits != ALL) x = keepw(x, bits);
+        *(vw*)(sr + VW * v) = x;
+        mv = v == v0 || x > mv ? x : mv;
       }
-      vw mv = x[v0];
-      for (int v = v0 + 1; v < v1; ++v) mv = x[v] > mv ? x[v] : mv;
       const float old = W.mx.p[m], bmax = hmaxw(mv), now = bmax > old ? bmax : old;
       if (now == NEG_INF) {  // nothing seen yet: this block adds nothing
         for (int v = v0; v < v1; ++v) *(vw*)(sr + VW * v) = splat_as<vw>(0.0f);
         W.alpha.p[m] = 1.0f;
         continue;
       }
-      const float alpha = old == NEG_INF ? 0.0f : std::exp(old - now);
-      vw total = splat_as<vw>(0.0f);
-      for (int v = v0; v < v1; ++v) {
-        const vw pv = vexp_nonpos<vw>(x[v] - now);
-        *(vw*)(sr + VW * v) = pv;
-        total += pv;
-      }
-      W.sum.p[m] = W.sum.p[m] * alpha + hsumw(total);
+      W.alpha.p[m] = old == NEG_INF ? 0.0f : old == now ? 1.0f : std::exp(old - now);
       W.mx.p[m] = now;
-      W.alpha.p[m] = alpha;
+    }
+    for (int64_t m = 0; m < M; ++m) {  // P = exp(x - max), row by row
+      const float now = W.mx.p[m];
+      if (now == NEG_INF) continue;  // nothing seen yet (its P zeroed above)
+      constexpr int PER = 16 / VW;
+      const int v0 = c0 * PER, v1 = c1 * PER;
+      float* sr = S + m * BK;
+      vw total[2] = {splat_as<vw>(0.0f), splat_as<vw>(0.0f)};
+      for (int v = v0; v < v1; ++v) {
+        const vw pv = vexp_nonpos<vw>(*(vw*)(sr + VW * v) - now);
+        *(vw*)(sr + VW * v) = pv;
+        total[v & 1] += pv;
+      }
+      W.sum.p[m] = W.sum.p[m] * W.alpha.p[m] + hsum_pairs(total[0] + total[1]);
     }
 #else
     for (int64_t m = 0; m < M; ++m) {

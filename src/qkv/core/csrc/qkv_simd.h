@@ -127,13 +127,27 @@ inline void keep_rounded(V& x) {
 // and for -inf (subnormal results from -87.68 to -87.34, where vexp_as gives 0); exp(0) = 1 exactly;
 // a NaN stays NaN. For x up to 88 it is exp(x) as well. The FA-2 kernels' narrow builds use it (15 operations, against
 // vexp_as's 24: no clamp above, no select); their AVX-512 builds, flash_fwd_kernel.cpp's exp_minus.
+// t < lo ? lo : t, a NaN t kept: one vmaxps (maxps, vmaxq) where the select took a compare and a blend
+// (x86's max returns its second operand where either is NaN; NEON's returns NaN).
+template <typename V>
+inline V max_keep_nan(V lo, V t) {
+#if defined(__AVX__)
+  if constexpr (sizeof(V) == 32) return (V)_mm256_max_ps((__m256)lo, (__m256)t);
+#endif
+#if defined(__SSE__)
+  if constexpr (sizeof(V) == 16) return (V)_mm_max_ps((__m128)lo, (__m128)t);
+#endif
+  return t < lo ? lo : t;
+}
+
 template <typename V>
 inline V vexp_nonpos(V x) {
   typedef decltype(x < x) I;
   const V lo = splat_as<V>(-127.0f);
   V t = x * 1.44269504088896341f;
-  t = t < lo ? lo : t;  // -inf -> -127: 2^-127 becomes 0 below; a NaN stays NaN
-  const V n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+  t = max_keep_nan(lo, t);  // -inf -> -127: 2^-127 becomes 0 below; a NaN stays NaN
+  const V big = t + 12582912.0f;  // 1.5 * 2^23 + n, n = t rounded to nearest (|t| < 2^22)
+  const V n = big - 12582912.0f;
   const V r = t - n;
   V p = splat_as<V>(1.535336188319500e-4f);
   p = p * r + 1.339887440266574e-3f;
@@ -142,7 +156,9 @@ inline V vexp_nonpos(V x) {
   p = p * r + 2.402264791363012e-1f;
   p = p * r + 6.931472028550421e-1f;
   p = p * r + 1.0f;
-  const I e = (__builtin_convertvector(n, I) + 127) << 23;  // 2^n; 0 for n = -127
+  // 2^n; 0 for n = -127. n + 127 from big's low bits (big's bits are 0x4B400000 + n), one integer
+  // subtraction where a conversion of n and an addition took two: the same bits.
+  const I e = ((I)big - (0x4B400000 - 127)) << 23;
   return p * (V)e;
 }
 
@@ -173,6 +189,22 @@ inline float hsumw(vw a) {
   float x = 0.0f;
   for (int t = 0; t < VW; ++t) x += a[t];
   return x;
+}
+
+// The sum of a vw's lanes by halves (lanes t and t + VW/2 first, and so on): log2(VW) dependent adds,
+// where hsumw's lane order takes VW.
+inline float hsum_pairs(vw a) {
+#if QKV_VW == 8
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128((__m256)a), _mm256_extractf128_ps((__m256)a, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+#else
+  float x[VW];
+  for (int t = 0; t < VW; ++t) x[t] = a[t];
+  for (int w = VW / 2; w >= 1; w /= 2)
+    for (int t = 0; t < w; ++t) x[t] += x[t + w];
+  return x[0];
+#endif
 }
 
 // x where bit t of `bits` is set (lane t), -inf elsewhere.
