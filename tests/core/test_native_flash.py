@@ -223,10 +223,12 @@ def test_auto_claims_only_what_was_measured(monkeypatch, shape, dtype, causal, c
     k, v = torch.zeros(B, Hkv, Lk, D, dtype=dtype), torch.zeros(B, Hkv, Lk, Dv, dtype=dtype)
     spec = build_spec(q, k, v, causal=causal)
     monkeypatch.setattr(native, "measured_cpu", lambda: True)
+    monkeypatch.setattr(native_flash.lib(), "vector_width", native_flash.MEASURED_WIDTH)  # the build measured
     assert native.auto(spec, q, False) is claimed
     assert (choose_backend(spec, q, False) == "native") is claimed
     monkeypatch.setattr(native, "measured_cpu", lambda: False)
     monkeypatch.setattr(native, "amx_cpu", lambda: False)
+    monkeypatch.setattr(native, "avx2_cpu", lambda: False)
     assert native.auto(spec, q, False) is False and choose_backend(spec, q, False) == "sdpa"
     assert native.auto(spec, q.to("meta"), False) is False  # never a CUDA (or any other device's) tensor
 
@@ -257,6 +259,7 @@ def test_auto_on_the_amx_kind_claims_only_what_was_measured(monkeypatch, shape, 
     spec = build_spec(q, k, v, causal=bool(causal), window=window)
     assert spec.grad is grad
     monkeypatch.setattr(native, "measured_cpu", lambda: False)
+    monkeypatch.setattr(native, "avx2_cpu", lambda: False)
     monkeypatch.setattr(native, "amx_cpu", lambda: True)
     monkeypatch.setattr(native, "tiles_run", lambda grad: True)
     if dtype == torch.float32 and native_flash.lib().vector_width != native_flash.MEASURED_WIDTH:
@@ -267,6 +270,65 @@ def test_auto_on_the_amx_kind_claims_only_what_was_measured(monkeypatch, shape, 
     assert native.auto(spec, q, False) is (claimed and dtype == torch.float32)
     monkeypatch.setattr(native, "amx_cpu", lambda: False)
     assert native.auto(spec, q, False) is False
+
+
+@pytest.mark.parametrize("shape,dtype,causal,grad,claimed", [
+    ((1, 8, 8, 512, 512, 64, 64), torch.bfloat16, False, True, True),       # training: 5.91x
+    ((1, 8, 8, 4096, 4096, 64, 64), torch.bfloat16, True, True, True),      # 7.74x-9.64x up to 2048
+    ((1, 8, 8, 256, 256, 64, 64), torch.bfloat16, True, True, False),       # below auto's 2^18 pairs
+    ((1, 8, 8, 4096, 4096, 64, 64), torch.bfloat16, False, False, False),   # forward: 0.83x-1.11x, parity
+    ((1, 8, 8, 4096, 4096, 64, 64), torch.float32, True, False, False),     # float32 forward: parity
+    ((1, 8, 8, 1024, 1024, 64, 64), torch.float32, True, True, True),       # float32 causal training: 1.55x
+    ((1, 8, 8, 4096, 4096, 64, 64), torch.float32, False, True, False),     # without a band: 1.02x-1.16x
+    ((1, 8, 8, 512, 512, 64, 64), torch.float32, True, True, False),        # below auto's 2^20 in float32
+    ((1, 8, 8, 1024, 1024, 128, 128), torch.bfloat16, True, True, False),   # D=128: not measured there
+    ((1, 8, 2, 1024, 1024, 64, 64), torch.bfloat16, True, True, False),     # grouped heads: not measured
+    ((1, 8, 8, 2048, 2048, 64, 64), torch.float32, 1024, False, True),      # causal window 1024: 3.20x
+    ((1, 8, 8, 4096, 4096, 64, 64), torch.bfloat16, 2048, True, True),      # its training step: 16.53x
+    ((1, 8, 8, 1024, 1024, 64, 64), torch.float32, 512, False, False),      # below 2^22 pairs
+])
+def test_auto_on_the_avx2_kind_claims_only_what_was_measured(monkeypatch, shape, dtype, causal, grad, claimed):
+    """The third CPU kind's rule (backend/native.py, AVX2_AUTO_MIN_CELLS): an AMD Zen 3 with AVX2 only, where
+    the kernels build 8-float tiles with fused multiply-adds; another build there is not what was measured."""
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q = torch.zeros(B, Hq, Lq, D, dtype=dtype, requires_grad=grad)
+    k, v = torch.zeros(B, Hkv, Lk, D, dtype=dtype), torch.zeros(B, Hkv, Lk, Dv, dtype=dtype)
+    window = None if isinstance(causal, bool) else causal  # an int: a causal window of that many keys
+    spec = build_spec(q, k, v, causal=bool(causal), window=window)
+    assert spec.grad is grad
+    kernel = native_flash.lib()
+    monkeypatch.setattr(native, "measured_cpu", lambda: False)
+    monkeypatch.setattr(native, "avx2_cpu", lambda: True)
+    monkeypatch.setattr(kernel, "vector_width", native.AVX2_WIDTH)
+    monkeypatch.setattr(kernel, "fma", True)
+    assert native.auto(spec, q, False) is claimed
+    assert (choose_backend(spec, q, False) == "native") is claimed
+    monkeypatch.setattr(kernel, "vector_width", 16)  # the AVX-512 tiles: not the build measured there
+    assert native.auto(spec, q, False) is False
+    monkeypatch.setattr(kernel, "vector_width", native.AVX2_WIDTH)
+    monkeypatch.setattr(kernel, "fma", False)  # a build without fused multiply-adds (refused by the backend)
+    assert native.auto(spec, q, False) is False
+    monkeypatch.setattr(kernel, "fma", True)
+    monkeypatch.setattr(native, "avx2_cpu", lambda: False)
+    monkeypatch.setattr(native, "amx_cpu", lambda: False)
+    assert native.auto(spec, q, False) is False
+
+
+@pytest.mark.parametrize("vendor,family,flags,kind", [
+    ("AuthenticAMD", 25, "fma avx2", True),              # Zen 3 (a Milan EPYC): the third kind
+    ("AuthenticAMD", 25, "fma avx2 avx512f avx512_bf16", False),  # Zen 4: the first kind, not this one
+    ("AuthenticAMD", 23, "fma avx2", False),             # Zen 2: not measured
+    ("GenuineIntel", 6, "fma avx2", False),              # an Intel CPU with AVX2: not measured
+    ("AuthenticAMD", 25, "avx", False),                  # no AVX2 (a virtual CPU that hides it)
+])
+def test_the_avx2_kind_is_read_from_cpuinfo(monkeypatch, vendor, family, flags, kind):
+    info = f"vendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 1\nflags\t\t: fpu sse2 {flags}\n"
+    monkeypatch.setattr(_kernels, "_cpuinfo", lambda: (info, info.split("flags\t\t:", 1)[1].split()))
+    _kernels.avx2_cpu.cache_clear()
+    try:
+        assert _kernels.avx2_cpu() is kind
+    finally:
+        _kernels.avx2_cpu.cache_clear()
 
 
 def test_tiles_run_reads_the_kernels_states():
@@ -291,6 +353,7 @@ def test_auto_sees_gradients_asked_through_any_input(monkeypatch, which):
     spec = build_spec(q, k, v, causal=True)
     assert spec.grad is (which != "none")
     monkeypatch.setattr(native, "measured_cpu", lambda: True)
+    monkeypatch.setattr(native_flash.lib(), "vector_width", native_flash.MEASURED_WIDTH)  # the build measured
     assert native.auto(spec, q, False) is (which == "none")
     with torch.no_grad():
         assert build_spec(q, k, v, causal=True).grad is False

@@ -82,6 +82,7 @@ SPARSE_CASES = [
 def test_sparse_backend_on_the_native_kernel(case, dtype, monkeypatch):
     name, fn, B, Hq, Hkv, Lq, Lk, D = case
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: True)
+    monkeypatch.setattr(native_flash.lib(), "vector_width", native_flash.MEASURED_WIDTH)  # the build measured
     ran = []
     run = native_flash.run
     monkeypatch.setattr(native_flash, "run", lambda *a, **kw: ran.append(1) or run(*a, **kw))
@@ -94,6 +95,7 @@ def test_sparse_backend_on_the_native_kernel(case, dtype, monkeypatch):
 def test_sparse_backend_keeps_the_gathered_engine_elsewhere(monkeypatch):
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: False)
     monkeypatch.setattr(_kernels, "amx_cpu", lambda: False)
+    monkeypatch.setattr(_kernels, "avx2_cpu", lambda: False)
     monkeypatch.setattr(native_flash, "run", lambda *a, **kw: pytest.fail("the native kernel ran off the measured CPU"))
     q, k, v, up = _inputs(1, 2, 2, 300, 300, 16, torch.float32)
     _against_reference(q, k, v, up, qkv.block_mask(M.causal_sliding_window(50), None, None, 300, 300), "sparse",
@@ -102,6 +104,7 @@ def test_sparse_backend_keeps_the_gathered_engine_elsewhere(monkeypatch):
 
 def test_what_the_sparse_backend_leaves_to_the_gathered_engine(monkeypatch):
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: True)
+    monkeypatch.setattr(native_flash.lib(), "vector_width", native_flash.MEASURED_WIDTH)  # the build measured
     q, k, v, _ = _inputs(1, 2, 2, 256, 256, 16, torch.float32)
     small = qkv.block_mask(M.causal(), None, None, 256, 256, block_size=64)
     assert not sparse.native_pays(build_spec(q, k, v, mask=small), q, k, v, small)  # 64-key blocks
@@ -127,7 +130,9 @@ def test_a_mask_function_that_tells_heads_apart_inside_shared_block_states(backe
     mask function decides per head inside the partial blocks: every engine follows it per head."""
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: measured)
+    monkeypatch.setattr(native_flash.lib(), "vector_width", native_flash.MEASURED_WIDTH)  # the build measured
     monkeypatch.setattr(_kernels, "amx_cpu", lambda: False)
+    monkeypatch.setattr(_kernels, "avx2_cpu", lambda: False)
 
     def by_head(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & ((q_idx - kv_idx) % (h + 2) == 0)
@@ -143,6 +148,8 @@ def test_the_amx_kind_sends_bfloat16_and_training_to_the_kernel(monkeypatch):
     window of 256 ran 0.79x-1.03x the gathered engine there); grouped heads too; head size 64 only."""
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: False)
     monkeypatch.setattr(_kernels, "amx_cpu", lambda: True)
+    monkeypatch.setattr(_kernels, "avx2_cpu", lambda: False)
+    monkeypatch.setattr(native_flash.lib(), "vector_width", native_flash.MEASURED_WIDTH)  # the build measured
     bm = qkv.block_mask(M.causal_sliding_window(256), None, None, 1024, 1024)
     f32 = torch.randn(1, 2, 1024, 64)
     b16, grad = f32.bfloat16(), f32.clone().requires_grad_()
@@ -161,11 +168,43 @@ def test_the_amx_kind_sends_bfloat16_and_training_to_the_kernel(monkeypatch):
     small = torch.randn(1, 2, 1024, 32)
     assert not pays(small.bfloat16()) and not pays(small.requires_grad_())  # D=32: not measured there
     monkeypatch.setattr(_kernels, "amx_cpu", lambda: False)
+    monkeypatch.setattr(_kernels, "avx2_cpu", lambda: False)
     assert not pays(grad) and not pays(b16)
+
+
+def test_the_avx2_kind_sends_causal_bands_to_the_kernel(monkeypatch):
+    """The third CPU kind's rule (backend/sparse.py: an AMD Zen 3 with AVX2 only): a causal band alone at
+    head size 64, either dtype, forward or training, grouped heads too, where the kernels build AVX2's
+    8-float tiles with fused multiply-adds; block masks and other head sizes stay on the gathered engine."""
+    monkeypatch.setattr(_kernels, "measured_cpu", lambda: False)
+    monkeypatch.setattr(_kernels, "avx2_cpu", lambda: True)
+    kernel = native_flash.lib()
+    monkeypatch.setattr(kernel, "vector_width", 8)
+    monkeypatch.setattr(kernel, "fma", True)
+    f32 = torch.randn(1, 2, 1024, 64)
+
+    def pays(q, kv=None, bm=None, window=256):
+        kv = q.detach() if kv is None else kv
+        spec = build_spec(q, kv, kv, mask=bm) if bm is not None else build_spec(q, kv, kv, causal=True, window=window)
+        return sparse.native_pays(spec, q, kv, kv, bm)
+
+    assert pays(f32) and pays(f32.bfloat16()) and pays(f32.clone().requires_grad_())
+    assert pays(f32, torch.randn(1, 1, 1024, 64))  # grouped heads
+    assert not pays(torch.randn(1, 2, 1024, 32))  # D=32: not measured there
+    assert not pays(f32, bm=qkv.block_mask(M.causal_sliding_window(256), None, None, 1024, 1024))  # not timed
+    two_sided = build_spec(f32, f32, f32, window=256)
+    assert not sparse.native_pays(two_sided, f32, f32, f32, None)
+    monkeypatch.setattr(kernel, "vector_width", 16)  # not the build measured there
+    assert not pays(f32)
+    monkeypatch.setattr(kernel, "vector_width", 8)
+    monkeypatch.setattr(_kernels, "avx2_cpu", lambda: False)
+    monkeypatch.setattr(_kernels, "amx_cpu", lambda: False)
+    assert not pays(f32)
 
 
 def test_auto_sends_block_masks_and_narrow_bands_to_the_kernel(monkeypatch):
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: True)
+    monkeypatch.setattr(native_flash.lib(), "vector_width", native_flash.MEASURED_WIDTH)  # the build measured
     q = torch.randn(1, 2, 2048, 32)
     bm = qkv.block_mask(M.causal_sliding_window(256), None, None, 2048, 2048)
     spec = build_spec(q, q, q, mask=bm)
@@ -193,11 +232,13 @@ def test_auto_claims_wide_causal_windows_on_the_measured_cpu(monkeypatch):
     both_sides = build_spec(q, q, q, window=(1024, 1024))
     monkeypatch.setattr(native, "measured_cpu", lambda: True)
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: True)
+    monkeypatch.setattr(native_flash.lib(), "vector_width", native_flash.MEASURED_WIDTH)  # the build measured
     assert native.auto(wide, q, False) and choose_backend(wide, q, False) == "native"
     assert choose_backend(narrow, q, False) == "sparse" and sparse.native_pays(narrow, q, q, q, None)
     assert not native.auto(both_sides, q, False)
     monkeypatch.setattr(native, "measured_cpu", lambda: False)
     monkeypatch.setattr(native, "amx_cpu", lambda: False)
+    monkeypatch.setattr(_kernels, "avx2_cpu", lambda: False)
     assert choose_backend(wide, q, False) == "sdpa"
 
 
@@ -222,6 +263,7 @@ def test_windows_open_to_the_right_are_not_claimed(monkeypatch):
 
     monkeypatch.setattr(native, "measured_cpu", lambda: True)
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: True)
+    monkeypatch.setattr(native_flash.lib(), "vector_width", native_flash.MEASURED_WIDTH)  # the build measured
     q = torch.zeros(1, 8, 2048, 64)
     for window in ((1024, None), (256, None), (1024, 1024)):
         spec = build_spec(q, q, q, window=window)

@@ -127,6 +127,18 @@ def amx_cpu() -> bool:
     return "GenuineIntel" in info and {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags)
 
 
+@functools.lru_cache(maxsize=1)
+def avx2_cpu() -> bool:
+    """Whether this CPU is of the third kind the native backend's `auto` rule was measured on
+    (backend/native.py): an AMD Zen 3 (family 25) whose widest vectors are AVX2's (avx2 and fma, no
+    avx512f: Zen 4, also family 25, has AVX-512 and is the first kind), read from /proc/cpuinfo. The
+    kernels build their narrow tiles there (8-float vectors)."""
+    info, flags = _cpuinfo()
+    family = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("cpu family")), "")
+    return ("AuthenticAMD" in info and family == "25" and {"avx2", "fma"} <= set(flags)
+            and "avx512f" not in flags)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

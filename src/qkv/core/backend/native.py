@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _kernels, _memory
-from ..engines import flash, native_blocks, native_flash
+from ..engines import flash, native_blocks, native_flash, native_flash_bwd
 from ..spec import AttentionSpec
 from . import sparse
 from .base import Backend
@@ -132,6 +132,27 @@ AMX_AUTO_WINDOW_CELLS = 1 << 22  # causal windows, either dtype, with or without
 AMX_AUTO_DIMS = (64,)  # head sizes measured on the AMX kind
 
 
+# The third CPU kind (`avx2_cpu`: an AMD Zen 3 EPYC whose widest vectors are AVX2's; the session's was a
+# 2-core KVM guest, family 25 model 1, 2026-12-01), where the kernels build their narrow tiles (8-float
+# vectors, bfloat16 widened to float32) and torch's SDPA runs its AVX2 kernels: 2 threads, B=1, H=8, D=64,
+# `python benchmarks/attention.py --backends native --lengths 256 512 1024 4096 16384 --repeats 3
+# --memory-lengths` and `--backward --lengths 256 512 1024 2048 4096` (docs/benchmarks.md, "The native
+# kernels, eleventh part"). SDPA time / native time, forward: float32 0.78x-0.97x without a band, 0.97x-1.38x
+# causal; bfloat16 0.83x-1.11x without a band, 0.96x-1.44x causal: about parity, not claimed. Forward and
+# backward: bfloat16 4.08x-9.64x (torch's bfloat16 backward is slow on this CPU); float32 causal 1.27x-1.73x,
+# without a band 1.02x-1.16x (not claimed). Causal windows of 1024 and 2048 at 2048 and 4096 tokens (`python
+# benchmarks/native_windows.py`, SDPA with the window as a mask): 2.95x-5.76x forward, 3.01x-31.96x forward
+# and backward, both dtypes, so claimed from 2^22 pairs. Only D = Dv = 64 was measured, so no other head
+# size is claimed.
+AVX2_AUTO_MIN_CELLS = {  # (dtype, autograd records) -> Lq x Lk from which it wins on the AVX2 kind
+    (torch.bfloat16, True): 1 << 18,
+    (torch.float32, True): 1 << 20,  # causal only
+}
+AVX2_AUTO_WINDOW_CELLS = 1 << 22  # causal windows, either dtype, with or without gradients
+AVX2_AUTO_DIMS = (64,)  # head sizes measured on the AVX2 kind
+AVX2_WIDTH = 8  # the kernels' vector width there: the narrow tiles measured
+
+
 def amx_cpu() -> bool:
     """Whether this CPU is of the second kind `auto`'s rule was measured on (`_kernels.amx_cpu`)."""
     return _kernels.amx_cpu()
@@ -163,6 +184,34 @@ def amx_auto(spec: AttentionSpec, q: Tensor) -> bool:
     return tiles_run(grad)
 
 
+def avx2_cpu() -> bool:
+    """Whether this CPU is of the third kind `auto`'s rule was measured on (`_kernels.avx2_cpu`)."""
+    return _kernels.avx2_cpu()
+
+
+def avx2_auto(spec: AttentionSpec, q: Tensor) -> bool:
+    """auto on the AVX2 kind (`avx2_cpu`), for the self-attention shapes `auto` admits: the rule of
+    AVX2_AUTO_MIN_CELLS and AVX2_AUTO_WINDOW_CELLS (the measurements are in the comment above them), where
+    both kernels build the narrow tiles measured (AVX2_WIDTH floats, fused multiply-adds; the backward too
+    when autograd records)."""
+    dtype, grad = q.dtype, spec.grad
+    if spec.D not in AVX2_AUTO_DIMS or spec.Dv not in AVX2_AUTO_DIMS:
+        return False
+    if spec.left is not None:  # a causal window (the only band with a left edge `auto` admits)
+        if spec.Lq * spec.Lk < AVX2_AUTO_WINDOW_CELLS:
+            return False
+    else:
+        least = AVX2_AUTO_MIN_CELLS.get((dtype, grad))
+        if least is None or spec.Lq * spec.Lk < least:
+            return False
+        if dtype == torch.float32 and spec.right != 0:  # float32: causal training only
+            return False
+    kernel = native_flash.lib()  # built on first use, only for a call the rule claims
+    if kernel is None or kernel.vector_width != AVX2_WIDTH or not kernel.fma:
+        return False
+    return not grad or native_flash_bwd.lib() is not None
+
+
 def measured_cpu() -> bool:
     """Whether this CPU is of the kind `auto`'s rule was measured on (`_kernels.measured_cpu`)."""
     return _kernels.measured_cpu()
@@ -172,8 +221,8 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs, unbanded, causal or a causal window,
     one kv head per query head, head sizes up to AUTO_MAX_DIM (plain causal: also AUTO_CAUSAL_DIMS;
     with gradients: 64), on the first CPU kind measured (`measured_cpu`), where the kernel builds with the
-    tiles measured (16 floats: native_flash.MEASURED_WIDTH); on the second (`amx_cpu`), `amx_auto`. The
-    measurements are in the comments above."""
+    tiles measured (16 floats: native_flash.MEASURED_WIDTH); on the second (`amx_cpu`), `amx_auto`; on the
+    third (`avx2_cpu`), `avx2_auto`. The measurements are in the comments above."""
     dtype = q.dtype
     if q.device.type != "cpu" or dtype not in AUTO_MIN_CELLS:
         return False
@@ -186,6 +235,8 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     if spec.Lq * spec.Lk < AUTO_MIN_CELLS[dtype] or min(spec.D, spec.Dv) < 1:
         return False
     if not measured_cpu():
+        if avx2_cpu():
+            return avx2_auto(spec, q)
         return amx_cpu() and amx_auto(spec, q)
     max_dim = AUTO_MAX_DIM[dtype]
     if spec.right == 0 and spec.left is None and spec.D == spec.Dv and spec.D in AUTO_CAUSAL_DIMS.get(dtype, ()):

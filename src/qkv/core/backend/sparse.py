@@ -176,8 +176,15 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
 # grouped heads 8/2 under a causal window of 256 (`python benchmarks/native_windows.py`): bfloat16
 # forward 2.38x-2.96x, forward and backward 2.02x-2.46x in either dtype. So there it claims bfloat16
 # (while the tiles run) and float32 when autograd records, at D = Dv = 64 (the only head size timed there).
+# On a third CPU kind (_kernels.avx2_cpu: an AMD Zen 3 EPYC, AVX2 only, the kernels' narrow tiles; a
+# 2-core KVM guest, family 25 model 1, 2026-12-01), `python benchmarks/native_windows.py` (docs/benchmarks.md,
+# "The native kernels, eleventh part"), grouped heads 8/2 under a causal window of 256 at 4096 and 16384
+# tokens, gathered time / native time: forward 1.11x-1.81x (float32) and 1.54x-1.86x (bfloat16), forward and
+# backward 1.66x-2.18x. So there it claims a causal band alone at D = Dv = 64, either dtype; block masks
+# were not timed there and stay on the gathered engine.
 NATIVE_MAX_DIM = 64  # measured at D = 64 only
 AMX_NATIVE_DIMS = (64,)  # the head sizes measured on the second kind
+AVX2_NATIVE_DIMS = (64,)  # the head sizes measured on the third kind (a causal band alone)
 NATIVE_GQA = True  # grouped-query heads, measured under a causal window
 
 
@@ -188,12 +195,16 @@ def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Option
     causal band alone, nothing else, on the CPU kind measured, where the kernels build (the backward
     too when autograd records) with the tiles measured (native_flash.MEASURED_WIDTH); on the second kind
     (`_kernels.amx_cpu`), bfloat16 while the AMX tiles run, or float32 when autograd records, at the head
-    sizes of AMX_NATIVE_DIMS."""
+    sizes of AMX_NATIVE_DIMS; on the third (`_kernels.avx2_cpu`), a causal band alone at the head sizes of
+    AVX2_NATIVE_DIMS, where the kernels build AVX2's narrow tiles."""
     if q.device.type != "cpu" or q.dtype not in native_flash.KINDS or not gathered.supports(spec):
         return False
     if spec.Lq != spec.Lk or (spec.Hq != spec.Hkv and not NATIVE_GQA) or max(spec.D, spec.Dv) > NATIVE_MAX_DIM:
         return False
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not _kernels.measured_cpu() and _kernels.avx2_cpu():  # the third kind's rule (above NATIVE_MAX_DIM)
+        return (bm is None and spec.right == 0 and spec.D in AVX2_NATIVE_DIMS and spec.Dv in AVX2_NATIVE_DIMS
+                and native_flash.why_not(q, k, v, spec) is None and _kernels_built(grad, narrow=True))
     amx_kind = not _kernels.measured_cpu()
     if amx_kind and not (_kernels.amx_cpu() and (q.dtype == torch.bfloat16 or grad) and spec.D in AMX_NATIVE_DIMS
                          and spec.Dv in AMX_NATIVE_DIMS):
@@ -205,14 +216,26 @@ def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Option
         return False
     if native_flash.why_not(q, k, v, spec) is not None:
         return False
+    if not _kernels_built(grad, narrow=False):
+        return False
+    if amx_kind and q.dtype == torch.bfloat16 and not native_flash.tiles_run(grad):
+        return False  # measured with the processor's tiles running
+    return True
+
+
+def _kernels_built(grad: bool, narrow: bool) -> bool:
+    """Whether the native kernels build (the backward too when autograd records; where one does not, a
+    warning names it and the gathered engine runs) with the tiles the rule measured: 16-float vectors, or
+    with `narrow` AVX2's 8-float ones with fused multiply-adds."""
     missing = ("flash_fwd_kernel" if native_flash.lib() is None
                else "flash_bwd_kernel" if grad and native_flash_bwd.lib() is None else None)
     if missing is not None:  # no compiler: the gathered engine, as on every other CPU kind
         _kernels.warn_unavailable(missing, "block-sparse attention runs on the gathered engine")
         return False
-    if amx_kind and q.dtype == torch.bfloat16 and not native_flash.tiles_run(grad):
-        return False  # measured with the processor's tiles running
-    return native_flash.lib().vector_width == native_flash.MEASURED_WIDTH  # the build measured (AVX-512)
+    kernel = native_flash.lib()
+    if narrow:
+        return kernel.vector_width == 8 and kernel.fma
+    return kernel.vector_width == native_flash.MEASURED_WIDTH  # the build measured (AVX-512)
 
 
 def band_pays(spec: AttentionSpec) -> bool:
