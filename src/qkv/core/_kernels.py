@@ -113,8 +113,8 @@ def _cpuinfo() -> tuple[str, list[str]]:
 def measured_cpu() -> bool:
     """Whether this CPU is of the first kind the native FlashAttention-2 kernels' `auto` rules were
     measured on (backend/native.py, backend/sparse.py): AMD with AVX512-BF16 and no AMX, read from
-    /proc/cpuinfo; False where it cannot be read. The second kind: `amx_cpu`. On other kinds those rules
-    claim nothing."""
+    /proc/cpuinfo; False where it cannot be read. The second kind: `amx_cpu`; the third: `avx2_cpu`. On
+    other kinds those rules claim nothing."""
     info, flags = _cpuinfo()
     return "AuthenticAMD" in info and "avx512_bf16" in flags and "amx_tile" not in flags
 
