@@ -136,14 +136,14 @@ AMX_AUTO_DIMS = (64,)  # head sizes measured on the AMX kind
 # 2-core KVM guest, family 25 model 1, 2026-12-01), where the kernels build their narrow tiles (8-float
 # vectors, bfloat16 widened to float32) and torch's SDPA runs its AVX2 kernels: 2 threads, B=1, H=8, D=64,
 # `python benchmarks/attention.py --backends native --lengths 256 512 1024 4096 16384 --repeats 3
-# --memory-lengths` and `--backward --lengths 256 512 1024 2048 4096` (docs/benchmarks.md, "The native
-# kernels, eleventh part"). SDPA time / native time, forward: float32 0.78x-0.97x without a band, 0.97x-1.38x
-# causal; bfloat16 0.83x-1.11x without a band, 0.96x-1.44x causal: about parity, not claimed. Forward and
-# backward: bfloat16 4.08x-9.64x (torch's bfloat16 backward is slow on this CPU); float32 causal 1.27x-1.73x,
-# without a band 1.02x-1.16x (not claimed). Causal windows of 1024 and 2048 at 2048 and 4096 tokens (`python
-# benchmarks/native_windows.py`, SDPA with the window as a mask): 2.95x-5.76x forward, 3.01x-31.96x forward
-# and backward, both dtypes, so claimed from 2^22 pairs. Only D = Dv = 64 was measured, so no other head
-# size is claimed.
+# --memory-lengths` and `--backward --lengths 256 512 1024 2048 4096`, each twice (docs/benchmarks.md, "The
+# native kernels, eleventh part"). SDPA time / native time, forward: float32 0.78x-0.97x without a band,
+# 0.96x-1.38x causal; bfloat16 0.83x-1.11x without a band, 0.96x-1.58x causal: about parity, not claimed.
+# Forward and backward: bfloat16 4.08x-9.64x (torch's bfloat16 backward is slow on this CPU); float32 causal
+# 1.08x-1.73x, without a band 0.97x-1.16x (not claimed). Causal windows of 1024 and 2048 at 2048 and 4096
+# tokens (`python benchmarks/native_windows.py`, SDPA with the window as a mask): 2.95x-5.76x forward,
+# 3.01x-31.96x forward and backward, both dtypes, so claimed from 2^22 pairs. Only D = Dv = 64 was measured,
+# so no other head size is claimed.
 AVX2_AUTO_MIN_CELLS = {  # (dtype, autograd records) -> Lq x Lk from which it wins on the AVX2 kind
     (torch.bfloat16, True): 1 << 18,
     (torch.float32, True): 1 << 20,  # causal only
