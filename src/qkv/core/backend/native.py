@@ -163,21 +163,26 @@ def tiles_run(grad: bool) -> bool:
     return native_flash.tiles_run(grad)
 
 
+def _kind_claims(spec: AttentionSpec, dtype: torch.dtype, dims: tuple, min_cells: dict, window_cells: int) -> bool:
+    """The shape part of the second and third kinds' rules: D and Dv among `dims`; a causal window (the only
+    band with a left edge `auto` admits) from `window_cells` query-key pairs; otherwise from
+    min_cells[(dtype, autograd records)] pairs, float32 causal only."""
+    if spec.D not in dims or spec.Dv not in dims:
+        return False
+    if spec.left is not None:
+        return spec.Lq * spec.Lk >= window_cells
+    least = min_cells.get((dtype, spec.grad))
+    if least is None or spec.Lq * spec.Lk < least:
+        return False
+    return dtype != torch.float32 or spec.right == 0  # float32: causal training only
+
+
 def amx_auto(spec: AttentionSpec, q: Tensor) -> bool:
     """auto on the AMX kind (`amx_cpu`), for the self-attention shapes `auto` admits: the rule of
     AMX_AUTO_MIN_CELLS (the measurements are in the comment above it)."""
     dtype, grad = q.dtype, spec.grad
-    if spec.D not in AMX_AUTO_DIMS or spec.Dv not in AMX_AUTO_DIMS:
+    if not _kind_claims(spec, dtype, AMX_AUTO_DIMS, AMX_AUTO_MIN_CELLS, AMX_AUTO_WINDOW_CELLS):
         return False
-    if spec.left is not None:  # a causal window (the only band with a left edge `auto` admits)
-        if spec.Lq * spec.Lk < AMX_AUTO_WINDOW_CELLS:
-            return False
-    else:
-        least = AMX_AUTO_MIN_CELLS.get((dtype, grad))
-        if least is None or spec.Lq * spec.Lk < least:
-            return False
-        if dtype == torch.float32 and spec.right != 0:  # float32: causal training only
-            return False
     if dtype == torch.float32:
         kernel = native_flash.lib()
         return kernel is not None and kernel.vector_width == native_flash.MEASURED_WIDTH
@@ -194,22 +199,12 @@ def avx2_auto(spec: AttentionSpec, q: Tensor) -> bool:
     AVX2_AUTO_MIN_CELLS and AVX2_AUTO_WINDOW_CELLS (the measurements are in the comment above them), where
     both kernels build the narrow tiles measured (AVX2_WIDTH floats, fused multiply-adds; the backward too
     when autograd records)."""
-    dtype, grad = q.dtype, spec.grad
-    if spec.D not in AVX2_AUTO_DIMS or spec.Dv not in AVX2_AUTO_DIMS:
+    if not _kind_claims(spec, q.dtype, AVX2_AUTO_DIMS, AVX2_AUTO_MIN_CELLS, AVX2_AUTO_WINDOW_CELLS):
         return False
-    if spec.left is not None:  # a causal window (the only band with a left edge `auto` admits)
-        if spec.Lq * spec.Lk < AVX2_AUTO_WINDOW_CELLS:
-            return False
-    else:
-        least = AVX2_AUTO_MIN_CELLS.get((dtype, grad))
-        if least is None or spec.Lq * spec.Lk < least:
-            return False
-        if dtype == torch.float32 and spec.right != 0:  # float32: causal training only
-            return False
     kernel = native_flash.lib()  # built on first use, only for a call the rule claims
     if kernel is None or kernel.vector_width != AVX2_WIDTH or not kernel.fma:
         return False
-    return not grad or native_flash_bwd.lib() is not None
+    return not spec.grad or native_flash_bwd.lib() is not None
 
 
 def measured_cpu() -> bool:
