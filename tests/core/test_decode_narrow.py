@@ -16,6 +16,8 @@ those tiles do differently:
 - key counts around the tiles (4 and 16 keys) and blocks (64), causal rows, masks, a bias;
 - float32 and bfloat16 caches, and a NaN or infinity in the cache (the step's flag and the
   guard's recompute), also in a key every row's mask drops (only the raw scores' check sees it);
+- bfloat16 on pairs (scores_tile_pairs, values_tile_pairs: head and value sizes that are multiples
+  of 2 VW), beside the sizes that keep the widening tiles;
 - inputs that end right before an unreadable page (no load past a row's end), in a child process.
 
 Each build reports its width (qkv_decode_vector_width), so a build that silently took another path
@@ -109,6 +111,10 @@ SHAPES = [
     (8, 1, 3, 2049, 96, 56),
     (4, 4, 2, 65, 7, 9),
     (2, 1, 3, 513, 40, 130),
+    # bfloat16 pairs (D, Dv multiples of 2 VW): two tiles of 4 rows, a key left to dot1, the values'
+    # passes of 4 chunks and then single chunks; 3 rows (the 16-key tiles) and single chunks only
+    (4, 1, 2, 301, 48, 80),
+    (3, 1, 1, 150, 32, 48),
 ]
 
 
@@ -205,7 +211,8 @@ def at_guard(t):
 calls = 0
 for dtype in (torch.float32, torch.bfloat16):
     for Hq, Hkv, Lq, Lk, D, Dv in [(4, 1, 1, 67, 7, 9), (8, 2, 3, 130, 33, 17), (5, 1, 1, 65, 12, 40),
-                                   (2, 1, 2, 64, 1, 3), (8, 1, 1, 1001, 128, 130), (1, 1, 1, 5, 4, 8)]:
+                                   (2, 1, 2, 64, 1, 3), (8, 1, 1, 1001, 128, 130), (1, 1, 1, 5, 4, 8),
+                                   (4, 1, 1, 67, 16, 48)]:
         gen = torch.Generator().manual_seed(Lk + D)
         q, k, v = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
                    for shape in ((1, Hq, Lq, D), (1, Hkv, Lk, D), (1, Hkv, Lk, Dv)))
@@ -230,7 +237,7 @@ def test_no_read_past_the_end(name, built):
     run = subprocess.run([sys.executable, "-c", _GUARDED, str(built[name])], capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, f"{name}: exit {run.returncode}\n{run.stdout[-1000:]}\n{run.stderr[-3000:]}"
-    assert "checked 12" in run.stdout, run.stdout
+    assert "checked 14" in run.stdout, run.stdout
 
 
 def test_auto_claims_what_was_measured_for_the_width(build):

@@ -28,8 +28,9 @@
 // extensions, compiled on first use by qkv/core/_kernels.py with the machine's compiler and
 // -march=native, loaded with ctypes (which releases the GIL for the call). A build for a CPU
 // without AVX-512 (AVX2, SSE, NEON) runs the same algorithm on tiles of narrower vectors (VW floats:
-// scores_tile_narrow, values_tile_narrow), and says its width (qkv_decode_vector_width), by which
-// `auto` (backend/decode.py) chooses it.
+// scores_tile_narrow, values_tile_narrow; a bfloat16 cache whose head sizes allow, on pairs of
+// bfloat16 values read as one 32-bit word: scores_tile_pairs, values_tile_pairs), and says its width
+// (qkv_decode_vector_width), by which `auto` (backend/decode.py) chooses it.
 //
 // Layouts (element strides, innermost dimension contiguous):
 //   q    (B, Hkv, M, D) float32, contiguous, already multiplied by the scale; row m = g*Lq + i
@@ -382,6 +383,131 @@ inline void values_tile_narrow(const float* p, const void* v, int64_t vstride, i
 }
 
 
+#if QKV_VW < 16
+// bfloat16 pairs (builds without AVX-512): 2*VW bfloat16 values at p, read as VW 32-bit words,
+// are the VW even-numbered values (each word's low half, shifted up) and the VW odd-numbered ones
+// (its high half, the low half cleared) as float32, exactly: one load and two integer operations per
+// 2*VW values, where widening them in order (loadw) took a zero-extending load and a shift per VW.
+// The tiles on pairs keep the even dims' and the odd dims' terms apart (values_pairs) or sum them
+// against a query in the same layout (scores_tile_pairs). On a 2-core Zen 3 EPYC (AVX2, no AVX-512),
+// bfloat16, B=1, Hq=32, Hkv=8, D=128, one query, the kernel alone, the builds before and after called
+// in turns (best of 11-31, eight runs over an hour of a noisy VM): 32768 keys streamed from memory
+// 0.79-0.94x the time, 1024 keys (in L3) 0.81-1.04x (one run slower); the whole step,
+// `python benchmarks/kernels_ab.py --before 74a3b61 --decode`: 0.85-0.92x.
+__attribute__((always_inline)) inline void load_pairs(const void* p, vw& even, vw& odd) {
+  typedef uint32_t uwu __attribute__((vector_size(4 * VW), aligned(2)));  // an unaligned load of words
+  const uwv w = *(const uwu*)p;
+  even = (vw)(w << 16);
+  odd = (vw)(w & 0xFFFF0000u);
+}
+
+// A query row in the pairs' layout: each chunk of 2*VW dims as its VW even dims, then its VW odd
+// dims (qp[c*2VW + t] = q[c*2VW + 2t], qp[c*2VW + VW + t] = q[c*2VW + 2t + 1]), D a multiple of 2*VW.
+inline void to_pairs_layout(const float* q, int64_t D, float* qp) {
+  for (int64_t c = 0; c < D; c += 2 * VW)
+    for (int t = 0; t < VW; ++t) qp[c + t] = q[c + 2 * t], qp[c + VW + t] = q[c + 2 * t + 1];
+}
+
+// scores_tile_narrow for a bfloat16 cache on pairs: s[r*BK + c] = q[r] . k[c] for RM rows and RK keys
+// (RM*RK = 16), the rows qp in the pairs' layout (D a multiple of 2*VW), in groups of VW dot products
+// (GR rows by GC keys): per 2*VW dims a key is read once (load_pairs) and each of its products adds
+// the even dims' and the odd dims' terms to one accumulator. The sums run in another order than
+// scores_tile_narrow's (even and odd dims alternate). The groups of the first rows ask for their
+// keys' lines PF_AHEAD on.
+template <int RM, int RK>
+__attribute__((always_inline)) inline void scores_tile_pairs(const float* qp, int64_t D, const void* k,
+                                                             int64_t kstride, float* s, const Ahead& pf) {
+  static_assert(RM * RK == 16 && 16 % VW == 0, "one tile is sixteen dot products");
+  constexpr int GC = RK < VW ? RK : VW, GR = VW / GC;  // 8 floats: 2 rows by 4 keys, or 1 by 8
+  static_assert(RK % GC == 0 && RM % GR == 0, "the groups tile the tile");
+  for (int r0 = 0; r0 < RM; r0 += GR)
+    for (int c0 = 0; c0 < RK; c0 += GC) {
+      vw acc[VW];
+      for (int t = 0; t < VW; ++t) acc[t] = splat_as<vw>(0.0f);
+      for (int64_t d = 0; d < D; d += 2 * VW) {
+        if (r0 == 0 && (d * 2) % 64 == 0)
+          for (int c = c0; c < c0 + GC; ++c) pf.ask(c, d * 2, 1);  // one line per 64 bytes read
+        vw qe[GR], qo[GR];
+        for (int r = 0; r < GR; ++r) {
+          qe[r] = *(const vwu*)(qp + (r0 + r) * D + d);
+          qo[r] = *(const vwu*)(qp + (r0 + r) * D + d + VW);
+        }
+        for (int c = 0; c < GC; ++c) {
+          vw ke, ko;
+          load_pairs(at<1>(k, (c0 + c) * kstride + d), ke, ko);
+          for (int r = 0; r < GR; ++r) {
+            acc[r * GC + c] += qe[r] * ke;
+            acc[r * GC + c] += qo[r] * ko;
+          }
+        }
+      }
+      const vw sums = reducew(acc);
+      for (int r = 0; r < GR; ++r)
+        for (int c = 0; c < GC; ++c) s[(r0 + r) * BK + c0 + c] = sums[r * GC + c];
+    }
+}
+
+// values_tile_narrow for a bfloat16 cache on pairs: acc[r] (Dv) += sum over the n keys of
+// p[r*BK + c] * v[c], for RM rows, dims [d0, d1) (d1 - d0 a multiple of 2*VW*CH): RS rows by CH
+// chunks of 2*VW dims per pass over the keys (2*RS*CH accumulators, at most 8: the even dims' and the
+// odd dims' apart), interleaved back into order as the block's sums are added to acc. Each dim's sum
+// over the keys runs in the order of values_tile_narrow's, from zero: for the same weights, the same
+// bits. The first row group's passes ask for their values' lines PF_AHEAD keys on.
+template <int RM, int RS, int CH>
+inline void values_pairs(const float* p, const void* v, int64_t vstride, int64_t n, int64_t d0, int64_t d1,
+                         int64_t Dv, float* acc, const Ahead& pf) {
+  static_assert(RM % RS == 0 && RS * CH <= 4, "row groups tile the rows; up to 8 accumulators");
+  for (int64_t d = d0; d < d1; d += 2 * VW * CH)
+    for (int r0 = 0; r0 < RM; r0 += RS) {
+      vw oe[RS][CH], oo[RS][CH];
+      for (int r = 0; r < RS; ++r)
+        for (int t = 0; t < CH; ++t) oe[r][t] = oo[r][t] = splat_as<vw>(0.0f);  // the block's sum, from zero
+      for (int64_t c = 0; c < n; ++c) {
+        if (r0 == 0) pf.ask_starts(c, d * 2, 2 * VW * CH * 2);
+        vw ve[CH], vo[CH];
+        for (int t = 0; t < CH; ++t) load_pairs(at<1>(v, c * vstride + d + 2 * VW * t), ve[t], vo[t]);
+        for (int r = 0; r < RS; ++r) {
+          const vw pr = splat_as<vw>(p[(r0 + r) * BK + c]);
+          for (int t = 0; t < CH; ++t) {
+            oe[r][t] += pr * ve[t];
+            oo[r][t] += pr * vo[t];
+          }
+        }
+      }
+      for (int r = 0; r < RS; ++r)
+        for (int t = 0; t < CH; ++t) {
+          // (e0 o0 e1 o1 ...): the first VW dims from the lower halves, the next VW from the upper
+#if QKV_VW == 8
+          const vw lo = __builtin_shuffle(oe[r][t], oo[r][t], iwv{0, 8, 1, 9, 2, 10, 3, 11});
+          const vw hi = __builtin_shuffle(oe[r][t], oo[r][t], iwv{4, 12, 5, 13, 6, 14, 7, 15});
+#else  // 4 floats
+          const vw lo = __builtin_shuffle(oe[r][t], oo[r][t], iwv{0, 4, 1, 5});
+          const vw hi = __builtin_shuffle(oe[r][t], oo[r][t], iwv{2, 6, 3, 7});
+#endif
+          vwu* a = (vwu*)(acc + (r0 + r) * Dv + d + 2 * VW * t);
+          a[0] = a[0] + lo;
+          a[1] = a[1] + hi;
+        }
+    }
+}
+
+// The values product of a bfloat16 cache on pairs (Dv a multiple of 2*VW): a row at a time, 4 chunks
+// of 2*VW dims per pass over the block's keys (64 dims on AVX2: two lines of each value row), then
+// one chunk at a time; the other rows read the block's values again from L1. On the Zen 3 EPYC
+// (bfloat16, B=1, Hq=32, Hkv=8, D=128, one query, the kernel alone, builds called in turns), 4 rows
+// by one chunk per pass (eight half-line passes over the block) ran 1.4x slower on a 32768-key cache
+// streamed from memory, and 5-8% faster on a 1024-key cache in L3.
+template <int RM>
+inline void values_tile_pairs(const float* p, const void* v, int64_t vstride, int64_t n, int64_t Dv, float* acc,
+                              const Ahead& pf) {
+  constexpr int RS = 1, CH = 4;
+  const int64_t d1 = Dv - Dv % (2 * VW * CH);
+  values_pairs<RM, RS, CH>(p, v, vstride, n, 0, d1, Dv, acc, pf);
+  if (d1 < Dv) values_pairs<RM, RS, 1>(p, v, vstride, n, d1, Dv, Dv, acc, pf);
+}
+#endif  // QKV_VW < 16
+
+
 struct Args {
   const float* q;
   const uint16_t* q16;  // the same rows unscaled in bfloat16, or null
@@ -662,7 +788,9 @@ template <int KIND, int RM>
 inline void values_block(const float* p, const void* v, int64_t vstride, int64_t n, int64_t Dv, float* acc,
                          const Ahead& pf, bool chunk) {
 #if QKV_VW < 16  // a build without AVX-512; chunk: more than 4 rows (a chunk of queries), compute-bound
-  if (chunk)
+  if (KIND == 1 && Dv % (2 * VW) == 0)
+    values_tile_pairs<RM>(p, v, vstride, n, Dv, acc, pf);
+  else if (chunk)
     values_tile_narrow<KIND, RM, (RM % 4 == 0 ? 4 : 1)>(p, v, vstride, n, 0, Dv, acc, pf);
   else
     values_tile_narrow<KIND, RM, (KIND == 1 && RM % 2 == 0 ? 2 : 1)>(p, v, vstride, n, 0, Dv, acc, pf);
@@ -681,7 +809,7 @@ inline void values_block(const float* p, const void* v, int64_t vstride, int64_t
 
 // One work item: batch row b, kv head h, keys [a, e) -> its partial softmax state.
 template <int KIND>
-void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<float>& sbuf) {
+void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<float>& sbuf, std::vector<float>& qbuf) {
   const int64_t M = A.M, D = A.D, Dv = A.Dv;
   const int64_t item = (b * A.Hkv + h) * A.nsplit + split;
   float* m_out = A.out_m + item * M;
@@ -701,6 +829,18 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
   const float* q = A.q + (b * A.Hkv + h) * M * D;
   const uint16_t* q16 = A.q16 ? A.q16 + (b * A.Hkv + h) * M * D : nullptr;
   (void)q16;  // read only by the bfloat16 dot product (AVX512-BF16)
+  // A bfloat16 cache on a build without AVX-512: the scores on pairs (scores_tile_pairs), from the
+  // item's query rows in the pairs' layout, where D allows.
+  const float* qp = nullptr;
+#if QKV_VW < 16
+  if (KIND == 1 && D % (2 * VW) == 0) {
+    qbuf.resize(M * D);
+    for (int64_t m = 0; m < M; ++m) to_pairs_layout(q + m * D, D, qbuf.data() + m * D);
+    qp = qbuf.data();
+  }
+#else
+  (void)qbuf, (void)qp;
+#endif
   const void* kb = at<KIND>(A.k, b * A.kst[0] + h * A.kst[1]);
   const void* vb = at<KIND>(A.v, b * A.vst[0] + h * A.vst[1]);
   const int64_t ks = A.kst[2], vs = A.vst[2], esize = KIND == 0 ? 4 : 2;
@@ -729,6 +869,11 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
           scores_tile_bf16<4, 4>(q16 + m * D, D, at<KIND>(kj, c * ks), ks, A.qscale, s + m * BK + c, pf);
         else
 #endif
+#if QKV_VW < 16
+        if (KIND == 1 && qp)
+          scores_tile_pairs<4, 4>(qp + m * D, D, at<KIND>(kj, c * ks), ks, s + m * BK + c, pf);
+        else
+#endif
           scores_tile<KIND, 4, 4>(q + m * D, D, at<KIND>(kj, c * ks), ks, s + m * BK + c, pf);
       }
       for (; c < n; ++c)
@@ -741,6 +886,11 @@ void run_item(const Args& A, int64_t b, int64_t h, int64_t split, std::vector<fl
 #ifdef __AVX512BF16__
         if (KIND == 1 && q16)
           scores_tile_bf16<1, 16>(q16 + m * D, D, at<KIND>(kj, c * ks), ks, A.qscale, s + m * BK + c, pf);
+        else
+#endif
+#if QKV_VW < 16
+        if (KIND == 1 && qp)
+          scores_tile_pairs<1, 16>(qp + m * D, D, at<KIND>(kj, c * ks), ks, s + m * BK + c, pf);
         else
 #endif
           scores_tile<KIND, 1, 16>(q + m * D, D, at<KIND>(kj, c * ks), ks, s + m * BK + c, pf);
@@ -829,10 +979,10 @@ void run_all(const Args& A, int nthreads) {
   const int64_t items = A.B * A.Hkv * A.nsplit;
   std::atomic<int64_t> next{0};
   auto worker = [&](int) {
-    std::vector<float> sbuf(A.M * BK);
+    std::vector<float> sbuf(A.M * BK), qbuf;
     for (int64_t it = next++; it < items; it = next++) {
       const int64_t split = it % A.nsplit, bh = it / A.nsplit;
-      run_item<KIND>(A, bh / A.Hkv, bh % A.Hkv, split, sbuf);
+      run_item<KIND>(A, bh / A.Hkv, bh % A.Hkv, split, sbuf, qbuf);
     }
   };
   on_threads(nthreads, worker);  // torch's OpenMP threads (qkv_threads.h)
