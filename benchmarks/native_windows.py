@@ -13,6 +13,7 @@ output checked first against the float64 reference on sampled rows under the tol
 
     python benchmarks/native_windows.py
     python benchmarks/native_windows.py --repeats 5
+    python benchmarks/native_windows.py --dim 128
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ from qkv.bench.timing import best_times
 from qkv.bench.verify import check_rows, verify
 from qkv.core.engines import gathered
 from qkv.core.spec import build_spec
-
-D = 64
 
 
 def _checked(q, k, v, outputs: dict, spec) -> None:
@@ -51,20 +50,23 @@ def _train(fn, q, k, v, up):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dim", type=int, default=64, help="head size (D = Dv)")
     args = ap.parse_args(argv)
+    if args.dim < 1:
+        ap.error(f"--dim must be at least 1, got {args.dim}")
     torch.manual_seed(0)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}; B=1, D={D}; "
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}; B=1, D={args.dim}; "
           f"best of {args.repeats} in turns; outputs checked against float64 first")
     print("\n| dtype | L | window | Hq/Hkv | sdpa fwd ms | native fwd ms | sdpa/native | sdpa fwd+bwd ms | "
           "native fwd+bwd ms | sdpa/native |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for dt in (torch.float32, torch.bfloat16):
         for L, w in ((2048, 1024), (4096, 1024), (4096, 2048)):
-            print(wide_row(dt, L, w, args.repeats), flush=True)
+            print(wide_row(dt, L, w, args.repeats, args.dim), flush=True)
     print("\n| dtype | L | window | Hq/Hkv | gathered fwd ms | native fwd ms | gathered/native | gathered fwd+bwd ms | "
           "native fwd+bwd ms | gathered/native |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for dt in (torch.float32, torch.bfloat16):
         for L in (4096, 16384):
-            print(gqa_row(dt, L, args.repeats), flush=True)
+            print(gqa_row(dt, L, args.repeats, args.dim), flush=True)
 
 
 def _row(dt, L, w, heads, names, fns, q, k, v, up, spec, repeats) -> str:
@@ -77,8 +79,8 @@ def _row(dt, L, w, heads, names, fns, q, k, v, up, spec, repeats) -> str:
             f"{b[a] * 1e3:.1f} | {b[n] * 1e3:.1f} | {b[a] / b[n]:.2f}x |")
 
 
-def wide_row(dt, L: int, w: int, repeats: int) -> str:
-    """SDPA (the window as a mask: what `auto` ran before) against the native kernel, 8 heads."""
+def wide_row(dt, L: int, w: int, repeats: int, D: int = 64) -> str:
+    """SDPA (the window as a mask: what `auto` ran before) against the native kernel, 8 heads of size D."""
     q, k, v, up = (torch.randn(1, 8, L, D, dtype=dt) for _ in range(4))
     kw = dict(causal=True, window=w)
 
@@ -91,8 +93,9 @@ def wide_row(dt, L: int, w: int, repeats: int) -> str:
     return _row(dt, L, w, "8/8", ("sdpa", "native"), (sdpa, native), q, k, v, up, build_spec(q, k, v, **kw), repeats)
 
 
-def gqa_row(dt, L: int, repeats: int) -> str:
-    """The gathered engine (what the sparse backend ran before) against the native kernel, 8/2 heads."""
+def gqa_row(dt, L: int, repeats: int, D: int = 64) -> str:
+    """The gathered engine (what the sparse backend ran before) against the native kernel, 8/2 heads of
+    size D."""
     q, up = (torch.randn(1, 8, L, D, dtype=dt) for _ in range(2))
     k, v = (torch.randn(1, 2, L, D, dtype=dt) for _ in range(2))
     kw = dict(causal=True, window=256)

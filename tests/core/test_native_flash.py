@@ -288,7 +288,14 @@ def test_auto_on_the_amx_kind_claims_only_what_was_measured(monkeypatch, shape, 
     ((1, 8, 8, 1024, 1024, 64, 64), torch.float32, True, True, True),       # float32 causal training: 1.55x
     ((1, 8, 8, 4096, 4096, 64, 64), torch.float32, False, True, False),     # without a band: 0.97x-1.16x
     ((1, 8, 8, 512, 512, 64, 64), torch.float32, True, True, False),        # below auto's 2^20 in float32
-    ((1, 8, 8, 1024, 1024, 128, 128), torch.bfloat16, True, True, False),   # D=128: not measured there
+    ((1, 8, 8, 1024, 1024, 128, 128), torch.bfloat16, True, True, True),    # D=128 training: 6.78x-7.74x
+    ((1, 8, 8, 512, 512, 128, 128), torch.bfloat16, False, True, True),     # 5.56x-5.65x
+    ((1, 8, 8, 4096, 4096, 128, 128), torch.bfloat16, True, False, False),  # D=128 forward: not claimed
+    ((1, 8, 8, 1024, 1024, 128, 128), torch.float32, True, True, False),    # float32 at 128: 0.88x at 4096
+    ((1, 8, 8, 4096, 4096, 128, 128), torch.float32, 2048, True, True),     # a window at 128: 2.47x
+    ((1, 8, 8, 2048, 2048, 128, 128), torch.bfloat16, 1024, False, True),   # 2.34x-2.41x
+    ((1, 8, 8, 1024, 1024, 96, 96), torch.bfloat16, True, True, False),     # D=96: not measured there
+    ((1, 8, 8, 2048, 2048, 64, 128), torch.bfloat16, True, True, False),    # D != Dv: not measured there
     ((1, 8, 2, 1024, 1024, 64, 64), torch.bfloat16, True, True, False),     # grouped heads: not measured
     ((1, 8, 8, 2048, 2048, 64, 64), torch.float32, 1024, False, True),      # causal window 1024: 3.20x
     ((1, 8, 8, 4096, 4096, 64, 64), torch.bfloat16, 2048, True, True),      # its training step: 16.53x

@@ -174,7 +174,7 @@ def test_the_amx_kind_sends_bfloat16_and_training_to_the_kernel(monkeypatch):
 
 def test_the_avx2_kind_sends_causal_bands_to_the_kernel(monkeypatch):
     """The third CPU kind's rule (backend/sparse.py: an AMD Zen 3 with AVX2 only): a causal band alone at
-    head size 64, either dtype, forward or training, grouped heads too, where the kernels build AVX2's
+    head sizes 64 and 128, either dtype, forward or training, grouped heads too, where the kernels build AVX2's
     8-float tiles with fused multiply-adds; block masks and other head sizes stay on the gathered engine."""
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: False)
     monkeypatch.setattr(_kernels, "avx2_cpu", lambda: True)
@@ -191,6 +191,13 @@ def test_the_avx2_kind_sends_causal_bands_to_the_kernel(monkeypatch):
     assert pays(f32) and pays(f32.bfloat16()) and pays(f32.clone().requires_grad_())
     assert pays(f32, torch.randn(1, 1, 1024, 64))  # grouped heads
     assert not pays(torch.randn(1, 2, 1024, 32))  # D=32: not measured there
+    wide = torch.randn(1, 2, 1024, 128)  # D=128: measured (the twelfth part)
+    assert pays(wide) and pays(wide.bfloat16()) and pays(wide.clone().requires_grad_())
+    assert pays(wide, torch.randn(1, 1, 1024, 128))  # grouped heads
+    assert not pays(torch.randn(1, 2, 1024, 96))  # D=96: not measured there
+    v128 = torch.randn(1, 2, 1024, 128)
+    mixed = build_spec(f32, f32, v128, causal=True, window=256)
+    assert not sparse.native_pays(mixed, f32, f32, v128, None)  # D=64, Dv=128: not measured there
     assert not pays(f32, bm=qkv.block_mask(M.causal_sliding_window(256), None, None, 1024, 1024))  # not timed
     two_sided = build_spec(f32, f32, f32, window=256)
     assert not sparse.native_pays(two_sided, f32, f32, f32, None)

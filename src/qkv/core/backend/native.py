@@ -142,14 +142,20 @@ AMX_AUTO_DIMS = (64,)  # head sizes measured on the AMX kind
 # Forward and backward: bfloat16 4.08x-9.64x (torch's bfloat16 backward is slow on this CPU); float32 causal
 # 1.08x-1.73x, without a band 0.97x-1.16x (not claimed). Causal windows of 1024 and 2048 at 2048 and 4096
 # tokens (`python benchmarks/native_windows.py`, SDPA with the window as a mask): 2.95x-5.76x forward,
-# 3.01x-31.96x forward and backward, both dtypes, so claimed from 2^22 pairs. Only D = Dv = 64 was measured,
-# so no other head size is claimed.
+# 3.01x-31.96x forward and backward, both dtypes, so claimed from 2^22 pairs. At D = Dv = 128 (the same
+# machine, 2026-12-01, `python benchmarks/attention.py --backends native --dim 128 --backward --lengths 256
+# 512 1024 2048 4096 --memory-lengths` and `python benchmarks/native_windows.py --dim 128`, each twice; the
+# twelfth part): forward and backward bfloat16 4.58x-7.85x from 256 tokens, float32 causal 1.14x-1.74x up
+# to 2048 tokens but 0.88x-1.18x at 4096 (not claimed at 128), without a band 0.92x-1.07x; causal windows
+# 2.00x-3.97x forward, 2.44x-23.61x forward and backward. So bfloat16 training and causal windows are
+# claimed at D = Dv = 64 and 128, float32 causal training at 64 only; no other head size was measured.
 AVX2_AUTO_MIN_CELLS = {  # (dtype, autograd records) -> Lq x Lk from which it wins on the AVX2 kind
     (torch.bfloat16, True): 1 << 18,
     (torch.float32, True): 1 << 20,  # causal only
 }
 AVX2_AUTO_WINDOW_CELLS = 1 << 22  # causal windows, either dtype, with or without gradients
-AVX2_AUTO_DIMS = (64,)  # head sizes measured on the AVX2 kind
+AVX2_AUTO_DIMS = (64, 128)  # head sizes measured on the AVX2 kind: bfloat16 training, causal windows
+AVX2_AUTO_FLOAT32_DIMS = (64,)  # float32 causal training (0.88x-1.18x SDPA at D = 128 and 4096 tokens)
 AVX2_WIDTH = 8  # the kernels' vector width there: the narrow tiles measured
 
 
@@ -164,10 +170,10 @@ def tiles_run(grad: bool) -> bool:
 
 
 def _kind_claims(spec: AttentionSpec, dtype: torch.dtype, dims: tuple, min_cells: dict, window_cells: int) -> bool:
-    """The shape part of the second and third kinds' rules: D and Dv among `dims`; a causal window (the only
-    band with a left edge `auto` admits) from `window_cells` query-key pairs; otherwise from
-    min_cells[(dtype, autograd records)] pairs, float32 causal only."""
-    if spec.D not in dims or spec.Dv not in dims:
+    """The shape part of the second and third kinds' rules: D = Dv, among `dims` (the sizes measured); a
+    causal window (the only band with a left edge `auto` admits) from `window_cells` query-key pairs;
+    otherwise from min_cells[(dtype, autograd records)] pairs, float32 causal only."""
+    if spec.D != spec.Dv or spec.D not in dims:
         return False
     if spec.left is not None:
         return spec.Lq * spec.Lk >= window_cells
@@ -196,10 +202,12 @@ def avx2_cpu() -> bool:
 
 def avx2_auto(spec: AttentionSpec, q: Tensor) -> bool:
     """auto on the AVX2 kind (`avx2_cpu`), for the self-attention shapes `auto` admits: the rule of
-    AVX2_AUTO_MIN_CELLS and AVX2_AUTO_WINDOW_CELLS (the measurements are in the comment above them), where
+    AVX2_AUTO_MIN_CELLS and AVX2_AUTO_WINDOW_CELLS at the head sizes of AVX2_AUTO_DIMS (float32 causal
+    training: AVX2_AUTO_FLOAT32_DIMS) (the measurements are in the comment above them), where
     both kernels build the narrow tiles measured (AVX2_WIDTH floats, fused multiply-adds; the backward too
     when autograd records)."""
-    if not _kind_claims(spec, q.dtype, AVX2_AUTO_DIMS, AVX2_AUTO_MIN_CELLS, AVX2_AUTO_WINDOW_CELLS):
+    dims = AVX2_AUTO_FLOAT32_DIMS if q.dtype == torch.float32 and spec.left is None else AVX2_AUTO_DIMS
+    if not _kind_claims(spec, q.dtype, dims, AVX2_AUTO_MIN_CELLS, AVX2_AUTO_WINDOW_CELLS):
         return False
     kernel = native_flash.lib()  # built on first use, only for a call the rule claims
     if kernel is None or kernel.vector_width != AVX2_WIDTH or not kernel.fma:

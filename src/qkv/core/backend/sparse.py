@@ -180,31 +180,35 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
 # 2-core KVM guest, family 25 model 1, 2026-12-01), `python benchmarks/native_windows.py` (docs/benchmarks.md,
 # "The native kernels, eleventh part"), grouped heads 8/2 under a causal window of 256 at 4096 and 16384
 # tokens, gathered time / native time: forward 1.11x-1.81x (float32) and 1.54x-1.86x (bfloat16), forward and
-# backward 1.66x-2.18x. So there it claims a causal band alone at D = Dv = 64, either dtype; block masks
-# were not timed there and stay on the gathered engine.
-NATIVE_MAX_DIM = 64  # measured at D = 64 only
+# backward 1.66x-2.18x; at D = Dv = 128 (`python benchmarks/native_windows.py --dim 128`, twice, "The
+# native kernels, twelfth part"): forward 1.30x-1.60x (float32) and 1.46x-2.42x (bfloat16), forward and
+# backward 1.34x-1.93x. So there it claims a causal band alone at D = Dv = 64 and 128, either dtype; block
+# masks were not timed there and stay on the gathered engine.
+NATIVE_MAX_DIM = 64  # measured at D = 64 only (the first and second kinds)
 AMX_NATIVE_DIMS = (64,)  # the head sizes measured on the second kind
-AVX2_NATIVE_DIMS = (64,)  # the head sizes measured on the third kind (a causal band alone)
+AVX2_NATIVE_DIMS = (64, 128)  # the head sizes measured on the third kind (a causal band alone)
 NATIVE_GQA = True  # grouped-query heads, measured under a causal window
 
 
 def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Optional[BlockMask]) -> bool:
     """Whether the sparse backend runs these arguments on the native kernels rather than the gathered
     engine: within what was measured (above): float32 or bfloat16 CPU tensors, self-attention (Lq = Lk),
-    NATIVE_GQA, head sizes up to NATIVE_MAX_DIM, a BlockMask of 128 x 128 blocks (with any band) or a
-    causal band alone, nothing else, on the CPU kind measured, where the kernels build (the backward
-    too when autograd records) with the tiles measured (native_flash.MEASURED_WIDTH); on the second kind
+    NATIVE_GQA, head sizes up to NATIVE_MAX_DIM (the third kind: its own), a BlockMask of 128 x 128 blocks
+    (with any band) or a causal band alone, nothing else, on the CPU kind measured, where the kernels build
+    (the backward too when autograd records) with the tiles measured (native_flash.MEASURED_WIDTH); on the second kind
     (`_kernels.amx_cpu`), bfloat16 while the AMX tiles run, or float32 when autograd records, at the head
-    sizes of AMX_NATIVE_DIMS; on the third (`_kernels.avx2_cpu`), a causal band alone at the head sizes of
+    sizes of AMX_NATIVE_DIMS; on the third (`_kernels.avx2_cpu`), a causal band alone at D = Dv among
     AVX2_NATIVE_DIMS, where the kernels build AVX2's narrow tiles."""
     if q.device.type != "cpu" or q.dtype not in native_flash.KINDS or not gathered.supports(spec):
         return False
-    if spec.Lq != spec.Lk or (spec.Hq != spec.Hkv and not NATIVE_GQA) or max(spec.D, spec.Dv) > NATIVE_MAX_DIM:
+    if spec.Lq != spec.Lk or (spec.Hq != spec.Hkv and not NATIVE_GQA):
         return False
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if not _kernels.measured_cpu() and _kernels.avx2_cpu():  # the third kind's rule (above NATIVE_MAX_DIM)
-        return (bm is None and spec.right == 0 and spec.D in AVX2_NATIVE_DIMS and spec.Dv in AVX2_NATIVE_DIMS
+        return (bm is None and spec.right == 0 and spec.D == spec.Dv and spec.D in AVX2_NATIVE_DIMS
                 and native_flash.why_not(q, k, v, spec) is None and _kernels_built(grad, narrow=True))
+    if max(spec.D, spec.Dv) > NATIVE_MAX_DIM:
+        return False
     amx_kind = not _kernels.measured_cpu()
     if amx_kind and not (_kernels.amx_cpu() and (q.dtype == torch.bfloat16 or grad) and spec.D in AMX_NATIVE_DIMS
                          and spec.Dv in AMX_NATIVE_DIMS):
