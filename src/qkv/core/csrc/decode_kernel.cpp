@@ -393,7 +393,7 @@ inline void values_tile_narrow(const float* p, const void* v, int64_t vstride, i
 // bfloat16, B=1, Hq=32, Hkv=8, D=128, one query, the kernel alone, the builds before and after called
 // in turns (best of 11-31, eight runs over an hour of a noisy VM): 32768 keys streamed from memory
 // 0.79-0.94x the time, 1024 keys (in L3) 0.81-1.04x (one run slower); the whole step,
-// `python benchmarks/kernels_ab.py --before 74a3b61 --decode`: 0.85-0.92x.
+// `python benchmarks/kernels_ab.py --before 74a3b61 --decode`: 0.83-0.92x.
 __attribute__((always_inline)) inline void load_pairs(const void* p, vw& even, vw& odd) {
   typedef uint32_t uwu __attribute__((vector_size(4 * VW), aligned(2)));  // an unaligned load of words
   const uwv w = *(const uwu*)p;
