@@ -3,6 +3,7 @@ FlexAttention, measured in one run (issues 5 and 21).
 
     .venv/bin/python benchmarks/sparse.py                 # the table of docs/benchmarks.md
     .venv/bin/python benchmarks/sparse.py --quick         # 4k and 8k only, no FlexAttention
+    .venv/bin/python benchmarks/sparse.py --force-native  # the native path where the first kind's rule would run it
 
 B=1, H=8, D=64. Times are medians of a few repetitions after one warm-up call (qkv.bench.timing); "first
 call" is what a user waits for the first result: building the block mask plus the first
@@ -15,6 +16,9 @@ side by side; "SDPA causal fwd+bwd" is SDPA's full causal attention without a ma
 reference for the window's training step). Before anything is timed, qkv's and the gathered
 engine's outputs are checked against the float64 reference on sampled rows under the tolerance
 rule (qkv.bench.verify); a failure stops the run. Prints a Markdown table and writes JSON (--json).
+With --force-native the sparse backend's rule is that of the first CPU kind it was measured on, with
+whatever build this machine's kernels have (its narrow tiles on a CPU without AVX-512): how a rule for
+another CPU kind is measured (docs/benchmarks.md, the ninth and twelfth parts).
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from qkv._files import write_text
 from qkv.bench.report import cpu_name
 from qkv.bench.timing import best_of, clock
 from qkv.bench.verify import check_rows, verify
+from qkv.core import _kernels
 from qkv.core.backend import sparse as sparse_backend
-from qkv.core.engines import gathered
+from qkv.core.engines import gathered, native_flash, native_flash_bwd
 from qkv.core.spec import build_spec
 
 B, H, D = 1, 8, 64
@@ -204,6 +209,14 @@ def band_table(rows) -> str:
     return "\n".join(lines)
 
 
+def force_native() -> None:
+    """--force-native: the sparse backend takes this CPU for the first kind its rule was measured on, and
+    whatever build its kernels have for the one measured there (for this process only)."""
+    _kernels.measured_cpu = lambda: True
+    sparse_backend._kernels_built = lambda grad, narrow: (native_flash.lib() is not None
+                                                          and (not grad or native_flash_bwd.lib() is not None))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
@@ -220,7 +233,12 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (1 avoids OpenMP spin-wait stalls when the cores are oversubscribed)")
+    ap.add_argument("--force-native", action="store_true",
+                    help="the sparse backend's native path wherever the first CPU kind's rule sends a case to it, "
+                         "with this machine's build (to measure a rule on another CPU kind)")
     args = ap.parse_args(argv)
+    if args.force_native:
+        force_native()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -230,7 +248,9 @@ def main(argv=None) -> None:
     t = clock()
     bm = qkv.block_mask(M.causal_sliding_window(256), None, None, 131072, block_size=128)
     build_128k = clock() - t
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}"
+          + ("; --force-native: the first CPU kind's rule for the sparse backend's native path" if args.force_native
+             else ""))
     print(f"BlockMask build, causal window 256 at L=131072: {build_128k * 1000:.1f} ms "
           f"({bm.num_blocks[0]}x{bm.num_blocks[1]} blocks, sparsity {bm.sparsity():.2f}%)")
 

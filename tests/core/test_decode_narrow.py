@@ -128,27 +128,32 @@ def test_rule(Hq, Hkv, Lq, Lk, D, Dv, dtype, build):
     assert build, "the native kernel did not run"
 
 
+PAIRS = [(40, 24), (48, 32)]  # head and value sizes: off and on the bfloat16 pairs (multiples of 16)
+
+
+@pytest.mark.parametrize("D,Dv", PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_masks_bias_and_window(dtype, build):
+def test_masks_bias_and_window(dtype, D, Dv, build):
     """A per-head bool mask, a float bias with -inf entries, a causal window."""
     Hq, Lk = 8, 1001
-    (q, k, v), gen = random_qkv(2, Hq, 2, 2, Lk, dtype, seed=5, D=40, Dv=24)
+    (q, k, v), gen = random_qkv(2, Hq, 2, 2, Lk, dtype, seed=5, D=D, Dv=Dv)
     for what, kw in constraint_cases(gen, 2, Hq, 2, Lk, dtype):
         check_rule(q, k, v, f"{dtype} {what}", **kw)
     assert len(build) >= 3
 
 
+@pytest.mark.parametrize("D,Dv", [(36, 20), (32, 16)])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_non_finite_key(dtype, value, build):
+def test_non_finite_key(dtype, value, D, Dv, build):
     """A NaN or infinity in the last key, seen by the last query only, and one outside every
     query's window: the rows that see the bad key are NaN (the step's flag sends it to the
     guard), every other row equals the reference on the clean cache by the rule."""
-    B, Hq, Hkv, Lq, Lk, D, Dv = 1, 8, 1, 3, 2049, 36, 20
+    B, Hq, Hkv, Lq, Lk = 1, 8, 1, 3, 2049
     (q, k, v), _ = random_qkv(B, Hq, Hkv, Lq, Lk, dtype, seed=11, D=D, Dv=Dv)
     clean = k.clone()
     k[0, 0, Lk - 1, 5] = value
-    k[0, 0, 10, 3] = value
+    k[0, 0, 10, 4] = value  # an even dim (the pairs' low halves), the last key's an odd one
     kw = {"causal": True, "window": (1000, 0)}
     with torch.no_grad():
         out = qkv.attention(q, k, v, backend="decode", **kw)
@@ -156,15 +161,16 @@ def test_non_finite_key(dtype, value, build):
     check_last_query_poisoned(out, q, clean, v, f"{dtype} decode, {value} in k", **kw)
 
 
+@pytest.mark.parametrize("D,Dv", PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("Lk", [70, 200])
-def test_a_masked_non_finite_key_is_flagged(Lk, dtype, build):
+def test_a_masked_non_finite_key_is_flagged(Lk, dtype, D, Dv, build):
     """A NaN key the kernel reads but every row's mask drops: no output shows it, so only the raw
     scores' check (before any mask) can flag it, at whatever place in a block it sits (the first
     lanes, a tile's tail, the last key). Flagged, the guard recomputes the step by the rule."""
     from qkv.core.spec import build_spec
 
-    (q, k, v), _ = random_qkv(1, 8, 2, 2, Lk, dtype, seed=Lk, D=40, Dv=24)
+    (q, k, v), _ = random_qkv(1, 8, 2, 2, Lk, dtype, seed=Lk, D=D, Dv=Dv)
     for j in (0, 3, 9, 33, Lk - 1):
         bad_k = k.clone()
         bad_k[0, 1, j, 7] = float("nan")

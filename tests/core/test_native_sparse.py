@@ -174,8 +174,9 @@ def test_the_amx_kind_sends_bfloat16_and_training_to_the_kernel(monkeypatch):
 
 def test_the_avx2_kind_sends_causal_bands_to_the_kernel(monkeypatch):
     """The third CPU kind's rule (backend/sparse.py: an AMD Zen 3 with AVX2 only): a causal band alone at
-    head sizes 64 and 128, either dtype, forward or training, grouped heads too, where the kernels build AVX2's
-    8-float tiles with fused multiply-adds; block masks and other head sizes stay on the gathered engine."""
+    head sizes 64 and 128 and a BlockMask of 128 x 128 blocks at 64, either dtype, forward or training,
+    grouped heads too, where the kernels build AVX2's 8-float tiles with fused multiply-adds; other head
+    sizes stay on the gathered engine."""
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: False)
     monkeypatch.setattr(_kernels, "avx2_cpu", lambda: True)
     kernel = native_flash.lib()
@@ -198,7 +199,12 @@ def test_the_avx2_kind_sends_causal_bands_to_the_kernel(monkeypatch):
     v128 = torch.randn(1, 2, 1024, 128)
     mixed = build_spec(f32, f32, v128, causal=True, window=256)
     assert not sparse.native_pays(mixed, f32, f32, v128, None)  # D=64, Dv=128: not measured there
-    assert not pays(f32, bm=qkv.block_mask(M.causal_sliding_window(256), None, None, 1024, 1024))  # not timed
+    window = qkv.block_mask(M.causal_sliding_window(256), None, None, 1024, 1024)
+    assert pays(f32, bm=window) and pays(f32.bfloat16(), bm=window)  # BlockMasks at 64: the twelfth part
+    assert pays(f32.clone().requires_grad_(), bm=window) and pays(f32, torch.randn(1, 1, 1024, 64), bm=window)
+    assert not pays(wide, bm=window)  # a BlockMask at 128: not timed there
+    small_blocks = qkv.block_mask(M.causal_sliding_window(256), None, None, 1024, 1024, block_size=64)
+    assert not pays(f32, bm=small_blocks)  # the kernels' block lists take 128 x 128 blocks only
     two_sided = build_spec(f32, f32, f32, window=256)
     assert not sparse.native_pays(two_sided, f32, f32, f32, None)
     monkeypatch.setattr(kernel, "vector_width", 16)  # not the build measured there
@@ -277,3 +283,26 @@ def test_windows_open_to_the_right_are_not_claimed(monkeypatch):
         assert not native.auto(spec, q, False), window
     two_sided = build_spec(q, q, q, window=256)
     assert not sparse.native_pays(two_sided, q, q, q, None)  # a two-sided band alone: not measured
+
+
+def test_the_sparse_benchmark_forces_the_native_path(monkeypatch, capsys):
+    """`benchmarks/sparse.py --force-native` runs the first CPU kind's rule with this machine's build (how the
+    third kind's BlockMask rule was measured); without it a CPU of no kind measured runs the gathered engine."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sparse.py"
+    loader = importlib.util.spec_from_file_location("sparse_benchmark", path)
+    bench = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(bench)
+    for kind in ("measured_cpu", "amx_cpu", "avx2_cpu"):  # no kind measured (restored after the test)
+        monkeypatch.setattr(_kernels, kind, lambda: False)
+    monkeypatch.setattr(sparse, "_kernels_built", sparse._kernels_built)
+    argv = ["--lengths", "1024", "--flex-at", "--bf16-at", "--sdpa-causal-at", "--sdpa-max", "0",
+            "--sdpa-bwd-max", "0", "--reps", "1", "--patterns", "window"]
+    bench.main(argv)
+    out = capsys.readouterr().out
+    assert "% | gathered |" in out and "% | native |" not in out, out
+    bench.main([*argv, "--force-native"])
+    out = capsys.readouterr().out
+    assert "% | native |" in out and "--force-native: the first CPU kind's rule" in out, out
