@@ -5,7 +5,7 @@ FlexAttention, measured in one run (issues 5 and 21).
     .venv/bin/python benchmarks/sparse.py --quick         # 4k and 8k only, no FlexAttention
     .venv/bin/python benchmarks/sparse.py --force-native  # the native path where the first kind's rule would run it
 
-B=1, H=8, D=64. Times are medians of a few repetitions after one warm-up call (qkv.bench.timing); "first
+B=1, H=8, D=64 (--dim). Times are medians of a few repetitions after one warm-up call (qkv.bench.timing); "first
 call" is what a user waits for the first result: building the block mask plus the first
 forward, including torch.compile for FlexAttention. FlexAttention has no backward on CPU
 (and runs unfused, materialising every score, without torch.compile), so only its
@@ -80,11 +80,11 @@ def check(q, k, v, bm, outputs: dict, n_rows: int = 48) -> dict:
     return got
 
 
-def run_case(name, fn, L, dtype, reps, sdpa_max, sdpa_bwd_max, flex_at, flex_state, causal_at=()) -> dict:
+def run_case(name, fn, L, dtype, reps, sdpa_max, sdpa_bwd_max, flex_at, flex_state, causal_at=(), dim=D) -> dict:
     row = {"pattern": name, "L": L, "dtype": str(dtype).replace("torch.", "")}
     gen = torch.Generator().manual_seed(L)
-    q, k, v = (torch.randn(B, H, L, D, generator=gen).to(dtype) for _ in range(3))
-    up = torch.randn(B, H, L, D, generator=gen).to(dtype)
+    q, k, v = (torch.randn(B, H, L, dim, generator=gen).to(dtype) for _ in range(3))
+    up = torch.randn(B, H, L, dim, generator=gen).to(dtype)
 
     t = clock()
     bm = qkv.block_mask(fn, None, None, L, L, block_size=128)
@@ -210,9 +210,11 @@ def band_table(rows) -> str:
 
 
 def force_native() -> None:
-    """--force-native: the sparse backend takes this CPU for the first kind its rule was measured on, and
-    whatever build its kernels have for the one measured there (for this process only)."""
+    """--force-native: the sparse backend takes this CPU for the first kind its rule was measured on,
+    whatever build its kernels have for the one measured there, and any head size the kernels take for
+    the sizes measured (for this process only)."""
     _kernels.measured_cpu = lambda: True
+    sparse_backend.NATIVE_MAX_DIM = native_flash.MAX_DIM  # the kernels' own limit
     sparse_backend._kernels_built = lambda grad, narrow: (native_flash.lib() is not None
                                                           and (not grad or native_flash_bwd.lib() is not None))
 
@@ -233,10 +235,13 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (1 avoids OpenMP spin-wait stalls when the cores are oversubscribed)")
+    ap.add_argument("--dim", type=int, default=D, help=f"head size (D = Dv; default {D})")
     ap.add_argument("--force-native", action="store_true",
                     help="the sparse backend's native path wherever the first CPU kind's rule sends a case to it, "
                          "with this machine's build (to measure a rule on another CPU kind)")
     args = ap.parse_args(argv)
+    if args.dim < 1:
+        ap.error(f"--dim must be at least 1, got {args.dim}")
     if args.force_native:
         force_native()
     if args.threads:
@@ -248,7 +253,7 @@ def main(argv=None) -> None:
     t = clock()
     bm = qkv.block_mask(M.causal_sliding_window(256), None, None, 131072, block_size=128)
     build_128k = clock() - t
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}"
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}, D={args.dim}"
           + ("; --force-native: the first CPU kind's rule for the sparse backend's native path" if args.force_native
              else ""))
     print(f"BlockMask build, causal window 256 at L=131072: {build_128k * 1000:.1f} ms "
@@ -264,12 +269,12 @@ def main(argv=None) -> None:
                 continue
             causal_at = args.sdpa_causal_at if only_window else ()
             row = run_case(name, fn, L, torch.float32, args.reps, args.sdpa_max, args.sdpa_bwd_max,
-                           args.flex_at, flex_state, causal_at)
+                           args.flex_at, flex_state, causal_at, dim=args.dim)
             rows.append(row)
             print(row, flush=True)
             if L in args.bf16_at:
                 row = run_case(name, fn, L, torch.bfloat16, args.reps, args.sdpa_max, 0, args.flex_at, flex_state,
-                               causal_at)
+                               causal_at, dim=args.dim)
                 rows.append(row)
                 print(row, flush=True)
     if "error" in flex_state:

@@ -174,7 +174,7 @@ def test_the_amx_kind_sends_bfloat16_and_training_to_the_kernel(monkeypatch):
 
 def test_the_avx2_kind_sends_causal_bands_to_the_kernel(monkeypatch):
     """The third CPU kind's rule (backend/sparse.py: an AMD Zen 3 with AVX2 only): a causal band alone at
-    head sizes 64 and 128 and a BlockMask of 128 x 128 blocks at 64, either dtype, forward or training,
+    head sizes 64 and 128 and a BlockMask of 128 x 128 blocks there, either dtype, forward or training,
     grouped heads too, where the kernels build AVX2's 8-float tiles with fused multiply-adds; other head
     sizes stay on the gathered engine."""
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: False)
@@ -200,9 +200,10 @@ def test_the_avx2_kind_sends_causal_bands_to_the_kernel(monkeypatch):
     mixed = build_spec(f32, f32, v128, causal=True, window=256)
     assert not sparse.native_pays(mixed, f32, f32, v128, None)  # D=64, Dv=128: not measured there
     window = qkv.block_mask(M.causal_sliding_window(256), None, None, 1024, 1024)
-    assert pays(f32, bm=window) and pays(f32.bfloat16(), bm=window)  # BlockMasks at 64: the twelfth part
+    assert pays(f32, bm=window) and pays(f32.bfloat16(), bm=window)  # BlockMasks: the twelfth part
     assert pays(f32.clone().requires_grad_(), bm=window) and pays(f32, torch.randn(1, 1, 1024, 64), bm=window)
-    assert not pays(wide, bm=window)  # a BlockMask at 128: not timed there
+    assert pays(wide, bm=window) and pays(wide.bfloat16(), bm=window)  # and at 128
+    assert not pays(torch.randn(1, 2, 1024, 96), bm=window)  # D=96: not timed there
     small_blocks = qkv.block_mask(M.causal_sliding_window(256), None, None, 1024, 1024, block_size=64)
     assert not pays(f32, bm=small_blocks)  # the kernels' block lists take 128 x 128 blocks only
     two_sided = build_spec(f32, f32, f32, window=256)
@@ -298,6 +299,7 @@ def test_the_sparse_benchmark_forces_the_native_path(monkeypatch, capsys):
     for kind in ("measured_cpu", "amx_cpu", "avx2_cpu"):  # no kind measured (restored after the test)
         monkeypatch.setattr(_kernels, kind, lambda: False)
     monkeypatch.setattr(sparse, "_kernels_built", sparse._kernels_built)
+    monkeypatch.setattr(sparse, "NATIVE_MAX_DIM", sparse.NATIVE_MAX_DIM)
     argv = ["--lengths", "1024", "--flex-at", "--bf16-at", "--sdpa-causal-at", "--sdpa-max", "0",
             "--sdpa-bwd-max", "0", "--reps", "1", "--patterns", "window"]
     bench.main(argv)

@@ -182,16 +182,16 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
 # tokens, gathered time / native time: forward 1.11x-1.81x (float32) and 1.54x-1.86x (bfloat16), forward and
 # backward 1.66x-2.18x; at D = Dv = 128 (`python benchmarks/native_windows.py --dim 128`, twice, "The
 # native kernels, twelfth part"): forward 1.30x-1.60x (float32) and 1.46x-2.42x (bfloat16), forward and
-# backward 1.34x-1.93x. BlockMasks of 128 x 128 blocks there, with the rule forced on (`python
-# benchmarks/sparse.py --force-native --lengths 4096 16384 --bf16-at 4096 16384 --sdpa-max 0 --sdpa-bwd-max 0
-# --reps 3 --flex-at --sdpa-causal-at`), twice, at
-# D = 64 (a causal window of 256, global 16 + window 256, packed documents): forward 1.03x-2.84x (the least:
-# float32, a window of 256 at 16384 tokens, 1.03x-1.10x), forward and backward 1.80x-4.30x. So there it
-# claims a causal band alone at D = Dv = 64 and 128 and a BlockMask at 64, either dtype, forward or training.
+# backward 1.34x-1.93x. BlockMasks of 128 x 128 blocks there (a causal window of 256, global 16 + window
+# 256, packed documents), with the first kind's rule forced on (`python benchmarks/sparse.py --force-native
+# --lengths 4096 16384 --bf16-at 4096 16384 --sdpa-max 0 --sdpa-bwd-max 0 --reps 3 --flex-at
+# --sdpa-causal-at`, and `--dim 128`), twice each: forward 1.03x-2.84x at D = 64 (the least: float32, the
+# window at 16384 tokens, 1.03x-1.10x) and 1.10x-2.34x at 128, forward and backward 1.80x-4.30x and
+# 1.91x-3.15x. So there it claims a causal band alone and a BlockMask at D = Dv = 64 and 128, either dtype,
+# forward or training.
 NATIVE_MAX_DIM = 64  # measured at D = 64 only (the first and second kinds)
 AMX_NATIVE_DIMS = (64,)  # the head sizes measured on the second kind
-AVX2_NATIVE_DIMS = (64, 128)  # the head sizes measured on the third kind (a causal band alone)
-AVX2_NATIVE_MASK_DIMS = (64,)  # the head sizes measured on the third kind (a BlockMask)
+AVX2_NATIVE_DIMS = (64, 128)  # the head sizes measured on the third kind (a causal band alone, a BlockMask)
 NATIVE_GQA = True  # grouped-query heads, measured under a causal window
 
 
@@ -202,21 +202,17 @@ def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Option
     (with any band) or a causal band alone, nothing else, on the CPU kind measured, where the kernels build
     (the backward too when autograd records) with the tiles measured (native_flash.MEASURED_WIDTH); on the second kind
     (`_kernels.amx_cpu`), bfloat16 while the AMX tiles run, or float32 when autograd records, at the head
-    sizes of AMX_NATIVE_DIMS; on the third (`_kernels.avx2_cpu`), a causal band alone at D = Dv among
-    AVX2_NATIVE_DIMS or such a BlockMask (with any band) at D = Dv among AVX2_NATIVE_MASK_DIMS, where the
-    kernels build AVX2's narrow tiles."""
+    sizes of AMX_NATIVE_DIMS; on the third (`_kernels.avx2_cpu`), a causal band alone or such a BlockMask
+    (with any band) at D = Dv among AVX2_NATIVE_DIMS, where the kernels build AVX2's narrow tiles."""
     if q.device.type != "cpu" or q.dtype not in native_flash.KINDS or not gathered.supports(spec):
         return False
     if spec.Lq != spec.Lk or (spec.Hq != spec.Hkv and not NATIVE_GQA):
         return False
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if not _kernels.measured_cpu() and _kernels.avx2_cpu():  # the third kind's rule (above NATIVE_MAX_DIM)
-        if spec.D != spec.Dv:
+        if spec.D != spec.Dv or spec.D not in AVX2_NATIVE_DIMS:
             return False
-        if bm is None:  # a band alone: causal
-            claimed = spec.right == 0 and spec.D in AVX2_NATIVE_DIMS
-        else:
-            claimed = spec.D in AVX2_NATIVE_MASK_DIMS and _native_blocks(bm)
+        claimed = spec.right == 0 if bm is None else _native_blocks(bm)  # a band alone: causal
         return claimed and native_flash.why_not(q, k, v, spec) is None and _kernels_built(grad, narrow=True)
     if max(spec.D, spec.Dv) > NATIVE_MAX_DIM:
         return False
