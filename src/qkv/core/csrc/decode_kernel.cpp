@@ -491,19 +491,31 @@ inline void values_pairs(const float* p, const void* v, int64_t vstride, int64_t
     }
 }
 
-// The values product of a bfloat16 cache on pairs (Dv a multiple of 2*VW): a row at a time, 4 chunks
-// of 2*VW dims per pass over the block's keys (64 dims on AVX2: two lines of each value row), then
-// one chunk at a time; the other rows read the block's values again from L1. On the Zen 3 EPYC
-// (bfloat16, B=1, Hq=32, Hkv=8, D=128, one query, the kernel alone, builds called in turns), 4 rows
-// by one chunk per pass (eight half-line passes over the block) ran 1.4x slower on a 32768-key cache
-// streamed from memory, and 5-8% faster on a 1024-key cache in L3.
-template <int RM>
-inline void values_tile_pairs(const float* p, const void* v, int64_t vstride, int64_t n, int64_t Dv, float* acc,
+// values_pairs over all of [0, Dv): RS rows by 4 / RS chunks per pass, then the dims left one chunk at
+// a time.
+template <int RM, int RS>
+inline void values_pairs_rows(const float* p, const void* v, int64_t vstride, int64_t n, int64_t Dv, float* acc,
                               const Ahead& pf) {
-  constexpr int RS = 1, CH = 4;
+  constexpr int CH = 4 / RS;
   const int64_t d1 = Dv - Dv % (2 * VW * CH);
   values_pairs<RM, RS, CH>(p, v, vstride, n, 0, d1, Dv, acc, pf);
   if (d1 < Dv) values_pairs<RM, RS, 1>(p, v, vstride, n, d1, Dv, Dv, acc, pf);
+}
+
+// The values product of a bfloat16 cache on pairs (Dv a multiple of 2*VW): for a few queries, a row at a
+// time, 4 chunks of 2*VW dims per pass over the block's keys (64 dims on AVX2: two lines of each value
+// row); the other rows read the block's values again from L1. For a chunk of queries (compute-bound), 2
+// rows by 2 chunks. On the Zen 3 EPYC (bfloat16, B=1, Hq=32, Hkv=8, D=128, the kernel alone, builds called
+// in turns): one query, 4 rows by one chunk per pass (eight half-line passes over the block) ran 1.4x
+// slower than a row by 4 chunks on a 32768-key cache streamed from memory, and 5-8% faster on a 1024-key
+// cache in L3; 8 queries (32 rows), 2 rows by 2 chunks 0.92-0.97x a row's time at 4096 and 32768 keys.
+template <int RM>
+inline void values_tile_pairs(const float* p, const void* v, int64_t vstride, int64_t n, int64_t Dv, float* acc,
+                              const Ahead& pf, bool chunk) {
+  if (RM % 2 == 0 && chunk)
+    values_pairs_rows<RM, (RM % 2 == 0 ? 2 : 1)>(p, v, vstride, n, Dv, acc, pf);
+  else
+    values_pairs_rows<RM, 1>(p, v, vstride, n, Dv, acc, pf);
 }
 #endif  // QKV_VW < 16
 
@@ -789,7 +801,7 @@ inline void values_block(const float* p, const void* v, int64_t vstride, int64_t
                          const Ahead& pf, bool chunk) {
 #if QKV_VW < 16  // a build without AVX-512; chunk: more than 4 rows (a chunk of queries), compute-bound
   if (KIND == 1 && Dv % (2 * VW) == 0)
-    values_tile_pairs<RM>(p, v, vstride, n, Dv, acc, pf);
+    values_tile_pairs<RM>(p, v, vstride, n, Dv, acc, pf, chunk);
   else if (chunk)
     values_tile_narrow<KIND, RM, (RM % 4 == 0 ? 4 : 1)>(p, v, vstride, n, 0, Dv, acc, pf);
   else
