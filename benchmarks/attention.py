@@ -53,7 +53,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _methods(q, k, v, causal: bool, backends) -> dict:
-    return {"torch": partial(F.scaled_dot_product_attention, q, k, v, is_causal=causal),
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}  # grouped-query heads (--kv-heads)
+    return {"torch": partial(F.scaled_dot_product_attention, q, k, v, is_causal=causal, **gqa),
             **{b: partial(qkv.attention, q, k, v, causal=causal, backend=b) for b in backends}}
 
 
@@ -88,7 +89,8 @@ def _check_backward(q, k, v, causal: bool, fns: dict) -> dict:
     ok = {}
     for name in fns:
         if name == "torch":
-            got = grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal), q, k, v)
+            got = grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal,
+                                                                       enable_gqa=b.shape[1] != a.shape[1]), q, k, v)
         else:
             got = grads(lambda a, b, c, name=name: qkv.attention(a, b, c, causal=causal, backend=name), q, k, v)
         ok[name] = all(within_rule(x, p, e, factor=GRAD_FACTOR)[0] for x, p, e in zip(got, plain, exact))
@@ -109,7 +111,8 @@ def bench_speed(args) -> list[dict]:
         for causal in (False, True):
             for L in args.lengths:
                 gen = torch.Generator().manual_seed(0)
-                q, k, v = (torch.randn(args.batch, args.heads, L, args.dim, generator=gen).to(dtype) for _ in range(3))
+                q, k, v = (torch.randn(args.batch, heads, L, args.dim, generator=gen).to(dtype)
+                           for heads in (args.heads, args.kv_heads, args.kv_heads))
                 repeats = args.repeats if L <= 8192 else max(1, args.repeats - 1)
                 fns = _methods(q, k, v, causal, args.backends)
                 ok = _check_forward(q, k, v, causal, fns, args.check_rows)
@@ -235,7 +238,8 @@ _AMX_WORDS = {2: "yes", 1: "a software model (a test build)", 0: "no", -1: "no (
 
 def print_tables(speed: list[dict], memory: list[dict], args) -> None:
     what = "Forward + backward" if args.backward else "Forward"
-    print(f"\n{what} time, B={args.batch}, H={args.heads}, D={args.dim}; ratio = torch SDPA time / qkv time "
+    kv = f", Hkv={args.kv_heads}" if args.kv_heads != args.heads else ""
+    print(f"\n{what} time, B={args.batch}, H={args.heads}{kv}, D={args.dim}; ratio = torch SDPA time / qkv time "
           f"(best of {args.repeats}; {torch.get_num_threads()} threads, torch {torch.__version__} (its CPU kernels: "
           f"{torch.backends.cpu.get_cpu_capability()}); {cpu_name()}; native kernels: {kernel_build(args.march)}). "
           f"Every output checked against float64 on {args.check_rows} rows under the tolerance rule before timing"
@@ -265,6 +269,8 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="+", default=["auto", "tiled"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None,
+                   help="key/value heads, grouped-query attention (default: --heads); the speed tables only")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory-lengths", type=int, nargs="*", default=[16384, 65536])
@@ -278,6 +284,10 @@ def main(argv=None) -> int:
                    help="build the native kernels for this -march target (e.g. x86-64-v3: AVX2 and FMA) instead of the "
                         "machine's (native): the tiles of a CPU without AVX-512, measured on this one")
     args = p.parse_args(argv)
+    if args.kv_heads is None:
+        args.kv_heads = args.heads
+    if args.kv_heads < 1 or args.heads % args.kv_heads:
+        p.error(f"--kv-heads must divide --heads ({args.heads}), got {args.kv_heads}")
     if args.march:
         use_kernels_built_for(args.march)
     if args.tiles:

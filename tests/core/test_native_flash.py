@@ -296,7 +296,13 @@ def test_auto_on_the_amx_kind_claims_only_what_was_measured(monkeypatch, shape, 
     ((1, 8, 8, 2048, 2048, 128, 128), torch.bfloat16, 1024, False, True),   # 2.34x-2.41x
     ((1, 8, 8, 1024, 1024, 96, 96), torch.bfloat16, True, True, False),     # D=96: not measured there
     ((1, 8, 8, 2048, 2048, 64, 128), torch.bfloat16, True, True, False),    # D != Dv: not measured there
-    ((1, 8, 2, 1024, 1024, 64, 64), torch.bfloat16, True, True, False),     # grouped heads: not measured
+    ((1, 8, 2, 1024, 1024, 64, 64), torch.bfloat16, True, True, True),      # grouped heads 8/2: 8.04x-8.27x
+    ((1, 8, 2, 512, 512, 128, 128), torch.bfloat16, False, True, True),     # 5.82x-6.13x at 128
+    ((1, 8, 4, 1024, 1024, 64, 64), torch.bfloat16, True, True, True),      # any grouping Hq / Hkv
+    ((1, 8, 2, 4096, 4096, 64, 64), torch.bfloat16, True, False, False),    # grouped, forward: not measured
+    ((1, 8, 2, 1024, 1024, 64, 64), torch.float32, True, True, False),      # grouped float32: not measured
+    ((1, 8, 2, 4096, 4096, 64, 64), torch.bfloat16, 2048, True, False),     # grouped under a window: not here
+    ((1, 8, 2, 256, 256, 64, 64), torch.bfloat16, True, True, False),       # below 2^18 pairs
     ((1, 8, 8, 2048, 2048, 64, 64), torch.float32, 1024, False, True),      # causal window 1024: 3.20x
     ((1, 8, 8, 4096, 4096, 64, 64), torch.bfloat16, 2048, True, True),      # its training step: 16.53x
     ((1, 8, 8, 1024, 1024, 64, 64), torch.float32, 512, False, False),      # below 2^22 pairs

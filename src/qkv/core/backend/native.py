@@ -154,8 +154,15 @@ AVX2_AUTO_MIN_CELLS = {  # (dtype, autograd records) -> Lq x Lk from which it wi
     (torch.float32, True): 1 << 20,  # causal only
 }
 AVX2_AUTO_WINDOW_CELLS = 1 << 22  # causal windows, either dtype, with or without gradients
+# Grouped-query heads there (8 query heads, 2 kv heads; `python benchmarks/attention.py --backends native
+# --heads 8 --kv-heads 2 --dim 64 --backward --dtypes bfloat16 --lengths 256 512 1024 2048 4096
+# --memory-lengths`, and `--dim 128`, twice each; SDPA with enable_gqa): bfloat16 forward and backward
+# 3.89x-10.60x at D = 64 and 4.73x-11.12x at 128. So on this kind bfloat16 training without a window claims
+# grouped heads too (AVX2_AUTO_GQA); grouped heads were not timed against SDPA in float32, forward alone or
+# under a window (the sparse backend's bands were: backend/sparse.py).
 AVX2_AUTO_DIMS = (64, 128)  # head sizes measured on the AVX2 kind: bfloat16 training, causal windows
 AVX2_AUTO_FLOAT32_DIMS = (64,)  # float32 causal training (0.88x-1.18x SDPA at D = 128 and 4096 tokens)
+AVX2_AUTO_GQA = True  # bfloat16 training without a window with grouped-query heads, on the AVX2 kind
 AVX2_WIDTH = 8  # the kernels' vector width there: the narrow tiles measured
 
 
@@ -215,6 +222,13 @@ def avx2_auto(spec: AttentionSpec, q: Tensor) -> bool:
     return not spec.grad or native_flash_bwd.lib() is not None
 
 
+def _grouped_claimed(spec: AttentionSpec, dtype: torch.dtype) -> bool:
+    """Whether `auto` may claim grouped-query heads (Hq a multiple of Hkv): on the AVX2 kind only, bfloat16
+    training without a window (AVX2_AUTO_GQA); avx2_auto checks the rest of the shape."""
+    return (AVX2_AUTO_GQA and dtype == torch.bfloat16 and spec.grad and spec.left is None
+            and not measured_cpu() and avx2_cpu())
+
+
 def measured_cpu() -> bool:
     """Whether this CPU is of the kind `auto`'s rule was measured on (`_kernels.measured_cpu`)."""
     return _kernels.measured_cpu()
@@ -222,16 +236,17 @@ def measured_cpu() -> bool:
 
 def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs, unbanded, causal or a causal window,
-    one kv head per query head, head sizes up to AUTO_MAX_DIM (plain causal: also AUTO_CAUSAL_DIMS;
-    with gradients: 64), on the first CPU kind measured (`measured_cpu`), where the kernel builds with the
-    tiles measured (16 floats: native_flash.MEASURED_WIDTH); on the second (`amx_cpu`), `amx_auto`; on the
-    third (`avx2_cpu`), `avx2_auto`. The measurements are in the comments above."""
+    one kv head per query head (on the third kind, bfloat16 training: grouped heads too, `_grouped_claimed`),
+    head sizes up to AUTO_MAX_DIM (plain causal: also AUTO_CAUSAL_DIMS; with gradients: 64), on the first CPU
+    kind measured (`measured_cpu`), where the kernel builds with the tiles measured (16 floats:
+    native_flash.MEASURED_WIDTH); on the second (`amx_cpu`), `amx_auto`; on the third (`avx2_cpu`),
+    `avx2_auto`. The measurements are in the comments above."""
     dtype = q.dtype
     if q.device.type != "cpu" or dtype not in AUTO_MIN_CELLS:
         return False
     if spec.has_dense_constraints or spec.score_mod is not None or spec.dropout_p > 0.0:
         return False
-    if spec.Lq != spec.Lk or spec.Hq != spec.Hkv:
+    if spec.Lq != spec.Lk or (spec.Hq != spec.Hkv and not _grouped_claimed(spec, dtype)):
         return False
     if spec.right not in (None, 0) or (spec.right is None and spec.left is not None):  # measured: unbanded,
         return False  # causal and causal windows; not windows open to the right
