@@ -512,10 +512,13 @@ inline void values_pairs_rows(const float* p, const void* v, int64_t vstride, in
 template <int RM>
 inline void values_tile_pairs(const float* p, const void* v, int64_t vstride, int64_t n, int64_t Dv, float* acc,
                               const Ahead& pf, bool chunk) {
-  if (RM % 2 == 0 && chunk)
-    values_pairs_rows<RM, (RM % 2 == 0 ? 2 : 1)>(p, v, vstride, n, Dv, acc, pf);
-  else
-    values_pairs_rows<RM, 1>(p, v, vstride, n, Dv, acc, pf);
+  if constexpr (RM % 2 == 0) {
+    if (chunk) {
+      values_pairs_rows<RM, 2>(p, v, vstride, n, Dv, acc, pf);
+      return;
+    }
+  }
+  values_pairs_rows<RM, 1>(p, v, vstride, n, Dv, acc, pf);
 }
 #endif  // QKV_VW < 16
 
