@@ -111,8 +111,17 @@ def test_what_the_sparse_backend_leaves_to_the_gathered_engine(monkeypatch):
     bm = qkv.block_mask(M.causal(), None, None, 256, 256)
     assert sparse.native_pays(build_spec(q, k, v, mask=bm), q, k, v, bm)
     assert not sparse.native_pays(build_spec(q, k, v, mask=bm), q.double(), k.double(), v.double(), bm)
-    wide = torch.randn(1, 2, 256, 128)
-    assert not sparse.native_pays(build_spec(wide, wide, wide, mask=bm), wide, wide, wide, bm)  # D=128: not measured
+    wide = torch.randn(1, 2, 256, 128)  # D = Dv = 128: measured (the thirteenth part)
+    assert sparse.native_pays(build_spec(wide, wide, wide, mask=bm), wide, wide, wide, bm)
+    assert sparse.native_pays(build_spec(wide, wide[:, :1], wide[:, :1], mask=bm), wide, wide[:, :1], wide[:, :1], bm)
+    band = build_spec(wide, wide, wide, causal=True, window=64)
+    assert sparse.native_pays(band, wide.bfloat16(), wide.bfloat16(), wide.bfloat16(), None)
+    odd = torch.randn(1, 2, 256, 96)
+    assert not sparse.native_pays(build_spec(odd, odd, odd, mask=bm), odd, odd, odd, bm)  # D=96: not timed
+    mixed = build_spec(q, q, wide, mask=bm)
+    assert not sparse.native_pays(mixed, q, q, wide, bm)  # D=16, Dv=128: not timed
+    huge = torch.randn(1, 2, 256, 256)
+    assert not sparse.native_pays(build_spec(huge, huge, huge, mask=bm), huge, huge, huge, bm)  # D=256: not timed
     kv = torch.randn(1, 1, 256, 16)
     assert sparse.native_pays(build_spec(q, kv, kv, mask=bm), q, kv, kv, bm) == sparse.NATIVE_GQA  # grouped heads
     short = qkv.block_mask(M.causal(offset=128), None, None, 128, 256)

@@ -93,7 +93,8 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
 # on, D=128 1.28x-1.88x. Forward and backward (D=64): 1.17x-2.30x at 512, 1024 and 4096 tokens. On a
 # second CPU kind, an Intel Xeon with AMX, the rule of AMX_AUTO_MIN_CELLS below; on others it claims
 # nothing, and neither does it for shapes not measured: a query block other than the whole sequence
-# (Lq != Lk), windows open to the right, grouped-query heads. After bfloat16 P V moved to vdpbf16ps
+# (Lq != Lk), windows open to the right, grouped-query heads (until AUTO_GQA_DIMS below). After bfloat16
+# P V moved to vdpbf16ps
 # (the second part of issue 21, same CPU, same commands): bfloat16 1.88x-2.07x at 4096 and 16384
 # tokens, D=128 1.76x-2.29x; float32 unchanged.
 # Causal windows (window=w with causal=True; the narrow ones, at most a quarter of the keys, go to the
@@ -108,6 +109,21 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
 AUTO_MIN_CELLS = {torch.float32: 1 << 20, torch.bfloat16: 1 << 18}  # Lq x Lk from which it wins
 AUTO_MAX_DIM = {torch.float32: 64, torch.bfloat16: 128}  # head sizes measured to win
 AUTO_CAUSAL_DIMS = {torch.float32: (128,)}  # head sizes above AUTO_MAX_DIM measured to win causal
+# Head size 128 with gradients, and grouped-query heads, on the same CPU kind (a 2-core AMD EPYC, Zen 4,
+# family 25 model 17, 2026-12-02; docs/benchmarks.md, "The native kernels, thirteenth part"), H=8: forward
+# and backward `python benchmarks/attention.py --backends native --dim 128 --backward --lengths 1024 4096
+# --memory-lengths` (twice) and `--dtypes bfloat16 --lengths 256 512`: float32 1.05x-1.20x without a band,
+# 1.15x-1.63x causal; bfloat16 1.54x-1.85x and 1.80x-2.81x (256 to 4096 tokens); causal windows of 1024 and
+# 2048 (`python benchmarks/native_windows.py --dim 128`) 2.90x-7.75x. Grouped heads (8 query
+# heads, 2 kv heads, SDPA with enable_gqa), `--kv-heads 2 --dim 64` and `--dim 128`, `--lengths 1024 4096`
+# (twice; bfloat16 at 512 once), forward and `--backward`: forward float32 1.14x-1.56x at D = 64 and
+# 1.08x-1.58x at 128, bfloat16 1.82x-3.38x; forward and backward float32 1.05x-1.68x (one 0.81x at D = 64,
+# 4096 tokens, without a band, timed while tests ran on the same two cores: 1.23x alone), bfloat16
+# 1.48x-3.03x. So autograd's head sizes
+# take 128 (D = Dv) too, and grouped heads are claimed at D = Dv = 64 and 128 where the rule above claims
+# the same shape with one kv head per query head (not under a window: not timed with grouped heads).
+AUTO_GRAD_DIMS = (128,)  # head sizes above 64 measured to win forward + backward (D = Dv)
+AUTO_GQA_DIMS = (64, 128)  # grouped-query heads: the head sizes measured (D = Dv), without a window
 
 # The second CPU kind (`amx_cpu`: an Intel Xeon with AMX-BF16; the session's was a 2-core KVM guest,
 # family 6 model 207, 2026-12-01), where the kernels run bfloat16's products on AMX tiles and torch's
@@ -223,10 +239,14 @@ def avx2_auto(spec: AttentionSpec, q: Tensor) -> bool:
 
 
 def _grouped_claimed(spec: AttentionSpec, dtype: torch.dtype) -> bool:
-    """Whether `auto` may claim grouped-query heads (Hq a multiple of Hkv): on the AVX2 kind only, bfloat16
-    training without a window (AVX2_AUTO_GQA); avx2_auto checks the rest of the shape."""
-    return (AVX2_AUTO_GQA and dtype == torch.bfloat16 and spec.grad and spec.left is None
-            and not measured_cpu() and avx2_cpu())
+    """Whether `auto` may claim grouped-query heads (Hq a multiple of Hkv): on the first kind, without a
+    window at the head sizes of AUTO_GQA_DIMS (D = Dv); on the AVX2 kind, bfloat16 training without a window
+    (AVX2_AUTO_GQA); on the AMX kind, never (not measured). The kind's own rule checks the rest of the shape."""
+    if spec.left is not None:
+        return False
+    if measured_cpu():
+        return spec.D == spec.Dv and spec.D in AUTO_GQA_DIMS
+    return AVX2_AUTO_GQA and dtype == torch.bfloat16 and spec.grad and avx2_cpu()
 
 
 def measured_cpu() -> bool:
@@ -236,8 +256,8 @@ def measured_cpu() -> bool:
 
 def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs, unbanded, causal or a causal window,
-    one kv head per query head (on the third kind, bfloat16 training: grouped heads too, `_grouped_claimed`),
-    head sizes up to AUTO_MAX_DIM (plain causal: also AUTO_CAUSAL_DIMS; with gradients: 64), on the first CPU
+    one kv head per query head or grouped heads where measured (`_grouped_claimed`), head sizes up to
+    AUTO_MAX_DIM (plain causal: also AUTO_CAUSAL_DIMS; with gradients: 64, and AUTO_GRAD_DIMS), on the first CPU
     kind measured (`measured_cpu`), where the kernel builds with the tiles measured (16 floats:
     native_flash.MEASURED_WIDTH); on the second (`amx_cpu`), `amx_auto`; on the third (`avx2_cpu`),
     `avx2_auto`. The measurements are in the comments above."""
@@ -259,8 +279,8 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     max_dim = AUTO_MAX_DIM[dtype]
     if spec.right == 0 and spec.left is None and spec.D == spec.Dv and spec.D in AUTO_CAUSAL_DIMS.get(dtype, ()):
         max_dim = spec.D  # plain causal attention at a head size measured to win
-    if spec.grad:  # autograd records (q, k or v requires grad)
-        max_dim = 64  # forward + backward was measured at D = 64 only
+    if spec.grad:  # autograd records (q, k or v requires grad): forward + backward measured at 64 and 128
+        max_dim = spec.D if spec.D == spec.Dv and spec.D in AUTO_GRAD_DIMS else 64
     if max(spec.D, spec.Dv) > max_dim:
         return False
     kernel = native_flash.lib()  # built on first use, only for a call the rule claims

@@ -167,7 +167,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
 # gathered time / native time: forward 1.04x-1.99x in float32 and 1.77x-3.21x in bfloat16, forward and
 # backward 1.48x-2.38x and 2.04x-3.96x; grouped heads 8/2 under a causal window of 256 at 4096 and 16384
 # tokens, forward 1.63x-3.05x, forward and backward 1.51x-3.23x. Elsewhere the gathered engine runs, as
-# before; neither Lq != Lk, other block sizes nor head sizes above 64 were measured, so none is claimed.
+# before; neither Lq != Lk, other block sizes nor head sizes above 64 were measured then (128: below).
 # On a second CPU kind (_kernels.amx_cpu: an Intel Xeon with AMX-BF16, the kernels' bfloat16 on AMX tiles;
 # a 2-core KVM guest, family 6 model 207, 2026-12-01), the same command at 4096 and 16384 tokens with
 # the rule forced on (docs/benchmarks.md, "The native kernels, ninth part"), gathered time / native time:
@@ -189,7 +189,15 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
 # window at 16384 tokens, 1.03x-1.10x) and 1.10x-2.34x at 128, forward and backward 1.80x-4.30x and
 # 1.91x-3.15x. So there it claims a causal band alone and a BlockMask at D = Dv = 64 and 128, either dtype,
 # forward or training.
-NATIVE_MAX_DIM = 64  # measured at D = 64 only (the first and second kinds)
+# At D = Dv = 128 on the first kind (a 2-core AMD EPYC, Zen 4, family 25 model 17, 2026-12-02; docs/benchmarks.md,
+# "The native kernels, thirteenth part"): `python benchmarks/sparse.py --force-native --dim 128 --lengths 4096
+# 16384 --bf16-at 4096 16384 --sdpa-max 0 --sdpa-bwd-max 0 --reps 3` (the three BlockMasks above, H=8),
+# gathered time / native time: forward 1.29x-2.45x in float32 (the least: the window at 16384 tokens) and
+# 2.70x-4.28x in bfloat16, forward and backward 1.70x-3.31x and 2.58x-5.51x; grouped heads 8/2 under a causal
+# window of 256 (`python benchmarks/native_windows.py --dim 128`): forward 1.62x-4.34x, forward and backward
+# 1.91x-3.42x. So there D = Dv = 128 is claimed too (NATIVE_WIDE_DIMS); 65-127 were not timed.
+NATIVE_MAX_DIM = 64  # measured at D = 64 (the first and second kinds)
+NATIVE_WIDE_DIMS = (128,)  # head sizes above NATIVE_MAX_DIM measured on the first kind (D = Dv)
 AMX_NATIVE_DIMS = (64,)  # the head sizes measured on the second kind
 AVX2_NATIVE_DIMS = (64, 128)  # the head sizes measured on the third kind (a causal band alone, a BlockMask)
 NATIVE_GQA = True  # grouped-query heads, measured under a causal window
@@ -198,7 +206,8 @@ NATIVE_GQA = True  # grouped-query heads, measured under a causal window
 def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Optional[BlockMask]) -> bool:
     """Whether the sparse backend runs these arguments on the native kernels rather than the gathered
     engine: within what was measured (above): float32 or bfloat16 CPU tensors, self-attention (Lq = Lk),
-    NATIVE_GQA, head sizes up to NATIVE_MAX_DIM (the third kind: its own), a BlockMask of 128 x 128 blocks
+    NATIVE_GQA, head sizes up to NATIVE_MAX_DIM and D = Dv in NATIVE_WIDE_DIMS (the third kind: its own), a
+    BlockMask of 128 x 128 blocks
     (with any band) or a causal band alone, nothing else, on the CPU kind measured, where the kernels build
     (the backward too when autograd records) with the tiles measured (native_flash.MEASURED_WIDTH); on the second kind
     (`_kernels.amx_cpu`), bfloat16 while the AMX tiles run, or float32 when autograd records, at the head
@@ -214,9 +223,10 @@ def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Option
             return False
         claimed = spec.right == 0 if bm is None else _native_blocks(bm)  # a band alone: causal
         return claimed and native_flash.why_not(q, k, v, spec) is None and _kernels_built(grad, narrow=True)
-    if max(spec.D, spec.Dv) > NATIVE_MAX_DIM:
-        return False
     amx_kind = not _kernels.measured_cpu()
+    wide = not amx_kind and spec.D == spec.Dv and spec.D in NATIVE_WIDE_DIMS  # the first kind's 128
+    if max(spec.D, spec.Dv) > NATIVE_MAX_DIM and not wide:
+        return False
     if amx_kind and not (_kernels.amx_cpu() and (q.dtype == torch.bfloat16 or grad) and spec.D in AMX_NATIVE_DIMS
                          and spec.Dv in AMX_NATIVE_DIMS):
         return False  # the second kind's rule (above NATIVE_MAX_DIM): bfloat16, or float32 with gradients
