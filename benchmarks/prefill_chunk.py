@@ -11,14 +11,18 @@ run, forward only (inference mode):
 - qkv auto (the backend it picks is named; "before" names what it picked before the split,
   when the dense mask's Lq * Lk entries above 2^24 sent a chunk to tiled);
 - qkv split: sdpa.split_causal called directly;
-- qkv tiled: the linear-memory engine auto used before for the largest chunks.
+- qkv tiled: the linear-memory engine auto used before for the largest chunks;
+- qkv native: the native FlashAttention-2 kernels (`backend="native"`), the chunk's rows banded
+  bottom right in the kernel.
 
-Each method runs --repeats times in turns (the first turn included) and keeps its best time
-(qkv.bench.timing),
-so a burst of load from elsewhere hits all of them alike. ratio = SDPA-with-mask time / time.
+Before anything is timed, every qkv method's output is checked against float64 on --check-rows
+sampled query rows under the tolerance rule (qkv.bench.verify); a failure stops the run. Each method
+runs --repeats times in turns (the first turn included) and keeps its best time (qkv.bench.timing), so a
+burst of load from elsewhere hits all of them alike. ratio = SDPA-with-mask time / time.
 
     python benchmarks/prefill_chunk.py
     python benchmarks/prefill_chunk.py --configs small --chunks 512 --caches 8192 --repeats 3
+    python benchmarks/prefill_chunk.py --methods sdpa-mask auto split native
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from decode import causal_mask  # benchmarks/decode.py: this script's folder is 
 
 import qkv
 from qkv.bench.timing import best_times
+from qkv.bench.verify import check_rows, verify
 from qkv.core import choose_backend
 from qkv.core.backend import sdpa
 from qkv.core.spec import build_spec
@@ -40,7 +45,7 @@ from qkv.core.spec import build_spec
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # name -> (Hq, Hkv, D), B = 1
 CONFIGS = {"large": (32, 8, 128), "small": (8, 2, 64)}
-METHODS = ["sdpa-mask", "auto", "split", "tiled"]
+METHODS = ["sdpa-mask", "auto", "split", "tiled", "native"]
 
 
 def _cell(m, times, base, picked, before, mask_mib) -> str:
@@ -67,14 +72,17 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-mask-mib", type=float, default=1024.0,
                    help="skip SDPA-with-mask where its mask in q's dtype would be larger")
+    p.add_argument("--check-rows", type=int, default=16, help="query rows checked against float64 before timing")
     args = p.parse_args(argv)
+    if args.check_rows < 1:
+        p.error(f"--check-rows must be at least 1, got {args.check_rows}")
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"Chunked prefill attention, B=1, forward: a chunk of Lq queries against Lk keys, causal (bottom right). "
           f"ratio = torch SDPA (dense bool mask) time / time. Best of {args.repeats} turns; "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, load average {load:.2f} at start.\n")
     cols = {"sdpa-mask": "torch SDPA + mask", "auto": "qkv auto (picks; before)", "split": "qkv split",
-            "tiled": "qkv tiled"}
+            "tiled": "qkv tiled", "native": "qkv native"}
     print("| config | dtype | Lq | Lk | " + " | ".join(cols[m] for m in args.methods) + " |")
     print("|---|---|---|---|" + "---|" * len(args.methods))
     with torch.inference_mode():
@@ -100,8 +108,17 @@ def main(argv=None) -> int:
                             "auto": partial(qkv.attention, q, k, v, causal=True),
                             "split": partial(sdpa.split_causal, q, k, v, spec.scale),
                             "tiled": partial(qkv.attention, q, k, v, causal=True, backend="tiled"),
+                            "native": partial(qkv.attention, q, k, v, causal=True, backend="native"),
                         }
                         fns = {m: fns[m] for m in args.methods if not (m == "sdpa-mask" and mask is None)}
+                        rows = check_rows(Lq, args.check_rows)  # (R,)
+                        allowed = torch.arange(Lk)[None, :] <= rows[:, None] + (Lk - Lq)  # (R, Lk) bottom right
+                        ours = {m: fn() for m, fn in fns.items() if m != "sdpa-mask"}  # {method: (1, Hq, Lq, D)}
+                        check = verify(q, k, v, ours, rows, allowed)
+                        bad = [m for m in ours if not check[f"{m}_within_rule"]]
+                        if bad:
+                            raise SystemExit(f"{', '.join(bad)} outside the tolerance rule at {cname} {dname} "
+                                             f"Lq={Lq} Lk={Lk}: {check}")
                         times = best_times(fns, repeats=args.repeats, warmup=False)  # the first turn counts: long calls
                         base = times.get("sdpa-mask")
 

@@ -212,7 +212,17 @@ def test_refusals_name_what_and_which_backend():
     ((1, 8, 8, 1024, 1024, 128, 128), torch.float32, True, False, True),    # causal D=128: 1.09x-1.35x
     ((1, 8, 8, 1024, 1024, 96, 96), torch.float32, True, False, False),     # causal D=96: not timed
     ((1, 8, 8, 1024, 1024, 256, 256), torch.bfloat16, False, False, False),  # not measured
-    ((1, 8, 8, 512, 2048, 64, 64), torch.float32, True, False, False),     # a query chunk (Lq != Lk): not measured
+    ((1, 8, 8, 512, 2048, 64, 64), torch.float32, True, False, True),      # a chunk of queries (Lq < Lk), causal
+    ((1, 8, 2, 512, 8192, 64, 64), torch.float32, True, False, True),      # chunked prefill: 1.54x-2.08x SDPA
+    ((1, 32, 8, 512, 8192, 128, 128), torch.bfloat16, True, False, True),  # 1.98x-2.42x
+    ((1, 8, 2, 128, 8192, 64, 64), torch.bfloat16, True, False, True),     # the shortest chunk timed
+    ((1, 8, 2, 64, 8192, 64, 64), torch.bfloat16, True, False, False),     # shorter chunks: not timed
+    ((1, 8, 2, 512, 8192, 64, 64), torch.bfloat16, True, True, False),     # a chunk's backward: not timed
+    ((1, 8, 2, 512, 8192, 64, 64), torch.bfloat16, False, False, False),   # cross-attention: not timed
+    ((1, 8, 2, 512, 8192, 64, 64), torch.bfloat16, 1024, False, False),    # a chunk under a window: not timed
+    ((1, 8, 2, 512, 8192, 96, 96), torch.bfloat16, True, False, False),    # a chunk at D=96: not timed
+    ((1, 32, 8, 512, 8192, 128, 128), torch.float32, True, False, False),  # float32 at 128: 1.00x the split
+    ((1, 8, 2, 8192, 512, 64, 64), torch.bfloat16, True, False, False),    # more queries than keys
     ((1, 8, 8, 1024, 1024, 64, 64), torch.float32, False, True, True),     # training at 64: 1.17x-2.30x
     ((1, 8, 8, 1024, 1024, 128, 128), torch.float32, False, True, True),   # training at 128: 1.05x-1.20x
     ((1, 8, 8, 512, 512, 128, 128), torch.bfloat16, True, True, True),     # 1.80x-2.81x

@@ -93,10 +93,9 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
 # on, D=128 1.28x-1.88x. Forward and backward (D=64): 1.17x-2.30x at 512, 1024 and 4096 tokens. On a
 # second CPU kind, an Intel Xeon with AMX, the rule of AMX_AUTO_MIN_CELLS below; on others it claims
 # nothing, and neither does it for shapes not measured: a query block other than the whole sequence
-# (Lq != Lk), windows open to the right, grouped-query heads (until AUTO_GQA_DIMS below). After bfloat16
-# P V moved to vdpbf16ps
-# (the second part of issue 21, same CPU, same commands): bfloat16 1.88x-2.07x at 4096 and 16384
-# tokens, D=128 1.76x-2.29x; float32 unchanged.
+# (Lq != Lk; until AUTO_CHUNK_DIMS), windows open to the right, grouped-query heads (until
+# AUTO_GQA_DIMS). After bfloat16 P V moved to vdpbf16ps (the second part of issue 21, same CPU, same
+# commands): bfloat16 1.88x-2.07x at 4096 and 16384 tokens, D=128 1.76x-2.29x; float32 unchanged.
 # Causal windows (window=w with causal=True; the narrow ones, at most a quarter of the keys, go to the
 # sparse backend first, which runs them on this kernel too), `python benchmarks/native_windows.py`
 # (docs/benchmarks.md): against what `auto` chose before (SDPA with the window as a mask), windows of
@@ -124,6 +123,15 @@ AUTO_CAUSAL_DIMS = {torch.float32: (128,)}  # head sizes above AUTO_MAX_DIM meas
 # the same shape with one kv head per query head (not under a window: not timed with grouped heads).
 AUTO_GRAD_DIMS = (128,)  # head sizes above 64 measured to win forward + backward (D = Dv)
 AUTO_GQA_DIMS = (64, 128)  # grouped-query heads: the head sizes measured (D = Dv), without a window
+# A chunk of queries against a longer cache (chunked prefill: Lq < Lk, causal aligned bottom right), forward
+# only, on the same CPU kind and day: `python benchmarks/prefill_chunk.py --methods sdpa-mask auto split
+# native` (chunks of 512 and 2048 queries against 8192 and 32768 keys; Hq=32, Hkv=8, D=128 and Hq=8, Hkv=2,
+# D=64) and `--chunks 128 256 --caches 8192`, where `auto` ran sdpa's causal split: against SDPA with the
+# bottom-right mask, native float32 1.54x-2.08x at D = 64 and 1.22x-1.60x at 128 (two runs), bfloat16 2.52x-2.97x
+# and 1.98x-2.42x; against what `auto` ran (the split), float32 1.12x-1.41x at 64 but 1.01x-1.26x at 128 (1.00x
+# to the split at 256 queries: parity, not claimed), bfloat16 1.87x-2.32x and 1.73x-2.06x.
+AUTO_CHUNK_DIMS = {torch.float32: (64,), torch.bfloat16: (64, 128)}  # D = Dv measured to win on a chunk
+AUTO_CHUNK_MIN_QUERIES = 128  # the shortest chunk timed (fewer than 17 queries go to the decode backend)
 
 # The second CPU kind (`amx_cpu`: an Intel Xeon with AMX-BF16; the session's was a 2-core KVM guest,
 # family 6 model 207, 2026-12-01), where the kernels run bfloat16's products on AMX tiles and torch's
@@ -249,6 +257,15 @@ def _grouped_claimed(spec: AttentionSpec, dtype: torch.dtype) -> bool:
     return AVX2_AUTO_GQA and dtype == torch.bfloat16 and spec.grad and avx2_cpu()
 
 
+def _chunk_claimed(spec: AttentionSpec, dtype: torch.dtype) -> bool:
+    """Whether `auto` may claim a chunk of queries against a longer cache (Lq < Lk, causal aligned bottom
+    right, no window, one kv head per query head or grouped heads), forward only: on the first kind, from
+    AUTO_CHUNK_MIN_QUERIES queries at the head sizes of AUTO_CHUNK_DIMS (D = Dv); `auto` checks the rest."""
+    return (measured_cpu() and not spec.grad and spec.Lk > spec.Lq >= AUTO_CHUNK_MIN_QUERIES
+            and spec.right == 0 and spec.left is None
+            and spec.D == spec.Dv and spec.D in AUTO_CHUNK_DIMS.get(dtype, ()))
+
+
 def measured_cpu() -> bool:
     """Whether this CPU is of the kind `auto`'s rule was measured on (`_kernels.measured_cpu`)."""
     return _kernels.measured_cpu()
@@ -256,7 +273,8 @@ def measured_cpu() -> bool:
 
 def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs, unbanded, causal or a causal window,
-    one kv head per query head or grouped heads where measured (`_grouped_claimed`), head sizes up to
+    or on the first kind a chunk of queries against a longer cache (`_chunk_claimed`), one kv head per query
+    head or grouped heads where measured (`_grouped_claimed`), head sizes up to
     AUTO_MAX_DIM (plain causal: also AUTO_CAUSAL_DIMS; with gradients: 64, and AUTO_GRAD_DIMS), on the first CPU
     kind measured (`measured_cpu`), where the kernel builds with the tiles measured (16 floats:
     native_flash.MEASURED_WIDTH); on the second (`amx_cpu`), `amx_auto`; on the third (`avx2_cpu`),
@@ -266,7 +284,8 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
         return False
     if spec.has_dense_constraints or spec.score_mod is not None or spec.dropout_p > 0.0:
         return False
-    if spec.Lq != spec.Lk or (spec.Hq != spec.Hkv and not _grouped_claimed(spec, dtype)):
+    chunk = spec.Lq != spec.Lk and _chunk_claimed(spec, dtype)  # chunked prefill, grouped heads included
+    if (spec.Lq != spec.Lk and not chunk) or (spec.Hq != spec.Hkv and not chunk and not _grouped_claimed(spec, dtype)):
         return False
     if spec.right not in (None, 0) or (spec.right is None and spec.left is not None):  # measured: unbanded,
         return False  # causal and causal windows; not windows open to the right
