@@ -6,7 +6,8 @@ output checked first against the float64 reference on sampled rows under the tol
 
 1. wide causal windows (more than a quarter of the keys: not the sparse backend's), where `auto`
    chose `backend="sdpa"` (torch's SDPA with the window as an explicit mask) before the native
-   rule claimed them: SDPA against `backend="native"`, forward and forward+backward;
+   rule claimed them: SDPA against `backend="native"`, forward and forward+backward, 8 query heads and
+   --kv-heads key/value heads (8: one per query head);
 2. grouped-query heads (8 query heads, 2 kv heads) under a causal window of 256, where the sparse
    backend ran the gathered engine before its rule sent bands to the kernel: gathered against
    native, forward and forward+backward.
@@ -14,6 +15,7 @@ output checked first against the float64 reference on sampled rows under the tol
     python benchmarks/native_windows.py
     python benchmarks/native_windows.py --repeats 5
     python benchmarks/native_windows.py --dim 128
+    python benchmarks/native_windows.py --kv-heads 2 --wide-only
 """
 
 from __future__ import annotations
@@ -51,9 +53,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dim", type=int, default=64, help="head size (D = Dv)")
+    ap.add_argument("--kv-heads", type=int, default=8,
+                    help="key/value heads of the wide windows' table (it has 8 query heads; default 8)")
+    ap.add_argument("--wide-only", action="store_true", help="only the wide windows' table")
     args = ap.parse_args(argv)
     if args.dim < 1:
         ap.error(f"--dim must be at least 1, got {args.dim}")
+    if args.kv_heads < 1 or 8 % args.kv_heads:
+        ap.error(f"--kv-heads must divide the 8 query heads, got {args.kv_heads}")
     torch.manual_seed(0)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}; B=1, D={args.dim}; "
           f"best of {args.repeats} in turns; outputs checked against float64 first")
@@ -61,7 +68,9 @@ def main(argv=None) -> None:
           "native fwd+bwd ms | sdpa/native |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for dt in (torch.float32, torch.bfloat16):
         for L, w in ((2048, 1024), (4096, 1024), (4096, 2048)):
-            print(wide_row(dt, L, w, args.repeats, args.dim), flush=True)
+            print(wide_row(dt, L, w, args.repeats, args.dim, args.kv_heads), flush=True)
+    if args.wide_only:
+        return
     print("\n| dtype | L | window | Hq/Hkv | gathered fwd ms | native fwd ms | gathered/native | gathered fwd+bwd ms | "
           "native fwd+bwd ms | gathered/native |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for dt in (torch.float32, torch.bfloat16):
@@ -79,9 +88,11 @@ def _row(dt, L, w, heads, names, fns, q, k, v, up, spec, repeats) -> str:
             f"{b[a] * 1e3:.1f} | {b[n] * 1e3:.1f} | {b[a] / b[n]:.2f}x |")
 
 
-def wide_row(dt, L: int, w: int, repeats: int, D: int = 64) -> str:
-    """SDPA (the window as a mask: what `auto` ran before) against the native kernel, 8 heads of size D."""
-    q, k, v, up = (torch.randn(1, 8, L, D, dtype=dt) for _ in range(4))
+def wide_row(dt, L: int, w: int, repeats: int, D: int = 64, Hkv: int = 8) -> str:
+    """SDPA (the window as a mask: what `auto` ran before) against the native kernel, 8 query heads and Hkv
+    key/value heads of size D."""
+    q, up = (torch.randn(1, 8, L, D, dtype=dt) for _ in range(2))  # (B, Hq, L, D)
+    k, v = (torch.randn(1, Hkv, L, D, dtype=dt) for _ in range(2))  # (B, Hkv, L, D)
     kw = dict(causal=True, window=w)
 
     def sdpa(q, k, v):
@@ -90,7 +101,8 @@ def wide_row(dt, L: int, w: int, repeats: int, D: int = 64) -> str:
     def native(q, k, v):
         return qkv.attention(q, k, v, backend="native", **kw)
 
-    return _row(dt, L, w, "8/8", ("sdpa", "native"), (sdpa, native), q, k, v, up, build_spec(q, k, v, **kw), repeats)
+    spec = build_spec(q, k, v, **kw)
+    return _row(dt, L, w, f"8/{Hkv}", ("sdpa", "native"), (sdpa, native), q, k, v, up, spec, repeats)
 
 
 def gqa_row(dt, L: int, repeats: int, D: int = 64) -> str:

@@ -236,7 +236,9 @@ def test_refusals_name_what_and_which_backend():
     ((1, 8, 2, 1024, 1024, 128, 128), torch.float32, False, False, False),  # float32 D=128 without a band
     ((1, 8, 2, 1024, 1024, 96, 96), torch.bfloat16, False, False, False),  # grouped at D=96: not timed
     ((1, 8, 2, 1024, 1024, 32, 32), torch.bfloat16, False, False, False),  # grouped at D=32: not timed
-    ((1, 8, 2, 4096, 4096, 64, 64), torch.bfloat16, 1024, False, False),   # grouped under a window: not timed
+    ((1, 8, 2, 4096, 4096, 64, 64), torch.bfloat16, 2048, False, True),    # grouped under a window: 3.44x-11.32x
+    ((1, 8, 2, 4096, 4096, 128, 128), torch.float32, 2048, True, True),    # and its training step at 128
+    ((1, 8, 2, 4096, 4096, 96, 96), torch.bfloat16, 2048, False, False),   # grouped under a window at D=96
     ((1, 8, 2, 256, 256, 64, 64), torch.bfloat16, True, True, False),      # below 2^18 pairs
 ])
 def test_auto_claims_only_what_was_measured(monkeypatch, shape, dtype, causal, grad, claimed):

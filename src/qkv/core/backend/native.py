@@ -120,9 +120,12 @@ AUTO_CAUSAL_DIMS = {torch.float32: (128,)}  # head sizes above AUTO_MAX_DIM meas
 # 4096 tokens, without a band, timed while tests ran on the same two cores: 1.23x alone), bfloat16
 # 1.48x-3.03x. So autograd's head sizes
 # take 128 (D = Dv) too, and grouped heads are claimed at D = Dv = 64 and 128 where the rule above claims
-# the same shape with one kv head per query head (not under a window: not timed with grouped heads).
+# the same shape with one kv head per query head. Causal windows with grouped heads, `python
+# benchmarks/native_windows.py --kv-heads 2 --wide-only` and `--dim 128`, twice each (windows of 1024 and
+# 2048 at 2048 and 4096 tokens, against SDPA with the window as a mask): forward 3.44x-11.32x, forward and
+# backward 2.62x-7.89x; so they are claimed too.
 AUTO_GRAD_DIMS = (128,)  # head sizes above 64 measured to win forward + backward (D = Dv)
-AUTO_GQA_DIMS = (64, 128)  # grouped-query heads: the head sizes measured (D = Dv), without a window
+AUTO_GQA_DIMS = (64, 128)  # grouped-query heads: the head sizes measured (D = Dv), causal windows too
 # A chunk of queries against a longer cache (chunked prefill: Lq < Lk, causal aligned bottom right), forward
 # only, on the same CPU kind and day: `python benchmarks/prefill_chunk.py --methods sdpa-mask auto split
 # native` (chunks of 512 and 2048 queries against 8192 and 32768 keys; Hq=32, Hkv=8, D=128 and Hq=8, Hkv=2,
@@ -247,14 +250,12 @@ def avx2_auto(spec: AttentionSpec, q: Tensor) -> bool:
 
 
 def _grouped_claimed(spec: AttentionSpec, dtype: torch.dtype) -> bool:
-    """Whether `auto` may claim grouped-query heads (Hq a multiple of Hkv): on the first kind, without a
-    window at the head sizes of AUTO_GQA_DIMS (D = Dv); on the AVX2 kind, bfloat16 training without a window
+    """Whether `auto` may claim grouped-query heads (Hq a multiple of Hkv): on the first kind, at the head
+    sizes of AUTO_GQA_DIMS (D = Dv); on the AVX2 kind, bfloat16 training without a window
     (AVX2_AUTO_GQA); on the AMX kind, never (not measured). The kind's own rule checks the rest of the shape."""
-    if spec.left is not None:
-        return False
-    if measured_cpu():
+    if measured_cpu():  # causal windows included (AUTO_GQA_DIMS' comment)
         return spec.D == spec.Dv and spec.D in AUTO_GQA_DIMS
-    return AVX2_AUTO_GQA and dtype == torch.bfloat16 and spec.grad and avx2_cpu()
+    return AVX2_AUTO_GQA and dtype == torch.bfloat16 and spec.grad and spec.left is None and avx2_cpu()
 
 
 def _chunk_claimed(spec: AttentionSpec, dtype: torch.dtype) -> bool:
