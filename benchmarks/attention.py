@@ -20,6 +20,11 @@ writes JSON.
     python benchmarks/attention.py --backends native auto --lengths 4096 16384 --memory-lengths
     python benchmarks/attention.py --backward --backends native tiled --lengths 4096 --memory-lengths
     python benchmarks/attention.py --tiles               # block-size sweep of the tiled backend
+    python benchmarks/attention.py --backends native --kv-length 2048 --lengths 256 1024   # cross-attention
+
+With `--kv-length N` every query length attends to N keys (cross-attention: a decoder's queries against an
+encoder's output), without a causal band (SDPA's is_causal aligns top left, qkv bottom right: not the same
+attention once Lq != Lk).
     ATEN_CPU_CAPABILITY=avx2 python benchmarks/attention.py --march x86-64-v3 --backends native --memory-lengths
 
 With `--march TARGET` the native FA-2 kernels (forward and backward) are built for that target
@@ -108,11 +113,12 @@ def bench_speed(args) -> list[dict]:
     rows = []
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
-        for causal in (False, True):
+        for causal in (False,) if args.kv_length else (False, True):
             for L in args.lengths:
                 gen = torch.Generator().manual_seed(0)
-                q, k, v = (torch.randn(args.batch, heads, L, args.dim, generator=gen).to(dtype)
-                           for heads in (args.heads, args.kv_heads, args.kv_heads))
+                Lk = args.kv_length or L  # keys: cross-attention's N, else the queries' own
+                q, k, v = (torch.randn(args.batch, heads, n, args.dim, generator=gen).to(dtype)  # (B, heads, n, D)
+                           for heads, n in ((args.heads, L), (args.kv_heads, Lk), (args.kv_heads, Lk)))
                 repeats = args.repeats if L <= 8192 else max(1, args.repeats - 1)
                 fns = _methods(q, k, v, causal, args.backends)
                 ok = _check_forward(q, k, v, causal, fns, args.check_rows)
@@ -129,7 +135,7 @@ def bench_speed(args) -> list[dict]:
                     with torch.inference_mode():
                         t = best_times(fns, repeats=repeats)
                 t_torch = t["torch"]
-                row = {"dtype": dtype_name, "causal": causal, "L": L, "torch_sdpa_s": t_torch,
+                row = {"dtype": dtype_name, "causal": causal, "L": L, "Lk": Lk, "torch_sdpa_s": t_torch,
                        "torch_within_rule": ok["torch"], "grads_checked": bool(args.backward and
                                                                                 L <= args.check_grad_max_l)}
                 for backend in args.backends:
@@ -239,6 +245,7 @@ _AMX_WORDS = {2: "yes", 1: "a software model (a test build)", 0: "no", -1: "no (
 def print_tables(speed: list[dict], memory: list[dict], args) -> None:
     what = "Forward + backward" if args.backward else "Forward"
     kv = f", Hkv={args.kv_heads}" if args.kv_heads != args.heads else ""
+    kv += f", keys Lk={args.kv_length} for every query length L (cross-attention)" if args.kv_length else ""
     print(f"\n{what} time, B={args.batch}, H={args.heads}{kv}, D={args.dim}; ratio = torch SDPA time / qkv time "
           f"(best of {args.repeats}; {torch.get_num_threads()} threads, torch {torch.__version__} (its CPU kernels: "
           f"{torch.backends.cpu.get_cpu_capability()}); {cpu_name()}; native kernels: {kernel_build(args.march)}). "
@@ -271,6 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=None,
                    help="key/value heads, grouped-query attention (default: --heads); the speed tables only")
+    p.add_argument("--kv-length", type=int, default=None, metavar="N",
+                   help="cross-attention: N keys for every query length, no causal rows; the speed tables only")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory-lengths", type=int, nargs="*", default=[16384, 65536])
@@ -288,6 +297,8 @@ def main(argv=None) -> int:
         args.kv_heads = args.heads
     if args.kv_heads < 1 or args.heads % args.kv_heads:
         p.error(f"--kv-heads must divide --heads ({args.heads}), got {args.kv_heads}")
+    if args.kv_length is not None and args.kv_length < 1:
+        p.error(f"--kv-length must be at least 1, got {args.kv_length}")
     if args.march:
         use_kernels_built_for(args.march)
     if args.tiles:

@@ -218,7 +218,15 @@ def test_refusals_name_what_and_which_backend():
     ((1, 8, 2, 128, 8192, 64, 64), torch.bfloat16, True, False, True),     # the shortest chunk timed
     ((1, 8, 2, 64, 8192, 64, 64), torch.bfloat16, True, False, False),     # shorter chunks: not timed
     ((1, 8, 2, 512, 8192, 64, 64), torch.bfloat16, True, True, False),     # a chunk's backward: not timed
-    ((1, 8, 2, 512, 8192, 64, 64), torch.bfloat16, False, False, False),   # cross-attention: not timed
+    ((1, 8, 2, 512, 8192, 64, 64), torch.bfloat16, False, False, False),   # grouped cross-attention: not timed
+    ((1, 8, 8, 256, 1024, 64, 64), torch.bfloat16, False, False, True),    # cross-attention: 1.54x-2.02x
+    ((1, 8, 8, 256, 4096, 64, 64), torch.float32, False, False, True),     # 1.05x-1.28x from 2^20 pairs
+    ((1, 8, 8, 256, 2048, 64, 64), torch.float32, False, False, False),    # below 2^20 pairs in float32
+    ((1, 8, 8, 4096, 256, 64, 64), torch.float32, False, True, True),      # more queries than keys, training
+    ((1, 8, 8, 256, 1024, 128, 128), torch.bfloat16, False, False, True),  # 1.58x-2.16x at 128
+    ((1, 8, 8, 1024, 4096, 128, 128), torch.float32, False, False, False),  # float32 forward at 128: not claimed
+    ((1, 8, 8, 1024, 4096, 128, 128), torch.float32, False, True, True),   # its training step: 1.06x-1.31x
+    ((1, 8, 8, 256, 2048, 32, 32), torch.bfloat16, False, False, False),   # cross-attention at D=32: not timed
     ((1, 8, 2, 512, 8192, 64, 64), torch.bfloat16, 1024, False, False),    # a chunk under a window: not timed
     ((1, 8, 2, 512, 8192, 96, 96), torch.bfloat16, True, False, False),    # a chunk at D=96: not timed
     ((1, 32, 8, 512, 8192, 128, 128), torch.float32, True, False, False),  # float32 at 128: 1.00x the split

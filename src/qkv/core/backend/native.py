@@ -93,7 +93,7 @@ def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
 # on, D=128 1.28x-1.88x. Forward and backward (D=64): 1.17x-2.30x at 512, 1024 and 4096 tokens. On a
 # second CPU kind, an Intel Xeon with AMX, the rule of AMX_AUTO_MIN_CELLS below; on others it claims
 # nothing, and neither does it for shapes not measured: a query block other than the whole sequence
-# (Lq != Lk; until AUTO_CHUNK_DIMS), windows open to the right, grouped-query heads (until
+# (Lq != Lk; until AUTO_CHUNK_DIMS and AUTO_CROSS_DIMS), windows open to the right, grouped-query heads (until
 # AUTO_GQA_DIMS). After bfloat16 P V moved to vdpbf16ps (the second part of issue 21, same CPU, same
 # commands): bfloat16 1.88x-2.07x at 4096 and 16384 tokens, D=128 1.76x-2.29x; float32 unchanged.
 # Causal windows (window=w with causal=True; the narrow ones, at most a quarter of the keys, go to the
@@ -135,6 +135,15 @@ AUTO_GQA_DIMS = (64, 128)  # grouped-query heads: the head sizes measured (D = D
 # to the split at 256 queries: parity, not claimed), bfloat16 1.87x-2.32x and 1.73x-2.06x.
 AUTO_CHUNK_DIMS = {torch.float32: (64,), torch.bfloat16: (64, 128)}  # D = Dv measured to win on a chunk
 AUTO_CHUNK_MIN_QUERIES = 128  # the shortest chunk timed (fewer than 17 queries go to the decode backend)
+# Cross-attention (Lq != Lk, no band: a decoder's queries against an encoder's output), one kv head per
+# query head, on the same CPU kind and day: `python benchmarks/attention.py --backends native --kv-length N
+# --lengths 256 1024 4096 --memory-lengths` for N = 256, 1024 and 4096 keys (forward twice, also 512 queries
+# once), `--backward` (N = 1024 and 4096), and the same at `--dim 128` once. SDPA time / native time, from the
+# rule's pairs (2^20 in float32, 2^18 in bfloat16): forward float32 1.05x-1.28x at D = 64 and 1.03x-1.59x at
+# 128, bfloat16 1.54x-2.02x and 1.58x-2.16x; forward and backward float32 1.29x-1.44x and 1.06x-1.31x,
+# bfloat16 1.63x-2.18x and 1.38x-1.79x. So it is claimed at D = Dv = 64 and 128 by the self-attention rule's
+# pairs and head sizes (float32's forward at 128, as without a band there: not); grouped heads not timed.
+AUTO_CROSS_DIMS = (64, 128)  # cross-attention: the head sizes measured (D = Dv)
 
 # The second CPU kind (`amx_cpu`: an Intel Xeon with AMX-BF16; the session's was a 2-core KVM guest,
 # family 6 model 207, 2026-12-01), where the kernels run bfloat16's products on AMX tiles and torch's
@@ -267,6 +276,13 @@ def _chunk_claimed(spec: AttentionSpec, dtype: torch.dtype) -> bool:
             and spec.D == spec.Dv and spec.D in AUTO_CHUNK_DIMS.get(dtype, ()))
 
 
+def _cross_claimed(spec: AttentionSpec) -> bool:
+    """Whether `auto` may claim cross-attention (Lq != Lk, no band, one kv head per query head): on the first
+    kind, at the head sizes of AUTO_CROSS_DIMS (D = Dv); `auto` checks the pairs and the head size's rule."""
+    return (measured_cpu() and spec.Hq == spec.Hkv and spec.right is None and spec.left is None
+            and spec.D == spec.Dv and spec.D in AUTO_CROSS_DIMS)
+
+
 def measured_cpu() -> bool:
     """Whether this CPU is of the kind `auto`'s rule was measured on (`_kernels.measured_cpu`)."""
     return _kernels.measured_cpu()
@@ -274,7 +290,8 @@ def measured_cpu() -> bool:
 
 def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs, unbanded, causal or a causal window,
-    or on the first kind a chunk of queries against a longer cache (`_chunk_claimed`), one kv head per query
+    or on the first kind a chunk of queries against a longer cache (`_chunk_claimed`) or cross-attention
+    (`_cross_claimed`), one kv head per query
     head or grouped heads where measured (`_grouped_claimed`), head sizes up to
     AUTO_MAX_DIM (plain causal: also AUTO_CAUSAL_DIMS; with gradients: 64, and AUTO_GRAD_DIMS), on the first CPU
     kind measured (`measured_cpu`), where the kernel builds with the tiles measured (16 floats:
@@ -286,7 +303,9 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     if spec.has_dense_constraints or spec.score_mod is not None or spec.dropout_p > 0.0:
         return False
     chunk = spec.Lq != spec.Lk and _chunk_claimed(spec, dtype)  # chunked prefill, grouped heads included
-    if (spec.Lq != spec.Lk and not chunk) or (spec.Hq != spec.Hkv and not chunk and not _grouped_claimed(spec, dtype)):
+    if spec.Lq != spec.Lk and not chunk and not _cross_claimed(spec):
+        return False
+    if spec.Hq != spec.Hkv and not chunk and not _grouped_claimed(spec, dtype):
         return False
     if spec.right not in (None, 0) or (spec.right is None and spec.left is not None):  # measured: unbanded,
         return False  # causal and causal windows; not windows open to the right
