@@ -91,8 +91,9 @@ def _row(dt, L, w, heads, names, fns, q, k, v, up, spec, repeats) -> str:
 def wide_row(dt, L: int, w: int, repeats: int, D: int = 64, Hkv: int = 8) -> str:
     """SDPA (the window as a mask: what `auto` ran before) against the native kernel, 8 query heads and Hkv
     key/value heads of size D."""
-    q, up = (torch.randn(1, 8, L, D, dtype=dt) for _ in range(2))  # (B, Hq, L, D)
+    q = torch.randn(1, 8, L, D, dtype=dt)  # (B, Hq, L, D); drawn in the order before --kv-heads: q, k, v, up
     k, v = (torch.randn(1, Hkv, L, D, dtype=dt) for _ in range(2))  # (B, Hkv, L, D)
+    up = torch.randn(1, 8, L, D, dtype=dt)  # (B, Hq, L, D), the output's gradient
     kw = dict(causal=True, window=w)
 
     def sdpa(q, k, v):

@@ -44,7 +44,7 @@ from qkv.core.spec import build_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # name -> (Hq, Hkv, D), B = 1
-CONFIGS = {"large": (32, 8, 128), "small": (8, 2, 64)}
+CONFIGS = {"large": (32, 8, 128), "small": (8, 2, 64), "mha": (8, 8, 64)}
 METHODS = ["sdpa-mask", "auto", "split", "tiled", "native"]
 
 
@@ -63,8 +63,8 @@ def _cell(m, times, base, picked, before, mask_mib) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
-                   help="large: Hq=32, Hkv=8, D=128; small: Hq=8, Hkv=2, D=64 (B=1)")
+    p.add_argument("--configs", nargs="+", default=["large", "small"], choices=list(CONFIGS),
+                   help="large: Hq=32, Hkv=8, D=128; small: Hq=8, Hkv=2, D=64; mha: Hq=Hkv=8, D=64 (B=1)")
     p.add_argument("--chunks", type=int, nargs="+", default=[512, 2048], help="queries per chunk (Lq)")
     p.add_argument("--caches", type=int, nargs="+", default=[8192, 32768], help="keys (Lk), the chunk's own included")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))

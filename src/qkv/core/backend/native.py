@@ -109,41 +109,50 @@ AUTO_MIN_CELLS = {torch.float32: 1 << 20, torch.bfloat16: 1 << 18}  # Lq x Lk fr
 AUTO_MAX_DIM = {torch.float32: 64, torch.bfloat16: 128}  # head sizes measured to win
 AUTO_CAUSAL_DIMS = {torch.float32: (128,)}  # head sizes above AUTO_MAX_DIM measured to win causal
 # Head size 128 with gradients, and grouped-query heads, on the same CPU kind (a 2-core AMD EPYC, Zen 4,
-# family 25 model 17, 2026-12-02; docs/benchmarks.md, "The native kernels, thirteenth part"), H=8: forward
-# and backward `python benchmarks/attention.py --backends native --dim 128 --backward --lengths 1024 4096
-# --memory-lengths` (twice) and `--dtypes bfloat16 --lengths 256 512`: float32 1.05x-1.20x without a band,
-# 1.15x-1.63x causal; bfloat16 1.54x-1.85x and 1.80x-2.81x (256 to 4096 tokens); causal windows of 1024 and
-# 2048 (`python benchmarks/native_windows.py --dim 128`) 2.90x-7.75x. Grouped heads (8 query
-# heads, 2 kv heads, SDPA with enable_gqa), `--kv-heads 2 --dim 64` and `--dim 128`, `--lengths 1024 4096`
-# (twice; bfloat16 at 512 once), forward and `--backward`: forward float32 1.14x-1.56x at D = 64 and
-# 1.08x-1.58x at 128, bfloat16 1.82x-3.38x; forward and backward float32 1.05x-1.68x (one 0.81x at D = 64,
-# 4096 tokens, without a band, timed while tests ran on the same two cores: 1.23x alone), bfloat16
-# 1.48x-3.03x. So autograd's head sizes
-# take 128 (D = Dv) too, and grouped heads are claimed at D = Dv = 64 and 128 where the rule above claims
-# the same shape with one kv head per query head. Causal windows with grouped heads, `python
-# benchmarks/native_windows.py --kv-heads 2 --wide-only` and `--dim 128`, twice each (windows of 1024 and
-# 2048 at 2048 and 4096 tokens, against SDPA with the window as a mask): forward 3.44x-11.32x, forward and
-# backward 2.62x-7.89x; so they are claimed too.
+# family 25 model 17, 2026-12-02; docs/benchmarks.md, "The native kernels, thirteenth part"), H=8.
+# Forward and backward, `python benchmarks/attention.py --backends native --dim 128 --backward --lengths
+# 1024 4096 --memory-lengths` (twice) and `--dtypes bfloat16 --lengths 256 512`: float32 1.05x-1.20x
+# without a band, 1.15x-1.63x causal; bfloat16 1.54x-1.85x and 1.80x-2.81x (256 to 4096 tokens); causal
+# windows of 1024 and 2048 (`python benchmarks/native_windows.py --dim 128`) 2.90x-7.75x. So autograd's
+# head sizes take 128 (D = Dv) too (65-127 were not timed).
+# Grouped heads (8 query heads, 2 kv heads, SDPA with enable_gqa), `--kv-heads 2 --dim 64` and `--dim
+# 128`, `--lengths 1024 4096` (twice; bfloat16 at 512 once), forward and `--backward`: forward float32
+# 1.14x-1.56x at D = 64 and 1.08x-1.58x at 128, bfloat16 1.82x-3.38x; forward and backward float32
+# 1.05x-1.68x (one 0.81x at D = 64, 4096 tokens, without a band, timed while tests ran on the same two
+# cores: 1.23x alone), bfloat16 1.48x-3.03x; 8 query heads on one kv head (`--kv-heads 1`, forward,
+# D = 64, 1024 and 4096 tokens): 1.12x-3.15x. Under causal windows (`python benchmarks/native_windows.py
+# --kv-heads 2 --wide-only` and `--dim 128`, twice each; windows of 1024 and 2048 at 2048 and 4096
+# tokens, against SDPA with the window as a mask): forward 3.44x-11.32x, forward and backward
+# 2.62x-7.89x. So grouped heads, any grouping, are claimed at D = Dv = 64 and 128 wherever the rule
+# above claims the same shape with one kv head per query head, windows included (float32's forward at
+# 128 under a window is not claimed with one kv head per query head either: AUTO_CAUSAL_DIMS is for
+# plain causal attention).
 AUTO_GRAD_DIMS = (128,)  # head sizes above 64 measured to win forward + backward (D = Dv)
 AUTO_GQA_DIMS = (64, 128)  # grouped-query heads: the head sizes measured (D = Dv), causal windows too
-# A chunk of queries against a longer cache (chunked prefill: Lq < Lk, causal aligned bottom right), forward
-# only, on the same CPU kind and day: `python benchmarks/prefill_chunk.py --methods sdpa-mask auto split
-# native` (chunks of 512 and 2048 queries against 8192 and 32768 keys; Hq=32, Hkv=8, D=128 and Hq=8, Hkv=2,
-# D=64) and `--chunks 128 256 --caches 8192`, where `auto` ran sdpa's causal split: against SDPA with the
-# bottom-right mask, native float32 1.54x-2.08x at D = 64 and 1.22x-1.60x at 128 (two runs), bfloat16 2.52x-2.97x
-# and 1.98x-2.42x; against what `auto` ran (the split), float32 1.12x-1.41x at 64 but 1.01x-1.26x at 128 (1.00x
-# to the split at 256 queries: parity, not claimed), bfloat16 1.87x-2.32x and 1.73x-2.06x.
+# A chunk of queries against a longer cache (chunked prefill: Lq < Lk, causal aligned bottom right),
+# forward only: `python benchmarks/prefill_chunk.py --methods sdpa-mask auto split native` (chunks of 512
+# and 2048 queries against 8192 and 32768 keys; Hq=32, Hkv=8, D=128 and Hq=8, Hkv=2, D=64),
+# `--chunks 128 256 --caches 8192`, and `--configs mha small large --chunks 128 512 --caches 2048` (mha:
+# Hq = Hkv = 8, D=64), where `auto` ran sdpa's causal split. From the rule's pairs, against SDPA with the
+# bottom-right mask, native float32 1.27x-2.08x at D = 64 and 1.22x-1.60x at 128 (two runs), bfloat16
+# 1.58x-2.97x and 1.98x-2.53x; against the split (what `auto` ran), float32 1.12x-1.41x at 64 but 1.01x-1.26x at 128
+# (1.00x at 256 queries: parity, not claimed), bfloat16 1.73x-2.32x at 64 and 128.
 AUTO_CHUNK_DIMS = {torch.float32: (64,), torch.bfloat16: (64, 128)}  # D = Dv measured to win on a chunk
 AUTO_CHUNK_MIN_QUERIES = 128  # the shortest chunk timed (fewer than 17 queries go to the decode backend)
 # Cross-attention (Lq != Lk, no band: a decoder's queries against an encoder's output), one kv head per
-# query head, on the same CPU kind and day: `python benchmarks/attention.py --backends native --kv-length N
-# --lengths 256 1024 4096 --memory-lengths` for N = 256, 1024 and 4096 keys (forward twice, also 512 queries
-# once), `--backward` (N = 1024 and 4096), and the same at `--dim 128` once. SDPA time / native time, from the
-# rule's pairs (2^20 in float32, 2^18 in bfloat16): forward float32 1.05x-1.28x at D = 64 and 1.03x-1.59x at
-# 128, bfloat16 1.54x-2.02x and 1.58x-2.16x; forward and backward float32 1.29x-1.44x and 1.06x-1.31x,
-# bfloat16 1.63x-2.18x and 1.38x-1.79x. So it is claimed at D = Dv = 64 and 128 by the self-attention rule's
-# pairs and head sizes (float32's forward at 128, as without a band there: not); grouped heads not timed.
+# query head: `python benchmarks/attention.py --backends native --kv-length N --lengths 256 1024 4096
+# --memory-lengths` for N = 256, 1024 and 4096 keys (forward twice, 512 queries once), `--backward` (N =
+# 256, 1024 and 4096), and N = 1024 and 4096 at `--dim 128` once. SDPA time / native time, from the rule's
+# pairs (2^20 in float32, 2^18 in bfloat16): forward float32 1.05x-1.28x at D = 64 and 1.03x-1.59x at
+# 128, bfloat16 1.54x-2.02x and 1.58x-2.16x; forward and backward float32 1.18x-1.44x and 1.06x-1.31x,
+# bfloat16 1.38x-2.18x and 1.38x-1.79x. A few lopsided shapes outside that range lost (a throwaway script
+# in review, D = 64: 8 queries against 32768 keys with gradients 0.49x-0.56x in bfloat16; 32 queries
+# against 32768 keys 0.85x-0.90x and 65536 queries against 16 keys 0.87x-0.88x in float32). So it is
+# claimed at D = Dv = 64 and 128 where both lengths are at least AUTO_CROSS_MIN_LENGTH, by the
+# self-attention rule's pairs and head sizes (float32's forward at 128, as without a band there: not);
+# grouped heads in cross-attention were not timed.
 AUTO_CROSS_DIMS = (64, 128)  # cross-attention: the head sizes measured (D = Dv)
+AUTO_CROSS_MIN_LENGTH = 256  # cross-attention: the shortest query and key lengths timed
 
 # The second CPU kind (`amx_cpu`: an Intel Xeon with AMX-BF16; the session's was a 2-core KVM guest,
 # family 6 model 207, 2026-12-01), where the kernels run bfloat16's products on AMX tiles and torch's
@@ -278,9 +287,10 @@ def _chunk_claimed(spec: AttentionSpec, dtype: torch.dtype) -> bool:
 
 def _cross_claimed(spec: AttentionSpec) -> bool:
     """Whether `auto` may claim cross-attention (Lq != Lk, no band, one kv head per query head): on the first
-    kind, at the head sizes of AUTO_CROSS_DIMS (D = Dv); `auto` checks the pairs and the head size's rule."""
+    kind, both lengths from AUTO_CROSS_MIN_LENGTH, at the head sizes of AUTO_CROSS_DIMS (D = Dv); `auto`
+    checks the pairs and the head size's rule."""
     return (measured_cpu() and spec.Hq == spec.Hkv and spec.right is None and spec.left is None
-            and spec.D == spec.Dv and spec.D in AUTO_CROSS_DIMS)
+            and min(spec.Lq, spec.Lk) >= AUTO_CROSS_MIN_LENGTH and spec.D == spec.Dv and spec.D in AUTO_CROSS_DIMS)
 
 
 def measured_cpu() -> bool:
@@ -291,11 +301,10 @@ def measured_cpu() -> bool:
 def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs, unbanded, causal or a causal window,
     or on the first kind a chunk of queries against a longer cache (`_chunk_claimed`) or cross-attention
-    (`_cross_claimed`), one kv head per query
-    head or grouped heads where measured (`_grouped_claimed`), head sizes up to
-    AUTO_MAX_DIM (plain causal: also AUTO_CAUSAL_DIMS; with gradients: 64, and AUTO_GRAD_DIMS), on the first CPU
-    kind measured (`measured_cpu`), where the kernel builds with the tiles measured (16 floats:
-    native_flash.MEASURED_WIDTH); on the second (`amx_cpu`), `amx_auto`; on the third (`avx2_cpu`),
+    (`_cross_claimed`), one kv head per query head or grouped heads where measured (`_grouped_claimed`),
+    head sizes up to AUTO_MAX_DIM (plain causal: also AUTO_CAUSAL_DIMS; with gradients: 64, and
+    AUTO_GRAD_DIMS), on the first CPU kind measured (`measured_cpu`), where the kernel builds with the tiles
+    measured (16 floats: native_flash.MEASURED_WIDTH); on the second (`amx_cpu`), `amx_auto`; on the third (`avx2_cpu`),
     `avx2_auto`. The measurements are in the comments above."""
     dtype = q.dtype
     if q.device.type != "cpu" or dtype not in AUTO_MIN_CELLS:

@@ -206,8 +206,8 @@ NATIVE_GQA = True  # grouped-query heads, measured under a causal window
 def native_pays(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, bm: Optional[BlockMask]) -> bool:
     """Whether the sparse backend runs these arguments on the native kernels rather than the gathered
     engine: within what was measured (above): float32 or bfloat16 CPU tensors, self-attention (Lq = Lk),
-    NATIVE_GQA, head sizes up to NATIVE_MAX_DIM and D = Dv in NATIVE_WIDE_DIMS (the third kind: its own), a
-    BlockMask of 128 x 128 blocks
+    NATIVE_GQA, head sizes up to NATIVE_MAX_DIM and on the first kind D = Dv in NATIVE_WIDE_DIMS (the third
+    kind: its own), a BlockMask of 128 x 128 blocks
     (with any band) or a causal band alone, nothing else, on the CPU kind measured, where the kernels build
     (the backward too when autograd records) with the tiles measured (native_flash.MEASURED_WIDTH); on the second kind
     (`_kernels.amx_cpu`), bfloat16 while the AMX tiles run, or float32 when autograd records, at the head
