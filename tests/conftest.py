@@ -1,5 +1,6 @@
 """Fixtures shared by every test folder: `browser`, Debian's headless chromium driven by Playwright;
-and, for every test, torch's global random generator seeded from the test's name.
+`bench_module`, a script of benchmarks/ imported as a module; and, for every test, torch's global random
+generator seeded from the test's name.
 
 The browser is /usr/bin/chromium, installed by scripts/install-test-browser.sh; Playwright's own
 browser download is never used. Without it a browser test FAILS, telling how to install it,
@@ -10,11 +11,16 @@ unless QKV_SKIP_BROWSER=1 is set, which skips it.
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +29,17 @@ def _seeded(request):
     generator sees the same numbers whichever worker runs it and whatever ran before it there (a
     draw that depended on the order once failed test_score_functions_match_formulas in CI only)."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def bench_module(monkeypatch):
+    """load(name): benchmarks/<name>.py imported afresh as a module, its folder on sys.path for this test
+    (the scripts import their neighbours, e.g. prefill_chunk.py's `from decode import causal_mask`)."""
+    def load(name: str):
+        monkeypatch.syspath_prepend(str(BENCHMARKS))
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+    return load
 
 
 CHROMIUM = "/usr/bin/chromium"

@@ -3,23 +3,14 @@ against float64 under the tolerance rule before it is timed (a wrong output stop
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 import qkv
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture
-def prefill_chunk(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))  # the script imports benchmarks/decode.py as its neighbour
-    sys.modules.pop("prefill_chunk", None)
-    import prefill_chunk
-
-    return prefill_chunk
+def prefill_chunk(bench_module):
+    return bench_module("prefill_chunk")
 
 
 def test_the_benchmark_times_native_after_checking_every_method(prefill_chunk, capsys):

@@ -3,22 +3,13 @@ grouped-query heads included (--kv-heads), every output checked against float64 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture
-def native_windows(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("native_windows", None)
-    import native_windows
-
-    return native_windows
+def native_windows(bench_module):
+    return bench_module("native_windows")
 
 
 @pytest.mark.parametrize("Hkv", [8, 2, 1])
