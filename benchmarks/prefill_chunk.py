@@ -16,9 +16,10 @@ run, forward only (inference mode):
   bottom right in the kernel.
 
 Before anything is timed, every qkv method's output is checked against float64 on --check-rows
-sampled query rows under the tolerance rule (qkv.bench.verify); a failure stops the run. Each method
-runs --repeats times in turns (the first turn included) and keeps its best time (qkv.bench.timing), so a
-burst of load from elsewhere hits all of them alike. ratio = SDPA-with-mask time / time.
+sampled query rows under the tolerance rule (qkv.bench.verify); a failure stops the run. That check is
+each qkv method's first call; then each method runs --repeats times in turns (no further warm-up) and keeps
+its best time (qkv.bench.timing), so a burst of load from elsewhere hits all of them alike. ratio =
+SDPA-with-mask time / time.
 
     python benchmarks/prefill_chunk.py
     python benchmarks/prefill_chunk.py --configs small --chunks 512 --caches 8192 --repeats 3
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
                         if bad:
                             raise SystemExit(f"{', '.join(bad)} outside the tolerance rule at {cname} {dname} "
                                              f"Lq={Lq} Lk={Lk}: {check}")
-                        times = best_times(fns, repeats=args.repeats, warmup=False)  # the first turn counts: long calls
+                        times = best_times(fns, repeats=args.repeats, warmup=False)  # the check was qkv's warm-up
                         base = times.get("sdpa-mask")
 
                         cells = (_cell(m, times, base, picked, before, mask_mib) for m in args.methods)

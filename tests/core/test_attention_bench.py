@@ -1,5 +1,6 @@
-"""benchmarks/attention.py --kv-length: cross-attention (every query length against N keys), each output and
-gradient checked by the tolerance rule before it is timed; a bad length refused by name."""
+"""benchmarks/attention.py's shapes beyond self-attention with one kv head per query head: --kv-heads (grouped
+heads) and --kv-length (cross-attention, every query length against N keys), each output and gradient checked
+by the tolerance rule before it is timed; a bad count or length refused by name."""
 
 from __future__ import annotations
 
@@ -27,4 +28,21 @@ def test_the_attention_benchmark_takes_cross_attention(tmp_path):
 def test_a_bad_kv_length_is_refused_by_name():
     bad = subprocess.run([sys.executable, str(SCRIPT), "--kv-length", "0"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--kv-length must be at least 1, got 0" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_the_attention_benchmark_takes_grouped_heads(tmp_path):
+    """`benchmarks/attention.py --kv-heads N` times grouped-query heads (SDPA with enable_gqa), checks each
+    output and, with --backward, each gradient by the rule first, and refuses a count that does not divide
+    --heads by name, no traceback."""
+    run = subprocess.run([sys.executable, str(SCRIPT), "--backends", "native", "--heads", "4", "--kv-heads", "2",
+                          "--backward", "--lengths", "128", "--dtypes", "bfloat16", "--repeats", "1",
+                          "--memory-lengths", "--json", str(tmp_path / "a.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "B=1, H=4, Hkv=2, D=64" in run.stdout and "gradients checked whole" in run.stdout, run.stdout
+    assert "| bfloat16 | True | 128 |" in run.stdout and "outside the tolerance rule" not in run.stdout, run.stdout
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--heads", "8", "--kv-heads", "3"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--kv-heads must divide --heads (8), got 3" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -238,26 +238,6 @@ def test_the_attention_benchmark_builds_for_a_target(tmp_path):
     assert "no fused multiply-add (FMA)" in nofma.stderr and "Traceback" not in nofma.stderr, nofma.stderr
 
 
-def test_the_attention_benchmark_takes_grouped_heads(tmp_path):
-    """`benchmarks/attention.py --kv-heads N` times grouped-query heads (SDPA with enable_gqa), checks each
-    output and, with --backward, each gradient by the rule first, and refuses a count that does not divide
-    --heads by name, no traceback."""
-    import sys
-
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "attention.py"
-    run = subprocess.run([sys.executable, str(script), "--backends", "native", "--heads", "4", "--kv-heads", "2",
-                          "--backward", "--lengths", "128", "--dtypes", "bfloat16", "--repeats", "1",
-                          "--memory-lengths", "--json", str(tmp_path / "a.json")],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "B=1, H=4, Hkv=2, D=64" in run.stdout and "gradients checked whole" in run.stdout, run.stdout
-    assert "| bfloat16 | True | 128 |" in run.stdout and "outside the tolerance rule" not in run.stdout, run.stdout
-    bad = subprocess.run([sys.executable, str(script), "--heads", "8", "--kv-heads", "3"],
-                         capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "--kv-heads must divide --heads (8), got 3" in bad.stderr
-    assert "Traceback" not in bad.stderr
-
-
 def test_the_kernel_ab_benchmark():
     """`benchmarks/kernels_ab.py` builds two revisions' FA-2 kernels (here the committed tree against itself
     with -DQKV_SC=32 on one side), checks both by the rule (the causal rows as a causal window of 16: a
