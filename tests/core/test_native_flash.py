@@ -258,6 +258,7 @@ def test_auto_claims_only_what_was_measured(monkeypatch, shape, dtype, causal, g
     and nothing on any other kind."""
     q, spec = _kind_case(shape, dtype, causal, grad)
     monkeypatch.setattr(native, "measured_cpu", lambda: True)
+    monkeypatch.setattr(native, "zen5_cpu", lambda: False)  # the Zen 4 rule
     monkeypatch.setattr(native_flash.lib(), "vector_width", native_flash.MEASURED_WIDTH)  # the build measured
     assert native.auto(spec, q, False) is claimed
     assert (choose_backend(spec, q, False) == "native") is claimed
@@ -278,6 +279,39 @@ def _kind_case(shape, dtype, causal, grad):
     spec = build_spec(q, k, v, causal=bool(causal), window=window)
     assert spec.grad is grad
     return q, spec
+
+
+@pytest.mark.parametrize("shape,dtype,causal,grad,on_zen5,on_zen4", [
+    ((1, 8, 8, 96, 96, 64, 64), torch.bfloat16, False, False, True, False),    # 2^13 pairs and more: 1.47x-5.13x
+    ((1, 8, 8, 64, 64, 64, 64), torch.bfloat16, True, False, False, False),    # 64 tokens: 1.07x-2.39x, not claimed
+    ((1, 8, 2, 128, 128, 128, 128), torch.bfloat16, 64, True, True, False),    # grouped, windowed, training
+    ((1, 8, 8, 256, 256, 64, 64), torch.float32, False, False, True, False),   # 2^16 pairs: 1.27x-4.58x
+    ((1, 8, 8, 192, 192, 64, 64), torch.float32, True, True, False, False),    # below 2^16 in float32
+    ((1, 8, 8, 4096, 4096, 128, 128), torch.float32, False, False, True, False),  # float32 at 128 without a band
+    ((1, 8, 8, 256, 256, 128, 128), torch.float32, False, False, True, False),  # 1.25x-1.27x
+    ((1, 8, 8, 4096, 4096, 96, 96), torch.float32, False, False, False, False),  # float32 at 96: not timed
+    ((1, 32, 8, 512, 8192, 128, 128), torch.float32, True, False, True, False),  # a float32 chunk at 128: 1.60x-1.81x
+    ((1, 8, 8, 1024, 4096, 128, 128), torch.float32, False, False, True, False),  # float32 cross-attention at 128
+    ((1, 8, 8, 128, 1024, 64, 64), torch.bfloat16, False, False, False, False),  # 128 queries: cross-attention floor
+    ((1, 8, 8, 128, 2048, 64, 64), torch.float32, True, False, True, False),   # a 128-query chunk, 2^18 pairs: 1.59x
+    ((1, 8, 2, 512, 8192, 64, 64), torch.bfloat16, True, True, False, False),  # a chunk's backward: not timed
+])
+def test_auto_on_zen5_claims_from_fewer_pairs(monkeypatch, shape, dtype, causal, grad, on_zen5, on_zen4):
+    """The first kind's Zen 5 (backend/native.py, ZEN5_AUTO_MIN_CELLS): the rule's shapes from fewer
+    query-key pairs, float32's forward at 128 without a band, float32 chunks at 128; the same shapes on Zen 4
+    as the first kind's rule says."""
+    q, spec = _kind_case(shape, dtype, causal, grad)
+    monkeypatch.setattr(native, "measured_cpu", lambda: True)
+    monkeypatch.setattr(native_flash.lib(), "vector_width", native_flash.MEASURED_WIDTH)  # the build measured
+    for zen5, claimed in ((True, on_zen5), (False, on_zen4)):
+        monkeypatch.setattr(native, "zen5_cpu", lambda zen5=zen5: zen5)
+        assert native.auto(spec, q, False) is claimed, zen5
+        assert (choose_backend(spec, q, False) == "native") is claimed, zen5
+    monkeypatch.setattr(native, "measured_cpu", lambda: False)  # zen5_cpu alone claims nothing
+    monkeypatch.setattr(native, "zen5_cpu", lambda: True)
+    monkeypatch.setattr(native, "amx_cpu", lambda: False)
+    monkeypatch.setattr(native, "avx2_cpu", lambda: False)
+    assert native.auto(spec, q, False) is False
 
 
 @pytest.mark.parametrize("shape,dtype,causal,grad,claimed", [
@@ -381,6 +415,26 @@ def test_the_avx2_kind_is_read_from_cpuinfo(monkeypatch, vendor, family, flags, 
         _kernels.avx2_cpu.cache_clear()
 
 
+@pytest.mark.parametrize("vendor,family,flags,first,zen5", [
+    ("AuthenticAMD", 25, "avx512f avx512_bf16", True, False),   # Zen 4 (a Genoa EPYC): the first kind
+    ("AuthenticAMD", 26, "avx512f avx512_bf16", True, True),    # Zen 5 (a Turin EPYC): the first kind, timed again
+    ("AuthenticAMD", 27, "avx512f avx512_bf16", False, False),  # a later family: not measured
+    ("AuthenticAMD", 26, "avx512f", False, False),              # no AVX512-BF16 (a virtual CPU that hides it)
+    ("GenuineIntel", 6, "avx512f avx512_bf16", False, False),   # an Intel CPU without AMX: not measured
+    ("GenuineIntel", 6, "avx512f avx512_bf16 amx_tile amx_bf16", False, False),  # the AMX kind instead
+])
+def test_the_first_kind_and_zen5_are_read_from_cpuinfo(monkeypatch, vendor, family, flags, first, zen5):
+    info = f"vendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 2\nflags\t\t: fpu sse2 avx2 fma {flags}\n"
+    monkeypatch.setattr(_kernels, "_cpuinfo", lambda: (info, info.split("flags\t\t:", 1)[1].split()))
+    _kernels.measured_cpu.cache_clear()
+    _kernels.zen5_cpu.cache_clear()
+    try:
+        assert _kernels.measured_cpu() is first and _kernels.zen5_cpu() is zen5
+    finally:
+        _kernels.measured_cpu.cache_clear()
+        _kernels.zen5_cpu.cache_clear()
+
+
 def test_tiles_run_reads_the_kernels_states():
     """tiles_run is each kernel's AMX state read as the processor's tiles (2), nothing else."""
     fwd = native_flash.lib()
@@ -403,6 +457,7 @@ def test_auto_sees_gradients_asked_through_any_input(monkeypatch, which):
     spec = build_spec(q, k, v, causal=True)
     assert spec.grad is (which != "none")
     monkeypatch.setattr(native, "measured_cpu", lambda: True)
+    monkeypatch.setattr(native, "zen5_cpu", lambda: False)  # the Zen 4 rule
     monkeypatch.setattr(native_flash.lib(), "vector_width", native_flash.MEASURED_WIDTH)  # the build measured
     assert native.auto(spec, q, False) is (which == "none")
     with torch.no_grad():
@@ -500,6 +555,7 @@ def test_huge_finite_inputs_take_the_guards_wide_run(backend, monkeypatch):
     """Finite scores that could overflow float32 are recomputed in float64 by the non-finite guard;
     the native backend hands that run to the FA-2 engine instead of refusing float64."""
     monkeypatch.setattr(native, "measured_cpu", lambda: True)
+    monkeypatch.setattr(native, "zen5_cpu", lambda: False)  # the Zen 4 rule
     q = torch.randn(1, 2, 1024, 64, generator=torch.Generator().manual_seed(14)) * 1e17
     got = qkv.attention(q, q, q, causal=True, backend=backend)
     want = qkv.attention(q.double(), q.double(), q.double(), causal=True, backend="reference")
@@ -528,6 +584,7 @@ def test_second_order_gradients_are_refused_not_dropped():
 
 def test_an_empty_head_size_is_refused_and_auto_passes_it_on(monkeypatch):
     monkeypatch.setattr(native, "measured_cpu", lambda: True)
+    monkeypatch.setattr(native, "zen5_cpu", lambda: False)  # the Zen 4 rule
     q = torch.randn(1, 2, 1024, 16)
     v = torch.randn(1, 2, 1024, 0)
     with pytest.raises(ValueError, match="head sizes 1 to 256"):

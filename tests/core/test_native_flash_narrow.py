@@ -203,6 +203,7 @@ def test_auto_and_the_sparse_backend_leave_narrow_builds_alone(built, monkeypatc
     k, v = torch.zeros_like(q), torch.zeros_like(q)
     spec = build_spec(q, k, v, causal=True)
     monkeypatch.setattr(native, "measured_cpu", lambda: True)
+    monkeypatch.setattr(native, "zen5_cpu", lambda: False)  # the Zen 4 rule
     monkeypatch.setattr(_kernels, "measured_cpu", lambda: True)
     bm = qkv.block_mask(masks.causal_sliding_window(256), None, None, 4096, 4096)
     sspec = sparse.sparse_spec(build_spec(q, k, v), bm)

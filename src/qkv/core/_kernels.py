@@ -109,14 +109,30 @@ def _cpuinfo() -> tuple[str, list[str]]:
     return info, next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
 
 
+def _family(info: str) -> str:
+    """The "cpu family" field of /proc/cpuinfo's text ("" where it has none)."""
+    return next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("cpu family")), "")
+
+
 @functools.lru_cache(maxsize=1)
 def measured_cpu() -> bool:
     """Whether this CPU is of the first kind the native FlashAttention-2 kernels' `auto` rules were
-    measured on (backend/native.py, backend/sparse.py): AMD with AVX512-BF16 and no AMX, read from
-    /proc/cpuinfo; False where it cannot be read. The second kind: `amx_cpu`; the third: `avx2_cpu`. On
-    other kinds those rules claim nothing."""
+    measured on (backend/native.py, backend/sparse.py): AMD with AVX512-BF16 and no AMX, of the families
+    timed: 25 (Zen 4) and 26 (Zen 5, where the rules were timed again and go further: `zen5_cpu`), read
+    from /proc/cpuinfo; False where it cannot be read. The second kind: `amx_cpu`; the third: `avx2_cpu`.
+    On other kinds those rules claim nothing."""
     info, flags = _cpuinfo()
-    return "AuthenticAMD" in info and "avx512_bf16" in flags and "amx_tile" not in flags
+    return ("AuthenticAMD" in info and _family(info) in ("25", "26") and "avx512_bf16" in flags
+            and "amx_tile" not in flags)
+
+
+@functools.lru_cache(maxsize=1)
+def zen5_cpu() -> bool:
+    """Whether this CPU is the first kind's Zen 5 (family 26; `measured_cpu` holds there too), where the
+    native kernels' `auto` rule was timed again and claims more (backend/native.py, ZEN5_AUTO_MIN_CELLS),
+    read from /proc/cpuinfo."""
+    info, _ = _cpuinfo()
+    return measured_cpu() and _family(info) == "26"
 
 
 @functools.lru_cache(maxsize=1)
@@ -134,8 +150,7 @@ def avx2_cpu() -> bool:
     avx512f: Zen 4, also family 25, has AVX-512 and is the first kind), read from /proc/cpuinfo. The
     kernels build their narrow tiles there (8-float vectors)."""
     info, flags = _cpuinfo()
-    family = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("cpu family")), "")
-    return ("AuthenticAMD" in info and family == "25" and {"avx2", "fma"} <= set(flags)
+    return ("AuthenticAMD" in info and _family(info) == "25" and {"avx2", "fma"} <= set(flags)
             and "avx512f" not in flags)
 
 

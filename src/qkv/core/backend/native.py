@@ -154,6 +154,29 @@ AUTO_CHUNK_MIN_QUERIES = 128  # the shortest chunk timed (fewer than 17 queries 
 AUTO_CROSS_DIMS = (64, 128)  # cross-attention: the head sizes measured (D = Dv)
 AUTO_CROSS_MIN_LENGTH = 256  # cross-attention: the shortest query and key lengths timed
 
+# The first kind's Zen 5 (`zen5_cpu`: an AMD EPYC of family 26, whose AVX-512 units are 512 bits wide where
+# Zen 4's run each instruction in two halves; the session's was a 2-core KVM guest, family 26 model 2,
+# 2026-12-02; docs/benchmarks.md, "The native kernels, fourteenth part"), 2 threads, B=1, H=8. The shapes
+# the rules above claim were timed again there, with the commands above, and every one wins by more: SDPA
+# time / native time, forward at D = 64 (4096 and 16384 tokens) float32 1.70x-1.96x, bfloat16 2.70x-3.16x;
+# forward and backward (1024, 4096) 1.96x-2.65x and 2.35x-2.87x; D = 128 forward 1.62x-2.01x (float32,
+# without a band too) and 2.80x-3.39x, with gradients (256 to 4096) 1.39x-2.40x and 1.93x-2.97x; 8/2
+# grouped heads 1.22x-4.07x forward, 1.29x-3.15x forward and backward; causal windows (native_windows.py)
+# 4.12x-14.65x and 5.10x-11.53x; chunks (prefill_chunk.py) float32 at D = 128 1.58x-1.84x the split `auto`
+# ran; cross-attention 1.38x-3.17x forward, 1.99x-2.62x with gradients. And the kernels win on shorter
+# sequences than the pairs above: `python benchmarks/auto_floor.py` (qkv's SDPA against native, a fast
+# call repeated until a sample lasts 20 ms) with `--dims 32`, `64` and `128`, `--backward`, `--kv-heads 2
+# --bands none causal window` and `--kv-heads 1`, forward and backward, 64 to 512 tokens (13 runs, 212
+# rows): float32 0.55x-1.75x at 64 tokens, 0.95x-2.52x at 96, 1.02x-3.13x at 128 and 192 (D = 128 forward
+# without a band 1.02x-1.19x: parity), from 2^16 pairs (256 tokens) 1.27x-4.58x; bfloat16 0.99x-2.51x at
+# 64 tokens, from 96 (over 2^13 pairs) 1.45x-6.92x.
+# So on Zen 5 `auto` claims from ZEN5_AUTO_MIN_CELLS pairs (the rules' other conditions unchanged: grouped
+# heads, windows, gradients, cross-attention from AUTO_CROSS_MIN_LENGTH), float32's forward takes head
+# size 128 without a band too (ZEN5_AUTO_DIMS), and chunks take float32 at 128 (ZEN5_CHUNK_DIMS).
+ZEN5_AUTO_MIN_CELLS = {torch.float32: 1 << 16, torch.bfloat16: 1 << 13}  # Lq x Lk from which it wins on Zen 5
+ZEN5_AUTO_DIMS = {torch.float32: (128,)}  # head sizes above AUTO_MAX_DIM measured to win on Zen 5, any band
+ZEN5_CHUNK_DIMS = {torch.float32: (64, 128), torch.bfloat16: (64, 128)}  # chunks of queries on Zen 5 (D = Dv)
+
 # The second CPU kind (`amx_cpu`: an Intel Xeon with AMX-BF16; the session's was a 2-core KVM guest,
 # family 6 model 207, 2026-12-01), where the kernels run bfloat16's products on AMX tiles and torch's
 # SDPA runs bfloat16 on oneDNN's: 2 threads, B=1, H=8, D=64, `python benchmarks/attention.py --backends
@@ -279,10 +302,11 @@ def _grouped_claimed(spec: AttentionSpec, dtype: torch.dtype) -> bool:
 def _chunk_claimed(spec: AttentionSpec, dtype: torch.dtype) -> bool:
     """Whether `auto` may claim a chunk of queries against a longer cache (Lq < Lk, causal aligned bottom
     right, no window, one kv head per query head or grouped heads), forward only: on the first kind, from
-    AUTO_CHUNK_MIN_QUERIES queries at the head sizes of AUTO_CHUNK_DIMS (D = Dv); `auto` checks the rest."""
+    AUTO_CHUNK_MIN_QUERIES queries at the head sizes of AUTO_CHUNK_DIMS (D = Dv; on Zen 5 ZEN5_CHUNK_DIMS);
+    `auto` checks the rest."""
+    dims = (ZEN5_CHUNK_DIMS if _zen5() else AUTO_CHUNK_DIMS).get(dtype, ())
     return (measured_cpu() and not spec.grad and spec.Lk > spec.Lq >= AUTO_CHUNK_MIN_QUERIES
-            and spec.right == 0 and spec.left is None
-            and spec.D == spec.Dv and spec.D in AUTO_CHUNK_DIMS.get(dtype, ()))
+            and spec.right == 0 and spec.left is None and spec.D == spec.Dv and spec.D in dims)
 
 
 def _cross_claimed(spec: AttentionSpec) -> bool:
@@ -298,13 +322,24 @@ def measured_cpu() -> bool:
     return _kernels.measured_cpu()
 
 
+def zen5_cpu() -> bool:
+    """Whether this CPU is the first kind's Zen 5 (`_kernels.zen5_cpu`), where the rule claims more."""
+    return _kernels.zen5_cpu()
+
+
+def _zen5() -> bool:
+    """The first kind (`measured_cpu`), on its Zen 5 (`zen5_cpu`): the wider rule of ZEN5_AUTO_MIN_CELLS."""
+    return measured_cpu() and zen5_cpu()
+
+
 def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
-    """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs, unbanded, causal or a causal window,
-    or on the first kind a chunk of queries against a longer cache (`_chunk_claimed`) or cross-attention
-    (`_cross_claimed`), one kv head per query head or grouped heads where measured (`_grouped_claimed`),
-    head sizes up to AUTO_MAX_DIM (plain causal: also AUTO_CAUSAL_DIMS; with gradients: 64, and
-    AUTO_GRAD_DIMS), on the first CPU kind measured (`measured_cpu`), where the kernel builds with the tiles
-    measured (16 floats: native_flash.MEASURED_WIDTH); on the second (`amx_cpu`), `amx_auto`; on the third (`avx2_cpu`),
+    """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs (on Zen 5, `zen5_cpu`:
+    ZEN5_AUTO_MIN_CELLS), unbanded, causal or a causal window, or on the first kind a chunk of queries
+    against a longer cache (`_chunk_claimed`) or cross-attention (`_cross_claimed`), one kv head per query
+    head or grouped heads where measured (`_grouped_claimed`), head sizes up to AUTO_MAX_DIM (plain causal:
+    also AUTO_CAUSAL_DIMS; on Zen 5 also ZEN5_AUTO_DIMS; with gradients: 64, and AUTO_GRAD_DIMS), on the
+    first CPU kind measured (`measured_cpu`), where the kernel builds with the tiles measured (16 floats:
+    native_flash.MEASURED_WIDTH); on the second (`amx_cpu`), `amx_auto`; on the third (`avx2_cpu`),
     `avx2_auto`. The measurements are in the comments above."""
     dtype = q.dtype
     if q.device.type != "cpu" or dtype not in AUTO_MIN_CELLS:
@@ -318,7 +353,8 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
         return False
     if spec.right not in (None, 0) or (spec.right is None and spec.left is not None):  # measured: unbanded,
         return False  # causal and causal windows; not windows open to the right
-    if spec.Lq * spec.Lk < AUTO_MIN_CELLS[dtype] or min(spec.D, spec.Dv) < 1:
+    zen5 = _zen5()
+    if spec.Lq * spec.Lk < (ZEN5_AUTO_MIN_CELLS if zen5 else AUTO_MIN_CELLS)[dtype] or min(spec.D, spec.Dv) < 1:
         return False
     if not measured_cpu():
         if avx2_cpu():
@@ -327,6 +363,8 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     max_dim = AUTO_MAX_DIM[dtype]
     if spec.right == 0 and spec.left is None and spec.D == spec.Dv and spec.D in AUTO_CAUSAL_DIMS.get(dtype, ()):
         max_dim = spec.D  # plain causal attention at a head size measured to win
+    if zen5 and spec.D == spec.Dv and spec.D in ZEN5_AUTO_DIMS.get(dtype, ()):
+        max_dim = spec.D  # on Zen 5, with or without a band
     if spec.grad:  # autograd records (q, k or v requires grad): forward + backward measured at 64 and 128
         max_dim = spec.D if spec.D == spec.Dv and spec.D in AUTO_GRAD_DIMS else 64
     if max(spec.D, spec.Dv) > max_dim:
