@@ -15,6 +15,12 @@ memory no limit.
     python benchmarks/decode.py
     python benchmarks/decode.py --lengths 4096 32768 --queries 1 4
     python benchmarks/decode.py --lengths 4096 --dtypes bfloat16 --warm
+    python benchmarks/decode.py --lengths 64 128 256 512 --queries 1 8 --qkv-sdpa
+
+With `--qkv-sdpa` qkv's own SDPA backend is timed too, the path `auto` runs below the decode
+backend's floor (torch's SDPA behind the non-finite guard's scan of q, k and v, qkv.core.finite),
+and the last column is its time over qkv's decode: the decode floor's referee, where torch's
+SDPA alone would understate what a short cache costs through qkv.
 
 With `--march TARGET` the decode kernel is built for that target instead of the machine
 (-march=native), e.g. x86-64-v3 (AVX2: the kernel's 8-float tiles) or x86-64-v2 (SSE4.2: 4
@@ -74,6 +80,9 @@ def main(argv=None) -> int:
     p.add_argument("--warm", action="store_true",
                    help="also time qkv's decode alone, call after call (no read between): on a cache that fits in "
                         "the last-level cache, the kernel's own rate")
+    p.add_argument("--qkv-sdpa", action="store_true",
+                   help="also time qkv's SDPA backend (what auto runs below the decode floor: torch's SDPA behind the "
+                        "non-finite guard), with its time over qkv's decode")
     p.add_argument("--march", metavar="TARGET",
                    help="build the decode kernel for this -march target (e.g. x86-64-v3, x86-64-v2) instead of the "
                         "machine's (native): the tiles of a CPU without AVX-512, measured on this one")
@@ -92,6 +101,8 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads, torch {torch.__version__} (its CPU kernels: "
           f"{torch.backends.cpu.get_cpu_capability()}), load average {load:.2f} at start. Decode kernel: {built}.\n")
     warm_head, warm_rule = (" qkv decode, warm |", "---|") if args.warm else ("", "")
+    if args.qkv_sdpa:
+        warm_head, warm_rule = warm_head + " qkv sdpa (its time / qkv decode's) |", warm_rule + "---|"
     print(f"| dtype | Lq | cache | memory read | torch SDPA | qkv decode | qkv auto (picks) |{warm_head}")
     print(f"|---|---|---|---|---|---|---|{warm_rule}")
     B, Hq, Hkv, D = args.batch, args.heads, args.kv_heads, args.dim
@@ -108,12 +119,15 @@ def main(argv=None) -> int:
                     causal = lq > 1
                     sdpa_mask = causal_mask(lq, L) if causal else None
                     decode_fn = partial(qkv.attention, q, k, v, causal=causal, backend="decode")
-                    times = best_times({
+                    methods = {
                         "read": flat.sum,
                         "sdpa": partial(F.scaled_dot_product_attention, q, k, v, attn_mask=sdpa_mask, enable_gqa=True),
                         "decode": decode_fn,
                         "auto": partial(qkv.attention, q, k, v, causal=causal),
-                    }, repeats=args.repeats)
+                    }
+                    if args.qkv_sdpa:
+                        methods["qkv_sdpa"] = partial(qkv.attention, q, k, v, causal=causal, backend="sdpa")
+                    times = best_times(methods, repeats=args.repeats)
                     picked = qkv.core.choose_backend(qkv.core.spec.build_spec(q, k, v, causal=causal), q, False)
                     read_gbs = nbytes / times["read"] / 1e9
 
@@ -126,6 +140,8 @@ def main(argv=None) -> int:
                     if args.warm:  # alone, call after call: the cache stays wherever the last call left it
                         t_warm = best_times({"decode": decode_fn}, repeats=args.repeats)["decode"]
                         warm = f" {cell(t_warm)} |"
+                    if args.qkv_sdpa:
+                        warm += f" {cell(times['qkv_sdpa'])} {times['qkv_sdpa'] / t_dec:.2f}x |"
                     print(f"| {name} | {lq} | {L} | {read_gbs:.1f} GB/s | {cell(t_sdpa)} | {cell(t_dec)} "
                           f"{t_sdpa / t_dec:.2f}x | {cell(t_auto)} {t_sdpa / t_auto:.2f}x ({picked}) |{warm}",
                           flush=True)

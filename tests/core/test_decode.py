@@ -309,3 +309,33 @@ def test_the_fast_paths_estimate_does_not_count_the_cache(monkeypatch):
     for spec_g in (build_spec(qg, k, k), build_spec(q, k.clone().requires_grad_(), k)):
         need_g, what_g = decode.memory(spec_g, q, False)
         assert need_g > 2 * 8 * (1 << 20) * 256 * 4 and "upcast" in what_g  # k and v in float32, and their gradients
+
+
+@pytest.mark.parametrize("zen5", [True, False])
+def test_auto_on_zen5_takes_short_caches_but_not_a_chunk_as_long_as_its_cache(monkeypatch, zen5):
+    """On Zen 5 (ZEN5_KERNEL_AUTO_MIN_BYTES, measured against qkv's SDPA backend: its non-finite scan
+    weighs most on a short cache) `auto` sends a step to the decode kernel from far fewer bytes than the
+    first rule (KERNEL_AUTO_MIN_BYTES), but a chunk with fewer than ZEN5_CHUNK_KEYS_PER_QUERY cached keys
+    per query (16 queries on 16 keys lost there) keeps the first rule's bytes."""
+    from qkv.core import _kernels, choose_backend
+    from qkv.core.spec import build_spec
+
+    kernel = decode_native.lib()
+    if kernel is None or kernel.vector_width < 16:
+        pytest.skip("the AVX-512 build's rule: no such build in this run (the eager engine, or a narrower build)")
+    monkeypatch.setattr(_kernels, "zen5_cpu", lambda: zen5)
+
+    def picked(Lq, Lk, dtype, B=1):
+        q = torch.zeros(B, 32, Lq, 128, dtype=dtype)  # (B, Hq, Lq, D)
+        k = torch.zeros(B, 8, Lk, 128, dtype=dtype)  # (B, Hkv, Lk, D): 8 KiB a key in float32, 4 KiB in bfloat16
+        return choose_backend(build_spec(q, k, k, causal=Lq > 1), q, False)
+
+    assert (picked(1, 32, torch.float32) == "decode") is zen5  # 256 KiB: 1.24x-1.41x qkv's SDPA there
+    assert picked(1, 31, torch.float32) != "decode"
+    assert (picked(1, 4, torch.bfloat16) == "decode") is zen5  # 16 KiB
+    assert picked(1, 3, torch.bfloat16) != "decode"
+    assert (picked(8, 16, torch.float32) == "decode") is zen5  # a chunk of 8 on 16 keys: 1.93x
+    assert (picked(16, 32, torch.bfloat16) == "decode") is zen5
+    assert picked(16, 16, torch.float32) != "decode"  # as long as its cache: 0.82x there
+    assert picked(16, 16, torch.bfloat16, B=7) != "decode"  # 448 KiB, one key a query: the first rule's bytes,
+    assert picked(16, 16, torch.bfloat16, B=8) == "decode"  # from whose 512 KiB it is claimed on either kind

@@ -160,7 +160,7 @@ def test_long_prompt_default_chunking_and_decode_backend(kind, monkeypatch):
     the routing; the threshold is tested in tests/core/test_decode.py.)"""
     from qkv.core.backend import decode as decode_module
 
-    monkeypatch.setattr(decode_module, "KERNEL_AUTO_MIN_BYTES", {torch.float32: (1, 1), torch.bfloat16: (1, 1)})
+    monkeypatch.setattr(decode_module, "_wide_min_bytes", lambda *step: (1, 1))  # every CPU's
     monkeypatch.setattr(decode_module, "kernel_min_bytes", lambda *build: (1, 1))  # every build's
     model = tiny(kind, positions=PREFILL_CHUNK + 200)
     ids = _ids(1, PREFILL_CHUNK + 100, seed=60)

@@ -42,6 +42,10 @@ AUTO_MIN_KEYS_CHUNK = 8192  # the same for a chunk of 2 to 16 new queries
 # With the native kernel: bytes of keys and values read, (one query, a chunk of 2 to 16); see auto.
 # An AVX-512 build (vector width 16); the least of every width's, so it is checked first.
 KERNEL_AUTO_MIN_BYTES = {torch.float32: (3 << 20, 2 << 20), torch.bfloat16: (128 << 10, 512 << 10)}
+# On Zen 5 (`_kernels.zen5_cpu`), measured against qkv's SDPA backend, what `auto` runs below the floor (see
+# auto): (one query, a chunk of 2 to 16 with at least ZEN5_CHUNK_KEYS_PER_QUERY cached keys per query).
+ZEN5_KERNEL_AUTO_MIN_BYTES = {torch.float32: (256 << 10, 16 << 10), torch.bfloat16: (16 << 10, 8 << 10)}
+ZEN5_CHUNK_KEYS_PER_QUERY = 2  # a chunk as long as its cache (Lq = Lk = 16) lost there: 0.75x-0.96x
 # Builds without AVX-512, by vector width (8: AVX2, with FMA; 4: SSE, NEON, and AVX without FMA);
 # None: not measured to win.
 NARROW_KERNEL_AUTO_MIN_BYTES: dict[int, dict[torch.dtype, tuple[int, Optional[int]]]] = {
@@ -138,6 +142,17 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     2 MiB; bfloat16, where SDPA is slow for one query: 1.78x-1.92x at 128 KiB; bfloat16, 8 or
     16 queries: 0.71x-0.91x at 128 KiB, 1.38x-1.47x at 512 KiB. Hence KERNEL_AUTO_MIN_BYTES.
 
+    That SDPA was torch's alone; below the floor `auto` runs qkv's SDPA backend, which first scans q,
+    k and v for non-finite values (qkv.core.finite), a pass over the cache that costs most where the
+    cache is short. Measured against it on Zen 5 (`_kernels.zen5_cpu`: AMD family 26, 2026-12-02;
+    docs/benchmarks.md, "The native kernels, fourteenth part") with `python benchmarks/decode.py
+    --lengths 16 32 64 128 256 384 512 1024 --queries 1 8 16 --qkv-sdpa --repeats 7` at Hq/Hkv/D of
+    32/8/128, 8/2/64 and 12/12/64 (144 rows), as qkv SDPA time / qkv decode time: float32, one query,
+    0.90x-1.21x up to 128 KiB, 1.24x-1.41x at 192 and 256 KiB, 1.26x-3.00x above; bfloat16, one query,
+    1.18x at 8 KiB, 1.24x-14.99x from 16 KiB; chunks of 8 and 16 queries 1.39x-2.90x from 8 KiB except a
+    chunk as long as its cache (16 queries on 16 keys: 0.75x-0.96x). Hence ZEN5_KERNEL_AUTO_MIN_BYTES and
+    ZEN5_CHUNK_KEYS_PER_QUERY there (`_wide_min_bytes`).
+
     Builds without AVX-512 run narrower tiles (csrc/decode_kernel.cpp), measured on the same AMD
     EPYC, twice each (once through a throwaway script loading the same builds, once by this
     command), with `ATEN_CPU_CAPABILITY=avx2 python benchmarks/decode.py --march x86-64-v3
@@ -170,22 +185,32 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     if (fast and q.device.type == "cpu" and q.dtype in KERNEL_AUTO_MIN_BYTES and spec.mask_mod is None
             and spec.block_mask is None):
         nbytes = spec.B * spec.Hkv * spec.Lk * (spec.D + spec.Dv) * q.element_size()
-        one, chunk = KERNEL_AUTO_MIN_BYTES[q.dtype]
+        one, chunk = _wide_min_bytes(q.dtype, spec)
         by_bytes = nbytes >= (one if spec.Lq == 1 else chunk)
         # The kernel is looked up (compiled on first use) only where it changes the answer,
         # so short self-attention (an encoder's sentence of <= 16 tokens) never builds it.
         if (by_bytes or by_length) and (kernel := decode_native.lib()) is not None:
-            least = kernel_min_bytes(q.dtype, kernel.vector_width, kernel.fma)[0 if spec.Lq == 1 else 1]
+            least = kernel_min_bytes(q.dtype, kernel.vector_width, kernel.fma, spec)[0 if spec.Lq == 1 else 1]
             return least is not None and nbytes >= least
     return by_length
 
 
-def kernel_min_bytes(dtype: torch.dtype, width: int, fma: bool) -> tuple[int, Optional[int]]:
+def _wide_min_bytes(dtype: torch.dtype, spec: Optional[AttentionSpec] = None) -> tuple[int, int]:
+    """The AVX-512 build's (one query, chunk) bytes on this CPU: Zen 5's (ZEN5_KERNEL_AUTO_MIN_BYTES) where
+    `_kernels.zen5_cpu` and the step (spec; None: any) is one query or a chunk with at least
+    ZEN5_CHUNK_KEYS_PER_QUERY cached keys per query, else KERNEL_AUTO_MIN_BYTES."""
+    zen5 = _kernels.zen5_cpu() and (spec is None or spec.Lq == 1 or spec.Lk >= ZEN5_CHUNK_KEYS_PER_QUERY * spec.Lq)
+    return (ZEN5_KERNEL_AUTO_MIN_BYTES if zen5 else KERNEL_AUTO_MIN_BYTES)[dtype]
+
+
+def kernel_min_bytes(dtype: torch.dtype, width: int, fma: bool,
+                     spec: Optional[AttentionSpec] = None) -> tuple[int, Optional[int]]:
     """(one query, a chunk of 2 to 16): the bytes of keys and values from which `auto` sends a step
     to the native kernel of this vector width (16, 8 or 4 floats), with or without fused
-    multiply-adds; None: never (see auto). Width 8 without FMA (AVX alone) takes the rule of 4."""
+    multiply-adds; None: never (see auto). Width 8 without FMA (AVX alone) takes the rule of 4. On
+    Zen 5 the AVX-512 build's bytes for the step `spec` (None: any) are `_wide_min_bytes`'."""
     if width >= 16:
-        return KERNEL_AUTO_MIN_BYTES[dtype]
+        return _wide_min_bytes(dtype, spec)
     return NARROW_KERNEL_AUTO_MIN_BYTES[8 if width >= 8 and fma else 4][dtype]
 
 
