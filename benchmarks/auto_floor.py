@@ -6,9 +6,11 @@ forward and (with --backward) forward and backward, for each band (none, causal,
 the keys) and head grouping, and prints next to each ratio whether `auto` claims the shape on this CPU, so
 a rule that claims a losing shape (or leaves a clearly winning one) shows in one table.
 
-Each row's two methods are checked against the float64 reference (qkv.bench.verify, the tolerance rule)
-before they are timed, then timed in turns in the same run (best of N, qkv.bench.timing); a fast call is
-repeated until a sample lasts --min-sample-ms, so sub-millisecond calls are not read off one clock tick.
+Each row's two forward outputs are checked against the float64 reference (qkv.bench.verify, the tolerance
+rule) before they are timed, and with --backward their gradients of q, k and v too, whole, against float64
+autograd of the reference (bounded by GRAD_FACTOR x the plain same-dtype reference's error); a row outside
+the rule stops the run. Then both are timed in turns in the same run (best of N, qkv.bench.timing), a fast
+call repeated until a sample lasts --min-sample-ms, so sub-millisecond calls are not read off one clock tick.
 
     python benchmarks/auto_floor.py                          # float32 and bfloat16, D=64, forward
     python benchmarks/auto_floor.py --dims 128 --backward    # training steps at head size 128
@@ -27,6 +29,7 @@ from qkv.bench.timing import best_times
 from qkv.bench.verify import check_rows, verify
 from qkv.core.api import choose_backend
 from qkv.core.spec import build_spec
+from qkv.testing import GRAD_FACTOR, within_rule
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BANDS = ("none", "causal", "window")
@@ -50,6 +53,24 @@ def _checked(q, k, v, outputs: dict, spec) -> None:
         raise SystemExit(f"outside the tolerance rule: {', '.join(bad)} ({got})")
 
 
+def _checked_grads(q, k, v, up, fns: dict, kw: dict) -> None:
+    """Stops the run where any method's gradients of q, k, v are outside the rule against float64 autograd
+    of the reference."""
+    def grads(fn, *xs):
+        xs = [x.detach().requires_grad_() for x in xs]
+        out = fn(*xs)
+        return torch.autograd.grad(out, xs, up.to(out.dtype))
+
+    def ref(a, b, c):
+        return qkv.attention(a, b, c, backend="reference", **kw)
+
+    exact, plain = grads(ref, q.double(), k.double(), v.double()), grads(ref, q, k, v)
+    bad = [n for n, fn in fns.items()
+           if not all(within_rule(x, p, e, factor=GRAD_FACTOR)[0] for x, p, e in zip(grads(fn, q, k, v), plain, exact))]
+    if bad:
+        raise SystemExit(f"gradients outside the tolerance rule: {', '.join(bad)}")
+
+
 def _train(fn, q, k, v, up):
     def step():
         qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
@@ -69,6 +90,7 @@ def row(dt: torch.dtype, D: int, Hkv: int, L: int, band: str, backward: bool, re
     spec = build_spec(q, k, v, **kw)
     _checked(q, k, v, {"qkv": fns["native"](q, k, v), "sdpa": fns["sdpa"](q, k, v)}, spec)
     if backward:
+        _checked_grads(q, k, v, up, fns, kw)
         calls = {n: _train(fn, q, k, v, up) for n, fn in fns.items()}
     else:
         calls = {n: (lambda fn=fn: fn(q, k, v)) for n, fn in fns.items()}
@@ -95,6 +117,8 @@ def main(argv=None) -> None:
         ap.error(f"--kv-heads must divide the 8 query heads, got {args.kv_heads}")
     if min(args.dims) < 1 or min(args.lengths) < 1:
         ap.error("--dims and --lengths must be at least 1")
+    if max(args.dims) > 256:
+        ap.error(f"--dims: the native kernels take head sizes up to 256, got {max(args.dims)}")
     if args.repeats < 1 or args.min_sample_ms < 0:
         ap.error("--repeats must be at least 1 and --min-sample-ms at least 0")
     torch.manual_seed(0)

@@ -109,9 +109,15 @@ def _cpuinfo() -> tuple[str, list[str]]:
     return info, next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
 
 
-def _family(info: str) -> str:
-    """The "cpu family" field of /proc/cpuinfo's text ("" where it has none)."""
-    return next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("cpu family")), "")
+def _field(info: str, name: str) -> str:
+    """A field of /proc/cpuinfo's text ("cpu family", "model"; "" where it has none)."""
+    return next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.split(":", 1)[0].strip() == name), "")
+
+
+def _first_kind(info: str, flags: list[str]) -> bool:
+    return ("AuthenticAMD" in info and _field(info, "cpu family") in ("25", "26") and "avx512_bf16" in flags
+            and "amx_tile" not in flags)
 
 
 @functools.lru_cache(maxsize=1)
@@ -121,20 +127,19 @@ def measured_cpu() -> bool:
     timed: 25 (Zen 4) and 26 (Zen 5, where the rules were timed again and go further: `zen5_cpu`), read
     from /proc/cpuinfo; False where it cannot be read. The second kind: `amx_cpu`; the third: `avx2_cpu`.
     On other kinds those rules claim nothing."""
-    info, flags = _cpuinfo()
-    return ("AuthenticAMD" in info and _family(info) in ("25", "26") and "avx512_bf16" in flags
-            and "amx_tile" not in flags)
+    return _first_kind(*_cpuinfo())
 
 
 @functools.lru_cache(maxsize=1)
 def zen5_cpu() -> bool:
-    """Whether this CPU is the first kind's Zen 5 (family 26; `measured_cpu` holds there too), where the
-    native kernels' `auto` rule was timed again and claims more (backend/native.py, ZEN5_AUTO_MIN_CELLS),
-    read from /proc/cpuinfo."""
-    info, _ = _cpuinfo()
-    return measured_cpu() and _family(info) == "26"
-
-
+    """Whether this CPU is the first kind's server Zen 5 (family 26, models 0-31: the EPYC parts, whose
+    AVX-512 units are 512 bits wide; a model 2 was timed), where the native kernels' `auto` rules were timed
+    again and claim more (backend/native.py, ZEN5_AUTO_MIN_CELLS; backend/decode.py), read from
+    /proc/cpuinfo. Other family 26 models (the laptop parts, whose AVX-512 runs on 256-bit units as Zen 4's)
+    take the first kind's rules alone."""
+    info, flags = _cpuinfo()
+    model = _field(info, "model")
+    return _first_kind(info, flags) and _field(info, "cpu family") == "26" and model.isdigit() and int(model) < 32
 @functools.lru_cache(maxsize=1)
 def amx_cpu() -> bool:
     """Whether this CPU is of the second kind the native backend's `auto` rule was measured on
@@ -150,7 +155,7 @@ def avx2_cpu() -> bool:
     avx512f: Zen 4, also family 25, has AVX-512 and is the first kind), read from /proc/cpuinfo. The
     kernels build their narrow tiles there (8-float vectors)."""
     info, flags = _cpuinfo()
-    return ("AuthenticAMD" in info and _family(info) == "25" and {"avx2", "fma"} <= set(flags)
+    return ("AuthenticAMD" in info and _field(info, "cpu family") == "25" and {"avx2", "fma"} <= set(flags)
             and "avx512f" not in flags)
 
 

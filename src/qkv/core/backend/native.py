@@ -168,12 +168,17 @@ AUTO_CROSS_MIN_LENGTH = 256  # cross-attention: the shortest query and key lengt
 # call repeated until a sample lasts 20 ms) with `--dims 32`, `64` and `128`, `--backward`, `--kv-heads 2
 # --bands none causal window` and `--kv-heads 1`, forward and backward, 64 to 512 tokens (13 runs, 212
 # rows): float32 0.55x-1.75x at 64 tokens, 0.95x-2.52x at 96, 1.02x-3.13x at 128 and 192 (D = 128 forward
-# without a band 1.02x-1.19x: parity), from 2^16 pairs (256 tokens) 1.27x-4.58x; bfloat16 0.99x-2.51x at
-# 64 tokens, from 96 (over 2^13 pairs) 1.45x-6.92x.
-# So on Zen 5 `auto` claims from ZEN5_AUTO_MIN_CELLS pairs (the rules' other conditions unchanged: grouped
-# heads, windows, gradients, cross-attention from AUTO_CROSS_MIN_LENGTH), float32's forward takes head
-# size 128 without a band too (ZEN5_AUTO_DIMS), and chunks take float32 at 128 (ZEN5_CHUNK_DIMS).
+# without a band 1.02x-1.19x: parity), from 2^16 pairs (256 tokens) 1.27x-4.58x (attention.py: 1.25x at
+# D = 128); bfloat16 0.99x-2.51x at 64 tokens, from 96 (over 2^13 pairs) 1.45x-6.92x.
+# So on Zen 5 `auto` claims self-attention from ZEN5_AUTO_MIN_CELLS pairs at the head sizes timed there
+# (ZEN5_FLOOR_DIMS, D = Dv; the rules' other conditions unchanged: grouped heads, windows, gradients), and
+# chunks of queries from those pairs against caches of ZEN5_CHUNK_MIN_KEYS or more; cross-attention and other
+# head sizes keep AUTO_MIN_CELLS. float32's forward takes head size 128 with any band (ZEN5_AUTO_DIMS:
+# without one 1.62x-1.69x above, causal windows `native_windows.py --dim 128` 4.12x-7.61x), and chunks take
+# float32 at 128 (ZEN5_CHUNK_DIMS).
 ZEN5_AUTO_MIN_CELLS = {torch.float32: 1 << 16, torch.bfloat16: 1 << 13}  # Lq x Lk from which it wins on Zen 5
+ZEN5_FLOOR_DIMS = (32, 64, 128)  # the head sizes (D = Dv) timed there from those pairs; others: AUTO_MIN_CELLS
+ZEN5_CHUNK_MIN_KEYS = 2048  # chunks from ZEN5_AUTO_MIN_CELLS pairs: the shortest cache timed there
 ZEN5_AUTO_DIMS = {torch.float32: (128,)}  # head sizes above AUTO_MAX_DIM measured to win on Zen 5, any band
 ZEN5_CHUNK_DIMS = {torch.float32: (64, 128), torch.bfloat16: (64, 128)}  # chunks of queries on Zen 5 (D = Dv)
 
@@ -332,9 +337,19 @@ def _zen5() -> bool:
     return measured_cpu() and zen5_cpu()
 
 
+def _min_cells(spec: AttentionSpec, dtype: torch.dtype, zen5: bool, chunk: bool) -> int:
+    """The query-key pairs from which `auto` claims: ZEN5_AUTO_MIN_CELLS on Zen 5 for the shapes timed there
+    from so few (self-attention or a chunk against ZEN5_CHUNK_MIN_KEYS keys or more, at ZEN5_FLOOR_DIMS with
+    D = Dv), else AUTO_MIN_CELLS (the kind's own rule may ask for more)."""
+    timed = (spec.Lq == spec.Lk or (chunk and spec.Lk >= ZEN5_CHUNK_MIN_KEYS)) and spec.D == spec.Dv
+    if zen5 and timed and spec.D in ZEN5_FLOOR_DIMS:
+        return ZEN5_AUTO_MIN_CELLS[dtype]
+    return AUTO_MIN_CELLS[dtype]
+
+
 def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
-    """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs (on Zen 5, `zen5_cpu`:
-    ZEN5_AUTO_MIN_CELLS), unbanded, causal or a causal window, or on the first kind a chunk of queries
+    """auto: self-attention of at least AUTO_MIN_CELLS query-key pairs (on Zen 5, `zen5_cpu`, `_min_cells`),
+    unbanded, causal or a causal window, or on the first kind a chunk of queries
     against a longer cache (`_chunk_claimed`) or cross-attention (`_cross_claimed`), one kv head per query
     head or grouped heads where measured (`_grouped_claimed`), head sizes up to AUTO_MAX_DIM (plain causal:
     also AUTO_CAUSAL_DIMS; on Zen 5 also ZEN5_AUTO_DIMS; with gradients: 64, and AUTO_GRAD_DIMS), on the
@@ -354,7 +369,7 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     if spec.right not in (None, 0) or (spec.right is None and spec.left is not None):  # measured: unbanded,
         return False  # causal and causal windows; not windows open to the right
     zen5 = _zen5()
-    if spec.Lq * spec.Lk < (ZEN5_AUTO_MIN_CELLS if zen5 else AUTO_MIN_CELLS)[dtype] or min(spec.D, spec.Dv) < 1:
+    if spec.Lq * spec.Lk < _min_cells(spec, dtype, zen5, chunk) or min(spec.D, spec.Dv) < 1:
         return False
     if not measured_cpu():
         if avx2_cpu():
