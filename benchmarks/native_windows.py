@@ -27,17 +27,14 @@ import torch
 import qkv
 from qkv.bench.report import cpu_name
 from qkv.bench.timing import best_times
-from qkv.bench.verify import check_rows, verify
+from qkv.bench.verify import check_band
 from qkv.core.engines import gathered
 from qkv.core.spec import build_spec
 
 
 def _checked(q, k, v, outputs: dict, spec) -> None:
-    rows = check_rows(q.shape[2], 48)
-    lo, hi = spec.band_edges(rows.view(-1, 1))  # (R, 1) each
-    allowed = (torch.arange(k.shape[2]).view(1, -1) >= lo) & (torch.arange(k.shape[2]).view(1, -1) < hi)
-    got = verify(q, k, v, outputs, rows, allowed)
-    bad = [m for m in outputs if not got["ok" if m == "qkv" else f"{m}_within_rule"]]
+    """Stops the run where any output is outside the tolerance rule against float64 (check_band)."""
+    bad, got = check_band(q, k, v, outputs, spec)
     if bad:
         raise SystemExit(f"outside the tolerance rule: {', '.join(bad)} ({got})")
 

@@ -371,3 +371,17 @@ def test_within_rule_is_the_rule_assert_within_rule_enforces():
     assert not within_rule(torch.tensor([float("nan"), -2.0]), plain, exact, factor=FWD_FACTOR)[0]
     with pytest.raises(AssertionError, match="x: error .* exceeds 2.0x the plain torch.float32"):
         assert_within_rule(bad, plain, exact, factor=FWD_FACTOR, what="x")
+
+
+def test_check_band_holds_each_method_to_the_keys_its_band_lets_a_row_see():
+    """qkv.bench.verify.check_band: a causal window's output passes against the windowed float64 reference; the
+    same inputs' unbanded output is named as outside the rule."""
+    from qkv.bench.verify import check_band
+    from qkv.core.spec import build_spec
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))  # (B, H, L, D)
+    kw = dict(causal=True, window=8)
+    banded, unbanded = qkv.attention(q, k, v, **kw), qkv.attention(q, k, v)
+    bad, check = check_band(q, k, v, {"qkv": banded, "plain": unbanded}, build_spec(q, k, v, **kw), n_rows=16)
+    assert bad == ["plain"] and check["ok"] and check["rows_checked"] == 16, check

@@ -43,3 +43,18 @@ def verify(q, k, v, outputs: dict, rows: torch.Tensor, allowed: Optional[torch.T
     if "qkv" in outputs and "sdpa" in outputs:
         check["qkv_vs_sdpa_max_diff"] = (outputs["qkv"].double() - outputs["sdpa"].double()).abs().max().item()
     return check
+
+
+def check_band(q, k, v, outputs: dict, spec, n_rows: int = 48) -> tuple[list, dict]:
+    """`verify` on up to n_rows query rows spread over q's, each against the keys `spec`'s band lets it
+    see (AttentionSpec.band_edges): (the methods of `outputs` outside the rule, verify's check).
+
+    Args:
+        q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D); outputs: {method: (B, H, Lq, D)}, "qkv" among them or not.
+        spec: the call's AttentionSpec (its band: causal, window).
+    """
+    rows = check_rows(q.shape[2], n_rows)  # (R,)
+    lo, hi = spec.band_edges(rows.view(-1, 1))  # (R, 1) each
+    keys = torch.arange(k.shape[2]).view(1, -1)  # (1, Lk)
+    check = verify(q, k, v, outputs, rows, (keys >= lo) & (keys < hi))  # allowed: (R, Lk)
+    return [m for m in outputs if not check["ok" if m == "qkv" else f"{m}_within_rule"]], check
