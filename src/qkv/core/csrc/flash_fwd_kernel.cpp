@@ -75,7 +75,10 @@
 // tests/core/test_native_flash_amx.py), and run by the whole suite on an Intel Xeon with AMX (a 2-core
 // KVM guest, family 6 model 207, 2026-12-01): bfloat16 3.7x-4.7x faster than the vdpbf16ps path, and
 // 1.05x-1.26x torch SDPA (on oneDNN's AMX kernels) at 4096 and 16384 tokens (docs/benchmarks.md,
-// "The native kernels, ninth part").
+// "The native kernels, ninth part"). On a second such Xeon (family 6 model 167, 2026-12-02) the spans'
+// rows padded (AMX_SROW, AMX_PROW), P by vreduceps (exp_minus_span), the span's bounds as locals, items
+// of 256 rows without a band (128 causal from 8192 queries) and the items head by head took the
+// bfloat16 forward to 0.70x-0.84x its time at 4096 and 16384 tokens (the fifteenth part).
 //
 // Measured (AMD EPYC Zen 4 with AVX512-BF16, 2 threads, B=1, H=8, D=64, torch SDPA time / this
 // kernel's, benchmarks/attention.py, 2026-11-30): float32 1.07x (no band) and 1.19x (causal) at
@@ -174,7 +177,23 @@ constexpr int NV = BK / 16;  // chunks of 16 keys (one vector) per block
 // g AMX_SPAN + AMX_SPAN - 1, aligned whatever the item), one online-softmax step per span (see amx_span).
 constexpr int AMX_SPAN = QKV_AMX_SPAN;
 static_assert(AMX_SPAN >= 1 && AMX_SPAN <= 8, "spans of 1 to 8 key blocks");
-constexpr int64_t AMX_SW = AMX_SPAN * BK;  // floats per row of S in a span (p2: AMX_SW / 2 words)
+constexpr int64_t AMX_SW = AMX_SPAN * BK;  // floats of S per row in a span (p2: AMX_SW / 2 words)
+// A row of S and of p2 is padded past the span's keys. Unpadded, S's rows lie 2048 bytes apart and
+// p2's 1024, so a tile's 16 rows fall on 2 (S) and 4 (p2) of L1's 64 sets. On an Intel Xeon with AMX
+// (family 6 model 167, 2 threads, bfloat16, L=4096; benchmarks/kernels_ab.py --define-after
+// QKV_AMX_S_PAD=16): 0.95-0.97x the time with S padded, about the same again with p2 padded as well
+// (docs/benchmarks.md, "The native kernels, fifteenth part"). In a throwaway loop of the scores' tiles
+// alone, a 2 x 2 group stored into S took 33 ns per tile unpadded, 24 ns padded by 16 floats and 15 ns
+// into a buffer held in L1.
+#ifndef QKV_AMX_S_PAD
+#define QKV_AMX_S_PAD 16
+#endif
+#ifndef QKV_AMX_P_PAD
+#define QKV_AMX_P_PAD 16
+#endif
+constexpr int64_t AMX_SROW = AMX_SW + QKV_AMX_S_PAD;      // floats from one row of S to the next
+constexpr int64_t AMX_PROW = AMX_SW / 2 + QKV_AMX_P_PAD;  // words from one row of p2 to the next
+static_assert(QKV_AMX_S_PAD % 16 == 0 && QKV_AMX_P_PAD % 16 == 0, "rows of whole 64-byte lines");
 #ifndef QKV_AMX_REF_SLACK
 #define QKV_AMX_REF_SLACK 2
 #endif
@@ -308,6 +327,35 @@ inline v16 exp_minus(v16 y, float now) {
 }
 // The bfloat16 forward's P: exp_minus of degree 5 (above).
 inline v16 exp_minus_p16(v16 y, float now) { return exp_minus<5>(y, now); }
+
+// P on AMX spans (amx_span): the same degree split by vreduceps instead. t = (y - now) log2(e) (clamped
+// at -151 as above), r = t - floor(t) in [0, 1] in one instruction (vreduceps rounding down; r = 1 where t
+// is a hair below an integer), 2^r by 1 + r (c1 + ... + r c5), fitted (linear programming on 4000 points
+// of [0, 1], p(0) = 1 held exactly) for the least largest relative error: 6.7e-8, 1.6e-7 evaluated in
+// float32, as exp_minus<5>'s; and 2^floor(t) applied by vscalefps from t itself (it floors its exponent
+// operand). vrndscaleps and a subtraction become one vreduceps: on an Intel Xeon with AMX (family 6 model
+// 167), the bfloat16 forward at L=4096 in 0.95-0.96x the time (benchmarks/kernels_ab.py; docs/benchmarks.md,
+// the fifteenth part). exp is 1 exactly at y = now (r = 0, p(0) = 1, floor 0), 0 at -inf and NaN (the
+// clamp: vreduceps gives r = 0 at -151 and vscalefps 2^-151, which rounds to 0). Only the spans: the
+// one-block-at-a-time path keeps exp_minus_p16, so a build whose tiles fail their self-check gives the
+// vdpbf16ps build's bits (test_native_flash_amx.py).
+#if defined(__AVX512DQ__)
+inline v16 exp_minus_span(v16 y, float now) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  __m512 t = _mm512_mul_ps(_mm512_sub_ps((__m512)y, _mm512_set1_ps(now)), log2e);
+  t = _mm512_max_ps(t, _mm512_set1_ps(-151.0f));  // -inf (and NaN) become -151: 0 below
+  const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // t - floor(t)
+  __m512 p = _mm512_set1_ps(0.0018729661824181676f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.00900223758071661f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.05581318214535713f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.2401595264673233f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6931519508361816f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return (v16)_mm512_scalef_ps(p, t);  // p 2^floor(t)
+}
+#else
+inline v16 exp_minus_span(v16 y, float now) { return exp_minus_p16(y, now); }
+#endif
 
 constexpr size_t HUGE_BYTES = size_t(2) << 20;
 
@@ -720,9 +768,9 @@ inline void by_groups(int64_t nv, F&& f) {
 struct Scratch {
   Buffer<float> qf;      // (M, D) float32 queries (float32 path)
   Buffer<uint16_t> q16;  // (Mp, 2*Dh) bfloat16 queries (dp path)
-  Buffer<float> s;       // (Mp, BK) scores, then probabilities (float32 path); AMX: (Mp, SW), SW below
+  Buffer<float> s;       // (Mp, BK) scores, then probabilities (float32 path); AMX: (Mp, AMX_SROW)
   Buffer<uint32_t> p2;   // (Mp, BK/2) probabilities rounded to bfloat16, pairs of keys per word (dp path);
-                         // AMX: (Mp, SW/2)
+                         // AMX: (Mp, AMX_PROW)
   Buffer<float> ob;      // (32, 32) one block's P V of 32 rows x 32 columns, from the tiles (AMX)
   Buffer<float> acc;     // (M, Dvp) output accumulators
   Buffer<float> mx, sum, alpha;  // (M) running max, running sum, this block's rescale
@@ -732,11 +780,12 @@ struct Scratch {
   // (zero at first, then an earlier item's) give sums no row uses.
   Scratch(const Problem& P) {
     const int64_t M = P.G * P.bq, Mp = P.amx ? (M + 31) / 32 * 32 : M;
-    const int64_t SW = P.amx ? AMX_SW : BK;  // a row of scores: a span's keys with AMX (amx_span)
+    const int64_t SW = P.amx ? AMX_SROW : BK;  // a row of scores: a span's keys with AMX (amx_span)
+    const int64_t PW = P.amx ? AMX_PROW : BK / 2;
     qf.reset(P.dp ? 0 : M * P.D);
     q16.reset(P.dp ? Mp * 2 * P.Dh : 0);
     s.reset(Mp * SW);
-    p2.reset(P.dp ? Mp * SW / 2 : 0);
+    p2.reset(P.dp ? Mp * PW : 0);
     ob.reset(P.amx ? 32 * 32 : 0);
     acc.reset(M * P.Dvp);
     mx.reset(M), sum.reset(M), alpha.reset(M + RM);
@@ -744,7 +793,7 @@ struct Scratch {
     if (P.amx && !failed()) {
       std::memset(q16.p, 0, sizeof(uint16_t) * Mp * 2 * P.Dh);
       std::memset(s.p, 0, sizeof(float) * Mp * SW);
-      std::memset(p2.p, 0, sizeof(uint32_t) * Mp * SW / 2);
+      std::memset(p2.p, 0, sizeof(uint32_t) * Mp * PW);
     }
   }
   bool failed() const {
@@ -754,6 +803,20 @@ struct Scratch {
 };
 
 #if QKV_AMX
+// x of chunk t of a row of a span's scores (sr: the row of S; j0: the span's first key): the raw scores
+// times `scale`, -inf off the row's keys [lo, hi), checked only on chunks that some row of the item
+// does not see whole (keys [full_lo, full_hi) every row sees).
+inline v16 span_x(const float* sr, int t, int64_t lo, int64_t hi, float scale, int64_t j0, int64_t full_lo,
+                  int64_t full_hi) {
+  const int64_t jt = j0 + 16 * t;  // the chunk's first key
+  v16 x = *(const v16*)(sr + 16 * t) * scale;
+  if (!(jt >= full_lo && jt + 16 <= full_hi)) {
+    const uint32_t bits = range_bits(lo - jt, hi - jt);
+    if (bits != 0xffffu) x = keep(x, bits);
+  }
+  return x;
+}
+
 // The bfloat16 products on AMX tiles (qkv_amx.h's tile_gemm: 2 x 2 accumulator tiles).
 //
 // S rows [0, M) (and up to 31 rows past them) x chunks [0, nc) of 16 keys: s[r][c] = q[r] . key c over
@@ -1045,18 +1108,18 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
   // of (P = 0, and a step of zeros adds exact zeros), so a row's bits do not depend on the items (and so
   // on the thread count). Chunks [c0, c1) of the span's NV AMX_SPAN are computed; S and p2 rows hold the span.
   auto amx_span = [&](int64_t kb0, int64_t kb1) {
-    constexpr int64_t SW = AMX_SW;  // floats per row of S; p2's rows: SW / 2 words
     const int64_t j0 = kb0 * BK;
     const int64_t a = std::max<int64_t>(0, klo - j0), z = std::min<int64_t>((kb1 - kb0) * BK, khi - j0);
     if (z <= a) return;
     const int c0 = (int)(a / 16), c1 = (int)((z + 15) / 16);
     const int e0 = c0 & ~1, e1 = (c1 + 1) & ~1;  // whole steps of 32 keys from the span's first
+    const int span_c0 = c0, span_c1 = c1, span_e0 = e0, span_e1 = e1;  // for p_pass's locals
     // 1. Scores, key block by key block (each block's keys packed apart).
     for (int64_t kb = kb0; kb < kb1; ++kb) {
       const int f = (int)(kb - kb0) * NV, b0 = std::max(c0, f), b1 = std::min(c1, f + NV);
       if (b1 > b0)
         amx_scores(W.q16.p, Dh, M, P.kp + ((bh - P.bh0) * P.nkb + kb) * Dh * BK * 2 + 32 * (b0 - f), S + 16 * b0,
-                   b1 - b0, SW);
+                   b1 - b0, AMX_SROW);
     }
     // 2. The online softmax over the span, row by row. A row's scores are scaled and masked by the band
     // (on the chunks some row of the item does not see whole) as they are read from S, which keeps them
@@ -1071,36 +1134,39 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     // bits still do not depend on the items (or the thread count). FlashAttention-4's kernels skip the
     // rescale the same way until the max has grown past a threshold (Dao et al., 2025).
     auto scaled = [&](const float* sr, int t, int64_t lo, int64_t hi) {  // x of chunk t, -inf off the band
-      const int64_t jt = j0 + 16 * t;                                      // the chunk's first key
-      v16 x = *(const v16*)(sr + 16 * t) * P.scale;
-      if (!(jt >= full_lo && jt + 16 <= full_hi)) {
-        const uint32_t bits = range_bits(lo - jt, hi - jt);
-        if (bits != 0xffffu) x = keep(x, bits);
-      }
-      return x;
+      return span_x(sr, t, lo, hi, P.scale, j0, full_lo, full_hi);
     };
     // P = exp(x - ref) of chunks [c0, c1) rounded to bfloat16 into pr, two chunks per vcvtne2ps2bf16
     // (vcvtneps2bf16's rounding, one instruction and one store fewer per pair), and P = 0 on the chunks
     // the whole steps [e0, e1) add past them; the max of x into mv; returns the sum of P unrounded (in
     // chunk order), the row sum's (and so the lse's).
     auto p_pass = [&](const float* sr, uint32_t* pr, int64_t lo, int64_t hi, float ref, v16& mv) {
+      // What the loop reads of the span, as locals: the stores of P go through vector types that may
+      // alias anything, after which values read through this lambda's references were loaded again for
+      // every chunk (0.97x the time as locals; docs/benchmarks.md, the fifteenth part).
+      const float scale = P.scale;
+      const int64_t jb = j0, flo = full_lo, fhi = full_hi;
+      const int c0 = span_c0, c1 = span_c1, e0 = span_e0, e1 = span_e1;
+      auto scaled = [=](const float* sr, int t, int64_t lo, int64_t hi) {
+        return span_x(sr, t, lo, hi, scale, jb, flo, fhi);
+      };
       v16 total = splat(0.0f);
       int t = c0;
       if (t & 1) {  // an odd first chunk alone (its pair's first half is outside [c0, c1))
-        const v16 x = scaled(sr, t, lo, hi), pv = exp_minus_p16(x, ref);
+        const v16 x = scaled(sr, t, lo, hi), pv = exp_minus_span(x, ref);
         mv = x > mv ? x : mv;
         _mm256_store_si256((__m256i*)(pr + 8 * t), (__m256i)_mm512_cvtneps_pbh((__m512)pv));
         total += pv, ++t;
       }
       for (; t + 1 < c1; t += 2) {
         const v16 x0 = scaled(sr, t, lo, hi), x1 = scaled(sr, t + 1, lo, hi);
-        const v16 p0 = exp_minus_p16(x0, ref), p1 = exp_minus_p16(x1, ref);
+        const v16 p0 = exp_minus_span(x0, ref), p1 = exp_minus_span(x1, ref);
         mv = x0 > mv ? x0 : mv, mv = x1 > mv ? x1 : mv;
         _mm512_store_si512((__m512i*)(pr + 8 * t), (__m512i)_mm512_cvtne2ps_pbh((__m512)p1, (__m512)p0));
         total += p0, total += p1;
       }
       if (t < c1) {
-        const v16 x = scaled(sr, t, lo, hi), pv = exp_minus_p16(x, ref);
+        const v16 x = scaled(sr, t, lo, hi), pv = exp_minus_span(x, ref);
         mv = x > mv ? x : mv;
         _mm256_store_si256((__m256i*)(pr + 8 * t), (__m256i)_mm512_cvtneps_pbh((__m512)pv));
         total += pv;
@@ -1110,8 +1176,8 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       return total;
     };
     for (int64_t m = 0; m < M; ++m) {
-      const float* sr = S + m * SW;
-      uint32_t* pr = W.p2.p + m * (SW / 2);
+      const float* sr = S + m * AMX_SROW;
+      uint32_t* pr = W.p2.p + m * AMX_PROW;
       const int64_t lo = W.lo.p[m], hi = W.hi.p[m];
       const float old = W.mx.p[m];
       float now;
@@ -1146,7 +1212,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     }
     // 3. acc = alpha acc + P V over the span's steps [e0, e1) (vp2's keys run on across blocks).
     const uint32_t* vp2 = P.vp2 + ((bh - P.bh0) * P.nkb * BK + j0 + 16 * e0) / 2 * Dvp;
-    amx_values(W.p2.p + 8 * e0, vp2, Dvp, 8 * (e1 - e0), M, W.acc.p, W.alpha.p, W.ob.p, SW / 2);
+    amx_values(W.p2.p + 8 * e0, vp2, Dvp, 8 * (e1 - e0), M, W.acc.p, W.alpha.p, W.ob.p, AMX_PROW);
   };
   if (P.amx) amx_begin();  // this thread's tiles configured
   if (P.amx && !L && khi > klo) {
@@ -1287,7 +1353,16 @@ int run(Problem& P, int nthreads) {
     const int64_t nh = std::min(hg, BH - bh0);
     P.bh0 = bh0;
     if (nb) parallel_for(nh * nb, nthreads, [&](int64_t x, int) { pack_block<KIND>(P, bh0 + x / nb, blocks[x % nb]); });
-    parallel_for(nh * ni, nthreads, [&](int64_t x, int t) { run_item<KIND>(P, P.items[x / nh], bh0 + x % nh, *scratch[t]); });
+    // Items in turn across the heads (each item's heads, then the next item), so that a causal band's
+    // costliest items run first everywhere. On AMX tiles, head by head instead: an item then finds its
+    // head's packed keys and values where the head's items before it left them (in L2 at 4096 tokens,
+    // bfloat16: 1 MiB a head), not in L3. On an Intel Xeon with AMX (family 6 model 167, 2 threads, B=1,
+    // H=8, D=64; benchmarks/kernels_ab.py): causal 0.89x the time at 4096, 0.96x at 16384; without a band
+    // 0.98x (docs/benchmarks.md, the fifteenth part). Other CPUs keep the turns (not measured there).
+    if (P.amx)
+      parallel_for(nh * ni, nthreads, [&](int64_t x, int t) { run_item<KIND>(P, P.items[x % ni], bh0 + x / ni, *scratch[t]); });
+    else
+      parallel_for(nh * ni, nthreads, [&](int64_t x, int t) { run_item<KIND>(P, P.items[x / nh], bh0 + x % nh, *scratch[t]); });
   }
   return 0;
 }
@@ -1347,8 +1422,23 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   // both sides (a sliding window: the keys an item spans exceed a row's by its rows - 1; measured
   // 4-8% faster at window 256, the same elsewhere), fewer positions where that leaves too few
   // items to keep the threads busy. With block lists, 32 rows in the query blocks whose listed
-  // blocks are at least half partial (below).
-  const int64_t rows = left >= 0 && right >= 0 ? QKV_ROWS / 2 : QKV_ROWS;
+  // blocks are at least half partial (below). On AMX tiles without block lists or a left edge: 256
+  // rows without a band, and causal 128 from 8192 queries. On an Intel Xeon with AMX (family 6 model
+  // 167, 2 threads, B=1, H=8, D=64, bfloat16; benchmarks/kernels_ab.py --define-after
+  // QKV_AMX_ROWS_FULL=N), against 64 rows: without a band 0.82x the time at 4096 and 0.79x at 16384
+  // (256 rows), 0.87x and 0.83x (192), 0.84x and 0.81x (384); causal 128 rows 0.92x at 16384, 0.95x at
+  // 8192, but 1.05x at 4096 and 1.18x at 2048, so 64 there (docs/benchmarks.md, the fifteenth part).
+  int64_t rows = left >= 0 && right >= 0 ? QKV_ROWS / 2 : QKV_ROWS;
+#ifndef QKV_AMX_ROWS_FULL
+#define QKV_AMX_ROWS_FULL 256
+#endif
+#ifndef QKV_AMX_ROWS_CAUSAL
+#define QKV_AMX_ROWS_CAUSAL 128
+#endif
+  if (P.amx && !blocks && left < 0) {
+    if (right < 0) rows = QKV_AMX_ROWS_FULL;
+    else if (Lq >= 8192) rows = QKV_AMX_ROWS_CAUSAL;
+  }
   P.bq = std::max<int64_t>(1, rows / P.G);
   while (P.bq > 8 && B * Hkv * ((Lq + P.bq - 1) / P.bq) < 4 * threads) P.bq /= 2;
   P.bq = std::min(P.bq, Lq);
