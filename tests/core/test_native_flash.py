@@ -91,18 +91,48 @@ def test_strided_inputs(dtype):
     assert torch.equal(fast, again) and torch.equal(lse, lse2)
 
 
-def test_threads_do_not_change_the_result():
-    """Work items are independent: 1 and 2 threads give the same bits."""
-    q, k, v = _inputs(1, 8, 2, 130, 200, 64, 64, torch.float32, seed=3)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "no-band"])
+def test_threads_do_not_change_the_result(dtype, causal):
+    """Work items are independent: 1, 2 and 8 threads give the same bits (the items' rows and their order
+    change with the thread count: with AMX tiles, 256-row items head by head, halved where 1024 query
+    positions leave too few items for 8 threads)."""
+    q, k, v = _inputs(1, 8, 2, 1030, 1100, 64, 64, dtype, seed=3)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = qkv.attention(q, k, v, causal=True, backend="native")
-        torch.set_num_threads(2)
-        two = qkv.attention(q, k, v, causal=True, backend="native")
+        outs = []
+        for threads in (1, 2, 8):
+            torch.set_num_threads(threads)
+            outs.append(qkv.attention_with_lse(q, k, v, causal=causal, backend="native"))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    for out, lse in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", [(64, 64), (128, 32), (40, 24)], ids=lambda d: f"D{d[0]}-Dv{d[1]}")
+def test_key_and_value_layouts_give_the_same_bits(dtype, dims):
+    """The kernel packs whole key blocks of bfloat16 by 16 x 16 transposes of word pairs where the rows
+    allow it (D a multiple of 32, Dv of 16, rows an even number of elements apart), and word by word
+    elsewhere: contiguous keys and values, a (B, L, H, D) layout seen as (B, H, L, D) (rows H D apart),
+    and rows cut from wider ones an odd number of elements apart give the same bits, over two whole
+    blocks and a partial one (300 keys); and the contiguous call holds the tolerance rule."""
+    D, Dv = dims
+    gen = torch.Generator().manual_seed(D + Dv)
+    q = torch.randn(1, 4, 100, D, generator=gen).to(dtype)
+    k_bl = torch.randn(1, 300, 2, D, generator=gen).to(dtype)  # (B, L, Hkv, D)
+    v_bl = torch.randn(1, 300, 2, Dv, generator=gen).to(dtype)
+    k, v = k_bl.transpose(1, 2), v_bl.transpose(1, 2)  # (1, 2, 300, D): rows 2 D apart
+    k_odd = torch.zeros(1, 2, 300, D + 1, dtype=dtype)
+    v_odd = torch.zeros(1, 2, 300, Dv + 1, dtype=dtype)
+    k_odd[..., :D], v_odd[..., :Dv] = k, v
+    k_odd, v_odd = k_odd[..., :D], v_odd[..., :Dv]  # rows D + 1 apart (odd)
+    assert k.stride(2) == 2 * D and k_odd.stride(2) == D + 1 and k_odd.stride(-1) == 1
+    fast, lse = _check(q, k.contiguous(), v.contiguous(), f"native layouts {dims} {dtype}", causal=True)
+    for kk, vv in ((k, v), (k_odd, v_odd)):
+        out2, lse2 = qkv.attention_with_lse(q, kk, vv, causal=True, backend="native")
+        assert torch.equal(out2, fast) and torch.equal(lse2, lse)
 
 
 

@@ -328,33 +328,6 @@ void gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t as_m
 }
 
 #if QKV_AMX
-// dst (16 x 16 words, rows ds words apart) = the transpose of src (16 x 16 words, rows ss apart): four
-// rounds of interleaves (32-bit, 64-bit, then 128-bit lanes twice), 64 shuffles for 256 words.
-inline void transpose16(const uint32_t* src, int64_t ss, uint32_t* dst, int64_t ds) {
-  __m512i r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * ss);
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 16; i += 8)
-    for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
-      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
-    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
-  }
-  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + i * ds, r[i]);
-}
-
 // gemm_bf16 (same arguments, the same products summed in another order) on AMX tiles (qkv_amx.h's
 // tile_gemm): A packed 32 rows at a time into 16-pair steps (zero past M and K2; a transposed A, as_k != 1,
 // gathered, by 16 x 16 transposes where as_m = 1), B read in place but for a part-filled last step (packed

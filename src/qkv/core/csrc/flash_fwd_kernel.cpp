@@ -436,6 +436,31 @@ void pack_block(const Problem& P, int64_t bh, int64_t kb) {
   const char* vbase = (const char*)P.v + (b * P.vst[0] + h * P.vst[1]) * (KIND == 0 ? 4 : 2);
   if (P.dp) {
     uint16_t* dst = P.kp + ((bh - P.bh0) * P.nkb + kb) * P.Dh * BK * 2;
+#ifdef __AVX512F__
+    // A whole block whose rows are whole pairs of 16-word groups (D = 2 Dh, Dh a multiple of 16, rows an
+    // even number of elements apart): the block's 32-bit words (a pair of the head each) transposed 16 x 16
+    // at a time, and the values interleaved 16 columns at a time, the same words as the loops below, which
+    // wrote them a word at a time: 8-9% of the bfloat16 forward's time (one thread, L=4096, causal, AMX
+    // tiles; docs/benchmarks.md, the fifteenth part).
+    if (n == BK && P.D == 2 * P.Dh && P.Dh % 16 == 0 && P.kst[2] % 2 == 0 && P.vst[2] % 2 == 0 &&
+        P.Dv == P.Dvp) {
+      const uint32_t* k32 = (const uint32_t*)((const uint16_t*)kbase + j0 * P.kst[2]);
+      for (int64_t p0 = 0; p0 < P.Dh; p0 += 16)
+        for (int64_t c0 = 0; c0 < BK; c0 += 16)
+          transpose16(k32 + c0 * (P.kst[2] / 2) + p0, P.kst[2] / 2, (uint32_t*)dst + p0 * BK + c0, BK);
+      uint32_t* v32 = P.vp2 + ((bh - P.bh0) * P.nkb * BK + j0) / 2 * P.Dvp;
+      for (int64_t w = 0; w < BK / 2; ++w) {
+        const uint16_t* r0 = (const uint16_t*)vbase + (j0 + 2 * w) * P.vst[2];
+        const uint16_t* r1 = r0 + P.vst[2];
+        for (int64_t d = 0; d < P.Dvp; d += 16) {  // word (w, d): key 2w's value low, 2w + 1's high
+          const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r0 + d)));
+          const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r1 + d)));
+          _mm512_storeu_si512(v32 + w * P.Dvp + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+      }
+      return;
+    }
+#endif
     for (int64_t c = 0; c < BK; ++c) {
       const uint16_t* row = (const uint16_t*)kbase + (j0 + c) * P.kst[2];
       for (int64_t d = 0; d < 2 * P.Dh; ++d)
