@@ -34,7 +34,7 @@ import test_native_flash_bwd as bwd_tests
 import test_native_flash_bwd_blocks as bwd_block_tests
 import torch
 from random_qkv import random_inputs
-from test_native_flash import CASES, GRAD_CASES, WIDE_CASES
+from test_native_flash import CASES, GRAD_CASES, LAYOUT_DIMS, WIDE_CASES, check_layouts_give_the_same_bits
 from test_native_flash_blocks import CASES as BLOCK_CASES
 from test_native_flash_blocks import NARROW_CASES
 from test_native_flash_blocks import _check as check_blocks
@@ -437,3 +437,10 @@ def test_the_real_path_on_stand_in_tiles(stand_in, level):
         torch.set_num_threads(old)
     for lib in (fwd, bwd):
         assert lib.qkv_fake_count(0) > 0 and lib.qkv_fake_count(1) == 0  # configurations: made, and none wrong
+
+
+@pytest.mark.parametrize("dims", LAYOUT_DIMS, ids=lambda d: f"D{d[0]}-Dv{d[1]}")
+def test_key_and_value_layouts_on_the_tiles(span_tiles, dims):
+    """The AMX builds pack keys and values as the others do (whole blocks by 16 x 16 transposes where the
+    rows allow, else word by word): the same bits across layouts on the tile model and the processor's tiles."""
+    check_layouts_give_the_same_bits(*dims)

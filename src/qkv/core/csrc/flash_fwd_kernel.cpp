@@ -78,7 +78,7 @@
 // "The native kernels, ninth part"). On a second such Xeon (family 6 model 167, 2026-12-02) the spans'
 // rows padded (AMX_SROW, AMX_PROW), P by vreduceps (exp_minus_span), the span's bounds as locals, items
 // of 256 rows without a band (128 causal from 8192 queries) and the items head by head took the
-// bfloat16 forward to 0.70x-0.84x its time at 4096 and 16384 tokens (the fifteenth part).
+// bfloat16 forward to 0.69x-0.77x its time at 4096 and 16384 tokens (the fifteenth part).
 //
 // Measured (AMD EPYC Zen 4 with AVX512-BF16, 2 threads, B=1, H=8, D=64, torch SDPA time / this
 // kernel's, benchmarks/attention.py, 2026-11-30): float32 1.07x (no band) and 1.19x (causal) at
@@ -329,8 +329,8 @@ inline v16 exp_minus(v16 y, float now) {
 inline v16 exp_minus_p16(v16 y, float now) { return exp_minus<5>(y, now); }
 
 // P on AMX spans (amx_span): the same degree split by vreduceps instead. t = (y - now) log2(e) (clamped
-// at -151 as above), r = t - floor(t) in [0, 1] in one instruction (vreduceps rounding down; r = 1 where t
-// is a hair below an integer), 2^r by 1 + r (c1 + ... + r c5), fitted (linear programming on 4000 points
+// at -151 as above), r = t - floor(t) in [0, 1) in one instruction (vreduceps, rounding down: its
+// subtraction rounds down too, so t a hair below an integer gives r just below 1), 2^r by 1 + r (c1 + ... + r c5), fitted (linear programming on 4000 points
 // of [0, 1], p(0) = 1 held exactly) for the least largest relative error: 6.7e-8, 1.6e-7 evaluated in
 // float32, as exp_minus<5>'s; and 2^floor(t) applied by vscalefps from t itself (it floors its exponent
 // operand). vrndscaleps and a subtraction become one vreduceps: on an Intel Xeon with AMX (family 6 model
@@ -1447,8 +1447,8 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   // both sides (a sliding window: the keys an item spans exceed a row's by its rows - 1; measured
   // 4-8% faster at window 256, the same elsewhere), fewer positions where that leaves too few
   // items to keep the threads busy. With block lists, 32 rows in the query blocks whose listed
-  // blocks are at least half partial (below). On AMX tiles without block lists or a left edge: 256
-  // rows without a band, and causal 128 from 8192 queries. On an Intel Xeon with AMX (family 6 model
+  // blocks are at least half partial (below). On AMX tiles without block lists: 256 rows without a
+  // band, and causal (no left edge, right edge 0) 128 from 8192 queries; other bands as above. On an Intel Xeon with AMX (family 6 model
   // 167, 2 threads, B=1, H=8, D=64, bfloat16; benchmarks/kernels_ab.py --define-after
   // QKV_AMX_ROWS_FULL=N), against 64 rows: without a band 0.82x the time at 4096 and 0.79x at 16384
   // (256 rows), 0.87x and 0.83x (192), 0.84x and 0.81x (384); causal 128 rows 0.92x at 16384, 0.95x at
@@ -1462,7 +1462,7 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
 #endif
   if (P.amx && !blocks && left < 0) {
     if (right < 0) rows = QKV_AMX_ROWS_FULL;
-    else if (Lq >= 8192) rows = QKV_AMX_ROWS_CAUSAL;
+    else if (right == 0 && Lq >= 8192) rows = QKV_AMX_ROWS_CAUSAL;
   }
   P.bq = std::max<int64_t>(1, rows / P.G);
   while (P.bq > 8 && B * Hkv * ((Lq + P.bq - 1) / P.bq) < 4 * threads) P.bq /= 2;
