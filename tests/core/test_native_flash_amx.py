@@ -27,6 +27,7 @@ import ctypes
 import platform
 import subprocess
 import zlib
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -444,3 +445,33 @@ def test_key_and_value_layouts_on_the_tiles(span_tiles, dims):
     """The AMX builds pack keys and values as the others do (whole blocks by 16 x 16 transposes where the
     rows allow, else word by word): the same bits across layouts on the tile model and the processor's tiles."""
     check_layouts_give_the_same_bits(*dims)
+
+
+@pytest.fixture(scope="module")
+def unscaled_pair(emulated):
+    """{"model": (fwd, bwd) of the tile model, "processor": the processor's (or None)} built with
+    -DQKV_AMX_NO_PRESCALE: S's raw scores times the scale as read, the queries packed as given."""
+    pairs = {"model": _build("QKV_AMX_EMULATE", "QKV_AMX_NO_PRESCALE")}
+    fwd, bwd = native_flash.lib(), native_flash_bwd.lib()
+    pairs["processor"] = _build("QKV_AMX_NO_PRESCALE") if (fwd.amx, bwd.amx) == (2, 2) else None
+    return pairs
+
+
+@pytest.mark.parametrize("where", ["model", "processor"])
+@pytest.mark.parametrize("D, scale", [(64, None), (16, None), (64, 1.0), (64, 0.25), (32, 2.0 ** -8), (64, 0.3)],
+                         ids=["D64", "D16", "D64-scale1", "D64-scale0.25", "D32-scale2^-8", "D64-scale0.3"])
+def test_prescaled_queries_give_the_raw_scores_bits(emulated, unscaled_pair, where, D, scale):
+    """On AMX spans a power-of-two scale from 2^-8 to 1 is applied to the queries as they are packed, not to
+    the scores as they are read (flash_fwd_kernel.cpp's prescaled): out and lse bit for bit those of a build
+    that scales the scores (-DQKV_AMX_NO_PRESCALE), no band and causal, on the tile model and the processor's
+    tiles; a scale that is not a power of two (0.3) takes the same path in both."""
+    pair = emulated if where == "model" else (native_flash.lib(), native_flash_bwd.lib())
+    other = unscaled_pair[where]
+    if other is None:
+        pytest.skip("this CPU's kernels do not run AMX tiles")
+    q, k, v = random_inputs(1, 4, 2, 300, 700, D, D, torch.bfloat16, seed=D)
+    for causal in (False, True):
+        run = partial(qkv.attention_with_lse, q, k, v, causal=causal, scale=scale, backend="native")
+        a, b = _with(pair, run), _with(other, run)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (where, D, scale, causal)
+    _with(pair, lambda: check_forward(q, k, v, f"prescaled {where} D={D} scale={scale}", causal=True, scale=scale))

@@ -406,6 +406,7 @@ struct Problem {
   bool dp;        // bfloat16 with vdpbf16ps: packed key pairs kp and value pairs vp2, P rounded to bfloat16
   bool amx;       // dp's products on AMX tiles (qkv_amx.h): Dh a multiple of 16, scratch rows of 32
   int64_t nkb;    // key blocks per head, ceil(Lk / BK)
+  bool scale_pow2;  // scale a power of two from 2^-8 to 1 (AMX spans pack the queries times it: run_item)
   int64_t Dh;     // head-dimension pairs, ceil(D / 2), with AMX rounded up to 16 (a tile's) (dp only)
   int64_t Dvp;    // Dv rounded up to a multiple of 16
   int64_t bq;     // query positions per work item at most (its rows: G * bq)
@@ -831,10 +832,13 @@ struct Scratch {
 // x of chunk t of a row of a span's scores (sr: the row of S; j0: the span's first key): the raw scores
 // times `scale`, -inf off the row's keys [lo, hi), checked only on chunks that some row of the item
 // does not see whole (keys [full_lo, full_hi) every row sees).
+// SCALED false: S holds scores already scaled (queries packed times a power-of-two scale: prescaled).
+template <bool SCALED = true>
 inline v16 span_x(const float* sr, int t, int64_t lo, int64_t hi, float scale, int64_t j0, int64_t full_lo,
                   int64_t full_hi) {
   const int64_t jt = j0 + 16 * t;  // the chunk's first key
-  v16 x = *(const v16*)(sr + 16 * t) * scale;
+  v16 x = *(const v16*)(sr + 16 * t);
+  if constexpr (SCALED) x = x * scale;
   if (!(jt >= full_lo && jt + 16 <= full_hi)) {
     const uint32_t bits = range_bits(lo - jt, hi - jt);
     if (bits != 0xffffu) x = keep(x, bits);
@@ -886,10 +890,36 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
   const int64_t i0 = it.i0, i1 = it.i1, nr = i1 - i0, M = P.G * nr;
   const int64_t D = P.D, Dvp = P.Dvp, Dh = P.Dh;
   const QkvBlockLists* L = P.bl;
+#if QKV_AMX
+  // On AMX spans with a scale that is a power of two from 2^-8 to 1 (1/sqrt(D) at D = 4, 16, 64, 256), the
+  // queries are packed times the scale, so the tiles leave S scaled and the softmax's pass saves a
+  // multiply per 16 scores (amx_span's span_x<false>). The same bits: a power of two moves each product
+  // and partial sum by the same exponent and cannot overflow (scale <= 1), but where a value falls below
+  // float32's normals (2^-126), which the tiles (and vcvtneps2bf16) flush to zero: a query entry under
+  // 2^-118, a partial sum under 2^-118 of a score. Measured in docs/benchmarks.md, the fifteenth part.
+#ifndef QKV_AMX_NO_PRESCALE  // (tests and A/B runs: the raw scores times the scale, as elsewhere)
+  const bool prescaled = P.amx && !L && P.scale_pow2;
+#else
+  constexpr bool prescaled = false;
+#endif
+#endif
   // Row m = g * nr + r is query head h * G + g, position i0 + r.
   for (int64_t m = 0; m < M; ++m) {
     const int64_t g = m / nr, i = i0 + m % nr, hq = h * P.G + g;
     const int64_t off = b * P.qst[0] + hq * P.qst[1] + i * P.qst[2];
+#if QKV_AMX
+    if (prescaled) {  // the row's D bfloat16 times the scale (exact), 16 at a time, then zeros to 2 Dh
+      const uint16_t* src = (const uint16_t*)P.q + off;
+      uint16_t* dst = W.q16.p + m * 2 * Dh;
+      const __m512 sc = _mm512_set1_ps(P.scale);
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 k = d + 16 <= D ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1u);
+        const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, src + d)), 16);
+        _mm256_mask_storeu_epi16(dst + d, k, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_castsi512_ps(w), sc)));
+      }
+      std::memset(dst + D, 0, sizeof(uint16_t) * (2 * Dh - D));
+    } else
+#endif
     if (P.dp) {
       const uint16_t* src = (const uint16_t*)P.q + off;
       uint16_t* dst = W.q16.p + m * 2 * Dh;
@@ -1159,13 +1189,14 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     // bits still do not depend on the items (or the thread count). FlashAttention-4's kernels skip the
     // rescale the same way until the max has grown past a threshold (Dao et al., 2025).
     auto scaled = [&](const float* sr, int t, int64_t lo, int64_t hi) {  // x of chunk t, -inf off the band
-      return span_x(sr, t, lo, hi, P.scale, j0, full_lo, full_hi);
+      return prescaled ? span_x<false>(sr, t, lo, hi, P.scale, j0, full_lo, full_hi)
+                       : span_x<true>(sr, t, lo, hi, P.scale, j0, full_lo, full_hi);
     };
     // P = exp(x - ref) of chunks [c0, c1) rounded to bfloat16 into pr, two chunks per vcvtne2ps2bf16
     // (vcvtneps2bf16's rounding, one instruction and one store fewer per pair), and P = 0 on the chunks
     // the whole steps [e0, e1) add past them; the max of x into mv; returns the sum of P unrounded (in
     // chunk order), the row sum's (and so the lse's).
-    auto p_pass = [&](const float* sr, uint32_t* pr, int64_t lo, int64_t hi, float ref, v16& mv) {
+    auto p_pass = [&](auto times_scale, const float* sr, uint32_t* pr, int64_t lo, int64_t hi, float ref, v16& mv) {
       // What the loop reads of the span, as locals: the stores of P go through vector types that may
       // alias anything, after which values read through this lambda's references were loaded again for
       // every chunk (0.97x the time as locals; docs/benchmarks.md, the fifteenth part).
@@ -1173,7 +1204,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       const int64_t jb = j0, flo = full_lo, fhi = full_hi;
       const int c0 = span_c0, c1 = span_c1, e0 = span_e0, e1 = span_e1;
       auto scaled = [=](const float* sr, int t, int64_t lo, int64_t hi) {
-        return span_x(sr, t, lo, hi, scale, jb, flo, fhi);
+        return span_x<decltype(times_scale)::value>(sr, t, lo, hi, scale, jb, flo, fhi);
       };
       v16 total = splat(0.0f);
       int t = c0;
@@ -1200,6 +1231,11 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       if (e1 > c1) std::memset(pr + 8 * c1, 0, 32);
       return total;
     };
+    // p_pass on S's scores as the tiles left them: times P.scale as read, or already scaled (prescaled)
+    auto pass = [&](const float* sr, uint32_t* pr, int64_t lo, int64_t hi, float ref, v16& mv) {
+      return prescaled ? p_pass(std::false_type{}, sr, pr, lo, hi, ref, mv)
+                       : p_pass(std::true_type{}, sr, pr, lo, hi, ref, mv);
+    };
     for (int64_t m = 0; m < M; ++m) {
       const float* sr = S + m * AMX_SROW;
       uint32_t* pr = W.p2.p + m * AMX_PROW;
@@ -1208,7 +1244,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       float now;
       if (std::isfinite(old)) {  // one pass against the reference (+inf: two, which give NaN as FA-2's)
         v16 mv = splat(NEG_INF);
-        const v16 total = p_pass(sr, pr, lo, hi, old, mv);
+        const v16 total = pass(sr, pr, lo, hi, old, mv);
         now = hmax(mv);
         if (!(now > old + AMX_REF_SLACK)) {  // the step stands (a NaN score: P 0 and out of the max, as in two)
           W.sum.p[m] += hsum(total);
@@ -1230,7 +1266,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       }
       const float alpha = old == NEG_INF ? 0.0f : std::exp(old - now);
       v16 mv = splat(NEG_INF);
-      const v16 total = p_pass(sr, pr, lo, hi, now, mv);
+      const v16 total = pass(sr, pr, lo, hi, now, mv);
       W.sum.p[m] = W.sum.p[m] * alpha + hsum(total);
       W.mx.p[m] = now;
       W.alpha.p[m] = alpha;
@@ -1440,6 +1476,10 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   P.amx = false;
 #endif
   P.nkb = (P.Lk + BK - 1) / BK;
+  {
+    int e = 0;
+    P.scale_pow2 = std::isfinite(scale) && scale > 0.0f && std::frexp(scale, &e) == 0.5f && e >= -7 && e <= 1;
+  }
   P.Dh = P.amx ? (D + 31) / 32 * 16 : (D + 1) / 2;
   P.Dvp = (Dv + 15) / 16 * 16;
   if (threads < 1) threads = 1;
