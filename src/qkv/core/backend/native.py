@@ -196,10 +196,10 @@ ZEN5_CHUNK_DIMS = {torch.float32: (64, 128), torch.bfloat16: (64, 128)}  # chunk
 # 2.86x-4.88x forward and backward, float32 and bfloat16, so claimed from 2^22 pairs in both. The
 # bfloat16 claims hold where the tiles run (the kernels report 2; where Linux refuses them the kernels
 # run 4x slower). On a second AMX host (family 6 model 167, 2026-12-02; docs/benchmarks.md, the fifteenth
-# part), with that part's faster bfloat16 forward, every claimed shape won again (bfloat16 forward 1.30x-1.71x
+# part), with that part's faster bfloat16 forward, every claimed shape won again (bfloat16 forward 1.31x-1.78x
 # at 4096 and 16384 tokens, with gradients 1.62x-1.87x, float32 causal with gradients 1.18x-1.33x, causal
 # windows 2.35x-6.94x) and the shapes left out still lost or tied (bfloat16 forward at 1024 causal
-# 0.84x-0.89x, float32 forward 0.69x-0.95x), so the rules stand; that kernel was not timed on model 207.
+# 0.84x-0.94x, float32 forward 0.69x-0.95x), so the rules stand; that kernel was not timed on model 207.
 AMX_AUTO_MIN_CELLS = {  # (dtype, autograd records) -> Lq x Lk from which it wins on the AMX kind
     (torch.bfloat16, False): 1 << 24,
     (torch.bfloat16, True): 1 << 20,

@@ -77,8 +77,9 @@
 // 1.05x-1.26x torch SDPA (on oneDNN's AMX kernels) at 4096 and 16384 tokens (docs/benchmarks.md,
 // "The native kernels, ninth part"). On a second such Xeon (family 6 model 167, 2026-12-02) the spans'
 // rows padded (AMX_SROW, AMX_PROW), P by vreduceps (exp_minus_span), the span's bounds as locals, items
-// of 256 rows without a band (128 causal from 8192 queries) and the items head by head took the
-// bfloat16 forward to 0.69x-0.77x its time at 4096 and 16384 tokens (the fifteenth part).
+// of 256 rows without a band (128 causal from 8192 queries), the items head by head, the queries packed
+// times a power-of-two scale and whole key blocks packed 16 x 16 took the bfloat16 forward to
+// 0.66x-0.76x its time at 4096 and 16384 tokens (the fifteenth part).
 //
 // Measured (AMD EPYC Zen 4 with AVX512-BF16, 2 threads, B=1, H=8, D=64, torch SDPA time / this
 // kernel's, benchmarks/attention.py, 2026-11-30): float32 1.07x (no band) and 1.19x (causal) at
