@@ -182,7 +182,7 @@ constexpr int64_t AMX_SW = AMX_SPAN * BK;  // floats of S per row in a span (p2:
 // A row of S and of p2 is padded past the span's keys. Unpadded, S's rows lie 2048 bytes apart and
 // p2's 1024, so a tile's 16 rows fall on 2 (S) and 4 (p2) of L1's 64 sets. On an Intel Xeon with AMX
 // (family 6 model 167, 2 threads, bfloat16, L=4096; benchmarks/kernels_ab.py --define-after
-// QKV_AMX_S_PAD=16): 0.95-0.97x the time with S padded, about the same again with p2 padded as well
+// QKV_AMX_S_PAD=16): 0.95-0.97x the time with S padded, and 0.95-0.97x with p2 padded as well
 // (docs/benchmarks.md, "The native kernels, fifteenth part"). In a throwaway loop of the scores' tiles
 // alone, a 2 x 2 group stored into S took 33 ns per tile unpadded, 24 ns padded by 16 floats and 15 ns
 // into a buffer held in L1.
@@ -331,12 +331,13 @@ inline v16 exp_minus_p16(v16 y, float now) { return exp_minus<5>(y, now); }
 
 // P on AMX spans (amx_span): the same degree split by vreduceps instead. t = (y - now) log2(e) (clamped
 // at -151 as above), r = t - floor(t) in [0, 1) in one instruction (vreduceps, rounding down: its
-// subtraction rounds down too, so t a hair below an integer gives r just below 1), 2^r by 1 + r (c1 + ... + r c5), fitted (linear programming on 4000 points
-// of [0, 1], p(0) = 1 held exactly) for the least largest relative error: 6.7e-8, 1.6e-7 evaluated in
-// float32, as exp_minus<5>'s; and 2^floor(t) applied by vscalefps from t itself (it floors its exponent
-// operand). vrndscaleps and a subtraction become one vreduceps: on an Intel Xeon with AMX (family 6 model
-// 167), the bfloat16 forward at L=4096 in 0.95-0.96x the time (benchmarks/kernels_ab.py; docs/benchmarks.md,
-// the fifteenth part). exp is 1 exactly at y = now (r = 0, p(0) = 1, floor 0), 0 at -inf and NaN (the
+// subtraction rounds down too, so t a hair below an integer gives r just below 1), 2^r by
+// 1 + r (c1 + ... + r c5), fitted (linear programming on 4000 points of [0, 1], p(0) = 1 held exactly) for
+// the least largest relative error: 6.7e-8, 1.6e-7 evaluated in float32, as exp_minus<5>'s; and
+// 2^floor(t) applied by vscalefps from t itself (it floors its exponent operand). vrndscaleps and a
+// subtraction become one vreduceps: on an Intel Xeon with AMX (family 6 model 167), the bfloat16 forward at
+// L=4096 in 0.95-0.96x the time (benchmarks/kernels_ab.py; docs/benchmarks.md, the fifteenth part).
+// exp is 1 exactly at y = now (r = 0, p(0) = 1, floor 0), 0 at -inf and NaN (the
 // clamp: vreduceps gives r = 0 at -151 and vscalefps 2^-151, which rounds to 0). Only the spans: the
 // one-block-at-a-time path keeps exp_minus_p16, so a build whose tiles fail their self-check gives the
 // vdpbf16ps build's bits (test_native_flash_amx.py).
@@ -916,7 +917,8 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       for (int64_t d = 0; d < D; d += 16) {
         const __mmask16 k = d + 16 <= D ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1u);
         const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, src + d)), 16);
-        _mm256_mask_storeu_epi16(dst + d, k, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_castsi512_ps(w), sc)));
+        const __m512 scaled_q = _mm512_mul_ps(_mm512_castsi512_ps(w), sc);  // exact: a power of two
+        _mm256_mask_storeu_epi16(dst + d, k, (__m256i)_mm512_cvtneps_pbh(scaled_q));
       }
       std::memset(dst + D, 0, sizeof(uint16_t) * (2 * Dh - D));
     } else
@@ -1197,7 +1199,8 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     // (vcvtneps2bf16's rounding, one instruction and one store fewer per pair), and P = 0 on the chunks
     // the whole steps [e0, e1) add past them; the max of x into mv; returns the sum of P unrounded (in
     // chunk order), the row sum's (and so the lse's).
-    auto p_pass = [&](auto times_scale, const float* sr, uint32_t* pr, int64_t lo, int64_t hi, float ref, v16& mv) {
+    auto p_pass = [&](auto times_scale, const float* sr, uint32_t* pr, int64_t lo, int64_t hi, float ref,
+                      v16& mv) {
       // What the loop reads of the span, as locals: the stores of P go through vector types that may
       // alias anything, after which values read through this lambda's references were loaded again for
       // every chunk (0.97x the time as locals; docs/benchmarks.md, the fifteenth part).
@@ -1422,9 +1425,11 @@ int run(Problem& P, int nthreads) {
     // H=8, D=64; benchmarks/kernels_ab.py): causal 0.89x the time at 4096, 0.96x at 16384; without a band
     // 0.98x (docs/benchmarks.md, the fifteenth part). Other CPUs keep the turns (not measured there).
     if (P.amx)
-      parallel_for(nh * ni, nthreads, [&](int64_t x, int t) { run_item<KIND>(P, P.items[x % ni], bh0 + x / ni, *scratch[t]); });
+      parallel_for(nh * ni, nthreads,
+                   [&](int64_t x, int t) { run_item<KIND>(P, P.items[x % ni], bh0 + x / ni, *scratch[t]); });
     else
-      parallel_for(nh * ni, nthreads, [&](int64_t x, int t) { run_item<KIND>(P, P.items[x / nh], bh0 + x % nh, *scratch[t]); });
+      parallel_for(nh * ni, nthreads,
+                   [&](int64_t x, int t) { run_item<KIND>(P, P.items[x / nh], bh0 + x % nh, *scratch[t]); });
   }
   return 0;
 }
@@ -1489,11 +1494,12 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   // 4-8% faster at window 256, the same elsewhere), fewer positions where that leaves too few
   // items to keep the threads busy. With block lists, 32 rows in the query blocks whose listed
   // blocks are at least half partial (below). On AMX tiles without block lists: 256 rows without a
-  // band, and causal (no left edge, right edge 0) 128 from 8192 queries; other bands as above. On an Intel Xeon with AMX (family 6 model
-  // 167, 2 threads, B=1, H=8, D=64, bfloat16; benchmarks/kernels_ab.py --define-after
-  // QKV_AMX_ROWS_FULL=N), against 64 rows: without a band 0.82x the time at 4096 and 0.79x at 16384
-  // (256 rows), 0.87x and 0.83x (192), 0.84x and 0.81x (384); causal 128 rows 0.92x at 16384, 0.95x at
-  // 8192, but 1.05x at 4096 and 1.18x at 2048, so 64 there (docs/benchmarks.md, the fifteenth part).
+  // band, and causal (no left edge, right edge 0) 128 from 8192 queries; other bands as above. On an
+  // Intel Xeon with AMX (family 6 model 167, 2 threads, B=1, H=8, D=64, bfloat16;
+  // benchmarks/kernels_ab.py --define-after QKV_AMX_ROWS_FULL=N), against 64 rows: without a band 0.82x
+  // the time at 4096 and 0.79x at 16384 (256 rows), 0.87x and 0.83x (192), 0.84x and 0.81x (384); causal
+  // 128 rows 0.92x at 16384, 0.95x at 8192, but 1.05x at 4096 and 1.18x at 2048, so 64 there
+  // (docs/benchmarks.md, the fifteenth part).
   int64_t rows = left >= 0 && right >= 0 ? QKV_ROWS / 2 : QKV_ROWS;
 #ifndef QKV_AMX_ROWS_FULL
 #define QKV_AMX_ROWS_FULL 256
