@@ -46,6 +46,8 @@ from native_checks import check_forward, check_gradients, check_large_logit_grad
 from qkv.bench.kernels import build_for
 from qkv.core import _kernels
 from qkv.core.engines import native_flash, native_flash_bwd
+from qkv.core.spec import build_spec
+from qkv.testing import FWD_FACTOR, assert_within_rule
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 pytestmark = [
@@ -316,12 +318,13 @@ def test_spans_of_key_blocks(tiles, case):
     check_gradients(case, torch.bfloat16, f"amx span grad {case}", seed=3)
 
 
-# Scores that rise or fall along the keys, for amx_span's step against a row's reference (its max so
-# far). A rise of 100 per span of 512 keys (215 over the keys) passes the reference by more than
-# AMX_REF_SLACK (2) in every span after a row's first, so each such step takes a new one (without,
-# P passes e^88 and overflows float32: a build with the slack at 1000 fails the rise of 100); at a rise of
-# 10 most steps take one too, and the rest keep theirs; a rise of 1 keeps it in most steps (P above 1
-# against it); a fall of 30 keeps it with P far below 1. Added to random scores of about unit size.
+# Scores that rise or fall along the keys, for amx_span's step against a row's frame (its max so far). A
+# rise of 100 per span of 512 keys (215 over the keys) passes the frame by more than the standing step
+# allows (P at most 8, a max about 2.08 above the frame) in every span after a row's first, so each such
+# step takes a new one (without, P passes e^88 and overflows float32: a build that never leaves the frame
+# fails the rise of 100); at a rise of 10 most steps take one too (1419 of 2400 without a band), and the
+# rest keep theirs; a rise of 1 keeps it in most steps (2363 of 2400, P above 1 against it); a fall of 30
+# keeps it with P far below 1. Added to random scores of about unit size.
 RAMP_SLOPES = [100.0, 10.0, 1.0, -30.0]
 
 
@@ -461,10 +464,10 @@ def unscaled_pair(emulated):
 @pytest.mark.parametrize("D, scale", [(64, None), (16, None), (64, 1.0), (64, 0.25), (32, 2.0 ** -8), (64, 0.3)],
                          ids=["D64", "D16", "D64-scale1", "D64-scale0.25", "D32-scale2^-8", "D64-scale0.3"])
 def test_prescaled_queries_give_the_raw_scores_bits(emulated, unscaled_pair, where, D, scale):
-    """On AMX spans a power-of-two scale from 2^-8 to 1 is applied to the queries as they are packed, not to
-    the scores as they are read (flash_fwd_kernel.cpp's prescaled): out and lse bit for bit those of a build
-    that scales the scores (-DQKV_AMX_NO_PRESCALE), no band and causal, on the tile model and the processor's
-    tiles; a scale that is not a power of two (0.3) takes the same path in both."""
+    """On AMX spans a power-of-two scale from 2^-8 to 1 is applied to the queries as they are packed, not in
+    the softmax pass's multiply-add (flash_fwd_kernel.cpp's prescaled and cx): out and lse bit for bit those of
+    a build that scales in the pass (-DQKV_AMX_NO_PRESCALE), no band and causal, on the tile model and the
+    processor's tiles; a scale that is not a power of two (0.3) takes the same path in both."""
     pair = emulated if where == "model" else (native_flash.lib(), native_flash_bwd.lib())
     other = unscaled_pair[where]
     if other is None:
@@ -475,3 +478,34 @@ def test_prescaled_queries_give_the_raw_scores_bits(emulated, unscaled_pair, whe
         a, b = _with(pair, run), _with(other, run)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (where, D, scale, causal)
     _with(pair, lambda: check_forward(q, k, v, f"prescaled {where} D={D} scale={scale}", causal=True, scale=scale))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_a_nan_score_is_left_out_of_its_row(span_tiles, causal):
+    """A score that is NaN in float32 (q . k of two products that overflow to +inf and -inf) gets P = 0 and
+    stays out of the row's max on AMX spans, as on the other paths: in a row's first span (its max pass) and
+    in a later one (the standing pass finds the NaN among P's words and runs FA-2's step again, clamped).
+    The kernel is called without qkv's non-finite guard (which recomputes such inputs in float64); the rest
+    of each row against the float64 reference with that key masked, by the tolerance rule."""
+    B, H, Lq, Lk, D = 1, 1, 600, 1100, 64
+    q, k, v = random_inputs(B, H, H, Lq, Lk, D, D, torch.bfloat16, seed=29)
+    rows_keys = [(590, 40), (595, 1050)] if not causal else [(590, 40), (595, 540)]  # spans 0, and 2 or 1
+    q[..., :2] = 0.0
+    k[..., :2] = 0.0
+    for r, j in rows_keys:  # each such row's q times each such key: NaN
+        q[0, 0, r, :2] = 3.0e38  # times the scale (1/8) and +-100: +inf and -inf in float32, NaN summed
+        k[0, 0, j, :2] = torch.tensor([100.0, -100.0])
+    spec = build_spec(q, k, v, causal=causal)
+    out, lse = native_flash.forward(q, k, v, spec)
+    allowed = torch.ones(Lq, Lk, dtype=torch.bool)
+    if causal:
+        allowed = torch.tril(allowed, diagonal=Lk - Lq)
+    for r, _ in rows_keys:
+        for _, j in rows_keys:
+            allowed[r, j] = False
+    mask = allowed[None, None]
+    exact, exact_lse = qkv.attention_with_lse(q.double(), k.double(), v.double(), mask=mask, backend="reference")
+    plain, plain_lse = qkv.attention_with_lse(q, k, v, mask=mask, backend="reference")
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert_within_rule(out, plain, exact, factor=FWD_FACTOR, what=f"NaN score causal={causal} out")
+    assert_within_rule(lse, plain_lse, exact_lse, factor=FWD_FACTOR, what=f"NaN score causal={causal} lse")

@@ -79,7 +79,9 @@
 // rows padded (AMX_SROW, AMX_PROW), P by vreduceps (exp_minus_span), the span's bounds as locals, items
 // of 256 rows without a band (128 causal from 8192 queries), the items head by head, the queries packed
 // times a power-of-two scale and whole key blocks packed 16 x 16 took the bfloat16 forward to
-// 0.66x-0.76x its time at 4096 and 16384 tokens (the fifteenth part).
+// 0.66x-0.76x its time at 4096 and 16384 tokens (the fifteenth part); P as 2^(s cx - n) from one
+// multiply-add, and the standing step checked on P's largest bfloat16 word instead of the scores' max,
+// to 0.79x-0.87x of that causal and 0.90x-0.97x without a band (the sixteenth part).
 //
 // Measured (AMD EPYC Zen 4 with AVX512-BF16, 2 threads, B=1, H=8, D=64, torch SDPA time / this
 // kernel's, benchmarks/attention.py, 2026-11-30): float32 1.07x (no band) and 1.19x (causal) at
@@ -195,17 +197,15 @@ constexpr int64_t AMX_SW = AMX_SPAN * BK;  // floats of S per row in a span (p2:
 constexpr int64_t AMX_SROW = AMX_SW + QKV_AMX_S_PAD;      // floats from one row of S to the next
 constexpr int64_t AMX_PROW = AMX_SW / 2 + QKV_AMX_P_PAD;  // words from one row of p2 to the next
 static_assert(QKV_AMX_S_PAD % 16 == 0 && QKV_AMX_P_PAD % 16 == 0, "rows of whole 64-byte lines");
-#ifndef QKV_AMX_REF_SLACK
-#define QKV_AMX_REF_SLACK 2
-#endif
-// How far a span's max may pass a row's reference before the step takes a new one (amx_span): P up to
-// e^2 against the reference (e^4 at most where ref + 2 rounds up, |ref| in [2^25, 2^26); past that
-// the slack is 0). Where scores rise along the keys (tests/core/test_native_flash_amx.py's ramps), a
-// slack of 16 left out and dq further from the float64 reference than FA-2's step (out 0.25-0.36 of the
-// rule's bound against 0.19-0.21, dq 1.3-1.9x the error); at 2 they were as before but for one case,
-// and random inputs run as fast at either (benchmarks/kernels_ab.py --define-after
-// QKV_AMX_REF_SLACK=2: 0.99-1.01).
-constexpr float AMX_REF_SLACK = QKV_AMX_REF_SLACK;
+// How far a span's max may pass a row's frame before the step takes a new one (amx_span): P at most 8
+// against the frame, checked on P's largest bfloat16 word (at most 8's, 0x4100: a max up to about
+// ln 8 = 2.08 above the frame; one vpmaxuw per pair of chunks). Until the sixteenth part the slack was 2
+// (P up to e^2), checked on the span's max of the scores (one vmaxps per chunk). With P under 2 instead
+// (a slack of ln 2) 12441 of 229376 steps on random scores took FA-2's step (L=4096, D=64, no band); at
+// 8, 67. Where scores rise along the keys (tests/core/test_native_flash_amx.py's ramps), a slack of 16
+// left out and dq further from the float64 reference than FA-2's step (out 0.25-0.36 of the rule's bound
+// against 0.19-0.21, dq 1.3-1.9x the error); at 2 they were as before but for one case.
+constexpr uint16_t AMX_STAND_WORD = 0x4100;  // 8.0 in bfloat16
 // float32 scores are summed over the head in pieces of SC terms, each from zero, added in order (the
 // backward kernel recomputes them so: its SC). At SC = 64 a head of 64 or fewer is one chain of
 // multiply-adds, the order of MKL's sgemm on this CPU (bit for bit at K <= 192, measured): the
@@ -329,23 +329,26 @@ inline v16 exp_minus(v16 y, float now) {
 // The bfloat16 forward's P: exp_minus of degree 5 (above).
 inline v16 exp_minus_p16(v16 y, float now) { return exp_minus<5>(y, now); }
 
-// P on AMX spans (amx_span): the same degree split by vreduceps instead. t = (y - now) log2(e) (clamped
-// at -151 as above), r = t - floor(t) in [0, 1) in one instruction (vreduceps, rounding down: its
-// subtraction rounds down too, so t a hair below an integer gives r just below 1), 2^r by
-// 1 + r (c1 + ... + r c5), fitted (linear programming on 4000 points of [0, 1], p(0) = 1 held exactly) for
-// the least largest relative error: 6.7e-8, 1.6e-7 evaluated in float32, as exp_minus<5>'s; and
-// 2^floor(t) applied by vscalefps from t itself (it floors its exponent operand). vrndscaleps and a
-// subtraction become one vreduceps: on an Intel Xeon with AMX (family 6 model 167), the bfloat16 forward at
-// L=4096 in 0.95-0.96x the time (benchmarks/kernels_ab.py; docs/benchmarks.md, the fifteenth part).
-// exp is 1 exactly at y = now (r = 0, p(0) = 1, floor 0), 0 at -inf and NaN (the
-// clamp: vreduceps gives r = 0 at -151 and vscalefps 2^-151, which rounds to 0). Only the spans: the
+// P on AMX spans (amx_span): 2^t of t = s cx - n, where s is the span's score as the tiles left it, cx
+// log2(e) times the scale still to apply (1 where the queries were packed times it) and n a row's frame
+// (its max times cx, rounded: amx_span): one multiply-add instead of a subtraction and a multiply.
+// r = t - floor(t) in [0, 1) in one instruction (vreduceps, rounding down: its subtraction rounds down
+// too, so t a hair below an integer gives r just below 1), 2^r by 1 + r (c1 + ... + r c5), fitted (linear
+// programming on 4000 points of [0, 1], p(0) = 1 held exactly) for the least largest relative error:
+// 6.7e-8, 1.6e-7 evaluated in float32, as exp_minus<5>'s; and 2^floor(t) applied by vscalefps from t
+// itself (it floors its exponent operand). vrndscaleps and a subtraction become one vreduceps: on an
+// Intel Xeon with AMX (family 6 model 167), the bfloat16 forward at L=4096 in 0.95-0.96x the time
+// (benchmarks/kernels_ab.py; docs/benchmarks.md, the fifteenth part). 2^0 is 1 exactly (r = 0, p(0) = 1,
+// floor 0); t = -inf gives 0 with no clamp (vreduceps gives r = 0 there, and vscalefps 1 x 2^-inf), and
+// t far below -149 gives 0 too; a NaN gives NaN, which amx_span's standing step sends to FA-2's step,
+// whose pass clamps t at -151 first (P = 0, as exp_minus's). Only the spans: the
 // one-block-at-a-time path keeps exp_minus_p16, so a build whose tiles fail their self-check gives the
 // vdpbf16ps build's bits (test_native_flash_amx.py).
-#if defined(__AVX512DQ__)
-inline v16 exp_minus_span(v16 y, float now) {
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  __m512 t = _mm512_mul_ps(_mm512_sub_ps((__m512)y, _mm512_set1_ps(now)), log2e);
-  t = _mm512_max_ps(t, _mm512_set1_ps(-151.0f));  // -inf (and NaN) become -151: 0 below
+#if QKV_AMX
+#ifndef __AVX512DQ__
+#error "the AMX spans' exp2_span needs vreduceps (AVX512DQ), which every CPU with AVX512-BF16 has"
+#endif
+inline v16 exp2_span(__m512 t) {
   const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // t - floor(t)
   __m512 p = _mm512_set1_ps(0.0018729661824181676f);
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.00900223758071661f));
@@ -355,8 +358,6 @@ inline v16 exp_minus_span(v16 y, float now) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return (v16)_mm512_scalef_ps(p, t);  // p 2^floor(t)
 }
-#else
-inline v16 exp_minus_span(v16 y, float now) { return exp_minus_p16(y, now); }
 #endif
 
 constexpr size_t HUGE_BYTES = size_t(2) << 20;
@@ -831,21 +832,19 @@ struct Scratch {
 };
 
 #if QKV_AMX
-// x of chunk t of a row of a span's scores (sr: the row of S; j0: the span's first key): the raw scores
-// times `scale`, -inf off the row's keys [lo, hi), checked only on chunks that some row of the item
-// does not see whole (keys [full_lo, full_hi) every row sees).
-// SCALED false: S holds scores already scaled (queries packed times a power-of-two scale: prescaled).
-template <bool SCALED = true>
-inline v16 span_x(const float* sr, int t, int64_t lo, int64_t hi, float scale, int64_t j0, int64_t full_lo,
-                  int64_t full_hi) {
+// t = s cx - n of chunk t of a row of a span's scores s as the tiles left them (sr: the row of S; j0:
+// the span's first key; one multiply-add), -inf off the row's keys [lo, hi), checked only on chunks
+// that some row of the item does not see whole (keys [full_lo, full_hi) every row sees). The max pass
+// takes minus_n 0 (then s cx rounded, as the frame n is).
+inline __m512 span_t(const float* sr, int t, __m512 cx, __m512 minus_n, int64_t lo, int64_t hi, int64_t j0,
+                     int64_t full_lo, int64_t full_hi) {
   const int64_t jt = j0 + 16 * t;  // the chunk's first key
-  v16 x = *(const v16*)(sr + 16 * t);
-  if constexpr (SCALED) x = x * scale;
+  v16 x = (v16)_mm512_fmadd_ps(*(const __m512*)(sr + 16 * t), cx, minus_n);
   if (!(jt >= full_lo && jt + 16 <= full_hi)) {
     const uint32_t bits = range_bits(lo - jt, hi - jt);
     if (bits != 0xffffu) x = keep(x, bits);
   }
-  return x;
+  return (__m512)x;
 }
 
 // The bfloat16 products on AMX tiles (qkv_amx.h's tile_gemm: 2 x 2 accumulator tiles).
@@ -894,8 +893,10 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
   const QkvBlockLists* L = P.bl;
 #if QKV_AMX
   // On AMX spans with a scale that is a power of two from 2^-8 to 1 (1/sqrt(D) at D = 4, 16, 64, 256), the
-  // queries are packed times the scale, so the tiles leave S scaled and the softmax's pass saves a
-  // multiply per 16 scores (amx_span's span_x<false>). The same bits: a power of two moves each product
+  // queries are packed times the scale (16 at a time), so the tiles leave S scaled. In the fifteenth part
+  // that saved the softmax's pass a multiply per 16 scores (0.96-0.97x the time); since the sixteenth the
+  // pass folds the scale into its multiply-add (cx) either way, and -DQKV_AMX_NO_PRESCALE builds ran at
+  // 0.97-1.01x of this (within the runs' noise of 2-4%). The same bits: a power of two moves each product
   // and partial sum by the same exponent and cannot overflow (scale <= 1), but where a value falls below
   // float32's normals (2^-126), which the tiles (and vcvtneps2bf16) flush to zero: a query entry under
   // 2^-118, a partial sum under 2^-118 of a score. Measured in docs/benchmarks.md, the fifteenth part.
@@ -904,6 +905,11 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
 #else
   constexpr bool prescaled = false;
 #endif
+  // The spans' frames are in powers of two (amx_span's step 2): P = 2^(s cx - n) of S's scores s, so
+  // lse = n / cx (times the scale where S holds raw scores) + log(sum).
+  const bool spans = P.amx && !L;
+  const float cx = prescaled ? 1.44269504088896341f : P.scale * 1.44269504088896341f;
+  const double lse_unit = (prescaled ? 1.0 : double(P.scale)) / double(cx);
 #endif
   // Row m = g * nr + r is query head h * G + g, position i0 + r.
   for (int64_t m = 0; m < M; ++m) {
@@ -1179,98 +1185,99 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
         amx_scores(W.q16.p, Dh, M, P.kp + ((bh - P.bh0) * P.nkb + kb) * Dh * BK * 2 + 32 * (b0 - f), S + 16 * b0,
                    b1 - b0, AMX_SROW);
     }
-    // 2. The online softmax over the span, row by row. A row's scores are scaled and masked by the band
-    // (on the chunks some row of the item does not see whole) as they are read from S, which keeps them
-    // raw. A row with a reference (the max it took as its frame so far, W.mx) takes P = exp(x - ref)
-    // in one pass over the span, its max found on the way: where that max is at most ref +
-    // AMX_REF_SLACK, the step stands (alpha 1: acc and the sum stay in their frame; P up to
-    // e^AMX_REF_SLACK).
-    // Where the max is above that, or the row has no reference yet, the step runs as FA-2's: the max
-    // first, then P = exp(x - max) and alpha = exp(ref - max). Where the max is at most ref (the usual
-    // case past a row's first spans), both give the same bits. One pass instead of two over S: 0.87-0.95x
-    // the time (docs/benchmarks.md, the tenth part). The reference is the row's own history, so a row's
-    // bits still do not depend on the items (or the thread count). FlashAttention-4's kernels skip the
-    // rescale the same way until the max has grown past a threshold (Dao et al., 2025).
-    auto scaled = [&](const float* sr, int t, int64_t lo, int64_t hi) {  // x of chunk t, -inf off the band
-      return prescaled ? span_x<false>(sr, t, lo, hi, P.scale, j0, full_lo, full_hi)
-                       : span_x<true>(sr, t, lo, hi, P.scale, j0, full_lo, full_hi);
-    };
-    // P = exp(x - ref) of chunks [c0, c1) rounded to bfloat16 into pr, two chunks per vcvtne2ps2bf16
-    // (vcvtneps2bf16's rounding, one instruction and one store fewer per pair), and P = 0 on the chunks
-    // the whole steps [e0, e1) add past them; the max of x into mv; returns the sum of P unrounded (in
-    // chunk order), the row sum's (and so the lse's).
-    auto p_pass = [&](auto times_scale, const float* sr, uint32_t* pr, int64_t lo, int64_t hi, float ref,
-                      v16& mv) {
+    // 2. The online softmax over the span, row by row, in powers of two: a row's frame n is its max s
+    // times cx (rounded to float; -inf before the row has seen a key), and P = 2^(s cx - n) (exp2_span), so
+    // that the pass over a chunk is one multiply-add before the exponential. The scores are masked by
+    // the band (on the chunks some row of the item does not see whole) as they are read from S, which
+    // keeps them as the tiles left them. A row with a frame takes P = 2^(s cx - n) in one pass over the
+    // span (the standing pass), keeping the largest of P's bfloat16 words on the way (P >= 0, so the words
+    // order as P does, and a NaN's lies above them all): where it is at most 8's (AMX_STAND_WORD), the
+    // step stands (alpha 1: acc and the sum stay in their frame; P up to 8). Otherwise, or where the row
+    // has no frame yet, the step runs as FA-2's: the max first, then P = 2^(s cx - n') in the new frame n'
+    // and alpha = 2^(n - n'), t clamped at -151 so that a NaN score gives P = 0 and stays out of the max.
+    // Where the max is at most the frame's, both give the same bits. One pass instead of two over S:
+    // 0.87-0.95x the time (docs/benchmarks.md, the tenth part); the multiply-add, and the words' max in
+    // place of the scores' (one vpmaxuw per pair of chunks, not a vmaxps per chunk): 0.79-0.87x causal,
+    // 0.90-0.97x without a band (the sixteenth part). The frame is the row's own history, so a row's bits
+    // do not depend on the items (or the thread count). FlashAttention-4's kernels skip the rescale the
+    // same way until the max has grown past a threshold (Dao et al., 2025).
+    //
+    // P of chunks [c0, c1) rounded to bfloat16 into pr, two chunks per vcvtne2ps2bf16 (vcvtneps2bf16's
+    // rounding, one instruction and one store fewer per pair), and P = 0 on the chunks the whole steps
+    // [e0, e1) add past them; returns the sum of P unrounded (in chunk order), the row sum's (and so the
+    // lse's). CLAMPED (FA-2's step): t clamped at -151; else (the standing pass) the words' max into `words`.
+    auto p_pass = [&](auto clamped, const float* sr, uint32_t* pr, int64_t lo, int64_t hi, float n,
+                      __m512i& words) {
       // What the loop reads of the span, as locals: the stores of P go through vector types that may
       // alias anything, after which values read through this lambda's references were loaded again for
       // every chunk (0.97x the time as locals; docs/benchmarks.md, the fifteenth part).
-      const float scale = P.scale;
+      constexpr bool CLAMPED = decltype(clamped)::value;
+      const __m512 cxv = _mm512_set1_ps(cx), minus_n = _mm512_set1_ps(-n), floor_t = _mm512_set1_ps(-151.0f);
       const int64_t jb = j0, flo = full_lo, fhi = full_hi;
       const int c0 = span_c0, c1 = span_c1, e0 = span_e0, e1 = span_e1;
-      auto scaled = [=](const float* sr, int t, int64_t lo, int64_t hi) {
-        return span_x<decltype(times_scale)::value>(sr, t, lo, hi, scale, jb, flo, fhi);
+      auto p_of = [=](int t) {  // P of chunk t
+        __m512 tt = span_t(sr, t, cxv, minus_n, lo, hi, jb, flo, fhi);
+        if constexpr (CLAMPED) tt = _mm512_max_ps(tt, floor_t);  // -inf (and NaN) become -151: 0 below
+        return exp2_span(tt);
       };
       v16 total = splat(0.0f);
+      __m512i top = _mm512_setzero_si512();  // the largest words of P so far (standing pass)
       int t = c0;
       if (t & 1) {  // an odd first chunk alone (its pair's first half is outside [c0, c1))
-        const v16 x = scaled(sr, t, lo, hi), pv = exp_minus_span(x, ref);
-        mv = x > mv ? x : mv;
-        _mm256_store_si256((__m256i*)(pr + 8 * t), (__m256i)_mm512_cvtneps_pbh((__m512)pv));
+        const v16 pv = p_of(t);
+        const __m256i w = (__m256i)_mm512_cvtneps_pbh((__m512)pv);
+        _mm256_store_si256((__m256i*)(pr + 8 * t), w);
+        if constexpr (!CLAMPED) top = _mm512_max_epu16(top, _mm512_zextsi256_si512(w));
         total += pv, ++t;
       }
       for (; t + 1 < c1; t += 2) {
-        const v16 x0 = scaled(sr, t, lo, hi), x1 = scaled(sr, t + 1, lo, hi);
-        const v16 p0 = exp_minus_span(x0, ref), p1 = exp_minus_span(x1, ref);
-        mv = x0 > mv ? x0 : mv, mv = x1 > mv ? x1 : mv;
-        _mm512_store_si512((__m512i*)(pr + 8 * t), (__m512i)_mm512_cvtne2ps_pbh((__m512)p1, (__m512)p0));
+        const v16 p0 = p_of(t), p1 = p_of(t + 1);
+        const __m512i w = (__m512i)_mm512_cvtne2ps_pbh((__m512)p1, (__m512)p0);
+        _mm512_store_si512((__m512i*)(pr + 8 * t), w);
+        if constexpr (!CLAMPED) top = _mm512_max_epu16(top, w);
         total += p0, total += p1;
       }
       if (t < c1) {
-        const v16 x = scaled(sr, t, lo, hi), pv = exp_minus_span(x, ref);
-        mv = x > mv ? x : mv;
-        _mm256_store_si256((__m256i*)(pr + 8 * t), (__m256i)_mm512_cvtneps_pbh((__m512)pv));
+        const v16 pv = p_of(t);
+        const __m256i w = (__m256i)_mm512_cvtneps_pbh((__m512)pv);
+        _mm256_store_si256((__m256i*)(pr + 8 * t), w);
+        if constexpr (!CLAMPED) top = _mm512_max_epu16(top, _mm512_zextsi256_si512(w));
         total += pv;
       }
       if (e0 < c0) std::memset(pr + 8 * e0, 0, 32);
       if (e1 > c1) std::memset(pr + 8 * c1, 0, 32);
+      words = top;
       return total;
-    };
-    // p_pass on S's scores as the tiles left them: times P.scale as read, or already scaled (prescaled)
-    auto pass = [&](const float* sr, uint32_t* pr, int64_t lo, int64_t hi, float ref, v16& mv) {
-      return prescaled ? p_pass(std::false_type{}, sr, pr, lo, hi, ref, mv)
-                       : p_pass(std::true_type{}, sr, pr, lo, hi, ref, mv);
     };
     for (int64_t m = 0; m < M; ++m) {
       const float* sr = S + m * AMX_SROW;
       uint32_t* pr = W.p2.p + m * AMX_PROW;
       const int64_t lo = W.lo.p[m], hi = W.hi.p[m];
-      const float old = W.mx.p[m];
-      float now;
-      if (std::isfinite(old)) {  // one pass against the reference (+inf: two, which give NaN as FA-2's)
-        v16 mv = splat(NEG_INF);
-        const v16 total = pass(sr, pr, lo, hi, old, mv);
-        now = hmax(mv);
-        if (!(now > old + AMX_REF_SLACK)) {  // the step stands (a NaN score: P 0 and out of the max, as in two)
+      const float old = W.mx.p[m];  // the row's frame n
+      __m512i words;
+      if (std::isfinite(old)) {  // one pass in the frame (+inf: two, which give NaN as FA-2's)
+        const v16 total = p_pass(std::false_type{}, sr, pr, lo, hi, old, words);
+        // the largest bfloat16 word of P (P >= 0: words in P's order, NaN above them all) at most 8's
+        if (_mm512_cmpgt_epu16_mask(words, _mm512_set1_epi16(AMX_STAND_WORD)) == 0) {  // the step stands
           W.sum.p[m] += hsum(total);
           W.alpha.p[m] = 1.0f;
           continue;
         }
-      } else {
-        v16 mv = splat(NEG_INF);
-        for (int t = c0; t < c1; ++t) {
-          const v16 x = scaled(sr, t, lo, hi);
-          mv = x > mv ? x : mv;
-        }
-        now = std::max(hmax(mv), old);  // old: -inf, or +inf (then alpha NaN, as FA-2's)
-        if (now == NEG_INF) {  // nothing seen yet: this span adds nothing
-          std::memset(pr + 8 * e0, 0, 32 * (e1 - e0));
-          W.alpha.p[m] = 1.0f;
-          continue;
-        }
       }
-      const float alpha = old == NEG_INF ? 0.0f : std::exp(old - now);
-      v16 mv = splat(NEG_INF);
-      const v16 total = pass(sr, pr, lo, hi, now, mv);
+      v16 mv = splat(NEG_INF);  // the max of s cx (a NaN stays out of it)
+      const __m512 cxv = _mm512_set1_ps(cx), zero = _mm512_setzero_ps();
+      for (int t = c0; t < c1; ++t) {
+        const v16 x = (v16)span_t(sr, t, cxv, zero, lo, hi, j0, full_lo, full_hi);
+        mv = x > mv ? x : mv;
+      }
+      const float now = std::max(hmax(mv), old);  // old: -inf, or +inf (then alpha NaN, as FA-2's)
+      if (now == NEG_INF) {  // nothing seen yet: this span adds nothing
+        std::memset(pr + 8 * e0, 0, 32 * (e1 - e0));
+        W.alpha.p[m] = 1.0f;
+        continue;
+      }
+      const float alpha = old == NEG_INF ? 0.0f : std::exp2(old - now);
+      const v16 total = p_pass(std::true_type{}, sr, pr, lo, hi, now, words);
       W.sum.p[m] = W.sum.p[m] * alpha + hsum(total);
       W.mx.p[m] = now;
       W.alpha.p[m] = alpha;
@@ -1280,7 +1287,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     amx_values(W.p2.p + 8 * e0, vp2, Dvp, 8 * (e1 - e0), M, W.acc.p, W.alpha.p, W.ob.p, AMX_PROW);
   };
   if (P.amx) amx_begin();  // this thread's tiles configured
-  if (P.amx && !L && khi > klo) {
+  if (spans && khi > klo) {
     for (int64_t kb0 = klo / BK / AMX_SPAN * AMX_SPAN; kb0 * BK < khi; kb0 += AMX_SPAN)
       amx_span(kb0, std::min<int64_t>(P.nkb, kb0 + AMX_SPAN));
   } else
@@ -1306,7 +1313,12 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
     // lse = max + log(sum) in double, then rounded; its low part (what the rounding left out) for the
     // backward, where a float lse at large logits (ulp 0.002 at 26685) would move P by up to 1e-3.
-    const double full = l > 0.0f ? double(W.mx.p[m]) + std::log(double(l)) : 0.0;
+#if QKV_AMX
+    const double frame = spans ? double(W.mx.p[m]) * lse_unit : double(W.mx.p[m]);  // the max, in s
+#else
+    const double frame = double(W.mx.p[m]);
+#endif
+    const double full = l > 0.0f ? frame + std::log(double(l)) : 0.0;
     P.lse[row] = l > 0.0f ? float(full) : NEG_INF;
     if (P.lse_lo) P.lse_lo[row] = l > 0.0f ? float(full - double(float(full))) : 0.0f;
     const float* a = W.acc.p + m * Dvp;
