@@ -294,15 +294,15 @@ inline float hsum(v16 a) {
 // unrounded, so the lse moves by at most 1.7e-7 more (absolute), within its float32 rule (8 ulps at its
 // magnitude). Degree 3 (1.0e-4) broke that rule for the lse in the suite (test_native_flash.py: 5.6e-5
 // against 6.0e-6), and degree 4 (2.9e-6) would take half of that bound on its own. Both degrees: exp is 1
-// exactly at y = now (p(0) = 1), 0 at -inf and at NaN (the clamp's vmaxps returns -151 for a NaN); y up
-// to now + 2 too (amx_span's standing steps). Without AVX-512, vexp above (DEG ignored).
+// exactly at y = now (p(0) = 1), 0 at -inf and at NaN (the clamp's vmaxps returns -151 for a NaN, and
+// their 2^n is 2^-inf). Without AVX-512, vexp above (DEG ignored).
 template <int DEG = 6>
 inline v16 exp_minus(v16 y, float now) {
   static_assert(DEG == 5 || DEG == 6, "polynomials of degree 5 and 6");
 #ifdef __AVX512F__
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  __m512 t = _mm512_mul_ps(_mm512_sub_ps((__m512)y, _mm512_set1_ps(now)), log2e);
-  t = _mm512_max_ps(t, _mm512_set1_ps(-151.0f));  // 2^-151 rounds to 0; -inf becomes finite
+  const __m512 t0 = _mm512_mul_ps(_mm512_sub_ps((__m512)y, _mm512_set1_ps(now)), log2e);
+  const __m512 t = _mm512_max_ps(t0, _mm512_set1_ps(-151.0f));  // -inf (and NaN) finite: r below is 0
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_sub_ps(t, n);
   __m512 p;
@@ -321,7 +321,12 @@ inline v16 exp_minus(v16 y, float now) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6931470036506653f));
   }
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return (v16)_mm512_scalef_ps(p, n);
+  // 2^n, n -inf where t0 is -inf or NaN (vfixupimmps: those two classes of t0 give -inf, the rest keep n),
+  // so those lanes scale to 0 exactly. Scaled by 2^-151 they rounded to 0 too, the same bits, but each
+  // vector with a lane so underflowing took a microcode assist on an Intel Xeon (family 6 model 167: about
+  // 150 cycles against 1 for the instruction; every masked lane of a causal or window band's edges).
+  const __m512 ninf = _mm512_fixupimm_ps(n, t0, _mm512_set1_epi32(0x40044), 0);  // QNaN, SNaN, -inf: -inf
+  return (v16)_mm512_scalef_ps(p, ninf);
 #else
   return vexp(y - now);
 #endif
@@ -340,8 +345,9 @@ inline v16 exp_minus_p16(v16 y, float now) { return exp_minus<5>(y, now); }
 // Intel Xeon with AMX (family 6 model 167), the bfloat16 forward at L=4096 in 0.95-0.96x the time
 // (benchmarks/kernels_ab.py; docs/benchmarks.md, the fifteenth part). 2^0 is 1 exactly (r = 0, p(0) = 1,
 // floor 0); t = -inf gives 0 with no clamp (vreduceps gives r = 0 there, and vscalefps 1 x 2^-inf), and
-// t far below -149 gives 0 too; a NaN gives NaN, which amx_span's standing step sends to FA-2's step,
-// whose pass clamps t at -151 first (P = 0, as exp_minus's). Only the spans: the
+// t far below -149 gives 0 too (a microcode assist on Intel for each vector with such a lane: see
+// exp_minus); a NaN gives NaN, which amx_span's standing step sends to FA-2's step, whose pass turns a NaN
+// t into -inf first (P = 0, as exp_minus's). Only the spans: the
 // one-block-at-a-time path keeps exp_minus_p16, so a build whose tiles fail their self-check gives the
 // vdpbf16ps build's bits (test_native_flash_amx.py).
 #if QKV_AMX
@@ -1194,7 +1200,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     // order as P does, and a NaN's lies above them all): where it is at most 8's (AMX_STAND_WORD), the
     // step stands (alpha 1: acc and the sum stay in their frame; P up to 8). Otherwise, or where the row
     // has no frame yet, the step runs as FA-2's: the max first, then P = 2^(s cx - n') in the new frame n'
-    // and alpha = 2^(n - n'), t clamped at -151 so that a NaN score gives P = 0 and stays out of the max.
+    // and alpha = 2^(n - n'), a NaN t taken as -inf so that a NaN score gives P = 0 and stays out of the max.
     // Where the max is at most the frame's, both give the same bits. One pass instead of two over S:
     // 0.87-0.95x the time (docs/benchmarks.md, the tenth part); the multiply-add, and the words' max in
     // place of the scores' (one vpmaxuw per pair of chunks, not a vmaxps per chunk): 0.79-0.87x causal,
@@ -1205,19 +1211,19 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     // P of chunks [c0, c1) rounded to bfloat16 into pr, two chunks per vcvtne2ps2bf16 (vcvtneps2bf16's
     // rounding, one instruction and one store fewer per pair), and P = 0 on the chunks the whole steps
     // [e0, e1) add past them; returns the sum of P unrounded (in chunk order), the row sum's (and so the
-    // lse's). CLAMPED (FA-2's step): t clamped at -151; else (the standing pass) the words' max into `words`.
+    // lse's). CLAMPED (FA-2's step): a NaN t taken as -inf; else (the standing pass) the words' max into `words`.
     auto p_pass = [&](auto clamped, const float* sr, uint32_t* pr, int64_t lo, int64_t hi, float n,
                       __m512i& words) {
       // What the loop reads of the span, as locals: the stores of P go through vector types that may
       // alias anything, after which values read through this lambda's references were loaded again for
       // every chunk (0.97x the time as locals; docs/benchmarks.md, the fifteenth part).
       constexpr bool CLAMPED = decltype(clamped)::value;
-      const __m512 cxv = _mm512_set1_ps(cx), minus_n = _mm512_set1_ps(-n), floor_t = _mm512_set1_ps(-151.0f);
+      const __m512 cxv = _mm512_set1_ps(cx), minus_n = _mm512_set1_ps(-n), floor_t = _mm512_set1_ps(NEG_INF);
       const int64_t jb = j0, flo = full_lo, fhi = full_hi;
       const int c0 = span_c0, c1 = span_c1, e0 = span_e0, e1 = span_e1;
       auto p_of = [=](int t) {  // P of chunk t
         __m512 tt = span_t(sr, t, cxv, minus_n, lo, hi, jb, flo, fhi);
-        if constexpr (CLAMPED) tt = _mm512_max_ps(tt, floor_t);  // -inf (and NaN) become -151: 0 below
+        if constexpr (CLAMPED) tt = _mm512_max_ps(tt, floor_t);  // a NaN becomes -inf (vmaxps: its 2nd operand)
         return exp2_span(tt);
       };
       v16 total = splat(0.0f);
