@@ -1106,7 +1106,10 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
         W.alpha.p[m] = 1.0f;
         continue;
       }
-      const float alpha = old == NEG_INF ? 0.0f : std::exp(old - now);
+      // exp(0) = 1 without the call where the max stands (most blocks past a row's first). perf put 2.6% of
+      // a float32 forward's samples in std::exp on an Intel Xeon (family 6 model 167); the A/B of the change
+      // was within its noise (0.97x-1.02x).
+      const float alpha = old == NEG_INF ? 0.0f : old == now ? 1.0f : std::exp(old - now);
       v16 total = splat(0.0f);
 #ifdef __AVX512BF16__
       if (P.dp) {  // P rounded to bfloat16 for vdpbf16ps; the row sum (and so the lse) is of P unrounded
@@ -1517,7 +1520,13 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   // benchmarks/kernels_ab.py --define-after QKV_AMX_ROWS_FULL=N), against 64 rows: without a band 0.82x
   // the time at 4096 and 0.79x at 16384 (256 rows), 0.87x and 0.83x (192), 0.84x and 0.81x (384); causal
   // 128 rows 0.92x at 16384, 0.95x at 8192, but 1.05x at 4096 and 1.18x at 2048, so 64 there
-  // (docs/benchmarks.md, the fifteenth part).
+  // (docs/benchmarks.md, the fifteenth part). float32 on a CPU whose tiles run (amx_state: the AMX kind;
+  // its float32 products are the AVX-512 tiles of this file, not AMX's) the same: 256 rows without a band,
+  // 128 causal from 8192 queries; a head's packed float32 keys and values (128 KiB per 1024 keys at D=64)
+  // are read from L2 or L3 once per item. On the same Xeon (float32; --define-after
+  // QKV_AMX_F32_ROWS_FULL=N ...): without a band 0.96x-0.97x the time at 1024 and 4096, 0.81x-0.86x at
+  // 16384 (256 rows against 64; against 128: 0.96x-0.99x); causal 128 rows 0.93x-0.96x at 16384 but
+  // 1.01x-1.04x at 1024 and 4096 (the sixteenth part).
   int64_t rows = left >= 0 && right >= 0 ? QKV_ROWS / 2 : QKV_ROWS;
 #ifndef QKV_AMX_ROWS_FULL
 #define QKV_AMX_ROWS_FULL 256
@@ -1525,10 +1534,25 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
 #ifndef QKV_AMX_ROWS_CAUSAL
 #define QKV_AMX_ROWS_CAUSAL 128
 #endif
+#ifndef QKV_AMX_F32_ROWS_FULL
+#define QKV_AMX_F32_ROWS_FULL 256
+#endif
+#ifndef QKV_AMX_F32_ROWS_CAUSAL
+#define QKV_AMX_F32_ROWS_CAUSAL 128
+#endif
+#ifndef QKV_AMX_F32_CAUSAL_FROM
+#define QKV_AMX_F32_CAUSAL_FROM 8192
+#endif
   if (P.amx && !blocks && left < 0) {
     if (right < 0) rows = QKV_AMX_ROWS_FULL;
     else if (right == 0 && Lq >= 8192) rows = QKV_AMX_ROWS_CAUSAL;
   }
+#if QKV_AMX
+  if (kind == 0 && !blocks && left < 0 && amx_state() > 0) {
+    if (right < 0) rows = QKV_AMX_F32_ROWS_FULL;
+    else if (right == 0 && Lq >= QKV_AMX_F32_CAUSAL_FROM) rows = QKV_AMX_F32_ROWS_CAUSAL;
+  }
+#endif
   P.bq = std::max<int64_t>(1, rows / P.G);
   while (P.bq > 8 && B * Hkv * ((Lq + P.bq - 1) / P.bq) < 4 * threads) P.bq /= 2;
   P.bq = std::min(P.bq, Lq);
