@@ -509,3 +509,19 @@ def test_a_nan_score_is_left_out_of_its_row(span_tiles, causal):
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert_within_rule(out, plain, exact, factor=FWD_FACTOR, what=f"NaN score causal={causal} out")
     assert_within_rule(lse, plain_lse, exact_lse, factor=FWD_FACTOR, what=f"NaN score causal={causal} lse")
+
+
+@pytest.mark.parametrize("scale", [3.0, 0.5], ids=["scale3", "scale0.5-prescaled"])
+def test_the_lse_ends_at_the_top_score_the_backward_scales(span_tiles, scale):
+    """amx_span keeps a row's frame as its top score times cx, rounded; its lse puts back the top score scaled
+    as the backward scales it (float32(s * scale)) and that rounding, so a row with one key (P = 1) gets
+    lse_lo, the part of the lse a float32 lse leaves out, of about the polynomial's error, not the rounding
+    of the scaled score (up to half an ulp of the lse: 1.2e-4 at the logits here), and the backward's P is 1
+    there. Both the raw scores times the scale (3) and the queries packed times it (0.5)."""
+    B, H, Lq, D = 1, 4, 40, 64
+    q, k, v = random_inputs(B, H, H, Lq, 1, D, D, torch.bfloat16, seed=31)
+    q[..., 0], k[..., 0] = 64.0, 32.0 / scale  # logits about 2048
+    spec = build_spec(q, k, v, scale=scale)
+    _, lse, lo = native_flash.forward_for_backward(q, k, v, spec)
+    assert float(lse.abs().min()) > 1024.0  # an ulp of 1.2e-4 or more
+    assert float(lo.abs().max()) < 2e-6, float(lo.abs().max())

@@ -76,7 +76,7 @@
 // KVM guest, family 6 model 207, 2026-12-01): bfloat16 3.7x-4.7x faster than the vdpbf16ps path, and
 // 1.05x-1.26x torch SDPA (on oneDNN's AMX kernels) at 4096 and 16384 tokens (docs/benchmarks.md,
 // "The native kernels, ninth part"). On a second such Xeon (family 6 model 167, 2026-12-02) the spans'
-// rows padded (AMX_SROW, AMX_PROW), P by vreduceps (exp_minus_span), the span's bounds as locals, items
+// rows padded (AMX_SROW, AMX_PROW), P by vreduceps (exp2_frame), the span's bounds as locals, items
 // of 256 rows without a band (128 causal from 8192 queries), the items head by head, the queries packed
 // times a power-of-two scale and whole key blocks packed 16 x 16 took the bfloat16 forward to
 // 0.66x-0.76x its time at 4096 and 16384 tokens (the fifteenth part); P as 2^(s cx - n) from one
@@ -226,6 +226,7 @@ constexpr int rows_for(int nc) { return 24 / nc < 6 ? 24 / nc : 6; }
 static_assert(NV == 8 && RM >= 1 && RM <= 6, "tile sizes");
 constexpr int MAX_DIM = 256;
 constexpr float NEG_INF = -INFINITY;
+constexpr float LOG2E = 1.44269504088896341f;
 
 
 // Keeps a loaded vector in its register: without it GCC folds the load into each of the
@@ -282,88 +283,61 @@ inline float hsum(v16 a) {
 }
 
 
-// exp(y - now) for y <= now (a score minus its row's running max): 0 for y = -inf.
-// With AVX-512 as 2^t, t = (y - now) log2(e) (the difference first: y - now is exact near the max,
-// so exp is 1 exactly at y = now and a one-key row's output is its value; a multiply-add with
-// -now log2(e) would keep that product's rounding error, growing with |now|), split t = n + r (|r| <= 1/2)
-// by vrndscaleps, 2^r by a polynomial and 2^n applied by vscalefps: ten instructions. DEG 6: Cephes'
-// exp2f polynomial (about 1 ulp; 8e-8 relative). DEG 5, for the bfloat16 forward's P (exp_minus_p16):
-// one multiply-add fewer, 1 + r (c1 + r (c2 + ... + r c5)) with coefficients fitted for the least
-// largest relative error on |r| <= 1/2 (Nelder-Mead from Taylor's, on 200001 points): 1.7e-7 evaluated
-// in float32 multiply-adds. P's rounding to bfloat16 moves it by up to 2^-8 relative; the row sum is of P
-// unrounded, so the lse moves by at most 1.7e-7 more (absolute), within its float32 rule (8 ulps at its
-// magnitude). Degree 3 (1.0e-4) broke that rule for the lse in the suite (test_native_flash.py: 5.6e-5
-// against 6.0e-6), and degree 4 (2.9e-6) would take half of that bound on its own. Both degrees: exp is 1
-// exactly at y = now (p(0) = 1), 0 at -inf and at NaN (the clamp's vmaxps returns -151 for a NaN, and
-// their 2^n is 2^-inf). Without AVX-512, vexp above (DEG ignored).
-template <int DEG = 6>
-inline v16 exp_minus(v16 y, float now) {
-  static_assert(DEG == 5 || DEG == 6, "polynomials of degree 5 and 6");
+// P on AVX-512 builds, 2^t: t = (x - max) log2(e) of a scaled score x and its row's max (one key block at
+// a time: the difference first, exact near the max, so P is 1 exactly there and a one-key row's output is
+// its value), or on AMX spans t = s cx - n of a score s as S holds it, cx = scale log2(e) (log2(e) where
+// the queries were packed times the scale) and n the row's frame, its top s cx rounded (amx_span).
+// r = t - floor(t) in [0, 1) in one instruction (vreduceps, rounding down: its subtraction rounds down too,
+// so t a hair below an integer gives r just below 1), 2^r by 1 + r (c1 + r (c2 + ...)) and 2^floor(t)
+// applied by vscalefps from t itself (it floors its exponent operand): eight or nine instructions. The
+// polynomials are fitted (linear programming on 4000 points of [0, 1], p(0) = 1 held exactly) for the least
+// largest relative error: DEG 6, float32's P, 8.5e-8 evaluated in float32 (about 1 ulp, as Cephes' exp2f
+// on |r| <= 1/2, which the kernel used before the sixteenth part, with a rounding and a subtraction where
+// vreduceps is one); DEG 5, bfloat16's P, 6.7e-8 fitted and 1.6e-7 evaluated. P's rounding to bfloat16
+// moves it by up to 2^-8 relative; the row sum is of P unrounded, so the lse moves by at most 1.6e-7 more
+// (absolute), within its float32 rule (8 ulps at its magnitude). Degree 3 (1.0e-4) broke that rule for
+// the lse in the suite (test_native_flash.py: 5.6e-5 against 6.0e-6), and degree 4 (2.9e-6) would take
+// half of that bound on its own. 2^0 is 1 exactly (r = 0, p(0) = 1, floor 0); t = -inf gives 0 with no
+// clamp (vreduceps gives r = 0 there, and vscalefps 1 x 2^-inf), and t far below -149 gives 0 too. A NaN t
+// gives NaN: amx_span's standing pass finds it among P's words, and the other passes take it as -inf first
+// (nan_to_minus_inf: P = 0, out of the max). The one-block passes' change from exp_minus (a rounding, a
+// subtraction and the -151 clamp) to this ran as fast (float32 0.98x-1.03x; bfloat16 on vdpbf16ps 0.97x-0.99x).
+// Underflowing results cost: on an Intel Xeon (family 6 model 167) each vscalefps whose
+// result underflows takes a microcode assist of about 150 cycles against 1, so masked lanes come as -inf
+// (0 exactly), never clamped to a finite floor such as -151 (the kernel before the sixteenth part: windows
+// of 256 at 16384 tokens ran 1.4x (bfloat16) and 1.2x (float32) the time). Without vreduceps (AVX-512
+// without DQ) the floor and a subtraction, on t clamped at -151 (-inf there scales to 0 all the same).
 #ifdef __AVX512F__
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 t0 = _mm512_mul_ps(_mm512_sub_ps((__m512)y, _mm512_set1_ps(now)), log2e);
-  const __m512 t = _mm512_max_ps(t0, _mm512_set1_ps(-151.0f));  // -inf (and NaN) finite: r below is 0
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_sub_ps(t, n);
+template <int DEG>
+inline v16 exp2_frame(__m512 t) {
+  static_assert(DEG == 5 || DEG == 6, "polynomials of degree 5 and 6");
+#ifdef __AVX512DQ__
+  const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // t - floor(t)
+#else
+  const __m512 tc = _mm512_max_ps(t, _mm512_set1_ps(-151.0f));
+  const __m512 r = _mm512_sub_ps(tc, _mm512_roundscale_ps(tc, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+#endif
   __m512 p;
   if constexpr (DEG == 6) {
-    p = _mm512_set1_ps(1.535336188319500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.339887440266574e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.618437357674640e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550332471162809e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402264791363012e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931472028550421e-1f));
-  } else {
-    p = _mm512_set1_ps(0.001326472731307149f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.009671512991189957f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.05550733581185341f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.24022242426872253f));
+    p = _mm512_set1_ps(0.0002138116688001901f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.0012528285151347518f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.009670049883425236f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.055487096309661865f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.24022918939590454f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6931470036506653f));
+  } else {
+    p = _mm512_set1_ps(0.0018729661824181676f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.00900223758071661f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.05581318214535713f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.2401595264673233f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6931519508361816f));
   }
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  // 2^n, n -inf where t0 is -inf or NaN (vfixupimmps: those two classes of t0 give -inf, the rest keep n),
-  // so those lanes scale to 0 exactly. Scaled by 2^-151 they rounded to 0 too, the same bits, but each
-  // vector with a lane so underflowing took a microcode assist on an Intel Xeon (family 6 model 167: about
-  // 150 cycles against 1 for the instruction; every masked lane of a causal or window band's edges).
-  const __m512 ninf = _mm512_fixupimm_ps(n, t0, _mm512_set1_epi32(0x40044), 0);  // QNaN, SNaN, -inf: -inf
-  return (v16)_mm512_scalef_ps(p, ninf);
-#else
-  return vexp(y - now);
-#endif
-}
-// The bfloat16 forward's P: exp_minus of degree 5 (above).
-inline v16 exp_minus_p16(v16 y, float now) { return exp_minus<5>(y, now); }
-
-// P on AMX spans (amx_span): 2^t of t = s cx - n, where s is the span's score as the tiles left it, cx
-// log2(e) times the scale still to apply (1 where the queries were packed times it) and n a row's frame
-// (its max times cx, rounded: amx_span): one multiply-add instead of a subtraction and a multiply.
-// r = t - floor(t) in [0, 1) in one instruction (vreduceps, rounding down: its subtraction rounds down
-// too, so t a hair below an integer gives r just below 1), 2^r by 1 + r (c1 + ... + r c5), fitted (linear
-// programming on 4000 points of [0, 1], p(0) = 1 held exactly) for the least largest relative error:
-// 6.7e-8, 1.6e-7 evaluated in float32, as exp_minus<5>'s; and 2^floor(t) applied by vscalefps from t
-// itself (it floors its exponent operand). vrndscaleps and a subtraction become one vreduceps: on an
-// Intel Xeon with AMX (family 6 model 167), the bfloat16 forward at L=4096 in 0.95-0.96x the time
-// (benchmarks/kernels_ab.py; docs/benchmarks.md, the fifteenth part). 2^0 is 1 exactly (r = 0, p(0) = 1,
-// floor 0); t = -inf gives 0 with no clamp (vreduceps gives r = 0 there, and vscalefps 1 x 2^-inf), and
-// t far below -149 gives 0 too (a microcode assist on Intel for each vector with such a lane: see
-// exp_minus); a NaN gives NaN, which amx_span's standing step sends to FA-2's step, whose pass turns a NaN
-// t into -inf first (P = 0, as exp_minus's). Only the spans: the
-// one-block-at-a-time path keeps exp_minus_p16, so a build whose tiles fail their self-check gives the
-// vdpbf16ps build's bits (test_native_flash_amx.py).
-#if QKV_AMX
-#ifndef __AVX512DQ__
-#error "the AMX spans' exp2_span needs vreduceps (AVX512DQ), which every CPU with AVX512-BF16 has"
-#endif
-inline v16 exp2_span(__m512 t) {
-  const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // t - floor(t)
-  __m512 p = _mm512_set1_ps(0.0018729661824181676f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.00900223758071661f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.05581318214535713f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.2401595264673233f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6931519508361816f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return (v16)_mm512_scalef_ps(p, t);  // p 2^floor(t)
 }
+
+// t, a NaN taken as -inf (vmaxps returns its second operand where either is NaN).
+inline __m512 nan_to_minus_inf(__m512 t) { return _mm512_max_ps(t, _mm512_set1_ps(-INFINITY)); }
 #endif
 
 constexpr size_t HUGE_BYTES = size_t(2) << 20;
@@ -809,6 +783,7 @@ struct Scratch {
   Buffer<float> ob;      // (32, 32) one block's P V of 32 rows x 32 columns, from the tiles (AMX)
   Buffer<float> acc;     // (M, Dvp) output accumulators
   Buffer<float> mx, sum, alpha;  // (M) running max, running sum, this block's rescale
+  Buffer<float> top;             // (M) AMX spans: the score (as S holds it) whose s cx is the frame mx
   Buffer<int64_t> lo, hi;        // (M) each row's visible keys
   Buffer<int64_t> trow;          // (M) each row's offset in the tile bits, tile 0 (block lists)
   // Mp = M, or with AMX M rounded up to 32: a tile reads and writes 16 rows, and rows past an item's
@@ -823,7 +798,7 @@ struct Scratch {
     p2.reset(P.dp ? Mp * PW : 0);
     ob.reset(P.amx ? 32 * 32 : 0);
     acc.reset(M * P.Dvp);
-    mx.reset(M), sum.reset(M), alpha.reset(M + RM);
+    mx.reset(M), sum.reset(M), alpha.reset(M + RM), top.reset(M);
     lo.reset(M), hi.reset(M), trow.reset(M);
     if (P.amx && !failed()) {
       std::memset(q16.p, 0, sizeof(uint16_t) * Mp * 2 * P.Dh);
@@ -833,7 +808,7 @@ struct Scratch {
   }
   bool failed() const {
     return qf.failed || q16.failed || s.failed || p2.failed || ob.failed || acc.failed || mx.failed || sum.failed ||
-           alpha.failed || lo.failed || hi.failed || trow.failed;
+           alpha.failed || top.failed || lo.failed || hi.failed || trow.failed;
   }
 };
 
@@ -911,11 +886,14 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
 #else
   constexpr bool prescaled = false;
 #endif
-  // The spans' frames are in powers of two (amx_span's step 2): P = 2^(s cx - n) of S's scores s, so
-  // lse = n / cx (times the scale where S holds raw scores) + log(sum).
   const bool spans = P.amx && !L;
-  const float cx = prescaled ? 1.44269504088896341f : P.scale * 1.44269504088896341f;
-  const double lse_unit = (prescaled ? 1.0 : double(P.scale)) / double(cx);
+#else
+  constexpr bool prescaled = false;
+#endif
+#if QKV_AMX
+  // AMX spans keep a row's frame in powers of two (amx_span's step 2): P = 2^(s cx - n) of S's scores s, n
+  // the max of s cx rounded; s_eff, what S's scores are still to be multiplied by.
+  const float s_eff = prescaled ? 1.0f : P.scale, cx = s_eff * LOG2E;
 #endif
   // Row m = g * nr + r is query head h * G + g, position i0 + r.
   for (int64_t m = 0; m < M; ++m) {
@@ -944,7 +922,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       for (int64_t d = 0; d < D; ++d) dst[d] = load1<KIND>(P.q, off + d);
     }
     W.lo.p[m] = P.row_lo(i), W.hi.p[m] = P.row_hi(i);
-    W.mx.p[m] = NEG_INF, W.sum.p[m] = 0.0f;
+    W.mx.p[m] = NEG_INF, W.sum.p[m] = 0.0f, W.top.p[m] = NEG_INF;
     if (L) {  // tile bits of (mask batch row, mask head, tile 0, row i - mqb * bq)
       const int64_t bm = L->Bm == 1 ? 0 : b, hm = L->Hm == 1 ? 0 : hq;
       W.trow.p[m] = ((bm * L->Hm + hm) * L->ntiles * L->bq + (i - it.mqb * L->bq)) * (BK / 8);
@@ -1114,14 +1092,14 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
 #ifdef __AVX512BF16__
       if (P.dp) {  // P rounded to bfloat16 for vdpbf16ps; the row sum (and so the lse) is of P unrounded
         for (int t = c0; t < c1; ++t) {
-          const v16 pv = exp_minus_p16(x[t], now);
+          const v16 pv = exp2_frame<5>(nan_to_minus_inf((__m512)((x[t] - now) * LOG2E)));
           _mm256_store_si256((__m256i*)(W.p2.p + m * (BK / 2) + 8 * t), (__m256i)_mm512_cvtneps_pbh((__m512)pv));
           total += pv;
         }
       } else
 #endif
         for (int t = c0; t < c1; ++t) {
-          const v16 pv = exp_minus(x[t], now);
+          const v16 pv = exp2_frame<6>(nan_to_minus_inf((__m512)((x[t] - now) * LOG2E)));
           *(v16*)(sr + 16 * t) = pv;
           total += pv;
         }
@@ -1195,7 +1173,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
                    b1 - b0, AMX_SROW);
     }
     // 2. The online softmax over the span, row by row, in powers of two: a row's frame n is its max s
-    // times cx (rounded to float; -inf before the row has seen a key), and P = 2^(s cx - n) (exp2_span), so
+    // times cx (rounded to float; -inf before the row has seen a key), and P = 2^(s cx - n) (exp2_frame), so
     // that the pass over a chunk is one multiply-add before the exponential. The scores are masked by
     // the band (on the chunks some row of the item does not see whole) as they are read from S, which
     // keeps them as the tiles left them. A row with a frame takes P = 2^(s cx - n) in one pass over the
@@ -1221,13 +1199,13 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       // alias anything, after which values read through this lambda's references were loaded again for
       // every chunk (0.97x the time as locals; docs/benchmarks.md, the fifteenth part).
       constexpr bool CLAMPED = decltype(clamped)::value;
-      const __m512 cxv = _mm512_set1_ps(cx), minus_n = _mm512_set1_ps(-n), floor_t = _mm512_set1_ps(NEG_INF);
+      const __m512 cxv = _mm512_set1_ps(cx), minus_n = _mm512_set1_ps(-n);
       const int64_t jb = j0, flo = full_lo, fhi = full_hi;
       const int c0 = span_c0, c1 = span_c1, e0 = span_e0, e1 = span_e1;
       auto p_of = [=](int t) {  // P of chunk t
         __m512 tt = span_t(sr, t, cxv, minus_n, lo, hi, jb, flo, fhi);
-        if constexpr (CLAMPED) tt = _mm512_max_ps(tt, floor_t);  // a NaN becomes -inf (vmaxps: its 2nd operand)
-        return exp2_span(tt);
+        if constexpr (CLAMPED) tt = nan_to_minus_inf(tt);
+        return exp2_frame<5>(tt);
       };
       v16 total = splat(0.0f);
       __m512i top = _mm512_setzero_si512();  // the largest words of P so far (standing pass)
@@ -1273,13 +1251,18 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
           continue;
         }
       }
-      v16 mv = splat(NEG_INF);  // the max of s cx (a NaN stays out of it)
-      const __m512 cxv = _mm512_set1_ps(cx), zero = _mm512_setzero_ps();
+      // The max of s sign(cx) (exact; a NaN stays out of it), so the top score s* and its frame fl(s* cx),
+      // the max of s cx rounded (rounding is monotone).
+      v16 mv = splat(NEG_INF);
+      const float sign = cx < 0.0f ? -1.0f : 1.0f;
+      const __m512 signv = _mm512_set1_ps(sign), zero = _mm512_setzero_ps();
       for (int t = c0; t < c1; ++t) {
-        const v16 x = (v16)span_t(sr, t, cxv, zero, lo, hi, j0, full_lo, full_hi);
+        const v16 x = (v16)span_t(sr, t, signv, zero, lo, hi, j0, full_lo, full_hi);
         mv = x > mv ? x : mv;
       }
-      const float now = std::max(hmax(mv), old);  // old: -inf, or +inf (then alpha NaN, as FA-2's)
+      const float best = hmax(mv), s_top = best * sign, n_top = best == NEG_INF ? NEG_INF : s_top * cx;
+      const float now = std::max(n_top, old);  // old: -inf, or +inf (then alpha NaN, as FA-2's)
+      if (n_top > old) W.top.p[m] = s_top;
       if (now == NEG_INF) {  // nothing seen yet: this span adds nothing
         std::memset(pr + 8 * e0, 0, 32 * (e1 - e0));
         W.alpha.p[m] = 1.0f;
@@ -1323,7 +1306,11 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     // lse = max + log(sum) in double, then rounded; its low part (what the rounding left out) for the
     // backward, where a float lse at large logits (ulp 0.002 at 26685) would move P by up to 1e-3.
 #if QKV_AMX
-    const double frame = spans ? double(W.mx.p[m]) * lse_unit : double(W.mx.p[m]);  // the max, in s
+    // AMX spans: the top score scaled as the backward scales it, and the frame's rounding (n - s* cx, exact in
+    // double) put back, so a row whose P is 1 at its top key gets the backward's P = 1 there exactly
+    const double frame = !spans ? double(W.mx.p[m])
+                                : double(float(double(W.top.p[m]) * s_eff)) +
+                                      (double(W.mx.p[m]) - double(W.top.p[m]) * double(cx)) * 0.6931471805599453;
 #else
     const double frame = double(W.mx.p[m]);
 #endif
