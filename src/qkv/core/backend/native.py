@@ -199,9 +199,15 @@ ZEN5_CHUNK_DIMS = {torch.float32: (64, 128), torch.bfloat16: (64, 128)}  # chunk
 # part), with that part's faster bfloat16 forward, every claimed shape won again (bfloat16 forward 1.31x-1.78x
 # at 4096 and 16384 tokens, with gradients 1.62x-1.87x, float32 causal with gradients 1.18x-1.33x, causal
 # windows 2.35x-6.94x) and the shapes left out still lost or tied (bfloat16 forward at 1024 causal
-# 0.84x-0.94x, float32 forward 0.69x-0.95x), so the rules stand; that kernel was not timed on model 207.
+# 0.84x-0.94x, float32 forward 0.69x-0.95x), so the rules stood; that kernel was not timed on model 207. In
+# the sixteenth part (the same model-167 host), with P from one multiply-add, the standing step checked on P's
+# words and masked lanes without microcode assists, the bfloat16 forward won from 1024 tokens (`python
+# benchmarks/auto_floor.py --dtypes bfloat16 float32 --lengths 512 1024 2048 4096`: 1.39x and 1.60x at 1024,
+# 1.57x and 1.81x at 2048, no band and causal; 0.96x at 512 without a band), so it is claimed from 2^20 pairs
+# as with gradients; float32's forward stayed about even (0.95x-1.01x without a band, causal 1.03x-1.43x up
+# to 4096 but 0.92x-0.96x at 16384), not claimed. Model 207 did not time this kernel either.
 AMX_AUTO_MIN_CELLS = {  # (dtype, autograd records) -> Lq x Lk from which it wins on the AMX kind
-    (torch.bfloat16, False): 1 << 24,
+    (torch.bfloat16, False): 1 << 20,
     (torch.bfloat16, True): 1 << 20,
     (torch.float32, True): 1 << 20,  # causal only
 }
