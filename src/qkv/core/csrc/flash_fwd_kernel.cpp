@@ -291,9 +291,9 @@ inline float hsum(v16 a) {
 // so t a hair below an integer gives r just below 1), 2^r by 1 + r (c1 + r (c2 + ...)) and 2^floor(t)
 // applied by vscalefps from t itself (it floors its exponent operand): eight or nine instructions. The
 // polynomials are fitted (linear programming on 4000 points of [0, 1], p(0) = 1 held exactly) for the least
-// largest relative error: DEG 6, float32's P, 8.5e-8 evaluated in float32 (about 1 ulp, as Cephes' exp2f
-// on |r| <= 1/2, which the kernel used before the sixteenth part, with a rounding and a subtraction where
-// vreduceps is one); DEG 5, bfloat16's P, 6.7e-8 fitted and 1.6e-7 evaluated. P's rounding to bfloat16
+// largest relative error: DEG 6, float32's P, 1.03e-7 evaluated in float32 (8.6e-8 but where vreduceps
+// rounds an r just below 1 down; about 1 ulp, as Cephes' exp2f on |r| <= 1/2, which the kernel used before
+// the sixteenth part, with a rounding and a subtraction where vreduceps is one); DEG 5, bfloat16's P, 6.7e-8 fitted and 1.6e-7 evaluated. P's rounding to bfloat16
 // moves it by up to 2^-8 relative; the row sum is of P unrounded, so the lse moves by at most 1.6e-7 more
 // (absolute), within its float32 rule (8 ulps at its magnitude). Degree 3 (1.0e-4) broke that rule for
 // the lse in the suite (test_native_flash.py: 5.6e-5 against 6.0e-6), and degree 4 (2.9e-6) would take
@@ -816,7 +816,8 @@ struct Scratch {
 // t = s cx - n of chunk t of a row of a span's scores s as the tiles left them (sr: the row of S; j0:
 // the span's first key; one multiply-add), -inf off the row's keys [lo, hi), checked only on chunks
 // that some row of the item does not see whole (keys [full_lo, full_hi) every row sees). The max pass
-// takes minus_n 0 (then s cx rounded, as the frame n is).
+// takes cx = sign(cx) and minus_n 0: s sign(cx), exact, whose max is the top score s* (the frame n is
+// s* cx rounded, the max of s cx rounded: rounding is monotone).
 inline __m512 span_t(const float* sr, int t, __m512 cx, __m512 minus_n, int64_t lo, int64_t hi, int64_t j0,
                      int64_t full_lo, int64_t full_hi) {
   const int64_t jt = j0 + 16 * t;  // the chunk's first key
@@ -1039,7 +1040,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
         W.alpha.p[m] = 1.0f;
         continue;
       }
-      W.alpha.p[m] = old == NEG_INF ? 0.0f : old == now ? 1.0f : std::exp(old - now);
+      W.alpha.p[m] = old == NEG_INF ? 0.0f : old == now && old != -NEG_INF ? 1.0f : std::exp(old - now);
       W.mx.p[m] = now;
     }
     for (int64_t m = 0; m < M; ++m) {  // P = exp(x - max), row by row
@@ -1084,10 +1085,11 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
         W.alpha.p[m] = 1.0f;
         continue;
       }
-      // exp(0) = 1 without the call where the max stands (most blocks past a row's first). perf put 2.6% of
+      // exp(0) = 1 without the call where the max stands (most blocks past a row's first; a max of +inf
+      // still gives exp(inf - inf), NaN, as FA-2's and the narrow builds'). perf put 2.6% of
       // a float32 forward's samples in std::exp on an Intel Xeon (family 6 model 167); the A/B of the change
       // was within its noise (0.97x-1.02x).
-      const float alpha = old == NEG_INF ? 0.0f : old == now ? 1.0f : std::exp(old - now);
+      const float alpha = old == NEG_INF ? 0.0f : old == now && old != -NEG_INF ? 1.0f : std::exp(old - now);
       v16 total = splat(0.0f);
 #ifdef __AVX512BF16__
       if (P.dp) {  // P rounded to bfloat16 for vdpbf16ps; the row sum (and so the lse) is of P unrounded
