@@ -134,12 +134,12 @@ inline V max_keep_nan(V lo, V t) {
 
 // exp(x) for x <= 0 (a score minus its row's max, or its lse): 2^t, t = x log2(e), split t = n + r
 // (|r| <= 1/2), 2^r by Cephes' exp2f polynomial (about 1 ulp), 2^n put into the exponent. The
-// rounding of t grows the error with |x|, as in exp_minus's AVX-512 form: 1.5 ulp on [-1, 1], 8 ulp
+// rounding of t grows the error with |x|, as in flash_fwd_kernel.cpp's exp2_frame: 1.5 ulp on [-1, 1], 8 ulp
 // near -10, 62 ulp (3.9e-6 relative) near -87, by a review's sweep against std::exp; the
 // probabilities so far below their row's largest weigh nothing in the output. 0 for t below -126.5
 // and for -inf (subnormal results from -87.68 to -87.34, where vexp_as gives 0); exp(0) = 1 exactly;
 // a NaN stays NaN. For x up to 88 it is exp(x) as well. The FA-2 kernels' narrow builds use it (14 operations,
-// against vexp_as's 24: no clamp above, no select); their AVX-512 builds, flash_fwd_kernel.cpp's exp_minus.
+// against vexp_as's 24: no clamp above, no select); their AVX-512 builds, flash_fwd_kernel.cpp's exp2_frame.
 template <typename V>
 inline V vexp_nonpos(V x) {
   typedef decltype(x < x) I;
