@@ -888,10 +888,6 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
   constexpr bool prescaled = false;
 #endif
   const bool spans = P.amx && !L;
-#else
-  constexpr bool prescaled = false;
-#endif
-#if QKV_AMX
   // AMX spans keep a row's frame in powers of two (amx_span's step 2): P = 2^(s cx - n) of S's scores s, n
   // the max of s cx rounded; s_eff, what S's scores are still to be multiplied by.
   const float s_eff = prescaled ? 1.0f : P.scale, cx = s_eff * LOG2E;
@@ -1058,57 +1054,81 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       W.sum.p[m] = W.sum.p[m] * W.alpha.p[m] + hsum_pairs(total[0] + total[1]);
     }
 #else
-    for (int64_t m = 0; m < M; ++m) {
-      float* sr = S + m * BK;
-      v16 x[NV];
-      for (int t = c0; t < c1; ++t) {
-        x[t] = *(v16*)(sr + 16 * t) * P.scale;
-        uint32_t bits = 0xffffu;
-        if (edge) bits = range_bits(W.lo.p[m] - j0 - 16 * t, W.hi.p[m] - j0 - 16 * t);
-        if (tbits) {
-          uint16_t word;
-          std::memcpy(&word, tbits + W.trow.p[m] + 2 * t, 2);  // keys 16t .. 16t + 15 of the row
-          bits &= word;
-        }
-        if (bits != 0xffffu) x[t] = keep(x[t], bits);
+    // x of chunk t of row m: the score times the scale, -inf off the band (on edge blocks) and off the tile's
+    // bits (block lists).
+    auto masked = [&](const float* sr, int64_t m, int t) {
+      v16 x = *(const v16*)(sr + 16 * t) * P.scale;
+      uint32_t bits = 0xffffu;
+      if (edge) bits = range_bits(W.lo.p[m] - j0 - 16 * t, W.hi.p[m] - j0 - 16 * t);
+      if (tbits) {
+        uint16_t word;
+        std::memcpy(&word, tbits + W.trow.p[m] + 2 * t, 2);  // keys 16t .. 16t + 15 of the row
+        bits &= word;
       }
-      v16 mv = x[c0];
-      for (int t = c0 + 1; t < c1; ++t) mv = x[t] > mv ? x[t] : mv;
-      const float old = W.mx.p[m], bmax = hmax(mv), now = bmax > old ? bmax : old;
-      if (now == NEG_INF) {  // nothing seen yet: this block adds nothing
+      return bits != 0xffffu ? keep(x, bits) : x;
+    };
+    if (!P.dp) {  // float32: in two passes over the item's rows, as the narrow builds (above), the same bits
+      // (x stored in S between them). One pass per row waited on the row's max across the vector before
+      // its exps: on an Intel Xeon with AMX (family 6 model 167) the float32 forward at 1024 and 4096 ran in
+      // 0.95x-0.98x the time in two, at 16384 0.97x and 1.00x (docs/benchmarks.md, the sixteenth part).
+      for (int64_t m = 0; m < M; ++m) {
+        float* sr = S + m * BK;
+        v16 mv = splat(NEG_INF);
         for (int t = c0; t < c1; ++t) {
-          if (P.dp)
-            std::memset(W.p2.p + m * (BK / 2) + 8 * t, 0, 32);
-          else
-            *(v16*)(sr + 16 * t) = splat(0.0f);
+          const v16 x = masked(sr, m, t);
+          *(v16*)(sr + 16 * t) = x;
+          mv = x > mv ? x : mv;
         }
-        W.alpha.p[m] = 1.0f;
-        continue;
+        const float old = W.mx.p[m], bmax = hmax(mv), now = bmax > old ? bmax : old;
+        // exp(0) = 1 without the call where the max stands (most blocks past a row's first; a max of +inf
+        // still gives exp(inf - inf), NaN, as FA-2's). perf put 2.6% of a float32 forward's samples in
+        // std::exp on the Xeon above; the A/B of the change was within its noise (0.97x-1.02x).
+        W.alpha.p[m] = old == NEG_INF ? 0.0f : old == now && old != -NEG_INF ? 1.0f : std::exp(old - now);
+        W.mx.p[m] = now;
       }
-      // exp(0) = 1 without the call where the max stands (most blocks past a row's first; a max of +inf
-      // still gives exp(inf - inf), NaN, as FA-2's and the narrow builds'). perf put 2.6% of
-      // a float32 forward's samples in std::exp on an Intel Xeon (family 6 model 167); the A/B of the change
-      // was within its noise (0.97x-1.02x).
-      const float alpha = old == NEG_INF ? 0.0f : old == now && old != -NEG_INF ? 1.0f : std::exp(old - now);
-      v16 total = splat(0.0f);
+      for (int64_t m = 0; m < M; ++m) {
+        float* sr = S + m * BK;
+        const float now = W.mx.p[m];
+        if (now == NEG_INF) {  // nothing seen yet: this block adds nothing
+          for (int t = c0; t < c1; ++t) *(v16*)(sr + 16 * t) = splat(0.0f);
+          W.alpha.p[m] = 1.0f;
+          continue;
+        }
+        v16 total = splat(0.0f);
+        for (int t = c0; t < c1; ++t) {
+          const v16 pv = exp2_frame<6>(nan_to_minus_inf((__m512)((*(v16*)(sr + 16 * t) - now) * LOG2E)));
+          *(v16*)(sr + 16 * t) = pv;
+          total += pv;
+        }
+        W.sum.p[m] = W.sum.p[m] * W.alpha.p[m] + hsum(total);
+      }
+    }
 #ifdef __AVX512BF16__
-      if (P.dp) {  // P rounded to bfloat16 for vdpbf16ps; the row sum (and so the lse) is of P unrounded
-        for (int t = c0; t < c1; ++t) {
+    else {  // bfloat16 on vdpbf16ps or AMX tiles: one pass per row
+      for (int64_t m = 0; m < M; ++m) {
+        v16 x[NV];
+        for (int t = c0; t < c1; ++t) x[t] = masked(S + m * BK, m, t);
+        v16 mv = x[c0];
+        for (int t = c0 + 1; t < c1; ++t) mv = x[t] > mv ? x[t] : mv;
+        const float old = W.mx.p[m], bmax = hmax(mv), now = bmax > old ? bmax : old;
+        if (now == NEG_INF) {  // nothing seen yet: this block adds nothing
+          for (int t = c0; t < c1; ++t) std::memset(W.p2.p + m * (BK / 2) + 8 * t, 0, 32);
+          W.alpha.p[m] = 1.0f;
+          continue;
+        }
+        const float alpha = old == NEG_INF ? 0.0f : old == now && old != -NEG_INF ? 1.0f : std::exp(old - now);
+        v16 total = splat(0.0f);
+        for (int t = c0; t < c1; ++t) {  // P rounded to bfloat16; the row sum (and so the lse) of P unrounded
           const v16 pv = exp2_frame<5>(nan_to_minus_inf((__m512)((x[t] - now) * LOG2E)));
           _mm256_store_si256((__m256i*)(W.p2.p + m * (BK / 2) + 8 * t), (__m256i)_mm512_cvtneps_pbh((__m512)pv));
           total += pv;
         }
-      } else
-#endif
-        for (int t = c0; t < c1; ++t) {
-          const v16 pv = exp2_frame<6>(nan_to_minus_inf((__m512)((x[t] - now) * LOG2E)));
-          *(v16*)(sr + 16 * t) = pv;
-          total += pv;
-        }
-      W.sum.p[m] = W.sum.p[m] * alpha + hsum(total);
-      W.mx.p[m] = now;
-      W.alpha.p[m] = alpha;
+        W.sum.p[m] = W.sum.p[m] * alpha + hsum(total);
+        W.mx.p[m] = now;
+        W.alpha.p[m] = alpha;
+      }
     }
+#endif
 #endif
     // 3. acc = alpha * acc + P V over the keys some row sees, [s0, s0 + n) = [a, z) of the block
     // (from an even key with vdpbf16ps, whose words hold pairs of keys; P is 0 outside [a, z)).
