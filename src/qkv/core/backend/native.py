@@ -204,8 +204,10 @@ ZEN5_CHUNK_DIMS = {torch.float32: (64, 128), torch.bfloat16: (64, 128)}  # chunk
 # words and masked lanes without microcode assists, the bfloat16 forward won from 1024 tokens (`python
 # benchmarks/auto_floor.py --dtypes bfloat16 float32 --lengths 512 1024 2048 4096`: 1.39x and 1.60x at 1024,
 # 1.57x and 1.81x at 2048, no band and causal; 0.96x at 512 without a band), so it is claimed from 2^20 pairs
-# as with gradients; float32's forward stayed about even (0.95x-1.01x without a band, causal 1.03x-1.43x up
-# to 4096 but 0.92x-0.96x at 16384), not claimed. Model 207 did not time this kernel either.
+# as with gradients. float32's forward was about even (0.95x-1.01x without a band, causal 1.03x-1.43x up to
+# 4096 but 0.92x-0.96x at 16384), and after that part's two-pass softmax 1.00x-1.08x at 4096 and 16384 but
+# 0.93x-0.94x at 1024 without a band: margins too thin, on one host, to claim. Model 207 did not time this
+# kernel either.
 AMX_AUTO_MIN_CELLS = {  # (dtype, autograd records) -> Lq x Lk from which it wins on the AMX kind
     (torch.bfloat16, False): 1 << 20,
     (torch.bfloat16, True): 1 << 20,
