@@ -321,10 +321,10 @@ def test_spans_of_key_blocks(tiles, case):
 # Scores that rise or fall along the keys, for amx_span's step against a row's frame (its max so far). A
 # rise of 100 per span of 512 keys (215 over the keys) passes the frame by more than the standing step
 # allows (P at most 8, a max about 2.08 above the frame) in every span after a row's first, so each such
-# step takes a new one (all 2400 without a band; causal 1286 of 1376: a row that sees only the first few keys
-# of its last span may stand there) (without, P passes e^88 and overflows float32: a build that never leaves the frame
-# fails the rise of 100); at a rise of 10 most steps take one too (1419 of 2400 without a band), and the
-# rest keep theirs; a rise of 1 keeps it in most steps (2363 of 2400, P above 1 against it); a fall of 30
+# step takes a new one: all 2400 without a band; causal 1286 of 1376, as a row that sees only the first few
+# keys of its last span may stand there. (Without, P passes e^88 and overflows float32: a build that never
+# leaves the frame fails the rise of 100.) At a rise of 10 most steps take one too (1419 of 2400 without a
+# band), and the rest keep theirs; a rise of 1 keeps it in most steps (2363 of 2400, P above 1 against it); a fall of 30
 # keeps it with P far below 1. Added to random scores of about unit size.
 RAMP_SLOPES = [100.0, 10.0, 1.0, -30.0]
 
@@ -519,9 +519,10 @@ def test_the_lse_ends_at_the_top_score_the_backward_scales(span_tiles, scale):
     """amx_span keeps a row's frame as its top score times cx, rounded; its lse puts back the top score scaled
     as the backward scales it (float32(s * scale)) and that rounding, so a row with one key (P = 1) gets
     lse_lo, the part of the lse a float32 lse leaves out, of about the polynomial's error, not the rounding
-    of the scaled score (up to half an ulp of the lse: 1.2e-4 at the logits here), and the backward's P is 1
-    there. Both the raw scores times the scale (3: aee075d's frames failed it with lse_lo 1.2e-4) and the
-    queries packed times it (0.5: those frames passed it, as the power of two left nothing to round)."""
+    of the scaled score (up to half an ulp of the lse: 1.2e-4 at the logits here), so the backward's P there
+    is within about 1e-7 of 1. Both the raw scores times the scale (3: aee075d's frames failed it with
+    lse_lo 1.2e-4) and the queries packed times it (0.5: those frames passed it, as the power of two left
+    nothing to round)."""
     B, H, Lq, D = 1, 4, 40, 64
     q, k, v = random_inputs(B, H, H, Lq, 1, D, D, torch.bfloat16, seed=31)
     q[..., 0], k[..., 0] = 64.0, 32.0 / scale  # logits about 2048

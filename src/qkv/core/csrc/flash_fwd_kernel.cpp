@@ -293,16 +293,17 @@ inline float hsum(v16 a) {
 // polynomials are fitted (linear programming on 4000 points of [0, 1], p(0) = 1 held exactly) for the least
 // largest relative error: DEG 6, float32's P, 1.03e-7 evaluated in float32 (8.6e-8 but where vreduceps
 // rounds an r just below 1 down; about 1 ulp, as Cephes' exp2f on |r| <= 1/2, which the kernel used before
-// the sixteenth part, with a rounding and a subtraction where vreduceps is one); DEG 5, bfloat16's P, 6.7e-8 fitted and 1.6e-7 evaluated. P's rounding to bfloat16
-// moves it by up to 2^-8 relative; the row sum is of P unrounded, so the lse moves by at most 1.6e-7 more
-// (absolute), within its float32 rule (8 ulps at its magnitude). Degree 3 (1.0e-4) broke that rule for
+// the sixteenth part, with a rounding and a subtraction where vreduceps is one); DEG 5, bfloat16's P,
+// 6.7e-8 fitted and 1.6e-7 evaluated. P's rounding to bfloat16 moves it by up to 2^-8 relative; the row sum
+// is of P unrounded, so the lse moves by at most 1.6e-7 more (absolute), within its float32 rule (8 ulps
+// at its magnitude). Degree 3 (1.0e-4) broke that rule for
 // the lse in the suite (test_native_flash.py: 5.6e-5 against 6.0e-6), and degree 4 (2.9e-6) would take
 // half of that bound on its own. 2^0 is 1 exactly (r = 0, p(0) = 1, floor 0); t = -inf gives 0 with no
 // clamp (vreduceps gives r = 0 there, and vscalefps 1 x 2^-inf), and t far below -149 gives 0 too. A NaN t
 // gives NaN: amx_span's standing pass finds it among P's words, and the other passes take it as -inf first
 // (nan_to_minus_inf: P = 0, out of the max). The one-block passes' change from exp_minus (a rounding, a
-// subtraction and the -151 clamp) to this ran as fast (float32 0.98x-1.03x; bfloat16 on vdpbf16ps 0.97x-0.99x).
-// Underflowing results cost: on an Intel Xeon (family 6 model 167) each vscalefps whose
+// subtraction and the -151 clamp) to this ran as fast (float32 0.98x-1.03x; bfloat16 on vdpbf16ps
+// 0.97x-0.99x). Underflowing results cost: on an Intel Xeon (family 6 model 167) each vscalefps whose
 // result underflows takes a microcode assist of about 150 cycles against 1, so masked lanes come as -inf
 // (0 exactly), never clamped to a finite floor such as -151 (the kernel before the sixteenth part: windows
 // of 256 at 16384 tokens ran 1.4x (bfloat16) and 1.2x (float32) the time). Without vreduceps (AVX-512
@@ -1329,7 +1330,9 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
     // backward, where a float lse at large logits (ulp 0.002 at 26685) would move P by up to 1e-3.
 #if QKV_AMX
     // AMX spans: the top score scaled as the backward scales it, and the frame's rounding (n - s* cx, exact in
-    // double) put back, so a row whose P is 1 at its top key gets the backward's P = 1 there exactly
+    // double) put back, so lse + lse_lo ends within the polynomial's error (about 1e-7) of the backward's
+    // scaled top score where P is 1 there (n / cx left the scaled score's rounding in lse_lo: up to half an
+    // ulp of the lse, 1.2e-4 at 2048; test_the_lse_ends_at_the_top_score_the_backward_scales)
     const double frame = !spans ? double(W.mx.p[m])
                                 : double(float(double(W.top.p[m]) * s_eff)) +
                                       (double(W.mx.p[m]) - double(W.top.p[m]) * double(cx)) * 0.6931471805599453;
