@@ -663,6 +663,15 @@ inline void by_chunks(int nc, F&& f) {
   }
 }
 
+// alpha of FA-2's step from a row's max `old` to `now` (>= old) in the one-block passes: 0 before the
+// row's first key, exp(old - now) else, without the call where the max stands (most blocks past a row's
+// first; a max of +inf still gives exp(inf - inf), NaN, as FA-2's). perf put 2.6% of a float32 forward's
+// samples in std::exp on an Intel Xeon (family 6 model 167); the A/B of skipping it was within its noise
+// (0.97x-1.02x; docs/benchmarks.md, the sixteenth part).
+inline float rescale(float old, float now) {
+  return old == NEG_INF ? 0.0f : old == now && old != -NEG_INF ? 1.0f : std::exp(old - now);
+}
+
 // Bits [a, b) of 16 (a, b clamped to [0, 16]).
 inline uint32_t range_bits(int64_t a, int64_t b) {
   a = std::clamp<int64_t>(a, 0, 16), b = std::clamp<int64_t>(b, 0, 16);
@@ -1037,7 +1046,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
         W.alpha.p[m] = 1.0f;
         continue;
       }
-      W.alpha.p[m] = old == NEG_INF ? 0.0f : old == now && old != -NEG_INF ? 1.0f : std::exp(old - now);
+      W.alpha.p[m] = rescale(old, now);
       W.mx.p[m] = now;
     }
     for (int64_t m = 0; m < M; ++m) {  // P = exp(x - max), row by row
@@ -1081,10 +1090,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
           mv = x > mv ? x : mv;
         }
         const float old = W.mx.p[m], bmax = hmax(mv), now = bmax > old ? bmax : old;
-        // exp(0) = 1 without the call where the max stands (most blocks past a row's first; a max of +inf
-        // still gives exp(inf - inf), NaN, as FA-2's). perf put 2.6% of a float32 forward's samples in
-        // std::exp on the Xeon above; the A/B of the change was within its noise (0.97x-1.02x).
-        W.alpha.p[m] = old == NEG_INF ? 0.0f : old == now && old != -NEG_INF ? 1.0f : std::exp(old - now);
+        W.alpha.p[m] = rescale(old, now);
         W.mx.p[m] = now;
       }
       for (int64_t m = 0; m < M; ++m) {
@@ -1117,7 +1123,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
           W.alpha.p[m] = 1.0f;
           continue;
         }
-        const float alpha = old == NEG_INF ? 0.0f : old == now && old != -NEG_INF ? 1.0f : std::exp(old - now);
+        const float alpha = rescale(old, now);
         v16 total = splat(0.0f);
         for (int t = c0; t < c1; ++t) {  // P rounded to bfloat16; the row sum (and so the lse) of P unrounded
           const v16 pv = exp2_frame<5>(nan_to_minus_inf((__m512)((x[t] - now) * LOG2E)));
@@ -1535,10 +1541,9 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   // (docs/benchmarks.md, the fifteenth part). float32 on a CPU whose tiles run (amx_state: the AMX kind;
   // its float32 products are the AVX-512 tiles of this file, not AMX's) the same: 256 rows without a band,
   // 128 causal from 8192 queries; a head's packed float32 keys and values (128 KiB per 1024 keys at D=64)
-  // are read from L2 or L3 once per item. On the same Xeon (float32; --define-after
-  // QKV_AMX_F32_ROWS_FULL=N ...): without a band 0.96x-0.97x the time at 1024 and 4096, 0.81x-0.86x at
+  // are read from L2 or L3 once per item. On the same Xeon (float32, 256 or 128 rows against 64): without a band 0.96x-0.97x the time at 1024 and 4096, 0.81x-0.86x at
   // 16384 (256 rows against 64; against 128: 0.96x-0.99x); causal 128 rows 0.93x-0.96x at 16384 but
-  // 1.01x-1.04x at 1024 and 4096 (the sixteenth part).
+  // 1.01x-1.04x at 1024 and 4096 (the sixteenth part, with the float32 rows as knobs of their own then).
   int64_t rows = left >= 0 && right >= 0 ? QKV_ROWS / 2 : QKV_ROWS;
 #ifndef QKV_AMX_ROWS_FULL
 #define QKV_AMX_ROWS_FULL 256
@@ -1546,23 +1551,10 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
 #ifndef QKV_AMX_ROWS_CAUSAL
 #define QKV_AMX_ROWS_CAUSAL 128
 #endif
-#ifndef QKV_AMX_F32_ROWS_FULL
-#define QKV_AMX_F32_ROWS_FULL 256
-#endif
-#ifndef QKV_AMX_F32_ROWS_CAUSAL
-#define QKV_AMX_F32_ROWS_CAUSAL 128
-#endif
-#ifndef QKV_AMX_F32_CAUSAL_FROM
-#define QKV_AMX_F32_CAUSAL_FROM 8192
-#endif
-  if (P.amx && !blocks && left < 0) {
+#if QKV_AMX
+  if (!blocks && left < 0 && amx_state() > 0) {  // the AMX kind, both dtypes (bfloat16: P.amx)
     if (right < 0) rows = QKV_AMX_ROWS_FULL;
     else if (right == 0 && Lq >= 8192) rows = QKV_AMX_ROWS_CAUSAL;
-  }
-#if QKV_AMX
-  if (kind == 0 && !blocks && left < 0 && amx_state() > 0) {
-    if (right < 0) rows = QKV_AMX_F32_ROWS_FULL;
-    else if (right == 0 && Lq >= QKV_AMX_F32_CAUSAL_FROM) rows = QKV_AMX_F32_ROWS_CAUSAL;
   }
 #endif
   P.bq = std::max<int64_t>(1, rows / P.G);
