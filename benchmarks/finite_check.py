@@ -3,13 +3,15 @@
 Every call of qkv.attention first reads the extremes of q, k and v (one aminmax each, one
 synchronisation) to learn that they hold no NaN or infinity and that no score can overflow;
 the decode backend, whose whole step reads the cache once, checks what its kernel reads
-instead, and the guard checks only q there (one sum: `finite.queries_finite`). Compared in the
-same run, forward only (inference mode), B=1:
+instead, and the guard checks only q there (one sum: `finite.queries_finite`); so does the
+native backend, whose FA-2 kernel takes the extremes of q, k and v as it loads and packs them
+(`finite.extremes_suspect`). Compared in the same run, forward only (inference mode), B=1:
 
 - unguarded: the backend's forward called directly on a prepared spec (what qkv did before);
 - guarded: qkv.attention(..., backend=...), the guard included;
 - scan: the guard's check alone on the same tensors (`finite.scan`; for decode `finite.queries_finite`);
-- full scan (decode rows only): what scanning k and v as well would cost there.
+- full scan (decode and native rows only): what scanning k and v as well would cost there (the
+  native rows: what the guard's scan cost the native backend before its kernel took the extremes).
 
 overhead = scan / unguarded: the guard's own share of the call, measured apart from the
 attention so the machine's noise (often more than 1% between turns) does not swamp it;
@@ -18,6 +20,7 @@ turns, best time kept (qkv.bench.timing).
 
     python benchmarks/finite_check.py
     python benchmarks/finite_check.py --lengths 4096 --repeats 5
+    python benchmarks/finite_check.py --lengths 1024 4096 16384 --backends native --window 256
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--cache", type=int, default=32768, help="cache length of the decode rows")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--backends", nargs="+", default=["sdpa", "decode"], choices=["sdpa", "decode", "native"],
+                    help="sdpa: dense and causal rows on the scan; decode: its one-query row; native: dense, causal "
+                         "(and --window) rows on the kernel's own extremes")
+    ap.add_argument("--window", type=int, default=None, help="native rows: also a causal window of W keys")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     print(f"# CPU: {machine_info()['cpu']}; torch {torch.__version__}; {torch.get_num_threads()} threads")
@@ -72,13 +79,21 @@ def main(argv=None) -> int:
             dtype = DTYPES[dname]
             for L in args.lengths:
                 q, k, v = (torch.randn(1, H, L, D, dtype=dtype) for _ in range(3))
-                for case, kw in (("dense", {}), ("causal", {"causal": True})):
-                    print(_row(case, dname, L, "sdpa", q, k, v, kw, args.repeats), flush=True)
-            # one query against a long grouped-query cache: the decode backend checks itself
-            q1 = torch.randn(1, 32, 1, 128, dtype=dtype)
-            kc, vc = (torch.randn(1, 8, args.cache, 128, dtype=dtype) for _ in range(2))
-            print(_row("decode 1 query, Hq=32 Hkv=8 D=128", dname, args.cache, "decode", q1, kc, vc, {},
-                       args.repeats, self_checking=True), flush=True)
+                cases = [("dense", {}), ("causal", {"causal": True})]
+                if "sdpa" in args.backends:
+                    for case, kw in cases:
+                        print(_row(case, dname, L, "sdpa", q, k, v, kw, args.repeats), flush=True)
+                if "native" in args.backends:  # the kernel takes the extremes of q, k and v as it reads them
+                    if args.window is not None:
+                        cases.append((f"causal window {args.window}", {"causal": True, "window": args.window}))
+                    for case, kw in cases:
+                        print(_row(case, dname, L, "native", q, k, v, kw, args.repeats, self_checking=True),
+                              flush=True)
+            if "decode" in args.backends:  # one query against a long grouped-query cache: decode checks itself
+                q1 = torch.randn(1, 32, 1, 128, dtype=dtype)
+                kc, vc = (torch.randn(1, 8, args.cache, 128, dtype=dtype) for _ in range(2))
+                print(_row("decode 1 query, Hq=32 Hkv=8 D=128", dname, args.cache, "decode", q1, kc, vc, {},
+                           args.repeats, self_checking=True), flush=True)
     return 0
 
 

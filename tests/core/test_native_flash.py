@@ -508,13 +508,13 @@ def test_auto_sees_gradients_asked_through_any_input(monkeypatch, which):
 def test_kernel_return_codes():
     kernel = native_flash.lib()
     st = (ctypes.c_int64 * 4)(0, 0, 0, 1)
-    args = [None, st, None, st, None, st, 1.0, -1, -1, 0, None, None, 1, None, None]
+    args = [None, st, None, st, None, st, 1.0, -1, -1, 0, None, None, 1, None, None, None]
     assert kernel.qkv_flash_fwd(7, 1, 1, 1, 1, 1, 16, 16, *args) == 1
     assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1, 257, 16, *args) == 2
     assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1, 16, 0, *args) == 2
     # keys that cannot be packed (2^58 bytes): refused before any input is read
     assert kernel.qkv_flash_fwd(0, 1, 1, 1, 1, 1 << 50, 64, 64, *args) == 3
-    assert kernel.qkv_flash_fwd_version() == native_flash.VERSION == 4
+    assert kernel.qkv_flash_fwd_version() == native_flash.VERSION == 5
 
 
 def test_turned_off_kernels_are_refused_with_the_reason(monkeypatch):
@@ -670,3 +670,56 @@ def test_concurrent_calls_give_the_sequential_results():
     for t in threads:
         t.join()
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+# The kernel's extremes (qkv_flash_fwd's absmax): the largest |x| of the queries, keys and values it read, by which
+# the non-finite guard leaves out its own pass over k and v (backend/native.py, finite.extremes_suspect).
+EXTREME_SHAPES = [  # (D, Dv, Lk): float32 keys 16 x 16 transposes (D % 16 == 0, whole blocks) or a float at a time;
+    # bfloat16 key pairs transposed and value pairs by vectors (D % 32 == 0, Dv % 16 == 0, whole blocks) or a word
+    # at a time (other head sizes, a last partial block)
+    (64, 64, 256), (40, 24, 300), (128, 128, 200), (16, 16, 128), (96, 48, 384)]
+
+
+@pytest.mark.parametrize("value", [1000.0, float("nan"), float("inf"), float("-inf")], ids=str)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("D,Dv,Lk", EXTREME_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_kernel_reports_the_extremes_it_reads(dtype, D, Dv, Lk, where, value):
+    seed = zlib.crc32(f"{dtype}{D}{Dv}{Lk}{where}{value}".encode()) % 1000
+    q, k, v = _inputs(2, 4, 2, 70, Lk, D, Dv, dtype, seed=seed)
+    t = {"q": q, "k": k, "v": v}[where]
+    g = torch.Generator().manual_seed(seed)
+    at = [int(torch.randint(0, n, (1,), generator=g)) for n in t.shape]  # anywhere in the tensor
+    t[tuple(at)] = value
+    seen: list = []
+    native_flash.forward(q, k, v, build_spec(q, k, v, causal=True), seen=seen)  # the last query sees every key
+    want = [float(x.float().abs().max()) for x in (q, k, v)]  # NaN where a NaN is (torch's max propagates it)
+    for name, got, exp in zip("qkv", seen, want):
+        assert (got != got and exp != exp) or got == exp, f"{dtype} {D} {Dv} {Lk} {where}={value} at {at}: " \
+            f"the largest |{name}| read is {got}, the tensor's {exp}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_keys_no_query_sees_stay_out_of_the_extremes(dtype, monkeypatch):
+    """A chunk of 16 queries at the end of 600 keys under a window of 64 sees keys 520-599: the key blocks
+    before 512 are never packed, so a NaN there is never read. The call stays on the kernel (the guard's
+    exact path is never taken) and gives the bits it gives without the NaN, as the rule wants (the key has
+    no effect on any row)."""
+    from qkv.core import finite
+
+    q, k, v = _inputs(1, 4, 2, 16, 600, 64, 64, dtype, seed=7)
+    clean = qkv.attention(q, k, v, causal=True, window=64, backend="native")
+    k[0, 1, 10, 3] = float("nan")
+    v[0, 0, 500, 0] = float("inf")
+    seen: list = []
+    native_flash.forward(q, k, v, build_spec(q, k, v, causal=True, window=64), seen=seen)
+    assert all(x < float("inf") for x in seen), seen
+    monkeypatch.setattr(finite, "_exact", lambda *a, **kw: pytest.fail("the guard's exact path ran"))
+    assert torch.equal(qkv.attention(q, k, v, causal=True, window=64, backend="native"), clean)
+    k[0, 1, 530, 3] = float("nan")  # a key the queries see: the guard's exact path, NaN in the rows that see it
+    monkeypatch.undo()
+    out = qkv.attention(q, k, v, causal=True, window=64, backend="native")
+    # query 584 + r sees keys [520 + r, 584 + r]: key 530 is seen by rows 0-10 of kv head 1's query heads 2 and 3
+    want = torch.zeros(4, 16, dtype=torch.bool)
+    want[2:4, :11] = True
+    assert torch.equal(torch.isnan(out[0]).all(-1), want) and torch.equal(torch.isnan(out[0]).any(-1), want)

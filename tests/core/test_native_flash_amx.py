@@ -36,6 +36,7 @@ import test_native_flash_bwd_blocks as bwd_block_tests
 import torch
 from random_qkv import random_inputs
 from test_native_flash import CASES, GRAD_CASES, LAYOUT_DIMS, WIDE_CASES, check_layouts_give_the_same_bits
+from test_native_flash import test_the_kernel_reports_the_extremes_it_reads as check_extremes
 from test_native_flash_blocks import CASES as BLOCK_CASES
 from test_native_flash_blocks import NARROW_CASES
 from test_native_flash_blocks import _check as check_blocks
@@ -530,3 +531,12 @@ def test_the_lse_ends_at_the_top_score_the_backward_scales(span_tiles, scale):
     _, lse, lo = native_flash.forward_for_backward(q, k, v, spec)
     assert float(lse.abs().min()) > 1024.0  # an ulp of 1.2e-4 or more
     assert float(lo.abs().max()) < 2e-6, float(lo.abs().max())
+
+
+@pytest.mark.parametrize("value", [1000.0, float("nan"), float("inf")], ids=str)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("D,Dv,Lk", [(64, 64, 256), (128, 128, 300)], ids=str)
+def test_the_spans_report_the_extremes_they_read(span_tiles, D, Dv, Lk, where, value):
+    """On AMX spans the queries are packed times a power-of-two scale (D=64: 1/8) or as they are (D=128), 16 at
+    a time; their extremes, and the keys' and values', are taken as they are read, as on the other paths."""
+    check_extremes(torch.bfloat16, D, Dv, Lk, where, value)

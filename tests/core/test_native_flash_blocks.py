@@ -235,7 +235,7 @@ def test_kernel_refuses_lists_that_do_not_fit():
     def call(struct):
         return kernel.qkv_flash_fwd(0, 1, 1, 1, 256, 256, 16, 16, q.data_ptr(), st, k.data_ptr(), st, v.data_ptr(),
                                     st, 0.25, -1, -1, 0, out.data_ptr(), lse.data_ptr(), 1, ctypes.byref(struct),
-                                    None)
+                                    None, None)
 
     assert call(lists.struct()) == 0
     bad = lists.struct()

@@ -317,3 +317,34 @@ def test_the_sparse_benchmark_forces_the_native_path(monkeypatch, capsys):
     bench.main([*argv, "--force-native"])
     out = capsys.readouterr().out
     assert "% | native |" in out and "--force-native: the first CPU kind's rule" in out, out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_sparse_backend_on_the_kernel_checks_what_the_kernel_reads(dtype, monkeypatch):
+    """On the native kernel the sparse backend is self-checking (the kernel takes the extremes of q, k and v as
+    it reads them; core/finite.py sums q alone): a NaN key under a window BlockMask poisons exactly the rows
+    that see it, leaving the others' bits as they were, and (float32) a key of float32's largest magnitude
+    gives the float64 softmax where seen and the clean result elsewhere."""
+    monkeypatch.setattr(_kernels, "measured_cpu", lambda: True)
+    monkeypatch.setattr(native_flash.lib(), "vector_width", native_flash.MEASURED_WIDTH)  # the build measured
+    L, W = 384, 64
+    q, k, v = (torch.randn(1, 4, L, 32, generator=torch.Generator().manual_seed(s)).to(dtype) for s in (1, 2, 3))
+    bm = qkv.block_mask(M.causal_sliding_window(W), None, None, L, L)
+    assert sparse.self_checking(build_spec(q, k, v, mask=bm), q, k, v)
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None]
+    sees = (j <= i) & (i - j <= W)  # the window's rows and keys (L, L)
+    clean = qkv.attention(q, k, v, mask=bm, backend="sparse")
+    k2 = k.clone()
+    k2[0, 1, 200, 7] = float("nan")
+    out = qkv.attention(q, k2, v, mask=bm, backend="sparse")
+    want = torch.zeros(4, L, dtype=torch.bool)
+    want[1] = sees[:, 200]
+    assert torch.equal(torch.isnan(out[0]).all(-1), want) and torch.equal(torch.isnan(out[0]).any(-1), want)
+    assert torch.equal(out[0][~want], clean[0][~want])
+    if dtype == torch.float32:  # (bfloat16 rounds float32's largest to inf)
+        k3 = k.clone()
+        k3[0, 0, 300] = torch.finfo(torch.float32).max
+        out = qkv.attention(q, k3, v, mask=bm, backend="sparse")
+        exact = qkv.attention(q.double(), k3.double(), v.double(), mask=bm, backend="reference")
+        assert torch.isfinite(out).all()
+        assert float((out.double() - exact).abs().max()) < 1e-4

@@ -127,6 +127,18 @@ def _safe_bound(dtype: torch.dtype) -> float:
     return torch.finfo(compute_dtype(dtype)).max * _SAFE_SHARE
 
 
+def extremes_suspect(q_max: float, k_max: float, v_max: float, spec: AttentionSpec, dtype: torch.dtype) -> bool:
+    """For a self-checking backend that takes the extremes of what it reads (the native kernel does as it
+    packs the keys and values and loads the queries): whether the call must be recomputed by the rule,
+    from the largest |x| of the queries, keys and values read (NaN or infinity where one was). The same
+    test as `scan` and `guarded` make on the whole tensors: a NaN or an infinity, or a score bound
+    scale * D * max|q| * max|k| past the compute dtype's safe share. Keys no query may see are left out
+    of the extremes, which the rule allows (they have no effect)."""
+    if not all(x < float("inf") for x in (q_max, k_max, v_max)):  # NaN and inf fail `<`
+        return True
+    return abs(spec.scale) * spec.D * q_max * k_max > _safe_bound(dtype)
+
+
 def scan(tensors: tuple, spec: AttentionSpec) -> tuple[bool, float]:
     """(no NaN or infinity in the tensors and the float mask, bound on |score|), from one
     synchronising read of their extremes. The bound is scale * D * max|q| * max|k| when

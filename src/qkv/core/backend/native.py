@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _kernels, _memory
+from .. import _kernels, _memory, finite
 from ..engines import flash, native_blocks, native_flash, native_flash_bwd
 from ..spec import AttentionSpec
 from . import sparse
@@ -74,7 +74,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
         why = native_blocks.why_not(bm)
         if why is not None:
             raise ValueError(f"the native backend cannot take {why}; or use backend='sparse'")
-    return native_flash.run(q, k, v, spec, need_lse=need_lse)
+    # The kernel takes the extremes of the queries, keys and values as it reads them, so the non-finite guard
+    # (core/finite.py) skips its own pass over k and v (self_checking below; q is still summed there).
+    seen: list = []
+    out, lse = native_flash.run(q, k, v, spec, need_lse=need_lse, seen=seen)
+    if seen:  # nothing for an empty call
+        finite.report(finite.extremes_suspect(seen[0], seen[1], seen[2], spec, q.dtype))
+    return out, lse
 
 
 def memory(spec: AttentionSpec, q: Tensor, need_lse: bool) -> tuple[int, str]:
@@ -400,4 +406,6 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     return kernel is not None and kernel.vector_width == native_flash.MEASURED_WIDTH
 
 
-BACKEND = Backend("native", forward, unsupported, memory=memory, auto=auto, priority=22)  # under a user's (25)
+# priority: under a user's (25); self-checking: the kernel takes the extremes of k and v (`forward`)
+BACKEND = Backend("native", forward, unsupported, memory=memory, auto=auto, priority=22,
+                  self_checking=lambda spec, q, k, v: True)

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _kernels
+from .. import _kernels, finite
 from ..block_mask import BlockMask, block_mask, is_pure, unknown_fraction
 from ..engines import flash, gathered, native_blocks, native_flash, native_flash_bwd
 from ..spec import AttentionSpec
@@ -148,8 +148,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
     bm = block_mask_for(spec, device=q.device)
     if bm is not None:
         spec = sparse_spec(spec, bm)
-    if native_pays(spec, q, k, v, bm):
-        return native_flash.run(q, k, v, spec, need_lse=need_lse)
+    if native_pays(spec, q, k, v, bm):  # the kernel takes the extremes of q, k and v (self_checking below)
+        seen: list = []
+        out, lse = native_flash.run(q, k, v, spec, need_lse=need_lse, seen=seen)
+        if seen:  # nothing for an empty call
+            finite.report(finite.extremes_suspect(seen[0], seen[1], seen[2], spec, q.dtype))
+        return out, lse
     if bm is None:  # a causal/window band alone
         return gathered.run(q, k, v, spec, None, need_lse=need_lse)
     if gathered.supports(spec):
@@ -286,4 +290,12 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     return block_mask_for(spec, device=q.device).sparsity() >= AUTO_MIN_SPARSITY
 
 
-BACKEND = Backend("sparse", forward, unsupported, memory=flash.memory, auto=auto, priority=40)
+def self_checking(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether `forward` runs these arguments on the native kernel, which takes the extremes of what it reads
+    (the non-finite guard then sums q alone, core/finite.py); the gathered and tiled engines are scanned."""
+    bm = block_mask_for(spec, device=q.device)
+    return native_pays(spec if bm is None else sparse_spec(spec, bm), q, k, v, bm)
+
+
+BACKEND = Backend("sparse", forward, unsupported, memory=flash.memory, auto=auto, priority=40,
+                  self_checking=self_checking)

@@ -122,7 +122,10 @@
 //   q (B, Hq, Lq, D) strides qst, k (B, Hkv, Lk, D) kst, v (B, Hkv, Lk, Dv) vst;
 //   out contiguous (B, Hq, Lq, Dv) of the input dtype; lse contiguous (B, Hq, Lq) float32;
 //   blocks: QkvBlockLists* or null (the band alone); lse_lo contiguous (B, Hq, Lq) float32 or null:
-//   lse's low part (lse + lse_lo is max + log(sum) to about 1e-7, for the backward). Version 4.
+//   lse's low part (lse + lse_lo is max + log(sum) to about 1e-7, for the backward); absmax (3,) uint32 or
+//   null: the largest |x| of the queries, the keys and the values the call read, as the bits of the input
+//   dtype (abs_bits: float32's low 31, bfloat16's low 15; infinity and NaN above every finite value), for
+//   the non-finite guard (core/finite.py) without a pass of its own over k and v. Version 5.
 // No torch headers: plain C++17, compiled on first use by qkv/core/_kernels.py.
 
 #include <algorithm>
@@ -264,6 +267,40 @@ inline float load1(const void* base, int64_t idx) {
   }
 }
 
+// |x| of entry idx as the bits of its dtype: float32's low 31, bfloat16's low 15. They order as |x| does, with
+// infinity above every finite value and NaN above infinity: the extremes the non-finite guard needs of the
+// queries, keys and values the kernel reads (qkv_flash_fwd's absmax; core/finite.py), taken as they are read.
+template <int KIND>
+inline uint32_t abs_bits(const void* base, int64_t idx) {
+  if constexpr (KIND == 0) {
+    uint32_t w;
+    std::memcpy(&w, (const float*)base + idx, 4);
+    return w & 0x7fffffffu;
+  } else {
+    return ((const uint16_t*)base)[idx] & 0x7fffu;
+  }
+}
+
+#ifdef __AVX512F__
+// The largest abs_bits of rows x n entries at base, rows `stride` entries apart, n * (4 or 2 bytes) a multiple of
+// 64: the rows a packing just read (so from L1), 64 bytes a step.
+template <int KIND>
+inline uint32_t rows_abs_bits(const void* base, int64_t rows, int64_t stride, int64_t n) {
+  const int64_t es = KIND == 0 ? 4 : 2;
+  const __m512i keep = _mm512_set1_epi32(KIND == 0 ? 0x7fffffff : 0x7fff7fff);
+  __m512i m = _mm512_setzero_si512();
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = (const char*)base + r * stride * es;
+    for (int64_t o = 0; o < n * es; o += 64) {
+      const __m512i x = _mm512_and_si512(_mm512_loadu_si512(row + o), keep);
+      m = KIND == 0 ? _mm512_max_epu32(m, x) : _mm512_max_epu16(m, x);
+    }
+  }
+  if (KIND == 1) m = _mm512_max_epu32(_mm512_and_si512(m, _mm512_set1_epi32(0xffff)), _mm512_srli_epi32(m, 16));
+  return _mm512_reduce_max_epu32(m);
+}
+#endif
+
 inline float hmax(v16 a) {
 #ifdef __AVX512F__
   return _mm512_reduce_max_ps((__m512)a);
@@ -386,6 +423,7 @@ struct Problem {
   float* lse;
   float* lse_lo;  // lse's low part, or null
   const QkvBlockLists* bl;  // block lists, or null
+  uint32_t* absmax;  // (3,): the largest |x| of the queries, keys and values read, as bits (see abs_bits), or null
   // Derived.
   bool dp;        // bfloat16 with vdpbf16ps: packed key pairs kp and value pairs vp2, P rounded to bfloat16
   bool amx;       // dp's products on AMX tiles (qkv_amx.h): Dh a multiple of 16, scratch rows of 32
@@ -413,8 +451,9 @@ struct Problem {
 
 // ---------------------------------------------------------------- phase 1: packing
 
+// The packing of key block kb of kv head bh; `seen` (keys, values): raised to the largest abs_bits read.
 template <int KIND>
-void pack_block(const Problem& P, int64_t bh, int64_t kb) {
+void pack_block(const Problem& P, int64_t bh, int64_t kb, uint32_t* seen) {
   const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
   const int64_t j0 = kb * BK, n = std::min<int64_t>(BK, P.Lk - j0);
   const char* kbase = (const char*)P.k + (b * P.kst[0] + h * P.kst[1]) * (KIND == 0 ? 4 : 2);
@@ -433,52 +472,85 @@ void pack_block(const Problem& P, int64_t bh, int64_t kb) {
       for (int64_t p0 = 0; p0 < P.Dh; p0 += 16)
         for (int64_t c0 = 0; c0 < BK; c0 += 16)
           transpose16(k32 + c0 * (P.kst[2] / 2) + p0, P.kst[2] / 2, (uint32_t*)dst + p0 * BK + c0, BK);
+      seen[0] = std::max(seen[0], rows_abs_bits<1>(k32, BK, P.kst[2], P.D));
       uint32_t* v32 = P.vp2 + ((bh - P.bh0) * P.nkb * BK + j0) / 2 * P.Dvp;
+      __m512i vm = _mm512_setzero_si512();  // the words' largest abs_bits, both halves
+      const __m512i keep = _mm512_set1_epi32(0x7fff7fff);
       for (int64_t w = 0; w < BK / 2; ++w) {
         const uint16_t* r0 = (const uint16_t*)vbase + (j0 + 2 * w) * P.vst[2];
         const uint16_t* r1 = r0 + P.vst[2];
         for (int64_t d = 0; d < P.Dvp; d += 16) {  // word (w, d): key 2w's value low, 2w + 1's high
           const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r0 + d)));
           const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r1 + d)));
-          _mm512_storeu_si512(v32 + w * P.Dvp + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+          const __m512i word = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+          _mm512_storeu_si512(v32 + w * P.Dvp + d, word);
+          vm = _mm512_max_epu16(vm, _mm512_and_si512(word, keep));
         }
       }
+      vm = _mm512_max_epu32(_mm512_and_si512(vm, _mm512_set1_epi32(0xffff)), _mm512_srli_epi32(vm, 16));
+      seen[1] = std::max(seen[1], (uint32_t)_mm512_reduce_max_epu32(vm));
       return;
     }
 #endif
+    uint32_t km = 0, vm = 0;
     for (int64_t c = 0; c < BK; ++c) {
       const uint16_t* row = (const uint16_t*)kbase + (j0 + c) * P.kst[2];
-      for (int64_t d = 0; d < 2 * P.Dh; ++d)
-        dst[((d >> 1) * BK + c) * 2 + (d & 1)] = (c < n && d < P.D) ? row[d] : 0;
+      for (int64_t d = 0; d < 2 * P.Dh; ++d) {
+        const uint16_t x = (c < n && d < P.D) ? row[d] : 0;
+        dst[((d >> 1) * BK + c) * 2 + (d & 1)] = x;
+        km = std::max<uint32_t>(km, x & 0x7fffu);
+      }
     }
     // Values in pairs of keys: word (w, d) holds keys 2w and 2w + 1 of column d (vdpbf16ps's operand).
     uint16_t* vdst = (uint16_t*)(P.vp2 + ((bh - P.bh0) * P.nkb * BK + j0) / 2 * P.Dvp);
     for (int64_t c = 0; c < BK; ++c) {
       uint16_t* r = vdst + (c >> 1) * P.Dvp * 2 + (c & 1);
       const uint16_t* row = (const uint16_t*)vbase + (j0 + c) * P.vst[2];
-      for (int64_t d = 0; d < P.Dvp; ++d) r[2 * d] = (c < n && d < P.Dv) ? row[d] : 0;
+      for (int64_t d = 0; d < P.Dvp; ++d) {
+        const uint16_t x = (c < n && d < P.Dv) ? row[d] : 0;
+        r[2 * d] = x;
+        vm = std::max<uint32_t>(vm, x & 0x7fffu);
+      }
     }
+    seen[0] = std::max(seen[0], km), seen[1] = std::max(seen[1], vm);
     return;
   }
   float* dst = P.kt + ((bh - P.bh0) * P.nkb + kb) * P.D * BK;
-  for (int64_t c = 0; c < BK; ++c) {
-    if (c < n) {
-      const void* row = kbase + (j0 + c) * P.kst[2] * (KIND == 0 ? 4 : 2);
-      for (int64_t d = 0; d < P.D; ++d) dst[d * BK + c] = load1<KIND>(row, d);
-    } else {
-      for (int64_t d = 0; d < P.D; ++d) dst[d * BK + c] = 0.0f;
+#ifdef __AVX512F__
+  // float32, a whole block whose rows are whole 16-float groups: the keys transposed 16 x 16 at a time
+  // (transpose16: float32 entries are 32-bit words), the same floats as the loop below writes one at a time.
+  if (KIND == 0 && n == BK && P.D % 16 == 0) {
+    const uint32_t* k32 = (const uint32_t*)kbase + j0 * P.kst[2];  // (BK, D) rows kst[2] words apart
+    for (int64_t d0 = 0; d0 < P.D; d0 += 16)
+      for (int64_t c0 = 0; c0 < BK; c0 += 16)
+        transpose16(k32 + c0 * P.kst[2] + d0, P.kst[2], (uint32_t*)dst + d0 * BK + c0, BK);  // kt (D, BK)
+    seen[0] = std::max(seen[0], rows_abs_bits<0>(k32, BK, P.kst[2], P.D));
+  } else
+#endif
+  {
+    uint32_t km = 0;
+    for (int64_t c = 0; c < BK; ++c) {
+      if (c < n) {
+        const void* row = kbase + (j0 + c) * P.kst[2] * (KIND == 0 ? 4 : 2);
+        for (int64_t d = 0; d < P.D; ++d) dst[d * BK + c] = load1<KIND>(row, d), km = std::max(km, abs_bits<KIND>(row, d));
+      } else {
+        for (int64_t d = 0; d < P.D; ++d) dst[d * BK + c] = 0.0f;
+      }
     }
+    seen[0] = std::max(seen[0], km);
   }
   float* vdst = P.vp + ((bh - P.bh0) * P.nkb * BK + j0) * P.Dvp;
+  uint32_t vm = 0;
   for (int64_t c = 0; c < BK; ++c) {
     float* r = vdst + c * P.Dvp;
     int64_t d = 0;
     if (c < n) {
       const void* row = vbase + (j0 + c) * P.vst[2] * (KIND == 0 ? 4 : 2);
-      for (; d < P.Dv; ++d) r[d] = load1<KIND>(row, d);
+      for (; d < P.Dv; ++d) r[d] = load1<KIND>(row, d), vm = std::max(vm, abs_bits<KIND>(row, d));
     }
     for (; d < P.Dvp; ++d) r[d] = 0.0f;
   }
+  seen[1] = std::max(seen[1], vm);
 }
 
 // ---------------------------------------------------------------- phase 2: attention
@@ -796,6 +868,7 @@ struct Scratch {
   Buffer<float> top;             // (M) AMX spans: the score (as S holds it) whose s cx is the frame mx
   Buffer<int64_t> lo, hi;        // (M) each row's visible keys
   Buffer<int64_t> trow;          // (M) each row's offset in the tile bits, tile 0 (block lists)
+  uint32_t seen[3] = {0, 0, 0};  // this thread's largest abs_bits of the queries, keys and values it read
   // Mp = M, or with AMX M rounded up to 32: a tile reads and writes 16 rows, and rows past an item's
   // (zero at first, then an earlier item's) give sums no row uses.
   Scratch(const Problem& P) {
@@ -903,6 +976,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
   const float s_eff = prescaled ? 1.0f : P.scale, cx = s_eff * LOG2E;
 #endif
   // Row m = g * nr + r is query head h * G + g, position i0 + r.
+  uint32_t qm = 0;  // the largest abs_bits of the item's queries
   for (int64_t m = 0; m < M; ++m) {
     const int64_t g = m / nr, i = i0 + m % nr, hq = h * P.G + g;
     const int64_t off = b * P.qst[0] + hq * P.qst[1] + i * P.qst[2];
@@ -911,12 +985,16 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       const uint16_t* src = (const uint16_t*)P.q + off;
       uint16_t* dst = W.q16.p + m * 2 * Dh;
       const __m512 sc = _mm512_set1_ps(P.scale);
+      __m256i top = _mm256_setzero_si256();
       for (int64_t d = 0; d < D; d += 16) {
         const __mmask16 k = d + 16 <= D ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1u);
-        const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, src + d)), 16);
+        const __m256i raw = _mm256_maskz_loadu_epi16(k, src + d);
+        top = _mm256_max_epu16(top, _mm256_and_si256(raw, _mm256_set1_epi16(0x7fff)));
+        const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16);
         const __m512 scaled_q = _mm512_mul_ps(_mm512_castsi512_ps(w), sc);  // exact: a power of two
         _mm256_mask_storeu_epi16(dst + d, k, (__m256i)_mm512_cvtneps_pbh(scaled_q));
       }
+      qm = std::max(qm, (uint32_t)_mm512_reduce_max_epu32(_mm512_cvtepu16_epi32(top)));
       std::memset(dst + D, 0, sizeof(uint16_t) * (2 * Dh - D));
     } else
 #endif
@@ -924,9 +1002,10 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       const uint16_t* src = (const uint16_t*)P.q + off;
       uint16_t* dst = W.q16.p + m * 2 * Dh;
       for (int64_t d = 0; d < 2 * Dh; ++d) dst[d] = d < D ? src[d] : 0;
+      for (int64_t d = 0; d < D; ++d) qm = std::max<uint32_t>(qm, src[d] & 0x7fffu);
     } else {
       float* dst = W.qf.p + m * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = load1<KIND>(P.q, off + d);
+      for (int64_t d = 0; d < D; ++d) dst[d] = load1<KIND>(P.q, off + d), qm = std::max(qm, abs_bits<KIND>(P.q, off + d));
     }
     W.lo.p[m] = P.row_lo(i), W.hi.p[m] = P.row_hi(i);
     W.mx.p[m] = NEG_INF, W.sum.p[m] = 0.0f, W.top.p[m] = NEG_INF;
@@ -935,6 +1014,7 @@ void run_item(const Problem& P, const Item& it, int64_t bh, Scratch& W) {
       W.trow.p[m] = ((bm * L->Hm + hm) * L->ntiles * L->bq + (i - it.mqb * L->bq)) * (BK / 8);
     }
   }
+  W.seen[0] = std::max(W.seen[0], qm);
   std::memset(W.acc.p, 0, sizeof(float) * M * Dvp);
   // Keys any row of the item sees (lo and hi grow with the row).
   const int64_t klo = P.row_lo(i0), khi = P.row_hi(i1 - 1);
@@ -1456,7 +1536,9 @@ int run(Problem& P, int nthreads) {
   for (int64_t bh0 = 0; bh0 < BH; bh0 += hg) {
     const int64_t nh = std::min(hg, BH - bh0);
     P.bh0 = bh0;
-    if (nb) parallel_for(nh * nb, nthreads, [&](int64_t x, int) { pack_block<KIND>(P, bh0 + x / nb, blocks[x % nb]); });
+    if (nb)
+      parallel_for(nh * nb, nthreads,
+                   [&](int64_t x, int t) { pack_block<KIND>(P, bh0 + x / nb, blocks[x % nb], scratch[t]->seen + 1); });
     // Items in turn across the heads (each item's heads, then the next item), so that a causal band's
     // costliest items run first everywhere. On AMX tiles, head by head instead: an item then finds its
     // head's packed keys and values where the head's items before it left them (in L2 at 4096 tokens,
@@ -1470,6 +1552,11 @@ int run(Problem& P, int nthreads) {
       parallel_for(nh * ni, nthreads,
                    [&](int64_t x, int t) { run_item<KIND>(P, P.items[x / nh], bh0 + x % nh, *scratch[t]); });
   }
+  if (P.absmax)
+    for (int j = 0; j < 3; ++j) {
+      P.absmax[j] = 0;
+      for (int t = 0; t < nthreads; ++t) P.absmax[j] = std::max(P.absmax[j], scratch[t]->seen[j]);
+    }
   return 0;
 }
 
@@ -1497,7 +1584,8 @@ extern "C" {
 int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv,
                   const void* q, const int64_t* qst, const void* k, const int64_t* kst, const void* v,
                   const int64_t* vst, float scale, int64_t left, int64_t right, int64_t offset, void* out,
-                  float* lse, int threads, const QkvBlockLists* blocks, float* lse_lo) {
+                  float* lse, int threads, const QkvBlockLists* blocks, float* lse_lo, uint32_t* absmax) {
+  if (absmax) absmax[0] = absmax[1] = absmax[2] = 0;
   if (kind != 0 && kind != 1) return 1;
   if (D < 1 || D > MAX_DIM || Dv < 1 || Dv > MAX_DIM || Hkv < 1 || Hq < Hkv || Hq % Hkv != 0) return 2;
   if (B <= 0 || Lq <= 0) return 0;
@@ -1509,7 +1597,7 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
   P.q = q, P.k = k, P.v = v;
   for (int t = 0; t < 4; ++t) P.qst[t] = qst[t], P.kst[t] = kst[t], P.vst[t] = vst[t];
   P.scale = scale, P.left = left, P.right = right, P.offset = offset;
-  P.out = out, P.lse = lse, P.lse_lo = lse_lo, P.bl = blocks;
+  P.out = out, P.lse = lse, P.lse_lo = lse_lo, P.bl = blocks, P.absmax = absmax;
 #ifdef __AVX512BF16__
   P.dp = kind == 1;
 #else
@@ -1594,8 +1682,8 @@ int qkv_flash_fwd(int kind, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int6
 }
 
 // The kernel's interface version, checked by the binding (3: qkv_flash_vector_width, qkv_flash_has_fma;
-// 4: lse_lo).
-int qkv_flash_fwd_version() { return 4; }
+// 4: lse_lo; 5: absmax).
+int qkv_flash_fwd_version() { return 5; }
 
 // The floats per vector of the build's tiles: 16 (AVX-512), 8 (AVX, AVX2: the narrow tiles) or 4.
 int qkv_flash_vector_width() { return VW; }

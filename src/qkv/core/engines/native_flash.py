@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib
+import struct
 from types import ModuleType
 from typing import Optional
 
@@ -37,7 +38,7 @@ MAX_DIM = 256  # largest D and Dv the kernel takes
 # on: the AVX-512 build's 16-float tiles. A build for another target (the narrow tiles of CPUs without
 # AVX-512; on the measured CPU only through a compiler wrapper) is never claimed by those rules.
 MEASURED_WIDTH = 16
-VERSION = 4  # qkv_flash_fwd_version(): 3 added qkv_flash_vector_width and qkv_flash_has_fma, 4 lse_lo
+VERSION = 5  # qkv_flash_fwd_version(): 3 added qkv_flash_vector_width and qkv_flash_has_fma, 4 lse_lo, 5 absmax
 _CODES = {1: "unknown dtype kind", 2: "unsupported head size", 3: "no memory for the packed keys and values",
           4: "block lists that do not fit the call"}
 
@@ -59,7 +60,7 @@ def typed(kernel):
         p, i64p, p, i64p, p, i64p,  # q, qst, k, kst, v, vst
         ctypes.c_float, i64, i64, i64,  # scale, left, right, offset
         p, p, ctypes.c_int, p,  # out, lse, threads, blocks (QkvBlockLists*, None: the band alone)
-        p]  # lse_lo (B, Hq, Lq) float32, or None
+        p, p]  # lse_lo (B, Hq, Lq) float32, or None; absmax (3,) uint32, or None
     kernel.qkv_flash_fwd_version.restype = ctypes.c_int
     kernel.qkv_flash_has_bf16_dot.restype = ctypes.c_int
     if kernel.qkv_flash_fwd_version() != VERSION:
@@ -123,25 +124,35 @@ def _band(x: Optional[int]) -> int:
     return -1 if x is None else int(x)
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
+def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
+            seen: Optional[list] = None) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) on the CPU -> out (B, Hq, Lq, Dv)
     in q's dtype, lse (B, Hq, Lq) float32 (-inf for a row that sees no key), without autograd.
-    spec.block_mask (if any) runs as its block lists, intersected with the causal/window band."""
-    out, lse, _ = _forward(q, k, v, spec, with_lo=False)
+    spec.block_mask (if any) runs as its block lists, intersected with the causal/window band.
+    `seen` (a list, or None): extended by the largest |x| of the queries, the keys and the values
+    the kernel read (three floats, NaN or inf where one was; nothing for an empty call): the
+    non-finite guard's extremes (finite.extremes_suspect), taken as the kernel reads them."""
+    out, lse, _ = _forward(q, k, v, spec, with_lo=False, seen=seen)
     return out, lse
 
 
-def forward_for_backward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
+def forward_for_backward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
+                         seen: Optional[list] = None) -> tuple[Tensor, Tensor, Tensor]:
     """`forward`'s out and lse, and lse_lo (B, Hq, Lq) float32: lse's low part (lse + lse_lo is the
     row's log-sum-exp to about 1e-7, where a float32 lse keeps its ulp: 0.002 at scores near 26000),
     which the native backward subtracts after lse when it recomputes the probabilities."""
-    out, lse, lo = _forward(q, k, v, spec, with_lo=True)
+    out, lse, lo = _forward(q, k, v, spec, with_lo=True, seen=seen)
     assert lo is not None
     return out, lse, lo
 
 
+def _as_float(bits: int, dtype: torch.dtype) -> float:
+    """The float whose |x| the kernel's abs_bits `bits` are (float32's low 31 bits; bfloat16's low 15)."""
+    return float(struct.unpack("<f", struct.pack("<I", bits if dtype == torch.float32 else bits << 16))[0])
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
-             with_lo: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+             with_lo: bool, seen: Optional[list] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     reason = why_not(q, k, v, spec)
     if reason is not None:  # the backend checks first; this guards every other caller
         raise ValueError(f"the native flash kernel cannot take {reason}")
@@ -157,17 +168,20 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     q, k, v = (t.detach() for t in (q, k, v))
     lists = None if spec.block_mask is None else native_blocks.block_lists(spec.block_mask)
-    struct = None if lists is None else lists.struct()  # points into `lists`, alive until the call returns
+    struct_ = None if lists is None else lists.struct()  # points into `lists`, alive until the call returns
+    absmax = (ctypes.c_uint32 * 3)() if seen is not None else None
     rc = kernel.qkv_flash_fwd(
         KINDS[q.dtype], B, Hq, spec.Hkv, Lq, spec.Lk, spec.D, Dv,
         ctypes.c_void_p(q.data_ptr()), _i64(q.stride()), ctypes.c_void_p(k.data_ptr()), _i64(k.stride()),
         ctypes.c_void_p(v.data_ptr()), _i64(v.stride()), spec.scale, _band(spec.left), _band(spec.right),
         spec.offset, ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()),
-        max(1, torch.get_num_threads()), None if struct is None else ctypes.byref(struct),
-        None if lo is None else ctypes.c_void_p(lo.data_ptr()))
+        max(1, torch.get_num_threads()), None if struct_ is None else ctypes.byref(struct_),
+        None if lo is None else ctypes.c_void_p(lo.data_ptr()), absmax)
     if rc != 0:
         why = _CODES.get(rc, "unknown error")
         raise RuntimeError(f"qkv's native flash_fwd_kernel failed with code {rc} ({why})")
+    if seen is not None and absmax is not None:
+        seen.extend(_as_float(int(b), q.dtype) for b in absmax)
     return out, lse, lo
 
 
@@ -234,10 +248,13 @@ def _first_order(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_ou
     return flash.block_backward(q, k, v, out, lse, d_out, d_lse, spec, lse_lo, plan=plan)
 
 
-def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """Attention on the kernel, differentiable once (flash.Recomputed keeps q, k, v, out, lse and lse_lo)."""
+def run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: bool,
+        seen: Optional[list] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Attention on the kernel, differentiable once (flash.Recomputed keeps q, k, v, out, lse and lse_lo).
+    `seen`: as `forward`'s."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = flash.Recomputed.apply(q, k, v, spec, forward_for_backward, _backward)
+        fwd = forward_for_backward if seen is None else functools.partial(forward_for_backward, seen=seen)
+        out, lse = flash.Recomputed.apply(q, k, v, spec, fwd, _backward)
     else:
-        out, lse = forward(q, k, v, spec)
+        out, lse = forward(q, k, v, spec, seen=seen)
     return out, (lse if need_lse else None)
