@@ -3,15 +3,17 @@
 Every call of qkv.attention first reads the extremes of q, k and v (one aminmax each, one
 synchronisation) to learn that they hold no NaN or infinity and that no score can overflow;
 the decode backend, whose whole step reads the cache once, checks what its kernel reads
-instead, and the guard checks only q there (one sum: `finite.queries_finite`); so does the
-native backend, whose FA-2 kernel takes the extremes of q, k and v as it loads and packs them
-(`finite.extremes_suspect`). Compared in the same run, forward only (inference mode), B=1:
+instead, and the guard checks only q there (one sum: `finite.queries_finite`); the native
+backend's FA-2 kernel takes the extremes of q, k and v as it loads and packs them
+(`finite.extremes_suspect`), and the guard checks nothing there. Compared in the same run,
+forward only (inference mode), B=1:
 
 - unguarded: the backend's forward called directly on a prepared spec (what qkv did before);
 - guarded: qkv.attention(..., backend=...), the guard included;
 - scan: the guard's check alone on the same tensors (`finite.scan`; for decode `finite.queries_finite`);
 - full scan (decode and native rows only): what scanning k and v as well would cost there (the
-  native rows: what the guard's scan cost the native backend before its kernel took the extremes).
+  native rows: what the guard's scan cost the native backend before its kernel took the extremes;
+  their "scan" is "-": the kernel checks q too, so the guard scans nothing).
 
 overhead = scan / unguarded: the guard's own share of the call, measured apart from the
 attention so the machine's noise (often more than 1% between turns) does not swamp it;
@@ -39,20 +41,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _row(name, dtype, L, backend, q, k, v, kw, repeats, self_checking=False):
+    """One table row; self_checking: the backend checks k and v itself (the "scan" column is then the guard's
+    check of q, or nothing ("-") where the backend checks q too: `Backend.checks_queries`)."""
     spec = build_spec(q, k, v, **kw)
     impl = get_backend(backend)
+    scans_q = self_checking and not impl.checks_queries
     fns = {
         "unguarded": lambda: impl.forward(q, k, v, spec, need_lse=False),
         "guarded": lambda: qkv.attention(q, k, v, backend=backend, **kw),
-        "scan": (lambda: finite.queries_finite(q, spec)) if self_checking else (lambda: finite.scan((q, k, v), spec)),
     }
+    if not self_checking:
+        fns["scan"] = lambda: finite.scan((q, k, v), spec)
+    elif scans_q:
+        fns["scan"] = lambda: finite.queries_finite(q, spec)
     if self_checking:
         fns["full scan"] = lambda: finite.scan((q, k, v), spec)
     t = best_times(fns, repeats=repeats)
     full = f"{1e3 * t['full scan']:.3f} ({100 * t['full scan'] / t['unguarded']:.1f}%)" if self_checking else "-"
+    scan = f"{1e3 * t['scan']:.3f} | {100 * t['scan'] / t['unguarded']:.2f}%" if "scan" in t else "- | -"
     return (f"| {name} | {dtype} | {L} | {backend} | {1e3 * t['unguarded']:.2f} | {1e3 * t['guarded']:.2f} | "
-            f"{t['guarded'] / t['unguarded']:.3f} | {1e3 * t['scan']:.3f} | "
-            f"{100 * t['scan'] / t['unguarded']:.2f}% | {full} |")
+            f"{t['guarded'] / t['unguarded']:.3f} | {scan} | {full} |")
 
 
 def main(argv=None) -> int:

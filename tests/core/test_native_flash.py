@@ -723,3 +723,20 @@ def test_keys_no_query_sees_stay_out_of_the_extremes(dtype, monkeypatch):
     want = torch.zeros(4, 16, dtype=torch.bool)
     want[2:4, :11] = True
     assert torch.equal(torch.isnan(out[0]).all(-1), want) and torch.equal(torch.isnan(out[0]).any(-1), want)
+
+
+def test_the_guard_benchmark_times_the_native_rows(capsys):
+    """`benchmarks/finite_check.py --backends native --window W` prints the native rows (dense, causal, the
+    window), whose guard scans nothing ("-") and whose full scan is what the guard's scan would cost."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "finite_check.py"
+    loader = importlib.util.spec_from_file_location("finite_check_benchmark", path)
+    bench = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(bench)
+    assert bench.main(["--lengths", "64", "--backends", "native", "--window", "16", "--repeats", "1",
+                       "--dtypes", "float32"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "native" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| dense", "| causal", "| causal window 16"], rows
+    assert all(" | - | - | " in r and r.rstrip().endswith("%) |") for r in rows), rows

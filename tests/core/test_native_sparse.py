@@ -348,3 +348,20 @@ def test_the_sparse_backend_on_the_kernel_checks_what_the_kernel_reads(dtype, mo
         exact = qkv.attention(q.double(), k3.double(), v.double(), mask=bm, backend="reference")
         assert torch.isfinite(out).all()
         assert float((out.double() - exact).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["native", "sparse"])
+def test_a_query_that_sees_no_key_is_still_checked(backend, dtype, monkeypatch):
+    """The guard scans nothing on the kernel (checks_queries: the kernel takes the extremes of every query row it
+    loads), so a NaN query in a query block whose list is empty still poisons its row, and only it."""
+    monkeypatch.setattr(_kernels, "measured_cpu", lambda: True)
+    monkeypatch.setattr(native_flash.lib(), "vector_width", native_flash.MEASURED_WIDTH)  # the build measured
+    L = 384
+    q, k, v = (torch.randn(1, 2, L, 32, generator=torch.Generator().manual_seed(s)).to(dtype) for s in (4, 5, 6))
+    bm = qkv.block_mask(lambda b, h, i, j: (i < 128) | (i >= 256), None, None, L, L)  # query block 1 lists nothing
+    q[0, 1, 200, 3] = float("nan")
+    out = qkv.attention(q, k, v, mask=bm, backend=backend)
+    want = torch.zeros(2, L, dtype=torch.bool)
+    want[1, 200] = True
+    assert torch.equal(torch.isnan(out[0]).all(-1), want) and torch.equal(torch.isnan(out[0]).any(-1), want)

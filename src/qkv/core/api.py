@@ -110,7 +110,8 @@ def _run(q, k, v, spec: AttentionSpec, backend, need_lse: bool):
         return impl.forward(q, k, v, spec, need_lse=need_lse)
     checks = getattr(impl, "self_checking", None)
     self_checking = checks is not None and checks(spec, q, k, v)
-    return finite.guarded(impl.forward, q, k, v, spec, need_lse, self_checking=self_checking)
+    return finite.guarded(impl.forward, q, k, v, spec, need_lse, self_checking=self_checking,
+                          checks_queries=self_checking and bool(getattr(impl, "checks_queries", False)))
 
 
 def check_memory(backend: Union[str, Backend], spec: AttentionSpec, q: Tensor, need_lse: bool) -> None:

@@ -17,7 +17,9 @@ around every backend (the reference included), in two steps:
    benchmarks/finite_check.py measures it). Finite extremes mean no NaN or infinity anywhere,
    and bound every score by scale * D * max|q| * max|k|. A backend that reads k and v once per
    call anyway (decode, whose whole step is O(L*D)) checks what it reads instead and raises
-   `Suspect`: only q and a float mask are checked there, by one sum and one maximum.
+   `Suspect`: only q and a float mask are checked there, by one sum and one maximum. The native
+   FA-2 kernel takes the extremes of q, k and v as it loads and packs them, and its backends
+   apply this scan's test to them (`extremes_suspect`): nothing is scanned there (`checks_queries`).
 2. Only when the scan finds something: non-finite entries are replaced by 0, the backend runs
    on the clean inputs (`trusted()`, so self-checking backends do not raise again), and the
    poisoned rows, found through the spec's own constraints (prefix sums for a causal/window
@@ -78,7 +80,7 @@ Forward = Callable[..., tuple]
 
 
 def guarded(forward: Forward, q: Tensor, k: Tensor, v: Optional[Tensor], spec: AttentionSpec, need_lse: bool,
-            *, self_checking: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+            *, self_checking: bool = False, checks_queries: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """Run `forward(q, k, v, spec, need_lse=...)` under the rule of the module docstring.
 
     Args:
@@ -89,10 +91,14 @@ def guarded(forward: Forward, q: Tensor, k: Tensor, v: Optional[Tensor], spec: A
         need_lse: passed on.
         self_checking: the backend checks k and v as it reads them and calls `report`; only
             q (and a float mask) are scanned here.
+        checks_queries: with self_checking, the backend checks q too (the native kernel takes the
+            extremes of every query row it loads): only a float mask is scanned here.
     """
     if getattr(_state, "trusted", False):
         return forward(q, k, v, spec, need_lse=need_lse)
-    if self_checking:
+    if self_checking and checks_queries and spec.float_mask is None:
+        finite, bound = True, 0.0
+    elif self_checking:
         finite, bound = queries_finite(q, spec), 0.0
     else:
         finite, bound = scan(tuple(t for t in (q, k, v) if t is not None), spec)

@@ -32,6 +32,8 @@ class Backend:
         fit is refused before it starts (None: not estimated);
     self_checking(spec, q, k, v) -> bool: the backend checks the keys and values it reads for
         NaN and infinity itself (`finite.report`), so the dispatch checks only q and a float mask;
+    checks_queries: with self_checking, the backend checks q as well (every query row it reads),
+        so the dispatch checks only a float mask;
     auto(spec, q, need_lse) -> bool: claims these arguments for `auto` (None: never chosen
         by auto); rules are tried by descending `priority`, and the first claiming backend
         that supports the arguments runs;
@@ -44,6 +46,7 @@ class Backend:
     unsupported: Callable[[AttentionSpec, Tensor, bool], Optional[str]]
     memory: Optional[Callable[[AttentionSpec, Tensor, bool], tuple[int, str]]] = None
     self_checking: Optional[Callable[[AttentionSpec, Tensor, Tensor, Tensor], bool]] = None
+    checks_queries: bool = False
     auto: Optional[Callable[[AttentionSpec, Tensor, bool], bool]] = None
     priority: int = 0
     guarded: bool = True

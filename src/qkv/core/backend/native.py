@@ -74,8 +74,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
         why = native_blocks.why_not(bm)
         if why is not None:
             raise ValueError(f"the native backend cannot take {why}; or use backend='sparse'")
-    # The kernel takes the extremes of the queries, keys and values as it reads them, so the non-finite guard
-    # (core/finite.py) skips its own pass over k and v (self_checking below; q is still summed there).
+    # The kernel takes the extremes of the queries, keys and values as it reads them (every query row it loads,
+    # the keys and values of every key block it packs), so the non-finite guard (core/finite.py) makes no pass
+    # of its own over q, k and v (self_checking and checks_queries below).
     seen: list = []
     out, lse = native_flash.run(q, k, v, spec, need_lse=need_lse, seen=seen)
     if seen:  # nothing for an empty call
@@ -406,6 +407,6 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
     return kernel is not None and kernel.vector_width == native_flash.MEASURED_WIDTH
 
 
-# priority: under a user's (25); self-checking: the kernel takes the extremes of k and v (`forward`)
+# priority: under a user's (25); self-checking: the kernel takes the extremes of q, k and v (`forward`)
 BACKEND = Backend("native", forward, unsupported, memory=memory, auto=auto, priority=22,
-                  self_checking=lambda spec, q, k, v: True)
+                  self_checking=lambda spec, q, k, v: True, checks_queries=True)

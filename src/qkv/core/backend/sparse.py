@@ -291,11 +291,12 @@ def auto(spec: AttentionSpec, q: Tensor, need_lse: bool) -> bool:
 
 
 def self_checking(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether `forward` runs these arguments on the native kernel, which takes the extremes of what it reads
-    (the non-finite guard then sums q alone, core/finite.py); the gathered and tiled engines are scanned."""
+    """Whether `forward` runs these arguments on the native kernel, which takes the extremes of the queries,
+    keys and values it reads (the non-finite guard then scans nothing, core/finite.py; checks_queries); the
+    gathered and tiled engines are scanned."""
     bm = block_mask_for(spec, device=q.device)
     return native_pays(spec if bm is None else sparse_spec(spec, bm), q, k, v, bm)
 
 
 BACKEND = Backend("sparse", forward, unsupported, memory=flash.memory, auto=auto, priority=40,
-                  self_checking=self_checking)
+                  self_checking=self_checking, checks_queries=True)

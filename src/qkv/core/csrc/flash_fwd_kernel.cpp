@@ -41,6 +41,11 @@
 // keys interleaved, vp2[bh][key/2][Dvp][2] (vdpbf16ps's operand for P V). Zero padding makes
 // every head size 1..256 run the same vector code: the scores loop runs over d with vectors
 // over keys, the values loop over keys (or key pairs) with vectors over the value dimension.
+// Whole key blocks go 16 x 16 words at a time (transpose16: bfloat16 pairs, and float32 where D is
+// a multiple of 16). As it packs the keys and values and loads each item's queries, the kernel
+// keeps the largest |x| it reads (abs_bits), the extremes qkv's non-finite guard would otherwise
+// read q, k and v again for (absmax below; core/finite.py): a window of 256 at 16384 tokens spent
+// 4.7% of its call on that scan (docs/benchmarks.md, the seventeenth part).
 // (2) Attention over the work items, from per-thread buffers (L1/L2-sized). float32 scores run
 // piece by piece of SC = 64 terms of the dot product, each piece over all the rows of the item
 // before the next (a piece of a key block is 64 x 128 floats, 32 KiB: it stays in L1 for the item's
