@@ -740,3 +740,25 @@ def test_the_guard_benchmark_times_the_native_rows(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "native" in line]
     assert [r.split(" | ")[0] for r in rows] == ["| dense", "| causal", "| causal window 16"], rows
     assert all(" | - | - | " in r and r.rstrip().endswith("%) |") for r in rows), rows
+
+
+def test_the_checkouts_benchmark_times_two_checkouts_in_turns():
+    """`benchmarks/checkouts_ab.py` runs each checkout in a process of its own (here this one against itself),
+    checks every output by the rule and prints one row per case; a folder that is no checkout is named."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = root / "benchmarks" / "checkouts_ab.py"
+    run = subprocess.run([sys.executable, str(script), "--before", str(root), "--lengths", "64", "--window", "16",
+                          "--dtypes", "float32", "--rounds", "1", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| float32 64 ")]
+    assert [r.split(" | ")[0] for r in rows] == ["| float32 64 no band", "| float32 64 causal",
+                                                 "| float32 64 window 16"], run.stdout
+    assert "outside the tolerance rule" not in run.stdout, run.stdout
+    bad = subprocess.run([sys.executable, str(script), "--before", str(root / "docs")], capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode != 0 and "is not a checkout of qkv" in bad.stderr and "Traceback" not in bad.stderr
