@@ -60,7 +60,7 @@ BACKENDS = {  # backend -> constraints it honours
     "tiled": ["causal", "window", "bool-mask", "float-mask", "mask-mod"],
     "sparse": ["causal", "window", "mask-mod", "block-mask"],
     "decode": ["causal", "window", "bool-mask", "float-mask", "mask-mod"],
-    "native": ["causal", "window", "mask-mod"],  # self-checking: the kernel takes the extremes of k and v
+    "native": ["causal", "window", "mask-mod"],  # self-checking: the kernel takes the extremes of q, k and v
     "auto": ["causal", "window", "bool-mask", "float-mask", "mask-mod", "block-mask"],
 }
 CASES = [(be, c) for be, cs in BACKENDS.items() for c in cs]

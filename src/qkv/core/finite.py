@@ -139,7 +139,7 @@ def extremes_suspect(q_max: float, k_max: float, v_max: float, spec: AttentionSp
     from the largest |x| of the queries, keys and values read (NaN or infinity where one was). The same
     test as `scan` and `guarded` make on the whole tensors: a NaN or an infinity, or a score bound
     scale * D * max|q| * max|k| past the compute dtype's safe share. Keys no query may see are left out
-    of the extremes, which the rule allows (they have no effect)."""
+    of the extremes where the backend never reads them, which the rule allows (they have no effect)."""
     if not all(x < float("inf") for x in (q_max, k_max, v_max)):  # NaN and inf fail `<`
         return True
     return abs(spec.scale) * spec.D * q_max * k_max > _safe_bound(dtype)

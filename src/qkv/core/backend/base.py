@@ -46,7 +46,7 @@ class Backend:
     unsupported: Callable[[AttentionSpec, Tensor, bool], Optional[str]]
     memory: Optional[Callable[[AttentionSpec, Tensor, bool], tuple[int, str]]] = None
     self_checking: Optional[Callable[[AttentionSpec, Tensor, Tensor, Tensor], bool]] = None
-    checks_queries: bool = False
     auto: Optional[Callable[[AttentionSpec, Tensor, bool], bool]] = None
     priority: int = 0
     guarded: bool = True
+    checks_queries: bool = False  # last: Backend's positional fields keep their places

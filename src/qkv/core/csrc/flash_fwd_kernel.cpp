@@ -45,7 +45,7 @@
 // a multiple of 16). As it packs the keys and values and loads each item's queries, the kernel
 // keeps the largest |x| it reads (abs_bits), the extremes qkv's non-finite guard would otherwise
 // read q, k and v again for (absmax below; core/finite.py): a window of 256 at 16384 tokens spent
-// 4.7% of its call on that scan (docs/benchmarks.md, the seventeenth part).
+// 4.6-4.9% of its call on that scan (docs/benchmarks.md, the seventeenth part).
 // (2) Attention over the work items, from per-thread buffers (L1/L2-sized). float32 scores run
 // piece by piece of SC = 64 terms of the dot product, each piece over all the rows of the item
 // before the next (a piece of a key block is 64 x 128 floats, 32 KiB: it stays in L1 for the item's
@@ -130,7 +130,7 @@
 //   lse's low part (lse + lse_lo is max + log(sum) to about 1e-7, for the backward); absmax (3,) uint32 or
 //   null: the largest |x| of the queries, the keys and the values the call read, as the bits of the input
 //   dtype (abs_bits: float32's low 31, bfloat16's low 15; infinity and NaN above every finite value), for
-//   the non-finite guard (core/finite.py) without a pass of its own over k and v. Version 5.
+//   the non-finite guard (core/finite.py) without a pass of its own over q, k and v. Version 5.
 // No torch headers: plain C++17, compiled on first use by qkv/core/_kernels.py.
 
 #include <algorithm>
@@ -298,10 +298,11 @@ inline uint32_t rows_abs_bits(const void* base, int64_t rows, int64_t stride, in
     const char* row = (const char*)base + r * stride * es;
     for (int64_t o = 0; o < n * es; o += 64) {
       const __m512i x = _mm512_and_si512(_mm512_loadu_si512(row + o), keep);
-      m = KIND == 0 ? _mm512_max_epu32(m, x) : _mm512_max_epu16(m, x);
+      if constexpr (KIND == 0) m = _mm512_max_epu32(m, x);
+      else m = _mm512_max_epu16(m, x);
     }
   }
-  if (KIND == 1) m = _mm512_max_epu32(_mm512_and_si512(m, _mm512_set1_epi32(0xffff)), _mm512_srli_epi32(m, 16));
+  if constexpr (KIND == 1) m = _mm512_max_epu32(_mm512_and_si512(m, _mm512_set1_epi32(0xffff)), _mm512_srli_epi32(m, 16));
   return _mm512_reduce_max_epu32(m);
 }
 #endif
@@ -465,7 +466,7 @@ void pack_block(const Problem& P, int64_t bh, int64_t kb, uint32_t* seen) {
   const char* vbase = (const char*)P.v + (b * P.vst[0] + h * P.vst[1]) * (KIND == 0 ? 4 : 2);
   if (P.dp) {
     uint16_t* dst = P.kp + ((bh - P.bh0) * P.nkb + kb) * P.Dh * BK * 2;
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && defined(__AVX512BW__)
     // A whole block whose rows are whole pairs of 16-word groups (D = 2 Dh, Dh a multiple of 16, rows an
     // even number of elements apart): the block's 32-bit words (a pair of the head each) transposed 16 x 16
     // at a time, and the values interleaved 16 columns at a time, the same words as the loops below, which
