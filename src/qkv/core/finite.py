@@ -145,6 +145,13 @@ def extremes_suspect(q_max: float, k_max: float, v_max: float, spec: AttentionSp
     return abs(spec.scale) * spec.D * q_max * k_max > _safe_bound(dtype)
 
 
+def report_extremes(seen: list, spec: AttentionSpec, dtype: torch.dtype) -> None:
+    """`report` by `extremes_suspect` on a kernel's extremes `seen` ([max|q|, max|k|, max|v|], or empty for an
+    empty call, which reports nothing)."""
+    if seen:
+        report(extremes_suspect(seen[0], seen[1], seen[2], spec, dtype))
+
+
 def scan(tensors: tuple, spec: AttentionSpec) -> tuple[bool, float]:
     """(no NaN or infinity in the tensors and the float mask, bound on |score|), from one
     synchronising read of their extremes. The bound is scale * D * max|q| * max|k| when

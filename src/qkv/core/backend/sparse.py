@@ -151,8 +151,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, need_lse: b
     if native_pays(spec, q, k, v, bm):  # the kernel takes the extremes of q, k and v (self_checking below)
         seen: list = []
         out, lse = native_flash.run(q, k, v, spec, need_lse=need_lse, seen=seen)
-        if seen:  # nothing for an empty call
-            finite.report(finite.extremes_suspect(seen[0], seen[1], seen[2], spec, q.dtype))
+        finite.report_extremes(seen, spec, q.dtype)
         return out, lse
     if bm is None:  # a causal/window band alone
         return gathered.run(q, k, v, spec, None, need_lse=need_lse)
